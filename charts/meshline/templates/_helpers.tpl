@@ -1,0 +1,149 @@
+{{/*
+Chart name, truncated to 63 characters (the DNS-1123 label limit).
+*/}}
+{{- define "meshline.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: <release>-<chart>, or the release name when it
+already contains the chart name. Truncated to 63 characters.
+*/}}
+{{- define "meshline.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name for cluster-scoped objects (ClusterRole, ClusterRoleBinding). It carries
+the release namespace so that two releases with the same name in different
+namespaces (typical with watchNamespace) do not fight over one object.
+*/}}
+{{- define "meshline.clusterName" -}}
+{{- printf "%s-%s" (include "meshline.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Chart label value: <name>-<version>.
+*/}}
+{{- define "meshline.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels: stable across upgrades (a Deployment's selector is immutable).
+*/}}
+{{- define "meshline.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "meshline.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{/*
+Standard labels for every object of the chart.
+*/}}
+{{- define "meshline.labels" -}}
+helm.sh/chart: {{ include "meshline.chart" . }}
+{{ include "meshline.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/part-of: meshline
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+ServiceAccount name.
+*/}}
+{{- define "meshline.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "meshline.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Controller image reference: repository:tag, the tag defaulting to appVersion.
+*/}}
+{{- define "meshline.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Worker image reference. Each empty field falls back to the controller image's.
+*/}}
+{{- define "meshline.workerImage" -}}
+{{- $repository := .Values.workerImage.repository | default .Values.image.repository }}
+{{- $tag := .Values.workerImage.tag | default .Values.image.tag | default .Chart.AppVersion }}
+{{- printf "%s:%s" $repository $tag }}
+{{- end }}
+
+{{/*
+Name of the coordination.k8s.io Lease used for leader election.
+*/}}
+{{- define "meshline.leaseName" -}}
+{{- printf "%s-leader" (include "meshline.fullname" .) }}
+{{- end }}
+
+{{/*
+RBAC rules the controller needs in the namespaces it watches. Rendered into a
+ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
+*/}}
+{{- define "meshline.watchRules" -}}
+- apiGroups: ["sync.meshline.io"]
+  resources: ["syncflows", "synccontracts", "ownershiprosters"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["sync.meshline.io"]
+  resources: ["syncflows/status", "synccontracts/status", "ownershiprosters/status"]
+  verbs: ["get", "patch"]
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# No delete: a worker's ledger volume must outlive the worker.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Read-only: the controller checks that referenced Secrets exist and carry the
+# expected keys. It never writes them.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- if .Values.controller.statusViaProxy }}
+# controller.statusViaProxy: true. Broad: GET through the API server proxy to
+# any Service in scope.
+- apiGroups: [""]
+  resources: ["services/proxy"]
+  verbs: ["get"]
+{{- end }}
+{{- end }}
+
+{{/*
+Rule to read CustomResourceDefinitions (wait for Established at start-up).
+*/}}
+{{- define "meshline.crdRules" -}}
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
