@@ -1,0 +1,518 @@
+//! `SyncFlow`: a contract bound to a real CRM and ERP, with the operational policy that runs it.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use kube::CustomResource;
+use kube::core::Duration;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{Condition, SecretRef};
+
+/// The runtime binding of a contract to real systems: where records come from, where they go, how delivery
+/// behaves under failure and how a new contract version rolls out.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "sync.meshline.io",
+    version = "v1alpha1",
+    kind = "SyncFlow",
+    namespaced,
+    status = "SyncFlowStatus",
+    shortname = "sf",
+    shortname = "flow",
+    category = "meshline",
+    printcolumn = r#"{"name":"Contract","type":"string","jsonPath":".spec.contract.name"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.activeContractVersion"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Delivered","type":"integer","jsonPath":".status.counters.delivered"}"#,
+    printcolumn = r#"{"name":"Dead","type":"integer","jsonPath":".status.counters.deadLettered"}"#,
+    printcolumn = r#"{"name":"Held","type":"integer","jsonPath":".status.counters.held"}"#,
+    printcolumn = r#"{"name":"Failure","type":"string","jsonPath":".status.failureRate"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.ledger) || self.ledger.type != 'embedded' || !has(self.replicas) || self.replicas <= 1", "message": "an embedded ledger supports one replica; use a postgres ledger for more"},
+    {"rule": "!has(self.lookups) || self.lookups.all(l, self.lookups.exists_one(m, m.name == l.name))", "message": "lookup names must be unique"}
+]))]
+pub struct SyncFlowSpec {
+    /// The contract this flow runs, and the versions it accepts.
+    pub contract: ContractBinding,
+    /// Where records come from.
+    pub source: SourceSpec,
+    /// Where payloads go.
+    pub sink: SinkSpec,
+    /// Lookup tables the contract's rules read, bound to real data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub lookups: Vec<LookupBinding>,
+    /// Retries, dead letters and pressure toward the sink.
+    #[serde(default)]
+    pub delivery: DeliveryPolicy,
+    /// How a new contract version reaches production.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutPolicy>,
+    /// Where the worker keeps its durable state.
+    #[serde(default)]
+    pub ledger: LedgerSpec,
+    /// Worker replicas. More than one needs a postgres ledger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 50))]
+    pub replicas: Option<i32>,
+    /// Scale the worker to zero without losing the ledger.
+    #[serde(default)]
+    pub paused: bool,
+    /// Worker pod settings that override the controller's defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<WorkerSpec>,
+}
+
+/// The contract a flow uses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractBinding {
+    /// Name of a SyncContract in the same namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// A semver requirement the contract's version must satisfy, e.g. `^1.2` or `>=1.0, <2.0`.
+    #[serde(default = "any_version")]
+    #[schemars(length(min = 1, max = 128))]
+    pub version: String,
+}
+
+fn any_version() -> String {
+    "*".to_string()
+}
+
+/// Source systems with a connector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceSystem {
+    Salesforce,
+    Hubspot,
+    /// Any system that can post signed JSON webhooks.
+    Generic,
+}
+
+/// How records arrive.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SourceMode {
+    /// The CRM posts to the worker; the worker acknowledges after the record is in the ledger.
+    #[default]
+    Webhook,
+    /// The worker polls the CRM's API with a durable checkpoint.
+    Poll,
+}
+
+/// Webhook signature schemes the worker verifies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebhookSignature {
+    /// HMAC-SHA256 of the raw body in `X-Meshline-Signature` (hex), with a timestamp against replays.
+    HmacSha256,
+    /// HubSpot's v3 signature (`X-HubSpot-Signature-v3`, HMAC-SHA256 over method, URI, body, timestamp).
+    HubspotV3,
+}
+
+/// Where records come from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.mode != 'poll' || self.system == 'salesforce'", "message": "poll mode is available for salesforce; use webhooks for the other systems"},
+    {"rule": "self.mode != 'webhook' || has(self.signature)", "message": "a webhook source needs a signature scheme"},
+    {"rule": "!has(self.baseUrl) || !self.baseUrl.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@')", "message": "credentials must not be embedded in a URL; use credentialsSecretRef"}
+]))]
+pub struct SourceSpec {
+    pub system: SourceSystem,
+    #[serde(default)]
+    pub mode: SourceMode,
+    /// The CRM object, e.g. `Opportunity` or `deals`.
+    #[schemars(length(min = 1, max = 128))]
+    pub object: String,
+    /// Which records to take, in the source's own filter language (a SOQL WHERE clause for Salesforce).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub filter: Option<String>,
+    /// The API's base URL, e.g. `https://acme.my.salesforce.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https?://"))]
+    pub base_url: Option<String>,
+    /// Interval between polls in poll mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<Duration>,
+    /// Signature scheme of incoming webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<WebhookSignature>,
+    /// Secret with the source's credentials (OAuth client, webhook signing secret).
+    pub credentials_secret_ref: SecretRef,
+}
+
+/// Sink systems with a connector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SinkSystem {
+    Netsuite,
+    Odoo,
+    Http,
+    Postgres,
+}
+
+/// The write the sink performs. Only idempotent writes are offered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SinkOperation {
+    /// Create or update, keyed by the contract's external id.
+    #[default]
+    Upsert,
+}
+
+/// Where payloads go.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.system == 'postgres' || has(self.baseUrl)", "message": "baseUrl is required for netsuite, odoo and http sinks"},
+    {"rule": "self.system != 'postgres' || has(self.table)", "message": "table is required for a postgres sink"},
+    {"rule": "self.system != 'netsuite' || has(self.recordType)", "message": "recordType is required for a netsuite sink"},
+    {"rule": "self.system != 'odoo' || has(self.database)", "message": "database is required for an odoo sink"},
+    {"rule": "!has(self.baseUrl) || !self.baseUrl.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@')", "message": "credentials must not be embedded in a URL; use credentialsSecretRef"}
+]))]
+pub struct SinkSpec {
+    pub system: SinkSystem,
+    #[serde(default)]
+    pub operation: SinkOperation,
+    /// The API's base URL, e.g. `https://1234567.suitetalk.api.netsuite.com`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https?://"))]
+    pub base_url: Option<String>,
+    /// NetSuite record type, e.g. `salesOrder`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub record_type: Option<String>,
+    /// Odoo database name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub database: Option<String>,
+    /// Odoo model, default `sale.order`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub model: Option<String>,
+    /// PostgreSQL table (optionally schema-qualified) the payload is upserted into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 128),
+        pattern(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+    )]
+    pub table: Option<String>,
+    /// Secret with the sink's credentials (OAuth 2.0 client and certificate, TBA tokens, API key, DSN).
+    pub credentials_secret_ref: SecretRef,
+}
+
+/// Where a lookup's data comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LookupSource {
+    /// Read from the sink system with the sink's credentials (e.g. NetSuite items and their prices).
+    Sink,
+    /// A JSON document served over HTTP(S).
+    Http,
+    /// A key of a ConfigMap in the flow's namespace (a JSON object keyed like the lookup).
+    ConfigMap,
+}
+
+/// Binds a contract's lookup to data.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.from != 'http' || has(self.url)", "message": "url is required for an http lookup"},
+    {"rule": "self.from != 'configMap' || has(self.configMapRef)", "message": "configMapRef is required for a configMap lookup"},
+    {"rule": "!has(self.url) || !self.url.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@')", "message": "credentials must not be embedded in a URL; use credentialsSecretRef"}
+]))]
+pub struct LookupBinding {
+    /// The lookup's name in the contract.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    pub from: LookupSource,
+    /// For `sink`: the record type or model to read, e.g. `inventoryItem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub resource: Option<String>,
+    /// For `http`: the document's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https?://"))]
+    pub url: Option<String>,
+    /// For `configMap`: the ConfigMap and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapKeyRef>,
+    /// The entry field that is the key (e.g. `sku`).
+    #[schemars(length(min = 1, max = 63))]
+    pub key: String,
+    /// How often the data is refreshed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_interval: Option<Duration>,
+    /// Credentials for an `http` lookup that needs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A key of a ConfigMap in the same namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapKeyRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Delivery behaviour toward the sink.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.backoff) || !has(self.backoff.base) || !has(self.backoff.max) || duration(self.backoff.base) <= duration(self.backoff.max)", "message": "backoff.base must not exceed backoff.max"}
+]))]
+pub struct DeliveryPolicy {
+    /// Attempts before a transiently failing record is dead-lettered.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_attempts: u32,
+    /// Exponential backoff with full jitter between attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// How long dead letters are kept before they are purged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_retention: Option<Duration>,
+    /// Requests per second toward the sink (0 = unlimited).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub rate_limit: u32,
+    /// Requests in flight toward the sink at once. NetSuite allows 15 to 65 per account, shared by all
+    /// integrations.
+    #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub concurrency: u32,
+}
+
+fn default_max_attempts() -> u32 {
+    8
+}
+
+fn default_concurrency() -> u32 {
+    4
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        DeliveryPolicy {
+            max_attempts: default_max_attempts(),
+            backoff: None,
+            dead_letter_retention: None,
+            rate_limit: 0,
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+/// Exponential backoff bounds (Go durations).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Backoff {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Duration>,
+}
+
+/// How a new contract version rolls out.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutPolicy {
+    /// Records from the ledger replayed through old and new versions before any traffic moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub preflight_records: Option<u32>,
+    /// Canary steps; without them a new version replaces the old one after preflight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryPolicy>,
+}
+
+/// Canary steps and their analysis, after Argo Rollouts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.steps.all(i, self.steps.exists_one(j, j.weight == i.weight))", "message": "canary weights must be distinct"},
+    {"rule": "self.steps.map(s, s.weight).isSorted()", "message": "canary weights must increase"}
+]))]
+pub struct CanaryPolicy {
+    /// The share of buckets the new version takes at each step, in increasing order.
+    #[schemars(length(min = 1, max = 20))]
+    pub steps: Vec<CanaryStep>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<CanaryAnalysis>,
+}
+
+/// One canary step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStep {
+    /// Percentage of record buckets (0 to 100) on the new version.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: u32,
+    /// How long to stay at this weight while analysis runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<Duration>,
+}
+
+/// When a canary step fails.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryAnalysis {
+    /// Highest failure rate of the canary, as a decimal fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 12), pattern(r"^(0(\.[0-9]+)?|1(\.0+)?)$"))]
+    pub max_failure_rate: Option<String>,
+    /// Highest p99 delivery latency of the canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_latency_p99: Option<Duration>,
+    /// Records the canary must have processed before a measurement counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub min_records: Option<u32>,
+    /// Failed measurements tolerated before the rollout aborts and rolls back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub failure_limit: Option<u32>,
+    /// Time between measurements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+}
+
+/// Ledger backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum LedgerType {
+    /// SQLite on a PersistentVolumeClaim; one replica.
+    #[default]
+    Embedded,
+    /// PostgreSQL; several replicas (and the canary) share it.
+    Postgres,
+}
+
+/// The worker's durable state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.type != 'postgres' || has(self.credentialsSecretRef)", "message": "a postgres ledger needs credentialsSecretRef (a Secret with a `url` key)"},
+    {"rule": "self.type != 'embedded' || !has(self.credentialsSecretRef)", "message": "an embedded ledger takes no credentials"}
+]))]
+pub struct LedgerSpec {
+    #[serde(default)]
+    pub r#type: LedgerType,
+    /// Size of the embedded ledger's volume (a Kubernetes quantity, default 1Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 32),
+        pattern(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    )]
+    pub storage_size: Option<String>,
+    /// StorageClass of the embedded ledger's volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub storage_class_name: Option<String>,
+    /// Secret with the PostgreSQL connection URL under the key `url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// Worker pod overrides.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerSpec {
+    /// Image for this flow's workers; defaults to the controller's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// What the controller and the workers report about the flow.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncFlowStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Degraded, Progressing, OwnerAssigned, ContractResolved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The contract version the stable workers run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_contract_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+    #[serde(default)]
+    pub counters: FlowCounters,
+    /// Failed records over processed records, as a decimal fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencySummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_delivery_time: Option<String>,
+    /// Mean time from a record's first failure to its delivery, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mttr_seconds: Option<i64>,
+    /// Approvals, rejections and replays by people, per 1,000 records, as a decimal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual_interventions_per_1k: Option<String>,
+    /// Age of the oldest record not yet delivered, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_seconds: Option<i64>,
+}
+
+/// Record counts since the ledger was created.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowCounters {
+    #[serde(default)]
+    pub received: i64,
+    #[serde(default)]
+    pub delivered: i64,
+    #[serde(default)]
+    pub failed: i64,
+    #[serde(default)]
+    pub retried: i64,
+    #[serde(default)]
+    pub dead_lettered: i64,
+    #[serde(default)]
+    pub held: i64,
+}
+
+/// Delivery latency percentiles in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LatencySummary {
+    #[serde(default)]
+    pub p50_ms: i64,
+    #[serde(default)]
+    pub p99_ms: i64,
+}
+
+/// Progress of a canary rollout.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// The version being rolled out.
+    pub version: String,
+    /// Preflight, Progressing, Paused, Promoted, Aborted.
+    pub phase: String,
+    /// Index of the current step.
+    #[serde(default)]
+    pub step: i32,
+    /// Current bucket weight on the new version.
+    #[serde(default)]
+    pub weight: i32,
+    #[serde(default)]
+    pub failed_measurements: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
