@@ -105,3 +105,125 @@ pub fn schemas() -> Vec<(String, Value)> {
         })
         .collect()
 }
+
+/// Problems a real API server would reject or warn about, found without one: untyped nodes, typed `oneOf` or
+/// `anyOf` branches, unknown formats, and CEL rules whose subtree has unbounded lists, maps or strings (the
+/// API server's cost estimate refuses those). Returns one line per problem.
+pub fn lint(crd: &CustomResourceDefinition) -> Vec<String> {
+    let mut problems = Vec::new();
+    for version in &crd.spec.versions {
+        let Some(schema) = version
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+        else {
+            problems.push(format!(
+                "{}: version {} has no schema",
+                crd.spec.names.kind, version.name
+            ));
+            continue;
+        };
+        let value = serde_json::to_value(schema).expect("a CRD schema serialises to JSON");
+        lint_node(&value, &crd.spec.names.kind, &[], &mut problems);
+        if let Some(status) = &version
+            .subresources
+            .as_ref()
+            .and_then(|s| s.status.as_ref())
+        {
+            let _ = status;
+        } else {
+            problems.push(format!("{}: no status subresource", crd.spec.names.kind));
+        }
+    }
+    problems
+}
+
+fn lint_node(node: &Value, path: &str, ancestors: &[String], problems: &mut Vec<String>) {
+    let Some(map) = node.as_object() else { return };
+    let free_form = map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true))
+        || map.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
+    if !map.contains_key("type") && !free_form {
+        problems.push(format!(
+            "{path}: no type (structural schemas need one on every node)"
+        ));
+    }
+    for union in ["oneOf", "anyOf"] {
+        if let Some(branches) = map.get(union).and_then(Value::as_array)
+            && branches
+                .iter()
+                .any(|b| b.get("type").is_some() || b.get("properties").is_some())
+        {
+            problems.push(format!(
+                "{path}: {union} branches declare types, which is not structural"
+            ));
+        }
+    }
+    if let Some(format) = map.get("format").and_then(Value::as_str)
+        && !KNOWN_FORMATS.contains(&format)
+    {
+        problems.push(format!("{path}: unknown format {format:?}"));
+    }
+    // The cost estimate covers what a rule reaches: a node counts as reached when a rule on it or on an
+    // ancestor names it (other than inside `has()`, which costs nothing).
+    let mut rules: Vec<String> = ancestors.to_vec();
+    if let Some(own) = map
+        .get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+    {
+        rules.extend(
+            own.iter()
+                .filter_map(|r| r.get("rule").and_then(Value::as_str))
+                .map(str::to_string),
+        );
+    }
+    let own_rules = rules.len() > ancestors.len();
+    let reached = |child: &str| rules.iter().any(|r| mentions(r, child));
+    if own_rules
+        || reached(path.rsplit(['.', '[', '{']).next().unwrap_or_default()) && !ancestors.is_empty()
+    {
+        match map.get("type").and_then(Value::as_str) {
+            Some("array") if !map.contains_key("maxItems") => {
+                problems.push(format!("{path}: list under a CEL rule without maxItems"))
+            }
+            Some("string")
+                if !map.contains_key("maxLength")
+                    && !map.contains_key("enum")
+                    && map.get("format").is_none() =>
+            {
+                problems.push(format!("{path}: string under a CEL rule without maxLength"))
+            }
+            Some("object")
+                if map.contains_key("additionalProperties")
+                    && !map.contains_key("maxProperties") =>
+            {
+                problems.push(format!(
+                    "{path}: map under a CEL rule without maxProperties"
+                ))
+            }
+            _ => {}
+        }
+    }
+    if let Some(props) = map.get("properties").and_then(Value::as_object) {
+        for (name, child) in props {
+            let inherited: &[String] = if reached(name) { &rules } else { &[] };
+            lint_node(child, &format!("{path}.{name}"), inherited, problems);
+        }
+    }
+    if let Some(items) = map.get("items") {
+        lint_node(items, &format!("{path}[]"), &rules, problems);
+    }
+    if let Some(additional) = map.get("additionalProperties").filter(|a| a.is_object()) {
+        lint_node(additional, &format!("{path}{{}}"), &rules, problems);
+    }
+}
+
+/// Whether a CEL rule mentions `name` as a whole identifier.
+fn mentions(rule: &str, name: &str) -> bool {
+    rule.match_indices(name).any(|(i, _)| {
+        let before = rule[..i].chars().next_back();
+        let after = rule[i + name.len()..].chars().next();
+        let ident = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let in_has = rule[..i].ends_with("has(self.") || rule[..i].ends_with("has(");
+        !ident(before) && !ident(after) && !in_has
+    })
+}

@@ -267,6 +267,10 @@ pub struct MappingField {
 pub struct SlaSpec {
     /// Longest acceptable time from receipt to delivery (Go duration, e.g. `15m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub max_delivery_latency: Option<Duration>,
     /// Highest acceptable share of failed records, as a decimal fraction ("0.01" is 1 %).
     #[serde(default, skip_serializing_if = "Option::is_none")]

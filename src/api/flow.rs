@@ -139,6 +139,10 @@ pub struct SourceSpec {
     pub base_url: Option<String>,
     /// Interval between polls in poll mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub poll_interval: Option<Duration>,
     /// Signature scheme of incoming webhooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,6 +252,10 @@ pub struct LookupBinding {
     pub key: String,
     /// How often the data is refreshed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub refresh_interval: Option<Duration>,
     /// Credentials for an `http` lookup that needs them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -280,6 +288,10 @@ pub struct DeliveryPolicy {
     pub backoff: Option<Backoff>,
     /// How long dead letters are kept before they are purged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub dead_letter_retention: Option<Duration>,
     /// Requests per second toward the sink (0 = unlimited).
     #[serde(default)]
@@ -317,8 +329,16 @@ impl Default for DeliveryPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct Backoff {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub base: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub max: Option<Duration>,
 }
 
@@ -359,6 +379,10 @@ pub struct CanaryStep {
     pub weight: u32,
     /// How long to stay at this weight while analysis runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub pause: Option<Duration>,
 }
 
@@ -372,6 +396,10 @@ pub struct CanaryAnalysis {
     pub max_failure_rate: Option<String>,
     /// Highest p99 delivery latency of the canary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub max_latency_p99: Option<Duration>,
     /// Records the canary must have processed before a measurement counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -383,6 +411,10 @@ pub struct CanaryAnalysis {
     pub failure_limit: Option<u32>,
     /// Time between measurements.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub interval: Option<Duration>,
 }
 

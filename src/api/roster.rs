@@ -53,6 +53,10 @@ pub struct OwnershipRosterSpec {
     pub ticket_sinks: Vec<TicketSink>,
     /// The time within which a failure should be repaired; longer repairs escalate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub mttr_target: Option<Duration>,
 }
 
@@ -136,6 +140,10 @@ impl Assignment {
 ]))]
 pub struct EscalationStep {
     /// How long after the failure opened.
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
     pub after: Duration,
     /// An owner id.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -203,11 +203,12 @@ pub fn validate_paths(paths: &[PathBuf], options: &Options) -> Report {
 
 /// Validates already-parsed documents.
 pub fn validate_documents(documents: Vec<load::Document>, options: &Options) -> Report {
-    let schemas = crate::crd::schemas();
+    static SCHEMAS: std::sync::OnceLock<Vec<(String, Value)>> = std::sync::OnceLock::new();
+    let schemas = SCHEMAS.get_or_init(crate::crd::schemas);
     let cel = kube::core::cel::Validator::new();
     let mut report = Report::default();
     for doc in documents {
-        check_document(doc, &schemas, &cel, &mut report);
+        check_document(doc, schemas, &cel, &mut report);
     }
     refs::check(&mut report, options);
     report
