@@ -233,6 +233,10 @@ fn crd_cel_rules_are_enforced_offline() {
     );
     assert_error(&report, "spec.rules[4]", "approverRole is required");
 
+    let long = "closed-won-to-netsuite-for-the-emea-region-and-its-subsidiaries";
+    let report = closed_won_with("flow", "name: closed-won-to-netsuite", &format!("name: {long}"));
+    assert_error(&report, "metadata.name", "at most 52 characters");
+
     let report = closed_won_with("flow", "type: postgres", "type: embedded");
     assert_error(&report, "spec", "embedded ledger supports one replica");
 }

@@ -14,6 +14,7 @@ use super::common::Condition;
     group = "sync.meshline.io",
     version = "v1alpha1",
     kind = "SyncContract",
+    doc = "A versioned, executable agreement for one CRM→ERP exchange: field schema, CEL business rules, mapping, SLA, compatibility mode and sign-offs.",
     namespaced,
     status = "SyncContractStatus",
     shortname = "sc",

@@ -15,6 +15,7 @@ use super::common::{Condition, ErrorClass, OwnerRole, SecretRef};
     group = "sync.meshline.io",
     version = "v1alpha1",
     kind = "OwnershipRoster",
+    doc = "Named owners of flows (sync, source, sink, platform), escalation, exception routes and ticket sinks.",
     namespaced,
     status = "OwnershipRosterStatus",
     shortname = "roster",
