@@ -1,0 +1,112 @@
+//! The ledger's one error type. Every variant names the flow and, where there is one, the record, and has a
+//! stable `label()` for metrics, condition reasons and tickets.
+
+use super::types::{RecordId, RecordState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("flow {flow}: cannot open the {backend} ledger at {target}: {source}")]
+    Open {
+        flow: String,
+        backend: &'static str,
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error("flow {flow}: ledger migration to schema version {version} failed: {source}")]
+    Migrate {
+        flow: String,
+        version: i64,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error(
+        "flow {flow}: the ledger database has schema version {found}, newer than the {known} this meshline \
+         knows; run a meshline at least as new as the one that migrated it (refusing to touch the data)"
+    )]
+    SchemaTooNew {
+        flow: String,
+        found: i64,
+        known: i64,
+    },
+
+    #[error("flow {flow}: ledger {operation} failed{}: {source}", record_suffix(*.record))]
+    Database {
+        flow: String,
+        operation: &'static str,
+        record: Option<RecordId>,
+        #[source]
+        source: sqlx::Error,
+    },
+
+    #[error("flow {flow}: record {record} is not in the ledger")]
+    NotFound { flow: String, record: RecordId },
+
+    #[error("flow {flow}: record {record} cannot go from {from} to {to}")]
+    IllegalTransition {
+        flow: String,
+        record: RecordId,
+        from: RecordState,
+        to: RecordState,
+    },
+
+    #[error(
+        "flow {flow}: record {record}: the claim (fence {fence}) no longer holds the lease; another claim took \
+         it over, so this completion was refused"
+    )]
+    LeaseLost {
+        flow: String,
+        record: RecordId,
+        fence: i64,
+    },
+
+    #[error(
+        "flow {flow}: record {record}: generation {generation} was superseded by generation {current} (the \
+         source sent a changed payload); this completion was dropped"
+    )]
+    Superseded {
+        flow: String,
+        record: RecordId,
+        generation: i64,
+        current: i64,
+    },
+
+    #[error("flow {flow}: record {record}: stored {what} is unreadable: {detail}")]
+    Corrupt {
+        flow: String,
+        record: RecordId,
+        what: &'static str,
+        detail: String,
+    },
+
+    #[error("flow {flow}: {what}")]
+    InvalidInput { flow: String, what: String },
+}
+
+fn record_suffix(record: Option<RecordId>) -> String {
+    record
+        .map(|id| format!(" for record {id}"))
+        .unwrap_or_default()
+}
+
+impl LedgerError {
+    /// Short stable label: the same word in a metric, a condition reason and a ticket.
+    pub fn label(&self) -> &'static str {
+        match self {
+            LedgerError::Open { .. } => "ledger_open",
+            LedgerError::Migrate { .. } => "ledger_migrate",
+            LedgerError::SchemaTooNew { .. } => "ledger_schema_too_new",
+            LedgerError::Database { .. } => "ledger_database",
+            LedgerError::NotFound { .. } => "record_not_found",
+            LedgerError::IllegalTransition { .. } => "illegal_transition",
+            LedgerError::LeaseLost { .. } => "lease_lost",
+            LedgerError::Superseded { .. } => "superseded",
+            LedgerError::Corrupt { .. } => "ledger_corrupt",
+            LedgerError::InvalidInput { .. } => "invalid_input",
+        }
+    }
+}
+
+pub type Result<T, E = LedgerError> = std::result::Result<T, E>;

@@ -1,0 +1,657 @@
+//! The durable ledger: the one place where a flow's records, their lineage, payload snapshots, source
+//! checkpoints and manual interventions live. The worker commits a record here before it acknowledges the CRM
+//! or advances a poll checkpoint, claims work from here under a lease, and reports every outcome here; the
+//! counts on `/status` are computed from here so they survive restarts.
+//!
+//! It owns durability, idempotency (idempotency key + payload hash), the lifecycle state machine, lease
+//! fencing and bucketed claiming. It does not run the contract, talk to a CRM or ERP, or redact anything (it
+//! stores snapshots exactly as given).
+//!
+//! Two backends implement [`Ledger`]:
+//! - [`SqliteLedger`] (`sqlite`): embedded, WAL, the default for one replica and for local use.
+//! - [`PostgresLedger`] (`postgres`): several replicas of one flow; claims use `FOR UPDATE SKIP LOCKED`.
+//!
+//! **Why a boxed-future (object-safe) trait.** The backend is chosen at run time from the flow's `ledger`
+//! setting, and the worker, the HTTP API and the CLI share one `Arc<dyn Ledger>`. Every call is batched (500
+//! records a call in the worker), so the one allocation per call that `async_trait` costs is noise next to a
+//! database round trip, and a generic worker would compile the whole pipeline twice for nothing.
+//!
+//! **Identity and generations.** A record is one row per (flow, idempotency key); its id never changes. A
+//! changed payload bumps `generation`, resets the record to `received` and keeps any live lease in place, so
+//! the older generation can never be claimed concurrently with the newer one: the stale holder's completion is
+//! refused as [`CompletionResult::Superseded`] (and releases the lease), or the lease expires.
+//!
+//! **Fencing.** Every claim increments the record's `fence`. A completion must present the generation and the
+//! fence it claimed with; once another worker has claimed the record (after the lease expired), the old holder
+//! gets [`CompletionResult::LeaseLost`] and cannot overwrite the new owner's result. A holder whose lease has
+//! expired but that nobody has claimed again may still complete: no one else can have acted on the record.
+//! The lease bounds how long a delivery may take; the worker must time out its ERP call well inside it.
+//!
+//! **Time** is stored as milliseconds since the Unix epoch (UTC) in 64-bit integers on both backends, read
+//! from an injectable [`Clock`], so lease expiry is testable without sleeping.
+
+mod error;
+mod postgres;
+mod schema;
+mod sqlite;
+mod types;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+pub use error::{LedgerError, Result};
+pub use postgres::PostgresLedger;
+pub use schema::SCHEMA_VERSION;
+pub use sqlite::SqliteLedger;
+pub use types::*;
+
+use crate::api::ErrorClass;
+
+/// Operations the worker, the operations API and the CLI need from a flow's ledger. One handle is bound to
+/// one flow; every operation is scoped to it.
+#[async_trait]
+pub trait Ledger: Send + Sync + fmt::Debug {
+    /// The flow this handle is bound to.
+    fn flow(&self) -> &str;
+
+    /// `sqlite` or `postgres`.
+    fn backend(&self) -> &'static str;
+
+    /// Stores a batch in one transaction (one fsync), returning one outcome per input in order. Only after
+    /// this returns may the source acknowledge the batch.
+    async fn ingest(&self, batch: Vec<IncomingRecord>) -> Result<Vec<IngestOutcome>>;
+
+    /// Like [`Ledger::ingest`], and sets the source's checkpoint in the same transaction, so a poll
+    /// checkpoint never advances past records that are not stored (and never lags records that are).
+    async fn ingest_with_checkpoint(
+        &self,
+        batch: Vec<IncomingRecord>,
+        source: &str,
+        checkpoint: &str,
+    ) -> Result<Vec<IngestOutcome>>;
+
+    /// The opaque checkpoint last stored for a source of this flow.
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>>;
+
+    async fn set_checkpoint(&self, source: &str, value: &str) -> Result<()>;
+
+    /// Claims up to `limit` due records in `buckets`: those received, validated or retry-scheduled whose
+    /// next attempt time has passed and that hold no live lease, and those delivering whose lease expired.
+    /// They become `delivering`, leased to `worker` for `lease`.
+    async fn claim(
+        &self,
+        worker: &str,
+        buckets: &BucketSet,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedRecord>>;
+
+    /// Reports the outcomes of claims in one transaction; one result per input, in order. Refused
+    /// completions (superseded, lease lost) change nothing but are recorded in lineage.
+    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<CompletionResult>>;
+
+    /// Reports one outcome; a refused completion is an error ([`LedgerError::Superseded`],
+    /// [`LedgerError::LeaseLost`], [`LedgerError::NotFound`]).
+    async fn complete(&self, claim: Claim, outcome: Outcome) -> Result<()> {
+        let results = self
+            .complete_batch(vec![Completion { claim, outcome }])
+            .await?;
+        let flow = self.flow().to_string();
+        match results.first().copied() {
+            Some(CompletionResult::Applied) => Ok(()),
+            Some(CompletionResult::Superseded { current_generation }) => {
+                Err(LedgerError::Superseded {
+                    flow,
+                    record: claim.id,
+                    generation: claim.generation,
+                    current: current_generation,
+                })
+            }
+            Some(CompletionResult::LeaseLost) => Err(LedgerError::LeaseLost {
+                flow,
+                record: claim.id,
+                fence: claim.fence,
+            }),
+            Some(CompletionResult::NotFound) | None => Err(LedgerError::NotFound {
+                flow,
+                record: claim.id,
+            }),
+        }
+    }
+
+    /// Adds the worker's own steps (validated, mapped, request sent) to records' lineage, in one transaction.
+    async fn append_lineage(&self, events: Vec<NewLineageEvent>) -> Result<()>;
+
+    /// A held record was approved: it becomes `validated` (and remembers the approver), recorded as a
+    /// manual intervention.
+    async fn approve_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()>;
+
+    /// A held record was rejected: it becomes a dead letter, recorded as a manual intervention.
+    async fn reject_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()>;
+
+    /// Sends one dead letter back to `validated`, recorded as a manual intervention.
+    async fn replay_dead_letter(&self, id: RecordId, actor: &str, reason: &str) -> Result<()>;
+
+    /// Sends every dead letter whose reason is exactly `dead_letter_reason` back to `validated`, one
+    /// intervention per record, in one transaction. Returns the records replayed.
+    async fn replay_dead_letters_by_reason(
+        &self,
+        dead_letter_reason: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<RecordId>>;
+
+    /// One record with its lineage, snapshots and interventions.
+    async fn get(&self, id: RecordId) -> Result<Option<RecordDetail>>;
+
+    /// Records in `state`, by id, after `after` (for paging the dead letters and the holds).
+    async fn list(
+        &self,
+        state: RecordState,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<RecordView>>;
+
+    /// The flow's counters, computed from the ledger.
+    async fn counts(&self) -> Result<Counts>;
+
+    /// Closes the connections (waits for in-flight statements).
+    async fn close(&self);
+}
+
+/// Which ledger to open, as the flow's configuration says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LedgerTarget {
+    /// A SQLite database file (created if missing).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL connection URL.
+    Postgres(String),
+}
+
+/// Opens (and migrates) the ledger for `flow`.
+pub async fn open(
+    target: &LedgerTarget,
+    flow: &str,
+    clock: std::sync::Arc<dyn Clock>,
+) -> Result<std::sync::Arc<dyn Ledger>> {
+    Ok(match target {
+        LedgerTarget::Sqlite(path) => {
+            std::sync::Arc::new(SqliteLedger::open(path, flow, clock).await?)
+        }
+        LedgerTarget::Postgres(url) => {
+            std::sync::Arc::new(PostgresLedger::connect(url, flow, clock).await?)
+        }
+    })
+}
+
+// ---- shared between the backends -------------------------------------------------------------------------
+
+/// An incoming record made ready for storage.
+pub(crate) struct Prepared {
+    source_key: String,
+    idempotency_key: String,
+    external_id: Option<String>,
+    payload: String,
+    hash: String,
+    contract_version: String,
+    bucket: i64,
+    correlation_id: String,
+    snapshot: Option<String>,
+}
+
+pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prepared>> {
+    batch
+        .into_iter()
+        .map(|record| {
+            if record.idempotency_key.is_empty() || record.source_key.is_empty() {
+                return Err(LedgerError::InvalidInput {
+                    flow: flow.to_string(),
+                    what: format!(
+                        "a record needs a source key and an idempotency key (got source key {:?}, \
+                         idempotency key {:?})",
+                        record.source_key, record.idempotency_key
+                    ),
+                });
+            }
+            Ok(Prepared {
+                bucket: i64::from(bucket_of(&record.source_key)),
+                hash: payload_hash(&record.payload),
+                payload: record.payload.to_string(),
+                correlation_id: record
+                    .correlation_id
+                    .unwrap_or_else(|| new_correlation_id(&record.idempotency_key)),
+                snapshot: record.snapshot.map(|s| s.to_string()),
+                source_key: record.source_key,
+                idempotency_key: record.idempotency_key,
+                external_id: record.external_id,
+                contract_version: record.contract_version,
+            })
+        })
+        .collect()
+}
+
+/// Splits a batch into rounds in which every idempotency key occurs once, keeping order, so a batch that
+/// carries two versions of one record applies them in sequence (the later one wins, as it would across two
+/// batches). Each item keeps its index in the batch.
+pub(crate) fn rounds(prepared: Vec<Prepared>) -> Vec<Vec<(usize, Prepared)>> {
+    let mut rounds: Vec<Vec<(usize, Prepared)>> = Vec::new();
+    let mut seen: Vec<std::collections::HashSet<String>> = Vec::new();
+    for (index, item) in prepared.into_iter().enumerate() {
+        // A later occurrence must land in a later round than every earlier one of the same key.
+        let slot = seen
+            .iter()
+            .rposition(|keys| keys.contains(&item.idempotency_key))
+            .map_or(0, |last| last + 1);
+        if slot == seen.len() {
+            seen.push(Default::default());
+            rounds.push(Vec::new());
+        }
+        seen[slot].insert(item.idempotency_key.clone());
+        rounds[slot].push((index, item));
+    }
+    rounds
+}
+
+/// What a completion writes, in the same shape for both backends.
+pub(crate) struct CompletionParams {
+    /// `None` for a release: back to the state it was claimed from.
+    new_state: Option<&'static str>,
+    next_attempt_at: Option<i64>,
+    last_error: Option<String>,
+    error_class: Option<&'static str>,
+    dead_letter_reason: Option<String>,
+    erp_response: Option<String>,
+    hold_rule: Option<String>,
+    hold_role: Option<String>,
+    retry_increment: i64,
+    /// Counts as a failure (starts the MTTR clock if it is not running).
+    failed: bool,
+    snapshot: Option<String>,
+    detail: Value,
+}
+
+pub(crate) fn completion_params(outcome: &Outcome, now: i64) -> CompletionParams {
+    let mut params = CompletionParams {
+        new_state: None,
+        next_attempt_at: None,
+        last_error: None,
+        error_class: None,
+        dead_letter_reason: None,
+        erp_response: None,
+        hold_rule: None,
+        hold_role: None,
+        retry_increment: 0,
+        failed: false,
+        snapshot: None,
+        detail: json!({}),
+    };
+    match outcome {
+        Outcome::Delivered => params.new_state = Some(RecordState::Delivered.as_str()),
+        Outcome::RetryScheduled {
+            next_attempt_at,
+            error,
+            class,
+        } => {
+            params.new_state = Some(RecordState::RetryScheduled.as_str());
+            params.next_attempt_at = Some(next_attempt_at.timestamp_millis());
+            params.last_error = Some(error.clone());
+            params.error_class = Some(class.label());
+            params.retry_increment = 1;
+            params.failed = true;
+            params.detail =
+                json!({"error": error, "class": class.label(), "next_attempt_at": next_attempt_at});
+        }
+        Outcome::DeadLettered {
+            reason,
+            class,
+            erp_response,
+            snapshot,
+        } => {
+            params.new_state = Some(RecordState::DeadLettered.as_str());
+            params.last_error = Some(reason.clone());
+            params.error_class = Some(class.label());
+            params.dead_letter_reason = Some(reason.clone());
+            params.erp_response = erp_response.clone();
+            params.failed = true;
+            params.snapshot = snapshot.as_ref().map(Value::to_string);
+            params.detail =
+                json!({"reason": reason, "class": class.label(), "erp_response": erp_response});
+        }
+        Outcome::Held { rule, role } => {
+            params.new_state = Some(RecordState::Held.as_str());
+            params.hold_rule = Some(rule.clone());
+            params.hold_role = Some(role.clone());
+            params.error_class = Some(ErrorClass::Hold.label());
+            params.detail = json!({"rule": rule, "role": role});
+        }
+        Outcome::Released { not_before } => {
+            let at = not_before.map_or(now, |t| t.timestamp_millis());
+            params.next_attempt_at = Some(at);
+            params.detail = json!({"not_before": to_time(at)});
+        }
+    }
+    params
+}
+
+/// The manual actions on a record, each one a lifecycle transition recorded as an intervention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ManualAction {
+    Approve,
+    Reject,
+    Replay,
+}
+
+impl ManualAction {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ManualAction::Approve => "approve",
+            ManualAction::Reject => "reject",
+            ManualAction::Replay => "replay",
+        }
+    }
+
+    pub(crate) fn source_state(self) -> RecordState {
+        match self {
+            ManualAction::Approve | ManualAction::Reject => RecordState::Held,
+            ManualAction::Replay => RecordState::DeadLettered,
+        }
+    }
+
+    pub(crate) fn target_state(self) -> RecordState {
+        match self {
+            ManualAction::Approve | ManualAction::Replay => RecordState::Validated,
+            ManualAction::Reject => RecordState::DeadLettered,
+        }
+    }
+}
+
+/// A `records` row as both backends return it (every integer is 64-bit on both).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RecordRow {
+    id: i64,
+    flow: String,
+    source_key: String,
+    idempotency_key: String,
+    external_id: Option<String>,
+    generation: i64,
+    payload: String,
+    payload_hash: String,
+    contract_version: String,
+    state: String,
+    claimed_from: Option<String>,
+    attempts: i64,
+    next_attempt_at: i64,
+    lease_owner: Option<String>,
+    lease_expires_at: Option<i64>,
+    fence: i64,
+    last_error: Option<String>,
+    last_error_class: Option<String>,
+    dead_letter_reason: Option<String>,
+    erp_response: Option<String>,
+    hold_rule: Option<String>,
+    hold_role: Option<String>,
+    approved_by: Option<String>,
+    bucket: i64,
+    correlation_id: String,
+    received_at: i64,
+    updated_at: i64,
+    delivered_at: Option<i64>,
+    first_failure_at: Option<i64>,
+}
+
+pub(crate) const RECORD_COLUMNS: &str = "id, flow, source_key, idempotency_key, external_id, generation, \
+    payload, payload_hash, contract_version, state, claimed_from, attempts, next_attempt_at, lease_owner, \
+    lease_expires_at, fence, last_error, last_error_class, dead_letter_reason, erp_response, hold_rule, \
+    hold_role, approved_by, bucket, correlation_id, received_at, updated_at, delivered_at, first_failure_at";
+
+fn parse_state(flow: &str, id: i64, s: &str) -> Result<RecordState> {
+    RecordState::parse(s).ok_or_else(|| LedgerError::Corrupt {
+        flow: flow.to_string(),
+        record: RecordId(id),
+        what: "state",
+        detail: format!("unknown state {s:?}"),
+    })
+}
+
+fn parse_json(flow: &str, id: i64, what: &'static str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).map_err(|e| LedgerError::Corrupt {
+        flow: flow.to_string(),
+        record: RecordId(id),
+        what,
+        detail: e.to_string(),
+    })
+}
+
+impl RecordRow {
+    pub(crate) fn into_view(self) -> Result<RecordView> {
+        let state = parse_state(&self.flow, self.id, &self.state)?;
+        let payload = parse_json(&self.flow, self.id, "payload", &self.payload)?;
+        Ok(RecordView {
+            id: RecordId(self.id),
+            state,
+            payload,
+            source_key: self.source_key,
+            idempotency_key: self.idempotency_key,
+            external_id: self.external_id,
+            generation: self.generation,
+            payload_hash: self.payload_hash,
+            contract_version: self.contract_version,
+            attempts: self.attempts,
+            next_attempt_at: to_time(self.next_attempt_at),
+            lease_owner: self.lease_owner,
+            lease_expires_at: self.lease_expires_at.map(to_time),
+            last_error: self.last_error,
+            last_error_class: self
+                .last_error_class
+                .as_deref()
+                .and_then(error_class_from_label),
+            dead_letter_reason: self.dead_letter_reason,
+            erp_response: self.erp_response,
+            hold_rule: self.hold_rule,
+            hold_role: self.hold_role,
+            approved_by: self.approved_by,
+            bucket: self.bucket as u8,
+            correlation_id: self.correlation_id,
+            received_at: to_time(self.received_at),
+            updated_at: to_time(self.updated_at),
+            delivered_at: self.delivered_at.map(to_time),
+            first_failure_at: self.first_failure_at.map(to_time),
+            flow: self.flow,
+        })
+    }
+
+    pub(crate) fn into_claimed(self) -> Result<ClaimedRecord> {
+        let claimed_from = match self.claimed_from.as_deref() {
+            Some(s) => parse_state(&self.flow, self.id, s)?,
+            None => RecordState::Received,
+        };
+        let payload = parse_json(&self.flow, self.id, "payload", &self.payload)?;
+        Ok(ClaimedRecord {
+            claim: Claim {
+                id: RecordId(self.id),
+                generation: self.generation,
+                fence: self.fence,
+            },
+            source_key: self.source_key,
+            idempotency_key: self.idempotency_key,
+            external_id: self.external_id,
+            payload,
+            payload_hash: self.payload_hash,
+            contract_version: self.contract_version,
+            attempts: self.attempts,
+            correlation_id: self.correlation_id,
+            bucket: self.bucket as u8,
+            claimed_from,
+            approved_by: self.approved_by,
+            lease_expires_at: to_time(self.lease_expires_at.unwrap_or(self.next_attempt_at)),
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct LineageRow {
+    at: i64,
+    generation: i64,
+    step: String,
+    detail: String,
+    correlation_id: String,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct SnapshotRow {
+    generation: i64,
+    kind: String,
+    at: i64,
+    body: String,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct InterventionRow {
+    record_id: Option<i64>,
+    action: String,
+    actor: String,
+    reason: String,
+    at: i64,
+}
+
+pub(crate) fn assemble_detail(
+    record: RecordRow,
+    lineage: Vec<LineageRow>,
+    snapshots: Vec<SnapshotRow>,
+    interventions: Vec<InterventionRow>,
+) -> Result<RecordDetail> {
+    let flow = record.flow.clone();
+    let id = record.id;
+    let record = record.into_view()?;
+    let lineage = lineage
+        .into_iter()
+        .map(|row| {
+            Ok(LineageEvent {
+                at: to_time(row.at),
+                generation: row.generation,
+                detail: parse_json(&flow, id, "lineage detail", &row.detail)?,
+                step: row.step,
+                correlation_id: row.correlation_id,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let snapshots = snapshots
+        .into_iter()
+        .map(|row| {
+            Ok(Snapshot {
+                generation: row.generation,
+                at: to_time(row.at),
+                body: parse_json(&flow, id, "snapshot", &row.body)?,
+                kind: row.kind,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let interventions = interventions
+        .into_iter()
+        .map(|row| Intervention {
+            record: row.record_id.map(RecordId),
+            action: row.action,
+            actor: row.actor,
+            reason: row.reason,
+            at: to_time(row.at),
+        })
+        .collect();
+    Ok(RecordDetail {
+        record,
+        lineage,
+        snapshots,
+        interventions,
+    })
+}
+
+/// Raw aggregates of the counts query, before the derived figures.
+#[derive(Debug, Default, sqlx::FromRow)]
+pub(crate) struct CountsRow {
+    records: i64,
+    received: i64,
+    delivered: i64,
+    failed: i64,
+    retried: i64,
+    dead_lettered: i64,
+    held: i64,
+    pending: i64,
+    oldest_pending_at: Option<i64>,
+    last_delivery_at: Option<i64>,
+    mttr_ms: Option<f64>,
+}
+
+pub(crate) fn assemble_counts(row: CountsRow, interventions: i64, now: i64) -> Counts {
+    let records = row.records.max(0) as u64;
+    let manual_interventions = interventions.max(0) as u64;
+    Counts {
+        records,
+        received: row.received.max(0) as u64,
+        delivered: row.delivered.max(0) as u64,
+        failed: row.failed.max(0) as u64,
+        retried: row.retried.max(0) as u64,
+        dead_lettered: row.dead_lettered.max(0) as u64,
+        held: row.held.max(0) as u64,
+        pending: row.pending.max(0) as u64,
+        oldest_pending_age_seconds: row
+            .oldest_pending_at
+            .map(|at| ((now - at).max(0)) as f64 / 1000.0),
+        last_delivery_at: row.last_delivery_at.map(to_time),
+        mttr_seconds: row.mttr_ms.map(|ms| ms / 1000.0),
+        manual_interventions,
+        interventions_per_1000: if records == 0 {
+            0.0
+        } else {
+            manual_interventions as f64 * 1000.0 / records as f64
+        },
+    }
+}
+
+pub(crate) fn lease_ms(flow: &str, lease: Duration) -> Result<i64> {
+    let ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+    if ms <= 0 {
+        return Err(LedgerError::InvalidInput {
+            flow: flow.to_string(),
+            what: "a claim needs a lease longer than zero".to_string(),
+        });
+    }
+    Ok(ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepared(key: &str) -> Prepared {
+        Prepared {
+            source_key: key.into(),
+            idempotency_key: key.into(),
+            external_id: None,
+            payload: "{}".into(),
+            hash: String::new(),
+            contract_version: "1".into(),
+            bucket: 0,
+            correlation_id: String::new(),
+            snapshot: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_with_repeated_keys_applies_them_in_order() {
+        let batch = vec![
+            prepared("a"),
+            prepared("b"),
+            prepared("a"),
+            prepared("c"),
+            prepared("a"),
+        ];
+        let rounds = rounds(batch);
+        let indices: Vec<Vec<usize>> = rounds
+            .iter()
+            .map(|round| round.iter().map(|(i, _)| *i).collect())
+            .collect();
+        assert_eq!(indices, vec![vec![0, 1, 3], vec![2], vec![4]]);
+    }
+}

@@ -1,0 +1,984 @@
+//! The PostgreSQL ledger: several replicas of one flow (and the canary and stable tracks) share it.
+//!
+//! Claims lock due rows with `FOR UPDATE SKIP LOCKED`, so concurrent claimers never wait for each other and
+//! never get the same record; a claim leases the record to one worker until `lease_expires_at`, after which
+//! any replica may take it over (fenced, see the parent module). Every batch operation is one round trip or
+//! a few, set-based over `UNNEST` arrays, because a statement per record would cap throughput at the
+//! network's round-trip time. Commits use the server's `synchronous_commit` (on by default), so an ingest
+//! that returned is on disk before the source is acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::json;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Row};
+
+use super::schema::{self, SCHEMA_VERSION};
+use super::{
+    BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
+    IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
+    NewLineageEvent, RECORD_COLUMNS, RecordDetail, RecordId, RecordRow, RecordState, RecordView,
+    Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms, prepare,
+    rounds,
+};
+
+/// Key of the advisory lock that serialises migrations when several replicas start at once.
+const MIGRATION_LOCK: i64 = 0x6d65_7368_6c69_6e65; // "meshline"
+
+#[derive(Debug)]
+pub struct PostgresLedger {
+    pool: PgPool,
+    flow: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl PostgresLedger {
+    /// Connects to `url` and migrates the ledger for `flow`.
+    pub async fn connect(url: &str, flow: &str, clock: Arc<dyn Clock>) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(url)
+            .await
+            .map_err(|source| LedgerError::Open {
+                flow: flow.to_string(),
+                backend: "postgres",
+                target: redact_url(url),
+                source,
+            })?;
+        Self::with_pool(pool, flow, clock).await
+    }
+
+    /// Uses an existing pool (e.g. one shared with a PostgreSQL sink) and migrates.
+    pub async fn with_pool(pool: PgPool, flow: &str, clock: Arc<dyn Clock>) -> Result<Self> {
+        let ledger = PostgresLedger {
+            pool,
+            flow: flow.to_string(),
+            clock,
+        };
+        ledger.migrate().await?;
+        Ok(ledger)
+    }
+
+    /// The schema version recorded in the database.
+    pub async fn schema_version(&self) -> Result<i64> {
+        let version: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM meshline_schema")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.db("read schema version", None))?;
+        Ok(version.unwrap_or(0))
+    }
+
+    fn db(
+        &self,
+        operation: &'static str,
+        record: Option<RecordId>,
+    ) -> impl Fn(sqlx::Error) -> LedgerError + '_ {
+        move |source| LedgerError::Database {
+            flow: self.flow.clone(),
+            operation,
+            record,
+            source,
+        }
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let flow = self.flow.clone();
+        let failed = |version: i64| {
+            let flow = flow.clone();
+            move |source| LedgerError::Migrate {
+                flow: flow.clone(),
+                version,
+                source,
+            }
+        };
+        let mut tx = self.pool.begin().await.map_err(failed(0))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(0))?;
+        sqlx::query(schema::POSTGRES_SCHEMA_TABLE)
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(0))?;
+        let current: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0)::BIGINT FROM meshline_schema")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(failed(0))?;
+        if current > SCHEMA_VERSION {
+            return Err(LedgerError::SchemaTooNew {
+                flow,
+                found: current,
+                known: SCHEMA_VERSION,
+            });
+        }
+        for migration in schema::POSTGRES.iter().filter(|m| m.version > current) {
+            for statement in migration.statements {
+                sqlx::query(*statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed(migration.version))?;
+            }
+            sqlx::query(
+                "INSERT INTO meshline_schema (version, description, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(migration.version)
+            .bind(migration.description)
+            .bind(self.clock.now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(failed(migration.version))?;
+        }
+        tx.commit().await.map_err(failed(SCHEMA_VERSION))?;
+        Ok(())
+    }
+
+    async fn ingest_inner(
+        &self,
+        batch: Vec<IncomingRecord>,
+        checkpoint: Option<(&str, &str)>,
+    ) -> Result<Vec<IngestOutcome>> {
+        let total = batch.len();
+        let prepared = prepare(&self.flow, batch)?;
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await.map_err(self.db("ingest", None))?;
+        let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; total];
+        for round in rounds(prepared) {
+            let mut source_keys = Vec::with_capacity(round.len());
+            let mut keys = Vec::with_capacity(round.len());
+            let mut external_ids = Vec::with_capacity(round.len());
+            let mut payloads = Vec::with_capacity(round.len());
+            let mut hashes = Vec::with_capacity(round.len());
+            let mut versions = Vec::with_capacity(round.len());
+            let mut buckets = Vec::with_capacity(round.len());
+            let mut correlations = Vec::with_capacity(round.len());
+            for (_, item) in &round {
+                source_keys.push(item.source_key.clone());
+                keys.push(item.idempotency_key.clone());
+                external_ids.push(item.external_id.clone());
+                payloads.push(item.payload.clone());
+                hashes.push(item.hash.clone());
+                versions.push(item.contract_version.clone());
+                buckets.push(item.bucket);
+                correlations.push(item.correlation_id.clone());
+            }
+            // New keys insert; changed payloads start a new generation (lease columns untouched, so an
+            // in-flight older generation is never claimed alongside it); equal hashes are left alone and
+            // do not come back from RETURNING.
+            let written = sqlx::query(
+                "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, payload, \
+                 payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, received_at, \
+                 updated_at) \
+                 SELECT $1, t.source_key, t.idempotency_key, t.external_id, 1, t.payload, t.payload_hash, \
+                 t.contract_version, 'received', $2, t.bucket, t.correlation_id, $2, $2 \
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
+                 $9::bigint[], $10::text[]) AS t(source_key, idempotency_key, external_id, payload, \
+                 payload_hash, contract_version, bucket, correlation_id) \
+                 ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = EXCLUDED.source_key, \
+                 external_id = EXCLUDED.external_id, generation = records.generation + 1, \
+                 payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash, \
+                 contract_version = EXCLUDED.contract_version, state = 'received', claimed_from = NULL, \
+                 attempts = 0, next_attempt_at = EXCLUDED.next_attempt_at, last_error = NULL, \
+                 last_error_class = NULL, dead_letter_reason = NULL, erp_response = NULL, hold_rule = NULL, \
+                 hold_role = NULL, approved_by = NULL, bucket = EXCLUDED.bucket, \
+                 correlation_id = EXCLUDED.correlation_id, received_at = EXCLUDED.received_at, \
+                 updated_at = EXCLUDED.updated_at, delivered_at = NULL, first_failure_at = NULL \
+                 WHERE records.payload_hash <> EXCLUDED.payload_hash \
+                 RETURNING id, idempotency_key, generation, (xmax = 0) AS inserted",
+            )
+            .bind(&self.flow)
+            .bind(now)
+            .bind(&source_keys)
+            .bind(&keys)
+            .bind(&external_ids)
+            .bind(&payloads)
+            .bind(&hashes)
+            .bind(&versions)
+            .bind(&buckets)
+            .bind(&correlations)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(self.db("ingest", None))?;
+            let mut written_by_key: HashMap<String, (i64, i64, bool)> = HashMap::new();
+            for row in written {
+                written_by_key.insert(
+                    row.get("idempotency_key"),
+                    (row.get("id"), row.get("generation"), row.get("inserted")),
+                );
+            }
+            let duplicate_keys: Vec<String> = keys
+                .iter()
+                .filter(|k| !written_by_key.contains_key(*k))
+                .cloned()
+                .collect();
+            let mut duplicates: HashMap<String, (i64, i64, String)> = HashMap::new();
+            if !duplicate_keys.is_empty() {
+                let rows = sqlx::query(
+                    "SELECT id, idempotency_key, generation, correlation_id FROM records \
+                     WHERE flow = $1 AND idempotency_key = ANY($2)",
+                )
+                .bind(&self.flow)
+                .bind(&duplicate_keys)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(self.db("ingest duplicates", None))?;
+                for row in rows {
+                    duplicates.insert(
+                        row.get("idempotency_key"),
+                        (
+                            row.get("id"),
+                            row.get("generation"),
+                            row.get("correlation_id"),
+                        ),
+                    );
+                }
+            }
+
+            let mut lineage = LineageBatch::default();
+            let mut snapshots = LineageBatch::default();
+            for (index, item) in round {
+                if let Some(&(id, generation, inserted)) = written_by_key.get(&item.idempotency_key)
+                {
+                    let (step, detail) = if inserted {
+                        (
+                            "received",
+                            json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}),
+                        )
+                    } else {
+                        (
+                            "updated",
+                            json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
+                        )
+                    };
+                    lineage.push(
+                        id,
+                        generation,
+                        step,
+                        detail.to_string(),
+                        item.correlation_id.clone(),
+                    );
+                    if let Some(snapshot) = item.snapshot {
+                        snapshots.push(id, generation, "received", snapshot, String::new());
+                    }
+                    outcomes[index] = Some(if inserted {
+                        IngestOutcome::Received {
+                            id: RecordId(id),
+                            correlation_id: item.correlation_id,
+                        }
+                    } else {
+                        IngestOutcome::Updated {
+                            id: RecordId(id),
+                            generation,
+                            correlation_id: item.correlation_id,
+                        }
+                    });
+                } else if let Some((id, generation, correlation_id)) =
+                    duplicates.get(&item.idempotency_key)
+                {
+                    lineage.push(
+                        *id,
+                        *generation,
+                        "duplicate",
+                        json!({"payload_hash": item.hash}).to_string(),
+                        correlation_id.clone(),
+                    );
+                    outcomes[index] = Some(IngestOutcome::Duplicate { id: RecordId(*id) });
+                }
+            }
+            lineage
+                .insert(&mut tx, now)
+                .await
+                .map_err(self.db("ingest lineage", None))?;
+            snapshots
+                .insert_snapshots(&mut tx, now)
+                .await
+                .map_err(self.db("ingest snapshots", None))?;
+        }
+        if let Some((source, value)) = checkpoint {
+            sqlx::query(
+                "INSERT INTO checkpoints (flow, source, value, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (flow, source) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at",
+            )
+            .bind(&self.flow)
+            .bind(source)
+            .bind(value)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db("set checkpoint", None))?;
+        }
+        tx.commit().await.map_err(self.db("ingest commit", None))?;
+        outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.ok_or_else(|| LedgerError::InvalidInput {
+                    flow: self.flow.clone(),
+                    what: "a record of the batch vanished during ingest (concurrently deleted?)"
+                        .into(),
+                })
+            })
+            .collect()
+    }
+
+    async fn manual(
+        &self,
+        conn: &mut PgConnection,
+        id: RecordId,
+        action: ManualAction,
+        actor: &str,
+        reason: &str,
+        now: i64,
+    ) -> Result<()> {
+        let row = sqlx::query(
+            "SELECT state, generation, correlation_id FROM records WHERE id = $1 AND flow = $2 FOR UPDATE",
+        )
+        .bind(id.0)
+        .bind(&self.flow)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(self.db(action.name(), Some(id)))?
+        .ok_or_else(|| LedgerError::NotFound {
+            flow: self.flow.clone(),
+            record: id,
+        })?;
+        let state: String = row.get("state");
+        let generation: i64 = row.get("generation");
+        let correlation_id: String = row.get("correlation_id");
+        let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
+            flow: self.flow.clone(),
+            record: id,
+            what: "state",
+            detail: format!("unknown state {state:?}"),
+        })?;
+        let to = action.target_state();
+        if from != action.source_state() || !from.can_transition_to(to) {
+            return Err(LedgerError::IllegalTransition {
+                flow: self.flow.clone(),
+                record: id,
+                from,
+                to,
+            });
+        }
+        let approved_by = (action == ManualAction::Approve).then_some(actor);
+        let dead_letter_reason =
+            (action == ManualAction::Reject).then(|| format!("rejected by {actor}: {reason}"));
+        let detail =
+            json!({"actor": actor, "reason": reason, "from": from.as_str(), "to": to.as_str()});
+        sqlx::query(
+            "WITH updated AS (UPDATE records SET state = $1, approved_by = COALESCE($2, approved_by), \
+             dead_letter_reason = COALESCE($3, dead_letter_reason), next_attempt_at = $4, updated_at = $4 \
+             WHERE id = $5 RETURNING id), \
+             intervention AS (INSERT INTO interventions (flow, record_id, action, actor, reason, at) \
+             VALUES ($6, $5, $7, $8, $9, $4)) \
+             INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+             VALUES ($5, $10, $4, $7, $11, $12)",
+        )
+        .bind(to.as_str())
+        .bind(approved_by)
+        .bind(&dead_letter_reason)
+        .bind(now)
+        .bind(id.0)
+        .bind(&self.flow)
+        .bind(action.name())
+        .bind(actor)
+        .bind(reason)
+        .bind(generation)
+        .bind(detail.to_string())
+        .bind(&correlation_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(self.db(action.name(), Some(id)))?;
+        Ok(())
+    }
+
+    async fn manual_batch(
+        &self,
+        ids: Vec<RecordId>,
+        action: ManualAction,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db(action.name(), None))?;
+        for id in ids {
+            self.manual(&mut tx, id, action, actor, reason, now).await?;
+        }
+        tx.commit().await.map_err(self.db(action.name(), None))
+    }
+}
+
+/// Columns of a set-based lineage (or snapshot) insert.
+#[derive(Default)]
+struct LineageBatch {
+    ids: Vec<i64>,
+    generations: Vec<i64>,
+    steps: Vec<String>,
+    details: Vec<String>,
+    correlations: Vec<String>,
+}
+
+impl LineageBatch {
+    fn push(&mut self, id: i64, generation: i64, step: &str, detail: String, correlation: String) {
+        self.ids.push(id);
+        self.generations.push(generation);
+        self.steps.push(step.to_string());
+        self.details.push(detail);
+        self.correlations.push(correlation);
+    }
+
+    async fn insert(
+        &self,
+        conn: &mut PgConnection,
+        now: i64,
+    ) -> std::result::Result<(), sqlx::Error> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+             SELECT t.id, t.generation, $1, t.step, t.detail, t.correlation_id \
+             FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[]) \
+             AS t(id, generation, step, detail, correlation_id)",
+        )
+        .bind(now)
+        .bind(&self.ids)
+        .bind(&self.generations)
+        .bind(&self.steps)
+        .bind(&self.details)
+        .bind(&self.correlations)
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+
+    /// Same columns reused for snapshots: `steps` holds the kind, `details` the body.
+    async fn insert_snapshots(
+        &self,
+        conn: &mut PgConnection,
+        now: i64,
+    ) -> std::result::Result<(), sqlx::Error> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO snapshots (record_id, generation, kind, at, body) \
+             SELECT t.id, t.generation, t.kind, $1, t.body \
+             FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::text[]) AS t(id, generation, kind, body) \
+             ON CONFLICT (record_id, generation, kind) DO UPDATE SET at = EXCLUDED.at, body = EXCLUDED.body",
+        )
+        .bind(now)
+        .bind(&self.ids)
+        .bind(&self.generations)
+        .bind(&self.steps)
+        .bind(&self.details)
+        .execute(conn)
+        .await
+        .map(|_| ())
+    }
+}
+
+/// A connection URL without its password, for error messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{}{}@{}", &url[..scheme + 3], user, &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
+
+#[async_trait]
+impl Ledger for PostgresLedger {
+    fn flow(&self) -> &str {
+        &self.flow
+    }
+
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ingest(&self, batch: Vec<IncomingRecord>) -> Result<Vec<IngestOutcome>> {
+        self.ingest_inner(batch, None).await
+    }
+
+    async fn ingest_with_checkpoint(
+        &self,
+        batch: Vec<IncomingRecord>,
+        source: &str,
+        checkpoint: &str,
+    ) -> Result<Vec<IngestOutcome>> {
+        self.ingest_inner(batch, Some((source, checkpoint))).await
+    }
+
+    async fn checkpoint(&self, source: &str) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM checkpoints WHERE flow = $1 AND source = $2")
+            .bind(&self.flow)
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(self.db("read checkpoint", None))
+    }
+
+    async fn set_checkpoint(&self, source: &str, value: &str) -> Result<()> {
+        self.ingest_inner(Vec::new(), Some((source, value)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn claim(
+        &self,
+        worker: &str,
+        buckets: &BucketSet,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedRecord>> {
+        let lease = lease_ms(&self.flow, lease)?;
+        if buckets.is_empty() || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now_ms();
+        let expires = now.saturating_add(lease);
+        let bucket_list: Vec<i64> = buckets.iter().map(i64::from).collect();
+        // One statement: lock the due rows (skipping those another replica holds), lease them, and write
+        // their "claimed" lineage. Data-modifying CTEs run exactly once whether or not they are read.
+        let sql = format!(
+            "WITH due AS ( \
+               SELECT id, state AS previous_state, lease_owner AS previous_owner FROM records \
+               WHERE flow = $1 AND bucket = ANY($2) AND state IN {PENDING} AND next_attempt_at <= $3 \
+               AND (lease_expires_at IS NULL OR lease_expires_at <= $3) \
+               ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+             claimed AS ( \
+               UPDATE records r SET \
+               claimed_from = CASE WHEN r.state = 'delivering' THEN r.claimed_from ELSE r.state END, \
+               state = 'delivering', lease_owner = $5, lease_expires_at = $6, next_attempt_at = $6, \
+               fence = r.fence + 1, attempts = r.attempts + 1, updated_at = $3 \
+               FROM due WHERE r.id = due.id \
+               RETURNING r.*, due.previous_state, due.previous_owner), \
+             lineage_rows AS ( \
+               INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+               SELECT id, generation, $3, 'claimed', json_build_object('worker', $5::text, 'fence', fence, \
+               'attempt', attempts, 'lease_expires_at', $6::bigint, 'taken_over_from', \
+               CASE WHEN previous_state = 'delivering' THEN previous_owner END)::text, correlation_id \
+               FROM claimed) \
+             SELECT {RECORD_COLUMNS} FROM claimed ORDER BY next_attempt_at, id"
+        );
+        let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(&self.flow)
+            .bind(&bucket_list)
+            .bind(now)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(worker)
+            .bind(expires)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.db("claim", None))?;
+        rows.into_iter().map(RecordRow::into_claimed).collect()
+    }
+
+    async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<CompletionResult>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now_ms();
+        let n = completions.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut generations = Vec::with_capacity(n);
+        let mut fences = Vec::with_capacity(n);
+        let mut states: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut next_ats = Vec::with_capacity(n);
+        let mut last_errors = Vec::with_capacity(n);
+        let mut classes: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut reasons = Vec::with_capacity(n);
+        let mut responses = Vec::with_capacity(n);
+        let mut rules = Vec::with_capacity(n);
+        let mut roles = Vec::with_capacity(n);
+        let mut retry_increments = Vec::with_capacity(n);
+        let mut failures = Vec::with_capacity(n);
+        let mut details = Vec::with_capacity(n);
+        let mut dead_letter_snapshots = LineageBatch::default();
+        let mut snapshot_by_id: HashMap<i64, String> = HashMap::new();
+        for completion in &completions {
+            let claim = completion.claim;
+            let params = completion_params(&completion.outcome, now);
+            let mut detail = params.detail;
+            detail["fence"] = json!(claim.fence);
+            ids.push(claim.id.0);
+            generations.push(claim.generation);
+            fences.push(claim.fence);
+            states.push(params.new_state.map(str::to_string));
+            next_ats.push(params.next_attempt_at);
+            last_errors.push(params.last_error);
+            classes.push(params.error_class.map(str::to_string));
+            reasons.push(params.dead_letter_reason);
+            responses.push(params.erp_response);
+            rules.push(params.hold_rule);
+            roles.push(params.hold_role);
+            retry_increments.push(params.retry_increment);
+            failures.push(params.failed);
+            details.push(detail.to_string());
+            if let Some(snapshot) = params.snapshot {
+                snapshot_by_id.insert(claim.id.0, snapshot);
+            }
+        }
+
+        let mut tx = self.pool.begin().await.map_err(self.db("complete", None))?;
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "WITH t AS (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
+               $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
+               $12::bigint[], $13::bool[], $14::text[]) AS t(id, generation, fence, new_state, next_at, \
+               last_error, error_class, dl_reason, erp_response, hold_rule, hold_role, retry_inc, failed, \
+               detail)), \
+             applied AS ( \
+               UPDATE records r SET state = COALESCE(t.new_state, r.claimed_from, 'received'), \
+               claimed_from = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+               next_attempt_at = COALESCE(t.next_at, r.next_attempt_at), \
+               last_error = COALESCE(t.last_error, r.last_error), \
+               last_error_class = COALESCE(t.error_class, r.last_error_class), \
+               dead_letter_reason = COALESCE(t.dl_reason, r.dead_letter_reason), \
+               erp_response = COALESCE(t.erp_response, r.erp_response), \
+               hold_rule = COALESCE(t.hold_rule, r.hold_rule), hold_role = COALESCE(t.hold_role, r.hold_role), \
+               retries = r.retries + t.retry_inc, \
+               first_failure_at = CASE WHEN t.failed THEN COALESCE(r.first_failure_at, $15) ELSE r.first_failure_at END, \
+               delivered_at = CASE WHEN t.new_state = 'delivered' THEN $15 ELSE r.delivered_at END, \
+               updated_at = $15 \
+               FROM t WHERE r.id = t.id AND r.flow = $16 AND r.generation = t.generation \
+               AND r.fence = t.fence AND r.state = 'delivering' \
+               RETURNING r.id, r.generation, r.correlation_id, t.new_state, t.detail), \
+             lineage_rows AS ( \
+               INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+               SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied) \
+             SELECT id FROM applied",
+        )
+        .bind(&ids)
+        .bind(&generations)
+        .bind(&fences)
+        .bind(&states)
+        .bind(&next_ats)
+        .bind(&last_errors)
+        .bind(&classes)
+        .bind(&reasons)
+        .bind(&responses)
+        .bind(&rules)
+        .bind(&roles)
+        .bind(&retry_increments)
+        .bind(&failures)
+        .bind(&details)
+        .bind(now)
+        .bind(&self.flow)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("complete", None))?;
+        let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
+
+        let refused: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !applied.contains(id))
+            .collect();
+        let mut current: HashMap<i64, (i64, i64, String)> = HashMap::new();
+        if !refused.is_empty() {
+            let rows = sqlx::query(
+                "SELECT id, generation, fence, correlation_id FROM records WHERE flow = $1 AND id = ANY($2)",
+            )
+            .bind(&self.flow)
+            .bind(&refused)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(self.db("complete check", None))?;
+            for row in rows {
+                current.insert(
+                    row.get("id"),
+                    (
+                        row.get("generation"),
+                        row.get("fence"),
+                        row.get("correlation_id"),
+                    ),
+                );
+            }
+        }
+
+        let mut results = Vec::with_capacity(n);
+        let mut refusals = LineageBatch::default();
+        for completion in &completions {
+            let claim = completion.claim;
+            if applied.contains(&claim.id.0) {
+                if let Some(snapshot) = snapshot_by_id.remove(&claim.id.0) {
+                    dead_letter_snapshots.push(
+                        claim.id.0,
+                        claim.generation,
+                        "dead_lettered",
+                        snapshot,
+                        String::new(),
+                    );
+                }
+                results.push(CompletionResult::Applied);
+                continue;
+            }
+            let Some((generation, fence, correlation_id)) = current.get(&claim.id.0) else {
+                results.push(CompletionResult::NotFound);
+                continue;
+            };
+            let superseded = *generation != claim.generation;
+            if superseded && *fence == claim.fence {
+                // The stale holder still holds the lease over the newer generation: release it now
+                // rather than make the update wait for the lease to expire.
+                sqlx::query(
+                    "UPDATE records SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND fence = $2",
+                )
+                .bind(claim.id.0)
+                .bind(claim.fence)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db("release superseded lease", Some(claim.id)))?;
+            }
+            let detail = json!({
+                "outcome": completion.outcome.step(),
+                "claim_generation": claim.generation,
+                "claim_fence": claim.fence,
+                "current_fence": fence,
+                "result": if superseded { "superseded" } else { "lease_lost" },
+            });
+            refusals.push(
+                claim.id.0,
+                *generation,
+                "completion_refused",
+                detail.to_string(),
+                correlation_id.clone(),
+            );
+            results.push(if superseded {
+                CompletionResult::Superseded {
+                    current_generation: *generation,
+                }
+            } else {
+                CompletionResult::LeaseLost
+            });
+        }
+        refusals
+            .insert(&mut tx, now)
+            .await
+            .map_err(self.db("complete lineage", None))?;
+        dead_letter_snapshots
+            .insert_snapshots(&mut tx, now)
+            .await
+            .map_err(self.db("complete snapshots", None))?;
+        tx.commit()
+            .await
+            .map_err(self.db("complete commit", None))?;
+        Ok(results)
+    }
+
+    async fn append_lineage(&self, events: Vec<NewLineageEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let ids: Vec<i64> = events.iter().map(|e| e.record.0).collect();
+        let steps: Vec<String> = events.iter().map(|e| e.step.clone()).collect();
+        let details: Vec<String> = events.iter().map(|e| e.detail.to_string()).collect();
+        let inserted = sqlx::query(
+            "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+             SELECT r.id, r.generation, $1, t.step, t.detail, r.correlation_id \
+             FROM UNNEST($2::bigint[], $3::text[], $4::text[]) AS t(id, step, detail) \
+             JOIN records r ON r.id = t.id AND r.flow = $5",
+        )
+        .bind(now)
+        .bind(&ids)
+        .bind(&steps)
+        .bind(&details)
+        .bind(&self.flow)
+        .execute(&self.pool)
+        .await
+        .map_err(self.db("append lineage", None))?;
+        if inserted.rows_affected() != events.len() as u64 {
+            // Find the first unknown record for the error; the rest were written, which is harmless.
+            for event in &events {
+                let exists: Option<i64> =
+                    sqlx::query_scalar("SELECT id FROM records WHERE id = $1 AND flow = $2")
+                        .bind(event.record.0)
+                        .bind(&self.flow)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(self.db("append lineage", Some(event.record)))?;
+                if exists.is_none() {
+                    return Err(LedgerError::NotFound {
+                        flow: self.flow.clone(),
+                        record: event.record,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn approve_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
+        self.manual_batch(vec![id], ManualAction::Approve, actor, reason)
+            .await
+    }
+
+    async fn reject_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
+        self.manual_batch(vec![id], ManualAction::Reject, actor, reason)
+            .await
+    }
+
+    async fn replay_dead_letter(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
+        self.manual_batch(vec![id], ManualAction::Replay, actor, reason)
+            .await
+    }
+
+    async fn replay_dead_letters_by_reason(
+        &self,
+        dead_letter_reason: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<RecordId>> {
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("replay by reason", None))?;
+        // Locked in the same transaction, so a dead letter cannot be replayed twice by two callers.
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND dead_letter_reason = $2 \
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(&self.flow)
+        .bind(dead_letter_reason)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("replay by reason", None))?;
+        let ids: Vec<RecordId> = ids.into_iter().map(RecordId).collect();
+        for id in &ids {
+            self.manual(&mut tx, *id, ManualAction::Replay, actor, reason, now)
+                .await?;
+        }
+        tx.commit()
+            .await
+            .map_err(self.db("replay by reason", None))?;
+        Ok(ids)
+    }
+
+    async fn get(&self, id: RecordId) -> Result<Option<RecordDetail>> {
+        let record = Some(id);
+        // REPEATABLE READ: the record, its lineage and its snapshots from one snapshot of the database.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(self.db("get", record))?;
+        let row: Option<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE id = $1 AND flow = $2"
+        )))
+        .bind(id.0)
+        .bind(&self.flow)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(self.db("get", record))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let lineage: Vec<LineageRow> = sqlx::query_as(
+            "SELECT at, generation, step, detail, correlation_id FROM lineage WHERE record_id = $1 ORDER BY id",
+        )
+        .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("get lineage", record))?;
+        let snapshots: Vec<SnapshotRow> = sqlx::query_as(
+            "SELECT generation, kind, at, body FROM snapshots WHERE record_id = $1 ORDER BY generation, at",
+        )
+        .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("get snapshots", record))?;
+        let interventions: Vec<InterventionRow> = sqlx::query_as(
+            "SELECT record_id, action, actor, reason, at FROM interventions WHERE flow = $1 AND record_id = $2 ORDER BY id",
+        )
+        .bind(&self.flow)
+        .bind(id.0)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("get interventions", record))?;
+        tx.commit().await.map_err(self.db("get", record))?;
+        assemble_detail(row, lineage, snapshots, interventions).map(Some)
+    }
+
+    async fn list(
+        &self,
+        state: RecordState,
+        after: Option<RecordId>,
+        limit: usize,
+    ) -> Result<Vec<RecordView>> {
+        let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records WHERE flow = $1 AND state = $2 AND id > $3 ORDER BY id LIMIT $4"
+        )))
+        .bind(&self.flow)
+        .bind(state.as_str())
+        .bind(after.map_or(0, |id| id.0))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("list", None))?;
+        rows.into_iter().map(RecordRow::into_view).collect()
+    }
+
+    async fn counts(&self) -> Result<Counts> {
+        let now = self.clock.now_ms();
+        let sql = format!(
+            "SELECT COUNT(*) AS records, COALESCE(SUM(generation), 0)::BIGINT AS received, \
+             COUNT(*) FILTER (WHERE state = 'delivered') AS delivered, \
+             COUNT(*) FILTER (WHERE first_failure_at IS NOT NULL) AS failed, \
+             COALESCE(SUM(retries), 0)::BIGINT AS retried, \
+             COUNT(*) FILTER (WHERE state = 'dead_lettered') AS dead_lettered, \
+             COUNT(*) FILTER (WHERE state = 'held') AS held, \
+             COUNT(*) FILTER (WHERE state IN {PENDING}) AS pending, \
+             MIN(received_at) FILTER (WHERE state IN {PENDING}) AS oldest_pending_at, \
+             MAX(delivered_at) AS last_delivery_at, \
+             (AVG(delivered_at - first_failure_at) FILTER (WHERE state = 'delivered' AND first_failure_at IS NOT NULL))::DOUBLE PRECISION AS mttr_ms \
+             FROM records WHERE flow = $1"
+        );
+        let row: CountsRow = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(&self.flow)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.db("counts", None))?;
+        let interventions: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM interventions WHERE flow = $1")
+                .bind(&self.flow)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(self.db("counts", None))?;
+        Ok(assemble_counts(row, interventions, now))
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn connection_urls_lose_their_password_in_errors() {
+        assert_eq!(
+            redact_url("postgres://meshline:s3cret@db:5432/ledger"),
+            "postgres://meshline@db:5432/ledger"
+        );
+        assert_eq!(redact_url("postgres://db/ledger"), "postgres://db/ledger");
+    }
+}

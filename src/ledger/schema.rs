@@ -1,0 +1,193 @@
+//! The ledger's schema, as versioned migrations for each backend. Versions only ever grow; a migration is
+//! never edited once released (add a new one instead). Both backends record applied versions in
+//! `meshline_schema`, and both refuse a database whose newest version is above [`SCHEMA_VERSION`]: an older
+//! binary writing to a newer schema could silently lose the columns it does not know.
+//!
+//! Times are `BIGINT` milliseconds since the Unix epoch (UTC); JSON is stored as text, so both backends read
+//! back exactly what was written.
+
+/// The newest schema version this code knows.
+pub const SCHEMA_VERSION: i64 = 1;
+
+pub(crate) struct Migration {
+    pub version: i64,
+    pub description: &'static str,
+    pub statements: &'static [&'static str],
+}
+
+/// The bookkeeping table; created before any migration runs.
+pub(crate) const SQLITE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
+    version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at INTEGER NOT NULL)";
+
+pub(crate) const POSTGRES_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
+    version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)";
+
+pub(crate) const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    description: "records, lineage, snapshots, checkpoints, interventions",
+    statements: &[
+        "CREATE TABLE records (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            flow TEXT NOT NULL,
+            source_key TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            external_id TEXT,
+            generation INTEGER NOT NULL,
+            payload TEXT NOT NULL,
+            payload_hash TEXT NOT NULL,
+            contract_version TEXT NOT NULL,
+            state TEXT NOT NULL,
+            claimed_from TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            retries INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at INTEGER NOT NULL,
+            lease_owner TEXT,
+            lease_expires_at INTEGER,
+            fence INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            last_error_class TEXT,
+            dead_letter_reason TEXT,
+            erp_response TEXT,
+            hold_rule TEXT,
+            hold_role TEXT,
+            approved_by TEXT,
+            bucket INTEGER NOT NULL CHECK (bucket BETWEEN 0 AND 99),
+            correlation_id TEXT NOT NULL,
+            received_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            delivered_at INTEGER,
+            first_failure_at INTEGER,
+            UNIQUE (flow, idempotency_key)
+        )",
+        "CREATE INDEX records_due ON records (flow, next_attempt_at)
+            WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
+        "CREATE INDEX records_state ON records (flow, state, id)",
+        "CREATE TABLE lineage (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            record_id INTEGER NOT NULL REFERENCES records (id),
+            generation INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            step TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            correlation_id TEXT NOT NULL
+        )",
+        "CREATE INDEX lineage_record ON lineage (record_id, id)",
+        "CREATE TABLE snapshots (
+            record_id INTEGER NOT NULL REFERENCES records (id),
+            generation INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (record_id, generation, kind)
+        )",
+        "CREATE TABLE checkpoints (
+            flow TEXT NOT NULL,
+            source TEXT NOT NULL,
+            value TEXT NOT NULL,
+            updated_at INTEGER NOT NULL,
+            PRIMARY KEY (flow, source)
+        )",
+        "CREATE TABLE interventions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            flow TEXT NOT NULL,
+            record_id INTEGER REFERENCES records (id),
+            action TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at INTEGER NOT NULL
+        )",
+        "CREATE INDEX interventions_record ON interventions (flow, record_id)",
+    ],
+}];
+
+pub(crate) const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    description: "records, lineage, snapshots, checkpoints, interventions",
+    statements: &[
+        "CREATE TABLE records (
+            id BIGSERIAL PRIMARY KEY,
+            flow TEXT NOT NULL,
+            source_key TEXT NOT NULL,
+            idempotency_key TEXT NOT NULL,
+            external_id TEXT,
+            generation BIGINT NOT NULL,
+            payload TEXT NOT NULL,
+            payload_hash TEXT NOT NULL,
+            contract_version TEXT NOT NULL,
+            state TEXT NOT NULL,
+            claimed_from TEXT,
+            attempts BIGINT NOT NULL DEFAULT 0,
+            retries BIGINT NOT NULL DEFAULT 0,
+            next_attempt_at BIGINT NOT NULL,
+            lease_owner TEXT,
+            lease_expires_at BIGINT,
+            fence BIGINT NOT NULL DEFAULT 0,
+            last_error TEXT,
+            last_error_class TEXT,
+            dead_letter_reason TEXT,
+            erp_response TEXT,
+            hold_rule TEXT,
+            hold_role TEXT,
+            approved_by TEXT,
+            bucket BIGINT NOT NULL CHECK (bucket BETWEEN 0 AND 99),
+            correlation_id TEXT NOT NULL,
+            received_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            delivered_at BIGINT,
+            first_failure_at BIGINT,
+            UNIQUE (flow, idempotency_key)
+        )",
+        "CREATE INDEX records_due ON records (flow, next_attempt_at)
+            WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
+        "CREATE INDEX records_state ON records (flow, state, id)",
+        "CREATE TABLE lineage (
+            id BIGSERIAL PRIMARY KEY,
+            record_id BIGINT NOT NULL REFERENCES records (id),
+            generation BIGINT NOT NULL,
+            at BIGINT NOT NULL,
+            step TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            correlation_id TEXT NOT NULL
+        )",
+        "CREATE INDEX lineage_record ON lineage (record_id, id)",
+        "CREATE TABLE snapshots (
+            record_id BIGINT NOT NULL REFERENCES records (id),
+            generation BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (record_id, generation, kind)
+        )",
+        "CREATE TABLE checkpoints (
+            flow TEXT NOT NULL,
+            source TEXT NOT NULL,
+            value TEXT NOT NULL,
+            updated_at BIGINT NOT NULL,
+            PRIMARY KEY (flow, source)
+        )",
+        "CREATE TABLE interventions (
+            id BIGSERIAL PRIMARY KEY,
+            flow TEXT NOT NULL,
+            record_id BIGINT REFERENCES records (id),
+            action TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            at BIGINT NOT NULL
+        )",
+        "CREATE INDEX interventions_record ON interventions (flow, record_id)",
+    ],
+}];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_one_to_the_current_version() {
+        for migrations in [SQLITE, POSTGRES] {
+            let versions: Vec<i64> = migrations.iter().map(|m| m.version).collect();
+            let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
+            assert_eq!(versions, expected);
+        }
+    }
+}

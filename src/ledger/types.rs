@@ -1,0 +1,573 @@
+//! The ledger's vocabulary: record states and their legal transitions, what the worker hands in (incoming
+//! records, outcomes) and what it gets back (claims, record views, counts), the stable bucket hash and the
+//! clock. Pure values only: nothing here touches a database.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::api::ErrorClass;
+
+/// Number of stable buckets that record keys are spread over. Canary weights are whole percentages.
+pub const BUCKETS: u8 = 100;
+
+/// Primary key of a record in the ledger. Stable across updates (a changed payload bumps the generation,
+/// not the id), so `GET /records/{id}` tells the whole story of one source record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordId(pub i64);
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where a record is in its life. Stored as [`RecordState::as_str`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    /// Durably stored; not yet through the contract.
+    Received,
+    /// Passed the contract (or was approved / replayed) and waits for delivery.
+    Validated,
+    /// Waits for an approver role.
+    Held,
+    /// Claimed by a worker under a lease.
+    Delivering,
+    /// The ERP accepted it. Terminal until the source sends a changed payload.
+    Delivered,
+    /// A transient failure; claimable again at `next_attempt_at`.
+    RetryScheduled,
+    /// A permanent failure or a rejection; waits for a replay.
+    DeadLettered,
+}
+
+impl RecordState {
+    pub const ALL: [RecordState; 7] = [
+        RecordState::Received,
+        RecordState::Validated,
+        RecordState::Held,
+        RecordState::Delivering,
+        RecordState::Delivered,
+        RecordState::RetryScheduled,
+        RecordState::DeadLettered,
+    ];
+
+    /// The stored and displayed name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordState::Received => "received",
+            RecordState::Validated => "validated",
+            RecordState::Held => "held",
+            RecordState::Delivering => "delivering",
+            RecordState::Delivered => "delivered",
+            RecordState::RetryScheduled => "retry_scheduled",
+            RecordState::DeadLettered => "dead_lettered",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RecordState> {
+        RecordState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+    }
+
+    /// States a worker may claim (once `next_attempt_at` has passed and no live lease remains).
+    pub fn is_claimable(self) -> bool {
+        matches!(
+            self,
+            RecordState::Received | RecordState::Validated | RecordState::RetryScheduled
+        )
+    }
+
+    /// The lifecycle graph. A changed payload from the source is not a transition: it starts a new
+    /// generation in `received` from any state (see `Ledger::ingest`).
+    ///
+    /// `delivering → received|validated|retry_scheduled` is the release of a claim without an attempt
+    /// (graceful shutdown, open circuit breaker): the record goes back to where it was claimed from.
+    pub fn can_transition_to(self, to: RecordState) -> bool {
+        use RecordState::*;
+        matches!(
+            (self, to),
+            (Received, Validated | Held | DeadLettered | Delivering)
+                | (Validated, Held | DeadLettered | Delivering)
+                | (RetryScheduled, Delivering | DeadLettered)
+                | (
+                    Delivering,
+                    Delivered | RetryScheduled | DeadLettered | Held | Received | Validated
+                )
+                | (Held, Validated | DeadLettered)
+                | (DeadLettered, Validated)
+        )
+    }
+}
+
+impl fmt::Display for RecordState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parses an [`ErrorClass`] from its stable label (the form the ledger stores).
+pub fn error_class_from_label(label: &str) -> Option<ErrorClass> {
+    [
+        ErrorClass::Transient,
+        ErrorClass::Permanent,
+        ErrorClass::Hold,
+        ErrorClass::FlowLevel,
+        ErrorClass::Config,
+    ]
+    .into_iter()
+    .find(|class| class.label() == label)
+}
+
+/// The stable bucket of a record key: the first 8 bytes of SHA-256(key) read as a big-endian `u64`, mod 100.
+///
+/// Every replica, every version and every language must agree on this number, because the stable/canary
+/// split is expressed in buckets; that is why it is not Rust's randomly seeded `Hasher`.
+pub fn bucket_of(record_key: &str) -> u8 {
+    let digest = Sha256::digest(record_key.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % u64::from(BUCKETS)) as u8
+}
+
+/// SHA-256 (hex) of the payload's canonical JSON: object keys sorted at every level, no whitespace. Key order
+/// in the source's JSON must not turn a retried webhook into an "update".
+pub fn payload_hash(payload: &Value) -> String {
+    let mut canonical = String::new();
+    write_canonical(payload, &mut canonical);
+    hex::encode(Sha256::digest(canonical.as_bytes()))
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// A new correlation id in the W3C trace-id shape (32 lowercase hex digits), so the sink can carry it in a
+/// `traceparent` header. Unique, not secret: SHA-256 over the process id, a process-wide counter, the time and
+/// the record key.
+pub fn new_correlation_id(record_key: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let mut hasher = Sha256::new();
+    hasher.update(std::process::id().to_be_bytes());
+    hasher.update(n.to_be_bytes());
+    hasher.update(nanos.to_be_bytes());
+    hasher.update(record_key.as_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// A set of buckets (0–99) a worker claims from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BucketSet {
+    bits: u128,
+}
+
+impl BucketSet {
+    pub fn all() -> BucketSet {
+        BucketSet::range(0..BUCKETS)
+    }
+
+    pub fn empty() -> BucketSet {
+        BucketSet { bits: 0 }
+    }
+
+    /// Buckets in `range` (clamped to 0–99). A canary at weight w takes `0..w`, stable takes `w..100`.
+    pub fn range(range: Range<u8>) -> BucketSet {
+        let mut set = BucketSet::empty();
+        for bucket in range.start..range.end.min(BUCKETS) {
+            set.bits |= 1u128 << bucket;
+        }
+        set
+    }
+
+    pub fn from_buckets(buckets: impl IntoIterator<Item = u8>) -> BucketSet {
+        let mut set = BucketSet::empty();
+        for bucket in buckets.into_iter().filter(|b| *b < BUCKETS) {
+            set.bits |= 1u128 << bucket;
+        }
+        set
+    }
+
+    pub fn contains(&self, bucket: u8) -> bool {
+        bucket < BUCKETS && self.bits & (1u128 << bucket) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits == 0
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u8> + '_ {
+        (0..BUCKETS).filter(|b| self.contains(*b))
+    }
+}
+
+/// One record as a source hands it to the ledger.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IncomingRecord {
+    /// The record's key in the source system (e.g. a Salesforce Id). The bucket is derived from it.
+    pub source_key: String,
+    /// The identity of the record for idempotency: same key and same payload hash is a duplicate, same key
+    /// and a different hash is an update.
+    pub idempotency_key: String,
+    /// The upsert key at the ERP, if known at receipt.
+    pub external_id: Option<String>,
+    pub payload: Value,
+    /// The PII-redacted copy for people to read. The ledger stores it as given; the caller redacts.
+    pub snapshot: Option<Value>,
+    pub contract_version: String,
+    /// Taken from the source when it sends one (e.g. a `traceparent`), otherwise generated at receipt.
+    pub correlation_id: Option<String>,
+}
+
+/// What `ingest` did with one incoming record, in batch order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// A new record.
+    Received {
+        id: RecordId,
+        correlation_id: String,
+    },
+    /// Same key, changed payload: a new generation re-enters the pipeline. Any claim on an older generation
+    /// is superseded and cannot complete.
+    Updated {
+        id: RecordId,
+        generation: i64,
+        correlation_id: String,
+    },
+    /// Same key, same payload hash: nothing new was stored.
+    Duplicate { id: RecordId },
+}
+
+impl IngestOutcome {
+    pub fn id(&self) -> RecordId {
+        match self {
+            IngestOutcome::Received { id, .. }
+            | IngestOutcome::Updated { id, .. }
+            | IngestOutcome::Duplicate { id } => *id,
+        }
+    }
+}
+
+/// The fencing handle of one claim. A completion must present all three: the generation proves the payload
+/// is still current, the fence proves nobody has claimed the record since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Claim {
+    pub id: RecordId,
+    pub generation: i64,
+    pub fence: i64,
+}
+
+/// A record handed to a worker by `claim`, in state `delivering` under a lease.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimedRecord {
+    pub claim: Claim,
+    pub source_key: String,
+    pub idempotency_key: String,
+    pub external_id: Option<String>,
+    pub payload: Value,
+    pub payload_hash: String,
+    pub contract_version: String,
+    /// Delivery attempts including this one.
+    pub attempts: i64,
+    pub correlation_id: String,
+    pub bucket: u8,
+    /// The state the record was claimed from; `delivering` means an expired lease was taken over.
+    pub claimed_from: RecordState,
+    /// Set once a held record was approved, so the worker does not hold it again for the same rule.
+    pub approved_by: Option<String>,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// How a claimed record ended this round.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Delivered,
+    RetryScheduled {
+        next_attempt_at: DateTime<Utc>,
+        error: String,
+        class: ErrorClass,
+    },
+    DeadLettered {
+        reason: String,
+        class: ErrorClass,
+        /// The ERP's answer, verbatim (status line and body), for the person who fixes it.
+        erp_response: Option<String>,
+        /// Redacted payload snapshot to keep with the dead letter, if the caller has a fresher one.
+        snapshot: Option<Value>,
+    },
+    Held {
+        rule: String,
+        role: String,
+    },
+    /// Give the record back without counting a failure (graceful shutdown, open circuit breaker). It returns
+    /// to the state it was claimed from and is claimable again at `not_before` (now if `None`).
+    Released {
+        not_before: Option<DateTime<Utc>>,
+    },
+}
+
+impl Outcome {
+    /// The step name written to lineage.
+    pub fn step(&self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::RetryScheduled { .. } => "retry_scheduled",
+            Outcome::DeadLettered { .. } => "dead_lettered",
+            Outcome::Held { .. } => "held",
+            Outcome::Released { .. } => "released",
+        }
+    }
+}
+
+/// One completion in a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub claim: Claim,
+    pub outcome: Outcome,
+}
+
+/// The per-item answer of `complete_batch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompletionResult {
+    Applied,
+    /// The source sent a newer payload while this generation was in flight; the completion was dropped and
+    /// the newer generation will be delivered instead.
+    Superseded {
+        current_generation: i64,
+    },
+    /// The lease was taken over by another claim (or the record is no longer delivering); the completion
+    /// was refused so it cannot overwrite the new owner's result.
+    LeaseLost,
+    NotFound,
+}
+
+/// A lineage event the worker adds for a step the ledger does not see itself (validated, mapped, request).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewLineageEvent {
+    pub record: RecordId,
+    pub step: String,
+    pub detail: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LineageEvent {
+    pub at: DateTime<Utc>,
+    pub generation: i64,
+    pub step: String,
+    pub detail: Value,
+    pub correlation_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub generation: i64,
+    /// `received` (at ingest) or `dead_lettered` (kept with the dead letter).
+    pub kind: String,
+    pub at: DateTime<Utc>,
+    pub body: Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Intervention {
+    pub record: Option<RecordId>,
+    /// `approve`, `reject` or `replay`.
+    pub action: String,
+    pub actor: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The current row of one record (without lineage).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RecordView {
+    pub id: RecordId,
+    pub flow: String,
+    pub source_key: String,
+    pub idempotency_key: String,
+    pub external_id: Option<String>,
+    pub generation: i64,
+    pub payload: Value,
+    pub payload_hash: String,
+    pub contract_version: String,
+    pub state: RecordState,
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub last_error_class: Option<ErrorClass>,
+    pub dead_letter_reason: Option<String>,
+    pub erp_response: Option<String>,
+    pub hold_rule: Option<String>,
+    pub hold_role: Option<String>,
+    pub approved_by: Option<String>,
+    pub bucket: u8,
+    pub correlation_id: String,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub first_failure_at: Option<DateTime<Utc>>,
+}
+
+/// One record with its whole story.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RecordDetail {
+    pub record: RecordView,
+    pub lineage: Vec<LineageEvent>,
+    pub snapshots: Vec<Snapshot>,
+    pub interventions: Vec<Intervention>,
+}
+
+/// Counters computed from the ledger's rows, so they survive restarts and agree across replicas.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Counts {
+    /// Distinct records (source keys) in the ledger.
+    pub records: u64,
+    /// Record versions received: every new record plus every changed payload (duplicates excluded).
+    pub received: u64,
+    pub delivered: u64,
+    /// Records of the current generation that failed at least once (retried or dead-lettered).
+    pub failed: u64,
+    /// Retries scheduled, all time.
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub held: u64,
+    /// Received, validated, retry-scheduled or delivering.
+    pub pending: u64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub last_delivery_at: Option<DateTime<Utc>>,
+    /// Mean of (delivered_at − first_failure_at) over delivered records that had failed first.
+    pub mttr_seconds: Option<f64>,
+    pub manual_interventions: u64,
+    /// Manual interventions per 1,000 records (0 when the ledger is empty).
+    pub interventions_per_1000: f64,
+}
+
+/// Where the ledger gets "now". Tests use [`ManualClock`] to expire leases without sleeping.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Milliseconds since the Unix epoch, UTC.
+    fn now_ms(&self) -> i64;
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        Utc::now().timestamp_millis()
+    }
+}
+
+/// A clock that moves only when told to.
+#[derive(Debug)]
+pub struct ManualClock {
+    now: AtomicI64,
+}
+
+impl ManualClock {
+    pub fn starting_at(ms: i64) -> Arc<ManualClock> {
+        Arc::new(ManualClock {
+            now: AtomicI64::new(ms),
+        })
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        self.now.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.now.load(Ordering::SeqCst)
+    }
+}
+
+pub(crate) fn to_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_hash_is_stable_across_versions() {
+        // Pinned values: changing the hash would move every record to another track mid-canary.
+        assert_eq!(bucket_of("006A000000abcde"), bucket_of("006A000000abcde"));
+        let digest = Sha256::digest(b"opportunity-1");
+        let expected = u64::from_be_bytes(digest[..8].try_into().unwrap()) % 100;
+        assert_eq!(u64::from(bucket_of("opportunity-1")), expected);
+    }
+
+    #[test]
+    fn payload_hash_ignores_key_order() {
+        let a: Value =
+            serde_json::from_str(r#"{"a":1,"b":{"y":2,"x":[1,{"q":1,"p":2}]}}"#).unwrap();
+        let b: Value =
+            serde_json::from_str(r#"{"b":{"x":[1,{"p":2,"q":1}],"y":2},"a":1}"#).unwrap();
+        assert_eq!(payload_hash(&a), payload_hash(&b));
+        let c: Value =
+            serde_json::from_str(r#"{"a":2,"b":{"y":2,"x":[1,{"q":1,"p":2}]}}"#).unwrap();
+        assert_ne!(payload_hash(&a), payload_hash(&c));
+    }
+
+    #[test]
+    fn illegal_transitions_are_rejected_by_the_graph() {
+        assert!(RecordState::Received.can_transition_to(RecordState::Validated));
+        assert!(RecordState::Delivering.can_transition_to(RecordState::Delivered));
+        assert!(!RecordState::Delivered.can_transition_to(RecordState::Delivering));
+        assert!(!RecordState::Held.can_transition_to(RecordState::Delivered));
+        assert!(!RecordState::DeadLettered.can_transition_to(RecordState::Delivered));
+        for state in RecordState::ALL {
+            assert_eq!(RecordState::parse(state.as_str()), Some(state));
+        }
+    }
+
+    #[test]
+    fn bucket_ranges_split_canary_and_stable() {
+        let canary = BucketSet::range(0..10);
+        let stable = BucketSet::range(10..100);
+        for b in 0..100 {
+            assert!(canary.contains(b) ^ stable.contains(b));
+        }
+        assert_eq!(BucketSet::all().iter().count(), 100);
+    }
+}

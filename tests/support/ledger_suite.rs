@@ -1,0 +1,851 @@
+//! The ledger's behavioural promises, written once and run against every backend by `ledger_suite!`.
+//! Each function takes a [`Fixture`] (a database that can be opened, closed and reopened) and asserts one
+//! promise the worker relies on.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use meshline::api::ErrorClass;
+use meshline::ledger::{
+    self, BucketSet, Claim, Clock, CompletionResult, IncomingRecord, IngestOutcome, Ledger,
+    LedgerError, LedgerTarget, ManualClock, Outcome, RecordState, SCHEMA_VERSION, bucket_of,
+};
+use serde_json::{Value, json};
+
+use super::postgres::PgServer;
+
+pub const FLOW: &str = "closed-won-to-netsuite";
+/// 2026-01-01T00:00:00Z, so times in assertions are readable.
+pub const T0: i64 = 1_767_225_600_000;
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// A database for one test; dropping it removes it (and stops the server, for PostgreSQL).
+pub struct Fixture {
+    pub target: LedgerTarget,
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _server: Option<PgServer>,
+}
+
+impl Fixture {
+    pub fn sqlite() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir for the SQLite ledger");
+        Fixture {
+            target: LedgerTarget::Sqlite(dir.path().join("ledger.db")),
+            _sqlite_dir: Some(dir),
+            _server: None,
+        }
+    }
+
+    pub fn postgres() -> Fixture {
+        let server = PgServer::start();
+        let url = server.create_database("ledger");
+        Fixture {
+            target: LedgerTarget::Postgres(url),
+            _sqlite_dir: None,
+            _server: Some(server),
+        }
+    }
+
+    pub async fn open(&self, clock: Arc<dyn Clock>) -> Arc<dyn Ledger> {
+        ledger::open(&self.target, FLOW, clock)
+            .await
+            .expect("the ledger opens and migrates")
+    }
+
+    pub async fn try_open(&self, clock: Arc<dyn Clock>) -> Result<Arc<dyn Ledger>, LedgerError> {
+        ledger::open(&self.target, FLOW, clock).await
+    }
+
+    /// Runs raw SQL against the database, behind the ledger's back.
+    pub async fn execute(&self, sql: &'static str) {
+        match &self.target {
+            LedgerTarget::Sqlite(path) => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
+                let pool = sqlx::SqlitePool::connect_with(options)
+                    .await
+                    .expect("raw sqlite");
+                sqlx::raw_sql(sql).execute(&pool).await.expect("raw sql");
+                pool.close().await;
+            }
+            LedgerTarget::Postgres(url) => {
+                let pool = sqlx::PgPool::connect(url).await.expect("raw postgres");
+                sqlx::raw_sql(sql).execute(&pool).await.expect("raw sql");
+                pool.close().await;
+            }
+        }
+    }
+
+    /// Makes any insert of the record keyed `poison` fail inside the database, mid-transaction.
+    pub async fn install_poison_trigger(&self) {
+        match &self.target {
+            LedgerTarget::Sqlite(_) => {
+                self.execute(
+                    "CREATE TRIGGER poison BEFORE INSERT ON records WHEN NEW.idempotency_key = 'poison' \
+                     BEGIN SELECT RAISE(ABORT, 'poison record'); END;",
+                )
+                .await
+            }
+            LedgerTarget::Postgres(_) => {
+                self.execute(
+                    "CREATE FUNCTION poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                     IF NEW.idempotency_key = 'poison' THEN RAISE EXCEPTION 'poison record'; END IF; \
+                     RETURN NEW; END $$; \
+                     CREATE TRIGGER poison BEFORE INSERT ON records FOR EACH ROW EXECUTE FUNCTION poison();",
+                )
+                .await
+            }
+        }
+    }
+}
+
+pub fn clock() -> Arc<ManualClock> {
+    ManualClock::starting_at(T0)
+}
+
+pub fn record(key: &str, payload: Value) -> IncomingRecord {
+    IncomingRecord {
+        source_key: key.to_string(),
+        idempotency_key: format!("Opportunity/{key}"),
+        external_id: Some(format!("SO-{key}")),
+        snapshot: Some(json!({"redacted": true, "key": key})),
+        payload,
+        contract_version: "1.0.0".to_string(),
+        correlation_id: None,
+    }
+}
+
+pub fn at(clock: &ManualClock) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(clock.now_ms()).expect("valid time")
+}
+
+fn permanent(reason: &str) -> Outcome {
+    Outcome::DeadLettered {
+        reason: reason.to_string(),
+        class: ErrorClass::Permanent,
+        erp_response: Some("400 Bad Request: {\"error\":\"invalid item\"}".to_string()),
+        snapshot: None,
+    }
+}
+
+async fn claim_all(ledger: &dyn Ledger, worker: &str) -> Vec<ledger::ClaimedRecord> {
+    ledger
+        .claim(worker, &BucketSet::all(), 10_000, LEASE)
+        .await
+        .expect("claim")
+}
+
+pub async fn duplicate_ingest_is_recognised(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let first = ledger
+        .ingest(vec![record("a", json!({"amount": 10, "stage": "won"}))])
+        .await
+        .unwrap();
+    let IngestOutcome::Received { id, .. } = first[0].clone() else {
+        panic!("a new key is received, got {first:?}")
+    };
+    // The webhook is retried, with the keys in another order: still the same payload.
+    let again = ledger
+        .ingest(vec![record("a", json!({"stage": "won", "amount": 10}))])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![IngestOutcome::Duplicate { id }]);
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!((counts.records, counts.received), (1, 1));
+    let detail = ledger.get(id).await.unwrap().expect("record exists");
+    assert_eq!(detail.record.generation, 1);
+    let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+    assert_eq!(steps, ["received", "duplicate"]);
+    // Only one record was claimable.
+    assert_eq!(claim_all(ledger.as_ref(), "w1").await.len(), 1);
+}
+
+pub async fn changed_payload_is_an_update_and_the_stale_generation_cannot_complete(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(vec![record("a", json!({"amount": 10}))])
+        .await
+        .unwrap();
+    let stale = claim_all(ledger.as_ref(), "w1").await.remove(0);
+    assert_eq!(stale.claim.generation, 1);
+
+    // The CRM sends a change while generation 1 is being delivered.
+    let updated = ledger
+        .ingest(vec![record("a", json!({"amount": 12}))])
+        .await
+        .unwrap();
+    let IngestOutcome::Updated { id, generation, .. } = updated[0].clone() else {
+        panic!("a changed payload is an update, got {updated:?}")
+    };
+    assert_eq!((id, generation), (stale.claim.id, 2));
+    // Never two generations in flight at once: generation 2 waits for the stale holder.
+    assert!(claim_all(ledger.as_ref(), "w2").await.is_empty());
+
+    let refused = ledger.complete(stale.claim, Outcome::Delivered).await;
+    assert!(
+        matches!(
+            refused,
+            Err(LedgerError::Superseded {
+                generation: 1,
+                current: 2,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    let view = ledger.get(id).await.unwrap().unwrap().record;
+    assert_eq!(
+        view.state,
+        RecordState::Received,
+        "the stale delivery did not mark it delivered"
+    );
+    assert_eq!(view.payload, json!({"amount": 12}));
+
+    // The refusal released the lease, so the new generation goes out now, not after the lease.
+    let fresh = claim_all(ledger.as_ref(), "w2").await;
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0].claim.generation, 2);
+    assert_eq!(fresh[0].payload, json!({"amount": 12}));
+    ledger
+        .complete(fresh[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!(
+        (counts.records, counts.received, counts.delivered),
+        (1, 2, 1)
+    );
+}
+
+pub async fn claims_only_return_the_requested_buckets(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch: Vec<IncomingRecord> = (0..300)
+        .map(|i| record(&format!("k{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let canary = BucketSet::range(0..10);
+    let stable = BucketSet::range(10..100);
+    let expected_canary = (0..300)
+        .filter(|i| bucket_of(&format!("k{i}")) < 10)
+        .count();
+    assert!(expected_canary > 0, "the fixture has canary records");
+
+    let claimed = ledger.claim("canary", &canary, 1000, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), expected_canary);
+    for record in &claimed {
+        assert!(
+            canary.contains(record.bucket),
+            "bucket {} is not the canary's",
+            record.bucket
+        );
+        assert_eq!(record.bucket, bucket_of(&record.source_key));
+    }
+    let claimed = ledger.claim("stable", &stable, 1000, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 300 - expected_canary);
+    assert!(claimed.iter().all(|r| stable.contains(r.bucket)));
+    assert!(
+        ledger
+            .claim("any", &BucketSet::all(), 1000, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn two_concurrent_claimers_never_get_the_same_record(fixture: Fixture) {
+    let clock = clock();
+    // Two handles with their own connections, as two replicas would have.
+    let one = fixture.open(clock.clone()).await;
+    let two = fixture.open(clock.clone()).await;
+    for round in 0..20 {
+        let batch: Vec<IncomingRecord> = (0..200)
+            .map(|i| record(&format!("r{round}-{i}"), json!({"i": i})))
+            .collect();
+        one.ingest(batch).await.unwrap();
+        let claimer = |ledger: Arc<dyn Ledger>, name: &'static str| {
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let claimed = ledger
+                        .claim(name, &BucketSet::all(), 17, LEASE)
+                        .await
+                        .unwrap();
+                    if claimed.is_empty() {
+                        break;
+                    }
+                    mine.extend(claimed.into_iter().map(|c| c.claim));
+                }
+                mine
+            })
+        };
+        let (a, b) = tokio::join!(claimer(one.clone(), "one"), claimer(two.clone(), "two"));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let ids_a: HashSet<_> = a.iter().map(|c| c.id).collect();
+        let ids_b: HashSet<_> = b.iter().map(|c| c.id).collect();
+        assert_eq!(
+            ids_a.len(),
+            a.len(),
+            "round {round}: a claimer got a record twice"
+        );
+        assert!(
+            ids_a.is_disjoint(&ids_b),
+            "round {round}: both claimers got a record"
+        );
+        assert_eq!(
+            ids_a.len() + ids_b.len(),
+            200,
+            "round {round}: every record was claimed"
+        );
+        let completions = a
+            .iter()
+            .map(|claim| ledger::Completion {
+                claim: *claim,
+                outcome: Outcome::Delivered,
+            })
+            .collect();
+        let results = one.complete_batch(completions).await.unwrap();
+        assert!(results.iter().all(|r| *r == CompletionResult::Applied));
+        let completions = b
+            .iter()
+            .map(|claim| ledger::Completion {
+                claim: *claim,
+                outcome: Outcome::Delivered,
+            })
+            .collect();
+        let results = two.complete_batch(completions).await.unwrap();
+        assert!(results.iter().all(|r| *r == CompletionResult::Applied));
+    }
+    assert_eq!(one.counts().await.unwrap().delivered, 20 * 200);
+}
+
+pub async fn an_expired_lease_is_taken_over_and_the_old_holders_completion_is_refused(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(vec![record("a", json!({"amount": 1}))])
+        .await
+        .unwrap();
+    let crashed = claim_all(ledger.as_ref(), "replica-1").await.remove(0);
+    // While the lease runs, nobody else gets the record.
+    clock.advance(LEASE / 2);
+    assert!(claim_all(ledger.as_ref(), "replica-2").await.is_empty());
+
+    clock.advance(LEASE);
+    let taken = claim_all(ledger.as_ref(), "replica-2").await;
+    assert_eq!(taken.len(), 1, "the expired lease is taken over");
+    assert_eq!(taken[0].claimed_from, RecordState::Received);
+    assert_eq!(taken[0].attempts, 2);
+    assert_ne!(taken[0].claim.fence, crashed.claim.fence);
+
+    ledger
+        .complete(
+            taken[0].claim,
+            Outcome::RetryScheduled {
+                next_attempt_at: at(&clock) + chrono::Duration::seconds(60),
+                error: "503 Service Unavailable".into(),
+                class: ErrorClass::Transient,
+            },
+        )
+        .await
+        .unwrap();
+    // The first replica comes back and reports success: it must not overwrite the new owner's result.
+    let refused = ledger.complete(crashed.claim, Outcome::Delivered).await;
+    assert!(
+        matches!(refused, Err(LedgerError::LeaseLost { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(refused.unwrap_err().label(), "lease_lost");
+    let detail = ledger.get(crashed.claim.id).await.unwrap().unwrap();
+    assert_eq!(detail.record.state, RecordState::RetryScheduled);
+    assert_eq!(detail.record.last_error_class, Some(ErrorClass::Transient));
+    assert!(
+        detail
+            .lineage
+            .iter()
+            .any(|e| e.step == "completion_refused")
+    );
+    let takeover = detail
+        .lineage
+        .iter()
+        .filter(|e| e.step == "claimed")
+        .nth(1)
+        .unwrap();
+    assert_eq!(takeover.detail["taken_over_from"], json!("replica-1"));
+}
+
+pub async fn counts_and_mttr_survive_reopening_the_ledger(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch = (0..4)
+        .map(|i| record(&format!("k{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let mut claimed = claim_all(ledger.as_ref(), "w").await;
+    claimed.sort_by_key(|c| c.source_key.clone());
+    // k0 delivers at once; k1 fails and is delivered 30 s later; k2 fails and is delivered 90 s later
+    // (MTTR = 60 s); k3 is dead-lettered.
+    ledger
+        .complete(claimed[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let retry = |secs| Outcome::RetryScheduled {
+        next_attempt_at: at(&clock) + chrono::Duration::seconds(secs),
+        error: "timeout".into(),
+        class: ErrorClass::Transient,
+    };
+    ledger.complete(claimed[1].claim, retry(30)).await.unwrap();
+    ledger.complete(claimed[2].claim, retry(90)).await.unwrap();
+    ledger
+        .complete(claimed[3].claim, permanent("unknown item"))
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(30));
+    let again = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(again.len(), 1);
+    ledger
+        .complete(again[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    let again = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(again.len(), 1);
+    ledger
+        .complete(again[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    ledger
+        .replay_dead_letter(
+            claimed[3].claim.id,
+            "ana@example.com",
+            "item created in the ERP",
+        )
+        .await
+        .unwrap();
+    let before = ledger.counts().await.unwrap();
+    ledger.close().await;
+    drop(ledger);
+
+    let reopened = fixture.open(clock.clone()).await;
+    let after = reopened.counts().await.unwrap();
+    assert_eq!(
+        before, after,
+        "counts come from the ledger, not from memory"
+    );
+    assert_eq!(after.records, 4);
+    assert_eq!(after.received, 4);
+    assert_eq!(after.delivered, 3);
+    assert_eq!(after.failed, 3);
+    assert_eq!(after.retried, 2);
+    assert_eq!(after.dead_lettered, 0);
+    assert_eq!(after.pending, 1, "the replayed dead letter waits again");
+    assert_eq!(after.mttr_seconds, Some(60.0));
+    assert_eq!(after.manual_interventions, 1);
+    assert_eq!(after.interventions_per_1000, 250.0);
+    assert_eq!(after.oldest_pending_age_seconds, Some(90.0));
+}
+
+pub async fn checkpoint_advances_atomically_with_the_batch(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let source = "salesforce-poll";
+    assert_eq!(ledger.checkpoint(source).await.unwrap(), None);
+    let page = (0..3)
+        .map(|i| record(&format!("p{i}"), json!({"i": i})))
+        .collect();
+    ledger
+        .ingest_with_checkpoint(page, source, "2026-01-01T00:00:03Z")
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.checkpoint(source).await.unwrap().as_deref(),
+        Some("2026-01-01T00:00:03Z")
+    );
+
+    // A page that fails half way through storing must not move the checkpoint, nor leave half a page.
+    fixture.install_poison_trigger().await;
+    let mut poison_page: Vec<IncomingRecord> = (3..6)
+        .map(|i| record(&format!("p{i}"), json!({"i": i})))
+        .collect();
+    let mut poison = record("x", json!({}));
+    poison.idempotency_key = "poison".into();
+    poison_page.push(poison);
+    let failed = ledger
+        .ingest_with_checkpoint(poison_page, source, "2026-01-01T00:00:06Z")
+        .await;
+    assert!(
+        matches!(failed, Err(LedgerError::Database { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(
+        ledger.checkpoint(source).await.unwrap().as_deref(),
+        Some("2026-01-01T00:00:03Z")
+    );
+    assert_eq!(
+        ledger.counts().await.unwrap().records,
+        3,
+        "no record of the failed page was kept"
+    );
+
+    ledger
+        .set_checkpoint(source, "2026-01-01T00:00:09Z")
+        .await
+        .unwrap();
+    ledger.close().await;
+    let reopened = fixture.open(clock.clone()).await;
+    assert_eq!(
+        reopened.checkpoint(source).await.unwrap().as_deref(),
+        Some("2026-01-01T00:00:09Z")
+    );
+}
+
+pub async fn migrations_are_idempotent_and_a_newer_schema_version_is_refused(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(vec![record("a", json!({"amount": 1}))])
+        .await
+        .unwrap();
+    ledger.close().await;
+    // Opening again runs the migrations again: nothing changes, nothing is lost.
+    for _ in 0..2 {
+        let again = fixture.open(clock.clone()).await;
+        assert_eq!(again.counts().await.unwrap().records, 1);
+        again.close().await;
+    }
+    match &fixture.target {
+        LedgerTarget::Sqlite(path) => {
+            let reopened = ledger::SqliteLedger::open(path, FLOW, clock.clone())
+                .await
+                .unwrap();
+            assert_eq!(reopened.schema_version().await.unwrap(), SCHEMA_VERSION);
+            reopened.close().await;
+        }
+        LedgerTarget::Postgres(url) => {
+            let reopened = ledger::PostgresLedger::connect(url, FLOW, clock.clone())
+                .await
+                .unwrap();
+            assert_eq!(reopened.schema_version().await.unwrap(), SCHEMA_VERSION);
+            reopened.close().await;
+        }
+    }
+
+    // A newer meshline migrated this database: this one must refuse rather than write to it.
+    fixture
+        .execute("INSERT INTO meshline_schema (version, description, applied_at) VALUES (999, 'from the future', 0)")
+        .await;
+    let refused = fixture.try_open(clock.clone()).await;
+    let Err(error) = refused else {
+        panic!("a newer schema version must be refused")
+    };
+    assert!(
+        matches!(
+            error,
+            LedgerError::SchemaTooNew {
+                found: 999,
+                known: SCHEMA_VERSION,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(error.label(), "ledger_schema_too_new");
+    assert!(error.to_string().contains("schema version 999"), "{error}");
+}
+
+pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch = (0..5)
+        .map(|i| record(&format!("d{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let mut claimed = claim_all(ledger.as_ref(), "w").await;
+    claimed.sort_by_key(|c| c.source_key.clone());
+    let completions = claimed
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ledger::Completion {
+            claim: c.claim,
+            outcome: if i < 3 {
+                permanent("unknown item SKU-9")
+            } else {
+                permanent("credit hold")
+            },
+        })
+        .collect();
+    ledger.complete_batch(completions).await.unwrap();
+    assert_eq!(
+        ledger
+            .list(RecordState::DeadLettered, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        5
+    );
+    let dead = ledger
+        .get(claimed[0].claim.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .record;
+    assert_eq!(
+        dead.dead_letter_reason.as_deref(),
+        Some("unknown item SKU-9")
+    );
+    assert!(
+        dead.erp_response
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("400")
+    );
+
+    let replayed = ledger
+        .replay_dead_letters_by_reason(
+            "unknown item SKU-9",
+            "ana@example.com",
+            "SKU-9 created in NetSuite",
+        )
+        .await
+        .unwrap();
+    let expected: Vec<_> = claimed[..3].iter().map(|c| c.claim.id).collect();
+    assert_eq!(replayed, expected);
+    assert_eq!(
+        ledger
+            .list(RecordState::Validated, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        ledger
+            .list(RecordState::DeadLettered, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let again = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(again.len(), 3);
+    assert!(
+        again
+            .iter()
+            .all(|c| c.claimed_from == RecordState::Validated)
+    );
+    for c in &again {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!(
+        (
+            counts.delivered,
+            counts.dead_lettered,
+            counts.manual_interventions
+        ),
+        (3, 2, 3)
+    );
+    // A record that is not a dead letter cannot be replayed.
+    let refused = ledger
+        .replay_dead_letter(again[0].claim.id, "ana@example.com", "again")
+        .await;
+    assert!(
+        matches!(refused, Err(LedgerError::IllegalTransition { .. })),
+        "{refused:?}"
+    );
+}
+
+pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch = (0..2)
+        .map(|i| record(&format!("h{i}"), json!({"discount": 40 + i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let mut claimed = claim_all(ledger.as_ref(), "w").await;
+    claimed.sort_by_key(|c| c.source_key.clone());
+    for c in &claimed {
+        let hold = Outcome::Held {
+            rule: "discount-over-30".into(),
+            role: "sinkOwner".into(),
+        };
+        ledger.complete(c.claim, hold).await.unwrap();
+    }
+    assert_eq!(ledger.counts().await.unwrap().held, 2);
+    let (approve, reject) = (claimed[0].claim.id, claimed[1].claim.id);
+
+    ledger
+        .approve_held(approve, "cfo@example.com", "strategic account")
+        .await
+        .unwrap();
+    ledger
+        .reject_held(reject, "cfo@example.com", "discount not agreed")
+        .await
+        .unwrap();
+
+    let approved = ledger.get(approve).await.unwrap().unwrap();
+    assert_eq!(approved.record.state, RecordState::Validated);
+    assert_eq!(
+        approved.record.approved_by.as_deref(),
+        Some("cfo@example.com")
+    );
+    assert_eq!(approved.interventions.len(), 1);
+    assert_eq!(approved.interventions[0].action, "approve");
+    assert_eq!(approved.interventions[0].actor, "cfo@example.com");
+    assert_eq!(approved.interventions[0].reason, "strategic account");
+    let rejected = ledger.get(reject).await.unwrap().unwrap();
+    assert_eq!(rejected.record.state, RecordState::DeadLettered);
+    assert_eq!(rejected.interventions[0].action, "reject");
+    assert!(
+        rejected
+            .record
+            .dead_letter_reason
+            .unwrap()
+            .contains("discount not agreed")
+    );
+
+    // An approved record is claimed with its approval, so the worker does not hold it again.
+    let next = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].approved_by.as_deref(), Some("cfo@example.com"));
+    // Approving something that is not held is an illegal transition, and changes nothing.
+    let refused = ledger
+        .approve_held(reject, "cfo@example.com", "changed my mind")
+        .await;
+    let Err(error) = refused else {
+        panic!("approving a dead letter must fail")
+    };
+    assert!(
+        matches!(
+            error,
+            LedgerError::IllegalTransition {
+                from: RecordState::DeadLettered,
+                to: RecordState::Validated,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(error.label(), "illegal_transition");
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!(counts.manual_interventions, 2);
+    assert_eq!(counts.interventions_per_1000, 1000.0);
+}
+
+pub async fn a_records_lineage_tells_its_whole_story(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let mut incoming = record("story", json!({"amount": 5}));
+    incoming.correlation_id = Some("4bf92f3577b34da6a3ce929d0e0e4736".into());
+    let id = ledger.ingest(vec![incoming]).await.unwrap()[0].id();
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    ledger
+        .append_lineage(vec![ledger::NewLineageEvent {
+            record: id,
+            step: "validated".into(),
+            detail: json!({"contract_version": "1.0.0"}),
+        }])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(250));
+    ledger
+        .complete(claimed.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let detail = ledger.get(id).await.unwrap().unwrap();
+    let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+    assert_eq!(steps, ["received", "claimed", "validated", "delivered"]);
+    assert!(
+        detail
+            .lineage
+            .iter()
+            .all(|e| e.correlation_id == "4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(detail.record.delivered_at, Some(at(&clock)));
+    assert_eq!(detail.snapshots.len(), 1);
+    assert_eq!(
+        detail.snapshots[0].body,
+        json!({"redacted": true, "key": "story"})
+    );
+    assert!(
+        ledger
+            .get(ledger::RecordId(999_999))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn a_released_claim_returns_to_where_it_was(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger.ingest(vec![record("a", json!({}))]).await.unwrap();
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    // Graceful shutdown with the circuit open: give it back for later, without counting a failure.
+    let later = at(&clock) + chrono::Duration::seconds(10);
+    ledger
+        .complete(
+            claimed.claim,
+            Outcome::Released {
+                not_before: Some(later),
+            },
+        )
+        .await
+        .unwrap();
+    let view = ledger.get(claimed.claim.id).await.unwrap().unwrap().record;
+    assert_eq!(view.state, RecordState::Received);
+    assert_eq!(view.lease_owner, None);
+    assert!(claim_all(ledger.as_ref(), "w").await.is_empty());
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(claim_all(ledger.as_ref(), "w").await.len(), 1);
+    assert_eq!(ledger.counts().await.unwrap().failed, 0);
+    // A completion for a claim that does not exist is refused, not applied.
+    let bogus = Claim {
+        id: ledger::RecordId(424_242),
+        generation: 1,
+        fence: 1,
+    };
+    let result = ledger.complete(bogus, Outcome::Delivered).await;
+    assert!(
+        matches!(result, Err(LedgerError::NotFound { .. })),
+        "{result:?}"
+    );
+}
+
+/// Runs every promise above as a `#[tokio::test]` against `$fixture()`.
+macro_rules! ledger_suite {
+    ($fixture:path) => {
+        ledger_suite!(@tests $fixture;
+            duplicate_ingest_is_recognised,
+            changed_payload_is_an_update_and_the_stale_generation_cannot_complete,
+            claims_only_return_the_requested_buckets,
+            two_concurrent_claimers_never_get_the_same_record,
+            an_expired_lease_is_taken_over_and_the_old_holders_completion_is_refused,
+            counts_and_mttr_survive_reopening_the_ledger,
+            checkpoint_advances_atomically_with_the_batch,
+            migrations_are_idempotent_and_a_newer_schema_version_is_refused,
+            dead_letters_are_replayed_by_reason,
+            approving_and_rejecting_held_records_are_manual_interventions,
+            a_records_lineage_tells_its_whole_story,
+            a_released_claim_returns_to_where_it_was,
+        );
+    };
+    (@tests $fixture:path; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                crate::support::ledger_suite::$name($fixture()).await;
+            }
+        )*
+    };
+}
+
+pub(crate) use ledger_suite;
