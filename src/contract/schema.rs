@@ -1,0 +1,878 @@
+//! The field schema of a contract: compiled once from `spec.fields`, then used to validate each record and to
+//! turn it into the typed CEL value the rules and the mapping read.
+//!
+//! Validation reports every violation of a record at once (up to a limit), each with the record's JSON path,
+//! the rule broken and the offending value, redacted when the field is personal data. Fields the contract does
+//! not declare are allowed and ignored (an open content model, as CRMs add fields all the time); they are not
+//! part of the CEL value either, so no expression can depend on an undeclared field.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use kube::core::cel::cel::objects::{Key, Map, Value};
+use regex::Regex;
+use rust_decimal::Decimal;
+
+use super::cel_env::{DecimalError, decimal_value, parse_decimal};
+use super::outcome::{Reason, ReasonCode, Subject};
+use super::record::Json;
+use super::redact::{Redaction, redact};
+use super::{CompileError, CompileErrorKind};
+use crate::api::{FieldSpec, FieldType};
+
+/// Longest value text quoted in a violation; longer values are cut, so a reason stays readable and small.
+const MAX_QUOTED_VALUE: usize = 80;
+/// Compiled patterns are bounded too, so a contract cannot make a worker compile a gigantic automaton.
+const MAX_REGEX_SIZE: usize = 1 << 20;
+
+/// The compiled field schema.
+#[derive(Debug)]
+pub(crate) struct Schema {
+    pub(crate) root: ObjectSchema,
+    pub(crate) has_personal: bool,
+}
+
+/// The declared members of one object: the record itself, an object field, or the elements of an array of
+/// objects.
+#[derive(Debug, Default)]
+pub(crate) struct ObjectSchema {
+    pub(crate) fields: Vec<Field>,
+    index: HashMap<String, usize>,
+}
+
+impl ObjectSchema {
+    pub(crate) fn get(&self, name: &str) -> Option<&Field> {
+        self.position(name).map(|i| &self.fields[i])
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        // Linear search beats hashing for the handful of members most objects have.
+        if self.fields.len() <= 16 {
+            self.fields.iter().position(|f| f.name == name)
+        } else {
+            self.index.get(name).copied()
+        }
+    }
+
+    pub(crate) fn names(&self) -> String {
+        self.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// One declared field.
+#[derive(Debug)]
+pub(crate) struct Field {
+    /// The member name in its object (`sku`).
+    pub(crate) name: String,
+    /// The same name as a CEL map key, allocated once.
+    pub(crate) key: Key,
+    /// The schema path (`lineItems[].sku`).
+    pub(crate) path: String,
+    pub(crate) ty: FieldType,
+    pub(crate) items: Option<FieldType>,
+    pub(crate) required: bool,
+    pub(crate) enum_values: Vec<String>,
+    pub(crate) pattern: Option<Regex>,
+    pub(crate) minimum: Option<Decimal>,
+    pub(crate) maximum: Option<Decimal>,
+    pub(crate) max_length: Option<u32>,
+    pub(crate) pii: bool,
+    /// This field or one nested in it is personal data.
+    pub(crate) holds_personal: bool,
+    /// Members of an object field, or of each element of an array of objects.
+    pub(crate) children: Option<ObjectSchema>,
+}
+
+/// A field name split into segments: `lineItems[].sku` is `[("lineItems", true), ("sku", false)]`.
+fn parse_name(name: &str) -> Option<Vec<(&str, bool)>> {
+    let mut segments = Vec::new();
+    for segment in name.split('.') {
+        let (ident, array) = match segment.strip_suffix("[]") {
+            Some(ident) => (ident, true),
+            None => (segment, false),
+        };
+        let mut chars = ident.chars();
+        let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return None;
+        }
+        segments.push((ident, array));
+    }
+    Some(segments)
+}
+
+pub(crate) fn compile(specs: &[FieldSpec], errors: &mut Vec<CompileError>) -> Schema {
+    let at = |i: usize, attr: &str| format!("spec.fields[{i}].{attr}");
+    let mut parsed: Vec<Option<(String, String)>> = Vec::with_capacity(specs.len()); // (parent, member)
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let Some(segments) = parse_name(&spec.name) else {
+            errors.push(CompileError::new(
+                at(i, "name"),
+                CompileErrorKind::InvalidFieldName,
+                format!("{:?} is not a field path (use `amount`, `billingAddress.city` or `lineItems[].sku`)", spec.name),
+            ));
+            parsed.push(None);
+            continue;
+        };
+        if let Some(first) = seen.insert(&spec.name, i) {
+            errors.push(CompileError::new(
+                at(i, "name"),
+                CompileErrorKind::DuplicateField,
+                format!("field {:?} is declared twice (first at spec.fields[{first}])", spec.name),
+            ));
+            parsed.push(None);
+            continue;
+        }
+        let (last, last_array) = segments[segments.len() - 1];
+        if last_array {
+            errors.push(CompileError::new(
+                at(i, "name"),
+                CompileErrorKind::InvalidFieldName,
+                format!("{:?} ends in `[]`; declare the array field itself (`{last}`) with `items`", spec.name),
+            ));
+            parsed.push(None);
+            continue;
+        }
+        let parent = spec.name[..spec.name.len() - last.len()].trim_end_matches('.').to_string();
+        parsed.push(Some((parent, last.to_string())));
+        check_options(i, spec, errors);
+    }
+
+    // Every parent path must be a declared object, or the elements of a declared array of objects.
+    let by_name: HashMap<&str, &FieldSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    for (i, entry) in parsed.iter_mut().enumerate() {
+        let Some((parent, _)) = entry else { continue };
+        if parent.is_empty() {
+            continue;
+        }
+        let problem = match parent.strip_suffix("[]") {
+            Some(array) => match by_name.get(array) {
+                Some(s) if s.r#type == FieldType::Array && s.items == Some(FieldType::Object) => None,
+                Some(_) => Some(format!("`{array}` must be an array with `items: object` to have members")),
+                None => Some(format!("`{array}` is not declared (declare it as an array with `items: object`)")),
+            },
+            None => match by_name.get(parent.as_str()) {
+                Some(s) if s.r#type == FieldType::Object => None,
+                Some(s) => Some(format!("`{parent}` is {}, not an object", article(s.r#type))),
+                None => Some(format!("`{parent}` is not declared (declare it with `type: object`)")),
+            },
+        };
+        if let Some(problem) = problem {
+            errors.push(CompileError::new(at(i, "name"), CompileErrorKind::UndeclaredParent, problem));
+            *entry = None;
+        }
+    }
+
+    let mut root = build_object("", specs, &parsed);
+    let has_personal = mark_personal(&mut root);
+    Schema { root, has_personal }
+}
+
+fn article(ty: FieldType) -> String {
+    match ty {
+        FieldType::Integer | FieldType::Enum | FieldType::Object | FieldType::Array => format!("an {}", ty.as_str()),
+        _ => format!("a {}", ty.as_str()),
+    }
+}
+
+fn build_object(prefix: &str, specs: &[FieldSpec], parsed: &[Option<(String, String)>]) -> ObjectSchema {
+    let mut object = ObjectSchema::default();
+    for (spec, entry) in specs.iter().zip(parsed) {
+        let Some((parent, member)) = entry else { continue };
+        if parent != prefix {
+            continue;
+        }
+        let children = match (spec.r#type, spec.items) {
+            (FieldType::Object, _) => Some(build_object(&spec.name, specs, parsed)),
+            (FieldType::Array, Some(FieldType::Object)) => Some(build_object(&format!("{}[]", spec.name), specs, parsed)),
+            _ => None,
+        };
+        let pattern = spec.pattern.as_deref().and_then(|p| regex::RegexBuilder::new(p).size_limit(MAX_REGEX_SIZE).build().ok());
+        object.index.insert(member.clone(), object.fields.len());
+        object.fields.push(Field {
+            key: Key::String(Arc::new(member.clone())),
+            name: member.clone(),
+            path: spec.name.clone(),
+            ty: spec.r#type,
+            items: spec.items,
+            required: spec.required,
+            enum_values: spec.enum_values.clone().unwrap_or_default(),
+            pattern,
+            minimum: spec.minimum.as_deref().and_then(|m| parse_decimal(m).ok()),
+            maximum: spec.maximum.as_deref().and_then(|m| parse_decimal(m).ok()),
+            max_length: spec.max_length,
+            pii: spec.pii,
+            holds_personal: false,
+            children,
+        });
+    }
+    object
+}
+
+fn mark_personal(object: &mut ObjectSchema) -> bool {
+    let mut any = false;
+    for field in &mut object.fields {
+        let nested = field.children.as_mut().is_some_and(mark_personal);
+        field.holds_personal = field.pii || nested;
+        any |= field.holds_personal;
+    }
+    any
+}
+
+/// The per-field rules the API server also enforces, checked again because `meshline validate` and the
+/// controller can see specs that never went through an API server.
+fn check_options(i: usize, spec: &FieldSpec, errors: &mut Vec<CompileError>) {
+    use CompileErrorKind::{BadBound, BadPattern, InvalidFieldOption};
+    let ty = spec.r#type;
+    let mut found: Vec<(String, CompileErrorKind, String)> = Vec::new();
+    match (ty, &spec.enum_values) {
+        (FieldType::Enum, None) => found.push(("enumValues".into(), InvalidFieldOption, "an enum field needs enumValues".into())),
+        (FieldType::Enum, Some(values)) if values.is_empty() => {
+            found.push(("enumValues".into(), InvalidFieldOption, "enumValues must not be empty".into()))
+        }
+        (FieldType::Enum, Some(values)) => {
+            for (j, v) in values.iter().enumerate() {
+                if values[..j].contains(v) {
+                    found.push((format!("enumValues[{j}]"), InvalidFieldOption, format!("{v:?} is listed twice")));
+                }
+            }
+        }
+        (_, Some(_)) => found.push(("enumValues".into(), InvalidFieldOption, format!("enumValues applies to enum fields, not {}", article(ty)))),
+        _ => {}
+    }
+    match (ty, spec.items) {
+        (FieldType::Array, None) => found.push(("items".into(), InvalidFieldOption, "an array field needs items (its element type)".into())),
+        (FieldType::Array, Some(items @ (FieldType::Array | FieldType::Enum))) => found.push((
+            "items".into(),
+            InvalidFieldOption,
+            format!("items: {} is not supported; use string, integer, decimal, boolean, date, datetime or object", items.as_str()),
+        )),
+        (FieldType::Array, Some(_)) => {}
+        (_, Some(_)) => found.push(("items".into(), InvalidFieldOption, format!("items applies to array fields, not {}", article(ty)))),
+        _ => {}
+    }
+    if let Some(pattern) = &spec.pattern {
+        if ty != FieldType::String {
+            found.push(("pattern".into(), InvalidFieldOption, format!("pattern applies to string fields, not {}", article(ty))));
+        } else if let Err(e) = regex::RegexBuilder::new(pattern).size_limit(MAX_REGEX_SIZE).build() {
+            found.push(("pattern".into(), BadPattern, format!("bad pattern: {}", first_line(&e.to_string()))));
+        }
+    }
+    if spec.max_length.is_some() && !matches!(ty, FieldType::String | FieldType::Array) {
+        found.push(("maxLength".into(), InvalidFieldOption, format!("maxLength applies to string and array fields, not {}", article(ty))));
+    }
+    let mut bounds = [None, None];
+    for (slot, (attr, value)) in [("minimum", &spec.minimum), ("maximum", &spec.maximum)].into_iter().enumerate() {
+        let Some(value) = value else { continue };
+        if !matches!(ty, FieldType::Integer | FieldType::Decimal) {
+            found.push((attr.into(), InvalidFieldOption, format!("{attr} applies to integer and decimal fields, not {}", article(ty))));
+            continue;
+        }
+        match parse_decimal(value) {
+            Ok(d) if !value.contains(['e', 'E']) => bounds[slot] = Some(d),
+            _ => found.push((attr.into(), BadBound, format!("{value:?} is not a decimal like \"0\" or \"0.01\""))),
+        }
+    }
+    if let [Some(min), Some(max)] = bounds
+        && min > max
+    {
+        found.push(("minimum".into(), BadBound, format!("minimum {min} is greater than maximum {max}")));
+    }
+    errors.extend(found.into_iter().map(|(attr, kind, reason)| CompileError::new(format!("spec.fields[{i}].{attr}"), kind, reason)));
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or(s).trim().to_string()
+}
+
+/// The state of validating one record.
+pub(crate) struct Validator<'c> {
+    pub(crate) redaction: &'c Redaction,
+    pub(crate) max_violations: usize,
+    pub(crate) violations: Vec<Reason>,
+    /// Violations past `max_violations`, counted but not kept.
+    pub(crate) dropped: usize,
+    /// The longest array in the record, which bounds the cost of every comprehension.
+    pub(crate) max_list_len: usize,
+    path: String,
+}
+
+impl<'c> Validator<'c> {
+    pub(crate) fn new(redaction: &'c Redaction, max_violations: usize) -> Self {
+        Validator { redaction, max_violations, violations: Vec::new(), dropped: 0, max_list_len: 0, path: String::with_capacity(64) }
+    }
+
+    /// Validates the record object and builds its CEL value (declared fields only).
+    pub(crate) fn record(&mut self, schema: &Schema, members: &[(Cow<'_, str>, Json<'_>)]) -> Value {
+        self.object(&schema.root, members)
+    }
+
+    /// Adds the collected violations' summary, if some were dropped.
+    pub(crate) fn finish(mut self) -> Vec<Reason> {
+        if self.dropped > 0 {
+            self.violations.push(Reason::new(
+                ReasonCode::TooManyViolations,
+                Subject::Record,
+                format!("{} more violations were not listed", self.dropped),
+            ));
+        }
+        self.violations
+    }
+
+    fn violation(&mut self, code: ReasonCode, field: &Field, message: String, value: Option<&Json<'_>>) {
+        if self.violations.len() >= self.max_violations {
+            self.dropped += 1;
+            return;
+        }
+        let value = value.map(|v| {
+            let text = json_text(v);
+            if field.pii { redact(&text, self.redaction) } else { quote(&text) }
+        });
+        self.violations.push(Reason::new(code, Subject::Field(self.path.clone()), message).with_value(value));
+    }
+
+    fn object(&mut self, schema: &ObjectSchema, members: &[(Cow<'_, str>, Json<'_>)]) -> Value {
+        let mut map: HashMap<Key, Value> = HashMap::with_capacity(schema.fields.len());
+        // Fields that were present (even with a bad value), so a bad value is not also reported as missing.
+        let mut present = [0u64; 4];
+        for (name, json) in members {
+            let Some(index) = schema.position(name) else { continue };
+            let field = &schema.fields[index];
+            if !matches!(json, Json::Null) && index < 256 {
+                present[index / 64] |= 1 << (index % 64);
+            }
+            let len = self.path.len();
+            push_member(&mut self.path, name);
+            if let Some(value) = self.field(field, json) {
+                map.insert(field.key.clone(), value);
+            }
+            self.path.truncate(len);
+        }
+        for (index, field) in schema.fields.iter().enumerate() {
+            if field.required && index < 256 && present[index / 64] & (1 << (index % 64)) == 0 {
+                let len = self.path.len();
+                push_member(&mut self.path, &field.name);
+                self.violation(ReasonCode::MissingField, field, format!("required {} field is missing", field.ty.as_str()), None);
+                self.path.truncate(len);
+            }
+        }
+        Value::Map(Map { map: Arc::new(map) })
+    }
+
+    /// Checks one present value. `None` means no CEL value (null, or a violation was recorded).
+    fn field(&mut self, field: &Field, json: &Json<'_>) -> Option<Value> {
+        if matches!(json, Json::Null) {
+            // null is how CRMs say "no value": the same as an absent field.
+            return None;
+        }
+        match field.ty {
+            FieldType::Array => {
+                let Json::Array(items) = json else {
+                    self.wrong_type(field, "array", json);
+                    return None;
+                };
+                self.max_list_len = self.max_list_len.max(items.len());
+                if let Some(max) = field.max_length
+                    && items.len() > max as usize
+                {
+                    self.violation(ReasonCode::TooLong, field, format!("has {} elements, more than the maximum of {max}", items.len()), None);
+                    return None;
+                }
+                let element = field.items.unwrap_or(FieldType::String);
+                let mut values = Vec::with_capacity(items.len());
+                let mut ok = true;
+                for (i, item) in items.iter().enumerate() {
+                    let len = self.path.len();
+                    let _ = write!(self.path, "[{i}]");
+                    match self.scalar_or_object(field, element, item) {
+                        Some(v) => values.push(v),
+                        None => ok = false,
+                    }
+                    self.path.truncate(len);
+                }
+                ok.then(|| Value::List(Arc::new(values)))
+            }
+            ty => self.scalar_or_object(field, ty, json),
+        }
+    }
+
+    fn scalar_or_object(&mut self, field: &Field, ty: FieldType, json: &Json<'_>) -> Option<Value> {
+        match (ty, json) {
+            (FieldType::Object, Json::Object(members)) => {
+                let before = self.violations.len() + self.dropped;
+                let value = match &field.children {
+                    Some(children) => self.object(children, members),
+                    None => Value::Map(Map { map: Arc::new(HashMap::new()) }),
+                };
+                (self.violations.len() + self.dropped == before).then_some(value)
+            }
+            (FieldType::String, Json::String(s)) => {
+                if let Some(max) = field.max_length
+                    && s.len() > max as usize
+                    && s.chars().count() > max as usize
+                {
+                    self.violation(ReasonCode::TooLong, field, format!("is longer than the maximum of {max} characters"), Some(json));
+                    return None;
+                }
+                if let Some(pattern) = &field.pattern
+                    && !pattern.is_match(s)
+                {
+                    self.violation(ReasonCode::PatternMismatch, field, format!("does not match the pattern {}", pattern.as_str()), Some(json));
+                    return None;
+                }
+                Some(Value::String(Arc::new(s.to_string())))
+            }
+            (FieldType::Enum, Json::String(s)) => {
+                if field.enum_values.iter().any(|v| v == s) {
+                    Some(Value::String(Arc::new(s.to_string())))
+                } else {
+                    let allowed = field.enum_values.join(", ");
+                    self.violation(ReasonCode::NotInEnum, field, format!("is not one of: {allowed}"), Some(json));
+                    None
+                }
+            }
+            (FieldType::Boolean, Json::Bool(b)) => Some(Value::Bool(*b)),
+            (FieldType::Integer, Json::Number(text)) => {
+                let value = match text.parse::<i64>() {
+                    Ok(i) => i,
+                    Err(_) => match parse_decimal(text) {
+                        Ok(d) if d.fract().is_zero() => match i64::try_from(d) {
+                            Ok(i) => i,
+                            Err(_) => {
+                                self.violation(ReasonCode::NumberOutOfRange, field, "is beyond the 64-bit integer range".into(), Some(json));
+                                return None;
+                            }
+                        },
+                        Ok(_) => {
+                            self.violation(ReasonCode::WrongType, field, "expected an integer, found a fraction".into(), Some(json));
+                            return None;
+                        }
+                        Err(_) => {
+                            self.violation(ReasonCode::NumberOutOfRange, field, "is beyond the 64-bit integer range".into(), Some(json));
+                            return None;
+                        }
+                    },
+                };
+                self.bounds(field, Decimal::from(value), json).then_some(Value::Int(value))
+            }
+            (FieldType::Decimal, Json::Number(text)) => self.decimal(field, text, json),
+            (FieldType::Decimal, Json::String(text)) => self.decimal(field, text, json),
+            (FieldType::Date, Json::String(s)) => {
+                if is_rfc3339_date(s) {
+                    Some(Value::String(Arc::new(s.to_string())))
+                } else {
+                    self.violation(ReasonCode::InvalidDate, field, "is not an RFC 3339 date (YYYY-MM-DD)".into(), Some(json));
+                    None
+                }
+            }
+            (FieldType::Datetime, Json::String(s)) => match chrono::DateTime::parse_from_rfc3339(s) {
+                Ok(t) => Some(Value::Timestamp(t)),
+                Err(_) => {
+                    self.violation(
+                        ReasonCode::InvalidDatetime,
+                        field,
+                        "is not an RFC 3339 date-time with offset (2026-11-27T10:00:00Z)".into(),
+                        Some(json),
+                    );
+                    None
+                }
+            },
+            (ty, json) => {
+                self.wrong_type(field, ty.as_str(), json);
+                None
+            }
+        }
+    }
+
+    fn wrong_type(&mut self, field: &Field, expected: &str, json: &Json<'_>) {
+        let found = json.type_name();
+        // Structured values are not quoted: they can be large and say little.
+        let value = matches!(json, Json::String(_) | Json::Number(_) | Json::Bool(_)).then_some(json);
+        self.violation(ReasonCode::WrongType, field, format!("expected {expected}, found {found}"), value);
+    }
+
+    fn decimal(&mut self, field: &Field, text: &str, json: &Json<'_>) -> Option<Value> {
+        match parse_decimal(text) {
+            Ok(d) => self.bounds(field, d, json).then(|| decimal_value(d)),
+            Err(DecimalError::Syntax) => {
+                self.violation(ReasonCode::InvalidDecimal, field, "is not a decimal number".into(), Some(json));
+                None
+            }
+            Err(DecimalError::OutOfRange) => {
+                self.violation(ReasonCode::NumberOutOfRange, field, DecimalError::OutOfRange.to_string(), Some(json));
+                None
+            }
+        }
+    }
+
+    fn bounds(&mut self, field: &Field, value: Decimal, json: &Json<'_>) -> bool {
+        if let Some(min) = field.minimum
+            && value < min
+        {
+            self.violation(ReasonCode::BelowMinimum, field, format!("is below the minimum of {min}"), Some(json));
+            return false;
+        }
+        if let Some(max) = field.maximum
+            && value > max
+        {
+            self.violation(ReasonCode::AboveMaximum, field, format!("is above the maximum of {max}"), Some(json));
+            return false;
+        }
+        true
+    }
+}
+
+fn push_member(path: &mut String, name: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    path.push_str(name);
+}
+
+fn is_rfc3339_date(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && chrono::NaiveDate::from_ymd_opt(
+            s[0..4].parse().unwrap_or(0),
+            s[5..7].parse().unwrap_or(0),
+            s[8..10].parse().unwrap_or(0),
+        )
+        .is_some()
+}
+
+/// The text of a JSON value as a violation shows it.
+pub(crate) fn json_text(json: &Json<'_>) -> String {
+    match json {
+        Json::String(s) => s.to_string(),
+        Json::Number(n) => n.to_string(),
+        Json::Bool(b) => b.to_string(),
+        Json::Null => "null".into(),
+        Json::Array(items) => format!("[{} elements]", items.len()),
+        Json::Object(members) => format!("{{{} members}}", members.len()),
+    }
+}
+
+fn quote(text: &str) -> String {
+    if text.chars().count() <= MAX_QUOTED_VALUE {
+        format!("{text:?}")
+    } else {
+        let cut: String = text.chars().take(MAX_QUOTED_VALUE).collect();
+        format!("{cut:?}…")
+    }
+}
+
+/// A record as snapshots keep it: declared fields only, personal fields redacted, numbers exact.
+pub(crate) fn snapshot(schema: &ObjectSchema, members: &[(Cow<'_, str>, Json<'_>)], redaction: &Redaction) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (name, json) in members {
+        let Some(field) = schema.get(name) else { continue };
+        out.insert(name.to_string(), snapshot_field(field, json, redaction));
+    }
+    serde_json::Value::Object(out)
+}
+
+fn snapshot_field(field: &Field, json: &Json<'_>, redaction: &Redaction) -> serde_json::Value {
+    if field.pii && !matches!(json, Json::Null) {
+        return serde_json::Value::String(redact(&json_text(json), redaction));
+    }
+    match (json, &field.children) {
+        (Json::Object(members), Some(children)) if field.ty == FieldType::Object => snapshot(children, members, redaction),
+        (Json::Array(items), Some(children)) => serde_json::Value::Array(
+            items
+                .iter()
+                .map(|item| match item {
+                    Json::Object(members) => snapshot(children, members, redaction),
+                    other => plain(other),
+                })
+                .collect(),
+        ),
+        (Json::Array(items), None) if field.ty == FieldType::Array => serde_json::Value::Array(items.iter().map(plain).collect()),
+        (other, _) => plain(other),
+    }
+}
+
+/// A scalar as JSON; a structure where none is declared is described, since nothing says what it holds.
+fn plain(json: &Json<'_>) -> serde_json::Value {
+    match json {
+        Json::Null => serde_json::Value::Null,
+        Json::Bool(b) => serde_json::Value::Bool(*b),
+        Json::String(s) => serde_json::Value::String(s.to_string()),
+        Json::Number(n) => number_json(n),
+        other => serde_json::Value::String(json_text(other)),
+    }
+}
+
+pub(crate) fn number_json(text: &str) -> serde_json::Value {
+    if let Ok(i) = text.parse::<i64>() {
+        return serde_json::Value::from(i);
+    }
+    match parse_decimal(text) {
+        Ok(d) => super::cel_env::decimal_to_json(d),
+        Err(_) => serde_json::Value::String(text.to_string()),
+    }
+}
+
+/// The personal values of a record, as text, for scrubbing messages that might quote them.
+pub(crate) fn personal_values(schema: &Schema, record: &Value, out: &mut Vec<String>) {
+    if schema.has_personal {
+        collect_personal(&schema.root, record, out);
+    }
+}
+
+fn collect_personal(schema: &ObjectSchema, value: &Value, out: &mut Vec<String>) {
+    let Value::Map(map) = value else { return };
+    for field in schema.fields.iter().filter(|f| f.holds_personal) {
+        let Some(v) = map.map.get(&field.key) else { continue };
+        if field.pii {
+            collect_all_text(v, out);
+        } else if let Some(children) = &field.children {
+            match v {
+                Value::List(items) => items.iter().for_each(|item| collect_personal(children, item, out)),
+                other => collect_personal(children, other, out),
+            }
+        }
+    }
+}
+
+fn collect_all_text(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::List(items) => items.iter().for_each(|v| collect_all_text(v, out)),
+        Value::Map(map) => map.map.values().for_each(|v| collect_all_text(v, out)),
+        Value::String(s) => out.push(s.to_string()),
+        Value::Int(i) => out.push(i.to_string()),
+        Value::Timestamp(t) => out.push(t.to_rfc3339()),
+        other => {
+            if let Some(d) = super::cel_env::as_decimal(other) {
+                out.push(d.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::record::parse_record;
+
+    fn field(name: &str, ty: FieldType) -> FieldSpec {
+        FieldSpec {
+            name: name.into(),
+            r#type: ty,
+            items: None,
+            required: false,
+            enum_values: None,
+            pattern: None,
+            minimum: None,
+            maximum: None,
+            max_length: None,
+            pii: false,
+            description: None,
+        }
+    }
+
+    fn compile_ok(specs: &[FieldSpec]) -> Schema {
+        let mut errors = Vec::new();
+        let schema = compile(specs, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        schema
+    }
+
+    fn validate(schema: &Schema, record: &str) -> (Value, Vec<Reason>) {
+        let json = parse_record(record.as_bytes(), 1 << 20, 64).unwrap();
+        let Json::Object(members) = &json else { unreachable!() };
+        let mut v = Validator::new(&Redaction::Fixed, 100);
+        let value = v.record(schema, members);
+        (value, v.finish())
+    }
+
+    fn codes(schema: &Schema, record: &str) -> Vec<(String, &'static str)> {
+        validate(schema, record)
+            .1
+            .into_iter()
+            .map(|r| (match r.subject { Subject::Field(p) => p, other => other.to_string() }, r.code.label()))
+            .collect()
+    }
+
+    #[test]
+    fn compile_errors_name_the_field_path_and_the_reason() {
+        let mut enum_without_values = field("stage", FieldType::Enum);
+        enum_without_values.enum_values = None;
+        let mut bad_pattern = field("id", FieldType::String);
+        bad_pattern.pattern = Some("([a-z".into());
+        let mut pattern_on_int = field("n", FieldType::Integer);
+        pattern_on_int.pattern = Some("x".into());
+        let mut bad_min = field("amount", FieldType::Decimal);
+        bad_min.minimum = Some("ten".into());
+        let mut min_over_max = field("pct", FieldType::Decimal);
+        min_over_max.minimum = Some("10".into());
+        min_over_max.maximum = Some("1".into());
+        let mut array_without_items = field("tags", FieldType::Array);
+        array_without_items.items = None;
+        let mut items_on_string = field("s", FieldType::String);
+        items_on_string.items = Some(FieldType::String);
+        let mut max_len_on_bool = field("b", FieldType::Boolean);
+        max_len_on_bool.max_length = Some(3);
+        let cases: Vec<(Vec<FieldSpec>, &str, &str)> = vec![
+            (vec![field("a-b", FieldType::String)], "spec.fields[0].name", "invalid_field_name"),
+            (vec![field("lines[]", FieldType::String)], "spec.fields[0].name", "invalid_field_name"),
+            (vec![field("a", FieldType::String), field("a", FieldType::Integer)], "spec.fields[1].name", "duplicate_field"),
+            (vec![field("address.city", FieldType::String)], "spec.fields[0].name", "undeclared_parent"),
+            (vec![field("address", FieldType::String), field("address.city", FieldType::String)], "spec.fields[1].name", "undeclared_parent"),
+            (vec![field("lines[].sku", FieldType::String)], "spec.fields[0].name", "undeclared_parent"),
+            (vec![enum_without_values], "spec.fields[0].enumValues", "invalid_field_option"),
+            (vec![bad_pattern], "spec.fields[0].pattern", "bad_pattern"),
+            (vec![pattern_on_int], "spec.fields[0].pattern", "invalid_field_option"),
+            (vec![bad_min], "spec.fields[0].minimum", "bad_bound"),
+            (vec![min_over_max], "spec.fields[0].minimum", "bad_bound"),
+            (vec![array_without_items], "spec.fields[0].items", "invalid_field_option"),
+            (vec![items_on_string], "spec.fields[0].items", "invalid_field_option"),
+            (vec![max_len_on_bool], "spec.fields[0].maxLength", "invalid_field_option"),
+        ];
+        for (specs, path, label) in cases {
+            let mut errors = Vec::new();
+            compile(&specs, &mut errors);
+            assert!(
+                errors.iter().any(|e| e.path == path && e.kind.label() == label && !e.reason.is_empty()),
+                "expected {label} at {path}, got {errors:?}"
+            );
+        }
+    }
+
+    fn example_schema() -> Schema {
+        let mut id = field("id", FieldType::String);
+        id.required = true;
+        id.pattern = Some("^006[A-Za-z0-9]{12}$".into());
+        let mut name = field("name", FieldType::String);
+        name.max_length = Some(5);
+        let mut stage = field("stage", FieldType::Enum);
+        stage.enum_values = Some(vec!["Open".into(), "Won".into()]);
+        let mut amount = field("amount", FieldType::Decimal);
+        amount.required = true;
+        amount.minimum = Some("0".into());
+        amount.maximum = Some("1000".into());
+        let mut qty = field("qty", FieldType::Integer);
+        qty.minimum = Some("1".into());
+        let mut email = field("email", FieldType::String);
+        email.pii = true;
+        email.pattern = Some("@".into());
+        let mut lines = field("lines", FieldType::Array);
+        lines.items = Some(FieldType::Object);
+        lines.max_length = Some(3);
+        let mut sku = field("lines[].sku", FieldType::String);
+        sku.required = true;
+        let mut tags = field("tags", FieldType::Array);
+        tags.items = Some(FieldType::Integer);
+        compile_ok(&[
+            id,
+            name,
+            stage,
+            amount,
+            qty,
+            email,
+            field("flag", FieldType::Boolean),
+            field("day", FieldType::Date),
+            field("at", FieldType::Datetime),
+            field("address", FieldType::Object),
+            field("address.city", FieldType::String),
+            lines,
+            sku,
+            field("lines[].price", FieldType::Decimal),
+            tags,
+        ])
+    }
+
+    #[test]
+    fn every_validation_type_accepts_good_values() {
+        let schema = example_schema();
+        let (value, violations) = validate(
+            &schema,
+            r#"{"id":"006000000000001","name":"abc","stage":"Won","amount":"12.50","qty":3,"email":"a@b",
+                "flag":true,"day":"2026-02-28","at":"2026-11-27T10:00:00+01:00","address":{"city":"Oslo"},
+                "lines":[{"sku":"A","price":1.5}],"tags":[1,2],"unknown":{"deep":[1]}}"#,
+        );
+        assert!(violations.is_empty(), "{violations:?}");
+        let Value::Map(map) = value else { panic!() };
+        assert!(!map.map.contains_key(&Key::from("unknown")), "undeclared fields stay out of CEL");
+        assert_eq!(super::super::cel_env::as_decimal(&map.map[&Key::from("amount")]), Some(Decimal::new(1250, 2)));
+        assert!(matches!(map.map[&Key::from("at")], Value::Timestamp(_)));
+    }
+
+    #[test]
+    fn every_validation_type_rejects_bad_values_with_its_rule() {
+        let schema = example_schema();
+        let base = r#""id":"006000000000001","amount":1"#;
+        let cases: &[(&str, &str, &str)] = &[
+            (r#"{"amount":1}"#, "id", "missing_field"),
+            (r#"{"id":"006000000000001","amount":null}"#, "amount", "missing_field"),
+            (r#"{"id":"x","amount":1}"#, "id", "pattern_mismatch"),
+            (r#"{"id":7,"amount":1}"#, "id", "wrong_type"),
+            (&format!(r#"{{{base},"name":"toolong"}}"#), "name", "too_long"),
+            (&format!(r#"{{{base},"stage":"Lost"}}"#), "stage", "not_in_enum"),
+            (&format!(r#"{{{base},"stage":1}}"#), "stage", "wrong_type"),
+            (r#"{"id":"006000000000001","amount":"12,50"}"#, "amount", "invalid_decimal"),
+            (r#"{"id":"006000000000001","amount":-1}"#, "amount", "below_minimum"),
+            (r#"{"id":"006000000000001","amount":1000.01}"#, "amount", "above_maximum"),
+            (r#"{"id":"006000000000001","amount":1e40}"#, "amount", "number_out_of_range"),
+            (r#"{"id":"006000000000001","amount":true}"#, "amount", "wrong_type"),
+            (&format!(r#"{{{base},"qty":0}}"#), "qty", "below_minimum"),
+            (&format!(r#"{{{base},"qty":1.5}}"#), "qty", "wrong_type"),
+            (&format!(r#"{{{base},"qty":"2"}}"#), "qty", "wrong_type"),
+            (&format!(r#"{{{base},"qty":9223372036854775808}}"#), "qty", "number_out_of_range"),
+            (&format!(r#"{{{base},"flag":"yes"}}"#), "flag", "wrong_type"),
+            (&format!(r#"{{{base},"day":"2026-02-30"}}"#), "day", "invalid_date"),
+            (&format!(r#"{{{base},"day":"26-02-01"}}"#), "day", "invalid_date"),
+            (&format!(r#"{{{base},"at":"2026-11-27 10:00"}}"#), "at", "invalid_datetime"),
+            (&format!(r#"{{{base},"address":"Oslo"}}"#), "address", "wrong_type"),
+            (&format!(r#"{{{base},"address":{{"city":1}}}}"#), "address.city", "wrong_type"),
+            (&format!(r#"{{{base},"lines":{{}}}}"#), "lines", "wrong_type"),
+            (&format!(r#"{{{base},"lines":[{{}}]}}"#), "lines[0].sku", "missing_field"),
+            (&format!(r#"{{{base},"lines":[{{"sku":"a"}},{{"sku":"b","price":"x"}}]}}"#), "lines[1].price", "invalid_decimal"),
+            (&format!(r#"{{{base},"lines":[{{"sku":"a"}},{{"sku":"a"}},{{"sku":"a"}},{{"sku":"a"}}]}}"#), "lines", "too_long"),
+            (&format!(r#"{{{base},"lines":[1]}}"#), "lines[0]", "wrong_type"),
+            (&format!(r#"{{{base},"tags":[1,"2"]}}"#), "tags[1]", "wrong_type"),
+        ];
+        for (record, path, label) in cases {
+            let got = codes(&schema, record);
+            assert!(got.contains(&(path.to_string(), *label)), "{record}: expected {label} at {path}, got {got:?}");
+        }
+    }
+
+    #[test]
+    fn all_violations_are_reported_at_once() {
+        let schema = example_schema();
+        let got = codes(&schema, r#"{"name":"toolong","stage":"Lost","qty":0,"lines":[{},{"sku":1}]}"#);
+        let labels: Vec<_> = got.iter().map(|(p, l)| format!("{p}:{l}")).collect();
+        assert_eq!(
+            labels,
+            ["name:too_long", "stage:not_in_enum", "qty:below_minimum", "lines[0].sku:missing_field", "lines[1].sku:wrong_type", "id:missing_field", "amount:missing_field"]
+        );
+    }
+
+    #[test]
+    fn violations_of_personal_fields_show_the_redacted_value() {
+        let schema = example_schema();
+        let (_, violations) = validate(&schema, r#"{"id":"006000000000001","amount":1,"email":"alice.example.com"}"#);
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].value.as_deref(), Some("[REDACTED]"));
+        assert!(!format!("{violations:?}").contains("alice"));
+    }
+
+    #[test]
+    fn the_number_of_violations_is_bounded() {
+        let schema = example_schema();
+        let json = format!(r#"{{"tags":[{}]}}"#, vec!["\"x\""; 500].join(","));
+        let record = parse_record(json.as_bytes(), 1 << 20, 64).unwrap();
+        let Json::Object(members) = &record else { unreachable!() };
+        let mut v = Validator::new(&Redaction::Fixed, 10);
+        v.record(&schema, members);
+        let reasons = v.finish();
+        assert_eq!(reasons.len(), 11);
+        assert_eq!(reasons[10].code, ReasonCode::TooManyViolations);
+    }
+}
