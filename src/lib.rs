@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod connectors;
 pub mod contract;
 pub mod crd;
 pub mod ledger;
