@@ -146,6 +146,12 @@ pub struct SourceSpec {
         pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub poll_interval: Option<Duration>,
+    /// How the contract's field paths map to the source's own field names, e.g. `stageName: StageName` or
+    /// `lineItems[].sku: Product2.ProductCode` (for Salesforce, `lineItems: OpportunityLineItems` names the
+    /// child relationship queried as a subquery). Unmapped fields keep their names.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 200))]
+    pub field_map: std::collections::BTreeMap<String, String>,
     /// Signature scheme of incoming webhooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<WebhookSignature>,
