@@ -234,11 +234,75 @@ fn crd_cel_rules_are_enforced_offline() {
     assert_error(&report, "spec.rules[4]", "approverRole is required");
 
     let long = "closed-won-to-netsuite-for-the-emea-region-and-its-subsidiaries";
-    let report = closed_won_with("flow", "name: closed-won-to-netsuite", &format!("name: {long}"));
+    let report = closed_won_with(
+        "flow",
+        "name: closed-won-to-netsuite",
+        &format!("name: {long}"),
+    );
     assert_error(&report, "metadata.name", "at most 52 characters");
 
     let report = closed_won_with("flow", "type: postgres", "type: embedded");
     assert_error(&report, "spec", "embedded ledger supports one replica");
+}
+
+#[test]
+fn contract_expressions_are_compiled_and_checked_against_the_schema() {
+    let report = closed_won_with(
+        "contract",
+        "expression: size(record.lineItems) > 0",
+        "expression: size(record.lineItemz) > 0",
+    );
+    let found = report
+        .issues
+        .iter()
+        .any(|i| i.path == "spec.rules[1].expression" && i.reason.contains("lineItemz"));
+    assert!(
+        found,
+        "an unknown field in a rule is reported at its path: {:?}",
+        errors(&report)
+    );
+
+    let report = closed_won_with(
+        "contract",
+        "expression: record.stageName == \"Closed Won\"",
+        "expression: record.stageName ==",
+    );
+    assert!(
+        report
+            .issues
+            .iter()
+            .any(|i| i.path == "spec.rules[0].expression"),
+        "a CEL syntax error is reported at its path: {:?}",
+        errors(&report)
+    );
+
+    let report = closed_won_with(
+        "contract",
+        "expression: record.accountId",
+        "expression: record.accountId.nope",
+    );
+    assert!(
+        report
+            .issues
+            .iter()
+            .any(|i| i.path.starts_with("spec.mapping.fields[1]")),
+        "a mapping expression is checked too: {:?}",
+        errors(&report)
+    );
+
+    let report = closed_won_with(
+        "contract",
+        "pricebook[l.sku].unitPrice.mul",
+        "pricebook[l.sku].listPrice.mul",
+    );
+    assert!(
+        report
+            .issues
+            .iter()
+            .any(|i| i.path == "spec.rules[3].expression" && i.reason.contains("listPrice")),
+        "lookup entry fields must be declared: {:?}",
+        errors(&report)
+    );
 }
 
 #[test]

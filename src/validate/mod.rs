@@ -447,18 +447,20 @@ fn short_type(value: &Value) -> &'static str {
     }
 }
 
-/// The contract's own checks, from the contract engine: expressions compile, reference declared fields, and so on.
+/// The contract's own checks, from the contract engine: the field schema is coherent, every CEL expression
+/// compiles, references only declared fields and lookups, and stays within the evaluation limits.
 fn contract_checks(contract: &Located<SyncContract>) -> Vec<Issue> {
-    let mut issues = Vec::new();
-    if semver::Version::parse(&contract.object.spec.version).is_err() {
-        issues.push(contract.issue(
-            Severity::Error,
-            "spec.version",
-            format!(
-                "{:?} is not a semantic version",
-                contract.object.spec.version
-            ),
-        ));
+    match crate::contract::compile(&contract.object.spec) {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors
+            .into_iter()
+            .map(|e| {
+                contract.issue(
+                    Severity::Error,
+                    e.path,
+                    format!("{} ({})", e.reason, e.kind.label()),
+                )
+            })
+            .collect(),
     }
-    issues
 }
