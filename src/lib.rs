@@ -10,3 +10,4 @@ pub mod contract;
 pub mod crd;
 pub mod ledger;
 pub mod validate;
+pub mod worker;

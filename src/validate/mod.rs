@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::api::{API_VERSION, GROUP, OwnershipRoster, SyncContract, SyncFlow};
 
 pub use load::{MAX_FILE_BYTES, parse_documents};
+pub use refs::{assignment_covers, selector_matches};
 
 /// How bad an issue is: errors fail the check, warnings are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -1,0 +1,293 @@
+//! The worker's operations API: health, metrics, the status the controller copies into the flow, one record's
+//! whole story, the dead letters and the holds. Mutating endpoints need the bearer token; every payload that
+//! leaves here goes through the contract's redaction.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::pipeline::Pipeline;
+use crate::ledger::{RecordId, RecordState, RecordView};
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pipeline: Arc<Pipeline>,
+    /// Bearer token for mutating endpoints; `None` refuses every mutation.
+    pub token: Option<Arc<str>>,
+    pub ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The JSON on `/status`: what the controller writes into `SyncFlow.status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    pub flow: String,
+    pub contract_version: String,
+    pub backend: String,
+    pub counters: crate::api::FlowCounters,
+    pub pending: u64,
+    /// Failed records over records that reached an end or failed, as a decimal fraction string.
+    pub failure_rate: String,
+    pub last_delivery_time: Option<String>,
+    pub mttr_seconds: Option<i64>,
+    pub manual_interventions_per_1k: String,
+    pub oldest_pending_seconds: Option<i64>,
+    pub circuit_breaker: Option<BreakerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BreakerStatus {
+    pub reason: String,
+    pub since: String,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/records/{id}", get(record))
+        .route("/records/{id}/approve", post(approve))
+        .route("/records/{id}/reject", post(reject))
+        .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/replay", post(replay_by_reason))
+        .route("/dead-letters/{id}/replay", post(replay_one))
+        .route("/holds", get(holds))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &state.token else {
+        return Some(error(StatusCode::FORBIDDEN, "mutations are disabled: the worker has no token file"));
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant-time comparison, so the token cannot be guessed byte by byte from response times.
+    let equal = given.len() == token.len()
+        && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if equal { None } else { Some(error(StatusCode::UNAUTHORIZED, "a valid bearer token is required")) }
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if !state.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
+    match state.pipeline.ledger.counts().await {
+        Ok(_) => "ready".into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("ledger unavailable: {e}")),
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    if let Ok(counts) = state.pipeline.ledger.counts().await {
+        let m = &state.pipeline.metrics;
+        m.queue_depth.set(i64::try_from(counts.pending).unwrap_or(i64::MAX));
+        m.oldest_pending_seconds.set(counts.oldest_pending_age_seconds.unwrap_or(0.0) as i64);
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.pipeline.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Computes the status from the ledger (so it survives restarts and agrees across replicas).
+pub async fn compute_status(pipeline: &Pipeline) -> Result<WorkerStatus, crate::ledger::LedgerError> {
+    let c = pipeline.ledger.counts().await?;
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    // The share of records that failed at least once (the contract's SLA `maxFailureRate` compares to it).
+    let failure_rate = if c.records == 0 {
+        rust_decimal::Decimal::ZERO
+    } else {
+        (rust_decimal::Decimal::from(c.failed) / rust_decimal::Decimal::from(c.records)).min(rust_decimal::Decimal::ONE)
+    };
+    let per_1k = if c.records == 0 {
+        rust_decimal::Decimal::ZERO
+    } else {
+        rust_decimal::Decimal::from(c.manual_interventions * 1000) / rust_decimal::Decimal::from(c.records)
+    };
+    Ok(WorkerStatus {
+        flow: pipeline.flow.clone(),
+        contract_version: pipeline.contract.version().to_string(),
+        backend: pipeline.ledger.backend().to_string(),
+        counters: crate::api::FlowCounters {
+            received: to_i64(c.received),
+            delivered: to_i64(c.delivered),
+            failed: to_i64(c.failed),
+            retried: to_i64(c.retried),
+            dead_lettered: to_i64(c.dead_lettered),
+            held: to_i64(c.held),
+        },
+        pending: c.pending,
+        failure_rate: failure_rate.round_dp(4).normalize().to_string(),
+        last_delivery_time: c.last_delivery_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        mttr_seconds: c.mttr_seconds.map(|s| s.round() as i64),
+        manual_interventions_per_1k: per_1k.round_dp(2).normalize().to_string(),
+        oldest_pending_seconds: c.oldest_pending_age_seconds.map(|s| s as i64),
+        circuit_breaker: pipeline.breaker.state().map(|o| BreakerStatus {
+            reason: o.reason,
+            since: o.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        }),
+    })
+}
+
+async fn status(State(state): State<ApiState>) -> Response {
+    match compute_status(&state.pipeline).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("ledger unavailable: {e}")),
+    }
+}
+
+/// A record as people see it: the payload redacted by the contract's one redaction function.
+fn redacted_view(pipeline: &Pipeline, view: &RecordView) -> Value {
+    let mut v = serde_json::to_value(view).unwrap_or(Value::Null);
+    let bytes = serde_json::to_vec(&view.payload).unwrap_or_default();
+    v["payload"] = pipeline.contract.snapshot(&bytes);
+    v
+}
+
+async fn record(State(state): State<ApiState>, Path(id): Path<i64>) -> Response {
+    match state.pipeline.ledger.get(RecordId(id)).await {
+        Ok(Some(detail)) => {
+            let mut v = serde_json::to_value(&detail).unwrap_or(Value::Null);
+            v["record"] = redacted_view(&state.pipeline, &detail.record);
+            Json(v).into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("record {id} is not in the ledger of flow {}", state.pipeline.flow)),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+    /// Only dead letters with exactly this reason.
+    reason: Option<String>,
+}
+
+async fn list(state: &ApiState, record_state: RecordState, q: ListQuery) -> Response {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    match state.pipeline.ledger.list(record_state, q.after.map(RecordId), limit).await {
+        Ok(views) => {
+            let items: Vec<Value> = views
+                .iter()
+                .filter(|v| q.reason.as_ref().is_none_or(|r| v.dead_letter_reason.as_ref() == Some(r)))
+                .map(|v| redacted_view(&state.pipeline, v))
+                .collect();
+            let next = views.last().map(|v| v.id.0);
+            Json(json!({ "items": items, "next": next })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn dead_letters(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    list(&state, RecordState::DeadLettered, q).await
+}
+
+async fn holds(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+    list(&state, RecordState::Held, q).await
+}
+
+/// Who acts and why: recorded as a manual intervention.
+#[derive(Debug, Deserialize)]
+pub struct Intervention {
+    actor: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkReplay {
+    dead_letter_reason: String,
+    actor: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Refuses a mutation without the token or without a named actor; `None` lets it through.
+fn guard(state: &ApiState, headers: &HeaderMap, actor: &str) -> Option<Response> {
+    authorised(state, headers).or_else(|| {
+        (actor.trim().is_empty() || actor.len() > 200)
+            .then(|| error(StatusCode::BAD_REQUEST, "actor: who acts is required (1 to 200 characters)"))
+    })
+}
+
+fn ledger_error(e: crate::ledger::LedgerError) -> Response {
+    let text = e.to_string();
+    let status = if text.contains("not found") || text.contains("no record") {
+        StatusCode::NOT_FOUND
+    } else if text.contains("state") || text.contains("transition") {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    error(status, text)
+}
+
+async fn approve(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<i64>, Json(body): Json<Intervention>) -> Response {
+    if let Some(r) = guard(&state, &headers, &body.actor) {
+        return r;
+    }
+    match state.pipeline.ledger.approve_held(RecordId(id), &body.actor, &body.reason).await {
+        Ok(()) => {
+            state.pipeline.wake.notify_one();
+            Json(json!({ "record": id, "state": "validated", "approvedBy": body.actor })).into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}
+
+async fn reject(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<i64>, Json(body): Json<Intervention>) -> Response {
+    if let Some(r) = guard(&state, &headers, &body.actor) {
+        return r;
+    }
+    match state.pipeline.ledger.reject_held(RecordId(id), &body.actor, &body.reason).await {
+        Ok(()) => Json(json!({ "record": id, "state": "dead_lettered", "rejectedBy": body.actor })).into_response(),
+        Err(e) => ledger_error(e),
+    }
+}
+
+async fn replay_one(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<i64>, Json(body): Json<Intervention>) -> Response {
+    if let Some(r) = guard(&state, &headers, &body.actor) {
+        return r;
+    }
+    match state.pipeline.ledger.replay_dead_letter(RecordId(id), &body.actor, &body.reason).await {
+        Ok(()) => {
+            state.pipeline.wake.notify_one();
+            Json(json!({ "replayed": [id] })).into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}
+
+async fn replay_by_reason(State(state): State<ApiState>, headers: HeaderMap, Json(body): Json<BulkReplay>) -> Response {
+    if let Some(r) = guard(&state, &headers, &body.actor) {
+        return r;
+    }
+    match state.pipeline.ledger.replay_dead_letters_by_reason(&body.dead_letter_reason, &body.actor, &body.reason).await {
+        Ok(ids) => {
+            state.pipeline.wake.notify_one();
+            Json(json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}

@@ -1,0 +1,95 @@
+//! The worker's Prometheus metrics. Counters count events seen by this process; the durable totals that
+//! survive restarts are on `/status`, computed from the ledger.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    /// The error class label (`transient`, `permanent`, `hold`, `flow_level`, `config`).
+    pub class: String,
+}
+
+/// Every metric the worker exports.
+pub struct Metrics {
+    pub registry: Registry,
+    pub received: Counter,
+    pub duplicates: Counter,
+    pub delivered: Counter,
+    pub failed: Family<ClassLabel, Counter>,
+    pub retried: Counter,
+    pub dead_lettered: Counter,
+    pub held: Counter,
+    pub delivery_seconds: Histogram,
+    pub in_flight: Gauge,
+    pub queue_depth: Gauge,
+    pub oldest_pending_seconds: Gauge,
+    pub breaker_open: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("meshline");
+        let received = Counter::default();
+        let duplicates = Counter::default();
+        let delivered = Counter::default();
+        let failed = Family::<ClassLabel, Counter>::default();
+        let retried = Counter::default();
+        let dead_lettered = Counter::default();
+        let held = Counter::default();
+        let delivery_seconds = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        let in_flight = Gauge::default();
+        let queue_depth = Gauge::default();
+        let oldest_pending_seconds = Gauge::default();
+        let breaker_open = Gauge::default();
+        registry.register("records_received", "Records stored in the ledger (new or changed)", received.clone());
+        registry.register("records_duplicate", "Deliveries of a record already in the ledger", duplicates.clone());
+        registry.register("records_delivered", "Records the ERP confirmed", delivered.clone());
+        registry.register("records_failed", "Failed processing or delivery attempts, by error class", failed.clone());
+        registry.register("records_retried", "Retries scheduled", retried.clone());
+        registry.register("records_dead_lettered", "Records sent to the dead letters", dead_lettered.clone());
+        registry.register("records_held", "Records held for approval", held.clone());
+        registry.register("delivery_duration_seconds", "Time the ERP took to answer a delivery", delivery_seconds.clone());
+        registry.register("deliveries_in_flight", "Requests to the ERP in flight", in_flight.clone());
+        registry.register("queue_depth", "Records waiting in the ledger (received, validated, retrying, delivering)", queue_depth.clone());
+        registry.register("oldest_pending_age_seconds", "Age of the oldest record not yet delivered", oldest_pending_seconds.clone());
+        registry.register("circuit_breaker_open", "1 while deliveries are paused by a flow-level failure", breaker_open.clone());
+        Metrics {
+            registry,
+            received,
+            duplicates,
+            delivered,
+            failed,
+            retried,
+            dead_lettered,
+            held,
+            delivery_seconds,
+            in_flight,
+            queue_depth,
+            oldest_pending_seconds,
+            breaker_open,
+        }
+    }
+
+    pub fn fail(&self, class: crate::api::ErrorClass) {
+        self.failed.get_or_create(&ClassLabel { class: class.label().to_string() }).inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

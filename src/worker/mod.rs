@@ -1,0 +1,197 @@
+//! The worker: runs one SyncFlow durably. Sources put records into the ledger (acknowledging the CRM only
+//! after the commit), the pipeline claims them, runs the contract and delivers to the ERP, and the operations
+//! API tells where every record is and why.
+//!
+//! The controller runs it as per-flow pods (`meshline worker --flow FILE`); `meshline dev` runs it in-process.
+
+pub mod api;
+pub mod breaker;
+pub mod config;
+pub mod intake;
+pub mod metrics;
+pub mod pipeline;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::sync::watch;
+
+pub use config::{ConfigError, RenderedFlow};
+pub use pipeline::{Pipeline, PipelineOptions};
+
+use crate::connectors::Sink;
+use crate::contract::{CompiledContract, Lookups};
+use crate::ledger::{Ledger, LedgerTarget, SystemClock};
+
+/// Where the worker finds its state and secrets.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub listen: SocketAddr,
+    /// Directory of the embedded ledger (`ledger.db`).
+    pub state_dir: PathBuf,
+    /// Directory holding one sub-directory per referenced Secret (`<dir>/<secret name>/<key>`).
+    pub secrets_dir: Option<PathBuf>,
+    /// File with the bearer token of the mutating endpoints.
+    pub token_file: Option<PathBuf>,
+    pub options: PipelineOptions,
+}
+
+/// Why a worker could not start. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("flow {flow}: contract {contract} does not compile: {errors}")]
+    Contract { flow: String, contract: String, errors: String },
+    #[error("flow {flow}: ledger: {source}")]
+    Ledger { flow: String, source: Box<crate::ledger::LedgerError> },
+    #[error("flow {flow}: {message}")]
+    Setup { flow: String, message: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+}
+
+impl WorkerError {
+    /// Stable label for metrics, conditions and tickets.
+    pub fn label(&self) -> &'static str {
+        match self {
+            WorkerError::Config(e) => e.label(),
+            WorkerError::Contract { .. } => "contract_invalid",
+            WorkerError::Ledger { .. } => "ledger_unavailable",
+            WorkerError::Setup { .. } => "setup_failed",
+            WorkerError::Listen { .. } => "listen_failed",
+        }
+    }
+}
+
+/// The ledger a flow's spec asks for.
+pub fn ledger_target(rendered: &RenderedFlow, settings: &WorkerSettings) -> Result<LedgerTarget, WorkerError> {
+    let flow = rendered.flow_name();
+    let spec = &rendered.flow.spec.ledger;
+    match spec.r#type {
+        crate::api::LedgerType::Embedded => Ok(LedgerTarget::Sqlite(settings.state_dir.join("ledger.db"))),
+        crate::api::LedgerType::Postgres => {
+            let secret = spec.credentials_secret_ref.as_ref().ok_or_else(|| WorkerError::Setup {
+                flow: flow.clone(),
+                message: "spec.ledger.credentialsSecretRef is required for a postgres ledger".into(),
+            })?;
+            let creds = crate::connectors::Credentials::new(
+                settings.secrets_dir.as_ref().map(|d| d.join(&secret.name)).as_deref(),
+                "ledger",
+            );
+            let url = creds.get("url").map_err(|e| WorkerError::Setup { flow, message: e.to_string() })?;
+            Ok(LedgerTarget::Postgres(url))
+        }
+    }
+}
+
+/// A running worker.
+pub struct Worker {
+    pub pipeline: Arc<Pipeline>,
+    pub intake: Arc<intake::LedgerIntake>,
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    ready: Arc<AtomicBool>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Worker {
+    /// Compiles the contract, opens the ledger, starts the pipeline and the operations API (plus any extra
+    /// routes, such as a webhook source's).
+    pub async fn start(
+        rendered: &RenderedFlow,
+        settings: &WorkerSettings,
+        sink: Arc<dyn Sink>,
+        lookups: serde_json::Value,
+        extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
+    ) -> Result<Worker, WorkerError> {
+        let flow = rendered.flow_name();
+        let contract = crate::contract::compile(&rendered.contract.spec).map_err(|errors| WorkerError::Contract {
+            flow: flow.clone(),
+            contract: rendered.contract.metadata.name.clone().unwrap_or_default(),
+            errors: errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+        })?;
+        let contract = Arc::new(contract);
+        let env = build_env(&contract, &flow, &lookups)?;
+        std::fs::create_dir_all(&settings.state_dir).map_err(|e| WorkerError::Setup {
+            flow: flow.clone(),
+            message: format!("cannot create the state directory {}: {e}", settings.state_dir.display()),
+        })?;
+        let target = ledger_target(rendered, settings)?;
+        let ledger: Arc<dyn Ledger> = crate::ledger::open(&target, &flow, Arc::new(SystemClock))
+            .await
+            .map_err(|source| WorkerError::Ledger { flow: flow.clone(), source: Box::new(source) })?;
+        let token = match &settings.token_file {
+            Some(path) => Some(Arc::<str>::from(
+                std::fs::read_to_string(path)
+                    .map_err(|e| WorkerError::Setup { flow: flow.clone(), message: format!("token file {}: {e}", path.display()) })?
+                    .trim(),
+            )),
+            None => None,
+        };
+        let pipeline = Arc::new(Pipeline {
+            flow: flow.clone(),
+            ledger,
+            contract,
+            env: std::sync::RwLock::new(Arc::new(env)),
+            sink,
+            policy: rendered.flow.spec.delivery.clone(),
+            options: settings.options.clone(),
+            breaker: Default::default(),
+            metrics: Arc::new(metrics::Metrics::new()),
+            wake: tokio::sync::Notify::new(),
+        });
+        let intake = Arc::new(intake::LedgerIntake { pipeline: pipeline.clone() });
+        let ready = Arc::new(AtomicBool::new(true));
+        let app = api::router(api::ApiState { pipeline: pipeline.clone(), token, ready: ready.clone() })
+            .merge(extra_routes(intake.clone()));
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .map_err(|e| WorkerError::Listen { addr: settings.listen, reason: e.to_string() })?;
+        let addr = listener.local_addr().map_err(|e| WorkerError::Listen { addr: settings.listen, reason: e.to_string() })?;
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut server_rx = rx.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = server_rx.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "operations API stopped");
+            }
+        });
+        tasks.spawn(pipeline.clone().run(rx));
+        tracing::info!(flow = %flow, %addr, backend = pipeline.ledger.backend(), "worker started");
+        Ok(Worker { pipeline, intake, addr, shutdown, ready, tasks })
+    }
+
+    /// A receiver that turns true when shutdown starts, for sources that run beside the pipeline.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Runs a task (a poller, a lookup refresher) until shutdown.
+    pub fn spawn(&mut self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Stops taking work, lets in-flight deliveries finish within the grace period, records their outcomes
+    /// and closes the ledger.
+    pub async fn shutdown(mut self) {
+        self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.pipeline.ledger.close().await;
+    }
+}
+
+/// Prepares the contract's environment for a lookup snapshot (`{"pricebook": {"SKU-1": {...}}}`).
+pub fn build_env(contract: &CompiledContract, flow: &str, lookups: &serde_json::Value) -> Result<crate::contract::Env, WorkerError> {
+    let tables = Lookups::from_json(contract, lookups)
+        .map_err(|e| WorkerError::Setup { flow: flow.to_string(), message: format!("lookups: {e}") })?;
+    contract
+        .env(flow, &tables)
+        .map_err(|e| WorkerError::Setup { flow: flow.to_string(), message: format!("lookups: {e}") })
+}

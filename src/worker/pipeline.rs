@@ -1,0 +1,403 @@
+//! The delivery pipeline: claim due records from the ledger, run the contract, deliver accepted payloads with
+//! bounded concurrency, and report every outcome back to the ledger in batches.
+//!
+//! Invariants: a record is acknowledged to the CRM only once it is in the ledger (see `intake`), so it is never
+//! lost; a record is only delivered while this worker holds its lease, and completions carry the claim's
+//! generation and fence, so a record taken over by another replica (or superseded by a newer payload) can
+//! never be completed twice. The sink upserts by external id, so the one window that remains — the ERP
+//! accepted a delivery and the worker died before recording it — re-delivers the same upsert, which leaves
+//! the ERP unchanged.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::breaker::Breaker;
+use super::metrics::Metrics;
+use crate::api::{DeliveryPolicy, ErrorClass};
+use crate::connectors::{Delivery, Sink, SinkError};
+use crate::contract::{CompiledContract, Env, Outcome as ContractOutcome};
+use crate::ledger::{BucketSet, ClaimedRecord, Completion, Ledger, NewLineageEvent, Outcome};
+
+/// Tuning of the pipeline that is not part of the flow's policy.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    pub worker_id: String,
+    pub buckets: BucketSet,
+    /// How long a claim is held; a delivery must finish well inside it.
+    pub lease: Duration,
+    /// Records claimed per ledger round trip.
+    pub claim_batch: usize,
+    /// Completions written per ledger round trip, and the longest they wait for company.
+    pub complete_batch: usize,
+    pub complete_linger: Duration,
+    /// Idle wait between empty claims (the intake also wakes the pipeline).
+    pub idle_poll: Duration,
+    /// How long a graceful shutdown waits for in-flight deliveries.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            worker_id: format!("worker-{}", std::process::id()),
+            buckets: BucketSet::all(),
+            lease: Duration::from_secs(60),
+            claim_batch: 500,
+            complete_batch: 500,
+            complete_linger: Duration::from_millis(5),
+            idle_poll: Duration::from_millis(50),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The running parts of a flow's delivery, shared by the pipeline's tasks and the operations API.
+pub struct Pipeline {
+    pub flow: String,
+    pub ledger: Arc<dyn Ledger>,
+    pub contract: Arc<CompiledContract>,
+    pub env: std::sync::RwLock<Arc<Env>>,
+    pub sink: Arc<dyn Sink>,
+    pub policy: DeliveryPolicy,
+    pub options: PipelineOptions,
+    pub breaker: Breaker,
+    pub metrics: Arc<Metrics>,
+    /// Woken by the intake when new records arrive, so an idle pipeline reacts without polling delay.
+    pub wake: tokio::sync::Notify,
+}
+
+impl Pipeline {
+    fn env(&self) -> Arc<Env> {
+        self.env.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the lookup snapshot (after a pricebook refresh).
+    pub fn set_env(&self, env: Env) {
+        *self.env.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(env);
+    }
+
+    /// Runs until `shutdown` turns true, then releases what it holds within the grace period.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let concurrency = self.policy.concurrency.max(1) as usize;
+        let slots = Arc::new(Semaphore::new(concurrency));
+        let (done_tx, done_rx) = mpsc::channel::<Completion>(self.options.complete_batch * 4);
+        let completer = tokio::spawn(self.clone().completer(done_rx));
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while tasks.try_join_next().is_some() {}
+            if self.breaker.is_open() {
+                self.metrics.breaker_open.set(1);
+                self.probe().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            self.metrics.breaker_open.set(0);
+            // Claim only what can start soon, so claimed records do not wait in memory while their lease runs.
+            let free = slots.available_permits();
+            if free == 0 {
+                tokio::select! {
+                    _ = tasks.join_next() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let limit = (free * 2).clamp(1, self.options.claim_batch);
+            let claimed = match self.ledger.claim(&self.options.worker_id, &self.options.buckets, limit, self.options.lease).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::error!(flow = %self.flow, error = %e, "claim failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if claimed.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(self.options.idle_poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            for record in claimed {
+                let permit = match slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => break,
+                };
+                let me = self.clone();
+                let done = done_tx.clone();
+                tasks.spawn(async move {
+                    let completion = me.process(record).await;
+                    drop(permit);
+                    // The completer outlives every task; a send error means shutdown already gave up on us.
+                    let _ = done.send(completion).await;
+                });
+            }
+        }
+        // Graceful shutdown: in-flight deliveries finish within the grace period; what does not is left to
+        // the lease (the record goes back to the queue when it expires, and the upsert makes a repeat safe).
+        let deadline = tokio::time::sleep(self.options.shutdown_grace);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = tasks.join_next() => if next.is_none() { break },
+                _ = &mut deadline => {
+                    tracing::warn!(flow = %self.flow, left = tasks.len(), "shutdown grace elapsed; leases will expire");
+                    tasks.abort_all();
+                    break;
+                }
+            }
+        }
+        drop(done_tx);
+        let _ = completer.await;
+    }
+
+    /// Writes completions in batches: one transaction for many records.
+    async fn completer(self: Arc<Self>, mut rx: mpsc::Receiver<Completion>) {
+        let mut batch = Vec::with_capacity(self.options.complete_batch);
+        loop {
+            let Some(first) = rx.recv().await else { break };
+            batch.push(first);
+            let linger = tokio::time::sleep(self.options.complete_linger);
+            tokio::pin!(linger);
+            while batch.len() < self.options.complete_batch {
+                tokio::select! {
+                    next = rx.recv() => match next { Some(c) => batch.push(c), None => break },
+                    _ = &mut linger => break,
+                }
+            }
+            self.flush(&mut batch).await;
+        }
+        self.flush(&mut batch).await;
+    }
+
+    async fn flush(&self, batch: &mut Vec<Completion>) {
+        if batch.is_empty() {
+            return;
+        }
+        let completions = std::mem::take(batch);
+        let mut attempt = 0u32;
+        loop {
+            match self.ledger.complete_batch(completions.clone()).await {
+                Ok(results) => {
+                    for (c, r) in completions.iter().zip(results) {
+                        if r != crate::ledger::CompletionResult::Applied {
+                            tracing::info!(flow = %self.flow, record = %c.claim.id, result = ?r, "completion refused; another owner or a newer payload took over");
+                        }
+                    }
+                    return;
+                }
+                Err(e) => {
+                    attempt += 1;
+                    // Leases protect the records meanwhile; if the ledger stays away they expire and the
+                    // records are claimed again, and the upsert makes the repeat harmless.
+                    tracing::error!(flow = %self.flow, error = %e, attempt, "recording outcomes failed; retrying");
+                    if attempt >= 20 {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
+                }
+            }
+        }
+    }
+
+    /// Closes the breaker when the ERP answers a probe.
+    async fn probe(&self) {
+        if !self.breaker.probe_due() {
+            return;
+        }
+        match self.sink.probe().await {
+            Ok(()) => {
+                if let Some(open_for) = self.breaker.close() {
+                    tracing::info!(flow = %self.flow, open_seconds = open_for.num_seconds(), "ERP answers again; deliveries resume");
+                }
+                self.wake.notify_one();
+            }
+            Err(e) => tracing::debug!(flow = %self.flow, error = %e, "probe failed; breaker stays open"),
+        }
+    }
+
+    /// One record: contract, then delivery, then the outcome to record.
+    pub async fn process(&self, record: ClaimedRecord) -> Completion {
+        let claim = record.claim;
+        let outcome = self.decide(&record).await;
+        Completion { claim, outcome }
+    }
+
+    async fn decide(&self, record: &ClaimedRecord) -> Outcome {
+        let bytes = match serde_json::to_vec(&record.payload) {
+            Ok(b) => b,
+            Err(e) => return dead_letter("record:unreadable", ErrorClass::Permanent, e.to_string(), None),
+        };
+        let approved_rule = if record.approved_by.is_some() { self.approved_rule(record).await } else { None };
+        let env = self.env();
+        let contract_outcome = match &approved_rule {
+            Some(rule) => self.contract.process_approved(&bytes, &env, &[rule.as_str()]),
+            None => self.contract.process(&bytes, &env),
+        };
+        match contract_outcome {
+            ContractOutcome::Rejected { reasons } => {
+                self.metrics.fail(ErrorClass::Permanent);
+                self.metrics.dead_lettered.inc();
+                let first = reasons.first();
+                let key = first.map(|r| format!("contract:{}:{}", r.code.label(), subject_key(&r.subject))).unwrap_or_else(|| "contract:rejected".into());
+                let message = reasons.iter().map(|r| format!("{}: {}", r.subject, r.message)).collect::<Vec<_>>().join("; ");
+                dead_letter(&key, ErrorClass::Permanent, message, None)
+            }
+            ContractOutcome::Held { rule, approver_role, .. } => {
+                self.metrics.held.inc();
+                Outcome::Held { rule, role: approver_role }
+            }
+            ContractOutcome::Accepted { payload, external_id, warnings } => {
+                if !warnings.is_empty() {
+                    let events = vec![NewLineageEvent {
+                        record: record.claim.id,
+                        step: "contract_warnings".into(),
+                        detail: serde_json::to_value(&warnings).unwrap_or_default(),
+                    }];
+                    if let Err(e) = self.ledger.append_lineage(events).await {
+                        tracing::warn!(flow = %self.flow, error = %e, "lineage write failed");
+                    }
+                }
+                self.deliver(record, payload.as_json(), external_id.as_str()).await
+            }
+        }
+    }
+
+    /// The hold rule a person approved, so the same rule does not hold the record again.
+    async fn approved_rule(&self, record: &ClaimedRecord) -> Option<String> {
+        match self.ledger.get(record.claim.id).await {
+            Ok(Some(detail)) => detail.record.hold_rule,
+            _ => None,
+        }
+    }
+
+    async fn deliver(&self, record: &ClaimedRecord, payload: &serde_json::Value, external_id: &str) -> Outcome {
+        if self.breaker.is_open() {
+            return Outcome::Released { not_before: None };
+        }
+        let attempt = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
+        let delivery = Delivery { external_id, payload, correlation_id: &record.correlation_id, attempt };
+        self.metrics.in_flight.inc();
+        let started = Instant::now();
+        // The ERP call must end well inside the lease, or another replica could take the record over mid-call.
+        let timeout = self.options.lease / 2;
+        let result = match tokio::time::timeout(timeout, self.sink.deliver(delivery)).await {
+            Ok(result) => result,
+            Err(_) => Err(SinkError::new(self.sink.system(), ErrorClass::Transient, format!("no answer within {timeout:?}"))),
+        };
+        self.metrics.in_flight.dec();
+        self.metrics.delivery_seconds.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(_) => {
+                self.breaker.success();
+                self.metrics.delivered.inc();
+                Outcome::Delivered
+            }
+            Err(e) => self.failed(record, e),
+        }
+    }
+
+    fn failed(&self, record: &ClaimedRecord, e: SinkError) -> Outcome {
+        self.metrics.fail(e.class);
+        match e.class {
+            ErrorClass::Transient => {
+                if self.breaker.transient_failure(&e.message) {
+                    tracing::warn!(flow = %self.flow, error = %e, "every delivery is failing; circuit breaker opened");
+                }
+                let attempts = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
+                if attempts >= self.policy.max_attempts {
+                    self.metrics.dead_lettered.inc();
+                    let reason = format!("erp:transient:gave_up_after_{attempts}_attempts");
+                    return dead_letter(&reason, ErrorClass::Transient, e.message, e.response);
+                }
+                self.metrics.retried.inc();
+                let wait = backoff(&self.policy, attempts, e.retry_after);
+                Outcome::RetryScheduled {
+                    next_attempt_at: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                    error: e.message,
+                    class: ErrorClass::Transient,
+                }
+            }
+            ErrorClass::Permanent | ErrorClass::Hold => {
+                self.breaker.success();
+                self.metrics.dead_lettered.inc();
+                let reason = format!("erp:{}", e.status.map(|s| s.to_string()).unwrap_or_else(|| "rejected".into()));
+                dead_letter(&reason, ErrorClass::Permanent, e.message, e.response)
+            }
+            ErrorClass::FlowLevel | ErrorClass::Config => {
+                if self.breaker.open(e.message.clone()) {
+                    tracing::warn!(flow = %self.flow, error = %e, "flow-level failure; circuit breaker opened, records wait");
+                }
+                Outcome::Released { not_before: None }
+            }
+        }
+    }
+}
+
+fn subject_key(subject: &crate::contract::Subject) -> String {
+    use crate::contract::Subject;
+    match subject {
+        Subject::Record => "record".into(),
+        Subject::Field(path) => format!("field:{path}"),
+        Subject::Rule(name) => format!("rule:{name}"),
+        Subject::Mapping(target) => format!("mapping:{target}"),
+        Subject::ExternalId => "external_id".into(),
+    }
+}
+
+fn dead_letter(reason: &str, class: ErrorClass, message: String, erp_response: Option<String>) -> Outcome {
+    let erp_response = erp_response.or(Some(message)).filter(|s| !s.is_empty());
+    Outcome::DeadLettered { reason: reason.to_string(), class, erp_response, snapshot: None }
+}
+
+/// Exponential backoff with full jitter: a uniform wait in [0, min(max, base·2^(attempt-1))], but never less
+/// than what the ERP asked for with `Retry-After`.
+pub fn backoff(policy: &DeliveryPolicy, attempt: u32, retry_after: Option<Duration>) -> Duration {
+    let base = policy.backoff.as_ref().and_then(|b| b.base).map(Duration::from).unwrap_or(Duration::from_secs(1));
+    let max = policy.backoff.as_ref().and_then(|b| b.max).map(Duration::from).unwrap_or(Duration::from_secs(300));
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
+    let jitter = Duration::from_secs_f64(rand::rng().random_range(0.0..=exp.as_secs_f64().max(0.0)));
+    jitter.max(retry_after.unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Backoff;
+
+    fn policy(base: &str, max: &str) -> DeliveryPolicy {
+        DeliveryPolicy {
+            backoff: Some(Backoff { base: Some(base.parse().unwrap()), max: Some(max.parse().unwrap()) }),
+            ..DeliveryPolicy::default()
+        }
+    }
+
+    #[test]
+    fn backoff_stays_within_the_exponential_cap_and_honours_retry_after() {
+        let p = policy("100ms", "2s");
+        for attempt in 1..30 {
+            let cap = Duration::from_millis(100).saturating_mul(1 << (attempt - 1).min(20)).min(Duration::from_secs(2));
+            for _ in 0..50 {
+                assert!(backoff(&p, attempt, None) <= cap);
+            }
+        }
+        assert!(backoff(&p, 1, Some(Duration::from_secs(7))) >= Duration::from_secs(7));
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let p = policy("1s", "60s");
+        let waits: std::collections::BTreeSet<u128> = (0..20).map(|_| backoff(&p, 5, None).as_micros()).collect();
+        assert!(waits.len() > 10, "full jitter spreads retries: {waits:?}");
+    }
+}
