@@ -71,7 +71,10 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     let Some(token) = &state.token else {
-        return Some(error(StatusCode::FORBIDDEN, "mutations are disabled: the worker has no token file"));
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "mutations are disabled: the worker has no token file",
+        ));
     };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -80,8 +83,19 @@ fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
         .unwrap_or_default();
     // Constant-time comparison, so the token cannot be guessed byte by byte from response times.
     let equal = given.len() == token.len()
-        && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
-    if equal { None } else { Some(error(StatusCode::UNAUTHORIZED, "a valid bearer token is required")) }
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if equal {
+        None
+    } else {
+        Some(error(
+            StatusCode::UNAUTHORIZED,
+            "a valid bearer token is required",
+        ))
+    }
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
@@ -90,37 +104,49 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
     match state.pipeline.ledger.counts().await {
         Ok(_) => "ready".into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("ledger unavailable: {e}")),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ledger unavailable: {e}"),
+        ),
     }
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
     if let Ok(counts) = state.pipeline.ledger.counts().await {
         let m = &state.pipeline.metrics;
-        m.queue_depth.set(i64::try_from(counts.pending).unwrap_or(i64::MAX));
-        m.oldest_pending_seconds.set(counts.oldest_pending_age_seconds.unwrap_or(0.0) as i64);
+        m.queue_depth
+            .set(i64::try_from(counts.pending).unwrap_or(i64::MAX));
+        m.oldest_pending_seconds
+            .set(counts.oldest_pending_age_seconds.unwrap_or(0.0) as i64);
     }
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.pipeline.metrics.encode(),
     )
         .into_response()
 }
 
 /// Computes the status from the ledger (so it survives restarts and agrees across replicas).
-pub async fn compute_status(pipeline: &Pipeline) -> Result<WorkerStatus, crate::ledger::LedgerError> {
+pub async fn compute_status(
+    pipeline: &Pipeline,
+) -> Result<WorkerStatus, crate::ledger::LedgerError> {
     let c = pipeline.ledger.counts().await?;
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     // The share of records that failed at least once (the contract's SLA `maxFailureRate` compares to it).
     let failure_rate = if c.records == 0 {
         rust_decimal::Decimal::ZERO
     } else {
-        (rust_decimal::Decimal::from(c.failed) / rust_decimal::Decimal::from(c.records)).min(rust_decimal::Decimal::ONE)
+        (rust_decimal::Decimal::from(c.failed) / rust_decimal::Decimal::from(c.records))
+            .min(rust_decimal::Decimal::ONE)
     };
     let per_1k = if c.records == 0 {
         rust_decimal::Decimal::ZERO
     } else {
-        rust_decimal::Decimal::from(c.manual_interventions * 1000) / rust_decimal::Decimal::from(c.records)
+        rust_decimal::Decimal::from(c.manual_interventions * 1000)
+            / rust_decimal::Decimal::from(c.records)
     };
     Ok(WorkerStatus {
         flow: pipeline.flow.clone(),
@@ -136,7 +162,9 @@ pub async fn compute_status(pipeline: &Pipeline) -> Result<WorkerStatus, crate::
         },
         pending: c.pending,
         failure_rate: failure_rate.round_dp(4).normalize().to_string(),
-        last_delivery_time: c.last_delivery_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        last_delivery_time: c
+            .last_delivery_at
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         mttr_seconds: c.mttr_seconds.map(|s| s.round() as i64),
         manual_interventions_per_1k: per_1k.round_dp(2).normalize().to_string(),
         oldest_pending_seconds: c.oldest_pending_age_seconds.map(|s| s as i64),
@@ -150,7 +178,10 @@ pub async fn compute_status(pipeline: &Pipeline) -> Result<WorkerStatus, crate::
 async fn status(State(state): State<ApiState>) -> Response {
     match compute_status(&state.pipeline).await {
         Ok(s) => Json(s).into_response(),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("ledger unavailable: {e}")),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ledger unavailable: {e}"),
+        ),
     }
 }
 
@@ -169,7 +200,13 @@ async fn record(State(state): State<ApiState>, Path(id): Path<i64>) -> Response 
             v["record"] = redacted_view(&state.pipeline, &detail.record);
             Json(v).into_response()
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("record {id} is not in the ledger of flow {}", state.pipeline.flow)),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "record {id} is not in the ledger of flow {}",
+                state.pipeline.flow
+            ),
+        ),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
@@ -184,11 +221,20 @@ pub struct ListQuery {
 
 async fn list(state: &ApiState, record_state: RecordState, q: ListQuery) -> Response {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    match state.pipeline.ledger.list(record_state, q.after.map(RecordId), limit).await {
+    match state
+        .pipeline
+        .ledger
+        .list(record_state, q.after.map(RecordId), limit)
+        .await
+    {
         Ok(views) => {
             let items: Vec<Value> = views
                 .iter()
-                .filter(|v| q.reason.as_ref().is_none_or(|r| v.dead_letter_reason.as_ref() == Some(r)))
+                .filter(|v| {
+                    q.reason
+                        .as_ref()
+                        .is_none_or(|r| v.dead_letter_reason.as_ref() == Some(r))
+                })
                 .map(|v| redacted_view(&state.pipeline, v))
                 .collect();
             let next = views.last().map(|v| v.id.0);
@@ -226,8 +272,12 @@ pub struct BulkReplay {
 /// Refuses a mutation without the token or without a named actor; `None` lets it through.
 fn guard(state: &ApiState, headers: &HeaderMap, actor: &str) -> Option<Response> {
     authorised(state, headers).or_else(|| {
-        (actor.trim().is_empty() || actor.len() > 200)
-            .then(|| error(StatusCode::BAD_REQUEST, "actor: who acts is required (1 to 200 characters)"))
+        (actor.trim().is_empty() || actor.len() > 200).then(|| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "actor: who acts is required (1 to 200 characters)",
+            )
+        })
     })
 }
 
@@ -243,34 +293,66 @@ fn ledger_error(e: crate::ledger::LedgerError) -> Response {
     error(status, text)
 }
 
-async fn approve(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<i64>, Json(body): Json<Intervention>) -> Response {
+async fn approve(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Json(body): Json<Intervention>,
+) -> Response {
     if let Some(r) = guard(&state, &headers, &body.actor) {
         return r;
     }
-    match state.pipeline.ledger.approve_held(RecordId(id), &body.actor, &body.reason).await {
+    match state
+        .pipeline
+        .ledger
+        .approve_held(RecordId(id), &body.actor, &body.reason)
+        .await
+    {
         Ok(()) => {
             state.pipeline.wake.notify_one();
-            Json(json!({ "record": id, "state": "validated", "approvedBy": body.actor })).into_response()
+            Json(json!({ "record": id, "state": "validated", "approvedBy": body.actor }))
+                .into_response()
         }
         Err(e) => ledger_error(e),
     }
 }
 
-async fn reject(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<i64>, Json(body): Json<Intervention>) -> Response {
+async fn reject(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Json(body): Json<Intervention>,
+) -> Response {
     if let Some(r) = guard(&state, &headers, &body.actor) {
         return r;
     }
-    match state.pipeline.ledger.reject_held(RecordId(id), &body.actor, &body.reason).await {
-        Ok(()) => Json(json!({ "record": id, "state": "dead_lettered", "rejectedBy": body.actor })).into_response(),
+    match state
+        .pipeline
+        .ledger
+        .reject_held(RecordId(id), &body.actor, &body.reason)
+        .await
+    {
+        Ok(()) => Json(json!({ "record": id, "state": "dead_lettered", "rejectedBy": body.actor }))
+            .into_response(),
         Err(e) => ledger_error(e),
     }
 }
 
-async fn replay_one(State(state): State<ApiState>, headers: HeaderMap, Path(id): Path<i64>, Json(body): Json<Intervention>) -> Response {
+async fn replay_one(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Json(body): Json<Intervention>,
+) -> Response {
     if let Some(r) = guard(&state, &headers, &body.actor) {
         return r;
     }
-    match state.pipeline.ledger.replay_dead_letter(RecordId(id), &body.actor, &body.reason).await {
+    match state
+        .pipeline
+        .ledger
+        .replay_dead_letter(RecordId(id), &body.actor, &body.reason)
+        .await
+    {
         Ok(()) => {
             state.pipeline.wake.notify_one();
             Json(json!({ "replayed": [id] })).into_response()
@@ -279,11 +361,20 @@ async fn replay_one(State(state): State<ApiState>, headers: HeaderMap, Path(id):
     }
 }
 
-async fn replay_by_reason(State(state): State<ApiState>, headers: HeaderMap, Json(body): Json<BulkReplay>) -> Response {
+async fn replay_by_reason(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Json(body): Json<BulkReplay>,
+) -> Response {
     if let Some(r) = guard(&state, &headers, &body.actor) {
         return r;
     }
-    match state.pipeline.ledger.replay_dead_letters_by_reason(&body.dead_letter_reason, &body.actor, &body.reason).await {
+    match state
+        .pipeline
+        .ledger
+        .replay_dead_letters_by_reason(&body.dead_letter_reason, &body.actor, &body.reason)
+        .await
+    {
         Ok(ids) => {
             state.pipeline.wake.notify_one();
             Json(json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response()

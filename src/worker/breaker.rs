@@ -45,7 +45,10 @@ impl Breaker {
         let mut inner = self.lock();
         let opened = inner.open.is_none();
         if opened {
-            inner.open = Some(OpenState { reason: reason.into(), since: chrono::Utc::now() });
+            inner.open = Some(OpenState {
+                reason: reason.into(),
+                since: chrono::Utc::now(),
+            });
             inner.probe_backoff = Duration::from_millis(250);
             inner.next_probe = Some(Instant::now() + inner.probe_backoff);
         }
@@ -66,7 +69,9 @@ impl Breaker {
             inner.streak
         };
         streak >= FAILING_STREAK
-            && self.open(format!("{streak} deliveries in a row failed; last: {message}"))
+            && self.open(format!(
+                "{streak} deliveries in a row failed; last: {message}"
+            ))
     }
 
     /// Whether a probe is due now (and books the next one with a growing interval, up to 30 s).

@@ -43,8 +43,10 @@ impl RenderedFlow {
     pub fn load(path: &Path) -> Result<RenderedFlow, ConfigError> {
         let file = path.display().to_string();
         if path.is_file() {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::Unreadable { file: file.clone(), reason: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Unreadable {
+                file: file.clone(),
+                reason: e.to_string(),
+            })?;
             if let Ok(rendered) = serde_yaml::from_str::<RenderedFlow>(&text) {
                 return Ok(rendered);
             }
@@ -55,7 +57,10 @@ impl RenderedFlow {
     /// Validates manifests and picks the flow, its contract and its roster.
     pub fn from_manifests(path: &Path) -> Result<RenderedFlow, ConfigError> {
         let file = path.display().to_string();
-        let report = crate::validate::validate_paths(&[path.to_path_buf()], &crate::validate::Options::default());
+        let report = crate::validate::validate_paths(
+            &[path.to_path_buf()],
+            &crate::validate::Options::default(),
+        );
         if !report.is_ok() {
             let lines: Vec<String> = report
                 .issues
@@ -63,16 +68,27 @@ impl RenderedFlow {
                 .filter(|i| i.severity == crate::validate::Severity::Error)
                 .map(|i| i.to_string())
                 .collect();
-            return Err(ConfigError::Invalid { file, reason: format!("invalid manifests:\n{}", lines.join("\n")) });
+            return Err(ConfigError::Invalid {
+                file,
+                reason: format!("invalid manifests:\n{}", lines.join("\n")),
+            });
         }
         let flow = match report.flows.as_slice() {
             [one] => one,
-            [] => return Err(ConfigError::Invalid { file, reason: "no SyncFlow found".into() }),
+            [] => {
+                return Err(ConfigError::Invalid {
+                    file,
+                    reason: "no SyncFlow found".into(),
+                });
+            }
             many => {
                 let names: Vec<String> = many.iter().map(|f| f.name()).collect();
                 return Err(ConfigError::Invalid {
                     file,
-                    reason: format!("more than one SyncFlow ({}); give one flow's directory", names.join(", ")),
+                    reason: format!(
+                        "more than one SyncFlow ({}); give one flow's directory",
+                        names.join(", ")
+                    ),
                 });
             }
         };
@@ -82,13 +98,27 @@ impl RenderedFlow {
             .contracts
             .iter()
             .find(|c| c.namespace() == ns && c.name() == binding.name)
-            .ok_or_else(|| ConfigError::Invalid { file: file.clone(), reason: format!("SyncContract {} not found", binding.name) })?;
+            .ok_or_else(|| ConfigError::Invalid {
+                file: file.clone(),
+                reason: format!("SyncContract {} not found", binding.name),
+            })?;
         let roster = report
             .rosters
             .iter()
-            .find(|r| r.namespace() == ns && r.object.spec.assignments.iter().any(|a| crate::validate::assignment_covers(a, &flow.object)))
+            .find(|r| {
+                r.namespace() == ns
+                    && r.object
+                        .spec
+                        .assignments
+                        .iter()
+                        .any(|a| crate::validate::assignment_covers(a, &flow.object))
+            })
             .map(|r| r.object.clone());
-        Ok(RenderedFlow { flow: flow.object.clone(), contract: contract.object.clone(), roster })
+        Ok(RenderedFlow {
+            flow: flow.object.clone(),
+            contract: contract.object.clone(),
+            roster,
+        })
     }
 
     pub fn flow_name(&self) -> String {

@@ -21,7 +21,9 @@ impl LedgerIntake {
             .into_iter()
             .map(|r| {
                 // Snapshots leave the hot path, so they go through the one redaction function.
-                let snapshot = serde_json::to_vec(&r.payload).ok().map(|bytes| self.pipeline.contract.snapshot(&bytes));
+                let snapshot = serde_json::to_vec(&r.payload)
+                    .ok()
+                    .map(|bytes| self.pipeline.contract.snapshot(&bytes));
                 IncomingRecord {
                     idempotency_key: r.key.clone(),
                     source_key: r.key,
@@ -56,7 +58,12 @@ impl LedgerIntake {
 impl Intake for LedgerIntake {
     async fn accept(&self, records: Vec<SourceRecord>) -> Result<IntakeReceipt, IntakeError> {
         let batch = self.prepare(records);
-        let outcomes = self.pipeline.ledger.ingest(batch).await.map_err(|e| IntakeError(e.to_string()))?;
+        let outcomes = self
+            .pipeline
+            .ledger
+            .ingest(batch)
+            .await
+            .map_err(|e| IntakeError(e.to_string()))?;
         Ok(self.receipt(&outcomes))
     }
 
@@ -77,6 +84,10 @@ impl Intake for LedgerIntake {
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, IntakeError> {
-        self.pipeline.ledger.checkpoint(source).await.map_err(|e| IntakeError(e.to_string()))
+        self.pipeline
+            .ledger
+            .checkpoint(source)
+            .await
+            .map_err(|e| IntakeError(e.to_string()))
     }
 }

@@ -47,23 +47,65 @@ impl Metrics {
         let retried = Counter::default();
         let dead_lettered = Counter::default();
         let held = Counter::default();
-        let delivery_seconds = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        let delivery_seconds = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]);
         let in_flight = Gauge::default();
         let queue_depth = Gauge::default();
         let oldest_pending_seconds = Gauge::default();
         let breaker_open = Gauge::default();
-        registry.register("records_received", "Records stored in the ledger (new or changed)", received.clone());
-        registry.register("records_duplicate", "Deliveries of a record already in the ledger", duplicates.clone());
-        registry.register("records_delivered", "Records the ERP confirmed", delivered.clone());
-        registry.register("records_failed", "Failed processing or delivery attempts, by error class", failed.clone());
+        registry.register(
+            "records_received",
+            "Records stored in the ledger (new or changed)",
+            received.clone(),
+        );
+        registry.register(
+            "records_duplicate",
+            "Deliveries of a record already in the ledger",
+            duplicates.clone(),
+        );
+        registry.register(
+            "records_delivered",
+            "Records the ERP confirmed",
+            delivered.clone(),
+        );
+        registry.register(
+            "records_failed",
+            "Failed processing or delivery attempts, by error class",
+            failed.clone(),
+        );
         registry.register("records_retried", "Retries scheduled", retried.clone());
-        registry.register("records_dead_lettered", "Records sent to the dead letters", dead_lettered.clone());
+        registry.register(
+            "records_dead_lettered",
+            "Records sent to the dead letters",
+            dead_lettered.clone(),
+        );
         registry.register("records_held", "Records held for approval", held.clone());
-        registry.register("delivery_duration_seconds", "Time the ERP took to answer a delivery", delivery_seconds.clone());
-        registry.register("deliveries_in_flight", "Requests to the ERP in flight", in_flight.clone());
-        registry.register("queue_depth", "Records waiting in the ledger (received, validated, retrying, delivering)", queue_depth.clone());
-        registry.register("oldest_pending_age_seconds", "Age of the oldest record not yet delivered", oldest_pending_seconds.clone());
-        registry.register("circuit_breaker_open", "1 while deliveries are paused by a flow-level failure", breaker_open.clone());
+        registry.register(
+            "delivery_duration_seconds",
+            "Time the ERP took to answer a delivery",
+            delivery_seconds.clone(),
+        );
+        registry.register(
+            "deliveries_in_flight",
+            "Requests to the ERP in flight",
+            in_flight.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Records waiting in the ledger (received, validated, retrying, delivering)",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest record not yet delivered",
+            oldest_pending_seconds.clone(),
+        );
+        registry.register(
+            "circuit_breaker_open",
+            "1 while deliveries are paused by a flow-level failure",
+            breaker_open.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -82,7 +124,11 @@ impl Metrics {
     }
 
     pub fn fail(&self, class: crate::api::ErrorClass) {
-        self.failed.get_or_create(&ClassLabel { class: class.label().to_string() }).inc();
+        self.failed
+            .get_or_create(&ClassLabel {
+                class: class.label().to_string(),
+            })
+            .inc();
     }
 
     /// The OpenMetrics text exposition.

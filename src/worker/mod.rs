@@ -44,9 +44,16 @@ pub enum WorkerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("flow {flow}: contract {contract} does not compile: {errors}")]
-    Contract { flow: String, contract: String, errors: String },
+    Contract {
+        flow: String,
+        contract: String,
+        errors: String,
+    },
     #[error("flow {flow}: ledger: {source}")]
-    Ledger { flow: String, source: Box<crate::ledger::LedgerError> },
+    Ledger {
+        flow: String,
+        source: Box<crate::ledger::LedgerError>,
+    },
     #[error("flow {flow}: {message}")]
     Setup { flow: String, message: String },
     #[error("cannot listen on {addr}: {reason}")]
@@ -67,21 +74,38 @@ impl WorkerError {
 }
 
 /// The ledger a flow's spec asks for.
-pub fn ledger_target(rendered: &RenderedFlow, settings: &WorkerSettings) -> Result<LedgerTarget, WorkerError> {
+pub fn ledger_target(
+    rendered: &RenderedFlow,
+    settings: &WorkerSettings,
+) -> Result<LedgerTarget, WorkerError> {
     let flow = rendered.flow_name();
     let spec = &rendered.flow.spec.ledger;
     match spec.r#type {
-        crate::api::LedgerType::Embedded => Ok(LedgerTarget::Sqlite(settings.state_dir.join("ledger.db"))),
+        crate::api::LedgerType::Embedded => {
+            Ok(LedgerTarget::Sqlite(settings.state_dir.join("ledger.db")))
+        }
         crate::api::LedgerType::Postgres => {
-            let secret = spec.credentials_secret_ref.as_ref().ok_or_else(|| WorkerError::Setup {
-                flow: flow.clone(),
-                message: "spec.ledger.credentialsSecretRef is required for a postgres ledger".into(),
-            })?;
+            let secret =
+                spec.credentials_secret_ref
+                    .as_ref()
+                    .ok_or_else(|| WorkerError::Setup {
+                        flow: flow.clone(),
+                        message:
+                            "spec.ledger.credentialsSecretRef is required for a postgres ledger"
+                                .into(),
+                    })?;
             let creds = crate::connectors::Credentials::new(
-                settings.secrets_dir.as_ref().map(|d| d.join(&secret.name)).as_deref(),
+                settings
+                    .secrets_dir
+                    .as_ref()
+                    .map(|d| d.join(&secret.name))
+                    .as_deref(),
                 "ledger",
             );
-            let url = creds.get("url").map_err(|e| WorkerError::Setup { flow, message: e.to_string() })?;
+            let url = creds.get("url").map_err(|e| WorkerError::Setup {
+                flow,
+                message: e.to_string(),
+            })?;
             Ok(LedgerTarget::Postgres(url))
         }
     }
@@ -108,25 +132,40 @@ impl Worker {
         extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
     ) -> Result<Worker, WorkerError> {
         let flow = rendered.flow_name();
-        let contract = crate::contract::compile(&rendered.contract.spec).map_err(|errors| WorkerError::Contract {
-            flow: flow.clone(),
-            contract: rendered.contract.metadata.name.clone().unwrap_or_default(),
-            errors: errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "),
+        let contract = crate::contract::compile(&rendered.contract.spec).map_err(|errors| {
+            WorkerError::Contract {
+                flow: flow.clone(),
+                contract: rendered.contract.metadata.name.clone().unwrap_or_default(),
+                errors: errors
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            }
         })?;
         let contract = Arc::new(contract);
         let env = build_env(&contract, &flow, &lookups)?;
         std::fs::create_dir_all(&settings.state_dir).map_err(|e| WorkerError::Setup {
             flow: flow.clone(),
-            message: format!("cannot create the state directory {}: {e}", settings.state_dir.display()),
+            message: format!(
+                "cannot create the state directory {}: {e}",
+                settings.state_dir.display()
+            ),
         })?;
         let target = ledger_target(rendered, settings)?;
         let ledger: Arc<dyn Ledger> = crate::ledger::open(&target, &flow, Arc::new(SystemClock))
             .await
-            .map_err(|source| WorkerError::Ledger { flow: flow.clone(), source: Box::new(source) })?;
+            .map_err(|source| WorkerError::Ledger {
+                flow: flow.clone(),
+                source: Box::new(source),
+            })?;
         let token = match &settings.token_file {
             Some(path) => Some(Arc::<str>::from(
                 std::fs::read_to_string(path)
-                    .map_err(|e| WorkerError::Setup { flow: flow.clone(), message: format!("token file {}: {e}", path.display()) })?
+                    .map_err(|e| WorkerError::Setup {
+                        flow: flow.clone(),
+                        message: format!("token file {}: {e}", path.display()),
+                    })?
                     .trim(),
             )),
             None => None,
@@ -143,14 +182,26 @@ impl Worker {
             metrics: Arc::new(metrics::Metrics::new()),
             wake: tokio::sync::Notify::new(),
         });
-        let intake = Arc::new(intake::LedgerIntake { pipeline: pipeline.clone() });
+        let intake = Arc::new(intake::LedgerIntake {
+            pipeline: pipeline.clone(),
+        });
         let ready = Arc::new(AtomicBool::new(true));
-        let app = api::router(api::ApiState { pipeline: pipeline.clone(), token, ready: ready.clone() })
-            .merge(extra_routes(intake.clone()));
+        let app = api::router(api::ApiState {
+            pipeline: pipeline.clone(),
+            token,
+            ready: ready.clone(),
+        })
+        .merge(extra_routes(intake.clone()));
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
-            .map_err(|e| WorkerError::Listen { addr: settings.listen, reason: e.to_string() })?;
-        let addr = listener.local_addr().map_err(|e| WorkerError::Listen { addr: settings.listen, reason: e.to_string() })?;
+            .map_err(|e| WorkerError::Listen {
+                addr: settings.listen,
+                reason: e.to_string(),
+            })?;
+        let addr = listener.local_addr().map_err(|e| WorkerError::Listen {
+            addr: settings.listen,
+            reason: e.to_string(),
+        })?;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         let mut server_rx = rx.clone();
@@ -164,7 +215,14 @@ impl Worker {
         });
         tasks.spawn(pipeline.clone().run(rx));
         tracing::info!(flow = %flow, %addr, backend = pipeline.ledger.backend(), "worker started");
-        Ok(Worker { pipeline, intake, addr, shutdown, ready, tasks })
+        Ok(Worker {
+            pipeline,
+            intake,
+            addr,
+            shutdown,
+            ready,
+            tasks,
+        })
     }
 
     /// A receiver that turns true when shutdown starts, for sources that run beside the pipeline.
@@ -180,7 +238,8 @@ impl Worker {
     /// Stops taking work, lets in-flight deliveries finish within the grace period, records their outcomes
     /// and closes the ledger.
     pub async fn shutdown(mut self) {
-        self.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         self.pipeline.ledger.close().await;
@@ -188,10 +247,17 @@ impl Worker {
 }
 
 /// Prepares the contract's environment for a lookup snapshot (`{"pricebook": {"SKU-1": {...}}}`).
-pub fn build_env(contract: &CompiledContract, flow: &str, lookups: &serde_json::Value) -> Result<crate::contract::Env, WorkerError> {
-    let tables = Lookups::from_json(contract, lookups)
-        .map_err(|e| WorkerError::Setup { flow: flow.to_string(), message: format!("lookups: {e}") })?;
-    contract
-        .env(flow, &tables)
-        .map_err(|e| WorkerError::Setup { flow: flow.to_string(), message: format!("lookups: {e}") })
+pub fn build_env(
+    contract: &CompiledContract,
+    flow: &str,
+    lookups: &serde_json::Value,
+) -> Result<crate::contract::Env, WorkerError> {
+    let tables = Lookups::from_json(contract, lookups).map_err(|e| WorkerError::Setup {
+        flow: flow.to_string(),
+        message: format!("lookups: {e}"),
+    })?;
+    contract.env(flow, &tables).map_err(|e| WorkerError::Setup {
+        flow: flow.to_string(),
+        message: format!("lookups: {e}"),
+    })
 }

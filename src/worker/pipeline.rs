@@ -112,7 +112,16 @@ impl Pipeline {
                 continue;
             }
             let limit = (free * 2).clamp(1, self.options.claim_batch);
-            let claimed = match self.ledger.claim(&self.options.worker_id, &self.options.buckets, limit, self.options.lease).await {
+            let claimed = match self
+                .ledger
+                .claim(
+                    &self.options.worker_id,
+                    &self.options.buckets,
+                    limit,
+                    self.options.lease,
+                )
+                .await
+            {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::error!(flow = %self.flow, error = %e, "claim failed; retrying");
@@ -204,7 +213,8 @@ impl Pipeline {
                     if attempt >= 20 {
                         return;
                     }
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10)))).await;
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(10))))
+                        .await;
                 }
             }
         }
@@ -222,7 +232,9 @@ impl Pipeline {
                 }
                 self.wake.notify_one();
             }
-            Err(e) => tracing::debug!(flow = %self.flow, error = %e, "probe failed; breaker stays open"),
+            Err(e) => {
+                tracing::debug!(flow = %self.flow, error = %e, "probe failed; breaker stays open")
+            }
         }
     }
 
@@ -236,12 +248,25 @@ impl Pipeline {
     async fn decide(&self, record: &ClaimedRecord) -> Outcome {
         let bytes = match serde_json::to_vec(&record.payload) {
             Ok(b) => b,
-            Err(e) => return dead_letter("record:unreadable", ErrorClass::Permanent, e.to_string(), None),
+            Err(e) => {
+                return dead_letter(
+                    "record:unreadable",
+                    ErrorClass::Permanent,
+                    e.to_string(),
+                    None,
+                );
+            }
         };
-        let approved_rule = if record.approved_by.is_some() { self.approved_rule(record).await } else { None };
+        let approved_rule = if record.approved_by.is_some() {
+            self.approved_rule(record).await
+        } else {
+            None
+        };
         let env = self.env();
         let contract_outcome = match &approved_rule {
-            Some(rule) => self.contract.process_approved(&bytes, &env, &[rule.as_str()]),
+            Some(rule) => self
+                .contract
+                .process_approved(&bytes, &env, &[rule.as_str()]),
             None => self.contract.process(&bytes, &env),
         };
         match contract_outcome {
@@ -249,15 +274,32 @@ impl Pipeline {
                 self.metrics.fail(ErrorClass::Permanent);
                 self.metrics.dead_lettered.inc();
                 let first = reasons.first();
-                let key = first.map(|r| format!("contract:{}:{}", r.code.label(), subject_key(&r.subject))).unwrap_or_else(|| "contract:rejected".into());
-                let message = reasons.iter().map(|r| format!("{}: {}", r.subject, r.message)).collect::<Vec<_>>().join("; ");
+                let key = first
+                    .map(|r| format!("contract:{}:{}", r.code.label(), subject_key(&r.subject)))
+                    .unwrap_or_else(|| "contract:rejected".into());
+                let message = reasons
+                    .iter()
+                    .map(|r| format!("{}: {}", r.subject, r.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 dead_letter(&key, ErrorClass::Permanent, message, None)
             }
-            ContractOutcome::Held { rule, approver_role, .. } => {
+            ContractOutcome::Held {
+                rule,
+                approver_role,
+                ..
+            } => {
                 self.metrics.held.inc();
-                Outcome::Held { rule, role: approver_role }
+                Outcome::Held {
+                    rule,
+                    role: approver_role,
+                }
             }
-            ContractOutcome::Accepted { payload, external_id, warnings } => {
+            ContractOutcome::Accepted {
+                payload,
+                external_id,
+                warnings,
+            } => {
                 if !warnings.is_empty() {
                     let events = vec![NewLineageEvent {
                         record: record.claim.id,
@@ -268,7 +310,8 @@ impl Pipeline {
                         tracing::warn!(flow = %self.flow, error = %e, "lineage write failed");
                     }
                 }
-                self.deliver(record, payload.as_json(), external_id.as_str()).await
+                self.deliver(record, payload.as_json(), external_id.as_str())
+                    .await
             }
         }
     }
@@ -281,22 +324,38 @@ impl Pipeline {
         }
     }
 
-    async fn deliver(&self, record: &ClaimedRecord, payload: &serde_json::Value, external_id: &str) -> Outcome {
+    async fn deliver(
+        &self,
+        record: &ClaimedRecord,
+        payload: &serde_json::Value,
+        external_id: &str,
+    ) -> Outcome {
         if self.breaker.is_open() {
             return Outcome::Released { not_before: None };
         }
         let attempt = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
-        let delivery = Delivery { external_id, payload, correlation_id: &record.correlation_id, attempt };
+        let delivery = Delivery {
+            external_id,
+            payload,
+            correlation_id: &record.correlation_id,
+            attempt,
+        };
         self.metrics.in_flight.inc();
         let started = Instant::now();
         // The ERP call must end well inside the lease, or another replica could take the record over mid-call.
         let timeout = self.options.lease / 2;
         let result = match tokio::time::timeout(timeout, self.sink.deliver(delivery)).await {
             Ok(result) => result,
-            Err(_) => Err(SinkError::new(self.sink.system(), ErrorClass::Transient, format!("no answer within {timeout:?}"))),
+            Err(_) => Err(SinkError::new(
+                self.sink.system(),
+                ErrorClass::Transient,
+                format!("no answer within {timeout:?}"),
+            )),
         };
         self.metrics.in_flight.dec();
-        self.metrics.delivery_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .delivery_seconds
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(_) => {
                 self.breaker.success();
@@ -323,7 +382,8 @@ impl Pipeline {
                 self.metrics.retried.inc();
                 let wait = backoff(&self.policy, attempts, e.retry_after);
                 Outcome::RetryScheduled {
-                    next_attempt_at: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                    next_attempt_at: Utc::now()
+                        + chrono::Duration::from_std(wait).unwrap_or_default(),
                     error: e.message,
                     class: ErrorClass::Transient,
                 }
@@ -331,7 +391,12 @@ impl Pipeline {
             ErrorClass::Permanent | ErrorClass::Hold => {
                 self.breaker.success();
                 self.metrics.dead_lettered.inc();
-                let reason = format!("erp:{}", e.status.map(|s| s.to_string()).unwrap_or_else(|| "rejected".into()));
+                let reason = format!(
+                    "erp:{}",
+                    e.status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "rejected".into())
+                );
                 dead_letter(&reason, ErrorClass::Permanent, e.message, e.response)
             }
             ErrorClass::FlowLevel | ErrorClass::Config => {
@@ -355,18 +420,41 @@ fn subject_key(subject: &crate::contract::Subject) -> String {
     }
 }
 
-fn dead_letter(reason: &str, class: ErrorClass, message: String, erp_response: Option<String>) -> Outcome {
+fn dead_letter(
+    reason: &str,
+    class: ErrorClass,
+    message: String,
+    erp_response: Option<String>,
+) -> Outcome {
     let erp_response = erp_response.or(Some(message)).filter(|s| !s.is_empty());
-    Outcome::DeadLettered { reason: reason.to_string(), class, erp_response, snapshot: None }
+    Outcome::DeadLettered {
+        reason: reason.to_string(),
+        class,
+        erp_response,
+        snapshot: None,
+    }
 }
 
 /// Exponential backoff with full jitter: a uniform wait in [0, min(max, base·2^(attempt-1))], but never less
 /// than what the ERP asked for with `Retry-After`.
 pub fn backoff(policy: &DeliveryPolicy, attempt: u32, retry_after: Option<Duration>) -> Duration {
-    let base = policy.backoff.as_ref().and_then(|b| b.base).map(Duration::from).unwrap_or(Duration::from_secs(1));
-    let max = policy.backoff.as_ref().and_then(|b| b.max).map(Duration::from).unwrap_or(Duration::from_secs(300));
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20)).min(max);
-    let jitter = Duration::from_secs_f64(rand::rng().random_range(0.0..=exp.as_secs_f64().max(0.0)));
+    let base = policy
+        .backoff
+        .as_ref()
+        .and_then(|b| b.base)
+        .map(Duration::from)
+        .unwrap_or(Duration::from_secs(1));
+    let max = policy
+        .backoff
+        .as_ref()
+        .and_then(|b| b.max)
+        .map(Duration::from)
+        .unwrap_or(Duration::from_secs(300));
+    let exp = base
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max);
+    let jitter =
+        Duration::from_secs_f64(rand::rng().random_range(0.0..=exp.as_secs_f64().max(0.0)));
     jitter.max(retry_after.unwrap_or(Duration::ZERO))
 }
 
@@ -377,7 +465,10 @@ mod tests {
 
     fn policy(base: &str, max: &str) -> DeliveryPolicy {
         DeliveryPolicy {
-            backoff: Some(Backoff { base: Some(base.parse().unwrap()), max: Some(max.parse().unwrap()) }),
+            backoff: Some(Backoff {
+                base: Some(base.parse().unwrap()),
+                max: Some(max.parse().unwrap()),
+            }),
             ..DeliveryPolicy::default()
         }
     }
@@ -386,7 +477,9 @@ mod tests {
     fn backoff_stays_within_the_exponential_cap_and_honours_retry_after() {
         let p = policy("100ms", "2s");
         for attempt in 1..30 {
-            let cap = Duration::from_millis(100).saturating_mul(1 << (attempt - 1).min(20)).min(Duration::from_secs(2));
+            let cap = Duration::from_millis(100)
+                .saturating_mul(1 << (attempt - 1).min(20))
+                .min(Duration::from_secs(2));
             for _ in 0..50 {
                 assert!(backoff(&p, attempt, None) <= cap);
             }
@@ -397,7 +490,8 @@ mod tests {
     #[test]
     fn backoff_is_jittered() {
         let p = policy("1s", "60s");
-        let waits: std::collections::BTreeSet<u128> = (0..20).map(|_| backoff(&p, 5, None).as_micros()).collect();
+        let waits: std::collections::BTreeSet<u128> =
+            (0..20).map(|_| backoff(&p, 5, None).as_micros()).collect();
         assert!(waits.len() > 10, "full jitter spreads retries: {waits:?}");
     }
 }

@@ -1,0 +1,573 @@
+//! The worker end to end in one process: intake → ledger (SQLite) → contract → sink, with a sink double whose
+//! failures are programmable, and the operations API over real HTTP.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use meshline::api::{Backoff, ErrorClass, LedgerSpec};
+use meshline::connectors::{Delivered, Delivery, Intake, Sink, SinkError, SourceRecord};
+use meshline::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
+use serde_json::{Value, json};
+
+/// How the sink double answers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Ok,
+    Unavailable,
+    Unauthorized,
+}
+
+#[derive(Default)]
+struct ErpDouble {
+    orders: Mutex<HashMap<String, Value>>,
+    calls: AtomicUsize,
+    mode: Mutex<Option<Mode>>,
+    /// External ids the ERP refuses with a 400 until cleared.
+    refuse: Mutex<Vec<String>>,
+    in_flight: AtomicU32,
+    max_in_flight: AtomicU32,
+}
+
+#[async_trait]
+impl Sink for ErpDouble {
+    fn system(&self) -> &'static str {
+        "double"
+    }
+    async fn deliver(&self, d: Delivery<'_>) -> Result<Delivered, SinkError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let mode = self.mode.lock().unwrap().unwrap_or(Mode::Ok);
+        match mode {
+            Mode::Unavailable => {
+                return Err(SinkError::from_status("double", 503, None, "maintenance"));
+            }
+            Mode::Unauthorized => {
+                return Err(SinkError::from_status("double", 401, None, "INVALID_LOGIN"));
+            }
+            Mode::Ok => {}
+        }
+        if self
+            .refuse
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r == d.external_id)
+        {
+            return Err(SinkError::from_status(
+                "double",
+                400,
+                None,
+                r#"{"o:errorDetails":[{"detail":"Invalid item"}]}"#,
+            ));
+        }
+        let created = self
+            .orders
+            .lock()
+            .unwrap()
+            .insert(d.external_id.to_string(), d.payload.clone())
+            .is_none();
+        Ok(Delivered {
+            erp_id: None,
+            created: Some(created),
+            status: 204,
+        })
+    }
+    async fn probe(&self) -> Result<(), SinkError> {
+        match self.mode.lock().unwrap().unwrap_or(Mode::Ok) {
+            Mode::Ok => Ok(()),
+            _ => Err(SinkError::new(
+                "double",
+                ErrorClass::Transient,
+                "still down",
+            )),
+        }
+    }
+    async fn fetch_lookup(&self, _: &str, _: &str) -> Result<Vec<Value>, SinkError> {
+        Ok(Vec::new())
+    }
+}
+
+fn data(name: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/contract")
+            .join(name),
+    )
+    .unwrap()
+}
+
+fn good_record(i: usize) -> SourceRecord {
+    let mut v: Value = serde_json::from_str(&data("good_record.json")).unwrap();
+    let id = format!("0065g{:013}", i);
+    v["id"] = json!(id);
+    SourceRecord {
+        key: id,
+        payload: v,
+        correlation_id: None,
+    }
+}
+
+struct Harness {
+    worker: Worker,
+    erp: Arc<ErpDouble>,
+    http: reqwest::Client,
+    _state: tempfile::TempDir,
+}
+
+const TOKEN: &str = "test-token-123";
+
+async fn start(concurrency: u32) -> Harness {
+    let mut rendered = RenderedFlow::from_manifests(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
+    )
+    .unwrap();
+    rendered.flow.spec.ledger = LedgerSpec::default();
+    rendered.flow.spec.replicas = None;
+    rendered.flow.spec.delivery.concurrency = concurrency;
+    rendered.flow.spec.delivery.max_attempts = 50;
+    rendered.flow.spec.delivery.backoff = Some(Backoff {
+        base: Some("10ms".parse().unwrap()),
+        max: Some("100ms".parse().unwrap()),
+    });
+    let state = tempfile::tempdir().unwrap();
+    let token_file = state.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let settings = WorkerSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state.path().join("state"),
+        secrets_dir: None,
+        token_file: Some(token_file),
+        options: PipelineOptions {
+            idle_poll: Duration::from_millis(10),
+            ..PipelineOptions::default()
+        },
+    };
+    let erp = Arc::new(ErpDouble::default());
+    let lookups: Value = serde_json::from_str(&data("lookups.json")).unwrap();
+    let worker = Worker::start(&rendered, &settings, erp.clone(), lookups, |_| {
+        axum::Router::new()
+    })
+    .await
+    .unwrap();
+    Harness {
+        worker,
+        erp,
+        http: reqwest::Client::new(),
+        _state: state,
+    }
+}
+
+impl Harness {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.worker.addr)
+    }
+
+    async fn status(&self) -> Value {
+        self.http
+            .get(self.url("/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `/status` satisfies `done`, or fails after 20 s with the last status.
+    async fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.status().await;
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.http.post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+fn counter(status: &Value, name: &str) -> i64 {
+    status["counters"][name].as_i64().unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_record_is_delivered_exactly_once_and_duplicates_are_ignored() {
+    let h = start(8).await;
+    let records: Vec<SourceRecord> = (0..300).map(good_record).collect();
+    let receipt = h.worker.intake.accept(records.clone()).await.unwrap();
+    assert_eq!(receipt.stored, 300);
+    // A CRM retrying its webhook sends the same records again.
+    let again = h
+        .worker
+        .intake
+        .accept(records[..50].to_vec())
+        .await
+        .unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 50));
+    let status = h
+        .wait_for("300 delivered", |s| counter(s, "delivered") == 300)
+        .await;
+    assert_eq!(counter(&status, "deadLettered"), 0);
+    assert_eq!(h.erp.orders.lock().unwrap().len(), 300);
+    assert_eq!(
+        h.erp.calls.load(Ordering::SeqCst),
+        300,
+        "no record is delivered twice"
+    );
+    assert!(
+        h.erp.max_in_flight.load(Ordering::SeqCst) <= 8,
+        "the flow's concurrency is respected"
+    );
+    let order = h
+        .erp
+        .orders
+        .lock()
+        .unwrap()
+        .get("SF-0065g0000000000007")
+        .cloned()
+        .unwrap();
+    assert_eq!(order["entity"]["externalId"], "0015g00000XyZabCDE");
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_payload_is_an_update_delivered_again() {
+    let h = start(2).await;
+    let first = good_record(1);
+    h.worker.intake.accept(vec![first.clone()]).await.unwrap();
+    h.wait_for("first delivery", |s| counter(s, "delivered") == 1)
+        .await;
+    let mut changed = first.clone();
+    changed.payload["name"] = json!("ACME Corp - renewal (amended)");
+    let receipt = h.worker.intake.accept(vec![changed]).await.unwrap();
+    assert_eq!(receipt.updates, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while h.erp.calls.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let order = h
+        .erp
+        .orders
+        .lock()
+        .unwrap()
+        .get("SF-0065g0000000000001")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        order["memo"], "ACME Corp - renewal (amended)",
+        "the ERP holds the latest payload"
+    );
+    assert_eq!(h.erp.orders.lock().unwrap().len(), 1);
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_delivers() {
+    let h = start(4).await;
+    let mut drifted: Value = serde_json::from_str(&data("price_drift_record.json")).unwrap();
+    drifted["id"] = json!("0065g0000000000900");
+    let refused = good_record(901);
+    h.erp
+        .refuse
+        .lock()
+        .unwrap()
+        .push("SF-0065g0000000000901".into());
+    let mut batch: Vec<SourceRecord> = (0..20).map(good_record).collect();
+    batch.push(SourceRecord {
+        key: "0065g0000000000900".into(),
+        payload: drifted,
+        correlation_id: None,
+    });
+    batch.push(refused);
+    h.worker.intake.accept(batch).await.unwrap();
+    let status = h
+        .wait_for("20 delivered, 2 dead letters", |s| {
+            counter(s, "delivered") == 20 && counter(s, "deadLettered") == 2
+        })
+        .await;
+    assert_eq!(counter(&status, "held"), 0);
+
+    let list: Value = h
+        .http
+        .get(h.url("/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    let reasons: Vec<&str> = items
+        .iter()
+        .map(|i| i["dead_letter_reason"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("price-tolerance")),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"erp:400"), "{reasons:?}");
+    let erp_dead = items
+        .iter()
+        .find(|i| i["dead_letter_reason"] == "erp:400")
+        .unwrap();
+    assert!(
+        erp_dead["erp_response"]
+            .as_str()
+            .unwrap()
+            .contains("Invalid item"),
+        "the ERP's answer is kept"
+    );
+    assert!(
+        !list.to_string().contains("alice.buyer@acme.example"),
+        "PII never leaves through the API"
+    );
+
+    // Finance fixes the item in the ERP, then replays by reason.
+    h.erp.refuse.lock().unwrap().clear();
+    let denied = h
+        .post(
+            "/dead-letters/replay",
+            json!({"deadLetterReason": "erp:400", "actor": "marcus"}),
+            None,
+        )
+        .await;
+    assert_eq!(denied.status(), 401);
+    let replay = h
+        .post(
+            "/dead-letters/replay",
+            json!({"deadLetterReason": "erp:400", "actor": "marcus", "reason": "item created"}),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(replay.status(), 200);
+    let status = h
+        .wait_for("replayed record delivered", |s| {
+            counter(s, "delivered") == 21
+        })
+        .await;
+    assert_eq!(
+        counter(&status, "deadLettered"),
+        1,
+        "only the contract rejection is left"
+    );
+    assert_ne!(status["manualInterventionsPer1k"], "0");
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_outage_delays_but_dead_letters_nothing() {
+    let h = start(4).await;
+    *h.erp.mode.lock().unwrap() = Some(Mode::Unavailable);
+    h.worker
+        .intake
+        .accept((0..50).map(good_record).collect())
+        .await
+        .unwrap();
+    // Every request failing is a flow-level condition: after a streak of failures the breaker opens and
+    // the records wait instead of burning their attempts.
+    let status = h
+        .wait_for("breaker open during the outage", |s| {
+            s["circuitBreaker"].is_object()
+        })
+        .await;
+    assert!(counter(&status, "retried") >= 1, "{status}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    *h.erp.mode.lock().unwrap() = None;
+    let status = h
+        .wait_for("all delivered after recovery", |s| {
+            counter(s, "delivered") == 50
+        })
+        .await;
+    assert_eq!(
+        counter(&status, "deadLettered"),
+        0,
+        "no record is dead-lettered for a transient cause"
+    );
+    assert!(
+        status["mttrSeconds"].is_number(),
+        "MTTR is measured: {status}"
+    );
+    assert_eq!(h.erp.orders.lock().unwrap().len(), 50);
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_credentials_pause_the_flow_instead_of_failing_records() {
+    let h = start(4).await;
+    *h.erp.mode.lock().unwrap() = Some(Mode::Unauthorized);
+    h.worker
+        .intake
+        .accept((0..100).map(good_record).collect())
+        .await
+        .unwrap();
+    let status = h
+        .wait_for("breaker open", |s| s["circuitBreaker"].is_object())
+        .await;
+    assert!(
+        status["circuitBreaker"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("401"),
+        "{status}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls_while_open = h.erp.calls.load(Ordering::SeqCst);
+    assert!(
+        calls_while_open <= 8,
+        "deliveries stop once the breaker opens ({calls_while_open} calls)"
+    );
+    let status = h.status().await;
+    assert_eq!(
+        counter(&status, "deadLettered"),
+        0,
+        "records wait; none is dead-lettered"
+    );
+    // The platform team rotates the credentials; the probe closes the breaker by itself.
+    *h.erp.mode.lock().unwrap() = None;
+    let status = h
+        .wait_for("delivered after recovery", |s| {
+            counter(s, "delivered") == 100
+        })
+        .await;
+    assert!(status["circuitBreaker"].is_null());
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_discount_is_approved_by_finance_through_the_api_and_delivered() {
+    let h = start(2).await;
+    let mut held: Value = serde_json::from_str(&data("discount_25_record.json")).unwrap();
+    held["id"] = json!("0065g0000000000777");
+    h.worker
+        .intake
+        .accept(vec![SourceRecord {
+            key: "0065g0000000000777".into(),
+            payload: held,
+            correlation_id: None,
+        }])
+        .await
+        .unwrap();
+    h.wait_for("held", |s| counter(s, "held") == 1).await;
+    let holds: Value = h
+        .http
+        .get(h.url("/holds"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = holds["items"][0]["id"].as_i64().unwrap();
+    assert_eq!(holds["items"][0]["hold_role"], "finance");
+
+    let anonymous = h
+        .post(
+            &format!("/records/{id}/approve"),
+            json!({"actor": "marcus"}),
+            Some("wrong"),
+        )
+        .await;
+    assert_eq!(anonymous.status(), 401);
+    let nobody = h
+        .post(
+            &format!("/records/{id}/approve"),
+            json!({"actor": " "}),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(nobody.status(), 400);
+    let ok = h
+        .post(
+            &format!("/records/{id}/approve"),
+            json!({"actor": "marcus", "reason": "strategic account"}),
+            Some(TOKEN),
+        )
+        .await;
+    assert_eq!(ok.status(), 200);
+    let status = h
+        .wait_for("approved record delivered", |s| {
+            counter(s, "delivered") == 1
+        })
+        .await;
+    assert_eq!(status["manualInterventionsPer1k"], "1000");
+    let story: Value = h
+        .http
+        .get(h.url(&format!("/records/{id}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(story["interventions"][0]["actor"], "marcus");
+    assert!(
+        story["lineage"].as_array().unwrap().len() >= 3,
+        "the record's whole story: {story}"
+    );
+    assert!(
+        !story.to_string().contains("alice.buyer@acme.example"),
+        "PII is redacted in the record view"
+    );
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints_answer() {
+    let h = start(2).await;
+    assert_eq!(
+        h.http.get(h.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        h.http.get(h.url("/readyz")).send().await.unwrap().status(),
+        200
+    );
+    h.worker
+        .intake
+        .accept((0..5).map(good_record).collect())
+        .await
+        .unwrap();
+    h.wait_for("delivered", |s| counter(s, "delivered") == 5)
+        .await;
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "meshline_records_received_total 5",
+        "meshline_records_delivered_total 5",
+        "meshline_delivery_duration_seconds_bucket",
+        "meshline_queue_depth 0",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+    let missing = h.http.get(h.url("/records/999999")).send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    h.worker.shutdown().await;
+}
