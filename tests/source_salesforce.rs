@@ -11,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use jsonwebtoken::EncodingKey;
-use meshline::connectors::sources::salesforce::{SalesforceAuth, SalesforceConfig, SalesforcePoller};
+use meshline::connectors::sources::salesforce::{
+    SalesforceAuth, SalesforceConfig, SalesforcePoller,
+};
 use salesforce_mock::{CLIENT_ID, CLIENT_SECRET, USERNAME, opportunity};
 use serde_json::{Value, json};
 use source_intake::MemoryIntake;
@@ -53,11 +55,18 @@ fn config(base_url: &str) -> SalesforceConfig {
 }
 
 fn client_credentials() -> SalesforceAuth {
-    SalesforceAuth::ClientCredentials { client_id: CLIENT_ID.into(), client_secret: CLIENT_SECRET.into() }
+    SalesforceAuth::ClientCredentials {
+        client_id: CLIENT_ID.into(),
+        client_secret: CLIENT_SECRET.into(),
+    }
 }
 
 fn jwt_bearer(login_url: &str) -> SalesforceAuth {
-    let pem = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sources/jwt_test_key.pem")).unwrap();
+    let pem = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/sources/jwt_test_key.pem"
+    ))
+    .unwrap();
     SalesforceAuth::JwtBearer {
         client_id: CLIENT_ID.into(),
         username: USERNAME.into(),
@@ -70,12 +79,48 @@ fn jwt_bearer(login_url: &str) -> SalesforceAuth {
 /// open deal the filter leaves out.
 fn org_records() -> Vec<Value> {
     vec![
-        opportunity("006A", "2024-05-01T10:00:00.000+0000", "Closed Won", Some("Acme"), &[("P-1", "Widget", 2.0, 10.0)]),
-        opportunity("006B", "2024-05-01T11:00:00.000+0000", "Closed Won", Some("Globex"), &[("P-2", "Gadget", 1.0, 5.0)]),
-        opportunity("006C", "2024-05-01T11:00:00.000+0000", "Closed Won", None, &[]),
-        opportunity("006D", "2024-05-01T11:00:00.000+0000", "Closed Won", Some("Initech"), &[("P-1", "Widget", 3.0, 10.0)]),
-        opportunity("006E", "2024-05-01T12:00:00.000+0000", "Closed Won", Some("Umbrella"), &[("P-3", "Gizmo", 1.0, 99.5)]),
-        opportunity("006Z", "2024-05-01T12:30:00.000+0000", "Prospecting", Some("Hooli"), &[]),
+        opportunity(
+            "006A",
+            "2024-05-01T10:00:00.000+0000",
+            "Closed Won",
+            Some("Acme"),
+            &[("P-1", "Widget", 2.0, 10.0)],
+        ),
+        opportunity(
+            "006B",
+            "2024-05-01T11:00:00.000+0000",
+            "Closed Won",
+            Some("Globex"),
+            &[("P-2", "Gadget", 1.0, 5.0)],
+        ),
+        opportunity(
+            "006C",
+            "2024-05-01T11:00:00.000+0000",
+            "Closed Won",
+            None,
+            &[],
+        ),
+        opportunity(
+            "006D",
+            "2024-05-01T11:00:00.000+0000",
+            "Closed Won",
+            Some("Initech"),
+            &[("P-1", "Widget", 3.0, 10.0)],
+        ),
+        opportunity(
+            "006E",
+            "2024-05-01T12:00:00.000+0000",
+            "Closed Won",
+            Some("Umbrella"),
+            &[("P-3", "Gizmo", 1.0, 99.5)],
+        ),
+        opportunity(
+            "006Z",
+            "2024-05-01T12:30:00.000+0000",
+            "Prospecting",
+            Some("Hooli"),
+            &[],
+        ),
     ]
 }
 
@@ -104,11 +149,21 @@ async fn checkpoint_advances_only_after_the_page_is_stored() {
         "{second_query}"
     );
     // The failed page's records are read again, the stored ones are not, and nothing is missing.
-    assert_eq!(intake.accepted_keys(), ["006A", "006B", "006C", "006D", "006E"]);
-    assert_eq!(intake.checkpoints.lock().unwrap()["salesforce:Opportunity"], "2024-05-01T12:00:00.000Z|006E");
+    assert_eq!(
+        intake.accepted_keys(),
+        ["006A", "006B", "006C", "006D", "006E"]
+    );
+    assert_eq!(
+        intake.checkpoints.lock().unwrap()["salesforce:Opportunity"],
+        "2024-05-01T12:00:00.000Z|006E"
+    );
 
     let idle = poller.poll_once(&intake).await.unwrap();
-    assert_eq!((idle.records, idle.pages), (0, 0), "records sharing a SystemModstamp are not read twice");
+    assert_eq!(
+        (idle.records, idle.pages),
+        (0, 0),
+        "records sharing a SystemModstamp are not read twice"
+    );
 }
 
 #[tokio::test]
@@ -122,7 +177,13 @@ async fn poll_resumes_from_the_checkpoint_after_restart() {
     // While the worker was down: one new deal, and an existing one changed.
     {
         let mut records = org.org.records.lock().unwrap();
-        records.push(opportunity("006F", "2024-05-02T09:00:00.000+0000", "Closed Won", Some("Stark"), &[]));
+        records.push(opportunity(
+            "006F",
+            "2024-05-02T09:00:00.000+0000",
+            "Closed Won",
+            Some("Stark"),
+            &[],
+        ));
         records[0]["StageName"] = json!("Closed Won");
         records[0]["Amount"] = json!(25.0);
         records[0]["SystemModstamp"] = json!("2024-05-02T09:30:00.000+0000");
@@ -130,7 +191,10 @@ async fn poll_resumes_from_the_checkpoint_after_restart() {
     let tokens_before = org.org.token_requests.load(Ordering::SeqCst);
 
     // A new process: fresh token cache, same ledger. It runs until told to stop.
-    let restarted = Arc::new(SalesforcePoller::new(config(&org.base_url), client_credentials()));
+    let restarted = Arc::new(SalesforcePoller::new(
+        config(&org.base_url),
+        client_credentials(),
+    ));
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = {
         let (restarted, intake) = (restarted.clone(), intake.clone());
@@ -143,13 +207,28 @@ async fn poll_resumes_from_the_checkpoint_after_restart() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task).await.expect("run stops on shutdown").unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("run stops on shutdown")
+        .unwrap()
+        .unwrap();
 
-    assert_eq!(intake.accepted_keys()[5..], ["006F", "006A"], "only what changed since the checkpoint is read");
+    assert_eq!(
+        intake.accepted_keys()[5..],
+        ["006F", "006A"],
+        "only what changed since the checkpoint is read"
+    );
     let resumed_query = org.org.queries.lock().unwrap()[1].clone();
-    assert!(resumed_query.contains("SystemModstamp = 2024-05-01T12:00:00.000Z AND Id > '006E'"), "{resumed_query}");
+    assert!(
+        resumed_query.contains("SystemModstamp = 2024-05-01T12:00:00.000Z AND Id > '006E'"),
+        "{resumed_query}"
+    );
     assert_eq!(intake.get("006A").unwrap().payload["amount"], json!(25.0));
-    assert_eq!(org.org.token_requests.load(Ordering::SeqCst), tokens_before + 1, "a restarted poller gets a token");
+    assert_eq!(
+        org.org.token_requests.load(Ordering::SeqCst),
+        tokens_before + 1,
+        "a restarted poller gets a token"
+    );
 }
 
 #[tokio::test]
@@ -161,7 +240,9 @@ async fn field_map_renames_nested_and_child_relationship_fields() {
 
     let query = org.org.queries.lock().unwrap()[0].clone();
     assert!(
-        query.contains("(SELECT Product2.Name, Quantity, ProductCode, UnitPrice FROM OpportunityLineItems)"),
+        query.contains(
+            "(SELECT Product2.Name, Quantity, ProductCode, UnitPrice FROM OpportunityLineItems)"
+        ),
         "{query}"
     );
     assert!(query.contains("Account.Name"), "{query}");
@@ -181,8 +262,16 @@ async fn field_map_renames_nested_and_child_relationship_fields() {
         "records reach the intake in the contract's shape, without attributes or related objects"
     );
     let c = intake.get("006C").unwrap();
-    assert_eq!(c.payload["accountName"], Value::Null, "a missing lookup is null");
-    assert_eq!(c.payload["lineItems"], json!([]), "an empty child relationship (null in the API) is an empty array");
+    assert_eq!(
+        c.payload["accountName"],
+        Value::Null,
+        "a missing lookup is null"
+    );
+    assert_eq!(
+        c.payload["lineItems"],
+        json!([]),
+        "an empty child relationship (null in the API) is an empty array"
+    );
     assert!(intake.get("006Z").is_none(), "the flow's filter is applied");
 }
 
@@ -193,15 +282,29 @@ async fn expired_token_is_refreshed_once() {
     let intake = MemoryIntake::default();
     poller.poll_once(&intake).await.unwrap();
     assert_eq!(org.org.token_requests.load(Ordering::SeqCst), 1);
-    assert_eq!(org.org.jwt_assertions_verified.load(Ordering::SeqCst), 1, "the assertion's RS256 signature and claims were checked");
+    assert_eq!(
+        org.org.jwt_assertions_verified.load(Ordering::SeqCst),
+        1,
+        "the assertion's RS256 signature and claims were checked"
+    );
 
     // The session dies between polls (revoked, or timed out on Salesforce's side).
     org.org.expire_session_once.store(true, Ordering::SeqCst);
-    org.org.records.lock().unwrap().push(opportunity("006G", "2024-05-03T08:00:00.000+0000", "Closed Won", None, &[]));
+    org.org.records.lock().unwrap().push(opportunity(
+        "006G",
+        "2024-05-03T08:00:00.000+0000",
+        "Closed Won",
+        None,
+        &[],
+    ));
     let report = poller.poll_once(&intake).await.unwrap();
     assert_eq!(report.records, 1);
     assert_eq!(org.org.session_expired_answers.load(Ordering::SeqCst), 1);
-    assert_eq!(org.org.token_requests.load(Ordering::SeqCst), 2, "exactly one new token for one expired session");
+    assert_eq!(
+        org.org.token_requests.load(Ordering::SeqCst),
+        2,
+        "exactly one new token for one expired session"
+    );
     assert_eq!(org.org.jwt_assertions_verified.load(Ordering::SeqCst), 2);
 
     // Credentials that stop working are reported as such after one refresh, without a token storm.
@@ -222,15 +325,28 @@ async fn rate_limited_page_is_retried_not_skipped() {
     let report = poller.poll_once(&intake).await.unwrap();
     assert_eq!(org.org.limited_answers.load(Ordering::SeqCst), 2);
     assert_eq!(report.records, 5);
-    assert_eq!(intake.accepted_keys(), ["006A", "006B", "006C", "006D", "006E"]);
+    assert_eq!(
+        intake.accepted_keys(),
+        ["006A", "006B", "006C", "006D", "006E"]
+    );
 
     // A limit that outlasts the attempts fails the poll without moving the checkpoint.
     let before = intake.checkpoints.lock().unwrap().clone();
-    org.org.records.lock().unwrap().push(opportunity("006H", "2024-05-04T08:00:00.000+0000", "Closed Won", None, &[]));
+    org.org.records.lock().unwrap().push(opportunity(
+        "006H",
+        "2024-05-04T08:00:00.000+0000",
+        "Closed Won",
+        None,
+        &[],
+    ));
     org.org.limit_next.store(10, Ordering::SeqCst);
     let err = poller.poll_once(&intake).await.unwrap_err();
     assert_eq!(err.label(), "source_http", "{err}");
     assert_eq!(*intake.checkpoints.lock().unwrap(), before);
     org.org.limit_next.store(0, Ordering::SeqCst);
-    assert_eq!(poller.poll_once(&intake).await.unwrap().records, 1, "the next poll reads what the failed one missed");
+    assert_eq!(
+        poller.poll_once(&intake).await.unwrap().records,
+        1,
+        "the next poll reads what the failed one missed"
+    );
 }

@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use meshline::connectors::sources::webhook::{
-    HubspotApi, Verifier, WebhookConfig, hubspot_decode_uri, hubspot_v3_signature, meshline_signature, router,
-    verify_hubspot_v3,
+    HubspotApi, Verifier, WebhookConfig, hubspot_decode_uri, hubspot_v3_signature,
+    meshline_signature, router, verify_hubspot_v3,
 };
 use serde_json::{Value, json};
 use source_intake::MemoryIntake;
@@ -28,7 +28,9 @@ fn generic_config() -> WebhookConfig {
     WebhookConfig {
         flow: "test-flow".into(),
         path: "/webhook".into(),
-        verifier: Verifier::HmacSha256 { secret: SECRET.into() },
+        verifier: Verifier::HmacSha256 {
+            secret: SECRET.into(),
+        },
         field_map: [("id", "externalId"), ("customer.name", "customerName")]
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -75,19 +77,35 @@ async fn webhook_is_acknowledged_only_after_the_record_is_stored() {
     let (status, answer) = post_signed(&url, body, &signature).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
     assert_eq!(answer["error"], "intake_failed");
-    assert!(intake.keys().is_empty(), "nothing was acknowledged, nothing is stored");
+    assert!(
+        intake.keys().is_empty(),
+        "nothing was acknowledged, nothing is stored"
+    );
 
     // The CRM retries the same delivery; now the ledger takes it.
     intake.fail_all.store(false, Ordering::SeqCst);
     let (status, answer) = post_signed(&url, body, &signature).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
-    let stored = intake.get("ord-1").expect("stored under the fieldMap target id");
-    assert_eq!(stored.payload, json!({"id": "ord-1", "customer": {"name": "Acme"}, "total": 12}));
+    let stored = intake
+        .get("ord-1")
+        .expect("stored under the fieldMap target id");
+    assert_eq!(
+        stored.payload,
+        json!({"id": "ord-1", "customer": {"name": "Acme"}, "total": 12})
+    );
 
     // A batch is one array; every record is stored before the single 2xx.
     let batch = r#"[{"externalId": "ord-2"}, {"externalId": 3}]"#;
-    let (status, answer) = post_signed(&url, batch, &meshline_signature(SECRET, now(), batch.as_bytes())).await;
-    assert_eq!((status, answer["accepted"].clone()), (StatusCode::OK, json!(2)));
+    let (status, answer) = post_signed(
+        &url,
+        batch,
+        &meshline_signature(SECRET, now(), batch.as_bytes()),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["accepted"].clone()),
+        (StatusCode::OK, json!(2))
+    );
     assert_eq!(intake.keys(), ["3", "ord-1", "ord-2"]);
 }
 
@@ -97,22 +115,48 @@ async fn bad_signature_is_refused() {
     let url = serve(router(generic_config(), intake.clone())).await;
     let body = r#"{"externalId": "ord-1"}"#;
 
-    let (status, answer) = post_signed(&url, body, &meshline_signature("another-secret", now(), body.as_bytes())).await;
+    let (status, answer) = post_signed(
+        &url,
+        body,
+        &meshline_signature("another-secret", now(), body.as_bytes()),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(answer["error"], "bad_signature");
-    assert!(answer["reason"].as_str().unwrap().contains("does not match"), "{answer}");
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{answer}"
+    );
 
     // A body changed after signing.
     let signature = meshline_signature(SECRET, now(), body.as_bytes());
     let (status, _) = post_signed(&url, r#"{"externalId": "ord-666"}"#, &signature).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    let response = reqwest::Client::new().post(format!("{url}/webhook")).body(body).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{url}/webhook"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status().as_u16(), 401);
     let answer: Value = response.json().await.unwrap();
-    assert!(answer["reason"].as_str().unwrap().contains("missing X-Meshline-Signature"), "{answer}");
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("missing X-Meshline-Signature"),
+        "{answer}"
+    );
 
-    assert_eq!(intake.calls.load(Ordering::SeqCst), 0, "an unverified body never reaches the intake");
+    assert_eq!(
+        intake.calls.load(Ordering::SeqCst),
+        0,
+        "an unverified body never reaches the intake"
+    );
 }
 
 #[tokio::test]
@@ -121,9 +165,17 @@ async fn replayed_old_timestamp_is_refused() {
     let url = serve(router(generic_config(), intake.clone())).await;
     let body = r#"{"externalId": "ord-1"}"#;
     // Correctly signed, but captured six minutes ago.
-    let (status, answer) = post_signed(&url, body, &meshline_signature(SECRET, now() - 360, body.as_bytes())).await;
+    let (status, answer) = post_signed(
+        &url,
+        body,
+        &meshline_signature(SECRET, now() - 360, body.as_bytes()),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert!(answer["reason"].as_str().unwrap().contains("replay"), "{answer}");
+    assert!(
+        answer["reason"].as_str().unwrap().contains("replay"),
+        "{answer}"
+    );
 
     // HubSpot: the same rule with millisecond timestamps and the v3 signature.
     let mut headers = HeaderMap::new();
@@ -132,9 +184,18 @@ async fn replayed_old_timestamp_is_refused() {
     headers.insert("x-hubspot-request-timestamp", old.parse().unwrap());
     headers.insert(
         "x-hubspot-signature-v3",
-        hubspot_v3_signature(HUBSPOT_CLIENT_SECRET, "POST", uri, b"[]", &old).parse().unwrap(),
+        hubspot_v3_signature(HUBSPOT_CLIENT_SECRET, "POST", uri, b"[]", &old)
+            .parse()
+            .unwrap(),
     );
-    let refused = verify_hubspot_v3(HUBSPOT_CLIENT_SECRET, "POST", uri, &headers, b"[]", chrono::Utc::now().timestamp_millis());
+    let refused = verify_hubspot_v3(
+        HUBSPOT_CLIENT_SECRET,
+        "POST",
+        uri,
+        &headers,
+        b"[]",
+        chrono::Utc::now().timestamp_millis(),
+    );
     assert!(refused.unwrap_err().contains("older than 300s"));
     assert_eq!(intake.calls.load(Ordering::SeqCst), 0);
 }
@@ -144,21 +205,58 @@ fn hubspot_v3_signature_matches_the_documented_example() {
     // HubSpot's guide gives no v3 vector; this is the one in HubSpot's own client library's test suite
     // (hubspot-api-python, tests/spec/utils/test_signature.py), built with the guide's example inputs.
     let body = "{'example_field':'example_value'}";
-    let signature =
-        hubspot_v3_signature(HUBSPOT_CLIENT_SECRET, "POST", "https://www.example.com/webhook_uri", body.as_bytes(), "15000000");
+    let signature = hubspot_v3_signature(
+        HUBSPOT_CLIENT_SECRET,
+        "POST",
+        "https://www.example.com/webhook_uri",
+        body.as_bytes(),
+        "15000000",
+    );
     assert_eq!(signature, "HPW73RUtKmcYoEDADG0s6MmGFWUzWJKAW07r8RDgcQw=");
 
     let mut headers = HeaderMap::new();
     headers.insert("x-hubspot-signature-v3", signature.parse().unwrap());
     headers.insert("x-hubspot-request-timestamp", "15000000".parse().unwrap());
     let uri = "https://www.example.com/webhook_uri";
-    assert!(verify_hubspot_v3(HUBSPOT_CLIENT_SECRET, "POST", uri, &headers, body.as_bytes(), 15_000_000 + 299_000).is_ok());
-    assert!(verify_hubspot_v3(HUBSPOT_CLIENT_SECRET, "POST", uri, &headers, body.as_bytes(), 15_000_000 + 301_000).is_err());
-    assert!(verify_hubspot_v3(HUBSPOT_CLIENT_SECRET, "GET", uri, &headers, body.as_bytes(), 15_000_000).is_err());
+    assert!(
+        verify_hubspot_v3(
+            HUBSPOT_CLIENT_SECRET,
+            "POST",
+            uri,
+            &headers,
+            body.as_bytes(),
+            15_000_000 + 299_000
+        )
+        .is_ok()
+    );
+    assert!(
+        verify_hubspot_v3(
+            HUBSPOT_CLIENT_SECRET,
+            "POST",
+            uri,
+            &headers,
+            body.as_bytes(),
+            15_000_000 + 301_000
+        )
+        .is_err()
+    );
+    assert!(
+        verify_hubspot_v3(
+            HUBSPOT_CLIENT_SECRET,
+            "GET",
+            uri,
+            &headers,
+            body.as_bytes(),
+            15_000_000
+        )
+        .is_err()
+    );
 
     // The guide's decoding table: these escapes are decoded before signing, others (%20, %25) are kept.
     assert_eq!(
-        hubspot_decode_uri("https://h.example/hook?a=%3A%2F%3F%40%21%24%27%28%29%2A%2C%3B&b=%20%25"),
+        hubspot_decode_uri(
+            "https://h.example/hook?a=%3A%2F%3F%40%21%24%27%28%29%2A%2C%3B&b=%20%25"
+        ),
         "https://h.example/hook?a=:/?@!$'()*,;&b=%20%25"
     );
 }
@@ -169,21 +267,52 @@ async fn malformed_json_is_refused_with_its_path() {
     let url = serve(router(generic_config(), intake.clone())).await;
 
     let body = "{\"externalId\": \"ord-1\",\n \"total\": }";
-    let (status, answer) = post_signed(&url, body, &meshline_signature(SECRET, now(), body.as_bytes())).await;
+    let (status, answer) = post_signed(
+        &url,
+        body,
+        &meshline_signature(SECRET, now(), body.as_bytes()),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(answer["reason"].as_str().unwrap().contains("line 2 column"), "{answer}");
+    assert!(
+        answer["reason"].as_str().unwrap().contains("line 2 column"),
+        "{answer}"
+    );
 
     let body = r#"[{"externalId": "ord-1"}, {"customerName": "no id"}]"#;
-    let (status, answer) = post_signed(&url, body, &meshline_signature(SECRET, now(), body.as_bytes())).await;
+    let (status, answer) = post_signed(
+        &url,
+        body,
+        &meshline_signature(SECRET, now(), body.as_bytes()),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let reason = answer["reason"].as_str().unwrap();
-    assert!(reason.contains("record at /1") && reason.contains("/id"), "{reason}");
+    assert!(
+        reason.contains("record at /1") && reason.contains("/id"),
+        "{reason}"
+    );
 
     let body = "[1]";
-    let (status, answer) = post_signed(&url, body, &meshline_signature(SECRET, now(), body.as_bytes())).await;
+    let (status, answer) = post_signed(
+        &url,
+        body,
+        &meshline_signature(SECRET, now(), body.as_bytes()),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(answer["reason"].as_str().unwrap().contains("/0 is a number"), "{answer}");
-    assert_eq!(intake.calls.load(Ordering::SeqCst), 0, "a batch with one bad record is refused whole");
+    assert!(
+        answer["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/0 is a number"),
+        "{answer}"
+    );
+    assert_eq!(
+        intake.calls.load(Ordering::SeqCst),
+        0,
+        "a batch with one bad record is refused whole"
+    );
 }
 
 #[tokio::test]
@@ -191,7 +320,12 @@ async fn oversized_body_is_refused_before_it_is_read() {
     let intake = Arc::new(MemoryIntake::default());
     let url = serve(router(generic_config(), intake.clone())).await;
     let body = format!(r#"{{"externalId": "big", "pad": "{}"}}"#, "x".repeat(8192));
-    let (status, _) = post_signed(&url, &body, &meshline_signature(SECRET, now(), body.as_bytes())).await;
+    let (status, _) = post_signed(
+        &url,
+        &body,
+        &meshline_signature(SECRET, now(), body.as_bytes()),
+    )
+    .await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(intake.calls.load(Ordering::SeqCst), 0);
 }
@@ -205,7 +339,8 @@ struct Hub {
 }
 
 fn bearer_ok(hub: &Hub, headers: &HeaderMap) -> bool {
-    let ok = headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Bearer {HUBSPOT_TOKEN}"));
+    let ok = headers.get("authorization").and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {HUBSPOT_TOKEN}"));
     if !ok {
         hub.unauthorized.fetch_add(1, Ordering::SeqCst);
     }
@@ -219,16 +354,30 @@ async fn hub_deal(
     Query(q): Query<BTreeMap<String, String>>,
 ) -> (StatusCode, Json<Value>) {
     if !bearer_ok(&hub, &headers) {
-        return (StatusCode::UNAUTHORIZED, Json(json!({"status": "error", "category": "INVALID_AUTHENTICATION"})));
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"status": "error", "category": "INVALID_AUTHENTICATION"})),
+        );
     }
     hub.deal_reads.lock().unwrap().push(q.clone());
     if id != "1001" {
-        return (StatusCode::NOT_FOUND, Json(json!({"status": "error", "category": "OBJECT_NOT_FOUND"})));
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"status": "error", "category": "OBJECT_NOT_FOUND"})),
+        );
     }
-    let wanted: Vec<&str> = q.get("properties").map(|p| p.split(',').collect()).unwrap_or_default();
+    let wanted: Vec<&str> = q
+        .get("properties")
+        .map(|p| p.split(',').collect())
+        .unwrap_or_default();
     let all = json!({"dealname": "Big deal", "amount": "1500", "dealstage": "closedwon", "hs_object_id": "1001"});
-    let properties: serde_json::Map<String, Value> =
-        all.as_object().unwrap().iter().filter(|(k, _)| wanted.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let properties: serde_json::Map<String, Value> = all
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| wanted.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut body = json!({"id": "1001", "properties": properties, "createdAt": "2024-05-01T10:00:00Z", "archived": false});
     if q.get("associations").map(String::as_str) == Some("line_items") {
         body["associations"] = json!({"line items": {"results": [
@@ -238,7 +387,11 @@ async fn hub_deal(
     (StatusCode::OK, Json(body))
 }
 
-async fn hub_batch_read(State(hub): State<Arc<Hub>>, headers: HeaderMap, Json(request): Json<Value>) -> (StatusCode, Json<Value>) {
+async fn hub_batch_read(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Json(request): Json<Value>,
+) -> (StatusCode, Json<Value>) {
     if !bearer_ok(&hub, &headers) {
         return (StatusCode::UNAUTHORIZED, Json(json!({"status": "error"})));
     }
@@ -248,10 +401,20 @@ async fn hub_batch_read(State(hub): State<Arc<Hub>>, headers: HeaderMap, Json(re
         "5002": {"hs_sku": "P-2", "quantity": "1", "price": "500"},
     });
     // Answer in an order of HubSpot's choosing: ids sorted, not as requested.
-    let mut ids: Vec<String> = request["inputs"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_string()).collect();
+    let mut ids: Vec<String> = request["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
     ids.sort();
     // Only the requested properties come back, as HubSpot does.
-    let wanted: Vec<&str> = request["properties"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let wanted: Vec<&str> = request["properties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
     let results: Vec<Value> = ids
         .iter()
         .map(|id| {
@@ -265,7 +428,10 @@ async fn hub_batch_read(State(hub): State<Arc<Hub>>, headers: HeaderMap, Json(re
             json!({"id": id, "properties": properties})
         })
         .collect();
-    (StatusCode::OK, Json(json!({"status": "COMPLETE", "results": results})))
+    (
+        StatusCode::OK,
+        Json(json!({"status": "COMPLETE", "results": results})),
+    )
 }
 
 #[tokio::test]
@@ -274,14 +440,21 @@ async fn hubspot_events_are_verified_then_read_back_with_their_line_items() {
     let hub_url = serve(
         Router::new()
             .route("/crm/v3/objects/deals/{id}", get(hub_deal))
-            .route("/crm/v3/objects/line_items/batch/read", post(hub_batch_read))
+            .route(
+                "/crm/v3/objects/line_items/batch/read",
+                post(hub_batch_read),
+            )
             .with_state(hub.clone()),
     )
     .await;
     let config = WebhookConfig {
         verifier: Verifier::HubspotV3 {
             client_secret: HUBSPOT_CLIENT_SECRET.into(),
-            api: HubspotApi { base_url: hub_url, access_token: HUBSPOT_TOKEN.into(), object: "deals".into() },
+            api: HubspotApi {
+                base_url: hub_url,
+                access_token: HUBSPOT_TOKEN.into(),
+                object: "deals".into(),
+            },
         },
         field_map: [
             ("id", "id"),
@@ -315,7 +488,13 @@ async fn hubspot_events_are_verified_then_read_back_with_their_line_items() {
     let path = "/webhook?portal=na1%3A62515";
     let timestamp = chrono::Utc::now().timestamp_millis().to_string();
     let signed_uri = "https://hooks.example.com/webhook?portal=na1:62515";
-    let signature = hubspot_v3_signature(HUBSPOT_CLIENT_SECRET, "POST", signed_uri, body.as_bytes(), &timestamp);
+    let signature = hubspot_v3_signature(
+        HUBSPOT_CLIENT_SECRET,
+        "POST",
+        signed_uri,
+        body.as_bytes(),
+        &timestamp,
+    );
     let send = |signature: String| {
         reqwest::Client::new()
             .post(format!("{url}{path}"))
@@ -326,19 +505,40 @@ async fn hubspot_events_are_verified_then_read_back_with_their_line_items() {
             .send()
     };
 
-    let tampered = hubspot_v3_signature("not-the-secret", "POST", signed_uri, body.as_bytes(), &timestamp);
+    let tampered = hubspot_v3_signature(
+        "not-the-secret",
+        "POST",
+        signed_uri,
+        body.as_bytes(),
+        &timestamp,
+    );
     assert_eq!(send(tampered).await.unwrap().status().as_u16(), 401);
-    assert!(hub.deal_reads.lock().unwrap().is_empty(), "nothing is fetched for an unverified request");
+    assert!(
+        hub.deal_reads.lock().unwrap().is_empty(),
+        "nothing is fetched for an unverified request"
+    );
 
     let response = send(signature).await.unwrap();
-    assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "{}",
+        response.text().await.unwrap()
+    );
     let reads = hub.deal_reads.lock().unwrap().clone();
     assert_eq!(reads.len(), 2, "one read per distinct objectId");
     assert_eq!(reads[0]["properties"], "amount,dealname");
     assert_eq!(reads[0]["associations"], "line_items");
     let batch = hub.batch_reads.lock().unwrap()[0].clone();
-    assert_eq!(batch, json!({"properties": ["hs_sku", "quantity"], "inputs": [{"id": "5002"}, {"id": "5001"}]}));
-    assert_eq!(hub.unauthorized.load(Ordering::SeqCst), 0, "every API call carried the private-app token");
+    assert_eq!(
+        batch,
+        json!({"properties": ["hs_sku", "quantity"], "inputs": [{"id": "5002"}, {"id": "5001"}]})
+    );
+    assert_eq!(
+        hub.unauthorized.load(Ordering::SeqCst),
+        0,
+        "every API call carried the private-app token"
+    );
 
     assert_eq!(intake.keys(), ["1001"]);
     let record = intake.get("1001").unwrap();

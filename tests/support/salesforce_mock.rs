@@ -50,8 +50,11 @@ pub async fn start(records: Vec<Value>, batch_size: usize) -> MockOrg {
         records: Mutex::new(records),
         batch_size,
         login_url: Mutex::new(String::new()),
-        public_key_pem: std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/sources/jwt_test_key.pub.pem"))
-            .unwrap(),
+        public_key_pem: std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/sources/jwt_test_key.pub.pem"
+        ))
+        .unwrap(),
         tokens: Mutex::new(HashSet::new()),
         token_requests: AtomicUsize::new(0),
         jwt_assertions_verified: AtomicUsize::new(0),
@@ -76,7 +79,13 @@ pub async fn start(records: Vec<Value>, batch_size: usize) -> MockOrg {
 }
 
 /// One Opportunity as the org stores it (all fields; the query projects what the SOQL selects).
-pub fn opportunity(id: &str, modstamp: &str, stage: &str, account: Option<&str>, items: &[(&str, &str, f64, f64)]) -> Value {
+pub fn opportunity(
+    id: &str,
+    modstamp: &str,
+    stage: &str,
+    account: Option<&str>,
+    items: &[(&str, &str, f64, f64)],
+) -> Value {
     json!({
         "Id": id,
         "Name": format!("Deal {id}"),
@@ -91,12 +100,25 @@ pub fn opportunity(id: &str, modstamp: &str, stage: &str, account: Option<&str>,
 }
 
 fn sf_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!([{"message": message, "errorCode": code}]))).into_response()
+    (
+        status,
+        Json(json!([{"message": message, "errorCode": code}])),
+    )
+        .into_response()
 }
 
-async fn token(State(org): State<Arc<Org>>, Form(form): Form<BTreeMap<String, String>>) -> Response {
+async fn token(
+    State(org): State<Arc<Org>>,
+    Form(form): Form<BTreeMap<String, String>>,
+) -> Response {
     org.token_requests.fetch_add(1, Ordering::SeqCst);
-    let refuse = |d: String| (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_grant", "error_description": d}))).into_response();
+    let refuse = |d: String| {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_grant", "error_description": d})),
+        )
+            .into_response()
+    };
     match form.get("grant_type").map(String::as_str) {
         Some("client_credentials") => {
             if form.get("client_id").map(String::as_str) != Some(CLIENT_ID)
@@ -106,7 +128,9 @@ async fn token(State(org): State<Arc<Org>>, Form(form): Form<BTreeMap<String, St
             }
         }
         Some("urn:ietf:params:oauth:grant-type:jwt-bearer") => {
-            let Some(assertion) = form.get("assertion") else { return refuse("no assertion".into()) };
+            let Some(assertion) = form.get("assertion") else {
+                return refuse("no assertion".into());
+            };
             let key = DecodingKey::from_rsa_pem(org.public_key_pem.as_bytes()).unwrap();
             let mut validation = Validation::new(Algorithm::RS256);
             let login_url = org.login_url.lock().unwrap().clone();
@@ -142,21 +166,33 @@ fn authorize(org: &Org, headers: &HeaderMap) -> Result<(), Response> {
         .unwrap_or_default()
         .to_string();
     if !org.tokens.lock().unwrap().contains(&token) {
-        return Err(sf_error(StatusCode::UNAUTHORIZED, "INVALID_SESSION_ID", "Session expired or invalid"));
+        return Err(sf_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_SESSION_ID",
+            "Session expired or invalid",
+        ));
     }
     if org.expire_session_once.swap(false, Ordering::SeqCst) {
         org.tokens.lock().unwrap().remove(&token);
         org.session_expired_answers.fetch_add(1, Ordering::SeqCst);
-        return Err(sf_error(StatusCode::UNAUTHORIZED, "INVALID_SESSION_ID", "Session expired or invalid"));
+        return Err(sf_error(
+            StatusCode::UNAUTHORIZED,
+            "INVALID_SESSION_ID",
+            "Session expired or invalid",
+        ));
     }
     let limited = org.limit_next.load(Ordering::SeqCst);
     if limited > 0 {
         org.limit_next.fetch_sub(1, Ordering::SeqCst);
         let n = org.limited_answers.fetch_add(1, Ordering::SeqCst);
-        return Err(if n % 2 == 0 {
+        return Err(if n.is_multiple_of(2) {
             (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "0")], "").into_response()
         } else {
-            sf_error(StatusCode::FORBIDDEN, "REQUEST_LIMIT_EXCEEDED", "TotalRequests Limit exceeded.")
+            sf_error(
+                StatusCode::FORBIDDEN,
+                "REQUEST_LIMIT_EXCEEDED",
+                "TotalRequests Limit exceeded.",
+            )
         });
     }
     Ok(())
@@ -193,7 +229,10 @@ fn project(record: &Value, items: &[String], object: &str) -> Value {
     let mut out = serde_json::Map::new();
     out.insert("attributes".into(), json!({"type": object, "url": format!("/services/data/v61.0/sobjects/{object}/{}", record["Id"].as_str().unwrap_or(""))}));
     for item in items {
-        if let Some(inner) = item.strip_prefix("(SELECT ").and_then(|s| s.strip_suffix(')')) {
+        if let Some(inner) = item
+            .strip_prefix("(SELECT ")
+            .and_then(|s| s.strip_suffix(')'))
+        {
             let (fields, relationship) = inner.split_once(" FROM ").expect("subquery has FROM");
             let fields = select_items(fields);
             let children: Vec<Value> = record[relationship]
@@ -212,12 +251,17 @@ fn project(record: &Value, items: &[String], object: &str) -> Value {
             out.insert(relationship.to_string(), value);
         } else if let Some((parent, field)) = item.split_once('.') {
             let value = match &record[parent] {
-                Value::Object(p) => json!({"attributes": {"type": parent}, field: p.get(field).cloned().unwrap_or(Value::Null)}),
+                Value::Object(p) => {
+                    json!({"attributes": {"type": parent}, field: p.get(field).cloned().unwrap_or(Value::Null)})
+                }
                 _ => Value::Null,
             };
             out.insert(parent.to_string(), value);
         } else {
-            out.insert(item.clone(), record.get(item.as_str()).cloned().unwrap_or(Value::Null));
+            out.insert(
+                item.clone(),
+                record.get(item.as_str()).cloned().unwrap_or(Value::Null),
+            );
         }
     }
     Value::Object(out)
@@ -225,17 +269,29 @@ fn project(record: &Value, items: &[String], object: &str) -> Value {
 
 fn page(org: &Org, mut rows: Vec<Value>) -> Response {
     let total = rows.len();
-    let rest = if rows.len() > org.batch_size { rows.split_off(org.batch_size) } else { Vec::new() };
+    let rest = if rows.len() > org.batch_size {
+        rows.split_off(org.batch_size)
+    } else {
+        Vec::new()
+    };
     let mut body = json!({"totalSize": total, "done": rest.is_empty(), "records": rows});
     if !rest.is_empty() {
-        let locator = format!("01gTEST{:04}-{}", org.next_locator.fetch_add(1, Ordering::SeqCst), org.batch_size);
+        let locator = format!(
+            "01gTEST{:04}-{}",
+            org.next_locator.fetch_add(1, Ordering::SeqCst),
+            org.batch_size
+        );
         body["nextRecordsUrl"] = json!(format!("/services/data/v61.0/query/{locator}"));
         org.locators.lock().unwrap().insert(locator, rest);
     }
     Json(body).into_response()
 }
 
-async fn query(State(org): State<Arc<Org>>, headers: HeaderMap, Query(params): Query<BTreeMap<String, String>>) -> Response {
+async fn query(
+    State(org): State<Arc<Org>>,
+    headers: HeaderMap,
+    Query(params): Query<BTreeMap<String, String>>,
+) -> Response {
     if let Err(r) = authorize(&org, &headers) {
         return r;
     }
@@ -244,18 +300,31 @@ async fn query(State(org): State<Arc<Org>>, headers: HeaderMap, Query(params): Q
     };
     org.queries.lock().unwrap().push(soql.clone());
     let malformed = |why: &str| sf_error(StatusCode::BAD_REQUEST, "MALFORMED_QUERY", why);
-    let Some(rest) = soql.strip_prefix("SELECT ") else { return malformed("expected SELECT") };
+    let Some(rest) = soql.strip_prefix("SELECT ") else {
+        return malformed("expected SELECT");
+    };
     // The outer FROM is the last " FROM " before WHERE/ORDER BY that is not inside parentheses.
-    let Some(from_at) = rest.rfind(" FROM Opportunity") else { return malformed("only Opportunity is served") };
+    let Some(from_at) = rest.rfind(" FROM Opportunity") else {
+        return malformed("only Opportunity is served");
+    };
     let items = select_items(&rest[..from_at]);
     let tail = &rest[from_at + " FROM Opportunity".len()..];
-    let re_cp = regex::Regex::new(r"\(SystemModstamp > (\S+) OR \(SystemModstamp = (\S+) AND Id > '(\w+)'\)\)").unwrap();
+    let re_cp = regex::Regex::new(
+        r"\(SystemModstamp > (\S+) OR \(SystemModstamp = (\S+) AND Id > '(\w+)'\)\)",
+    )
+    .unwrap();
     let re_limit = regex::Regex::new(r" ORDER BY SystemModstamp, Id LIMIT (\d+)$").unwrap();
-    let Some(limit) = re_limit.captures(tail).map(|c| c[1].parse::<usize>().unwrap()) else {
+    let Some(limit) = re_limit
+        .captures(tail)
+        .map(|c| c[1].parse::<usize>().unwrap())
+    else {
         return malformed("expected ORDER BY SystemModstamp, Id LIMIT n at the end");
     };
     let after = re_cp.captures(tail).map(|c| {
-        assert_eq!(&c[1], &c[2], "both sides of the checkpoint use one timestamp");
+        assert_eq!(
+            &c[1], &c[2],
+            "both sides of the checkpoint use one timestamp"
+        );
         (parse_time(&c[1]), c[3].to_string())
     });
     let closed_won_only = tail.contains("(StageName = 'Closed Won')");
@@ -268,28 +337,48 @@ async fn query(State(org): State<Arc<Org>>, headers: HeaderMap, Query(params): Q
         .filter(|r| match &after {
             None => true,
             Some((t, id)) => {
-                let (rt, rid) = (parse_time(r["SystemModstamp"].as_str().unwrap()), r["Id"].as_str().unwrap());
+                let (rt, rid) = (
+                    parse_time(r["SystemModstamp"].as_str().unwrap()),
+                    r["Id"].as_str().unwrap(),
+                );
                 (rt, rid) > (*t, id.as_str())
             }
         })
         .cloned()
         .collect();
     rows.sort_by(|a, b| {
-        (parse_time(a["SystemModstamp"].as_str().unwrap()), a["Id"].as_str().unwrap())
-            .cmp(&(parse_time(b["SystemModstamp"].as_str().unwrap()), b["Id"].as_str().unwrap()))
+        (
+            parse_time(a["SystemModstamp"].as_str().unwrap()),
+            a["Id"].as_str().unwrap(),
+        )
+            .cmp(&(
+                parse_time(b["SystemModstamp"].as_str().unwrap()),
+                b["Id"].as_str().unwrap(),
+            ))
     });
     rows.truncate(limit);
-    let rows = rows.iter().map(|r| project(r, &items, "Opportunity")).collect();
+    let rows = rows
+        .iter()
+        .map(|r| project(r, &items, "Opportunity"))
+        .collect();
     page(&org, rows)
 }
 
-async fn more(State(org): State<Arc<Org>>, headers: HeaderMap, Path(locator): Path<String>) -> Response {
+async fn more(
+    State(org): State<Arc<Org>>,
+    headers: HeaderMap,
+    Path(locator): Path<String>,
+) -> Response {
     if let Err(r) = authorize(&org, &headers) {
         return r;
     }
     // A locator stays valid until its last batch is read (a retried request gets the same batch).
     let Some(rows) = org.locators.lock().unwrap().remove(&locator) else {
-        return sf_error(StatusCode::BAD_REQUEST, "INVALID_QUERY_LOCATOR", "invalid query locator");
+        return sf_error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_QUERY_LOCATOR",
+            "invalid query locator",
+        );
     };
     page(&org, rows)
 }

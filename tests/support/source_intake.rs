@@ -29,14 +29,24 @@ impl MemoryIntake {
     }
 
     pub fn accepted_keys(&self) -> Vec<String> {
-        self.batches.lock().unwrap().iter().flatten().map(|r| r.key.clone()).collect()
+        self.batches
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(|r| r.key.clone())
+            .collect()
     }
 
     pub fn get(&self, key: &str) -> Option<SourceRecord> {
         self.stored.lock().unwrap().get(key).cloned()
     }
 
-    fn store(&self, records: Vec<SourceRecord>, checkpoint: Option<(&str, &str)>) -> Result<IntakeReceipt, IntakeError> {
+    fn store(
+        &self,
+        records: Vec<SourceRecord>,
+        checkpoint: Option<(&str, &str)>,
+    ) -> Result<IntakeReceipt, IntakeError> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail_all.load(Ordering::SeqCst) || self.fail_calls.lock().unwrap().contains(&call) {
             return Err(IntakeError(format!("test double told to fail call {call}")));
@@ -51,7 +61,10 @@ impl MemoryIntake {
             }
         }
         if let Some((source, cp)) = checkpoint {
-            self.checkpoints.lock().unwrap().insert(source.to_string(), cp.to_string());
+            self.checkpoints
+                .lock()
+                .unwrap()
+                .insert(source.to_string(), cp.to_string());
         }
         self.batches.lock().unwrap().push(records);
         Ok(receipt)

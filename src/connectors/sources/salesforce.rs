@@ -76,9 +76,14 @@ impl SalesforceConfig {
     pub fn from_spec(flow: &str, spec: &SourceSpec) -> Result<SalesforceConfig, SourceError> {
         let base_url = spec.base_url.clone().ok_or_else(|| SourceError::Config {
             system: SYSTEM,
-            reason: format!("flow {flow}: a Salesforce poll source needs baseUrl (the org's My Domain URL)"),
+            reason: format!(
+                "flow {flow}: a Salesforce poll source needs baseUrl (the org's My Domain URL)"
+            ),
         })?;
-        let poll_interval = spec.poll_interval.as_ref().map(|d| Duration::from(d.clone())).unwrap_or(Duration::from_secs(30));
+        let poll_interval = spec
+            .poll_interval
+            .map(Duration::from)
+            .unwrap_or(Duration::from_secs(30));
         Ok(SalesforceConfig {
             base_url: base_url.trim_end_matches('/').to_string(),
             api_version: "v61.0".into(),
@@ -98,16 +103,31 @@ impl SalesforceConfig {
 /// How the poller obtains an access token.
 #[derive(Clone)]
 pub enum SalesforceAuth {
-    ClientCredentials { client_id: String, client_secret: String },
-    JwtBearer { client_id: String, username: String, key: EncodingKey, login_url: String },
+    ClientCredentials {
+        client_id: String,
+        client_secret: String,
+    },
+    JwtBearer {
+        client_id: String,
+        username: String,
+        key: EncodingKey,
+        login_url: String,
+    },
 }
 
 impl std::fmt::Debug for SalesforceAuth {
     // Never print secrets or keys.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SalesforceAuth::ClientCredentials { client_id, .. } => write!(f, "ClientCredentials({client_id})"),
-            SalesforceAuth::JwtBearer { client_id, username, login_url, .. } => {
+            SalesforceAuth::ClientCredentials { client_id, .. } => {
+                write!(f, "ClientCredentials({client_id})")
+            }
+            SalesforceAuth::JwtBearer {
+                client_id,
+                username,
+                login_url,
+                ..
+            } => {
                 write!(f, "JwtBearer({client_id}, {username}, {login_url})")
             }
         }
@@ -120,10 +140,11 @@ impl SalesforceAuth {
     pub fn from_credentials(credentials: &Credentials) -> Result<SalesforceAuth, SourceError> {
         let client_id = credentials.get("clientId")?;
         if let Some(pem) = credentials.optional("privateKey")? {
-            let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| SourceError::Config {
-                system: SYSTEM,
-                reason: format!("Secret key privateKey is not an RSA private key in PEM: {e}"),
-            })?;
+            let key =
+                EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| SourceError::Config {
+                    system: SYSTEM,
+                    reason: format!("Secret key privateKey is not an RSA private key in PEM: {e}"),
+                })?;
             return Ok(SalesforceAuth::JwtBearer {
                 client_id,
                 username: credentials.get("username")?,
@@ -135,7 +156,10 @@ impl SalesforceAuth {
                     .to_string(),
             });
         }
-        Ok(SalesforceAuth::ClientCredentials { client_id, client_secret: credentials.get("clientSecret")? })
+        Ok(SalesforceAuth::ClientCredentials {
+            client_id,
+            client_secret: credentials.get("clientSecret")?,
+        })
     }
 }
 
@@ -165,13 +189,19 @@ impl Checkpoint {
             what: "the stored checkpoint".into(),
             reason: format!("{s:?}: {why}"),
         };
-        let (stamp, id) = s.split_once('|').ok_or_else(|| bad("expected <SystemModstamp>|<Id>"))?;
-        let modstamp = soql_datetime(stamp).ok_or_else(|| bad("the timestamp is not a datetime"))?;
+        let (stamp, id) = s
+            .split_once('|')
+            .ok_or_else(|| bad("expected <SystemModstamp>|<Id>"))?;
+        let modstamp =
+            soql_datetime(stamp).ok_or_else(|| bad("the timestamp is not a datetime"))?;
         // Ids go into the SOQL text: only the characters a Salesforce Id has.
         if id.is_empty() || id.len() > 18 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(bad("the Id is not a Salesforce Id"));
         }
-        Ok(Checkpoint { modstamp, id: id.to_string() })
+        Ok(Checkpoint {
+            modstamp,
+            id: id.to_string(),
+        })
     }
 
     pub fn encode(&self) -> String {
@@ -184,7 +214,12 @@ pub fn soql_datetime(value: &str) -> Option<String> {
     let parsed = chrono::DateTime::parse_from_str(value, "%Y-%m-%dT%H:%M:%S%.f%z")
         .or_else(|_| chrono::DateTime::parse_from_rfc3339(value))
         .ok()?;
-    Some(parsed.with_timezone(&chrono::Utc).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+    Some(
+        parsed
+            .with_timezone(&chrono::Utc)
+            .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            .to_string(),
+    )
 }
 
 /// Builds the poll's SOQL from the field map, the filter and the checkpoint.
@@ -210,7 +245,10 @@ pub fn build_soql(config: &SalesforceConfig, after: Option<&Checkpoint>) -> Stri
         if child_fields.is_empty() {
             child_fields.push("Id".into());
         }
-        fields.push(format!("(SELECT {} FROM {relationship})", child_fields.join(", ")));
+        fields.push(format!(
+            "(SELECT {} FROM {relationship})",
+            child_fields.join(", ")
+        ));
     }
     let mut conditions = Vec::new();
     if let Some(filter) = config.filter.as_deref().filter(|f| !f.trim().is_empty()) {
@@ -228,7 +266,10 @@ pub fn build_soql(config: &SalesforceConfig, after: Option<&Checkpoint>) -> Stri
         soql.push_str(" WHERE ");
         soql.push_str(&conditions.join(" AND "));
     }
-    soql.push_str(&format!(" ORDER BY SystemModstamp, Id LIMIT {}", config.limit));
+    soql.push_str(&format!(
+        " ORDER BY SystemModstamp, Id LIMIT {}",
+        config.limit
+    ));
     soql
 }
 
@@ -242,13 +283,28 @@ pub struct SalesforcePoller {
 
 impl SalesforcePoller {
     pub fn new(config: SalesforceConfig, auth: SalesforceAuth) -> SalesforcePoller {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap_or_default();
-        SalesforcePoller { config, auth, http, token: Mutex::new(None) }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap_or_default();
+        SalesforcePoller {
+            config,
+            auth,
+            http,
+            token: Mutex::new(None),
+        }
     }
 
     /// From a flow's source and its mounted Secret.
-    pub fn from_spec(flow: &str, spec: &SourceSpec, credentials: &Credentials) -> Result<SalesforcePoller, SourceError> {
-        Ok(SalesforcePoller::new(SalesforceConfig::from_spec(flow, spec)?, SalesforceAuth::from_credentials(credentials)?))
+    pub fn from_spec(
+        flow: &str,
+        spec: &SourceSpec,
+        credentials: &Credentials,
+    ) -> Result<SalesforcePoller, SourceError> {
+        Ok(SalesforcePoller::new(
+            SalesforceConfig::from_spec(flow, spec)?,
+            SalesforceAuth::from_credentials(credentials)?,
+        ))
     }
 
     pub fn config(&self) -> &SalesforceConfig {
@@ -257,7 +313,11 @@ impl SalesforcePoller {
 
     /// Polls until `shutdown` turns true (or its sender is dropped). A poll in progress finishes its current
     /// request and page first: stopping between pages loses nothing, the checkpoint is per page.
-    pub async fn run(&self, intake: Arc<dyn Intake>, mut shutdown: watch::Receiver<bool>) -> Result<(), SourceError> {
+    pub async fn run(
+        &self,
+        intake: Arc<dyn Intake>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), SourceError> {
         loop {
             if *shutdown.borrow() {
                 return Ok(());
@@ -285,11 +345,18 @@ impl SalesforcePoller {
             None => None,
         };
         let soql = build_soql(&self.config, start.as_ref());
-        let query_url = format!("{}/services/data/{}/query", self.config.base_url, self.config.api_version);
+        let query_url = format!(
+            "{}/services/data/{}/query",
+            self.config.base_url, self.config.api_version
+        );
         let mut page = self.get_json(&query_url, Some(&soql)).await?;
         let mut report = PollReport::default();
         loop {
-            let raw = page.get("records").and_then(Value::as_array).cloned().unwrap_or_default();
+            let raw = page
+                .get("records")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if !raw.is_empty() {
                 let mut records = Vec::with_capacity(raw.len());
                 let mut last = None;
@@ -300,13 +367,18 @@ impl SalesforcePoller {
                 }
                 let checkpoint = last.expect("page is not empty").encode();
                 let n = records.len();
-                intake.accept_with_checkpoint(records, &self.config.source_name, &checkpoint).await?;
+                intake
+                    .accept_with_checkpoint(records, &self.config.source_name, &checkpoint)
+                    .await?;
                 report.records += n;
                 report.pages += 1;
                 report.checkpoint = Some(checkpoint);
             }
             let done = page.get("done").and_then(Value::as_bool).unwrap_or(true);
-            let next = page.get("nextRecordsUrl").and_then(Value::as_str).map(str::to_string);
+            let next = page
+                .get("nextRecordsUrl")
+                .and_then(Value::as_str)
+                .map(str::to_string);
             match next {
                 Some(next) if !done => page = self.get_json(&self.absolute(&next), None).await?,
                 _ => break,
@@ -327,11 +399,15 @@ impl SalesforcePoller {
     /// Flattens, renames and keys one record; returns it with its checkpoint.
     async fn prepare(&self, mut record: Value) -> Result<(SourceRecord, Checkpoint), SourceError> {
         let what = || "a query result record".to_string();
-        let id = record.get("Id").and_then(Value::as_str).map(str::to_string).ok_or_else(|| SourceError::Protocol {
-            system: SYSTEM,
-            what: what(),
-            reason: "it has no Id".into(),
-        })?;
+        let id = record
+            .get("Id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| SourceError::Protocol {
+                system: SYSTEM,
+                what: what(),
+                reason: "it has no Id".into(),
+            })?;
         let modstamp = record
             .get("SystemModstamp")
             .and_then(Value::as_str)
@@ -342,14 +418,28 @@ impl SalesforcePoller {
                 reason: format!("record {id} has no readable SystemModstamp"),
             })?;
         for (relationship, _) in child_maps(&self.config.field_map).values() {
-            let children = self.child_records(record.get(relationship.as_str()).cloned().unwrap_or(Value::Null)).await?;
+            let children = self
+                .child_records(
+                    record
+                        .get(relationship.as_str())
+                        .cloned()
+                        .unwrap_or(Value::Null),
+                )
+                .await?;
             if let Value::Object(map) = &mut record {
                 map.insert(relationship.clone(), Value::Array(children));
             }
         }
         let record = flatten(record);
         let payload = apply_field_map(&self.config.field_map, record);
-        Ok((SourceRecord { key: id.clone(), payload, correlation_id: None }, Checkpoint { modstamp, id }))
+        Ok((
+            SourceRecord {
+                key: id.clone(),
+                payload,
+                correlation_id: None,
+            },
+            Checkpoint { modstamp, id },
+        ))
     }
 
     /// A subquery's result as an array, following its own `nextRecordsUrl` when it was cut.
@@ -360,7 +450,13 @@ impl SalesforcePoller {
             if current.is_null() {
                 return Ok(out);
             }
-            out.extend(current.get("records").and_then(Value::as_array).cloned().unwrap_or_default());
+            out.extend(
+                current
+                    .get("records")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
             let done = current.get("done").and_then(Value::as_bool).unwrap_or(true);
             match current.get("nextRecordsUrl").and_then(Value::as_str) {
                 Some(next) if !done => current = self.get_json(&self.absolute(next), None).await?,
@@ -388,7 +484,10 @@ impl SalesforcePoller {
 
     async fn fetch_token(&self) -> Result<String, SourceError> {
         let (url, form): (String, Vec<(&str, String)>) = match &self.auth {
-            SalesforceAuth::ClientCredentials { client_id, client_secret } => (
+            SalesforceAuth::ClientCredentials {
+                client_id,
+                client_secret,
+            } => (
                 format!("{}/services/oauth2/token", self.config.base_url),
                 vec![
                     ("grant_type", "client_credentials".into()),
@@ -396,7 +495,12 @@ impl SalesforcePoller {
                     ("client_secret", client_secret.clone()),
                 ],
             ),
-            SalesforceAuth::JwtBearer { client_id, username, key, login_url } => {
+            SalesforceAuth::JwtBearer {
+                client_id,
+                username,
+                key,
+                login_url,
+            } => {
                 let claims = serde_json::json!({
                     "iss": client_id,
                     "sub": username,
@@ -405,38 +509,68 @@ impl SalesforcePoller {
                     "exp": chrono::Utc::now().timestamp() + 170,
                 });
                 let assertion = jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key)
-                    .map_err(|e| SourceError::Auth { system: SYSTEM, reason: format!("signing the JWT assertion: {e}") })?;
+                    .map_err(|e| SourceError::Auth {
+                        system: SYSTEM,
+                        reason: format!("signing the JWT assertion: {e}"),
+                    })?;
                 (
                     format!("{login_url}/services/oauth2/token"),
-                    vec![("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer".into()), ("assertion", assertion)],
+                    vec![
+                        (
+                            "grant_type",
+                            "urn:ietf:params:oauth:grant-type:jwt-bearer".into(),
+                        ),
+                        ("assertion", assertion),
+                    ],
                 )
             }
         };
         let what = "the OAuth token request".to_string();
-        let response = self.http.post(&url).form(&form).send().await.map_err(|e| SourceError::Transport {
-            system: SYSTEM,
-            what: what.clone(),
-            reason: e.to_string(),
-        })?;
+        let response =
+            self.http
+                .post(&url)
+                .form(&form)
+                .send()
+                .await
+                .map_err(|e| SourceError::Transport {
+                    system: SYSTEM,
+                    what: what.clone(),
+                    reason: e.to_string(),
+                })?;
         let status = response.status().as_u16();
         let body = response.text().await.unwrap_or_default();
         if status >= 500 || status == 429 {
-            return Err(SourceError::Http { system: SYSTEM, what, status, body: truncate(&body, 300).into() });
+            return Err(SourceError::Http {
+                system: SYSTEM,
+                what,
+                status,
+                body: truncate(&body, 300).into(),
+            });
         }
         if status != 200 {
             // 400 invalid_grant / invalid_client: the credentials or the connected app are wrong.
             return Err(SourceError::Auth {
                 system: SYSTEM,
-                reason: format!("token endpoint {url} answered HTTP {status}: {}", truncate(&body, 300)),
+                reason: format!(
+                    "token endpoint {url} answered HTTP {status}: {}",
+                    truncate(&body, 300)
+                ),
             });
         }
-        let parsed: Value = serde_json::from_str(&body)
-            .map_err(|e| SourceError::Protocol { system: SYSTEM, what: what.clone(), reason: e.to_string() })?;
-        parsed.get("access_token").and_then(Value::as_str).map(str::to_string).ok_or_else(|| SourceError::Protocol {
+        let parsed: Value = serde_json::from_str(&body).map_err(|e| SourceError::Protocol {
             system: SYSTEM,
-            what,
-            reason: "no access_token in the answer".into(),
-        })
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
+        parsed
+            .get("access_token")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| SourceError::Protocol {
+                system: SYSTEM,
+                what,
+                reason: "no access_token in the answer".into(),
+            })
     }
 
     /// GET with the bearer token: refreshes the token once on `INVALID_SESSION_ID`, backs off and retries the
@@ -444,7 +578,11 @@ impl SalesforcePoller {
     async fn get_json(&self, url: &str, soql: Option<&str>) -> Result<Value, SourceError> {
         let mut refreshed = false;
         let mut attempt: u32 = 0;
-        let what = if soql.is_some() { "the SOQL query".to_string() } else { format!("GET {url}") };
+        let what = if soql.is_some() {
+            "the SOQL query".to_string()
+        } else {
+            format!("GET {url}")
+        };
         loop {
             attempt += 1;
             let token = self.token().await?;
@@ -460,19 +598,30 @@ impl SalesforcePoller {
                         .get("retry-after")
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_retry_after);
-                    (status, retry_after, response.text().await.unwrap_or_default())
+                    (
+                        status,
+                        retry_after,
+                        response.text().await.unwrap_or_default(),
+                    )
                 }
                 Err(e) => {
                     if attempt >= self.config.max_attempts {
-                        return Err(SourceError::Transport { system: SYSTEM, what, reason: e.to_string() });
+                        return Err(SourceError::Transport {
+                            system: SYSTEM,
+                            what,
+                            reason: e.to_string(),
+                        });
                     }
                     self.backoff(attempt, None).await;
                     continue;
                 }
             };
             if status == 200 {
-                return serde_json::from_str(&body)
-                    .map_err(|e| SourceError::Protocol { system: SYSTEM, what, reason: e.to_string() });
+                return serde_json::from_str(&body).map_err(|e| SourceError::Protocol {
+                    system: SYSTEM,
+                    what,
+                    reason: e.to_string(),
+                });
             }
             if status == 401 {
                 // Sessions expire (or are revoked) at Salesforce's discretion: one fresh token, then give up.
@@ -484,16 +633,26 @@ impl SalesforcePoller {
                 }
                 return Err(SourceError::Auth {
                     system: SYSTEM,
-                    reason: format!("{what}: HTTP 401 after a fresh token: {}", truncate(&body, 300)),
+                    reason: format!(
+                        "{what}: HTTP 401 after a fresh token: {}",
+                        truncate(&body, 300)
+                    ),
                 });
             }
             // The org's 24-hour API limit answers 403 REQUEST_LIMIT_EXCEEDED; concurrency limits answer 429/503.
-            let limited = status == 429 || status >= 500 || (status == 403 && body.contains("REQUEST_LIMIT_EXCEEDED"));
+            let limited = status == 429
+                || status >= 500
+                || (status == 403 && body.contains("REQUEST_LIMIT_EXCEEDED"));
             if limited && attempt < self.config.max_attempts {
                 self.backoff(attempt, retry_after).await;
                 continue;
             }
-            return Err(SourceError::Http { system: SYSTEM, what, status, body: truncate(&body, 300).into() });
+            return Err(SourceError::Http {
+                system: SYSTEM,
+                what,
+                status,
+                body: truncate(&body, 300).into(),
+            });
         }
     }
 
@@ -504,10 +663,16 @@ impl SalesforcePoller {
             .saturating_mul(1u32 << attempt.min(16))
             .min(self.config.backoff_max);
         // Full jitter, unless the API said how long to wait.
-        let wait = retry_after.map(|r| r.min(self.config.backoff_max)).unwrap_or_else(|| {
-            let millis = ceiling.as_millis() as u64;
-            Duration::from_millis(if millis == 0 { 0 } else { rand::random_range(0..=millis) })
-        });
+        let wait = retry_after
+            .map(|r| r.min(self.config.backoff_max))
+            .unwrap_or_else(|| {
+                let millis = ceiling.as_millis() as u64;
+                Duration::from_millis(if millis == 0 {
+                    0
+                } else {
+                    rand::random_range(0..=millis)
+                })
+            });
         tokio::time::sleep(wait).await;
     }
 }
@@ -517,7 +682,10 @@ fn flatten(value: Value) -> Value {
     match value {
         Value::Object(mut map) => {
             map.remove("attributes");
-            if map.contains_key("records") && map.contains_key("done") && map.contains_key("totalSize") {
+            if map.contains_key("records")
+                && map.contains_key("done")
+                && map.contains_key("totalSize")
+            {
                 let records = map.remove("records").unwrap_or(Value::Array(Vec::new()));
                 return flatten(records);
             }
@@ -538,7 +706,10 @@ mod tests {
             api_version: "v61.0".into(),
             object: "Opportunity".into(),
             filter: Some("StageName = 'Closed Won'".into()),
-            field_map: fm.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
+            field_map: fm
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
             limit: 2000,
             poll_interval: Duration::from_secs(30),
             source_name: "salesforce:Opportunity".into(),
@@ -576,6 +747,9 @@ mod tests {
     fn flatten_drops_attributes_and_unwraps_subqueries() {
         let v = serde_json::json!({"attributes": {"type": "Opportunity"}, "Account": {"attributes": {}, "Name": "A"},
             "Kids": {"totalSize": 1, "done": true, "records": [{"attributes": {}, "X": 1}]}});
-        assert_eq!(flatten(v), serde_json::json!({"Account": {"Name": "A"}, "Kids": [{"X": 1}]}));
+        assert_eq!(
+            flatten(v),
+            serde_json::json!({"Account": {"Name": "A"}, "Kids": [{"X": 1}]})
+        );
     }
 }

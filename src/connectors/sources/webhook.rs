@@ -65,7 +65,10 @@ pub enum Verifier {
     /// `X-Meshline-Signature: t=…,v1=…` keyed with `webhookSecret`.
     HmacSha256 { secret: String },
     /// HubSpot's v3 signature keyed with the app's client secret; records are read back from `api`.
-    HubspotV3 { client_secret: String, api: HubspotApi },
+    HubspotV3 {
+        client_secret: String,
+        api: HubspotApi,
+    },
 }
 
 /// Where and how HubSpot records are read back.
@@ -101,10 +104,16 @@ pub struct WebhookConfig {
 impl WebhookConfig {
     /// Builds the configuration from a flow's source and its Secret. Secret keys: `webhookSecret` for
     /// `hmac-sha256`; `clientSecret` and `accessToken` for `hubspot-v3`.
-    pub fn from_spec(flow: &str, spec: &SourceSpec, credentials: &Credentials) -> Result<WebhookConfig, SourceError> {
+    pub fn from_spec(
+        flow: &str,
+        spec: &SourceSpec,
+        credentials: &Credentials,
+    ) -> Result<WebhookConfig, SourceError> {
         let system = system_name(spec.system);
         let verifier = match spec.signature {
-            Some(WebhookSignature::HmacSha256) => Verifier::HmacSha256 { secret: credentials.get("webhookSecret")? },
+            Some(WebhookSignature::HmacSha256) => Verifier::HmacSha256 {
+                secret: credentials.get("webhookSecret")?,
+            },
             Some(WebhookSignature::HubspotV3) => Verifier::HubspotV3 {
                 client_secret: credentials.get("clientSecret")?,
                 api: HubspotApi {
@@ -121,7 +130,9 @@ impl WebhookConfig {
             None => {
                 return Err(SourceError::Config {
                     system,
-                    reason: format!("flow {flow}: a webhook source needs `signature` (hmac-sha256 or hubspot-v3)"),
+                    reason: format!(
+                        "flow {flow}: a webhook source needs `signature` (hmac-sha256 or hubspot-v3)"
+                    ),
                 });
             }
         };
@@ -156,24 +167,53 @@ struct Shared {
 pub fn router(config: WebhookConfig, intake: Arc<dyn Intake>) -> Router {
     let limit = config.body_limit;
     let path = config.path.clone();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap_or_default();
-    let shared = Arc::new(Shared { config, intake, http });
-    Router::new().route(&path, post(receive)).layer(DefaultBodyLimit::max(limit)).with_state(shared)
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap_or_default();
+    let shared = Arc::new(Shared {
+        config,
+        intake,
+        http,
+    });
+    Router::new()
+        .route(&path, post(receive))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(shared)
 }
 
 /// A refusal, with a stable label and a reason the sender can act on.
 fn refuse(status: StatusCode, label: &str, reason: impl Into<String>) -> Response {
-    (status, axum::Json(json!({"error": label, "reason": reason.into()}))).into_response()
+    (
+        status,
+        axum::Json(json!({"error": label, "reason": reason.into()})),
+    )
+        .into_response()
 }
 
-async fn receive(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let config = &shared.config;
     // The signature covers the raw bytes, so it is checked before anything parses (and re-serialises) them.
     let verified = match &config.verifier {
-        Verifier::HmacSha256 { secret } => verify_meshline(secret, &headers, &body, config.tolerance, now_secs()),
+        Verifier::HmacSha256 { secret } => {
+            verify_meshline(secret, &headers, &body, config.tolerance, now_secs())
+        }
         Verifier::HubspotV3 { client_secret, .. } => {
             let uri = hubspot_request_uri(config.public_base_url.as_deref(), &headers, &uri);
-            verify_hubspot_v3(client_secret, method.as_str(), &uri, &headers, &body, now_millis())
+            verify_hubspot_v3(
+                client_secret,
+                method.as_str(),
+                &uri,
+                &headers,
+                &body,
+                now_millis(),
+            )
         }
     };
     if let Err(reason) = verified {
@@ -186,22 +226,34 @@ async fn receive(State(shared): State<Arc<Shared>>, method: Method, uri: Uri, he
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "malformed_json",
-                format!("malformed JSON at line {} column {}: {e}", e.line(), e.column()),
+                format!(
+                    "malformed JSON at line {} column {}: {e}",
+                    e.line(),
+                    e.column()
+                ),
             );
         }
     };
     let items = match parsed {
-        Value::Array(items) => items.into_iter().enumerate().map(|(i, v)| (format!("/{i}"), v)).collect(),
+        Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (format!("/{i}"), v))
+            .collect(),
         Value::Object(_) => vec![(String::new(), parsed)],
         other => {
             return refuse(
                 StatusCode::BAD_REQUEST,
                 "malformed_json",
-                format!("expected a JSON object (one record) or array (a batch) at the root, found {}", kind(&other)),
+                format!(
+                    "expected a JSON object (one record) or array (a batch) at the root, found {}",
+                    kind(&other)
+                ),
             );
         }
     };
-    let correlation = header(&headers, "x-correlation-id").or_else(|| header(&headers, "traceparent"));
+    let correlation =
+        header(&headers, "x-correlation-id").or_else(|| header(&headers, "traceparent"));
     let records = match &config.verifier {
         Verifier::HmacSha256 { .. } => generic_records(config, items, correlation),
         Verifier::HubspotV3 { api, .. } => hubspot_records(&shared.http, config, api, items).await,
@@ -239,7 +291,10 @@ fn kind(v: &Value) -> &'static str {
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 #[allow(clippy::result_large_err)]
@@ -254,11 +309,18 @@ fn generic_records(
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 "malformed_record",
-                format!("record at {} is {}, expected an object", display_path(&path), kind(&item)),
+                format!(
+                    "record at {} is {}, expected an object",
+                    display_path(&path),
+                    kind(&item)
+                ),
             ));
         }
         let payload = apply_field_map(&config.field_map, item);
-        let Some(key) = payload.pointer(&config.key_pointer).and_then(key_from_value) else {
+        let Some(key) = payload
+            .pointer(&config.key_pointer)
+            .and_then(key_from_value)
+        else {
             return Err(refuse(
                 StatusCode::BAD_REQUEST,
                 "missing_key",
@@ -269,7 +331,11 @@ fn generic_records(
                 ),
             ));
         };
-        records.push(SourceRecord { key, payload, correlation_id: correlation.clone() });
+        records.push(SourceRecord {
+            key,
+            payload,
+            correlation_id: correlation.clone(),
+        });
     }
     Ok(records)
 }
@@ -308,10 +374,16 @@ async fn hubspot_records(
                 payload: apply_field_map(&config.field_map, record),
                 correlation_id: event_id.map(|e| format!("hubspot-event-{e}")),
             }),
-            Ok(None) => tracing::info!(flow = %config.flow, object_id = %id, "HubSpot no longer has the object; event skipped"),
+            Ok(None) => {
+                tracing::info!(flow = %config.flow, object_id = %id, "HubSpot no longer has the object; event skipped")
+            }
             Err(e) => {
                 tracing::warn!(flow = %config.flow, object_id = %id, error = %e, "HubSpot read failed");
-                return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, e.label(), format!("{e}; retry later")));
+                return Err(refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    e.label(),
+                    format!("{e}; retry later"),
+                ));
             }
         }
     }
@@ -324,7 +396,9 @@ fn hubspot_properties(field_map: &BTreeMap<String, String>) -> (Vec<String>, Vec
     let relationship_sources: Vec<&str> = children.values().map(|(s, _)| s.as_str()).collect();
     let mut object_props: Vec<String> = field_map
         .iter()
-        .filter(|(t, s)| !t.contains("[]") && s.as_str() != "id" && !relationship_sources.contains(&s.as_str()))
+        .filter(|(t, s)| {
+            !t.contains("[]") && s.as_str() != "id" && !relationship_sources.contains(&s.as_str())
+        })
         .map(|(_, s)| s.split('.').next().unwrap_or(s).to_string())
         .collect();
     object_props.sort();
@@ -346,8 +420,14 @@ async fn fetch_hubspot_record(
     id: &str,
 ) -> Result<Option<Value>, SourceError> {
     let (object_props, item_props) = hubspot_properties(field_map);
-    let mut url = url::Url::parse(&format!("{}/crm/v3/objects/{}/{}", api.base_url, api.object, id))
-        .map_err(|e| SourceError::Config { system: "hubspot", reason: format!("bad HubSpot URL: {e}") })?;
+    let mut url = url::Url::parse(&format!(
+        "{}/crm/v3/objects/{}/{}",
+        api.base_url, api.object, id
+    ))
+    .map_err(|e| SourceError::Config {
+        system: "hubspot",
+        reason: format!("bad HubSpot URL: {e}"),
+    })?;
     {
         let mut q = url.query_pairs_mut();
         if !object_props.is_empty() {
@@ -361,22 +441,46 @@ async fn fetch_hubspot_record(
         .bearer_auth(&api.access_token)
         .send()
         .await
-        .map_err(|e| SourceError::Transport { system: "hubspot", what: what.clone(), reason: e.to_string() })?;
+        .map_err(|e| SourceError::Transport {
+            system: "hubspot",
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
     let status = response.status().as_u16();
     if status == 404 {
         return Ok(None);
     }
     let body = response.text().await.unwrap_or_default();
     if status == 401 || status == 403 {
-        return Err(SourceError::Auth { system: "hubspot", reason: format!("{what}: HTTP {status}: {}", crate::connectors::truncate(&body, 300)) });
+        return Err(SourceError::Auth {
+            system: "hubspot",
+            reason: format!(
+                "{what}: HTTP {status}: {}",
+                crate::connectors::truncate(&body, 300)
+            ),
+        });
     }
     if !(200..300).contains(&status) {
-        return Err(SourceError::Http { system: "hubspot", what, status, body: crate::connectors::truncate(&body, 300).into() });
+        return Err(SourceError::Http {
+            system: "hubspot",
+            what,
+            status,
+            body: crate::connectors::truncate(&body, 300).into(),
+        });
     }
-    let object: Value = serde_json::from_str(&body)
-        .map_err(|e| SourceError::Protocol { system: "hubspot", what: what.clone(), reason: e.to_string() })?;
+    let object: Value = serde_json::from_str(&body).map_err(|e| SourceError::Protocol {
+        system: "hubspot",
+        what: what.clone(),
+        reason: e.to_string(),
+    })?;
     let mut record = serde_json::Map::new();
-    record.insert("id".into(), object.get("id").cloned().unwrap_or_else(|| Value::String(id.to_string())));
+    record.insert(
+        "id".into(),
+        object
+            .get("id")
+            .cloned()
+            .unwrap_or_else(|| Value::String(id.to_string())),
+    );
     if let Some(Value::Object(props)) = object.get("properties") {
         for (k, v) in props {
             record.entry(k.clone()).or_insert_with(|| v.clone());
@@ -410,24 +514,45 @@ async fn read_line_items(
         "inputs": ids.iter().map(|id| json!({"id": id})).collect::<Vec<_>>(),
     });
     let response = http
-        .post(format!("{}/crm/v3/objects/line_items/batch/read", api.base_url))
+        .post(format!(
+            "{}/crm/v3/objects/line_items/batch/read",
+            api.base_url
+        ))
         .bearer_auth(&api.access_token)
         .json(&body)
         .send()
         .await
-        .map_err(|e| SourceError::Transport { system: "hubspot", what: what.clone(), reason: e.to_string() })?;
+        .map_err(|e| SourceError::Transport {
+            system: "hubspot",
+            what: what.clone(),
+            reason: e.to_string(),
+        })?;
     let status = response.status().as_u16();
     let text = response.text().await.unwrap_or_default();
     if !(200..300).contains(&status) {
-        return Err(SourceError::Http { system: "hubspot", what, status, body: crate::connectors::truncate(&text, 300).into() });
+        return Err(SourceError::Http {
+            system: "hubspot",
+            what,
+            status,
+            body: crate::connectors::truncate(&text, 300).into(),
+        });
     }
-    let answer: Value = serde_json::from_str(&text)
-        .map_err(|e| SourceError::Protocol { system: "hubspot", what: what.clone(), reason: e.to_string() })?;
-    let results = answer.get("results").and_then(Value::as_array).cloned().unwrap_or_default();
+    let answer: Value = serde_json::from_str(&text).map_err(|e| SourceError::Protocol {
+        system: "hubspot",
+        what: what.clone(),
+        reason: e.to_string(),
+    })?;
+    let results = answer
+        .get("results")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     // Batch read answers in no promised order; keep the deal's association order.
     let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
     for r in results {
-        let Some(id) = r.get("id").and_then(key_from_value) else { continue };
+        let Some(id) = r.get("id").and_then(key_from_value) else {
+            continue;
+        };
         let mut item = serde_json::Map::new();
         item.insert("id".into(), Value::String(id.clone()));
         if let Some(Value::Object(props)) = r.get("properties") {
@@ -457,7 +582,13 @@ pub fn meshline_signature(secret: &str, t: i64, body: &[u8]) -> String {
 }
 
 /// Checks Meshline's generic signature; `Err` carries the reason given to the sender.
-pub fn verify_meshline(secret: &str, headers: &HeaderMap, body: &[u8], tolerance: Duration, now: i64) -> Result<(), String> {
+pub fn verify_meshline(
+    secret: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    tolerance: Duration,
+    now: i64,
+) -> Result<(), String> {
     let value = header(headers, MESHLINE_SIGNATURE_HEADER)
         .ok_or_else(|| "missing X-Meshline-Signature header".to_string())?;
     let mut t: Option<i64> = None;
@@ -484,19 +615,31 @@ pub fn verify_meshline(secret: &str, headers: &HeaderMap, body: &[u8], tolerance
     mac.update(format!("{t}.").as_bytes());
     mac.update(body);
     for candidate in candidates {
-        let Ok(bytes) = hex::decode(&candidate) else { continue };
+        let Ok(bytes) = hex::decode(&candidate) else {
+            continue;
+        };
         // verify_slice compares in constant time.
         if mac.clone().verify_slice(&bytes).is_ok() {
             return Ok(());
         }
     }
-    Err("X-Meshline-Signature does not match the body (wrong secret, or the body was changed)".into())
+    Err(
+        "X-Meshline-Signature does not match the body (wrong secret, or the body was changed)"
+            .into(),
+    )
 }
 
 /// HubSpot's v3 signature of a request, base64-encoded as in `X-HubSpot-Signature-v3`. `uri` must already
 /// be in the form HubSpot signs (see [`hubspot_decode_uri`]).
-pub fn hubspot_v3_signature(client_secret: &str, method: &str, uri: &str, body: &[u8], timestamp: &str) -> String {
-    let mut mac = HmacSha256::new_from_slice(client_secret.as_bytes()).expect("HMAC takes any key length");
+pub fn hubspot_v3_signature(
+    client_secret: &str,
+    method: &str,
+    uri: &str,
+    body: &[u8],
+    timestamp: &str,
+) -> String {
+    let mut mac =
+        HmacSha256::new_from_slice(client_secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(method.as_bytes());
     mac.update(uri.as_bytes());
     mac.update(body);
@@ -559,14 +702,13 @@ pub fn verify_hubspot_v3(
     body: &[u8],
     now_millis: i64,
 ) -> Result<(), String> {
-    let signature =
-        header(headers, HUBSPOT_SIGNATURE_HEADER).ok_or_else(|| "missing X-HubSpot-Signature-v3 header".to_string())?;
+    let signature = header(headers, HUBSPOT_SIGNATURE_HEADER)
+        .ok_or_else(|| "missing X-HubSpot-Signature-v3 header".to_string())?;
     let timestamp = header(headers, HUBSPOT_TIMESTAMP_HEADER)
         .ok_or_else(|| "missing X-HubSpot-Request-Timestamp header".to_string())?;
-    let ts: i64 = timestamp
-        .trim()
-        .parse()
-        .map_err(|_| format!("X-HubSpot-Request-Timestamp {timestamp:?} is not milliseconds since the epoch"))?;
+    let ts: i64 = timestamp.trim().parse().map_err(|_| {
+        format!("X-HubSpot-Request-Timestamp {timestamp:?} is not milliseconds since the epoch")
+    })?;
     // The guide: reject a request whose timestamp is older than 5 minutes. We also refuse one more than
     // 5 minutes in the future, which only a forger or a broken clock produces.
     let age = now_millis - ts;
@@ -579,7 +721,8 @@ pub fn verify_hubspot_v3(
     let Ok(given) = base64::engine::general_purpose::STANDARD.decode(signature.trim()) else {
         return Err("X-HubSpot-Signature-v3 is not base64".into());
     };
-    let mut mac = HmacSha256::new_from_slice(client_secret.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        HmacSha256::new_from_slice(client_secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(method.as_bytes());
     mac.update(uri.as_bytes());
     mac.update(body);
@@ -605,7 +748,10 @@ mod tests {
     fn meshline_signature_round_trips_and_rotated_secrets_match() {
         let sig = meshline_signature("s", 100, b"{}");
         let mut headers = HeaderMap::new();
-        headers.insert(MESHLINE_SIGNATURE_HEADER, format!("{sig},v1=00").parse().unwrap());
+        headers.insert(
+            MESHLINE_SIGNATURE_HEADER,
+            format!("{sig},v1=00").parse().unwrap(),
+        );
         assert!(verify_meshline("s", &headers, b"{}", Duration::from_secs(300), 120).is_ok());
         assert!(verify_meshline("s", &headers, b"{ }", Duration::from_secs(300), 120).is_err());
         assert!(verify_meshline("s", &headers, b"{}", Duration::from_secs(300), 1000).is_err());
