@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod worker;
+
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
 #[derive(Debug, Parser)]
 #[command(name = "meshline", version, about, long_about = None)]
@@ -20,6 +22,18 @@ pub enum Command {
         /// Write one file per CRD into this directory instead of printing them.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+    },
+    /// Run one flow: sources, ledger, contract, sink, and the operations API.
+    Worker(Box<worker::WorkerArgs>),
+    /// Inspect and replay a running worker's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: worker::DlqCommand,
+    },
+    /// List, approve or reject records held for approval on a running worker.
+    Hold {
+        #[command(subcommand)]
+        command: worker::HoldCommand,
     },
     /// Check manifests offline (YAML, kinds, schema, CRD rules, contract expressions, references); for CI.
     Validate {
@@ -50,6 +64,9 @@ pub fn run(cli: Cli) -> ExitCode {
             output,
             partial,
         } => validate(&paths, output, partial),
+        Command::Worker(args) => worker::worker(*args),
+        Command::Dlq { command } => worker::dlq(command),
+        Command::Hold { command } => worker::hold(command),
     }
 }
 

@@ -40,6 +40,8 @@ pub struct WorkerStatus {
     pub manual_interventions_per_1k: String,
     pub oldest_pending_seconds: Option<i64>,
     pub circuit_breaker: Option<BreakerStatus>,
+    /// Why the flow processes nothing right now (e.g. a lookup that never loaded), if it doesn't.
+    pub paused: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -172,6 +174,7 @@ pub async fn compute_status(
             reason: o.reason,
             since: o.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }),
+        paused: pipeline.gated(),
     })
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod intake;
 pub mod metrics;
 pub mod pipeline;
+pub mod run;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -181,6 +182,7 @@ impl Worker {
             breaker: Default::default(),
             metrics: Arc::new(metrics::Metrics::new()),
             wake: tokio::sync::Notify::new(),
+            gate: std::sync::Mutex::new(None),
         });
         let intake = Arc::new(intake::LedgerIntake {
             pipeline: pipeline.clone(),

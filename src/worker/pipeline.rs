@@ -68,11 +68,24 @@ pub struct Pipeline {
     pub metrics: Arc<Metrics>,
     /// Woken by the intake when new records arrive, so an idle pipeline reacts without polling delay.
     pub wake: tokio::sync::Notify,
+    /// Set while the flow cannot judge records correctly (e.g. its pricebook never loaded): records keep
+    /// arriving in the ledger but none is processed, so none is rejected for a missing lookup.
+    pub gate: std::sync::Mutex<Option<String>>,
 }
 
 impl Pipeline {
     fn env(&self) -> Arc<Env> {
         self.env.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Why deliveries are gated, if they are.
+    pub fn gated(&self) -> Option<String> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_gate(&self, reason: Option<String>) {
+        *self.gate.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+        self.wake.notify_one();
     }
 
     /// Replaces the lookup snapshot (after a pricebook refresh).
@@ -92,6 +105,13 @@ impl Pipeline {
                 break;
             }
             while tasks.try_join_next().is_some() {}
+            if self.gated().is_some() {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
             if self.breaker.is_open() {
                 self.metrics.breaker_open.set(1);
                 self.probe().await;

@@ -1,0 +1,298 @@
+//! `meshline worker` (run one flow) and the commands people use against a running worker: `meshline dlq`
+//! for the dead letters and `meshline hold` for records waiting for approval.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::worker::{PipelineOptions, RenderedFlow, WorkerSettings};
+
+/// Options of `meshline worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The rendered flow configuration (as the controller mounts it), or a directory of manifests.
+    #[arg(long)]
+    pub flow: PathBuf,
+    /// Address of the webhook and operations port.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Directory of the embedded ledger.
+    #[arg(long, default_value = "/var/lib/meshline")]
+    pub state_dir: PathBuf,
+    /// Directory with one sub-directory per mounted Secret.
+    #[arg(long, env = "MESHLINE_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// File holding the bearer token of the mutating endpoints.
+    #[arg(long, env = "MESHLINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Directory with ConfigMap lookups (`<name>.json`).
+    #[arg(long)]
+    pub lookups_dir: Option<PathBuf>,
+    /// This worker's name in leases (defaults to the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub worker_id: Option<String>,
+    /// Record buckets this worker claims, `FROM-TO` inclusive (stable takes the top, a canary the bottom).
+    #[arg(long, default_value = "0-99", value_parser = parse_buckets)]
+    pub buckets: (u8, u8),
+    /// Seconds a graceful shutdown waits for in-flight deliveries.
+    #[arg(long, default_value_t = 20)]
+    pub shutdown_grace: u64,
+}
+
+fn parse_buckets(s: &str) -> Result<(u8, u8), String> {
+    let (from, to) = s.split_once('-').ok_or("expected FROM-TO, e.g. 0-99")?;
+    let from: u8 = from.trim().parse().map_err(|_| format!("{from:?} is not a bucket number"))?;
+    let to: u8 = to.trim().parse().map_err(|_| format!("{to:?} is not a bucket number"))?;
+    if from > to || to > 99 {
+        return Err(format!("{s}: buckets go from 0 to 99 and FROM must not exceed TO"));
+    }
+    Ok((from, to))
+}
+
+pub fn worker(args: WorkerArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let rendered = match RenderedFlow::load(&args.flow) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let settings = WorkerSettings {
+            listen: args.listen,
+            state_dir: args.state_dir,
+            secrets_dir: args.secrets_dir,
+            token_file: args.token_file,
+            options: PipelineOptions {
+                worker_id: args.worker_id.unwrap_or_else(|| format!("worker-{}", std::process::id())),
+                buckets: crate::ledger::BucketSet::range(args.buckets.0..args.buckets.1 + 1),
+                shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+                ..PipelineOptions::default()
+            },
+        };
+        let options = crate::worker::run::RunOptions { lookups_dir: args.lookups_dir };
+        let worker = match crate::worker::run::start_flow(&rendered, &settings, &options).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, label = e.label(), "worker did not start");
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        eprintln!("meshline worker: flow {} listening on http://{}", rendered.flow_name(), worker.addr);
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; finishing in-flight deliveries");
+        worker.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Where a running worker is and how to authenticate to it.
+#[derive(Debug, Args)]
+pub struct Endpoint {
+    /// Base URL of the worker's operations port.
+    #[arg(long, env = "MESHLINE_WORKER_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// File holding the bearer token (needed to replay, approve or reject).
+    #[arg(long, env = "MESHLINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters (reason, record key, when).
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// Only dead letters with exactly this reason (e.g. `erp:400`).
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one record's whole story: payload (redacted), lineage, interventions.
+    Show {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        id: i64,
+    },
+    /// Send dead letters back for delivery after the cause was fixed: one by id, or all with a reason.
+    Replay {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        /// The record id to replay.
+        #[arg(required_unless_present = "reason", conflicts_with = "reason")]
+        id: Option<i64>,
+        /// Replay every dead letter with this reason.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Who replays (recorded as a manual intervention).
+        #[arg(long)]
+        actor: String,
+        /// Why (recorded with it).
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// List records held for approval.
+    List {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    },
+    /// Approve a held record: it goes on to the ERP.
+    Approve {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        id: i64,
+        #[arg(long)]
+        actor: String,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+    /// Reject a held record: it becomes a dead letter.
+    Reject {
+        #[command(flatten)]
+        endpoint: Endpoint,
+        id: i64,
+        #[arg(long)]
+        actor: String,
+        #[arg(long, default_value = "")]
+        why: String,
+    },
+}
+
+fn call(endpoint: &Endpoint, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    let token = match &endpoint.token_file {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("token file {}: {e}", p.display()))?.trim().to_string()),
+        None => None,
+    };
+    let url = format!("{}{path}", endpoint.url.trim_end_matches('/'));
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async move {
+        let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build().map_err(|e| e.to_string())?;
+        let mut req = client.request(method, &url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
+        let status = resp.status();
+        let value: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(value)
+        } else {
+            Err(format!("{url}: HTTP {status}: {}", value["error"].as_str().unwrap_or("no detail")))
+        }
+    })
+}
+
+fn finish(result: Result<Value, String>, render: impl Fn(&Value)) -> ExitCode {
+    match result {
+        Ok(v) => {
+            render(&v);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_list(v: &Value, what: &str) {
+    let items = v["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        println!("no {what}");
+        return;
+    }
+    println!("{:<8} {:<24} {:<40} UPDATED", "ID", "KEY", "REASON");
+    for i in items {
+        let reason = i["dead_letter_reason"].as_str().or(i["hold_rule"].as_str()).unwrap_or("-");
+        println!(
+            "{:<8} {:<24} {:<40} {}",
+            i["id"],
+            i["source_key"].as_str().unwrap_or("-"),
+            reason,
+            i["updated_at"].as_str().unwrap_or("-")
+        );
+    }
+}
+
+pub fn dlq(command: DlqCommand) -> ExitCode {
+    match command {
+        DlqCommand::List { endpoint, reason, limit } => {
+            let mut path = format!("/dead-letters?limit={limit}");
+            if let Some(r) = reason {
+                path.push_str(&format!("&reason={}", percent_encoding::utf8_percent_encode(&r, percent_encoding::NON_ALPHANUMERIC)));
+            }
+            finish(call(&endpoint, reqwest::Method::GET, &path, None), |v| print_list(v, "dead letters"))
+        }
+        DlqCommand::Show { endpoint, id } => finish(call(&endpoint, reqwest::Method::GET, &format!("/records/{id}"), None), |v| {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
+        }),
+        DlqCommand::Replay { endpoint, id, reason, actor, why } => {
+            let result = match (id, reason) {
+                (Some(id), _) => call(&endpoint, reqwest::Method::POST, &format!("/dead-letters/{id}/replay"), Some(json!({"actor": actor, "reason": why}))),
+                (None, Some(r)) => call(
+                    &endpoint,
+                    reqwest::Method::POST,
+                    "/dead-letters/replay",
+                    Some(json!({"deadLetterReason": r, "actor": actor, "reason": why})),
+                ),
+                (None, None) => Err("give a record id or --reason".into()),
+            };
+            finish(result, |v| println!("replayed: {}", v["replayed"]))
+        }
+    }
+}
+
+pub fn hold(command: HoldCommand) -> ExitCode {
+    match command {
+        HoldCommand::List { endpoint } => finish(call(&endpoint, reqwest::Method::GET, "/holds", None), |v| print_list(v, "held records")),
+        HoldCommand::Approve { endpoint, id, actor, why } => finish(
+            call(&endpoint, reqwest::Method::POST, &format!("/records/{id}/approve"), Some(json!({"actor": actor, "reason": why}))),
+            |_| println!("record {id} approved"),
+        ),
+        HoldCommand::Reject { endpoint, id, actor, why } => finish(
+            call(&endpoint, reqwest::Method::POST, &format!("/records/{id}/reject"), Some(json!({"actor": actor, "reason": why}))),
+            |_| println!("record {id} rejected"),
+        ),
+    }
+}
