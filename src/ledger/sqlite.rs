@@ -12,12 +12,13 @@
 //! transaction starts with `BEGIN IMMEDIATE`, so a second process on the same file waits (busy timeout)
 //! instead of failing half way. Several replicas need the PostgreSQL ledger.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -30,7 +31,7 @@ use super::{
     IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
     NewLineageEvent, Prepared, RECORD_COLUMNS, RecordDetail, RecordId, RecordRow, RecordState,
     RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms,
-    prepare,
+    prepare, rounds,
 };
 
 #[derive(Debug)]
@@ -170,6 +171,7 @@ impl SqliteLedger {
         batch: Vec<IncomingRecord>,
         checkpoint: Option<(&str, &str)>,
     ) -> Result<Vec<IngestOutcome>> {
+        let total = batch.len();
         let prepared = prepare(&self.flow, batch)?;
         let now = self.clock.now_ms();
         let mut conn = self.pool.acquire().await.map_err(self.db("ingest", None))?;
@@ -179,9 +181,10 @@ impl SqliteLedger {
                 .begin_with("BEGIN IMMEDIATE")
                 .await
                 .map_err(self.db("ingest", None))?;
-            let mut outcomes = Vec::with_capacity(prepared.len());
-            for item in &prepared {
-                outcomes.push(self.ingest_one(&mut tx, item, now).await?);
+            let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; total];
+            for round in rounds(prepared) {
+                self.ingest_round(&mut tx, round, now, &mut outcomes)
+                    .await?;
             }
             if let Some((source, value)) = checkpoint {
                 set_checkpoint_on(&mut tx, &self.flow, source, value, now)
@@ -189,142 +192,157 @@ impl SqliteLedger {
                     .map_err(self.db("set checkpoint", None))?;
             }
             tx.commit().await.map_err(self.db("ingest commit", None))?;
-            Ok(outcomes)
+            outcomes
+                .into_iter()
+                .map(|outcome| {
+                    outcome.ok_or_else(|| LedgerError::InvalidInput {
+                        flow: self.flow.clone(),
+                        what: "a record of the batch was neither stored nor found during ingest"
+                            .into(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
         }
         .await;
         self.set_sync(&mut conn, false).await?;
         result
     }
 
-    async fn ingest_one(
+    /// One round of a batch (every idempotency key once), set-based: the statements take the whole round
+    /// as one JSON array read with `json_each`, because sqlx runs each SQLite statement on the
+    /// connection's worker thread and a statement per record would spend its time on that hand-off.
+    async fn ingest_round(
         &self,
         conn: &mut SqliteConnection,
-        item: &Prepared,
+        round: Vec<(usize, Prepared)>,
         now: i64,
-    ) -> Result<IngestOutcome> {
-        let existing = sqlx::query(
-            "SELECT id, payload_hash, generation, state FROM records WHERE flow = $1 AND idempotency_key = $2",
+        outcomes: &mut [Option<IngestOutcome>],
+    ) -> Result<()> {
+        let rows: Vec<Value> = round
+            .iter()
+            .map(|(_, item)| {
+                json!({
+                    "s": item.source_key, "k": item.idempotency_key, "e": item.external_id,
+                    "p": item.payload, "h": item.hash, "c": item.contract_version, "b": item.bucket,
+                    "r": item.correlation_id,
+                })
+            })
+            .collect();
+        // New keys insert; changed payloads start a new generation (lease columns untouched, so an
+        // in-flight older generation is never claimed alongside it); equal hashes are left alone and do
+        // not come back from RETURNING. (`WHERE true` resolves SQLite's INSERT…SELECT…ON CONFLICT parse.)
+        let written = sqlx::query(
+            "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, payload, \
+             payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, received_at, \
+             updated_at) \
+             SELECT $1, value ->> '$.s', value ->> '$.k', value ->> '$.e', 1, value ->> '$.p', \
+             value ->> '$.h', value ->> '$.c', 'received', $2, value ->> '$.b', value ->> '$.r', $2, $2 \
+             FROM json_each($3) WHERE true \
+             ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = excluded.source_key, \
+             external_id = excluded.external_id, generation = records.generation + 1, \
+             payload = excluded.payload, payload_hash = excluded.payload_hash, \
+             contract_version = excluded.contract_version, state = 'received', claimed_from = NULL, \
+             attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
+             last_error_class = NULL, dead_letter_reason = NULL, erp_response = NULL, hold_rule = NULL, \
+             hold_role = NULL, approved_by = NULL, bucket = excluded.bucket, \
+             correlation_id = excluded.correlation_id, received_at = excluded.received_at, \
+             updated_at = excluded.updated_at, delivered_at = NULL, first_failure_at = NULL \
+             WHERE records.payload_hash <> excluded.payload_hash \
+             RETURNING id, idempotency_key, generation",
         )
         .bind(&self.flow)
-        .bind(&item.idempotency_key)
-        .fetch_optional(&mut *conn)
+        .bind(now)
+        .bind(Value::Array(rows).to_string())
+        .fetch_all(&mut *conn)
         .await
-        .map_err(self.db("ingest lookup", None))?;
+        .map_err(self.db("ingest", None))?;
+        let mut written_by_key: HashMap<String, (i64, i64)> = HashMap::new();
+        for row in written {
+            written_by_key.insert(
+                row.get("idempotency_key"),
+                (row.get("id"), row.get("generation")),
+            );
+        }
+        let duplicate_keys: Vec<&str> = round
+            .iter()
+            .map(|(_, item)| item.idempotency_key.as_str())
+            .filter(|k| !written_by_key.contains_key(*k))
+            .collect();
+        let mut duplicates: HashMap<String, (i64, i64, String)> = HashMap::new();
+        if !duplicate_keys.is_empty() {
+            let rows = sqlx::query(
+                "SELECT id, idempotency_key, generation, correlation_id FROM records \
+                 WHERE flow = $1 AND idempotency_key IN (SELECT value FROM json_each($2))",
+            )
+            .bind(&self.flow)
+            .bind(json!(duplicate_keys).to_string())
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(self.db("ingest duplicates", None))?;
+            for row in rows {
+                duplicates.insert(
+                    row.get("idempotency_key"),
+                    (
+                        row.get("id"),
+                        row.get("generation"),
+                        row.get("correlation_id"),
+                    ),
+                );
+            }
+        }
 
-        let (outcome, id, generation, step, detail) = match existing {
-            None => {
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, payload, \
-                     payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, \
-                     received_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, 1, $5, $6, $7, 'received', $8, $9, $10, $8, $8) RETURNING id",
-                )
-                .bind(&self.flow)
-                .bind(&item.source_key)
-                .bind(&item.idempotency_key)
-                .bind(&item.external_id)
-                .bind(&item.payload)
-                .bind(&item.hash)
-                .bind(&item.contract_version)
-                .bind(now)
-                .bind(item.bucket)
-                .bind(&item.correlation_id)
-                .fetch_one(&mut *conn)
-                .await
-                .map_err(self.db("ingest insert", None))?;
-                (
+        let mut lineage = Vec::with_capacity(round.len());
+        let mut snapshots = Vec::new();
+        for (index, item) in round {
+            if let Some(&(id, generation)) = written_by_key.get(&item.idempotency_key) {
+                let inserted = generation == 1;
+                let (step, detail) = if inserted {
+                    (
+                        "received",
+                        json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}),
+                    )
+                } else {
+                    (
+                        "updated",
+                        json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
+                    )
+                };
+                lineage.push(json!({"i": id, "g": generation, "s": step, "d": detail.to_string(), "c": item.correlation_id}));
+                if let Some(snapshot) = item.snapshot {
+                    snapshots
+                        .push(json!({"i": id, "g": generation, "k": "received", "b": snapshot}));
+                }
+                outcomes[index] = Some(if inserted {
                     IngestOutcome::Received {
                         id: RecordId(id),
-                        correlation_id: item.correlation_id.clone(),
-                    },
-                    id,
-                    1,
-                    "received",
-                    json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}),
-                )
-            }
-            Some(row) => {
-                let id: i64 = row.get("id");
-                let hash: String = row.get("payload_hash");
-                let generation: i64 = row.get("generation");
-                let state: String = row.get("state");
-                if hash == item.hash {
-                    // A webhook retry or an overlapping poll: note it, store nothing new.
-                    sqlx::query(
-                        "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-                         SELECT id, generation, $1, 'duplicate', $2, correlation_id FROM records WHERE id = $3",
-                    )
-                    .bind(now)
-                    .bind(json!({"payload_hash": hash}).to_string())
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(self.db("ingest duplicate", Some(RecordId(id))))?;
-                    return Ok(IngestOutcome::Duplicate { id: RecordId(id) });
-                }
-                // A changed payload: a new generation from `received`. The lease columns are left alone on
-                // purpose, so a record still in flight is not claimable until that claim ends or expires.
-                sqlx::query(
-                    "UPDATE records SET source_key = $1, external_id = $2, generation = generation + 1, \
-                     payload = $3, payload_hash = $4, contract_version = $5, state = 'received', \
-                     claimed_from = NULL, attempts = 0, next_attempt_at = $6, last_error = NULL, \
-                     last_error_class = NULL, dead_letter_reason = NULL, erp_response = NULL, hold_rule = NULL, \
-                     hold_role = NULL, approved_by = NULL, bucket = $7, correlation_id = $8, received_at = $6, \
-                     updated_at = $6, delivered_at = NULL, first_failure_at = NULL WHERE id = $9",
-                )
-                .bind(&item.source_key)
-                .bind(&item.external_id)
-                .bind(&item.payload)
-                .bind(&item.hash)
-                .bind(&item.contract_version)
-                .bind(now)
-                .bind(item.bucket)
-                .bind(&item.correlation_id)
-                .bind(id)
-                .execute(&mut *conn)
-                .await
-                .map_err(self.db("ingest update", Some(RecordId(id))))?;
-                (
+                        correlation_id: item.correlation_id,
+                    }
+                } else {
                     IngestOutcome::Updated {
                         id: RecordId(id),
-                        generation: generation + 1,
-                        correlation_id: item.correlation_id.clone(),
-                    },
-                    id,
-                    generation + 1,
-                    "updated",
-                    json!({"payload_hash": item.hash, "previous_generation": generation, "previous_state": state, "contract_version": item.contract_version}),
-                )
+                        generation,
+                        correlation_id: item.correlation_id,
+                    }
+                });
+            } else if let Some((id, generation, correlation_id)) =
+                duplicates.get(&item.idempotency_key)
+            {
+                // A webhook retry or an overlapping poll: note it, store nothing new.
+                lineage.push(json!({"i": id, "g": generation, "s": "duplicate", "d": json!({"payload_hash": item.hash}).to_string(), "c": correlation_id}));
+                outcomes[index] = Some(IngestOutcome::Duplicate { id: RecordId(*id) });
             }
-        };
-        sqlx::query(
-            "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id)
-        .bind(generation)
-        .bind(now)
-        .bind(step)
-        .bind(detail.to_string())
-        .bind(&item.correlation_id)
-        .execute(&mut *conn)
-        .await
-        .map_err(self.db("ingest lineage", Some(RecordId(id))))?;
-        if let Some(snapshot) = &item.snapshot {
-            sqlx::query(
-                "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) VALUES ($1, $2, 'received', $3, $4)",
-            )
-            .bind(id)
-            .bind(generation)
-            .bind(now)
-            .bind(snapshot)
-            .execute(&mut *conn)
-            .await
-            .map_err(self.db("ingest snapshot", Some(RecordId(id))))?;
         }
-        Ok(outcome)
+        insert_lineage_set(&mut *conn, lineage, now)
+            .await
+            .map_err(self.db("ingest lineage", None))?;
+        insert_snapshot_set(&mut *conn, snapshots, now)
+            .await
+            .map_err(self.db("ingest snapshots", None))?;
+        Ok(())
     }
 
-    async fn complete_one(
+    /// A refused completion: find out why, release a superseded holder's lease, leave a trace.
+    async fn refused(
         &self,
         conn: &mut SqliteConnection,
         completion: &Completion,
@@ -332,68 +350,6 @@ impl SqliteLedger {
     ) -> Result<CompletionResult> {
         let claim = completion.claim;
         let record = Some(claim.id);
-        let params = completion_params(&completion.outcome, now);
-        let applied = sqlx::query(
-            "UPDATE records SET state = COALESCE($1, claimed_from, 'received'), claimed_from = NULL, \
-             lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE($2, next_attempt_at), \
-             last_error = COALESCE($3, last_error), last_error_class = COALESCE($4, last_error_class), \
-             dead_letter_reason = COALESCE($5, dead_letter_reason), erp_response = COALESCE($6, erp_response), \
-             hold_rule = COALESCE($7, hold_rule), hold_role = COALESCE($8, hold_role), retries = retries + $9, \
-             first_failure_at = CASE WHEN $10 THEN COALESCE(first_failure_at, $11) ELSE first_failure_at END, \
-             delivered_at = CASE WHEN $1 = 'delivered' THEN $11 ELSE delivered_at END, updated_at = $11 \
-             WHERE id = $12 AND flow = $13 AND generation = $14 AND fence = $15 AND state = 'delivering' \
-             RETURNING correlation_id",
-        )
-        .bind(params.new_state)
-        .bind(params.next_attempt_at)
-        .bind(&params.last_error)
-        .bind(params.error_class)
-        .bind(&params.dead_letter_reason)
-        .bind(&params.erp_response)
-        .bind(&params.hold_rule)
-        .bind(&params.hold_role)
-        .bind(params.retry_increment)
-        .bind(params.failed)
-        .bind(now)
-        .bind(claim.id.0)
-        .bind(&self.flow)
-        .bind(claim.generation)
-        .bind(claim.fence)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(self.db("complete", record))?;
-
-        if let Some(row) = applied {
-            let correlation_id: String = row.get(0);
-            let mut detail = params.detail;
-            detail["fence"] = json!(claim.fence);
-            insert_lineage(
-                &mut *conn,
-                claim.id.0,
-                claim.generation,
-                now,
-                completion.outcome.step(),
-                &detail.to_string(),
-                &correlation_id,
-            )
-            .await
-            .map_err(self.db("complete lineage", record))?;
-            if let Some(snapshot) = &params.snapshot {
-                sqlx::query(
-                    "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) VALUES ($1, $2, 'dead_lettered', $3, $4)",
-                )
-                .bind(claim.id.0)
-                .bind(claim.generation)
-                .bind(now)
-                .bind(snapshot)
-                .execute(&mut *conn)
-                .await
-                .map_err(self.db("complete snapshot", record))?;
-            }
-            return Ok(CompletionResult::Applied);
-        }
-
-        // Refused: find out why, and leave a trace of the refusal.
         let current = sqlx::query(
             "SELECT generation, fence, correlation_id FROM records WHERE id = $1 AND flow = $2",
         )
@@ -408,44 +364,39 @@ impl SqliteLedger {
         let generation: i64 = current.get("generation");
         let fence: i64 = current.get("fence");
         let correlation_id: String = current.get("correlation_id");
-        let result = if generation != claim.generation {
-            if fence == claim.fence {
-                // The stale holder still holds the lease over the newer generation: let it go now rather
-                // than make the update wait for the lease to expire.
-                sqlx::query(
-                    "UPDATE records SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND fence = $2",
-                )
-                .bind(claim.id.0)
-                .bind(claim.fence)
-                .execute(&mut *conn)
-                .await
-                .map_err(self.db("release superseded lease", record))?;
-            }
-            CompletionResult::Superseded {
-                current_generation: generation,
-            }
-        } else {
-            CompletionResult::LeaseLost
-        };
+        let superseded = generation != claim.generation;
+        if superseded && fence == claim.fence {
+            // The stale holder still holds the lease over the newer generation: let it go now rather
+            // than make the update wait for the lease to expire.
+            sqlx::query(
+                "UPDATE records SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND fence = $2",
+            )
+            .bind(claim.id.0)
+            .bind(claim.fence)
+            .execute(&mut *conn)
+            .await
+            .map_err(self.db("release superseded lease", record))?;
+        }
         let detail = json!({
             "outcome": completion.outcome.step(),
             "claim_generation": claim.generation,
             "claim_fence": claim.fence,
             "current_fence": fence,
-            "result": if generation != claim.generation { "superseded" } else { "lease_lost" },
+            "result": if superseded { "superseded" } else { "lease_lost" },
         });
-        insert_lineage(
-            &mut *conn,
-            claim.id.0,
-            generation,
-            now,
-            "completion_refused",
-            &detail.to_string(),
-            &correlation_id,
-        )
-        .await
-        .map_err(self.db("complete lineage", record))?;
-        Ok(result)
+        let lineage = vec![
+            json!({"i": claim.id.0, "g": generation, "s": "completion_refused", "d": detail.to_string(), "c": correlation_id}),
+        ];
+        insert_lineage_set(&mut *conn, lineage, now)
+            .await
+            .map_err(self.db("complete lineage", record))?;
+        Ok(if superseded {
+            CompletionResult::Superseded {
+                current_generation: generation,
+            }
+        } else {
+            CompletionResult::LeaseLost
+        })
     }
 
     async fn manual(
@@ -585,6 +536,47 @@ async fn insert_lineage(
     .map(|_| ())
 }
 
+/// Inserts lineage rows given as JSON objects `{i: record, g: generation, s: step, d: detail, c: correlation}`.
+async fn insert_lineage_set(
+    conn: &mut SqliteConnection,
+    rows: Vec<Value>,
+    at: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+         SELECT value ->> '$.i', value ->> '$.g', $1, value ->> '$.s', value ->> '$.d', value ->> '$.c' \
+         FROM json_each($2)",
+    )
+    .bind(at)
+    .bind(Value::Array(rows).to_string())
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
+/// Inserts snapshots given as JSON objects `{i: record, g: generation, k: kind, b: body text}`.
+async fn insert_snapshot_set(
+    conn: &mut SqliteConnection,
+    rows: Vec<Value>,
+    at: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) \
+         SELECT value ->> '$.i', value ->> '$.g', value ->> '$.k', $1, value ->> '$.b' FROM json_each($2)",
+    )
+    .bind(at)
+    .bind(Value::Array(rows).to_string())
+    .execute(conn)
+    .await
+    .map(|_| ())
+}
+
 async fn set_checkpoint_on(
     conn: &mut SqliteConnection,
     flow: &str,
@@ -682,50 +674,76 @@ impl Ledger for SqliteLedger {
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("claim", None))?;
+        if due.is_empty() {
+            tx.commit().await.map_err(self.db("claim commit", None))?;
+            return Ok(Vec::new());
+        }
+        let mut taken_over_from: HashMap<i64, Option<String>> = HashMap::new();
+        let mut ids = Vec::with_capacity(due.len());
+        for row in due {
+            let id: i64 = row.get("id");
+            let state: String = row.get("state");
+            let owner: Option<String> = row.get("lease_owner");
+            taken_over_from.insert(
+                id,
+                (state == RecordState::Delivering.as_str())
+                    .then_some(owner)
+                    .flatten(),
+            );
+            ids.push(id);
+        }
+        // The write lock taken by BEGIN IMMEDIATE makes the select and this update one atomic claim.
         let update = format!(
             "UPDATE records SET claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
              state = 'delivering', lease_owner = $1, lease_expires_at = $2, next_attempt_at = $2, \
-             fence = fence + 1, attempts = attempts + 1, updated_at = $3 WHERE id = $4 RETURNING {RECORD_COLUMNS}"
+             fence = fence + 1, attempts = attempts + 1, updated_at = $3 \
+             WHERE id IN (SELECT value FROM json_each($4)) RETURNING {RECORD_COLUMNS}"
         );
-        let mut claimed = Vec::with_capacity(due.len());
-        for row in due {
-            let id: i64 = row.get("id");
-            let previous_state: String = row.get("state");
-            let previous_owner: Option<String> = row.get("lease_owner");
-            let record: RecordRow = sqlx::query_as(AssertSqlSafe(update.as_str()))
-                .bind(worker)
-                .bind(expires)
-                .bind(now)
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(self.db("claim", Some(RecordId(id))))?;
-            let taken_over = (previous_state == RecordState::Delivering.as_str())
-                .then_some(previous_owner)
-                .flatten();
-            let detail = json!({
-                "worker": worker, "fence": record.fence, "attempt": record.attempts,
-                "lease_expires_at": expires, "taken_over_from": taken_over,
-            });
-            insert_lineage(
-                &mut tx,
-                id,
-                record.generation,
-                now,
-                "claimed",
-                &detail.to_string(),
-                &record.correlation_id,
-            )
+        let mut records: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(update))
+            .bind(worker)
+            .bind(expires)
+            .bind(now)
+            .bind(json!(ids).to_string())
+            .fetch_all(&mut *tx)
             .await
-            .map_err(self.db("claim lineage", Some(RecordId(id))))?;
-            claimed.push(record.into_claimed()?);
-        }
+            .map_err(self.db("claim", None))?;
+        records.sort_by_key(|r| r.id);
+        let lineage = records
+            .iter()
+            .map(|record| {
+                let detail = json!({
+                    "worker": worker, "fence": record.fence, "attempt": record.attempts,
+                    "lease_expires_at": expires,
+                    "taken_over_from": taken_over_from.get(&record.id).cloned().flatten(),
+                });
+                json!({"i": record.id, "g": record.generation, "s": "claimed", "d": detail.to_string(), "c": record.correlation_id})
+            })
+            .collect();
+        insert_lineage_set(&mut tx, lineage, now)
+            .await
+            .map_err(self.db("claim lineage", None))?;
         tx.commit().await.map_err(self.db("claim commit", None))?;
-        Ok(claimed)
+        records.into_iter().map(RecordRow::into_claimed).collect()
     }
 
     async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<CompletionResult>> {
+        if completions.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = self.clock.now_ms();
+        let mut rows = Vec::with_capacity(completions.len());
+        let mut params_by_index = Vec::with_capacity(completions.len());
+        for completion in &completions {
+            let claim = completion.claim;
+            let params = completion_params(&completion.outcome, now);
+            rows.push(json!({
+                "id": claim.id.0, "g": claim.generation, "f": claim.fence, "st": params.new_state,
+                "na": params.next_attempt_at, "le": params.last_error, "ec": params.error_class,
+                "dr": params.dead_letter_reason, "er": params.erp_response, "hr": params.hold_rule,
+                "ho": params.hold_role, "ri": params.retry_increment, "fa": params.failed,
+            }));
+            params_by_index.push(params);
+        }
         let mut conn = self
             .pool
             .acquire()
@@ -735,10 +753,57 @@ impl Ledger for SqliteLedger {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(self.db("complete", None))?;
+        let applied = sqlx::query(
+            "WITH t AS MATERIALIZED (SELECT value ->> '$.id' AS id, value ->> '$.g' AS g, value ->> '$.f' AS f, \
+               value ->> '$.st' AS st, value ->> '$.na' AS na, value ->> '$.le' AS le, value ->> '$.ec' AS ec, \
+               value ->> '$.dr' AS dr, value ->> '$.er' AS er, value ->> '$.hr' AS hr, value ->> '$.ho' AS ho, \
+               value ->> '$.ri' AS ri, value ->> '$.fa' AS fa FROM json_each($2)) \
+             UPDATE records SET state = COALESCE(t.st, claimed_from, 'received'), claimed_from = NULL, \
+             lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE(t.na, next_attempt_at), \
+             last_error = COALESCE(t.le, last_error), last_error_class = COALESCE(t.ec, last_error_class), \
+             dead_letter_reason = COALESCE(t.dr, dead_letter_reason), erp_response = COALESCE(t.er, erp_response), \
+             hold_rule = COALESCE(t.hr, hold_rule), hold_role = COALESCE(t.ho, hold_role), retries = retries + t.ri, \
+             first_failure_at = CASE WHEN t.fa THEN COALESCE(first_failure_at, $1) ELSE first_failure_at END, \
+             delivered_at = CASE WHEN t.st = 'delivered' THEN $1 ELSE delivered_at END, updated_at = $1 \
+             FROM t \
+             WHERE records.id = t.id AND records.flow = $3 AND records.generation = t.g \
+             AND records.fence = t.f AND records.state = 'delivering' \
+             RETURNING id, correlation_id",
+        )
+        .bind(now)
+        .bind(Value::Array(rows).to_string())
+        .bind(&self.flow)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("complete", None))?;
+        let applied: HashMap<i64, String> = applied
+            .into_iter()
+            .map(|row| (row.get("id"), row.get("correlation_id")))
+            .collect();
+
         let mut results = Vec::with_capacity(completions.len());
-        for completion in &completions {
-            results.push(self.complete_one(&mut tx, completion, now).await?);
+        let mut lineage = Vec::with_capacity(completions.len());
+        let mut snapshots = Vec::new();
+        for (completion, params) in completions.iter().zip(params_by_index) {
+            let claim = completion.claim;
+            let Some(correlation_id) = applied.get(&claim.id.0) else {
+                results.push(self.refused(&mut tx, completion, now).await?);
+                continue;
+            };
+            let mut detail = params.detail;
+            detail["fence"] = json!(claim.fence);
+            lineage.push(json!({"i": claim.id.0, "g": claim.generation, "s": completion.outcome.step(), "d": detail.to_string(), "c": correlation_id}));
+            if let Some(snapshot) = params.snapshot {
+                snapshots.push(json!({"i": claim.id.0, "g": claim.generation, "k": "dead_lettered", "b": snapshot}));
+            }
+            results.push(CompletionResult::Applied);
         }
+        insert_lineage_set(&mut tx, lineage, now)
+            .await
+            .map_err(self.db("complete lineage", None))?;
+        insert_snapshot_set(&mut tx, snapshots, now)
+            .await
+            .map_err(self.db("complete snapshots", None))?;
         tx.commit()
             .await
             .map_err(self.db("complete commit", None))?;
