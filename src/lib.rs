@@ -8,6 +8,8 @@ pub mod cli;
 pub mod connectors;
 pub mod contract;
 pub mod crd;
+pub mod dev;
 pub mod ledger;
+pub mod sim;
 pub mod validate;
 pub mod worker;

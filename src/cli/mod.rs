@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod dev;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
@@ -22,6 +23,13 @@ pub enum Command {
         /// Write one file per CRD into this directory instead of printing them.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+    },
+    /// Run an example end to end on this machine: the real worker with CRM and ERP stand-ins.
+    Dev(Box<dev::DevArgs>),
+    /// Run the CRM or ERP stand-in on its own.
+    Sim {
+        #[command(subcommand)]
+        command: dev::SimCommand,
     },
     /// Run one flow: sources, ledger, contract, sink, and the operations API.
     Worker(Box<worker::WorkerArgs>),
@@ -64,6 +72,8 @@ pub fn run(cli: Cli) -> ExitCode {
             output,
             partial,
         } => validate(&paths, output, partial),
+        Command::Dev(args) => dev::dev(*args),
+        Command::Sim { command } => dev::sim(command),
         Command::Worker(args) => worker::worker(*args),
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),

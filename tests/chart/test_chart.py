@@ -124,14 +124,13 @@ WATCH_PERMISSIONS = {
     ("sync.meshline.io", "syncflows/status"): {"get", "patch"},
     ("sync.meshline.io", "synccontracts/status"): {"get", "patch"},
     ("sync.meshline.io", "ownershiprosters/status"): {"get", "patch"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
+    ("", "services"): {"get", "list", "watch", "create", "patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
-    ("", "secrets"): {"get", "list", "watch"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
+    # create: the per-flow worker token Secret, created once and never modified.
+    ("", "secrets"): {"get", "list", "watch", "create"},
     ("events.k8s.io", "events"): {"create", "patch"},
 }
 PROXY_PERMISSION = {("", "services/proxy"): {"get"}}
@@ -682,11 +681,12 @@ def test_rbac_has_no_wildcards_and_only_known_verbs(scenario: str) -> None:
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_secrets_read_only_and_pvcs_never_deleted(scenario: str) -> None:
+def test_secrets_never_modified_and_pvcs_never_deleted(scenario: str) -> None:
     for role in watch_roles(render(SCENARIOS[scenario])):
         perms = permissions(role)
         if ("", "secrets") in perms:
-            assert perms[("", "secrets")] == {"get", "list", "watch"}
+            # Read, plus create for the worker token; never update, patch or delete (users' Secrets are theirs).
+            assert perms[("", "secrets")] == {"get", "list", "watch", "create"}
         if ("", "persistentvolumeclaims") in perms:
             assert "delete" not in perms[("", "persistentvolumeclaims")]
             assert "deletecollection" not in perms[("", "persistentvolumeclaims")]

@@ -105,10 +105,12 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
   verbs: ["get", "patch"]
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# delete: the budget goes when a flow drops to one replica (the only object the
+# controller deletes; everything else goes by owner-reference garbage collection).
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
@@ -116,17 +118,13 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# Read-only: the controller checks that referenced Secrets exist and carry the
-# expected keys. It never writes them.
+# Read: the controller checks that referenced Secrets exist and carry the keys
+# their connector reads. create: each flow's worker bearer token, created once
+# (never patched, updated or deleted by the controller; owner references remove
+# it with the flow). The controller never writes a user's Secret.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "list", "watch", "create"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

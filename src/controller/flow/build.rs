@@ -1,0 +1,583 @@
+//! Step 3 of the flow reconcile: the objects a running flow needs, as typed Kubernetes objects. Pure: the same
+//! inputs give byte-identical objects, which is what lets the apply step skip unchanged objects by hash.
+//!
+//! Objects: the token Secret (only when it does not exist yet), the ConfigMap with the rendered flow, the
+//! ledger PVC (embedded ledger), the Service, the Deployment and the PodDisruptionBudget (replicas > 1). Every
+//! one is owned by the flow (controller owner reference), so deleting the flow deletes them, the ledger PVC
+//! included.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use sha2::{Digest, Sha256};
+
+use crate::api::{LedgerType, LookupSource, OwnershipRoster, SyncContract, SyncFlow};
+use crate::controller::{APPLIED_HASH, CONFIG_HASH, FLOW_LABEL, MANAGED_BY};
+use crate::worker::RenderedFlow;
+
+/// The worker's operations and webhook port, named `http` on the container and the Service.
+pub const WORKER_PORT: i32 = 8080;
+pub const CONFIG_KEY: &str = "flow.yaml";
+pub const CONFIG_DIR: &str = "/etc/meshline";
+pub const STATE_DIR: &str = "/var/lib/meshline";
+pub const SECRETS_DIR: &str = "/var/run/meshline/secrets";
+pub const TOKEN_DIR: &str = "/var/run/meshline/token";
+pub const LOOKUPS_DIR: &str = "/etc/meshline/lookups";
+pub const TOKEN_KEY: &str = "token";
+const DEFAULT_LEDGER_SIZE: &str = "1Gi";
+/// Non-root user of the image (distroless `nonroot`), the same as the controller's.
+const RUN_AS: i64 = 65532;
+
+/// Object names of a flow's children. A flow name is at most 52 characters (a CRD rule), so these fit in 63.
+pub fn worker_name(flow: &str) -> String {
+    format!("meshline-{flow}")
+}
+pub fn ledger_name(flow: &str) -> String {
+    format!("meshline-{flow}-ledger")
+}
+pub fn token_name(flow: &str) -> String {
+    format!("meshline-{flow}-token")
+}
+
+/// What the controller was started with that shapes the workers.
+#[derive(Debug, Clone)]
+pub struct BuildSettings {
+    /// `--worker-image`: the image of every worker unless a flow sets `spec.worker.image`.
+    pub worker_image: String,
+}
+
+/// The inputs of the build step.
+pub struct BuildInputs<'a> {
+    pub flow: &'a SyncFlow,
+    pub contract: &'a SyncContract,
+    pub roster: Option<&'a OwnershipRoster>,
+    pub settings: &'a BuildSettings,
+    /// A fresh token when the flow's token Secret does not exist yet; `None` when it does (it is never rewritten,
+    /// so the people holding the token keep a working one).
+    pub new_token: Option<String>,
+}
+
+/// The desired children of a running flow.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub token_secret: Option<Secret>,
+    pub config_map: ConfigMap,
+    pub ledger: Option<PersistentVolumeClaim>,
+    pub service: Service,
+    pub deployment: Deployment,
+    pub pdb: Option<PodDisruptionBudget>,
+    /// Replicas after the embedded-ledger cap and `spec.paused`.
+    pub replicas: i32,
+    /// Set when `spec.replicas` was lowered to 1 because the ledger is embedded.
+    pub capped: Option<String>,
+}
+
+/// The owner reference that makes the flow own (and garbage-collect) a child.
+pub fn owner_reference(flow: &SyncFlow) -> OwnerReference {
+    OwnerReference {
+        api_version: crate::api::API_VERSION.into(),
+        kind: "SyncFlow".into(),
+        name: flow.metadata.name.clone().unwrap_or_default(),
+        uid: flow.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+/// The standard labels of every child, plus the flow label the mappers and selectors use.
+pub fn labels(flow: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "meshline-worker".into()),
+        ("app.kubernetes.io/instance".into(), flow.into()),
+        ("app.kubernetes.io/component".into(), "worker".into()),
+        ("app.kubernetes.io/part-of".into(), "meshline".into()),
+        ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
+        (FLOW_LABEL.into(), flow.into()),
+    ])
+}
+
+/// The pod selector: stable for the life of the flow (a Deployment's selector is immutable).
+pub fn selector(flow: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/component".into(), "worker".into()),
+        (FLOW_LABEL.into(), flow.into()),
+    ])
+}
+
+fn meta(flow: &SyncFlow, name: String) -> ObjectMeta {
+    let flow_name = flow.metadata.name.clone().unwrap_or_default();
+    ObjectMeta {
+        name: Some(name),
+        namespace: flow.metadata.namespace.clone(),
+        labels: Some(labels(&flow_name)),
+        owner_references: Some(vec![owner_reference(flow)]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// Only what the worker reads: name, namespace, labels and spec. Status, resourceVersion and managed fields
+/// are left out, or every status write would change the configuration and roll the pods.
+fn scrubbed_meta(m: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        labels: m.labels.clone(),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The worker's configuration, exactly the `RenderedFlow` the worker reads with `--flow`.
+pub fn render(
+    flow: &SyncFlow,
+    contract: &SyncContract,
+    roster: Option<&OwnershipRoster>,
+) -> Result<String, String> {
+    let mut flow = SyncFlow::new(
+        flow.metadata.name.as_deref().unwrap_or_default(),
+        flow.spec.clone(),
+    );
+    let mut contract_c = SyncContract::new(
+        contract.metadata.name.as_deref().unwrap_or_default(),
+        contract.spec.clone(),
+    );
+    flow.metadata = scrubbed_meta(&flow.metadata.clone());
+    contract_c.metadata = scrubbed_meta(&contract.metadata);
+    let roster = roster.map(|r| {
+        let mut c = OwnershipRoster::new(
+            r.metadata.name.as_deref().unwrap_or_default(),
+            r.spec.clone(),
+        );
+        c.metadata = scrubbed_meta(&r.metadata);
+        c
+    });
+    serde_yaml::to_string(&RenderedFlow {
+        flow,
+        contract: contract_c,
+        roster,
+    })
+    .map_err(|e| e.to_string())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Stamps the object's content hash into `metadata.annotations`, so the next reconcile can tell from its cache
+/// that the live object already is what it would apply, and write nothing.
+fn stamp<T: serde::Serialize + kube::Resource>(mut obj: T) -> T {
+    let hash = serde_json::to_vec(&obj)
+        .map(|b| sha256_hex(&b))
+        .unwrap_or_default();
+    obj.meta_mut()
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(APPLIED_HASH.into(), hash[..32].to_string());
+    obj
+}
+
+/// Every Secret the worker mounts, deduplicated, in a stable order.
+pub fn mounted_secrets(flow: &SyncFlow) -> Vec<String> {
+    crate::controller::secrets::requirements(flow)
+        .into_keys()
+        .collect()
+}
+
+pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
+    let flow = inputs.flow;
+    let name = flow.metadata.name.clone().unwrap_or_default();
+    let spec = &flow.spec;
+    let embedded = spec.ledger.r#type == LedgerType::Embedded;
+    let asked = spec.replicas.unwrap_or(1).max(0);
+    let (mut replicas, capped) = if embedded && asked > 1 {
+        (
+            1,
+            Some(format!(
+                "spec.replicas is {asked} but the embedded ledger supports one replica; running 1 (use a postgres ledger for more)"
+            )),
+        )
+    } else {
+        (asked, None)
+    };
+    if spec.paused {
+        replicas = 0;
+    }
+
+    let rendered = render(flow, inputs.contract, inputs.roster)?;
+    let config_hash = sha256_hex(rendered.as_bytes());
+
+    let token_secret = inputs.new_token.map(|token| Secret {
+        metadata: meta(flow, token_name(&name)),
+        string_data: Some(BTreeMap::from([(TOKEN_KEY.into(), token)])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    });
+
+    let config_map = stamp(ConfigMap {
+        metadata: meta(flow, worker_name(&name)),
+        data: Some(BTreeMap::from([(CONFIG_KEY.into(), rendered)])),
+        ..ConfigMap::default()
+    });
+
+    let ledger = embedded.then(|| {
+        let mut requests = BTreeMap::new();
+        requests.insert(
+            "storage".to_string(),
+            Quantity(
+                spec.ledger
+                    .storage_size
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_LEDGER_SIZE.into()),
+            ),
+        );
+        stamp(PersistentVolumeClaim {
+            metadata: meta(flow, ledger_name(&name)),
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(requests),
+                    ..VolumeResourceRequirements::default()
+                }),
+                storage_class_name: spec.ledger.storage_class_name.clone(),
+                ..PersistentVolumeClaimSpec::default()
+            }),
+            ..PersistentVolumeClaim::default()
+        })
+    });
+
+    let service = stamp(Service {
+        metadata: meta(flow, worker_name(&name)),
+        spec: Some(ServiceSpec {
+            selector: Some(selector(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: WORKER_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    });
+
+    let deployment = stamp(deployment(
+        flow,
+        &name,
+        replicas,
+        embedded,
+        &config_hash,
+        inputs.settings,
+    ));
+
+    let pdb = (replicas > 1).then(|| {
+        stamp(PodDisruptionBudget {
+            metadata: meta(flow, worker_name(&name)),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(1)),
+                selector: Some(LabelSelector {
+                    match_labels: Some(selector(&name)),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            ..PodDisruptionBudget::default()
+        })
+    });
+
+    Ok(Desired {
+        token_secret,
+        config_map,
+        ledger,
+        service,
+        deployment,
+        pdb,
+        replicas,
+        capped,
+    })
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn deployment(
+    flow: &SyncFlow,
+    name: &str,
+    replicas: i32,
+    embedded: bool,
+    config_hash: &str,
+    settings: &BuildSettings,
+) -> Deployment {
+    let spec = &flow.spec;
+    let image = spec
+        .worker
+        .as_ref()
+        .and_then(|w| w.image.clone())
+        .unwrap_or_else(|| settings.worker_image.clone());
+
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: worker_name(name),
+                items: Some(vec![KeyToPath {
+                    key: CONFIG_KEY.into(),
+                    path: CONFIG_KEY.into(),
+                    ..KeyToPath::default()
+                }]),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("64Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        if embedded {
+            Volume {
+                name: "state".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: ledger_name(name),
+                    read_only: None,
+                }),
+                ..Volume::default()
+            }
+        } else {
+            // A postgres ledger keeps nothing durable locally; the worker still wants a writable state dir.
+            Volume {
+                name: "state".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Volume::default()
+            }
+        },
+        Volume {
+            name: "token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(token_name(name)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        mount("config", CONFIG_DIR, true),
+        mount("tmp", "/tmp", false),
+        mount("state", STATE_DIR, false),
+        mount("token", TOKEN_DIR, true),
+    ];
+    // Credentials are mounted, never copied: the worker reads `<secrets-dir>/<secret>/<key>`.
+    for (i, secret) in mounted_secrets(flow).iter().enumerate() {
+        let volume = format!("secret-{i}");
+        volumes.push(Volume {
+            name: volume.clone(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount(&volume, &format!("{SECRETS_DIR}/{secret}"), true));
+    }
+    let config_map_lookups: Vec<VolumeProjection> = spec
+        .lookups
+        .iter()
+        .filter(|l| l.from == LookupSource::ConfigMap)
+        .filter_map(|l| {
+            l.config_map_ref.as_ref().map(|r| VolumeProjection {
+                config_map: Some(ConfigMapProjection {
+                    name: r.name.clone(),
+                    items: Some(vec![KeyToPath {
+                        key: r.key.clone(),
+                        path: format!("{}.json", l.name),
+                        ..KeyToPath::default()
+                    }]),
+                    ..ConfigMapProjection::default()
+                }),
+                ..VolumeProjection::default()
+            })
+        })
+        .collect();
+    let mut args: Vec<String> = [
+        "worker",
+        "--flow",
+        "/etc/meshline/flow.yaml",
+        "--listen",
+        "0.0.0.0:8080",
+        "--state-dir",
+        STATE_DIR,
+        "--secrets-dir",
+        SECRETS_DIR,
+        "--token-file",
+        "/var/run/meshline/token/token",
+        "--buckets",
+        "0-99",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    if !config_map_lookups.is_empty() {
+        volumes.push(Volume {
+            name: "lookups".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(config_map_lookups),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("lookups", LOOKUPS_DIR, true));
+        args.push("--lookups-dir".into());
+        args.push(LOOKUPS_DIR.into());
+    }
+
+    let probe = |path: &str, delay: i32, period: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        initial_delay_seconds: Some(delay),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    };
+    let resources = spec
+        .worker
+        .as_ref()
+        .and_then(|w| w.resources.clone())
+        .unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_string(), Quantity("50m".into())),
+                ("memory".to_string(), Quantity("64Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity("256Mi".into()),
+            )])),
+            ..ResourceRequirements::default()
+        });
+    let container = Container {
+        name: "worker".into(),
+        image: Some(image),
+        args: Some(args),
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "MESHLINE_LOG_FORMAT".into(),
+                value: Some("json".into()),
+                ..EnvVar::default()
+            },
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: WORKER_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probe("/healthz", 10, 20)),
+        readiness_probe: Some(probe("/readyz", 3, 10)),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+    let mut pod_labels = labels(name);
+    pod_labels.extend(selector(name));
+    Deployment {
+        metadata: meta(flow, worker_name(name)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(replicas),
+            revision_history_limit: Some(5),
+            selector: LabelSelector {
+                match_labels: Some(selector(name)),
+                ..LabelSelector::default()
+            },
+            // SQLite on a ReadWriteOnce volume: the old pod must let go before the new one opens the ledger.
+            strategy: embedded.then(|| DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..DeploymentStrategy::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        CONFIG_HASH.into(),
+                        config_hash[..32].to_string(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    // Workers never call the Kubernetes API.
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUN_AS),
+                        run_as_group: Some(RUN_AS),
+                        fs_group: Some(RUN_AS),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    termination_grace_period_seconds: Some(30),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}

@@ -1,0 +1,304 @@
+//! The SyncFlow reconciler: a flow becomes a token Secret, a ConfigMap with its rendered configuration, a ledger
+//! PVC (embedded ledger), a Service, a Deployment of `meshline worker` pods and, above one replica, a
+//! PodDisruptionBudget; and its status tells the truth about them and about the worker's numbers.
+//!
+//! Apply order: token Secret, ConfigMap, PVC, Service, Deployment, PodDisruptionBudget — what the pods mount
+//! exists before the pods, and the budget follows the pods it protects.
+//!
+//! A flow that fails a gate (contract, owner, Secrets) is not started: no Deployment is created, an existing
+//! one is scaled to zero, and the ledger PVC is never deleted by the controller (only garbage collection removes
+//! it, when the flow itself is deleted).
+
+pub mod build;
+pub mod status;
+pub mod validate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+
+use super::apply::{self, up_to_date};
+use super::{Context, Error, FIELD_MANAGER};
+use crate::api::{SyncFlow, SyncFlowStatus};
+
+/// How often an unchanged flow is looked at again even without a watch event (a safety net, not the mechanism).
+pub const RESYNC: Duration = Duration::from_secs(600);
+
+/// Step 1, the only part that calls the API: the keys of each referenced Secret (`None` when it is missing).
+/// Secrets are read one by one rather than cached, so the controller never holds every Secret of the cluster.
+pub async fn gather_secrets(
+    ctx: &Context,
+    flow: &SyncFlow,
+) -> Result<BTreeMap<String, Option<BTreeSet<String>>>, Error> {
+    let ns = flow.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut out = BTreeMap::new();
+    for name in build::mounted_secrets(flow) {
+        let secret = api
+            .get_opt(&name)
+            .await
+            .map_err(|e| Error::api("get", "Secret", format!("{ns}/{name}"), e))?;
+        let keys = secret.map(|s| {
+            let mut keys: BTreeSet<String> = s.data.unwrap_or_default().into_keys().collect();
+            keys.extend(s.string_data.unwrap_or_default().into_keys());
+            keys
+        });
+        out.insert(name, keys);
+    }
+    Ok(out)
+}
+
+fn random_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+pub async fn reconcile(flow: Arc<SyncFlow>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&flow, &ctx).await;
+    ctx.metrics.observe(
+        "SyncFlow",
+        started.elapsed(),
+        result.as_ref().err().map(Error::metric_label),
+    );
+    result
+}
+
+async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error> {
+    let name = flow.name_any();
+    let ns = flow.namespace().ok_or_else(|| Error::NoNamespace {
+        kind: "SyncFlow",
+        name: name.clone(),
+    })?;
+    let flow_ref = ObjectRef::from_obj(flow);
+    if flow.metadata.deletion_timestamp.is_some() {
+        // Garbage collection removes the children through their owner references.
+        ctx.observations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&flow_ref);
+        return Ok(Action::await_change());
+    }
+    tracing::debug!(namespace = %ns, name = %name, "reconciling SyncFlow");
+
+    // 1. Gather.
+    let contract = ctx
+        .stores
+        .contracts
+        .get(&ObjectRef::new(&flow.spec.contract.name).within(&ns));
+    let rosters: Vec<_> = ctx
+        .stores
+        .rosters
+        .state()
+        .into_iter()
+        .filter(|r| r.metadata.namespace.as_deref() == Some(ns.as_str()))
+        .collect();
+    let secrets = gather_secrets(ctx, flow).await?;
+
+    // 2. Validate.
+    let verdict = validate::validate(validate::Inputs {
+        flow,
+        contract,
+        rosters: &rosters,
+        secrets: &secrets,
+        compile: &|c| ctx.compile(c),
+    });
+
+    let worker = build::worker_name(&name);
+    let live_deployment = ctx
+        .stores
+        .deployments
+        .get(&ObjectRef::new(&worker).within(&ns));
+    let live_pdb = ctx.stores.pdbs.get(&ObjectRef::new(&worker).within(&ns));
+    let (replicas, capped) = if let (true, Some(contract)) =
+        (verdict.startable(), verdict.contract.as_ref())
+    {
+        // 3. Build.
+        let has_token = ctx
+            .stores
+            .tokens
+            .get(&ObjectRef::new(&build::token_name(&name)).within(&ns))
+            .is_some();
+        let desired = build::build(build::BuildInputs {
+            flow,
+            contract,
+            roster: verdict.roster.as_deref(),
+            settings: &ctx.build,
+            new_token: (!has_token).then(random_token),
+        })
+        .map_err(|reason| Error::Render {
+            object: format!("SyncFlow {ns}/{name}"),
+            reason,
+        })?;
+
+        // 4. Apply, in order.
+        let client = &ctx.client;
+        let m = &ctx.metrics;
+        if let Some(token) = &desired.token_secret {
+            apply::create_once(client, token, m).await?;
+        }
+        let cm = ctx
+            .stores
+            .config_maps
+            .get(&ObjectRef::new(&worker).within(&ns));
+        apply::apply(
+            client,
+            &desired.config_map,
+            up_to_date(&desired.config_map, cm.as_deref()),
+            m,
+        )
+        .await?;
+        if let Some(pvc) = &desired.ledger {
+            let live = ctx
+                .stores
+                .pvcs
+                .get(&ObjectRef::new(&build::ledger_name(&name)).within(&ns));
+            apply::apply(client, pvc, up_to_date(pvc, live.as_deref()), m).await?;
+        }
+        let svc = ctx
+            .stores
+            .services
+            .get(&ObjectRef::new(&worker).within(&ns));
+        apply::apply(
+            client,
+            &desired.service,
+            up_to_date(&desired.service, svc.as_deref()),
+            m,
+        )
+        .await?;
+        // Replicas are compared as well: a flow that was stopped by a failed gate was scaled by a patch that left
+        // the hash alone.
+        let deployment_in_sync = up_to_date(&desired.deployment, live_deployment.as_deref())
+            && live_deployment
+                .as_ref()
+                .and_then(|d| d.spec.as_ref())
+                .and_then(|s| s.replicas)
+                == Some(desired.replicas);
+        apply::apply(client, &desired.deployment, deployment_in_sync, m).await?;
+        match &desired.pdb {
+            Some(pdb) => {
+                apply::apply(client, pdb, up_to_date(pdb, live_pdb.as_deref()), m).await?;
+            }
+            // 5. Orphans: the budget goes when replicas drop to one or zero. The ledger PVC is never an orphan.
+            None if live_pdb.is_some() => {
+                apply::delete::<PodDisruptionBudget>(client, &ns, &worker, m).await?
+            }
+            None => {}
+        }
+        (desired.replicas, desired.capped)
+    } else {
+        // Not started: stop an existing Deployment (keeping its pods' ledger), and drop its budget.
+        if let Some(d) = &live_deployment
+            && d.spec.as_ref().and_then(|s| s.replicas) != Some(0)
+        {
+            scale_to_zero(ctx, &ns, &worker).await?;
+        }
+        if live_pdb.is_some() {
+            apply::delete::<PodDisruptionBudget>(&ctx.client, &ns, &worker, &ctx.metrics).await?;
+        }
+        (0, None)
+    };
+
+    // 6. Status, only when it changed.
+    let observation = ctx
+        .observations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&flow_ref)
+        .cloned();
+    let now = super::now_rfc3339();
+    let sla = verdict.contract.as_ref().and_then(|c| c.spec.sla.clone());
+    let next = status::compute(status::StatusInputs {
+        generation: flow.metadata.generation,
+        verdict: &verdict,
+        paused: flow.spec.paused,
+        replicas,
+        capped: capped.as_deref(),
+        deployment: live_deployment.as_deref(),
+        observation: observation.as_ref(),
+        sla: sla.as_ref(),
+        previous: flow.status.as_ref(),
+        now: &now,
+    });
+    if status::differs(flow.status.as_ref(), &next, |s| &mut s.conditions) {
+        apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
+        for event in transitions(flow.status.as_ref(), &next) {
+            // An Event that cannot be published must not fail the reconcile: the status already says it.
+            if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
+                tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
+            }
+        }
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Scales a Deployment to zero with a merge patch of `spec.replicas` alone. (A server-side apply of a partial
+/// object would drop every other field this manager owns.)
+async fn scale_to_zero(ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(
+        name,
+        &pp,
+        &Patch::Merge(serde_json::json!({"spec": {"replicas": 0}})),
+    )
+    .await
+    .map_err(|e| Error::api("scale to zero", "Deployment", format!("{ns}/{name}"), e))?;
+    ctx.metrics.writes.inc();
+    Ok(())
+}
+
+/// Events for the transitions people act on: a gate that fails (with its reason), became ready, degraded,
+/// recovered.
+pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> Vec<Event> {
+    let old = |t: &str| before.and_then(|b| b.conditions.iter().find(|c| c.r#type == t));
+    let mut events = Vec::new();
+    for c in &after.conditions {
+        let prev = old(&c.r#type);
+        let changed = prev.is_none_or(|p| p.status != c.status || p.reason != c.reason);
+        if !changed {
+            continue;
+        }
+        let event = |type_, reason: &str| Event {
+            type_,
+            reason: reason.into(),
+            note: Some(c.message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match (c.r#type.as_str(), c.status.as_str()) {
+            ("ContractResolved" | "OwnerAssigned" | "SecretsReady", "False") => {
+                events.push(event(EventType::Warning, &c.reason));
+            }
+            ("Ready", "True") if prev.is_none_or(|p| p.status != "True") => {
+                events.push(event(EventType::Normal, "BecameReady"));
+            }
+            ("Degraded", "True") => events.push(event(EventType::Warning, "Degraded")),
+            ("Degraded", "False") if prev.is_some_and(|p| p.status == "True") => {
+                events.push(event(EventType::Normal, "Recovered"));
+            }
+            _ => {}
+        }
+    }
+    events
+}
+
+/// Backoff per object: 5 s doubling to 5 min, reset by a successful reconcile (see `run::error_policy`).
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << failures.min(6));
+    Duration::from_secs(secs.min(300))
+}

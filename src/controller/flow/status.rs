@@ -1,0 +1,281 @@
+//! Step 6 of the flow reconcile, the pure part: the status a flow should have, from the gates, the Deployment
+//! and the worker's last `/status` answer; and whether it differs from the status it has.
+//!
+//! Conditions are emitted in a fixed order (gates, then Progressing, Ready, Degraded) because the Argo CD health
+//! Lua in the README returns on the first of Ready/Progressing it meets.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use rust_decimal::Decimal;
+
+use super::validate::{Gate, Verdict};
+use crate::api::{Condition, SlaSpec, SyncFlowStatus};
+use crate::worker::api::WorkerStatus;
+
+/// What the last status poll saw for one flow.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    Answered(Box<WorkerStatus>),
+    /// The worker did not answer; the counters keep their last values.
+    Unreachable(String),
+}
+
+/// The inputs of the status computation.
+pub struct StatusInputs<'a> {
+    pub generation: Option<i64>,
+    pub verdict: &'a Verdict,
+    pub paused: bool,
+    /// Replicas the controller asks for (0 when paused or not startable).
+    pub replicas: i32,
+    /// Why replicas were lowered (embedded ledger).
+    pub capped: Option<&'a str>,
+    /// The Deployment as the cache last saw it.
+    pub deployment: Option<&'a Deployment>,
+    pub observation: Option<&'a Observation>,
+    pub sla: Option<&'a SlaSpec>,
+    pub previous: Option<&'a SyncFlowStatus>,
+    /// RFC 3339 "now", for conditions whose status changes.
+    pub now: &'a str,
+}
+
+fn condition(
+    t: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        r#type: t.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: None,
+    }
+}
+
+fn gate(t: &str, g: &Gate, generation: Option<i64>) -> Condition {
+    condition(t, g.passed(), g.reason(), g.message(), generation)
+}
+
+/// Pods of the Deployment: (ready, updated, rollout observed).
+fn pods(d: Option<&Deployment>) -> (i32, i32, bool) {
+    let Some(d) = d else { return (0, 0, false) };
+    let s = d.status.clone().unwrap_or_default();
+    let observed =
+        s.observed_generation.is_some() && s.observed_generation == d.metadata.generation;
+    (
+        s.ready_replicas.unwrap_or(0),
+        s.updated_replicas.unwrap_or(0),
+        observed,
+    )
+}
+
+/// Go duration (`15m`, `1h30m`, `90s`) in seconds.
+pub fn duration_seconds(d: &kube::core::Duration) -> f64 {
+    std::time::Duration::from(*d).as_secs_f64()
+}
+
+/// Why the flow is degraded according to the worker's numbers and the contract's SLA, if it is.
+pub fn sla_breaches(worker: &WorkerStatus, sla: Option<&SlaSpec>) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if let Some(sla) = sla {
+        if let (Some(max), Ok(rate)) = (
+            sla.max_failure_rate
+                .as_deref()
+                .and_then(|m| m.parse::<Decimal>().ok()),
+            worker.failure_rate.parse::<Decimal>(),
+        ) && rate > max
+        {
+            out.push((
+                "FailureRateOverSla",
+                format!("failure rate {rate} is over the contract's SLA maxFailureRate {max}"),
+            ));
+        }
+        if let (Some(max), Some(age)) = (
+            sla.max_delivery_latency.as_ref(),
+            worker.oldest_pending_seconds,
+        ) && (age as f64) > duration_seconds(max)
+        {
+            out.push((
+                "DeliveryLatencyOverSla",
+                format!("the oldest pending record is {age}s old, over the contract's SLA maxDeliveryLatency {max}"),
+            ));
+        }
+    }
+    if let Some(breaker) = &worker.circuit_breaker {
+        out.push((
+            "CircuitBreakerOpen",
+            format!(
+                "the worker's circuit breaker is open since {}: {}",
+                breaker.since, breaker.reason
+            ),
+        ));
+    }
+    if let Some(reason) = &worker.paused {
+        out.push((
+            "WorkerGated",
+            format!("the worker processes nothing: {reason}"),
+        ));
+    }
+    out
+}
+
+pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
+    let g = i.generation;
+    let v = i.verdict;
+    let mut status = i.previous.cloned().unwrap_or_default();
+    status.observed_generation = g;
+    status.active_contract_version = v.contract.as_ref().map(|c| c.spec.version.clone());
+
+    if let Some(Observation::Answered(w)) = i.observation {
+        status.counters = w.counters.clone();
+        status.failure_rate = Some(w.failure_rate.clone());
+        status.last_delivery_time = w.last_delivery_time.clone();
+        status.mttr_seconds = w.mttr_seconds;
+        status.manual_interventions_per_1k = Some(w.manual_interventions_per_1k.clone());
+        status.oldest_pending_seconds = w.oldest_pending_seconds;
+    }
+
+    let mut conditions = vec![
+        gate("ContractResolved", &v.contract_resolved, g),
+        gate("OwnerAssigned", &v.owner_assigned, g),
+        gate("SecretsReady", &v.secrets_ready, g),
+    ];
+    let (ready_pods, updated, observed) = pods(i.deployment);
+    let (progressing, ready, degraded);
+    if let Some(failed) = v.first_failure() {
+        let msg = format!("not started: {}", failed.message());
+        progressing = condition("Progressing", false, failed.reason(), msg.clone(), g);
+        ready = condition("Ready", false, failed.reason(), msg.clone(), g);
+        degraded = condition("Degraded", true, failed.reason(), msg, g);
+    } else if i.paused {
+        let msg = "paused by spec.paused: scaled to 0, the ledger is kept";
+        progressing = condition("Progressing", false, "Paused", msg, g);
+        ready = condition("Ready", true, "Paused", msg, g);
+        degraded = condition("Degraded", false, "Paused", msg, g);
+    } else {
+        let want = i.replicas;
+        let rolled = i.deployment.is_some() && observed && updated >= want && ready_pods >= want;
+        let cap = i.capped.map(|c| format!("; {c}")).unwrap_or_default();
+        progressing = if rolled {
+            condition(
+                "Progressing",
+                false,
+                "RolledOut",
+                format!("{ready_pods}/{want} worker pods ready{cap}"),
+                g,
+            )
+        } else {
+            condition(
+                "Progressing",
+                true,
+                "RollingOut",
+                format!("{ready_pods}/{want} worker pods ready, {updated} updated{cap}"),
+                g,
+            )
+        };
+        let mut breaches = match i.observation {
+            Some(Observation::Answered(w)) => sla_breaches(w, i.sla),
+            _ => Vec::new(),
+        };
+        // Pods that stay unready after the rollout finished are a fault, not progress.
+        if i.deployment.is_some() && observed && updated >= want && ready_pods < want {
+            breaches.push((
+                "WorkerPodsNotReady",
+                format!("{ready_pods}/{want} worker pods are ready"),
+            ));
+        }
+        ready = if rolled {
+            condition(
+                "Ready",
+                true,
+                "WorkerRunning",
+                format!("{ready_pods}/{want} worker pods ready{cap}"),
+                g,
+            )
+        } else {
+            condition(
+                "Ready",
+                false,
+                "RollingOut",
+                format!("{ready_pods}/{want} worker pods ready{cap}"),
+                g,
+            )
+        };
+        degraded = if breaches.is_empty() {
+            let why = match i.observation {
+                Some(Observation::Unreachable(e)) => {
+                    format!("within SLA as last seen; worker status unavailable: {e}")
+                }
+                _ => "within SLA".to_string(),
+            };
+            condition("Degraded", false, "WithinSla", why, g)
+        } else {
+            let reason = breaches[0].0;
+            let message = breaches
+                .iter()
+                .map(|b| b.1.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            condition("Degraded", true, reason, message, g)
+        };
+    }
+    conditions.extend([progressing, ready, degraded]);
+    status.conditions = carry_transition_times(
+        i.previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]),
+        conditions,
+        i.now,
+    );
+    status
+}
+
+/// `lastTransitionTime` moves only when a condition's status changes; otherwise the previous time is kept.
+pub fn carry_transition_times(
+    previous: &[Condition],
+    mut next: Vec<Condition>,
+    now: &str,
+) -> Vec<Condition> {
+    for c in &mut next {
+        c.last_transition_time = match previous.iter().find(|p| p.r#type == c.r#type) {
+            Some(p) if p.status == c.status && p.last_transition_time.is_some() => {
+                p.last_transition_time.clone()
+            }
+            _ => Some(now.to_string()),
+        };
+    }
+    next
+}
+
+fn without_times(conditions: &[Condition]) -> Vec<Condition> {
+    conditions
+        .iter()
+        .map(|c| Condition {
+            last_transition_time: None,
+            ..c.clone()
+        })
+        .collect()
+}
+
+/// Whether a status write is needed: anything differs except the transition times.
+pub fn differs<S: Clone + PartialEq>(
+    current: Option<&S>,
+    next: &S,
+    conditions: impl Fn(&mut S) -> &mut Vec<Condition>,
+) -> bool {
+    let Some(current) = current else { return true };
+    let (mut a, mut b) = (current.clone(), next.clone());
+    let ca = without_times(conditions(&mut a));
+    *conditions(&mut a) = ca;
+    let cb = without_times(conditions(&mut b));
+    *conditions(&mut b) = cb;
+    a != b
+}
+
+/// The status of a condition type, if present.
+pub fn condition_status<'a>(conditions: &'a [Condition], t: &str) -> Option<&'a str> {
+    conditions
+        .iter()
+        .find(|c| c.r#type == t)
+        .map(|c| c.status.as_str())
+}

@@ -1,0 +1,185 @@
+//! `meshline controller`: the control plane. It reconciles SyncFlows into per-flow worker objects, keeps the
+//! status of flows, contracts and rosters true, and reads each worker's `/status` into its flow.
+//!
+//! Every reconcile has the same shape: gather (from the reflector caches, plus a GET of each referenced
+//! Secret) → validate (pure) → build the desired objects (pure) → apply them with server-side apply under one
+//! field manager, in a stated order → delete the owned objects no longer desired → write the status, only when
+//! it changed. The apply step skips an object whose cached copy already carries the desired content hash, so a
+//! resync of unchanged flows makes no writes at all.
+//!
+//! The controller writes the status of the objects users own (SyncFlow, SyncContract, OwnershipRoster) and
+//! nothing else of theirs: no spec, labels, annotations or finalizers. Owner references are enough for cleanup,
+//! so no finalizer is needed. This module never touches a worker's ledger or a Secret's data.
+
+pub mod apply;
+pub mod contract;
+pub mod error;
+pub mod flow;
+pub mod leader;
+pub mod metrics;
+pub mod poll;
+pub mod roster;
+pub mod run;
+pub mod secrets;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
+
+pub use error::{Error, RunError};
+pub use run::{Settings, run};
+
+use crate::api::{OwnershipRoster, SyncContract, SyncFlow};
+use flow::build::BuildSettings;
+use flow::status::Observation;
+
+/// The one field manager of every write the controller makes.
+pub const FIELD_MANAGER: &str = "meshline-controller";
+/// `app.kubernetes.io/managed-by` of every object the controller creates; its caches select on it.
+pub const MANAGED_BY: &str = "meshline-controller";
+/// The label that names a child's flow.
+pub const FLOW_LABEL: &str = "sync.meshline.io/flow";
+/// Content hash of what the controller last applied to an object.
+pub const APPLIED_HASH: &str = "sync.meshline.io/applied-hash";
+/// Hash of the rendered configuration on the pod template: a configuration change rolls the pods.
+pub const CONFIG_HASH: &str = "sync.meshline.io/config-hash";
+
+/// The reflector caches the reconcilers read instead of the API.
+#[derive(Clone)]
+pub struct Stores {
+    pub flows: Store<SyncFlow>,
+    pub contracts: Store<SyncContract>,
+    pub rosters: Store<OwnershipRoster>,
+    pub deployments: Store<Deployment>,
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
+    pub pdbs: Store<PodDisruptionBudget>,
+    pub pvcs: Store<PersistentVolumeClaim>,
+    /// Only the Secrets the controller created (the workers' tokens), selected by the managed-by label.
+    pub tokens: Store<Secret>,
+}
+
+/// The writing ends of [`Stores`], fed by the reflectors (or directly by tests and the benchmark).
+pub struct Writers {
+    pub flows: Writer<SyncFlow>,
+    pub contracts: Writer<SyncContract>,
+    pub rosters: Writer<OwnershipRoster>,
+    pub deployments: Writer<Deployment>,
+    pub config_maps: Writer<ConfigMap>,
+    pub services: Writer<Service>,
+    pub pdbs: Writer<PodDisruptionBudget>,
+    pub pvcs: Writer<PersistentVolumeClaim>,
+    pub tokens: Writer<Secret>,
+}
+
+impl Stores {
+    pub fn new() -> (Stores, Writers) {
+        let (flows, wf) = reflector::store();
+        let (contracts, wc) = reflector::store();
+        let (rosters, wr) = reflector::store();
+        let (deployments, wd) = reflector::store();
+        let (config_maps, wcm) = reflector::store();
+        let (services, ws) = reflector::store();
+        let (pdbs, wp) = reflector::store();
+        let (pvcs, wv) = reflector::store();
+        let (tokens, wt) = reflector::store();
+        (
+            Stores {
+                flows,
+                contracts,
+                rosters,
+                deployments,
+                config_maps,
+                services,
+                pdbs,
+                pvcs,
+                tokens,
+            },
+            Writers {
+                flows: wf,
+                contracts: wc,
+                rosters: wr,
+                deployments: wd,
+                config_maps: wcm,
+                services: ws,
+                pdbs: wp,
+                pvcs: wv,
+                tokens: wt,
+            },
+        )
+    }
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub build: BuildSettings,
+    pub stores: Stores,
+    /// The last `/status` answer of each running flow's worker, written by the poller.
+    pub observations: Mutex<HashMap<ObjectRef<SyncFlow>, Observation>>,
+    /// Compile verdicts by contract content hash: a contract compiles once, not once per flow per reconcile.
+    compile_cache: Mutex<HashMap<String, Result<(), String>>>,
+    /// The flows each roster covered when last seen, so a roster change re-reconciles the flows it used to
+    /// cover as well as the ones it covers now.
+    pub roster_index: Mutex<HashMap<ObjectRef<OwnershipRoster>, HashSet<ObjectRef<SyncFlow>>>>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        build: BuildSettings,
+        stores: Stores,
+        metrics: Arc<metrics::Metrics>,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            build,
+            stores,
+            observations: Mutex::new(HashMap::new()),
+            compile_cache: Mutex::new(HashMap::new()),
+            roster_index: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Compiles a contract, or returns the cached verdict for the same content.
+    pub fn compile(&self, contract: &SyncContract) -> Result<(), String> {
+        let key = crate::contract::content_hash(&contract.spec)
+            .as_str()
+            .to_string();
+        if let Some(hit) = self
+            .compile_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return hit.clone();
+        }
+        let verdict = flow::validate::compile_contract(contract);
+        let mut cache = self.compile_cache.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: contracts are few; a runaway of edits just starts the cache over.
+        if cache.len() > 1000 {
+            cache.clear();
+        }
+        cache.insert(key, verdict.clone());
+        verdict
+    }
+}
+
+/// RFC 3339 now, to the second (the precision of `metav1.Time`).
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

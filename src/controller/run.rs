@@ -1,0 +1,540 @@
+//! Wiring: the client, the CRD wait, the reflectors, leader election, the three controllers, the status poller
+//! and the `/healthz`, `/readyz` and `/metrics` server.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, future};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::Api;
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::flow::build::BuildSettings;
+use super::poll::WorkerStatusSource;
+use super::{Context, Error, MANAGED_BY, RunError, Stores, metrics::Metrics};
+use crate::api::{OwnershipRoster, SyncContract, SyncFlow};
+
+/// What `meshline controller` was started with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub status_period: Duration,
+    pub worker_image: String,
+    pub lease_name: String,
+    /// Namespace of the Lease (the controller's own, `POD_NAMESPACE`).
+    pub lease_namespace: String,
+    pub identity: String,
+    /// Watch only this namespace; all when `None`.
+    pub namespace: Option<String>,
+    pub status_via_proxy: bool,
+    /// Skip leader election (one replica, or a development run).
+    pub no_leader_election: bool,
+}
+
+/// The CRDs that must be Established before anything is watched.
+pub const CRDS: [&str; 3] = [
+    "syncflows.sync.meshline.io",
+    "synccontracts.sync.meshline.io",
+    "ownershiprosters.sync.meshline.io",
+];
+
+/// Which of the CRDs are missing or not yet Established (empty when all are ready).
+pub async fn crds_not_established(client: &Client) -> Result<Vec<String>, kube::Error> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut missing = Vec::new();
+    for name in CRDS {
+        let established = api.get_opt(name).await?.is_some_and(|crd| {
+            crd.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if !established {
+            missing.push(name.to_string());
+        }
+    }
+    Ok(missing)
+}
+
+async fn wait_for_crds(client: &Client) {
+    loop {
+        match crds_not_established(client).await {
+            Ok(missing) if missing.is_empty() => return,
+            Ok(missing) => tracing::error!(
+                missing = %missing.join(", "),
+                "CustomResourceDefinitions missing or not Established; install them with `kubectl apply --server-side -f charts/meshline/crds/` (retrying in 10s)"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read CustomResourceDefinitions (retrying in 10s)")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Per-object exponential backoff: the failure count lives in the map until the next success.
+fn error_policy<K: Resource<DynamicType = ()>>(
+    failures: &std::sync::Mutex<HashMap<ObjectRef<K>, u32>>,
+    obj: &K,
+    error: &Error,
+) -> Action {
+    let key = ObjectRef::from_obj(obj);
+    let mut map = failures.lock().unwrap_or_else(|e| e.into_inner());
+    let n = map.entry(key).or_insert(0);
+    *n += 1;
+    let wait = super::flow::backoff(*n - 1);
+    tracing::warn!(
+        namespace = %obj.meta().namespace.clone().unwrap_or_default(),
+        name = %obj.meta().name.clone().unwrap_or_default(),
+        error = %error, label = error.metric_label(), retry_in_s = wait.as_secs(),
+        "reconcile failed"
+    );
+    Action::requeue(wait)
+}
+
+/// The flows that use a contract: the ones naming it in the same namespace.
+pub fn flows_of_contract(
+    flows: &[Arc<SyncFlow>],
+    contract: &SyncContract,
+) -> Vec<ObjectRef<SyncFlow>> {
+    let ns = contract.namespace();
+    let name = contract.name_any();
+    flows
+        .iter()
+        .filter(|f| f.namespace() == ns && f.spec.contract.name == name)
+        .map(|f| ObjectRef::from_obj(&**f))
+        .collect()
+}
+
+/// The flows a roster covers now plus those it covered when last seen (so an assignment that is removed
+/// re-reconciles the flows that lost their owner). Updates the index.
+pub fn flows_of_roster(
+    ctx: &Context,
+    roster: &OwnershipRoster,
+    deleted: bool,
+) -> Vec<ObjectRef<SyncFlow>> {
+    let ns = roster.namespace();
+    let now: HashSet<ObjectRef<SyncFlow>> = if deleted {
+        HashSet::new()
+    } else {
+        super::roster::covered(roster, &ctx.stores.flows.state())
+            .into_iter()
+            .map(|n| ObjectRef::new(&n).within(ns.as_deref().unwrap_or_default()))
+            .collect()
+    };
+    let key = ObjectRef::from_obj(roster);
+    let mut index = ctx.roster_index.lock().unwrap_or_else(|e| e.into_inner());
+    let before = if deleted {
+        index.remove(&key)
+    } else {
+        index.insert(key, now.clone())
+    };
+    now.union(&before.unwrap_or_default()).cloned().collect()
+}
+
+/// The flows that reference a Secret by name.
+pub fn flows_of_secret(
+    flows: &[Arc<SyncFlow>],
+    namespace: Option<&str>,
+    secret: &str,
+) -> Vec<ObjectRef<SyncFlow>> {
+    flows
+        .iter()
+        .filter(|f| f.namespace().as_deref() == namespace)
+        .filter(|f| {
+            super::flow::build::mounted_secrets(f)
+                .iter()
+                .any(|s| s == secret)
+        })
+        .map(|f| ObjectRef::from_obj(&**f))
+        .collect()
+}
+
+/// Runs the controller until it loses leadership or the process is stopped.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let client = Client::try_default()
+        .await
+        .map_err(|e| RunError::Client(Box::new(e)))?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stores, writers) = Stores::new();
+
+    // The operations server starts first, so probes answer while the CRDs are awaited.
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| RunError::Listen {
+            addr: settings.listen.to_string(),
+            reason: e.to_string(),
+        })?;
+    {
+        let (metrics, ready, flows) = (metrics.clone(), ready.clone(), stores.flows.clone());
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let ready = ready.clone();
+                    async move {
+                        if ready.load(Ordering::Relaxed) {
+                            (axum::http::StatusCode::OK, "ready")
+                        } else {
+                            (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                "waiting for the CRDs",
+                            )
+                        }
+                    }
+                }),
+            )
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let (metrics, flows) = (metrics.clone(), flows.clone());
+                    async move {
+                        metrics.count_flows(&flows.state());
+                        (
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            metrics.encode(),
+                        )
+                    }
+                }),
+            );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "operations server stopped");
+            }
+        });
+    }
+
+    wait_for_crds(&client).await;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(namespace = ?settings.namespace, "CustomResourceDefinitions are Established");
+
+    // Leadership: standbys wait here; a leader that loses the lease stops (and is restarted as a standby).
+    let (leader_tx, mut leader_rx) = watch::channel(settings.no_leader_election);
+    if !settings.no_leader_election {
+        let election = super::leader::LeaderElection::new(
+            client.clone(),
+            &settings.lease_namespace,
+            &settings.lease_name,
+            &settings.identity,
+        );
+        tokio::spawn(election.run(leader_tx));
+        tracing::info!(lease = %settings.lease_name, identity = %settings.identity, "waiting to become the leader");
+        while !*leader_rx.borrow_and_update() {
+            if leader_rx.changed().await.is_err() {
+                return Err(RunError::LostLeadership);
+            }
+        }
+    }
+    let lost = {
+        let mut rx = leader_rx.clone();
+        let always_leader = settings.no_leader_election;
+        async move {
+            if always_leader {
+                return future::pending::<()>().await;
+            }
+            while *rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        }
+        .boxed()
+        .shared()
+    };
+
+    let ns = settings.namespace.as_deref();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        BuildSettings {
+            worker_image: settings.worker_image.clone(),
+        },
+        stores.clone(),
+        metrics.clone(),
+    ));
+    let managed =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let super::Writers {
+        flows: wf,
+        contracts: wc,
+        rosters: wr,
+        deployments: wd,
+        config_maps: wcm,
+        services: ws,
+        pdbs: wp,
+        pvcs: wv,
+        tokens: wt,
+    } = writers;
+
+    // Reflected streams, shared between the caches and the controllers' triggers.
+    let flows = reflector::reflector(
+        wf,
+        watcher(api::<SyncFlow>(&client, ns), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let contracts = reflector::reflector(
+        wc,
+        watcher(api::<SyncContract>(&client, ns), watcher::Config::default()),
+    )
+    .default_backoff();
+    let rosters = reflector::reflector(
+        wr,
+        watcher(
+            api::<OwnershipRoster>(&client, ns),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff();
+    let deployments =
+        reflector::reflector(wd, watcher(api::<Deployment>(&client, ns), managed.clone()))
+            .default_backoff()
+            .touched_objects();
+    let config_maps =
+        reflector::reflector(wcm, watcher(api::<ConfigMap>(&client, ns), managed.clone()))
+            .default_backoff()
+            .touched_objects();
+    let services = reflector::reflector(ws, watcher(api::<Service>(&client, ns), managed.clone()))
+        .default_backoff()
+        .touched_objects();
+    let pdbs = reflector::reflector(
+        wp,
+        watcher(api::<PodDisruptionBudget>(&client, ns), managed.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pvcs = reflector::reflector(
+        wv,
+        watcher(api::<PersistentVolumeClaim>(&client, ns), managed.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let tokens = reflector::reflector(wt, watcher(api::<Secret>(&client, ns), managed.clone()))
+        .default_backoff()
+        .touched_objects();
+    // Referenced Secrets are watched by metadata only: the mapper needs names, and the controller should not
+    // hold every Secret's data in memory.
+    let secret_meta = watcher(
+        api::<PartialObjectMeta<Secret>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects();
+
+    // Contract and roster events feed both their own controllers and the flow controller, so each reflected
+    // stream is split in two.
+    let (contract_events_tx, contract_events_rx) =
+        futures::channel::mpsc::unbounded::<(SyncContract, bool)>();
+    let (roster_events_tx, roster_events_rx) =
+        futures::channel::mpsc::unbounded::<(OwnershipRoster, bool)>();
+    let (flow_events_tx, flow_events_rx) = futures::channel::mpsc::unbounded::<SyncFlow>();
+    let contracts = contracts.filter_map(move |ev| {
+        future::ready(match ev {
+            Ok(watcher::Event::Apply(c)) | Ok(watcher::Event::InitApply(c)) => {
+                let _ = contract_events_tx.unbounded_send((c.clone(), false));
+                Some(Ok(c))
+            }
+            Ok(watcher::Event::Delete(c)) => {
+                let _ = contract_events_tx.unbounded_send((c, true));
+                None
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let rosters = rosters.filter_map(move |ev| {
+        future::ready(match ev {
+            Ok(watcher::Event::Apply(r)) | Ok(watcher::Event::InitApply(r)) => {
+                let _ = roster_events_tx.unbounded_send((r.clone(), false));
+                Some(Ok(r))
+            }
+            Ok(watcher::Event::Delete(r)) => {
+                let _ = roster_events_tx.unbounded_send((r, true));
+                None
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+    });
+    let flows = flows.inspect(move |f| {
+        if let Ok(f) = f {
+            let _ = flow_events_tx.unbounded_send(f.clone());
+        }
+    });
+
+    let (poll_tx, poll_rx) = futures::channel::mpsc::unbounded();
+    let source: Arc<dyn WorkerStatusSource> = if settings.status_via_proxy {
+        Arc::new(super::poll::ViaProxy {
+            client: client.clone(),
+        })
+    } else {
+        Arc::new(super::poll::Direct::new())
+    };
+    tokio::spawn(super::poll::run(
+        ctx.clone(),
+        source,
+        settings.status_period,
+        poll_tx,
+    ));
+
+    let flow_failures = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let contract_failures = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let roster_failures = Arc::new(std::sync::Mutex::new(HashMap::new()));
+
+    let c1 = ctx.clone();
+    let c2 = ctx.clone();
+    let c3 = ctx.clone();
+    let flow_controller =
+        Controller::for_stream(flows, stores.flows.clone())
+            .owns_stream(deployments)
+            .owns_stream(config_maps)
+            .owns_stream(services)
+            .owns_stream(pdbs)
+            .owns_stream(pvcs)
+            .owns_stream(tokens)
+            .reconcile_on(poll_rx)
+            .reconcile_on(contract_events_rx.flat_map(move |(c, _)| {
+                futures::stream::iter(flows_of_contract(&c1.stores.flows.state(), &c))
+            }))
+            .reconcile_on(roster_events_rx.flat_map(move |(r, deleted)| {
+                futures::stream::iter(flows_of_roster(&c2, &r, deleted))
+            }))
+            .reconcile_on(
+                secret_meta
+                    .filter_map(move |s| {
+                        future::ready(s.ok().map(|s| {
+                            futures::stream::iter(flows_of_secret(
+                                &c3.stores.flows.state(),
+                                s.metadata.namespace.as_deref(),
+                                &s.name_any(),
+                            ))
+                        }))
+                    })
+                    .flatten(),
+            )
+            .graceful_shutdown_on(lost.clone())
+            .run(
+                {
+                    let failures = flow_failures.clone();
+                    move |obj, ctx| {
+                        let failures = failures.clone();
+                        async move {
+                            let key = ObjectRef::from_obj(&*obj);
+                            let r = super::flow::reconcile(obj, ctx).await;
+                            if r.is_ok() {
+                                failures
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .remove(&key);
+                            }
+                            r
+                        }
+                    }
+                },
+                move |obj, err, _| error_policy(&flow_failures, &*obj, err),
+                ctx.clone(),
+            )
+            .for_each(|_| future::ready(()));
+
+    let ctx_r = ctx.clone();
+    let roster_controller = Controller::for_stream(rosters, stores.rosters.clone())
+        .reconcile_on(flow_events_rx.flat_map(move |f| {
+            let ns = f.namespace();
+            futures::stream::iter(
+                ctx_r
+                    .stores
+                    .rosters
+                    .state()
+                    .iter()
+                    .filter(|r| r.namespace() == ns)
+                    .map(|r| ObjectRef::from_obj(&**r))
+                    .collect::<Vec<_>>(),
+            )
+        }))
+        .graceful_shutdown_on(lost.clone())
+        .run(
+            {
+                let failures = roster_failures.clone();
+                move |obj, ctx| {
+                    let failures = failures.clone();
+                    async move {
+                        let key = ObjectRef::from_obj(&*obj);
+                        let r = super::roster::reconcile(obj, ctx).await;
+                        if r.is_ok() {
+                            failures
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&key);
+                        }
+                        r
+                    }
+                }
+            },
+            move |obj, err, _| error_policy(&roster_failures, &*obj, err),
+            ctx.clone(),
+        )
+        .for_each(|_| future::ready(()));
+
+    let contract_controller = Controller::for_stream(contracts, stores.contracts.clone())
+        .graceful_shutdown_on(lost.clone())
+        .run(
+            {
+                let failures = contract_failures.clone();
+                move |obj, ctx| {
+                    let failures = failures.clone();
+                    async move {
+                        let key = ObjectRef::from_obj(&*obj);
+                        let r = super::contract::reconcile(obj, ctx).await;
+                        if r.is_ok() {
+                            failures
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&key);
+                        }
+                        r
+                    }
+                }
+            },
+            move |obj, err, _| error_policy(&contract_failures, &*obj, err),
+            ctx.clone(),
+        )
+        .for_each(|_| future::ready(()));
+
+    tracing::info!("reconciling SyncFlows, SyncContracts and OwnershipRosters");
+    tokio::join!(flow_controller, roster_controller, contract_controller);
+    if settings.no_leader_election || *leader_rx.borrow() {
+        Ok(())
+    } else {
+        Err(RunError::LostLeadership)
+    }
+}

@@ -1,0 +1,312 @@
+//! `meshline dev`: a whole example end to end on one machine, no cluster. The manifests are validated like
+//! `meshline validate`, the real worker runs in-process on an embedded SQLite ledger, and only the CRM and the
+//! ERP are stand-ins (see `crate::sim`) that speak the real wire formats, so the real source and sink code runs.
+
+mod scenario;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use scenario::{Explained, Report, ScenarioOptions, run as run_scenario};
+
+use crate::api::{Backoff, LedgerSpec, SinkSystem, SourceMode, SourceSystem, WebhookSignature};
+use crate::sim::crm::CrmStandIn;
+use crate::sim::erp::{self, ErpCredentials, ErpState};
+use crate::worker::run::{RunOptions, start_flow};
+use crate::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
+
+/// Version of the state directory's layout; a directory written by another layout is refused, not guessed at.
+pub const STATE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub dir: PathBuf,
+    /// Where the ledger and the generated secrets live between runs (default `.meshline/dev/<flow>`).
+    pub state: Option<PathBuf>,
+    pub fresh: bool,
+    /// The worker's port (webhooks and operations API).
+    pub port: u16,
+}
+
+/// Why `meshline dev` could not run; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{0}")]
+    Manifests(String),
+    #[error("{dir}: {reason}")]
+    Unsupported { dir: String, reason: String },
+    #[error("state directory {dir}: {reason}")]
+    State { dir: String, reason: String },
+    #[error("{0}")]
+    Worker(#[from] crate::worker::WorkerError),
+    #[error("{0}")]
+    Scenario(String),
+}
+
+impl DevError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            DevError::Manifests(_) => "manifests_invalid",
+            DevError::Unsupported { .. } => "unsupported",
+            DevError::State { .. } => "state_incompatible",
+            DevError::Worker(e) => e.label(),
+            DevError::Scenario(_) => "scenario_failed",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StateStamp {
+    format: u32,
+    meshline: String,
+    flow: String,
+}
+
+/// A running local environment: the worker and both stand-ins.
+pub struct DevEnv {
+    pub worker: Worker,
+    pub erp: Arc<ErpState>,
+    pub erp_addr: SocketAddr,
+    pub crm: Arc<CrmStandIn>,
+    pub token: String,
+    pub state_dir: PathBuf,
+    pub flow: String,
+    erp_task: tokio::task::JoinHandle<()>,
+}
+
+impl DevEnv {
+    pub fn worker_url(&self) -> String {
+        format!("http://{}", self.worker.addr)
+    }
+
+    pub async fn shutdown(self) {
+        self.worker.shutdown().await;
+        self.erp_task.abort();
+    }
+}
+
+/// Prepares the state directory, starts the ERP stand-in and the worker, and points the CRM stand-in at it.
+pub async fn start(options: &DevOptions) -> Result<DevEnv, DevError> {
+    let dir_label = options.dir.display().to_string();
+    if !options.dir.exists() {
+        return Err(DevError::Manifests(format!(
+            "{dir_label}: no such file or directory"
+        )));
+    }
+    let mut rendered = RenderedFlow::from_manifests(&options.dir)
+        .map_err(|e| DevError::Manifests(e.to_string()))?;
+    let flow = rendered.flow_name();
+    let spec = &mut rendered.flow.spec;
+    if spec.sink.system != SinkSystem::Netsuite {
+        return Err(DevError::Unsupported {
+            dir: dir_label,
+            reason: format!(
+                "the local ERP stand-in speaks NetSuite's REST API; this flow's sink is {:?}",
+                spec.sink.system
+            ),
+        });
+    }
+    if spec.source.system == SourceSystem::Hubspot {
+        return Err(DevError::Unsupported {
+            dir: dir_label,
+            reason: "the local CRM stand-in sends Salesforce-shaped records; this flow's source is HubSpot".into(),
+        });
+    }
+    let state_dir = options
+        .state
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(".meshline/dev").join(&flow));
+    let created = prepare_state(&state_dir, &flow, options.fresh)?;
+    match start_in(&mut rendered, &state_dir, options.port).await {
+        Ok(env) => Ok(env),
+        Err(e) => {
+            // Nothing half-made is left behind by a run that did not start.
+            if created {
+                let _ = std::fs::remove_dir_all(&state_dir);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Returns whether the directory was created by this call.
+fn prepare_state(dir: &Path, flow: &str, fresh: bool) -> Result<bool, DevError> {
+    let err = |reason: String| DevError::State {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    if fresh && dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| err(format!("cannot remove it for --fresh: {e}")))?;
+    }
+    let stamp_path = dir.join("state.json");
+    if dir.exists() {
+        let text = std::fs::read_to_string(&stamp_path)
+            .map_err(|_| err("exists but has no state.json; it was not made by `meshline dev` (use --fresh or another --state)".into()))?;
+        let stamp: StateStamp = serde_json::from_str(&text)
+            .map_err(|e| err(format!("state.json is unreadable ({e}); use --fresh")))?;
+        if stamp.format != STATE_FORMAT {
+            return Err(err(format!(
+                "was written by meshline {} in state format {}, this is format {STATE_FORMAT}; use --fresh to start over",
+                stamp.meshline, stamp.format
+            )));
+        }
+        if stamp.flow != flow {
+            return Err(err(format!(
+                "belongs to flow {}, not {flow}; use another --state or --fresh",
+                stamp.flow
+            )));
+        }
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create: {e}")))?;
+    let stamp = StateStamp {
+        format: STATE_FORMAT,
+        meshline: env!("CARGO_PKG_VERSION").into(),
+        flow: flow.into(),
+    };
+    std::fs::write(
+        &stamp_path,
+        serde_json::to_string_pretty(&stamp).unwrap_or_default(),
+    )
+    .map_err(|e| err(format!("cannot write state.json: {e}")))?;
+    Ok(true)
+}
+
+fn write_secret(dir: &Path, name: &str, files: &[(&str, String)]) -> Result<(), DevError> {
+    let secret = dir.join(name);
+    std::fs::create_dir_all(&secret).map_err(|e| DevError::State {
+        dir: secret.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    for (key, value) in files {
+        std::fs::write(secret.join(key), value).map_err(|e| DevError::State {
+            dir: secret.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads the generated credentials back (so the ledger and secrets of an earlier run keep working), or makes them.
+fn credentials(state: &Path) -> (ErpCredentials, String, String) {
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let path = state.join("stand-ins.json");
+    if let Some(text) = read(path.clone())
+        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+    {
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        let creds = ErpCredentials {
+            account_id: s("accountId"),
+            consumer_key: s("consumerKey"),
+            consumer_secret: s("consumerSecret"),
+            token_id: s("tokenId"),
+            token_secret: s("tokenSecret"),
+        };
+        return (creds, s("webhookSecret"), s("apiToken"));
+    }
+    let creds = ErpCredentials::generate();
+    let webhook = uuid::Uuid::new_v4().simple().to_string();
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let v = serde_json::json!({
+        "accountId": creds.account_id, "consumerKey": creds.consumer_key, "consumerSecret": creds.consumer_secret,
+        "tokenId": creds.token_id, "tokenSecret": creds.token_secret, "webhookSecret": webhook, "apiToken": token,
+    });
+    let _ = std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default());
+    (creds, webhook, token)
+}
+
+async fn start_in(
+    rendered: &mut RenderedFlow,
+    state: &Path,
+    port: u16,
+) -> Result<DevEnv, DevError> {
+    let flow = rendered.flow_name();
+    let (creds, webhook_secret, token) = credentials(state);
+    let erp = ErpState::new(creds.clone(), erp::example_pricebook());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| DevError::Scenario(format!("cannot start the ERP stand-in: {e}")))?;
+    let erp_addr = listener
+        .local_addr()
+        .map_err(|e| DevError::Scenario(e.to_string()))?;
+    let app = erp::router(erp.clone());
+    let erp_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let secrets = state.join("secrets");
+    let spec = &mut rendered.flow.spec;
+    write_secret(
+        &secrets,
+        &spec.sink.credentials_secret_ref.name,
+        &creds.secret_files(),
+    )?;
+    write_secret(
+        &secrets,
+        &spec.source.credentials_secret_ref.name,
+        &[("webhookSecret", webhook_secret.clone())],
+    )?;
+    let token_file = state.join("api-token");
+    std::fs::write(&token_file, &token).map_err(|e| DevError::State {
+        dir: state.display().to_string(),
+        reason: e.to_string(),
+    })?;
+
+    // The stand-in CRM pushes signed webhooks, so a poll source is received as a webhook source here; the
+    // rest of the flow (contract, lookups, sink, delivery policy) is the flow as written.
+    spec.source.mode = SourceMode::Webhook;
+    spec.source.signature = Some(WebhookSignature::HmacSha256);
+    spec.source.poll_interval = None;
+    spec.source.base_url = None;
+    spec.sink.base_url = Some(format!("http://{erp_addr}"));
+    spec.ledger = LedgerSpec::default();
+    spec.replicas = None;
+    // A laptop demo should recover in seconds, not in the production policy's minutes.
+    spec.delivery.backoff = Some(Backoff {
+        base: Some(Duration::from_millis(200).into()),
+        max: Some(Duration::from_secs(3).into()),
+    });
+    spec.delivery.max_attempts = spec.delivery.max_attempts.max(12);
+
+    let settings = WorkerSettings {
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        state_dir: state.join("ledger"),
+        secrets_dir: Some(secrets),
+        token_file: Some(token_file),
+        options: PipelineOptions {
+            worker_id: "dev".into(),
+            idle_poll: Duration::from_millis(20),
+            ..PipelineOptions::default()
+        },
+    };
+    let worker = match start_flow(rendered, &settings, &RunOptions::default()).await {
+        Ok(w) => w,
+        Err(e) => {
+            erp_task.abort();
+            return Err(e.into());
+        }
+    };
+    let crm = Arc::new(CrmStandIn::new(
+        format!("http://{}/webhook", worker.addr),
+        webhook_secret,
+    ));
+    Ok(DevEnv {
+        worker,
+        erp,
+        erp_addr,
+        crm,
+        token,
+        state_dir: state.to_path_buf(),
+        flow,
+        erp_task,
+    })
+}

@@ -1,0 +1,396 @@
+//! The default scenario: what the operating model promises, exercised on the stand-ins. A stream of
+//! closed-won deals, a duplicate webhook, a price drift the contract rejects, a discount held for finance and
+//! approved through the API a person would use, an ERP outage with recovery, and an order the ERP rejects.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{DevEnv, DevError};
+use crate::sim::crm::{DealKind, opportunity};
+use crate::sim::erp::Failure;
+
+#[derive(Debug, Clone)]
+pub struct ScenarioOptions {
+    pub records: usize,
+    /// Deals per second.
+    pub rate: f64,
+    /// Draw the live progress bar (off in tests and when stderr is not a terminal).
+    pub progress: bool,
+    /// Longest the whole scenario may take before it is declared stuck.
+    pub timeout: Duration,
+}
+
+impl Default for ScenarioOptions {
+    fn default() -> Self {
+        ScenarioOptions {
+            records: 200,
+            rate: 100.0,
+            progress: true,
+            timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// One deal the reconciliation could not find in the ERP, and why.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Explained {
+    pub opportunity: String,
+    pub record: Option<i64>,
+    pub state: String,
+    pub reason: String,
+}
+
+/// What the scenario measured, with the reconciliation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub flow: String,
+    pub deals_closed: usize,
+    pub webhooks_sent: u64,
+    pub erp_orders: usize,
+    pub erp_upserts: u64,
+    pub erp_throttled: u64,
+    pub erp_rejected: u64,
+    pub status: crate::worker::api::WorkerStatus,
+    pub approvals: usize,
+    /// Webhook deliveries the ledger recognised as ones it already had.
+    pub duplicates: u64,
+    pub unexplained: Vec<String>,
+    pub explained: Vec<Explained>,
+    pub worker_url: String,
+    pub elapsed_seconds: f64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.status.counters;
+        writeln!(
+            f,
+            "\nMeshline dev: flow {} finished in {:.1}s",
+            self.flow, self.elapsed_seconds
+        )?;
+        writeln!(
+            f,
+            "  received {}  delivered {}  held {}  dead-lettered {}  retried {}  failed {}",
+            c.received, c.delivered, c.held, c.dead_lettered, c.retried, c.failed
+        )?;
+        writeln!(
+            f,
+            "  failure rate {}  MTTR {}  manual interventions per 1,000 records {}",
+            self.status.failure_rate,
+            self.status
+                .mttr_seconds
+                .map(|s| format!("{s}s"))
+                .unwrap_or_else(|| "n/a".into()),
+            self.status.manual_interventions_per_1k
+        )?;
+        writeln!(
+            f,
+            "  CRM stand-in: {} webhook requests; {} duplicate records recognised and not processed again",
+            self.webhooks_sent, self.duplicates
+        )?;
+        writeln!(
+            f,
+            "  held for approval, then approved by finance through the API: {}",
+            self.approvals
+        )?;
+        writeln!(
+            f,
+            "  ERP stand-in: {} upserts, {} answered 429 (concurrency limit), {} rejected",
+            self.erp_upserts, self.erp_throttled, self.erp_rejected
+        )?;
+        let verdict = if self.unexplained.is_empty() {
+            "reconciled"
+        } else {
+            "NOT RECONCILED"
+        };
+        writeln!(
+            f,
+            "  reconciliation: {} deals closed in the CRM, {} orders in the ERP, {} explained differences: {verdict}",
+            self.deals_closed,
+            self.erp_orders,
+            self.explained.len()
+        )?;
+        for e in &self.explained {
+            writeln!(
+                f,
+                "    - {} (record {}): {} — {}",
+                e.opportunity,
+                e.record.map(|r| r.to_string()).unwrap_or_default(),
+                e.state,
+                e.reason
+            )?;
+        }
+        for u in &self.unexplained {
+            writeln!(
+                f,
+                "    ! {u}: closed in the CRM, not in the ERP, and not held or dead-lettered"
+            )?;
+        }
+        if let Some(first) = self.explained.iter().find_map(|e| e.record) {
+            writeln!(
+                f,
+                "  a record's whole story: curl -s {}/records/{first}",
+                self.worker_url
+            )?;
+            writeln!(
+                f,
+                "  dead letters:           meshline dlq list --url {}",
+                self.worker_url
+            )?;
+        }
+        Ok(())
+    }
+}
+
+async fn get(env: &DevEnv, path: &str) -> Result<Value, DevError> {
+    let url = format!("{}{path}", env.worker_url());
+    reqwest::get(&url)
+        .await
+        .map_err(|e| DevError::Scenario(format!("{url}: {e}")))?
+        .json()
+        .await
+        .map_err(|e| DevError::Scenario(format!("{url}: {e}")))
+}
+
+async fn status(env: &DevEnv) -> Result<crate::worker::api::WorkerStatus, DevError> {
+    crate::worker::api::compute_status(&env.worker.pipeline)
+        .await
+        .map_err(|e| DevError::Scenario(e.to_string()))
+}
+
+fn kind_of(n: usize, total: usize) -> DealKind {
+    let at = |i: usize| i % total;
+    if n == at(7) {
+        DealKind::PriceDrift
+    } else if n == at(13) {
+        DealKind::ErpRejects
+    } else if n == at(21) {
+        DealKind::BigDiscount
+    } else {
+        DealKind::Normal
+    }
+}
+
+/// Runs the default scenario against a started environment and reconciles CRM with ERP at the end.
+pub async fn run(env: &DevEnv, options: &ScenarioOptions) -> Result<Report, DevError> {
+    if options.records < 25 {
+        return Err(DevError::Scenario(
+            "--records must be at least 25 for the default scenario".into(),
+        ));
+    }
+    if !(options.rate > 0.0 && options.rate <= 100_000.0) {
+        return Err(DevError::Scenario(
+            "--rate must be between 0 and 100000 deals per second".into(),
+        ));
+    }
+    let started = Instant::now();
+    let pricebook: Vec<(String, Decimal)> = env
+        .erp
+        .pricebook
+        .iter()
+        .map(|(k, (p, _))| (k.clone(), *p))
+        .collect();
+    let bar = ProgressBar::with_draw_target(
+        Some(options.records as u64),
+        if options.progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} delivered  {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+
+    let batch_size = 10usize;
+    let interval = Duration::from_secs_f64(batch_size as f64 / options.rate);
+    let outage_at = options.records * 2 / 5;
+    let mut duplicate: Option<Vec<Value>> = None;
+    let mut next = Instant::now();
+    for start in (0..options.records).step_by(batch_size) {
+        let batch: Vec<Value> = (start..(start + batch_size).min(options.records))
+            .map(|n| opportunity(n, kind_of(n, options.records), &pricebook))
+            .collect();
+        if start <= outage_at && outage_at < start + batch_size {
+            // The ERP goes down for maintenance for a few seconds.
+            env.erp
+                .fail_for(Failure::Unavailable, Duration::from_secs(3));
+        }
+        env.crm
+            .send(&batch, Duration::from_secs(60))
+            .await
+            .map_err(DevError::Scenario)?;
+        if start == 0 {
+            duplicate = Some(batch.clone());
+        }
+        progress(env, &bar).await;
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    // The CRM retries a webhook it already delivered (its acknowledgement got lost).
+    if let Some(dup) = duplicate {
+        env.crm
+            .send(&dup, Duration::from_secs(60))
+            .await
+            .map_err(DevError::Scenario)?;
+    }
+
+    // Finance approves the held discount through the same API a person would use.
+    let mut approvals = 0;
+    let deadline = Instant::now() + options.timeout;
+    loop {
+        progress(env, &bar).await;
+        let s = status(env).await?;
+        if s.counters.held > 0 {
+            let holds = get(env, "/holds").await?;
+            for item in holds["items"].as_array().cloned().unwrap_or_default() {
+                let id = item["id"].as_i64().unwrap_or_default();
+                let resp = reqwest::Client::new()
+                    .post(format!("{}/records/{id}/approve", env.worker_url()))
+                    .bearer_auth(&env.token)
+                    .json(&json!({"actor": "marcus (finance, scenario)", "reason": "strategic account, discount agreed"}))
+                    .send()
+                    .await
+                    .map_err(|e| DevError::Scenario(e.to_string()))?;
+                if resp.status().is_success() {
+                    approvals += 1;
+                }
+            }
+        }
+        let settled = s.pending == 0 && s.counters.held == 0 && approvals > 0;
+        if settled {
+            break;
+        }
+        if Instant::now() > deadline {
+            bar.abandon();
+            return Err(DevError::Scenario(format!(
+                "the scenario did not settle within {:?}: {s:?}",
+                options.timeout
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bar.finish_and_clear();
+    reconcile(env, approvals, started).await
+}
+
+async fn progress(env: &DevEnv, bar: &ProgressBar) {
+    if let Ok(s) = status(env).await {
+        let c = &s.counters;
+        bar.set_position(c.delivered.max(0) as u64);
+        bar.set_message(format!(
+            "received {} held {} dead {} retries {}",
+            c.received, c.held, c.dead_lettered, c.retried
+        ));
+    }
+}
+
+/// CRM deals vs ERP orders, every difference explained by the ledger.
+async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<Report, DevError> {
+    let closed = env
+        .crm
+        .closed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let orders: BTreeMap<String, Value> = env
+        .erp
+        .orders
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let mut dead: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    let mut after: Option<i64> = None;
+    loop {
+        let path = match after {
+            Some(a) => format!("/dead-letters?limit=1000&after={a}"),
+            None => "/dead-letters?limit=1000".into(),
+        };
+        let page = get(env, &path).await?;
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        for i in &items {
+            let key = i["source_key"].as_str().unwrap_or_default().to_string();
+            let reason = format!(
+                "{}: {}",
+                i["dead_letter_reason"].as_str().unwrap_or("?"),
+                i["erp_response"]
+                    .as_str()
+                    .or(i["last_error"].as_str())
+                    .unwrap_or("")
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            dead.insert(key, (i["id"].as_i64().unwrap_or_default(), reason));
+        }
+        match page["next"].as_i64() {
+            Some(n) if !items.is_empty() => after = Some(n),
+            _ => break,
+        }
+    }
+    let held = get(env, "/holds").await?;
+    let held_keys: BTreeMap<String, i64> = held["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|i| {
+            (
+                i["source_key"].as_str().unwrap_or_default().to_string(),
+                i["id"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut explained = Vec::new();
+    let mut unexplained = Vec::new();
+    for id in &closed {
+        if orders.contains_key(&format!("SF-{id}")) {
+            continue;
+        }
+        if let Some((record, reason)) = dead.get(id) {
+            explained.push(Explained {
+                opportunity: id.clone(),
+                record: Some(*record),
+                state: "dead-lettered".into(),
+                reason: reason.clone(),
+            });
+        } else if let Some(record) = held_keys.get(id) {
+            explained.push(Explained {
+                opportunity: id.clone(),
+                record: Some(*record),
+                state: "held".into(),
+                reason: "waiting for approval".into(),
+            });
+        } else {
+            unexplained.push(id.clone());
+        }
+    }
+    Ok(Report {
+        flow: env.flow.clone(),
+        deals_closed: closed.len(),
+        webhooks_sent: env
+            .crm
+            .webhook_attempts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        erp_orders: orders.len(),
+        erp_upserts: env.erp.upserts.load(std::sync::atomic::Ordering::Relaxed),
+        erp_throttled: env.erp.throttled.load(std::sync::atomic::Ordering::Relaxed),
+        erp_rejected: env.erp.rejected.load(std::sync::atomic::Ordering::Relaxed),
+        status: status(env).await?,
+        approvals,
+        duplicates: env.worker.pipeline.metrics.duplicates.get(),
+        unexplained,
+        explained,
+        worker_url: env.worker_url(),
+        elapsed_seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,639 @@
+//! Reconcile tests against the in-process API double: each test asserts the exact requests the controller
+//! makes (method, path, field manager, force, body) for one promise of the operating model.
+
+mod controller_support;
+
+use std::sync::Arc;
+
+use controller_support::{ApiDouble, Recorded};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::ResourceExt;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use meshline::api::{LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow};
+use meshline::controller::flow::build::BuildSettings;
+use meshline::controller::flow::status::Observation;
+use meshline::controller::metrics::Metrics;
+use meshline::controller::{Context, Stores, Writers};
+use serde_json::Value;
+
+const NS: &str = "commerce-sync";
+const FLOW: &str = "won-deals-to-odoo";
+
+fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let text = std::fs::read_to_string(format!(
+        "{}/examples/hubspot-odoo/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+fn flow() -> SyncFlow {
+    let mut f: SyncFlow = load("flow.yaml");
+    f.metadata.uid = Some("flow-uid-1".into());
+    f.metadata.generation = Some(1);
+    f
+}
+fn contract() -> SyncContract {
+    let mut c: SyncContract = load("contract.yaml");
+    c.metadata.uid = Some("contract-uid-1".into());
+    c.metadata.generation = Some(1);
+    c
+}
+fn roster() -> OwnershipRoster {
+    let mut r: OwnershipRoster = load("roster.yaml");
+    r.metadata.generation = Some(1);
+    r
+}
+
+fn apply<K: kube::Resource<DynamicType = ()> + Clone>(
+    w: &mut kube::runtime::reflector::store::Writer<K>,
+    obj: K,
+) {
+    w.apply_watcher_event(&watcher::Event::Apply(obj));
+}
+
+struct Harness {
+    double: ApiDouble,
+    ctx: Arc<Context>,
+    writers: Writers,
+}
+
+/// A double with the example's Secrets, and caches holding the example's contract and roster.
+fn harness() -> Harness {
+    let double = ApiDouble::new();
+    double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
+    double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
+    let (stores, mut writers) = Stores::new();
+    apply(&mut writers.contracts, contract());
+    apply(&mut writers.rosters, roster());
+    let ctx = Arc::new(Context::new(
+        double.client(),
+        BuildSettings {
+            worker_image: "ghcr.io/meshline/meshline:test".into(),
+        },
+        stores,
+        Arc::new(Metrics::new()),
+    ));
+    Harness {
+        double,
+        ctx,
+        writers,
+    }
+}
+
+/// Registers a custom resource with the double, so its status patch is answered with the whole object.
+fn register<K: kube::Resource<DynamicType = ()> + serde::Serialize>(h: &Harness, obj: &K) {
+    let path = format!(
+        "/apis/sync.meshline.io/v1alpha1/namespaces/{}/{}/{}",
+        obj.meta().namespace.as_deref().unwrap(),
+        K::plural(&()),
+        obj.meta().name.as_deref().unwrap()
+    );
+    h.double.put(&path, serde_json::to_value(obj).unwrap());
+}
+
+async fn reconcile(h: &Harness, flow: &SyncFlow) -> Vec<Recorded> {
+    register(h, flow);
+    meshline::controller::flow::reconcile(Arc::new(flow.clone()), h.ctx.clone())
+        .await
+        .unwrap();
+    h.double.take()
+}
+
+fn writes(requests: &[Recorded]) -> Vec<&Recorded> {
+    requests
+        .iter()
+        .filter(|r| r.is_write() && !r.path.contains("/events"))
+        .collect()
+}
+
+fn status_patch(requests: &[Recorded]) -> Option<&Recorded> {
+    requests
+        .iter()
+        .find(|r| r.method == "PATCH" && r.path.ends_with("/status"))
+}
+
+fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .unwrap_or_else(|| panic!("no condition {t} in {status}"))
+}
+
+/// Feeds what the controller applied back into its caches, as the watches would, with a ready Deployment.
+fn settle(h: &mut Harness, requests: &[Recorded], flow: &mut SyncFlow) {
+    for r in requests
+        .iter()
+        .filter(|r| r.method == "PATCH" || r.method == "POST")
+    {
+        let body = r.body.clone();
+        match r.kind() {
+            "ConfigMap" => apply(
+                &mut h.writers.config_maps,
+                serde_json::from_value::<ConfigMap>(body).unwrap(),
+            ),
+            "Service" => apply(
+                &mut h.writers.services,
+                serde_json::from_value::<Service>(body).unwrap(),
+            ),
+            "PersistentVolumeClaim" => apply(
+                &mut h.writers.pvcs,
+                serde_json::from_value::<PersistentVolumeClaim>(body).unwrap(),
+            ),
+            "PodDisruptionBudget" => apply(
+                &mut h.writers.pdbs,
+                serde_json::from_value::<PodDisruptionBudget>(body).unwrap(),
+            ),
+            "Secret" => apply(
+                &mut h.writers.tokens,
+                serde_json::from_value::<Secret>(body).unwrap(),
+            ),
+            "Deployment" => {
+                let mut d: Deployment = serde_json::from_value(body).unwrap();
+                let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                d.metadata.generation = Some(1);
+                d.status = Some(DeploymentStatus {
+                    observed_generation: Some(1),
+                    replicas: Some(replicas),
+                    ready_replicas: Some(replicas),
+                    updated_replicas: Some(replicas),
+                    available_replicas: Some(replicas),
+                    ..DeploymentStatus::default()
+                });
+                apply(&mut h.writers.deployments, d);
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = status_patch(requests) {
+        flow.status = Some(serde_json::from_value(s.body["status"].clone()).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
+    let h = harness();
+    let requests = reconcile(&h, &flow()).await;
+    let w = writes(&requests);
+    let kinds: Vec<(&str, &str)> = w.iter().map(|r| (r.method.as_str(), r.kind())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("POST", "Secret"),
+            ("PATCH", "ConfigMap"),
+            ("PATCH", "PersistentVolumeClaim"),
+            ("PATCH", "Service"),
+            ("PATCH", "Deployment"),
+            ("PATCH", "SyncFlow"),
+        ],
+        "{w:#?}"
+    );
+    for r in w.iter().filter(|r| r.method == "PATCH") {
+        assert!(
+            r.is_forced_apply(),
+            "not a forced apply under meshline-controller: {} {}?{}",
+            r.method,
+            r.path,
+            r.query
+        );
+    }
+    assert_eq!(w[0].path, format!("/api/v1/namespaces/{NS}/secrets"));
+    assert!(w[0].query.contains("fieldManager=meshline-controller"));
+    assert_eq!(
+        w[1].path,
+        format!("/api/v1/namespaces/{NS}/configmaps/meshline-{FLOW}")
+    );
+    assert_eq!(
+        w[4].path,
+        format!("/apis/apps/v1/namespaces/{NS}/deployments/meshline-{FLOW}")
+    );
+    // Every child is owned by the flow, as its controller, blocking its deletion.
+    for r in &w[..5] {
+        let owner = &r.body["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "SyncFlow");
+        assert_eq!(owner["uid"], "flow-uid-1");
+        assert_eq!(owner["controller"], true);
+        assert_eq!(owner["blockOwnerDeletion"], true);
+        assert_eq!(r.body["metadata"]["labels"]["sync.meshline.io/flow"], FLOW);
+    }
+    // The rendered configuration is exactly the worker's RenderedFlow, without status or credentials.
+    let yaml = w[1].body["data"]["flow.yaml"].as_str().unwrap();
+    let rendered: meshline::worker::RenderedFlow = serde_yaml::from_str(yaml).unwrap();
+    assert_eq!(rendered.flow.spec, flow().spec);
+    assert_eq!(rendered.contract.spec.version, "2.0.1");
+    assert_eq!(
+        rendered.roster.unwrap().metadata.name.as_deref(),
+        Some("commerce-owners")
+    );
+    // The status patch carries apiVersion and kind, and conditions carry the generation.
+    let s = &w[5].body;
+    assert_eq!(s["apiVersion"], "sync.meshline.io/v1alpha1");
+    assert_eq!(s["kind"], "SyncFlow");
+    assert!(w[5].is_forced_apply());
+    for t in [
+        "ContractResolved",
+        "OwnerAssigned",
+        "SecretsReady",
+        "Ready",
+        "Degraded",
+        "Progressing",
+    ] {
+        assert_eq!(condition(&s["status"], t)["observedGeneration"], 1, "{t}");
+    }
+    assert_eq!(condition(&s["status"], "Progressing")["status"], "True");
+    assert_eq!(s["status"]["activeContractVersion"], "2.0.1");
+}
+
+#[tokio::test]
+async fn unchanged_flow_resync_makes_no_write() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    // The Deployment became ready: one status write (Ready), nothing else.
+    let second = reconcile(&h, &f).await;
+    let w = writes(&second);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    assert_eq!(condition(&w[0].body["status"], "Ready")["status"], "True");
+    assert!(
+        second
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "BecameReady")
+    );
+    settle(&mut h, &second, &mut f);
+    // From now on, a resync reads the referenced Secrets and writes nothing.
+    for _ in 0..3 {
+        let again = reconcile(&h, &f).await;
+        assert!(writes(&again).is_empty(), "{:#?}", writes(&again));
+        assert!(
+            again
+                .iter()
+                .all(|r| r.method == "GET" && r.path.contains("/secrets/"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn contract_change_rolls_the_pods_through_the_config_hash() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    let second = reconcile(&h, &f).await;
+    settle(&mut h, &second, &mut f);
+    let old_hash = first
+        .iter()
+        .find(|r| r.kind() == "Deployment")
+        .unwrap()
+        .body["spec"]["template"]["metadata"]["annotations"]["sync.meshline.io/config-hash"]
+        .clone();
+    let mut c = contract();
+    c.spec.version = "2.1.0".into();
+    c.spec.mapping.fields[0].optional = !c.spec.mapping.fields[0].optional;
+    apply(&mut h.writers.contracts, c);
+    let third = reconcile(&h, &f).await;
+    let kinds: Vec<&str> = writes(&third).iter().map(|r| r.kind()).collect();
+    assert_eq!(
+        kinds,
+        vec!["ConfigMap", "Deployment", "SyncFlow"],
+        "the Service and the PVC did not change"
+    );
+    let new_hash = &third
+        .iter()
+        .find(|r| r.kind() == "Deployment")
+        .unwrap()
+        .body["spec"]["template"]["metadata"]["annotations"]["sync.meshline.io/config-hash"];
+    assert_ne!(&old_hash, new_hash);
+}
+
+#[tokio::test]
+async fn flow_without_contract_does_not_start() {
+    let h = harness();
+    let mut f = flow();
+    f.spec.contract.name = "no-such-contract".into();
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    assert_eq!(w.len(), 1, "only the status is written: {w:#?}");
+    let s = &w[0].body["status"];
+    let c = condition(s, "ContractResolved");
+    assert_eq!(c["status"], "False");
+    assert_eq!(c["reason"], "ContractNotFound");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("commerce-sync/no-such-contract")
+    );
+    assert_eq!(condition(s, "Ready")["status"], "False");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "ContractNotFound")
+    );
+}
+
+#[tokio::test]
+async fn flow_outside_the_contract_range_does_not_start() {
+    let h = harness();
+    let mut f = flow();
+    f.spec.contract.version = "^3".into();
+    let w = reconcile(&h, &f).await;
+    let s = &status_patch(&w).unwrap().body["status"];
+    assert_eq!(
+        condition(s, "ContractResolved")["reason"],
+        "NoVersionInRange"
+    );
+    assert_eq!(writes(&w).len(), 1);
+}
+
+#[tokio::test]
+async fn flow_without_sync_owner_does_not_start() {
+    let h = harness();
+    let mut f = flow();
+    f.metadata.labels = None;
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    let s = &w[0].body["status"];
+    assert_eq!(condition(s, "OwnerAssigned")["status"], "False");
+    assert_eq!(condition(s, "OwnerAssigned")["reason"], "NoSyncOwner");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "NoSyncOwner")
+    );
+}
+
+#[tokio::test]
+async fn missing_secret_and_missing_keys_are_named() {
+    let h = harness();
+    let mut f = flow();
+    f.spec.sink.credentials_secret_ref = SecretRef {
+        name: "absent".into(),
+    };
+    let w = reconcile(&h, &f).await;
+    let c = condition(&status_patch(&w).unwrap().body["status"], "SecretsReady").clone();
+    assert_eq!(c["reason"], "SecretNotFound");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("Secret absent does not exist")
+    );
+
+    h.double.put_secret(NS, "odoo-api-key", &["login"]);
+    let w = reconcile(&h, &flow()).await;
+    let c = condition(&status_patch(&w).unwrap().body["status"], "SecretsReady").clone();
+    assert_eq!(c["reason"], "SecretKeysMissing");
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("lacks key(s) apiKey"),
+        "{c}"
+    );
+    assert!(!w.iter().any(|r| r.kind() == "Deployment"));
+}
+
+#[tokio::test]
+async fn contract_that_does_not_compile_is_a_condition_not_a_crash() {
+    let mut h = harness();
+    let mut c = contract();
+    c.spec.mapping.fields[0].expression = "record.dealname +".into();
+    apply(&mut h.writers.contracts, c);
+    let w = reconcile(&h, &flow()).await;
+    let cond = condition(
+        &status_patch(&w).unwrap().body["status"],
+        "ContractResolved",
+    )
+    .clone();
+    assert_eq!(cond["reason"], "ContractCompileFailed");
+    assert!(
+        cond["message"].as_str().unwrap().contains("spec.mapping"),
+        "{cond}"
+    );
+}
+
+#[tokio::test]
+async fn paused_flow_scales_to_zero_and_keeps_its_ledger() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    f.spec.paused = true;
+    f.metadata.generation = Some(2);
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    let d = w
+        .iter()
+        .find(|r| r.kind() == "Deployment")
+        .expect("the Deployment is re-applied");
+    assert_eq!(d.body["spec"]["replicas"], 0);
+    assert!(
+        !w.iter().any(|r| r.method == "DELETE"),
+        "nothing is deleted, least of all the ledger: {w:#?}"
+    );
+    assert!(
+        !w.iter().any(|r| r.kind() == "PersistentVolumeClaim"),
+        "the PVC is unchanged"
+    );
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Ready")["reason"], "Paused");
+    assert_eq!(condition(s, "Ready")["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn budget_is_deleted_when_replicas_drop_to_one() {
+    let mut h = harness();
+    h.double.put_secret(NS, "ledger-db", &["url"]);
+    let mut f = flow();
+    f.spec.ledger.r#type = LedgerType::Postgres;
+    f.spec.ledger.credentials_secret_ref = Some(SecretRef {
+        name: "ledger-db".into(),
+    });
+    f.spec.replicas = Some(3);
+    let first = reconcile(&h, &f).await;
+    let w = writes(&first);
+    assert!(
+        w.iter().any(|r| r.kind() == "PodDisruptionBudget"),
+        "3 replicas get a budget"
+    );
+    assert!(
+        !w.iter().any(|r| r.kind() == "PersistentVolumeClaim"),
+        "a postgres ledger needs no volume"
+    );
+    let d = w.iter().find(|r| r.kind() == "Deployment").unwrap();
+    assert_eq!(d.body["spec"]["replicas"], 3);
+    let mounts: Vec<&str> = d.body["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert!(mounts.contains(&"/var/run/meshline/secrets/ledger-db"));
+    settle(&mut h, &first, &mut f);
+    f.spec.replicas = Some(1);
+    let second = reconcile(&h, &f).await;
+    let deletes: Vec<&str> = writes(&second)
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(
+        deletes,
+        vec![
+            format!("/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets/meshline-{FLOW}")
+                .as_str()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn stopped_flow_is_scaled_to_zero_by_a_patch_of_replicas_alone() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    let d = first.iter().find(|r| r.kind() == "Deployment").unwrap();
+    h.double.put(&d.path, d.body.clone());
+    // The roster stops covering the flow.
+    let mut r = roster();
+    r.spec.assignments.clear();
+    apply(&mut h.writers.rosters, r);
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    let scale = w
+        .iter()
+        .find(|r| r.path.ends_with(&format!("deployments/meshline-{FLOW}")))
+        .unwrap();
+    assert_eq!(scale.method, "PATCH");
+    assert!(scale.query.contains("fieldManager=meshline-controller"));
+    assert_eq!(scale.body, serde_json::json!({"spec": {"replicas": 0}}));
+    assert!(!w.iter().any(|r| r.method == "DELETE"));
+}
+
+#[tokio::test]
+async fn worker_status_is_folded_into_the_flow_status() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    let second = reconcile(&h, &f).await;
+    settle(&mut h, &second, &mut f);
+    let answer: meshline::worker::api::WorkerStatus = serde_json::from_value(serde_json::json!({
+        "flow": FLOW, "contractVersion": "2.0.1", "backend": "sqlite",
+        "counters": {"received": 200, "delivered": 180, "failed": 20, "retried": 7, "deadLettered": 12, "held": 3},
+        "pending": 5, "failureRate": "0.1", "lastDeliveryTime": "2026-01-02T03:04:05Z", "mttrSeconds": 42,
+        "manualInterventionsPer1k": "15", "oldestPendingSeconds": 60, "circuitBreaker": null, "paused": null
+    }))
+    .unwrap();
+    h.ctx.observations.lock().unwrap().insert(
+        ObjectRef::from_obj(&f),
+        Observation::Answered(Box::new(answer.clone())),
+    );
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    assert_eq!(w.len(), 1, "{w:#?}");
+    let s = &w[0].body["status"];
+    assert_eq!(s["counters"]["delivered"], 180);
+    assert_eq!(s["counters"]["deadLettered"], 12);
+    assert_eq!(s["failureRate"], "0.1");
+    assert_eq!(s["mttrSeconds"], 42);
+    assert_eq!(s["manualInterventionsPer1k"], "15");
+    assert_eq!(s["lastDeliveryTime"], "2026-01-02T03:04:05Z");
+    assert_eq!(s["oldestPendingSeconds"], 60);
+    let degraded = condition(s, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "FailureRateOverSla");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "Degraded")
+    );
+    settle(&mut h, &requests, &mut f);
+    // The same answer again: nothing to write.
+    assert!(writes(&reconcile(&h, &f).await).is_empty());
+    // Recovery below the SLA: Degraded goes False with a Recovered Event.
+    let mut better = answer;
+    better.failure_rate = "0.01".into();
+    h.ctx.observations.lock().unwrap().insert(
+        ObjectRef::from_obj(&f),
+        Observation::Answered(Box::new(better)),
+    );
+    let requests = reconcile(&h, &f).await;
+    assert_eq!(
+        condition(&status_patch(&requests).unwrap().body["status"], "Degraded")["status"],
+        "False"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "Recovered")
+    );
+}
+
+#[tokio::test]
+async fn contract_status_records_the_revision_once() {
+    let h = harness();
+    let c = contract();
+    register(&h, &c);
+    meshline::controller::contract::reconcile(Arc::new(c.clone()), h.ctx.clone())
+        .await
+        .unwrap();
+    let requests = h.double.take();
+    let w = writes(&requests);
+    assert_eq!(
+        w[0].method, "POST",
+        "the revision ConfigMap is created once"
+    );
+    assert_eq!(w[0].kind(), "ConfigMap");
+    let s = &w[1].body;
+    assert!(w[1].is_forced_apply());
+    assert_eq!(s["kind"], "SyncContract");
+    assert_eq!(s["status"]["currentVersion"], "2.0.1");
+    assert_eq!(s["status"]["observedGeneration"], 1);
+    let rev = &s["status"]["versionHistory"][0];
+    assert_eq!(
+        rev["contentHash"],
+        meshline::contract::content_hash(&c.spec).as_str()
+    );
+    assert_eq!(rev["compatibility"], "initial");
+    assert_eq!(condition(&s["status"], "Accepted")["status"], "True");
+}
+
+#[tokio::test]
+async fn roster_status_lists_covered_and_unowned_flows() {
+    let mut h = harness();
+    let mut orphan = flow();
+    orphan.metadata.name = Some("orphan".into());
+    orphan.metadata.labels = None;
+    apply(&mut h.writers.flows, flow());
+    apply(&mut h.writers.flows, orphan);
+    let r = h.ctx.stores.rosters.state()[0].clone();
+    register(&h, &*r);
+    meshline::controller::roster::reconcile(r, h.ctx.clone())
+        .await
+        .unwrap();
+    let requests = h.double.take();
+    let w = writes(&requests);
+    assert_eq!(w.len(), 1);
+    let s = &w[0].body["status"];
+    assert_eq!(s["coveredFlows"], serde_json::json!([FLOW]));
+    assert_eq!(s["flowsWithoutSyncOwner"], serde_json::json!(["orphan"]));
+    assert_eq!(s["unownedFlowCount"], 1);
+    assert_eq!(s["ownerCount"], 4);
+    let _ = h
+        .writers
+        .flows
+        .as_reader()
+        .state()
+        .iter()
+        .map(|f| f.name_any())
+        .count();
+}

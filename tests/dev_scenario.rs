@@ -1,0 +1,195 @@
+//! `meshline dev`: the default scenario runs in-process against the stand-ins and reconciles; bad input gets
+//! a clear error and leaves nothing behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshline::dev::{self, DevError, DevOptions, ScenarioOptions};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite")
+}
+
+fn options(dir: PathBuf, state: PathBuf) -> DevOptions {
+    DevOptions {
+        dir,
+        state: Some(state),
+        fresh: false,
+        port: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_scenario_reconciles_every_closed_deal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = dev::start(&options(example(), tmp.path().join("state")))
+        .await
+        .unwrap();
+    let scenario = ScenarioOptions {
+        records: 60,
+        rate: 200.0,
+        progress: false,
+        timeout: Duration::from_secs(90),
+    };
+    let report = dev::run_scenario(&env, &scenario).await.unwrap();
+    let c = &report.status.counters;
+
+    assert!(
+        report.unexplained.is_empty(),
+        "every difference is explained: {report}"
+    );
+    assert_eq!(report.deals_closed, 60);
+    // Every closed deal is an ERP order exactly once, or a dead letter with its reason.
+    assert_eq!(
+        report.erp_orders + report.explained.len(),
+        report.deals_closed,
+        "{report}"
+    );
+    assert_eq!(
+        report.erp_upserts as usize, report.erp_orders,
+        "no order was written twice: {report}"
+    );
+    // The report's counts are the ledger's and the ERP's.
+    assert_eq!(c.delivered as usize, report.erp_orders, "{report}");
+    assert_eq!(
+        c.received as usize, report.deals_closed,
+        "the duplicate webhook was not received twice: {report}"
+    );
+    assert_eq!(c.dead_lettered as usize, report.explained.len());
+    assert!(
+        report.duplicates >= 10,
+        "the re-sent webhook batch is recognised: {report}"
+    );
+    let reasons: Vec<&str> = report.explained.iter().map(|e| e.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("price-tolerance")),
+        "price drift is rejected by the contract: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.starts_with("erp:400")),
+        "the ERP's permanent rejection is kept: {reasons:?}"
+    );
+    assert_eq!(
+        report.approvals, 1,
+        "the large discount was held and approved"
+    );
+    assert_eq!(c.held, 0);
+    assert!(c.retried > 0, "the ERP outage caused retries: {report}");
+    assert_ne!(report.status.manual_interventions_per_1k, "0");
+    let text = report.to_string();
+    assert!(
+        text.contains("reconciled") && text.contains("/records/"),
+        "{text}"
+    );
+    assert!(!text.contains("@customer"), "no PII in the report: {text}");
+    env.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_directory_without_manifests_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let state = tmp.path().join("state");
+    let err = dev::start(&options(empty, state.clone()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, DevError::Manifests(_)), "{err}");
+    assert!(err.to_string().contains("no .yaml"), "{err}");
+    assert!(!state.exists(), "no state is left behind");
+}
+
+#[tokio::test]
+async fn invalid_manifests_are_refused_with_their_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("broken");
+    std::fs::create_dir(&dir).unwrap();
+    for name in ["contract", "roster"] {
+        std::fs::copy(
+            example().join(format!("{name}.yaml")),
+            dir.join(format!("{name}.yaml")),
+        )
+        .unwrap();
+    }
+    let flow = std::fs::read_to_string(example().join("flow.yaml"))
+        .unwrap()
+        .replace("weight: 50", "weight: 5");
+    std::fs::write(dir.join("flow.yaml"), flow).unwrap();
+    let state = tmp.path().join("state");
+    let err = dev::start(&options(dir, state.clone()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        err.to_string().contains("canary weights must increase"),
+        "{err}"
+    );
+    assert!(!state.exists());
+}
+
+#[tokio::test]
+async fn a_port_in_use_is_a_clear_error_and_leaves_no_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let state = tmp.path().join("state");
+    let mut opts = options(example(), state.clone());
+    opts.port = port;
+    let err = dev::start(&opts).await.err().expect("must fail");
+    assert!(
+        err.to_string()
+            .contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        !state.exists(),
+        "a run that did not start leaves nothing behind"
+    );
+}
+
+#[tokio::test]
+async fn a_state_directory_from_another_version_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(
+        state.join("state.json"),
+        r#"{"format": 99, "meshline": "9.0.0", "flow": "closed-won-to-netsuite"}"#,
+    )
+    .unwrap();
+    let err = dev::start(&options(example(), state.clone()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, DevError::State { .. }), "{err}");
+    assert!(err.to_string().contains("--fresh"), "{err}");
+    assert!(
+        state.join("state.json").exists(),
+        "the user's directory is not touched"
+    );
+
+    let foreign = tmp.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let err = dev::start(&options(example(), foreign.clone()))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        err.to_string().contains("not made by `meshline dev`"),
+        "{err}"
+    );
+    assert!(foreign.join("notes.txt").exists());
+}
+
+#[tokio::test]
+async fn an_unsupported_sink_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hubspot-odoo");
+    let err = dev::start(&options(dir, tmp.path().join("s")))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(err.to_string().contains("NetSuite"), "{err}");
+}
