@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod connectors;
 pub mod contract;
+pub mod controller;
 pub mod crd;
 pub mod dev;
 pub mod ledger;

@@ -10,10 +10,17 @@ fn main() -> ExitCode {
 /// Structured logs: JSON lines when `MESHLINE_LOG_FORMAT=json` (in the cluster), readable text otherwise;
 /// the level comes from `RUST_LOG` (default `info`). Logs go to stderr so command output stays clean.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("MESHLINE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }

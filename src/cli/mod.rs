@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod dev;
+mod controller;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
@@ -31,6 +32,8 @@ pub enum Command {
         #[command(subcommand)]
         command: dev::SimCommand,
     },
+    /// Run the operator: reconcile flows, contracts and rosters; write worker status back to the flows.
+    Controller(Box<controller::ControllerArgs>),
     /// Run one flow: sources, ledger, contract, sink, and the operations API.
     Worker(Box<worker::WorkerArgs>),
     /// Inspect and replay a running worker's dead letters.
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> ExitCode {
         } => validate(&paths, output, partial),
         Command::Dev(args) => dev::dev(*args),
         Command::Sim { command } => dev::sim(command),
+        Command::Controller(args) => controller::controller(*args),
         Command::Worker(args) => worker::worker(*args),
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),

@@ -44,10 +44,18 @@ pub struct WorkerArgs {
 
 fn parse_buckets(s: &str) -> Result<(u8, u8), String> {
     let (from, to) = s.split_once('-').ok_or("expected FROM-TO, e.g. 0-99")?;
-    let from: u8 = from.trim().parse().map_err(|_| format!("{from:?} is not a bucket number"))?;
-    let to: u8 = to.trim().parse().map_err(|_| format!("{to:?} is not a bucket number"))?;
+    let from: u8 = from
+        .trim()
+        .parse()
+        .map_err(|_| format!("{from:?} is not a bucket number"))?;
+    let to: u8 = to
+        .trim()
+        .parse()
+        .map_err(|_| format!("{to:?} is not a bucket number"))?;
     if from > to || to > 99 {
-        return Err(format!("{s}: buckets go from 0 to 99 and FROM must not exceed TO"));
+        return Err(format!(
+            "{s}: buckets go from 0 to 99 and FROM must not exceed TO"
+        ));
     }
     Ok((from, to))
 }
@@ -74,13 +82,17 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             secrets_dir: args.secrets_dir,
             token_file: args.token_file,
             options: PipelineOptions {
-                worker_id: args.worker_id.unwrap_or_else(|| format!("worker-{}", std::process::id())),
+                worker_id: args
+                    .worker_id
+                    .unwrap_or_else(|| format!("worker-{}", std::process::id())),
                 buckets: crate::ledger::BucketSet::range(args.buckets.0..args.buckets.1 + 1),
                 shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
                 ..PipelineOptions::default()
             },
         };
-        let options = crate::worker::run::RunOptions { lookups_dir: args.lookups_dir };
+        let options = crate::worker::run::RunOptions {
+            lookups_dir: args.lookups_dir,
+        };
         let worker = match crate::worker::run::start_flow(&rendered, &settings, &options).await {
             Ok(w) => w,
             Err(e) => {
@@ -89,7 +101,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        eprintln!("meshline worker: flow {} listening on http://{}", rendered.flow_name(), worker.addr);
+        eprintln!(
+            "meshline worker: flow {} listening on http://{}",
+            rendered.flow_name(),
+            worker.addr
+        );
         shutdown_signal().await;
         tracing::info!("shutdown requested; finishing in-flight deliveries");
         worker.shutdown().await;
@@ -101,13 +117,14 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
 pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -123,7 +140,11 @@ pub async fn shutdown_signal() {
 #[derive(Debug, Args)]
 pub struct Endpoint {
     /// Base URL of the worker's operations port.
-    #[arg(long, env = "MESHLINE_WORKER_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "MESHLINE_WORKER_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub url: String,
     /// File holding the bearer token (needed to replay, approve or reject).
     #[arg(long, env = "MESHLINE_TOKEN_FILE")]
@@ -196,15 +217,28 @@ pub enum HoldCommand {
     },
 }
 
-fn call(endpoint: &Endpoint, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+fn call(
+    endpoint: &Endpoint,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, String> {
     let token = match &endpoint.token_file {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("token file {}: {e}", p.display()))?.trim().to_string()),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("token file {}: {e}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
         None => None,
     };
     let url = format!("{}{path}", endpoint.url.trim_end_matches('/'));
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
-        let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30)).build().map_err(|e| e.to_string())?;
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
         let mut req = client.request(method, &url);
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -218,7 +252,10 @@ fn call(endpoint: &Endpoint, method: reqwest::Method, path: &str, body: Option<V
         if status.is_success() {
             Ok(value)
         } else {
-            Err(format!("{url}: HTTP {status}: {}", value["error"].as_str().unwrap_or("no detail")))
+            Err(format!(
+                "{url}: HTTP {status}: {}",
+                value["error"].as_str().unwrap_or("no detail")
+            ))
         }
     })
 }
@@ -244,7 +281,10 @@ fn print_list(v: &Value, what: &str) {
     }
     println!("{:<8} {:<24} {:<40} UPDATED", "ID", "KEY", "REASON");
     for i in items {
-        let reason = i["dead_letter_reason"].as_str().or(i["hold_rule"].as_str()).unwrap_or("-");
+        let reason = i["dead_letter_reason"]
+            .as_str()
+            .or(i["hold_rule"].as_str())
+            .unwrap_or("-");
         println!(
             "{:<8} {:<24} {:<40} {}",
             i["id"],
@@ -257,19 +297,45 @@ fn print_list(v: &Value, what: &str) {
 
 pub fn dlq(command: DlqCommand) -> ExitCode {
     match command {
-        DlqCommand::List { endpoint, reason, limit } => {
+        DlqCommand::List {
+            endpoint,
+            reason,
+            limit,
+        } => {
             let mut path = format!("/dead-letters?limit={limit}");
             if let Some(r) = reason {
-                path.push_str(&format!("&reason={}", percent_encoding::utf8_percent_encode(&r, percent_encoding::NON_ALPHANUMERIC)));
+                path.push_str(&format!(
+                    "&reason={}",
+                    percent_encoding::utf8_percent_encode(&r, percent_encoding::NON_ALPHANUMERIC)
+                ));
             }
-            finish(call(&endpoint, reqwest::Method::GET, &path, None), |v| print_list(v, "dead letters"))
+            finish(call(&endpoint, reqwest::Method::GET, &path, None), |v| {
+                print_list(v, "dead letters")
+            })
         }
-        DlqCommand::Show { endpoint, id } => finish(call(&endpoint, reqwest::Method::GET, &format!("/records/{id}"), None), |v| {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default())
-        }),
-        DlqCommand::Replay { endpoint, id, reason, actor, why } => {
+        DlqCommand::Show { endpoint, id } => finish(
+            call(
+                &endpoint,
+                reqwest::Method::GET,
+                &format!("/records/{id}"),
+                None,
+            ),
+            |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        ),
+        DlqCommand::Replay {
+            endpoint,
+            id,
+            reason,
+            actor,
+            why,
+        } => {
             let result = match (id, reason) {
-                (Some(id), _) => call(&endpoint, reqwest::Method::POST, &format!("/dead-letters/{id}/replay"), Some(json!({"actor": actor, "reason": why}))),
+                (Some(id), _) => call(
+                    &endpoint,
+                    reqwest::Method::POST,
+                    &format!("/dead-letters/{id}/replay"),
+                    Some(json!({"actor": actor, "reason": why})),
+                ),
                 (None, Some(r)) => call(
                     &endpoint,
                     reqwest::Method::POST,
@@ -285,13 +351,37 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
 
 pub fn hold(command: HoldCommand) -> ExitCode {
     match command {
-        HoldCommand::List { endpoint } => finish(call(&endpoint, reqwest::Method::GET, "/holds", None), |v| print_list(v, "held records")),
-        HoldCommand::Approve { endpoint, id, actor, why } => finish(
-            call(&endpoint, reqwest::Method::POST, &format!("/records/{id}/approve"), Some(json!({"actor": actor, "reason": why}))),
+        HoldCommand::List { endpoint } => {
+            finish(call(&endpoint, reqwest::Method::GET, "/holds", None), |v| {
+                print_list(v, "held records")
+            })
+        }
+        HoldCommand::Approve {
+            endpoint,
+            id,
+            actor,
+            why,
+        } => finish(
+            call(
+                &endpoint,
+                reqwest::Method::POST,
+                &format!("/records/{id}/approve"),
+                Some(json!({"actor": actor, "reason": why})),
+            ),
             |_| println!("record {id} approved"),
         ),
-        HoldCommand::Reject { endpoint, id, actor, why } => finish(
-            call(&endpoint, reqwest::Method::POST, &format!("/records/{id}/reject"), Some(json!({"actor": actor, "reason": why}))),
+        HoldCommand::Reject {
+            endpoint,
+            id,
+            actor,
+            why,
+        } => finish(
+            call(
+                &endpoint,
+                reqwest::Method::POST,
+                &format!("/records/{id}/reject"),
+                Some(json!({"actor": actor, "reason": why})),
+            ),
             |_| println!("record {id} rejected"),
         ),
     }

@@ -6,10 +6,20 @@ use std::path::{Path, PathBuf};
 /// A missing or unreadable credential, naming the key and where it was looked for.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CredentialsError {
-    #[error("credential {key:?} is missing: expected the file {path} (from the Secret) or the variable {env}")]
-    Missing { key: String, path: String, env: String },
+    #[error(
+        "credential {key:?} is missing: expected the file {path} (from the Secret) or the variable {env}"
+    )]
+    Missing {
+        key: String,
+        path: String,
+        env: String,
+    },
     #[error("credential {key:?} could not be read from {path}: {reason}")]
-    Unreadable { key: String, path: String, reason: String },
+    Unreadable {
+        key: String,
+        path: String,
+        reason: String,
+    },
 }
 
 /// The keys of one Secret.
@@ -22,12 +32,23 @@ pub struct Credentials {
 impl Credentials {
     /// Keys are files in `dir` (a mounted Secret), falling back to `MESHLINE_<PREFIX>_<KEY>` variables.
     pub fn new(dir: Option<&Path>, env_prefix: &str) -> Credentials {
-        Credentials { dir: dir.map(Path::to_path_buf), env_prefix: env_prefix.to_ascii_uppercase() }
+        Credentials {
+            dir: dir.map(Path::to_path_buf),
+            env_prefix: env_prefix.to_ascii_uppercase(),
+        }
     }
 
     fn env_name(&self, key: &str) -> String {
-        let key: String =
-            key.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+        let key: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         format!("MESHLINE_{}_{key}", self.env_prefix)
     }
 
@@ -50,7 +71,9 @@ impl Credentials {
         }
         std::env::var(&env).map_err(|_| CredentialsError::Missing {
             key: key.to_string(),
-            path: path.map(|p| p.display().to_string()).unwrap_or_else(|| "(no Secret directory)".into()),
+            path: path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "(no Secret directory)".into()),
             env,
         })
     }

@@ -98,12 +98,24 @@ pub struct SinkError {
 
 impl SinkError {
     pub fn new(system: &'static str, class: ErrorClass, message: impl Into<String>) -> SinkError {
-        SinkError { system, class, status: None, retry_after: None, message: message.into(), response: None }
+        SinkError {
+            system,
+            class,
+            status: None,
+            retry_after: None,
+            message: message.into(),
+            response: None,
+        }
     }
 
     /// Classifies an HTTP answer the way every sink does unless its API says otherwise: 401/403 are flow-level
     /// (credentials), 408/429/5xx are transient, other 4xx are permanent.
-    pub fn from_status(system: &'static str, status: u16, retry_after: Option<Duration>, body: &str) -> SinkError {
+    pub fn from_status(
+        system: &'static str,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &str,
+    ) -> SinkError {
         let class = classify_status(status);
         SinkError {
             system,
@@ -208,7 +220,10 @@ mod tests {
     #[test]
     fn retry_after_accepts_seconds_and_dates() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon"), None);
     }
 

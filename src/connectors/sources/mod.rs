@@ -22,17 +22,36 @@ use crate::connectors::{CredentialsError, IntakeError};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{system}: the source is misconfigured: {reason}")]
-    Config { system: &'static str, reason: String },
+    Config {
+        system: &'static str,
+        reason: String,
+    },
     #[error("source credentials: {0}")]
     Credentials(#[from] CredentialsError),
     #[error("{system}: authentication failed: {reason}")]
-    Auth { system: &'static str, reason: String },
+    Auth {
+        system: &'static str,
+        reason: String,
+    },
     #[error("{system}: {what} answered HTTP {status}: {body}")]
-    Http { system: &'static str, what: String, status: u16, body: String },
+    Http {
+        system: &'static str,
+        what: String,
+        status: u16,
+        body: String,
+    },
     #[error("{system}: {what} failed: {reason}")]
-    Transport { system: &'static str, what: String, reason: String },
+    Transport {
+        system: &'static str,
+        what: String,
+        reason: String,
+    },
     #[error("{system}: {what} returned an answer we cannot read: {reason}")]
-    Protocol { system: &'static str, what: String, reason: String },
+    Protocol {
+        system: &'static str,
+        what: String,
+        reason: String,
+    },
     #[error("source intake: {0}")]
     Intake(#[from] IntakeError),
 }
@@ -69,12 +88,17 @@ fn split_child(target: &str) -> Option<(&str, &str)> {
 }
 
 /// The child relationships a field map describes: `lineItems` → (source name, the map inside each element).
-pub fn child_maps(field_map: &BTreeMap<String, String>) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
+pub fn child_maps(
+    field_map: &BTreeMap<String, String>,
+) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
     let mut children: BTreeMap<String, (String, BTreeMap<String, String>)> = BTreeMap::new();
     for (target, source) in field_map {
         if let Some((parent, rest)) = split_child(target) {
             let entry = children.entry(parent.to_string()).or_insert_with(|| {
-                let source = field_map.get(parent).cloned().unwrap_or_else(|| parent.to_string());
+                let source = field_map
+                    .get(parent)
+                    .cloned()
+                    .unwrap_or_else(|| parent.to_string());
                 (source, BTreeMap::new())
             });
             entry.1.insert(rest.to_string(), source.clone());
@@ -126,7 +150,10 @@ pub fn apply_field_map(field_map: &BTreeMap<String, String>, record: Value) -> V
     }
     for (target, (_, inner)) in &children {
         if let Some(Value::Array(items)) = get_path_mut(&mut working, target) {
-            let renamed: Vec<Value> = items.drain(..).map(|item| apply_field_map(inner, item)).collect();
+            let renamed: Vec<Value> = items
+                .drain(..)
+                .map(|item| apply_field_map(inner, item))
+                .collect();
             *items = renamed;
         }
     }
@@ -152,7 +179,9 @@ fn insert_path(object: &mut Map<String, Value>, path: &str, value: Value) {
             object.insert(path.to_string(), value);
         }
         Some((first, rest)) => {
-            let slot = object.entry(first.to_string()).or_insert_with(|| Value::Object(Map::new()));
+            let slot = object
+                .entry(first.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
             if !slot.is_object() {
                 *slot = Value::Object(Map::new());
             }
@@ -188,7 +217,10 @@ mod tests {
     use serde_json::json;
 
     fn map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
-        entries.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -231,13 +263,19 @@ mod tests {
     #[test]
     fn unmapped_parent_keeps_its_name_but_children_are_renamed() {
         let fm = map(&[("items[].sku", "code")]);
-        let out = apply_field_map(&fm, json!({"items": [{"code": "A"}, {"code": "B", "q": 1}]}));
+        let out = apply_field_map(
+            &fm,
+            json!({"items": [{"code": "A"}, {"code": "B", "q": 1}]}),
+        );
         assert_eq!(out, json!({"items": [{"sku": "A"}, {"sku": "B", "q": 1}]}));
     }
 
     #[test]
     fn child_maps_name_their_source_relationship() {
-        let fm = map(&[("lineItems", "OpportunityLineItems"), ("lineItems[].sku", "ProductCode")]);
+        let fm = map(&[
+            ("lineItems", "OpportunityLineItems"),
+            ("lineItems[].sku", "ProductCode"),
+        ]);
         let children = child_maps(&fm);
         assert_eq!(children["lineItems"].0, "OpportunityLineItems");
         assert_eq!(children["lineItems"].1, map(&[("sku", "ProductCode")]));

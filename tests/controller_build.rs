@@ -1,0 +1,484 @@
+//! The pure steps of the controller, tested without any API: the gates, the desired objects, the status, the
+//! Secret key requirements and the leader-election decision.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use meshline::api::{LedgerType, OwnershipRoster, SyncContract, SyncFlow, SyncFlowStatus};
+use meshline::controller::flow::build::{self, BuildInputs, BuildSettings};
+use meshline::controller::flow::status::{
+    self, Observation, StatusInputs, carry_transition_times, differs,
+};
+use meshline::controller::flow::validate::{self, Inputs};
+use meshline::controller::{leader, secrets};
+
+fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let text = std::fs::read_to_string(format!(
+        "{}/examples/hubspot-odoo/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+fn flow() -> SyncFlow {
+    let mut f: SyncFlow = load("flow.yaml");
+    f.metadata.uid = Some("uid-1".into());
+    f.metadata.generation = Some(3);
+    f
+}
+
+fn good_secrets() -> BTreeMap<String, Option<BTreeSet<String>>> {
+    BTreeMap::from([
+        (
+            "hubspot-app".into(),
+            Some(["clientSecret", "accessToken"].map(String::from).into()),
+        ),
+        (
+            "odoo-api-key".into(),
+            Some(["login", "apiKey"].map(String::from).into()),
+        ),
+    ])
+}
+
+fn verdict(flow: &SyncFlow) -> validate::Verdict {
+    let rosters = vec![Arc::new(load::<OwnershipRoster>("roster.yaml"))];
+    validate::validate(Inputs {
+        flow,
+        contract: Some(Arc::new(load::<SyncContract>("contract.yaml"))),
+        rosters: &rosters,
+        secrets: &good_secrets(),
+        compile: &validate::compile_contract,
+    })
+}
+
+fn desired(flow: &SyncFlow) -> build::Desired {
+    let contract: SyncContract = load("contract.yaml");
+    build::build(BuildInputs {
+        flow,
+        contract: &contract,
+        roster: None,
+        settings: &BuildSettings {
+            worker_image: "img:1".into(),
+        },
+        new_token: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn example_flow_passes_every_gate() {
+    let v = verdict(&flow());
+    assert!(v.startable(), "{v:#?}");
+    assert_eq!(
+        v.roster.unwrap().metadata.name.as_deref(),
+        Some("commerce-owners")
+    );
+}
+
+#[test]
+fn contract_lookup_not_bound_by_the_flow_stops_it() {
+    let mut f = flow();
+    f.spec.lookups.retain(|l| l.name != "products");
+    let v = verdict(&f);
+    assert_eq!(v.contract_resolved.reason(), "LookupNotBound");
+    assert!(v.contract_resolved.message().contains("products"));
+}
+
+#[test]
+fn invalid_version_range_is_named() {
+    let mut f = flow();
+    f.spec.contract.version = "not a range".into();
+    assert_eq!(
+        verdict(&f).contract_resolved.reason(),
+        "InvalidVersionRange"
+    );
+}
+
+#[test]
+fn worker_runs_non_root_read_only_with_probes_and_mounted_secrets() {
+    let d = desired(&flow()).deployment;
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_user, Some(65532));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().unwrap().type_,
+        "RuntimeDefault"
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("img:1"));
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_string()][..])
+    );
+    assert_eq!(
+        c.liveness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c.readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/readyz")
+    );
+    let mounts: BTreeMap<&str, (&str, Option<bool>)> = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.mount_path.as_str(), (m.name.as_str(), m.read_only)))
+        .collect();
+    assert_eq!(mounts["/tmp"].1, None);
+    assert_eq!(mounts["/var/lib/meshline"].0, "state");
+    assert_eq!(
+        mounts["/var/run/meshline/secrets/hubspot-app"].1,
+        Some(true)
+    );
+    assert_eq!(
+        mounts["/var/run/meshline/secrets/odoo-api-key"].1,
+        Some(true)
+    );
+    let args = c.args.as_ref().unwrap().join(" ");
+    assert!(args.starts_with("worker --flow /etc/meshline/flow.yaml --listen 0.0.0.0:8080 --state-dir /var/lib/meshline --secrets-dir /var/run/meshline/secrets --token-file"), "{args}");
+    let ledger = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "state")
+        .unwrap();
+    assert_eq!(
+        ledger.persistent_volume_claim.as_ref().unwrap().claim_name,
+        "meshline-won-deals-to-odoo-ledger"
+    );
+    // SQLite on a ReadWriteOnce volume: no two pods at once.
+    assert_eq!(
+        d.spec
+            .as_ref()
+            .unwrap()
+            .strategy
+            .as_ref()
+            .unwrap()
+            .type_
+            .as_deref(),
+        Some("Recreate")
+    );
+}
+
+#[test]
+fn flow_image_overrides_the_controller_default() {
+    let mut f = flow();
+    f.spec.worker = Some(meshline::api::WorkerSpec {
+        image: Some("custom:2".into()),
+        resources: None,
+    });
+    let d = desired(&f).deployment;
+    assert_eq!(
+        d.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("custom:2")
+    );
+}
+
+#[test]
+fn credentials_are_never_copied_into_the_configuration() {
+    let d = desired(&flow());
+    let yaml = &d.config_map.data.as_ref().unwrap()["flow.yaml"];
+    assert!(
+        !yaml.contains("status:"),
+        "status would roll pods on every status write"
+    );
+    assert!(!yaml.contains("resourceVersion"));
+    let rendered: meshline::worker::RenderedFlow = serde_yaml::from_str(yaml).unwrap();
+    assert_eq!(
+        rendered.flow.spec.sink.credentials_secret_ref.name,
+        "odoo-api-key"
+    );
+    assert!(
+        d.token_secret.is_none(),
+        "an existing token is never rewritten"
+    );
+}
+
+#[test]
+fn embedded_ledger_caps_replicas_at_one_and_says_so() {
+    let mut f = flow();
+    f.spec.replicas = Some(3);
+    let d = desired(&f);
+    assert_eq!(d.replicas, 1);
+    assert!(d.capped.unwrap().contains("embedded ledger"));
+    assert!(d.pdb.is_none());
+    assert!(d.ledger.is_some());
+}
+
+#[test]
+fn postgres_ledger_with_replicas_gets_a_budget_and_no_volume() {
+    let mut f = flow();
+    f.spec.ledger.r#type = LedgerType::Postgres;
+    f.spec.replicas = Some(2);
+    let d = desired(&f);
+    assert_eq!(d.replicas, 2);
+    assert!(d.pdb.is_some());
+    assert!(d.ledger.is_none());
+    assert_eq!(
+        d.deployment.spec.unwrap().strategy,
+        None,
+        "rolling update for a shared ledger"
+    );
+}
+
+#[test]
+fn paused_flow_has_zero_replicas_but_keeps_its_ledger_claim() {
+    let mut f = flow();
+    f.spec.paused = true;
+    let d = desired(&f);
+    assert_eq!(d.deployment.spec.as_ref().unwrap().replicas, Some(0));
+    assert!(d.ledger.is_some());
+}
+
+#[test]
+fn config_change_changes_the_pod_template_hash_and_nothing_else_does() {
+    let a = desired(&flow());
+    let b = desired(&flow());
+    let hash = |d: &build::Desired| {
+        d.deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["sync.meshline.io/config-hash"]
+            .clone()
+    };
+    assert_eq!(hash(&a), hash(&b), "the build is deterministic");
+    let mut f = flow();
+    f.spec.delivery.max_attempts = 3;
+    assert_ne!(hash(&a), hash(&desired(&f)));
+    let mut f = flow();
+    f.status = Some(SyncFlowStatus::default());
+    f.metadata.resource_version = Some("999".into());
+    assert_eq!(
+        hash(&a),
+        hash(&desired(&f)),
+        "status and resourceVersion do not roll pods"
+    );
+}
+
+#[test]
+fn every_child_is_owned_by_the_flow_and_labelled() {
+    let d = desired(&flow());
+    let metas = [
+        &d.config_map.metadata,
+        &d.service.metadata,
+        &d.deployment.metadata,
+        &d.ledger.as_ref().unwrap().metadata,
+    ];
+    for m in metas {
+        let o = &m.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (
+                o.kind.as_str(),
+                o.uid.as_str(),
+                o.controller,
+                o.block_owner_deletion
+            ),
+            ("SyncFlow", "uid-1", Some(true), Some(true))
+        );
+        let l = m.labels.as_ref().unwrap();
+        assert_eq!(l["app.kubernetes.io/managed-by"], "meshline-controller");
+        assert_eq!(l["sync.meshline.io/flow"], "won-deals-to-odoo");
+        assert!(
+            m.annotations
+                .as_ref()
+                .unwrap()
+                .contains_key("sync.meshline.io/applied-hash")
+        );
+    }
+}
+
+#[test]
+fn secret_key_requirements_follow_the_connectors() {
+    let f = flow();
+    let reqs = secrets::requirements(&f);
+    assert_eq!(
+        reqs["hubspot-app"][0].alternatives,
+        vec![vec!["clientSecret", "accessToken"]]
+    );
+    assert_eq!(
+        reqs["odoo-api-key"][0].alternatives,
+        vec![vec!["login", "apiKey"]]
+    );
+    let mut keys = good_secrets();
+    keys.insert("odoo-api-key".into(), Some(["login".to_string()].into()));
+    let (reason, message) = secrets::check(&f, &keys).unwrap_err();
+    assert_eq!(reason, "SecretKeysMissing");
+    assert!(
+        message.contains("odoo-api-key lacks key(s) apiKey"),
+        "{message}"
+    );
+}
+
+#[test]
+fn netsuite_accepts_either_m2m_or_tba_keys() {
+    let r = secrets::KeyRequirement {
+        purpose: "sink".into(),
+        alternatives: vec![
+            vec!["clientId", "certificateId", "privateKey"],
+            vec![
+                "accountId",
+                "consumerKey",
+                "consumerSecret",
+                "tokenId",
+                "tokenSecret",
+            ],
+        ],
+    };
+    let tba: BTreeSet<String> = [
+        "accountId",
+        "consumerKey",
+        "consumerSecret",
+        "tokenId",
+        "tokenSecret",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(r.missing(&tba), None);
+    let partial: BTreeSet<String> = ["clientId".to_string()].into();
+    assert_eq!(
+        r.missing(&partial),
+        Some(vec!["certificateId", "privateKey"])
+    );
+}
+
+fn compute(
+    f: &SyncFlow,
+    observation: Option<&Observation>,
+    previous: Option<&SyncFlowStatus>,
+    now: &str,
+) -> SyncFlowStatus {
+    let v = verdict(f);
+    let c = v.contract.clone();
+    status::compute(StatusInputs {
+        generation: f.metadata.generation,
+        verdict: &v,
+        paused: f.spec.paused,
+        replicas: 1,
+        capped: None,
+        deployment: None,
+        observation,
+        sla: c.as_ref().and_then(|c| c.spec.sla.as_ref()),
+        previous,
+        now,
+    })
+}
+
+#[test]
+fn transition_time_moves_only_when_a_condition_status_changes() {
+    let f = flow();
+    let first = compute(&f, None, None, "2026-01-01T00:00:00Z");
+    let second = compute(&f, None, Some(&first), "2026-01-01T00:05:00Z");
+    assert_eq!(first.conditions, second.conditions);
+    assert!(!differs(Some(&first), &second, |s| &mut s.conditions));
+    let prev = vec![meshline::api::Condition {
+        r#type: "Ready".into(),
+        status: "False".into(),
+        last_transition_time: Some("t0".into()),
+        ..Default::default()
+    }];
+    let next = vec![meshline::api::Condition {
+        r#type: "Ready".into(),
+        status: "True".into(),
+        ..Default::default()
+    }];
+    assert_eq!(
+        carry_transition_times(&prev, next, "t1")[0]
+            .last_transition_time
+            .as_deref(),
+        Some("t1")
+    );
+}
+
+#[test]
+fn open_breaker_and_late_records_degrade_the_flow() {
+    let w: meshline::worker::api::WorkerStatus = serde_json::from_value(serde_json::json!({
+        "flow": "f", "contractVersion": "2.0.1", "backend": "sqlite",
+        "counters": {"received": 1, "delivered": 0, "failed": 0, "retried": 0, "deadLettered": 0, "held": 0},
+        "pending": 1, "failureRate": "0", "lastDeliveryTime": null, "mttrSeconds": null,
+        "manualInterventionsPer1k": "0", "oldestPendingSeconds": 7200,
+        "circuitBreaker": {"reason": "401 from the ERP", "since": "2026-01-01T00:00:00Z"}, "paused": null
+    }))
+    .unwrap();
+    let c: SyncContract = load("contract.yaml");
+    let breaches = status::sla_breaches(&w, c.spec.sla.as_ref());
+    let reasons: Vec<&str> = breaches.iter().map(|b| b.0).collect();
+    assert_eq!(
+        reasons,
+        vec!["DeliveryLatencyOverSla", "CircuitBreakerOpen"]
+    );
+}
+
+#[test]
+fn lease_decisions() {
+    use chrono::Utc;
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    assert_eq!(
+        leader::decide(None, "me", Utc::now()),
+        leader::Decision::Create
+    );
+    let lease = |holder: &str, age_s: i64| Lease {
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(
+                k8s_openapi::jiff::Timestamp::from_second(Utc::now().timestamp() - age_s).unwrap(),
+            )),
+            ..LeaseSpec::default()
+        }),
+        ..Lease::default()
+    };
+    assert_eq!(
+        leader::decide(Some(&lease("me", 100)), "me", Utc::now()),
+        leader::Decision::Renew
+    );
+    assert_eq!(
+        leader::decide(Some(&lease("other", 2)), "me", Utc::now()),
+        leader::Decision::Standby {
+            holder: "other".into()
+        }
+    );
+    assert_eq!(
+        leader::decide(Some(&lease("other", 60)), "me", Utc::now()),
+        leader::Decision::TakeOver
+    );
+}
+
+#[test]
+fn backoff_doubles_and_is_capped() {
+    use meshline::controller::flow::backoff;
+    assert_eq!(backoff(0).as_secs(), 5);
+    assert_eq!(backoff(1).as_secs(), 10);
+    assert_eq!(backoff(20).as_secs(), 300);
+}

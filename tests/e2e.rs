@@ -1,0 +1,445 @@
+//! End-to-end suite against a real cluster (the one `KUBECONFIG` names). Every test is ignored by default; run
+//! them with:
+//!
+//! ```sh
+//! KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1
+//! ```
+//!
+//! Each test applies the CRDs (server-side), creates its own namespace, runs the controller in-process with the
+//! current kubeconfig (no image needed; worker status is read through the API server's service proxy, as a
+//! controller outside the cluster must), applies the hubspot-odoo example with dummy Secrets, asserts what the
+//! controller made, and deletes the namespace at the end, also when an assertion fails. The worker pods need
+//! not become ready (their image may not be pullable in a test cluster); set `MESHLINE_E2E_WORKER_IMAGE` to an
+//! image that exists to see them run.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, Resource, ResourceExt};
+use meshline::api::{OwnershipRoster, SyncContract, SyncFlow};
+
+const FLOW: &str = "won-deals-to-odoo";
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+async fn client() -> Client {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        panic!(
+            "KUBECONFIG is not set: the e2e suite runs against a real cluster. Run it with\n  \
+             KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"
+        );
+    }
+    Client::try_default().await.unwrap_or_else(|e| {
+        panic!(
+            "cannot build a client from KUBECONFIG={:?}: {e}",
+            std::env::var("KUBECONFIG")
+        )
+    })
+}
+
+fn example<T: serde::de::DeserializeOwned + Resource>(file: &str, ns: &str) -> T {
+    let text = std::fs::read_to_string(format!(
+        "{}/examples/hubspot-odoo/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let mut obj: T = serde_yaml::from_str(&text).unwrap();
+    obj.meta_mut().namespace = Some(ns.into());
+    obj
+}
+
+/// Polls `check` until it returns `Some`, or fails with `what` after the timeout.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {TIMEOUT:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in meshline::crd::all() {
+        api.patch(
+            &crd.name_any(),
+            &PatchParams::apply("meshline-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot apply CRD {}: {e}", crd.name_any()));
+    }
+    eventually("the CRDs to be Established", || async {
+        meshline::controller::run::crds_not_established(client)
+            .await
+            .ok()
+            .filter(|m| m.is_empty())
+    })
+    .await;
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, keys: &[&str]) {
+    let s = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(
+            keys.iter()
+                .map(|k| (k.to_string(), "dummy".to_string()))
+                .collect(),
+        ),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
+}
+
+async fn apply<K>(client: &Client, ns: &str, obj: &K)
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply("e2e-user").force(),
+            &Patch::Apply(obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot apply {} {}: {e}", K::kind(&()), obj.name_any()));
+}
+
+/// Creates a namespace, starts the controller on it, runs `body`, and always deletes the namespace.
+async fn with_namespace<F, Fut>(test: &str, body: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = format!(
+        "meshline-e2e-{test}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &Namespace {
+                metadata: ObjectMeta {
+                    name: Some(ns.clone()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            },
+        )
+        .await
+        .unwrap();
+    let settings = meshline::controller::Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        status_period: Duration::from_secs(5),
+        worker_image: std::env::var("MESHLINE_E2E_WORKER_IMAGE")
+            .unwrap_or_else(|_| "ghcr.io/meshline/meshline:latest".into()),
+        lease_name: "meshline-e2e".into(),
+        lease_namespace: ns.clone(),
+        identity: "e2e".into(),
+        namespace: Some(ns.clone()),
+        status_via_proxy: true,
+        no_leader_election: true,
+    };
+    let controller = tokio::spawn(async move {
+        if let Err(e) = meshline::controller::run(settings).await {
+            panic!("controller stopped: {e}");
+        }
+    });
+    let outcome = AssertUnwindSafe(body(client.clone(), ns.clone()))
+        .catch_unwind()
+        .await;
+    controller.abort();
+    let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references.iter().flatten().any(|o| {
+        o.kind == "SyncFlow"
+            && o.uid == uid
+            && o.controller == Some(true)
+            && o.block_owner_deletion == Some(true)
+    })
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn flow_lifecycle_creates_pauses_and_cleans_up() {
+    with_namespace("lifecycle", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        apply(&client, &ns, &example::<SyncFlow>("flow.yaml", &ns)).await;
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let flow = flows.get(FLOW).await.unwrap();
+        let uid = flow.uid().unwrap();
+        let worker = format!("meshline-{FLOW}");
+
+        // The children exist, owned by the flow.
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+        let cm = eventually("the ConfigMap", || async {
+            cms.get_opt(&worker).await.ok().flatten()
+        })
+        .await;
+        assert!(owned_by(&cm.metadata, &uid));
+        let rendered: meshline::worker::RenderedFlow =
+            serde_yaml::from_str(&cm.data.unwrap()["flow.yaml"]).unwrap();
+        assert_eq!(rendered.contract.spec.version, "2.0.1");
+        let d = eventually("the Deployment", || async {
+            deployments.get_opt(&worker).await.ok().flatten()
+        })
+        .await;
+        assert!(owned_by(&d.metadata, &uid));
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+        let s = eventually("the Service", || async {
+            services.get_opt(&worker).await.ok().flatten()
+        })
+        .await;
+        assert!(owned_by(&s.metadata, &uid));
+        let ledger = format!("meshline-{FLOW}-ledger");
+        let pvc = eventually("the ledger PVC", || async {
+            pvcs.get_opt(&ledger).await.ok().flatten()
+        })
+        .await;
+        assert!(owned_by(&pvc.metadata, &uid));
+
+        // Conditions, with the generation they were computed from.
+        let status = eventually("the flow's conditions", || async {
+            let f = flows.get(FLOW).await.ok()?;
+            let s = f.status?;
+            (s.observed_generation == f.metadata.generation
+                && [
+                    "ContractResolved",
+                    "OwnerAssigned",
+                    "SecretsReady",
+                    "Ready",
+                    "Degraded",
+                    "Progressing",
+                ]
+                .iter()
+                .all(|t| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.r#type == *t && c.observed_generation == f.metadata.generation)
+                }))
+            .then_some(s)
+        })
+        .await;
+        for t in ["ContractResolved", "OwnerAssigned", "SecretsReady"] {
+            let c = status.conditions.iter().find(|c| c.r#type == t).unwrap();
+            assert_eq!(c.status, "True", "{t}: {c:?}");
+        }
+
+        // The contract's status.
+        let contracts: Api<SyncContract> = Api::namespaced(client.clone(), &ns);
+        let cs = eventually("the contract status", || async {
+            contracts
+                .get("deal-to-sale-order")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.current_version.is_some())
+        })
+        .await;
+        assert_eq!(cs.current_version.as_deref(), Some("2.0.1"));
+        assert_eq!(cs.version_history.len(), 1);
+        assert!(
+            cs.conditions
+                .iter()
+                .any(|c| c.r#type == "Accepted" && c.status == "True")
+        );
+
+        // The roster's status.
+        let rosters: Api<OwnershipRoster> = Api::namespaced(client.clone(), &ns);
+        eventually("the roster status", || async {
+            rosters
+                .get("commerce-owners")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.covered_flows == vec![FLOW.to_string()])
+        })
+        .await;
+
+        // Pausing scales to zero and keeps the ledger.
+        flows
+            .patch(
+                FLOW,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"paused": true}})),
+            )
+            .await
+            .unwrap();
+        eventually("the Deployment to scale to 0", || async {
+            deployments
+                .get(&worker)
+                .await
+                .ok()?
+                .spec?
+                .replicas
+                .filter(|r| *r == 0)
+        })
+        .await;
+        assert!(
+            pvcs.get_opt(&ledger).await.unwrap().is_some(),
+            "the ledger survives a pause"
+        );
+
+        // Deleting the flow removes what it owns (garbage collection through the owner references).
+        flows
+            .delete(FLOW, &DeleteParams::foreground())
+            .await
+            .unwrap();
+        eventually(
+            "the Deployment, Service and ConfigMap to be deleted",
+            || async {
+                let gone = deployments.get_opt(&worker).await.ok()?.is_none()
+                    && services.get_opt(&worker).await.ok()?.is_none()
+                    && cms.get_opt(&worker).await.ok()?.is_none();
+                gone.then_some(())
+            },
+        )
+        .await;
+        eventually("the ledger PVC to be deleted or terminating", || async {
+            match pvcs.get_opt(&ledger).await.ok()? {
+                None => Some(()),
+                Some(p) => p.metadata.deletion_timestamp.map(|_| ()),
+            }
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn flow_with_a_missing_secret_gets_a_condition_and_no_deployment() {
+    with_namespace("badsecret", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        apply(&client, &ns, &example::<SyncFlow>("flow.yaml", &ns)).await;
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let c = eventually("SecretsReady=False", || async {
+            let s = flows.get(FLOW).await.ok()?.status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.r#type == "SecretsReady" && c.status == "False")
+        })
+        .await;
+        assert_eq!(c.reason, "SecretNotFound");
+        assert!(c.message.contains("odoo-api-key"), "{c:?}");
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        assert!(
+            deployments
+                .get_opt(&format!("meshline-{FLOW}"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Creating the Secret (with its keys) starts the flow: the Secret watch re-reconciles it.
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        eventually("the Deployment after the Secret appeared", || async {
+            deployments
+                .get_opt(&format!("meshline-{FLOW}"))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn flow_without_owner_does_not_start_until_a_roster_covers_it() {
+    with_namespace("noowner", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        apply(&client, &ns, &example::<SyncFlow>("flow.yaml", &ns)).await;
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        eventually("OwnerAssigned=False", || async {
+            let s = flows.get(FLOW).await.ok()?.status?;
+            s.conditions.into_iter().find(|c| {
+                c.r#type == "OwnerAssigned" && c.status == "False" && c.reason == "NoSyncOwner"
+            })
+        })
+        .await;
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        eventually("OwnerAssigned=True after the roster", || async {
+            let s = flows.get(FLOW).await.ok()?.status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.r#type == "OwnerAssigned" && c.status == "True")
+        })
+        .await;
+    })
+    .await;
+}
