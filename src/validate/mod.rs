@@ -304,33 +304,31 @@ fn check_document(
     if had_violations {
         return;
     }
-    match kind {
-        "SyncContract" => match decode::<SyncContract>(&value) {
-            Ok(object) => report.contracts.push(Located {
-                file: file.clone(),
-                document: index,
-                object,
-            }),
-            Err((path, reason)) => report.issues.push(err(&path, Some(object), reason)),
-        },
-        "SyncFlow" => match decode::<SyncFlow>(&value) {
-            Ok(object) => report.flows.push(Located {
-                file: file.clone(),
-                document: index,
-                object,
-            }),
-            Err((path, reason)) => report.issues.push(err(&path, Some(object), reason)),
-        },
-        "OwnershipRoster" => match decode::<OwnershipRoster>(&value) {
-            Ok(object) => report.rosters.push(Located {
-                file: file.clone(),
-                document: index,
-                object,
-            }),
-            Err((path, reason)) => report.issues.push(err(&path, Some(object), reason)),
-        },
-        _ => {}
+    let result = match kind {
+        "SyncContract" => keep(&mut report.contracts, &value, &file, index),
+        "SyncFlow" => keep(&mut report.flows, &value, &file, index),
+        "OwnershipRoster" => keep(&mut report.rosters, &value, &file, index),
+        _ => Ok(()),
+    };
+    if let Err((path, reason)) = result {
+        report.issues.push(err(&path, Some(object), reason));
     }
+}
+
+/// Decodes a document into its typed object and keeps it for the reference checks.
+fn keep<T: serde::de::DeserializeOwned>(
+    list: &mut Vec<Located<T>>,
+    value: &Value,
+    file: &str,
+    document: usize,
+) -> Result<(), (String, String)> {
+    let object = decode::<T>(value)?;
+    list.push(Located {
+        file: file.to_string(),
+        document,
+        object,
+    });
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, (String, String)> {

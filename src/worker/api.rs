@@ -296,28 +296,45 @@ fn ledger_error(e: crate::ledger::LedgerError) -> Response {
     error(status, text)
 }
 
+/// Runs one manual intervention after checking the token and the actor, and wakes the pipeline.
+async fn intervene<F>(
+    state: &ApiState,
+    headers: &HeaderMap,
+    actor: &str,
+    action: F,
+    done: Value,
+) -> Response
+where
+    F: std::future::Future<Output = Result<(), crate::ledger::LedgerError>>,
+{
+    if let Some(r) = guard(state, headers, actor) {
+        return r;
+    }
+    match action.await {
+        Ok(()) => {
+            state.pipeline.wake.notify_one();
+            Json(done).into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}
+
 async fn approve(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<i64>,
     Json(body): Json<Intervention>,
 ) -> Response {
-    if let Some(r) = guard(&state, &headers, &body.actor) {
-        return r;
-    }
-    match state
-        .pipeline
-        .ledger
-        .approve_held(RecordId(id), &body.actor, &body.reason)
-        .await
-    {
-        Ok(()) => {
-            state.pipeline.wake.notify_one();
-            Json(json!({ "record": id, "state": "validated", "approvedBy": body.actor }))
-                .into_response()
-        }
-        Err(e) => ledger_error(e),
-    }
+    let ledger = state.pipeline.ledger.clone();
+    let done = json!({ "record": id, "state": "validated", "approvedBy": body.actor });
+    intervene(
+        &state,
+        &headers,
+        &body.actor,
+        ledger.approve_held(RecordId(id), &body.actor, &body.reason),
+        done,
+    )
+    .await
 }
 
 async fn reject(
@@ -326,19 +343,16 @@ async fn reject(
     Path(id): Path<i64>,
     Json(body): Json<Intervention>,
 ) -> Response {
-    if let Some(r) = guard(&state, &headers, &body.actor) {
-        return r;
-    }
-    match state
-        .pipeline
-        .ledger
-        .reject_held(RecordId(id), &body.actor, &body.reason)
-        .await
-    {
-        Ok(()) => Json(json!({ "record": id, "state": "dead_lettered", "rejectedBy": body.actor }))
-            .into_response(),
-        Err(e) => ledger_error(e),
-    }
+    let ledger = state.pipeline.ledger.clone();
+    let done = json!({ "record": id, "state": "dead_lettered", "rejectedBy": body.actor });
+    intervene(
+        &state,
+        &headers,
+        &body.actor,
+        ledger.reject_held(RecordId(id), &body.actor, &body.reason),
+        done,
+    )
+    .await
 }
 
 async fn replay_one(
@@ -347,21 +361,16 @@ async fn replay_one(
     Path(id): Path<i64>,
     Json(body): Json<Intervention>,
 ) -> Response {
-    if let Some(r) = guard(&state, &headers, &body.actor) {
-        return r;
-    }
-    match state
-        .pipeline
-        .ledger
-        .replay_dead_letter(RecordId(id), &body.actor, &body.reason)
-        .await
-    {
-        Ok(()) => {
-            state.pipeline.wake.notify_one();
-            Json(json!({ "replayed": [id] })).into_response()
-        }
-        Err(e) => ledger_error(e),
-    }
+    let ledger = state.pipeline.ledger.clone();
+    let done = json!({ "replayed": [id] });
+    intervene(
+        &state,
+        &headers,
+        &body.actor,
+        ledger.replay_dead_letter(RecordId(id), &body.actor, &body.reason),
+        done,
+    )
+    .await
 }
 
 async fn replay_by_reason(
