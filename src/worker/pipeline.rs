@@ -71,11 +71,40 @@ pub struct Pipeline {
     /// Set while the flow cannot judge records correctly (e.g. its pricebook never loaded): records keep
     /// arriving in the ledger but none is processed, so none is rejected for a missing lookup.
     pub gate: std::sync::Mutex<Option<String>>,
+    /// Moving average of the ERP's answer time in microseconds; it sizes claims (see `claim_limit`).
+    pub delivery_micros: std::sync::atomic::AtomicU64,
 }
 
 impl Pipeline {
     fn env(&self) -> Arc<Env> {
         self.env.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many records to claim at once: as many as the free slots can deliver within a quarter of the lease
+    /// at the ERP's recent pace (a fast ERP gets whole batches, a slow one only what it can finish), so a
+    /// claimed record never waits in memory long enough for its lease to run out.
+    fn claim_limit(&self, free: usize) -> usize {
+        let concurrency = self.policy.concurrency.max(1) as u128;
+        let pace = u128::from(
+            self.delivery_micros
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1),
+        );
+        let within = concurrency * (self.options.lease.as_micros() / 4) / pace;
+        (free as u128 + within).clamp(1, self.options.claim_batch as u128) as usize
+    }
+
+    fn observe_delivery(&self, took: Duration) {
+        use std::sync::atomic::Ordering;
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let old = self.delivery_micros.load(Ordering::Relaxed);
+        // An exponential moving average; concurrent updates may lose a sample, which does not matter here.
+        let new = if old == 0 {
+            sample
+        } else {
+            (old.saturating_mul(7) / 8).saturating_add(sample / 8)
+        };
+        self.delivery_micros.store(new.max(1), Ordering::Relaxed);
     }
 
     /// Why deliveries are gated, if they are.
@@ -131,7 +160,7 @@ impl Pipeline {
                 }
                 continue;
             }
-            let limit = (free * 2).clamp(1, self.options.claim_batch);
+            let limit = self.claim_limit(free);
             let claimed = match self
                 .ledger
                 .claim(
@@ -376,6 +405,7 @@ impl Pipeline {
         self.metrics
             .delivery_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.observe_delivery(started.elapsed());
         match result {
             Ok(_) => {
                 self.breaker.success();
