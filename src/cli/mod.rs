@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod dev;
 mod controller;
+mod dev;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
@@ -25,6 +25,8 @@ pub enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Run the operator: reconcile flows, contracts and rosters; write worker status back to the flows.
+    Controller(Box<controller::ControllerArgs>),
     /// Run an example end to end on this machine: the real worker with CRM and ERP stand-ins.
     Dev(Box<dev::DevArgs>),
     /// Run the CRM or ERP stand-in on its own.
@@ -32,8 +34,6 @@ pub enum Command {
         #[command(subcommand)]
         command: dev::SimCommand,
     },
-    /// Run the operator: reconcile flows, contracts and rosters; write worker status back to the flows.
-    Controller(Box<controller::ControllerArgs>),
     /// Run one flow: sources, ledger, contract, sink, and the operations API.
     Worker(Box<worker::WorkerArgs>),
     /// Inspect and replay a running worker's dead letters.
@@ -75,9 +75,9 @@ pub fn run(cli: Cli) -> ExitCode {
             output,
             partial,
         } => validate(&paths, output, partial),
+        Command::Controller(args) => controller::controller(*args),
         Command::Dev(args) => dev::dev(*args),
         Command::Sim { command } => dev::sim(command),
-        Command::Controller(args) => controller::controller(*args),
         Command::Worker(args) => worker::worker(*args),
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),
