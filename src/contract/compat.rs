@@ -57,7 +57,10 @@ pub fn content_hash(spec: &SyncContractSpec) -> ContentHash {
     }
     let mut text = String::new();
     canonical(&value, &mut text);
-    ContentHash(format!("sha256:{}", hex::encode(Sha256::digest(text.as_bytes()))))
+    ContentHash(format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(text.as_bytes()))
+    ))
 }
 
 fn canonical(value: &serde_json::Value, out: &mut String) {
@@ -270,9 +273,13 @@ impl VersionProblem {
     pub fn label(&self) -> &'static str {
         match self {
             VersionProblem::InvalidVersion { .. } => "invalid_version",
-            VersionProblem::ContentChangedWithoutVersionChange => "content_changed_without_version_change",
+            VersionProblem::ContentChangedWithoutVersionChange => {
+                "content_changed_without_version_change"
+            }
             VersionProblem::VersionNotIncreased { .. } => "version_not_increased",
-            VersionProblem::BreakingChangeWithoutMajorBump { .. } => "breaking_change_without_major_bump",
+            VersionProblem::BreakingChangeWithoutMajorBump { .. } => {
+                "breaking_change_without_major_bump"
+            }
             VersionProblem::SchemaChangeWithoutMinorBump => "schema_change_without_minor_bump",
         }
     }
@@ -281,15 +288,21 @@ impl VersionProblem {
 impl fmt::Display for VersionProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VersionProblem::InvalidVersion { which, value } => write!(f, "the {which} version {value:?} is not a semantic version"),
-            VersionProblem::ContentChangedWithoutVersionChange => {
-                f.write_str("the content changed but the version did not; a version never changes content")
+            VersionProblem::InvalidVersion { which, value } => {
+                write!(f, "the {which} version {value:?} is not a semantic version")
             }
-            VersionProblem::VersionNotIncreased { old, new } => write!(f, "the version goes from {old} to {new}; it must increase"),
+            VersionProblem::ContentChangedWithoutVersionChange => f.write_str(
+                "the content changed but the version did not; a version never changes content",
+            ),
+            VersionProblem::VersionNotIncreased { old, new } => {
+                write!(f, "the version goes from {old} to {new}; it must increase")
+            }
             VersionProblem::BreakingChangeWithoutMajorBump { breaking } => {
                 write!(f, "{breaking} breaking change(s) need a new major version")
             }
-            VersionProblem::SchemaChangeWithoutMinorBump => f.write_str("schema changes need at least a new minor version"),
+            VersionProblem::SchemaChangeWithoutMinorBump => {
+                f.write_str("schema changes need at least a new minor version")
+            }
         }
     }
 }
@@ -361,21 +374,38 @@ impl CompatReport {
 
 /// Classifies every change from `old` to `new` and checks the version step.
 pub fn diff(old: &SyncContractSpec, new: &SyncContractSpec) -> CompatReport {
-    let mode = if old.compatibility == new.compatibility { new.compatibility } else { old.compatibility };
-    let mut changes = Changes { mode, list: Vec::new() };
+    let mode = if old.compatibility == new.compatibility {
+        new.compatibility
+    } else {
+        old.compatibility
+    };
+    let mut changes = Changes {
+        mode,
+        list: Vec::new(),
+    };
     changes.entities(old, new);
     changes.fields(&old.fields, &new.fields);
     changes.lookups(old, new);
     changes.rules(old, new);
     changes.mapping(old, new);
     if old.sla != new.sla {
-        changes.push("spec.sla".into(), ChangeKind::SlaChanged, "the service level changed".into(), Effect::None, false);
+        changes.push(
+            "spec.sla".into(),
+            ChangeKind::SlaChanged,
+            "the service level changed".into(),
+            Effect::None,
+            false,
+        );
     }
     if old.compatibility != new.compatibility {
         changes.push(
             "spec.compatibility".into(),
             ChangeKind::CompatibilityModeChanged,
-            format!("{} → {} (applies from the next version)", mode_name(old.compatibility), mode_name(new.compatibility)),
+            format!(
+                "{} → {} (applies from the next version)",
+                mode_name(old.compatibility),
+                mode_name(new.compatibility)
+            ),
             Effect::None,
             true,
         );
@@ -383,7 +413,13 @@ pub fn diff(old: &SyncContractSpec, new: &SyncContractSpec) -> CompatReport {
     let old_hash = content_hash(old);
     let new_hash = content_hash(new);
     if changes.list.is_empty() && old_hash != new_hash {
-        changes.push("spec".into(), ChangeKind::OtherContentChanged, "the content changed (order or formatting of declarations)".into(), Effect::None, false);
+        changes.push(
+            "spec".into(),
+            ChangeKind::OtherContentChanged,
+            "the content changed (order or formatting of declarations)".into(),
+            Effect::None,
+            false,
+        );
     }
     let changes = changes.list;
 
@@ -397,19 +433,31 @@ pub fn diff(old: &SyncContractSpec, new: &SyncContractSpec) -> CompatReport {
         Bump::None
     };
     let mut problems = Vec::new();
-    let parsed = (semver::Version::parse(&old.version), semver::Version::parse(&new.version));
+    let parsed = (
+        semver::Version::parse(&old.version),
+        semver::Version::parse(&new.version),
+    );
     let actual_bump = match &parsed {
         (Ok(o), Ok(n)) => bump(o, n),
         _ => Bump::None,
     };
     match parsed {
-        (Err(_), _) => problems.push(VersionProblem::InvalidVersion { which: "old", value: old.version.clone() }),
-        (_, Err(_)) => problems.push(VersionProblem::InvalidVersion { which: "new", value: new.version.clone() }),
+        (Err(_), _) => problems.push(VersionProblem::InvalidVersion {
+            which: "old",
+            value: old.version.clone(),
+        }),
+        (_, Err(_)) => problems.push(VersionProblem::InvalidVersion {
+            which: "new",
+            value: new.version.clone(),
+        }),
         (Ok(o), Ok(n)) => {
             if old_hash != new_hash && o == n {
                 problems.push(VersionProblem::ContentChangedWithoutVersionChange);
             } else if n < o {
-                problems.push(VersionProblem::VersionNotIncreased { old: old.version.clone(), new: new.version.clone() });
+                problems.push(VersionProblem::VersionNotIncreased {
+                    old: old.version.clone(),
+                    new: new.version.clone(),
+                });
             } else if actual_bump < required_bump {
                 match required_bump {
                     Bump::Major => problems.push(VersionProblem::BreakingChangeWithoutMajorBump {
@@ -455,8 +503,12 @@ struct Changes {
 fn type_effect(old: FieldType, new: FieldType) -> (ChangeKind, Effect) {
     use FieldType::*;
     match (old, new) {
-        (Integer, Decimal) | (Enum, String) | (Date, String) | (Datetime, String) => (ChangeKind::TypeWidened, Effect::Widens),
-        (Decimal, Integer) | (String, Enum) | (String, Date) | (String, Datetime) => (ChangeKind::TypeNarrowed, Effect::Narrows),
+        (Integer, Decimal) | (Enum, String) | (Date, String) | (Datetime, String) => {
+            (ChangeKind::TypeWidened, Effect::Widens)
+        }
+        (Decimal, Integer) | (String, Enum) | (String, Date) | (String, Datetime) => {
+            (ChangeKind::TypeNarrowed, Effect::Narrows)
+        }
         _ => (ChangeKind::TypeChanged, Effect::Both),
     }
 }
@@ -485,7 +537,11 @@ fn same_expression(a: &str, b: &str) -> bool {
         return true;
     }
     use kube::core::cel::cel::parser::Parser;
-    let parse = |s: &str| std::panic::catch_unwind(|| Parser::new().parse(s).ok()).ok().flatten();
+    let parse = |s: &str| {
+        std::panic::catch_unwind(|| Parser::new().parse(s).ok())
+            .ok()
+            .flatten()
+    };
     if a.len() > 4096 || b.len() > 4096 {
         return false;
     }
@@ -496,19 +552,51 @@ fn same_expression(a: &str, b: &str) -> bool {
 }
 
 impl Changes {
-    fn push(&mut self, path: String, kind: ChangeKind, detail: String, effect: Effect, schema_change: bool) {
+    fn push(
+        &mut self,
+        path: String,
+        kind: ChangeKind,
+        detail: String,
+        effect: Effect,
+        schema_change: bool,
+    ) {
         let breaking = effect.breaks(self.mode);
-        self.list.push(Change { path, kind, detail, effect, breaking, schema_change });
+        self.list.push(Change {
+            path,
+            kind,
+            detail,
+            effect,
+            breaking,
+            schema_change,
+        });
     }
 
     fn entities(&mut self, old: &SyncContractSpec, new: &SyncContractSpec) {
         if old.source != new.source {
-            let detail = format!("{}/{} → {}/{}", old.source.system, old.source.entity, new.source.system, new.source.entity);
-            self.push("spec.source".into(), ChangeKind::SourceChanged, detail, Effect::Both, true);
+            let detail = format!(
+                "{}/{} → {}/{}",
+                old.source.system, old.source.entity, new.source.system, new.source.entity
+            );
+            self.push(
+                "spec.source".into(),
+                ChangeKind::SourceChanged,
+                detail,
+                Effect::Both,
+                true,
+            );
         }
         if old.target != new.target {
-            let detail = format!("{}/{} → {}/{}", old.target.system, old.target.entity, new.target.system, new.target.entity);
-            self.push("spec.target".into(), ChangeKind::TargetChanged, detail, Effect::Both, true);
+            let detail = format!(
+                "{}/{} → {}/{}",
+                old.target.system, old.target.entity, new.target.system, new.target.entity
+            );
+            self.push(
+                "spec.target".into(),
+                ChangeKind::TargetChanged,
+                detail,
+                Effect::Both,
+                true,
+            );
         }
     }
 
@@ -516,12 +604,32 @@ impl Changes {
         let old_by: BTreeMap<&str, &FieldSpec> = old.iter().map(|f| (f.name.as_str(), f)).collect();
         let new_by: BTreeMap<&str, &FieldSpec> = new.iter().map(|f| (f.name.as_str(), f)).collect();
         for f in old.iter().filter(|f| !new_by.contains_key(f.name.as_str())) {
-            let (effect, what) = if f.required { (Effect::Widens, "required") } else { (Effect::None, "optional") };
-            self.push(format!("spec.fields[{}]", f.name), ChangeKind::FieldRemoved, format!("{what} {} field removed", f.r#type.as_str()), effect, true);
+            let (effect, what) = if f.required {
+                (Effect::Widens, "required")
+            } else {
+                (Effect::None, "optional")
+            };
+            self.push(
+                format!("spec.fields[{}]", f.name),
+                ChangeKind::FieldRemoved,
+                format!("{what} {} field removed", f.r#type.as_str()),
+                effect,
+                true,
+            );
         }
         for f in new.iter().filter(|f| !old_by.contains_key(f.name.as_str())) {
-            let (effect, what) = if f.required { (Effect::Narrows, "required") } else { (Effect::None, "optional") };
-            self.push(format!("spec.fields[{}]", f.name), ChangeKind::FieldAdded, format!("{what} {} field added", f.r#type.as_str()), effect, true);
+            let (effect, what) = if f.required {
+                (Effect::Narrows, "required")
+            } else {
+                (Effect::None, "optional")
+            };
+            self.push(
+                format!("spec.fields[{}]", f.name),
+                ChangeKind::FieldAdded,
+                format!("{what} {} field added", f.r#type.as_str()),
+                effect,
+                true,
+            );
         }
         for n in new {
             if let Some(o) = old_by.get(n.name.as_str()) {
@@ -535,7 +643,13 @@ impl Changes {
         let mut type_changed = false;
         if o.r#type != n.r#type {
             let (kind, effect) = type_effect(o.r#type, n.r#type);
-            self.push(at("type"), kind, format!("{} → {}", o.r#type.as_str(), n.r#type.as_str()), effect, true);
+            self.push(
+                at("type"),
+                kind,
+                format!("{} → {}", o.r#type.as_str(), n.r#type.as_str()),
+                effect,
+                true,
+            );
             type_changed = true;
         } else if o.items != n.items {
             let name = |t: Option<FieldType>| t.map_or("none", |t| t.as_str());
@@ -543,46 +657,142 @@ impl Changes {
                 (Some(a), Some(b)) => type_effect(a, b),
                 _ => (ChangeKind::TypeChanged, Effect::Both),
             };
-            self.push(at("items"), kind, format!("elements {} → {}", name(o.items), name(n.items)), effect, true);
+            self.push(
+                at("items"),
+                kind,
+                format!("elements {} → {}", name(o.items), name(n.items)),
+                effect,
+                true,
+            );
         }
         match (o.required, n.required) {
-            (false, true) => self.push(at("required"), ChangeKind::FieldMadeRequired, "optional → required".into(), Effect::Narrows, true),
-            (true, false) => self.push(at("required"), ChangeKind::FieldMadeOptional, "required → optional".into(), Effect::Widens, true),
+            (false, true) => self.push(
+                at("required"),
+                ChangeKind::FieldMadeRequired,
+                "optional → required".into(),
+                Effect::Narrows,
+                true,
+            ),
+            (true, false) => self.push(
+                at("required"),
+                ChangeKind::FieldMadeOptional,
+                "required → optional".into(),
+                Effect::Widens,
+                true,
+            ),
             _ => {}
         }
         if !type_changed && let (Some(ov), Some(nv)) = (&o.enum_values, &n.enum_values) {
-            let added: Vec<&str> = nv.iter().filter(|v| !ov.contains(v)).map(String::as_str).collect();
-            let removed: Vec<&str> = ov.iter().filter(|v| !nv.contains(v)).map(String::as_str).collect();
+            let added: Vec<&str> = nv
+                .iter()
+                .filter(|v| !ov.contains(v))
+                .map(String::as_str)
+                .collect();
+            let removed: Vec<&str> = ov
+                .iter()
+                .filter(|v| !nv.contains(v))
+                .map(String::as_str)
+                .collect();
             if !added.is_empty() {
-                self.push(at("enumValues"), ChangeKind::EnumValuesAdded, format!("added {}", added.join(", ")), Effect::Widens, true);
+                self.push(
+                    at("enumValues"),
+                    ChangeKind::EnumValuesAdded,
+                    format!("added {}", added.join(", ")),
+                    Effect::Widens,
+                    true,
+                );
             }
             if !removed.is_empty() {
-                self.push(at("enumValues"), ChangeKind::EnumValuesRemoved, format!("removed {}", removed.join(", ")), Effect::Narrows, true);
+                self.push(
+                    at("enumValues"),
+                    ChangeKind::EnumValuesRemoved,
+                    format!("removed {}", removed.join(", ")),
+                    Effect::Narrows,
+                    true,
+                );
             }
         }
         match (&o.pattern, &n.pattern) {
-            (None, Some(p)) => self.push(at("pattern"), ChangeKind::PatternAdded, format!("pattern {p} added"), Effect::Narrows, true),
-            (Some(p), None) => self.push(at("pattern"), ChangeKind::PatternRemoved, format!("pattern {p} removed"), Effect::Widens, true),
+            (None, Some(p)) => self.push(
+                at("pattern"),
+                ChangeKind::PatternAdded,
+                format!("pattern {p} added"),
+                Effect::Narrows,
+                true,
+            ),
+            (Some(p), None) => self.push(
+                at("pattern"),
+                ChangeKind::PatternRemoved,
+                format!("pattern {p} removed"),
+                Effect::Widens,
+                true,
+            ),
             (Some(a), Some(b)) if a != b => {
-                self.push(at("pattern"), ChangeKind::PatternChanged, format!("{a} → {b}"), Effect::Both, true);
+                self.push(
+                    at("pattern"),
+                    ChangeKind::PatternChanged,
+                    format!("{a} → {b}"),
+                    Effect::Both,
+                    true,
+                );
             }
             _ => {}
         }
         self.bound(at("minimum"), &o.minimum, &n.minimum, true);
         self.bound(at("maximum"), &o.maximum, &n.maximum, false);
         match (o.max_length, n.max_length) {
-            (None, Some(m)) => self.push(at("maxLength"), ChangeKind::BoundTightened, format!("maxLength {m} added"), Effect::Narrows, true),
-            (Some(m), None) => self.push(at("maxLength"), ChangeKind::BoundLoosened, format!("maxLength {m} removed"), Effect::Widens, true),
-            (Some(a), Some(b)) if b < a => self.push(at("maxLength"), ChangeKind::BoundTightened, format!("{a} → {b}"), Effect::Narrows, true),
-            (Some(a), Some(b)) if b > a => self.push(at("maxLength"), ChangeKind::BoundLoosened, format!("{a} → {b}"), Effect::Widens, true),
+            (None, Some(m)) => self.push(
+                at("maxLength"),
+                ChangeKind::BoundTightened,
+                format!("maxLength {m} added"),
+                Effect::Narrows,
+                true,
+            ),
+            (Some(m), None) => self.push(
+                at("maxLength"),
+                ChangeKind::BoundLoosened,
+                format!("maxLength {m} removed"),
+                Effect::Widens,
+                true,
+            ),
+            (Some(a), Some(b)) if b < a => self.push(
+                at("maxLength"),
+                ChangeKind::BoundTightened,
+                format!("{a} → {b}"),
+                Effect::Narrows,
+                true,
+            ),
+            (Some(a), Some(b)) if b > a => self.push(
+                at("maxLength"),
+                ChangeKind::BoundLoosened,
+                format!("{a} → {b}"),
+                Effect::Widens,
+                true,
+            ),
             _ => {}
         }
         if o.pii != n.pii {
-            let detail = if n.pii { "now personal data (redacted)" } else { "no longer personal data" };
-            self.push(at("pii"), ChangeKind::PiiChanged, detail.into(), Effect::None, true);
+            let detail = if n.pii {
+                "now personal data (redacted)"
+            } else {
+                "no longer personal data"
+            };
+            self.push(
+                at("pii"),
+                ChangeKind::PiiChanged,
+                detail.into(),
+                Effect::None,
+                true,
+            );
         }
         if o.description != n.description {
-            self.push(at("description"), ChangeKind::DescriptionChanged, "description edited".into(), Effect::None, false);
+            self.push(
+                at("description"),
+                ChangeKind::DescriptionChanged,
+                "description edited".into(),
+                Effect::None,
+                false,
+            );
         }
     }
 
@@ -591,15 +801,43 @@ impl Changes {
         let name = if lower { "minimum" } else { "maximum" };
         let parse = |s: &str| super::cel_env::parse_decimal(s).ok();
         match (old, new) {
-            (None, Some(b)) => self.push(path, ChangeKind::BoundTightened, format!("{name} {b} added"), Effect::Narrows, true),
-            (Some(a), None) => self.push(path, ChangeKind::BoundLoosened, format!("{name} {a} removed"), Effect::Widens, true),
+            (None, Some(b)) => self.push(
+                path,
+                ChangeKind::BoundTightened,
+                format!("{name} {b} added"),
+                Effect::Narrows,
+                true,
+            ),
+            (Some(a), None) => self.push(
+                path,
+                ChangeKind::BoundLoosened,
+                format!("{name} {a} removed"),
+                Effect::Widens,
+                true,
+            ),
             (Some(a), Some(b)) => match (parse(a), parse(b)) {
                 (Some(x), Some(y)) if x == y => {}
-                (Some(x), Some(y)) if (y > x) == lower => {
-                    self.push(path, ChangeKind::BoundTightened, format!("{a} → {b}"), Effect::Narrows, true)
-                }
-                (Some(_), Some(_)) => self.push(path, ChangeKind::BoundLoosened, format!("{a} → {b}"), Effect::Widens, true),
-                _ if a != b => self.push(path, ChangeKind::BoundTightened, format!("{a} → {b} (not comparable)"), Effect::Both, true),
+                (Some(x), Some(y)) if (y > x) == lower => self.push(
+                    path,
+                    ChangeKind::BoundTightened,
+                    format!("{a} → {b}"),
+                    Effect::Narrows,
+                    true,
+                ),
+                (Some(_), Some(_)) => self.push(
+                    path,
+                    ChangeKind::BoundLoosened,
+                    format!("{a} → {b}"),
+                    Effect::Widens,
+                    true,
+                ),
+                _ if a != b => self.push(
+                    path,
+                    ChangeKind::BoundTightened,
+                    format!("{a} → {b} (not comparable)"),
+                    Effect::Both,
+                    true,
+                ),
                 _ => {}
             },
             (None, None) => {}
@@ -609,13 +847,35 @@ impl Changes {
     fn lookups(&mut self, old: &SyncContractSpec, new: &SyncContractSpec) {
         for o in &old.lookups {
             match new.lookups.iter().find(|n| n.name == o.name) {
-                None => self.push(format!("spec.lookups[{}]", o.name), ChangeKind::LookupRemoved, "lookup removed".into(), Effect::None, true),
-                Some(n) if n != o => self.push(format!("spec.lookups[{}]", o.name), ChangeKind::LookupChanged, "entry fields changed".into(), Effect::None, true),
+                None => self.push(
+                    format!("spec.lookups[{}]", o.name),
+                    ChangeKind::LookupRemoved,
+                    "lookup removed".into(),
+                    Effect::None,
+                    true,
+                ),
+                Some(n) if n != o => self.push(
+                    format!("spec.lookups[{}]", o.name),
+                    ChangeKind::LookupChanged,
+                    "entry fields changed".into(),
+                    Effect::None,
+                    true,
+                ),
                 Some(_) => {}
             }
         }
-        for n in new.lookups.iter().filter(|n| !old.lookups.iter().any(|o| o.name == n.name)) {
-            self.push(format!("spec.lookups[{}]", n.name), ChangeKind::LookupAdded, "lookup added".into(), Effect::None, true);
+        for n in new
+            .lookups
+            .iter()
+            .filter(|n| !old.lookups.iter().any(|o| o.name == n.name))
+        {
+            self.push(
+                format!("spec.lookups[{}]", n.name),
+                ChangeKind::LookupAdded,
+                "lookup added".into(),
+                Effect::None,
+                true,
+            );
         }
     }
 
@@ -624,29 +884,89 @@ impl Changes {
         for o in &old.rules {
             let at = |attr: &str| format!("spec.rules[{}]{attr}", o.name);
             let Some(n) = new.rules.iter().find(|n| n.name == o.name) else {
-                let effect = if gate(o.action) { Effect::Widens } else { Effect::None };
-                self.push(at(""), ChangeKind::RuleRemoved, format!("{} rule removed", action_name(o.action)), effect, true);
+                let effect = if gate(o.action) {
+                    Effect::Widens
+                } else {
+                    Effect::None
+                };
+                self.push(
+                    at(""),
+                    ChangeKind::RuleRemoved,
+                    format!("{} rule removed", action_name(o.action)),
+                    effect,
+                    true,
+                );
                 continue;
             };
             if !same_expression(&o.expression, &n.expression) {
-                let effect = if gate(o.action) || gate(n.action) { Effect::Both } else { Effect::None };
-                self.push(at(".expression"), ChangeKind::RuleExpressionChanged, "expression edited".into(), effect, true);
+                let effect = if gate(o.action) || gate(n.action) {
+                    Effect::Both
+                } else {
+                    Effect::None
+                };
+                self.push(
+                    at(".expression"),
+                    ChangeKind::RuleExpressionChanged,
+                    "expression edited".into(),
+                    effect,
+                    true,
+                );
             }
             if o.action != n.action {
-                let effect = if strictness(n.action) > strictness(o.action) { Effect::Narrows } else { Effect::Widens };
+                let effect = if strictness(n.action) > strictness(o.action) {
+                    Effect::Narrows
+                } else {
+                    Effect::Widens
+                };
                 let detail = format!("{} → {}", action_name(o.action), action_name(n.action));
-                self.push(at(".action"), ChangeKind::RuleActionChanged, detail, effect, true);
+                self.push(
+                    at(".action"),
+                    ChangeKind::RuleActionChanged,
+                    detail,
+                    effect,
+                    true,
+                );
             } else if o.approver_role != n.approver_role {
-                let detail = format!("{} → {}", o.approver_role.as_deref().unwrap_or("-"), n.approver_role.as_deref().unwrap_or("-"));
-                self.push(at(".approverRole"), ChangeKind::ApproverRoleChanged, detail, Effect::None, true);
+                let detail = format!(
+                    "{} → {}",
+                    o.approver_role.as_deref().unwrap_or("-"),
+                    n.approver_role.as_deref().unwrap_or("-")
+                );
+                self.push(
+                    at(".approverRole"),
+                    ChangeKind::ApproverRoleChanged,
+                    detail,
+                    Effect::None,
+                    true,
+                );
             }
             if o.message != n.message {
-                self.push(at(".message"), ChangeKind::RuleMessageChanged, "message edited".into(), Effect::None, false);
+                self.push(
+                    at(".message"),
+                    ChangeKind::RuleMessageChanged,
+                    "message edited".into(),
+                    Effect::None,
+                    false,
+                );
             }
         }
-        for n in new.rules.iter().filter(|n| !old.rules.iter().any(|o| o.name == n.name)) {
-            let effect = if gate(n.action) { Effect::Narrows } else { Effect::None };
-            self.push(format!("spec.rules[{}]", n.name), ChangeKind::RuleAdded, format!("{} rule added", action_name(n.action)), effect, true);
+        for n in new
+            .rules
+            .iter()
+            .filter(|n| !old.rules.iter().any(|o| o.name == n.name))
+        {
+            let effect = if gate(n.action) {
+                Effect::Narrows
+            } else {
+                Effect::None
+            };
+            self.push(
+                format!("spec.rules[{}]", n.name),
+                ChangeKind::RuleAdded,
+                format!("{} rule added", action_name(n.action)),
+                effect,
+                true,
+            );
         }
     }
 
@@ -655,7 +975,8 @@ impl Changes {
             self.push(
                 "spec.mapping.externalId".into(),
                 ChangeKind::ExternalIdChanged,
-                "a new idempotency key: the ERP would receive existing orders again as new ones".into(),
+                "a new idempotency key: the ERP would receive existing orders again as new ones"
+                    .into(),
                 Effect::Both,
                 true,
             );
@@ -663,21 +984,55 @@ impl Changes {
         for o in &old.mapping.fields {
             let at = |attr: &str| format!("spec.mapping.fields[{}]{attr}", o.target);
             let Some(n) = new.mapping.fields.iter().find(|n| n.target == o.target) else {
-                self.push(at(""), ChangeKind::MappingTargetRemoved, "the ERP no longer receives this field".into(), Effect::Both, true);
+                self.push(
+                    at(""),
+                    ChangeKind::MappingTargetRemoved,
+                    "the ERP no longer receives this field".into(),
+                    Effect::Both,
+                    true,
+                );
                 continue;
             };
             if !same_expression(&o.expression, &n.expression) {
-                self.push(at(".expression"), ChangeKind::MappingExpressionChanged, "the ERP may receive other values".into(), Effect::Both, true);
+                self.push(
+                    at(".expression"),
+                    ChangeKind::MappingExpressionChanged,
+                    "the ERP may receive other values".into(),
+                    Effect::Both,
+                    true,
+                );
             }
             match (o.optional, n.optional) {
-                (false, true) => self.push(at(".optional"), ChangeKind::MappingOptionalChanged, "required → optional".into(), Effect::Widens, true),
-                (true, false) => self.push(at(".optional"), ChangeKind::MappingOptionalChanged, "optional → required".into(), Effect::Narrows, true),
+                (false, true) => self.push(
+                    at(".optional"),
+                    ChangeKind::MappingOptionalChanged,
+                    "required → optional".into(),
+                    Effect::Widens,
+                    true,
+                ),
+                (true, false) => self.push(
+                    at(".optional"),
+                    ChangeKind::MappingOptionalChanged,
+                    "optional → required".into(),
+                    Effect::Narrows,
+                    true,
+                ),
                 _ => {}
             }
         }
-        for n in new.mapping.fields.iter().filter(|n| !old.mapping.fields.iter().any(|o| o.target == n.target)) {
-            self.push(format!("spec.mapping.fields[{}]", n.target), ChangeKind::MappingTargetAdded, "the ERP receives a new field".into(), Effect::None, true);
+        for n in new
+            .mapping
+            .fields
+            .iter()
+            .filter(|n| !old.mapping.fields.iter().any(|o| o.target == n.target))
+        {
+            self.push(
+                format!("spec.mapping.fields[{}]", n.target),
+                ChangeKind::MappingTargetAdded,
+                "the ERP receives a new field".into(),
+                Effect::None,
+                true,
+            );
         }
     }
 }
-

@@ -22,7 +22,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kube::core::cel::cel::common::ast::{ComprehensionExpr, EntryExpr, Expr, LiteralValue, operators};
+use kube::core::cel::cel::common::ast::{
+    ComprehensionExpr, EntryExpr, Expr, LiteralValue, operators,
+};
 use kube::core::cel::cel::objects::{Key, KeyRef, Map, Value};
 use kube::core::cel::cel::parser::Parser;
 use kube::core::cel::cel::{ExecutionError, IdedExpr};
@@ -30,8 +32,9 @@ use regex::Regex;
 use rust_decimal::Decimal;
 
 use super::cel_env::{
-    CallReceiver, as_decimal, base_context, call_expression, decimal_method, decimal_value, invoke, is_function,
-    make_decimal, type_name,
+    CallReceiver, DecOp, DecOut, Operand, Struct, Table, as_decimal, as_struct, as_table,
+    base_context, call_expression, decimal_apply, decimal_method, decimal_value, invoke,
+    is_function, make_decimal, to_cel, type_name,
 };
 use super::schema::{Field, ObjectSchema, Schema};
 use super::{CompileError, CompileErrorKind, Limits};
@@ -50,6 +53,22 @@ const BYTES_PER_STEP: usize = 64;
 pub(crate) struct LookupDecl {
     pub(crate) name: String,
     pub(crate) fields: Vec<(String, FieldType)>,
+    /// The field names as keys of the entries' structs.
+    pub(crate) keys: Arc<[Key]>,
+}
+
+impl LookupDecl {
+    pub(crate) fn new(name: &str, fields: Vec<(String, FieldType)>) -> Self {
+        let keys = fields
+            .iter()
+            .map(|(n, _)| Key::String(Arc::new(n.clone())))
+            .collect();
+        LookupDecl {
+            name: name.to_string(),
+            fields,
+            keys,
+        }
+    }
 }
 
 /// What an expression may refer to.
@@ -73,44 +92,92 @@ pub(crate) struct Program {
     pub(crate) slots: usize,
     /// The expression reads a personal field (or a value that contains one).
     pub(crate) personal: bool,
+    /// The schema paths whose values the expression reads; fields no expression reads are validated but never
+    /// built into CEL values.
+    pub(crate) needed: Vec<String>,
     /// For an expression that is exactly `record.a.b`: the keys to follow, so it is copied without evaluation.
-    pub(crate) direct: Option<Vec<Key>>,
+    pub(crate) direct: Option<Direct>,
 }
 
 impl Program {
     /// Worst-case steps for a record whose longest list has `n` elements: every node runs once per iteration
     /// of every enclosing comprehension.
     pub(crate) fn estimate(&self, n: usize, largest_lookup: usize) -> u64 {
-        let n = if self.iterates_lookup { n.max(largest_lookup) } else { n }.max(1) as u64;
+        let n = if self.iterates_lookup {
+            n.max(largest_lookup)
+        } else {
+            n
+        }
+        .max(1) as u64;
         self.size.saturating_mul(n.saturating_pow(self.depth))
     }
 }
 
 /// Compiles one expression. `path` names it in errors (`spec.rules[2].expression`).
-pub(crate) fn compile(decls: &Declarations<'_>, source: &str, path: &str) -> Result<Program, Vec<CompileError>> {
+pub(crate) fn compile(
+    decls: &Declarations<'_>,
+    source: &str,
+    path: &str,
+) -> Result<Program, Vec<CompileError>> {
     let error = |kind, reason: String| vec![CompileError::new(path.to_string(), kind, reason)];
     if source.trim().is_empty() {
-        return Err(error(CompileErrorKind::CelSyntax, "the expression is empty".into()));
+        return Err(error(
+            CompileErrorKind::CelSyntax,
+            "the expression is empty".into(),
+        ));
     }
     if source.len() > decls.limits.max_expression_len {
         return Err(error(
             CompileErrorKind::ExpressionTooLong,
-            format!("the expression is {} bytes, over the limit of {}", source.len(), decls.limits.max_expression_len),
+            format!(
+                "the expression is {} bytes, over the limit of {}",
+                source.len(),
+                decls.limits.max_expression_len
+            ),
         ));
     }
     if let Err(reason) = prescan(source) {
         return Err(error(CompileErrorKind::ExpressionTooComplex, reason));
     }
-    let parsed = std::panic::catch_unwind(|| Parser::new().max_recursion_depth(MAX_BRACKET_NESTING as u16 * 3).parse(source));
+    let parsed = std::panic::catch_unwind(|| {
+        Parser::new()
+            .max_recursion_depth(MAX_BRACKET_NESTING as u16 * 3)
+            .parse(source)
+    });
     let ast = match parsed {
         Ok(Ok(ast)) => ast,
         Ok(Err(errors)) => {
-            let reason = errors.errors.iter().map(|e| format!("{}:{}: {}", e.pos.0, e.pos.1, e.msg)).collect::<Vec<_>>().join("; ");
-            return Err(error(CompileErrorKind::CelSyntax, format!("CEL syntax error at {reason}")));
+            let reason = errors
+                .errors
+                .iter()
+                .map(|e| format!("{}:{}: {}", e.pos.0, e.pos.1, e.msg))
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(error(
+                CompileErrorKind::CelSyntax,
+                format!("CEL syntax error at {reason}"),
+            ));
         }
-        Err(_) => return Err(error(CompileErrorKind::CelSyntax, "the CEL parser could not read the expression".into())),
+        Err(_) => {
+            return Err(error(
+                CompileErrorKind::CelSyntax,
+                "the CEL parser could not read the expression".into(),
+            ));
+        }
     };
-    let mut lowering = Lowering { decls, path, scope: Vec::new(), slots: 0, depth: 0, max_depth: 0, size: 0, iterates_lookup: false, personal: false, errors: Vec::new() };
+    let mut lowering = Lowering {
+        decls,
+        path,
+        scope: Vec::new(),
+        slots: 0,
+        depth: 0,
+        max_depth: 0,
+        size: 0,
+        iterates_lookup: false,
+        personal: false,
+        needed: Vec::new(),
+        errors: Vec::new(),
+    };
     let (root, _) = lowering.lower(&ast);
     if lowering.max_depth > decls.limits.max_comprehension_depth {
         lowering.errors.push(CompileError::new(
@@ -126,13 +193,14 @@ pub(crate) fn compile(decls: &Declarations<'_>, source: &str, path: &str) -> Res
         return Err(lowering.errors);
     }
     Ok(Program {
-        direct: direct_path(&ast),
+        direct: direct_path(&ast, decls.schema),
         root,
         size: lowering.size,
         depth: lowering.max_depth as u32,
         iterates_lookup: lowering.iterates_lookup,
         slots: lowering.slots,
         personal: lowering.personal,
+        needed: lowering.needed,
     })
 }
 
@@ -163,14 +231,19 @@ fn prescan(source: &str) -> Result<(), String> {
             b'(' | b'[' | b'{' => {
                 depth += 1;
                 if depth > MAX_BRACKET_NESTING {
-                    return Err(format!("brackets nest deeper than {MAX_BRACKET_NESTING} levels"));
+                    return Err(format!(
+                        "brackets nest deeper than {MAX_BRACKET_NESTING} levels"
+                    ));
                 }
             }
             b')' | b']' | b'}' => depth = depth.saturating_sub(1),
-            b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|' | b'?' | b'.' | b',' => {
+            b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=' | b'!' | b'&' | b'|' | b'?'
+            | b'.' | b',' => {
                 operators += 1;
                 if operators > MAX_OPERATORS {
-                    return Err(format!("more than {MAX_OPERATORS} operators; split the rule"));
+                    return Err(format!(
+                        "more than {MAX_OPERATORS} operators; split the rule"
+                    ));
                 }
             }
             _ => {}
@@ -180,23 +253,45 @@ fn prescan(source: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `record.a.b` (and nothing else) as the keys `[a, b]`.
-fn direct_path(ast: &IdedExpr) -> Option<Vec<Key>> {
-    let mut keys = Vec::new();
+/// An expression that is exactly `record.a.b`, as the member slots to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Direct {
+    pub(crate) slots: Vec<usize>,
+    /// `record.a.b`, for messages.
+    pub(crate) path: String,
+}
+
+fn direct_path(ast: &IdedExpr, schema: &Schema) -> Option<Direct> {
+    let mut names = Vec::new();
     let mut node = ast;
     loop {
         match &node.expr {
             Expr::Select(select) if !select.test => {
-                keys.push(Key::String(Arc::new(select.field.clone())));
+                names.push(select.field.as_str());
                 node = &select.operand;
             }
-            Expr::Ident(name) if name == "record" && !keys.is_empty() => {
-                keys.reverse();
-                return Some(keys);
-            }
+            Expr::Ident(name) if name == "record" && !names.is_empty() => break,
             _ => return None,
         }
     }
+    names.reverse();
+    let mut object = &schema.root;
+    let mut slots = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let index = object.position(name)?;
+        slots.push(index);
+        if i + 1 < names.len() {
+            let field = &object.fields[index];
+            object = match (field.ty, &field.children) {
+                (FieldType::Object, Some(children)) => children,
+                _ => return None,
+            };
+        }
+    }
+    Some(Direct {
+        slots,
+        path: format!("record.{}", names.join(".")),
+    })
 }
 
 /// What the reference check knows about the value of a sub-expression.
@@ -223,9 +318,12 @@ enum Node {
     Contract,
     Flow,
     Local(usize),
-    Select(Box<Node>, Key),
-    Has(Box<Node>, Key),
+    /// `operand.key`; `slot` is the member's position when the operand is a declared object.
+    Select(Box<Node>, Key, Option<usize>),
+    Has(Box<Node>, Key, Option<usize>),
     Index(Box<Node>, Box<Node>),
+    /// Member selections and indexes from a variable, walked by reference: only the value at the end is copied.
+    Path(Box<Path>),
     Not(Box<Node>),
     Neg(Box<Node>),
     NotStrictlyFalse(Box<Node>),
@@ -235,15 +333,87 @@ enum Node {
     Binary(BinOp, Box<Node>, Box<Node>),
     List(Vec<Node>),
     Map(Vec<(Node, Node)>),
-    All { range: Box<Node>, slot: usize, pred: Box<Node> },
-    Exists { range: Box<Node>, slot: usize, pred: Box<Node> },
-    ExistsOne { range: Box<Node>, slot: usize, pred: Box<Node> },
-    MapList { range: Box<Node>, slot: usize, filter: Option<Box<Node>>, func: Box<Node> },
-    Filter { range: Box<Node>, slot: usize, pred: Box<Node> },
+    All {
+        range: Box<Node>,
+        slot: usize,
+        pred: Box<Node>,
+    },
+    Exists {
+        range: Box<Node>,
+        slot: usize,
+        pred: Box<Node>,
+    },
+    ExistsOne {
+        range: Box<Node>,
+        slot: usize,
+        pred: Box<Node>,
+    },
+    MapList {
+        range: Box<Node>,
+        slot: usize,
+        filter: Option<Box<Node>>,
+        func: Box<Node>,
+    },
+    Filter {
+        range: Box<Node>,
+        slot: usize,
+        pred: Box<Node>,
+    },
     Fold(Box<Fold>),
-    Builtin { builtin: Builtin, receiver: bool, args: Vec<Node> },
+    Builtin {
+        builtin: Builtin,
+        receiver: bool,
+        args: Vec<Node>,
+    },
     Matches(Box<Node>, Arc<Regex>),
     Delegate(Box<Delegate>),
+}
+
+#[derive(Debug)]
+struct Path {
+    root: Root,
+    steps: Vec<Step>,
+    /// Some step is an index, whose value must be computed before walking.
+    indexed: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Root {
+    Record,
+    Lookup(usize),
+    Contract,
+    Flow,
+    Local(usize),
+}
+
+#[derive(Debug)]
+enum Step {
+    Member(Key, Option<usize>),
+    Index(Node),
+}
+
+/// Appends a selection or an index to `operand`, making or extending a path when the operand is a variable.
+fn extend(operand: Node, step: Step) -> Node {
+    let root = match operand {
+        Node::Path(mut path) => {
+            path.indexed |= matches!(step, Step::Index(_));
+            path.steps.push(step);
+            return Node::Path(path);
+        }
+        Node::Record => Root::Record,
+        Node::Lookup(i) => Root::Lookup(i),
+        Node::Contract => Root::Contract,
+        Node::Flow => Root::Flow,
+        Node::Local(slot) => Root::Local(slot),
+        other => {
+            return match step {
+                Step::Member(key, slot) => Node::Select(Box::new(other), key, slot),
+                Step::Index(index) => Node::Index(Box::new(other), Box::new(index)),
+            };
+        }
+    };
+    let indexed = matches!(step, Step::Index(_));
+    Node::Path(Box::new(Path { root, steps: vec![step], indexed }))
 }
 
 #[derive(Debug)]
@@ -293,15 +463,11 @@ enum Builtin {
     ToDouble,
     ToDecimal,
     /// A decimal method; other receivers are handed to the Kubernetes library.
-    Method(&'static str),
+    Method(DecOp),
 }
 
 impl Builtin {
     fn of(name: &str) -> Option<Builtin> {
-        const METHODS: [&str; 12] = [
-            "add", "sub", "mul", "div", "abs", "neg", "round", "compareTo", "isLessThan", "isLessThanOrEqual",
-            "isGreaterThan", "isGreaterThanOrEqual",
-        ];
         Some(match name {
             "size" => Builtin::Size,
             "contains" => Builtin::Contains,
@@ -311,7 +477,7 @@ impl Builtin {
             "int" => Builtin::ToInt,
             "double" => Builtin::ToDouble,
             "decimal" => Builtin::ToDecimal,
-            other => Builtin::Method(METHODS.into_iter().find(|m| *m == other)?),
+            other => Builtin::Method(DecOp::of(other)?),
         })
     }
 
@@ -325,7 +491,7 @@ impl Builtin {
             Builtin::ToInt => "int",
             Builtin::ToDouble => "double",
             Builtin::ToDecimal => "decimal",
-            Builtin::Method(name) => name,
+            Builtin::Method(op) => op.name(),
         }
     }
 }
@@ -344,35 +510,70 @@ struct Lowering<'d, 's> {
     size: u64,
     iterates_lookup: bool,
     personal: bool,
+    needed: Vec<String>,
     errors: Vec<CompileError>,
 }
 
 impl<'d, 's> Lowering<'d, 's> {
     fn fail(&mut self, kind: CompileErrorKind, reason: String) -> (Node, Shape<'s>) {
-        self.errors.push(CompileError::new(self.path.to_string(), kind, reason));
+        self.errors
+            .push(CompileError::new(self.path.to_string(), kind, reason));
         (Node::Const(Value::Null), Shape::Unknown)
     }
 
+    /// Lowers an expression whose value is used as a whole (an argument, an operand, a result).
     fn lower(&mut self, e: &IdedExpr) -> (Node, Shape<'s>) {
+        let (node, shape) = self.lower_shape(e);
+        self.consume(shape);
+        (node, shape)
+    }
+
+    /// Marks what a value used as a whole needs built: a declared object or element needs all its members.
+    fn consume(&mut self, shape: Shape<'s>) {
+        fn subtree(object: &ObjectSchema, out: &mut Vec<String>) {
+            for f in &object.fields {
+                out.push(f.path.clone());
+                if let Some(children) = &f.children {
+                    subtree(children, out);
+                }
+            }
+        }
+        match shape {
+            Shape::Object(o, _) => subtree(o, &mut self.needed),
+            Shape::Field(f) | Shape::Element(f) => {
+                self.needed.push(f.path.clone());
+                if let Some(children) = &f.children {
+                    subtree(children, &mut self.needed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Lowers an expression that is narrowed before use (selected from, indexed, iterated, measured).
+    fn lower_shape(&mut self, e: &IdedExpr) -> (Node, Shape<'s>) {
         self.size += 1;
         match &e.expr {
             Expr::Literal(literal) => (Node::Const(literal_value(literal)), Shape::Unknown),
             Expr::Ident(name) => self.ident(name, false),
             Expr::Select(select) => {
                 let (operand, shape) = self.operand(&select.operand);
-                let (_, child) = self.member(shape, &select.field);
-                let key = Key::String(Arc::new(select.field.clone()));
+                let child = self.member(shape, &select.field);
+                let (key, slot) = self.slot(shape, &select.field);
                 if select.test {
-                    (Node::Has(Box::new(operand), key), Shape::Unknown)
+                    (Node::Has(Box::new(operand), key, slot), Shape::Unknown)
                 } else {
                     self.taint(child);
-                    (Node::Select(Box::new(operand), key), child)
+                    (extend(operand, Step::Member(key, slot)), child)
                 }
             }
             Expr::Call(call) => self.call(call),
             Expr::List(list) => {
                 if !list.optional_indices.is_empty() {
-                    return self.fail(CompileErrorKind::UnsupportedSyntax, "optional list elements are not supported".into());
+                    return self.fail(
+                        CompileErrorKind::UnsupportedSyntax,
+                        "optional list elements are not supported".into(),
+                    );
                 }
                 let items: Vec<Node> = list.elements.iter().map(|x| self.lower(x).0).collect();
                 (fold_list(items), Shape::Unknown)
@@ -387,7 +588,10 @@ impl<'d, 's> Lowering<'d, 's> {
                             entries.push((key, value));
                         }
                         _ => {
-                            return self.fail(CompileErrorKind::UnsupportedSyntax, "optional map entries are not supported".into());
+                            return self.fail(
+                                CompileErrorKind::UnsupportedSyntax,
+                                "optional map entries are not supported".into(),
+                            );
                         }
                     }
                 }
@@ -396,9 +600,14 @@ impl<'d, 's> Lowering<'d, 's> {
             Expr::Comprehension(c) => self.comprehension(c),
             Expr::Struct(s) => self.fail(
                 CompileErrorKind::UnsupportedSyntax,
-                format!("message construction ({} {{...}}) is not supported; use a map literal", s.type_name),
+                format!(
+                    "message construction ({} {{...}}) is not supported; use a map literal",
+                    s.type_name
+                ),
             ),
-            Expr::Unspecified => self.fail(CompileErrorKind::CelSyntax, "incomplete expression".into()),
+            Expr::Unspecified => {
+                self.fail(CompileErrorKind::CelSyntax, "incomplete expression".into())
+            }
         }
     }
 
@@ -410,7 +619,7 @@ impl<'d, 's> Lowering<'d, 's> {
                 self.size += 1;
                 self.ident(name, true)
             }
-            _ => self.lower(e),
+            _ => self.lower_shape(e),
         }
     }
 
@@ -431,14 +640,18 @@ impl<'d, 's> Lowering<'d, 's> {
             _ => match decls.lookups.iter().position(|l| l.name == name) {
                 Some(i) => (Node::Lookup(i), Shape::LookupTable(i)),
                 None => {
-                    let lookups: Vec<&str> = decls.lookups.iter().map(|l| l.name.as_str()).collect();
+                    let lookups: Vec<&str> =
+                        decls.lookups.iter().map(|l| l.name.as_str()).collect();
                     let mut known = vec!["record"];
                     known.extend(lookups);
                     known.extend(["contract", "flow"]);
                     known.extend(self.scope.iter().map(|(n, _, _)| n.as_str()));
                     self.fail(
                         CompileErrorKind::UnknownReference,
-                        format!("`{name}` is not defined (known names: {})", known.join(", ")),
+                        format!(
+                            "`{name}` is not defined (known names: {})",
+                            known.join(", ")
+                        ),
                     )
                 }
             },
@@ -453,18 +666,51 @@ impl<'d, 's> Lowering<'d, 's> {
         }
     }
 
+    /// The key of `shape.name` and, for a declared object, the member's slot. The key is the schema's own
+    /// allocation, so the evaluator's check that a slot belongs to the value is a pointer comparison.
+    fn slot(&self, shape: Shape<'s>, name: &str) -> (Key, Option<usize>) {
+        let object = match shape {
+            Shape::Object(o, _) => Some(o),
+            Shape::Field(f) | Shape::Element(f) => f.children.as_ref(),
+            Shape::LookupEntry(i) => {
+                let decl = &self.decls.lookups[i];
+                if let Some(slot) = decl.fields.iter().position(|(n, _)| n == name) {
+                    return (decl.keys[slot].clone(), Some(slot));
+                }
+                None
+            }
+            _ => None,
+        };
+        match object.and_then(|o| o.position(name).map(|i| (o, i))) {
+            Some((o, i)) => (o.fields[i].key.clone(), Some(i)),
+            None => (Key::String(Arc::new(name.to_string())), None),
+        }
+    }
+
     /// The shape of `shape.name`, or a reference error.
-    fn member(&mut self, shape: Shape<'s>, name: &str) -> (bool, Shape<'s>) {
+    fn member(&mut self, shape: Shape<'s>, name: &str) -> Shape<'s> {
         let object = |o: &'s ObjectSchema, prefix: &str| -> Result<Shape<'s>, String> {
             match o.get(name) {
                 Some(f) => Ok(Shape::Field(f)),
                 None => {
-                    let at = if prefix.is_empty() { "record".to_string() } else { format!("record.{prefix}") };
+                    let at = if prefix.is_empty() {
+                        "record".to_string()
+                    } else {
+                        format!("record.{prefix}")
+                    };
                     let known = o.names();
                     Err(format!(
                         "record.{}{name} is not a field of the contract (fields of {at}: {})",
-                        if prefix.is_empty() { String::new() } else { format!("{prefix}.") },
-                        if known.is_empty() { "none".into() } else { known }
+                        if prefix.is_empty() {
+                            String::new()
+                        } else {
+                            format!("{prefix}.")
+                        },
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known
+                        }
                     ))
                 }
             }
@@ -478,10 +724,16 @@ impl<'d, 's> Lowering<'d, 's> {
                     "record.{} is an array: iterate it (record.{}.all(x, x.{name} ...)) or index it",
                     f.path, f.path
                 )),
-                (ty, _) => Err(format!("record.{} is {} and has no member `{name}`", f.path, article(ty))),
+                (ty, _) => Err(format!(
+                    "record.{} is {} and has no member `{name}`",
+                    f.path,
+                    article(ty)
+                )),
             },
             Shape::Element(f) => match (f.items, &f.children) {
-                (Some(FieldType::Object), Some(children)) => object(children, &format!("{}[]", f.path)),
+                (Some(FieldType::Object), Some(children)) => {
+                    object(children, &format!("{}[]", f.path))
+                }
                 (items, _) => Err(format!(
                     "the elements of record.{} are {} and have no member `{name}`",
                     f.path,
@@ -495,19 +747,35 @@ impl<'d, 's> Lowering<'d, 's> {
                     Ok(Shape::Unknown)
                 } else {
                     let known: Vec<&str> = lookup.fields.iter().map(|(n, _)| n.as_str()).collect();
-                    Err(format!("`{name}` is not a field of lookup {} (fields: {})", lookup.name, known.join(", ")))
+                    Err(format!(
+                        "`{name}` is not a field of lookup {} (fields: {})",
+                        lookup.name,
+                        known.join(", ")
+                    ))
                 }
             }
             Shape::Contract if name == "version" => Ok(Shape::Unknown),
-            Shape::Contract => Err(format!("contract.{name} is not defined (contract has: version)")),
+            Shape::Contract => Err(format!(
+                "contract.{name} is not defined (contract has: version)"
+            )),
             Shape::Flow if name == "name" => Ok(Shape::Unknown),
             Shape::Flow => Err(format!("flow.{name} is not defined (flow has: name)")),
         };
         match result {
-            Ok(shape) => (true, shape),
+            Ok(shape) => {
+                // Even a field that is only tested (`has()`) or compared must be built.
+                if let Shape::Field(f) = shape {
+                    self.needed.push(f.path.clone());
+                }
+                shape
+            }
             Err(reason) => {
-                self.errors.push(CompileError::new(self.path.to_string(), CompileErrorKind::UnknownReference, reason));
-                (false, Shape::Unknown)
+                self.errors.push(CompileError::new(
+                    self.path.to_string(),
+                    CompileErrorKind::UnknownReference,
+                    reason,
+                ));
+                Shape::Unknown
             }
         }
     }
@@ -517,7 +785,7 @@ impl<'d, 's> Lowering<'d, 's> {
             Shape::Field(f) if f.ty == FieldType::Array => Shape::Element(f),
             Shape::LookupTable(i) => Shape::LookupEntry(i),
             Shape::Object(..) | Shape::Field(_) => match index {
-                Node::Const(Value::String(name)) => self.member(shape, name).1,
+                Node::Const(Value::String(name)) => self.member(shape, name),
                 _ => Shape::Unknown,
             },
             _ => Shape::Unknown,
@@ -546,7 +814,10 @@ impl<'d, 's> Lowering<'d, 's> {
         if let Some(op) = op {
             let lhs = self.lower(&args[0]).0;
             let rhs = self.lower(&args[1]).0;
-            return (Node::Binary(op, Box::new(lhs), Box::new(rhs)), Shape::Unknown);
+            return (
+                Node::Binary(op, Box::new(lhs), Box::new(rhs)),
+                Shape::Unknown,
+            );
         }
         match (name, args.len()) {
             (operators::CONDITIONAL, 3) => {
@@ -558,23 +829,35 @@ impl<'d, 's> Lowering<'d, 's> {
             (operators::LOGICAL_AND, 2) | (operators::LOGICAL_OR, 2) => {
                 let l = Box::new(self.lower(&args[0]).0);
                 let r = Box::new(self.lower(&args[1]).0);
-                let node = if name == operators::LOGICAL_AND { Node::And(l, r) } else { Node::Or(l, r) };
+                let node = if name == operators::LOGICAL_AND {
+                    Node::And(l, r)
+                } else {
+                    Node::Or(l, r)
+                };
                 return (node, Shape::Unknown);
             }
-            (operators::LOGICAL_NOT, 1) => return (Node::Not(Box::new(self.lower(&args[0]).0)), Shape::Unknown),
+            (operators::LOGICAL_NOT, 1) => {
+                return (Node::Not(Box::new(self.lower(&args[0]).0)), Shape::Unknown);
+            }
             (operators::NEGATE, 1) => return (fold_neg(self.lower(&args[0]).0), Shape::Unknown),
             (operators::NOT_STRICTLY_FALSE, 1) => {
-                return (Node::NotStrictlyFalse(Box::new(self.lower(&args[0]).0)), Shape::Unknown);
+                return (
+                    Node::NotStrictlyFalse(Box::new(self.lower(&args[0]).0)),
+                    Shape::Unknown,
+                );
             }
             (operators::INDEX, 2) => {
                 let (operand, shape) = self.operand(&args[0]);
                 let index = self.lower(&args[1]).0;
                 let shape = self.index_shape(shape, &index);
                 self.taint(shape);
-                return (Node::Index(Box::new(operand), Box::new(index)), shape);
+                return (extend(operand, Step::Index(index)), shape);
             }
             (operators::OPT_INDEX, _) | (operators::OPT_SELECT, _) => {
-                return self.fail(CompileErrorKind::UnsupportedSyntax, "optional selection (?.) is not supported; use has()".into());
+                return self.fail(
+                    CompileErrorKind::UnsupportedSyntax,
+                    "optional selection (?.) is not supported; use has()".into(),
+                );
             }
             _ => {}
         }
@@ -590,42 +873,90 @@ impl<'d, 's> Lowering<'d, 's> {
                 return self.delegate(&qualified, Receiver::Namespace(namespace), args, None);
             }
             if !is_function(name) {
-                return self.fail(CompileErrorKind::UnknownFunction, format!("`{qualified}` is not a known function"));
+                return self.fail(
+                    CompileErrorKind::UnknownFunction,
+                    format!("`{qualified}` is not a known function"),
+                );
             }
         }
         if !is_function(name) {
             let hint = match name {
-                operators::HAS | operators::ALL | operators::EXISTS | operators::EXISTS_ONE | operators::MAP | operators::FILTER => {
-                    format!("`{name}` is a macro and takes a variable and an expression, e.g. list.{name}(x, x > 0)")
+                operators::HAS
+                | operators::ALL
+                | operators::EXISTS
+                | operators::EXISTS_ONE
+                | operators::MAP
+                | operators::FILTER => {
+                    format!(
+                        "`{name}` is a macro and takes a variable and an expression, e.g. list.{name}(x, x > 0)"
+                    )
                 }
                 _ => format!("`{name}` is not a known function"),
             };
             return self.fail(CompileErrorKind::UnknownFunction, hint);
         }
-        let target = call.target.as_ref().map(|t| self.lower(t).0);
+        // size() needs only a count, not the members of what it measures.
+        let measure = name == "size";
+        let target = call.target.as_ref().map(|t| {
+            if measure {
+                self.operand(t).0
+            } else {
+                self.lower(t).0
+            }
+        });
         let mut lowered: Vec<Node> = Vec::with_capacity(args.len() + 1);
         let receiver = target.is_some();
         lowered.extend(target);
-        lowered.extend(args.iter().map(|a| self.lower(a).0));
+        for a in args {
+            lowered.push(if measure {
+                self.operand(a).0
+            } else {
+                self.lower(a).0
+            });
+        }
 
         if name == "matches"
             && lowered.len() == 2
             && let Node::Const(Value::String(pattern)) = &lowered[1]
         {
-            return match regex::RegexBuilder::new(pattern).size_limit(1 << 20).build() {
+            return match regex::RegexBuilder::new(pattern)
+                .size_limit(1 << 20)
+                .build()
+            {
                 Ok(re) => {
                     let subject = lowered.swap_remove(0);
-                    (Node::Matches(Box::new(subject), Arc::new(re)), Shape::Unknown)
+                    (
+                        Node::Matches(Box::new(subject), Arc::new(re)),
+                        Shape::Unknown,
+                    )
                 }
-                Err(err) => self.fail(CompileErrorKind::BadPattern, format!("bad pattern in matches(): {}", err.to_string().lines().last().unwrap_or(""))),
+                Err(err) => self.fail(
+                    CompileErrorKind::BadPattern,
+                    format!(
+                        "bad pattern in matches(): {}",
+                        err.to_string().lines().last().unwrap_or("")
+                    ),
+                ),
             };
         }
         if let Some(builtin) = Builtin::of(name) {
-            let node = Node::Builtin { builtin, receiver, args: lowered };
+            let node = Node::Builtin {
+                builtin,
+                receiver,
+                args: lowered,
+            };
             return self.fold(node, name);
         }
-        let (target, args) = if receiver { (Some(lowered.remove(0)), lowered) } else { (None, lowered) };
-        let receiver = if target.is_some() { Receiver::Value } else { Receiver::None };
+        let (target, args) = if receiver {
+            (Some(lowered.remove(0)), lowered)
+        } else {
+            (None, lowered)
+        };
+        let receiver = if target.is_some() {
+            Receiver::Value
+        } else {
+            Receiver::None
+        };
         self.delegate(name, receiver, args, target)
     }
 
@@ -635,18 +966,39 @@ impl<'d, 's> Lowering<'d, 's> {
             || self.scope.iter().any(|(n, _, _)| n == name)
     }
 
-    fn delegate(&mut self, name: &str, receiver: Receiver<'_>, args: Vec<Node>, target: Option<Node>) -> (Node, Shape<'s>) {
+    fn delegate(
+        &mut self,
+        name: &str,
+        receiver: Receiver<'_>,
+        args: Vec<Node>,
+        target: Option<Node>,
+    ) -> (Node, Shape<'s>) {
         if args.len() > super::cel_env::ARG_VARS.len() {
-            return self.fail(CompileErrorKind::UnsupportedSyntax, format!("`{name}` is called with too many arguments"));
+            return self.fail(
+                CompileErrorKind::UnsupportedSyntax,
+                format!("`{name}` is called with too many arguments"),
+            );
         }
         let (call_name, cel_receiver) = match receiver {
-            Receiver::Namespace(ns) => (name.rsplit('.').next().unwrap_or(name), CallReceiver::Namespace(ns)),
+            Receiver::Namespace(ns) => (
+                name.rsplit('.').next().unwrap_or(name),
+                CallReceiver::Namespace(ns),
+            ),
             Receiver::Value => (name, CallReceiver::Value),
             Receiver::None => (name, CallReceiver::None),
         };
         let call = call_expression(call_name, cel_receiver, args.len());
-        let node = Node::Delegate(Box::new(Delegate { name: name.to_string(), call, target, args }));
-        if FOLDABLE_DELEGATES.contains(&name) { self.fold(node, name) } else { (node, Shape::Unknown) }
+        let node = Node::Delegate(Box::new(Delegate {
+            name: name.to_string(),
+            call,
+            target,
+            args,
+        }));
+        if FOLDABLE_DELEGATES.contains(&name) {
+            self.fold(node, name)
+        } else {
+            (node, Shape::Unknown)
+        }
     }
 
     /// Evaluates a call whose arguments are all constants now, so records never pay for it; a failure is a
@@ -654,22 +1006,40 @@ impl<'d, 's> Lowering<'d, 's> {
     fn fold(&mut self, node: Node, name: &str) -> (Node, Shape<'s>) {
         let constant = match &node {
             Node::Builtin { args, .. } => args.iter().all(|a| matches!(a, Node::Const(_))),
-            Node::Delegate(d) => d.target.iter().chain(&d.args).all(|a| matches!(a, Node::Const(_))),
+            Node::Delegate(d) => d
+                .target
+                .iter()
+                .chain(&d.args)
+                .all(|a| matches!(a, Node::Const(_))),
             _ => false,
         };
         if !constant {
             return (node, Shape::Unknown);
         }
         let null = Value::Null;
-        let mut frame = Frame::new(&null, &[], &null, &null, 0, 10_000, Instant::now() + std::time::Duration::from_millis(100));
+        let mut frame = Frame::new(
+            &null,
+            &[],
+            &null,
+            &null,
+            0,
+            10_000,
+            Instant::now() + std::time::Duration::from_millis(100),
+        );
         match eval(&node, &mut frame) {
             Ok(value) => (Node::Const(value), Shape::Unknown),
-            Err(err) => self.fail(CompileErrorKind::InvalidConstant, format!("{name}(...) with these constant arguments fails: {}", err.message)),
+            Err(err) => self.fail(
+                CompileErrorKind::InvalidConstant,
+                format!(
+                    "{name}(...) with these constant arguments fails: {}",
+                    err.message
+                ),
+            ),
         }
     }
 
     fn comprehension(&mut self, c: &ComprehensionExpr) -> (Node, Shape<'s>) {
-        let (range, range_shape) = self.lower(&c.iter_range);
+        let (range, range_shape) = self.operand(&c.iter_range);
         let element = match range_shape {
             Shape::Field(f) if f.ty == FieldType::Array => Shape::Element(f),
             Shape::LookupTable(_) => {
@@ -686,24 +1056,54 @@ impl<'d, 's> Lowering<'d, 's> {
         let accu = c.accu_var.as_str();
         let range = Box::new(range);
         let node = match macro_shape(c) {
-            Some(Macro::All(pred)) => Node::All { range, slot, pred: Box::new(self.lower(pred).0) },
-            Some(Macro::Exists(pred)) => Node::Exists { range, slot, pred: Box::new(self.lower(pred).0) },
-            Some(Macro::ExistsOne(pred)) => Node::ExistsOne { range, slot, pred: Box::new(self.lower(pred).0) },
+            Some(Macro::All(pred)) => Node::All {
+                range,
+                slot,
+                pred: Box::new(self.lower(pred).0),
+            },
+            Some(Macro::Exists(pred)) => Node::Exists {
+                range,
+                slot,
+                pred: Box::new(self.lower(pred).0),
+            },
+            Some(Macro::ExistsOne(pred)) => Node::ExistsOne {
+                range,
+                slot,
+                pred: Box::new(self.lower(pred).0),
+            },
             Some(Macro::Map(filter, func)) => {
                 let filter = filter.map(|f| Box::new(self.lower(f).0));
-                Node::MapList { range, slot, filter, func: Box::new(self.lower(func).0) }
+                Node::MapList {
+                    range,
+                    slot,
+                    filter,
+                    func: Box::new(self.lower(func).0),
+                }
             }
-            Some(Macro::Filter(pred)) => Node::Filter { range, slot, pred: Box::new(self.lower(pred).0) },
+            Some(Macro::Filter(pred)) => Node::Filter {
+                range,
+                slot,
+                pred: Box::new(self.lower(pred).0),
+            },
             None => {
                 let accu_slot = self.slots;
                 self.slots += 1;
                 let init = self.lower(&c.accu_init).0;
-                self.scope.push((accu.to_string(), accu_slot, Shape::Unknown));
+                self.scope
+                    .push((accu.to_string(), accu_slot, Shape::Unknown));
                 let cond = self.lower(&c.loop_cond).0;
                 let step = self.lower(&c.loop_step).0;
                 let result = self.lower(&c.result).0;
                 self.scope.pop();
-                Node::Fold(Box::new(Fold { range: *range, iter_slot: slot, accu_slot, init, cond, step, result }))
+                Node::Fold(Box::new(Fold {
+                    range: *range,
+                    iter_slot: slot,
+                    accu_slot,
+                    init,
+                    cond,
+                    step,
+                    result,
+                }))
             }
         };
         self.scope.pop();
@@ -721,19 +1121,33 @@ enum Receiver<'a> {
 
 fn article(ty: FieldType) -> String {
     match ty {
-        FieldType::Integer | FieldType::Enum | FieldType::Object | FieldType::Array => format!("an {}", ty.as_str()),
+        FieldType::Integer | FieldType::Enum | FieldType::Object | FieldType::Array => {
+            format!("an {}", ty.as_str())
+        }
         _ => format!("a {}", ty.as_str()),
     }
 }
 
 fn literal_value(literal: &LiteralValue) -> Value {
-    let expr = IdedExpr { id: 0, expr: Expr::Literal(literal.clone()) };
+    let expr = IdedExpr {
+        id: 0,
+        expr: Expr::Literal(literal.clone()),
+    };
     Value::resolve(&expr, base_context()).unwrap_or(Value::Null)
 }
 
 fn fold_list(items: Vec<Node>) -> Node {
     if items.iter().all(|i| matches!(i, Node::Const(_))) {
-        let values = items.into_iter().map(|i| if let Node::Const(v) = i { v } else { Value::Null }).collect();
+        let values = items
+            .into_iter()
+            .map(|i| {
+                if let Node::Const(v) = i {
+                    v
+                } else {
+                    Value::Null
+                }
+            })
+            .collect();
         Node::Const(Value::List(Arc::new(values)))
     } else {
         Node::List(items)
@@ -762,7 +1176,9 @@ fn macro_shape(c: &ComprehensionExpr) -> Option<Macro<'_>> {
     let is_accu = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(n) if n == accu);
     fn call(e: &IdedExpr) -> Option<(&str, &[IdedExpr])> {
         match &e.expr {
-            Expr::Call(call) if call.target.is_none() => Some((call.func_name.as_str(), call.args.as_slice())),
+            Expr::Call(call) if call.target.is_none() => {
+                Some((call.func_name.as_str(), call.args.as_slice()))
+            }
             _ => None,
         }
     }
@@ -781,26 +1197,32 @@ fn macro_shape(c: &ComprehensionExpr) -> Option<Macro<'_>> {
         return None;
     }
     match (literal(&c.accu_init), call(&c.loop_step)) {
-        (Some(LiteralValue::Boolean(b)), Some((operators::LOGICAL_AND, [a, pred]))) if *b.inner() && is_accu(a) => {
+        (Some(LiteralValue::Boolean(b)), Some((operators::LOGICAL_AND, [a, pred])))
+            if *b.inner() && is_accu(a) =>
+        {
             Some(Macro::All(pred))
         }
-        (Some(LiteralValue::Boolean(b)), Some((operators::LOGICAL_OR, [a, pred]))) if !*b.inner() && is_accu(a) => {
+        (Some(LiteralValue::Boolean(b)), Some((operators::LOGICAL_OR, [a, pred])))
+            if !*b.inner() && is_accu(a) =>
+        {
             Some(Macro::Exists(pred))
         }
         (None, Some((operators::ADD, [a, list]))) if is_accu(a) => match &list.expr {
             Expr::List(l) if l.elements.len() == 1 => Some(Macro::Map(None, &l.elements[0])),
             _ => None,
         },
-        (None, Some((operators::CONDITIONAL, [cond, step, otherwise]))) if is_accu(otherwise) => match call(step) {
-            Some((operators::ADD, [a, list])) if is_accu(a) => match &list.expr {
-                Expr::List(l) if l.elements.len() == 1 => match &l.elements[0].expr {
-                    Expr::Ident(v) if *v == c.iter_var => Some(Macro::Filter(cond)),
-                    _ => Some(Macro::Map(Some(cond), &l.elements[0])),
+        (None, Some((operators::CONDITIONAL, [cond, step, otherwise]))) if is_accu(otherwise) => {
+            match call(step) {
+                Some((operators::ADD, [a, list])) if is_accu(a) => match &list.expr {
+                    Expr::List(l) if l.elements.len() == 1 => match &l.elements[0].expr {
+                        Expr::Ident(v) if *v == c.iter_var => Some(Macro::Filter(cond)),
+                        _ => Some(Macro::Map(Some(cond), &l.elements[0])),
+                    },
+                    _ => None,
                 },
                 _ => None,
-            },
-            _ => None,
-        },
+            }
+        }
         _ => None,
     }
 }
@@ -826,11 +1248,17 @@ pub(crate) struct EvalError {
 
 impl EvalError {
     fn runtime(message: impl Into<String>) -> Self {
-        EvalError { kind: EvalErrorKind::Runtime, message: message.into() }
+        EvalError {
+            kind: EvalErrorKind::Runtime,
+            message: message.into(),
+        }
     }
 
     fn no_such_key(key: &dyn fmt::Display) -> Self {
-        EvalError { kind: EvalErrorKind::NoSuchKey, message: format!("no such key: {key}") }
+        EvalError {
+            kind: EvalErrorKind::NoSuchKey,
+            message: format!("no such key: {key}"),
+        }
     }
 
     /// Budget and deadline errors end the evaluation; the logical operators must not absorb them.
@@ -839,7 +1267,11 @@ impl EvalError {
     }
 
     fn no_overload(op: &str, a: &Value, b: &Value) -> Self {
-        EvalError::runtime(format!("no such overload: {} {op} {}", type_name(a), type_name(b)))
+        EvalError::runtime(format!(
+            "no such overload: {} {op} {}",
+            type_name(a),
+            type_name(b)
+        ))
     }
 }
 
@@ -850,7 +1282,9 @@ impl From<ExecutionError> for EvalError {
             ExecutionError::NoSuchKey(key) => return EvalError::no_such_key(key),
             ExecutionError::UndeclaredReference(name) => format!("undeclared reference to {name}"),
             ExecutionError::FunctionError { function, message } => format!("{function}: {message}"),
-            ExecutionError::UnexpectedType { got, want } => format!("unexpected type: got {got}, want {want}"),
+            ExecutionError::UnexpectedType { got, want } => {
+                format!("unexpected type: got {got}, want {want}")
+            }
             ExecutionError::InvalidArgumentCount { expected, actual } => {
                 format!("wrong number of arguments: expected {expected}, got {actual}")
             }
@@ -859,15 +1293,27 @@ impl From<ExecutionError> for EvalError {
             ExecutionError::RemainderByZero(_) => "remainder by zero".into(),
             ExecutionError::Overflow(op, _, _) => format!("{op} overflows"),
             ExecutionError::IndexOutOfBounds(_) => "index out of bounds".into(),
-            ExecutionError::UnsupportedBinaryOperator(op, a, b) => format!("no such overload: {} {op} {}", type_name(a), type_name(b)),
-            ExecutionError::ValuesNotComparable(a, b) => format!("{} and {} cannot be compared", type_name(a), type_name(b)),
-            ExecutionError::UnsupportedUnaryOperator(op, v) => format!("no such overload: {op} {}", type_name(v)),
-            ExecutionError::NotSupportedAsMethod { method, target } => format!("{method} is not a method of {}", type_name(target)),
-            ExecutionError::UnsupportedTargetType { target } => format!("unsupported receiver type {}", type_name(target)),
+            ExecutionError::UnsupportedBinaryOperator(op, a, b) => {
+                format!("no such overload: {} {op} {}", type_name(a), type_name(b))
+            }
+            ExecutionError::ValuesNotComparable(a, b) => {
+                format!("{} and {} cannot be compared", type_name(a), type_name(b))
+            }
+            ExecutionError::UnsupportedUnaryOperator(op, v) => {
+                format!("no such overload: {op} {}", type_name(v))
+            }
+            ExecutionError::NotSupportedAsMethod { method, target } => {
+                format!("{method} is not a method of {}", type_name(target))
+            }
+            ExecutionError::UnsupportedTargetType { target } => {
+                format!("unsupported receiver type {}", type_name(target))
+            }
             ExecutionError::UnsupportedKeyType(v) | ExecutionError::UnsupportedMapIndex(v) => {
                 format!("a {} cannot be a map key", type_name(v))
             }
-            ExecutionError::UnsupportedListIndex(v) => format!("a {} cannot be a list index", type_name(v)),
+            ExecutionError::UnsupportedListIndex(v) => {
+                format!("a {} cannot be a list index", type_name(v))
+            }
             _ => "evaluation failed".into(),
         };
         EvalError::runtime(message)
@@ -896,7 +1342,16 @@ impl<'r> Frame<'r> {
         budget: u64,
         deadline: Instant,
     ) -> Self {
-        Frame { record, lookups, contract, flow, locals: vec![Value::Null; slots], budget, deadline, ticks: 0 }
+        Frame {
+            record,
+            lookups,
+            contract,
+            flow,
+            locals: vec![Value::Null; slots],
+            budget,
+            deadline,
+            ticks: 0,
+        }
     }
 
     #[inline]
@@ -904,7 +1359,10 @@ impl<'r> Frame<'r> {
         self.budget = match self.budget.checked_sub(cost) {
             Some(left) => left,
             None => {
-                return Err(EvalError { kind: EvalErrorKind::Budget, message: "the evaluation ran out of its step budget".into() });
+                return Err(EvalError {
+                    kind: EvalErrorKind::Budget,
+                    message: "the evaluation ran out of its step budget".into(),
+                });
             }
         };
         self.ticks = self.ticks.wrapping_add(1);
@@ -917,7 +1375,10 @@ impl<'r> Frame<'r> {
 
     pub(crate) fn check_deadline(&self) -> Result<(), EvalError> {
         if Instant::now() >= self.deadline {
-            Err(EvalError { kind: EvalErrorKind::Deadline, message: "the evaluation passed its deadline".into() })
+            Err(EvalError {
+                kind: EvalErrorKind::Deadline,
+                message: "the evaluation passed its deadline".into(),
+            })
         } else {
             Ok(())
         }
@@ -954,7 +1415,12 @@ fn eval_json(node: &Node, f: &mut Frame<'_>) -> Result<serde_json::Value, EvalEr
                         Value::Int(i) => i.to_string(),
                         Value::UInt(u) => u.to_string(),
                         Value::Bool(b) => b.to_string(),
-                        v => return Err(EvalError::runtime(format!("a {} cannot be a map key", type_name(&v)))),
+                        v => {
+                            return Err(EvalError::runtime(format!(
+                                "a {} cannot be a map key",
+                                type_name(&v)
+                            )));
+                        }
                     },
                 };
                 let value = eval_json(v, f)?;
@@ -966,12 +1432,22 @@ fn eval_json(node: &Node, f: &mut Frame<'_>) -> Result<serde_json::Value, EvalEr
         }
         Node::List(items) => {
             f.step(1)?;
-            Ok(serde_json::Value::Array(items.iter().map(|i| eval_json(i, f)).collect::<Result<_, _>>()?))
+            Ok(serde_json::Value::Array(
+                items
+                    .iter()
+                    .map(|i| eval_json(i, f))
+                    .collect::<Result<_, _>>()?,
+            ))
         }
-        Node::MapList { range, slot, filter, func } => {
+        Node::MapList {
+            range,
+            slot,
+            filter,
+            func,
+        } => {
             f.step(1)?;
-            let range = eval(range, f)?;
-            let mut out = Vec::new();
+            let range = eval_cow(range, f)?;
+            let mut out = Vec::with_capacity(length_hint(&range));
             for item in iterate(&range)?.iter() {
                 f.step(1)?;
                 f.locals[*slot] = item.into_owned();
@@ -995,6 +1471,8 @@ fn eval_json(node: &Node, f: &mut Frame<'_>) -> Result<serde_json::Value, EvalEr
 enum Items<'v> {
     List(&'v [Value]),
     Keys(&'v Map),
+    Members(&'v Struct),
+    Entries(&'v Table),
 }
 
 impl<'v> Items<'v> {
@@ -1002,7 +1480,22 @@ impl<'v> Items<'v> {
         match *self {
             Items::List(list) => Box::new(list.iter().map(Cow::Borrowed)),
             Items::Keys(map) => Box::new(map.map.keys().map(|k| Cow::Owned(Value::from(k)))),
+            Items::Members(s) => Box::new(s.present().map(|(k, _)| Cow::Owned(Value::from(k)))),
+            Items::Entries(t) => Box::new(
+                t.entries
+                    .keys()
+                    .map(|k| Cow::Owned(Value::String(Arc::new(k.clone())))),
+            ),
         }
+    }
+}
+
+/// How many elements a comprehension over `range` will see, for sizing its output.
+fn length_hint(range: &Value) -> usize {
+    match range {
+        Value::List(list) => list.len(),
+        Value::Map(map) => map.map.len(),
+        _ => 0,
     }
 }
 
@@ -1010,14 +1503,70 @@ fn iterate(range: &Value) -> Result<Items<'_>, EvalError> {
     match range {
         Value::List(list) => Ok(Items::List(list)),
         Value::Map(map) => Ok(Items::Keys(map)),
-        other => Err(EvalError::runtime(format!("cannot iterate over a {}", type_name(other)))),
+        other => {
+            if let Some(s) = as_struct(other) {
+                Ok(Items::Members(s))
+            } else if let Some(t) = as_table(other) {
+                Ok(Items::Entries(t))
+            } else {
+                Err(EvalError::runtime(format!(
+                    "cannot iterate over a {}",
+                    type_name(other)
+                )))
+            }
+        }
+    }
+}
+
+fn same_key(a: &Key, b: &Key) -> bool {
+    match (a, b) {
+        (Key::String(x), Key::String(y)) => Arc::ptr_eq(x, y) || x == y,
+        _ => a == b,
+    }
+}
+
+/// `value.key`: a struct member (by slot when the compiler resolved one), a table entry or a map entry.
+/// `Ok(None)` is an absent member.
+fn member<'v>(
+    value: &'v Value,
+    key: &Key,
+    slot: Option<usize>,
+) -> Result<Option<&'v Value>, EvalError> {
+    if let Value::Opaque(_) = value {
+        if let Some(s) = as_struct(value) {
+            if let Some(i) = slot
+                && s.keys.get(i).is_some_and(|k| same_key(k, key))
+            {
+                return Ok(s.fields[i].as_ref());
+            }
+            return Ok(match key {
+                Key::String(name) => s.get(name),
+                _ => None,
+            });
+        }
+        if let Some(t) = as_table(value) {
+            return Ok(match key {
+                Key::String(name) => t.entries.get(name.as_str()),
+                _ => None,
+            });
+        }
+    }
+    match value {
+        Value::Map(map) => Ok(map.map.get(key)),
+        other => Err(EvalError::runtime(format!(
+            "a {} has no fields",
+            type_name(other)
+        ))),
     }
 }
 
 fn expect_bool(value: Value) -> Result<bool, EvalError> {
     match value {
         Value::Bool(b) => Ok(b),
-        other => Err(EvalError::runtime(format!("expected a bool, got {}", type_name(&other)))),
+        other => Err(EvalError::runtime(format!(
+            "expected a bool, got {}",
+            type_name(&other)
+        ))),
     }
 }
 
@@ -1026,18 +1575,25 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
     match node {
         Node::Const(v) => Ok(v.clone()),
         Node::Record => Ok(f.record.clone()),
-        Node::Lookup(i) => f.lookups.get(*i).cloned().ok_or_else(|| EvalError::runtime("lookup data is missing")),
+        Node::Lookup(i) => f
+            .lookups
+            .get(*i)
+            .cloned()
+            .ok_or_else(|| EvalError::runtime("lookup data is missing")),
         Node::Contract => Ok(f.contract.clone()),
         Node::Flow => Ok(f.flow.clone()),
         Node::Local(slot) => Ok(f.locals[*slot].clone()),
-        Node::Select(operand, key) => match eval(operand, f)? {
-            Value::Map(map) => map.map.get(key).cloned().ok_or_else(|| EvalError::no_such_key(key)),
-            other => Err(EvalError::runtime(format!("a {} has no field {key}", type_name(&other)))),
-        },
-        Node::Has(operand, key) => match eval(operand, f)? {
-            Value::Map(map) => Ok(Value::Bool(map.map.contains_key(key))),
-            other => Err(EvalError::runtime(format!("has() needs a map, got {}", type_name(&other)))),
-        },
+        Node::Select(operand, key, slot) => {
+            let operand = eval(operand, f)?;
+            member(&operand, key, *slot)?
+                .cloned()
+                .ok_or_else(|| EvalError::no_such_key(key))
+        }
+        Node::Has(operand, key, slot) => {
+            let operand = eval_cow(operand, f)?;
+            Ok(Value::Bool(member(&operand, key, *slot)?.is_some()))
+        }
+        Node::Path(path) => resolve(path, f).cloned(),
         Node::Index(operand, index) => {
             let operand = eval(operand, f)?;
             let index = eval(index, f)?;
@@ -1061,13 +1617,26 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
                 eval(e, f)
             }
         }
-        Node::Binary(op, l, r) => {
-            let l = eval(l, f)?;
-            let r = eval(r, f)?;
-            binary(*op, l, r, f)
-        }
+        Node::Binary(op, l, r) => match op {
+            BinOp::In => {
+                let l = eval(l, f)?;
+                let r = eval_cow(r, f)?;
+                binary(*op, l, r.into_owned(), f)
+            }
+            _ => {
+                let l = eval_num(l, f)?;
+                let r = eval_num(r, f)?;
+                match decimal_binary(*op, &l, &r)? {
+                    Some(value) => Ok(value),
+                    None => binary(*op, l.into_value(), r.into_value(), f),
+                }
+            }
+        },
         Node::List(items) => {
-            let values = items.iter().map(|i| eval(i, f)).collect::<Result<Vec<_>, _>>()?;
+            let values = items
+                .iter()
+                .map(|i| eval(i, f))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Value::List(Arc::new(values)))
         }
         Node::Map(entries) => {
@@ -1078,7 +1647,12 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
                     Value::Int(i) => Key::Int(i),
                     Value::UInt(u) => Key::Uint(u),
                     Value::Bool(b) => Key::Bool(b),
-                    other => return Err(EvalError::runtime(format!("a {} cannot be a map key", type_name(&other)))),
+                    other => {
+                        return Err(EvalError::runtime(format!(
+                            "a {} cannot be a map key",
+                            type_name(&other)
+                        )));
+                    }
                 };
                 let value = eval(v, f)?;
                 if map.insert(key, value).is_some() {
@@ -1090,7 +1664,7 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
         Node::All { range, slot, pred } => quantifier(range, *slot, pred, f, false),
         Node::Exists { range, slot, pred } => quantifier(range, *slot, pred, f, true),
         Node::ExistsOne { range, slot, pred } => {
-            let range = eval(range, f)?;
+            let range = eval_cow(range, f)?;
             let mut count = 0;
             for item in iterate(&range)?.iter() {
                 f.locals[*slot] = item.into_owned();
@@ -1100,9 +1674,14 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             }
             Ok(Value::Bool(count == 1))
         }
-        Node::MapList { range, slot, filter, func } => {
-            let range = eval(range, f)?;
-            let mut out = Vec::new();
+        Node::MapList {
+            range,
+            slot,
+            filter,
+            func,
+        } => {
+            let range = eval_cow(range, f)?;
+            let mut out = Vec::with_capacity(length_hint(&range));
             for item in iterate(&range)?.iter() {
                 f.locals[*slot] = item.into_owned();
                 if let Some(filter) = filter
@@ -1115,8 +1694,8 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             Ok(Value::List(Arc::new(out)))
         }
         Node::Filter { range, slot, pred } => {
-            let range = eval(range, f)?;
-            let mut out = Vec::new();
+            let range = eval_cow(range, f)?;
+            let mut out = Vec::with_capacity(length_hint(&range));
             for item in iterate(&range)?.iter() {
                 f.locals[*slot] = item.clone().into_owned();
                 if expect_bool(eval(pred, f)?)? {
@@ -1126,7 +1705,7 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             Ok(Value::List(Arc::new(out)))
         }
         Node::Fold(fold) => {
-            let range = eval(&fold.range, f)?;
+            let range = eval_cow(&fold.range, f)?;
             f.locals[fold.accu_slot] = eval(&fold.init, f)?;
             for item in iterate(&range)?.iter() {
                 f.locals[fold.iter_slot] = item.into_owned();
@@ -1137,7 +1716,16 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             }
             eval(&fold.result, f)
         }
-        Node::Builtin { builtin, receiver, args } => match args.as_slice() {
+        Node::Builtin {
+            builtin: Builtin::Method(_),
+            receiver: true,
+            args,
+        } if args.len() <= 2 => eval_num(node, f).map(Num::into_value),
+        Node::Builtin {
+            builtin,
+            receiver,
+            args,
+        } => match args.as_slice() {
             [a] => {
                 let a = eval(a, f)?;
                 call_builtin(*builtin, *receiver, &[a], f)
@@ -1148,7 +1736,10 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
                 call_builtin(*builtin, *receiver, &[a, b], f)
             }
             args => {
-                let values = args.iter().map(|a| eval(a, f)).collect::<Result<Vec<_>, _>>()?;
+                let values = args
+                    .iter()
+                    .map(|a| eval(a, f))
+                    .collect::<Result<Vec<_>, _>>()?;
                 call_builtin(*builtin, *receiver, &values, f)
             }
         },
@@ -1157,16 +1748,258 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
                 f.charge_size(s.len())?;
                 Ok(Value::Bool(re.is_match(&s)))
             }
-            other => Err(EvalError::runtime(format!("matches() needs a string, got {}", type_name(&other)))),
+            other => Err(EvalError::runtime(format!(
+                "matches() needs a string, got {}",
+                type_name(&other)
+            ))),
         },
         Node::Delegate(d) => {
             let target = d.target.as_ref().map(|t| eval(t, f)).transpose()?;
-            let args = d.args.iter().map(|a| eval(a, f)).collect::<Result<Vec<_>, _>>()?;
+            let args = d
+                .args
+                .iter()
+                .map(|a| eval(a, f))
+                .collect::<Result<Vec<_>, _>>()?;
             precheck_delegate(&d.name, target.as_ref(), &args, f)?;
             let result = invoke(base_context(), &d.call, target, &args)?;
             f.charge_size(value_size(&result))?;
             Ok(result)
         }
+    }
+}
+
+/// The values of a path's index steps; paths rarely have more than one, so the first is kept inline.
+#[derive(Default)]
+struct Indexes {
+    first: Option<Value>,
+    rest: Vec<Value>,
+}
+
+impl Indexes {
+    fn push(&mut self, value: Value) {
+        if self.first.is_none() {
+            self.first = Some(value);
+        } else {
+            self.rest.push(value);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Value> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+/// A number as the evaluator carries it between decimal operations: unboxed when it is a decimal, so a chain
+/// like `a.sub(b).abs().isLessThanOrEqual(c)` allocates nothing.
+enum Num {
+    Dec(Decimal),
+    Val(Value),
+}
+
+impl Num {
+    fn into_value(self) -> Value {
+        match self {
+            Num::Dec(d) => decimal_value(d),
+            Num::Val(v) => v,
+        }
+    }
+
+    fn of(value: &Value) -> Num {
+        match as_decimal(value) {
+            Some(d) => Num::Dec(d),
+            None => Num::Val(value.clone()),
+        }
+    }
+
+    /// A decimal, or an int or uint read exactly as one.
+    fn decimal(&self) -> Option<Decimal> {
+        match self {
+            Num::Dec(d) => Some(*d),
+            Num::Val(v) => decimal_operand(v),
+        }
+    }
+
+    fn is_decimal(&self) -> bool {
+        match self {
+            Num::Dec(_) => true,
+            Num::Val(v) => as_decimal(v).is_some(),
+        }
+    }
+}
+
+fn eval_num(node: &Node, f: &mut Frame<'_>) -> Result<Num, EvalError> {
+    match node {
+        Node::Const(v) => {
+            f.step(1)?;
+            Ok(Num::of(v))
+        }
+        Node::Path(path) => {
+            f.step(1)?;
+            Ok(Num::of(resolve(path, f)?))
+        }
+        Node::Builtin {
+            builtin: Builtin::Method(op),
+            receiver: true,
+            args,
+        } if args.len() <= 2 => {
+            f.step(1)?;
+            let this = eval_num(&args[0], f)?;
+            let Num::Dec(d) = this else {
+                // Not a decimal: the library decides (a quantity, a version, or an error).
+                let mut values = vec![this.into_value()];
+                for arg in &args[1..] {
+                    values.push(eval(arg, f)?);
+                }
+                return call_builtin(Builtin::Method(*op), true, &values, f).map(Num::Val);
+            };
+            let arg = match args.get(1) {
+                Some(a) => Some(eval_num(a, f)?),
+                None => None,
+            };
+            let operand = arg.as_ref().map(|a| match a {
+                Num::Dec(x) => Operand::Dec(*x),
+                Num::Val(v) => Operand::Val(v),
+            });
+            Ok(match decimal_apply(*op, d, operand, args.len() - 1)? {
+                DecOut::Dec(x) => Num::Dec(x),
+                DecOut::Int(i) => Num::Val(Value::Int(i)),
+                DecOut::Bool(b) => Num::Val(Value::Bool(b)),
+            })
+        }
+        other => Ok(Num::Val(eval(other, f)?)),
+    }
+}
+
+/// Operators with a decimal operand, computed without boxing; `None` when neither operand is a decimal.
+fn decimal_binary(op: BinOp, l: &Num, r: &Num) -> Result<Option<Value>, EvalError> {
+    if !l.is_decimal() && !r.is_decimal() {
+        return Ok(None);
+    }
+    let (Some(x), Some(y)) = (l.decimal(), r.decimal()) else {
+        return match op {
+            // Unequal types are unequal, as everywhere in CEL.
+            BinOp::Eq => Ok(Some(Value::Bool(false))),
+            BinOp::Ne => Ok(Some(Value::Bool(true))),
+            _ => Ok(None),
+        };
+    };
+    let value = match op {
+        BinOp::Eq => Value::Bool(x == y),
+        BinOp::Ne => Value::Bool(x != y),
+        BinOp::Lt => Value::Bool(x < y),
+        BinOp::Le => Value::Bool(x <= y),
+        BinOp::Gt => Value::Bool(x > y),
+        BinOp::Ge => Value::Bool(x >= y),
+        BinOp::In => return Ok(None),
+        BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
+            if matches!(op, BinOp::Div | BinOp::Rem) && y.is_zero() {
+                return Err(EvalError::runtime("division by zero"));
+            }
+            let result = match op {
+                BinOp::Add => x.checked_add(y),
+                BinOp::Sub => x.checked_sub(y),
+                BinOp::Mul => x.checked_mul(y),
+                BinOp::Div => x.checked_div(y),
+                _ => x.checked_rem(y),
+            };
+            decimal_value(result.ok_or_else(|| EvalError::runtime("decimal overflow"))?)
+        }
+    };
+    Ok(Some(value))
+}
+
+/// The value a path leads to, borrowed from the frame's data.
+fn resolve<'f>(path: &Path, f: &'f mut Frame<'_>) -> Result<&'f Value, EvalError> {
+    if path.indexed {
+        let (root, indexes) = path_start(path, f)?;
+        return match root {
+            Some(root) => walk(root, &path.steps, &indexes),
+            None => {
+                let Root::Local(slot) = path.root else { unreachable!("only locals live in the frame") };
+                walk(&f.locals[slot], &path.steps, &indexes)
+            }
+        };
+    }
+    f.step(path.steps.len() as u64)?;
+    let mut value: &Value = match path.root {
+        Root::Record => f.record,
+        Root::Lookup(i) => f.lookups.get(i).ok_or_else(|| EvalError::runtime("lookup data is missing"))?,
+        Root::Contract => f.contract,
+        Root::Flow => f.flow,
+        Root::Local(slot) => &f.locals[slot],
+    };
+    for step in &path.steps {
+        if let Step::Member(key, slot) = step {
+            value = member(value, key, *slot)?.ok_or_else(|| EvalError::no_such_key(key))?;
+        }
+    }
+    Ok(value)
+}
+
+/// Evaluates a path's indexes and finds its root. The root is `None` for a comprehension variable, which lives
+/// in the frame; every other root outlives the frame, so walking from it borrows nothing from the frame.
+fn path_start<'r>(
+    path: &Path,
+    f: &mut Frame<'r>,
+) -> Result<(Option<&'r Value>, Indexes), EvalError> {
+    let mut indexes = Indexes::default();
+    for step in &path.steps {
+        match step {
+            Step::Index(node) => indexes.push(eval(node, f)?),
+            Step::Member(..) => f.step(1)?,
+        }
+    }
+    let root = match path.root {
+        Root::Record => Some(f.record),
+        Root::Lookup(i) => Some(
+            f.lookups
+                .get(i)
+                .ok_or_else(|| EvalError::runtime("lookup data is missing"))?,
+        ),
+        Root::Contract => Some(f.contract),
+        Root::Flow => Some(f.flow),
+        Root::Local(_) => None,
+    };
+    Ok((root, indexes))
+}
+
+fn walk<'v>(root: &'v Value, steps: &[Step], indexes: &Indexes) -> Result<&'v Value, EvalError> {
+    let mut value = root;
+    let mut next_index = indexes.iter();
+    for step in steps {
+        value = match step {
+            Step::Member(key, slot) => {
+                member(value, key, *slot)?.ok_or_else(|| EvalError::no_such_key(key))?
+            }
+            Step::Index(_) => {
+                index_ref(value, next_index.next().expect("one value per index step"))?
+            }
+        };
+    }
+    Ok(value)
+}
+
+/// Evaluates without copying when the value is (part of) the record, a lookup, `contract` or `flow`.
+fn eval_cow<'r>(node: &Node, f: &mut Frame<'r>) -> Result<Cow<'r, Value>, EvalError> {
+    match node {
+        Node::Path(path) if !matches!(path.root, Root::Local(_)) => {
+            f.step(1)?;
+            let (root, indexes) = path_start(path, f)?;
+            walk(root.expect("not a local"), &path.steps, &indexes).map(Cow::Borrowed)
+        }
+        Node::Record => {
+            f.step(1)?;
+            Ok(Cow::Borrowed(f.record))
+        }
+        Node::Lookup(i) => {
+            f.step(1)?;
+            let lookups = f.lookups;
+            lookups
+                .get(*i)
+                .map(Cow::Borrowed)
+                .ok_or_else(|| EvalError::runtime("lookup data is missing"))
+        }
+        other => eval(other, f).map(Cow::Owned),
     }
 }
 
@@ -1176,21 +2009,33 @@ fn logical(l: &Node, r: &Node, f: &mut Frame<'_>, or: bool) -> Result<Value, Eva
     let left = match eval(l, f) {
         Ok(Value::Bool(b)) if b == decisive => return Ok(Value::Bool(decisive)),
         Ok(Value::Bool(_)) => Ok(()),
-        Ok(other) => Err(EvalError::runtime(format!("expected a bool, got {}", type_name(&other)))),
+        Ok(other) => Err(EvalError::runtime(format!(
+            "expected a bool, got {}",
+            type_name(&other)
+        ))),
         Err(e) if e.is_fatal() => return Err(e),
         Err(e) => Err(e),
     };
     match eval(r, f) {
         Ok(Value::Bool(b)) if b == decisive => Ok(Value::Bool(decisive)),
         Ok(Value::Bool(b)) => left.map(|_| Value::Bool(b)),
-        Ok(other) => left.and(Err(EvalError::runtime(format!("expected a bool, got {}", type_name(&other))))),
+        Ok(other) => left.and(Err(EvalError::runtime(format!(
+            "expected a bool, got {}",
+            type_name(&other)
+        )))),
         Err(e) if e.is_fatal() => Err(e),
         Err(e) => left.and(Err(e)),
     }
 }
 
-fn quantifier(range: &Node, slot: usize, pred: &Node, f: &mut Frame<'_>, exists: bool) -> Result<Value, EvalError> {
-    let range = eval(range, f)?;
+fn quantifier(
+    range: &Node,
+    slot: usize,
+    pred: &Node,
+    f: &mut Frame<'_>,
+    exists: bool,
+) -> Result<Value, EvalError> {
+    let range = eval_cow(range, f)?;
     let mut error = None;
     for item in iterate(&range)?.iter() {
         f.locals[slot] = item.into_owned();
@@ -1198,7 +2043,9 @@ fn quantifier(range: &Node, slot: usize, pred: &Node, f: &mut Frame<'_>, exists:
             Ok(Value::Bool(b)) if b == exists => return Ok(Value::Bool(exists)),
             Ok(Value::Bool(_)) => {}
             Ok(other) => {
-                error.get_or_insert_with(|| EvalError::runtime(format!("expected a bool, got {}", type_name(&other))));
+                error.get_or_insert_with(|| {
+                    EvalError::runtime(format!("expected a bool, got {}", type_name(&other)))
+                });
             }
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
@@ -1213,6 +2060,10 @@ fn quantifier(range: &Node, slot: usize, pred: &Node, f: &mut Frame<'_>, exists:
 }
 
 fn index(operand: &Value, index: &Value) -> Result<Value, EvalError> {
+    index_ref(operand, index).cloned()
+}
+
+fn index_ref<'v>(operand: &'v Value, index: &Value) -> Result<&'v Value, EvalError> {
     match (operand, index) {
         (Value::List(list), Value::Int(_) | Value::UInt(_)) => {
             let i = match index {
@@ -1220,11 +2071,26 @@ fn index(operand: &Value, index: &Value) -> Result<Value, EvalError> {
                 Value::UInt(u) => usize::try_from(*u).ok(),
                 _ => None,
             };
-            i.and_then(|i| list.get(i)).cloned().ok_or_else(|| EvalError::runtime(format!("index {index:?} out of bounds (size {})", list.len())))
+            i.and_then(|i| list.get(i)).ok_or_else(|| {
+                EvalError::runtime(format!(
+                    "index {} out of bounds (size {})",
+                    KeyText(index),
+                    list.len()
+                ))
+            })
         }
         (Value::Map(map), key) => {
-            let key_ref = KeyRef::try_from(key).map_err(|v| EvalError::runtime(format!("a {} cannot be a map key", type_name(&v))))?;
-            map.get(&key_ref).cloned().ok_or_else(|| EvalError::no_such_key(&KeyText(key)))
+            let key_ref = KeyRef::try_from(key).map_err(|v| {
+                EvalError::runtime(format!("a {} cannot be a map key", type_name(&v)))
+            })?;
+            map.get(&key_ref)
+                .ok_or_else(|| EvalError::no_such_key(&KeyText(key)))
+        }
+        (Value::Opaque(_), Value::String(name))
+            if as_struct(operand).is_some() || as_table(operand).is_some() =>
+        {
+            member(operand, &Key::String(name.clone()), None)?
+                .ok_or_else(|| EvalError::no_such_key(&KeyText(index)))
         }
         (operand, index) => Err(EvalError::no_overload("[]", operand, index)),
     }
@@ -1250,10 +2116,16 @@ fn negate(value: Value) -> Result<Value, EvalError> {
         return Ok(decimal_value(-d));
     }
     match value {
-        Value::Int(i) => i.checked_neg().map(Value::Int).ok_or_else(|| EvalError::runtime("negation overflows")),
+        Value::Int(i) => i
+            .checked_neg()
+            .map(Value::Int)
+            .ok_or_else(|| EvalError::runtime("negation overflows")),
         Value::Float(x) => Ok(Value::Float(-x)),
         Value::Duration(d) => Ok(Value::Duration(-d)),
-        other => Err(EvalError::runtime(format!("no such overload: -{}", type_name(&other)))),
+        other => Err(EvalError::runtime(format!(
+            "no such overload: -{}",
+            type_name(&other)
+        ))),
     }
 }
 
@@ -1269,6 +2141,15 @@ fn decimal_operand(value: &Value) -> Option<Decimal> {
 /// Equality as CEL defines it (numbers compare across int, uint and double; other type mismatches are simply
 /// unequal), extended to decimals: a decimal equals a decimal or an int with the same value.
 pub(crate) fn equal(a: &Value, b: &Value) -> bool {
+    if let (Value::Opaque(_), _) | (_, Value::Opaque(_)) = (a, b)
+        && (as_struct(a).is_some()
+            || as_table(a).is_some()
+            || as_struct(b).is_some()
+            || as_table(b).is_some())
+    {
+        // Objects compare as the maps they stand for; rare enough to convert.
+        return equal(&to_cel(a), &to_cel(b));
+    }
     if as_decimal(a).is_some() || as_decimal(b).is_some() {
         return match (decimal_operand(a), decimal_operand(b)) {
             (Some(x), Some(y)) => x == y,
@@ -1276,9 +2157,14 @@ pub(crate) fn equal(a: &Value, b: &Value) -> bool {
         };
     }
     match (a, b) {
-        (Value::List(x), Value::List(y)) => x.len() == y.len() && x.iter().zip(y.iter()).all(|(x, y)| equal(x, y)),
+        (Value::List(x), Value::List(y)) => {
+            x.len() == y.len() && x.iter().zip(y.iter()).all(|(x, y)| equal(x, y))
+        }
         (Value::Map(x), Value::Map(y)) => {
-            x.map.len() == y.map.len() && x.map.iter().all(|(k, v)| y.map.get(k).is_some_and(|w| equal(v, w)))
+            x.map.len() == y.map.len()
+                && x.map
+                    .iter()
+                    .all(|(k, v)| y.map.get(k).is_some_and(|w| equal(v, w)))
         }
         (Value::Float(x), Value::Float(y)) => x == y,
         _ => a == b,
@@ -1292,10 +2178,13 @@ fn compare(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
         return Ok(x.cmp(&y));
     }
     match (a, b) {
-        (Value::Map(_) | Value::List(_) | Value::Opaque(_), _) | (_, Value::Map(_) | Value::List(_) | Value::Opaque(_)) => {
+        (Value::Map(_) | Value::List(_) | Value::Opaque(_), _)
+        | (_, Value::Map(_) | Value::List(_) | Value::Opaque(_)) => {
             Err(EvalError::no_overload("<", a, b))
         }
-        _ => a.partial_cmp(b).ok_or_else(|| EvalError::no_overload("<", a, b)),
+        _ => a
+            .partial_cmp(b)
+            .ok_or_else(|| EvalError::no_overload("<", a, b)),
     }
 }
 
@@ -1311,7 +2200,9 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
     match op {
         BinOp::Eq => Ok(Value::Bool(equal(&l, &r))),
         BinOp::Ne => Ok(Value::Bool(!equal(&l, &r))),
-        BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => compare(&l, &r).map(|o| Value::Bool(cmp(o))),
+        BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => {
+            compare(&l, &r).map(|o| Value::Bool(cmp(o)))
+        }
         BinOp::In => match &r {
             Value::List(list) => {
                 f.step(list.len() as u64)?;
@@ -1320,6 +2211,12 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
             Value::Map(map) => match KeyRef::try_from(&l) {
                 Ok(key) => Ok(Value::Bool(map.get(&key).is_some())),
                 Err(_) => Ok(Value::Bool(false)),
+            },
+            Value::Opaque(_) if as_struct(&r).is_some() || as_table(&r).is_some() => match &l {
+                Value::String(name) => Ok(Value::Bool(
+                    member(&r, &Key::String(name.clone()), None)?.is_some(),
+                )),
+                _ => Ok(Value::Bool(false)),
             },
             _ => Err(EvalError::no_overload("in", &l, &r)),
         },
@@ -1338,7 +2235,9 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
                     BinOp::Div => x.checked_div(y),
                     _ => x.checked_rem(y),
                 };
-                return result.map(decimal_value).ok_or_else(|| EvalError::runtime("decimal overflow"));
+                return result
+                    .map(decimal_value)
+                    .ok_or_else(|| EvalError::runtime("decimal overflow"));
             }
             if op == BinOp::Add {
                 let size = match (&l, &r) {
@@ -1347,6 +2246,14 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
                     _ => 0,
                 };
                 f.charge_size(size)?;
+                // Concatenated into an exactly sized string: the library's version copies the left operand
+                // first and grows it after.
+                if let (Value::String(a), Value::String(b)) = (&l, &r) {
+                    let mut s = String::with_capacity(a.len() + b.len());
+                    s.push_str(a);
+                    s.push_str(b);
+                    return Ok(Value::String(Arc::new(s)));
+                }
             }
             let result = match op {
                 BinOp::Add => l + r,
@@ -1371,7 +2278,12 @@ fn op_symbol(op: BinOp) -> &'static str {
     }
 }
 
-fn call_builtin(builtin: Builtin, receiver: bool, args: &[Value], f: &mut Frame<'_>) -> Result<Value, EvalError> {
+fn call_builtin(
+    builtin: Builtin,
+    receiver: bool,
+    args: &[Value],
+    f: &mut Frame<'_>,
+) -> Result<Value, EvalError> {
     let result = match (builtin, args) {
         (Builtin::Size, [v]) => match v {
             // CEL counts a string's size in code points.
@@ -1382,9 +2294,15 @@ fn call_builtin(builtin: Builtin, receiver: bool, args: &[Value], f: &mut Frame<
             Value::List(l) => Some(Value::Int(l.len() as i64)),
             Value::Map(m) => Some(Value::Int(m.map.len() as i64)),
             Value::Bytes(b) => Some(Value::Int(b.len() as i64)),
-            _ => None,
+            other => as_struct(other)
+                .map(|s| s.len())
+                .or_else(|| as_table(other).map(|t| t.entries.len()))
+                .map(|n| Value::Int(n as i64)),
         },
-        (Builtin::Contains | Builtin::StartsWith | Builtin::EndsWith, [Value::String(s), Value::String(p)]) => {
+        (
+            Builtin::Contains | Builtin::StartsWith | Builtin::EndsWith,
+            [Value::String(s), Value::String(p)],
+        ) => {
             f.charge_size(s.len())?;
             Some(Value::Bool(match builtin {
                 Builtin::Contains => s.contains(p.as_str()),
@@ -1397,36 +2315,55 @@ fn call_builtin(builtin: Builtin, receiver: bool, args: &[Value], f: &mut Frame<
             Value::Int(i) => Some(Value::String(Arc::new(i.to_string()))),
             Value::UInt(u) => Some(Value::String(Arc::new(u.to_string()))),
             Value::Bool(b) => Some(Value::String(Arc::new(b.to_string()))),
-            Value::Timestamp(t) => Some(Value::String(Arc::new(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)))),
+            Value::Timestamp(t) => Some(Value::String(Arc::new(
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ))),
             other => as_decimal(other).map(|d| Value::String(Arc::new(d.to_string()))),
         },
         (Builtin::ToInt, [v]) => match v {
             Value::Int(_) => Some(v.clone()),
             other => match as_decimal(other) {
-                Some(d) => Some(Value::Int(i64::try_from(d.trunc()).map_err(|_| EvalError::runtime("int() overflows"))?)),
+                Some(d) => Some(Value::Int(
+                    i64::try_from(d.trunc()).map_err(|_| EvalError::runtime("int() overflows"))?,
+                )),
                 None => None,
             },
         },
         (Builtin::ToDouble, [v]) => match as_decimal(v) {
             // An explicit request for a double: the text round trip is the correctly rounded value.
-            Some(d) => Some(Value::Float(d.to_string().parse().map_err(|_| EvalError::runtime("double() failed"))?)),
+            Some(d) => Some(Value::Float(
+                d.to_string()
+                    .parse()
+                    .map_err(|_| EvalError::runtime("double() failed"))?,
+            )),
             None => None,
         },
         (Builtin::ToDecimal, [v]) => Some(decimal_value(make_decimal(v)?)),
-        (Builtin::Method(name), [this, rest @ ..]) if receiver => match decimal_method(name, this, rest) {
-            Some(result) => Some(result?),
-            None => {
-                return super::cel_env::method_on_other_type(name, this.clone(), rest).map_err(EvalError::from);
+        (Builtin::Method(name), [this, rest @ ..]) if receiver => {
+            match decimal_method(name, this, rest) {
+                Some(result) => Some(result?),
+                None => {
+                    return super::cel_env::method_on_other_type(name, this.clone(), rest)
+                        .map_err(EvalError::from);
+                }
             }
-        },
+        }
         _ => None,
     };
     match result {
         Some(value) => Ok(value),
         // Not a case the fast path knows: the library implementation decides (and reports its own errors).
         None => {
-            let (target, rest) = if receiver { (args.first().cloned(), &args[1..]) } else { (None, args) };
-            let receiver = if receiver { CallReceiver::Value } else { CallReceiver::None };
+            let (target, rest) = if receiver {
+                (args.first().cloned(), &args[1..])
+            } else {
+                (None, args)
+            };
+            let receiver = if receiver {
+                CallReceiver::Value
+            } else {
+                CallReceiver::None
+            };
             let call = call_expression(builtin.name(), receiver, rest.len());
             Ok(invoke(base_context(), &call, target, rest)?)
         }
@@ -1434,8 +2371,16 @@ fn call_builtin(builtin: Builtin, receiver: bool, args: &[Value], f: &mut Frame<
 }
 
 /// Refuses library calls whose output would be far larger than their input before they allocate it.
-fn precheck_delegate(name: &str, target: Option<&Value>, args: &[Value], f: &mut Frame<'_>) -> Result<(), EvalError> {
-    let too_big = || EvalError { kind: EvalErrorKind::Budget, message: format!("{name}() would build a value beyond the step budget") };
+fn precheck_delegate(
+    name: &str,
+    target: Option<&Value>,
+    args: &[Value],
+    f: &mut Frame<'_>,
+) -> Result<(), EvalError> {
+    let too_big = || EvalError {
+        kind: EvalErrorKind::Budget,
+        message: format!("{name}() would build a value beyond the step budget"),
+    };
     match name {
         "lists.range" => {
             if let Some(Value::Int(n)) = args.first()
@@ -1465,7 +2410,6 @@ fn value_size(value: &Value) -> usize {
         Value::Bytes(b) => b.len(),
         Value::List(l) => l.len() * 16,
         Value::Map(m) => m.map.len() * 32,
-        _ => 0,
+        other => as_struct(other).map_or(0, |s| s.fields.len() * 32),
     }
 }
-

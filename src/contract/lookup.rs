@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use kube::core::cel::cel::objects::{Key, Map, Value};
+use kube::core::cel::cel::objects::{Key, Value};
 
-use super::cel_env::{decimal_value, parse_decimal};
+use super::cel_env::{self, FxBuild, Struct, decimal_value, parse_decimal};
 use super::eval::LookupDecl;
 use super::record::{Json, parse_value};
 use crate::api::FieldType;
@@ -29,6 +29,8 @@ pub struct Lookups {
 pub(crate) struct Table {
     pub(crate) value: Value,
     pub(crate) len: usize,
+    /// The entry fields the table was built for; an environment refuses a table built for other fields.
+    pub(crate) keys: Arc<[Key]>,
 }
 
 impl fmt::Debug for Lookups {
@@ -51,7 +53,12 @@ pub enum LookupError {
     #[error("lookup {0} is not declared by the contract")]
     Undeclared(String),
     #[error("lookup {table}, entry {key:?}, field {field}: {reason}")]
-    Entry { table: String, key: String, field: String, reason: String },
+    Entry {
+        table: String,
+        key: String,
+        field: String,
+        reason: String,
+    },
     #[error("lookup {0} has no data; the contract's rules read it")]
     Missing(String),
 }
@@ -72,32 +79,60 @@ impl LookupError {
 impl Lookups {
     /// Reads `{"<lookup>": {"<key>": {"<field>": value, ...}, ...}, ...}` for the lookups the contract declares.
     /// Decimal fields may be JSON numbers or numeric strings; they are read from their text, exactly.
-    pub fn from_json_bytes(contract: &super::CompiledContract, bytes: &[u8]) -> Result<Self, LookupError> {
+    pub fn from_json_bytes(
+        contract: &super::CompiledContract,
+        bytes: &[u8],
+    ) -> Result<Self, LookupError> {
         Self::from_json_bytes_for(&contract.lookups, bytes)
     }
 
     /// Like [`Lookups::from_json_bytes`], from an already parsed document. Numbers go through their JSON text,
     /// so a decimal with more than 15 significant digits must be given as a string to stay exact.
-    pub fn from_json(contract: &super::CompiledContract, value: &serde_json::Value) -> Result<Self, LookupError> {
+    pub fn from_json(
+        contract: &super::CompiledContract,
+        value: &serde_json::Value,
+    ) -> Result<Self, LookupError> {
         Self::from_json_bytes(contract, value.to_string().as_bytes())
     }
 
-    pub(crate) fn from_json_bytes_for(decls: &[LookupDecl], bytes: &[u8]) -> Result<Self, LookupError> {
-        let json = parse_value(bytes, MAX_LOOKUP_BYTES, 8).map_err(|e| LookupError::Parse(e.to_string()))?;
+    pub(crate) fn from_json_bytes_for(
+        decls: &[LookupDecl],
+        bytes: &[u8],
+    ) -> Result<Self, LookupError> {
+        let json = parse_value(bytes, MAX_LOOKUP_BYTES, 8)
+            .map_err(|e| LookupError::Parse(e.to_string()))?;
         let Json::Object(tables) = json else {
             return Err(LookupError::Shape(format!("found {}", json.type_name())));
         };
         let mut out = Lookups::default();
         for (name, table) in &tables {
-            let decl = decls.iter().find(|d| d.name == *name).ok_or_else(|| LookupError::Undeclared(name.to_string()))?;
+            let decl = decls
+                .iter()
+                .find(|d| d.name == *name)
+                .ok_or_else(|| LookupError::Undeclared(name.to_string()))?;
             let Json::Object(entries) = table else {
-                return Err(LookupError::Shape(format!("lookup {name} is {}, not an object of entries", table.type_name())));
+                return Err(LookupError::Shape(format!(
+                    "lookup {name} is {}, not an object of entries",
+                    table.type_name()
+                )));
             };
-            let mut map = HashMap::with_capacity(entries.len());
+            let mut map = HashMap::with_capacity_and_hasher(entries.len(), FxBuild::default());
             for (key, entry) in entries {
-                map.insert(Key::String(Arc::new(key.to_string())), entry_value(decl, key, entry)?);
+                map.insert(key.to_string(), entry_value(decl, key, entry)?);
             }
-            out.tables.insert(name.to_string(), Table { len: map.len(), value: Value::Map(Map { map: Arc::new(map) }) });
+            let len = map.len();
+            let table = cel_env::Table {
+                keys: decl.keys.clone(),
+                entries: map,
+            };
+            out.tables.insert(
+                name.to_string(),
+                Table {
+                    len,
+                    keys: decl.keys.clone(),
+                    value: Value::Opaque(Arc::new(table)),
+                },
+            );
         }
         Ok(out)
     }
@@ -120,28 +155,50 @@ fn entry_value(decl: &LookupDecl, key: &str, entry: &Json<'_>) -> Result<Value, 
         reason,
     };
     let Json::Object(members) = entry else {
-        return Err(err("-", format!("the entry is {}, not an object", entry.type_name())));
+        return Err(err(
+            "-",
+            format!("the entry is {}, not an object", entry.type_name()),
+        ));
     };
-    let mut map = HashMap::with_capacity(decl.fields.len());
+    let mut fields: Box<[Option<Value>]> = vec![None; decl.fields.len()].into_boxed_slice();
     for (name, value) in members {
-        let Some((_, ty)) = decl.fields.iter().find(|(n, _)| n == name) else { continue };
+        let Some(index) = decl.fields.iter().position(|(n, _)| n == name) else {
+            continue;
+        };
+        let ty = decl.fields[index].1;
         let converted = match (ty, value) {
             (_, Json::Null) => continue,
-            (FieldType::String | FieldType::Enum | FieldType::Date, Json::String(s)) => Value::String(Arc::new(s.to_string())),
+            (FieldType::String | FieldType::Enum | FieldType::Date, Json::String(s)) => {
+                Value::String(Arc::new(s.to_string()))
+            }
             (FieldType::Boolean, Json::Bool(b)) => Value::Bool(*b),
-            (FieldType::Integer, Json::Number(n)) => Value::Int(n.parse().map_err(|_| err(name, "is not a 64-bit integer".into()))?),
-            (FieldType::Decimal, Json::Number(n)) | (FieldType::Decimal, Json::String(std::borrow::Cow::Borrowed(n))) => {
+            (FieldType::Integer, Json::Number(n)) => Value::Int(
+                n.parse()
+                    .map_err(|_| err(name, "is not a 64-bit integer".into()))?,
+            ),
+            (FieldType::Decimal, Json::Number(n)) => {
                 decimal_value(parse_decimal(n).map_err(|e| err(name, e.to_string()))?)
             }
-            (FieldType::Decimal, Json::String(n)) => decimal_value(parse_decimal(n).map_err(|e| err(name, e.to_string()))?),
+            (FieldType::Decimal, Json::String(n)) => {
+                decimal_value(parse_decimal(n).map_err(|e| err(name, e.to_string()))?)
+            }
             (FieldType::Datetime, Json::String(s)) => Value::Timestamp(
-                chrono::DateTime::parse_from_rfc3339(s).map_err(|_| err(name, "is not an RFC 3339 date-time".into()))?,
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map_err(|_| err(name, "is not an RFC 3339 date-time".into()))?,
             ),
-            (ty, v) => return Err(err(name, format!("expected {}, found {}", ty.as_str(), v.type_name()))),
+            (ty, v) => {
+                return Err(err(
+                    name,
+                    format!("expected {}, found {}", ty.as_str(), v.type_name()),
+                ));
+            }
         };
-        map.insert(Key::String(Arc::new(name.to_string())), converted);
+        fields[index] = Some(converted);
     }
-    Ok(Value::Map(Map { map: Arc::new(map) }))
+    Ok(Value::Opaque(Arc::new(Struct {
+        keys: decl.keys.clone(),
+        fields,
+    })))
 }
 
 #[cfg(test)]
@@ -149,10 +206,13 @@ mod tests {
     use super::*;
 
     fn decls() -> Vec<LookupDecl> {
-        vec![LookupDecl {
-            name: "pricebook".into(),
-            fields: vec![("unitPrice".into(), FieldType::Decimal), ("currency".into(), FieldType::String)],
-        }]
+        vec![LookupDecl::new(
+            "pricebook",
+            vec![
+                ("unitPrice".into(), FieldType::Decimal),
+                ("currency".into(), FieldType::String),
+            ],
+        )]
     }
 
     #[test]
@@ -164,10 +224,13 @@ mod tests {
         .unwrap();
         let table = lookups.table("pricebook").unwrap();
         assert_eq!(table.len, 2);
-        let Value::Map(map) = &table.value else { panic!() };
-        let Value::Map(entry) = &map.map[&Key::from("SKU-1")] else { panic!() };
-        assert_eq!(super::super::cel_env::as_decimal(&entry.map[&Key::from("unitPrice")]), Some(rust_decimal::Decimal::new(1250, 2)));
-        assert!(!entry.map.contains_key(&Key::from("extra")));
+        let table = cel_env::as_table(&table.value).expect("a table");
+        let entry = cel_env::as_struct(&table.entries["SKU-1"]).expect("an entry");
+        assert_eq!(
+            cel_env::as_decimal(entry.get("unitPrice").unwrap()),
+            Some(rust_decimal::Decimal::new(1250, 2))
+        );
+        assert!(entry.get("extra").is_none());
     }
 
     #[test]
@@ -178,8 +241,14 @@ mod tests {
             (br#"{"pricebook": []}"#, "lookup_invalid_shape"),
             (br#"{"prices": {}}"#, "lookup_undeclared"),
             (br#"{"pricebook": {"A": 1}}"#, "lookup_invalid_entry"),
-            (br#"{"pricebook": {"A": {"unitPrice": "cheap"}}}"#, "lookup_invalid_entry"),
-            (br#"{"pricebook": {"A": {"currency": 1}}}"#, "lookup_invalid_entry"),
+            (
+                br#"{"pricebook": {"A": {"unitPrice": "cheap"}}}"#,
+                "lookup_invalid_entry",
+            ),
+            (
+                br#"{"pricebook": {"A": {"currency": 1}}}"#,
+                "lookup_invalid_entry",
+            ),
         ];
         for (input, label) in cases {
             let err = Lookups::from_json_bytes_for(&decls(), input).unwrap_err();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use kube::core::cel::cel::objects::Value;
 
-use super::cel_env::{type_name, value_to_json};
+use super::cel_env::{as_struct, type_name, value_to_json};
 use super::eval::{self, Declarations, EvalError, EvalErrorKind, Frame, Program};
 use super::outcome::PayloadPrivacy;
 use super::redact::Redaction;
@@ -32,6 +32,8 @@ pub(crate) struct Target {
     pub(crate) name: String,
     segments: Vec<String>,
     optional: bool,
+    /// The expression is the external id's (a payload commonly carries its own key): computed once.
+    same_as_external_id: bool,
     pub(crate) program: Program,
 }
 
@@ -46,30 +48,63 @@ pub(crate) enum MappingFailure {
 fn is_target(target: &str) -> bool {
     target.split('.').all(|s| {
         let mut chars = s.chars();
-        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_') && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     })
 }
 
-pub(crate) fn compile(spec: &MappingSpec, decls: &Declarations<'_>, redaction: &Redaction, errors: &mut Vec<CompileError>) -> Option<Mapping> {
-    let external_id = eval::compile(decls, &spec.external_id, "spec.mapping.externalId").map_err(|e| errors.extend(e)).ok();
+pub(crate) fn compile(
+    spec: &MappingSpec,
+    decls: &Declarations<'_>,
+    redaction: &Redaction,
+    errors: &mut Vec<CompileError>,
+) -> Option<Mapping> {
+    let external_id = eval::compile(decls, &spec.external_id, "spec.mapping.externalId")
+        .map_err(|e| errors.extend(e))
+        .ok();
     if spec.fields.is_empty() {
-        errors.push(CompileError::new("spec.mapping.fields", CompileErrorKind::InvalidMapping, "a mapping needs at least one target field".into()));
+        errors.push(CompileError::new(
+            "spec.mapping.fields",
+            CompileErrorKind::InvalidMapping,
+            "a mapping needs at least one target field".into(),
+        ));
     }
     let mut targets = Vec::with_capacity(spec.fields.len());
     let mut seen: HashSet<&str> = HashSet::new();
     for (i, field) in spec.fields.iter().enumerate() {
         let at = |attr: &str| format!("spec.mapping.fields[{i}].{attr}");
         if !is_target(&field.target) {
-            errors.push(CompileError::new(at("target"), CompileErrorKind::InvalidMapping, format!("{:?} is not a target path (use `memo` or `entity.externalId`)", field.target)));
+            errors.push(CompileError::new(
+                at("target"),
+                CompileErrorKind::InvalidMapping,
+                format!(
+                    "{:?} is not a target path (use `memo` or `entity.externalId`)",
+                    field.target
+                ),
+            ));
             continue;
         }
         if !seen.insert(&field.target) {
-            errors.push(CompileError::new(at("target"), CompileErrorKind::InvalidMapping, format!("target {:?} is mapped twice", field.target)));
+            errors.push(CompileError::new(
+                at("target"),
+                CompileErrorKind::InvalidMapping,
+                format!("target {:?} is mapped twice", field.target),
+            ));
             continue;
         }
         // `entity` and `entity.id` cannot both be set: one would overwrite the other.
-        if let Some(other) = spec.fields[..i].iter().map(|f| f.target.as_str()).find(|other| is_prefix(other, &field.target) || is_prefix(&field.target, other)) {
-            errors.push(CompileError::new(at("target"), CompileErrorKind::InvalidMapping, format!("target {:?} overlaps target {other:?}", field.target)));
+        if let Some(other) = spec.fields[..i]
+            .iter()
+            .map(|f| f.target.as_str())
+            .find(|other| is_prefix(other, &field.target) || is_prefix(&field.target, other))
+        {
+            errors.push(CompileError::new(
+                at("target"),
+                CompileErrorKind::InvalidMapping,
+                format!("target {:?} overlaps target {other:?}", field.target),
+            ));
             continue;
         }
         match eval::compile(decls, &field.expression, &at("expression")) {
@@ -77,6 +112,7 @@ pub(crate) fn compile(spec: &MappingSpec, decls: &Declarations<'_>, redaction: &
                 name: field.target.clone(),
                 segments: field.target.split('.').map(str::to_string).collect(),
                 optional: field.optional,
+                same_as_external_id: field.expression.trim() == spec.external_id.trim(),
                 program,
             }),
             Err(e) => errors.extend(e),
@@ -84,10 +120,18 @@ pub(crate) fn compile(spec: &MappingSpec, decls: &Declarations<'_>, redaction: &
     }
     let external_id = external_id?;
     let privacy = Arc::new(PayloadPrivacy {
-        personal_targets: targets.iter().filter(|t| t.program.personal).map(|t| t.name.clone()).collect(),
+        personal_targets: targets
+            .iter()
+            .filter(|t| t.program.personal)
+            .map(|t| t.name.clone())
+            .collect(),
         redaction: redaction.clone(),
     });
-    Some(Mapping { external_id, targets, privacy })
+    Some(Mapping {
+        external_id,
+        targets,
+        privacy,
+    })
 }
 
 fn is_prefix(prefix: &str, path: &str) -> bool {
@@ -96,31 +140,55 @@ fn is_prefix(prefix: &str, path: &str) -> bool {
 
 impl Mapping {
     /// Builds the payload and the raw external id for a record that passed its rules.
-    pub(crate) fn build(&self, frame: &mut Frame<'_>, record: &Value) -> Result<(serde_json::Value, String), MappingFailure> {
-        let external_id = match self.external_id.eval(frame) {
-            Ok(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EXTERNAL_ID_LEN => s.as_str().to_string(),
+    pub(crate) fn build(
+        &self,
+        frame: &mut Frame<'_>,
+        record: &Value,
+    ) -> Result<(serde_json::Value, String), MappingFailure> {
+        let key_value = self.external_id.eval(frame);
+        let external_id = match &key_value {
+            Ok(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EXTERNAL_ID_LEN => {
+                s.as_str().to_string()
+            }
             Ok(Value::Int(i)) => i.to_string(),
             Ok(Value::UInt(u)) => u.to_string(),
             Ok(Value::String(s)) => {
-                let problem = if s.is_empty() { "is empty".to_string() } else { format!("is longer than {MAX_EXTERNAL_ID_LEN} bytes") };
-                return Err(MappingFailure::ExternalId(EvalError { kind: EvalErrorKind::Runtime, message: format!("the external id {problem}") }));
+                let problem = if s.is_empty() {
+                    "is empty".to_string()
+                } else {
+                    format!("is longer than {MAX_EXTERNAL_ID_LEN} bytes")
+                };
+                return Err(MappingFailure::ExternalId(EvalError {
+                    kind: EvalErrorKind::Runtime,
+                    message: format!("the external id {problem}"),
+                }));
             }
             Ok(other) => {
                 return Err(MappingFailure::ExternalId(EvalError {
                     kind: EvalErrorKind::Runtime,
-                    message: format!("the external id must be a string or an int, not a {}", type_name(&other)),
+                    message: format!(
+                        "the external id must be a string or an int, not a {}",
+                        type_name(&other)
+                    ),
                 }));
             }
-            Err(e) => return Err(MappingFailure::ExternalId(e)),
+            Err(e) => return Err(MappingFailure::ExternalId(e.clone())),
         };
         let mut payload = serde_json::Map::new();
         for target in &self.targets {
             let value = match &target.program.direct {
-                Some(keys) => match follow(record, keys) {
-                    Some(v) => value_to_json(v).map_err(|m| EvalError { kind: EvalErrorKind::Runtime, message: m }),
+                _ if target.same_as_external_id => match &key_value {
+                    Ok(v) => value_to_json(v).map_err(|m| EvalError { kind: EvalErrorKind::Runtime, message: m }),
+                    Err(e) => Err(e.clone()),
+                },
+                Some(direct) => match follow(record, &direct.slots) {
+                    Some(v) => value_to_json(v).map_err(|m| EvalError {
+                        kind: EvalErrorKind::Runtime,
+                        message: m,
+                    }),
                     None => Err(EvalError {
                         kind: EvalErrorKind::NoSuchKey,
-                        message: format!("record.{} is absent", keys.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(".")),
+                        message: format!("{} is absent", direct.path),
                     }),
                 },
                 None => target.program.eval_json(frame),
@@ -137,22 +205,27 @@ impl Mapping {
     }
 }
 
-fn follow<'v>(record: &'v Value, keys: &[kube::core::cel::cel::objects::Key]) -> Option<&'v Value> {
+fn follow<'v>(record: &'v Value, slots: &[usize]) -> Option<&'v Value> {
     let mut value = record;
-    for key in keys {
-        match value {
-            Value::Map(map) => value = map.map.get(key)?,
-            _ => return None,
-        }
+    for &slot in slots {
+        value = as_struct(value)?.fields.get(slot)?.as_ref()?;
     }
     Some(value)
 }
 
-fn insert(payload: &mut serde_json::Map<String, serde_json::Value>, segments: &[String], value: serde_json::Value) {
-    let (last, parents) = segments.split_last().expect("a target has at least one segment");
+fn insert(
+    payload: &mut serde_json::Map<String, serde_json::Value>,
+    segments: &[String],
+    value: serde_json::Value,
+) {
+    let (last, parents) = segments
+        .split_last()
+        .expect("a target has at least one segment");
     let mut node = payload;
     for segment in parents {
-        let child = node.entry(segment.clone()).or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+        let child = node
+            .entry(segment.clone())
+            .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
         if !child.is_object() {
             *child = serde_json::Value::Object(serde_json::Map::new());
         }

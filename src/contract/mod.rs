@@ -40,7 +40,9 @@ pub use cel_env::{CelDecimal, DECIMAL_TYPE, decimal_to_json};
 pub use compat::{CompatReport, ContentHash, content_hash, diff};
 pub use lookup::{LookupError, Lookups, MAX_LOOKUP_BYTES};
 pub use mapping::MAX_EXTERNAL_ID_LEN;
-pub use outcome::{ExternalId, Outcome, Payload, Reason, ReasonCode, Subject, Warning, WarningCode};
+pub use outcome::{
+    ExternalId, Outcome, Payload, Reason, ReasonCode, Subject, Warning, WarningCode,
+};
 pub use record::ParseError;
 pub use redact::{REDACTED, Redaction, RedactionKey, redact, redact_json, scrub};
 
@@ -97,7 +99,11 @@ pub struct CompileError {
 
 impl CompileError {
     pub(crate) fn new(path: impl Into<String>, kind: CompileErrorKind, reason: String) -> Self {
-        CompileError { path: path.into(), reason, kind }
+        CompileError {
+            path: path.into(),
+            reason,
+            kind,
+        }
     }
 }
 
@@ -190,8 +196,23 @@ impl fmt::Debug for CompiledContract {
         f.debug_struct("CompiledContract")
             .field("version", &self.version.to_string())
             .field("content_hash", &self.content_hash)
-            .field("rules", &self.rules.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
-            .field("targets", &self.mapping.targets.iter().map(|t| t.name.as_str()).collect::<Vec<_>>())
+            .field(
+                "rules",
+                &self
+                    .rules
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "targets",
+                &self
+                    .mapping
+                    .targets
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -204,48 +225,127 @@ pub fn compile(spec: &SyncContractSpec) -> Result<CompiledContract, Vec<CompileE
 /// Names expressions may not use for a lookup: the other variables, and the namespaces of library functions
 /// (a lookup called `math` would hide `math.abs`).
 const RESERVED_NAMES: &[&str] = &[
-    "record", "contract", "flow", "math", "sets", "lists", "strings", "base64", "optional", "format", "jsonpatch",
-    "ip", "in", "as", "break", "const", "continue", "else", "for", "function", "if", "import", "let", "loop",
-    "package", "namespace", "return", "var", "void", "while", "true", "false", "null",
+    "record",
+    "contract",
+    "flow",
+    "math",
+    "sets",
+    "lists",
+    "strings",
+    "base64",
+    "optional",
+    "format",
+    "jsonpatch",
+    "ip",
+    "in",
+    "as",
+    "break",
+    "const",
+    "continue",
+    "else",
+    "for",
+    "function",
+    "if",
+    "import",
+    "let",
+    "loop",
+    "package",
+    "namespace",
+    "return",
+    "var",
+    "void",
+    "while",
+    "true",
+    "false",
+    "null",
 ];
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Compiles a contract. Every problem found is reported, not only the first.
-pub fn compile_with(spec: &SyncContractSpec, options: &CompileOptions) -> Result<CompiledContract, Vec<CompileError>> {
+pub fn compile_with(
+    spec: &SyncContractSpec,
+    options: &CompileOptions,
+) -> Result<CompiledContract, Vec<CompileError>> {
     let mut errors = Vec::new();
     let version = match semver::Version::parse(&spec.version) {
         Ok(v) => Some(v),
         Err(e) => {
-            errors.push(CompileError::new("spec.version", CompileErrorKind::InvalidVersion, format!("{:?} is not a semantic version (MAJOR.MINOR.PATCH): {e}", spec.version)));
+            errors.push(CompileError::new(
+                "spec.version",
+                CompileErrorKind::InvalidVersion,
+                format!(
+                    "{:?} is not a semantic version (MAJOR.MINOR.PATCH): {e}",
+                    spec.version
+                ),
+            ));
             None
         }
     };
     for (path, entity) in [("spec.source", &spec.source), ("spec.target", &spec.target)] {
         if entity.system.trim().is_empty() || entity.entity.trim().is_empty() {
-            errors.push(CompileError::new(path, CompileErrorKind::InvalidEntity, "system and entity must not be empty".into()));
+            errors.push(CompileError::new(
+                path,
+                CompileErrorKind::InvalidEntity,
+                "system and entity must not be empty".into(),
+            ));
         }
     }
     if spec.fields.is_empty() {
-        errors.push(CompileError::new("spec.fields", CompileErrorKind::InvalidFieldName, "a contract declares at least one field".into()));
+        errors.push(CompileError::new(
+            "spec.fields",
+            CompileErrorKind::InvalidFieldName,
+            "a contract declares at least one field".into(),
+        ));
     }
     let schema = schema::compile(&spec.fields, &mut errors);
     let lookups = compile_lookups(&spec.lookups, &mut errors);
     if let Some(sla) = &spec.sla
         && let Some(rate) = &sla.max_failure_rate
-        && !cel_env::parse_decimal(rate).is_ok_and(|r| r >= rust_decimal::Decimal::ZERO && r <= rust_decimal::Decimal::ONE)
+        && !cel_env::parse_decimal(rate)
+            .is_ok_and(|r| r >= rust_decimal::Decimal::ZERO && r <= rust_decimal::Decimal::ONE)
     {
-        errors.push(CompileError::new("spec.sla.maxFailureRate", CompileErrorKind::InvalidSla, format!("{rate:?} is not a fraction between 0 and 1")));
+        errors.push(CompileError::new(
+            "spec.sla.maxFailureRate",
+            CompileErrorKind::InvalidSla,
+            format!("{rate:?} is not a fraction between 0 and 1"),
+        ));
     }
-    let decls = Declarations { schema: &schema, lookups: &lookups, limits: &options.limits };
+    let decls = Declarations {
+        schema: &schema,
+        lookups: &lookups,
+        limits: &options.limits,
+    };
     let rules = rules::compile(&spec.rules, &decls, &mut errors);
     let mapping = mapping::compile(&spec.mapping, &decls, &options.redaction, &mut errors);
     let (Some(version), Some(mapping), true) = (version, mapping, errors.is_empty()) else {
         return Err(errors);
     };
-    let slots = rules.iter().map(|r| r.program.slots).chain(mapping.targets.iter().map(|t| t.program.slots)).chain([mapping.external_id.slots]).max().unwrap_or(0);
+    let mut schema = schema;
+    let needed: std::collections::HashSet<&str> = rules
+        .iter()
+        .map(|r| &r.program)
+        .chain(mapping.targets.iter().map(|t| &t.program))
+        .chain([&mapping.external_id])
+        .flat_map(|p| p.needed.iter().map(String::as_str))
+        .collect();
+    schema.mark_needed(&needed);
+    let slots = rules
+        .iter()
+        .map(|r| r.program.slots)
+        .chain(mapping.targets.iter().map(|t| t.program.slots))
+        .chain([mapping.external_id.slots])
+        .max()
+        .unwrap_or(0);
     let contract_value = Value::Map(Map {
-        map: Arc::new([(Key::from("version"), Value::String(Arc::new(spec.version.clone())))].into_iter().collect()),
+        map: Arc::new(
+            [(
+                Key::from("version"),
+                Value::String(Arc::new(spec.version.clone())),
+            )]
+            .into_iter()
+            .collect(),
+        ),
     });
     Ok(CompiledContract {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -265,41 +365,79 @@ pub fn compile_with(spec: &SyncContractSpec, options: &CompileOptions) -> Result
 fn compile_lookups(specs: &[LookupSpec], errors: &mut Vec<CompileError>) -> Vec<LookupDecl> {
     let is_name = |s: &str, first_lower: bool| {
         let mut chars = s.chars();
-        chars.next().is_some_and(|c| if first_lower { c.is_ascii_lowercase() } else { c.is_ascii_alphabetic() || c == '_' })
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        chars.next().is_some_and(|c| {
+            if first_lower {
+                c.is_ascii_lowercase()
+            } else {
+                c.is_ascii_alphabetic() || c == '_'
+            }
+        }) && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
     };
     let mut out = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
-        let mut fail = |path: String, reason: String| errors.push(CompileError::new(path, CompileErrorKind::InvalidLookup, reason));
+        let mut fail = |path: String, reason: String| {
+            errors.push(CompileError::new(
+                path,
+                CompileErrorKind::InvalidLookup,
+                reason,
+            ))
+        };
         if !is_name(&spec.name, true) {
-            fail(format!("spec.lookups[{i}].name"), format!("{:?} is not a lookup name (a lowercase letter, then letters, digits, '_')", spec.name));
+            fail(
+                format!("spec.lookups[{i}].name"),
+                format!(
+                    "{:?} is not a lookup name (a lowercase letter, then letters, digits, '_')",
+                    spec.name
+                ),
+            );
             continue;
         }
         if RESERVED_NAMES.contains(&spec.name.as_str()) {
-            fail(format!("spec.lookups[{i}].name"), format!("{:?} is reserved in expressions; choose another name", spec.name));
+            fail(
+                format!("spec.lookups[{i}].name"),
+                format!(
+                    "{:?} is reserved in expressions; choose another name",
+                    spec.name
+                ),
+            );
             continue;
         }
         if specs[..i].iter().any(|s| s.name == spec.name) {
-            fail(format!("spec.lookups[{i}].name"), format!("lookup {:?} is declared twice", spec.name));
+            fail(
+                format!("spec.lookups[{i}].name"),
+                format!("lookup {:?} is declared twice", spec.name),
+            );
             continue;
         }
         if spec.fields.is_empty() {
-            fail(format!("spec.lookups[{i}].fields"), "a lookup declares at least one field".into());
+            fail(
+                format!("spec.lookups[{i}].fields"),
+                "a lookup declares at least one field".into(),
+            );
         }
         let mut fields = Vec::with_capacity(spec.fields.len());
         for (j, field) in spec.fields.iter().enumerate() {
             let at = format!("spec.lookups[{i}].fields[{j}]");
             if !is_name(&field.name, false) {
-                fail(format!("{at}.name"), format!("{:?} is not a field name", field.name));
+                fail(
+                    format!("{at}.name"),
+                    format!("{:?} is not a field name", field.name),
+                );
             } else if spec.fields[..j].iter().any(|f| f.name == field.name) {
-                fail(format!("{at}.name"), format!("field {:?} is declared twice", field.name));
+                fail(
+                    format!("{at}.name"),
+                    format!("field {:?} is declared twice", field.name),
+                );
             } else if matches!(field.r#type, FieldType::Object | FieldType::Array) {
-                fail(format!("{at}.type"), format!("lookup fields are scalars, not {}", field.r#type.as_str()));
+                fail(
+                    format!("{at}.type"),
+                    format!("lookup fields are scalars, not {}", field.r#type.as_str()),
+                );
             } else {
                 fields.push((field.name.clone(), field.r#type));
             }
         }
-        out.push(LookupDecl { name: spec.name.clone(), fields });
+        out.push(LookupDecl::new(&spec.name, fields));
     }
     out
 }
@@ -316,7 +454,10 @@ pub struct Env {
 
 impl fmt::Debug for Env {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Env").field("flow", &self.flow).field("tables", &self.tables.len()).finish_non_exhaustive()
+        f.debug_struct("Env")
+            .field("flow", &self.flow)
+            .field("tables", &self.tables.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -347,7 +488,11 @@ impl CompiledContract {
     /// lookups, with the same references, functions and limits as the contract's own expressions. `path` names
     /// the expression in errors.
     pub fn check_expression(&self, path: &str, expression: &str) -> Result<(), Vec<CompileError>> {
-        let decls = Declarations { schema: &self.schema, lookups: &self.lookups, limits: &self.limits };
+        let decls = Declarations {
+            schema: &self.schema,
+            lookups: &self.lookups,
+            limits: &self.limits,
+        };
         eval::compile(&decls, expression, path).map(|_| ())
     }
 
@@ -357,14 +502,34 @@ impl CompiledContract {
         let mut tables = Vec::with_capacity(self.lookups.len());
         let mut largest_table = 0;
         for decl in &self.lookups {
-            let table = lookups.table(&decl.name).ok_or_else(|| LookupError::Missing(decl.name.clone()))?;
+            let table = lookups
+                .table(&decl.name)
+                .ok_or_else(|| LookupError::Missing(decl.name.clone()))?;
+            if table.keys != decl.keys {
+                return Err(LookupError::Shape(format!(
+                    "lookup {} was loaded for other entry fields; load it for this contract version",
+                    decl.name
+                )));
+            }
             largest_table = largest_table.max(table.len);
             tables.push(table.value.clone());
         }
         let flow = Value::Map(Map {
-            map: Arc::new([(Key::from("name"), Value::String(Arc::new(flow_name.to_string())))].into_iter().collect()),
+            map: Arc::new(
+                [(
+                    Key::from("name"),
+                    Value::String(Arc::new(flow_name.to_string())),
+                )]
+                .into_iter()
+                .collect(),
+            ),
         });
-        Ok(Env { contract_id: self.id, flow, tables, largest_table })
+        Ok(Env {
+            contract_id: self.id,
+            flow,
+            tables,
+            largest_table,
+        })
     }
 
     /// Runs one record through the contract. Never panics: a failure of the engine itself becomes a rejection
@@ -376,7 +541,9 @@ impl CompiledContract {
     /// Like [`CompiledContract::process`], for a record whose hold was approved: hold rules named in
     /// `approved_rules` count as passed.
     pub fn process_approved(&self, record: &[u8], env: &Env, approved_rules: &[&str]) -> Outcome {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(record, env, approved_rules))) {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run(record, env, approved_rules)
+        })) {
             Ok(outcome) => outcome,
             Err(_) => Outcome::rejected(Reason::new(
                 ReasonCode::Internal,
@@ -389,19 +556,34 @@ impl CompiledContract {
     fn run(&self, bytes: &[u8], env: &Env, approved: &[&str]) -> Outcome {
         let deadline = Instant::now() + self.limits.deadline;
         if env.contract_id != self.id {
-            return Outcome::rejected(Reason::new(ReasonCode::Internal, Subject::Record, "the environment was prepared for another contract version"));
+            return Outcome::rejected(Reason::new(
+                ReasonCode::Internal,
+                Subject::Record,
+                "the environment was prepared for another contract version",
+            ));
         }
-        let json = match record::parse_record(bytes, self.limits.max_record_bytes, self.limits.max_depth) {
-            Ok(json) => json,
-            Err(e) => return Outcome::rejected(Reason::new(parse_code(&e), Subject::Record, e.to_string())),
-        };
-        let record::Json::Object(members) = &json else { unreachable!("parse_record returns objects") };
         let mut validator = schema::Validator::new(&self.redaction, self.limits.max_violations);
-        let record = validator.record(&self.schema, members);
+        let record = match validator.read(
+            &self.schema,
+            bytes,
+            self.limits.max_record_bytes,
+            self.limits.max_depth,
+        ) {
+            Ok(record) => record,
+            Err(e) => {
+                return Outcome::rejected(Reason::new(
+                    parse_code(&e),
+                    Subject::Record,
+                    e.to_string(),
+                ));
+            }
+        };
         let longest_list = validator.max_list_len;
         let violations = validator.finish();
         if !violations.is_empty() {
-            return Outcome::Rejected { reasons: violations };
+            return Outcome::Rejected {
+                reasons: violations,
+            };
         }
 
         // The static bound: refuse a record whose worst case exceeds the budget before spending any of it.
@@ -420,7 +602,15 @@ impl CompiledContract {
             ));
         }
 
-        let mut frame = Frame::new(&record, &env.tables, &self.contract_value, &env.flow, self.slots, self.limits.max_cost, deadline);
+        let mut frame = Frame::new(
+            &record,
+            &env.tables,
+            &self.contract_value,
+            &env.flow,
+            self.slots,
+            self.limits.max_cost,
+            deadline,
+        );
         let scrub = |message: &str| {
             let mut values = Vec::new();
             schema::personal_values(&self.schema, &record, &mut values);
@@ -433,22 +623,42 @@ impl CompiledContract {
             match rule.check(&mut frame) {
                 rules::Verdict::Pass => {}
                 rules::Verdict::Fail => match rule.action {
-                    RuleAction::Reject => reasons.push(Reason::new(ReasonCode::RuleFailed, Subject::Rule(rule.name.clone()), rule.message.clone())),
+                    RuleAction::Reject => reasons.push(Reason::new(
+                        ReasonCode::RuleFailed,
+                        Subject::Rule(rule.name.clone()),
+                        rule.message.clone(),
+                    )),
                     RuleAction::Hold if approved.contains(&rule.name.as_str()) => {}
                     RuleAction::Hold => {
                         hold.get_or_insert(rule);
                     }
-                    RuleAction::Warn => warnings.push(Warning { code: WarningCode::RuleFailed, rule: rule.name.clone(), message: rule.message.clone() }),
+                    RuleAction::Warn => warnings.push(Warning {
+                        code: WarningCode::RuleFailed,
+                        rule: rule.name.clone(),
+                        message: rule.message.clone(),
+                    }),
                 },
                 rules::Verdict::Error(e) => {
                     let message = format!("could not be evaluated: {}", scrub(&e.message));
                     match (bound_code(&e), rule.action) {
                         (Some(code), _) => {
-                            reasons.push(Reason::new(code, Subject::Rule(rule.name.clone()), message));
+                            reasons.push(Reason::new(
+                                code,
+                                Subject::Rule(rule.name.clone()),
+                                message,
+                            ));
                             return Outcome::Rejected { reasons };
                         }
-                        (None, RuleAction::Warn) => warnings.push(Warning { code: WarningCode::RuleError, rule: rule.name.clone(), message }),
-                        (None, _) => reasons.push(Reason::new(ReasonCode::RuleError, Subject::Rule(rule.name.clone()), message)),
+                        (None, RuleAction::Warn) => warnings.push(Warning {
+                            code: WarningCode::RuleError,
+                            rule: rule.name.clone(),
+                            message,
+                        }),
+                        (None, _) => reasons.push(Reason::new(
+                            ReasonCode::RuleError,
+                            Subject::Rule(rule.name.clone()),
+                            message,
+                        )),
                     }
                 }
             }
@@ -466,17 +676,29 @@ impl CompiledContract {
         }
         match self.mapping.build(&mut frame, &record) {
             Ok((payload, external_id)) => Outcome::Accepted {
-                external_id: ExternalId::new(external_id, self.mapping.external_id.personal, &self.redaction),
+                external_id: ExternalId::new(
+                    external_id,
+                    self.mapping.external_id.personal,
+                    &self.redaction,
+                ),
                 payload: Payload::new(payload, self.mapping.privacy.clone()),
                 warnings,
             },
             Err(failure) => {
                 let (subject, error, code) = match failure {
-                    mapping::MappingFailure::Target(target, e) => (Subject::Mapping(target), e, ReasonCode::MappingError),
-                    mapping::MappingFailure::ExternalId(e) => (Subject::ExternalId, e, ReasonCode::ExternalIdError),
+                    mapping::MappingFailure::Target(target, e) => {
+                        (Subject::Mapping(target), e, ReasonCode::MappingError)
+                    }
+                    mapping::MappingFailure::ExternalId(e) => {
+                        (Subject::ExternalId, e, ReasonCode::ExternalIdError)
+                    }
                 };
                 let code = bound_code(&error).unwrap_or(code);
-                Outcome::rejected(Reason::new(code, subject, format!("could not be evaluated: {}", scrub(&error.message))))
+                Outcome::rejected(Reason::new(
+                    code,
+                    subject,
+                    format!("could not be evaluated: {}", scrub(&error.message)),
+                ))
             }
         }
     }
@@ -485,7 +707,13 @@ impl CompiledContract {
         self.rules
             .iter()
             .map(|r| &r.program)
-            .chain(self.mapping.targets.iter().filter(|t| t.program.direct.is_none()).map(|t| &t.program))
+            .chain(
+                self.mapping
+                    .targets
+                    .iter()
+                    .filter(|t| t.program.direct.is_none())
+                    .map(|t| &t.program),
+            )
             .chain([&self.mapping.external_id])
     }
 
@@ -493,9 +721,13 @@ impl CompiledContract {
     /// by [`redact`]. A record that cannot be read is described, never quoted.
     pub fn snapshot(&self, record: &[u8]) -> serde_json::Value {
         match record::parse_record(record, self.limits.max_record_bytes, self.limits.max_depth) {
-            Ok(record::Json::Object(members)) => schema::snapshot(&self.schema.root, &members, &self.redaction),
+            Ok(record::Json::Object(members)) => {
+                schema::snapshot(&self.schema.root, &members, &self.redaction)
+            }
             Ok(_) => serde_json::Value::Null,
-            Err(e) => serde_json::json!({"$unreadable": {"bytes": record.len(), "reason": e.label()}}),
+            Err(e) => {
+                serde_json::json!({"$unreadable": {"bytes": record.len(), "reason": e.label()}})
+            }
         }
     }
 }
@@ -522,14 +754,29 @@ fn bound_code(e: &eval::EvalError) -> Option<ReasonCode> {
 /// Reads a `SyncContract` manifest (YAML). Errors carry the field path and the reason, as compile errors do.
 pub fn parse_manifest(yaml: &str) -> Result<crate::api::SyncContract, CompileError> {
     let invalid = |reason: String| CompileError::new("", CompileErrorKind::InvalidManifest, reason);
-    let value: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| invalid(format!("not YAML: {e}")))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(yaml).map_err(|e| invalid(format!("not YAML: {e}")))?;
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     if kind != "SyncContract" {
-        return Err(CompileError::new("kind", CompileErrorKind::InvalidManifest, format!("expected kind SyncContract, found {kind:?}")));
+        return Err(CompileError::new(
+            "kind",
+            CompileErrorKind::InvalidManifest,
+            format!("expected kind SyncContract, found {kind:?}"),
+        ));
     }
-    let api_version = value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|k| k.as_str())
+        .unwrap_or("");
     if api_version != crate::api::API_VERSION {
-        return Err(CompileError::new("apiVersion", CompileErrorKind::InvalidManifest, format!("expected {}, found {api_version:?}", crate::api::API_VERSION)));
+        return Err(CompileError::new(
+            "apiVersion",
+            CompileErrorKind::InvalidManifest,
+            format!(
+                "expected {}, found {api_version:?}",
+                crate::api::API_VERSION
+            ),
+        ));
     }
     serde_yaml::from_value(value).map_err(|e| {
         // serde_yaml names the path as `spec.fields[3].type: <reason>`; split it so the path is a path.

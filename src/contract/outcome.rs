@@ -18,12 +18,21 @@ use super::redact::{Redaction, redact, redact_json};
 pub enum Outcome {
     /// The record passed; the sink receives `payload`, upserted by `external_id`.
     #[serde(rename_all = "camelCase")]
-    Accepted { payload: Payload, external_id: ExternalId, warnings: Vec<Warning> },
+    Accepted {
+        payload: Payload,
+        external_id: ExternalId,
+        warnings: Vec<Warning>,
+    },
     /// The record goes to the dead letters with every reason found.
     Rejected { reasons: Vec<Reason> },
     /// The record waits until a person with `approver_role` approves it.
     #[serde(rename_all = "camelCase")]
-    Held { rule: String, approver_role: String, message: String, warnings: Vec<Warning> },
+    Held {
+        rule: String,
+        approver_role: String,
+        message: String,
+        warnings: Vec<Warning>,
+    },
 }
 
 impl Outcome {
@@ -50,14 +59,20 @@ impl Outcome {
     }
 
     pub(crate) fn rejected(reason: Reason) -> Self {
-        Outcome::Rejected { reasons: vec![reason] }
+        Outcome::Rejected {
+            reasons: vec![reason],
+        }
     }
 }
 
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Outcome::Accepted { external_id, warnings, .. } => {
+            Outcome::Accepted {
+                external_id,
+                warnings,
+                ..
+            } => {
                 write!(f, "accepted as {external_id}")?;
                 if !warnings.is_empty() {
                     write!(f, " with {} warning(s): ", warnings.len())?;
@@ -69,7 +84,12 @@ impl fmt::Display for Outcome {
                 f.write_str("rejected: ")?;
                 join(f, reasons)
             }
-            Outcome::Held { rule, approver_role, message, .. } => {
+            Outcome::Held {
+                rule,
+                approver_role,
+                message,
+                ..
+            } => {
                 write!(f, "held for {approver_role} by rule {rule}: {message}")
             }
         }
@@ -207,7 +227,12 @@ pub struct Reason {
 
 impl Reason {
     pub(crate) fn new(code: ReasonCode, subject: Subject, message: impl Into<String>) -> Self {
-        Reason { code, subject, message: message.into(), value: None }
+        Reason {
+            code,
+            subject,
+            message: message.into(),
+            value: None,
+        }
     }
 
     pub(crate) fn with_value(mut self, value: Option<String>) -> Self {
@@ -342,8 +367,12 @@ impl Payload {
             let mut node = &mut out;
             let mut segments = target.split('.').peekable();
             while let Some(segment) = segments.next() {
-                let serde_json::Value::Object(map) = node else { break };
-                let Some(child) = map.get_mut(segment) else { break };
+                let serde_json::Value::Object(map) = node else {
+                    break;
+                };
+                let Some(child) = map.get_mut(segment) else {
+                    break;
+                };
                 if segments.peek().is_none() {
                     *child = redact_json(child, &self.privacy.redaction);
                     break;
@@ -374,7 +403,10 @@ mod tests {
     #[test]
     fn labels_are_stable_words() {
         assert_eq!(ReasonCode::RuleFailed.label(), "rule_failed");
-        assert_eq!(ReasonCode::CostBudgetExceeded.label(), "cost_budget_exceeded");
+        assert_eq!(
+            ReasonCode::CostBudgetExceeded.label(),
+            "cost_budget_exceeded"
+        );
         assert_eq!(WarningCode::RuleError.label(), "rule_error");
         let held = Outcome::Held {
             rule: "discount-approval".into(),
@@ -397,7 +429,10 @@ mod tests {
             privacy,
         );
         let shown = format!("{payload:?} {}", serde_json::to_string(&payload).unwrap());
-        assert!(!shown.contains("a@b.example") && !shown.contains("+1 555"), "{shown}");
+        assert!(
+            !shown.contains("a@b.example") && !shown.contains("+1 555"),
+            "{shown}"
+        );
         assert!(shown.contains("memo"));
         assert_eq!(payload.as_json()["email"], "a@b.example");
     }

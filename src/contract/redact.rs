@@ -56,7 +56,8 @@ pub fn redact(value: &str, redaction: &Redaction) -> String {
     match redaction {
         Redaction::Fixed => REDACTED.to_string(),
         Redaction::Keyed(RedactionKey(key)) => {
-            let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
             mac.update(value.as_bytes());
             let tag = mac.finalize().into_bytes();
             format!("[REDACTED:{}]", hex::encode(&tag[..8]))
@@ -112,13 +113,20 @@ mod tests {
     #[test]
     fn scrub_replaces_every_personal_value_in_a_message() {
         let msg = "no such key: alice@example.com (alice)";
-        let out = scrub(msg, &["alice".into(), "alice@example.com".into(), String::new()], &Redaction::Fixed);
+        let out = scrub(
+            msg,
+            &["alice".into(), "alice@example.com".into(), String::new()],
+            &Redaction::Fixed,
+        );
         assert_eq!(out, "no such key: [REDACTED] ([REDACTED])");
     }
 
     #[test]
     fn json_values_are_redacted_whole() {
         let v = serde_json::json!({"street": "1 Main St"});
-        assert_eq!(redact_json(&v, &Redaction::Fixed), serde_json::json!("[REDACTED]"));
+        assert_eq!(
+            redact_json(&v, &Redaction::Fixed),
+            serde_json::json!("[REDACTED]")
+        );
     }
 }

@@ -48,12 +48,17 @@ fn is_rule_name(name: &str) -> bool {
     let b = name.as_bytes();
     !b.is_empty()
         && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
 
-pub(crate) fn compile(specs: &[RuleSpec], decls: &Declarations<'_>, errors: &mut Vec<CompileError>) -> Vec<Rule> {
+pub(crate) fn compile(
+    specs: &[RuleSpec],
+    decls: &Declarations<'_>,
+    errors: &mut Vec<CompileError>,
+) -> Vec<Rule> {
     let mut rules = Vec::with_capacity(specs.len());
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for (i, spec) in specs.iter().enumerate() {
@@ -64,23 +69,47 @@ pub(crate) fn compile(specs: &[RuleSpec], decls: &Declarations<'_>, errors: &mut
             ok = false;
         };
         if !is_rule_name(&spec.name) {
-            fail(at("name"), CompileErrorKind::InvalidRule, format!("{:?} is not a rule name (lowercase letters, digits and '-')", spec.name));
+            fail(
+                at("name"),
+                CompileErrorKind::InvalidRule,
+                format!(
+                    "{:?} is not a rule name (lowercase letters, digits and '-')",
+                    spec.name
+                ),
+            );
         } else if let Some(first) = seen.insert(&spec.name, i) {
-            fail(at("name"), CompileErrorKind::InvalidRule, format!("rule {:?} is declared twice (first at spec.rules[{first}])", spec.name));
+            fail(
+                at("name"),
+                CompileErrorKind::InvalidRule,
+                format!(
+                    "rule {:?} is declared twice (first at spec.rules[{first}])",
+                    spec.name
+                ),
+            );
         }
         if spec.message.trim().is_empty() {
-            fail(at("message"), CompileErrorKind::MissingMessage, "a rule needs a message for the people who handle a failing record".into());
+            fail(
+                at("message"),
+                CompileErrorKind::MissingMessage,
+                "a rule needs a message for the people who handle a failing record".into(),
+            );
         }
         match (spec.action, &spec.approver_role) {
-            (RuleAction::Hold, None) => {
-                fail(at("approverRole"), CompileErrorKind::InvalidRule, "a hold rule needs the approverRole that releases it".into())
-            }
-            (RuleAction::Hold, Some(role)) if role.trim().is_empty() => {
-                fail(at("approverRole"), CompileErrorKind::InvalidRule, "approverRole must not be empty".into())
-            }
-            (RuleAction::Reject | RuleAction::Warn, Some(_)) => {
-                fail(at("approverRole"), CompileErrorKind::InvalidRule, "approverRole applies to hold rules only".into())
-            }
+            (RuleAction::Hold, None) => fail(
+                at("approverRole"),
+                CompileErrorKind::InvalidRule,
+                "a hold rule needs the approverRole that releases it".into(),
+            ),
+            (RuleAction::Hold, Some(role)) if role.trim().is_empty() => fail(
+                at("approverRole"),
+                CompileErrorKind::InvalidRule,
+                "approverRole must not be empty".into(),
+            ),
+            (RuleAction::Reject | RuleAction::Warn, Some(_)) => fail(
+                at("approverRole"),
+                CompileErrorKind::InvalidRule,
+                "approverRole applies to hold rules only".into(),
+            ),
             _ => {}
         }
         match eval::compile(decls, &spec.expression, &at("expression")) {
