@@ -9,7 +9,6 @@ use controller_support::{ApiDouble, Recorded};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use meshline::api::{LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow};
@@ -628,12 +627,4 @@ async fn roster_status_lists_covered_and_unowned_flows() {
     assert_eq!(s["flowsWithoutSyncOwner"], serde_json::json!(["orphan"]));
     assert_eq!(s["unownedFlowCount"], 1);
     assert_eq!(s["ownerCount"], 4);
-    let _ = h
-        .writers
-        .flows
-        .as_reader()
-        .state()
-        .iter()
-        .map(|f| f.name_any())
-        .count();
 }

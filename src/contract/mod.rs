@@ -321,15 +321,6 @@ pub fn compile_with(
     let (Some(version), Some(mapping), true) = (version, mapping, errors.is_empty()) else {
         return Err(errors);
     };
-    let mut schema = schema;
-    let needed: std::collections::HashSet<&str> = rules
-        .iter()
-        .map(|r| &r.program)
-        .chain(mapping.targets.iter().map(|t| &t.program))
-        .chain([&mapping.external_id])
-        .flat_map(|p| p.needed.iter().map(String::as_str))
-        .collect();
-    schema.mark_needed(&needed);
     let slots = rules
         .iter()
         .map(|r| r.program.slots)
@@ -437,7 +428,10 @@ fn compile_lookups(specs: &[LookupSpec], errors: &mut Vec<CompileError>) -> Vec<
                 fields.push((field.name.clone(), field.r#type));
             }
         }
-        out.push(LookupDecl::new(&spec.name, fields));
+        out.push(LookupDecl {
+            name: spec.name.clone(),
+            fields,
+        });
     }
     out
 }
@@ -505,12 +499,6 @@ impl CompiledContract {
             let table = lookups
                 .table(&decl.name)
                 .ok_or_else(|| LookupError::Missing(decl.name.clone()))?;
-            if table.keys != decl.keys {
-                return Err(LookupError::Shape(format!(
-                    "lookup {} was loaded for other entry fields; load it for this contract version",
-                    decl.name
-                )));
-            }
             largest_table = largest_table.max(table.len);
             tables.push(table.value.clone());
         }
@@ -562,14 +550,12 @@ impl CompiledContract {
                 "the environment was prepared for another contract version",
             ));
         }
-        let mut validator = schema::Validator::new(&self.redaction, self.limits.max_violations);
-        let record = match validator.read(
-            &self.schema,
+        let json = match record::parse_record(
             bytes,
             self.limits.max_record_bytes,
             self.limits.max_depth,
         ) {
-            Ok(record) => record,
+            Ok(json) => json,
             Err(e) => {
                 return Outcome::rejected(Reason::new(
                     parse_code(&e),
@@ -578,6 +564,11 @@ impl CompiledContract {
                 ));
             }
         };
+        let record::Json::Object(members) = &json else {
+            unreachable!("parse_record returns objects")
+        };
+        let mut validator = schema::Validator::new(&self.redaction, self.limits.max_violations);
+        let record = validator.record(&self.schema, members);
         let longest_list = validator.max_list_len;
         let violations = validator.finish();
         if !violations.is_empty() {
