@@ -17,7 +17,7 @@ use std::sync::{Arc, LazyLock};
 use kube::core::cel::KubeCelExt;
 use kube::core::cel::cel::common::ast::{CallExpr, Expr};
 use kube::core::cel::cel::extractors::{Arguments, This};
-use kube::core::cel::cel::objects::{Key, Opaque, Value};
+use kube::core::cel::cel::objects::{Key, Map, Opaque, Value};
 use kube::core::cel::cel::{Context, ExecutionError, IdedExpr, ResolveResult};
 use rust_decimal::Decimal;
 
@@ -149,18 +149,192 @@ pub fn decimal_to_json(d: Decimal) -> serde_json::Value {
     {
         return serde_json::Value::from(i);
     }
-    let digits = n
-        .mantissa()
-        .unsigned_abs()
-        .checked_ilog10()
-        .map_or(1, |l| l + 1);
+        let mantissa = n.mantissa().unsigned_abs();
+    let digits = mantissa.checked_ilog10().map_or(1, |l| l + 1);
     if digits <= 15
-        && let Ok(f) = n.to_string().parse::<f64>()
-        && let Some(number) = serde_json::Number::from_f64(f)
+        && let Some(number) = serde_json::Number::from_f64(exact_f64(n.is_sign_negative(), mantissa, n.scale()))
     {
         return serde_json::Value::Number(number);
     }
     serde_json::Value::String(n.to_string())
+}
+
+/// A declared object (the record, one of its nested objects, a lookup entry) with its members by position.
+///
+/// Members are resolved to positions when a contract is compiled, so reading `record.amount` is an index, not a
+/// hash lookup; the names are shared by every value of the same object schema. Whenever a value leaves the
+/// contract evaluator (into a library function), it becomes an ordinary CEL map (see [`to_cel`]).
+#[derive(PartialEq, Eq)]
+pub(crate) struct Struct {
+    pub(crate) keys: Arc<[Key]>,
+    pub(crate) fields: Box<[Option<Value>]>,
+}
+
+impl fmt::Debug for Struct {
+    // Values are left out on purpose: a debug print must not carry personal data into a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{{{} fields}}",
+            self.fields.iter().filter(|v| v.is_some()).count()
+        )
+    }
+}
+
+impl Opaque for Struct {
+    fn runtime_type_name(&self) -> &str {
+        "map"
+    }
+
+    fn json(&self) -> Option<serde_json::Value> {
+        let mut out = serde_json::Map::new();
+        for (k, v) in self.present() {
+            out.insert(k.to_string(), value_to_json(v).ok()?);
+        }
+        Some(serde_json::Value::Object(out))
+    }
+}
+
+impl Struct {
+    pub(crate) fn get(&self, name: &str) -> Option<&Value> {
+        let i = self
+            .keys
+            .iter()
+            .position(|k| matches!(k, Key::String(s) if s.as_str() == name))?;
+        self.fields[i].as_ref()
+    }
+
+    pub(crate) fn present(&self) -> impl Iterator<Item = (&Key, &Value)> {
+        self.keys
+            .iter()
+            .zip(self.fields.iter())
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.fields.iter().filter(|v| v.is_some()).count()
+    }
+}
+
+pub(crate) fn as_struct(value: &Value) -> Option<&Struct> {
+    match value {
+        Value::Opaque(o) => o.downcast_ref::<Struct>(),
+        _ => None,
+    }
+}
+
+/// FxHash: a few cycles per word instead of SipHash's tens. Lookup tables are keyed by the ERP's data, and a
+/// record can only query them, never insert, so the table's layout is not the record's to choose.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.write_u64(u64::from_le_bytes(chunk.try_into().expect("eight bytes")));
+        }
+        let tail = chunks.remainder();
+        if !tail.is_empty() {
+            let word = tail.iter().rev().fold(0u64, |w, &b| (w << 8) | u64::from(b));
+            self.write_u64(word);
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
+
+/// A lookup table: entries (structs) by string key.
+#[derive(PartialEq, Eq)]
+pub(crate) struct Table {
+    /// The member names of every entry (the lookup's declared fields).
+    pub(crate) keys: Arc<[Key]>,
+    pub(crate) entries: std::collections::HashMap<String, Value, FxBuild>,
+}
+
+impl fmt::Debug for Table {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{{{} entries}}", self.entries.len())
+    }
+}
+
+impl Opaque for Table {
+    fn runtime_type_name(&self) -> &str {
+        "map"
+    }
+}
+
+pub(crate) fn as_table(value: &Value) -> Option<&Table> {
+    match value {
+        Value::Opaque(o) => o.downcast_ref::<Table>(),
+        _ => None,
+    }
+}
+
+/// The value as the `cel` library knows it: structs and tables become maps, recursively. Only values handed
+/// to a library function pay for this.
+pub(crate) fn to_cel(value: &Value) -> Value {
+    if let Some(s) = as_struct(value) {
+        let map = s.present().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+        return Value::Map(Map { map: Arc::new(map) });
+    }
+    if let Some(t) = as_table(value) {
+        let map = t
+            .entries
+            .iter()
+            .map(|(k, v)| (Key::String(Arc::new(k.clone())), to_cel(v)))
+            .collect();
+        return Value::Map(Map { map: Arc::new(map) });
+    }
+    match value {
+        Value::List(items) if items.iter().any(needs_conversion) => {
+            Value::List(Arc::new(items.iter().map(to_cel).collect()))
+        }
+        Value::Map(map) if map.map.values().any(needs_conversion) => Value::Map(Map {
+            map: Arc::new(
+                map.map
+                    .iter()
+                    .map(|(k, v)| (k.clone(), to_cel(v)))
+                    .collect(),
+            ),
+        }),
+        other => other.clone(),
+    }
+}
+
+fn needs_conversion(value: &Value) -> bool {
+    match value {
+        Value::List(items) => items.iter().any(needs_conversion),
+        Value::Map(map) => map.map.values().any(needs_conversion),
+        other => as_struct(other).is_some() || as_table(other).is_some(),
+    }
+}
+
+/// The `f64` nearest to `mantissa / 10^scale`, as parsing the decimal's text would give, without the text:
+/// both operands are exact in `f64` (a mantissa of at most 15 digits is below 2^53, and 10^scale for scale up
+/// to 22 is exact), and IEEE division rounds correctly. Larger scales take the text route.
+fn exact_f64(negative: bool, mantissa: u128, scale: u32) -> f64 {
+    const POWERS: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
+        1e19, 1e20, 1e21, 1e22,
+    ];
+    let magnitude = match POWERS.get(scale as usize) {
+        Some(power) => mantissa as f64 / power,
+        None => format!("{mantissa}e-{scale}").parse().unwrap_or(f64::NAN),
+    };
+    if negative { -magnitude } else { magnitude }
 }
 
 /// Converts a CEL value into the JSON the sink receives. Timestamps become RFC 3339 strings, durations CEL's
@@ -190,6 +364,22 @@ pub(crate) fn value_to_json(value: &Value) -> Result<serde_json::Value, String> 
                     other => other.to_string(),
                 };
                 out.insert(key, value_to_json(v)?);
+            }
+            serde_json::Value::Object(out)
+        }
+        Value::Opaque(_) if as_struct(value).is_some() => {
+            let s = as_struct(value).expect("checked");
+            let mut out = serde_json::Map::new();
+            for (k, v) in s.present() {
+                out.insert(k.to_string(), value_to_json(v)?);
+            }
+            serde_json::Value::Object(out)
+        }
+        Value::Opaque(_) if as_table(value).is_some() => {
+            let t = as_table(value).expect("checked");
+            let mut out = serde_json::Map::new();
+            for (k, v) in &t.entries {
+                out.insert(k.clone(), value_to_json(v)?);
             }
             serde_json::Value::Object(out)
         }
@@ -318,10 +508,10 @@ pub(crate) fn invoke(
 ) -> ResolveResult {
     let mut scope = ctx.new_inner_scope();
     if let Some(target) = target {
-        scope.add_variable_from_value(TARGET_VAR, target);
+        scope.add_variable_from_value(TARGET_VAR, to_cel(&target));
     }
     for (name, arg) in ARG_VARS.iter().zip(args) {
-        scope.add_variable_from_value(*name, arg.clone());
+        scope.add_variable_from_value(*name, to_cel(arg));
     }
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         Value::resolve(call, &scope)
@@ -389,93 +579,180 @@ fn fn_decimal(value: Value) -> ResolveResult {
     make_decimal(&value).map(decimal_value)
 }
 
-/// The arithmetic and comparison methods of `Decimal`, shared by the CEL functions below and the contract
-/// evaluator. `None` means the receiver is not a decimal and the call belongs to another type.
-pub(crate) fn decimal_method(name: &str, this: &Value, args: &[Value]) -> Option<ResolveResult> {
-    let d = as_decimal(this)?;
-    let arg = |i: usize| -> Result<Decimal, ExecutionError> {
-        let v = args
-            .get(i)
-            .ok_or_else(|| ExecutionError::invalid_argument_count(i + 1, args.len()))?;
-        decimal_arg(name, v)
-    };
-    let overflow = || ExecutionError::function_error(name, "decimal overflow");
-    let result = (|| -> ResolveResult {
-        Ok(match name {
-            "add" => decimal_value(d.checked_add(arg(0)?).ok_or_else(overflow)?),
-            "sub" => decimal_value(d.checked_sub(arg(0)?).ok_or_else(overflow)?),
-            "mul" => decimal_value(d.checked_mul(arg(0)?).ok_or_else(overflow)?),
-            "div" => {
-                let rhs = arg(0)?;
-                if rhs.is_zero() {
-                    return Err(ExecutionError::DivisionByZero(Value::Null));
-                }
-                decimal_value(d.checked_div(rhs).ok_or_else(overflow)?)
-            }
-            "abs" => decimal_value(d.abs()),
-            "neg" => decimal_value(-d),
-            "round" => {
-                let places = match args.first() {
-                    None => 0,
-                    Some(Value::Int(p)) if (0..=28).contains(p) => *p as u32,
-                    Some(_) => {
-                        return Err(ExecutionError::function_error(
-                            name,
-                            "takes a scale from 0 to 28",
-                        ));
-                    }
-                };
-                // Banker's rounding would surprise finance; money rounds half away from zero.
-                decimal_value(d.round_dp_with_strategy(
-                    places,
-                    rust_decimal::RoundingStrategy::MidpointAwayFromZero,
-                ))
-            }
-            "compareTo" => Value::Int(match d.cmp(&arg(0)?) {
-                std::cmp::Ordering::Less => -1,
-                std::cmp::Ordering::Equal => 0,
-                std::cmp::Ordering::Greater => 1,
-            }),
-            "isLessThan" => Value::Bool(d < arg(0)?),
-            "isLessThanOrEqual" => Value::Bool(d <= arg(0)?),
-            "isGreaterThan" => Value::Bool(d > arg(0)?),
-            "isGreaterThanOrEqual" => Value::Bool(d >= arg(0)?),
-            _ => {
-                return Err(ExecutionError::function_error(
-                    name,
-                    "is not a decimal method",
-                ));
-            }
-        })
-    })();
-    Some(result)
+/// The methods of `Decimal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Abs,
+    Neg,
+    Round,
+    CompareTo,
+    IsLessThan,
+    IsLessThanOrEqual,
+    IsGreaterThan,
+    IsGreaterThanOrEqual,
 }
 
-/// Methods that exist for decimals only: on another receiver they are an error, not a delegation.
-const DECIMAL_ONLY: &[&str] = &["mul", "div", "abs", "neg", "round"];
+impl DecOp {
+    const ALL: [DecOp; 12] = [
+        DecOp::Add,
+        DecOp::Sub,
+        DecOp::Mul,
+        DecOp::Div,
+        DecOp::Abs,
+        DecOp::Neg,
+        DecOp::Round,
+        DecOp::CompareTo,
+        DecOp::IsLessThan,
+        DecOp::IsLessThanOrEqual,
+        DecOp::IsGreaterThan,
+        DecOp::IsGreaterThanOrEqual,
+    ];
 
-fn dispatch(name: &str, this: Value, args: Arc<Vec<Value>>) -> ResolveResult {
-    match decimal_method(name, &this, &args) {
-        Some(result) => result,
-        None => method_on_other_type(name, this, &args),
+    pub(crate) fn of(name: &str) -> Option<DecOp> {
+        DecOp::ALL.into_iter().find(|op| op.name() == name)
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            DecOp::Add => "add",
+            DecOp::Sub => "sub",
+            DecOp::Mul => "mul",
+            DecOp::Div => "div",
+            DecOp::Abs => "abs",
+            DecOp::Neg => "neg",
+            DecOp::Round => "round",
+            DecOp::CompareTo => "compareTo",
+            DecOp::IsLessThan => "isLessThan",
+            DecOp::IsLessThanOrEqual => "isLessThanOrEqual",
+            DecOp::IsGreaterThan => "isGreaterThan",
+            DecOp::IsGreaterThanOrEqual => "isGreaterThanOrEqual",
+        }
+    }
+
+    /// Methods that exist for decimals only: on another receiver they are an error, not a delegation.
+    fn decimal_only(self) -> bool {
+        matches!(
+            self,
+            DecOp::Mul | DecOp::Div | DecOp::Abs | DecOp::Neg | DecOp::Round
+        )
     }
 }
 
-/// A decimal method name called on something that is not a decimal: a quantity or a semantic version goes to
-/// the Kubernetes library, anything else is an error that names the type.
-pub(crate) fn method_on_other_type(name: &str, this: Value, args: &[Value]) -> ResolveResult {
-    if DECIMAL_ONLY.contains(&name) {
+/// An argument of a decimal method: a decimal the evaluator holds unboxed, or any value.
+pub(crate) enum Operand<'v> {
+    Dec(Decimal),
+    Val(&'v Value),
+}
+
+/// The result of a decimal method, unboxed.
+pub(crate) enum DecOut {
+    Dec(Decimal),
+    Int(i64),
+    Bool(bool),
+}
+
+/// The decimal methods themselves, shared by the CEL functions below and the contract evaluator (which calls
+/// them without boxing intermediate results). `argc` is the number of arguments given, for arity errors.
+pub(crate) fn decimal_apply(
+    op: DecOp,
+    d: Decimal,
+    arg: Option<Operand<'_>>,
+    argc: usize,
+) -> Result<DecOut, ExecutionError> {
+    let name = op.name();
+    let operand = || -> Result<Decimal, ExecutionError> {
+        match &arg {
+            None => Err(ExecutionError::invalid_argument_count(1, argc)),
+            Some(Operand::Dec(x)) => Ok(*x),
+            Some(Operand::Val(v)) => decimal_arg(name, v),
+        }
+    };
+    let overflow = || ExecutionError::function_error(name, "decimal overflow");
+    Ok(match op {
+        DecOp::Add => DecOut::Dec(d.checked_add(operand()?).ok_or_else(overflow)?),
+        DecOp::Sub => DecOut::Dec(d.checked_sub(operand()?).ok_or_else(overflow)?),
+        DecOp::Mul => DecOut::Dec(d.checked_mul(operand()?).ok_or_else(overflow)?),
+        DecOp::Div => {
+            let rhs = operand()?;
+            if rhs.is_zero() {
+                return Err(ExecutionError::DivisionByZero(Value::Null));
+            }
+            DecOut::Dec(d.checked_div(rhs).ok_or_else(overflow)?)
+        }
+        DecOp::Abs => DecOut::Dec(d.abs()),
+        DecOp::Neg => DecOut::Dec(-d),
+        DecOp::Round => {
+            let places = match &arg {
+                None => 0,
+                Some(Operand::Val(Value::Int(p))) if (0..=28).contains(p) => *p as u32,
+                Some(_) => {
+                    return Err(ExecutionError::function_error(
+                        name,
+                        "takes a scale from 0 to 28",
+                    ));
+                }
+            };
+            // Banker's rounding would surprise finance; money rounds half away from zero.
+            DecOut::Dec(d.round_dp_with_strategy(
+                places,
+                rust_decimal::RoundingStrategy::MidpointAwayFromZero,
+            ))
+        }
+        DecOp::CompareTo => DecOut::Int(match d.cmp(&operand()?) {
+            std::cmp::Ordering::Less => -1,
+            std::cmp::Ordering::Equal => 0,
+            std::cmp::Ordering::Greater => 1,
+        }),
+        DecOp::IsLessThan => DecOut::Bool(d < operand()?),
+        DecOp::IsLessThanOrEqual => DecOut::Bool(d <= operand()?),
+        DecOp::IsGreaterThan => DecOut::Bool(d > operand()?),
+        DecOp::IsGreaterThanOrEqual => DecOut::Bool(d >= operand()?),
+    })
+}
+
+impl DecOut {
+    pub(crate) fn into_value(self) -> Value {
+        match self {
+            DecOut::Dec(d) => decimal_value(d),
+            DecOut::Int(i) => Value::Int(i),
+            DecOut::Bool(b) => Value::Bool(b),
+        }
+    }
+}
+
+/// Runs a decimal method on CEL values. `None` means the receiver is not a decimal and the call belongs to
+/// another type.
+pub(crate) fn decimal_method(op: DecOp, this: &Value, args: &[Value]) -> Option<ResolveResult> {
+    let d = as_decimal(this)?;
+    Some(decimal_apply(op, d, args.first().map(Operand::Val), args.len()).map(DecOut::into_value))
+}
+
+fn dispatch(op: DecOp, this: Value, args: Arc<Vec<Value>>) -> ResolveResult {
+    match decimal_method(op, &this, &args) {
+        Some(result) => result,
+        None => method_on_other_type(op, this, &args),
+    }
+}
+
+/// A decimal method called on something that is not a decimal: a quantity or a semantic version goes to the
+/// Kubernetes library, anything else is an error that names the type.
+pub(crate) fn method_on_other_type(op: DecOp, this: Value, args: &[Value]) -> ResolveResult {
+    let name = op.name();
+    if op.decimal_only() {
         return Err(ExecutionError::function_error(
             name,
             format!("is a decimal method, not defined on {}", type_name(&this)),
         ));
     }
-    match name {
+    match op {
         // Quantities and versions have no inclusive comparisons in Kubernetes; they are derived from compareTo.
-        "isLessThanOrEqual" | "isGreaterThanOrEqual" => {
-            let ordering = delegate_to_kubernetes("compareTo", this, args)?;
-            match ordering {
-                Value::Int(c) => Ok(Value::Bool(if name == "isLessThanOrEqual" {
+        DecOp::IsLessThanOrEqual | DecOp::IsGreaterThanOrEqual => {
+            match delegate_to_kubernetes("compareTo", this, args)? {
+                Value::Int(c) => Ok(Value::Bool(if op == DecOp::IsLessThanOrEqual {
                     c <= 0
                 } else {
                     c >= 0
@@ -491,25 +768,25 @@ pub(crate) fn method_on_other_type(name: &str, this: Value, args: &[Value]) -> R
 }
 
 macro_rules! dispatching_function {
-    ($fn_name:ident, $name:literal) => {
+    ($fn_name:ident, $op:expr) => {
         fn $fn_name(This(this): This<Value>, Arguments(args): Arguments) -> ResolveResult {
-            dispatch($name, this, args)
+            dispatch($op, this, args)
         }
     };
 }
 
-dispatching_function!(fn_add, "add");
-dispatching_function!(fn_sub, "sub");
-dispatching_function!(fn_mul, "mul");
-dispatching_function!(fn_div, "div");
-dispatching_function!(fn_abs, "abs");
-dispatching_function!(fn_neg, "neg");
-dispatching_function!(fn_round, "round");
-dispatching_function!(fn_compare_to, "compareTo");
-dispatching_function!(fn_is_less_than, "isLessThan");
-dispatching_function!(fn_is_less_than_or_equal, "isLessThanOrEqual");
-dispatching_function!(fn_is_greater_than, "isGreaterThan");
-dispatching_function!(fn_is_greater_than_or_equal, "isGreaterThanOrEqual");
+dispatching_function!(fn_add, DecOp::Add);
+dispatching_function!(fn_sub, DecOp::Sub);
+dispatching_function!(fn_mul, DecOp::Mul);
+dispatching_function!(fn_div, DecOp::Div);
+dispatching_function!(fn_abs, DecOp::Abs);
+dispatching_function!(fn_neg, DecOp::Neg);
+dispatching_function!(fn_round, DecOp::Round);
+dispatching_function!(fn_compare_to, DecOp::CompareTo);
+dispatching_function!(fn_is_less_than, DecOp::IsLessThan);
+dispatching_function!(fn_is_less_than_or_equal, DecOp::IsLessThanOrEqual);
+dispatching_function!(fn_is_greater_than, DecOp::IsGreaterThan);
+dispatching_function!(fn_is_greater_than_or_equal, DecOp::IsGreaterThanOrEqual);
 
 /// Every function name an expression may call, as registered in [`base_context`]. The reference check refuses
 /// any other name at compile time, so a typo is a compile error rather than a rejection of every record.

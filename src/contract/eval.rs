@@ -32,8 +32,9 @@ use regex::Regex;
 use rust_decimal::Decimal;
 
 use super::cel_env::{
-    CallReceiver, as_decimal, base_context, call_expression, decimal_method, decimal_value, invoke,
-    is_function, make_decimal, type_name,
+    CallReceiver, DecOp, DecOut, Operand, Struct, Table, as_decimal, as_struct, as_table,
+    base_context, call_expression, decimal_apply, decimal_method, decimal_value, invoke,
+    is_function, make_decimal, to_cel, type_name,
 };
 use super::schema::{Field, ObjectSchema, Schema};
 use super::{CompileError, CompileErrorKind, Limits};
@@ -52,6 +53,22 @@ const BYTES_PER_STEP: usize = 64;
 pub(crate) struct LookupDecl {
     pub(crate) name: String,
     pub(crate) fields: Vec<(String, FieldType)>,
+    /// The field names as keys of the entries' structs.
+    pub(crate) keys: Arc<[Key]>,
+}
+
+impl LookupDecl {
+    pub(crate) fn new(name: &str, fields: Vec<(String, FieldType)>) -> Self {
+        let keys = fields
+            .iter()
+            .map(|(n, _)| Key::String(Arc::new(n.clone())))
+            .collect();
+        LookupDecl {
+            name: name.to_string(),
+            fields,
+            keys,
+        }
+    }
 }
 
 /// What an expression may refer to.
@@ -75,8 +92,11 @@ pub(crate) struct Program {
     pub(crate) slots: usize,
     /// The expression reads a personal field (or a value that contains one).
     pub(crate) personal: bool,
+    /// The schema paths whose values the expression reads; fields no expression reads are validated but never
+    /// built into CEL values.
+    pub(crate) needed: Vec<String>,
     /// For an expression that is exactly `record.a.b`: the keys to follow, so it is copied without evaluation.
-    pub(crate) direct: Option<Vec<Key>>,
+    pub(crate) direct: Option<Direct>,
 }
 
 impl Program {
@@ -155,6 +175,7 @@ pub(crate) fn compile(
         size: 0,
         iterates_lookup: false,
         personal: false,
+        needed: Vec::new(),
         errors: Vec::new(),
     };
     let (root, _) = lowering.lower(&ast);
@@ -172,13 +193,14 @@ pub(crate) fn compile(
         return Err(lowering.errors);
     }
     Ok(Program {
-        direct: direct_path(&ast),
+        direct: direct_path(&ast, decls.schema),
         root,
         size: lowering.size,
         depth: lowering.max_depth as u32,
         iterates_lookup: lowering.iterates_lookup,
         slots: lowering.slots,
         personal: lowering.personal,
+        needed: lowering.needed,
     })
 }
 
@@ -231,23 +253,45 @@ fn prescan(source: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `record.a.b` (and nothing else) as the keys `[a, b]`.
-fn direct_path(ast: &IdedExpr) -> Option<Vec<Key>> {
-    let mut keys = Vec::new();
+/// An expression that is exactly `record.a.b`, as the member slots to follow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Direct {
+    pub(crate) slots: Vec<usize>,
+    /// `record.a.b`, for messages.
+    pub(crate) path: String,
+}
+
+fn direct_path(ast: &IdedExpr, schema: &Schema) -> Option<Direct> {
+    let mut names = Vec::new();
     let mut node = ast;
     loop {
         match &node.expr {
             Expr::Select(select) if !select.test => {
-                keys.push(Key::String(Arc::new(select.field.clone())));
+                names.push(select.field.as_str());
                 node = &select.operand;
             }
-            Expr::Ident(name) if name == "record" && !keys.is_empty() => {
-                keys.reverse();
-                return Some(keys);
-            }
+            Expr::Ident(name) if name == "record" && !names.is_empty() => break,
             _ => return None,
         }
     }
+    names.reverse();
+    let mut object = &schema.root;
+    let mut slots = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let index = object.position(name)?;
+        slots.push(index);
+        if i + 1 < names.len() {
+            let field = &object.fields[index];
+            object = match (field.ty, &field.children) {
+                (FieldType::Object, Some(children)) => children,
+                _ => return None,
+            };
+        }
+    }
+    Some(Direct {
+        slots,
+        path: format!("record.{}", names.join(".")),
+    })
 }
 
 /// What the reference check knows about the value of a sub-expression.
@@ -274,9 +318,12 @@ enum Node {
     Contract,
     Flow,
     Local(usize),
-    Select(Box<Node>, Key),
-    Has(Box<Node>, Key),
+    /// `operand.key`; `slot` is the member's position when the operand is a declared object.
+    Select(Box<Node>, Key, Option<usize>),
+    Has(Box<Node>, Key, Option<usize>),
     Index(Box<Node>, Box<Node>),
+    /// Member selections and indexes from a variable, walked by reference: only the value at the end is copied.
+    Path(Box<Path>),
     Not(Box<Node>),
     Neg(Box<Node>),
     NotStrictlyFalse(Box<Node>),
@@ -320,6 +367,53 @@ enum Node {
     },
     Matches(Box<Node>, Arc<Regex>),
     Delegate(Box<Delegate>),
+}
+
+#[derive(Debug)]
+struct Path {
+    root: Root,
+    steps: Vec<Step>,
+    /// Some step is an index, whose value must be computed before walking.
+    indexed: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Root {
+    Record,
+    Lookup(usize),
+    Contract,
+    Flow,
+    Local(usize),
+}
+
+#[derive(Debug)]
+enum Step {
+    Member(Key, Option<usize>),
+    Index(Node),
+}
+
+/// Appends a selection or an index to `operand`, making or extending a path when the operand is a variable.
+fn extend(operand: Node, step: Step) -> Node {
+    let root = match operand {
+        Node::Path(mut path) => {
+            path.indexed |= matches!(step, Step::Index(_));
+            path.steps.push(step);
+            return Node::Path(path);
+        }
+        Node::Record => Root::Record,
+        Node::Lookup(i) => Root::Lookup(i),
+        Node::Contract => Root::Contract,
+        Node::Flow => Root::Flow,
+        Node::Local(slot) => Root::Local(slot),
+        other => {
+            return match step {
+                Step::Member(key, slot) => Node::Select(Box::new(other), key, slot),
+                Step::Index(index) => Node::Index(Box::new(other), Box::new(index)),
+            };
+        }
+    };
+    let indexed = matches!(step, Step::Index(_));
+    Node::Path(Box::new(Path { root, steps: vec![step], indexed }))
 }
 
 #[derive(Debug)]
@@ -369,25 +463,11 @@ enum Builtin {
     ToDouble,
     ToDecimal,
     /// A decimal method; other receivers are handed to the Kubernetes library.
-    Method(&'static str),
+    Method(DecOp),
 }
 
 impl Builtin {
     fn of(name: &str) -> Option<Builtin> {
-        const METHODS: [&str; 12] = [
-            "add",
-            "sub",
-            "mul",
-            "div",
-            "abs",
-            "neg",
-            "round",
-            "compareTo",
-            "isLessThan",
-            "isLessThanOrEqual",
-            "isGreaterThan",
-            "isGreaterThanOrEqual",
-        ];
         Some(match name {
             "size" => Builtin::Size,
             "contains" => Builtin::Contains,
@@ -397,7 +477,7 @@ impl Builtin {
             "int" => Builtin::ToInt,
             "double" => Builtin::ToDouble,
             "decimal" => Builtin::ToDecimal,
-            other => Builtin::Method(METHODS.into_iter().find(|m| *m == other)?),
+            other => Builtin::Method(DecOp::of(other)?),
         })
     }
 
@@ -411,7 +491,7 @@ impl Builtin {
             Builtin::ToInt => "int",
             Builtin::ToDouble => "double",
             Builtin::ToDecimal => "decimal",
-            Builtin::Method(name) => name,
+            Builtin::Method(op) => op.name(),
         }
     }
 }
@@ -430,6 +510,7 @@ struct Lowering<'d, 's> {
     size: u64,
     iterates_lookup: bool,
     personal: bool,
+    needed: Vec<String>,
     errors: Vec<CompileError>,
 }
 
@@ -440,20 +521,50 @@ impl<'d, 's> Lowering<'d, 's> {
         (Node::Const(Value::Null), Shape::Unknown)
     }
 
+    /// Lowers an expression whose value is used as a whole (an argument, an operand, a result).
     fn lower(&mut self, e: &IdedExpr) -> (Node, Shape<'s>) {
+        let (node, shape) = self.lower_shape(e);
+        self.consume(shape);
+        (node, shape)
+    }
+
+    /// Marks what a value used as a whole needs built: a declared object or element needs all its members.
+    fn consume(&mut self, shape: Shape<'s>) {
+        fn subtree(object: &ObjectSchema, out: &mut Vec<String>) {
+            for f in &object.fields {
+                out.push(f.path.clone());
+                if let Some(children) = &f.children {
+                    subtree(children, out);
+                }
+            }
+        }
+        match shape {
+            Shape::Object(o, _) => subtree(o, &mut self.needed),
+            Shape::Field(f) | Shape::Element(f) => {
+                self.needed.push(f.path.clone());
+                if let Some(children) = &f.children {
+                    subtree(children, &mut self.needed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Lowers an expression that is narrowed before use (selected from, indexed, iterated, measured).
+    fn lower_shape(&mut self, e: &IdedExpr) -> (Node, Shape<'s>) {
         self.size += 1;
         match &e.expr {
             Expr::Literal(literal) => (Node::Const(literal_value(literal)), Shape::Unknown),
             Expr::Ident(name) => self.ident(name, false),
             Expr::Select(select) => {
                 let (operand, shape) = self.operand(&select.operand);
-                let (_, child) = self.member(shape, &select.field);
-                let key = Key::String(Arc::new(select.field.clone()));
+                let child = self.member(shape, &select.field);
+                let (key, slot) = self.slot(shape, &select.field);
                 if select.test {
-                    (Node::Has(Box::new(operand), key), Shape::Unknown)
+                    (Node::Has(Box::new(operand), key, slot), Shape::Unknown)
                 } else {
                     self.taint(child);
-                    (Node::Select(Box::new(operand), key), child)
+                    (extend(operand, Step::Member(key, slot)), child)
                 }
             }
             Expr::Call(call) => self.call(call),
@@ -508,7 +619,7 @@ impl<'d, 's> Lowering<'d, 's> {
                 self.size += 1;
                 self.ident(name, true)
             }
-            _ => self.lower(e),
+            _ => self.lower_shape(e),
         }
     }
 
@@ -555,8 +666,29 @@ impl<'d, 's> Lowering<'d, 's> {
         }
     }
 
+    /// The key of `shape.name` and, for a declared object, the member's slot. The key is the schema's own
+    /// allocation, so the evaluator's check that a slot belongs to the value is a pointer comparison.
+    fn slot(&self, shape: Shape<'s>, name: &str) -> (Key, Option<usize>) {
+        let object = match shape {
+            Shape::Object(o, _) => Some(o),
+            Shape::Field(f) | Shape::Element(f) => f.children.as_ref(),
+            Shape::LookupEntry(i) => {
+                let decl = &self.decls.lookups[i];
+                if let Some(slot) = decl.fields.iter().position(|(n, _)| n == name) {
+                    return (decl.keys[slot].clone(), Some(slot));
+                }
+                None
+            }
+            _ => None,
+        };
+        match object.and_then(|o| o.position(name).map(|i| (o, i))) {
+            Some((o, i)) => (o.fields[i].key.clone(), Some(i)),
+            None => (Key::String(Arc::new(name.to_string())), None),
+        }
+    }
+
     /// The shape of `shape.name`, or a reference error.
-    fn member(&mut self, shape: Shape<'s>, name: &str) -> (bool, Shape<'s>) {
+    fn member(&mut self, shape: Shape<'s>, name: &str) -> Shape<'s> {
         let object = |o: &'s ObjectSchema, prefix: &str| -> Result<Shape<'s>, String> {
             match o.get(name) {
                 Some(f) => Ok(Shape::Field(f)),
@@ -630,14 +762,20 @@ impl<'d, 's> Lowering<'d, 's> {
             Shape::Flow => Err(format!("flow.{name} is not defined (flow has: name)")),
         };
         match result {
-            Ok(shape) => (true, shape),
+            Ok(shape) => {
+                // Even a field that is only tested (`has()`) or compared must be built.
+                if let Shape::Field(f) = shape {
+                    self.needed.push(f.path.clone());
+                }
+                shape
+            }
             Err(reason) => {
                 self.errors.push(CompileError::new(
                     self.path.to_string(),
                     CompileErrorKind::UnknownReference,
                     reason,
                 ));
-                (false, Shape::Unknown)
+                Shape::Unknown
             }
         }
     }
@@ -647,7 +785,7 @@ impl<'d, 's> Lowering<'d, 's> {
             Shape::Field(f) if f.ty == FieldType::Array => Shape::Element(f),
             Shape::LookupTable(i) => Shape::LookupEntry(i),
             Shape::Object(..) | Shape::Field(_) => match index {
-                Node::Const(Value::String(name)) => self.member(shape, name).1,
+                Node::Const(Value::String(name)) => self.member(shape, name),
                 _ => Shape::Unknown,
             },
             _ => Shape::Unknown,
@@ -713,7 +851,7 @@ impl<'d, 's> Lowering<'d, 's> {
                 let index = self.lower(&args[1]).0;
                 let shape = self.index_shape(shape, &index);
                 self.taint(shape);
-                return (Node::Index(Box::new(operand), Box::new(index)), shape);
+                return (extend(operand, Step::Index(index)), shape);
             }
             (operators::OPT_INDEX, _) | (operators::OPT_SELECT, _) => {
                 return self.fail(
@@ -757,11 +895,25 @@ impl<'d, 's> Lowering<'d, 's> {
             };
             return self.fail(CompileErrorKind::UnknownFunction, hint);
         }
-        let target = call.target.as_ref().map(|t| self.lower(t).0);
+        // size() needs only a count, not the members of what it measures.
+        let measure = name == "size";
+        let target = call.target.as_ref().map(|t| {
+            if measure {
+                self.operand(t).0
+            } else {
+                self.lower(t).0
+            }
+        });
         let mut lowered: Vec<Node> = Vec::with_capacity(args.len() + 1);
         let receiver = target.is_some();
         lowered.extend(target);
-        lowered.extend(args.iter().map(|a| self.lower(a).0));
+        for a in args {
+            lowered.push(if measure {
+                self.operand(a).0
+            } else {
+                self.lower(a).0
+            });
+        }
 
         if name == "matches"
             && lowered.len() == 2
@@ -887,7 +1039,7 @@ impl<'d, 's> Lowering<'d, 's> {
     }
 
     fn comprehension(&mut self, c: &ComprehensionExpr) -> (Node, Shape<'s>) {
-        let (range, range_shape) = self.lower(&c.iter_range);
+        let (range, range_shape) = self.operand(&c.iter_range);
         let element = match range_shape {
             Shape::Field(f) if f.ty == FieldType::Array => Shape::Element(f),
             Shape::LookupTable(_) => {
@@ -1294,8 +1446,8 @@ fn eval_json(node: &Node, f: &mut Frame<'_>) -> Result<serde_json::Value, EvalEr
             func,
         } => {
             f.step(1)?;
-            let range = eval(range, f)?;
-            let mut out = Vec::new();
+            let range = eval_cow(range, f)?;
+            let mut out = Vec::with_capacity(length_hint(&range));
             for item in iterate(&range)?.iter() {
                 f.step(1)?;
                 f.locals[*slot] = item.into_owned();
@@ -1319,6 +1471,8 @@ fn eval_json(node: &Node, f: &mut Frame<'_>) -> Result<serde_json::Value, EvalEr
 enum Items<'v> {
     List(&'v [Value]),
     Keys(&'v Map),
+    Members(&'v Struct),
+    Entries(&'v Table),
 }
 
 impl<'v> Items<'v> {
@@ -1326,7 +1480,22 @@ impl<'v> Items<'v> {
         match *self {
             Items::List(list) => Box::new(list.iter().map(Cow::Borrowed)),
             Items::Keys(map) => Box::new(map.map.keys().map(|k| Cow::Owned(Value::from(k)))),
+            Items::Members(s) => Box::new(s.present().map(|(k, _)| Cow::Owned(Value::from(k)))),
+            Items::Entries(t) => Box::new(
+                t.entries
+                    .keys()
+                    .map(|k| Cow::Owned(Value::String(Arc::new(k.clone())))),
+            ),
         }
+    }
+}
+
+/// How many elements a comprehension over `range` will see, for sizing its output.
+fn length_hint(range: &Value) -> usize {
+    match range {
+        Value::List(list) => list.len(),
+        Value::Map(map) => map.map.len(),
+        _ => 0,
     }
 }
 
@@ -1334,8 +1503,58 @@ fn iterate(range: &Value) -> Result<Items<'_>, EvalError> {
     match range {
         Value::List(list) => Ok(Items::List(list)),
         Value::Map(map) => Ok(Items::Keys(map)),
+        other => {
+            if let Some(s) = as_struct(other) {
+                Ok(Items::Members(s))
+            } else if let Some(t) = as_table(other) {
+                Ok(Items::Entries(t))
+            } else {
+                Err(EvalError::runtime(format!(
+                    "cannot iterate over a {}",
+                    type_name(other)
+                )))
+            }
+        }
+    }
+}
+
+fn same_key(a: &Key, b: &Key) -> bool {
+    match (a, b) {
+        (Key::String(x), Key::String(y)) => Arc::ptr_eq(x, y) || x == y,
+        _ => a == b,
+    }
+}
+
+/// `value.key`: a struct member (by slot when the compiler resolved one), a table entry or a map entry.
+/// `Ok(None)` is an absent member.
+fn member<'v>(
+    value: &'v Value,
+    key: &Key,
+    slot: Option<usize>,
+) -> Result<Option<&'v Value>, EvalError> {
+    if let Value::Opaque(_) = value {
+        if let Some(s) = as_struct(value) {
+            if let Some(i) = slot
+                && s.keys.get(i).is_some_and(|k| same_key(k, key))
+            {
+                return Ok(s.fields[i].as_ref());
+            }
+            return Ok(match key {
+                Key::String(name) => s.get(name),
+                _ => None,
+            });
+        }
+        if let Some(t) = as_table(value) {
+            return Ok(match key {
+                Key::String(name) => t.entries.get(name.as_str()),
+                _ => None,
+            });
+        }
+    }
+    match value {
+        Value::Map(map) => Ok(map.map.get(key)),
         other => Err(EvalError::runtime(format!(
-            "cannot iterate over a {}",
+            "a {} has no fields",
             type_name(other)
         ))),
     }
@@ -1364,24 +1583,17 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
         Node::Contract => Ok(f.contract.clone()),
         Node::Flow => Ok(f.flow.clone()),
         Node::Local(slot) => Ok(f.locals[*slot].clone()),
-        Node::Select(operand, key) => match eval(operand, f)? {
-            Value::Map(map) => map
-                .map
-                .get(key)
+        Node::Select(operand, key, slot) => {
+            let operand = eval(operand, f)?;
+            member(&operand, key, *slot)?
                 .cloned()
-                .ok_or_else(|| EvalError::no_such_key(key)),
-            other => Err(EvalError::runtime(format!(
-                "a {} has no field {key}",
-                type_name(&other)
-            ))),
-        },
-        Node::Has(operand, key) => match eval(operand, f)? {
-            Value::Map(map) => Ok(Value::Bool(map.map.contains_key(key))),
-            other => Err(EvalError::runtime(format!(
-                "has() needs a map, got {}",
-                type_name(&other)
-            ))),
-        },
+                .ok_or_else(|| EvalError::no_such_key(key))
+        }
+        Node::Has(operand, key, slot) => {
+            let operand = eval_cow(operand, f)?;
+            Ok(Value::Bool(member(&operand, key, *slot)?.is_some()))
+        }
+        Node::Path(path) => resolve(path, f).cloned(),
         Node::Index(operand, index) => {
             let operand = eval(operand, f)?;
             let index = eval(index, f)?;
@@ -1405,11 +1617,21 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
                 eval(e, f)
             }
         }
-        Node::Binary(op, l, r) => {
-            let l = eval(l, f)?;
-            let r = eval(r, f)?;
-            binary(*op, l, r, f)
-        }
+        Node::Binary(op, l, r) => match op {
+            BinOp::In => {
+                let l = eval(l, f)?;
+                let r = eval_cow(r, f)?;
+                binary(*op, l, r.into_owned(), f)
+            }
+            _ => {
+                let l = eval_num(l, f)?;
+                let r = eval_num(r, f)?;
+                match decimal_binary(*op, &l, &r)? {
+                    Some(value) => Ok(value),
+                    None => binary(*op, l.into_value(), r.into_value(), f),
+                }
+            }
+        },
         Node::List(items) => {
             let values = items
                 .iter()
@@ -1442,7 +1664,7 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
         Node::All { range, slot, pred } => quantifier(range, *slot, pred, f, false),
         Node::Exists { range, slot, pred } => quantifier(range, *slot, pred, f, true),
         Node::ExistsOne { range, slot, pred } => {
-            let range = eval(range, f)?;
+            let range = eval_cow(range, f)?;
             let mut count = 0;
             for item in iterate(&range)?.iter() {
                 f.locals[*slot] = item.into_owned();
@@ -1458,8 +1680,8 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             filter,
             func,
         } => {
-            let range = eval(range, f)?;
-            let mut out = Vec::new();
+            let range = eval_cow(range, f)?;
+            let mut out = Vec::with_capacity(length_hint(&range));
             for item in iterate(&range)?.iter() {
                 f.locals[*slot] = item.into_owned();
                 if let Some(filter) = filter
@@ -1472,8 +1694,8 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             Ok(Value::List(Arc::new(out)))
         }
         Node::Filter { range, slot, pred } => {
-            let range = eval(range, f)?;
-            let mut out = Vec::new();
+            let range = eval_cow(range, f)?;
+            let mut out = Vec::with_capacity(length_hint(&range));
             for item in iterate(&range)?.iter() {
                 f.locals[*slot] = item.clone().into_owned();
                 if expect_bool(eval(pred, f)?)? {
@@ -1483,7 +1705,7 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             Ok(Value::List(Arc::new(out)))
         }
         Node::Fold(fold) => {
-            let range = eval(&fold.range, f)?;
+            let range = eval_cow(&fold.range, f)?;
             f.locals[fold.accu_slot] = eval(&fold.init, f)?;
             for item in iterate(&range)?.iter() {
                 f.locals[fold.iter_slot] = item.into_owned();
@@ -1494,6 +1716,11 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             }
             eval(&fold.result, f)
         }
+        Node::Builtin {
+            builtin: Builtin::Method(_),
+            receiver: true,
+            args,
+        } if args.len() <= 2 => eval_num(node, f).map(Num::into_value),
         Node::Builtin {
             builtin,
             receiver,
@@ -1541,6 +1768,241 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
     }
 }
 
+/// The values of a path's index steps; paths rarely have more than one, so the first is kept inline.
+#[derive(Default)]
+struct Indexes {
+    first: Option<Value>,
+    rest: Vec<Value>,
+}
+
+impl Indexes {
+    fn push(&mut self, value: Value) {
+        if self.first.is_none() {
+            self.first = Some(value);
+        } else {
+            self.rest.push(value);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Value> {
+        self.first.iter().chain(self.rest.iter())
+    }
+}
+
+/// A number as the evaluator carries it between decimal operations: unboxed when it is a decimal, so a chain
+/// like `a.sub(b).abs().isLessThanOrEqual(c)` allocates nothing.
+enum Num {
+    Dec(Decimal),
+    Val(Value),
+}
+
+impl Num {
+    fn into_value(self) -> Value {
+        match self {
+            Num::Dec(d) => decimal_value(d),
+            Num::Val(v) => v,
+        }
+    }
+
+    fn of(value: &Value) -> Num {
+        match as_decimal(value) {
+            Some(d) => Num::Dec(d),
+            None => Num::Val(value.clone()),
+        }
+    }
+
+    /// A decimal, or an int or uint read exactly as one.
+    fn decimal(&self) -> Option<Decimal> {
+        match self {
+            Num::Dec(d) => Some(*d),
+            Num::Val(v) => decimal_operand(v),
+        }
+    }
+
+    fn is_decimal(&self) -> bool {
+        match self {
+            Num::Dec(_) => true,
+            Num::Val(v) => as_decimal(v).is_some(),
+        }
+    }
+}
+
+fn eval_num(node: &Node, f: &mut Frame<'_>) -> Result<Num, EvalError> {
+    match node {
+        Node::Const(v) => {
+            f.step(1)?;
+            Ok(Num::of(v))
+        }
+        Node::Path(path) => {
+            f.step(1)?;
+            Ok(Num::of(resolve(path, f)?))
+        }
+        Node::Builtin {
+            builtin: Builtin::Method(op),
+            receiver: true,
+            args,
+        } if args.len() <= 2 => {
+            f.step(1)?;
+            let this = eval_num(&args[0], f)?;
+            let Num::Dec(d) = this else {
+                // Not a decimal: the library decides (a quantity, a version, or an error).
+                let mut values = vec![this.into_value()];
+                for arg in &args[1..] {
+                    values.push(eval(arg, f)?);
+                }
+                return call_builtin(Builtin::Method(*op), true, &values, f).map(Num::Val);
+            };
+            let arg = match args.get(1) {
+                Some(a) => Some(eval_num(a, f)?),
+                None => None,
+            };
+            let operand = arg.as_ref().map(|a| match a {
+                Num::Dec(x) => Operand::Dec(*x),
+                Num::Val(v) => Operand::Val(v),
+            });
+            Ok(match decimal_apply(*op, d, operand, args.len() - 1)? {
+                DecOut::Dec(x) => Num::Dec(x),
+                DecOut::Int(i) => Num::Val(Value::Int(i)),
+                DecOut::Bool(b) => Num::Val(Value::Bool(b)),
+            })
+        }
+        other => Ok(Num::Val(eval(other, f)?)),
+    }
+}
+
+/// Operators with a decimal operand, computed without boxing; `None` when neither operand is a decimal.
+fn decimal_binary(op: BinOp, l: &Num, r: &Num) -> Result<Option<Value>, EvalError> {
+    if !l.is_decimal() && !r.is_decimal() {
+        return Ok(None);
+    }
+    let (Some(x), Some(y)) = (l.decimal(), r.decimal()) else {
+        return match op {
+            // Unequal types are unequal, as everywhere in CEL.
+            BinOp::Eq => Ok(Some(Value::Bool(false))),
+            BinOp::Ne => Ok(Some(Value::Bool(true))),
+            _ => Ok(None),
+        };
+    };
+    let value = match op {
+        BinOp::Eq => Value::Bool(x == y),
+        BinOp::Ne => Value::Bool(x != y),
+        BinOp::Lt => Value::Bool(x < y),
+        BinOp::Le => Value::Bool(x <= y),
+        BinOp::Gt => Value::Bool(x > y),
+        BinOp::Ge => Value::Bool(x >= y),
+        BinOp::In => return Ok(None),
+        BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
+            if matches!(op, BinOp::Div | BinOp::Rem) && y.is_zero() {
+                return Err(EvalError::runtime("division by zero"));
+            }
+            let result = match op {
+                BinOp::Add => x.checked_add(y),
+                BinOp::Sub => x.checked_sub(y),
+                BinOp::Mul => x.checked_mul(y),
+                BinOp::Div => x.checked_div(y),
+                _ => x.checked_rem(y),
+            };
+            decimal_value(result.ok_or_else(|| EvalError::runtime("decimal overflow"))?)
+        }
+    };
+    Ok(Some(value))
+}
+
+/// The value a path leads to, borrowed from the frame's data.
+fn resolve<'f>(path: &Path, f: &'f mut Frame<'_>) -> Result<&'f Value, EvalError> {
+    if path.indexed {
+        let (root, indexes) = path_start(path, f)?;
+        return match root {
+            Some(root) => walk(root, &path.steps, &indexes),
+            None => {
+                let Root::Local(slot) = path.root else { unreachable!("only locals live in the frame") };
+                walk(&f.locals[slot], &path.steps, &indexes)
+            }
+        };
+    }
+    f.step(path.steps.len() as u64)?;
+    let mut value: &Value = match path.root {
+        Root::Record => f.record,
+        Root::Lookup(i) => f.lookups.get(i).ok_or_else(|| EvalError::runtime("lookup data is missing"))?,
+        Root::Contract => f.contract,
+        Root::Flow => f.flow,
+        Root::Local(slot) => &f.locals[slot],
+    };
+    for step in &path.steps {
+        if let Step::Member(key, slot) = step {
+            value = member(value, key, *slot)?.ok_or_else(|| EvalError::no_such_key(key))?;
+        }
+    }
+    Ok(value)
+}
+
+/// Evaluates a path's indexes and finds its root. The root is `None` for a comprehension variable, which lives
+/// in the frame; every other root outlives the frame, so walking from it borrows nothing from the frame.
+fn path_start<'r>(
+    path: &Path,
+    f: &mut Frame<'r>,
+) -> Result<(Option<&'r Value>, Indexes), EvalError> {
+    let mut indexes = Indexes::default();
+    for step in &path.steps {
+        match step {
+            Step::Index(node) => indexes.push(eval(node, f)?),
+            Step::Member(..) => f.step(1)?,
+        }
+    }
+    let root = match path.root {
+        Root::Record => Some(f.record),
+        Root::Lookup(i) => Some(
+            f.lookups
+                .get(i)
+                .ok_or_else(|| EvalError::runtime("lookup data is missing"))?,
+        ),
+        Root::Contract => Some(f.contract),
+        Root::Flow => Some(f.flow),
+        Root::Local(_) => None,
+    };
+    Ok((root, indexes))
+}
+
+fn walk<'v>(root: &'v Value, steps: &[Step], indexes: &Indexes) -> Result<&'v Value, EvalError> {
+    let mut value = root;
+    let mut next_index = indexes.iter();
+    for step in steps {
+        value = match step {
+            Step::Member(key, slot) => {
+                member(value, key, *slot)?.ok_or_else(|| EvalError::no_such_key(key))?
+            }
+            Step::Index(_) => {
+                index_ref(value, next_index.next().expect("one value per index step"))?
+            }
+        };
+    }
+    Ok(value)
+}
+
+/// Evaluates without copying when the value is (part of) the record, a lookup, `contract` or `flow`.
+fn eval_cow<'r>(node: &Node, f: &mut Frame<'r>) -> Result<Cow<'r, Value>, EvalError> {
+    match node {
+        Node::Path(path) if !matches!(path.root, Root::Local(_)) => {
+            f.step(1)?;
+            let (root, indexes) = path_start(path, f)?;
+            walk(root.expect("not a local"), &path.steps, &indexes).map(Cow::Borrowed)
+        }
+        Node::Record => {
+            f.step(1)?;
+            Ok(Cow::Borrowed(f.record))
+        }
+        Node::Lookup(i) => {
+            f.step(1)?;
+            let lookups = f.lookups;
+            lookups
+                .get(*i)
+                .map(Cow::Borrowed)
+                .ok_or_else(|| EvalError::runtime("lookup data is missing"))
+        }
+        other => eval(other, f).map(Cow::Owned),
+    }
+}
+
 fn logical(l: &Node, r: &Node, f: &mut Frame<'_>, or: bool) -> Result<Value, EvalError> {
     // For `&&` the deciding value is false, for `||` it is true.
     let decisive = or;
@@ -1573,7 +2035,7 @@ fn quantifier(
     f: &mut Frame<'_>,
     exists: bool,
 ) -> Result<Value, EvalError> {
-    let range = eval(range, f)?;
+    let range = eval_cow(range, f)?;
     let mut error = None;
     for item in iterate(&range)?.iter() {
         f.locals[slot] = item.into_owned();
@@ -1598,6 +2060,10 @@ fn quantifier(
 }
 
 fn index(operand: &Value, index: &Value) -> Result<Value, EvalError> {
+    index_ref(operand, index).cloned()
+}
+
+fn index_ref<'v>(operand: &'v Value, index: &Value) -> Result<&'v Value, EvalError> {
     match (operand, index) {
         (Value::List(list), Value::Int(_) | Value::UInt(_)) => {
             let i = match index {
@@ -1605,9 +2071,10 @@ fn index(operand: &Value, index: &Value) -> Result<Value, EvalError> {
                 Value::UInt(u) => usize::try_from(*u).ok(),
                 _ => None,
             };
-            i.and_then(|i| list.get(i)).cloned().ok_or_else(|| {
+            i.and_then(|i| list.get(i)).ok_or_else(|| {
                 EvalError::runtime(format!(
-                    "index {index:?} out of bounds (size {})",
+                    "index {} out of bounds (size {})",
+                    KeyText(index),
                     list.len()
                 ))
             })
@@ -1617,8 +2084,13 @@ fn index(operand: &Value, index: &Value) -> Result<Value, EvalError> {
                 EvalError::runtime(format!("a {} cannot be a map key", type_name(&v)))
             })?;
             map.get(&key_ref)
-                .cloned()
                 .ok_or_else(|| EvalError::no_such_key(&KeyText(key)))
+        }
+        (Value::Opaque(_), Value::String(name))
+            if as_struct(operand).is_some() || as_table(operand).is_some() =>
+        {
+            member(operand, &Key::String(name.clone()), None)?
+                .ok_or_else(|| EvalError::no_such_key(&KeyText(index)))
         }
         (operand, index) => Err(EvalError::no_overload("[]", operand, index)),
     }
@@ -1669,6 +2141,15 @@ fn decimal_operand(value: &Value) -> Option<Decimal> {
 /// Equality as CEL defines it (numbers compare across int, uint and double; other type mismatches are simply
 /// unequal), extended to decimals: a decimal equals a decimal or an int with the same value.
 pub(crate) fn equal(a: &Value, b: &Value) -> bool {
+    if let (Value::Opaque(_), _) | (_, Value::Opaque(_)) = (a, b)
+        && (as_struct(a).is_some()
+            || as_table(a).is_some()
+            || as_struct(b).is_some()
+            || as_table(b).is_some())
+    {
+        // Objects compare as the maps they stand for; rare enough to convert.
+        return equal(&to_cel(a), &to_cel(b));
+    }
     if as_decimal(a).is_some() || as_decimal(b).is_some() {
         return match (decimal_operand(a), decimal_operand(b)) {
             (Some(x), Some(y)) => x == y,
@@ -1731,6 +2212,12 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
                 Ok(key) => Ok(Value::Bool(map.get(&key).is_some())),
                 Err(_) => Ok(Value::Bool(false)),
             },
+            Value::Opaque(_) if as_struct(&r).is_some() || as_table(&r).is_some() => match &l {
+                Value::String(name) => Ok(Value::Bool(
+                    member(&r, &Key::String(name.clone()), None)?.is_some(),
+                )),
+                _ => Ok(Value::Bool(false)),
+            },
             _ => Err(EvalError::no_overload("in", &l, &r)),
         },
         BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
@@ -1759,6 +2246,14 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
                     _ => 0,
                 };
                 f.charge_size(size)?;
+                // Concatenated into an exactly sized string: the library's version copies the left operand
+                // first and grows it after.
+                if let (Value::String(a), Value::String(b)) = (&l, &r) {
+                    let mut s = String::with_capacity(a.len() + b.len());
+                    s.push_str(a);
+                    s.push_str(b);
+                    return Ok(Value::String(Arc::new(s)));
+                }
             }
             let result = match op {
                 BinOp::Add => l + r,
@@ -1799,7 +2294,10 @@ fn call_builtin(
             Value::List(l) => Some(Value::Int(l.len() as i64)),
             Value::Map(m) => Some(Value::Int(m.map.len() as i64)),
             Value::Bytes(b) => Some(Value::Int(b.len() as i64)),
-            _ => None,
+            other => as_struct(other)
+                .map(|s| s.len())
+                .or_else(|| as_table(other).map(|t| t.entries.len()))
+                .map(|n| Value::Int(n as i64)),
         },
         (
             Builtin::Contains | Builtin::StartsWith | Builtin::EndsWith,
@@ -1912,6 +2410,6 @@ fn value_size(value: &Value) -> usize {
         Value::Bytes(b) => b.len(),
         Value::List(l) => l.len() * 16,
         Value::Map(m) => m.map.len() * 32,
-        _ => 0,
+        other => as_struct(other).map_or(0, |s| s.fields.len() * 32),
     }
 }

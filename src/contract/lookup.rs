@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use kube::core::cel::cel::objects::{Key, Map, Value};
+use kube::core::cel::cel::objects::{Key, Value};
 
-use super::cel_env::{decimal_value, parse_decimal};
+use super::cel_env::{self, FxBuild, Struct, decimal_value, parse_decimal};
 use super::eval::LookupDecl;
 use super::record::{Json, parse_value};
 use crate::api::FieldType;
@@ -29,6 +29,8 @@ pub struct Lookups {
 pub(crate) struct Table {
     pub(crate) value: Value,
     pub(crate) len: usize,
+    /// The entry fields the table was built for; an environment refuses a table built for other fields.
+    pub(crate) keys: Arc<[Key]>,
 }
 
 impl fmt::Debug for Lookups {
@@ -114,18 +116,21 @@ impl Lookups {
                     table.type_name()
                 )));
             };
-            let mut map = HashMap::with_capacity(entries.len());
+            let mut map = HashMap::with_capacity_and_hasher(entries.len(), FxBuild::default());
             for (key, entry) in entries {
-                map.insert(
-                    Key::String(Arc::new(key.to_string())),
-                    entry_value(decl, key, entry)?,
-                );
+                map.insert(key.to_string(), entry_value(decl, key, entry)?);
             }
+            let len = map.len();
+            let table = cel_env::Table {
+                keys: decl.keys.clone(),
+                entries: map,
+            };
             out.tables.insert(
                 name.to_string(),
                 Table {
-                    len: map.len(),
-                    value: Value::Map(Map { map: Arc::new(map) }),
+                    len,
+                    keys: decl.keys.clone(),
+                    value: Value::Opaque(Arc::new(table)),
                 },
             );
         }
@@ -155,11 +160,12 @@ fn entry_value(decl: &LookupDecl, key: &str, entry: &Json<'_>) -> Result<Value, 
             format!("the entry is {}, not an object", entry.type_name()),
         ));
     };
-    let mut map = HashMap::with_capacity(decl.fields.len());
+    let mut fields: Box<[Option<Value>]> = vec![None; decl.fields.len()].into_boxed_slice();
     for (name, value) in members {
-        let Some((_, ty)) = decl.fields.iter().find(|(n, _)| n == name) else {
+        let Some(index) = decl.fields.iter().position(|(n, _)| n == name) else {
             continue;
         };
+        let ty = decl.fields[index].1;
         let converted = match (ty, value) {
             (_, Json::Null) => continue,
             (FieldType::String | FieldType::Enum | FieldType::Date, Json::String(s)) => {
@@ -170,8 +176,7 @@ fn entry_value(decl: &LookupDecl, key: &str, entry: &Json<'_>) -> Result<Value, 
                 n.parse()
                     .map_err(|_| err(name, "is not a 64-bit integer".into()))?,
             ),
-            (FieldType::Decimal, Json::Number(n))
-            | (FieldType::Decimal, Json::String(std::borrow::Cow::Borrowed(n))) => {
+            (FieldType::Decimal, Json::Number(n)) => {
                 decimal_value(parse_decimal(n).map_err(|e| err(name, e.to_string()))?)
             }
             (FieldType::Decimal, Json::String(n)) => {
@@ -188,9 +193,12 @@ fn entry_value(decl: &LookupDecl, key: &str, entry: &Json<'_>) -> Result<Value, 
                 ));
             }
         };
-        map.insert(Key::String(Arc::new(name.to_string())), converted);
+        fields[index] = Some(converted);
     }
-    Ok(Value::Map(Map { map: Arc::new(map) }))
+    Ok(Value::Opaque(Arc::new(Struct {
+        keys: decl.keys.clone(),
+        fields,
+    })))
 }
 
 #[cfg(test)]
@@ -198,13 +206,13 @@ mod tests {
     use super::*;
 
     fn decls() -> Vec<LookupDecl> {
-        vec![LookupDecl {
-            name: "pricebook".into(),
-            fields: vec![
+        vec![LookupDecl::new(
+            "pricebook",
+            vec![
                 ("unitPrice".into(), FieldType::Decimal),
                 ("currency".into(), FieldType::String),
             ],
-        }]
+        )]
     }
 
     #[test]
@@ -216,17 +224,13 @@ mod tests {
         .unwrap();
         let table = lookups.table("pricebook").unwrap();
         assert_eq!(table.len, 2);
-        let Value::Map(map) = &table.value else {
-            panic!()
-        };
-        let Value::Map(entry) = &map.map[&Key::from("SKU-1")] else {
-            panic!()
-        };
+        let table = cel_env::as_table(&table.value).expect("a table");
+        let entry = cel_env::as_struct(&table.entries["SKU-1"]).expect("an entry");
         assert_eq!(
-            super::super::cel_env::as_decimal(&entry.map[&Key::from("unitPrice")]),
+            cel_env::as_decimal(entry.get("unitPrice").unwrap()),
             Some(rust_decimal::Decimal::new(1250, 2))
         );
-        assert!(!entry.map.contains_key(&Key::from("extra")));
+        assert!(entry.get("extra").is_none());
     }
 
     #[test]

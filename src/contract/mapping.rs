@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use kube::core::cel::cel::objects::Value;
 
-use super::cel_env::{type_name, value_to_json};
+use super::cel_env::{as_struct, type_name, value_to_json};
 use super::eval::{self, Declarations, EvalError, EvalErrorKind, Frame, Program};
 use super::outcome::PayloadPrivacy;
 use super::redact::Redaction;
@@ -32,6 +32,8 @@ pub(crate) struct Target {
     pub(crate) name: String,
     segments: Vec<String>,
     optional: bool,
+    /// The expression is the external id's (a payload commonly carries its own key): computed once.
+    same_as_external_id: bool,
     pub(crate) program: Program,
 }
 
@@ -110,6 +112,7 @@ pub(crate) fn compile(
                 name: field.target.clone(),
                 segments: field.target.split('.').map(str::to_string).collect(),
                 optional: field.optional,
+                same_as_external_id: field.expression.trim() == spec.external_id.trim(),
                 program,
             }),
             Err(e) => errors.extend(e),
@@ -142,7 +145,8 @@ impl Mapping {
         frame: &mut Frame<'_>,
         record: &Value,
     ) -> Result<(serde_json::Value, String), MappingFailure> {
-        let external_id = match self.external_id.eval(frame) {
+        let key_value = self.external_id.eval(frame);
+        let external_id = match &key_value {
             Ok(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EXTERNAL_ID_LEN => {
                 s.as_str().to_string()
             }
@@ -168,25 +172,23 @@ impl Mapping {
                     ),
                 }));
             }
-            Err(e) => return Err(MappingFailure::ExternalId(e)),
+            Err(e) => return Err(MappingFailure::ExternalId(e.clone())),
         };
         let mut payload = serde_json::Map::new();
         for target in &self.targets {
             let value = match &target.program.direct {
-                Some(keys) => match follow(record, keys) {
+                _ if target.same_as_external_id => match &key_value {
+                    Ok(v) => value_to_json(v).map_err(|m| EvalError { kind: EvalErrorKind::Runtime, message: m }),
+                    Err(e) => Err(e.clone()),
+                },
+                Some(direct) => match follow(record, &direct.slots) {
                     Some(v) => value_to_json(v).map_err(|m| EvalError {
                         kind: EvalErrorKind::Runtime,
                         message: m,
                     }),
                     None => Err(EvalError {
                         kind: EvalErrorKind::NoSuchKey,
-                        message: format!(
-                            "record.{} is absent",
-                            keys.iter()
-                                .map(|k| k.to_string())
-                                .collect::<Vec<_>>()
-                                .join(".")
-                        ),
+                        message: format!("{} is absent", direct.path),
                     }),
                 },
                 None => target.program.eval_json(frame),
@@ -203,13 +205,10 @@ impl Mapping {
     }
 }
 
-fn follow<'v>(record: &'v Value, keys: &[kube::core::cel::cel::objects::Key]) -> Option<&'v Value> {
+fn follow<'v>(record: &'v Value, slots: &[usize]) -> Option<&'v Value> {
     let mut value = record;
-    for key in keys {
-        match value {
-            Value::Map(map) => value = map.map.get(key)?,
-            _ => return None,
-        }
+    for &slot in slots {
+        value = as_struct(value)?.fields.get(slot)?.as_ref()?;
     }
     Some(value)
 }

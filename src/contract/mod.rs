@@ -321,6 +321,15 @@ pub fn compile_with(
     let (Some(version), Some(mapping), true) = (version, mapping, errors.is_empty()) else {
         return Err(errors);
     };
+    let mut schema = schema;
+    let needed: std::collections::HashSet<&str> = rules
+        .iter()
+        .map(|r| &r.program)
+        .chain(mapping.targets.iter().map(|t| &t.program))
+        .chain([&mapping.external_id])
+        .flat_map(|p| p.needed.iter().map(String::as_str))
+        .collect();
+    schema.mark_needed(&needed);
     let slots = rules
         .iter()
         .map(|r| r.program.slots)
@@ -428,10 +437,7 @@ fn compile_lookups(specs: &[LookupSpec], errors: &mut Vec<CompileError>) -> Vec<
                 fields.push((field.name.clone(), field.r#type));
             }
         }
-        out.push(LookupDecl {
-            name: spec.name.clone(),
-            fields,
-        });
+        out.push(LookupDecl::new(&spec.name, fields));
     }
     out
 }
@@ -499,6 +505,12 @@ impl CompiledContract {
             let table = lookups
                 .table(&decl.name)
                 .ok_or_else(|| LookupError::Missing(decl.name.clone()))?;
+            if table.keys != decl.keys {
+                return Err(LookupError::Shape(format!(
+                    "lookup {} was loaded for other entry fields; load it for this contract version",
+                    decl.name
+                )));
+            }
             largest_table = largest_table.max(table.len);
             tables.push(table.value.clone());
         }
@@ -550,12 +562,14 @@ impl CompiledContract {
                 "the environment was prepared for another contract version",
             ));
         }
-        let json = match record::parse_record(
+        let mut validator = schema::Validator::new(&self.redaction, self.limits.max_violations);
+        let record = match validator.read(
+            &self.schema,
             bytes,
             self.limits.max_record_bytes,
             self.limits.max_depth,
         ) {
-            Ok(json) => json,
+            Ok(record) => record,
             Err(e) => {
                 return Outcome::rejected(Reason::new(
                     parse_code(&e),
@@ -564,11 +578,6 @@ impl CompiledContract {
                 ));
             }
         };
-        let record::Json::Object(members) = &json else {
-            unreachable!("parse_record returns objects")
-        };
-        let mut validator = schema::Validator::new(&self.redaction, self.limits.max_violations);
-        let record = validator.record(&self.schema, members);
         let longest_list = validator.max_list_len;
         let violations = validator.finish();
         if !violations.is_empty() {

@@ -110,34 +110,10 @@ pub(crate) fn parse_value(
     max_bytes: usize,
     max_depth: usize,
 ) -> Result<Json<'_>, ParseError> {
-    if bytes.len() > max_bytes {
-        // Checked before looking at the content, so a huge record costs nothing but this comparison.
-        return Err(ParseError::TooLarge {
-            size: bytes.len(),
-            limit: max_bytes,
-        });
-    }
-    let src = std::str::from_utf8(bytes).map_err(|e| ParseError::InvalidUtf8 {
-        offset: e.valid_up_to(),
-    })?;
-    let mut parser = Parser {
-        src,
-        bytes,
-        pos: 0,
-        max_depth,
-    };
-    parser.skip_ws();
-    let value = parser.value(0).map_err(|e| match e {
-        ParseError::DuplicateKey { path, key } => ParseError::DuplicateKey {
-            path: path.trim_start_matches('.').to_string(),
-            key,
-        },
-        other => other,
-    })?;
-    parser.skip_ws();
-    if parser.pos != bytes.len() {
-        return Err(parser.syntax("unexpected characters after the value"));
-    }
+    let mut scanner = Scanner::new(bytes, max_bytes, max_depth)?;
+    scanner.skip_ws();
+    let value = scanner.value(0).map_err(trim_path)?;
+    scanner.finish()?;
     Ok(value)
 }
 
@@ -156,73 +132,203 @@ pub(crate) fn parse_record(
     }
 }
 
-struct Parser<'a> {
+/// Duplicate-key paths are built with a leading `.`; it is trimmed once, at the top.
+pub(crate) fn trim_path(error: ParseError) -> ParseError {
+    match error {
+        ParseError::DuplicateKey { path, key } => ParseError::DuplicateKey {
+            path: path.trim_start_matches('.').to_string(),
+            key,
+        },
+        other => other,
+    }
+}
+
+/// The lexer under both the tree parser here and the schema-directed reader in `schema`: it reads one token
+/// at a time from input that is already known to be within the size limit and valid UTF-8.
+pub(crate) struct Scanner<'a> {
     src: &'a str,
     bytes: &'a [u8],
     pos: usize,
-    max_depth: usize,
+    pub(crate) max_depth: usize,
 }
 
-impl<'a> Parser<'a> {
-    fn syntax(&self, message: &'static str) -> ParseError {
+/// What a skipped value was, for a message that must not quote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Skipped {
+    Null,
+    Bool,
+    Number,
+    String,
+    Array(usize),
+    Object(usize),
+}
+
+impl Skipped {
+    pub(crate) fn type_name(self) -> &'static str {
+        match self {
+            Skipped::Null => "null",
+            Skipped::Bool => "boolean",
+            Skipped::Number => "number",
+            Skipped::String => "string",
+            Skipped::Array(_) => "array",
+            Skipped::Object(_) => "object",
+        }
+    }
+}
+
+impl<'a> Scanner<'a> {
+    /// Refuses oversized and non-UTF-8 input before reading any of it.
+    pub(crate) fn new(
+        bytes: &'a [u8],
+        max_bytes: usize,
+        max_depth: usize,
+    ) -> Result<Self, ParseError> {
+        if bytes.len() > max_bytes {
+            // Checked before looking at the content, so a huge record costs nothing but this comparison.
+            return Err(ParseError::TooLarge {
+                size: bytes.len(),
+                limit: max_bytes,
+            });
+        }
+        let src = std::str::from_utf8(bytes).map_err(|e| ParseError::InvalidUtf8 {
+            offset: e.valid_up_to(),
+        })?;
+        Ok(Scanner {
+            src,
+            bytes,
+            pos: 0,
+            max_depth,
+        })
+    }
+
+    pub(crate) fn syntax(&self, message: &'static str) -> ParseError {
         ParseError::Syntax {
             offset: self.pos,
             message,
         }
     }
 
-    fn skip_ws(&mut self) {
+    /// Checks that nothing but whitespace follows the value.
+    pub(crate) fn finish(&mut self) -> Result<(), ParseError> {
+        self.skip_ws();
+        if self.pos == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(self.syntax("unexpected characters after the value"))
+        }
+    }
+
+    pub(crate) fn skip_ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.pos) {
             self.pos += 1;
         }
     }
 
+    pub(crate) fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    /// Consumes `byte` after optional whitespace.
+    pub(crate) fn eat(&mut self, byte: u8) -> bool {
+        self.skip_ws();
+        if self.peek() == Some(byte) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn enter(&self, depth: usize) -> Result<(), ParseError> {
+        if depth > self.max_depth {
+            Err(ParseError::TooDeep {
+                limit: self.max_depth,
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// After a member or an element: `true` for another one (`,`), `false` at the closing bracket.
+    pub(crate) fn next_item(&mut self, close: u8) -> Result<bool, ParseError> {
+        self.skip_ws();
+        match self.peek() {
+            Some(b',') => {
+                self.pos += 1;
+                Ok(true)
+            }
+            Some(b) if b == close => {
+                self.pos += 1;
+                Ok(false)
+            }
+            _ => Err(self.syntax(if close == b'}' {
+                "expected ',' or '}'"
+            } else {
+                "expected ',' or ']'"
+            })),
+        }
+    }
+
+    /// Reads `"key":` at the start of an object member.
+    pub(crate) fn key(&mut self) -> Result<Cow<'a, str>, ParseError> {
+        self.skip_ws();
+        if self.peek() != Some(b'"') {
+            return Err(self.syntax("expected a string key"));
+        }
+        let key = self.string()?;
+        if !self.eat(b':') {
+            return Err(self.syntax("expected ':' after a key"));
+        }
+        self.skip_ws();
+        Ok(key)
+    }
+
     fn value(&mut self, depth: usize) -> Result<Json<'a>, ParseError> {
-        match self.bytes.get(self.pos) {
+        match self.peek() {
             None => Err(self.syntax("unexpected end of input")),
             Some(b'{') => self.object(depth + 1),
             Some(b'[') => self.array(depth + 1),
             Some(b'"') => self.string().map(Json::String),
-            Some(b't') => self.literal("true", Json::Bool(true)),
-            Some(b'f') => self.literal("false", Json::Bool(false)),
-            Some(b'n') => self.literal("null", Json::Null),
+            Some(b't') => self.literal("true").map(|_| Json::Bool(true)),
+            Some(b'f') => self.literal("false").map(|_| Json::Bool(false)),
+            Some(b'n') => self.literal("null").map(|_| Json::Null),
             Some(b'-' | b'0'..=b'9') => self.number().map(Json::Number),
             Some(_) => Err(self.syntax("expected a value")),
         }
     }
 
-    fn literal(&mut self, word: &'static str, value: Json<'a>) -> Result<Json<'a>, ParseError> {
+    pub(crate) fn literal(&mut self, word: &'static str) -> Result<(), ParseError> {
         if self.bytes[self.pos..].starts_with(word.as_bytes()) {
             self.pos += word.len();
-            Ok(value)
+            Ok(())
         } else {
             Err(self.syntax("expected true, false or null"))
         }
     }
 
-    fn number(&mut self) -> Result<&'a str, ParseError> {
+    pub(crate) fn number(&mut self) -> Result<&'a str, ParseError> {
         let start = self.pos;
-        if self.bytes[self.pos] == b'-' {
+        if self.peek() == Some(b'-') {
             self.pos += 1;
         }
-        match self.bytes.get(self.pos) {
+        match self.peek() {
             Some(b'0') => self.pos += 1,
             Some(b'1'..=b'9') => self.digits(),
             _ => return Err(self.syntax("expected a digit")),
         }
-        if self.bytes.get(self.pos) == Some(&b'.') {
+        if self.peek() == Some(b'.') {
             self.pos += 1;
-            if !matches!(self.bytes.get(self.pos), Some(b'0'..=b'9')) {
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
                 return Err(self.syntax("expected a digit after the decimal point"));
             }
             self.digits();
         }
-        if let Some(b'e' | b'E') = self.bytes.get(self.pos) {
+        if let Some(b'e' | b'E') = self.peek() {
             self.pos += 1;
-            if let Some(b'+' | b'-') = self.bytes.get(self.pos) {
+            if let Some(b'+' | b'-') = self.peek() {
                 self.pos += 1;
             }
-            if !matches!(self.bytes.get(self.pos), Some(b'0'..=b'9')) {
+            if !matches!(self.peek(), Some(b'0'..=b'9')) {
                 return Err(self.syntax("expected a digit in the exponent"));
             }
             self.digits();
@@ -236,35 +342,28 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn string(&mut self) -> Result<Cow<'a, str>, ParseError> {
+    pub(crate) fn string(&mut self) -> Result<Cow<'a, str>, ParseError> {
         self.pos += 1; // opening quote
         let start = self.pos;
-        loop {
-            match self.bytes.get(self.pos) {
-                None => return Err(self.syntax("unterminated string")),
-                Some(b'"') => {
-                    let s = &self.src[start..self.pos];
-                    self.pos += 1;
-                    return Ok(Cow::Borrowed(s));
-                }
-                Some(b'\\') => break,
-                Some(0..=0x1f) => return Err(self.syntax("control character in string")),
-                Some(_) => self.pos += 1,
+        self.pos = plain_run(self.bytes, self.pos);
+        match self.peek() {
+            None => return Err(self.syntax("unterminated string")),
+            Some(b'"') => {
+                let s = &self.src[start..self.pos];
+                self.pos += 1;
+                return Ok(Cow::Borrowed(s));
             }
+            Some(b'\\') => {}
+            Some(_) => return Err(self.syntax("control character in string")),
         }
         // Slow path: the string has escapes, so it is copied.
         let mut out = String::with_capacity(self.pos - start + 16);
         out.push_str(&self.src[start..self.pos]);
         loop {
             let run = self.pos;
-            while let Some(&b) = self.bytes.get(self.pos) {
-                if b == b'"' || b == b'\\' || b < 0x20 {
-                    break;
-                }
-                self.pos += 1;
-            }
+            self.pos = plain_run(self.bytes, self.pos);
             out.push_str(&self.src[run..self.pos]);
-            match self.bytes.get(self.pos) {
+            match self.peek() {
                 None => return Err(self.syntax("unterminated string")),
                 Some(b'"') => {
                     self.pos += 1;
@@ -272,7 +371,7 @@ impl<'a> Parser<'a> {
                 }
                 Some(b'\\') => {
                     self.pos += 1;
-                    let escaped = match self.bytes.get(self.pos) {
+                    let escaped = match self.peek() {
                         Some(b'"') => '"',
                         Some(b'\\') => '\\',
                         Some(b'/') => '/',
@@ -337,16 +436,10 @@ impl<'a> Parser<'a> {
     }
 
     fn array(&mut self, depth: usize) -> Result<Json<'a>, ParseError> {
-        if depth > self.max_depth {
-            return Err(ParseError::TooDeep {
-                limit: self.max_depth,
-            });
-        }
+        self.enter(depth)?;
         self.pos += 1;
         let mut items = Vec::new();
-        self.skip_ws();
-        if self.bytes.get(self.pos) == Some(&b']') {
-            self.pos += 1;
+        if self.eat(b']') {
             return Ok(Json::Array(items));
         }
         loop {
@@ -355,67 +448,166 @@ impl<'a> Parser<'a> {
                 .value(depth)
                 .map_err(|e| prefix_path(e, &format!("[{}]", items.len())))?;
             items.push(item);
-            self.skip_ws();
-            match self.bytes.get(self.pos) {
-                Some(b',') => self.pos += 1,
-                Some(b']') => {
-                    self.pos += 1;
-                    return Ok(Json::Array(items));
-                }
-                _ => return Err(self.syntax("expected ',' or ']'")),
+            if !self.next_item(b']')? {
+                return Ok(Json::Array(items));
             }
         }
     }
 
     fn object(&mut self, depth: usize) -> Result<Json<'a>, ParseError> {
-        if depth > self.max_depth {
-            return Err(ParseError::TooDeep {
-                limit: self.max_depth,
-            });
-        }
+        self.enter(depth)?;
         self.pos += 1;
-        let mut members: Vec<(Cow<'a, str>, Json<'a>)> = Vec::new();
-        self.skip_ws();
-        if self.bytes.get(self.pos) == Some(&b'}') {
-            self.pos += 1;
+        let mut members: Vec<(Cow<'a, str>, Json<'a>)> = Vec::with_capacity(8);
+        if self.eat(b'}') {
             return Ok(Json::Object(members));
         }
         loop {
-            self.skip_ws();
-            if self.bytes.get(self.pos) != Some(&b'"') {
-                return Err(self.syntax("expected a string key"));
-            }
-            let key = self.string()?;
-            self.skip_ws();
-            if self.bytes.get(self.pos) != Some(&b':') {
-                return Err(self.syntax("expected ':' after a key"));
-            }
-            self.pos += 1;
-            self.skip_ws();
+            let key = self.key()?;
             let value = self
                 .value(depth)
                 .map_err(|e| prefix_path(e, &member_segment(&key)))?;
             members.push((key, value));
-            self.skip_ws();
-            match self.bytes.get(self.pos) {
-                Some(b',') => self.pos += 1,
-                Some(b'}') => {
-                    self.pos += 1;
-                    if let Some(key) = duplicate_key(&members) {
+            if !self.next_item(b'}')? {
+                if let Some(key) = duplicate_key(members.iter().map(|(k, _)| k.as_ref())) {
+                    return Err(ParseError::DuplicateKey {
+                        path: String::new(),
+                        key,
+                    });
+                }
+                return Ok(Json::Object(members));
+            }
+        }
+    }
+
+    /// Reads past one value without building it, with the same checks as parsing it (syntax, depth,
+    /// duplicate keys), and says what it was.
+    pub(crate) fn skip_value(&mut self, depth: usize) -> Result<Skipped, ParseError> {
+        match self.peek() {
+            None => Err(self.syntax("unexpected end of input")),
+            Some(b'{') => {
+                self.enter(depth + 1)?;
+                self.pos += 1;
+                let mut keys = KeySet::default();
+                if self.eat(b'}') {
+                    return Ok(Skipped::Object(0));
+                }
+                loop {
+                    let key = self.key()?;
+                    self.skip_value(depth + 1)
+                        .map_err(|e| prefix_path(e, &member_segment(&key)))?;
+                    if let Some(key) = keys.insert(key) {
                         return Err(ParseError::DuplicateKey {
                             path: String::new(),
                             key,
                         });
                     }
-                    return Ok(Json::Object(members));
+                    if !self.next_item(b'}')? {
+                        return Ok(Skipped::Object(keys.len()));
+                    }
                 }
-                _ => return Err(self.syntax("expected ',' or '}'")),
             }
+            Some(b'[') => {
+                self.enter(depth + 1)?;
+                self.pos += 1;
+                let mut n = 0;
+                if self.eat(b']') {
+                    return Ok(Skipped::Array(0));
+                }
+                loop {
+                    self.skip_ws();
+                    self.skip_value(depth + 1)
+                        .map_err(|e| prefix_path(e, &format!("[{n}]")))?;
+                    n += 1;
+                    if !self.next_item(b']')? {
+                        return Ok(Skipped::Array(n));
+                    }
+                }
+            }
+            Some(b'"') => self.string().map(|_| Skipped::String),
+            Some(b't') => self.literal("true").map(|_| Skipped::Bool),
+            Some(b'f') => self.literal("false").map(|_| Skipped::Bool),
+            Some(b'n') => self.literal("null").map(|_| Skipped::Null),
+            Some(b'-' | b'0'..=b'9') => self.number().map(|_| Skipped::Number),
+            Some(_) => Err(self.syntax("expected a value")),
         }
     }
 }
 
-fn member_segment(key: &str) -> String {
+/// The end of the run of bytes that need no attention inside a string: stops at `"`, `\\` or a control
+/// character. Eight bytes are tested at a time; this loop is most of the cost of reading a record.
+fn plain_run(bytes: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        // A byte is flagged when it is zero after the xor (a quote or a backslash) or below 0x20; the lowest
+        // flag is always a true match, which is the only one used.
+        let flags = (quote.wrapping_sub(ONES) & !quote
+            | backslash.wrapping_sub(ONES) & !backslash
+            | w.wrapping_sub(ONES * 0x20) & !w)
+            & HIGH;
+        if flags != 0 {
+            return i + (flags.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    // The last few bytes of the input (a string is almost never this close to the end).
+    while let Some(&b) = bytes.get(i) {
+        if b == b'"' || b == b'\\' || b < 0x20 {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// The keys seen in one object, for duplicate detection. The first few are kept inline and searched
+/// linearly; past that they move into a hash set, so a hostile record with many keys stays linear.
+pub(crate) struct KeySet<'a> {
+    inline: [Cow<'a, str>; 8],
+    len: usize,
+    large: Option<HashSet<Cow<'a, str>>>,
+}
+
+impl Default for KeySet<'_> {
+    fn default() -> Self {
+        KeySet { inline: Default::default(), len: 0, large: None }
+    }
+}
+
+impl<'a> KeySet<'a> {
+    /// Adds `key`; returns it back if it was already there.
+    pub(crate) fn insert(&mut self, key: Cow<'a, str>) -> Option<String> {
+        if let Some(set) = &mut self.large {
+            if set.contains(&key) {
+                return Some(key.into_owned());
+            }
+            set.insert(key);
+            self.len += 1;
+            return None;
+        }
+        if self.inline[..self.len].contains(&key) {
+            return Some(key.into_owned());
+        }
+        if self.len < self.inline.len() {
+            self.inline[self.len] = key;
+        } else {
+            let mut set: HashSet<Cow<'a, str>> = self.inline.iter_mut().map(std::mem::take).collect();
+            set.insert(key);
+            self.large = Some(set);
+        }
+        self.len += 1;
+        None
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+pub(crate) fn member_segment(key: &str) -> String {
     if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         format!(".{key}")
     } else {
@@ -424,8 +616,8 @@ fn member_segment(key: &str) -> String {
 }
 
 /// Duplicate-key errors are built bottom-up: each enclosing level prepends its segment on the way out, so the
-/// path costs nothing unless a duplicate is found. The leading `.` is trimmed once, at the top.
-fn prefix_path(error: ParseError, segment: &str) -> ParseError {
+/// path costs nothing unless a duplicate is found.
+pub(crate) fn prefix_path(error: ParseError, segment: &str) -> ParseError {
     match error {
         ParseError::DuplicateKey { path, key } => ParseError::DuplicateKey {
             path: format!("{segment}{path}"),
@@ -435,23 +627,14 @@ fn prefix_path(error: ParseError, segment: &str) -> ParseError {
     }
 }
 
-fn duplicate_key(members: &[(Cow<'_, str>, Json<'_>)]) -> Option<String> {
-    // Small objects (the common case) are checked pairwise; large ones with a set, so a hostile record with
-    // many keys stays linear.
-    if members.len() <= 16 {
-        for (i, (key, _)) in members.iter().enumerate() {
-            if members[..i].iter().any(|(other, _)| other == key) {
-                return Some(key.to_string());
-            }
+fn duplicate_key<'k>(keys: impl Iterator<Item = &'k str>) -> Option<String> {
+    let mut set = KeySet::default();
+    for key in keys {
+        if let Some(dup) = set.insert(Cow::Borrowed(key)) {
+            return Some(dup);
         }
-        None
-    } else {
-        let mut seen = HashSet::with_capacity(members.len());
-        members
-            .iter()
-            .find(|(key, _)| !seen.insert(key.as_ref()))
-            .map(|(key, _)| key.to_string())
     }
+    None
 }
 
 #[cfg(test)]

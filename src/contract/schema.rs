@@ -8,16 +8,17 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
-use kube::core::cel::cel::objects::{Key, Map, Value};
+use kube::core::cel::cel::objects::{Key, Value};
 use regex::Regex;
 use rust_decimal::Decimal;
 
-use super::cel_env::{DecimalError, decimal_value, parse_decimal};
+use super::cel_env::{DecimalError, Struct, as_struct, decimal_value, parse_decimal};
 use super::outcome::{Reason, ReasonCode, Subject};
-use super::record::Json;
+use super::record::{
+    Json, KeySet, ParseError, Scanner, Skipped, member_segment, prefix_path, trim_path,
+};
 use super::redact::{Redaction, redact};
 use super::{CompileError, CompileErrorKind};
 use crate::api::{FieldSpec, FieldType};
@@ -39,6 +40,8 @@ pub(crate) struct Schema {
 #[derive(Debug, Default)]
 pub(crate) struct ObjectSchema {
     pub(crate) fields: Vec<Field>,
+    /// The member names, shared by every value built for this object.
+    pub(crate) keys: Arc<[Key]>,
     index: HashMap<String, usize>,
 }
 
@@ -47,7 +50,16 @@ impl ObjectSchema {
         self.position(name).map(|i| &self.fields[i])
     }
 
-    fn position(&self, name: &str) -> Option<usize> {
+    /// The member's position, trying `hint` first: records tend to list their members in the same order as
+    /// the contract does, so the next member is usually the one after the previous.
+    pub(crate) fn position_after(&self, name: &str, hint: usize) -> Option<usize> {
+        match self.fields.get(hint) {
+            Some(f) if f.name == name => Some(hint),
+            _ => self.position(name),
+        }
+    }
+
+    pub(crate) fn position(&self, name: &str) -> Option<usize> {
         // Linear search beats hashing for the handful of members most objects have.
         if self.fields.len() <= 16 {
             self.fields.iter().position(|f| f.name == name)
@@ -72,6 +84,8 @@ pub(crate) struct Field {
     pub(crate) name: String,
     /// The same name as a CEL map key, allocated once.
     pub(crate) key: Key,
+    /// Position in its object: the slot of its value.
+    pub(crate) index: usize,
     /// The schema path (`lineItems[].sku`).
     pub(crate) path: String,
     pub(crate) ty: FieldType,
@@ -85,6 +99,8 @@ pub(crate) struct Field {
     pub(crate) pii: bool,
     /// This field or one nested in it is personal data.
     pub(crate) holds_personal: bool,
+    /// Some expression reads this field (or a value that contains it), so records carry its CEL value.
+    pub(crate) needed: bool,
     /// Members of an object field, or of each element of an array of objects.
     pub(crate) children: Option<ObjectSchema>,
 }
@@ -238,6 +254,7 @@ fn build_object(
         object.index.insert(member.clone(), object.fields.len());
         object.fields.push(Field {
             key: Key::String(Arc::new(member.clone())),
+            index: object.fields.len(),
             name: member.clone(),
             path: spec.name.clone(),
             ty: spec.r#type,
@@ -250,10 +267,29 @@ fn build_object(
             max_length: spec.max_length,
             pii: spec.pii,
             holds_personal: false,
+            needed: false,
             children,
         });
     }
+    object.keys = object.fields.iter().map(|f| f.key.clone()).collect();
     object
+}
+
+impl Schema {
+    /// Records which fields the contract's expressions read (by schema path); the containers of a read field
+    /// are read too.
+    pub(crate) fn mark_needed(&mut self, paths: &std::collections::HashSet<&str>) {
+        fn mark(object: &mut ObjectSchema, paths: &std::collections::HashSet<&str>) -> bool {
+            let mut any = false;
+            for field in &mut object.fields {
+                let nested = field.children.as_mut().is_some_and(|c| mark(c, paths));
+                field.needed = nested || paths.contains(field.path.as_str());
+                any |= field.needed;
+            }
+            any
+        }
+        mark(&mut self.root, paths);
+    }
 }
 
 fn mark_personal(object: &mut ObjectSchema) -> bool {
@@ -380,16 +416,20 @@ fn check_options(i: usize, spec: &FieldSpec, errors: &mut Vec<CompileError>) {
     }));
 }
 
-/// The last non-empty line of a multi-line error (the regex crate puts the reason there).
 fn first_line(s: &str) -> String {
     s.lines()
-        .rfind(|l| !l.trim().is_empty())
+        .filter(|l| !l.trim().is_empty())
+        .last()
         .unwrap_or(s)
         .trim()
         .to_string()
 }
 
 /// The state of validating one record.
+///
+/// The record is validated as it is read: the reader follows the schema through the bytes and builds the CEL
+/// value of the declared fields directly, skipping (but still checking) everything undeclared, so a record is
+/// never held twice in memory.
 pub(crate) struct Validator<'c> {
     pub(crate) redaction: &'c Redaction,
     pub(crate) max_violations: usize,
@@ -399,6 +439,20 @@ pub(crate) struct Validator<'c> {
     /// The longest array in the record, which bounds the cost of every comprehension.
     pub(crate) max_list_len: usize,
     path: String,
+}
+
+/// What a violation shows as the offending value.
+enum Offending<'t> {
+    Text(&'t str),
+    Described(String),
+}
+
+/// The outcome of reading one declared value.
+enum Read {
+    Value(Value),
+    Null,
+    /// A violation was recorded.
+    Invalid,
 }
 
 impl<'c> Validator<'c> {
@@ -413,13 +467,30 @@ impl<'c> Validator<'c> {
         }
     }
 
-    /// Validates the record object and builds its CEL value (declared fields only).
-    pub(crate) fn record(
+    /// Reads and validates a record and builds its CEL value (declared fields only). A record that cannot be
+    /// read at all (size, encoding, syntax, depth, duplicate keys, not an object) is an error; violations of
+    /// the schema are collected.
+    pub(crate) fn read(
         &mut self,
         schema: &Schema,
-        members: &[(Cow<'_, str>, Json<'_>)],
-    ) -> Value {
-        self.object(&schema.root, members)
+        bytes: &[u8],
+        max_bytes: usize,
+        max_depth: usize,
+    ) -> Result<Value, ParseError> {
+        let mut scanner = Scanner::new(bytes, max_bytes, max_depth)?;
+        scanner.skip_ws();
+        if scanner.peek() != Some(b'{') {
+            let skipped = scanner.skip_value(0).map_err(trim_path)?;
+            scanner.finish()?;
+            return Err(ParseError::NotAnObject {
+                found: skipped.type_name(),
+            });
+        }
+        let value = self
+            .object(&schema.root, &mut scanner, 1)
+            .map_err(trim_path)?;
+        scanner.finish()?;
+        Ok(value)
     }
 
     /// Adds the collected violations' summary, if some were dropped.
@@ -434,50 +505,100 @@ impl<'c> Validator<'c> {
         self.violations
     }
 
+    fn count(&self) -> usize {
+        self.violations.len() + self.dropped
+    }
+
     fn violation(
         &mut self,
         code: ReasonCode,
         field: &Field,
         message: String,
-        value: Option<&Json<'_>>,
+        value: Option<Offending<'_>>,
     ) {
         if self.violations.len() >= self.max_violations {
             self.dropped += 1;
             return;
         }
-        let value = value.map(|v| {
-            let text = json_text(v);
-            if field.pii {
-                redact(&text, self.redaction)
-            } else {
-                quote(&text)
-            }
+        let value = value.map(|v| match v {
+            Offending::Text(text) if field.pii => redact(text, self.redaction),
+            Offending::Text(text) => quote(text),
+            Offending::Described(description) => description,
         });
         self.violations
             .push(Reason::new(code, Subject::Field(self.path.clone()), message).with_value(value));
     }
 
-    fn object(&mut self, schema: &ObjectSchema, members: &[(Cow<'_, str>, Json<'_>)]) -> Value {
-        let mut map: HashMap<Key, Value> = HashMap::with_capacity(schema.fields.len());
-        // Fields that were present (even with a bad value), so a bad value is not also reported as missing.
+    /// A skipped value's error, with the path of the member it was found under.
+    fn under<'k>(&'k self, name: &'k str) -> impl FnOnce(ParseError) -> ParseError + 'k {
+        move |e| prefix_path(e, &format!("{}{}", self.path, member_segment(name)))
+    }
+
+    fn object(
+        &mut self,
+        schema: &ObjectSchema,
+        sc: &mut Scanner<'_>,
+        depth: usize,
+    ) -> Result<Value, ParseError> {
+        sc.enter(depth)?;
+        sc.eat(b'{');
+        let mut fields: Box<[Option<Value>]> = vec![None; schema.fields.len()].into_boxed_slice();
+        // Declared members seen (for duplicates) and present with a value (for required-field checks); a bad
+        // value counts as present, so it is not also reported as missing.
+        let mut seen = [0u64; 4];
         let mut present = [0u64; 4];
-        for (name, json) in members {
-            let Some(index) = schema.position(name) else {
-                continue;
-            };
-            let field = &schema.fields[index];
-            if !matches!(json, Json::Null) && index < 256 {
-                present[index / 64] |= 1 << (index % 64);
+        let mut undeclared = KeySet::default();
+        let mut hint = 0;
+        if !sc.eat(b'}') {
+            loop {
+                let key = sc.key()?;
+                let position = schema.position_after(&key, hint);
+                if let Some(i) = position {
+                    hint = i + 1;
+                }
+                match position {
+                    Some(i) if i < 256 => {
+                        let bit = 1u64 << (i % 64);
+                        if seen[i / 64] & bit != 0 {
+                            return Err(ParseError::DuplicateKey {
+                                path: self.path.clone(),
+                                key: key.into_owned(),
+                            });
+                        }
+                        seen[i / 64] |= bit;
+                        let field = &schema.fields[i];
+                        let len = self.path.len();
+                        push_member(&mut self.path, &key);
+                        match self.value(field, field.ty, sc, depth)? {
+                            Read::Value(v) => {
+                                if field.needed {
+                                    fields[i] = Some(v);
+                                }
+                                present[i / 64] |= bit;
+                            }
+                            Read::Invalid => present[i / 64] |= bit,
+                            // null is how CRMs say "no value": the same as an absent field.
+                            Read::Null => {}
+                        }
+                        self.path.truncate(len);
+                    }
+                    _ => {
+                        sc.skip_value(depth).map_err(self.under(&key))?;
+                        if let Some(key) = undeclared.insert(key) {
+                            return Err(ParseError::DuplicateKey {
+                                path: self.path.clone(),
+                                key,
+                            });
+                        }
+                    }
+                }
+                if !sc.next_item(b'}')? {
+                    break;
+                }
             }
-            let len = self.path.len();
-            push_member(&mut self.path, name);
-            if let Some(value) = self.field(field, json) {
-                map.insert(field.key.clone(), value);
-            }
-            self.path.truncate(len);
         }
-        for (index, field) in schema.fields.iter().enumerate() {
-            if field.required && index < 256 && present[index / 64] & (1 << (index % 64)) == 0 {
+        for (i, field) in schema.fields.iter().enumerate() {
+            if field.required && i < 256 && present[i / 64] & (1 << (i % 64)) == 0 {
                 let len = self.path.len();
                 push_member(&mut self.path, &field.name);
                 self.violation(
@@ -489,219 +610,313 @@ impl<'c> Validator<'c> {
                 self.path.truncate(len);
             }
         }
-        Value::Map(Map { map: Arc::new(map) })
+        Ok(Value::Opaque(Arc::new(Struct {
+            keys: schema.keys.clone(),
+            fields,
+        })))
     }
 
-    /// Checks one present value. `None` means no CEL value (null, or a violation was recorded).
-    fn field(&mut self, field: &Field, json: &Json<'_>) -> Option<Value> {
-        if matches!(json, Json::Null) {
-            // null is how CRMs say "no value": the same as an absent field.
-            return None;
-        }
-        match field.ty {
-            FieldType::Array => {
-                let Json::Array(items) = json else {
-                    self.wrong_type(field, "array", json);
-                    return None;
-                };
-                self.max_list_len = self.max_list_len.max(items.len());
-                if let Some(max) = field.max_length
-                    && items.len() > max as usize
-                {
-                    self.violation(
-                        ReasonCode::TooLong,
+    /// Reads one value of a declared field (or, with `ty` its element type, one element of an array field).
+    fn value(
+        &mut self,
+        field: &Field,
+        ty: FieldType,
+        sc: &mut Scanner<'_>,
+        depth: usize,
+    ) -> Result<Read, ParseError> {
+        Ok(match sc.peek() {
+            Some(b'n') => {
+                sc.literal("null")?;
+                Read::Null
+            }
+            Some(b'"') => {
+                let s = sc.string()?;
+                self.from_string(field, ty, s)
+            }
+            Some(b'-' | b'0'..=b'9') => {
+                let n = sc.number()?;
+                self.from_number(field, ty, n)
+            }
+            Some(b't' | b'f') => {
+                let b = sc.peek() == Some(b't');
+                sc.literal(if b { "true" } else { "false" })?;
+                if ty == FieldType::Boolean {
+                    Read::Value(Value::Bool(b))
+                } else {
+                    self.wrong_type(
                         field,
-                        format!(
-                            "has {} elements, more than the maximum of {max}",
-                            items.len()
-                        ),
-                        None,
-                    );
-                    return None;
+                        ty,
+                        "boolean",
+                        Some(Offending::Text(if b { "true" } else { "false" })),
+                    )
                 }
-                let element = field.items.unwrap_or(FieldType::String);
-                let mut values = Vec::with_capacity(items.len());
-                let mut ok = true;
-                for (i, item) in items.iter().enumerate() {
+            }
+            Some(b'{') if ty == FieldType::Object => {
+                let before = self.count();
+                let value = match &field.children {
+                    Some(children) => self.object(children, sc, depth + 1)?,
+                    None => {
+                        sc.skip_value(depth)
+                            .map_err(|e| prefix_path(e, &self.path))?;
+                        Value::Opaque(Arc::new(Struct {
+                            keys: Arc::from([]),
+                            fields: Box::new([]),
+                        }))
+                    }
+                };
+                if self.count() == before {
+                    Read::Value(value)
+                } else {
+                    Read::Invalid
+                }
+            }
+            Some(b'[') if ty == FieldType::Array => self.array(field, sc, depth + 1)?,
+            Some(b'{' | b'[') => {
+                let skipped = sc
+                    .skip_value(depth)
+                    .map_err(|e| prefix_path(e, &self.path))?;
+                let description = match skipped {
+                    Skipped::Array(n) => format!("[{n} elements]"),
+                    Skipped::Object(n) => format!("{{{n} members}}"),
+                    _ => String::new(),
+                };
+                self.wrong_type(
+                    field,
+                    ty,
+                    skipped.type_name(),
+                    Some(Offending::Described(description)),
+                )
+            }
+            _ => return Err(sc.syntax("expected a value")),
+        })
+    }
+
+    fn array(
+        &mut self,
+        field: &Field,
+        sc: &mut Scanner<'_>,
+        depth: usize,
+    ) -> Result<Read, ParseError> {
+        sc.enter(depth)?;
+        sc.eat(b'[');
+        let element = field.items.unwrap_or(FieldType::String);
+        let max = field.max_length.map_or(usize::MAX, |m| m as usize);
+        // Most arrays are short; one allocation covers them.
+        let mut values = if field.needed { Vec::with_capacity(8) } else { Vec::new() };
+        let mut ok = true;
+        let mut n = 0usize;
+        if !sc.eat(b']') {
+            loop {
+                sc.skip_ws();
+                if n >= max {
+                    // Too long: the rest is only checked and counted, never built.
+                    sc.skip_value(depth)
+                        .map_err(|e| prefix_path(e, &format!("{}[{n}]", self.path)))?;
+                } else {
                     let len = self.path.len();
-                    let _ = write!(self.path, "[{i}]");
-                    match self.scalar_or_object(field, element, item) {
-                        Some(v) => values.push(v),
-                        None => ok = false,
+                    push_index(&mut self.path, n);
+                    match self.value(field, element, sc, depth)? {
+                        Read::Value(v) if field.needed => values.push(v),
+                        Read::Value(_) => {}
+                        Read::Null => {
+                            self.wrong_type(field, element, "null", None);
+                            ok = false;
+                        }
+                        Read::Invalid => ok = false,
                     }
                     self.path.truncate(len);
                 }
-                ok.then(|| Value::List(Arc::new(values)))
+                n += 1;
+                if !sc.next_item(b']')? {
+                    break;
+                }
             }
-            ty => self.scalar_or_object(field, ty, json),
         }
+        self.max_list_len = self.max_list_len.max(n);
+        if n > max {
+            self.violation(
+                ReasonCode::TooLong,
+                field,
+                format!("has {n} elements, more than the maximum of {max}"),
+                None,
+            );
+            return Ok(Read::Invalid);
+        }
+        Ok(match (ok, field.needed) {
+            (true, true) => Read::Value(Value::List(Arc::new(values))),
+            (true, false) => Read::Value(Value::Null),
+            (false, _) => Read::Invalid,
+        })
     }
 
-    fn scalar_or_object(&mut self, field: &Field, ty: FieldType, json: &Json<'_>) -> Option<Value> {
-        match (ty, json) {
-            (FieldType::Object, Json::Object(members)) => {
-                let before = self.violations.len() + self.dropped;
-                let value = match &field.children {
-                    Some(children) => self.object(children, members),
-                    None => Value::Map(Map {
-                        map: Arc::new(HashMap::new()),
-                    }),
-                };
-                (self.violations.len() + self.dropped == before).then_some(value)
-            }
-            (FieldType::String, Json::String(s)) => {
+    fn from_string(&mut self, field: &Field, ty: FieldType, s: Cow<'_, str>) -> Read {
+        match ty {
+            FieldType::String => {
                 if let Some(max) = field.max_length
                     && s.len() > max as usize
                     && s.chars().count() > max as usize
                 {
+                    let message = format!("is longer than the maximum of {max} characters");
                     self.violation(
                         ReasonCode::TooLong,
                         field,
-                        format!("is longer than the maximum of {max} characters"),
-                        Some(json),
+                        message,
+                        Some(Offending::Text(&s)),
                     );
-                    return None;
+                    return Read::Invalid;
                 }
                 if let Some(pattern) = &field.pattern
-                    && !pattern.is_match(s)
+                    && !pattern.is_match(&s)
                 {
+                    let message = format!("does not match the pattern {}", pattern.as_str());
                     self.violation(
                         ReasonCode::PatternMismatch,
                         field,
-                        format!("does not match the pattern {}", pattern.as_str()),
-                        Some(json),
+                        message,
+                        Some(Offending::Text(&s)),
                     );
-                    return None;
+                    return Read::Invalid;
                 }
-                Some(Value::String(Arc::new(s.to_string())))
+                Read::Value(string_value(field, s))
             }
-            (FieldType::Enum, Json::String(s)) => {
-                if field.enum_values.iter().any(|v| v == s) {
-                    Some(Value::String(Arc::new(s.to_string())))
+            FieldType::Enum => {
+                if field.enum_values.iter().any(|v| *v == *s) {
+                    Read::Value(string_value(field, s))
                 } else {
-                    let allowed = field.enum_values.join(", ");
+                    let message = format!("is not one of: {}", field.enum_values.join(", "));
                     self.violation(
                         ReasonCode::NotInEnum,
                         field,
-                        format!("is not one of: {allowed}"),
-                        Some(json),
+                        message,
+                        Some(Offending::Text(&s)),
                     );
-                    None
+                    Read::Invalid
                 }
             }
-            (FieldType::Boolean, Json::Bool(b)) => Some(Value::Bool(*b)),
-            (FieldType::Integer, Json::Number(text)) => {
-                let value = match text.parse::<i64>() {
-                    Ok(i) => i,
-                    Err(_) => match parse_decimal(text) {
-                        Ok(d) if d.fract().is_zero() => match i64::try_from(d) {
-                            Ok(i) => i,
-                            Err(_) => {
-                                self.violation(
-                                    ReasonCode::NumberOutOfRange,
-                                    field,
-                                    "is beyond the 64-bit integer range".into(),
-                                    Some(json),
-                                );
-                                return None;
-                            }
-                        },
-                        Ok(_) => {
-                            self.violation(
-                                ReasonCode::WrongType,
-                                field,
-                                "expected an integer, found a fraction".into(),
-                                Some(json),
-                            );
-                            return None;
-                        }
-                        Err(_) => {
-                            self.violation(
-                                ReasonCode::NumberOutOfRange,
-                                field,
-                                "is beyond the 64-bit integer range".into(),
-                                Some(json),
-                            );
-                            return None;
-                        }
-                    },
-                };
-                self.bounds(field, Decimal::from(value), json)
-                    .then_some(Value::Int(value))
+            FieldType::Date if is_rfc3339_date(&s) => Read::Value(string_value(field, s)),
+            FieldType::Date => {
+                let message = "is not an RFC 3339 date (YYYY-MM-DD)".to_string();
+                self.violation(
+                    ReasonCode::InvalidDate,
+                    field,
+                    message,
+                    Some(Offending::Text(&s)),
+                );
+                Read::Invalid
             }
-            (FieldType::Decimal, Json::Number(text)) => self.decimal(field, text, json),
-            (FieldType::Decimal, Json::String(text)) => self.decimal(field, text, json),
-            (FieldType::Date, Json::String(s)) => {
-                if is_rfc3339_date(s) {
-                    Some(Value::String(Arc::new(s.to_string())))
-                } else {
-                    self.violation(
-                        ReasonCode::InvalidDate,
-                        field,
-                        "is not an RFC 3339 date (YYYY-MM-DD)".into(),
-                        Some(json),
-                    );
-                    None
-                }
-            }
-            (FieldType::Datetime, Json::String(s)) => match chrono::DateTime::parse_from_rfc3339(s)
-            {
-                Ok(t) => Some(Value::Timestamp(t)),
+            FieldType::Datetime => match chrono::DateTime::parse_from_rfc3339(&s) {
+                Ok(t) => Read::Value(Value::Timestamp(t)),
                 Err(_) => {
+                    let message = "is not an RFC 3339 date-time with offset (2026-11-27T10:00:00Z)"
+                        .to_string();
                     self.violation(
                         ReasonCode::InvalidDatetime,
                         field,
-                        "is not an RFC 3339 date-time with offset (2026-11-27T10:00:00Z)".into(),
-                        Some(json),
+                        message,
+                        Some(Offending::Text(&s)),
                     );
-                    None
+                    Read::Invalid
                 }
             },
-            (ty, json) => {
-                self.wrong_type(field, ty.as_str(), json);
-                None
-            }
+            FieldType::Decimal => self.decimal(field, &s),
+            _ => self.wrong_type(field, ty, "string", Some(Offending::Text(&s))),
         }
     }
 
-    fn wrong_type(&mut self, field: &Field, expected: &str, json: &Json<'_>) {
-        let found = json.type_name();
-        // Structured values are not quoted: they can be large and say little.
-        let value =
-            matches!(json, Json::String(_) | Json::Number(_) | Json::Bool(_)).then_some(json);
+    fn from_number(&mut self, field: &Field, ty: FieldType, text: &str) -> Read {
+        match ty {
+            FieldType::Integer => {
+                let value = match text.parse::<i64>() {
+                    Ok(i) => i,
+                    Err(_) => match parse_decimal(text) {
+                        Ok(d) if d.fract().is_zero() && i64::try_from(d).is_ok() => {
+                            i64::try_from(d).unwrap_or_default()
+                        }
+                        Ok(d) if d.fract().is_zero() => {
+                            return self.out_of_range(
+                                field,
+                                "is beyond the 64-bit integer range",
+                                text,
+                            );
+                        }
+                        Ok(_) => {
+                            let message = "expected an integer, found a fraction".to_string();
+                            self.violation(
+                                ReasonCode::WrongType,
+                                field,
+                                message,
+                                Some(Offending::Text(text)),
+                            );
+                            return Read::Invalid;
+                        }
+                        Err(_) => {
+                            return self.out_of_range(
+                                field,
+                                "is beyond the 64-bit integer range",
+                                text,
+                            );
+                        }
+                    },
+                };
+                if self.bounds(field, Decimal::from(value), text) {
+                    Read::Value(Value::Int(value))
+                } else {
+                    Read::Invalid
+                }
+            }
+            FieldType::Decimal => self.decimal(field, text),
+            _ => self.wrong_type(field, ty, "number", Some(Offending::Text(text))),
+        }
+    }
+
+    fn out_of_range(&mut self, field: &Field, message: &str, text: &str) -> Read {
+        self.violation(
+            ReasonCode::NumberOutOfRange,
+            field,
+            message.to_string(),
+            Some(Offending::Text(text)),
+        );
+        Read::Invalid
+    }
+
+    fn wrong_type(
+        &mut self,
+        field: &Field,
+        expected: FieldType,
+        found: &str,
+        value: Option<Offending<'_>>,
+    ) -> Read {
         self.violation(
             ReasonCode::WrongType,
             field,
-            format!("expected {expected}, found {found}"),
+            format!("expected {}, found {found}", expected.as_str()),
             value,
         );
+        Read::Invalid
     }
 
-    fn decimal(&mut self, field: &Field, text: &str, json: &Json<'_>) -> Option<Value> {
+    fn decimal(&mut self, field: &Field, text: &str) -> Read {
         match parse_decimal(text) {
-            Ok(d) => self.bounds(field, d, json).then(|| decimal_value(d)),
+            Ok(d) if self.bounds(field, d, text) => {
+                Read::Value(if field.needed { decimal_value(d) } else { Value::Null })
+            }
+            Ok(_) => Read::Invalid,
             Err(DecimalError::Syntax) => {
                 self.violation(
                     ReasonCode::InvalidDecimal,
                     field,
                     "is not a decimal number".into(),
-                    Some(json),
+                    Some(Offending::Text(text)),
                 );
-                None
+                Read::Invalid
             }
             Err(DecimalError::OutOfRange) => {
-                self.violation(
-                    ReasonCode::NumberOutOfRange,
-                    field,
-                    DecimalError::OutOfRange.to_string(),
-                    Some(json),
-                );
-                None
+                self.out_of_range(field, &DecimalError::OutOfRange.to_string(), text)
             }
         }
     }
 
-    fn bounds(&mut self, field: &Field, value: Decimal, json: &Json<'_>) -> bool {
+    fn bounds(&mut self, field: &Field, value: Decimal, text: &str) -> bool {
         if let Some(min) = field.minimum
             && value < min
         {
@@ -709,7 +924,7 @@ impl<'c> Validator<'c> {
                 ReasonCode::BelowMinimum,
                 field,
                 format!("is below the minimum of {min}"),
-                Some(json),
+                Some(Offending::Text(text)),
             );
             return false;
         }
@@ -720,12 +935,35 @@ impl<'c> Validator<'c> {
                 ReasonCode::AboveMaximum,
                 field,
                 format!("is above the maximum of {max}"),
-                Some(json),
+                Some(Offending::Text(text)),
             );
             return false;
         }
         true
     }
+}
+
+/// A validated string as a CEL value, allocated only when an expression reads it.
+fn string_value(field: &Field, s: Cow<'_, str>) -> Value {
+    if field.needed { Value::String(Arc::new(s.into_owned())) } else { Value::Null }
+}
+
+/// Appends `[n]` without the formatting machinery, which costs more than the rest of an element's path.
+fn push_index(path: &mut String, n: usize) {
+    path.push('[');
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    path.push_str(std::str::from_utf8(&digits[i..]).expect("ASCII digits"));
+    path.push(']');
 }
 
 fn push_member(path: &mut String, name: &str) {
@@ -841,9 +1079,11 @@ pub(crate) fn personal_values(schema: &Schema, record: &Value, out: &mut Vec<Str
 }
 
 fn collect_personal(schema: &ObjectSchema, value: &Value, out: &mut Vec<String>) {
-    let Value::Map(map) = value else { return };
+    let Some(object) = as_struct(value) else {
+        return;
+    };
     for field in schema.fields.iter().filter(|f| f.holds_personal) {
-        let Some(v) = map.map.get(&field.key) else {
+        let Some(v) = object.fields.get(field.index).and_then(Option::as_ref) else {
             continue;
         };
         if field.pii {
@@ -864,6 +1104,10 @@ fn collect_all_text(value: &Value, out: &mut Vec<String>) {
         Value::List(items) => items.iter().for_each(|v| collect_all_text(v, out)),
         Value::Map(map) => map.map.values().for_each(|v| collect_all_text(v, out)),
         Value::String(s) => out.push(s.to_string()),
+        other if as_struct(other).is_some() => as_struct(other)
+            .expect("checked")
+            .present()
+            .for_each(|(_, v)| collect_all_text(v, out)),
         Value::Int(i) => out.push(i.to_string()),
         Value::Timestamp(t) => out.push(t.to_rfc3339()),
         other => {
@@ -877,7 +1121,6 @@ fn collect_all_text(value: &Value, out: &mut Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contract::record::parse_record;
 
     fn field(name: &str, ty: FieldType) -> FieldSpec {
         FieldSpec {
@@ -895,20 +1138,18 @@ mod tests {
         }
     }
 
+    /// A compiled schema whose every field is read by some expression.
     fn compile_ok(specs: &[FieldSpec]) -> Schema {
         let mut errors = Vec::new();
-        let schema = compile(specs, &mut errors);
+        let mut schema = compile(specs, &mut errors);
         assert!(errors.is_empty(), "{errors:?}");
+        schema.mark_needed(&specs.iter().map(|s| s.name.as_str()).collect());
         schema
     }
 
     fn validate(schema: &Schema, record: &str) -> (Value, Vec<Reason>) {
-        let json = parse_record(record.as_bytes(), 1 << 20, 64).unwrap();
-        let Json::Object(members) = &json else {
-            unreachable!()
-        };
         let mut v = Validator::new(&Redaction::Fixed, 100);
-        let value = v.record(schema, members);
+        let value = v.read(schema, record.as_bytes(), 1 << 20, 64).unwrap();
         (value, v.finish())
     }
 
@@ -1078,16 +1319,16 @@ mod tests {
                 "lines":[{"sku":"A","price":1.5}],"tags":[1,2],"unknown":{"deep":[1]}}"#,
         );
         assert!(violations.is_empty(), "{violations:?}");
-        let Value::Map(map) = value else { panic!() };
+        let record = as_struct(&value).expect("a record is a struct");
         assert!(
-            !map.map.contains_key(&Key::from("unknown")),
+            record.get("unknown").is_none(),
             "undeclared fields stay out of CEL"
         );
         assert_eq!(
-            super::super::cel_env::as_decimal(&map.map[&Key::from("amount")]),
+            super::super::cel_env::as_decimal(record.get("amount").unwrap()),
             Some(Decimal::new(1250, 2))
         );
-        assert!(matches!(map.map[&Key::from("at")], Value::Timestamp(_)));
+        assert!(matches!(record.get("at"), Some(Value::Timestamp(_))));
     }
 
     #[test]
@@ -1253,12 +1494,8 @@ mod tests {
     fn the_number_of_violations_is_bounded() {
         let schema = example_schema();
         let json = format!(r#"{{"tags":[{}]}}"#, vec!["\"x\""; 500].join(","));
-        let record = parse_record(json.as_bytes(), 1 << 20, 64).unwrap();
-        let Json::Object(members) = &record else {
-            unreachable!()
-        };
         let mut v = Validator::new(&Redaction::Fixed, 10);
-        v.record(&schema, members);
+        v.read(&schema, json.as_bytes(), 1 << 20, 64).unwrap();
         let reasons = v.finish();
         assert_eq!(reasons.len(), 11);
         assert_eq!(reasons[10].code, ReasonCode::TooManyViolations);
