@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod contract;
 mod controller;
 mod dev;
 mod worker;
@@ -46,6 +47,11 @@ pub enum Command {
         #[command(subcommand)]
         command: worker::HoldCommand,
     },
+    /// Work with contract versions offline: classify changes (`diff`), run sample records (`check`).
+    Contract {
+        #[command(subcommand)]
+        command: contract::ContractCommand,
+    },
     /// Check manifests offline (YAML, kinds, schema, CRD rules, contract expressions, references); for CI.
     Validate {
         /// Files or directories (searched recursively for .yaml, .yml and .json).
@@ -81,6 +87,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Worker(args) => worker::worker(*args),
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),
+        Command::Contract { command } => contract::run(command),
     }
 }
 

@@ -778,15 +778,11 @@ pub fn parse_manifest(yaml: &str) -> Result<crate::api::SyncContract, CompileErr
             ),
         ));
     }
-    serde_yaml::from_value(value).map_err(|e| {
-        // serde_yaml names the path as `spec.fields[3].type: <reason>`; split it so the path is a path.
-        let text = e.to_string();
-        match text.split_once(": ") {
-            Some((path, reason)) if path.starts_with("spec") || path.starts_with("metadata") => {
-                CompileError::new(path, CompileErrorKind::InvalidManifest, reason.to_string())
-            }
-            _ => invalid(text),
-        }
+    // Deserialising from a YAML value loses positions, so the path of the offending field is tracked instead.
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = e.into_inner().to_string();
+        if path == "." { invalid(reason) } else { CompileError::new(path, CompileErrorKind::InvalidManifest, reason) }
     })
 }
 
