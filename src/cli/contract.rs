@@ -75,9 +75,14 @@ const NOT_ALLOWED: u8 = 3;
 pub fn run(command: ContractCommand) -> ExitCode {
     match command {
         ContractCommand::Diff { old, new, output } => diff(&old, &new, output),
-        ContractCommand::Check { file, records, lookups, flow, show, output } => {
-            check(&file, &records, lookups.as_deref(), &flow, show, output)
-        }
+        ContractCommand::Check {
+            file,
+            records,
+            lookups,
+            flow,
+            show,
+            output,
+        } => check(&file, &records, lookups.as_deref(), &flow, show, output),
     }
 }
 
@@ -95,13 +100,24 @@ impl InputErrors {
 
 fn load(path: &Path) -> Result<(SyncContract, CompiledContract), InputErrors> {
     let file = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| InputErrors(vec![format!("{file}: cannot read: {e}")]))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| InputErrors(vec![format!("{file}: cannot read: {e}")]))?;
     let manifest = contract::parse_manifest(&text).map_err(|e| {
-        let at = if e.path.is_empty() { String::new() } else { format!("{}: ", e.path) };
+        let at = if e.path.is_empty() {
+            String::new()
+        } else {
+            format!("{}: ", e.path)
+        };
         InputErrors(vec![format!("{file}: {at}{}", e.reason)])
     })?;
-    let compiled = contract::compile(&manifest.spec)
-        .map_err(|errors| InputErrors(errors.iter().map(|e| format!("{file}: {}: {}", e.path, e.reason)).collect()))?;
+    let compiled = contract::compile(&manifest.spec).map_err(|errors| {
+        InputErrors(
+            errors
+                .iter()
+                .map(|e| format!("{file}: {}: {}", e.path, e.reason))
+                .collect(),
+        )
+    })?;
     Ok((manifest, compiled))
 }
 
@@ -131,7 +147,13 @@ fn diff(old_path: &Path, new_path: &Path, output: Format) -> ExitCode {
         }
     };
     let report = compat::diff(&old.0.spec, &new.0.spec);
-    let name = new.0.metadata.name.clone().or(old.0.metadata.name.clone()).unwrap_or_default();
+    let name = new
+        .0
+        .metadata
+        .name
+        .clone()
+        .or(old.0.metadata.name.clone())
+        .unwrap_or_default();
     match output {
         Format::Json => {
             let out = DiffOutput {
@@ -142,11 +164,18 @@ fn diff(old_path: &Path, new_path: &Path, output: Format) -> ExitCode {
                 allowed: report.is_allowed(),
                 report: &report,
             };
-            println!("{}", serde_json::to_string_pretty(&out).expect("a diff serialises"));
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out).expect("a diff serialises")
+            );
         }
         Format::Table => print!("{}", diff_table(&name, &report)),
     }
-    if report.is_allowed() { ExitCode::SUCCESS } else { ExitCode::from(NOT_ALLOWED) }
+    if report.is_allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(NOT_ALLOWED)
+    }
 }
 
 fn diff_table(name: &str, report: &CompatReport) -> String {
@@ -172,7 +201,10 @@ fn diff_table(name: &str, report: &CompatReport) -> String {
                 ]
             })
             .collect();
-        out.push_str(&table(&["CHANGE", "WHERE", "EFFECT", "BREAKING", "DETAIL"], &rows));
+        out.push_str(&table(
+            &["CHANGE", "WHERE", "EFFECT", "BREAKING", "DETAIL"],
+            &rows,
+        ));
     }
     out.push_str(&format!(
         "verdict: {} (version step needed: {}, taken: {})\n",
@@ -250,7 +282,12 @@ struct CheckOutput {
 }
 
 impl CheckOutput {
-    fn add(groups: &mut BTreeMap<String, Group>, key: String, show: usize, example: impl FnOnce() -> Example) {
+    fn add(
+        groups: &mut BTreeMap<String, Group>,
+        key: String,
+        show: usize,
+        example: impl FnOnce() -> Example,
+    ) {
         let group = groups.entry(key).or_default();
         group.count += 1;
         if group.examples.len() < show {
@@ -268,18 +305,33 @@ impl CheckOutput {
             Outcome::Rejected { reasons } => {
                 self.rejected += 1;
                 for reason in reasons {
-                    Self::add(&mut self.reasons, reason.code.label().to_string(), show, || example(line, reason));
+                    Self::add(
+                        &mut self.reasons,
+                        reason.code.label().to_string(),
+                        show,
+                        || example(line, reason),
+                    );
                 }
                 &[]
             }
-            Outcome::Held { rule, approver_role, message, warnings } => {
+            Outcome::Held {
+                rule,
+                approver_role,
+                message,
+                warnings,
+            } => {
                 self.held += 1;
-                Self::add(&mut self.holds, format!("{rule} (for {approver_role})"), show, || Example {
-                    line,
-                    subject: format!("rule {rule}"),
-                    message: message.clone(),
-                    value: None,
-                });
+                Self::add(
+                    &mut self.holds,
+                    format!("{rule} (for {approver_role})"),
+                    show,
+                    || Example {
+                        line,
+                        subject: format!("rule {rule}"),
+                        message: message.clone(),
+                        value: None,
+                    },
+                );
                 warnings.as_slice()
             }
         };
@@ -294,12 +346,19 @@ impl CheckOutput {
     }
 
     fn table(&self) -> String {
-        let mut out = format!("contract {} {} ({})\n", self.contract, self.version, self.content_hash);
+        let mut out = format!(
+            "contract {} {} ({})\n",
+            self.contract, self.version, self.content_hash
+        );
         out.push_str(&format!(
             "records {}: accepted {}, rejected {}, held {}\n",
             self.records, self.accepted, self.rejected, self.held
         ));
-        for (title, groups) in [("rejected, by reason", &self.reasons), ("held, by rule", &self.holds), ("warnings, by rule", &self.warnings)] {
+        for (title, groups) in [
+            ("rejected, by reason", &self.reasons),
+            ("held, by rule", &self.holds),
+            ("warnings, by rule", &self.warnings),
+        ] {
             if groups.is_empty() {
                 continue;
             }
@@ -307,8 +366,15 @@ impl CheckOutput {
             for (key, group) in groups {
                 out.push_str(&format!("  {key}: {}\n", group.count));
                 for e in &group.examples {
-                    let value = e.value.as_deref().map(|v| format!(" (value {v})")).unwrap_or_default();
-                    out.push_str(&format!("    line {}: {}: {}{value}\n", e.line, e.subject, e.message));
+                    let value = e
+                        .value
+                        .as_deref()
+                        .map(|v| format!(" (value {v})"))
+                        .unwrap_or_default();
+                    out.push_str(&format!(
+                        "    line {}: {}: {}{value}\n",
+                        e.line, e.subject, e.message
+                    ));
                 }
             }
         }
@@ -317,10 +383,22 @@ impl CheckOutput {
 }
 
 fn example(line: usize, reason: &Reason) -> Example {
-    Example { line, subject: reason.subject.to_string(), message: reason.message.clone(), value: reason.value.clone() }
+    Example {
+        line,
+        subject: reason.subject.to_string(),
+        message: reason.message.clone(),
+        value: reason.value.clone(),
+    }
 }
 
-fn check(file: &Path, records: &Path, lookups: Option<&Path>, flow: &str, show: usize, output: Format) -> ExitCode {
+fn check(
+    file: &Path,
+    records: &Path,
+    lookups: Option<&Path>,
+    flow: &str,
+    show: usize,
+    output: Format,
+) -> ExitCode {
     let (manifest, compiled) = match load(file) {
         Ok(loaded) => loaded,
         Err(errors) => return errors.report(),
@@ -330,7 +408,10 @@ fn check(file: &Path, records: &Path, lookups: Option<&Path>, flow: &str, show: 
         Some(path) => {
             let bytes = match std::fs::read(path) {
                 Ok(bytes) => bytes,
-                Err(e) => return InputErrors(vec![format!("{}: cannot read: {e}", path.display())]).report(),
+                Err(e) => {
+                    return InputErrors(vec![format!("{}: cannot read: {e}", path.display())])
+                        .report();
+                }
             };
             match Lookups::from_json_bytes(&compiled, &bytes) {
                 Ok(tables) => tables,
@@ -340,11 +421,19 @@ fn check(file: &Path, records: &Path, lookups: Option<&Path>, flow: &str, show: 
     };
     let env = match compiled.env(flow, &tables) {
         Ok(env) => env,
-        Err(e) => return InputErrors(vec![format!("{}: {e} (pass it with --lookups)", file.display())]).report(),
+        Err(e) => {
+            return InputErrors(vec![format!(
+                "{}: {e} (pass it with --lookups)",
+                file.display()
+            )])
+            .report();
+        }
     };
     let reader = match File::open(records) {
         Ok(f) => BufReader::new(f),
-        Err(e) => return InputErrors(vec![format!("{}: cannot read: {e}", records.display())]).report(),
+        Err(e) => {
+            return InputErrors(vec![format!("{}: cannot read: {e}", records.display())]).report();
+        }
     };
     let mut summary = CheckOutput {
         contract: manifest.metadata.name.clone().unwrap_or_default(),
@@ -359,7 +448,10 @@ fn check(file: &Path, records: &Path, lookups: Option<&Path>, flow: &str, show: 
         let line = match lines.next_line() {
             Ok(Some(line)) => line,
             Ok(None) => break,
-            Err(e) => return InputErrors(vec![format!("{}: cannot read: {e}", records.display())]).report(),
+            Err(e) => {
+                return InputErrors(vec![format!("{}: cannot read: {e}", records.display())])
+                    .report();
+            }
         };
         number += 1;
         let outcome = match line {
@@ -375,7 +467,10 @@ fn check(file: &Path, records: &Path, lookups: Option<&Path>, flow: &str, show: 
         summary.record(number, &outcome, show);
     }
     match output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&summary).expect("a summary serialises")),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).expect("a summary serialises")
+        ),
         Format::Table => print!("{}", summary.table()),
     }
     ExitCode::SUCCESS
@@ -396,7 +491,9 @@ struct BoundedLines<R> {
 impl<R: BufRead> BoundedLines<R> {
     fn next_line(&mut self) -> std::io::Result<Option<Line>> {
         let mut buf = Vec::new();
-        let read = (&mut self.reader).take(self.limit as u64 + 1).read_until(b'\n', &mut buf)?;
+        let read = (&mut self.reader)
+            .take(self.limit as u64 + 1)
+            .read_until(b'\n', &mut buf)?;
         if read == 0 {
             return Ok(None);
         }
@@ -445,9 +542,15 @@ mod tests {
         input.extend_from_slice(b"{\"a\":1}\n");
         input.extend(std::iter::repeat_n(b'x', 10_000));
         input.extend_from_slice(b"\n{\"b\":2}");
-        let mut lines = BoundedLines { reader: BufReader::with_capacity(64, input.as_slice()), limit: 100 };
+        let mut lines = BoundedLines {
+            reader: BufReader::with_capacity(64, input.as_slice()),
+            limit: 100,
+        };
         assert!(matches!(lines.next_line().unwrap(), Some(Line::Record(r)) if r == b"{\"a\":1}"));
-        assert!(matches!(lines.next_line().unwrap(), Some(Line::TooLong(10_000))));
+        assert!(matches!(
+            lines.next_line().unwrap(),
+            Some(Line::TooLong(10_000))
+        ));
         assert!(matches!(lines.next_line().unwrap(), Some(Line::Record(r)) if r == b"{\"b\":2}"));
         assert!(lines.next_line().unwrap().is_none());
     }

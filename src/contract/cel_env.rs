@@ -149,10 +149,11 @@ pub fn decimal_to_json(d: Decimal) -> serde_json::Value {
     {
         return serde_json::Value::from(i);
     }
-        let mantissa = n.mantissa().unsigned_abs();
+    let mantissa = n.mantissa().unsigned_abs();
     let digits = mantissa.checked_ilog10().map_or(1, |l| l + 1);
     if digits <= 15
-        && let Some(number) = serde_json::Number::from_f64(exact_f64(n.is_sign_negative(), mantissa, n.scale()))
+        && let Some(number) =
+            serde_json::Number::from_f64(exact_f64(n.is_sign_negative(), mantissa, n.scale()))
     {
         return serde_json::Value::Number(number);
     }
@@ -236,7 +237,10 @@ impl std::hash::Hasher for FxHasher {
         }
         let tail = chunks.remainder();
         if !tail.is_empty() {
-            let word = tail.iter().rev().fold(0u64, |w, &b| (w << 8) | u64::from(b));
+            let word = tail
+                .iter()
+                .rev()
+                .fold(0u64, |w, &b| (w << 8) | u64::from(b));
             self.write_u64(word);
         }
     }
@@ -327,8 +331,8 @@ fn needs_conversion(value: &Value) -> bool {
 /// to 22 is exact), and IEEE division rounds correctly. Larger scales take the text route.
 fn exact_f64(negative: bool, mantissa: u128, scale: u32) -> f64 {
     const POWERS: [f64; 23] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
-        1e19, 1e20, 1e21, 1e22,
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
     ];
     let magnitude = match POWERS.get(scale as usize) {
         Some(power) => mantissa as f64 / power,

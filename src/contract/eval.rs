@@ -413,7 +413,11 @@ fn extend(operand: Node, step: Step) -> Node {
         }
     };
     let indexed = matches!(step, Step::Index(_));
-    Node::Path(Box::new(Path { root, steps: vec![step], indexed }))
+    Node::Path(Box::new(Path {
+        root,
+        steps: vec![step],
+        indexed,
+    }))
 }
 
 #[derive(Debug)]
@@ -1915,7 +1919,9 @@ fn resolve<'f>(path: &Path, f: &'f mut Frame<'_>) -> Result<&'f Value, EvalError
         return match root {
             Some(root) => walk(root, &path.steps, &indexes),
             None => {
-                let Root::Local(slot) = path.root else { unreachable!("only locals live in the frame") };
+                let Root::Local(slot) = path.root else {
+                    unreachable!("only locals live in the frame")
+                };
                 walk(&f.locals[slot], &path.steps, &indexes)
             }
         };
@@ -1923,7 +1929,10 @@ fn resolve<'f>(path: &Path, f: &'f mut Frame<'_>) -> Result<&'f Value, EvalError
     f.step(path.steps.len() as u64)?;
     let mut value: &Value = match path.root {
         Root::Record => f.record,
-        Root::Lookup(i) => f.lookups.get(i).ok_or_else(|| EvalError::runtime("lookup data is missing"))?,
+        Root::Lookup(i) => f
+            .lookups
+            .get(i)
+            .ok_or_else(|| EvalError::runtime("lookup data is missing"))?,
         Root::Contract => f.contract,
         Root::Flow => f.flow,
         Root::Local(slot) => &f.locals[slot],

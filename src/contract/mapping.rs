@@ -168,7 +168,7 @@ impl Mapping {
                     kind: EvalErrorKind::Runtime,
                     message: format!(
                         "the external id must be a string or an int, not a {}",
-                        type_name(&other)
+                        type_name(other)
                     ),
                 }));
             }
@@ -178,7 +178,10 @@ impl Mapping {
         for target in &self.targets {
             let value = match &target.program.direct {
                 _ if target.same_as_external_id => match &key_value {
-                    Ok(v) => value_to_json(v).map_err(|m| EvalError { kind: EvalErrorKind::Runtime, message: m }),
+                    Ok(v) => value_to_json(v).map_err(|m| EvalError {
+                        kind: EvalErrorKind::Runtime,
+                        message: m,
+                    }),
                     Err(e) => Err(e.clone()),
                 },
                 Some(direct) => match follow(record, &direct.slots) {

@@ -782,7 +782,11 @@ pub fn parse_manifest(yaml: &str) -> Result<crate::api::SyncContract, CompileErr
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let reason = e.into_inner().to_string();
-        if path == "." { invalid(reason) } else { CompileError::new(path, CompileErrorKind::InvalidManifest, reason) }
+        if path == "." {
+            invalid(reason)
+        } else {
+            CompileError::new(path, CompileErrorKind::InvalidManifest, reason)
+        }
     })
 }
 

@@ -565,16 +565,11 @@ fn plain_run(bytes: &[u8], mut i: usize) -> usize {
 
 /// The keys seen in one object, for duplicate detection. The first few are kept inline and searched
 /// linearly; past that they move into a hash set, so a hostile record with many keys stays linear.
+#[derive(Default)]
 pub(crate) struct KeySet<'a> {
     inline: [Cow<'a, str>; 8],
     len: usize,
     large: Option<HashSet<Cow<'a, str>>>,
-}
-
-impl Default for KeySet<'_> {
-    fn default() -> Self {
-        KeySet { inline: Default::default(), len: 0, large: None }
-    }
 }
 
 impl<'a> KeySet<'a> {
@@ -594,7 +589,8 @@ impl<'a> KeySet<'a> {
         if self.len < self.inline.len() {
             self.inline[self.len] = key;
         } else {
-            let mut set: HashSet<Cow<'a, str>> = self.inline.iter_mut().map(std::mem::take).collect();
+            let mut set: HashSet<Cow<'a, str>> =
+                self.inline.iter_mut().map(std::mem::take).collect();
             set.insert(key);
             self.large = Some(set);
         }

@@ -418,8 +418,7 @@ fn check_options(i: usize, spec: &FieldSpec, errors: &mut Vec<CompileError>) {
 
 fn first_line(s: &str) -> String {
     s.lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
+        .rfind(|l| !l.trim().is_empty())
         .unwrap_or(s)
         .trim()
         .to_string()
@@ -631,11 +630,11 @@ impl<'c> Validator<'c> {
             }
             Some(b'"') => {
                 let s = sc.string()?;
-                self.from_string(field, ty, s)
+                self.read_string(field, ty, s)
             }
             Some(b'-' | b'0'..=b'9') => {
                 let n = sc.number()?;
-                self.from_number(field, ty, n)
+                self.read_number(field, ty, n)
             }
             Some(b't' | b'f') => {
                 let b = sc.peek() == Some(b't');
@@ -702,7 +701,11 @@ impl<'c> Validator<'c> {
         let element = field.items.unwrap_or(FieldType::String);
         let max = field.max_length.map_or(usize::MAX, |m| m as usize);
         // Most arrays are short; one allocation covers them.
-        let mut values = if field.needed { Vec::with_capacity(8) } else { Vec::new() };
+        let mut values = if field.needed {
+            Vec::with_capacity(8)
+        } else {
+            Vec::new()
+        };
         let mut ok = true;
         let mut n = 0usize;
         if !sc.eat(b']') {
@@ -749,7 +752,7 @@ impl<'c> Validator<'c> {
         })
     }
 
-    fn from_string(&mut self, field: &Field, ty: FieldType, s: Cow<'_, str>) -> Read {
+    fn read_string(&mut self, field: &Field, ty: FieldType, s: Cow<'_, str>) -> Read {
         match ty {
             FieldType::String => {
                 if let Some(max) = field.max_length
@@ -823,7 +826,7 @@ impl<'c> Validator<'c> {
         }
     }
 
-    fn from_number(&mut self, field: &Field, ty: FieldType, text: &str) -> Read {
+    fn read_number(&mut self, field: &Field, ty: FieldType, text: &str) -> Read {
         match ty {
             FieldType::Integer => {
                 let value = match text.parse::<i64>() {
@@ -897,9 +900,11 @@ impl<'c> Validator<'c> {
 
     fn decimal(&mut self, field: &Field, text: &str) -> Read {
         match parse_decimal(text) {
-            Ok(d) if self.bounds(field, d, text) => {
-                Read::Value(if field.needed { decimal_value(d) } else { Value::Null })
-            }
+            Ok(d) if self.bounds(field, d, text) => Read::Value(if field.needed {
+                decimal_value(d)
+            } else {
+                Value::Null
+            }),
             Ok(_) => Read::Invalid,
             Err(DecimalError::Syntax) => {
                 self.violation(
@@ -945,7 +950,11 @@ impl<'c> Validator<'c> {
 
 /// A validated string as a CEL value, allocated only when an expression reads it.
 fn string_value(field: &Field, s: Cow<'_, str>) -> Value {
-    if field.needed { Value::String(Arc::new(s.into_owned())) } else { Value::Null }
+    if field.needed {
+        Value::String(Arc::new(s.into_owned()))
+    } else {
+        Value::Null
+    }
 }
 
 /// Appends `[n]` without the formatting machinery, which costs more than the rest of an element's path.
