@@ -1112,7 +1112,12 @@ impl<'d, 's> Lowering<'d, 's> {
         };
         self.scope.pop();
         self.depth -= 1;
-        (node, Shape::Unknown)
+        // A filter returns elements of its range, so what is read from them later must be known to be read.
+        let shape = match (&node, range_shape) {
+            (Node::Filter { .. }, Shape::Field(f)) if f.ty == FieldType::Array => Shape::Field(f),
+            _ => Shape::Unknown,
+        };
+        (node, shape)
     }
 }
 
@@ -1236,8 +1241,10 @@ fn macro_shape(c: &ComprehensionExpr) -> Option<Macro<'_>> {
 pub(crate) enum EvalErrorKind {
     /// A key or field was absent; an optional mapping target treats this as "leave it out".
     NoSuchKey,
-    /// Any other runtime error: type mismatch, division by zero, overflow, a function's error.
+    /// Any other runtime error: type mismatch, division by zero, overflow.
     Runtime,
+    /// A library function's error. Its message is the library's and may quote its arguments.
+    Library,
     /// The step budget ran out.
     Budget,
     /// The wall-clock deadline passed.
@@ -1285,7 +1292,12 @@ impl From<ExecutionError> for EvalError {
         let message = match &e {
             ExecutionError::NoSuchKey(key) => return EvalError::no_such_key(key),
             ExecutionError::UndeclaredReference(name) => format!("undeclared reference to {name}"),
-            ExecutionError::FunctionError { function, message } => format!("{function}: {message}"),
+            ExecutionError::FunctionError { function, message } => {
+                return EvalError {
+                    kind: EvalErrorKind::Library,
+                    message: format!("{function}: {message}"),
+                };
+            }
             ExecutionError::UnexpectedType { got, want } => {
                 format!("unexpected type: got {got}, want {want}")
             }
@@ -2081,11 +2093,8 @@ fn index_ref<'v>(operand: &'v Value, index: &Value) -> Result<&'v Value, EvalErr
                 _ => None,
             };
             i.and_then(|i| list.get(i)).ok_or_else(|| {
-                EvalError::runtime(format!(
-                    "index {} out of bounds (size {})",
-                    KeyText(index),
-                    list.len()
-                ))
+                // The index itself is not shown: it may be a record's value.
+                EvalError::runtime(format!("index out of bounds (size {})", list.len()))
             })
         }
         (Value::Map(map), key) => {

@@ -619,6 +619,14 @@ impl CompiledContract {
         let mut reasons = Vec::new();
         let mut hold = None;
         let mut warnings = Vec::new();
+        // The clock is read between stages; inside an evaluation the frame reads it every 1024 steps.
+        if let Err(e) = frame.check_deadline() {
+            return Outcome::rejected(Reason::new(
+                ReasonCode::DeadlineExceeded,
+                Subject::Record,
+                e.message,
+            ));
+        }
         for rule in &self.rules {
             match rule.check(&mut frame) {
                 rules::Verdict::Pass => {}
@@ -639,7 +647,7 @@ impl CompiledContract {
                     }),
                 },
                 rules::Verdict::Error(e) => {
-                    let message = format!("could not be evaluated: {}", scrub(&e.message));
+                    let message = explain(&e, rule.program.personal, scrub);
                     match (bound_code(&e), rule.action) {
                         (Some(code), _) => {
                             reasons.push(Reason::new(
@@ -674,6 +682,13 @@ impl CompiledContract {
                 warnings,
             };
         }
+        if let Err(e) = frame.check_deadline() {
+            return Outcome::rejected(Reason::new(
+                ReasonCode::DeadlineExceeded,
+                Subject::Record,
+                e.message,
+            ));
+        }
         match self.mapping.build(&mut frame, &record) {
             Ok((payload, external_id)) => Outcome::Accepted {
                 external_id: ExternalId::new(
@@ -685,20 +700,29 @@ impl CompiledContract {
                 warnings,
             },
             Err(failure) => {
-                let (subject, error, code) = match failure {
+                let (subject, error, code, personal) = match failure {
                     mapping::MappingFailure::Target(target, e) => {
-                        (Subject::Mapping(target), e, ReasonCode::MappingError)
+                        let personal = self
+                            .mapping
+                            .targets
+                            .iter()
+                            .any(|t| t.name == target && t.program.personal);
+                        (
+                            Subject::Mapping(target),
+                            e,
+                            ReasonCode::MappingError,
+                            personal,
+                        )
                     }
-                    mapping::MappingFailure::ExternalId(e) => {
-                        (Subject::ExternalId, e, ReasonCode::ExternalIdError)
-                    }
+                    mapping::MappingFailure::ExternalId(e) => (
+                        Subject::ExternalId,
+                        e,
+                        ReasonCode::ExternalIdError,
+                        self.mapping.external_id.personal,
+                    ),
                 };
                 let code = bound_code(&error).unwrap_or(code);
-                Outcome::rejected(Reason::new(
-                    code,
-                    subject,
-                    format!("could not be evaluated: {}", scrub(&error.message)),
-                ))
+                Outcome::rejected(Reason::new(code, subject, explain(&error, personal, scrub)))
             }
         }
     }
@@ -741,6 +765,23 @@ fn parse_code(e: &ParseError) -> ReasonCode {
         ParseError::DuplicateKey { .. } => ReasonCode::DuplicateKey,
         ParseError::NotAnObject { .. } => ReasonCode::NotAnObject,
     }
+}
+
+/// The message of an evaluation error as a reason shows it. An expression that reads personal data may
+/// have put a personal value (or a piece of one) into a missing key or a library's error message, so for such
+/// an expression those details are withheld; exact personal values are scrubbed from every message anyway.
+fn explain(e: &eval::EvalError, personal: bool, scrub: impl Fn(&str) -> String) -> String {
+    let message = match e.kind {
+        eval::EvalErrorKind::NoSuchKey if personal => {
+            "no such key (not shown: the expression reads personal data)".to_string()
+        }
+        eval::EvalErrorKind::Library if personal => {
+            let function = e.message.split(':').next().unwrap_or("a function");
+            format!("{function} failed (details not shown: the expression reads personal data)")
+        }
+        _ => scrub(&e.message),
+    };
+    format!("could not be evaluated: {message}")
 }
 
 fn bound_code(e: &eval::EvalError) -> Option<ReasonCode> {
