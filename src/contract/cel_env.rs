@@ -168,7 +168,45 @@ pub fn decimal_to_json(d: Decimal) -> serde_json::Value {
 #[derive(PartialEq, Eq)]
 pub(crate) struct Struct {
     pub(crate) keys: Arc<[Key]>,
-    pub(crate) fields: Box<[Option<Value>]>,
+    pub(crate) fields: Fields,
+}
+
+/// The member values of a struct. Up to eight live inside the struct itself, so a line item costs one
+/// allocation, not two.
+#[derive(PartialEq, Eq)]
+pub(crate) enum Fields {
+    Inline(usize, [Option<Value>; 8]),
+    Heap(Box<[Option<Value>]>),
+}
+
+impl Fields {
+    pub(crate) fn new(len: usize) -> Fields {
+        if len <= 8 {
+            Fields::Inline(len, Default::default())
+        } else {
+            Fields::Heap(vec![None; len].into_boxed_slice())
+        }
+    }
+}
+
+impl std::ops::Deref for Fields {
+    type Target = [Option<Value>];
+
+    fn deref(&self) -> &[Option<Value>] {
+        match self {
+            Fields::Inline(len, values) => &values[..*len],
+            Fields::Heap(values) => values,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Fields {
+    fn deref_mut(&mut self) -> &mut [Option<Value>] {
+        match self {
+            Fields::Inline(len, values) => &mut values[..*len],
+            Fields::Heap(values) => values,
+        }
+    }
 }
 
 impl fmt::Debug for Struct {

@@ -1342,10 +1342,36 @@ pub(crate) struct Frame<'r> {
     lookups: &'r [Value],
     contract: &'r Value,
     flow: &'r Value,
-    locals: Vec<Value>,
+    /// Comprehension variables; a contract rarely nests more than a few, so they usually live in the frame.
+    locals: Locals,
     budget: u64,
     deadline: Instant,
     ticks: u32,
+}
+
+enum Locals {
+    Inline([Value; 4]),
+    Heap(Vec<Value>),
+}
+
+impl std::ops::Deref for Locals {
+    type Target = [Value];
+
+    fn deref(&self) -> &[Value] {
+        match self {
+            Locals::Inline(values) => values,
+            Locals::Heap(values) => values,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Locals {
+    fn deref_mut(&mut self) -> &mut [Value] {
+        match self {
+            Locals::Inline(values) => values,
+            Locals::Heap(values) => values,
+        }
+    }
 }
 
 impl<'r> Frame<'r> {
@@ -1363,7 +1389,11 @@ impl<'r> Frame<'r> {
             lookups,
             contract,
             flow,
-            locals: vec![Value::Null; slots],
+            locals: if slots <= 4 {
+                Locals::Inline([Value::Null, Value::Null, Value::Null, Value::Null])
+            } else {
+                Locals::Heap(vec![Value::Null; slots])
+            },
             budget,
             deadline,
             ticks: 0,
@@ -1534,6 +1564,14 @@ fn iterate(range: &Value) -> Result<Items<'_>, EvalError> {
     }
 }
 
+/// A struct member or a table entry by name (as `in` and `[]` look them up).
+fn named_member<'v>(value: &'v Value, name: &str) -> Option<&'v Value> {
+    match as_table(value) {
+        Some(t) => t.entries.get(name),
+        None => as_struct(value).and_then(|s| s.get(name)),
+    }
+}
+
 fn same_key(a: &Key, b: &Key) -> bool {
     match (a, b) {
         (Key::String(x), Key::String(y)) => Arc::ptr_eq(x, y) || x == y,
@@ -1637,7 +1675,7 @@ fn eval(node: &Node, f: &mut Frame<'_>) -> Result<Value, EvalError> {
             BinOp::In => {
                 let l = eval(l, f)?;
                 let r = eval_cow(r, f)?;
-                binary(*op, l, r.into_owned(), f)
+                contains(&l, &r, f)
             }
             _ => {
                 let l = eval_num(l, f)?;
@@ -2107,8 +2145,7 @@ fn index_ref<'v>(operand: &'v Value, index: &Value) -> Result<&'v Value, EvalErr
         (Value::Opaque(_), Value::String(name))
             if as_struct(operand).is_some() || as_table(operand).is_some() =>
         {
-            member(operand, &Key::String(name.clone()), None)?
-                .ok_or_else(|| EvalError::no_such_key(&KeyText(index)))
+            named_member(operand, name).ok_or_else(|| EvalError::no_such_key(&KeyText(index)))
         }
         (operand, index) => Err(EvalError::no_overload("[]", operand, index)),
     }
@@ -2221,23 +2258,7 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
         BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => {
             compare(&l, &r).map(|o| Value::Bool(cmp(o)))
         }
-        BinOp::In => match &r {
-            Value::List(list) => {
-                f.step(list.len() as u64)?;
-                Ok(Value::Bool(list.iter().any(|x| equal(&l, x))))
-            }
-            Value::Map(map) => match KeyRef::try_from(&l) {
-                Ok(key) => Ok(Value::Bool(map.get(&key).is_some())),
-                Err(_) => Ok(Value::Bool(false)),
-            },
-            Value::Opaque(_) if as_struct(&r).is_some() || as_table(&r).is_some() => match &l {
-                Value::String(name) => Ok(Value::Bool(
-                    member(&r, &Key::String(name.clone()), None)?.is_some(),
-                )),
-                _ => Ok(Value::Bool(false)),
-            },
-            _ => Err(EvalError::no_overload("in", &l, &r)),
-        },
+        BinOp::In => contains(&l, &r, f),
         BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
             if as_decimal(&l).is_some() || as_decimal(&r).is_some() {
                 let (Some(x), Some(y)) = (decimal_operand(&l), decimal_operand(&r)) else {
@@ -2282,6 +2303,25 @@ fn binary(op: BinOp, l: Value, r: Value, f: &mut Frame<'_>) -> Result<Value, Eva
             };
             result.map_err(EvalError::from)
         }
+    }
+}
+
+/// `l in r`: membership in a list, or a key of a map, struct or table.
+fn contains(l: &Value, r: &Value, f: &mut Frame<'_>) -> Result<Value, EvalError> {
+    match r {
+        Value::List(list) => {
+            f.step(list.len() as u64)?;
+            Ok(Value::Bool(list.iter().any(|x| equal(l, x))))
+        }
+        Value::Map(map) => match KeyRef::try_from(l) {
+            Ok(key) => Ok(Value::Bool(map.get(&key).is_some())),
+            Err(_) => Ok(Value::Bool(false)),
+        },
+        Value::Opaque(_) if as_struct(r).is_some() || as_table(r).is_some() => match l {
+            Value::String(name) => Ok(Value::Bool(named_member(r, name).is_some())),
+            _ => Ok(Value::Bool(false)),
+        },
+        _ => Err(EvalError::no_overload("in", l, r)),
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use kube::core::cel::cel::objects::{Key, Value};
 
-use super::cel_env::{self, FxBuild, Struct, decimal_value, parse_decimal};
+use super::cel_env::{self, Fields, FxBuild, Struct, decimal_value, parse_decimal};
 use super::eval::LookupDecl;
 use super::record::{Json, parse_value};
 use crate::api::FieldType;
@@ -160,7 +160,7 @@ fn entry_value(decl: &LookupDecl, key: &str, entry: &Json<'_>) -> Result<Value, 
             format!("the entry is {}, not an object", entry.type_name()),
         ));
     };
-    let mut fields: Box<[Option<Value>]> = vec![None; decl.fields.len()].into_boxed_slice();
+    let mut fields = Fields::new(decl.fields.len());
     for (name, value) in members {
         let Some(index) = decl.fields.iter().position(|(n, _)| n == name) else {
             continue;

@@ -34,6 +34,8 @@ pub(crate) struct Target {
     optional: bool,
     /// The expression is the external id's (a payload commonly carries its own key): computed once.
     same_as_external_id: bool,
+    /// A plain copy of a field nothing else reads: the reader already wrote its JSON to this slot.
+    pub(crate) json_slot: Option<usize>,
     pub(crate) program: Program,
 }
 
@@ -113,6 +115,7 @@ pub(crate) fn compile(
                 segments: field.target.split('.').map(str::to_string).collect(),
                 optional: field.optional,
                 same_as_external_id: field.expression.trim() == spec.external_id.trim(),
+                json_slot: None,
                 program,
             }),
             Err(e) => errors.extend(e),
@@ -144,14 +147,25 @@ impl Mapping {
         &self,
         frame: &mut Frame<'_>,
         record: &Value,
+        json: &mut [Option<serde_json::Value>],
     ) -> Result<(serde_json::Value, String), MappingFailure> {
         let key_value = self.external_id.eval(frame);
-        let external_id = match &key_value {
+        // The key as the payload repeats it, when a target has the external id's expression.
+        let key_json: fn(&str) -> serde_json::Value;
+        let external_id = match key_value {
             Ok(Value::String(s)) if !s.is_empty() && s.len() <= MAX_EXTERNAL_ID_LEN => {
-                s.as_str().to_string()
+                key_json = |key| serde_json::Value::String(key.to_string());
+                // Usually the only reference, so the string is taken rather than copied.
+                Arc::try_unwrap(s).unwrap_or_else(|s| s.as_str().to_string())
             }
-            Ok(Value::Int(i)) => i.to_string(),
-            Ok(Value::UInt(u)) => u.to_string(),
+            Ok(Value::Int(i)) => {
+                key_json = |key| serde_json::Value::from(key.parse::<i64>().unwrap_or_default());
+                i.to_string()
+            }
+            Ok(Value::UInt(u)) => {
+                key_json = |key| serde_json::Value::from(key.parse::<u64>().unwrap_or_default());
+                u.to_string()
+            }
             Ok(Value::String(s)) => {
                 let problem = if s.is_empty() {
                     "is empty".to_string()
@@ -168,22 +182,29 @@ impl Mapping {
                     kind: EvalErrorKind::Runtime,
                     message: format!(
                         "the external id must be a string or an int, not a {}",
-                        type_name(other)
+                        type_name(&other)
                     ),
                 }));
             }
-            Err(e) => return Err(MappingFailure::ExternalId(e.clone())),
+            Err(e) => return Err(MappingFailure::ExternalId(e)),
         };
         let mut payload = serde_json::Map::new();
         for target in &self.targets {
             let value = match &target.program.direct {
-                _ if target.same_as_external_id => match &key_value {
-                    Ok(v) => value_to_json(v).map_err(|m| EvalError {
-                        kind: EvalErrorKind::Runtime,
-                        message: m,
-                    }),
-                    Err(e) => Err(e.clone()),
-                },
+                _ if target.same_as_external_id => Ok(key_json(&external_id)),
+                Some(direct) if target.json_slot.is_some() => {
+                    match target
+                        .json_slot
+                        .and_then(|slot| json.get_mut(slot))
+                        .and_then(Option::take)
+                    {
+                        Some(v) => Ok(v),
+                        None => Err(EvalError {
+                            kind: EvalErrorKind::NoSuchKey,
+                            message: format!("{} is absent", direct.path),
+                        }),
+                    }
+                }
                 Some(direct) => match follow(record, &direct.slots) {
                     Some(v) => value_to_json(v).map_err(|m| EvalError {
                         kind: EvalErrorKind::Runtime,

@@ -321,15 +321,44 @@ pub fn compile_with(
     let (Some(version), Some(mapping), true) = (version, mapping, errors.is_empty()) else {
         return Err(errors);
     };
-    let mut schema = schema;
-    let needed: std::collections::HashSet<&str> = rules
+    let (mut schema, mut mapping) = (schema, mapping);
+    // Which fields records carry as CEL values: those some expression reads. A scalar field that only one
+    // plain mapping copy reads is carried as its JSON instead, which is all the payload needs.
+    let mut needed: std::collections::HashSet<String> = rules
         .iter()
         .map(|r| &r.program)
-        .chain(mapping.targets.iter().map(|t| &t.program))
+        .chain(
+            mapping
+                .targets
+                .iter()
+                .filter(|t| t.program.direct.is_none())
+                .map(|t| &t.program),
+        )
         .chain([&mapping.external_id])
-        .flat_map(|p| p.needed.iter().map(String::as_str))
+        .flat_map(|p| p.needed.iter().cloned())
         .collect();
-    schema.mark_needed(&needed);
+    schema.mark_needed(&needed.iter().map(String::as_str).collect());
+    let copies = |path: &str, targets: &[mapping::Target]| {
+        targets
+            .iter()
+            .filter(|t| t.program.direct.as_ref().is_some_and(|d| d.path == path))
+            .count()
+    };
+    let mut slots = 0;
+    for i in 0..mapping.targets.len() {
+        let Some(direct) = mapping.targets[i].program.direct.clone() else {
+            continue;
+        };
+        let field = direct.path.trim_start_matches("record.");
+        if copies(&direct.path, &mapping.targets) == 1 && schema.assign_json_slot(field, slots) {
+            mapping.targets[i].json_slot = Some(slots);
+            slots += 1;
+        } else {
+            needed.extend(mapping.targets[i].program.needed.iter().cloned());
+        }
+    }
+    schema.json_slots = slots;
+    schema.mark_needed(&needed.iter().map(String::as_str).collect());
     let slots = rules
         .iter()
         .map(|r| r.program.slots)
@@ -579,6 +608,7 @@ impl CompiledContract {
             }
         };
         let longest_list = validator.max_list_len;
+        let mut json = std::mem::take(&mut validator.json);
         let violations = validator.finish();
         if !violations.is_empty() {
             return Outcome::Rejected {
@@ -619,14 +649,6 @@ impl CompiledContract {
         let mut reasons = Vec::new();
         let mut hold = None;
         let mut warnings = Vec::new();
-        // The clock is read between stages; inside an evaluation the frame reads it every 1024 steps.
-        if let Err(e) = frame.check_deadline() {
-            return Outcome::rejected(Reason::new(
-                ReasonCode::DeadlineExceeded,
-                Subject::Record,
-                e.message,
-            ));
-        }
         for rule in &self.rules {
             match rule.check(&mut frame) {
                 rules::Verdict::Pass => {}
@@ -682,6 +704,8 @@ impl CompiledContract {
                 warnings,
             };
         }
+        // Inside an evaluation the frame reads the clock every 1024 steps; between the rules and the mapping
+        // it is read once more, so a record never reaches the sink past its deadline.
         if let Err(e) = frame.check_deadline() {
             return Outcome::rejected(Reason::new(
                 ReasonCode::DeadlineExceeded,
@@ -689,7 +713,7 @@ impl CompiledContract {
                 e.message,
             ));
         }
-        match self.mapping.build(&mut frame, &record) {
+        match self.mapping.build(&mut frame, &record, &mut json) {
             Ok((payload, external_id)) => Outcome::Accepted {
                 external_id: ExternalId::new(
                     external_id,

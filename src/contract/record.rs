@@ -269,6 +269,34 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// Reads `"<expected>":` if that is the next member's key, exactly (no escapes), and nothing otherwise.
+    /// A record usually lists its members in the contract's order, so this is how most keys are read.
+    pub(crate) fn key_if(&mut self, expected: &str) -> Option<&'a str> {
+        self.skip_ws();
+        let start = self.pos + 1;
+        let end = start + expected.len();
+        // Compared byte by byte: names are short, and a call to memcmp costs more than the loop.
+        let matches = |candidate: &[u8]| {
+            candidate
+                .iter()
+                .zip(expected.as_bytes())
+                .all(|(a, b)| a == b)
+        };
+        if self.peek() == Some(b'"')
+            && self.bytes.get(end) == Some(&b'"')
+            && self.bytes.get(start..end).is_some_and(matches)
+        {
+            self.pos = end + 1;
+            if self.eat(b':') {
+                self.skip_ws();
+                return Some(&self.src[start..end]);
+            }
+            // Not a key after all (a syntax error): read it again the long way, which reports it.
+            self.pos = start - 1;
+        }
+        None
+    }
+
     /// Reads `"key":` at the start of an object member.
     pub(crate) fn key(&mut self) -> Result<Cow<'a, str>, ParseError> {
         self.skip_ws();

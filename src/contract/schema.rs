@@ -7,6 +7,7 @@
 //! part of the CEL value either, so no expression can depend on an undeclared field.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use kube::core::cel::cel::objects::{Key, Value};
 use regex::Regex;
 use rust_decimal::Decimal;
 
-use super::cel_env::{DecimalError, Struct, as_struct, decimal_value, parse_decimal};
+use super::cel_env::{DecimalError, Fields, Struct, as_struct, decimal_value, parse_decimal};
 use super::outcome::{Reason, ReasonCode, Subject};
 use super::record::{
     Json, KeySet, ParseError, Scanner, Skipped, member_segment, prefix_path, trim_path,
@@ -33,6 +34,8 @@ const MAX_REGEX_SIZE: usize = 1 << 20;
 pub(crate) struct Schema {
     pub(crate) root: ObjectSchema,
     pub(crate) has_personal: bool,
+    /// How many fields are read as JSON only (see [`Field::json_slot`]).
+    pub(crate) json_slots: usize,
 }
 
 /// The declared members of one object: the record itself, an object field, or the elements of an array of
@@ -48,15 +51,6 @@ pub(crate) struct ObjectSchema {
 impl ObjectSchema {
     pub(crate) fn get(&self, name: &str) -> Option<&Field> {
         self.position(name).map(|i| &self.fields[i])
-    }
-
-    /// The member's position, trying `hint` first: records tend to list their members in the same order as
-    /// the contract does, so the next member is usually the one after the previous.
-    pub(crate) fn position_after(&self, name: &str, hint: usize) -> Option<usize> {
-        match self.fields.get(hint) {
-            Some(f) if f.name == name => Some(hint),
-            _ => self.position(name),
-        }
     }
 
     pub(crate) fn position(&self, name: &str) -> Option<usize> {
@@ -101,6 +95,9 @@ pub(crate) struct Field {
     pub(crate) holds_personal: bool,
     /// Some expression reads this field (or a value that contains it), so records carry its CEL value.
     pub(crate) needed: bool,
+    /// Only a plain mapping copy (`target: record.x`) reads this scalar field: the reader writes its JSON
+    /// straight into this slot of the record's JSON side values, and no CEL value is built.
+    pub(crate) json_slot: Option<usize>,
     /// Members of an object field, or of each element of an array of objects.
     pub(crate) children: Option<ObjectSchema>,
 }
@@ -213,7 +210,11 @@ pub(crate) fn compile(specs: &[FieldSpec], errors: &mut Vec<CompileError>) -> Sc
 
     let mut root = build_object("", specs, &parsed);
     let has_personal = mark_personal(&mut root);
-    Schema { root, has_personal }
+    Schema {
+        root,
+        has_personal,
+        json_slots: 0,
+    }
 }
 
 fn article(ty: FieldType) -> String {
@@ -268,6 +269,7 @@ fn build_object(
             pii: spec.pii,
             holds_personal: false,
             needed: false,
+            json_slot: None,
             children,
         });
     }
@@ -289,6 +291,31 @@ impl Schema {
             any
         }
         mark(&mut self.root, paths);
+    }
+
+    /// Gives the scalar field at `path` (a dot path through objects) JSON slot `slot`. `false` if there is no
+    /// such scalar field or expressions read it as a CEL value.
+    pub(crate) fn assign_json_slot(&mut self, path: &str, slot: usize) -> bool {
+        let mut object = &mut self.root;
+        let mut segments = path.split('.').peekable();
+        while let Some(segment) = segments.next() {
+            let Some(i) = object.position(segment) else {
+                return false;
+            };
+            let field = &mut object.fields[i];
+            if segments.peek().is_none() {
+                if field.needed || field.children.is_some() || field.ty == FieldType::Array {
+                    return false;
+                }
+                field.json_slot = Some(slot);
+                return true;
+            }
+            match &mut field.children {
+                Some(children) if field.ty == FieldType::Object => object = children,
+                _ => return false,
+            }
+        }
+        false
     }
 }
 
@@ -437,7 +464,22 @@ pub(crate) struct Validator<'c> {
     pub(crate) dropped: usize,
     /// The longest array in the record, which bounds the cost of every comprehension.
     pub(crate) max_list_len: usize,
+    /// The JSON of fields that only plain mapping copies read, by their slot.
+    pub(crate) json: Vec<Option<serde_json::Value>>,
     path: String,
+}
+
+thread_local! {
+    /// The path buffer of the last validation on this thread, kept so a record does not allocate its own.
+    static PATH_BUFFER: Cell<String> = const { Cell::new(String::new()) };
+}
+
+impl Drop for Validator<'_> {
+    fn drop(&mut self) {
+        let mut path = std::mem::take(&mut self.path);
+        path.clear();
+        PATH_BUFFER.with(|buffer| buffer.set(path));
+    }
 }
 
 /// What a violation shows as the offending value.
@@ -462,7 +504,8 @@ impl<'c> Validator<'c> {
             violations: Vec::new(),
             dropped: 0,
             max_list_len: 0,
-            path: String::with_capacity(64),
+            json: Vec::new(),
+            path: PATH_BUFFER.with(Cell::take),
         }
     }
 
@@ -477,6 +520,9 @@ impl<'c> Validator<'c> {
         max_depth: usize,
     ) -> Result<Value, ParseError> {
         let mut scanner = Scanner::new(bytes, max_bytes, max_depth)?;
+        if schema.json_slots > 0 {
+            self.json = vec![None; schema.json_slots];
+        }
         scanner.skip_ws();
         if scanner.peek() != Some(b'{') {
             let skipped = scanner.skip_value(0).map_err(trim_path)?;
@@ -501,7 +547,7 @@ impl<'c> Validator<'c> {
                 format!("{} more violations were not listed", self.dropped),
             ));
         }
-        self.violations
+        std::mem::take(&mut self.violations)
     }
 
     fn count(&self) -> usize {
@@ -541,7 +587,7 @@ impl<'c> Validator<'c> {
     ) -> Result<Value, ParseError> {
         sc.enter(depth)?;
         sc.eat(b'{');
-        let mut fields: Box<[Option<Value>]> = vec![None; schema.fields.len()].into_boxed_slice();
+        let mut fields = Fields::new(schema.fields.len());
         // Declared members seen (for duplicates) and present with a value (for required-field checks); a bad
         // value counts as present, so it is not also reported as missing.
         let mut seen = [0u64; 4];
@@ -550,8 +596,15 @@ impl<'c> Validator<'c> {
         let mut hint = 0;
         if !sc.eat(b'}') {
             loop {
-                let key = sc.key()?;
-                let position = schema.position_after(&key, hint);
+                let expected = schema.fields.get(hint).and_then(|f| sc.key_if(&f.name));
+                let (key, position) = match expected {
+                    Some(key) => (Cow::Borrowed(key), Some(hint)),
+                    None => {
+                        let key = sc.key()?;
+                        let position = schema.position(&key);
+                        (key, position)
+                    }
+                };
                 if let Some(i) = position {
                     hint = i + 1;
                 }
@@ -640,6 +693,7 @@ impl<'c> Validator<'c> {
                 let b = sc.peek() == Some(b't');
                 sc.literal(if b { "true" } else { "false" })?;
                 if ty == FieldType::Boolean {
+                    self.keep_json(field, || serde_json::Value::Bool(b));
                     Read::Value(Value::Bool(b))
                 } else {
                     self.wrong_type(
@@ -659,7 +713,7 @@ impl<'c> Validator<'c> {
                             .map_err(|e| prefix_path(e, &self.path))?;
                         Value::Opaque(Arc::new(Struct {
                             keys: Arc::from([]),
-                            fields: Box::new([]),
+                            fields: Fields::new(0),
                         }))
                     }
                 };
@@ -780,11 +834,11 @@ impl<'c> Validator<'c> {
                     );
                     return Read::Invalid;
                 }
-                Read::Value(string_value(field, s))
+                Read::Value(self.string_value(field, s))
             }
             FieldType::Enum => {
                 if field.enum_values.iter().any(|v| *v == *s) {
-                    Read::Value(string_value(field, s))
+                    Read::Value(self.string_value(field, s))
                 } else {
                     let message = format!("is not one of: {}", field.enum_values.join(", "));
                     self.violation(
@@ -796,7 +850,7 @@ impl<'c> Validator<'c> {
                     Read::Invalid
                 }
             }
-            FieldType::Date if is_rfc3339_date(&s) => Read::Value(string_value(field, s)),
+            FieldType::Date if is_rfc3339_date(&s) => Read::Value(self.string_value(field, s)),
             FieldType::Date => {
                 let message = "is not an RFC 3339 date (YYYY-MM-DD)".to_string();
                 self.violation(
@@ -808,7 +862,14 @@ impl<'c> Validator<'c> {
                 Read::Invalid
             }
             FieldType::Datetime => match chrono::DateTime::parse_from_rfc3339(&s) {
-                Ok(t) => Read::Value(Value::Timestamp(t)),
+                Ok(t) => {
+                    self.keep_json(field, || {
+                        serde_json::Value::String(
+                            t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                        )
+                    });
+                    Read::Value(Value::Timestamp(t))
+                }
                 Err(_) => {
                     let message = "is not an RFC 3339 date-time with offset (2026-11-27T10:00:00Z)"
                         .to_string();
@@ -862,6 +923,7 @@ impl<'c> Validator<'c> {
                     },
                 };
                 if self.bounds(field, Decimal::from(value), text) {
+                    self.keep_json(field, || serde_json::Value::from(value));
                     Read::Value(Value::Int(value))
                 } else {
                     Read::Invalid
@@ -869,6 +931,23 @@ impl<'c> Validator<'c> {
             }
             FieldType::Decimal => self.decimal(field, text),
             _ => self.wrong_type(field, ty, "number", Some(Offending::Text(text))),
+        }
+    }
+
+    /// A validated string as a CEL value, allocated only when an expression reads it (or as JSON, when only a
+    /// mapping copy does).
+    fn string_value(&mut self, field: &Field, s: Cow<'_, str>) -> Value {
+        if field.needed {
+            Value::String(Arc::new(s.into_owned()))
+        } else {
+            self.keep_json(field, || serde_json::Value::String(s.into_owned()));
+            Value::Null
+        }
+    }
+
+    fn keep_json(&mut self, field: &Field, json: impl FnOnce() -> serde_json::Value) {
+        if let Some(slot) = field.json_slot.and_then(|slot| self.json.get_mut(slot)) {
+            *slot = Some(json());
         }
     }
 
@@ -900,11 +979,14 @@ impl<'c> Validator<'c> {
 
     fn decimal(&mut self, field: &Field, text: &str) -> Read {
         match parse_decimal(text) {
-            Ok(d) if self.bounds(field, d, text) => Read::Value(if field.needed {
-                decimal_value(d)
-            } else {
-                Value::Null
-            }),
+            Ok(d) if self.bounds(field, d, text) => {
+                self.keep_json(field, || super::cel_env::decimal_to_json(d));
+                Read::Value(if field.needed {
+                    decimal_value(d)
+                } else {
+                    Value::Null
+                })
+            }
             Ok(_) => Read::Invalid,
             Err(DecimalError::Syntax) => {
                 self.violation(
@@ -945,15 +1027,6 @@ impl<'c> Validator<'c> {
             return false;
         }
         true
-    }
-}
-
-/// A validated string as a CEL value, allocated only when an expression reads it.
-fn string_value(field: &Field, s: Cow<'_, str>) -> Value {
-    if field.needed {
-        Value::String(Arc::new(s.into_owned()))
-    } else {
-        Value::Null
     }
 }
 
