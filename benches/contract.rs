@@ -2,6 +2,10 @@
 //! compiling it, and processing realistic records of about 1 KB with five line items (parse the bytes, validate
 //! the schema, run the six rules, build the payload and the external id).
 
+/// The allocator of the `meshline` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::hint::black_box;
 
 use criterion::measurement::{Measurement, ValueFormatter};

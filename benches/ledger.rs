@@ -3,6 +3,10 @@
 //! SQLite always; PostgreSQL against a throwaway server started from the machine's binaries (with fsync and
 //! synchronous commit on) when present.
 
+/// The allocator of the `meshline` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/support/postgres.rs"]
 #[allow(dead_code)]
 mod postgres;

@@ -11,6 +11,10 @@
 //! `cargo bench --bench worker` (release). Not a criterion loop: each figure is one timed run of a realistic
 //! size, which is what the targets are stated in.
 
+/// The allocator of the `meshline` binary, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "../tests/support/postgres.rs"]
 #[allow(dead_code)]
 mod postgres;
