@@ -1,20 +1,95 @@
-//! The intake: where sources hand over records. It stores them in the ledger (one transaction per batch) and
-//! only then returns, so a source acknowledges the CRM or advances its checkpoint only for stored records.
+//! The intake: where sources hand over records. It stores them in the ledger and only then returns, so a
+//! source acknowledges the CRM or advances its checkpoint only for stored records.
+//!
+//! **Group commit.** CRMs send one webhook per record, many at once. A transaction per webhook would make
+//! the ledger's commit (an fsync on SQLite, a round trip and a WAL flush on PostgreSQL) the ceiling of the
+//! whole worker and let intake crowd out delivery. So concurrent `accept` calls queue their records, and
+//! whichever call gets the commit lock writes everything queued in one transaction and answers every caller
+//! with its own outcomes. Each caller still returns only once its records are durable.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use tokio::sync::oneshot;
 
 use super::pipeline::Pipeline;
 use crate::connectors::{Intake, IntakeError, IntakeReceipt, SourceRecord};
-use crate::ledger::{IncomingRecord, IngestOutcome};
+use crate::ledger::{IncomingRecord, IngestOutcome, Ledger};
+
+/// Records written per group transaction at most; a larger queue is written in several.
+const GROUP_LIMIT: usize = 5_000;
+
+type Reply = oneshot::Sender<Result<Vec<IngestOutcome>, String>>;
+
+/// One caller's records waiting for a group commit.
+struct Waiting {
+    records: Vec<IncomingRecord>,
+    reply: Reply,
+}
 
 /// The ledger-backed intake of one worker.
 pub struct LedgerIntake {
     pub pipeline: Arc<Pipeline>,
+    queue: Arc<Mutex<Vec<Waiting>>>,
+    committing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl LedgerIntake {
+    pub fn new(pipeline: Arc<Pipeline>) -> LedgerIntake {
+        LedgerIntake {
+            pipeline,
+            queue: Arc::default(),
+            committing: Arc::default(),
+        }
+    }
+
+    /// Stores `batch` in a group transaction with whatever else is queued (see the module doc).
+    async fn ingest_grouped(
+        &self,
+        batch: Vec<IncomingRecord>,
+    ) -> Result<Vec<IngestOutcome>, IntakeError> {
+        // A batch the ledger would refuse as a whole is refused alone, so it cannot fail its group.
+        if let Some(bad) = batch
+            .iter()
+            .find(|r| r.source_key.is_empty() || r.idempotency_key.is_empty())
+        {
+            return Err(IntakeError(format!(
+                "a record needs a source key and an idempotency key (got source key {:?}, idempotency key {:?})",
+                bad.source_key, bad.idempotency_key
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        lock(&self.queue).push(Waiting {
+            records: batch,
+            reply,
+        });
+        let guard = self.committing.clone().lock_owned().await;
+        // An earlier holder of the lock may have written our records already; then the queue may be empty.
+        // Otherwise we write the queue, in a task of its own: if our caller goes away (a webhook client that
+        // hangs up), the other callers' records are still written and answered.
+        let queue = self.queue.clone();
+        let ledger = self.pipeline.ledger.clone();
+        let writer = tokio::spawn(async move {
+            loop {
+                let group = take_group(&queue);
+                if group.is_empty() {
+                    break;
+                }
+                commit_group(ledger.as_ref(), group).await;
+            }
+            drop(guard);
+        });
+        drop(writer);
+        // The writer answers each group as soon as it is written; a panic in it drops our reply.
+        match answer.await {
+            Ok(result) => result.map_err(IntakeError),
+            Err(_) => Err(IntakeError(
+                "the ledger write of this batch was interrupted; nothing was acknowledged, retry"
+                    .into(),
+            )),
+        }
+    }
+
     fn prepare(&self, records: Vec<SourceRecord>) -> Vec<IncomingRecord> {
         let version = self.pipeline.contract.version().to_string();
         records
@@ -58,12 +133,7 @@ impl LedgerIntake {
 impl Intake for LedgerIntake {
     async fn accept(&self, records: Vec<SourceRecord>) -> Result<IntakeReceipt, IntakeError> {
         let batch = self.prepare(records);
-        let outcomes = self
-            .pipeline
-            .ledger
-            .ingest(batch)
-            .await
-            .map_err(|e| IntakeError(e.to_string()))?;
+        let outcomes = self.ingest_grouped(batch).await?;
         Ok(self.receipt(&outcomes))
     }
 
@@ -89,5 +159,63 @@ impl Intake for LedgerIntake {
             .checkpoint(source)
             .await
             .map_err(|e| IntakeError(e.to_string()))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whole callers' batches from the front of the queue, up to [`GROUP_LIMIT`] records (at least one batch).
+fn take_group(queue: &Mutex<Vec<Waiting>>) -> Vec<Waiting> {
+    let mut queue = lock(queue);
+    let mut records = 0;
+    let mut end = 0;
+    for waiting in queue.iter() {
+        if end > 0 && records + waiting.records.len() > GROUP_LIMIT {
+            break;
+        }
+        records += waiting.records.len();
+        end += 1;
+    }
+    queue.drain(..end).collect()
+}
+
+/// Writes a group in one transaction and answers each caller with the outcomes of its own records, in order.
+async fn commit_group(ledger: &dyn Ledger, group: Vec<Waiting>) {
+    let mut sizes = Vec::with_capacity(group.len());
+    let mut replies = Vec::with_capacity(group.len());
+    let mut records = Vec::new();
+    for waiting in group {
+        sizes.push(waiting.records.len());
+        replies.push(waiting.reply);
+        records.extend(waiting.records);
+    }
+    match ledger.ingest(records).await {
+        Ok(outcomes) if outcomes.len() == sizes.iter().sum::<usize>() => {
+            let mut outcomes = outcomes.into_iter();
+            for (size, reply) in sizes.into_iter().zip(replies) {
+                // A caller that went away is not answered; its records are stored all the same.
+                let _ = reply.send(Ok(outcomes.by_ref().take(size).collect()));
+            }
+        }
+        Ok(outcomes) => {
+            let message = format!(
+                "the ledger answered {} outcomes for {} records",
+                outcomes.len(),
+                sizes.iter().sum::<usize>()
+            );
+            for reply in replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+        }
+        Err(e) => {
+            // Only the database can fail a validated group (unreachable, full disk): nothing of it was
+            // committed, and every caller is told so and retries.
+            let message = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(message.clone()));
+            }
+        }
     }
 }

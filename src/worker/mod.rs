@@ -186,9 +186,7 @@ impl Worker {
             // Until the ERP has answered, assume a slow one (50 ms) so the first claims stay small.
             delivery_micros: std::sync::atomic::AtomicU64::new(50_000),
         });
-        let intake = Arc::new(intake::LedgerIntake {
-            pipeline: pipeline.clone(),
-        });
+        let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));
         let app = api::router(api::ApiState {
             pipeline: pipeline.clone(),
