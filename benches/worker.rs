@@ -110,9 +110,11 @@ impl Records {
     }
 }
 
-enum Backend {
+enum Backend<'s> {
     Sqlite,
-    Postgres(String),
+    /// Every run gets a database of its own: runs reuse record keys, which in a shared ledger would be
+    /// recognised as duplicates of the previous run's and never delivered.
+    Postgres(&'s postgres::PgServer),
 }
 
 struct Bench {
@@ -121,7 +123,7 @@ struct Bench {
     _state: tempfile::TempDir,
 }
 
-async fn start(backend: &Backend, sink: BenchSink, concurrency: u32) -> Bench {
+async fn start(backend: &Backend<'_>, sink: BenchSink, concurrency: u32) -> Bench {
     let mut rendered = RenderedFlow::from_manifests(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
     )
@@ -132,7 +134,10 @@ async fn start(backend: &Backend, sink: BenchSink, concurrency: u32) -> Bench {
     let secrets = state.path().join("secrets");
     rendered.flow.spec.ledger = match backend {
         Backend::Sqlite => LedgerSpec::default(),
-        Backend::Postgres(url) => {
+        Backend::Postgres(server) => {
+            static RUNS: AtomicUsize = AtomicUsize::new(0);
+            let run = RUNS.fetch_add(1, Ordering::SeqCst);
+            let url = server.create_database(&format!("bench_worker_{run}"));
             std::fs::create_dir_all(secrets.join("ledger-pg")).unwrap();
             std::fs::write(secrets.join("ledger-pg/url"), url).unwrap();
             LedgerSpec {
@@ -198,7 +203,7 @@ async fn drained(bench: &Bench, total: u64, limit: Duration) -> bool {
 const DRAIN_LIMIT: Duration = Duration::from_secs(180);
 
 /// Records/s through the whole worker: ingest in webhook-sized batches of 500 while the pipeline delivers.
-async fn throughput(backend: &Backend, total: usize) -> f64 {
+async fn throughput(backend: &Backend<'_>, total: usize) -> f64 {
     let bench = start(backend, BenchSink::default(), 64).await;
     let mut records = Records::new();
     let started = Instant::now();
@@ -221,7 +226,7 @@ async fn throughput(backend: &Backend, total: usize) -> f64 {
 
 /// Added latency (intake accept → sink call) of single-record webhooks at a steady rate.
 async fn latency(
-    backend: &Backend,
+    backend: &Backend<'_>,
     per_second: u32,
     seconds: u32,
 ) -> (Duration, Duration, Duration) {
@@ -271,7 +276,7 @@ async fn latency(
 
 /// With a 20 ms sink and concurrency `n`: the most in flight ever, and the share of samples (taken every
 /// millisecond while at least `n` records waited) at which all `n` slots were busy.
-async fn pressure(backend: &Backend, n: u32, total: usize) -> (usize, f64) {
+async fn pressure(backend: &Backend<'_>, n: u32, total: usize) -> (usize, f64) {
     let sink = BenchSink {
         delay: Duration::from_millis(20),
         ..BenchSink::default()
@@ -388,14 +393,21 @@ fn main() {
     let pg = postgres::PgServer::start_with(&[("fsync", "on"), ("synchronous_commit", "on")]);
     let backends = [
         ("sqlite", Backend::Sqlite),
-        (
-            "postgres",
-            Backend::Postgres(pg.create_database("bench_worker")),
-        ),
+        ("postgres", Backend::Postgres(&pg)),
     ];
+    // `MESHLINE_BENCH_ONLY=throughput,latency,pressure,memory` and `MESHLINE_BENCH_BACKENDS=sqlite,postgres`
+    // narrow a run (e.g. for a profiler); both default to everything.
+    let wanted = |var: &str, item: &str| {
+        std::env::var(var).map_or(true, |list| list.split(',').any(|x| x.trim() == item))
+    };
+    let part = |name: &str| wanted("MESHLINE_BENCH_ONLY", name);
+    let backends: Vec<_> = backends
+        .into_iter()
+        .filter(|(name, _)| wanted("MESHLINE_BENCH_BACKENDS", name))
+        .collect();
     let rt = runtime();
     println!("worker benchmark: example contract, in-process instant sink, 2 runtime threads");
-    for (name, backend) in &backends {
+    for (name, backend) in backends.iter().filter(|_| part("throughput")) {
         let rate = rt.block_on(throughput(backend, records));
         let target = if *name == "sqlite" {
             20_000.0
@@ -407,7 +419,7 @@ fn main() {
             if rate >= target { "ok" } else { "MISSED" }
         );
     }
-    for (name, backend) in &backends {
+    for (name, backend) in backends.iter().filter(|_| part("latency")) {
         let (p50, p99, max) = rt.block_on(latency(backend, 500, seconds));
         println!(
             "{name:<8} added latency at 500 records/s for {seconds} s: p50 {p50:.2?}, p99 {p99:.2?}, max {max:.2?} (target p99 ≤ 20 ms) {}",
@@ -419,7 +431,7 @@ fn main() {
         );
     }
     let n = 16;
-    for (name, backend) in &backends {
+    for (name, backend) in backends.iter().filter(|_| part("pressure")) {
         let (max, full) = rt.block_on(pressure(backend, n, if quick { 1_000 } else { 4_000 }));
         println!(
             "{name:<8} pressure with a 20 ms sink, concurrency {n}: max in flight {max} (must be ≤ {n}), all {n} slots busy {:.1} % of the backlog's time {}",
@@ -430,6 +442,9 @@ fn main() {
             max as u32 <= n,
             "the worker exceeded the flow's concurrency"
         );
+    }
+    if !part("memory") {
+        return;
     }
     let (rss, peak) = memory(backlog);
     println!(

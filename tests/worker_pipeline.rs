@@ -249,6 +249,82 @@ async fn every_accepted_record_is_delivered_exactly_once_and_duplicates_are_igno
     h.worker.shutdown().await;
 }
 
+/// The counter `name` (without the `_total` suffix) from the worker's `/metrics`.
+async fn metric(h: &Harness, name: &str) -> f64 {
+    let text = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!("meshline_{name}_total ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_webhooks_share_ledger_transactions_and_each_gets_its_own_answer() {
+    let h = start(8).await;
+    let intake = h.worker.intake.clone();
+    // 300 single-record webhooks at once (as a CRM sends them), 50 of them twice, and one without a key.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let intake = intake.clone();
+        calls.spawn(async move { (i as i64, intake.accept(vec![good_record(i)]).await) });
+    }
+    for i in 0..50 {
+        let intake = intake.clone();
+        calls.spawn(async move { (1_000 + i as i64, intake.accept(vec![good_record(i)]).await) });
+    }
+    let intake_for_bad = intake.clone();
+    calls.spawn(async move {
+        let mut bad = good_record(999);
+        bad.key = String::new();
+        (-1, intake_for_bad.accept(vec![bad]).await)
+    });
+    let (mut stored, mut duplicates) = (0, 0);
+    while let Some(joined) = calls.join_next().await {
+        let (i, result) = joined.unwrap();
+        if i < 0 {
+            let e = result.expect_err("a record without a key is refused");
+            assert!(e.0.contains("idempotency key"), "{}", e.0);
+            continue;
+        }
+        let receipt = result.unwrap_or_else(|e| panic!("webhook {i}: {}", e.0));
+        // Each caller hears about its own record only: stored once, and the repeat is a duplicate.
+        assert_eq!(
+            receipt.stored + receipt.duplicates,
+            1,
+            "webhook {i}: {receipt:?}"
+        );
+        stored += receipt.stored;
+        duplicates += receipt.duplicates;
+    }
+    assert_eq!((stored, duplicates), (300, 50));
+    let commits = metric(&h, "intake_commits").await;
+    assert!(
+        commits <= 175.0,
+        "350 concurrent webhooks took {commits} ledger transactions; they should share them"
+    );
+    let status = h
+        .wait_for("300 delivered", |s| counter(s, "delivered") == 300)
+        .await;
+    assert_eq!(counter(&status, "deadLettered"), 0);
+    assert_eq!(
+        h.erp.calls.load(Ordering::SeqCst),
+        300,
+        "no record is delivered twice"
+    );
+    h.worker.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_payload_is_an_update_delivered_again() {
     let h = start(2).await;

@@ -216,10 +216,12 @@ pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prep
                     ),
                 });
             }
+            // One serialisation serves as the stored text and as the canonical form that is hashed.
+            let payload = record.payload.to_string();
             Ok(Prepared {
                 bucket: i64::from(bucket_of(&record.source_key)),
-                hash: payload_hash(&record.payload),
-                payload: record.payload.to_string(),
+                hash: payload_text_hash(&payload),
+                payload,
                 correlation_id: record
                     .correlation_id
                     .unwrap_or_else(|| new_correlation_id(&record.idempotency_key)),
@@ -468,7 +470,6 @@ impl RecordRow {
             Some(s) => parse_state(&self.flow, self.id, s)?,
             None => RecordState::Received,
         };
-        let payload = parse_json(&self.flow, self.id, "payload", &self.payload)?;
         Ok(ClaimedRecord {
             claim: Claim {
                 id: RecordId(self.id),
@@ -478,7 +479,9 @@ impl RecordRow {
             source_key: self.source_key,
             idempotency_key: self.idempotency_key,
             external_id: self.external_id,
-            payload,
+            // Not parsed here: the contract reads the text itself, and text that is not JSON (a damaged row)
+            // becomes that record's explained dead letter instead of failing the whole claim.
+            payload: self.payload,
             payload_hash: self.payload_hash,
             contract_version: self.contract_version,
             attempts: self.attempts,

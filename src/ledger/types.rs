@@ -141,39 +141,15 @@ pub fn bucket_of(record_key: &str) -> u8 {
 /// SHA-256 (hex) of the payload's canonical JSON: object keys sorted at every level, no whitespace. Key order
 /// in the source's JSON must not turn a retried webhook into an "update".
 pub fn payload_hash(payload: &Value) -> String {
-    let mut canonical = String::new();
-    write_canonical(payload, &mut canonical);
-    hex::encode(Sha256::digest(canonical.as_bytes()))
+    payload_text_hash(&payload.to_string())
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                write_canonical(&map[key], out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(item, out);
-            }
-            out.push(']');
-        }
-        scalar => out.push_str(&scalar.to_string()),
-    }
+/// [`payload_hash`] of a payload already serialised with `Value::to_string`. serde_json keeps object members
+/// sorted by key (its map is ordered; the crate does not enable `preserve_order`) and writes no whitespace,
+/// so that text is the canonical form; a test pins this against a canonical writer, so the day a dependency
+/// turns `preserve_order` on, the test fails rather than every stored hash silently changing.
+pub(crate) fn payload_text_hash(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// A new correlation id in the W3C trace-id shape (32 lowercase hex digits), so the sink can carry it in a
@@ -302,7 +278,8 @@ pub struct ClaimedRecord {
     pub source_key: String,
     pub idempotency_key: String,
     pub external_id: Option<String>,
-    pub payload: Value,
+    /// The payload's JSON text as stored; the contract parses it once, in its own reader.
+    pub payload: String,
     pub payload_hash: String,
     pub contract_version: String,
     /// Delivery attempts including this one.
@@ -535,6 +512,56 @@ mod tests {
         let digest = Sha256::digest(b"opportunity-1");
         let expected = u64::from_be_bytes(digest[..8].try_into().unwrap()) % 100;
         assert_eq!(u64::from(bucket_of("opportunity-1")), expected);
+    }
+
+    /// The canonical form written the slow, obvious way: keys sorted at every level.
+    fn write_canonical(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&Value::String(key.clone()).to_string());
+                    out.push(':');
+                    write_canonical(&map[key], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write_canonical(item, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+
+    #[test]
+    fn serialised_payloads_are_canonical_so_their_hash_is_the_canonical_hash() {
+        let samples = [
+            r#"{"z":1,"a":{"y":[3,{"q":"é\"","b":null}],"x":1.5e3},"m":true,"Z":-0.0,"é":"\u0001"}"#,
+            r#"[{"b":2,"a":1},{"d":{"c":{"b":{"a":[]}}}}]"#,
+            r#"{"amount":"12.50","lineItems":[{"sku":"A","quantity":2},{"quantity":1,"sku":"B"}]}"#,
+        ];
+        for text in samples {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let mut canonical = String::new();
+            write_canonical(&value, &mut canonical);
+            assert_eq!(value.to_string(), canonical, "{text}");
+            assert_eq!(
+                payload_hash(&value),
+                hex::encode(Sha256::digest(canonical.as_bytes()))
+            );
+        }
     }
 
     #[test]

@@ -69,6 +69,7 @@ impl LedgerIntake {
         // hangs up), the other callers' records are still written and answered.
         let queue = self.queue.clone();
         let ledger = self.pipeline.ledger.clone();
+        let commits = self.pipeline.metrics.intake_commits.clone();
         let writer = tokio::spawn(async move {
             loop {
                 let group = take_group(&queue);
@@ -76,6 +77,7 @@ impl LedgerIntake {
                     break;
                 }
                 commit_group(ledger.as_ref(), group).await;
+                commits.inc();
             }
             drop(guard);
         });
@@ -150,6 +152,7 @@ impl Intake for LedgerIntake {
             .ingest_with_checkpoint(batch, source, checkpoint)
             .await
             .map_err(|e| IntakeError(e.to_string()))?;
+        self.pipeline.metrics.intake_commits.inc();
         Ok(self.receipt(&outcomes))
     }
 

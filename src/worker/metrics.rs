@@ -19,6 +19,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub received: Counter,
     pub duplicates: Counter,
+    /// Ledger transactions the intake wrote (one per group of concurrent batches).
+    pub intake_commits: Counter,
     pub delivered: Counter,
     pub failed: Family<ClassLabel, Counter>,
     pub retried: Counter,
@@ -42,6 +44,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("meshline");
         let received = Counter::default();
         let duplicates = Counter::default();
+        let intake_commits = Counter::default();
         let delivered = Counter::default();
         let failed = Family::<ClassLabel, Counter>::default();
         let retried = Counter::default();
@@ -63,6 +66,11 @@ impl Metrics {
             "records_duplicate",
             "Deliveries of a record already in the ledger",
             duplicates.clone(),
+        );
+        registry.register(
+            "intake_commits",
+            "Ledger transactions written by the intake; received records divided by this is the group size",
+            intake_commits.clone(),
         );
         registry.register(
             "records_delivered",
@@ -110,6 +118,7 @@ impl Metrics {
             registry,
             received,
             duplicates,
+            intake_commits,
             delivered,
             failed,
             retried,

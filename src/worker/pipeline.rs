@@ -295,17 +295,7 @@ impl Pipeline {
     }
 
     async fn decide(&self, record: &ClaimedRecord) -> Outcome {
-        let bytes = match serde_json::to_vec(&record.payload) {
-            Ok(b) => b,
-            Err(e) => {
-                return dead_letter(
-                    "record:unreadable",
-                    ErrorClass::Permanent,
-                    e.to_string(),
-                    None,
-                );
-            }
-        };
+        let bytes = record.payload.as_bytes();
         let approved_rule = if record.approved_by.is_some() {
             self.approved_rule(record).await
         } else {
@@ -315,8 +305,8 @@ impl Pipeline {
         let contract_outcome = match &approved_rule {
             Some(rule) => self
                 .contract
-                .process_approved(&bytes, &env, &[rule.as_str()]),
-            None => self.contract.process(&bytes, &env),
+                .process_approved(bytes, &env, &[rule.as_str()]),
+            None => self.contract.process(bytes, &env),
         };
         match contract_outcome {
             ContractOutcome::Rejected { reasons } => {
