@@ -184,6 +184,9 @@ async fn drained(bench: &Bench, total: u64, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     loop {
         if bench.sink.delivered.load(Ordering::SeqCst) >= total {
+            // `counts` aggregates the whole ledger; polled at a gentle pace so it does not slow the
+            // completions it waits for (the figure is at most one interval late).
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let counts = bench.worker.pipeline.ledger.counts().await.expect("counts");
             if counts.pending == 0 {
                 assert_eq!(
@@ -390,7 +393,11 @@ fn main() {
     } else {
         (50_000, 10, 100_000)
     };
-    let pg = postgres::PgServer::start_with(&[("fsync", "on"), ("synchronous_commit", "on")]);
+    // Extra server settings for a profiling run, e.g. `MESHLINE_BENCH_PG_SETTINGS=shared_preload_libraries=auto_explain`.
+    let extra = std::env::var("MESHLINE_BENCH_PG_SETTINGS").unwrap_or_default();
+    let mut settings = vec![("fsync", "on"), ("synchronous_commit", "on")];
+    settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
+    let pg = postgres::PgServer::start_with(&settings);
     let backends = [
         ("sqlite", Backend::Sqlite),
         ("postgres", Backend::Postgres(&pg)),

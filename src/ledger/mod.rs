@@ -155,8 +155,12 @@ pub trait Ledger: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<RecordView>>;
 
-    /// The flow's counters, computed from the ledger.
+    /// The flow's counters, computed from the ledger. An aggregate over every record of the flow: for
+    /// status and metrics, not for a probe.
     async fn counts(&self) -> Result<Counts>;
+
+    /// A cheap round trip that proves the ledger answers (the readiness probe).
+    async fn ping(&self) -> Result<()>;
 
     /// Closes the connections (waits for in-flight statements).
     async fn close(&self);

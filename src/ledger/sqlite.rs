@@ -968,6 +968,14 @@ impl Ledger for SqliteLedger {
         Ok(assemble_counts(row, interventions, now))
     }
 
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(self.db("ping", None))?;
+        Ok(())
+    }
+
     async fn close(&self) {
         self.pool.close().await;
     }

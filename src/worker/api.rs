@@ -104,8 +104,8 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if !state.ready.load(std::sync::atomic::Ordering::Relaxed) {
         return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     }
-    match state.pipeline.ledger.counts().await {
-        Ok(_) => "ready".into_response(),
+    match state.pipeline.ledger.ping().await {
+        Ok(()) => "ready".into_response(),
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("ledger unavailable: {e}"),
