@@ -159,6 +159,11 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// status and metrics, not for a probe.
     async fn counts(&self) -> Result<Counts>;
 
+    /// Records waiting (received, validated, retrying or delivering) and the receipt time (ms) of the oldest.
+    /// Read through the pending-records index, so it costs what the backlog costs, not the flow's history:
+    /// this is what every metrics scrape asks.
+    async fn backlog(&self) -> Result<(u64, Option<i64>)>;
+
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;
 

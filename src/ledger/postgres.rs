@@ -973,6 +973,18 @@ impl Ledger for PostgresLedger {
         Ok(assemble_counts(row, interventions, now))
     }
 
+    async fn backlog(&self) -> Result<(u64, Option<i64>)> {
+        let sql = format!(
+            "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = $1 AND state IN {PENDING}"
+        );
+        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(&self.flow)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.db("backlog", None))?;
+        Ok((pending.max(0) as u64, oldest))
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -968,6 +968,18 @@ impl Ledger for SqliteLedger {
         Ok(assemble_counts(row, interventions, now))
     }
 
+    async fn backlog(&self) -> Result<(u64, Option<i64>)> {
+        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = $1 \
+             AND state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
+        )
+        .bind(&self.flow)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.db("backlog", None))?;
+        Ok((pending.max(0) as u64, oldest))
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -114,12 +114,12 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {
-    if let Ok(counts) = state.pipeline.ledger.counts().await {
+    if let Ok((pending, oldest)) = state.pipeline.ledger.backlog().await {
         let m = &state.pipeline.metrics;
         m.queue_depth
-            .set(i64::try_from(counts.pending).unwrap_or(i64::MAX));
-        m.oldest_pending_seconds
-            .set(counts.oldest_pending_age_seconds.unwrap_or(0.0) as i64);
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
+        let age_ms = oldest.map_or(0, |at| (chrono::Utc::now().timestamp_millis() - at).max(0));
+        m.oldest_pending_seconds.set(age_ms / 1000);
     }
     (
         [(

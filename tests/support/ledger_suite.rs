@@ -823,6 +823,38 @@ pub async fn a_released_claim_returns_to_where_it_was(fixture: Fixture) {
     );
 }
 
+pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    assert_eq!(ledger.backlog().await.unwrap(), (0, None));
+    ledger
+        .ingest(vec![
+            record("a", json!({"n": 1})),
+            record("b", json!({"n": 2})),
+        ])
+        .await
+        .unwrap();
+    let first_receipt = clock.now_ms();
+    clock.advance(Duration::from_secs(5));
+    ledger
+        .ingest(vec![record("c", json!({"n": 3}))])
+        .await
+        .unwrap();
+    assert_eq!(ledger.backlog().await.unwrap(), (3, Some(first_receipt)));
+    // Claimed records still wait (they are in flight); delivered and dead-lettered ones do not.
+    let claimed = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(ledger.backlog().await.unwrap().0, 3);
+    let (a, rest) = claimed.split_first().unwrap();
+    ledger.complete(a.claim, Outcome::Delivered).await.unwrap();
+    ledger
+        .complete(rest[0].claim, permanent("erp:400"))
+        .await
+        .unwrap();
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!(ledger.backlog().await.unwrap().0, counts.pending);
+    assert_eq!(counts.pending, 1);
+}
+
 /// Runs every promise above as a `#[tokio::test]` against `$fixture()`.
 macro_rules! ledger_suite {
     ($fixture:path) => {
@@ -839,6 +871,7 @@ macro_rules! ledger_suite {
             approving_and_rejecting_held_records_are_manual_interventions,
             a_records_lineage_tells_its_whole_story,
             a_released_claim_returns_to_where_it_was,
+            the_backlog_counts_waiting_records_and_the_oldest_receipt,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
