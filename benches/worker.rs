@@ -382,6 +382,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn main() {
+    meshline::worker::allocator::configure();
     if let Ok(backlog) = std::env::var("MESHLINE_BENCH_MEMORY") {
         runtime().block_on(memory_child(backlog.parse().expect("backlog size")));
         return;

@@ -9,6 +9,7 @@ use clap::Parser;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    meshline::worker::allocator::configure();
     init_logging();
     meshline::cli::run(meshline::cli::Cli::parse())
 }

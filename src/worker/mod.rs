@@ -4,6 +4,7 @@
 //!
 //! The controller runs it as per-flow pods (`meshline worker --flow FILE`); `meshline dev` runs it in-process.
 
+pub mod allocator;
 pub mod api;
 pub mod breaker;
 pub mod config;
