@@ -249,17 +249,21 @@ async fn every_accepted_record_is_delivered_exactly_once_and_duplicates_are_igno
     h.worker.shutdown().await;
 }
 
-/// The counter `name` (without the `_total` suffix) from the worker's `/metrics`.
-async fn metric(h: &Harness, name: &str) -> f64 {
-    let text = h
-        .http
+/// The worker's `/metrics` exposition.
+async fn metrics_text(h: &Harness) -> String {
+    h.http
         .get(h.url("/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// The counter `name` (without the `_total` suffix) from the worker's `/metrics`.
+async fn metric(h: &Harness, name: &str) -> f64 {
+    let text = metrics_text(h).await;
     let line = format!("meshline_{name}_total ");
     text.lines()
         .find_map(|l| l.strip_prefix(&line))
@@ -626,15 +630,7 @@ async fn operations_endpoints_answer() {
         .unwrap();
     h.wait_for("delivered", |s| counter(s, "delivered") == 5)
         .await;
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&h).await;
     for name in [
         "meshline_records_received_total 5",
         "meshline_records_delivered_total 5",
