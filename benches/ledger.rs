@@ -36,7 +36,6 @@ fn batch(next: &AtomicU64) -> Vec<IncomingRecord> {
                     "AccountId": "001000000000001", "CloseDate": "2026-01-31",
                     "LineItems": [{"sku": "SKU-1", "qty": 2}, {"sku": "SKU-7", "qty": 1}]
                 }),
-                snapshot: Some(json!({"Id": format!("006{n:012}"), "AccountName": "[redacted]"})),
                 contract_version: "1.0.0".into(),
                 correlation_id: None,
             }

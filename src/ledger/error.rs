@@ -3,6 +3,9 @@
 
 use super::types::{RecordId, RecordState};
 
+/// The database library's own error (sqlx for PostgreSQL, rusqlite for SQLite), kept as the source.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("flow {flow}: cannot open the {backend} ledger at {target}: {source}")]
@@ -11,7 +14,7 @@ pub enum LedgerError {
         backend: &'static str,
         target: String,
         #[source]
-        source: sqlx::Error,
+        source: BackendError,
     },
 
     #[error("flow {flow}: ledger migration to schema version {version} failed: {source}")]
@@ -19,7 +22,7 @@ pub enum LedgerError {
         flow: String,
         version: i64,
         #[source]
-        source: sqlx::Error,
+        source: BackendError,
     },
 
     #[error(
@@ -38,7 +41,7 @@ pub enum LedgerError {
         operation: &'static str,
         record: Option<RecordId>,
         #[source]
-        source: sqlx::Error,
+        source: BackendError,
     },
 
     #[error("flow {flow}: record {record} is not in the ledger")]

@@ -7,6 +7,12 @@
 //! fencing and bucketed claiming. It does not run the contract, talk to a CRM or ERP, or redact anything (it
 //! stores snapshots exactly as given).
 //!
+//! **Payloads and snapshots.** A record's current payload lives in `payloads`, written once per generation,
+//! so the claims and completions that rewrite the record's row do not copy it. A redacted snapshot is stored
+//! when a record leaves the happy path (held or dead-lettered), which is when a person reads it and when the
+//! payload may later be replaced by an update; the operations API shows any record's payload through the
+//! contract's redaction at read time.
+//!
 //! Two backends implement [`Ledger`]:
 //! - [`SqliteLedger`] (`sqlite`): embedded, WAL, the default for one replica and for local use.
 //! - [`PostgresLedger`] (`postgres`): several replicas of one flow; claims use `FOR UPDATE SKIP LOCKED`.
@@ -42,9 +48,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 
-pub use error::{LedgerError, Result};
+pub use error::{BackendError, LedgerError, Result};
 pub use postgres::PostgresLedger;
-pub use schema::SCHEMA_VERSION;
+pub use schema::{SCHEMA_VERSION, migration_statements};
 pub use sqlite::SqliteLedger;
 pub use types::*;
 
@@ -208,7 +214,6 @@ pub(crate) struct Prepared {
     contract_version: String,
     bucket: i64,
     correlation_id: String,
-    snapshot: Option<String>,
 }
 
 pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prepared>> {
@@ -234,7 +239,6 @@ pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prep
                 correlation_id: record
                     .correlation_id
                     .unwrap_or_else(|| new_correlation_id(&record.idempotency_key)),
-                snapshot: record.snapshot.map(|s| s.to_string()),
                 source_key: record.source_key,
                 idempotency_key: record.idempotency_key,
                 external_id: record.external_id,
@@ -331,8 +335,13 @@ pub(crate) fn completion_params(outcome: &Outcome, now: i64) -> CompletionParams
             params.detail =
                 json!({"reason": reason, "class": class.label(), "erp_response": erp_response});
         }
-        Outcome::Held { rule, role } => {
+        Outcome::Held {
+            rule,
+            role,
+            snapshot,
+        } => {
             params.new_state = Some(RecordState::Held.as_str());
+            params.snapshot = snapshot.as_ref().map(Value::to_string);
             params.hold_rule = Some(rule.clone());
             params.hold_role = Some(role.clone());
             params.error_class = Some(ErrorClass::Hold.label());
@@ -413,10 +422,16 @@ pub(crate) struct RecordRow {
     first_failure_at: Option<i64>,
 }
 
-pub(crate) const RECORD_COLUMNS: &str = "id, flow, source_key, idempotency_key, external_id, generation, \
-    payload, payload_hash, contract_version, state, claimed_from, attempts, next_attempt_at, lease_owner, \
-    lease_expires_at, fence, last_error, last_error_class, dead_letter_reason, erp_response, hold_rule, \
-    hold_role, approved_by, bucket, correlation_id, received_at, updated_at, delivered_at, first_failure_at";
+/// The columns of a [`RecordRow`], in its field order, read from [`RECORD_FROM`] (or from any relation `r`
+/// with the records' columns joined to `payloads p`).
+pub(crate) const RECORD_COLUMNS: &str = "r.id, r.flow, r.source_key, r.idempotency_key, r.external_id, \
+    r.generation, p.body AS payload, r.payload_hash, r.contract_version, r.state, r.claimed_from, r.attempts, \
+    r.next_attempt_at, r.lease_owner, r.lease_expires_at, r.fence, r.last_error, r.last_error_class, \
+    r.dead_letter_reason, r.erp_response, r.hold_rule, r.hold_role, r.approved_by, r.bucket, r.correlation_id, \
+    r.received_at, r.updated_at, r.delivered_at, r.first_failure_at";
+
+/// A record with its current payload.
+pub(crate) const RECORD_FROM: &str = "records r JOIN payloads p ON p.record_id = r.id";
 
 fn parse_state(flow: &str, id: i64, s: &str) -> Result<RecordState> {
     RecordState::parse(s).ok_or_else(|| LedgerError::Corrupt {
@@ -646,7 +661,6 @@ mod tests {
             contract_version: "1".into(),
             bucket: 0,
             correlation_id: String::new(),
-            snapshot: None,
         }
     }
 

@@ -20,9 +20,9 @@ use super::schema::{self, SCHEMA_VERSION};
 use super::{
     BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
     IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
-    NewLineageEvent, RECORD_COLUMNS, RecordDetail, RecordId, RecordRow, RecordState, RecordView,
-    Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms, prepare,
-    rounds,
+    NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
+    RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms,
+    prepare, rounds,
 };
 
 /// Key of the advisory lock that serialises migrations when several replicas start at once.
@@ -47,7 +47,7 @@ impl PostgresLedger {
                 flow: flow.to_string(),
                 backend: "postgres",
                 target: redact_url(url),
-                source,
+                source: source.into(),
             })?;
         Self::with_pool(pool, flow, clock).await
     }
@@ -81,7 +81,7 @@ impl PostgresLedger {
             flow: self.flow.clone(),
             operation,
             record,
-            source,
+            source: source.into(),
         }
     }
 
@@ -89,10 +89,10 @@ impl PostgresLedger {
         let flow = self.flow.clone();
         let failed = |version: i64| {
             let flow = flow.clone();
-            move |source| LedgerError::Migrate {
+            move |source: sqlx::Error| LedgerError::Migrate {
                 flow: flow.clone(),
                 version,
-                source,
+                source: source.into(),
             }
         };
         let mut tx = self.pool.begin().await.map_err(failed(0))?;
@@ -152,7 +152,6 @@ impl PostgresLedger {
             let mut source_keys = Vec::with_capacity(round.len());
             let mut keys = Vec::with_capacity(round.len());
             let mut external_ids = Vec::with_capacity(round.len());
-            let mut payloads = Vec::with_capacity(round.len());
             let mut hashes = Vec::with_capacity(round.len());
             let mut versions = Vec::with_capacity(round.len());
             let mut buckets = Vec::with_capacity(round.len());
@@ -161,7 +160,6 @@ impl PostgresLedger {
                 source_keys.push(item.source_key.clone());
                 keys.push(item.idempotency_key.clone());
                 external_ids.push(item.external_id.clone());
-                payloads.push(item.payload.clone());
                 hashes.push(item.hash.clone());
                 versions.push(item.contract_version.clone());
                 buckets.push(item.bucket);
@@ -171,17 +169,17 @@ impl PostgresLedger {
             // in-flight older generation is never claimed alongside it); equal hashes are left alone and
             // do not come back from RETURNING.
             let written = sqlx::query(
-                "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, payload, \
+                "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
                  payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, received_at, \
                  updated_at) \
-                 SELECT $1, t.source_key, t.idempotency_key, t.external_id, 1, t.payload, t.payload_hash, \
+                 SELECT $1, t.source_key, t.idempotency_key, t.external_id, 1, t.payload_hash, \
                  t.contract_version, 'received', $2, t.bucket, t.correlation_id, $2, $2 \
-                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], \
-                 $9::bigint[], $10::text[]) AS t(source_key, idempotency_key, external_id, payload, \
-                 payload_hash, contract_version, bucket, correlation_id) \
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], \
+                 $9::text[]) AS t(source_key, idempotency_key, external_id, payload_hash, contract_version, \
+                 bucket, correlation_id) \
                  ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = EXCLUDED.source_key, \
                  external_id = EXCLUDED.external_id, generation = records.generation + 1, \
-                 payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash, \
+                 payload_hash = EXCLUDED.payload_hash, \
                  contract_version = EXCLUDED.contract_version, state = 'received', claimed_from = NULL, \
                  attempts = 0, next_attempt_at = EXCLUDED.next_attempt_at, last_error = NULL, \
                  last_error_class = NULL, dead_letter_reason = NULL, erp_response = NULL, hold_rule = NULL, \
@@ -196,7 +194,6 @@ impl PostgresLedger {
             .bind(&source_keys)
             .bind(&keys)
             .bind(&external_ids)
-            .bind(&payloads)
             .bind(&hashes)
             .bind(&versions)
             .bind(&buckets)
@@ -240,10 +237,13 @@ impl PostgresLedger {
             }
 
             let mut lineage = LineageBatch::default();
-            let mut snapshots = LineageBatch::default();
+            let mut payload_ids = Vec::with_capacity(written_by_key.len());
+            let mut payload_bodies = Vec::with_capacity(written_by_key.len());
             for (index, item) in round {
                 if let Some(&(id, generation, inserted)) = written_by_key.get(&item.idempotency_key)
                 {
+                    payload_ids.push(id);
+                    payload_bodies.push(item.payload);
                     let (step, detail) = if inserted {
                         (
                             "received",
@@ -262,9 +262,6 @@ impl PostgresLedger {
                         detail.to_string(),
                         item.correlation_id.clone(),
                     );
-                    if let Some(snapshot) = item.snapshot {
-                        snapshots.push(id, generation, "received", snapshot, String::new());
-                    }
                     outcomes[index] = Some(if inserted {
                         IngestOutcome::Received {
                             id: RecordId(id),
@@ -290,14 +287,21 @@ impl PostgresLedger {
                     outcomes[index] = Some(IngestOutcome::Duplicate { id: RecordId(*id) });
                 }
             }
+            if !payload_ids.is_empty() {
+                sqlx::query(
+                    "INSERT INTO payloads (record_id, body) SELECT * FROM UNNEST($1::bigint[], $2::text[]) \
+                     ON CONFLICT (record_id) DO UPDATE SET body = EXCLUDED.body",
+                )
+                .bind(&payload_ids)
+                .bind(&payload_bodies)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db("ingest payloads", None))?;
+            }
             lineage
                 .insert(&mut tx, now)
                 .await
                 .map_err(self.db("ingest lineage", None))?;
-            snapshots
-                .insert_snapshots(&mut tx, now)
-                .await
-                .map_err(self.db("ingest snapshots", None))?;
         }
         if let Some((source, value)) = checkpoint {
             sqlx::query(
@@ -573,7 +577,8 @@ impl Ledger for PostgresLedger {
                'attempt', attempts, 'lease_expires_at', $6::bigint, 'taken_over_from', \
                CASE WHEN previous_state = 'delivering' THEN previous_owner END)::text, correlation_id \
                FROM claimed) \
-             SELECT {RECORD_COLUMNS} FROM claimed ORDER BY next_attempt_at, id"
+             SELECT {RECORD_COLUMNS} FROM claimed r JOIN payloads p ON p.record_id = r.id \
+             ORDER BY r.next_attempt_at, r.id"
         );
         let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(&self.flow)
@@ -608,7 +613,7 @@ impl Ledger for PostgresLedger {
         let mut retry_increments = Vec::with_capacity(n);
         let mut failures = Vec::with_capacity(n);
         let mut details = Vec::with_capacity(n);
-        let mut dead_letter_snapshots = LineageBatch::default();
+        let mut exception_snapshots = LineageBatch::default();
         let mut snapshot_by_id: HashMap<i64, String> = HashMap::new();
         for completion in &completions {
             let claim = completion.claim;
@@ -725,10 +730,10 @@ impl Ledger for PostgresLedger {
             let claim = completion.claim;
             if applied.contains(&claim.id.0) {
                 if let Some(snapshot) = snapshot_by_id.remove(&claim.id.0) {
-                    dead_letter_snapshots.push(
+                    exception_snapshots.push(
                         claim.id.0,
                         claim.generation,
-                        "dead_lettered",
+                        completion.outcome.step(),
                         snapshot,
                         String::new(),
                     );
@@ -779,7 +784,7 @@ impl Ledger for PostgresLedger {
             .insert(&mut tx, now)
             .await
             .map_err(self.db("complete lineage", None))?;
-        dead_letter_snapshots
+        exception_snapshots
             .insert_snapshots(&mut tx, now)
             .await
             .map_err(self.db("complete snapshots", None))?;
@@ -889,7 +894,7 @@ impl Ledger for PostgresLedger {
             .await
             .map_err(self.db("get", record))?;
         let row: Option<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records WHERE id = $1 AND flow = $2"
+            "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id = $1 AND r.flow = $2"
         )))
         .bind(id.0)
         .bind(&self.flow)
@@ -932,7 +937,8 @@ impl Ledger for PostgresLedger {
         limit: usize,
     ) -> Result<Vec<RecordView>> {
         let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records WHERE flow = $1 AND state = $2 AND id > $3 ORDER BY id LIMIT $4"
+            "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.flow = $1 AND r.state = $2 AND r.id > $3 \
+             ORDER BY r.id LIMIT $4"
         )))
         .bind(&self.flow)
         .bind(state.as_str())

@@ -7,13 +7,33 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
+/// that need a database as an older meshline left it.
+pub fn migration_statements(backend: &str, version: i64) -> Option<&'static [&'static str]> {
+    let migrations = match backend {
+        "sqlite" => SQLITE,
+        "postgres" => POSTGRES,
+        _ => return None,
+    };
+    migrations
+        .iter()
+        .find(|m| m.version == version)
+        .map(|m| m.statements)
+}
 
 pub(crate) struct Migration {
     pub version: i64,
     pub description: &'static str,
     pub statements: &'static [&'static str],
 }
+
+/// Version 2 moves each record's payload into a table of its own. A record's row is rewritten on every
+/// claim and completion; with a 1 KB payload inline, each rewrite copied the payload too (SQLite rewrites the
+/// whole row and its page into the WAL, PostgreSQL writes a new row version), three times per record. Now the
+/// payload is written once per generation and the rewrites touch a ~200-byte row.
+const PAYLOADS_DESCRIPTION: &str = "payloads in their own table, written once per generation";
 
 /// The bookkeeping table; created before any migration runs.
 pub(crate) const SQLITE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
@@ -22,11 +42,12 @@ pub(crate) const SQLITE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshlin
 pub(crate) const POSTGRES_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
     version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)";
 
-pub(crate) const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    description: "records, lineage, snapshots, checkpoints, interventions",
-    statements: &[
-        "CREATE TABLE records (
+pub(crate) const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "records, lineage, snapshots, checkpoints, interventions",
+        statements: &[
+            "CREATE TABLE records (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             flow TEXT NOT NULL,
             source_key TEXT NOT NULL,
@@ -59,10 +80,10 @@ pub(crate) const SQLITE: &[Migration] = &[Migration {
             first_failure_at INTEGER,
             UNIQUE (flow, idempotency_key)
         )",
-        "CREATE INDEX records_due ON records (flow, next_attempt_at)
+            "CREATE INDEX records_due ON records (flow, next_attempt_at)
             WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
-        "CREATE INDEX records_state ON records (flow, state, id)",
-        "CREATE TABLE lineage (
+            "CREATE INDEX records_state ON records (flow, state, id)",
+            "CREATE TABLE lineage (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             record_id INTEGER NOT NULL REFERENCES records (id),
             generation INTEGER NOT NULL,
@@ -71,8 +92,8 @@ pub(crate) const SQLITE: &[Migration] = &[Migration {
             detail TEXT NOT NULL,
             correlation_id TEXT NOT NULL
         )",
-        "CREATE INDEX lineage_record ON lineage (record_id, id)",
-        "CREATE TABLE snapshots (
+            "CREATE INDEX lineage_record ON lineage (record_id, id)",
+            "CREATE TABLE snapshots (
             record_id INTEGER NOT NULL REFERENCES records (id),
             generation INTEGER NOT NULL,
             kind TEXT NOT NULL,
@@ -80,14 +101,14 @@ pub(crate) const SQLITE: &[Migration] = &[Migration {
             body TEXT NOT NULL,
             PRIMARY KEY (record_id, generation, kind)
         )",
-        "CREATE TABLE checkpoints (
+            "CREATE TABLE checkpoints (
             flow TEXT NOT NULL,
             source TEXT NOT NULL,
             value TEXT NOT NULL,
             updated_at INTEGER NOT NULL,
             PRIMARY KEY (flow, source)
         )",
-        "CREATE TABLE interventions (
+            "CREATE TABLE interventions (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             flow TEXT NOT NULL,
             record_id INTEGER REFERENCES records (id),
@@ -96,15 +117,29 @@ pub(crate) const SQLITE: &[Migration] = &[Migration {
             reason TEXT NOT NULL,
             at INTEGER NOT NULL
         )",
-        "CREATE INDEX interventions_record ON interventions (flow, record_id)",
-    ],
-}];
+            "CREATE INDEX interventions_record ON interventions (flow, record_id)",
+        ],
+    },
+    Migration {
+        version: 2,
+        description: PAYLOADS_DESCRIPTION,
+        statements: &[
+            "CREATE TABLE payloads (
+                record_id INTEGER PRIMARY KEY REFERENCES records (id),
+                body TEXT NOT NULL
+            )",
+            "INSERT INTO payloads (record_id, body) SELECT id, payload FROM records",
+            "ALTER TABLE records DROP COLUMN payload",
+        ],
+    },
+];
 
-pub(crate) const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    description: "records, lineage, snapshots, checkpoints, interventions",
-    statements: &[
-        "CREATE TABLE records (
+pub(crate) const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "records, lineage, snapshots, checkpoints, interventions",
+        statements: &[
+            "CREATE TABLE records (
             id BIGSERIAL PRIMARY KEY,
             flow TEXT NOT NULL,
             source_key TEXT NOT NULL,
@@ -137,10 +172,10 @@ pub(crate) const POSTGRES: &[Migration] = &[Migration {
             first_failure_at BIGINT,
             UNIQUE (flow, idempotency_key)
         )",
-        "CREATE INDEX records_due ON records (flow, next_attempt_at)
+            "CREATE INDEX records_due ON records (flow, next_attempt_at)
             WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
-        "CREATE INDEX records_state ON records (flow, state, id)",
-        "CREATE TABLE lineage (
+            "CREATE INDEX records_state ON records (flow, state, id)",
+            "CREATE TABLE lineage (
             id BIGSERIAL PRIMARY KEY,
             record_id BIGINT NOT NULL REFERENCES records (id),
             generation BIGINT NOT NULL,
@@ -149,8 +184,8 @@ pub(crate) const POSTGRES: &[Migration] = &[Migration {
             detail TEXT NOT NULL,
             correlation_id TEXT NOT NULL
         )",
-        "CREATE INDEX lineage_record ON lineage (record_id, id)",
-        "CREATE TABLE snapshots (
+            "CREATE INDEX lineage_record ON lineage (record_id, id)",
+            "CREATE TABLE snapshots (
             record_id BIGINT NOT NULL REFERENCES records (id),
             generation BIGINT NOT NULL,
             kind TEXT NOT NULL,
@@ -158,14 +193,14 @@ pub(crate) const POSTGRES: &[Migration] = &[Migration {
             body TEXT NOT NULL,
             PRIMARY KEY (record_id, generation, kind)
         )",
-        "CREATE TABLE checkpoints (
+            "CREATE TABLE checkpoints (
             flow TEXT NOT NULL,
             source TEXT NOT NULL,
             value TEXT NOT NULL,
             updated_at BIGINT NOT NULL,
             PRIMARY KEY (flow, source)
         )",
-        "CREATE TABLE interventions (
+            "CREATE TABLE interventions (
             id BIGSERIAL PRIMARY KEY,
             flow TEXT NOT NULL,
             record_id BIGINT REFERENCES records (id),
@@ -174,9 +209,22 @@ pub(crate) const POSTGRES: &[Migration] = &[Migration {
             reason TEXT NOT NULL,
             at BIGINT NOT NULL
         )",
-        "CREATE INDEX interventions_record ON interventions (flow, record_id)",
-    ],
-}];
+            "CREATE INDEX interventions_record ON interventions (flow, record_id)",
+        ],
+    },
+    Migration {
+        version: 2,
+        description: PAYLOADS_DESCRIPTION,
+        statements: &[
+            "CREATE TABLE payloads (
+                record_id BIGINT PRIMARY KEY REFERENCES records (id),
+                body TEXT NOT NULL
+            )",
+            "INSERT INTO payloads (record_id, body) SELECT id, payload FROM records",
+            "ALTER TABLE records DROP COLUMN payload",
+        ],
+    },
+];
 
 #[cfg(test)]
 mod tests {

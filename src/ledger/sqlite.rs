@@ -1,5 +1,13 @@
 //! The embedded SQLite ledger: the default for one replica and for local use.
 //!
+//! **One connection on a thread of its own.** Every operation is a closure run against the one connection on
+//! the ledger's thread, a whole batch at a time, with cached prepared statements executed row by row. A
+//! statement costs a few microseconds there, so a batch of 500 records is one hand-off between the async
+//! runtime and the database instead of one per statement (which is what an async driver would cost, and what
+//! made set-based JSON tricks necessary before). Operations are serialised in arrival order, and every write
+//! transaction starts with `BEGIN IMMEDIATE`, so a second process on the same file waits (busy timeout)
+//! instead of failing half way. Several replicas need the PostgreSQL ledger.
+//!
 //! **Durability.** The database runs in WAL mode with `synchronous = NORMAL`, and switches to
 //! `synchronous = FULL` for the transactions that the outside world is told about: ingest (the webhook's 2xx,
 //! the poll checkpoint), checkpoints and manual interventions. With FULL, the commit fsyncs the WAL, which
@@ -7,69 +15,107 @@
 //! process crash (SIGKILL) but may be lost with the OS on power failure; losing one only means a record is
 //! claimed or delivered again, which the ERP upsert by external id absorbs. Batching keeps the fsyncs to one
 //! per batch, not one per record.
-//!
-//! **Concurrency.** One connection, so every operation is serialised inside the process, and every write
-//! transaction starts with `BEGIN IMMEDIATE`, so a second process on the same file waits (busy timeout)
-//! instead of failing half way. Several replicas need the PostgreSQL ledger.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
-};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
+use serde_json::json;
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
+    BackendError, BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
     IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
-    NewLineageEvent, Prepared, RECORD_COLUMNS, RecordDetail, RecordId, RecordRow, RecordState,
+    NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
     RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms,
-    prepare, rounds,
+    prepare,
 };
+
+/// States a record waits in; the same list as the `records_due` index, so the planner can use it.
+const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
 #[derive(Debug)]
 pub struct SqliteLedger {
-    pool: SqlitePool,
     flow: String,
     clock: Arc<dyn Clock>,
     path: PathBuf,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Maps a rusqlite error to the ledger's, naming the flow, the operation and the record.
+fn db<'f>(
+    flow: &'f str,
+    operation: &'static str,
+    record: Option<RecordId>,
+) -> impl Fn(rusqlite::Error) -> LedgerError + 'f {
+    move |source| LedgerError::Database {
+        flow: flow.to_string(),
+        operation,
+        record,
+        source: source.into(),
+    }
 }
 
 impl SqliteLedger {
     /// Opens (creating if missing) and migrates the ledger at `path` for `flow`.
     pub async fn open(path: impl AsRef<Path>, flow: &str, clock: Arc<dyn Clock>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_with(options)
-            .await
-            .map_err(|source| LedgerError::Open {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let thread_path = path.clone();
+        let thread = std::thread::Builder::new()
+            .name("meshline-ledger".into())
+            .spawn(move || {
+                let mut conn = match open_connection(&thread_path) {
+                    Ok(conn) => {
+                        let _ = opened_tx.send(Ok(()));
+                        conn
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                for job in queue {
+                    // A panic in one operation drops its reply (the caller gets an error) and rolls its
+                    // transaction back; the ledger stays usable for the others.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                }
+            })
+            .map_err(|e| LedgerError::Open {
                 flow: flow.to_string(),
                 backend: "sqlite",
                 target: path.display().to_string(),
-                source,
+                source: e.into(),
             })?;
+        let open_failed = |source: BackendError| LedgerError::Open {
+            flow: flow.to_string(),
+            backend: "sqlite",
+            target: path.display().to_string(),
+            source,
+        };
+        match opened.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(open_failed(e)),
+            Err(_) => {
+                return Err(open_failed(
+                    "the ledger thread stopped while opening".into(),
+                ));
+            }
+        }
         let ledger = SqliteLedger {
-            pool,
             flow: flow.to_string(),
             clock,
             path,
+            jobs: Mutex::new(Some(jobs)),
+            thread: Mutex::new(Some(thread)),
         };
         ledger.migrate().await?;
         Ok(ledger)
@@ -82,404 +128,216 @@ impl SqliteLedger {
 
     /// The schema version recorded in the database.
     pub async fn schema_version(&self) -> Result<i64> {
-        let version: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM meshline_schema")
-            .fetch_one(&self.pool)
-            .await
-            .map_err(self.db("read schema version", None))?;
-        Ok(version.unwrap_or(0))
+        let flow = self.flow.clone();
+        self.run("read schema version", move |conn| {
+            conn.query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM meshline_schema",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db(&flow, "read schema version", None))
+        })
+        .await
     }
 
-    fn db(
-        &self,
-        operation: &'static str,
-        record: Option<RecordId>,
-    ) -> impl Fn(sqlx::Error) -> LedgerError + '_ {
-        move |source| LedgerError::Database {
+    /// Runs `job` on the ledger's thread and waits for its result.
+    async fn run<T, F>(&self, operation: &'static str, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(job(conn));
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|jobs| jobs.send(job).is_ok())
+            .unwrap_or(false);
+        let gone = |what: &str| LedgerError::Database {
             flow: self.flow.clone(),
             operation,
-            record,
-            source,
+            record: None,
+            source: what.to_string().into(),
+        };
+        if !sent {
+            return Err(gone("the ledger is closed"));
         }
+        answer
+            .await
+            .map_err(|_| gone("the ledger operation was interrupted (nothing was committed)"))?
     }
 
     async fn migrate(&self) -> Result<()> {
         let flow = self.flow.clone();
-        let failed = |version: i64| {
-            let flow = flow.clone();
-            move |source| LedgerError::Migrate {
-                flow: flow.clone(),
-                version,
-                source,
-            }
-        };
-        let mut conn = self.pool.acquire().await.map_err(failed(0))?;
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(failed(0))?;
-        sqlx::query(schema::SQLITE_SCHEMA_TABLE)
-            .execute(&mut *tx)
-            .await
-            .map_err(failed(0))?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM meshline_schema")
-                .fetch_one(&mut *tx)
-                .await
+        let now = self.clock.now_ms();
+        self.run("migrate", move |conn| {
+            let failed = |version: i64| {
+                let flow = flow.clone();
+                move |source: rusqlite::Error| LedgerError::Migrate {
+                    flow: flow.clone(),
+                    version,
+                    source: source.into(),
+                }
+            };
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(failed(0))?;
-        if current > SCHEMA_VERSION {
-            return Err(LedgerError::SchemaTooNew {
-                flow,
-                found: current,
-                known: SCHEMA_VERSION,
-            });
-        }
-        for migration in schema::SQLITE.iter().filter(|m| m.version > current) {
-            for statement in migration.statements {
-                sqlx::query(*statement)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(failed(migration.version))?;
+            tx.execute(schema::SQLITE_SCHEMA_TABLE, []).map_err(failed(0))?;
+            let current: i64 = tx
+                .query_row("SELECT COALESCE(MAX(version), 0) FROM meshline_schema", [], |r| {
+                    r.get(0)
+                })
+                .map_err(failed(0))?;
+            if current > SCHEMA_VERSION {
+                return Err(LedgerError::SchemaTooNew {
+                    flow: flow.clone(),
+                    found: current,
+                    known: SCHEMA_VERSION,
+                });
             }
-            sqlx::query("INSERT INTO meshline_schema (version, description, applied_at) VALUES ($1, $2, $3)")
-                .bind(migration.version)
-                .bind(migration.description)
-                .bind(self.clock.now_ms())
-                .execute(&mut *tx)
-                .await
+            for migration in schema::SQLITE.iter().filter(|m| m.version > current) {
+                for statement in migration.statements {
+                    tx.execute(statement, []).map_err(failed(migration.version))?;
+                }
+                tx.execute(
+                    "INSERT INTO meshline_schema (version, description, applied_at) VALUES (?1, ?2, ?3)",
+                    params![migration.version, migration.description, now],
+                )
                 .map_err(failed(migration.version))?;
-        }
-        tx.commit().await.map_err(failed(SCHEMA_VERSION))?;
-        Ok(())
-    }
-
-    /// Runs `PRAGMA synchronous` on the one connection; see the module doc for when FULL is used.
-    async fn set_sync(&self, conn: &mut SqliteConnection, full: bool) -> Result<()> {
-        let pragma = if full {
-            "PRAGMA synchronous = FULL"
-        } else {
-            "PRAGMA synchronous = NORMAL"
-        };
-        sqlx::query(pragma)
-            .execute(conn)
-            .await
-            .map_err(self.db("set synchronous", None))?;
-        Ok(())
+            }
+            tx.commit().map_err(failed(SCHEMA_VERSION))
+        })
+        .await
     }
 
     async fn ingest_inner(
         &self,
         batch: Vec<IncomingRecord>,
-        checkpoint: Option<(&str, &str)>,
+        checkpoint: Option<(String, String)>,
     ) -> Result<Vec<IngestOutcome>> {
-        let total = batch.len();
         let prepared = prepare(&self.flow, batch)?;
         let now = self.clock.now_ms();
-        let mut conn = self.pool.acquire().await.map_err(self.db("ingest", None))?;
-        self.set_sync(&mut conn, true).await?;
-        let result = async {
-            let mut tx = conn
-                .begin_with("BEGIN IMMEDIATE")
-                .await
-                .map_err(self.db("ingest", None))?;
-            let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; total];
-            for round in rounds(prepared) {
-                self.ingest_round(&mut tx, round, now, &mut outcomes)
-                    .await?;
-            }
-            if let Some((source, value)) = checkpoint {
-                set_checkpoint_on(&mut tx, &self.flow, source, value, now)
-                    .await
-                    .map_err(self.db("set checkpoint", None))?;
-            }
-            tx.commit().await.map_err(self.db("ingest commit", None))?;
-            outcomes
-                .into_iter()
-                .map(|outcome| {
-                    outcome.ok_or_else(|| LedgerError::InvalidInput {
-                        flow: self.flow.clone(),
-                        what: "a record of the batch was neither stored nor found during ingest"
-                            .into(),
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        }
-        .await;
-        self.set_sync(&mut conn, false).await?;
-        result
-    }
-
-    /// One round of a batch (every idempotency key once), set-based: the statements take the whole round
-    /// as one JSON array read with `json_each`, because sqlx runs each SQLite statement on the
-    /// connection's worker thread and a statement per record would spend its time on that hand-off.
-    async fn ingest_round(
-        &self,
-        conn: &mut SqliteConnection,
-        round: Vec<(usize, Prepared)>,
-        now: i64,
-        outcomes: &mut [Option<IngestOutcome>],
-    ) -> Result<()> {
-        let rows: Vec<Value> = round
-            .iter()
-            .map(|(_, item)| {
-                json!({
-                    "s": item.source_key, "k": item.idempotency_key, "e": item.external_id,
-                    "p": item.payload, "h": item.hash, "c": item.contract_version, "b": item.bucket,
-                    "r": item.correlation_id,
-                })
-            })
-            .collect();
-        // New keys insert; changed payloads start a new generation (lease columns untouched, so an
-        // in-flight older generation is never claimed alongside it); equal hashes are left alone and do
-        // not come back from RETURNING. (`WHERE true` resolves SQLite's INSERT…SELECT…ON CONFLICT parse.)
-        let written = sqlx::query(
-            "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, payload, \
-             payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, received_at, \
-             updated_at) \
-             SELECT $1, value ->> '$.s', value ->> '$.k', value ->> '$.e', 1, value ->> '$.p', \
-             value ->> '$.h', value ->> '$.c', 'received', $2, value ->> '$.b', value ->> '$.r', $2, $2 \
-             FROM json_each($3) WHERE true \
-             ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = excluded.source_key, \
-             external_id = excluded.external_id, generation = records.generation + 1, \
-             payload = excluded.payload, payload_hash = excluded.payload_hash, \
-             contract_version = excluded.contract_version, state = 'received', claimed_from = NULL, \
-             attempts = 0, next_attempt_at = excluded.next_attempt_at, last_error = NULL, \
-             last_error_class = NULL, dead_letter_reason = NULL, erp_response = NULL, hold_rule = NULL, \
-             hold_role = NULL, approved_by = NULL, bucket = excluded.bucket, \
-             correlation_id = excluded.correlation_id, received_at = excluded.received_at, \
-             updated_at = excluded.updated_at, delivered_at = NULL, first_failure_at = NULL \
-             WHERE records.payload_hash <> excluded.payload_hash \
-             RETURNING id, idempotency_key, generation",
-        )
-        .bind(&self.flow)
-        .bind(now)
-        .bind(Value::Array(rows).to_string())
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(self.db("ingest", None))?;
-        let mut written_by_key: HashMap<String, (i64, i64)> = HashMap::new();
-        for row in written {
-            written_by_key.insert(
-                row.get("idempotency_key"),
-                (row.get("id"), row.get("generation")),
-            );
-        }
-        let duplicate_keys: Vec<&str> = round
-            .iter()
-            .map(|(_, item)| item.idempotency_key.as_str())
-            .filter(|k| !written_by_key.contains_key(*k))
-            .collect();
-        let mut duplicates: HashMap<String, (i64, i64, String)> = HashMap::new();
-        if !duplicate_keys.is_empty() {
-            let rows = sqlx::query(
-                "SELECT id, idempotency_key, generation, correlation_id FROM records \
-                 WHERE flow = $1 AND idempotency_key IN (SELECT value FROM json_each($2))",
-            )
-            .bind(&self.flow)
-            .bind(json!(duplicate_keys).to_string())
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(self.db("ingest duplicates", None))?;
-            for row in rows {
-                duplicates.insert(
-                    row.get("idempotency_key"),
-                    (
-                        row.get("id"),
-                        row.get("generation"),
-                        row.get("correlation_id"),
-                    ),
-                );
-            }
-        }
-
-        let mut lineage = Vec::with_capacity(round.len());
-        let mut snapshots = Vec::new();
-        for (index, item) in round {
-            if let Some(&(id, generation)) = written_by_key.get(&item.idempotency_key) {
-                let inserted = generation == 1;
-                let (step, detail) = if inserted {
-                    (
-                        "received",
-                        json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}),
-                    )
-                } else {
-                    (
-                        "updated",
-                        json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
-                    )
-                };
-                lineage.push(json!({"i": id, "g": generation, "s": step, "d": detail.to_string(), "c": item.correlation_id}));
-                if let Some(snapshot) = item.snapshot {
-                    snapshots
-                        .push(json!({"i": id, "g": generation, "k": "received", "b": snapshot}));
+        let flow = self.flow.clone();
+        self.run("ingest", move |conn| {
+            durable(conn, &flow, |conn| {
+                let err = db(&flow, "ingest", None);
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(&err)?;
+                let mut outcomes = Vec::with_capacity(prepared.len());
+                {
+                    // New keys insert; changed payloads start a new generation (lease columns untouched, so
+                    // an in-flight older generation is never claimed alongside it); equal hashes are left
+                    // alone and return no row. Record by record in batch order, so a batch that carries two
+                    // versions of one record applies them in sequence, as two batches would.
+                    let mut upsert = tx
+                        .prepare_cached(
+                            "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
+                             payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, \
+                             received_at, updated_at) \
+                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, 'received', ?7, ?8, ?9, ?7, ?7) \
+                             ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = excluded.source_key, \
+                             external_id = excluded.external_id, generation = records.generation + 1, \
+                             payload_hash = excluded.payload_hash, \
+                             contract_version = excluded.contract_version, state = 'received', \
+                             claimed_from = NULL, attempts = 0, next_attempt_at = excluded.next_attempt_at, \
+                             last_error = NULL, last_error_class = NULL, dead_letter_reason = NULL, \
+                             erp_response = NULL, hold_rule = NULL, hold_role = NULL, approved_by = NULL, \
+                             bucket = excluded.bucket, correlation_id = excluded.correlation_id, \
+                             received_at = excluded.received_at, updated_at = excluded.updated_at, \
+                             delivered_at = NULL, first_failure_at = NULL \
+                             WHERE records.payload_hash <> excluded.payload_hash \
+                             RETURNING id, generation",
+                        )
+                        .map_err(&err)?;
+                    let mut payload = tx
+                        .prepare_cached(
+                            "INSERT INTO payloads (record_id, body) VALUES (?1, ?2) \
+                             ON CONFLICT (record_id) DO UPDATE SET body = excluded.body",
+                        )
+                        .map_err(&err)?;
+                    let mut existing = tx
+                        .prepare_cached(
+                            "SELECT id, generation, correlation_id FROM records \
+                             WHERE flow = ?1 AND idempotency_key = ?2",
+                        )
+                        .map_err(&err)?;
+                    let mut lineage = Lineage::new(&tx, now).map_err(&err)?;
+                    for item in prepared {
+                        let written: Option<(i64, i64)> = upsert
+                            .query_row(
+                                params![
+                                    flow,
+                                    item.source_key,
+                                    item.idempotency_key,
+                                    item.external_id,
+                                    item.hash,
+                                    item.contract_version,
+                                    now,
+                                    item.bucket,
+                                    item.correlation_id,
+                                ],
+                                |r| Ok((r.get(0)?, r.get(1)?)),
+                            )
+                            .optional()
+                            .map_err(&err)?;
+                        if let Some((id, generation)) = written {
+                            payload.execute(params![id, item.payload]).map_err(&err)?;
+                            let inserted = generation == 1;
+                            let (step, detail) = if inserted {
+                                (
+                                    "received",
+                                    json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}),
+                                )
+                            } else {
+                                (
+                                    "updated",
+                                    json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
+                                )
+                            };
+                            lineage
+                                .add(id, generation, step, &detail.to_string(), &item.correlation_id)
+                                .map_err(&err)?;
+                            outcomes.push(if inserted {
+                                IngestOutcome::Received {
+                                    id: RecordId(id),
+                                    correlation_id: item.correlation_id,
+                                }
+                            } else {
+                                IngestOutcome::Updated {
+                                    id: RecordId(id),
+                                    generation,
+                                    correlation_id: item.correlation_id,
+                                }
+                            });
+                        } else {
+                            // A webhook retry or an overlapping poll: note it, store nothing new.
+                            let (id, generation, correlation_id): (i64, i64, String) = existing
+                                .query_row(params![flow, item.idempotency_key], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                                })
+                                .map_err(&err)?;
+                            let detail = json!({"payload_hash": item.hash}).to_string();
+                            lineage
+                                .add(id, generation, "duplicate", &detail, &correlation_id)
+                                .map_err(&err)?;
+                            outcomes.push(IngestOutcome::Duplicate { id: RecordId(id) });
+                        }
+                    }
+                    if let Some((source, value)) = checkpoint {
+                        set_checkpoint_on(&tx, &flow, &source, &value, now)
+                            .map_err(db(&flow, "set checkpoint", None))?;
+                    }
                 }
-                outcomes[index] = Some(if inserted {
-                    IngestOutcome::Received {
-                        id: RecordId(id),
-                        correlation_id: item.correlation_id,
-                    }
-                } else {
-                    IngestOutcome::Updated {
-                        id: RecordId(id),
-                        generation,
-                        correlation_id: item.correlation_id,
-                    }
-                });
-            } else if let Some((id, generation, correlation_id)) =
-                duplicates.get(&item.idempotency_key)
-            {
-                // A webhook retry or an overlapping poll: note it, store nothing new.
-                lineage.push(json!({"i": id, "g": generation, "s": "duplicate", "d": json!({"payload_hash": item.hash}).to_string(), "c": correlation_id}));
-                outcomes[index] = Some(IngestOutcome::Duplicate { id: RecordId(*id) });
-            }
-        }
-        insert_lineage_set(&mut *conn, lineage, now)
-            .await
-            .map_err(self.db("ingest lineage", None))?;
-        insert_snapshot_set(&mut *conn, snapshots, now)
-            .await
-            .map_err(self.db("ingest snapshots", None))?;
-        Ok(())
-    }
-
-    /// A refused completion: find out why, release a superseded holder's lease, leave a trace.
-    async fn refused(
-        &self,
-        conn: &mut SqliteConnection,
-        completion: &Completion,
-        now: i64,
-    ) -> Result<CompletionResult> {
-        let claim = completion.claim;
-        let record = Some(claim.id);
-        let current = sqlx::query(
-            "SELECT generation, fence, correlation_id FROM records WHERE id = $1 AND flow = $2",
-        )
-        .bind(claim.id.0)
-        .bind(&self.flow)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(self.db("complete check", record))?;
-        let Some(current) = current else {
-            return Ok(CompletionResult::NotFound);
-        };
-        let generation: i64 = current.get("generation");
-        let fence: i64 = current.get("fence");
-        let correlation_id: String = current.get("correlation_id");
-        let superseded = generation != claim.generation;
-        if superseded && fence == claim.fence {
-            // The stale holder still holds the lease over the newer generation: let it go now rather
-            // than make the update wait for the lease to expire.
-            sqlx::query(
-                "UPDATE records SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND fence = $2",
-            )
-            .bind(claim.id.0)
-            .bind(claim.fence)
-            .execute(&mut *conn)
-            .await
-            .map_err(self.db("release superseded lease", record))?;
-        }
-        let detail = json!({
-            "outcome": completion.outcome.step(),
-            "claim_generation": claim.generation,
-            "claim_fence": claim.fence,
-            "current_fence": fence,
-            "result": if superseded { "superseded" } else { "lease_lost" },
-        });
-        let lineage = vec![
-            json!({"i": claim.id.0, "g": generation, "s": "completion_refused", "d": detail.to_string(), "c": correlation_id}),
-        ];
-        insert_lineage_set(&mut *conn, lineage, now)
-            .await
-            .map_err(self.db("complete lineage", record))?;
-        Ok(if superseded {
-            CompletionResult::Superseded {
-                current_generation: generation,
-            }
-        } else {
-            CompletionResult::LeaseLost
+                tx.commit().map_err(db(&flow, "ingest commit", None))?;
+                Ok(outcomes)
+            })
         })
-    }
-
-    async fn manual(
-        &self,
-        conn: &mut SqliteConnection,
-        id: RecordId,
-        action: ManualAction,
-        actor: &str,
-        reason: &str,
-        now: i64,
-    ) -> Result<()> {
-        let row = sqlx::query(
-            "SELECT state, generation, correlation_id FROM records WHERE id = $1 AND flow = $2",
-        )
-        .bind(id.0)
-        .bind(&self.flow)
-        .fetch_optional(&mut *conn)
         .await
-        .map_err(self.db(action.name(), Some(id)))?
-        .ok_or_else(|| LedgerError::NotFound {
-            flow: self.flow.clone(),
-            record: id,
-        })?;
-        let state: String = row.get("state");
-        let generation: i64 = row.get("generation");
-        let correlation_id: String = row.get("correlation_id");
-        let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
-            flow: self.flow.clone(),
-            record: id,
-            what: "state",
-            detail: format!("unknown state {state:?}"),
-        })?;
-        let to = action.target_state();
-        if from != action.source_state() || !from.can_transition_to(to) {
-            return Err(LedgerError::IllegalTransition {
-                flow: self.flow.clone(),
-                record: id,
-                from,
-                to,
-            });
-        }
-        let approved_by = (action == ManualAction::Approve).then_some(actor);
-        let dead_letter_reason =
-            (action == ManualAction::Reject).then(|| format!("rejected by {actor}: {reason}"));
-        sqlx::query(
-            "UPDATE records SET state = $1, approved_by = COALESCE($2, approved_by), \
-             dead_letter_reason = COALESCE($3, dead_letter_reason), next_attempt_at = $4, updated_at = $4 \
-             WHERE id = $5",
-        )
-        .bind(to.as_str())
-        .bind(approved_by)
-        .bind(&dead_letter_reason)
-        .bind(now)
-        .bind(id.0)
-        .execute(&mut *conn)
-        .await
-        .map_err(self.db(action.name(), Some(id)))?;
-        sqlx::query(
-            "INSERT INTO interventions (flow, record_id, action, actor, reason, at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&self.flow)
-        .bind(id.0)
-        .bind(action.name())
-        .bind(actor)
-        .bind(reason)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .map_err(self.db(action.name(), Some(id)))?;
-        let detail =
-            json!({"actor": actor, "reason": reason, "from": from.as_str(), "to": to.as_str()});
-        insert_lineage(
-            &mut *conn,
-            id.0,
-            generation,
-            now,
-            action.name(),
-            &detail.to_string(),
-            &correlation_id,
-        )
-        .await
-        .map_err(self.db(action.name(), Some(id)))?;
-        Ok(())
     }
 
     /// Runs manual actions in one durable transaction.
@@ -491,117 +349,551 @@ impl SqliteLedger {
         reason: &str,
     ) -> Result<()> {
         let now = self.clock.now_ms();
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(self.db(action.name(), None))?;
-        self.set_sync(&mut conn, true).await?;
-        let result = async {
-            let mut tx = conn
-                .begin_with("BEGIN IMMEDIATE")
-                .await
-                .map_err(self.db(action.name(), None))?;
-            for id in ids {
-                self.manual(&mut tx, id, action, actor, reason, now).await?;
-            }
-            tx.commit().await.map_err(self.db(action.name(), None))
-        }
-        .await;
-        self.set_sync(&mut conn, false).await?;
-        result
+        let flow = self.flow.clone();
+        let (actor, reason) = (actor.to_string(), reason.to_string());
+        self.run(action.name(), move |conn| {
+            durable(conn, &flow, |conn| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(db(&flow, action.name(), None))?;
+                for id in ids {
+                    manual(&tx, &flow, id, action, &actor, &reason, now)?;
+                }
+                tx.commit().map_err(db(&flow, action.name(), None))
+            })
+        })
+        .await
     }
 }
 
-async fn insert_lineage(
-    conn: &mut SqliteConnection,
-    id: i64,
-    generation: i64,
-    at: i64,
-    step: &str,
-    detail: &str,
-    correlation_id: &str,
-) -> std::result::Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(id)
-    .bind(generation)
-    .bind(at)
-    .bind(step)
-    .bind(detail)
-    .bind(correlation_id)
-    .execute(conn)
-    .await
-    .map(|_| ())
-}
-
-/// Inserts lineage rows given as JSON objects `{i: record, g: generation, s: step, d: detail, c: correlation}`.
-async fn insert_lineage_set(
-    conn: &mut SqliteConnection,
-    rows: Vec<Value>,
-    at: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
+fn open_connection(path: &Path) -> std::result::Result<Connection, BackendError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(
+            format!("the database refused write-ahead logging (journal mode {mode})").into(),
+        );
     }
-    sqlx::query(
-        "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-         SELECT value ->> '$.i', value ->> '$.g', $1, value ->> '$.s', value ->> '$.d', value ->> '$.c' \
-         FROM json_each($2)",
-    )
-    .bind(at)
-    .bind(Value::Array(rows).to_string())
-    .execute(conn)
-    .await
-    .map(|_| ())
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
 }
 
-/// Inserts snapshots given as JSON objects `{i: record, g: generation, k: kind, b: body text}`.
-async fn insert_snapshot_set(
-    conn: &mut SqliteConnection,
-    rows: Vec<Value>,
+/// Runs `f` with `synchronous = FULL`, so its commit is on disk before the caller acknowledges anything (see
+/// the module doc), and returns to NORMAL whatever `f` did.
+fn durable<T>(
+    conn: &mut Connection,
+    flow: &str,
+    f: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    let sync = |conn: &Connection, level: &str| {
+        conn.pragma_update(None, "synchronous", level)
+            .map_err(db(flow, "set synchronous", None))
+    };
+    sync(conn, "FULL")?;
+    let result = f(conn);
+    sync(conn, "NORMAL")?;
+    result
+}
+
+/// Lineage rows written through one cached statement.
+struct Lineage<'c> {
+    insert: rusqlite::CachedStatement<'c>,
     at: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) \
-         SELECT value ->> '$.i', value ->> '$.g', value ->> '$.k', $1, value ->> '$.b' FROM json_each($2)",
-    )
-    .bind(at)
-    .bind(Value::Array(rows).to_string())
-    .execute(conn)
-    .await
-    .map(|_| ())
 }
 
-async fn set_checkpoint_on(
-    conn: &mut SqliteConnection,
+impl<'c> Lineage<'c> {
+    fn new(conn: &'c Connection, at: i64) -> rusqlite::Result<Self> {
+        Ok(Lineage {
+            insert: conn.prepare_cached(
+                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            at,
+        })
+    }
+
+    fn add(
+        &mut self,
+        id: i64,
+        generation: i64,
+        step: &str,
+        detail: &str,
+        correlation_id: &str,
+    ) -> rusqlite::Result<()> {
+        self.insert
+            .execute(params![
+                id,
+                generation,
+                self.at,
+                step,
+                detail,
+                correlation_id
+            ])
+            .map(|_| ())
+    }
+}
+
+fn set_checkpoint_on(
+    conn: &Connection,
     flow: &str,
     source: &str,
     value: &str,
     now: i64,
-) -> std::result::Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO checkpoints (flow, source, value, updated_at) VALUES ($1, $2, $3, $4) \
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO checkpoints (flow, source, value, updated_at) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT (flow, source) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-    )
-    .bind(flow)
-    .bind(source)
-    .bind(value)
-    .bind(now)
-    .execute(conn)
-    .await
+    )?
+    .execute(params![flow, source, value, now])
     .map(|_| ())
 }
 
-/// `bucket IN (…)` for a bucket set. Buckets are numbers below 100 that this code formats itself, so the
-/// SQL text cannot carry input.
+/// `AND bucket IN (…)` for a bucket set, or nothing when it is every bucket. Buckets are numbers below 100
+/// that this code formats itself, so the SQL text cannot carry input.
 fn bucket_filter(buckets: &BucketSet) -> String {
+    if *buckets == BucketSet::all() {
+        return String::new();
+    }
     let list: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();
-    format!("bucket IN ({})", list.join(", "))
+    format!("AND bucket IN ({})", list.join(", "))
+}
+
+/// Reads a row of [`RECORD_COLUMNS`], by position.
+fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
+    Ok(RecordRow {
+        id: r.get(0)?,
+        flow: r.get(1)?,
+        source_key: r.get(2)?,
+        idempotency_key: r.get(3)?,
+        external_id: r.get(4)?,
+        generation: r.get(5)?,
+        payload: r.get(6)?,
+        payload_hash: r.get(7)?,
+        contract_version: r.get(8)?,
+        state: r.get(9)?,
+        claimed_from: r.get(10)?,
+        attempts: r.get(11)?,
+        next_attempt_at: r.get(12)?,
+        lease_owner: r.get(13)?,
+        lease_expires_at: r.get(14)?,
+        fence: r.get(15)?,
+        last_error: r.get(16)?,
+        last_error_class: r.get(17)?,
+        dead_letter_reason: r.get(18)?,
+        erp_response: r.get(19)?,
+        hold_rule: r.get(20)?,
+        hold_role: r.get(21)?,
+        approved_by: r.get(22)?,
+        bucket: r.get(23)?,
+        correlation_id: r.get(24)?,
+        received_at: r.get(25)?,
+        updated_at: r.get(26)?,
+        delivered_at: r.get(27)?,
+        first_failure_at: r.get(28)?,
+    })
+}
+
+fn claim_on(
+    conn: &mut Connection,
+    flow: &str,
+    worker: &str,
+    buckets: &BucketSet,
+    limit: usize,
+    now: i64,
+    expires: i64,
+) -> Result<Vec<ClaimedRecord>> {
+    let err = db(flow, "claim", None);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    let mut records = Vec::new();
+    {
+        // The write lock taken by BEGIN IMMEDIATE makes the select and the updates one atomic claim.
+        let select = format!(
+            "SELECT id, state, lease_owner FROM records WHERE flow = ?1 {} AND state IN {PENDING} \
+             AND next_attempt_at <= ?2 AND (lease_expires_at IS NULL OR lease_expires_at <= ?2) \
+             ORDER BY next_attempt_at, id LIMIT ?3",
+            bucket_filter(buckets)
+        );
+        let due: Vec<(i64, String, Option<String>)> = tx
+            .prepare_cached(&select)
+            .map_err(&err)?
+            .query_map(
+                params![flow, now, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .map_err(&err)?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(&err)?;
+        let mut lease = tx
+            .prepare_cached(
+                "UPDATE records SET claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
+                 state = 'delivering', lease_owner = ?1, lease_expires_at = ?2, next_attempt_at = ?2, \
+                 fence = fence + 1, attempts = attempts + 1, updated_at = ?3 WHERE id = ?4",
+            )
+            .map_err(&err)?;
+        let mut read = tx
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id = ?1"
+            ))
+            .map_err(&err)?;
+        let mut lineage = Lineage::new(&tx, now).map_err(&err)?;
+        for (id, state, owner) in due {
+            lease
+                .execute(params![worker, expires, now, id])
+                .map_err(&err)?;
+            let record = read.query_row([id], record_row).map_err(&err)?;
+            let taken_over_from = (state == RecordState::Delivering.as_str())
+                .then_some(owner)
+                .flatten();
+            let detail = json!({
+                "worker": worker, "fence": record.fence, "attempt": record.attempts,
+                "lease_expires_at": expires, "taken_over_from": taken_over_from,
+            });
+            lineage
+                .add(
+                    id,
+                    record.generation,
+                    "claimed",
+                    &detail.to_string(),
+                    &record.correlation_id,
+                )
+                .map_err(db(flow, "claim lineage", None))?;
+            records.push(record);
+        }
+    }
+    tx.commit().map_err(db(flow, "claim commit", None))?;
+    records.into_iter().map(RecordRow::into_claimed).collect()
+}
+
+fn complete_on(
+    conn: &mut Connection,
+    flow: &str,
+    completions: Vec<Completion>,
+    now: i64,
+) -> Result<Vec<CompletionResult>> {
+    let err = db(flow, "complete", None);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    let mut results = Vec::with_capacity(completions.len());
+    {
+        let mut apply = tx
+            .prepare_cached(
+                "UPDATE records SET state = COALESCE(?1, claimed_from, 'received'), claimed_from = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE(?2, next_attempt_at), \
+                 last_error = COALESCE(?3, last_error), last_error_class = COALESCE(?4, last_error_class), \
+                 dead_letter_reason = COALESCE(?5, dead_letter_reason), erp_response = COALESCE(?6, erp_response), \
+                 hold_rule = COALESCE(?7, hold_rule), hold_role = COALESCE(?8, hold_role), retries = retries + ?9, \
+                 first_failure_at = CASE WHEN ?10 THEN COALESCE(first_failure_at, ?11) ELSE first_failure_at END, \
+                 delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11 \
+                 WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering' \
+                 RETURNING correlation_id",
+            )
+            .map_err(&err)?;
+        let mut snapshot = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(&err)?;
+        let mut lineage = Lineage::new(&tx, now).map_err(&err)?;
+        for completion in &completions {
+            let claim = completion.claim;
+            let record = Some(claim.id);
+            let p = completion_params(&completion.outcome, now);
+            let applied: Option<String> = apply
+                .query_row(
+                    params![
+                        p.new_state,
+                        p.next_attempt_at,
+                        p.last_error,
+                        p.error_class,
+                        p.dead_letter_reason,
+                        p.erp_response,
+                        p.hold_rule,
+                        p.hold_role,
+                        p.retry_increment,
+                        p.failed,
+                        now,
+                        claim.id.0,
+                        flow,
+                        claim.generation,
+                        claim.fence,
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(db(flow, "complete", record))?;
+            let Some(correlation_id) = applied else {
+                results.push(refused(&tx, flow, completion, now)?);
+                continue;
+            };
+            let mut detail = p.detail;
+            detail["fence"] = json!(claim.fence);
+            let step = completion.outcome.step();
+            lineage
+                .add(
+                    claim.id.0,
+                    claim.generation,
+                    step,
+                    &detail.to_string(),
+                    &correlation_id,
+                )
+                .map_err(db(flow, "complete lineage", record))?;
+            if let Some(body) = p.snapshot {
+                snapshot
+                    .execute(params![claim.id.0, claim.generation, step, now, body])
+                    .map_err(db(flow, "complete snapshot", record))?;
+            }
+            results.push(CompletionResult::Applied);
+        }
+    }
+    tx.commit().map_err(db(flow, "complete commit", None))?;
+    Ok(results)
+}
+
+/// A refused completion: find out why, release a superseded holder's lease, leave a trace.
+fn refused(
+    conn: &Connection,
+    flow: &str,
+    completion: &Completion,
+    now: i64,
+) -> Result<CompletionResult> {
+    let claim = completion.claim;
+    let err = db(flow, "complete check", Some(claim.id));
+    let current: Option<(i64, i64, String)> = conn
+        .prepare_cached(
+            "SELECT generation, fence, correlation_id FROM records WHERE id = ?1 AND flow = ?2",
+        )
+        .map_err(&err)?
+        .query_row(params![claim.id.0, flow], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(&err)?;
+    let Some((generation, fence, correlation_id)) = current else {
+        return Ok(CompletionResult::NotFound);
+    };
+    let superseded = generation != claim.generation;
+    if superseded && fence == claim.fence {
+        // The stale holder still holds the lease over the newer generation: let it go now rather than make
+        // the update wait for the lease to expire.
+        conn.prepare_cached(
+            "UPDATE records SET lease_owner = NULL, lease_expires_at = NULL WHERE id = ?1 AND fence = ?2",
+        )
+        .and_then(|mut s| s.execute(params![claim.id.0, claim.fence]))
+        .map_err(db(flow, "release superseded lease", Some(claim.id)))?;
+    }
+    let detail = json!({
+        "outcome": completion.outcome.step(),
+        "claim_generation": claim.generation,
+        "claim_fence": claim.fence,
+        "current_fence": fence,
+        "result": if superseded { "superseded" } else { "lease_lost" },
+    });
+    Lineage::new(conn, now)
+        .and_then(|mut l| {
+            l.add(
+                claim.id.0,
+                generation,
+                "completion_refused",
+                &detail.to_string(),
+                &correlation_id,
+            )
+        })
+        .map_err(db(flow, "complete lineage", Some(claim.id)))?;
+    Ok(if superseded {
+        CompletionResult::Superseded {
+            current_generation: generation,
+        }
+    } else {
+        CompletionResult::LeaseLost
+    })
+}
+
+fn manual(
+    conn: &Connection,
+    flow: &str,
+    id: RecordId,
+    action: ManualAction,
+    actor: &str,
+    reason: &str,
+    now: i64,
+) -> Result<()> {
+    let err = db(flow, action.name(), Some(id));
+    let (state, generation, correlation_id): (String, i64, String) = conn
+        .prepare_cached(
+            "SELECT state, generation, correlation_id FROM records WHERE id = ?1 AND flow = ?2",
+        )
+        .map_err(&err)?
+        .query_row(params![id.0, flow], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(&err)?
+        .ok_or_else(|| LedgerError::NotFound {
+            flow: flow.to_string(),
+            record: id,
+        })?;
+    let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
+        flow: flow.to_string(),
+        record: id,
+        what: "state",
+        detail: format!("unknown state {state:?}"),
+    })?;
+    let to = action.target_state();
+    if from != action.source_state() || !from.can_transition_to(to) {
+        return Err(LedgerError::IllegalTransition {
+            flow: flow.to_string(),
+            record: id,
+            from,
+            to,
+        });
+    }
+    let approved_by = (action == ManualAction::Approve).then_some(actor);
+    let dead_letter_reason =
+        (action == ManualAction::Reject).then(|| format!("rejected by {actor}: {reason}"));
+    conn.prepare_cached(
+        "UPDATE records SET state = ?1, approved_by = COALESCE(?2, approved_by), \
+         dead_letter_reason = COALESCE(?3, dead_letter_reason), next_attempt_at = ?4, updated_at = ?4 \
+         WHERE id = ?5",
+    )
+    .and_then(|mut s| s.execute(params![to.as_str(), approved_by, dead_letter_reason, now, id.0]))
+    .map_err(&err)?;
+    conn.prepare_cached(
+        "INSERT INTO interventions (flow, record_id, action, actor, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| s.execute(params![flow, id.0, action.name(), actor, reason, now]))
+    .map_err(&err)?;
+    let detail =
+        json!({"actor": actor, "reason": reason, "from": from.as_str(), "to": to.as_str()});
+    Lineage::new(conn, now)
+        .and_then(|mut l| {
+            l.add(
+                id.0,
+                generation,
+                action.name(),
+                &detail.to_string(),
+                &correlation_id,
+            )
+        })
+        .map_err(&err)?;
+    Ok(())
+}
+
+fn get_on(conn: &mut Connection, flow: &str, id: RecordId) -> Result<Option<RecordDetail>> {
+    let record = Some(id);
+    let err = db(flow, "get", record);
+    // One read transaction: the record, its lineage and its snapshots from one state of the database.
+    let tx = conn.transaction().map_err(&err)?;
+    let row: Option<RecordRow> = tx
+        .prepare_cached(&format!(
+            "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id = ?1 AND r.flow = ?2"
+        ))
+        .map_err(&err)?
+        .query_row(params![id.0, flow], record_row)
+        .optional()
+        .map_err(&err)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let lineage: Vec<LineageRow> = tx
+        .prepare_cached(
+            "SELECT at, generation, step, detail, correlation_id FROM lineage WHERE record_id = ?1 ORDER BY id",
+        )
+        .map_err(&err)?
+        .query_map([id.0], |r| {
+            Ok(LineageRow {
+                at: r.get(0)?,
+                generation: r.get(1)?,
+                step: r.get(2)?,
+                detail: r.get(3)?,
+                correlation_id: r.get(4)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(db(flow, "get lineage", record))?;
+    let snapshots: Vec<SnapshotRow> = tx
+        .prepare_cached(
+            "SELECT generation, kind, at, body FROM snapshots WHERE record_id = ?1 ORDER BY generation, at",
+        )
+        .map_err(&err)?
+        .query_map([id.0], |r| {
+            Ok(SnapshotRow {
+                generation: r.get(0)?,
+                kind: r.get(1)?,
+                at: r.get(2)?,
+                body: r.get(3)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(db(flow, "get snapshots", record))?;
+    let interventions: Vec<InterventionRow> = tx
+        .prepare_cached(
+            "SELECT record_id, action, actor, reason, at FROM interventions \
+             WHERE flow = ?1 AND record_id = ?2 ORDER BY id",
+        )
+        .map_err(&err)?
+        .query_map(params![flow, id.0], |r| {
+            Ok(InterventionRow {
+                record_id: r.get(0)?,
+                action: r.get(1)?,
+                actor: r.get(2)?,
+                reason: r.get(3)?,
+                at: r.get(4)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(db(flow, "get interventions", record))?;
+    tx.commit().map_err(&err)?;
+    assemble_detail(row, lineage, snapshots, interventions).map(Some)
+}
+
+fn counts_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
+    let err = db(flow, "counts", None);
+    let row = conn
+        .prepare_cached(&format!(
+            "SELECT COUNT(*), COALESCE(SUM(generation), 0), COALESCE(SUM(state = 'delivered'), 0), \
+             COALESCE(SUM(first_failure_at IS NOT NULL), 0), COALESCE(SUM(retries), 0), \
+             COALESCE(SUM(state = 'dead_lettered'), 0), COALESCE(SUM(state = 'held'), 0), \
+             COALESCE(SUM(state IN {PENDING}), 0), \
+             MIN(CASE WHEN state IN {PENDING} THEN received_at END), MAX(delivered_at), \
+             AVG(CASE WHEN state = 'delivered' AND first_failure_at IS NOT NULL \
+                 THEN CAST(delivered_at - first_failure_at AS REAL) END) \
+             FROM records WHERE flow = ?1"
+        ))
+        .map_err(&err)?
+        .query_row([flow], |r| {
+            Ok(CountsRow {
+                records: r.get(0)?,
+                received: r.get(1)?,
+                delivered: r.get(2)?,
+                failed: r.get(3)?,
+                retried: r.get(4)?,
+                dead_lettered: r.get(5)?,
+                held: r.get(6)?,
+                pending: r.get(7)?,
+                oldest_pending_at: r.get(8)?,
+                last_delivery_at: r.get(9)?,
+                mttr_ms: r.get(10)?,
+            })
+        })
+        .map_err(&err)?;
+    let interventions: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM interventions WHERE flow = ?1")
+        .map_err(&err)?
+        .query_row([flow], |r| r.get(0))
+        .map_err(&err)?;
+    Ok(assemble_counts(row, interventions, now))
 }
 
 #[async_trait]
@@ -624,20 +916,22 @@ impl Ledger for SqliteLedger {
         source: &str,
         checkpoint: &str,
     ) -> Result<Vec<IngestOutcome>> {
-        self.ingest_inner(batch, Some((source, checkpoint))).await
+        self.ingest_inner(batch, Some((source.to_string(), checkpoint.to_string())))
+            .await
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT value FROM checkpoints WHERE flow = $1 AND source = $2")
-            .bind(&self.flow)
-            .bind(source)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(self.db("read checkpoint", None))
+        let (flow, source) = (self.flow.clone(), source.to_string());
+        self.run("read checkpoint", move |conn| {
+            conn.prepare_cached("SELECT value FROM checkpoints WHERE flow = ?1 AND source = ?2")
+                .and_then(|mut s| s.query_row(params![flow, source], |r| r.get(0)).optional())
+                .map_err(db(&flow, "read checkpoint", None))
+        })
+        .await
     }
 
     async fn set_checkpoint(&self, source: &str, value: &str) -> Result<()> {
-        self.ingest_inner(Vec::new(), Some((source, value)))
+        self.ingest_inner(Vec::new(), Some((source.to_string(), value.to_string())))
             .await
             .map(|_| ())
     }
@@ -655,75 +949,11 @@ impl Ledger for SqliteLedger {
         }
         let now = self.clock.now_ms();
         let expires = now.saturating_add(lease);
-        let mut conn = self.pool.acquire().await.map_err(self.db("claim", None))?;
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.db("claim", None))?;
-        let select = format!(
-            "SELECT id, state, lease_owner FROM records WHERE flow = $1 AND {} \
-             AND state IN ('received', 'validated', 'retry_scheduled', 'delivering') \
-             AND next_attempt_at <= $2 AND (lease_expires_at IS NULL OR lease_expires_at <= $2) \
-             ORDER BY next_attempt_at, id LIMIT $3",
-            bucket_filter(buckets)
-        );
-        let due = sqlx::query(AssertSqlSafe(select))
-            .bind(&self.flow)
-            .bind(now)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(self.db("claim", None))?;
-        if due.is_empty() {
-            tx.commit().await.map_err(self.db("claim commit", None))?;
-            return Ok(Vec::new());
-        }
-        let mut taken_over_from: HashMap<i64, Option<String>> = HashMap::new();
-        let mut ids = Vec::with_capacity(due.len());
-        for row in due {
-            let id: i64 = row.get("id");
-            let state: String = row.get("state");
-            let owner: Option<String> = row.get("lease_owner");
-            taken_over_from.insert(
-                id,
-                (state == RecordState::Delivering.as_str())
-                    .then_some(owner)
-                    .flatten(),
-            );
-            ids.push(id);
-        }
-        // The write lock taken by BEGIN IMMEDIATE makes the select and this update one atomic claim.
-        let update = format!(
-            "UPDATE records SET claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
-             state = 'delivering', lease_owner = $1, lease_expires_at = $2, next_attempt_at = $2, \
-             fence = fence + 1, attempts = attempts + 1, updated_at = $3 \
-             WHERE id IN (SELECT value FROM json_each($4)) RETURNING {RECORD_COLUMNS}"
-        );
-        let mut records: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(update))
-            .bind(worker)
-            .bind(expires)
-            .bind(now)
-            .bind(json!(ids).to_string())
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(self.db("claim", None))?;
-        records.sort_by_key(|r| r.id);
-        let lineage = records
-            .iter()
-            .map(|record| {
-                let detail = json!({
-                    "worker": worker, "fence": record.fence, "attempt": record.attempts,
-                    "lease_expires_at": expires,
-                    "taken_over_from": taken_over_from.get(&record.id).cloned().flatten(),
-                });
-                json!({"i": record.id, "g": record.generation, "s": "claimed", "d": detail.to_string(), "c": record.correlation_id})
-            })
-            .collect();
-        insert_lineage_set(&mut tx, lineage, now)
-            .await
-            .map_err(self.db("claim lineage", None))?;
-        tx.commit().await.map_err(self.db("claim commit", None))?;
-        records.into_iter().map(RecordRow::into_claimed).collect()
+        let (flow, worker, buckets) = (self.flow.clone(), worker.to_string(), *buckets);
+        self.run("claim", move |conn| {
+            claim_on(conn, &flow, &worker, &buckets, limit, now, expires)
+        })
+        .await
     }
 
     async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<CompletionResult>> {
@@ -731,117 +961,49 @@ impl Ledger for SqliteLedger {
             return Ok(Vec::new());
         }
         let now = self.clock.now_ms();
-        let mut rows = Vec::with_capacity(completions.len());
-        let mut params_by_index = Vec::with_capacity(completions.len());
-        for completion in &completions {
-            let claim = completion.claim;
-            let params = completion_params(&completion.outcome, now);
-            rows.push(json!({
-                "id": claim.id.0, "g": claim.generation, "f": claim.fence, "st": params.new_state,
-                "na": params.next_attempt_at, "le": params.last_error, "ec": params.error_class,
-                "dr": params.dead_letter_reason, "er": params.erp_response, "hr": params.hold_rule,
-                "ho": params.hold_role, "ri": params.retry_increment, "fa": params.failed,
-            }));
-            params_by_index.push(params);
-        }
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(self.db("complete", None))?;
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.db("complete", None))?;
-        let applied = sqlx::query(
-            "WITH t AS MATERIALIZED (SELECT value ->> '$.id' AS id, value ->> '$.g' AS g, value ->> '$.f' AS f, \
-               value ->> '$.st' AS st, value ->> '$.na' AS na, value ->> '$.le' AS le, value ->> '$.ec' AS ec, \
-               value ->> '$.dr' AS dr, value ->> '$.er' AS er, value ->> '$.hr' AS hr, value ->> '$.ho' AS ho, \
-               value ->> '$.ri' AS ri, value ->> '$.fa' AS fa FROM json_each($2)) \
-             UPDATE records SET state = COALESCE(t.st, claimed_from, 'received'), claimed_from = NULL, \
-             lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE(t.na, next_attempt_at), \
-             last_error = COALESCE(t.le, last_error), last_error_class = COALESCE(t.ec, last_error_class), \
-             dead_letter_reason = COALESCE(t.dr, dead_letter_reason), erp_response = COALESCE(t.er, erp_response), \
-             hold_rule = COALESCE(t.hr, hold_rule), hold_role = COALESCE(t.ho, hold_role), retries = retries + t.ri, \
-             first_failure_at = CASE WHEN t.fa THEN COALESCE(first_failure_at, $1) ELSE first_failure_at END, \
-             delivered_at = CASE WHEN t.st = 'delivered' THEN $1 ELSE delivered_at END, updated_at = $1 \
-             FROM t \
-             WHERE records.id = t.id AND records.flow = $3 AND records.generation = t.g \
-             AND records.fence = t.f AND records.state = 'delivering' \
-             RETURNING id, correlation_id",
-        )
-        .bind(now)
-        .bind(Value::Array(rows).to_string())
-        .bind(&self.flow)
-        .fetch_all(&mut *tx)
+        let flow = self.flow.clone();
+        self.run("complete", move |conn| {
+            complete_on(conn, &flow, completions, now)
+        })
         .await
-        .map_err(self.db("complete", None))?;
-        let applied: HashMap<i64, String> = applied
-            .into_iter()
-            .map(|row| (row.get("id"), row.get("correlation_id")))
-            .collect();
-
-        let mut results = Vec::with_capacity(completions.len());
-        let mut lineage = Vec::with_capacity(completions.len());
-        let mut snapshots = Vec::new();
-        for (completion, params) in completions.iter().zip(params_by_index) {
-            let claim = completion.claim;
-            let Some(correlation_id) = applied.get(&claim.id.0) else {
-                results.push(self.refused(&mut tx, completion, now).await?);
-                continue;
-            };
-            let mut detail = params.detail;
-            detail["fence"] = json!(claim.fence);
-            lineage.push(json!({"i": claim.id.0, "g": claim.generation, "s": completion.outcome.step(), "d": detail.to_string(), "c": correlation_id}));
-            if let Some(snapshot) = params.snapshot {
-                snapshots.push(json!({"i": claim.id.0, "g": claim.generation, "k": "dead_lettered", "b": snapshot}));
-            }
-            results.push(CompletionResult::Applied);
-        }
-        insert_lineage_set(&mut tx, lineage, now)
-            .await
-            .map_err(self.db("complete lineage", None))?;
-        insert_snapshot_set(&mut tx, snapshots, now)
-            .await
-            .map_err(self.db("complete snapshots", None))?;
-        tx.commit()
-            .await
-            .map_err(self.db("complete commit", None))?;
-        Ok(results)
     }
 
     async fn append_lineage(&self, events: Vec<NewLineageEvent>) -> Result<()> {
         let now = self.clock.now_ms();
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(self.db("append lineage", None))?;
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(self.db("append lineage", None))?;
-        for event in events {
-            let inserted = sqlx::query(
-                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-                 SELECT id, generation, $1, $2, $3, correlation_id FROM records WHERE id = $4 AND flow = $5",
-            )
-            .bind(now)
-            .bind(&event.step)
-            .bind(event.detail.to_string())
-            .bind(event.record.0)
-            .bind(&self.flow)
-            .execute(&mut *tx)
-            .await
-            .map_err(self.db("append lineage", Some(event.record)))?;
-            if inserted.rows_affected() == 0 {
-                return Err(LedgerError::NotFound {
-                    flow: self.flow.clone(),
-                    record: event.record,
-                });
+        let flow = self.flow.clone();
+        self.run("append lineage", move |conn| {
+            let err = db(&flow, "append lineage", None);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+                         SELECT id, generation, ?1, ?2, ?3, correlation_id FROM records WHERE id = ?4 AND flow = ?5",
+                    )
+                    .map_err(&err)?;
+                for event in events {
+                    let inserted = insert
+                        .execute(params![
+                            now,
+                            event.step,
+                            event.detail.to_string(),
+                            event.record.0,
+                            flow
+                        ])
+                        .map_err(db(&flow, "append lineage", Some(event.record)))?;
+                    if inserted == 0 {
+                        return Err(LedgerError::NotFound {
+                            flow: flow.clone(),
+                            record: event.record,
+                        });
+                    }
+                }
             }
-        }
-        tx.commit().await.map_err(self.db("append lineage", None))
+            tx.commit().map_err(&err)
+        })
+        .await
     }
 
     async fn approve_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
@@ -865,60 +1027,43 @@ impl Ledger for SqliteLedger {
         actor: &str,
         reason: &str,
     ) -> Result<Vec<RecordId>> {
-        // Selected and replayed under one connection, so no dead letter slips in between.
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND dead_letter_reason = $2 ORDER BY id",
-        )
-        .bind(&self.flow)
-        .bind(dead_letter_reason)
-        .fetch_all(&self.pool)
+        let now = self.clock.now_ms();
+        let flow = self.flow.clone();
+        let (wanted, actor, reason) = (
+            dead_letter_reason.to_string(),
+            actor.to_string(),
+            reason.to_string(),
+        );
+        // Selected and replayed in one transaction, so no dead letter slips in between.
+        self.run("replay by reason", move |conn| {
+            durable(conn, &flow, |conn| {
+                let err = db(&flow, "replay by reason", None);
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(&err)?;
+                let ids: Vec<RecordId> = tx
+                    .prepare_cached(
+                        "SELECT id FROM records WHERE flow = ?1 AND state = 'dead_lettered' \
+                         AND dead_letter_reason = ?2 ORDER BY id",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![flow, wanted], |r| r.get(0).map(RecordId))?
+                            .collect()
+                    })
+                    .map_err(&err)?;
+                for id in &ids {
+                    manual(&tx, &flow, *id, ManualAction::Replay, &actor, &reason, now)?;
+                }
+                tx.commit().map_err(&err)?;
+                Ok(ids)
+            })
+        })
         .await
-        .map_err(self.db("replay by reason", None))?;
-        let ids: Vec<RecordId> = ids.into_iter().map(RecordId).collect();
-        self.manual_batch(ids.clone(), ManualAction::Replay, actor, reason)
-            .await?;
-        Ok(ids)
     }
 
     async fn get(&self, id: RecordId) -> Result<Option<RecordDetail>> {
-        let record = Some(id);
-        let mut conn = self.pool.acquire().await.map_err(self.db("get", record))?;
-        let mut tx = conn.begin().await.map_err(self.db("get", record))?;
-        let row: Option<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records WHERE id = $1 AND flow = $2"
-        )))
-        .bind(id.0)
-        .bind(&self.flow)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(self.db("get", record))?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let lineage: Vec<LineageRow> = sqlx::query_as(
-            "SELECT at, generation, step, detail, correlation_id FROM lineage WHERE record_id = $1 ORDER BY id",
-        )
-        .bind(id.0)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(self.db("get lineage", record))?;
-        let snapshots: Vec<SnapshotRow> = sqlx::query_as(
-            "SELECT generation, kind, at, body FROM snapshots WHERE record_id = $1 ORDER BY generation, at",
-        )
-        .bind(id.0)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(self.db("get snapshots", record))?;
-        let interventions: Vec<InterventionRow> = sqlx::query_as(
-            "SELECT record_id, action, actor, reason, at FROM interventions WHERE flow = $1 AND record_id = $2 ORDER BY id",
-        )
-        .bind(&self.flow)
-        .bind(id.0)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(self.db("get interventions", record))?;
-        tx.commit().await.map_err(self.db("get", record))?;
-        assemble_detail(row, lineage, snapshots, interventions).map(Some)
+        let flow = self.flow.clone();
+        self.run("get", move |conn| get_on(conn, &flow, id)).await
     }
 
     async fn list(
@@ -927,68 +1072,67 @@ impl Ledger for SqliteLedger {
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<RecordView>> {
-        let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records WHERE flow = $1 AND state = $2 AND id > $3 ORDER BY id LIMIT $4"
-        )))
-        .bind(&self.flow)
-        .bind(state.as_str())
-        .bind(after.map_or(0, |id| id.0))
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(self.db("list", None))?;
+        let flow = self.flow.clone();
+        let rows: Vec<RecordRow> = self
+            .run("list", move |conn| {
+                conn.prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} \
+                     WHERE r.flow = ?1 AND r.state = ?2 AND r.id > ?3 ORDER BY r.id LIMIT ?4"
+                ))
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![
+                            flow,
+                            state.as_str(),
+                            after.map_or(0, |id| id.0),
+                            i64::try_from(limit).unwrap_or(i64::MAX)
+                        ],
+                        record_row,
+                    )?
+                    .collect()
+                })
+                .map_err(db(&flow, "list", None))
+            })
+            .await?;
         rows.into_iter().map(RecordRow::into_view).collect()
     }
 
     async fn counts(&self) -> Result<Counts> {
         let now = self.clock.now_ms();
-        let row: CountsRow = sqlx::query_as(
-            "SELECT COUNT(*) AS records, COALESCE(SUM(generation), 0) AS received, \
-             COALESCE(SUM(state = 'delivered'), 0) AS delivered, \
-             COALESCE(SUM(first_failure_at IS NOT NULL), 0) AS failed, \
-             COALESCE(SUM(retries), 0) AS retried, \
-             COALESCE(SUM(state = 'dead_lettered'), 0) AS dead_lettered, \
-             COALESCE(SUM(state = 'held'), 0) AS held, \
-             COALESCE(SUM(state IN ('received', 'validated', 'retry_scheduled', 'delivering')), 0) AS pending, \
-             MIN(CASE WHEN state IN ('received', 'validated', 'retry_scheduled', 'delivering') THEN received_at END) AS oldest_pending_at, \
-             MAX(delivered_at) AS last_delivery_at, \
-             AVG(CASE WHEN state = 'delivered' AND first_failure_at IS NOT NULL THEN CAST(delivered_at - first_failure_at AS REAL) END) AS mttr_ms \
-             FROM records WHERE flow = $1",
-        )
-        .bind(&self.flow)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(self.db("counts", None))?;
-        let interventions: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM interventions WHERE flow = $1")
-                .bind(&self.flow)
-                .fetch_one(&self.pool)
-                .await
-                .map_err(self.db("counts", None))?;
-        Ok(assemble_counts(row, interventions, now))
+        let flow = self.flow.clone();
+        self.run("counts", move |conn| counts_on(conn, &flow, now))
+            .await
     }
 
     async fn backlog(&self) -> Result<(u64, Option<i64>)> {
-        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(
-            "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = $1 \
-             AND state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
-        )
-        .bind(&self.flow)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(self.db("backlog", None))?;
+        let flow = self.flow.clone();
+        let (pending, oldest): (i64, Option<i64>) = self
+            .run("backlog", move |conn| {
+                conn.prepare_cached(&format!(
+                    "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = ?1 AND state IN {PENDING}"
+                ))
+                .and_then(|mut s| s.query_row([&flow], |r| Ok((r.get(0)?, r.get(1)?))))
+                .map_err(db(&flow, "backlog", None))
+            })
+            .await?;
         Ok((pending.max(0) as u64, oldest))
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(self.db("ping", None))?;
-        Ok(())
+        let flow = self.flow.clone();
+        self.run("ping", move |conn| {
+            conn.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(db(&flow, "ping", None))
+        })
+        .await
     }
 
     async fn close(&self) {
-        self.pool.close().await;
+        // Operations already queued finish; the thread then closes the connection and ends.
+        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 }

@@ -226,8 +226,6 @@ pub struct IncomingRecord {
     /// The upsert key at the ERP, if known at receipt.
     pub external_id: Option<String>,
     pub payload: Value,
-    /// The PII-redacted copy for people to read. The ledger stores it as given; the caller redacts.
-    pub snapshot: Option<Value>,
     pub contract_version: String,
     /// Taken from the source when it sends one (e.g. a `traceparent`), otherwise generated at receipt.
     pub correlation_id: Option<String>,
@@ -307,12 +305,14 @@ pub enum Outcome {
         class: ErrorClass,
         /// The ERP's answer, verbatim (status line and body), for the person who fixes it.
         erp_response: Option<String>,
-        /// Redacted payload snapshot to keep with the dead letter, if the caller has a fresher one.
+        /// Redacted payload snapshot to keep with the dead letter (the ledger stores it as given).
         snapshot: Option<Value>,
     },
     Held {
         rule: String,
         role: String,
+        /// Redacted payload snapshot to keep with the hold, for the approver (the ledger stores it as given).
+        snapshot: Option<Value>,
     },
     /// Give the record back without counting a failure (graceful shutdown, open circuit breaker). It returns
     /// to the state it was claimed from and is claimable again at `not_before` (now if `None`).

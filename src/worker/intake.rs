@@ -96,20 +96,13 @@ impl LedgerIntake {
         let version = self.pipeline.contract.version().to_string();
         records
             .into_iter()
-            .map(|r| {
-                // Snapshots leave the hot path, so they go through the one redaction function.
-                let snapshot = serde_json::to_vec(&r.payload)
-                    .ok()
-                    .map(|bytes| self.pipeline.contract.snapshot(&bytes));
-                IncomingRecord {
-                    idempotency_key: r.key.clone(),
-                    source_key: r.key,
-                    external_id: None,
-                    payload: r.payload,
-                    snapshot,
-                    contract_version: version.clone(),
-                    correlation_id: r.correlation_id,
-                }
+            .map(|r| IncomingRecord {
+                idempotency_key: r.key.clone(),
+                source_key: r.key,
+                external_id: None,
+                payload: r.payload,
+                contract_version: version.clone(),
+                correlation_id: r.correlation_id,
             })
             .collect()
     }

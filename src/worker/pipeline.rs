@@ -321,7 +321,13 @@ impl Pipeline {
                     .map(|r| format!("{}: {}", r.subject, r.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                dead_letter(&key, ErrorClass::Permanent, message, None)
+                dead_letter(
+                    &key,
+                    ErrorClass::Permanent,
+                    message,
+                    None,
+                    self.snapshot(record),
+                )
             }
             ContractOutcome::Held {
                 rule,
@@ -332,6 +338,7 @@ impl Pipeline {
                 Outcome::Held {
                     rule,
                     role: approver_role,
+                    snapshot: self.snapshot(record),
                 }
             }
             ContractOutcome::Accepted {
@@ -353,6 +360,12 @@ impl Pipeline {
                     .await
             }
         }
+    }
+
+    /// The record as a person may see it with its hold or dead letter: through the contract's one redaction
+    /// function. Taken here, off the happy path, so a delivered record costs no snapshot.
+    fn snapshot(&self, record: &ClaimedRecord) -> Option<serde_json::Value> {
+        Some(self.contract.snapshot(record.payload.as_bytes()))
     }
 
     /// The hold rule a person approved, so the same rule does not hold the record again.
@@ -417,7 +430,13 @@ impl Pipeline {
                 if attempts >= self.policy.max_attempts {
                     self.metrics.dead_lettered.inc();
                     let reason = format!("erp:transient:gave_up_after_{attempts}_attempts");
-                    return dead_letter(&reason, ErrorClass::Transient, e.message, e.response);
+                    return dead_letter(
+                        &reason,
+                        ErrorClass::Transient,
+                        e.message,
+                        e.response,
+                        self.snapshot(record),
+                    );
                 }
                 self.metrics.retried.inc();
                 let wait = backoff(&self.policy, attempts, e.retry_after);
@@ -437,7 +456,13 @@ impl Pipeline {
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| "rejected".into())
                 );
-                dead_letter(&reason, ErrorClass::Permanent, e.message, e.response)
+                dead_letter(
+                    &reason,
+                    ErrorClass::Permanent,
+                    e.message,
+                    e.response,
+                    self.snapshot(record),
+                )
             }
             ErrorClass::FlowLevel | ErrorClass::Config => {
                 if self.breaker.open(e.message.clone()) {
@@ -465,13 +490,14 @@ fn dead_letter(
     class: ErrorClass,
     message: String,
     erp_response: Option<String>,
+    snapshot: Option<serde_json::Value>,
 ) -> Outcome {
     let erp_response = erp_response.or(Some(message)).filter(|s| !s.is_empty());
     Outcome::DeadLettered {
         reason: reason.to_string(),
         class,
         erp_response,
-        snapshot: None,
+        snapshot,
     }
 }
 

@@ -59,21 +59,29 @@ impl Fixture {
     }
 
     /// Runs raw SQL against the database, behind the ledger's back.
-    pub async fn execute(&self, sql: &'static str) {
+    pub async fn execute(&self, sql: &str) {
         match &self.target {
             LedgerTarget::Sqlite(path) => {
-                let options = sqlx::sqlite::SqliteConnectOptions::new().filename(path);
-                let pool = sqlx::SqlitePool::connect_with(options)
-                    .await
-                    .expect("raw sqlite");
-                sqlx::raw_sql(sql).execute(&pool).await.expect("raw sql");
-                pool.close().await;
+                let conn = rusqlite::Connection::open(path).expect("raw sqlite");
+                conn.busy_timeout(Duration::from_secs(30)).unwrap();
+                conn.execute_batch(sql).expect("raw sql");
             }
             LedgerTarget::Postgres(url) => {
                 let pool = sqlx::PgPool::connect(url).await.expect("raw postgres");
-                sqlx::raw_sql(sql).execute(&pool).await.expect("raw sql");
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&pool)
+                    .await
+                    .expect("raw sql");
                 pool.close().await;
             }
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.target {
+            LedgerTarget::Sqlite(_) => "sqlite",
+            LedgerTarget::Postgres(_) => "postgres",
         }
     }
 
@@ -109,7 +117,6 @@ pub fn record(key: &str, payload: Value) -> IncomingRecord {
         source_key: key.to_string(),
         idempotency_key: format!("Opportunity/{key}"),
         external_id: Some(format!("SO-{key}")),
-        snapshot: Some(json!({"redacted": true, "key": key})),
         payload,
         contract_version: "1.0.0".to_string(),
         correlation_id: None,
@@ -125,7 +132,7 @@ fn permanent(reason: &str) -> Outcome {
         reason: reason.to_string(),
         class: ErrorClass::Permanent,
         erp_response: Some("400 Bad Request: {\"error\":\"invalid item\"}".to_string()),
-        snapshot: None,
+        snapshot: Some(json!({"redacted": true, "reason": reason})),
     }
 }
 
@@ -593,12 +600,22 @@ pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
             .len(),
         5
     );
-    let dead = ledger
-        .get(claimed[0].claim.id)
-        .await
-        .unwrap()
-        .unwrap()
-        .record;
+    let dead_detail = ledger.get(claimed[0].claim.id).await.unwrap().unwrap();
+    // The dead letter keeps the (caller-redacted) snapshot it was given, under its generation.
+    let kept: Vec<(&str, i64, &Value)> = dead_detail
+        .snapshots
+        .iter()
+        .map(|s| (s.kind.as_str(), s.generation, &s.body))
+        .collect();
+    assert_eq!(
+        kept,
+        [(
+            "dead_lettered",
+            1,
+            &json!({"redacted": true, "reason": "unknown item SKU-9"})
+        )]
+    );
+    let dead = dead_detail.record;
     assert_eq!(
         dead.dead_letter_reason.as_deref(),
         Some("unknown item SKU-9")
@@ -679,6 +696,7 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
         let hold = Outcome::Held {
             rule: "discount-over-30".into(),
             role: "sinkOwner".into(),
+            snapshot: Some(json!({"redacted": true, "key": c.source_key})),
         };
         ledger.complete(c.claim, hold).await.unwrap();
     }
@@ -699,6 +717,13 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     assert_eq!(
         approved.record.approved_by.as_deref(),
         Some("cfo@example.com")
+    );
+    // The approver saw the snapshot kept with the hold.
+    assert_eq!(approved.snapshots.len(), 1);
+    assert_eq!(approved.snapshots[0].kind, "held");
+    assert_eq!(
+        approved.snapshots[0].body,
+        json!({"redacted": true, "key": claimed[0].source_key})
     );
     assert_eq!(approved.interventions.len(), 1);
     assert_eq!(approved.interventions[0].action, "approve");
@@ -773,11 +798,10 @@ pub async fn a_records_lineage_tells_its_whole_story(fixture: Fixture) {
             .all(|e| e.correlation_id == "4bf92f3577b34da6a3ce929d0e0e4736")
     );
     assert_eq!(detail.record.delivered_at, Some(at(&clock)));
-    assert_eq!(detail.snapshots.len(), 1);
-    assert_eq!(
-        detail.snapshots[0].body,
-        json!({"redacted": true, "key": "story"})
-    );
+    // A delivered record keeps no snapshot: its payload is in the ledger, and the operations API shows it
+    // through the contract's redaction.
+    assert!(detail.snapshots.is_empty(), "{:?}", detail.snapshots);
+    assert_eq!(detail.record.payload, json!({"amount": 5}));
     assert!(
         ledger
             .get(ledger::RecordId(999_999))
@@ -856,6 +880,65 @@ pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: 
 }
 
 /// Runs every promise above as a `#[tokio::test]` against `$fixture()`.
+/// A ledger that an older meshline (schema version 1, payloads inline in `records`) left with one record
+/// in each of two states is migrated at start-up: nothing is lost, payloads move to their own table, and the
+/// records carry on through their lifecycle.
+pub async fn a_version_1_ledger_is_migrated_with_its_records_and_payloads(fixture: Fixture) {
+    let clock = clock();
+    let mut v1 = match fixture.backend() {
+        "sqlite" => {
+            "CREATE TABLE meshline_schema (version INTEGER PRIMARY KEY, description TEXT NOT NULL, \
+                     applied_at INTEGER NOT NULL);"
+                .to_string()
+        }
+        _ => {
+            "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+              applied_at BIGINT NOT NULL);"
+                .to_string()
+        }
+    };
+    for statement in ledger::migration_statements(fixture.backend(), 1).expect("version 1") {
+        v1.push_str(statement);
+        v1.push_str(";\n");
+    }
+    v1.push_str(&format!(
+        "INSERT INTO meshline_schema VALUES (1, 'version 1', {T0}); \
+         INSERT INTO records (flow, source_key, idempotency_key, generation, payload, payload_hash, \
+         contract_version, state, next_attempt_at, bucket, correlation_id, received_at, updated_at) VALUES \
+         ('{FLOW}', 'old-1', 'Opportunity/old-1', 1, '{{\"amount\":7}}', 'h1', '1.0.0', 'received', {T0}, 3, 'c1', {T0}, {T0}), \
+         ('{FLOW}', 'old-2', 'Opportunity/old-2', 1, '{{\"amount\":8}}', 'h2', '1.0.0', 'delivered', {T0}, 4, 'c2', {T0}, {T0});"
+    ));
+    fixture.execute(&v1).await;
+
+    let ledger = fixture.open(clock.clone()).await;
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!(
+        (counts.records, counts.pending, counts.delivered),
+        (2, 1, 1)
+    );
+    let delivered = ledger.list(RecordState::Delivered, None, 10).await.unwrap();
+    assert_eq!(delivered[0].payload, json!({"amount": 8}));
+    let claimed = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].payload, r#"{"amount":7}"#);
+    ledger
+        .complete(claimed[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    // The old record's changed payload is an update in the new table.
+    let outcome = ledger
+        .ingest(vec![record("old-2", json!({"amount": 9}))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome[0], IngestOutcome::Updated { generation: 2, .. }),
+        "{outcome:?}"
+    );
+    let updated = ledger.get(outcome[0].id()).await.unwrap().unwrap();
+    assert_eq!(updated.record.payload, json!({"amount": 9}));
+    ledger.close().await;
+}
+
 macro_rules! ledger_suite {
     ($fixture:path) => {
         ledger_suite!(@tests $fixture;
@@ -872,6 +955,7 @@ macro_rules! ledger_suite {
             a_records_lineage_tells_its_whole_story,
             a_released_claim_returns_to_where_it_was,
             the_backlog_counts_waiting_records_and_the_oldest_receipt,
+            a_version_1_ledger_is_migrated_with_its_records_and_payloads,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
