@@ -866,7 +866,8 @@ impl Ledger for PostgresLedger {
             .map_err(self.db("replay by reason", None))?;
         // Locked in the same transaction, so a dead letter cannot be replayed twice by two callers.
         let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND dead_letter_reason = $2 \
+            "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND state IN ('held', 'dead_lettered') \
+             AND dead_letter_reason = $2 \
              ORDER BY id FOR UPDATE",
         )
         .bind(&self.flow)
@@ -937,8 +938,9 @@ impl Ledger for PostgresLedger {
         limit: usize,
     ) -> Result<Vec<RecordView>> {
         let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.flow = $1 AND r.state = $2 AND r.id > $3 \
-             ORDER BY r.id LIMIT $4"
+            "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.flow = $1 AND r.state = $2 {} \
+             AND r.id > $3 ORDER BY r.id LIMIT $4",
+            super::attention_filter(state)
         )))
         .bind(&self.flow)
         .bind(state.as_str())

@@ -30,8 +30,8 @@ use super::{
     BackendError, BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
     IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
     NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
-    RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms,
-    prepare,
+    RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, attention_filter,
+    completion_params, lease_ms, prepare,
 };
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
@@ -46,7 +46,15 @@ pub struct SqliteLedger {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Dropping the sender stops the checkpointer.
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
 }
+
+/// How often the checkpointer copies the write-ahead log into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// WAL pages after which the writer checkpoints itself, should the checkpointer fall behind or be gone.
+const CHECKPOINT_BACKSTOP_PAGES: i64 = 16_000;
 
 /// Maps a rusqlite error to the ledger's, naming the flow, the operation and the record.
 fn db<'f>(
@@ -110,12 +118,19 @@ impl SqliteLedger {
                 ));
             }
         }
+        let checkpointer = spawn_checkpointer(&path).map_err(|e| LedgerError::Open {
+            flow: flow.to_string(),
+            backend: "sqlite",
+            target: path.display().to_string(),
+            source: e.into(),
+        })?;
         let ledger = SqliteLedger {
             flow: flow.to_string(),
             clock,
             path,
             jobs: Mutex::new(Some(jobs)),
             thread: Mutex::new(Some(thread)),
+            checkpointer: Mutex::new(Some(checkpointer)),
         };
         ledger.migrate().await?;
         Ok(ledger)
@@ -266,7 +281,7 @@ impl SqliteLedger {
                              WHERE flow = ?1 AND idempotency_key = ?2",
                         )
                         .map_err(&err)?;
-                    let mut lineage = Lineage::new(&tx, now).map_err(&err)?;
+                    let mut lineage = Lineage::new(now);
                     for item in prepared {
                         let written: Option<(i64, i64)> = upsert
                             .query_row(
@@ -299,9 +314,7 @@ impl SqliteLedger {
                                     json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
                                 )
                             };
-                            lineage
-                                .add(id, generation, step, &detail.to_string(), &item.correlation_id)
-                                .map_err(&err)?;
+                            lineage.add(id, generation, step, detail.to_string(), &item.correlation_id);
                             outcomes.push(if inserted {
                                 IngestOutcome::Received {
                                     id: RecordId(id),
@@ -322,12 +335,13 @@ impl SqliteLedger {
                                 })
                                 .map_err(&err)?;
                             let detail = json!({"payload_hash": item.hash}).to_string();
-                            lineage
-                                .add(id, generation, "duplicate", &detail, &correlation_id)
-                                .map_err(&err)?;
+                            lineage.add(id, generation, "duplicate", detail, &correlation_id);
                             outcomes.push(IngestOutcome::Duplicate { id: RecordId(id) });
                         }
                     }
+                    lineage
+                        .write(&tx)
+                        .map_err(db(&flow, "ingest lineage", None))?;
                     if let Some((source, value)) = checkpoint {
                         set_checkpoint_on(&tx, &flow, &source, &value, now)
                             .map_err(db(&flow, "set checkpoint", None))?;
@@ -366,6 +380,31 @@ impl SqliteLedger {
     }
 }
 
+/// Copies the write-ahead log into the database file from a connection and a thread of its own, so the
+/// writer's commits do not stop for it (SQLite lets a passive checkpoint run alongside a writer). The
+/// writer's own automatic checkpoint stays on at a larger size as a backstop.
+fn spawn_checkpointer(path: &Path) -> std::io::Result<(mpsc::Sender<()>, JoinHandle<()>)> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let path = path.to_path_buf();
+    let thread = std::thread::Builder::new()
+        .name("meshline-ledger-checkpoint".into())
+        .spawn(move || {
+            let conn = match open_connection(&path) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(ledger = %path.display(), error = %e, "the ledger's checkpointer could not open the database; the writer checkpoints by itself");
+                    return;
+                }
+            };
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY) {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(ledger = %path.display(), error = %e, "checkpoint failed; trying again");
+                }
+            }
+        })?;
+    Ok((stop, thread))
+}
+
 fn open_connection(path: &Path) -> std::result::Result<Connection, BackendError> {
     let conn = Connection::open_with_flags(
         path,
@@ -382,6 +421,7 @@ fn open_connection(path: &Path) -> std::result::Result<Connection, BackendError>
     }
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP_PAGES)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -403,41 +443,79 @@ fn durable<T>(
     result
 }
 
-/// Lineage rows written through one cached statement.
-struct Lineage<'c> {
-    insert: rusqlite::CachedStatement<'c>,
+/// Rows per multi-row lineage insert: a statement's fixed cost is a large share of one small insert.
+const LINEAGE_CHUNK: usize = 32;
+
+/// The lineage rows of one operation, written together at its end.
+struct Lineage {
     at: i64,
+    rows: Vec<(i64, i64, &'static str, String, String)>,
 }
 
-impl<'c> Lineage<'c> {
-    fn new(conn: &'c Connection, at: i64) -> rusqlite::Result<Self> {
-        Ok(Lineage {
-            insert: conn.prepare_cached(
-                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?,
+impl Lineage {
+    fn new(at: i64) -> Self {
+        Lineage {
             at,
-        })
+            rows: Vec::new(),
+        }
     }
 
     fn add(
         &mut self,
         id: i64,
         generation: i64,
-        step: &str,
-        detail: &str,
+        step: &'static str,
+        detail: String,
         correlation_id: &str,
-    ) -> rusqlite::Result<()> {
-        self.insert
-            .execute(params![
-                id,
-                generation,
-                self.at,
-                step,
-                detail,
-                correlation_id
-            ])
-            .map(|_| ())
+    ) {
+        self.rows
+            .push((id, generation, step, detail, correlation_id.to_string()));
+    }
+
+    fn write(self, conn: &Connection) -> rusqlite::Result<()> {
+        static CHUNK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            let row = "(?, ?, ?, ?, ?, ?)";
+            format!(
+                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) VALUES {}",
+                vec![row; LINEAGE_CHUNK].join(", ")
+            )
+        });
+        let mut chunks = self.rows.chunks_exact(LINEAGE_CHUNK);
+        if self.rows.len() >= LINEAGE_CHUNK {
+            let mut insert = conn.prepare_cached(&CHUNK)?;
+            for chunk in &mut chunks {
+                let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
+                for (id, generation, step, detail, correlation_id) in chunk {
+                    values.extend([
+                        id as &dyn rusqlite::ToSql,
+                        generation,
+                        &self.at,
+                        step,
+                        detail,
+                        correlation_id,
+                    ]);
+                }
+                insert.execute(rusqlite::params_from_iter(values))?;
+            }
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for (id, generation, step, detail, correlation_id) in rest {
+                insert.execute(params![
+                    id,
+                    generation,
+                    self.at,
+                    step,
+                    detail,
+                    correlation_id
+                ])?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -465,6 +543,17 @@ fn bucket_filter(buckets: &BucketSet) -> String {
     let list: Vec<String> = buckets.iter().map(|b| b.to_string()).collect();
     format!("AND bucket IN ({})", list.join(", "))
 }
+
+/// Leases one due record and returns it with its payload, in [`RECORD_COLUMNS`] order.
+const CLAIM_ONE: &str = "UPDATE records SET \
+    claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
+    state = 'delivering', lease_owner = ?1, lease_expires_at = ?2, next_attempt_at = ?2, \
+    fence = fence + 1, attempts = attempts + 1, updated_at = ?3 WHERE id = ?4 \
+    RETURNING id, flow, source_key, idempotency_key, external_id, generation, \
+    (SELECT body FROM payloads WHERE record_id = records.id) AS payload, payload_hash, contract_version, \
+    state, claimed_from, attempts, next_attempt_at, lease_owner, lease_expires_at, fence, last_error, \
+    last_error_class, dead_letter_reason, erp_response, hold_rule, hold_role, approved_by, bucket, \
+    correlation_id, received_at, updated_at, delivered_at, first_failure_at";
 
 /// Reads a row of [`RECORD_COLUMNS`], by position.
 fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
@@ -533,24 +622,12 @@ fn claim_on(
             .map_err(&err)?
             .collect::<rusqlite::Result<_>>()
             .map_err(&err)?;
-        let mut lease = tx
-            .prepare_cached(
-                "UPDATE records SET claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
-                 state = 'delivering', lease_owner = ?1, lease_expires_at = ?2, next_attempt_at = ?2, \
-                 fence = fence + 1, attempts = attempts + 1, updated_at = ?3 WHERE id = ?4",
-            )
-            .map_err(&err)?;
-        let mut read = tx
-            .prepare_cached(&format!(
-                "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id = ?1"
-            ))
-            .map_err(&err)?;
-        let mut lineage = Lineage::new(&tx, now).map_err(&err)?;
+        let mut lease = tx.prepare_cached(CLAIM_ONE).map_err(&err)?;
+        let mut lineage = Lineage::new(now);
         for (id, state, owner) in due {
-            lease
-                .execute(params![worker, expires, now, id])
+            let record = lease
+                .query_row(params![worker, expires, now, id], record_row)
                 .map_err(&err)?;
-            let record = read.query_row([id], record_row).map_err(&err)?;
             let taken_over_from = (state == RecordState::Delivering.as_str())
                 .then_some(owner)
                 .flatten();
@@ -558,17 +635,18 @@ fn claim_on(
                 "worker": worker, "fence": record.fence, "attempt": record.attempts,
                 "lease_expires_at": expires, "taken_over_from": taken_over_from,
             });
-            lineage
-                .add(
-                    id,
-                    record.generation,
-                    "claimed",
-                    &detail.to_string(),
-                    &record.correlation_id,
-                )
-                .map_err(db(flow, "claim lineage", None))?;
+            lineage.add(
+                id,
+                record.generation,
+                "claimed",
+                detail.to_string(),
+                &record.correlation_id,
+            );
             records.push(record);
         }
+        lineage
+            .write(&tx)
+            .map_err(db(flow, "claim lineage", None))?;
     }
     tx.commit().map_err(db(flow, "claim commit", None))?;
     records.into_iter().map(RecordRow::into_claimed).collect()
@@ -605,7 +683,7 @@ fn complete_on(
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .map_err(&err)?;
-        let mut lineage = Lineage::new(&tx, now).map_err(&err)?;
+        let mut lineage = Lineage::new(now);
         for completion in &completions {
             let claim = completion.claim;
             let record = Some(claim.id);
@@ -640,15 +718,13 @@ fn complete_on(
             let mut detail = p.detail;
             detail["fence"] = json!(claim.fence);
             let step = completion.outcome.step();
-            lineage
-                .add(
-                    claim.id.0,
-                    claim.generation,
-                    step,
-                    &detail.to_string(),
-                    &correlation_id,
-                )
-                .map_err(db(flow, "complete lineage", record))?;
+            lineage.add(
+                claim.id.0,
+                claim.generation,
+                step,
+                detail.to_string(),
+                &correlation_id,
+            );
             if let Some(body) = p.snapshot {
                 snapshot
                     .execute(params![claim.id.0, claim.generation, step, now, body])
@@ -656,6 +732,9 @@ fn complete_on(
             }
             results.push(CompletionResult::Applied);
         }
+        lineage
+            .write(&tx)
+            .map_err(db(flow, "complete lineage", None))?;
     }
     tx.commit().map_err(db(flow, "complete commit", None))?;
     Ok(results)
@@ -700,16 +779,16 @@ fn refused(
         "current_fence": fence,
         "result": if superseded { "superseded" } else { "lease_lost" },
     });
-    Lineage::new(conn, now)
-        .and_then(|mut l| {
-            l.add(
-                claim.id.0,
-                generation,
-                "completion_refused",
-                &detail.to_string(),
-                &correlation_id,
-            )
-        })
+    let mut lineage = Lineage::new(now);
+    lineage.add(
+        claim.id.0,
+        generation,
+        "completion_refused",
+        detail.to_string(),
+        &correlation_id,
+    );
+    lineage
+        .write(conn)
         .map_err(db(flow, "complete lineage", Some(claim.id)))?;
     Ok(if superseded {
         CompletionResult::Superseded {
@@ -776,17 +855,15 @@ fn manual(
     .map_err(&err)?;
     let detail =
         json!({"actor": actor, "reason": reason, "from": from.as_str(), "to": to.as_str()});
-    Lineage::new(conn, now)
-        .and_then(|mut l| {
-            l.add(
-                id.0,
-                generation,
-                action.name(),
-                &detail.to_string(),
-                &correlation_id,
-            )
-        })
-        .map_err(&err)?;
+    let mut lineage = Lineage::new(now);
+    lineage.add(
+        id.0,
+        generation,
+        action.name(),
+        detail.to_string(),
+        &correlation_id,
+    );
+    lineage.write(conn).map_err(&err)?;
     Ok(())
 }
 
@@ -1043,7 +1120,7 @@ impl Ledger for SqliteLedger {
                     .map_err(&err)?;
                 let ids: Vec<RecordId> = tx
                     .prepare_cached(
-                        "SELECT id FROM records WHERE flow = ?1 AND state = 'dead_lettered' \
+                        "SELECT id FROM records WHERE flow = ?1 AND state = 'dead_lettered' AND state IN ('held', 'dead_lettered') \
                          AND dead_letter_reason = ?2 ORDER BY id",
                     )
                     .and_then(|mut s| {
@@ -1077,7 +1154,8 @@ impl Ledger for SqliteLedger {
             .run("list", move |conn| {
                 conn.prepare_cached(&format!(
                     "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} \
-                     WHERE r.flow = ?1 AND r.state = ?2 AND r.id > ?3 ORDER BY r.id LIMIT ?4"
+                     WHERE r.flow = ?1 AND r.state = ?2 {} AND r.id > ?3 ORDER BY r.id LIMIT ?4",
+                    attention_filter(state)
                 ))
                 .and_then(|mut s| {
                     s.query_map(
@@ -1131,8 +1209,20 @@ impl Ledger for SqliteLedger {
         // Operations already queued finish; the thread then closes the connection and ends.
         drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
         let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+            if let Some((stop, thread)) = checkpointer {
+                drop(stop);
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 }

@@ -8,12 +8,18 @@ const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// Commits arena memory only when used and purges freed pages without delay. Call first thing in `main`;
-/// it only changes settings, so it is harmless when another allocator is installed.
+/// it only changes settings, so it is harmless when another allocator is installed. A setting given in
+/// mimalloc's own environment variable (`MIMALLOC_ARENA_EAGER_COMMIT`, `MIMALLOC_PURGE_DELAY`) wins, so an
+/// operator can trade memory for speed without a rebuild.
 pub fn configure() {
-    // SAFETY: mi_option_set stores an integer in mimalloc's option table; it is thread-safe and valid for
-    // any option index below `_mi_option_last`.
-    unsafe {
-        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0);
-        libmimalloc_sys::mi_option_set(PURGE_DELAY, 0);
+    for (option, variable, value) in [
+        (ARENA_EAGER_COMMIT, "MIMALLOC_ARENA_EAGER_COMMIT", 0),
+        (PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 0),
+    ] {
+        if std::env::var_os(variable).is_none() {
+            // SAFETY: mi_option_set stores an integer in mimalloc's option table; it is thread-safe and
+            // valid for any option index below `_mi_option_last`.
+            unsafe { libmimalloc_sys::mi_option_set(option, value) };
+        }
     }
 }
