@@ -27,11 +27,11 @@ use serde_json::json;
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    BackendError, BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
-    IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
-    NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
-    RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, attention_filter,
-    completion_params, lease_ms, prepare,
+    BackendError, BucketSet, ClaimedRecord, Clock, Completion, CompletionParams, CompletionResult,
+    Counts, CountsRow, IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError,
+    LineageRow, ManualAction, NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId,
+    RecordRow, RecordState, RecordView, Result, SnapshotRow, assemble_counts, assemble_detail,
+    attention_filter, completion_params, lease_ms, prepare,
 };
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
@@ -234,7 +234,14 @@ impl SqliteLedger {
         batch: Vec<IncomingRecord>,
         checkpoint: Option<(String, String)>,
     ) -> Result<Vec<IngestOutcome>> {
-        let prepared = prepare(&self.flow, batch)?;
+        // The lineage detail of a new record is known before the write: built here, off the ledger's thread.
+        let prepared: Vec<_> = prepare(&self.flow, batch)?
+            .into_iter()
+            .map(|item| {
+                let detail = json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}).to_string();
+                (item, detail)
+            })
+            .collect();
         let now = self.clock.now_ms();
         let flow = self.flow.clone();
         self.run("ingest", move |conn| {
@@ -247,7 +254,9 @@ impl SqliteLedger {
                 {
                     // New keys insert; changed payloads start a new generation (lease columns untouched, so
                     // an in-flight older generation is never claimed alongside it); equal hashes are left
-                    // alone and return no row. Record by record in batch order, so a batch that carries two
+                    // alone and change no row. No RETURNING in these per-row statements: SQLite buffers a
+                    // RETURNING clause's rows in a temporary b-tree built and torn down per execution, which
+                    // cost more than the statement itself; the row is read back by its key instead. Record by record in batch order, so a batch that carries two
                     // versions of one record applies them in sequence, as two batches would.
                     let mut upsert = tx
                         .prepare_cached(
@@ -265,16 +274,10 @@ impl SqliteLedger {
                              bucket = excluded.bucket, correlation_id = excluded.correlation_id, \
                              received_at = excluded.received_at, updated_at = excluded.updated_at, \
                              delivered_at = NULL, first_failure_at = NULL \
-                             WHERE records.payload_hash <> excluded.payload_hash \
-                             RETURNING id, generation",
+                             WHERE records.payload_hash <> excluded.payload_hash",
                         )
                         .map_err(&err)?;
-                    let mut payload = tx
-                        .prepare_cached(
-                            "INSERT INTO payloads (record_id, body) VALUES (?1, ?2) \
-                             ON CONFLICT (record_id) DO UPDATE SET body = excluded.body",
-                        )
-                        .map_err(&err)?;
+                    let mut payloads: Vec<(i64, String)> = Vec::with_capacity(prepared.len());
                     let mut existing = tx
                         .prepare_cached(
                             "SELECT id, generation, correlation_id FROM records \
@@ -282,39 +285,37 @@ impl SqliteLedger {
                         )
                         .map_err(&err)?;
                     let mut lineage = Lineage::new(now);
-                    for item in prepared {
-                        let written: Option<(i64, i64)> = upsert
-                            .query_row(
-                                params![
-                                    flow,
-                                    item.source_key,
-                                    item.idempotency_key,
-                                    item.external_id,
-                                    item.hash,
-                                    item.contract_version,
-                                    now,
-                                    item.bucket,
-                                    item.correlation_id,
-                                ],
-                                |r| Ok((r.get(0)?, r.get(1)?)),
-                            )
-                            .optional()
+                    for (item, received_detail) in prepared {
+                        let changed = upsert
+                            .execute(params![
+                                flow,
+                                item.source_key,
+                                item.idempotency_key,
+                                item.external_id,
+                                item.hash,
+                                item.contract_version,
+                                now,
+                                item.bucket,
+                                item.correlation_id,
+                            ])
                             .map_err(&err)?;
-                        if let Some((id, generation)) = written {
-                            payload.execute(params![id, item.payload]).map_err(&err)?;
+                        let (id, generation, correlation_id): (i64, i64, String) = existing
+                            .query_row(params![flow, item.idempotency_key], |r| {
+                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                            })
+                            .map_err(&err)?;
+                        if changed > 0 {
+                            payloads.push((id, item.payload));
                             let inserted = generation == 1;
                             let (step, detail) = if inserted {
-                                (
-                                    "received",
-                                    json!({"payload_hash": item.hash, "contract_version": item.contract_version, "bucket": item.bucket}),
-                                )
+                                ("received", received_detail)
                             } else {
                                 (
                                     "updated",
-                                    json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
+                                    json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}).to_string(),
                                 )
                             };
-                            lineage.add(id, generation, step, detail.to_string(), &item.correlation_id);
+                            lineage.add(id, generation, step, detail, &item.correlation_id);
                             outcomes.push(if inserted {
                                 IngestOutcome::Received {
                                     id: RecordId(id),
@@ -329,16 +330,22 @@ impl SqliteLedger {
                             });
                         } else {
                             // A webhook retry or an overlapping poll: note it, store nothing new.
-                            let (id, generation, correlation_id): (i64, i64, String) = existing
-                                .query_row(params![flow, item.idempotency_key], |r| {
-                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                                })
-                                .map_err(&err)?;
                             let detail = json!({"payload_hash": item.hash}).to_string();
                             lineage.add(id, generation, "duplicate", detail, &correlation_id);
                             outcomes.push(IngestOutcome::Duplicate { id: RecordId(id) });
                         }
                     }
+                    let payload_rows: Vec<[&dyn rusqlite::ToSql; 2]> = payloads
+                        .iter()
+                        .map(|(id, body)| [id as &dyn rusqlite::ToSql, body])
+                        .collect();
+                    insert_rows(
+                        &tx,
+                        "INSERT INTO payloads (record_id, body)",
+                        "ON CONFLICT (record_id) DO UPDATE SET body = excluded.body",
+                        &payload_rows,
+                    )
+                    .map_err(db(&flow, "ingest payloads", None))?;
                     lineage
                         .write(&tx)
                         .map_err(db(&flow, "ingest lineage", None))?;
@@ -422,6 +429,8 @@ fn open_connection(path: &Path) -> std::result::Result<Connection, BackendError>
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP_PAGES)?;
+    // Sorters and other transient b-trees in memory, not in temporary files.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -443,8 +452,37 @@ fn durable<T>(
     result
 }
 
-/// Rows per multi-row lineage insert: a statement's fixed cost is a large share of one small insert.
-const LINEAGE_CHUNK: usize = 32;
+/// Rows per multi-row insert: a statement's fixed cost is a large share of one small insert.
+const INSERT_CHUNK: usize = 32;
+
+/// Inserts `rows` with `head` (`INSERT INTO t (a, b, …)`) and `tail` (e.g. an `ON CONFLICT` clause), in
+/// statements of [`INSERT_CHUNK`] rows and single-row statements for the rest, all cached.
+fn insert_rows<const N: usize>(
+    conn: &Connection,
+    head: &str,
+    tail: &str,
+    rows: &[[&dyn rusqlite::ToSql; N]],
+) -> rusqlite::Result<()> {
+    let sql = |count: usize| {
+        let row = format!("({})", vec!["?"; N].join(", "));
+        format!("{head} VALUES {} {tail}", vec![row; count].join(", "))
+    };
+    let mut chunks = rows.chunks_exact(INSERT_CHUNK);
+    if rows.len() >= INSERT_CHUNK {
+        let mut insert = conn.prepare_cached(&sql(INSERT_CHUNK))?;
+        for chunk in &mut chunks {
+            insert.execute(rusqlite::params_from_iter(chunk.iter().flatten()))?;
+        }
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut insert = conn.prepare_cached(&sql(1))?;
+        for row in rest {
+            insert.execute(rusqlite::params_from_iter(row.iter()))?;
+        }
+    }
+    Ok(())
+}
 
 /// The lineage rows of one operation, written together at its end.
 struct Lineage {
@@ -473,49 +511,26 @@ impl Lineage {
     }
 
     fn write(self, conn: &Connection) -> rusqlite::Result<()> {
-        static CHUNK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            let row = "(?, ?, ?, ?, ?, ?)";
-            format!(
-                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) VALUES {}",
-                vec![row; LINEAGE_CHUNK].join(", ")
-            )
-        });
-        let mut chunks = self.rows.chunks_exact(LINEAGE_CHUNK);
-        if self.rows.len() >= LINEAGE_CHUNK {
-            let mut insert = conn.prepare_cached(&CHUNK)?;
-            for chunk in &mut chunks {
-                let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
-                for (id, generation, step, detail, correlation_id) in chunk {
-                    values.extend([
-                        id as &dyn rusqlite::ToSql,
-                        generation,
-                        &self.at,
-                        step,
-                        detail,
-                        correlation_id,
-                    ]);
-                }
-                insert.execute(rusqlite::params_from_iter(values))?;
-            }
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut insert = conn.prepare_cached(
-                "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for (id, generation, step, detail, correlation_id) in rest {
-                insert.execute(params![
-                    id,
+        let rows: Vec<[&dyn rusqlite::ToSql; 6]> = self
+            .rows
+            .iter()
+            .map(|(id, generation, step, detail, correlation_id)| {
+                [
+                    id as &dyn rusqlite::ToSql,
                     generation,
-                    self.at,
+                    &self.at,
                     step,
                     detail,
-                    correlation_id
-                ])?;
-            }
-        }
-        Ok(())
+                    correlation_id,
+                ]
+            })
+            .collect();
+        insert_rows(
+            conn,
+            "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id)",
+            "",
+            &rows,
+        )
     }
 }
 
@@ -544,16 +559,11 @@ fn bucket_filter(buckets: &BucketSet) -> String {
     format!("AND bucket IN ({})", list.join(", "))
 }
 
-/// Leases one due record and returns it with its payload, in [`RECORD_COLUMNS`] order.
+/// Leases one due record (no RETURNING: see the ingest for why).
 const CLAIM_ONE: &str = "UPDATE records SET \
     claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
     state = 'delivering', lease_owner = ?1, lease_expires_at = ?2, next_attempt_at = ?2, \
-    fence = fence + 1, attempts = attempts + 1, updated_at = ?3 WHERE id = ?4 \
-    RETURNING id, flow, source_key, idempotency_key, external_id, generation, \
-    (SELECT body FROM payloads WHERE record_id = records.id) AS payload, payload_hash, contract_version, \
-    state, claimed_from, attempts, next_attempt_at, lease_owner, lease_expires_at, fence, last_error, \
-    last_error_class, dead_letter_reason, erp_response, hold_rule, hold_role, approved_by, bucket, \
-    correlation_id, received_at, updated_at, delivered_at, first_failure_at";
+    fence = fence + 1, attempts = attempts + 1, updated_at = ?3 WHERE id = ?4";
 
 /// Reads a row of [`RECORD_COLUMNS`], by position.
 fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
@@ -623,23 +633,34 @@ fn claim_on(
             .collect::<rusqlite::Result<_>>()
             .map_err(&err)?;
         let mut lease = tx.prepare_cached(CLAIM_ONE).map_err(&err)?;
+        let mut read = tx
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id = ?1"
+            ))
+            .map_err(&err)?;
+        // The claim's lineage detail, written without building a JSON value per record (this runs on the
+        // ledger's one thread); the same keys, in the same order, as the other lineage details.
+        let worker_json = json!(worker);
         let mut lineage = Lineage::new(now);
         for (id, state, owner) in due {
-            let record = lease
-                .query_row(params![worker, expires, now, id], record_row)
+            lease
+                .execute(params![worker, expires, now, id])
                 .map_err(&err)?;
+            let record = read.query_row([id], record_row).map_err(&err)?;
             let taken_over_from = (state == RecordState::Delivering.as_str())
                 .then_some(owner)
                 .flatten();
-            let detail = json!({
-                "worker": worker, "fence": record.fence, "attempt": record.attempts,
-                "lease_expires_at": expires, "taken_over_from": taken_over_from,
-            });
+            let detail = format!(
+                r#"{{"attempt":{},"fence":{},"lease_expires_at":{expires},"taken_over_from":{},"worker":{worker_json}}}"#,
+                record.attempts,
+                record.fence,
+                json!(taken_over_from),
+            );
             lineage.add(
                 id,
                 record.generation,
                 "claimed",
-                detail.to_string(),
+                detail,
                 &record.correlation_id,
             );
             records.push(record);
@@ -655,7 +676,7 @@ fn claim_on(
 fn complete_on(
     conn: &mut Connection,
     flow: &str,
-    completions: Vec<Completion>,
+    completions: Vec<(Completion, CompletionParams, String)>,
     now: i64,
 ) -> Result<Vec<CompletionResult>> {
     let err = db(flow, "complete", None);
@@ -673,8 +694,7 @@ fn complete_on(
                  hold_rule = COALESCE(?7, hold_rule), hold_role = COALESCE(?8, hold_role), retries = retries + ?9, \
                  first_failure_at = CASE WHEN ?10 THEN COALESCE(first_failure_at, ?11) ELSE first_failure_at END, \
                  delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11 \
-                 WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering' \
-                 RETURNING correlation_id",
+                 WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'",
             )
             .map_err(&err)?;
         let mut snapshot = tx
@@ -683,48 +703,41 @@ fn complete_on(
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .map_err(&err)?;
+        let mut correlation = tx
+            .prepare_cached("SELECT correlation_id FROM records WHERE id = ?1")
+            .map_err(&err)?;
         let mut lineage = Lineage::new(now);
-        for completion in &completions {
+        for (completion, p, detail) in completions {
             let claim = completion.claim;
             let record = Some(claim.id);
-            let p = completion_params(&completion.outcome, now);
-            let applied: Option<String> = apply
-                .query_row(
-                    params![
-                        p.new_state,
-                        p.next_attempt_at,
-                        p.last_error,
-                        p.error_class,
-                        p.dead_letter_reason,
-                        p.erp_response,
-                        p.hold_rule,
-                        p.hold_role,
-                        p.retry_increment,
-                        p.failed,
-                        now,
-                        claim.id.0,
-                        flow,
-                        claim.generation,
-                        claim.fence,
-                    ],
-                    |r| r.get(0),
-                )
-                .optional()
+            let applied = apply
+                .execute(params![
+                    p.new_state,
+                    p.next_attempt_at,
+                    p.last_error,
+                    p.error_class,
+                    p.dead_letter_reason,
+                    p.erp_response,
+                    p.hold_rule,
+                    p.hold_role,
+                    p.retry_increment,
+                    p.failed,
+                    now,
+                    claim.id.0,
+                    flow,
+                    claim.generation,
+                    claim.fence,
+                ])
                 .map_err(db(flow, "complete", record))?;
-            let Some(correlation_id) = applied else {
-                results.push(refused(&tx, flow, completion, now)?);
+            if applied == 0 {
+                results.push(refused(&tx, flow, &completion, now)?);
                 continue;
-            };
-            let mut detail = p.detail;
-            detail["fence"] = json!(claim.fence);
+            }
+            let correlation_id: String = correlation
+                .query_row([claim.id.0], |r| r.get(0))
+                .map_err(db(flow, "complete", record))?;
             let step = completion.outcome.step();
-            lineage.add(
-                claim.id.0,
-                claim.generation,
-                step,
-                detail.to_string(),
-                &correlation_id,
-            );
+            lineage.add(claim.id.0, claim.generation, step, detail, &correlation_id);
             if let Some(body) = p.snapshot {
                 snapshot
                     .execute(params![claim.id.0, claim.generation, step, now, body])
@@ -1039,6 +1052,16 @@ impl Ledger for SqliteLedger {
         }
         let now = self.clock.now_ms();
         let flow = self.flow.clone();
+        // What each completion writes, and its lineage detail, worked out here, off the ledger's thread.
+        let completions: Vec<_> = completions
+            .into_iter()
+            .map(|completion| {
+                let mut params = completion_params(&completion.outcome, now);
+                params.detail["fence"] = json!(completion.claim.fence);
+                let detail = std::mem::take(&mut params.detail).to_string();
+                (completion, params, detail)
+            })
+            .collect();
         self.run("complete", move |conn| {
             complete_on(conn, &flow, completions, now)
         })
