@@ -422,6 +422,27 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         !list.to_string().contains("alice.buyer@acme.example"),
         "PII never leaves through the API"
     );
+    // Each dead letter keeps the redacted snapshot taken when it was dead-lettered.
+    for item in items {
+        let id = item["id"].as_i64().unwrap();
+        let story: Value = h
+            .http
+            .get(h.url(&format!("/records/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let snapshots = story["snapshots"].as_array().unwrap();
+        assert_eq!(snapshots.len(), 1, "{story}");
+        assert_eq!(snapshots[0]["kind"], "dead_lettered");
+        assert_eq!(snapshots[0]["body"]["id"], item["payload"]["id"]);
+        assert!(
+            !story.to_string().contains("alice.buyer@acme.example"),
+            "{story}"
+        );
+    }
 
     // Finance fixes the item in the ERP, then replays by reason.
     h.erp.refuse.lock().unwrap().clear();
@@ -609,6 +630,13 @@ async fn a_held_discount_is_approved_by_finance_through_the_api_and_delivered() 
         !story.to_string().contains("alice.buyer@acme.example"),
         "PII is redacted in the record view"
     );
+    // The approver's snapshot was taken when the record was held: the declared fields, personal ones redacted.
+    let snapshots = story["snapshots"].as_array().unwrap();
+    assert_eq!(snapshots.len(), 1, "{story}");
+    assert_eq!(snapshots[0]["kind"], "held");
+    assert_eq!(snapshots[0]["body"]["id"], "0065g0000000000777");
+    assert_eq!(snapshots[0]["body"]["discountPercent"], 25);
+    assert!(snapshots[0]["body"].get("customerEmail").is_some());
     h.worker.shutdown().await;
 }
 
