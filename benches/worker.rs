@@ -412,25 +412,27 @@ fn main() {
     let extra = std::env::var("MESHLINE_BENCH_PG_SETTINGS").unwrap_or_default();
     let mut settings = vec![("fsync", "on"), ("synchronous_commit", "on")];
     settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
-    let pg = postgres::PgServer::start_with(&settings);
-    let backends = [
-        ("sqlite", Backend::Sqlite),
-        ("postgres", Backend::Postgres(&pg)),
-    ];
+    // Started at its first use, not up front: initdb and the server's start-up take a core for a second or
+    // two, which would otherwise overlap (and slow) the SQLite run that goes first.
+    let pg = std::cell::OnceCell::new();
+    let backend = |name: &str| match name {
+        "sqlite" => Backend::Sqlite,
+        _ => Backend::Postgres(pg.get_or_init(|| postgres::PgServer::start_with(&settings))),
+    };
     // `MESHLINE_BENCH_ONLY=throughput,latency,pressure,memory` and `MESHLINE_BENCH_BACKENDS=sqlite,postgres`
     // narrow a run (e.g. for a profiler); both default to everything.
     let wanted = |var: &str, item: &str| {
         std::env::var(var).map_or(true, |list| list.split(',').any(|x| x.trim() == item))
     };
     let part = |name: &str| wanted("MESHLINE_BENCH_ONLY", name);
-    let backends: Vec<_> = backends
+    let backends: Vec<&str> = ["sqlite", "postgres"]
         .into_iter()
-        .filter(|(name, _)| wanted("MESHLINE_BENCH_BACKENDS", name))
+        .filter(|name| wanted("MESHLINE_BENCH_BACKENDS", name))
         .collect();
     let rt = runtime();
     println!("worker benchmark: example contract, in-process instant sink, 2 runtime threads");
-    for (name, backend) in backends.iter().filter(|_| part("throughput")) {
-        let rate = rt.block_on(throughput(backend, records));
+    for name in backends.iter().filter(|_| part("throughput")) {
+        let rate = rt.block_on(throughput(&backend(name), records));
         let target = if *name == "sqlite" {
             20_000.0
         } else {
@@ -441,8 +443,8 @@ fn main() {
             if rate >= target { "ok" } else { "MISSED" }
         );
     }
-    for (name, backend) in backends.iter().filter(|_| part("latency")) {
-        let (p50, p99, max) = rt.block_on(latency(backend, 500, seconds));
+    for name in backends.iter().filter(|_| part("latency")) {
+        let (p50, p99, max) = rt.block_on(latency(&backend(name), 500, seconds));
         println!(
             "{name:<8} added latency at 500 records/s for {seconds} s: p50 {p50:.2?}, p99 {p99:.2?}, max {max:.2?} (target p99 ≤ 20 ms) {}",
             if p99 <= Duration::from_millis(20) {
@@ -453,8 +455,12 @@ fn main() {
         );
     }
     let n = 16;
-    for (name, backend) in backends.iter().filter(|_| part("pressure")) {
-        let (max, full) = rt.block_on(pressure(backend, n, if quick { 1_000 } else { 4_000 }));
+    for name in backends.iter().filter(|_| part("pressure")) {
+        let (max, full) = rt.block_on(pressure(
+            &backend(name),
+            n,
+            if quick { 1_000 } else { 4_000 },
+        ));
         println!(
             "{name:<8} pressure with a 20 ms sink, concurrency {n}: max in flight {max} (must be ≤ {n}), all {n} slots busy {:.1} % of the backlog's time {}",
             full * 100.0,

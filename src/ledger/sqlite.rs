@@ -16,6 +16,7 @@
 //! claimed or delivered again, which the ERP upsert by external id absorbs. Batching keeps the fsyncs to one
 //! per batch, not one per record.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -431,7 +432,8 @@ fn open_connection(path: &Path) -> std::result::Result<Connection, BackendError>
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_BACKSTOP_PAGES)?;
     // Sorters and other transient b-trees in memory, not in temporary files.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.set_prepared_statement_cache_capacity(64);
+    // Chunked statements come in every size up to the chunk; keep them all prepared.
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
 }
 
@@ -559,11 +561,17 @@ fn bucket_filter(buckets: &BucketSet) -> String {
     format!("AND bucket IN ({})", list.join(", "))
 }
 
-/// Leases one due record (no RETURNING: see the ingest for why).
-const CLAIM_ONE: &str = "UPDATE records SET \
+/// Leases due records: followed by `WHERE id IN (?, …)`, whose parameters SQLite numbers from 4. No
+/// RETURNING: see the ingest for why.
+const CLAIM_SET: &str = "UPDATE records SET \
     claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
     state = 'delivering', lease_owner = ?1, lease_expires_at = ?2, next_attempt_at = ?2, \
-    fence = fence + 1, attempts = attempts + 1, updated_at = ?3 WHERE id = ?4";
+    fence = fence + 1, attempts = attempts + 1, updated_at = ?3";
+
+/// `?, ?, …` for `n` parameters.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
 
 /// Reads a row of [`RECORD_COLUMNS`], by position.
 fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
@@ -632,38 +640,57 @@ fn claim_on(
             .map_err(&err)?
             .collect::<rusqlite::Result<_>>()
             .map_err(&err)?;
-        let mut lease = tx.prepare_cached(CLAIM_ONE).map_err(&err)?;
-        let mut read = tx
-            .prepare_cached(&format!(
-                "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id = ?1"
-            ))
-            .map_err(&err)?;
         // The claim's lineage detail, written without building a JSON value per record (this runs on the
         // ledger's one thread); the same keys, in the same order, as the other lineage details.
         let worker_json = json!(worker);
         let mut lineage = Lineage::new(now);
-        for (id, state, owner) in due {
-            lease
-                .execute(params![worker, expires, now, id])
+        // Leased and read back a chunk of records per statement: a statement's fixed cost is a large share
+        // of a one-row update.
+        for chunk in due.chunks(INSERT_CHUNK) {
+            let ids = placeholders(chunk.len());
+            let mut values: Vec<&dyn rusqlite::ToSql> = vec![&worker, &expires, &now];
+            values.extend(chunk.iter().map(|(id, _, _)| id as &dyn rusqlite::ToSql));
+            tx.prepare_cached(&format!("{CLAIM_SET} WHERE id IN ({ids})"))
+                .and_then(|mut s| s.execute(rusqlite::params_from_iter(values)))
                 .map_err(&err)?;
-            let record = read.query_row([id], record_row).map_err(&err)?;
-            let taken_over_from = (state == RecordState::Delivering.as_str())
-                .then_some(owner)
-                .flatten();
-            let detail = format!(
-                r#"{{"attempt":{},"fence":{},"lease_expires_at":{expires},"taken_over_from":{},"worker":{worker_json}}}"#,
-                record.attempts,
-                record.fence,
-                json!(taken_over_from),
-            );
-            lineage.add(
-                id,
-                record.generation,
-                "claimed",
-                detail,
-                &record.correlation_id,
-            );
-            records.push(record);
+            let mut read: HashMap<i64, RecordRow> = tx
+                .prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.id IN ({ids})"
+                ))
+                .and_then(|mut s| {
+                    s.query_map(
+                        rusqlite::params_from_iter(chunk.iter().map(|(id, _, _)| id)),
+                        record_row,
+                    )?
+                    .map(|row| row.map(|row| (row.id, row)))
+                    .collect()
+                })
+                .map_err(&err)?;
+            for (id, state, owner) in chunk {
+                let record = read.remove(id).ok_or_else(|| LedgerError::Corrupt {
+                    flow: flow.to_string(),
+                    record: RecordId(*id),
+                    what: "payload",
+                    detail: "the record has no stored payload".into(),
+                })?;
+                let taken_over_from = (state == RecordState::Delivering.as_str())
+                    .then_some(owner.as_deref())
+                    .flatten();
+                let detail = format!(
+                    r#"{{"attempt":{},"fence":{},"lease_expires_at":{expires},"taken_over_from":{},"worker":{worker_json}}}"#,
+                    record.attempts,
+                    record.fence,
+                    json!(taken_over_from),
+                );
+                lineage.add(
+                    *id,
+                    record.generation,
+                    "claimed",
+                    detail,
+                    &record.correlation_id,
+                );
+                records.push(record);
+            }
         }
         lineage
             .write(&tx)
@@ -703,10 +730,9 @@ fn complete_on(
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )
             .map_err(&err)?;
-        let mut correlation = tx
-            .prepare_cached("SELECT correlation_id FROM records WHERE id = ?1")
-            .map_err(&err)?;
-        let mut lineage = Lineage::new(now);
+        // Completions that applied, for their lineage: (record, generation, step, detail).
+        let mut applied_rows: Vec<(i64, i64, &'static str, String)> =
+            Vec::with_capacity(completions.len());
         for (completion, p, detail) in completions {
             let claim = completion.claim;
             let record = Some(claim.id);
@@ -733,17 +759,39 @@ fn complete_on(
                 results.push(refused(&tx, flow, &completion, now)?);
                 continue;
             }
-            let correlation_id: String = correlation
-                .query_row([claim.id.0], |r| r.get(0))
-                .map_err(db(flow, "complete", record))?;
             let step = completion.outcome.step();
-            lineage.add(claim.id.0, claim.generation, step, detail, &correlation_id);
             if let Some(body) = p.snapshot {
                 snapshot
                     .execute(params![claim.id.0, claim.generation, step, now, body])
                     .map_err(db(flow, "complete snapshot", record))?;
             }
+            applied_rows.push((claim.id.0, claim.generation, step, detail));
             results.push(CompletionResult::Applied);
+        }
+        // The correlation ids for the lineage, a chunk of records per statement.
+        let mut correlation: HashMap<i64, String> = HashMap::with_capacity(applied_rows.len());
+        for chunk in applied_rows.chunks(INSERT_CHUNK) {
+            tx.prepare_cached(&format!(
+                "SELECT id, correlation_id FROM records WHERE id IN ({})",
+                placeholders(chunk.len())
+            ))
+            .and_then(|mut s| {
+                let rows = s.query_map(
+                    rusqlite::params_from_iter(chunk.iter().map(|(id, ..)| id)),
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                )?;
+                for row in rows {
+                    let (id, correlation_id) = row?;
+                    correlation.insert(id, correlation_id);
+                }
+                Ok(())
+            })
+            .map_err(&err)?;
+        }
+        let mut lineage = Lineage::new(now);
+        for (id, generation, step, detail) in applied_rows {
+            let correlation_id = correlation.get(&id).map_or("", String::as_str);
+            lineage.add(id, generation, step, detail, correlation_id);
         }
         lineage
             .write(&tx)
