@@ -246,6 +246,12 @@ async fn every_accepted_record_is_delivered_exactly_once_and_duplicates_are_igno
         .cloned()
         .unwrap();
     assert_eq!(order["entity"]["externalId"], "0015g00000XyZabCDE");
+    // An idle worker takes new records in the transaction that stores them (SQLite), skipping a claim.
+    let leased = metric(&h, "intake_leased").await;
+    assert!(
+        leased > 0.0 && leased <= 300.0,
+        "leased at intake: {leased}"
+    );
     h.worker.shutdown().await;
 }
 

@@ -79,6 +79,20 @@ pub trait Ledger: Send + Sync + fmt::Debug {
         checkpoint: &str,
     ) -> Result<Vec<IngestOutcome>>;
 
+    /// Like [`Ledger::ingest`], and in the same transaction leases up to `lease.limit` of the records it
+    /// newly stores (those in `lease.buckets`) to `lease.worker`, returning them as [`Ledger::claim`] would:
+    /// a worker that can deliver them at once skips a claim's round of the ledger. Updates and duplicates
+    /// are never leased here. A backend without this path stores the batch and leases nothing, and the
+    /// records are claimed as usual.
+    async fn ingest_and_claim(
+        &self,
+        batch: Vec<IncomingRecord>,
+        lease: &LeaseRequest,
+    ) -> Result<(Vec<IngestOutcome>, Vec<ClaimedRecord>)> {
+        let _ = lease;
+        Ok((self.ingest(batch).await?, Vec::new()))
+    }
+
     /// The opaque checkpoint last stored for a source of this flow.
     async fn checkpoint(&self, source: &str) -> Result<Option<String>>;
 

@@ -28,11 +28,12 @@ use serde_json::json;
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    BackendError, BucketSet, ClaimedRecord, Clock, Completion, CompletionParams, CompletionResult,
-    Counts, CountsRow, IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError,
-    LineageRow, ManualAction, NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId,
-    RecordRow, RecordState, RecordView, Result, SnapshotRow, assemble_counts, assemble_detail,
-    attention_filter, completion_params, lease_ms, prepare,
+    BackendError, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionParams,
+    CompletionResult, Counts, CountsRow, IncomingRecord, IngestOutcome, InterventionRow,
+    LeaseRequest, Ledger, LedgerError, LineageRow, ManualAction, NewLineageEvent, RECORD_COLUMNS,
+    RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState, RecordView, Result, SnapshotRow,
+    assemble_counts, assemble_detail, attention_filter, completion_params, lease_ms, prepare,
+    to_time,
 };
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
@@ -234,7 +235,8 @@ impl SqliteLedger {
         &self,
         batch: Vec<IncomingRecord>,
         checkpoint: Option<(String, String)>,
-    ) -> Result<Vec<IngestOutcome>> {
+        lease: Option<&LeaseRequest>,
+    ) -> Result<(Vec<IngestOutcome>, Vec<ClaimedRecord>)> {
         // The lineage detail of a new record is known before the write: built here, off the ledger's thread.
         let prepared: Vec<_> = prepare(&self.flow, batch)?
             .into_iter()
@@ -245,6 +247,13 @@ impl SqliteLedger {
             .collect();
         let now = self.clock.now_ms();
         let flow = self.flow.clone();
+        let lease = match lease {
+            Some(request) if request.limit > 0 && !request.buckets.is_empty() => Some((
+                request.clone(),
+                now.saturating_add(lease_ms(&flow, request.lease)?),
+            )),
+            _ => None,
+        };
         self.run("ingest", move |conn| {
             durable(conn, &flow, |conn| {
                 let err = db(&flow, "ingest", None);
@@ -252,6 +261,7 @@ impl SqliteLedger {
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(&err)?;
                 let mut outcomes = Vec::with_capacity(prepared.len());
+                let mut claimed: Vec<ClaimedRecord> = Vec::new();
                 {
                     // New keys insert; changed payloads start a new generation (lease columns untouched, so
                     // an in-flight older generation is never claimed alongside it); equal hashes are left
@@ -262,14 +272,14 @@ impl SqliteLedger {
                     let mut upsert = tx
                         .prepare_cached(
                             "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
-                             payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, \
-                             received_at, updated_at) \
-                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, 'received', ?7, ?8, ?9, ?7, ?7) \
+                             payload_hash, contract_version, state, claimed_from, lease_owner, lease_expires_at, \
+                             fence, attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at) \
+                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?10, ?11, ?12, ?13, ?14, ?14, ?15, ?8, ?9, ?7, ?7) \
                              ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = excluded.source_key, \
                              external_id = excluded.external_id, generation = records.generation + 1, \
                              payload_hash = excluded.payload_hash, \
                              contract_version = excluded.contract_version, state = 'received', \
-                             claimed_from = NULL, attempts = 0, next_attempt_at = excluded.next_attempt_at, \
+                             claimed_from = NULL, attempts = 0, next_attempt_at = excluded.received_at, \
                              last_error = NULL, last_error_class = NULL, dead_letter_reason = NULL, \
                              erp_response = NULL, hold_rule = NULL, hold_role = NULL, approved_by = NULL, \
                              bucket = excluded.bucket, correlation_id = excluded.correlation_id, \
@@ -286,7 +296,25 @@ impl SqliteLedger {
                         )
                         .map_err(&err)?;
                     let mut lineage = Lineage::new(now);
+                    let worker_json = lease.as_ref().map(|(request, _)| json!(request.worker));
                     for (item, received_detail) in prepared {
+                        // A new record in the worker's buckets, while it has room, is inserted leased to it;
+                        // should the key exist after all, the conflict path ignores the lease values.
+                        let leased_to = lease.as_ref().filter(|(request, _)| {
+                            claimed.len() < request.limit
+                                && u8::try_from(item.bucket).is_ok_and(|b| request.buckets.contains(b))
+                        });
+                        let (state, claimed_from, owner, expires, fence, next_at) = match leased_to {
+                            Some((request, expires)) => (
+                                "delivering",
+                                Some("received"),
+                                Some(request.worker.as_str()),
+                                Some(*expires),
+                                1,
+                                *expires,
+                            ),
+                            None => ("received", None, None, None, 0, now),
+                        };
                         let changed = upsert
                             .execute(params![
                                 flow,
@@ -298,6 +326,12 @@ impl SqliteLedger {
                                 now,
                                 item.bucket,
                                 item.correlation_id,
+                                state,
+                                claimed_from,
+                                owner,
+                                expires,
+                                fence,
+                                next_at,
                             ])
                             .map_err(&err)?;
                         let (id, generation, correlation_id): (i64, i64, String) = existing
@@ -306,7 +340,6 @@ impl SqliteLedger {
                             })
                             .map_err(&err)?;
                         if changed > 0 {
-                            payloads.push((id, item.payload));
                             let inserted = generation == 1;
                             let (step, detail) = if inserted {
                                 ("received", received_detail)
@@ -317,6 +350,34 @@ impl SqliteLedger {
                                 )
                             };
                             lineage.add(id, generation, step, detail, &item.correlation_id);
+                            if let (true, Some((_, expires)), Some(worker_json)) =
+                                (inserted, leased_to, worker_json.as_ref())
+                            {
+                                let detail = format!(
+                                    r#"{{"attempt":1,"fence":1,"lease_expires_at":{expires},"taken_over_from":null,"worker":{worker_json}}}"#
+                                );
+                                lineage.add(id, 1, "claimed", detail, &item.correlation_id);
+                                claimed.push(ClaimedRecord {
+                                    claim: Claim {
+                                        id: RecordId(id),
+                                        generation: 1,
+                                        fence: 1,
+                                    },
+                                    source_key: item.source_key.clone(),
+                                    idempotency_key: item.idempotency_key.clone(),
+                                    external_id: item.external_id.clone(),
+                                    payload: item.payload.clone(),
+                                    payload_hash: item.hash.clone(),
+                                    contract_version: item.contract_version.clone(),
+                                    attempts: 1,
+                                    correlation_id: item.correlation_id.clone(),
+                                    bucket: u8::try_from(item.bucket).unwrap_or_default(),
+                                    claimed_from: RecordState::Received,
+                                    approved_by: None,
+                                    lease_expires_at: to_time(*expires),
+                                });
+                            }
+                            payloads.push((id, item.payload));
                             outcomes.push(if inserted {
                                 IngestOutcome::Received {
                                     id: RecordId(id),
@@ -356,7 +417,7 @@ impl SqliteLedger {
                     }
                 }
                 tx.commit().map_err(db(&flow, "ingest commit", None))?;
-                Ok(outcomes)
+                Ok((outcomes, claimed))
             })
         })
         .await
@@ -1045,7 +1106,15 @@ impl Ledger for SqliteLedger {
     }
 
     async fn ingest(&self, batch: Vec<IncomingRecord>) -> Result<Vec<IngestOutcome>> {
-        self.ingest_inner(batch, None).await
+        Ok(self.ingest_inner(batch, None, None).await?.0)
+    }
+
+    async fn ingest_and_claim(
+        &self,
+        batch: Vec<IncomingRecord>,
+        lease: &LeaseRequest,
+    ) -> Result<(Vec<IngestOutcome>, Vec<ClaimedRecord>)> {
+        self.ingest_inner(batch, None, Some(lease)).await
     }
 
     async fn ingest_with_checkpoint(
@@ -1054,8 +1123,14 @@ impl Ledger for SqliteLedger {
         source: &str,
         checkpoint: &str,
     ) -> Result<Vec<IngestOutcome>> {
-        self.ingest_inner(batch, Some((source.to_string(), checkpoint.to_string())))
-            .await
+        Ok(self
+            .ingest_inner(
+                batch,
+                Some((source.to_string(), checkpoint.to_string())),
+                None,
+            )
+            .await?
+            .0)
     }
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>> {
@@ -1069,9 +1144,13 @@ impl Ledger for SqliteLedger {
     }
 
     async fn set_checkpoint(&self, source: &str, value: &str) -> Result<()> {
-        self.ingest_inner(Vec::new(), Some((source.to_string(), value.to_string())))
-            .await
-            .map(|_| ())
+        self.ingest_inner(
+            Vec::new(),
+            Some((source.to_string(), value.to_string())),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn claim(

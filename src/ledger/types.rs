@@ -231,6 +231,18 @@ pub struct IncomingRecord {
     pub correlation_id: Option<String>,
 }
 
+/// A worker's request to lease the records an ingest newly stores, in the same transaction, instead of
+/// claiming them afterwards (see [`crate::ledger::Ledger::ingest_and_claim`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub worker: String,
+    /// Only records in these buckets are leased (a canary worker leases only its share).
+    pub buckets: BucketSet,
+    /// At most this many.
+    pub limit: usize,
+    pub lease: std::time::Duration,
+}
+
 /// What `ingest` did with one incoming record, in batch order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IngestOutcome {

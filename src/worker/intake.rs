@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::pipeline::Pipeline;
 use crate::connectors::{Intake, IntakeError, IntakeReceipt, SourceRecord};
-use crate::ledger::{IncomingRecord, IngestOutcome, Ledger};
+use crate::ledger::{IncomingRecord, IngestOutcome};
 
 /// Records written per group transaction at most; a larger queue is written in several.
 const GROUP_LIMIT: usize = 5_000;
@@ -68,16 +68,15 @@ impl LedgerIntake {
         // Otherwise we write the queue, in a task of its own: if our caller goes away (a webhook client that
         // hangs up), the other callers' records are still written and answered.
         let queue = self.queue.clone();
-        let ledger = self.pipeline.ledger.clone();
-        let commits = self.pipeline.metrics.intake_commits.clone();
+        let pipeline = self.pipeline.clone();
         let writer = tokio::spawn(async move {
             loop {
                 let group = take_group(&queue);
                 if group.is_empty() {
                     break;
                 }
-                commit_group(ledger.as_ref(), group).await;
-                commits.inc();
+                commit_group(&pipeline, group).await;
+                pipeline.metrics.intake_commits.inc();
             }
             drop(guard);
         });
@@ -178,7 +177,9 @@ fn take_group(queue: &Mutex<Vec<Waiting>>) -> Vec<Waiting> {
 }
 
 /// Writes a group in one transaction and answers each caller with the outcomes of its own records, in order.
-async fn commit_group(ledger: &dyn Ledger, group: Vec<Waiting>) {
+/// New records the pipeline has room for are leased to it in the same transaction and handed over, so they
+/// skip a claim (a second ledger round that would rewrite the rows just written).
+async fn commit_group(pipeline: &Pipeline, group: Vec<Waiting>) {
     let mut sizes = Vec::with_capacity(group.len());
     let mut replies = Vec::with_capacity(group.len());
     let mut records = Vec::new();
@@ -187,7 +188,19 @@ async fn commit_group(ledger: &dyn Ledger, group: Vec<Waiting>) {
         replies.push(waiting.reply);
         records.extend(waiting.records);
     }
-    match ledger.ingest(records).await {
+    let ledger = &pipeline.ledger;
+    let stored = match pipeline.lease_request() {
+        Some(request) => ledger.ingest_and_claim(records, &request).await,
+        None => ledger.ingest(records).await.map(|o| (o, Vec::new())),
+    };
+    let stored = match stored {
+        Ok((outcomes, leased)) => {
+            pipeline.hand_over(leased).await;
+            Ok(outcomes)
+        }
+        Err(e) => Err(e),
+    };
+    match stored {
         Ok(outcomes) if outcomes.len() == sizes.iter().sum::<usize>() => {
             let mut outcomes = outcomes.into_iter();
             for (size, reply) in sizes.into_iter().zip(replies) {

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub duplicates: Counter,
     /// Ledger transactions the intake wrote (one per group of concurrent batches).
     pub intake_commits: Counter,
+    /// Records leased to this worker as they were stored, skipping a claim.
+    pub intake_leased: Counter,
     pub delivered: Counter,
     pub failed: Family<ClassLabel, Counter>,
     pub retried: Counter,
@@ -45,6 +47,7 @@ impl Metrics {
         let received = Counter::default();
         let duplicates = Counter::default();
         let intake_commits = Counter::default();
+        let intake_leased = Counter::default();
         let delivered = Counter::default();
         let failed = Family::<ClassLabel, Counter>::default();
         let retried = Counter::default();
@@ -71,6 +74,11 @@ impl Metrics {
             "intake_commits",
             "Ledger transactions written by the intake; received records divided by this is the group size",
             intake_commits.clone(),
+        );
+        registry.register(
+            "intake_leased",
+            "Records leased to this worker in the transaction that stored them, so they skip a claim",
+            intake_leased.clone(),
         );
         registry.register(
             "records_delivered",
@@ -119,6 +127,7 @@ impl Metrics {
             received,
             duplicates,
             intake_commits,
+            intake_leased,
             delivered,
             failed,
             retried,

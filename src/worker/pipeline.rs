@@ -20,7 +20,9 @@ use super::metrics::Metrics;
 use crate::api::{DeliveryPolicy, ErrorClass};
 use crate::connectors::{Delivery, Sink, SinkError};
 use crate::contract::{CompiledContract, Env, Outcome as ContractOutcome};
-use crate::ledger::{BucketSet, ClaimedRecord, Completion, Ledger, NewLineageEvent, Outcome};
+use crate::ledger::{
+    BucketSet, ClaimedRecord, Completion, LeaseRequest, Ledger, NewLineageEvent, Outcome,
+};
 
 /// Tuning of the pipeline that is not part of the flow's policy.
 #[derive(Debug, Clone)]
@@ -73,6 +75,11 @@ pub struct Pipeline {
     pub gate: std::sync::Mutex<Option<String>>,
     /// Moving average of the ERP's answer time in microseconds; it sizes claims (see `claim_limit`).
     pub delivery_micros: std::sync::atomic::AtomicU64,
+    /// Records the intake leased to this worker as it stored them, waiting to be processed like claimed
+    /// ones (see [`Pipeline::lease_request`]).
+    pub handed: std::sync::Mutex<Vec<ClaimedRecord>>,
+    /// Set once the pipeline stops taking work (shutdown): the intake leases nothing more.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl Pipeline {
@@ -105,6 +112,53 @@ impl Pipeline {
             (old.saturating_mul(7) / 8).saturating_add(sample / 8)
         };
         self.delivery_micros.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// What the intake may lease to this worker in the transaction that stores new records, so they skip a
+    /// claim: as many as can start soon (the claim sizing, less what was handed over and not yet started),
+    /// none while the flow is gated, its circuit is open or the pipeline is stopping.
+    pub fn lease_request(&self) -> Option<LeaseRequest> {
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst)
+            || self.gated().is_some()
+            || self.breaker.is_open()
+        {
+            return None;
+        }
+        let waiting = self.handed.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let limit = self.claim_limit(0).saturating_sub(waiting);
+        (limit > 0).then(|| LeaseRequest {
+            worker: self.options.worker_id.clone(),
+            buckets: self.options.buckets,
+            limit,
+            lease: self.options.lease,
+        })
+    }
+
+    /// Takes records the intake leased to this worker. If the pipeline has stopped meanwhile, gives them
+    /// back at once rather than leave them to their lease.
+    pub async fn hand_over(&self, records: Vec<ClaimedRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        self.metrics.intake_leased.inc_by(records.len() as u64);
+        if !self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            self.handed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(records);
+            self.wake.notify_one();
+            return;
+        }
+        let released = records
+            .into_iter()
+            .map(|r| Completion {
+                claim: r.claim,
+                outcome: Outcome::Released { not_before: None },
+            })
+            .collect();
+        if let Err(e) = self.ledger.complete_batch(released).await {
+            tracing::warn!(flow = %self.flow, error = %e, "could not give back records leased during shutdown; their leases will expire");
+        }
     }
 
     /// Why deliveries are gated, if they are.
@@ -160,22 +214,29 @@ impl Pipeline {
                 }
                 continue;
             }
+            // Records the intake leased to us as it stored them come first: they are ours already.
+            let handed =
+                std::mem::take(&mut *self.handed.lock().unwrap_or_else(|p| p.into_inner()));
             let limit = self.claim_limit(free);
-            let claimed = match self
-                .ledger
-                .claim(
-                    &self.options.worker_id,
-                    &self.options.buckets,
-                    limit,
-                    self.options.lease,
-                )
-                .await
-            {
-                Ok(claimed) => claimed,
-                Err(e) => {
-                    tracing::error!(flow = %self.flow, error = %e, "claim failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
+            let claimed = if !handed.is_empty() {
+                handed
+            } else {
+                match self
+                    .ledger
+                    .claim(
+                        &self.options.worker_id,
+                        &self.options.buckets,
+                        limit,
+                        self.options.lease,
+                    )
+                    .await
+                {
+                    Ok(claimed) => claimed,
+                    Err(e) => {
+                        tracing::error!(flow = %self.flow, error = %e, "claim failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
                 }
             };
             if claimed.is_empty() {
@@ -200,6 +261,17 @@ impl Pipeline {
                     let _ = done.send(completion).await;
                 });
             }
+        }
+        // Records handed over by the intake and not started go back to the queue now.
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let handed = std::mem::take(&mut *self.handed.lock().unwrap_or_else(|p| p.into_inner()));
+        for record in handed {
+            let released = Completion {
+                claim: record.claim,
+                outcome: Outcome::Released { not_before: None },
+            };
+            let _ = done_tx.send(released).await;
         }
         // Graceful shutdown: in-flight deliveries finish within the grace period; what does not is left to
         // the lease (the record goes back to the queue when it expires, and the upsert makes a repeat safe).

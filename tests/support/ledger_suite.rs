@@ -880,6 +880,74 @@ pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: 
 }
 
 /// Runs every promise above as a `#[tokio::test]` against `$fixture()`.
+/// `ingest_and_claim` leases only new records, only in the requested buckets, at most the limit; what it
+/// leases is claimed as `claim` would (fenced, in lineage) and nobody else claims it; the rest is claimed as
+/// usual. A backend without the fast path leases nothing and loses nothing.
+pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(vec![
+            record("old-same", json!({"v": 1})),
+            record("old-changed", json!({"v": 1})),
+        ])
+        .await
+        .unwrap();
+    let keys: Vec<String> = (0..40).map(|i| format!("new-{i}")).collect();
+    let wanted: BucketSet = BucketSet::from_buckets(keys.iter().take(20).map(|k| bucket_of(k)));
+    let mut batch: Vec<IncomingRecord> = keys.iter().map(|k| record(k, json!({"k": k}))).collect();
+    batch.push(record("old-same", json!({"v": 1})));
+    batch.push(record("old-changed", json!({"v": 2})));
+    let request = ledger::LeaseRequest {
+        worker: "fast".into(),
+        buckets: wanted,
+        limit: 5,
+        lease: LEASE,
+    };
+    let (outcomes, leased) = ledger.ingest_and_claim(batch, &request).await.unwrap();
+    assert_eq!(outcomes.len(), 42);
+    assert!(matches!(outcomes[40], IngestOutcome::Duplicate { .. }));
+    assert!(matches!(outcomes[41], IngestOutcome::Updated { .. }));
+    match fixture.backend() {
+        "sqlite" => assert_eq!(leased.len(), 5),
+        _ => assert!(leased.len() <= 5),
+    }
+    for claimed in &leased {
+        assert!(claimed.source_key.starts_with("new-"), "{claimed:?}");
+        assert!(wanted.contains(claimed.bucket));
+        assert_eq!((claimed.claim.generation, claimed.claim.fence), (1, 1));
+        assert_eq!(claimed.attempts, 1);
+        assert_eq!(claimed.claimed_from, RecordState::Received);
+        assert_eq!(
+            claimed.payload,
+            json!({"k": claimed.source_key}).to_string()
+        );
+        let detail = ledger.get(claimed.claim.id).await.unwrap().unwrap();
+        assert_eq!(detail.record.state, RecordState::Delivering);
+        assert_eq!(detail.record.lease_owner.as_deref(), Some("fast"));
+        let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+        assert_eq!(steps, ["received", "claimed"]);
+    }
+    // Everything else (the other new records, the update and the never-claimed old record) is claimed as
+    // usual; the leased ones are not.
+    let rest = claim_all(ledger.as_ref(), "other").await;
+    assert_eq!(rest.len() + leased.len(), 42);
+    let leased_ids: HashSet<_> = leased.iter().map(|c| c.claim.id).collect();
+    assert!(rest.iter().all(|c| !leased_ids.contains(&c.claim.id)));
+    for claimed in leased.iter().chain(&rest) {
+        ledger
+            .complete(claimed.claim, Outcome::Delivered)
+            .await
+            .unwrap();
+    }
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!(
+        (counts.records, counts.delivered, counts.pending),
+        (42, 42, 0)
+    );
+    ledger.close().await;
+}
+
 /// A ledger that an older meshline (schema version 1, payloads inline in `records`) left with one record
 /// in each of two states is migrated at start-up: nothing is lost, payloads move to their own table, and the
 /// records carry on through their lifecycle.
@@ -956,6 +1024,7 @@ macro_rules! ledger_suite {
             a_released_claim_returns_to_where_it_was,
             the_backlog_counts_waiting_records_and_the_oldest_receipt,
             a_version_1_ledger_is_migrated_with_its_records_and_payloads,
+            new_records_can_be_leased_in_the_transaction_that_stores_them,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
