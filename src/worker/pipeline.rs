@@ -141,13 +141,16 @@ impl Pipeline {
             return;
         }
         self.metrics.intake_leased.inc_by(records.len() as u64);
-        if !self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            self.handed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(records);
-            self.wake.notify_one();
-            return;
+        {
+            // `stopping` is read and set under the same lock, so a record is either handed over before the
+            // pipeline's last look at `handed` or given back here, never left to its lease.
+            let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            if !self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                handed.extend(records);
+                drop(handed);
+                self.wake.notify_one();
+                return;
+            }
         }
         let released = records
             .into_iter()
@@ -263,9 +266,12 @@ impl Pipeline {
             }
         }
         // Records handed over by the intake and not started go back to the queue now.
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let handed = std::mem::take(&mut *self.handed.lock().unwrap_or_else(|p| p.into_inner()));
+        let handed = {
+            let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            std::mem::take(&mut *handed)
+        };
         for record in handed {
             let released = Completion {
                 claim: record.claim,
