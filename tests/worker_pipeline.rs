@@ -169,15 +169,20 @@ impl Harness {
         format!("http://{}{path}", self.worker.addr)
     }
 
-    async fn status(&self) -> Value {
+    /// A GET on the operations API, as JSON.
+    async fn get_json(&self, path: &str) -> Value {
         self.http
-            .get(self.url("/status"))
+            .get(self.url(path))
             .send()
             .await
             .unwrap()
             .json()
             .await
             .unwrap()
+    }
+
+    async fn status(&self) -> Value {
+        self.get_json("/status").await
     }
 
     /// Waits until `/status` satisfies `done`, or fails after 20 s with the last status.
@@ -393,15 +398,7 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         .await;
     assert_eq!(counter(&status, "held"), 0);
 
-    let list: Value = h
-        .http
-        .get(h.url("/dead-letters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = h.get_json("/dead-letters").await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
     let reasons: Vec<&str> = items
@@ -431,15 +428,7 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
     // Each dead letter keeps the redacted snapshot taken when it was dead-lettered.
     for item in items {
         let id = item["id"].as_i64().unwrap();
-        let story: Value = h
-            .http
-            .get(h.url(&format!("/records/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let story: Value = h.get_json(&format!("/records/{id}")).await;
         let snapshots = story["snapshots"].as_array().unwrap();
         assert_eq!(snapshots.len(), 1, "{story}");
         assert_eq!(snapshots[0]["kind"], "dead_lettered");
@@ -576,15 +565,7 @@ async fn a_held_discount_is_approved_by_finance_through_the_api_and_delivered() 
         .await
         .unwrap();
     h.wait_for("held", |s| counter(s, "held") == 1).await;
-    let holds: Value = h
-        .http
-        .get(h.url("/holds"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let holds: Value = h.get_json("/holds").await;
     let id = holds["items"][0]["id"].as_i64().unwrap();
     assert_eq!(holds["items"][0]["hold_role"], "finance");
 
@@ -618,15 +599,7 @@ async fn a_held_discount_is_approved_by_finance_through_the_api_and_delivered() 
         })
         .await;
     assert_eq!(status["manualInterventionsPer1k"], "1000");
-    let story: Value = h
-        .http
-        .get(h.url(&format!("/records/{id}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let story: Value = h.get_json(&format!("/records/{id}")).await;
     assert_eq!(story["interventions"][0]["actor"], "marcus");
     assert!(
         story["lineage"].as_array().unwrap().len() >= 3,

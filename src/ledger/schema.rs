@@ -40,6 +40,12 @@ const PAYLOADS_DESCRIPTION: &str = "payloads in their own table, written once pe
 /// delivered or in-flight records.
 const ATTENTION_DESCRIPTION: &str = "index by state only the holds and dead letters";
 
+/// Version 3, the same on both backends.
+const ATTENTION_STATEMENTS: &[&str] = &[
+    "DROP INDEX records_state",
+    "CREATE INDEX records_attention ON records (flow, state, id) WHERE state IN ('held', 'dead_lettered')",
+];
+
 /// The bookkeeping table; created before any migration runs.
 pub(crate) const SQLITE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
     version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at INTEGER NOT NULL)";
@@ -140,11 +146,7 @@ pub(crate) const SQLITE: &[Migration] = &[
     Migration {
         version: 3,
         description: ATTENTION_DESCRIPTION,
-        statements: &[
-            "DROP INDEX records_state",
-            "CREATE INDEX records_attention ON records (flow, state, id) \
-             WHERE state IN ('held', 'dead_lettered')",
-        ],
+        statements: ATTENTION_STATEMENTS,
     },
 ];
 
@@ -241,11 +243,7 @@ pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 3,
         description: ATTENTION_DESCRIPTION,
-        statements: &[
-            "DROP INDEX records_state",
-            "CREATE INDEX records_attention ON records (flow, state, id) \
-             WHERE state IN ('held', 'dead_lettered')",
-        ],
+        statements: ATTENTION_STATEMENTS,
     },
 ];
 
