@@ -1,12 +1,15 @@
 //! The embedded SQLite ledger: the default for one replica and for local use.
 //!
-//! **One connection on a thread of its own.** Every operation is a closure run against the one connection on
-//! the ledger's thread, a whole batch at a time, with cached prepared statements executed row by row. A
-//! statement costs a few microseconds there, so a batch of 500 records is one hand-off between the async
-//! runtime and the database instead of one per statement (which is what an async driver would cost, and what
-//! made set-based JSON tricks necessary before). Operations are serialised in arrival order, and every write
-//! transaction starts with `BEGIN IMMEDIATE`, so a second process on the same file waits (busy timeout)
-//! instead of failing half way. Several replicas need the PostgreSQL ledger.
+//! **Connections on threads of their own.** Every write is a closure run against the one writing connection
+//! on the `meshline-ledger` thread, a whole batch at a time, with cached prepared statements executed row by
+//! row. A statement costs a few microseconds there, so a batch of 500 records is one hand-off between the
+//! async runtime and the database instead of one per statement (which is what an async driver would cost).
+//! Writes are serialised in arrival order, and every write transaction starts with `BEGIN IMMEDIATE`, so a
+//! second process on the same file waits (busy timeout) instead of failing half way. Reads that people and
+//! scrapers ask for (counts, the backlog, record views, listings) run on a second, query-only connection
+//! (`meshline-reader`): WAL lets them read committed data alongside the writer, so a count over a large
+//! ledger never holds up an ingest. A third thread (`meshline-wal`) checkpoints the WAL. Several replicas
+//! need the PostgreSQL ledger.
 //!
 //! **Durability.** The database runs in WAL mode with `synchronous = NORMAL`, and switches to
 //! `synchronous = FULL` for the transactions that the outside world is told about: ingest (the webhook's 2xx,
@@ -46,10 +49,107 @@ pub struct SqliteLedger {
     flow: String,
     clock: Arc<dyn Clock>,
     path: PathBuf,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The one connection that writes.
+    writer: Session,
+    /// A second connection, for the reads people and scrapers ask (`/status` counts, record views, the
+    /// backlog): WAL lets it read alongside the writer, so a long count never holds up an ingest.
+    reader: Session,
     /// Dropping the sender stops the checkpointer.
     checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
+}
+
+/// One connection on a thread of its own, running the jobs sent to it in order.
+#[derive(Debug)]
+struct Session {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Session {
+    /// Opens a connection to `path` on a new thread named `name`; a `read_only` one refuses writes.
+    async fn open(
+        name: &str,
+        path: &Path,
+        read_only: bool,
+    ) -> std::result::Result<Session, BackendError> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let path = path.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let opened = open_connection(&path).and_then(|conn| {
+                    if read_only {
+                        conn.pragma_update(None, "query_only", "ON")?;
+                    }
+                    Ok(conn)
+                });
+                let mut conn = match opened {
+                    Ok(conn) => {
+                        let _ = opened_tx.send(Ok(()));
+                        conn
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                for job in queue {
+                    // A panic in one operation drops its reply (the caller gets an error) and rolls its
+                    // transaction back; the ledger stays usable for the others.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                }
+            })?;
+        match opened.await {
+            Ok(Ok(())) => Ok(Session {
+                jobs: Mutex::new(Some(jobs)),
+                thread: Mutex::new(Some(thread)),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the ledger thread stopped while opening".into()),
+        }
+    }
+
+    /// Runs `job` on this session's thread and waits for its result.
+    async fn run<T, F>(&self, flow: &str, operation: &'static str, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let _ = reply.send(job(conn));
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|jobs| jobs.send(job).is_ok())
+            .unwrap_or(false);
+        let gone = |what: &str| LedgerError::Database {
+            flow: flow.to_string(),
+            operation,
+            record: None,
+            source: what.to_string().into(),
+        };
+        if !sent {
+            return Err(gone("the ledger is closed"));
+        }
+        answer
+            .await
+            .map_err(|_| gone("the ledger operation was interrupted (nothing was committed)"))?
+    }
+
+    /// Lets queued jobs finish, then closes the connection and ends the thread.
+    async fn close(&self) {
+        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
 }
 
 /// How often the checkpointer copies the write-ahead log into the database file.
@@ -76,66 +176,45 @@ impl SqliteLedger {
     /// Opens (creating if missing) and migrates the ledger at `path` for `flow`.
     pub async fn open(path: impl AsRef<Path>, flow: &str, clock: Arc<dyn Clock>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let (opened_tx, opened) = tokio::sync::oneshot::channel();
-        let thread_path = path.clone();
-        let thread = std::thread::Builder::new()
-            .name("meshline-ledger".into())
-            .spawn(move || {
-                let mut conn = match open_connection(&thread_path) {
-                    Ok(conn) => {
-                        let _ = opened_tx.send(Ok(()));
-                        conn
-                    }
-                    Err(e) => {
-                        let _ = opened_tx.send(Err(e));
-                        return;
-                    }
-                };
-                for job in queue {
-                    // A panic in one operation drops its reply (the caller gets an error) and rolls its
-                    // transaction back; the ledger stays usable for the others.
-                    let _ =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
-                }
-            })
-            .map_err(|e| LedgerError::Open {
-                flow: flow.to_string(),
-                backend: "sqlite",
-                target: path.display().to_string(),
-                source: e.into(),
-            })?;
         let open_failed = |source: BackendError| LedgerError::Open {
             flow: flow.to_string(),
             backend: "sqlite",
             target: path.display().to_string(),
             source,
         };
-        match opened.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(open_failed(e)),
-            Err(_) => {
-                return Err(open_failed(
-                    "the ledger thread stopped while opening".into(),
-                ));
-            }
-        }
+        let writer = Session::open("meshline-ledger", &path, false)
+            .await
+            .map_err(open_failed)?;
         let checkpointer = spawn_checkpointer(&path).map_err(|e| LedgerError::Open {
             flow: flow.to_string(),
             backend: "sqlite",
             target: path.display().to_string(),
             source: e.into(),
         })?;
-        let ledger = SqliteLedger {
+        // The reader opens once the writer has migrated, so it never sees a half-made schema.
+        let migrated = migrate(&writer, flow, clock.now_ms()).await;
+        let reader = match migrated {
+            Ok(()) => Session::open("meshline-reader", &path, true)
+                .await
+                .map_err(open_failed),
+            Err(e) => Err(e),
+        };
+        let reader = match reader {
+            Ok(reader) => reader,
+            Err(e) => {
+                writer.close().await;
+                drop(checkpointer);
+                return Err(e);
+            }
+        };
+        Ok(SqliteLedger {
             flow: flow.to_string(),
             clock,
             path,
-            jobs: Mutex::new(Some(jobs)),
-            thread: Mutex::new(Some(thread)),
+            writer,
+            reader,
             checkpointer: Mutex::new(Some(checkpointer)),
-        };
-        ledger.migrate().await?;
-        Ok(ledger)
+        })
     }
 
     /// The database file.
@@ -146,7 +225,7 @@ impl SqliteLedger {
     /// The schema version recorded in the database.
     pub async fn schema_version(&self) -> Result<i64> {
         let flow = self.flow.clone();
-        self.run("read schema version", move |conn| {
+        self.read("read schema version", move |conn| {
             conn.query_row(
                 "SELECT COALESCE(MAX(version), 0) FROM meshline_schema",
                 [],
@@ -157,78 +236,22 @@ impl SqliteLedger {
         .await
     }
 
-    /// Runs `job` on the ledger's thread and waits for its result.
+    /// Runs `job` on the writer's thread and waits for its result.
     async fn run<T, F>(&self, operation: &'static str, job: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let _ = reply.send(job(conn));
-        });
-        let sent = self
-            .jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|jobs| jobs.send(job).is_ok())
-            .unwrap_or(false);
-        let gone = |what: &str| LedgerError::Database {
-            flow: self.flow.clone(),
-            operation,
-            record: None,
-            source: what.to_string().into(),
-        };
-        if !sent {
-            return Err(gone("the ledger is closed"));
-        }
-        answer
-            .await
-            .map_err(|_| gone("the ledger operation was interrupted (nothing was committed)"))?
+        self.writer.run(&self.flow, operation, job).await
     }
 
-    async fn migrate(&self) -> Result<()> {
-        let flow = self.flow.clone();
-        let now = self.clock.now_ms();
-        self.run("migrate", move |conn| {
-            let failed = |version: i64| {
-                let flow = flow.clone();
-                move |source: rusqlite::Error| LedgerError::Migrate {
-                    flow: flow.clone(),
-                    version,
-                    source: source.into(),
-                }
-            };
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(failed(0))?;
-            tx.execute(schema::SQLITE_SCHEMA_TABLE, []).map_err(failed(0))?;
-            let current: i64 = tx
-                .query_row("SELECT COALESCE(MAX(version), 0) FROM meshline_schema", [], |r| {
-                    r.get(0)
-                })
-                .map_err(failed(0))?;
-            if current > SCHEMA_VERSION {
-                return Err(LedgerError::SchemaTooNew {
-                    flow: flow.clone(),
-                    found: current,
-                    known: SCHEMA_VERSION,
-                });
-            }
-            for migration in schema::SQLITE.iter().filter(|m| m.version > current) {
-                for statement in migration.statements {
-                    tx.execute(statement, []).map_err(failed(migration.version))?;
-                }
-                tx.execute(
-                    "INSERT INTO meshline_schema (version, description, applied_at) VALUES (?1, ?2, ?3)",
-                    params![migration.version, migration.description, now],
-                )
-                .map_err(failed(migration.version))?;
-            }
-            tx.commit().map_err(failed(SCHEMA_VERSION))
-        })
-        .await
+    /// Runs a read-only `job` on the reader's thread.
+    async fn read<T, F>(&self, operation: &'static str, job: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        self.reader.run(&self.flow, operation, job).await
     }
 
     async fn ingest_inner(
@@ -449,6 +472,50 @@ impl SqliteLedger {
     }
 }
 
+/// Runs the migrations the database lacks, on the writer.
+async fn migrate(writer: &Session, flow: &str, now: i64) -> Result<()> {
+    let flow = flow.to_string();
+    writer
+        .run(&flow.clone(), "migrate", move |conn| {
+            let failed = |version: i64| {
+                let flow = flow.clone();
+                move |source: rusqlite::Error| LedgerError::Migrate {
+                    flow: flow.clone(),
+                    version,
+                    source: source.into(),
+                }
+            };
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(failed(0))?;
+            tx.execute(schema::SQLITE_SCHEMA_TABLE, []).map_err(failed(0))?;
+            let current: i64 = tx
+                .query_row("SELECT COALESCE(MAX(version), 0) FROM meshline_schema", [], |r| {
+                    r.get(0)
+                })
+                .map_err(failed(0))?;
+            if current > SCHEMA_VERSION {
+                return Err(LedgerError::SchemaTooNew {
+                    flow: flow.clone(),
+                    found: current,
+                    known: SCHEMA_VERSION,
+                });
+            }
+            for migration in schema::SQLITE.iter().filter(|m| m.version > current) {
+                for statement in migration.statements {
+                    tx.execute(statement, []).map_err(failed(migration.version))?;
+                }
+                tx.execute(
+                    "INSERT INTO meshline_schema (version, description, applied_at) VALUES (?1, ?2, ?3)",
+                    params![migration.version, migration.description, now],
+                )
+                .map_err(failed(migration.version))?;
+            }
+            tx.commit().map_err(failed(SCHEMA_VERSION))
+        })
+        .await
+}
+
 /// Copies the write-ahead log into the database file from a connection and a thread of its own, so the
 /// writer's commits do not stop for it (SQLite lets a passive checkpoint run alongside a writer). The
 /// writer's own automatic checkpoint stays on at a larger size as a backstop.
@@ -456,7 +523,7 @@ fn spawn_checkpointer(path: &Path) -> std::io::Result<(mpsc::Sender<()>, JoinHan
     let (stop, stopped) = mpsc::channel::<()>();
     let path = path.to_path_buf();
     let thread = std::thread::Builder::new()
-        .name("meshline-ledger-checkpoint".into())
+        .name("meshline-wal".into())
         .spawn(move || {
             let conn = match open_connection(&path) {
                 Ok(conn) => conn,
@@ -1135,7 +1202,7 @@ impl Ledger for SqliteLedger {
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>> {
         let (flow, source) = (self.flow.clone(), source.to_string());
-        self.run("read checkpoint", move |conn| {
+        self.read("read checkpoint", move |conn| {
             conn.prepare_cached("SELECT value FROM checkpoints WHERE flow = ?1 AND source = ?2")
                 .and_then(|mut s| s.query_row(params![flow, source], |r| r.get(0)).optional())
                 .map_err(db(&flow, "read checkpoint", None))
@@ -1290,7 +1357,7 @@ impl Ledger for SqliteLedger {
 
     async fn get(&self, id: RecordId) -> Result<Option<RecordDetail>> {
         let flow = self.flow.clone();
-        self.run("get", move |conn| get_on(conn, &flow, id)).await
+        self.read("get", move |conn| get_on(conn, &flow, id)).await
     }
 
     async fn list(
@@ -1301,7 +1368,7 @@ impl Ledger for SqliteLedger {
     ) -> Result<Vec<RecordView>> {
         let flow = self.flow.clone();
         let rows: Vec<RecordRow> = self
-            .run("list", move |conn| {
+            .read("list", move |conn| {
                 conn.prepare_cached(&format!(
                     "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} \
                      WHERE r.flow = ?1 AND r.state = ?2 {} AND r.id > ?3 ORDER BY r.id LIMIT ?4",
@@ -1328,14 +1395,14 @@ impl Ledger for SqliteLedger {
     async fn counts(&self) -> Result<Counts> {
         let now = self.clock.now_ms();
         let flow = self.flow.clone();
-        self.run("counts", move |conn| counts_on(conn, &flow, now))
+        self.read("counts", move |conn| counts_on(conn, &flow, now))
             .await
     }
 
     async fn backlog(&self) -> Result<(u64, Option<i64>)> {
         let flow = self.flow.clone();
         let (pending, oldest): (i64, Option<i64>) = self
-            .run("backlog", move |conn| {
+            .read("backlog", move |conn| {
                 conn.prepare_cached(&format!(
                     "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = ?1 AND state IN {PENDING}"
                 ))
@@ -1356,18 +1423,15 @@ impl Ledger for SqliteLedger {
     }
 
     async fn close(&self) {
-        // Operations already queued finish; the thread then closes the connection and ends.
-        drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
-        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Operations already queued finish; the threads then close their connections and end.
+        self.reader.close().await;
+        self.writer.close().await;
         let checkpointer = self
             .checkpointer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
         let _ = tokio::task::spawn_blocking(move || {
-            if let Some(thread) = thread {
-                let _ = thread.join();
-            }
             if let Some((stop, thread)) = checkpointer {
                 drop(stop);
                 let _ = thread.join();
