@@ -141,6 +141,9 @@ async fn start(backend: &Backend<'_>, sink: BenchSink, concurrency: u32) -> Benc
             static RUNS: AtomicUsize = AtomicUsize::new(0);
             let run = RUNS.fetch_add(1, Ordering::SeqCst);
             let url = server.create_database(&format!("bench_worker_{run}"));
+            // CREATE DATABASE writes the template into the WAL; flush it now, or the checkpoint that
+            // follows lands inside the timed run.
+            server.run_sql("postgres", "CHECKPOINT");
             std::fs::create_dir_all(secrets.join("ledger-pg")).unwrap();
             std::fs::write(secrets.join("ledger-pg/url"), url).unwrap();
             LedgerSpec {

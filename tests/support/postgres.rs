@@ -136,6 +136,12 @@ impl PgServer {
 
     /// Creates a database and returns its URL, so one server can host independent ledgers.
     pub fn create_database(&self, name: &str) -> String {
+        self.run_sql("postgres", &format!("CREATE DATABASE \"{name}\""));
+        self.url_for(name)
+    }
+
+    /// Runs one SQL command in `database` through `psql`, as the superuser; panics if it fails.
+    pub fn run_sql(&self, database: &str, sql: &str) {
         let bin = find_bin_dir().unwrap_or_else(|| panic!("PostgreSQL binaries vanished"));
         let psql = bin.join("psql");
         let status = Command::new(&psql)
@@ -147,14 +153,12 @@ impl PgServer {
                 "-U",
                 "meshline",
                 "-d",
-                "postgres",
+                database,
             ])
-            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c"])
-            .arg(format!("CREATE DATABASE \"{name}\""))
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
             .status()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", psql.display()));
-        assert!(status.success(), "CREATE DATABASE {name} failed");
-        self.url_for(name)
+        assert!(status.success(), "{sql} failed in {database}");
     }
 
     fn wait_ready(&mut self, bin: &Path) {
