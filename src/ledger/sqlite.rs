@@ -473,10 +473,10 @@ impl SqliteLedger {
 }
 
 /// Runs the migrations the database lacks, on the writer.
-async fn migrate(writer: &Session, flow: &str, now: i64) -> Result<()> {
-    let flow = flow.to_string();
+async fn migrate(writer: &Session, flow_name: &str, now: i64) -> Result<()> {
+    let flow = flow_name.to_string();
     writer
-        .run(&flow.clone(), "migrate", move |conn| {
+        .run(flow_name, "migrate", move |conn| {
             let failed = |version: i64| {
                 let flow = flow.clone();
                 move |source: rusqlite::Error| LedgerError::Migrate {
