@@ -42,6 +42,25 @@ pub struct WorkerStatus {
     pub circuit_breaker: Option<BreakerStatus>,
     /// Why the flow processes nothing right now (e.g. a lookup that never loaded), if it doesn't.
     pub paused: Option<String>,
+    /// What keeps this worker from doing all of its work (a full volume, an unreachable ledger, credentials
+    /// it cannot read); the controller names each in a condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<WorkerProblem>,
+}
+
+/// Something that keeps the worker from doing its work. A worker that could not start its pipeline at all
+/// answers `/status` with 503 and `{"error": "...", "problems": [...]}`; a running one lists them in
+/// [`WorkerStatus::problems`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerProblem {
+    /// A stable label, also the condition reason: `DiskPressure`, `LedgerUnavailable`,
+    /// `CredentialsInvalid`, `StartupFailed`.
+    pub kind: String,
+    /// What is wrong and what the worker is doing about it (no PII, no secret values).
+    pub message: String,
+    /// RFC 3339 time the problem was first seen.
+    pub since: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -175,6 +194,7 @@ pub async fn compute_status(
             since: o.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }),
         paused: pipeline.gated(),
+        problems: Vec::new(),
     })
 }
 
