@@ -14,15 +14,19 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 
 use super::flow::status::{carry_transition_times, differs};
-use super::{Context, Error, MANAGED_BY, apply};
+use super::{Context, Error, MANAGED_BY, apply, names};
 use crate::api::{Condition, ContractRevision, SyncContract, SyncContractSpec, SyncContractStatus};
 
 const SPEC_KEY: &str = "spec.yaml";
 
-/// Name of the ConfigMap that keeps one accepted revision.
+/// Name of the ConfigMap that keeps one accepted revision: the contract's name and the first 12 hex digits of
+/// its content hash (never the `sha256:` prefix, which no object name may contain).
 pub fn revision_name(contract: &str, hash: &str) -> String {
-    let short: String = contract.chars().take(200).collect();
-    format!("meshline-contract-{short}-{}", &hash[..hash.len().min(12)])
+    let hex = names::hex_of(hash);
+    names::subdomain(&format!(
+        "meshline-contract-{contract}-{}",
+        &hex[..hex.len().min(12)]
+    ))
 }
 
 /// What the comparison with the previous revision found.
@@ -152,9 +156,10 @@ fn revision_config_map(contract: &SyncContract, hash: &str) -> ConfigMap {
             "contract-revision".to_string(),
         ),
     ]);
-    if name.len() <= 63 {
-        labels.insert("sync.meshline.io/contract".into(), name.clone());
-    }
+    labels.insert(
+        "sync.meshline.io/contract".into(),
+        names::label_value(&name),
+    );
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(revision_name(&name, hash)),

@@ -17,6 +17,7 @@ pub mod error;
 pub mod flow;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod poll;
 pub mod roster;
 pub mod run;

@@ -178,6 +178,16 @@ pub fn flows_of_secret(
 
 /// Runs the controller until it loses leadership or the process is stopped.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
+    // A Lease name the API server would refuse fails every election round; say so once, at start.
+    if !settings.no_leader_election
+        && let Err(reason) = super::names::NameRule::Subdomain.check(&settings.lease_name)
+    {
+        return Err(RunError::Lease {
+            namespace: settings.lease_namespace.clone(),
+            name: settings.lease_name.clone(),
+            reason: format!("--lease-name {reason}"),
+        });
+    }
     let client = Client::try_default()
         .await
         .map_err(|e| RunError::Client(Box::new(e)))?;

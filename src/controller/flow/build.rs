@@ -24,7 +24,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
 use crate::api::{LedgerType, LookupSource, OwnershipRoster, SyncContract, SyncFlow};
-use crate::controller::{APPLIED_HASH, CONFIG_HASH, FLOW_LABEL, MANAGED_BY};
+use crate::controller::{APPLIED_HASH, CONFIG_HASH, FLOW_LABEL, MANAGED_BY, names};
 use crate::worker::RenderedFlow;
 
 /// The worker's operations and webhook port, named `http` on the container and the Service.
@@ -40,15 +40,19 @@ const DEFAULT_LEDGER_SIZE: &str = "1Gi";
 /// Non-root user of the image (distroless `nonroot`), the same as the controller's.
 const RUN_AS: i64 = 65532;
 
-/// Object names of a flow's children. A flow name is at most 52 characters (a CRD rule), so these fit in 63.
+/// The name of a flow's ConfigMap, Service, Deployment and PodDisruptionBudget. One name for all four, so it
+/// follows the strictest rule among them, the Service's DNS-1035 label (a flow name with dots, valid for a
+/// SyncFlow, would not be). A flow name is at most 52 characters (a CRD rule), so a dotless one is kept as is.
 pub fn worker_name(flow: &str) -> String {
-    format!("meshline-{flow}")
+    names::dns_label(&format!("meshline-{flow}"))
 }
+/// The embedded ledger's PVC.
 pub fn ledger_name(flow: &str) -> String {
-    format!("meshline-{flow}-ledger")
+    names::subdomain(&format!("meshline-{flow}-ledger"))
 }
+/// The Secret with the worker's API token.
 pub fn token_name(flow: &str) -> String {
-    format!("meshline-{flow}-token")
+    names::subdomain(&format!("meshline-{flow}-token"))
 }
 
 /// What the controller was started with that shapes the workers.
@@ -97,14 +101,17 @@ pub fn owner_reference(flow: &SyncFlow) -> OwnerReference {
 }
 
 /// The standard labels of every child, plus the flow label the mappers and selectors use.
+/// The flow's name is a label value only through [`names::label_value`] (a valid flow name may be longer than a
+/// label value may).
 pub fn labels(flow: &str) -> BTreeMap<String, String> {
+    let value = names::label_value(flow);
     BTreeMap::from([
         ("app.kubernetes.io/name".into(), "meshline-worker".into()),
-        ("app.kubernetes.io/instance".into(), flow.into()),
+        ("app.kubernetes.io/instance".into(), value.clone()),
         ("app.kubernetes.io/component".into(), "worker".into()),
         ("app.kubernetes.io/part-of".into(), "meshline".into()),
         ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
-        (FLOW_LABEL.into(), flow.into()),
+        (FLOW_LABEL.into(), value),
     ])
 }
 
@@ -112,7 +119,7 @@ pub fn labels(flow: &str) -> BTreeMap<String, String> {
 pub fn selector(flow: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/component".into(), "worker".into()),
-        (FLOW_LABEL.into(), flow.into()),
+        (FLOW_LABEL.into(), names::label_value(flow)),
     ])
 }
 
