@@ -606,6 +606,91 @@ async fn contract_status_records_the_revision_once() {
     assert_eq!(condition(&s["status"], "Accepted")["status"], "True");
 }
 
+/// The revision ConfigMap's name is one a real API server accepts (the double refuses what it refuses), so the
+/// contract's status does get written: with `sha256:` in the name it never was, on a cluster.
+#[tokio::test]
+async fn contract_revision_is_stored_under_a_valid_name_and_the_status_is_written() {
+    let h = harness();
+    let mut long = contract();
+    long.metadata.name = Some(format!("deal.to.sale-order-{}", "x".repeat(230)));
+    for c in [contract(), long] {
+        register(&h, &c);
+        meshline::controller::contract::reconcile(Arc::new(c.clone()), h.ctx.clone())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "contract {} did not reconcile: {e}",
+                    c.metadata.name.as_deref().unwrap()
+                )
+            });
+        let requests = h.double.take();
+        let w = writes(&requests);
+        let create = w
+            .iter()
+            .find(|r| r.method == "POST" && r.kind() == "ConfigMap")
+            .expect("the revision ConfigMap is created");
+        let name = create.body["metadata"]["name"].as_str().unwrap();
+        assert!(name.len() <= 253 && !name.contains(':'), "{name}");
+        assert!(
+            name.ends_with(
+                &meshline::contract::content_hash(&c.spec).as_str()["sha256:".len()..][..12]
+            ) || name.len() > 200,
+            "a short contract name keeps the hash readable: {name}"
+        );
+        let status = status_patch(&requests).expect("the contract status is written");
+        assert!(status.is_forced_apply());
+        assert_eq!(status.body["status"]["currentVersion"], "2.0.1");
+        assert_eq!(
+            condition(&status.body["status"], "Accepted")["status"],
+            "True"
+        );
+    }
+}
+
+/// A flow name that is a valid SyncFlow name but not a valid Service name (dots), or too long for a label
+/// value, still gives children the API server accepts, and the flow runs.
+#[tokio::test]
+async fn flow_with_a_dotted_or_long_name_gets_children_the_api_server_accepts() {
+    for name in [
+        "won.deals.to.odoo".to_string(),
+        format!("won-{}", "d".repeat(70)),
+    ] {
+        let h = harness();
+        let mut f = flow();
+        f.metadata.name = Some(name.clone());
+        let requests = reconcile(&h, &f).await;
+        let w = writes(&requests);
+        let kinds: Vec<&str> = w.iter().map(|r| r.kind()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "Secret",
+                "ConfigMap",
+                "PersistentVolumeClaim",
+                "Service",
+                "Deployment",
+                "SyncFlow"
+            ],
+            "{name}: {w:#?}"
+        );
+        let service = w.iter().find(|r| r.kind() == "Service").unwrap();
+        let service_name = service.path.rsplit('/').next().unwrap();
+        assert!(!service_name.contains('.'), "{service_name}");
+        assert_eq!(
+            service_name,
+            meshline::controller::flow::build::worker_name(&name)
+        );
+        let flow_label = service.body["metadata"]["labels"]["sync.meshline.io/flow"]
+            .as_str()
+            .unwrap();
+        assert!(flow_label.len() <= 63, "{flow_label}");
+        assert_eq!(
+            service.body["spec"]["selector"]["sync.meshline.io/flow"],
+            flow_label
+        );
+    }
+}
+
 #[tokio::test]
 async fn roster_status_lists_covered_and_unowned_flows() {
     let mut h = harness();

@@ -1,6 +1,12 @@
 //! An in-process Kubernetes API double for the controller tests and benchmark, in the `tower-test` pattern of
 //! kube's own examples: every request the controller makes is recorded (method, path, query, body) and answered
 //! from a small in-memory state, so a test can assert exactly which writes happened.
+//!
+//! Before answering a write, the double refuses what a real kube-apiserver refuses, with the same status code,
+//! reason and `Status` body (see [`rules`], the one place those rules live): object names per kind, label keys
+//! and values, the annotations' total size, a ConfigMap's or Secret's data size, and server-side-apply patches
+//! without the right `apiVersion` and `kind`. A controller bug of that class then fails a reconcile test here
+//! instead of a reconcile on a cluster.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -19,6 +25,8 @@ pub struct Recorded {
     pub method: String,
     pub path: String,
     pub query: String,
+    /// `application/apply-patch+yaml` for a server-side apply, `application/merge-patch+json` for a merge patch.
+    pub content_type: String,
     pub body: Value,
 }
 
@@ -68,9 +76,18 @@ impl ApiDouble {
                     method: parts.method.to_string(),
                     path: parts.uri.path().to_string(),
                     query: parts.uri.query().unwrap_or_default().to_string(),
+                    content_type: parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string(),
                     body,
                 };
-                let (status, answer) = me.answer(&recorded);
+                let (status, answer) = match rules::check(&recorded) {
+                    Ok(()) => me.answer(&recorded),
+                    Err(refusal) => refusal,
+                };
                 me.requests.lock().unwrap().push(recorded);
                 let response = Response::builder()
                     .status(status)
@@ -157,4 +174,371 @@ impl ApiDouble {
 
 fn not_found(path: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": format!("{path} not found"), "reason": "NotFound", "code": 404})
+}
+
+/// What a real kube-apiserver refuses, and how it says so. Written from apimachinery's validation (not from the
+/// controller's own `names` module, so a mistake there is not repeated here).
+pub mod rules {
+    use std::sync::LazyLock;
+
+    use regex::Regex;
+    use serde_json::{Value, json};
+
+    use super::Recorded;
+
+    const SUBDOMAIN_RE: &str = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+    const DNS1035_RE: &str = r"[a-z]([-a-z0-9]*[a-z0-9])?";
+    const LABEL_VALUE_RE: &str = r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?";
+    const QUALIFIED_NAME_RE: &str = r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
+    const CONFIG_KEY_RE: &str = r"[-._a-zA-Z0-9]+";
+    /// `TotalAnnotationSizeLimitB`: keys and values of all annotations of one object.
+    pub const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
+    /// `MaxSecretSize`, which ConfigMaps share: all `data` and `binaryData` of one object.
+    pub const DATA_MAX_BYTES: usize = 1024 * 1024;
+
+    fn full(re: &str) -> Regex {
+        Regex::new(&format!("^(?:{re})$")).unwrap()
+    }
+    static SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| full(SUBDOMAIN_RE));
+    static DNS1035: LazyLock<Regex> = LazyLock::new(|| full(DNS1035_RE));
+    static LABEL_VALUE: LazyLock<Regex> = LazyLock::new(|| full(LABEL_VALUE_RE));
+    static QUALIFIED_NAME: LazyLock<Regex> = LazyLock::new(|| full(QUALIFIED_NAME_RE));
+    static CONFIG_KEY: LazyLock<Regex> = LazyLock::new(|| full(CONFIG_KEY_RE));
+
+    /// The naming rule of each kind the controller writes, by its resource (the path segment).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum NameRule {
+        /// RFC 1123 subdomain of at most `max` characters.
+        Subdomain { max: usize },
+        /// RFC 1035 label (Services), at most 63.
+        Dns1035Label,
+    }
+
+    /// Kind and naming rule of a resource.
+    pub fn kind_of(resource: &str) -> (&'static str, NameRule) {
+        let sub = NameRule::Subdomain { max: 253 };
+        match resource {
+            "services" => ("Service", NameRule::Dns1035Label),
+            // The Jobs a CronJob creates append 11 characters to its name.
+            "cronjobs" => ("CronJob", NameRule::Subdomain { max: 52 }),
+            // A Job's name is also its pods' `job-name` label value.
+            "jobs" => ("Job", NameRule::Subdomain { max: 63 }),
+            "configmaps" => ("ConfigMap", sub),
+            "secrets" => ("Secret", sub),
+            "deployments" => ("Deployment", sub),
+            "persistentvolumeclaims" => ("PersistentVolumeClaim", sub),
+            "poddisruptionbudgets" => ("PodDisruptionBudget", sub),
+            "leases" => ("Lease", sub),
+            "networkpolicies" => ("NetworkPolicy", sub),
+            "events" => ("Event", sub),
+            "syncflows" => ("SyncFlow", sub),
+            "synccontracts" => ("SyncContract", sub),
+            "ownershiprosters" => ("OwnershipRoster", sub),
+            _ => ("Unknown", sub),
+        }
+    }
+
+    /// Why `name` breaks `rule`, in the API server's words.
+    pub fn name_errors(rule: NameRule, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        match rule {
+            NameRule::Subdomain { max } => {
+                if name.len() > max {
+                    out.push(format!("must be no more than {max} characters"));
+                }
+                if !SUBDOMAIN.is_match(name) {
+                    out.push(format!("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '{SUBDOMAIN_RE}')"));
+                }
+            }
+            NameRule::Dns1035Label => {
+                if name.len() > 63 {
+                    out.push("must be no more than 63 characters".into());
+                }
+                if !DNS1035.is_match(name) {
+                    out.push(format!("a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character (e.g. 'my-name',  or 'abc-123', regex used for validation is '{DNS1035_RE}')"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Why `value` is not a label value.
+    pub fn label_value_errors(value: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if value.len() > 63 {
+            out.push("must be no more than 63 characters".into());
+        }
+        if !LABEL_VALUE.is_match(value) {
+            out.push(format!("a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '{LABEL_VALUE_RE}')"));
+        }
+        out
+    }
+
+    /// Why `key` is not a label or annotation key (`[prefix/]name`, the prefix a subdomain).
+    pub fn qualified_name_errors(key: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let (prefix, name) = match key.split_once('/') {
+            Some((p, n)) => (Some(p), n),
+            None => (None, key),
+        };
+        if let Some(p) = prefix {
+            if p.is_empty() {
+                out.push("prefix part must be non-empty".into());
+            } else {
+                out.extend(
+                    name_errors(NameRule::Subdomain { max: 253 }, p)
+                        .into_iter()
+                        .map(|e| format!("prefix part {e}")),
+                );
+            }
+        }
+        if name.is_empty() {
+            out.push("name part must be non-empty".into());
+        } else {
+            if name.len() > 63 {
+                out.push("name part must be no more than 63 characters".into());
+            }
+            if !QUALIFIED_NAME.is_match(name) {
+                out.push(format!("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '{QUALIFIED_NAME_RE}')"));
+            }
+        }
+        out
+    }
+
+    /// One field error, as `field.Error` prints it.
+    #[derive(Debug, Clone)]
+    pub struct Cause {
+        pub field: String,
+        pub reason: &'static str,
+        pub message: String,
+    }
+
+    fn invalid_value(field: &str, value: &str, detail: &str) -> Cause {
+        Cause {
+            field: field.into(),
+            reason: "FieldValueInvalid",
+            message: format!("Invalid value: {}: {detail}", Value::from(value)),
+        }
+    }
+
+    fn too_long(field: &str, max: usize) -> Cause {
+        Cause {
+            field: field.into(),
+            reason: "FieldValueTooLong",
+            message: format!("Too long: must have at most {max} bytes"),
+        }
+    }
+
+    fn labels(field: &str, labels: Option<&Value>, out: &mut Vec<Cause>) {
+        let Some(map) = labels.and_then(Value::as_object) else {
+            return;
+        };
+        for (k, v) in map {
+            for e in qualified_name_errors(k) {
+                out.push(invalid_value(field, k, &e));
+            }
+            let v = v.as_str().unwrap_or_default();
+            for e in label_value_errors(v) {
+                out.push(invalid_value(field, v, &e));
+            }
+        }
+    }
+
+    fn annotations(field: &str, annotations: Option<&Value>, out: &mut Vec<Cause>) {
+        let Some(map) = annotations.and_then(Value::as_object) else {
+            return;
+        };
+        let mut total = 0;
+        for (k, v) in map {
+            for e in qualified_name_errors(&k.to_lowercase()) {
+                out.push(invalid_value(field, k, &e));
+            }
+            total += k.len() + v.as_str().map_or(0, str::len);
+        }
+        if total > ANNOTATIONS_MAX_BYTES {
+            out.push(too_long(field, ANNOTATIONS_MAX_BYTES));
+        }
+    }
+
+    /// The field errors of an object of `resource` named `name` (a whole object, or a patch of one).
+    pub fn object_errors(resource: &str, name: &str, body: &Value) -> Vec<Cause> {
+        let (kind, rule) = kind_of(resource);
+        let mut out: Vec<Cause> = name_errors(rule, name)
+            .iter()
+            .map(|e| invalid_value("metadata.name", name, e))
+            .collect();
+        let meta = &body["metadata"];
+        labels("metadata.labels", meta.get("labels"), &mut out);
+        annotations("metadata.annotations", meta.get("annotations"), &mut out);
+        let template = &body["spec"]["template"]["metadata"];
+        labels(
+            "spec.template.metadata.labels",
+            template.get("labels"),
+            &mut out,
+        );
+        annotations(
+            "spec.template.metadata.annotations",
+            template.get("annotations"),
+            &mut out,
+        );
+        labels(
+            "spec.selector.matchLabels",
+            body["spec"]["selector"].get("matchLabels"),
+            &mut out,
+        );
+        if kind == "Service" {
+            labels("spec.selector", body["spec"].get("selector"), &mut out);
+        }
+        if matches!(kind, "ConfigMap" | "Secret") {
+            let mut total = 0;
+            for field in ["data", "binaryData", "stringData"] {
+                for (k, v) in body
+                    .get(field)
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
+                    if k.len() > 253 || !CONFIG_KEY.is_match(k) {
+                        out.push(invalid_value(&format!("{field}[{k}]"), k, &format!("a valid config key must consist of alphanumeric characters, '-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation is '{CONFIG_KEY_RE}')")));
+                    }
+                    total += k.len() + v.as_str().map_or(0, str::len);
+                }
+            }
+            if total > DATA_MAX_BYTES {
+                out.push(too_long("data", DATA_MAX_BYTES));
+            }
+        }
+        out
+    }
+
+    /// A `422 Invalid` answer, shaped like `apierrors.NewInvalid`.
+    pub fn invalid(group: &str, kind: &str, name: &str, causes: &[Cause]) -> Value {
+        let each: Vec<String> = causes
+            .iter()
+            .map(|c| format!("{}: {}", c.field, c.message))
+            .collect();
+        let list = if each.len() == 1 {
+            each[0].clone()
+        } else {
+            format!("[{}]", each.join(", "))
+        };
+        let mut details = json!({
+            "name": name,
+            "kind": kind,
+            "causes": causes.iter().map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field})).collect::<Vec<_>>(),
+        });
+        if !group.is_empty() {
+            details["group"] = json!(group);
+        }
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{kind} {} is invalid: {list}", Value::from(name)),
+            "reason": "Invalid", "details": details, "code": 422,
+        })
+    }
+
+    /// A `400 BadRequest` answer.
+    pub fn bad_request(message: String) -> Value {
+        json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": "BadRequest", "code": 400,
+        })
+    }
+
+    /// A request's target: `/api/v1/namespaces/<ns>/<resource>[/<name>[/<sub>]]` or the same under
+    /// `/apis/<group>/<version>`.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Target {
+        pub group: String,
+        pub version: String,
+        pub resource: String,
+        pub name: Option<String>,
+        pub subresource: Option<String>,
+    }
+
+    impl Target {
+        pub fn api_version(&self) -> String {
+            if self.group.is_empty() {
+                self.version.clone()
+            } else {
+                format!("{}/{}", self.group, self.version)
+            }
+        }
+    }
+
+    pub fn target(path: &str) -> Option<Target> {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, version, rest) = match parts.as_slice() {
+            ["api", v, rest @ ..] => ("", *v, rest),
+            ["apis", g, v, rest @ ..] => (*g, *v, rest),
+            _ => return None,
+        };
+        let rest = match rest {
+            ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+            other => other,
+        };
+        Some(Target {
+            group: group.into(),
+            version: version.into(),
+            resource: rest.first()?.to_string(),
+            name: rest.get(1).map(|s| s.to_string()),
+            subresource: rest.get(2).map(|s| s.to_string()),
+        })
+    }
+
+    /// Whether the real API server would accept this write; if not, its answer (code and `Status` body).
+    pub fn check(r: &Recorded) -> Result<(), (u16, Value)> {
+        if !matches!(r.method.as_str(), "POST" | "PATCH" | "PUT") {
+            return Ok(());
+        }
+        let Some(t) = target(&r.path) else {
+            return Ok(());
+        };
+        let apply = r.content_type.starts_with("application/apply-patch");
+        if apply {
+            // The field manager's first check (`structuredMergeManager.Apply`), for objects and subresources
+            // alike: a status apply without them is refused before anything else is looked at.
+            let sent = r.body["apiVersion"].as_str().unwrap_or_default();
+            if sent != t.api_version() {
+                return Err((
+                    400,
+                    bad_request(format!(
+                        "Incorrect version specified in apply patch. Specified patch version: {sent}, expected: {}",
+                        t.api_version()
+                    )),
+                ));
+            }
+            if r.body["kind"].as_str().unwrap_or_default().is_empty() {
+                return Err((
+                    400,
+                    bad_request(format!("Object 'Kind' is missing in '{}'", r.body)),
+                ));
+            }
+        }
+        if t.subresource.is_some() {
+            return Ok(());
+        }
+        let in_body = r.body["metadata"]["name"].as_str();
+        let name = match (&t.name, in_body) {
+            (Some(url), Some(body)) if url != body => {
+                return Err((
+                    400,
+                    bad_request(format!(
+                        "the name of the object ({body}) does not match the name on the URL ({url})"
+                    )),
+                ));
+            }
+            (Some(url), _) => url.clone(),
+            (None, Some(body)) => body.to_string(),
+            // `generateName`: the server makes a valid name.
+            (None, None) => return Ok(()),
+        };
+        let causes = object_errors(&t.resource, &name, &r.body);
+        if causes.is_empty() {
+            Ok(())
+        } else {
+            let (kind, _) = kind_of(&t.resource);
+            Err((422, invalid(&t.group, kind, &name, &causes)))
+        }
+    }
 }

@@ -1,0 +1,348 @@
+//! The API double refuses what a real kube-apiserver refuses, with the same code, reason and `Status` body. These
+//! tests drive it through kube's own client, as the controller does, so a double that grew lenient fails here
+//! before it lets a controller bug through.
+
+mod controller_support;
+
+use std::collections::BTreeMap;
+
+use controller_support::ApiDouble;
+use controller_support::rules::{ANNOTATIONS_MAX_BYTES, DATA_MAX_BYTES};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::core::Status;
+use serde_json::json;
+
+const NS: &str = "commerce-sync";
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        ..ObjectMeta::default()
+    }
+}
+
+fn config_map(name: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(name),
+        ..ConfigMap::default()
+    }
+}
+
+/// The API error of a refused request (panics when it was accepted).
+fn refused<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> Box<Status> {
+    match result {
+        Err(kube::Error::Api(s)) => s,
+        other => panic!("expected the API server to refuse, got {other:?}"),
+    }
+}
+
+fn assert_invalid(s: &Status, kind: &str, field: &str, says: &str) {
+    assert_eq!(s.code, 422, "{s:?}");
+    assert_eq!(s.reason, "Invalid", "{s:?}");
+    assert!(s.is_failure(), "{s:?}");
+    let details = s.details.as_ref().expect("a 422 carries details");
+    assert_eq!(details.kind, kind);
+    assert!(
+        details.causes.iter().any(|c| c.field == field),
+        "no cause on {field}: {s:?}"
+    );
+    assert!(
+        s.message
+            .starts_with(&format!("{kind} \"{}\" is invalid: ", details.name)),
+        "{}",
+        s.message
+    );
+    assert!(s.message.contains(says), "{:?} lacks {says:?}", s.message);
+}
+
+async fn create_cm(double: &ApiDouble, cm: &ConfigMap) -> Result<ConfigMap, kube::Error> {
+    Api::<ConfigMap>::namespaced(double.client(), NS)
+        .create(&PostParams::default(), cm)
+        .await
+}
+
+#[tokio::test]
+async fn config_map_named_with_a_content_hash_prefix_is_refused() {
+    let double = ApiDouble::new();
+    let s = refused(
+        create_cm(
+            &double,
+            &config_map("meshline-contract-opportunity-to-sales-order-sha256:f6241"),
+        )
+        .await,
+    );
+    assert_invalid(
+        &s,
+        "ConfigMap",
+        "metadata.name",
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters",
+    );
+    // The same name in hex only, and a dotted one, are fine for a ConfigMap.
+    create_cm(
+        &double,
+        &config_map("meshline-contract-opportunity-to-sales-order-f6241"),
+    )
+    .await
+    .unwrap();
+    create_cm(&double, &config_map("meshline-won.deals"))
+        .await
+        .unwrap();
+    let s = refused(create_cm(&double, &config_map(&"a".repeat(254))).await);
+    assert_invalid(
+        &s,
+        "ConfigMap",
+        "metadata.name",
+        "must be no more than 253 characters",
+    );
+    create_cm(&double, &config_map(&"a".repeat(253)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn service_names_are_dns_1035_labels() {
+    let double = ApiDouble::new();
+    let api = Api::<Service>::namespaced(double.client(), NS);
+    let svc = |name: &str| Service {
+        metadata: meta(name),
+        ..Service::default()
+    };
+    for (name, says) in [
+        ("meshline-won.deals", "a DNS-1035 label"),
+        ("1-meshline", "start with an alphabetic character"),
+        (&"s".repeat(64), "must be no more than 63 characters"),
+    ] {
+        let s = refused(api.create(&PostParams::default(), &svc(name)).await);
+        assert_invalid(&s, "Service", "metadata.name", says);
+    }
+    api.create(&PostParams::default(), &svc(&"s".repeat(63)))
+        .await
+        .unwrap();
+    // A server-side apply is checked the same way as a create.
+    let s = refused(
+        api.patch(
+            "meshline-won.deals",
+            &PatchParams::apply("meshline-controller").force(),
+            &Patch::Apply(svc("meshline-won.deals")),
+        )
+        .await,
+    );
+    assert_invalid(&s, "Service", "metadata.name", "a DNS-1035 label");
+}
+
+#[tokio::test]
+async fn cron_jobs_stop_at_52_characters_and_jobs_at_63() {
+    let double = ApiDouble::new();
+    let cron = Api::<CronJob>::namespaced(double.client(), NS);
+    let cj = |n: usize| CronJob {
+        metadata: meta(&"c".repeat(n)),
+        ..CronJob::default()
+    };
+    let s = refused(cron.create(&PostParams::default(), &cj(53)).await);
+    assert_invalid(
+        &s,
+        "CronJob",
+        "metadata.name",
+        "must be no more than 52 characters",
+    );
+    assert_eq!(s.details.as_ref().unwrap().group, "batch");
+    cron.create(&PostParams::default(), &cj(52)).await.unwrap();
+
+    let jobs = Api::<Job>::namespaced(double.client(), NS);
+    let job = |n: usize| Job {
+        metadata: meta(&"j".repeat(n)),
+        ..Job::default()
+    };
+    let s = refused(jobs.create(&PostParams::default(), &job(64)).await);
+    assert_invalid(
+        &s,
+        "Job",
+        "metadata.name",
+        "must be no more than 63 characters",
+    );
+    jobs.create(&PostParams::default(), &job(63)).await.unwrap();
+}
+
+#[tokio::test]
+async fn label_keys_and_values_are_checked() {
+    let double = ApiDouble::new();
+    let labelled = |k: &str, v: &str| {
+        let mut cm = config_map("labelled");
+        cm.metadata.labels = Some(BTreeMap::from([(k.to_string(), v.to_string())]));
+        cm
+    };
+    for (k, v, says) in [
+        (
+            "sync.meshline.io/flow",
+            "x".repeat(64),
+            "must be no more than 63 characters",
+        ),
+        (
+            "sync.meshline.io/flow",
+            "-flow".to_string(),
+            "a valid label must be an empty string",
+        ),
+        (
+            "sync.meshline.io/flow",
+            "a:b".to_string(),
+            "a valid label must be an empty string",
+        ),
+        (
+            "Sync.Meshline.io/flow",
+            "ok".to_string(),
+            "prefix part a lowercase RFC 1123 subdomain",
+        ),
+        (
+            "sync.meshline.io/bad key",
+            "ok".to_string(),
+            "name part must consist of alphanumeric characters",
+        ),
+    ] {
+        let s = refused(create_cm(&double, &labelled(k, &v)).await);
+        assert_invalid(&s, "ConfigMap", "metadata.labels", says);
+    }
+    create_cm(&double, &labelled("sync.meshline.io/flow", &"x".repeat(63)))
+        .await
+        .unwrap();
+    create_cm(&double, &labelled("sync.meshline.io/flow", ""))
+        .await
+        .unwrap();
+
+    // Pod template labels of a workload are labels too.
+    let api = Api::<Job>::namespaced(double.client(), NS);
+    let job: Job = serde_json::from_value(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "replay", "namespace": NS},
+        "spec": {"template": {"metadata": {"labels": {"sync.meshline.io/flow": "y".repeat(70)}}, "spec": {"containers": []}}}
+    }))
+    .unwrap();
+    let s = refused(api.create(&PostParams::default(), &job).await);
+    assert_invalid(
+        &s,
+        "Job",
+        "spec.template.metadata.labels",
+        "must be no more than 63 characters",
+    );
+}
+
+#[tokio::test]
+async fn annotations_and_data_have_a_total_size() {
+    let double = ApiDouble::new();
+    let mut cm = config_map("annotated");
+    cm.metadata.annotations = Some(BTreeMap::from([
+        ("a".to_string(), "x".repeat(ANNOTATIONS_MAX_BYTES / 2)),
+        ("b".to_string(), "x".repeat(ANNOTATIONS_MAX_BYTES / 2)),
+    ]));
+    let s = refused(create_cm(&double, &cm).await);
+    assert_invalid(
+        &s,
+        "ConfigMap",
+        "metadata.annotations",
+        "Too long: must have at most 262144 bytes",
+    );
+    cm.metadata.annotations = Some(BTreeMap::from([(
+        "a".to_string(),
+        "x".repeat(ANNOTATIONS_MAX_BYTES - 1),
+    )]));
+    create_cm(&double, &cm).await.unwrap();
+
+    let mut cm = config_map("big");
+    cm.data = Some(BTreeMap::from([(
+        "flow.yaml".to_string(),
+        "x".repeat(DATA_MAX_BYTES),
+    )]));
+    let s = refused(create_cm(&double, &cm).await);
+    assert_invalid(
+        &s,
+        "ConfigMap",
+        "data",
+        "Too long: must have at most 1048576 bytes",
+    );
+    cm.data = Some(BTreeMap::from([(
+        "flow.yaml".to_string(),
+        "x".repeat(DATA_MAX_BYTES - "flow.yaml".len()),
+    )]));
+    create_cm(&double, &cm).await.unwrap();
+}
+
+#[tokio::test]
+async fn status_apply_without_api_version_and_kind_is_a_bad_request() {
+    let double = ApiDouble::new();
+    let mut contract: meshline::api::SyncContract = serde_yaml::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/hubspot-odoo/contract.yaml"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    contract.metadata.namespace = Some(NS.into());
+    double.put(
+        &format!(
+            "/apis/sync.meshline.io/v1alpha1/namespaces/{NS}/synccontracts/deal-to-sale-order"
+        ),
+        serde_json::to_value(&contract).unwrap(),
+    );
+    let api = Api::<meshline::api::SyncContract>::namespaced(double.client(), NS);
+    let pp = PatchParams::apply("meshline-controller").force();
+    let s = refused(
+        api.patch_status(
+            "deal-to-sale-order",
+            &pp,
+            &Patch::Apply(json!({"status": {"currentVersion": "2.0.1"}})),
+        )
+        .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest"), "{s:?}");
+    assert!(
+        s.message
+            .contains("Incorrect version specified in apply patch. Specified patch version: , expected: sync.meshline.io/v1alpha1"),
+        "{}",
+        s.message
+    );
+    let s = refused(
+        api.patch_status(
+            "deal-to-sale-order",
+            &pp,
+            &Patch::Apply(json!({"apiVersion": "sync.meshline.io/v1alpha1", "status": {}})),
+        )
+        .await,
+    );
+    assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest"), "{s:?}");
+    assert!(
+        s.message.contains("Object 'Kind' is missing"),
+        "{}",
+        s.message
+    );
+    api.patch_status(
+        "deal-to-sale-order",
+        &pp,
+        &Patch::Apply(json!({
+            "apiVersion": "sync.meshline.io/v1alpha1", "kind": "SyncContract",
+            "status": {"currentVersion": "2.0.1"}
+        })),
+    )
+    .await
+    .unwrap();
+    // A merge patch needs neither.
+    api.patch_status(
+        "deal-to-sale-order",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_write_is_still_recorded() {
+    let double = ApiDouble::new();
+    refused(create_cm(&double, &config_map("Bad_Name")).await);
+    let requests = double.take();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].method, "POST");
+    assert_eq!(requests[0].body["metadata"]["name"], "Bad_Name");
+}
