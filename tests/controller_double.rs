@@ -49,9 +49,14 @@ fn assert_invalid(s: &Status, kind: &str, field: &str, says: &str) {
         details.causes.iter().any(|c| c.field == field),
         "no cause on {field}: {s:?}"
     );
+    let qualified = if details.group.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}.{}", details.group)
+    };
     assert!(
         s.message
-            .starts_with(&format!("{kind} \"{}\" is invalid: ", details.name)),
+            .starts_with(&format!("{qualified} \"{}\" is invalid: ", details.name)),
         "{}",
         s.message
     );
@@ -345,4 +350,40 @@ async fn a_refused_write_is_still_recorded() {
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].method, "POST");
     assert_eq!(requests[0].body["metadata"]["name"], "Bad_Name");
+}
+
+#[tokio::test]
+async fn custom_resource_status_beyond_the_crd_bounds_is_refused() {
+    let double = ApiDouble::new();
+    let api = Api::<meshline::api::SyncFlow>::namespaced(double.client(), NS);
+    let pp = PatchParams::apply("meshline-controller").force();
+    let status = |message: String| {
+        json!({
+            "apiVersion": "sync.meshline.io/v1alpha1", "kind": "SyncFlow",
+            "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "LedgerUnavailable", "message": message}]}
+        })
+    };
+    let s = refused(
+        api.patch_status("won-deals", &pp, &Patch::Apply(status("m".repeat(4097))))
+            .await,
+    );
+    assert_invalid(
+        &s,
+        "SyncFlow",
+        "status.conditions[0].message",
+        "Too long: may not be more than 4096 bytes",
+    );
+    assert!(
+        s.message
+            .starts_with("SyncFlow.sync.meshline.io \"won-deals\" is invalid"),
+        "{}",
+        s.message
+    );
+    // At the bound it is accepted (the double answers with what it was sent, which is not a whole SyncFlow,
+    // so only the refusal matters here).
+    assert!(!matches!(
+        api.patch_status("won-deals", &pp, &Patch::Apply(status("m".repeat(4096))))
+            .await,
+        Err(kube::Error::Api(_))
+    ));
 }

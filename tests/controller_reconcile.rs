@@ -15,6 +15,7 @@ use meshline::api::{LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFl
 use meshline::controller::flow::build::BuildSettings;
 use meshline::controller::flow::status::Observation;
 use meshline::controller::metrics::Metrics;
+use meshline::controller::poll::{FetchError, WorkerAnswer, WorkerStatusSource, parse_answer};
 use meshline::controller::{Context, Stores, Writers};
 use serde_json::Value;
 
@@ -712,4 +713,270 @@ async fn roster_status_lists_covered_and_unowned_flows() {
     assert_eq!(s["flowsWithoutSyncOwner"], serde_json::json!(["orphan"]));
     assert_eq!(s["unownedFlowCount"], 1);
     assert_eq!(s["ownerCount"], 4);
+}
+
+/// A worker's `/status` as it comes over the wire (code and body), read through the same parsing as the real
+/// sources, so the poll path from bytes to condition is what these tests exercise.
+struct ScriptedWorker {
+    answer: std::sync::Mutex<(u16, String)>,
+}
+
+impl ScriptedWorker {
+    fn new() -> ScriptedWorker {
+        ScriptedWorker {
+            answer: std::sync::Mutex::new((200, String::new())),
+        }
+    }
+    fn answers(&self, code: u16, body: Value) {
+        *self.answer.lock().unwrap() = (code, body.to_string());
+    }
+}
+
+#[async_trait::async_trait]
+impl WorkerStatusSource for ScriptedWorker {
+    async fn fetch(
+        &self,
+        _namespace: &str,
+        _flow: &str,
+        _token: Option<&str>,
+    ) -> Result<WorkerAnswer, FetchError> {
+        let (code, body) = self.answer.lock().unwrap().clone();
+        parse_answer("http://meshline-scripted/status", code, body.as_bytes())
+    }
+}
+
+fn running_status(problems: Value) -> Value {
+    serde_json::json!({
+        "flow": FLOW, "contractVersion": "2.0.1", "backend": "sqlite",
+        "counters": {"received": 200, "delivered": 199, "failed": 0, "retried": 1, "deadLettered": 1, "held": 0},
+        "pending": 0, "failureRate": "0.005", "lastDeliveryTime": "2026-01-02T03:04:05Z", "mttrSeconds": null,
+        "manualInterventionsPer1k": "0", "oldestPendingSeconds": null, "circuitBreaker": null, "paused": null,
+        "problems": problems
+    })
+}
+
+/// A flow whose worker runs (applied, Deployment ready, status settled) and is in the flow cache the poller reads.
+async fn running_flow(h: &mut Harness) -> SyncFlow {
+    let mut f = flow();
+    let first = reconcile(h, &f).await;
+    settle(h, &first, &mut f);
+    let second = reconcile(h, &f).await;
+    settle(h, &second, &mut f);
+    apply(&mut h.writers.flows, f.clone());
+    f
+}
+
+/// One status poll through `source`, then the reconcile the poller triggers; the requests it made.
+async fn poll_and_reconcile(
+    h: &mut Harness,
+    f: &mut SyncFlow,
+    source: &ScriptedWorker,
+) -> Vec<Recorded> {
+    let changed = meshline::controller::poll::poll_once(&h.ctx, source).await;
+    assert!(
+        changed
+            .iter()
+            .all(|r| r.name == f.metadata.name.clone().unwrap()),
+        "{changed:?}"
+    );
+    let requests = reconcile(h, f).await;
+    settle(h, &requests, f);
+    requests
+}
+
+fn events(requests: &[Recorded]) -> Vec<&str> {
+    requests
+        .iter()
+        .filter(|r| r.path.contains("/events"))
+        .filter_map(|r| r.body["reason"].as_str())
+        .collect()
+}
+
+#[tokio::test]
+async fn disk_pressure_is_a_condition_that_degrades_the_flow_until_it_passes() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.answers(200, running_status(serde_json::json!([])));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests)
+        .expect("the first answer is written")
+        .body["status"];
+    assert_eq!(condition(s, "DiskPressure")["status"], "False");
+    assert_eq!(condition(s, "DiskPressure")["reason"], "NoDiskPressure");
+
+    let message = "free space on /var/lib/meshline is 31 MiB, below the 64 MiB reserve: intake is refused (503) so completions still fit";
+    worker.answers(
+        200,
+        running_status(serde_json::json!([
+            {"kind": "DiskPressure", "message": message, "since": "2026-01-02T03:00:00Z"}
+        ])),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests)
+        .expect("disk pressure is written")
+        .body["status"];
+    let disk = condition(s, "DiskPressure");
+    assert_eq!(disk["status"], "True");
+    assert_eq!(disk["reason"], "DiskPressure");
+    assert!(
+        disk["message"].as_str().unwrap().starts_with(message),
+        "{disk}"
+    );
+    assert_eq!(disk["observedGeneration"], 1);
+    let degraded = condition(s, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "DiskPressure");
+    assert!(degraded["message"].as_str().unwrap().contains(message));
+    // The worker still delivers what it holds: the flow stays Ready.
+    assert_eq!(condition(s, "Ready")["status"], "True");
+    let e = events(&requests);
+    assert!(
+        e.contains(&"DiskPressure") && e.contains(&"Degraded"),
+        "{e:?}"
+    );
+
+    // The same answer again writes nothing.
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert!(writes(&requests).is_empty(), "{:#?}", writes(&requests));
+
+    // Space is freed: the conditions go back.
+    worker.answers(200, running_status(serde_json::json!([])));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).expect("the relief is written").body["status"];
+    assert_eq!(condition(s, "DiskPressure")["status"], "False");
+    assert_eq!(condition(s, "DiskPressure")["reason"], "NoDiskPressure");
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+    let e = events(&requests);
+    assert!(
+        e.contains(&"DiskPressureRelieved") && e.contains(&"Recovered"),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn worker_that_cannot_start_makes_the_flow_unready_with_the_worker_reason() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.answers(200, running_status(serde_json::json!([])));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+
+    let message = "cannot connect to the PostgreSQL ledger at ledger-db:5432: connection refused; retrying in 8s";
+    worker.answers(
+        503,
+        serde_json::json!({
+            "error": "the pipeline did not start: the ledger is unavailable",
+            "problems": [{"kind": "LedgerUnavailable", "message": message, "since": "2026-01-02T03:00:00Z"}]
+        }),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests)
+        .expect("the startup failure is written")
+        .body["status"];
+    let ready = condition(s, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "LedgerUnavailable");
+    assert_eq!(ready["message"], message);
+    let degraded = condition(s, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "LedgerUnavailable");
+    assert!(degraded["message"].as_str().unwrap().contains(message));
+    assert_eq!(condition(s, "DiskPressure")["status"], "False");
+    // The counters keep the last numbers the worker gave.
+    assert_eq!(s["counters"]["delivered"], 199);
+
+    // A 503 that names no problem is StartupFailed, with the worker's error.
+    worker.answers(
+        503,
+        serde_json::json!({"error": "flow.yaml: spec.sink.type: unknown variant `sap`"}),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Ready")["reason"], "StartupFailed");
+    assert_eq!(
+        condition(s, "Ready")["message"],
+        "flow.yaml: spec.sink.type: unknown variant `sap`"
+    );
+    assert_eq!(condition(s, "Degraded")["reason"], "StartupFailed");
+
+    // A running worker whose credentials stopped working says so in its 200 answer.
+    worker.answers(
+        200,
+        running_status(serde_json::json!([
+            {"kind": "CredentialsInvalid", "message": "Secret odoo-api-key key apiKey: the ERP answers 401 to it", "since": "2026-01-02T03:05:00Z"}
+        ])),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Ready")["reason"], "CredentialsInvalid");
+    assert_eq!(condition(s, "Degraded")["reason"], "CredentialsInvalid");
+
+    // The worker recovers: Ready and Degraded go back.
+    worker.answers(200, running_status(serde_json::json!([])));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Ready")["status"], "True");
+    assert_eq!(condition(s, "Ready")["reason"], "WorkerRunning");
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+    assert!(events(&requests).contains(&"BecameReady"));
+}
+
+#[tokio::test]
+async fn a_503_that_is_not_the_workers_own_answer_is_no_startup_failure() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.answers(200, running_status(serde_json::json!([])));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    // The API server's service proxy with no ready endpoint answers 503 with its own Status.
+    worker.answers(
+        503,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "no endpoints available for service \"meshline-won-deals-to-odoo:http\"",
+            "reason": "ServiceUnavailable", "code": 503}),
+    );
+    let changed = meshline::controller::poll::poll_once(&h.ctx, &worker).await;
+    assert!(
+        changed.is_empty(),
+        "a blip keeps the last answer: {changed:?}"
+    );
+    let requests = reconcile(&h, &f).await;
+    assert!(writes(&requests).is_empty(), "{:#?}", writes(&requests));
+}
+
+#[tokio::test]
+async fn a_long_worker_message_is_bounded_so_the_status_is_accepted() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    let long = "the ledger refused the connection: ".to_string() + &"é".repeat(6000);
+    worker.answers(
+        503,
+        serde_json::json!({"error": "no ledger", "problems": [
+            {"kind": "LedgerUnavailable", "message": long, "since": "2026-01-02T03:00:00Z"},
+            {"kind": "not a word!", "message": "x", "since": "2026-01-02T03:00:00Z"}
+        ]}),
+    );
+    // The double refuses a status beyond the CRD's bounds, so this reconcile succeeding is the proof.
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    let ready = condition(s, "Ready");
+    assert_eq!(ready["reason"], "LedgerUnavailable");
+    assert_eq!(ready["message"].as_str().unwrap().chars().count(), 4096);
+    assert!(
+        s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["message"].as_str().unwrap_or_default().chars().count() <= 4096)
+    );
+    // A kind that is not a CamelCase word does not become a reason.
+    assert!(
+        s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["reason"] != "not a word!")
+    );
 }

@@ -3,6 +3,9 @@
 //! [`WorkerStatusSource`] so tests inject answers; the cluster path connects to the worker Service directly,
 //! and the API server's service proxy is used only when asked (`--status-via-proxy`, e.g. a controller running
 //! outside the cluster), because `services/proxy` is a broad permission.
+//!
+//! A worker names what keeps it from its work (`problems`) in its 200 answer, and a worker whose pipeline could
+//! not start at all answers 503 with `{"error", "problems"}`; both are answers the flow's conditions name.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,48 @@ use super::Context;
 use super::flow::build::{TOKEN_KEY, WORKER_PORT, token_name, worker_name};
 use super::flow::status::Observation;
 use crate::api::SyncFlow;
-use crate::worker::api::WorkerStatus;
+use crate::worker::api::{WorkerProblem, WorkerStatus};
+
+/// A worker's answer to `GET /status`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerAnswer {
+    /// 200: the pipeline runs; its numbers, and the problems it has (a full volume, say).
+    Running(WorkerStatus),
+    /// 503 with the worker's own body: the process is up but could not start its pipeline.
+    NotStarted(StartupFailure),
+}
+
+/// The body of a worker's 503 on `/status`: why it could not start, and what it is doing about it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct StartupFailure {
+    pub error: String,
+    #[serde(default)]
+    pub problems: Vec<WorkerProblem>,
+}
+
+/// Reads a `/status` response. A 503 is the worker's own answer only when its body is the worker's
+/// `{"error", "problems"}`; any other 503 (an API server proxy with no endpoints, a load balancer) is a status
+/// code, not a word from the worker.
+pub fn parse_answer(url: &str, status: u16, body: &[u8]) -> Result<WorkerAnswer, FetchError> {
+    match status {
+        200..=299 => serde_json::from_slice(body)
+            .map(WorkerAnswer::Running)
+            .map_err(|e| FetchError::Malformed {
+                url: url.to_string(),
+                reason: e.to_string(),
+            }),
+        503 => serde_json::from_slice::<StartupFailure>(body)
+            .map(WorkerAnswer::NotStarted)
+            .map_err(|_| FetchError::Status {
+                url: url.to_string(),
+                status,
+            }),
+        _ => Err(FetchError::Status {
+            url: url.to_string(),
+            status,
+        }),
+    }
+}
 
 /// Why a worker's status could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +91,7 @@ pub trait WorkerStatusSource: Send + Sync {
         namespace: &str,
         flow: &str,
         token: Option<&str>,
-    ) -> Result<WorkerStatus, FetchError>;
+    ) -> Result<WorkerAnswer, FetchError>;
 }
 
 /// Over the cluster network: `http://meshline-<flow>.<ns>.svc:8080/status`.
@@ -79,7 +123,7 @@ impl WorkerStatusSource for Direct {
         namespace: &str,
         flow: &str,
         token: Option<&str>,
-    ) -> Result<WorkerStatus, FetchError> {
+    ) -> Result<WorkerAnswer, FetchError> {
         let url = format!(
             "http://{}.{namespace}.svc:{WORKER_PORT}/status",
             worker_name(flow)
@@ -88,20 +132,14 @@ impl WorkerStatusSource for Direct {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request.send().await.map_err(|e| FetchError::Unreachable {
+        let unreachable = |e: reqwest::Error| FetchError::Unreachable {
             url: url.clone(),
             reason: e.to_string(),
-        })?;
-        if !response.status().is_success() {
-            return Err(FetchError::Status {
-                url,
-                status: response.status().as_u16(),
-            });
-        }
-        response.json().await.map_err(|e| FetchError::Malformed {
-            url,
-            reason: e.to_string(),
-        })
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(unreachable)?;
+        parse_answer(&url, status, &body)
     }
 }
 
@@ -120,36 +158,33 @@ impl WorkerStatusSource for ViaProxy {
         namespace: &str,
         flow: &str,
         token: Option<&str>,
-    ) -> Result<WorkerStatus, FetchError> {
+    ) -> Result<WorkerAnswer, FetchError> {
         let path = proxy_path(namespace, flow);
         let mut request = http::Request::get(&path);
         if let Some(token) = token {
             request = request.header(PROXY_TOKEN_HEADER, token);
         }
+        let unreachable = |reason: String| FetchError::Unreachable {
+            url: path.clone(),
+            reason,
+        };
         let request = request
-            .body(Vec::new())
-            .map_err(|e| FetchError::Unreachable {
-                url: path.clone(),
-                reason: e.to_string(),
-            })?;
-        let text = self
+            .body(kube::client::Body::from(Vec::new()))
+            .map_err(|e| unreachable(e.to_string()))?;
+        // `send`, not `request_text`: the latter reads any error body as an API `Status`, and the worker's 503
+        // body (its startup problems) would be lost in that reading.
+        let response = self
             .client
-            .request_text(request)
+            .send(request)
             .await
-            .map_err(|e| match e {
-                kube::Error::Api(s) => FetchError::Status {
-                    url: path.clone(),
-                    status: s.code,
-                },
-                other => FetchError::Unreachable {
-                    url: path.clone(),
-                    reason: other.to_string(),
-                },
-            })?;
-        serde_json::from_str(&text).map_err(|e| FetchError::Malformed {
-            url: path,
-            reason: e.to_string(),
-        })
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect_bytes()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        parse_answer(&path, status, &body)
     }
 }
 
@@ -191,15 +226,24 @@ pub async fn poll_once(ctx: &Context, source: &dyn WorkerStatusSource) -> Vec<Ob
                     .map(|b| String::from_utf8_lossy(&b.0).into_owned())
             });
         let observation = match source.fetch(&ns, &name, token.as_deref()).await {
-            Ok(status) => {
+            Ok(answer) => {
+                let (label, observation) = match answer {
+                    WorkerAnswer::Running(status) => {
+                        ("ok", Observation::Answered(Box::new(status)))
+                    }
+                    WorkerAnswer::NotStarted(failure) => {
+                        tracing::info!(namespace = %ns, name = %name, error = %failure.error, "worker could not start");
+                        ("not_started", Observation::NotStarted(failure))
+                    }
+                };
                 ctx.metrics
                     .status_polls
                     .get_or_create(&super::metrics::ErrorLabel {
                         kind: "flow".into(),
-                        error: "ok".into(),
+                        error: label.into(),
                     })
                     .inc();
-                Observation::Answered(Box::new(status))
+                observation
             }
             Err(e) => {
                 ctx.metrics
@@ -219,9 +263,13 @@ pub async fn poll_once(ctx: &Context, source: &dyn WorkerStatusSource) -> Vec<Ob
             (Some(old), new) => old != new,
             (None, _) => true,
         };
-        // Unreachable after an answer keeps the last answer (counters do not drop to zero on a blip).
+        // Unreachable after an answer keeps the last answer (counters do not drop to zero on a blip). A worker
+        // that says it could not start is an answer, and replaces the last one.
         let keep_old = matches!(observation, Observation::Unreachable(_))
-            && matches!(map.get(&key), Some(Observation::Answered(_)));
+            && matches!(
+                map.get(&key),
+                Some(Observation::Answered(_) | Observation::NotStarted(_))
+            );
         if !keep_old {
             map.insert(key.clone(), observation);
         }

@@ -411,8 +411,14 @@ pub mod rules {
         out
     }
 
-    /// A `422 Invalid` answer, shaped like `apierrors.NewInvalid`.
+    /// A `422 Invalid` answer, shaped like `apierrors.NewInvalid` (whose message names the kind with its group,
+    /// `Deployment.apps "x" is invalid: ...`, and a core kind alone).
     pub fn invalid(group: &str, kind: &str, name: &str, causes: &[Cause]) -> Value {
+        let qualified = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
         let each: Vec<String> = causes
             .iter()
             .map(|c| format!("{}: {}", c.field, c.message))
@@ -432,7 +438,7 @@ pub mod rules {
         }
         json!({
             "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": format!("{kind} {} is invalid: {list}", Value::from(name)),
+            "message": format!("{qualified} {} is invalid: {list}", Value::from(name)),
             "reason": "Invalid", "details": details, "code": 422,
         })
     }
@@ -486,6 +492,90 @@ pub mod rules {
         })
     }
 
+    /// The OpenAPI schema of each of Meshline's custom resources, by plural, as `meshline crd` renders it.
+    static SCHEMAS: LazyLock<std::collections::HashMap<String, (String, Value)>> =
+        LazyLock::new(|| {
+            meshline::crd::all()
+                .into_iter()
+                .map(|crd| {
+                    let v = serde_json::to_value(&crd).unwrap();
+                    (
+                        v["spec"]["names"]["plural"].as_str().unwrap().to_string(),
+                        (
+                            v["spec"]["names"]["kind"].as_str().unwrap().to_string(),
+                            v["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone(),
+                        ),
+                    )
+                })
+                .collect()
+        });
+
+    /// The bounds a CRD's structural schema puts on a custom resource (`maxLength`, `maxItems`,
+    /// `maxProperties`), which the API server enforces on every write, status included.
+    pub fn schema_errors(schema: &Value, value: &Value, path: &str, out: &mut Vec<Cause>) {
+        let at = |p: &str| {
+            if p.is_empty() {
+                "<root>".to_string()
+            } else {
+                p.to_string()
+            }
+        };
+        match value {
+            Value::String(s) => {
+                if let Some(max) = schema["maxLength"].as_u64()
+                    && s.chars().count() as u64 > max
+                {
+                    out.push(Cause {
+                        field: at(path),
+                        reason: "FieldValueTooLong",
+                        message: format!("Too long: may not be more than {max} bytes"),
+                    });
+                }
+            }
+            Value::Array(items) => {
+                if let Some(max) = schema["maxItems"].as_u64()
+                    && items.len() as u64 > max
+                {
+                    out.push(Cause {
+                        field: at(path),
+                        reason: "FieldValueTooMany",
+                        message: format!(
+                            "Too many: {}: must have at most {max} items",
+                            items.len()
+                        ),
+                    });
+                }
+                for (i, item) in items.iter().enumerate() {
+                    schema_errors(&schema["items"], item, &format!("{path}[{i}]"), out);
+                }
+            }
+            Value::Object(map) => {
+                if let Some(max) = schema["maxProperties"].as_u64()
+                    && map.len() as u64 > max
+                {
+                    out.push(Cause {
+                        field: at(path),
+                        reason: "FieldValueTooMany",
+                        message: format!("Too many: {}: must have at most {max} items", map.len()),
+                    });
+                }
+                for (k, v) in map {
+                    let child = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    let sub = schema["properties"]
+                        .get(k)
+                        .or_else(|| schema.get("additionalProperties"))
+                        .unwrap_or(&Value::Null);
+                    schema_errors(sub, v, &child, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Whether the real API server would accept this write; if not, its answer (code and `Status` body).
     pub fn check(r: &Recorded) -> Result<(), (u16, Value)> {
         if !matches!(r.method.as_str(), "POST" | "PATCH" | "PUT") {
@@ -513,6 +603,14 @@ pub mod rules {
                     400,
                     bad_request(format!("Object 'Kind' is missing in '{}'", r.body)),
                 ));
+            }
+        }
+        if let Some((kind, schema)) = SCHEMAS.get(&t.resource) {
+            let mut causes = Vec::new();
+            schema_errors(schema, &r.body, "", &mut causes);
+            if !causes.is_empty() {
+                let name = t.name.clone().unwrap_or_default();
+                return Err((422, invalid(&t.group, kind, &name, &causes)));
             }
         }
         if t.subresource.is_some() {

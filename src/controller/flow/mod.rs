@@ -263,7 +263,7 @@ async fn scale_to_zero(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
 }
 
 /// Events for the transitions people act on: a gate that fails (with its reason), became ready, degraded,
-/// recovered.
+/// recovered, disk pressure and its end.
 pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> Vec<Event> {
     let old = |t: &str| before.and_then(|b| b.conditions.iter().find(|c| c.r#type == t));
     let mut events = Vec::new();
@@ -290,6 +290,10 @@ pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> V
             ("Degraded", "True") => events.push(event(EventType::Warning, "Degraded")),
             ("Degraded", "False") if prev.is_some_and(|p| p.status == "True") => {
                 events.push(event(EventType::Normal, "Recovered"));
+            }
+            ("DiskPressure", "True") => events.push(event(EventType::Warning, "DiskPressure")),
+            ("DiskPressure", "False") if prev.is_some_and(|p| p.status == "True") => {
+                events.push(event(EventType::Normal, "DiskPressureRelieved"));
             }
             _ => {}
         }

@@ -1,22 +1,90 @@
 //! Step 6 of the flow reconcile, the pure part: the status a flow should have, from the gates, the Deployment
 //! and the worker's last `/status` answer; and whether it differs from the status it has.
 //!
-//! Conditions are emitted in a fixed order (gates, then Progressing, Ready, Degraded) because the Argo CD health
-//! Lua in the README returns on the first of Ready/Progressing it meets.
+//! Conditions are emitted in a fixed order (gates, then Progressing, Ready, Degraded, DiskPressure) because the
+//! Argo CD health Lua in the README returns on the first of Ready/Progressing it meets.
+//!
+//! The worker's problems (`WorkerStatus.problems`, or the 503 body of a worker that could not start) become
+//! conditions: `DiskPressure` is its own condition and degrades the flow while it holds (the worker refuses
+//! intake but still delivers); any other problem (`LedgerUnavailable`, `CredentialsInvalid`, `StartupFailed`)
+//! keeps the worker from its work, so Ready is False and Degraded True, with the problem's kind as the reason and
+//! the worker's message as the message.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use rust_decimal::Decimal;
 
 use super::validate::{Gate, Verdict};
 use crate::api::{Condition, SlaSpec, SyncFlowStatus};
-use crate::worker::api::WorkerStatus;
+use crate::controller::poll::StartupFailure;
+use crate::worker::api::{WorkerProblem, WorkerStatus};
+
+/// The problem kind that is a condition of its own.
+pub const DISK_PRESSURE: &str = "DiskPressure";
+/// The reason when a worker that could not start lists no problem.
+const STARTUP_FAILED: &str = "StartupFailed";
+/// The CRD's bounds of a condition's `reason` and `message`: a status beyond them is refused by the API server.
+pub const REASON_MAX: usize = 128;
+pub const MESSAGE_MAX: usize = 4096;
 
 /// What the last status poll saw for one flow.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observation {
     Answered(Box<WorkerStatus>),
+    /// The worker answered 503: its pipeline could not start, for the reasons it gives.
+    NotStarted(StartupFailure),
     /// The worker did not answer; the counters keep their last values.
     Unreachable(String),
+}
+
+impl Observation {
+    /// The problems the worker reports, and the error of a worker that could not start.
+    fn problems(&self) -> (&[WorkerProblem], Option<&str>) {
+        match self {
+            Observation::Answered(w) => (&w.problems, None),
+            Observation::NotStarted(f) => (&f.problems, Some(&f.error)),
+            Observation::Unreachable(_) => (&[], None),
+        }
+    }
+}
+
+/// A problem's kind as a condition reason: one CamelCase word within the CRD's bound, or `WorkerProblem` when
+/// the worker sent something else (the reason is what metrics and routes match on; it must stay a word).
+fn problem_reason(kind: &str) -> String {
+    let word = !kind.is_empty()
+        && kind.len() <= REASON_MAX
+        && kind.starts_with(|c: char| c.is_ascii_alphabetic())
+        && kind.chars().all(|c| c.is_ascii_alphanumeric());
+    if word {
+        kind.to_string()
+    } else {
+        "WorkerProblem".to_string()
+    }
+}
+
+/// The problems that keep the worker from its work (all but disk pressure), as (reason, message); a worker that
+/// could not start and names no problem is `StartupFailed` with its error.
+fn blocking_problems(observation: Option<&Observation>) -> Vec<(String, String)> {
+    let Some(o) = observation else {
+        return Vec::new();
+    };
+    let (problems, startup_error) = o.problems();
+    let mut out: Vec<(String, String)> = problems
+        .iter()
+        .filter(|p| p.kind != DISK_PRESSURE)
+        .map(|p| (problem_reason(&p.kind), p.message.clone()))
+        .collect();
+    if let (true, Some(error)) = (out.is_empty(), startup_error) {
+        out.push((STARTUP_FAILED.to_string(), error.to_string()));
+    }
+    out
+}
+
+fn disk_pressure(observation: Option<&Observation>) -> Option<&WorkerProblem> {
+    observation?
+        .problems()
+        .0
+        .iter()
+        .find(|p| p.kind == DISK_PRESSURE)
 }
 
 /// The inputs of the status computation.
@@ -175,18 +243,34 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
                 g,
             )
         };
-        let mut breaches = match i.observation {
-            Some(Observation::Answered(w)) => sla_breaches(w, i.sla),
-            _ => Vec::new(),
-        };
+        // The worker's own problems come first: they are more specific than the numbers they cause.
+        let blocking = blocking_problems(i.observation);
+        let mut breaches: Vec<(String, String)> = blocking.clone();
+        if let Some(p) = disk_pressure(i.observation) {
+            breaches.push((DISK_PRESSURE.to_string(), p.message.clone()));
+        }
+        if let Some(Observation::Answered(w)) = i.observation {
+            breaches.extend(
+                sla_breaches(w, i.sla)
+                    .into_iter()
+                    .map(|(r, m)| (r.to_string(), m)),
+            );
+        }
         // Pods that stay unready after the rollout finished are a fault, not progress.
         if i.deployment.is_some() && observed && updated >= want && ready_pods < want {
             breaches.push((
-                "WorkerPodsNotReady",
+                "WorkerPodsNotReady".to_string(),
                 format!("{ready_pods}/{want} worker pods are ready"),
             ));
         }
-        ready = if rolled {
+        ready = if let Some((reason, _)) = blocking.first() {
+            let message = blocking
+                .iter()
+                .map(|b| b.1.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
+            condition("Ready", false, reason, message, g)
+        } else if rolled {
             condition(
                 "Ready",
                 true,
@@ -212,7 +296,7 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
             };
             condition("Degraded", false, "WithinSla", why, g)
         } else {
-            let reason = breaches[0].0;
+            let reason = breaches[0].0.as_str();
             let message = breaches
                 .iter()
                 .map(|b| b.1.as_str())
@@ -221,7 +305,13 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
             condition("Degraded", true, reason, message, g)
         };
     }
-    conditions.extend([progressing, ready, degraded]);
+    let running = v.first_failure().is_none() && !i.paused;
+    conditions.extend([
+        progressing,
+        ready,
+        degraded,
+        disk_pressure_condition(running, i.observation, g),
+    ]);
     status.conditions = carry_transition_times(
         i.previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]),
         conditions,
@@ -230,13 +320,71 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
     status
 }
 
+/// `DiskPressure`: True while the worker reports it, False when its last answer does not, Unknown when no worker
+/// runs or none has answered yet.
+fn disk_pressure_condition(
+    running: bool,
+    observation: Option<&Observation>,
+    generation: Option<i64>,
+) -> Condition {
+    let answered = matches!(
+        observation,
+        Some(Observation::Answered(_) | Observation::NotStarted(_))
+    );
+    let (status, reason, message) = match disk_pressure(observation) {
+        _ if !running => (
+            "Unknown",
+            "WorkerNotRunning",
+            "no worker runs for this flow".to_string(),
+        ),
+        Some(p) => (
+            "True",
+            DISK_PRESSURE,
+            format!("{} (since {})", p.message, p.since),
+        ),
+        None if answered => (
+            "False",
+            "NoDiskPressure",
+            "the worker reports enough free space".to_string(),
+        ),
+        None => (
+            "Unknown",
+            "NoWorkerStatus",
+            "the worker's status has not been read yet".to_string(),
+        ),
+    };
+    Condition {
+        r#type: DISK_PRESSURE.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: None,
+    }
+}
+
+/// Keeps a condition within the CRD's bounds (a worker's message, a compile error), so that the status write
+/// is never refused for its length.
+fn within_bounds(c: &mut Condition) {
+    if c.reason.chars().count() > REASON_MAX {
+        c.reason = c.reason.chars().take(REASON_MAX).collect();
+    }
+    if c.message.chars().count() > MESSAGE_MAX {
+        let mut m: String = c.message.chars().take(MESSAGE_MAX - 1).collect();
+        m.push('…');
+        c.message = m;
+    }
+}
+
 /// `lastTransitionTime` moves only when a condition's status changes; otherwise the previous time is kept.
+/// Every condition also leaves here within the CRD's bounds on `reason` and `message`.
 pub fn carry_transition_times(
     previous: &[Condition],
     mut next: Vec<Condition>,
     now: &str,
 ) -> Vec<Condition> {
     for c in &mut next {
+        within_bounds(c);
         c.last_transition_time = match previous.iter().find(|p| p.r#type == c.r#type) {
             Some(p) if p.status == c.status && p.last_transition_time.is_some() => {
                 p.last_transition_time.clone()
