@@ -292,6 +292,7 @@ fn every_child_is_owned_by_the_flow_and_labelled() {
     let metas = [
         &d.config_map.metadata,
         &d.service.metadata,
+        &d.status_service.metadata,
         &d.deployment.metadata,
         &d.ledger.as_ref().unwrap().metadata,
     ];
@@ -481,4 +482,39 @@ fn backoff_doubles_and_is_capped() {
     assert_eq!(backoff(0).as_secs(), 5);
     assert_eq!(backoff(1).as_secs(), 10);
     assert_eq!(backoff(20).as_secs(), 300);
+}
+
+#[test]
+fn status_is_read_through_the_status_service_and_only_the_workers_503_is_an_answer() {
+    use meshline::controller::poll::{FetchError, WorkerAnswer, parse_answer, proxy_path};
+    assert_eq!(
+        proxy_path("commerce-sync", "won-deals"),
+        "/api/v1/namespaces/commerce-sync/services/meshline-won-deals-status:http/proxy/status"
+    );
+    let long = "w".repeat(52);
+    let path = proxy_path("ns", &long);
+    let service = path.split('/').nth(6).unwrap().trim_end_matches(":http");
+    assert!(service.len() <= 63, "{service}");
+
+    let body = br#"{"error": "no ledger", "problems": [{"kind": "LedgerUnavailable", "message": "refused", "since": "2026-01-01T00:00:00Z"}]}"#;
+    match parse_answer("u", 503, body).unwrap() {
+        WorkerAnswer::NotStarted(f) => {
+            assert_eq!(f.error, "no ledger");
+            assert_eq!(f.problems[0].kind, "LedgerUnavailable");
+        }
+        other => panic!("{other:?}"),
+    }
+    let proxy = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"no endpoints available","reason":"ServiceUnavailable","code":503}"#;
+    assert!(matches!(
+        parse_answer("u", 503, proxy),
+        Err(FetchError::Status { status: 503, .. })
+    ));
+    assert!(matches!(
+        parse_answer("u", 500, body),
+        Err(FetchError::Status { status: 500, .. })
+    ));
+    assert!(matches!(
+        parse_answer("u", 200, b"not json"),
+        Err(FetchError::Malformed { .. })
+    ));
 }

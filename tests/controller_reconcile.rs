@@ -189,6 +189,7 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
             ("PATCH", "ConfigMap"),
             ("PATCH", "PersistentVolumeClaim"),
             ("PATCH", "Service"),
+            ("PATCH", "Service"),
             ("PATCH", "Deployment"),
             ("PATCH", "SyncFlow"),
         ],
@@ -210,11 +211,24 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         format!("/api/v1/namespaces/{NS}/configmaps/meshline-{FLOW}")
     );
     assert_eq!(
+        w[3].path,
+        format!("/api/v1/namespaces/{NS}/services/meshline-{FLOW}")
+    );
+    // The status Service is headless and publishes pods that are not ready: a worker that cannot start fails
+    // its readiness probe, and its 503 on /status is what the controller must still read.
+    assert_eq!(
         w[4].path,
+        format!("/api/v1/namespaces/{NS}/services/meshline-{FLOW}-status")
+    );
+    assert_eq!(w[4].body["spec"]["clusterIP"], "None");
+    assert_eq!(w[4].body["spec"]["publishNotReadyAddresses"], true);
+    assert_eq!(w[4].body["spec"]["selector"], w[3].body["spec"]["selector"]);
+    assert_eq!(
+        w[5].path,
         format!("/apis/apps/v1/namespaces/{NS}/deployments/meshline-{FLOW}")
     );
     // Every child is owned by the flow, as its controller, blocking its deletion.
-    for r in &w[..5] {
+    for r in &w[..6] {
         let owner = &r.body["metadata"]["ownerReferences"][0];
         assert_eq!(owner["kind"], "SyncFlow");
         assert_eq!(owner["uid"], "flow-uid-1");
@@ -232,10 +246,10 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         Some("commerce-owners")
     );
     // The status patch carries apiVersion and kind, and conditions carry the generation.
-    let s = &w[5].body;
+    let s = &w[6].body;
     assert_eq!(s["apiVersion"], "sync.meshline.io/v1alpha1");
     assert_eq!(s["kind"], "SyncFlow");
-    assert!(w[5].is_forced_apply());
+    assert!(w[6].is_forced_apply());
     for t in [
         "ContractResolved",
         "OwnerAssigned",
@@ -243,9 +257,12 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         "Ready",
         "Degraded",
         "Progressing",
+        "DiskPressure",
     ] {
         assert_eq!(condition(&s["status"], t)["observedGeneration"], 1, "{t}");
     }
+    // No worker has answered yet: disk pressure is not known either way.
+    assert_eq!(condition(&s["status"], "DiskPressure")["status"], "Unknown");
     assert_eq!(condition(&s["status"], "Progressing")["status"], "True");
     assert_eq!(s["status"]["activeContractVersion"], "2.0.1");
 }
@@ -669,10 +686,16 @@ async fn flow_with_a_dotted_or_long_name_gets_children_the_api_server_accepts() 
                 "ConfigMap",
                 "PersistentVolumeClaim",
                 "Service",
+                "Service",
                 "Deployment",
                 "SyncFlow"
             ],
             "{name}: {w:#?}"
+        );
+        let status_service = w.iter().filter(|r| r.kind() == "Service").nth(1).unwrap();
+        assert_eq!(
+            status_service.path.rsplit('/').next().unwrap(),
+            meshline::controller::flow::build::status_service_name(&name)
         );
         let service = w.iter().find(|r| r.kind() == "Service").unwrap();
         let service_name = service.path.rsplit('/').next().unwrap();

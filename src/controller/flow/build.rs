@@ -2,7 +2,8 @@
 //! inputs give byte-identical objects, which is what lets the apply step skip unchanged objects by hash.
 //!
 //! Objects: the token Secret (only when it does not exist yet), the ConfigMap with the rendered flow, the
-//! ledger PVC (embedded ledger), the Service, the Deployment and the PodDisruptionBudget (replicas > 1). Every
+//! ledger PVC (embedded ledger), the Service, the status Service (headless, for the controller's status poll),
+//! the Deployment and the PodDisruptionBudget (replicas > 1). Every
 //! one is owned by the flow (controller owner reference), so deleting the flow deletes them, the ledger PVC
 //! included.
 
@@ -46,6 +47,12 @@ const RUN_AS: i64 = 65532;
 pub fn worker_name(flow: &str) -> String {
     names::dns_label(&format!("meshline-{flow}"))
 }
+/// The headless Service the controller reads `/status` through. It publishes pods that are not ready, because a
+/// worker that cannot start fails its readiness probe and is then behind no other Service, while its 503 on
+/// `/status` is exactly what the controller must read to name the cause in a condition.
+pub fn status_service_name(flow: &str) -> String {
+    names::dns_label(&format!("meshline-{flow}-status"))
+}
 /// The embedded ledger's PVC.
 pub fn ledger_name(flow: &str) -> String {
     names::subdomain(&format!("meshline-{flow}-ledger"))
@@ -80,6 +87,8 @@ pub struct Desired {
     pub config_map: ConfigMap,
     pub ledger: Option<PersistentVolumeClaim>,
     pub service: Service,
+    /// Headless, with not-ready pods published: the controller's way to every worker's `/status`.
+    pub status_service: Service,
     pub deployment: Deployment,
     pub pdb: Option<PodDisruptionBudget>,
     /// Replicas after the embedded-ledger cap and `spec.paused`.
@@ -279,6 +288,24 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         ..Service::default()
     });
 
+    let status_service = stamp(Service {
+        metadata: meta(flow, status_service_name(&name)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: WORKER_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    });
+
     let deployment = stamp(deployment(
         flow,
         &name,
@@ -308,6 +335,7 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         config_map,
         ledger,
         service,
+        status_service,
         deployment,
         pdb,
         replicas,

@@ -1,9 +1,10 @@
 //! The SyncFlow reconciler: a flow becomes a token Secret, a ConfigMap with its rendered configuration, a ledger
-//! PVC (embedded ledger), a Service, a Deployment of `meshline worker` pods and, above one replica, a
-//! PodDisruptionBudget; and its status tells the truth about them and about the worker's numbers.
+//! PVC (embedded ledger), a Service, a headless status Service, a Deployment of `meshline worker` pods and,
+//! above one replica, a PodDisruptionBudget; and its status tells the truth about them and about the worker's
+//! numbers.
 //!
-//! Apply order: token Secret, ConfigMap, PVC, Service, Deployment, PodDisruptionBudget — what the pods mount
-//! exists before the pods, and the budget follows the pods it protects.
+//! Apply order: token Secret, ConfigMap, PVC, Service, status Service, Deployment, PodDisruptionBudget — what
+//! the pods mount exists before the pods, and the budget follows the pods it protects.
 //!
 //! A flow that fails a gate (contract, owner, Secrets) is not started: no Deployment is created, an existing
 //! one is scaled to zero, and the ledger PVC is never deleted by the controller (only garbage collection removes
@@ -174,6 +175,17 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             client,
             &desired.service,
             up_to_date(&desired.service, svc.as_deref()),
+            m,
+        )
+        .await?;
+        let status_svc = ctx
+            .stores
+            .services
+            .get(&ObjectRef::new(&build::status_service_name(&name)).within(&ns));
+        apply::apply(
+            client,
+            &desired.status_service,
+            up_to_date(&desired.status_service, status_svc.as_deref()),
             m,
         )
         .await?;
