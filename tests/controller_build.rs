@@ -518,3 +518,31 @@ fn status_is_read_through_the_status_service_and_only_the_workers_503_is_an_answ
         Err(FetchError::Malformed { .. })
     ));
 }
+
+#[test]
+fn a_configuration_too_large_for_a_config_map_is_a_clear_error() {
+    let mut contract: SyncContract = load("contract.yaml");
+    // Within the CRD's bounds field by field, too large all together.
+    let template = contract.spec.fields[0].clone();
+    for i in 0..1100 {
+        let mut f = template.clone();
+        f.name = format!("extra{i}");
+        f.description = Some("x".repeat(1000));
+        contract.spec.fields.push(f);
+    }
+    let err = build::build(BuildInputs {
+        flow: &flow(),
+        contract: &contract,
+        roster: None,
+        settings: &BuildSettings {
+            worker_image: "img:1".into(),
+        },
+        new_token: None,
+    })
+    .unwrap_err();
+    assert!(
+        err.contains("over the 1048576 bytes a ConfigMap may hold")
+            && err.contains("ConfigMap meshline-won-deals-to-odoo"),
+        "{err}"
+    );
+}

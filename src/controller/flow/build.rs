@@ -38,6 +38,8 @@ pub const TOKEN_DIR: &str = "/var/run/meshline/token";
 pub const LOOKUPS_DIR: &str = "/etc/meshline/lookups";
 pub const TOKEN_KEY: &str = "token";
 const DEFAULT_LEDGER_SIZE: &str = "1Gi";
+/// The API server's limit on a ConfigMap's `data` and `binaryData`, keys included.
+pub const CONFIG_MAP_MAX_BYTES: usize = 1024 * 1024;
 /// Non-root user of the image (distroless `nonroot`), the same as the controller's.
 const RUN_AS: i64 = 65532;
 
@@ -231,6 +233,14 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
     }
 
     let rendered = render(flow, inputs.contract, inputs.roster)?;
+    // The API server refuses a ConfigMap whose data exceeds 1 MiB; say which object and by how much instead.
+    if CONFIG_KEY.len() + rendered.len() > CONFIG_MAP_MAX_BYTES {
+        return Err(format!(
+            "the rendered flow, contract and roster take {} bytes, over the {CONFIG_MAP_MAX_BYTES} bytes a ConfigMap may hold (data of ConfigMap {})",
+            rendered.len(),
+            worker_name(&name)
+        ));
+    }
     let config_hash = sha256_hex(rendered.as_bytes());
 
     let token_secret = inputs.new_token.map(|token| Secret {
