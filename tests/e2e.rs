@@ -20,9 +20,11 @@ use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use meshline::api::{OwnershipRoster, SyncContract, SyncFlow};
+use meshline::controller::flow::build;
+use meshline::controller::names::NameRule;
 
 const FLOW: &str = "won-deals-to-odoo";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -181,6 +183,22 @@ where
     }
 }
 
+/// Every ConfigMap the controller made has a name the API server's rule allows (it did accept them; this
+/// names the rule if a future name breaks it in a way a lenient server would let through).
+async fn assert_valid_config_map_names(cms: &Api<ConfigMap>) {
+    let ours = cms
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=meshline-controller"))
+        .await
+        .unwrap();
+    assert!(!ours.items.is_empty());
+    for cm in ours {
+        let name = cm.name_any();
+        if let Err(reason) = NameRule::Subdomain.check(&name) {
+            panic!("ConfigMap {name}: {reason}");
+        }
+    }
+}
+
 fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
     meta.owner_references.iter().flatten().any(|o| {
         o.kind == "SyncFlow"
@@ -214,6 +232,11 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         let flow = flows.get(FLOW).await.unwrap();
         let uid = flow.uid().unwrap();
         let worker = format!("meshline-{FLOW}");
+        assert_eq!(
+            worker,
+            build::worker_name(FLOW),
+            "a short flow name is kept"
+        );
 
         // The children exist, owned by the flow.
         let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
@@ -239,6 +262,19 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         })
         .await;
         assert!(owned_by(&s.metadata, &uid));
+        // The status Service the controller polls through reaches pods that are not ready.
+        let status_service = eventually("the status Service", || async {
+            services
+                .get_opt(&build::status_service_name(FLOW))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+        assert!(owned_by(&status_service.metadata, &uid));
+        let spec = status_service.spec.unwrap();
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(spec.publish_not_ready_addresses, Some(true));
         let ledger = format!("meshline-{FLOW}-ledger");
         let pvc = eventually("the ledger PVC", || async {
             pvcs.get_opt(&ledger).await.ok().flatten()
@@ -258,6 +294,7 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
                     "Ready",
                     "Degraded",
                     "Progressing",
+                    "DiskPressure",
                 ]
                 .iter()
                 .all(|t| {
@@ -291,6 +328,25 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
                 .iter()
                 .any(|c| c.r#type == "Accepted" && c.status == "True")
         );
+        // The accepted revision is kept in a ConfigMap the API server accepted, under the name the reconciler
+        // looks it up by.
+        let revision = meshline::controller::contract::revision_name(
+            "deal-to-sale-order",
+            &cs.version_history[0].content_hash,
+        );
+        assert!(!revision.contains(':'), "{revision}");
+        let kept = cms
+            .get(&revision)
+            .await
+            .unwrap_or_else(|e| panic!("the revision ConfigMap {revision} is missing: {e}"));
+        assert!(
+            kept.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "SyncContract" && o.controller == Some(true))
+        );
+        assert_valid_config_map_names(&cms).await;
 
         // The roster's status.
         let rosters: Api<OwnershipRoster> = Api::namespaced(client.clone(), &ns);
@@ -440,6 +496,88 @@ async fn flow_without_owner_does_not_start_until_a_roster_covers_it() {
                 .find(|c| c.r#type == "OwnerAssigned" && c.status == "True")
         })
         .await;
+    })
+    .await;
+}
+
+/// Names a real API server refuses were the controller's failure on a cluster: a dotted flow name (a valid
+/// SyncFlow name, not a valid Service name) and a contract name near the 253-character limit must still give
+/// children and revisions the server accepts, and both statuses must be written.
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn dotted_and_long_names_give_children_the_api_server_accepts() {
+    with_namespace("names", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        let long_contract = format!("deal.to.sale-order-{}", "x".repeat(200));
+        let mut contract = example::<SyncContract>("contract.yaml", &ns);
+        contract.metadata.name = Some(long_contract.clone());
+        apply(&client, &ns, &contract).await;
+        let dotted = "won.deals.to.odoo";
+        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        flow.metadata.name = Some(dotted.into());
+        flow.spec.contract.name = long_contract.clone();
+        apply(&client, &ns, &flow).await;
+
+        let contracts: Api<SyncContract> = Api::namespaced(client.clone(), &ns);
+        let cs = eventually("the long-named contract's status", || async {
+            contracts
+                .get(&long_contract)
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.current_version.is_some())
+        })
+        .await;
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        let revision = meshline::controller::contract::revision_name(
+            &long_contract,
+            &cs.version_history[0].content_hash,
+        );
+        assert!(revision.len() <= 253, "{revision}");
+        cms.get(&revision).await.unwrap();
+
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let worker = build::worker_name(dotted);
+        assert!(!worker.contains('.'), "{worker}");
+        eventually("the dotted flow's Service", || async {
+            services.get_opt(&worker).await.ok().flatten()
+        })
+        .await;
+        eventually("the dotted flow's status Service", || async {
+            services
+                .get_opt(&build::status_service_name(dotted))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+        eventually("the dotted flow's Deployment", || async {
+            deployments.get_opt(&worker).await.ok().flatten()
+        })
+        .await;
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        eventually("the dotted flow's conditions", || async {
+            let s = flows.get(dotted).await.ok()?.status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.r#type == "ContractResolved" && c.status == "True")
+        })
+        .await;
+        assert_valid_config_map_names(&cms).await;
     })
     .await;
 }
