@@ -25,7 +25,7 @@ use crate::worker::api::{WorkerProblem, WorkerStatus};
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerAnswer {
     /// 200: the pipeline runs; its numbers, and the problems it has (a full volume, say).
-    Running(WorkerStatus),
+    Running(Box<WorkerStatus>),
     /// 503 with the worker's own body: the process is up but could not start its pipeline.
     NotStarted(StartupFailure),
 }
@@ -44,7 +44,7 @@ pub struct StartupFailure {
 pub fn parse_answer(url: &str, status: u16, body: &[u8]) -> Result<WorkerAnswer, FetchError> {
     match status {
         200..=299 => serde_json::from_slice(body)
-            .map(WorkerAnswer::Running)
+            .map(|status| WorkerAnswer::Running(Box::new(status)))
             .map_err(|e| FetchError::Malformed {
                 url: url.to_string(),
                 reason: e.to_string(),
@@ -229,9 +229,7 @@ pub async fn poll_once(ctx: &Context, source: &dyn WorkerStatusSource) -> Vec<Ob
         let observation = match source.fetch(&ns, &name, token.as_deref()).await {
             Ok(answer) => {
                 let (label, observation) = match answer {
-                    WorkerAnswer::Running(status) => {
-                        ("ok", Observation::Answered(Box::new(status)))
-                    }
+                    WorkerAnswer::Running(status) => ("ok", Observation::Answered(status)),
                     WorkerAnswer::NotStarted(failure) => {
                         tracing::info!(namespace = %ns, name = %name, error = %failure.error, "worker could not start");
                         ("not_started", Observation::NotStarted(failure))
