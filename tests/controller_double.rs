@@ -350,6 +350,7 @@ async fn a_refused_write_is_still_recorded() {
     assert_eq!(requests.len(), 1);
     assert_eq!(requests[0].method, "POST");
     assert_eq!(requests[0].body["metadata"]["name"], "Bad_Name");
+    assert_eq!(requests[0].answered, 422);
 }
 
 #[tokio::test]
@@ -386,4 +387,35 @@ async fn custom_resource_status_beyond_the_crd_bounds_is_refused() {
             .await,
         Err(kube::Error::Api(_))
     ));
+}
+
+#[tokio::test]
+async fn an_event_note_over_1_kib_is_refused() {
+    let double = ApiDouble::new();
+    let api = Api::<k8s_openapi::api::events::v1::Event>::namespaced(double.client(), NS);
+    let event = |note: String| k8s_openapi::api::events::v1::Event {
+        metadata: meta("won-deals.1"),
+        note: Some(note),
+        event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        )),
+        ..Default::default()
+    };
+    // 600 two-byte characters: within 1,000 characters, over 1,024 bytes.
+    let s = refused(
+        api.create(&PostParams::default(), &event("é".repeat(600)))
+            .await,
+    );
+    assert_invalid(
+        &s,
+        "Event",
+        "note",
+        "Too long: must have at most 1024 bytes",
+    );
+    api.create(
+        &PostParams::default(),
+        &event(meshline::controller::flow::event_note(&"é".repeat(600))),
+    )
+    .await
+    .unwrap();
 }

@@ -994,6 +994,14 @@ async fn a_long_worker_message_is_bounded_so_the_status_is_accepted() {
             .iter()
             .all(|c| c["message"].as_str().unwrap_or_default().chars().count() <= 4096)
     );
+    // Nothing was refused, the Events with the long message included.
+    let refused: Vec<_> = requests.iter().filter(|r| r.answered >= 400).collect();
+    assert!(refused.is_empty(), "{refused:#?}");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path.contains("/events") && r.body["reason"] == "Degraded")
+    );
     // A kind that is not a CamelCase word does not become a reason.
     assert!(
         s["conditions"]

@@ -28,6 +28,8 @@ pub struct Recorded {
     /// `application/apply-patch+yaml` for a server-side apply, `application/merge-patch+json` for a merge patch.
     pub content_type: String,
     pub body: Value,
+    /// The HTTP status the double answered with (a refusal is 4xx).
+    pub answered: u16,
 }
 
 impl Recorded {
@@ -72,7 +74,7 @@ impl ApiDouble {
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let recorded = Recorded {
+                let mut recorded = Recorded {
                     method: parts.method.to_string(),
                     path: parts.uri.path().to_string(),
                     query: parts.uri.query().unwrap_or_default().to_string(),
@@ -83,11 +85,13 @@ impl ApiDouble {
                         .unwrap_or_default()
                         .to_string(),
                     body,
+                    answered: 0,
                 };
                 let (status, answer) = match rules::check(&recorded) {
                     Ok(()) => me.answer(&recorded),
                     Err(refusal) => refusal,
                 };
+                recorded.answered = status;
                 me.requests.lock().unwrap().push(recorded);
                 let response = Response::builder()
                     .status(status)
@@ -193,6 +197,8 @@ pub mod rules {
     const CONFIG_KEY_RE: &str = r"[-._a-zA-Z0-9]+";
     /// `TotalAnnotationSizeLimitB`: keys and values of all annotations of one object.
     pub const ANNOTATIONS_MAX_BYTES: usize = 256 * 1024;
+    /// An `events.k8s.io/v1` Event's `note`.
+    pub const EVENT_NOTE_MAX_BYTES: usize = 1024;
     /// `MaxSecretSize`, which ConfigMaps share: all `data` and `binaryData` of one object.
     pub const DATA_MAX_BYTES: usize = 1024 * 1024;
 
@@ -388,6 +394,12 @@ pub mod rules {
         );
         if kind == "Service" {
             labels("spec.selector", body["spec"].get("selector"), &mut out);
+        }
+        if kind == "Event"
+            && let Some(note) = body["note"].as_str()
+            && note.len() > EVENT_NOTE_MAX_BYTES
+        {
+            out.push(too_long("note", EVENT_NOTE_MAX_BYTES));
         }
         if matches!(kind, "ConfigMap" | "Secret") {
             let mut total = 0;

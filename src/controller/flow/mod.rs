@@ -288,7 +288,7 @@ pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> V
         let event = |type_, reason: &str| Event {
             type_,
             reason: reason.into(),
-            note: Some(c.message.chars().take(1000).collect()),
+            note: Some(event_note(&c.message)),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -311,6 +311,20 @@ pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> V
         }
     }
     events
+}
+
+/// An Event's `note` is at most 1 KiB (bytes, not characters: the API server refuses more), cut at a character
+/// boundary.
+pub fn event_note(message: &str) -> String {
+    const NOTE_MAX: usize = 1024;
+    if message.len() <= NOTE_MAX {
+        return message.to_string();
+    }
+    let mut end = NOTE_MAX - '…'.len_utf8();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &message[..end])
 }
 
 /// Backoff per object: 5 s doubling to 5 min, reset by a successful reconcile (see `run::error_policy`).
