@@ -546,3 +546,26 @@ fn a_configuration_too_large_for_a_config_map_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start() {
+    let settings = meshline::controller::Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        status_period: std::time::Duration::from_secs(5),
+        worker_image: "img:1".into(),
+        lease_name: "meshline_controller:leader".into(),
+        lease_namespace: "meshline-system".into(),
+        identity: "me".into(),
+        namespace: None,
+        status_via_proxy: false,
+        no_leader_election: false,
+    };
+    let err = meshline::controller::run(settings).await.unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.metric_label(), "lease", "{text}");
+    assert!(
+        text.contains("meshline-system/meshline_controller:leader")
+            && text.contains("--lease-name must be a lowercase RFC 1123 subdomain"),
+        "{text}"
+    );
+}
