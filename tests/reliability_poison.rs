@@ -112,11 +112,24 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
             "the ERP's status is the reason: {line}"
         );
     }
-    let (ok, by_reason, err) =
-        meshline(args(&["dlq", "list", "--url", &url, "--reason", "erp:400"])).await;
+    // One dead letter per request: the CLI pages until it has every one with the reason (the drifted
+    // record, first by id, has another reason and must neither be listed nor end the paging).
+    let (ok, by_reason, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &url,
+        "--reason",
+        "erp:400",
+        "--page-size",
+        "1",
+    ]))
+    .await;
     assert!(ok, "dlq list --reason failed: {err}");
     assert!(
-        !by_reason.contains(&opportunity_id(100)) && by_reason.contains(&opportunity_id(101)),
+        !by_reason.contains(&opportunity_id(100))
+            && by_reason.contains(&opportunity_id(101))
+            && by_reason.contains(&opportunity_id(102)),
         "{by_reason}"
     );
 

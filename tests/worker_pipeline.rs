@@ -816,7 +816,7 @@ async fn a_record_that_overran_its_cpu_budget_once_is_retried_and_delivered() {
         .worker
         .pipeline
         .ledger
-        .list(RecordState::Delivered, None, 10)
+        .list(RecordState::Delivered, None, None, 10)
         .await
         .unwrap();
     assert_eq!(delivered.len(), 1);
