@@ -85,7 +85,12 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
         erp.answers().get(&503).copied().unwrap_or(0) >= 20
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The maintenance lasts until the worker has stopped writing and holds the records behind its breaker.
+    let deadline = Instant::now() + GIVE_UP;
+    while !status(&url).await["circuitBreaker"].is_object() {
+        assert!(Instant::now() < deadline, "the breaker never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // 2. Back, but writes hang for 3 s: the worker gives up after 1 s and retries later. Records keep coming.
     erp.set_mode(ErpMode::Slow(Duration::from_secs(3)));
@@ -105,7 +110,14 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
         erp.answers().get(&429).copied().unwrap_or(0) >= throttled_before + 8
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Throttling lasts until a throttled record has come back after its Retry-After, so the check below
+    // (no record returns sooner) has returns to look at.
+    until(&url, "a throttled record's return", GIVE_UP, || {
+        erp.waits_after_throttling()
+            .iter()
+            .any(|(_, wait)| wait.is_some())
+    })
+    .await;
 
     // 4. Recovery.
     erp.set_mode(ErpMode::Ok);
