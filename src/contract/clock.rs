@@ -47,6 +47,31 @@ impl CpuClock {
     }
 }
 
+/// A point on a [`CpuClock`]: the reading at which an evaluation has spent its budget.
+#[derive(Clone, Copy)]
+pub(crate) struct CpuDeadline<'c> {
+    clock: &'c CpuClock,
+    at: Duration,
+}
+
+impl CpuDeadline<'_> {
+    /// Whether the calling thread has spent the budget.
+    #[inline]
+    pub(crate) fn passed(&self) -> bool {
+        self.clock.now() >= self.at
+    }
+}
+
+impl CpuClock {
+    /// The deadline `budget` of CPU time from now, on the calling thread.
+    pub(crate) fn deadline_after(&self, budget: Duration) -> CpuDeadline<'_> {
+        CpuDeadline {
+            clock: self,
+            at: self.now().saturating_add(budget),
+        }
+    }
+}
+
 impl fmt::Debug for CpuClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.custom {

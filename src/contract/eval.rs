@@ -37,7 +37,7 @@ use super::cel_env::{
     base_context, call_expression, decimal_apply, decimal_method, decimal_value, invoke,
     is_function, make_decimal, to_cel, type_name,
 };
-use super::clock::CpuClock;
+use super::clock::{CpuClock, CpuDeadline};
 use super::schema::{Field, ObjectSchema, Schema};
 use super::{CompileError, CompileErrorKind, Limits};
 use crate::api::FieldType;
@@ -1033,8 +1033,7 @@ impl<'d, 's> Lowering<'d, 's> {
             &null,
             0,
             10_000,
-            &FOLD_CLOCK,
-            FOLD_CLOCK.now().saturating_add(Duration::from_millis(100)),
+            FOLD_CLOCK.deadline_after(Duration::from_millis(100)),
         );
         match eval(&node, &mut frame) {
             Ok(value) => (Node::Const(value), Shape::Unknown),
@@ -1351,9 +1350,7 @@ pub(crate) struct Frame<'r> {
     /// Comprehension variables; a contract rarely nests more than a few, so they usually live in the frame.
     locals: Locals,
     budget: u64,
-    clock: &'r CpuClock,
-    /// The reading of `clock` at which the evaluation stops.
-    deadline: Duration,
+    deadline: CpuDeadline<'r>,
     ticks: u32,
 }
 
@@ -1390,8 +1387,7 @@ impl<'r> Frame<'r> {
         flow: &'r Value,
         slots: usize,
         budget: u64,
-        clock: &'r CpuClock,
-        deadline: Duration,
+        deadline: CpuDeadline<'r>,
     ) -> Self {
         Frame {
             record,
@@ -1404,7 +1400,6 @@ impl<'r> Frame<'r> {
                 Locals::Heap(vec![Value::Null; slots])
             },
             budget,
-            clock,
             deadline,
             ticks: 0,
         }
@@ -1430,7 +1425,7 @@ impl<'r> Frame<'r> {
     }
 
     pub(crate) fn check_deadline(&self) -> Result<(), EvalError> {
-        if self.clock.now() >= self.deadline {
+        if self.deadline.passed() {
             Err(EvalError {
                 kind: EvalErrorKind::Deadline,
                 message: "the evaluation spent its CPU-time budget".into(),

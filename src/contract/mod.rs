@@ -592,7 +592,7 @@ impl CompiledContract {
 
     fn run(&self, bytes: &[u8], env: &Env, approved: &[&str]) -> Outcome {
         // The deadline is a reading of this thread's CPU clock: parsing and validation count, waiting does not.
-        let deadline = self.cpu_clock.now().saturating_add(self.limits.deadline);
+        let deadline = self.cpu_clock.deadline_after(self.limits.deadline);
         if env.contract_id != self.id {
             return Outcome::rejected(Reason::new(
                 ReasonCode::Internal,
@@ -648,7 +648,6 @@ impl CompiledContract {
             &env.flow,
             self.slots,
             self.limits.max_cost,
-            &self.cpu_clock,
             deadline,
         );
         let scrub = |message: &str| {
