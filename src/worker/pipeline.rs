@@ -471,8 +471,8 @@ impl Pipeline {
             .join("; ");
         let earlier = self.consecutive_overruns(record).await;
         let overruns = earlier + 1;
-        self.metrics.fail(ErrorClass::Transient);
         if overruns >= MAX_CONSECUTIVE_OVERRUNS {
+            self.metrics.fail(ErrorClass::Permanent);
             self.metrics.dead_lettered.inc();
             let subject = reasons
                 .iter()
@@ -491,6 +491,7 @@ impl Pipeline {
                 self.snapshot(record),
             );
         }
+        self.metrics.fail(ErrorClass::Transient);
         self.metrics.retried.inc();
         let attempts = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
         let wait = backoff(&self.policy, attempts, None);
