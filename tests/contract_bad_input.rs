@@ -6,7 +6,6 @@ mod helpers;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::time::{Duration, Instant};
 
 use helpers::{compiled, env};
 use meshline::contract::{Lookups, Outcome, ReasonCode, Subject};
@@ -39,8 +38,8 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// The outcome of processing `record`, the most bytes it held at once beyond what was live before, and the time.
-fn measure(record: &[u8]) -> (Outcome, usize, Duration) {
+/// The outcome of processing `record` and the most bytes it held at once beyond what was live before.
+fn measure(record: &[u8]) -> (Outcome, usize) {
     let contract = compiled(
         "record.id",
         "    - {name: positive, expression: 'record.count > 0', message: m}",
@@ -49,19 +48,18 @@ fn measure(record: &[u8]) -> (Outcome, usize, Duration) {
     let env = env(&contract);
     let before = LIVE.with(Cell::get);
     PEAK.with(|p| p.set(before));
-    let started = Instant::now();
     let outcome = contract.process(record, &env);
-    let elapsed = started.elapsed();
     let peak = PEAK.with(Cell::get) - before;
-    (outcome, peak.max(0) as usize, elapsed)
+    (outcome, peak.max(0) as usize)
 }
 
 fn rejection(record: &[u8]) -> (ReasonCode, String, usize) {
-    let (outcome, peak, elapsed) = measure(record);
-    assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+    let (outcome, peak) = measure(record);
     match outcome {
         Outcome::Rejected { reasons } => {
             assert!(!reasons.is_empty());
+            // Bad input is refused by the bound it breaks (size, depth, syntax), never by running out of time.
+            assert_ne!(reasons[0].code, ReasonCode::DeadlineExceeded, "{reasons:?}");
             (reasons[0].code, reasons[0].to_string(), peak)
         }
         other => panic!("expected a rejection, got {other}"),
@@ -134,7 +132,7 @@ fn numbers_beyond_the_integer_and_decimal_ranges_are_rejected_not_rounded() {
         assert!(message.contains(&format!("field {field}")), "{message}");
     }
     // An undeclared field's number is never interpreted, so it cannot be out of range.
-    let (outcome, _, _) = measure(br#"{"id": "r", "count": 1, "other": 1e999999}"#);
+    let (outcome, _) = measure(br#"{"id": "r", "count": 1, "other": 1e999999}"#);
     assert!(outcome.is_accepted(), "{outcome}");
 }
 
@@ -192,7 +190,7 @@ fn a_record_of_a_million_tiny_values_is_bounded() {
     record.push_str("[]]}");
     let (code, _, peak) = rejection(record.as_bytes());
     assert_eq!(code, ReasonCode::WrongType);
-    let (outcome, _, _) = measure(record.as_bytes());
+    let (outcome, _) = measure(record.as_bytes());
     let Outcome::Rejected { reasons } = outcome else {
         unreachable!()
     };
@@ -205,7 +203,7 @@ fn a_record_of_a_million_tiny_values_is_bounded() {
 fn wrong_types_everywhere_are_reported_together() {
     let record = r#"{"id": 1, "count": "3", "price": true, "flag": "yes", "day": "27/11/2026", "at": "yesterday",
         "stage": "Lost", "tags": "a", "lines": [{"sku": 1}], "address": [], "email": {"x": 1}}"#;
-    let (outcome, _, _) = measure(record.as_bytes());
+    let (outcome, _) = measure(record.as_bytes());
     let Outcome::Rejected { reasons } = outcome else {
         panic!()
     };

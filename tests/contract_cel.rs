@@ -4,12 +4,14 @@
 #[path = "contract_helpers.rs"]
 mod helpers;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use helpers::{RECORD, compile_yaml, compiled, env, eval, eval_on, spec_yaml};
 use kube::core::cel::KubeCelExt;
 use kube::core::cel::cel::{Context, Program};
-use meshline::contract::{CompileOptions, Limits, Outcome, ReasonCode};
+use meshline::contract::{CompileOptions, CpuClock, CpuTime, Limits, Outcome, ReasonCode};
 use serde_json::json;
 
 #[test]
@@ -325,23 +327,117 @@ fn a_record_whose_worst_case_exceeds_the_budget_is_refused_before_evaluation() {
 
 #[test]
 fn an_evaluation_that_grows_beyond_the_budget_at_run_time_is_stopped() {
-    // The lists come from a function, so the static estimate cannot see them; the step budget does.
+    // The lists come from a function, so the static estimate cannot see them; the step budget does. The
+    // deadline is out of reach here, so the step budget is the bound that must stop it.
+    let options = CompileOptions {
+        limits: Limits {
+            deadline: Duration::from_secs(3600),
+            ..Limits::default()
+        },
+        ..CompileOptions::default()
+    };
     let rule = "    - {name: blowup, expression: 'record.title.split(\"\").all(a, record.title.split(\"\").all(b, a != \"~\"))', message: m}";
-    let contract = compiled("record.id", rule).unwrap();
+    let contract = compile_yaml(&spec_yaml("record.id", rule), &options).unwrap();
     let record = format!(r#"{{"id": "r1", "title": "{}"}}"#, "x".repeat(3000));
-    let started = std::time::Instant::now();
     let Outcome::Rejected { reasons } = contract.process(record.as_bytes(), &env(&contract)) else {
         panic!()
     };
-    // Whichever bound is reached first (an unoptimised build may reach the deadline first) stops it.
-    assert!(
-        matches!(
-            reasons[0].code,
-            ReasonCode::CostBudgetExceeded | ReasonCode::DeadlineExceeded
-        ),
+    assert_eq!(
+        reasons[0].code,
+        ReasonCode::CostBudgetExceeded,
         "{reasons:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A CPU clock that advances by a fixed amount at every reading, as if each stretch of work between two
+/// readings (the engine reads it every 1024 steps) burned that much CPU.
+struct BurningCpu {
+    per_reading: Duration,
+    readings: AtomicU64,
+}
+
+impl CpuTime for BurningCpu {
+    fn cpu_time(&self) -> Duration {
+        let n = self.readings.fetch_add(1, Ordering::SeqCst);
+        self.per_reading * u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+/// The real CPU clock of the evaluating thread, which the scheduler takes away for a while at every
+/// reading: the thread waits (off the CPU) far longer than the deadline in total.
+struct DescheduledCpu {
+    away: Duration,
+    readings: AtomicU64,
+}
+
+impl CpuTime for DescheduledCpu {
+    fn cpu_time(&self) -> Duration {
+        self.readings.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(self.away);
+        CpuClock::thread().now()
+    }
+}
+
+#[test]
+fn an_expression_that_burns_cpu_is_stopped_at_its_cpu_deadline() {
+    let clock = Arc::new(BurningCpu {
+        per_reading: Duration::from_millis(1),
+        readings: AtomicU64::new(0),
+    });
+    let options = CompileOptions {
+        limits: Limits {
+            deadline: Duration::from_millis(50),
+            // The step budget is out of reach, so only the deadline can stop the evaluation.
+            max_cost: u64::MAX / 2,
+            ..Limits::default()
+        },
+        cpu_clock: CpuClock::custom(clock.clone()),
+        ..CompileOptions::default()
+    };
+    let rule = "    - {name: blowup, expression: 'record.title.split(\"\").all(a, record.title.split(\"\").all(b, a != \"~\"))', message: m}";
+    let contract = compile_yaml(&spec_yaml("record.id", rule), &options).unwrap();
+    let record = format!(r#"{{"id": "r1", "title": "{}"}}"#, "x".repeat(3000));
+    let Outcome::Rejected { reasons } = contract.process(record.as_bytes(), &env(&contract)) else {
+        panic!()
+    };
+    assert_eq!(reasons[0].code, ReasonCode::DeadlineExceeded, "{reasons:?}");
+    assert!(
+        reasons[0].message.contains("CPU"),
+        "the reason says which budget ran out: {}",
+        reasons[0].message
+    );
+    // Stopped at the first reading past 50 ms of CPU: about 50 readings (≈ 51,000 steps) of a 9,000,000-step
+    // evaluation, never the whole of it.
+    let readings = clock.readings.load(Ordering::SeqCst);
+    assert!((50..=52).contains(&readings), "{readings} readings");
+}
+
+#[test]
+fn a_record_whose_thread_waits_for_the_scheduler_is_not_rejected() {
+    let clock = Arc::new(DescheduledCpu {
+        away: Duration::from_millis(30),
+        readings: AtomicU64::new(0),
+    });
+    let deadline = Duration::from_millis(20);
+    let options = CompileOptions {
+        limits: Limits {
+            deadline,
+            ..Limits::default()
+        },
+        cpu_clock: CpuClock::custom(clock.clone()),
+        ..CompileOptions::default()
+    };
+    // Enough steps that the clock is also read in the middle of an evaluation, not only around it.
+    let rule = "    - {name: many, expression: 'lists.range(3000).all(i, i >= 0)', message: m}";
+    let contract = compile_yaml(&spec_yaml("record.id", rule), &options).unwrap();
+    let outcome = contract.process(RECORD.as_bytes(), &env(&contract));
+    assert!(outcome.is_accepted(), "{outcome}");
+    let readings = u32::try_from(clock.readings.load(Ordering::SeqCst)).unwrap();
+    assert!(
+        clock.away * readings > deadline * 3,
+        "the thread was off the CPU for {readings} × {:?}, several times its deadline",
+        clock.away
+    );
 }
 
 #[test]

@@ -27,6 +27,10 @@ async fn status(url: &str) -> Value {
         .expect("/status is JSON")
 }
 
+/// How long a wait may last before the test gives up: only so a broken build cannot hang, never a
+/// performance bound (a loaded machine may be slow).
+const GIVE_UP: Duration = Duration::from_secs(120);
+
 /// Waits until `done` holds (checked every 20 ms), failing after `timeout` with `what` and the status.
 async fn until(url: &str, what: &str, timeout: Duration, done: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -68,6 +72,7 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
     .await
     .expect("the worker starts");
     let url = format!("http://{}", worker.addr);
+    let _evidence = EvidenceOnFailure::new(vec![url.clone()]);
     let urls = vec![url.clone()];
     let http = client();
     let mut crm = CrmStats::default();
@@ -75,23 +80,25 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
     // 1. Maintenance: every write and every probe answers 503.
     erp.set_mode(ErpMode::Unavailable);
     let first: Vec<Value> = (0..100).map(|n| opportunity(n, 1)).collect();
-    deliver_batch(&http, &urls, &first, &mut crm, Duration::from_secs(10)).await;
-    until(&url, "a streak of 503s", Duration::from_secs(20), || {
+    deliver_batch(&http, &urls, &first, &mut crm, GIVE_UP).await;
+    until(&url, "a streak of 503s", GIVE_UP, || {
         erp.answers().get(&503).copied().unwrap_or(0) >= 20
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The maintenance lasts until the worker has stopped writing and holds the records behind its breaker.
+    let deadline = Instant::now() + GIVE_UP;
+    while !status(&url).await["circuitBreaker"].is_object() {
+        assert!(Instant::now() < deadline, "the breaker never opened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // 2. Back, but writes hang for 3 s: the worker gives up after 1 s and retries later. Records keep coming.
     erp.set_mode(ErpMode::Slow(Duration::from_secs(3)));
     let second: Vec<Value> = (100..200).map(|n| opportunity(n, 1)).collect();
-    deliver_batch(&http, &urls, &second, &mut crm, Duration::from_secs(10)).await;
-    until(
-        &url,
-        "timed-out deliveries",
-        Duration::from_secs(30),
-        || erp.state.slowed.load(Ordering::SeqCst) >= 8,
-    )
+    deliver_batch(&http, &urls, &second, &mut crm, GIVE_UP).await;
+    until(&url, "timed-out deliveries", GIVE_UP, || {
+        erp.state.slowed.load(Ordering::SeqCst) >= 8
+    })
     .await;
 
     // 3. Throttling: 429 with Retry-After: 1.
@@ -99,15 +106,22 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
         retry_after_secs: 1,
     });
     let throttled_before = erp.answers().get(&429).copied().unwrap_or(0);
-    until(&url, "429 answers", Duration::from_secs(30), || {
+    until(&url, "429 answers", GIVE_UP, || {
         erp.answers().get(&429).copied().unwrap_or(0) >= throttled_before + 8
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Throttling lasts until a throttled record has come back after its Retry-After, so the check below
+    // (no record returns sooner) has returns to look at.
+    until(&url, "a throttled record's return", GIVE_UP, || {
+        erp.waits_after_throttling()
+            .iter()
+            .any(|(_, wait)| wait.is_some())
+    })
+    .await;
 
     // 4. Recovery.
     erp.set_mode(ErpMode::Ok);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + GIVE_UP;
     let status = loop {
         let s = status(&url).await;
         if counter(&s, "delivered") == 200 && s["pending"].as_u64() == Some(0) {
@@ -115,7 +129,7 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
         }
         assert!(
             Instant::now() < deadline,
-            "not all delivered 60 s after recovery: {s}"
+            "not all delivered {GIVE_UP:?} after recovery: {s}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };

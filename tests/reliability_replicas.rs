@@ -31,6 +31,7 @@ async fn two_replicas_never_deliver_a_record_twice() {
     let mut b = WorkerProcess::new(&files, "replica-b");
     a.start().await;
     b.start().await;
+    let _evidence = EvidenceOnFailure::new(vec![a.url(), b.url()]);
 
     let urls = vec![a.url(), b.url()];
     let http = client();
@@ -43,7 +44,7 @@ async fn two_replicas_never_deliver_a_record_twice() {
         .collect();
     // Batches alternate between the replicas, so both ingest and both claim.
     for batch in &batches {
-        deliver_batch(&http, &urls, batch, &mut crm, Duration::from_secs(30)).await;
+        deliver_batch(&http, &urls, batch, &mut crm, Duration::from_secs(120)).await;
     }
 
     let status = a

@@ -101,9 +101,11 @@ async fn rate_limit_spaces_requests_without_bursting() {
     let start = Instant::now();
     flood(sink, 30, 2).await;
     let elapsed = start.elapsed();
-    // 60 starts at 50/s with a burst of 5: at least (60 - 5) / 50 = 1.1 s.
+    // 60 starts at 50/s with a burst of 5 cannot all have happened in less than (60 - 5) / 50 = 1.1 s: the
+    // limiter only ever delays a start, so this floor is what it promises and a slow machine cannot break
+    // it. (How quickly they finish on a busy machine is no promise, so there is no ceiling; the schedule
+    // itself is checked exactly in the bucket's unit test.)
     assert!(elapsed >= Duration::from_millis(1050), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(4), "{elapsed:?}");
     assert_eq!(erp.total.load(Ordering::SeqCst), 60);
 }
 

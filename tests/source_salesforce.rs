@@ -200,14 +200,18 @@ async fn poll_resumes_from_the_checkpoint_after_restart() {
         let (restarted, intake) = (restarted.clone(), intake.clone());
         tokio::spawn(async move { restarted.run(intake, shutdown).await })
     };
-    for _ in 0..100 {
-        if intake.accepted_keys().len() >= 7 {
-            break;
-        }
+    // Wait for the state that matters (both changes taken in); the bound only keeps a bug from hanging.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    while intake.accepted_keys().len() < 7 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the restarted poller never read the changes: {:?}",
+            intake.accepted_keys()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task)
+    tokio::time::timeout(Duration::from_secs(120), task)
         .await
         .expect("run stops on shutdown")
         .unwrap()

@@ -10,6 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use meshline::api::{Backoff, ErrorClass, LedgerSpec};
 use meshline::connectors::{Delivered, Delivery, Intake, Sink, SinkError, SourceRecord};
+use meshline::contract::{CompileOptions, CpuClock, CpuTime};
+use meshline::ledger::RecordState;
 use meshline::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
 use serde_json::{Value, json};
 
@@ -24,7 +26,11 @@ enum Mode {
 #[derive(Default)]
 struct ErpDouble {
     orders: Mutex<HashMap<String, Value>>,
+    /// Delivery calls answered, counted only once the call's effect (a stored order) is visible, so a test
+    /// that sees the count also sees the order.
     calls: AtomicUsize,
+    /// Probes refused while the ERP is down.
+    refused_probes: AtomicUsize,
     mode: Mutex<Option<Mode>>,
     /// External ids the ERP refuses with a 400 until cleared.
     refuse: Mutex<Vec<String>>,
@@ -38,7 +44,30 @@ impl Sink for ErpDouble {
         "double"
     }
     async fn deliver(&self, d: Delivery<'_>) -> Result<Delivered, SinkError> {
+        let answer = self.answer(d).await;
         self.calls.fetch_add(1, Ordering::SeqCst);
+        answer
+    }
+    async fn probe(&self) -> Result<(), SinkError> {
+        match self.mode.lock().unwrap().unwrap_or(Mode::Ok) {
+            Mode::Ok => Ok(()),
+            _ => {
+                self.refused_probes.fetch_add(1, Ordering::SeqCst);
+                Err(SinkError::new(
+                    "double",
+                    ErrorClass::Transient,
+                    "still down",
+                ))
+            }
+        }
+    }
+    async fn fetch_lookup(&self, _: &str, _: &str) -> Result<Vec<Value>, SinkError> {
+        Ok(Vec::new())
+    }
+}
+
+impl ErpDouble {
+    async fn answer(&self, d: Delivery<'_>) -> Result<Delivered, SinkError> {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -79,18 +108,45 @@ impl Sink for ErpDouble {
             status: 204,
         })
     }
-    async fn probe(&self) -> Result<(), SinkError> {
-        match self.mode.lock().unwrap().unwrap_or(Mode::Ok) {
-            Mode::Ok => Ok(()),
-            _ => Err(SinkError::new(
-                "double",
-                ErrorClass::Transient,
-                "still down",
-            )),
+
+    /// Waits until the worker has probed the ERP during its outage and been refused `n` times: the breaker is
+    /// open and has held for a while, decided by the worker's own probe schedule rather than a test's sleep.
+    async fn wait_for_refused_probes(&self, n: usize) {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+        while self.refused_probes.load(Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "the worker never probed the ERP {n} times"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    async fn fetch_lookup(&self, _: &str, _: &str) -> Result<Vec<Value>, SinkError> {
-        Ok(Vec::new())
+}
+
+/// A CPU clock for the contract that burns a whole second at each of its first `burning` readings and then
+/// stands still: the first evaluations that read it overrun any deadline, later ones never do.
+struct ScriptedCpu {
+    /// (current reading, readings left that burn).
+    state: Mutex<(Duration, u64)>,
+}
+
+impl ScriptedCpu {
+    fn burning(readings: u64) -> Arc<ScriptedCpu> {
+        Arc::new(ScriptedCpu {
+            state: Mutex::new((Duration::ZERO, readings)),
+        })
+    }
+}
+
+impl CpuTime for ScriptedCpu {
+    fn cpu_time(&self) -> Duration {
+        let mut state = self.state.lock().unwrap();
+        let now = state.0;
+        if state.1 > 0 {
+            state.1 -= 1;
+            state.0 += Duration::from_secs(1);
+        }
+        now
     }
 }
 
@@ -124,6 +180,10 @@ struct Harness {
 const TOKEN: &str = "test-token-123";
 
 async fn start(concurrency: u32) -> Harness {
+    start_with(concurrency, CompileOptions::default()).await
+}
+
+async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
     let mut rendered = RenderedFlow::from_manifests(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
     )
@@ -146,6 +206,7 @@ async fn start(concurrency: u32) -> Harness {
         token_file: Some(token_file),
         options: PipelineOptions {
             idle_poll: Duration::from_millis(10),
+            contract,
             ..PipelineOptions::default()
         },
     };
@@ -185,9 +246,10 @@ impl Harness {
         self.get_json("/status").await
     }
 
-    /// Waits until `/status` satisfies `done`, or fails after 20 s with the last status.
+    /// Waits until `/status` satisfies `done`. The 120 s give-up only keeps a broken build from hanging; it is
+    /// no performance bound.
     async fn wait_for(&self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             let status = self.status().await;
             if done(&status) {
@@ -351,9 +413,13 @@ async fn a_changed_payload_is_an_update_delivered_again() {
     changed.payload["name"] = json!("ACME Corp - renewal (amended)");
     let receipt = h.worker.intake.accept(vec![changed]).await.unwrap();
     assert_eq!(receipt.updates, 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // The double counts a call only once its order is stored, so the second call means the update is there.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
     while h.erp.calls.load(Ordering::SeqCst) < 2 {
-        assert!(tokio::time::Instant::now() < deadline);
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the update never reached the ERP"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let order = h
@@ -369,6 +435,11 @@ async fn a_changed_payload_is_an_update_delivered_again() {
         "the ERP holds the latest payload"
     );
     assert_eq!(h.erp.orders.lock().unwrap().len(), 1);
+    assert_eq!(
+        h.erp.calls.load(Ordering::SeqCst),
+        2,
+        "one call per revision"
+    );
     h.worker.shutdown().await;
 }
 
@@ -488,7 +559,8 @@ async fn an_erp_outage_delays_but_dead_letters_nothing() {
         })
         .await;
     assert!(counter(&status, "retried") >= 1, "{status}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The outage lasts until the worker's probe has been refused, so recovery goes through the probe.
+    h.erp.wait_for_refused_probes(1).await;
     *h.erp.mode.lock().unwrap() = None;
     let status = h
         .wait_for("all delivered after recovery", |s| {
@@ -527,7 +599,8 @@ async fn expired_credentials_pause_the_flow_instead_of_failing_records() {
             .contains("401"),
         "{status}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // While the breaker stays open the worker only probes; two refused probes span its probe backoff.
+    h.erp.wait_for_refused_probes(2).await;
     let calls_while_open = h.erp.calls.load(Ordering::SeqCst);
     assert!(
         calls_while_open <= 8,
@@ -648,5 +721,117 @@ async fn operations_endpoints_answer() {
     }
     let missing = h.http.get(h.url("/records/999999")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
+    h.worker.shutdown().await;
+}
+
+/// The lineage steps of record `id`, in order, with their details.
+async fn lineage(h: &Harness, id: i64) -> Vec<(String, Value)> {
+    let story: Value = h.get_json(&format!("/records/{id}")).await;
+    story["lineage"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no lineage in {story}"))
+        .iter()
+        .map(|e| {
+            (
+                e["step"].as_str().unwrap_or_default().to_string(),
+                e["detail"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn with_cpu_clock(clock: Arc<ScriptedCpu>) -> CompileOptions {
+    CompileOptions {
+        cpu_clock: CpuClock::custom(clock),
+        ..CompileOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_keeps_overrunning_its_cpu_budget_is_dead_lettered_after_three_attempts() {
+    // Every evaluation burns far past the contract's 100 ms CPU budget.
+    let h = start_with(2, with_cpu_clock(ScriptedCpu::burning(u64::MAX))).await;
+    h.worker.intake.accept(vec![good_record(1)]).await.unwrap();
+    let status = h
+        .wait_for("the record dead-lettered", |s| {
+            counter(s, "deadLettered") == 1
+        })
+        .await;
+    assert_eq!(counter(&status, "retried"), 2, "{status}");
+    assert_eq!(counter(&status, "delivered"), 0, "{status}");
+    assert_eq!(
+        h.erp.calls.load(Ordering::SeqCst),
+        0,
+        "nothing reached the ERP"
+    );
+
+    let list: Value = h.get_json("/dead-letters").await;
+    let item = &list["items"][0];
+    assert_eq!(
+        item["dead_letter_reason"],
+        "contract:deadline_exceeded:record (overran its CPU budget on 3 consecutive attempts)",
+        "{list}"
+    );
+    assert_eq!(item["attempts"], 3, "{item}");
+    let id = item["id"].as_i64().unwrap();
+    let steps = lineage(&h, id).await;
+    let retries: Vec<&Value> = steps
+        .iter()
+        .filter(|(step, _)| step == "retry_scheduled")
+        .map(|(_, detail)| detail)
+        .collect();
+    assert_eq!(retries.len(), 2, "{steps:?}");
+    for (n, detail) in retries.iter().enumerate() {
+        let error = detail["error"].as_str().unwrap();
+        assert!(
+            error.starts_with(&format!("contract deadline overrun {} of 3", n + 1)),
+            "{error}"
+        );
+        assert_eq!(detail["class"], "transient");
+    }
+    assert_eq!(steps.last().unwrap().0, "dead_lettered", "{steps:?}");
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_overran_its_cpu_budget_once_is_retried_and_delivered() {
+    // The first evaluation's two clock readings (its start and its check before the mapping) burn two
+    // seconds; the clock then stands still, as if the first attempt had hit a cold cache.
+    let h = start_with(2, with_cpu_clock(ScriptedCpu::burning(2))).await;
+    h.worker.intake.accept(vec![good_record(1)]).await.unwrap();
+    let status = h
+        .wait_for("the record delivered", |s| counter(s, "delivered") == 1)
+        .await;
+    assert_eq!(counter(&status, "deadLettered"), 0, "{status}");
+    assert_eq!(counter(&status, "retried"), 1, "{status}");
+    assert_eq!(h.erp.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        h.erp
+            .orders
+            .lock()
+            .unwrap()
+            .contains_key("SF-0065g0000000000001")
+    );
+    let delivered = h
+        .worker
+        .pipeline
+        .ledger
+        .list(RecordState::Delivered, None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(delivered.len(), 1);
+    let id = delivered[0].id.0;
+    let steps = lineage(&h, id).await;
+    let retry = steps
+        .iter()
+        .find(|(step, _)| step == "retry_scheduled")
+        .unwrap_or_else(|| panic!("no retry in {steps:?}"));
+    assert!(
+        retry.1["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("contract deadline overrun 1 of 3"),
+        "{retry:?}"
+    );
     h.worker.shutdown().await;
 }

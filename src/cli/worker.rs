@@ -160,8 +160,12 @@ pub enum DlqCommand {
         /// Only dead letters with exactly this reason (e.g. `erp:400`).
         #[arg(long)]
         reason: Option<String>,
-        #[arg(long, default_value_t = 100)]
-        limit: usize,
+        /// List at most this many (by default all of them; they are fetched page by page).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Dead letters fetched per request (1 to 1000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        page_size: u16,
     },
     /// Show one record's whole story: payload (redacted), lineage, interventions.
     Show {
@@ -273,6 +277,42 @@ fn finish(result: Result<Value, String>, render: impl Fn(&Value)) -> ExitCode {
     }
 }
 
+/// Largest page the worker serves (`/dead-letters`, `/holds`).
+const PAGE: usize = 1000;
+
+/// Every item of a paged listing (`path` ends in `?` or `&`), `page` at a time, up to `limit` items, as one
+/// `{"items": [...]}`. The worker filters in its ledger query, so each page is full until the last.
+fn list_all(
+    endpoint: &Endpoint,
+    path: &str,
+    limit: Option<usize>,
+    page: usize,
+) -> Result<Value, String> {
+    let page = page.clamp(1, PAGE);
+    let mut items: Vec<Value> = Vec::new();
+    let mut after: Option<i64> = None;
+    loop {
+        let want = limit.map_or(page, |l| l.saturating_sub(items.len()).min(page));
+        if want == 0 {
+            break;
+        }
+        let mut page_path = format!("{path}limit={want}");
+        if let Some(a) = after {
+            page_path.push_str(&format!("&after={a}"));
+        }
+        let page = call(endpoint, reqwest::Method::GET, &page_path, None)?;
+        let got = page["items"].as_array().cloned().unwrap_or_default();
+        let full = got.len() == want;
+        items.extend(got);
+        match page["next"].as_i64() {
+            // A next id that does not move forward would page forever; stop instead.
+            Some(next) if full && after.is_none_or(|a| next > a) => after = Some(next),
+            _ => break,
+        }
+    }
+    Ok(json!({ "items": items }))
+}
+
 fn print_list(v: &Value, what: &str) {
     let items = v["items"].as_array().cloned().unwrap_or_default();
     if items.is_empty() {
@@ -301,17 +341,19 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
             endpoint,
             reason,
             limit,
+            page_size,
         } => {
-            let mut path = format!("/dead-letters?limit={limit}");
+            let mut path = "/dead-letters?".to_string();
             if let Some(r) = reason {
                 path.push_str(&format!(
-                    "&reason={}",
+                    "reason={}&",
                     percent_encoding::utf8_percent_encode(&r, percent_encoding::NON_ALPHANUMERIC)
                 ));
             }
-            finish(call(&endpoint, reqwest::Method::GET, &path, None), |v| {
-                print_list(v, "dead letters")
-            })
+            finish(
+                list_all(&endpoint, &path, limit, usize::from(page_size)),
+                |v| print_list(v, "dead letters"),
+            )
         }
         DlqCommand::Show { endpoint, id } => finish(
             call(
@@ -351,11 +393,9 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
 
 pub fn hold(command: HoldCommand) -> ExitCode {
     match command {
-        HoldCommand::List { endpoint } => {
-            finish(call(&endpoint, reqwest::Method::GET, "/holds", None), |v| {
-                print_list(v, "held records")
-            })
-        }
+        HoldCommand::List { endpoint } => finish(list_all(&endpoint, "/holds?", None, PAGE), |v| {
+            print_list(v, "held records")
+        }),
         HoldCommand::Approve {
             endpoint,
             id,

@@ -11,7 +11,8 @@
 //! it. Functions this module does not implement natively are called through the `cel` interpreter with the
 //! shared base context (see `cel_env`), so they behave exactly as the library defines them. The `cel` crate has
 //! no cost limit, so this evaluator carries one: a step budget (every node, every loop iteration, and the size
-//! of every value it builds count) and a wall-clock deadline, checked as it goes. A statically bounded
+//! of every value it builds count) and a deadline in CPU time of the evaluating thread (see `clock`), checked as
+//! it goes. A statically bounded
 //! comprehension depth and a per-record estimate (see [`Program::estimate`]) let a record that would exceed
 //! the budget be refused before any work is done.
 
@@ -20,7 +21,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use kube::core::cel::cel::common::ast::{
     ComprehensionExpr, EntryExpr, Expr, LiteralValue, operators,
@@ -36,6 +37,7 @@ use super::cel_env::{
     base_context, call_expression, decimal_apply, decimal_method, decimal_value, invoke,
     is_function, make_decimal, to_cel, type_name,
 };
+use super::clock::{CpuClock, CpuDeadline};
 use super::schema::{Field, ObjectSchema, Schema};
 use super::{CompileError, CompileErrorKind, Limits};
 use crate::api::FieldType;
@@ -47,6 +49,9 @@ const MAX_BRACKET_NESTING: usize = 32;
 const MAX_OPERATORS: usize = 600;
 /// Bytes a built value may hold per budget step (strings, lists, maps are charged for their size).
 const BYTES_PER_STEP: usize = 64;
+
+/// Constant folding at compile time is bounded by a small step budget and the compiling thread's CPU clock.
+static FOLD_CLOCK: CpuClock = CpuClock::thread();
 
 /// A lookup as the expressions see it: a map from key to an entry with declared fields.
 #[derive(Debug, Clone)]
@@ -1028,7 +1033,7 @@ impl<'d, 's> Lowering<'d, 's> {
             &null,
             0,
             10_000,
-            Instant::now() + std::time::Duration::from_millis(100),
+            FOLD_CLOCK.deadline_after(Duration::from_millis(100)),
         );
         match eval(&node, &mut frame) {
             Ok(value) => (Node::Const(value), Shape::Unknown),
@@ -1247,7 +1252,7 @@ pub(crate) enum EvalErrorKind {
     Library,
     /// The step budget ran out.
     Budget,
-    /// The wall-clock deadline passed.
+    /// The evaluating thread spent its CPU-time deadline.
     Deadline,
 }
 
@@ -1345,7 +1350,7 @@ pub(crate) struct Frame<'r> {
     /// Comprehension variables; a contract rarely nests more than a few, so they usually live in the frame.
     locals: Locals,
     budget: u64,
-    deadline: Instant,
+    deadline: CpuDeadline<'r>,
     ticks: u32,
 }
 
@@ -1382,7 +1387,7 @@ impl<'r> Frame<'r> {
         flow: &'r Value,
         slots: usize,
         budget: u64,
-        deadline: Instant,
+        deadline: CpuDeadline<'r>,
     ) -> Self {
         Frame {
             record,
@@ -1412,7 +1417,7 @@ impl<'r> Frame<'r> {
             }
         };
         self.ticks = self.ticks.wrapping_add(1);
-        // Reading the clock costs more than a step, so it is read every 1024 steps.
+        // Reading the CPU clock is a system call and costs more than a step, so it is read every 1024 steps.
         if self.ticks & 1023 == 0 {
             self.check_deadline()?;
         }
@@ -1420,10 +1425,10 @@ impl<'r> Frame<'r> {
     }
 
     pub(crate) fn check_deadline(&self) -> Result<(), EvalError> {
-        if Instant::now() >= self.deadline {
+        if self.deadline.passed() {
             Err(EvalError {
                 kind: EvalErrorKind::Deadline,
-                message: "the evaluation passed its deadline".into(),
+                message: "the evaluation spent its CPU-time budget".into(),
             })
         } else {
             Ok(())

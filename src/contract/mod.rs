@@ -3,10 +3,11 @@
 //! A record's life in here: bounded parsing of its bytes ([`record`]), validation against the field schema and
 //! conversion into typed CEL values ([`schema`]), the business rules ([`rules`]), and the mapping to the ERP
 //! payload and its external id ([`mapping`]). The result is one [`Outcome`]: accepted, rejected or held. Every
-//! evaluation is bounded by a step budget and a deadline ([`eval`]); personal data is redacted by one function
+//! evaluation is bounded by a step budget and a CPU-time deadline ([`eval`], [`clock`]); personal data is redacted by one function
 //! ([`redact`]) wherever it leaves; compatibility between two versions is classified in [`compat`].
 //!
-//! This module is pure: no network, no database, no Kubernetes, no clock except the per-record deadline. The
+//! This module is pure: no network, no database, no Kubernetes, and no clock but the evaluating thread's CPU
+//! clock, which the per-record deadline reads (a busy scheduler never turns a valid record into a rejection). The
 //! worker, the preflight replay, `meshline validate` and `meshline contract` all call it.
 //!
 //! The API for callers:
@@ -18,6 +19,7 @@
 //! - [`compat::diff`] and [`compat::content_hash`] compare versions.
 
 mod cel_env;
+mod clock;
 pub mod compat;
 mod eval;
 mod lookup;
@@ -31,12 +33,13 @@ mod schema;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kube::core::cel::cel::objects::{Key, Map, Value};
 use serde::Serialize;
 
 pub use cel_env::{CelDecimal, DECIMAL_TYPE, decimal_to_json};
+pub use clock::{CpuClock, CpuTime};
 pub use compat::{CompatReport, ContentHash, content_hash, diff};
 pub use lookup::{LookupError, Lookups, MAX_LOOKUP_BYTES};
 pub use mapping::MAX_EXTERNAL_ID_LEN;
@@ -62,7 +65,8 @@ pub struct Limits {
     pub max_comprehension_depth: usize,
     /// Step budget for all expressions of one record together.
     pub max_cost: u64,
-    /// Wall-clock time one record may take.
+    /// CPU time the evaluating thread may spend on one record (see [`CpuClock`]). Time the thread waits for
+    /// the scheduler does not count.
     pub deadline: Duration,
     /// Most violations reported for one record.
     pub max_violations: usize,
@@ -87,6 +91,8 @@ impl Default for Limits {
 pub struct CompileOptions {
     pub limits: Limits,
     pub redaction: Redaction,
+    /// The clock of the per-record deadline: the evaluating thread's CPU time unless a test injects one.
+    pub cpu_clock: CpuClock,
 }
 
 /// A problem in a contract spec, at a path relative to the manifest (`spec.rules[2].expression`).
@@ -185,6 +191,7 @@ pub struct CompiledContract {
     rules: Vec<rules::Rule>,
     mapping: mapping::Mapping,
     limits: Limits,
+    cpu_clock: CpuClock,
     redaction: Redaction,
     /// `contract` as expressions see it.
     contract_value: Value,
@@ -385,6 +392,7 @@ pub fn compile_with(
         rules,
         mapping,
         limits: options.limits.clone(),
+        cpu_clock: options.cpu_clock.clone(),
         redaction: options.redaction.clone(),
         contract_value,
         slots,
@@ -583,7 +591,8 @@ impl CompiledContract {
     }
 
     fn run(&self, bytes: &[u8], env: &Env, approved: &[&str]) -> Outcome {
-        let deadline = Instant::now() + self.limits.deadline;
+        // The deadline is a reading of this thread's CPU clock: parsing and validation count, waiting does not.
+        let deadline = self.cpu_clock.deadline_after(self.limits.deadline);
         if env.contract_id != self.id {
             return Outcome::rejected(Reason::new(
                 ReasonCode::Internal,
@@ -704,8 +713,8 @@ impl CompiledContract {
                 warnings,
             };
         }
-        // Inside an evaluation the frame reads the clock every 1024 steps; between the rules and the mapping
-        // it is read once more, so a record never reaches the sink past its deadline.
+        // Inside an evaluation the frame reads the CPU clock every 1024 steps; between the rules and the
+        // mapping it is read once more, so a record never reaches the sink past its deadline.
         if let Err(e) = frame.check_deadline() {
             return Outcome::rejected(Reason::new(
                 ReasonCode::DeadlineExceeded,

@@ -167,10 +167,13 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// One record with its lineage, snapshots and interventions.
     async fn get(&self, id: RecordId) -> Result<Option<RecordDetail>>;
 
-    /// Records in `state`, by id, after `after` (for paging the dead letters and the holds).
+    /// Records in `state`, by id, after `after` (for paging the dead letters and the holds). With `reason`,
+    /// only those whose dead-letter reason is exactly it: filtered in the query, so a page of `limit` holds
+    /// `limit` matches and paging by reason reaches every one.
     async fn list(
         &self,
         state: RecordState,
+        reason: Option<&str>,
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<RecordView>>;

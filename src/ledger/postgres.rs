@@ -934,18 +934,20 @@ impl Ledger for PostgresLedger {
     async fn list(
         &self,
         state: RecordState,
+        reason: Option<&str>,
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<RecordView>> {
         let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.flow = $1 AND r.state = $2 {} \
-             AND r.id > $3 ORDER BY r.id LIMIT $4",
+             AND r.id > $3 AND ($5::TEXT IS NULL OR r.dead_letter_reason = $5) ORDER BY r.id LIMIT $4",
             super::attention_filter(state)
         )))
         .bind(&self.flow)
         .bind(state.as_str())
         .bind(after.map_or(0, |id| id.0))
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(reason)
         .fetch_all(&self.pool)
         .await
         .map_err(self.db("list", None))?;

@@ -1363,15 +1363,18 @@ impl Ledger for SqliteLedger {
     async fn list(
         &self,
         state: RecordState,
+        reason: Option<&str>,
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<RecordView>> {
         let flow = self.flow.clone();
+        let reason = reason.map(str::to_string);
         let rows: Vec<RecordRow> = self
             .read("list", move |conn| {
                 conn.prepare_cached(&format!(
                     "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} \
-                     WHERE r.flow = ?1 AND r.state = ?2 {} AND r.id > ?3 ORDER BY r.id LIMIT ?4",
+                     WHERE r.flow = ?1 AND r.state = ?2 {} AND r.id > ?3 \
+                     AND (?5 IS NULL OR r.dead_letter_reason = ?5) ORDER BY r.id LIMIT ?4",
                     attention_filter(state)
                 ))
                 .and_then(|mut s| {
@@ -1380,7 +1383,8 @@ impl Ledger for SqliteLedger {
                             flow,
                             state.as_str(),
                             after.map_or(0, |id| id.0),
-                            i64::try_from(limit).unwrap_or(i64::MAX)
+                            i64::try_from(limit).unwrap_or(i64::MAX),
+                            reason
                         ],
                         record_row,
                     )?

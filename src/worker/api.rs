@@ -247,17 +247,17 @@ async fn list(state: &ApiState, record_state: RecordState, q: ListQuery) -> Resp
     match state
         .pipeline
         .ledger
-        .list(record_state, q.after.map(RecordId), limit)
+        .list(
+            record_state,
+            q.reason.as_deref(),
+            q.after.map(RecordId),
+            limit,
+        )
         .await
     {
         Ok(views) => {
             let items: Vec<Value> = views
                 .iter()
-                .filter(|v| {
-                    q.reason
-                        .as_ref()
-                        .is_none_or(|r| v.dead_letter_reason.as_ref() == Some(r))
-                })
                 .map(|v| redacted_view(&state.pipeline, v))
                 .collect();
             let next = views.last().map(|v| v.id.0);

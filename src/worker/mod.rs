@@ -134,17 +134,17 @@ impl Worker {
         extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
     ) -> Result<Worker, WorkerError> {
         let flow = rendered.flow_name();
-        let contract = crate::contract::compile(&rendered.contract.spec).map_err(|errors| {
-            WorkerError::Contract {
-                flow: flow.clone(),
-                contract: rendered.contract.metadata.name.clone().unwrap_or_default(),
-                errors: errors
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            }
-        })?;
+        let contract =
+            crate::contract::compile_with(&rendered.contract.spec, &settings.options.contract)
+                .map_err(|errors| WorkerError::Contract {
+                    flow: flow.clone(),
+                    contract: rendered.contract.metadata.name.clone().unwrap_or_default(),
+                    errors: errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                })?;
         let contract = Arc::new(contract);
         let env = build_env(&contract, &flow, &lookups)?;
         std::fs::create_dir_all(&settings.state_dir).map_err(|e| WorkerError::Setup {

@@ -19,7 +19,9 @@ use super::breaker::Breaker;
 use super::metrics::Metrics;
 use crate::api::{DeliveryPolicy, ErrorClass};
 use crate::connectors::{Delivery, Sink, SinkError};
-use crate::contract::{CompiledContract, Env, Outcome as ContractOutcome};
+use crate::contract::{
+    CompileOptions, CompiledContract, Env, Outcome as ContractOutcome, ReasonCode,
+};
 use crate::ledger::{
     BucketSet, ClaimedRecord, Completion, LeaseRequest, Ledger, NewLineageEvent, Outcome,
 };
@@ -40,6 +42,9 @@ pub struct PipelineOptions {
     pub idle_poll: Duration,
     /// How long a graceful shutdown waits for in-flight deliveries.
     pub shutdown_grace: Duration,
+    /// How the flow's contract is compiled: its bounds and the CPU clock of its per-record deadline (tests
+    /// inject a deterministic clock here).
+    pub contract: CompileOptions,
 }
 
 impl Default for PipelineOptions {
@@ -53,6 +58,7 @@ impl Default for PipelineOptions {
             complete_linger: Duration::from_millis(5),
             idle_poll: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(20),
+            contract: CompileOptions::default(),
         }
     }
 }
@@ -387,6 +393,13 @@ impl Pipeline {
             None => self.contract.process(bytes, &env),
         };
         match contract_outcome {
+            ContractOutcome::Rejected { reasons }
+                if reasons
+                    .iter()
+                    .any(|r| r.code == ReasonCode::DeadlineExceeded) =>
+            {
+                self.overran(record, &reasons).await
+            }
             ContractOutcome::Rejected { reasons } => {
                 self.metrics.fail(ErrorClass::Permanent);
                 self.metrics.dead_lettered.inc();
@@ -438,6 +451,93 @@ impl Pipeline {
                     .await
             }
         }
+    }
+
+    /// A record whose evaluation overran its CPU budget. One overrun is no verdict on the record (a page
+    /// fault storm, a noisy neighbour on the same core, a cold cache can all inflate CPU time once), so it is
+    /// retried with the flow's backoff like any transient failure. Only a record that overruns on
+    /// [`MAX_CONSECUTIVE_OVERRUNS`] consecutive evaluations of the same payload is dead-lettered, with a reason
+    /// that says so. The streak is read from the record's lineage, so it survives restarts and is the same
+    /// whichever replica evaluates the record; any other outcome in between (a delivery failure, say) ends it.
+    async fn overran(
+        &self,
+        record: &ClaimedRecord,
+        reasons: &[crate::contract::Reason],
+    ) -> Outcome {
+        let message = reasons
+            .iter()
+            .map(|r| format!("{}: {}", r.subject, r.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let earlier = self.consecutive_overruns(record).await;
+        let overruns = earlier + 1;
+        if overruns >= MAX_CONSECUTIVE_OVERRUNS {
+            self.metrics.fail(ErrorClass::Permanent);
+            self.metrics.dead_lettered.inc();
+            let subject = reasons
+                .iter()
+                .find(|r| r.code == ReasonCode::DeadlineExceeded)
+                .map(|r| subject_key(&r.subject))
+                .unwrap_or_else(|| "record".into());
+            // One stable reason per subject (the count is a constant), so dead letters group and replay by it.
+            let reason = format!(
+                "contract:deadline_exceeded:{subject} (overran its CPU budget on {overruns} consecutive attempts)"
+            );
+            return dead_letter(
+                &reason,
+                ErrorClass::Permanent,
+                message,
+                None,
+                self.snapshot(record),
+            );
+        }
+        self.metrics.fail(ErrorClass::Transient);
+        self.metrics.retried.inc();
+        let attempts = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
+        let wait = backoff(&self.policy, attempts, None);
+        Outcome::RetryScheduled {
+            next_attempt_at: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+            error: format!("{OVERRUN_MARK} {overruns} of {MAX_CONSECUTIVE_OVERRUNS}: {message}"),
+            class: ErrorClass::Transient,
+        }
+    }
+
+    /// How many evaluations of this record's current payload in a row, up to now, overran the CPU budget:
+    /// the retries its lineage records with [`OVERRUN_MARK`], counted back from the newest outcome. Claims,
+    /// releases and other non-verdicts are skipped; any other outcome ends the streak. If the lineage
+    /// cannot be read the streak counts as zero: the record is retried rather than dead-lettered without
+    /// evidence.
+    async fn consecutive_overruns(&self, record: &ClaimedRecord) -> u32 {
+        let detail = match self.ledger.get(record.claim.id).await {
+            Ok(Some(detail)) => detail,
+            Ok(None) => return 0,
+            Err(e) => {
+                tracing::warn!(flow = %self.flow, record = %record.claim.id, error = %e, "cannot read the lineage to count deadline overruns; retrying");
+                return 0;
+            }
+        };
+        let mut streak = 0;
+        for event in detail
+            .lineage
+            .iter()
+            .rev()
+            .filter(|e| e.generation == record.claim.generation)
+        {
+            match event.step.as_str() {
+                "retry_scheduled" => {
+                    let overran = event.detail["error"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with(OVERRUN_MARK));
+                    if !overran {
+                        break;
+                    }
+                    streak += 1;
+                }
+                "delivered" | "dead_lettered" | "held" => break,
+                _ => {}
+            }
+        }
+        streak
     }
 
     /// The record as a person may see it with its hold or dead letter: through the contract's one redaction
@@ -551,6 +651,16 @@ impl Pipeline {
         }
     }
 }
+
+/// Consecutive evaluations of one payload that must overrun the contract's CPU budget before the record is
+/// dead-lettered. Three: a record that overran by accident (a noisy neighbour, a cold cache) gets two more
+/// chances after backoff, while one whose rules really are too costly is set aside after a few seconds of
+/// backoff instead of occupying the worker forever.
+pub const MAX_CONSECUTIVE_OVERRUNS: u32 = 3;
+
+/// How a retry scheduled for a deadline overrun starts its error text; the lineage keeps it, and the next
+/// evaluation counts the streak from it.
+const OVERRUN_MARK: &str = "contract deadline overrun";
 
 fn subject_key(subject: &crate::contract::Subject) -> String {
     use crate::contract::Subject;

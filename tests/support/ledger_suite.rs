@@ -594,11 +594,35 @@ pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
     ledger.complete_batch(completions).await.unwrap();
     assert_eq!(
         ledger
-            .list(RecordState::DeadLettered, None, 100)
+            .list(RecordState::DeadLettered, None, None, 100)
             .await
             .unwrap()
             .len(),
         5
+    );
+    // Paging by reason, one per page, reaches every dead letter with that reason and no other: the filter is
+    // in the query, so the first page is not spent on the records of another reason.
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ledger
+            .list(RecordState::DeadLettered, Some("credit hold"), after, 1)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        pages.push(page);
+    }
+    let by_reason: Vec<_> = pages.iter().flatten().map(|v| v.id).collect();
+    let expected: Vec<_> = claimed[3..].iter().map(|c| c.claim.id).collect();
+    assert_eq!(by_reason, expected);
+    assert!(pages.iter().all(|p| p.len() == 1), "{pages:?}");
+    assert!(
+        ledger
+            .list(RecordState::DeadLettered, Some("no such reason"), None, 100)
+            .await
+            .unwrap()
+            .is_empty()
     );
     let dead_detail = ledger.get(claimed[0].claim.id).await.unwrap().unwrap();
     // The dead letter keeps the (caller-redacted) snapshot it was given, under its generation.
@@ -639,7 +663,7 @@ pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
     assert_eq!(replayed, expected);
     assert_eq!(
         ledger
-            .list(RecordState::Validated, None, 100)
+            .list(RecordState::Validated, None, None, 100)
             .await
             .unwrap()
             .len(),
@@ -647,7 +671,7 @@ pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
     );
     assert_eq!(
         ledger
-            .list(RecordState::DeadLettered, None, 100)
+            .list(RecordState::DeadLettered, None, None, 100)
             .await
             .unwrap()
             .len(),
@@ -984,7 +1008,10 @@ pub async fn a_version_1_ledger_is_migrated_with_its_records_and_payloads(fixtur
         (counts.records, counts.pending, counts.delivered),
         (2, 1, 1)
     );
-    let delivered = ledger.list(RecordState::Delivered, None, 10).await.unwrap();
+    let delivered = ledger
+        .list(RecordState::Delivered, None, None, 10)
+        .await
+        .unwrap();
     assert_eq!(delivered[0].payload, json!({"amount": 8}));
     let claimed = claim_all(ledger.as_ref(), "w").await;
     assert_eq!(claimed.len(), 1);

@@ -578,7 +578,8 @@ impl WorkerProcess {
             let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
             // SAFETY: plain kill(2) on our own child's pid, which has not been reaped yet.
             unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(20);
+            // A give-up only, so a worker that ignores the signal cannot hang the test.
+            let deadline = Instant::now() + Duration::from_secs(120);
             loop {
                 if let Ok(Some(status)) = child.try_wait() {
                     assert!(
@@ -591,7 +592,7 @@ impl WorkerProcess {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{} ignored SIGTERM for 20 s",
+                    "{} ignored SIGTERM for 120 s",
                     self.name
                 );
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -672,6 +673,109 @@ pub fn client() -> reqwest::Client {
 
 pub fn counter(status: &Value, name: &str) -> i64 {
     status["counters"][name].as_i64().unwrap_or(-1)
+}
+
+// ---- evidence on failure ----------------------------------------------------------------------------------
+
+/// What the ledger says about a run, fetched from a worker's operations API: the counters and every dead
+/// letter's id, key, reason and last error (all pages). A failing reliability test prints it, so the failure
+/// names its cause (a reason such as `contract:deadline_exceeded:record` says more than "2 missing").
+pub async fn ledger_evidence(url: &str) -> String {
+    let http = client();
+    let mut out = String::new();
+    match http.get(format!("{url}/status")).send().await {
+        Ok(r) => match r.json::<Value>().await {
+            Ok(status) => out.push_str(&format!(
+                "counters {}, pending {}, circuit breaker {}",
+                status["counters"], status["pending"], status["circuitBreaker"]
+            )),
+            Err(e) => out.push_str(&format!("/status is not JSON: {e}")),
+        },
+        Err(e) => return format!("{url} does not answer, no ledger evidence: {e}"),
+    }
+    let mut after: Option<i64> = None;
+    let mut listed = 0;
+    loop {
+        let mut path = format!("{url}/dead-letters?limit=1000");
+        if let Some(a) = after {
+            path.push_str(&format!("&after={a}"));
+        }
+        let page = match http.get(&path).send().await {
+            Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
+            Err(e) => {
+                out.push_str(&format!("\n  dead letters unavailable: {e}"));
+                break;
+            }
+        };
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        for item in &items {
+            listed += 1;
+            // A dead letter's last error is its reason; the message (the contract's or the ERP's answer)
+            // is kept beside it.
+            let detail: String = item["erp_response"]
+                .as_str()
+                .unwrap_or("-")
+                .chars()
+                .take(300)
+                .collect();
+            out.push_str(&format!(
+                "\n  dead letter {} ({}), {} attempts: reason {}; last error {}; detail {detail}",
+                item["id"],
+                item["source_key"].as_str().unwrap_or("?"),
+                item["attempts"],
+                item["dead_letter_reason"].as_str().unwrap_or("-"),
+                item["last_error"].as_str().unwrap_or("-"),
+            ));
+        }
+        match page["next"].as_i64() {
+            Some(next) if items.len() == 1000 && after.is_none_or(|a| next > a) => {
+                after = Some(next)
+            }
+            _ => break,
+        }
+    }
+    if listed == 0 {
+        out.push_str("\n  no dead letters");
+    }
+    out
+}
+
+/// Prints [`ledger_evidence`] for each worker URL if the test fails while it is alive. Create it after the
+/// workers (locals drop in reverse order), so the workers still answer when it looks.
+pub struct EvidenceOnFailure {
+    urls: Vec<String>,
+}
+
+impl EvidenceOnFailure {
+    pub fn new(urls: Vec<String>) -> EvidenceOnFailure {
+        EvidenceOnFailure { urls }
+    }
+}
+
+impl Drop for EvidenceOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let urls = std::mem::take(&mut self.urls);
+        // Dropped while a test unwinds, possibly on a runtime thread: fetch on a thread of its own.
+        let report = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the evidence");
+            runtime.block_on(async move {
+                let mut report = String::new();
+                for url in &urls {
+                    report.push_str(&format!("\n{url}: {}", ledger_evidence(url).await));
+                }
+                report
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| "\n(the evidence could not be collected)".into());
+        eprintln!("---- ledger evidence at the failure ----{report}");
+    }
 }
 
 // ---- the CRM ----------------------------------------------------------------------------------------------

@@ -234,19 +234,25 @@ impl Bucket {
     async fn take(&self) {
         let wait = {
             let mut state = self.state.lock().await;
-            let now = Instant::now();
-            let (tokens, last) = *state;
-            let tokens =
-                (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.burst) - 1.0;
-            *state = (tokens, now);
-            if tokens >= 0.0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(-tokens / self.rate)
-            }
+            self.reserve(&mut state, Instant::now())
         };
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Takes a token at `now` from the balance `state` (tokens, last update) and returns how long the caller
+    /// waits before it starts. Pure, so the schedule is testable without reading a clock.
+    fn reserve(&self, state: &mut (f64, Instant), now: Instant) -> Duration {
+        let (tokens, last) = *state;
+        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * self.rate)
+            .min(self.burst)
+            - 1.0;
+        *state = (tokens, now);
+        if tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-tokens / self.rate)
         }
     }
 }
@@ -364,19 +370,25 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn token_bucket_spaces_requests_at_the_configured_rate() {
+    #[test]
+    fn token_bucket_spaces_requests_at_the_configured_rate() {
+        // The schedule the bucket hands out, computed at fixed instants: no clock is read, so a busy machine
+        // cannot change the answer.
         let bucket = Bucket::new(20);
-        let start = Instant::now();
-        for _ in 0..12 {
-            bucket.take().await;
+        let t0 = Instant::now();
+        let mut state = (bucket.burst, t0);
+        let waits: Vec<Duration> = (0..12).map(|_| bucket.reserve(&mut state, t0)).collect();
+        // A burst of two tokens, then one start every 50 ms: the twelfth caller starts half a second in.
+        for (i, wait) in waits.iter().enumerate() {
+            let expected = Duration::from_millis(50 * (i.saturating_sub(1)) as u64);
+            let off = wait.abs_diff(expected);
+            assert!(off < Duration::from_micros(1), "caller {i}: {wait:?}");
         }
-        // A burst of two tokens, then ten more at 20/s: half a second, without spinning.
-        let elapsed = start.elapsed();
-        assert!(
-            elapsed >= Duration::from_millis(480) && elapsed <= Duration::from_millis(1500),
-            "{elapsed:?}"
-        );
+        // Time that passes refills the bucket at the rate, never beyond the burst.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(bucket.reserve(&mut state, later), Duration::ZERO);
+        assert_eq!(bucket.reserve(&mut state, later), Duration::ZERO);
+        assert!(bucket.reserve(&mut state, later) > Duration::ZERO);
     }
 
     #[test]
