@@ -434,8 +434,7 @@ impl Pipeline {
                         tracing::warn!(flow = %self.flow, error = %e, "lineage write failed");
                     }
                 }
-                self.deliver(record, payload.as_json(), external_id.as_str())
-                    .await
+                self.deliver(record, &payload, external_id.as_str()).await
             }
         }
     }
@@ -457,7 +456,7 @@ impl Pipeline {
     async fn deliver(
         &self,
         record: &ClaimedRecord,
-        payload: &serde_json::Value,
+        payload: &crate::contract::Payload,
         external_id: &str,
     ) -> Outcome {
         if self.breaker.is_open() {
@@ -466,7 +465,7 @@ impl Pipeline {
         let attempt = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
         let delivery = Delivery {
             external_id,
-            payload,
+            payload: payload.as_json(),
             correlation_id: &record.correlation_id,
             attempt,
         };
@@ -493,8 +492,31 @@ impl Pipeline {
                 self.metrics.delivered.inc();
                 Outcome::Delivered
             }
-            Err(e) => self.failed(record, e),
+            Err(e) => {
+                let e = self.scrubbed(record, payload, e);
+                self.failed(record, e)
+            }
         }
+    }
+
+    /// The ERP's error with every personal value of the record and its payload redacted. ERPs quote field
+    /// values in their errors (NetSuite's `o:errorDetails`, Odoo's validation messages), and the error goes
+    /// on to `last_error`, the dead letter, `/records`, the breaker's reason and the logs; this is the one
+    /// place it is cleaned, before any of them sees it.
+    fn scrubbed(
+        &self,
+        record: &ClaimedRecord,
+        payload: &crate::contract::Payload,
+        mut e: SinkError,
+    ) -> SinkError {
+        let bytes = record.payload.as_bytes();
+        e.message = self
+            .contract
+            .scrub_record_text(bytes, Some(payload), &e.message);
+        e.response = e
+            .response
+            .map(|r| self.contract.scrub_record_text(bytes, Some(payload), &r));
+        e
     }
 
     fn failed(&self, record: &ClaimedRecord, e: SinkError) -> Outcome {
