@@ -4,14 +4,16 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use meshline::api::{Backoff, LedgerSpec};
+use meshline::connectors::sources::webhook;
 use meshline::connectors::{Delivered, Delivery, Intake, Sink, SinkError, SourceRecord};
 use meshline::ledger::{RecordId, RecordState};
+use meshline::worker::disk::{FreeSpace, Space};
 use meshline::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
 use serde_json::{Value, json};
 
@@ -348,4 +350,254 @@ async fn erp_errors_quoting_personal_data_are_stored_and_served_redacted() {
         "the logs are captured: {logs}"
     );
     assert_no_pii("the worker's logs", &logs);
+}
+
+/// The ledger volume's free space, as the test sets it.
+#[derive(Debug)]
+struct VolumeDouble {
+    available: AtomicU64,
+    reads: AtomicU64,
+}
+
+const GIB: u64 = 1024 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
+
+impl FreeSpace for VolumeDouble {
+    fn space(&self) -> std::io::Result<Space> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Ok(Space {
+            available: self.available.load(Ordering::SeqCst),
+            total: GIB,
+        })
+    }
+}
+
+/// An ERP that holds every delivery until the test opens it, so records are in flight while the volume fills.
+struct GatedErp {
+    open: tokio::sync::Semaphore,
+    orders: Mutex<HashMap<String, Value>>,
+}
+
+#[async_trait]
+impl Sink for GatedErp {
+    fn system(&self) -> &'static str {
+        "http"
+    }
+    async fn deliver(&self, d: Delivery<'_>) -> Result<Delivered, SinkError> {
+        drop(self.open.acquire().await.unwrap());
+        self.orders
+            .lock()
+            .unwrap()
+            .insert(d.external_id.to_string(), d.payload.clone());
+        Ok(Delivered {
+            erp_id: None,
+            created: Some(true),
+            status: 200,
+        })
+    }
+    async fn probe(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn fetch_lookup(&self, _: &str, _: &str) -> Result<Vec<Value>, SinkError> {
+        Ok(Vec::new())
+    }
+}
+
+const WEBHOOK_SECRET: &str = "whsec-disk-test";
+
+async fn send_webhook(h: &Harness, i: usize) -> reqwest::Response {
+    let body = serde_json::to_vec(&record(i, EMAIL_RETRY, PHONE_RETRY).payload).unwrap();
+    let t = chrono::Utc::now().timestamp();
+    h.http
+        .post(h.url("/webhook"))
+        .header(
+            "x-meshline-signature",
+            webhook::meshline_signature(WEBHOOK_SECRET, t, &body),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn disk_problem(status: &Value) -> Option<Value> {
+    status["problems"]
+        .as_array()?
+        .iter()
+        .find(|p| p["kind"] == "DiskPressure")
+        .cloned()
+}
+
+fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_volume_refuses_intake_but_still_records_deliveries() {
+    let volume = Arc::new(VolumeDouble {
+        available: AtomicU64::new(600 * MIB),
+        reads: AtomicU64::new(0),
+    });
+    let erp = Arc::new(GatedErp {
+        open: tokio::sync::Semaphore::new(0),
+        orders: Mutex::default(),
+    });
+    let mut rendered = RenderedFlow::from_manifests(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
+    )
+    .unwrap();
+    rendered.flow.spec.ledger = LedgerSpec::default();
+    rendered.flow.spec.delivery.concurrency = 8;
+    let state = tempfile::tempdir().unwrap();
+    let settings = WorkerSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state.path().join("state"),
+        secrets_dir: None,
+        token_file: None,
+        options: PipelineOptions {
+            idle_poll: Duration::from_millis(10),
+            free_space: Some(volume.clone()),
+            ..PipelineOptions::default()
+        },
+    };
+    let lookups: Value = serde_json::from_str(&data("lookups.json")).unwrap();
+    let webhook_config = webhook::WebhookConfig {
+        flow: "disk".into(),
+        path: "/webhook".into(),
+        verifier: webhook::Verifier::HmacSha256 {
+            secret: WEBHOOK_SECRET.into(),
+        },
+        field_map: Default::default(),
+        key_pointer: "/id".into(),
+        body_limit: 1 << 20,
+        tolerance: Duration::from_secs(300),
+        public_base_url: None,
+    };
+    let worker = Worker::start(&rendered, &settings, erp.clone(), lookups, move |intake| {
+        webhook::router(webhook_config, intake as Arc<dyn Intake>)
+    })
+    .await
+    .unwrap();
+    let h = Harness {
+        worker,
+        http: reqwest::Client::new(),
+        _state: state,
+    };
+
+    // Room to spare: five records are accepted and go to the ERP, which holds them.
+    for i in 1..=5 {
+        assert_eq!(send_webhook(&h, i).await.status(), 200);
+    }
+    assert!(disk_problem(&h.json("/status").await).is_none());
+
+    // The volume drops below the reserve (64 MiB of 1 GiB): the next webhook is refused, nothing stored.
+    volume.available.store(10 * MIB, Ordering::SeqCst);
+    let give_up = tokio::time::Instant::now() + GIVE_UP;
+    let refused = loop {
+        let response = send_webhook(&h, 6).await;
+        if response.status() == 503 {
+            break response;
+        }
+        assert_eq!(response.status(), 200, "only 503 or 200");
+        // Stored before the cached reading went stale; the pressure check comes before the duplicate
+        // check, so the next attempt is refused all the same.
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "intake never refused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        refused.headers().get("retry-after").is_some(),
+        "a refusal tells the CRM when to retry"
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "intake_paused", "{body}");
+    let direct = h
+        .worker
+        .intake
+        .accept(vec![record(8, EMAIL_RETRY, PHONE_RETRY)])
+        .await;
+    assert!(direct.is_err(), "the intake itself refuses under pressure");
+    assert!(h.worker.intake.backpressure().is_some());
+    let status = h.json("/status").await;
+    let problem = disk_problem(&status).unwrap_or_else(|| panic!("no DiskPressure in {status}"));
+    assert!(
+        problem["message"].as_str().unwrap().contains("reserve") && problem["since"].is_string(),
+        "{problem}"
+    );
+    let metrics = h.text("/metrics").await;
+    assert_eq!(
+        gauge(&metrics, "meshline_disk_pressure"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        gauge(&metrics, "meshline_ledger_volume_free_bytes"),
+        Some((10 * MIB) as f64)
+    );
+    let received_under_pressure = status["counters"]["received"].as_i64().unwrap();
+
+    // Completions still fit: the ERP answers and every accepted record is recorded as delivered.
+    erp.open.add_permits(1_000);
+    let give_up = tokio::time::Instant::now() + GIVE_UP;
+    loop {
+        let status = h.json("/status").await;
+        if status["counters"]["delivered"].as_i64() == Some(received_under_pressure) {
+            assert!(disk_problem(&status).is_some(), "still under pressure");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "completions stalled: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Space is freed: intake resumes, and the refused record is stored and delivered.
+    volume.available.store(500 * MIB, Ordering::SeqCst);
+    let give_up = tokio::time::Instant::now() + GIVE_UP;
+    loop {
+        let response = send_webhook(&h, 9).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert_eq!(response.status(), 503);
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "intake never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let give_up = tokio::time::Instant::now() + GIVE_UP;
+    loop {
+        let status = h.json("/status").await;
+        if status["counters"]["delivered"].as_i64() == Some(received_under_pressure + 1) {
+            assert!(disk_problem(&status).is_none(), "{status}");
+            assert_eq!(
+                status["counters"]["received"].as_i64(),
+                Some(received_under_pressure + 1)
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "not delivered: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(erp.orders.lock().unwrap().contains_key(&external_id(9)));
+    assert!(
+        !erp.orders.lock().unwrap().contains_key(&external_id(8)),
+        "a refused record is not stored"
+    );
+    assert_eq!(
+        gauge(&h.text("/metrics").await, "meshline_disk_pressure"),
+        Some(0.0)
+    );
+    h.worker.shutdown().await;
 }

@@ -40,6 +40,16 @@ pub struct WorkerArgs {
     /// Seconds a graceful shutdown waits for in-flight deliveries.
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace: u64,
+    /// Free space (percent of the embedded ledger's volume) below which intake is refused, so the outcomes
+    /// of accepted records always fit; bounded by the two options below.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=50))]
+    pub ledger_reserve_percent: u8,
+    /// The reserve is at least this many MiB.
+    #[arg(long, default_value_t = 64)]
+    pub ledger_reserve_min_mib: u64,
+    /// The reserve is at most this many MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub ledger_reserve_max_mib: u64,
 }
 
 fn parse_buckets(s: &str) -> Result<(u8, u8), String> {
@@ -87,6 +97,14 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     .unwrap_or_else(|| format!("worker-{}", std::process::id())),
                 buckets: crate::ledger::BucketSet::range(args.buckets.0..args.buckets.1 + 1),
                 shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+                disk_reserve: crate::worker::disk::DiskReserve {
+                    min_bytes: args.ledger_reserve_min_mib.saturating_mul(1024 * 1024),
+                    percent: args.ledger_reserve_percent,
+                    max_bytes: args
+                        .ledger_reserve_max_mib
+                        .max(args.ledger_reserve_min_mib)
+                        .saturating_mul(1024 * 1024),
+                },
                 ..PipelineOptions::default()
             },
         };

@@ -44,6 +44,18 @@ pub trait Intake: Send + Sync {
     ) -> Result<IntakeReceipt, IntakeError>;
     /// The checkpoint last committed for `source`.
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, IntakeError>;
+    /// `Some` while the intake refuses records for now (the ledger's volume is nearly full): a webhook
+    /// source answers 503 with `Retry-After`, a poller waits. Cheap to call on every request.
+    fn backpressure(&self) -> Option<Backpressure> {
+        None
+    }
+}
+
+/// Why the intake refuses records for now, and how long the sender should wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backpressure {
+    pub reason: String,
+    pub retry_after: Duration,
 }
 
 /// What the intake did with a batch.

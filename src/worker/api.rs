@@ -194,7 +194,11 @@ pub async fn compute_status(
             since: o.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }),
         paused: pipeline.gated(),
-        problems: Vec::new(),
+        problems: {
+            // Read the volume again if the cached reading is stale, so a problem that went away clears.
+            let _ = pipeline.intake_pressure();
+            pipeline.problems.list()
+        },
     })
 }
 

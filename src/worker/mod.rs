@@ -8,9 +8,11 @@ pub mod allocator;
 pub mod api;
 pub mod breaker;
 pub mod config;
+pub mod disk;
 pub mod intake;
 pub mod metrics;
 pub mod pipeline;
+pub mod problems;
 pub mod run;
 
 use std::net::SocketAddr;
@@ -172,6 +174,19 @@ impl Worker {
             )),
             None => None,
         };
+        let metrics = Arc::new(metrics::Metrics::new());
+        let problems = Arc::new(problems::Problems::default());
+        let disk = match &target {
+            LedgerTarget::Sqlite(_) => Some(disk::DiskGuard::new(
+                settings.options.free_space.clone().unwrap_or_else(|| {
+                    Arc::new(disk::Statvfs::new(&settings.state_dir)) as Arc<dyn disk::FreeSpace>
+                }),
+                settings.options.disk_reserve,
+                problems.clone(),
+                metrics.clone(),
+            )),
+            LedgerTarget::Postgres(_) => None,
+        };
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
@@ -181,13 +196,15 @@ impl Worker {
             policy: rendered.flow.spec.delivery.clone(),
             options: settings.options.clone(),
             breaker: Default::default(),
-            metrics: Arc::new(metrics::Metrics::new()),
+            metrics,
             wake: tokio::sync::Notify::new(),
             gate: std::sync::Mutex::new(None),
             handed: Default::default(),
             stopping: Default::default(),
             // Until the ERP has answered, assume a slow one (50 ms) so the first claims stay small.
             delivery_micros: std::sync::atomic::AtomicU64::new(50_000),
+            problems,
+            disk,
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));

@@ -40,6 +40,10 @@ pub struct PipelineOptions {
     pub idle_poll: Duration,
     /// How long a graceful shutdown waits for in-flight deliveries.
     pub shutdown_grace: Duration,
+    /// Free space the embedded ledger's volume must keep; intake is refused below it (see `worker::disk`).
+    pub disk_reserve: super::disk::DiskReserve,
+    /// How the free space is read; `None` is `statvfs` on the state directory. Tests inject a double.
+    pub free_space: Option<Arc<dyn super::disk::FreeSpace>>,
 }
 
 impl Default for PipelineOptions {
@@ -53,6 +57,8 @@ impl Default for PipelineOptions {
             complete_linger: Duration::from_millis(5),
             idle_poll: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(20),
+            disk_reserve: Default::default(),
+            free_space: None,
         }
     }
 }
@@ -80,6 +86,10 @@ pub struct Pipeline {
     pub handed: std::sync::Mutex<Vec<ClaimedRecord>>,
     /// Set once the pipeline stops taking work (shutdown): the intake leases nothing more.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// What keeps the worker from its work right now; `/status` lists them.
+    pub problems: Arc<super::problems::Problems>,
+    /// The embedded ledger's free-space guard; `None` for a PostgreSQL ledger, whose disk is not ours.
+    pub disk: Option<super::disk::DiskGuard>,
 }
 
 impl Pipeline {
@@ -162,6 +172,11 @@ impl Pipeline {
         if let Err(e) = self.ledger.complete_batch(released).await {
             tracing::warn!(flow = %self.flow, error = %e, "could not give back records leased during shutdown; their leases will expire");
         }
+    }
+
+    /// Why intake must refuse records right now (the ledger's volume is below its reserve), if it must.
+    pub fn intake_pressure(&self) -> Option<super::disk::Pressure> {
+        self.disk.as_ref().and_then(|d| d.pressure())
     }
 
     /// Why deliveries are gated, if they are.

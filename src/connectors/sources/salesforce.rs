@@ -322,6 +322,16 @@ impl SalesforcePoller {
             if *shutdown.borrow() {
                 return Ok(());
             }
+            // While the intake refuses records (a nearly full ledger volume) a poll would only fetch pages
+            // it cannot store; the checkpoint stays where it is and polling resumes when space is back.
+            if let Some(pressure) = intake.backpressure() {
+                tracing::info!(source = %self.config.source_name, reason = %pressure.reason, "intake paused; not polling");
+                tokio::select! {
+                    changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return Ok(()) },
+                    _ = tokio::time::sleep(pressure.retry_after.min(self.config.poll_interval).max(Duration::from_millis(100))) => {}
+                }
+                continue;
+            }
             let wait = match self.poll_once(intake.as_ref()).await {
                 Ok(report) if report.more => Duration::ZERO,
                 Ok(_) => self.config.poll_interval,

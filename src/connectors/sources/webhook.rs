@@ -220,6 +220,10 @@ async fn receive(
         tracing::warn!(flow = %config.flow, %reason, "webhook refused: signature");
         return refuse(StatusCode::UNAUTHORIZED, "bad_signature", reason);
     }
+    // A nearly full ledger volume refuses before any work (a HubSpot read, say): the CRM retries later.
+    if let Some(pressure) = shared.intake.backpressure() {
+        return busy(&pressure);
+    }
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
@@ -273,10 +277,30 @@ async fn receive(
         )
             .into_response(),
         Err(e) => {
+            if let Some(pressure) = shared.intake.backpressure() {
+                return busy(&pressure);
+            }
             tracing::error!(flow = %config.flow, error = %e, "webhook not acknowledged: intake failed");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "intake_failed", format!("{e}; retry later"))
         }
     }
+}
+
+/// 503 with `Retry-After`: nothing was stored, the CRM should send the webhook again later.
+fn busy(pressure: &crate::connectors::Backpressure) -> Response {
+    let mut response = refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "intake_paused",
+        pressure.reason.clone(),
+    );
+    if let Ok(value) =
+        axum::http::HeaderValue::from_str(&pressure.retry_after.as_secs().max(1).to_string())
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, value);
+    }
+    response
 }
 
 fn kind(v: &Value) -> &'static str {
