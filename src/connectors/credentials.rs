@@ -20,6 +20,9 @@ pub enum CredentialsError {
         path: String,
         reason: String,
     },
+    /// Present but unusable (a private key that is not PEM, say). The reason never quotes the value.
+    #[error("credential {key:?} is malformed: {reason}")]
+    Malformed { key: String, reason: String },
 }
 
 /// The keys of one Secret.

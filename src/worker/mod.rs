@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod problems;
 pub mod run;
+pub mod starting;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -60,6 +61,9 @@ pub enum WorkerError {
     },
     #[error("flow {flow}: {message}")]
     Setup { flow: String, message: String },
+    /// A Secret the flow needs is missing a key or holds a value that cannot be used (a non-PEM key).
+    #[error("flow {flow}: {message}")]
+    Credentials { flow: String, message: String },
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
 }
@@ -72,7 +76,19 @@ impl WorkerError {
             WorkerError::Contract { .. } => "contract_invalid",
             WorkerError::Ledger { .. } => "ledger_unavailable",
             WorkerError::Setup { .. } => "setup_failed",
+            WorkerError::Credentials { .. } => "credentials_invalid",
             WorkerError::Listen { .. } => "listen_failed",
+        }
+    }
+}
+
+impl WorkerError {
+    /// The [`problems`] kind a worker that cannot start reports on `/status` while it retries.
+    pub fn problem_kind(&self) -> &'static str {
+        match self {
+            WorkerError::Ledger { .. } => problems::LEDGER_UNAVAILABLE,
+            WorkerError::Credentials { .. } => problems::CREDENTIALS_INVALID,
+            _ => problems::STARTUP_FAILED,
         }
     }
 }
@@ -106,7 +122,7 @@ pub fn ledger_target(
                     .as_deref(),
                 "ledger",
             );
-            let url = creds.get("url").map_err(|e| WorkerError::Setup {
+            let url = creds.get("url").map_err(|e| WorkerError::Credentials {
                 flow,
                 message: e.to_string(),
             })?;
@@ -134,6 +150,19 @@ impl Worker {
         sink: Arc<dyn Sink>,
         lookups: serde_json::Value,
         extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
+    ) -> Result<Worker, WorkerError> {
+        Worker::start_on(rendered, settings, sink, lookups, extra_routes, None).await
+    }
+
+    /// [`Worker::start`] on a socket already listening (`meshline worker` binds it first, to answer health
+    /// and status while the pipeline cannot start yet); `None` binds `settings.listen`.
+    pub async fn start_on(
+        rendered: &RenderedFlow,
+        settings: &WorkerSettings,
+        sink: Arc<dyn Sink>,
+        lookups: serde_json::Value,
+        extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
+        listener: Option<std::net::TcpListener>,
     ) -> Result<Worker, WorkerError> {
         let flow = rendered.flow_name();
         let contract = crate::contract::compile(&rendered.contract.spec).map_err(|errors| {
@@ -214,12 +243,16 @@ impl Worker {
             ready: ready.clone(),
         })
         .merge(extra_routes(intake.clone()));
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| WorkerError::Listen {
-                addr: settings.listen,
-                reason: e.to_string(),
-            })?;
+        let listener = match listener {
+            Some(listener) => listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener)),
+            None => tokio::net::TcpListener::bind(settings.listen).await,
+        }
+        .map_err(|e| WorkerError::Listen {
+            addr: settings.listen,
+            reason: e.to_string(),
+        })?;
         let addr = listener.local_addr().map_err(|e| WorkerError::Listen {
             addr: settings.listen,
             reason: e.to_string(),

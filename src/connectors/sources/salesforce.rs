@@ -140,11 +140,12 @@ impl SalesforceAuth {
     pub fn from_credentials(credentials: &Credentials) -> Result<SalesforceAuth, SourceError> {
         let client_id = credentials.get("clientId")?;
         if let Some(pem) = credentials.optional("privateKey")? {
-            let key =
-                EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| SourceError::Config {
-                    system: SYSTEM,
-                    reason: format!("Secret key privateKey is not an RSA private key in PEM: {e}"),
-                })?;
+            let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| {
+                SourceError::Credentials(crate::connectors::CredentialsError::Malformed {
+                    key: "privateKey".into(),
+                    reason: format!("not an RSA private key in PEM form: {e}"),
+                })
+            })?;
             return Ok(SalesforceAuth::JwtBearer {
                 client_id,
                 username: credentials.get("username")?,
