@@ -1,7 +1,8 @@
-//! No crash loops: the real `meshline worker` binary, started while what it needs is broken (a Secret holding
-//! a key that is not PEM, a PostgreSQL ledger that is not up yet), stays up, says why on `/readyz` and
-//! `/status`, refuses webhooks with 503 (nothing accepted and lost), and starts by itself once the problem is
-//! fixed, then delivers.
+//! The real `meshline worker` binary and its Secrets. No crash loops: started while what it needs is broken
+//! (a Secret holding a key that is not PEM, a PostgreSQL ledger that is not up yet), it stays up, says why on
+//! `/readyz` and `/status`, refuses webhooks with 503 (nothing accepted and lost), and starts by itself once
+//! the problem is fixed, then delivers. Rotation: Secret files swapped in place (as Kubernetes does) are
+//! picked up without a restart.
 
 #[path = "support/postgres.rs"]
 #[allow(dead_code)]
@@ -377,4 +378,153 @@ async fn a_ledger_database_that_is_not_up_yet_keeps_the_worker_waiting_not_crash
     assert_eq!(pg.create_database("startup"), url);
     assert_recovers_and_delivers(&mut worker).await;
     assert_eq!(erp.orders().len(), 1);
+}
+
+/// Lays a Secret out as Kubernetes mounts it: `<key> -> ..data/<key>`, `..data -> ..<version>`.
+fn mount_secret(files: &FlowFiles, secret: &str, version: &str, keys: &[(&str, &str)]) {
+    let dir = files.secrets_dir().join(secret);
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&data).unwrap();
+    for (key, value) in keys {
+        std::fs::write(data.join(key), format!("{value}\n")).unwrap();
+    }
+    // The atomic swap: a new symlink renamed over `..data`.
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for (key, _) in keys {
+        let link = dir.join(key);
+        if std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(format!("..data/{key}"), &link).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_erp_token_is_picked_up_without_a_restart() {
+    let erp = Erp::start(ERP_TOKEN).await;
+    let files = FlowFiles::new(&erp.base_url(), LedgerChoice::Embedded, 4);
+    let secret = files
+        .rendered
+        .flow
+        .spec
+        .sink
+        .credentials_secret_ref
+        .name
+        .clone();
+    std::fs::remove_file(files.secrets_dir().join(&secret).join("token")).unwrap();
+    mount_secret(&files, &secret, "2026_11_30_v1", &[("token", ERP_TOKEN)]);
+    let source = files
+        .rendered
+        .flow
+        .spec
+        .source
+        .credentials_secret_ref
+        .name
+        .clone();
+    std::fs::remove_file(files.secrets_dir().join(&source).join("webhookSecret")).unwrap();
+    mount_secret(
+        &files,
+        &source,
+        "2026_11_30_v1",
+        &[("webhookSecret", WEBHOOK_SECRET)],
+    );
+    let mut worker = WorkerProcess::new(&files, "w");
+    worker.start().await;
+    let http = client();
+    let urls = [worker.url()];
+    let mut stats = CrmStats::default();
+    let first: Vec<Value> = (1..=20).map(|n| opportunity(n, 1)).collect();
+    deliver_batch(&http, &urls, &first, &mut stats, GIVE_UP).await;
+    worker
+        .wait_for("20 delivered", GIVE_UP, |s| counter(s, "delivered") == 20)
+        .await;
+
+    // The token is rotated at the ERP (the old one is revoked at once) and in the Secret, in place.
+    const NEW_TOKEN: &str = "erp-token-rotated";
+    erp.rotate_token(NEW_TOKEN);
+    mount_secret(&files, &secret, "2026_11_30_v2", &[("token", NEW_TOKEN)]);
+    let second: Vec<Value> = (21..=40).map(|n| opportunity(n, 1)).collect();
+    deliver_batch(&http, &urls, &second, &mut stats, GIVE_UP).await;
+    let status = worker
+        .wait_for("40 delivered", GIVE_UP, |s| counter(s, "delivered") == 40)
+        .await;
+    assert!(
+        status["circuitBreaker"].is_null(),
+        "the breaker is closed: {status}"
+    );
+    assert_eq!(counter(&status, "deadLettered"), 0, "{status}");
+    let orders = erp.orders();
+    assert!((21..=40).all(|n| orders.contains_key(&external_id(n))));
+    // The old token is refused from the rotation on; the ERP refused nothing but that.
+    let old = http
+        .put(format!("{}/{}", erp.base_url(), external_id(99)))
+        .bearer_auth(ERP_TOKEN)
+        .header("idempotency-key", format!("{}.1", external_id(99)))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401);
+    let refused: Vec<String> = erp.violations();
+    assert!(
+        refused.iter().all(|v| v.contains("bearer token")),
+        "{refused:?}"
+    );
+
+    // The webhook secret is rotated: the CRM signs with the new one, which the worker picks up in place.
+    const NEW_WEBHOOK_SECRET: &str = "whsec-rotated";
+    mount_secret(
+        &files,
+        &source,
+        "2026_11_30_v2",
+        &[("webhookSecret", NEW_WEBHOOK_SECRET)],
+    );
+    let send = |secret: &'static str, n: usize| {
+        let http = http.clone();
+        let url = worker.url();
+        async move {
+            let body = serde_json::to_vec(&[opportunity(n, 1)]).unwrap();
+            let t = chrono::Utc::now().timestamp();
+            http.post(format!("{url}/webhook"))
+                .header("content-type", "application/json")
+                .header(
+                    "x-meshline-signature",
+                    meshline::connectors::sources::webhook::meshline_signature(secret, t, &body),
+                )
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    let give_up = Instant::now() + GIVE_UP;
+    loop {
+        let status = send(NEW_WEBHOOK_SECRET, 41).await;
+        if status == 200 {
+            break;
+        }
+        // Refused until the worker looks at its Secret again (at most once a second after a refusal).
+        assert_eq!(status, 401);
+        assert!(
+            Instant::now() < give_up,
+            "the new webhook secret was never picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        send(WEBHOOK_SECRET, 42).await,
+        401,
+        "the old webhook secret is refused"
+    );
+    worker
+        .wait_for("41 delivered", GIVE_UP, |s| counter(s, "delivered") == 41)
+        .await;
+    assert_eq!(worker.starts, 1, "no restart");
+    worker.terminate().await;
 }

@@ -116,9 +116,18 @@ pub async fn start_flow_on(
         settings,
         sink.clone(),
         initial,
-        move |intake| match webhook_config {
-            Some(config) => webhook::router(config, intake as Arc<dyn Intake>),
-            None => axum::Router::new(),
+        {
+            let source = spec.source.clone();
+            let credentials = source_credentials.clone();
+            move |intake| match webhook_config {
+                Some(config) => webhook::router_rotating(
+                    config,
+                    intake as Arc<dyn Intake>,
+                    &source,
+                    credentials,
+                ),
+                None => axum::Router::new(),
+            }
         },
         listener,
     )
