@@ -525,6 +525,44 @@ async fn a_rotated_erp_token_is_picked_up_without_a_restart() {
     worker
         .wait_for("41 delivered", GIVE_UP, |s| counter(s, "delivered") == 41)
         .await;
+
+    // A rotation to a Secret that cannot be used (its token cannot be read) keeps the working credentials and
+    // is named on /status. The Secret is looked at every 10 s while deliveries go through, so records keep
+    // coming until the problem shows.
+    let broken = files.secrets_dir().join(&secret).join("..2026_11_30_v3");
+    std::fs::create_dir_all(broken.join("token")).unwrap();
+    let tmp = files.secrets_dir().join(&secret).join("..data_tmp");
+    std::os::unix::fs::symlink("..2026_11_30_v3", &tmp).unwrap();
+    std::fs::rename(&tmp, files.secrets_dir().join(&secret).join("..data")).unwrap();
+    let give_up = Instant::now() + GIVE_UP;
+    let mut n = 100;
+    loop {
+        n += 1;
+        assert_eq!(send(NEW_WEBHOOK_SECRET, n).await, 200);
+        let status = worker.status().await.unwrap_or_default();
+        let problem = status["problems"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["kind"] == "CredentialsInvalid"))
+            .cloned();
+        if let Some(problem) = problem {
+            assert!(
+                problem["message"].as_str().unwrap().contains("token"),
+                "{problem}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "the unusable Secret was never reported: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let delivered = n as i64 - 100 + 41;
+    worker
+        .wait_for("deliveries with the previous credentials", GIVE_UP, |s| {
+            counter(s, "delivered") == delivered
+        })
+        .await;
     assert_eq!(worker.starts, 1, "no restart");
     worker.terminate().await;
 }

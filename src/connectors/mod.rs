@@ -196,6 +196,10 @@ pub trait Sink: Send + Sync {
     async fn probe(&self) -> Result<(), SinkError>;
     /// Reads a lookup table (e.g. the pricebook) from the ERP: entries keyed by `key`.
     async fn fetch_lookup(&self, resource: &str, key: &str) -> Result<Vec<Value>, SinkError>;
+    /// Why the sink's Secret, as mounted now, cannot be used (a rotation to a malformed key), if it cannot.
+    fn credentials_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// W3C trace context header for a correlation id: the id is hashed into a stable trace id.

@@ -197,6 +197,15 @@ pub async fn compute_status(
         problems: {
             // Read the volume again if the cached reading is stale, so a problem that went away clears.
             let _ = pipeline.intake_pressure();
+            match pipeline.sink.credentials_problem() {
+                Some(why) => pipeline.problems.set(
+                    super::problems::CREDENTIALS_INVALID,
+                    format!("the sink's rotated Secret cannot be used (the previous credentials stay in use): {why}"),
+                ),
+                None => {
+                    pipeline.problems.clear(super::problems::CREDENTIALS_INVALID);
+                }
+            }
             pipeline.problems.list()
         },
     })

@@ -339,6 +339,10 @@ impl<S: Sink> Sink for Limited<S> {
         let _slot = self.enter().await;
         self.inner.fetch_lookup(resource, key).await
     }
+
+    fn credentials_problem(&self) -> Option<String> {
+        self.inner.credentials_problem()
+    }
 }
 
 #[async_trait]
@@ -357,6 +361,10 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
 
     async fn fetch_lookup(&self, resource: &str, key: &str) -> Result<Vec<Value>, SinkError> {
         (**self).fetch_lookup(resource, key).await
+    }
+
+    fn credentials_problem(&self) -> Option<String> {
+        (**self).credentials_problem()
     }
 }
 

@@ -164,4 +164,8 @@ impl Sink for Reloading {
             other => other,
         }
     }
+
+    fn credentials_problem(&self) -> Option<String> {
+        self.invalid_credentials()
+    }
 }
