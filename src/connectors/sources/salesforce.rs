@@ -277,7 +277,10 @@ pub fn build_soql(config: &SalesforceConfig, after: Option<&Checkpoint>) -> Stri
 /// Polls one org object into an intake.
 pub struct SalesforcePoller {
     config: SalesforceConfig,
-    auth: SalesforceAuth,
+    auth: std::sync::RwLock<SalesforceAuth>,
+    /// The mounted Secret the auth came from and the digest of its files, so a rotated Secret is read again
+    /// before the next token request (which follows a 401 too) without a restart.
+    rotation: Option<(Credentials, std::sync::Mutex<Option<[u8; 32]>>)>,
     http: reqwest::Client,
     token: Mutex<Option<String>>,
 }
@@ -290,9 +293,32 @@ impl SalesforcePoller {
             .unwrap_or_default();
         SalesforcePoller {
             config,
-            auth,
+            auth: std::sync::RwLock::new(auth),
+            rotation: None,
             http,
             token: Mutex::new(None),
+        }
+    }
+
+    /// Re-reads the auth from the Secret if its files changed since they were last read.
+    fn reload_auth(&self) {
+        let Some((credentials, seen)) = &self.rotation else {
+            return;
+        };
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let fingerprint = credentials.fingerprint();
+        if fingerprint == *seen {
+            return;
+        }
+        *seen = fingerprint;
+        match SalesforceAuth::from_credentials(credentials) {
+            Ok(auth) => {
+                *self.auth.write().unwrap_or_else(|p| p.into_inner()) = auth;
+                tracing::info!(source = %self.config.source_name, "the source's Secret changed; new credentials in use");
+            }
+            Err(e) => {
+                tracing::error!(source = %self.config.source_name, error = %e, "the source's Secret changed but cannot be used; keeping the previous credentials");
+            }
         }
     }
 
@@ -302,10 +328,26 @@ impl SalesforcePoller {
         spec: &SourceSpec,
         credentials: &Credentials,
     ) -> Result<SalesforcePoller, SourceError> {
-        Ok(SalesforcePoller::new(
+        let fingerprint = credentials.fingerprint();
+        let mut poller = SalesforcePoller::new(
             SalesforceConfig::from_spec(flow, spec)?,
             SalesforceAuth::from_credentials(credentials)?,
-        ))
+        );
+        poller.rotation = Some((credentials.clone(), std::sync::Mutex::new(fingerprint)));
+        Ok(poller)
+    }
+
+    /// [`SalesforcePoller::new`] that reads its auth again from `credentials` (a mounted Secret) whenever the
+    /// Secret's files changed before a token request.
+    pub fn rotating(
+        config: SalesforceConfig,
+        credentials: Credentials,
+    ) -> Result<SalesforcePoller, SourceError> {
+        let fingerprint = credentials.fingerprint();
+        let mut poller =
+            SalesforcePoller::new(config, SalesforceAuth::from_credentials(&credentials)?);
+        poller.rotation = Some((credentials, std::sync::Mutex::new(fingerprint)));
+        Ok(poller)
     }
 
     pub fn config(&self) -> &SalesforceConfig {
@@ -494,7 +536,9 @@ impl SalesforcePoller {
     }
 
     async fn fetch_token(&self) -> Result<String, SourceError> {
-        let (url, form): (String, Vec<(&str, String)>) = match &self.auth {
+        self.reload_auth();
+        let auth = self.auth.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (url, form): (String, Vec<(&str, String)>) = match &auth {
             SalesforceAuth::ClientCredentials {
                 client_id,
                 client_secret,
