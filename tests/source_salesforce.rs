@@ -236,6 +236,83 @@ async fn poll_resumes_from_the_checkpoint_after_restart() {
 }
 
 #[tokio::test]
+async fn the_poller_stops_polling_while_the_intake_refuses_records() {
+    let org = salesforce_mock::start(org_records(), 2).await;
+    let intake = Arc::new(MemoryIntake::default());
+    *intake.paused.lock().unwrap() = Some(meshline::connectors::Backpressure {
+        reason: "the ledger's volume is below its reserve".into(),
+        retry_after: Duration::from_secs(30),
+    });
+    let poller = Arc::new(SalesforcePoller::new(
+        config(&org.base_url),
+        client_credentials(),
+    ));
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = {
+        let (poller, intake) = (poller.clone(), intake.clone());
+        tokio::spawn(async move { poller.run(intake, shutdown).await })
+    };
+    // The poller has looked three times (it waits the shorter of Retry-After and its poll interval).
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    while intake.backpressure_checks.load(Ordering::SeqCst) < 3 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the poller never asked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        org.org.queries.lock().unwrap().is_empty() && intake.accepted_keys().is_empty(),
+        "nothing is fetched while the intake cannot store it"
+    );
+    assert_eq!(org.org.token_requests.load(Ordering::SeqCst), 0);
+
+    *intake.paused.lock().unwrap() = None;
+    while intake.accepted_keys().len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "polling never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_client_secret_is_read_again_without_a_restart() {
+    let org = salesforce_mock::start(org_records(), 2).await;
+    let intake = Arc::new(MemoryIntake::default());
+    // The Secret holds a revoked secret; the new one is mounted while the poller runs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("clientId"), CLIENT_ID).unwrap();
+    std::fs::write(dir.path().join("clientSecret"), "revoked-secret").unwrap();
+    let credentials = meshline::connectors::Credentials::new(Some(dir.path()), "source");
+    let poller = Arc::new(SalesforcePoller::rotating(config(&org.base_url), credentials).unwrap());
+    assert!(
+        poller.poll_once(intake.as_ref()).await.is_err(),
+        "the revoked secret is refused"
+    );
+
+    std::fs::write(dir.path().join("clientSecret"), CLIENT_SECRET).unwrap();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = {
+        let (poller, intake) = (poller.clone(), intake.clone());
+        tokio::spawn(async move { poller.run(intake, shutdown).await })
+    };
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    while intake.accepted_keys().len() < 5 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the new secret was never used"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn field_map_renames_nested_and_child_relationship_fields() {
     let org = salesforce_mock::start(org_records(), 2000).await;
     let poller = SalesforcePoller::new(config(&org.base_url), client_credentials());

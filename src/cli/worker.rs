@@ -40,6 +40,16 @@ pub struct WorkerArgs {
     /// Seconds a graceful shutdown waits for in-flight deliveries.
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace: u64,
+    /// Free space (percent of the embedded ledger's volume) below which intake is refused, so the outcomes
+    /// of accepted records always fit; bounded by the two options below.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=50))]
+    pub ledger_reserve_percent: u8,
+    /// The reserve is at least this many MiB.
+    #[arg(long, default_value_t = 64)]
+    pub ledger_reserve_min_mib: u64,
+    /// The reserve is at most this many MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub ledger_reserve_max_mib: u64,
 }
 
 fn parse_buckets(s: &str) -> Result<(u8, u8), String> {
@@ -69,6 +79,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
+        // The flow file is the controller's rendering of manifests it has already validated, so a YAML or
+        // schema error here is a bug or a hand-run mistake, not a state that waiting can fix: it exits with a
+        // clear message. Everything the world can fix (a Secret, the ledger's database) is retried below.
         let rendered = match RenderedFlow::load(&args.flow) {
             Ok(r) => r,
             Err(e) => {
@@ -87,31 +100,111 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     .unwrap_or_else(|| format!("worker-{}", std::process::id())),
                 buckets: crate::ledger::BucketSet::range(args.buckets.0..args.buckets.1 + 1),
                 shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
+                disk_reserve: crate::worker::disk::DiskReserve {
+                    min_bytes: args.ledger_reserve_min_mib.saturating_mul(1024 * 1024),
+                    percent: args.ledger_reserve_percent,
+                    max_bytes: args
+                        .ledger_reserve_max_mib
+                        .max(args.ledger_reserve_min_mib)
+                        .saturating_mul(1024 * 1024),
+                },
                 ..PipelineOptions::default()
             },
         };
         let options = crate::worker::run::RunOptions {
             lookups_dir: args.lookups_dir,
         };
-        let worker = match crate::worker::run::start_flow(&rendered, &settings, &options).await {
-            Ok(w) => w,
+        let flow = rendered.flow_name();
+        // The socket is bound once and kept: the start-up status server answers on it until the worker
+        // starts, and every start attempt serves on a clone of it.
+        let socket = match std::net::TcpListener::bind(settings.listen) {
+            Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, label = e.label(), "worker did not start");
-                eprintln!("error: {e}");
+                eprintln!("error: cannot listen on {}: {e}", settings.listen);
                 return ExitCode::FAILURE;
             }
         };
+        let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let problems = std::sync::Arc::new(crate::worker::problems::Problems::default());
+        let starting = match socket
+            .try_clone()
+            .and_then(|s| crate::worker::starting::serve(s, &flow, problems.clone()))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot serve on {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        let mut delay = START_RETRY_FIRST;
+        let mut attempt = 0u32;
+        let worker = loop {
+            attempt += 1;
+            let clone = match socket.try_clone() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: cannot serve on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let started = tokio::select! {
+                started = crate::worker::run::start_flow_on(&rendered, &settings, &options, Some(clone)) => started,
+                _ = &mut signal => {
+                    starting.stop().await;
+                    return ExitCode::SUCCESS;
+                }
+            };
+            match started {
+                Ok(worker) => break worker,
+                Err(e) => {
+                    let kind = e.problem_kind();
+                    for other in [
+                        crate::worker::problems::LEDGER_UNAVAILABLE,
+                        crate::worker::problems::CREDENTIALS_INVALID,
+                        crate::worker::problems::STARTUP_FAILED,
+                    ] {
+                        if other != kind {
+                            problems.clear(other);
+                        }
+                    }
+                    problems.set(kind, e.to_string());
+                    tracing::error!(flow = %flow, error = %e, kind, attempt, retry_in_seconds = delay.as_secs(), "worker did not start; retrying");
+                    eprintln!(
+                        "meshline worker: attempt {attempt} failed ({kind}): {e}; retrying in {}s",
+                        delay.as_secs()
+                    );
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = &mut signal => {
+                    starting.stop().await;
+                    return ExitCode::SUCCESS;
+                }
+            }
+            delay = (delay * 2).min(START_RETRY_MAX);
+        };
+        // The worker serves on the socket now; the stand-in stops accepting.
+        starting.stop().await;
+        if attempt > 1 {
+            tracing::info!(flow = %flow, attempt, "worker started after its problems went away");
+        }
         eprintln!(
             "meshline worker: flow {} listening on http://{}",
-            rendered.flow_name(),
-            worker.addr
+            flow, worker.addr
         );
-        shutdown_signal().await;
+        signal.await;
         tracing::info!("shutdown requested; finishing in-flight deliveries");
         worker.shutdown().await;
         ExitCode::SUCCESS
     })
 }
+
+/// The first wait between start attempts; it doubles up to [`START_RETRY_MAX`].
+const START_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const START_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// SIGTERM (Kubernetes) or Ctrl-C.
 pub async fn shutdown_signal() {

@@ -20,6 +20,9 @@ pub enum CredentialsError {
         path: String,
         reason: String,
     },
+    /// Present but unusable (a private key that is not PEM, say). The reason never quotes the value.
+    #[error("credential {key:?} is malformed: {reason}")]
+    Malformed { key: String, reason: String },
 }
 
 /// The keys of one Secret.
@@ -78,6 +81,36 @@ impl Credentials {
         })
     }
 
+    /// A digest of every key file of the Secret (names and contents), to notice a rotation cheaply: Kubernetes
+    /// updates a mounted Secret in place by swapping the `..data` symlink, so the files change under a
+    /// running process. `None` without a Secret directory (environment variables do not change at runtime).
+    /// Kubernetes' own entries (`..data`, `..2024_…`) are skipped; the key files are read through them.
+    pub fn fingerprint(&self) -> Option<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let dir = self.dir.as_ref()?;
+        let mut names: Vec<std::ffi::OsString> = match std::fs::read_dir(dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.file_name())
+                .filter(|n| !n.to_string_lossy().starts_with(".."))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        let mut digest = Sha256::new();
+        for name in names {
+            let path = dir.join(&name);
+            if !path.is_file() {
+                continue;
+            }
+            digest.update(name.to_string_lossy().as_bytes());
+            digest.update([0]);
+            digest.update(std::fs::read(&path).unwrap_or_default());
+            digest.update([0]);
+        }
+        Some(digest.finalize().into())
+    }
+
     /// The value of `key` if present.
     pub fn optional(&self, key: &str) -> Result<Option<String>, CredentialsError> {
         match self.get(key) {
@@ -91,6 +124,32 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rotation_through_the_data_symlink_changes_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |version: &str, token: &str| {
+            let data = dir.path().join(format!("..{version}"));
+            std::fs::create_dir_all(&data).unwrap();
+            std::fs::write(data.join("token"), token).unwrap();
+            let tmp = dir.path().join("..data_tmp");
+            std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+            std::fs::rename(&tmp, dir.path().join("..data")).unwrap();
+        };
+        write("v1", "old");
+        std::os::unix::fs::symlink("..data/token", dir.path().join("token")).unwrap();
+        let creds = Credentials::new(Some(dir.path()), "sink");
+        let before = creds.fingerprint().unwrap();
+        assert_eq!(
+            creds.fingerprint().unwrap(),
+            before,
+            "stable while unchanged"
+        );
+        write("v2", "new");
+        assert_ne!(creds.fingerprint().unwrap(), before);
+        assert_eq!(creds.get("token").unwrap(), "new");
+        assert!(Credentials::new(None, "sink").fingerprint().is_none());
+    }
 
     #[test]
     fn files_win_over_environment_and_newlines_are_trimmed() {

@@ -44,6 +44,18 @@ pub trait Intake: Send + Sync {
     ) -> Result<IntakeReceipt, IntakeError>;
     /// The checkpoint last committed for `source`.
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, IntakeError>;
+    /// `Some` while the intake refuses records for now (the ledger's volume is nearly full): a webhook
+    /// source answers 503 with `Retry-After`, a poller waits. Cheap to call on every request.
+    fn backpressure(&self) -> Option<Backpressure> {
+        None
+    }
+}
+
+/// Why the intake refuses records for now, and how long the sender should wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backpressure {
+    pub reason: String,
+    pub retry_after: Duration,
 }
 
 /// What the intake did with a batch.
@@ -184,6 +196,10 @@ pub trait Sink: Send + Sync {
     async fn probe(&self) -> Result<(), SinkError>;
     /// Reads a lookup table (e.g. the pricebook) from the ERP: entries keyed by `key`.
     async fn fetch_lookup(&self, resource: &str, key: &str) -> Result<Vec<Value>, SinkError>;
+    /// Why the sink's Secret, as mounted now, cannot be used (a rotation to a malformed key), if it cannot.
+    fn credentials_problem(&self) -> Option<String> {
+        None
+    }
 }
 
 /// W3C trace context header for a correlation id: the id is hashed into a stable trace id.

@@ -789,6 +789,112 @@ impl CompiledContract {
     }
 }
 
+impl CompiledContract {
+    /// Every personal value of `record` (the raw bytes the source sent) and of the personal targets of its
+    /// ERP `payload`, replaced wherever it appears in `message` by [`redact`] (through [`scrub`]). For texts
+    /// from outside the contract, such as an ERP's error answer, which quote field values (NetSuite's
+    /// `o:errorDetails`, Odoo's `ValidationError`). Values are also matched as a JSON string escapes them
+    /// (`\"`, `\/`, `\u00e9`), since error bodies are mostly JSON.
+    pub fn scrub_record_text(
+        &self,
+        record: &[u8],
+        payload: Option<&Payload>,
+        message: &str,
+    ) -> String {
+        let mut values = Vec::new();
+        if let Ok(record::Json::Object(members)) =
+            record::parse_record(record, self.limits.max_record_bytes, self.limits.max_depth)
+        {
+            schema::personal_texts(&self.schema.root, &members, &mut values);
+        }
+        if let Some(payload) = payload {
+            payload.personal_values(&mut values);
+        }
+        if values.is_empty() {
+            return message.to_string();
+        }
+        let escaped: Vec<String> = values
+            .iter()
+            .flat_map(|v| json_escapings(v))
+            .filter(|e| !values.contains(e))
+            .collect();
+        values.extend(escaped);
+        redact::scrub(message, &values, &self.redaction)
+    }
+}
+
+/// How a JSON encoder may have written `value` inside a string: serde's minimal escaping, with `/` escaped
+/// (PHP, some Java libraries) and with every non-ASCII character as `\uXXXX` (Python's default, so Odoo's).
+fn json_escapings(value: &str) -> Vec<String> {
+    let minimal = serde_json::to_string(value).unwrap_or_default();
+    let minimal = minimal
+        .strip_prefix('"')
+        .and_then(|m| m.strip_suffix('"'))
+        .unwrap_or(&minimal)
+        .to_string();
+    let slashed = minimal.replace('/', "\\/");
+    let ascii = |text: &str| {
+        let mut out = String::with_capacity(text.len());
+        for c in text.chars() {
+            if c.is_ascii() {
+                out.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+        out
+    };
+    let mut out = vec![ascii(&minimal), ascii(&slashed), minimal, slashed];
+    out.retain(|v| v != value);
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod scrub_record_text_tests {
+    use super::*;
+
+    const CONTRACT: &str = r#"
+apiVersion: sync.meshline.io/v1alpha1
+kind: SyncContract
+metadata: {name: c}
+spec:
+  version: 1.0.0
+  source: {system: salesforce, entity: Opportunity}
+  target: {system: netsuite, entity: salesOrder}
+  fields:
+    - {name: id, type: string, required: true}
+    - {name: email, type: string, pii: true}
+    - {name: contact, type: object}
+    - {name: contact.name, type: string, pii: true}
+  mapping:
+    externalId: record.id
+    fields:
+      - {target: mail, expression: 'record.email.lowerAscii()'}
+"#;
+
+    #[test]
+    fn erp_texts_lose_every_personal_value_in_every_json_spelling() {
+        let spec = parse_manifest(CONTRACT).unwrap();
+        let contract = compile(&spec.spec).unwrap();
+        let record = br#"{"id": "r1", "email": "Jos\u00e9.A/B@x.example", "contact": {"name": "Zo\u00eb Q"}}"#;
+        let env = contract.env("f", &Lookups::default()).unwrap();
+        let Outcome::Accepted { payload, .. } = contract.process(record, &env) else {
+            panic!("the record is accepted");
+        };
+        let message = r#"{"detail": "José.A/B@x.example, Jos\u00e9.A\/B@x.example, josé.a/b@x.example and Zo\u00eb Q for r1"}"#;
+        let out = contract.scrub_record_text(record, Some(&payload), message);
+        assert_eq!(
+            out,
+            r#"{"detail": "[REDACTED], [REDACTED], [REDACTED] and [REDACTED] for r1"}"#
+        );
+    }
+}
+
 fn parse_code(e: &ParseError) -> ReasonCode {
     match e {
         ParseError::TooLarge { .. } => ReasonCode::RecordTooLarge,

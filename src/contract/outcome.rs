@@ -360,6 +360,28 @@ impl Payload {
         self.value
     }
 
+    /// The text of every personal target's value (strings as they are, anything else as compact JSON), so a
+    /// message quoting the payload can be scrubbed of them.
+    pub(crate) fn personal_values(&self, out: &mut Vec<String>) {
+        for target in &self.privacy.personal_targets {
+            let mut node = &self.value;
+            for segment in target.split('.') {
+                match node.get(segment) {
+                    Some(child) => node = child,
+                    None => {
+                        node = &serde_json::Value::Null;
+                        break;
+                    }
+                }
+            }
+            match node {
+                serde_json::Value::Null => {}
+                serde_json::Value::String(s) => out.push(s.clone()),
+                other => out.push(other.to_string()),
+            }
+        }
+    }
+
     /// The payload with every target that reads personal data redacted: the form for snapshots and logs.
     pub fn redacted(&self) -> serde_json::Value {
         let mut out = self.value.clone();

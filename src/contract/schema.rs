@@ -1153,6 +1153,44 @@ pub(crate) fn number_json(text: &str) -> serde_json::Value {
     }
 }
 
+/// The personal values of a record read straight from its JSON (no validation), as text: what an ERP's or a
+/// sink's error message might quote. The same fields as [`snapshot`] redacts, so both agree on what is personal.
+pub(crate) fn personal_texts(
+    schema: &ObjectSchema,
+    members: &[(Cow<'_, str>, Json<'_>)],
+    out: &mut Vec<String>,
+) {
+    for (name, json) in members {
+        let Some(field) = schema.get(name) else {
+            continue;
+        };
+        if field.pii {
+            all_json_text(json, out);
+            continue;
+        }
+        match (json, &field.children) {
+            (Json::Object(members), Some(children)) => personal_texts(children, members, out),
+            (Json::Array(items), Some(children)) => {
+                for item in items {
+                    if let Json::Object(members) = item {
+                        personal_texts(children, members, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn all_json_text(json: &Json<'_>, out: &mut Vec<String>) {
+    match json {
+        Json::Null => {}
+        Json::Array(items) => items.iter().for_each(|i| all_json_text(i, out)),
+        Json::Object(members) => members.iter().for_each(|(_, v)| all_json_text(v, out)),
+        scalar => out.push(json_text(scalar)),
+    }
+}
+
 /// The personal values of a record, as text, for scrubbing messages that might quote them.
 pub(crate) fn personal_values(schema: &Schema, record: &Value, out: &mut Vec<String>) {
     if schema.has_personal {

@@ -194,7 +194,20 @@ pub async fn compute_status(
             since: o.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         }),
         paused: pipeline.gated(),
-        problems: Vec::new(),
+        problems: {
+            // Read the volume again if the cached reading is stale, so a problem that went away clears.
+            let _ = pipeline.intake_pressure();
+            match pipeline.sink.credentials_problem() {
+                Some(why) => pipeline.problems.set(
+                    super::problems::CREDENTIALS_INVALID,
+                    format!("the sink's rotated Secret cannot be used (the previous credentials stay in use): {why}"),
+                ),
+                None => {
+                    pipeline.problems.clear(super::problems::CREDENTIALS_INVALID);
+                }
+            }
+            pipeline.problems.list()
+        },
     })
 }
 

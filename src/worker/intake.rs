@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 
 use super::pipeline::Pipeline;
-use crate::connectors::{Intake, IntakeError, IntakeReceipt, SourceRecord};
+use crate::connectors::{Backpressure, Intake, IntakeError, IntakeReceipt, SourceRecord};
 use crate::ledger::{IncomingRecord, IngestOutcome};
 
 /// Records written per group transaction at most; a larger queue is written in several.
@@ -91,6 +91,23 @@ impl LedgerIntake {
         }
     }
 
+    /// Refuses the batch while the ledger's volume is below its reserve (nothing is stored, so nothing is
+    /// acknowledged), and counts what a stored batch adds to the volume otherwise.
+    fn admit(&self, records: &[SourceRecord]) -> Result<(), IntakeError> {
+        let Some(disk) = &self.pipeline.disk else {
+            return Ok(());
+        };
+        if let Some(pressure) = disk.pressure() {
+            return Err(IntakeError(pressure.message));
+        }
+        let mut counter = ByteCounter(0);
+        for record in records {
+            let _ = serde_json::to_writer(&mut counter, &record.payload);
+        }
+        disk.wrote(counter.0);
+        Ok(())
+    }
+
     fn prepare(&self, records: Vec<SourceRecord>) -> Vec<IncomingRecord> {
         let version = self.pipeline.contract.version().to_string();
         records
@@ -126,6 +143,7 @@ impl LedgerIntake {
 #[async_trait]
 impl Intake for LedgerIntake {
     async fn accept(&self, records: Vec<SourceRecord>) -> Result<IntakeReceipt, IntakeError> {
+        self.admit(&records)?;
         let batch = self.prepare(records);
         let outcomes = self.ingest_grouped(batch).await?;
         Ok(self.receipt(&outcomes))
@@ -137,6 +155,7 @@ impl Intake for LedgerIntake {
         source: &str,
         checkpoint: &str,
     ) -> Result<IntakeReceipt, IntakeError> {
+        self.admit(&records)?;
         let batch = self.prepare(records);
         let outcomes = self
             .pipeline
@@ -154,6 +173,26 @@ impl Intake for LedgerIntake {
             .checkpoint(source)
             .await
             .map_err(|e| IntakeError(e.to_string()))
+    }
+
+    fn backpressure(&self) -> Option<Backpressure> {
+        self.pipeline.intake_pressure().map(|p| Backpressure {
+            reason: p.message,
+            retry_after: p.retry_after,
+        })
+    }
+}
+
+/// Counts the bytes of a serialisation without keeping them.
+struct ByteCounter(u64);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

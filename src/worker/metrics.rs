@@ -33,6 +33,10 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub oldest_pending_seconds: Gauge,
     pub breaker_open: Gauge,
+    /// 1 while intake is refused because the ledger's volume is below its free-space reserve.
+    pub disk_pressure: Gauge,
+    /// Free bytes on the ledger's volume at the last reading (embedded ledger only).
+    pub ledger_free_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -60,6 +64,8 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let oldest_pending_seconds = Gauge::default();
         let breaker_open = Gauge::default();
+        let disk_pressure = Gauge::default();
+        let ledger_free_bytes = Gauge::default();
         registry.register(
             "records_received",
             "Records stored in the ledger (new or changed)",
@@ -122,6 +128,16 @@ impl Metrics {
             "1 while deliveries are paused by a flow-level failure",
             breaker_open.clone(),
         );
+        registry.register(
+            "disk_pressure",
+            "1 while intake is refused because the ledger's volume is below its free-space reserve",
+            disk_pressure.clone(),
+        );
+        registry.register(
+            "ledger_volume_free_bytes",
+            "Free bytes on the embedded ledger's volume at the last reading",
+            ledger_free_bytes.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -138,6 +154,8 @@ impl Metrics {
             queue_depth,
             oldest_pending_seconds,
             breaker_open,
+            disk_pressure,
+            ledger_free_bytes,
         }
     }
 

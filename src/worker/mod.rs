@@ -8,10 +8,13 @@ pub mod allocator;
 pub mod api;
 pub mod breaker;
 pub mod config;
+pub mod disk;
 pub mod intake;
 pub mod metrics;
 pub mod pipeline;
+pub mod problems;
 pub mod run;
+pub mod starting;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +61,9 @@ pub enum WorkerError {
     },
     #[error("flow {flow}: {message}")]
     Setup { flow: String, message: String },
+    /// A Secret the flow needs is missing a key or holds a value that cannot be used (a non-PEM key).
+    #[error("flow {flow}: {message}")]
+    Credentials { flow: String, message: String },
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: SocketAddr, reason: String },
 }
@@ -70,7 +76,19 @@ impl WorkerError {
             WorkerError::Contract { .. } => "contract_invalid",
             WorkerError::Ledger { .. } => "ledger_unavailable",
             WorkerError::Setup { .. } => "setup_failed",
+            WorkerError::Credentials { .. } => "credentials_invalid",
             WorkerError::Listen { .. } => "listen_failed",
+        }
+    }
+}
+
+impl WorkerError {
+    /// The [`problems`] kind a worker that cannot start reports on `/status` while it retries.
+    pub fn problem_kind(&self) -> &'static str {
+        match self {
+            WorkerError::Ledger { .. } => problems::LEDGER_UNAVAILABLE,
+            WorkerError::Credentials { .. } => problems::CREDENTIALS_INVALID,
+            _ => problems::STARTUP_FAILED,
         }
     }
 }
@@ -104,7 +122,7 @@ pub fn ledger_target(
                     .as_deref(),
                 "ledger",
             );
-            let url = creds.get("url").map_err(|e| WorkerError::Setup {
+            let url = creds.get("url").map_err(|e| WorkerError::Credentials {
                 flow,
                 message: e.to_string(),
             })?;
@@ -132,6 +150,19 @@ impl Worker {
         sink: Arc<dyn Sink>,
         lookups: serde_json::Value,
         extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
+    ) -> Result<Worker, WorkerError> {
+        Worker::start_on(rendered, settings, sink, lookups, extra_routes, None).await
+    }
+
+    /// [`Worker::start`] on a socket already listening (`meshline worker` binds it first, to answer health
+    /// and status while the pipeline cannot start yet); `None` binds `settings.listen`.
+    pub async fn start_on(
+        rendered: &RenderedFlow,
+        settings: &WorkerSettings,
+        sink: Arc<dyn Sink>,
+        lookups: serde_json::Value,
+        extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
+        listener: Option<std::net::TcpListener>,
     ) -> Result<Worker, WorkerError> {
         let flow = rendered.flow_name();
         let contract =
@@ -172,6 +203,19 @@ impl Worker {
             )),
             None => None,
         };
+        let metrics = Arc::new(metrics::Metrics::new());
+        let problems = Arc::new(problems::Problems::default());
+        let disk = match &target {
+            LedgerTarget::Sqlite(_) => Some(disk::DiskGuard::new(
+                settings.options.free_space.clone().unwrap_or_else(|| {
+                    Arc::new(disk::Statvfs::new(&settings.state_dir)) as Arc<dyn disk::FreeSpace>
+                }),
+                settings.options.disk_reserve,
+                problems.clone(),
+                metrics.clone(),
+            )),
+            LedgerTarget::Postgres(_) => None,
+        };
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
@@ -181,13 +225,15 @@ impl Worker {
             policy: rendered.flow.spec.delivery.clone(),
             options: settings.options.clone(),
             breaker: Default::default(),
-            metrics: Arc::new(metrics::Metrics::new()),
+            metrics,
             wake: tokio::sync::Notify::new(),
             gate: std::sync::Mutex::new(None),
             handed: Default::default(),
             stopping: Default::default(),
             // Until the ERP has answered, assume a slow one (50 ms) so the first claims stay small.
             delivery_micros: std::sync::atomic::AtomicU64::new(50_000),
+            problems,
+            disk,
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));
@@ -197,12 +243,16 @@ impl Worker {
             ready: ready.clone(),
         })
         .merge(extra_routes(intake.clone()));
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .map_err(|e| WorkerError::Listen {
-                addr: settings.listen,
-                reason: e.to_string(),
-            })?;
+        let listener = match listener {
+            Some(listener) => listener
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpListener::from_std(listener)),
+            None => tokio::net::TcpListener::bind(settings.listen).await,
+        }
+        .map_err(|e| WorkerError::Listen {
+            addr: settings.listen,
+            reason: e.to_string(),
+        })?;
         let addr = listener.local_addr().map_err(|e| WorkerError::Listen {
             addr: settings.listen,
             reason: e.to_string(),

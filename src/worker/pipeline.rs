@@ -45,6 +45,10 @@ pub struct PipelineOptions {
     /// How the flow's contract is compiled: its bounds and the CPU clock of its per-record deadline (tests
     /// inject a deterministic clock here).
     pub contract: CompileOptions,
+    /// Free space the embedded ledger's volume must keep; intake is refused below it (see `worker::disk`).
+    pub disk_reserve: super::disk::DiskReserve,
+    /// How the free space is read; `None` is `statvfs` on the state directory. Tests inject a double.
+    pub free_space: Option<Arc<dyn super::disk::FreeSpace>>,
 }
 
 impl Default for PipelineOptions {
@@ -59,6 +63,8 @@ impl Default for PipelineOptions {
             idle_poll: Duration::from_millis(50),
             shutdown_grace: Duration::from_secs(20),
             contract: CompileOptions::default(),
+            disk_reserve: Default::default(),
+            free_space: None,
         }
     }
 }
@@ -86,6 +92,10 @@ pub struct Pipeline {
     pub handed: std::sync::Mutex<Vec<ClaimedRecord>>,
     /// Set once the pipeline stops taking work (shutdown): the intake leases nothing more.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// What keeps the worker from its work right now; `/status` lists them.
+    pub problems: Arc<super::problems::Problems>,
+    /// The embedded ledger's free-space guard; `None` for a PostgreSQL ledger, whose disk is not ours.
+    pub disk: Option<super::disk::DiskGuard>,
 }
 
 impl Pipeline {
@@ -168,6 +178,11 @@ impl Pipeline {
         if let Err(e) = self.ledger.complete_batch(released).await {
             tracing::warn!(flow = %self.flow, error = %e, "could not give back records leased during shutdown; their leases will expire");
         }
+    }
+
+    /// Why intake must refuse records right now (the ledger's volume is below its reserve), if it must.
+    pub fn intake_pressure(&self) -> Option<super::disk::Pressure> {
+        self.disk.as_ref().and_then(|d| d.pressure())
     }
 
     /// Why deliveries are gated, if they are.
@@ -447,8 +462,7 @@ impl Pipeline {
                         tracing::warn!(flow = %self.flow, error = %e, "lineage write failed");
                     }
                 }
-                self.deliver(record, payload.as_json(), external_id.as_str())
-                    .await
+                self.deliver(record, &payload, external_id.as_str()).await
             }
         }
     }
@@ -557,7 +571,7 @@ impl Pipeline {
     async fn deliver(
         &self,
         record: &ClaimedRecord,
-        payload: &serde_json::Value,
+        payload: &crate::contract::Payload,
         external_id: &str,
     ) -> Outcome {
         if self.breaker.is_open() {
@@ -566,7 +580,7 @@ impl Pipeline {
         let attempt = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
         let delivery = Delivery {
             external_id,
-            payload,
+            payload: payload.as_json(),
             correlation_id: &record.correlation_id,
             attempt,
         };
@@ -593,8 +607,31 @@ impl Pipeline {
                 self.metrics.delivered.inc();
                 Outcome::Delivered
             }
-            Err(e) => self.failed(record, e),
+            Err(e) => {
+                let e = self.scrubbed(record, payload, e);
+                self.failed(record, e)
+            }
         }
+    }
+
+    /// The ERP's error with every personal value of the record and its payload redacted. ERPs quote field
+    /// values in their errors (NetSuite's `o:errorDetails`, Odoo's validation messages), and the error goes
+    /// on to `last_error`, the dead letter, `/records`, the breaker's reason and the logs; this is the one
+    /// place it is cleaned, before any of them sees it.
+    fn scrubbed(
+        &self,
+        record: &ClaimedRecord,
+        payload: &crate::contract::Payload,
+        mut e: SinkError,
+    ) -> SinkError {
+        let bytes = record.payload.as_bytes();
+        e.message = self
+            .contract
+            .scrub_record_text(bytes, Some(payload), &e.message);
+        e.response = e
+            .response
+            .map(|r| self.contract.scrub_record_text(bytes, Some(payload), &r));
+        e
     }
 
     fn failed(&self, record: &ClaimedRecord, e: SinkError) -> Outcome {

@@ -38,6 +38,17 @@ pub async fn start_flow(
     settings: &WorkerSettings,
     options: &RunOptions,
 ) -> Result<Worker, WorkerError> {
+    start_flow_on(rendered, settings, options, None).await
+}
+
+/// [`start_flow`] on a socket already listening (see [`Worker::start_on`]). Everything that can fail is
+/// done before the worker starts serving, so a failed attempt leaves the socket to whoever answers for it.
+pub async fn start_flow_on(
+    rendered: &RenderedFlow,
+    settings: &WorkerSettings,
+    options: &RunOptions,
+    listener: Option<std::net::TcpListener>,
+) -> Result<Worker, WorkerError> {
     let flow = rendered.flow_name();
     let spec = &rendered.flow.spec;
     let setup = |message: String| WorkerError::Setup {
@@ -51,7 +62,20 @@ pub async fn start_flow(
         sink_credentials,
         sinks::http_client(),
     )
-    .map_err(|e| setup(format!("spec.sink: {e}")))?;
+    .map_err(|e| match e {
+        sinks::BuildError::Credentials { .. } => WorkerError::Credentials {
+            flow: flow.clone(),
+            message: format!("spec.sink: {e}"),
+        },
+        e => setup(format!("spec.sink: {e}")),
+    })?;
+    let source_error = |e: crate::connectors::sources::SourceError| match e {
+        crate::connectors::sources::SourceError::Credentials(_) => WorkerError::Credentials {
+            flow: flow.clone(),
+            message: format!("spec.source: {e}"),
+        },
+        e => setup(format!("spec.source: {e}")),
+    };
     let source_credentials =
         credentials(settings, &spec.source.credentials_secret_ref.name, "source");
 
@@ -71,22 +95,43 @@ pub async fn start_flow(
     let webhook_config = match spec.source.mode {
         SourceMode::Webhook => Some(
             webhook::WebhookConfig::from_spec(&flow, &spec.source, &source_credentials)
-                .map_err(|e| setup(format!("spec.source: {e}")))?,
+                .map_err(source_error)?,
         ),
         SourceMode::Poll => None,
     };
-    let mut worker =
-        Worker::start(
-            rendered,
-            settings,
-            sink.clone(),
-            initial,
+    let poller = match spec.source.mode {
+        SourceMode::Poll if spec.source.system != SourceSystem::Salesforce => {
+            return Err(setup(
+                "spec.source: poll mode is available for salesforce only".into(),
+            ));
+        }
+        SourceMode::Poll => Some(
+            SalesforcePoller::from_spec(&flow, &spec.source, &source_credentials)
+                .map_err(source_error)?,
+        ),
+        SourceMode::Webhook => None,
+    };
+    let mut worker = Worker::start_on(
+        rendered,
+        settings,
+        sink.clone(),
+        initial,
+        {
+            let source = spec.source.clone();
+            let credentials = source_credentials.clone();
             move |intake| match webhook_config {
-                Some(config) => webhook::router(config, intake as Arc<dyn Intake>),
+                Some(config) => webhook::router_rotating(
+                    config,
+                    intake as Arc<dyn Intake>,
+                    &source,
+                    credentials,
+                ),
                 None => axum::Router::new(),
-            },
-        )
-        .await?;
+            }
+        },
+        listener,
+    )
+    .await?;
     if let Some(reason) = failed {
         tracing::error!(flow = %flow, %reason, "lookups did not load; records are stored but not processed until they do");
         worker
@@ -131,14 +176,7 @@ pub async fn start_flow(
         });
     }
 
-    if spec.source.mode == SourceMode::Poll {
-        if spec.source.system != SourceSystem::Salesforce {
-            return Err(setup(
-                "spec.source: poll mode is available for salesforce only".into(),
-            ));
-        }
-        let poller = SalesforcePoller::from_spec(&flow, &spec.source, &source_credentials)
-            .map_err(|e| setup(format!("spec.source: {e}")))?;
+    if let Some(poller) = poller {
         let intake: Arc<dyn Intake> = worker.intake.clone();
         let shutdown = worker.shutdown_signal();
         let flow_name = flow.clone();

@@ -33,6 +33,11 @@ impl PgServer {
     /// Starts a fresh server with extra `-c name=value` settings, which win over the test defaults (a
     /// benchmark passes `fsync=on`, `synchronous_commit=on` to measure real commits).
     pub fn start_with(settings: &[(&str, &str)]) -> PgServer {
+        PgServer::start_on(free_port(), settings)
+    }
+
+    /// Starts a fresh server on `port` (a test that points a worker at a server which comes up later).
+    pub fn start_on(port: u16, settings: &[(&str, &str)]) -> PgServer {
         let bin = find_bin_dir().unwrap_or_else(|| {
             panic!(
                 "PostgreSQL server binaries (initdb, postgres) were not found on PATH or under \
@@ -75,7 +80,6 @@ impl PgServer {
             String::from_utf8_lossy(&initdb.stderr)
         );
 
-        let port = free_port();
         let log_file = std::fs::File::create(&log)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
         if let Some(ids) = ids {

@@ -43,7 +43,7 @@ pub enum ErpMode {
 
 /// The ERP's state and the score it keeps.
 pub struct ErpState {
-    token: String,
+    token: Mutex<String>,
     mode: Mutex<ErpMode>,
     /// Processing time of a write, so deliveries are observably in flight.
     latency: Mutex<Duration>,
@@ -82,7 +82,7 @@ impl Erp {
     /// Starts the double on the current Tokio runtime; its API lives under `/erp`.
     pub async fn start(token: &str) -> Erp {
         let state = Arc::new(ErpState {
-            token: token.to_string(),
+            token: Mutex::new(token.to_string()),
             mode: Mutex::new(ErpMode::Ok),
             latency: Mutex::new(Duration::from_millis(1)),
             orders: Mutex::default(),
@@ -113,6 +113,11 @@ impl Erp {
 
     pub fn base_url(&self) -> String {
         format!("http://{}/erp", self.addr)
+    }
+
+    /// From now on only `token` is accepted (the old one was revoked at the ERP).
+    pub fn rotate_token(&self, token: &str) {
+        *self.state.token.lock().unwrap() = token.to_string();
     }
 
     pub fn set_mode(&self, mode: ErpMode) {
@@ -210,7 +215,8 @@ async fn upsert(
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     };
-    if header("authorization") != format!("Bearer {}", state.token) {
+    let token = state.token.lock().unwrap().clone();
+    if header("authorization") != format!("Bearer {token}") {
         state
             .violations
             .lock()

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use async_trait::async_trait;
-use meshline::connectors::{Intake, IntakeError, IntakeReceipt, SourceRecord};
+use meshline::connectors::{Backpressure, Intake, IntakeError, IntakeReceipt, SourceRecord};
 
 #[derive(Default)]
 pub struct MemoryIntake {
@@ -21,6 +21,10 @@ pub struct MemoryIntake {
     /// 0-based numbers of `accept*` calls that fail.
     pub fail_calls: Mutex<HashSet<usize>>,
     pub fail_all: AtomicBool,
+    /// While set, the intake asks sources to hold off (as a nearly full ledger volume does).
+    pub paused: Mutex<Option<Backpressure>>,
+    /// How often a source asked whether it may send.
+    pub backpressure_checks: AtomicUsize,
 }
 
 impl MemoryIntake {
@@ -88,5 +92,10 @@ impl Intake for MemoryIntake {
 
     async fn checkpoint(&self, source: &str) -> Result<Option<String>, IntakeError> {
         Ok(self.checkpoints.lock().unwrap().get(source).cloned())
+    }
+
+    fn backpressure(&self) -> Option<Backpressure> {
+        self.backpressure_checks.fetch_add(1, Ordering::SeqCst);
+        self.paused.lock().unwrap().clone()
     }
 }

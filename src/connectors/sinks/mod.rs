@@ -10,6 +10,7 @@ pub mod http;
 pub mod netsuite;
 pub mod odoo;
 pub mod postgres;
+pub mod reload;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -118,17 +119,16 @@ pub fn build(
     })
 }
 
-/// [`build`] wrapped in the flow's [`DeliveryPolicy`] pressure.
+/// [`build`] wrapped in the flow's [`DeliveryPolicy`] pressure, and rebuilt from its Secret when the Secret
+/// is rotated ([`reload::Reloading`]).
 pub fn build_limited(
     spec: &SinkSpec,
     policy: &DeliveryPolicy,
     credentials: Credentials,
     http: reqwest::Client,
 ) -> Result<Arc<Limited<Arc<dyn Sink>>>, BuildError> {
-    Ok(Arc::new(Limited::new(
-        build(spec, credentials, http)?,
-        Pressure::from_policy(policy),
-    )))
+    let sink: Arc<dyn Sink> = Arc::new(reload::Reloading::new(spec, credentials, http)?);
+    Ok(Arc::new(Limited::new(sink, Pressure::from_policy(policy))))
 }
 
 /// A client with the connect and total timeouts every sink relies on.
@@ -345,6 +345,10 @@ impl<S: Sink> Sink for Limited<S> {
         let _slot = self.enter().await;
         self.inner.fetch_lookup(resource, key).await
     }
+
+    fn credentials_problem(&self) -> Option<String> {
+        self.inner.credentials_problem()
+    }
 }
 
 #[async_trait]
@@ -363,6 +367,10 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
 
     async fn fetch_lookup(&self, resource: &str, key: &str) -> Result<Vec<Value>, SinkError> {
         (**self).fetch_lookup(resource, key).await
+    }
+
+    fn credentials_problem(&self) -> Option<String> {
+        (**self).credentials_problem()
     }
 }
 

@@ -403,9 +403,12 @@ impl NetSuiteSink {
 
 fn m2m_from(credentials: &Credentials, base: &str) -> Result<M2m, BuildError> {
     let pem = credential(SYSTEM, credentials, "privateKey")?;
-    let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| BuildError::Invalid {
+    let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| BuildError::Credentials {
         system: SYSTEM,
-        reason: format!("privateKey is not an RSA private key in PEM form: {e}"),
+        source: crate::connectors::CredentialsError::Malformed {
+            key: "privateKey".into(),
+            reason: format!("not an RSA private key in PEM form: {e}"),
+        },
     })?;
     let mut token_url = parse_base(base)?;
     token_url.set_path(&format!(

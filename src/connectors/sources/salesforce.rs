@@ -140,11 +140,12 @@ impl SalesforceAuth {
     pub fn from_credentials(credentials: &Credentials) -> Result<SalesforceAuth, SourceError> {
         let client_id = credentials.get("clientId")?;
         if let Some(pem) = credentials.optional("privateKey")? {
-            let key =
-                EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| SourceError::Config {
-                    system: SYSTEM,
-                    reason: format!("Secret key privateKey is not an RSA private key in PEM: {e}"),
-                })?;
+            let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| {
+                SourceError::Credentials(crate::connectors::CredentialsError::Malformed {
+                    key: "privateKey".into(),
+                    reason: format!("not an RSA private key in PEM form: {e}"),
+                })
+            })?;
             return Ok(SalesforceAuth::JwtBearer {
                 client_id,
                 username: credentials.get("username")?,
@@ -276,7 +277,10 @@ pub fn build_soql(config: &SalesforceConfig, after: Option<&Checkpoint>) -> Stri
 /// Polls one org object into an intake.
 pub struct SalesforcePoller {
     config: SalesforceConfig,
-    auth: SalesforceAuth,
+    auth: std::sync::RwLock<SalesforceAuth>,
+    /// The mounted Secret the auth came from and the digest of its files, so a rotated Secret is read again
+    /// before the next token request (which follows a 401 too) without a restart.
+    rotation: Option<(Credentials, std::sync::Mutex<Option<[u8; 32]>>)>,
     http: reqwest::Client,
     token: Mutex<Option<String>>,
 }
@@ -289,9 +293,32 @@ impl SalesforcePoller {
             .unwrap_or_default();
         SalesforcePoller {
             config,
-            auth,
+            auth: std::sync::RwLock::new(auth),
+            rotation: None,
             http,
             token: Mutex::new(None),
+        }
+    }
+
+    /// Re-reads the auth from the Secret if its files changed since they were last read.
+    fn reload_auth(&self) {
+        let Some((credentials, seen)) = &self.rotation else {
+            return;
+        };
+        let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let fingerprint = credentials.fingerprint();
+        if fingerprint == *seen {
+            return;
+        }
+        *seen = fingerprint;
+        match SalesforceAuth::from_credentials(credentials) {
+            Ok(auth) => {
+                *self.auth.write().unwrap_or_else(|p| p.into_inner()) = auth;
+                tracing::info!(source = %self.config.source_name, "the source's Secret changed; new credentials in use");
+            }
+            Err(e) => {
+                tracing::error!(source = %self.config.source_name, error = %e, "the source's Secret changed but cannot be used; keeping the previous credentials");
+            }
         }
     }
 
@@ -301,10 +328,26 @@ impl SalesforcePoller {
         spec: &SourceSpec,
         credentials: &Credentials,
     ) -> Result<SalesforcePoller, SourceError> {
-        Ok(SalesforcePoller::new(
+        let fingerprint = credentials.fingerprint();
+        let mut poller = SalesforcePoller::new(
             SalesforceConfig::from_spec(flow, spec)?,
             SalesforceAuth::from_credentials(credentials)?,
-        ))
+        );
+        poller.rotation = Some((credentials.clone(), std::sync::Mutex::new(fingerprint)));
+        Ok(poller)
+    }
+
+    /// [`SalesforcePoller::new`] that reads its auth again from `credentials` (a mounted Secret) whenever the
+    /// Secret's files changed before a token request.
+    pub fn rotating(
+        config: SalesforceConfig,
+        credentials: Credentials,
+    ) -> Result<SalesforcePoller, SourceError> {
+        let fingerprint = credentials.fingerprint();
+        let mut poller =
+            SalesforcePoller::new(config, SalesforceAuth::from_credentials(&credentials)?);
+        poller.rotation = Some((credentials, std::sync::Mutex::new(fingerprint)));
+        Ok(poller)
     }
 
     pub fn config(&self) -> &SalesforceConfig {
@@ -321,6 +364,16 @@ impl SalesforcePoller {
         loop {
             if *shutdown.borrow() {
                 return Ok(());
+            }
+            // While the intake refuses records (a nearly full ledger volume) a poll would only fetch pages
+            // it cannot store; the checkpoint stays where it is and polling resumes when space is back.
+            if let Some(pressure) = intake.backpressure() {
+                tracing::info!(source = %self.config.source_name, reason = %pressure.reason, "intake paused; not polling");
+                tokio::select! {
+                    changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return Ok(()) },
+                    _ = tokio::time::sleep(pressure.retry_after.min(self.config.poll_interval).max(Duration::from_millis(100))) => {}
+                }
+                continue;
             }
             let wait = match self.poll_once(intake.as_ref()).await {
                 Ok(report) if report.more => Duration::ZERO,
@@ -483,7 +536,9 @@ impl SalesforcePoller {
     }
 
     async fn fetch_token(&self) -> Result<String, SourceError> {
-        let (url, form): (String, Vec<(&str, String)>) = match &self.auth {
+        self.reload_auth();
+        let auth = self.auth.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let (url, form): (String, Vec<(&str, String)>) = match &auth {
             SalesforceAuth::ClientCredentials {
                 client_id,
                 client_secret,

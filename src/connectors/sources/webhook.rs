@@ -158,13 +158,100 @@ fn system_name(system: SourceSystem) -> &'static str {
 }
 
 struct Shared {
-    config: WebhookConfig,
+    config: std::sync::RwLock<Arc<WebhookConfig>>,
+    rotation: Option<Rotation>,
     intake: Arc<dyn Intake>,
     http: reqwest::Client,
 }
 
+/// Where the endpoint's secrets come from, to pick up a rotation of the mounted Secret without a restart.
+struct Rotation {
+    spec: SourceSpec,
+    credentials: Credentials,
+    seen: std::sync::Mutex<(Option<[u8; 32]>, std::time::Instant)>,
+}
+
+impl Shared {
+    fn config(&self) -> Arc<WebhookConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the configuration when the Secret's files changed: looked at every 10 s, or at most once a
+    /// second after a refused signature (a CRM that already signs with the new secret). Returns the new
+    /// configuration when one was put in place.
+    fn reload(&self, refused: bool) -> Option<Arc<WebhookConfig>> {
+        let rotation = self.rotation.as_ref()?;
+        let mut seen = rotation.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let every = if refused {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(10)
+        };
+        if seen.1.elapsed() < every {
+            return None;
+        }
+        seen.1 = std::time::Instant::now();
+        let fingerprint = rotation.credentials.fingerprint();
+        if fingerprint == seen.0 {
+            return None;
+        }
+        seen.0 = fingerprint;
+        let current = self.config();
+        match WebhookConfig::from_spec(&current.flow, &rotation.spec, &rotation.credentials) {
+            Ok(mut config) => {
+                // Only the secrets come from the Secret; the rest is as the caller configured it.
+                config.path = current.path.clone();
+                config.field_map = current.field_map.clone();
+                config.key_pointer = current.key_pointer.clone();
+                config.body_limit = current.body_limit;
+                config.tolerance = current.tolerance;
+                config.public_base_url = current.public_base_url.clone();
+                let config = Arc::new(config);
+                *self.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
+                tracing::info!(flow = %current.flow, "the source's Secret changed; new webhook secret in use");
+                Some(config)
+            }
+            Err(e) => {
+                tracing::error!(flow = %current.flow, error = %e, "the source's Secret changed but cannot be used; keeping the previous secret");
+                None
+            }
+        }
+    }
+}
+
 /// The webhook endpoint: `POST {config.path}`. Mount it on the worker's HTTP server.
 pub fn router(config: WebhookConfig, intake: Arc<dyn Intake>) -> Router {
+    router_with(config, intake, None)
+}
+
+/// [`router`] that re-reads its secrets from `credentials` (the flow's mounted source Secret) when the files
+/// change, so a rotated webhook secret is used without a restart.
+pub fn router_rotating(
+    config: WebhookConfig,
+    intake: Arc<dyn Intake>,
+    spec: &SourceSpec,
+    credentials: Credentials,
+) -> Router {
+    let fingerprint = credentials.fingerprint();
+    router_with(
+        config,
+        intake,
+        Some(Rotation {
+            spec: spec.clone(),
+            credentials,
+            seen: std::sync::Mutex::new((fingerprint, std::time::Instant::now())),
+        }),
+    )
+}
+
+fn router_with(
+    config: WebhookConfig,
+    intake: Arc<dyn Intake>,
+    rotation: Option<Rotation>,
+) -> Router {
     let limit = config.body_limit;
     let path = config.path.clone();
     let http = reqwest::Client::builder()
@@ -172,7 +259,8 @@ pub fn router(config: WebhookConfig, intake: Arc<dyn Intake>) -> Router {
         .build()
         .unwrap_or_default();
     let shared = Arc::new(Shared {
-        config,
+        config: std::sync::RwLock::new(Arc::new(config)),
+        rotation,
         intake,
         http,
     });
@@ -198,27 +286,23 @@ async fn receive(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let config = &shared.config;
+    let mut config = shared.reload(false).unwrap_or_else(|| shared.config());
     // The signature covers the raw bytes, so it is checked before anything parses (and re-serialises) them.
-    let verified = match &config.verifier {
-        Verifier::HmacSha256 { secret } => {
-            verify_meshline(secret, &headers, &body, config.tolerance, now_secs())
-        }
-        Verifier::HubspotV3 { client_secret, .. } => {
-            let uri = hubspot_request_uri(config.public_base_url.as_deref(), &headers, &uri);
-            verify_hubspot_v3(
-                client_secret,
-                method.as_str(),
-                &uri,
-                &headers,
-                &body,
-                now_millis(),
-            )
-        }
-    };
+    let mut verified = verify(&config, &method, &uri, &headers, &body);
+    if verified.is_err()
+        && let Some(rotated) = shared.reload(true)
+    {
+        config = rotated;
+        verified = verify(&config, &method, &uri, &headers, &body);
+    }
+    let config = config.as_ref();
     if let Err(reason) = verified {
         tracing::warn!(flow = %config.flow, %reason, "webhook refused: signature");
         return refuse(StatusCode::UNAUTHORIZED, "bad_signature", reason);
+    }
+    // A nearly full ledger volume refuses before any work (a HubSpot read, say): the CRM retries later.
+    if let Some(pressure) = shared.intake.backpressure() {
+        return busy(&pressure);
     }
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -273,8 +357,53 @@ async fn receive(
         )
             .into_response(),
         Err(e) => {
+            if let Some(pressure) = shared.intake.backpressure() {
+                return busy(&pressure);
+            }
             tracing::error!(flow = %config.flow, error = %e, "webhook not acknowledged: intake failed");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "intake_failed", format!("{e}; retry later"))
+        }
+    }
+}
+
+/// 503 with `Retry-After`: nothing was stored, the CRM should send the webhook again later.
+fn busy(pressure: &crate::connectors::Backpressure) -> Response {
+    let mut response = refuse(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "intake_paused",
+        pressure.reason.clone(),
+    );
+    if let Ok(value) =
+        axum::http::HeaderValue::from_str(&pressure.retry_after.as_secs().max(1).to_string())
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, value);
+    }
+    response
+}
+
+fn verify(
+    config: &WebhookConfig,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(), String> {
+    match &config.verifier {
+        Verifier::HmacSha256 { secret } => {
+            verify_meshline(secret, headers, body, config.tolerance, now_secs())
+        }
+        Verifier::HubspotV3 { client_secret, .. } => {
+            let uri = hubspot_request_uri(config.public_base_url.as_deref(), headers, uri);
+            verify_hubspot_v3(
+                client_secret,
+                method.as_str(),
+                &uri,
+                headers,
+                body,
+                now_millis(),
+            )
         }
     }
 }
