@@ -27,6 +27,17 @@
 //! the older generation can never be claimed concurrently with the newer one: the stale holder's completion is
 //! refused as [`CompletionResult::Superseded`] (and releases the lease), or the lease expires.
 //!
+//! **Ordering of revisions.** When the contract declares an ordering field, each incoming revision carries
+//! its value ([`IncomingRecord::ordering`]) and each record keeps the value of its current revision. A
+//! changed payload whose value is *below* the stored one is a late revision (webhooks arrive out of order,
+//! outbound messages are retried for hours): it is [`IngestOutcome::Stale`], written to the lineage as step
+//! `stale` with both values and counted in [`Counts::stale`], and the stored revision stays current, so it is
+//! never delivered. An *equal* value with a different payload is applied as an update in arrival order and
+//! flagged in the lineage as `ordering_tie`: the source says the two are equally new, and refusing the later
+//! one could leave the ERP without an edit forever, whereas applying it leaves the ERP with the last thing the
+//! CRM sent (and the flag tells a reviewer where to look). A revision without a value, or a record stored
+//! before its contract declared ordering, falls back to arrival order; the stored value is never lowered.
+//!
 //! **Fencing.** Every claim increments the record's `fence`. A completion must present the generation and the
 //! fence it claimed with; once another worker has claimed the record (after the lease expired), the old holder
 //! gets [`CompletionResult::LeaseLost`] and cannot overwrite the new owner's result. A holder whose lease has
@@ -228,6 +239,7 @@ pub(crate) struct Prepared {
     contract_version: String,
     bucket: i64,
     correlation_id: String,
+    ordering: Option<i64>,
 }
 
 pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prepared>> {
@@ -257,6 +269,7 @@ pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prep
                 idempotency_key: record.idempotency_key,
                 external_id: record.external_id,
                 contract_version: record.contract_version,
+                ordering: record.ordering,
             })
         })
         .collect()
@@ -282,6 +295,17 @@ pub(crate) fn rounds(prepared: Vec<Prepared>) -> Vec<Vec<(usize, Prepared)>> {
         rounds[slot].push((index, item));
     }
     rounds
+}
+
+/// The lineage detail of a stale revision: its payload hash and both ordering values.
+pub(crate) fn stale_detail(hash: &str, stored: i64, incoming: i64) -> String {
+    json!({"payload_hash": hash, "ordering": {"stored": stored, "incoming": incoming}}).to_string()
+}
+
+/// The lineage detail of an update whose ordering value equals the stored one's.
+pub(crate) fn tie_detail(hash: &str, value: i64, generation: i64) -> String {
+    json!({"payload_hash": hash, "ordering": value, "previous_generation": generation - 1})
+        .to_string()
 }
 
 /// What a completion writes, in the same shape for both backends.
@@ -630,6 +654,7 @@ pub(crate) struct CountsRow {
     retried: i64,
     dead_lettered: i64,
     held: i64,
+    stale: i64,
     pending: i64,
     oldest_pending_at: Option<i64>,
     last_delivery_at: Option<i64>,
@@ -647,6 +672,7 @@ pub(crate) fn assemble_counts(row: CountsRow, interventions: i64, now: i64) -> C
         retried: row.retried.max(0) as u64,
         dead_lettered: row.dead_lettered.max(0) as u64,
         held: row.held.max(0) as u64,
+        stale: row.stale.max(0) as u64,
         pending: row.pending.max(0) as u64,
         oldest_pending_age_seconds: row
             .oldest_pending_at
@@ -687,6 +713,7 @@ mod tests {
             contract_version: "1".into(),
             bucket: 0,
             correlation_id: String::new(),
+            ordering: None,
         }
     }
 
