@@ -195,6 +195,57 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// this is what every metrics scrape asks.
     async fn backlog(&self) -> Result<(u64, Option<i64>)>;
 
+    /// Whether this backend shares the flow's delivery concurrency between replicas through delivery slots
+    /// ([`Ledger::acquire_delivery_slots`]): PostgreSQL, where several replicas deliver one flow. SQLite serves
+    /// one replica, whose own semaphore is the limit.
+    fn shares_delivery_slots(&self) -> bool {
+        false
+    }
+
+    /// Leases up to `want` of the flow's `limit` delivery slots to `holder` until `lease` from now: free slots
+    /// and slots whose holder's lease ran out (a replica that died holding them). Returns the slots taken, none
+    /// when other replicas hold them all. Slots numbered `limit` or above (left by a larger, older limit) are
+    /// never handed out.
+    async fn acquire_delivery_slots(
+        &self,
+        holder: &str,
+        limit: u32,
+        want: usize,
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        let _ = (holder, limit, want, lease);
+        Err(self.no_delivery_slots())
+    }
+
+    /// Extends `holder`'s lease on `slots` to `lease` from now; returns the slots it still holds (a slot
+    /// whose lease lapsed and that another replica took is not among them).
+    async fn renew_delivery_slots(
+        &self,
+        holder: &str,
+        slots: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        let _ = (holder, slots, lease);
+        Err(self.no_delivery_slots())
+    }
+
+    /// Gives `holder`'s `slots` back, so any replica may take them.
+    async fn release_delivery_slots(&self, holder: &str, slots: &[i64]) -> Result<()> {
+        let _ = (holder, slots);
+        Err(self.no_delivery_slots())
+    }
+
+    #[doc(hidden)]
+    fn no_delivery_slots(&self) -> LedgerError {
+        LedgerError::InvalidInput {
+            flow: self.flow().to_string(),
+            what: format!(
+                "the {} ledger serves one replica and shares no delivery slots",
+                self.backend()
+            ),
+        }
+    }
+
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;
 

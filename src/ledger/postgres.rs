@@ -6,6 +6,11 @@
 //! a few, set-based over `UNNEST` arrays, because a statement per record would cap throughput at the
 //! network's round-trip time. Commits use the server's `synchronous_commit` (on by default), so an ingest
 //! that returned is on disk before the source is acknowledged.
+//!
+//! **Delivery slots.** The ERP's concurrency limit is per account, not per replica, so the flow's
+//! `delivery.concurrency` is shared: `delivery_slots` holds one row per slot; a replica leases slots (with a
+//! holder and an expiry, taken with SKIP LOCKED) before its ERP calls and gives them back after, and a
+//! replica that dies holding slots loses them when their lease runs out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,6 +38,8 @@ pub struct PostgresLedger {
     pool: PgPool,
     flow: String,
     clock: Arc<dyn Clock>,
+    /// The largest delivery-slot limit whose rows this process has made sure exist.
+    slots_created: std::sync::atomic::AtomicI64,
 }
 
 impl PostgresLedger {
@@ -58,6 +65,7 @@ impl PostgresLedger {
             pool,
             flow: flow.to_string(),
             clock,
+            slots_created: Default::default(),
         };
         ledger.migrate().await?;
         Ok(ledger)
@@ -1057,6 +1065,105 @@ impl Ledger for PostgresLedger {
             .await
             .map_err(self.db("backlog", None))?;
         Ok((pending.max(0) as u64, oldest))
+    }
+
+    fn shares_delivery_slots(&self) -> bool {
+        true
+    }
+
+    async fn acquire_delivery_slots(
+        &self,
+        holder: &str,
+        limit: u32,
+        want: usize,
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        let limit = i64::from(limit.max(1));
+        let want = i64::try_from(want).unwrap_or(i64::MAX).clamp(0, limit);
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now_ms();
+        let expires = now.saturating_add(lease_ms(&self.flow, lease)?);
+        // The flow's slot rows exist once per limit a process has seen: a larger limit adds rows, a smaller
+        // one leaves the surplus unused (`slot < limit` below).
+        if self
+            .slots_created
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < limit
+        {
+            sqlx::query(
+                "INSERT INTO delivery_slots (flow, slot) SELECT $1, g FROM generate_series(0, $2 - 1) AS g \
+                 ON CONFLICT (flow, slot) DO NOTHING",
+            )
+            .bind(&self.flow)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(self.db("create delivery slots", None))?;
+            self.slots_created
+                .fetch_max(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SKIP LOCKED: replicas taking slots at the same moment never wait for each other or get the same one.
+        sqlx::query_scalar(
+            "UPDATE delivery_slots d SET holder = $2, lease_expires_at = $3 \
+             FROM (SELECT slot FROM delivery_slots WHERE flow = $1 AND slot < $4 \
+                   AND (holder IS NULL OR lease_expires_at <= $5) \
+                   ORDER BY slot LIMIT $6 FOR UPDATE SKIP LOCKED) free \
+             WHERE d.flow = $1 AND d.slot = free.slot RETURNING d.slot",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .bind(expires)
+        .bind(limit)
+        .bind(now)
+        .bind(want)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("acquire delivery slots", None))
+    }
+
+    async fn renew_delivery_slots(
+        &self,
+        holder: &str,
+        slots: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expires = self
+            .clock
+            .now_ms()
+            .saturating_add(lease_ms(&self.flow, lease)?);
+        sqlx::query_scalar(
+            "UPDATE delivery_slots SET lease_expires_at = $3 \
+             WHERE flow = $1 AND holder = $2 AND slot = ANY($4) RETURNING slot",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .bind(expires)
+        .bind(slots)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("renew delivery slots", None))
+    }
+
+    async fn release_delivery_slots(&self, holder: &str, slots: &[i64]) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE delivery_slots SET holder = NULL, lease_expires_at = 0 \
+             WHERE flow = $1 AND holder = $2 AND slot = ANY($3)",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .bind(slots)
+        .execute(&self.pool)
+        .await
+        .map_err(self.db("release delivery slots", None))?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<()> {

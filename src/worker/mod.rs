@@ -12,6 +12,7 @@ pub mod intake;
 pub mod metrics;
 pub mod pipeline;
 pub mod run;
+pub mod slots;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -172,9 +173,17 @@ impl Worker {
             )),
             None => None,
         };
+        let shared_slots = ledger.shares_delivery_slots().then(|| {
+            slots::SharedSlots::new(
+                ledger.clone(),
+                &settings.options.worker_id,
+                rendered.flow.spec.delivery.concurrency,
+            )
+        });
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
+            shared_slots,
             contract,
             env: std::sync::RwLock::new(Arc::new(env)),
             sink,

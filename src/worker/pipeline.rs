@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::breaker::Breaker;
 use super::metrics::Metrics;
+use super::slots::SharedSlots;
 use crate::api::{DeliveryPolicy, ErrorClass};
 use crate::connectors::{Delivery, Sink, SinkError};
 use crate::contract::{CompiledContract, Env, Outcome as ContractOutcome};
@@ -80,6 +81,9 @@ pub struct Pipeline {
     pub handed: std::sync::Mutex<Vec<ClaimedRecord>>,
     /// Set once the pipeline stops taking work (shutdown): the intake leases nothing more.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// The flow's delivery slots, shared with the other replicas through the ledger (PostgreSQL); `None`
+    /// when this worker is the flow's only replica and its own semaphore is the limit.
+    pub shared_slots: Option<Arc<SharedSlots>>,
 }
 
 impl Pipeline {
@@ -185,6 +189,10 @@ impl Pipeline {
         let slots = Arc::new(Semaphore::new(concurrency));
         let (done_tx, done_rx) = mpsc::channel::<Completion>(self.options.complete_batch * 4);
         let completer = tokio::spawn(self.clone().completer(done_rx));
+        let keeper = self
+            .shared_slots
+            .clone()
+            .map(|slots| tokio::spawn(slots.keep(shutdown.clone())));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             if *shutdown.borrow() {
@@ -295,6 +303,10 @@ impl Pipeline {
         }
         drop(done_tx);
         let _ = completer.await;
+        if let Some(keeper) = keeper {
+            // Gives back the slots still held, once no delivery uses them.
+            let _ = keeper.await;
+        }
     }
 
     /// Writes completions in batches: one transaction for many records.
@@ -470,6 +482,23 @@ impl Pipeline {
             correlation_id: &record.correlation_id,
             attempt,
         };
+        // With several replicas, the flow's concurrency is shared: a slot from the ledger before the ERP call.
+        // A record that cannot get one soon goes back to the queue, well before its lease could run out.
+        let slot = match &self.shared_slots {
+            Some(slots) => {
+                match tokio::time::timeout(self.options.lease / 4, slots.acquire()).await {
+                    Ok(Ok(slot)) => Some(slot),
+                    Ok(Err(e)) => {
+                        tracing::warn!(flow = %self.flow, error = %e, "no delivery slot (ledger error); the record waits");
+                        return Outcome::Released {
+                            not_before: Some(Utc::now() + chrono::Duration::seconds(1)),
+                        };
+                    }
+                    Err(_) => return Outcome::Released { not_before: None },
+                }
+            }
+            None => None,
+        };
         self.metrics.in_flight.inc();
         let started = Instant::now();
         // The ERP call must end well inside the lease, or another replica could take the record over mid-call.
@@ -482,6 +511,7 @@ impl Pipeline {
                 format!("no answer within {timeout:?}"),
             )),
         };
+        drop(slot);
         self.metrics.in_flight.dec();
         self.metrics
             .delivery_seconds
