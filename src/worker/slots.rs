@@ -26,6 +26,8 @@ pub const TERM: Duration = Duration::from_millis(200);
 pub const LEASE: Duration = Duration::from_secs(30);
 /// How often idle and used-up slots are given back; leases are renewed every few ticks.
 const TICK: Duration = Duration::from_millis(100);
+/// Leases are renewed every sixth of their length, so a few failed renewals in a row still keep them.
+const RENEW_EVERY_TICKS: u32 = (LEASE.as_millis() / TICK.as_millis() / 6) as u32;
 /// The longest wait between two asks for slots while other replicas hold them all.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
@@ -207,7 +209,7 @@ impl SharedSlots {
             {
                 tracing::warn!(error = %e, "could not give delivery slots back; they expire");
             }
-            if ticks % (LEASE.as_millis() as u32 / TICK.as_millis() as u32 / 6).max(1) == 0 {
+            if ticks.is_multiple_of(RENEW_EVERY_TICKS) {
                 self.renew().await;
             }
         }
