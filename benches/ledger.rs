@@ -38,6 +38,7 @@ fn batch(next: &AtomicU64) -> Vec<IncomingRecord> {
                 }),
                 contract_version: "1.0.0".into(),
                 correlation_id: None,
+                ordering: None,
             }
         })
         .collect()

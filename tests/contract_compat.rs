@@ -586,3 +586,34 @@ fn whitespace_in_an_expression_is_not_a_change() {
         report.changes
     );
 }
+
+#[test]
+fn declaring_ordering_needs_a_minor_bump_and_moving_it_a_major_one() {
+    use meshline::api::OrderingSpec;
+    // The example orders by systemModstamp; without it is the "before".
+    let mut unordered = base();
+    unordered.ordering = None;
+    let report = diff(&unordered, &with_version(base(), "1.3.0"));
+    assert_eq!(report.changes.len(), 1, "{:?}", report.changes);
+    assert_eq!(report.changes[0].kind, ChangeKind::OrderingChanged);
+    assert_eq!(report.changes[0].path, "spec.ordering.field");
+    assert!(!report.is_breaking());
+    assert_eq!(report.required_bump, Bump::Minor);
+
+    // Ordering by another field compares stored values of the old field with the new one's: breaking.
+    let mut moved = with_version(base(), "1.3.0");
+    moved
+        .fields
+        .push(new_field("lastModifiedDate", FieldType::Datetime, true));
+    moved.ordering = Some(OrderingSpec {
+        field: "lastModifiedDate".into(),
+    });
+    let report = diff(&base(), &moved);
+    let change = report
+        .changes
+        .iter()
+        .find(|c| c.kind == ChangeKind::OrderingChanged)
+        .expect("an ordering change");
+    assert!(change.breaking, "{change:?}");
+    assert_eq!(report.required_bump, Bump::Major);
+}

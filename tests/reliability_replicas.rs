@@ -1,6 +1,7 @@
 //! Two replicas: two `meshline worker` processes (different worker ids and ports) run one flow on one
 //! PostgreSQL ledger. The CRM's batches land on either (as behind a Service); both deliver, and with no crash
-//! every record is PUT to the ERP exactly once.
+//! every record is PUT to the ERP exactly once. The flow's concurrency is the ERP account's, shared by the
+//! replicas: the ERP never sees more requests at once than the flow allows.
 
 #[path = "support/postgres.rs"]
 #[allow(dead_code)]
@@ -15,6 +16,8 @@ use reliability::*;
 use serde_json::Value;
 
 const RECORDS: usize = 3_000;
+/// The flow's `delivery.concurrency`: per ERP account, however many replicas deliver.
+const CONCURRENCY: u32 = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_never_deliver_a_record_twice() {
@@ -25,7 +28,7 @@ async fn two_replicas_never_deliver_a_record_twice() {
     let files = FlowFiles::new(
         &erp.base_url(),
         LedgerChoice::Postgres(pg.create_database("replicas")),
-        8,
+        CONCURRENCY,
     );
     let mut a = WorkerProcess::new(&files, "replica-a");
     let mut b = WorkerProcess::new(&files, "replica-b");
@@ -78,6 +81,14 @@ async fn two_replicas_never_deliver_a_record_twice() {
         "the replicas' deliveries add up"
     );
     assert_eq!(erp.violations(), Vec::<String>::new());
+    let peak = erp
+        .state
+        .max_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        peak <= CONCURRENCY as usize,
+        "two replicas put {peak} requests at the ERP at once; the flow allows {CONCURRENCY}"
+    );
     eprintln!(
         "replicas: {RECORDS} records, delivered by a: {delivered_a}, by b: {delivered_b}, max in flight at the ERP {}, total {:.1?}",
         erp.state

@@ -246,6 +246,43 @@ fn crd_cel_rules_are_enforced_offline() {
 }
 
 #[test]
+fn a_modification_stamp_without_ordering_is_a_warning_and_a_bad_ordering_field_an_error() {
+    let warnings = |report: &Report| -> Vec<(String, String)> {
+        report
+            .issues
+            .iter()
+            .filter(|i| i.severity == Severity::Warning)
+            .map(|i| (i.path.clone(), i.reason.clone()))
+            .collect()
+    };
+    // The example orders by systemModstamp: nothing to warn about.
+    let ordered = closed_won_with("contract", "version: 1.2.0\n", "version: 1.2.0\n");
+    assert!(warnings(&ordered).is_empty(), "{:?}", ordered.issues);
+
+    // Without its ordering, the stamp is named in a warning; the contract is still valid.
+    let unordered = closed_won_with("contract", "  ordering:\n    field: systemModstamp\n", "");
+    assert!(unordered.is_ok(), "{}", errors(&unordered).join("\n"));
+    let found = warnings(&unordered);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, "spec.fields[4].name");
+    assert!(found[0].1.contains("systemModstamp"), "{found:?}");
+    assert!(found[0].1.contains("ordering"), "{found:?}");
+
+    // An ordering field that is not a stamp or a version number is refused by the CRD's rule, as the API
+    // server would (the contract engine's own check, at spec.ordering.field, is unit-tested with it).
+    let report = closed_won_with(
+        "contract",
+        "    field: systemModstamp\n",
+        "    field: name\n",
+    );
+    assert_error(
+        &report,
+        "spec",
+        "ordering.field must name a declared, required datetime or integer field",
+    );
+}
+
+#[test]
 fn contract_expressions_are_compiled_and_checked_against_the_schema() {
     let report = closed_won_with(
         "contract",

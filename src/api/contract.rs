@@ -31,7 +31,8 @@ use super::common::Condition;
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.fields.all(f, self.fields.exists_one(g, g.name == f.name))", "message": "field names must be unique"},
     {"rule": "!has(self.rules) || self.rules.all(r, self.rules.exists_one(q, q.name == r.name))", "message": "rule names must be unique"},
-    {"rule": "self.mapping.fields.all(f, self.mapping.fields.exists_one(g, g.target == f.target))", "message": "mapping targets must be unique"}
+    {"rule": "self.mapping.fields.all(f, self.mapping.fields.exists_one(g, g.target == f.target))", "message": "mapping targets must be unique"},
+    {"rule": "!has(self.ordering) || self.fields.exists(f, f.name == self.ordering.field && (f.type == 'datetime' || f.type == 'integer') && has(f.required) && f.required)", "message": "ordering.field must name a declared, required datetime or integer field"}
 ]))]
 pub struct SyncContractSpec {
     /// Semantic version of this contract content. A breaking change under the compatibility mode needs a new
@@ -61,6 +62,11 @@ pub struct SyncContractSpec {
     pub rules: Vec<RuleSpec>,
     /// How an accepted record becomes the ERP payload.
     pub mapping: MappingSpec,
+    /// Which field of the source record orders its revisions (e.g. Salesforce's `systemModstamp`). With it,
+    /// a revision that arrives after a newer one (webhooks arrive out of order, outbound messages are retried
+    /// for hours) is recorded as stale and never delivered. Without it, the last revision to arrive wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordering: Option<OrderingSpec>,
     /// Service level the flow is held to; breaking it makes the flow Degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sla: Option<SlaSpec>,
@@ -171,6 +177,19 @@ pub struct FieldSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub description: Option<String>,
+}
+
+/// The field that orders a record's revisions: the source system's modification stamp or version number.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderingSpec {
+    /// Path of a declared, required `datetime` or `integer` field at the top level or inside objects (not
+    /// inside an array): `systemModstamp`, `properties.hs_lastmodifieddate`, `version`.
+    #[schemars(
+        length(min = 1, max = 128),
+        pattern(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+    )]
+    pub field: String,
 }
 
 /// The shape of a lookup table the rules read, keyed by a string (e.g. the pricebook keyed by SKU).

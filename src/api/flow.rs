@@ -525,6 +525,9 @@ pub struct FlowCounters {
     pub dead_lettered: i64,
     #[serde(default)]
     pub held: i64,
+    /// Late revisions refused because a newer one (by the contract's ordering field) was already stored.
+    #[serde(default)]
+    pub stale: i64,
 }
 
 /// Delivery latency percentiles in milliseconds.

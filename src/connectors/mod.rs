@@ -64,6 +64,9 @@ pub struct IntakeReceipt {
     pub stored: usize,
     pub duplicates: usize,
     pub updates: usize,
+    /// Late revisions: older than the stored one by the contract's ordering field; stored in the lineage
+    /// only, acknowledged like any other so the CRM stops resending them.
+    pub stale: usize,
 }
 
 /// The intake could not store the batch; the source must not acknowledge it.

@@ -165,6 +165,7 @@ pub enum ChangeKind {
     SourceChanged,
     TargetChanged,
     SlaChanged,
+    OrderingChanged,
     CompatibilityModeChanged,
     /// Content changed without any of the above (fields or rules reordered, say).
     OtherContentChanged,
@@ -206,6 +207,7 @@ impl ChangeKind {
             ChangeKind::SourceChanged => "source_changed",
             ChangeKind::TargetChanged => "target_changed",
             ChangeKind::SlaChanged => "sla_changed",
+            ChangeKind::OrderingChanged => "ordering_changed",
             ChangeKind::CompatibilityModeChanged => "compatibility_mode_changed",
             ChangeKind::OtherContentChanged => "other_content_changed",
         }
@@ -397,6 +399,7 @@ pub fn diff(old: &SyncContractSpec, new: &SyncContractSpec) -> CompatReport {
             false,
         );
     }
+    changes.ordering(old, new);
     if old.compatibility != new.compatibility {
         changes.push(
             "spec.compatibility".into(),
@@ -569,6 +572,46 @@ impl Changes {
             breaking,
             schema_change,
         });
+    }
+
+    /// Declaring or dropping an ordering field changes which revisions are delivered, not which records are
+    /// accepted (a schema change). Moving it to another field breaks every mode but NONE: the ledger keeps
+    /// each record's last ordering value and would compare values of the old field with the new one's.
+    fn ordering(&mut self, old: &SyncContractSpec, new: &SyncContractSpec) {
+        let field = |spec: &SyncContractSpec| spec.ordering.as_ref().map(|o| o.field.clone());
+        let type_of = |spec: &SyncContractSpec, name: &str| {
+            spec.fields
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.r#type)
+        };
+        let (before, after) = (field(old), field(new));
+        let (detail, effect) = match (&before, &after) {
+            (None, None) => return,
+            (Some(b), Some(a)) if b == a && type_of(old, b) == type_of(new, a) => return,
+            (None, Some(a)) => (
+                format!("revisions are now ordered by {a}; older ones are no longer delivered"),
+                Effect::None,
+            ),
+            (Some(b), None) => (
+                format!("revisions were ordered by {b}; now the last to arrive wins"),
+                Effect::None,
+            ),
+            (Some(b), Some(a)) => (
+                format!(
+                    "revisions were ordered by {b} and now by {a}; stored ordering values would be compared \
+                     with the new field's"
+                ),
+                Effect::Both,
+            ),
+        };
+        self.push(
+            "spec.ordering.field".into(),
+            ChangeKind::OrderingChanged,
+            detail,
+            effect,
+            true,
+        );
     }
 
     fn entities(&mut self, old: &SyncContractSpec, new: &SyncContractSpec) {

@@ -24,6 +24,7 @@ pub mod compat;
 mod eval;
 mod lookup;
 mod mapping;
+mod ordering;
 mod outcome;
 mod record;
 mod redact;
@@ -43,6 +44,7 @@ pub use clock::{CpuClock, CpuTime};
 pub use compat::{CompatReport, ContentHash, content_hash, diff};
 pub use lookup::{LookupError, Lookups, MAX_LOOKUP_BYTES};
 pub use mapping::MAX_EXTERNAL_ID_LEN;
+pub use ordering::{OrderingError, OrderingKind, RevisionOrdering};
 pub use outcome::{
     ExternalId, Outcome, Payload, Reason, ReasonCode, Subject, Warning, WarningCode,
 };
@@ -138,6 +140,7 @@ pub enum CompileErrorKind {
     MissingMessage,
     InvalidMapping,
     InvalidSla,
+    InvalidOrdering,
     CelSyntax,
     UnknownReference,
     UnknownFunction,
@@ -164,6 +167,7 @@ impl CompileErrorKind {
             CompileErrorKind::MissingMessage => "missing_message",
             CompileErrorKind::InvalidMapping => "invalid_mapping",
             CompileErrorKind::InvalidSla => "invalid_sla",
+            CompileErrorKind::InvalidOrdering => "invalid_ordering",
             CompileErrorKind::CelSyntax => "cel_syntax",
             CompileErrorKind::UnknownReference => "unknown_reference",
             CompileErrorKind::UnknownFunction => "unknown_function",
@@ -190,6 +194,7 @@ pub struct CompiledContract {
     pub(crate) lookups: Vec<LookupDecl>,
     rules: Vec<rules::Rule>,
     mapping: mapping::Mapping,
+    ordering: Option<RevisionOrdering>,
     limits: Limits,
     cpu_clock: CpuClock,
     redaction: Redaction,
@@ -307,6 +312,7 @@ pub fn compile_with(
     }
     let schema = schema::compile(&spec.fields, &mut errors);
     let lookups = compile_lookups(&spec.lookups, &mut errors);
+    let ordering = ordering::compile(spec.ordering.as_ref(), &spec.fields, &mut errors);
     if let Some(sla) = &spec.sla
         && let Some(rate) = &sla.max_failure_rate
         && !cel_env::parse_decimal(rate)
@@ -391,6 +397,7 @@ pub fn compile_with(
         lookups,
         rules,
         mapping,
+        ordering,
         limits: options.limits.clone(),
         cpu_clock: options.cpu_clock.clone(),
         redaction: options.redaction.clone(),
@@ -510,6 +517,11 @@ impl CompiledContract {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// The field that orders this record's revisions, if the contract declares one (`spec.ordering`).
+    pub fn ordering(&self) -> Option<&RevisionOrdering> {
+        self.ordering.as_ref()
     }
 
     pub fn redaction(&self) -> &Redaction {

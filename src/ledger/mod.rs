@@ -27,6 +27,17 @@
 //! the older generation can never be claimed concurrently with the newer one: the stale holder's completion is
 //! refused as [`CompletionResult::Superseded`] (and releases the lease), or the lease expires.
 //!
+//! **Ordering of revisions.** When the contract declares an ordering field, each incoming revision carries
+//! its value ([`IncomingRecord::ordering`]) and each record keeps the value of its current revision. A
+//! changed payload whose value is *below* the stored one is a late revision (webhooks arrive out of order,
+//! outbound messages are retried for hours): it is [`IngestOutcome::Stale`], written to the lineage as step
+//! `stale` with both values and counted in [`Counts::stale`], and the stored revision stays current, so it is
+//! never delivered. An *equal* value with a different payload is applied as an update in arrival order and
+//! flagged in the lineage as `ordering_tie`: the source says the two are equally new, and refusing the later
+//! one could leave the ERP without an edit forever, whereas applying it leaves the ERP with the last thing the
+//! CRM sent (and the flag tells a reviewer where to look). A revision without a value, or a record stored
+//! before its contract declared ordering, falls back to arrival order; the stored value is never lowered.
+//!
 //! **Fencing.** Every claim increments the record's `fence`. A completion must present the generation and the
 //! fence it claimed with; once another worker has claimed the record (after the lease expired), the old holder
 //! gets [`CompletionResult::LeaseLost`] and cannot overwrite the new owner's result. A holder whose lease has
@@ -187,6 +198,57 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// this is what every metrics scrape asks.
     async fn backlog(&self) -> Result<(u64, Option<i64>)>;
 
+    /// Whether this backend shares the flow's delivery concurrency between replicas through delivery slots
+    /// ([`Ledger::acquire_delivery_slots`]): PostgreSQL, where several replicas deliver one flow. SQLite serves
+    /// one replica, whose own semaphore is the limit.
+    fn shares_delivery_slots(&self) -> bool {
+        false
+    }
+
+    /// Leases up to `want` of the flow's `limit` delivery slots to `holder` until `lease` from now: free slots
+    /// and slots whose holder's lease ran out (a replica that died holding them). Returns the slots taken, none
+    /// when other replicas hold them all. Slots numbered `limit` or above (left by a larger, older limit) are
+    /// never handed out.
+    async fn acquire_delivery_slots(
+        &self,
+        holder: &str,
+        limit: u32,
+        want: usize,
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        let _ = (holder, limit, want, lease);
+        Err(self.no_delivery_slots())
+    }
+
+    /// Extends `holder`'s lease on `slots` to `lease` from now; returns the slots it still holds (a slot
+    /// whose lease lapsed and that another replica took is not among them).
+    async fn renew_delivery_slots(
+        &self,
+        holder: &str,
+        slots: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        let _ = (holder, slots, lease);
+        Err(self.no_delivery_slots())
+    }
+
+    /// Gives `holder`'s `slots` back, so any replica may take them.
+    async fn release_delivery_slots(&self, holder: &str, slots: &[i64]) -> Result<()> {
+        let _ = (holder, slots);
+        Err(self.no_delivery_slots())
+    }
+
+    #[doc(hidden)]
+    fn no_delivery_slots(&self) -> LedgerError {
+        LedgerError::InvalidInput {
+            flow: self.flow().to_string(),
+            what: format!(
+                "the {} ledger serves one replica and shares no delivery slots",
+                self.backend()
+            ),
+        }
+    }
+
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;
 
@@ -231,6 +293,7 @@ pub(crate) struct Prepared {
     contract_version: String,
     bucket: i64,
     correlation_id: String,
+    ordering: Option<i64>,
 }
 
 pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prepared>> {
@@ -260,6 +323,7 @@ pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prep
                 idempotency_key: record.idempotency_key,
                 external_id: record.external_id,
                 contract_version: record.contract_version,
+                ordering: record.ordering,
             })
         })
         .collect()
@@ -285,6 +349,17 @@ pub(crate) fn rounds(prepared: Vec<Prepared>) -> Vec<Vec<(usize, Prepared)>> {
         rounds[slot].push((index, item));
     }
     rounds
+}
+
+/// The lineage detail of a stale revision: its payload hash and both ordering values.
+pub(crate) fn stale_detail(hash: &str, stored: i64, incoming: i64) -> String {
+    json!({"payload_hash": hash, "ordering": {"stored": stored, "incoming": incoming}}).to_string()
+}
+
+/// The lineage detail of an update whose ordering value equals the stored one's.
+pub(crate) fn tie_detail(hash: &str, value: i64, generation: i64) -> String {
+    json!({"payload_hash": hash, "ordering": value, "previous_generation": generation - 1})
+        .to_string()
 }
 
 /// What a completion writes, in the same shape for both backends.
@@ -633,6 +708,7 @@ pub(crate) struct CountsRow {
     retried: i64,
     dead_lettered: i64,
     held: i64,
+    stale: i64,
     pending: i64,
     oldest_pending_at: Option<i64>,
     last_delivery_at: Option<i64>,
@@ -650,6 +726,7 @@ pub(crate) fn assemble_counts(row: CountsRow, interventions: i64, now: i64) -> C
         retried: row.retried.max(0) as u64,
         dead_lettered: row.dead_lettered.max(0) as u64,
         held: row.held.max(0) as u64,
+        stale: row.stale.max(0) as u64,
         pending: row.pending.max(0) as u64,
         oldest_pending_age_seconds: row
             .oldest_pending_at
@@ -690,6 +767,7 @@ mod tests {
             contract_version: "1".into(),
             bucket: 0,
             correlation_id: String::new(),
+            ordering: None,
         }
     }
 

@@ -6,6 +6,11 @@
 //! a few, set-based over `UNNEST` arrays, because a statement per record would cap throughput at the
 //! network's round-trip time. Commits use the server's `synchronous_commit` (on by default), so an ingest
 //! that returned is on disk before the source is acknowledged.
+//!
+//! **Delivery slots.** The ERP's concurrency limit is per account, not per replica, so the flow's
+//! `delivery.concurrency` is shared: `delivery_slots` holds one row per slot; a replica leases slots (with a
+//! holder and an expiry, taken with SKIP LOCKED) before its ERP calls and gives them back after, and a
+//! replica that dies holding slots loses them when their lease runs out.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,7 +27,7 @@ use super::{
     IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
     NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
     RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms,
-    prepare, rounds,
+    prepare, rounds, stale_detail, tie_detail,
 };
 
 /// Key of the advisory lock that serialises migrations when several replicas start at once.
@@ -33,6 +38,8 @@ pub struct PostgresLedger {
     pool: PgPool,
     flow: String,
     clock: Arc<dyn Clock>,
+    /// The largest delivery-slot limit whose rows this process has made sure exist.
+    slots_created: std::sync::atomic::AtomicI64,
 }
 
 impl PostgresLedger {
@@ -58,6 +65,7 @@ impl PostgresLedger {
             pool,
             flow: flow.to_string(),
             clock,
+            slots_created: Default::default(),
         };
         ledger.migrate().await?;
         Ok(ledger)
@@ -156,7 +164,15 @@ impl PostgresLedger {
             let mut versions = Vec::with_capacity(round.len());
             let mut buckets = Vec::with_capacity(round.len());
             let mut correlations = Vec::with_capacity(round.len());
+            let mut orderings: Vec<Option<i64>> = Vec::with_capacity(round.len());
+            // The keys whose revision carries an ordering value: their stored value is read in the same
+            // statement, before the write, to tell a tie (flagged) from a newer revision.
+            let mut ordered_keys: Vec<String> = Vec::new();
             for (_, item) in &round {
+                orderings.push(item.ordering);
+                if item.ordering.is_some() {
+                    ordered_keys.push(item.idempotency_key.clone());
+                }
                 source_keys.push(item.source_key.clone());
                 keys.push(item.idempotency_key.clone());
                 external_ids.push(item.external_id.clone());
@@ -169,14 +185,16 @@ impl PostgresLedger {
             // in-flight older generation is never claimed alongside it); equal hashes are left alone and
             // do not come back from RETURNING.
             let written = sqlx::query(
-                "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
+                "WITH prior AS (SELECT idempotency_key, ordering_value FROM records \
+                 WHERE flow = $1 AND idempotency_key = ANY($11)), written AS ( \
+                 INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
                  payload_hash, contract_version, state, next_attempt_at, bucket, correlation_id, received_at, \
-                 updated_at) \
+                 updated_at, ordering_value) \
                  SELECT $1, t.source_key, t.idempotency_key, t.external_id, 1, t.payload_hash, \
-                 t.contract_version, 'received', $2, t.bucket, t.correlation_id, $2, $2 \
+                 t.contract_version, 'received', $2, t.bucket, t.correlation_id, $2, $2, t.ordering_value \
                  FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[], \
-                 $9::text[]) AS t(source_key, idempotency_key, external_id, payload_hash, contract_version, \
-                 bucket, correlation_id) \
+                 $9::text[], $10::bigint[]) AS t(source_key, idempotency_key, external_id, payload_hash, \
+                 contract_version, bucket, correlation_id, ordering_value) \
                  ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = EXCLUDED.source_key, \
                  external_id = EXCLUDED.external_id, generation = records.generation + 1, \
                  payload_hash = EXCLUDED.payload_hash, \
@@ -185,9 +203,13 @@ impl PostgresLedger {
                  last_error_class = NULL, dead_letter_reason = NULL, erp_response = NULL, hold_rule = NULL, \
                  hold_role = NULL, approved_by = NULL, bucket = EXCLUDED.bucket, \
                  correlation_id = EXCLUDED.correlation_id, received_at = EXCLUDED.received_at, \
-                 updated_at = EXCLUDED.updated_at, delivered_at = NULL, first_failure_at = NULL \
+                 updated_at = EXCLUDED.updated_at, delivered_at = NULL, first_failure_at = NULL, \
+                 ordering_value = COALESCE(EXCLUDED.ordering_value, records.ordering_value) \
                  WHERE records.payload_hash <> EXCLUDED.payload_hash \
-                 RETURNING id, idempotency_key, generation, (xmax = 0) AS inserted",
+                 AND NOT COALESCE(EXCLUDED.ordering_value < records.ordering_value, FALSE) \
+                 RETURNING id, idempotency_key, generation, (xmax = 0) AS inserted) \
+                 SELECT w.id, w.idempotency_key, w.generation, w.inserted, p.ordering_value AS prior_ordering \
+                 FROM written w LEFT JOIN prior p ON p.idempotency_key = w.idempotency_key",
             )
             .bind(&self.flow)
             .bind(now)
@@ -198,13 +220,20 @@ impl PostgresLedger {
             .bind(&versions)
             .bind(&buckets)
             .bind(&correlations)
+            .bind(&orderings)
+            .bind(&ordered_keys)
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("ingest", None))?;
             let mut written_by_key: HashMap<String, (i64, i64, bool)> = HashMap::new();
+            let mut prior_ordering: HashMap<String, i64> = HashMap::new();
             for row in written {
+                let key: String = row.get("idempotency_key");
+                if let Some(prior) = row.get::<Option<i64>, _>("prior_ordering") {
+                    prior_ordering.insert(key.clone(), prior);
+                }
                 written_by_key.insert(
-                    row.get("idempotency_key"),
+                    key,
                     (row.get("id"), row.get("generation"), row.get("inserted")),
                 );
             }
@@ -213,10 +242,11 @@ impl PostgresLedger {
                 .filter(|k| !written_by_key.contains_key(*k))
                 .cloned()
                 .collect();
-            let mut duplicates: HashMap<String, (i64, i64, String)> = HashMap::new();
+            // Keys not written are duplicates (same payload) or late revisions (stale by the ordering field).
+            let mut duplicates: HashMap<String, (i64, i64, String, Option<i64>)> = HashMap::new();
             if !duplicate_keys.is_empty() {
                 let rows = sqlx::query(
-                    "SELECT id, idempotency_key, generation, correlation_id FROM records \
+                    "SELECT id, idempotency_key, generation, correlation_id, ordering_value FROM records \
                      WHERE flow = $1 AND idempotency_key = ANY($2)",
                 )
                 .bind(&self.flow)
@@ -231,6 +261,7 @@ impl PostgresLedger {
                             row.get("id"),
                             row.get("generation"),
                             row.get("correlation_id"),
+                            row.get("ordering_value"),
                         ),
                     );
                 }
@@ -239,6 +270,7 @@ impl PostgresLedger {
             let mut lineage = LineageBatch::default();
             let mut payload_ids = Vec::with_capacity(written_by_key.len());
             let mut payload_bodies = Vec::with_capacity(written_by_key.len());
+            let mut stale_ids: Vec<i64> = Vec::new();
             for (index, item) in round {
                 if let Some(&(id, generation, inserted)) = written_by_key.get(&item.idempotency_key)
                 {
@@ -262,6 +294,19 @@ impl PostgresLedger {
                         detail.to_string(),
                         item.correlation_id.clone(),
                     );
+                    if let (false, Some(value)) = (
+                        inserted,
+                        item.ordering
+                            .filter(|v| prior_ordering.get(&item.idempotency_key) == Some(v)),
+                    ) {
+                        lineage.push(
+                            id,
+                            generation,
+                            "ordering_tie",
+                            tie_detail(&item.hash, value, generation),
+                            item.correlation_id.clone(),
+                        );
+                    }
                     outcomes[index] = Some(if inserted {
                         IngestOutcome::Received {
                             id: RecordId(id),
@@ -274,9 +319,28 @@ impl PostgresLedger {
                             correlation_id: item.correlation_id,
                         }
                     });
-                } else if let Some((id, generation, correlation_id)) =
+                } else if let Some((id, generation, correlation_id, stored)) =
                     duplicates.get(&item.idempotency_key)
                 {
+                    if let (Some(incoming), Some(stored)) = (item.ordering, *stored)
+                        && incoming < stored
+                    {
+                        // A late revision: the stored one stays current; counted below.
+                        stale_ids.push(*id);
+                        lineage.push(
+                            *id,
+                            *generation,
+                            "stale",
+                            stale_detail(&item.hash, stored, incoming),
+                            item.correlation_id.clone(),
+                        );
+                        outcomes[index] = Some(IngestOutcome::Stale {
+                            id: RecordId(*id),
+                            stored,
+                            incoming,
+                        });
+                        continue;
+                    }
                     lineage.push(
                         *id,
                         *generation,
@@ -297,6 +361,15 @@ impl PostgresLedger {
                 .execute(&mut *tx)
                 .await
                 .map_err(self.db("ingest payloads", None))?;
+            }
+            if !stale_ids.is_empty() {
+                sqlx::query(
+                    "UPDATE records SET stale_revisions = stale_revisions + 1 WHERE id = ANY($1::bigint[])",
+                )
+                .bind(&stale_ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db("ingest stale revisions", None))?;
             }
             lineage
                 .insert(&mut tx, now)
@@ -963,6 +1036,7 @@ impl Ledger for PostgresLedger {
              COALESCE(SUM(retries), 0)::BIGINT AS retried, \
              COUNT(*) FILTER (WHERE state = 'dead_lettered') AS dead_lettered, \
              COUNT(*) FILTER (WHERE state = 'held') AS held, \
+             COALESCE(SUM(stale_revisions), 0)::BIGINT AS stale, \
              COUNT(*) FILTER (WHERE state IN {PENDING}) AS pending, \
              MIN(received_at) FILTER (WHERE state IN {PENDING}) AS oldest_pending_at, \
              MAX(delivered_at) AS last_delivery_at, \
@@ -993,6 +1067,105 @@ impl Ledger for PostgresLedger {
             .await
             .map_err(self.db("backlog", None))?;
         Ok((pending.max(0) as u64, oldest))
+    }
+
+    fn shares_delivery_slots(&self) -> bool {
+        true
+    }
+
+    async fn acquire_delivery_slots(
+        &self,
+        holder: &str,
+        limit: u32,
+        want: usize,
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        let limit = i64::from(limit.max(1));
+        let want = i64::try_from(want).unwrap_or(i64::MAX).clamp(0, limit);
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let now = self.clock.now_ms();
+        let expires = now.saturating_add(lease_ms(&self.flow, lease)?);
+        // The flow's slot rows exist once per limit a process has seen: a larger limit adds rows, a smaller
+        // one leaves the surplus unused (`slot < limit` below).
+        if self
+            .slots_created
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < limit
+        {
+            sqlx::query(
+                "INSERT INTO delivery_slots (flow, slot) SELECT $1, g FROM generate_series(0, $2 - 1) AS g \
+                 ON CONFLICT (flow, slot) DO NOTHING",
+            )
+            .bind(&self.flow)
+            .bind(limit)
+            .execute(&self.pool)
+            .await
+            .map_err(self.db("create delivery slots", None))?;
+            self.slots_created
+                .fetch_max(limit, std::sync::atomic::Ordering::Relaxed);
+        }
+        // SKIP LOCKED: replicas taking slots at the same moment never wait for each other or get the same one.
+        sqlx::query_scalar(
+            "UPDATE delivery_slots d SET holder = $2, lease_expires_at = $3 \
+             FROM (SELECT slot FROM delivery_slots WHERE flow = $1 AND slot < $4 \
+                   AND (holder IS NULL OR lease_expires_at <= $5) \
+                   ORDER BY slot LIMIT $6 FOR UPDATE SKIP LOCKED) free \
+             WHERE d.flow = $1 AND d.slot = free.slot RETURNING d.slot",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .bind(expires)
+        .bind(limit)
+        .bind(now)
+        .bind(want)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("acquire delivery slots", None))
+    }
+
+    async fn renew_delivery_slots(
+        &self,
+        holder: &str,
+        slots: &[i64],
+        lease: Duration,
+    ) -> Result<Vec<i64>> {
+        if slots.is_empty() {
+            return Ok(Vec::new());
+        }
+        let expires = self
+            .clock
+            .now_ms()
+            .saturating_add(lease_ms(&self.flow, lease)?);
+        sqlx::query_scalar(
+            "UPDATE delivery_slots SET lease_expires_at = $3 \
+             WHERE flow = $1 AND holder = $2 AND slot = ANY($4) RETURNING slot",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .bind(expires)
+        .bind(slots)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("renew delivery slots", None))
+    }
+
+    async fn release_delivery_slots(&self, holder: &str, slots: &[i64]) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE delivery_slots SET holder = NULL, lease_expires_at = 0 \
+             WHERE flow = $1 AND holder = $2 AND slot = ANY($3)",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .bind(slots)
+        .execute(&self.pool)
+        .await
+        .map_err(self.db("release delivery slots", None))?;
+        Ok(())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -7,7 +7,7 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
 /// that need a database as an older meshline left it.
@@ -45,6 +45,13 @@ const ATTENTION_STATEMENTS: &[&str] = &[
     "DROP INDEX records_state",
     "CREATE INDEX records_attention ON records (flow, state, id) WHERE state IN ('held', 'dead_lettered')",
 ];
+
+/// Version 4 orders a record's revisions: each record keeps the ordering value of its current revision (the
+/// contract's `spec.ordering` field) so a late, older revision is recognised as stale, and counts the stale
+/// revisions it refused. On PostgreSQL it also adds the delivery slots that share a flow's ERP concurrency
+/// limit between replicas (see `PostgresLedger::acquire_slots`).
+const ORDERING_DESCRIPTION: &str =
+    "ordering value and stale revisions per record; delivery slots shared by replicas";
 
 /// The bookkeeping table; created before any migration runs.
 pub(crate) const SQLITE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
@@ -148,6 +155,14 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: ATTENTION_DESCRIPTION,
         statements: ATTENTION_STATEMENTS,
     },
+    Migration {
+        version: 4,
+        description: ORDERING_DESCRIPTION,
+        statements: &[
+            "ALTER TABLE records ADD COLUMN ordering_value INTEGER",
+            "ALTER TABLE records ADD COLUMN stale_revisions INTEGER NOT NULL DEFAULT 0",
+        ],
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -244,6 +259,23 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 3,
         description: ATTENTION_DESCRIPTION,
         statements: ATTENTION_STATEMENTS,
+    },
+    Migration {
+        version: 4,
+        description: ORDERING_DESCRIPTION,
+        statements: &[
+            "ALTER TABLE records ADD COLUMN ordering_value BIGINT",
+            "ALTER TABLE records ADD COLUMN stale_revisions BIGINT NOT NULL DEFAULT 0",
+            // One row per slot of a flow's delivery concurrency; a replica holds a slot for the length of
+            // one ERP request. `lease_expires_at` frees the slots of a replica that died holding them.
+            "CREATE TABLE delivery_slots (
+                flow TEXT NOT NULL,
+                slot BIGINT NOT NULL,
+                holder TEXT,
+                lease_expires_at BIGINT NOT NULL DEFAULT 0,
+                PRIMARY KEY (flow, slot)
+            )",
+        ],
     },
 ];
 

@@ -36,7 +36,7 @@ use super::{
     LeaseRequest, Ledger, LedgerError, LineageRow, ManualAction, NewLineageEvent, RECORD_COLUMNS,
     RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState, RecordView, Result, SnapshotRow,
     assemble_counts, assemble_detail, attention_filter, completion_params, lease_ms, prepare,
-    to_time,
+    stale_detail, tie_detail, to_time,
 };
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
@@ -296,8 +296,9 @@ impl SqliteLedger {
                         .prepare_cached(
                             "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
                              payload_hash, contract_version, state, claimed_from, lease_owner, lease_expires_at, \
-                             fence, attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at) \
-                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?10, ?11, ?12, ?13, ?14, ?14, ?15, ?8, ?9, ?7, ?7) \
+                             fence, attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at, \
+                             ordering_value) \
+                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?10, ?11, ?12, ?13, ?14, ?14, ?15, ?8, ?9, ?7, ?7, ?16) \
                              ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = excluded.source_key, \
                              external_id = excluded.external_id, generation = records.generation + 1, \
                              payload_hash = excluded.payload_hash, \
@@ -307,8 +308,10 @@ impl SqliteLedger {
                              erp_response = NULL, hold_rule = NULL, hold_role = NULL, approved_by = NULL, \
                              bucket = excluded.bucket, correlation_id = excluded.correlation_id, \
                              received_at = excluded.received_at, updated_at = excluded.updated_at, \
-                             delivered_at = NULL, first_failure_at = NULL \
-                             WHERE records.payload_hash <> excluded.payload_hash",
+                             delivered_at = NULL, first_failure_at = NULL, \
+                             ordering_value = COALESCE(excluded.ordering_value, records.ordering_value) \
+                             WHERE records.payload_hash <> excluded.payload_hash \
+                             AND NOT COALESCE(excluded.ordering_value < records.ordering_value, FALSE)",
                         )
                         .map_err(&err)?;
                     let mut payloads: Vec<(i64, String)> = Vec::with_capacity(prepared.len());
@@ -316,6 +319,19 @@ impl SqliteLedger {
                         .prepare_cached(
                             "SELECT id, generation, correlation_id FROM records \
                              WHERE flow = ?1 AND idempotency_key = ?2",
+                        )
+                        .map_err(&err)?;
+                    // The stored ordering value before the write, only for revisions that carry one: it
+                    // tells an equal value (a tie, flagged) from a newer one.
+                    let mut prior_ordering = tx
+                        .prepare_cached(
+                            "SELECT ordering_value FROM records WHERE flow = ?1 AND idempotency_key = ?2",
+                        )
+                        .map_err(&err)?;
+                    let mut stale_revision = tx
+                        .prepare_cached(
+                            "UPDATE records SET stale_revisions = stale_revisions + 1 WHERE id = ?1 \
+                             RETURNING payload_hash, ordering_value",
                         )
                         .map_err(&err)?;
                     let mut lineage = Lineage::new(now);
@@ -338,6 +354,14 @@ impl SqliteLedger {
                             ),
                             None => ("received", None, None, None, 0, now),
                         };
+                        let prior: Option<i64> = match item.ordering {
+                            Some(_) => prior_ordering
+                                .query_row(params![flow, item.idempotency_key], |r| r.get(0))
+                                .optional()
+                                .map_err(&err)?
+                                .flatten(),
+                            None => None,
+                        };
                         let changed = upsert
                             .execute(params![
                                 flow,
@@ -355,6 +379,7 @@ impl SqliteLedger {
                                 expires,
                                 fence,
                                 next_at,
+                                item.ordering,
                             ])
                             .map_err(&err)?;
                         let (id, generation, correlation_id): (i64, i64, String) = existing
@@ -373,6 +398,10 @@ impl SqliteLedger {
                                 )
                             };
                             lineage.add(id, generation, step, detail, &item.correlation_id);
+                            if let (false, Some(value)) = (inserted, item.ordering.filter(|v| prior == Some(*v))) {
+                                let detail = tie_detail(&item.hash, value, generation);
+                                lineage.add(id, generation, "ordering_tie", detail, &item.correlation_id);
+                            }
                             if let (true, Some((_, expires)), Some(worker_json)) =
                                 (inserted, leased_to, worker_json.as_ref())
                             {
@@ -412,6 +441,21 @@ impl SqliteLedger {
                                     generation,
                                     correlation_id: item.correlation_id,
                                 }
+                            });
+                        } else if let Some(incoming) = item.ordering.filter(|v| prior.is_some_and(|p| *v < p)) {
+                            // A late revision: older than the stored one by the ordering field. Counted and
+                            // noted; the stored revision stays current.
+                            let (hash, stored): (String, Option<i64>) = stale_revision
+                                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                                .map_err(&err)?;
+                            debug_assert_ne!(hash, item.hash);
+                            let stored = stored.unwrap_or(incoming);
+                            let detail = stale_detail(&item.hash, stored, incoming);
+                            lineage.add(id, generation, "stale", detail, &item.correlation_id);
+                            outcomes.push(IngestOutcome::Stale {
+                                id: RecordId(id),
+                                stored,
+                                incoming,
                             });
                         } else {
                             // A webhook retry or an overlapping poll: note it, store nothing new.
@@ -1131,7 +1175,7 @@ fn counts_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
             "SELECT COUNT(*), COALESCE(SUM(generation), 0), COALESCE(SUM(state = 'delivered'), 0), \
              COALESCE(SUM(first_failure_at IS NOT NULL), 0), COALESCE(SUM(retries), 0), \
              COALESCE(SUM(state = 'dead_lettered'), 0), COALESCE(SUM(state = 'held'), 0), \
-             COALESCE(SUM(state IN {PENDING}), 0), \
+             COALESCE(SUM(state IN {PENDING}), 0), COALESCE(SUM(stale_revisions), 0), \
              MIN(CASE WHEN state IN {PENDING} THEN received_at END), MAX(delivered_at), \
              AVG(CASE WHEN state = 'delivered' AND first_failure_at IS NOT NULL \
                  THEN CAST(delivered_at - first_failure_at AS REAL) END) \
@@ -1148,9 +1192,10 @@ fn counts_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
                 dead_lettered: r.get(5)?,
                 held: r.get(6)?,
                 pending: r.get(7)?,
-                oldest_pending_at: r.get(8)?,
-                last_delivery_at: r.get(9)?,
-                mttr_ms: r.get(10)?,
+                stale: r.get(8)?,
+                oldest_pending_at: r.get(9)?,
+                last_delivery_at: r.get(10)?,
+                mttr_ms: r.get(11)?,
             })
         })
         .map_err(&err)?;

@@ -229,6 +229,10 @@ pub struct IncomingRecord {
     pub contract_version: String,
     /// Taken from the source when it sends one (e.g. a `traceparent`), otherwise generated at receipt.
     pub correlation_id: Option<String>,
+    /// The revision's ordering value (the contract's `spec.ordering` field, normalised by the contract), if
+    /// the contract declares one and the record carries it. A revision whose value is below the stored one
+    /// is stale; `None` keeps the arrival-order rule (see [`IngestOutcome::Stale`]).
+    pub ordering: Option<i64>,
 }
 
 /// A worker's request to lease the records an ingest newly stores, in the same transaction, instead of
@@ -260,6 +264,14 @@ pub enum IngestOutcome {
     },
     /// Same key, same payload hash: nothing new was stored.
     Duplicate { id: RecordId },
+    /// Same key, changed payload, but an ordering value older than the stored revision's: a late revision.
+    /// Recorded in the lineage (step `stale`) and counted; the stored payload stays current and nothing is
+    /// delivered.
+    Stale {
+        id: RecordId,
+        stored: i64,
+        incoming: i64,
+    },
 }
 
 impl IngestOutcome {
@@ -267,7 +279,8 @@ impl IngestOutcome {
         match self {
             IngestOutcome::Received { id, .. }
             | IngestOutcome::Updated { id, .. }
-            | IngestOutcome::Duplicate { id } => *id,
+            | IngestOutcome::Duplicate { id }
+            | IngestOutcome::Stale { id, .. } => *id,
         }
     }
 }
@@ -459,6 +472,8 @@ pub struct Counts {
     pub retried: u64,
     pub dead_lettered: u64,
     pub held: u64,
+    /// Late revisions refused because a newer one (by the contract's ordering field) was already stored.
+    pub stale: u64,
     /// Received, validated, retry-scheduled or delivering.
     pub pending: u64,
     pub oldest_pending_age_seconds: Option<f64>,

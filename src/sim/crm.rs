@@ -60,7 +60,7 @@ pub fn opportunity(n: usize, kind: DealKind, pricebook: &[(String, Decimal)]) ->
         "Name": format!("Deal {n}"),
         "StageName": "Closed Won",
         "CloseDate": chrono::Utc::now().format("%Y-%m-%d").to_string(),
-        "SystemModstamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "SystemModstamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         "AccountId": format!("001Dn{:010}AAA", n % 97),
         "Account": {"Name": format!("Customer {}", n % 97)},
         "CurrencyIsoCode": "USD",

@@ -449,17 +449,67 @@ fn short_type(value: &Value) -> &'static str {
 /// The contract's own checks, from the contract engine: the field schema is coherent, every CEL expression
 /// compiles, references only declared fields and lookups, and stays within the evaluation limits.
 fn contract_checks(contract: &Located<SyncContract>) -> Vec<Issue> {
+    let mut issues = unordered_stamp_warnings(contract);
     match crate::contract::compile(&contract.object.spec) {
-        Ok(_) => Vec::new(),
-        Err(errors) => errors
-            .into_iter()
-            .map(|e| {
-                contract.issue(
-                    Severity::Error,
-                    e.path,
-                    format!("{} ({})", e.reason, e.kind.label()),
-                )
-            })
-            .collect(),
+        Ok(_) => {}
+        Err(errors) => issues.extend(errors.into_iter().map(|e| {
+            contract.issue(
+                Severity::Error,
+                e.path,
+                format!("{} ({})", e.reason, e.kind.label()),
+            )
+        })),
     }
+    issues
+}
+
+/// Names (compared in lower case, `_` ignored) that CRMs and ERPs give a record's modification stamp.
+const MODIFICATION_STAMPS: &[&str] = &[
+    "systemmodstamp",
+    "lastmodifieddate",
+    "hslastmodifieddate",
+    "updatedat",
+    "modifiedat",
+    "modifiedon",
+    "lastmodified",
+    "lastupdated",
+    "writedate",
+    "datemodified",
+    "modificationdate",
+];
+
+/// A contract that has a modification stamp but orders nothing lets a late, older revision of a record
+/// overwrite a newer one at the ERP. A warning, not an error: arrival order is right for a source that
+/// guarantees it.
+fn unordered_stamp_warnings(contract: &Located<SyncContract>) -> Vec<Issue> {
+    let spec = &contract.object.spec;
+    if spec.ordering.is_some() {
+        return Vec::new();
+    }
+    spec.fields
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.r#type == crate::api::FieldType::Datetime && !f.name.contains("[]"))
+        .filter(|(_, f)| {
+            let last = f.name.rsplit('.').next().unwrap_or(&f.name);
+            let folded: String = last
+                .chars()
+                .filter(|c| *c != '_')
+                .flat_map(char::to_lowercase)
+                .collect();
+            MODIFICATION_STAMPS.contains(&folded.as_str())
+        })
+        .map(|(i, f)| {
+            contract.issue(
+                Severity::Warning,
+                format!("spec.fields[{i}].name"),
+                format!(
+                    "{:?} looks like a modification stamp but the contract declares no ordering: a late, older \
+                     revision of a record would overwrite a newer one at the ERP. Add `ordering: {{field: {}}}` \
+                     (and make the field required) unless the source guarantees delivery in order",
+                    f.name, f.name
+                ),
+            )
+        })
+        .collect()
 }

@@ -180,6 +180,7 @@ pub async fn compute_status(
             retried: to_i64(c.retried),
             dead_lettered: to_i64(c.dead_lettered),
             held: to_i64(c.held),
+            stale: to_i64(c.stale),
         },
         pending: c.pending,
         failure_rate: failure_rate.round_dp(4).normalize().to_string(),

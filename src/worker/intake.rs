@@ -110,9 +110,13 @@ impl LedgerIntake {
 
     fn prepare(&self, records: Vec<SourceRecord>) -> Vec<IncomingRecord> {
         let version = self.pipeline.contract.version().to_string();
+        let ordering = self.pipeline.contract.ordering();
         records
             .into_iter()
             .map(|r| IncomingRecord {
+                // A revision without a usable ordering value is stored in arrival order; the contract then
+                // refuses it (its ordering field is required and typed), so it is never delivered unordered.
+                ordering: ordering.and_then(|o| o.value_of(&r.payload).ok()),
                 idempotency_key: r.key.clone(),
                 source_key: r.key,
                 external_id: None,
@@ -129,12 +133,14 @@ impl LedgerIntake {
             match outcome {
                 IngestOutcome::Duplicate { .. } => receipt.duplicates += 1,
                 IngestOutcome::Updated { .. } => receipt.updates += 1,
-                _ => receipt.stored += 1,
+                IngestOutcome::Stale { .. } => receipt.stale += 1,
+                IngestOutcome::Received { .. } => receipt.stored += 1,
             }
         }
         let m = &self.pipeline.metrics;
         m.received.inc_by((receipt.stored + receipt.updates) as u64);
         m.duplicates.inc_by(receipt.duplicates as u64);
+        m.stale.inc_by(receipt.stale as u64);
         self.pipeline.wake.notify_one();
         receipt
     }

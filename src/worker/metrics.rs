@@ -19,6 +19,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub received: Counter,
     pub duplicates: Counter,
+    /// Late revisions refused as older than the stored one (by the contract's ordering field).
+    pub stale: Counter,
     /// Ledger transactions the intake wrote (one per group of concurrent batches).
     pub intake_commits: Counter,
     /// Records leased to this worker as they were stored, skipping a claim.
@@ -50,6 +52,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("meshline");
         let received = Counter::default();
         let duplicates = Counter::default();
+        let stale = Counter::default();
         let intake_commits = Counter::default();
         let intake_leased = Counter::default();
         let delivered = Counter::default();
@@ -75,6 +78,11 @@ impl Metrics {
             "records_duplicate",
             "Deliveries of a record already in the ledger",
             duplicates.clone(),
+        );
+        registry.register(
+            "records_stale",
+            "Late revisions older than the stored one by the contract's ordering field; never delivered",
+            stale.clone(),
         );
         registry.register(
             "intake_commits",
@@ -142,6 +150,7 @@ impl Metrics {
             registry,
             received,
             duplicates,
+            stale,
             intake_commits,
             intake_leased,
             delivered,

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod problems;
 pub mod run;
 pub mod starting;
+pub mod slots;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -216,9 +217,17 @@ impl Worker {
             )),
             LedgerTarget::Postgres(_) => None,
         };
+        let shared_slots = ledger.shares_delivery_slots().then(|| {
+            slots::SharedSlots::new(
+                ledger.clone(),
+                &settings.options.worker_id,
+                rendered.flow.spec.delivery.concurrency,
+            )
+        });
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
+            shared_slots,
             contract,
             env: std::sync::RwLock::new(Arc::new(env)),
             sink,

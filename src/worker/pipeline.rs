@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::breaker::Breaker;
 use super::metrics::Metrics;
+use super::slots::SharedSlots;
 use crate::api::{DeliveryPolicy, ErrorClass};
 use crate::connectors::{Delivery, Sink, SinkError};
 use crate::contract::{
@@ -96,6 +97,9 @@ pub struct Pipeline {
     pub problems: Arc<super::problems::Problems>,
     /// The embedded ledger's free-space guard; `None` for a PostgreSQL ledger, whose disk is not ours.
     pub disk: Option<super::disk::DiskGuard>,
+    /// The flow's delivery slots, shared with the other replicas through the ledger (PostgreSQL); `None`
+    /// when this worker is the flow's only replica and its own semaphore is the limit.
+    pub shared_slots: Option<Arc<SharedSlots>>,
 }
 
 impl Pipeline {
@@ -206,6 +210,10 @@ impl Pipeline {
         let slots = Arc::new(Semaphore::new(concurrency));
         let (done_tx, done_rx) = mpsc::channel::<Completion>(self.options.complete_batch * 4);
         let completer = tokio::spawn(self.clone().completer(done_rx));
+        let keeper = self
+            .shared_slots
+            .clone()
+            .map(|slots| tokio::spawn(slots.keep(shutdown.clone())));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             if *shutdown.borrow() {
@@ -316,6 +324,10 @@ impl Pipeline {
         }
         drop(done_tx);
         let _ = completer.await;
+        if let Some(keeper) = keeper {
+            // Gives back the slots still held, once no delivery uses them.
+            let _ = keeper.await;
+        }
     }
 
     /// Writes completions in batches: one transaction for many records.
@@ -584,6 +596,23 @@ impl Pipeline {
             correlation_id: &record.correlation_id,
             attempt,
         };
+        // With several replicas, the flow's concurrency is shared: a slot from the ledger before the ERP call.
+        // A record that cannot get one soon goes back to the queue, well before its lease could run out.
+        let slot = match &self.shared_slots {
+            Some(slots) => {
+                match tokio::time::timeout(self.options.lease / 4, slots.acquire()).await {
+                    Ok(Ok(slot)) => Some(slot),
+                    Ok(Err(e)) => {
+                        tracing::warn!(flow = %self.flow, error = %e, "no delivery slot (ledger error); the record waits");
+                        return Outcome::Released {
+                            not_before: Some(Utc::now() + chrono::Duration::seconds(1)),
+                        };
+                    }
+                    Err(_) => return Outcome::Released { not_before: None },
+                }
+            }
+            None => None,
+        };
         self.metrics.in_flight.inc();
         let started = Instant::now();
         // The ERP call must end well inside the lease, or another replica could take the record over mid-call.
@@ -596,6 +625,7 @@ impl Pipeline {
                 format!("no answer within {timeout:?}"),
             )),
         };
+        drop(slot);
         self.metrics.in_flight.dec();
         self.metrics
             .delivery_seconds

@@ -120,6 +120,7 @@ pub fn record(key: &str, payload: Value) -> IncomingRecord {
         payload,
         contract_version: "1.0.0".to_string(),
         correlation_id: None,
+        ordering: None,
     }
 }
 
@@ -1034,6 +1035,194 @@ pub async fn a_version_1_ledger_is_migrated_with_its_records_and_payloads(fixtur
     ledger.close().await;
 }
 
+/// A revision of record `key` carrying ordering value `ordering` (e.g. a SystemModstamp in µs).
+fn revision(key: &str, payload: Value, ordering: Option<i64>) -> IncomingRecord {
+    IncomingRecord {
+        ordering,
+        ..record(key, payload)
+    }
+}
+
+fn steps(detail: &ledger::RecordDetail) -> Vec<&str> {
+    detail.lineage.iter().map(|e| e.step.as_str()).collect()
+}
+
+pub async fn an_older_revision_after_a_newer_one_is_stale_and_never_delivered(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    // Revision 2 (10:20) arrives first and is delivered.
+    let first = ledger
+        .ingest(vec![revision(
+            "a",
+            json!({"amount": 12, "at": "10:20"}),
+            Some(2_000),
+        )])
+        .await
+        .unwrap();
+    let id = first[0].id();
+    let claimed = claim_all(ledger.as_ref(), "w1").await;
+    ledger
+        .complete(claimed[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    // Then a delayed retry of revision 1 (10:15).
+    let late = ledger
+        .ingest(vec![revision(
+            "a",
+            json!({"amount": 10, "at": "10:15"}),
+            Some(1_000),
+        )])
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        vec![IngestOutcome::Stale {
+            id,
+            stored: 2_000,
+            incoming: 1_000
+        }]
+    );
+    let detail = ledger.get(id).await.unwrap().unwrap();
+    assert_eq!(detail.record.payload, json!({"amount": 12, "at": "10:20"}));
+    assert_eq!(detail.record.generation, 1);
+    assert_eq!(detail.record.state, RecordState::Delivered);
+    let stale = detail.lineage.last().expect("lineage");
+    assert_eq!(stale.step, "stale");
+    assert_eq!(
+        stale.detail["ordering"],
+        json!({"stored": 2_000, "incoming": 1_000})
+    );
+    assert!(
+        claim_all(ledger.as_ref(), "w1").await.is_empty(),
+        "nothing to deliver"
+    );
+    let counts = ledger.counts().await.unwrap();
+    assert_eq!((counts.stale, counts.received, counts.delivered), (1, 1, 1));
+
+    // A newer revision is an update as usual, and is delivered.
+    let newer = ledger
+        .ingest(vec![revision(
+            "a",
+            json!({"amount": 14, "at": "10:30"}),
+            Some(3_000),
+        )])
+        .await
+        .unwrap();
+    assert!(
+        matches!(newer[0], IngestOutcome::Updated { generation: 2, .. }),
+        "{newer:?}"
+    );
+    let claimed = claim_all(ledger.as_ref(), "w1").await;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        serde_json::from_str::<Value>(&claimed[0].payload).unwrap(),
+        json!({"amount": 14, "at": "10:30"})
+    );
+    // Stale counts survive reopening (they are in the ledger, not in memory).
+    ledger.close().await;
+    let reopened = fixture.open(clock.clone()).await;
+    assert_eq!(reopened.counts().await.unwrap().stale, 1);
+    reopened.close().await;
+}
+
+pub async fn equal_ordering_values_apply_in_arrival_order_flagged_as_a_tie(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(vec![revision("a", json!({"amount": 10}), Some(1_000))])
+        .await
+        .unwrap();
+    let tie = ledger
+        .ingest(vec![revision("a", json!({"amount": 11}), Some(1_000))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(tie[0], IngestOutcome::Updated { generation: 2, .. }),
+        "{tie:?}"
+    );
+    let detail = ledger.get(tie[0].id()).await.unwrap().unwrap();
+    assert_eq!(detail.record.payload, json!({"amount": 11}));
+    assert_eq!(steps(&detail), ["received", "updated", "ordering_tie"]);
+    let flagged = detail.lineage.last().unwrap();
+    assert_eq!(flagged.detail["ordering"], json!(1_000));
+    assert_eq!(flagged.generation, 2);
+    // The same payload again is a duplicate, not a tie.
+    let again = ledger
+        .ingest(vec![revision("a", json!({"amount": 11}), Some(1_000))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(again[0], IngestOutcome::Duplicate { .. }),
+        "{again:?}"
+    );
+    assert_eq!(ledger.counts().await.unwrap().stale, 0);
+}
+
+pub async fn revisions_out_of_order_in_one_batch_keep_the_newest(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let outcomes = ledger
+        .ingest(vec![
+            revision("a", json!({"amount": 12}), Some(2_000)),
+            revision("b", json!({"amount": 1}), Some(1_000)),
+            revision("a", json!({"amount": 10}), Some(1_000)),
+            revision("b", json!({"amount": 2}), Some(2_000)),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[0], IngestOutcome::Received { .. }),
+        "{outcomes:?}"
+    );
+    assert!(
+        matches!(outcomes[1], IngestOutcome::Received { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[2],
+        IngestOutcome::Stale {
+            id: outcomes[0].id(),
+            stored: 2_000,
+            incoming: 1_000
+        }
+    );
+    assert!(
+        matches!(outcomes[3], IngestOutcome::Updated { generation: 2, .. }),
+        "{outcomes:?}"
+    );
+    let a = ledger.get(outcomes[0].id()).await.unwrap().unwrap();
+    let b = ledger.get(outcomes[1].id()).await.unwrap().unwrap();
+    assert_eq!(a.record.payload, json!({"amount": 12}));
+    assert_eq!(b.record.payload, json!({"amount": 2}));
+    assert_eq!(ledger.counts().await.unwrap().stale, 1);
+
+    // A revision without an ordering value follows arrival order, and never lowers the stored value: a
+    // later revision older than the newest ordered one is still stale.
+    let unordered = ledger
+        .ingest(vec![revision("a", json!({"amount": 13}), None)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(unordered[0], IngestOutcome::Updated { .. }),
+        "{unordered:?}"
+    );
+    let late = ledger
+        .ingest(vec![revision("a", json!({"amount": 11}), Some(1_500))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            late[0],
+            IngestOutcome::Stale {
+                stored: 2_000,
+                incoming: 1_500,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+}
+
 macro_rules! ledger_suite {
     ($fixture:path) => {
         ledger_suite!(@tests $fixture;
@@ -1052,6 +1241,9 @@ macro_rules! ledger_suite {
             the_backlog_counts_waiting_records_and_the_oldest_receipt,
             a_version_1_ledger_is_migrated_with_its_records_and_payloads,
             new_records_can_be_leased_in_the_transaction_that_stores_them,
+            an_older_revision_after_a_newer_one_is_stale_and_never_delivered,
+            equal_ordering_values_apply_in_arrival_order_flagged_as_a_tie,
+            revisions_out_of_order_in_one_batch_keep_the_newest,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

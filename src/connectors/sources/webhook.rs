@@ -353,7 +353,7 @@ async fn receive(
     match shared.intake.accept(records).await {
         Ok(receipt) => (
             StatusCode::OK,
-            axum::Json(json!({"accepted": count, "stored": receipt.stored, "duplicates": receipt.duplicates})),
+            axum::Json(json!({"accepted": count, "stored": receipt.stored, "duplicates": receipt.duplicates, "stale": receipt.stale})),
         )
             .into_response(),
         Err(e) => {
