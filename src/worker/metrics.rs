@@ -33,6 +33,11 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub oldest_pending_seconds: Gauge,
     pub breaker_open: Gauge,
+    /// Dead letters purged after the flow's `deadLetterRetention` (a purge is no intervention and leaves no
+    /// lineage, so this is where it shows).
+    pub dead_letters_purged: Counter,
+    /// Delivered records reduced to their compact row after the delivered retention.
+    pub payloads_purged: Counter,
 }
 
 impl Default for Metrics {
@@ -60,6 +65,8 @@ impl Metrics {
         let queue_depth = Gauge::default();
         let oldest_pending_seconds = Gauge::default();
         let breaker_open = Gauge::default();
+        let dead_letters_purged = Counter::default();
+        let payloads_purged = Counter::default();
         registry.register(
             "records_received",
             "Records stored in the ledger (new or changed)",
@@ -122,6 +129,16 @@ impl Metrics {
             "1 while deliveries are paused by a flow-level failure",
             breaker_open.clone(),
         );
+        registry.register(
+            "dead_letters_purged",
+            "Dead letters purged after the flow's deadLetterRetention",
+            dead_letters_purged.clone(),
+        );
+        registry.register(
+            "delivered_payloads_purged",
+            "Delivered records whose payload, snapshots and lineage were purged after the delivered retention",
+            payloads_purged.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -138,6 +155,8 @@ impl Metrics {
             queue_depth,
             oldest_pending_seconds,
             breaker_open,
+            dead_letters_purged,
+            payloads_purged,
         }
     }
 

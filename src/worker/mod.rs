@@ -11,6 +11,7 @@ pub mod config;
 pub mod intake;
 pub mod metrics;
 pub mod pipeline;
+pub mod retention;
 pub mod run;
 
 use std::net::SocketAddr;
@@ -218,6 +219,12 @@ impl Worker {
                 tracing::error!(error = %e, "operations API stopped");
             }
         });
+        tasks.spawn(retention::run(
+            pipeline.ledger.clone(),
+            retention::retention_of(&rendered.flow.spec),
+            pipeline.metrics.clone(),
+            rx.clone(),
+        ));
         tasks.spawn(pipeline.clone().run(rx));
         tracing::info!(flow = %flow, %addr, backend = pipeline.ledger.backend(), "worker started");
         Ok(Worker {
