@@ -282,6 +282,16 @@ async fn size_bench() {
     opened.close().await;
     let compact = bytes_in_use(&path) - empty;
     let file = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let (auto_vacuum, free): (i64, i64) = {
+        let conn = rusqlite::Connection::open(&path).expect("raw sqlite");
+        (
+            conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+                .unwrap(),
+            conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap(),
+        )
+    };
+    println!("size sqlite: auto_vacuum {auto_vacuum} (2 = incremental), {free} free pages left");
     let (per_full, per_compact) = (full as f64 / n as f64, compact as f64 / n as f64);
     let day = 1_000_000.0;
     println!(

@@ -1302,13 +1302,14 @@ fn purge_on(
     if !report.is_empty() {
         // Gives freed pages back to the file system on a database created with incremental auto-vacuum
         // (every ledger this version creates); a no-op on older ones, whose free pages new rows reuse.
-        conn.query_row(
-            &format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"),
-            [],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(&err)?;
+        // Stepped to the end: the pragma frees one page per step.
+        conn.prepare_cached(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))
+            .and_then(|mut s| {
+                let mut rows = s.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            })
+            .map_err(&err)?;
     }
     Ok(report)
 }
