@@ -91,3 +91,42 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_payloads_are_kept_a_week_and_dead_letters_as_the_flow_says() {
+        let flow: crate::api::SyncFlow =
+            serde_yaml::from_str(include_str!("../../examples/hubspot-odoo/flow.yaml"))
+                .expect("the example flow");
+        let mut spec = flow.spec;
+        assert_eq!(
+            retention_of(&spec),
+            Retention {
+                dead_letters: Some(Duration::from_secs(336 * 3600)),
+                delivered: Some(Duration::from_secs(168 * 3600))
+            },
+            "the example's settings"
+        );
+        spec.delivery.dead_letter_retention = None;
+        spec.ledger.delivered_retention = None;
+        assert_eq!(
+            retention_of(&spec),
+            Retention {
+                dead_letters: None,
+                delivered: Some(DEFAULT_DELIVERED_RETENTION)
+            }
+        );
+        spec.delivery.dead_letter_retention = Some("720h".parse().unwrap());
+        spec.ledger.delivered_retention = Some("24h".parse().unwrap());
+        assert_eq!(
+            retention_of(&spec),
+            Retention {
+                dead_letters: Some(Duration::from_secs(720 * 3600)),
+                delivered: Some(Duration::from_secs(24 * 3600))
+            }
+        );
+    }
+}

@@ -1431,6 +1431,48 @@ pub async fn a_version_3_ledger_is_migrated_with_its_counters_backfilled(fixture
     ledger.close().await;
 }
 
+/// The counters written by connections that have since closed (a restarted replica's) are folded together
+/// by the purge, and still sum to a recount; the connections of the new ledger carry on from there.
+pub async fn counters_written_by_closed_connections_still_add_up(fixture: Fixture) {
+    let clock = clock();
+    for round in 0..3 {
+        let ledger = fixture.open(clock.clone()).await;
+        let batch = (0..20)
+            .map(|i| record(&format!("r{round}-{i}"), json!({"i": i})))
+            .collect();
+        ledger.ingest(batch).await.unwrap();
+        for (i, c) in claim_all(ledger.as_ref(), "w")
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let outcome = if i % 4 == 0 {
+                retry_in(&clock, 1)
+            } else {
+                Outcome::Delivered
+            };
+            ledger.complete(c.claim, outcome).await.unwrap();
+        }
+        ledger
+            .purge(&ledger::Retention::default(), 500)
+            .await
+            .unwrap();
+        assert_counters_equal_a_recount(ledger.as_ref()).await;
+        ledger.close().await;
+    }
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .purge(&ledger::Retention::default(), 500)
+        .await
+        .unwrap();
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(
+        (counts.records, counts.delivered, counts.pending),
+        (60, 45, 15)
+    );
+    ledger.close().await;
+}
+
 macro_rules! ledger_suite {
     ($fixture:path) => {
         ledger_suite!(@tests $fixture;
@@ -1454,6 +1496,7 @@ macro_rules! ledger_suite {
             delivered_payloads_are_purged_after_retention_and_duplicates_still_recognised,
             dead_letters_are_purged_after_their_retention,
             a_version_3_ledger_is_migrated_with_its_counters_backfilled,
+            counters_written_by_closed_connections_still_add_up,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
