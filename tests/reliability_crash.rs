@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use meshline::ledger::{LedgerTarget, SystemClock};
 use rand::{Rng, SeedableRng};
 use reliability::*;
 use serde_json::Value;
@@ -60,7 +61,7 @@ async fn kill_and_restart_while_the_crm_sends(ledger: LedgerChoice, seed: u64) {
     let erp = Erp::start(ERP_TOKEN).await;
     // A few milliseconds per write keeps deliveries observably in flight, so kills land mid-delivery.
     erp.set_latency(Duration::from_millis(2));
-    let files = FlowFiles::new(&erp.base_url(), ledger, 16);
+    let files = FlowFiles::new(&erp.base_url(), ledger.clone(), 16);
     let mut worker = WorkerProcess::new(&files, "crash-worker");
     worker.start().await;
     let _evidence = EvidenceOnFailure::new(vec![worker.url()]);
@@ -109,6 +110,36 @@ async fn kill_and_restart_while_the_crm_sends(ledger: LedgerChoice, seed: u64) {
             s["pending"].as_u64() == Some(0)
         })
         .await;
+
+    // The counters the ledger keeps in the transactions that change records equal a full recount, after
+    // two dozen SIGKILLs at any point of those transactions.
+    worker.kill();
+    let target = match &ledger {
+        LedgerChoice::Embedded => {
+            LedgerTarget::Sqlite(files.state_dir("crash-worker").join("ledger.db"))
+        }
+        LedgerChoice::Postgres(url) => LedgerTarget::Postgres(url.clone()),
+    };
+    let opened = meshline::ledger::open(
+        &target,
+        &files.rendered.flow_name(),
+        std::sync::Arc::new(SystemClock),
+    )
+    .await
+    .expect("the ledger opens after the run");
+    let kept = opened.counts().await.expect("kept counts");
+    let recount = opened.recount().await.expect("recount");
+    opened.close().await;
+    assert!(
+        kept.last_delivery_at >= recount.last_delivery_at,
+        "{kept:?} vs {recount:?}"
+    );
+    let mut comparable = kept.clone();
+    comparable.last_delivery_at = recount.last_delivery_at;
+    assert_eq!(
+        comparable, recount,
+        "the kept counters (left) equal a full recount of the ledger (right)"
+    );
 
     let orders = erp.orders();
     let expected: HashSet<String> = latest.keys().map(|&n| external_id(n)).collect();

@@ -243,7 +243,7 @@ async fn a_delayed_older_revision_never_overwrites_the_newer_one_at_the_erp() {
     // The record's lineage names the stale revision with both SystemModstamps (µs since the epoch).
     let ledger = &h.worker.pipeline.ledger;
     let view = ledger
-        .list(meshline::ledger::RecordState::Delivered, None, 10)
+        .list(meshline::ledger::RecordState::Delivered, None, None, 10)
         .await
         .unwrap();
     let detail = ledger.get(view[0].id).await.unwrap().unwrap();

@@ -461,6 +461,15 @@ pub struct LedgerSpec {
     /// Secret with the PostgreSQL connection URL under the key `url`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<SecretRef>,
+    /// How long a delivered record keeps its payload, snapshots and lineage (Go duration, default `168h`).
+    /// After it only a compact row remains (idempotency key, payload hash, one-line outcome), so a duplicate
+    /// is still recognised and a changed payload is still delivered as an update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    pub delivered_retention: Option<Duration>,
 }
 
 /// Worker pod overrides.

@@ -1,7 +1,18 @@
 //! The durable ledger: the one place where a flow's records, their lineage, payload snapshots, source
 //! checkpoints and manual interventions live. The worker commits a record here before it acknowledges the CRM
 //! or advances a poll checkpoint, claims work from here under a lease, and reports every outcome here; the
-//! counts on `/status` are computed from here so they survive restarts.
+//! counts on `/status` are kept here, so they survive restarts.
+//!
+//! **Counters.** Triggers (schema version 4) add every change of a record's row to `ledger_counters` in the
+//! transaction that makes it, and count events per minute in `ledger_window`, so [`Ledger::counts`] reads a
+//! few dozen rows whatever the size of the ledger and always equals [`Ledger::recount`], the aggregate over
+//! every record. Counters of events that change no record row (purges, and e.g. stale revisions) are bumped
+//! by name with the backends' `bump_counter`; a new one is a name there and a field in [`Counts`].
+//!
+//! **Retention.** [`Ledger::purge`] removes, a small batch per call, dead letters past the flow's
+//! `deadLetterRetention` and the payload, snapshots and lineage of records delivered longer ago than the
+//! delivered retention. A purged delivered record keeps a compact row (idempotency key, payload hash, state,
+//! a one-line `outcome`), so a duplicate is still recognised and a changed payload is still an update.
 //!
 //! It owns durability, idempotency (idempotency key + payload hash), the lifecycle state machine, lease
 //! fencing and bucketed claiming. It does not run the contract, talk to a CRM or ERP, or redact anything (it
@@ -53,6 +64,7 @@ mod schema;
 mod sqlite;
 mod types;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -189,9 +201,20 @@ pub trait Ledger: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<Vec<RecordView>>;
 
-    /// The flow's counters, computed from the ledger. An aggregate over every record of the flow: for
-    /// status and metrics, not for a probe.
+    /// The flow's counters, kept in the ledger in the transactions that change the records: a read of a
+    /// few rows whatever the ledger's size (what `/status` asks on every call).
     async fn counts(&self) -> Result<Counts>;
+
+    /// The same figures aggregated over every record of the flow, the slow way, to check the kept counters
+    /// (tests, and a person debugging a ledger). The event counts (the last hour's window, the purges) have
+    /// no rows to recount and are read as kept.
+    async fn recount(&self) -> Result<Counts>;
+
+    /// Purges one batch of at most `limit` dead letters past `retention.dead_letters` and reduces at most
+    /// `limit` records delivered longer ago than `retention.delivered` to their compact rows, in short
+    /// transactions of their own; also drops event minutes older than the failure-rate window. Call it
+    /// again while it reports something purged (yielding in between, so intake is never held up).
+    async fn purge(&self, retention: &Retention, limit: usize) -> Result<PurgeReport>;
 
     /// Records waiting (received, validated, retrying or delivering) and the receipt time (ms) of the oldest.
     /// Read through the pending-records index, so it costs what the backlog costs, not the flow's history:
@@ -512,15 +535,16 @@ pub(crate) struct RecordRow {
     updated_at: i64,
     delivered_at: Option<i64>,
     first_failure_at: Option<i64>,
+    outcome: Option<String>,
 }
 
 /// The columns of a [`RecordRow`], in its field order, read from [`RECORD_FROM`] (or from any relation `r`
 /// with the records' columns joined to `payloads p`).
 pub(crate) const RECORD_COLUMNS: &str = "r.id, r.flow, r.source_key, r.idempotency_key, r.external_id, \
-    r.generation, p.body AS payload, r.payload_hash, r.contract_version, r.state, r.claimed_from, r.attempts, \
+    r.generation, COALESCE(p.body, 'null') AS payload, r.payload_hash, r.contract_version, r.state, r.claimed_from, r.attempts, \
     r.next_attempt_at, r.lease_owner, r.lease_expires_at, r.fence, r.last_error, r.last_error_class, \
     r.dead_letter_reason, r.erp_response, r.hold_rule, r.hold_role, r.approved_by, r.bucket, r.correlation_id, \
-    r.received_at, r.updated_at, r.delivered_at, r.first_failure_at";
+    r.received_at, r.updated_at, r.delivered_at, r.first_failure_at, r.outcome";
 
 /// The states people page through (holds, dead letters): the predicate of the `records_attention` partial
 /// index, which queries repeat word for word so the planners use it.
@@ -534,8 +558,8 @@ pub(crate) fn attention_filter(state: RecordState) -> String {
     }
 }
 
-/// A record with its current payload.
-pub(crate) const RECORD_FROM: &str = "records r JOIN payloads p ON p.record_id = r.id";
+/// A record with its current payload (none once a delivered record was reduced to its compact row).
+pub(crate) const RECORD_FROM: &str = "records r LEFT JOIN payloads p ON p.record_id = r.id";
 
 fn parse_state(flow: &str, id: i64, s: &str) -> Result<RecordState> {
     RecordState::parse(s).ok_or_else(|| LedgerError::Corrupt {
@@ -589,6 +613,7 @@ impl RecordRow {
             updated_at: to_time(self.updated_at),
             delivered_at: self.delivered_at.map(to_time),
             first_failure_at: self.first_failure_at.map(to_time),
+            outcome: self.outcome,
             flow: self.flow,
         })
     }
@@ -708,11 +733,88 @@ pub(crate) struct CountsRow {
     retried: i64,
     dead_lettered: i64,
     held: i64,
-    stale: i64,
     pending: i64,
     oldest_pending_at: Option<i64>,
     last_delivery_at: Option<i64>,
     mttr_ms: Option<f64>,
+}
+
+/// The counters kept in `ledger_counters` whose value is the latest time, not a sum (shards take the max).
+pub(crate) const MAX_COUNTERS: &[&str] = &["last_delivery_at"];
+
+/// Counters bumped by name for events that change no record row.
+pub(crate) const DEAD_LETTERS_PURGED: &str = "dead_letters_purged";
+pub(crate) const PAYLOADS_PURGED: &str = "payloads_purged";
+/// Late revisions refused as stale by the ordering field (an event: the stored row does not change).
+pub(crate) const STALE_REVISIONS: &str = "stale";
+
+/// The failure-rate window, in minutes (the SLA's "last hour").
+pub(crate) const WINDOW_MINUTES: i64 = 60;
+
+/// The first minute inside the window that ends at `now`.
+pub(crate) fn window_start_minute(now: i64) -> i64 {
+    now.div_euclid(60_000) - (WINDOW_MINUTES - 1)
+}
+
+/// The kept counters as read: (counter, value) with shards already summed (or maxed, see
+/// [`MAX_COUNTERS`]), the window's per-counter sums, and the oldest pending receipt.
+pub(crate) fn counts_from_kept(
+    kept: &HashMap<String, i64>,
+    window: &HashMap<String, i64>,
+    oldest_pending_at: Option<i64>,
+    now: i64,
+) -> Counts {
+    let get = |name: &str| kept.get(name).copied().unwrap_or(0);
+    let mttr_count = get("mttr_count");
+    let row = CountsRow {
+        records: get("records"),
+        received: get("received"),
+        delivered: get("delivered"),
+        failed: get("failed"),
+        retried: get("retried"),
+        dead_lettered: get("dead_lettered"),
+        held: get("held"),
+        pending: get("pending"),
+        oldest_pending_at,
+        last_delivery_at: kept.get("last_delivery_at").copied(),
+        mttr_ms: (mttr_count > 0).then(|| get("mttr_sum_ms") as f64 / mttr_count as f64),
+    };
+    let mut counts = assemble_counts(row, get("manual_interventions"), now);
+    add_events(&mut counts, kept, window);
+    counts
+}
+
+/// The event counts, which only the kept counters know (a recount has no rows to count them from).
+pub(crate) fn add_events(
+    counts: &mut Counts,
+    kept: &HashMap<String, i64>,
+    window: &HashMap<String, i64>,
+) {
+    let get =
+        |map: &HashMap<String, i64>, name: &str| map.get(name).copied().unwrap_or(0).max(0) as u64;
+    counts.received_last_hour = get(window, "received");
+    counts.failed_last_hour = get(window, "failed");
+    counts.dead_letters_purged = get(kept, DEAD_LETTERS_PURGED);
+    counts.payloads_purged = get(kept, PAYLOADS_PURGED);
+    counts.stale = get(kept, STALE_REVISIONS);
+}
+
+/// The one-line outcome a delivered record keeps once its payload and lineage are purged.
+pub(crate) fn compact_outcome(
+    generation: i64,
+    external_id: Option<&str>,
+    delivered_at: i64,
+) -> String {
+    format!(
+        "delivered generation {generation} as {} at {}",
+        external_id.unwrap_or("(no external id)"),
+        to_time(delivered_at).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    )
+}
+
+/// The cut-off time for a retention (`None` when the retention is unset).
+pub(crate) fn retention_cutoff(now: i64, retention: Option<Duration>) -> Option<i64> {
+    retention.map(|r| now.saturating_sub(i64::try_from(r.as_millis()).unwrap_or(i64::MAX)))
 }
 
 pub(crate) fn assemble_counts(row: CountsRow, interventions: i64, now: i64) -> Counts {
@@ -726,7 +828,7 @@ pub(crate) fn assemble_counts(row: CountsRow, interventions: i64, now: i64) -> C
         retried: row.retried.max(0) as u64,
         dead_lettered: row.dead_lettered.max(0) as u64,
         held: row.held.max(0) as u64,
-        stale: row.stale.max(0) as u64,
+        stale: 0,
         pending: row.pending.max(0) as u64,
         oldest_pending_age_seconds: row
             .oldest_pending_at
@@ -739,6 +841,7 @@ pub(crate) fn assemble_counts(row: CountsRow, interventions: i64, now: i64) -> C
         } else {
             manual_interventions as f64 * 1000.0 / records as f64
         },
+        ..Counts::default()
     }
 }
 

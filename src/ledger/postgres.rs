@@ -23,12 +23,33 @@ use sqlx::{AssertSqlSafe, Row};
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
-    IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError, LineageRow, ManualAction,
-    NewLineageEvent, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
-    RecordView, Result, SnapshotRow, assemble_counts, assemble_detail, completion_params, lease_ms,
-    prepare, rounds, stale_detail, tie_detail,
+    ATTENTION, BucketSet, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
+    DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, Ledger, LedgerError,
+    LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED, PurgeReport,
+    RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState, RecordView,
+    Result, Retention, STALE_REVISIONS, SnapshotRow, add_events, assemble_counts, assemble_detail,
+    compact_outcome, completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff,
+    rounds, stale_detail, tie_detail, window_start_minute,
 };
+
+/// Splits the rows of a counts query: kept counters, window sums and the oldest pending receipt.
+fn split_kept(
+    rows: Vec<(String, String, Option<i64>)>,
+) -> (HashMap<String, i64>, HashMap<String, i64>, Option<i64>) {
+    let (mut kept, mut window, mut oldest) = (HashMap::new(), HashMap::new(), None);
+    for (kind, counter, value) in rows {
+        match kind.as_str() {
+            "kept" => {
+                kept.insert(counter, value.unwrap_or(0));
+            }
+            "window" => {
+                window.insert(counter, value.unwrap_or(0));
+            }
+            _ => oldest = value,
+        }
+    }
+    (kept, window, oldest)
+}
 
 /// Key of the advisory lock that serialises migrations when several replicas start at once.
 const MIGRATION_LOCK: i64 = 0x6d65_7368_6c69_6e65; // "meshline"
@@ -91,6 +112,27 @@ impl PostgresLedger {
             record,
             source: source.into(),
         }
+    }
+
+    /// Adds `by` to a counter of events that change no record row, in the caller's transaction, on this
+    /// connection's shard.
+    pub(crate) async fn bump_counter(
+        &self,
+        conn: &mut PgConnection,
+        counter: &str,
+        by: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO ledger_counters (flow, counter, shard, value) VALUES ($1, $2, pg_backend_pid(), $3) \
+             ON CONFLICT (flow, counter, shard) DO UPDATE SET value = ledger_counters.value + EXCLUDED.value",
+        )
+        .bind(&self.flow)
+        .bind(counter)
+        .bind(by)
+        .execute(conn)
+        .await
+        .map_err(self.db("bump counter", None))?;
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -204,6 +246,7 @@ impl PostgresLedger {
                  hold_role = NULL, approved_by = NULL, bucket = EXCLUDED.bucket, \
                  correlation_id = EXCLUDED.correlation_id, received_at = EXCLUDED.received_at, \
                  updated_at = EXCLUDED.updated_at, delivered_at = NULL, first_failure_at = NULL, \
+                 outcome = NULL, purged_at = NULL, \
                  ordering_value = COALESCE(EXCLUDED.ordering_value, records.ordering_value) \
                  WHERE records.payload_hash <> EXCLUDED.payload_hash \
                  AND NOT COALESCE(EXCLUDED.ordering_value < records.ordering_value, FALSE) \
@@ -370,6 +413,8 @@ impl PostgresLedger {
                 .execute(&mut *tx)
                 .await
                 .map_err(self.db("ingest stale revisions", None))?;
+                self.bump_counter(&mut tx, STALE_REVISIONS, stale_ids.len() as i64)
+                    .await?;
             }
             lineage
                 .insert(&mut tx, now)
@@ -1029,6 +1074,35 @@ impl Ledger for PostgresLedger {
 
     async fn counts(&self) -> Result<Counts> {
         let now = self.clock.now_ms();
+        // One statement, so one snapshot: the kept counters (shards summed), the window's minutes and the
+        // oldest waiting record (one probe of the `records_pending_age` index).
+        let sql = format!(
+            "SELECT 'kept' AS kind, counter, (CASE WHEN counter = ANY($3) THEN MAX(value) ELSE SUM(value) END)::BIGINT AS value \
+             FROM ledger_counters WHERE flow = $1 GROUP BY counter \
+             UNION ALL SELECT 'window', counter, SUM(value)::BIGINT FROM ledger_window \
+             WHERE flow = $1 AND minute >= $2 GROUP BY counter \
+             UNION ALL SELECT 'oldest', 'oldest_pending_at', (SELECT received_at FROM records \
+             WHERE flow = $1 AND state IN {PENDING} ORDER BY received_at LIMIT 1)"
+        );
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(&self.flow)
+            .bind(window_start_minute(now))
+            .bind(MAX_COUNTERS)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(self.db("counts", None))?;
+        let (kept, window, oldest) = split_kept(rows);
+        Ok(counts_from_kept(&kept, &window, oldest, now))
+    }
+
+    async fn recount(&self) -> Result<Counts> {
+        let now = self.clock.now_ms();
+        let mut tx = self.pool.begin().await.map_err(self.db("recount", None))?;
+        // Both reads from one snapshot.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db("recount", None))?;
         let sql = format!(
             "SELECT COUNT(*) AS records, COALESCE(SUM(generation), 0)::BIGINT AS received, \
              COUNT(*) FILTER (WHERE state = 'delivered') AS delivered, \
@@ -1036,7 +1110,6 @@ impl Ledger for PostgresLedger {
              COALESCE(SUM(retries), 0)::BIGINT AS retried, \
              COUNT(*) FILTER (WHERE state = 'dead_lettered') AS dead_lettered, \
              COUNT(*) FILTER (WHERE state = 'held') AS held, \
-             COALESCE(SUM(stale_revisions), 0)::BIGINT AS stale, \
              COUNT(*) FILTER (WHERE state IN {PENDING}) AS pending, \
              MIN(received_at) FILTER (WHERE state IN {PENDING}) AS oldest_pending_at, \
              MAX(delivered_at) AS last_delivery_at, \
@@ -1045,21 +1118,143 @@ impl Ledger for PostgresLedger {
         );
         let row: CountsRow = sqlx::query_as(AssertSqlSafe(sql))
             .bind(&self.flow)
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *tx)
             .await
-            .map_err(self.db("counts", None))?;
+            .map_err(self.db("recount", None))?;
         let interventions: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM interventions WHERE flow = $1")
                 .bind(&self.flow)
-                .fetch_one(&self.pool)
+                .fetch_one(&mut *tx)
                 .await
-                .map_err(self.db("counts", None))?;
-        Ok(assemble_counts(row, interventions, now))
+                .map_err(self.db("recount", None))?;
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+            "SELECT 'kept' AS kind, counter, SUM(value)::BIGINT AS value FROM ledger_counters \
+             WHERE flow = $1 GROUP BY counter \
+             UNION ALL SELECT 'window', counter, SUM(value)::BIGINT FROM ledger_window \
+             WHERE flow = $1 AND minute >= $2 GROUP BY counter",
+        )
+        .bind(&self.flow)
+        .bind(window_start_minute(now))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("recount", None))?;
+        tx.commit().await.map_err(self.db("recount", None))?;
+        let (kept, window, _) = split_kept(rows);
+        let mut counts = assemble_counts(row, interventions, now);
+        add_events(&mut counts, &kept, &window);
+        Ok(counts)
+    }
+
+    async fn purge(&self, retention: &Retention, limit: usize) -> Result<PurgeReport> {
+        let now = self.clock.now_ms();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut report = PurgeReport::default();
+        if let Some(cutoff) = retention_cutoff(now, retention.dead_letters) {
+            let mut tx = self.pool.begin().await.map_err(self.db("purge", None))?;
+            // SKIP LOCKED: a dead letter being replayed right now is left for the next round.
+            let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND {ATTENTION} \
+                 AND updated_at < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED"
+            )))
+            .bind(&self.flow)
+            .bind(cutoff)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(self.db("purge dead letters", None))?;
+            let purged = ids.len() as i64;
+            if purged > 0 {
+                // Interventions stay (they are the flow's history and its count), detached from the record.
+                // The foreign keys are checked at the end of the statement, once every CTE has run.
+                sqlx::query(
+                    "WITH detached AS (UPDATE interventions SET record_id = NULL WHERE record_id = ANY($1)), \
+                     lineage_gone AS (DELETE FROM lineage WHERE record_id = ANY($1)), \
+                     snapshots_gone AS (DELETE FROM snapshots WHERE record_id = ANY($1)), \
+                     payloads_gone AS (DELETE FROM payloads WHERE record_id = ANY($1)) \
+                     DELETE FROM records WHERE id = ANY($1)",
+                )
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db("purge dead letters", None))?;
+                self.bump_counter(&mut tx, DEAD_LETTERS_PURGED, purged)
+                    .await?;
+            }
+            tx.commit().await.map_err(self.db("purge", None))?;
+            report.dead_letters = purged.max(0) as u64;
+        }
+        if let Some(cutoff) = retention_cutoff(now, retention.delivered) {
+            let mut tx = self.pool.begin().await.map_err(self.db("purge", None))?;
+            let rows: Vec<(i64, i64, Option<String>, i64)> = sqlx::query_as(
+                "SELECT id, generation, external_id, delivered_at FROM records \
+                 WHERE flow = $1 AND state = 'delivered' AND purged_at IS NULL AND delivered_at < $2 \
+                 ORDER BY delivered_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(&self.flow)
+            .bind(cutoff)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(self.db("purge delivered", None))?;
+            if !rows.is_empty() {
+                let ids: Vec<i64> = rows.iter().map(|(id, ..)| *id).collect();
+                let outcomes: Vec<String> = rows
+                    .iter()
+                    .map(|(_, generation, external_id, at)| {
+                        compact_outcome(*generation, external_id.as_deref(), *at)
+                    })
+                    .collect();
+                sqlx::query(
+                    "WITH compacted AS (UPDATE records r SET outcome = t.outcome, purged_at = $3, \
+                     last_error = NULL, erp_response = NULL, hold_rule = NULL, hold_role = NULL \
+                     FROM UNNEST($1::bigint[], $2::text[]) AS t(id, outcome) WHERE r.id = t.id), \
+                     lineage_gone AS (DELETE FROM lineage WHERE record_id = ANY($1)), \
+                     snapshots_gone AS (DELETE FROM snapshots WHERE record_id = ANY($1)) \
+                     DELETE FROM payloads WHERE record_id = ANY($1)",
+                )
+                .bind(&ids)
+                .bind(&outcomes)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(self.db("purge delivered", None))?;
+                self.bump_counter(&mut tx, PAYLOADS_PURGED, ids.len() as i64)
+                    .await?;
+            }
+            tx.commit().await.map_err(self.db("purge", None))?;
+            report.payloads = rows.len() as u64;
+        }
+        sqlx::query("DELETE FROM ledger_window WHERE flow = $1 AND minute < $2")
+            .bind(&self.flow)
+            .bind(window_start_minute(now))
+            .execute(&self.pool)
+            .await
+            .map_err(self.db("purge window", None))?;
+        // The shards of connections that closed are folded into shard -1, so a read sums rows of the
+        // connections alive (and one more), not of every connection there ever was. Only a live backend
+        // writes its own shard, so rows of a pid no longer in pg_stat_activity are written by no one.
+        sqlx::query(
+            "WITH gone AS (DELETE FROM ledger_counters WHERE flow = $1 AND shard >= 0 \
+             AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL) RETURNING counter, value) \
+             INSERT INTO ledger_counters (flow, counter, shard, value) \
+             SELECT $1, counter, -1, (CASE WHEN counter = ANY($2) THEN MAX(value) ELSE SUM(value) END)::BIGINT \
+             FROM gone GROUP BY counter ORDER BY counter \
+             ON CONFLICT (flow, counter, shard) DO UPDATE SET value = CASE WHEN ledger_counters.counter = ANY($2) \
+             THEN GREATEST(ledger_counters.value, EXCLUDED.value) ELSE ledger_counters.value + EXCLUDED.value END",
+        )
+        .bind(&self.flow)
+        .bind(MAX_COUNTERS)
+        .execute(&self.pool)
+        .await
+        .map_err(self.db("fold counter shards", None))?;
+        Ok(report)
     }
 
     async fn backlog(&self) -> Result<(u64, Option<i64>)> {
         let sql = format!(
-            "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = $1 AND state IN {PENDING}"
+            "SELECT (SELECT COALESCE(SUM(value), 0)::BIGINT FROM ledger_counters \
+             WHERE flow = $1 AND counter = 'pending'), \
+             (SELECT received_at FROM records WHERE flow = $1 AND state IN {PENDING} ORDER BY received_at LIMIT 1)"
         );
         let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(sql))
             .bind(&self.flow)

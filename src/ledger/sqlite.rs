@@ -31,12 +31,14 @@ use serde_json::json;
 
 use super::schema::{self, SCHEMA_VERSION};
 use super::{
-    BackendError, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionParams,
-    CompletionResult, Counts, CountsRow, IncomingRecord, IngestOutcome, InterventionRow,
-    LeaseRequest, Ledger, LedgerError, LineageRow, ManualAction, NewLineageEvent, RECORD_COLUMNS,
-    RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState, RecordView, Result, SnapshotRow,
-    assemble_counts, assemble_detail, attention_filter, completion_params, lease_ms, prepare,
-    stale_detail, tie_detail, to_time,
+    ATTENTION, BackendError, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionParams,
+    CompletionResult, Counts, CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome,
+    InterventionRow, LeaseRequest, Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction,
+    NewLineageEvent, PAYLOADS_PURGED, PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail,
+    RecordId, RecordRow, RecordState, RecordView, Result, Retention, STALE_REVISIONS, SnapshotRow,
+    add_events, assemble_counts, assemble_detail, attention_filter, compact_outcome,
+    completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, stale_detail,
+    tie_detail, to_time, window_start_minute,
 };
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
@@ -308,7 +310,7 @@ impl SqliteLedger {
                              erp_response = NULL, hold_rule = NULL, hold_role = NULL, approved_by = NULL, \
                              bucket = excluded.bucket, correlation_id = excluded.correlation_id, \
                              received_at = excluded.received_at, updated_at = excluded.updated_at, \
-                             delivered_at = NULL, first_failure_at = NULL, \
+                             delivered_at = NULL, first_failure_at = NULL, outcome = NULL, purged_at = NULL, \
                              ordering_value = COALESCE(excluded.ordering_value, records.ordering_value) \
                              WHERE records.payload_hash <> excluded.payload_hash \
                              AND NOT COALESCE(excluded.ordering_value < records.ordering_value, FALSE)",
@@ -452,6 +454,7 @@ impl SqliteLedger {
                             let stored = stored.unwrap_or(incoming);
                             let detail = stale_detail(&item.hash, stored, incoming);
                             lineage.add(id, generation, "stale", detail, &item.correlation_id);
+                            bump_counter(&tx, &flow, STALE_REVISIONS, 1).map_err(&err)?;
                             outcomes.push(IngestOutcome::Stale {
                                 id: RecordId(id),
                                 stored,
@@ -593,6 +596,12 @@ fn open_connection(path: &Path) -> std::result::Result<Connection, BackendError>
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(30))?;
+    // Takes effect only on a new, empty database (before its first table): the purge then gives freed
+    // pages back with `PRAGMA incremental_vacuum`. A ledger created by an older version keeps
+    // `auto_vacuum = NONE` (switching needs a full `VACUUM`, which rewrites the whole file under an exclusive
+    // lock, too long to do at start-up); its freed pages go to the free list and new rows reuse them, so the
+    // file stops growing at its retention's steady state instead of shrinking.
+    conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(
@@ -777,6 +786,7 @@ fn record_row(r: &Row<'_>) -> rusqlite::Result<RecordRow> {
         updated_at: r.get(26)?,
         delivered_at: r.get(27)?,
         first_failure_at: r.get(28)?,
+        outcome: r.get(29)?,
     })
 }
 
@@ -1168,14 +1178,200 @@ fn get_on(conn: &mut Connection, flow: &str, id: RecordId) -> Result<Option<Reco
     assemble_detail(row, lineage, snapshots, interventions).map(Some)
 }
 
-fn counts_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
+/// The kept counters, shards summed (or maxed), and the failure-rate window's sums.
+fn kept_on(
+    conn: &Connection,
+    flow: &str,
+    now: i64,
+) -> Result<(HashMap<String, i64>, HashMap<String, i64>)> {
+    let err = db(flow, "counts", None);
+    let kept = conn
+        .prepare_cached(
+            "SELECT counter, SUM(value), MAX(value) FROM ledger_counters WHERE flow = ?1 GROUP BY counter",
+        )
+        .and_then(|mut s| {
+            s.query_map([flow], |r| {
+                let counter: String = r.get(0)?;
+                let value: i64 = if MAX_COUNTERS.contains(&counter.as_str()) {
+                    r.get(2)?
+                } else {
+                    r.get(1)?
+                };
+                Ok((counter, value))
+            })?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()
+        })
+        .map_err(&err)?;
+    let window = conn
+        .prepare_cached(
+            "SELECT counter, SUM(value) FROM ledger_window WHERE flow = ?1 AND minute >= ?2 GROUP BY counter",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![flow, window_start_minute(now)], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<rusqlite::Result<HashMap<_, _>>>()
+        })
+        .map_err(&err)?;
+    Ok((kept, window))
+}
+
+/// The receipt time of the oldest waiting record: one probe of the `records_pending_age` index.
+fn oldest_pending_on(conn: &Connection, flow: &str) -> Result<Option<i64>> {
+    conn.prepare_cached(&format!(
+        "SELECT received_at FROM records WHERE flow = ?1 AND state IN {PENDING} \
+         ORDER BY received_at LIMIT 1"
+    ))
+    .and_then(|mut s| s.query_row([flow], |r| r.get(0)).optional())
+    .map_err(db(flow, "oldest pending", None))
+}
+
+/// The counts from the kept counters: a few dozen rows, one read transaction.
+fn counts_on(conn: &mut Connection, flow: &str, now: i64) -> Result<Counts> {
+    let tx = conn.transaction().map_err(db(flow, "counts", None))?;
+    let (kept, window) = kept_on(&tx, flow, now)?;
+    let oldest = oldest_pending_on(&tx, flow)?;
+    tx.commit().map_err(db(flow, "counts", None))?;
+    Ok(counts_from_kept(&kept, &window, oldest, now))
+}
+
+/// Adds `by` to a counter of events that change no record row, in the caller's transaction.
+pub(crate) fn bump_counter(
+    conn: &Connection,
+    flow: &str,
+    counter: &str,
+    by: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO ledger_counters (flow, counter, shard, value) VALUES (?1, ?2, 0, ?3) \
+         ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value",
+    )?
+    .execute(params![flow, counter, by])
+    .map(|_| ())
+}
+
+/// Purges one batch of each kind, each in a short write transaction of its own (the one writer thread is
+/// shared with intake), and trims the event minutes that left the window.
+fn purge_on(
+    conn: &mut Connection,
+    flow: &str,
+    now: i64,
+    retention: Retention,
+    limit: usize,
+) -> Result<PurgeReport> {
+    let err = db(flow, "purge", None);
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut report = PurgeReport::default();
+    if let Some(cutoff) = retention_cutoff(now, retention.dead_letters) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let ids: Vec<i64> = tx
+            .prepare_cached(&format!(
+                "SELECT id FROM records WHERE flow = ?1 AND state = 'dead_lettered' AND {ATTENTION} \
+                 AND updated_at < ?2 ORDER BY id LIMIT ?3"
+            ))
+            .and_then(|mut s| s.query_map(params![flow, cutoff, limit], |r| r.get(0))?.collect())
+            .map_err(&err)?;
+        for chunk in ids.chunks(INSERT_CHUNK) {
+            let list = placeholders(chunk.len());
+            // Interventions stay (they are the flow's history and its count), detached from the record.
+            for statement in [
+                format!("UPDATE interventions SET record_id = NULL WHERE record_id IN ({list})"),
+                format!("DELETE FROM lineage WHERE record_id IN ({list})"),
+                format!("DELETE FROM snapshots WHERE record_id IN ({list})"),
+                format!("DELETE FROM payloads WHERE record_id IN ({list})"),
+                format!("DELETE FROM records WHERE id IN ({list})"),
+            ] {
+                tx.prepare_cached(&statement)
+                    .and_then(|mut s| s.execute(rusqlite::params_from_iter(chunk)))
+                    .map_err(&err)?;
+            }
+        }
+        if !ids.is_empty() {
+            bump_counter(&tx, flow, DEAD_LETTERS_PURGED, ids.len() as i64).map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
+        report.dead_letters = ids.len() as u64;
+    }
+    if let Some(cutoff) = retention_cutoff(now, retention.delivered) {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let due: Vec<(i64, i64, Option<String>, i64)> = tx
+            .prepare_cached(
+                "SELECT id, generation, external_id, delivered_at FROM records \
+                 WHERE flow = ?1 AND state = 'delivered' AND purged_at IS NULL AND delivered_at < ?2 \
+                 ORDER BY delivered_at LIMIT ?3",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![flow, cutoff, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect()
+            })
+            .map_err(&err)?;
+        {
+            let mut compact = tx
+                .prepare_cached(
+                    "UPDATE records SET outcome = ?1, purged_at = ?2, last_error = NULL, erp_response = NULL, \
+                     hold_rule = NULL, hold_role = NULL WHERE id = ?3",
+                )
+                .map_err(&err)?;
+            for (id, generation, external_id, delivered_at) in &due {
+                let outcome = compact_outcome(*generation, external_id.as_deref(), *delivered_at);
+                compact.execute(params![outcome, now, id]).map_err(&err)?;
+            }
+        }
+        for chunk in due.chunks(INSERT_CHUNK) {
+            let list = placeholders(chunk.len());
+            let ids: Vec<i64> = chunk.iter().map(|(id, ..)| *id).collect();
+            for statement in [
+                format!("DELETE FROM lineage WHERE record_id IN ({list})"),
+                format!("DELETE FROM snapshots WHERE record_id IN ({list})"),
+                format!("DELETE FROM payloads WHERE record_id IN ({list})"),
+            ] {
+                tx.prepare_cached(&statement)
+                    .and_then(|mut s| s.execute(rusqlite::params_from_iter(&ids)))
+                    .map_err(&err)?;
+            }
+        }
+        if !due.is_empty() {
+            bump_counter(&tx, flow, PAYLOADS_PURGED, due.len() as i64).map_err(&err)?;
+        }
+        tx.commit().map_err(&err)?;
+        report.payloads = due.len() as u64;
+    }
+    conn.prepare_cached("DELETE FROM ledger_window WHERE flow = ?1 AND minute < ?2")
+        .and_then(|mut s| s.execute(params![flow, window_start_minute(now)]))
+        .map_err(&err)?;
+    if !report.is_empty() {
+        // Gives freed pages back to the file system on a database created with incremental auto-vacuum
+        // (every ledger this version creates); a no-op on older ones, whose free pages new rows reuse.
+        // Stepped to the end: the pragma frees one page per step.
+        conn.prepare_cached(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))
+            .and_then(|mut s| {
+                let mut rows = s.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            })
+            .map_err(&err)?;
+    }
+    Ok(report)
+}
+
+/// Pages given back per purge batch: a bound on the time the writer spends on it.
+const VACUUM_PAGES: i64 = 2_000;
+
+/// The counts aggregated over every record of the flow (see [`Ledger::recount`]).
+fn recount_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
     let err = db(flow, "counts", None);
     let row = conn
         .prepare_cached(&format!(
             "SELECT COUNT(*), COALESCE(SUM(generation), 0), COALESCE(SUM(state = 'delivered'), 0), \
              COALESCE(SUM(first_failure_at IS NOT NULL), 0), COALESCE(SUM(retries), 0), \
              COALESCE(SUM(state = 'dead_lettered'), 0), COALESCE(SUM(state = 'held'), 0), \
-             COALESCE(SUM(state IN {PENDING}), 0), COALESCE(SUM(stale_revisions), 0), \
+             COALESCE(SUM(state IN {PENDING}), 0), \
              MIN(CASE WHEN state IN {PENDING} THEN received_at END), MAX(delivered_at), \
              AVG(CASE WHEN state = 'delivered' AND first_failure_at IS NOT NULL \
                  THEN CAST(delivered_at - first_failure_at AS REAL) END) \
@@ -1192,10 +1388,9 @@ fn counts_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
                 dead_lettered: r.get(5)?,
                 held: r.get(6)?,
                 pending: r.get(7)?,
-                stale: r.get(8)?,
-                oldest_pending_at: r.get(9)?,
-                last_delivery_at: r.get(10)?,
-                mttr_ms: r.get(11)?,
+                oldest_pending_at: r.get(8)?,
+                last_delivery_at: r.get(9)?,
+                mttr_ms: r.get(10)?,
             })
         })
         .map_err(&err)?;
@@ -1204,7 +1399,10 @@ fn counts_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
         .map_err(&err)?
         .query_row([flow], |r| r.get(0))
         .map_err(&err)?;
-    Ok(assemble_counts(row, interventions, now))
+    let (kept, window) = kept_on(conn, flow, now)?;
+    let mut counts = assemble_counts(row, interventions, now);
+    add_events(&mut counts, &kept, &window);
+    Ok(counts)
 }
 
 #[async_trait]
@@ -1448,15 +1646,43 @@ impl Ledger for SqliteLedger {
             .await
     }
 
+    async fn recount(&self) -> Result<Counts> {
+        let now = self.clock.now_ms();
+        let flow = self.flow.clone();
+        self.read("recount", move |conn| {
+            // One read transaction: the aggregate and the event counts from one state of the database.
+            let tx = conn.transaction().map_err(db(&flow, "recount", None))?;
+            let counts = recount_on(&tx, &flow, now)?;
+            tx.commit().map_err(db(&flow, "recount", None))?;
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn purge(&self, retention: &Retention, limit: usize) -> Result<PurgeReport> {
+        let now = self.clock.now_ms();
+        let (flow, retention) = (self.flow.clone(), *retention);
+        self.run("purge", move |conn| {
+            purge_on(conn, &flow, now, retention, limit)
+        })
+        .await
+    }
+
     async fn backlog(&self) -> Result<(u64, Option<i64>)> {
         let flow = self.flow.clone();
         let (pending, oldest): (i64, Option<i64>) = self
             .read("backlog", move |conn| {
-                conn.prepare_cached(&format!(
-                    "SELECT COUNT(*), MIN(received_at) FROM records WHERE flow = ?1 AND state IN {PENDING}"
-                ))
-                .and_then(|mut s| s.query_row([&flow], |r| Ok((r.get(0)?, r.get(1)?))))
-                .map_err(db(&flow, "backlog", None))
+                let tx = conn.transaction().map_err(db(&flow, "backlog", None))?;
+                let pending: i64 = tx
+                    .prepare_cached(
+                        "SELECT COALESCE(SUM(value), 0) FROM ledger_counters \
+                         WHERE flow = ?1 AND counter = 'pending'",
+                    )
+                    .and_then(|mut s| s.query_row([&flow], |r| r.get(0)))
+                    .map_err(db(&flow, "backlog", None))?;
+                let oldest = oldest_pending_on(&tx, &flow)?;
+                tx.commit().map_err(db(&flow, "backlog", None))?;
+                Ok((pending, oldest))
             })
             .await?;
         Ok((pending.max(0) as u64, oldest))

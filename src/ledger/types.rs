@@ -447,6 +447,10 @@ pub struct RecordView {
     pub updated_at: DateTime<Utc>,
     pub delivered_at: Option<DateTime<Utc>>,
     pub first_failure_at: Option<DateTime<Utc>>,
+    /// Set once a delivered record was reduced to its compact row after the delivered retention: a
+    /// one-line outcome in place of the payload (then `null`), snapshots and lineage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 /// One record with its whole story.
@@ -483,6 +487,41 @@ pub struct Counts {
     pub manual_interventions: u64,
     /// Manual interventions per 1,000 records (0 when the ledger is empty).
     pub interventions_per_1000: f64,
+    /// Record versions received in the last hour (the failure-rate window), counted per minute as they
+    /// happened.
+    pub received_last_hour: u64,
+    /// Records that failed for the first time (in their current generation) in the last hour.
+    pub failed_last_hour: u64,
+    /// Dead letters purged after the flow's `deadLetterRetention`, all time. A purged dead letter leaves
+    /// the ledger, and with it every count above.
+    pub dead_letters_purged: u64,
+    /// Delivered records whose payload, snapshots and lineage were purged after the delivered retention,
+    /// all time. Their compact rows remain (and count above), so duplicates are still recognised.
+    pub payloads_purged: u64,
+}
+
+/// How long the ledger keeps what it no longer needs, from the flow's spec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Dead letters not touched for this long are purged whole (`None`: kept until replayed).
+    pub dead_letters: Option<std::time::Duration>,
+    /// Delivered records keep their payload, snapshots and lineage this long after delivery, then only a
+    /// compact row (`None`: kept for ever).
+    pub delivered: Option<std::time::Duration>,
+}
+
+/// What one purge batch removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PurgeReport {
+    pub dead_letters: u64,
+    /// Delivered records reduced to their compact row.
+    pub payloads: u64,
+}
+
+impl PurgeReport {
+    pub fn is_empty(&self) -> bool {
+        self.dead_letters == 0 && self.payloads == 0
+    }
 }
 
 /// Where the ledger gets "now". Tests use [`ManualClock`] to expire leases without sleeping.

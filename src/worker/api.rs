@@ -33,8 +33,26 @@ pub struct WorkerStatus {
     pub backend: String,
     pub counters: crate::api::FlowCounters,
     pub pending: u64,
-    /// Failed records over records that reached an end or failed, as a decimal fraction string.
+    /// Records that failed at least once over the records in the ledger, all time, as a decimal fraction
+    /// string.
     pub failure_rate: String,
+    /// Records that failed for the first time in the last hour over record versions received in it (at
+    /// most 1), as a decimal fraction string: what the SLA's `maxFailureRate` is checked against, so an
+    /// outage stops counting an hour after it ends. `None` from a worker that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate_last_hour: Option<String>,
+    /// Record versions received in the last hour.
+    #[serde(default)]
+    pub received_last_hour: u64,
+    /// Records that failed for the first time in the last hour.
+    #[serde(default)]
+    pub failed_last_hour: u64,
+    /// Dead letters purged after `deadLetterRetention`, all time.
+    #[serde(default)]
+    pub dead_letters_purged: u64,
+    /// Delivered records reduced to their compact row after the delivered retention, all time.
+    #[serde(default)]
+    pub payloads_purged: u64,
     pub last_delivery_time: Option<String>,
     pub mttr_seconds: Option<i64>,
     pub manual_interventions_per_1k: String,
@@ -163,6 +181,15 @@ pub async fn compute_status(
         (rust_decimal::Decimal::from(c.failed) / rust_decimal::Decimal::from(c.records))
             .min(rust_decimal::Decimal::ONE)
     };
+    // Over the window: a failure counted in a minute whose receipt is older (a retry an hour on) can make
+    // failures exceed receipts, hence the cap.
+    let failure_rate_last_hour = if c.received_last_hour == 0 {
+        rust_decimal::Decimal::from(u64::from(c.failed_last_hour > 0))
+    } else {
+        (rust_decimal::Decimal::from(c.failed_last_hour)
+            / rust_decimal::Decimal::from(c.received_last_hour))
+        .min(rust_decimal::Decimal::ONE)
+    };
     let per_1k = if c.records == 0 {
         rust_decimal::Decimal::ZERO
     } else {
@@ -184,6 +211,11 @@ pub async fn compute_status(
         },
         pending: c.pending,
         failure_rate: failure_rate.round_dp(4).normalize().to_string(),
+        failure_rate_last_hour: Some(failure_rate_last_hour.round_dp(4).normalize().to_string()),
+        received_last_hour: c.received_last_hour,
+        failed_last_hour: c.failed_last_hour,
+        dead_letters_purged: c.dead_letters_purged,
+        payloads_purged: c.payloads_purged,
         last_delivery_time: c
             .last_delivery_at
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),

@@ -39,6 +39,11 @@ pub struct Metrics {
     pub disk_pressure: Gauge,
     /// Free bytes on the ledger's volume at the last reading (embedded ledger only).
     pub ledger_free_bytes: Gauge,
+    /// Dead letters purged after the flow's `deadLetterRetention` (a purge is no intervention and leaves no
+    /// lineage, so this is where it shows).
+    pub dead_letters_purged: Counter,
+    /// Delivered records reduced to their compact row after the delivered retention.
+    pub payloads_purged: Counter,
 }
 
 impl Default for Metrics {
@@ -69,6 +74,8 @@ impl Metrics {
         let breaker_open = Gauge::default();
         let disk_pressure = Gauge::default();
         let ledger_free_bytes = Gauge::default();
+        let dead_letters_purged = Counter::default();
+        let payloads_purged = Counter::default();
         registry.register(
             "records_received",
             "Records stored in the ledger (new or changed)",
@@ -146,6 +153,16 @@ impl Metrics {
             "Free bytes on the embedded ledger's volume at the last reading",
             ledger_free_bytes.clone(),
         );
+        registry.register(
+            "dead_letters_purged",
+            "Dead letters purged after the flow's deadLetterRetention",
+            dead_letters_purged.clone(),
+        );
+        registry.register(
+            "delivered_payloads_purged",
+            "Delivered records whose payload, snapshots and lineage were purged after the delivered retention",
+            payloads_purged.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -165,6 +182,8 @@ impl Metrics {
             breaker_open,
             disk_pressure,
             ledger_free_bytes,
+            dead_letters_purged,
+            payloads_purged,
         }
     }
 

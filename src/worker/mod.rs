@@ -13,9 +13,10 @@ pub mod intake;
 pub mod metrics;
 pub mod pipeline;
 pub mod problems;
+pub mod retention;
 pub mod run;
-pub mod starting;
 pub mod slots;
+pub mod starting;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -277,6 +278,12 @@ impl Worker {
                 tracing::error!(error = %e, "operations API stopped");
             }
         });
+        tasks.spawn(retention::run(
+            pipeline.ledger.clone(),
+            retention::retention_of(&rendered.flow.spec),
+            pipeline.metrics.clone(),
+            rx.clone(),
+        ));
         tasks.spawn(pipeline.clone().run(rx));
         tracing::info!(flow = %flow, %addr, backend = pipeline.ledger.backend(), "worker started");
         Ok(Worker {

@@ -1223,6 +1223,475 @@ pub async fn revisions_out_of_order_in_one_batch_keep_the_newest(fixture: Fixtur
     );
 }
 
+/// Asserts that the counters the ledger keeps equal the aggregate over every record. `last_delivery_at` is
+/// the time of the last delivery ever, which a recount cannot see once a delivered record was updated, so
+/// it is only bounded by it.
+pub async fn assert_counters_equal_a_recount(ledger: &dyn Ledger) -> ledger::Counts {
+    let kept = ledger.counts().await.expect("counts");
+    let recount = ledger.recount().await.expect("recount");
+    assert!(
+        kept.last_delivery_at >= recount.last_delivery_at,
+        "kept last delivery {:?} before the recount's {:?}",
+        kept.last_delivery_at,
+        recount.last_delivery_at
+    );
+    let mut comparable = kept.clone();
+    comparable.last_delivery_at = recount.last_delivery_at;
+    assert_eq!(
+        comparable, recount,
+        "the kept counters (left) differ from a full recount (right)"
+    );
+    kept
+}
+
+fn retry_in(clock: &ManualClock, secs: i64) -> Outcome {
+    Outcome::RetryScheduled {
+        next_attempt_at: at(clock) + chrono::Duration::seconds(secs),
+        error: "503 from the ERP".into(),
+        class: ErrorClass::Transient,
+    }
+}
+
+/// Every kind of state change the ledger makes, manual actions and a lease taken over included, and the
+/// counters it keeps in the same transactions still equal a recount at every step.
+pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch = (0..30)
+        .map(|i| record(&format!("m{i:02}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    // Duplicates and updates, two versions of one key in one batch among them.
+    ledger
+        .ingest(vec![
+            record("m00", json!({"i": 0})),
+            record("m01", json!({"i": 100})),
+            record("m01", json!({"i": 101})),
+        ])
+        .await
+        .unwrap();
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
+    let mut claimed = claim_all(ledger.as_ref(), "w1").await;
+    claimed.sort_by_key(|c| c.source_key.clone());
+    assert_eq!(claimed.len(), 30);
+    for (i, c) in claimed.iter().enumerate() {
+        let outcome = match i % 5 {
+            0 | 1 => Outcome::Delivered,
+            2 => retry_in(&clock, 10),
+            3 => permanent("unknown item"),
+            _ => Outcome::Held {
+                rule: "discount-over-30".into(),
+                role: "sinkOwner".into(),
+                snapshot: Some(json!({"redacted": true})),
+            },
+        };
+        ledger.complete(c.claim, outcome).await.unwrap();
+    }
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
+    // Manual actions: approve one hold, reject another, replay two dead letters (one by reason).
+    let holds = ledger
+        .list(RecordState::Held, None, None, 100)
+        .await
+        .unwrap();
+    ledger
+        .approve_held(holds[0].id, "cfo@example.com", "ok")
+        .await
+        .unwrap();
+    ledger
+        .reject_held(holds[1].id, "cfo@example.com", "no")
+        .await
+        .unwrap();
+    let dead = ledger
+        .list(RecordState::DeadLettered, None, None, 100)
+        .await
+        .unwrap();
+    ledger
+        .replay_dead_letter(dead[0].id, "ana@example.com", "fixed")
+        .await
+        .unwrap();
+    ledger
+        .replay_dead_letters_by_reason("unknown item", "ana@example.com", "item created")
+        .await
+        .unwrap();
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
+    // A delivered record changes at the source (a new generation), and another one fails then recovers.
+    ledger
+        .ingest(vec![record("m00", json!({"i": -1}))])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(10));
+    // Worker 1 claims everything due and dies; its leases expire and worker 2 takes them over.
+    let lost = claim_all(ledger.as_ref(), "w1").await;
+    assert!(!lost.is_empty());
+    clock.advance(LEASE + Duration::from_secs(1));
+    let taken = claim_all(ledger.as_ref(), "w2").await;
+    assert_eq!(taken.len(), lost.len());
+    for c in &lost {
+        let refused = ledger.complete(c.claim, Outcome::Delivered).await;
+        assert!(
+            matches!(refused, Err(LedgerError::LeaseLost { .. })),
+            "{refused:?}"
+        );
+    }
+    for (i, c) in taken.iter().enumerate() {
+        let outcome = match i % 3 {
+            0 => Outcome::Delivered,
+            1 => retry_in(&clock, 5),
+            _ => Outcome::Released { not_before: None },
+        };
+        ledger.complete(c.claim, outcome).await.unwrap();
+    }
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
+    clock.advance(Duration::from_secs(5));
+    for c in claim_all(ledger.as_ref(), "w2").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.records, 30);
+    assert_eq!(
+        counts.received, 33,
+        "30 records, two updates of m01 and one of m00"
+    );
+    assert_eq!(counts.manual_interventions, 2 + 6);
+    assert!(counts.mttr_seconds.is_some(), "{counts:?}");
+    // The counts survive a restart: they are rows, not memory.
+    ledger.close().await;
+    let reopened = fixture.open(clock.clone()).await;
+    assert_eq!(reopened.counts().await.unwrap(), counts);
+    reopened.close().await;
+}
+
+/// The failure rate the SLA is checked against covers the last hour: an outage's failures stop counting an
+/// hour later, while the all-time totals keep them.
+pub async fn the_failure_rate_window_forgets_an_outage_an_hour_later(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch = (0..10)
+        .map(|i| record(&format!("o{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    // The ERP is down: every record fails once.
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger
+            .complete(c.claim, retry_in(&clock, 60))
+            .await
+            .unwrap();
+    }
+    let during = ledger.counts().await.unwrap();
+    assert_eq!(
+        (during.received_last_hour, during.failed_last_hour),
+        (10, 10)
+    );
+    clock.advance(Duration::from_secs(60));
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    // Half an hour on, the outage is still inside the window.
+    clock.advance(Duration::from_secs(29 * 60));
+    let half = ledger.counts().await.unwrap();
+    assert_eq!((half.received_last_hour, half.failed_last_hour), (10, 10));
+    // An hour after the outage, clean traffic only.
+    clock.advance(Duration::from_secs(31 * 60));
+    let batch = (0..5)
+        .map(|i| record(&format!("p{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    let after = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!((after.received_last_hour, after.failed_last_hour), (5, 0));
+    assert_eq!(
+        (after.received, after.failed),
+        (15, 10),
+        "all-time totals keep the outage"
+    );
+    // The purge drops the minutes that left the window; the window reads the same.
+    ledger
+        .purge(&ledger::Retention::default(), 500)
+        .await
+        .unwrap();
+    let pruned = ledger.counts().await.unwrap();
+    assert_eq!((pruned.received_last_hour, pruned.failed_last_hour), (5, 0));
+    ledger.close().await;
+}
+
+/// Past the delivered retention a record keeps only its compact row: its payload, snapshots and lineage
+/// go, a duplicate is still recognised and a changed payload is still delivered as an update.
+pub async fn delivered_payloads_are_purged_after_retention_and_duplicates_still_recognised(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let retention = ledger::Retention {
+        dead_letters: None,
+        delivered: Some(Duration::from_secs(7 * 24 * 3600)),
+    };
+    let batch = (0..3)
+        .map(|i| record(&format!("d{i}"), json!({"amount": i})))
+        .collect();
+    let ids: Vec<_> = ledger
+        .ingest(batch)
+        .await
+        .unwrap()
+        .iter()
+        .map(IngestOutcome::id)
+        .collect();
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    // A record still waiting is never purged, whatever its age.
+    ledger
+        .ingest(vec![record("waiting", json!({"amount": 9}))])
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(6 * 24 * 3600));
+    assert!(
+        ledger.purge(&retention, 500).await.unwrap().is_empty(),
+        "inside the retention"
+    );
+    clock.advance(Duration::from_secs(24 * 3600 + 1));
+    // Two at a time: batches are bounded.
+    assert_eq!(ledger.purge(&retention, 2).await.unwrap().payloads, 2);
+    assert_eq!(ledger.purge(&retention, 2).await.unwrap().payloads, 1);
+    assert!(ledger.purge(&retention, 2).await.unwrap().is_empty());
+    let compact = ledger
+        .get(ids[0])
+        .await
+        .unwrap()
+        .expect("the compact row stays");
+    assert_eq!(compact.record.state, RecordState::Delivered);
+    assert_eq!(compact.record.payload, Value::Null);
+    assert!(compact.lineage.is_empty(), "{:?}", compact.lineage);
+    let outcome = compact.record.outcome.clone().expect("a one-line outcome");
+    assert!(
+        outcome.contains("delivered generation 1 as SO-d0"),
+        "{outcome}"
+    );
+    // The CRM re-sends d0 unchanged: a duplicate, nothing to deliver.
+    let again = ledger
+        .ingest(vec![record("d0", json!({"amount": 0}))])
+        .await
+        .unwrap();
+    assert_eq!(again, vec![IngestOutcome::Duplicate { id: ids[0] }]);
+    // d1 changes: an update, delivered again with its new payload.
+    let changed = ledger
+        .ingest(vec![record("d1", json!({"amount": 11}))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(changed[0], IngestOutcome::Updated { generation: 2, .. }),
+        "{changed:?}"
+    );
+    let mut claimed = claim_all(ledger.as_ref(), "w").await;
+    claimed.sort_by_key(|c| c.source_key.clone());
+    let keys: Vec<&str> = claimed.iter().map(|c| c.source_key.as_str()).collect();
+    assert_eq!(keys, ["d1", "waiting"]);
+    assert_eq!(claimed[0].payload, r#"{"amount":11}"#);
+    let updated = ledger.get(ids[1]).await.unwrap().unwrap().record;
+    assert_eq!(
+        (updated.outcome, updated.payload),
+        (None, json!({"amount": 11}))
+    );
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.payloads_purged, 3);
+    assert_eq!(counts.records, 4);
+    ledger.close().await;
+}
+
+/// Dead letters older than `deadLetterRetention` leave the ledger whole; the purge is counted, is no
+/// intervention, and the interventions made on them stay in the flow's history.
+pub async fn dead_letters_are_purged_after_their_retention(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let retention = ledger::Retention {
+        dead_letters: Some(Duration::from_secs(14 * 24 * 3600)),
+        delivered: None,
+    };
+    let batch = (0..3)
+        .map(|i| record(&format!("x{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let mut claimed = claim_all(ledger.as_ref(), "w").await;
+    claimed.sort_by_key(|c| c.source_key.clone());
+    ledger
+        .complete(claimed[0].claim, permanent("unknown item"))
+        .await
+        .unwrap();
+    let hold = Outcome::Held {
+        rule: "discount-over-30".into(),
+        role: "sinkOwner".into(),
+        snapshot: None,
+    };
+    ledger.complete(claimed[1].claim, hold).await.unwrap();
+    ledger
+        .reject_held(claimed[1].claim.id, "cfo@example.com", "not agreed")
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(10 * 24 * 3600));
+    // A dead letter of day 10 is younger than the retention when the first two expire.
+    ledger
+        .complete(claimed[2].claim, permanent("unknown item"))
+        .await
+        .unwrap();
+    let before = ledger.counts().await.unwrap();
+    assert_eq!((before.dead_lettered, before.manual_interventions), (3, 1));
+    clock.advance(Duration::from_secs(5 * 24 * 3600));
+    let report = ledger.purge(&retention, 500).await.unwrap();
+    assert_eq!(report.dead_letters, 2);
+    assert!(ledger.get(claimed[0].claim.id).await.unwrap().is_none());
+    assert!(ledger.get(claimed[1].claim.id).await.unwrap().is_none());
+    let left = ledger
+        .list(RecordState::DeadLettered, None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, claimed[2].claim.id);
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.dead_letters_purged, 2);
+    assert_eq!(counts.dead_lettered, 1);
+    assert_eq!(
+        counts.manual_interventions, 1,
+        "the purge is no intervention"
+    );
+    ledger.close().await;
+}
+
+/// A ledger that the previous version (schema 3, no kept counters) left is migrated with its counters
+/// backfilled from its rows: an upgraded flow's `/status` is right at once.
+pub async fn a_version_3_ledger_is_migrated_with_its_counters_backfilled(fixture: Fixture) {
+    let clock = clock();
+    let mut v3 = match fixture.backend() {
+        "sqlite" => {
+            "CREATE TABLE meshline_schema (version INTEGER PRIMARY KEY, description TEXT NOT NULL, \
+                     applied_at INTEGER NOT NULL);"
+                .to_string()
+        }
+        _ => {
+            "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+              applied_at BIGINT NOT NULL);"
+                .to_string()
+        }
+    };
+    for version in 1..=3 {
+        for statement in
+            ledger::migration_statements(fixture.backend(), version).expect("a version")
+        {
+            v3.push_str(statement);
+            v3.push_str(";\n");
+        }
+        v3.push_str(&format!(
+            "INSERT INTO meshline_schema VALUES ({version}, 'v{version}', {T0});\n"
+        ));
+    }
+    let t1 = T0 + 60_000;
+    let rows = [
+        // (key, generation, state, retries, first_failure_at, delivered_at)
+        (
+            "a",
+            1,
+            "received",
+            0,
+            "NULL".to_string(),
+            "NULL".to_string(),
+        ),
+        ("b", 2, "delivered", 0, "NULL".into(), t1.to_string()),
+        (
+            "c",
+            1,
+            "delivered",
+            2,
+            T0.to_string(),
+            (T0 + 90_000).to_string(),
+        ),
+        ("d", 3, "dead_lettered", 1, T0.to_string(), "NULL".into()),
+        ("e", 1, "held", 0, "NULL".into(), "NULL".into()),
+        ("f", 1, "retry_scheduled", 1, t1.to_string(), "NULL".into()),
+    ];
+    for (i, (key, generation, state, retries, failed, delivered)) in rows.iter().enumerate() {
+        v3.push_str(&format!(
+            "INSERT INTO records (id, flow, source_key, idempotency_key, generation, payload_hash, \
+             contract_version, state, retries, next_attempt_at, bucket, correlation_id, received_at, updated_at, \
+             first_failure_at, delivered_at) VALUES ({id}, '{FLOW}', '{key}', 'Opportunity/{key}', {generation}, \
+             'h{key}', '1.0.0', '{state}', {retries}, {T0}, 1, 'c{key}', {T0}, {T0}, {failed}, {delivered});\n\
+             INSERT INTO payloads (record_id, body) VALUES ({id}, '{{}}');\n",
+            id = i + 1
+        ));
+    }
+    v3.push_str(&format!(
+        "INSERT INTO interventions (flow, record_id, action, actor, reason, at) VALUES \
+         ('{FLOW}', 4, 'replay', 'ana', 'fixed', {T0}), ('{FLOW}', 4, 'reject', 'ana', 'no', {T0});\n"
+    ));
+    fixture.execute(&v3).await;
+
+    let ledger = fixture.open(clock.clone()).await;
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.records, 6);
+    assert_eq!(counts.received, 9);
+    assert_eq!(counts.delivered, 2);
+    assert_eq!(counts.failed, 3);
+    assert_eq!(counts.retried, 4);
+    assert_eq!(
+        (counts.dead_lettered, counts.held, counts.pending),
+        (1, 1, 2)
+    );
+    assert_eq!(counts.mttr_seconds, Some(90.0));
+    assert_eq!(counts.manual_interventions, 2);
+    assert_eq!(
+        counts.last_delivery_at,
+        Some(at(&clock) + chrono::Duration::seconds(90))
+    );
+    // And the triggers carry on from there.
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    let after = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!((after.delivered, after.pending), (4, 0));
+    ledger.close().await;
+}
+
+/// The counters written by connections that have since closed (a restarted replica's) are folded together
+/// by the purge, and still sum to a recount; the connections of the new ledger carry on from there.
+pub async fn counters_written_by_closed_connections_still_add_up(fixture: Fixture) {
+    let clock = clock();
+    for round in 0..3 {
+        let ledger = fixture.open(clock.clone()).await;
+        let batch = (0..20)
+            .map(|i| record(&format!("r{round}-{i}"), json!({"i": i})))
+            .collect();
+        ledger.ingest(batch).await.unwrap();
+        for (i, c) in claim_all(ledger.as_ref(), "w")
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let outcome = if i % 4 == 0 {
+                retry_in(&clock, 1)
+            } else {
+                Outcome::Delivered
+            };
+            ledger.complete(c.claim, outcome).await.unwrap();
+        }
+        ledger
+            .purge(&ledger::Retention::default(), 500)
+            .await
+            .unwrap();
+        assert_counters_equal_a_recount(ledger.as_ref()).await;
+        ledger.close().await;
+    }
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .purge(&ledger::Retention::default(), 500)
+        .await
+        .unwrap();
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(
+        (counts.records, counts.delivered, counts.pending),
+        (60, 45, 15)
+    );
+    ledger.close().await;
+}
+
 macro_rules! ledger_suite {
     ($fixture:path) => {
         ledger_suite!(@tests $fixture;
@@ -1244,6 +1713,12 @@ macro_rules! ledger_suite {
             an_older_revision_after_a_newer_one_is_stale_and_never_delivered,
             equal_ordering_values_apply_in_arrival_order_flagged_as_a_tie,
             revisions_out_of_order_in_one_batch_keep_the_newest,
+            counters_equal_a_recount_after_a_mixed_workload,
+            the_failure_rate_window_forgets_an_outage_an_hour_later,
+            delivered_payloads_are_purged_after_retention_and_duplicates_still_recognised,
+            dead_letters_are_purged_after_their_retention,
+            a_version_3_ledger_is_migrated_with_its_counters_backfilled,
+            counters_written_by_closed_connections_still_add_up,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

@@ -148,16 +148,24 @@ pub fn duration_seconds(d: &kube::core::Duration) -> f64 {
 pub fn sla_breaches(worker: &WorkerStatus, sla: Option<&SlaSpec>) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     if let Some(sla) = sla {
+        // The last hour's rate, so an outage stops counting an hour after it ends instead of keeping the
+        // flow Degraded until thousands of clean records dilute it; the all-time rate from an older worker.
+        let (measured, window) = match &worker.failure_rate_last_hour {
+            Some(rate) => (rate, " over the last hour"),
+            None => (&worker.failure_rate, ""),
+        };
         if let (Some(max), Ok(rate)) = (
             sla.max_failure_rate
                 .as_deref()
                 .and_then(|m| m.parse::<Decimal>().ok()),
-            worker.failure_rate.parse::<Decimal>(),
+            measured.parse::<Decimal>(),
         ) && rate > max
         {
             out.push((
                 "FailureRateOverSla",
-                format!("failure rate {rate} is over the contract's SLA maxFailureRate {max}"),
+                format!(
+                    "failure rate {rate}{window} is over the contract's SLA maxFailureRate {max}"
+                ),
             ));
         }
         if let (Some(max), Some(age)) = (
@@ -426,4 +434,40 @@ pub fn condition_status<'a>(conditions: &'a [Condition], t: &str) -> Option<&'a 
         .iter()
         .find(|c| c.r#type == t)
         .map(|c| c.status.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(all_time: &str, last_hour: Option<&str>) -> WorkerStatus {
+        serde_json::from_value(serde_json::json!({
+            "flow": "f", "contractVersion": "1.0.0", "backend": "sqlite",
+            "counters": {"received": 1000, "delivered": 500, "failed": 500, "retried": 0,
+                         "deadLettered": 500, "held": 0},
+            "pending": 0, "failureRate": all_time, "failureRateLastHour": last_hour,
+            "lastDeliveryTime": null, "mttrSeconds": null, "manualInterventionsPer1k": "0",
+            "oldestPendingSeconds": null, "circuitBreaker": null, "paused": null
+        }))
+        .expect("a worker status")
+    }
+
+    fn sla(max: &str) -> SlaSpec {
+        serde_json::from_value(serde_json::json!({"maxFailureRate": max})).expect("an SLA")
+    }
+
+    #[test]
+    fn an_outage_that_ended_over_an_hour_ago_no_longer_breaches_the_failure_rate_sla() {
+        // Half the records ever received failed in an old outage; none failed in the last hour.
+        assert!(sla_breaches(&worker("0.5", Some("0")), Some(&sla("0.05"))).is_empty());
+        let now = sla_breaches(&worker("0.01", Some("0.2")), Some(&sla("0.05")));
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_eq!(now[0].0, "FailureRateOverSla");
+        assert!(now[0].1.contains("over the last hour"), "{}", now[0].1);
+        // A worker that predates the window is judged on its all-time rate.
+        assert_eq!(
+            sla_breaches(&worker("0.5", None), Some(&sla("0.05")))[0].0,
+            "FailureRateOverSla"
+        );
+    }
 }
