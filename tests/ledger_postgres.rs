@@ -93,3 +93,51 @@ async fn delivery_slots_are_shared_between_replicas_and_a_dead_holders_expire() 
         "the dead holder learns it lost the slot"
     );
 }
+
+/// A replica killed holding slots gives them back as its next process starts (worker ids are pod names, so
+/// the restarted container has the same one): it does not wait out their leases, and nobody else's slots
+/// are touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_reclaims_the_slots_its_killed_process_held() {
+    use std::time::Duration;
+
+    let fixture = Fixture::postgres();
+    let clock = support::ledger_suite::clock();
+    let before = fixture.open(clock.clone()).await;
+    let other = fixture.open(clock.clone()).await;
+    let lease = Duration::from_secs(30);
+    let mut held = before
+        .acquire_delivery_slots("pod-a", 4, 3, lease)
+        .await
+        .unwrap();
+    held.sort();
+    assert_eq!(held, [0, 1, 2]);
+    assert_eq!(
+        other
+            .acquire_delivery_slots("pod-b", 4, 4, lease)
+            .await
+            .unwrap(),
+        [3]
+    );
+    // pod-a is killed (no release) and its container restarts under the same name.
+    drop(before);
+    let after = fixture.open(clock.clone()).await;
+    assert_eq!(after.reclaim_delivery_slots("pod-a").await.unwrap(), 3);
+    let mut again = after
+        .acquire_delivery_slots("pod-a", 4, 4, lease)
+        .await
+        .unwrap();
+    again.sort();
+    assert_eq!(
+        again,
+        [0, 1, 2],
+        "at once, not after the lease; pod-b keeps 3"
+    );
+    assert_eq!(
+        other
+            .renew_delivery_slots("pod-b", &[3], lease)
+            .await
+            .unwrap(),
+        [3]
+    );
+}

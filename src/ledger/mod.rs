@@ -261,6 +261,14 @@ pub trait Ledger: Send + Sync + fmt::Debug {
         Err(self.no_delivery_slots())
     }
 
+    /// Gives back every slot `holder` holds. A worker calls it as it starts: worker ids are pod names, so a
+    /// holder of that name is this replica's previous process (killed before it could release), and its
+    /// slots would otherwise block deliveries until their leases lapse.
+    async fn reclaim_delivery_slots(&self, holder: &str) -> Result<u64> {
+        let _ = holder;
+        Err(self.no_delivery_slots())
+    }
+
     #[doc(hidden)]
     fn no_delivery_slots(&self) -> LedgerError {
         LedgerError::InvalidInput {

@@ -1363,6 +1363,18 @@ impl Ledger for PostgresLedger {
         Ok(())
     }
 
+    async fn reclaim_delivery_slots(&self, holder: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE delivery_slots SET holder = NULL, lease_expires_at = 0 WHERE flow = $1 AND holder = $2",
+        )
+        .bind(&self.flow)
+        .bind(holder)
+        .execute(&self.pool)
+        .await
+        .map_err(self.db("reclaim delivery slots", None))?;
+        Ok(done.rows_affected())
+    }
+
     async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

@@ -218,6 +218,23 @@ impl Worker {
             )),
             LedgerTarget::Postgres(_) => None,
         };
+        if ledger.shares_delivery_slots() {
+            match ledger
+                .reclaim_delivery_slots(&settings.options.worker_id)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    flow = %flow,
+                    slots = n,
+                    "gave back the delivery slots this replica's previous process held"
+                ),
+                // Not fatal: those slots lapse with their leases.
+                Err(e) => {
+                    tracing::warn!(flow = %flow, error = %e, "could not reclaim delivery slots")
+                }
+            }
+        }
         let shared_slots = ledger.shares_delivery_slots().then(|| {
             slots::SharedSlots::new(
                 ledger.clone(),
