@@ -1,8 +1,8 @@
 //! The NetSuite sink against a local server that checks requests the way NetSuite does: OAuth 1.0a TBA
 //! signatures recomputed from the request (RFC 5849 §3.4, HMAC-SHA256, nonces never reused), OAuth 2.0 M2M
-//! assertions verified with the certificate's public key (PS256, `kid`, `iss`, `aud`, lifetime ≤ 60 min),
-//! bearer tokens that expire, upsert by `eid:` with 204 + `Location`, 429 with `Retry-After`, and NetSuite's
-//! `o:errorDetails` JSON for a 400.
+//! assertions verified with the public key of the certificate the `kid` names (PS256 for RSA, ES256/ES384 for
+//! EC, `iss`, `aud`, lifetime ≤ 60 min), bearer tokens that expire, upsert by `eid:` with 204 + `Location` (or
+//! 202 + an async job's `Location`), 429 with `Retry-After`, and NetSuite's `o:errorDetails` JSON for a 400.
 
 #[path = "support/sink_mock.rs"]
 mod sink_mock;
@@ -34,6 +34,36 @@ const TOKEN_SECRET: &str = "ts~secret 1";
 const ACCOUNT: &str = "1234567-sb1";
 const CLIENT_ID: &str = "client-9c2e";
 const CERTIFICATE_ID: &str = "cert-Zx81";
+const EC256_CERTIFICATE_ID: &str = "cert-Ec256";
+const EC384_CERTIFICATE_ID: &str = "cert-Ec384";
+
+/// The certificates uploaded to the M2M setup: certificate id → the algorithm and public key NetSuite checks
+/// the assertion with.
+fn registered_certificate(
+    kid: &str,
+) -> Option<(jsonwebtoken::Algorithm, jsonwebtoken::DecodingKey)> {
+    use jsonwebtoken::{Algorithm, DecodingKey};
+    let key = match kid {
+        CERTIFICATE_ID => (
+            Algorithm::PS256,
+            DecodingKey::from_rsa_pem(include_bytes!("data/sinks/netsuite_m2m_test_pub.pem")),
+        ),
+        EC256_CERTIFICATE_ID => (
+            Algorithm::ES256,
+            DecodingKey::from_ec_pem(include_bytes!(
+                "data/sinks/netsuite_m2m_es256_test_pub.pem"
+            )),
+        ),
+        EC384_CERTIFICATE_ID => (
+            Algorithm::ES384,
+            DecodingKey::from_ec_pem(include_bytes!(
+                "data/sinks/netsuite_m2m_es384_test_pub.pem"
+            )),
+        ),
+        _ => return None,
+    };
+    Some((key.0, key.1.expect("test public key parses")))
+}
 
 #[derive(Default)]
 struct NetSuite {
@@ -50,6 +80,10 @@ struct NetSuite {
     revoked: AtomicBool,
     correlations: Mutex<Vec<String>>,
     suiteql_pages: AtomicU32,
+    /// Queue upserts as asynchronous jobs (`202 Accepted` + the job's `Location`), as with `Prefer:
+    /// respond-async`.
+    asynchronous: AtomicBool,
+    next_job: AtomicU32,
 }
 
 type Shared = Arc<NetSuite>;
@@ -196,19 +230,18 @@ async fn token(State(ns): State<Shared>, Form(form): Form<HashMap<String, String
     let Ok(head) = jsonwebtoken::decode_header(&assertion) else {
         return invalid("header");
     };
-    if head.alg != jsonwebtoken::Algorithm::PS256
-        || head.kid.as_deref() != Some(CERTIFICATE_ID)
-        || head.typ.as_deref() != Some("JWT")
-    {
-        return invalid("alg, kid or typ");
+    let Some((algorithm, key)) = head.kid.as_deref().and_then(registered_certificate) else {
+        return invalid("kid");
+    };
+    // The algorithm must be the one the uploaded certificate's key type and curve call for.
+    if head.alg != algorithm || head.typ.as_deref() != Some("JWT") {
+        return invalid("alg or typ");
     }
-    let public = include_bytes!("data/sinks/netsuite_m2m_test_pub.pem");
-    let key = jsonwebtoken::DecodingKey::from_rsa_pem(public).unwrap();
     let token_url = format!(
         "{}/services/rest/auth/oauth2/v1/token",
         ns.base.lock().await
     );
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::PS256);
+    let mut validation = jsonwebtoken::Validation::new(algorithm);
     validation.set_audience(&[token_url]);
     validation.set_issuer(&[CLIENT_ID]);
     validation.set_required_spec_claims(&["exp", "iat", "iss", "aud"]);
@@ -260,6 +293,17 @@ async fn upsert(
         .map(|r| r.0)
         .unwrap_or_else(|| 4700 + u64::from(ns.next_id.fetch_add(1, Ordering::SeqCst)));
     records.insert(key, (internal, body));
+    if ns.asynchronous.load(Ordering::SeqCst) {
+        let job = 900 + ns.next_job.fetch_add(1, Ordering::SeqCst);
+        return (
+            StatusCode::ACCEPTED,
+            [
+                ("Location", format!("/services/rest/async/v1/job/{job}")),
+                ("Preference-Applied", "respond-async".to_string()),
+            ],
+        )
+            .into_response();
+    }
     let location = format!(
         "{}/services/rest/record/v1/{record_type}/{internal}",
         ns.base.lock().await
@@ -327,10 +371,17 @@ fn tba_keys(consumer_secret: &'static str) -> Vec<(&'static str, &'static str)> 
 }
 
 fn m2m_keys(private_key: &'static str) -> Vec<(&'static str, &'static str)> {
+    m2m_keys_for(CERTIFICATE_ID, private_key)
+}
+
+fn m2m_keys_for(
+    certificate_id: &'static str,
+    private_key: &'static str,
+) -> Vec<(&'static str, &'static str)> {
     vec![
         ("accountId", ACCOUNT),
         ("clientId", CLIENT_ID),
-        ("certificateId", CERTIFICATE_ID),
+        ("certificateId", certificate_id),
         ("privateKey", private_key),
     ]
 }
@@ -572,4 +623,111 @@ async fn secret_without_either_key_set_is_a_config_error() {
         .err()
         .expect("refused");
     assert_eq!(err.to_string(), "netsuite sink: recordType is required");
+}
+
+#[tokio::test]
+async fn m2m_signs_with_the_algorithm_the_key_calls_for() {
+    use jsonwebtoken::Algorithm;
+    let cases = [
+        (CERTIFICATE_ID, REGISTERED_KEY, Algorithm::PS256),
+        (
+            EC256_CERTIFICATE_ID,
+            include_str!("data/sinks/netsuite_m2m_es256_test_key.pem"),
+            Algorithm::ES256,
+        ),
+        (
+            EC384_CERTIFICATE_ID,
+            include_str!("data/sinks/netsuite_m2m_es384_test_key.pem"),
+            Algorithm::ES384,
+        ),
+    ];
+    for (certificate_id, key, algorithm) in cases {
+        let (ns, base) = start().await;
+        let sink = sink(&base, &m2m_keys_for(certificate_id, key));
+        assert_eq!(sink.assertion_algorithm(), Some(algorithm));
+        let payload = json!({"entity": {"id": "42"}});
+        let done = sink
+            .deliver(delivery("SO-1", &payload, "c"))
+            .await
+            .unwrap_or_else(|e| panic!("{algorithm:?}: {e}"));
+        assert_eq!(done.status, 204);
+        assert_eq!(ns.token_requests.load(Ordering::SeqCst), 1);
+    }
+}
+
+#[tokio::test]
+async fn ec_key_for_an_rsa_certificate_is_refused_by_the_token_endpoint() {
+    // The key signs ES256, but the certificate the kid names is RSA: NetSuite refuses the assertion.
+    let (ns, base) = start().await;
+    let sink = sink(
+        &base,
+        &m2m_keys_for(
+            CERTIFICATE_ID,
+            include_str!("data/sinks/netsuite_m2m_es256_test_key.pem"),
+        ),
+    );
+    let payload = json!({"entity": {"id": "42"}});
+    let err = sink
+        .deliver(delivery("SO-1", &payload, "c"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.class, err.status),
+        (ErrorClass::FlowLevel, Some(400)),
+        "{err}"
+    );
+    assert!(ns.records.lock().await.is_empty());
+}
+
+#[tokio::test]
+async fn sec1_ec_key_is_refused_with_the_conversion_to_make() {
+    let mut spec = sink_mock::spec(
+        SinkSystem::Netsuite,
+        Some("https://1234567.suitetalk.api.netsuite.com"),
+    );
+    spec.record_type = Some("salesOrder".into());
+    let (_dir, credentials) = secret(&m2m_keys_for(
+        EC256_CERTIFICATE_ID,
+        include_str!("data/sinks/netsuite_m2m_es256_sec1_key.pem"),
+    ));
+    let err = sinks::build(&spec, credentials, sinks::http_client())
+        .err()
+        .expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("privateKey") && message.contains("openssl pkcs8 -topk8"),
+        "{message}"
+    );
+    let (_dir, credentials) = secret(&m2m_keys("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"));
+    let err = sinks::build(&spec, credentials, sinks::http_client())
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("privateKey"), "{err}");
+}
+
+#[tokio::test]
+async fn asynchronous_job_id_is_never_taken_for_the_record_id() {
+    let (ns, base) = start().await;
+    let sink = sink(&base, &tba_keys(CONSUMER_SECRET));
+    ns.asynchronous.store(true, Ordering::SeqCst);
+    let payload = json!({"entity": {"id": "42"}, "memo": "queued"});
+    let queued = sink
+        .deliver(delivery("SO-9", &payload, "c1"))
+        .await
+        .expect("accepted");
+    assert_eq!(queued.status, 202);
+    assert_eq!(
+        queued.erp_id, None,
+        "the job's id (900) is not the record's internal id"
+    );
+    // Once NetSuite answers synchronously again, the same external id yields the record's real internal id.
+    ns.asynchronous.store(false, Ordering::SeqCst);
+    let done = sink
+        .deliver(delivery("SO-9", &payload, "c2"))
+        .await
+        .expect("delivered");
+    let records = ns.records.lock().await;
+    let (internal, _) = records[&("salesOrder".to_string(), "SO-9".to_string())];
+    assert_eq!(done.erp_id, Some(internal.to_string()));
+    assert_eq!(records.len(), 1);
 }

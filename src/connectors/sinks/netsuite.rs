@@ -3,12 +3,16 @@
 //! Wire format (NetSuite Help Center, "Using the Upsert Operation"): `PUT
 //! {baseUrl}/services/rest/record/v1/{recordType}/eid:{externalId}` with a JSON body creates the record when no
 //! record of that type carries the external id and updates it otherwise; success is `204 No Content` with the
-//! record's URL (ending in its internal id) in `Location`. Errors are RFC 9457-style JSON with an
+//! record's URL (ending in its internal id) in `Location`. NetSuite may instead queue the request (`202
+//! Accepted`, "REST Web Services Request Processing") with `Location: /services/rest/async/v1/job/{id}`: that
+//! is a job, not the record, so the internal id is left unknown rather than stored as the job id — the record
+//! stays addressable by its external id, which is what every later upsert uses. Errors are RFC 9457-style JSON with an
 //! `o:errorDetails` array (`detail`, `o:errorCode`, `o:errorPath`), which ends up in the dead letter.
 //!
 //! Two authentications, chosen by the keys the Secret holds:
-//! - OAuth 2.0 client credentials (M2M), keys `clientId`, `certificateId`, `privateKey` (PEM, RSA): a JWT
-//!   assertion signed PS256 is exchanged at `{baseUrl}/services/rest/auth/oauth2/v1/token` for a bearer token,
+//! - OAuth 2.0 client credentials (M2M), keys `clientId`, `certificateId`, `privateKey` (PKCS#8 PEM, RSA or EC):
+//!   a JWT assertion, signed PS256 with an RSA key, ES256 with an EC P-256 key or ES384 with a P-384 key (the
+//!   algorithm follows the key, as NetSuite checks it against the uploaded certificate), is exchanged at `{baseUrl}/services/rest/auth/oauth2/v1/token` for a bearer token,
 //!   cached until a minute before it expires; a 401 forces one new token, a second 401 is flow-level.
 //! - OAuth 1.0a token-based authentication, keys `accountId`, `consumerKey`, `consumerSecret`, `tokenId`,
 //!   `tokenSecret`: every request is signed HMAC-SHA256 per RFC 5849 §3.4.
@@ -74,6 +78,8 @@ struct M2m {
     client_id: String,
     certificate_id: String,
     key: EncodingKey,
+    /// Follows the key: PS256 for RSA, ES256 for EC P-256, ES384 for EC P-384.
+    algorithm: Algorithm,
     token_url: Url,
     cached: Mutex<Option<(String, Instant)>>,
 }
@@ -237,19 +243,15 @@ impl M2m {
 
     fn assertion(&self) -> Result<String, SinkError> {
         let now = chrono::Utc::now().timestamp();
-        // NetSuite Help Center, "The Request Token Structure": typ JWT, alg PS256 (RSA PKCS#1 v1.5 is not
-        // accepted), kid = the certificate id of the M2M mapping; iss = the integration's client id, scope
-        // comma-separated, aud = the token endpoint itself.
-        let mut header = Header::new(Algorithm::PS256);
-        header.kid = Some(self.certificate_id.clone());
-        let claims = AssertionClaims {
-            iss: &self.client_id,
-            scope: "restlets,rest_webservices",
-            aud: self.token_url.as_str(),
-            iat: now,
-            exp: now + ASSERTION_LIFETIME_SECS,
-        };
-        jsonwebtoken::encode(&header, &claims, &self.key).map_err(|e| {
+        sign_assertion(
+            &self.key,
+            self.algorithm,
+            &self.certificate_id,
+            &self.client_id,
+            self.token_url.as_str(),
+            now,
+        )
+        .map_err(|e| {
             SinkError::new(
                 SYSTEM,
                 ErrorClass::Config,
@@ -312,6 +314,60 @@ impl M2m {
     }
 }
 
+/// NetSuite Help Center, "The Request Token Structure": typ JWT, alg one of PS256/384/512 or ES256/384/512
+/// (RSA PKCS#1 v1.5 is not accepted), kid = the certificate id of the M2M mapping; iss = the integration's
+/// client id, scope comma-separated, aud = the token endpoint itself.
+fn sign_assertion(
+    key: &EncodingKey,
+    algorithm: Algorithm,
+    certificate_id: &str,
+    client_id: &str,
+    aud: &str,
+    now: i64,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let mut header = Header::new(algorithm);
+    header.kid = Some(certificate_id.to_string());
+    let claims = AssertionClaims {
+        iss: client_id,
+        scope: "restlets,rest_webservices",
+        aud,
+        iat: now,
+        exp: now + ASSERTION_LIFETIME_SECS,
+    };
+    jsonwebtoken::encode(&header, &claims, key)
+}
+
+/// The signing key and the algorithm its kind calls for. The key is tried by signing a throwaway assertion, so a
+/// key the algorithm cannot use (an EC curve NetSuite's ES256/ES384 do not match, say) is refused when the sink
+/// is built, not at the first delivery.
+pub fn m2m_signing_key(pem: &str) -> Result<(EncodingKey, Algorithm), String> {
+    let works = |key: &EncodingKey, algorithm| {
+        sign_assertion(key, algorithm, "probe", "probe", "probe", 0).is_ok()
+    };
+    if let Ok(key) = EncodingKey::from_rsa_pem(pem.as_bytes()) {
+        return if works(&key, Algorithm::PS256) {
+            Ok((key, Algorithm::PS256))
+        } else {
+            Err("an RSA key that cannot sign PS256".into())
+        };
+    }
+    if let Ok(key) = EncodingKey::from_ec_pem(pem.as_bytes()) {
+        // The PKCS#8 wrapper names the curve, but the JWT library does not expose it: the curve whose
+        // signer accepts the key is the key's curve.
+        return [Algorithm::ES256, Algorithm::ES384]
+            .into_iter()
+            .find(|a| works(&key, *a))
+            .map(|a| (key, a))
+            .ok_or_else(|| "an EC key on a curve other than P-256 or P-384".into());
+    }
+    if pem.contains("BEGIN EC PRIVATE KEY") {
+        return Err("an EC key in SEC1 form (BEGIN EC PRIVATE KEY); convert it to PKCS#8 with \
+                    `openssl pkcs8 -topk8 -nocrypt -in key.pem -out pkcs8.pem`"
+            .into());
+    }
+    Err("neither an RSA nor an EC (P-256, P-384) private key in PEM form".into())
+}
+
 impl NetSuiteSink {
     /// Reads `baseUrl`, `recordType` and the Secret; see the module docs for the key names.
     pub fn from_spec(
@@ -352,6 +408,14 @@ impl NetSuiteSink {
         match self.auth {
             Auth::M2m(_) => "M2M",
             Auth::Tba(_) => "TBA",
+        }
+    }
+
+    /// The M2M assertion's signature algorithm (`PS256`, `ES256`, `ES384`), none with TBA.
+    pub fn assertion_algorithm(&self) -> Option<Algorithm> {
+        match &self.auth {
+            Auth::M2m(m2m) => Some(m2m.algorithm),
+            Auth::Tba(_) => None,
         }
     }
 
@@ -403,11 +467,11 @@ impl NetSuiteSink {
 
 fn m2m_from(credentials: &Credentials, base: &str) -> Result<M2m, BuildError> {
     let pem = credential(SYSTEM, credentials, "privateKey")?;
-    let key = EncodingKey::from_rsa_pem(pem.as_bytes()).map_err(|e| BuildError::Credentials {
+    let (key, algorithm) = m2m_signing_key(&pem).map_err(|reason| BuildError::Credentials {
         system: SYSTEM,
         source: crate::connectors::CredentialsError::Malformed {
             key: "privateKey".into(),
-            reason: format!("not an RSA private key in PEM form: {e}"),
+            reason,
         },
     })?;
     let mut token_url = parse_base(base)?;
@@ -419,6 +483,7 @@ fn m2m_from(credentials: &Credentials, base: &str) -> Result<M2m, BuildError> {
         client_id: credential(SYSTEM, credentials, "clientId")?,
         certificate_id: credential(SYSTEM, credentials, "certificateId")?,
         key,
+        algorithm,
         token_url,
         cached: Mutex::new(None),
     })
@@ -438,6 +503,15 @@ fn failure(answer: &Answer) -> SinkError {
         err.message = format!("HTTP {}: {}", answer.status, truncate(&details, 1000));
     }
     err
+}
+
+/// The internal id in a record's `Location` (`…/record/v1/salesOrder/4711`); none for any other URL, such as
+/// an asynchronous job's (`…/async/v1/job/123`).
+pub fn record_id(location: &str) -> Option<String> {
+    let path = location.split(['?', '#']).next().unwrap_or_default();
+    let (_, tail) = path.split_once("/record/v1/")?;
+    let (_, id) = tail.rsplit_once('/')?;
+    (!id.is_empty()).then(|| id.to_string())
 }
 
 /// `CODE: detail (at path); …` from NetSuite's error JSON.
@@ -495,12 +569,16 @@ impl Sink for NetSuiteSink {
             )
             .await?,
         )?;
-        // `Location: …/record/v1/salesOrder/4711`: the last segment is the internal id.
-        let erp_id = answer
-            .location
-            .as_deref()
-            .and_then(|l| l.rsplit('/').next())
-            .map(str::to_string);
+        let erp_id = if answer.status == 202 {
+            tracing::info!(
+                correlation_id = delivery.correlation_id,
+                job = answer.location.as_deref().unwrap_or_default(),
+                "NetSuite queued the upsert as an asynchronous job; the record's internal id stays unknown"
+            );
+            None
+        } else {
+            answer.location.as_deref().and_then(record_id)
+        };
         Ok(Delivered {
             erp_id,
             created: None,
@@ -610,6 +688,17 @@ mod tests {
                         oauth_signature_method%3DHMAC-SHA1%26oauth_timestamp%3D137131201%26oauth_token%3D\
                         kkk9d7dh3k39sjv7";
         assert_eq!(signature_base_string("post", &url, &oauth), expected);
+    }
+
+    #[test]
+    fn only_a_record_location_yields_an_internal_id() {
+        assert_eq!(
+            record_id("https://1234567.suitetalk.api.netsuite.com/services/rest/record/v1/salesOrder/4711")
+                .as_deref(),
+            Some("4711")
+        );
+        assert_eq!(record_id("/services/rest/async/v1/job/123456"), None);
+        assert_eq!(record_id("/services/rest/record/v1/salesOrder"), None);
     }
 
     #[test]
