@@ -38,7 +38,7 @@ fn generic_config() -> WebhookConfig {
         key_pointer: "/id".into(),
         body_limit: 4096,
         tolerance: Duration::from_secs(300),
-        public_base_url: None,
+        public_url: None,
     }
 }
 
@@ -467,7 +467,7 @@ async fn hubspot_events_are_verified_then_read_back_with_their_line_items() {
         .iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
         .collect(),
-        public_base_url: Some("https://hooks.example.com".into()),
+        public_url: Some("https://hooks.example.com/webhook?portal=na1%3A62515".into()),
         ..generic_config()
     };
     let intake = Arc::new(MemoryIntake::default());
@@ -548,4 +548,107 @@ async fn hubspot_events_are_verified_then_read_back_with_their_line_items() {
                "lineItems": [{"id": "5002", "sku": "P-2", "quantity": "1"}, {"id": "5001", "sku": "P-1", "quantity": "2"}]})
     );
     assert_eq!(record.correlation_id.as_deref(), Some("hubspot-event-100"));
+}
+
+/// The source of a HubSpot flow as a user writes it, with the given extra lines.
+fn hubspot_source(extra: &str) -> meshline::api::SourceSpec {
+    serde_yaml::from_str(&format!(
+        "system: hubspot\nobject: deals\nsignature: hubspot-v3\ncredentialsSecretRef: {{name: hubspot}}\n{extra}"
+    ))
+    .expect("source spec parses")
+}
+
+fn hubspot_credentials() -> (tempfile::TempDir, meshline::connectors::Credentials) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("clientSecret"), HUBSPOT_CLIENT_SECRET).unwrap();
+    std::fs::write(dir.path().join("accessToken"), HUBSPOT_TOKEN).unwrap();
+    let credentials = meshline::connectors::Credentials::new(Some(dir.path()), "webhook_test_unused");
+    (dir, credentials)
+}
+
+#[tokio::test]
+async fn hubspot_signature_behind_a_rewriting_ingress_is_checked_against_the_public_url() {
+    let hub = Arc::new(Hub::default());
+    let hub_url = serve(
+        Router::new()
+            .route("/crm/v3/objects/deals/{id}", get(hub_deal))
+            .route(
+                "/crm/v3/objects/line_items/batch/read",
+                post(hub_batch_read),
+            )
+            .with_state(hub.clone()),
+    )
+    .await;
+    // HubSpot calls the URL configured in the app; the Ingress serves it on another host and strips the
+    // `/crm/hubspot` prefix, so the worker sees `Host: 127.0.0.1:…` and `POST /webhook`.
+    let configured = "https://hooks.example.com/crm/hubspot/webhook?portal=na1%3A62515";
+    let body = json!([{"eventId": 200, "subscriptionId": 7, "portalId": 62515, "appId": 1,
+        "occurredAt": 1714557600000u64, "subscriptionType": "deal.creation", "attemptNumber": 0,
+        "objectId": 1001, "changeSource": "CRM"}])
+    .to_string();
+    let timestamp = chrono::Utc::now().timestamp_millis().to_string();
+    let signature = hubspot_v3_signature(
+        HUBSPOT_CLIENT_SECRET,
+        "POST",
+        &hubspot_decode_uri(configured),
+        body.as_bytes(),
+        &timestamp,
+    );
+    let (_dir, credentials) = hubspot_credentials();
+    let post_as_the_ingress = |url: String| {
+        reqwest::Client::new()
+            .post(format!("{url}/webhook?portal=na1%3A62515"))
+            .header("content-type", "application/json")
+            .header("x-hubspot-signature-v3", signature.clone())
+            .header("x-hubspot-request-timestamp", timestamp.clone())
+            .body(body.clone())
+            .send()
+    };
+
+    // Without publicUrl the worker signs https:// + its Host + its path: not what HubSpot signed.
+    let source = hubspot_source(&format!("baseUrl: {hub_url}"));
+    let config = WebhookConfig::from_spec("deals-to-odoo", &source, &credentials).unwrap();
+    let intake = Arc::new(MemoryIntake::default());
+    let url = serve(router(config, intake.clone())).await;
+    let refused = post_as_the_ingress(url).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    assert!(intake.keys().is_empty());
+
+    // With publicUrl (as configured in HubSpot) the same request verifies and the deal is stored.
+    let source = hubspot_source(&format!("baseUrl: {hub_url}\npublicUrl: \"{configured}\""));
+    let config = WebhookConfig::from_spec("deals-to-odoo", &source, &credentials).unwrap();
+    assert_eq!(config.public_url.as_deref(), Some(configured));
+    let intake = Arc::new(MemoryIntake::default());
+    let url = serve(router(config, intake.clone())).await;
+    let accepted = post_as_the_ingress(url).await.unwrap();
+    assert_eq!(
+        accepted.status().as_u16(),
+        200,
+        "{}",
+        accepted.text().await.unwrap()
+    );
+    assert_eq!(intake.keys(), ["1001"]);
+}
+
+#[test]
+fn public_url_that_is_not_an_https_url_is_refused_naming_the_field() {
+    let (_dir, credentials) = hubspot_credentials();
+    for (raw, why) in [
+        ("http://hooks.example.com/webhook", "https"),
+        ("https://user:pw@hooks.example.com/webhook", "credentials"),
+        ("https://hooks.example.com/webhook#frag", "fragment"),
+        ("hooks.example.com/webhook", "relative URL"),
+    ] {
+        let source = hubspot_source(&format!("publicUrl: \"{raw}\""));
+        let err = WebhookConfig::from_spec("deals-to-odoo", &source, &credentials)
+            .err()
+            .unwrap_or_else(|| panic!("{raw} accepted"));
+        let message = err.to_string();
+        assert!(
+            message.contains("deals-to-odoo")
+                && message.contains("spec.source.publicUrl")
+                && message.contains(why),
+            "{raw}: {message}"
+        );
+    }
 }

@@ -245,6 +245,33 @@ fn crd_cel_rules_are_enforced_offline() {
     assert_error(&report, "spec", "embedded ledger supports one replica");
 }
 
+/// The three hubspot-odoo manifests with one textual replacement applied to the flow.
+fn won_deals_flow_with(from: &str, to: &str) -> Report {
+    let read = |n: &str| {
+        std::fs::read_to_string(repo(&format!("examples/hubspot-odoo/{n}.yaml"))).unwrap()
+    };
+    let flow = read("flow");
+    assert!(flow.contains(from), "{from:?} not in flow.yaml");
+    let flow = flow.replacen(from, to, 1);
+    validate_text(&[
+        ("contract", &read("contract")),
+        ("flow", &flow),
+        ("roster", &read("roster")),
+    ])
+}
+
+#[test]
+fn public_url_must_be_an_https_url_signed_by_hubspot() {
+    let report = won_deals_flow_with("publicUrl: https://", "publicUrl: http://");
+    assert_error(&report, "spec.source.publicUrl", "does not match the pattern");
+    let report = won_deals_flow_with("publicUrl: https://", "publicUrl: https://user:pw@");
+    assert_error(&report, "spec.source.publicUrl", "does not match the pattern");
+
+    // Meshline's own scheme signs the body and a timestamp, not the URL: a publicUrl there is a mistake.
+    let report = won_deals_flow_with("signature: hubspot-v3", "signature: hmac-sha256");
+    assert_error(&report, "spec.source", "publicUrl is what the hubspot-v3 signature covers");
+}
+
 #[test]
 fn a_modification_stamp_without_ordering_is_a_warning_and_a_bad_ordering_field_an_error() {
     let warnings = |report: &Report| -> Vec<(String, String)> {

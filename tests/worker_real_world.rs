@@ -475,7 +475,7 @@ async fn a_nearly_full_volume_refuses_intake_but_still_records_deliveries() {
         key_pointer: "/id".into(),
         body_limit: 1 << 20,
         tolerance: Duration::from_secs(300),
-        public_base_url: None,
+        public_url: None,
     };
     let worker = Worker::start(&rendered, &settings, erp.clone(), lookups, move |intake| {
         webhook::router(webhook_config, intake as Arc<dyn Intake>)

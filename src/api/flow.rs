@@ -122,7 +122,8 @@ pub enum WebhookSignature {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.mode != 'poll' || self.system == 'salesforce'", "message": "poll mode is available for salesforce; use webhooks for the other systems"},
     {"rule": "self.mode != 'webhook' || has(self.signature)", "message": "a webhook source needs a signature scheme"},
-    {"rule": "!has(self.baseUrl) || !self.baseUrl.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@')", "message": "credentials must not be embedded in a URL; use credentialsSecretRef"}
+    {"rule": "!has(self.baseUrl) || !self.baseUrl.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@')", "message": "credentials must not be embedded in a URL; use credentialsSecretRef"},
+    {"rule": "!has(self.publicUrl) || (has(self.signature) && self.signature == 'hubspot-v3')", "message": "publicUrl is what the hubspot-v3 signature covers; other signature schemes do not sign the URL"}
 ]))]
 pub struct SourceSpec {
     pub system: SourceSystem,
@@ -155,6 +156,13 @@ pub struct SourceSpec {
     /// Signature scheme of incoming webhooks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<WebhookSignature>,
+    /// The webhook URL exactly as configured in HubSpot (`https://hooks.example.com/revenue/webhook`, with its
+    /// query string if it has one). HubSpot's v3 signature covers the URL it called; without this the worker
+    /// assumes `https://` + the Host header + the path it received, which an Ingress that rewrites the host
+    /// or the path breaks (every request then gets 401).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https://[^/?#@\s]+(/[^#\s]*)?$"))]
+    pub public_url: Option<String>,
     /// Secret with the source's credentials (OAuth client, webhook signing secret).
     pub credentials_secret_ref: SecretRef,
 }

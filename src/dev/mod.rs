@@ -265,6 +265,8 @@ async fn start_in(
     // rest of the flow (contract, lookups, sink, delivery policy) is the flow as written.
     spec.source.mode = SourceMode::Webhook;
     spec.source.signature = Some(WebhookSignature::HmacSha256);
+    // The stand-in posts to the worker directly; Meshline's scheme does not sign the URL.
+    spec.source.public_url = None;
     spec.source.poll_interval = None;
     spec.source.base_url = None;
     spec.sink.base_url = Some(format!("http://{erp_addr}"));

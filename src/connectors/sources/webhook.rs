@@ -18,7 +18,8 @@
 //!   base64(HMAC-SHA256(client secret, method + URI + raw body + X-HubSpot-Request-Timestamp)); requests whose
 //!   timestamp (milliseconds) is older than 5 minutes are rejected; in the URI the characters
 //!   `%3A %2F %3F %40 %21 %24 %27 %28 %29 %2A %2C %3B` are decoded (and nothing else). The URI is the one HubSpot
-//!   called, `https://<host><path>?<query>`; behind an ingress set [`WebhookConfig::public_base_url`].
+//!   called: `https://` + `Host` + the path and query received, unless the flow sets `spec.source.publicUrl`
+//!   (the URL configured in HubSpot), which is then signed as is — an Ingress may rewrite host and path.
 //!   Secret keys: `clientSecret` (the app's client secret) and `accessToken` (a private-app token with
 //!   `crm.objects.deals.read` and `crm.objects.line_items.read`).
 //!
@@ -97,8 +98,9 @@ pub struct WebhookConfig {
     pub body_limit: usize,
     /// How far the signed timestamp may be from our clock (generic scheme; HubSpot's is fixed at 5 minutes).
     pub tolerance: Duration,
-    /// The externally visible `scheme://host` HubSpot calls, when TLS ends before the worker.
-    pub public_base_url: Option<String>,
+    /// The URL HubSpot calls, as configured there (`spec.source.publicUrl`); it replaces `https://` + `Host` +
+    /// the received path and query in the v3 signature.
+    pub public_url: Option<String>,
 }
 
 impl WebhookConfig {
@@ -136,6 +138,11 @@ impl WebhookConfig {
                 });
             }
         };
+        let public_url = spec
+            .public_url
+            .as_deref()
+            .map(|u| public_url(flow, system, u))
+            .transpose()?;
         Ok(WebhookConfig {
             flow: flow.to_string(),
             path: "/webhook".into(),
@@ -144,9 +151,33 @@ impl WebhookConfig {
             key_pointer: "/id".into(),
             body_limit: 1024 * 1024,
             tolerance: Duration::from_secs(300),
-            public_base_url: None,
+            public_url,
         })
     }
+}
+
+/// `spec.source.publicUrl`, checked: an absolute `https` URL with a host and no credentials or fragment (the
+/// CRD's pattern says the same; this catches a flow file run without the API server).
+fn public_url(flow: &str, system: &'static str, raw: &str) -> Result<String, SourceError> {
+    let invalid = |reason: String| SourceError::Config {
+        system,
+        reason: format!("flow {flow}: spec.source.publicUrl {raw:?}: {reason}"),
+    };
+    let url = url::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
+    if url.scheme() != "https" {
+        return Err(invalid("must be an https URL (HubSpot calls webhooks over TLS)".into()));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("has no host".into()));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid("must not carry credentials".into()));
+    }
+    if url.fragment().is_some() {
+        return Err(invalid("must not have a fragment (HubSpot never sends one)".into()));
+    }
+    // As written, not as the url crate re-serialises it: HubSpot signs the string it was given.
+    Ok(raw.to_string())
 }
 
 fn system_name(system: SourceSystem) -> &'static str {
@@ -208,7 +239,7 @@ impl Shared {
                 config.key_pointer = current.key_pointer.clone();
                 config.body_limit = current.body_limit;
                 config.tolerance = current.tolerance;
-                config.public_base_url = current.public_base_url.clone();
+                config.public_url = current.public_url.clone();
                 let config = Arc::new(config);
                 *self.config.write().unwrap_or_else(|p| p.into_inner()) = config.clone();
                 tracing::info!(flow = %current.flow, "the source's Secret changed; new webhook secret in use");
@@ -395,7 +426,7 @@ fn verify(
             verify_meshline(secret, headers, body, config.tolerance, now_secs())
         }
         Verifier::HubspotV3 { client_secret, .. } => {
-            let uri = hubspot_request_uri(config.public_base_url.as_deref(), headers, uri);
+            let uri = hubspot_request_uri(config.public_url.as_deref(), headers, uri);
             verify_hubspot_v3(
                 client_secret,
                 method.as_str(),
@@ -812,14 +843,17 @@ pub fn hubspot_decode_uri(uri: &str) -> String {
     out
 }
 
-/// The URI HubSpot signed: the public base (or `https://` + `Host`) + path and query, decoded per the guide.
-fn hubspot_request_uri(public_base_url: Option<&str>, headers: &HeaderMap, uri: &Uri) -> String {
-    let base = match public_base_url {
-        Some(b) => b.trim_end_matches('/').to_string(),
-        None => format!("https://{}", header(headers, "host").unwrap_or_default()),
+/// The URI HubSpot signed, decoded per the guide: the configured public URL, or else `https://` + `Host` + the
+/// path and query as received (right only when nothing between HubSpot and the worker rewrites them).
+pub fn hubspot_request_uri(public_url: Option<&str>, headers: &HeaderMap, uri: &Uri) -> String {
+    let called = match public_url {
+        Some(url) => url.to_string(),
+        None => {
+            let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            format!("https://{}{path}", header(headers, "host").unwrap_or_default())
+        }
     };
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    hubspot_decode_uri(&format!("{base}{path}"))
+    hubspot_decode_uri(&called)
 }
 
 /// Checks HubSpot's v3 signature; `Err` carries the reason given to the sender.
