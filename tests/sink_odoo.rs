@@ -1,13 +1,16 @@
 //! The Odoo sink against a local JSON-RPC server that behaves like Odoo's `/jsonrpc`: `common.authenticate`
 //! answers a uid or `false`, `object.execute_kw` checks db, uid and API key and raises `AccessDenied`, and
 //! `sale.order` supports `search` by `client_order_ref`, `create` (raising `ValidationError` without a
-//! customer) and `write`; `product.product` supports paged `search_read`.
+//! customer) and `write`, with `order_line` kept as a real one2many (the x2many commands 0–6 applied to
+//! `sale.order.line` records, so `[0, 0, …]` on a write appends); `product.product` supports paged
+//! `search_read`.
 
 #[path = "support/sink_mock.rs"]
 mod sink_mock;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -28,6 +31,9 @@ const UID: i64 = 7;
 struct Odoo {
     api_key: Mutex<String>,
     orders: Mutex<Vec<(i64, Value)>>,
+    /// `sale.order.line` records by id; an order's `order_line` holds the ids of its lines.
+    lines: Mutex<BTreeMap<i64, Value>>,
+    next_line: AtomicI64,
     calls: Mutex<Vec<String>>,
     unavailable: AtomicBool,
     authentications: AtomicU32,
@@ -38,6 +44,71 @@ fn fault(id: &Value, name: &str, message: &str) -> Response {
     Json(json!({"jsonrpc": "2.0", "id": id, "error": {"code": 200, "message": "Odoo Server Error",
         "data": {"name": name, "debug": "Traceback ...", "message": message, "arguments": [message], "context": {}}}}))
     .into_response()
+}
+
+/// Applies x2many commands to a one2many's current ids the way Odoo's ORM does; lines removed from the
+/// relation are deleted (a sale order line cannot exist without its order).
+fn apply_commands(
+    odoo: &Odoo,
+    lines: &mut BTreeMap<i64, Value>,
+    mut ids: Vec<i64>,
+    commands: &Value,
+) -> Result<Vec<i64>, String> {
+    let commands = commands
+        .as_array()
+        .ok_or("a one2many value must be a list of commands")?;
+    for command in commands {
+        let c = command.as_array().ok_or("a command must be a list")?;
+        let code = c.first().and_then(Value::as_u64).ok_or("no command code")?;
+        let target = c.get(1).and_then(Value::as_i64).unwrap_or(0);
+        match code {
+            0 => {
+                let id = odoo.next_line.fetch_add(1, Ordering::SeqCst);
+                lines.insert(id, c.get(2).cloned().unwrap_or(Value::Null));
+                ids.push(id);
+            }
+            1 => {
+                if !ids.contains(&target) {
+                    return Err(format!("line {target} is not on this order"));
+                }
+                let line = lines.get_mut(&target).ok_or("missing line")?;
+                for (k, v) in c[2].as_object().cloned().unwrap_or_default() {
+                    line[k] = v;
+                }
+            }
+            2 | 3 => {
+                ids.retain(|i| *i != target);
+                lines.remove(&target);
+            }
+            4 => {
+                if !lines.contains_key(&target) {
+                    return Err(format!("line {target} does not exist"));
+                }
+                if !ids.contains(&target) {
+                    ids.push(target);
+                }
+            }
+            5 => {
+                for id in ids.drain(..) {
+                    lines.remove(&id);
+                }
+            }
+            6 => {
+                let keep: Vec<i64> = c[2]
+                    .as_array()
+                    .ok_or("(6, 0, ids) needs ids")?
+                    .iter()
+                    .filter_map(Value::as_i64)
+                    .collect();
+                for id in ids.iter().filter(|i| !keep.contains(i)) {
+                    lines.remove(id);
+                }
+                ids = keep;
+            }
+            other => return Err(format!("unknown x2many command {other}")),
+        }
+    }
+    Ok(ids)
 }
 
 fn result(id: &Value, value: Value) -> Response {
@@ -108,13 +179,20 @@ async fn jsonrpc(
                     result(&id, json!(ids))
                 }
                 ("sale.order", "create") => {
-                    let vals = margs[0].clone();
+                    let mut vals = margs[0].clone();
                     if vals.get("partner_id").is_none() {
                         return fault(
                             &id,
                             "odoo.exceptions.ValidationError",
                             "Customer is required (partner_id)",
                         );
+                    }
+                    if let Some(commands) = vals.get("order_line").cloned() {
+                        let mut lines = odoo.lines.lock().await;
+                        match apply_commands(&odoo, &mut lines, Vec::new(), &commands) {
+                            Ok(ids) => vals["order_line"] = json!(ids),
+                            Err(e) => return fault(&id, "builtins.ValueError", &e),
+                        }
                     }
                     let new = 100 + orders.len() as i64;
                     orders.push((new, vals));
@@ -125,7 +203,19 @@ async fn jsonrpc(
                     match orders.iter_mut().find(|(id, _)| Some(*id) == target) {
                         Some((_, o)) => {
                             for (k, v) in margs[1].as_object().cloned().unwrap_or_default() {
-                                o[k] = v;
+                                if k == "order_line" {
+                                    let current: Vec<i64> = o["order_line"]
+                                        .as_array()
+                                        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                                        .unwrap_or_default();
+                                    let mut lines = odoo.lines.lock().await;
+                                    match apply_commands(&odoo, &mut lines, current, &v) {
+                                        Ok(ids) => o["order_line"] = json!(ids),
+                                        Err(e) => return fault(&id, "builtins.ValueError", &e),
+                                    }
+                                } else {
+                                    o[k] = v;
+                                }
                             }
                             result(&id, json!(true))
                         }
@@ -153,6 +243,8 @@ async fn start() -> (Arc<Odoo>, String) {
     let odoo = Arc::new(Odoo {
         api_key: Mutex::new("key-1".into()),
         orders: Mutex::default(),
+        lines: Mutex::default(),
+        next_line: AtomicI64::new(500),
         calls: Mutex::default(),
         unavailable: AtomicBool::new(false),
         authentications: AtomicU32::new(0),
@@ -300,4 +392,90 @@ async fn odoo_sink_is_direct_about_its_secret_keys() {
         .expect("refused");
     assert_eq!(err.label(), "sink_credentials");
     assert!(err.to_string().contains("\"apiKey\""), "{err}");
+}
+
+impl Odoo {
+    /// The values of the order's lines, in line order, as Odoo's `order_line.read()` would give them.
+    async fn order_lines(&self, reference: &str) -> Vec<Value> {
+        let orders = self.orders.lock().await;
+        let lines = self.lines.lock().await;
+        let (_, order) = orders
+            .iter()
+            .find(|(_, o)| o["client_order_ref"] == reference)
+            .expect("order exists");
+        order["order_line"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| lines[&id.as_i64().unwrap()].clone())
+            .collect()
+    }
+}
+
+/// What the hubspot-odoo example's mapping emits for a deal: one `[0, 0, values]` create command per line.
+fn sale_order(lines: &[(i64, &str)]) -> Value {
+    let commands: Vec<Value> = lines
+        .iter()
+        .map(|(product, qty)| json!([0, 0, {"product_id": product, "product_uom_qty": qty, "price_unit": "500"}]))
+        .collect();
+    json!({"partner_id": 12, "note": "Big deal", "order_line": commands})
+}
+
+#[tokio::test]
+async fn updating_an_order_twice_leaves_the_same_lines() {
+    let (odoo, base) = start().await;
+    let sink = sink(&base, "key-1");
+    let payload = sale_order(&[(1, "2"), (2, "1")]);
+    let expected = vec![
+        json!({"product_id": 1, "product_uom_qty": "2", "price_unit": "500"}),
+        json!({"product_id": 2, "product_uom_qty": "1", "price_unit": "500"}),
+    ];
+    let created = sink
+        .deliver(delivery("HS-1001", &payload))
+        .await
+        .expect("created");
+    assert_eq!(created.created, Some(true));
+    for update in 1..=2 {
+        let written = sink
+            .deliver(delivery("HS-1001", &payload))
+            .await
+            .expect("written");
+        assert_eq!(written.created, Some(false));
+        assert_eq!(
+            odoo.order_lines("HS-1001").await,
+            expected,
+            "after update {update} the order still has exactly the deal's lines"
+        );
+    }
+    assert_eq!(
+        odoo.lines.lock().await.len(),
+        2,
+        "replaced lines are gone, not orphaned"
+    );
+
+    // A changed deal (a quantity changed, a line removed) is what the order then holds.
+    let changed = sale_order(&[(1, "5")]);
+    sink.deliver(delivery("HS-1001", &changed))
+        .await
+        .expect("written");
+    assert_eq!(
+        odoo.order_lines("HS-1001").await,
+        [json!({"product_id": 1, "product_uom_qty": "5", "price_unit": "500"})]
+    );
+}
+
+#[tokio::test]
+async fn a_mapping_that_sets_its_own_lines_is_left_alone() {
+    let (odoo, base) = start().await;
+    let sink = sink(&base, "key-1");
+    sink.deliver(delivery("HS-7", &sale_order(&[(1, "1")])))
+        .await
+        .expect("created");
+    // The mapping clears and recreates itself: no second clear is added, the result is the same.
+    let own = json!({"partner_id": 12, "order_line": [[5, 0, 0], [0, 0, {"product_id": 3, "product_uom_qty": "4"}]]});
+    sink.deliver(delivery("HS-7", &own)).await.expect("written");
+    assert_eq!(
+        odoo.order_lines("HS-7").await,
+        [json!({"product_id": 3, "product_uom_qty": "4"})]
+    );
 }

@@ -11,6 +11,14 @@
 //! `purchase.order`, `ref` otherwise) for the external id; none → `create` with the reference set, one →
 //! `write`, several → a permanent error (someone else created duplicates; writing one of them would hide it).
 //!
+//! One2many and many2many fields (`order_line`) are written with Odoo's x2many commands: `[0, 0, values]`
+//! creates a line, `[5, 0, 0]` clears them all, `[6, 0, ids]` sets the linked ids. The sink owns the rule that
+//! an upsert *states* the record, lines included: on `write`, every command list that does not start with a
+//! clear (5) or a set (6) gets `[5, 0, 0]` in front, so a mapping that emits only `[0, 0, …]` per line
+//! replaces the lines instead of appending them again on every update. A list that already starts with 5 or 6
+//! is the mapping's own choice and is left alone; so is an empty list (Odoo reads it as "no change": emit
+//! `[[5, 0, 0]]` to remove every line). `create` needs no clear, there is nothing to replace yet.
+//!
 //! Secret keys: `login` and `apiKey` (an API key is used where the password would be). The spec gives
 //! `database` and `model` (default `sale.order`).
 
@@ -51,6 +59,39 @@ pub fn reference_field(model: &str) -> &'static str {
         "purchase.order" => "partner_ref",
         _ => "ref",
     }
+}
+
+/// Whether `value` is a list of x2many commands: arrays of two or three elements whose first is a command
+/// number 0–6 (`[0, 0, {…}]`, `[4, 12]`, `[6, 0, [1, 2]]`).
+fn is_command_list(value: &Value) -> bool {
+    value.as_array().is_some_and(|items| {
+        !items.is_empty()
+            && items.iter().all(|item| {
+                item.as_array().is_some_and(|c| {
+                    (2..=3).contains(&c.len()) && c[0].as_u64().is_some_and(|n| n <= 6)
+                })
+            })
+    })
+}
+
+/// The values of a `write` with every x2many command list made to replace, not extend: `[5, 0, 0]` is put in
+/// front of each list that does not already start with a clear (5) or a set (6). Returns the fields changed.
+pub fn replace_x2many_on_write(values: &mut serde_json::Map<String, Value>) -> Vec<String> {
+    let mut changed = Vec::new();
+    for (field, value) in values.iter_mut() {
+        if !is_command_list(value) {
+            continue;
+        }
+        let Some(commands) = value.as_array_mut() else {
+            continue;
+        };
+        let first = commands[0][0].as_u64();
+        if !matches!(first, Some(5 | 6)) {
+            commands.insert(0, json!([5, 0, 0]));
+            changed.push(field.clone());
+        }
+    }
+    changed
 }
 
 /// The class of an Odoo exception by its `data.name`, or `None` to fall back to the HTTP status.
@@ -271,6 +312,9 @@ impl Sink for OdooSink {
                 })
             }
             [id] => {
+                if let Some(object) = values.as_object_mut() {
+                    replace_x2many_on_write(object);
+                }
                 self.execute_kw(
                     &self.model,
                     "write",
@@ -348,6 +392,29 @@ impl Sink for OdooSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_command_lists_not_already_replacing_get_a_clear() {
+        let mut values = json!({
+            "order_line": [[0, 0, {"product_id": 1}], [0, 0, {"product_id": 2}]],
+            "tag_ids": [[6, 0, [3, 4]]],
+            "cleared": [[5, 0, 0], [0, 0, {"x": 1}]],
+            "empty": [],
+            "scores": [1, 2, 3],
+            "pairs": [[7, 0, 0]],
+            "note": "text",
+        });
+        let changed = replace_x2many_on_write(values.as_object_mut().unwrap());
+        assert_eq!(changed, ["order_line"]);
+        assert_eq!(
+            values["order_line"],
+            json!([[5, 0, 0], [0, 0, {"product_id": 1}], [0, 0, {"product_id": 2}]])
+        );
+        assert_eq!(values["tag_ids"], json!([[6, 0, [3, 4]]]));
+        assert_eq!(values["cleared"], json!([[5, 0, 0], [0, 0, {"x": 1}]]));
+        assert_eq!(values["empty"], json!([]));
+        assert_eq!(values["pairs"], json!([[7, 0, 0]]));
+    }
 
     #[test]
     fn exceptions_are_classified_by_name() {
