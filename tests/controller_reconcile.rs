@@ -816,6 +816,45 @@ fn events(requests: &[Recorded]) -> Vec<&str> {
 }
 
 #[tokio::test]
+async fn a_slowed_poll_degrades_the_flow_but_keeps_it_ready() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    let message = "Salesforce API usage is 13800/15000 (92 %) of the org's 24-hour allowance; polling every 120s \
+                   instead of 30s until it falls below 80 %";
+    worker.answers(
+        200,
+        running_status(serde_json::json!([
+            {"kind": "SourceApiLimit", "message": message, "since": "2026-01-02T03:00:00Z"}
+        ])),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests)
+        .expect("the slowed poll is written")
+        .body["status"];
+    let degraded = condition(s, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "SourceApiLimit");
+    assert!(
+        degraded["message"].as_str().unwrap().contains(message),
+        "{degraded}"
+    );
+    assert_eq!(
+        condition(s, "Ready")["status"],
+        "True",
+        "records still flow, only later"
+    );
+
+    // Usage falls back below the threshold: the flow recovers.
+    worker.answers(200, running_status(serde_json::json!([])));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests)
+        .expect("the recovery is written")
+        .body["status"];
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+}
+
+#[tokio::test]
 async fn disk_pressure_is_a_condition_that_degrades_the_flow_until_it_passes() {
     let mut h = harness();
     let mut f = running_flow(&mut h).await;

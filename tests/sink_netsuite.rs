@@ -50,15 +50,11 @@ fn registered_certificate(
         ),
         EC256_CERTIFICATE_ID => (
             Algorithm::ES256,
-            DecodingKey::from_ec_pem(include_bytes!(
-                "data/sinks/netsuite_m2m_es256_test_pub.pem"
-            )),
+            DecodingKey::from_ec_pem(include_bytes!("data/sinks/netsuite_m2m_es256_test_pub.pem")),
         ),
         EC384_CERTIFICATE_ID => (
             Algorithm::ES384,
-            DecodingKey::from_ec_pem(include_bytes!(
-                "data/sinks/netsuite_m2m_es384_test_pub.pem"
-            )),
+            DecodingKey::from_ec_pem(include_bytes!("data/sinks/netsuite_m2m_es384_test_pub.pem")),
         ),
         _ => return None,
     };
@@ -698,7 +694,9 @@ async fn sec1_ec_key_is_refused_with_the_conversion_to_make() {
         message.contains("privateKey") && message.contains("openssl pkcs8 -topk8"),
         "{message}"
     );
-    let (_dir, credentials) = secret(&m2m_keys("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"));
+    let (_dir, credentials) = secret(&m2m_keys(
+        "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n",
+    ));
     let err = sinks::build(&spec, credentials, sinks::http_client())
         .err()
         .expect("refused");

@@ -1,5 +1,8 @@
 //! The Salesforce poller against a local org that checks OAuth, bearer tokens, SOQL and paging.
 
+#[path = "support/reliability.rs"]
+#[allow(dead_code)]
+mod reliability;
 #[path = "support/salesforce_mock.rs"]
 mod salesforce_mock;
 #[path = "support/source_intake.rs"]
@@ -12,7 +15,7 @@ use std::time::Duration;
 
 use jsonwebtoken::EncodingKey;
 use meshline::connectors::sources::salesforce::{
-    SalesforceAuth, SalesforceConfig, SalesforcePoller,
+    ApiUsage, PollPace, SalesforceAuth, SalesforceConfig, SalesforcePoller,
 };
 use salesforce_mock::{CLIENT_ID, CLIENT_SECRET, USERNAME, opportunity};
 use serde_json::{Value, json};
@@ -430,4 +433,170 @@ async fn rate_limited_page_is_retried_not_skipped() {
         1,
         "the next poll reads what the failed one missed"
     );
+}
+
+#[tokio::test]
+async fn jwt_bearer_polls_the_instance_the_token_answer_names() {
+    // The assertion goes to login.salesforce.com, which serves no data; the org lives on its own instance.
+    let org = salesforce_mock::start_split(org_records(), 2).await;
+    let instance = org.org.instance_url.lock().unwrap().clone().unwrap();
+    assert_ne!(instance, org.base_url);
+    let poller = SalesforcePoller::new(config(&org.base_url), jwt_bearer(&org.base_url));
+    let intake = MemoryIntake::default();
+    let report = poller
+        .poll_once(&intake)
+        .await
+        .expect("polled the instance");
+    assert_eq!(report.records, 5, "every page, nextRecordsUrl included");
+    assert_eq!(
+        intake.accepted_keys(),
+        ["006A", "006B", "006C", "006D", "006E"]
+    );
+    assert_eq!(org.org.jwt_assertions_verified.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_poll_slows_as_the_daily_api_allowance_runs_low_and_says_so() {
+    let org = salesforce_mock::start(org_records(), 2).await;
+    let pace = Arc::new(PollPace::default());
+    let mut cfg = config(&org.base_url);
+    cfg.poll_interval = Duration::from_secs(30);
+    let poller = SalesforcePoller::new(cfg, client_credentials()).reporting_to(pace.clone());
+    let intake = MemoryIntake::default();
+
+    // Plenty left: the configured interval, and the usage shows.
+    let outcome = poller.poll_once(&intake).await;
+    let calls = org.org.api_used.load(Ordering::SeqCst) as u64;
+    assert_eq!(
+        poller.api_usage(),
+        Some(ApiUsage {
+            used: calls,
+            limit: 15000
+        }),
+        "the last answer's Sforce-Limit-Info"
+    );
+    assert_eq!(poller.next_wait(&outcome), Duration::from_secs(30));
+    let status = pace.get().expect("reported");
+    assert!(!status.slowed);
+    assert_eq!((status.used, status.limit), (calls, 15000));
+
+    // The org's other integrations used most of the allowance: 13,500 of 15,000 (90 %) → four times slower.
+    org.org.api_used.store(13_499, Ordering::SeqCst);
+    let outcome = poller.poll_once(&intake).await;
+    assert!(outcome.is_ok());
+    assert_eq!(poller.next_wait(&outcome), Duration::from_secs(120));
+    let status = pace.get().unwrap();
+    assert!(status.slowed);
+    assert_eq!(
+        (
+            status.used,
+            status.poll_interval_seconds,
+            status.configured_interval_seconds
+        ),
+        (13_500, 120, 30)
+    );
+    assert!(
+        status.describe().contains("13500/15000 (90 %)")
+            && status.describe().contains("every 120s"),
+        "{}",
+        status.describe()
+    );
+
+    // A full page does not make a slowed poller query again at once.
+    let full = Ok(meshline::connectors::sources::salesforce::PollReport {
+        records: 2000,
+        pages: 1,
+        checkpoint: None,
+        more: true,
+    });
+    assert_eq!(poller.next_wait(&full), Duration::from_secs(120));
+
+    // The 24-hour window moves on and usage falls: the configured pace is back.
+    org.org.api_used.store(100, Ordering::SeqCst);
+    let outcome = poller.poll_once(&intake).await;
+    assert_eq!(poller.next_wait(&outcome), Duration::from_secs(30));
+    assert!(!pace.get().unwrap().slowed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_status_shows_the_api_usage_and_the_slowed_poll() {
+    use meshline::api::{SourceMode, SourceSystem};
+    use meshline::worker::run::{RunOptions, start_flow};
+    use meshline::worker::{PipelineOptions, WorkerSettings};
+
+    let org = salesforce_mock::start(org_records(), 2).await;
+    // The org's other integrations have used 14,000 of 15,000 calls today (93 %): four times slower.
+    org.org.api_used.store(13_999, Ordering::SeqCst);
+    let erp = reliability::Erp::start(reliability::ERP_TOKEN).await;
+    let mut files =
+        reliability::FlowFiles::new(&erp.base_url(), reliability::LedgerChoice::Embedded, 1);
+    let source = &mut files.rendered.flow.spec.source;
+    source.system = SourceSystem::Salesforce;
+    source.mode = SourceMode::Poll;
+    source.signature = None;
+    source.base_url = Some(org.base_url.clone());
+    source.poll_interval = Some("30s".parse().unwrap());
+    let secret_name = source.credentials_secret_ref.name.clone();
+    let secret = files.secrets_dir().join(secret_name);
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("clientId"), CLIENT_ID).unwrap();
+    std::fs::write(secret.join("clientSecret"), CLIENT_SECRET).unwrap();
+    let settings = WorkerSettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: files.state_dir("api-allowance"),
+        secrets_dir: Some(files.secrets_dir()),
+        token_file: Some(files.token_file()),
+        options: PipelineOptions {
+            worker_id: "api-allowance".into(),
+            ..PipelineOptions::default()
+        },
+    };
+    let worker = start_flow(
+        &files.rendered,
+        &settings,
+        &RunOptions {
+            lookups_dir: Some(files.lookups_dir()),
+        },
+    )
+    .await
+    .expect("the worker starts");
+    let url = format!("http://{}/status", worker.addr);
+
+    // The first poll runs at start; its answer's Sforce-Limit-Info reaches /status.
+    let give_up = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        let status: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        if status["sourceApi"]["slowed"] == true {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the slowed poll never showed: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let api = &status["sourceApi"];
+    assert_eq!(api["limit"], 15000);
+    assert!(api["used"].as_u64().unwrap() >= 14_000, "{api}");
+    assert_eq!(
+        (
+            &api["pollIntervalSeconds"],
+            &api["configuredIntervalSeconds"]
+        ),
+        (&json!(120), &json!(30))
+    );
+    let problem = status["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "SourceApiLimit")
+        .unwrap_or_else(|| panic!("no SourceApiLimit problem: {status}"));
+    assert!(
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains("polling every 120s instead of 30s"),
+        "{problem}"
+    );
+    worker.shutdown().await;
 }

@@ -562,7 +562,8 @@ fn hubspot_credentials() -> (tempfile::TempDir, meshline::connectors::Credential
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("clientSecret"), HUBSPOT_CLIENT_SECRET).unwrap();
     std::fs::write(dir.path().join("accessToken"), HUBSPOT_TOKEN).unwrap();
-    let credentials = meshline::connectors::Credentials::new(Some(dir.path()), "webhook_test_unused");
+    let credentials =
+        meshline::connectors::Credentials::new(Some(dir.path()), "webhook_test_unused");
     (dir, credentials)
 }
 

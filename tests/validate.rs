@@ -263,13 +263,25 @@ fn won_deals_flow_with(from: &str, to: &str) -> Report {
 #[test]
 fn public_url_must_be_an_https_url_signed_by_hubspot() {
     let report = won_deals_flow_with("publicUrl: https://", "publicUrl: http://");
-    assert_error(&report, "spec.source.publicUrl", "does not match the pattern");
+    assert_error(
+        &report,
+        "spec.source.publicUrl",
+        "does not match the pattern",
+    );
     let report = won_deals_flow_with("publicUrl: https://", "publicUrl: https://user:pw@");
-    assert_error(&report, "spec.source.publicUrl", "does not match the pattern");
+    assert_error(
+        &report,
+        "spec.source.publicUrl",
+        "does not match the pattern",
+    );
 
     // Meshline's own scheme signs the body and a timestamp, not the URL: a publicUrl there is a mistake.
     let report = won_deals_flow_with("signature: hubspot-v3", "signature: hmac-sha256");
-    assert_error(&report, "spec.source", "publicUrl is what the hubspot-v3 signature covers");
+    assert_error(
+        &report,
+        "spec.source",
+        "publicUrl is what the hubspot-v3 signature covers",
+    );
 }
 
 #[test]

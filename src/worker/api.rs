@@ -64,6 +64,9 @@ pub struct WorkerStatus {
     /// it cannot read); the controller names each in a condition.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<WorkerProblem>,
+    /// A polled source's API allowance (Salesforce's `Sforce-Limit-Info`) and whether the poll is slowed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_api: Option<crate::connectors::sources::salesforce::SourceApiStatus>,
 }
 
 /// Something that keeps the worker from doing its work. A worker that could not start its pipeline at all
@@ -239,8 +242,17 @@ pub async fn compute_status(
                     pipeline.problems.clear(super::problems::CREDENTIALS_INVALID);
                 }
             }
+            match pipeline.source_api.get().filter(|s| s.slowed) {
+                Some(slowed) => pipeline
+                    .problems
+                    .set(super::problems::SOURCE_API_LIMIT, slowed.describe()),
+                None => {
+                    pipeline.problems.clear(super::problems::SOURCE_API_LIMIT);
+                }
+            }
             pipeline.problems.list()
         },
+        source_api: pipeline.source_api.get(),
     })
 }
 

@@ -260,6 +260,7 @@ impl Worker {
             // Until the ERP has answered, assume a slow one (50 ms) so the first claims stay small.
             delivery_micros: std::sync::atomic::AtomicU64::new(50_000),
             problems,
+            source_api: Default::default(),
             disk,
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));

@@ -95,6 +95,8 @@ pub struct Pipeline {
     pub stopping: std::sync::atomic::AtomicBool,
     /// What keeps the worker from its work right now; `/status` lists them.
     pub problems: Arc<super::problems::Problems>,
+    /// The polled source's API allowance and pace (Salesforce's `Sforce-Limit-Info`), for `/status`.
+    pub source_api: Arc<crate::connectors::sources::salesforce::PollPace>,
     /// The embedded ledger's free-space guard; `None` for a PostgreSQL ledger, whose disk is not ours.
     pub disk: Option<super::disk::DiskGuard>,
     /// The flow's delivery slots, shared with the other replicas through the ledger (PostgreSQL); `None`

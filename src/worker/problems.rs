@@ -12,6 +12,8 @@ pub const DISK_PRESSURE: &str = "DiskPressure";
 pub const LEDGER_UNAVAILABLE: &str = "LedgerUnavailable";
 pub const CREDENTIALS_INVALID: &str = "CredentialsInvalid";
 pub const STARTUP_FAILED: &str = "StartupFailed";
+/// The CRM's API allowance runs low, so the poll is slowed: records arrive later, nothing is lost.
+pub const SOURCE_API_LIMIT: &str = "SourceApiLimit";
 
 /// The current problems of one worker, one per kind.
 #[derive(Debug, Default)]

@@ -177,6 +177,7 @@ pub async fn start_flow_on(
     }
 
     if let Some(poller) = poller {
+        let poller = poller.reporting_to(worker.pipeline.source_api.clone());
         let intake: Arc<dyn Intake> = worker.intake.clone();
         let shutdown = worker.shutdown_signal();
         let flow_name = flow.clone();

@@ -2,7 +2,10 @@
 //! credentials, or a JWT bearer assertion verified with the test RSA public key: RS256, iss, sub, aud and an
 //! exp at most 3 minutes away), bearer tokens it issued on the REST query resource, SOQL it parses enough to
 //! apply the filter, the `(SystemModstamp, Id)` checkpoint, ORDER BY and LIMIT, and paging through
-//! `nextRecordsUrl`. It can expire the session once (401 `INVALID_SESSION_ID`) and answer rate limits.
+//! `nextRecordsUrl`. It can expire the session once (401 `INVALID_SESSION_ID`) and answer rate limits. Every
+//! data answer carries `Sforce-Limit-Info: api-usage=<used>/<limit>`, counting the calls. [`start_split`]
+//! serves the token endpoint on one host (login.salesforce.com) and the data on another (the org's instance),
+//! named by the token response's `instance_url`, as the real JWT bearer flow does.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashSet};
@@ -38,6 +41,11 @@ pub struct Org {
     pub queries: Mutex<Vec<String>>,
     pub locators: Mutex<BTreeMap<String, Vec<Value>>>,
     pub next_locator: AtomicUsize,
+    /// The token response's `instance_url`; the login URL when unset.
+    pub instance_url: Mutex<Option<String>>,
+    /// API calls in the last 24 hours (all the org's integrations), and the org's allowance.
+    pub api_used: AtomicUsize,
+    pub api_limit: AtomicUsize,
 }
 
 pub struct MockOrg {
@@ -45,8 +53,8 @@ pub struct MockOrg {
     pub base_url: String,
 }
 
-pub async fn start(records: Vec<Value>, batch_size: usize) -> MockOrg {
-    let org = Arc::new(Org {
+fn org(records: Vec<Value>, batch_size: usize) -> Arc<Org> {
+    Arc::new(Org {
         records: Mutex::new(records),
         batch_size,
         login_url: Mutex::new(String::new()),
@@ -65,17 +73,52 @@ pub async fn start(records: Vec<Value>, batch_size: usize) -> MockOrg {
         queries: Mutex::new(Vec::new()),
         locators: Mutex::new(BTreeMap::new()),
         next_locator: AtomicUsize::new(1),
-    });
-    let app = Router::new()
-        .route("/services/oauth2/token", post(token))
+        instance_url: Mutex::new(None),
+        api_used: AtomicUsize::new(0),
+        api_limit: AtomicUsize::new(15000),
+    })
+}
+
+fn data_routes(router: Router<Arc<Org>>) -> Router<Arc<Org>> {
+    router
         .route("/services/data/v61.0/query", get(query))
         .route("/services/data/v61.0/query/{locator}", get(more))
-        .with_state(org.clone());
+}
+
+async fn serve(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base_url = format!("http://{}", listener.local_addr().unwrap());
-    *org.login_url.lock().unwrap() = base_url.clone();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    base_url
+}
+
+/// One host serves both the token endpoint and the data (a My Domain URL).
+pub async fn start(records: Vec<Value>, batch_size: usize) -> MockOrg {
+    let org = org(records, batch_size);
+    let app = data_routes(Router::new().route("/services/oauth2/token", post(token)))
+        .with_state(org.clone());
+    let base_url = serve(app).await;
+    *org.login_url.lock().unwrap() = base_url.clone();
     MockOrg { org, base_url }
+}
+
+/// The token endpoint on a login host that serves no data, the data on the instance the token answer names.
+/// `base_url` is the login host's.
+pub async fn start_split(records: Vec<Value>, batch_size: usize) -> MockOrg {
+    let org = org(records, batch_size);
+    let login = serve(
+        Router::new()
+            .route("/services/oauth2/token", post(token))
+            .with_state(org.clone()),
+    )
+    .await;
+    let instance = serve(data_routes(Router::new()).with_state(org.clone())).await;
+    *org.login_url.lock().unwrap() = login.clone();
+    *org.instance_url.lock().unwrap() = Some(instance);
+    MockOrg {
+        org,
+        base_url: login,
+    }
 }
 
 /// One Opportunity as the org stores it (all fields; the query projects what the SOQL selects).
@@ -154,11 +197,19 @@ async fn token(
     }
     let token = format!("00Dtest!{}", uuid::Uuid::new_v4().simple());
     org.tokens.lock().unwrap().insert(token.clone());
-    Json(json!({"access_token": token, "instance_url": org.login_url.lock().unwrap().clone(), "token_type": "Bearer"})).into_response()
+    let instance = org
+        .instance_url
+        .lock()
+        .unwrap()
+        .clone()
+        .unwrap_or_else(|| org.login_url.lock().unwrap().clone());
+    Json(json!({"access_token": token, "instance_url": instance, "token_type": "Bearer"}))
+        .into_response()
 }
 
 #[allow(clippy::result_large_err)]
 fn authorize(org: &Org, headers: &HeaderMap) -> Result<(), Response> {
+    org.api_used.fetch_add(1, Ordering::SeqCst);
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -284,7 +335,12 @@ fn page(org: &Org, mut rows: Vec<Value>) -> Response {
         body["nextRecordsUrl"] = json!(format!("/services/data/v61.0/query/{locator}"));
         org.locators.lock().unwrap().insert(locator, rest);
     }
-    Json(body).into_response()
+    let usage = format!(
+        "api-usage={}/{}",
+        org.api_used.load(Ordering::SeqCst),
+        org.api_limit.load(Ordering::SeqCst)
+    );
+    ([("Sforce-Limit-Info", usage)], Json(body)).into_response()
 }
 
 async fn query(

@@ -361,9 +361,11 @@ pub fn m2m_signing_key(pem: &str) -> Result<(EncodingKey, Algorithm), String> {
             .ok_or_else(|| "an EC key on a curve other than P-256 or P-384".into());
     }
     if pem.contains("BEGIN EC PRIVATE KEY") {
-        return Err("an EC key in SEC1 form (BEGIN EC PRIVATE KEY); convert it to PKCS#8 with \
+        return Err(
+            "an EC key in SEC1 form (BEGIN EC PRIVATE KEY); convert it to PKCS#8 with \
                     `openssl pkcs8 -topk8 -nocrypt -in key.pem -out pkcs8.pem`"
-            .into());
+                .into(),
+        );
     }
     Err("neither an RSA nor an EC (P-256, P-384) private key in PEM form".into())
 }
@@ -693,8 +695,10 @@ mod tests {
     #[test]
     fn only_a_record_location_yields_an_internal_id() {
         assert_eq!(
-            record_id("https://1234567.suitetalk.api.netsuite.com/services/rest/record/v1/salesOrder/4711")
-                .as_deref(),
+            record_id(
+                "https://1234567.suitetalk.api.netsuite.com/services/rest/record/v1/salesOrder/4711"
+            )
+            .as_deref(),
             Some("4711")
         );
         assert_eq!(record_id("/services/rest/async/v1/job/123456"), None);

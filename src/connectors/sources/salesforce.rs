@@ -30,6 +30,17 @@
 //!   assertion `{iss: clientId, sub: username, aud: loginUrl, exp: now + 170 s}` (Salesforce wants `exp` within
 //!   3 minutes). `privateKey` wins when both sets are present.
 //!
+//! API calls go to the token response's `instance_url`, not to `baseUrl`: the JWT bearer flow is sent to
+//! `login.salesforce.com`, and only the answer says which host serves the org (an `instance_url` that is not
+//! `https` is refused unless the token endpoint itself was plain HTTP, as a local test org is).
+//!
+//! **The org's daily API allowance.** Every API answer carries `Sforce-Limit-Info: api-usage=18/15000` (calls
+//! in the last 24 hours / the org's allowance), which every integration of the org shares. From
+//! 80 % of it on ([`SLOW_DOWN_AT`]), the poller stretches its interval, doubling for every further 5 % (85 % → 2×,
+//! 90 % → 4×, 95 % → 8×, at most [`SLOWEST_POLL`]) and stops following a full page at once, so Meshline does
+//! not spend what the org's other integrations still need; [`PollPace`] carries the reading and the interval
+//! to the worker's `/status`, which reports the slowed poll as a problem.
+//!
 //! The token is cached and fetched again once when the API answers 401 `INVALID_SESSION_ID`. 429, 5xx and 403
 //! `REQUEST_LIMIT_EXCEEDED` back off (honouring `Retry-After`) and retry the same request: a page is never
 //! skipped; after the last attempt the poll fails and the next one starts again from the checkpoint.
@@ -47,6 +58,112 @@ use crate::api::SourceSpec;
 use crate::connectors::{Credentials, Intake, SourceRecord, parse_retry_after, truncate};
 
 const SYSTEM: &str = "salesforce";
+/// The share of the org's daily API allowance from which the poller slows down, in basis points (80 %).
+pub const SLOW_DOWN_AT: u64 = 8000;
+/// The longest a slowed poller waits between polls.
+pub const SLOWEST_POLL: Duration = Duration::from_secs(3600);
+
+/// The org's API usage, from `Sforce-Limit-Info: api-usage=<used>/<limit>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiUsage {
+    pub used: u64,
+    pub limit: u64,
+}
+
+impl ApiUsage {
+    /// Reads the `api-usage` entry of a `Sforce-Limit-Info` header (which may list others, such as
+    /// `per-app-api-usage=17/250(appName=sample-app)`).
+    pub fn from_limit_info(header: &str) -> Option<ApiUsage> {
+        header.split(',').find_map(|entry| {
+            let (name, value) = entry.trim().split_once('=')?;
+            if name.trim() != "api-usage" {
+                return None;
+            }
+            let (used, limit) = value.trim().split_once('/')?;
+            let limit: u64 = limit.trim().parse().ok()?;
+            (limit > 0).then_some(ApiUsage {
+                used: used.trim().parse().ok()?,
+                limit,
+            })
+        })
+    }
+
+    /// The share used, in basis points (integers, so 13,500 of 15,000 is exactly 90 %).
+    pub fn basis_points(&self) -> u64 {
+        self.used.saturating_mul(10_000) / self.limit.max(1)
+    }
+}
+
+/// The interval between polls for the configured one and the org's usage: unchanged below [`SLOW_DOWN_AT`],
+/// then doubled for every 5 % more, never above [`SLOWEST_POLL`] (nor below the configured interval).
+pub fn paced_interval(configured: Duration, usage: Option<ApiUsage>) -> Duration {
+    let Some(usage) = usage.filter(|u| u.basis_points() >= SLOW_DOWN_AT) else {
+        return configured;
+    };
+    let doublings = ((usage.basis_points() - SLOW_DOWN_AT) / 500).min(16) as u32;
+    configured
+        .saturating_mul(1u32 << doublings)
+        .min(SLOWEST_POLL)
+        .max(configured)
+}
+
+/// What the poller last learned of the org's API allowance, shared with the worker's `/status`.
+#[derive(Debug, Default)]
+pub struct PollPace {
+    current: std::sync::Mutex<Option<SourceApiStatus>>,
+}
+
+/// The source API's allowance as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceApiStatus {
+    /// API calls the org made in the last 24 hours (all its integrations, not only Meshline).
+    pub used: u64,
+    /// The org's 24-hour allowance.
+    pub limit: u64,
+    /// The interval the poller uses now, in seconds.
+    pub poll_interval_seconds: u64,
+    /// The configured interval, in seconds.
+    pub configured_interval_seconds: u64,
+    /// Whether the poll is slowed to spare the allowance.
+    pub slowed: bool,
+}
+
+impl SourceApiStatus {
+    /// One sentence for a problem or a condition.
+    pub fn describe(&self) -> String {
+        let percent = self.used.saturating_mul(100) / self.limit.max(1);
+        if self.slowed {
+            format!(
+                "Salesforce API usage is {}/{} ({percent} %) of the org's 24-hour allowance; polling every {}s \
+                 instead of {}s until it falls below {} %",
+                self.used,
+                self.limit,
+                self.poll_interval_seconds,
+                self.configured_interval_seconds,
+                SLOW_DOWN_AT / 100
+            )
+        } else {
+            format!(
+                "Salesforce API usage is {}/{} ({percent} %) of the org's 24-hour allowance",
+                self.used, self.limit
+            )
+        }
+    }
+}
+
+impl PollPace {
+    pub fn get(&self) -> Option<SourceApiStatus> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, status: SourceApiStatus) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+}
 
 /// What a poller needs besides credentials.
 #[derive(Debug, Clone)]
@@ -282,7 +399,11 @@ pub struct SalesforcePoller {
     /// before the next token request (which follows a 401 too) without a restart.
     rotation: Option<(Credentials, std::sync::Mutex<Option<[u8; 32]>>)>,
     http: reqwest::Client,
-    token: Mutex<Option<String>>,
+    /// The access token and the `instance_url` it came with.
+    token: Mutex<Option<(String, String)>>,
+    /// The last `Sforce-Limit-Info` reading.
+    usage: std::sync::Mutex<Option<ApiUsage>>,
+    pace: Arc<PollPace>,
 }
 
 impl SalesforcePoller {
@@ -297,6 +418,51 @@ impl SalesforcePoller {
             rotation: None,
             http,
             token: Mutex::new(None),
+            usage: std::sync::Mutex::new(None),
+            pace: Arc::default(),
+        }
+    }
+
+    /// Reports the API allowance and the pace to `pace` (the worker's `/status` reads it).
+    pub fn reporting_to(mut self, pace: Arc<PollPace>) -> SalesforcePoller {
+        self.pace = pace;
+        self
+    }
+
+    /// The last `Sforce-Limit-Info` reading, if an answer carried one.
+    pub fn api_usage(&self) -> Option<ApiUsage> {
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long to wait before the next poll, after one that ended with `outcome`: at once after a full page
+    /// (more is waiting), the configured interval otherwise — unless the org's API allowance runs low, when
+    /// the paced interval applies to both.
+    pub fn next_wait(&self, outcome: &Result<PollReport, SourceError>) -> Duration {
+        let configured = self.config.poll_interval;
+        let usage = self.api_usage();
+        let paced = paced_interval(configured, usage);
+        if let Some(usage) = usage {
+            self.pace.set(SourceApiStatus {
+                used: usage.used,
+                limit: usage.limit,
+                poll_interval_seconds: paced.as_secs(),
+                configured_interval_seconds: configured.as_secs(),
+                slowed: paced > configured,
+            });
+        }
+        match outcome {
+            Ok(report) if report.more && paced == configured => Duration::ZERO,
+            _ => paced,
+        }
+    }
+
+    fn record_usage(&self, headers: &reqwest::header::HeaderMap) {
+        let reading = headers
+            .get("sforce-limit-info")
+            .and_then(|v| v.to_str().ok())
+            .and_then(ApiUsage::from_limit_info);
+        if let Some(reading) = reading {
+            *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = Some(reading);
         }
     }
 
@@ -375,15 +541,17 @@ impl SalesforcePoller {
                 }
                 continue;
             }
-            let wait = match self.poll_once(intake.as_ref()).await {
-                Ok(report) if report.more => Duration::ZERO,
-                Ok(_) => self.config.poll_interval,
-                Err(e) if matches!(e, SourceError::Config { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(source = %self.config.source_name, error = %e, label = e.label(), "poll failed; retrying from the checkpoint");
-                    self.config.poll_interval
-                }
-            };
+            let outcome = self.poll_once(intake.as_ref()).await;
+            if matches!(outcome, Err(SourceError::Config { .. })) {
+                return outcome.map(|_| ());
+            }
+            if let Err(e) = &outcome {
+                tracing::warn!(source = %self.config.source_name, error = %e, label = e.label(), "poll failed; retrying from the checkpoint");
+            }
+            let wait = self.next_wait(&outcome);
+            if wait > self.config.poll_interval {
+                tracing::info!(source = %self.config.source_name, wait_seconds = wait.as_secs(), "the org's API allowance runs low; polling less often");
+            }
             tokio::select! {
                 changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return Ok(()) },
                 _ = tokio::time::sleep(wait) => {}
@@ -400,7 +568,8 @@ impl SalesforcePoller {
         let soql = build_soql(&self.config, start.as_ref());
         let query_url = format!(
             "{}/services/data/{}/query",
-            self.config.base_url, self.config.api_version
+            self.instance_url().await?,
+            self.config.api_version
         );
         let mut page = self.get_json(&query_url, Some(&soql)).await?;
         let mut report = PollReport::default();
@@ -433,7 +602,9 @@ impl SalesforcePoller {
                 .and_then(Value::as_str)
                 .map(str::to_string);
             match next {
-                Some(next) if !done => page = self.get_json(&self.absolute(&next), None).await?,
+                Some(next) if !done => {
+                    page = self.get_json(&self.absolute(&next).await?, None).await?
+                }
                 _ => break,
             }
         }
@@ -441,12 +612,18 @@ impl SalesforcePoller {
         Ok(report)
     }
 
-    fn absolute(&self, path: &str) -> String {
+    /// A `nextRecordsUrl` (a path on the instance) as a URL.
+    async fn absolute(&self, path: &str) -> Result<String, SourceError> {
         if path.starts_with("http://") || path.starts_with("https://") {
-            path.to_string()
+            Ok(path.to_string())
         } else {
-            format!("{}{}", self.config.base_url, path)
+            Ok(format!("{}{}", self.instance_url().await?, path))
         }
+    }
+
+    /// The host that serves the org's API: the token response's `instance_url`.
+    async fn instance_url(&self) -> Result<String, SourceError> {
+        Ok(self.session().await?.1)
     }
 
     /// Flattens, renames and keys one record; returns it with its checkpoint.
@@ -512,30 +689,33 @@ impl SalesforcePoller {
             );
             let done = current.get("done").and_then(Value::as_bool).unwrap_or(true);
             match current.get("nextRecordsUrl").and_then(Value::as_str) {
-                Some(next) if !done => current = self.get_json(&self.absolute(next), None).await?,
+                Some(next) if !done => {
+                    current = self.get_json(&self.absolute(next).await?, None).await?
+                }
                 _ => return Ok(out),
             }
         }
     }
 
-    async fn token(&self) -> Result<String, SourceError> {
+    /// The access token and its `instance_url`, cached.
+    async fn session(&self) -> Result<(String, String), SourceError> {
         let mut cached = self.token.lock().await;
-        if let Some(t) = cached.as_ref() {
-            return Ok(t.clone());
+        if let Some(session) = cached.as_ref() {
+            return Ok(session.clone());
         }
-        let token = self.fetch_token().await?;
-        *cached = Some(token.clone());
-        Ok(token)
+        let session = self.fetch_token().await?;
+        *cached = Some(session.clone());
+        Ok(session)
     }
 
     async fn forget_token(&self, stale: &str) {
         let mut cached = self.token.lock().await;
-        if cached.as_deref() == Some(stale) {
+        if cached.as_ref().is_some_and(|(token, _)| token == stale) {
             *cached = None;
         }
     }
 
-    async fn fetch_token(&self) -> Result<String, SourceError> {
+    async fn fetch_token(&self) -> Result<(String, String), SourceError> {
         self.reload_auth();
         let auth = self.auth.read().unwrap_or_else(|p| p.into_inner()).clone();
         let (url, form): (String, Vec<(&str, String)>) = match &auth {
@@ -617,15 +797,27 @@ impl SalesforcePoller {
             what: what.clone(),
             reason: e.to_string(),
         })?;
-        parsed
+        let token = parsed
             .get("access_token")
             .and_then(Value::as_str)
             .map(str::to_string)
             .ok_or_else(|| SourceError::Protocol {
                 system: SYSTEM,
-                what,
+                what: what.clone(),
                 reason: "no access_token in the answer".into(),
-            })
+            })?;
+        let instance = match parsed.get("instance_url").and_then(Value::as_str) {
+            Some(instance) => {
+                instance_url(instance, &url).map_err(|reason| SourceError::Protocol {
+                    system: SYSTEM,
+                    what,
+                    reason,
+                })?
+            }
+            // Salesforce always sends it; without it, the configured URL is the best guess.
+            None => self.config.base_url.clone(),
+        };
+        Ok((token, instance))
     }
 
     /// GET with the bearer token: refreshes the token once on `INVALID_SESSION_ID`, backs off and retries the
@@ -640,13 +832,14 @@ impl SalesforcePoller {
         };
         loop {
             attempt += 1;
-            let token = self.token().await?;
+            let (token, _) = self.session().await?;
             let mut request = self.http.get(url).bearer_auth(&token);
             if let Some(q) = soql {
                 request = request.query(&[("q", q)]);
             }
             let (status, retry_after, body) = match request.send().await {
                 Ok(response) => {
+                    self.record_usage(response.headers());
                     let status = response.status().as_u16();
                     let retry_after = response
                         .headers()
@@ -732,6 +925,21 @@ impl SalesforcePoller {
     }
 }
 
+/// The token response's `instance_url`, checked: the bearer token goes there, so it must be `https` (plain
+/// HTTP only when the token endpoint itself was, which only a local test org is) with a host.
+fn instance_url(instance: &str, token_url: &str) -> Result<String, String> {
+    let parsed =
+        url::Url::parse(instance).map_err(|e| format!("instance_url {instance:?}: {e}"))?;
+    let plain_allowed = token_url.starts_with("http://");
+    let scheme_ok = parsed.scheme() == "https" || (plain_allowed && parsed.scheme() == "http");
+    if !scheme_ok || parsed.host_str().is_none() {
+        return Err(format!(
+            "instance_url {instance:?} is not an https URL; the access token is not sent there"
+        ));
+    }
+    Ok(instance.trim_end_matches('/').to_string())
+}
+
 /// Drops `attributes` everywhere and turns any remaining subquery result into its records.
 fn flatten(value: Value) -> Value {
     match value {
@@ -789,6 +997,63 @@ mod tests {
             "SELECT Id, SystemModstamp, Account.Name, (SELECT Quantity, ProductCode FROM OpportunityLineItems) \
              FROM Opportunity WHERE (StageName = 'Closed Won') AND (SystemModstamp > 2024-05-01T10:00:00.000Z OR \
              (SystemModstamp = 2024-05-01T10:00:00.000Z AND Id > '006A')) ORDER BY SystemModstamp, Id LIMIT 2000"
+        );
+    }
+
+    #[test]
+    fn limit_info_is_read_among_other_entries() {
+        assert_eq!(
+            ApiUsage::from_limit_info("api-usage=18/15000"),
+            Some(ApiUsage {
+                used: 18,
+                limit: 15000
+            })
+        );
+        assert_eq!(
+            ApiUsage::from_limit_info(
+                "per-app-api-usage=17/250(appName=sample-app), api-usage=13500/15000"
+            ),
+            Some(ApiUsage {
+                used: 13500,
+                limit: 15000
+            })
+        );
+        assert_eq!(ApiUsage::from_limit_info("api-usage=5/0"), None);
+        assert_eq!(ApiUsage::from_limit_info("per-app-api-usage=17/250"), None);
+    }
+
+    #[test]
+    fn the_poll_slows_as_the_allowance_runs_low() {
+        let base = Duration::from_secs(30);
+        let at = |used| paced_interval(base, Some(ApiUsage { used, limit: 1000 }));
+        assert_eq!(paced_interval(base, None), base);
+        assert_eq!(at(799), base);
+        assert_eq!(at(800), base);
+        assert_eq!(at(850), base * 2);
+        assert_eq!(at(900), base * 4);
+        assert_eq!(at(990), base * 8);
+        assert_eq!(
+            at(5000),
+            SLOWEST_POLL,
+            "an exceeded allowance waits the longest"
+        );
+    }
+
+    #[test]
+    fn instance_url_must_be_https_unless_the_token_endpoint_was_plain() {
+        let login = "https://login.salesforce.com/services/oauth2/token";
+        assert_eq!(
+            instance_url("https://acme.my.salesforce.com/", login).unwrap(),
+            "https://acme.my.salesforce.com"
+        );
+        assert!(instance_url("http://acme.my.salesforce.com", login).is_err());
+        assert!(instance_url("not a url", login).is_err());
+        assert!(
+            instance_url(
+                "http://127.0.0.1:9",
+                "http://127.0.0.1:8/services/oauth2/token"
+            )
+            .is_ok()
         );
     }
 

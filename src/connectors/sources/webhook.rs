@@ -165,7 +165,9 @@ fn public_url(flow: &str, system: &'static str, raw: &str) -> Result<String, Sou
     };
     let url = url::Url::parse(raw).map_err(|e| invalid(e.to_string()))?;
     if url.scheme() != "https" {
-        return Err(invalid("must be an https URL (HubSpot calls webhooks over TLS)".into()));
+        return Err(invalid(
+            "must be an https URL (HubSpot calls webhooks over TLS)".into(),
+        ));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("has no host".into()));
@@ -174,7 +176,9 @@ fn public_url(flow: &str, system: &'static str, raw: &str) -> Result<String, Sou
         return Err(invalid("must not carry credentials".into()));
     }
     if url.fragment().is_some() {
-        return Err(invalid("must not have a fragment (HubSpot never sends one)".into()));
+        return Err(invalid(
+            "must not have a fragment (HubSpot never sends one)".into(),
+        ));
     }
     // As written, not as the url crate re-serialises it: HubSpot signs the string it was given.
     Ok(raw.to_string())
@@ -850,7 +854,10 @@ pub fn hubspot_request_uri(public_url: Option<&str>, headers: &HeaderMap, uri: &
         Some(url) => url.to_string(),
         None => {
             let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            format!("https://{}{path}", header(headers, "host").unwrap_or_default())
+            format!(
+                "https://{}{path}",
+                header(headers, "host").unwrap_or_default()
+            )
         }
     };
     hubspot_decode_uri(&called)

@@ -8,7 +8,8 @@
 //! conditions: `DiskPressure` is its own condition and degrades the flow while it holds (the worker refuses
 //! intake but still delivers); any other problem (`LedgerUnavailable`, `CredentialsInvalid`, `StartupFailed`)
 //! keeps the worker from its work, so Ready is False and Degraded True, with the problem's kind as the reason and
-//! the worker's message as the message.
+//! the worker's message as the message. `SourceApiLimit` (the CRM's daily API allowance runs low, so the poll
+//! is slowed) degrades the flow but leaves it Ready: records arrive later, nothing stops.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use rust_decimal::Decimal;
@@ -20,6 +21,8 @@ use crate::worker::api::{WorkerProblem, WorkerStatus};
 
 /// The problem kind that is a condition of its own.
 pub const DISK_PRESSURE: &str = "DiskPressure";
+/// The problem kind of a slowed poll: it degrades the flow but does not keep the worker from its work.
+pub const SOURCE_API_LIMIT: &str = "SourceApiLimit";
 /// The reason when a worker that could not start lists no problem.
 const STARTUP_FAILED: &str = "StartupFailed";
 /// The CRD's bounds of a condition's `reason` and `message`: a status beyond them is refused by the API server.
@@ -70,7 +73,7 @@ fn blocking_problems(observation: Option<&Observation>) -> Vec<(String, String)>
     let (problems, startup_error) = o.problems();
     let mut out: Vec<(String, String)> = problems
         .iter()
-        .filter(|p| p.kind != DISK_PRESSURE)
+        .filter(|p| p.kind != DISK_PRESSURE && p.kind != SOURCE_API_LIMIT)
         .map(|p| (problem_reason(&p.kind), p.message.clone()))
         .collect();
     if let (true, Some(error)) = (out.is_empty(), startup_error) {
@@ -80,11 +83,11 @@ fn blocking_problems(observation: Option<&Observation>) -> Vec<(String, String)>
 }
 
 fn disk_pressure(observation: Option<&Observation>) -> Option<&WorkerProblem> {
-    observation?
-        .problems()
-        .0
-        .iter()
-        .find(|p| p.kind == DISK_PRESSURE)
+    problem(observation, DISK_PRESSURE)
+}
+
+fn problem<'a>(observation: Option<&'a Observation>, kind: &str) -> Option<&'a WorkerProblem> {
+    observation?.problems().0.iter().find(|p| p.kind == kind)
 }
 
 /// The inputs of the status computation.
@@ -256,6 +259,9 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
         let mut breaches: Vec<(String, String)> = blocking.clone();
         if let Some(p) = disk_pressure(i.observation) {
             breaches.push((DISK_PRESSURE.to_string(), p.message.clone()));
+        }
+        if let Some(p) = problem(i.observation, SOURCE_API_LIMIT) {
+            breaches.push((SOURCE_API_LIMIT.to_string(), p.message.clone()));
         }
         if let Some(Observation::Answered(w)) = i.observation {
             breaches.extend(
