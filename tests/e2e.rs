@@ -251,6 +251,12 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         let rendered: meshline::worker::RenderedFlow =
             serde_yaml::from_str(&cm.data.unwrap()["flow.yaml"]).unwrap();
         assert_eq!(rendered.contract.spec.version, "2.0.1");
+        // The worker checks HubSpot's signature against the URL configured in HubSpot, not what the Ingress
+        // forwards: the rendered flow carries it.
+        assert_eq!(
+            rendered.flow.spec.source.public_url.as_deref(),
+            Some("https://hooks.commerce.example/meshline/won-deals-to-odoo/webhook")
+        );
         let d = eventually("the Deployment", || async {
             deployments.get_opt(&worker).await.ok().flatten()
         })
@@ -578,6 +584,50 @@ async fn dotted_and_long_names_give_children_the_api_server_accepts() {
         })
         .await;
         assert_valid_config_map_names(&cms).await;
+    })
+    .await;
+}
+
+/// The API server refuses a `publicUrl` that is not an https URL, and one on a source whose signature does not
+/// cover the URL, with the field and the reason; the flow as first applied stays.
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn public_url_is_refused_unless_it_is_an_https_url_hubspot_signs() {
+    with_namespace("public-url", |client, ns| async move {
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let refused = |flow: SyncFlow| {
+            let flows = flows.clone();
+            async move {
+                flows
+                    .patch(
+                        FLOW,
+                        &PatchParams::apply("e2e-user").force(),
+                        &Patch::Apply(&flow),
+                    )
+                    .await
+                    .expect_err("the API server refuses it")
+                    .to_string()
+            }
+        };
+        let mut plain = example::<SyncFlow>("flow.yaml", &ns);
+        plain.spec.source.public_url = Some("http://hooks.commerce.example/webhook".into());
+        let err = refused(plain).await;
+        assert!(err.contains("publicUrl"), "{err}");
+
+        let mut unsigned = example::<SyncFlow>("flow.yaml", &ns);
+        unsigned.spec.source.signature = Some(meshline::api::WebhookSignature::HmacSha256);
+        let err = refused(unsigned).await;
+        assert!(
+            err.contains("publicUrl is what the hubspot-v3 signature covers"),
+            "{err}"
+        );
+
+        apply(&client, &ns, &example::<SyncFlow>("flow.yaml", &ns)).await;
+        let stored = flows.get(FLOW).await.unwrap();
+        assert_eq!(
+            stored.spec.source.public_url.as_deref(),
+            Some("https://hooks.commerce.example/meshline/won-deals-to-odoo/webhook")
+        );
     })
     .await;
 }
