@@ -36,6 +36,7 @@ const CLIENT_ID: &str = "client-9c2e";
 const CERTIFICATE_ID: &str = "cert-Zx81";
 const EC256_CERTIFICATE_ID: &str = "cert-Ec256";
 const EC384_CERTIFICATE_ID: &str = "cert-Ec384";
+const PSS_CERTIFICATE_ID: &str = "cert-Pss";
 
 /// The certificates uploaded to the M2M setup: certificate id → the algorithm and public key NetSuite checks
 /// the assertion with.
@@ -47,6 +48,13 @@ fn registered_certificate(
         CERTIFICATE_ID => (
             Algorithm::PS256,
             DecodingKey::from_rsa_pem(include_bytes!("data/sinks/netsuite_m2m_test_pub.pem")),
+        ),
+        // A certificate made as NetSuite's instructions say (`-newkey rsa-pss`); its public key as PKCS#1.
+        PSS_CERTIFICATE_ID => (
+            Algorithm::PS256,
+            DecodingKey::from_rsa_pem(include_bytes!(
+                "data/sinks/netsuite_m2m_rsa_pss_test_pub.pem"
+            )),
         ),
         EC256_CERTIFICATE_ID => (
             Algorithm::ES256,
@@ -626,6 +634,11 @@ async fn m2m_signs_with_the_algorithm_the_key_calls_for() {
     use jsonwebtoken::Algorithm;
     let cases = [
         (CERTIFICATE_ID, REGISTERED_KEY, Algorithm::PS256),
+        (
+            PSS_CERTIFICATE_ID,
+            include_str!("data/sinks/netsuite_m2m_rsa_pss_test_key.pem"),
+            Algorithm::PS256,
+        ),
         (
             EC256_CERTIFICATE_ID,
             include_str!("data/sinks/netsuite_m2m_es256_test_key.pem"),

@@ -11,7 +11,8 @@
 //!
 //! Two authentications, chosen by the keys the Secret holds:
 //! - OAuth 2.0 client credentials (M2M), keys `clientId`, `certificateId`, `privateKey` (PKCS#8 PEM, RSA or EC):
-//!   a JWT assertion, signed PS256 with an RSA key, ES256 with an EC P-256 key or ES384 with a P-384 key (the
+//!   a JWT assertion, signed PS256 with an RSA key (plain or RSASSA-PSS, as NetSuite's `-newkey rsa-pss`
+//!   instructions make it), ES256 with an EC P-256 key or ES384 with a P-384 key (the
 //!   algorithm follows the key, as NetSuite checks it against the uploaded certificate), is exchanged at `{baseUrl}/services/rest/auth/oauth2/v1/token` for a bearer token,
 //!   cached until a minute before it expires; a 401 forces one new token, a second 401 is flow-level.
 //! - OAuth 1.0a token-based authentication, keys `accountId`, `consumerKey`, `consumerSecret`, `tokenId`,
@@ -351,6 +352,16 @@ pub fn m2m_signing_key(pem: &str) -> Result<(EncodingKey, Algorithm), String> {
             Err("an RSA key that cannot sign PS256".into())
         };
     }
+    // NetSuite's own instructions create the certificate with `-newkey rsa-pss`: a PKCS#8 key whose algorithm
+    // is RSASSA-PSS, which the JWT library does not classify. The key inside is a plain PKCS#1 RSA key.
+    if let Some(der) = rsa_pss_pkcs1(pem) {
+        let key = EncodingKey::from_rsa_der(&der);
+        return if works(&key, Algorithm::PS256) {
+            Ok((key, Algorithm::PS256))
+        } else {
+            Err("an RSASSA-PSS key that cannot sign PS256".into())
+        };
+    }
     if let Ok(key) = EncodingKey::from_ec_pem(pem.as_bytes()) {
         // The PKCS#8 wrapper names the curve, but the JWT library does not expose it: the curve whose
         // signer accepts the key is the key's curve.
@@ -368,6 +379,56 @@ pub fn m2m_signing_key(pem: &str) -> Result<(EncodingKey, Algorithm), String> {
         );
     }
     Err("neither an RSA nor an EC (P-256, P-384) private key in PEM form".into())
+}
+
+/// The DER of `id-RSASSA-PSS` (1.2.840.113549.1.1.10) as an OBJECT IDENTIFIER.
+const RSASSA_PSS_OID: [u8; 11] = [
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a,
+];
+
+/// The PKCS#1 key inside a PKCS#8 `PRIVATE KEY` PEM whose algorithm is RSASSA-PSS (RFC 5208: `SEQUENCE {
+/// version INTEGER, algorithm SEQUENCE { OID, params }, privateKey OCTET STRING }`); `None` for anything else.
+fn rsa_pss_pkcs1(pem: &str) -> Option<Vec<u8>> {
+    let body = pem
+        .split("-----BEGIN PRIVATE KEY-----")
+        .nth(1)?
+        .split("-----END PRIVATE KEY-----")
+        .next()?;
+    let body: String = body.split_whitespace().collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .ok()?;
+    let (info, _) = der_element(&der, 0x30)?;
+    let (_version, rest) = der_element(info, 0x02)?;
+    let (algorithm, rest) = der_element(rest, 0x30)?;
+    if !algorithm.starts_with(&RSASSA_PSS_OID) {
+        return None;
+    }
+    let (key, _) = der_element(rest, 0x04)?;
+    Some(key.to_vec())
+}
+
+/// One DER element with tag `tag` at the start of `input`: its contents and what follows it.
+fn der_element(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&first, rest) = input.split_first()?;
+    if first != tag {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let (len, rest) = if len < 0x80 {
+        (usize::from(len), rest)
+    } else {
+        // Long form: the low bits say how many length bytes follow (a key needs at most 4).
+        let n = usize::from(len & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 impl NetSuiteSink {
@@ -703,6 +764,29 @@ mod tests {
         );
         assert_eq!(record_id("/services/rest/async/v1/job/123456"), None);
         assert_eq!(record_id("/services/rest/record/v1/salesOrder"), None);
+    }
+
+    #[test]
+    fn der_reader_refuses_truncated_and_foreign_input() {
+        assert_eq!(
+            der_element(&[0x04, 0x02, 0xaa, 0xbb, 0xcc], 0x04),
+            Some((&[0xaa, 0xbb][..], &[0xcc][..]))
+        );
+        assert_eq!(
+            der_element(&[0x04, 0x05, 0xaa], 0x04),
+            None,
+            "shorter than its length"
+        );
+        assert_eq!(der_element(&[0x30, 0x01, 0x00], 0x04), None, "another tag");
+        assert_eq!(
+            der_element(&[0x04, 0x85, 1, 1, 1, 1, 1], 0x04),
+            None,
+            "absurd length"
+        );
+        assert_eq!(
+            rsa_pss_pkcs1("-----BEGIN PRIVATE KEY-----\n!!\n-----END PRIVATE KEY-----"),
+            None
+        );
     }
 
     #[test]
