@@ -6,7 +6,10 @@
 //! record's URL (ending in its internal id) in `Location`. NetSuite may instead queue the request (`202
 //! Accepted`, "REST Web Services Request Processing") with `Location: /services/rest/async/v1/job/{id}`: that
 //! is a job, not the record, so the internal id is left unknown rather than stored as the job id — the record
-//! stays addressable by its external id, which is what every later upsert uses. Errors are RFC 9457-style JSON with an
+//! stays addressable by its external id, which is what every later upsert uses. The sink never sends `Prefer:
+//! respond-async`, so such an answer comes only from something in between choosing it; the job's own outcome
+//! is not followed (a job that fails is not seen as a failed delivery), which is why the sink asks for
+//! synchronous answers. Errors are RFC 9457-style JSON with an
 //! `o:errorDetails` array (`detail`, `o:errorCode`, `o:errorPath`), which ends up in the dead letter.
 //!
 //! Two authentications, chosen by the keys the Secret holds:

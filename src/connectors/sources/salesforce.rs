@@ -168,7 +168,8 @@ impl PollPace {
 /// What a poller needs besides credentials.
 #[derive(Debug, Clone)]
 pub struct SalesforceConfig {
-    /// The org's My Domain URL, e.g. `https://acme.my.salesforce.com`.
+    /// The org's My Domain URL, e.g. `https://acme.my.salesforce.com`: the client-credentials token endpoint's
+    /// host. API calls go to the token answer's `instance_url`; this is their host only if an answer lacks it.
     pub base_url: String,
     /// REST API version, `v61.0`.
     pub api_version: String,
