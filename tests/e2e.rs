@@ -166,6 +166,7 @@ where
         identity: "e2e".into(),
         namespace: Some(ns.clone()),
         status_via_proxy: true,
+        poll: meshline::controller::poll::PollSettings::default(),
         no_leader_election: true,
     };
     let controller = tokio::spawn(async move {

@@ -33,6 +33,16 @@ pub struct ControllerArgs {
     /// outside the cluster).
     #[arg(long)]
     pub status_via_proxy: bool,
+    /// The bound of one flow's status poll, all its worker pods together (Go duration); a pod that has not
+    /// answered by then is reported unreachable in the flow's `StatusUnavailable` condition.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub status_timeout: std::time::Duration,
+    /// Flows whose worker pods are polled at the same time.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub status_flows_at_once: u16,
+    /// Worker pods of one flow polled at the same time (so at most flows × pods requests are in flight).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub status_pods_at_once: u16,
     /// Run without leader election (a single replica or a development run).
     #[arg(long)]
     pub no_leader_election: bool,
@@ -69,6 +79,11 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
         identity,
         namespace: args.namespace,
         status_via_proxy: args.status_via_proxy,
+        poll: crate::controller::poll::PollSettings {
+            timeout: args.status_timeout,
+            flows_at_once: usize::from(args.status_flows_at_once),
+            pods_at_once: usize::from(args.status_pods_at_once),
+        },
         no_leader_election: args.no_leader_election,
     };
     match runtime.block_on(crate::controller::run(settings)) {
