@@ -451,7 +451,7 @@ async fn endpoint_slices_are_listed_by_label_selector_and_a_malformed_selector_i
         endpoint_slice("a-x2", "meshline-a", "pod-a"),
     );
     double.put(
-        &format!("/apis/discovery.k8s.io/v1/namespaces/elsewhere/endpointslices/b-status-x3"),
+        "/apis/discovery.k8s.io/v1/namespaces/elsewhere/endpointslices/b-status-x3",
         endpoint_slice("b-status-x3", "meshline-a-status", "pod-b"),
     );
     let client = double.client();

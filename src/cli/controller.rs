@@ -29,7 +29,7 @@ pub struct ControllerArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long)]
     pub namespace: Option<String>,
-    /// Read worker status through the API server's service proxy (needs `services/proxy`; for controllers
+    /// Read each worker pod's status through the API server's pod proxy (needs `pods/proxy`; for controllers
     /// outside the cluster).
     #[arg(long)]
     pub status_via_proxy: bool,
