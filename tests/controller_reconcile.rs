@@ -1412,3 +1412,68 @@ async fn a_long_worker_message_is_bounded_so_the_status_is_accepted() {
             .all(|c| c["reason"] != "not a word!")
     );
 }
+
+/// A source that counts the requests in flight: each answers after yielding once, so every request the poller
+/// lets run at the same time is in flight together.
+#[derive(Default)]
+struct CountingWorker {
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl WorkerStatusSource for CountingWorker {
+    async fn fetch(
+        &self,
+        _namespace: &str,
+        _pod: &WorkerPod,
+        _token: Option<&str>,
+    ) -> Result<WorkerAnswer, FetchError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        self.asked.fetch_add(1, SeqCst);
+        tokio::task::yield_now().await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        parse_answer(
+            "http://scripted/status",
+            200,
+            running_status(serde_json::json!([])).to_string().as_bytes(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn pods_are_polled_concurrently_but_never_more_than_the_bound_at_once() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let names: Vec<String> = (0..7)
+        .map(|i| format!("meshline-won-deals-to-odoo-7d9f8-q{i}"))
+        .collect();
+    let ips: Vec<String> = (0..7).map(|i| format!("10.1.2.{i}")).collect();
+    let endpoints: Vec<Endpoint<'_>> = names
+        .iter()
+        .zip(&ips)
+        .map(|(n, ip)| (n.as_str(), ip.as_str(), true))
+        .collect();
+    publish(&h, &status_service(), "status-slice-a", &endpoints).await;
+    let worker = CountingWorker::default();
+    let settings = PollSettings {
+        pods_at_once: 3,
+        ..PollSettings::default()
+    };
+    let changed = meshline::controller::poll::poll_once(&h.ctx, &worker, &settings).await;
+    assert_eq!(changed.len(), 1);
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(worker.asked.load(SeqCst), 7, "every pod is read once");
+    assert_eq!(
+        worker.most.load(SeqCst),
+        3,
+        "the pods of a flow are read side by side, up to the bound and no further"
+    );
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(s["workers"].as_array().unwrap().len(), 7);
+}

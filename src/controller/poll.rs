@@ -20,7 +20,7 @@
 //! A worker names what keeps it from its work (`problems`) in its 200 answer, and a worker whose pipeline could
 //! not start at all answers 503 with `{"error", "problems"}`; both are answers the flow's conditions name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -393,10 +393,23 @@ pub async fn poll_once(
         .into_iter()
         .filter(|f| running(ctx, f))
         .collect();
-    let slices = ctx.stores.endpoint_slices.state();
+    // Slices by (namespace, Service) once per round, so a round costs one pass over the cache, not one per flow.
+    let mut by_service: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+    for slice in ctx.stores.endpoint_slices.state() {
+        if let (Some(ns), Some(service)) = (
+            slice.metadata.namespace.clone(),
+            slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+        ) {
+            by_service.entry((ns, service)).or_default().push(slice);
+        }
+    }
     let polled: Vec<(ObjectRef<SyncFlow>, Vec<PodObservation>)> = stream::iter(flows)
         .map(|flow| {
-            let slices = &slices;
+            let key = (
+                flow.namespace().unwrap_or_default(),
+                status_service_name(&flow.name_any()),
+            );
+            let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
             async move {
                 let pods = poll_flow(ctx, source, settings, &flow, slices).await;
                 (ObjectRef::from_obj(&*flow), pods)
