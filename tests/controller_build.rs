@@ -492,19 +492,29 @@ fn backoff_doubles_and_is_capped() {
 #[test]
 fn status_is_read_from_each_pod_and_only_the_workers_503_is_an_answer() {
     use meshline::controller::poll::{
-        FetchError, WorkerAnswer, WorkerPod, parse_answer, pod_proxy_path, pod_url,
+        FetchError, WorkerAnswer, WorkerPod, parse_answer, pod_proxy_path, pod_url, status_port,
     };
+    // The port is the one `status_port` names (the worker's operations port), whatever its number.
+    let port = status_port();
     assert_eq!(
         pod_proxy_path("commerce-sync", "meshline-won-deals-7d9f8-abcde"),
-        "/api/v1/namespaces/commerce-sync/pods/meshline-won-deals-7d9f8-abcde:8080/proxy/status"
+        format!(
+            "/api/v1/namespaces/commerce-sync/pods/meshline-won-deals-7d9f8-abcde:{port}/proxy/status"
+        )
     );
     let pod = |address: &str| WorkerPod {
         name: "p".into(),
         address: address.into(),
         ready: true,
     };
-    assert_eq!(pod_url(&pod("10.1.0.7")), "http://10.1.0.7:8080/status");
-    assert_eq!(pod_url(&pod("fd00::7")), "http://[fd00::7]:8080/status");
+    assert_eq!(
+        pod_url(&pod("10.1.0.7")),
+        format!("http://10.1.0.7:{port}/status")
+    );
+    assert_eq!(
+        pod_url(&pod("fd00::7")),
+        format!("http://[fd00::7]:{port}/status")
+    );
 
     let body = br#"{"error": "no ledger", "problems": [{"kind": "LedgerUnavailable", "message": "refused", "since": "2026-01-01T00:00:00Z"}]}"#;
     match parse_answer("u", 503, body).unwrap() {

@@ -748,6 +748,38 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_pod_stays_within_the_crd_bounds_whatever_its_worker_says() {
+        let mut w = worker("0", Some("0"));
+        w.paused = Some("p".repeat(5000));
+        w.circuit_breaker = Some(crate::worker::api::BreakerStatus {
+            reason: "r".repeat(5000),
+            since: "s".repeat(500),
+        });
+        w.problems = (0..12)
+            .map(|i| WorkerProblem {
+                kind: format!("Kind{i}"),
+                message: "m".into(),
+                since: "t".into(),
+            })
+            .collect();
+        let (list, omitted) = worker_list(Some(&Observation::answered(&"n".repeat(300), w)));
+        assert_eq!(omitted, None);
+        let p = &list[0];
+        assert_eq!(p.pod.chars().count(), 253);
+        assert_eq!(p.paused.as_ref().unwrap().chars().count(), WORKER_TEXT_MAX);
+        assert_eq!(p.message.as_ref().unwrap().chars().count(), WORKER_TEXT_MAX);
+        assert_eq!(
+            p.circuit_breaker_open_since
+                .as_ref()
+                .unwrap()
+                .chars()
+                .count(),
+            64
+        );
+        assert_eq!(p.problems.len(), 8);
+    }
+
+    #[test]
     fn an_outage_that_ended_over_an_hour_ago_no_longer_breaches_the_failure_rate_sla() {
         // Half the records ever received failed in an old outage; none failed in the last hour.
         assert!(sla_breaches(&worker("0.5", Some("0")), Some(&sla("0.05"))).is_empty());
