@@ -432,12 +432,17 @@ fn open_breaker_and_late_records_degrade_the_flow() {
     }))
     .unwrap();
     let c: SyncContract = load("contract.yaml");
-    let breaches = status::sla_breaches(&w, c.spec.sla.as_ref());
-    let reasons: Vec<&str> = breaches.iter().map(|b| b.0).collect();
-    assert_eq!(
-        reasons,
-        vec!["DeliveryLatencyOverSla", "CircuitBreakerOpen"]
-    );
+    // The late records are the ledger's (read once per flow); the open breaker is the process's (read per pod).
+    let ledger: Vec<&str> = status::sla_breaches(&w, c.spec.sla.as_ref())
+        .iter()
+        .map(|b| b.0)
+        .collect();
+    assert_eq!(ledger, vec!["DeliveryLatencyOverSla"]);
+    let process: Vec<&str> = status::process_state_breaches(&w)
+        .iter()
+        .map(|b| b.0)
+        .collect();
+    assert_eq!(process, vec!["CircuitBreakerOpen"]);
 }
 
 #[test]
@@ -485,16 +490,31 @@ fn backoff_doubles_and_is_capped() {
 }
 
 #[test]
-fn status_is_read_through_the_status_service_and_only_the_workers_503_is_an_answer() {
-    use meshline::controller::poll::{FetchError, WorkerAnswer, parse_answer, proxy_path};
+fn status_is_read_from_each_pod_and_only_the_workers_503_is_an_answer() {
+    use meshline::controller::poll::{
+        FetchError, WorkerAnswer, WorkerPod, parse_answer, pod_proxy_path, pod_url, status_port,
+    };
+    // The port is the one `status_port` names (the worker's operations port), whatever its number.
+    let port = status_port();
     assert_eq!(
-        proxy_path("commerce-sync", "won-deals"),
-        "/api/v1/namespaces/commerce-sync/services/meshline-won-deals-status:http/proxy/status"
+        pod_proxy_path("commerce-sync", "meshline-won-deals-7d9f8-abcde"),
+        format!(
+            "/api/v1/namespaces/commerce-sync/pods/meshline-won-deals-7d9f8-abcde:{port}/proxy/status"
+        )
     );
-    let long = "w".repeat(52);
-    let path = proxy_path("ns", &long);
-    let service = path.split('/').nth(6).unwrap().trim_end_matches(":http");
-    assert!(service.len() <= 63, "{service}");
+    let pod = |address: &str| WorkerPod {
+        name: "p".into(),
+        address: address.into(),
+        ready: true,
+    };
+    assert_eq!(
+        pod_url(&pod("10.1.0.7")),
+        format!("http://10.1.0.7:{port}/status")
+    );
+    assert_eq!(
+        pod_url(&pod("fd00::7")),
+        format!("http://[fd00::7]:{port}/status")
+    );
 
     let body = br#"{"error": "no ledger", "problems": [{"kind": "LedgerUnavailable", "message": "refused", "since": "2026-01-01T00:00:00Z"}]}"#;
     match parse_answer("u", 503, body).unwrap() {
@@ -558,6 +578,7 @@ async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start(
         identity: "me".into(),
         namespace: None,
         status_via_proxy: false,
+        poll: meshline::controller::poll::PollSettings::default(),
         no_leader_election: false,
     };
     let err = meshline::controller::run(settings).await.unwrap_err();
@@ -567,5 +588,78 @@ async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start(
         text.contains("meshline-system/meshline_controller:leader")
             && text.contains("--lease-name must be a lowercase RFC 1123 subdomain"),
         "{text}"
+    );
+}
+
+#[test]
+fn worker_pods_come_from_the_status_services_slices_once_each_with_their_own_readiness() {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use meshline::controller::poll::{WorkerPod, worker_pods};
+    let slice = |ns: &str, service: &str, family: &str, endpoints: serde_json::Value| {
+        std::sync::Arc::new(
+            serde_json::from_value::<EndpointSlice>(serde_json::json!({
+                "metadata": {"name": format!("{service}-{family}"), "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": service}},
+                "addressType": family, "endpoints": endpoints,
+            }))
+            .unwrap(),
+        )
+    };
+    let ep = |pod: &str, ip: &str, serving: bool, terminating: bool| {
+        serde_json::json!({"addresses": [ip], "targetRef": {"kind": "Pod", "name": pod},
+            "conditions": {"ready": true, "serving": serving, "terminating": terminating}})
+    };
+    let slices = vec![
+        slice(
+            "ns",
+            "meshline-f-status",
+            "IPv4",
+            serde_json::json!([
+                ep("b", "10.0.0.2", false, false),
+                ep("a", "10.0.0.1", true, false),
+                ep("old", "10.0.0.9", true, true)
+            ]),
+        ),
+        // The same pods in the IPv6 slice of a dual-stack Service.
+        slice(
+            "ns",
+            "meshline-f-status",
+            "IPv6",
+            serde_json::json!([ep("a", "fd00::1", true, false)]),
+        ),
+        // Another Service of the flow, another namespace, an FQDN slice: none of them.
+        slice(
+            "ns",
+            "meshline-f",
+            "IPv4",
+            serde_json::json!([ep("c", "10.0.0.3", true, false)]),
+        ),
+        slice(
+            "other",
+            "meshline-f-status",
+            "IPv4",
+            serde_json::json!([ep("d", "10.0.0.4", true, false)]),
+        ),
+        slice(
+            "ns",
+            "meshline-f-status",
+            "FQDN",
+            serde_json::json!([ep("e", "e.example", true, false)]),
+        ),
+    ];
+    assert_eq!(
+        worker_pods(&slices, "ns", "f"),
+        vec![
+            WorkerPod {
+                name: "a".into(),
+                address: "10.0.0.1".into(),
+                ready: true
+            },
+            WorkerPod {
+                name: "b".into(),
+                address: "10.0.0.2".into(),
+                ready: false
+            },
+        ]
     );
 }

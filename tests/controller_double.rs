@@ -419,3 +419,144 @@ async fn an_event_note_over_1_kib_is_refused() {
     .await
     .unwrap();
 }
+
+fn endpoint_slice(name: &str, service: &str, pod: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": NS, "labels": {
+            "kubernetes.io/service-name": service,
+            "app.kubernetes.io/managed-by": "meshline-controller",
+        }},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.7"], "conditions": {"ready": true, "serving": false},
+                       "targetRef": {"kind": "Pod", "name": pod}}],
+    })
+}
+
+fn slice_path(name: &str) -> String {
+    format!("/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices/{name}")
+}
+
+#[tokio::test]
+async fn endpoint_slices_are_listed_by_label_selector_and_a_malformed_selector_is_refused() {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::ListParams;
+    let double = ApiDouble::new();
+    double.put(
+        &slice_path("a-status-x1"),
+        endpoint_slice("a-status-x1", "meshline-a-status", "pod-a"),
+    );
+    double.put(
+        &slice_path("a-x2"),
+        endpoint_slice("a-x2", "meshline-a", "pod-a"),
+    );
+    double.put(
+        "/apis/discovery.k8s.io/v1/namespaces/elsewhere/endpointslices/b-status-x3",
+        endpoint_slice("b-status-x3", "meshline-a-status", "pod-b"),
+    );
+    let client = double.client();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
+    let status_only = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=meshline-a-status"))
+        .await
+        .unwrap();
+    let names: Vec<_> = status_only
+        .items
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, vec!["a-status-x1"]);
+    assert!(status_only.metadata.resource_version.is_some());
+    // Set-based and negated requirements, as labels.Parse reads them.
+    let not_status = slices
+        .list(&ListParams::default().labels(
+            "kubernetes.io/service-name notin (meshline-a-status),app.kubernetes.io/managed-by",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(not_status.items.len(), 1);
+    assert_eq!(not_status.items[0].metadata.name.as_deref(), Some("a-x2"));
+    // Across namespaces.
+    let all: Api<EndpointSlice> = Api::all(client.clone());
+    let everywhere = all
+        .list(&ListParams::default().labels("kubernetes.io/service-name==meshline-a-status"))
+        .await
+        .unwrap();
+    assert_eq!(everywhere.items.len(), 2);
+    // A value that is not a label value is a 400, as the API server answers it.
+    let s = refused(
+        slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name=-bad-"))
+            .await,
+    );
+    assert_eq!(s.code, 400, "{s:?}");
+    assert_eq!(s.reason, "BadRequest");
+    assert!(
+        s.message.starts_with("unable to parse requirement"),
+        "{}",
+        s.message
+    );
+    let s = refused(
+        slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name in (a"))
+            .await,
+    );
+    assert_eq!(s.code, 400, "{s:?}");
+}
+
+#[tokio::test]
+async fn an_endpoint_slice_watch_sees_every_change_after_its_version_and_only_what_it_selects() {
+    use futures::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{ListParams, WatchEvent, WatchParams};
+    let double = ApiDouble::new();
+    double.put(
+        &slice_path("a-status-x1"),
+        endpoint_slice("a-status-x1", "meshline-a-status", "pod-a"),
+    );
+    let client = double.client();
+    let slices: Api<EndpointSlice> = Api::namespaced(client, NS);
+    let selector = "kubernetes.io/service-name=meshline-a-status";
+    let version = slices
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    // Changes between the list and the watch are not lost: the watch starts from the list's version.
+    double.put(
+        &slice_path("a-status-x1"),
+        endpoint_slice("a-status-x1", "meshline-a-status", "pod-a2"),
+    );
+    double.put(
+        &slice_path("other"),
+        endpoint_slice("other", "meshline-b-status", "pod-b"),
+    );
+    let mut events = slices
+        .watch(&WatchParams::default().labels(selector), &version)
+        .await
+        .unwrap()
+        .boxed();
+    match events.try_next().await.unwrap().unwrap() {
+        WatchEvent::Modified(s) => assert_eq!(
+            s.endpoints[0].target_ref.as_ref().unwrap().name.as_deref(),
+            Some("pod-a2")
+        ),
+        other => panic!("{other:?}"),
+    }
+    // And after the watch opened.
+    double.put(
+        &slice_path("a-status-x4"),
+        endpoint_slice("a-status-x4", "meshline-a-status", "pod-c"),
+    );
+    double.remove(&slice_path("a-status-x1"));
+    match events.try_next().await.unwrap().unwrap() {
+        WatchEvent::Added(s) => assert_eq!(s.metadata.name.as_deref(), Some("a-status-x4")),
+        other => panic!("{other:?}"),
+    }
+    match events.try_next().await.unwrap().unwrap() {
+        WatchEvent::Deleted(s) => assert_eq!(s.metadata.name.as_deref(), Some("a-status-x1")),
+        other => panic!("{other:?}"),
+    }
+}

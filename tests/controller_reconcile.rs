@@ -6,8 +6,10 @@ mod controller_support;
 use std::sync::Arc;
 
 use controller_support::{ApiDouble, Recorded};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -15,7 +17,9 @@ use meshline::api::{LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFl
 use meshline::controller::flow::build::BuildSettings;
 use meshline::controller::flow::status::Observation;
 use meshline::controller::metrics::Metrics;
-use meshline::controller::poll::{FetchError, WorkerAnswer, WorkerStatusSource, parse_answer};
+use meshline::controller::poll::{
+    FetchError, PollSettings, WorkerAnswer, WorkerPod, WorkerStatusSource, parse_answer,
+};
 use meshline::controller::{Context, Stores, Writers};
 use serde_json::Value;
 
@@ -70,8 +74,22 @@ fn harness() -> Harness {
     let (stores, mut writers) = Stores::new();
     apply(&mut writers.contracts, contract());
     apply(&mut writers.rosters, roster());
+    let client = double.client();
+    // The EndpointSlice cache is filled the way the controller fills it: a reflector listing and watching the
+    // double with the controller's own selector.
+    let slices = std::mem::take(&mut writers.endpoint_slices);
+    tokio::spawn(
+        kube::runtime::reflector::reflector(
+            slices,
+            watcher::watcher(
+                kube::Api::<EndpointSlice>::all(client.clone()),
+                meshline::controller::run::endpoint_slice_config(),
+            ),
+        )
+        .for_each(|_| futures::future::ready(())),
+    );
     let ctx = Arc::new(Context::new(
-        double.client(),
+        client,
         BuildSettings {
             worker_image: "ghcr.io/meshline/meshline:test".into(),
         },
@@ -150,10 +168,17 @@ fn settle(h: &mut Harness, requests: &[Recorded], flow: &mut SyncFlow) {
                 &mut h.writers.pdbs,
                 serde_json::from_value::<PodDisruptionBudget>(body).unwrap(),
             ),
-            "Secret" => apply(
-                &mut h.writers.tokens,
-                serde_json::from_value::<Secret>(body).unwrap(),
-            ),
+            "Secret" => {
+                // The API server stores `stringData` as `data`; the watch delivers it so.
+                let mut secret = serde_json::from_value::<Secret>(body).unwrap();
+                if let Some(strings) = secret.string_data.take() {
+                    let data = secret.data.get_or_insert_with(Default::default);
+                    for (k, v) in strings {
+                        data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+                    }
+                }
+                apply(&mut h.writers.tokens, secret)
+            }
             "Deployment" => {
                 let mut d: Deployment = serde_json::from_value(body).unwrap();
                 let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -258,11 +283,16 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         "Degraded",
         "Progressing",
         "DiskPressure",
+        "StatusUnavailable",
     ] {
         assert_eq!(condition(&s["status"], t)["observedGeneration"], 1, "{t}");
     }
-    // No worker has answered yet: disk pressure is not known either way.
+    // No worker has answered yet: disk pressure is not known either way, nor is the status unavailable.
     assert_eq!(condition(&s["status"], "DiskPressure")["status"], "Unknown");
+    assert_eq!(
+        condition(&s["status"], "StatusUnavailable")["reason"],
+        "NoWorkerStatus"
+    );
     assert_eq!(condition(&s["status"], "Progressing")["status"], "True");
     assert_eq!(s["status"]["activeContractVersion"], "2.0.1");
 }
@@ -552,7 +582,7 @@ async fn worker_status_is_folded_into_the_flow_status() {
     .unwrap();
     h.ctx.observations.lock().unwrap().insert(
         ObjectRef::from_obj(&f),
-        Observation::Answered(Box::new(answer.clone())),
+        Observation::answered("meshline-won-deals-to-odoo-7d9f8-abcde", answer.clone()),
     );
     let requests = reconcile(&h, &f).await;
     let w = writes(&requests);
@@ -581,7 +611,7 @@ async fn worker_status_is_folded_into_the_flow_status() {
     better.failure_rate = "0.01".into();
     h.ctx.observations.lock().unwrap().insert(
         ObjectRef::from_obj(&f),
-        Observation::Answered(Box::new(better)),
+        Observation::answered("meshline-won-deals-to-odoo-7d9f8-abcde", better),
     );
     let requests = reconcile(&h, &f).await;
     assert_eq!(
@@ -738,20 +768,35 @@ async fn roster_status_lists_covered_and_unowned_flows() {
     assert_eq!(s["ownerCount"], 4);
 }
 
-/// A worker's `/status` as it comes over the wire (code and body), read through the same parsing as the real
-/// sources, so the poll path from bytes to condition is what these tests exercise.
+/// Worker pods' `/status` as it comes over the wire (code and body), read through the same parsing as the real
+/// sources, so the poll path from bytes to condition is what these tests exercise. Every pod gives the same
+/// answer unless told otherwise; a pod set to hang never answers.
 struct ScriptedWorker {
     answer: std::sync::Mutex<(u16, String)>,
+    by_pod: std::sync::Mutex<std::collections::HashMap<String, Option<(u16, String)>>>,
+    /// The pods asked, in order, with the token they were given.
+    asked: std::sync::Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl ScriptedWorker {
     fn new() -> ScriptedWorker {
         ScriptedWorker {
             answer: std::sync::Mutex::new((200, String::new())),
+            by_pod: Default::default(),
+            asked: Default::default(),
         }
     }
     fn answers(&self, code: u16, body: Value) {
         *self.answer.lock().unwrap() = (code, body.to_string());
+    }
+    fn pod_answers(&self, pod: &str, code: u16, body: Value) {
+        self.by_pod
+            .lock()
+            .unwrap()
+            .insert(pod.into(), Some((code, body.to_string())));
+    }
+    fn pod_hangs(&self, pod: &str) {
+        self.by_pod.lock().unwrap().insert(pod.into(), None);
     }
 }
 
@@ -760,11 +805,24 @@ impl WorkerStatusSource for ScriptedWorker {
     async fn fetch(
         &self,
         _namespace: &str,
-        _flow: &str,
-        _token: Option<&str>,
+        pod: &WorkerPod,
+        token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
-        let (code, body) = self.answer.lock().unwrap().clone();
-        parse_answer("http://meshline-scripted/status", code, body.as_bytes())
+        self.asked
+            .lock()
+            .unwrap()
+            .push((pod.name.clone(), token.map(str::to_string)));
+        let scripted = self.by_pod.lock().unwrap().get(&pod.name).cloned();
+        let (code, body) = match scripted {
+            Some(Some(answer)) => answer,
+            Some(None) => return futures::future::pending().await,
+            None => self.answer.lock().unwrap().clone(),
+        };
+        parse_answer(
+            &format!("http://{}:8080/status", pod.address),
+            code,
+            body.as_bytes(),
+        )
     }
 }
 
@@ -778,7 +836,92 @@ fn running_status(problems: Value) -> Value {
     })
 }
 
-/// A flow whose worker runs (applied, Deployment ready, status settled) and is in the flow cache the poller reads.
+const POD: &str = "meshline-won-deals-to-odoo-7d9f8-abcde";
+
+/// An endpoint of a slice: (pod, IP, serving).
+type Endpoint<'a> = (&'a str, &'a str, bool);
+
+/// Publishes `endpoints` in an EndpointSlice of `service` the way the EndpointSlice controller does: the
+/// Service's labels copied (from what the controller applied), plus `kubernetes.io/service-name` and the
+/// slice controller's own label; for a Service that publishes unready pods every endpoint is `ready` and the
+/// pod's readiness is `serving`. Then waits until the controller's cache holds it.
+async fn publish(h: &Harness, service: &str, slice: &str, endpoints: &[Endpoint<'_>]) {
+    let svc = h
+        .ctx
+        .stores
+        .services
+        .get(&ObjectRef::new(service).within(NS))
+        .expect("the controller applied this Service");
+    let publishes_unready = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.publish_not_ready_addresses)
+        .unwrap_or(false);
+    let mut labels: serde_json::Map<String, Value> = svc
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, Value::from(v)))
+        .collect();
+    labels.insert("kubernetes.io/service-name".into(), service.into());
+    labels.insert(
+        "endpointslice.kubernetes.io/managed-by".into(),
+        "endpointslice-controller.k8s.io".into(),
+    );
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|(pod, ip, serving)| {
+            serde_json::json!({
+                "addresses": [ip],
+                "conditions": {"ready": publishes_unready || *serving, "serving": serving, "terminating": false},
+                "targetRef": {"kind": "Pod", "namespace": NS, "name": pod},
+            })
+        })
+        .collect();
+    let object = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": slice, "namespace": NS, "labels": labels},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    });
+    h.double.put(
+        &format!("/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices/{slice}"),
+        object,
+    );
+    let version = h
+        .double
+        .objects
+        .lock()
+        .unwrap()
+        .get(&format!(
+            "/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices/{slice}"
+        ))
+        .unwrap()["metadata"]["resourceVersion"]
+        .clone();
+    // The state that matters: the cache holds this very version of the slice.
+    loop {
+        let cached = h
+            .ctx
+            .stores
+            .endpoint_slices
+            .get(&ObjectRef::new(slice).within(NS))
+            .and_then(|s| s.metadata.resource_version.clone());
+        if cached.as_deref() == version.as_str() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+fn status_service() -> String {
+    format!("meshline-{FLOW}-status")
+}
+
+/// A flow whose worker runs (applied, Deployment ready, status settled, one pod published) and is in the flow
+/// cache the poller reads.
 async fn running_flow(h: &mut Harness) -> SyncFlow {
     let mut f = flow();
     let first = reconcile(h, &f).await;
@@ -786,6 +929,13 @@ async fn running_flow(h: &mut Harness) -> SyncFlow {
     let second = reconcile(h, &f).await;
     settle(h, &second, &mut f);
     apply(&mut h.writers.flows, f.clone());
+    publish(
+        h,
+        &status_service(),
+        "status-slice-a",
+        &[(POD, "10.1.0.7", true)],
+    )
+    .await;
     f
 }
 
@@ -795,7 +945,8 @@ async fn poll_and_reconcile(
     f: &mut SyncFlow,
     source: &ScriptedWorker,
 ) -> Vec<Recorded> {
-    let changed = meshline::controller::poll::poll_once(&h.ctx, source).await;
+    let changed =
+        meshline::controller::poll::poll_once(&h.ctx, source, &PollSettings::default()).await;
     assert!(
         changed
             .iter()
@@ -985,26 +1136,276 @@ async fn worker_that_cannot_start_makes_the_flow_unready_with_the_worker_reason(
 }
 
 #[tokio::test]
-async fn a_503_that_is_not_the_workers_own_answer_is_no_startup_failure() {
+async fn a_503_that_is_not_the_workers_own_answer_is_no_startup_failure_but_an_unavailable_status()
+{
     let mut h = harness();
     let mut f = running_flow(&mut h).await;
     let worker = ScriptedWorker::new();
     worker.answers(200, running_status(serde_json::json!([])));
     poll_and_reconcile(&mut h, &mut f, &worker).await;
-    // The API server's service proxy with no ready endpoint answers 503 with its own Status.
+    // The API server's pod proxy that cannot reach the pod answers 503 with its own Status.
     worker.answers(
         503,
         serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": "no endpoints available for service \"meshline-won-deals-to-odoo:http\"",
+            "message": "error trying to reach service: dial tcp 10.1.0.7:8080: connect: connection refused",
             "reason": "ServiceUnavailable", "code": 503}),
     );
-    let changed = meshline::controller::poll::poll_once(&h.ctx, &worker).await;
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests)
+        .expect("a pod that stops answering is written, not frozen")
+        .body["status"];
+    let unavailable = condition(s, "StatusUnavailable");
+    assert_eq!(unavailable["status"], "True");
+    assert_eq!(unavailable["reason"], "WorkerUnreachable");
+    let message = unavailable["message"].as_str().unwrap();
+    assert!(message.contains("HTTP 503"), "{message}");
     assert!(
-        changed.is_empty(),
-        "a blip keeps the last answer: {changed:?}"
+        message.contains("the counters are as last read"),
+        "{message}"
     );
-    let requests = reconcile(&h, &f).await;
+    // Not a startup failure: Ready stays, the counters keep the last numbers, and the SLA verdict says so.
+    assert_eq!(condition(s, "Ready")["status"], "True");
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+    assert!(
+        condition(s, "Degraded")["message"]
+            .as_str()
+            .unwrap()
+            .contains("as last seen")
+    );
+    assert_eq!(s["counters"]["delivered"], 199);
+    assert_eq!(s["workers"][0]["pod"], POD);
+    assert_eq!(s["workers"][0]["state"], "Unreachable");
+    // The same failure again writes nothing; the worker answering again clears it.
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
     assert!(writes(&requests).is_empty(), "{:#?}", writes(&requests));
+    worker.answers(200, running_status(serde_json::json!([])));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "StatusUnavailable")["status"], "False");
+    assert_eq!(s["workers"][0]["state"], "Running");
+}
+
+const POD_A: &str = "meshline-won-deals-to-odoo-7d9f8-aaaaa";
+const POD_B: &str = "meshline-won-deals-to-odoo-7d9f8-bbbbb";
+
+fn with_counters(delivered: i64, breaker: Value) -> Value {
+    let mut v = running_status(serde_json::json!([]));
+    v["counters"]["delivered"] = delivered.into();
+    v["circuitBreaker"] = breaker;
+    v
+}
+
+/// Two worker pods behind the status Service (A ready, B not yet ready), and the worker Service's slice that
+/// holds only the ready one: the poller must read each pod once, from the status Service's slices.
+async fn two_pods(h: &mut Harness) -> SyncFlow {
+    let f = running_flow(h).await;
+    publish(
+        h,
+        &status_service(),
+        "status-slice-a",
+        &[(POD_A, "10.1.0.7", true), (POD_B, "10.1.0.8", false)],
+    )
+    .await;
+    publish(
+        h,
+        &format!("meshline-{FLOW}"),
+        "service-slice-a",
+        &[(POD_A, "10.1.0.7", true)],
+    )
+    .await;
+    f
+}
+
+#[tokio::test]
+async fn every_worker_pod_is_read_and_one_open_breaker_degrades_the_flow_on_every_poll() {
+    let mut h = harness();
+    let mut f = two_pods(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.pod_answers(POD_A, 200, with_counters(199, Value::Null));
+    worker.pod_answers(
+        POD_B,
+        200,
+        with_counters(
+            201,
+            serde_json::json!({"reason": "the ERP answers 401 to every upsert", "since": "2026-01-02T03:00:00Z"}),
+        ),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    // Each published pod once, with the flow's token; the worker Service's slice adds nobody.
+    let asked = worker.asked.lock().unwrap().clone();
+    let mut pods: Vec<&str> = asked.iter().map(|(p, _)| p.as_str()).collect();
+    pods.sort();
+    assert_eq!(pods, vec![POD_A, POD_B]);
+    assert!(
+        asked
+            .iter()
+            .all(|(_, t)| t.as_deref().is_some_and(|t| t.len() == 64)),
+        "{asked:?}"
+    );
+
+    let s = &status_patch(&requests)
+        .expect("the first answers are written")
+        .body["status"];
+    // The counters come from the shared ledger once (pod A, the first by name), never summed over pods.
+    assert_eq!(s["counters"]["delivered"], 199);
+    let degraded = condition(s, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "CircuitBreakerOpen");
+    let message = degraded["message"].as_str().unwrap();
+    assert!(message.starts_with(&format!("pod {POD_B}: ")), "{message}");
+    assert!(message.contains("the ERP answers 401"), "{message}");
+    // A is working, so the flow is still Ready.
+    assert_eq!(condition(s, "Ready")["status"], "True");
+    assert_eq!(condition(s, "StatusUnavailable")["status"], "False");
+    assert_eq!(
+        condition(s, "StatusUnavailable")["message"],
+        "2 of 2 worker pods answered"
+    );
+    // Per pod: the pod in trouble first, readiness as the EndpointSlice's `serving` says.
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    assert_eq!(workers[0]["pod"], POD_B);
+    assert_eq!(workers[0]["ready"], false);
+    assert_eq!(workers[0]["state"], "Running");
+    assert_eq!(
+        workers[0]["circuitBreakerOpenSince"],
+        "2026-01-02T03:00:00Z"
+    );
+    assert_eq!(workers[1]["pod"], POD_A);
+    assert_eq!(workers[1]["ready"], true);
+    assert!(workers[1].get("circuitBreakerOpenSince").is_none());
+    assert!(s.get("workersOmitted").is_none());
+
+    // However the next polls land, nothing flips: the same pods say the same, nothing is written.
+    for _ in 0..3 {
+        let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+        assert!(writes(&requests).is_empty(), "{:#?}", writes(&requests));
+    }
+    // B's breaker closes: the flow recovers.
+    worker.pod_answers(POD_B, 200, with_counters(201, Value::Null));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+    assert!(events(&requests).contains(&"Recovered"));
+}
+
+#[tokio::test]
+async fn a_pod_that_cannot_start_is_read_though_not_ready_and_degrades_without_unreadying_the_flow()
+{
+    let mut h = harness();
+    let mut f = two_pods(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.pod_answers(POD_A, 200, with_counters(199, Value::Null));
+    let message = "cannot connect to the PostgreSQL ledger at ledger-db:5432: connection refused";
+    worker.pod_answers(
+        POD_B,
+        503,
+        serde_json::json!({"error": "the pipeline did not start", "problems": [
+            {"kind": "LedgerUnavailable", "message": message, "since": "2026-01-02T03:00:00Z"}]}),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    let degraded = condition(s, "Degraded");
+    assert_eq!(degraded["reason"], "LedgerUnavailable");
+    assert_eq!(degraded["message"], format!("pod {POD_B}: {message}"));
+    assert_eq!(condition(s, "Ready")["status"], "True");
+    assert_eq!(s["workers"][0]["pod"], POD_B);
+    assert_eq!(s["workers"][0]["state"], "NotStarted");
+    assert_eq!(s["workers"][0]["ready"], false);
+    assert_eq!(
+        s["workers"][0]["problems"],
+        serde_json::json!(["LedgerUnavailable"])
+    );
+    assert_eq!(s["workers"][0]["message"], "the pipeline did not start");
+
+    // Both pods fail the same way: no pod can work, so Ready goes False, and the message is said once.
+    worker.pod_answers(
+        POD_A,
+        503,
+        serde_json::json!({"error": "the pipeline did not start", "problems": [
+            {"kind": "LedgerUnavailable", "message": message, "since": "2026-01-02T03:00:00Z"}]}),
+    );
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let s = &status_patch(&requests).unwrap().body["status"];
+    let ready = condition(s, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "LedgerUnavailable");
+    assert_eq!(
+        ready["message"],
+        format!("pods {POD_A}, {POD_B}: {message}")
+    );
+    // The counters keep what the ledger last said through pod A.
+    assert_eq!(s["counters"]["delivered"], 199);
+}
+
+#[tokio::test]
+async fn a_pod_that_does_not_answer_in_time_is_named_and_the_others_still_count() {
+    let mut h = harness();
+    let mut f = two_pods(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.pod_answers(POD_A, 200, with_counters(199, Value::Null));
+    worker.pod_hangs(POD_B);
+    // A pod that never answers is cut off by the flow's bound; an answer that is already there always counts,
+    // however busy the machine (the bound is checked after the request), so a short bound is no race here.
+    let settings = PollSettings {
+        timeout: std::time::Duration::from_millis(20),
+        ..PollSettings::default()
+    };
+    let changed = meshline::controller::poll::poll_once(&h.ctx, &worker, &settings).await;
+    assert_eq!(changed.len(), 1);
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    let s = &status_patch(&requests).unwrap().body["status"];
+    let unavailable = condition(s, "StatusUnavailable");
+    assert_eq!(unavailable["status"], "True");
+    assert_eq!(unavailable["reason"], "WorkerUnreachable");
+    let message = unavailable["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!("pod {POD_B}: no answer within 0.02s")),
+        "{message}"
+    );
+    // A answered, so the counters are fresh, not "as last read".
+    assert!(!message.contains("as last read"), "{message}");
+    assert_eq!(s["counters"]["delivered"], 199);
+    assert_eq!(s["workers"][0]["pod"], POD_B);
+    assert_eq!(s["workers"][0]["state"], "Unreachable");
+    assert_eq!(s["workers"][1]["state"], "Running");
+}
+
+#[tokio::test]
+async fn the_per_pod_list_is_capped_and_says_how_many_were_left_out() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let names: Vec<String> = (0..25)
+        .map(|i| format!("meshline-won-deals-to-odoo-7d9f8-p{i:02}"))
+        .collect();
+    let ips: Vec<String> = (0..25).map(|i| format!("10.1.1.{i}")).collect();
+    let endpoints: Vec<Endpoint<'_>> = names
+        .iter()
+        .zip(&ips)
+        .map(|(n, ip)| (n.as_str(), ip.as_str(), true))
+        .collect();
+    publish(&h, &status_service(), "status-slice-a", &endpoints).await;
+    let worker = ScriptedWorker::new();
+    worker.answers(200, with_counters(199, Value::Null));
+    let gated = &names[17];
+    let mut paused = with_counters(199, Value::Null);
+    paused["paused"] = "the pricebook lookup never loaded".into();
+    worker.pod_answers(gated, 200, paused);
+    // The double refuses a status beyond the CRD's maxItems, so an accepted write is part of the proof.
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert!(requests.iter().all(|r| r.answered < 400), "{requests:#?}");
+    let s = &status_patch(&requests).unwrap().body["status"];
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 20);
+    assert_eq!(s["workersOmitted"], 5);
+    assert_eq!(workers[0]["pod"], gated.as_str());
+    assert_eq!(workers[0]["paused"], "the pricebook lookup never loaded");
+    assert_eq!(condition(s, "Degraded")["reason"], "WorkerGated");
+    assert_eq!(
+        condition(s, "StatusUnavailable")["message"],
+        "25 of 25 worker pods answered"
+    );
 }
 
 #[tokio::test]
@@ -1049,4 +1450,69 @@ async fn a_long_worker_message_is_bounded_so_the_status_is_accepted() {
             .iter()
             .all(|c| c["reason"] != "not a word!")
     );
+}
+
+/// A source that counts the requests in flight: each answers after yielding once, so every request the poller
+/// lets run at the same time is in flight together.
+#[derive(Default)]
+struct CountingWorker {
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+    asked: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl WorkerStatusSource for CountingWorker {
+    async fn fetch(
+        &self,
+        _namespace: &str,
+        _pod: &WorkerPod,
+        _token: Option<&str>,
+    ) -> Result<WorkerAnswer, FetchError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        self.asked.fetch_add(1, SeqCst);
+        tokio::task::yield_now().await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        parse_answer(
+            "http://scripted/status",
+            200,
+            running_status(serde_json::json!([])).to_string().as_bytes(),
+        )
+    }
+}
+
+#[tokio::test]
+async fn pods_are_polled_concurrently_but_never_more_than_the_bound_at_once() {
+    let mut h = harness();
+    let mut f = running_flow(&mut h).await;
+    let names: Vec<String> = (0..7)
+        .map(|i| format!("meshline-won-deals-to-odoo-7d9f8-q{i}"))
+        .collect();
+    let ips: Vec<String> = (0..7).map(|i| format!("10.1.2.{i}")).collect();
+    let endpoints: Vec<Endpoint<'_>> = names
+        .iter()
+        .zip(&ips)
+        .map(|(n, ip)| (n.as_str(), ip.as_str(), true))
+        .collect();
+    publish(&h, &status_service(), "status-slice-a", &endpoints).await;
+    let worker = CountingWorker::default();
+    let settings = PollSettings {
+        pods_at_once: 3,
+        ..PollSettings::default()
+    };
+    let changed = meshline::controller::poll::poll_once(&h.ctx, &worker, &settings).await;
+    assert_eq!(changed.len(), 1);
+    use std::sync::atomic::Ordering::SeqCst;
+    assert_eq!(worker.asked.load(SeqCst), 7, "every pod is read once");
+    assert_eq!(
+        worker.most.load(SeqCst),
+        3,
+        "the pods of a flow are read side by side, up to the bound and no further"
+    );
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(s["workers"].as_array().unwrap().len(), 7);
 }

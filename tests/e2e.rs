@@ -6,8 +6,8 @@
 //! ```
 //!
 //! Each test applies the CRDs (server-side), creates its own namespace, runs the controller in-process with the
-//! current kubeconfig (no image needed; worker status is read through the API server's service proxy, as a
-//! controller outside the cluster must), applies the hubspot-odoo example with dummy Secrets, asserts what the
+//! current kubeconfig (no image needed; each worker pod's status is read through the API server's pod proxy, as
+//! a controller outside the cluster must), applies the hubspot-odoo example with dummy Secrets, asserts what the
 //! controller made, and deletes the namespace at the end, also when an assertion fails. The worker pods need
 //! not become ready (their image may not be pullable in a test cluster); set `MESHLINE_E2E_WORKER_IMAGE` to an
 //! image that exists to see them run.
@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service,
+};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
@@ -166,6 +168,7 @@ where
         identity: "e2e".into(),
         namespace: Some(ns.clone()),
         status_via_proxy: true,
+        poll: meshline::controller::poll::PollSettings::default(),
         no_leader_election: true,
     };
     let controller = tokio::spawn(async move {
@@ -301,6 +304,7 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
                     "Degraded",
                     "Progressing",
                     "DiskPressure",
+                    "StatusUnavailable",
                 ]
                 .iter()
                 .all(|t| {
@@ -628,6 +632,140 @@ async fn public_url_is_refused_unless_it_is_an_https_url_hubspot_signs() {
             stored.spec.source.public_url.as_deref(),
             Some("https://hooks.commerce.example/meshline/won-deals-to-odoo/webhook")
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
+    with_namespace("replicas", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        // A ledger nobody serves: with a pullable image each worker answers 503 LedgerUnavailable; without
+        // one, the pods get an IP but nothing listens. Either way each pod is published and must be read.
+        let ledger = Secret {
+            metadata: ObjectMeta {
+                name: Some("ledger-db".into()),
+                ..ObjectMeta::default()
+            },
+            string_data: Some(
+                [(
+                    "url".to_string(),
+                    "postgres://meshline:dummy@ledger-db.invalid:5432/meshline".to_string(),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &ledger)
+            .await
+            .unwrap();
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        flow.spec.replicas = Some(2);
+        flow.spec.ledger = serde_json::from_value(serde_json::json!({
+            "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
+        }))
+        .unwrap();
+        apply(&client, &ns, &flow).await;
+
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let worker = build::worker_name(FLOW);
+        let d = eventually("the Deployment with 2 replicas", || async {
+            deployments
+                .get_opt(&worker)
+                .await
+                .ok()
+                .flatten()
+                .filter(|d| d.spec.as_ref().and_then(|s| s.replicas) == Some(2))
+        })
+        .await;
+        let selector = d
+            .spec
+            .unwrap()
+            .selector
+            .match_labels
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+
+        // The status lists both pods, by the names the pods have, each read on its own.
+        let status = eventually("both worker pods in status.workers", || async {
+            let mut names: Vec<String> = pods
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .ok()?
+                .items
+                .into_iter()
+                .filter(|p| {
+                    p.metadata.deletion_timestamp.is_none()
+                        && p.status.as_ref().is_some_and(|s| s.pod_ip.is_some())
+                })
+                .map(|p| p.name_any())
+                .collect();
+            names.sort();
+            let s = flows.get(FLOW).await.ok()?.status?;
+            let mut listed: Vec<String> = s.workers.iter().map(|w| w.pod.clone()).collect();
+            listed.sort();
+            (names.len() == 2 && listed == names).then_some(s)
+        })
+        .await;
+        assert_eq!(status.workers_omitted, None);
+        for w in &status.workers {
+            // Not ready: the ledger is unreachable (or nothing runs); still read, and reported as such.
+            assert!(!w.ready, "{w:?}");
+            assert!(
+                matches!(w.state.as_str(), "Unreachable" | "NotStarted"),
+                "{w:?}"
+            );
+            if w.state == "NotStarted" {
+                assert!(w.problems.iter().any(|p| p == "LedgerUnavailable"), "{w:?}");
+            }
+        }
+        let condition = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.r#type == t)
+                .unwrap_or_else(|| panic!("no {t} in {:?}", status.conditions))
+                .clone()
+        };
+        let unavailable = condition("StatusUnavailable");
+        if status.workers.iter().all(|w| w.state == "Unreachable") {
+            // Nothing answers: the condition names both pods, with the proxy's error.
+            assert_eq!(unavailable.status, "True", "{unavailable:?}");
+            assert_eq!(unavailable.reason, "WorkerUnreachable");
+            for w in &status.workers {
+                assert!(unavailable.message.contains(&w.pod), "{unavailable:?}");
+            }
+        }
+        if status.workers.iter().all(|w| w.state == "NotStarted") {
+            // Both workers answered that they cannot start: no pod can work, and the message names both.
+            assert_eq!(unavailable.status, "False", "{unavailable:?}");
+            let ready = condition("Ready");
+            assert_eq!(ready.status, "False");
+            assert_eq!(ready.reason, "LedgerUnavailable");
+            assert!(ready.message.starts_with("pods "), "{ready:?}");
+            assert_eq!(condition("Degraded").reason, "LedgerUnavailable");
+        }
     })
     .await;
 }

@@ -524,6 +524,48 @@ pub struct SyncFlowStatus {
     /// Age of the oldest record not yet delivered, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_pending_seconds: Option<i64>,
+    /// Each worker pod's own state (its circuit breaker, its gate, its problems), read pod by pod: these live in
+    /// each process, while the counters above come from the ledger the pods share. Pods in trouble come first;
+    /// at most 20 are listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub workers: Vec<WorkerPodStatus>,
+    /// Worker pods read but not listed in `workers` (the list is capped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_omitted: Option<i32>,
+}
+
+/// One worker pod as the last status poll read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPodStatus {
+    /// The pod's name.
+    #[schemars(length(max = 253))]
+    pub pod: String,
+    /// Whether the pod passes its readiness probe. A pod that does not is still read (a worker that cannot start
+    /// says why on `/status`).
+    #[serde(default)]
+    pub ready: bool,
+    /// `Running` (it answered with its numbers), `NotStarted` (it answered that its pipeline could not start) or
+    /// `Unreachable` (it did not answer; see `message`).
+    #[schemars(length(max = 16))]
+    pub state: String,
+    /// Since when this pod's circuit breaker is open (RFC 3339), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub circuit_breaker_open_since: Option<String>,
+    /// Why this pod processes nothing right now, if it doesn't.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub paused: Option<String>,
+    /// The kinds of the problems this pod reports (`DiskPressure`, `LedgerUnavailable`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8), inner(length(max = 128)))]
+    pub problems: Vec<String>,
+    /// The breaker's reason, the startup error, or why the pod could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub message: Option<String>,
 }
 
 /// Record counts since the ledger was created.

@@ -29,10 +29,20 @@ pub struct ControllerArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long)]
     pub namespace: Option<String>,
-    /// Read worker status through the API server's service proxy (needs `services/proxy`; for controllers
+    /// Read each worker pod's status through the API server's pod proxy (needs `pods/proxy`; for controllers
     /// outside the cluster).
     #[arg(long)]
     pub status_via_proxy: bool,
+    /// The bound of one flow's status poll, all its worker pods together (Go duration); a pod that has not
+    /// answered by then is reported unreachable in the flow's `StatusUnavailable` condition.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub status_timeout: std::time::Duration,
+    /// Flows whose worker pods are polled at the same time.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub status_flows_at_once: u16,
+    /// Worker pods of one flow polled at the same time (so at most flows × pods requests are in flight).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub status_pods_at_once: u16,
     /// Run without leader election (a single replica or a development run).
     #[arg(long)]
     pub no_leader_election: bool,
@@ -69,6 +79,11 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
         identity,
         namespace: args.namespace,
         status_via_proxy: args.status_via_proxy,
+        poll: crate::controller::poll::PollSettings {
+            timeout: args.status_timeout,
+            flows_at_once: usize::from(args.status_flows_at_once),
+            pods_at_once: usize::from(args.status_pods_at_once),
+        },
         no_leader_election: args.no_leader_election,
     };
     match runtime.block_on(crate::controller::run(settings)) {

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
@@ -64,6 +65,9 @@ pub struct Stores {
     pub pvcs: Store<PersistentVolumeClaim>,
     /// Only the Secrets the controller created (the workers' tokens), selected by the managed-by label.
     pub tokens: Store<Secret>,
+    /// The EndpointSlices of the controller's Services (they carry their Service's labels): which worker pods
+    /// each flow's status Service publishes, so the poller reads every pod.
+    pub endpoint_slices: Store<EndpointSlice>,
 }
 
 /// The writing ends of [`Stores`], fed by the reflectors (or directly by tests and the benchmark).
@@ -77,6 +81,7 @@ pub struct Writers {
     pub pdbs: Writer<PodDisruptionBudget>,
     pub pvcs: Writer<PersistentVolumeClaim>,
     pub tokens: Writer<Secret>,
+    pub endpoint_slices: Writer<EndpointSlice>,
 }
 
 impl Stores {
@@ -90,6 +95,7 @@ impl Stores {
         let (pdbs, wp) = reflector::store();
         let (pvcs, wv) = reflector::store();
         let (tokens, wt) = reflector::store();
+        let (endpoint_slices, we) = reflector::store();
         (
             Stores {
                 flows,
@@ -101,6 +107,7 @@ impl Stores {
                 pdbs,
                 pvcs,
                 tokens,
+                endpoint_slices,
             },
             Writers {
                 flows: wf,
@@ -112,6 +119,7 @@ impl Stores {
                 pdbs: wp,
                 pvcs: wv,
                 tokens: wt,
+                endpoint_slices: we,
             },
         )
     }
@@ -122,7 +130,7 @@ pub struct Context {
     pub client: Client,
     pub build: BuildSettings,
     pub stores: Stores,
-    /// The last `/status` answer of each running flow's worker, written by the poller.
+    /// What each running flow's worker pods last said on `/status`, written by the poller.
     pub observations: Mutex<HashMap<ObjectRef<SyncFlow>, Observation>>,
     /// Compile verdicts by contract content hash: a contract compiles once, not once per flow per reconcile.
     compile_cache: Mutex<HashMap<String, Result<(), String>>>,

@@ -1,25 +1,120 @@
-//! Status write-back: every status period, read each running flow's worker `/status` and, when the answer
-//! moved, ask the flow reconciler to fold it into `SyncFlow.status`. The reading is behind
-//! [`WorkerStatusSource`] so tests inject answers; the cluster path connects to the worker Service directly,
-//! and the API server's service proxy is used only when asked (`--status-via-proxy`, e.g. a controller running
-//! outside the cluster), because `services/proxy` is a broad permission.
+//! Status write-back: every status period, read `/status` from every worker pod of each running flow and, when
+//! what they say moved, ask the flow reconciler to fold it into `SyncFlow.status`.
+//!
+//! A request to the flow's Service reaches one random pod, but a circuit breaker, a gate and a worker's
+//! problems live in each process: so the poller reads each pod the flow's status Service publishes, from the
+//! EndpointSlice cache (ready or not: a worker that fails its startup is exactly the one to read). The counters
+//! come from the ledger the pods share, so they are taken once, from one pod that answered; each pod gives its
+//! own process state (see [`Observation`]).
+//!
+//! Bounds: flows are polled [`PollSettings::flows_at_once`] at a time and, within a flow,
+//! [`PollSettings::pods_at_once`] pods at a time, so at most their product of requests is in flight. The
+//! whole poll of one flow is bounded by [`PollSettings::timeout`], a network bound (the one wall-clock bound
+//! in the status path): a pod that has not answered by then is `Unreachable`, which the flow's
+//! `StatusUnavailable` condition names, never a silent freeze of the last numbers.
+//!
+//! The reading is behind [`WorkerStatusSource`] so tests inject answers; the cluster path connects to each pod
+//! directly, and the API server's pod proxy is used only when asked (`--status-via-proxy`, e.g. a controller
+//! running outside the cluster), because `pods/proxy` is a broad permission.
 //!
 //! A worker names what keeps it from its work (`problems`) in its 200 answer, and a worker whose pipeline could
 //! not start at all answers 503 with `{"error", "problems"}`; both are answers the flow's conditions name.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc;
+use futures::{StreamExt, stream};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
 use super::flow::build::{TOKEN_KEY, WORKER_PORT, status_service_name, token_name, worker_name};
-use super::flow::status::Observation;
+use super::flow::status::{Observation, PodAnswer, PodObservation};
 use crate::api::SyncFlow;
 use crate::worker::api::{WorkerProblem, WorkerStatus};
+
+/// The port a worker serves `/status` on. The one place the poller names it.
+pub fn status_port() -> i32 {
+    WORKER_PORT
+}
+
+/// The label the EndpointSlice controller puts on every slice of a Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// How the poller bounds its work.
+#[derive(Debug, Clone)]
+pub struct PollSettings {
+    /// The whole poll of one flow, all its pods: a pod that has not answered by then is `Unreachable`.
+    pub timeout: Duration,
+    /// Flows polled at the same time.
+    pub flows_at_once: usize,
+    /// Pods of one flow polled at the same time.
+    pub pods_at_once: usize,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        PollSettings {
+            timeout: Duration::from_secs(10),
+            flows_at_once: 8,
+            pods_at_once: 8,
+        }
+    }
+}
+
+/// One worker pod the flow's status Service publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerPod {
+    pub name: String,
+    /// The pod's IP.
+    pub address: String,
+    /// Whether the pod passes its readiness probe.
+    pub ready: bool,
+}
+
+/// The worker pods behind a flow's status Service, from the EndpointSlices of that Service: one entry per pod
+/// (a dual-stack pod is in two slices), sorted by name. Terminating pods are left out: they are on their way
+/// out, and what their process says is no longer the flow's state.
+///
+/// The status Service publishes pods that are not ready, so the EndpointSlice controller marks every endpoint
+/// `ready`; the pod's own readiness is the endpoint's `serving`.
+pub fn worker_pods(slices: &[Arc<EndpointSlice>], namespace: &str, flow: &str) -> Vec<WorkerPod> {
+    let service = status_service_name(flow);
+    let mut pods = BTreeMap::new();
+    let of_flow = slices.iter().filter(|s| {
+        s.metadata.namespace.as_deref() == Some(namespace)
+            && s.labels().get(SERVICE_NAME_LABEL) == Some(&service)
+            && matches!(s.address_type.as_str(), "IPv4" | "IPv6")
+    });
+    for slice in of_flow {
+        for endpoint in &slice.endpoints {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            if conditions.terminating == Some(true) {
+                continue;
+            }
+            let Some(address) = endpoint.addresses.first() else {
+                continue;
+            };
+            let name = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.name.clone())
+                .unwrap_or_else(|| address.clone());
+            let ready = conditions.serving.or(conditions.ready).unwrap_or(false);
+            pods.entry(name.clone()).or_insert(WorkerPod {
+                name,
+                address: address.clone(),
+                ready,
+            });
+        }
+    }
+    pods.into_values().collect()
+}
 
 /// A worker's answer to `GET /status`.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,19 +178,18 @@ impl FetchError {
     }
 }
 
-/// Reads one worker's `/status`.
+/// Reads one worker pod's `/status`.
 #[async_trait::async_trait]
 pub trait WorkerStatusSource: Send + Sync {
     async fn fetch(
         &self,
         namespace: &str,
-        flow: &str,
+        pod: &WorkerPod,
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError>;
 }
 
-/// Over the cluster network: `http://meshline-<flow>-status.<ns>.svc:8080/status`, the headless status Service
-/// that also reaches a worker whose readiness probe fails (see [`status_service_name`]).
+/// Over the cluster network, to the pod's own address: `http://<pod IP>:8080/status`.
 pub struct Direct {
     http: reqwest::Client,
 }
@@ -104,7 +198,7 @@ impl Direct {
     pub fn new() -> Direct {
         Direct {
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
+                .connect_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),
         }
@@ -117,18 +211,25 @@ impl Default for Direct {
     }
 }
 
+/// The URL of a pod's `/status` (an IPv6 address in brackets).
+pub fn pod_url(pod: &WorkerPod) -> String {
+    let host = if pod.address.contains(':') {
+        format!("[{}]", pod.address)
+    } else {
+        pod.address.clone()
+    };
+    format!("http://{host}:{}/status", status_port())
+}
+
 #[async_trait::async_trait]
 impl WorkerStatusSource for Direct {
     async fn fetch(
         &self,
-        namespace: &str,
-        flow: &str,
+        _namespace: &str,
+        pod: &WorkerPod,
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
-        let url = format!(
-            "http://{}.{namespace}.svc:{WORKER_PORT}/status",
-            status_service_name(flow)
-        );
+        let url = pod_url(pod);
         let mut request = self.http.get(&url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
@@ -144,8 +245,8 @@ impl WorkerStatusSource for Direct {
     }
 }
 
-/// Through the API server: `/api/v1/namespaces/<ns>/services/meshline-<flow>-status:http/proxy/status`. The worker
-/// token travels in a header the proxy forwards (`Authorization` is the API server's own).
+/// Through the API server's pod proxy: `/api/v1/namespaces/<ns>/pods/<pod>:8080/proxy/status`. The worker token
+/// travels in a header the proxy forwards (`Authorization` is the API server's own).
 pub struct ViaProxy {
     pub client: Client,
 }
@@ -157,10 +258,10 @@ impl WorkerStatusSource for ViaProxy {
     async fn fetch(
         &self,
         namespace: &str,
-        flow: &str,
+        pod: &WorkerPod,
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
-        let path = proxy_path(namespace, flow);
+        let path = pod_proxy_path(namespace, &pod.name);
         let mut request = http::Request::get(&path);
         if let Some(token) = token {
             request = request.header(PROXY_TOKEN_HEADER, token);
@@ -189,10 +290,10 @@ impl WorkerStatusSource for ViaProxy {
     }
 }
 
-pub fn proxy_path(namespace: &str, flow: &str) -> String {
+pub fn pod_proxy_path(namespace: &str, pod: &str) -> String {
     format!(
-        "/api/v1/namespaces/{namespace}/services/{}:http/proxy/status",
-        status_service_name(flow)
+        "/api/v1/namespaces/{namespace}/pods/{pod}:{}/proxy/status",
+        status_port()
     )
 }
 
@@ -207,72 +308,122 @@ fn running(ctx: &Context, flow: &SyncFlow) -> bool {
         && !flow.spec.paused
 }
 
-/// One round: polls every running flow, records the answers, and returns the flows whose answer changed.
-pub async fn poll_once(ctx: &Context, source: &dyn WorkerStatusSource) -> Vec<ObjectRef<SyncFlow>> {
-    let mut changed = Vec::new();
-    for flow in ctx.stores.flows.state() {
-        if !running(ctx, &flow) {
-            continue;
+fn count(ctx: &Context, label: &str) {
+    ctx.metrics
+        .status_polls
+        .get_or_create(&super::metrics::ErrorLabel {
+            kind: "flow".into(),
+            error: label.into(),
+        })
+        .inc();
+}
+
+/// Reads every published pod of one flow, at most `pods_at_once` at a time, all within `timeout` of the start.
+async fn poll_flow(
+    ctx: &Context,
+    source: &dyn WorkerStatusSource,
+    settings: &PollSettings,
+    flow: &SyncFlow,
+    slices: &[Arc<EndpointSlice>],
+) -> Vec<PodObservation> {
+    let ns = flow.namespace().unwrap_or_default();
+    let name = flow.name_any();
+    let token = ctx
+        .stores
+        .tokens
+        .get(&ObjectRef::new(&token_name(&name)).within(&ns))
+        .and_then(|s| {
+            s.data
+                .as_ref()?
+                .get(TOKEN_KEY)
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        });
+    let deadline = tokio::time::Instant::now() + settings.timeout;
+    let (ns, name, token) = (&ns, &name, token.as_deref());
+    stream::iter(worker_pods(slices, ns, name))
+        .map(|pod| async move {
+            // `timeout_at` polls the request before the clock, so an answer that is there is never refused.
+            let answer = match tokio::time::timeout_at(deadline, source.fetch(ns, &pod, token)).await {
+                Ok(Ok(WorkerAnswer::Running(status))) => {
+                    count(ctx, "ok");
+                    PodAnswer::Running(status)
+                }
+                Ok(Ok(WorkerAnswer::NotStarted(failure))) => {
+                    count(ctx, "not_started");
+                    tracing::info!(namespace = %ns, name = %name, pod = %pod.name, error = %failure.error, "worker could not start");
+                    PodAnswer::NotStarted(failure)
+                }
+                Ok(Err(e)) => {
+                    count(ctx, e.metric_label());
+                    tracing::info!(namespace = %ns, name = %name, pod = %pod.name, error = %e, "worker status unavailable");
+                    PodAnswer::Unreachable(e.to_string())
+                }
+                Err(_) => {
+                    count(ctx, "timeout");
+                    let e = format!(
+                        "no answer within {}s, the bound of one flow's status poll",
+                        settings.timeout.as_secs_f64()
+                    );
+                    tracing::info!(namespace = %ns, name = %name, pod = %pod.name, error = %e, "worker status unavailable");
+                    PodAnswer::Unreachable(e)
+                }
+            };
+            PodObservation {
+                pod: pod.name,
+                ready: pod.ready,
+                answer,
+            }
+        })
+        .buffered(settings.pods_at_once.max(1))
+        .collect()
+        .await
+}
+
+/// One round: polls every running flow, records what its pods said, and returns the flows whose observation
+/// changed.
+pub async fn poll_once(
+    ctx: &Context,
+    source: &dyn WorkerStatusSource,
+    settings: &PollSettings,
+) -> Vec<ObjectRef<SyncFlow>> {
+    let flows: Vec<_> = ctx
+        .stores
+        .flows
+        .state()
+        .into_iter()
+        .filter(|f| running(ctx, f))
+        .collect();
+    // Slices by (namespace, Service) once per round, so a round costs one pass over the cache, not one per flow.
+    let mut by_service: HashMap<(String, String), Vec<Arc<EndpointSlice>>> = HashMap::new();
+    for slice in ctx.stores.endpoint_slices.state() {
+        if let (Some(ns), Some(service)) = (
+            slice.metadata.namespace.clone(),
+            slice.labels().get(SERVICE_NAME_LABEL).cloned(),
+        ) {
+            by_service.entry((ns, service)).or_default().push(slice);
         }
-        let ns = flow.namespace().unwrap_or_default();
-        let name = flow.name_any();
-        let token = ctx
-            .stores
-            .tokens
-            .get(&ObjectRef::new(&token_name(&name)).within(&ns))
-            .and_then(|s| {
-                s.data
-                    .as_ref()?
-                    .get(TOKEN_KEY)
-                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            });
-        let observation = match source.fetch(&ns, &name, token.as_deref()).await {
-            Ok(answer) => {
-                let (label, observation) = match answer {
-                    WorkerAnswer::Running(status) => ("ok", Observation::Answered(status)),
-                    WorkerAnswer::NotStarted(failure) => {
-                        tracing::info!(namespace = %ns, name = %name, error = %failure.error, "worker could not start");
-                        ("not_started", Observation::NotStarted(failure))
-                    }
-                };
-                ctx.metrics
-                    .status_polls
-                    .get_or_create(&super::metrics::ErrorLabel {
-                        kind: "flow".into(),
-                        error: label.into(),
-                    })
-                    .inc();
-                observation
-            }
-            Err(e) => {
-                ctx.metrics
-                    .status_polls
-                    .get_or_create(&super::metrics::ErrorLabel {
-                        kind: "flow".into(),
-                        error: e.metric_label().into(),
-                    })
-                    .inc();
-                tracing::info!(namespace = %ns, name = %name, error = %e, "worker status unavailable");
-                Observation::Unreachable(e.to_string())
-            }
-        };
-        let key = ObjectRef::from_obj(&*flow);
-        let mut map = ctx.observations.lock().unwrap_or_else(|e| e.into_inner());
-        let moved = match (map.get(&key), &observation) {
-            (Some(old), new) => old != new,
-            (None, _) => true,
-        };
-        // Unreachable after an answer keeps the last answer (counters do not drop to zero on a blip). A worker
-        // that says it could not start is an answer, and replaces the last one.
-        let keep_old = matches!(observation, Observation::Unreachable(_))
-            && matches!(
-                map.get(&key),
-                Some(Observation::Answered(_) | Observation::NotStarted(_))
+    }
+    let polled: Vec<(ObjectRef<SyncFlow>, Vec<PodObservation>)> = stream::iter(flows)
+        .map(|flow| {
+            let key = (
+                flow.namespace().unwrap_or_default(),
+                status_service_name(&flow.name_any()),
             );
-        if !keep_old {
+            let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+            async move {
+                let pods = poll_flow(ctx, source, settings, &flow, slices).await;
+                (ObjectRef::from_obj(&*flow), pods)
+            }
+        })
+        .buffer_unordered(settings.flows_at_once.max(1))
+        .collect()
+        .await;
+    let mut changed = Vec::new();
+    let mut map = ctx.observations.lock().unwrap_or_else(|e| e.into_inner());
+    for (key, pods) in polled {
+        let observation = Observation::from_pods(pods, map.get(&key));
+        if map.get(&key) != Some(&observation) {
             map.insert(key.clone(), observation);
-        }
-        if moved && !keep_old {
             changed.push(key);
         }
     }
@@ -284,13 +435,14 @@ pub async fn run(
     ctx: Arc<Context>,
     source: Arc<dyn WorkerStatusSource>,
     period: Duration,
+    settings: PollSettings,
     trigger: mpsc::UnboundedSender<ObjectRef<SyncFlow>>,
 ) {
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        for flow in poll_once(&ctx, source.as_ref()).await {
+        for flow in poll_once(&ctx, source.as_ref(), &settings).await {
             if trigger.unbounded_send(flow).is_err() {
                 return;
             }

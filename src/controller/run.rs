@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
@@ -39,6 +40,8 @@ pub struct Settings {
     /// Watch only this namespace; all when `None`.
     pub namespace: Option<String>,
     pub status_via_proxy: bool,
+    /// Bounds of the status poll (concurrency, the per-flow timeout).
+    pub poll: super::poll::PollSettings,
     /// Skip leader election (one replica, or a development run).
     pub no_leader_election: bool,
 }
@@ -96,6 +99,13 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// The EndpointSlices the controller watches: those of its own Services. The EndpointSlice controller copies a
+/// Service's labels onto its slices (all but its own reserved ones), so the managed-by label selects them and no
+/// other Service's slices are held in memory.
+pub fn endpoint_slice_config() -> watcher::Config {
+    watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"))
 }
 
 /// Per-object exponential backoff: the failure count lives in the map until the next success.
@@ -304,6 +314,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         pdbs: wp,
         pvcs: wv,
         tokens: wt,
+        endpoint_slices: we,
     } = writers;
 
     // Reflected streams, shared between the caches and the controllers' triggers.
@@ -352,6 +363,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let tokens = reflector::reflector(wt, watcher(api::<Secret>(&client, ns), managed.clone()))
         .default_backoff()
         .touched_objects();
+    // Nothing reconciles on EndpointSlices: the poller reads the cache each period, so the reflector only has
+    // to be driven.
+    tokio::spawn(
+        reflector::reflector(
+            we,
+            watcher(api::<EndpointSlice>(&client, ns), endpoint_slice_config()),
+        )
+        .default_backoff()
+        .for_each(|_| future::ready(())),
+    );
     // Referenced Secrets are watched by metadata only: the mapper needs names, and the controller should not
     // hold every Secret's data in memory.
     let secret_meta = watcher(
@@ -414,6 +435,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         ctx.clone(),
         source,
         settings.status_period,
+        settings.poll.clone(),
         poll_tx,
     ));
 

@@ -132,8 +132,10 @@ WATCH_PERMISSIONS = {
     # create: the per-flow worker token Secret, created once and never modified.
     ("", "secrets"): {"get", "list", "watch", "create"},
     ("events.k8s.io", "events"): {"create", "patch"},
+    # Which worker pods each status Service publishes: filled by a watch, never read by name.
+    ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
 }
-PROXY_PERMISSION = {("", "services/proxy"): {"get"}}
+PROXY_PERMISSION = {("", "pods/proxy"): {"get"}}
 CRD_PERMISSION = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
 ALL_KNOWN_VERBS = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
@@ -732,9 +734,11 @@ def test_namespaced_rbac_when_watch_namespace_set(scenario: str) -> None:
     assert crb["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role["metadata"]["name"]}
 
 
-def test_services_proxy_only_when_asked() -> None:
+def test_pods_proxy_only_when_asked() -> None:
     for scenario in ("default", "watch-namespace", "single-replica", "custom-images"):
         for role in watch_roles(render(SCENARIOS[scenario])):
+            assert ("", "pods/proxy") not in permissions(role), scenario
+            # The service proxy is no longer used at all: status is read pod by pod.
             assert ("", "services/proxy") not in permissions(role), scenario
 
     cluster_role = one(render(SCENARIOS["status-via-proxy"]), "ClusterRole")
@@ -749,7 +753,7 @@ def test_services_proxy_only_when_asked() -> None:
 def test_values_comment_flags_status_via_proxy_as_broad() -> None:
     text = (CHART / "values.yaml").read_text()
     block = text[text.index("statusViaProxy") - 800 : text.index("statusViaProxy")]
-    assert "services/proxy" in block and "BROAD" in block.upper()
+    assert "pods/proxy" in block and "BROAD" in block.upper()
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
@@ -804,7 +808,7 @@ def test_notes() -> None:
     assert "all namespaces" in notes and "WARNING" not in notes
     notes = render_files(SCENARIOS["watch-namespace-proxy"])["meshline/templates/NOTES.txt"]
     assert 'namespace "tenant-a" only' in notes
-    assert "WARNING" in notes and "services/proxy" in notes
+    assert "WARNING" in notes and "pods/proxy" in notes
 
 
 def test_dockerfile_matches_chart_assumptions() -> None:

@@ -7,10 +7,18 @@
 //! and values, the annotations' total size, a ConfigMap's or Secret's data size, and server-side-apply patches
 //! without the right `apiVersion` and `kind`. A controller bug of that class then fails a reconcile test here
 //! instead of a reconcile on a cluster.
+//!
+//! Collections are listed and watched the way the API server serves them: a GET of a collection path answers a
+//! `<Kind>List` with the `resourceVersion` it reflects, filtered by `labelSelector` (parsed and validated as
+//! apimachinery does: a malformed selector is a 400); with `watch=true` the answer is a stream of
+//! `{"type", "object"}` lines, starting after the given `resourceVersion` (nothing that happened after it is
+//! missed) and open until the double is dropped. Every [`ApiDouble::put`] stamps a new `resourceVersion`.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+
+use futures::channel::mpsc;
 
 use http::{Request, Response};
 use k8s_openapi::ByteString;
@@ -55,6 +63,28 @@ pub struct ApiDouble {
     pub requests: Arc<Mutex<Vec<Recorded>>>,
     /// Objects by their API path (without `/status`), answered to GET and used as the base of PATCH answers.
     pub objects: Arc<Mutex<BTreeMap<String, Value>>>,
+    /// The change log the watches are served from, and the open watches.
+    history: Arc<Mutex<History>>,
+}
+
+/// Every change since the double started (so a watch from any `resourceVersion` is served), and the watches.
+#[derive(Default)]
+struct History {
+    version: u64,
+    events: Vec<(u64, &'static str, String, Value)>,
+    watches: Vec<Watch>,
+}
+
+struct Watch {
+    collection: collections::Collection,
+    selector: selectors::Selector,
+    send: mpsc::UnboundedSender<Result<Vec<u8>, std::io::Error>>,
+}
+
+fn watch_line(kind: &str, object: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
+    line.push(b'\n');
+    line
 }
 
 impl ApiDouble {
@@ -64,7 +94,8 @@ impl ApiDouble {
 
     /// Starts the double and returns a client that talks to it. Needs a Tokio runtime.
     pub fn client(&self) -> Client {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (service, mut handle) =
+            tower_test::mock::pair::<Request<Body>, Response<axum::body::Body>>();
         let me = self.clone();
         tokio::spawn(async move {
             while let Some((request, send)) = handle.next_request().await {
@@ -87,6 +118,18 @@ impl ApiDouble {
                     body,
                     answered: 0,
                 };
+                if let Some(collection) = collections::collection(&recorded) {
+                    let (status, body) = me.serve_collection(&collection, &recorded);
+                    recorded.answered = status;
+                    me.requests.lock().unwrap().push(recorded);
+                    let response = Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(body)
+                        .unwrap();
+                    send.send_response(response);
+                    continue;
+                }
                 let (status, answer) = match rules::check(&recorded) {
                     Ok(()) => me.answer(&recorded),
                     Err(refusal) => refusal,
@@ -96,7 +139,7 @@ impl ApiDouble {
                 let response = Response::builder()
                     .status(status)
                     .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                    .body(axum::body::Body::from(serde_json::to_vec(&answer).unwrap()))
                     .unwrap();
                 send.send_response(response);
             }
@@ -144,11 +187,101 @@ impl ApiDouble {
         }
     }
 
-    pub fn put(&self, path: &str, object: Value) {
-        self.objects
+    /// Stores an object under its API path with a new `resourceVersion`, and tells the watches that select it.
+    pub fn put(&self, path: &str, mut object: Value) {
+        let mut history = self.history.lock().unwrap();
+        history.version += 1;
+        let version = history.version;
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), json!(version.to_string()));
+        }
+        let existed = self
+            .objects
             .lock()
             .unwrap()
-            .insert(path.to_string(), object);
+            .insert(path.to_string(), object.clone())
+            .is_some();
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        history.record(version, kind, path, object);
+    }
+
+    /// Removes an object, as its deletion would, and tells the watches that selected it.
+    pub fn remove(&self, path: &str) {
+        let mut history = self.history.lock().unwrap();
+        let Some(mut object) = self.objects.lock().unwrap().remove(path) else {
+            return;
+        };
+        history.version += 1;
+        let version = history.version;
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.insert("resourceVersion".into(), json!(version.to_string()));
+        }
+        history.record(version, "DELETED", path, object);
+    }
+
+    /// A list or a watch of a collection.
+    fn serve_collection(
+        &self,
+        collection: &collections::Collection,
+        r: &Recorded,
+    ) -> (u16, axum::body::Body) {
+        let full = |status: u16, v: Value| {
+            (
+                status,
+                axum::body::Body::from(serde_json::to_vec(&v).unwrap()),
+            )
+        };
+        let query = collections::query(&r.query);
+        let selector = match selectors::parse(query.get("labelSelector").map_or("", String::as_str))
+        {
+            Ok(s) => s,
+            Err(message) => return full(400, rules::bad_request(message)),
+        };
+        let mut history = self.history.lock().unwrap();
+        let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+        if !watching {
+            let objects = self.objects.lock().unwrap();
+            let items: Vec<Value> = objects
+                .iter()
+                .filter(|(path, object)| collection.holds(path) && selector.matches(object))
+                .map(|(_, o)| o.clone())
+                .collect();
+            return full(
+                200,
+                json!({
+                    "kind": format!("{}List", collection.kind), "apiVersion": collection.api_version(),
+                    "metadata": {"resourceVersion": history.version.to_string()}, "items": items,
+                }),
+            );
+        }
+        let (send, receive) = mpsc::unbounded();
+        // From a version: what happened after it. From none (or "0"): the objects there are now, as ADDED.
+        let since = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|v| *v > 0);
+        match since {
+            Some(since) => {
+                for (version, kind, path, object) in &history.events {
+                    if *version > since && collection.holds(path) && selector.matches(object) {
+                        let _ = send.unbounded_send(Ok(watch_line(kind, object)));
+                    }
+                }
+            }
+            None => {
+                for (path, object) in self.objects.lock().unwrap().iter() {
+                    if collection.holds(path) && selector.matches(object) {
+                        let _ = send.unbounded_send(Ok(watch_line("ADDED", object)));
+                    }
+                }
+            }
+        }
+        history.watches.push(Watch {
+            collection: collection.clone(),
+            selector,
+            send,
+        });
+        (200, axum::body::Body::from_stream(receive))
     }
 
     pub fn put_secret(&self, namespace: &str, name: &str, keys: &[&str]) {
@@ -173,6 +306,239 @@ impl ApiDouble {
 
     pub fn take(&self) -> Vec<Recorded> {
         std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+impl History {
+    fn record(&mut self, version: u64, kind: &'static str, path: &str, object: Value) {
+        self.watches.retain(|w| {
+            if !(w.collection.holds(path) && w.selector.matches(&object)) {
+                return !w.send.is_closed();
+            }
+            w.send.unbounded_send(Ok(watch_line(kind, &object))).is_ok()
+        });
+        self.events.push((version, kind, path.to_string(), object));
+    }
+}
+
+/// Which requests are lists or watches of a collection, and of which one.
+pub mod collections {
+    use std::collections::BTreeMap;
+
+    use super::Recorded;
+
+    /// A collection: every object of a resource, in one namespace or in all.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Collection {
+        /// `/api/v1` or `/apis/<group>/<version>`.
+        pub prefix: String,
+        pub namespace: Option<String>,
+        pub resource: String,
+        pub kind: String,
+        pub group: String,
+        pub version: String,
+    }
+
+    impl Collection {
+        pub fn api_version(&self) -> String {
+            if self.group.is_empty() {
+                self.version.clone()
+            } else {
+                format!("{}/{}", self.group, self.version)
+            }
+        }
+        /// Whether the object at `path` belongs to this collection.
+        pub fn holds(&self, path: &str) -> bool {
+            let Some(rest) = path.strip_prefix(&self.prefix) else {
+                return false;
+            };
+            let parts: Vec<&str> = rest.trim_matches('/').split('/').collect();
+            match (parts.as_slice(), &self.namespace) {
+                (["namespaces", ns, resource, _name], Some(want)) => {
+                    ns == want && *resource == self.resource
+                }
+                (["namespaces", _, resource, _name], None) => *resource == self.resource,
+                _ => false,
+            }
+        }
+    }
+
+    /// The kinds the double lists and watches, by resource.
+    fn kind(resource: &str) -> Option<&'static str> {
+        Some(match resource {
+            "endpointslices" => "EndpointSlice",
+            "services" => "Service",
+            "secrets" => "Secret",
+            "configmaps" => "ConfigMap",
+            "deployments" => "Deployment",
+            _ => return None,
+        })
+    }
+
+    /// The collection a GET is for, if it is one (`.../<resource>` with no name after it).
+    pub fn collection(r: &Recorded) -> Option<Collection> {
+        if r.method != "GET" {
+            return None;
+        }
+        let parts: Vec<&str> = r.path.trim_matches('/').split('/').collect();
+        let (group, version, rest) = match parts.as_slice() {
+            ["api", v, rest @ ..] => ("", *v, rest),
+            ["apis", g, v, rest @ ..] => (*g, *v, rest),
+            _ => return None,
+        };
+        let (namespace, resource) = match rest {
+            ["namespaces", ns, resource] => (Some(ns.to_string()), *resource),
+            [resource] => (None, *resource),
+            _ => return None,
+        };
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        Some(Collection {
+            prefix,
+            namespace,
+            resource: resource.to_string(),
+            kind: kind(resource)?.to_string(),
+            group: group.to_string(),
+            version: version.to_string(),
+        })
+    }
+
+    /// A query string's parameters, percent-decoded.
+    pub fn query(q: &str) -> BTreeMap<String, String> {
+        url::form_urlencoded::parse(q.as_bytes())
+            .into_owned()
+            .collect()
+    }
+}
+
+/// Label selectors as apimachinery's `labels.Parse` reads them: `k=v`, `k==v`, `k!=v`, `k`, `!k`,
+/// `k in (a,b)`, `k notin (a,b)`, joined by commas; keys and values validated like labels, and anything else a
+/// 400 with the parser's words.
+pub mod selectors {
+    use serde_json::Value;
+
+    use super::rules::{label_value_errors, qualified_name_errors};
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Requirement {
+        Equals(String, String),
+        NotEquals(String, String),
+        Exists(String),
+        NotExists(String),
+        In(String, Vec<String>),
+        NotIn(String, Vec<String>),
+    }
+
+    #[derive(Debug, Clone, PartialEq, Default)]
+    pub struct Selector(pub Vec<Requirement>);
+
+    impl Selector {
+        pub fn matches(&self, object: &Value) -> bool {
+            let labels = &object["metadata"]["labels"];
+            let get = |k: &str| labels.get(k).and_then(Value::as_str);
+            self.0.iter().all(|r| match r {
+                Requirement::Equals(k, v) => get(k) == Some(v.as_str()),
+                Requirement::NotEquals(k, v) => get(k) != Some(v.as_str()),
+                Requirement::Exists(k) => get(k).is_some(),
+                Requirement::NotExists(k) => get(k).is_none(),
+                Requirement::In(k, vs) => get(k).is_some_and(|l| vs.iter().any(|v| v == l)),
+                Requirement::NotIn(k, vs) => get(k).is_none_or(|l| vs.iter().all(|v| v != l)),
+            })
+        }
+    }
+
+    fn key(k: &str) -> Result<String, String> {
+        let k = k.trim();
+        match qualified_name_errors(k).first() {
+            None => Ok(k.to_string()),
+            Some(e) => Err(format!(
+                "unable to parse requirement: key: Invalid value: {}: {e}",
+                Value::from(k)
+            )),
+        }
+    }
+
+    fn value(k: &str, v: &str) -> Result<String, String> {
+        let v = v.trim();
+        match label_value_errors(v).first() {
+            None => Ok(v.to_string()),
+            Some(e) => Err(format!(
+                "unable to parse requirement: values[0][{k}]: Invalid value: {}: {e}",
+                Value::from(v)
+            )),
+        }
+    }
+
+    /// Splits at the commas outside parentheses.
+    fn split(s: &str) -> Result<Vec<&str>, String> {
+        let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+        for (i, c) in s.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    out.push(&s[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+            if !(0..=1).contains(&depth) {
+                return Err(format!(
+                    "unable to parse requirement: unbalanced parentheses in {s:?}"
+                ));
+            }
+        }
+        if depth != 0 {
+            return Err(format!(
+                "unable to parse requirement: unbalanced parentheses in {s:?}"
+            ));
+        }
+        out.push(&s[start..]);
+        Ok(out)
+    }
+
+    fn set(k: &str, rest: &str) -> Result<Vec<String>, String> {
+        let inner = rest
+            .trim()
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| format!("found '{}', expected: '('", rest.trim()))?;
+        inner.split(',').map(|v| value(k, v)).collect()
+    }
+
+    pub fn parse(selector: &str) -> Result<Selector, String> {
+        if selector.trim().is_empty() {
+            return Ok(Selector::default());
+        }
+        let mut out = Vec::new();
+        for part in split(selector)? {
+            let part = part.trim();
+            if part.is_empty() {
+                return Err(format!("found '', expected: identifier in {selector:?}"));
+            }
+            let r = if let Some(k) = part.strip_prefix('!') {
+                Requirement::NotExists(key(k)?)
+            } else if let Some((k, v)) = part.split_once("!=") {
+                let k = key(k)?;
+                Requirement::NotEquals(k.clone(), value(&k, v)?)
+            } else if let Some((k, v)) = part.split_once("==").or_else(|| part.split_once('=')) {
+                let k = key(k)?;
+                Requirement::Equals(k.clone(), value(&k, v)?)
+            } else if let Some((k, rest)) = part.split_once(" notin ") {
+                let k = key(k)?;
+                Requirement::NotIn(k.clone(), set(&k, rest)?)
+            } else if let Some((k, rest)) = part.split_once(" in ") {
+                let k = key(k)?;
+                Requirement::In(k.clone(), set(&k, rest)?)
+            } else {
+                Requirement::Exists(key(part)?)
+            };
+            out.push(r);
+        }
+        Ok(Selector(out))
     }
 }
 

@@ -128,11 +128,17 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# Which worker pods each flow's status Service publishes, so the controller
+# reads /status from every pod. Only list and watch: the cache is filled by a
+# watch and nothing reads one slice by name.
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["list", "watch"]
 {{- if .Values.controller.statusViaProxy }}
 # controller.statusViaProxy: true. Broad: GET through the API server proxy to
-# any Service in scope.
+# any pod in scope (each worker pod's /status is read through it).
 - apiGroups: [""]
-  resources: ["services/proxy"]
+  resources: ["pods/proxy"]
   verbs: ["get"]
 {{- end }}
 {{- end }}

@@ -1,21 +1,26 @@
 //! Step 6 of the flow reconcile, the pure part: the status a flow should have, from the gates, the Deployment
-//! and the worker's last `/status` answer; and whether it differs from the status it has.
+//! and what the worker pods last said on `/status`; and whether it differs from the status it has.
 //!
-//! Conditions are emitted in a fixed order (gates, then Progressing, Ready, Degraded, DiskPressure) because the
-//! Argo CD health Lua in the README returns on the first of Ready/Progressing it meets.
+//! Conditions are emitted in a fixed order (gates, then Progressing, Ready, Degraded, DiskPressure,
+//! StatusUnavailable) because the Argo CD health Lua in the README returns on the first of Ready/Progressing it
+//! meets.
 //!
-//! The worker's problems (`WorkerStatus.problems`, or the 503 body of a worker that could not start) become
-//! conditions: `DiskPressure` is its own condition and degrades the flow while it holds (the worker refuses
-//! intake but still delivers); any other problem (`LedgerUnavailable`, `CredentialsInvalid`, `StartupFailed`)
-//! keeps the worker from its work, so Ready is False and Degraded True, with the problem's kind as the reason and
-//! the worker's message as the message. `SourceApiLimit` (the CRM's daily API allowance runs low, so the poll
-//! is slowed) degrades the flow but leaves it Ready: records arrive later, nothing stops.
+//! The counters come from the ledger the pods share, read once; everything that lives in a worker process
+//! comes from each pod. The workers' problems (`WorkerStatus.problems`, or the 503 body of a worker that could
+//! not start) become conditions: `DiskPressure` is its own condition and degrades the flow while any pod has it
+//! (that worker refuses intake but still delivers); any other problem (`LedgerUnavailable`,
+//! `CredentialsInvalid`, `StartupFailed`) keeps that pod from its work, so Degraded is True with the problem's
+//! kind as the reason and the worker's message as the message, and Ready is False when no pod is free of such
+//! problems. Any pod's open circuit breaker or gate degrades the flow. With several pods, each message names
+//! the pods it is about. A pod that does not answer makes `StatusUnavailable` True with its error.
+//! `SourceApiLimit` (the CRM's daily API allowance runs low, so the poll is slowed) degrades the flow but
+//! leaves it Ready: records arrive later, nothing stops.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use rust_decimal::Decimal;
 
 use super::validate::{Gate, Verdict};
-use crate::api::{Condition, SlaSpec, SyncFlowStatus};
+use crate::api::{Condition, SlaSpec, SyncFlowStatus, WorkerPodStatus};
 use crate::controller::poll::StartupFailure;
 use crate::worker::api::{WorkerProblem, WorkerStatus};
 
@@ -23,30 +28,115 @@ use crate::worker::api::{WorkerProblem, WorkerStatus};
 pub const DISK_PRESSURE: &str = "DiskPressure";
 /// The problem kind of a slowed poll: it degrades the flow but does not keep the worker from its work.
 pub const SOURCE_API_LIMIT: &str = "SourceApiLimit";
+/// The condition that names worker pods the last poll could not read.
+pub const STATUS_UNAVAILABLE: &str = "StatusUnavailable";
+/// How many worker pods `status.workers` lists (the CRD's `maxItems`); the rest are counted in
+/// `workersOmitted`.
+pub const WORKERS_LISTED: usize = 20;
+/// The CRD's bound on a listed pod's `message` and `paused`.
+const WORKER_TEXT_MAX: usize = 512;
 /// The reason when a worker that could not start lists no problem.
 const STARTUP_FAILED: &str = "StartupFailed";
 /// The CRD's bounds of a condition's `reason` and `message`: a status beyond them is refused by the API server.
 pub const REASON_MAX: usize = 128;
 pub const MESSAGE_MAX: usize = 4096;
 
-/// What the last status poll saw for one flow.
+/// What one worker pod answered to the last status poll.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Observation {
-    Answered(Box<WorkerStatus>),
+pub enum PodAnswer {
+    Running(Box<WorkerStatus>),
     /// The worker answered 503: its pipeline could not start, for the reasons it gives.
     NotStarted(StartupFailure),
-    /// The worker did not answer; the counters keep their last values.
+    /// The pod did not answer (or not in time), with why.
     Unreachable(String),
 }
 
-impl Observation {
-    /// The problems the worker reports, and the error of a worker that could not start.
+/// One worker pod in the last status poll.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodObservation {
+    pub pod: String,
+    /// Whether the pod passes its readiness probe.
+    pub ready: bool,
+    pub answer: PodAnswer,
+}
+
+impl PodObservation {
+    /// The problems the pod reports, and the error of a pod that could not start.
     fn problems(&self) -> (&[WorkerProblem], Option<&str>) {
-        match self {
-            Observation::Answered(w) => (&w.problems, None),
-            Observation::NotStarted(f) => (&f.problems, Some(&f.error)),
-            Observation::Unreachable(_) => (&[], None),
+        match &self.answer {
+            PodAnswer::Running(w) => (&w.problems, None),
+            PodAnswer::NotStarted(f) => (&f.problems, Some(&f.error)),
+            PodAnswer::Unreachable(_) => (&[], None),
         }
+    }
+
+    /// Its problems that keep it from its work (all but disk pressure), as (reason, message); a pod that could
+    /// not start and names no problem is `StartupFailed` with its error.
+    fn blocking(&self) -> Vec<(String, String)> {
+        let (problems, startup_error) = self.problems();
+        let mut out: Vec<(String, String)> = problems
+            .iter()
+            .filter(|p| p.kind != DISK_PRESSURE && p.kind != SOURCE_API_LIMIT)
+            .map(|p| (problem_reason(&p.kind), p.message.clone()))
+            .collect();
+        if let (true, Some(error)) = (out.is_empty(), startup_error) {
+            out.push((STARTUP_FAILED.to_string(), error.to_string()));
+        }
+        out
+    }
+
+    fn disk_pressure(&self) -> Option<&WorkerProblem> {
+        self.problem(DISK_PRESSURE)
+    }
+
+    fn problem(&self, kind: &str) -> Option<&WorkerProblem> {
+        self.problems().0.iter().find(|p| p.kind == kind)
+    }
+
+    /// Running with nothing keeping it from its work.
+    fn works(&self) -> bool {
+        matches!(self.answer, PodAnswer::Running(_)) && self.blocking().is_empty()
+    }
+}
+
+/// What the last status poll saw for one flow: the ledger's numbers once, and each published pod.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// The numbers of the ledger the pods share, from one pod that answered (the first by name); when none
+    /// answered this time, the last ones read (see `ledger_fresh`), so the counters never drop to zero on a
+    /// blip.
+    pub ledger: Option<Box<WorkerStatus>>,
+    /// Whether `ledger` was read in this poll.
+    pub ledger_fresh: bool,
+    /// Every worker pod the status Service publishes, sorted by name.
+    pub pods: Vec<PodObservation>,
+}
+
+impl Observation {
+    /// Folds one poll's pod answers into an observation, carrying the last ledger numbers when no pod gave any.
+    pub fn from_pods(mut pods: Vec<PodObservation>, previous: Option<&Observation>) -> Observation {
+        pods.sort_by(|a, b| a.pod.cmp(&b.pod));
+        let fresh = pods.iter().find_map(|p| match &p.answer {
+            PodAnswer::Running(w) => Some(w.clone()),
+            _ => None,
+        });
+        Observation {
+            ledger_fresh: fresh.is_some(),
+            ledger: fresh.or_else(|| previous.and_then(|p| p.ledger.clone())),
+            pods,
+        }
+    }
+
+    /// One pod that answered with `status`: what a single-replica flow's poll sees.
+    pub fn answered(pod: &str, status: WorkerStatus) -> Observation {
+        Observation::from_pods(
+            vec![PodObservation {
+                pod: pod.into(),
+                ready: true,
+                answer: PodAnswer::Running(Box::new(status)),
+            }],
+            None,
+        )
     }
 }
 
@@ -64,30 +154,114 @@ fn problem_reason(kind: &str) -> String {
     }
 }
 
-/// The problems that keep the worker from its work (all but disk pressure), as (reason, message); a worker that
-/// could not start and names no problem is `StartupFailed` with its error.
-fn blocking_problems(observation: Option<&Observation>) -> Vec<(String, String)> {
-    let Some(o) = observation else {
-        return Vec::new();
-    };
-    let (problems, startup_error) = o.problems();
-    let mut out: Vec<(String, String)> = problems
-        .iter()
-        .filter(|p| p.kind != DISK_PRESSURE && p.kind != SOURCE_API_LIMIT)
-        .map(|p| (problem_reason(&p.kind), p.message.clone()))
-        .collect();
-    if let (true, Some(error)) = (out.is_empty(), startup_error) {
-        out.push((STARTUP_FAILED.to_string(), error.to_string()));
+/// Findings (reason, message) gathered from the pods, the same finding of several pods said once with their
+/// names. A flow with one pod gets the worker's message as it is.
+#[derive(Default)]
+struct Findings {
+    multi: bool,
+    items: Vec<(String, String, Vec<String>)>,
+}
+
+impl Findings {
+    fn new(observation: Option<&Observation>) -> Findings {
+        Findings {
+            multi: observation.is_some_and(|o| o.pods.len() > 1),
+            items: Vec::new(),
+        }
     }
-    out
+    fn push(&mut self, pod: &str, reason: String, message: String) {
+        match self
+            .items
+            .iter_mut()
+            .find(|(r, m, _)| *r == reason && *m == message)
+        {
+            Some((_, _, pods)) => pods.push(pod.to_string()),
+            None => self.items.push((reason, message, vec![pod.to_string()])),
+        }
+    }
+    fn render(&self) -> Vec<(String, String)> {
+        self.items
+            .iter()
+            .map(|(reason, message, pods)| {
+                let message = match (self.multi, pods.len()) {
+                    (false, _) => message.clone(),
+                    (true, 1) => format!("pod {}: {message}", pods[0]),
+                    (true, _) => format!("pods {}: {message}", pods.join(", ")),
+                };
+                (reason.clone(), message)
+            })
+            .collect()
+    }
 }
 
-fn disk_pressure(observation: Option<&Observation>) -> Option<&WorkerProblem> {
-    problem(observation, DISK_PRESSURE)
+/// The problems that keep pods from their work, and whether they keep the whole flow from it (no pod works).
+fn blocking_problems(observation: Option<&Observation>) -> (Vec<(String, String)>, bool) {
+    let mut findings = Findings::new(observation);
+    let Some(o) = observation else {
+        return (Vec::new(), false);
+    };
+    for pod in &o.pods {
+        for (reason, message) in pod.blocking() {
+            findings.push(&pod.pod, reason, message);
+        }
+    }
+    let out = findings.render();
+    let none_works = !out.is_empty() && !o.pods.iter().any(PodObservation::works);
+    (out, none_works)
 }
 
-fn problem<'a>(observation: Option<&'a Observation>, kind: &str) -> Option<&'a WorkerProblem> {
-    observation?.problems().0.iter().find(|p| p.kind == kind)
+/// Disk pressure as the pods report it: the message (with the pods when several), and whether any does.
+fn disk_pressure(observation: Option<&Observation>, with_since: bool) -> Option<String> {
+    let o = observation?;
+    let mut findings = Findings::new(Some(o));
+    for pod in &o.pods {
+        if let Some(p) = pod.disk_pressure() {
+            let message = if with_since {
+                format!("{} (since {})", p.message, p.since)
+            } else {
+                p.message.clone()
+            };
+            findings.push(&pod.pod, DISK_PRESSURE.into(), message);
+        }
+    }
+    let out = findings.render();
+    (!out.is_empty()).then(|| {
+        out.into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// A slowed poll as the pods report it (the poller runs in every pod, each with its own allowance reading).
+fn source_api_limit(observation: Option<&Observation>) -> Option<String> {
+    let o = observation?;
+    let mut findings = Findings::new(Some(o));
+    for pod in &o.pods {
+        if let Some(p) = pod.problem(SOURCE_API_LIMIT) {
+            findings.push(&pod.pod, SOURCE_API_LIMIT.into(), p.message.clone());
+        }
+    }
+    let out = findings.render();
+    (!out.is_empty()).then(|| {
+        out.into_iter()
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// Each pod's own reasons to degrade the flow: an open circuit breaker, a gate that holds all work.
+fn process_breaches(observation: Option<&Observation>) -> Vec<(String, String)> {
+    let mut findings = Findings::new(observation);
+    for pod in observation.map(|o| o.pods.as_slice()).unwrap_or(&[]) {
+        if let PodAnswer::Running(w) = &pod.answer {
+            for (reason, message) in process_state_breaches(w) {
+                findings.push(&pod.pod, reason.to_string(), message);
+            }
+        }
+    }
+    findings.render()
 }
 
 /// The inputs of the status computation.
@@ -147,7 +321,7 @@ pub fn duration_seconds(d: &kube::core::Duration) -> f64 {
     std::time::Duration::from(*d).as_secs_f64()
 }
 
-/// Why the flow is degraded according to the worker's numbers and the contract's SLA, if it is.
+/// Why the flow is degraded according to the ledger's numbers and the contract's SLA, if it is.
 pub fn sla_breaches(worker: &WorkerStatus, sla: Option<&SlaSpec>) -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     if let Some(sla) = sla {
@@ -182,6 +356,13 @@ pub fn sla_breaches(worker: &WorkerStatus, sla: Option<&SlaSpec>) -> Vec<(&'stat
             ));
         }
     }
+    out
+}
+
+/// Why one worker process degrades the flow, whatever the ledger says: its circuit breaker is open, or a gate
+/// (a lookup that never loaded) holds all its work. These live in each process, so each pod is asked.
+pub fn process_state_breaches(worker: &WorkerStatus) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
     if let Some(breaker) = &worker.circuit_breaker {
         out.push((
             "CircuitBreakerOpen",
@@ -207,7 +388,7 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
     status.observed_generation = g;
     status.active_contract_version = v.contract.as_ref().map(|c| c.spec.version.clone());
 
-    if let Some(Observation::Answered(w)) = i.observation {
+    if let Some(w) = i.observation.and_then(|o| o.ledger.as_deref()) {
         status.counters = w.counters.clone();
         status.failure_rate = Some(w.failure_rate.clone());
         status.last_delivery_time = w.last_delivery_time.clone();
@@ -254,22 +435,24 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
                 g,
             )
         };
-        // The worker's own problems come first: they are more specific than the numbers they cause.
-        let blocking = blocking_problems(i.observation);
+        // The workers' own problems come first: they are more specific than the numbers they cause.
+        let (blocking, none_works) = blocking_problems(i.observation);
         let mut breaches: Vec<(String, String)> = blocking.clone();
-        if let Some(p) = disk_pressure(i.observation) {
-            breaches.push((DISK_PRESSURE.to_string(), p.message.clone()));
+        if let Some(message) = disk_pressure(i.observation, false) {
+            breaches.push((DISK_PRESSURE.to_string(), message));
         }
-        if let Some(p) = problem(i.observation, SOURCE_API_LIMIT) {
-            breaches.push((SOURCE_API_LIMIT.to_string(), p.message.clone()));
+        if let Some(message) = source_api_limit(i.observation) {
+            breaches.push((SOURCE_API_LIMIT.to_string(), message));
         }
-        if let Some(Observation::Answered(w)) = i.observation {
+        if let Some(w) = i.observation.and_then(|o| o.ledger.as_deref()) {
             breaches.extend(
                 sla_breaches(w, i.sla)
                     .into_iter()
                     .map(|(r, m)| (r.to_string(), m)),
             );
         }
+        // Any pod's open breaker degrades the flow: that pod's share of the records waits.
+        breaches.extend(process_breaches(i.observation));
         // Pods that stay unready after the rollout finished are a fault, not progress.
         if i.deployment.is_some() && observed && updated >= want && ready_pods < want {
             breaches.push((
@@ -277,7 +460,9 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
                 format!("{ready_pods}/{want} worker pods are ready"),
             ));
         }
-        ready = if let Some((reason, _)) = blocking.first() {
+        // Ready goes False for the workers' problems only when no pod can do the work; a pod in trouble beside
+        // a working one is Degraded.
+        ready = if let (true, Some((reason, _))) = (none_works, blocking.first()) {
             let message = blocking
                 .iter()
                 .map(|b| b.1.as_str())
@@ -303,8 +488,9 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
         };
         degraded = if breaches.is_empty() {
             let why = match i.observation {
-                Some(Observation::Unreachable(e)) => {
-                    format!("within SLA as last seen; worker status unavailable: {e}")
+                Some(o) if o.ledger.is_some() && !o.ledger_fresh => {
+                    "within SLA as last seen; no worker pod answered (see StatusUnavailable)"
+                        .to_string()
                 }
                 _ => "within SLA".to_string(),
             };
@@ -325,7 +511,13 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
         ready,
         degraded,
         disk_pressure_condition(running, i.observation, g),
+        status_unavailable_condition(running, i.observation, g),
     ]);
+    (status.workers, status.workers_omitted) = if running {
+        worker_list(i.observation)
+    } else {
+        (Vec::new(), None)
+    };
     status.conditions = carry_transition_times(
         i.previous.map(|p| p.conditions.as_slice()).unwrap_or(&[]),
         conditions,
@@ -334,28 +526,25 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
     status
 }
 
-/// `DiskPressure`: True while the worker reports it, False when its last answer does not, Unknown when no worker
-/// runs or none has answered yet.
+/// `DiskPressure`: True while any worker pod reports it, False when the pods that answered do not, Unknown when
+/// no worker runs or none has answered yet.
 fn disk_pressure_condition(
     running: bool,
     observation: Option<&Observation>,
     generation: Option<i64>,
 ) -> Condition {
-    let answered = matches!(
-        observation,
-        Some(Observation::Answered(_) | Observation::NotStarted(_))
-    );
-    let (status, reason, message) = match disk_pressure(observation) {
+    let answered = observation.is_some_and(|o| {
+        o.pods
+            .iter()
+            .any(|p| !matches!(p.answer, PodAnswer::Unreachable(_)))
+    });
+    let (status, reason, message) = match disk_pressure(observation, true) {
         _ if !running => (
             "Unknown",
             "WorkerNotRunning",
             "no worker runs for this flow".to_string(),
         ),
-        Some(p) => (
-            "True",
-            DISK_PRESSURE,
-            format!("{} (since {})", p.message, p.since),
-        ),
+        Some(message) => ("True", DISK_PRESSURE, message),
         None if answered => (
             "False",
             "NoDiskPressure",
@@ -375,6 +564,131 @@ fn disk_pressure_condition(
         observed_generation: generation,
         last_transition_time: None,
     }
+}
+
+/// The condition that says the status is not what the pods say right now: True when a published pod did not
+/// answer (with its error) or the status Service publishes no pod at all, so numbers that stopped moving are
+/// never mistaken for a quiet flow.
+fn status_unavailable_condition(
+    running: bool,
+    observation: Option<&Observation>,
+    generation: Option<i64>,
+) -> Condition {
+    let (status, reason, message) = match observation {
+        _ if !running => (
+            "Unknown",
+            "WorkerNotRunning",
+            "no worker runs for this flow".to_string(),
+        ),
+        None => (
+            "Unknown",
+            "NoWorkerStatus",
+            "the worker's status has not been read yet".to_string(),
+        ),
+        Some(o) if o.pods.is_empty() => (
+            "True",
+            "NoWorkerPods",
+            "the flow's status Service publishes no worker pod yet; the counters are as last read"
+                .to_string(),
+        ),
+        Some(o) => {
+            let mut findings = Findings::new(Some(o));
+            for pod in &o.pods {
+                if let PodAnswer::Unreachable(e) = &pod.answer {
+                    findings.push(&pod.pod, "WorkerUnreachable".into(), e.clone());
+                }
+            }
+            let unreachable = findings.render();
+            if unreachable.is_empty() {
+                (
+                    "False",
+                    "AllWorkersAnswered",
+                    format!("{} of {} worker pods answered", o.pods.len(), o.pods.len()),
+                )
+            } else {
+                let mut message = unreachable
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if !o.ledger_fresh {
+                    message.push_str("; the counters are as last read");
+                }
+                ("True", "WorkerUnreachable", message)
+            }
+        }
+    };
+    Condition {
+        r#type: STATUS_UNAVAILABLE.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: None,
+    }
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut.
+fn bounded(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max - 1).collect();
+    out.push('…');
+    out
+}
+
+/// The per-pod list of the status: pods in trouble first (then by name), at most [`WORKERS_LISTED`], every
+/// field within the CRD's bounds; and how many were left out.
+fn worker_list(observation: Option<&Observation>) -> (Vec<WorkerPodStatus>, Option<i32>) {
+    let Some(o) = observation else {
+        return (Vec::new(), None);
+    };
+    let mut list: Vec<WorkerPodStatus> = o
+        .pods
+        .iter()
+        .map(|p| {
+            let (state, breaker, paused, message) = match &p.answer {
+                PodAnswer::Running(w) => (
+                    "Running",
+                    w.circuit_breaker.as_ref(),
+                    w.paused.as_deref(),
+                    w.circuit_breaker.as_ref().map(|b| b.reason.as_str()),
+                ),
+                PodAnswer::NotStarted(f) => ("NotStarted", None, None, Some(f.error.as_str())),
+                PodAnswer::Unreachable(e) => ("Unreachable", None, None, Some(e.as_str())),
+            };
+            WorkerPodStatus {
+                pod: bounded(&p.pod, 253),
+                ready: p.ready,
+                state: state.into(),
+                circuit_breaker_open_since: breaker.map(|b| bounded(&b.since, 64)),
+                paused: paused.map(|r| bounded(r, WORKER_TEXT_MAX)),
+                problems: p
+                    .problems()
+                    .0
+                    .iter()
+                    .take(8)
+                    .map(|k| problem_reason(&k.kind))
+                    .collect(),
+                message: message.map(|m| bounded(m, WORKER_TEXT_MAX)),
+            }
+        })
+        .collect();
+    let trouble = |w: &WorkerPodStatus| {
+        !(w.state == "Running"
+            && w.ready
+            && w.circuit_breaker_open_since.is_none()
+            && w.paused.is_none()
+            && w.problems.is_empty())
+    };
+    list.sort_by(|a, b| trouble(b).cmp(&trouble(a)).then_with(|| a.pod.cmp(&b.pod)));
+    let omitted = list.len().saturating_sub(WORKERS_LISTED);
+    list.truncate(WORKERS_LISTED);
+    (
+        list,
+        (omitted > 0).then(|| i32::try_from(omitted).unwrap_or(i32::MAX)),
+    )
 }
 
 /// Keeps a condition within the CRD's bounds (a worker's message, a compile error), so that the status write
@@ -460,6 +774,38 @@ mod tests {
 
     fn sla(max: &str) -> SlaSpec {
         serde_json::from_value(serde_json::json!({"maxFailureRate": max})).expect("an SLA")
+    }
+
+    #[test]
+    fn a_listed_pod_stays_within_the_crd_bounds_whatever_its_worker_says() {
+        let mut w = worker("0", Some("0"));
+        w.paused = Some("p".repeat(5000));
+        w.circuit_breaker = Some(crate::worker::api::BreakerStatus {
+            reason: "r".repeat(5000),
+            since: "s".repeat(500),
+        });
+        w.problems = (0..12)
+            .map(|i| WorkerProblem {
+                kind: format!("Kind{i}"),
+                message: "m".into(),
+                since: "t".into(),
+            })
+            .collect();
+        let (list, omitted) = worker_list(Some(&Observation::answered(&"n".repeat(300), w)));
+        assert_eq!(omitted, None);
+        let p = &list[0];
+        assert_eq!(p.pod.chars().count(), 253);
+        assert_eq!(p.paused.as_ref().unwrap().chars().count(), WORKER_TEXT_MAX);
+        assert_eq!(p.message.as_ref().unwrap().chars().count(), WORKER_TEXT_MAX);
+        assert_eq!(
+            p.circuit_breaker_open_since
+                .as_ref()
+                .unwrap()
+                .chars()
+                .count(),
+            64
+        );
+        assert_eq!(p.problems.len(), 8);
     }
 
     #[test]
