@@ -74,6 +74,7 @@ fn harness() -> Harness {
         double.client(),
         BuildSettings {
             worker_image: "ghcr.io/meshline/meshline:test".into(),
+            ..BuildSettings::default()
         },
         stores,
         Arc::new(Metrics::new()),
@@ -227,8 +228,22 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         w[5].path,
         format!("/apis/apps/v1/namespaces/{NS}/deployments/meshline-{FLOW}")
     );
-    // Every child is owned by the flow, as its controller, blocking its deletion.
-    for r in &w[..6] {
+    // Every child but the ledger is owned by the flow, as its controller, blocking its deletion. The ledger is
+    // retained by default: no owner reference, so it outlives the flow.
+    assert_eq!(w[2].kind(), "PersistentVolumeClaim");
+    assert!(
+        w[2].body["metadata"].get("ownerReferences").is_none(),
+        "{}",
+        w[2].body
+    );
+    assert_eq!(
+        w[2].body["metadata"]["labels"]["sync.meshline.io/flow"],
+        FLOW
+    );
+    for r in w[..6]
+        .iter()
+        .filter(|r| r.kind() != "PersistentVolumeClaim")
+    {
         let owner = &r.body["metadata"]["ownerReferences"][0];
         assert_eq!(owner["kind"], "SyncFlow");
         assert_eq!(owner["uid"], "flow-uid-1");

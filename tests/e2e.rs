@@ -161,6 +161,7 @@ where
         status_period: Duration::from_secs(5),
         worker_image: std::env::var("MESHLINE_E2E_WORKER_IMAGE")
             .unwrap_or_else(|_| "ghcr.io/meshline/meshline:latest".into()),
+        worker_defaults: Default::default(),
         lease_name: "meshline-e2e".into(),
         lease_namespace: ns.clone(),
         identity: "e2e".into(),

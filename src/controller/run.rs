@@ -32,6 +32,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub status_period: Duration,
     pub worker_image: String,
+    /// `--worker-defaults`: pod settings under each flow's own `spec.worker`.
+    pub worker_defaults: crate::api::WorkerPodSettings,
     pub lease_name: String,
     /// Namespace of the Lease (the controller's own, `POD_NAMESPACE`).
     pub lease_namespace: String,
@@ -288,6 +290,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         client.clone(),
         BuildSettings {
             worker_image: settings.worker_image.clone(),
+            worker_defaults: settings.worker_defaults.clone(),
         },
         stores.clone(),
         metrics.clone(),
