@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Servi
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use meshline::api::{LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow};
+use meshline::api::{
+    LedgerRetentionPolicy, LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow,
+};
 use meshline::controller::flow::build::BuildSettings;
 use meshline::controller::flow::status::Observation;
 use meshline::controller::metrics::Metrics;
@@ -1025,4 +1027,265 @@ async fn a_long_worker_message_is_bounded_so_the_status_is_accepted() {
             .iter()
             .all(|c| c["reason"] != "not a word!")
     );
+}
+
+fn pvc_writes(requests: &[Recorded]) -> Vec<&Recorded> {
+    writes(requests)
+        .into_iter()
+        .filter(|r| r.path.contains("/persistentvolumeclaims"))
+        .collect()
+}
+
+fn with_policy(mut f: SyncFlow, policy: LedgerRetentionPolicy, generation: i64) -> SyncFlow {
+    f.spec.ledger.retention_policy = policy;
+    f.metadata.generation = Some(generation);
+    f
+}
+
+#[tokio::test]
+async fn retention_policy_switches_move_the_ledgers_owner_reference_and_nothing_else() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    let ledger_path =
+        format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/meshline-{FLOW}-ledger");
+
+    // Retain → Delete: the flow takes ownership, so garbage collection deletes the ledger with it.
+    f = with_policy(f, LedgerRetentionPolicy::Delete, 2);
+    let second = reconcile(&h, &f).await;
+    let kinds: Vec<&str> = writes(&second).iter().map(|r| r.kind()).collect();
+    assert_eq!(
+        kinds,
+        vec!["PersistentVolumeClaim", "SyncFlow"],
+        "the worker does not restart for a retention policy"
+    );
+    let pvc = pvc_writes(&second)[0];
+    assert_eq!(pvc.path, ledger_path);
+    assert!(pvc.is_forced_apply());
+    let owner = &pvc.body["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["uid"], "flow-uid-1");
+    assert_eq!(owner["controller"], true);
+    assert_eq!(owner["blockOwnerDeletion"], true);
+    settle(&mut h, &second, &mut f);
+    assert!(pvc_writes(&reconcile(&h, &f).await).is_empty());
+
+    // Delete → Retain: the same apply without the reference releases it.
+    f = with_policy(f, LedgerRetentionPolicy::Retain, 3);
+    let third = reconcile(&h, &f).await;
+    let pvc = pvc_writes(&third);
+    assert_eq!(pvc.len(), 1, "{pvc:#?}");
+    assert_eq!(pvc[0].method, "PATCH");
+    assert!(pvc[0].body["metadata"].get("ownerReferences").is_none());
+    assert!(!writes(&third).iter().any(|r| r.method == "DELETE"));
+}
+
+#[tokio::test]
+async fn a_flow_that_cannot_start_still_protects_its_ledger_when_told_to_retain_it() {
+    let mut h = harness();
+    let mut f = with_policy(flow(), LedgerRetentionPolicy::Delete, 1);
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    // The live ledger was resized by hand (or before a storageSize edit): ownership changes must not touch it.
+    let mut live: PersistentVolumeClaim =
+        serde_json::from_value(pvc_writes(&first)[0].body.clone()).unwrap();
+    live.spec
+        .as_mut()
+        .unwrap()
+        .resources
+        .as_mut()
+        .unwrap()
+        .requests = Some(
+        [(
+            "storage".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("5Gi".into()),
+        )]
+        .into(),
+    );
+    apply(&mut h.writers.pvcs, live);
+    // The roster stops covering the flow, and someone sets Retain before deleting the broken flow.
+    let mut r = roster();
+    r.spec.assignments.clear();
+    apply(&mut h.writers.rosters, r);
+    f = with_policy(f, LedgerRetentionPolicy::Retain, 2);
+    let requests = reconcile(&h, &f).await;
+    let pvc = pvc_writes(&requests);
+    assert_eq!(pvc.len(), 1, "{:#?}", writes(&requests));
+    let body = &pvc[0].body;
+    assert!(pvc[0].is_forced_apply());
+    assert!(body["metadata"].get("ownerReferences").is_none(), "{body}");
+    assert_eq!(
+        body["spec"]["resources"]["requests"]["storage"], "5Gi",
+        "the live size is kept while the flow is not running"
+    );
+    assert!(
+        body["metadata"]["annotations"]
+            .get("sync.meshline.io/applied-hash")
+            .is_none(),
+        "without the content hash, the full apply is not skipped once the flow starts again"
+    );
+    assert!(
+        !writes(&requests)
+            .iter()
+            .any(|r| r.method == "DELETE" || r.kind() == "Deployment"),
+        "{:#?}",
+        writes(&requests)
+    );
+    settle(&mut h, &requests, &mut f);
+    assert!(
+        pvc_writes(&reconcile(&h, &f).await).is_empty(),
+        "once in step, nothing more is written"
+    );
+}
+
+#[tokio::test]
+async fn a_recreated_flow_finds_its_retained_ledger_as_it_was() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    // The flow is deleted: the controller writes nothing, least of all a delete of the ledger.
+    let mut deleting = f.clone();
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let gone = reconcile(&h, &deleting).await;
+    assert!(writes(&gone).is_empty(), "{:#?}", writes(&gone));
+    // Garbage collection removes what the old flow owned; the ledger had no owner and stays in the cache.
+    let ledger = ObjectRef::new(&format!("meshline-{FLOW}-ledger")).within(NS);
+    assert!(h.ctx.stores.pvcs.get(&ledger).is_some());
+    for name in [format!("meshline-{FLOW}")] {
+        let d = h
+            .ctx
+            .stores
+            .deployments
+            .get(&ObjectRef::new(&name).within(NS))
+            .unwrap();
+        h.writers
+            .deployments
+            .apply_watcher_event(&watcher::Event::Delete((*d).clone()));
+    }
+    // The same flow, applied again: a new object with a new uid.
+    let mut again = flow();
+    again.metadata.uid = Some("flow-uid-2".into());
+    let requests = reconcile(&h, &again).await;
+    let w = writes(&requests);
+    assert!(
+        pvc_writes(&requests).is_empty(),
+        "the retained ledger already is what the new flow wants: it is reused untouched"
+    );
+    let d = w.iter().find(|r| r.kind() == "Deployment").unwrap();
+    let claim = d.body["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "state")
+        .unwrap()["persistentVolumeClaim"]["claimName"]
+        .clone();
+    assert_eq!(claim, format!("meshline-{FLOW}-ledger"));
+    assert_eq!(
+        d.body["metadata"]["ownerReferences"][0]["uid"], "flow-uid-2",
+        "the new flow owns its new worker"
+    );
+}
+
+#[tokio::test]
+async fn worker_settings_the_api_server_would_refuse_are_a_condition_not_a_failing_apply() {
+    let h = harness();
+    let mut f = flow();
+    f.spec.worker = Some(
+        serde_json::from_value(serde_json::json!({
+            "podLabels": {"sync.meshline.io/flow": "someone-else"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists", "value": "sync"}]
+        }))
+        .unwrap(),
+    );
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    assert_eq!(w.len(), 1, "only the status: {w:#?}");
+    assert!(
+        requests.iter().all(|r| r.answered < 400),
+        "nothing was refused"
+    );
+    let ready = condition(&w[0].body["status"], "Ready").clone();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidWorkerSettings");
+    let message = ready["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.worker.podLabels[sync.meshline.io/flow]")
+            && message.contains("spec.worker.tolerations[0].value"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn platform_defaults_and_flow_settings_reach_a_deployment_the_api_server_accepts() {
+    let double = ApiDouble::new();
+    double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
+    double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
+    let (stores, mut writers) = Stores::new();
+    apply(&mut writers.contracts, contract());
+    apply(&mut writers.rosters, roster());
+    let defaults = meshline::cli::controller::parse_worker_defaults(
+        r#"{"serviceAccountName": "sync-workers", "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "integration"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"}],
+            "priorityClassName": "business-critical",
+            "podAnnotations": {"example.com/cost-center": "finance"}, "podLabels": {"team": "platform"}}"#,
+    )
+    .unwrap();
+    let ctx = Arc::new(Context::new(
+        double.client(),
+        BuildSettings {
+            worker_image: "img:1".into(),
+            worker_defaults: defaults,
+        },
+        stores,
+        Arc::new(Metrics::new()),
+    ));
+    let h = Harness {
+        double,
+        ctx,
+        writers,
+    };
+    let mut f = flow();
+    f.spec.worker = Some(
+        serde_json::from_value(serde_json::json!({
+            "podLabels": {"team": "revops"},
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                 "labelSelector": {"matchLabels": {"sync.meshline.io/flow": FLOW}}}}]}}
+        }))
+        .unwrap(),
+    );
+    let requests = reconcile(&h, &f).await;
+    let d = requests
+        .iter()
+        .find(|r| r.kind() == "Deployment")
+        .expect("the Deployment is applied");
+    assert_eq!(d.answered, 200, "{:?}", d.body);
+    let template = &d.body["spec"]["template"];
+    let pod = &template["spec"];
+    assert_eq!(pod["serviceAccountName"], "sync-workers");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(pod["nodeSelector"]["pool"], "integration");
+    assert_eq!(pod["tolerations"][0]["value"], "sync");
+    assert_eq!(pod["priorityClassName"], "business-critical");
+    assert_eq!(
+        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(template["metadata"]["labels"]["team"], "revops");
+    assert_eq!(
+        template["metadata"]["labels"]["sync.meshline.io/flow"], FLOW,
+        "the selector label is the controller's"
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["example.com/cost-center"],
+        "finance"
+    );
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Progressing")["reason"], "RollingOut");
 }
