@@ -1154,25 +1154,61 @@ async fn a_recreated_flow_finds_its_retained_ledger_as_it_was() {
     // Garbage collection removes what the old flow owned; the ledger had no owner and stays in the cache.
     let ledger = ObjectRef::new(&format!("meshline-{FLOW}-ledger")).within(NS);
     assert!(h.ctx.stores.pvcs.get(&ledger).is_some());
-    for name in [format!("meshline-{FLOW}")] {
-        let d = h
-            .ctx
-            .stores
-            .deployments
-            .get(&ObjectRef::new(&name).within(NS))
-            .unwrap();
-        h.writers
-            .deployments
-            .apply_watcher_event(&watcher::Event::Delete((*d).clone()));
+    fn owned<K: kube::Resource<DynamicType = ()>>(name: String) -> ObjectRef<K> {
+        ObjectRef::new(&name).within(NS)
     }
+    let worker = format!("meshline-{FLOW}");
+    let d = h
+        .ctx
+        .stores
+        .deployments
+        .get(&owned(worker.clone()))
+        .unwrap();
+    h.writers
+        .deployments
+        .apply_watcher_event(&watcher::Event::Delete((*d).clone()));
+    let cm = h
+        .ctx
+        .stores
+        .config_maps
+        .get(&owned(worker.clone()))
+        .unwrap();
+    h.writers
+        .config_maps
+        .apply_watcher_event(&watcher::Event::Delete((*cm).clone()));
+    for name in [worker.clone(), format!("{worker}-status")] {
+        let svc = h.ctx.stores.services.get(&owned(name)).unwrap();
+        h.writers
+            .services
+            .apply_watcher_event(&watcher::Event::Delete((*svc).clone()));
+    }
+    let token = h
+        .ctx
+        .stores
+        .tokens
+        .get(&owned(format!("{worker}-token")))
+        .unwrap();
+    h.writers
+        .tokens
+        .apply_watcher_event(&watcher::Event::Delete((*token).clone()));
     // The same flow, applied again: a new object with a new uid.
     let mut again = flow();
     again.metadata.uid = Some("flow-uid-2".into());
     let requests = reconcile(&h, &again).await;
     let w = writes(&requests);
-    assert!(
-        pvc_writes(&requests).is_empty(),
-        "the retained ledger already is what the new flow wants: it is reused untouched"
+    let kinds: Vec<(&str, &str)> = w.iter().map(|r| (r.method.as_str(), r.kind())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("POST", "Secret"),
+            ("PATCH", "ConfigMap"),
+            ("PATCH", "Service"),
+            ("PATCH", "Service"),
+            ("PATCH", "Deployment"),
+            ("PATCH", "SyncFlow"),
+        ],
+        "everything the old flow owned is made again, but the retained ledger already is what the new flow \
+         wants: it is reused untouched"
     );
     let d = w.iter().find(|r| r.kind() == "Deployment").unwrap();
     let claim = d.body["spec"]["template"]["spec"]["volumes"]
