@@ -929,3 +929,26 @@ async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start(
         "{text}"
     );
 }
+
+#[test]
+fn a_ledger_pvc_brings_back_its_flow_by_name_without_an_owner_reference() {
+    use meshline::controller::run::flows_of_ledger;
+    let mut a = flow();
+    a.metadata.namespace = Some("commerce-sync".into());
+    let mut b = a.clone();
+    b.metadata.name = Some("other-flow".into());
+    let mut elsewhere = a.clone();
+    elsewhere.metadata.namespace = Some("other-team".into());
+    let flows = vec![Arc::new(a), Arc::new(b), Arc::new(elsewhere)];
+    let hit = flows_of_ledger(
+        &flows,
+        Some("commerce-sync"),
+        "meshline-won-deals-to-odoo-ledger",
+    );
+    assert_eq!(hit.len(), 1);
+    assert_eq!(hit[0].name, "won-deals-to-odoo");
+    assert_eq!(hit[0].namespace.as_deref(), Some("commerce-sync"));
+    assert!(
+        flows_of_ledger(&flows, Some("commerce-sync"), "meshline-won-deals-to-odoo").is_empty()
+    );
+}
