@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use meshline::api::{LedgerType, OwnershipRoster, SyncContract, SyncFlow, SyncFlowStatus};
+use meshline::api::{
+    LedgerRetentionPolicy, LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow,
+    SyncFlowStatus, WorkerPodSettings, WorkerSpec,
+};
 use meshline::controller::flow::build::{self, BuildInputs, BuildSettings};
 use meshline::controller::flow::status::{
     self, Observation, StatusInputs, carry_transition_times, differs,
@@ -49,6 +52,7 @@ fn verdict(flow: &SyncFlow) -> validate::Verdict {
         rosters: &rosters,
         secrets: &good_secrets(),
         compile: &validate::compile_contract,
+        worker_defaults: &Default::default(),
     })
 }
 
@@ -60,6 +64,7 @@ fn desired(flow: &SyncFlow) -> build::Desired {
         roster: None,
         settings: &BuildSettings {
             worker_image: "img:1".into(),
+            ..BuildSettings::default()
         },
         new_token: None,
     })
@@ -187,7 +192,7 @@ fn flow_image_overrides_the_controller_default() {
     let mut f = flow();
     f.spec.worker = Some(meshline::api::WorkerSpec {
         image: Some("custom:2".into()),
-        resources: None,
+        ..Default::default()
     });
     let d = desired(&f).deployment;
     assert_eq!(
@@ -288,7 +293,9 @@ fn config_change_changes_the_pod_template_hash_and_nothing_else_does() {
 
 #[test]
 fn every_child_is_owned_by_the_flow_and_labelled() {
-    let d = desired(&flow());
+    let mut f = flow();
+    f.spec.ledger.retention_policy = LedgerRetentionPolicy::Delete;
+    let d = desired(&f);
     let metas = [
         &d.config_map.metadata,
         &d.service.metadata,
@@ -317,6 +324,357 @@ fn every_child_is_owned_by_the_flow_and_labelled() {
                 .contains_key("sync.meshline.io/applied-hash")
         );
     }
+}
+
+#[test]
+fn ledger_is_retained_by_default_and_owned_by_the_flow_only_under_delete() {
+    let retained = desired(&flow()).ledger.unwrap();
+    assert_eq!(
+        retained.metadata.owner_references, None,
+        "a retained ledger has no owner reference, so garbage collection never reaches it"
+    );
+    assert_eq!(
+        retained.metadata.labels.as_ref().unwrap()["sync.meshline.io/flow"],
+        "won-deals-to-odoo"
+    );
+    assert_eq!(
+        retained.metadata.name.as_deref(),
+        Some("meshline-won-deals-to-odoo-ledger"),
+        "the name derives from the flow's alone, so a re-created flow finds it"
+    );
+
+    let mut f = flow();
+    f.spec.ledger.retention_policy = LedgerRetentionPolicy::Delete;
+    let deleted_with_flow = desired(&f).ledger.unwrap();
+    let owners = deleted_with_flow
+        .metadata
+        .owner_references
+        .as_ref()
+        .unwrap();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(owners[0].uid, "uid-1");
+    assert_eq!(owners[0].controller, Some(true));
+    // The content hash differs, so the apply step does write the change of ownership.
+    let hash = |p: &k8s_openapi::api::core::v1::PersistentVolumeClaim| {
+        p.metadata.annotations.as_ref().unwrap()["sync.meshline.io/applied-hash"].clone()
+    };
+    assert_ne!(hash(&retained), hash(&deleted_with_flow));
+    // The PVC the reconciler applies to a flow that does not start is the same object.
+    assert_eq!(build::ledger_claim(&f), deleted_with_flow);
+}
+
+#[test]
+fn changing_the_retention_policy_does_not_restart_the_worker() {
+    let config_hash = |d: &build::Desired| {
+        d.deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()["sync.meshline.io/config-hash"]
+            .clone()
+    };
+    let before = desired(&flow());
+    let mut f = flow();
+    f.spec.ledger.retention_policy = LedgerRetentionPolicy::Delete;
+    let after = desired(&f);
+    assert_eq!(config_hash(&before), config_hash(&after));
+    assert_eq!(before.deployment, after.deployment);
+    assert_eq!(before.config_map, after.config_map);
+    // The policy is spelt as the README says, and absent when it is the default.
+    let yaml = serde_yaml::to_string(&f.spec.ledger).unwrap();
+    assert!(yaml.contains("retentionPolicy: Delete"), "{yaml}");
+    assert!(
+        !serde_yaml::to_string(&flow().spec.ledger)
+            .unwrap()
+            .contains("retentionPolicy")
+    );
+    let parsed: meshline::api::LedgerSpec =
+        serde_yaml::from_str("type: embedded\nretentionPolicy: Retain").unwrap();
+    assert_eq!(parsed.retention_policy, LedgerRetentionPolicy::Retain);
+}
+
+fn platform_defaults() -> WorkerPodSettings {
+    serde_json::from_value(serde_json::json!({
+        "serviceAccountName": "sync-workers",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "nodeSelector": {"pool": "integration", "disk": "ssd"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 50, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+             "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "meshline-worker"}}}}]}},
+        "priorityClassName": "business-critical",
+        "podAnnotations": {"cost-center": "finance", "example.com/owner": "platform"},
+        "podLabels": {"team": "platform", "tier": "integration"}
+    }))
+    .unwrap()
+}
+
+fn desired_with(flow: &SyncFlow, defaults: WorkerPodSettings) -> build::Desired {
+    let contract: SyncContract = load("contract.yaml");
+    build::build(BuildInputs {
+        flow,
+        contract: &contract,
+        roster: None,
+        settings: &BuildSettings {
+            worker_image: "img:1".into(),
+            worker_defaults: defaults,
+        },
+        new_token: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn controller_defaults_shape_every_worker_pod() {
+    let d = desired_with(&flow(), platform_defaults()).deployment;
+    let template = d.spec.as_ref().unwrap().template.clone();
+    let pod = template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("sync-workers"));
+    assert_eq!(
+        pod.automount_service_account_token,
+        Some(false),
+        "a ServiceAccount for cloud identity still gets no Kubernetes API token"
+    );
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+    assert_eq!(pod.node_selector.unwrap()["pool"], "integration");
+    assert_eq!(
+        pod.tolerations.unwrap()[0].key.as_deref(),
+        Some("dedicated")
+    );
+    assert_eq!(
+        pod.affinity
+            .unwrap()
+            .pod_anti_affinity
+            .unwrap()
+            .preferred_during_scheduling_ignored_during_execution
+            .unwrap()[0]
+            .pod_affinity_term
+            .topology_key,
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("business-critical")
+    );
+    let meta = template.metadata.unwrap();
+    let labels = meta.labels.unwrap();
+    assert_eq!(labels["team"], "platform");
+    assert_eq!(labels["sync.meshline.io/flow"], "won-deals-to-odoo");
+    let annotations = meta.annotations.unwrap();
+    assert_eq!(annotations["cost-center"], "finance");
+    assert!(annotations.contains_key("sync.meshline.io/config-hash"));
+    // Without defaults and flow settings, the pod template is what it was before these settings existed.
+    let plain = desired(&flow()).deployment;
+    let plain_pod = plain.spec.unwrap().template.spec.unwrap();
+    assert_eq!(plain_pod.service_account_name, None);
+    assert_eq!(plain_pod.node_selector, None);
+    assert_eq!(plain_pod.tolerations, None);
+    assert_eq!(plain_pod.affinity, None);
+}
+
+#[test]
+fn a_flows_own_worker_settings_win_over_the_defaults() {
+    let mut f = flow();
+    f.spec.worker = Some(
+        serde_json::from_value(serde_json::json!({
+            "serviceAccountName": "erp-sync",
+            "nodeSelector": {"pool": "finance"},
+            "tolerations": [],
+            "podLabels": {"team": "revops", "cost": "crm"},
+            "podAnnotations": {"cost-center": "sales"}
+        }))
+        .unwrap(),
+    );
+    let merged = build::pod_settings(&f, &platform_defaults());
+    assert_eq!(merged.service_account_name.as_deref(), Some("erp-sync"));
+    assert_eq!(
+        merged.priority_class_name.as_deref(),
+        Some("business-critical"),
+        "a field the flow leaves unset falls back to the default"
+    );
+    // Maps merge key by key, the flow's value winning.
+    assert_eq!(
+        merged.node_selector,
+        BTreeMap::from([
+            ("disk".to_string(), "ssd".to_string()),
+            ("pool".to_string(), "finance".to_string())
+        ])
+    );
+    assert_eq!(merged.pod_labels["team"], "revops");
+    assert_eq!(merged.pod_labels["tier"], "integration");
+    assert_eq!(merged.pod_labels["cost"], "crm");
+    assert_eq!(merged.pod_annotations["cost-center"], "sales");
+    assert_eq!(merged.pod_annotations["example.com/owner"], "platform");
+    // A list the flow sets replaces the default one, even when empty.
+    assert_eq!(merged.tolerations, Some(Vec::new()));
+    assert_eq!(
+        merged.image_pull_secrets,
+        Some(vec![SecretRef {
+            name: "regcred".into()
+        }])
+    );
+    let d = desired_with(&f, platform_defaults()).deployment;
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.service_account_name.as_deref(), Some("erp-sync"));
+    assert_eq!(pod.tolerations, Some(Vec::new()));
+}
+
+#[test]
+fn pod_labels_never_move_the_controllers_selector() {
+    let d = desired_with(&flow(), platform_defaults()).deployment;
+    let spec = d.spec.unwrap();
+    let labels = spec.template.metadata.unwrap().labels.unwrap();
+    for (k, v) in spec.selector.match_labels.unwrap() {
+        assert_eq!(labels[&k], v, "selector label {k}");
+    }
+}
+
+fn invalid_settings_verdict(settings: serde_json::Value) -> validate::Verdict {
+    let mut f = flow();
+    f.spec.worker = Some(serde_json::from_value::<WorkerSpec>(settings).unwrap());
+    verdict(&f)
+}
+
+#[test]
+fn worker_settings_the_api_server_would_refuse_stop_the_flow_and_name_the_field() {
+    let cases = [
+        (
+            serde_json::json!({"podLabels": {"sync.meshline.io/flow": "other"}}),
+            "spec.worker.podLabels[sync.meshline.io/flow]: the controller sets this label",
+        ),
+        (
+            serde_json::json!({"podLabels": {"app.kubernetes.io/component": "api"}}),
+            "spec.worker.podLabels[app.kubernetes.io/component]: the controller sets this label",
+        ),
+        (
+            serde_json::json!({"podLabels": {"team": "-revops"}}),
+            "spec.worker.podLabels[team]: value \"-revops\"",
+        ),
+        (
+            serde_json::json!({"podLabels": {"Example.com/team": "revops"}}),
+            "spec.worker.podLabels[Example.com/team]: not a valid label key",
+        ),
+        (
+            serde_json::json!({"podAnnotations": {"sync.meshline.io/config-hash": "0"}}),
+            "spec.worker.podAnnotations[sync.meshline.io/config-hash]: keys under sync.meshline.io/ are the controller's",
+        ),
+        (
+            serde_json::json!({"podAnnotations": {"bad key": "x"}}),
+            "spec.worker.podAnnotations[bad key]: not a valid annotation key",
+        ),
+        (
+            serde_json::json!({"podAnnotations": {"big": "x".repeat(256 * 1024)}}),
+            "spec.worker.podAnnotations: 262147 bytes",
+        ),
+        (
+            serde_json::json!({"nodeSelector": {"pool": "a b"}}),
+            "spec.worker.nodeSelector[pool]: value \"a b\"",
+        ),
+        (
+            serde_json::json!({"serviceAccountName": "Sync_Workers"}),
+            "spec.worker.serviceAccountName: \"Sync_Workers\" must be a lowercase RFC 1123 subdomain",
+        ),
+        (
+            serde_json::json!({"priorityClassName": "High"}),
+            "spec.worker.priorityClassName: \"High\"",
+        ),
+        (
+            serde_json::json!({"imagePullSecrets": [{"name": "reg cred"}]}),
+            "spec.worker.imagePullSecrets[0].name",
+        ),
+        (
+            serde_json::json!({"tolerations": [{"key": "dedicated", "operator": "Exists", "value": "sync"}]}),
+            "spec.worker.tolerations[0].value: must be empty when operator is Exists",
+        ),
+        (
+            serde_json::json!({"tolerations": [{"operator": "Equal", "value": "x"}]}),
+            "spec.worker.tolerations[0].operator: must be Exists when key is empty",
+        ),
+        (
+            serde_json::json!({"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}]}),
+            "spec.worker.tolerations[0].tolerationSeconds: only a NoExecute toleration",
+        ),
+        (
+            serde_json::json!({"tolerations": [{"key": "k", "operator": "Matches"}]}),
+            "spec.worker.tolerations[0].operator: \"Matches\" is not one of Equal, Exists",
+        ),
+        (
+            serde_json::json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": ""}]}}}),
+            "spec.worker.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey: must not be empty",
+        ),
+        (
+            serde_json::json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]}}}}),
+            "matchExpressions[0].values: must be non-empty with operator In",
+        ),
+        (
+            serde_json::json!({"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 0, "preference": {}}]}}}),
+            "preferredDuringSchedulingIgnoredDuringExecution[0].weight: 0 is not in the range 1 to 100",
+        ),
+    ];
+    for (settings, says) in cases {
+        let v = invalid_settings_verdict(settings.clone());
+        assert!(!v.startable(), "{settings} must stop the flow");
+        assert_eq!(v.worker_settings.reason(), "InvalidWorkerSettings");
+        assert_eq!(v.first_failure().unwrap().reason(), "InvalidWorkerSettings");
+        assert!(
+            v.worker_settings.message().contains(says),
+            "{settings}: {:?} does not say {says:?}",
+            v.worker_settings.message()
+        );
+    }
+    let good = invalid_settings_verdict(
+        serde_json::to_value(WorkerSpec {
+            pod: platform_defaults(),
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    assert!(good.startable(), "{:?}", good.worker_settings);
+}
+
+#[test]
+fn worker_defaults_flag_refuses_misspelt_and_invalid_settings() {
+    use meshline::cli::controller::parse_worker_defaults;
+    assert_eq!(
+        parse_worker_defaults("{}").unwrap(),
+        WorkerPodSettings::default()
+    );
+    assert_eq!(
+        parse_worker_defaults("").unwrap(),
+        WorkerPodSettings::default()
+    );
+    let parsed = parse_worker_defaults(&platform_defaults_json()).unwrap();
+    assert_eq!(parsed, platform_defaults());
+    let err = parse_worker_defaults(r#"{"nodeSelecter": {"pool": "a"}}"#).unwrap_err();
+    assert!(
+        err.contains("unknown field \"nodeSelecter\"") && err.contains("nodeSelector"),
+        "{err}"
+    );
+    let err =
+        parse_worker_defaults(r#"{"tolerations": [{"tolerationSeconds": "soon"}]}"#).unwrap_err();
+    assert!(err.contains("tolerations[0].tolerationSeconds"), "{err}");
+    let err = parse_worker_defaults(r#"{"podLabels": {"app.kubernetes.io/managed-by": "me"}}"#)
+        .unwrap_err();
+    assert!(
+        err.contains("--worker-defaults.podLabels[app.kubernetes.io/managed-by]"),
+        "{err}"
+    );
+    assert!(
+        parse_worker_defaults("[]")
+            .unwrap_err()
+            .contains("JSON object")
+    );
+    assert!(parse_worker_defaults("{").unwrap_err().contains("not JSON"));
+}
+
+fn platform_defaults_json() -> String {
+    serde_json::to_string(&platform_defaults()).unwrap()
 }
 
 #[test]
@@ -556,6 +914,7 @@ fn a_configuration_too_large_for_a_config_map_is_a_clear_error() {
         roster: None,
         settings: &BuildSettings {
             worker_image: "img:1".into(),
+            ..BuildSettings::default()
         },
         new_token: None,
     })
@@ -573,6 +932,7 @@ async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start(
         listen: "127.0.0.1:0".parse().unwrap(),
         status_period: std::time::Duration::from_secs(5),
         worker_image: "img:1".into(),
+        worker_defaults: Default::default(),
         lease_name: "meshline_controller:leader".into(),
         lease_namespace: "meshline-system".into(),
         identity: "me".into(),
@@ -661,5 +1021,28 @@ fn worker_pods_come_from_the_status_services_slices_once_each_with_their_own_rea
                 ready: false
             },
         ]
+    );
+}
+
+#[test]
+fn a_ledger_pvc_brings_back_its_flow_by_name_without_an_owner_reference() {
+    use meshline::controller::run::flows_of_ledger;
+    let mut a = flow();
+    a.metadata.namespace = Some("commerce-sync".into());
+    let mut b = a.clone();
+    b.metadata.name = Some("other-flow".into());
+    let mut elsewhere = a.clone();
+    elsewhere.metadata.namespace = Some("other-team".into());
+    let flows = vec![Arc::new(a), Arc::new(b), Arc::new(elsewhere)];
+    let hit = flows_of_ledger(
+        &flows,
+        Some("commerce-sync"),
+        "meshline-won-deals-to-odoo-ledger",
+    );
+    assert_eq!(hit.len(), 1);
+    assert_eq!(hit[0].name, "won-deals-to-odoo");
+    assert_eq!(hit[0].namespace.as_deref(), Some("commerce-sync"));
+    assert!(
+        flows_of_ledger(&flows, Some("commerce-sync"), "meshline-won-deals-to-odoo").is_empty()
     );
 }

@@ -560,3 +560,133 @@ async fn an_endpoint_slice_watch_sees_every_change_after_its_version_and_only_wh
         other => panic!("{other:?}"),
     }
 }
+
+/// A worker Deployment with the given pod spec fields, applied as the controller applies it.
+async fn apply_deployment(
+    double: &ApiDouble,
+    pod_spec: serde_json::Value,
+) -> Result<k8s_openapi::api::apps::v1::Deployment, kube::Error> {
+    let mut spec = json!({"containers": [{"name": "worker", "image": "img:1"}]});
+    for (k, v) in pod_spec.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    let d: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "meshline-flow", "namespace": NS},
+        "spec": {
+            "selector": {"matchLabels": {"sync.meshline.io/flow": "flow"}},
+            "template": {"metadata": {"labels": {"sync.meshline.io/flow": "flow"}}, "spec": spec}
+        }
+    }))
+    .unwrap();
+    Api::namespaced(double.client(), NS)
+        .patch(
+            "meshline-flow",
+            &PatchParams::apply("meshline-controller").force(),
+            &Patch::Apply(&d),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn pod_scheduling_and_identity_fields_are_checked() {
+    let double = ApiDouble::new();
+    let field = "spec.template.spec";
+    for (pod, at, says) in [
+        (
+            json!({"serviceAccountName": "Sync_Workers"}),
+            format!("{field}.serviceAccountName"),
+            "a lowercase RFC 1123 subdomain",
+        ),
+        (
+            json!({"priorityClassName": "-high"}),
+            format!("{field}.priorityClassName"),
+            "a lowercase RFC 1123 subdomain",
+        ),
+        (
+            json!({"nodeSelector": {"pool": "a b"}}),
+            format!("{field}.nodeSelector"),
+            "a valid label must be an empty string",
+        ),
+        (
+            json!({"nodeSelector": {"bad key": "a"}}),
+            format!("{field}.nodeSelector"),
+            "name part must consist of alphanumeric characters",
+        ),
+        (
+            json!({"tolerations": [{"key": "dedicated", "operator": "Exists", "value": "sync"}]}),
+            format!("{field}.tolerations[0].operator"),
+            "value must be empty when `operator` is 'Exists'",
+        ),
+        (
+            json!({"tolerations": [{"operator": "Equal", "value": "sync"}]}),
+            format!("{field}.tolerations[0].operator"),
+            "operator must be Exists when `key` is empty",
+        ),
+        (
+            json!({"tolerations": [{"key": "k", "operator": "Matches"}]}),
+            format!("{field}.tolerations[0].operator"),
+            "Unsupported value: \"Matches\"",
+        ),
+        (
+            json!({"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 30}]}),
+            format!("{field}.tolerations[0].effect"),
+            "effect must be 'NoExecute' when `tolerationSeconds` is set",
+        ),
+        (
+            json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": ""}]}}}),
+            format!(
+                "{field}.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey"
+            ),
+            "Required value: can not be empty",
+        ),
+        (
+            json!({"affinity": {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 101, "podAffinityTerm": {"topologyKey": "zone"}}]}}}),
+            format!(
+                "{field}.affinity.podAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight"
+            ),
+            "must be in the range 1-100",
+        ),
+        (
+            json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}}),
+            format!(
+                "{field}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms"
+            ),
+            "Required value",
+        ),
+        (
+            json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In"}]}]}}}}),
+            format!(
+                "{field}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].values"
+            ),
+            "Required value",
+        ),
+    ] {
+        let s = refused(apply_deployment(&double, pod.clone()).await);
+        assert_invalid(&s, "Deployment", &at, says);
+    }
+    // What a platform team sets in practice is accepted.
+    apply_deployment(
+        &double,
+        json!({
+            "serviceAccountName": "sync-workers",
+            "priorityClassName": "business-critical",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"node.kubernetes.io/pool": "integration"},
+            "tolerations": [
+                {"key": "dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"},
+                {"operator": "Exists"},
+                {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}
+            ],
+            "affinity": {
+                "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "cpu", "operator": "Gt", "values": ["2"]}]}]}},
+                "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                     "labelSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}}]}
+            }
+        }),
+    )
+    .await
+    .unwrap();
+}

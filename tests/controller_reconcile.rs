@@ -13,7 +13,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use meshline::api::{LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow};
+use meshline::api::{
+    LedgerRetentionPolicy, LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow,
+};
 use meshline::controller::flow::build::BuildSettings;
 use meshline::controller::flow::status::Observation;
 use meshline::controller::metrics::Metrics;
@@ -92,6 +94,7 @@ fn harness() -> Harness {
         client,
         BuildSettings {
             worker_image: "ghcr.io/meshline/meshline:test".into(),
+            ..BuildSettings::default()
         },
         stores,
         Arc::new(Metrics::new()),
@@ -252,8 +255,22 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         w[5].path,
         format!("/apis/apps/v1/namespaces/{NS}/deployments/meshline-{FLOW}")
     );
-    // Every child is owned by the flow, as its controller, blocking its deletion.
-    for r in &w[..6] {
+    // Every child but the ledger is owned by the flow, as its controller, blocking its deletion. The ledger is
+    // retained by default: no owner reference, so it outlives the flow.
+    assert_eq!(w[2].kind(), "PersistentVolumeClaim");
+    assert!(
+        w[2].body["metadata"].get("ownerReferences").is_none(),
+        "{}",
+        w[2].body
+    );
+    assert_eq!(
+        w[2].body["metadata"]["labels"]["sync.meshline.io/flow"],
+        FLOW
+    );
+    for r in w[..6]
+        .iter()
+        .filter(|r| r.kind() != "PersistentVolumeClaim")
+    {
         let owner = &r.body["metadata"]["ownerReferences"][0];
         assert_eq!(owner["kind"], "SyncFlow");
         assert_eq!(owner["uid"], "flow-uid-1");
@@ -1515,4 +1532,301 @@ async fn pods_are_polled_concurrently_but_never_more_than_the_bound_at_once() {
     settle(&mut h, &requests, &mut f);
     let s = &status_patch(&requests).unwrap().body["status"];
     assert_eq!(s["workers"].as_array().unwrap().len(), 7);
+}
+
+fn pvc_writes(requests: &[Recorded]) -> Vec<&Recorded> {
+    writes(requests)
+        .into_iter()
+        .filter(|r| r.path.contains("/persistentvolumeclaims"))
+        .collect()
+}
+
+fn with_policy(mut f: SyncFlow, policy: LedgerRetentionPolicy, generation: i64) -> SyncFlow {
+    f.spec.ledger.retention_policy = policy;
+    f.metadata.generation = Some(generation);
+    f
+}
+
+#[tokio::test]
+async fn retention_policy_switches_move_the_ledgers_owner_reference_and_nothing_else() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    let ledger_path =
+        format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/meshline-{FLOW}-ledger");
+
+    // Retain → Delete: the flow takes ownership, so garbage collection deletes the ledger with it.
+    f = with_policy(f, LedgerRetentionPolicy::Delete, 2);
+    let second = reconcile(&h, &f).await;
+    let kinds: Vec<&str> = writes(&second).iter().map(|r| r.kind()).collect();
+    assert_eq!(
+        kinds,
+        vec!["PersistentVolumeClaim", "SyncFlow"],
+        "the worker does not restart for a retention policy"
+    );
+    let pvc = pvc_writes(&second)[0];
+    assert_eq!(pvc.path, ledger_path);
+    assert!(pvc.is_forced_apply());
+    let owner = &pvc.body["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["uid"], "flow-uid-1");
+    assert_eq!(owner["controller"], true);
+    assert_eq!(owner["blockOwnerDeletion"], true);
+    settle(&mut h, &second, &mut f);
+    assert!(pvc_writes(&reconcile(&h, &f).await).is_empty());
+
+    // Delete → Retain: the same apply without the reference releases it.
+    f = with_policy(f, LedgerRetentionPolicy::Retain, 3);
+    let third = reconcile(&h, &f).await;
+    let pvc = pvc_writes(&third);
+    assert_eq!(pvc.len(), 1, "{pvc:#?}");
+    assert_eq!(pvc[0].method, "PATCH");
+    assert!(pvc[0].body["metadata"].get("ownerReferences").is_none());
+    assert!(!writes(&third).iter().any(|r| r.method == "DELETE"));
+}
+
+#[tokio::test]
+async fn a_flow_that_cannot_start_still_protects_its_ledger_when_told_to_retain_it() {
+    let mut h = harness();
+    let mut f = with_policy(flow(), LedgerRetentionPolicy::Delete, 1);
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    // The live ledger was resized by hand (or before a storageSize edit): ownership changes must not touch it.
+    let mut live: PersistentVolumeClaim =
+        serde_json::from_value(pvc_writes(&first)[0].body.clone()).unwrap();
+    live.spec
+        .as_mut()
+        .unwrap()
+        .resources
+        .as_mut()
+        .unwrap()
+        .requests = Some(
+        [(
+            "storage".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity("5Gi".into()),
+        )]
+        .into(),
+    );
+    apply(&mut h.writers.pvcs, live);
+    // The roster stops covering the flow, and someone sets Retain before deleting the broken flow.
+    let mut r = roster();
+    r.spec.assignments.clear();
+    apply(&mut h.writers.rosters, r);
+    f = with_policy(f, LedgerRetentionPolicy::Retain, 2);
+    let requests = reconcile(&h, &f).await;
+    let pvc = pvc_writes(&requests);
+    assert_eq!(pvc.len(), 1, "{:#?}", writes(&requests));
+    let body = &pvc[0].body;
+    assert!(pvc[0].is_forced_apply());
+    assert!(body["metadata"].get("ownerReferences").is_none(), "{body}");
+    assert_eq!(
+        body["spec"]["resources"]["requests"]["storage"], "5Gi",
+        "the live size is kept while the flow is not running"
+    );
+    assert!(
+        body["metadata"]["annotations"]
+            .get("sync.meshline.io/applied-hash")
+            .is_none(),
+        "without the content hash, the full apply is not skipped once the flow starts again"
+    );
+    assert!(
+        !writes(&requests)
+            .iter()
+            .any(|r| r.method == "DELETE" || r.kind() == "Deployment"),
+        "{:#?}",
+        writes(&requests)
+    );
+    settle(&mut h, &requests, &mut f);
+    assert!(
+        pvc_writes(&reconcile(&h, &f).await).is_empty(),
+        "once in step, nothing more is written"
+    );
+}
+
+#[tokio::test]
+async fn a_recreated_flow_finds_its_retained_ledger_as_it_was() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    // The flow is deleted: the controller writes nothing, least of all a delete of the ledger.
+    let mut deleting = f.clone();
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let gone = reconcile(&h, &deleting).await;
+    assert!(writes(&gone).is_empty(), "{:#?}", writes(&gone));
+    // Garbage collection removes what the old flow owned; the ledger had no owner and stays in the cache.
+    let ledger = ObjectRef::new(&format!("meshline-{FLOW}-ledger")).within(NS);
+    assert!(h.ctx.stores.pvcs.get(&ledger).is_some());
+    fn owned<K: kube::Resource<DynamicType = ()>>(name: String) -> ObjectRef<K> {
+        ObjectRef::new(&name).within(NS)
+    }
+    let worker = format!("meshline-{FLOW}");
+    let d = h
+        .ctx
+        .stores
+        .deployments
+        .get(&owned(worker.clone()))
+        .unwrap();
+    h.writers
+        .deployments
+        .apply_watcher_event(&watcher::Event::Delete((*d).clone()));
+    let cm = h
+        .ctx
+        .stores
+        .config_maps
+        .get(&owned(worker.clone()))
+        .unwrap();
+    h.writers
+        .config_maps
+        .apply_watcher_event(&watcher::Event::Delete((*cm).clone()));
+    for name in [worker.clone(), format!("{worker}-status")] {
+        let svc = h.ctx.stores.services.get(&owned(name)).unwrap();
+        h.writers
+            .services
+            .apply_watcher_event(&watcher::Event::Delete((*svc).clone()));
+    }
+    let token = h
+        .ctx
+        .stores
+        .tokens
+        .get(&owned(format!("{worker}-token")))
+        .unwrap();
+    h.writers
+        .tokens
+        .apply_watcher_event(&watcher::Event::Delete((*token).clone()));
+    // The same flow, applied again: a new object with a new uid.
+    let mut again = flow();
+    again.metadata.uid = Some("flow-uid-2".into());
+    let requests = reconcile(&h, &again).await;
+    let w = writes(&requests);
+    let kinds: Vec<(&str, &str)> = w.iter().map(|r| (r.method.as_str(), r.kind())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("POST", "Secret"),
+            ("PATCH", "ConfigMap"),
+            ("PATCH", "Service"),
+            ("PATCH", "Service"),
+            ("PATCH", "Deployment"),
+            ("PATCH", "SyncFlow"),
+        ],
+        "everything the old flow owned is made again, but the retained ledger already is what the new flow \
+         wants: it is reused untouched"
+    );
+    let d = w.iter().find(|r| r.kind() == "Deployment").unwrap();
+    let claim = d.body["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "state")
+        .unwrap()["persistentVolumeClaim"]["claimName"]
+        .clone();
+    assert_eq!(claim, format!("meshline-{FLOW}-ledger"));
+    assert_eq!(
+        d.body["metadata"]["ownerReferences"][0]["uid"], "flow-uid-2",
+        "the new flow owns its new worker"
+    );
+}
+
+#[tokio::test]
+async fn worker_settings_the_api_server_would_refuse_are_a_condition_not_a_failing_apply() {
+    let h = harness();
+    let mut f = flow();
+    f.spec.worker = Some(
+        serde_json::from_value(serde_json::json!({
+            "podLabels": {"sync.meshline.io/flow": "someone-else"},
+            "tolerations": [{"key": "dedicated", "operator": "Exists", "value": "sync"}]
+        }))
+        .unwrap(),
+    );
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    assert_eq!(w.len(), 1, "only the status: {w:#?}");
+    assert!(
+        requests.iter().all(|r| r.answered < 400),
+        "nothing was refused"
+    );
+    let ready = condition(&w[0].body["status"], "Ready").clone();
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidWorkerSettings");
+    let message = ready["message"].as_str().unwrap();
+    assert!(
+        message.contains("spec.worker.podLabels[sync.meshline.io/flow]")
+            && message.contains("spec.worker.tolerations[0].value"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn platform_defaults_and_flow_settings_reach_a_deployment_the_api_server_accepts() {
+    let double = ApiDouble::new();
+    double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
+    double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
+    let (stores, mut writers) = Stores::new();
+    apply(&mut writers.contracts, contract());
+    apply(&mut writers.rosters, roster());
+    let defaults = meshline::cli::controller::parse_worker_defaults(
+        r#"{"serviceAccountName": "sync-workers", "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "integration"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"}],
+            "priorityClassName": "business-critical",
+            "podAnnotations": {"example.com/cost-center": "finance"}, "podLabels": {"team": "platform"}}"#,
+    )
+    .unwrap();
+    let ctx = Arc::new(Context::new(
+        double.client(),
+        BuildSettings {
+            worker_image: "img:1".into(),
+            worker_defaults: defaults,
+        },
+        stores,
+        Arc::new(Metrics::new()),
+    ));
+    let h = Harness {
+        double,
+        ctx,
+        writers,
+    };
+    let mut f = flow();
+    f.spec.worker = Some(
+        serde_json::from_value(serde_json::json!({
+            "podLabels": {"team": "revops"},
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                 "labelSelector": {"matchLabels": {"sync.meshline.io/flow": FLOW}}}}]}}
+        }))
+        .unwrap(),
+    );
+    let requests = reconcile(&h, &f).await;
+    let d = requests
+        .iter()
+        .find(|r| r.kind() == "Deployment")
+        .expect("the Deployment is applied");
+    assert_eq!(d.answered, 200, "{:?}", d.body);
+    let template = &d.body["spec"]["template"];
+    let pod = &template["spec"];
+    assert_eq!(pod["serviceAccountName"], "sync-workers");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+    assert_eq!(pod["nodeSelector"]["pool"], "integration");
+    assert_eq!(pod["tolerations"][0]["value"], "sync");
+    assert_eq!(pod["priorityClassName"], "business-critical");
+    assert_eq!(
+        pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+            ["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(template["metadata"]["labels"]["team"], "revops");
+    assert_eq!(
+        template["metadata"]["labels"]["sync.meshline.io/flow"], FLOW,
+        "the selector label is the controller's"
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["example.com/cost-center"],
+        "finance"
+    );
+    let s = &status_patch(&requests).unwrap().body["status"];
+    assert_eq!(condition(s, "Progressing")["reason"], "RollingOut");
 }

@@ -10,7 +10,8 @@
 //! a controller outside the cluster must), applies the hubspot-odoo example with dummy Secrets, asserts what the
 //! controller made, and deletes the namespace at the end, also when an assertion fails. The worker pods need
 //! not become ready (their image may not be pullable in a test cluster); set `MESHLINE_E2E_WORKER_IMAGE` to an
-//! image that exists to see them run.
+//! image that exists to see them run. The pod settings test also creates (and deletes) one cluster-scoped
+//! PriorityClass, `meshline-e2e-<random>`.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -19,12 +20,15 @@ use std::time::Duration;
 use futures::FutureExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service,
+    ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
-use meshline::api::{OwnershipRoster, SyncContract, SyncFlow};
+use meshline::api::{
+    LedgerRetentionPolicy, OwnershipRoster, SyncContract, SyncFlow, WorkerPodSettings,
+};
 use meshline::controller::flow::build;
 use meshline::controller::names::NameRule;
 
@@ -138,6 +142,15 @@ where
     F: FnOnce(Client, String) -> Fut,
     Fut: Future<Output = ()>,
 {
+    with_namespace_and(test, WorkerPodSettings::default(), body).await
+}
+
+/// [`with_namespace`], with the controller started with `--worker-defaults` `worker_defaults`.
+async fn with_namespace_and<F, Fut>(test: &str, worker_defaults: WorkerPodSettings, body: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let client = client().await;
     install_crds(&client).await;
     let ns = format!(
@@ -163,6 +176,7 @@ where
         status_period: Duration::from_secs(5),
         worker_image: std::env::var("MESHLINE_E2E_WORKER_IMAGE")
             .unwrap_or_else(|_| "ghcr.io/meshline/meshline:latest".into()),
+        worker_defaults,
         lease_name: "meshline-e2e".into(),
         lease_namespace: ns.clone(),
         identity: "e2e".into(),
@@ -289,7 +303,9 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
             pvcs.get_opt(&ledger).await.ok().flatten()
         })
         .await;
-        assert!(owned_by(&pvc.metadata, &uid));
+        // Retained by default: no owner reference, so garbage collection never reaches it.
+        assert_eq!(pvc.metadata.owner_references, None, "{:?}", pvc.metadata);
+        let ledger_uid = pvc.uid().unwrap();
 
         // Conditions, with the generation they were computed from.
         let status = eventually("the flow's conditions", || async {
@@ -409,6 +425,138 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
             },
         )
         .await;
+        // The retained ledger outlives the flow, untouched.
+        let kept = pvcs
+            .get_opt(&ledger)
+            .await
+            .unwrap()
+            .expect("a retained ledger survives the deletion of its flow");
+        assert_eq!(kept.metadata.deletion_timestamp, None);
+        assert_eq!(kept.metadata.owner_references, None);
+        assert_eq!(kept.uid().as_deref(), Some(ledger_uid.as_str()));
+        eventually("the flow to be gone", || async {
+            flows.get_opt(FLOW).await.ok()?.is_none().then_some(())
+        })
+        .await;
+
+        // The flow applied again (a new object, a new uid) reuses the same PVC, and with it the same volume.
+        apply(&client, &ns, &example::<SyncFlow>("flow.yaml", &ns)).await;
+        let again = flows.get(FLOW).await.unwrap().uid().unwrap();
+        assert_ne!(again, uid);
+        let d = eventually("the re-created flow's Deployment", || async {
+            deployments
+                .get_opt(&worker)
+                .await
+                .ok()
+                .flatten()
+                .filter(|d| owned_by(&d.metadata, &again))
+        })
+        .await;
+        let claim = d
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find_map(|v| v.persistent_volume_claim)
+            .map(|c| c.claim_name);
+        assert_eq!(claim.as_deref(), Some(ledger.as_str()));
+        let reused = pvcs.get(&ledger).await.unwrap();
+        assert_eq!(
+            reused.uid(),
+            kept.uid(),
+            "the same PVC object, not a new one under the same name"
+        );
+        assert_eq!(
+            reused.spec.and_then(|s| s.volume_name),
+            kept.spec.and_then(|s| s.volume_name),
+            "bound to the same volume, with its data"
+        );
+        assert_eq!(reused.metadata.owner_references, None);
+    })
+    .await;
+}
+
+/// Under `retentionPolicy: Delete` the flow owns its ledger; switching the policy moves the owner reference on
+/// the live PVC, and deleting the flow then deletes the ledger with it.
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn ledger_under_the_delete_policy_goes_with_its_flow() {
+    with_namespace("ledgerdelete", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        flow.spec.ledger.retention_policy = LedgerRetentionPolicy::Delete;
+        apply(&client, &ns, &flow).await;
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let uid = flows.get(FLOW).await.unwrap().uid().unwrap();
+        let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
+        let ledger = build::ledger_name(FLOW);
+        eventually("the ledger PVC owned by the flow", || async {
+            pvcs.get_opt(&ledger)
+                .await
+                .ok()
+                .flatten()
+                .filter(|p| owned_by(&p.metadata, &uid))
+        })
+        .await;
+
+        let set_policy = |policy: &'static str| {
+            let flows = flows.clone();
+            async move {
+                flows
+                    .patch(
+                        FLOW,
+                        &PatchParams::default(),
+                        &Patch::Merge(
+                            serde_json::json!({"spec": {"ledger": {"retentionPolicy": policy}}}),
+                        ),
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        set_policy("Retain").await;
+        eventually("the owner reference to be released", || async {
+            pvcs.get_opt(&ledger).await.ok().flatten().filter(|p| {
+                p.metadata
+                    .owner_references
+                    .as_deref()
+                    .unwrap_or_default()
+                    .is_empty()
+            })
+        })
+        .await;
+        set_policy("Delete").await;
+        eventually("the owner reference to be back", || async {
+            pvcs.get_opt(&ledger)
+                .await
+                .ok()
+                .flatten()
+                .filter(|p| owned_by(&p.metadata, &uid))
+        })
+        .await;
+
+        flows
+            .delete(FLOW, &DeleteParams::foreground())
+            .await
+            .unwrap();
         eventually("the ledger PVC to be deleted or terminating", || async {
             match pvcs.get_opt(&ledger).await.ok()? {
                 None => Some(()),
@@ -418,6 +566,145 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         .await;
     })
     .await;
+}
+
+/// The controller's `--worker-defaults` and a flow's `spec.worker` reach the worker pods the real API server
+/// creates: ServiceAccount (without an API token), pull Secret, node selector, tolerations, affinity, priority
+/// class, labels and annotations, with the flow's own values winning.
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn worker_pod_settings_and_platform_defaults_reach_the_pods() {
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let priority_class = format!("meshline-e2e-{suffix}");
+    let defaults = meshline::cli::controller::parse_worker_defaults(
+        &serde_json::json!({
+            "serviceAccountName": "sync-workers",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "example.com/dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"}],
+            "priorityClassName": priority_class,
+            "podAnnotations": {"example.com/cost-center": "finance"},
+            "podLabels": {"team": "platform", "tier": "integration"}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let client = client().await;
+    let classes: Api<PriorityClass> = Api::all(client.clone());
+    classes
+        .create(
+            &PostParams::default(),
+            &PriorityClass {
+                metadata: ObjectMeta {
+                    name: Some(priority_class.clone()),
+                    ..ObjectMeta::default()
+                },
+                value: 1000,
+                ..PriorityClass::default()
+            },
+        )
+        .await
+        .unwrap();
+    let outcome = AssertUnwindSafe(with_namespace_and("podsettings", defaults, |client, ns| {
+        let priority_class = priority_class.clone();
+        async move {
+            secret(
+                &client,
+                &ns,
+                "hubspot-app",
+                &["clientSecret", "accessToken"],
+            )
+            .await;
+            secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+            secret(&client, &ns, "regcred", &["unused"]).await;
+            Api::<ServiceAccount>::namespaced(client.clone(), &ns)
+                .create(
+                    &PostParams::default(),
+                    &ServiceAccount {
+                        metadata: ObjectMeta {
+                            name: Some("sync-workers".into()),
+                            ..ObjectMeta::default()
+                        },
+                        ..ServiceAccount::default()
+                    },
+                )
+                .await
+                .unwrap();
+            apply(
+                &client,
+                &ns,
+                &example::<OwnershipRoster>("roster.yaml", &ns),
+            )
+            .await;
+            apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+            let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+            flow.spec.worker = Some(
+                serde_json::from_value(serde_json::json!({
+                    "podLabels": {"team": "revops"},
+                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                        {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                         "labelSelector": {"matchLabels": {"sync.meshline.io/flow": FLOW}}}}]}}
+                }))
+                .unwrap(),
+            );
+            apply(&client, &ns, &flow).await;
+
+            // The ReplicaSet's pods exist whether or not the image can be pulled.
+            let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+            let pod = eventually("a worker pod", || async {
+                pods.list(&ListParams::default().labels(&format!("sync.meshline.io/flow={FLOW}")))
+                    .await
+                    .ok()?
+                    .items
+                    .into_iter()
+                    .next()
+            })
+            .await;
+            let labels = pod.metadata.labels.clone().unwrap();
+            assert_eq!(labels["team"], "revops", "the flow's label wins");
+            assert_eq!(labels["tier"], "integration", "the default label is merged in");
+            assert_eq!(labels["app.kubernetes.io/component"], "worker");
+            let annotations = pod.metadata.annotations.clone().unwrap();
+            assert_eq!(annotations["example.com/cost-center"], "finance");
+            let spec = pod.spec.unwrap();
+            assert_eq!(spec.service_account_name.as_deref(), Some("sync-workers"));
+            assert_eq!(spec.automount_service_account_token, Some(false));
+            assert!(
+                !spec
+                    .volumes
+                    .iter()
+                    .flatten()
+                    .any(|v| v.name.starts_with("kube-api-access")),
+                "no API token is projected into a worker"
+            );
+            assert_eq!(spec.image_pull_secrets.unwrap()[0].name, "regcred");
+            assert_eq!(spec.node_selector.unwrap()["kubernetes.io/os"], "linux");
+            assert!(
+                spec.tolerations
+                    .iter()
+                    .flatten()
+                    .any(|t| t.key.as_deref() == Some("example.com/dedicated")
+                        && t.value.as_deref() == Some("sync"))
+            );
+            assert_eq!(spec.priority_class_name.as_deref(), Some(priority_class.as_str()));
+            assert_eq!(spec.priority, Some(1000), "the API server resolved the class");
+            assert_eq!(
+                spec.affinity.unwrap().pod_anti_affinity.unwrap()
+                    .preferred_during_scheduling_ignored_during_execution.unwrap()[0]
+                    .pod_affinity_term
+                    .topology_key,
+                "kubernetes.io/hostname"
+            );
+        }
+    }))
+    .catch_unwind()
+    .await;
+    let _ = classes
+        .delete(&priority_class, &DeleteParams::background())
+        .await;
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 #[tokio::test]

@@ -588,3 +588,33 @@ proptest! {
         let _ = validate::validate_documents(docs, &Options::default());
     }
 }
+
+#[test]
+fn worker_pod_settings_the_controller_would_refuse_are_errors() {
+    let report = closed_won_with(
+        "flow",
+        "  replicas: 2",
+        "  replicas: 2\n  worker:\n    podLabels:\n      sync.meshline.io/flow: other\n      team: -revops\n    tolerations:\n      - key: dedicated\n        operator: Exists\n        value: sync",
+    );
+    assert_error(
+        &report,
+        "spec.worker",
+        "spec.worker.podLabels[sync.meshline.io/flow]: the controller sets this label",
+    );
+    assert_error(
+        &report,
+        "spec.worker",
+        "spec.worker.podLabels[team]: value \"-revops\"",
+    );
+    assert_error(
+        &report,
+        "spec.worker",
+        "spec.worker.tolerations[0].value: must be empty when operator is Exists",
+    );
+    let fine = closed_won_with(
+        "flow",
+        "  replicas: 2",
+        "  replicas: 2\n  worker:\n    serviceAccountName: sync-workers\n    podLabels:\n      team: revops\n    nodeSelector:\n      pool: integration",
+    );
+    assert!(errors(&fine).is_empty(), "{:?}", errors(&fine));
+}

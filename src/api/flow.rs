@@ -1,6 +1,8 @@
 //! `SyncFlow`: a contract bound to a real CRM and ERP, with the operational policy that runs it.
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
 use kube::CustomResource;
 use kube::core::Duration;
 use schemars::JsonSchema;
@@ -478,6 +480,28 @@ pub struct LedgerSpec {
         pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub delivered_retention: Option<Duration>,
+    /// What happens to the embedded ledger's PVC when the flow is deleted, after a StatefulSet's
+    /// `persistentVolumeClaimRetentionPolicy`. `Retain` (the default): the PVC carries no owner reference, so it
+    /// outlives the flow, and a flow re-created under the same name reuses it. `Delete`: the flow owns the PVC and
+    /// garbage collection deletes it with the flow.
+    #[serde(default, skip_serializing_if = "LedgerRetentionPolicy::is_retain")]
+    pub retention_policy: LedgerRetentionPolicy,
+}
+
+/// Whether a flow's ledger volume outlives the flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LedgerRetentionPolicy {
+    /// The PVC is kept when the flow is deleted (no owner reference); delete it by hand when the data may go.
+    #[default]
+    Retain,
+    /// The PVC is owned by the flow and deleted with it.
+    Delete,
+}
+
+impl LedgerRetentionPolicy {
+    pub fn is_retain(&self) -> bool {
+        *self == LedgerRetentionPolicy::Retain
+    }
 }
 
 /// Worker pod overrides.
@@ -490,6 +514,53 @@ pub struct WorkerSpec {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Scheduling, identity and metadata of the worker pods; each unset field falls back to the controller's
+    /// `--worker-defaults` (the chart's `workerDefaults`).
+    #[serde(flatten)]
+    pub pod: WorkerPodSettings,
+}
+
+/// The worker pod settings a platform team sets, per flow or as the controller's defaults. Merging a flow's
+/// settings over the defaults: a field the flow sets wins; the three maps (`nodeSelector`, `podLabels`,
+/// `podAnnotations`) merge key by key with the flow's value winning; a list the flow sets, even empty, replaces the
+/// default list.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerPodSettings {
+    /// ServiceAccount of the worker pods (e.g. one bound to a cloud IAM role). Its API token is still not
+    /// mounted: workers never call the Kubernetes API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_name: Option<String>,
+    /// Secrets with registry credentials for pulling the worker image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 20))]
+    pub image_pull_secrets: Option<Vec<super::common::SecretRef>>,
+    /// Node labels a node must carry to run the worker.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the worker pods tolerate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Node and pod (anti-)affinity of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the worker pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+    /// Extra annotations of the worker pods. Keys under `sync.meshline.io/` are the controller's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_annotations: BTreeMap<String, String>,
+    /// Extra labels of the worker pods. The labels the controller sets (`app.kubernetes.io/` `name`,
+    /// `instance`, `component`, `part-of`, `managed-by`, and keys under `sync.meshline.io/`) cannot be
+    /// overridden: the Deployment's selector and the controller's caches rely on them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub pod_labels: BTreeMap<String, String>,
 }
 
 /// What the controller and the workers report about the flow.

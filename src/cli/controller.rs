@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use crate::api::WorkerPodSettings;
+
 /// Options of `meshline controller` (the chart's Deployment passes them).
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
@@ -17,6 +19,11 @@ pub struct ControllerArgs {
     /// Image of the worker pods unless a flow sets `spec.worker.image`.
     #[arg(long, env = "MESHLINE_WORKER_IMAGE")]
     pub worker_image: String,
+    /// Pod settings of every worker, under each flow's own `spec.worker`, as JSON: `serviceAccountName`,
+    /// `imagePullSecrets`, `nodeSelector`, `tolerations`, `affinity`, `priorityClassName`, `podAnnotations`,
+    /// `podLabels` (the chart's `workerDefaults`).
+    #[arg(long, env = "MESHLINE_WORKER_DEFAULTS", default_value = "{}", value_parser = parse_worker_defaults)]
+    pub worker_defaults: WorkerPodSettings,
     /// Name of the leader-election Lease, in the controller's namespace (`POD_NAMESPACE`).
     #[arg(long, default_value = "meshline-controller-leader")]
     pub lease_name: String,
@@ -48,6 +55,39 @@ pub struct ControllerArgs {
     pub no_leader_election: bool,
 }
 
+/// Reads `--worker-defaults`: a JSON object of known fields only (a misspelt key would otherwise be dropped
+/// silently), decoded with the path of any bad field, and checked like a flow's `spec.worker`.
+pub fn parse_worker_defaults(s: &str) -> Result<WorkerPodSettings, String> {
+    if s.trim().is_empty() {
+        return Ok(WorkerPodSettings::default());
+    }
+    let value: serde_json::Value = serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))?;
+    let Some(object) = value.as_object() else {
+        return Err("must be a JSON object of worker pod settings".into());
+    };
+    let schema = schemars::schema_for!(WorkerPodSettings);
+    let known: Vec<&str> = schema
+        .get("properties")
+        .and_then(|p| p.as_object())
+        .map(|p| p.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    if let Some(unknown) = object.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(format!(
+            "unknown field {unknown:?}; the fields are {}",
+            known.join(", ")
+        ));
+    }
+    let settings: WorkerPodSettings = serde_path_to_error::deserialize(value)
+        .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
+    let problems =
+        crate::controller::flow::validate::worker_pod_settings(&settings, "--worker-defaults");
+    if problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let d: kube::core::Duration = s
         .parse()
@@ -74,6 +114,7 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
         listen: args.listen,
         status_period: args.status_period,
         worker_image: args.worker_image,
+        worker_defaults: args.worker_defaults,
         lease_name: args.lease_name,
         lease_namespace: args.lease_namespace,
         identity,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod contract;
-mod controller;
+pub mod controller;
 mod dev;
 mod worker;
 

@@ -145,6 +145,42 @@ pub fn check_label_value(value: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `key` is a valid label or annotation key (apimachinery's `IsQualifiedName`): an optional prefix that is
+/// a DNS subdomain of at most 253 characters, then `/`, then a name of at most 63 characters of alphanumerics,
+/// '-', '_' or '.', starting and ending with an alphanumeric.
+pub fn check_qualified_name(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        if p.is_empty() {
+            return Err("the prefix before '/' must not be empty".into());
+        }
+        NameRule::Subdomain
+            .check(p)
+            .map_err(|e| format!("the prefix before '/' {e}"))?;
+    }
+    let b = name.as_bytes();
+    if b.is_empty() {
+        return Err("the name part must not be empty".into());
+    }
+    if b.len() > 63 {
+        return Err("the name part must be no more than 63 characters".into());
+    }
+    let ok = b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("the name part must consist of alphanumeric characters, '-', '_' or '.', starting and ending \
+             with an alphanumeric character"
+            .into())
+    }
+}
+
 /// The hex of a content hash, without an algorithm prefix such as `sha256:` (which no name may contain).
 pub fn hex_of(hash: &str) -> &str {
     hash.rsplit(':').next().unwrap_or(hash)
@@ -242,6 +278,32 @@ mod tests {
         assert_ne!(dns_label("meshline-a.b"), dns_label("meshline-a-b"));
         let s = subdomain("Meshline..A.-b");
         assert!(s.starts_with("meshline.a.b-"), "{s}");
+    }
+
+    #[test]
+    fn qualified_names_follow_the_label_key_rule() {
+        for ok in [
+            "team",
+            "example.com/team",
+            "a_b.c-d",
+            "sync.meshline.io/flow",
+        ] {
+            assert!(check_qualified_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/team",
+            "Example.com/team",
+            "example.com/",
+            "-team",
+            "team-",
+            "a/b/c",
+            "has space",
+        ] {
+            assert!(check_qualified_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_qualified_name(&"x".repeat(63)).is_ok());
+        assert!(check_qualified_name(&"x".repeat(64)).is_err());
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub status_period: Duration,
     pub worker_image: String,
+    /// `--worker-defaults`: pod settings under each flow's own `spec.worker`.
+    pub worker_defaults: crate::api::WorkerPodSettings,
     pub lease_name: String,
     /// Namespace of the Lease (the controller's own, `POD_NAMESPACE`).
     pub lease_namespace: String,
@@ -186,6 +188,21 @@ pub fn flows_of_secret(
         .collect()
 }
 
+/// The flow whose ledger a PVC is, by name. A retained ledger carries no owner reference, so the owner-based
+/// trigger would miss it: its deletion by hand, say, must still bring its flow back to reconcile it.
+pub fn flows_of_ledger(
+    flows: &[Arc<SyncFlow>],
+    namespace: Option<&str>,
+    pvc: &str,
+) -> Vec<ObjectRef<SyncFlow>> {
+    flows
+        .iter()
+        .filter(|f| f.namespace().as_deref() == namespace)
+        .filter(|f| super::flow::build::ledger_name(&f.name_any()) == pvc)
+        .map(|f| ObjectRef::from_obj(&**f))
+        .collect()
+}
+
 /// Runs the controller until it loses leadership or the process is stopped.
 pub async fn run(settings: Settings) -> Result<(), RunError> {
     // A Lease name the API server would refuse fails every election round; say so once, at start.
@@ -298,6 +315,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         client.clone(),
         BuildSettings {
             worker_image: settings.worker_image.clone(),
+            worker_defaults: settings.worker_defaults.clone(),
         },
         stores.clone(),
         metrics.clone(),
@@ -446,15 +464,27 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let c1 = ctx.clone();
     let c2 = ctx.clone();
     let c3 = ctx.clone();
+    let c4 = ctx.clone();
     let flow_controller =
         Controller::for_stream(flows, stores.flows.clone())
             .owns_stream(deployments)
             .owns_stream(config_maps)
             .owns_stream(services)
             .owns_stream(pdbs)
-            .owns_stream(pvcs)
             .owns_stream(tokens)
             .reconcile_on(poll_rx)
+            .reconcile_on(
+                pvcs.filter_map(move |pvc| {
+                    future::ready(pvc.ok().map(|pvc| {
+                        futures::stream::iter(flows_of_ledger(
+                            &c4.stores.flows.state(),
+                            pvc.metadata.namespace.as_deref(),
+                            &pvc.name_any(),
+                        ))
+                    }))
+                })
+                .flatten(),
+            )
             .reconcile_on(contract_events_rx.flat_map(move |(c, _)| {
                 futures::stream::iter(flows_of_contract(&c1.stores.flows.state(), &c))
             }))

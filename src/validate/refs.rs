@@ -1,5 +1,6 @@
 //! Checks between objects given together: a flow's contract exists and matches its version range, the flow's
-//! lookups bind the contract's, every flow has a sync owner, and the roster's ids are consistent.
+//! lookups bind the contract's, every flow has a sync owner, and the roster's ids are consistent. Also a flow's
+//! worker pod settings, by the controller's own rules (which the CRD schema cannot express).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -28,6 +29,15 @@ pub fn check(report: &mut Report, options: &Options) {
     }
 
     for flow in &report.flows {
+        // Worker pod settings the API server would refuse, or that take the controller's labels: the controller
+        // would not start the flow (each problem names its field under spec.worker).
+        if let Some(worker) = &flow.object.spec.worker {
+            for problem in
+                crate::controller::flow::validate::worker_pod_settings(&worker.pod, "spec.worker")
+            {
+                issues.push(flow.issue(Severity::Error, "spec.worker", problem));
+            }
+        }
         let ns = flow.namespace();
         let binding = &flow.object.spec.contract;
         match semver::VersionReq::parse(&binding.version) {

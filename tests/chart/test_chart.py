@@ -94,6 +94,24 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "service": {"annotations": {"example.test/owner": "ops"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
     },
+    "worker-defaults": {
+        "workerDefaults": {
+            "serviceAccountName": "sync-workers",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "nodeSelector": {"pool": "integration"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "sync", "effect": "NoSchedule"}],
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}
+                    ]
+                }
+            },
+            "priorityClassName": "business-critical",
+            "podAnnotations": {"example.test/cost-center": "finance"},
+            "podLabels": {"team": "platform"},
+        }
+    },
     "existing-service-account": {"serviceAccount": {"create": False, "name": "preexisting"}},
     "no-rbac": {"rbac": {"create": False}},
     "fullname-override": {"fullnameOverride": "ml"},
@@ -114,6 +132,15 @@ REJECTED_VALUES_FILES: dict[str, tuple[str, str]] = {
     "resources-unknown-key": ("resources:\n  request:\n    cpu: 1\n", "request"),
     "empty-image-repository": ("image:\n  repository: \"\"\n  pullPolicy: IfNotPresent\n", "/image/repository"),
     "pull-secret-as-string": ("imagePullSecrets: [regcred]\n", "/imagePullSecrets/0"),
+    "worker-defaults-misspelt-key": ("workerDefaults:\n  nodeSelecter:\n    pool: a\n", "nodeSelecter"),
+    "worker-defaults-bad-toleration": (
+        "workerDefaults:\n  tolerations:\n    - key: k\n      operator: Matches\n",
+        "/workerDefaults/tolerations/0/operator",
+    ),
+    "worker-defaults-bad-account-name": (
+        "workerDefaults:\n  serviceAccountName: Sync_Workers\n",
+        "/workerDefaults/serviceAccountName",
+    ),
 }
 
 # The complete, exact permission set for the watched namespaces (statusViaProxy false).
@@ -560,6 +587,25 @@ def test_worker_image_defaults_field_by_field() -> None:
     # Controller tag set, worker unset: the worker follows the controller tag.
     args = controller_container(render({"image": {"repository": "r.test/m", "tag": "7.0.0", "pullPolicy": "IfNotPresent"}}))["args"]
     assert arg_value(args, "--worker-image") == "r.test/m:7.0.0"
+
+
+def test_worker_defaults_reach_the_controller_as_one_json_flag() -> None:
+    # Without workerDefaults the flag is not passed at all (see test_default_args_env_probes_resources).
+    values = SCENARIOS["worker-defaults"]
+    args = controller_container(render(values))["args"]
+    assert args.count("--worker-defaults") == 1
+    assert json.loads(arg_value(args, "--worker-defaults")) == values["workerDefaults"]
+
+
+def test_worker_defaults_keys_are_the_crds_worker_pod_settings() -> None:
+    # The controller decodes --worker-defaults as the SyncFlow's spec.worker pod settings and refuses unknown
+    # keys, so the chart's schema must offer exactly those: image and resources stay per flow (workerImage sets
+    # the image).
+    crd = yaml.safe_load((CRD_DIR / "syncflows.sync.meshline.io.yaml").read_text())
+    worker = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["worker"]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    offered = set(schema["properties"]["workerDefaults"]["properties"])
+    assert offered == set(worker["properties"]) - {"image", "resources"}
 
 
 def test_a_default_limit_can_be_removed_with_null() -> None:

@@ -4,7 +4,9 @@
 //!
 //! Before answering a write, the double refuses what a real kube-apiserver refuses, with the same status code,
 //! reason and `Status` body (see [`rules`], the one place those rules live): object names per kind, label keys
-//! and values, the annotations' total size, a ConfigMap's or Secret's data size, and server-side-apply patches
+//! and values, the annotations' total size, the scheduling and identity fields of a pod template (service
+//! account and priority class names, node selector, tolerations, affinity), a ConfigMap's or Secret's data size,
+//! and server-side-apply patches
 //! without the right `apiVersion` and `kind`. A controller bug of that class then fails a reconcile test here
 //! instead of a reconcile on a cluster.
 //!
@@ -732,6 +734,253 @@ pub mod rules {
         }
     }
 
+    fn required(field: &str) -> Cause {
+        Cause {
+            field: field.into(),
+            reason: "FieldValueRequired",
+            message: "Required value".into(),
+        }
+    }
+
+    fn not_supported(field: &str, value: &str, supported: &[&str]) -> Cause {
+        let list: Vec<String> = supported.iter().map(|s| format!("\"{s}\"")).collect();
+        Cause {
+            field: field.into(),
+            reason: "FieldValueNotSupported",
+            message: format!(
+                "Unsupported value: {}: supported values: {}",
+                Value::from(value),
+                list.join(", ")
+            ),
+        }
+    }
+
+    fn str_of(v: &Value) -> &str {
+        v.as_str().unwrap_or_default()
+    }
+
+    /// A label selector's requirements (`ValidateLabelSelectorRequirement`) or a node selector's
+    /// (`ValidateNodeSelectorRequirement`, which adds `Gt` and `Lt`).
+    fn requirements(field: &str, exprs: Option<&Value>, node: bool, out: &mut Vec<Cause>) {
+        for (i, e) in exprs
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let f = format!("{field}[{i}]");
+            let key = str_of(&e["key"]);
+            for err in qualified_name_errors(key) {
+                out.push(invalid_value(&format!("{f}.key"), key, &err));
+            }
+            let values = e["values"].as_array().map_or(0, Vec::len);
+            let op = str_of(&e["operator"]);
+            match op {
+                "In" | "NotIn" if values == 0 => out.push(required(&format!("{f}.values"))),
+                "Exists" | "DoesNotExist" if values > 0 => out.push(Cause {
+                    field: format!("{f}.values"),
+                    reason: "FieldValueForbidden",
+                    message: "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'".into(),
+                }),
+                "Gt" | "Lt" if node && values != 1 => out.push(required(&format!("{f}.values"))),
+                "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+                "Gt" | "Lt" if node => {}
+                _ => {
+                    let mut ops = vec!["DoesNotExist", "Exists", "In", "NotIn"];
+                    if node {
+                        ops.extend(["Gt", "Lt"]);
+                    }
+                    out.push(not_supported(&format!("{f}.operator"), op, &ops));
+                }
+            }
+        }
+    }
+
+    fn pod_affinity_terms(
+        field: &str,
+        terms: Option<&Value>,
+        weighted: bool,
+        out: &mut Vec<Cause>,
+    ) {
+        for (i, t) in terms
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let f = format!("{field}[{i}]");
+            let (term, f) = if weighted {
+                let w = t["weight"].as_i64().unwrap_or(0);
+                if !(1..=100).contains(&w) {
+                    out.push(invalid_value(
+                        &format!("{f}.weight"),
+                        &w.to_string(),
+                        "must be in the range 1-100",
+                    ));
+                }
+                (&t["podAffinityTerm"], format!("{f}.podAffinityTerm"))
+            } else {
+                (t, f)
+            };
+            let key = str_of(&term["topologyKey"]);
+            if key.is_empty() {
+                out.push(Cause {
+                    field: format!("{f}.topologyKey"),
+                    reason: "FieldValueRequired",
+                    message: "Required value: can not be empty".into(),
+                });
+            } else {
+                for err in qualified_name_errors(key) {
+                    out.push(invalid_value(&format!("{f}.topologyKey"), key, &err));
+                }
+            }
+            labels(
+                &format!("{f}.labelSelector.matchLabels"),
+                term["labelSelector"].get("matchLabels"),
+                out,
+            );
+            requirements(
+                &format!("{f}.labelSelector.matchExpressions"),
+                term["labelSelector"].get("matchExpressions"),
+                false,
+                out,
+            );
+        }
+    }
+
+    /// What `ValidatePodSpec` checks of the fields the controller sets from a flow's worker settings.
+    fn pod_spec(field: &str, pod: &Value, out: &mut Vec<Cause>) {
+        for name_field in ["serviceAccountName", "priorityClassName"] {
+            let name = str_of(&pod[name_field]);
+            if !name.is_empty() {
+                for e in name_errors(NameRule::Subdomain { max: 253 }, name) {
+                    out.push(invalid_value(&format!("{field}.{name_field}"), name, &e));
+                }
+            }
+        }
+        labels(
+            &format!("{field}.nodeSelector"),
+            pod.get("nodeSelector"),
+            out,
+        );
+        for (i, t) in pod["tolerations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let f = format!("{field}.tolerations[{i}]");
+            let key = str_of(&t["key"]);
+            if !key.is_empty() {
+                for e in qualified_name_errors(key) {
+                    out.push(invalid_value(&format!("{f}.key"), key, &e));
+                }
+            }
+            let value = str_of(&t["value"]);
+            match str_of(&t["operator"]) {
+                "" | "Equal" => {
+                    if key.is_empty() {
+                        out.push(invalid_value(
+                            &format!("{f}.operator"),
+                            str_of(&t["operator"]),
+                            "operator must be Exists when `key` is empty, which means \"match all values and all keys\"",
+                        ));
+                    }
+                    for e in label_value_errors(value) {
+                        out.push(invalid_value(&format!("{f}.value"), value, &e));
+                    }
+                }
+                "Exists" => {
+                    if !value.is_empty() {
+                        out.push(invalid_value(
+                            &format!("{f}.operator"),
+                            value,
+                            "value must be empty when `operator` is 'Exists'",
+                        ));
+                    }
+                }
+                other => out.push(not_supported(
+                    &format!("{f}.operator"),
+                    other,
+                    &["Equal", "Exists"],
+                )),
+            }
+            let effect = str_of(&t["effect"]);
+            if !matches!(effect, "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+                out.push(not_supported(
+                    &format!("{f}.effect"),
+                    effect,
+                    &["NoExecute", "NoSchedule", "PreferNoSchedule"],
+                ));
+            }
+            if t.get("tolerationSeconds").is_some_and(|s| !s.is_null()) && effect != "NoExecute" {
+                out.push(invalid_value(
+                    &format!("{f}.effect"),
+                    effect,
+                    "effect must be 'NoExecute' when `tolerationSeconds` is set",
+                ));
+            }
+        }
+        let affinity = &pod["affinity"];
+        let node = &affinity["nodeAffinity"];
+        if let Some(required_terms) = node.get("requiredDuringSchedulingIgnoredDuringExecution") {
+            let f = format!(
+                "{field}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+            );
+            let terms = required_terms["nodeSelectorTerms"].as_array();
+            if terms.is_none_or(Vec::is_empty) {
+                out.push(required(&format!("{f}.nodeSelectorTerms")));
+            }
+            for (i, term) in terms.into_iter().flatten().enumerate() {
+                requirements(
+                    &format!("{f}.nodeSelectorTerms[{i}].matchExpressions"),
+                    term.get("matchExpressions"),
+                    true,
+                    out,
+                );
+            }
+        }
+        for (i, p) in node["preferredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let f = format!(
+                "{field}.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[{i}]"
+            );
+            let w = p["weight"].as_i64().unwrap_or(0);
+            if !(1..=100).contains(&w) {
+                out.push(invalid_value(
+                    &format!("{f}.weight"),
+                    &w.to_string(),
+                    "must be in the range 1-100",
+                ));
+            }
+            requirements(
+                &format!("{f}.preference.matchExpressions"),
+                p["preference"].get("matchExpressions"),
+                true,
+                out,
+            );
+        }
+        for kind in ["podAffinity", "podAntiAffinity"] {
+            let a = &affinity[kind];
+            pod_affinity_terms(
+                &format!("{field}.affinity.{kind}.requiredDuringSchedulingIgnoredDuringExecution"),
+                a.get("requiredDuringSchedulingIgnoredDuringExecution"),
+                false,
+                out,
+            );
+            pod_affinity_terms(
+                &format!("{field}.affinity.{kind}.preferredDuringSchedulingIgnoredDuringExecution"),
+                a.get("preferredDuringSchedulingIgnoredDuringExecution"),
+                true,
+                out,
+            );
+        }
+    }
+
     /// The field errors of an object of `resource` named `name` (a whole object, or a patch of one).
     pub fn object_errors(resource: &str, name: &str, body: &Value) -> Vec<Cause> {
         let (kind, rule) = kind_of(resource);
@@ -758,6 +1007,9 @@ pub mod rules {
             body["spec"]["selector"].get("matchLabels"),
             &mut out,
         );
+        if let Some(pod) = body["spec"]["template"].get("spec") {
+            pod_spec("spec.template.spec", pod, &mut out);
+        }
         if kind == "Service" {
             labels("spec.selector", body["spec"].get("selector"), &mut out);
         }

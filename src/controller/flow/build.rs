@@ -4,19 +4,24 @@
 //! Objects: the token Secret (only when it does not exist yet), the ConfigMap with the rendered flow, the
 //! ledger PVC (embedded ledger), the Service, the status Service (headless, for the controller's status poll),
 //! the Deployment and the PodDisruptionBudget (replicas > 1). Every
-//! one is owned by the flow (controller owner reference), so deleting the flow deletes them, the ledger PVC
-//! included.
+//! one is owned by the flow (controller owner reference), so deleting the flow deletes them; the ledger PVC only
+//! under `spec.ledger.retentionPolicy: Delete`. Under `Retain` (the default) the PVC has no owner reference and
+//! outlives the flow, and the same flow name re-created finds its ledger again (the PVC's name derives from it).
+//!
+//! The worker pod's scheduling, identity and metadata settings are the flow's `spec.worker` merged over the
+//! controller's defaults ([`pod_settings`]).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource,
-    ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, LocalObjectReference,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -24,7 +29,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
-use crate::api::{LedgerType, LookupSource, OwnershipRoster, SyncContract, SyncFlow};
+use crate::api::{
+    LedgerRetentionPolicy, LedgerType, LookupSource, OwnershipRoster, SyncContract, SyncFlow,
+    WorkerPodSettings,
+};
 use crate::controller::{APPLIED_HASH, CONFIG_HASH, FLOW_LABEL, MANAGED_BY, names};
 use crate::worker::RenderedFlow;
 
@@ -65,10 +73,12 @@ pub fn token_name(flow: &str) -> String {
 }
 
 /// What the controller was started with that shapes the workers.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BuildSettings {
     /// `--worker-image`: the image of every worker unless a flow sets `spec.worker.image`.
     pub worker_image: String,
+    /// `--worker-defaults`: the pod settings of every worker, under each flow's own `spec.worker`.
+    pub worker_defaults: WorkerPodSettings,
 }
 
 /// The inputs of the build step.
@@ -108,6 +118,52 @@ pub fn owner_reference(flow: &SyncFlow) -> OwnerReference {
         uid: flow.metadata.uid.clone().unwrap_or_default(),
         controller: Some(true),
         block_owner_deletion: Some(true),
+    }
+}
+
+/// The owner references of the ledger PVC: the flow's under `retentionPolicy: Delete`, none under `Retain`.
+/// Leaving the field out of a server-side apply releases the reference this field manager set before, so a
+/// switch from `Delete` to `Retain` takes the PVC out of the garbage collector's reach.
+pub fn ledger_owner_references(flow: &SyncFlow) -> Option<Vec<OwnerReference>> {
+    match flow.spec.ledger.retention_policy {
+        LedgerRetentionPolicy::Delete => Some(vec![owner_reference(flow)]),
+        LedgerRetentionPolicy::Retain => None,
+    }
+}
+
+/// The worker pod settings in effect: the flow's `spec.worker` over the controller's defaults. A field the flow
+/// sets wins; `nodeSelector`, `podLabels` and `podAnnotations` merge key by key (the flow's value wins); a list the
+/// flow sets, even an empty one, replaces the default list.
+pub fn pod_settings(flow: &SyncFlow, defaults: &WorkerPodSettings) -> WorkerPodSettings {
+    let Some(own) = flow.spec.worker.as_ref().map(|w| &w.pod) else {
+        return defaults.clone();
+    };
+    let merged = |d: &BTreeMap<String, String>, o: &BTreeMap<String, String>| {
+        let mut m = d.clone();
+        m.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+        m
+    };
+    WorkerPodSettings {
+        service_account_name: own
+            .service_account_name
+            .clone()
+            .or_else(|| defaults.service_account_name.clone()),
+        image_pull_secrets: own
+            .image_pull_secrets
+            .clone()
+            .or_else(|| defaults.image_pull_secrets.clone()),
+        node_selector: merged(&defaults.node_selector, &own.node_selector),
+        tolerations: own
+            .tolerations
+            .clone()
+            .or_else(|| defaults.tolerations.clone()),
+        affinity: own.affinity.clone().or_else(|| defaults.affinity.clone()),
+        priority_class_name: own
+            .priority_class_name
+            .clone()
+            .or_else(|| defaults.priority_class_name.clone()),
+        pod_annotations: merged(&defaults.pod_annotations, &own.pod_annotations),
+        pod_labels: merged(&defaults.pod_labels, &own.pod_labels),
     }
 }
 
@@ -171,6 +227,9 @@ pub fn render(
         contract.spec.clone(),
     );
     flow.metadata = scrubbed_meta(&flow.metadata.clone());
+    // The worker never reads the retention policy; changing it must not change the configuration hash and
+    // restart the worker.
+    flow.spec.ledger.retention_policy = LedgerRetentionPolicy::default();
     contract_c.metadata = scrubbed_meta(&contract.metadata);
     let roster = roster.map(|r| {
         let mut c = OwnershipRoster::new(
@@ -256,31 +315,7 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         ..ConfigMap::default()
     });
 
-    let ledger = embedded.then(|| {
-        let mut requests = BTreeMap::new();
-        requests.insert(
-            "storage".to_string(),
-            Quantity(
-                spec.ledger
-                    .storage_size
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_LEDGER_SIZE.into()),
-            ),
-        );
-        stamp(PersistentVolumeClaim {
-            metadata: meta(flow, ledger_name(&name)),
-            spec: Some(PersistentVolumeClaimSpec {
-                access_modes: Some(vec!["ReadWriteOnce".into()]),
-                resources: Some(VolumeResourceRequirements {
-                    requests: Some(requests),
-                    ..VolumeResourceRequirements::default()
-                }),
-                storage_class_name: spec.ledger.storage_class_name.clone(),
-                ..PersistentVolumeClaimSpec::default()
-            }),
-            ..PersistentVolumeClaim::default()
-        })
-    });
+    let ledger = embedded.then(|| ledger_claim(flow));
 
     let service = stamp(Service {
         metadata: meta(flow, worker_name(&name)),
@@ -350,6 +385,39 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         pdb,
         replicas,
         capped,
+    })
+}
+
+/// The embedded ledger's PVC. Built from the flow alone (no contract), so the reconciler can keep a live PVC's
+/// ownership in step with `retentionPolicy` even while the flow does not start.
+pub fn ledger_claim(flow: &SyncFlow) -> PersistentVolumeClaim {
+    let name = flow.metadata.name.clone().unwrap_or_default();
+    let spec = &flow.spec;
+    let mut requests = BTreeMap::new();
+    requests.insert(
+        "storage".to_string(),
+        Quantity(
+            spec.ledger
+                .storage_size
+                .clone()
+                .unwrap_or_else(|| DEFAULT_LEDGER_SIZE.into()),
+        ),
+    );
+    stamp(PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            owner_references: ledger_owner_references(flow),
+            ..meta(flow, ledger_name(&name))
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(requests),
+                ..VolumeResourceRequirements::default()
+            }),
+            storage_class_name: spec.ledger.storage_class_name.clone(),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
     })
 }
 
@@ -575,8 +643,14 @@ fn deployment(
         volume_mounts: Some(mounts),
         ..Container::default()
     };
-    let mut pod_labels = labels(name);
+    let pod = pod_settings(flow, &settings.worker_defaults);
+    // The controller's own labels and annotation are inserted last: validation refuses settings that name them,
+    // and this order keeps the selector intact even if it did not.
+    let mut pod_labels = pod.pod_labels.clone();
+    pod_labels.extend(labels(name));
     pod_labels.extend(selector(name));
+    let mut pod_annotations = pod.pod_annotations.clone();
+    pod_annotations.insert(CONFIG_HASH.into(), config_hash[..32].to_string());
     Deployment {
         metadata: meta(flow, worker_name(name)),
         spec: Some(DeploymentSpec {
@@ -594,15 +668,23 @@ fn deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(pod_labels),
-                    annotations: Some(BTreeMap::from([(
-                        CONFIG_HASH.into(),
-                        config_hash[..32].to_string(),
-                    )])),
+                    annotations: Some(pod_annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    // Workers never call the Kubernetes API.
+                    // Workers never call the Kubernetes API, whichever ServiceAccount they run as.
                     automount_service_account_token: Some(false),
+                    service_account_name: pod.service_account_name,
+                    image_pull_secrets: pod.image_pull_secrets.map(|secrets| {
+                        secrets
+                            .into_iter()
+                            .map(|s| LocalObjectReference { name: s.name })
+                            .collect()
+                    }),
+                    node_selector: (!pod.node_selector.is_empty()).then_some(pod.node_selector),
+                    tolerations: pod.tolerations,
+                    affinity: pod.affinity,
+                    priority_class_name: pod.priority_class_name,
                     enable_service_links: Some(false),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),

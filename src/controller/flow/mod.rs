@@ -6,9 +6,12 @@
 //! Apply order: token Secret, ConfigMap, PVC, Service, status Service, Deployment, PodDisruptionBudget — what
 //! the pods mount exists before the pods, and the budget follows the pods it protects.
 //!
-//! A flow that fails a gate (contract, owner, Secrets) is not started: no Deployment is created, an existing
-//! one is scaled to zero, and the ledger PVC is never deleted by the controller (only garbage collection removes
-//! it, when the flow itself is deleted).
+//! A flow that fails a gate (contract, owner, Secrets, worker pod settings) is not started: no Deployment is
+//! created, an existing one is scaled to zero, and the ledger PVC is never deleted by the controller. Only garbage
+//! collection removes it, when the flow itself is deleted under `spec.ledger.retentionPolicy: Delete`; under
+//! `Retain` it carries no owner reference and outlives the flow. An existing PVC's owner reference follows the
+//! policy on every reconcile, started or not, so that setting `Retain` on a flow that cannot start still protects
+//! its ledger before the flow is deleted.
 
 pub mod build;
 pub mod status;
@@ -19,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -114,6 +117,7 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         rosters: &rosters,
         secrets: &secrets,
         compile: &|c| ctx.compile(c),
+        worker_defaults: &ctx.build.worker_defaults,
     });
 
     let worker = build::worker_name(&name);
@@ -122,6 +126,10 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         .deployments
         .get(&ObjectRef::new(&worker).within(&ns));
     let live_pdb = ctx.stores.pdbs.get(&ObjectRef::new(&worker).within(&ns));
+    let live_ledger = ctx
+        .stores
+        .pvcs
+        .get(&ObjectRef::new(&build::ledger_name(&name)).within(&ns));
     let (replicas, capped) = if let (true, Some(contract)) =
         (verdict.startable(), verdict.contract.as_ref())
     {
@@ -161,11 +169,9 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         )
         .await?;
         if let Some(pvc) = &desired.ledger {
-            let live = ctx
-                .stores
-                .pvcs
-                .get(&ObjectRef::new(&build::ledger_name(&name)).within(&ns));
-            apply::apply(client, pvc, up_to_date(pvc, live.as_deref()), m).await?;
+            apply::apply(client, pvc, up_to_date(pvc, live_ledger.as_deref()), m).await?;
+        } else {
+            keep_ledger_ownership(ctx, flow, live_ledger.as_deref()).await?;
         }
         let svc = ctx
             .stores
@@ -219,6 +225,7 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         if live_pdb.is_some() {
             apply::delete::<PodDisruptionBudget>(&ctx.client, &ns, &worker, &ctx.metrics).await?;
         }
+        keep_ledger_ownership(ctx, flow, live_ledger.as_deref()).await?;
         (0, None)
     };
 
@@ -253,6 +260,38 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         }
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Keeps the owner reference of an existing ledger PVC in step with `spec.ledger.retentionPolicy` when the
+/// reconcile does not apply the PVC itself (the flow does not start, or its ledger is no longer embedded). It
+/// applies the object the build step makes, so ownership stays with one field manager, and never creates a PVC
+/// that does not exist. The size and class are the live ones: a spec edit of those waits for the flow to start
+/// (and the content hash is left out, so that the full apply then is not skipped).
+async fn keep_ledger_ownership(
+    ctx: &Context,
+    flow: &SyncFlow,
+    live: Option<&PersistentVolumeClaim>,
+) -> Result<(), Error> {
+    let Some(live) = live else { return Ok(()) };
+    let mut pvc = build::ledger_claim(flow);
+    if pvc.metadata.owner_references.as_deref().unwrap_or_default()
+        == live
+            .metadata
+            .owner_references
+            .as_deref()
+            .unwrap_or_default()
+    {
+        return Ok(());
+    }
+    if let Some(a) = pvc.metadata.annotations.as_mut() {
+        a.remove(super::APPLIED_HASH);
+    }
+    if let (Some(want), Some(have)) = (pvc.spec.as_mut(), live.spec.as_ref()) {
+        want.resources = have.resources.clone();
+        want.storage_class_name = have.storage_class_name.clone();
+    }
+    apply::apply(&ctx.client, &pvc, false, &ctx.metrics).await?;
+    Ok(())
 }
 
 /// Scales a Deployment to zero with a merge patch of `spec.replicas` alone. (A server-side apply of a partial
