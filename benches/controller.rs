@@ -165,6 +165,7 @@ fn main() {
             double.client(),
             BuildSettings {
                 worker_image: "img:1".into(),
+                ..BuildSettings::default()
             },
             stores,
             Arc::new(Metrics::new()),

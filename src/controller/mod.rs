@@ -28,13 +28,14 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 
 pub use error::{Error, RunError};
-pub use run::{Settings, run};
+pub use run::{FlowNetworkPolicies, Settings, run};
 
 use crate::api::{OwnershipRoster, SyncContract, SyncFlow};
 use flow::build::BuildSettings;
@@ -64,6 +65,9 @@ pub struct Stores {
     pub pvcs: Store<PersistentVolumeClaim>,
     /// Only the Secrets the controller created (the workers' tokens), selected by the managed-by label.
     pub tokens: Store<Secret>,
+    /// The per-flow NetworkPolicies; fed only when the controller ships or cleans them up (empty otherwise,
+    /// so a controller without that RBAC never lists them).
+    pub network_policies: Store<NetworkPolicy>,
 }
 
 /// The writing ends of [`Stores`], fed by the reflectors (or directly by tests and the benchmark).
@@ -77,6 +81,7 @@ pub struct Writers {
     pub pdbs: Writer<PodDisruptionBudget>,
     pub pvcs: Writer<PersistentVolumeClaim>,
     pub tokens: Writer<Secret>,
+    pub network_policies: Writer<NetworkPolicy>,
 }
 
 impl Stores {
@@ -90,6 +95,7 @@ impl Stores {
         let (pdbs, wp) = reflector::store();
         let (pvcs, wv) = reflector::store();
         let (tokens, wt) = reflector::store();
+        let (network_policies, wn) = reflector::store();
         (
             Stores {
                 flows,
@@ -101,6 +107,7 @@ impl Stores {
                 pdbs,
                 pvcs,
                 tokens,
+                network_policies,
             },
             Writers {
                 flows: wf,
@@ -112,6 +119,7 @@ impl Stores {
                 pdbs: wp,
                 pvcs: wv,
                 tokens: wt,
+                network_policies: wn,
             },
         )
     }

@@ -16,7 +16,9 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
-use super::flow::build::{TOKEN_KEY, WORKER_PORT, status_service_name, token_name, worker_name};
+use super::flow::build::{
+    OPS_PORT, OPS_PORT_NAME, TOKEN_KEY, status_service_name, token_name, worker_name,
+};
 use super::flow::status::Observation;
 use crate::api::SyncFlow;
 use crate::worker::api::{WorkerProblem, WorkerStatus};
@@ -94,7 +96,7 @@ pub trait WorkerStatusSource: Send + Sync {
     ) -> Result<WorkerAnswer, FetchError>;
 }
 
-/// Over the cluster network: `http://meshline-<flow>-status.<ns>.svc:8080/status`, the headless status Service
+/// Over the cluster network: `http://meshline-<flow>-status.<ns>.svc:8081/status`, the headless status Service
 /// that also reaches a worker whose readiness probe fails (see [`status_service_name`]).
 pub struct Direct {
     http: reqwest::Client,
@@ -126,7 +128,7 @@ impl WorkerStatusSource for Direct {
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
         let url = format!(
-            "http://{}.{namespace}.svc:{WORKER_PORT}/status",
+            "http://{}.{namespace}.svc:{OPS_PORT}/status",
             status_service_name(flow)
         );
         let mut request = self.http.get(&url);
@@ -144,7 +146,7 @@ impl WorkerStatusSource for Direct {
     }
 }
 
-/// Through the API server: `/api/v1/namespaces/<ns>/services/meshline-<flow>-status:http/proxy/status`. The worker
+/// Through the API server: `/api/v1/namespaces/<ns>/services/meshline-<flow>-status:ops/proxy/status`. The worker
 /// token travels in a header the proxy forwards (`Authorization` is the API server's own).
 pub struct ViaProxy {
     pub client: Client,
@@ -191,7 +193,7 @@ impl WorkerStatusSource for ViaProxy {
 
 pub fn proxy_path(namespace: &str, flow: &str) -> String {
     format!(
-        "/api/v1/namespaces/{namespace}/services/{}:http/proxy/status",
+        "/api/v1/namespaces/{namespace}/services/{}:{OPS_PORT_NAME}/proxy/status",
         status_service_name(flow)
     )
 }
