@@ -74,7 +74,10 @@ fn policy_settings() -> build::NetworkPolicySettings {
         controller_namespace: "meshline-system".into(),
         controller_pod_labels: BTreeMap::from([
             ("app.kubernetes.io/name".to_string(), "meshline".to_string()),
-            ("app.kubernetes.io/instance".to_string(), "meshline".to_string()),
+            (
+                "app.kubernetes.io/instance".to_string(),
+                "meshline".to_string(),
+            ),
         ]),
         metrics_from_namespaces: vec!["monitoring".into()],
         api_server_cidrs: vec!["10.0.0.1/32".into()],
@@ -140,7 +143,14 @@ fn the_ingress_facing_service_carries_the_webhook_port_only() {
     );
     // Both probes on the webhook port, whose readiness the Ingress' Service routes by.
     for probe in [&c.liveness_probe, &c.readiness_probe] {
-        let port = probe.as_ref().unwrap().http_get.as_ref().unwrap().port.clone();
+        let port = probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .port
+            .clone();
         assert_eq!(
             port,
             k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("webhook".into())
@@ -162,7 +172,10 @@ fn the_network_policy_admits_the_ingress_to_webhooks_and_the_controller_to_opera
         Some("meshline-won-deals-to-odoo-worker")
     );
     let owner = &policy.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.controller), ("SyncFlow", Some(true)));
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("SyncFlow", Some(true))
+    );
     let spec = policy.spec.unwrap();
     // The flow's worker pods, by the Deployment's own selector.
     assert_eq!(

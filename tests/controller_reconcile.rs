@@ -1039,9 +1039,7 @@ fn harness_with_policies() -> Harness {
 }
 
 fn policy_path() -> String {
-    format!(
-        "/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/meshline-{FLOW}-worker"
-    )
+    format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/meshline-{FLOW}-worker")
 }
 
 #[tokio::test]
@@ -1068,7 +1066,11 @@ async fn with_the_switch_on_the_network_policy_is_applied_before_the_pods() {
     let policy = w[3];
     assert_eq!(policy.path, policy_path());
     assert!(policy.is_forced_apply(), "{}?{}", policy.path, policy.query);
-    assert_eq!(policy.answered, 200, "the API double accepted it: {:?}", policy.body);
+    assert_eq!(
+        policy.answered, 200,
+        "the API double accepted it: {:?}",
+        policy.body
+    );
     assert_eq!(policy.body["apiVersion"], "networking.k8s.io/v1");
     assert_eq!(
         policy.body["metadata"]["ownerReferences"][0]["kind"],
@@ -1107,10 +1109,7 @@ async fn with_the_switch_off_a_policy_made_earlier_is_deleted() {
         serde_json::from_value::<NetworkPolicy>(body).unwrap(),
     );
     let requests = reconcile(&off, &flow()).await;
-    let deletes: Vec<&Recorded> = requests
-        .iter()
-        .filter(|r| r.method == "DELETE")
-        .collect();
+    let deletes: Vec<&Recorded> = requests.iter().filter(|r| r.method == "DELETE").collect();
     assert_eq!(deletes.len(), 1, "{requests:#?}");
     assert_eq!(deletes[0].path, policy_path());
     assert!(

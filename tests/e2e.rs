@@ -148,14 +148,18 @@ fn network_policies_on(ns: &str) -> FlowNetworkPolicies {
     FlowNetworkPolicies::On(build::NetworkPolicySettings {
         webhook_from_namespaces: vec![INGRESS_NAMESPACE.into()],
         controller_namespace: ns.into(),
-        controller_pod_labels: [("app.kubernetes.io/name".to_string(), "meshline".to_string())].into(),
+        controller_pod_labels: [("app.kubernetes.io/name".to_string(), "meshline".to_string())]
+            .into(),
         metrics_from_namespaces: vec![],
         api_server_cidrs: vec!["0.0.0.0/0".into()],
     })
 }
 
 /// Runs the controller in-process on `ns` until the handle is aborted.
-fn start_controller(ns: &str, network_policies: FlowNetworkPolicies) -> tokio::task::JoinHandle<()> {
+fn start_controller(
+    ns: &str,
+    network_policies: FlowNetworkPolicies,
+) -> tokio::task::JoinHandle<()> {
     let settings = meshline::controller::Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         status_period: Duration::from_secs(5),
@@ -380,7 +384,10 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         assert!(owned_by(&policy.metadata, &uid));
         let policy_spec = policy.spec.unwrap();
         assert_eq!(
-            policy_spec.pod_selector.as_ref().and_then(|p| p.match_labels.clone()),
+            policy_spec
+                .pod_selector
+                .as_ref()
+                .and_then(|p| p.match_labels.clone()),
             d.spec.as_ref().unwrap().selector.match_labels,
             "the policy selects the flow's worker pods"
         );
@@ -395,7 +402,9 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
             .find(|r| port_of(r) == Some(IntOrString::String(build::WEBHOOK_PORT_NAME.into())))
             .expect("a rule for the webhook port (the example's source is a webhook)");
         assert!(
-            serde_json::to_string(webhook_rule).unwrap().contains(INGRESS_NAMESPACE),
+            serde_json::to_string(webhook_rule)
+                .unwrap()
+                .contains(INGRESS_NAMESPACE),
             "{webhook_rule:?}"
         );
         let ops_rule = rules
@@ -404,7 +413,9 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
             .expect("a rule for the operations port");
         let ops_from = ops_rule.from.clone().unwrap_or_default();
         assert!(
-            ops_from.iter().any(|p| p.pod_selector.is_some() && p.namespace_selector.is_some()),
+            ops_from
+                .iter()
+                .any(|p| p.pod_selector.is_some() && p.namespace_selector.is_some()),
             "the controller's pods in the controller's namespace: {ops_from:?}"
         );
         assert!(
@@ -739,12 +750,15 @@ async fn network_policies_follow_the_switch() {
         let _ = on.await;
         // Switched to clean-up (what a chart upgrade to `mode: clean-up` does): the orphan goes.
         let cleaner = start_controller(&ns, FlowNetworkPolicies::CleanUp);
-        eventually("the clean-up controller to delete the NetworkPolicy", || async {
-            match policies.get_opt(&name).await.ok()? {
-                None => Some(()),
-                Some(p) => p.metadata.deletion_timestamp.map(|_| ()),
-            }
-        })
+        eventually(
+            "the clean-up controller to delete the NetworkPolicy",
+            || async {
+                match policies.get_opt(&name).await.ok()? {
+                    None => Some(()),
+                    Some(p) => p.metadata.deletion_timestamp.map(|_| ()),
+                }
+            },
+        )
         .await;
         // The rest of the flow stays.
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);

@@ -114,20 +114,37 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         !ok && err.contains("HTTP 401") && err.contains("none was given") && err.contains("--flow"),
         "dlq list without a token fails and says how to get one: {err}"
     );
-    let (ok, _, err) =
-        meshline_with_env(args(&["dlq", "list", "--url", &ops]), &[("MESHLINE_TOKEN", "guess")]).await;
+    let (ok, _, err) = meshline_with_env(
+        args(&["dlq", "list", "--url", &ops]),
+        &[("MESHLINE_TOKEN", "guess")],
+    )
+    .await;
     assert!(
         !ok && err.contains("HTTP 401") && err.contains("refused the token"),
         "dlq list with a wrong token fails: {err}"
     );
     // The webhook port, the one an Ingress exposes, has no dead letters to show at all.
-    let (ok, _, err) =
-        meshline(args(&["dlq", "list", "--url", &url, "--token-file", &token_file])).await;
+    let (ok, _, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &url,
+        "--token-file",
+        &token_file,
+    ]))
+    .await;
     assert!(!ok && err.contains("404"), "{err}");
 
     // The dead letters, with their reasons, as people see them.
-    let (ok, listing, err) =
-        meshline(args(&["dlq", "list", "--url", &ops, "--token-file", &token_file])).await;
+    let (ok, listing, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &ops,
+        "--token-file",
+        &token_file,
+    ]))
+    .await;
     assert!(ok, "dlq list failed: {err}");
     let drift_line = listing
         .lines()
@@ -252,8 +269,15 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
             counter(s, "delivered") == 23 && counter(s, "deadLettered") == 0 && s["pending"] == 0
         })
         .await;
-    let (ok, listing, err) =
-        meshline(args(&["dlq", "list", "--url", &ops, "--token-file", &token_file])).await;
+    let (ok, listing, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &ops,
+        "--token-file",
+        &token_file,
+    ]))
+    .await;
     assert!(
         ok && listing.contains("no dead letters"),
         "the dead letters are empty: {listing}{err}"

@@ -763,7 +763,11 @@ async fn the_webhook_port_serves_health_and_webhooks_only() {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 404, "{path} must not be served on the webhook port");
+        assert_eq!(
+            r.status(),
+            404,
+            "{path} must not be served on the webhook port"
+        );
     }
     let replay = h
         .http
@@ -787,7 +791,8 @@ async fn every_read_of_the_operations_api_needs_the_flows_token() {
         let anonymous = h.http.get(h.url(path)).send().await.unwrap();
         assert_eq!(anonymous.status(), 401, "{path} without a token");
         assert_eq!(
-            anonymous.headers()["www-authenticate"], "Bearer",
+            anonymous.headers()["www-authenticate"],
+            "Bearer",
             "{path}: a 401 names the scheme"
         );
         let wrong = h

@@ -284,7 +284,11 @@ async fn assert_waiting_for(worker: &mut Process, kind: &str, mentions: &str) {
         .send()
         .await
         .unwrap();
-    assert_eq!(anonymous.status(), 401, "the stand-in's /status asks for the token");
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "the stand-in's /status asks for the token"
+    );
     for base in [&worker.url, &worker.ops] {
         let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
         assert_eq!(healthz.status(), 200, "the process itself is healthy");

@@ -160,3 +160,28 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_pod_labels_are_key_value_pairs() {
+        let labels =
+            parse_labels("app.kubernetes.io/name=meshline, app.kubernetes.io/instance=prod")
+                .unwrap();
+        assert_eq!(labels["app.kubernetes.io/name"], "meshline");
+        assert_eq!(labels["app.kubernetes.io/instance"], "prod");
+        assert!(parse_labels("name").unwrap_err().contains("key=value"));
+        assert!(parse_labels("").is_err());
+    }
+
+    #[test]
+    fn api_server_cidrs_are_checked() {
+        assert_eq!(parse_cidr("10.0.0.1/32").unwrap(), "10.0.0.1/32");
+        assert_eq!(parse_cidr("fd00::/8").unwrap(), "fd00::/8");
+        for bad in ["10.0.0.1", "10.0.0.1/33", "ten/8", "fd00::/129"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}

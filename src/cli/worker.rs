@@ -264,7 +264,12 @@ pub struct Endpoint {
     )]
     pub url: String,
     /// The flow's token. Prefer the environment variable or a file: arguments show in the process list.
-    #[arg(long, env = "MESHLINE_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        env = "MESHLINE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
     /// File holding the flow's token.
     #[arg(long, env = "MESHLINE_TOKEN_FILE")]
@@ -607,5 +612,47 @@ pub fn hold(command: HoldCommand) -> ExitCode {
             ),
             |_| println!("record {id} rejected"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_or_the_file_and_defaults_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let given = Cli::try_parse_from(["x", "--token", " inline "]).unwrap();
+        assert_eq!(
+            given.endpoint.resolve_token().unwrap().as_deref(),
+            Some("inline")
+        );
+        let from_file = Cli::try_parse_from(["x", "--token-file", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            from_file.endpoint.resolve_token().unwrap().as_deref(),
+            Some("from-file")
+        );
+        let missing = Cli::try_parse_from(["x", "--token-file", "/nonexistent/token"]).unwrap();
+        assert!(
+            missing
+                .endpoint
+                .resolve_token()
+                .unwrap_err()
+                .contains("/nonexistent/token")
+        );
+        // Both at once is a mistake, and a namespace means nothing without a flow.
+        assert!(Cli::try_parse_from(["x", "--token", "a", "--token-file", "b"]).is_err());
+        assert!(Cli::try_parse_from(["x", "-n", "ns"]).is_err());
+        // The default URL is the operations port.
+        assert_eq!(given.endpoint.url, "http://127.0.0.1:8081");
     }
 }

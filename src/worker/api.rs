@@ -536,3 +536,65 @@ async fn replay_by_reason(
         Err(e) => ledger_error(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_flows_token_opens_the_operations_api_by_either_header() {
+        let token = Some("s3cret");
+        assert_eq!(
+            check_token(token, &headers(&[("authorization", "Bearer s3cret")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_token(token, &headers(&[("x-meshline-token", "s3cret")])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_missing_wrong_or_prefixed_token_is_unauthorised() {
+        let token = Some("s3cret");
+        for given in [
+            headers(&[]),
+            headers(&[("authorization", "Bearer s3cre")]),
+            headers(&[("authorization", "Bearer s3cret2")]),
+            headers(&[("authorization", "Basic s3cret")]),
+            headers(&[("x-meshline-token", "")]),
+        ] {
+            assert_eq!(
+                check_token(token, &given),
+                Err(Refusal::Unauthorised),
+                "{given:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_without_a_token_serves_nobody_even_an_empty_token() {
+        assert_eq!(
+            check_token(None, &headers(&[("authorization", "Bearer ")])),
+            Err(Refusal::NoToken)
+        );
+        // An empty token file is not a token everyone holds.
+        assert_eq!(
+            check_token(Some(""), &headers(&[("authorization", "Bearer ")])),
+            Err(Refusal::Unauthorised)
+        );
+        assert_eq!(Refusal::NoToken.response().status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            Refusal::Unauthorised.response().status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+}

@@ -444,7 +444,11 @@ pub mod rules {
                     }
                 }
                 for (j, port) in items(&rule["ports"]) {
-                    port_name(&format!("spec.ingress[{i}].ports[{j}].port"), &port["port"], &mut out);
+                    port_name(
+                        &format!("spec.ingress[{i}].ports[{j}].port"),
+                        &port["port"],
+                        &mut out,
+                    );
                 }
             }
         }
@@ -513,11 +517,19 @@ pub mod rules {
 
     /// A label selector's `matchLabels` and `matchExpressions` (keys qualified names, values label values).
     fn selector(field: &str, value: &Value, out: &mut Vec<Cause>) {
-        labels(&format!("{field}.matchLabels"), value.get("matchLabels"), out);
+        labels(
+            &format!("{field}.matchLabels"),
+            value.get("matchLabels"),
+            out,
+        );
         for (i, expr) in items(&value["matchExpressions"]) {
             let key = expr["key"].as_str().unwrap_or_default();
             for e in qualified_name_errors(key) {
-                out.push(invalid_value(&format!("{field}.matchExpressions[{i}].key"), key, &e));
+                out.push(invalid_value(
+                    &format!("{field}.matchExpressions[{i}].key"),
+                    key,
+                    &e,
+                ));
             }
             let op = expr["operator"].as_str().unwrap_or_default();
             let values: Vec<&str> = items(&expr["values"])
@@ -527,7 +539,8 @@ pub mod rules {
                 "In" | "NotIn" if values.is_empty() => out.push(Cause {
                     field: format!("{field}.matchExpressions[{i}].values"),
                     reason: "FieldValueRequired",
-                    message: "Required value: must be specified when `operator` is 'In' or 'NotIn'".into(),
+                    message: "Required value: must be specified when `operator` is 'In' or 'NotIn'"
+                        .into(),
                 }),
                 "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
                 other => out.push(invalid_value(

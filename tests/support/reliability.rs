@@ -666,7 +666,11 @@ impl WorkerProcess {
 
     /// A Prometheus counter of this process (`meshline_<name>_total`), 0 when absent.
     pub async fn metric(&self, name: &str) -> f64 {
-        let Ok(r) = client().get(format!("{}/metrics", self.ops_url())).send().await else {
+        let Ok(r) = client()
+            .get(format!("{}/metrics", self.ops_url()))
+            .send()
+            .await
+        else {
             return 0.0;
         };
         let text = r.text().await.unwrap_or_default();

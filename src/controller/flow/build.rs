@@ -430,7 +430,8 @@ fn tcp_port(name: &str) -> NetworkPolicyPort {
 /// probes come from the node and are not subject to a pod's ingress policy in the usual CNIs.
 fn network_policy(flow: &SyncFlow, name: &str, settings: &NetworkPolicySettings) -> NetworkPolicy {
     let mut rules = Vec::new();
-    if flow.spec.source.mode == SourceMode::Webhook && !settings.webhook_from_namespaces.is_empty() {
+    if flow.spec.source.mode == SourceMode::Webhook && !settings.webhook_from_namespaces.is_empty()
+    {
         rules.push(NetworkPolicyIngressRule {
             from: Some(vec![NetworkPolicyPeer {
                 namespace_selector: Some(namespaces_named(&settings.webhook_from_namespaces)),

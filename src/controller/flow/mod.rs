@@ -177,7 +177,13 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             apply::apply(client, pvc, up_to_date(pvc, live.as_deref()), m).await?;
         }
         if let Some(policy) = &desired.network_policy {
-            apply::apply(client, policy, up_to_date(policy, live_policy.as_deref()), m).await?;
+            apply::apply(
+                client,
+                policy,
+                up_to_date(policy, live_policy.as_deref()),
+                m,
+            )
+            .await?;
         }
         let svc = ctx
             .stores
