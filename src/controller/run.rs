@@ -53,7 +53,7 @@ pub enum FlowNetworkPolicies {
     /// None are made, none are watched (no RBAC on networkpolicies at all).
     #[default]
     Off,
-    /// Every running flow gets one (RBAC: get, list, watch, patch, delete).
+    /// Every running flow gets one (RBAC: get, list, watch, create, patch, delete).
     On(NetworkPolicySettings),
     /// None are made; those made while the switch was on are deleted (RBAC: list, watch, delete).
     CleanUp,

@@ -133,11 +133,16 @@ async fn status(
 }
 
 async fn refuse(axum::extract::State(state): axum::extract::State<State>) -> Response {
+    // Whoever calls (a CRM, anyone) learns that the worker has not started, not why: the causes are status.
+    let public = State {
+        public: true,
+        ..state
+    };
     let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,
         Json(json!({
             "error": "not_started",
-            "reason": format!("{}; nothing was stored, retry later", state.reason()),
+            "reason": format!("{}; nothing was stored, retry later", public.reason()),
         })),
     )
         .into_response();
