@@ -62,7 +62,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
         eprintln!("meshline dev: flow {} (state in {})", env.flow, env.state_dir.display());
         eprintln!("  webhooks   {}   (POST /webhook)", env.webhook_url());
         eprintln!("  operations {}   (/status, /records/ID, /dead-letters, /holds with the token; /metrics)", env.ops_url());
-        eprintln!("  ERP      http://{}   (NetSuite-style REST stand-in; GET /sim/orders)", env.erp_addr);
+        eprintln!("  ERP        http://{}   (NetSuite-style REST stand-in; GET /sim/orders)", env.erp_addr);
         eprintln!("  API token in {}", env.token_file().display());
         let code = match args.scenario {
             Some(_) => {

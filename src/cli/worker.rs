@@ -325,8 +325,14 @@ fn token_from_cluster(flow: &str, namespace: Option<&str>) -> Result<String, Str
             .map(str::to_string)
             .unwrap_or_else(|| client.default_namespace().to_string());
         let api: kube::Api<Secret> = kube::Api::namespaced(client, &ns);
-        let found = api.get_opt(&secret).await.map_err(|e| {
-            format!("Secret {ns}/{secret} (the token of flow {flow}): {e}; reading it needs `get` on that Secret")
+        let found = api.get_opt(&secret).await.map_err(|e| match &e {
+            kube::Error::Api(status) if status.code == 403 => format!(
+                "Secret {ns}/{secret} (the token of flow {flow}): {}; reading it needs `get` on that Secret",
+                status.message
+            ),
+            _ => format!(
+                "Secret {ns}/{secret} (the token of flow {flow}): cannot read it from the Kubernetes API: {e}"
+            ),
         })?;
         let found = found.ok_or_else(|| {
             format!("Secret {ns}/{secret} not found: is {flow} a running SyncFlow in namespace {ns}?")
