@@ -218,6 +218,15 @@ fn the_network_policy_admits_the_ingress_to_webhooks_and_the_controller_to_opera
 }
 
 #[test]
+fn the_proxy_poll_sends_the_token_in_the_header_the_worker_reads() {
+    // The API server's service proxy keeps `Authorization` for itself; both sides must name the same header.
+    assert_eq!(
+        meshline::controller::poll::PROXY_TOKEN_HEADER.to_ascii_lowercase(),
+        meshline::worker::api::TOKEN_HEADER
+    );
+}
+
+#[test]
 fn a_polling_flow_keeps_its_webhook_port_closed() {
     let mut f = flow();
     f.spec.source.mode = meshline::api::SourceMode::Poll;
