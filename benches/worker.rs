@@ -157,6 +157,7 @@ async fn start(backend: &Backend<'_>, sink: BenchSink, concurrency: u32) -> Benc
     };
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().join("state"),
         secrets_dir: Some(secrets),
         token_file: None,

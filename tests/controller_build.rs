@@ -71,6 +71,179 @@ fn desired(flow: &SyncFlow) -> build::Desired {
     .unwrap()
 }
 
+/// The switch on, as a chart with `networkPolicy.perFlow.mode: "on"` configures it.
+fn policy_settings() -> build::NetworkPolicySettings {
+    build::NetworkPolicySettings {
+        webhook_from_namespaces: vec!["ingress-nginx".into()],
+        controller_namespace: "meshline-system".into(),
+        controller_pod_labels: BTreeMap::from([
+            ("app.kubernetes.io/name".to_string(), "meshline".to_string()),
+            (
+                "app.kubernetes.io/instance".to_string(),
+                "meshline".to_string(),
+            ),
+        ]),
+        metrics_from_namespaces: vec!["monitoring".into()],
+        api_server_cidrs: vec!["10.0.0.1/32".into()],
+    }
+}
+
+fn desired_with_policies(flow: &SyncFlow) -> build::Desired {
+    let contract: SyncContract = load("contract.yaml");
+    build::build(BuildInputs {
+        flow,
+        contract: &contract,
+        roster: None,
+        settings: &BuildSettings {
+            worker_image: "img:1".into(),
+            network_policy: Some(policy_settings()),
+            ..BuildSettings::default()
+        },
+        new_token: None,
+    })
+    .unwrap()
+}
+
+fn ports(svc: &k8s_openapi::api::core::v1::Service) -> Vec<(String, i32, String)> {
+    svc.spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let target = match p.target_port.as_ref().unwrap() {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
+            };
+            (p.name.clone().unwrap_or_default(), p.port, target)
+        })
+        .collect()
+}
+
+#[test]
+fn the_ingress_facing_service_carries_the_webhook_port_only() {
+    let d = desired(&flow());
+    assert_eq!(
+        ports(&d.service),
+        vec![("webhook".to_string(), 8080, "webhook".to_string())]
+    );
+    // The controller's status poll and people's `meshline dlq` reach the operations port through the
+    // headless status Service, which carries nothing else.
+    assert_eq!(
+        ports(&d.status_service),
+        vec![("ops".to_string(), 8081, "ops".to_string())]
+    );
+    let pod = d.deployment.spec.unwrap().template.spec.unwrap();
+    let c = &pod.containers[0];
+    let container_ports: Vec<(String, i32)> = c
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap(), p.container_port))
+        .collect();
+    assert_eq!(
+        container_ports,
+        vec![("webhook".to_string(), 8080), ("ops".to_string(), 8081)]
+    );
+    // Both probes on the webhook port, whose readiness the Ingress' Service routes by.
+    for probe in [&c.liveness_probe, &c.readiness_probe] {
+        let port = probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap()
+            .port
+            .clone();
+        assert_eq!(
+            port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("webhook".into())
+        );
+    }
+}
+
+#[test]
+fn no_network_policy_is_built_without_the_switch() {
+    assert!(desired(&flow()).network_policy.is_none());
+}
+
+#[test]
+fn the_network_policy_admits_the_ingress_to_webhooks_and_the_controller_to_operations() {
+    let d = desired_with_policies(&flow());
+    let policy = d.network_policy.expect("the switch is on");
+    assert_eq!(
+        policy.metadata.name.as_deref(),
+        Some("meshline-won-deals-to-odoo-worker")
+    );
+    let owner = &policy.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("SyncFlow", Some(true))
+    );
+    let spec = policy.spec.unwrap();
+    // The flow's worker pods, by the Deployment's own selector.
+    assert_eq!(
+        spec.pod_selector.unwrap().match_labels,
+        d.deployment.spec.unwrap().selector.match_labels
+    );
+    // Ingress only: egress goes to the flow's CRM, ERP, ledger and DNS, which the policy cannot know.
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    assert!(spec.egress.is_none());
+    let rules = serde_json::to_value(spec.ingress.unwrap()).unwrap();
+    assert_eq!(
+        rules,
+        serde_json::json!([
+            {
+                "from": [{"namespaceSelector": {"matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ingress-nginx"]}
+                ]}}],
+                "ports": [{"port": "webhook", "protocol": "TCP"}]
+            },
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {"matchExpressions": [
+                            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["meshline-system"]}
+                        ]},
+                        "podSelector": {"matchLabels": {
+                            "app.kubernetes.io/instance": "meshline",
+                            "app.kubernetes.io/name": "meshline"
+                        }}
+                    },
+                    {"namespaceSelector": {"matchExpressions": [
+                        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}
+                    ]}},
+                    {"ipBlock": {"cidr": "10.0.0.1/32"}}
+                ],
+                "ports": [{"port": "ops", "protocol": "TCP"}]
+            }
+        ])
+    );
+}
+
+#[test]
+fn the_proxy_poll_sends_the_token_in_the_header_the_worker_reads() {
+    // The API server's service proxy keeps `Authorization` for itself; both sides must name the same header.
+    assert_eq!(
+        meshline::controller::poll::PROXY_TOKEN_HEADER.to_ascii_lowercase(),
+        meshline::worker::api::TOKEN_HEADER
+    );
+}
+
+#[test]
+fn a_polling_flow_keeps_its_webhook_port_closed() {
+    let mut f = flow();
+    f.spec.source.mode = meshline::api::SourceMode::Poll;
+    let policy = desired_with_policies(&f).network_policy.unwrap();
+    let rules = policy.spec.unwrap().ingress.unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(
+        rules[0].ports.as_ref().unwrap()[0].port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("ops".into()))
+    );
+}
+
 #[test]
 fn example_flow_passes_every_gate() {
     let v = verdict(&flow());
@@ -161,7 +334,7 @@ fn worker_runs_non_root_read_only_with_probes_and_mounted_secrets() {
         Some(true)
     );
     let args = c.args.as_ref().unwrap().join(" ");
-    assert!(args.starts_with("worker --flow /etc/meshline/flow.yaml --listen 0.0.0.0:8080 --state-dir /var/lib/meshline --secrets-dir /var/run/meshline/secrets --token-file"), "{args}");
+    assert!(args.starts_with("worker --flow /etc/meshline/flow.yaml --listen 0.0.0.0:8080 --ops-listen 0.0.0.0:8081 --state-dir /var/lib/meshline --secrets-dir /var/run/meshline/secrets --token-file"), "{args}");
     let ledger = pod
         .volumes
         .as_ref()
@@ -424,6 +597,7 @@ fn desired_with(flow: &SyncFlow, defaults: WorkerPodSettings) -> build::Desired 
         settings: &BuildSettings {
             worker_image: "img:1".into(),
             worker_defaults: defaults,
+            ..BuildSettings::default()
         },
         new_token: None,
     })
@@ -940,6 +1114,7 @@ async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start(
         status_via_proxy: false,
         poll: meshline::controller::poll::PollSettings::default(),
         no_leader_election: false,
+        network_policies: meshline::controller::FlowNetworkPolicies::Off,
     };
     let err = meshline::controller::run(settings).await.unwrap_err();
     let text = err.to_string();

@@ -10,13 +10,14 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use meshline::api::{
     LedgerRetentionPolicy, LedgerType, OwnershipRoster, SecretRef, SyncContract, SyncFlow,
 };
-use meshline::controller::flow::build::BuildSettings;
+use meshline::controller::flow::build::{BuildSettings, NetworkPolicySettings};
 use meshline::controller::flow::status::Observation;
 use meshline::controller::metrics::Metrics;
 use meshline::controller::poll::{
@@ -70,6 +71,14 @@ struct Harness {
 
 /// A double with the example's Secrets, and caches holding the example's contract and roster.
 fn harness() -> Harness {
+    harness_with(BuildSettings {
+        worker_image: "ghcr.io/meshline/meshline:test".into(),
+        ..BuildSettings::default()
+    })
+}
+
+/// [`harness`] with the controller started with `build`.
+fn harness_with(build: BuildSettings) -> Harness {
     let double = ApiDouble::new();
     double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
     double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
@@ -92,10 +101,7 @@ fn harness() -> Harness {
     );
     let ctx = Arc::new(Context::new(
         client,
-        BuildSettings {
-            worker_image: "ghcr.io/meshline/meshline:test".into(),
-            ..BuildSettings::default()
-        },
+        build,
         stores,
         Arc::new(Metrics::new()),
     ));
@@ -182,6 +188,10 @@ fn settle(h: &mut Harness, requests: &[Recorded], flow: &mut SyncFlow) {
                 }
                 apply(&mut h.writers.tokens, secret)
             }
+            "NetworkPolicy" => apply(
+                &mut h.writers.network_policies,
+                serde_json::from_value::<NetworkPolicy>(body).unwrap(),
+            ),
             "Deployment" => {
                 let mut d: Deployment = serde_json::from_value(body).unwrap();
                 let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -1780,6 +1790,7 @@ async fn platform_defaults_and_flow_settings_reach_a_deployment_the_api_server_a
         BuildSettings {
             worker_image: "img:1".into(),
             worker_defaults: defaults,
+            ..BuildSettings::default()
         },
         stores,
         Arc::new(Metrics::new()),
@@ -1829,4 +1840,146 @@ async fn platform_defaults_and_flow_settings_reach_a_deployment_the_api_server_a
     );
     let s = &status_patch(&requests).unwrap().body["status"];
     assert_eq!(condition(s, "Progressing")["reason"], "RollingOut");
+}
+
+/// The controller with `--flow-network-policies on`.
+fn harness_with_policies() -> Harness {
+    harness_with(BuildSettings {
+        worker_image: "ghcr.io/meshline/meshline:test".into(),
+        network_policy: Some(NetworkPolicySettings {
+            webhook_from_namespaces: vec!["ingress-nginx".into()],
+            controller_namespace: "meshline-system".into(),
+            controller_pod_labels: [("app.kubernetes.io/name".to_string(), "meshline".to_string())]
+                .into(),
+            metrics_from_namespaces: vec![],
+            api_server_cidrs: vec![],
+        }),
+        ..BuildSettings::default()
+    })
+}
+
+fn policy_path() -> String {
+    format!("/apis/networking.k8s.io/v1/namespaces/{NS}/networkpolicies/meshline-{FLOW}-worker")
+}
+
+#[tokio::test]
+async fn with_the_switch_on_the_network_policy_is_applied_before_the_pods() {
+    let mut h = harness_with_policies();
+    let mut f = flow();
+    let requests = reconcile(&h, &f).await;
+    let w = writes(&requests);
+    let kinds: Vec<(&str, &str)> = w.iter().map(|r| (r.method.as_str(), r.kind())).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("POST", "Secret"),
+            ("PATCH", "ConfigMap"),
+            ("PATCH", "PersistentVolumeClaim"),
+            ("PATCH", "NetworkPolicy"),
+            ("PATCH", "Service"),
+            ("PATCH", "Service"),
+            ("PATCH", "Deployment"),
+            ("PATCH", "SyncFlow"),
+        ],
+        "{w:#?}"
+    );
+    let policy = w[3];
+    assert_eq!(policy.path, policy_path());
+    assert!(policy.is_forced_apply(), "{}?{}", policy.path, policy.query);
+    assert_eq!(
+        policy.answered, 200,
+        "the API double accepted it: {:?}",
+        policy.body
+    );
+    assert_eq!(policy.body["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(
+        policy.body["metadata"]["ownerReferences"][0]["kind"],
+        "SyncFlow"
+    );
+    assert_eq!(
+        policy.body["spec"]["podSelector"]["matchLabels"],
+        w[6].body["spec"]["selector"]["matchLabels"],
+        "the policy selects the Deployment's pods"
+    );
+
+    // Nothing changed: the cached policy is up to date and is not written again.
+    settle(&mut h, &requests, &mut f);
+    let again = reconcile(&h, &f).await;
+    assert!(
+        !again.iter().any(|r| r.path.contains("networkpolicies")),
+        "{again:#?}"
+    );
+}
+
+#[tokio::test]
+async fn with_the_switch_off_a_policy_made_earlier_is_deleted() {
+    // First with the switch on, so there is a policy the watch reports.
+    let on = harness_with_policies();
+    let made = reconcile(&on, &flow()).await;
+    let body = made
+        .iter()
+        .find(|r| r.kind() == "NetworkPolicy")
+        .unwrap()
+        .body
+        .clone();
+    // Then a controller with it off (or at clean-up) that still sees that policy.
+    let mut off = harness();
+    apply(
+        &mut off.writers.network_policies,
+        serde_json::from_value::<NetworkPolicy>(body).unwrap(),
+    );
+    let requests = reconcile(&off, &flow()).await;
+    let deletes: Vec<&Recorded> = requests.iter().filter(|r| r.method == "DELETE").collect();
+    assert_eq!(deletes.len(), 1, "{requests:#?}");
+    assert_eq!(deletes[0].path, policy_path());
+    assert!(
+        !requests
+            .iter()
+            .any(|r| r.method == "PATCH" && r.kind() == "NetworkPolicy"),
+        "nothing re-applies it"
+    );
+}
+
+#[tokio::test]
+async fn with_the_switch_off_and_no_policy_nothing_touches_networkpolicies() {
+    let h = harness();
+    let requests = reconcile(&h, &flow()).await;
+    assert!(
+        !requests.iter().any(|r| r.path.contains("networkpolicies")),
+        "a controller without networkpolicies RBAC must not ask for them: {requests:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_network_policy_the_api_server_would_refuse_fails_the_reconcile() {
+    // A label value over 63 characters in the controller's pod labels: the real API server refuses the policy
+    // (and so does the double), and the reconcile says which object.
+    let h = harness_with(BuildSettings {
+        worker_image: "ghcr.io/meshline/meshline:test".into(),
+        network_policy: Some(NetworkPolicySettings {
+            webhook_from_namespaces: vec!["ingress-nginx".into()],
+            controller_namespace: "meshline-system".into(),
+            controller_pod_labels: [("app.kubernetes.io/name".to_string(), "m".repeat(64))].into(),
+            metrics_from_namespaces: vec![],
+            api_server_cidrs: vec![],
+        }),
+        ..BuildSettings::default()
+    });
+    let f = flow();
+    register(&h, &f);
+    let err = meshline::controller::flow::reconcile(Arc::new(f), h.ctx.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("NetworkPolicy") && err.contains("meshline-won-deals-to-odoo-worker"),
+        "{err}"
+    );
+    let refused = h
+        .double
+        .take()
+        .into_iter()
+        .find(|r| r.path.contains("networkpolicies"))
+        .unwrap();
+    assert_eq!(refused.answered, 422);
 }

@@ -16,6 +16,7 @@ fn options(dir: PathBuf, state: PathBuf) -> DevOptions {
         state: Some(state),
         fresh: false,
         port: 0,
+        ops_port: 0,
     }
 }
 

@@ -12,6 +12,11 @@
 //! not become ready (their image may not be pullable in a test cluster); set `MESHLINE_E2E_WORKER_IMAGE` to an
 //! image that exists to see them run. The pod settings test also creates (and deletes) one cluster-scoped
 //! PriorityClass, `meshline-e2e-<random>`.
+//!
+//! The controller runs with per-flow NetworkPolicies on (`--flow-network-policies on`): the lifecycle test
+//! checks the worker's split ports (webhook Service, operations-only status Service, probes) and the policy the
+//! API server accepted; `network_policies_follow_the_switch` restarts the controller with `clean-up` and
+//! waits for the policy to go.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -22,6 +27,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -29,6 +35,7 @@ use kube::{Client, Resource, ResourceExt};
 use meshline::api::{
     LedgerRetentionPolicy, OwnershipRoster, SyncContract, SyncFlow, WorkerPodSettings,
 };
+use meshline::controller::FlowNetworkPolicies;
 use meshline::controller::flow::build;
 use meshline::controller::names::NameRule;
 
@@ -136,17 +143,82 @@ where
         .unwrap_or_else(|e| panic!("cannot apply {} {}: {e}", K::kind(&()), obj.name_any()));
 }
 
+/// The namespace the e2e suite names as the ingress controller's (the webhook port admits it).
+const INGRESS_NAMESPACE: &str = "ingress-nginx";
+
+/// Per-flow NetworkPolicies as a chart with `networkPolicy.perFlow.mode: "on"` configures them. The controller
+/// runs outside the cluster and reads status through the API server's proxy, so the API server's addresses
+/// are admitted to the operations port (`--api-server-cidr`; the whole range here, as the suite cannot know
+/// the cluster's).
+fn network_policies_on(ns: &str) -> FlowNetworkPolicies {
+    FlowNetworkPolicies::On(build::NetworkPolicySettings {
+        webhook_from_namespaces: vec![INGRESS_NAMESPACE.into()],
+        controller_namespace: ns.into(),
+        controller_pod_labels: [("app.kubernetes.io/name".to_string(), "meshline".to_string())]
+            .into(),
+        metrics_from_namespaces: vec![],
+        api_server_cidrs: vec!["0.0.0.0/0".into()],
+    })
+}
+
+/// Runs the controller in-process on `ns` until the handle is aborted.
+fn start_controller(
+    ns: &str,
+    network_policies: FlowNetworkPolicies,
+    worker_defaults: WorkerPodSettings,
+) -> tokio::task::JoinHandle<()> {
+    let settings = meshline::controller::Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        status_period: Duration::from_secs(5),
+        worker_image: std::env::var("MESHLINE_E2E_WORKER_IMAGE")
+            .unwrap_or_else(|_| "ghcr.io/meshline/meshline:latest".into()),
+        lease_name: "meshline-e2e".into(),
+        lease_namespace: ns.into(),
+        identity: "e2e".into(),
+        namespace: Some(ns.into()),
+        status_via_proxy: true,
+        no_leader_election: true,
+        network_policies,
+        worker_defaults,
+        poll: meshline::controller::poll::PollSettings::default(),
+    };
+    tokio::spawn(async move {
+        if let Err(e) = meshline::controller::run(settings).await {
+            panic!("controller stopped: {e}");
+        }
+    })
+}
+
+/// Applies the hubspot-odoo example (roster, contract, flow) with dummy Secrets.
+async fn apply_example(client: &Client, ns: &str) {
+    secret(client, ns, "hubspot-app", &["clientSecret", "accessToken"]).await;
+    secret(client, ns, "odoo-api-key", &["login", "apiKey"]).await;
+    apply(client, ns, &example::<OwnershipRoster>("roster.yaml", ns)).await;
+    apply(client, ns, &example::<SyncContract>("contract.yaml", ns)).await;
+    apply(client, ns, &example::<SyncFlow>("flow.yaml", ns)).await;
+}
+
 /// Creates a namespace, starts the controller on it, runs `body`, and always deletes the namespace.
 async fn with_namespace<F, Fut>(test: &str, body: F)
 where
     F: FnOnce(Client, String) -> Fut,
     Fut: Future<Output = ()>,
 {
-    with_namespace_and(test, WorkerPodSettings::default(), body).await
+    in_namespace(test, Some(WorkerPodSettings::default()), body).await
 }
 
 /// [`with_namespace`], with the controller started with `--worker-defaults` `worker_defaults`.
 async fn with_namespace_and<F, Fut>(test: &str, worker_defaults: WorkerPodSettings, body: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    in_namespace(test, Some(worker_defaults), body).await
+}
+
+/// [`with_namespace`]; the controller is started with `worker_defaults` when given, and `None` leaves starting
+/// controllers to `body`.
+async fn in_namespace<F, Fut>(test: &str, controller: Option<WorkerPodSettings>, body: F)
 where
     F: FnOnce(Client, String) -> Fut,
     Fut: Future<Output = ()>,
@@ -171,29 +243,14 @@ where
         )
         .await
         .unwrap();
-    let settings = meshline::controller::Settings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        status_period: Duration::from_secs(5),
-        worker_image: std::env::var("MESHLINE_E2E_WORKER_IMAGE")
-            .unwrap_or_else(|_| "ghcr.io/meshline/meshline:latest".into()),
-        worker_defaults,
-        lease_name: "meshline-e2e".into(),
-        lease_namespace: ns.clone(),
-        identity: "e2e".into(),
-        namespace: Some(ns.clone()),
-        status_via_proxy: true,
-        poll: meshline::controller::poll::PollSettings::default(),
-        no_leader_election: true,
-    };
-    let controller = tokio::spawn(async move {
-        if let Err(e) = meshline::controller::run(settings).await {
-            panic!("controller stopped: {e}");
-        }
-    });
+    let controller =
+        controller.map(|defaults| start_controller(&ns, network_policies_on(&ns), defaults));
     let outcome = AssertUnwindSafe(body(client.clone(), ns.clone()))
         .catch_unwind()
         .await;
-    controller.abort();
+    if let Some(c) = controller {
+        c.abort();
+    }
     let _ = namespaces.delete(&ns, &DeleteParams::background()).await;
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
@@ -298,6 +355,99 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         let spec = status_service.spec.unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
         assert_eq!(spec.publish_not_ready_addresses, Some(true));
+        // Split ports: the Service an Ingress points at carries the webhook port only, the status Service the
+        // operations port only, and the pods listen on both.
+        let port_names = |svc: &Service| -> Vec<(String, i32)> {
+            svc.spec
+                .as_ref()
+                .and_then(|s| s.ports.clone())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| (p.name.unwrap_or_default(), p.port))
+                .collect()
+        };
+        assert_eq!(
+            port_names(&s),
+            vec![(build::WEBHOOK_PORT_NAME.to_string(), build::WEBHOOK_PORT)]
+        );
+        let status_ports = spec.ports.clone().unwrap_or_default();
+        assert_eq!(status_ports.len(), 1, "{status_ports:?}");
+        assert_eq!(status_ports[0].name.as_deref(), Some(build::OPS_PORT_NAME));
+        assert_eq!(status_ports[0].port, build::OPS_PORT);
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        let container = &pod.containers[0];
+        let container_ports: Vec<(String, i32)> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+            .collect();
+        assert_eq!(
+            container_ports,
+            vec![
+                (build::WEBHOOK_PORT_NAME.to_string(), build::WEBHOOK_PORT),
+                (build::OPS_PORT_NAME.to_string(), build::OPS_PORT)
+            ]
+        );
+        let args = container.args.clone().unwrap_or_default();
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--ops-listen" && w[1] == format!("0.0.0.0:{}", build::OPS_PORT)),
+            "{args:?}"
+        );
+
+        // The flow's NetworkPolicy, as the API server accepted it: the worker pods, the webhook port from the
+        // ingress namespace, the operations port from the controller and the API server.
+        let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+        let policy = eventually("the NetworkPolicy", || async {
+            policies
+                .get_opt(&build::network_policy_name(FLOW))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+        assert!(owned_by(&policy.metadata, &uid));
+        let policy_spec = policy.spec.unwrap();
+        assert_eq!(
+            policy_spec
+                .pod_selector
+                .as_ref()
+                .and_then(|p| p.match_labels.clone()),
+            d.spec.as_ref().unwrap().selector.match_labels,
+            "the policy selects the flow's worker pods"
+        );
+        assert_eq!(policy_spec.policy_types, Some(vec!["Ingress".to_string()]));
+        let rules = policy_spec.ingress.unwrap_or_default();
+        let port_of = |r: &k8s_openapi::api::networking::v1::NetworkPolicyIngressRule| {
+            r.ports.clone().unwrap_or_default()[0].port.clone()
+        };
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let webhook_rule = rules
+            .iter()
+            .find(|r| port_of(r) == Some(IntOrString::String(build::WEBHOOK_PORT_NAME.into())))
+            .expect("a rule for the webhook port (the example's source is a webhook)");
+        assert!(
+            serde_json::to_string(webhook_rule)
+                .unwrap()
+                .contains(INGRESS_NAMESPACE),
+            "{webhook_rule:?}"
+        );
+        let ops_rule = rules
+            .iter()
+            .find(|r| port_of(r) == Some(IntOrString::String(build::OPS_PORT_NAME.into())))
+            .expect("a rule for the operations port");
+        let ops_from = ops_rule.from.clone().unwrap_or_default();
+        assert!(
+            ops_from
+                .iter()
+                .any(|p| p.pod_selector.is_some() && p.namespace_selector.is_some()),
+            "the controller's pods in the controller's namespace: {ops_from:?}"
+        );
+        assert!(
+            ops_from.iter().any(|p| p.ip_block.is_some()),
+            "status via the proxy needs the API server admitted: {ops_from:?}"
+        );
         let ledger = format!("meshline-{FLOW}-ledger");
         let pvc = eventually("the ledger PVC", || async {
             pvcs.get_opt(&ledger).await.ok().flatten()
@@ -416,11 +566,16 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
             .await
             .unwrap();
         eventually(
-            "the Deployment, Service and ConfigMap to be deleted",
+            "the Deployment, Service, ConfigMap and NetworkPolicy to be deleted",
             || async {
                 let gone = deployments.get_opt(&worker).await.ok()?.is_none()
                     && services.get_opt(&worker).await.ok()?.is_none()
-                    && cms.get_opt(&worker).await.ok()?.is_none();
+                    && cms.get_opt(&worker).await.ok()?.is_none()
+                    && policies
+                        .get_opt(&build::network_policy_name(FLOW))
+                        .await
+                        .ok()?
+                        .is_none();
                 gone.then_some(())
             },
         )
@@ -1053,6 +1208,50 @@ async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
             assert!(ready.message.starts_with("pods "), "{ready:?}");
             assert_eq!(condition("Degraded").reason, "LedgerUnavailable");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn network_policies_follow_the_switch() {
+    in_namespace("netpol", None, |client, ns| async move {
+        apply_example(&client, &ns).await;
+        let policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+        let name = build::network_policy_name(FLOW);
+        let on = start_controller(&ns, network_policies_on(&ns), WorkerPodSettings::default());
+        eventually("the NetworkPolicy while the switch is on", || async {
+            policies.get_opt(&name).await.ok().flatten()
+        })
+        .await;
+        on.abort();
+        let _ = on.await;
+        // Switched to clean-up (what a chart upgrade to `mode: clean-up` does): the orphan goes.
+        let cleaner = start_controller(
+            &ns,
+            FlowNetworkPolicies::CleanUp,
+            WorkerPodSettings::default(),
+        );
+        eventually(
+            "the clean-up controller to delete the NetworkPolicy",
+            || async {
+                match policies.get_opt(&name).await.ok()? {
+                    None => Some(()),
+                    Some(p) => p.metadata.deletion_timestamp.map(|_| ()),
+                }
+            },
+        )
+        .await;
+        // The rest of the flow stays.
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        assert!(
+            deployments
+                .get_opt(&build::worker_name(FLOW))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        cleaner.abort();
     })
     .await;
 }

@@ -64,7 +64,7 @@ async fn kill_and_restart_while_the_crm_sends(ledger: LedgerChoice, seed: u64) {
     let files = FlowFiles::new(&erp.base_url(), ledger.clone(), 16);
     let mut worker = WorkerProcess::new(&files, "crash-worker");
     worker.start().await;
-    let _evidence = EvidenceOnFailure::new(vec![worker.url()]);
+    let _evidence = EvidenceOnFailure::new(vec![worker.ops_url()]);
 
     let (batches, latest, versions) = traffic();
     let urls = vec![worker.url()];

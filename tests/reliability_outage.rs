@@ -16,9 +16,11 @@ use meshline::worker::{PipelineOptions, WorkerSettings};
 use reliability::*;
 use serde_json::Value;
 
+/// `/status` on the operations port at `url`.
 async fn status(url: &str) -> Value {
     client()
         .get(format!("{url}/status"))
+        .bearer_auth(API_TOKEN)
         .send()
         .await
         .expect("/status answers")
@@ -51,6 +53,7 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
     let files = FlowFiles::new(&erp.base_url(), LedgerChoice::Embedded, 4);
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: files.state_dir("outage"),
         secrets_dir: Some(files.secrets_dir()),
         token_file: Some(files.token_file()),
@@ -71,9 +74,10 @@ async fn an_erp_outage_of_errors_timeouts_and_throttling_delays_but_loses_nothin
     )
     .await
     .expect("the worker starts");
-    let url = format!("http://{}", worker.addr);
+    // `url` is the operations port (status); the CRM posts to the webhook port.
+    let url = format!("http://{}", worker.ops_addr);
     let _evidence = EvidenceOnFailure::new(vec![url.clone()]);
-    let urls = vec![url.clone()];
+    let urls = vec![format!("http://{}", worker.webhook_addr)];
     let http = client();
     let mut crm = CrmStats::default();
 

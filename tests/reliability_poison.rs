@@ -15,9 +15,22 @@ use serde_json::{Value, json};
 
 /// Runs `meshline <args>`; returns (success, stdout, stderr).
 async fn meshline(args: Vec<String>) -> (bool, String, String) {
+    meshline_with_env(args, &[]).await
+}
+
+/// [`meshline`] with environment variables set (and no token taken from the test's own environment).
+async fn meshline_with_env(args: Vec<String>, env: &[(&str, &str)]) -> (bool, String, String) {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let out = Command::new(env!("CARGO_BIN_EXE_meshline"))
             .args(&args)
+            .env_remove("MESHLINE_TOKEN")
+            .env_remove("MESHLINE_TOKEN_FILE")
+            .env_remove("MESHLINE_WORKER_URL")
+            .envs(env)
             .output()
             .expect("run the meshline CLI");
         (
@@ -50,8 +63,10 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
     let files = FlowFiles::new(&erp.base_url(), LedgerChoice::Embedded, 4);
     let mut worker = WorkerProcess::new(&files, "poison");
     worker.start().await;
+    // The CRM posts to the webhook port; people and the CLI use the operations port, with the flow's token.
     let url = worker.url();
-    let _evidence = EvidenceOnFailure::new(vec![url.clone()]);
+    let ops = worker.ops_url();
+    let _evidence = EvidenceOnFailure::new(vec![ops.clone()]);
     let token_file = files.token_file().display().to_string();
 
     // Two orders name items the ERP does not have yet (400); one drifts 16 % from the pricebook.
@@ -92,8 +107,44 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         "record failures are not flow failures: {status}"
     );
 
+    // The dead letters are for the flow's token holders: without a token, or with another, the CLI says so
+    // and fails.
+    let (ok, _, err) = meshline(args(&["dlq", "list", "--url", &ops])).await;
+    assert!(
+        !ok && err.contains("HTTP 401") && err.contains("none was given") && err.contains("--flow"),
+        "dlq list without a token fails and says how to get one: {err}"
+    );
+    let (ok, _, err) = meshline_with_env(
+        args(&["dlq", "list", "--url", &ops]),
+        &[("MESHLINE_TOKEN", "guess")],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("HTTP 401") && err.contains("refused the token"),
+        "dlq list with a wrong token fails: {err}"
+    );
+    // The webhook port, the one an Ingress exposes, has no dead letters to show at all.
+    let (ok, _, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &url,
+        "--token-file",
+        &token_file,
+    ]))
+    .await;
+    assert!(!ok && err.contains("404"), "{err}");
+
     // The dead letters, with their reasons, as people see them.
-    let (ok, listing, err) = meshline(args(&["dlq", "list", "--url", &url])).await;
+    let (ok, listing, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &ops,
+        "--token-file",
+        &token_file,
+    ]))
+    .await;
     assert!(ok, "dlq list failed: {err}");
     let drift_line = listing
         .lines()
@@ -119,7 +170,9 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         "dlq",
         "list",
         "--url",
-        &url,
+        &ops,
+        "--token-file",
+        &token_file,
         "--reason",
         "erp:400",
         "--page-size",
@@ -135,7 +188,11 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
     );
 
     let refused_id = listed_id(&listing, &opportunity_id(101));
-    let (ok, story, err) = meshline(args(&["dlq", "show", "--url", &url, &refused_id])).await;
+    let (ok, story, err) = meshline_with_env(
+        args(&["dlq", "show", &refused_id]),
+        &[("MESHLINE_WORKER_URL", &ops), ("MESHLINE_TOKEN", API_TOKEN)],
+    )
+    .await;
     assert!(ok, "dlq show failed: {err}");
     assert!(
         story.contains("INVALID_KEY_OR_REF"),
@@ -148,7 +205,7 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
 
     // Replaying is a manual intervention: refused without the token.
     let (ok, _, err) = meshline(args(&[
-        "dlq", "replay", "--url", &url, "--reason", "erp:400", "--actor", "marcus",
+        "dlq", "replay", "--url", &ops, "--reason", "erp:400", "--actor", "marcus",
     ]))
     .await;
     assert!(
@@ -163,7 +220,7 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         "dlq",
         "replay",
         "--url",
-        &url,
+        &ops,
         "--token-file",
         &token_file,
         "--reason",
@@ -196,7 +253,7 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         "dlq",
         "replay",
         "--url",
-        &url,
+        &ops,
         "--token-file",
         &token_file,
         &drifted_id,
@@ -212,7 +269,15 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
             counter(s, "delivered") == 23 && counter(s, "deadLettered") == 0 && s["pending"] == 0
         })
         .await;
-    let (ok, listing, err) = meshline(args(&["dlq", "list", "--url", &url])).await;
+    let (ok, listing, err) = meshline(args(&[
+        "dlq",
+        "list",
+        "--url",
+        &ops,
+        "--token-file",
+        &token_file,
+    ]))
+    .await;
     assert!(
         ok && listing.contains("no dead letters"),
         "the dead letters are empty: {listing}{err}"

@@ -34,7 +34,7 @@ async fn two_replicas_never_deliver_a_record_twice() {
     let mut b = WorkerProcess::new(&files, "replica-b");
     a.start().await;
     b.start().await;
-    let _evidence = EvidenceOnFailure::new(vec![a.url(), b.url()]);
+    let _evidence = EvidenceOnFailure::new(vec![a.ops_url(), b.ops_url()]);
 
     let urls = vec![a.url(), b.url()];
     let http = client();

@@ -28,7 +28,7 @@ async fn sigterm_completes_or_releases_what_the_worker_holds_and_a_restart_deliv
     let files = FlowFiles::new(&erp.base_url(), LedgerChoice::Embedded, 8);
     let mut worker = WorkerProcess::new(&files, "sigterm");
     worker.start().await;
-    let _evidence = EvidenceOnFailure::new(vec![worker.url()]);
+    let _evidence = EvidenceOnFailure::new(vec![worker.ops_url()]);
 
     let urls = vec![worker.url()];
     let http = client();

@@ -543,6 +543,7 @@ async fn the_worker_status_shows_the_api_usage_and_the_slowed_poll() {
     std::fs::write(secret.join("clientSecret"), CLIENT_SECRET).unwrap();
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: files.state_dir("api-allowance"),
         secrets_dir: Some(files.secrets_dir()),
         token_file: Some(files.token_file()),
@@ -560,12 +561,22 @@ async fn the_worker_status_shows_the_api_usage_and_the_slowed_poll() {
     )
     .await
     .expect("the worker starts");
-    let url = format!("http://{}/status", worker.addr);
+    let url = format!("http://{}/status", worker.ops_addr);
+    let token = std::fs::read_to_string(files.token_file()).unwrap();
+    let http = reqwest::Client::new();
 
     // The first poll runs at start; its answer's Sforce-Limit-Info reaches /status.
     let give_up = std::time::Instant::now() + Duration::from_secs(120);
     let status = loop {
-        let status: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+        let status: Value = http
+            .get(&url)
+            .bearer_auth(token.trim())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if status["sourceApi"]["slowed"] == true {
             break status;
         }

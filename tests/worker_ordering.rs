@@ -135,9 +135,14 @@ async fn start() -> Harness {
     let state = tempfile::tempdir().unwrap();
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().join("state"),
         secrets_dir: None,
-        token_file: None,
+        token_file: Some({
+            let path = state.path().join("api-token");
+            std::fs::write(&path, API_TOKEN).unwrap();
+            path
+        }),
         options: PipelineOptions {
             idle_poll: Duration::from_millis(10),
             ..PipelineOptions::default()
@@ -158,10 +163,14 @@ async fn start() -> Harness {
     }
 }
 
+/// The operations API's token, which `/status` asks for.
+const API_TOKEN: &str = "ordering-token";
+
 impl Harness {
     async fn status(&self) -> Value {
         self.http
-            .get(format!("http://{}/status", self.worker.addr))
+            .get(format!("http://{}/status", self.worker.ops_addr))
+            .bearer_auth(API_TOKEN)
             .send()
             .await
             .unwrap()

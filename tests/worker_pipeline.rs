@@ -201,6 +201,7 @@ async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().join("state"),
         secrets_dir: None,
         token_file: Some(token_file),
@@ -226,14 +227,21 @@ async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
 }
 
 impl Harness {
+    /// A URL on the operations port.
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.worker.addr)
+        format!("http://{}{path}", self.worker.ops_addr)
     }
 
-    /// A GET on the operations API, as JSON.
+    /// A URL on the webhook port.
+    fn webhook_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.worker.webhook_addr)
+    }
+
+    /// A GET on the operations API with the flow's token, as JSON.
     async fn get_json(&self, path: &str) -> Value {
         self.http
             .get(self.url(path))
+            .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap()
@@ -719,8 +727,110 @@ async fn operations_endpoints_answer() {
     ] {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
-    let missing = h.http.get(h.url("/records/999999")).send().await.unwrap();
+    let missing = h
+        .http
+        .get(h.url("/records/999999"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(missing.status(), 404);
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_port_serves_health_and_webhooks_only() {
+    let h = start(2).await;
+    h.worker.intake.accept(vec![good_record(1)]).await.unwrap();
+    h.wait_for("delivered", |s| counter(s, "delivered") == 1)
+        .await;
+    for path in ["/healthz", "/readyz"] {
+        let r = h.http.get(h.webhook_url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path} on the webhook port");
+    }
+    // Nothing of the operations API answers on the port an Ingress exposes, token or not.
+    for path in [
+        "/status",
+        "/metrics",
+        "/records/1",
+        "/dead-letters",
+        "/holds",
+    ] {
+        let r = h
+            .http
+            .get(h.webhook_url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            404,
+            "{path} must not be served on the webhook port"
+        );
+    }
+    let replay = h
+        .http
+        .post(h.webhook_url("/dead-letters/replay"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"deadLetterReason": "x", "actor": "a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 404);
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_read_of_the_operations_api_needs_the_flows_token() {
+    let h = start(2).await;
+    h.worker.intake.accept(vec![good_record(1)]).await.unwrap();
+    h.wait_for("delivered", |s| counter(s, "delivered") == 1)
+        .await;
+    for path in ["/status", "/records/1", "/dead-letters", "/holds"] {
+        let anonymous = h.http.get(h.url(path)).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401, "{path} without a token");
+        assert_eq!(
+            anonymous.headers()["www-authenticate"],
+            "Bearer",
+            "{path}: a 401 names the scheme"
+        );
+        let wrong = h
+            .http
+            .get(h.url(path))
+            .bearer_auth("not-the-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401, "{path} with the wrong token");
+        let body: Value = wrong.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("token"),
+            "{path}: {body}"
+        );
+        let right = h
+            .http
+            .get(h.url(path))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(right.status(), 200, "{path} with the token");
+        // The API server's service proxy keeps `Authorization` for itself; the token travels in its own header.
+        let proxied = h
+            .http
+            .get(h.url(path))
+            .header("X-Meshline-Token", TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(proxied.status(), 200, "{path} with X-Meshline-Token");
+    }
+    // Probes and Prometheus need no secret.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = h.http.get(h.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path} is open");
+    }
     h.worker.shutdown().await;
 }
 

@@ -174,9 +174,10 @@ async fn start(sink: Arc<dyn Sink>, options: PipelineOptions) -> Harness {
     let state = tempfile::tempdir().unwrap();
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().join("state"),
         secrets_dir: None,
-        token_file: None,
+        token_file: Some(api_token_file(&state)),
         options: PipelineOptions {
             idle_poll: Duration::from_millis(10),
             ..options
@@ -193,14 +194,30 @@ async fn start(sink: Arc<dyn Sink>, options: PipelineOptions) -> Harness {
     }
 }
 
+/// The operations API's token, which every read of it needs.
+const API_TOKEN: &str = "real-world-token";
+
+fn api_token_file(state: &tempfile::TempDir) -> std::path::PathBuf {
+    let path = state.path().join("api-token");
+    std::fs::write(&path, API_TOKEN).unwrap();
+    path
+}
+
 impl Harness {
+    /// A URL on the operations port.
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.worker.addr)
+        format!("http://{}{path}", self.worker.ops_addr)
+    }
+
+    /// A URL on the webhook port.
+    fn webhook_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.worker.webhook_addr)
     }
 
     async fn text(&self, path: &str) -> String {
         self.http
             .get(self.url(path))
+            .bearer_auth(API_TOKEN)
             .send()
             .await
             .unwrap()
@@ -409,7 +426,7 @@ async fn send_webhook(h: &Harness, i: usize) -> reqwest::Response {
     let body = serde_json::to_vec(&record(i, EMAIL_RETRY, PHONE_RETRY).payload).unwrap();
     let t = chrono::Utc::now().timestamp();
     h.http
-        .post(h.url("/webhook"))
+        .post(h.webhook_url("/webhook"))
         .header(
             "x-meshline-signature",
             webhook::meshline_signature(WEBHOOK_SECRET, t, &body),
@@ -455,9 +472,10 @@ async fn a_nearly_full_volume_refuses_intake_but_still_records_deliveries() {
     let state = tempfile::tempdir().unwrap();
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
+        ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().join("state"),
         secrets_dir: None,
-        token_file: None,
+        token_file: Some(api_token_file(&state)),
         options: PipelineOptions {
             idle_poll: Duration::from_millis(10),
             free_space: Some(volume.clone()),

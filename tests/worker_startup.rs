@@ -130,13 +130,17 @@ impl NetSuiteM2m {
 /// `meshline worker` as a child process whose start-up is not expected to succeed at first.
 struct Process {
     child: Child,
+    /// The webhook port.
     url: String,
+    /// The operations port.
+    ops: String,
     log: PathBuf,
 }
 
 impl Process {
     fn spawn(files: &FlowFiles) -> Process {
         let port = free_port();
+        let ops_port = free_port();
         let log = files.dir.path().join("worker.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_meshline"))
@@ -145,6 +149,8 @@ impl Process {
             .arg(files.flow_file())
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--ops-listen")
+            .arg(format!("127.0.0.1:{ops_port}"))
             .arg("--state-dir")
             .arg(files.state_dir("w"))
             .arg("--secrets-dir")
@@ -162,6 +168,7 @@ impl Process {
         Process {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            ops: format!("http://127.0.0.1:{ops_port}"),
             log,
         }
     }
@@ -176,7 +183,8 @@ impl Process {
         }
     }
 
-    /// Polls `path` until `done` holds for its status code and JSON body (`Null` when not JSON).
+    /// Polls `path` on the operations port, with the flow's token, until `done` holds for its status code and
+    /// JSON body (`Null` when not JSON).
     async fn wait_for(
         &mut self,
         path: &str,
@@ -188,7 +196,12 @@ impl Process {
         let mut last = None;
         loop {
             self.assert_alive();
-            if let Ok(r) = http.get(format!("{}{path}", self.url)).send().await {
+            if let Ok(r) = http
+                .get(format!("{}{path}", self.ops))
+                .bearer_auth(API_TOKEN)
+                .send()
+                .await
+            {
                 let status = r.status().as_u16();
                 let text = r.text().await.unwrap_or_default();
                 let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -265,19 +278,50 @@ async fn assert_waiting_for(worker: &mut Process, kind: &str, mentions: &str) {
     );
     assert!(status["error"].as_str().unwrap().contains(kind), "{status}");
     let http = client();
-    let healthz = http
-        .get(format!("{}/healthz", worker.url))
+    // The startup problems are status: for the flow's token holders only.
+    let anonymous = http
+        .get(format!("{}/status", worker.ops))
         .send()
         .await
         .unwrap();
-    assert_eq!(healthz.status(), 200, "the process itself is healthy");
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "the stand-in's /status asks for the token"
+    );
+    for base in [&worker.url, &worker.ops] {
+        let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(healthz.status(), 200, "the process itself is healthy");
+        let readyz = http.get(format!("{base}/readyz")).send().await.unwrap();
+        assert_eq!(readyz.status(), 503);
+    }
     let readyz = http
+        .get(format!("{}/readyz", worker.ops))
+        .send()
+        .await
+        .unwrap();
+    assert!(readyz.text().await.unwrap().contains(kind));
+    // The webhook port, which an Ingress may expose, says that the worker has not started but not why.
+    let public = http
         .get(format!("{}/readyz", worker.url))
         .send()
         .await
+        .unwrap()
+        .text()
+        .await
         .unwrap();
-    assert_eq!(readyz.status(), 503);
-    assert!(readyz.text().await.unwrap().contains(kind));
+    assert!(!public.contains(kind), "{public}");
+    let public_status = http
+        .get(format!("{}/status", worker.url))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public_status.status(), 503);
+    assert!(
+        !public_status.text().await.unwrap().contains(kind),
+        "no status on the webhook port"
+    );
     let refused = worker.webhook(&[opportunity(1, 1)]).await;
     assert_eq!(
         refused.status(),

@@ -53,6 +53,63 @@ pub struct ControllerArgs {
     /// Run without leader election (a single replica or a development run).
     #[arg(long)]
     pub no_leader_election: bool,
+    /// Per-flow NetworkPolicies for the worker pods: `off` (none, no RBAC needed), `on` (one per flow,
+    /// owned by it), `clean-up` (none; delete those made while it was on).
+    #[arg(long, value_enum, default_value_t = NetworkPolicyMode::Off)]
+    pub flow_network_policies: NetworkPolicyMode,
+    /// With `--flow-network-policies on`: a namespace whose pods may reach the workers' webhook port (the
+    /// ingress controller's). Repeat for several; none closes the webhook port.
+    #[arg(long = "webhook-from-namespace", value_name = "NAMESPACE")]
+    pub webhook_from_namespaces: Vec<String>,
+    /// With `--flow-network-policies on`: the labels of the controller's own pods (`k=v,k=v`), which the
+    /// workers' operations port admits (from `POD_NAMESPACE`).
+    #[arg(long, value_parser = parse_labels, default_value = "app.kubernetes.io/name=meshline")]
+    pub controller_pod_labels: std::collections::BTreeMap<String, String>,
+    /// With `--flow-network-policies on`: a namespace whose pods may reach the operations port for
+    /// `/metrics` (Prometheus'). Repeat for several.
+    #[arg(long = "metrics-from-namespace", value_name = "NAMESPACE")]
+    pub metrics_from_namespaces: Vec<String>,
+    /// With `--flow-network-policies on` and `--status-via-proxy`: the API server's address range (CIDR),
+    /// admitted to the operations port, since the pod proxy calls the worker from there. Repeat for
+    /// several.
+    #[arg(long = "api-server-cidr", value_name = "CIDR", value_parser = parse_cidr)]
+    pub api_server_cidrs: Vec<String>,
+}
+
+/// `--flow-network-policies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkPolicyMode {
+    Off,
+    On,
+    CleanUp,
+}
+
+fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: expected key=value"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    if out.is_empty() {
+        return Err("at least one label key=value is required".into());
+    }
+    Ok(out)
+}
+
+fn parse_cidr(s: &str) -> Result<String, String> {
+    let (ip, bits) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a CIDR like 10.0.0.1/32"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| format!("{s:?}: {ip:?} is not an IP address"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    match bits.parse::<u8>() {
+        Ok(b) if b <= max => Ok(s.to_string()),
+        _ => Err(format!("{s:?}: the prefix length must be 0 to {max}")),
+    }
 }
 
 /// Reads `--worker-defaults`: a JSON object of known fields only (a misspelt key would otherwise be dropped
@@ -110,6 +167,28 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
     let identity = args
         .identity
         .unwrap_or_else(|| format!("meshline-controller-{}", std::process::id()));
+    let network_policies = match args.flow_network_policies {
+        NetworkPolicyMode::Off => crate::controller::FlowNetworkPolicies::Off,
+        NetworkPolicyMode::CleanUp => crate::controller::FlowNetworkPolicies::CleanUp,
+        NetworkPolicyMode::On => {
+            if args.status_via_proxy && args.api_server_cidrs.is_empty() {
+                eprintln!(
+                    "warning: --status-via-proxy with --flow-network-policies on needs --api-server-cidr: \
+                     the API server's pod proxy reaches the workers from its own address, and the \
+                     policies admit only the controller's pods until it is given"
+                );
+            }
+            crate::controller::FlowNetworkPolicies::On(
+                crate::controller::flow::build::NetworkPolicySettings {
+                    webhook_from_namespaces: args.webhook_from_namespaces,
+                    controller_namespace: args.lease_namespace.clone(),
+                    controller_pod_labels: args.controller_pod_labels,
+                    metrics_from_namespaces: args.metrics_from_namespaces,
+                    api_server_cidrs: args.api_server_cidrs,
+                },
+            )
+        }
+    };
     let settings = crate::controller::Settings {
         listen: args.listen,
         status_period: args.status_period,
@@ -126,6 +205,7 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
             pods_at_once: usize::from(args.status_pods_at_once),
         },
         no_leader_election: args.no_leader_election,
+        network_policies,
     };
     match runtime.block_on(crate::controller::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -133,6 +213,31 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
             tracing::error!(error = %e, label = e.metric_label(), "controller stopped");
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_pod_labels_are_key_value_pairs() {
+        let labels =
+            parse_labels("app.kubernetes.io/name=meshline, app.kubernetes.io/instance=prod")
+                .unwrap();
+        assert_eq!(labels["app.kubernetes.io/name"], "meshline");
+        assert_eq!(labels["app.kubernetes.io/instance"], "prod");
+        assert!(parse_labels("name").unwrap_err().contains("key=value"));
+        assert!(parse_labels("").is_err());
+    }
+
+    #[test]
+    fn api_server_cidrs_are_checked() {
+        assert_eq!(parse_cidr("10.0.0.1/32").unwrap(), "10.0.0.1/32");
+        assert_eq!(parse_cidr("fd00::/8").unwrap(), "fd00::/8");
+        for bad in ["10.0.0.1", "10.0.0.1/33", "ten/8", "fd00::/129"] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
         }
     }
 }

@@ -18,9 +18,12 @@ pub struct DevArgs {
     /// Start from an empty state directory.
     #[arg(long)]
     pub fresh: bool,
-    /// The worker's port (webhooks and operations API).
+    /// The worker's webhook port (`POST /webhook`).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// The worker's operations port (status, records, dead letters, holds, metrics; asks for the token).
+    #[arg(long, default_value_t = 8081)]
+    pub ops_port: u16,
     /// Run a built-in scenario and report, instead of waiting for you to poke at it.
     #[arg(long, value_parser = ["default"])]
     pub scenario: Option<String>,
@@ -48,7 +51,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
         Err(code) => return code,
     };
     rt.block_on(async move {
-        let options = DevOptions { dir: args.dir.clone(), state: args.state.clone(), fresh: args.fresh, port: args.port };
+        let options = DevOptions { dir: args.dir.clone(), state: args.state.clone(), fresh: args.fresh, port: args.port, ops_port: args.ops_port };
         let env = match crate::dev::start(&options).await {
             Ok(env) => env,
             Err(e) => {
@@ -57,9 +60,10 @@ pub fn dev(args: DevArgs) -> ExitCode {
             }
         };
         eprintln!("meshline dev: flow {} (state in {})", env.flow, env.state_dir.display());
-        eprintln!("  worker   {}   (webhook POST /webhook, /status, /metrics, /dead-letters, /holds)", env.worker_url());
-        eprintln!("  ERP      http://{}   (NetSuite-style REST stand-in; GET /sim/orders)", env.erp_addr);
-        eprintln!("  API token in {}", env.state_dir.join("api-token").display());
+        eprintln!("  webhooks   {}   (POST /webhook)", env.webhook_url());
+        eprintln!("  operations {}   (/status, /records/ID, /dead-letters, /holds with the token; /metrics)", env.ops_url());
+        eprintln!("  ERP        http://{}   (NetSuite-style REST stand-in; GET /sim/orders)", env.erp_addr);
+        eprintln!("  API token in {}", env.token_file().display());
         let code = match args.scenario {
             Some(_) => {
                 use std::io::IsTerminal;
@@ -90,9 +94,9 @@ pub fn dev(args: DevArgs) -> ExitCode {
                     .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                     .and_then(|v| v["webhookSecret"].as_str().map(str::to_string))
                     .unwrap_or_default();
-                eprintln!("  send deals:  meshline sim crm --target {}/webhook --secret {secret} --records 20", env.worker_url());
-                eprintln!("  dead letters: meshline dlq list --url {}", env.worker_url());
-                eprintln!("  approve:     meshline hold approve ID --url {} --token-file {} --actor you", env.worker_url(), env.state_dir.join("api-token").display());
+                eprintln!("  send deals:   meshline sim crm --target {}/webhook --secret {secret} --records 20", env.webhook_url());
+                eprintln!("  dead letters: meshline dlq list --url {} --token-file {}", env.ops_url(), env.token_file().display());
+                eprintln!("  approve:      meshline hold approve ID --url {} --token-file {} --actor you", env.ops_url(), env.token_file().display());
                 eprintln!("Ctrl-C stops.");
                 super::worker::shutdown_signal().await;
                 ExitCode::SUCCESS

@@ -16,16 +16,20 @@ pub struct WorkerArgs {
     /// The rendered flow configuration (as the controller mounts it), or a directory of manifests.
     #[arg(long)]
     pub flow: PathBuf,
-    /// Address of the webhook and operations port.
+    /// Address of the webhook port (the source's webhook route and health; what an Ingress exposes).
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Address of the operations port (status, records, dead letters, holds, metrics; cluster-internal).
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    pub ops_listen: SocketAddr,
     /// Directory of the embedded ledger.
     #[arg(long, default_value = "/var/lib/meshline")]
     pub state_dir: PathBuf,
     /// Directory with one sub-directory per mounted Secret.
     #[arg(long, env = "MESHLINE_SECRETS_DIR")]
     pub secrets_dir: Option<PathBuf>,
-    /// File holding the bearer token of the mutating endpoints.
+    /// File holding the flow's token, which the operations API asks for (without it the operations API
+    /// serves only health and metrics).
     #[arg(long, env = "MESHLINE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// Directory with ConfigMap lookups (`<name>.json`).
@@ -91,6 +95,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         };
         let settings = WorkerSettings {
             listen: args.listen,
+            ops_listen: args.ops_listen,
             state_dir: args.state_dir,
             secrets_dir: args.secrets_dir,
             token_file: args.token_file,
@@ -115,20 +120,36 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             lookups_dir: args.lookups_dir,
         };
         let flow = rendered.flow_name();
-        // The socket is bound once and kept: the start-up status server answers on it until the worker
-        // starts, and every start attempt serves on a clone of it.
-        let socket = match std::net::TcpListener::bind(settings.listen) {
+        // The token is the controller's Secret, mounted before the container starts: an unreadable one is a
+        // hand-run mistake, not something waiting fixes.
+        let token = match &settings.token_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(t) => Some(std::sync::Arc::<str>::from(t.trim())),
+                Err(e) => {
+                    eprintln!("error: token file {}: {e}", path.display());
+                    return ExitCode::from(2);
+                }
+            },
+            None => None,
+        };
+        // The sockets are bound once and kept: the start-up status server answers on them until the worker
+        // starts, and every start attempt serves on clones of them.
+        let sockets = match crate::worker::Listeners::bind(&settings) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("error: cannot listen on {}: {e}", settings.listen);
+                eprintln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let addr = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let addr = format!(
+            "{} and {}",
+            sockets.webhook.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            sockets.ops.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
         let problems = std::sync::Arc::new(crate::worker::problems::Problems::default());
-        let starting = match socket
+        let starting = match sockets
             .try_clone()
-            .and_then(|s| crate::worker::starting::serve(s, &flow, problems.clone()))
+            .and_then(|s| crate::worker::starting::serve(s, &flow, problems.clone(), token))
         {
             Ok(s) => s,
             Err(e) => {
@@ -142,7 +163,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         let mut attempt = 0u32;
         let worker = loop {
             attempt += 1;
-            let clone = match socket.try_clone() {
+            let clone = match sockets.try_clone() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("error: cannot serve on {addr}: {e}");
@@ -192,8 +213,8 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             tracing::info!(flow = %flow, attempt, "worker started after its problems went away");
         }
         eprintln!(
-            "meshline worker: flow {} listening on http://{}",
-            flow, worker.addr
+            "meshline worker: flow {} listening for webhooks on http://{} and for operations on http://{}",
+            flow, worker.webhook_addr, worker.ops_addr
         );
         signal.await;
         tracing::info!("shutdown requested; finishing in-flight deliveries");
@@ -229,19 +250,102 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Where a running worker is and how to authenticate to it.
+/// Where a running worker is and how to authenticate to it. The token is the flow's (every read and write of
+/// the operations API asks for it): `--token`, `--token-file`, or, with `--flow`, read from the flow's token
+/// Secret through the Kubernetes API with your own kubeconfig and RBAC (`get` on that Secret).
 #[derive(Debug, Args)]
 pub struct Endpoint {
-    /// Base URL of the worker's operations port.
+    /// Base URL of the worker's operations port (e.g. after
+    /// `kubectl port-forward svc/meshline-<flow>-status 8081`).
     #[arg(
         long,
         env = "MESHLINE_WORKER_URL",
-        default_value = "http://127.0.0.1:8080"
+        default_value = "http://127.0.0.1:8081"
     )]
     pub url: String,
-    /// File holding the bearer token (needed to replay, approve or reject).
+    /// The flow's token. Prefer the environment variable or a file: arguments show in the process list.
+    #[arg(
+        long,
+        env = "MESHLINE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the flow's token.
     #[arg(long, env = "MESHLINE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Read the token of this SyncFlow from its Secret (`meshline-<flow>-token`) through the Kubernetes
+    /// API (KUBECONFIG or the in-cluster account), when no token is given.
+    #[arg(long)]
+    pub flow: Option<String>,
+    /// Namespace of `--flow` (default: the kubeconfig context's).
+    #[arg(long, short = 'n', requires = "flow")]
+    pub namespace: Option<String>,
+    /// The token once resolved: a paged listing asks for it once, not once per page.
+    #[arg(skip)]
+    resolved: std::sync::OnceLock<Option<String>>,
+}
+
+impl Endpoint {
+    /// The token to send, from the first of `--token`, `--token-file` and `--flow` given; `None` when none is.
+    fn resolve_token(&self) -> Result<Option<String>, String> {
+        if let Some(t) = self.resolved.get() {
+            return Ok(t.clone());
+        }
+        let token = self.find_token()?;
+        Ok(self.resolved.get_or_init(|| token).clone())
+    }
+
+    fn find_token(&self) -> Result<Option<String>, String> {
+        if let Some(t) = &self.token {
+            return Ok(Some(t.trim().to_string()));
+        }
+        if let Some(p) = &self.token_file {
+            return std::fs::read_to_string(p)
+                .map(|t| Some(t.trim().to_string()))
+                .map_err(|e| format!("token file {}: {e}", p.display()));
+        }
+        match &self.flow {
+            Some(flow) => token_from_cluster(flow, self.namespace.as_deref()).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads a flow's token from its Secret with the caller's own Kubernetes credentials.
+fn token_from_cluster(flow: &str, namespace: Option<&str>) -> Result<String, String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret = crate::controller::flow::build::token_name(flow);
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| format!("cannot reach the Kubernetes API to read the token of flow {flow}: {e}"))?;
+        let ns = namespace
+            .map(str::to_string)
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let api: kube::Api<Secret> = kube::Api::namespaced(client, &ns);
+        let found = api.get_opt(&secret).await.map_err(|e| match &e {
+            kube::Error::Api(status) if status.code == 403 => format!(
+                "Secret {ns}/{secret} (the token of flow {flow}): {}; reading it needs `get` on that Secret",
+                status.message
+            ),
+            _ => format!(
+                "Secret {ns}/{secret} (the token of flow {flow}): cannot read it from the Kubernetes API: {e}"
+            ),
+        })?;
+        let found = found.ok_or_else(|| {
+            format!("Secret {ns}/{secret} not found: is {flow} a running SyncFlow in namespace {ns}?")
+        })?;
+        let bytes = found
+            .data
+            .as_ref()
+            .and_then(|d| d.get(crate::controller::flow::build::TOKEN_KEY))
+            .ok_or_else(|| format!("Secret {ns}/{secret} has no key `token`"))?;
+        String::from_utf8(bytes.0.clone())
+            .map(|t| t.trim().to_string())
+            .map_err(|_| format!("Secret {ns}/{secret}: key `token` is not UTF-8"))
+    })
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,15 +424,7 @@ fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, String> {
-    let token = match &endpoint.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| format!("token file {}: {e}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = endpoint.resolve_token()?;
     let url = format!("{}{path}", endpoint.url.trim_end_matches('/'));
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
@@ -337,6 +433,7 @@ fn call(
             .build()
             .map_err(|e| e.to_string())?;
         let mut req = client.request(method, &url);
+        let sent_token = token.is_some();
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -346,13 +443,17 @@ fn call(
         let resp = req.send().await.map_err(|e| format!("{url}: {e}"))?;
         let status = resp.status();
         let value: Value = resp.json().await.unwrap_or(Value::Null);
-        if status.is_success() {
-            Ok(value)
-        } else {
-            Err(format!(
-                "{url}: HTTP {status}: {}",
-                value["error"].as_str().unwrap_or("no detail")
-            ))
+        let detail = value["error"].as_str().unwrap_or("no detail");
+        match status.as_u16() {
+            _ if status.is_success() => Ok(value),
+            401 if !sent_token => Err(format!(
+                "{url}: HTTP 401: the worker asks for the flow's token and none was given; pass --token-file, \
+                 MESHLINE_TOKEN or --flow NAME (reads the flow's token Secret with your kubeconfig)"
+            )),
+            401 => Err(format!(
+                "{url}: HTTP 401: the worker refused the token given (it is not this flow's token: {detail})"
+            )),
+            _ => Err(format!("{url}: HTTP {status}: {detail}")),
         }
     })
 }
@@ -517,5 +618,47 @@ pub fn hold(command: HoldCommand) -> ExitCode {
             ),
             |_| println!("record {id} rejected"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        endpoint: Endpoint,
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_or_the_file_and_defaults_to_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let given = Cli::try_parse_from(["x", "--token", " inline "]).unwrap();
+        assert_eq!(
+            given.endpoint.resolve_token().unwrap().as_deref(),
+            Some("inline")
+        );
+        let from_file = Cli::try_parse_from(["x", "--token-file", file.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            from_file.endpoint.resolve_token().unwrap().as_deref(),
+            Some("from-file")
+        );
+        let missing = Cli::try_parse_from(["x", "--token-file", "/nonexistent/token"]).unwrap();
+        assert!(
+            missing
+                .endpoint
+                .resolve_token()
+                .unwrap_err()
+                .contains("/nonexistent/token")
+        );
+        // Both at once is a mistake, and a namespace means nothing without a flow.
+        assert!(Cli::try_parse_from(["x", "--token", "a", "--token-file", "b"]).is_err());
+        assert!(Cli::try_parse_from(["x", "-n", "ns"]).is_err());
+        // The default URL is the operations port.
+        assert_eq!(given.endpoint.url, "http://127.0.0.1:8081");
     }
 }

@@ -29,13 +29,14 @@ use std::sync::{Arc, Mutex};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 
 pub use error::{Error, RunError};
-pub use run::{Settings, run};
+pub use run::{FlowNetworkPolicies, Settings, run};
 
 use crate::api::{OwnershipRoster, SyncContract, SyncFlow};
 use flow::build::BuildSettings;
@@ -68,6 +69,9 @@ pub struct Stores {
     /// The EndpointSlices of the controller's Services (they carry their Service's labels): which worker pods
     /// each flow's status Service publishes, so the poller reads every pod.
     pub endpoint_slices: Store<EndpointSlice>,
+    /// The per-flow NetworkPolicies; fed only when the controller ships or cleans them up (empty otherwise,
+    /// so a controller without that RBAC never lists them).
+    pub network_policies: Store<NetworkPolicy>,
 }
 
 /// The writing ends of [`Stores`], fed by the reflectors (or directly by tests and the benchmark).
@@ -82,6 +86,7 @@ pub struct Writers {
     pub pvcs: Writer<PersistentVolumeClaim>,
     pub tokens: Writer<Secret>,
     pub endpoint_slices: Writer<EndpointSlice>,
+    pub network_policies: Writer<NetworkPolicy>,
 }
 
 impl Stores {
@@ -96,6 +101,7 @@ impl Stores {
         let (pvcs, wv) = reflector::store();
         let (tokens, wt) = reflector::store();
         let (endpoint_slices, we) = reflector::store();
+        let (network_policies, wn) = reflector::store();
         (
             Stores {
                 flows,
@@ -108,6 +114,7 @@ impl Stores {
                 pvcs,
                 tokens,
                 endpoint_slices,
+                network_policies,
             },
             Writers {
                 flows: wf,
@@ -120,6 +127,7 @@ impl Stores {
                 pvcs: wv,
                 tokens: wt,
                 endpoint_slices: we,
+                network_policies: wn,
             },
         )
     }

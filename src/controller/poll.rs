@@ -32,14 +32,14 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
-use super::flow::build::{TOKEN_KEY, WORKER_PORT, status_service_name, token_name, worker_name};
+use super::flow::build::{OPS_PORT, TOKEN_KEY, status_service_name, token_name, worker_name};
 use super::flow::status::{Observation, PodAnswer, PodObservation};
 use crate::api::SyncFlow;
 use crate::worker::api::{WorkerProblem, WorkerStatus};
 
 /// The port a worker serves `/status` on. The one place the poller names it.
 pub fn status_port() -> i32 {
-    WORKER_PORT
+    OPS_PORT
 }
 
 /// The label the EndpointSlice controller puts on every slice of a Service.
@@ -189,7 +189,7 @@ pub trait WorkerStatusSource: Send + Sync {
     ) -> Result<WorkerAnswer, FetchError>;
 }
 
-/// Over the cluster network, to the pod's own address: `http://<pod IP>:8080/status`.
+/// Over the cluster network, to the pod's own address on the operations port: `http://<pod IP>:8081/status`.
 pub struct Direct {
     http: reqwest::Client,
 }
@@ -245,8 +245,8 @@ impl WorkerStatusSource for Direct {
     }
 }
 
-/// Through the API server's pod proxy: `/api/v1/namespaces/<ns>/pods/<pod>:8080/proxy/status`. The worker token
-/// travels in a header the proxy forwards (`Authorization` is the API server's own).
+/// Through the API server's pod proxy: `/api/v1/namespaces/<ns>/pods/<pod>:8081/proxy/status` (the operations
+/// port). The worker token travels in a header the proxy forwards (`Authorization` is the API server's own).
 pub struct ViaProxy {
     pub client: Client,
 }

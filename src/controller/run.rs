@@ -11,6 +11,7 @@ use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
@@ -22,7 +23,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use super::flow::build::BuildSettings;
+use super::flow::build::{BuildSettings, NetworkPolicySettings};
 use super::poll::WorkerStatusSource;
 use super::{Context, Error, MANAGED_BY, RunError, Stores, metrics::Metrics};
 use crate::api::{OwnershipRoster, SyncContract, SyncFlow};
@@ -46,6 +47,21 @@ pub struct Settings {
     pub poll: super::poll::PollSettings,
     /// Skip leader election (one replica, or a development run).
     pub no_leader_election: bool,
+    /// Whether each flow gets a NetworkPolicy for its worker pods.
+    pub network_policies: FlowNetworkPolicies,
+}
+
+/// `--flow-network-policies`: the per-flow NetworkPolicy switch. Each mode needs its own RBAC on
+/// `networkpolicies`, which the chart grants for that mode only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FlowNetworkPolicies {
+    /// None are made, none are watched (no RBAC on networkpolicies at all).
+    #[default]
+    Off,
+    /// Every running flow gets one (RBAC: get, list, watch, create, patch, delete).
+    On(NetworkPolicySettings),
+    /// None are made; those made while the switch was on are deleted (RBAC: list, watch, delete).
+    CleanUp,
 }
 
 /// The CRDs that must be Established before anything is watched.
@@ -316,6 +332,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         BuildSettings {
             worker_image: settings.worker_image.clone(),
             worker_defaults: settings.worker_defaults.clone(),
+            network_policy: match &settings.network_policies {
+                FlowNetworkPolicies::On(np) => Some(np.clone()),
+                FlowNetworkPolicies::Off | FlowNetworkPolicies::CleanUp => None,
+            },
         },
         stores.clone(),
         metrics.clone(),
@@ -333,6 +353,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         pvcs: wv,
         tokens: wt,
         endpoint_slices: we,
+        network_policies: wn,
     } = writers;
 
     // Reflected streams, shared between the caches and the controllers' triggers.
@@ -391,6 +412,18 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .default_backoff()
         .for_each(|_| future::ready(())),
     );
+    // Watched only when the switch asks for it: with it off the controller has no right to list them.
+    let network_policies = match settings.network_policies {
+        FlowNetworkPolicies::Off => None,
+        FlowNetworkPolicies::On(_) | FlowNetworkPolicies::CleanUp => Some(
+            reflector::reflector(
+                wn,
+                watcher(api::<NetworkPolicy>(&client, ns), managed.clone()),
+            )
+            .default_backoff()
+            .touched_objects(),
+        ),
+    };
     // Referenced Secrets are watched by metadata only: the mapper needs names, and the controller should not
     // hold every Secret's data in memory.
     let secret_meta = watcher(
@@ -472,6 +505,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             .owns_stream(services)
             .owns_stream(pdbs)
             .owns_stream(tokens)
+            .owns_stream(match network_policies {
+                Some(stream) => stream.left_stream(),
+                None => futures::stream::pending().right_stream(),
+            })
             .reconcile_on(poll_rx)
             .reconcile_on(
                 pvcs.filter_map(move |pvc| {

@@ -28,8 +28,10 @@ pub struct DevOptions {
     /// Where the ledger and the generated secrets live between runs (default `.meshline/dev/<flow>`).
     pub state: Option<PathBuf>,
     pub fresh: bool,
-    /// The worker's port (webhooks and operations API).
+    /// The worker's webhook port (0: any free port).
     pub port: u16,
+    /// The worker's operations port: status, records, dead letters, holds, metrics (0: any free port).
+    pub ops_port: u16,
 }
 
 /// Why `meshline dev` could not run; each names what to fix.
@@ -79,8 +81,19 @@ pub struct DevEnv {
 }
 
 impl DevEnv {
-    pub fn worker_url(&self) -> String {
-        format!("http://{}", self.worker.addr)
+    /// The webhook port: `POST /webhook` and health.
+    pub fn webhook_url(&self) -> String {
+        format!("http://{}", self.worker.webhook_addr)
+    }
+
+    /// The operations port: status, records, dead letters, holds (with the token) and metrics.
+    pub fn ops_url(&self) -> String {
+        format!("http://{}", self.worker.ops_addr)
+    }
+
+    /// The file holding the worker's token, which the operations port asks for.
+    pub fn token_file(&self) -> PathBuf {
+        self.state_dir.join("api-token")
     }
 
     pub async fn shutdown(self) {
@@ -121,7 +134,7 @@ pub async fn start(options: &DevOptions) -> Result<DevEnv, DevError> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(".meshline/dev").join(&flow));
     let created = prepare_state(&state_dir, &flow, options.fresh)?;
-    match start_in(&mut rendered, &state_dir, options.port).await {
+    match start_in(&mut rendered, &state_dir, options.port, options.ops_port).await {
         Ok(env) => Ok(env),
         Err(e) => {
             // Nothing half-made is left behind by a run that did not start.
@@ -228,6 +241,7 @@ async fn start_in(
     rendered: &mut RenderedFlow,
     state: &Path,
     port: u16,
+    ops_port: u16,
 ) -> Result<DevEnv, DevError> {
     let flow = rendered.flow_name();
     let (creds, webhook_secret, token) = credentials(state);
@@ -281,6 +295,7 @@ async fn start_in(
 
     let settings = WorkerSettings {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        ops_listen: SocketAddr::from(([127, 0, 0, 1], ops_port)),
         state_dir: state.join("ledger"),
         secrets_dir: Some(secrets),
         token_file: Some(token_file),
@@ -298,7 +313,7 @@ async fn start_in(
         }
     };
     let crm = Arc::new(CrmStandIn::new(
-        format!("http://{}/webhook", worker.addr),
+        format!("http://{}/webhook", worker.webhook_addr),
         webhook_secret,
     ));
     Ok(DevEnv {

@@ -62,7 +62,10 @@ pub struct Report {
     pub duplicates: u64,
     pub unexplained: Vec<String>,
     pub explained: Vec<Explained>,
-    pub worker_url: String,
+    /// The worker's operations port.
+    pub ops_url: String,
+    /// The file with the token the operations port asks for.
+    pub token_file: String,
     pub elapsed_seconds: f64,
 }
 
@@ -135,13 +138,13 @@ impl fmt::Display for Report {
         if let Some(first) = self.explained.iter().find_map(|e| e.record) {
             writeln!(
                 f,
-                "  a record's whole story: curl -s {}/records/{first}",
-                self.worker_url
+                "  a record's whole story: curl -s -H \"Authorization: Bearer $(cat {})\" {}/records/{first}",
+                self.token_file, self.ops_url
             )?;
             writeln!(
                 f,
-                "  dead letters:           meshline dlq list --url {}",
-                self.worker_url
+                "  dead letters:           meshline dlq list --url {} --token-file {}",
+                self.ops_url, self.token_file
             )?;
         }
         Ok(())
@@ -149,8 +152,11 @@ impl fmt::Display for Report {
 }
 
 async fn get(env: &DevEnv, path: &str) -> Result<Value, DevError> {
-    let url = format!("{}{path}", env.worker_url());
-    reqwest::get(&url)
+    let url = format!("{}{path}", env.ops_url());
+    reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&env.token)
+        .send()
         .await
         .map_err(|e| DevError::Scenario(format!("{url}: {e}")))?
         .json()
@@ -255,7 +261,7 @@ pub async fn run(env: &DevEnv, options: &ScenarioOptions) -> Result<Report, DevE
             for item in holds["items"].as_array().cloned().unwrap_or_default() {
                 let id = item["id"].as_i64().unwrap_or_default();
                 let resp = reqwest::Client::new()
-                    .post(format!("{}/records/{id}/approve", env.worker_url()))
+                    .post(format!("{}/records/{id}/approve", env.ops_url()))
                     .bearer_auth(&env.token)
                     .json(&json!({"actor": "marcus (finance, scenario)", "reason": "strategic account, discount agreed"}))
                     .send()
@@ -390,7 +396,8 @@ async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<R
         duplicates: env.worker.pipeline.metrics.duplicates.get(),
         unexplained,
         explained,
-        worker_url: env.worker_url(),
+        ops_url: env.ops_url(),
+        token_file: env.token_file().display().to_string(),
         elapsed_seconds: started.elapsed().as_secs_f64(),
     })
 }

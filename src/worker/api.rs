@@ -1,6 +1,10 @@
-//! The worker's operations API: health, metrics, the status the controller copies into the flow, one record's
-//! whole story, the dead letters and the holds. Mutating endpoints need the bearer token; every payload that
-//! leaves here goes through the contract's redaction.
+//! The worker's two HTTP faces. The webhook port (the one an Ingress exposes) serves the source's webhook route
+//! and health, nothing else. The operations port (cluster-internal) serves health, metrics, the status the
+//! controller copies into the flow, one record's whole story, the dead letters and the holds, and the
+//! interventions on them. Every read and write of records, dead letters, holds and status needs the flow's
+//! token (`Authorization: Bearer`, or [`TOKEN_HEADER`] through the API server's service proxy, which keeps
+//! `Authorization` for itself); health and `/metrics` stay open so probes and Prometheus need no secret. Every
+//! payload that leaves here goes through the contract's redaction.
 
 use std::sync::Arc;
 
@@ -19,7 +23,7 @@ use crate::ledger::{RecordId, RecordState, RecordView};
 #[derive(Clone)]
 pub struct ApiState {
     pub pipeline: Arc<Pipeline>,
-    /// Bearer token for mutating endpoints; `None` refuses every mutation.
+    /// The flow's token, needed by everything but health and metrics; `None` refuses all of it.
     pub token: Option<Arc<str>>,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -91,7 +95,21 @@ pub struct BreakerStatus {
     pub since: String,
 }
 
-pub fn router(state: ApiState) -> Router {
+/// The header that carries the flow's token when `Authorization` is taken (the API server's service proxy
+/// authenticates the controller with it and does not pass it on). The controller's proxy poll sends this one.
+pub const TOKEN_HEADER: &str = "x-meshline-token";
+
+/// The webhook port's routes besides the source's own: health only (the kubelet's probes). The caller merges
+/// the webhook route in.
+pub fn webhook_router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// The operations port's routes.
+pub fn ops_router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -111,18 +129,49 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
-    let Some(token) = &state.token else {
-        return Some(error(
-            StatusCode::FORBIDDEN,
-            "mutations are disabled: the worker has no token file",
-        ));
+/// Why a request did not prove it holds the flow's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The worker was started without a token file: nothing behind the token is served to anyone.
+    NoToken,
+    /// No token, or the wrong one.
+    Unauthorised,
+}
+
+impl Refusal {
+    pub fn response(self) -> Response {
+        match self {
+            Refusal::NoToken => error(
+                StatusCode::FORBIDDEN,
+                "the operations API is closed: the worker has no token file",
+            ),
+            Refusal::Unauthorised => {
+                let mut r = error(
+                    StatusCode::UNAUTHORIZED,
+                    "the flow's token is required (Authorization: Bearer <token>)",
+                );
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+                r
+            }
+        }
+    }
+}
+
+/// Checks the token a request carries against the flow's: `Authorization: Bearer`, else [`TOKEN_HEADER`].
+pub fn check_token(token: Option<&str>, headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(token) = token else {
+        return Err(Refusal::NoToken);
     };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .or_else(|| headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()))
+        .unwrap_or_default()
+        .trim();
     // Constant-time comparison, so the token cannot be guessed byte by byte from response times.
     let equal = given.len() == token.len()
         && given
@@ -130,14 +179,17 @@ fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
             .zip(token.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
-    if equal {
-        None
+    if equal && !token.is_empty() {
+        Ok(())
     } else {
-        Some(error(
-            StatusCode::UNAUTHORIZED,
-            "a valid bearer token is required",
-        ))
+        Err(Refusal::Unauthorised)
     }
+}
+
+fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
+    check_token(state.token.as_deref(), headers)
+        .err()
+        .map(Refusal::response)
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
@@ -256,7 +308,10 @@ pub async fn compute_status(
     })
 }
 
-async fn status(State(state): State<ApiState>) -> Response {
+async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
     match compute_status(&state.pipeline).await {
         Ok(s) => Json(s).into_response(),
         Err(e) => error(
@@ -274,7 +329,14 @@ fn redacted_view(pipeline: &Pipeline, view: &RecordView) -> Value {
     v
 }
 
-async fn record(State(state): State<ApiState>, Path(id): Path<i64>) -> Response {
+async fn record(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
     match state.pipeline.ledger.get(RecordId(id)).await {
         Ok(Some(detail)) => {
             let mut v = serde_json::to_value(&detail).unwrap_or(Value::Null);
@@ -325,11 +387,25 @@ async fn list(state: &ApiState, record_state: RecordState, q: ListQuery) -> Resp
     }
 }
 
-async fn dead_letters(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+async fn dead_letters(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
     list(&state, RecordState::DeadLettered, q).await
 }
 
-async fn holds(State(state): State<ApiState>, Query(q): Query<ListQuery>) -> Response {
+async fn holds(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
     list(&state, RecordState::Held, q).await
 }
 
@@ -470,5 +546,67 @@ async fn replay_by_reason(
             Json(json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response()
         }
         Err(e) => ledger_error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_flows_token_opens_the_operations_api_by_either_header() {
+        let token = Some("s3cret");
+        assert_eq!(
+            check_token(token, &headers(&[("authorization", "Bearer s3cret")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_token(token, &headers(&[("x-meshline-token", "s3cret")])),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_missing_wrong_or_prefixed_token_is_unauthorised() {
+        let token = Some("s3cret");
+        for given in [
+            headers(&[]),
+            headers(&[("authorization", "Bearer s3cre")]),
+            headers(&[("authorization", "Bearer s3cret2")]),
+            headers(&[("authorization", "Basic s3cret")]),
+            headers(&[("x-meshline-token", "")]),
+        ] {
+            assert_eq!(
+                check_token(token, &given),
+                Err(Refusal::Unauthorised),
+                "{given:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_worker_without_a_token_serves_nobody_even_an_empty_token() {
+        assert_eq!(
+            check_token(None, &headers(&[("authorization", "Bearer ")])),
+            Err(Refusal::NoToken)
+        );
+        // An empty token file is not a token everyone holds.
+        assert_eq!(
+            check_token(Some(""), &headers(&[("authorization", "Bearer ")])),
+            Err(Refusal::Unauthorised)
+        );
+        assert_eq!(Refusal::NoToken.response().status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            Refusal::Unauthorised.response().status(),
+            StatusCode::UNAUTHORIZED
+        );
     }
 }

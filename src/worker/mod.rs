@@ -35,12 +35,15 @@ use crate::ledger::{Ledger, LedgerTarget, SystemClock};
 /// Where the worker finds its state and secrets.
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
+    /// The webhook port: the source's webhook route and health, what an Ingress exposes.
     pub listen: SocketAddr,
+    /// The operations port (cluster-internal): status, records, dead letters, holds, metrics.
+    pub ops_listen: SocketAddr,
     /// Directory of the embedded ledger (`ledger.db`).
     pub state_dir: PathBuf,
     /// Directory holding one sub-directory per referenced Secret (`<dir>/<secret name>/<key>`).
     pub secrets_dir: Option<PathBuf>,
-    /// File with the bearer token of the mutating endpoints.
+    /// File with the flow's token, which the operations API asks for (all of it but health and metrics).
     pub token_file: Option<PathBuf>,
     pub options: PipelineOptions,
 }
@@ -133,19 +136,66 @@ pub fn ledger_target(
     }
 }
 
+/// The worker's two sockets, already listening: the webhook port and the operations port.
+#[derive(Debug)]
+pub struct Listeners {
+    pub webhook: std::net::TcpListener,
+    pub ops: std::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses of `settings`.
+    pub fn bind(settings: &WorkerSettings) -> Result<Listeners, WorkerError> {
+        let bind = |addr: SocketAddr| {
+            std::net::TcpListener::bind(addr).map_err(|e| WorkerError::Listen {
+                addr,
+                reason: e.to_string(),
+            })
+        };
+        Ok(Listeners {
+            webhook: bind(settings.listen)?,
+            ops: bind(settings.ops_listen)?,
+        })
+    }
+
+    /// Both sockets again (the same sockets, new handles), for a server that takes over from another.
+    pub fn try_clone(&self) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            webhook: self.webhook.try_clone()?,
+            ops: self.ops.try_clone()?,
+        })
+    }
+}
+
+fn serve_on(
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<tokio::net::TcpListener, WorkerError> {
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+        .map_err(|e| WorkerError::Listen {
+            addr,
+            reason: e.to_string(),
+        })
+}
+
 /// A running worker.
 pub struct Worker {
     pub pipeline: Arc<Pipeline>,
     pub intake: Arc<intake::LedgerIntake>,
-    pub addr: SocketAddr,
+    /// Where the webhook port listens.
+    pub webhook_addr: SocketAddr,
+    /// Where the operations port listens.
+    pub ops_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     ready: Arc<AtomicBool>,
     tasks: tokio::task::JoinSet<()>,
 }
 
 impl Worker {
-    /// Compiles the contract, opens the ledger, starts the pipeline and the operations API (plus any extra
-    /// routes, such as a webhook source's).
+    /// Compiles the contract, opens the ledger, starts the pipeline, the webhook port (health plus the extra
+    /// routes, such as a webhook source's) and the operations API.
     pub async fn start(
         rendered: &RenderedFlow,
         settings: &WorkerSettings,
@@ -156,15 +206,16 @@ impl Worker {
         Worker::start_on(rendered, settings, sink, lookups, extra_routes, None).await
     }
 
-    /// [`Worker::start`] on a socket already listening (`meshline worker` binds it first, to answer health
-    /// and status while the pipeline cannot start yet); `None` binds `settings.listen`.
+    /// [`Worker::start`] on sockets already listening (`meshline worker` binds them first, to answer health
+    /// and status while the pipeline cannot start yet); `None` binds `settings.listen` and
+    /// `settings.ops_listen`.
     pub async fn start_on(
         rendered: &RenderedFlow,
         settings: &WorkerSettings,
         sink: Arc<dyn Sink>,
         lookups: serde_json::Value,
         extra_routes: impl FnOnce(Arc<intake::LedgerIntake>) -> axum::Router,
-        listener: Option<std::net::TcpListener>,
+        listeners: Option<Listeners>,
     ) -> Result<Worker, WorkerError> {
         let flow = rendered.flow_name();
         let contract =
@@ -265,37 +316,43 @@ impl Worker {
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));
-        let app = api::router(api::ApiState {
+        let state = api::ApiState {
             pipeline: pipeline.clone(),
             token,
             ready: ready.clone(),
-        })
-        .merge(extra_routes(intake.clone()));
-        let listener = match listener {
-            Some(listener) => listener
-                .set_nonblocking(true)
-                .and_then(|()| tokio::net::TcpListener::from_std(listener)),
-            None => tokio::net::TcpListener::bind(settings.listen).await,
-        }
-        .map_err(|e| WorkerError::Listen {
-            addr: settings.listen,
-            reason: e.to_string(),
-        })?;
-        let addr = listener.local_addr().map_err(|e| WorkerError::Listen {
-            addr: settings.listen,
-            reason: e.to_string(),
-        })?;
+        };
+        let webhook_app = api::webhook_router(state.clone()).merge(extra_routes(intake.clone()));
+        let ops_app = api::ops_router(state);
+        let listeners = match listeners {
+            Some(l) => l,
+            None => Listeners::bind(settings)?,
+        };
+        let webhook = serve_on(listeners.webhook, settings.listen)?;
+        let ops = serve_on(listeners.ops, settings.ops_listen)?;
+        let local = |l: &tokio::net::TcpListener, addr| {
+            l.local_addr().map_err(|e| WorkerError::Listen {
+                addr,
+                reason: e.to_string(),
+            })
+        };
+        let webhook_addr = local(&webhook, settings.listen)?;
+        let ops_addr = local(&ops, settings.ops_listen)?;
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        let mut server_rx = rx.clone();
-        tasks.spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = server_rx.wait_for(|s| *s).await;
+        for (listener, app, what) in [
+            (webhook, webhook_app, "webhook port"),
+            (ops, ops_app, "operations API"),
+        ] {
+            let mut server_rx = rx.clone();
+            tasks.spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = server_rx.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "{what} stopped");
+                }
             });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "operations API stopped");
-            }
-        });
+        }
         tasks.spawn(retention::run(
             pipeline.ledger.clone(),
             retention::retention_of(&rendered.flow.spec),
@@ -303,11 +360,12 @@ impl Worker {
             rx.clone(),
         ));
         tasks.spawn(pipeline.clone().run(rx));
-        tracing::info!(flow = %flow, %addr, backend = pipeline.ledger.backend(), "worker started");
+        tracing::info!(flow = %flow, %webhook_addr, %ops_addr, backend = pipeline.ledger.backend(), "worker started");
         Ok(Worker {
             pipeline,
             intake,
-            addr,
+            webhook_addr,
+            ops_addr,
             shutdown,
             ready,
             tasks,

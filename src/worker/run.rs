@@ -41,13 +41,13 @@ pub async fn start_flow(
     start_flow_on(rendered, settings, options, None).await
 }
 
-/// [`start_flow`] on a socket already listening (see [`Worker::start_on`]). Everything that can fail is
-/// done before the worker starts serving, so a failed attempt leaves the socket to whoever answers for it.
+/// [`start_flow`] on sockets already listening (see [`Worker::start_on`]). Everything that can fail is
+/// done before the worker starts serving, so a failed attempt leaves the sockets to whoever answers for them.
 pub async fn start_flow_on(
     rendered: &RenderedFlow,
     settings: &WorkerSettings,
     options: &RunOptions,
-    listener: Option<std::net::TcpListener>,
+    listeners: Option<super::Listeners>,
 ) -> Result<Worker, WorkerError> {
     let flow = rendered.flow_name();
     let spec = &rendered.flow.spec;
@@ -129,7 +129,7 @@ pub async fn start_flow_on(
                 None => axum::Router::new(),
             }
         },
-        listener,
+        listeners,
     )
     .await?;
     if let Some(reason) = failed {

@@ -115,6 +115,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "existing-service-account": {"serviceAccount": {"create": False, "name": "preexisting"}},
     "no-rbac": {"rbac": {"create": False}},
     "fullname-override": {"fullnameOverride": "ml"},
+    "network-policies-per-flow": {
+        "networkPolicy": {"perFlow": {"mode": "on"}, "metricsFromNamespaces": ["monitoring"]},
+    },
+    "network-policies-per-flow-namespaced": {
+        "watchNamespace": "tenant-a",
+        "networkPolicy": {"perFlow": {"mode": "on"}},
+    },
+    "network-policies-clean-up": {"networkPolicy": {"perFlow": {"mode": "clean-up"}}},
+    "network-policies-workers": {
+        "controller": {"statusViaProxy": True},
+        "networkPolicy": {
+            "webhookFromNamespaces": ["ingress-nginx", "traefik"],
+            "metricsFromNamespaces": ["monitoring"],
+            "apiServerCIDRs": ["10.0.0.1/32", "fd00::1/128"],
+            "workers": {"enabled": True, "namespaces": ["sync-a", "sync-b"]},
+        },
+    },
 }
 
 # Values files that values.schema.json must REJECT, with a fragment of the
@@ -141,6 +158,10 @@ REJECTED_VALUES_FILES: dict[str, tuple[str, str]] = {
         "workerDefaults:\n  serviceAccountName: Sync_Workers\n",
         "/workerDefaults/serviceAccountName",
     ),
+    "per-flow-mode-unknown": ("networkPolicy:\n  perFlow:\n    mode: enabled\n", "/networkPolicy/perFlow/mode"),
+    "per-flow-mode-bare-boolean": ("networkPolicy:\n  perFlow:\n    mode: true\n", "/networkPolicy/perFlow/mode"),
+    "api-server-cidr-not-a-cidr": ("networkPolicy:\n  apiServerCIDRs: [10.0.0.1]\n", "/networkPolicy/apiServerCIDRs/0"),
+    "webhook-namespace-not-dns-label": ("networkPolicy:\n  webhookFromNamespaces: [Ingress_Nginx]\n", "/networkPolicy/webhookFromNamespaces/0"),
 }
 
 # The complete, exact permission set for the watched namespaces (statusViaProxy false).
@@ -433,6 +454,9 @@ def test_standard_labels_and_namespaces(scenario: str) -> None:
             assert "namespace" not in obj["metadata"]
         elif kind in {"Role", "RoleBinding"} and not obj["metadata"]["name"].endswith("-leader-election"):
             assert obj["metadata"]["namespace"] == watch_ns
+        elif kind == "NetworkPolicy":
+            np = values["networkPolicy"]["workers"]
+            assert obj["metadata"]["namespace"] in (np.get("namespaces") or [watch_ns or NAMESPACE])
         else:
             assert obj["metadata"]["namespace"] == NAMESPACE, f"{kind}/{obj['metadata']['name']}"
 
@@ -847,6 +871,108 @@ def test_bindings_point_at_rendered_roles(scenario: str) -> None:
 # --------------------------------------------------------------------------
 # NOTES.txt and the image the chart runs
 # --------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------
+# Worker NetworkPolicies: chart-wide, and the controller's per-flow switch
+# --------------------------------------------------------------------------
+
+NETWORKPOLICY_FULL = {("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch", "delete"}}
+NETWORKPOLICY_CLEAN_UP = {("networking.k8s.io", "networkpolicies"): {"list", "watch", "delete"}}
+
+
+def test_no_network_policies_and_no_rbac_for_them_by_default() -> None:
+    objects = render()
+    assert by_kind(objects, "NetworkPolicy") == []
+    for role in watch_roles(objects):
+        assert ("networking.k8s.io", "networkpolicies") not in permissions(role)
+    args = controller_container(objects)["args"]
+    assert not [a for a in args if "network-polic" in a or "namespace" in a and a != "--namespace"]
+
+
+def test_per_flow_network_policies_grant_exactly_what_the_controller_does() -> None:
+    objects = render(SCENARIOS["network-policies-per-flow"])
+    assert permissions(one(objects, "ClusterRole")) == {**WATCH_PERMISSIONS, **CRD_PERMISSION, **NETWORKPOLICY_FULL}
+    args = controller_container(objects)["args"]
+    assert arg_value(args, "--flow-network-policies") == "on"
+    assert arg_value(args, "--webhook-from-namespace") == "ingress-nginx"
+    assert arg_value(args, "--metrics-from-namespace") == "monitoring"
+    # The labels the controller's own pods carry, so the workers' operations port admits exactly them.
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    wanted = dict(pair.split("=") for pair in arg_value(args, "--controller-pod-labels").split(","))
+    assert wanted.items() <= pod_labels.items(), (wanted, pod_labels)
+    assert wanted == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert "--api-server-cidr" not in args
+    # The controller makes the policies; the chart renders none of its own.
+    assert by_kind(objects, "NetworkPolicy") == []
+
+    namespaced = render(SCENARIOS["network-policies-per-flow-namespaced"])
+    role = next(r for r in by_kind(namespaced, "Role") if r["metadata"]["namespace"] == "tenant-a")
+    assert permissions(role) == {**WATCH_PERMISSIONS, **NETWORKPOLICY_FULL}
+    assert permissions(one(namespaced, "ClusterRole")) == CRD_PERMISSION
+
+
+def test_clean_up_mode_may_only_find_and_delete_network_policies() -> None:
+    objects = render(SCENARIOS["network-policies-clean-up"])
+    assert permissions(one(objects, "ClusterRole")) == {**WATCH_PERMISSIONS, **CRD_PERMISSION, **NETWORKPOLICY_CLEAN_UP}
+    args = controller_container(objects)["args"]
+    assert arg_value(args, "--flow-network-policies") == "clean-up"
+    assert "--webhook-from-namespace" not in args and "--controller-pod-labels" not in args
+    notes = render_files(SCENARIOS["network-policies-clean-up"])["meshline/templates/NOTES.txt"]
+    assert "clean-up" in notes
+
+
+def test_chart_wide_worker_policies_admit_the_ingress_to_webhooks_and_the_controller_to_operations() -> None:
+    values = SCENARIOS["network-policies-workers"]
+    objects = render(values)
+    policies = by_kind(objects, "NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["sync-a", "sync-b"]
+    for policy in policies:
+        spec = policy["spec"]
+        # Every Meshline worker in the namespace, as the controller labels them.
+        assert spec["podSelector"] == {"matchLabels": {
+            "app.kubernetes.io/name": "meshline-worker",
+            "app.kubernetes.io/component": "worker",
+            "app.kubernetes.io/part-of": "meshline",
+        }}
+        assert spec["policyTypes"] == ["Ingress"]
+        assert "egress" not in spec
+        webhook, ops = spec["ingress"]
+        assert webhook["ports"] == [{"port": "webhook", "protocol": "TCP"}]
+        assert webhook["from"] == [{"namespaceSelector": {"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ingress-nginx", "traefik"]}
+        ]}}]
+        assert ops["ports"] == [{"port": "ops", "protocol": "TCP"}]
+        controller, metrics, *cidrs = ops["from"]
+        assert controller["namespaceSelector"]["matchExpressions"][0]["values"] == [NAMESPACE]
+        assert controller["podSelector"]["matchLabels"] == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+        assert metrics["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring"]
+        assert cidrs == [{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "fd00::1/128"}}]
+    # The chart-wide policies need no RBAC of the controller.
+    assert ("networking.k8s.io", "networkpolicies") not in permissions(one(objects, "ClusterRole"))
+
+
+def test_worker_policies_default_to_the_watched_namespace_and_close_webhooks_when_told() -> None:
+    objects = render({"watchNamespace": "tenant-a", "networkPolicy": {"webhookFromNamespaces": [], "workers": {"enabled": True}}})
+    policy = one(objects, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == "tenant-a"
+    assert [r["ports"][0]["port"] for r in policy["spec"]["ingress"]] == ["ops"]
+    assert one(render({"networkPolicy": {"workers": {"enabled": True}}}), "NetworkPolicy")["metadata"]["namespace"] == NAMESPACE
+
+
+def test_status_via_proxy_without_api_server_cidrs_is_flagged() -> None:
+    values = {"controller": {"statusViaProxy": True}, "networkPolicy": {"perFlow": {"mode": "on"}}}
+    notes = render_files(values)["meshline/templates/NOTES.txt"]
+    assert "apiServerCIDRs" in notes and "block the controller's status reads" in notes
+    notes = render_files(SCENARIOS["network-policies-workers"])["meshline/templates/NOTES.txt"]
+    assert "block the controller's status reads" not in notes
+    assert "10.0.0.1/32" in notes
+
+
+def test_values_document_egress_and_the_api_server() -> None:
+    text = (CHART / "values.yaml").read_text()
+    block = text[text.index("networkPolicy:") - 1200 : text.index("apiServerCIDRs:")]
+    assert "egress" in block.lower() and "statusViaProxy" in block
 
 
 def test_notes() -> None:

@@ -1012,6 +1012,63 @@ pub mod rules {
         }
         if kind == "Service" {
             labels("spec.selector", body["spec"].get("selector"), &mut out);
+            for (i, port) in items(&body["spec"]["ports"]) {
+                port_name(&format!("spec.ports[{i}].name"), &port["name"], &mut out);
+                port_name(
+                    &format!("spec.ports[{i}].targetPort"),
+                    &port["targetPort"],
+                    &mut out,
+                );
+            }
+        }
+        if kind == "Deployment" {
+            let pod = &body["spec"]["template"]["spec"];
+            for (c, container) in items(&pod["containers"]) {
+                for (i, port) in items(&container["ports"]) {
+                    port_name(
+                        &format!("spec.template.spec.containers[{c}].ports[{i}].name"),
+                        &port["name"],
+                        &mut out,
+                    );
+                }
+                for probe in ["livenessProbe", "readinessProbe"] {
+                    port_name(
+                        &format!("spec.template.spec.containers[{c}].{probe}.httpGet.port"),
+                        &container[probe]["httpGet"]["port"],
+                        &mut out,
+                    );
+                }
+            }
+        }
+        if kind == "NetworkPolicy" {
+            selector("spec.podSelector", &body["spec"]["podSelector"], &mut out);
+            for (i, rule) in items(&body["spec"]["ingress"]) {
+                for (j, peer) in items(&rule["from"]) {
+                    let at = format!("spec.ingress[{i}].from[{j}]");
+                    selector(&format!("{at}.podSelector"), &peer["podSelector"], &mut out);
+                    selector(
+                        &format!("{at}.namespaceSelector"),
+                        &peer["namespaceSelector"],
+                        &mut out,
+                    );
+                    if let Some(cidr) = peer["ipBlock"]["cidr"].as_str()
+                        && !valid_cidr(cidr)
+                    {
+                        out.push(invalid_value(
+                            &format!("{at}.ipBlock.cidr"),
+                            cidr,
+                            "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)",
+                        ));
+                    }
+                }
+                for (j, port) in items(&rule["ports"]) {
+                    port_name(
+                        &format!("spec.ingress[{i}].ports[{j}].port"),
+                        &port["port"],
+                        &mut out,
+                    );
+                }
+            }
         }
         if kind == "Event"
             && let Some(note) = body["note"].as_str()
@@ -1039,6 +1096,98 @@ pub mod rules {
             }
         }
         out
+    }
+
+    fn items(list: &Value) -> impl Iterator<Item = (usize, &Value)> {
+        list.as_array().into_iter().flatten().enumerate()
+    }
+
+    /// A named port (`IsValidPortName`, an IANA service name): at most 15 characters, lower-case letters,
+    /// digits and '-', at least one letter, no '-' at either end or twice in a row. A number is checked
+    /// elsewhere; an absent one is fine here.
+    fn port_name(field: &str, value: &Value, out: &mut Vec<Cause>) {
+        let Some(name) = value.as_str() else {
+            return;
+        };
+        let mut errors = Vec::new();
+        if name.len() > 15 {
+            errors.push("must be no more than 15 characters");
+        }
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            errors.push("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)");
+        }
+        if name.contains("--") {
+            errors.push("must not contain consecutive hyphens");
+        }
+        if !name.chars().any(|c| c.is_ascii_lowercase()) {
+            errors.push("must contain at least one letter (a-z)");
+        }
+        if name.starts_with('-') || name.ends_with('-') {
+            errors.push("must not begin or end with a hyphen");
+        }
+        for e in errors {
+            out.push(invalid_value(field, name, e));
+        }
+    }
+
+    /// A label selector's `matchLabels` and `matchExpressions` (keys qualified names, values label values).
+    fn selector(field: &str, value: &Value, out: &mut Vec<Cause>) {
+        labels(
+            &format!("{field}.matchLabels"),
+            value.get("matchLabels"),
+            out,
+        );
+        for (i, expr) in items(&value["matchExpressions"]) {
+            let key = expr["key"].as_str().unwrap_or_default();
+            for e in qualified_name_errors(key) {
+                out.push(invalid_value(
+                    &format!("{field}.matchExpressions[{i}].key"),
+                    key,
+                    &e,
+                ));
+            }
+            let op = expr["operator"].as_str().unwrap_or_default();
+            let values: Vec<&str> = items(&expr["values"])
+                .filter_map(|(_, v)| v.as_str())
+                .collect();
+            match op {
+                "In" | "NotIn" if values.is_empty() => out.push(Cause {
+                    field: format!("{field}.matchExpressions[{i}].values"),
+                    reason: "FieldValueRequired",
+                    message: "Required value: must be specified when `operator` is 'In' or 'NotIn'"
+                        .into(),
+                }),
+                "In" | "NotIn" | "Exists" | "DoesNotExist" => {}
+                other => out.push(invalid_value(
+                    &format!("{field}.matchExpressions[{i}].operator"),
+                    other,
+                    "not a valid selector operator",
+                )),
+            }
+            for (j, v) in values.iter().enumerate() {
+                for e in label_value_errors(v) {
+                    out.push(invalid_value(
+                        &format!("{field}.matchExpressions[{i}].values[{j}]"),
+                        v,
+                        &e,
+                    ));
+                }
+            }
+        }
+    }
+
+    fn valid_cidr(cidr: &str) -> bool {
+        let Some((ip, bits)) = cidr.split_once('/') else {
+            return false;
+        };
+        match (ip.parse::<std::net::IpAddr>(), bits.parse::<u8>()) {
+            (Ok(std::net::IpAddr::V4(_)), Ok(b)) => b <= 32,
+            (Ok(std::net::IpAddr::V6(_)), Ok(b)) => b <= 128,
+            _ => false,
+        }
     }
 
     /// A `422 Invalid` answer, shaped like `apierrors.NewInvalid` (whose message names the kind with its group,

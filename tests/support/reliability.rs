@@ -476,7 +476,10 @@ pub fn free_port() -> u16 {
 /// One `meshline worker` process of a flow, restartable on the same port and state.
 pub struct WorkerProcess {
     pub name: String,
+    /// The webhook port.
     pub port: u16,
+    /// The operations port.
+    pub ops_port: u16,
     flow: PathBuf,
     state_dir: PathBuf,
     secrets_dir: PathBuf,
@@ -492,6 +495,7 @@ impl WorkerProcess {
         WorkerProcess {
             name: name.to_string(),
             port: free_port(),
+            ops_port: free_port(),
             flow: files.flow_file(),
             state_dir: files.state_dir(name),
             secrets_dir: files.secrets_dir(),
@@ -503,8 +507,14 @@ impl WorkerProcess {
         }
     }
 
+    /// The webhook port's base URL (where the CRM sends).
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The operations port's base URL (status, dead letters, metrics; the reads need [`API_TOKEN`]).
+    pub fn ops_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.ops_port)
     }
 
     /// Starts the process and waits until `/readyz` answers.
@@ -521,6 +531,8 @@ impl WorkerProcess {
             .arg(&self.flow)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--ops-listen")
+            .arg(format!("127.0.0.1:{}", self.ops_port))
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--secrets-dir")
@@ -615,7 +627,8 @@ impl WorkerProcess {
     /// `/status`, or `None` while the worker does not answer.
     pub async fn status(&self) -> Option<Value> {
         let r = client()
-            .get(format!("{}/status", self.url()))
+            .get(format!("{}/status", self.ops_url()))
+            .bearer_auth(API_TOKEN)
             .send()
             .await
             .ok()?;
@@ -653,7 +666,11 @@ impl WorkerProcess {
 
     /// A Prometheus counter of this process (`meshline_<name>_total`), 0 when absent.
     pub async fn metric(&self, name: &str) -> f64 {
-        let Ok(r) = client().get(format!("{}/metrics", self.url())).send().await else {
+        let Ok(r) = client()
+            .get(format!("{}/metrics", self.ops_url()))
+            .send()
+            .await
+        else {
             return 0.0;
         };
         let text = r.text().await.unwrap_or_default();
@@ -685,11 +702,17 @@ pub fn counter(status: &Value, name: &str) -> i64 {
 
 /// What the ledger says about a run, fetched from a worker's operations API: the counters and every dead
 /// letter's id, key, reason and last error (all pages). A failing reliability test prints it, so the failure
-/// names its cause (a reason such as `contract:deadline_exceeded:record` says more than "2 missing").
+/// names its cause (a reason such as `contract:deadline_exceeded:record` says more than "2 missing"). `url` is
+/// the operations port's.
 pub async fn ledger_evidence(url: &str) -> String {
     let http = client();
     let mut out = String::new();
-    match http.get(format!("{url}/status")).send().await {
+    match http
+        .get(format!("{url}/status"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+    {
         Ok(r) => match r.json::<Value>().await {
             Ok(status) => out.push_str(&format!(
                 "counters {}, pending {}, circuit breaker {}",
@@ -706,7 +729,7 @@ pub async fn ledger_evidence(url: &str) -> String {
         if let Some(a) = after {
             path.push_str(&format!("&after={a}"));
         }
-        let page = match http.get(&path).send().await {
+        let page = match http.get(&path).bearer_auth(API_TOKEN).send().await {
             Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
             Err(e) => {
                 out.push_str(&format!("\n  dead letters unavailable: {e}"));

@@ -134,6 +134,19 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["list", "watch"]
+{{- if eq .Values.networkPolicy.perFlow.mode "on" }}
+# networkPolicy.perFlow.mode: "on". Each flow's NetworkPolicy, applied like the
+# other children; delete: the orphan goes when a later upgrade turns it off.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+{{- else if eq .Values.networkPolicy.perFlow.mode "clean-up" }}
+# networkPolicy.perFlow.mode: "clean-up". Find and delete the per-flow
+# NetworkPolicies made while the switch was on; never create or change one.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "delete"]
+{{- end }}
 {{- if .Values.controller.statusViaProxy }}
 # controller.statusViaProxy: true. Broad: GET through the API server proxy to
 # any pod in scope (each worker pod's /status is read through it).
@@ -150,4 +163,57 @@ Rule to read CustomResourceDefinitions (wait for Established at start-up).
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["get", "list", "watch"]
+{{- end }}
+
+{{/*
+The ingress rules of a worker NetworkPolicy (chart-wide or, through the
+controller's flags, per flow): the webhook port from the ingress namespaces,
+the operations port from the controller's pods, the metrics namespaces and the
+API server's CIDRs.
+*/}}
+{{- define "meshline.workerIngressRules" -}}
+{{- with .Values.networkPolicy.webhookFromNamespaces }}
+- from:
+    - namespaceSelector:
+        matchExpressions:
+          - key: kubernetes.io/metadata.name
+            operator: In
+            values:
+              {{- toYaml . | nindent 14 }}
+  ports:
+    - port: webhook
+      protocol: TCP
+{{- end }}
+- from:
+    - namespaceSelector:
+        matchExpressions:
+          - key: kubernetes.io/metadata.name
+            operator: In
+            values:
+              - {{ .Release.Namespace }}
+      podSelector:
+        matchLabels:
+          {{- include "meshline.selectorLabels" . | nindent 10 }}
+    {{- with .Values.networkPolicy.metricsFromNamespaces }}
+    - namespaceSelector:
+        matchExpressions:
+          - key: kubernetes.io/metadata.name
+            operator: In
+            values:
+              {{- toYaml . | nindent 14 }}
+    {{- end }}
+    {{- range .Values.networkPolicy.apiServerCIDRs }}
+    - ipBlock:
+        cidr: {{ . | quote }}
+    {{- end }}
+  ports:
+    - port: ops
+      protocol: TCP
+{{- end }}
+
+{{/*
+The controller's own pod labels as `--controller-pod-labels` wants them.
+*/}}
+{{- define "meshline.controllerPodLabelsArg" -}}
+app.kubernetes.io/name={{ include "meshline.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=controller
 {{- end }}

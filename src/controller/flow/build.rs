@@ -2,8 +2,10 @@
 //! inputs give byte-identical objects, which is what lets the apply step skip unchanged objects by hash.
 //!
 //! Objects: the token Secret (only when it does not exist yet), the ConfigMap with the rendered flow, the
-//! ledger PVC (embedded ledger), the Service, the status Service (headless, for the controller's status poll),
-//! the Deployment and the PodDisruptionBudget (replicas > 1). Every
+//! ledger PVC (embedded ledger), the Service (the webhook port only: what an Ingress points at), the status
+//! Service (headless, the operations port only, for the controller's status poll and people's `meshline dlq`),
+//! the Deployment, the PodDisruptionBudget (replicas > 1) and, when the controller runs with
+//! `--flow-network-policies on`, the NetworkPolicy that closes the worker's ports to everyone else. Every
 //! one is owned by the flow (controller owner reference), so deleting the flow deletes them; the ledger PVC only
 //! under `spec.ledger.retentionPolicy: Delete`. Under `Retain` (the default) the PVC has no owner reference and
 //! outlives the flow, and the same flow name re-created finds its ledger again (the PVC's name derives from it).
@@ -23,21 +25,33 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
     VolumeResourceRequirements,
 };
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta, OwnerReference,
+};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    LedgerRetentionPolicy, LedgerType, LookupSource, OwnershipRoster, SyncContract, SyncFlow,
-    WorkerPodSettings,
+    LedgerRetentionPolicy, LedgerType, LookupSource, OwnershipRoster, SourceMode, SyncContract,
+    SyncFlow, WorkerPodSettings,
 };
 use crate::controller::{APPLIED_HASH, CONFIG_HASH, FLOW_LABEL, MANAGED_BY, names};
 use crate::worker::RenderedFlow;
 
-/// The worker's operations and webhook port, named `http` on the container and the Service.
-pub const WORKER_PORT: i32 = 8080;
+/// The worker's webhook port, named [`WEBHOOK_PORT_NAME`] on the container and the Service: the webhook route
+/// and health only, the one port an Ingress may expose.
+pub const WEBHOOK_PORT: i32 = 8080;
+pub const WEBHOOK_PORT_NAME: &str = "webhook";
+/// The worker's operations port, named [`OPS_PORT_NAME`] on the container and the status Service: status,
+/// records, dead letters and holds (all behind the flow's token) and `/metrics`. Cluster-internal.
+pub const OPS_PORT: i32 = 8081;
+pub const OPS_PORT_NAME: &str = "ops";
 pub const CONFIG_KEY: &str = "flow.yaml";
 pub const CONFIG_DIR: &str = "/etc/meshline";
 pub const STATE_DIR: &str = "/var/lib/meshline";
@@ -63,6 +77,10 @@ pub fn worker_name(flow: &str) -> String {
 pub fn status_service_name(flow: &str) -> String {
     names::dns_label(&format!("meshline-{flow}-status"))
 }
+/// The flow's NetworkPolicy.
+pub fn network_policy_name(flow: &str) -> String {
+    names::subdomain(&format!("meshline-{flow}-worker"))
+}
 /// The embedded ledger's PVC.
 pub fn ledger_name(flow: &str) -> String {
     names::subdomain(&format!("meshline-{flow}-ledger"))
@@ -79,6 +97,29 @@ pub struct BuildSettings {
     pub worker_image: String,
     /// `--worker-defaults`: the pod settings of every worker, under each flow's own `spec.worker`.
     pub worker_defaults: WorkerPodSettings,
+    /// `--flow-network-policies on`: each flow gets a NetworkPolicy built from these; `None` builds none.
+    pub network_policy: Option<NetworkPolicySettings>,
+}
+
+/// Who may reach a worker's ports when the controller ships per-flow NetworkPolicies. Egress is not
+/// restricted: a worker calls its CRM, its ERP, its PostgreSQL ledger and DNS, addresses only the flow's
+/// owner knows, so a policy that named them would break flows more often than it protected them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkPolicySettings {
+    /// Namespaces whose pods may reach the webhook port (the ingress controller's), by their
+    /// `kubernetes.io/metadata.name` label. Empty: no one, and a poll-mode flow's webhook port is closed
+    /// regardless.
+    pub webhook_from_namespaces: Vec<String>,
+    /// The controller's namespace and pod labels: the operations port admits the controller's pods.
+    pub controller_namespace: String,
+    pub controller_pod_labels: BTreeMap<String, String>,
+    /// Namespaces whose pods may reach the operations port for `/metrics` (Prometheus'). The rest of the
+    /// port still asks for the flow's token.
+    pub metrics_from_namespaces: Vec<String>,
+    /// CIDRs admitted to the operations port besides the controller: with `--status-via-proxy` the API
+    /// server's pod proxy calls the worker from the control plane's addresses, which no pod selector
+    /// matches.
+    pub api_server_cidrs: Vec<String>,
 }
 
 /// The inputs of the build step.
@@ -103,6 +144,8 @@ pub struct Desired {
     pub status_service: Service,
     pub deployment: Deployment,
     pub pdb: Option<PodDisruptionBudget>,
+    /// Set when the controller ships per-flow NetworkPolicies.
+    pub network_policy: Option<NetworkPolicy>,
     /// Replicas after the embedded-ledger cap and `spec.paused`.
     pub replicas: i32,
     /// Set when `spec.replicas` was lowered to 1 because the ledger is embedded.
@@ -322,9 +365,9 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         spec: Some(ServiceSpec {
             selector: Some(selector(&name)),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: WORKER_PORT,
-                target_port: Some(IntOrString::String("http".into())),
+                name: Some(WEBHOOK_PORT_NAME.into()),
+                port: WEBHOOK_PORT,
+                target_port: Some(IntOrString::String(WEBHOOK_PORT_NAME.into())),
                 protocol: Some("TCP".into()),
                 ..ServicePort::default()
             }]),
@@ -340,9 +383,9 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
             publish_not_ready_addresses: Some(true),
             selector: Some(selector(&name)),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: WORKER_PORT,
-                target_port: Some(IntOrString::String("http".into())),
+                name: Some(OPS_PORT_NAME.into()),
+                port: OPS_PORT,
+                target_port: Some(IntOrString::String(OPS_PORT_NAME.into())),
                 protocol: Some("TCP".into()),
                 ..ServicePort::default()
             }]),
@@ -375,6 +418,12 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         })
     });
 
+    let network_policy = inputs
+        .settings
+        .network_policy
+        .as_ref()
+        .map(|np| stamp(network_policy(flow, &name, np)));
+
     Ok(Desired {
         token_secret,
         config_map,
@@ -383,6 +432,7 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         status_service,
         deployment,
         pdb,
+        network_policy,
         replicas,
         capped,
     })
@@ -419,6 +469,87 @@ pub fn ledger_claim(flow: &SyncFlow) -> PersistentVolumeClaim {
         }),
         ..PersistentVolumeClaim::default()
     })
+}
+
+/// `matchExpressions: kubernetes.io/metadata.name In [namespaces]` (the label the API server sets on every
+/// namespace).
+fn namespaces_named(namespaces: &[String]) -> LabelSelector {
+    LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "kubernetes.io/metadata.name".into(),
+            operator: "In".into(),
+            values: Some(namespaces.to_vec()),
+        }]),
+        ..LabelSelector::default()
+    }
+}
+
+fn tcp_port(name: &str) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        port: Some(IntOrString::String(name.into())),
+        protocol: Some("TCP".into()),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+/// The flow's worker pods admit, on the webhook port, the configured namespaces' pods (a webhook flow only),
+/// and on the operations port the controller's pods, the metrics namespaces' pods and the API server's
+/// CIDRs. Nothing else reaches them. Egress is left open (see [`NetworkPolicySettings`]). The kubelet's
+/// probes come from the node and are not subject to a pod's ingress policy in the usual CNIs.
+fn network_policy(flow: &SyncFlow, name: &str, settings: &NetworkPolicySettings) -> NetworkPolicy {
+    let mut rules = Vec::new();
+    if flow.spec.source.mode == SourceMode::Webhook && !settings.webhook_from_namespaces.is_empty()
+    {
+        rules.push(NetworkPolicyIngressRule {
+            from: Some(vec![NetworkPolicyPeer {
+                namespace_selector: Some(namespaces_named(&settings.webhook_from_namespaces)),
+                ..NetworkPolicyPeer::default()
+            }]),
+            ports: Some(vec![tcp_port(WEBHOOK_PORT_NAME)]),
+        });
+    }
+    let mut ops_from = vec![NetworkPolicyPeer {
+        // One peer with both selectors: the controller's pods in the controller's namespace, not either.
+        namespace_selector: Some(namespaces_named(std::slice::from_ref(
+            &settings.controller_namespace,
+        ))),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(settings.controller_pod_labels.clone()),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    }];
+    if !settings.metrics_from_namespaces.is_empty() {
+        ops_from.push(NetworkPolicyPeer {
+            namespace_selector: Some(namespaces_named(&settings.metrics_from_namespaces)),
+            ..NetworkPolicyPeer::default()
+        });
+    }
+    for cidr in &settings.api_server_cidrs {
+        ops_from.push(NetworkPolicyPeer {
+            ip_block: Some(IPBlock {
+                cidr: cidr.clone(),
+                except: None,
+            }),
+            ..NetworkPolicyPeer::default()
+        });
+    }
+    rules.push(NetworkPolicyIngressRule {
+        from: Some(ops_from),
+        ports: Some(vec![tcp_port(OPS_PORT_NAME)]),
+    });
+    NetworkPolicy {
+        metadata: meta(flow, network_policy_name(name)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector(name)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(rules),
+            egress: None,
+        }),
+    }
 }
 
 fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
@@ -538,7 +669,9 @@ fn deployment(
         "--flow",
         "/etc/meshline/flow.yaml",
         "--listen",
-        "0.0.0.0:8080",
+        &format!("0.0.0.0:{WEBHOOK_PORT}"),
+        "--ops-listen",
+        &format!("0.0.0.0:{OPS_PORT}"),
         "--state-dir",
         STATE_DIR,
         "--secrets-dir",
@@ -549,7 +682,7 @@ fn deployment(
         "0-99",
     ]
     .into_iter()
-    .map(String::from)
+    .map(|a| a.to_string())
     .collect();
     if !config_map_lookups.is_empty() {
         volumes.push(Volume {
@@ -565,10 +698,12 @@ fn deployment(
         args.push(LOOKUPS_DIR.into());
     }
 
+    // Both probes on the webhook port: its readiness is what the Service in front of an Ingress routes by, and
+    // the operations port answers the same health from the same process.
     let probe = |path: &str, delay: i32, period: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
-            port: IntOrString::String("http".into()),
+            port: IntOrString::String(WEBHOOK_PORT_NAME.into()),
             ..HTTPGetAction::default()
         }),
         initial_delay_seconds: Some(delay),
@@ -614,12 +749,20 @@ fn deployment(
                 ..EnvVar::default()
             },
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: WORKER_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(WEBHOOK_PORT_NAME.into()),
+                container_port: WEBHOOK_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some(OPS_PORT_NAME.into()),
+                container_port: OPS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
         liveness_probe: Some(probe("/healthz", 10, 20)),
         readiness_probe: Some(probe("/readyz", 3, 10)),
         resources: Some(resources),

@@ -1,10 +1,13 @@
 //! The SyncFlow reconciler: a flow becomes a token Secret, a ConfigMap with its rendered configuration, a ledger
 //! PVC (embedded ledger), a Service, a headless status Service, a Deployment of `meshline worker` pods and,
-//! above one replica, a PodDisruptionBudget; and its status tells the truth about them and about the worker's
-//! numbers.
+//! above one replica, a PodDisruptionBudget, plus a NetworkPolicy when the controller ships them
+//! (`--flow-network-policies on`); and its status tells the truth about them and about the worker's numbers.
 //!
-//! Apply order: token Secret, ConfigMap, PVC, Service, status Service, Deployment, PodDisruptionBudget — what
-//! the pods mount exists before the pods, and the budget follows the pods it protects.
+//! Apply order: token Secret, ConfigMap, PVC, NetworkPolicy, Service, status Service, Deployment,
+//! PodDisruptionBudget — what the pods mount exists before the pods, the policy guards the pods from their
+//! first start, and the budget follows the pods it protects. With the switch off, a NetworkPolicy the
+//! controller made earlier is an orphan and is deleted (`--flow-network-policies clean-up` keeps the
+//! controller watching them for that, with delete rights only).
 //!
 //! A flow that fails a gate (contract, owner, Secrets, worker pod settings) is not started: no Deployment is
 //! created, an existing one is scaled to zero, and the ledger PVC is never deleted by the controller. Only garbage
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -130,6 +134,11 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         .stores
         .pvcs
         .get(&ObjectRef::new(&build::ledger_name(&name)).within(&ns));
+    let policy_name = build::network_policy_name(&name);
+    let live_policy = ctx
+        .stores
+        .network_policies
+        .get(&ObjectRef::new(&policy_name).within(&ns));
     let (replicas, capped) = if let (true, Some(contract)) =
         (verdict.startable(), verdict.contract.as_ref())
     {
@@ -172,6 +181,15 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             apply::apply(client, pvc, up_to_date(pvc, live_ledger.as_deref()), m).await?;
         } else {
             keep_ledger_ownership(ctx, flow, live_ledger.as_deref()).await?;
+        }
+        if let Some(policy) = &desired.network_policy {
+            apply::apply(
+                client,
+                policy,
+                up_to_date(policy, live_policy.as_deref()),
+                m,
+            )
+            .await?;
         }
         let svc = ctx
             .stores
@@ -228,6 +246,11 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         keep_ledger_ownership(ctx, flow, live_ledger.as_deref()).await?;
         (0, None)
     };
+    // 5. Orphans: a NetworkPolicy made while the switch was on goes when it is off. A flow that is not
+    // started keeps its policy while the switch is on: its pods, scaled to zero, may come back.
+    if ctx.build.network_policy.is_none() && live_policy.is_some() {
+        apply::delete::<NetworkPolicy>(&ctx.client, &ns, &policy_name, &ctx.metrics).await?;
+    }
 
     // 6. Status, only when it changed.
     let observation = ctx

@@ -1,0 +1,208 @@
+//! `meshline dlq`/`meshline hold` against a worker's closed operations API: a person with `get` on the flow's
+//! token Secret needs nothing but `--flow` (the CLI reads the token through the Kubernetes API with their own
+//! kubeconfig), and every way the token cannot be had ends in a message that names the Secret and why, with a
+//! non-zero exit. The API server and the worker are local stand-ins that check what the real ones check: the
+//! person's bearer token and the Secret's path at the API server, the flow's token at the worker.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use axum::extract::Path;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+const PERSON_TOKEN: &str = "person-kube-token";
+const FLOW_TOKEN: &str = "flow-token-from-the-secret";
+const NS: &str = "revenue-sync";
+const FLOW: &str = "won-deals";
+
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        Json(
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}),
+        ),
+    )
+        .into_response()
+}
+
+/// The API server's Secret read: the person's token is required; `locked-down` refuses them `get`.
+async fn secret(Path((ns, name)): Path<(String, String)>, headers: HeaderMap) -> Response {
+    if bearer(&headers) != PERSON_TOKEN {
+        return status(401, "Unauthorized", "Unauthorized");
+    }
+    if ns == "locked-down" {
+        return status(
+            403,
+            "Forbidden",
+            &format!(
+                "secrets \"{name}\" is forbidden: User \"dana\" cannot get resource \"secrets\" in API group \"\" in the namespace \"{ns}\""
+            ),
+        );
+    }
+    if ns != NS || name != format!("meshline-{FLOW}-token") {
+        return status(404, "NotFound", &format!("secrets \"{name}\" not found"));
+    }
+    use base64::Engine;
+    Json(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns},
+        "type": "Opaque",
+        "data": {"token": base64::engine::general_purpose::STANDARD.encode(FLOW_TOKEN)},
+    }))
+    .into_response()
+}
+
+/// The worker's operations port: the dead letters for the flow's token only.
+async fn dead_letters(headers: HeaderMap) -> Response {
+    if bearer(&headers) != FLOW_TOKEN {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "the flow's token is required (Authorization: Bearer <token>)"})),
+        )
+            .into_response();
+    }
+    Json(
+        json!({"items": [{"id": 7, "source_key": "006-A", "dead_letter_reason": "erp:400",
+        "updated_at": "2026-12-01T00:00:00Z"}], "next": 7}),
+    )
+    .into_response()
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+struct Stand {
+    worker: String,
+    kubeconfig: tempfile::NamedTempFile,
+}
+
+async fn stand() -> Stand {
+    let api =
+        serve(Router::new().route("/api/v1/namespaces/{ns}/secrets/{name}", get(secret))).await;
+    let worker = serve(Router::new().route("/dead-letters", get(dead_letters))).await;
+    let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        kubeconfig.path(),
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster:
+    server: http://{api}
+users:
+- name: dana
+  user:
+    token: {PERSON_TOKEN}
+contexts:
+- name: local
+  context:
+    cluster: local
+    user: dana
+    namespace: {NS}
+current-context: local
+"
+        ),
+    )
+    .unwrap();
+    Stand {
+        worker: format!("http://{worker}"),
+        kubeconfig,
+    }
+}
+
+/// Runs `meshline <args>` with the stand's kubeconfig and no token from the test's own environment.
+async fn meshline(stand: &Stand, args: &[&str]) -> (bool, String, String) {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let kubeconfig = stand.kubeconfig.path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_meshline"))
+            .args(&args)
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("MESHLINE_TOKEN")
+            .env_remove("MESHLINE_TOKEN_FILE")
+            .env_remove("MESHLINE_WORKER_URL")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_lists_dead_letters_with_the_token_read_through_their_own_kubeconfig() {
+    let s = stand().await;
+    let (ok, out, err) = meshline(&s, &["dlq", "list", "--url", &s.worker, "--flow", FLOW]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("006-A") && out.contains("erp:400"), "{out}");
+    // The namespace may be named instead of taken from the context.
+    let (ok, _, err) = meshline(
+        &s,
+        &["dlq", "list", "--url", &s.worker, "--flow", FLOW, "-n", NS],
+    )
+    .await;
+    assert!(ok, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_cannot_be_read_is_named_with_its_secret_and_the_reason() {
+    let s = stand().await;
+    let (ok, _, err) = meshline(
+        &s,
+        &["dlq", "list", "--url", &s.worker, "--flow", "other-flow"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("Secret revenue-sync/meshline-other-flow-token not found"),
+        "{err}"
+    );
+    let (ok, _, err) = meshline(
+        &s,
+        &[
+            "dlq",
+            "list",
+            "--url",
+            &s.worker,
+            "--flow",
+            FLOW,
+            "-n",
+            "locked-down",
+        ],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("locked-down/meshline-won-deals-token")
+            && err.contains("`get` on that Secret"),
+        "{err}"
+    );
+    // No token at all: the worker's 401, explained.
+    let (ok, _, err) = meshline(&s, &["dlq", "list", "--url", &s.worker]).await;
+    assert!(
+        !ok && err.contains("HTTP 401") && err.contains("none was given"),
+        "{err}"
+    );
+}
