@@ -216,8 +216,11 @@ fn flows_in(dir: &str) -> Vec<SyncFlow> {
     flows
 }
 
-/// The controller's verdict on each flow the block installs: `(flow, Ok | Err((reason, message)))`.
-fn secret_checks(install: &Install) -> Vec<(String, Result<(), (&'static str, String)>)> {
+/// The controller's Secret check: `Ok`, or `Err((reason, message))`.
+type SecretCheck = Result<(), (&'static str, String)>;
+
+/// The controller's verdict on each flow the block installs, by `namespace/name`.
+fn secret_checks(install: &Install) -> Vec<(String, SecretCheck)> {
     let mut out = Vec::new();
     for dir in &install.applied {
         for flow in flows_in(dir) {
