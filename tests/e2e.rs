@@ -234,7 +234,11 @@ fn assert_pod_monitor_scrapes(deployment: &Deployment) {
     let pod = deployment.spec.as_ref().unwrap().template.clone();
     let labels = pod.metadata.unwrap().labels.unwrap_or_default();
     for (k, v) in &selector {
-        assert_eq!(labels.get(k), Some(v), "worker pod label {k} (PodMonitor selector)");
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "worker pod label {k} (PodMonitor selector)"
+        );
     }
     let ports: Vec<String> = pod
         .spec
