@@ -13,15 +13,20 @@ FROM rust:${RUST_VERSION}-bookworm AS builder
 WORKDIR /build
 
 # Dependency layer: compile every dependency against stub sources, so that this
-# layer is reused until Cargo.toml or Cargo.lock change.
+# layer is reused until Cargo.toml or Cargo.lock change. Cargo refuses a manifest
+# whose declared targets (the binary, the library, every bench) have no source
+# file, so the stubs are derived from Cargo.toml by scripts/cargo-target-stubs:
+# a new bench never breaks this stage again (tests/dockerfile.rs replays it).
+# .cargo/config.toml sets build environment (the bundled SQLite's flags); without
+# it here, the application layer would rebuild those dependencies.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/contract.rs \
+COPY .cargo .cargo
+COPY scripts/cargo-target-stubs scripts/
+RUN sh scripts/cargo-target-stubs Cargo.toml > .target-stubs \
     && cargo fetch --locked \
     && cargo build --release --locked --bin meshline \
-    && rm -rf src benches \
+    && xargs rm -f < .target-stubs \
+    && rm -rf .target-stubs \
         target/release/meshline target/release/meshline.d \
         target/release/deps/meshline-* target/release/deps/libmeshline-* \
         target/release/.fingerprint/meshline-*

@@ -10,25 +10,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     meshline::worker::allocator::configure();
-    init_logging();
+    // Structured logs: JSON lines with `MESHLINE_LOG_FORMAT=json` (in the cluster), see `cli::logging`.
+    meshline::cli::logging::init();
     meshline::cli::run(meshline::cli::Cli::parse())
-}
-
-/// Structured logs: JSON lines when `MESHLINE_LOG_FORMAT=json` (in the cluster), readable text otherwise;
-/// the level comes from `RUST_LOG` (default `info`). Logs go to stderr so command output stays clean.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("MESHLINE_LOG_FORMAT").as_deref() == Ok("json") {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
-    } else {
-        builder.init();
-    }
 }

@@ -282,6 +282,52 @@ fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
     })
 }
 
+/// The chart's worker PodMonitor (charts/meshline/templates/podmonitor.yaml) finds the pods of a Deployment the
+/// controller really made: its selector's labels are on the pod template and its port is a named port of the
+/// worker container. The template is read as text (its selector and port are literal, not templated).
+fn assert_pod_monitor_scrapes(deployment: &Deployment) {
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/meshline/templates/podmonitor.yaml"
+    ))
+    .unwrap();
+    let mut lines = template.lines().skip_while(|l| l.trim() != "matchLabels:");
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let first = lines.nth(1).expect("the PodMonitor has matchLabels");
+    let selector: Vec<(String, String)> = std::iter::once(first)
+        .chain(lines.take_while(|l| indent(l) == indent(first)))
+        .map(|l| {
+            let (k, v) = l.trim().split_once(": ").expect("key: value");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    let port = template
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- port: "))
+        .expect("the PodMonitor names a port");
+    let pod = deployment.spec.as_ref().unwrap().template.clone();
+    let labels = pod.metadata.unwrap().labels.unwrap_or_default();
+    for (k, v) in &selector {
+        assert_eq!(
+            labels.get(k),
+            Some(v),
+            "worker pod label {k} (PodMonitor selector)"
+        );
+    }
+    let ports: Vec<String> = pod
+        .spec
+        .unwrap()
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| p.name.clone())
+        .collect();
+    assert!(
+        ports.iter().any(|p| p == port),
+        "the PodMonitor scrapes port {port}; the worker's named ports are {ports:?}"
+    );
+}
+
 #[tokio::test]
 #[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
 async fn flow_lifecycle_creates_pauses_and_cleans_up() {
@@ -337,6 +383,7 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         .await;
         assert!(owned_by(&d.metadata, &uid));
         assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+        assert_pod_monitor_scrapes(&d);
         let s = eventually("the Service", || async {
             services.get_opt(&worker).await.ok().flatten()
         })

@@ -345,13 +345,19 @@ async fn metrics_text(h: &Harness) -> String {
 /// The counter `name` (without the `_total` suffix) from the worker's `/metrics`.
 async fn metric(h: &Harness, name: &str) -> f64 {
     let text = metrics_text(h).await;
-    let line = format!("meshline_{name}_total ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&line))
+    sample(&text, &format!("meshline_{name}_total"))
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
+}
+
+/// The value of the series `name` in an exposition, whatever its labels (every worker series carries the
+/// flow's labels).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -719,14 +725,17 @@ async fn operations_endpoints_answer() {
     h.wait_for("delivered", |s| counter(s, "delivered") == 5)
         .await;
     let metrics = metrics_text(&h).await;
-    for name in [
-        "meshline_records_received_total 5",
-        "meshline_records_delivered_total 5",
-        "meshline_delivery_duration_seconds_bucket",
-        "meshline_queue_depth 0",
+    for (name, value) in [
+        ("meshline_records_received_total", 5.0),
+        ("meshline_records_delivered_total", 5.0),
+        ("meshline_queue_depth", 0.0),
     ] {
-        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+        assert_eq!(sample(&metrics, name), Some(value), "{name} in:\n{metrics}");
     }
+    assert!(
+        metrics.contains("meshline_delivery_duration_seconds_bucket"),
+        "{metrics}"
+    );
     let missing = h
         .http
         .get(h.url("/records/999999"))

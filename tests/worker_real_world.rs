@@ -446,11 +446,15 @@ fn disk_problem(status: &Value) -> Option<Value> {
         .cloned()
 }
 
+/// The value of the series `name`, whatever its labels (every worker series carries the flow's labels).
 fn gauge(metrics: &str, name: &str) -> Option<f64> {
     metrics
         .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod contract;
 pub mod controller;
 mod dev;
+pub mod logging;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.

@@ -381,6 +381,7 @@ impl PostgresLedger {
                             id: RecordId(*id),
                             stored,
                             incoming,
+                            correlation_id: item.correlation_id.clone(),
                         });
                         continue;
                     }
@@ -391,7 +392,10 @@ impl PostgresLedger {
                         json!({"payload_hash": item.hash}).to_string(),
                         correlation_id.clone(),
                     );
-                    outcomes[index] = Some(IngestOutcome::Duplicate { id: RecordId(*id) });
+                    outcomes[index] = Some(IngestOutcome::Duplicate {
+                        id: RecordId(*id),
+                        correlation_id: correlation_id.clone(),
+                    });
                 }
             }
             if !payload_ids.is_empty() {

@@ -459,12 +459,16 @@ impl SqliteLedger {
                                 id: RecordId(id),
                                 stored,
                                 incoming,
+                                correlation_id: item.correlation_id,
                             });
                         } else {
                             // A webhook retry or an overlapping poll: note it, store nothing new.
                             let detail = json!({"payload_hash": item.hash}).to_string();
                             lineage.add(id, generation, "duplicate", detail, &correlation_id);
-                            outcomes.push(IngestOutcome::Duplicate { id: RecordId(id) });
+                            outcomes.push(IngestOutcome::Duplicate {
+                                id: RecordId(id),
+                                correlation_id,
+                            });
                         }
                     }
                     let payload_rows: Vec<[&dyn rusqlite::ToSql; 2]> = payloads

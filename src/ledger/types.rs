@@ -262,8 +262,12 @@ pub enum IngestOutcome {
         generation: i64,
         correlation_id: String,
     },
-    /// Same key, same payload hash: nothing new was stored.
-    Duplicate { id: RecordId },
+    /// Same key, same payload hash: nothing new was stored. The correlation id is the stored record's (the
+    /// one its lineage and logs already carry).
+    Duplicate {
+        id: RecordId,
+        correlation_id: String,
+    },
     /// Same key, changed payload, but an ordering value older than the stored revision's: a late revision.
     /// Recorded in the lineage (step `stale`) and counted; the stored payload stays current and nothing is
     /// delivered.
@@ -271,6 +275,8 @@ pub enum IngestOutcome {
         id: RecordId,
         stored: i64,
         incoming: i64,
+        /// The late revision's own correlation id, as its `stale` lineage event records it.
+        correlation_id: String,
     },
 }
 
@@ -279,8 +285,28 @@ impl IngestOutcome {
         match self {
             IngestOutcome::Received { id, .. }
             | IngestOutcome::Updated { id, .. }
-            | IngestOutcome::Duplicate { id }
+            | IngestOutcome::Duplicate { id, .. }
             | IngestOutcome::Stale { id, .. } => *id,
+        }
+    }
+
+    /// The correlation id the record's lineage event for this outcome carries.
+    pub fn correlation_id(&self) -> &str {
+        match self {
+            IngestOutcome::Received { correlation_id, .. }
+            | IngestOutcome::Updated { correlation_id, .. }
+            | IngestOutcome::Duplicate { correlation_id, .. }
+            | IngestOutcome::Stale { correlation_id, .. } => correlation_id,
+        }
+    }
+
+    /// The outcome's name in logs: the lineage step it wrote.
+    pub fn label(&self) -> &'static str {
+        match self {
+            IngestOutcome::Received { .. } => "received",
+            IngestOutcome::Updated { .. } => "updated",
+            IngestOutcome::Duplicate { .. } => "duplicate",
+            IngestOutcome::Stale { .. } => "stale",
         }
     }
 }

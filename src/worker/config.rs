@@ -124,4 +124,13 @@ impl RenderedFlow {
     pub fn flow_name(&self) -> String {
         self.flow.metadata.name.clone().unwrap_or_default()
     }
+
+    /// The flow's namespace; `default` for manifests that name none, as `kubectl apply` would place them.
+    pub fn flow_namespace(&self) -> String {
+        self.flow
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string())
+    }
 }

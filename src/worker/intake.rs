@@ -6,6 +6,10 @@
 //! whole worker and let intake crowd out delivery. So concurrent `accept` calls queue their records, and
 //! whichever call gets the commit lock writes everything queued in one transaction and answers every caller
 //! with its own outcomes. Each caller still returns only once its records are durable.
+//!
+//! **Logs.** Each stored batch (a group commit, a poll page) is one `info` line with its counts; each record
+//! in it one `debug` line with its outcome and its `correlation_id`, the one its lineage carries, so a
+//! record can be followed through the worker's logs from intake to delivery.
 
 use std::sync::{Arc, Mutex};
 
@@ -130,6 +134,13 @@ impl LedgerIntake {
     fn receipt(&self, outcomes: &[IngestOutcome]) -> IntakeReceipt {
         let mut receipt = IntakeReceipt::default();
         for outcome in outcomes {
+            tracing::debug!(
+                flow = %self.pipeline.flow,
+                record = %outcome.id(),
+                correlation_id = outcome.correlation_id(),
+                outcome = outcome.label(),
+                "record ingested"
+            );
             match outcome {
                 IngestOutcome::Duplicate { .. } => receipt.duplicates += 1,
                 IngestOutcome::Updated { .. } => receipt.updates += 1,
@@ -170,6 +181,7 @@ impl Intake for LedgerIntake {
             .await
             .map_err(|e| IntakeError(e.to_string()))?;
         self.pipeline.metrics.intake_commits.inc();
+        log_batch(&self.pipeline.flow, &outcomes, "poll page");
         Ok(self.receipt(&outcomes))
     }
 
@@ -247,6 +259,7 @@ async fn commit_group(pipeline: &Pipeline, group: Vec<Waiting>) {
     };
     match stored {
         Ok(outcomes) if outcomes.len() == sizes.iter().sum::<usize>() => {
+            log_batch(&pipeline.flow, &outcomes, "webhook group");
             let mut outcomes = outcomes.into_iter();
             for (size, reply) in sizes.into_iter().zip(replies) {
                 // A caller that went away is not answered; its records are stored all the same.
@@ -272,4 +285,20 @@ async fn commit_group(pipeline: &Pipeline, group: Vec<Waiting>) {
             }
         }
     }
+}
+
+/// The `info` line of one stored batch: how many records of each outcome (the records' own lines are
+/// `debug`, see the module doc).
+fn log_batch(flow: &str, outcomes: &[IngestOutcome], batch: &str) {
+    let count = |label: &str| outcomes.iter().filter(|o| o.label() == label).count();
+    tracing::info!(
+        flow = %flow,
+        batch,
+        records = outcomes.len(),
+        received = count("received"),
+        updated = count("updated"),
+        duplicate = count("duplicate"),
+        stale = count("stale"),
+        "records stored in the ledger"
+    );
 }

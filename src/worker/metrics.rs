@@ -1,5 +1,9 @@
 //! The worker's Prometheus metrics. Counters count events seen by this process; the durable totals that
 //! survive restarts are on `/status`, computed from the ledger.
+//!
+//! Every series carries the flow and its namespace as labels (constant labels of the registry), so the
+//! workers of many flows scraped by one PodMonitor stay apart in Prometheus and a dashboard or alert can
+//! select one flow without knowing its pods.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,15 +50,21 @@ pub struct Metrics {
     pub payloads_purged: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// The label names every worker series carries.
+pub const FLOW_LABEL: &str = "flow";
+pub const NAMESPACE_LABEL: &str = "namespace";
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("meshline");
+    /// The metrics of the worker of flow `flow` in namespace `namespace`.
+    pub fn new(namespace: &str, flow: &str) -> Metrics {
+        let mut registry = Registry::with_prefix_and_labels(
+            "meshline",
+            [
+                (NAMESPACE_LABEL.into(), namespace.to_string().into()),
+                (FLOW_LABEL.into(), flow.to_string().into()),
+            ]
+            .into_iter(),
+        );
         let received = Counter::default();
         let duplicates = Counter::default();
         let stale = Counter::default();

@@ -256,7 +256,7 @@ impl Worker {
             )),
             None => None,
         };
-        let metrics = Arc::new(metrics::Metrics::new());
+        let metrics = Arc::new(metrics::Metrics::new(&rendered.flow_namespace(), &flow));
         let problems = Arc::new(problems::Problems::default());
         let disk = match &target {
             LedgerTarget::Sqlite(_) => Some(disk::DiskGuard::new(

@@ -7,6 +7,10 @@
 //! never be completed twice. The sink upserts by external id, so the one window that remains — the ERP
 //! accepted a delivery and the worker died before recording it — re-delivers the same upsert, which leaves
 //! the ERP unchanged.
+//!
+//! Logs: every batch of recorded outcomes is one `info` line with its counts, every record in it a `debug`
+//! line with its outcome and `correlation_id`; any other event about one record carries its
+//! `correlation_id` too, so `jq 'select(.correlation_id == …)'` follows a record through the worker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +30,12 @@ use crate::contract::{
 use crate::ledger::{
     BucketSet, ClaimedRecord, Completion, LeaseRequest, Ledger, NewLineageEvent, Outcome,
 };
+
+/// A record's outcome on its way to the ledger, with the correlation id its log lines carry.
+struct Done {
+    completion: Completion,
+    correlation_id: String,
+}
 
 /// Tuning of the pipeline that is not part of the flow's policy.
 #[derive(Debug, Clone)]
@@ -210,7 +220,7 @@ impl Pipeline {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let concurrency = self.policy.concurrency.max(1) as usize;
         let slots = Arc::new(Semaphore::new(concurrency));
-        let (done_tx, done_rx) = mpsc::channel::<Completion>(self.options.complete_batch * 4);
+        let (done_tx, done_rx) = mpsc::channel::<Done>(self.options.complete_batch * 4);
         let completer = tokio::spawn(self.clone().completer(done_rx));
         let keeper = self
             .shared_slots
@@ -289,10 +299,16 @@ impl Pipeline {
                 let me = self.clone();
                 let done = done_tx.clone();
                 tasks.spawn(async move {
+                    let correlation_id = record.correlation_id.clone();
                     let completion = me.process(record).await;
                     drop(permit);
                     // The completer outlives every task; a send error means shutdown already gave up on us.
-                    let _ = done.send(completion).await;
+                    let _ = done
+                        .send(Done {
+                            completion,
+                            correlation_id,
+                        })
+                        .await;
                 });
             }
         }
@@ -304,9 +320,12 @@ impl Pipeline {
             std::mem::take(&mut *handed)
         };
         for record in handed {
-            let released = Completion {
-                claim: record.claim,
-                outcome: Outcome::Released { not_before: None },
+            let released = Done {
+                completion: Completion {
+                    claim: record.claim,
+                    outcome: Outcome::Released { not_before: None },
+                },
+                correlation_id: record.correlation_id,
             };
             let _ = done_tx.send(released).await;
         }
@@ -333,7 +352,7 @@ impl Pipeline {
     }
 
     /// Writes completions in batches: one transaction for many records.
-    async fn completer(self: Arc<Self>, mut rx: mpsc::Receiver<Completion>) {
+    async fn completer(self: Arc<Self>, mut rx: mpsc::Receiver<Done>) {
         let mut batch = Vec::with_capacity(self.options.complete_batch);
         loop {
             let Some(first) = rx.recv().await else { break };
@@ -351,20 +370,19 @@ impl Pipeline {
         self.flush(&mut batch).await;
     }
 
-    async fn flush(&self, batch: &mut Vec<Completion>) {
+    async fn flush(&self, batch: &mut Vec<Done>) {
         if batch.is_empty() {
             return;
         }
-        let completions = std::mem::take(batch);
+        let (completions, correlation_ids): (Vec<Completion>, Vec<String>) = std::mem::take(batch)
+            .into_iter()
+            .map(|d| (d.completion, d.correlation_id))
+            .unzip();
         let mut attempt = 0u32;
         loop {
             match self.ledger.complete_batch(completions.clone()).await {
                 Ok(results) => {
-                    for (c, r) in completions.iter().zip(results) {
-                        if r != crate::ledger::CompletionResult::Applied {
-                            tracing::info!(flow = %self.flow, record = %c.claim.id, result = ?r, "completion refused; another owner or a newer payload took over");
-                        }
-                    }
+                    self.log_recorded(&completions, &correlation_ids, &results);
                     return;
                 }
                 Err(e) => {
@@ -380,6 +398,57 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// The log lines of a recorded batch of outcomes (see the module doc).
+    fn log_recorded(
+        &self,
+        completions: &[Completion],
+        correlation_ids: &[String],
+        results: &[crate::ledger::CompletionResult],
+    ) {
+        let mut counts = [0usize; 5];
+        let mut refused = 0;
+        for ((c, correlation_id), r) in completions.iter().zip(correlation_ids).zip(results) {
+            if *r != crate::ledger::CompletionResult::Applied {
+                refused += 1;
+                tracing::info!(flow = %self.flow, record = %c.claim.id, correlation_id, outcome = c.outcome.step(), result = ?r, "completion refused; another owner or a newer payload took over");
+                continue;
+            }
+            let (index, class, detail) = match &c.outcome {
+                Outcome::Delivered => (0, None, None),
+                Outcome::RetryScheduled { class, .. } => (1, Some(class.label()), None),
+                Outcome::DeadLettered { class, reason, .. } => {
+                    (2, Some(class.label()), Some(reason.as_str()))
+                }
+                Outcome::Held { rule, .. } => (3, None, Some(rule.as_str())),
+                Outcome::Released { .. } => (4, None, None),
+            };
+            counts[index] += 1;
+            // The reason key and the rule name only: messages may quote the record's values.
+            tracing::debug!(
+                flow = %self.flow,
+                record = %c.claim.id,
+                correlation_id,
+                generation = c.claim.generation,
+                outcome = c.outcome.step(),
+                error_class = class,
+                reason = detail,
+                "record outcome recorded"
+            );
+        }
+        let [delivered, retry_scheduled, dead_lettered, held, released] = counts;
+        tracing::info!(
+            flow = %self.flow,
+            records = completions.len(),
+            delivered,
+            retry_scheduled,
+            dead_lettered,
+            held,
+            released,
+            refused,
+            "outcomes recorded in the ledger"
+        );
     }
 
     /// Closes the breaker when the ERP answers a probe.
@@ -473,7 +542,7 @@ impl Pipeline {
                         detail: serde_json::to_value(&warnings).unwrap_or_default(),
                     }];
                     if let Err(e) = self.ledger.append_lineage(events).await {
-                        tracing::warn!(flow = %self.flow, error = %e, "lineage write failed");
+                        tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "lineage write failed");
                     }
                 }
                 self.deliver(record, &payload, external_id.as_str()).await
@@ -540,7 +609,7 @@ impl Pipeline {
             Ok(Some(detail)) => detail,
             Ok(None) => return 0,
             Err(e) => {
-                tracing::warn!(flow = %self.flow, record = %record.claim.id, error = %e, "cannot read the lineage to count deadline overruns; retrying");
+                tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "cannot read the lineage to count deadline overruns; retrying");
                 return 0;
             }
         };
@@ -605,7 +674,7 @@ impl Pipeline {
                 match tokio::time::timeout(self.options.lease / 4, slots.acquire()).await {
                     Ok(Ok(slot)) => Some(slot),
                     Ok(Err(e)) => {
-                        tracing::warn!(flow = %self.flow, error = %e, "no delivery slot (ledger error); the record waits");
+                        tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "no delivery slot (ledger error); the record waits");
                         return Outcome::Released {
                             not_before: Some(Utc::now() + chrono::Duration::seconds(1)),
                         };
@@ -671,7 +740,7 @@ impl Pipeline {
         match e.class {
             ErrorClass::Transient => {
                 if self.breaker.transient_failure(&e.message) {
-                    tracing::warn!(flow = %self.flow, error = %e, "every delivery is failing; circuit breaker opened");
+                    tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "every delivery is failing; circuit breaker opened");
                 }
                 let attempts = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
                 if attempts >= self.policy.max_attempts {
@@ -713,7 +782,7 @@ impl Pipeline {
             }
             ErrorClass::FlowLevel | ErrorClass::Config => {
                 if self.breaker.open(e.message.clone()) {
-                    tracing::warn!(flow = %self.flow, error = %e, "flow-level failure; circuit breaker opened, records wait");
+                    tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "flow-level failure; circuit breaker opened, records wait");
                 }
                 Outcome::Released { not_before: None }
             }

@@ -39,7 +39,10 @@ APP_VERSION = "0.1.0"
 DEFAULT_IMAGE = f"ghcr.io/meshline/meshline:{APP_VERSION}"
 
 # Kinds that are not in the Kubernetes schemas; skipped explicitly (and only these).
-NOT_IN_KUBERNETES_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NOT_IN_KUBERNETES_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+}
 
 # Value sets rendered by the tests. Each one must lint cleanly and validate.
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -374,7 +377,8 @@ def test_every_manifest_validates_against_kubernetes_strict(scenario: str) -> No
     assert validated + skipped == len(objects)
     assert validated >= 4  # at least Deployment, Service, leader-election Role and RoleBinding
     expects_monitor = SCENARIOS[scenario].get("serviceMonitor", {}).get("enabled", False)
-    assert skipped == (1 if expects_monitor else 0)
+    # The controller's ServiceMonitor and the workers' PodMonitor.
+    assert skipped == (2 if expects_monitor else 0)
 
 
 def test_strict_validation_really_catches_mistakes() -> None:
@@ -721,6 +725,69 @@ def test_service_monitor_when_enabled() -> None:
     monitor = one(render({"serviceMonitor": {"enabled": True}}), "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["interval"] == "30s"
     assert "scrapeTimeout" not in monitor["spec"]["endpoints"][0]
+
+
+# Labels every worker pod carries (src/controller/flow/build.rs `labels`; MANAGED_BY in src/controller/mod.rs).
+WORKER_POD_LABELS = {
+    "app.kubernetes.io/name": "meshline-worker",
+    "app.kubernetes.io/component": "worker",
+    "app.kubernetes.io/part-of": "meshline",
+    "app.kubernetes.io/managed-by": "meshline-controller",
+}
+
+
+def worker_ops_port_name() -> str:
+    """The operations port's name on worker pods, as src/controller/flow/build.rs declares it."""
+    source = (Path(__file__).resolve().parents[2] / "src/controller/flow/build.rs").read_text()
+    match = re.search(r'pub const OPS_PORT_NAME: &str = "([^"]+)";', source)
+    assert match, "build.rs declares OPS_PORT_NAME"
+    return match.group(1)
+
+
+def test_pod_monitor_off_by_default() -> None:
+    assert by_kind(render(), "PodMonitor") == []
+    # The switch is the controller's: no PodMonitor without the ServiceMonitor, and none without the other.
+    for scenario in SCENARIOS.values():
+        enabled = scenario.get("serviceMonitor", {}).get("enabled", False)
+        objects = render(scenario)
+        assert len(by_kind(objects, "PodMonitor")) == len(by_kind(objects, "ServiceMonitor")) == int(enabled)
+
+
+def test_pod_monitor_scrapes_every_flows_workers() -> None:
+    objects = render(SCENARIOS["service-monitor"])
+    monitor = one(objects, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["name"] == f"{RELEASE}-workers"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # Workers run in the flows' namespaces, not the chart's: all of them when the controller watches all.
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+    assert monitor["spec"]["selector"] == {"matchLabels": WORKER_POD_LABELS}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint == {
+        # /metrics is served on the worker's operations port, named in the controller's build step.
+        "port": worker_ops_port_name(),
+        "path": "/metrics",
+        "scheme": "http",
+        # The worker's own flow and namespace labels are kept as they are.
+        "honorLabels": True,
+        "interval": "15s",
+        "scrapeTimeout": "10s",
+    }
+    # The controller's own pods are not workers: the two monitors never select the same pods.
+    controller_pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert not WORKER_POD_LABELS.items() <= controller_pod_labels.items()
+
+
+def test_pod_monitor_follows_the_watched_namespace_and_defaults() -> None:
+    monitor = one(render({"watchNamespace": "tenant-a", "serviceMonitor": {"enabled": True}}), "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["tenant-a"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["interval"] == "30s"
+    assert "scrapeTimeout" not in endpoint
+    # fullnameOverride names it too.
+    monitor = one(render({"fullnameOverride": "ml", "serviceMonitor": {"enabled": True}}), "PodMonitor")
+    assert monitor["metadata"]["name"] == "ml-workers"
 
 
 def test_service_account() -> None:
