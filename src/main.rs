@@ -11,6 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     meshline::worker::allocator::configure();
     // Structured logs: JSON lines with `MESHLINE_LOG_FORMAT=json` (in the cluster), see `cli::logging`.
-    meshline::cli::logging::init();
-    meshline::cli::run(meshline::cli::Cli::parse())
+    let cli = meshline::cli::Cli::parse();
+    meshline::cli::logging::init(cli.default_log_filter());
+    meshline::cli::run(cli)
 }

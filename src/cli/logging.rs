@@ -1,5 +1,6 @@
 //! The process's log subscriber, shared by every role: JSON lines in the cluster (`MESHLINE_LOG_FORMAT=json`),
-//! readable text otherwise, filtered by `RUST_LOG` (default `info`), written to stderr so command output
+//! readable text otherwise, filtered by `RUST_LOG` (default `info`; `meshline dev`
+//! leaves out the per-batch lines, see [`crate::cli::Cli::default_log_filter`]), written to stderr so command output
 //! stays clean.
 //!
 //! In JSON, an event's fields sit at the top level of its line (`flatten_event`), beside `timestamp`,
@@ -10,9 +11,9 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the subscriber for this process.
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the subscriber for this process; `default` is the filter when `RUST_LOG` is not set.
+pub fn init(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     if std::env::var("MESHLINE_LOG_FORMAT").as_deref() == Ok("json") {
         // `init` also routes the `log` crate's records (some dependencies use it) into the subscriber.
         json(filter, std::io::stderr).init();

@@ -19,6 +19,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The log filter when `RUST_LOG` is not set. `meshline dev` prints its own summary on a terminal, and a
+    /// worker's `info` line per stored batch and per batch of outcomes (what a cluster's log pipeline wants)
+    /// would bury it, so there the worker's intake and pipeline say only warnings.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Dev(_) => "info,meshline::worker::intake=warn,meshline::worker::pipeline=warn",
+            _ => "info",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the CustomResourceDefinitions, or write them to a directory.
