@@ -141,3 +141,129 @@ async fn a_restarted_replica_reclaims_the_slots_its_killed_process_held() {
         [3]
     );
 }
+
+/// A claim whose snapshot predates the ingest of a newer generation, but which reaches that record only after
+/// the ingest committed, leases the newer generation (PostgreSQL locks the newest version of a row) and must
+/// hand it over with that generation's payload, not the older one its snapshot saw: otherwise the worker
+/// delivers the older revision as the newer one and the ERP keeps it. (SQLite claims under its one write
+/// lock, so an ingest cannot commit in the middle of a claim there.)
+///
+/// The interleaving is forced without timing: a trigger makes the claim wait on an advisory lock the test
+/// holds when it leases the record it reaches first (`gate`), after its snapshot was taken and before it
+/// locks the second record (`late`), and the newer revision of `late` is ingested meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_hands_over_the_payload_of_the_generation_it_leased() {
+    use meshline::ledger::{BucketSet, IngestOutcome, LedgerTarget};
+    use serde_json::json;
+    use sqlx::Connection;
+    use support::ledger_suite::{LEASE, record};
+
+    const GATE: i64 = 7203;
+    let fixture = Fixture::postgres();
+    let clock = support::ledger_suite::clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(vec![
+            record("gate", json!({"revision": 1})),
+            record("late", json!({"revision": 1})),
+        ])
+        .await
+        .unwrap();
+    fixture
+        .execute(&format!(
+            "CREATE FUNCTION wait_at_gate() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END $$; \
+             CREATE TRIGGER wait_at_gate BEFORE UPDATE ON records FOR EACH ROW \
+             WHEN (NEW.source_key = 'gate' AND NEW.state = 'delivering') EXECUTE FUNCTION wait_at_gate();"
+        ))
+        .await;
+    let LedgerTarget::Postgres(url) = &fixture.target else {
+        unreachable!("a PostgreSQL fixture")
+    };
+    let mut gate = sqlx::PgConnection::connect(url).await.unwrap();
+    const AT_THE_GATE: &str = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'";
+    const ON_A_ROW: &str = "SELECT count(*) FROM pg_stat_activity \
+        WHERE wait_event_type = 'Lock' AND wait_event IN ('transactionid', 'tuple')";
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(GATE)
+        .execute(&mut gate)
+        .await
+        .unwrap();
+
+    let claimer = ledger.clone();
+    let claim = tokio::spawn(async move {
+        claimer
+            .claim("worker-a", &BucketSet::all(), 10, LEASE)
+            .await
+            .expect("claim")
+    });
+    while sqlx::query_scalar::<_, i64>(AT_THE_GATE)
+        .fetch_one(&mut gate)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(!claim.is_finished(), "the claim passed the gate");
+        tokio::task::yield_now().await;
+    }
+
+    let ingester = ledger.clone();
+    let ingest = tokio::spawn(async move {
+        ingester
+            .ingest(vec![record("late", json!({"revision": 2}))])
+            .await
+            .expect("ingest")
+    });
+    while !ingest.is_finished() {
+        // Should the claim have locked `late` before leasing `gate` (another plan), the ingest waits for the
+        // claim, which waits for the gate: open it, and say the test could not force its interleaving.
+        let blocked = sqlx::query_scalar::<_, i64>(ON_A_ROW)
+            .fetch_one(&mut gate)
+            .await
+            .unwrap();
+        if blocked > 0 {
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(GATE)
+                .execute(&mut gate)
+                .await
+                .unwrap();
+            panic!(
+                "the claim locked `late` before it reached the gate; the interleaving was not forced"
+            );
+        }
+        tokio::task::yield_now().await;
+    }
+    let outcome = ingest.await.unwrap();
+    assert!(
+        matches!(outcome[..], [IngestOutcome::Updated { generation: 2, .. }]),
+        "the newer revision is stored while the claim waits: {outcome:?}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(GATE)
+        .execute(&mut gate)
+        .await
+        .unwrap();
+
+    let claimed = claim.await.unwrap();
+    let handed: Vec<(String, i64, i64)> = claimed
+        .iter()
+        .map(|c| {
+            let payload: serde_json::Value = serde_json::from_str(&c.payload).unwrap();
+            (
+                c.source_key.clone(),
+                c.claim.generation,
+                payload["revision"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        handed.iter().any(|(key, _, _)| key == "late"),
+        "the claim leased `late` too: {handed:?}"
+    );
+    for (key, generation, revision) in &handed {
+        assert_eq!(
+            generation, revision,
+            "{key}: generation {generation} leased with revision {revision}'s payload (all: {handed:?})"
+        );
+    }
+}

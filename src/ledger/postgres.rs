@@ -678,8 +678,14 @@ impl Ledger for PostgresLedger {
         let now = self.clock.now_ms();
         let expires = now.saturating_add(lease);
         let bucket_list: Vec<i64> = buckets.iter().map(i64::from).collect();
-        // One statement: lock the due rows (skipping those another replica holds), lease them, and write
-        // their "claimed" lineage. Data-modifying CTEs run exactly once whether or not they are read.
+        // Two statements in one transaction. The first locks the due rows (skipping those another replica
+        // holds), leases them and writes their "claimed" lineage; data-modifying CTEs run exactly once whether
+        // or not they are read. It must not read the payloads: it reads everything from its snapshot, except
+        // that a row whose update committed after the snapshot is locked and leased in its newest version, so
+        // an ingest committing mid-claim would have the newer generation leased with the older payload, and
+        // the worker would deliver the old revision as the new one. The second statement reads the leased
+        // records and payloads under a fresh snapshot while the rows stay locked (an ingest writes the row
+        // before the payload and waits for the lock), so each generation comes with its own payload.
         let sql = format!(
             "WITH due AS ( \
                SELECT id, state AS previous_state, lease_owner AS previous_owner FROM records \
@@ -692,26 +698,40 @@ impl Ledger for PostgresLedger {
                state = 'delivering', lease_owner = $5, lease_expires_at = $6, next_attempt_at = $6, \
                fence = r.fence + 1, attempts = r.attempts + 1, updated_at = $3 \
                FROM due WHERE r.id = due.id \
-               RETURNING r.*, due.previous_state, due.previous_owner), \
+               RETURNING r.id, r.generation, r.fence, r.attempts, r.correlation_id, due.previous_state, \
+               due.previous_owner), \
              lineage_rows AS ( \
                INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
                SELECT id, generation, $3, 'claimed', json_build_object('worker', $5::text, 'fence', fence, \
                'attempt', attempts, 'lease_expires_at', $6::bigint, 'taken_over_from', \
                CASE WHEN previous_state = 'delivering' THEN previous_owner END)::text, correlation_id \
                FROM claimed) \
-             SELECT {RECORD_COLUMNS} FROM claimed r JOIN payloads p ON p.record_id = r.id \
-             ORDER BY r.next_attempt_at, r.id"
+             SELECT id FROM claimed"
         );
-        let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
+        let mut tx = self.pool.begin().await.map_err(self.db("claim", None))?;
+        let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(&self.flow)
             .bind(&bucket_list)
             .bind(now)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .bind(worker)
             .bind(expires)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(self.db("claim", None))?;
+        if ids.is_empty() {
+            tx.commit().await.map_err(self.db("claim commit", None))?;
+            return Ok(Vec::new());
+        }
+        let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {RECORD_COLUMNS} FROM records r JOIN payloads p ON p.record_id = r.id \
+             WHERE r.id = ANY($1) ORDER BY r.next_attempt_at, r.id"
+        )))
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("claim read", None))?;
+        tx.commit().await.map_err(self.db("claim commit", None))?;
         rows.into_iter().map(RecordRow::into_claimed).collect()
     }
 
