@@ -521,7 +521,7 @@ fn print_list(v: &Value, what: &str) {
             .unwrap_or("-");
         println!(
             "{:<8} {:<24} {:<40} {}",
-            i["id"],
+            i["id"].to_string(),
             i["source_key"].as_str().unwrap_or("-"),
             reason,
             i["updated_at"].as_str().unwrap_or("-")

@@ -136,6 +136,12 @@ impl fmt::Display for Report {
             )?;
         }
         if let Some(first) = self.explained.iter().find_map(|e| e.record) {
+            // The scenario's worker stops with the report; the same command without `--scenario` (and without
+            // `--fresh`) serves this run's ledger again, which is what the two commands below talk to.
+            writeln!(
+                f,
+                "  to look around, run the same command without --scenario and --fresh (it keeps this ledger), then:"
+            )?;
             writeln!(
                 f,
                 "  a record's whole story: curl -s -H \"Authorization: Bearer $(cat {})\" {}/records/{first}",
