@@ -2,7 +2,7 @@
 //! and health, nothing else. The operations port (cluster-internal) serves health, metrics, the status the
 //! controller copies into the flow, one record's whole story, the dead letters and the holds, and the
 //! interventions on them. Every read and write of records, dead letters, holds and status needs the flow's
-//! token (`Authorization: Bearer`, or [`TOKEN_HEADER`] through the API server's service proxy, which keeps
+//! token (`Authorization: Bearer`, or [`TOKEN_HEADER`] through the API server's pod proxy, which keeps
 //! `Authorization` for itself); health and `/metrics` stay open so probes and Prometheus need no secret. Every
 //! payload that leaves here goes through the contract's redaction.
 
@@ -95,7 +95,7 @@ pub struct BreakerStatus {
     pub since: String,
 }
 
-/// The header that carries the flow's token when `Authorization` is taken (the API server's service proxy
+/// The header that carries the flow's token when `Authorization` is taken (the API server's pod proxy
 /// authenticates the controller with it and does not pass it on). The controller's proxy poll sends this one.
 pub const TOKEN_HEADER: &str = "x-meshline-token";
 
