@@ -294,7 +294,8 @@ pub struct ConfigMapKeyRef {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!has(self.backoff) || !has(self.backoff.base) || !has(self.backoff.max) || duration(self.backoff.base) <= duration(self.backoff.max)", "message": "backoff.base must not exceed backoff.max"}
+    {"rule": "!has(self.backoff) || !has(self.backoff.base) || !has(self.backoff.max) || duration(self.backoff.base) <= duration(self.backoff.max)", "message": "backoff.base must not exceed backoff.max"},
+    {"rule": "!has(self.batch) || !has(self.batch.linger) || duration(self.batch.linger) <= duration('1s')", "message": "batch.linger must be at most 1s"}
 ]))]
 pub struct DeliveryPolicy {
     /// Attempts before a transiently failing record is dead-lettered.
@@ -320,6 +321,30 @@ pub struct DeliveryPolicy {
     #[serde(default = "default_concurrency")]
     #[schemars(range(min = 1, max = 1000))]
     pub concurrency: u32,
+    /// How accepted records are grouped for a sink that takes batches (the PostgreSQL sink, Odoo's `create`,
+    /// an HTTP sink with `bulk`): up to `maxRecords` records or `maxBytes` of payloads per request, waiting
+    /// at most `linger` for company. Every record still gets its own outcome. Ignored by sinks without a
+    /// batch API (NetSuite); `maxRecords: 1` turns batching off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchPolicy>,
+}
+
+/// Grouping of deliveries into batches (see [`DeliveryPolicy::batch`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchPolicy {
+    /// Records per batch; default 500, capped by the sink's own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_records: Option<u32>,
+    /// Serialized payload bytes per batch; default 1 MiB. A single larger record goes alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 67_108_864))]
+    pub max_bytes: Option<u32>,
+    /// Longest a record waits for others to fill its batch (Go duration); default `5ms`, at most `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s))+$"))]
+    pub linger: Option<Duration>,
 }
 
 fn default_max_attempts() -> u32 {
@@ -338,6 +363,7 @@ impl Default for DeliveryPolicy {
             dead_letter_retention: None,
             rate_limit: 0,
             concurrency: default_concurrency(),
+            batch: None,
         }
     }
 }

@@ -203,6 +203,50 @@ pub trait Sink: Send + Sync {
     fn credentials_problem(&self) -> Option<String> {
         None
     }
+    /// `Some` when the sink delivers many records in one request ([`Sink::deliver_batch`]), with how large
+    /// such a request may be. The pipeline then groups accepted records up to these limits (and a short
+    /// linger) instead of calling [`Sink::deliver`] once per record.
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        None
+    }
+    /// Creates or updates every record of the batch, each keyed by its external id, in one request where the
+    /// ERP allows. The pipeline never puts two deliveries with the same external id in one batch.
+    ///
+    /// - `Ok(results)`: one result per delivery, in order — the ERP judged each record on its own (a bulk API
+    ///   with per-item status, or a batch that was wholly applied).
+    /// - `Err(e)`: the batch failed as a whole and, for a transient or permanent `e`, nothing in it may be
+    ///   taken as written. A permanent failure (a constraint one record violates rejects the whole
+    ///   transaction) is bisected by the pipeline until the poison record is alone; a transient one is
+    ///   retried, every record with its own backoff. Must be safe to repeat, like [`Sink::deliver`].
+    ///
+    /// The default delivers one by one, for sinks without a batch API.
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Result<Delivered, SinkError>>, SinkError> {
+        let mut results = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            results.push(self.deliver(*delivery).await);
+        }
+        Ok(results)
+    }
+}
+
+/// How large one batch of deliveries may be (see [`Sink::batch_limits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Records per request (at least 1).
+    pub max_records: usize,
+    /// Payload bytes per request (serialized JSON, summed); a single larger record still goes alone.
+    pub max_bytes: usize,
+}
+
+impl BatchLimits {
+    /// The pipeline's default grouping: 500 records or 1 MiB of payloads, whichever comes first.
+    pub const DEFAULT: BatchLimits = BatchLimits {
+        max_records: 500,
+        max_bytes: 1 << 20,
+    };
 }
 
 /// W3C trace context header for a correlation id: the id is hashed into a stable trace id.

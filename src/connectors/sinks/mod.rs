@@ -22,8 +22,8 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio::time::Instant;
 
 use super::{
-    Credentials, CredentialsError, Delivered, Delivery, Sink, SinkError, parse_retry_after,
-    traceparent,
+    BatchLimits, Credentials, CredentialsError, Delivered, Delivery, Sink, SinkError,
+    parse_retry_after, traceparent,
 };
 use crate::api::{DeliveryPolicy, ErrorClass, SinkSpec, SinkSystem};
 
@@ -109,13 +109,28 @@ pub fn build(
     credentials: Credentials,
     http: reqwest::Client,
 ) -> Result<Arc<dyn Sink>, BuildError> {
+    build_sized(spec, credentials, http, Pressure::default().concurrency)
+}
+
+/// [`build`] for a flow that keeps `concurrency` requests in flight: a sink that pools connections (the
+/// PostgreSQL sink) opens up to that many, so every delivery slot the flow's policy grants has a connection.
+pub fn build_sized(
+    spec: &SinkSpec,
+    credentials: Credentials,
+    http: reqwest::Client,
+    concurrency: usize,
+) -> Result<Arc<dyn Sink>, BuildError> {
     Ok(match spec.system {
         SinkSystem::Netsuite => {
             Arc::new(netsuite::NetSuiteSink::from_spec(spec, &credentials, http)?)
         }
         SinkSystem::Odoo => Arc::new(odoo::OdooSink::from_spec(spec, &credentials, http)?),
         SinkSystem::Http => Arc::new(http::HttpSink::from_spec(spec, &credentials, http)?),
-        SinkSystem::Postgres => Arc::new(postgres::PostgresSink::from_spec(spec, &credentials)?),
+        SinkSystem::Postgres => Arc::new(postgres::PostgresSink::from_spec(
+            spec,
+            &credentials,
+            concurrency,
+        )?),
     })
 }
 
@@ -127,8 +142,14 @@ pub fn build_limited(
     credentials: Credentials,
     http: reqwest::Client,
 ) -> Result<Arc<Limited<Arc<dyn Sink>>>, BuildError> {
-    let sink: Arc<dyn Sink> = Arc::new(reload::Reloading::new(spec, credentials, http)?);
-    Ok(Arc::new(Limited::new(sink, Pressure::from_policy(policy))))
+    let pressure = Pressure::from_policy(policy);
+    let sink: Arc<dyn Sink> = Arc::new(reload::Reloading::new(
+        spec,
+        credentials,
+        http,
+        pressure.concurrency,
+    )?);
+    Ok(Arc::new(Limited::new(sink, pressure)))
 }
 
 /// A client with the connect and total timeouts every sink relies on.
@@ -198,6 +219,13 @@ pub struct Pressure {
     pub concurrency: usize,
     /// Requests started per second; 0 means unlimited.
     pub rate_per_second: u32,
+}
+
+impl Default for Pressure {
+    /// The pressure of a flow with the default delivery policy.
+    fn default() -> Self {
+        Pressure::from_policy(&DeliveryPolicy::default())
+    }
 }
 
 impl Pressure {
@@ -336,6 +364,19 @@ impl<S: Sink> Sink for Limited<S> {
         self.inner.deliver(delivery).await
     }
 
+    /// A batch is one request to the ERP: it takes one slot and one token, like a single delivery.
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Result<Delivered, SinkError>>, SinkError> {
+        let _slot = self.enter().await;
+        self.inner.deliver_batch(deliveries).await
+    }
+
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        self.inner.batch_limits()
+    }
+
     async fn probe(&self) -> Result<(), SinkError> {
         let _slot = self.enter().await;
         self.inner.probe().await
@@ -359,6 +400,17 @@ impl<S: Sink + ?Sized> Sink for Arc<S> {
 
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<Delivered, SinkError> {
         (**self).deliver(delivery).await
+    }
+
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Result<Delivered, SinkError>>, SinkError> {
+        (**self).deliver_batch(deliveries).await
+    }
+
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        (**self).batch_limits()
     }
 
     async fn probe(&self) -> Result<(), SinkError> {

@@ -90,19 +90,33 @@ fn failure(what: &str, table: &str, error: sqlx::Error) -> SinkError {
 }
 
 impl PostgresSink {
-    /// Reads `table` and the Secret key `url`; connects lazily.
-    pub fn from_spec(spec: &SinkSpec, credentials: &Credentials) -> Result<Self, BuildError> {
+    /// Reads `table` and the Secret key `url`; connects lazily, with up to `connections` connections (the
+    /// flow's delivery concurrency: one per request it may have in flight).
+    pub fn from_spec(
+        spec: &SinkSpec,
+        credentials: &Credentials,
+        connections: usize,
+    ) -> Result<Self, BuildError> {
         let table = required(SYSTEM, "table", spec.table.as_ref())?;
-        Self::connect_lazy(&credential(SYSTEM, credentials, "url")?, table)
+        Self::connect_lazy_sized(&credential(SYSTEM, credentials, "url")?, table, connections)
     }
 
+    /// [`PostgresSink::connect_lazy_sized`] with the default flow's concurrency.
     pub fn connect_lazy(url: &str, table: &str) -> Result<Self, BuildError> {
+        Self::connect_lazy_sized(url, table, super::Pressure::default().concurrency)
+    }
+
+    pub fn connect_lazy_sized(
+        url: &str,
+        table: &str,
+        connections: usize,
+    ) -> Result<Self, BuildError> {
         let quoted = quote_table(table).ok_or_else(|| BuildError::Invalid {
             system: SYSTEM,
             reason: format!("table {table:?} is not an identifier or schema.identifier"),
         })?;
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(u32::try_from(connections.max(1)).unwrap_or(u32::MAX))
             .acquire_timeout(Duration::from_secs(10))
             .connect_lazy(url)
             .map_err(|e| BuildError::Invalid {

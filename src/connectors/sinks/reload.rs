@@ -16,15 +16,17 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::{BuildError, build};
+use super::{BuildError, build_sized};
 use crate::api::{ErrorClass, SinkSpec};
-use crate::connectors::{Credentials, Delivered, Delivery, Sink, SinkError};
+use crate::connectors::{BatchLimits, Credentials, Delivered, Delivery, Sink, SinkError};
 
 /// A sink rebuilt from its Secret when the Secret's files change.
 pub struct Reloading {
     spec: SinkSpec,
     credentials: Credentials,
     http: reqwest::Client,
+    /// Requests the flow keeps in flight; a rebuilt sink pools as many connections.
+    concurrency: usize,
     system: &'static str,
     current: RwLock<Arc<dyn Sink>>,
     seen: Mutex<Seen>,
@@ -45,11 +47,13 @@ impl Reloading {
         spec: &SinkSpec,
         credentials: Credentials,
         http: reqwest::Client,
+        concurrency: usize,
     ) -> Result<Reloading, BuildError> {
         let fingerprint = credentials.fingerprint();
-        let sink = build(spec, credentials.clone(), http.clone())?;
+        let sink = build_sized(spec, credentials.clone(), http.clone(), concurrency)?;
         Ok(Reloading {
             spec: spec.clone(),
+            concurrency,
             system: sink.system(),
             credentials,
             http,
@@ -92,7 +96,12 @@ impl Reloading {
             return false;
         }
         seen.fingerprint = fingerprint;
-        match build(&self.spec, self.credentials.clone(), self.http.clone()) {
+        match build_sized(
+            &self.spec,
+            self.credentials.clone(),
+            self.http.clone(),
+            self.concurrency,
+        ) {
             Ok(sink) => {
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = sink;
                 seen.invalid = None;
@@ -141,6 +150,24 @@ impl Sink for Reloading {
             }
             other => other,
         }
+    }
+
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Result<Delivered, SinkError>>, SinkError> {
+        self.reload_if_rotated(false);
+        match self.current().deliver_batch(deliveries).await {
+            Err(e) if e.class == ErrorClass::FlowLevel => {
+                self.after_refusal(e)?;
+                self.current().deliver_batch(deliveries).await
+            }
+            other => other,
+        }
+    }
+
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        self.current().batch_limits()
     }
 
     async fn probe(&self) -> Result<(), SinkError> {
