@@ -35,6 +35,10 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     pub held: Counter,
     pub delivery_seconds: Histogram,
+    /// Records per batch request (sinks that take batches).
+    pub batch_records: Histogram,
+    /// Batches the sink refused as a whole and that were split in two to find the record at fault.
+    pub batch_splits: Counter,
     pub in_flight: Gauge,
     pub queue_depth: Gauge,
     pub oldest_pending_seconds: Gauge,
@@ -78,6 +82,9 @@ impl Metrics {
         let delivery_seconds = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         ]);
+        let batch_records =
+            Histogram::new([1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0]);
+        let batch_splits = Counter::default();
         let in_flight = Gauge::default();
         let queue_depth = Gauge::default();
         let oldest_pending_seconds = Gauge::default();
@@ -130,8 +137,18 @@ impl Metrics {
         registry.register("records_held", "Records held for approval", held.clone());
         registry.register(
             "delivery_duration_seconds",
-            "Time the ERP took to answer a delivery",
+            "Time the ERP took to answer a delivery request (one record, or one batch)",
             delivery_seconds.clone(),
+        );
+        registry.register(
+            "delivery_batch_records",
+            "Records per delivery request to a sink that takes batches",
+            batch_records.clone(),
+        );
+        registry.register(
+            "delivery_batch_splits",
+            "Batches the ERP refused as a whole, split in two to find the record at fault",
+            batch_splits.clone(),
         );
         registry.register(
             "deliveries_in_flight",
@@ -186,6 +203,8 @@ impl Metrics {
             dead_lettered,
             held,
             delivery_seconds,
+            batch_records,
+            batch_splits,
             in_flight,
             queue_depth,
             oldest_pending_seconds,

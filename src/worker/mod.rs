@@ -6,6 +6,7 @@
 
 pub mod allocator;
 pub mod api;
+pub mod batch;
 pub mod breaker;
 pub mod config;
 pub mod disk;

@@ -37,6 +37,17 @@ struct Done {
     correlation_id: String,
 }
 
+/// What the contract made of a claimed record.
+enum Judged {
+    /// Ends here (rejected, held, retried after a CPU overrun) with this outcome.
+    Done(Outcome),
+    /// To be delivered: the mapped payload and its upsert key.
+    Accepted {
+        payload: crate::contract::Payload,
+        external_id: String,
+    },
+}
+
 /// Tuning of the pipeline that is not part of the flow's policy.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -133,7 +144,7 @@ impl Pipeline {
         (free as u128 + within).clamp(1, self.options.claim_batch as u128) as usize
     }
 
-    fn observe_delivery(&self, took: Duration) {
+    pub(super) fn observe_delivery(&self, took: Duration) {
         use std::sync::atomic::Ordering;
         let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let old = self.delivery_micros.load(Ordering::Relaxed);
@@ -219,9 +230,21 @@ impl Pipeline {
     /// Runs until `shutdown` turns true, then releases what it holds within the grace period.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let concurrency = self.policy.concurrency.max(1) as usize;
-        let slots = Arc::new(Semaphore::new(concurrency));
+        // With a sink that takes batches, the flow's concurrency bounds requests (each a batch, see `Limited`),
+        // so as many records as fill every request may be in the pipeline at once.
+        let grouping = super::batch::Grouping::for_flow(&self.policy, self.sink.batch_limits());
+        let records_in_flight = grouping.map_or(concurrency, |g| concurrency * g.max_records);
+        let slots = Arc::new(Semaphore::new(records_in_flight));
         let (done_tx, done_rx) = mpsc::channel::<Done>(self.options.complete_batch * 4);
         let completer = tokio::spawn(self.clone().completer(done_rx));
+        let (batch_tx, batcher) = match grouping {
+            Some(grouping) => {
+                let (tx, rx) = mpsc::channel(grouping.max_records * 2);
+                let batcher = tokio::spawn(self.clone().batcher(rx, grouping));
+                (Some(tx), Some(batcher))
+            }
+            None => (None, None),
+        };
         let keeper = self
             .shared_slots
             .clone()
@@ -298,9 +321,10 @@ impl Pipeline {
                 };
                 let me = self.clone();
                 let done = done_tx.clone();
+                let batches = batch_tx.clone();
                 tasks.spawn(async move {
                     let correlation_id = record.correlation_id.clone();
-                    let completion = me.process(record).await;
+                    let completion = me.process_with(record, batches.as_ref()).await;
                     drop(permit);
                     // The completer outlives every task; a send error means shutdown already gave up on us.
                     let _ = done
@@ -339,9 +363,17 @@ impl Pipeline {
                 _ = &mut deadline => {
                     tracing::warn!(flow = %self.flow, left = tasks.len(), "shutdown grace elapsed; leases will expire");
                     tasks.abort_all();
+                    if let Some(batcher) = &batcher {
+                        batcher.abort();
+                    }
                     break;
                 }
             }
+        }
+        // Every record task has ended, so the batcher has nothing more to wait for.
+        drop(batch_tx);
+        if let Some(batcher) = batcher {
+            let _ = batcher.await;
         }
         drop(done_tx);
         let _ = completer.await;
@@ -471,12 +503,41 @@ impl Pipeline {
 
     /// One record: contract, then delivery, then the outcome to record.
     pub async fn process(&self, record: ClaimedRecord) -> Completion {
+        self.process_with(record, None).await
+    }
+
+    /// [`Pipeline::process`], delivering through the batcher when the sink takes batches.
+    async fn process_with(
+        &self,
+        record: ClaimedRecord,
+        batches: Option<&mpsc::Sender<super::batch::Pending>>,
+    ) -> Completion {
         let claim = record.claim;
-        let outcome = self.decide(&record).await;
+        let outcome = match self.judge(&record).await {
+            Judged::Done(outcome) => outcome,
+            Judged::Accepted {
+                payload,
+                external_id,
+            } => match batches {
+                Some(batches) => {
+                    self.deliver_batched(batches, record, payload, external_id)
+                        .await
+                }
+                None => self.deliver(&record, &payload, &external_id).await,
+            },
+        };
         Completion { claim, outcome }
     }
 
-    async fn decide(&self, record: &ClaimedRecord) -> Outcome {
+    async fn judge(&self, record: &ClaimedRecord) -> Judged {
+        match self.decide(record).await {
+            Ok(judged) => judged,
+            Err(outcome) => Judged::Done(outcome),
+        }
+    }
+
+    /// The contract's verdict: `Ok(Accepted)` for a record to deliver, `Err(outcome)` for one that ends here.
+    async fn decide(&self, record: &ClaimedRecord) -> Result<Judged, Outcome> {
         let bytes = record.payload.as_bytes();
         let approved_rule = if record.approved_by.is_some() {
             self.approved_rule(record).await
@@ -496,7 +557,7 @@ impl Pipeline {
                     .iter()
                     .any(|r| r.code == ReasonCode::DeadlineExceeded) =>
             {
-                self.overran(record, &reasons).await
+                Err(self.overran(record, &reasons).await)
             }
             ContractOutcome::Rejected { reasons } => {
                 self.metrics.fail(ErrorClass::Permanent);
@@ -510,13 +571,13 @@ impl Pipeline {
                     .map(|r| format!("{}: {}", r.subject, r.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                dead_letter(
+                Err(dead_letter(
                     &key,
                     ErrorClass::Permanent,
                     message,
                     None,
                     self.snapshot(record),
-                )
+                ))
             }
             ContractOutcome::Held {
                 rule,
@@ -524,11 +585,11 @@ impl Pipeline {
                 ..
             } => {
                 self.metrics.held.inc();
-                Outcome::Held {
+                Err(Outcome::Held {
                     rule,
                     role: approver_role,
                     snapshot: self.snapshot(record),
-                }
+                })
             }
             ContractOutcome::Accepted {
                 payload,
@@ -545,7 +606,10 @@ impl Pipeline {
                         tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "lineage write failed");
                     }
                 }
-                self.deliver(record, &payload, external_id.as_str()).await
+                Ok(Judged::Accepted {
+                    payload,
+                    external_id: external_id.as_str().to_string(),
+                })
             }
         }
     }
@@ -667,22 +731,12 @@ impl Pipeline {
             correlation_id: &record.correlation_id,
             attempt,
         };
-        // With several replicas, the flow's concurrency is shared: a slot from the ledger before the ERP call.
-        // A record that cannot get one soon goes back to the queue, well before its lease could run out.
-        let slot = match &self.shared_slots {
-            Some(slots) => {
-                match tokio::time::timeout(self.options.lease / 4, slots.acquire()).await {
-                    Ok(Ok(slot)) => Some(slot),
-                    Ok(Err(e)) => {
-                        tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "no delivery slot (ledger error); the record waits");
-                        return Outcome::Released {
-                            not_before: Some(Utc::now() + chrono::Duration::seconds(1)),
-                        };
-                    }
-                    Err(_) => return Outcome::Released { not_before: None },
-                }
+        let slot = match self.shared_slot().await {
+            Ok(slot) => slot,
+            Err(outcome) => {
+                tracing::debug!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, "no delivery slot; the record waits");
+                return outcome;
             }
-            None => None,
         };
         self.metrics.in_flight.inc();
         let started = Instant::now();
@@ -715,11 +769,30 @@ impl Pipeline {
         }
     }
 
+    /// With several replicas, the flow's concurrency is shared: a slot from the ledger before each request
+    /// to the ERP (one record, or one batch). A request that cannot get one soon gives its records back to
+    /// the queue (`Err` with their outcome), well before their lease could run out.
+    pub(super) async fn shared_slot(&self) -> Result<Option<super::slots::SlotGuard>, Outcome> {
+        let Some(slots) = &self.shared_slots else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(self.options.lease / 4, slots.acquire()).await {
+            Ok(Ok(slot)) => Ok(Some(slot)),
+            Ok(Err(e)) => {
+                tracing::warn!(flow = %self.flow, error = %e, "no delivery slot (ledger error); records wait");
+                Err(Outcome::Released {
+                    not_before: Some(Utc::now() + chrono::Duration::seconds(1)),
+                })
+            }
+            Err(_) => Err(Outcome::Released { not_before: None }),
+        }
+    }
+
     /// The ERP's error with every personal value of the record and its payload redacted. ERPs quote field
     /// values in their errors (NetSuite's `o:errorDetails`, Odoo's validation messages), and the error goes
     /// on to `last_error`, the dead letter, `/records`, the breaker's reason and the logs; this is the one
     /// place it is cleaned, before any of them sees it.
-    fn scrubbed(
+    pub(super) fn scrubbed(
         &self,
         record: &ClaimedRecord,
         payload: &crate::contract::Payload,
@@ -736,12 +809,33 @@ impl Pipeline {
     }
 
     fn failed(&self, record: &ClaimedRecord, e: SinkError) -> Outcome {
-        self.metrics.fail(e.class);
+        self.breaker_sees(record, &e);
+        self.failure_outcome(record, e)
+    }
+
+    /// What one failed request tells the circuit breaker. A batch is one request: it counts once, however
+    /// many records it carried.
+    pub(super) fn breaker_sees(&self, record: &ClaimedRecord, e: &SinkError) {
         match e.class {
             ErrorClass::Transient => {
                 if self.breaker.transient_failure(&e.message) {
                     tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "every delivery is failing; circuit breaker opened");
                 }
+            }
+            ErrorClass::Permanent | ErrorClass::Hold => self.breaker.success(),
+            ErrorClass::FlowLevel | ErrorClass::Config => {
+                if self.breaker.open(e.message.clone()) {
+                    tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "flow-level failure; circuit breaker opened, records wait");
+                }
+            }
+        }
+    }
+
+    /// The outcome a record gets from a failed delivery (the breaker has already seen the failure).
+    pub(super) fn failure_outcome(&self, record: &ClaimedRecord, e: SinkError) -> Outcome {
+        self.metrics.fail(e.class);
+        match e.class {
+            ErrorClass::Transient => {
                 let attempts = u32::try_from(record.attempts.max(1)).unwrap_or(u32::MAX);
                 if attempts >= self.policy.max_attempts {
                     self.metrics.dead_lettered.inc();
@@ -764,7 +858,6 @@ impl Pipeline {
                 }
             }
             ErrorClass::Permanent | ErrorClass::Hold => {
-                self.breaker.success();
                 self.metrics.dead_lettered.inc();
                 let reason = format!(
                     "erp:{}",
@@ -780,12 +873,7 @@ impl Pipeline {
                     self.snapshot(record),
                 )
             }
-            ErrorClass::FlowLevel | ErrorClass::Config => {
-                if self.breaker.open(e.message.clone()) {
-                    tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "flow-level failure; circuit breaker opened, records wait");
-                }
-                Outcome::Released { not_before: None }
-            }
+            ErrorClass::FlowLevel | ErrorClass::Config => Outcome::Released { not_before: None },
         }
     }
 }
