@@ -17,7 +17,9 @@ use std::time::Duration;
 use meshline::api::{Backoff, BatchPolicy, LedgerSpec};
 use meshline::connectors::sinks::postgres::PostgresSink;
 use meshline::connectors::sinks::{Limited, Pressure};
-use meshline::connectors::{Intake, SourceRecord};
+use meshline::connectors::{
+    BatchLimits, Delivered, Delivery, Intake, Sink, SinkError, SourceRecord,
+};
 use meshline::ledger::RecordState;
 use meshline::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
 use serde_json::{Value, json};
@@ -66,6 +68,11 @@ struct Harness {
 /// Batches of up to 100 records that wait up to a second for company, so the records of one intake call
 /// share a batch even on a busy machine.
 async fn start() -> Harness {
+    start_with(None).await
+}
+
+/// [`start`], delivering to `sink` instead of the PostgreSQL table when given.
+async fn start_with(replacement: Option<Arc<dyn Sink>>) -> Harness {
     let pg = postgres::PgServer::start();
     let url = pg.create_database("erp");
     pg.run_sql(
@@ -109,7 +116,10 @@ async fn start() -> Harness {
     };
     let pressure = Pressure::from_policy(&rendered.flow.spec.delivery);
     let sink = PostgresSink::connect_lazy_sized(&url, "orders", pressure.concurrency).unwrap();
-    let sink = Arc::new(Limited::new(sink, pressure));
+    let sink: Arc<dyn Sink> = match replacement {
+        Some(replacement) => replacement,
+        None => Arc::new(Limited::new(sink, pressure)),
+    };
     let lookups: Value = serde_json::from_str(&data("lookups.json")).unwrap();
     let worker = Worker::start(&rendered, &settings, sink, lookups, |_| axum::Router::new())
         .await
@@ -323,4 +333,95 @@ async fn revisions_of_one_key_in_one_batch_leave_the_newest_in_the_table() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A sink that takes batches and keeps every batch it was sent, as external id and memo.
+#[derive(Default)]
+struct BatchLog {
+    batches: std::sync::Mutex<Vec<Vec<(String, String)>>>,
+}
+
+#[async_trait::async_trait]
+impl Sink for BatchLog {
+    fn system(&self) -> &'static str {
+        "batch-log"
+    }
+    async fn deliver(&self, d: Delivery<'_>) -> Result<Delivered, SinkError> {
+        self.deliver_batch(&[d]).await?.remove(0)
+    }
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        Some(BatchLimits::DEFAULT)
+    }
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Result<Delivered, SinkError>>, SinkError> {
+        let batch = deliveries
+            .iter()
+            .map(|d| {
+                let memo = d.payload["memo"].as_str().unwrap_or_default().to_string();
+                (d.external_id.to_string(), memo)
+            })
+            .collect();
+        self.batches.lock().unwrap().push(batch);
+        Ok(deliveries
+            .iter()
+            .map(|_| {
+                Ok(Delivered {
+                    erp_id: None,
+                    created: None,
+                    status: 200,
+                })
+            })
+            .collect())
+    }
+    async fn probe(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn fetch_lookup(&self, _: &str, _: &str) -> Result<Vec<Value>, SinkError> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_records_with_one_external_id_never_share_a_batch() {
+    let log = Arc::new(BatchLog::default());
+    let h = start_with(Some(log.clone())).await;
+    h.worker
+        .pipeline
+        .set_gate(Some("the test stores a batch first".into()));
+    // Two CRM keys whose payloads carry the same Opportunity id map to one external id (a contract that
+    // maps two records onto one ERP order): a multi-row upsert cannot write one row twice.
+    let mut records: Vec<SourceRecord> = (0..20)
+        .map(|n| opportunity(n, &format!("order {n}"), "2026-11-27T10:15:00Z"))
+        .collect();
+    let mut twin = opportunity(5, "order 5, second key", "2026-11-27T10:15:00Z");
+    twin.key = "another-key-same-order".into();
+    records.push(twin);
+    assert_eq!(h.worker.intake.accept(records).await.unwrap().stored, 21);
+    h.worker.pipeline.set_gate(None);
+    h.until("21 delivered", |s| counter(s, "delivered") == 21)
+        .await;
+    let batches = log.batches.lock().unwrap().clone();
+    for batch in &batches {
+        let ids: std::collections::HashSet<&String> = batch.iter().map(|(id, _)| id).collect();
+        assert_eq!(
+            ids.len(),
+            batch.len(),
+            "a batch repeats an external id: {batch:?}"
+        );
+    }
+    let delivered: Vec<&String> = batches.iter().flatten().map(|(id, _)| id).collect();
+    assert_eq!(
+        delivered.len(),
+        21,
+        "every record went out once: {batches:?}"
+    );
+    assert_eq!(
+        delivered
+            .iter()
+            .filter(|id| ***id == external_id(5))
+            .count(),
+        2
+    );
 }
