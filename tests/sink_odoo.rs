@@ -1,7 +1,8 @@
 //! The Odoo sink against a local JSON-RPC server that behaves like Odoo's `/jsonrpc`: `common.authenticate`
 //! answers a uid or `false`, `object.execute_kw` checks db, uid and API key and raises `AccessDenied`, and
-//! `sale.order` supports `search` by `client_order_ref`, `create` (raising `ValidationError` without a
-//! customer) and `write`, with `order_line` kept as a real one2many (the x2many commands 0–6 applied to
+//! `sale.order` supports `search` by `client_order_ref`, `search_read` with `[client_order_ref, "in", refs]`,
+//! `create` of one record or of a list (all or nothing, as one transaction; raising `ValidationError`
+//! without a customer) and `write`, with `order_line` kept as a real one2many (the x2many commands 0–6 applied to
 //! `sale.order.line` records, so `[0, 0, …]` on a write appends); `product.product` supports paged
 //! `search_read`.
 
@@ -19,7 +20,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use meshline::api::{ErrorClass, SinkSystem};
 use meshline::connectors::sinks::{self, odoo::OdooSink};
-use meshline::connectors::{Delivery, Sink};
+use meshline::connectors::{BatchLimits, Delivery, Sink};
 use serde_json::{Value, json};
 use sink_mock::{check_lineage, secret, serve};
 use tokio::sync::Mutex;
@@ -35,6 +36,8 @@ struct Odoo {
     lines: Mutex<BTreeMap<i64, Value>>,
     next_line: AtomicI64,
     calls: Mutex<Vec<String>>,
+    /// The `args` and `kwargs` of every `execute_kw`, in the order of `calls`.
+    arguments: Mutex<Vec<(Value, Value)>>,
     unavailable: AtomicBool,
     authentications: AtomicU32,
 }
@@ -159,6 +162,10 @@ async fn jsonrpc(
             );
             odoo.calls.lock().await.push(format!("{model}.{method}"));
             let (margs, kwargs) = (&args[5], &args[6]);
+            odoo.arguments
+                .lock()
+                .await
+                .push((margs.clone(), kwargs.clone()));
             let mut orders = odoo.orders.lock().await;
             match (model, method) {
                 ("sale.order", "search") => {
@@ -178,25 +185,59 @@ async fn jsonrpc(
                         .collect();
                     result(&id, json!(ids))
                 }
+                ("sale.order", "search_read") => {
+                    // Only the batch's lookup is served: one `in` leaf on the reference.
+                    let leaf = &margs[0][0];
+                    let (true, Some(refs)) = (
+                        leaf[0] == "client_order_ref" && leaf[1] == "in",
+                        leaf[2].as_array(),
+                    ) else {
+                        return fault(&id, "builtins.ValueError", "unsupported domain");
+                    };
+                    let fields = kwargs["fields"].as_array().cloned().unwrap_or_default();
+                    let rows: Vec<Value> = orders
+                        .iter()
+                        .filter(|(_, o)| refs.contains(&o["client_order_ref"]))
+                        .map(|(oid, o)| {
+                            let mut row = json!({"id": oid});
+                            for f in &fields {
+                                let f = f.as_str().unwrap_or_default();
+                                row[f] = o.get(f).cloned().unwrap_or(json!(false));
+                            }
+                            row
+                        })
+                        .collect();
+                    result(&id, json!(rows))
+                }
                 ("sale.order", "create") => {
-                    let mut vals = margs[0].clone();
-                    if vals.get("partner_id").is_none() {
+                    // `create` takes one dict or a list of them (Odoo 12+), in one transaction.
+                    let list = match &margs[0] {
+                        Value::Array(list) => list.clone(),
+                        one => vec![one.clone()],
+                    };
+                    if list.iter().any(|vals| vals.get("partner_id").is_none()) {
                         return fault(
                             &id,
                             "odoo.exceptions.ValidationError",
                             "Customer is required (partner_id)",
                         );
                     }
-                    if let Some(commands) = vals.get("order_line").cloned() {
-                        let mut lines = odoo.lines.lock().await;
-                        match apply_commands(&odoo, &mut lines, Vec::new(), &commands) {
-                            Ok(ids) => vals["order_line"] = json!(ids),
-                            Err(e) => return fault(&id, "builtins.ValueError", &e),
+                    let mut lines = odoo.lines.lock().await;
+                    let mut staged_lines = lines.clone();
+                    let mut staged = Vec::new();
+                    for mut vals in list {
+                        if let Some(commands) = vals.get("order_line").cloned() {
+                            match apply_commands(&odoo, &mut staged_lines, Vec::new(), &commands) {
+                                Ok(ids) => vals["order_line"] = json!(ids),
+                                Err(e) => return fault(&id, "builtins.ValueError", &e),
+                            }
                         }
+                        staged.push((100 + (orders.len() + staged.len()) as i64, vals));
                     }
-                    let new = 100 + orders.len() as i64;
-                    orders.push((new, vals));
-                    result(&id, json!([new]))
+                    *lines = staged_lines;
+                    let ids: Vec<i64> = staged.iter().map(|(oid, _)| *oid).collect();
+                    orders.extend(staged);
+                    result(&id, json!(ids))
                 }
                 ("sale.order", "write") => {
                     let target = margs[0][0].as_i64();
@@ -246,6 +287,7 @@ async fn start() -> (Arc<Odoo>, String) {
         lines: Mutex::default(),
         next_line: AtomicI64::new(500),
         calls: Mutex::default(),
+        arguments: Mutex::default(),
         unavailable: AtomicBool::new(false),
         authentications: AtomicU32::new(0),
     });
@@ -478,4 +520,143 @@ async fn a_mapping_that_sets_its_own_lines_is_left_alone() {
         odoo.order_lines("HS-7").await,
         [json!({"product_id": 3, "product_uom_qty": "4"})]
     );
+}
+
+#[tokio::test]
+async fn a_mixed_batch_is_one_search_one_create_and_a_write_per_existing_order() {
+    let (odoo, base) = start().await;
+    let sink = sink(&base, "key-1");
+    assert_eq!(
+        sink.batch_limits(),
+        Some(BatchLimits {
+            max_records: 100,
+            max_bytes: BatchLimits::DEFAULT.max_bytes
+        })
+    );
+    let old = sale_order(&[(1, "1"), (2, "1")]);
+    let first = sink.deliver(delivery("HS-1", &old)).await.expect("created");
+    let second = sink.deliver(delivery("HS-2", &old)).await.expect("created");
+    // Someone else made two orders with the same reference.
+    for _ in 0..2 {
+        odoo.orders
+            .lock()
+            .await
+            .push((900, json!({"client_order_ref": "HS-DUP", "partner_id": 1})));
+    }
+    odoo.calls.lock().await.clear();
+    odoo.arguments.lock().await.clear();
+
+    let updated = sale_order(&[(3, "4")]);
+    let new = json!({"partner_id": 12, "note": "new"});
+    let batch = [
+        delivery("HS-1", &updated),
+        delivery("NEW-1", &new),
+        delivery("HS-DUP", &new),
+        delivery("HS-2", &updated),
+        delivery("NEW-2", &new),
+    ];
+    let results = sink.deliver_batch(&batch).await.expect("the batch ran");
+
+    assert_eq!(
+        *odoo.calls.lock().await,
+        [
+            "sale.order.search_read",
+            "sale.order.create",
+            "sale.order.write",
+            "sale.order.write"
+        ],
+        "one search, one create for both new orders, one write per existing order"
+    );
+    let arguments = odoo.arguments.lock().await;
+    assert_eq!(
+        arguments[0],
+        (
+            json!([[[
+                "client_order_ref",
+                "in",
+                ["HS-1", "NEW-1", "HS-DUP", "HS-2", "NEW-2"]
+            ]]]),
+            json!({"fields": ["client_order_ref"]})
+        )
+    );
+    let created_refs: Vec<&Value> = arguments[1].0[0]
+        .as_array()
+        .expect("create takes a list")
+        .iter()
+        .map(|v| &v["client_order_ref"])
+        .collect();
+    assert_eq!(created_refs, ["NEW-1", "NEW-2"]);
+
+    let outcome = |i: usize| {
+        let d = results[i]
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{}: {e}", batch[i].external_id));
+        (d.created, d.erp_id.clone())
+    };
+    assert_eq!(outcome(0), (Some(false), first.erp_id.clone()));
+    assert_eq!(outcome(3), (Some(false), second.erp_id.clone()));
+    let orders = odoo.orders.lock().await.clone();
+    for i in [1, 4] {
+        let (created, erp_id) = outcome(i);
+        assert_eq!(created, Some(true));
+        let order = orders
+            .iter()
+            .find(|(id, _)| Some(id.to_string()) == erp_id)
+            .expect("the id answered is the order created");
+        assert_eq!(order.1["client_order_ref"], batch[i].external_id);
+    }
+    let dup = results[2].as_ref().unwrap_err();
+    assert_eq!(dup.class, ErrorClass::Permanent);
+    assert!(dup.message.contains("several"), "{dup}");
+    drop(arguments);
+    for reference in ["HS-1", "HS-2"] {
+        assert_eq!(
+            odoo.order_lines(reference).await,
+            [json!({"product_id": 3, "product_uom_qty": "4", "price_unit": "500"})],
+            "{reference}'s lines are replaced by a batch write too"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_create_fails_the_batch_before_anything_is_written() {
+    let (odoo, base) = start().await;
+    let sink = sink(&base, "key-1");
+    let old = json!({"partner_id": 12, "note": "old"});
+    sink.deliver(delivery("HS-1", &old)).await.expect("created");
+    odoo.calls.lock().await.clear();
+
+    let updated = json!({"partner_id": 12, "note": "updated"});
+    let good = json!({"partner_id": 12, "note": "good"});
+    let poison = json!({"note": "no customer"});
+    let batch = [
+        delivery("HS-1", &updated),
+        delivery("NEW-OK", &good),
+        delivery("NEW-POISON", &poison),
+    ];
+    let err = sink.deliver_batch(&batch).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert!(err.message.contains("ValidationError"), "{err}");
+    assert_eq!(
+        *odoo.calls.lock().await,
+        ["sale.order.search_read", "sale.order.create"],
+        "the existing order is not written when the batch fails"
+    );
+    {
+        let orders = odoo.orders.lock().await;
+        assert_eq!(orders.len(), 1, "Odoo created none of the list");
+        assert_eq!(orders[0].1["note"], "old");
+    }
+
+    // What the pipeline's bisection does next: the halves, until the poison record is alone.
+    let results = sink
+        .deliver_batch(&batch[..2])
+        .await
+        .expect("the good half");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let err = sink.deliver_batch(&batch[2..]).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Permanent);
+    let orders = odoo.orders.lock().await;
+    assert_eq!(orders.len(), 2);
+    assert_eq!(orders[0].1["note"], "updated");
 }

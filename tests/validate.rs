@@ -243,6 +243,20 @@ fn crd_cel_rules_are_enforced_offline() {
 
     let report = closed_won_with("flow", "type: postgres", "type: embedded");
     assert_error(&report, "spec", "embedded ledger supports one replica");
+
+    // NetSuite has no batch upsert: a bulk endpoint on its sink is a mistake, not a silent no-op.
+    let report = closed_won_with(
+        "flow",
+        "    recordType: salesOrder\n",
+        "    recordType: salesOrder\n    bulk:\n      path: /bulk\n",
+    );
+    assert_error(&report, "spec.sink", "bulk is only for an http sink");
+    let report = closed_won_with(
+        "flow",
+        "    recordType: salesOrder\n",
+        "    recordType: salesOrder\n    bulk:\n      path: bulk\n",
+    );
+    assert_error(&report, "spec.sink.bulk.path", "");
 }
 
 /// The three hubspot-odoo manifests with one textual replacement applied to the flow.

@@ -196,6 +196,7 @@ pub enum SinkOperation {
     {"rule": "self.system != 'postgres' || has(self.table)", "message": "table is required for a postgres sink"},
     {"rule": "self.system != 'netsuite' || has(self.recordType)", "message": "recordType is required for a netsuite sink"},
     {"rule": "self.system != 'odoo' || has(self.database)", "message": "database is required for an odoo sink"},
+    {"rule": "self.system == 'http' || !has(self.bulk)", "message": "bulk is only for an http sink"},
     {"rule": "!has(self.baseUrl) || !self.baseUrl.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]*@')", "message": "credentials must not be embedded in a URL; use credentialsSecretRef"}
 ]))]
 pub struct SinkSpec {
@@ -227,6 +228,34 @@ pub struct SinkSpec {
     pub table: Option<String>,
     /// Secret with the sink's credentials (OAuth 2.0 client and certificate, TBA tokens, API key, DSN).
     pub credentials_secret_ref: SecretRef,
+    /// For an `http` sink: a bulk endpoint that takes many records in one `POST` and answers a status per
+    /// record. Off when absent: every record is then its own `PUT {baseUrl}/{externalId}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulk: Option<HttpBulk>,
+}
+
+/// An HTTP sink's bulk endpoint: `POST {baseUrl}{path}` with `{"records": [...]}`, answered by
+/// `{"results": [...]}` with one status per record (the request and answer shapes are in the README).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpBulk {
+    /// Path appended to `baseUrl`'s path, starting with `/`, e.g. `/bulk` (no query string).
+    #[schemars(
+        length(min = 1, max = 512),
+        pattern(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+    )]
+    pub path: String,
+    /// Records per bulk request; default 100. `spec.delivery.batch` may lower it, never raise it.
+    #[serde(default = "default_bulk_max_records")]
+    #[schemars(range(min = 1, max = 10_000))]
+    pub max_records: u32,
+}
+
+/// Records per bulk request when `maxRecords` is not given.
+pub const DEFAULT_BULK_MAX_RECORDS: u32 = 100;
+
+fn default_bulk_max_records() -> u32 {
+    DEFAULT_BULK_MAX_RECORDS
 }
 
 /// Where a lookup's data comes from.

@@ -42,6 +42,7 @@ pub fn spec(system: SinkSystem, base_url: Option<&str>) -> SinkSpec {
         credentials_secret_ref: SecretRef {
             name: "sink-credentials".into(),
         },
+        bulk: None,
     }
 }
 

@@ -22,6 +22,12 @@
 //!   `tokenSecret`: every request is signed HMAC-SHA256 per RFC 5849 §3.4.
 //!
 //! `clientId` wins when both sets are present. Credentials never reach a log or an error message.
+//!
+//! No batches: the REST record service has no batch upsert (one record per request; SOAP's `upsertList` is a
+//! different, older API), so the sink keeps the trait's default — no [`Sink::batch_limits`], one upsert per
+//! record — and `spec.delivery.batch` does not apply. Throughput comes from requests in flight instead, which
+//! NetSuite caps per account (15 to 65 by service tier and SuiteCloud Plus licences, shared by every
+//! integration of the account); `spec.delivery.concurrency` keeps Meshline's share under that cap.
 
 use std::time::Duration;
 

@@ -19,9 +19,22 @@
 //! is the mapping's own choice and is left alone; so is an empty list (Odoo reads it as "no change": emit
 //! `[[5, 0, 0]]` to remove every line). `create` needs no clear, there is nothing to replace yet.
 //!
+//! Batches ([`Sink::deliver_batch`], up to 100 records): one `search_read` with `[ref, "in", ids]` learns
+//! which records exist, then one `create` with the list of the new records' values (Odoo 12+ takes a list
+//! and answers the ids in the same order, in one transaction), then one `write` per existing record, each
+//! with its own result. The `create` goes first on purpose: if it fails, nothing of the batch has been
+//! written yet, so the whole batch fails (`Err`) and the pipeline bisects a permanent failure down to the
+//! poison record, or retries a transient one; no record is dead-lettered for another's error. Once the
+//! `create` has succeeded every record has its own outcome. A retry stays safe because every attempt starts
+//! with the search: a `create` that committed but whose answer was lost is found and written the next time.
+//! 100 records a batch because a `create` runs the ORM's computations (taxes, prices) for every order line
+//! in one request, and Odoo kills a request after `limit_time_cpu` (60 s by default) while Meshline gives up
+//! after 30 s; a few hundred orders with lines would come close.
+//!
 //! Secret keys: `login` and `apiKey` (an API key is used where the password would be). The spec gives
 //! `database` and `model` (default `sale.order`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
@@ -29,16 +42,19 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use url::Url;
 
+use super::http::bulk_correlation_id;
 use super::{BuildError, credential, lineage, required, send};
 use crate::api::{ErrorClass, SinkSpec};
 use crate::connectors::{
-    Credentials, Delivered, Delivery, Sink, SinkError, classify_status, truncate,
+    BatchLimits, Credentials, Delivered, Delivery, Sink, SinkError, classify_status, truncate,
 };
 
 const SYSTEM: &str = "odoo";
 const DEFAULT_MODEL: &str = "sale.order";
 const LOOKUP_PAGE: u64 = 500;
 const MAX_LOOKUP_ROWS: usize = 200_000;
+/// Records per batch: see the module doc for why fewer than the pipeline's default.
+pub const BATCH_RECORDS: usize = 100;
 
 /// Upserts records into an Odoo model.
 pub struct OdooSink {
@@ -247,6 +263,60 @@ impl OdooSink {
         result
     }
 
+    /// The payload as the values of a `create` or `write`, with the reference field set to the external id.
+    fn values(&self, delivery: &Delivery<'_>) -> Result<Value, SinkError> {
+        let mut values = delivery.payload.clone();
+        let Some(object) = values.as_object_mut() else {
+            return Err(SinkError::new(
+                SYSTEM,
+                ErrorClass::Permanent,
+                "an Odoo payload must be a JSON object",
+            ));
+        };
+        object.insert(
+            reference_field(&self.model).to_string(),
+            Value::String(delivery.external_id.to_string()),
+        );
+        Ok(values)
+    }
+
+    /// `write` on one existing record, its x2many command lists made to replace (see the module doc).
+    async fn write(
+        &self,
+        id: &Value,
+        mut values: Value,
+        correlation_id: &str,
+    ) -> Result<Delivered, SinkError> {
+        if let Some(object) = values.as_object_mut() {
+            replace_x2many_on_write(object);
+        }
+        self.execute_kw(
+            &self.model,
+            "write",
+            json!([[id], values]),
+            json!({}),
+            correlation_id,
+        )
+        .await?;
+        Ok(Delivered {
+            erp_id: Some(id.to_string()),
+            created: Some(false),
+            status: 200,
+        })
+    }
+
+    fn duplicates(&self, external_id: &str) -> SinkError {
+        SinkError::new(
+            SYSTEM,
+            ErrorClass::Permanent,
+            format!(
+                "several {} records have {} = {external_id:?}; resolve the duplicates in Odoo",
+                self.model,
+                reference_field(&self.model)
+            ),
+        )
+    }
+
     fn unexpected(what: &str, value: &Value) -> SinkError {
         SinkError::new(
             SYSTEM,
@@ -264,18 +334,7 @@ impl Sink for OdooSink {
 
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<Delivered, SinkError> {
         let field = reference_field(&self.model);
-        let mut values = delivery.payload.clone();
-        let Some(object) = values.as_object_mut() else {
-            return Err(SinkError::new(
-                SYSTEM,
-                ErrorClass::Permanent,
-                "an Odoo payload must be a JSON object",
-            ));
-        };
-        object.insert(
-            field.to_string(),
-            Value::String(delivery.external_id.to_string()),
-        );
+        let values = self.values(&delivery)?;
         let domain = json!([[[field, "=", delivery.external_id]]]);
         let found = self
             .execute_kw(
@@ -311,33 +370,149 @@ impl Sink for OdooSink {
                     status: 200,
                 })
             }
-            [id] => {
-                if let Some(object) = values.as_object_mut() {
-                    replace_x2many_on_write(object);
+            [id] => self.write(id, values, delivery.correlation_id).await,
+            _ => Err(self.duplicates(delivery.external_id)),
+        }
+    }
+
+    fn batch_limits(&self) -> Option<BatchLimits> {
+        Some(BatchLimits {
+            max_records: BATCH_RECORDS,
+            ..BatchLimits::DEFAULT
+        })
+    }
+
+    /// One `search_read`, one `create` of the new records' list, one `write` per existing record (the
+    /// module doc says why in this order).
+    async fn deliver_batch(
+        &self,
+        deliveries: &[Delivery<'_>],
+    ) -> Result<Vec<Result<Delivered, SinkError>>, SinkError> {
+        if deliveries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let field = reference_field(&self.model);
+        let correlation = bulk_correlation_id(deliveries);
+        let mut results: Vec<Option<Result<Delivered, SinkError>>> =
+            (0..deliveries.len()).map(|_| None).collect();
+        let mut values = Vec::with_capacity(deliveries.len());
+        for (i, delivery) in deliveries.iter().enumerate() {
+            match self.values(delivery) {
+                Ok(v) => values.push(Some(v)),
+                Err(e) => {
+                    values.push(None);
+                    results[i] = Some(Err(e));
                 }
-                self.execute_kw(
+            }
+        }
+        let wanted: Vec<&str> = deliveries
+            .iter()
+            .zip(&values)
+            .filter(|(_, v)| v.is_some())
+            .map(|(d, _)| d.external_id)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        // search_read, not search: the reference of each id found is what ties it to a record of the batch.
+        let found = self
+            .execute_kw(
+                &self.model,
+                "search_read",
+                json!([[[field, "in", wanted]]]),
+                json!({ "fields": [field] }),
+                &correlation,
+            )
+            .await?;
+        let rows = found
+            .as_array()
+            .ok_or_else(|| Self::unexpected("search_read", &found))?;
+        let mut existing: HashMap<&str, Vec<&Value>> = HashMap::new();
+        for row in rows {
+            let (Some(reference), Some(id)) = (row[field].as_str(), row.get("id")) else {
+                return Err(Self::unexpected("search_read", row));
+            };
+            existing.entry(reference).or_default().push(id);
+        }
+
+        let mut to_create = Vec::new();
+        let mut to_write = Vec::new();
+        for (i, delivery) in deliveries.iter().enumerate() {
+            let Some(v) = values[i].take() else { continue };
+            match existing.get(delivery.external_id).map(Vec::as_slice) {
+                None | Some([]) => to_create.push((i, v)),
+                Some([id]) => to_write.push((i, *id, v)),
+                Some(_) => results[i] = Some(Err(self.duplicates(delivery.external_id))),
+            }
+        }
+
+        if !to_create.is_empty() {
+            let list: Vec<&Value> = to_create.iter().map(|(_, v)| v).collect();
+            // Nothing is written before this call, so its failure is the whole batch's (see the module doc).
+            let created = self
+                .execute_kw(
                     &self.model,
-                    "write",
-                    json!([[id], values]),
+                    "create",
+                    json!([list]),
                     json!({}),
-                    delivery.correlation_id,
+                    &correlation,
                 )
                 .await?;
-                Ok(Delivered {
-                    erp_id: Some(id.to_string()),
-                    created: Some(false),
-                    status: 200,
-                })
+            let ids: Option<Vec<i64>> = match &created {
+                Value::Array(ids) => ids.iter().map(Value::as_i64).collect(),
+                single => single.as_i64().map(|id| vec![id]),
+            };
+            match ids.filter(|ids| ids.len() == to_create.len()) {
+                Some(ids) => {
+                    for ((i, _), id) in to_create.iter().zip(ids) {
+                        results[*i] = Some(Ok(Delivered {
+                            erp_id: Some(id.to_string()),
+                            created: Some(true),
+                            status: 200,
+                        }));
+                    }
+                }
+                None => {
+                    // Created, but which id is whose is unknown: the retry's search will find them.
+                    let err = Self::unexpected(
+                        &format!("create of {} records", to_create.len()),
+                        &created,
+                    );
+                    for (i, _) in &to_create {
+                        results[*i] = Some(Err(err.clone()));
+                    }
+                }
             }
-            _ => Err(SinkError::new(
-                SYSTEM,
-                ErrorClass::Permanent,
-                format!(
-                    "several {} records have {field} = {:?}; resolve the duplicates in Odoo",
-                    self.model, delivery.external_id
-                ),
-            )),
         }
+
+        let mut refused: Option<SinkError> = None;
+        for (i, id, v) in to_write {
+            let result = match &refused {
+                // Credentials that failed one write fail the next: spare Odoo the calls.
+                Some(err) => Err(err.clone()),
+                None => self.write(id, v, deliveries[i].correlation_id).await,
+            };
+            if let Err(e) = &result
+                && matches!(e.class, ErrorClass::FlowLevel | ErrorClass::Config)
+            {
+                refused = Some(e.clone());
+            }
+            results[i] = Some(result);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                // Every delivery has been given a result above; should one be missed, it is retried, never
+                // taken as delivered.
+                r.unwrap_or_else(|| {
+                    Err(SinkError::new(
+                        SYSTEM,
+                        ErrorClass::Transient,
+                        "the batch ended without a result for this record",
+                    ))
+                })
+            })
+            .collect())
     }
 
     async fn probe(&self) -> Result<(), SinkError> {
