@@ -138,6 +138,11 @@ impl PgServer {
         self.port
     }
 
+    /// The postmaster's process id (its backends are its children), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Creates a database and returns its URL, so one server can host independent ledgers.
     pub fn create_database(&self, name: &str) -> String {
         self.run_sql("postgres", &format!("CREATE DATABASE \"{name}\""));
@@ -307,6 +312,12 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap_or_else(|e| panic!("cannot read the bound port: {e}"))
         .port()
+}
+
+/// Whether the server's own library directory (next to its binaries) holds the loadable module `name`, e.g.
+/// `pg_stat_statements` from the contrib package, so `shared_preload_libraries` may name it.
+pub fn has_server_library(name: &str) -> bool {
+    find_bin_dir().is_some_and(|bin| bin.join("../lib").join(format!("{name}.so")).is_file())
 }
 
 fn find_bin_dir() -> Option<PathBuf> {

@@ -361,8 +361,18 @@ pub enum LedgerChoice {
     Postgres(String),
 }
 
+/// Where the flow delivers.
+#[derive(Clone, Copy, Debug)]
+pub enum SinkChoice<'a> {
+    /// The generic `http` sink at the ERP double's base URL.
+    Http(&'a str),
+    /// The `postgres` sink: upserts into `table` of the database at `url` (its Secret key `url`).
+    Postgres { url: &'a str, table: &'a str },
+}
+
 /// The example contract's flow, rewritten for a test: a signed generic webhook source, the `http` sink at
-/// the ERP double, the pricebook from a mounted ConfigMap, and the chosen ledger.
+/// the ERP double (or another sink, see [`FlowFiles::with_sink`]), the pricebook from a mounted ConfigMap, and
+/// the chosen ledger.
 pub struct FlowFiles {
     pub dir: tempfile::TempDir,
     pub rendered: RenderedFlow,
@@ -370,6 +380,10 @@ pub struct FlowFiles {
 
 impl FlowFiles {
     pub fn new(erp_base_url: &str, ledger: LedgerChoice, concurrency: u32) -> FlowFiles {
+        FlowFiles::with_sink(SinkChoice::Http(erp_base_url), ledger, concurrency)
+    }
+
+    pub fn with_sink(sink: SinkChoice<'_>, ledger: LedgerChoice, concurrency: u32) -> FlowFiles {
         let mut rendered = RenderedFlow::from_manifests(
             &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
         )
@@ -382,9 +396,18 @@ impl FlowFiles {
         spec.source.filter = None;
         spec.source.base_url = None;
         spec.source.poll_interval = None;
-        spec.sink.system = SinkSystem::Http;
-        spec.sink.base_url = Some(erp_base_url.to_string());
         spec.sink.record_type = None;
+        match sink {
+            SinkChoice::Http(base_url) => {
+                spec.sink.system = SinkSystem::Http;
+                spec.sink.base_url = Some(base_url.to_string());
+            }
+            SinkChoice::Postgres { table, .. } => {
+                spec.sink.system = SinkSystem::Postgres;
+                spec.sink.base_url = None;
+                spec.sink.table = Some(table.to_string());
+            }
+        }
         for lookup in &mut spec.lookups {
             lookup.from = LookupSource::ConfigMap;
             lookup.resource = None;
@@ -415,7 +438,14 @@ impl FlowFiles {
             "webhookSecret",
             WEBHOOK_SECRET,
         );
-        files.secret(&spec.sink.credentials_secret_ref.name, "token", ERP_TOKEN);
+        match sink {
+            SinkChoice::Http(_) => {
+                files.secret(&spec.sink.credentials_secret_ref.name, "token", ERP_TOKEN)
+            }
+            SinkChoice::Postgres { url, .. } => {
+                files.secret(&spec.sink.credentials_secret_ref.name, "url", url)
+            }
+        }
         if let LedgerChoice::Postgres(url) = &ledger {
             files.secret("ledger-pg", "url", url);
         }
@@ -580,6 +610,11 @@ impl WorkerProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The process id while it runs (a benchmark reads its CPU time from `/proc/<pid>/stat`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGKILL: no shutdown code runs, exactly like an OOM kill or a node loss.
