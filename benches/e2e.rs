@@ -29,7 +29,6 @@ mod postgres;
 #[allow(dead_code)]
 mod reliability;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reliability::{
@@ -612,7 +611,7 @@ fn main() {
             .split(',')
             .filter_map(|kv| kv.split_once('=')),
     );
-    let binary = Path::new(env!("CARGO_BIN_EXE_meshline"));
+    let binary = reliability::worker_binary();
     println!(
         "end-to-end benchmark: {} records, {} per signed webhook, {} senders, delivery concurrency {}, {} round(s); worker {}; PostgreSQL sink table {TABLE}{}",
         knobs.records,

@@ -495,6 +495,14 @@ impl FlowFiles {
 
 // ---- the worker process ----------------------------------------------------------------------------------
 
+/// The `meshline` binary the worker processes run: cargo's build of this target, or `MESHLINE_WORKER_BIN`
+/// (a benchmark built in one profile can then drive a binary built in another).
+pub fn worker_binary() -> PathBuf {
+    std::env::var_os("MESHLINE_WORKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_meshline")))
+}
+
 /// A free 127.0.0.1 port, reused across a worker's restarts like a pod's fixed port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -555,7 +563,7 @@ impl WorkerProcess {
             .append(true)
             .open(&self.log)
             .expect("worker log");
-        let child = Command::new(env!("CARGO_BIN_EXE_meshline"))
+        let child = Command::new(worker_binary())
             .arg("worker")
             .arg("--flow")
             .arg(&self.flow)
