@@ -143,6 +143,11 @@ impl PgServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The server's log (its stdout and stderr), e.g. for the plans `auto_explain` writes there.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// Creates a database and returns its URL, so one server can host independent ledgers.
     pub fn create_database(&self, name: &str) -> String {
         self.run_sql("postgres", &format!("CREATE DATABASE \"{name}\""));
