@@ -255,7 +255,10 @@ impl PostgresLedger {
             // transaction inserts meanwhile takes the conflict path, which ignores the lease columns (so it
             // is an update or a duplicate, leased to no one). `input` is read twice, so it is materialised
             // and keeps the key order of the arrays; the lease test is a hashed lookup, not a join, so the
-            // rows reach the insert in that order.
+            // rows reach the insert in that order. `leased` is materialised and tests against `existing` (the
+            // batch's keys already stored, found through the key index): inlined, it was planned once per input row, and a
+            // test against `records` itself became a hash anti-join over every record of the flow, so each
+            // ingest cost grew with the ledger (18 ms per 300 records at 20,000).
             let written = sqlx::query(
                 "WITH prior AS (SELECT idempotency_key, ordering_value FROM records \
                  WHERE flow = $1 AND idempotency_key = ANY($11)), \
@@ -263,8 +266,10 @@ impl PostgresLedger {
                  $7::text[], $8::bigint[], $9::text[], $10::bigint[], $12::bigint[]) AS t(source_key, \
                  idempotency_key, external_id, payload_hash, contract_version, bucket, correlation_id, \
                  ordering_value, position)), \
-                 leased AS (SELECT i.position FROM input i WHERE i.bucket = ANY($13) AND NOT EXISTS \
-                 (SELECT 1 FROM records x WHERE x.flow = $1 AND x.idempotency_key = i.idempotency_key) \
+                 existing AS MATERIALIZED (SELECT idempotency_key FROM records \
+                 WHERE flow = $1 AND idempotency_key = ANY($4::text[])), \
+                 leased AS MATERIALIZED (SELECT i.position FROM input i WHERE i.bucket = ANY($13) \
+                 AND NOT EXISTS (SELECT 1 FROM existing x WHERE x.idempotency_key = i.idempotency_key) \
                  ORDER BY i.position LIMIT $14), \
                  written AS ( \
                  INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \

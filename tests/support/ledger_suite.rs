@@ -920,10 +920,19 @@ pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixtu
         .await
         .unwrap();
     let keys: Vec<String> = (0..40).map(|i| format!("new-{i}")).collect();
-    let wanted: BucketSet = BucketSet::from_buckets(keys.iter().take(20).map(|k| bucket_of(k)));
-    let mut batch: Vec<IncomingRecord> = keys.iter().map(|k| record(k, json!({"k": k}))).collect();
-    batch.push(record("old-same", json!({"v": 1})));
-    batch.push(record("old-changed", json!({"v": 2})));
+    // The update and the duplicate come first and are in the requested buckets: only newness keeps them
+    // from being leased.
+    let wanted: BucketSet = BucketSet::from_buckets(
+        keys.iter()
+            .take(20)
+            .map(|k| bucket_of(k))
+            .chain([bucket_of("old-same"), bucket_of("old-changed")]),
+    );
+    let mut batch: Vec<IncomingRecord> = vec![
+        record("old-changed", json!({"v": 2})),
+        record("old-same", json!({"v": 1})),
+    ];
+    batch.extend(keys.iter().map(|k| record(k, json!({"k": k}))));
     let request = ledger::LeaseRequest {
         worker: "fast".into(),
         buckets: wanted,
@@ -932,8 +941,8 @@ pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixtu
     };
     let (outcomes, leased) = ledger.ingest_and_claim(batch, &request).await.unwrap();
     assert_eq!(outcomes.len(), 42);
-    assert!(matches!(outcomes[40], IngestOutcome::Duplicate { .. }));
-    assert!(matches!(outcomes[41], IngestOutcome::Updated { .. }));
+    assert!(matches!(outcomes[0], IngestOutcome::Updated { .. }));
+    assert!(matches!(outcomes[1], IngestOutcome::Duplicate { .. }));
     assert_eq!(
         leased.len(),
         5,
