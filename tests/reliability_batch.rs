@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use meshline::api::{BatchPolicy, SinkSystem};
 use rand::{Rng, SeedableRng};
 use reliability::*;
-use serde_json::Value;
 use sqlx::Row;
 
 const RECORDS: usize = 4_000;
@@ -27,29 +26,13 @@ const BATCH: usize = 100;
 const KILLS: u32 = 12;
 const OUTAGES: u32 = 3;
 
-/// New records in every CRM batch, and in later batches new revisions of earlier ones, so "latest payload"
-/// is tested. Returns the batches, the latest revision of every record and the number of versions sent.
-fn traffic() -> (Vec<Vec<Value>>, BTreeMap<usize, u32>, usize) {
-    let mut latest: BTreeMap<usize, u32> = BTreeMap::new();
-    let mut batches = Vec::new();
-    let mut versions = 0;
-    for b in 0..RECORDS / BATCH {
-        let mut batch = Vec::new();
-        for n in b * BATCH..(b + 1) * BATCH {
-            batch.push(opportunity(n, 1));
-            latest.insert(n, 1);
-        }
-        if b >= 2 {
-            for n in ((b - 2) * BATCH..(b - 1) * BATCH).filter(|n| n % 10 == 3) {
-                batch.push(opportunity(n, 2));
-                latest.insert(n, 2);
-            }
-        }
-        versions += batch.len();
-        batches.push(batch);
-    }
-    (batches, latest, versions)
-}
+/// Revision 2 of every tenth record, two batches after it first appeared.
+const REVISIONS: &[Revision] = &[Revision {
+    lag: 2,
+    modulus: 10,
+    ending: 3,
+    version: 2,
+}];
 
 /// Batch statements running in the sink database right now.
 async fn batches_in_flight(admin: &sqlx::PgPool) -> i64 {
@@ -118,7 +101,7 @@ async fn crash_and_outage_while_batches_are_delivered(
     worker.start().await;
     let _evidence = EvidenceOnFailure::new(vec![worker.ops_url()]);
 
-    let (batches, latest, versions) = traffic();
+    let (batches, latest, versions) = traffic(RECORDS, BATCH, REVISIONS);
     let urls = vec![worker.url()];
     let crm = tokio::spawn(async move {
         let http = client();

@@ -11,49 +11,34 @@ mod postgres;
 #[allow(dead_code)]
 mod reliability;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use meshline::ledger::{LedgerTarget, SystemClock};
 use rand::{Rng, SeedableRng};
 use reliability::*;
-use serde_json::Value;
 
 const RECORDS: usize = 10_000;
 const BATCH: usize = 100;
 const KILLS: u32 = 24;
 
-/// The CRM's traffic: batches of new records, and in later batches new revisions of earlier records (some
-/// revised twice), so "latest payload" is tested. Returns the batches, the latest revision of every record,
-/// and the number of record versions sent.
-fn traffic() -> (Vec<Vec<Value>>, BTreeMap<usize, u32>, usize) {
-    let mut latest: BTreeMap<usize, u32> = BTreeMap::new();
-    let mut batches = Vec::new();
-    let mut versions = 0;
-    for b in 0..RECORDS / BATCH {
-        let mut batch = Vec::new();
-        for n in b * BATCH..(b + 1) * BATCH {
-            batch.push(opportunity(n, 1));
-            latest.insert(n, 1);
-        }
-        if b >= 2 {
-            for n in ((b - 2) * BATCH..(b - 1) * BATCH).filter(|n| n % 10 == 3) {
-                batch.push(opportunity(n, 2));
-                latest.insert(n, 2);
-            }
-        }
-        if b >= 4 {
-            for n in ((b - 4) * BATCH..(b - 3) * BATCH).filter(|n| n % 50 == 3) {
-                batch.push(opportunity(n, 3));
-                latest.insert(n, 3);
-            }
-        }
-        versions += batch.len();
-        batches.push(batch);
-    }
-    (batches, latest, versions)
-}
+/// Revision 2 of every tenth record two batches after it appeared, and revision 3 of every fiftieth four
+/// batches after (some records are revised twice).
+const REVISIONS: &[Revision] = &[
+    Revision {
+        lag: 2,
+        modulus: 10,
+        ending: 3,
+        version: 2,
+    },
+    Revision {
+        lag: 4,
+        modulus: 50,
+        ending: 3,
+        version: 3,
+    },
+];
 
 async fn kill_and_restart_while_the_crm_sends(ledger: LedgerChoice, seed: u64) {
     let started = Instant::now();
@@ -66,7 +51,7 @@ async fn kill_and_restart_while_the_crm_sends(ledger: LedgerChoice, seed: u64) {
     worker.start().await;
     let _evidence = EvidenceOnFailure::new(vec![worker.ops_url()]);
 
-    let (batches, latest, versions) = traffic();
+    let (batches, latest, versions) = traffic(RECORDS, BATCH, REVISIONS);
     let urls = vec![worker.url()];
     let crm = tokio::spawn(async move {
         let http = client();

@@ -529,15 +529,8 @@ impl Pipeline {
         Completion { claim, outcome }
     }
 
+    /// The contract's verdict on a claimed record: to deliver, or the outcome it ends with here.
     async fn judge(&self, record: &ClaimedRecord) -> Judged {
-        match self.decide(record).await {
-            Ok(judged) => judged,
-            Err(outcome) => Judged::Done(outcome),
-        }
-    }
-
-    /// The contract's verdict: `Ok(Accepted)` for a record to deliver, `Err(outcome)` for one that ends here.
-    async fn decide(&self, record: &ClaimedRecord) -> Result<Judged, Outcome> {
         let bytes = record.payload.as_bytes();
         let approved_rule = if record.approved_by.is_some() {
             self.approved_rule(record).await
@@ -557,7 +550,7 @@ impl Pipeline {
                     .iter()
                     .any(|r| r.code == ReasonCode::DeadlineExceeded) =>
             {
-                Err(self.overran(record, &reasons).await)
+                Judged::Done(self.overran(record, &reasons).await)
             }
             ContractOutcome::Rejected { reasons } => {
                 self.metrics.fail(ErrorClass::Permanent);
@@ -571,7 +564,7 @@ impl Pipeline {
                     .map(|r| format!("{}: {}", r.subject, r.message))
                     .collect::<Vec<_>>()
                     .join("; ");
-                Err(dead_letter(
+                Judged::Done(dead_letter(
                     &key,
                     ErrorClass::Permanent,
                     message,
@@ -585,7 +578,7 @@ impl Pipeline {
                 ..
             } => {
                 self.metrics.held.inc();
-                Err(Outcome::Held {
+                Judged::Done(Outcome::Held {
                     rule,
                     role: approver_role,
                     snapshot: self.snapshot(record),
@@ -606,10 +599,10 @@ impl Pipeline {
                         tracing::warn!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, error = %e, "lineage write failed");
                     }
                 }
-                Ok(Judged::Accepted {
+                Judged::Accepted {
                     payload,
                     external_id: external_id.as_str().to_string(),
-                })
+                }
             }
         }
     }

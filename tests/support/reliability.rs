@@ -319,6 +319,46 @@ pub fn opportunity(n: usize, version: u32) -> Value {
     v
 }
 
+/// A later revision a CRM sends: `version` of every record whose number ends in `ending` modulo `modulus`,
+/// sent `lag` batches after the record first appeared.
+#[derive(Debug, Clone, Copy)]
+pub struct Revision {
+    pub lag: usize,
+    pub modulus: usize,
+    pub ending: usize,
+    pub version: u32,
+}
+
+/// A CRM's traffic: batches of `per_batch` new records (`records` in all), and in later batches the given
+/// revisions of earlier ones, so "latest payload" is tested. Returns the batches, the latest version of every
+/// record, and the number of record versions sent.
+pub fn traffic(
+    records: usize,
+    per_batch: usize,
+    revisions: &[Revision],
+) -> (Vec<Vec<Value>>, BTreeMap<usize, u32>, usize) {
+    let mut latest: BTreeMap<usize, u32> = BTreeMap::new();
+    let mut batches = Vec::new();
+    let mut versions = 0;
+    for b in 0..records / per_batch {
+        let mut batch = Vec::new();
+        for n in b * per_batch..(b + 1) * per_batch {
+            batch.push(opportunity(n, 1));
+            latest.insert(n, 1);
+        }
+        for r in revisions.iter().filter(|r| b >= r.lag) {
+            let earlier = (b - r.lag) * per_batch..(b - r.lag + 1) * per_batch;
+            for n in earlier.filter(|n| n % r.modulus == r.ending) {
+                batch.push(opportunity(n, r.version));
+                latest.insert(n, r.version);
+            }
+        }
+        versions += batch.len();
+        batches.push(batch);
+    }
+    (batches, latest, versions)
+}
+
 pub fn opportunity_id(n: usize) -> String {
     format!("0065g{n:013}")
 }
