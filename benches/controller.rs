@@ -159,6 +159,7 @@ fn main() {
         let (stores, mut writers) = Stores::new();
         let mut contract: SyncContract = load("contract.yaml");
         contract.metadata.uid = Some("c".into());
+        let contract = controller_support::activated(contract, &mut writers.revisions);
         put(&mut writers.contracts, contract);
         put(&mut writers.rosters, load::<OwnershipRoster>("roster.yaml"));
         let ctx = Arc::new(Context::new(

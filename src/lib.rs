@@ -11,6 +11,7 @@ pub mod controller;
 pub mod crd;
 pub mod dev;
 pub mod ledger;
+pub mod rollout;
 pub mod sim;
 pub mod validate;
 pub mod worker;

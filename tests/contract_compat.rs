@@ -553,7 +553,8 @@ fn the_content_hash_ignores_sign_offs_and_formatting_but_not_content() {
     let hash = content_hash(&spec);
     let mut signed = spec.clone();
     signed.sign_offs.push(SignOff {
-        role: meshline::api::OwnerRole::SyncOwner,
+        role: Some(meshline::api::OwnerRole::SyncOwner),
+        content_hash: None,
         owner: "dana".into(),
         version: "1.2.0".into(),
         approved_at: None,

@@ -922,6 +922,7 @@ fn compute(
         deployment: None,
         observation,
         sla: c.as_ref().and_then(|c| c.spec.sla.as_ref()),
+        live_contract: c.as_deref(),
         previous,
         now,
     })

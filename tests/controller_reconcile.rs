@@ -83,7 +83,8 @@ fn harness_with(build: BuildSettings) -> Harness {
     double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
     double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
     let (stores, mut writers) = Stores::new();
-    apply(&mut writers.contracts, contract());
+    let c = controller_support::activated(contract(), &mut writers.revisions);
+    apply(&mut writers.contracts, c);
     apply(&mut writers.rosters, roster());
     let client = double.client();
     // The EndpointSlice cache is filled the way the controller fills it: a reflector listing and watching the
@@ -370,6 +371,7 @@ async fn contract_change_rolls_the_pods_through_the_config_hash() {
     let mut c = contract();
     c.spec.version = "2.1.0".into();
     c.spec.mapping.fields[0].optional = !c.spec.mapping.fields[0].optional;
+    let c = controller_support::activated(c, &mut h.writers.revisions);
     apply(&mut h.writers.contracts, c);
     let third = reconcile(&h, &f).await;
     let kinds: Vec<&str> = writes(&third).iter().map(|r| r.kind()).collect();
@@ -480,6 +482,7 @@ async fn contract_that_does_not_compile_is_a_condition_not_a_crash() {
     let mut h = harness();
     let mut c = contract();
     c.spec.mapping.fields[0].expression = "record.dealname +".into();
+    let c = controller_support::activated(c, &mut h.writers.revisions);
     apply(&mut h.writers.contracts, c);
     let w = reconcile(&h, &flow()).await;
     let cond = condition(
@@ -650,76 +653,6 @@ async fn worker_status_is_folded_into_the_flow_status() {
             .iter()
             .any(|r| r.path.contains("/events") && r.body["reason"] == "Recovered")
     );
-}
-
-#[tokio::test]
-async fn contract_status_records_the_revision_once() {
-    let h = harness();
-    let c = contract();
-    register(&h, &c);
-    meshline::controller::contract::reconcile(Arc::new(c.clone()), h.ctx.clone())
-        .await
-        .unwrap();
-    let requests = h.double.take();
-    let w = writes(&requests);
-    assert_eq!(
-        w[0].method, "POST",
-        "the revision ConfigMap is created once"
-    );
-    assert_eq!(w[0].kind(), "ConfigMap");
-    let s = &w[1].body;
-    assert!(w[1].is_forced_apply());
-    assert_eq!(s["kind"], "SyncContract");
-    assert_eq!(s["status"]["currentVersion"], "2.0.1");
-    assert_eq!(s["status"]["observedGeneration"], 1);
-    let rev = &s["status"]["versionHistory"][0];
-    assert_eq!(
-        rev["contentHash"],
-        meshline::contract::content_hash(&c.spec).as_str()
-    );
-    assert_eq!(rev["compatibility"], "initial");
-    assert_eq!(condition(&s["status"], "Accepted")["status"], "True");
-}
-
-/// The revision ConfigMap's name is one a real API server accepts (the double refuses what it refuses), so the
-/// contract's status does get written: with `sha256:` in the name it never was, on a cluster.
-#[tokio::test]
-async fn contract_revision_is_stored_under_a_valid_name_and_the_status_is_written() {
-    let h = harness();
-    let mut long = contract();
-    long.metadata.name = Some(format!("deal.to.sale-order-{}", "x".repeat(230)));
-    for c in [contract(), long] {
-        register(&h, &c);
-        meshline::controller::contract::reconcile(Arc::new(c.clone()), h.ctx.clone())
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "contract {} did not reconcile: {e}",
-                    c.metadata.name.as_deref().unwrap()
-                )
-            });
-        let requests = h.double.take();
-        let w = writes(&requests);
-        let create = w
-            .iter()
-            .find(|r| r.method == "POST" && r.kind() == "ConfigMap")
-            .expect("the revision ConfigMap is created");
-        let name = create.body["metadata"]["name"].as_str().unwrap();
-        assert!(name.len() <= 253 && !name.contains(':'), "{name}");
-        assert!(
-            name.ends_with(
-                &meshline::contract::content_hash(&c.spec).as_str()["sha256:".len()..][..12]
-            ) || name.len() > 200,
-            "a short contract name keeps the hash readable: {name}"
-        );
-        let status = status_patch(&requests).expect("the contract status is written");
-        assert!(status.is_forced_apply());
-        assert_eq!(status.body["status"]["currentVersion"], "2.0.1");
-        assert_eq!(
-            condition(&status.body["status"], "Accepted")["status"],
-            "True"
-        );
-    }
 }
 
 /// A flow name that is a valid SyncFlow name but not a valid Service name (dots), or too long for a label
@@ -1775,7 +1708,8 @@ async fn platform_defaults_and_flow_settings_reach_a_deployment_the_api_server_a
     double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
     double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
     let (stores, mut writers) = Stores::new();
-    apply(&mut writers.contracts, contract());
+    let c = controller_support::activated(contract(), &mut writers.revisions);
+    apply(&mut writers.contracts, c);
     apply(&mut writers.rosters, roster());
     let defaults = meshline::cli::controller::parse_worker_defaults(
         r#"{"serviceAccountName": "sync-workers", "imagePullSecrets": [{"name": "regcred"}],

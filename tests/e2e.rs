@@ -545,23 +545,27 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         })
         .await;
         assert_eq!(cs.current_version.as_deref(), Some("2.0.1"));
-        assert_eq!(cs.version_history.len(), 1);
+        assert_eq!(cs.revisions.len(), 1);
+        assert_eq!(cs.revisions[0].state, meshline::api::RevisionState::Active);
         assert!(
             cs.conditions
                 .iter()
-                .any(|c| c.r#type == "Accepted" && c.status == "True")
+                .any(|c| c.r#type == "Ready" && c.status == "True")
         );
-        // The accepted revision is kept in a ConfigMap the API server accepted, under the name the reconciler
-        // looks it up by.
+        // The active revision is kept in a ControllerRevision the API server accepted, under the name the
+        // reconciler looks it up by, and the flow runs it.
         let revision = meshline::controller::contract::revision_name(
             "deal-to-sale-order",
-            &cs.version_history[0].content_hash,
+            &cs.revisions[0].content_hash,
         );
+        assert_eq!(cs.active_revision.as_deref(), Some(revision.as_str()));
         assert!(!revision.contains(':'), "{revision}");
-        let kept = cms
+        let revisions: Api<k8s_openapi::api::apps::v1::ControllerRevision> =
+            Api::namespaced(client.clone(), &ns);
+        let kept = revisions
             .get(&revision)
             .await
-            .unwrap_or_else(|e| panic!("the revision ConfigMap {revision} is missing: {e}"));
+            .unwrap_or_else(|e| panic!("the ControllerRevision {revision} is missing: {e}"));
         assert!(
             kept.metadata
                 .owner_references
@@ -569,6 +573,7 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
                 .flatten()
                 .any(|o| o.kind == "SyncContract" && o.controller == Some(true))
         );
+        assert_eq!(status.contract_revision.as_deref(), Some(revision.as_str()));
         assert_valid_config_map_names(&cms).await;
 
         // The roster's status.
@@ -1040,13 +1045,14 @@ async fn dotted_and_long_names_give_children_the_api_server_accepts() {
                 .filter(|s| s.current_version.is_some())
         })
         .await;
-        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
         let revision = meshline::controller::contract::revision_name(
             &long_contract,
-            &cs.version_history[0].content_hash,
+            &cs.revisions[0].content_hash,
         );
         assert!(revision.len() <= 253, "{revision}");
-        cms.get(&revision).await.unwrap();
+        let revisions: Api<k8s_openapi::api::apps::v1::ControllerRevision> =
+            Api::namespaced(client.clone(), &ns);
+        revisions.get(&revision).await.unwrap();
 
         let services: Api<Service> = Api::namespaced(client.clone(), &ns);
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
@@ -1076,7 +1082,7 @@ async fn dotted_and_long_names_give_children_the_api_server_accepts() {
                 .find(|c| c.r#type == "ContractResolved" && c.status == "True")
         })
         .await;
-        assert_valid_config_map_names(&cms).await;
+        assert_valid_config_map_names(&Api::namespaced(client.clone(), &ns)).await;
     })
     .await;
 }

@@ -24,7 +24,8 @@ use super::common::Condition;
     printcolumn = r#"{"name":"Source","type":"string","jsonPath":".spec.source.entity"}"#,
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".spec.target.entity"}"#,
     printcolumn = r#"{"name":"Compatibility","type":"string","jsonPath":".spec.compatibility"}"#,
-    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name":"Active","type":"string","jsonPath":".status.currentVersion"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -317,14 +318,22 @@ pub enum CompatibilityMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SignOff {
-    /// The roster role of the approver (sourceOwner, sinkOwner, syncOwner, platformOwner).
-    pub role: super::common::OwnerRole,
-    /// The owner's id in the OwnershipRoster.
+    /// The owner's id in the OwnershipRoster. The gate counts a sign-off by the source owner and the sink owner
+    /// the roster assigns to each flow bound to the contract.
     #[schemars(length(min = 1, max = 63))]
     pub owner: String,
     /// The version that was approved.
     #[schemars(length(min = 5, max = 64))]
     pub version: String,
+    /// The content that was approved (`sha256:` and 64 hex digits, as `meshline contract diff` and the
+    /// contract's status print it). With it, a sign-off approves exactly that content: one written for other
+    /// content does not count. Without it, the sign-off approves whatever content carries the version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 71), pattern(r"^sha256:[0-9a-f]{64}$"))]
+    pub content_hash: Option<String>,
+    /// The roster role the approver signs as (informational: the gate matches owners, not roles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<super::common::OwnerRole>,
     /// When (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 64))]
@@ -337,50 +346,142 @@ pub struct SignOff {
 pub struct SyncContractStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Compiled, Compatible, SignedOff, PreflightPassed, and Ready (the spec is the active revision).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The newest version that compiled and passed the compatibility check.
+    /// The version the bound flows' workers run (the active revision's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub current_version: Option<String>,
-    /// Every version seen, oldest first; each is kept as an immutable revision to roll back to.
+    /// The ControllerRevision the bound flows run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub active_revision: Option<String>,
+    /// The revision going through the gates, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub candidate_revision: Option<String>,
+    /// Every revision the controller has kept or judged, oldest first (bounded: superseded and rejected ones
+    /// beyond the history limit are pruned, never the active one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub version_history: Vec<ContractRevision>,
-    /// Preflight replays of new versions against recent ledger records.
+    #[schemars(length(max = 64))]
+    pub revisions: Vec<ContractRevision>,
+    /// The candidate's preflight replay on each bound flow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 200))]
     pub preflight: Vec<PreflightResult>,
 }
 
-/// One immutable revision of a contract.
+/// Where a revision stands. A revision moves Pending → Preflight → Active → Superseded, or ends Rejected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum RevisionState {
+    /// Passed the compatibility check; waiting for sign-offs.
+    #[default]
+    Pending,
+    /// Signed off; preflight replay Jobs are running on the bound flows.
+    Preflight,
+    /// Failed a gate (see `message`); never reaches workers.
+    Rejected,
+    /// Rolled out to part of the record buckets.
+    Canary,
+    /// What the bound flows' workers run.
+    Active,
+    /// Was active; replaced by a newer revision.
+    Superseded,
+}
+
+impl RevisionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevisionState::Pending => "Pending",
+            RevisionState::Preflight => "Preflight",
+            RevisionState::Rejected => "Rejected",
+            RevisionState::Canary => "Canary",
+            RevisionState::Active => "Active",
+            RevisionState::Superseded => "Superseded",
+        }
+    }
+}
+
+/// One immutable revision of a contract: a version and its content, kept as a ControllerRevision.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ContractRevision {
+    /// The ControllerRevision that holds the spec (none for a revision rejected before it was stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub name: Option<String>,
+    #[schemars(length(max = 64))]
     pub version: String,
-    /// SHA-256 of the canonical spec content, so a content change without a version change is caught.
+    /// SHA-256 of the canonical spec content (sign-offs left out), so a content change without a version change
+    /// is caught.
+    #[schemars(length(max = 71))]
     pub content_hash: String,
+    pub state: RevisionState,
+    /// When the revision entered its state (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_at: Option<String>,
-    /// Compatibility verdict against the previous revision (`compatible`, `breaking`, `initial`).
+    #[schemars(length(max = 64))]
+    pub state_since: Option<String>,
+    /// Compatibility verdict against the active revision (`initial`, `compatible`, `breaking`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
     pub compatibility: Option<String>,
-    /// The roles that signed this version off.
+    /// The owners whose sign-off counted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50), inner(length(max = 63)))]
     pub signed_off_by: Vec<String>,
+    /// The reason of the gate that decided the state (`IncompatibleChange`, `PreflightFailed`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub reason: Option<String>,
+    /// Why the revision is where it is (the failed gate's reason for a rejected one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub message: Option<String>,
 }
 
-/// The result of replaying recent records through a new version next to the old one.
+/// The replay of a flow's recent records through the candidate next to the active revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PreflightResult {
+    /// The bound flow.
+    #[schemars(length(max = 253))]
+    pub flow: String,
+    /// The candidate revision replayed.
+    #[schemars(length(max = 253))]
+    pub revision: String,
+    #[schemars(length(max = 64))]
     pub version: String,
-    /// Pending, Running, Passed or Failed.
+    /// Running, Passed or Failed.
+    #[schemars(length(max = 16))]
     pub phase: String,
+    /// The Job that replays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub job: Option<String>,
     #[serde(default)]
     pub records: i64,
-    /// Records whose outcome differs between the two versions.
     #[serde(default)]
-    pub changed_outcomes: i64,
+    pub newly_rejected: i64,
+    #[serde(default)]
+    pub newly_held: i64,
+    #[serde(default)]
+    pub newly_accepted: i64,
+    /// Records accepted by both revisions whose ERP payload differs.
+    #[serde(default)]
+    pub changed_outputs: i64,
+    /// The target paths that changed most, as `path: records`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10), inner(length(max = 300)))]
+    pub changed_paths: Vec<String>,
+    /// Why it failed, or a one-line summary.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub finished_at: Option<String>,
 }

@@ -423,6 +423,23 @@ pub struct RolloutPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100_000))]
     pub preflight_records: Option<u32>,
+    /// Records the candidate may newly dead-letter in the preflight replay (default 0): accepted or held by the
+    /// active revision, rejected by the candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub max_newly_rejected: Option<u32>,
+    /// Records whose ERP payload may change in the preflight replay (default: no limit; the report still counts
+    /// them by target path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100_000))]
+    pub max_changed_outputs: Option<u32>,
+    /// How long a preflight replay Job may run before it counts as failed (default 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 64),
+        pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
+    )]
+    pub preflight_timeout: Option<Duration>,
     /// Canary steps; without them a new version replaces the old one after preflight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryPolicy>,
@@ -627,6 +644,10 @@ pub struct SyncFlowStatus {
     /// Ready, Degraded, Progressing, OwnerAssigned, ContractResolved.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The contract revision (a ControllerRevision of the SyncContract) the stable workers run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub contract_revision: Option<String>,
     /// The contract version the stable workers run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_contract_version: Option<String>,

@@ -26,7 +26,8 @@ pub mod secrets;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -72,6 +73,10 @@ pub struct Stores {
     /// The per-flow NetworkPolicies; fed only when the controller ships or cleans them up (empty otherwise,
     /// so a controller without that RBAC never lists them).
     pub network_policies: Store<NetworkPolicy>,
+    /// Contract revisions (ControllerRevisions the controller made).
+    pub revisions: Store<ControllerRevision>,
+    /// Preflight replay Jobs.
+    pub jobs: Store<Job>,
 }
 
 /// The writing ends of [`Stores`], fed by the reflectors (or directly by tests and the benchmark).
@@ -87,6 +92,8 @@ pub struct Writers {
     pub tokens: Writer<Secret>,
     pub endpoint_slices: Writer<EndpointSlice>,
     pub network_policies: Writer<NetworkPolicy>,
+    pub revisions: Writer<ControllerRevision>,
+    pub jobs: Writer<Job>,
 }
 
 impl Stores {
@@ -102,6 +109,8 @@ impl Stores {
         let (tokens, wt) = reflector::store();
         let (endpoint_slices, we) = reflector::store();
         let (network_policies, wn) = reflector::store();
+        let (revisions, wrv) = reflector::store();
+        let (jobs, wj) = reflector::store();
         (
             Stores {
                 flows,
@@ -115,6 +124,8 @@ impl Stores {
                 tokens,
                 endpoint_slices,
                 network_policies,
+                revisions,
+                jobs,
             },
             Writers {
                 flows: wf,
@@ -128,6 +139,8 @@ impl Stores {
                 tokens: wt,
                 endpoint_slices: we,
                 network_policies: wn,
+                revisions: wrv,
+                jobs: wj,
             },
         )
     }

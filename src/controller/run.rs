@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -354,6 +355,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         tokens: wt,
         endpoint_slices: we,
         network_policies: wn,
+        revisions: wrv,
+        jobs: wj,
     } = writers;
 
     // Reflected streams, shared between the caches and the controllers' triggers.
@@ -402,6 +405,18 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let tokens = reflector::reflector(wt, watcher(api::<Secret>(&client, ns), managed.clone()))
         .default_backoff()
         .touched_objects();
+    // Contract revisions: a flow runs the active one, so a revision arriving in the cache after the contract's
+    // status named it re-reconciles the contract's flows.
+    let revisions = reflector::reflector(
+        wrv,
+        watcher(api::<ControllerRevision>(&client, ns), managed.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    // Preflight replay Jobs, owned by their contract.
+    let jobs = reflector::reflector(wj, watcher(api::<Job>(&client, ns), managed.clone()))
+        .default_backoff()
+        .touched_objects();
     // Nothing reconciles on EndpointSlices: the poller reads the cache each period, so the reflector only has
     // to be driven.
     tokio::spawn(
@@ -440,6 +455,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let (roster_events_tx, roster_events_rx) =
         futures::channel::mpsc::unbounded::<(OwnershipRoster, bool)>();
     let (flow_events_tx, flow_events_rx) = futures::channel::mpsc::unbounded::<SyncFlow>();
+    // The contract controller hears the same events: a flow bound or unbound changes who signs and where
+    // preflight runs, and a roster edit changes the owners who sign.
+    let (contract_flow_tx, contract_flow_rx) = futures::channel::mpsc::unbounded::<SyncFlow>();
+    let (contract_roster_tx, contract_roster_rx) =
+        futures::channel::mpsc::unbounded::<OwnershipRoster>();
     let contracts = contracts.filter_map(move |ev| {
         future::ready(match ev {
             Ok(watcher::Event::Apply(c)) | Ok(watcher::Event::InitApply(c)) => {
@@ -458,9 +478,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         future::ready(match ev {
             Ok(watcher::Event::Apply(r)) | Ok(watcher::Event::InitApply(r)) => {
                 let _ = roster_events_tx.unbounded_send((r.clone(), false));
+                let _ = contract_roster_tx.unbounded_send(r.clone());
                 Some(Ok(r))
             }
             Ok(watcher::Event::Delete(r)) => {
+                let _ = contract_roster_tx.unbounded_send(r.clone());
                 let _ = roster_events_tx.unbounded_send((r, true));
                 None
             }
@@ -471,6 +493,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let flows = flows.inspect(move |f| {
         if let Ok(f) = f {
             let _ = flow_events_tx.unbounded_send(f.clone());
+            let _ = contract_flow_tx.unbounded_send(f.clone());
         }
     });
 
@@ -498,6 +521,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let c2 = ctx.clone();
     let c3 = ctx.clone();
     let c4 = ctx.clone();
+    let c5 = ctx.clone();
+    let c6 = ctx.clone();
     let flow_controller =
         Controller::for_stream(flows, stores.flows.clone())
             .owns_stream(deployments)
@@ -521,6 +546,28 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                     }))
                 })
                 .flatten(),
+            )
+            .reconcile_on(
+                revisions
+                    .filter_map(move |r| {
+                        future::ready(r.ok().and_then(|r| {
+                            let owner = r
+                                .owner_references()
+                                .iter()
+                                .find(|o| o.kind == "SyncContract")?
+                                .name
+                                .clone();
+                            let c = c5
+                                .stores
+                                .contracts
+                                .get(&ObjectRef::new(&owner).within(&r.namespace()?))?;
+                            Some(futures::stream::iter(flows_of_contract(
+                                &c5.stores.flows.state(),
+                                &c,
+                            )))
+                        }))
+                    })
+                    .flatten(),
             )
             .reconcile_on(contract_events_rx.flat_map(move |(c, _)| {
                 futures::stream::iter(flows_of_contract(&c1.stores.flows.state(), &c))
@@ -605,6 +652,28 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .for_each(|_| future::ready(()));
 
     let contract_controller = Controller::for_stream(contracts, stores.contracts.clone())
+        .owns_stream(jobs)
+        .reconcile_on(contract_flow_rx.filter_map(|f| {
+            future::ready(
+                f.namespace()
+                    .map(|ns| ObjectRef::<SyncContract>::new(&f.spec.contract.name).within(&ns)),
+            )
+        }))
+        .reconcile_on(contract_roster_rx.flat_map(move |r| {
+            // Every contract with a flow in the roster's namespace: an owner change may complete a sign-off.
+            let ns = r.namespace();
+            let mut contracts: Vec<ObjectRef<SyncContract>> = c6
+                .stores
+                .flows
+                .state()
+                .iter()
+                .filter(|f| f.namespace() == ns)
+                .filter_map(|f| Some(ObjectRef::new(&f.spec.contract.name).within(&f.namespace()?)))
+                .collect();
+            contracts.sort_by(|a, b| a.name.cmp(&b.name));
+            contracts.dedup();
+            futures::stream::iter(contracts)
+        }))
         .graceful_shutdown_on(lost.clone())
         .run(
             {

@@ -83,6 +83,35 @@ struct Watch {
     send: mpsc::UnboundedSender<Result<Vec<u8>, std::io::Error>>,
 }
 
+/// `contract` as the contract reconciler leaves it once its spec is the active revision: the status names the
+/// revision and the revision cache holds it. Flow reconciles run the active revision, never the live spec.
+pub fn activated(
+    mut contract: meshline::api::SyncContract,
+    revisions: &mut kube::runtime::reflector::store::Writer<
+        k8s_openapi::api::apps::v1::ControllerRevision,
+    >,
+) -> meshline::api::SyncContract {
+    use meshline::controller::contract::build;
+    let hash = meshline::contract::content_hash(&contract.spec)
+        .as_str()
+        .to_string();
+    let revision = build::controller_revision(&contract, &hash, 1);
+    let name = revision.metadata.name.clone().unwrap();
+    revisions.apply_watcher_event(&kube::runtime::watcher::Event::Apply(revision));
+    let status = contract.status.get_or_insert_with(Default::default);
+    status.active_revision = Some(name.clone());
+    status.current_version = Some(contract.spec.version.clone());
+    status.revisions.retain(|r| r.content_hash != hash);
+    status.revisions.push(meshline::api::ContractRevision {
+        name: Some(name),
+        version: contract.spec.version.clone(),
+        content_hash: hash,
+        state: meshline::api::RevisionState::Active,
+        ..Default::default()
+    });
+    contract
+}
+
 fn watch_line(kind: &str, object: &Value) -> Vec<u8> {
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
     line.push(b'\n');
@@ -180,7 +209,15 @@ impl ApiDouble {
                 }
                 (200, answer)
             }
-            "POST" => (201, r.body.clone()),
+            "POST" => {
+                // The API server gives every created object its uid.
+                let mut created = r.body.clone();
+                if let Some(meta) = created.get_mut("metadata").and_then(Value::as_object_mut) {
+                    let name = meta.get("name").and_then(Value::as_str).unwrap_or_default();
+                    meta.insert("uid".into(), json!(format!("uid-{name}")));
+                }
+                (201, created)
+            }
             "DELETE" => (
                 200,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
@@ -373,6 +410,9 @@ pub mod collections {
             "secrets" => "Secret",
             "configmaps" => "ConfigMap",
             "deployments" => "Deployment",
+            "pods" => "Pod",
+            "jobs" => "Job",
+            "controllerrevisions" => "ControllerRevision",
             _ => return None,
         })
     }
@@ -598,6 +638,8 @@ pub mod rules {
             // A Job's name is also its pods' `job-name` label value.
             "jobs" => ("Job", NameRule::Subdomain { max: 63 }),
             "configmaps" => ("ConfigMap", sub),
+            "controllerrevisions" => ("ControllerRevision", sub),
+            "pods" => ("Pod", sub),
             "secrets" => ("Secret", sub),
             "deployments" => ("Deployment", sub),
             "persistentvolumeclaims" => ("PersistentVolumeClaim", sub),
@@ -989,6 +1031,19 @@ pub mod rules {
             .map(|e| invalid_value("metadata.name", name, e))
             .collect();
         let meta = &body["metadata"];
+        // An owner reference names its owner completely; the API server refuses an empty uid.
+        for (i, owner) in meta["ownerReferences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            for field in ["apiVersion", "kind", "name", "uid"] {
+                if owner[field].as_str().unwrap_or_default().is_empty() {
+                    out.push(required(&format!("metadata.ownerReferences[{i}].{field}")));
+                }
+            }
+        }
         labels("metadata.labels", meta.get("labels"), &mut out);
         annotations("metadata.annotations", meta.get("annotations"), &mut out);
         let template = &body["spec"]["template"]["metadata"];

@@ -100,11 +100,19 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     }
     tracing::debug!(namespace = %ns, name = %name, "reconciling SyncFlow");
 
-    // 1. Gather.
-    let contract = ctx
+    // 1. Gather. The flow runs the contract's active revision, never its live spec: a new version reaches the
+    // workers only through the contract's gates.
+    let live_contract = ctx
         .stores
         .contracts
         .get(&ObjectRef::new(&flow.spec.contract.name).within(&ns));
+    let (contract, hold) = match &live_contract {
+        None => (None, None),
+        Some(c) => match super::contract::active_contract(ctx, &ns, c) {
+            Ok(active) => (Some(Arc::new(active)), None),
+            Err(why) => (None, Some(why)),
+        },
+    };
     let rosters: Vec<_> = ctx
         .stores
         .rosters
@@ -115,7 +123,7 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     let secrets = gather_secrets(ctx, flow).await?;
 
     // 2. Validate.
-    let verdict = validate::validate(validate::Inputs {
+    let mut verdict = validate::validate(validate::Inputs {
         flow,
         contract,
         rosters: &rosters,
@@ -123,6 +131,13 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         compile: &|c| ctx.compile(c),
         worker_defaults: &ctx.build.worker_defaults,
     });
+    if let Some(why) = &hold {
+        // Nothing to run yet, or the active revision is not known: the children stay as they are.
+        verdict.contract_resolved = validate::Gate::Failed {
+            reason: "AwaitingActiveRevision",
+            message: why.clone(),
+        };
+    }
 
     let worker = build::worker_name(&name);
     let live_deployment = ctx
@@ -233,6 +248,16 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             None => {}
         }
         (desired.replicas, desired.capped)
+    } else if hold.is_some() {
+        // Held: what runs keeps running on the revision it has.
+        (
+            live_deployment
+                .as_ref()
+                .and_then(|d| d.spec.as_ref())
+                .and_then(|s| s.replicas)
+                .unwrap_or(0),
+            None,
+        )
     } else {
         // Not started: stop an existing Deployment (keeping its pods' ledger), and drop its budget.
         if let Some(d) = &live_deployment
@@ -270,6 +295,7 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         deployment: live_deployment.as_deref(),
         observation: observation.as_ref(),
         sla: sla.as_ref(),
+        live_contract: live_contract.as_deref(),
         previous: flow.status.as_ref(),
         now: &now,
     });
@@ -355,7 +381,9 @@ pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> V
             secondary: None,
         };
         match (c.r#type.as_str(), c.status.as_str()) {
-            ("ContractResolved" | "OwnerAssigned" | "SecretsReady", "False") => {
+            ("ContractResolved" | "OwnerAssigned" | "SecretsReady", "False")
+                if c.reason != "AwaitingActiveRevision" =>
+            {
                 events.push(event(EventType::Warning, &c.reason));
             }
             ("Ready", "True") if prev.is_none_or(|p| p.status != "True") => {

@@ -20,7 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use rust_decimal::Decimal;
 
 use super::validate::{Gate, Verdict};
-use crate::api::{Condition, SlaSpec, SyncFlowStatus, WorkerPodStatus};
+use crate::api::{Condition, SlaSpec, SyncContract, SyncFlowStatus, WorkerPodStatus};
 use crate::controller::poll::StartupFailure;
 use crate::worker::api::{WorkerProblem, WorkerStatus};
 
@@ -277,6 +277,8 @@ pub struct StatusInputs<'a> {
     pub deployment: Option<&'a Deployment>,
     pub observation: Option<&'a Observation>,
     pub sla: Option<&'a SlaSpec>,
+    /// The SyncContract as it is (its live spec and status), to say whether the flow runs its latest version.
+    pub live_contract: Option<&'a SyncContract>,
     pub previous: Option<&'a SyncFlowStatus>,
     /// RFC 3339 "now", for conditions whose status changes.
     pub now: &'a str,
@@ -387,6 +389,10 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
     let mut status = i.previous.cloned().unwrap_or_default();
     status.observed_generation = g;
     status.active_contract_version = v.contract.as_ref().map(|c| c.spec.version.clone());
+    status.contract_revision = v
+        .contract
+        .as_ref()
+        .and_then(|_| i.live_contract?.status.as_ref()?.active_revision.clone());
 
     if let Some(w) = i.observation.and_then(|o| o.ledger.as_deref()) {
         status.counters = w.counters.clone();
@@ -506,6 +512,9 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
         };
     }
     let running = v.first_failure().is_none() && !i.paused;
+    if let Some(c) = contract_up_to_date(i.live_contract, v, g) {
+        conditions.push(c);
+    }
     conditions.extend([
         progressing,
         ready,
@@ -524,6 +533,46 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
         i.now,
     );
     status
+}
+
+/// `ContractUpToDate`: whether the workers run the contract's current spec, and if not, which gate holds the
+/// change (the contract's `Ready` reason and message). None when the contract did not resolve (its own gate
+/// says why).
+fn contract_up_to_date(
+    live: Option<&SyncContract>,
+    v: &Verdict,
+    g: Option<i64>,
+) -> Option<Condition> {
+    let live = live?;
+    let running = v.contract.as_ref()?;
+    let hash = crate::contract::content_hash(&live.spec);
+    if crate::contract::content_hash(&running.spec) == hash {
+        return Some(condition(
+            "ContractUpToDate",
+            true,
+            "RunningLatest",
+            format!(
+                "the workers run version {}, the contract's current spec",
+                running.spec.version
+            ),
+            g,
+        ));
+    }
+    let ready = live
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.r#type == "Ready"));
+    let (reason, message) = match ready {
+        Some(c) if c.status == "False" => (c.reason.clone(), c.message.clone()),
+        _ => (
+            "ChangePending".to_string(),
+            format!(
+                "version {} is not judged yet; the workers run version {}",
+                live.spec.version, running.spec.version
+            ),
+        ),
+    };
+    Some(condition("ContractUpToDate", false, &reason, message, g))
 }
 
 /// `DiskPressure`: True while any worker pod reports it, False when the pods that answered do not, Unknown when
