@@ -90,6 +90,13 @@ def test_namespaced_release_binds_the_policy_to_the_watched_namespace_only() -> 
     assert one(objects, "ValidatingAdmissionPolicy")["spec"]["failurePolicy"] == "Ignore"
 
 
+def test_notes_name_the_policy_and_its_exemptions() -> None:
+    assert "Contract sign-offs" not in render_files()["meshline/templates/NOTES.txt"]
+    notes = render_files(ENABLED)["meshline/templates/NOTES.txt"]
+    assert f"ValidatingAdmissionPolicy {RELEASE}-{NAMESPACE}-sign-offs" in notes
+    assert f"exempt users: {ARGO_CD}" in notes and f"exempt groups: {GITOPS_GROUP}" in notes
+
+
 def test_policy_names_do_not_collide_across_release_namespaces() -> None:
     a = one(render(ENABLED, namespace="team-a"), "ValidatingAdmissionPolicy")["metadata"]["name"]
     b = one(render(ENABLED, namespace="team-b"), "ValidatingAdmissionPolicy")["metadata"]["name"]
