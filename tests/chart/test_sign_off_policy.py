@@ -240,6 +240,36 @@ HASH_A = "sha256:" + "a" * 64
 HASH_B = "sha256:" + "b" * 64
 
 
+def _schema_node(crd_file: str, path: str) -> dict[str, Any]:
+    crd = yaml.safe_load((REPO / "charts/meshline/crds" / crd_file).read_text())
+    node = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for key in path.split("."):
+        node = node["items"] if key == "[]" else node["properties"][key]
+    return node
+
+
+def test_every_list_and_string_the_policy_reads_is_bounded_in_the_crds() -> None:
+    # The API server estimates a policy's cost from the declared bounds; this is the offline half of that check
+    # (the estimate itself runs only on a real API server). request.userInfo.groups has no declared bound.
+    expressions = " ".join(
+        v["expression"] for v in one(render(ENABLED), "ValidatingAdmissionPolicy")["spec"]["variables"]
+    )
+    bounded = {
+        ("synccontracts.sync.meshline.io.yaml", "spec.signOffs", "signOffs"): ("maxItems", 50),
+        ("synccontracts.sync.meshline.io.yaml", "spec.signOffs.[].owner", ".owner"): ("maxLength", 63),
+        ("synccontracts.sync.meshline.io.yaml", "spec.signOffs.[].version", ".version"): ("maxLength", 64),
+        ("ownershiprosters.sync.meshline.io.yaml", "spec.owners", "owners"): ("maxItems", 100),
+        ("ownershiprosters.sync.meshline.io.yaml", "spec.owners.[].id", ".id"): ("maxLength", 63),
+        ("ownershiprosters.sync.meshline.io.yaml", "spec.owners.[].kubernetesUser", "kubernetesUser"): ("maxLength", 253),
+        ("ownershiprosters.sync.meshline.io.yaml", "spec.owners.[].kubernetesGroups", "kubernetesGroups"): ("maxItems", 20),
+        ("ownershiprosters.sync.meshline.io.yaml", "spec.owners.[].kubernetesGroups.[]", "kubernetesGroups"): ("maxLength", 253),
+    }
+    for (crd_file, path, used_as), (bound, limit) in bounded.items():
+        assert used_as in expressions, used_as
+        node = _schema_node(crd_file, path)
+        assert node.get(bound) == limit, f"{crd_file} {path}: {bound} {node.get(bound)}, want {limit}"
+
+
 def test_owner_matched_by_user_may_add_the_sign_off(policy: SignOffPolicy) -> None:
     verdict = policy.admit(operation="CREATE", obj=contract(sign_off("lena")), old=None, user=LENA,
                            groups=["system:authenticated"], rosters=[roster()])
