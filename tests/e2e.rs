@@ -13,6 +13,10 @@
 //! image that exists to see them run. The pod settings test also creates (and deletes) one cluster-scoped
 //! PriorityClass, `meshline-e2e-<random>`.
 //!
+//! `sign_off_policy_lets_only_the_owner_add_a_sign_off` needs no controller; it installs the chart's sign-off
+//! ValidatingAdmissionPolicy (as rendered into `tests/data/sign-off-policy.yaml`) under a name of its own, bound
+//! to its namespace only, and deletes it at the end (Kubernetes 1.30 or newer).
+//!
 //! The controller runs with per-flow NetworkPolicies on (`--flow-network-policies on`): the lifecycle test
 //! checks the worker's split ports (webhook Service, operations-only status Service, probes) and the policy the
 //! API server accepted; `network_policies_follow_the_switch` restarts the controller with `clean-up` and
@@ -23,13 +27,18 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use futures::FutureExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    MatchResources, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Namespace, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::scheduling::v1::PriorityClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, Resource, ResourceExt};
 use meshline::api::{
@@ -38,6 +47,7 @@ use meshline::api::{
 use meshline::controller::FlowNetworkPolicies;
 use meshline::controller::flow::build;
 use meshline::controller::names::NameRule;
+use serde::Deserialize;
 
 const FLOW: &str = "won-deals-to-odoo";
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -1305,6 +1315,220 @@ async fn network_policies_follow_the_switch() {
                 .is_some()
         );
         cleaner.abort();
+    })
+    .await;
+}
+
+/// Who the suite talks to the cluster as (`kubectl auth whoami`).
+async fn current_user(client: &Client) -> String {
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!("cannot ask the API server who we are (SelfSubjectReview): {e}")
+        });
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .expect("the SelfSubjectReview names the current user")
+}
+
+/// Installs the chart's sign-off policy and binding (`signOffPolicy.enabled: true`, rendered by the chart tests
+/// into `tests/data/sign-off-policy.yaml`) under `name`, bound to namespace `ns` only so that the rest of the
+/// cluster is not affected. Returns the policy as the API server stored it.
+async fn install_sign_off_policy(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> ValidatingAdmissionPolicy {
+    let path = format!(
+        "{}/tests/data/sign-off-policy.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut docs = serde_yaml::Deserializer::from_str(&text);
+    let mut policy = ValidatingAdmissionPolicy::deserialize(docs.next().expect("the policy"))
+        .unwrap_or_else(|e| {
+            panic!("{path}: the first document is not a ValidatingAdmissionPolicy: {e}")
+        });
+    let mut binding =
+        ValidatingAdmissionPolicyBinding::deserialize(docs.next().expect("the binding"))
+            .unwrap_or_else(|e| panic!("{path}: the second document is not a binding: {e}"));
+    policy.metadata.name = Some(name.into());
+    binding.metadata.name = Some(name.into());
+    let spec = binding.spec.as_mut().expect("the binding has a spec");
+    spec.policy_name = Some(name.into());
+    spec.match_resources = Some(MatchResources {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(
+                [("kubernetes.io/metadata.name".to_string(), ns.to_string())].into(),
+            ),
+            ..LabelSelector::default()
+        }),
+        ..MatchResources::default()
+    });
+    let stored = Api::<ValidatingAdmissionPolicy>::all(client.clone())
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the API server refused the chart's ValidatingAdmissionPolicy: {e}")
+        });
+    Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the API server refused the chart's ValidatingAdmissionPolicyBinding: {e}")
+        });
+    stored
+}
+
+/// A merge patch that sets the contract's sign-offs (the whole list) to these owners, each signing `version`.
+fn sign_offs_patch(version: &str, owners: &[(&str, &str)]) -> serde_json::Value {
+    let sign_offs: Vec<serde_json::Value> = owners
+        .iter()
+        .map(|(owner, role)| serde_json::json!({"owner": owner, "role": role, "version": version}))
+        .collect();
+    serde_json::json!({"spec": {"signOffs": sign_offs}})
+}
+
+/// The chart's sign-off policy on a real API server: it type-checks against the CRDs, the binding finds the
+/// namespace's roster, a sign-off the current user adds for an owner with another `kubernetesUser` is refused
+/// with a message naming both, and one for the owner whose `kubernetesUser` is the current user is accepted.
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn sign_off_policy_lets_only_the_owner_add_a_sign_off() {
+    in_namespace("signoff", None, |client, ns| async move {
+        let me = current_user(&client).await;
+        let mut roster = example::<OwnershipRoster>("roster.yaml", &ns);
+        for owner in &mut roster.spec.owners {
+            match owner.id.as_str() {
+                "lena" => owner.kubernetes_user = Some("someone-else@e2e.meshline.invalid".into()),
+                "tomas" => owner.kubernetes_user = Some(me.clone()),
+                _ => {}
+            }
+        }
+        apply(&client, &ns, &roster).await;
+        // The example's sign-offs would be added by us at creation: the contract starts without any.
+        let mut contract = example::<SyncContract>("contract.yaml", &ns);
+        contract.spec.sign_offs.clear();
+        apply(&client, &ns, &contract).await;
+        let version = contract.spec.version.clone();
+        let contract_name = contract.name_any();
+        let contracts: Api<SyncContract> = Api::namespaced(client.clone(), &ns);
+
+        // Cluster-scoped: removed again whatever happens below.
+        let name = format!("{ns}-sign-offs");
+        let outcome = AssertUnwindSafe(async {
+            let policy = install_sign_off_policy(&client, &ns, &name).await;
+            let policies: Api<ValidatingAdmissionPolicy> = Api::all(client.clone());
+            let generation = policy.metadata.generation;
+            let checked = eventually("the API server to type-check the policy", || async {
+                let status = policies.get(&name).await.ok()?.status?;
+                (status.observed_generation == generation).then_some(status)
+            })
+            .await;
+            let warnings: Vec<String> = checked
+                .type_checking
+                .and_then(|t| t.expression_warnings)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|w| format!("{}: {}", w.field_ref, w.warning))
+                .collect();
+            assert!(
+                warnings.is_empty(),
+                "the policy's CEL does not type-check against the CRDs:\n{}",
+                warnings.join("\n")
+            );
+
+            // A policy takes effect a moment after it is created: wait on a dry run being refused.
+            let forged = sign_offs_patch(&version, &[("lena", "sourceOwner")]);
+            let refusal = |params: PatchParams| {
+                let contracts = contracts.clone();
+                let forged = forged.clone();
+                let contract_name = contract_name.clone();
+                async move {
+                    match contracts
+                        .patch(&contract_name, &params, &Patch::Merge(&forged))
+                        .await
+                    {
+                        Err(kube::Error::Api(status)) => Some(*status),
+                        _ => None,
+                    }
+                }
+            };
+            // The API server prefixes the refusal with the policy's name: a refusal for any other reason (the
+            // CRD's own validation, say) does not end the wait.
+            eventually("the policy to refuse a forged sign-off (dry run)", || {
+                let refused = refusal(PatchParams {
+                    dry_run: true,
+                    ..PatchParams::default()
+                });
+                let name = name.clone();
+                async move {
+                    refused
+                        .await
+                        .filter(|status| status.message.contains(&name))
+                }
+            })
+            .await;
+            let status = refusal(PatchParams::default())
+                .await
+                .expect("a sign-off for lena added by someone else is refused");
+            assert!(
+                status.message.contains("\"lena\"")
+                    && status.message.contains(&format!("\"{me}\"")),
+                "the refusal names the owner and the user: {status:?}"
+            );
+            assert!(status.message.contains(&roster.name_any()), "{status:?}");
+
+            // Our own sign-off (tomas' kubernetesUser is us) goes through, and lena's stays out.
+            let own = sign_offs_patch(&version, &[("tomas", "sinkOwner")]);
+            contracts
+                .patch(&contract_name, &PatchParams::default(), &Patch::Merge(&own))
+                .await
+                .unwrap_or_else(|e| panic!("our own sign-off was refused: {e}"));
+            let stored =
+                serde_json::to_value(contracts.get(&contract_name).await.unwrap()).unwrap();
+            let owners: Vec<&str> = stored["spec"]["signOffs"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|s| s["owner"].as_str()).collect())
+                .unwrap_or_default();
+            assert_eq!(owners, ["tomas"]);
+
+            // Keeping our sign-off while someone else's is added is still refused; removing ours is not checked.
+            let both =
+                sign_offs_patch(&version, &[("tomas", "sinkOwner"), ("lena", "sourceOwner")]);
+            assert!(
+                contracts
+                    .patch(
+                        &contract_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&both)
+                    )
+                    .await
+                    .is_err()
+            );
+            contracts
+                .patch(
+                    &contract_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&sign_offs_patch(&version, &[])),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("removing a sign-off was refused: {e}"));
+        })
+        .catch_unwind()
+        .await;
+        let _ = Api::<ValidatingAdmissionPolicyBinding>::all(client.clone())
+            .delete(&name, &DeleteParams::default())
+            .await;
+        let _ = Api::<ValidatingAdmissionPolicy>::all(client.clone())
+            .delete(&name, &DeleteParams::default())
+            .await;
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
     })
     .await;
 }

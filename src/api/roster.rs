@@ -88,6 +88,17 @@ pub struct Owner {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20), inner(length(max = 63)))]
     pub approver_roles: Vec<String>,
+    /// The Kubernetes user (`request.userInfo.username`, e.g. `dana@example.com` or
+    /// `system:serviceaccount:ns:name`) that may add this owner's sign-offs to a SyncContract when the chart's
+    /// sign-off policy (`signOffPolicy.enabled`) is on. Without the policy this field is informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub kubernetes_user: Option<String>,
+    /// Kubernetes groups (`request.userInfo.groups`) whose members may add this owner's sign-offs when the
+    /// chart's sign-off policy is on. Bounded so the policy's CEL stays within the API server's cost budget.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20), inner(length(min = 1, max = 253)))]
+    pub kubernetes_groups: Vec<String>,
 }
 
 /// Owners of a set of flows.

@@ -44,6 +44,9 @@ NOT_IN_KUBERNETES_SCHEMAS = {
     ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 
+# Kinds the chart renders without a namespace.
+CLUSTER_SCOPED_KINDS = {"ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}
+
 # Value sets rendered by the tests. Each one must lint cleanly and validate.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -126,6 +129,17 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"perFlow": {"mode": "on"}},
     },
     "network-policies-clean-up": {"networkPolicy": {"perFlow": {"mode": "clean-up"}}},
+    "sign-off-policy": {
+        "signOffPolicy": {
+            "enabled": True,
+            "exemptUsers": ["system:serviceaccount:argocd:argocd-application-controller"],
+            "exemptGroups": ["platform:gitops"],
+        },
+    },
+    "sign-off-policy-namespaced": {
+        "watchNamespace": "tenant-a",
+        "signOffPolicy": {"enabled": True, "failurePolicy": "Ignore"},
+    },
     "network-policies-workers": {
         "controller": {"statusViaProxy": True},
         "networkPolicy": {
@@ -164,6 +178,13 @@ REJECTED_VALUES_FILES: dict[str, tuple[str, str]] = {
     "per-flow-mode-unknown": ("networkPolicy:\n  perFlow:\n    mode: enabled\n", "/networkPolicy/perFlow/mode"),
     "per-flow-mode-bare-boolean": ("networkPolicy:\n  perFlow:\n    mode: true\n", "/networkPolicy/perFlow/mode"),
     "api-server-cidr-not-a-cidr": ("networkPolicy:\n  apiServerCIDRs: [10.0.0.1]\n", "/networkPolicy/apiServerCIDRs/0"),
+    "sign-off-failure-policy-unknown": ("signOffPolicy:\n  failurePolicy: Warn\n", "/signOffPolicy/failurePolicy"),
+    "sign-off-exempt-users-as-string": (
+        "signOffPolicy:\n  exemptUsers: system:serviceaccount:argocd:argocd-application-controller\n",
+        "/signOffPolicy/exemptUsers",
+    ),
+    "sign-off-exempt-group-empty": ("signOffPolicy:\n  exemptGroups: [\"\"]\n", "/signOffPolicy/exemptGroups/0"),
+    "sign-off-misspelt-key": ("signOffPolicy:\n  enable: true\n", "enable"),
     "webhook-namespace-not-dns-label": ("networkPolicy:\n  webhookFromNamespaces: [Ingress_Nginx]\n", "/networkPolicy/webhookFromNamespaces/0"),
 }
 
@@ -454,7 +475,7 @@ def test_standard_labels_and_namespaces(scenario: str) -> None:
         assert labels["helm.sh/chart"] == "meshline-0.1.0"
         assert labels["app.kubernetes.io/version"] == values.get("image", {}).get("tag", APP_VERSION)
         kind = obj["kind"]
-        if kind in {"ClusterRole", "ClusterRoleBinding"}:
+        if kind in CLUSTER_SCOPED_KINDS:
             assert "namespace" not in obj["metadata"]
         elif kind in {"Role", "RoleBinding"} and not obj["metadata"]["name"].endswith("-leader-election"):
             assert obj["metadata"]["namespace"] == watch_ns

@@ -217,3 +217,11 @@ The controller's own pod labels as `--controller-pod-labels` wants them.
 {{- define "meshline.controllerPodLabelsArg" -}}
 app.kubernetes.io/name={{ include "meshline.name" . }},app.kubernetes.io/instance={{ .Release.Name }},app.kubernetes.io/component=controller
 {{- end }}
+
+{{/*
+Name of the sign-off ValidatingAdmissionPolicy and its binding (cluster-scoped,
+so it carries the release namespace like meshline.clusterName).
+*/}}
+{{- define "meshline.signOffPolicyName" -}}
+{{- printf "%s-sign-offs" (include "meshline.clusterName" .) | trunc 253 | trimSuffix "-" }}
+{{- end }}
