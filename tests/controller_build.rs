@@ -211,6 +211,10 @@ fn the_network_policy_admits_the_ingress_to_webhooks_and_the_controller_to_opera
                             "app.kubernetes.io/name": "meshline"
                         }}
                     },
+                    {"podSelector": {"matchLabels": {
+                        "app.kubernetes.io/component": "preflight",
+                        "sync.meshline.io/flow": "won-deals-to-odoo"
+                    }}},
                     {"namespaceSelector": {"matchExpressions": [
                         {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}
                     ]}},

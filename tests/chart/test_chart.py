@@ -206,6 +206,11 @@ WATCH_PERMISSIONS = {
     ("events.k8s.io", "events"): {"create", "patch"},
     # Which worker pods each status Service publishes: filled by a watch, never read by name.
     ("discovery.k8s.io", "endpointslices"): {"list", "watch"},
+    # Contract revisions (pruned beyond the history limit) and preflight replay Jobs (a replaced candidate's
+    # running Job is deleted); a finished preflight pod's termination message is read by listing.
+    ("apps", "controllerrevisions"): {"get", "list", "watch", "create", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("", "pods"): {"list"},
 }
 PROXY_PERMISSION = {("", "pods/proxy"): {"get"}}
 CRD_PERMISSION = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
@@ -1031,7 +1036,12 @@ def test_chart_wide_worker_policies_admit_the_ingress_to_webhooks_and_the_contro
             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["ingress-nginx", "traefik"]}
         ]}}]
         assert ops["ports"] == [{"port": "ops", "protocol": "TCP"}]
-        controller, metrics, *cidrs = ops["from"]
+        controller, preflight, metrics, *cidrs = ops["from"]
+        # Preflight replay pods of the namespace read an embedded ledger through the operations API.
+        assert preflight == {"podSelector": {"matchLabels": {
+            "app.kubernetes.io/component": "preflight",
+            "app.kubernetes.io/managed-by": "meshline-controller",
+        }}}
         assert controller["namespaceSelector"]["matchExpressions"][0]["values"] == [NAMESPACE]
         assert controller["podSelector"]["matchLabels"] == one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
         assert metrics["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring"]

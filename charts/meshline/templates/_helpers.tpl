@@ -125,6 +125,22 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create"]
+# Contract revisions: one immutable ControllerRevision per accepted content,
+# owned by the SyncContract; delete: revisions pruned beyond the history limit
+# (never the active one).
+- apiGroups: ["apps"]
+  resources: ["controllerrevisions"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# Preflight replay Jobs, one per bound flow and candidate; delete: the running
+# Job of a candidate that an edit replaced (finished ones go by their TTL).
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete"]
+# A finished preflight Job's pod carries the replay report in its termination
+# message. List only (by the Job's label), no watch, no get of pod specs' data.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
@@ -194,6 +210,12 @@ API server's CIDRs.
       podSelector:
         matchLabels:
           {{- include "meshline.selectorLabels" . | nindent 10 }}
+    # Preflight replay pods read an embedded ledger's recent records through the
+    # worker's operations API (with the flow's token).
+    - podSelector:
+        matchLabels:
+          app.kubernetes.io/component: preflight
+          app.kubernetes.io/managed-by: meshline-controller
     {{- with .Values.networkPolicy.metricsFromNamespaces }}
     - namespaceSelector:
         matchExpressions:

@@ -519,6 +519,20 @@ fn network_policy(flow: &SyncFlow, name: &str, settings: &NetworkPolicySettings)
         }),
         ..NetworkPolicyPeer::default()
     }];
+    // The flow's preflight replay pods read an embedded ledger's recent records through the operations API.
+    ops_from.push(NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/component".to_string(),
+                    "preflight".to_string(),
+                ),
+                (FLOW_LABEL.to_string(), names::label_value(name)),
+            ])),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    });
     if !settings.metrics_from_namespaces.is_empty() {
         ops_from.push(NetworkPolicyPeer {
             namespace_selector: Some(namespaces_named(&settings.metrics_from_namespaces)),
