@@ -258,3 +258,143 @@ fn check_prints_counts_and_the_first_failures_per_reason_with_personal_values_re
         "[REDACTED]"
     );
 }
+
+/// The example contract at another version, with or without its sign-offs, in a temporary directory.
+fn bumped(dir: &std::path::Path, version: &str, keep_sign_offs: bool) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/hubspot-odoo/contract.yaml"
+    ))
+    .unwrap();
+    let mut c: meshline::api::SyncContract = serde_yaml::from_str(&text).unwrap();
+    c.spec.version = version.into();
+    if keep_sign_offs {
+        for s in &mut c.spec.sign_offs {
+            s.version = version.into();
+        }
+    } else {
+        c.spec.sign_offs.clear();
+    }
+    let path = dir.join(format!("contract-{version}.yaml"));
+    std::fs::write(&path, serde_yaml::to_string(&c).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn diff_with_the_flows_and_rosters_names_the_owners_who_must_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/hubspot-odoo/contract.yaml"
+    );
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    for f in ["flow.yaml", "roster.yaml"] {
+        std::fs::copy(
+            format!("{}/examples/hubspot-odoo/{f}", env!("CARGO_MANIFEST_DIR")),
+            manifests.join(f),
+        )
+        .unwrap();
+    }
+    let new = bumped(dir.path(), "2.0.2", false);
+    let out = meshline(&[
+        "contract",
+        "diff",
+        old,
+        new.to_str().unwrap(),
+        "--manifests",
+        manifests.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("2. sign-off: needed"), "{stdout}");
+    assert!(
+        stdout.contains("lena (sourceOwner of flow won-deals-to-odoo): missing"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tomas (sinkOwner of flow won-deals-to-odoo): missing"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("preflight replay: a Job replays recent records of won-deals-to-odoo"));
+
+    // The same as JSON, with the content hash a sign-off can name.
+    let out = meshline(&[
+        "contract",
+        "diff",
+        old,
+        new.to_str().unwrap(),
+        "--manifests",
+        manifests.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let gates = &v["gates"];
+    assert!(
+        gates["contentHash"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let owners: Vec<(&str, bool)> = gates["signOffs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["owner"].as_str().unwrap(), s["signed"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(owners, vec![("lena", false), ("tomas", false)]);
+
+    // Signed: complete.
+    let signed = bumped(dir.path(), "2.0.3", true);
+    let out = meshline(&[
+        "contract",
+        "diff",
+        old,
+        signed.to_str().unwrap(),
+        "--manifests",
+        manifests.to_str().unwrap(),
+    ]);
+    assert!(text(&out).0.contains("2. sign-off: complete"));
+}
+
+#[test]
+fn validate_against_the_deployed_version_fails_a_change_the_controller_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = |f: &str| format!("{}/examples/hubspot-odoo/{f}", env!("CARGO_MANIFEST_DIR"));
+    // Same version, other content: the controller refuses it.
+    let text_ = std::fs::read_to_string(base("contract.yaml")).unwrap();
+    let mut c: meshline::api::SyncContract = serde_yaml::from_str(&text_).unwrap();
+    c.spec.sla = None;
+    let edited = dir.path().join("contract.yaml");
+    std::fs::write(&edited, serde_yaml::to_string(&c).unwrap()).unwrap();
+    let out = meshline(&[
+        "validate",
+        edited.to_str().unwrap(),
+        &base("flow.yaml"),
+        &base("roster.yaml"),
+        "--previous",
+        &base("contract.yaml"),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("BLOCKED (ContentChangedWithoutVersion)"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("will refuse the new version"), "{stderr}");
+
+    // Without --previous it still names who must sign, and passes.
+    let out = meshline(&[
+        "validate",
+        &base("contract.yaml"),
+        &base("flow.yaml"),
+        &base("roster.yaml"),
+    ]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout.contains("sign-off by lena (sourceOwner of flow won-deals-to-odoo)"),
+        "{stdout}"
+    );
+}

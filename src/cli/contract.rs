@@ -37,6 +37,10 @@ pub enum ContractCommand {
         old: PathBuf,
         /// The SyncContract manifest (YAML) of the proposed version.
         new: PathBuf,
+        /// Flows and rosters (files or directories): the diff then names the owners who must sign the new
+        /// version and the flows a preflight replay will run on.
+        #[arg(long)]
+        manifests: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -74,7 +78,12 @@ const NOT_ALLOWED: u8 = 3;
 
 pub fn run(command: ContractCommand) -> ExitCode {
     match command {
-        ContractCommand::Diff { old, new, output } => diff(&old, &new, output),
+        ContractCommand::Diff {
+            old,
+            new,
+            manifests,
+            output,
+        } => diff(&old, &new, &manifests, output),
         ContractCommand::Check {
             file,
             records,
@@ -131,9 +140,11 @@ struct DiffOutput<'a> {
     allowed: bool,
     #[serde(flatten)]
     report: &'a CompatReport,
+    /// The gates the new version faces in the controller.
+    gates: serde_json::Value,
 }
 
-fn diff(old_path: &Path, new_path: &Path, output: Format) -> ExitCode {
+fn diff(old_path: &Path, new_path: &Path, manifests: &[PathBuf], output: Format) -> ExitCode {
     let (old, new) = match (load(old_path), load(new_path)) {
         (Ok(old), Ok(new)) => (old, new),
         (old, new) => {
@@ -147,6 +158,52 @@ fn diff(old_path: &Path, new_path: &Path, output: Format) -> ExitCode {
         }
     };
     let report = compat::diff(&old.0.spec, &new.0.spec);
+    let given = (!manifests.is_empty()).then(|| {
+        crate::validate::validate_paths(manifests, &crate::validate::Options { partial: true })
+    });
+    if let Some(given) = &given
+        && !given.is_ok()
+    {
+        return InputErrors(given.issues.iter().map(|i| i.to_string()).collect()).report();
+    }
+    let ns = new
+        .0
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let contract_name = new.0.metadata.name.clone().unwrap_or_default();
+    let (flows, rosters) = given
+        .as_ref()
+        .map(|g| {
+            let with_ns = |m: &mut kube::core::ObjectMeta| {
+                m.namespace.get_or_insert_with(|| "default".into());
+            };
+            let flows: Vec<crate::api::SyncFlow> = g
+                .flows
+                .iter()
+                .map(|f| {
+                    let mut f = f.object.clone();
+                    with_ns(&mut f.metadata);
+                    f
+                })
+                .collect();
+            let rosters: Vec<crate::api::OwnershipRoster> = g
+                .rosters
+                .iter()
+                .map(|r| {
+                    let mut r = r.object.clone();
+                    with_ns(&mut r.metadata);
+                    r
+                })
+                .collect();
+            (flows, rosters)
+        })
+        .unwrap_or_default();
+    let fr: Vec<&crate::api::SyncFlow> = flows.iter().collect();
+    let rr: Vec<&crate::api::OwnershipRoster> = rosters.iter().collect();
+    let bound = crate::rollout::gates::bound_flows(&ns, &contract_name, &fr, &rr);
+    let plan = crate::rollout::gates::plan(Some(&old.0.spec), &new.0.spec, &bound);
     let name = new
         .0
         .metadata
@@ -163,13 +220,22 @@ fn diff(old_path: &Path, new_path: &Path, output: Format) -> ExitCode {
                 verdict: report.verdict(),
                 allowed: report.is_allowed(),
                 report: &report,
+                gates: plan.to_json(),
             };
             println!(
                 "{}",
                 serde_json::to_string_pretty(&out).expect("a diff serialises")
             );
         }
-        Format::Table => print!("{}", diff_table(&name, &report)),
+        Format::Table => {
+            print!("{}", diff_table(&name, &report));
+            print!("{plan}");
+            if given.is_none() {
+                println!(
+                    "     (pass --manifests with the flows and rosters to name the owners who must sign)"
+                );
+            }
+        }
     }
     if report.is_allowed() {
         ExitCode::SUCCESS

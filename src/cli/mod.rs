@@ -76,6 +76,10 @@ pub enum Command {
         /// Treat references to objects that were not given (a flow's contract, its roster) as warnings.
         #[arg(long)]
         partial: bool,
+        /// The manifests as deployed now (e.g. the base branch's checkout): each contract given is judged
+        /// against its previous version there, as the controller's compatibility gate will judge it.
+        #[arg(long)]
+        previous: Vec<PathBuf>,
     },
 }
 
@@ -93,7 +97,8 @@ pub fn run(cli: Cli) -> ExitCode {
             paths,
             output,
             partial,
-        } => validate(&paths, output, partial),
+            previous,
+        } => validate(&paths, output, partial, &previous),
         Command::Controller(args) => controller::controller(*args),
         Command::Dev(args) => dev::dev(*args),
         Command::Sim { command } => dev::sim(command),
@@ -128,8 +133,76 @@ fn crd(out_dir: Option<PathBuf>) -> ExitCode {
     }
 }
 
-fn validate(paths: &[PathBuf], output: Output, partial: bool) -> ExitCode {
-    let report = crate::validate::validate_paths(paths, &crate::validate::Options { partial });
+/// The gates each contract of `report` faces: against its previous version in `previous` (when given and
+/// found there), with the flows and rosters given alongside it.
+fn gate_plans(
+    report: &crate::validate::Report,
+    previous: Option<&crate::validate::Report>,
+) -> Vec<(String, crate::rollout::gates::Plan)> {
+    let flows: Vec<&crate::api::SyncFlow> = report.flows.iter().map(|f| &f.object).collect();
+    let rosters: Vec<&crate::api::OwnershipRoster> =
+        report.rosters.iter().map(|r| &r.object).collect();
+    let mut out = Vec::new();
+    for c in &report.contracts {
+        let (ns, name) = (c.namespace(), c.name());
+        // Flows and rosters without a namespace sit in `default`, as kubectl would put them.
+        let mut located_flows: Vec<crate::api::SyncFlow> = Vec::new();
+        for f in &flows {
+            let mut f = (*f).clone();
+            f.metadata.namespace.get_or_insert_with(|| "default".into());
+            located_flows.push(f);
+        }
+        let mut located_rosters: Vec<crate::api::OwnershipRoster> = Vec::new();
+        for r in &rosters {
+            let mut r = (*r).clone();
+            r.metadata.namespace.get_or_insert_with(|| "default".into());
+            located_rosters.push(r);
+        }
+        let fr: Vec<&crate::api::SyncFlow> = located_flows.iter().collect();
+        let rr: Vec<&crate::api::OwnershipRoster> = located_rosters.iter().collect();
+        let bound = crate::rollout::gates::bound_flows(&ns, &name, &fr, &rr);
+        let before = previous.and_then(|p| {
+            p.contracts
+                .iter()
+                .find(|o| o.namespace() == ns && o.name() == name)
+                .map(|o| o.object.spec.clone())
+        });
+        let plan = match &before {
+            Some(old) => crate::rollout::gates::plan(Some(old), &c.object.spec, &bound),
+            // Without the deployed version, a reviewer still needs to know who must sign.
+            None => crate::rollout::gates::Plan {
+                sign_offs: crate::rollout::gates::sign_offs(
+                    &c.object.spec,
+                    crate::contract::content_hash(&c.object.spec).as_str(),
+                    &bound,
+                ),
+                preflight_flows: bound.iter().map(|b| b.name().to_string()).collect(),
+                ..crate::rollout::gates::plan(None, &c.object.spec, &bound)
+            },
+        };
+        out.push((c.label(), plan));
+    }
+    out
+}
+
+fn validate(paths: &[PathBuf], output: Output, partial: bool, previous: &[PathBuf]) -> ExitCode {
+    let mut report = crate::validate::validate_paths(paths, &crate::validate::Options { partial });
+    let before = (!previous.is_empty()).then(|| {
+        crate::validate::validate_paths(previous, &crate::validate::Options { partial: true })
+    });
+    let plans = if report.is_ok() {
+        gate_plans(&report, before.as_ref())
+    } else {
+        Vec::new()
+    };
+    report.gates = plans
+        .iter()
+        .map(|(label, plan)| {
+            let mut v = plan.to_json();
+            v["contract"] = serde_json::json!(label);
+            v
+        })
+        .collect();
     match output {
         Output::Json => match serde_json::to_string_pretty(&report) {
             Ok(json) => println!("{json}"),
@@ -142,6 +215,37 @@ fn validate(paths: &[PathBuf], output: Output, partial: bool) -> ExitCode {
             for issue in &report.issues {
                 eprintln!("{issue}");
             }
+            for (label, plan) in &plans {
+                if before.is_none() {
+                    println!(
+                        "{label} version {} ({}): as a change to a running version (pass --previous to check compatibility), it needs",
+                        plan.version, plan.hash
+                    );
+                    for s in &plan.sign_offs.required {
+                        let mark = if plan.sign_offs.signed.contains(&s.owner) {
+                            "signed"
+                        } else {
+                            "missing"
+                        };
+                        println!(
+                            "  sign-off by {} ({} of flow {}): {mark}",
+                            s.owner,
+                            s.role.as_str(),
+                            s.flow
+                        );
+                    }
+                    for (owner, named) in &plan.sign_offs.other_content {
+                        println!("  {owner} signed other content ({named})");
+                    }
+                    for flow in &plan.sign_offs.unassigned {
+                        println!(
+                            "  flow {flow}: no roster assignment among the files given, nobody can sign"
+                        );
+                    }
+                } else {
+                    print!("{label} {plan}");
+                }
+            }
             let errors = report.error_count();
             let warnings = report.issues.len() - errors;
             let verdict = if errors == 0 { "ok" } else { "FAILED" };
@@ -151,7 +255,22 @@ fn validate(paths: &[PathBuf], output: Output, partial: bool) -> ExitCode {
             );
         }
     }
-    if report.is_ok() {
+    let refused: Vec<&String> = plans
+        .iter()
+        .filter(|(_, p)| !p.compatibility.passed())
+        .map(|(l, _)| l)
+        .collect();
+    if !refused.is_empty() && output == Output::Text {
+        eprintln!(
+            "error: the controller will refuse the new version of {}: see the compatibility gate above",
+            refused
+                .iter()
+                .map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if report.is_ok() && refused.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -304,6 +304,36 @@ pub fn plan(
     }
 }
 
+impl Plan {
+    /// The plan as JSON, for `--output json` of the offline tools.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (compatibility, reason, problems) = match &self.compatibility {
+            Compatibility::Initial => ("initial", None, Vec::new()),
+            Compatibility::Allowed { verdict } => (*verdict, None, Vec::new()),
+            Compatibility::Refused { reason, problems } => {
+                ("refused", Some(*reason), problems.clone())
+            }
+        };
+        serde_json::json!({
+            "version": self.version,
+            "contentHash": self.hash,
+            "activeVersion": self.active_version,
+            "compatibility": compatibility,
+            "refusedBecause": reason,
+            "problems": problems,
+            "outsideFlowRanges": self.outside_ranges.iter().map(|(f, r)| serde_json::json!({"flow": f, "range": r})).collect::<Vec<_>>(),
+            "signOffs": self.sign_offs.required.iter().map(|s| serde_json::json!({
+                "owner": s.owner, "flow": s.flow, "role": s.role.as_str(),
+                "signed": self.sign_offs.signed.contains(&s.owner),
+            })).collect::<Vec<_>>(),
+            "signOffsForOtherContent": self.sign_offs.other_content.iter().map(|(o, h)| serde_json::json!({"owner": o, "contentHash": h})).collect::<Vec<_>>(),
+            "unassignedFlows": self.sign_offs.unassigned,
+            "preflightFlows": self.preflight_flows,
+            "blocked": !self.compatibility.passed(),
+        })
+    }
+}
+
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "gates for version {} ({}):", self.version, self.hash)?;

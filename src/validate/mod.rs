@@ -97,6 +97,10 @@ pub struct Report {
     /// Documents of other kinds (Secrets, Namespaces, ...) that were passed over.
     pub ignored: usize,
     pub issues: Vec<Issue>,
+    /// For each contract given, the gates its version faces before it reaches workers (filled by
+    /// `meshline validate`; see `crate::rollout::gates`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gates: Vec<serde_json::Value>,
     #[serde(skip)]
     pub contracts: Vec<Located<SyncContract>>,
     #[serde(skip)]
