@@ -1,7 +1,7 @@
 //! Meshline: CRM→ERP syncs declared as contracts, flows and rosters, and enforced by a Kubernetes operator.
 //!
 //! The crate is organised by concept: `api` (the CRD types), `crd` (their generation), `contract` (the pure
-//! contract engine), `validate` (offline checks of manifests), `cli` (the `meshline` subcommands).
+//! contract engine), `rollout` (what a contract change must pass: the preflight replay), `validate` (offline checks of manifests), `cli` (the `meshline` subcommands).
 
 pub mod api;
 pub mod cli;
@@ -11,6 +11,7 @@ pub mod controller;
 pub mod crd;
 pub mod dev;
 pub mod ledger;
+pub mod rollout;
 pub mod sim;
 pub mod validate;
 pub mod worker;

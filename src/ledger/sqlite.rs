@@ -35,9 +35,9 @@ use super::{
     CompletionResult, Counts, CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome,
     InterventionRow, LeaseRequest, Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction,
     NewLineageEvent, PAYLOADS_PURGED, PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail,
-    RecordId, RecordRow, RecordState, RecordView, Result, Retention, STALE_REVISIONS, SnapshotRow,
-    add_events, assemble_counts, assemble_detail, attention_filter, compact_outcome,
-    completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, stale_detail,
+    RecordId, RecordRow, RecordState, RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS,
+    SnapshotRow, add_events, assemble_counts, assemble_detail, attention_filter, compact_outcome,
+    check_replay_limit, completion_params, counts_from_kept, lease_ms, parse_state, prepare, retention_cutoff, stale_detail,
     tie_detail, to_time, window_start_minute,
 };
 
@@ -1641,6 +1641,49 @@ impl Ledger for SqliteLedger {
             })
             .await?;
         rows.into_iter().map(RecordRow::into_view).collect()
+    }
+
+    async fn recent_inputs(&self, limit: usize) -> Result<Vec<ReplayRecord>> {
+        check_replay_limit(&self.flow, limit)?;
+        let flow = self.flow.clone();
+        self.read("recent_inputs", move |conn| {
+            // `CROSS JOIN` fixes the join order in SQLite: the payloads' rowid (the record id) is walked
+            // backwards and each record is one primary-key probe, so the read stops after `limit` rows.
+            // Left to itself the planner may pick the (flow, idempotency_key) index and sort the whole flow.
+            conn.prepare_cached(
+                "SELECT r.id, r.source_key, r.state, r.contract_version, p.body \
+                 FROM payloads p CROSS JOIN records r ON r.id = p.record_id \
+                 WHERE r.flow = ?1 ORDER BY p.record_id DESC LIMIT ?2",
+            )
+            .and_then(|mut s| {
+                s.query_map(
+                    params![flow, i64::try_from(limit).unwrap_or(i64::MAX)],
+                    |row| {
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, String>(3)?,
+                            row.get::<_, String>(4)?,
+                        ))
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .map_err(db(&flow, "recent_inputs", None))?
+            .into_iter()
+            .map(|(id, source_key, state, contract_version, payload)| {
+                Ok(ReplayRecord {
+                    id: RecordId(id),
+                    source_key,
+                    state: parse_state(&flow, id, &state)?,
+                    contract_version,
+                    payload,
+                })
+            })
+            .collect()
+        })
+        .await
     }
 
     async fn counts(&self) -> Result<Counts> {
