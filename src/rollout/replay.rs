@@ -866,7 +866,7 @@ mod tests {
             for f in &mut spec.mapping.fields {
                 match f.target.as_str() {
                     "email" => f.expression = "record.customerEmail.upperAscii()".into(),
-                    "memo" => f.expression = r#"record.name + " / " + record.accountName + " / renewal"#.into(),
+                    "memo" => f.expression = r#"record.name + " / " + record.accountName + " / renewal" "#.into(),
                     _ => {}
                 }
             }
