@@ -130,7 +130,11 @@ async fn replay(files: &FlowFiles, state_dir: &Path, candidate: &Path, extra: &[
         .expect("run meshline replay");
     let text = std::fs::read_to_string(&report).ok();
     if let Some(text) = &text {
-        assert!(text.len() <= 4096, "termination message of {} bytes", text.len());
+        assert!(
+            text.len() <= 4096,
+            "termination message of {} bytes",
+            text.len()
+        );
     }
     Run {
         code: out.status.code().expect("an exit code"),
@@ -142,9 +146,17 @@ async fn replay(files: &FlowFiles, state_dir: &Path, candidate: &Path, extra: &[
 
 /// The promises every backend keeps: a changed output is counted by path and passes; a rule that newly
 /// rejects records fails the default threshold, naming the numbers.
-async fn changed_outputs_pass_and_new_rejections_fail(files: &FlowFiles, state_dir: &Path, extra: &[&str]) {
+async fn changed_outputs_pass_and_new_rejections_fail(
+    files: &FlowFiles,
+    state_dir: &Path,
+    extra: &[&str],
+) {
     let run = replay(files, state_dir, &memo_prefixed(files), extra).await;
-    assert_eq!(run.code, 0, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
     let report = run.report.expect("a report");
     assert_eq!(report.verdict, Verdict::Passed);
     assert_eq!(report.records, (GOOD + DRIFTED) as u64);
@@ -157,16 +169,30 @@ async fn changed_outputs_pass_and_new_rejections_fail(files: &FlowFiles, state_d
         }]
     );
     assert_eq!(
-        (report.newly_rejected, report.newly_held, report.newly_accepted),
+        (
+            report.newly_rejected,
+            report.newly_held,
+            report.newly_accepted
+        ),
         (0, 0, 0)
     );
-    assert_eq!((report.active_version.as_str(), report.candidate_version.as_str()), ("1.2.0", "1.3.0"));
+    assert_eq!(
+        (
+            report.active_version.as_str(),
+            report.candidate_version.as_str()
+        ),
+        ("1.2.0", "1.3.0")
+    );
     assert!(run.stdout.contains("preflight PASSED"), "{}", run.stdout);
     // No payload leaves in the report: the customers' e-mail addresses are nowhere in it.
     assert!(!run.stdout.contains("@acme.example"), "{}", run.stdout);
 
     let run = replay(files, state_dir, &rejecting_rule(files), extra).await;
-    assert_eq!(run.code, 1, "stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.code, 1,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
     let report = run.report.expect("a report");
     assert_eq!(report.verdict, Verdict::Failed);
     assert_eq!(report.newly_rejected, 4, "{report:?}");
@@ -178,8 +204,13 @@ async fn changed_outputs_pass_and_new_rejections_fail(files: &FlowFiles, state_d
             .is_some_and(|r| r.contains("4 records newly rejected, over maxNewlyRejected 0")),
         "{report:?}"
     );
-    assert!(report.examples.iter().all(|e| e.outcome.as_ref().is_some_and(|o| o.before == "accepted"
-        && o.after == "rejected:contract:rule_failed:rule:no-fives")));
+    assert!(
+        report.examples.iter().all(|e| e
+            .outcome
+            .as_ref()
+            .is_some_and(|o| o.before == "accepted"
+                && o.after == "rejected:contract:rule_failed:rule:no-fives"))
+    );
 
     // The same change passes when the flow tolerates four rejections.
     let mut tolerant = extra.to_vec();
@@ -201,7 +232,11 @@ async fn replay_reads_an_embedded_ledger_from_its_file() {
     let empty = files.dir.path().join("no-ledger");
     let run = replay(&files, &empty, &memo_prefixed(&files), &[]).await;
     assert_eq!(run.code, 2, "{}", run.stdout);
-    assert!(run.stderr.contains("no embedded ledger at"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("no embedded ledger at"),
+        "{}",
+        run.stderr
+    );
     assert!(!empty.join("ledger.db").exists());
     let report = run.report.expect("a failed report is still written");
     assert_eq!(report.verdict, Verdict::Failed);
@@ -234,7 +269,12 @@ async fn replay_reads_an_embedded_ledger_through_the_workers_operations_api() {
     let nowhere = files.dir.path().join("job-state");
     let ops = worker.ops_url();
     let token = files.token_file();
-    let extra = ["--from-worker", ops.as_str(), "--token-file", token.to_str().unwrap()];
+    let extra = [
+        "--from-worker",
+        ops.as_str(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
     changed_outputs_pass_and_new_rejections_fail(&files, &nowhere, &extra).await;
 
     let wrong = files.dir.path().join("wrong-token");
@@ -243,7 +283,12 @@ async fn replay_reads_an_embedded_ledger_through_the_workers_operations_api() {
         &files,
         &nowhere,
         &memo_prefixed(&files),
-        &["--from-worker", ops.as_str(), "--token-file", wrong.to_str().unwrap()],
+        &[
+            "--from-worker",
+            ops.as_str(),
+            "--token-file",
+            wrong.to_str().unwrap(),
+        ],
     )
     .await;
     assert_eq!(run.code, 2, "{}", run.stdout);

@@ -81,7 +81,12 @@ pub fn replay(args: ReplayArgs) -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return fail(&args, &Failure::plain(format!("cannot start the async runtime: {e}"))),
+        Err(e) => {
+            return fail(
+                &args,
+                &Failure::plain(format!("cannot start the async runtime: {e}")),
+            );
+        }
     };
     match runtime.block_on(run(&args)) {
         Ok(report) => {
@@ -154,12 +159,22 @@ async fn run(args: &ReplayArgs) -> Result<Report, Failure> {
     };
     // As the worker compiles its contract (the default bounds and redaction).
     let options = CompileOptions::default();
-    let active = compile(active_spec, &options, &format!("{} (active contract)", args.config.display()))
-        .map_err(versions)?;
-    let candidate = compile(&candidate_spec, &options, &args.candidate.display().to_string())
-        .map_err(versions)?;
+    let active = compile(
+        active_spec,
+        &options,
+        &format!("{} (active contract)", args.config.display()),
+    )
+    .map_err(versions)?;
+    let candidate = compile(
+        &candidate_spec,
+        &options,
+        &args.candidate.display().to_string(),
+    )
+    .map_err(versions)?;
 
-    let tables = lookups(args, &rendered, &candidate_spec).await.map_err(versions)?;
+    let tables = lookups(args, &rendered, &candidate_spec)
+        .await
+        .map_err(versions)?;
     let active_env = crate::worker::build_env(&active, &flow, &tables)
         .map_err(|e| versions(format!("active contract: {e}")))?;
     let candidate_env = crate::worker::build_env(&candidate, &flow, &tables)
@@ -167,7 +182,14 @@ async fn run(args: &ReplayArgs) -> Result<Report, Failure> {
 
     let limit = args
         .records
-        .or_else(|| rendered.flow.spec.rollout.as_ref().and_then(|r| r.preflight_records))
+        .or_else(|| {
+            rendered
+                .flow
+                .spec
+                .rollout
+                .as_ref()
+                .and_then(|r| r.preflight_records)
+        })
         .unwrap_or(DEFAULT_PREFLIGHT_RECORDS);
     if limit as usize > MAX_REPLAY_RECORDS {
         return Err(versions(format!(
@@ -287,9 +309,13 @@ async fn from_ledger(
             path.display()
         ));
     }
-    let ledger = crate::ledger::open(&target, &flow, std::sync::Arc::new(crate::ledger::SystemClock))
-        .await
-        .map_err(|e| format!("flow {flow}: ledger: {e}"))?;
+    let ledger = crate::ledger::open(
+        &target,
+        &flow,
+        std::sync::Arc::new(crate::ledger::SystemClock),
+    )
+    .await
+    .map_err(|e| format!("flow {flow}: ledger: {e}"))?;
     let records = ledger.recent_inputs(limit).await;
     ledger.close().await;
     for record in &records.map_err(|e| format!("flow {flow}: ledger: {e}"))? {
@@ -311,7 +337,10 @@ async fn from_worker(
         .ok_or("--from-worker needs --token-file")?;
     let token = std::fs::read_to_string(token_file)
         .map_err(|e| format!("token file {}: {e}", token_file.display()))?;
-    let url = format!("{}/records/recent?limit={limit}", base.trim_end_matches('/'));
+    let url = format!(
+        "{}/records/recent?limit={limit}",
+        base.trim_end_matches('/')
+    );
     // No overall timeout: 100,000 records take a while to stream; the connect timeout still applies.
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
@@ -330,7 +359,9 @@ async fn from_worker(
             .ok()
             .and_then(|v| v["error"].as_str().map(str::to_string))
             .unwrap_or(body);
-        return Err(format!("worker {base}: GET /records/recent: {status}: {message}"));
+        return Err(format!(
+            "worker {base}: GET /records/recent: {status}: {message}"
+        ));
     }
     let mut buffer: Vec<u8> = Vec::new();
     let mut line_number = 0usize;

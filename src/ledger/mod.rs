@@ -587,9 +587,7 @@ pub(crate) fn check_replay_limit(flow: &str, limit: usize) -> Result<()> {
     if limit == 0 || limit > MAX_REPLAY_RECORDS {
         return Err(LedgerError::InvalidInput {
             flow: flow.to_string(),
-            what: format!(
-                "a replay reads 1 to {MAX_REPLAY_RECORDS} records, not {limit}"
-            ),
+            what: format!("a replay reads 1 to {MAX_REPLAY_RECORDS} records, not {limit}"),
         });
     }
     Ok(())

@@ -26,10 +26,11 @@ use super::{
     ATTENTION, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionResult, Counts,
     CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
     Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED,
-    PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState, ReplayRecord,
-    RecordView, Result, Retention, STALE_REVISIONS, SnapshotRow, add_events, assemble_counts,
-    assemble_detail, compact_outcome, completion_params, counts_from_kept, lease_ms, prepare,
-    retention_cutoff, rounds, stale_detail, tie_detail, to_time, window_start_minute,
+    PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
+    RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow, add_events,
+    assemble_counts, assemble_detail, compact_outcome, completion_params, counts_from_kept,
+    lease_ms, prepare, retention_cutoff, rounds, stale_detail, tie_detail, to_time,
+    window_start_minute,
 };
 
 /// Splits the rows of a counts query: kept counters, window sums and the oldest pending receipt.

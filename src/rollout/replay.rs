@@ -526,9 +526,11 @@ impl Report {
     /// The report as compact JSON of at most [`TERMINATION_MESSAGE_LIMIT`] bytes: the examples go first, then
     /// the least frequent changed paths, each counted in `omittedExamples` / `omittedChangedPaths`.
     pub fn termination_message(&self) -> String {
-        let text = |r: &Report| serde_json::to_string(r).unwrap_or_else(|e| {
-            format!(r#"{{"verdict":"Failed","reason":"the report cannot be serialised: {e}"}}"#)
-        });
+        let text = |r: &Report| {
+            serde_json::to_string(r).unwrap_or_else(|e| {
+                format!(r#"{{"verdict":"Failed","reason":"the report cannot be serialised: {e}"}}"#)
+            })
+        };
         let fits = |r: &Report| text(r).len() <= TERMINATION_MESSAGE_LIMIT;
         let mut report = self.clone();
         report.reason = report.reason.map(|r| cut_to(&r, MAX_REASON_CHARS));
@@ -624,8 +626,15 @@ impl fmt::Display for Report {
             }
             writeln!(f)?;
             for c in &e.changes {
-                let show = |v: &Option<Value>| v.as_ref().map_or("(absent)".into(), Value::to_string);
-                writeln!(f, "      {}: {} → {}", c.path, show(&c.before), show(&c.after))?;
+                let show =
+                    |v: &Option<Value>| v.as_ref().map_or("(absent)".into(), Value::to_string);
+                writeln!(
+                    f,
+                    "      {}: {} → {}",
+                    c.path,
+                    show(&c.before),
+                    show(&c.after)
+                )?;
             }
         }
         Ok(())
@@ -800,7 +809,8 @@ mod tests {
         let records: Vec<_> = (1..=6)
             .map(|n| {
                 record(n, |v| {
-                    v["amount"] = Value::String(if n % 2 == 0 { "7289.95" } else { "100.00" }.into())
+                    v["amount"] =
+                        Value::String(if n % 2 == 0 { "7289.95" } else { "100.00" }.into())
                 })
             })
             .collect();
@@ -866,26 +876,52 @@ mod tests {
             for f in &mut spec.mapping.fields {
                 match f.target.as_str() {
                     "email" => f.expression = "record.customerEmail.upperAscii()".into(),
-                    "memo" => f.expression = r#"record.name + " / " + record.accountName + " / renewal" "#.into(),
+                    "memo" => {
+                        f.expression =
+                            r#"record.name + " / " + record.accountName + " / renewal" "#.into()
+                    }
                     _ => {}
                 }
             }
         });
-        let report = run(&active, &candidate, &[record(1, |_| {})], Thresholds::default());
-        let text = serde_json::to_string(&report).unwrap() + &report.termination_message() + &report.to_string();
+        let report = run(
+            &active,
+            &candidate,
+            &[record(1, |_| {})],
+            Thresholds::default(),
+        );
+        let text = serde_json::to_string(&report).unwrap()
+            + &report.termination_message()
+            + &report.to_string();
         assert!(!text.contains("alice.buyer"), "{text}");
-        assert!(!text.to_lowercase().contains("alice.buyer@acme.example"), "{text}");
+        assert!(
+            !text.to_lowercase().contains("alice.buyer@acme.example"),
+            "{text}"
+        );
         let changes = &report.examples[0].changes;
-        let email = changes.iter().find(|c| c.path == "email").expect("email changed");
+        let email = changes
+            .iter()
+            .find(|c| c.path == "email")
+            .expect("email changed");
         assert_eq!(email.before, Some(Value::String("[REDACTED]".into())));
         assert_eq!(email.after, Some(Value::String("[REDACTED]".into())));
-        let memo = changes.iter().find(|c| c.path == "memo").expect("memo changed");
+        let memo = changes
+            .iter()
+            .find(|c| c.path == "memo")
+            .expect("memo changed");
         let after = memo.after.as_ref().and_then(Value::as_str).unwrap();
-        assert!(after.ends_with('…') && after.chars().count() == SHOWN_CHARS + 1, "{after}");
+        assert!(
+            after.ends_with('…') && after.chars().count() == SHOWN_CHARS + 1,
+            "{after}"
+        );
     }
 
     fn many_paths(n: usize) -> Report {
-        let mut report = Report::failed("x", &ContractVersion::default(), &ContractVersion::default());
+        let mut report = Report::failed(
+            "x",
+            &ContractVersion::default(),
+            &ContractVersion::default(),
+        );
         report.verdict = Verdict::Passed;
         report.reason = None;
         report.records = 10_000;
@@ -915,7 +951,11 @@ mod tests {
     fn the_termination_message_fits_kubernetes_limit_and_says_what_it_left_out() {
         let report = many_paths(500);
         let message = report.termination_message();
-        assert!(message.len() <= TERMINATION_MESSAGE_LIMIT, "{}", message.len());
+        assert!(
+            message.len() <= TERMINATION_MESSAGE_LIMIT,
+            "{}",
+            message.len()
+        );
         let back = Report::parse(&message).expect("parses");
         assert!(back.examples.is_empty());
         assert_eq!(back.omitted_examples, 5);
@@ -925,7 +965,10 @@ mod tests {
             500
         );
         // The most frequent paths are the ones kept, and one more would not have fitted.
-        assert_eq!(back.changed_paths[..], report.changed_paths[..back.changed_paths.len()]);
+        assert_eq!(
+            back.changed_paths[..],
+            report.changed_paths[..back.changed_paths.len()]
+        );
         let mut one_more = back.clone();
         one_more.changed_paths = report.changed_paths[..back.changed_paths.len() + 1].to_vec();
         one_more.omitted_changed_paths -= 1;
@@ -950,7 +993,11 @@ mod tests {
             version: "1.2.0".into(),
             content_hash: "sha256:ab".into(),
         };
-        let report = Report::failed("ledger: ".to_string() + &"e".repeat(10_000), &active, &ContractVersion::default());
+        let report = Report::failed(
+            "ledger: ".to_string() + &"e".repeat(10_000),
+            &active,
+            &ContractVersion::default(),
+        );
         let back = Report::parse(&report.termination_message()).expect("parses");
         assert_eq!(back.verdict, Verdict::Failed);
         assert_eq!(back.active_version, "1.2.0");
