@@ -126,20 +126,12 @@ pub struct ValueChange {
     pub after: Option<Value>,
 }
 
-/// What a preflight tolerates (the flow's `maxNewlyRejected` and `maxChangedOutputs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a preflight tolerates (the flow's `maxNewlyRejected` and `maxChangedOutputs`). The default is the
+/// flow's: no newly rejected record, any number of changed outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Thresholds {
     pub max_newly_rejected: u64,
     pub max_changed_outputs: Option<u64>,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            max_newly_rejected: 0,
-            max_changed_outputs: None,
-        }
-    }
 }
 
 /// A contract as a report names it.
@@ -289,18 +281,16 @@ impl<'a> Replay<'a> {
                     });
                 }
             }
-            _ if before.label() != after.label() => {
-                if self.outcome_examples.len() < MAX_EXAMPLES {
-                    self.outcome_examples.push(Example {
-                        record: record.id.0,
-                        key: cut(&record.source_key),
-                        outcome: Some(OutcomeChange {
-                            before: outcome_label(&before),
-                            after: outcome_label(&after),
-                        }),
-                        changes: Vec::new(),
-                    });
-                }
+            _ if before.label() != after.label() && self.outcome_examples.len() < MAX_EXAMPLES => {
+                self.outcome_examples.push(Example {
+                    record: record.id.0,
+                    key: cut(&record.source_key),
+                    outcome: Some(OutcomeChange {
+                        before: outcome_label(&before),
+                        after: outcome_label(&after),
+                    }),
+                    changes: Vec::new(),
+                });
             }
             _ => {}
         }
