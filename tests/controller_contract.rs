@@ -798,3 +798,54 @@ async fn the_workers_config_map_never_holds_a_version_that_has_not_passed() {
     }
     assert_eq!(w.workers_run().await, "2.0.3");
 }
+
+/// The controller reads exactly what `meshline replay` leaves as its termination message, and the Job's
+/// arguments are ones `meshline replay` accepts.
+#[tokio::test]
+async fn the_job_speaks_the_replay_command_s_language() {
+    use clap::Parser;
+    use meshline::rollout::replay::{ContractVersion, PathCount, Report, Verdict};
+    let v = |version: &str| ContractVersion {
+        version: version.into(),
+        content_hash: format!("sha256:{}", "b".repeat(64)),
+    };
+    let failed = Report::failed("the ledger does not answer", &v("2.0.1"), &v("2.0.2"));
+    let read = meshline::controller::contract::status::Replay::parse(&failed.termination_message())
+        .unwrap();
+    assert!(!read.passed);
+    assert!(read.reason.unwrap().contains("the ledger does not answer"));
+    let mut passed = failed.clone();
+    passed.verdict = Verdict::Passed;
+    passed.reason = None;
+    passed.records = 1000;
+    passed.changed_outputs = 12;
+    passed.changed_paths = vec![PathCount {
+        path: "order_line[].price_unit".into(),
+        records: 12,
+    }];
+    let read = meshline::controller::contract::status::Replay::parse(&passed.termination_message())
+        .unwrap();
+    assert!(read.passed);
+    assert_eq!((read.records, read.changed_outputs), (1000, 12));
+    assert_eq!(
+        read.changed_paths,
+        vec!["order_line[].price_unit: 12".to_string()]
+    );
+
+    let mut w = World::new();
+    in_preflight(&mut w, "2.0.2").await;
+    let job = &w.jobs[0];
+    let container = &job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let mut argv = vec!["meshline".to_string()];
+    argv.extend(container.args.clone().unwrap());
+    meshline::cli::Cli::try_parse_from(&argv)
+        .unwrap_or_else(|e| panic!("meshline replay refuses {argv:?}: {e}"));
+}

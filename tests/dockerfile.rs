@@ -332,13 +332,13 @@ fn dependency_stage_accepts_the_manifest_and_builds_the_binary_target() {
 #[test]
 fn a_target_added_to_cargo_toml_needs_no_dockerfile_change() {
     let manifest = fs::read_to_string(Path::new(REPO).join("Cargo.toml")).unwrap()
-        + "\n[[bench]]\nname = \"replay\"\nharness = false\n\n\
+        + "\n[[bench]]\nname = \"added_later\"\nharness = false\n\n\
            [[test]]\nname = 'odd_place'\npath = \"checks/odd_place.rs\" # not under tests/\n\n\
            [[bin]]\nname = \"meshline-tool\"\n";
     let context = context_with_manifest(&manifest);
     let replay = replay(&repo_dockerfile(), context.path()).unwrap_or_else(|e| panic!("{e}"));
     let metadata = &replay.cargo_calls.last().unwrap().metadata;
-    assert!(target_names(metadata, "bench").contains("replay"));
+    assert!(target_names(metadata, "bench").contains("added_later"));
     assert!(target_names(metadata, "test").contains("odd_place"));
     assert!(target_names(metadata, "bin").contains("meshline-tool"));
 }

@@ -9,6 +9,7 @@ mod contract;
 pub mod controller;
 mod dev;
 pub mod logging;
+mod replay;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
@@ -60,6 +61,10 @@ pub enum Command {
         #[command(subcommand)]
         command: worker::HoldCommand,
     },
+    /// Preflight a candidate contract: replay the flow's recent records through the active contract and the
+    /// candidate, and write the report as the container's termination message (exit 0 passed, 1 failed the
+    /// thresholds, 2 could not run).
+    Replay(Box<replay::ReplayArgs>),
     /// Work with contract versions offline: classify changes (`diff`), run sample records (`check`).
     Contract {
         #[command(subcommand)]
@@ -106,6 +111,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),
         Command::Contract { command } => contract::run(command),
+        Command::Replay(args) => replay::replay(*args),
     }
 }
 

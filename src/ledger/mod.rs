@@ -55,6 +55,10 @@
 //! expired but that nobody has claimed again may still complete: no one else can have acted on the record.
 //! The lease bounds how long a delivery may take; the worker must time out its ERP call well inside it.
 //!
+//! **Replay.** [`Ledger::recent_inputs`] reads the newest records' source payloads for the preflight replay of a
+//! contract change (`crate::rollout::replay`); the operations API serves the same to a replay Job when the
+//! ledger is embedded (`GET /records/recent`).
+//!
 //! **Time** is stored as milliseconds since the Unix epoch (UTC) in 64-bit integers on both backends, read
 //! from an injectable [`Clock`], so lease expiry is testable without sleeping.
 
@@ -200,6 +204,15 @@ pub trait Ledger: Send + Sync + fmt::Debug {
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<RecordView>>;
+
+    /// The current source payloads of the flow's `limit` most recently stored records, newest first (by
+    /// record id, i.e. the order in which records were first stored; an update keeps its record's place).
+    /// What the preflight replay evaluates. Only records that still have their payload are replayable:
+    /// records delivered longer ago than the delivered retention are reduced to compact rows (and purged dead
+    /// letters are gone), so they are skipped and do not count against `limit`. `limit` is at most
+    /// [`MAX_REPLAY_RECORDS`]. The read walks the payloads' primary key (the record id) backwards, and only
+    /// kept records have a payload row, so it costs the rows it returns, not the flow's history.
+    async fn recent_inputs(&self, limit: usize) -> Result<Vec<ReplayRecord>>;
 
     /// The flow's counters, kept in the ledger in the transactions that change the records: a read of a
     /// few rows whatever the ledger's size (what `/status` asks on every call).
@@ -569,7 +582,18 @@ pub(crate) fn attention_filter(state: RecordState) -> String {
 /// A record with its current payload (none once a delivered record was reduced to its compact row).
 pub(crate) const RECORD_FROM: &str = "records r LEFT JOIN payloads p ON p.record_id = r.id";
 
-fn parse_state(flow: &str, id: i64, s: &str) -> Result<RecordState> {
+/// Refuses a replay read over [`MAX_REPLAY_RECORDS`] (or of none), naming the bound.
+pub(crate) fn check_replay_limit(flow: &str, limit: usize) -> Result<()> {
+    if limit == 0 || limit > MAX_REPLAY_RECORDS {
+        return Err(LedgerError::InvalidInput {
+            flow: flow.to_string(),
+            what: format!("a replay reads 1 to {MAX_REPLAY_RECORDS} records, not {limit}"),
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_state(flow: &str, id: i64, s: &str) -> Result<RecordState> {
     RecordState::parse(s).ok_or_else(|| LedgerError::Corrupt {
         flow: flow.to_string(),
         record: RecordId(id),

@@ -27,9 +27,10 @@ use super::{
     CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
     Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED,
     PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
-    RecordView, Result, Retention, STALE_REVISIONS, SnapshotRow, add_events, assemble_counts,
-    assemble_detail, compact_outcome, completion_params, counts_from_kept, lease_ms, prepare,
-    retention_cutoff, rounds, stale_detail, tie_detail, to_time, window_start_minute,
+    RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow, add_events,
+    assemble_counts, assemble_detail, compact_outcome, completion_params, counts_from_kept,
+    lease_ms, prepare, retention_cutoff, rounds, stale_detail, tie_detail, to_time,
+    window_start_minute,
 };
 
 /// Splits the rows of a counts query: kept counters, window sums and the oldest pending receipt.
@@ -1246,6 +1247,34 @@ impl Ledger for PostgresLedger {
         .await
         .map_err(self.db("list", None))?;
         rows.into_iter().map(RecordRow::into_view).collect()
+    }
+
+    async fn recent_inputs(&self, limit: usize) -> Result<Vec<ReplayRecord>> {
+        super::check_replay_limit(&self.flow, limit)?;
+        // The payloads' primary key walked backwards: only kept records have a payload row, so the scan
+        // stops after `limit` of the flow's rows (and the planner may still take the flow's key index when
+        // the flow is a small part of a shared database).
+        let rows: Vec<(i64, String, String, String, String)> = sqlx::query_as(
+            "SELECT r.id, r.source_key, r.state, r.contract_version, p.body \
+             FROM payloads p JOIN records r ON r.id = p.record_id \
+             WHERE r.flow = $1 ORDER BY p.record_id DESC LIMIT $2",
+        )
+        .bind(&self.flow)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("recent_inputs", None))?;
+        rows.into_iter()
+            .map(|(id, source_key, state, contract_version, payload)| {
+                Ok(ReplayRecord {
+                    id: RecordId(id),
+                    source_key,
+                    state: super::parse_state(&self.flow, id, &state)?,
+                    contract_version,
+                    payload,
+                })
+            })
+            .collect()
     }
 
     async fn counts(&self) -> Result<Counts> {

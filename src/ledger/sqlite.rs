@@ -35,14 +35,21 @@ use super::{
     CompletionResult, Counts, CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome,
     InterventionRow, LeaseRequest, Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction,
     NewLineageEvent, PAYLOADS_PURGED, PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail,
-    RecordId, RecordRow, RecordState, RecordView, Result, Retention, STALE_REVISIONS, SnapshotRow,
-    add_events, assemble_counts, assemble_detail, attention_filter, compact_outcome,
-    completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, stale_detail,
-    tie_detail, to_time, window_start_minute,
+    RecordId, RecordRow, RecordState, RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS,
+    SnapshotRow, add_events, assemble_counts, assemble_detail, attention_filter,
+    check_replay_limit, compact_outcome, completion_params, counts_from_kept, lease_ms,
+    parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time, window_start_minute,
 };
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
 const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
+
+/// The newest kept payloads of a flow. `CROSS JOIN` fixes the join order in SQLite: the payloads' rowid (the
+/// record id) is walked backwards and each record is one primary-key probe, so the read stops after `limit`
+/// rows. Left to itself the planner may take the (flow, idempotency_key) index and sort the whole flow.
+const RECENT_INPUTS: &str = "SELECT r.id, r.source_key, r.state, r.contract_version, p.body \
+    FROM payloads p CROSS JOIN records r ON r.id = p.record_id \
+    WHERE r.flow = ?1 ORDER BY p.record_id DESC LIMIT ?2";
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
@@ -1643,6 +1650,42 @@ impl Ledger for SqliteLedger {
         rows.into_iter().map(RecordRow::into_view).collect()
     }
 
+    async fn recent_inputs(&self, limit: usize) -> Result<Vec<ReplayRecord>> {
+        check_replay_limit(&self.flow, limit)?;
+        let flow = self.flow.clone();
+        self.read("recent_inputs", move |conn| {
+            conn.prepare_cached(RECENT_INPUTS)
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![flow, i64::try_from(limit).unwrap_or(i64::MAX)],
+                        |row| {
+                            Ok((
+                                row.get::<_, i64>(0)?,
+                                row.get::<_, String>(1)?,
+                                row.get::<_, String>(2)?,
+                                row.get::<_, String>(3)?,
+                                row.get::<_, String>(4)?,
+                            ))
+                        },
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(db(&flow, "recent_inputs", None))?
+                .into_iter()
+                .map(|(id, source_key, state, contract_version, payload)| {
+                    Ok(ReplayRecord {
+                        id: RecordId(id),
+                        source_key,
+                        state: parse_state(&flow, id, &state)?,
+                        contract_version,
+                        payload,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn counts(&self) -> Result<Counts> {
         let now = self.clock.now_ms();
         let flow = self.flow.clone();
@@ -1717,5 +1760,38 @@ impl Ledger for SqliteLedger {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_replay_read_walks_the_payloads_backwards_without_sorting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let ledger = SqliteLedger::open(&path, "f", Arc::new(super::super::SystemClock))
+            .await
+            .unwrap();
+        ledger.close().await;
+        let conn = Connection::open(&path).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {RECENT_INPUTS}"))
+            .unwrap()
+            .query_map(params!["f", 10], |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(!plan.contains("TEMP B-TREE"), "no sort: {plan}");
+        assert!(
+            plan.starts_with("SCAN p"),
+            "the payloads are the outer loop: {plan}"
+        );
+        assert!(
+            plan.contains("SEARCH r USING INTEGER PRIMARY KEY"),
+            "{plan}"
+        );
     }
 }

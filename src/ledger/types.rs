@@ -690,3 +690,21 @@ mod tests {
         assert_eq!(BucketSet::all().iter().count(), 100);
     }
 }
+
+/// The most records one [`crate::ledger::Ledger::recent_inputs`] call returns: the preflight replay's bound
+/// (`spec.rollout.preflightRecords` allows at most this many), so a replay's memory stays bounded.
+pub const MAX_REPLAY_RECORDS: usize = 100_000;
+
+/// A record's current source payload, as the contract evaluates it: what a preflight replay runs through the
+/// active and the candidate contract. The payload is the exact text the source sent (not re-serialised JSON),
+/// so the replay parses the same bytes the worker did, duplicate keys and long decimals included.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplayRecord {
+    pub id: RecordId,
+    pub source_key: String,
+    pub state: RecordState,
+    /// The contract version that was current when this payload was received.
+    pub contract_version: String,
+    pub payload: String,
+}

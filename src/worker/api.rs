@@ -4,7 +4,14 @@
 //! interventions on them. Every read and write of records, dead letters, holds and status needs the flow's
 //! token (`Authorization: Bearer`, or [`TOKEN_HEADER`] through the API server's pod proxy, which keeps
 //! `Authorization` for itself); health and `/metrics` stay open so probes and Prometheus need no secret. Every
-//! payload that leaves here goes through the contract's redaction.
+//! payload that leaves here for people goes through the contract's redaction.
+//!
+//! One route is not for people: `GET /records/recent?limit=N` streams the newest records' source payloads
+//! as they are stored (NDJSON, one [`crate::ledger::ReplayRecord`] a line, newest first, at most
+//! [`crate::ledger::MAX_REPLAY_RECORDS`]) to a preflight replay Job (`meshline replay --from-worker`). That is
+//! how the Job reads an embedded (SQLite) ledger, whose volume this pod holds (ReadWriteOnce): over the
+//! cluster network, with the flow's token. The payloads are unredacted because the replay must evaluate the
+//! real values; the Job keeps them in memory and its report carries only counts and redacted examples.
 
 use std::sync::Arc;
 
@@ -115,6 +122,7 @@ pub fn ops_router(state: ApiState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/records/recent", get(recent_records))
         .route("/records/{id}", get(record))
         .route("/records/{id}/approve", post(approve))
         .route("/records/{id}/reject", post(reject))
@@ -350,6 +358,52 @@ async fn record(
                 state.pipeline.flow
             ),
         ),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RecentQuery {
+    limit: Option<String>,
+}
+
+/// The newest records' source payloads as NDJSON, for a preflight replay (see the module doc).
+async fn recent_records(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<RecentQuery>,
+) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
+    let max = crate::ledger::MAX_REPLAY_RECORDS;
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => 1000,
+        Some(Ok(n)) if (1..=max).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "limit: {:?} is not a number of records from 1 to {max}",
+                    q.limit.unwrap_or_default()
+                ),
+            );
+        }
+    };
+    match state.pipeline.ledger.recent_inputs(limit).await {
+        Ok(records) => {
+            // One line per record, serialised as the body is sent rather than into one large buffer.
+            let lines = futures::stream::iter(records.into_iter().map(|r| {
+                let mut line = serde_json::to_vec(&r).unwrap_or_default();
+                line.push(b'\n');
+                Ok::<_, std::convert::Infallible>(line)
+            }));
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                axum::body::Body::from_stream(lines),
+            )
+                .into_response()
+        }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -104,12 +104,24 @@ pub fn ledger_target(
     rendered: &RenderedFlow,
     settings: &WorkerSettings,
 ) -> Result<LedgerTarget, WorkerError> {
+    ledger_target_in(
+        rendered,
+        &settings.state_dir,
+        settings.secrets_dir.as_deref(),
+    )
+}
+
+/// [`ledger_target`] from the two settings it reads: the embedded ledger's state directory and the mounted
+/// Secrets (a PostgreSQL ledger's `url`). `meshline replay` opens the ledger the same way.
+pub fn ledger_target_in(
+    rendered: &RenderedFlow,
+    state_dir: &std::path::Path,
+    secrets_dir: Option<&std::path::Path>,
+) -> Result<LedgerTarget, WorkerError> {
     let flow = rendered.flow_name();
     let spec = &rendered.flow.spec.ledger;
     match spec.r#type {
-        crate::api::LedgerType::Embedded => {
-            Ok(LedgerTarget::Sqlite(settings.state_dir.join("ledger.db")))
-        }
+        crate::api::LedgerType::Embedded => Ok(LedgerTarget::Sqlite(state_dir.join("ledger.db"))),
         crate::api::LedgerType::Postgres => {
             let secret =
                 spec.credentials_secret_ref
@@ -121,11 +133,7 @@ pub fn ledger_target(
                                 .into(),
                     })?;
             let creds = crate::connectors::Credentials::new(
-                settings
-                    .secrets_dir
-                    .as_ref()
-                    .map(|d| d.join(&secret.name))
-                    .as_deref(),
+                secrets_dir.map(|d| d.join(&secret.name)).as_deref(),
                 "ledger",
             );
             let url = creds.get("url").map_err(|e| WorkerError::Credentials {

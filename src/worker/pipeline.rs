@@ -881,7 +881,9 @@ pub const MAX_CONSECUTIVE_OVERRUNS: u32 = 3;
 /// evaluation counts the streak from it.
 const OVERRUN_MARK: &str = "contract deadline overrun";
 
-fn subject_key(subject: &crate::contract::Subject) -> String {
+/// The subject part of a contract dead letter's reason key (`contract:<code>:<subject>`); the preflight replay
+/// names rejections by the same key.
+pub(crate) fn subject_key(subject: &crate::contract::Subject) -> String {
     use crate::contract::Subject;
     match subject {
         Subject::Record => "record".into(),

@@ -1841,6 +1841,61 @@ pub async fn counters_written_by_closed_connections_still_add_up(fixture: Fixtur
     ledger.close().await;
 }
 
+/// The preflight replay reads the newest records' current payloads, newest first and bounded; records reduced
+/// to compact rows after the delivered retention have no payload to replay and are skipped.
+pub async fn a_replay_reads_the_newest_kept_payloads_newest_first(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger
+        .ingest(
+            (0..2)
+                .map(|i| record(&format!("r{i}"), json!({"amount": i})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    clock.advance(Duration::from_secs(3600));
+    let retention = ledger::Retention {
+        dead_letters: None,
+        delivered: Some(Duration::from_secs(60)),
+    };
+    assert_eq!(ledger.purge(&retention, 10).await.unwrap().payloads, 2);
+    ledger
+        .ingest(
+            (2..5)
+                .map(|i| record(&format!("r{i}"), json!({"amount": i})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    // r3 changes: its current payload is replayed, in its record's place.
+    ledger
+        .ingest(vec![record("r3", json!({"amount": 33}))])
+        .await
+        .unwrap();
+
+    let all = ledger.recent_inputs(10).await.unwrap();
+    let keys: Vec<&str> = all.iter().map(|r| r.source_key.as_str()).collect();
+    assert_eq!(keys, ["r4", "r3", "r2"]);
+    assert_eq!(all[1].payload, r#"{"amount":33}"#);
+    assert_eq!(all[0].state, RecordState::Received);
+    assert_eq!(all[0].contract_version, "1.0.0");
+    let two = ledger.recent_inputs(2).await.unwrap();
+    assert_eq!(two, all[..2]);
+    for limit in [0, ledger::MAX_REPLAY_RECORDS + 1] {
+        let err = ledger.recent_inputs(limit).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a replay reads 1 to 100000 records"),
+            "{err}"
+        );
+    }
+    ledger.close().await;
+}
+
 macro_rules! ledger_suite {
     ($fixture:path) => {
         ledger_suite!(@tests $fixture;
@@ -1870,6 +1925,7 @@ macro_rules! ledger_suite {
             dead_letters_are_purged_after_their_retention,
             a_version_3_ledger_is_migrated_with_its_counters_backfilled,
             counters_written_by_closed_connections_still_add_up,
+            a_replay_reads_the_newest_kept_payloads_newest_first,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
