@@ -1532,3 +1532,136 @@ async fn sign_off_policy_lets_only_the_owner_add_a_sign_off() {
     })
     .await;
 }
+
+/// A contract change on a real API server (issue #14): a new version waits for its owners' sign-offs, then a
+/// preflight replay Job is created with the right spec and its candidate ConfigMap, and the flow keeps running
+/// its active revision throughout (the workers' ConfigMap holds the active version).
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn a_contract_change_waits_for_sign_offs_then_runs_a_preflight_job_and_the_flow_keeps_its_revision()
+ {
+    with_namespace("change", |client, ns| async move {
+        apply_example(&client, &ns).await;
+        let contracts: Api<SyncContract> = Api::namespaced(client.clone(), &ns);
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let first = eventually("the first version active", || async {
+            contracts
+                .get("deal-to-sale-order")
+                .await
+                .ok()?
+                .status?
+                .active_revision
+        })
+        .await;
+        eventually("the flow on the first revision", || async {
+            let s = flows.get(FLOW).await.ok()?.status?;
+            (s.contract_revision.as_deref() == Some(first.as_str())).then_some(())
+        })
+        .await;
+        let workers_version = || async {
+            let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+            let cm = cms.get(&build::worker_name(FLOW)).await.ok()?;
+            let rendered: serde_json::Value =
+                serde_yaml::from_str(cm.data?.get(build::CONFIG_KEY)?).ok()?;
+            rendered["contract"]["spec"]["version"]
+                .as_str()
+                .map(str::to_string)
+        };
+        assert_eq!(workers_version().await.as_deref(), Some("2.0.1"));
+
+        // A compatible patch version without sign-offs: Pending, waiting for lena and tomas.
+        let mut next = example::<SyncContract>("contract.yaml", &ns);
+        next.spec.version = "2.0.2".into();
+        next.spec.sign_offs.clear();
+        apply(&client, &ns, &next).await;
+        let waiting = eventually("AwaitingSignOff", || async {
+            let s = contracts.get("deal-to-sale-order").await.ok()?.status?;
+            s.conditions
+                .into_iter()
+                .find(|c| c.r#type == "SignedOff" && c.reason == "AwaitingSignOff")
+        })
+        .await;
+        assert!(waiting.message.contains("lena") && waiting.message.contains("tomas"));
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+        assert!(
+            jobs.list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        assert_eq!(workers_version().await.as_deref(), Some("2.0.1"));
+        eventually("the flow says why it waits", || async {
+            let s = flows.get(FLOW).await.ok()?.status?;
+            s.conditions.into_iter().find(|c| {
+                c.r#type == "ContractUpToDate"
+                    && c.status == "False"
+                    && c.reason == "AwaitingSignOff"
+            })
+        })
+        .await;
+
+        // Both owners sign: a preflight Job per bound flow, with the candidate in a ConfigMap it owns.
+        let hash = meshline::contract::content_hash(&next.spec)
+            .as_str()
+            .to_string();
+        for owner in ["lena", "tomas"] {
+            next.spec.sign_offs.push(meshline::api::SignOff {
+                owner: owner.into(),
+                version: "2.0.2".into(),
+                content_hash: Some(hash.clone()),
+                role: None,
+                approved_at: None,
+            });
+        }
+        apply(&client, &ns, &next).await;
+        let name = meshline::controller::contract::build::job_name(FLOW, &hash);
+        let job = eventually("the preflight Job", || async {
+            jobs.get_opt(&name).await.ok().flatten()
+        })
+        .await;
+        let spec = job.spec.clone().unwrap();
+        assert_eq!(spec.backoff_limit, Some(0));
+        assert!(
+            spec.active_deadline_seconds.is_some() && spec.ttl_seconds_after_finished.is_some()
+        );
+        let pod = spec.template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        assert_eq!(args[0], "replay");
+        assert!(
+            args.iter().any(|a| a == "--from-worker"),
+            "an embedded ledger is read through the worker: {args:?}"
+        );
+        assert!(
+            !pod.volumes
+                .unwrap_or_default()
+                .iter()
+                .any(|v| v.persistent_volume_claim.is_some()),
+            "the Job never mounts the worker's ledger volume"
+        );
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        let candidate = eventually("the candidate ConfigMap", || async {
+            cms.get_opt(&name).await.ok().flatten()
+        })
+        .await;
+        assert!(owned_by(
+            &candidate.metadata,
+            job.metadata.uid.as_deref().unwrap()
+        ));
+        let s = contracts
+            .get("deal-to-sale-order")
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+        assert_eq!(s.active_revision.as_deref(), Some(first.as_str()));
+        assert_eq!(
+            workers_version().await.as_deref(),
+            Some("2.0.1"),
+            "the flow keeps its active revision while preflight runs"
+        );
+        let f = flows.get(FLOW).await.unwrap().status.unwrap();
+        assert_eq!(f.contract_revision.as_deref(), Some(first.as_str()));
+    })
+    .await;
+}
