@@ -9,7 +9,7 @@ mod contract;
 pub mod controller;
 mod dev;
 pub mod logging;
-mod replay;
+pub mod replay;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.

@@ -147,6 +147,12 @@ fn fail(args: &ReplayArgs, failure: &Failure) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The replay `meshline replay` runs, in-process (`meshline dev` preflights its contract changes so); the error
+/// names the file or the source and the reason.
+pub async fn run_replay(args: &ReplayArgs) -> Result<Report, String> {
+    run(args).await.map_err(|f| f.message)
+}
+
 async fn run(args: &ReplayArgs) -> Result<Report, Failure> {
     let rendered = RenderedFlow::load(&args.config).map_err(|e| Failure::plain(e.to_string()))?;
     let flow = rendered.flow_name();

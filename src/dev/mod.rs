@@ -77,6 +77,8 @@ pub struct DevEnv {
     pub token: String,
     pub state_dir: PathBuf,
     pub flow: String,
+    /// The flow, its active contract and roster as the worker runs them (with the stand-ins' addresses).
+    pub rendered: RenderedFlow,
     erp_task: tokio::task::JoinHandle<()>,
 }
 
@@ -324,6 +326,7 @@ async fn start_in(
         token,
         state_dir: state.to_path_buf(),
         flow,
+        rendered: rendered.clone(),
         erp_task,
     })
 }

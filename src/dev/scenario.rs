@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -67,6 +68,26 @@ pub struct Report {
     /// The file with the token the operations port asks for.
     pub token_file: String,
     pub elapsed_seconds: f64,
+    /// Two contract changes played through the gates against this run's ledger.
+    pub contract_changes: Vec<ContractChange>,
+}
+
+/// One contract change and how the gates judged it (what the controller would do on a cluster).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractChange {
+    pub title: String,
+    pub from_version: String,
+    pub version: String,
+    pub content_hash: String,
+    /// The gate that stopped it (`compatibility`, `sign-off`, `preflight`), if one did.
+    pub blocked_at: Option<String>,
+    /// Why, in the gate's words.
+    pub reason: Option<String>,
+    /// The roster owners whose sign-off the change carries.
+    pub signed_off_by: Vec<String>,
+    /// The preflight replay of this run's records through the active and the candidate contract.
+    pub preflight: Option<crate::rollout::replay::Report>,
 }
 
 impl fmt::Display for Report {
@@ -134,6 +155,53 @@ impl fmt::Display for Report {
                 f,
                 "    ! {u}: closed in the CRM, not in the ERP, and not held or dead-lettered"
             )?;
+        }
+        if !self.contract_changes.is_empty() {
+            writeln!(f, "  contract changes, through the gates a cluster applies:")?;
+        }
+        for c in &self.contract_changes {
+            writeln!(
+                f,
+                "    - {} ({} → {}, {}):",
+                c.title,
+                c.from_version,
+                c.version,
+                &c.content_hash[..c.content_hash.len().min(19)]
+            )?;
+            match (&c.blocked_at, &c.preflight) {
+                (Some(gate), _) => writeln!(
+                    f,
+                    "      BLOCKED at the {gate} gate: {}; the flow keeps running {}",
+                    c.reason.as_deref().unwrap_or_default(),
+                    c.from_version
+                )?,
+                (None, Some(p)) => {
+                    writeln!(
+                        f,
+                        "      compatible; signed off by {}; preflight {}: {} records replayed, {} newly rejected, {} newly held, {} newly accepted, {} outputs changed",
+                        c.signed_off_by.join(", "),
+                        if p.passed() { "passed" } else { "FAILED" },
+                        p.records,
+                        p.newly_rejected,
+                        p.newly_held,
+                        p.newly_accepted,
+                        p.changed_outputs
+                    )?;
+                    for path in &p.changed_paths {
+                        writeln!(f, "        {}: {} records", path.path, path.records)?;
+                    }
+                    writeln!(
+                        f,
+                        "      {}",
+                        if p.passed() {
+                            "it would become the active revision"
+                        } else {
+                            "it would be rejected; the flow keeps running the active revision"
+                        }
+                    )?;
+                }
+                (None, None) => {}
+            }
         }
         if let Some(first) = self.explained.iter().find_map(|e| e.record) {
             // The scenario's worker stops with the report; the same command without `--scenario` (and without
@@ -292,7 +360,151 @@ pub async fn run(env: &DevEnv, options: &ScenarioOptions) -> Result<Report, DevE
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     bar.finish_and_clear();
-    reconcile(env, approvals, started).await
+    let mut report = reconcile(env, approvals, started).await?;
+    report.contract_changes = contract_changes(env).await?;
+    report.elapsed_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Two edits of the flow's contract, judged as the controller judges them: a breaking change under a minor
+/// version (stopped at the compatibility gate), then a compatible one (a new ERP field) that the roster's
+/// owners sign and that a preflight replays over this run's records through the worker's operations API.
+async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError> {
+    use crate::rollout::gates::{self, Compatibility};
+    let scenario = |e: String| DevError::Scenario(format!("contract change: {e}"));
+    let rendered = &env.rendered;
+    let active = rendered.contract.spec.clone();
+    let ns = rendered
+        .flow
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let mut flow = rendered.flow.clone();
+    flow.metadata.namespace = Some(ns.clone());
+    let roster = rendered.roster.clone().map(|mut r| {
+        r.metadata.namespace = Some(ns.clone());
+        r
+    });
+    let flows = [&flow];
+    let rosters: Vec<&crate::api::OwnershipRoster> = roster.iter().collect();
+    let contract = rendered.contract.metadata.name.clone().unwrap_or_default();
+    let bound = gates::bound_flows(&ns, &contract, &flows, &rosters);
+    let v = semver::Version::parse(&active.version).map_err(|e| scenario(e.to_string()))?;
+    let next = format!("{}.{}.0", v.major, v.minor + 1);
+    let mut out = Vec::new();
+
+    // 1. A new required field under a minor version: records the active version accepted would be refused.
+    let mut breaking = active.clone();
+    breaking.version = next.clone();
+    breaking.sign_offs.clear();
+    breaking.fields.push(
+        serde_json::from_value(json!({"name": "deliveryRegion", "type": "string", "required": true}))
+            .map_err(|e| scenario(e.to_string()))?,
+    );
+    let plan = gates::plan(Some(&active), &breaking, &bound);
+    let reason = match &plan.compatibility {
+        Compatibility::Refused { reason, problems } => Some(format!("{reason}: {}", problems.join("; "))),
+        _ => None,
+    };
+    out.push(ContractChange {
+        title: "a new required field under a minor version".into(),
+        from_version: active.version.clone(),
+        version: next.clone(),
+        content_hash: plan.hash.clone(),
+        blocked_at: reason.as_ref().map(|_| "compatibility".to_string()),
+        reason,
+        signed_off_by: Vec::new(),
+        preflight: None,
+    });
+
+    // 2. A new ERP field: compatible, signed by the roster's owners, then replayed.
+    let mut compatible = active.clone();
+    compatible.version = next.clone();
+    compatible.sign_offs.clear();
+    compatible.mapping.fields.push(
+        serde_json::from_value(json!({"target": "custbody_meshline_channel", "expression": "'crm-webhook'"}))
+            .map_err(|e| scenario(e.to_string()))?,
+    );
+    let hash = crate::contract::content_hash(&compatible).as_str().to_string();
+    let owners: std::collections::BTreeSet<String> = gates::sign_offs(&compatible, &hash, &bound)
+        .required
+        .into_iter()
+        .map(|s| s.owner)
+        .collect();
+    for owner in &owners {
+        compatible.sign_offs.push(crate::api::SignOff {
+            owner: owner.clone(),
+            version: next.clone(),
+            content_hash: Some(hash.clone()),
+            role: None,
+            approved_at: None,
+        });
+    }
+    let plan = gates::plan(Some(&active), &compatible, &bound);
+    let mut change = ContractChange {
+        title: "a new ERP field".into(),
+        from_version: active.version.clone(),
+        version: next.clone(),
+        content_hash: hash,
+        blocked_at: None,
+        reason: None,
+        signed_off_by: plan.sign_offs.signed.iter().cloned().collect(),
+        preflight: None,
+    };
+    if let Compatibility::Refused { reason, problems } = &plan.compatibility {
+        change.blocked_at = Some("compatibility".into());
+        change.reason = Some(format!("{reason}: {}", problems.join("; ")));
+    } else if !plan.sign_offs.passed() {
+        change.blocked_at = Some("sign-off".into());
+        change.reason = Some(plan.sign_offs.message(&next, &plan.hash));
+    } else {
+        let dir = env.state_dir.join("preflight");
+        let write = |name: &str, text: String| -> Result<PathBuf, DevError> {
+            let path = dir.join(name);
+            std::fs::write(&path, text).map_err(|e| DevError::State {
+                dir: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            Ok(path)
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| DevError::State {
+            dir: dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let config = write(
+            "flow.yaml",
+            serde_yaml::to_string(rendered).map_err(|e| scenario(e.to_string()))?,
+        )?;
+        let candidate = write(
+            "candidate.yaml",
+            serde_yaml::to_string(&compatible).map_err(|e| scenario(e.to_string()))?,
+        )?;
+        let args = crate::cli::replay::ReplayArgs {
+            config,
+            candidate,
+            records: Some(1000),
+            max_newly_rejected: 0,
+            max_changed_outputs: None,
+            from_worker: Some(env.ops_url()),
+            token_file: Some(env.token_file()),
+            report: dir.join("report.json"),
+            output: crate::cli::Output::Text,
+            state_dir: env.state_dir.join("ledger"),
+            secrets_dir: Some(env.state_dir.join("secrets")),
+            lookups_dir: None,
+        };
+        let report = crate::cli::replay::run_replay(&args)
+            .await
+            .map_err(scenario)?;
+        if !report.passed() {
+            change.blocked_at = Some("preflight".into());
+            change.reason = report.reason.clone();
+        }
+        change.preflight = Some(report);
+    }
+    out.push(change);
+    Ok(out)
 }
 
 async fn progress(env: &DevEnv, bar: &ProgressBar) {
@@ -405,5 +617,6 @@ async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<R
         ops_url: env.ops_url(),
         token_file: env.token_file().display().to_string(),
         elapsed_seconds: started.elapsed().as_secs_f64(),
+        contract_changes: Vec::new(),
     })
 }
