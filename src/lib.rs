@@ -1,7 +1,8 @@
 //! Meshline: CRM→ERP syncs declared as contracts, flows and rosters, and enforced by a Kubernetes operator.
 //!
 //! The crate is organised by concept: `api` (the CRD types), `crd` (their generation), `contract` (the pure
-//! contract engine), `rollout` (what a contract change must pass: the gates and the preflight replay), `validate` (offline checks of manifests), `cli` (the `meshline` subcommands).
+//! contract engine), `rollout` (what a contract change must pass: the gates and the preflight replay),
+//! `validate` (offline checks of manifests), `cli` (the `meshline` subcommands).
 
 pub mod api;
 pub mod cli;

@@ -194,3 +194,58 @@ async fn an_unsupported_sink_is_named() {
         .expect("must fail");
     assert!(err.to_string().contains("NetSuite"), "{err}");
 }
+
+/// The scenario changes the contract twice (issue #14): a breaking change without a major version is stopped
+/// at the compatibility gate, and a compatible change is signed by the roster's owners and passes a preflight
+/// replay of the run's records, which reports the new ERP field on every accepted record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scenario_plays_a_blocked_and_a_passing_contract_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = dev::start(&options(example(), tmp.path().join("state")))
+        .await
+        .unwrap();
+    let scenario = ScenarioOptions {
+        records: 40,
+        rate: 200.0,
+        progress: false,
+        timeout: Duration::from_secs(90),
+    };
+    let report = dev::run_scenario(&env, &scenario).await.unwrap();
+    env.shutdown().await;
+    let changes = &report.contract_changes;
+    assert_eq!(changes.len(), 2, "{report}");
+    let blocked = &changes[0];
+    assert_eq!(blocked.blocked_at.as_deref(), Some("compatibility"));
+    assert!(
+        blocked
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("IncompatibleChange"),
+        "{blocked:?}"
+    );
+    assert!(
+        blocked.preflight.is_none(),
+        "nothing runs after a failed gate"
+    );
+
+    let passed = &changes[1];
+    assert_eq!(passed.blocked_at, None, "{passed:?}");
+    assert!(!passed.signed_off_by.is_empty());
+    let p = passed.preflight.as_ref().expect("a preflight report");
+    assert!(p.passed(), "{p:?}");
+    assert!(p.records > 0);
+    assert_eq!(p.newly_rejected, 0);
+    // Every record both versions accept gets the new field.
+    assert!(p.changed_outputs > 0);
+    assert!(
+        p.changed_paths
+            .iter()
+            .any(|c| c.path.contains("custbody_meshline_channel") && c.records == p.changed_outputs),
+        "{:?}",
+        p.changed_paths
+    );
+    let text = report.to_string();
+    assert!(text.contains("BLOCKED at the compatibility gate"), "{text}");
+    assert!(text.contains("preflight passed"), "{text}");
+}

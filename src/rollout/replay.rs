@@ -845,7 +845,7 @@ mod tests {
         });
         let records = vec![
             record(1, |_| {}),                                    // 10 %: newly held
-            record(2, |v| v["stageName"] = "Negotiation".into()), // newly accepted... but also held (10 %)
+            record(2, |v| v["stageName"] = "Negotiation".into()), // rejected before, held now (10 %)
             record(3, |v| {
                 v["stageName"] = "Negotiation".into();
                 v["discountPercent"] = 0.into();
