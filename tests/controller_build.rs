@@ -927,6 +927,7 @@ fn compute(
         observation,
         sla: c.as_ref().and_then(|c| c.spec.sla.as_ref()),
         live_contract: c.as_deref(),
+        flow_name: f.metadata.name.as_deref().unwrap_or_default(),
         previous,
         now,
     })

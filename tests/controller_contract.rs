@@ -532,6 +532,7 @@ async fn a_compatible_change_waits_for_sign_offs_then_preflight_then_becomes_act
         p.changed_paths,
         vec!["order_line[].price_unit: 37".to_string()]
     );
+    let summary = p.clone();
     assert_eq!(w.condition("Ready").0, "True");
     assert_eq!(w.workers_run().await, "2.0.2");
     let up = w
@@ -545,6 +546,11 @@ async fn a_compatible_change_waits_for_sign_offs_then_preflight_then_becomes_act
         .unwrap()
         .clone();
     assert_eq!(up.status, "True");
+    // The flow's status summarises its own preflight too.
+    assert_eq!(
+        w.flow.status.as_ref().unwrap().preflight.as_ref(),
+        Some(&summary)
+    );
 }
 
 /// Gets a candidate into preflight with a running Job.

@@ -648,6 +648,9 @@ pub struct SyncFlowStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub contract_revision: Option<String>,
+    /// The latest preflight replay of a contract candidate on this flow (as the contract's status has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preflight: Option<super::PreflightResult>,
     /// The contract version the stable workers run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_contract_version: Option<String>,

@@ -157,7 +157,10 @@ impl fmt::Display for Report {
             )?;
         }
         if !self.contract_changes.is_empty() {
-            writeln!(f, "  contract changes, through the gates a cluster applies:")?;
+            writeln!(
+                f,
+                "  contract changes, through the gates a cluster applies:"
+            )?;
         }
         for c in &self.contract_changes {
             writeln!(
@@ -399,12 +402,16 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
     breaking.version = next.clone();
     breaking.sign_offs.clear();
     breaking.fields.push(
-        serde_json::from_value(json!({"name": "deliveryRegion", "type": "string", "required": true}))
-            .map_err(|e| scenario(e.to_string()))?,
+        serde_json::from_value(
+            json!({"name": "deliveryRegion", "type": "string", "required": true}),
+        )
+        .map_err(|e| scenario(e.to_string()))?,
     );
     let plan = gates::plan(Some(&active), &breaking, &bound);
     let reason = match &plan.compatibility {
-        Compatibility::Refused { reason, problems } => Some(format!("{reason}: {}", problems.join("; "))),
+        Compatibility::Refused { reason, problems } => {
+            Some(format!("{reason}: {}", problems.join("; ")))
+        }
         _ => None,
     };
     out.push(ContractChange {
@@ -423,10 +430,14 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
     compatible.version = next.clone();
     compatible.sign_offs.clear();
     compatible.mapping.fields.push(
-        serde_json::from_value(json!({"target": "custbody_meshline_channel", "expression": "'crm-webhook'"}))
-            .map_err(|e| scenario(e.to_string()))?,
+        serde_json::from_value(
+            json!({"target": "custbody_meshline_channel", "expression": "'crm-webhook'"}),
+        )
+        .map_err(|e| scenario(e.to_string()))?,
     );
-    let hash = crate::contract::content_hash(&compatible).as_str().to_string();
+    let hash = crate::contract::content_hash(&compatible)
+        .as_str()
+        .to_string();
     let owners: std::collections::BTreeSet<String> = gates::sign_offs(&compatible, &hash, &bound)
         .required
         .into_iter()

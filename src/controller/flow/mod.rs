@@ -296,6 +296,7 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         observation: observation.as_ref(),
         sla: sla.as_ref(),
         live_contract: live_contract.as_deref(),
+        flow_name: &name,
         previous: flow.status.as_ref(),
         now: &now,
     });

@@ -279,6 +279,8 @@ pub struct StatusInputs<'a> {
     pub sla: Option<&'a SlaSpec>,
     /// The SyncContract as it is (its live spec and status), to say whether the flow runs its latest version.
     pub live_contract: Option<&'a SyncContract>,
+    /// The flow's name (its preflight results are found by it).
+    pub flow_name: &'a str,
     pub previous: Option<&'a SyncFlowStatus>,
     /// RFC 3339 "now", for conditions whose status changes.
     pub now: &'a str,
@@ -512,6 +514,11 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
         };
     }
     let running = v.first_failure().is_none() && !i.paused;
+    let flow_name = i.flow_name;
+    status.preflight = i
+        .live_contract
+        .and_then(|c| c.status.as_ref())
+        .and_then(|s| s.preflight.iter().find(|p| p.flow == flow_name).cloned());
     if let Some(c) = contract_up_to_date(i.live_contract, v, g) {
         conditions.push(c);
     }
