@@ -855,3 +855,25 @@ async fn the_job_speaks_the_replay_command_s_language() {
     meshline::cli::Cli::try_parse_from(&argv)
         .unwrap_or_else(|e| panic!("meshline replay refuses {argv:?}: {e}"));
 }
+
+/// A contract whose status the previous controller wrote (a `versionHistory`, no revisions): its live spec is what
+/// the workers already run, so it is adopted as the active revision, and nothing stops.
+#[tokio::test]
+async fn a_status_from_the_previous_controller_is_adopted_without_stopping_anything() {
+    let mut w = World::new();
+    let hash = w.hash();
+    w.contract.status = Some(
+        serde_json::from_value(json!({
+            "observedGeneration": 1,
+            "currentVersion": "2.0.1",
+            "versionHistory": [{"version": "2.0.1", "contentHash": hash, "compatibility": "initial"}],
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "ok"}],
+        }))
+        .unwrap(),
+    );
+    w.fill();
+    w.reconcile_contract().await;
+    assert_eq!(w.state_of(&hash), RevisionState::Active);
+    assert_eq!(w.condition("Ready").0, "True");
+    assert_eq!(w.workers_run().await, "2.0.1");
+}

@@ -417,6 +417,7 @@ pub struct ContractRevision {
     /// is caught.
     #[schemars(length(max = 71))]
     pub content_hash: String,
+    #[serde(default)]
     pub state: RevisionState,
     /// When the revision entered its state (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -445,14 +446,18 @@ pub struct ContractRevision {
 #[serde(rename_all = "camelCase")]
 pub struct PreflightResult {
     /// The bound flow.
+    #[serde(default)]
     #[schemars(length(max = 253))]
     pub flow: String,
     /// The candidate revision replayed.
+    #[serde(default)]
     #[schemars(length(max = 253))]
     pub revision: String,
+    #[serde(default)]
     #[schemars(length(max = 64))]
     pub version: String,
     /// Running, Passed or Failed.
+    #[serde(default)]
     #[schemars(length(max = 16))]
     pub phase: String,
     /// The Job that replays.
