@@ -575,6 +575,38 @@ async fn a_candidate_awaiting_sign_off_is_suspended_on_the_contract_and_its_flow
 }
 
 #[tokio::test]
+async fn a_version_outside_a_flows_range_is_suspended_until_the_range_admits_it() {
+    let mut w = World::running().await;
+    // A major version: compatible by definition, but the flow binds >=2.0.0, <3.0.0.
+    w.edit_contract(|s| s.version = "3.0.0".into());
+    w.reconcile_contract().await;
+    assert_eq!(
+        condition(&w.contract_status, "Ready")["reason"],
+        "OutsideFlowRange"
+    );
+    assert_health(&w.contract_obj(), "Suspended", "version ranges");
+    w.reconcile_flow().await;
+    assert_health(&w.flow_obj(), "Suspended", "version ranges");
+}
+
+#[tokio::test]
+async fn returning_to_a_replaced_candidate_is_degraded() {
+    let mut w = World::running().await;
+    w.edit_contract(|s| s.version = "2.0.2".into());
+    w.reconcile_contract().await;
+    w.edit_contract(|s| s.version = "2.0.3".into());
+    w.reconcile_contract().await;
+    assert_health(&w.contract_obj(), "Suspended", "waits for sign-offs");
+    // Back to 2.0.2, which the edit to 2.0.3 replaced before it passed its gates: refused.
+    w.edit_contract(|s| s.version = "2.0.2".into());
+    w.reconcile_contract().await;
+    assert_eq!(condition(&w.contract_status, "Ready")["reason"], "Replaced");
+    assert_health(&w.contract_obj(), "Degraded", "replaced by an edit");
+    w.reconcile_flow().await;
+    assert_health(&w.flow_obj(), "Degraded", "replaced by an edit");
+}
+
+#[tokio::test]
 async fn a_candidate_whose_preflight_failed_degrades_the_contract_and_its_flows() {
     let mut w = World::running().await;
     w.candidate_in_preflight().await;

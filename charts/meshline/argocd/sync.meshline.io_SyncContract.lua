@@ -5,7 +5,7 @@
 -- (it never reaches the workers, who keep the active version); Healthy when
 -- the spec is the active revision.
 local waiting = {AwaitingSignOff = true, OutsideFlowRange = true}
-local running = {PreflightRunning = true, ChangePending = true}
+local running = {PreflightRunning = true}
 local function health(status, message)
   return {status = status, message = message}
 end
