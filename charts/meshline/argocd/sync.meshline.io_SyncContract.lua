@@ -4,6 +4,8 @@
 -- version range a bound flow must widen); Degraded when the spec was refused
 -- (it never reaches the workers, who keep the active version); Healthy when
 -- the spec is the active revision.
+-- Ready False reasons of a candidate on its way; every other one refuses the
+-- spec (IncompatibleChange, PreflightFailed, CompileFailed, Replaced, ...).
 local waiting = {AwaitingSignOff = true, OutsideFlowRange = true}
 local running = {PreflightRunning = true}
 local function health(status, message)

@@ -4,6 +4,9 @@
 -- was refused; Suspended when paused (spec.paused, a paused canary) or when a
 -- contract change waits for people (sign-offs, a version range); Progressing
 -- during a preflight, a canary or a worker rollout; Healthy otherwise.
+-- ContractUpToDate False reasons (copied from the contract's Ready) that refuse
+-- the change; any other reason is a change still on its way (PreflightRunning,
+-- ChangePending, a canary's), not a fault.
 local refused = {CompileFailed = true, IncompatibleChange = true, ContentChangedWithoutVersion = true,
   PreflightFailed = true, SupersededContent = true, Replaced = true, Rejected = true}
 local waiting = {AwaitingSignOff = true, OutsideFlowRange = true}
@@ -21,7 +24,7 @@ for _, cond in ipairs(st.conditions or {}) do
 end
 local canary = st.canary or {}
 local up = c.ContractUpToDate
-local contractWaits = up ~= nil and up.status == "False"
+local changeHeld = up ~= nil and up.status == "False"
 if c.Degraded ~= nil and c.Degraded.status == "True" then
   return health("Degraded", c.Degraded.message)
 end
@@ -29,7 +32,7 @@ if canary.phase == "Aborted" then
   return health("Degraded", "canary of version " .. tostring(canary.version) .. " aborted: " ..
     tostring(canary.message or "no reason given"))
 end
-if contractWaits and refused[up.reason] then
+if changeHeld and refused[up.reason] then
   return health("Degraded", up.message)
 end
 if c.Ready ~= nil and c.Ready.reason == "Paused" then
@@ -42,14 +45,14 @@ if canary.phase == "Paused" then
   return health("Suspended", "canary of version " .. tostring(canary.version) .. " paused at weight " ..
     tostring(canary.weight or 0) .. (canary.message ~= nil and (": " .. canary.message) or ""))
 end
-if contractWaits and waiting[up.reason] then
+if changeHeld and waiting[up.reason] then
   return health("Suspended", up.message)
 end
 if canary.phase == "Preflight" or canary.phase == "Progressing" then
   return health("Progressing", "canary of version " .. tostring(canary.version) .. " at weight " ..
     tostring(canary.weight or 0) .. (canary.message ~= nil and (": " .. canary.message) or ""))
 end
-if contractWaits then
+if changeHeld then
   return health("Progressing", up.message)
 end
 if c.Progressing ~= nil and c.Progressing.status == "True" then
@@ -58,6 +61,7 @@ end
 if c.Ready ~= nil and c.Ready.status == "True" then
   return health("Healthy", c.Ready.message)
 end
+-- Ready False with nothing above to explain it: the workers cannot do the work.
 if c.Ready ~= nil and c.Ready.status == "False" then
   return health("Degraded", c.Ready.message)
 end
