@@ -140,6 +140,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "watchNamespace": "tenant-a",
         "signOffPolicy": {"enabled": True, "failurePolicy": "Ignore"},
     },
+    "argocd-health": {"argocdHealth": {"enabled": True}},
+    "argocd-health-fullname-override": {"fullnameOverride": "ml", "argocdHealth": {"enabled": True}},
     "network-policies-workers": {
         "controller": {"statusViaProxy": True},
         "networkPolicy": {
@@ -185,6 +187,8 @@ REJECTED_VALUES_FILES: dict[str, tuple[str, str]] = {
     ),
     "sign-off-exempt-group-empty": ("signOffPolicy:\n  exemptGroups: [\"\"]\n", "/signOffPolicy/exemptGroups/0"),
     "sign-off-misspelt-key": ("signOffPolicy:\n  enable: true\n", "enable"),
+    "argocd-health-misspelt-key": ("argocdHealth:\n  enable: true\n", "enable"),
+    "argocd-health-enabled-not-bool": ("argocdHealth:\n  enabled: \"yes\"\n", "/argocdHealth/enabled"),
     "webhook-namespace-not-dns-label": ("networkPolicy:\n  webhookFromNamespaces: [Ingress_Nginx]\n", "/networkPolicy/webhookFromNamespaces/0"),
 }
 
