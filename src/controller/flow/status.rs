@@ -1,9 +1,9 @@
 //! Step 6 of the flow reconcile, the pure part: the status a flow should have, from the gates, the Deployment
 //! and what the worker pods last said on `/status`; and whether it differs from the status it has.
 //!
-//! Conditions are emitted in a fixed order (gates, then Progressing, Ready, Degraded, DiskPressure,
-//! StatusUnavailable) because the Argo CD health Lua in the README returns on the first of Ready/Progressing it
-//! meets.
+//! Conditions are emitted in a fixed order (gates, ContractUpToDate, then Progressing, Ready, Degraded,
+//! DiskPressure, StatusUnavailable), so that a status that did not change serialises the same and is not written
+//! again. The Argo CD health checks (`charts/meshline/argocd/`) look conditions up by type, not by position.
 //!
 //! The counters come from the ledger the pods share, read once; everything that lives in a worker process
 //! comes from each pod. The workers' problems (`WorkerStatus.problems`, or the 503 body of a worker that could
