@@ -145,27 +145,30 @@ fn gate_plans(
     report: &crate::validate::Report,
     previous: Option<&crate::validate::Report>,
 ) -> Vec<(String, crate::rollout::gates::Plan)> {
-    let flows: Vec<&crate::api::SyncFlow> = report.flows.iter().map(|f| &f.object).collect();
-    let rosters: Vec<&crate::api::OwnershipRoster> =
-        report.rosters.iter().map(|r| &r.object).collect();
+    // Flows and rosters without a namespace sit in `default`, as kubectl would put them.
+    let flows: Vec<crate::api::SyncFlow> = report
+        .flows
+        .iter()
+        .map(|f| {
+            let mut f = f.object.clone();
+            f.metadata.namespace.get_or_insert_with(|| "default".into());
+            f
+        })
+        .collect();
+    let rosters: Vec<crate::api::OwnershipRoster> = report
+        .rosters
+        .iter()
+        .map(|r| {
+            let mut r = r.object.clone();
+            r.metadata.namespace.get_or_insert_with(|| "default".into());
+            r
+        })
+        .collect();
+    let fr: Vec<&crate::api::SyncFlow> = flows.iter().collect();
+    let rr: Vec<&crate::api::OwnershipRoster> = rosters.iter().collect();
     let mut out = Vec::new();
     for c in &report.contracts {
         let (ns, name) = (c.namespace(), c.name());
-        // Flows and rosters without a namespace sit in `default`, as kubectl would put them.
-        let mut located_flows: Vec<crate::api::SyncFlow> = Vec::new();
-        for f in &flows {
-            let mut f = (*f).clone();
-            f.metadata.namespace.get_or_insert_with(|| "default".into());
-            located_flows.push(f);
-        }
-        let mut located_rosters: Vec<crate::api::OwnershipRoster> = Vec::new();
-        for r in &rosters {
-            let mut r = (*r).clone();
-            r.metadata.namespace.get_or_insert_with(|| "default".into());
-            located_rosters.push(r);
-        }
-        let fr: Vec<&crate::api::SyncFlow> = located_flows.iter().collect();
-        let rr: Vec<&crate::api::OwnershipRoster> = located_rosters.iter().collect();
         let bound = crate::rollout::gates::bound_flows(&ns, &name, &fr, &rr);
         let before = previous.and_then(|p| {
             p.contracts
