@@ -11,14 +11,12 @@ mod controller_support;
 use std::sync::Arc;
 
 use controller_support::{ApiDouble, Recorded};
-use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment, DeploymentStatus};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use kube::runtime::watcher;
 use meshline::api::{OwnershipRoster, SecretRef, SignOff, SyncContract, SyncFlow};
-use meshline::controller::flow::build::BuildSettings;
-use meshline::controller::metrics::Metrics;
-use meshline::controller::{Context, Stores, Writers};
+use meshline::controller::{Context, Writers};
 use serde_json::{Value, json};
 
 const NS: &str = "commerce-sync";
@@ -176,16 +174,7 @@ impl World {
         flow.metadata.generation = Some(1);
         let mut roster: OwnershipRoster = load("roster.yaml");
         roster.metadata.generation = Some(1);
-        let (stores, writers) = Stores::new();
-        let ctx = Arc::new(Context::new(
-            double.client(),
-            BuildSettings {
-                worker_image: "ghcr.io/meshline/meshline:test".into(),
-                ..BuildSettings::default()
-            },
-            stores,
-            Arc::new(Metrics::new()),
-        ));
+        let (ctx, writers) = controller_support::context(&double);
         let mut w = World {
             double,
             ctx,
@@ -248,22 +237,8 @@ impl World {
         .await
         .unwrap();
         let requests = self.take();
-        for r in requests.iter().filter(|r| r.method == "POST") {
-            match r.kind() {
-                "ControllerRevision" => {
-                    let rev: ControllerRevision = serde_json::from_value(r.body.clone()).unwrap();
-                    apply(&mut self.writers.revisions, rev);
-                }
-                "Job" => {
-                    let mut job: Job = serde_json::from_value(r.body.clone()).unwrap();
-                    job.metadata.uid =
-                        Some(format!("uid-{}", job.metadata.name.as_deref().unwrap()));
-                    self.jobs.push(job.clone());
-                    apply(&mut self.writers.jobs, job);
-                }
-                _ => {}
-            }
-        }
+        let created = controller_support::settle_created(&requests, &mut self.writers);
+        self.jobs.extend(created.jobs);
         if let Some(s) = status_patch(&requests, "synccontracts") {
             self.contract_status = s.body["status"].clone();
             self.contract.status = Some(serde_json::from_value(s.body["status"].clone()).unwrap());

@@ -12,9 +12,7 @@ use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use kube::runtime::watcher;
 use meshline::api::{OwnershipRoster, RevisionState, SignOff, SyncContract, SyncFlow};
 use meshline::controller::contract::build;
-use meshline::controller::flow::build::BuildSettings;
-use meshline::controller::metrics::Metrics;
-use meshline::controller::{Context, Stores, Writers};
+use meshline::controller::{Context, Writers};
 use serde_json::{Value, json};
 
 const NS: &str = "commerce-sync";
@@ -64,7 +62,7 @@ impl World {
         let mut flow: SyncFlow = load("flow.yaml");
         flow.metadata.uid = Some("flow-uid-1".into());
         flow.metadata.generation = Some(1);
-        let (ctx, writers) = World::context(&double);
+        let (ctx, writers) = controller_support::context(&double);
         let mut w = World {
             double,
             ctx,
@@ -76,20 +74,6 @@ impl World {
         };
         w.fill();
         w
-    }
-
-    fn context(double: &ApiDouble) -> (Arc<Context>, Writers) {
-        let (stores, writers) = Stores::new();
-        let ctx = Arc::new(Context::new(
-            double.client(),
-            BuildSettings {
-                worker_image: "ghcr.io/meshline/meshline:test".into(),
-                ..BuildSettings::default()
-            },
-            stores,
-            Arc::new(Metrics::new()),
-        ));
-        (ctx, writers)
     }
 
     /// The caches as the watches fill them from what the API holds.
@@ -109,7 +93,7 @@ impl World {
 
     /// A controller restart: new caches and context, filled from what the API holds.
     fn restart(&mut self) {
-        let (ctx, writers) = World::context(&self.double);
+        let (ctx, writers) = controller_support::context(&self.double);
         self.ctx = ctx;
         self.writers = writers;
         self.fill();
@@ -142,6 +126,9 @@ impl World {
         .await
         .unwrap();
         let requests = self.double.take();
+        let created = controller_support::settle_created(&requests, &mut self.writers);
+        self.revisions.extend(created.revisions);
+        self.jobs.extend(created.jobs);
         for r in &requests {
             // Events are best effort (kube's recorder names them after the object, too long for a contract
             // name near 253 characters, and a refused Event never fails a reconcile); nothing else may be refused.
@@ -152,21 +139,6 @@ impl World {
                 r.path,
                 r.body
             );
-            match (r.method.as_str(), r.kind()) {
-                ("POST", "ControllerRevision") => {
-                    let rev: ControllerRevision = serde_json::from_value(r.body.clone()).unwrap();
-                    self.revisions.push(rev.clone());
-                    apply(&mut self.writers.revisions, rev);
-                }
-                ("POST", "Job") => {
-                    let mut job: Job = serde_json::from_value(r.body.clone()).unwrap();
-                    job.metadata.uid =
-                        Some(format!("uid-{}", job.metadata.name.as_deref().unwrap()));
-                    self.jobs.push(job.clone());
-                    apply(&mut self.writers.jobs, job);
-                }
-                _ => {}
-            }
             if r.method == "DELETE" && r.path.contains("/jobs/") {
                 let name = r.path.rsplit('/').next().unwrap();
                 if let Some(i) = self

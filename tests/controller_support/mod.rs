@@ -112,6 +112,64 @@ pub fn activated(
     contract
 }
 
+/// A controller context on `double` with empty caches, started with a test worker image: what the contract and
+/// flow reconcile tests drive.
+pub fn context(
+    double: &ApiDouble,
+) -> (
+    Arc<meshline::controller::Context>,
+    meshline::controller::Writers,
+) {
+    let (stores, writers) = meshline::controller::Stores::new();
+    let ctx = Arc::new(meshline::controller::Context::new(
+        double.client(),
+        meshline::controller::flow::build::BuildSettings {
+            worker_image: "ghcr.io/meshline/meshline:test".into(),
+            ..Default::default()
+        },
+        stores,
+        Arc::new(meshline::controller::metrics::Metrics::new()),
+    ));
+    (ctx, writers)
+}
+
+/// What a contract reconcile created (revisions, preflight Jobs), fed into the caches as the watches would
+/// deliver them. A created Job carries the uid the double gave it.
+#[derive(Default)]
+pub struct Created {
+    pub revisions: Vec<k8s_openapi::api::apps::v1::ControllerRevision>,
+    pub jobs: Vec<k8s_openapi::api::batch::v1::Job>,
+}
+
+pub fn settle_created(
+    requests: &[Recorded],
+    writers: &mut meshline::controller::Writers,
+) -> Created {
+    use kube::runtime::watcher::Event;
+    let mut created = Created::default();
+    for r in requests.iter().filter(|r| r.method == "POST") {
+        match r.kind() {
+            "ControllerRevision" => {
+                let rev: k8s_openapi::api::apps::v1::ControllerRevision =
+                    serde_json::from_value(r.body.clone()).unwrap();
+                writers
+                    .revisions
+                    .apply_watcher_event(&Event::Apply(rev.clone()));
+                created.revisions.push(rev);
+            }
+            "Job" => {
+                let mut job: k8s_openapi::api::batch::v1::Job =
+                    serde_json::from_value(r.body.clone()).unwrap();
+                job.metadata.uid = Some(format!("uid-{}", job.metadata.name.as_deref().unwrap()));
+                writers.jobs.apply_watcher_event(&Event::Apply(job.clone()));
+                created.jobs.push(job);
+            }
+            _ => {}
+        }
+    }
+    created
+}
+
 fn watch_line(kind: &str, object: &Value) -> Vec<u8> {
     let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
     line.push(b'\n');

@@ -302,8 +302,7 @@ async fn gather_jobs(
             continue;
         }
         if recorded(flow) {
-            // The status has it; nothing to read.
-            out.insert(flow.to_string(), JobState::Running);
+            // The status has its result; nothing to read.
             continue;
         }
         out.insert(
