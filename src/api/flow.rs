@@ -31,6 +31,8 @@ use super::common::{Condition, SecretRef};
     printcolumn = r#"{"name":"Dead","type":"integer","jsonPath":".status.counters.deadLettered"}"#,
     printcolumn = r#"{"name":"Held","type":"integer","jsonPath":".status.counters.held"}"#,
     printcolumn = r#"{"name":"Failure","type":"string","jsonPath":".status.failureRate"}"#,
+    printcolumn = r#"{"name":"Canary","type":"string","jsonPath":".status.canary.phase"}"#,
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.canary.weight"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -491,6 +493,10 @@ pub struct CanaryAnalysis {
         pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub max_latency_p99: Option<Duration>,
+    /// Highest share of the canary's finished records that were dead-lettered, as a decimal fraction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 12), pattern(r"^(0(\.[0-9]+)?|1(\.0+)?)$"))]
+    pub max_dead_letter_rate: Option<String>,
     /// Records the canary must have processed before a measurement counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1_000_000))]
@@ -499,7 +505,12 @@ pub struct CanaryAnalysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]
     pub failure_limit: Option<u32>,
-    /// Time between measurements.
+    /// Measurements in a row that could not be taken (the ledger or the workers did not answer) before the
+    /// rollout aborts (default 4, as in Argo Rollouts). A measurement that was taken resets the count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub consecutive_error_limit: Option<u32>,
+    /// Time between measurements (default 1m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 64),
@@ -749,22 +760,108 @@ pub struct LatencySummary {
     pub p99_ms: i64,
 }
 
-/// Progress of a canary rollout.
+/// Progress of a canary rollout of a contract candidate on this flow.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryStatus {
-    /// The version being rolled out.
+    /// The candidate revision (a ControllerRevision of the contract) the canary track runs.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub revision: String,
+    /// The candidate's contract version.
+    #[schemars(length(max = 64))]
     pub version: String,
-    /// Preflight, Progressing, Paused, Promoted, Aborted.
+    /// `Progressing`, `Paused`, `Promoting`, `Promoted`, `Aborting` or `Aborted`.
+    #[schemars(length(max = 16))]
     pub phase: String,
-    /// Index of the current step.
+    /// Index of the current step in `spec.rollout.canary.steps`.
     #[serde(default)]
     pub step: i32,
-    /// Current bucket weight on the new version.
+    /// Bucket weight the canary track is asked to take (0 to 100).
     #[serde(default)]
     pub weight: i32,
+    /// Bucket weight every worker of both tracks has reported applying; a step's analysis starts only once it
+    /// equals `weight`.
+    #[serde(default)]
+    pub applied_weight: i32,
+    /// When the current step's weight was applied by every worker (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub step_started_at: Option<String>,
+    /// Failed measurements so far in this rollout (the analysis' `failureLimit` bounds them).
     #[serde(default)]
     pub failed_measurements: i32,
+    /// Measurements in a row that could not be taken.
+    #[serde(default)]
+    pub consecutive_errors: i32,
+    /// Measurements at the current step that passed.
+    #[serde(default)]
+    pub passed_measurements: i32,
+    /// The latest measurements, newest last (at most 10).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub measurements: Vec<CanaryMeasurement>,
+    /// Why the rollout is paused, was aborted or promoted (`FailureLimitReached`, `PausedByUser`,
+    /// `CanaryNeedsSharedLedger`, `PromotedByUser`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub message: Option<String>,
+    /// The id of the last rollout command (annotation `sync.meshline.io/rollout-command`) acted on, so a command
+    /// is acted on once however often the manifest is applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub last_command: Option<String>,
+}
+
+/// One analysis measurement: the canary's and the stable track's measures over the same window, from the
+/// ledger the tracks share.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryMeasurement {
+    /// When the measurement was taken (RFC 3339).
+    #[schemars(length(max = 64))]
+    pub at: String,
+    /// The step it was taken at.
+    #[serde(default)]
+    pub step: i32,
+    /// `Passed`, `Failed`, `Inconclusive` (too few records, or the stable track fails as much) or `Error`.
+    #[schemars(length(max = 16))]
+    pub verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<TrackMeasures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<TrackMeasures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub message: Option<String>,
+}
+
+/// What one revision's workers did with records over a window.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrackMeasures {
+    /// Records that reached an outcome (delivered, retry scheduled, dead-lettered, held).
+    #[serde(default)]
+    pub records: i64,
+    #[serde(default)]
+    pub delivered: i64,
+    /// Delivery attempts that failed (retry scheduled or dead-lettered).
+    #[serde(default)]
+    pub failed: i64,
+    #[serde(default)]
+    pub dead_lettered: i64,
+    #[serde(default)]
+    pub held: i64,
+    /// `failed / records`, as a decimal fraction.
+    #[schemars(length(max = 12))]
+    pub failure_rate: String,
+    /// `deadLettered / records`, as a decimal fraction.
+    #[schemars(length(max = 12))]
+    pub dead_letter_rate: String,
+    /// 99th percentile of delivery latency in milliseconds (upper bound of its histogram bucket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<i64>,
 }

@@ -9,3 +9,4 @@
 
 pub mod gates;
 pub mod replay;
+pub mod split;

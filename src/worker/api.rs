@@ -78,6 +78,28 @@ pub struct WorkerStatus {
     /// A polled source's API allowance (Salesforce's `Sforce-Limit-Info`) and whether the poll is slowed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_api: Option<crate::connectors::sources::salesforce::SourceApiStatus>,
+    /// The contract revision this worker runs and the outcomes it writes are attributed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// The track (`stable` or `canary`) and the rollout split this worker applies right now; the controller
+    /// waits until every pod of both tracks applies a step's weight before it measures the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<AppliedSplit>,
+}
+
+/// The rollout split one worker applies (see [`crate::rollout::split`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedSplit {
+    pub track: crate::rollout::split::Track,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_revision: Option<String>,
+    pub weight: u8,
+    /// The buckets it claims, as ranges (`25-99`).
+    pub buckets: String,
+    /// Why the split file could not be applied (the worker then keeps the split it had), if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Something that keeps the worker from doing its work. A worker that could not start its pipeline at all
@@ -313,6 +335,8 @@ pub async fn compute_status(
             pipeline.problems.list()
         },
         source_api: pipeline.source_api.get(),
+        revision: None,
+        rollout: None,
     })
 }
 

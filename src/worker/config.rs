@@ -16,6 +16,11 @@ pub struct RenderedFlow {
     /// The roster that owns the flow; its routes decide what happens to exceptions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub roster: Option<OwnershipRoster>,
+    /// The contract revision (the SyncContract's ControllerRevision) `contract` is, as the controller rendered
+    /// it; the ledger attributes this worker's outcomes to it so a canary's analysis can compare revisions.
+    /// Local runs leave it out and go by the contract's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
 }
 
 /// A configuration that cannot be used, naming the file and the reason.
@@ -118,6 +123,7 @@ impl RenderedFlow {
             flow: flow.object.clone(),
             contract: contract.object.clone(),
             roster,
+            revision: None,
         })
     }
 

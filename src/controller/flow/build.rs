@@ -286,6 +286,7 @@ pub fn render(
         flow,
         contract: contract_c,
         roster,
+        revision: None,
     })
     .map_err(|e| e.to_string())
 }
