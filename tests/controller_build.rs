@@ -59,6 +59,7 @@ fn verdict(flow: &SyncFlow) -> validate::Verdict {
 fn desired(flow: &SyncFlow) -> build::Desired {
     let contract: SyncContract = load("contract.yaml");
     build::build(BuildInputs {
+        revision: Some("meshline-contract-test-000000000000"),
         flow,
         contract: &contract,
         roster: None,
@@ -91,6 +92,7 @@ fn policy_settings() -> build::NetworkPolicySettings {
 fn desired_with_policies(flow: &SyncFlow) -> build::Desired {
     let contract: SyncContract = load("contract.yaml");
     build::build(BuildInputs {
+        revision: Some("meshline-contract-test-000000000000"),
         flow,
         contract: &contract,
         roster: None,
@@ -182,11 +184,27 @@ fn the_network_policy_admits_the_ingress_to_webhooks_and_the_controller_to_opera
         ("SyncFlow", Some(true))
     );
     let spec = policy.spec.unwrap();
-    // The flow's worker pods, by the Deployment's own selector.
-    assert_eq!(
-        spec.pod_selector.unwrap().match_labels,
-        d.deployment.spec.unwrap().selector.match_labels
-    );
+    // The flow's worker pods of both tracks: the stable Deployment's and the canary's.
+    let selector = spec.pod_selector.unwrap();
+    let stable = d.deployment.spec.unwrap().selector.match_labels.unwrap();
+    let matches = |labels: &std::collections::BTreeMap<String, String>| {
+        selector
+            .match_labels
+            .iter()
+            .flatten()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && selector.match_expressions.iter().flatten().all(|e| {
+                e.operator == "In"
+                    && labels
+                        .get(&e.key)
+                        .is_some_and(|v| e.values.iter().flatten().any(|x| x == v))
+            })
+    };
+    assert!(matches(&stable), "{selector:?} selects {stable:?}");
+    assert!(matches(&build::canary_selector("won-deals-to-odoo")));
+    let mut other = stable.clone();
+    other.insert("app.kubernetes.io/component".into(), "preflight".into());
+    assert!(!matches(&other), "a preflight pod is not a worker");
     // Ingress only: egress goes to the flow's CRM, ERP, ledger and DNS, which the policy cannot know.
     assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
     assert!(spec.egress.is_none());
@@ -595,6 +613,7 @@ fn platform_defaults() -> WorkerPodSettings {
 fn desired_with(flow: &SyncFlow, defaults: WorkerPodSettings) -> build::Desired {
     let contract: SyncContract = load("contract.yaml");
     build::build(BuildInputs {
+        revision: Some("meshline-contract-test-000000000000"),
         flow,
         contract: &contract,
         roster: None,
@@ -1089,6 +1108,7 @@ fn a_configuration_too_large_for_a_config_map_is_a_clear_error() {
         contract.spec.fields.push(f);
     }
     let err = build::build(BuildInputs {
+        revision: Some("meshline-contract-test-000000000000"),
         flow: &flow(),
         contract: &contract,
         roster: None,

@@ -784,6 +784,17 @@ impl WorkerStatusSource for ScriptedWorker {
             body.as_bytes(),
         )
     }
+    /// These tests script `/status` alone; any other endpoint answers as a worker without that route would.
+    async fn call(
+        &self,
+        _namespace: &str,
+        _pod: &WorkerPod,
+        _method: http::Method,
+        _path: &str,
+        _token: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
+        Ok((404, b"no such route".to_vec()))
+    }
 }
 
 fn running_status(problems: Value) -> Value {
@@ -1441,6 +1452,17 @@ impl WorkerStatusSource for CountingWorker {
             running_status(serde_json::json!([])).to_string().as_bytes(),
         )
     }
+    /// Only `/status` is counted; any other endpoint answers as a worker without that route would.
+    async fn call(
+        &self,
+        _namespace: &str,
+        _pod: &WorkerPod,
+        _method: http::Method,
+        _path: &str,
+        _token: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
+        Ok((404, b"no such route".to_vec()))
+    }
 }
 
 #[tokio::test]
@@ -1830,10 +1852,16 @@ async fn with_the_switch_on_the_network_policy_is_applied_before_the_pods() {
         policy.body["metadata"]["ownerReferences"][0]["kind"],
         "SyncFlow"
     );
+    let flow_label = "sync.meshline.io/flow";
     assert_eq!(
-        policy.body["spec"]["podSelector"]["matchLabels"],
-        w[6].body["spec"]["selector"]["matchLabels"],
-        "the policy selects the Deployment's pods"
+        policy.body["spec"]["podSelector"]["matchLabels"][flow_label],
+        w[6].body["spec"]["selector"]["matchLabels"][flow_label],
+        "the policy selects the flow's pods"
+    );
+    assert_eq!(
+        policy.body["spec"]["podSelector"]["matchExpressions"],
+        serde_json::json!([{"key": "app.kubernetes.io/component", "operator": "In", "values": ["worker", "worker-canary"]}]),
+        "both tracks: the Deployment's pods and the canary's"
     );
 
     // Nothing changed: the cached policy is up to date and is not written again.

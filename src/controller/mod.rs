@@ -160,6 +160,9 @@ pub struct Context {
     pub roster_index: Mutex<HashMap<ObjectRef<OwnershipRoster>, HashSet<ObjectRef<SyncFlow>>>>,
     pub metrics: Arc<metrics::Metrics>,
     pub recorder: Recorder,
+    /// How the reconcilers reach the workers' operations API (a canary's measures, the release of its
+    /// leases): the status poll's way, directly or through the API server's pod proxy.
+    pub workers: Arc<dyn poll::WorkerStatusSource>,
 }
 
 impl Context {
@@ -182,7 +185,14 @@ impl Context {
             compile_cache: Mutex::new(HashMap::new()),
             roster_index: Mutex::new(HashMap::new()),
             metrics,
+            workers: Arc::new(poll::Direct::new()),
         }
+    }
+
+    /// The same context reaching the workers through `workers` (the pod proxy, or a test's double).
+    pub fn with_workers(mut self, workers: Arc<dyn poll::WorkerStatusSource>) -> Context {
+        self.workers = workers;
+        self
     }
 
     /// Compiles a contract, or returns the cached verdict for the same content.

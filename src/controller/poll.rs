@@ -32,7 +32,9 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 
 use super::Context;
-use super::flow::build::{OPS_PORT, TOKEN_KEY, status_service_name, token_name, worker_name};
+use super::flow::build::{
+    OPS_PORT, TOKEN_KEY, canary_status_service_name, status_service_name, token_name, worker_name,
+};
 use super::flow::status::{Observation, PodAnswer, PodObservation};
 use crate::api::SyncFlow;
 use crate::worker::api::{WorkerProblem, WorkerStatus};
@@ -83,11 +85,14 @@ pub struct WorkerPod {
 /// The status Service publishes pods that are not ready, so the EndpointSlice controller marks every endpoint
 /// `ready`; the pod's own readiness is the endpoint's `serving`.
 pub fn worker_pods(slices: &[Arc<EndpointSlice>], namespace: &str, flow: &str) -> Vec<WorkerPod> {
-    let service = status_service_name(flow);
+    // Both tracks: the stable workers' status Service and, during a canary, the canary's.
+    let services = [status_service_name(flow), canary_status_service_name(flow)];
     let mut pods = BTreeMap::new();
     let of_flow = slices.iter().filter(|s| {
         s.metadata.namespace.as_deref() == Some(namespace)
-            && s.labels().get(SERVICE_NAME_LABEL) == Some(&service)
+            && s.labels()
+                .get(SERVICE_NAME_LABEL)
+                .is_some_and(|l| services.contains(l))
             && matches!(s.address_type.as_str(), "IPv4" | "IPv6")
     });
     for slice in of_flow {
@@ -187,6 +192,17 @@ pub trait WorkerStatusSource: Send + Sync {
         pod: &WorkerPod,
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError>;
+
+    /// Another operations endpoint of one pod: `path` with its query (`/rollout/measures?...`), answered with
+    /// the HTTP status and body. The canary's analysis reads the ledger's per-revision measures through it.
+    async fn call(
+        &self,
+        namespace: &str,
+        pod: &WorkerPod,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), FetchError>;
 }
 
 /// Over the cluster network, to the pod's own address on the operations port: `http://<pod IP>:8081/status`.
@@ -243,6 +259,29 @@ impl WorkerStatusSource for Direct {
         let body = response.bytes().await.map_err(unreachable)?;
         parse_answer(&url, status, &body)
     }
+
+    async fn call(
+        &self,
+        _namespace: &str,
+        pod: &WorkerPod,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
+        let url = pod_url(pod).replace("/status", path);
+        let mut request = self.http.request(method, &url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let unreachable = |e: reqwest::Error| FetchError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        };
+        let response = request.send().await.map_err(unreachable)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(unreachable)?;
+        Ok((status, body.to_vec()))
+    }
 }
 
 /// Through the API server's pod proxy: `/api/v1/namespaces/<ns>/pods/<pod>:8081/proxy/status` (the operations
@@ -287,6 +326,41 @@ impl WorkerStatusSource for ViaProxy {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         parse_answer(&path, status, &body)
+    }
+
+    async fn call(
+        &self,
+        namespace: &str,
+        pod: &WorkerPod,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
+        let full =
+            pod_proxy_path(namespace, &pod.name).replace("/proxy/status", &format!("/proxy{path}"));
+        let mut request = http::Request::builder().method(method).uri(&full);
+        if let Some(token) = token {
+            request = request.header(PROXY_TOKEN_HEADER, token);
+        }
+        let unreachable = |reason: String| FetchError::Unreachable {
+            url: full.clone(),
+            reason,
+        };
+        let request = request
+            .body(kube::client::Body::from(Vec::new()))
+            .map_err(|e| unreachable(e.to_string()))?;
+        let response = self
+            .client
+            .send(request)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect_bytes()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok((status, body.to_vec()))
     }
 }
 
@@ -369,6 +443,7 @@ async fn poll_flow(
                 }
             };
             PodObservation {
+                address: pod.address,
                 pod: pod.name,
                 ready: pod.ready,
                 answer,
@@ -405,13 +480,19 @@ pub async fn poll_once(
     }
     let polled: Vec<(ObjectRef<SyncFlow>, Vec<PodObservation>)> = stream::iter(flows)
         .map(|flow| {
-            let key = (
-                flow.namespace().unwrap_or_default(),
-                status_service_name(&flow.name_any()),
-            );
-            let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+            let ns = flow.namespace().unwrap_or_default();
+            let name = flow.name_any();
+            let slices: Vec<Arc<EndpointSlice>> = [
+                status_service_name(&name),
+                canary_status_service_name(&name),
+            ]
+            .into_iter()
+            .filter_map(|service| by_service.get(&(ns.clone(), service)))
+            .flatten()
+            .cloned()
+            .collect();
             async move {
-                let pods = poll_flow(ctx, source, settings, &flow, slices).await;
+                let pods = poll_flow(ctx, source, settings, &flow, &slices).await;
                 (ObjectRef::from_obj(&*flow), pods)
             }
         })

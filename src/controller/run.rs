@@ -328,19 +328,29 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     };
 
     let ns = settings.namespace.as_deref();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        BuildSettings {
-            worker_image: settings.worker_image.clone(),
-            worker_defaults: settings.worker_defaults.clone(),
-            network_policy: match &settings.network_policies {
-                FlowNetworkPolicies::On(np) => Some(np.clone()),
-                FlowNetworkPolicies::Off | FlowNetworkPolicies::CleanUp => None,
+    let source: Arc<dyn WorkerStatusSource> = if settings.status_via_proxy {
+        Arc::new(super::poll::ViaProxy {
+            client: client.clone(),
+        })
+    } else {
+        Arc::new(super::poll::Direct::new())
+    };
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            BuildSettings {
+                worker_image: settings.worker_image.clone(),
+                worker_defaults: settings.worker_defaults.clone(),
+                network_policy: match &settings.network_policies {
+                    FlowNetworkPolicies::On(np) => Some(np.clone()),
+                    FlowNetworkPolicies::Off | FlowNetworkPolicies::CleanUp => None,
+                },
             },
-        },
-        stores.clone(),
-        metrics.clone(),
-    ));
+            stores.clone(),
+            metrics.clone(),
+        )
+        .with_workers(source.clone()),
+    );
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let super::Writers {
@@ -498,13 +508,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     });
 
     let (poll_tx, poll_rx) = futures::channel::mpsc::unbounded();
-    let source: Arc<dyn WorkerStatusSource> = if settings.status_via_proxy {
-        Arc::new(super::poll::ViaProxy {
-            client: client.clone(),
-        })
-    } else {
-        Arc::new(super::poll::Direct::new())
-    };
     tokio::spawn(super::poll::run(
         ctx.clone(),
         source,

@@ -7,6 +7,7 @@
 //! Reading the ledger or the worker's operations API and writing the Job's termination message belong to the
 //! CLI (`meshline replay`); creating Jobs and revisions to the controller.
 
+pub mod canary;
 pub mod gates;
 pub mod replay;
 pub mod split;

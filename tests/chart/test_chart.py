@@ -202,7 +202,7 @@ WATCH_PERMISSIONS = {
     ("sync.meshline.io", "ownershiprosters/status"): {"get", "patch"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "list", "watch", "create", "patch"},
-    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},
     ("policy", "poddisruptionbudgets"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "patch"},
     # create: the per-flow worker token Secret, created once and never modified.
@@ -792,7 +792,13 @@ def test_pod_monitor_scrapes_every_flows_workers() -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     # Workers run in the flows' namespaces, not the chart's: all of them when the controller watches all.
     assert monitor["spec"]["namespaceSelector"] == {"any": True}
-    assert monitor["spec"]["selector"] == {"matchLabels": WORKER_POD_LABELS}
+    # Both tracks of a canaried flow: the component is `worker` or `worker-canary`.
+    assert monitor["spec"]["selector"] == {
+        "matchLabels": {k: v for k, v in WORKER_POD_LABELS.items() if k != "app.kubernetes.io/component"},
+        "matchExpressions": [
+            {"key": "app.kubernetes.io/component", "operator": "In", "values": ["worker", "worker-canary"]},
+        ],
+    }
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint == {
         # /metrics is served on the worker's operations port, named in the controller's build step.
@@ -1026,12 +1032,16 @@ def test_chart_wide_worker_policies_admit_the_ingress_to_webhooks_and_the_contro
     assert sorted(p["metadata"]["namespace"] for p in policies) == ["sync-a", "sync-b"]
     for policy in policies:
         spec = policy["spec"]
-        # Every Meshline worker in the namespace, as the controller labels them.
-        assert spec["podSelector"] == {"matchLabels": {
-            "app.kubernetes.io/name": "meshline-worker",
-            "app.kubernetes.io/component": "worker",
-            "app.kubernetes.io/part-of": "meshline",
-        }}
+        # Every Meshline worker in the namespace, as the controller labels them: both tracks of a canary.
+        assert spec["podSelector"] == {
+            "matchLabels": {
+                "app.kubernetes.io/name": "meshline-worker",
+                "app.kubernetes.io/part-of": "meshline",
+            },
+            "matchExpressions": [
+                {"key": "app.kubernetes.io/component", "operator": "In", "values": ["worker", "worker-canary"]},
+            ],
+        }
         assert spec["policyTypes"] == ["Ingress"]
         assert "egress" not in spec
         webhook, ops = spec["ingress"]

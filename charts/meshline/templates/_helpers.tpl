@@ -108,9 +108,11 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
-# delete: the budget goes when a flow drops to one replica (the only object the
-# controller deletes; everything else goes by owner-reference garbage collection).
+  # delete: a flow's canary Deployment goes when its rollout is promoted or aborted
+  # (its ConfigMap and status Service follow by owner-reference garbage collection).
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# delete: the budget goes when a flow drops to one replica; everything else goes by
+# owner-reference garbage collection.
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]

@@ -378,6 +378,10 @@ async fn start_preflight(
         contract: active,
         roster: b.assignment.map(|(r, _)| r),
         settings: &ctx.build,
+        revision: contract
+            .status
+            .as_ref()
+            .and_then(|s| s.active_revision.as_deref()),
         new_token: None,
     })
     .map_err(render)?;

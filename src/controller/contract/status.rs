@@ -6,10 +6,12 @@
 use std::collections::BTreeMap;
 
 use crate::api::{
-    Condition, ContractRevision, PreflightResult, RevisionState, SyncContract, SyncContractSpec,
-    SyncContractStatus,
+    CanaryStatus, Condition, ContractRevision, PreflightResult, RevisionState, SyncContract,
+    SyncContractSpec, SyncContractStatus,
 };
+use crate::controller::flow::canary::CANARY_ABORTED;
 use crate::controller::flow::status::carry_transition_times;
+use crate::rollout::canary;
 use crate::rollout::gates::{self, BoundFlow, Compatibility};
 
 use super::build::{job_name, revision_name};
@@ -167,7 +169,10 @@ pub fn compute(i: Inputs<'_>) -> Outcome {
     // An earlier candidate that the spec no longer is never reaches workers: it was replaced before it passed.
     for r in st.revisions.iter_mut() {
         if r.content_hash != hash
-            && matches!(r.state, RevisionState::Pending | RevisionState::Preflight)
+            && matches!(
+                r.state,
+                RevisionState::Pending | RevisionState::Preflight | RevisionState::Canary
+            )
         {
             set_state(r, RevisionState::Rejected, &now);
             r.reason = Some("Replaced".into());
@@ -257,6 +262,12 @@ pub fn compute(i: Inputs<'_>) -> Outcome {
             "Active",
             format!("version {version} ({hash}) is active"),
         ));
+    } else if state == Some(RevisionState::Rejected)
+        && st.revisions[index.unwrap_or_default()].reason.as_deref() == Some(CANARY_ABORTED)
+        && canary_retried(i.bound, &revision)
+    {
+        // A person retried the aborted canary on a bound flow: the candidate goes back to its canary.
+        candidate(&i, &mut st, &mut out, &mut conditions, &revision, &hash);
     } else if let Some(s @ (RevisionState::Rejected | RevisionState::Superseded)) = state {
         let r = &st.revisions[index.unwrap_or_default()];
         st.candidate_revision = None;
@@ -529,7 +540,117 @@ fn candidate(
                     .join("; ")
             )
         };
-        // Promote: the candidate becomes what the workers run. (Issue #15 puts a canary between.)
+        conditions.push(cond(
+            "PreflightPassed",
+            true,
+            "PreflightPassed",
+            message.clone(),
+        ));
+        // Gate 4: a canary on every bound flow that declares steps, before the candidate becomes active.
+        let canaried: Vec<&BoundFlow<'_>> = i
+            .bound
+            .iter()
+            .filter(|b| {
+                b.flow
+                    .spec
+                    .rollout
+                    .as_ref()
+                    .is_some_and(|r| r.canary.is_some())
+            })
+            .collect();
+        let canary_of = |b: &BoundFlow<'_>| {
+            b.flow
+                .status
+                .as_ref()
+                .and_then(|s| s.canary.as_ref())
+                .filter(|c| c.revision == revision)
+                .cloned()
+        };
+        let aborted: Vec<(String, CanaryStatus)> = canaried
+            .iter()
+            .filter_map(|b| {
+                canary_of(b)
+                    .filter(|c| c.phase == canary::ABORTED || c.phase == canary::ABORTING)
+                    .map(|c| (b.name().to_string(), c))
+            })
+            .collect();
+        let waiting: Vec<String> = canaried
+            .iter()
+            .filter(|b| {
+                !canary_of(b)
+                    .is_some_and(|c| c.phase == canary::PROMOTING || c.phase == canary::PROMOTED)
+            })
+            .map(|b| {
+                let at = canary_of(b)
+                    .map(|c| format!("{} at step {} ({}%)", c.phase, c.step, c.weight))
+                    .unwrap_or_else(|| "starting".into());
+                format!("{} ({at})", b.name())
+            })
+            .collect();
+        if !aborted.is_empty() {
+            let message = format!(
+                "the canary of version {version} was aborted: {}",
+                aborted
+                    .iter()
+                    .map(|(f, c)| format!(
+                        "flow {f}: {}",
+                        c.message.clone().unwrap_or_else(|| c.phase.clone())
+                    ))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            set_state(&mut entry, RevisionState::Rejected, &now);
+            entry.reason = Some(CANARY_ABORTED.into());
+            entry.message = Some(clip(&message, 2000));
+            upsert(&mut st.revisions, entry);
+            st.candidate_revision = None;
+            conditions.push(cond("CanaryPassed", false, CANARY_ABORTED, message.clone()));
+            conditions.push(cond(
+                "Ready",
+                false,
+                CANARY_ABORTED,
+                format!("{message}; {keep_running}; `meshline rollout retry` starts it again"),
+            ));
+            return;
+        }
+        if !waiting.is_empty() {
+            let message = format!(
+                "version {version} is in its canary on flow(s) {}",
+                waiting.join(", ")
+            );
+            set_state(&mut entry, RevisionState::Canary, &now);
+            entry.reason = Some("CanaryRunning".into());
+            entry.message = Some(clip(&message, 2000));
+            upsert(&mut st.revisions, entry);
+            conditions.push(cond(
+                "CanaryPassed",
+                false,
+                "CanaryRunning",
+                message.clone(),
+            ));
+            conditions.push(cond(
+                "Ready",
+                false,
+                "CanaryRunning",
+                format!("{message}; {keep_running} on the rest of the buckets"),
+            ));
+            return;
+        }
+        conditions.push(cond(
+            "CanaryPassed",
+            true,
+            if canaried.is_empty() {
+                "NotRequired"
+            } else {
+                "CanaryPassed"
+            },
+            if canaried.is_empty() {
+                format!("no bound flow declares canary steps; version {version} is promoted after its preflight")
+            } else {
+                format!("the canary of version {version} passed on every flow that declares steps")
+            },
+        ));
+        // Promote: the candidate becomes what the workers run.
         for r in st.revisions.iter_mut() {
             if r.state == RevisionState::Active {
                 set_state(r, RevisionState::Superseded, &now);
@@ -544,7 +665,6 @@ fn candidate(
         st.active_revision = Some(revision.to_string());
         st.current_version = Some(version.clone());
         st.candidate_revision = None;
-        conditions.push(cond("PreflightPassed", true, "PreflightPassed", message));
         conditions.push(cond(
             "Ready",
             true,
@@ -574,6 +694,20 @@ fn candidate(
             format!("version {version} is in preflight; {keep_running}"),
         ));
     }
+}
+
+/// Whether a person retried the aborted canary of `revision` on a bound flow (its canary runs again).
+fn canary_retried(bound: &[BoundFlow<'_>], revision: &str) -> bool {
+    bound.iter().any(|b| {
+        b.flow
+            .status
+            .as_ref()
+            .and_then(|s| s.canary.as_ref())
+            .is_some_and(|c| {
+                c.revision == revision
+                    && matches!(c.phase.as_str(), canary::PROGRESSING | canary::PAUSED)
+            })
+    })
 }
 
 /// What the bound flows run now, for messages.

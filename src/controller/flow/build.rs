@@ -42,6 +42,7 @@ use crate::api::{
     SyncFlow, WorkerPodSettings,
 };
 use crate::controller::{APPLIED_HASH, CONFIG_HASH, FLOW_LABEL, MANAGED_BY, names};
+use crate::rollout::split::{Split, Track};
 use crate::worker::RenderedFlow;
 
 /// The worker's webhook port, named [`WEBHOOK_PORT_NAME`] on the container and the Service: the webhook route
@@ -58,6 +59,8 @@ pub const STATE_DIR: &str = "/var/lib/meshline";
 pub const SECRETS_DIR: &str = "/var/run/meshline/secrets";
 pub const TOKEN_DIR: &str = "/var/run/meshline/token";
 pub const LOOKUPS_DIR: &str = "/etc/meshline/lookups";
+/// Where both tracks of a canaried flow read the bucket split ([`crate::rollout::split`]).
+pub const ROLLOUT_DIR: &str = "/etc/meshline/rollout";
 pub const TOKEN_KEY: &str = "token";
 const DEFAULT_LEDGER_SIZE: &str = "1Gi";
 /// The API server's limit on a ConfigMap's `data` and `binaryData`, keys included.
@@ -70,6 +73,29 @@ const RUN_AS: i64 = 65532;
 /// SyncFlow, would not be). A flow name is at most 52 characters (a CRD rule), so a dotless one is kept as is.
 pub fn worker_name(flow: &str) -> String {
     names::dns_label(&format!("meshline-{flow}"))
+}
+/// The canary track's Deployment and its ConfigMap (the candidate's rendered flow). Its pods are named
+/// `<this>-<hash>-<hash>`, which is how their ledger leases are found once they are gone.
+pub fn canary_name(flow: &str) -> String {
+    names::subdomain(&format!("meshline-{flow}-canary"))
+}
+/// The canary's headless status Service (the status poll reads the canary's pods through it).
+pub fn canary_status_service_name(flow: &str) -> String {
+    names::dns_label(&format!("meshline-{flow}-canary-status"))
+}
+/// The ConfigMap with the bucket split, mounted by both tracks.
+pub fn rollout_name(flow: &str) -> String {
+    names::subdomain(&format!("meshline-{flow}-rollout"))
+}
+/// Whether the flow's workers follow a bucket split: it declares canary steps and its ledger can be shared by
+/// two tracks.
+pub fn follows_split(flow: &SyncFlow) -> bool {
+    flow.spec.ledger.r#type == LedgerType::Postgres
+        && flow
+            .spec
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.canary.is_some())
 }
 /// The headless Service the controller reads `/status` through. It publishes pods that are not ready, because a
 /// worker that cannot start fails its readiness probe and is then behind no other Service, while its 503 on
@@ -128,6 +154,8 @@ pub struct BuildInputs<'a> {
     pub contract: &'a SyncContract,
     pub roster: Option<&'a OwnershipRoster>,
     pub settings: &'a BuildSettings,
+    /// The contract revision `contract` is (the ControllerRevision's name), rendered for the workers.
+    pub revision: Option<&'a str>,
     /// A fresh token when the flow's token Secret does not exist yet; `None` when it does (it is never rewritten,
     /// so the people holding the token keep a working one).
     pub new_token: Option<String>,
@@ -225,6 +253,30 @@ pub fn labels(flow: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// The canary track's labels: the standard ones with component `worker-canary`, so the stable Deployment's
+/// selector (and the Service webhooks arrive through) never matches a canary pod.
+pub fn canary_labels(flow: &str) -> BTreeMap<String, String> {
+    let mut l = labels(flow);
+    l.insert(
+        "app.kubernetes.io/component".into(),
+        CANARY_COMPONENT.into(),
+    );
+    l
+}
+
+pub const CANARY_COMPONENT: &str = "worker-canary";
+
+/// The canary Deployment's pod selector.
+pub fn canary_selector(flow: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/component".into(),
+            CANARY_COMPONENT.into(),
+        ),
+        (FLOW_LABEL.into(), names::label_value(flow)),
+    ])
+}
+
 /// The pod selector: stable for the life of the flow (a Deployment's selector is immutable).
 pub fn selector(flow: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -260,6 +312,7 @@ pub fn render(
     flow: &SyncFlow,
     contract: &SyncContract,
     roster: Option<&OwnershipRoster>,
+    revision: Option<&str>,
 ) -> Result<String, String> {
     let mut flow = SyncFlow::new(
         flow.metadata.name.as_deref().unwrap_or_default(),
@@ -286,7 +339,7 @@ pub fn render(
         flow,
         contract: contract_c,
         roster,
-        revision: None,
+        revision: revision.map(str::to_string),
     })
     .map_err(|e| e.to_string())
 }
@@ -335,7 +388,7 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         replicas = 0;
     }
 
-    let rendered = render(flow, inputs.contract, inputs.roster)?;
+    let rendered = render(flow, inputs.contract, inputs.roster, inputs.revision)?;
     // The API server refuses a ConfigMap whose data exceeds 1 MiB; say which object and by how much instead.
     if CONFIG_KEY.len() + rendered.len() > CONFIG_MAP_MAX_BYTES {
         return Err(format!(
@@ -402,6 +455,7 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         embedded,
         &config_hash,
         inputs.settings,
+        Track::Stable,
     ));
 
     let pdb = (replicas > 1).then(|| {
@@ -556,9 +610,17 @@ fn network_policy(flow: &SyncFlow, name: &str, settings: &NetworkPolicySettings)
     NetworkPolicy {
         metadata: meta(flow, network_policy_name(name)),
         spec: Some(NetworkPolicySpec {
+            // Both tracks: the canary's pods are the flow's workers too.
             pod_selector: Some(LabelSelector {
-                match_labels: Some(selector(name)),
-                ..LabelSelector::default()
+                match_labels: Some(BTreeMap::from([(
+                    FLOW_LABEL.to_string(),
+                    names::label_value(name),
+                )])),
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "app.kubernetes.io/component".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["worker".into(), CANARY_COMPONENT.into()]),
+                }]),
             }),
             policy_types: Some(vec!["Ingress".into()]),
             ingress: Some(rules),
@@ -583,6 +645,7 @@ fn deployment(
     embedded: bool,
     config_hash: &str,
     settings: &BuildSettings,
+    track: Track,
 ) -> Deployment {
     let spec = &flow.spec;
     let image = spec
@@ -595,7 +658,10 @@ fn deployment(
         Volume {
             name: "config".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: worker_name(name),
+                name: match track {
+                    Track::Stable => worker_name(name),
+                    Track::Canary => canary_name(name),
+                },
                 items: Some(vec![KeyToPath {
                     key: CONFIG_KEY.into(),
                     path: CONFIG_KEY.into(),
@@ -693,12 +759,33 @@ fn deployment(
         SECRETS_DIR,
         "--token-file",
         "/var/run/meshline/token/token",
-        "--buckets",
-        "0-99",
     ]
     .into_iter()
     .map(|a| a.to_string())
     .collect();
+    if follows_split(flow) {
+        // Both tracks read the split from a file the controller rewrites: a weight change moves buckets
+        // between running workers without restarting either. Optional, so a pod never waits for it: without
+        // the file a stable worker takes every bucket and a canary none.
+        volumes.push(Volume {
+            name: "rollout".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: rollout_name(name),
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("rollout", ROLLOUT_DIR, true));
+        args.extend([
+            "--track".to_string(),
+            track.as_str().to_string(),
+            "--rollout-file".to_string(),
+            format!("{ROLLOUT_DIR}/{}", crate::rollout::split::SPLIT_FILE),
+        ]);
+    } else {
+        args.extend(["--buckets".to_string(), "0-99".to_string()]);
+    }
     if !config_map_lookups.is_empty() {
         volumes.push(Volume {
             name: "lookups".into(),
@@ -804,18 +891,29 @@ fn deployment(
     let pod = pod_settings(flow, &settings.worker_defaults);
     // The controller's own labels and annotation are inserted last: validation refuses settings that name them,
     // and this order keeps the selector intact even if it did not.
+    let (track_labels, track_selector, deployment_name) = match track {
+        Track::Stable => (labels(name), selector(name), worker_name(name)),
+        Track::Canary => (
+            canary_labels(name),
+            canary_selector(name),
+            canary_name(name),
+        ),
+    };
     let mut pod_labels = pod.pod_labels.clone();
-    pod_labels.extend(labels(name));
-    pod_labels.extend(selector(name));
+    pod_labels.extend(track_labels.clone());
+    pod_labels.extend(track_selector.clone());
     let mut pod_annotations = pod.pod_annotations.clone();
     pod_annotations.insert(CONFIG_HASH.into(), config_hash[..32].to_string());
     Deployment {
-        metadata: meta(flow, worker_name(name)),
+        metadata: ObjectMeta {
+            labels: Some(track_labels),
+            ..meta(flow, deployment_name)
+        },
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
             revision_history_limit: Some(5),
             selector: LabelSelector {
-                match_labels: Some(selector(name)),
+                match_labels: Some(track_selector),
                 ..LabelSelector::default()
             },
             // SQLite on a ReadWriteOnce volume: the old pod must let go before the new one opens the ledger.
@@ -865,4 +963,122 @@ fn deployment(
         }),
         ..Deployment::default()
     }
+}
+
+/// The canary track of a flow: the candidate's rendered flow, the Deployment that runs it on the buckets below
+/// the weight, and its status Service. The ConfigMap and the Service are owned by the Deployment (`owner`, once
+/// it exists), so removing the Deployment at the end of a rollout removes them by garbage collection.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub deployment: Deployment,
+    pub config_map: Option<ConfigMap>,
+    pub status_service: Option<Service>,
+}
+
+pub struct CanaryInputs<'a> {
+    pub flow: &'a SyncFlow,
+    pub candidate: &'a SyncContract,
+    pub revision: &'a str,
+    pub roster: Option<&'a OwnershipRoster>,
+    pub settings: &'a BuildSettings,
+    /// Stable replicas; the canary runs a share of them by weight, at least one.
+    pub stable_replicas: i32,
+    pub weight: u8,
+    /// The live canary Deployment, whose uid owns the ConfigMap and the Service.
+    pub owner: Option<&'a Deployment>,
+}
+
+/// Canary replicas: the weight's share of the stable replicas, rounded up, at least one (zero when the flow is
+/// stopped).
+pub fn canary_replicas(stable_replicas: i32, weight: u8) -> i32 {
+    if stable_replicas <= 0 {
+        return 0;
+    }
+    let share = (i64::from(stable_replicas) * i64::from(weight.min(100)) + 99) / 100;
+    share.clamp(1, i64::from(stable_replicas)) as i32
+}
+
+pub fn build_canary(i: CanaryInputs<'_>) -> Result<Canary, String> {
+    let flow = i.flow;
+    let name = flow.metadata.name.clone().unwrap_or_default();
+    let rendered = render(flow, i.candidate, i.roster, Some(i.revision))?;
+    if CONFIG_KEY.len() + rendered.len() > CONFIG_MAP_MAX_BYTES {
+        return Err(format!(
+            "the rendered candidate takes {} bytes, over the {CONFIG_MAP_MAX_BYTES} bytes a ConfigMap may hold (data of ConfigMap {})",
+            rendered.len(),
+            canary_name(&name)
+        ));
+    }
+    let config_hash = sha256_hex(rendered.as_bytes());
+    let deployment = stamp(deployment(
+        flow,
+        &name,
+        canary_replicas(i.stable_replicas, i.weight),
+        false,
+        &config_hash,
+        i.settings,
+        Track::Canary,
+    ));
+    let owned = |n: String| -> Option<ObjectMeta> {
+        let owner = i.owner?;
+        let uid = owner.metadata.uid.clone()?;
+        Some(ObjectMeta {
+            name: Some(n),
+            namespace: flow.metadata.namespace.clone(),
+            labels: Some(canary_labels(&name)),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "Deployment".into(),
+                name: owner.metadata.name.clone().unwrap_or_default(),
+                uid,
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..ObjectMeta::default()
+        })
+    };
+    let config_map = owned(canary_name(&name)).map(|metadata| {
+        stamp(ConfigMap {
+            metadata,
+            data: Some(BTreeMap::from([(CONFIG_KEY.into(), rendered)])),
+            ..ConfigMap::default()
+        })
+    });
+    let status_service = owned(canary_status_service_name(&name)).map(|metadata| {
+        stamp(Service {
+            metadata,
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("None".into()),
+                publish_not_ready_addresses: Some(true),
+                selector: Some(canary_selector(&name)),
+                ports: Some(vec![ServicePort {
+                    name: Some(OPS_PORT_NAME.into()),
+                    port: OPS_PORT,
+                    target_port: Some(IntOrString::String(OPS_PORT_NAME.into())),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        })
+    });
+    Ok(Canary {
+        deployment,
+        config_map,
+        status_service,
+    })
+}
+
+/// The ConfigMap with the bucket split both tracks follow.
+pub fn rollout_config_map(flow: &SyncFlow, split: &Split) -> ConfigMap {
+    let name = flow.metadata.name.clone().unwrap_or_default();
+    stamp(ConfigMap {
+        metadata: meta(flow, rollout_name(&name)),
+        data: Some(BTreeMap::from([(
+            crate::rollout::split::SPLIT_FILE.into(),
+            split.to_json(),
+        )])),
+        ..ConfigMap::default()
+    })
 }

@@ -17,6 +17,7 @@
 //! its ledger before the flow is deleted.
 
 pub mod build;
+pub mod canary;
 pub mod status;
 pub mod validate;
 
@@ -168,6 +169,9 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             contract,
             roster: verdict.roster.as_deref(),
             settings: &ctx.build,
+            revision: live_contract
+                .as_ref()
+                .and_then(|c| c.status.as_ref()?.active_revision.as_deref()),
             new_token: (!has_token).then(random_token),
         })
         .map_err(|reason| Error::Render {
@@ -277,13 +281,33 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         apply::delete::<NetworkPolicy>(&ctx.client, &ns, &policy_name, &ctx.metrics).await?;
     }
 
-    // 6. Status, only when it changed.
     let observation = ctx
         .observations
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .get(&flow_ref)
         .cloned();
+    // The canary of a contract candidate, beside the stable track. A flow that does not start (a failed gate)
+    // keeps its rollout where it is; a held flow too.
+    let rollout = if verdict.startable() && hold.is_none() {
+        Some(
+            canary::reconcile(
+                ctx,
+                canary::Inputs {
+                    flow,
+                    live_contract: live_contract.as_deref(),
+                    roster: verdict.roster.as_deref(),
+                    stable_replicas: replicas,
+                    observation: observation.as_ref(),
+                },
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+
+    // 6. Status, only when it changed.
     let now = super::now_rfc3339();
     let sla = verdict.contract.as_ref().and_then(|c| c.spec.sla.clone());
     let next = status::compute(status::StatusInputs {
@@ -300,6 +324,30 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         previous: flow.status.as_ref(),
         now: &now,
     });
+    let mut next = next;
+    let mut requeue = RESYNC;
+    if let Some(rollout) = &rollout {
+        next.canary = rollout.status.clone();
+        if let Some(r) = rollout.requeue {
+            requeue = requeue.min(r);
+        }
+        for note in &rollout.notes {
+            let event = Event {
+                type_: if note.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: note.reason.into(),
+                note: Some(event_note(&note.message)),
+                action: "Rollout".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
+                tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
+            }
+        }
+    }
     if status::differs(flow.status.as_ref(), &next, |s| &mut s.conditions) {
         apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
         for event in transitions(flow.status.as_ref(), &next) {
@@ -309,7 +357,7 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             }
         }
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(requeue))
 }
 
 /// Keeps the owner reference of an existing ledger PVC in step with `spec.ledger.retentionPolicy` when the

@@ -55,6 +55,8 @@ pub enum PodAnswer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodObservation {
     pub pod: String,
+    /// The pod's IP, to reach its operations API again (a canary's measures).
+    pub address: String,
     /// Whether the pod passes its readiness probe.
     pub ready: bool,
     pub answer: PodAnswer,
@@ -132,6 +134,7 @@ impl Observation {
         Observation::from_pods(
             vec![PodObservation {
                 pod: pod.into(),
+                address: "127.0.0.1".into(),
                 ready: true,
                 answer: PodAnswer::Running(Box::new(status)),
             }],
