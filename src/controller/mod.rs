@@ -163,6 +163,8 @@ pub struct Context {
     /// How the reconcilers reach the workers' operations API (a canary's measures, the release of its
     /// leases): the status poll's way, directly or through the API server's pod proxy.
     pub workers: Arc<dyn poll::WorkerStatusSource>,
+    /// "Now" for a canary's steps and measurements; tests move a manual clock instead of sleeping.
+    pub clock: Arc<dyn crate::ledger::Clock>,
 }
 
 impl Context {
@@ -186,7 +188,19 @@ impl Context {
             roster_index: Mutex::new(HashMap::new()),
             metrics,
             workers: Arc::new(poll::Direct::new()),
+            clock: Arc::new(crate::ledger::SystemClock),
         }
+    }
+
+    /// The same context telling time by `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn crate::ledger::Clock>) -> Context {
+        self.clock = clock;
+        self
+    }
+
+    /// The context's "now".
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_default()
     }
 
     /// The same context reaching the workers through `workers` (the pod proxy, or a test's double).

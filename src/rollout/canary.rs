@@ -439,7 +439,7 @@ pub fn decide(i: Inputs<'_>) -> Decision {
     match &i.command {
         Some(Err(why)) => {
             d.notes.push(Note {
-                reason: "RolloutCommandRefused",
+                reason: "RolloutCommandInvalid",
                 message: why.clone(),
                 warning: true,
             });

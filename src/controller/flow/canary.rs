@@ -209,7 +209,7 @@ pub async fn reconcile(ctx: &Context, i: Inputs<'_>) -> Result<Outcome, Error> {
     let name = flow.name_any();
     let previous = flow.status.as_ref().and_then(|s| s.canary.as_ref());
     let policy = flow.spec.rollout.as_ref().and_then(|r| r.canary.as_ref());
-    let now = chrono::Utc::now();
+    let now = ctx.now();
 
     // 1. Gather.
     let found = i.live_contract.and_then(candidate_of);
@@ -318,13 +318,29 @@ pub async fn reconcile(ctx: &Context, i: Inputs<'_>) -> Result<Outcome, Error> {
             .get(&ObjectRef::new(&build::rollout_name(&name)).within(&ns));
         apply::apply(client, &desired, up_to_date(&desired, live.as_deref()), m).await?;
     }
-    match (
-        d.run_canary,
-        candidate_spec,
-        found.as_ref(),
-        i.live_contract,
-    ) {
-        (true, Some(spec), Some((revision, _)), Some(live)) => {
+    // The revision the canary runs: the candidate, or (promoted, while the stable workers restart on it) the
+    // revision the rollout is about.
+    let run = d
+        .status
+        .as_ref()
+        .map(|s| s.revision.clone())
+        .filter(|_| d.run_canary);
+    let run_spec = match (&run, &found, candidate_spec) {
+        (Some(r), Some((c, _)), Some(spec)) if r == c => Some(spec),
+        (Some(r), _, _) => crate::controller::contract::revision_spec(ctx, &ns, r),
+        _ => None,
+    };
+    if run.is_some() && run_spec.is_none() {
+        // Its revision is not in the cache (yet): leave the canary as it is.
+        return Ok(Outcome {
+            status: previous.cloned(),
+            requeue: Some(Duration::from_secs(5)),
+            notes: d.notes,
+        });
+    }
+    match (run, run_spec, i.live_contract) {
+        (Some(revision), Some(spec), Some(live)) => {
+            let revision = revision.as_str();
             let contract = SyncContract {
                 spec,
                 ..live.clone()
