@@ -916,6 +916,24 @@ async fn a_canary_aborted_by_analysis_degrades_the_contract_and_its_flow() {
     let mut paused = w.flow_obj();
     paused["spec"]["paused"] = json!(true);
     assert_health(&paused, "Degraded", "aborted");
+
+    // A person retries (`meshline rollout retry` writes this annotation): on the embedded ledger the canary
+    // starts paused for want of a shared ledger, and the contract's candidate is back in its canary.
+    w.flow
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            canary::COMMAND_ANNOTATION.into(),
+            Command::annotation_value(Verb::Retry, "1733059200"),
+        );
+    w.reconcile_flow().await;
+    assert_eq!(w.flow_status["canary"]["phase"], canary::PAUSED);
+    assert_eq!(w.flow_status["canary"]["lastCommand"], "retry:1733059200");
+    w.reconcile_contract().await;
+    assert_health(&w.contract_obj(), "Progressing", "in its canary");
+    w.reconcile_flow().await;
+    assert_health(&w.flow_obj(), "Suspended", "needs the PostgreSQL ledger");
 }
 
 // --------------------------------------------------------------------------

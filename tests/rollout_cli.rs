@@ -498,7 +498,7 @@ async fn status_prints_the_canary_its_figures_and_the_contracts_revisions() {
             "canary: version 2.0.2 (revision {}) Progressing",
             CANDIDATE.revision
         ),
-        "step 1 of 2, weight 20% (applied 20%), step started 20".into(),
+        "step 0 (1 of 2), weight 20% (applied 20%), step started 20".into(),
         "failed measurements 0, consecutive errors 0".into(),
         "Inconclusive".into(),
         // canary and stable: records/failure rate/dead-letter rate/p99
@@ -589,4 +589,31 @@ async fn a_command_no_controller_acts_on_fails_after_the_wait_naming_the_flow() 
     assert!(ok);
     assert!(stdout.contains("not waiting"), "{stdout}");
     assert_eq!(cluster.patches().len(), 2);
+}
+
+/// The README's canary example is a rollout policy the CRD types accept, and its kubectl command writes the
+/// annotation the controller reads.
+#[test]
+fn the_readmes_canary_example_is_what_the_flow_and_the_controller_accept() {
+    let readme =
+        std::fs::read_to_string(format!("{}/README.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let section = readme
+        .split("## Canary rollouts of contract versions")
+        .nth(1)
+        .expect("the README's canary section");
+    let yaml = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a YAML example");
+    let flow: Value = serde_yaml::from_str(yaml).unwrap();
+    let rollout: meshline::api::RolloutPolicy =
+        serde_json::from_value(flow["spec"]["rollout"].clone()).unwrap();
+    let canary = rollout.canary.expect("canary steps");
+    let weights: Vec<u32> = canary.steps.iter().map(|s| s.weight).collect();
+    assert!(weights.is_sorted() && !weights.is_empty(), "{weights:?}");
+    assert!(canary.analysis.is_some());
+    assert!(section.contains(&format!(
+        "kubectl annotate syncflow won-deals-to-odoo {COMMAND_ANNOTATION}=promote:$(date +%s) --overwrite"
+    )));
 }

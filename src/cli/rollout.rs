@@ -295,7 +295,9 @@ pub fn render_status(
     );
     let _ = writeln!(
         out,
-        "  step {} of {steps}, weight {}% (applied {}%), step started {}",
+        // Steps are counted from 0, as the controller's messages and Events count them.
+        "  step {} ({} of {steps}), weight {}% (applied {}%), step started {}",
+        c.step,
         c.step + 1,
         c.weight,
         c.applied_weight,
@@ -316,16 +318,15 @@ pub fn render_status(
         let _ = writeln!(out, "  last command: {l}");
     }
     if !c.measurements.is_empty() {
-        let _ = writeln!(out, "  measurements (newest last):");
         let _ = writeln!(
             out,
-            "    {:<24} {:>4} {:<12} {:<34} {:<34}",
-            "AT",
-            "STEP",
-            "VERDICT",
-            "CANARY rec/fail/dead-letter/p99",
-            "STABLE rec/fail/dead-letter/p99"
+            "  measurements (newest last; records/failure rate/dead-letter rate/p99 of each track):"
         );
+        let header = format!(
+            "    {:<24} {:>4} {:<12} {:<28} {:<28}",
+            "AT", "STEP", "VERDICT", "CANARY", "STABLE"
+        );
+        let _ = writeln!(out, "{}", header.trim_end());
         for m in &c.measurements {
             let _ = writeln!(out, "{}", measurement_row(m));
         }
@@ -350,13 +351,14 @@ fn figures(t: Option<&TrackMeasures>) -> String {
 
 fn measurement_row(m: &CanaryMeasurement) -> String {
     let mut row = format!(
-        "    {:<24} {:>4} {:<12} {:<34} {:<34}",
+        "    {:<24} {:>4} {:<12} {:<28} {:<28}",
         m.at,
-        m.step + 1,
+        m.step,
         m.verdict,
         figures(m.canary.as_ref()),
         figures(m.stable.as_ref())
     );
+    row.truncate(row.trim_end().len());
     if let Some(msg) = &m.message {
         row.push_str("\n      ");
         row.push_str(msg);
@@ -456,7 +458,9 @@ async fn command_flow(verb: Verb, args: &CommandArgs) -> Result<(), RolloutError
 /// Whether the controller refused the command it recorded in `after`. Every command the state machine accepts
 /// moves the rollout to another phase (pause → Paused, resume → Progressing, promote → Promoting, abort →
 /// Aborting or Aborted, retry → Progressing, or Paused without a shared ledger); a refused one leaves it
-/// where it was.
+/// where it was. `before` is read just before the command is sent: should the controller move the rollout on
+/// its own in between (a step's analysis aborts it) and then refuse the command, this reads as accepted, and
+/// the printed phase still tells the truth.
 pub fn refused(before: &CanaryStatus, after: &CanaryStatus) -> bool {
     before.revision == after.revision && before.phase == after.phase
 }

@@ -47,8 +47,9 @@ end
 if obj.spec ~= nil and obj.spec.paused == true then
   return health("Suspended", "paused by spec.paused")
 end
--- Suspended, not Progressing: a paused canary waits for a person, as Argo
--- Rollouts reports a paused Rollout, so an Argo CD sync wave does not wait on it.
+-- Suspended, not Progressing: a paused canary waits for a person, not for the
+-- controller, and Argo Rollouts reports a paused Rollout as Suspended too;
+-- Progressing would promise progress that no one is making.
 if canary.phase == "Paused" then
   return health("Suspended", "canary of version " .. tostring(canary.version) .. " paused at weight " ..
     tostring(canary.weight or 0) .. (canary.message ~= nil and (": " .. canary.message) or ""))
