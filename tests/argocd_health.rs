@@ -827,7 +827,6 @@ async fn a_moving_canary_is_progressing_and_a_paused_one_suspended() {
     // Promoted: the candidate is active on the stable track.
     let mut r = Rollout::progressing();
     r.decide(1, Some(Verb::Promote), Observed::default(), None);
-    r.policy = canary_policy();
     let d = canary::decide(Inputs {
         policy: Some(&r.policy),
         shared_ledger: true,
