@@ -1,8 +1,9 @@
 //! The chart's Argo CD health checks (`charts/meshline/argocd/*.lua`, issue #15) run in a Lua 5.1 (Argo CD runs
 //! gopher-lua, a Lua 5.1) against the objects Argo CD would see: the spec the test applied with the status
 //! body the controller's reconcilers actually sent, driven against the API double the way
-//! `controller_contract.rs` and `controller_reconcile.rs` drive them. Only the canary cases are hand-written,
-//! since no reconciler fills `status.canary` yet.
+//! `controller_contract.rs` and `controller_reconcile.rs` drive them. The canary statuses of a PostgreSQL
+//! flow (which the API double's reconciles cannot reach, having no workers to report applied weights or
+//! measures) come from the state machine the flow reconcile runs, `rollout::canary::decide`.
 //!
 //! Also: the README shows exactly these files.
 
@@ -15,8 +16,10 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use kube::runtime::watcher;
+use meshline::api::{CanaryPolicy, CanaryStatus, TrackMeasures};
 use meshline::api::{OwnershipRoster, SecretRef, SignOff, SyncContract, SyncFlow};
 use meshline::controller::{Context, Writers};
+use meshline::rollout::canary::{self, Candidate, Command, Inputs, Measured, Observed, Verb};
 use serde_json::{Value, json};
 
 const NS: &str = "commerce-sync";
@@ -650,63 +653,286 @@ async fn a_contract_that_does_not_compile_is_degraded() {
     assert_health(&w.flow_obj(), "Degraded", "does not compile");
 }
 
-/// Hand-written: no reconciler fills `status.canary` yet (the canary rollout of issue #15 is being built);
-/// these are the phases `CanaryStatus.phase` documents, on the status a running flow really has.
-#[tokio::test]
-async fn canary_phases_progressing_paused_aborted_promoted() {
-    let w = World::running().await;
-    let with_canary = |phase: &str, message: Option<&str>| {
-        let mut obj = w.flow_obj();
-        obj["status"]["canary"] = json!({
-            "version": "2.0.2", "phase": phase, "step": 1, "weight": 20, "failedMeasurements": 0,
-            "message": message,
-        });
-        obj
-    };
-    assert_health(
-        &with_canary("Preflight", None),
-        "Progressing",
-        "canary of version 2.0.2",
-    );
-    assert_health(
-        &with_canary("Progressing", None),
-        "Progressing",
-        "at weight 20",
-    );
-    assert_health(
-        &with_canary("Paused", Some("paused by an annotation")),
-        "Suspended",
-        "paused at weight 20: paused by an annotation",
-    );
-    assert_health(
-        &with_canary("Aborted", Some("dead-letter rate 0.08 over 0.01")),
-        "Degraded",
-        "aborted: dead-letter rate 0.08 over 0.01",
-    );
-    assert_health(
-        &with_canary("Promoted", None),
-        "Healthy",
-        "worker pods ready",
-    );
-    // An aborted canary outranks a pause; a pause outranks a running canary.
-    let mut paused_and_aborted = with_canary("Aborted", Some("analysis failed"));
-    paused_and_aborted["spec"]["paused"] = json!(true);
-    assert_health(&paused_and_aborted, "Degraded", "analysis failed");
-    let mut paused_and_running = with_canary("Progressing", None);
-    paused_and_running["spec"]["paused"] = json!(true);
-    assert_health(&paused_and_running, "Suspended", "paused");
+// --------------------------------------------------------------------------
+// Canaries: the statuses the flow reconcile writes (it runs the embedded-ledger flow of the example, so it
+// pauses a canary for want of a shared ledger) and the ones the pure state machine the reconcile runs
+// (`rollout::canary::decide`) moves a PostgreSQL flow's canary through.
+// --------------------------------------------------------------------------
 
-    // The contract's candidate revision in Canary state.
-    let mut w = World::running().await;
-    w.candidate_in_preflight().await;
-    let mut contract = w.contract_obj();
-    let candidate = contract["status"]["candidateRevision"].clone();
-    for r in contract["status"]["revisions"].as_array_mut().unwrap() {
-        if r["name"] == candidate {
-            r["state"] = json!("Canary");
+const CANDIDATE: Candidate<'static> = Candidate {
+    revision: "won-deals-7f3a",
+    version: "2.0.2",
+};
+
+fn canary_policy() -> CanaryPolicy {
+    serde_json::from_value(json!({
+        "steps": [{"weight": 20}, {"weight": 50, "pause": "10m"}],
+        "analysis": {"maxDeadLetterRate": "0.01", "minRecords": 10, "interval": "1m"}
+    }))
+    .unwrap()
+}
+
+fn measures(records: i64, dead_lettered: i64, rate: &str) -> TrackMeasures {
+    TrackMeasures {
+        records,
+        delivered: records - dead_lettered,
+        failed: dead_lettered,
+        dead_lettered,
+        failure_rate: rate.into(),
+        dead_letter_rate: rate.into(),
+        ..TrackMeasures::default()
+    }
+}
+
+/// A canary on a shared ledger as the controller moves it, one decision at a time.
+struct Rollout {
+    policy: CanaryPolicy,
+    status: Option<CanaryStatus>,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+impl Rollout {
+    fn new() -> Rollout {
+        Rollout {
+            policy: canary_policy(),
+            status: None,
+            now: chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+                .unwrap()
+                .to_utc(),
         }
     }
-    assert_health(&contract, "Progressing", "2.0.2");
+
+    /// One reconcile `after` the previous one; returns the status it writes.
+    fn decide(
+        &mut self,
+        after: i64,
+        command: Option<Verb>,
+        observed: Observed,
+        measured: Option<Measured>,
+    ) -> CanaryStatus {
+        self.now += chrono::Duration::seconds(after);
+        let d = canary::decide(Inputs {
+            policy: Some(&self.policy),
+            shared_ledger: true,
+            candidate: Some(CANDIDATE),
+            active_revision: Some("won-deals-1c2d"),
+            previous: self.status.as_ref(),
+            command: command
+                .map(|v| Ok(Command::parse(&Command::annotation_value(v, "1")).unwrap())),
+            observed: &observed,
+            measured,
+            now: self.now,
+        });
+        self.status = d.status;
+        self.status.clone().expect("a canary status")
+    }
+
+    /// Started, its first weight applied by every worker of both tracks.
+    fn progressing() -> Rollout {
+        let mut r = Rollout::new();
+        r.decide(0, None, Observed::default(), None);
+        let st = r.decide(
+            5,
+            None,
+            Observed {
+                applied_weight: Some(20),
+                canary_pods: 1,
+                ..Observed::default()
+            },
+            None,
+        );
+        assert_eq!((st.phase.as_str(), st.weight), (canary::PROGRESSING, 20));
+        assert!(st.step_started_at.is_some(), "the step's clock runs");
+        r
+    }
+
+    /// The analysis finds the canary dead-lettering 8 % while stable dead-letters none.
+    fn failed_analysis(&mut self, canary_pods: usize) -> CanaryStatus {
+        self.decide(
+            61,
+            None,
+            Observed {
+                applied_weight: Some(20),
+                canary_pods,
+                ..Observed::default()
+            },
+            Some(Measured::Taken {
+                canary: measures(100, 8, "0.08"),
+                stable: measures(400, 0, "0"),
+            }),
+        )
+    }
+}
+
+fn with_canary(flow: &Value, canary: &CanaryStatus) -> Value {
+    let mut obj = flow.clone();
+    obj["status"]["canary"] = serde_json::to_value(canary).unwrap();
+    obj
+}
+
+#[tokio::test]
+async fn a_moving_canary_is_progressing_and_a_paused_one_suspended() {
+    let w = World::running().await;
+    let flow = w.flow_obj();
+
+    let mut r = Rollout::progressing();
+    let st = r.status.clone().unwrap();
+    assert_health(
+        &with_canary(&flow, &st),
+        "Progressing",
+        "canary of version 2.0.2 progressing at weight 20",
+    );
+    // Paused by spec.paused as well: the pause wins over the running canary.
+    let mut paused_flow = with_canary(&flow, &st);
+    paused_flow["spec"]["paused"] = json!(true);
+    assert_health(&paused_flow, "Suspended", "paused");
+
+    let st = r.decide(1, Some(Verb::Pause), Observed::default(), None);
+    assert_eq!(st.phase, canary::PAUSED);
+    assert_health(
+        &with_canary(&flow, &st),
+        "Suspended",
+        "paused at weight 20: paused at step 0 (20%) by a person",
+    );
+
+    let st = r.decide(1, Some(Verb::Promote), Observed::default(), None);
+    assert_eq!(st.phase, canary::PROMOTING);
+    assert_health(
+        &with_canary(&flow, &st),
+        "Progressing",
+        "promoting at weight 20",
+    );
+
+    let mut r = Rollout::progressing();
+    // The canary's pod is still there: the rollback is under way.
+    let st = r.failed_analysis(1);
+    assert_eq!(
+        (st.phase.as_str(), st.reason.as_deref()),
+        (canary::ABORTING, Some("FailureLimitReached"))
+    );
+    assert_health(
+        &with_canary(&flow, &st),
+        "Progressing",
+        "aborting at weight 0",
+    );
+    let st = r.decide(10, None, Observed::default(), None);
+    assert_eq!(st.phase, canary::ABORTED);
+    // The contract's spec is the active version again (ContractUpToDate RunningLatest): the abort is history.
+    assert_eq!(
+        condition(&w.flow_status, "ContractUpToDate")["status"],
+        "True"
+    );
+    assert_health(&with_canary(&flow, &st), "Healthy", "worker pods ready");
+
+    // Promoted: the candidate is active on the stable track.
+    let mut r = Rollout::progressing();
+    r.decide(1, Some(Verb::Promote), Observed::default(), None);
+    let d = canary::decide(Inputs {
+        policy: Some(&r.policy),
+        shared_ledger: true,
+        candidate: None,
+        active_revision: Some(CANDIDATE.revision),
+        previous: r.status.as_ref(),
+        command: None,
+        observed: &Observed {
+            stable_revision: Some(CANDIDATE.revision.into()),
+            ..Observed::default()
+        },
+        measured: None,
+        now: r.now,
+    });
+    let st = d.status.unwrap();
+    assert_eq!(st.phase, canary::PROMOTED);
+    assert_health(&with_canary(&flow, &st), "Healthy", "worker pods ready");
+}
+
+/// The example flow with canary steps: its candidate passes preflight and enters its canary.
+async fn candidate_in_canary() -> World {
+    let mut w = World::running().await;
+    w.flow
+        .spec
+        .rollout
+        .get_or_insert_with(|| serde_json::from_value(json!({})).unwrap())
+        .canary = Some(canary_policy());
+    bump(&mut w.flow);
+    w.reconcile_flow().await;
+    w.reconcile_flow().await;
+    assert_health(&w.flow_obj(), "Healthy", "worker pods ready");
+    w.candidate_in_preflight().await;
+    w.finish_job(true, &replay_report("Passed", 0));
+    w.reconcile_contract().await;
+    assert_eq!(
+        condition(&w.contract_status, "Ready")["reason"],
+        "CanaryRunning"
+    );
+    w
+}
+
+#[tokio::test]
+async fn an_embedded_ledger_flows_canary_is_suspended_until_a_person_promotes_or_aborts() {
+    let mut w = candidate_in_canary().await;
+    assert_health(&w.contract_obj(), "Progressing", "in its canary");
+    w.reconcile_flow().await;
+    assert_eq!(w.flow_status["canary"]["phase"], canary::PAUSED);
+    assert_eq!(w.flow_status["canary"]["reason"], "CanaryNeedsSharedLedger");
+    assert_health(&w.flow_obj(), "Suspended", "needs the PostgreSQL ledger");
+}
+
+#[tokio::test]
+async fn a_canary_aborted_by_analysis_degrades_the_contract_and_its_flow() {
+    let mut w = candidate_in_canary().await;
+    let candidate = w.contract_status["candidateRevision"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The canary as a PostgreSQL flow's reconciles leave it after an analysis failed and its pods went.
+    let mut r = Rollout::progressing();
+    r.failed_analysis(0);
+    let mut aborted = r.status.clone().unwrap();
+    assert_eq!(aborted.phase, canary::ABORTED);
+    aborted.revision = candidate;
+    w.flow.status.as_mut().unwrap().canary = Some(aborted);
+    w.flow_status = serde_json::to_value(w.flow.status.as_ref().unwrap()).unwrap();
+
+    w.reconcile_contract().await;
+    assert_eq!(
+        condition(&w.contract_status, "Ready")["reason"],
+        "CanaryAborted"
+    );
+    assert_health(
+        &w.contract_obj(),
+        "Degraded",
+        "dead-letter rate 0.08 above 0.01",
+    );
+    w.reconcile_flow().await;
+    assert_eq!(w.flow_status["canary"]["phase"], canary::ABORTED);
+    assert_eq!(
+        condition(&w.flow_status, "ContractUpToDate")["reason"],
+        "CanaryAborted"
+    );
+    assert_health(&w.flow_obj(), "Degraded", "canary of version 2.0.2 aborted");
+    // A pause does not hide it.
+    let mut paused = w.flow_obj();
+    paused["spec"]["paused"] = json!(true);
+    assert_health(&paused, "Degraded", "aborted");
+
+    // A person retries (`meshline rollout retry` writes this annotation): on the embedded ledger the canary
+    // starts paused for want of a shared ledger, and the contract's candidate is back in its canary.
+    w.flow
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            canary::COMMAND_ANNOTATION.into(),
+            Command::annotation_value(Verb::Retry, "1733059200"),
+        );
+    w.reconcile_flow().await;
+    assert_eq!(w.flow_status["canary"]["phase"], canary::PAUSED);
+    assert_eq!(w.flow_status["canary"]["lastCommand"], "retry:1733059200");
+    w.reconcile_contract().await;
+    assert_health(&w.contract_obj(), "Progressing", "in its canary");
+    w.reconcile_flow().await;
+    assert_health(&w.flow_obj(), "Suspended", "needs the PostgreSQL ledger");
 }
 
 // --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ pub mod controller;
 mod dev;
 pub mod logging;
 pub mod replay;
+pub mod rollout;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
@@ -65,6 +66,12 @@ pub enum Command {
     /// candidate, and write the report as the container's termination message (exit 0 passed, 1 failed the
     /// thresholds, 2 could not run).
     Replay(Box<replay::ReplayArgs>),
+    /// Watch and command the canary rollout of a contract candidate on a flow (pause, resume, promote, abort,
+    /// retry), in the cluster KUBECONFIG names.
+    Rollout {
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
+    },
     /// Work with contract versions offline: classify changes (`diff`), run sample records (`check`).
     Contract {
         #[command(subcommand)]
@@ -112,6 +119,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Hold { command } => worker::hold(command),
         Command::Contract { command } => contract::run(command),
         Command::Replay(args) => replay::replay(*args),
+        Command::Rollout { command } => rollout::run(command),
     }
 }
 

@@ -5,9 +5,10 @@
 -- (it never reaches the workers, who keep the active version); Healthy when
 -- the spec is the active revision.
 -- Ready False reasons of a candidate on its way; every other one refuses the
--- spec (IncompatibleChange, PreflightFailed, CompileFailed, Replaced, ...).
+-- spec (IncompatibleChange, PreflightFailed, CompileFailed, Replaced,
+-- CanaryAborted: a bound flow's canary rolled the candidate back, ...).
 local waiting = {AwaitingSignOff = true, OutsideFlowRange = true}
-local running = {PreflightRunning = true}
+local running = {PreflightRunning = true, CanaryRunning = true}
 local function health(status, message)
   return {status = status, message = message}
 end
