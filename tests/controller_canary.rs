@@ -404,8 +404,11 @@ impl World {
                 }
                 _ => {}
             }
-            if r.method == "DELETE" && r.path.contains("/deployments/") {
-                if let Some(d) = self.deployments.remove(&name) {
+            if r.method == "DELETE"
+                && r.path.contains("/deployments/")
+                && let Some(d) = self.deployments.remove(&name)
+            {
+                {
                     delete(&mut self.writers.deployments, d);
                     // Garbage collection takes what the Deployment owns.
                     for (n, c) in self.config_maps.clone() {

@@ -135,6 +135,7 @@ fn token(ctx: &Context, ns: &str, flow: &str) -> Option<String> {
 async fn measures(
     ctx: &Context,
     ns: &str,
+    flow: &str,
     pod: &WorkerPod,
     revision: &str,
     since: chrono::DateTime<chrono::Utc>,
@@ -146,9 +147,11 @@ async fn measures(
         since.timestamp_millis(),
         until.timestamp_millis()
     );
+    // Behind the flow's token, like `/status`.
+    let token = token(ctx, ns, flow);
     let (status, body) = ctx
         .workers
-        .call(ns, pod, http::Method::GET, &path, None)
+        .call(ns, pod, http::Method::GET, &path, token.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     if status != 200 {
@@ -277,8 +280,8 @@ pub async fn reconcile(ctx: &Context, i: Inputs<'_>) -> Result<Outcome, Error> {
                     "no stable worker answered the last status poll, so the ledger could not be read".into(),
                 ),
                 Some(pod) => {
-                    let canary_m = measures(ctx, &ns, &pod, candidate, since, until).await;
-                    let stable_m = measures(ctx, &ns, &pod, active, since, until).await;
+                    let canary_m = measures(ctx, &ns, &name, &pod, candidate, since, until).await;
+                    let stable_m = measures(ctx, &ns, &name, &pod, active, since, until).await;
                     match (canary_m, stable_m) {
                         (Ok(canary), Ok(stable)) => Measured::Taken { canary, stable },
                         (Err(e), _) | (_, Err(e)) => Measured::Error(e),
