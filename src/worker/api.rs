@@ -467,11 +467,11 @@ impl From<&crate::ledger::RevisionMeasures> for crate::api::TrackMeasures {
     }
 }
 
-/// A time parameter in milliseconds since the Unix epoch; the error names the parameter.
+/// A time parameter in milliseconds since the Unix epoch; the error (a 400's message) names the parameter.
 fn millis_param(
     q: &std::collections::HashMap<String, String>,
     name: &str,
-) -> Result<Option<chrono::DateTime<chrono::Utc>>, Response> {
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
     let Some(text) = q.get(name) else {
         return Ok(None);
     };
@@ -480,10 +480,7 @@ fn millis_param(
         .and_then(chrono::DateTime::from_timestamp_millis)
         .map(Some)
         .ok_or_else(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                format!("{name}: {text:?} is not a time in milliseconds since the Unix epoch"),
-            )
+            format!("{name}: {text:?} is not a time in milliseconds since the Unix epoch")
         })
 }
 
@@ -514,11 +511,11 @@ async fn rollout_measures(
                 "since: the window's start (milliseconds since the Unix epoch) is required",
             );
         }
-        Err(r) => return r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     let until = match millis_param(&q, "until") {
         Ok(t) => t.unwrap_or_else(chrono::Utc::now),
-        Err(r) => return r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     if until < since {
         return error(
