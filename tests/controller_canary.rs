@@ -101,9 +101,10 @@ impl WorkerStatusSource for Workers {
         let query: BTreeMap<String, String> = url.query_pairs().into_owned().collect();
         match (method.as_str(), url.path()) {
             ("GET", "/rollout/measures") => {
-                assert!(
-                    token.is_none(),
-                    "measures are read like /status, without the token"
+                assert_eq!(
+                    token,
+                    Some("token-1"),
+                    "measures are read like /status, with the flow's token"
                 );
                 let since: i64 = query["since"].parse().unwrap();
                 let until: i64 = query["until"].parse().unwrap();
