@@ -18,6 +18,7 @@ pub mod retention;
 pub mod run;
 pub mod slots;
 pub mod starting;
+pub mod track;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -302,6 +303,20 @@ impl Worker {
                 rendered.flow.spec.delivery.concurrency,
             )
         });
+        let track = Arc::new(match &settings.options.rollout_file {
+            Some(file) => track::TrackBuckets::following(
+                settings.options.track,
+                rendered.revision_name(),
+                file.clone(),
+                metrics.clone(),
+            ),
+            None => track::TrackBuckets::fixed(
+                settings.options.track,
+                rendered.revision_name(),
+                settings.options.buckets,
+                metrics.clone(),
+            ),
+        });
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
@@ -322,6 +337,7 @@ impl Worker {
             problems,
             source_api: Default::default(),
             disk,
+            track,
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));
@@ -368,6 +384,14 @@ impl Worker {
             pipeline.metrics.clone(),
             rx.clone(),
         ));
+        if settings.options.rollout_file.is_some() {
+            let woken = pipeline.clone();
+            tasks.spawn(track::follow(
+                pipeline.track.clone(),
+                move || woken.wake.notify_one(),
+                rx.clone(),
+            ));
+        }
         tasks.spawn(pipeline.clone().run(rx));
         tracing::info!(flow = %flow, %webhook_addr, %ops_addr, backend = pipeline.ledger.backend(), "worker started");
         Ok(Worker {
