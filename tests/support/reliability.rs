@@ -50,8 +50,8 @@ pub struct ErpState {
     orders: Mutex<HashMap<String, Value>>,
     /// Accepted (stored) PUTs per external id.
     stored: Mutex<HashMap<String, u32>>,
-    /// Accepted (stored) PUTs per `Idempotency-Key` (one per version of a record).
-    stored_keys: Mutex<HashMap<String, u32>>,
+    /// When each accepted (stored) PUT per `Idempotency-Key` (one key per version of a record) arrived.
+    stored_keys: Mutex<HashMap<String, Vec<Instant>>>,
     /// Arrival times of every PUT per external id, and of the 429s sent for it.
     arrivals: Mutex<HashMap<String, Vec<Instant>>>,
     throttled: Mutex<HashMap<String, Vec<Instant>>>,
@@ -150,6 +150,17 @@ impl Erp {
 
     /// Stored PUTs per `Idempotency-Key`: a key stored twice is one version of a record delivered twice.
     pub fn stored_keys(&self) -> HashMap<String, u32> {
+        self.state
+            .stored_keys
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, t)| (k.clone(), t.len() as u32))
+            .collect()
+    }
+
+    /// When each stored PUT per `Idempotency-Key` arrived.
+    pub fn stored_key_times(&self) -> HashMap<String, Vec<Instant>> {
         self.state.stored_keys.lock().unwrap().clone()
     }
 
@@ -301,12 +312,13 @@ async fn upsert(
         .insert(id.clone(), payload)
         .is_none();
     *state.stored.lock().unwrap().entry(id).or_default() += 1;
-    *state
+    state
         .stored_keys
         .lock()
         .unwrap()
         .entry(header("idempotency-key").to_string())
-        .or_default() += 1;
+        .or_default()
+        .push(arrived);
     let status = if created {
         StatusCode::CREATED
     } else {
