@@ -73,6 +73,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 pub use error::{BackendError, LedgerError, Result};
@@ -292,6 +293,37 @@ pub trait Ledger: Send + Sync + fmt::Debug {
             ),
         }
     }
+
+    /// Attributes every completion this handle writes from now on to the contract `revision` its worker
+    /// runs, in the per-revision window that [`Ledger::revision_measures`] reads. Set once, right after
+    /// opening: the handle is the worker's, and a worker runs one revision for its whole life (a new
+    /// revision is a new pod). Setting the same revision again is a no-op; another one, or an empty one, is
+    /// refused. A handle without a revision (the CLI, a replay Job) writes no window rows.
+    ///
+    /// Per handle, not per process: `meshline dev` runs both tracks in one process, each with its own handle
+    /// on the same ledger.
+    fn attribute_to(&self, revision: &str) -> Result<()>;
+
+    /// The revision this handle's completions are attributed to, once [`Ledger::attribute_to`] set it.
+    fn revision(&self) -> Option<&str>;
+
+    /// What the workers of `revision` did in `[since, until)`, summed over every replica (and both tracks,
+    /// should both ever run it). The window is kept in 10-second slots ([`REVISION_SLOT_MS`]); a slot counts
+    /// when it starts inside the window, so bounds on slot boundaries are exact. Reads only the window's
+    /// rows (a primary-key range), whatever the size of the ledger.
+    async fn revision_measures(
+        &self,
+        revision: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<RevisionMeasures>;
+
+    /// Gives back every lease held by a worker whose id starts with `owner_prefix` (the canary's pods,
+    /// `meshline-<flow>-canary-`, once they are gone): each such record returns to the state it was claimed
+    /// from, claimable now, and its fence goes up, so the old holder's late completion is refused as
+    /// [`CompletionResult::LeaseLost`]. Returns the records released. An empty prefix (every worker) is
+    /// refused.
+    async fn release_leases(&self, owner_prefix: &str) -> Result<u64>;
 
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;
@@ -831,6 +863,207 @@ pub(crate) fn add_events(
     counts.stale = get(kept, STALE_REVISIONS);
 }
 
+/// The length of one slot of the per-revision window. Canary analysis intervals are at least 10 s, so a
+/// finer grain would only multiply the rows a window read sums.
+pub const REVISION_SLOT_MS: i64 = 10_000;
+
+/// How long the per-revision window is kept: longer than any rollout's analysis looks back.
+pub(crate) const REVISION_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// The per-revision window's counted columns, in [`RevisionTally::values`] order: the outcome counts, then
+/// one column per latency bucket of [`LATENCY_BOUNDS_MS`] and `le_inf`.
+pub(crate) const REVISION_COLUMNS: &str = "records, delivered, failed, dead_lettered, held, \
+    le_5, le_10, le_25, le_50, le_100, le_250, le_500, le_1000, le_2500, le_5000, le_10000, le_30000, le_60000, le_inf";
+
+/// Columns of the window: 5 outcome counts and one per latency bucket (the bounds plus `+inf`).
+pub(crate) const REVISION_VALUES: usize = 5 + LATENCY_BOUNDS_MS.len() + 1;
+
+/// The upsert of one (flow, revision, slot, shard) row of the window, adding the batch's tally: parameters
+/// flow, revision, slot, then the values in [`REVISION_COLUMNS`] order. On PostgreSQL (`postgres`) the shard
+/// is the connection's `pg_backend_pid()` (see schema version 4); SQLite has one writer, shard 0.
+pub(crate) fn revision_upsert(postgres: bool) -> String {
+    let columns: Vec<&str> = REVISION_COLUMNS.split(',').map(str::trim).collect();
+    let param = |i: usize| {
+        if postgres {
+            format!("${i}")
+        } else {
+            format!("?{i}")
+        }
+    };
+    let shard = if postgres { "pg_backend_pid()" } else { "0" };
+    let values: Vec<String> = (1..=3)
+        .map(param)
+        .chain([shard.to_string()])
+        .chain((4..4 + columns.len()).map(param))
+        .collect();
+    let sums: Vec<String> = columns
+        .iter()
+        .map(|c| format!("{c} = revision_window.{c} + excluded.{c}"))
+        .collect();
+    format!(
+        "INSERT INTO revision_window (flow, revision, slot, shard, {REVISION_COLUMNS}) VALUES ({}) \
+         ON CONFLICT (flow, revision, slot, shard) DO UPDATE SET {}",
+        values.join(", "),
+        sums.join(", ")
+    )
+}
+
+/// The read of a window: every column summed over the slots `[?3, ?4)` of one revision.
+pub(crate) fn revision_select(numbered: bool) -> String {
+    let sums: Vec<String> = REVISION_COLUMNS
+        .split(',')
+        .map(|c| format!("CAST(COALESCE(SUM({}), 0) AS BIGINT)", c.trim()))
+        .collect();
+    let p = |i: usize| {
+        if numbered {
+            format!("${i}")
+        } else {
+            format!("?{i}")
+        }
+    };
+    format!(
+        "SELECT {} FROM revision_window WHERE flow = {} AND revision = {} AND slot >= {} AND slot < {}",
+        sums.join(", "),
+        p(1),
+        p(2),
+        p(3),
+        p(4)
+    )
+}
+
+/// The window slot a completion at `now` (ms) counts in.
+pub(crate) fn revision_slot(now: i64) -> i64 {
+    now.div_euclid(REVISION_SLOT_MS)
+}
+
+/// The slots `[first, end)` whose start lies in `[since, until)`.
+pub(crate) fn revision_slots(since: DateTime<Utc>, until: DateTime<Utc>) -> (i64, i64) {
+    let ceil = |ms: i64| -(-ms).div_euclid(REVISION_SLOT_MS);
+    (
+        ceil(since.timestamp_millis()),
+        ceil(until.timestamp_millis()),
+    )
+}
+
+/// What one completion batch adds to its revision's current slot, summed in memory so the batch costs one
+/// upsert, not one per record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RevisionTally {
+    values: [i64; REVISION_VALUES],
+}
+
+impl RevisionTally {
+    /// Counts one applied completion; `latency_ms` (delivery time minus the receipt of the record's current
+    /// generation) only matters for a delivery. A release is no outcome and counts nothing.
+    pub(crate) fn add(&mut self, outcome: &Outcome, latency_ms: i64) {
+        let v = &mut self.values;
+        match outcome {
+            Outcome::Released { .. } => return,
+            Outcome::Delivered => {
+                v[1] += 1;
+                let latency = u64::try_from(latency_ms).unwrap_or(0);
+                let bucket = LATENCY_BOUNDS_MS
+                    .iter()
+                    .position(|&le| latency <= le)
+                    .unwrap_or(LATENCY_BOUNDS_MS.len());
+                v[5 + bucket] += 1;
+            }
+            Outcome::RetryScheduled { .. } => v[2] += 1,
+            Outcome::DeadLettered { .. } => {
+                v[2] += 1;
+                v[3] += 1;
+            }
+            Outcome::Held { .. } => v[4] += 1,
+        }
+        v[0] += 1;
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.values[0] == 0
+    }
+
+    pub(crate) fn values(&self) -> &[i64; REVISION_VALUES] {
+        &self.values
+    }
+}
+
+/// The summed window columns (in [`REVISION_COLUMNS`] order) as measures, with the p99 bucket.
+pub(crate) fn revision_measures_from(values: &[i64]) -> RevisionMeasures {
+    let get = |i: usize| values.get(i).copied().unwrap_or(0).max(0) as u64;
+    let bounds = LATENCY_BOUNDS_MS.iter().copied().chain([u64::MAX]);
+    let latency: Vec<(u64, u64)> = bounds.enumerate().map(|(i, le)| (le, get(5 + i))).collect();
+    let delivered: u64 = latency.iter().map(|(_, n)| n).sum();
+    // The 99th percentile delivery is the ceil(0.99 n)-th smallest; its bucket's bound is the answer.
+    let rank = (delivered * 99).div_ceil(100).max(1);
+    let mut seen = 0;
+    let p99_ms = (delivered > 0)
+        .then(|| {
+            latency.iter().find_map(|&(le, n)| {
+                seen += n;
+                (seen >= rank).then(|| i64::try_from(le).unwrap_or(i64::MAX))
+            })
+        })
+        .flatten();
+    RevisionMeasures {
+        records: get(0),
+        delivered: get(1),
+        failed: get(2),
+        dead_lettered: get(3),
+        held: get(4),
+        latency,
+        p99_ms,
+    }
+}
+
+/// Sets a handle's revision once (see [`Ledger::attribute_to`]).
+pub(crate) fn set_revision(
+    cell: &std::sync::OnceLock<String>,
+    flow: &str,
+    revision: &str,
+) -> Result<()> {
+    if revision.is_empty() {
+        return Err(LedgerError::InvalidInput {
+            flow: flow.to_string(),
+            what:
+                "revision: completions need a revision name to be attributed to, not an empty one"
+                    .to_string(),
+        });
+    }
+    let set = cell.get_or_init(|| revision.to_string());
+    if set != revision {
+        return Err(LedgerError::InvalidInput {
+            flow: flow.to_string(),
+            what: format!(
+                "revision: this ledger handle already attributes completions to revision {set:?}, not \
+                 {revision:?} (a worker runs one revision; open another handle for another)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a lease-owner prefix and makes it a `LIKE` pattern (`\` escapes), so `%` and `_` in a worker id
+/// match themselves.
+pub(crate) fn owner_prefix_pattern(flow: &str, owner_prefix: &str) -> Result<String> {
+    if owner_prefix.is_empty() {
+        return Err(LedgerError::InvalidInput {
+            flow: flow.to_string(),
+            what: "owner_prefix: releasing leases needs a worker id prefix; an empty one would release \
+                   every worker's leases"
+                .to_string(),
+        });
+    }
+    let mut pattern = String::with_capacity(owner_prefix.len() + 1);
+    for c in owner_prefix.chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    Ok(pattern)
+}
+
 /// The one-line outcome a delivered record keeps once its payload and lineage are purged.
 pub(crate) fn compact_outcome(
     generation: i64,
@@ -904,6 +1137,39 @@ mod tests {
             correlation_id: String::new(),
             ordering: None,
         }
+    }
+
+    #[test]
+    fn p99_is_the_bound_of_the_bucket_holding_the_99th_percentile() {
+        let mut tally = RevisionTally::default();
+        for _ in 0..98 {
+            tally.add(&Outcome::Delivered, 7);
+        }
+        tally.add(&Outcome::Delivered, 300);
+        tally.add(&Outcome::Delivered, 90_000);
+        let m = revision_measures_from(tally.values());
+        assert_eq!((m.records, m.delivered), (100, 100));
+        assert_eq!(m.p99_ms, Some(500));
+        assert_eq!(m.latency[1], (10, 98));
+        assert_eq!(m.latency.last(), Some(&(u64::MAX, 1)));
+        assert_eq!(revision_measures_from(&[0; REVISION_VALUES]).p99_ms, None);
+    }
+
+    #[test]
+    fn owner_prefixes_match_wildcards_literally_and_refuse_empty() {
+        assert_eq!(
+            owner_prefix_pattern("f", "a_b%c\\").unwrap(),
+            "a\\_b\\%c\\\\%"
+        );
+        let err = owner_prefix_pattern("f", "").unwrap_err().to_string();
+        assert!(err.contains("owner_prefix"), "{err}");
+    }
+
+    #[test]
+    fn a_slot_counts_when_it_starts_inside_the_window() {
+        let at = |ms: i64| to_time(ms);
+        assert_eq!(revision_slots(at(20_000), at(40_000)), (2, 4));
+        assert_eq!(revision_slots(at(20_001), at(40_001)), (3, 5));
     }
 
     #[test]

@@ -32,6 +32,12 @@ use super::{
     lease_ms, prepare, retention_cutoff, rounds, stale_detail, tie_detail, to_time,
     window_start_minute,
 };
+use super::{
+    REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally, owner_prefix_pattern,
+    revision_measures_from, revision_select, revision_slot, revision_slots, revision_upsert,
+    set_revision,
+};
+use chrono::{DateTime, Utc};
 
 /// Splits the rows of a counts query: kept counters, window sums and the oldest pending receipt.
 fn split_kept(
@@ -62,6 +68,8 @@ pub struct PostgresLedger {
     clock: Arc<dyn Clock>,
     /// The largest delivery-slot limit whose rows this process has made sure exist.
     slots_created: std::sync::atomic::AtomicI64,
+    /// The contract revision completions are attributed to ([`Ledger::attribute_to`]).
+    revision: std::sync::OnceLock<String>,
 }
 
 impl PostgresLedger {
@@ -88,6 +96,7 @@ impl PostgresLedger {
             flow: flow.to_string(),
             clock,
             slots_created: Default::default(),
+            revision: std::sync::OnceLock::new(),
         };
         ledger.migrate().await?;
         Ok(ledger)
@@ -934,7 +943,7 @@ impl Ledger for PostgresLedger {
         .execute(&mut *tx)
         .await
         .map_err(self.db("complete", None))?;
-        let applied: Vec<i64> = sqlx::query_scalar(
+        let applied: Vec<(i64, i64)> = sqlx::query_as(
             "WITH t AS MATERIALIZED (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
                $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
                $12::bigint[], $13::bool[], $14::text[]) AS t(id, generation, fence, new_state, next_at, \
@@ -957,11 +966,11 @@ impl Ledger for PostgresLedger {
                updated_at = $15 \
                FROM t JOIN locked l ON l.id = t.id WHERE r.id = l.id AND r.id = ANY($1) AND l.flow = $16 \
                AND l.generation = t.generation AND l.fence = t.fence AND l.state = 'delivering' \
-               RETURNING r.id, r.generation, r.correlation_id, t.new_state, t.detail), \
+               RETURNING r.id, r.generation, r.correlation_id, r.received_at, t.new_state, t.detail), \
              lineage_rows AS ( \
                INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
                SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied) \
-             SELECT id FROM applied",
+             SELECT id, received_at FROM applied",
         )
         .bind(&ids)
         .bind(&generations)
@@ -982,12 +991,34 @@ impl Ledger for PostgresLedger {
         .fetch_all(&mut *tx)
         .await
         .map_err(self.db("complete", None))?;
-        let applied: std::collections::HashSet<i64> = applied.into_iter().collect();
+        let applied: HashMap<i64, i64> = applied.into_iter().collect();
+        // The revision's tally of the batch, one upsert on this connection's shard (see schema version 7).
+        if let Some(revision) = self.revision.get() {
+            let mut tally = RevisionTally::default();
+            for completion in &completions {
+                if let Some(received_at) = applied.get(&completion.claim.id.0) {
+                    tally.add(&completion.outcome, now - received_at);
+                }
+            }
+            if !tally.is_empty() {
+                let mut upsert = sqlx::query(AssertSqlSafe(revision_upsert(true)))
+                    .bind(&self.flow)
+                    .bind(revision)
+                    .bind(revision_slot(now));
+                for value in tally.values() {
+                    upsert = upsert.bind(*value);
+                }
+                upsert
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(self.db("complete revision window", None))?;
+            }
+        }
 
         let refused: Vec<i64> = ids
             .iter()
             .copied()
-            .filter(|id| !applied.contains(id))
+            .filter(|id| !applied.contains_key(id))
             .collect();
         let mut current: HashMap<i64, (i64, i64, String)> = HashMap::new();
         if !refused.is_empty() {
@@ -1015,7 +1046,7 @@ impl Ledger for PostgresLedger {
         let mut refusals = LineageBatch::default();
         for completion in &completions {
             let claim = completion.claim;
-            if applied.contains(&claim.id.0) {
+            if applied.contains_key(&claim.id.0) {
                 if let Some(snapshot) = snapshot_by_id.remove(&claim.id.0) {
                     exception_snapshots.push(
                         claim.id.0,
@@ -1429,6 +1460,12 @@ impl Ledger for PostgresLedger {
             tx.commit().await.map_err(self.db("purge", None))?;
             report.payloads = rows.len() as u64;
         }
+        sqlx::query("DELETE FROM revision_window WHERE flow = $1 AND slot < $2")
+            .bind(&self.flow)
+            .bind(revision_slot(now - REVISION_RETENTION_MS))
+            .execute(&self.pool)
+            .await
+            .map_err(self.db("prune the revision window", None))?;
         sqlx::query("DELETE FROM ledger_window WHERE flow = $1 AND minute < $2")
             .bind(&self.flow)
             .bind(window_start_minute(now))
@@ -1578,6 +1615,67 @@ impl Ledger for PostgresLedger {
         .await
         .map_err(self.db("reclaim delivery slots", None))?;
         Ok(done.rows_affected())
+    }
+
+    fn attribute_to(&self, revision: &str) -> Result<()> {
+        set_revision(&self.revision, &self.flow, revision)
+    }
+
+    fn revision(&self) -> Option<&str> {
+        self.revision.get().map(String::as_str)
+    }
+
+    async fn revision_measures(
+        &self,
+        revision: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<RevisionMeasures> {
+        let (first, end) = revision_slots(since, until);
+        let row = sqlx::query(AssertSqlSafe(revision_select(true)))
+            .bind(&self.flow)
+            .bind(revision)
+            .bind(first)
+            .bind(end)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(self.db("revision measures", None))?;
+        let values: Vec<i64> = (0..REVISION_VALUES)
+            .map(|i| row.try_get(i))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(self.db("revision measures", None))?;
+        Ok(revision_measures_from(&values))
+    }
+
+    async fn release_leases(&self, owner_prefix: &str) -> Result<u64> {
+        let pattern = owner_prefix_pattern(&self.flow, owner_prefix)?;
+        let now = self.clock.now_ms();
+        // Back to where it was claimed from, due now; the fence moves so the old holder's completion is
+        // refused even if nobody claims the record before it arrives. `SKIP LOCKED` is not wanted here: a
+        // row locked by the old holder's completion in flight is waited for, and then either completed (and
+        // no longer delivering) or released.
+        let released: i64 = sqlx::query_scalar(
+            "WITH released AS ( \
+               UPDATE records SET state = COALESCE(claimed_from, 'received'), claimed_from = NULL, \
+               lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $3, fence = fence + 1, \
+               updated_at = $3 \
+               FROM (SELECT id, lease_owner AS owner FROM records WHERE flow = $1 AND state = 'delivering' \
+                 AND lease_owner LIKE $2 ESCAPE '\\' ORDER BY idempotency_key COLLATE \"C\" FOR NO KEY UPDATE) AS held \
+               WHERE records.id = held.id AND records.state = 'delivering' \
+               RETURNING records.id, records.generation, records.correlation_id, held.owner), \
+             lineage_rows AS ( \
+               INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
+               SELECT id, generation, $3, 'lease_released', json_build_object('owner', owner)::text, \
+               correlation_id FROM released) \
+             SELECT COUNT(*) FROM released",
+        )
+        .bind(&self.flow)
+        .bind(pattern)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.db("release leases", None))?;
+        Ok(released.max(0) as u64)
     }
 
     async fn ping(&self) -> Result<()> {

@@ -7,7 +7,7 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
 /// that need a database as an older meshline left it.
@@ -180,6 +180,55 @@ macro_rules! count_rows {
             ") AS r GROUP BY flow
             ) AS sums WHERE value <> 0 ORDER BY 1, 2
             ON CONFLICT (flow, counter, shard) DO UPDATE SET value = ledger_counters.value + EXCLUDED.value;"
+        )
+    };
+}
+
+/// Version 7 counts, per contract revision and 10-second slot, what the revision's workers did with records
+/// (outcomes, failed attempts, dead letters, holds, and a delivery-latency histogram): what a canary's analysis
+/// compares between the stable and the canary track (issue #15). The counts are exact and survive restarts
+/// because each completion batch adds its tally in its own transaction, one upsert per batch (the tally is
+/// summed in memory: a completion's cost is what issue #13 is about). The revision is not a column of
+/// `records` (a record is claimed by either track over its life), so no trigger could know it: the worker's
+/// ledger handle carries it. One wide row per slot rather than a row per counter keeps a window read to a
+/// primary-key range of a few hundred rows for an hour. `shard` as in version 4 (`pg_backend_pid()` on
+/// PostgreSQL, so replicas of one revision never queue on one hot row; 0 on SQLite). Slots older than seven
+/// days are pruned with the per-minute window. Nothing to backfill: older completions carry no revision.
+const REVISION_WINDOW_DESCRIPTION: &str =
+    "per-revision outcome counts and delivery-latency histogram in 10-second slots";
+
+/// The version 7 table; `$tail` is `WITHOUT ROWID` on SQLite, where it makes the primary key the table's
+/// own order, so a window read is one range of one b-tree.
+macro_rules! revision_window_table {
+    ($tail:literal) => {
+        concat!(
+            "CREATE TABLE revision_window (
+                flow TEXT NOT NULL,
+                revision TEXT NOT NULL,
+                slot BIGINT NOT NULL,
+                shard BIGINT NOT NULL,
+                records BIGINT NOT NULL DEFAULT 0,
+                delivered BIGINT NOT NULL DEFAULT 0,
+                failed BIGINT NOT NULL DEFAULT 0,
+                dead_lettered BIGINT NOT NULL DEFAULT 0,
+                held BIGINT NOT NULL DEFAULT 0,
+                le_5 BIGINT NOT NULL DEFAULT 0,
+                le_10 BIGINT NOT NULL DEFAULT 0,
+                le_25 BIGINT NOT NULL DEFAULT 0,
+                le_50 BIGINT NOT NULL DEFAULT 0,
+                le_100 BIGINT NOT NULL DEFAULT 0,
+                le_250 BIGINT NOT NULL DEFAULT 0,
+                le_500 BIGINT NOT NULL DEFAULT 0,
+                le_1000 BIGINT NOT NULL DEFAULT 0,
+                le_2500 BIGINT NOT NULL DEFAULT 0,
+                le_5000 BIGINT NOT NULL DEFAULT 0,
+                le_10000 BIGINT NOT NULL DEFAULT 0,
+                le_30000 BIGINT NOT NULL DEFAULT 0,
+                le_60000 BIGINT NOT NULL DEFAULT 0,
+                le_inf BIGINT NOT NULL DEFAULT 0,
+                PRIMARY KEY (flow, revision, slot, shard)
+            )",
+            $tail
         )
     };
 }
@@ -409,6 +458,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 6,
         description: CHEAP_ROUNDS_DESCRIPTION,
         statements: &[],
+    },
+    Migration {
+        version: 7,
+        description: REVISION_WINDOW_DESCRIPTION,
+        statements: &[revision_window_table!(" WITHOUT ROWID")],
     },
 ];
 
@@ -720,6 +774,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
             "ALTER TABLE lineage DROP CONSTRAINT IF EXISTS lineage_record_id_fkey",
             "ALTER TABLE payloads DROP CONSTRAINT IF EXISTS payloads_record_id_fkey",
         ],
+    },
+    Migration {
+        version: 7,
+        description: REVISION_WINDOW_DESCRIPTION,
+        statements: &[revision_window_table!("")],
     },
 ];
 

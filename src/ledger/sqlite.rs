@@ -40,6 +40,12 @@ use super::{
     check_replay_limit, compact_outcome, completion_params, counts_from_kept, lease_ms,
     parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time, window_start_minute,
 };
+use super::{
+    Outcome, REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally,
+    owner_prefix_pattern, revision_measures_from, revision_select, revision_slot, revision_slots,
+    revision_upsert, set_revision,
+};
+use chrono::{DateTime, Utc};
 
 /// States a record waits in; the same list as the `records_due` index, so the planner can use it.
 const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
@@ -65,6 +71,8 @@ pub struct SqliteLedger {
     reader: Session,
     /// Dropping the sender stops the checkpointer.
     checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
+    /// The contract revision completions are attributed to ([`Ledger::attribute_to`]).
+    revision: std::sync::OnceLock<String>,
 }
 
 /// One connection on a thread of its own, running the jobs sent to it in order.
@@ -223,6 +231,7 @@ impl SqliteLedger {
             writer,
             reader,
             checkpointer: Mutex::new(Some(checkpointer)),
+            revision: std::sync::OnceLock::new(),
         })
     }
 
@@ -896,6 +905,7 @@ fn claim_on(
 fn complete_on(
     conn: &mut Connection,
     flow: &str,
+    revision: Option<&str>,
     completions: Vec<(Completion, CompletionParams, String)>,
     now: i64,
 ) -> Result<Vec<CompletionResult>> {
@@ -926,6 +936,9 @@ fn complete_on(
         // Completions that applied, for their lineage: (record, generation, step, detail).
         let mut applied_rows: Vec<(i64, i64, &'static str, String)> =
             Vec::with_capacity(completions.len());
+        // The revision's tally; deliveries wait for their receipt times, read below with the correlation ids.
+        let mut tally = RevisionTally::default();
+        let mut delivered: Vec<i64> = Vec::new();
         for (completion, p, detail) in completions {
             let claim = completion.claim;
             let record = Some(claim.id);
@@ -959,31 +972,57 @@ fn complete_on(
                     .map_err(db(flow, "complete snapshot", record))?;
             }
             applied_rows.push((claim.id.0, claim.generation, step, detail));
+            match completion.outcome {
+                Outcome::Delivered => delivered.push(claim.id.0),
+                ref outcome => tally.add(outcome, 0),
+            }
             results.push(CompletionResult::Applied);
         }
         // The correlation ids for the lineage, a chunk of records per statement.
-        let mut correlation: HashMap<i64, String> = HashMap::with_capacity(applied_rows.len());
+        // With them, the receipt time of each record's current generation, for the delivery latency.
+        let mut correlation: HashMap<i64, (String, i64)> =
+            HashMap::with_capacity(applied_rows.len());
         for chunk in applied_rows.chunks(INSERT_CHUNK) {
             tx.prepare_cached(&format!(
-                "SELECT id, correlation_id FROM records WHERE id IN ({})",
+                "SELECT id, correlation_id, received_at FROM records WHERE id IN ({})",
                 placeholders(chunk.len())
             ))
             .and_then(|mut s| {
                 let rows = s.query_map(
                     rusqlite::params_from_iter(chunk.iter().map(|(id, ..)| id)),
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    },
                 )?;
                 for row in rows {
-                    let (id, correlation_id) = row?;
-                    correlation.insert(id, correlation_id);
+                    let (id, correlation_id, received_at) = row?;
+                    correlation.insert(id, (correlation_id, received_at));
                 }
                 Ok(())
             })
             .map_err(&err)?;
         }
+        if let Some(revision) = revision {
+            for id in &delivered {
+                let received_at = correlation.get(id).map_or(now, |(_, at)| *at);
+                tally.add(&Outcome::Delivered, now - received_at);
+            }
+            if !tally.is_empty() {
+                let slot = revision_slot(now);
+                let mut values: Vec<&dyn rusqlite::ToSql> = vec![&flow, &revision, &slot];
+                values.extend(tally.values().iter().map(|v| v as &dyn rusqlite::ToSql));
+                tx.prepare_cached(&revision_upsert(false))
+                    .and_then(|mut s| s.execute(rusqlite::params_from_iter(values)))
+                    .map_err(db(flow, "complete revision window", None))?;
+            }
+        }
         let mut lineage = Lineage::new(now);
         for (id, generation, step, detail) in applied_rows {
-            let correlation_id = correlation.get(&id).map_or("", String::as_str);
+            let correlation_id = correlation.get(&id).map_or("", |(c, _)| c.as_str());
             lineage.add(id, generation, step, detail, correlation_id);
         }
         lineage
@@ -992,6 +1031,60 @@ fn complete_on(
     }
     tx.commit().map_err(db(flow, "complete commit", None))?;
     Ok(results)
+}
+
+/// Releases the leases of the workers whose ids start with `prefix` (`pattern` is its escaped `LIKE` form).
+/// SQLite's `LIKE` ignores ASCII case, so the prefix is compared exactly too: worker ids are pod names, and
+/// `Meshline-x` is not `meshline-x`'s pod.
+fn release_leases_on(
+    conn: &mut Connection,
+    flow: &str,
+    pattern: &str,
+    prefix: &str,
+    now: i64,
+) -> Result<u64> {
+    let err = db(flow, "release leases", None);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    let held: Vec<(i64, i64, String, String)> = tx
+        .prepare_cached(
+            "SELECT id, generation, correlation_id, lease_owner FROM records \
+             WHERE flow = ?1 AND state = 'delivering' AND lease_owner LIKE ?2 ESCAPE '\\' \
+             AND substr(lease_owner, 1, length(?3)) = ?3",
+        )
+        .and_then(|mut s| {
+            s.query_map(params![flow, pattern, prefix], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect()
+        })
+        .map_err(&err)?;
+    let mut lineage = Lineage::new(now);
+    {
+        // Back to where it was claimed from, due now; the fence moves so the old holder's completion is
+        // refused even if nobody claims the record before it arrives.
+        let mut release = tx
+            .prepare_cached(
+                "UPDATE records SET state = COALESCE(claimed_from, 'received'), claimed_from = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = ?1, fence = fence + 1, \
+                 updated_at = ?1 WHERE id = ?2 AND state = 'delivering'",
+            )
+            .map_err(&err)?;
+        for (id, generation, correlation_id, owner) in &held {
+            release.execute(params![now, id]).map_err(&err)?;
+            lineage.add(
+                *id,
+                *generation,
+                "lease_released",
+                json!({"owner": owner}).to_string(),
+                correlation_id,
+            );
+        }
+    }
+    lineage.write(&tx).map_err(&err)?;
+    tx.commit().map_err(&err)?;
+    Ok(held.len() as u64)
 }
 
 /// A refused completion: find out why, release a superseded holder's lease, leave a trace.
@@ -1353,6 +1446,9 @@ fn purge_on(
         tx.commit().map_err(&err)?;
         report.payloads = due.len() as u64;
     }
+    conn.prepare_cached("DELETE FROM revision_window WHERE flow = ?1 AND slot < ?2")
+        .and_then(|mut s| s.execute(params![flow, revision_slot(now - REVISION_RETENTION_MS)]))
+        .map_err(db(flow, "prune the revision window", None))?;
     conn.prepare_cached("DELETE FROM ledger_window WHERE flow = ?1 AND minute < ?2")
         .and_then(|mut s| s.execute(params![flow, window_start_minute(now)]))
         .map_err(&err)?;
@@ -1510,8 +1606,9 @@ impl Ledger for SqliteLedger {
                 (completion, params, detail)
             })
             .collect();
+        let revision = self.revision.get().cloned();
         self.run("complete", move |conn| {
-            complete_on(conn, &flow, completions, now)
+            complete_on(conn, &flow, revision.as_deref(), completions, now)
         })
         .await
     }
@@ -1733,6 +1830,49 @@ impl Ledger for SqliteLedger {
             })
             .await?;
         Ok((pending.max(0) as u64, oldest))
+    }
+
+    fn attribute_to(&self, revision: &str) -> Result<()> {
+        set_revision(&self.revision, &self.flow, revision)
+    }
+
+    fn revision(&self) -> Option<&str> {
+        self.revision.get().map(String::as_str)
+    }
+
+    async fn revision_measures(
+        &self,
+        revision: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<RevisionMeasures> {
+        let (flow, revision) = (self.flow.clone(), revision.to_string());
+        let (first, end) = revision_slots(since, until);
+        self.read("revision measures", move |conn| {
+            let values: Vec<i64> = conn
+                .prepare_cached(&revision_select(false))
+                .and_then(|mut s| {
+                    s.query_row(params![flow, revision, first, end], |r| {
+                        (0..REVISION_VALUES).map(|i| r.get(i)).collect()
+                    })
+                })
+                .map_err(db(&flow, "revision measures", None))?;
+            Ok(revision_measures_from(&values))
+        })
+        .await
+    }
+
+    async fn release_leases(&self, owner_prefix: &str) -> Result<u64> {
+        let pattern = owner_prefix_pattern(&self.flow, owner_prefix)?;
+        let (flow, prefix, now) = (
+            self.flow.clone(),
+            owner_prefix.to_string(),
+            self.clock.now_ms(),
+        );
+        self.run("release leases", move |conn| {
+            release_leases_on(conn, &flow, &pattern, &prefix, now)
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<()> {

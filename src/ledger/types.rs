@@ -708,3 +708,33 @@ pub struct ReplayRecord {
     pub contract_version: String,
     pub payload: String,
 }
+
+/// Upper bounds (inclusive, milliseconds) of the delivery-latency histogram a revision's window keeps; a
+/// last bucket (`+inf`, [`u64::MAX`] in [`RevisionMeasures::latency`]) takes the rest. Log-scale, so one
+/// fixed set serves an ERP that answers in 20 ms and one that answers in 20 s. Fixed: the window stores one
+/// column per bucket, so changing them is a schema migration.
+pub const LATENCY_BOUNDS_MS: [u64; 13] = [
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+];
+
+/// What one contract revision's workers did with records over a time window, read from the ledger's
+/// per-revision window (exact: written in the completions' own transactions, so it survives restarts and
+/// counts every replica of the revision). What canary analysis compares between the two tracks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RevisionMeasures {
+    /// Completions that reached an outcome: delivered, retry scheduled, dead-lettered or held (a release
+    /// is not an outcome). A record retried twice and then delivered counts three times.
+    pub records: u64,
+    pub delivered: u64,
+    /// Failed attempts: retries scheduled plus dead letters.
+    pub failed: u64,
+    pub dead_lettered: u64,
+    pub held: u64,
+    /// Deliveries per latency bucket, `(upper bound in ms, count)` in bound order, [`u64::MAX`] for `+inf`;
+    /// every bucket is listed, empty ones with 0. Latency is delivery time minus the receipt of the
+    /// record's current generation.
+    pub latency: Vec<(u64, u64)>,
+    /// The upper bound of the latency bucket holding the 99th percentile delivery (`i64::MAX` when that is
+    /// the `+inf` bucket); `None` without deliveries.
+    pub p99_ms: Option<i64>,
+}
