@@ -28,7 +28,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use meshline::ledger::bucket_of;
+use std::sync::Arc;
+
+use meshline::ledger::{Ledger, LedgerTarget, SystemClock, bucket_of};
 use meshline::worker::RenderedFlow;
 use reliability::*;
 use serde_json::Value;
@@ -145,8 +147,24 @@ async fn wait_erp_holds(erp: &Erp, expected: &BTreeMap<usize, String>, what: &st
     }
 }
 
+/// A handle on the flow's ledger beside the workers (SQLite in WAL mode takes several processes).
+async fn open_ledger(ledger: &LedgerChoice, files: &FlowFiles) -> Arc<dyn Ledger> {
+    let target = match ledger {
+        LedgerChoice::Embedded => LedgerTarget::Sqlite(
+            files
+                .state_dir("meshline-orders-5d9c-stable")
+                .join("ledger.db"),
+        ),
+        LedgerChoice::Postgres(url) => LedgerTarget::Postgres(url.clone()),
+    };
+    meshline::ledger::open(&target, &files.rendered.flow_name(), Arc::new(SystemClock))
+        .await
+        .expect("the test opens the flow's ledger")
+}
+
 async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     let started = Instant::now();
+    let run_began = chrono::Utc::now();
     let erp = Erp::start(ERP_TOKEN).await;
     erp.set_latency(Duration::from_millis(2));
     let mut files = FlowFiles::new(&erp.base_url(), ledger.clone(), CONCURRENCY);
@@ -247,6 +265,22 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
         "no record version was delivered twice without a crash: {twice:?}"
     );
     assert_eq!(keys.len(), STEADY, "one stored delivery per record");
+    // The ledger attributes each delivery to the revision of the worker that made it, exactly: the figures a
+    // canary's analysis compares are the ERP's.
+    let observer = open_ledger(&ledger, &files).await;
+    let since = run_began - chrono::Duration::seconds(20);
+    let until = chrono::Utc::now() + chrono::Duration::seconds(20);
+    for (revision, want) in [(REV_B, on_canary), (REV_A, STEADY - on_canary)] {
+        let measures = observer
+            .revision_measures(revision, since, until)
+            .await
+            .expect("revision measures");
+        assert_eq!(
+            (measures.delivered, measures.failed, measures.dead_lettered),
+            (want as u64, 0, 0),
+            "deliveries attributed to {revision}: {measures:?}"
+        );
+    }
 
     // ---- weight steps with SIGKILLs while records and updates flow ----------------------------------------
     let weights: &[u8] = match ending {
@@ -323,6 +357,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     let moving_crm = sender.await.expect("the CRM task did not panic");
 
     let mut in_flight_at_abort = 0;
+    let mut released_at_abort = 0;
     // ---- promotion or abort -------------------------------------------------------------------------------
     let winner = match ending {
         Ending::Promote => {
@@ -363,6 +398,12 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
             kill_times.push(Instant::now());
             canary.kill();
             kills += 1;
+            // What the controller does once the canary pods are gone: their claims go back to stable now
+            // rather than when their leases run out.
+            released_at_abort = observer
+                .release_leases("meshline-orders-canary-")
+                .await
+                .expect("release the canary's leases");
             erp.set_latency(Duration::from_millis(2));
             REV_A
         }
@@ -432,6 +473,15 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     // the ledger recorded it, and the upsert repeated it. Without a kill between them, a repeat is a bug.
     let keys = erp.stored_keys();
     let repeated: u32 = keys.values().map(|c| c - 1).sum();
+    // Which kill each repeat followed, for the report.
+    let mut repeats_per_kill = vec![0u32; kill_times.len()];
+    for times in erp.stored_key_times().values() {
+        for w in times.windows(2) {
+            if let Some(k) = kill_times.iter().position(|k| w[0] <= *k && *k <= w[1]) {
+                repeats_per_kill[k] += 1;
+            }
+        }
+    }
     let unexplained: Vec<String> = erp
         .stored_key_times()
         .into_iter()
@@ -449,10 +499,11 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     );
     assert_eq!(counter(&status, "deadLettered"), 0, "{status}");
     assert_eq!(erp.violations(), Vec::<String>::new());
+    observer.close().await;
     eprintln!(
         "canary ({}, {ending:?}): {total} records, {} stored deliveries ({repeated} repeats after {kills} \
-         SIGKILLs), {moved_and_updated} updated keys in moved buckets, {in_flight_at_abort} deliveries in flight \
-         at the abort's kill, CRM {:?} then {:?}, total {:.1?}",
+         SIGKILLs, per kill {repeats_per_kill:?}), {moved_and_updated} updated keys in moved buckets, {in_flight_at_abort} deliveries in flight \
+         at the abort's kill ({released_at_abort} leases released), CRM {:?} then {:?}, total {:.1?}",
         status["backend"],
         keys.values().sum::<u32>(),
         crm,

@@ -255,6 +255,17 @@ impl Worker {
                 flow: flow.clone(),
                 source: Box::new(source),
             })?;
+        // Every outcome this worker writes counts toward its revision, which a canary's analysis compares
+        // with the other track's: the ledger keeps the per-revision measures beside the state changes.
+        let revision = rendered.revision_name();
+        ledger
+            .attribute_to(&revision)
+            .map_err(|e| WorkerError::Setup {
+                flow: flow.clone(),
+                message: format!(
+                    "cannot attribute the ledger's outcomes to revision {revision:?}: {e}"
+                ),
+            })?;
         let token = match &settings.token_file {
             Some(path) => Some(Arc::<str>::from(
                 std::fs::read_to_string(path)
@@ -306,13 +317,13 @@ impl Worker {
         let track = Arc::new(match &settings.options.rollout_file {
             Some(file) => track::TrackBuckets::following(
                 settings.options.track,
-                rendered.revision_name(),
+                revision.clone(),
                 file.clone(),
                 metrics.clone(),
             ),
             None => track::TrackBuckets::fixed(
                 settings.options.track,
-                rendered.revision_name(),
+                revision,
                 settings.options.buckets,
                 metrics.clone(),
             ),

@@ -220,6 +220,16 @@ impl Pipeline {
         }
     }
 
+    /// Whether `record`'s lease outlasts a delivery call (which is cut off at half the lease). A record that
+    /// waited in memory longer than that (an ERP that suddenly slowed, a full slot pool) must not be sent:
+    /// once its lease runs out another worker may claim it (after a rollout split change, the other track),
+    /// and both would put it. The fence only refuses the late completion, not the late call.
+    pub fn lease_covers_delivery(&self, record: &ClaimedRecord) -> bool {
+        (record.lease_expires_at - Utc::now())
+            .to_std()
+            .is_ok_and(|left| left > self.options.lease / 2)
+    }
+
     /// Why intake must refuse records right now (the ledger's volume is below its reserve), if it must.
     pub fn intake_pressure(&self) -> Option<super::disk::Pressure> {
         self.disk.as_ref().and_then(|d| d.pressure())
@@ -743,6 +753,10 @@ impl Pipeline {
                 return outcome;
             }
         };
+        if !self.lease_covers_delivery(record) {
+            tracing::debug!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, "the lease could run out during the call; the record goes back to be claimed afresh");
+            return Outcome::Released { not_before: None };
+        }
         self.metrics.in_flight.inc();
         let started = Instant::now();
         // The ERP call must end well inside the lease, or another replica could take the record over mid-call.
