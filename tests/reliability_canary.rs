@@ -491,21 +491,26 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
                 .any(|w| !kill_times.iter().any(|k| w[0] <= *k && *k <= w[1]))
         })
         .map(|(key, times)| format!("{key} stored {} times", times.len()))
-        .take(5)
         .collect();
+    // Under a starved CPU a call can also time out after the ERP stored it; the retry then repeats it, and
+    // the ledger counts the record as failed once. Such repeats are bounded by those failures.
+    let failed = counter(&status, "failed");
     assert!(
-        unexplained.is_empty(),
-        "record versions delivered twice with no SIGKILL between the deliveries: {unexplained:?}"
+        unexplained.len() as i64 <= failed,
+        "record versions delivered twice with no SIGKILL between the deliveries, more than the {failed} \
+         records with a failed attempt can explain: {:?}",
+        &unexplained[..unexplained.len().min(5)]
     );
     assert_eq!(counter(&status, "deadLettered"), 0, "{status}");
     assert_eq!(erp.violations(), Vec::<String>::new());
     observer.close().await;
     eprintln!(
         "canary ({}, {ending:?}): {total} records, {} stored deliveries ({repeated} repeats after {kills} \
-         SIGKILLs, per kill {repeats_per_kill:?}), {moved_and_updated} updated keys in moved buckets, {in_flight_at_abort} deliveries in flight \
+         SIGKILLs, per kill {repeats_per_kill:?}, {} without a kill, {failed} records with a failed attempt), {moved_and_updated} updated keys in moved buckets, {in_flight_at_abort} deliveries in flight \
          at the abort's kill ({released_at_abort} leases released), CRM {:?} then {:?}, total {:.1?}",
         status["backend"],
         keys.values().sum::<u32>(),
+        unexplained.len(),
         crm,
         moving_crm,
         started.elapsed()
