@@ -90,6 +90,21 @@ fn bench_backend(c: &mut Criterion, name: &str, target: &LedgerTarget) {
             start.elapsed()
         })
     });
+    // The same rounds with the completions attributed to a revision, as a worker's are: each completion
+    // batch adds its tally to the revision's window (schema version 7), so the difference is that cost.
+    ledger.attribute_to("v1").expect("attribute");
+    group.bench_function(
+        format!("{name}/ingest+claim+complete/500/attributed"),
+        |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    rt.block_on(round(ledger.as_ref(), &next));
+                }
+                start.elapsed()
+            })
+        },
+    );
     group.finish();
     rt.block_on(ledger.close());
 }

@@ -954,3 +954,108 @@ async fn a_record_that_overran_its_cpu_budget_once_is_retried_and_delivered() {
     );
     h.worker.shutdown().await;
 }
+
+/// The canary controller's two routes: a revision's measures over a window, and the release of a gone
+/// track's leases. Both need the flow's token; bad parameters are refused naming the parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_measures_and_lease_release_answer_the_controller() {
+    let h = start(2).await;
+    // The worker names its revision once it knows it; until then this test gives the handle one.
+    let ledger = h.worker.pipeline.ledger.clone();
+    let revision = match ledger.revision() {
+        Some(r) => r.to_string(),
+        None => {
+            ledger.attribute_to("v-test").unwrap();
+            "v-test".to_string()
+        }
+    };
+    h.worker
+        .intake
+        .accept((0..5).map(good_record).collect())
+        .await
+        .unwrap();
+    h.wait_for("delivered", |s| counter(s, "delivered") == 5)
+        .await;
+
+    let get = |path: String, token: Option<&'static str>| {
+        let mut req = h.http.get(h.url(&path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    let path = format!("/rollout/measures?revision={revision}&since=0");
+    assert_eq!(get(path.clone(), None).await.status(), 401);
+    let answer = get(path, Some(TOKEN)).await;
+    assert_eq!(answer.status(), 200);
+    let measures: meshline::api::TrackMeasures = answer.json().await.unwrap();
+    assert_eq!(
+        (measures.records, measures.delivered),
+        (5, 5),
+        "{measures:?}"
+    );
+    assert_eq!(
+        (
+            measures.failure_rate.as_str(),
+            measures.dead_letter_rate.as_str()
+        ),
+        ("0", "0")
+    );
+    assert!(measures.p99_ms.is_some(), "{measures:?}");
+    let other: meshline::api::TrackMeasures = get(
+        "/rollout/measures?revision=v-other&since=0".into(),
+        Some(TOKEN),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!((other.records, other.p99_ms), (0, None));
+
+    for (query, names) in [
+        ("since=0", "revision"),
+        ("revision=v1", "since"),
+        ("revision=v1&since=yesterday", "since"),
+        ("revision=v1&since=0&until=soon", "until"),
+        ("revision=v1&since=2000&until=1000", "until"),
+    ] {
+        let refused = get(format!("/rollout/measures?{query}"), Some(TOKEN)).await;
+        assert_eq!(refused.status(), 400, "{query}");
+        let body: Value = refused.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().starts_with(names),
+            "{query}: {body}"
+        );
+    }
+
+    let release = |query: &'static str, token: Option<&'static str>| {
+        let mut req = h.http.post(h.url(&format!("/rollout/release{query}")));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(
+        release("?ownerPrefix=meshline-f-canary-", None)
+            .await
+            .status(),
+        401
+    );
+    for query in ["", "?ownerPrefix="] {
+        let refused = release(query, Some(TOKEN)).await;
+        assert_eq!(refused.status(), 400, "{query:?}");
+        let body: Value = refused.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().starts_with("ownerPrefix"),
+            "{body}"
+        );
+    }
+    let released = release("?ownerPrefix=meshline-f-canary-", Some(TOKEN)).await;
+    assert_eq!(released.status(), 200);
+    assert_eq!(
+        released.json::<Value>().await.unwrap(),
+        json!({"released": 0}),
+        "every record was delivered: no lease is left to give back"
+    );
+    h.worker.shutdown().await;
+}

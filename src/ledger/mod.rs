@@ -9,6 +9,12 @@
 //! every record. Counters of events that change no record row (purges, and e.g. stale revisions) are bumped
 //! by name with the backends' `bump_counter`; a new one is a name there and a field in [`Counts`].
 //!
+//! **Per-revision window.** A worker's handle is attributed to the contract revision it runs
+//! ([`Ledger::attribute_to`]); each completion batch then adds its outcomes and a delivery-latency histogram
+//! to that revision's 10-second slot in `revision_window` (schema version 7), in the batch's own transaction
+//! and as one upsert. [`Ledger::revision_measures`] sums a window's slots: what a canary's analysis compares
+//! between the tracks. [`Ledger::release_leases`] hands a gone track's leases back, fenced.
+//!
 //! **Retention.** [`Ledger::purge`] removes, a small batch per call, dead letters past the flow's
 //! `deadLetterRetention` and the payload, snapshots and lineage of records delivered longer ago than the
 //! delivered retention. A purged delivered record keeps a compact row (idempotency key, payload hash, state,

@@ -12,6 +12,12 @@
 //! how the Job reads an embedded (SQLite) ledger, whose volume this pod holds (ReadWriteOnce): over the
 //! cluster network, with the flow's token. The payloads are unredacted because the replay must evaluate the
 //! real values; the Job keeps them in memory and its report carries only counts and redacted examples.
+//!
+//! Two routes serve a canary rollout's controller (issue #15): `GET /rollout/measures` answers what one
+//! contract revision's workers did over a window, read from the shared ledger (aggregate counts, no
+//! payloads), and `POST /rollout/release?ownerPrefix=` gives back the leases of workers that are gone (the
+//! canary's pods), so their records need not wait for the leases to expire. Both need the flow's token, as
+//! `/status` does.
 
 use std::sync::Arc;
 
@@ -152,6 +158,8 @@ pub fn ops_router(state: ApiState) -> Router {
         .route("/dead-letters/replay", post(replay_by_reason))
         .route("/dead-letters/{id}/replay", post(replay_one))
         .route("/holds", get(holds))
+        .route("/rollout/measures", get(rollout_measures))
+        .route("/rollout/release", post(rollout_release))
         .with_state(state)
 }
 
@@ -429,6 +437,134 @@ async fn recent_records(
                 .into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// A decimal fraction rounded to 4 places, the way `/status` writes its rates; "0" over nothing.
+fn rate(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "0".to_string();
+    }
+    (rust_decimal::Decimal::from(part) / rust_decimal::Decimal::from(whole))
+        .round_dp(4)
+        .normalize()
+        .to_string()
+}
+
+impl From<&crate::ledger::RevisionMeasures> for crate::api::TrackMeasures {
+    fn from(m: &crate::ledger::RevisionMeasures) -> Self {
+        let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        crate::api::TrackMeasures {
+            records: to_i64(m.records),
+            delivered: to_i64(m.delivered),
+            failed: to_i64(m.failed),
+            dead_lettered: to_i64(m.dead_lettered),
+            held: to_i64(m.held),
+            failure_rate: rate(m.failed, m.records),
+            dead_letter_rate: rate(m.dead_lettered, m.records),
+            p99_ms: m.p99_ms,
+        }
+    }
+}
+
+/// A time parameter in milliseconds since the Unix epoch; the error (a 400's message) names the parameter.
+fn millis_param(
+    q: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    let Some(text) = q.get(name) else {
+        return Ok(None);
+    };
+    text.parse::<i64>()
+        .ok()
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map(Some)
+        .ok_or_else(|| {
+            format!("{name}: {text:?} is not a time in milliseconds since the Unix epoch")
+        })
+}
+
+/// `GET /rollout/measures?revision=&since=&until=`: what `revision`'s workers did in `[since, until)`
+/// (milliseconds since the epoch; `until` defaults to now), as the canary analysis reads it.
+async fn rollout_measures(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
+    let revision = match q.get("revision").map(String::as_str) {
+        Some(r) if !r.is_empty() => r,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "revision: the revision whose measures to read is required",
+            );
+        }
+    };
+    let since = match millis_param(&q, "since") {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "since: the window's start (milliseconds since the Unix epoch) is required",
+            );
+        }
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    let until = match millis_param(&q, "until") {
+        Ok(t) => t.unwrap_or_else(chrono::Utc::now),
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+    };
+    if until < since {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "until: the window's end comes before its start (since)",
+        );
+    }
+    match state
+        .pipeline
+        .ledger
+        .revision_measures(revision, since, until)
+        .await
+    {
+        Ok(m) => Json(crate::api::TrackMeasures::from(&m)).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ledger unavailable: {e}"),
+        ),
+    }
+}
+
+/// `POST /rollout/release?ownerPrefix=`: gives back the leases of the workers whose ids start with the
+/// prefix, and wakes the pipeline to claim their records.
+async fn rollout_release(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    if let Some(r) = authorised(&state, &headers) {
+        return r;
+    }
+    let prefix = match q.get("ownerPrefix").map(String::as_str) {
+        Some(p) if !p.is_empty() => p,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "ownerPrefix: the worker id prefix whose leases to release is required (not empty)",
+            );
+        }
+    };
+    match state.pipeline.ledger.release_leases(prefix).await {
+        Ok(released) => {
+            state.pipeline.wake.notify_one();
+            Json(json!({ "released": released })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("ledger unavailable: {e}"),
+        ),
     }
 }
 

@@ -1896,6 +1896,286 @@ pub async fn a_replay_reads_the_newest_kept_payloads_newest_first(fixture: Fixtu
     ledger.close().await;
 }
 
+/// The measures of `revision` over `[T0 + from_s, T0 + to_s)`.
+async fn measures(
+    ledger: &dyn Ledger,
+    revision: &str,
+    from_s: i64,
+    to_s: i64,
+) -> ledger::RevisionMeasures {
+    let time = |s: i64| DateTime::from_timestamp_millis(T0 + s * 1000).expect("valid time");
+    ledger
+        .revision_measures(revision, time(from_s), time(to_s))
+        .await
+        .expect("revision measures")
+}
+
+pub async fn completions_are_attributed_to_the_revision_of_the_handle_that_wrote_them(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    // `meshline dev` runs both tracks in one process: two handles on one ledger, one revision each.
+    let stable = fixture.open(clock.clone()).await;
+    let canary = fixture.open(clock.clone()).await;
+    stable.attribute_to("v1").unwrap();
+    canary.attribute_to("v2").unwrap();
+    assert_eq!(
+        (stable.revision(), canary.revision()),
+        (Some("v1"), Some("v2"))
+    );
+    stable
+        .attribute_to("v1")
+        .expect("the same revision again is a no-op");
+    let other = stable.attribute_to("v2").unwrap_err().to_string();
+    assert!(
+        other.contains("revision") && other.contains("v1"),
+        "{other}"
+    );
+    let empty = canary.attribute_to("").unwrap_err().to_string();
+    assert!(empty.contains("revision"), "{empty}");
+
+    let batch = (0..5)
+        .map(|i| record(&format!("k{i}"), json!({"i": i})))
+        .collect();
+    stable.ingest(batch).await.unwrap();
+    let mut claimed = stable
+        .claim("stable-0", &BucketSet::all(), 3, LEASE)
+        .await
+        .unwrap();
+    let mut canary_claims = canary
+        .claim("canary-0", &BucketSet::all(), 2, LEASE)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(40));
+    stable
+        .complete(claimed.remove(0).claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    stable
+        .complete(claimed.remove(0).claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    stable
+        .complete(
+            claimed.remove(0).claim,
+            Outcome::Held {
+                rule: "discount-over-20".into(),
+                role: "finance".into(),
+                snapshot: None,
+            },
+        )
+        .await
+        .unwrap();
+    let retry = Outcome::RetryScheduled {
+        next_attempt_at: at(&clock) + chrono::Duration::seconds(1),
+        error: "503".into(),
+        class: ErrorClass::Transient,
+    };
+    canary
+        .complete(canary_claims.remove(0).claim, retry)
+        .await
+        .unwrap();
+    canary
+        .complete(canary_claims.remove(0).claim, permanent("unknown item"))
+        .await
+        .unwrap();
+
+    let v1 = measures(stable.as_ref(), "v1", 0, 60).await;
+    assert_eq!(
+        (
+            v1.records,
+            v1.delivered,
+            v1.failed,
+            v1.dead_lettered,
+            v1.held
+        ),
+        (3, 2, 0, 0, 1),
+        "{v1:?}"
+    );
+    assert_eq!(v1.p99_ms, Some(50), "both deliveries took 40 ms: {v1:?}");
+    // Either handle reads any revision: the window lives in the shared ledger.
+    let v2 = measures(stable.as_ref(), "v2", 0, 60).await;
+    assert_eq!(
+        (
+            v2.records,
+            v2.delivered,
+            v2.failed,
+            v2.dead_lettered,
+            v2.held
+        ),
+        (2, 0, 2, 1, 0),
+        "{v2:?}"
+    );
+    assert_eq!(v2.p99_ms, None, "no deliveries, no latency");
+    assert_eq!(v2.latency.len(), ledger::LATENCY_BOUNDS_MS.len() + 1);
+    assert!(v2.latency.iter().all(|(_, n)| *n == 0));
+    assert_eq!(measures(canary.as_ref(), "v3", 0, 60).await.records, 0);
+
+    // A handle without a revision (the CLI) writes no window rows.
+    let cli = fixture.open(clock.clone()).await;
+    assert_eq!(cli.revision(), None);
+    clock.advance(Duration::from_secs(2));
+    let again = claim_all(cli.as_ref(), "cli").await;
+    assert_eq!(again.len(), 1, "the retried record is due again");
+    cli.complete(again[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(measures(cli.as_ref(), "v2", 0, 60).await, v2);
+    for handle in [stable, canary, cli] {
+        handle.close().await;
+    }
+}
+
+pub async fn revision_measures_count_only_their_window_and_survive_reopening(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger.attribute_to("v7").unwrap();
+    let batch = (0..100)
+        .map(|i| record(&format!("k{i:03}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let mut claimed = claim_all(ledger.as_ref(), "w").await;
+    assert_eq!(claimed.len(), 100);
+    // A known distribution: 98 deliveries at 7 ms, one at 300 ms (T0's slot), one at 90 s (slot 9).
+    clock.advance(Duration::from_millis(7));
+    let first: Vec<_> = claimed
+        .drain(..98)
+        .map(|c| ledger::Completion {
+            claim: c.claim,
+            outcome: Outcome::Delivered,
+        })
+        .collect();
+    let results = ledger.complete_batch(first).await.unwrap();
+    assert!(results.iter().all(|r| *r == CompletionResult::Applied));
+    clock.advance(Duration::from_millis(293));
+    ledger
+        .complete(claimed.remove(0).claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    // The lease ran out, but nobody took the record over, so its holder may still complete.
+    clock.advance(Duration::from_millis(89_700));
+    ledger
+        .complete(claimed.remove(0).claim, Outcome::Delivered)
+        .await
+        .unwrap();
+
+    let whole = measures(ledger.as_ref(), "v7", 0, 100).await;
+    assert_eq!((whole.records, whole.delivered), (100, 100));
+    assert_eq!(whole.latency[1], (10, 98));
+    assert_eq!(whole.latency[6], (500, 1));
+    assert_eq!(whole.latency.last().copied(), Some((u64::MAX, 1)));
+    assert_eq!(
+        whole.p99_ms,
+        Some(500),
+        "the 99th of 100 deliveries is in the 500 ms bucket"
+    );
+    // Window boundaries: [since, until) by 10-second slots.
+    assert_eq!(measures(ledger.as_ref(), "v7", 0, 10).await.records, 99);
+    assert_eq!(measures(ledger.as_ref(), "v7", 10, 90).await.records, 0);
+    let last = measures(ledger.as_ref(), "v7", 90, 100).await;
+    assert_eq!((last.records, last.p99_ms), (1, Some(i64::MAX)), "{last:?}");
+    assert_eq!(measures(ledger.as_ref(), "v7", 0, 90).await.records, 99);
+    assert_eq!(measures(ledger.as_ref(), "v7", 100, 200).await.records, 0);
+    ledger.close().await;
+    drop(ledger);
+
+    let reopened = fixture.open(clock.clone()).await;
+    assert_eq!(
+        measures(reopened.as_ref(), "v7", 0, 100).await,
+        whole,
+        "the measures come from the ledger, not from memory"
+    );
+    // Slots older than the retention are pruned with the event minutes.
+    clock.advance(Duration::from_secs(8 * 24 * 3600));
+    reopened
+        .purge(&ledger::Retention::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(measures(reopened.as_ref(), "v7", 0, 100).await.records, 0);
+    reopened.close().await;
+}
+
+pub async fn released_leases_go_back_fenced_and_are_delivered_once(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let batch = (0..4)
+        .map(|i| record(&format!("k{i}"), json!({"i": i})))
+        .collect();
+    ledger.ingest(batch).await.unwrap();
+    let claim_one = |worker: &'static str| {
+        let ledger = ledger.clone();
+        async move {
+            ledger
+                .claim(worker, &BucketSet::all(), 1, LEASE)
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+    let canary = claim_one("meshline-f-canary-7d9f-x2").await;
+    // `_` and `%` in a prefix match themselves, and case matters: neither of these is released.
+    let lookalike = claim_one("meshline-f-canaryZ7d9f").await;
+    let shouting = claim_one("MESHLINE-F-CANARY-7d9f").await;
+    let stable = claim_one("meshline-f-6c4b-q1").await;
+
+    let empty = ledger.release_leases("").await.unwrap_err().to_string();
+    assert!(empty.contains("owner_prefix"), "{empty}");
+    assert_eq!(
+        ledger.release_leases("meshline-f-canary_").await.unwrap(),
+        0
+    );
+    assert_eq!(
+        ledger.release_leases("meshline-f-canary%").await.unwrap(),
+        0
+    );
+    assert_eq!(
+        ledger.release_leases("meshline-f-canary-").await.unwrap(),
+        1
+    );
+    assert_eq!(
+        ledger.release_leases("meshline-f-canary-").await.unwrap(),
+        0,
+        "nothing left to release"
+    );
+
+    // The released record is claimable at once (the others are still leased) ...
+    let taken = claim_all(ledger.as_ref(), "meshline-f-6c4b-q1").await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].claim.id, canary.claim.id);
+    assert_eq!(taken[0].claimed_from, RecordState::Received);
+    // ... and the canary's late completion is refused, whoever holds the record now.
+    let late = ledger.complete(canary.claim, Outcome::Delivered).await;
+    assert!(
+        matches!(late, Err(LedgerError::LeaseLost { .. })),
+        "{late:?}"
+    );
+    ledger
+        .complete(taken[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let detail = ledger.get(canary.claim.id).await.unwrap().unwrap();
+    assert_eq!(detail.record.state, RecordState::Delivered);
+    let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+    assert_eq!(
+        steps.iter().filter(|s| **s == "delivered").count(),
+        1,
+        "delivered once: {steps:?}"
+    );
+    assert!(steps.contains(&"lease_released"), "{steps:?}");
+    for untouched in [&lookalike, &stable, &shouting] {
+        let view = ledger
+            .get(untouched.claim.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .record;
+        assert_eq!(view.state, RecordState::Delivering);
+        assert!(view.lease_owner.is_some());
+    }
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
+    ledger.close().await;
+}
+
 macro_rules! ledger_suite {
     ($fixture:path) => {
         ledger_suite!(@tests $fixture;
@@ -1926,6 +2206,9 @@ macro_rules! ledger_suite {
             a_version_3_ledger_is_migrated_with_its_counters_backfilled,
             counters_written_by_closed_connections_still_add_up,
             a_replay_reads_the_newest_kept_payloads_newest_first,
+            completions_are_attributed_to_the_revision_of_the_handle_that_wrote_them,
+            revision_measures_count_only_their_window_and_survive_reopening,
+            released_leases_go_back_fenced_and_are_delivered_once,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {
