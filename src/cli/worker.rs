@@ -39,8 +39,21 @@ pub struct WorkerArgs {
     #[arg(long, env = "POD_NAME")]
     pub worker_id: Option<String>,
     /// Record buckets this worker claims, `FROM-TO` inclusive (stable takes the top, a canary the bottom).
+    /// Fixed for the worker's life; with `--rollout-file` the split decides instead.
     #[arg(long, default_value = "0-99", value_parser = parse_buckets)]
     pub buckets: (u8, u8),
+    /// The track this worker runs in a canary rollout: `stable` (the active revision) or `canary` (the
+    /// candidate).
+    #[arg(long, value_enum, default_value_t = crate::rollout::split::Track::Stable)]
+    pub track: crate::rollout::split::Track,
+    /// The rollout split file (`split.json` of the flow's rollout ConfigMap), re-read while the worker runs;
+    /// the buckets this worker claims follow it. Without it, `--buckets` applies.
+    #[arg(long)]
+    pub rollout_file: Option<PathBuf>,
+    /// Seconds a claim on a record is held; a worker that dies holding claims leaves them to another worker
+    /// once they expire.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub lease: u64,
     /// Seconds a graceful shutdown waits for in-flight deliveries.
     #[arg(long, default_value_t = 20)]
     pub shutdown_grace: u64,
@@ -74,7 +87,28 @@ fn parse_buckets(s: &str) -> Result<(u8, u8), String> {
     Ok((from, to))
 }
 
+/// Refuses option combinations that contradict each other, naming the options and why.
+fn check_args(args: &WorkerArgs) -> Result<(), String> {
+    if let Some(file) = &args.rollout_file
+        && args.buckets != (0, 99)
+    {
+        return Err(format!(
+            "--buckets {}-{} and --rollout-file {} both decide the buckets this worker claims; give one \
+             (with a rollout split the controller moves buckets between the tracks, a fixed range would \
+             claim the other track's records)",
+            args.buckets.0,
+            args.buckets.1,
+            file.display()
+        ));
+    }
+    Ok(())
+}
+
 pub fn worker(args: WorkerArgs) -> ExitCode {
+    if let Err(e) = check_args(&args) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -104,6 +138,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     .worker_id
                     .unwrap_or_else(|| format!("worker-{}", std::process::id())),
                 buckets: crate::ledger::BucketSet::range(args.buckets.0..args.buckets.1 + 1),
+                track: args.track,
+                rollout_file: args.rollout_file,
+                lease: std::time::Duration::from_secs(args.lease),
                 shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
                 disk_reserve: crate::worker::disk::DiskReserve {
                     min_bytes: args.ledger_reserve_min_mib.saturating_mul(1024 * 1024),
@@ -630,6 +667,40 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         endpoint: Endpoint,
+    }
+
+    #[derive(Debug, Parser)]
+    struct WorkerCli {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    #[test]
+    fn a_rollout_file_and_fixed_buckets_are_refused_together() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["x", "--flow", "f.yaml"];
+            argv.extend_from_slice(extra);
+            WorkerCli::try_parse_from(argv).unwrap().worker
+        };
+        let both = parse(&[
+            "--rollout-file",
+            "/etc/rollout/split.json",
+            "--buckets",
+            "0-24",
+        ]);
+        let err = check_args(&both).unwrap_err();
+        assert!(
+            err.contains("--buckets 0-24") && err.contains("/etc/rollout/split.json"),
+            "{err}"
+        );
+        let canary = parse(&["--track", "canary", "--rollout-file", "split.json"]);
+        assert!(check_args(&canary).is_ok());
+        assert_eq!(canary.track, crate::rollout::split::Track::Canary);
+        let fixed = parse(&["--buckets", "0-24"]);
+        assert!(check_args(&fixed).is_ok());
+        assert_eq!(fixed.track, crate::rollout::split::Track::Stable);
+        assert_eq!(fixed.lease, 60);
+        assert!(WorkerCli::try_parse_from(["x", "--flow", "f", "--track", "blue"]).is_err());
     }
 
     #[test]

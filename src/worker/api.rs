@@ -343,8 +343,8 @@ pub async fn compute_status(
             pipeline.problems.list()
         },
         source_api: pipeline.source_api.get(),
-        revision: None,
-        rollout: None,
+        revision: Some(pipeline.track.revision().to_string()),
+        rollout: pipeline.track.applied(),
     })
 }
 

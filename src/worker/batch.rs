@@ -222,6 +222,12 @@ impl Pipeline {
                 .collect()
         } else {
             match self.shared_slot().await {
+                // One record whose lease could run out during the call sends the whole batch back: they are
+                // claimed again with fresh leases (see `Pipeline::lease_covers_delivery`).
+                Ok(_) if !items.iter().all(|p| self.lease_covers_delivery(&p.record)) => items
+                    .iter()
+                    .map(|_| Outcome::Released { not_before: None })
+                    .collect(),
                 Ok(slot) => {
                     let outcomes = self.deliver_group(&items).await;
                     drop(slot);

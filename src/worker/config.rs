@@ -127,6 +127,15 @@ impl RenderedFlow {
         })
     }
 
+    /// The name of the revision this worker runs, which the ledger attributes its outcomes to and the rollout
+    /// split names: the controller's revision, or for a local run (none rendered) `v<contract version>`.
+    /// The one place that fallback lives.
+    pub fn revision_name(&self) -> String {
+        self.revision
+            .clone()
+            .unwrap_or_else(|| format!("v{}", self.contract.spec.version))
+    }
+
     pub fn flow_name(&self) -> String {
         self.flow.metadata.name.clone().unwrap_or_default()
     }
@@ -138,5 +147,22 @@ impl RenderedFlow {
             .namespace
             .clone()
             .unwrap_or_else(|| "default".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_revision_is_the_rendered_one_or_the_contract_version() {
+        let mut rendered = RenderedFlow::from_manifests(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
+        )
+        .unwrap();
+        let version = rendered.contract.spec.version.clone();
+        assert_eq!(rendered.revision_name(), format!("v{version}"));
+        rendered.revision = Some("orders-7c9f".into());
+        assert_eq!(rendered.revision_name(), "orders-7c9f");
     }
 }

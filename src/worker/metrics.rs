@@ -52,6 +52,10 @@ pub struct Metrics {
     pub dead_letters_purged: Counter,
     /// Delivered records reduced to their compact row after the delivered retention.
     pub payloads_purged: Counter,
+    /// The canary weight of the rollout split this worker applies (0 without a canary).
+    pub rollout_weight: Gauge,
+    /// How many of the 100 buckets this worker claims right now.
+    pub claimed_buckets: Gauge,
 }
 
 /// The label names every worker series carries.
@@ -93,6 +97,8 @@ impl Metrics {
         let ledger_free_bytes = Gauge::default();
         let dead_letters_purged = Counter::default();
         let payloads_purged = Counter::default();
+        let rollout_weight = Gauge::default();
+        let claimed_buckets = Gauge::default();
         registry.register(
             "records_received",
             "Records stored in the ledger (new or changed)",
@@ -190,6 +196,16 @@ impl Metrics {
             "Delivered records whose payload, snapshots and lineage were purged after the delivered retention",
             payloads_purged.clone(),
         );
+        registry.register(
+            "rollout_canary_weight",
+            "Canary weight (percent of buckets) of the rollout split this worker applies",
+            rollout_weight.clone(),
+        );
+        registry.register(
+            "claimed_buckets",
+            "Record buckets (of 100) this worker claims under the split it applies",
+            claimed_buckets.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -213,6 +229,8 @@ impl Metrics {
             ledger_free_bytes,
             dead_letters_purged,
             payloads_purged,
+            rollout_weight,
+            claimed_buckets,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod retention;
 pub mod run;
 pub mod slots;
 pub mod starting;
+pub mod track;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -254,6 +255,17 @@ impl Worker {
                 flow: flow.clone(),
                 source: Box::new(source),
             })?;
+        // Every outcome this worker writes counts toward its revision, which a canary's analysis compares
+        // with the other track's: the ledger keeps the per-revision measures beside the state changes.
+        let revision = rendered.revision_name();
+        ledger
+            .attribute_to(&revision)
+            .map_err(|e| WorkerError::Setup {
+                flow: flow.clone(),
+                message: format!(
+                    "cannot attribute the ledger's outcomes to revision {revision:?}: {e}"
+                ),
+            })?;
         let token = match &settings.token_file {
             Some(path) => Some(Arc::<str>::from(
                 std::fs::read_to_string(path)
@@ -302,6 +314,20 @@ impl Worker {
                 rendered.flow.spec.delivery.concurrency,
             )
         });
+        let track = Arc::new(match &settings.options.rollout_file {
+            Some(file) => track::TrackBuckets::following(
+                settings.options.track,
+                revision.clone(),
+                file.clone(),
+                metrics.clone(),
+            ),
+            None => track::TrackBuckets::fixed(
+                settings.options.track,
+                revision,
+                settings.options.buckets,
+                metrics.clone(),
+            ),
+        });
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
@@ -322,6 +348,7 @@ impl Worker {
             problems,
             source_api: Default::default(),
             disk,
+            track,
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));
@@ -368,6 +395,14 @@ impl Worker {
             pipeline.metrics.clone(),
             rx.clone(),
         ));
+        if settings.options.rollout_file.is_some() {
+            let woken = pipeline.clone();
+            tasks.spawn(track::follow(
+                pipeline.track.clone(),
+                move || woken.wake.notify_one(),
+                rx.clone(),
+            ));
+        }
         tasks.spawn(pipeline.clone().run(rx));
         tracing::info!(flow = %flow, %webhook_addr, %ops_addr, backend = pipeline.ledger.backend(), "worker started");
         Ok(Worker {

@@ -52,7 +52,12 @@ enum Judged {
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
     pub worker_id: String,
+    /// The buckets claimed when no rollout split file is followed (see `rollout_file`).
     pub buckets: BucketSet,
+    /// The track this worker runs in a canary rollout (`stable` without one).
+    pub track: crate::rollout::split::Track,
+    /// The rollout split file to follow while running; when set it decides the buckets, not `buckets`.
+    pub rollout_file: Option<std::path::PathBuf>,
     /// How long a claim is held; a delivery must finish well inside it.
     pub lease: Duration,
     /// Records claimed per ledger round trip.
@@ -78,6 +83,8 @@ impl Default for PipelineOptions {
         PipelineOptions {
             worker_id: format!("worker-{}", std::process::id()),
             buckets: BucketSet::all(),
+            track: Default::default(),
+            rollout_file: None,
             lease: Duration::from_secs(60),
             claim_batch: 500,
             complete_batch: 500,
@@ -123,6 +130,8 @@ pub struct Pipeline {
     /// The flow's delivery slots, shared with the other replicas through the ledger (PostgreSQL); `None`
     /// when this worker is the flow's only replica and its own semaphore is the limit.
     pub shared_slots: Option<Arc<SharedSlots>>,
+    /// The buckets this worker claims right now, its track and revision (they follow the rollout split).
+    pub track: Arc<super::track::TrackBuckets>,
 }
 
 impl Pipeline {
@@ -167,11 +176,15 @@ impl Pipeline {
         {
             return None;
         }
+        let buckets = self.track.current();
+        if buckets.is_empty() {
+            return None;
+        }
         let waiting = self.handed.lock().unwrap_or_else(|p| p.into_inner()).len();
         let limit = self.claim_limit(0).saturating_sub(waiting);
         (limit > 0).then(|| LeaseRequest {
             worker: self.options.worker_id.clone(),
-            buckets: self.options.buckets,
+            buckets,
             limit,
             lease: self.options.lease,
         })
@@ -205,6 +218,16 @@ impl Pipeline {
         if let Err(e) = self.ledger.complete_batch(released).await {
             tracing::warn!(flow = %self.flow, error = %e, "could not give back records leased during shutdown; their leases will expire");
         }
+    }
+
+    /// Whether `record`'s lease outlasts a delivery call (which is cut off at half the lease). A record that
+    /// waited in memory longer than that (an ERP that suddenly slowed, a full slot pool) must not be sent:
+    /// once its lease runs out another worker may claim it (after a rollout split change, the other track),
+    /// and both would put it. The fence only refuses the late completion, not the late call.
+    pub fn lease_covers_delivery(&self, record: &ClaimedRecord) -> bool {
+        (record.lease_expires_at - Utc::now())
+            .to_std()
+            .is_ok_and(|left| left > self.options.lease / 2)
     }
 
     /// Why intake must refuse records right now (the ledger's volume is below its reserve), if it must.
@@ -285,17 +308,16 @@ impl Pipeline {
             let handed =
                 std::mem::take(&mut *self.handed.lock().unwrap_or_else(|p| p.into_inner()));
             let limit = self.claim_limit(free);
+            // Read per claim: the rollout split can move buckets between tracks at any time.
+            let buckets = self.track.current();
             let claimed = if !handed.is_empty() {
                 handed
+            } else if buckets.is_empty() {
+                Vec::new()
             } else {
                 match self
                     .ledger
-                    .claim(
-                        &self.options.worker_id,
-                        &self.options.buckets,
-                        limit,
-                        self.options.lease,
-                    )
+                    .claim(&self.options.worker_id, &buckets, limit, self.options.lease)
                     .await
                 {
                     Ok(claimed) => claimed,
@@ -731,6 +753,10 @@ impl Pipeline {
                 return outcome;
             }
         };
+        if !self.lease_covers_delivery(record) {
+            tracing::debug!(flow = %self.flow, record = %record.claim.id, correlation_id = %record.correlation_id, "the lease could run out during the call; the record goes back to be claimed afresh");
+            return Outcome::Released { not_before: None };
+        }
         self.metrics.in_flight.inc();
         let started = Instant::now();
         // The ERP call must end well inside the lease, or another replica could take the record over mid-call.

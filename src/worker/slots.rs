@@ -81,6 +81,22 @@ impl Drop for SlotGuard {
     }
 }
 
+/// Clears `asking` if the caller that asks the ledger for slots is dropped before its answer.
+struct AskingGuard<'a> {
+    slots: &'a SharedSlots,
+    armed: bool,
+}
+
+impl Drop for AskingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.slots.state).asking = false;
+            // The slots given back in the dropped call lapse with their leases; the waiters ask afresh.
+            self.slots.freed.notify_waiters();
+        }
+    }
+}
+
 impl SharedSlots {
     pub fn new(ledger: Arc<dyn Ledger>, holder: &str, limit: u32) -> Arc<SharedSlots> {
         Arc::new(SharedSlots {
@@ -131,10 +147,17 @@ impl SharedSlots {
                 lock(&self.state).waiting -= 1;
                 continue;
             };
+            // The pipeline gives up on a slot after a while (a timeout drops this future): whoever asks must
+            // clear `asking` even then, or every later caller would wait for an answer that never comes.
+            let mut asking = AskingGuard {
+                slots: self,
+                armed: true,
+            };
             let answer = self.ask(spent, want).await;
             let got = {
                 let mut state = lock(&self.state);
                 state.asking = false;
+                asking.armed = false;
                 match &answer {
                     Ok(slots) => {
                         let now = Instant::now();

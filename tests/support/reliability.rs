@@ -50,6 +50,8 @@ pub struct ErpState {
     orders: Mutex<HashMap<String, Value>>,
     /// Accepted (stored) PUTs per external id.
     stored: Mutex<HashMap<String, u32>>,
+    /// When each accepted (stored) PUT per `Idempotency-Key` (one key per version of a record) arrived.
+    stored_keys: Mutex<HashMap<String, Vec<Instant>>>,
     /// Arrival times of every PUT per external id, and of the 429s sent for it.
     arrivals: Mutex<HashMap<String, Vec<Instant>>>,
     throttled: Mutex<HashMap<String, Vec<Instant>>>,
@@ -87,6 +89,7 @@ impl Erp {
             latency: Mutex::new(Duration::from_millis(1)),
             orders: Mutex::default(),
             stored: Mutex::default(),
+            stored_keys: Mutex::default(),
             arrivals: Mutex::default(),
             throttled: Mutex::default(),
             answers: Mutex::default(),
@@ -143,6 +146,22 @@ impl Erp {
     /// Stored PUTs per external id.
     pub fn stored_puts(&self) -> HashMap<String, u32> {
         self.state.stored.lock().unwrap().clone()
+    }
+
+    /// Stored PUTs per `Idempotency-Key`: a key stored twice is one version of a record delivered twice.
+    pub fn stored_keys(&self) -> HashMap<String, u32> {
+        self.state
+            .stored_keys
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, t)| (k.clone(), t.len() as u32))
+            .collect()
+    }
+
+    /// When each stored PUT per `Idempotency-Key` arrived.
+    pub fn stored_key_times(&self) -> HashMap<String, Vec<Instant>> {
+        self.state.stored_keys.lock().unwrap().clone()
     }
 
     /// How often each status was answered to a PUT.
@@ -293,6 +312,13 @@ async fn upsert(
         .insert(id.clone(), payload)
         .is_none();
     *state.stored.lock().unwrap().entry(id).or_default() += 1;
+    state
+        .stored_keys
+        .lock()
+        .unwrap()
+        .entry(header("idempotency-key").to_string())
+        .or_default()
+        .push(arrived);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -566,6 +592,8 @@ pub struct WorkerProcess {
     log: PathBuf,
     child: Option<Child>,
     pub starts: u32,
+    /// Further `meshline worker` options (a track, a rollout file, a lease).
+    extra_args: Vec<String>,
 }
 
 impl WorkerProcess {
@@ -582,7 +610,24 @@ impl WorkerProcess {
             log: files.dir.path().join(format!("{name}.log")),
             child: None,
             starts: 0,
+            extra_args: Vec::new(),
         }
+    }
+
+    /// Runs `flow` (another rendered flow file) from the next start on, as a pod restarted on a new
+    /// ConfigMap would.
+    pub fn use_flow(&mut self, flow: &Path) {
+        self.flow = flow.to_path_buf();
+    }
+
+    /// Keeps the embedded ledger in `dir` (two processes sharing one ledger file).
+    pub fn use_state_dir(&mut self, dir: &Path) {
+        self.state_dir = dir.to_path_buf();
+    }
+
+    /// Passes `args` to `meshline worker` from the next start on, replacing earlier extra options.
+    pub fn use_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|a| a.to_string()).collect();
     }
 
     /// The webhook port's base URL (where the CRM sends).
@@ -623,6 +668,7 @@ impl WorkerProcess {
             .arg(&self.name)
             .arg("--shutdown-grace")
             .arg("5")
+            .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
