@@ -283,13 +283,13 @@ async fn assert_valid_config_map_names(cms: &Api<ConfigMap>) {
     }
 }
 
+/// Whether `meta` is controlled by the object with `uid` (a SyncFlow, the Job of a preflight, the canary's
+/// Deployment: a uid names one object, whatever its kind).
 fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references.iter().flatten().any(|o| {
-        o.kind == "SyncFlow"
-            && o.uid == uid
-            && o.controller == Some(true)
-            && o.block_owner_deletion == Some(true)
-    })
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true) && o.block_owner_deletion == Some(true))
 }
 
 /// The chart's worker PodMonitor (charts/meshline/templates/podmonitor.yaml) finds the pods of a Deployment the
@@ -1662,6 +1662,231 @@ async fn a_contract_change_waits_for_sign_offs_then_runs_a_preflight_job_and_the
         );
         let f = flows.get(FLOW).await.unwrap().status.unwrap();
         assert_eq!(f.contract_revision.as_deref(), Some(first.as_str()));
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn a_candidate_canary_runs_beside_the_stable_track_and_an_abort_removes_it() {
+    with_namespace("canary", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        // Canaries need a ledger both tracks share. Nothing serves this one: the workers never become ready,
+        // which the rollout must survive (its steps wait for every worker to apply a weight).
+        let ledger = Secret {
+            metadata: ObjectMeta {
+                name: Some("ledger-db".into()),
+                ..ObjectMeta::default()
+            },
+            string_data: Some(
+                [(
+                    "url".to_string(),
+                    "postgres://meshline:dummy@ledger-db.invalid:5432/meshline".to_string(),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &ledger)
+            .await
+            .unwrap();
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        flow.spec.replicas = Some(2);
+        flow.spec.ledger = serde_json::from_value(serde_json::json!({
+            "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
+        }))
+        .unwrap();
+        flow.spec.rollout = Some(
+            serde_json::from_value(serde_json::json!({
+                "canary": {"steps": [{"weight": 10}, {"weight": 50}],
+                           "analysis": {"maxFailureRate": "0.05", "minRecords": 10, "interval": "1m"}}
+            }))
+            .unwrap(),
+        );
+        apply(&client, &ns, &flow).await;
+
+        let contracts: Api<SyncContract> = Api::namespaced(client.clone(), &ns);
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+        let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+        let first = eventually("the first version active", || async {
+            contracts
+                .get("deal-to-sale-order")
+                .await
+                .ok()?
+                .status?
+                .active_revision
+        })
+        .await;
+
+        // A signed compatible change. Its preflight replay needs a ledger the cluster can reach, which this
+        // test does not run: the replay's verdict is written into the status as the Job's report would be.
+        let mut next = example::<SyncContract>("contract.yaml", &ns);
+        next.spec.version = "2.0.2".into();
+        next.spec.sign_offs.clear();
+        let hash = meshline::contract::content_hash(&next.spec)
+            .as_str()
+            .to_string();
+        for owner in ["lena", "tomas"] {
+            next.spec.sign_offs.push(meshline::api::SignOff {
+                owner: owner.into(),
+                version: "2.0.2".into(),
+                content_hash: Some(hash.clone()),
+                role: None,
+                approved_at: None,
+            });
+        }
+        apply(&client, &ns, &next).await;
+        let candidate = meshline::controller::contract::build::revision_name("deal-to-sale-order", &hash);
+        let jobs: Api<k8s_openapi::api::batch::v1::Job> = Api::namespaced(client.clone(), &ns);
+        let job = meshline::controller::contract::build::job_name(FLOW, &hash);
+        eventually("the preflight Job", || async { jobs.get_opt(&job).await.ok().flatten() }).await;
+        eventually("the candidate in its canary", || async {
+            let c = contracts.get("deal-to-sale-order").await.ok()?;
+            let status = c.status.clone()?;
+            let entry = status.revisions.iter().find(|r| r.content_hash == hash)?;
+            if entry.state == meshline::api::RevisionState::Canary {
+                return Some(());
+            }
+            let mut preflight = status.preflight.clone();
+            for p in preflight.iter_mut().filter(|p| p.revision == candidate) {
+                p.phase = "Passed".into();
+                p.records = 500;
+                p.message = Some("500 records replayed (recorded by the e2e test)".into());
+            }
+            let _ = contracts
+                .patch_status(
+                    "deal-to-sale-order",
+                    &PatchParams::default(),
+                    &Patch::Merge(serde_json::json!({"status": {"preflight": preflight}})),
+                )
+                .await;
+            None
+        })
+        .await;
+
+        // Two Deployments: stable on the active revision, the canary on the candidate, each on its track.
+        let canary_name = build::canary_name(FLOW);
+        let canary = eventually("the canary Deployment", || async {
+            deployments.get_opt(&canary_name).await.ok().flatten()
+        })
+        .await;
+        let args = |d: &Deployment| {
+            d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap()
+                .join(" ")
+        };
+        assert!(args(&canary).contains("--track canary"), "{}", args(&canary));
+        assert_eq!(
+            canary.spec.as_ref().unwrap().replicas,
+            Some(1),
+            "10 % of 2 replicas, at least one"
+        );
+        let labels = canary.spec.as_ref().unwrap().selector.match_labels.clone().unwrap();
+        assert_eq!(labels["app.kubernetes.io/component"], "worker-canary");
+        let stable = deployments.get(&build::worker_name(FLOW)).await.unwrap();
+        assert!(args(&stable).contains("--track stable"), "{}", args(&stable));
+        // The split both tracks follow: the canary takes the buckets below 10.
+        let split = eventually("the split at 10 %", || async {
+            let cm = cms.get_opt(&build::rollout_name(FLOW)).await.ok().flatten()?;
+            let split: serde_json::Value =
+                serde_json::from_str(cm.data?.get("split.json")?).ok()?;
+            (split["weight"] == 10).then_some(split)
+        })
+        .await;
+        assert_eq!(split["canaryRevision"], candidate.as_str());
+        let canary_uid = canary.metadata.uid.clone().unwrap();
+        let canary_cm = eventually("the canary's ConfigMap", || async {
+            cms.get_opt(&canary_name).await.ok().flatten()
+        })
+        .await;
+        assert!(owned_by(&canary_cm.metadata, &canary_uid));
+        let rendered: serde_json::Value =
+            serde_yaml::from_str(&canary_cm.data.unwrap()[build::CONFIG_KEY]).unwrap();
+        assert_eq!(rendered["contract"]["spec"]["version"], "2.0.2");
+        let stable_cm = cms.get(&build::worker_name(FLOW)).await.unwrap();
+        let rendered: serde_json::Value =
+            serde_yaml::from_str(&stable_cm.data.unwrap()[build::CONFIG_KEY]).unwrap();
+        assert_eq!(rendered["contract"]["spec"]["version"], "2.0.1");
+        assert_eq!(rendered["revision"], first.as_str());
+        let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+        let svc = eventually("the canary's status Service", || async {
+            services
+                .get_opt(&build::canary_status_service_name(FLOW))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+        assert!(owned_by(&svc.metadata, &canary_uid));
+        let f = eventually("the flow's canary status", || async {
+            flows.get(FLOW).await.ok()?.status?.canary
+        })
+        .await;
+        assert_eq!((f.phase.as_str(), f.step, f.weight), ("Progressing", 0, 10));
+
+        // A person aborts with the annotation kubectl and GitOps both handle.
+        flows
+            .patch(
+                FLOW,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                    "sync.meshline.io/rollout-command": "abort:e2e-1"
+                }}})),
+            )
+            .await
+            .unwrap();
+        let aborted = eventually("the canary aborted", || async {
+            let c = flows.get(FLOW).await.ok()?.status?.canary?;
+            (c.phase == "Aborted").then_some(c)
+        })
+        .await;
+        assert_eq!(aborted.reason.as_deref(), Some("AbortedByUser"));
+        assert_eq!(aborted.last_command.as_deref(), Some("abort:e2e-1"));
+        eventually("the canary Deployment gone", || async {
+            deployments
+                .get_opt(&canary_name)
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        eventually("its ConfigMap gone by garbage collection", || async {
+            cms.get_opt(&canary_name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        let split = cms.get(&build::rollout_name(FLOW)).await.unwrap();
+        let split: serde_json::Value =
+            serde_json::from_str(&split.data.unwrap()["split.json"]).unwrap();
+        assert_eq!(split, serde_json::json!({"weight": 0}), "every bucket back to stable");
+        let rejected = eventually("the candidate rejected by its canary", || async {
+            let s = contracts.get("deal-to-sale-order").await.ok()?.status?;
+            s.revisions
+                .into_iter()
+                .find(|r| r.content_hash == hash && r.state == meshline::api::RevisionState::Rejected)
+        })
+        .await;
+        assert_eq!(rejected.reason.as_deref(), Some("CanaryAborted"));
+        let s = contracts.get("deal-to-sale-order").await.unwrap().status.unwrap();
+        assert_eq!(s.active_revision.as_deref(), Some(first.as_str()));
     })
     .await;
 }
