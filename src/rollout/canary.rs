@@ -97,13 +97,13 @@ impl Command {
             .ok_or_else(|| {
                 format!(
                     "annotation {COMMAND_ANNOTATION}: {:?} is not a rollout command: expected <verb>:<id> with verb pause, resume, promote, abort or retry",
-                    crate::controller::contract::status::clip(value, 64)
+                    super::clip(value, 64)
                 )
             })?;
         if id.trim().is_empty() {
             return Err(format!(
                 "annotation {COMMAND_ANNOTATION}: {:?} has no id: write {}:<id> (any new value, e.g. the time) so the command is acted on once",
-                crate::controller::contract::status::clip(value, 64),
+                super::clip(value, 64),
                 verb.as_str()
             ));
         }
@@ -358,7 +358,7 @@ fn fresh(
 fn set(st: &mut CanaryStatus, phase: &str, reason: &str, message: String) {
     st.phase = phase.into();
     st.reason = Some(reason.into());
-    st.message = Some(crate::controller::contract::status::clip(&message, 1024));
+    st.message = Some(super::clip(&message, 1024));
 }
 
 /// The rollout's next state. Pure.
@@ -714,7 +714,7 @@ fn progress(
             verdict: verdict.into(),
             canary,
             stable,
-            message: Some(crate::controller::contract::status::clip(&message, 512)),
+            message: Some(super::clip(&message, 512)),
         });
         let extra = st.measurements.len().saturating_sub(KEPT_MEASUREMENTS);
         st.measurements.drain(..extra);
@@ -863,5 +863,129 @@ fn finish(st: &mut CanaryStatus, observed: &Observed, final_phase: &str, d: &mut
         }
     } else {
         d.requeue = Some(WAIT_REQUEUE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(records: i64, failed: i64, dead: i64, p99: Option<i64>) -> TrackMeasures {
+        let rate = |n: i64| {
+            (Decimal::from(n) / Decimal::from(records.max(1)))
+                .normalize()
+                .to_string()
+        };
+        TrackMeasures {
+            records,
+            delivered: records - dead,
+            failed,
+            dead_lettered: dead,
+            held: 0,
+            failure_rate: rate(failed),
+            dead_letter_rate: rate(dead),
+            p99_ms: p99,
+        }
+    }
+
+    fn analysis() -> CanaryAnalysis {
+        serde_json::from_value(serde_json::json!({
+            "maxFailureRate": "0.05", "maxDeadLetterRate": "0.01", "maxLatencyP99": "2s", "minRecords": 50
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn judge_fails_a_version_only_on_what_the_stable_track_does_not_share() {
+        let a = analysis();
+        let good = track(1000, 10, 0, Some(300));
+        assert_eq!(judge(&a, &track(100, 1, 0, Some(200)), &good).0, "Passed");
+        let (v, why) = judge(&a, &track(100, 10, 0, Some(200)), &good);
+        assert_eq!(v, "Failed");
+        assert!(why.contains("failure rate 0.1 above 0.05"), "{why}");
+        let (v, why) = judge(&a, &track(100, 2, 2, Some(200)), &good);
+        assert_eq!(v, "Failed");
+        assert!(why.contains("dead-letter rate"), "{why}");
+        let (v, why) = judge(&a, &track(100, 0, 0, Some(2500)), &good);
+        assert_eq!(v, "Failed");
+        assert!(why.contains("2500 ms above 2000 ms"), "{why}");
+        // Stable fails the same threshold: the sink, not the version.
+        let (v, why) = judge(&a, &track(100, 10, 0, None), &track(1000, 100, 0, None));
+        assert_eq!(v, "Inconclusive");
+        assert!(why.contains("not the version"), "{why}");
+        // ...unless the stable track has too few records to say so.
+        assert_eq!(
+            judge(&a, &track(100, 10, 0, None), &track(10, 5, 0, None)).0,
+            "Failed"
+        );
+        // Too few canary records: no verdict.
+        assert_eq!(judge(&a, &track(49, 49, 49, None), &good).0, "Inconclusive");
+    }
+
+    #[test]
+    fn a_measurement_is_due_an_interval_after_the_step_began_or_its_last_one() {
+        let policy: CanaryPolicy = serde_json::from_value(serde_json::json!({
+            "steps": [{"weight": 10}], "analysis": {"interval": "30s"}
+        }))
+        .unwrap();
+        let t0 = DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut st = CanaryStatus {
+            phase: PROGRESSING.into(),
+            ..CanaryStatus::default()
+        };
+        assert_eq!(
+            due(Some(&policy), Some(&st), t0),
+            None,
+            "the step has not begun"
+        );
+        st.step_started_at = Some(rfc3339(t0));
+        assert_eq!(
+            due(Some(&policy), Some(&st), t0 + chrono::Duration::seconds(29)),
+            None
+        );
+        let at = t0 + chrono::Duration::seconds(30);
+        assert_eq!(due(Some(&policy), Some(&st), at), Some((t0, at)));
+        st.measurements.push(CanaryMeasurement {
+            at: rfc3339(at),
+            step: 0,
+            verdict: "Passed".into(),
+            ..CanaryMeasurement::default()
+        });
+        assert_eq!(
+            due(Some(&policy), Some(&st), at + chrono::Duration::seconds(10)),
+            None
+        );
+        let next = at + chrono::Duration::seconds(30);
+        assert_eq!(due(Some(&policy), Some(&st), next), Some((at, next)));
+        st.phase = PAUSED.into();
+        assert_eq!(
+            due(Some(&policy), Some(&st), next),
+            None,
+            "a paused rollout is not measured"
+        );
+    }
+
+    #[test]
+    fn commands_need_a_known_verb_and_an_id() {
+        assert_eq!(
+            Command::parse(" promote:1733 ").unwrap(),
+            Command {
+                verb: Verb::Promote,
+                id: "promote:1733".into()
+            }
+        );
+        let err = Command::parse("promote").unwrap_err();
+        assert!(
+            err.contains(COMMAND_ANNOTATION) && err.contains("no id"),
+            "{err}"
+        );
+        let err = Command::parse("rollback:1").unwrap_err();
+        assert!(
+            err.contains("pause, resume, promote, abort or retry"),
+            "{err}"
+        );
+        assert_eq!(Command::annotation_value(Verb::Retry, "7"), "retry:7");
     }
 }

@@ -11,3 +11,15 @@ pub mod canary;
 pub mod gates;
 pub mod replay;
 pub mod split;
+
+/// Cuts (for status messages and Events, which the API bounds) `s` to at most `max` bytes at a character boundary.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

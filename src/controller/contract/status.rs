@@ -104,17 +104,7 @@ impl Replay {
     }
 }
 
-/// Cuts `s` to at most `max` bytes at a character boundary.
-pub fn clip(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
+pub use crate::rollout::clip;
 
 pub struct Inputs<'a> {
     pub contract: &'a SyncContract,
