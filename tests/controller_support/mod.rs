@@ -401,6 +401,13 @@ impl ApiDouble {
         );
     }
 
+    /// Drops the change log watches are replayed from, keeping the objects. For a long run without watches (the
+    /// canary benchmark): the log keeps every version of every object written, which is the double's memory, not
+    /// the controller's. A watch opened later from an old `resourceVersion` misses what was dropped.
+    pub fn forget_history(&self) {
+        self.history.lock().unwrap().events = Vec::new();
+    }
+
     pub fn take(&self) -> Vec<Recorded> {
         std::mem::take(&mut *self.requests.lock().unwrap())
     }
