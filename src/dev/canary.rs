@@ -105,8 +105,8 @@ impl Deals {
 }
 
 impl DevEnv {
-    /// Starts a worker of `rendered` on `track` beside the stable one: same ledger file, secrets and token,
-    /// any free ports.
+    /// Starts a canary-track worker of `rendered` beside the stable one: same ledger file, secrets, token and
+    /// split file, any free ports.
     async fn start_canary_worker(
         &self,
         rendered: &RenderedFlow,
@@ -354,9 +354,10 @@ pub(super) async fn play(
             canary::PROMOTING | canary::ABORTING => {}
             canary::PROGRESSING if st.step_started_at.is_none() => {
                 step_began = None;
-                wait_applied(env, canary_worker.as_ref(), &revision, &d.split, deadline)
-                    .await
-                    .map_err(|_| stuck("both workers did not apply the split", &status))?;
+                if !wait_applied(env, canary_worker.as_ref(), &revision, &d.split, deadline).await?
+                {
+                    return Err(stuck("both workers did not apply the split", &status));
+                }
             }
             canary::PROGRESSING => {
                 if previous_start != st.step_started_at || step_began.is_none() {
@@ -437,24 +438,50 @@ async fn status_pending(env: &DevEnv) -> Result<u64, DevError> {
     Ok(status(&env.worker).await?.pending)
 }
 
-/// Waits until both workers report applying `split`.
+/// Waits until both workers report applying `split`; `false` if they did not by the deadline.
 async fn wait_applied(
     env: &DevEnv,
     canary: Option<&Worker>,
     revision: &str,
     split: &Split,
     deadline: Instant,
-) -> Result<(), ()> {
+) -> Result<bool, DevError> {
     loop {
-        let observed = observe(&env.worker, canary, revision)
-            .await
-            .map_err(|_| ())?;
+        let observed = observe(&env.worker, canary, revision).await?;
         if observed.applied_weight == Some(split.weight) {
-            return Ok(());
+            return Ok(true);
         }
         if Instant::now() > deadline {
-            return Err(());
+            return Ok(false);
         }
         tokio::time::sleep(LOOK).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_dev_policy_steps_up_to_the_whole_flow_and_measures_each_step() {
+        let policy = dev_policy().unwrap();
+        let weights: Vec<u32> = policy.steps.iter().map(|s| s.weight).collect();
+        assert_eq!(weights, vec![20, 50, 100]);
+        let analysis = policy.analysis.unwrap();
+        let interval = analysis.interval.map(Duration::from).unwrap();
+        // One measurement per step: each pause is one analysis interval.
+        for step in &policy.steps {
+            assert_eq!(step.pause.map(Duration::from), Some(interval));
+        }
+        assert_eq!(analysis.failure_limit, Some(0));
+    }
+
+    #[test]
+    fn a_window_covers_whole_ledger_slots_from_the_step_start() {
+        let began = DateTime::from_timestamp_millis(1_700_000_012_345).unwrap();
+        let (since, until) = window(began);
+        assert_eq!(since.timestamp_millis(), 1_700_000_010_000);
+        assert_eq!(until.timestamp_millis() % REVISION_SLOT_MS, 0);
+        assert!(until - since >= chrono::Duration::milliseconds(REVISION_SLOT_MS));
     }
 }
