@@ -1,6 +1,9 @@
 //! The default scenario: what the operating model promises, exercised on the stand-ins. A stream of
 //! closed-won deals, a duplicate webhook, a price drift the contract rejects, a discount held for finance and
 //! approved through the API a person would use, an ERP outage with recovery, and an order the ERP rejects.
+//! Then three contract changes through the gates a cluster applies: one stopped at the compatibility gate,
+//! one canaried step by step and promoted, one rolled back by the canary's analysis (see `super::canary`),
+//! with deals still closing; the reconciliation at the end covers every deal of every phase.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,7 +28,8 @@ pub struct ScenarioOptions {
     pub rate: f64,
     /// Draw the live progress bar (off in tests and when stderr is not a terminal).
     pub progress: bool,
-    /// Longest the whole scenario may take before it is declared stuck.
+    /// Longest each phase (the deals and their settling, each canary, the final settling) may take before the
+    /// scenario is declared stuck.
     pub timeout: Duration,
 }
 
