@@ -23,7 +23,7 @@ fn options(dir: PathBuf, state: PathBuf) -> DevOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_scenario_reconciles_every_closed_deal() {
     let tmp = tempfile::tempdir().unwrap();
-    let env = dev::start(&options(example(), tmp.path().join("state")))
+    let mut env = dev::start(&options(example(), tmp.path().join("state")))
         .await
         .unwrap();
     let scenario = ScenarioOptions {
@@ -32,14 +32,22 @@ async fn default_scenario_reconciles_every_closed_deal() {
         progress: false,
         timeout: Duration::from_secs(90),
     };
-    let report = dev::run_scenario(&env, &scenario).await.unwrap();
+    let report = dev::run_scenario(&mut env, &scenario).await.unwrap();
     let c = &report.status.counters;
 
     assert!(
         report.unexplained.is_empty(),
         "every difference is explained: {report}"
     );
-    assert_eq!(report.deals_closed, 60);
+    // The scenario's deals, and those closed while the contract changes were canaried.
+    let canary_deals: usize = report
+        .contract_changes
+        .iter()
+        .filter_map(|c| c.canary.as_ref())
+        .map(|c| c.deals_sent)
+        .sum();
+    assert!(canary_deals > 0, "{report}");
+    assert_eq!(report.deals_closed, 60 + canary_deals, "{report}");
     // Every closed deal is an ERP order exactly once, or a dead letter with its reason.
     assert_eq!(
         report.erp_orders + report.explained.len(),
@@ -195,13 +203,15 @@ async fn an_unsupported_sink_is_named() {
     assert!(err.to_string().contains("NetSuite"), "{err}");
 }
 
-/// The scenario changes the contract twice (issue #14): a breaking change without a major version is stopped
-/// at the compatibility gate, and a compatible change is signed by the roster's owners and passes a preflight
-/// replay of the run's records, which reports the new ERP field on every accepted record.
+/// The scenario changes the contract three times (issues #14 and #15): a breaking change without a major
+/// version is stopped at the compatibility gate; a compatible change is signed by the roster's owners, passes
+/// a preflight replay of the run's records (which reports the new ERP field on every accepted record), is
+/// canaried through every step and promoted; a change whose items the ERP rejects passes the preflight but
+/// fails the canary's analysis and is rolled back. No record is lost or delivered twice through any of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_scenario_plays_a_blocked_and_a_passing_contract_change() {
+async fn the_scenario_blocks_promotes_and_rolls_back_contract_changes() {
     let tmp = tempfile::tempdir().unwrap();
-    let env = dev::start(&options(example(), tmp.path().join("state")))
+    let mut env = dev::start(&options(example(), tmp.path().join("state")))
         .await
         .unwrap();
     let scenario = ScenarioOptions {
@@ -210,10 +220,10 @@ async fn the_scenario_plays_a_blocked_and_a_passing_contract_change() {
         progress: false,
         timeout: Duration::from_secs(90),
     };
-    let report = dev::run_scenario(&env, &scenario).await.unwrap();
+    let report = dev::run_scenario(&mut env, &scenario).await.unwrap();
     env.shutdown().await;
     let changes = &report.contract_changes;
-    assert_eq!(changes.len(), 2, "{report}");
+    assert_eq!(changes.len(), 3, "{report}");
     let blocked = &changes[0];
     assert_eq!(blocked.blocked_at.as_deref(), Some("compatibility"));
     assert!(
@@ -248,4 +258,95 @@ async fn the_scenario_plays_a_blocked_and_a_passing_contract_change() {
     let text = report.to_string();
     assert!(text.contains("BLOCKED at the compatibility gate"), "{text}");
     assert!(text.contains("preflight passed"), "{text}");
+
+    // The compatible change went through every step of the dev policy on passing analysis, then was promoted.
+    let promoted = passed
+        .canary
+        .as_ref()
+        .expect("the passing change is canaried");
+    assert_eq!(promoted.phase, "Promoted", "{report}");
+    assert_eq!(promoted.revision, format!("v{}", passed.version));
+    let weights: Vec<i32> = promoted.steps.iter().map(|s| s.weight).collect();
+    assert_eq!(weights, vec![20, 50, 100], "{report}");
+    for step in &promoted.steps {
+        assert!(
+            !step.measurements.is_empty(),
+            "step {} measured: {report}",
+            step.step
+        );
+        for m in &step.measurements {
+            assert_eq!(m.verdict, "Passed", "{m:?}");
+            let canary = m.canary.as_ref().unwrap();
+            assert!(canary.records >= 5, "minRecords of evidence: {m:?}");
+            assert_eq!(canary.dead_lettered, 0, "{m:?}");
+            assert!(m.stable.is_some());
+        }
+    }
+    assert!(
+        promoted.deals_sent > 0,
+        "records kept flowing during the canary"
+    );
+
+    // The third change: the contract accepts it, the ERP does not; the first measurement fails and rolls back.
+    let rejected = &changes[2];
+    assert_eq!(
+        rejected.from_version, passed.version,
+        "it starts from the promoted version"
+    );
+    assert!(
+        rejected.preflight.as_ref().is_some_and(|p| p.passed()),
+        "the preflight cannot see the ERP's answer: {rejected:?}"
+    );
+    let rollback = rejected.canary.as_ref().expect("canaried");
+    assert_eq!(rollback.phase, "Aborted", "{report}");
+    assert_eq!(rollback.reason.as_deref(), Some("FailureLimitReached"));
+    assert!(
+        rollback
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("dead-letter rate") && m.contains("rolling back")),
+        "{rollback:?}"
+    );
+    assert_eq!(
+        rollback.steps.len(),
+        1,
+        "it never left its first step: {report}"
+    );
+    let failed = rollback.steps[0]
+        .measurements
+        .last()
+        .expect("a measurement");
+    assert_eq!(failed.verdict, "Failed");
+    let canary = failed.canary.as_ref().unwrap();
+    assert!(canary.dead_lettered >= 5, "{failed:?}");
+    assert_eq!(
+        canary.dead_letter_rate, "1",
+        "every canary record was refused by the ERP: {failed:?}"
+    );
+    assert_eq!(
+        failed.stable.as_ref().unwrap().dead_lettered,
+        0,
+        "{failed:?}"
+    );
+
+    // No record lost or delivered twice across the steps, the promotion and the rollback.
+    assert!(report.unexplained.is_empty(), "{report}");
+    assert_eq!(
+        report.erp_orders + report.explained.len(),
+        report.deals_closed,
+        "{report}"
+    );
+    assert_eq!(report.erp_upserts as usize, report.erp_orders, "{report}");
+    let c = &report.status.counters;
+    assert_eq!(c.delivered as usize, report.erp_orders, "{report}");
+    assert_eq!(c.dead_lettered as usize, report.explained.len(), "{report}");
+    assert!(
+        report
+            .explained
+            .iter()
+            .any(|e| e.reason.contains("Invalid item reference key NS-")),
+        "the canary's dead letters keep the ERP's answer: {report}"
+    );
+    assert!(text.contains("PROMOTED"), "{text}");
+    assert!(text.contains("ROLLED BACK (FailureLimitReached)"), "{text}");
 }

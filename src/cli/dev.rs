@@ -52,7 +52,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
     };
     rt.block_on(async move {
         let options = DevOptions { dir: args.dir.clone(), state: args.state.clone(), fresh: args.fresh, port: args.port, ops_port: args.ops_port };
-        let env = match crate::dev::start(&options).await {
+        let mut env = match crate::dev::start(&options).await {
             Ok(env) => env,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -73,7 +73,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
                     progress: std::io::stderr().is_terminal(),
                     timeout: Duration::from_secs(120),
                 };
-                match crate::dev::run_scenario(&env, &scenario).await {
+                match crate::dev::run_scenario(&mut env, &scenario).await {
                     Ok(report) => {
                         if args.json {
                             println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());

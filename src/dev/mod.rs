@@ -2,6 +2,7 @@
 //! `meshline validate`, the real worker runs in-process on an embedded SQLite ledger, and only the CRM and the
 //! ERP are stand-ins (see `crate::sim`) that speak the real wire formats, so the real source and sink code runs.
 
+mod canary;
 mod scenario;
 
 use std::net::SocketAddr;
@@ -11,13 +12,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use scenario::{Explained, Report, ScenarioOptions, run as run_scenario};
+pub use canary::{CanaryRun, CanaryStepRun};
+pub use scenario::{ContractChange, Explained, Report, ScenarioOptions, run as run_scenario};
 
 use crate::api::{Backoff, LedgerSpec, SinkSystem, SourceMode, SourceSystem, WebhookSignature};
+use crate::rollout::split::{SPLIT_FILE, Split, Track};
 use crate::sim::crm::CrmStandIn;
 use crate::sim::erp::{self, ErpCredentials, ErpState};
-use crate::worker::run::{RunOptions, start_flow};
-use crate::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
+use crate::worker::run::{RunOptions, start_flow_on};
+use crate::worker::{Listeners, PipelineOptions, RenderedFlow, Worker, WorkerSettings};
 
 /// Version of the state directory's layout; a directory written by another layout is refused, not guessed at.
 pub const STATE_FORMAT: u32 = 1;
@@ -70,6 +73,8 @@ struct StateStamp {
 
 /// A running local environment: the worker and both stand-ins.
 pub struct DevEnv {
+    /// The stable track's worker. The scenario replaces it (on the same ports) when it promotes a canaried
+    /// contract, as a cluster restarts the stable Deployment on the new active revision.
     pub worker: Worker,
     pub erp: Arc<ErpState>,
     pub erp_addr: SocketAddr,
@@ -79,6 +84,13 @@ pub struct DevEnv {
     pub flow: String,
     /// The flow, its active contract and roster as the worker runs them (with the stand-ins' addresses).
     pub rendered: RenderedFlow,
+    /// How the stable worker was started (ports as bound), so a canary worker and a restarted stable worker
+    /// share its ledger file, secrets and token.
+    settings: WorkerSettings,
+    /// Spare handles of the stable worker's two sockets, for the worker that takes over at a promotion.
+    stable_sockets: Listeners,
+    /// Duplicates recognised by stable workers the scenario replaced.
+    retired_duplicates: u64,
     erp_task: tokio::task::JoinHandle<()>,
 }
 
@@ -98,10 +110,20 @@ impl DevEnv {
         self.state_dir.join("api-token")
     }
 
+    /// The rollout split both tracks follow, in the format the controller writes into the flow's rollout
+    /// ConfigMap ([`crate::rollout::split`]); the scenario rewrites it at each canary step.
+    pub fn split_file(&self) -> PathBuf {
+        split_file(&self.state_dir)
+    }
+
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.erp_task.abort();
     }
+}
+
+fn split_file(state: &Path) -> PathBuf {
+    state.join("rollout").join(SPLIT_FILE)
 }
 
 /// Prepares the state directory, starts the ERP stand-in and the worker, and points the CRM stand-in at it.
@@ -295,7 +317,19 @@ async fn start_in(
     });
     spec.delivery.max_attempts = spec.delivery.max_attempts.max(12);
 
-    let settings = WorkerSettings {
+    // A run starts with no canary under way, whatever an interrupted run left in the split file: a stale
+    // split would leave the stable worker claiming only part of the buckets and no canary to take the rest.
+    let split = split_file(state);
+    let reset = std::fs::create_dir_all(split.parent().unwrap_or(state))
+        .and_then(|()| std::fs::write(&split, Split::none().to_json()));
+    if let Err(e) = reset {
+        erp_task.abort();
+        return Err(DevError::State {
+            dir: split.display().to_string(),
+            reason: format!("cannot write the rollout split: {e}"),
+        });
+    }
+    let mut settings = WorkerSettings {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         ops_listen: SocketAddr::from(([127, 0, 0, 1], ops_port)),
         state_dir: state.join("ledger"),
@@ -304,16 +338,38 @@ async fn start_in(
         options: PipelineOptions {
             worker_id: "dev".into(),
             idle_poll: Duration::from_millis(20),
+            track: Track::Stable,
+            rollout_file: Some(split),
             ..PipelineOptions::default()
         },
     };
-    let worker = match start_flow(rendered, &settings, &RunOptions::default()).await {
+    let sockets = Listeners::bind(&settings).and_then(|l| {
+        let spare = l
+            .try_clone()
+            .map_err(|e| crate::worker::WorkerError::Listen {
+                addr: settings.listen,
+                reason: e.to_string(),
+            })?;
+        Ok((l, spare))
+    });
+    let started = match sockets {
+        Ok((sockets, spare)) => {
+            start_flow_on(rendered, &settings, &RunOptions::default(), Some(sockets))
+                .await
+                .map(|w| (w, spare))
+        }
+        Err(e) => Err(e),
+    };
+    let (worker, stable_sockets) = match started {
         Ok(w) => w,
         Err(e) => {
             erp_task.abort();
             return Err(e.into());
         }
     };
+    // A restarted stable worker binds the same ports, so the CRM stand-in and the printed URLs stay valid.
+    settings.listen = worker.webhook_addr;
+    settings.ops_listen = worker.ops_addr;
     let crm = Arc::new(CrmStandIn::new(
         format!("http://{}/webhook", worker.webhook_addr),
         webhook_secret,
@@ -327,6 +383,9 @@ async fn start_in(
         state_dir: state.to_path_buf(),
         flow,
         rendered: rendered.clone(),
+        settings,
+        stable_sockets,
+        retired_duplicates: 0,
         erp_task,
     })
 }

@@ -1,6 +1,9 @@
 //! The default scenario: what the operating model promises, exercised on the stand-ins. A stream of
 //! closed-won deals, a duplicate webhook, a price drift the contract rejects, a discount held for finance and
 //! approved through the API a person would use, an ERP outage with recovery, and an order the ERP rejects.
+//! Then three contract changes through the gates a cluster applies: one stopped at the compatibility gate,
+//! one canaried step by step and promoted, one rolled back by the canary's analysis (see `super::canary`),
+//! with deals still closing; the reconciliation at the end covers every deal of every phase.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,7 +15,9 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::canary::{self, CanaryRun, Deals};
 use super::{DevEnv, DevError};
+use crate::rollout::gates;
 use crate::sim::crm::{DealKind, opportunity};
 use crate::sim::erp::Failure;
 
@@ -23,7 +28,8 @@ pub struct ScenarioOptions {
     pub rate: f64,
     /// Draw the live progress bar (off in tests and when stderr is not a terminal).
     pub progress: bool,
-    /// Longest the whole scenario may take before it is declared stuck.
+    /// Longest each phase (the deals and their settling, each canary, the final settling) may take before the
+    /// scenario is declared stuck.
     pub timeout: Duration,
 }
 
@@ -88,6 +94,9 @@ pub struct ContractChange {
     pub signed_off_by: Vec<String>,
     /// The preflight replay of this run's records through the active and the candidate contract.
     pub preflight: Option<crate::rollout::replay::Report>,
+    /// The canary rollout of a change that passed its gates: its steps and analysis, then the promotion or
+    /// the rollback.
+    pub canary: Option<CanaryRun>,
 }
 
 impl fmt::Display for Report {
@@ -193,17 +202,22 @@ impl fmt::Display for Report {
                     for path in &p.changed_paths {
                         writeln!(f, "        {}: {} records", path.path, path.records)?;
                     }
-                    writeln!(
-                        f,
-                        "      {}",
-                        if p.passed() {
-                            "it would become the active revision"
-                        } else {
-                            "it would be rejected; the flow keeps running the active revision"
-                        }
-                    )?;
+                    if c.canary.is_none() {
+                        writeln!(
+                            f,
+                            "      {}",
+                            if p.passed() {
+                                "it would become the active revision"
+                            } else {
+                                "it would be rejected; the flow keeps running the active revision"
+                            }
+                        )?;
+                    }
                 }
                 (None, None) => {}
+            }
+            if let Some(run) = &c.canary {
+                write_canary(f, run)?;
             }
         }
         if let Some(first) = self.explained.iter().find_map(|e| e.record) {
@@ -225,6 +239,56 @@ impl fmt::Display for Report {
             )?;
         }
         Ok(())
+    }
+}
+
+fn write_canary(f: &mut fmt::Formatter<'_>, run: &CanaryRun) -> fmt::Result {
+    writeln!(
+        f,
+        "      canary of {} beside stable {} ({} deals closed meanwhile):",
+        run.revision, run.stable_revision, run.deals_sent
+    )?;
+    for step in &run.steps {
+        writeln!(
+            f,
+            "        step {}: {}% of the buckets",
+            step.step, step.weight
+        )?;
+        for m in &step.measurements {
+            let figures = |t: &Option<crate::api::TrackMeasures>| {
+                t.as_ref()
+                    .map(|t| {
+                        format!(
+                            "{} records, {} delivered, {} dead-lettered, failure rate {}, dead-letter rate {}, p99 {}",
+                            t.records,
+                            t.delivered,
+                            t.dead_lettered,
+                            t.failure_rate,
+                            t.dead_letter_rate,
+                            t.p99_ms.map(|p| format!("≤{p} ms")).unwrap_or_else(|| "n/a".into())
+                        )
+                    })
+                    .unwrap_or_else(|| "not measured".into())
+            };
+            writeln!(f, "          analysis {}:", m.verdict)?;
+            writeln!(f, "            canary: {}", figures(&m.canary))?;
+            writeln!(f, "            stable: {}", figures(&m.stable))?;
+        }
+    }
+    match run.phase.as_str() {
+        crate::rollout::canary::PROMOTED => writeln!(
+            f,
+            "      PROMOTED: {} is the active revision on the stable track; the canary is removed",
+            run.revision
+        ),
+        _ => writeln!(
+            f,
+            "      ROLLED BACK ({}): {}; the canary worker is stopped, {} of its leases released to stable, revision {} rejected",
+            run.reason.as_deref().unwrap_or("Aborted"),
+            run.message.as_deref().unwrap_or_default(),
+            run.leases_released,
+            run.revision
+        ),
     }
 }
 
@@ -261,7 +325,7 @@ fn kind_of(n: usize, total: usize) -> DealKind {
 }
 
 /// Runs the default scenario against a started environment and reconciles CRM with ERP at the end.
-pub async fn run(env: &DevEnv, options: &ScenarioOptions) -> Result<Report, DevError> {
+pub async fn run(env: &mut DevEnv, options: &ScenarioOptions) -> Result<Report, DevError> {
     if options.records < 25 {
         return Err(DevError::Scenario(
             "--records must be at least 25 for the default scenario".into(),
@@ -328,10 +392,40 @@ pub async fn run(env: &DevEnv, options: &ScenarioOptions) -> Result<Report, DevE
     }
 
     // Finance approves the held discount through the same API a person would use.
-    let mut approvals = 0;
     let deadline = Instant::now() + options.timeout;
+    let approvals = settle(env, &bar, deadline, true).await?;
+    let mut deals = Deals {
+        next: options.records,
+        pricebook,
+    };
+    let changes = contract_changes(env, &mut deals, options.timeout).await;
+    let changes = match changes {
+        Ok(c) => c,
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
+        }
+    };
+    // The deals closed during the canaries settle too, so the reconciliation covers them.
+    let approvals = approvals + settle(env, &bar, Instant::now() + options.timeout, false).await?;
+    bar.finish_and_clear();
+    let mut report = reconcile(env, approvals, started).await?;
+    report.contract_changes = changes;
+    report.elapsed_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Waits until every record is finished, approving what is held through the API a person would use; with
+/// `need_approval`, until at least one approval was made (the scenario's held discount). Returns approvals.
+async fn settle(
+    env: &DevEnv,
+    bar: &ProgressBar,
+    deadline: Instant,
+    need_approval: bool,
+) -> Result<usize, DevError> {
+    let mut approvals = 0;
     loop {
-        progress(env, &bar).await;
+        progress(env, bar).await;
         let s = status(env).await?;
         if s.counters.held > 0 {
             let holds = get(env, "/holds").await?;
@@ -349,31 +443,31 @@ pub async fn run(env: &DevEnv, options: &ScenarioOptions) -> Result<Report, DevE
                 }
             }
         }
-        let settled = s.pending == 0 && s.counters.held == 0 && approvals > 0;
+        let settled = s.pending == 0 && s.counters.held == 0 && (approvals > 0 || !need_approval);
         if settled {
-            break;
+            return Ok(approvals);
         }
         if Instant::now() > deadline {
             bar.abandon();
             return Err(DevError::Scenario(format!(
-                "the scenario did not settle within {:?}: {s:?}",
-                options.timeout
+                "the scenario did not settle in time: {s:?}"
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bar.finish_and_clear();
-    let mut report = reconcile(env, approvals, started).await?;
-    report.contract_changes = contract_changes(env).await?;
-    report.elapsed_seconds = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
-/// Two edits of the flow's contract, judged as the controller judges them: a breaking change under a minor
-/// version (stopped at the compatibility gate), then a compatible one (a new ERP field) that the roster's
-/// owners sign and that a preflight replays over this run's records through the worker's operations API.
-async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError> {
-    use crate::rollout::gates::{self, Compatibility};
+/// Three edits of the flow's contract, judged as the controller judges them: a breaking change under a minor
+/// version (stopped at the compatibility gate); a compatible one (a new ERP field) that the roster's owners
+/// sign, that a preflight replays over this run's records through the worker's operations API, and that a
+/// canary rolls out step by step and promotes; then one whose items the ERP rejects, which passes the
+/// preflight (the contract accepts every record) and is rolled back by the canary's analysis.
+async fn contract_changes(
+    env: &mut DevEnv,
+    deals: &mut Deals,
+    timeout: Duration,
+) -> Result<Vec<ContractChange>, DevError> {
+    use crate::rollout::gates::Compatibility;
     let scenario = |e: String| DevError::Scenario(format!("contract change: {e}"));
     let rendered = &env.rendered;
     let active = rendered.contract.spec.clone();
@@ -423,28 +517,87 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
         reason,
         signed_off_by: Vec::new(),
         preflight: None,
+        canary: None,
     });
 
-    // 2. A new ERP field: compatible, signed by the roster's owners, then replayed.
+    // 2. A new ERP field: compatible, signed by the roster's owners, replayed, then canaried and promoted.
     let mut compatible = active.clone();
     compatible.version = next.clone();
-    compatible.sign_offs.clear();
     compatible.mapping.fields.push(
         serde_json::from_value(
             json!({"target": "custbody_meshline_channel", "expression": "'crm-webhook'"}),
         )
         .map_err(|e| scenario(e.to_string()))?,
     );
-    let hash = crate::contract::content_hash(&compatible)
+    let (mut change, compatible) =
+        through_gates(env, &active, compatible, "a new ERP field", &bound).await?;
+    let promotable = change.blocked_at.is_none();
+    if promotable {
+        change.canary = Some(canary::play(env, &compatible, deals, timeout).await?);
+    }
+    let promoted = change
+        .canary
+        .as_ref()
+        .is_some_and(|c| c.phase == crate::rollout::canary::PROMOTED);
+    out.push(change);
+    if !promoted {
+        return Ok(out);
+    }
+
+    // 3. Items referenced by a SKU naming the ERP does not know: the contract accepts every record (so the
+    // preflight passes), the ERP rejects each one, and only the canary's analysis can tell. A changed mapping
+    // expression may send the ERP other values, so the compatibility gate asks for a new major version.
+    let active = env.rendered.contract.spec.clone();
+    let v = semver::Version::parse(&active.version).map_err(|e| scenario(e.to_string()))?;
+    let mut renamed = active.clone();
+    renamed.version = format!("{}.0.0", v.major + 1);
+    let items = renamed
+        .mapping
+        .fields
+        .iter_mut()
+        .find(|f| f.target == "item.items")
+        .ok_or_else(|| scenario("the example's mapping has no item.items".into()))?;
+    items.expression = items.expression.replace("l.sku", "\"NS-\" + l.sku");
+    let (mut change, renamed) = through_gates(
+        env,
+        &active,
+        renamed,
+        "items referenced by a SKU naming the ERP does not know",
+        &bound,
+    )
+    .await?;
+    if change.blocked_at.is_none() {
+        change.canary = Some(canary::play(env, &renamed, deals, timeout).await?);
+    }
+    out.push(change);
+    Ok(out)
+}
+
+/// A candidate through the gates a cluster applies after the compatibility check: the roster owners sign
+/// it, and a preflight replays this run's records through the active and the candidate contract via the
+/// worker's operations API. Returns the change and the signed candidate.
+async fn through_gates(
+    env: &DevEnv,
+    active: &crate::api::SyncContractSpec,
+    mut candidate: crate::api::SyncContractSpec,
+    title: &str,
+    bound: &[gates::BoundFlow<'_>],
+) -> Result<(ContractChange, crate::api::SyncContractSpec), DevError> {
+    use crate::rollout::gates::Compatibility;
+    let scenario = |e: String| DevError::Scenario(format!("contract change: {e}"));
+    let rendered = &env.rendered;
+    let next = candidate.version.clone();
+    candidate.sign_offs.clear();
+    let hash = crate::contract::content_hash(&candidate)
         .as_str()
         .to_string();
-    let owners: std::collections::BTreeSet<String> = gates::sign_offs(&compatible, &hash, &bound)
+    let owners: std::collections::BTreeSet<String> = gates::sign_offs(&candidate, &hash, bound)
         .required
         .into_iter()
         .map(|s| s.owner)
         .collect();
     for owner in &owners {
-        compatible.sign_offs.push(crate::api::SignOff {
+        candidate.sign_offs.push(crate::api::SignOff {
             owner: owner.clone(),
             version: next.clone(),
             content_hash: Some(hash.clone()),
@@ -452,9 +605,9 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
             approved_at: None,
         });
     }
-    let plan = gates::plan(Some(&active), &compatible, &bound);
+    let plan = gates::plan(Some(active), &candidate, bound);
     let mut change = ContractChange {
-        title: "a new ERP field".into(),
+        title: title.into(),
         from_version: active.version.clone(),
         version: next.clone(),
         content_hash: hash,
@@ -462,6 +615,7 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
         reason: None,
         signed_off_by: plan.sign_offs.signed.iter().cloned().collect(),
         preflight: None,
+        canary: None,
     };
     if let Compatibility::Refused { reason, problems } = &plan.compatibility {
         change.blocked_at = Some("compatibility".into());
@@ -487,13 +641,13 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
             "flow.yaml",
             serde_yaml::to_string(rendered).map_err(|e| scenario(e.to_string()))?,
         )?;
-        let candidate = write(
+        let candidate_file = write(
             "candidate.yaml",
-            serde_yaml::to_string(&compatible).map_err(|e| scenario(e.to_string()))?,
+            serde_yaml::to_string(&candidate).map_err(|e| scenario(e.to_string()))?,
         )?;
         let args = crate::cli::replay::ReplayArgs {
             config,
-            candidate,
+            candidate: candidate_file,
             records: Some(1000),
             max_newly_rejected: 0,
             max_changed_outputs: None,
@@ -514,8 +668,7 @@ async fn contract_changes(env: &DevEnv) -> Result<Vec<ContractChange>, DevError>
         }
         change.preflight = Some(report);
     }
-    out.push(change);
-    Ok(out)
+    Ok((change, candidate))
 }
 
 async fn progress(env: &DevEnv, bar: &ProgressBar) {
@@ -622,7 +775,7 @@ async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<R
         erp_rejected: env.erp.rejected.load(std::sync::atomic::Ordering::Relaxed),
         status: status(env).await?,
         approvals,
-        duplicates: env.worker.pipeline.metrics.duplicates.get(),
+        duplicates: env.worker.pipeline.metrics.duplicates.get() + env.retired_duplicates,
         unexplained,
         explained,
         ops_url: env.ops_url(),
