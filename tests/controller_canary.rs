@@ -766,11 +766,9 @@ async fn a_candidate_goes_through_every_step_and_is_promoted() {
     // The contract promotes; the stable workers get the candidate; the canary keeps its buckets until they run it.
     w.reconcile_contract().await;
     assert_eq!(w.state_of(&hash), RevisionState::Active);
-    let requests = w.reconcile_flow().await;
-    for r in &requests {
-        eprintln!("DEBUG {} {} {}", r.method, r.path, r.kind());
-    }
-    eprintln!("DEBUG canary {:?}", w.canary());
+    // A controller restart in the middle of the promotion carries on.
+    w.restart();
+    w.reconcile_flow().await;
     assert_eq!(w.stable_runs(), ("2.0.2".into(), candidate.clone()));
     assert!(w.deployments.contains_key(&canary_name()));
     assert_eq!(
@@ -791,6 +789,13 @@ async fn a_candidate_goes_through_every_step_and_is_promoted() {
     );
     assert_eq!(w.split(), json!({"weight": 0}));
     assert_eq!(w.canary().phase, "Promoting", "its pods are still there");
+    w.restart();
+    w.reconcile_flow().await;
+    assert_eq!(
+        w.canary().phase,
+        "Promoting",
+        "its pods are still there after a restart"
+    );
     w.remove_canary_pod();
     w.workers_apply(&candidate, None, None);
     w.reconcile_flow().await;
@@ -1154,11 +1159,7 @@ async fn an_embedded_ledger_flow_says_its_canary_needs_postgres_and_waits_for_a_
     assert_eq!(w.canary().phase, "Promoting");
     w.reconcile_contract().await;
     assert_eq!(w.state_of(&hash), RevisionState::Active);
-    let requests = w.reconcile_flow().await;
-    for r in &requests {
-        eprintln!("DEBUG {} {} {}", r.method, r.path, r.kind());
-    }
-    eprintln!("DEBUG canary {:?}", w.canary());
+    w.reconcile_flow().await;
     assert_eq!(w.stable_runs(), ("2.0.2".into(), candidate.clone()));
     w.workers_apply(&candidate, None, None);
     w.reconcile_flow().await;
