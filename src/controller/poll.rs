@@ -241,23 +241,14 @@ pub fn pod_url(pod: &WorkerPod) -> String {
 impl WorkerStatusSource for Direct {
     async fn fetch(
         &self,
-        _namespace: &str,
+        namespace: &str,
         pod: &WorkerPod,
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
-        let url = pod_url(pod);
-        let mut request = self.http.get(&url);
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        let unreachable = |e: reqwest::Error| FetchError::Unreachable {
-            url: url.clone(),
-            reason: e.to_string(),
-        };
-        let response = request.send().await.map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(unreachable)?;
-        parse_answer(&url, status, &body)
+        let (status, body) = self
+            .call(namespace, pod, http::Method::GET, "/status", token)
+            .await?;
+        parse_answer(&pod_url(pod), status, &body)
     }
 
     async fn call(
@@ -300,32 +291,10 @@ impl WorkerStatusSource for ViaProxy {
         pod: &WorkerPod,
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
-        let path = pod_proxy_path(namespace, &pod.name);
-        let mut request = http::Request::get(&path);
-        if let Some(token) = token {
-            request = request.header(PROXY_TOKEN_HEADER, token);
-        }
-        let unreachable = |reason: String| FetchError::Unreachable {
-            url: path.clone(),
-            reason,
-        };
-        let request = request
-            .body(kube::client::Body::from(Vec::new()))
-            .map_err(|e| unreachable(e.to_string()))?;
-        // `send`, not `request_text`: the latter reads any error body as an API `Status`, and the worker's 503
-        // body (its startup problems) would be lost in that reading.
-        let response = self
-            .client
-            .send(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect_bytes()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        parse_answer(&path, status, &body)
+        let (status, body) = self
+            .call(namespace, pod, http::Method::GET, "/status", token)
+            .await?;
+        parse_answer(&pod_proxy_path(namespace, &pod.name), status, &body)
     }
 
     async fn call(
@@ -349,6 +318,8 @@ impl WorkerStatusSource for ViaProxy {
         let request = request
             .body(kube::client::Body::from(Vec::new()))
             .map_err(|e| unreachable(e.to_string()))?;
+        // `send`, not `request_text`: the latter reads any error body as an API `Status`, and the worker's 503
+        // body (its startup problems) would be lost in that reading.
         let response = self
             .client
             .send(request)
