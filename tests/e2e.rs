@@ -283,6 +283,29 @@ async fn assert_valid_config_map_names(cms: &Api<ConfigMap>) {
     }
 }
 
+/// The Secret `ledger-db` with a PostgreSQL URL nobody serves: the flow's workers start and report the ledger
+/// unavailable (or, without a pullable image, nothing listens), while everything the controller does goes on.
+async fn unreachable_ledger(client: &Client, ns: &str) {
+    let ledger = Secret {
+        metadata: ObjectMeta {
+            name: Some("ledger-db".into()),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(
+            [(
+                "url".to_string(),
+                "postgres://meshline:dummy@ledger-db.invalid:5432/meshline".to_string(),
+            )]
+            .into(),
+        ),
+        ..Secret::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &ledger)
+        .await
+        .unwrap();
+}
+
 /// Whether `meta` is controlled by the object with `uid` (a SyncFlow, the Job of a preflight, the canary's
 /// Deployment: a uid names one object, whatever its kind).
 fn owned_by(meta: &ObjectMeta, uid: &str) -> bool {
@@ -1155,24 +1178,7 @@ async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
         // A ledger nobody serves: with a pullable image each worker answers 503 LedgerUnavailable; without
         // one, the pods get an IP but nothing listens. Either way each pod is published and must be read.
-        let ledger = Secret {
-            metadata: ObjectMeta {
-                name: Some("ledger-db".into()),
-                ..ObjectMeta::default()
-            },
-            string_data: Some(
-                [(
-                    "url".to_string(),
-                    "postgres://meshline:dummy@ledger-db.invalid:5432/meshline".to_string(),
-                )]
-                .into(),
-            ),
-            ..Secret::default()
-        };
-        Api::<Secret>::namespaced(client.clone(), &ns)
-            .create(&PostParams::default(), &ledger)
-            .await
-            .unwrap();
+        unreachable_ledger(&client, &ns).await;
         apply(
             &client,
             &ns,
@@ -1680,24 +1686,7 @@ async fn a_candidate_canary_runs_beside_the_stable_track_and_an_abort_removes_it
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
         // Canaries need a ledger both tracks share. Nothing serves this one: the workers never become ready,
         // which the rollout must survive (its steps wait for every worker to apply a weight).
-        let ledger = Secret {
-            metadata: ObjectMeta {
-                name: Some("ledger-db".into()),
-                ..ObjectMeta::default()
-            },
-            string_data: Some(
-                [(
-                    "url".to_string(),
-                    "postgres://meshline:dummy@ledger-db.invalid:5432/meshline".to_string(),
-                )]
-                .into(),
-            ),
-            ..Secret::default()
-        };
-        Api::<Secret>::namespaced(client.clone(), &ns)
-            .create(&PostParams::default(), &ledger)
-            .await
-            .unwrap();
+        unreachable_ledger(&client, &ns).await;
         apply(
             &client,
             &ns,
