@@ -9,13 +9,14 @@
 
 mod controller_support;
 
+use controller_support::{apply, load};
+
 use std::sync::Arc;
 
 use controller_support::{ApiDouble, Recorded};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
-use kube::runtime::watcher;
 use meshline::api::{CanaryPolicy, CanaryStatus, TrackMeasures};
 use meshline::api::{OwnershipRoster, SecretRef, SignOff, SyncContract, SyncFlow};
 use meshline::controller::{Context, Writers};
@@ -113,22 +114,6 @@ fn assert_health(obj: &Value, status: &str, says: &str) {
 // The controller against the API double (the World of controller_contract.rs, with the flow's children settled
 // as controller_reconcile.rs settles them, so a flow can become ready)
 // --------------------------------------------------------------------------
-
-fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let text = std::fs::read_to_string(format!(
-        "{}/examples/hubspot-odoo/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    serde_yaml::from_str(&text).unwrap()
-}
-
-fn apply<K: kube::Resource<DynamicType = ()> + Clone>(
-    w: &mut kube::runtime::reflector::store::Writer<K>,
-    obj: K,
-) {
-    w.apply_watcher_event(&watcher::Event::Apply(obj));
-}
 
 fn status_patch<'a>(requests: &'a [Recorded], plural: &str) -> Option<&'a Recorded> {
     requests

@@ -9,6 +9,8 @@
 
 mod controller_support;
 
+use controller_support::{apply, delete, load};
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +22,6 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use meshline::api::{
     CanaryStatus, OwnershipRoster, RevisionState, SignOff, SyncContract, SyncFlow,
 };
@@ -35,29 +36,6 @@ use serde_json::{Value, json};
 const NS: &str = "commerce-sync";
 const FLOW: &str = "won-deals-to-odoo";
 const START_MS: i64 = 1_800_000_000_000;
-
-fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let text = std::fs::read_to_string(format!(
-        "{}/examples/hubspot-odoo/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    serde_yaml::from_str(&text).unwrap()
-}
-
-fn apply<K: kube::Resource<DynamicType = ()> + Clone>(
-    w: &mut kube::runtime::reflector::store::Writer<K>,
-    obj: K,
-) {
-    w.apply_watcher_event(&watcher::Event::Apply(obj));
-}
-
-fn delete<K: kube::Resource<DynamicType = ()> + Clone>(
-    w: &mut kube::runtime::reflector::store::Writer<K>,
-    obj: K,
-) {
-    w.apply_watcher_event(&watcher::Event::Delete(obj));
-}
 
 /// The workers' operations API as the controller reaches it: per-revision measures from a script, and the
 /// release of the canary's leases, recorded.

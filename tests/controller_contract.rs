@@ -4,41 +4,19 @@
 
 mod controller_support;
 
+use controller_support::{apply, delete, load};
+
 use std::sync::Arc;
 
 use controller_support::{ApiDouble, Recorded};
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
-use kube::runtime::watcher;
 use meshline::api::{OwnershipRoster, RevisionState, SignOff, SyncContract, SyncFlow};
 use meshline::controller::contract::build;
 use meshline::controller::{Context, Writers};
 use serde_json::{Value, json};
 
 const NS: &str = "commerce-sync";
-
-fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let text = std::fs::read_to_string(format!(
-        "{}/examples/hubspot-odoo/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    serde_yaml::from_str(&text).unwrap()
-}
-
-fn apply<K: kube::Resource<DynamicType = ()> + Clone>(
-    w: &mut kube::runtime::reflector::store::Writer<K>,
-    obj: K,
-) {
-    w.apply_watcher_event(&watcher::Event::Apply(obj));
-}
-
-fn delete<K: kube::Resource<DynamicType = ()> + Clone>(
-    w: &mut kube::runtime::reflector::store::Writer<K>,
-    obj: K,
-) {
-    w.apply_watcher_event(&watcher::Event::Delete(obj));
-}
 
 /// The API as the test knows it: the contract with its written status, the flow, and the double.
 struct World {

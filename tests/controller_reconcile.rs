@@ -3,6 +3,8 @@
 
 mod controller_support;
 
+use controller_support::{apply, load};
+
 use std::sync::Arc;
 
 use controller_support::{ApiDouble, Recorded};
@@ -29,15 +31,6 @@ use serde_json::Value;
 const NS: &str = "commerce-sync";
 const FLOW: &str = "won-deals-to-odoo";
 
-fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
-    let text = std::fs::read_to_string(format!(
-        "{}/examples/hubspot-odoo/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    serde_yaml::from_str(&text).unwrap()
-}
-
 fn flow() -> SyncFlow {
     let mut f: SyncFlow = load("flow.yaml");
     f.metadata.uid = Some("flow-uid-1".into());
@@ -54,13 +47,6 @@ fn roster() -> OwnershipRoster {
     let mut r: OwnershipRoster = load("roster.yaml");
     r.metadata.generation = Some(1);
     r
-}
-
-fn apply<K: kube::Resource<DynamicType = ()> + Clone>(
-    w: &mut kube::runtime::reflector::store::Writer<K>,
-    obj: K,
-) {
-    w.apply_watcher_event(&watcher::Event::Apply(obj));
 }
 
 struct Harness {

@@ -83,6 +83,32 @@ struct Watch {
     send: mpsc::UnboundedSender<Result<Vec<u8>, std::io::Error>>,
 }
 
+/// An object of the hubspot-odoo example (`examples/hubspot-odoo/<file>`).
+pub fn load<T: serde::de::DeserializeOwned>(file: &str) -> T {
+    let text = std::fs::read_to_string(format!(
+        "{}/examples/hubspot-odoo/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+/// Feeds `obj` into a controller cache as its watch would on a create or an update.
+pub fn apply<K: kube::Resource<DynamicType = ()> + Clone>(
+    w: &mut kube::runtime::reflector::store::Writer<K>,
+    obj: K,
+) {
+    w.apply_watcher_event(&kube::runtime::watcher::Event::Apply(obj));
+}
+
+/// Removes `obj` from a controller cache as its watch would on a delete.
+pub fn delete<K: kube::Resource<DynamicType = ()> + Clone>(
+    w: &mut kube::runtime::reflector::store::Writer<K>,
+    obj: K,
+) {
+    w.apply_watcher_event(&kube::runtime::watcher::Event::Delete(obj));
+}
+
 /// `contract` as the contract reconciler leaves it once its spec is the active revision: the status names the
 /// revision and the revision cache holds it. Flow reconciles run the active revision, never the live spec.
 pub fn activated(
