@@ -14,5 +14,6 @@ pub mod dev;
 pub mod ledger;
 pub mod rollout;
 pub mod sim;
+pub mod tickets;
 pub mod validate;
 pub mod worker;
