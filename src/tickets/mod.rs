@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{ErrorClass, OwnerRole};
 
+pub mod route;
 pub mod sinks;
 
 /// What kind of exception a ticket reports.
@@ -84,9 +85,13 @@ impl TicketState {
     }
 
     pub fn parse(s: &str) -> Option<TicketState> {
-        [TicketState::Open, TicketState::Acknowledged, TicketState::Resolved]
-            .into_iter()
-            .find(|k| k.label() == s)
+        [
+            TicketState::Open,
+            TicketState::Acknowledged,
+            TicketState::Resolved,
+        ]
+        .into_iter()
+        .find(|k| k.label() == s)
     }
 }
 
