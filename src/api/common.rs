@@ -100,3 +100,86 @@ impl ErrorClass {
         }
     }
 }
+
+/// How fast one owner's tickets were acknowledged and resolved (issue #16). Times are means over the tickets
+/// that reached that point; a ticket reopened after it resolved counts as a new occurrence.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerTicketStats {
+    /// The roster's owner id.
+    #[schemars(length(max = 63))]
+    pub owner: String,
+    /// Tickets (occurrences) this owner was given, all time.
+    pub opened: i64,
+    pub acknowledged: i64,
+    pub resolved: i64,
+    /// Open or acknowledged now.
+    pub open: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_time_to_acknowledge_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_time_to_resolve_seconds: Option<i64>,
+}
+
+/// A ticket sink that keeps refusing or failing deliveries; its tickets wait in the outbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailingTicketSink {
+    #[schemars(length(max = 63))]
+    pub sink: String,
+    /// Deliveries waiting for it.
+    pub pending: i64,
+    pub consecutive_failures: i32,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    /// The sink's last answer (no credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub message: Option<String>,
+}
+
+/// One open ticket, as status lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenTicket {
+    pub fingerprint: String,
+    /// `dead_letter`, `hold`, `flow_degraded`, `contract_rejected`, `audit_mismatch`.
+    pub kind: String,
+    /// The cause's key, e.g. `erp:422` (never a record's value).
+    #[schemars(length(max = 256))]
+    pub reason: String,
+    /// `open` or `acknowledged`.
+    pub state: String,
+    /// The owner id it is with now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    pub escalation_step: i32,
+    pub outstanding: i64,
+    /// RFC 3339.
+    pub opened_at: String,
+}
+
+/// A flow's tickets (from its ledger) or a roster's (over the flows it covers).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TicketSummary {
+    /// Open or acknowledged tickets.
+    pub open: i64,
+    pub acknowledged: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_time_to_acknowledge_seconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_time_to_resolve_seconds: Option<i64>,
+    /// Per owner, at most 100.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100))]
+    pub owners: Vec<OwnerTicketStats>,
+    /// The oldest open tickets, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub oldest: Vec<OpenTicket>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub failing_sinks: Vec<FailingTicketSink>,
+}

@@ -694,6 +694,10 @@ pub struct SyncFlowStatus {
     /// Worker pods read but not listed in `workers` (the list is capped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_omitted: Option<i32>,
+    /// The flow's exceptions as tickets: open ones, per-owner times to acknowledge and resolve, failing
+    /// ticket sinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tickets: Option<super::TicketSummary>,
 }
 
 /// One worker pod as the last status poll read it.

@@ -24,6 +24,7 @@ use super::common::{Condition, ErrorClass, OwnerRole, SecretRef};
     printcolumn = r#"{"name":"Owners","type":"integer","jsonPath":".status.ownerCount"}"#,
     printcolumn = r#"{"name":"Flows","type":"integer","jsonPath":".status.coveredFlowCount"}"#,
     printcolumn = r#"{"name":"Unowned","type":"integer","jsonPath":".status.unownedFlowCount"}"#,
+    printcolumn = r#"{"name":"Tickets","type":"integer","jsonPath":".status.tickets.open"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -275,4 +276,7 @@ pub struct OwnershipRosterStatus {
     pub flows_without_sync_owner: Vec<String>,
     #[serde(default)]
     pub unowned_flow_count: i32,
+    /// The covered flows' tickets together: per owner, times to acknowledge and resolve; failing sinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tickets: Option<super::common::TicketSummary>,
 }

@@ -5,12 +5,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kube::ResourceExt;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
 use kube::runtime::controller::Action;
 
 use super::flow::status::{carry_transition_times, differs};
 use super::{Context, Error, apply};
-use crate::api::{Condition, OwnershipRoster, OwnershipRosterStatus, SyncFlow};
+use crate::api::{
+    Condition, OwnerTicketStats, OwnershipRoster, OwnershipRosterStatus, SyncFlow, TicketSummary,
+};
 use crate::validate::assignment_covers;
 
 /// Flows (by name) the roster's assignments cover.
@@ -28,6 +31,152 @@ pub fn covered(roster: &OwnershipRoster, flows: &[Arc<SyncFlow>]) -> BTreeSet<St
         })
         .map(|f| f.name_any())
         .collect()
+}
+
+/// The tickets of the flows a roster covers, together. Counts add up; each owner's mean times are weighted
+/// by the tickets behind them (acknowledged ones for the time to acknowledge, resolved ones for the time to
+/// resolve), so a flow with one quick ticket does not count as much as a flow with fifty slow ones. `None`
+/// when no covered flow reports tickets yet.
+pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
+    let summaries: Vec<(&str, &TicketSummary)> = flows
+        .iter()
+        .filter_map(|f| {
+            f.status
+                .as_ref()?
+                .tickets
+                .as_ref()
+                .map(|t| (f.metadata.name.as_deref().unwrap_or_default(), t))
+        })
+        .collect();
+    if summaries.is_empty() {
+        return None;
+    }
+    #[derive(Default)]
+    struct Sums {
+        stats: OwnerTicketStats,
+        tta: f64,
+        ttr: f64,
+    }
+    let mut owners: std::collections::BTreeMap<String, Sums> = Default::default();
+    let mut out = TicketSummary::default();
+    let mut oldest = Vec::new();
+    for (flow, t) in &summaries {
+        out.open += t.open;
+        out.acknowledged += t.acknowledged;
+        for o in &t.owners {
+            let e = owners.entry(o.owner.clone()).or_default();
+            e.stats.owner = o.owner.clone();
+            e.stats.opened += o.opened;
+            e.stats.acknowledged += o.acknowledged;
+            e.stats.resolved += o.resolved;
+            e.stats.open += o.open;
+            e.tta += o.mean_time_to_acknowledge_seconds.unwrap_or(0) as f64 * o.acknowledged as f64;
+            e.ttr += o.mean_time_to_resolve_seconds.unwrap_or(0) as f64 * o.resolved as f64;
+        }
+        for o in &t.oldest {
+            let mut o = o.clone();
+            // The roster spans flows: say which one.
+            o.reason = format!("{flow}: {}", o.reason);
+            oldest.push(o);
+        }
+        for s in &t.failing_sinks {
+            if !out.failing_sinks.iter().any(|f| f.sink == s.sink) {
+                out.failing_sinks.push(s.clone());
+            }
+        }
+    }
+    let mean = |sum: f64, n: i64| (n > 0).then(|| (sum / n as f64).round() as i64);
+    let (mut tta, mut ttr, mut acked, mut resolved) = (0.0, 0.0, 0, 0);
+    for (_, s) in owners.iter_mut() {
+        s.stats.mean_time_to_acknowledge_seconds = mean(s.tta, s.stats.acknowledged);
+        s.stats.mean_time_to_resolve_seconds = mean(s.ttr, s.stats.resolved);
+        tta += s.tta;
+        ttr += s.ttr;
+        acked += s.stats.acknowledged;
+        resolved += s.stats.resolved;
+    }
+    out.mean_time_to_acknowledge_seconds = mean(tta, acked);
+    out.mean_time_to_resolve_seconds = mean(ttr, resolved);
+    out.owners = owners.into_values().map(|s| s.stats).take(100).collect();
+    oldest.sort_by(|a, b| a.opened_at.cmp(&b.opened_at));
+    oldest.truncate(10);
+    out.oldest = oldest;
+    out.failing_sinks.truncate(20);
+    Some(out)
+}
+
+/// The roster's `TicketSinksReady` condition: False while a covered flow's worker reports a ticket sink that
+/// keeps failing (its tickets wait in the outbox until it is fixed).
+fn sinks_condition(roster: &OwnershipRoster, tickets: Option<&TicketSummary>) -> Condition {
+    let failing = tickets.map(|t| t.failing_sinks.as_slice()).unwrap_or(&[]);
+    let (status, reason, message) = if failing.is_empty() {
+        (
+            "True",
+            "TicketSinksDelivering",
+            "no ticket sink is failing".to_string(),
+        )
+    } else {
+        (
+            "False",
+            "TicketSinkFailing",
+            failing
+                .iter()
+                .map(|s| {
+                    format!(
+                        "ticket sink {} failed {} deliveries in a row ({} waiting){}",
+                        s.sink,
+                        s.consecutive_failures,
+                        s.pending,
+                        s.message
+                            .as_deref()
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    };
+    Condition {
+        r#type: "TicketSinksReady".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: roster.metadata.generation,
+        last_transition_time: None,
+    }
+}
+
+/// An Event when the `TicketSinksReady` condition changes: a sink started failing (Warning) or recovered.
+pub fn sinks_event(
+    old: Option<&OwnershipRosterStatus>,
+    next: &OwnershipRosterStatus,
+) -> Option<Event> {
+    let find = |s: &OwnershipRosterStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.r#type == "TicketSinksReady")
+            .cloned()
+    };
+    let now = find(next)?;
+    let was = old.and_then(find);
+    if was.as_ref().map(|c| (&c.status, &c.reason)) == Some((&now.status, &now.reason)) {
+        return None;
+    }
+    if was.is_none() && now.status == "True" {
+        return None;
+    }
+    Some(Event {
+        type_: if now.status == "True" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        },
+        reason: now.reason.clone(),
+        note: Some(now.message.chars().take(1000).collect()),
+        action: "DeliverTickets".into(),
+        secondary: None,
+    })
 }
 
 /// The roster's next status. Pure.
@@ -53,6 +202,14 @@ pub fn compute(
         .into_iter()
         .collect();
     let old = roster.status.clone().unwrap_or_default();
+    let tickets = tickets_of(
+        &flows
+            .iter()
+            .filter(|f| f.metadata.namespace.as_deref() == ns && mine.contains(&f.name_any()))
+            .map(|f| f.as_ref())
+            .collect::<Vec<_>>(),
+    );
+    let sinks = sinks_condition(roster, tickets.as_ref());
     let condition = Condition {
         r#type: "Accepted".into(),
         status: "True".into(),
@@ -80,12 +237,13 @@ pub fn compute(
     };
     OwnershipRosterStatus {
         observed_generation: roster.metadata.generation,
-        conditions: carry_transition_times(&old.conditions, vec![condition], now),
+        conditions: carry_transition_times(&old.conditions, vec![condition, sinks], now),
         owner_count: i32::try_from(roster.spec.owners.len()).unwrap_or(i32::MAX),
         covered_flow_count: i32::try_from(mine.len()).unwrap_or(i32::MAX),
         covered_flows: mine.into_iter().collect(),
         unowned_flow_count: i32::try_from(unowned.len()).unwrap_or(i32::MAX),
         flows_without_sync_owner: unowned,
+        tickets,
     }
 }
 
@@ -118,6 +276,12 @@ async fn reconcile_inner(roster: &OwnershipRoster, ctx: &Context) -> Result<Acti
     );
     if differs(roster.status.as_ref(), &next, |s| &mut s.conditions) {
         apply::apply_status(&ctx.client, roster, &next, &ctx.metrics).await?;
+        if let Some(event) = sinks_event(roster.status.as_ref(), &next) {
+            // An Event that cannot be published must not fail the reconcile: the status already says it.
+            if let Err(e) = ctx.recorder.publish(&event, &roster.object_ref(&())).await {
+                tracing::warn!(roster = %roster.name_any(), error = %e, "cannot publish an Event");
+            }
+        }
     }
     Ok(Action::requeue(super::flow::RESYNC))
 }

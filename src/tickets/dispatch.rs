@@ -1,0 +1,423 @@
+//! The worker's ticket task: settles tickets whose cause cleared, routes and escalates the open ones per the
+//! roster, raises and clears the worker's own flow-level causes (the circuit breaker), and delivers every
+//! ticket's current version to its sinks from the ledger's outbox, with retries and backoff.
+//!
+//! It runs beside the pipeline and shares nothing with it but the ledger, so a ticket sink that is down, slow
+//! or refusing never holds up a record. A delivery is marked in doubt in the ledger before it is sent and
+//! settled after, so a worker killed in between knows on restart that the sink may already have it (Jira and
+//! GitHub then look for their copy instead of creating a second; the webhook's `Idempotency-Key` and
+//! PagerDuty's `dedup_key` make a resend harmless).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use super::route::{self, Cause};
+use super::sinks::{Delivery, SinkError, TicketSink};
+use super::{ExceptionKind, Ticket, TicketState};
+use crate::api::{Assignment, ErrorClass, OwnershipRoster, SyncFlow};
+use crate::ledger::{
+    Clock, Ledger, RaisedException, TicketAssignment, TicketRecord, TicketSinkHealth,
+};
+
+/// The reason key of the worker's own flow-level cause.
+pub const BREAKER_OPEN: &str = "breaker_open";
+
+/// Deliveries attempted per tick; the rest wait for the next.
+const DELIVERIES_PER_TICK: usize = 50;
+/// Open tickets routed per tick.
+const TICKETS_PER_TICK: usize = 500;
+/// Backoff after a failed delivery: `BASE · 2^(attempts-1)`, at most `MAX`, half of it jittered.
+const BACKOFF_BASE: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// A sink refusing this many deliveries in a row is reported as failing.
+pub const FAILING_AFTER: u32 = 3;
+
+/// What one tick did, for tests, the report of `meshline dev` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tick {
+    pub resolved: Vec<String>,
+    pub assigned: usize,
+    pub delivered: Vec<(String, String, TicketState)>,
+    pub failed: Vec<(String, String, String)>,
+}
+
+/// The worker's flow-level state the ticket task watches.
+pub trait FlowSignals: Send + Sync {
+    /// Why the circuit breaker is open, if it is.
+    fn breaker_open(&self) -> Option<String>;
+}
+
+/// Routes, escalates and delivers the tickets of one flow.
+pub struct Dispatcher {
+    pub ledger: Arc<dyn Ledger>,
+    pub flow: SyncFlow,
+    pub roster: Option<OwnershipRoster>,
+    pub sinks: BTreeMap<String, Arc<dyn TicketSink>>,
+    pub clock: Arc<dyn Clock>,
+    pub signals: Arc<dyn FlowSignals>,
+}
+
+impl Dispatcher {
+    fn namespace(&self) -> String {
+        self.flow.metadata.namespace.clone().unwrap_or_default()
+    }
+
+    fn flow_name(&self) -> String {
+        self.flow.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_default()
+    }
+
+    /// The roster's assignment for this flow, if a roster covers it.
+    fn assignment(&self) -> Option<(&OwnershipRoster, &Assignment)> {
+        let roster = self.roster.as_ref()?;
+        let a = roster
+            .spec
+            .assignments
+            .iter()
+            .find(|a| crate::validate::assignment_covers(a, &self.flow))?;
+        Some((roster, a))
+    }
+
+    /// One pass: settle, raise or clear the breaker's cause, route and escalate, deliver what is due.
+    pub async fn tick(&self) -> Result<Tick, crate::ledger::LedgerError> {
+        let mut tick = Tick {
+            resolved: self.ledger.settle_tickets().await?,
+            ..Tick::default()
+        };
+        self.breaker().await?;
+        tick.assigned = self.assign().await?;
+        self.deliver(&mut tick).await?;
+        Ok(tick)
+    }
+
+    async fn breaker(&self) -> Result<(), crate::ledger::LedgerError> {
+        let fp = super::fingerprint(
+            &self.namespace(),
+            &self.flow_name(),
+            ExceptionKind::FlowDegraded,
+            Some(ErrorClass::FlowLevel),
+            BREAKER_OPEN,
+        );
+        match self.signals.breaker_open() {
+            Some(why) => {
+                // Raised once per opening: an open ticket for it is left alone (its count is the openings).
+                let open = self
+                    .ledger
+                    .ticket(&fp)
+                    .await?
+                    .is_some_and(|t| t.state != TicketState::Resolved);
+                if !open {
+                    self.ledger
+                        .raise_exception(RaisedException {
+                            kind: ExceptionKind::FlowDegraded,
+                            class: Some(ErrorClass::FlowLevel),
+                            reason: BREAKER_OPEN.into(),
+                            rule: None,
+                            summary: format!(
+                                "the circuit breaker is open: {why}; records wait until the ERP answers"
+                            ),
+                        })
+                        .await?;
+                }
+            }
+            None => {
+                self.ledger.clear_exception(&fp).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes every open ticket and moves it up the ladder; returns how many changed.
+    async fn assign(&self) -> Result<usize, crate::ledger::LedgerError> {
+        let Some((roster, assignment)) = self.assignment() else {
+            return Ok(0);
+        };
+        let now = self.now();
+        let mut changed = 0;
+        for t in self.ledger.tickets(true, TICKETS_PER_TICK).await? {
+            let routed = route::route(
+                &roster.spec,
+                assignment,
+                Cause {
+                    class: t.class,
+                    rule: t.rule.as_deref(),
+                },
+            );
+            let reached = t.assignment.as_ref().map_or(0, |a| a.escalation_step);
+            let placed = route::place(
+                &roster.spec,
+                assignment,
+                &routed,
+                t.opened_at,
+                t.state,
+                reached,
+                now,
+            );
+            let next = TicketAssignment {
+                role: placed.role,
+                owner: placed.owner,
+                sinks: placed.sinks,
+                escalation_step: placed.step,
+                page: placed.page,
+            };
+            if t.assignment.as_ref() != Some(&next)
+                && self.ledger.assign_ticket(&t.fingerprint, &next).await?
+            {
+                changed += 1;
+                if placed.step > reached {
+                    tracing::info!(
+                        flow = %self.flow_name(),
+                        ticket = %t.fingerprint,
+                        step = placed.step,
+                        owner = %next.owner,
+                        page = next.page,
+                        "ticket escalated"
+                    );
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn deliver(&self, tick: &mut Tick) -> Result<(), crate::ledger::LedgerError> {
+        let now = self.now();
+        let due = self
+            .ledger
+            .ticket_deliveries_due(now, DELIVERIES_PER_TICK)
+            .await?;
+        for d in due {
+            let Some(sink) = self.sinks.get(&d.sink) else {
+                // A sink the roster no longer names (or whose Secret could not be read): kept in the outbox
+                // and reported, so fixing the roster delivers it.
+                let next = now + chrono::Duration::from_std(BACKOFF_MAX).unwrap_or_default();
+                let why = format!(
+                    "ticket sink {:?} is not configured (not in the roster, or its credentials are missing)",
+                    d.sink
+                );
+                self.ledger
+                    .fail_ticket_delivery(&d.ticket.fingerprint, &d.sink, &why, next)
+                    .await?;
+                tick.failed
+                    .push((d.ticket.fingerprint.clone(), d.sink.clone(), why));
+                continue;
+            };
+            let ticket = self.render(&d.ticket);
+            self.ledger
+                .begin_ticket_delivery(&d.ticket.fingerprint, &d.sink, d.ticket.version)
+                .await?;
+            let result = sink
+                .deliver(Delivery {
+                    ticket: &ticket,
+                    previous: d.previous.as_ref(),
+                    in_doubt: d.in_doubt,
+                })
+                .await;
+            match result {
+                Ok(sink_ref) => {
+                    self.ledger
+                        .finish_ticket_delivery(
+                            &d.ticket.fingerprint,
+                            &d.sink,
+                            d.ticket.version,
+                            sink_ref,
+                        )
+                        .await?;
+                    tick.delivered
+                        .push((d.ticket.fingerprint.clone(), d.sink.clone(), ticket.state));
+                }
+                Err(e) => {
+                    let wait = backoff(d.attempts + 1, &e);
+                    let next = now + chrono::Duration::from_std(wait).unwrap_or_default();
+                    tracing::warn!(
+                        flow = %self.flow_name(),
+                        ticket = %d.ticket.fingerprint,
+                        sink = %d.sink,
+                        status = e.status,
+                        retryable = e.retryable,
+                        error = %e.message,
+                        retry_in_s = wait.as_secs(),
+                        "ticket delivery failed; it stays in the outbox"
+                    );
+                    self.ledger
+                        .fail_ticket_delivery(&d.ticket.fingerprint, &d.sink, &e.message, next)
+                        .await?;
+                    tick.failed
+                        .push((d.ticket.fingerprint.clone(), d.sink.clone(), e.message));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The ticket as sinks see it.
+    pub fn render(&self, t: &TicketRecord) -> Ticket {
+        render(
+            &self.namespace(),
+            &self.flow_name(),
+            self.roster.as_ref(),
+            t,
+        )
+    }
+
+    /// Runs ticks every `period` until shutdown. A failing ledger is logged and retried on the next tick.
+    pub async fn run(self, period: Duration, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.tick().await {
+                tracing::warn!(flow = %self.flow_name(), error = %e, "ticket task: ledger error; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+/// The wait before the next attempt. A refusal (4xx) waits the longest: it needs a person to fix the sink's
+/// configuration, and retrying it every few seconds only fills the sink's logs.
+pub fn backoff(attempts: u32, e: &SinkError) -> Duration {
+    let exp = BACKOFF_BASE
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    let wait = if e.retryable { exp } else { BACKOFF_MAX };
+    // Half fixed, half jittered: sinks recovering from an outage are not hit by every flow at once.
+    let half = wait / 2;
+    let jitter = Duration::from_millis(rand::random_range(0..=half.as_millis() as u64));
+    (half + jitter).max(e.retry_after.unwrap_or_default())
+}
+
+/// A sink is failing once it refused [`FAILING_AFTER`] deliveries in a row.
+pub fn failing(health: &TicketSinkHealth) -> bool {
+    health.consecutive_failures >= FAILING_AFTER
+}
+
+/// The ticket as the sinks see it: the ledger's record, the owner from the roster, a title, and the commands
+/// to look closer and to act.
+pub fn render(
+    namespace: &str,
+    flow: &str,
+    roster: Option<&OwnershipRoster>,
+    t: &TicketRecord,
+) -> Ticket {
+    let (role, owner) = match (&t.assignment, roster) {
+        (Some(a), Some(r)) => (a.role, route::assignee(&r.spec, &a.owner)),
+        (Some(a), None) => (a.role, route::assignee(&Default::default(), &a.owner)),
+        (None, _) => (
+            crate::api::OwnerRole::SyncOwner,
+            super::Assignee {
+                id: String::new(),
+                name: "unassigned".into(),
+                ..Default::default()
+            },
+        ),
+    };
+    let n = t.outstanding.max(1);
+    let title = match t.kind {
+        ExceptionKind::DeadLetter => format!("{flow}: {n} record(s) dead-lettered: {}", t.reason),
+        ExceptionKind::Hold => format!(
+            "{flow}: {n} record(s) held for approval by rule {}",
+            t.rule.as_deref().unwrap_or(&t.reason)
+        ),
+        ExceptionKind::FlowDegraded => format!("{flow}: flow degraded: {}", t.reason),
+        ExceptionKind::ContractRejected => format!("{flow}: contract change stopped: {}", t.reason),
+        ExceptionKind::AuditMismatch => format!("{flow}: audit differences: {}", t.reason),
+    };
+    let title = match t.state {
+        TicketState::Resolved => format!("[resolved] {title}"),
+        _ => title,
+    };
+    let port_forward =
+        format!("kubectl -n {namespace} port-forward svc/meshline-{flow}-status 8081");
+    let endpoint = format!("--flow {flow} -n {namespace}");
+    let newest = t.examples.first().map(|e| e.record);
+    let mut commands = Vec::new();
+    match t.kind {
+        ExceptionKind::DeadLetter => {
+            commands.push(port_forward);
+            commands.push(format!(
+                "meshline dlq list {endpoint} --reason '{}'",
+                t.reason
+            ));
+            if let Some(id) = newest {
+                commands.push(format!("meshline dlq show {endpoint} {id}"));
+            }
+            commands.push(format!(
+                "meshline dlq replay {endpoint} --reason '{}' --actor <your-owner-id> --why '<the fix>'",
+                t.reason
+            ));
+        }
+        ExceptionKind::Hold => {
+            commands.push(port_forward);
+            commands.push(format!("meshline hold list {endpoint}"));
+            if let Some(id) = newest {
+                commands.push(format!("meshline dlq show {endpoint} {id}"));
+                commands.push(format!(
+                    "meshline hold approve {flow} {id} -n {namespace} --by <your-owner-id> --reason '<why>'"
+                ));
+                commands.push(format!(
+                    "meshline hold reject {flow} {id} -n {namespace} --by <your-owner-id> --reason '<why>'"
+                ));
+            }
+        }
+        ExceptionKind::FlowDegraded => {
+            commands.push(format!("kubectl -n {namespace} describe syncflow {flow}"));
+        }
+        ExceptionKind::ContractRejected => {
+            commands.push(format!("meshline rollout status {flow} -n {namespace}"));
+            commands.push(format!("kubectl -n {namespace} describe syncflow {flow}"));
+        }
+        ExceptionKind::AuditMismatch => {
+            commands.push(format!("kubectl -n {namespace} describe syncflow {flow}"));
+        }
+    }
+    Ticket {
+        fingerprint: t.fingerprint.clone(),
+        namespace: namespace.to_string(),
+        flow: flow.to_string(),
+        kind: t.kind,
+        class: t.class,
+        reason: t.reason.clone(),
+        rule: t.rule.clone(),
+        title,
+        summary: t.summary.clone(),
+        state: t.state,
+        role,
+        owner,
+        escalation_step: t.assignment.as_ref().map_or(0, |a| a.escalation_step),
+        page: t.assignment.as_ref().is_some_and(|a| a.page),
+        count: t.count,
+        outstanding: t.outstanding,
+        opened_at: t.opened_at,
+        updated_at: t.updated_at,
+        acknowledged_at: t.acknowledged_at,
+        acknowledged_by: t.acknowledged_by.clone(),
+        resolved_at: t.resolved_at,
+        examples: t.examples.clone(),
+        commands,
+        version: t.version,
+    }
+}
+
+/// The open tickets' owners' health for status: used by `/status`.
+pub fn summary_of(
+    open: &[TicketRecord],
+    health: &[TicketSinkHealth],
+) -> (u64, u64, Vec<String>) {
+    let acknowledged = open
+        .iter()
+        .filter(|t| t.state == TicketState::Acknowledged)
+        .count() as u64;
+    let failing_sinks = health
+        .iter()
+        .filter(|h| failing(h))
+        .map(|h| h.sink.clone())
+        .collect();
+    (open.len() as u64, acknowledged, failing_sinks)
+}
