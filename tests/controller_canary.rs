@@ -64,6 +64,7 @@ impl WorkerStatusSource for Workers {
         method: http::Method,
         path: &str,
         token: Option<&str>,
+        _body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
         self.calls.lock().unwrap().push((
             method.to_string(),

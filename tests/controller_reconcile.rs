@@ -778,6 +778,7 @@ impl WorkerStatusSource for ScriptedWorker {
         _method: http::Method,
         _path: &str,
         _token: Option<&str>,
+        _body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
         Ok((404, b"no such route".to_vec()))
     }
@@ -1446,6 +1447,7 @@ impl WorkerStatusSource for CountingWorker {
         _method: http::Method,
         _path: &str,
         _token: Option<&str>,
+        _body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
         Ok((404, b"no such route".to_vec()))
     }

@@ -193,8 +193,8 @@ pub trait WorkerStatusSource: Send + Sync {
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError>;
 
-    /// Another operations endpoint of one pod: `path` with its query (`/rollout/measures?...`), answered with
-    /// the HTTP status and body. The canary's analysis reads the ledger's per-revision measures through it.
+    /// Another operations endpoint of one pod: `path` with its query (`/rollout/measures?...`) and, for a
+    /// write, a JSON body, answered with the HTTP status and body. The canary's analysis reads the ledger's per-revision measures through it.
     async fn call(
         &self,
         namespace: &str,
@@ -202,6 +202,7 @@ pub trait WorkerStatusSource: Send + Sync {
         method: http::Method,
         path: &str,
         token: Option<&str>,
+        body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError>;
 }
 
@@ -246,7 +247,7 @@ impl WorkerStatusSource for Direct {
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
         let (status, body) = self
-            .call(namespace, pod, http::Method::GET, "/status", token)
+            .call(namespace, pod, http::Method::GET, "/status", token, None)
             .await?;
         parse_answer(&pod_url(pod), status, &body)
     }
@@ -258,11 +259,17 @@ impl WorkerStatusSource for Direct {
         method: http::Method,
         path: &str,
         token: Option<&str>,
+        body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
         let url = pod_url(pod).replace("/status", path);
         let mut request = self.http.request(method, &url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec());
         }
         let unreachable = |e: reqwest::Error| FetchError::Unreachable {
             url: url.clone(),
@@ -292,7 +299,7 @@ impl WorkerStatusSource for ViaProxy {
         token: Option<&str>,
     ) -> Result<WorkerAnswer, FetchError> {
         let (status, body) = self
-            .call(namespace, pod, http::Method::GET, "/status", token)
+            .call(namespace, pod, http::Method::GET, "/status", token, None)
             .await?;
         parse_answer(&pod_proxy_path(namespace, &pod.name), status, &body)
     }
@@ -304,6 +311,7 @@ impl WorkerStatusSource for ViaProxy {
         method: http::Method,
         path: &str,
         token: Option<&str>,
+        body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
         let full =
             pod_proxy_path(namespace, &pod.name).replace("/proxy/status", &format!("/proxy{path}"));
@@ -311,12 +319,15 @@ impl WorkerStatusSource for ViaProxy {
         if let Some(token) = token {
             request = request.header(PROXY_TOKEN_HEADER, token);
         }
+        if body.is_some() {
+            request = request.header(http::header::CONTENT_TYPE, "application/json");
+        }
         let unreachable = |reason: String| FetchError::Unreachable {
             url: full.clone(),
             reason,
         };
         let request = request
-            .body(kube::client::Body::from(Vec::new()))
+            .body(kube::client::Body::from(body.map(<[u8]>::to_vec).unwrap_or_default()))
             .map_err(|e| unreachable(e.to_string()))?;
         // `send`, not `request_text`: the latter reads any error body as an API `Status`, and the worker's 503
         // body (its startup problems) would be lost in that reading.

@@ -201,3 +201,34 @@ pub struct Ticket {
     /// Bumped on every change; a sink is in sync when it has been sent this version.
     pub version: i64,
 }
+
+/// A flow-level cause the controller sees and the worker cannot (an SLA breach over the flow's status, a
+/// contract candidate the gates rejected or whose canary aborted), sent to the worker's `PUT /exceptions`
+/// so it becomes a ticket in the same outbox as the records' exceptions. The controller sends the whole set
+/// it sees each time; a cause it no longer sends has cleared.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedCause {
+    pub kind: ExceptionKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<ErrorClass>,
+    /// The cause's key, prefixed by [`CONTROLLER_REASON_PREFIXES`]: `sla:FailureRateOverSla`,
+    /// `contract:CanaryAborted:1.3.0`.
+    pub reason: String,
+    /// What a person should know (no record values).
+    pub summary: String,
+}
+
+/// The body of `PUT /exceptions`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedCauses {
+    pub causes: Vec<ReportedCause>,
+}
+
+/// The reason prefixes of the causes the controller reports: an open ticket with one of them that the
+/// controller no longer sends is resolved. The worker's own flow-level cause (`breaker_open`) has none.
+pub const CONTROLLER_REASON_PREFIXES: [&str; 2] = ["sla:", "contract:"];
+
+/// At most this many causes per report (each SLA breach and one contract rejection fit easily).
+pub const MAX_REPORTED_CAUSES: usize = 20;

@@ -91,6 +91,9 @@ pub struct WorkerStatus {
     /// waits until every pod of both tracks applies a step's weight before it measures the step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<AppliedSplit>,
+    /// The flow's tickets from the ledger: open ones, per-owner times, failing ticket sinks (issue #16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tickets: Option<crate::api::TicketSummary>,
 }
 
 /// The rollout split one worker applies (see [`crate::rollout::split`]).
@@ -345,6 +348,7 @@ pub async fn compute_status(
         source_api: pipeline.source_api.get(),
         revision: Some(pipeline.track.revision().to_string()),
         rollout: pipeline.track.applied(),
+        tickets: None,
     })
 }
 

@@ -120,7 +120,8 @@ fn stable_pod(observation: Option<&Observation>) -> Option<WorkerPod> {
     })
 }
 
-fn token(ctx: &Context, ns: &str, flow: &str) -> Option<String> {
+/// The flow's token, from the cache of token Secrets.
+pub(crate) fn flow_token(ctx: &Context, ns: &str, flow: &str) -> Option<String> {
     ctx.stores
         .tokens
         .get(&ObjectRef::new(&build::token_name(flow)).within(ns))
@@ -148,10 +149,10 @@ async fn measures(
         until.timestamp_millis()
     );
     // Behind the flow's token, like `/status`.
-    let token = token(ctx, ns, flow);
+    let token = flow_token(ctx, ns, flow);
     let (status, body) = ctx
         .workers
-        .call(ns, pod, http::Method::GET, &path, token.as_deref())
+        .call(ns, pod, http::Method::GET, &path, token.as_deref(), None)
         .await
         .map_err(|e| e.to_string())?;
     if status != 200 {
@@ -445,10 +446,10 @@ async fn release_leases(
         return;
     };
     let path = format!("/rollout/release?ownerPrefix={}", url_encode(&prefix));
-    let token = token(ctx, ns, flow);
+    let token = flow_token(ctx, ns, flow);
     let answer = ctx
         .workers
-        .call(ns, &pod, http::Method::POST, &path, token.as_deref())
+        .call(ns, &pod, http::Method::POST, &path, token.as_deref(), None)
         .await;
     let (reason, message, warning) = match answer {
         Ok((200, body)) => {

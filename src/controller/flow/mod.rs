@@ -19,6 +19,7 @@
 pub mod build;
 pub mod canary;
 pub mod status;
+pub mod tickets;
 pub mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -347,6 +348,18 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
                 tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
             }
         }
+    }
+    // The causes only the controller sees become tickets in the flow's outbox (issue #16).
+    if verdict.startable() {
+        let causes = tickets::causes(observation.as_ref(), live_contract.as_deref());
+        tickets::report(ctx, &ns, &name, observation.as_ref(), &causes).await;
+    }
+    if let Some(t) = observation
+        .as_ref()
+        .and_then(|o| o.ledger.as_ref())
+        .and_then(|w| w.tickets.clone())
+    {
+        next.tickets = Some(t);
     }
     if status::differs(flow.status.as_ref(), &next, |s| &mut s.conditions) {
         apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
