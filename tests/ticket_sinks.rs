@@ -134,7 +134,10 @@ async fn deliver(
 
 /// Answers queued for the next requests, before the mock looks at them (an outage, a rate limit, a refusal).
 #[derive(Default)]
-struct Script(Mutex<Vec<(u16, Vec<(&'static str, String)>, String)>>);
+struct Script(Mutex<Vec<Scripted>>);
+
+/// A status, headers and body.
+type Scripted = (u16, Vec<(&'static str, String)>, String);
 
 impl Script {
     async fn push(&self, status: u16, headers: &[(&'static str, &str)], body: &str) {
@@ -589,18 +592,19 @@ struct Jira {
     bodies: Mutex<Vec<Value>>,
 }
 
-fn jira_auth(headers: &HeaderMap) -> Result<(), Response> {
+/// `Some(refusal)` when the request would be refused.
+fn jira_auth(headers: &HeaderMap) -> Option<Response> {
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{JIRA_EMAIL}:{JIRA_TOKEN}"))
     );
     if header(headers, "authorization") != expected {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::UNAUTHORIZED,
             "Client must be authenticated",
         ));
     }
-    Ok(())
+    None
 }
 
 /// The ADF rules Jira enforces for the nodes meshline writes.
@@ -660,7 +664,7 @@ async fn jira_create(
     if let Some(scripted) = jira.script.next().await {
         return scripted;
     }
-    if let Err(refused) = jira_auth(&headers) {
+    if let Some(refused) = jira_auth(&headers) {
         return refused;
     }
     jira.bodies.lock().await.push(body.clone());
@@ -725,7 +729,7 @@ async fn jira_comment(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(refused) = jira_auth(&headers) {
+    if let Some(refused) = jira_auth(&headers) {
         return refused;
     }
     jira.bodies.lock().await.push(body.clone());
@@ -755,7 +759,7 @@ async fn jira_transitions(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = jira_auth(&headers) {
+    if let Some(refused) = jira_auth(&headers) {
         return refused;
     }
     let issues = jira.issues.lock().await;
@@ -780,7 +784,7 @@ async fn jira_transition(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(refused) = jira_auth(&headers) {
+    if let Some(refused) = jira_auth(&headers) {
         return refused;
     }
     let mut issues = jira.issues.lock().await;
@@ -802,7 +806,7 @@ async fn jira_issue(
     Path(key): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = jira_auth(&headers) {
+    if let Some(refused) = jira_auth(&headers) {
         return refused;
     }
     let issues = jira.issues.lock().await;
@@ -817,7 +821,7 @@ async fn jira_search(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(refused) = jira_auth(&headers) {
+    if let Some(refused) = jira_auth(&headers) {
         return refused;
     }
     *jira.searches.lock().await += 1;
@@ -996,29 +1000,30 @@ struct Github {
 
 /// GitHub's rules for every REST request: a User-Agent (403 without one), the token as Bearer, and the
 /// documented media type and API version.
-fn github_headers(headers: &HeaderMap) -> Result<(), Response> {
+/// `Some(refusal)` when the request would be refused.
+fn github_headers(headers: &HeaderMap) -> Option<Response> {
     if header(headers, "user-agent").is_empty() {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::FORBIDDEN,
             "Request forbidden by administrative rules. Please make sure your request has a User-Agent header",
         ));
     }
     if header(headers, "authorization") != format!("Bearer {GITHUB_TOKEN}") {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::UNAUTHORIZED,
             r#"{"message":"Bad credentials"}"#,
         ));
     }
     if header(headers, "accept") != "application/vnd.github+json" {
-        return Err(refuse(
+        return Some(refuse(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported Accept",
         ));
     }
     if header(headers, "x-github-api-version") != "2022-11-28" {
-        return Err(refuse(StatusCode::BAD_REQUEST, "unsupported API version"));
+        return Some(refuse(StatusCode::BAD_REQUEST, "unsupported API version"));
     }
-    Ok(())
+    None
 }
 
 fn issue_json(issue: &GithubIssue) -> Value {
@@ -1039,7 +1044,7 @@ async fn github_create(
     if let Some(scripted) = github.script.next().await {
         return scripted;
     }
-    if let Err(refused) = github_headers(&headers) {
+    if let Some(refused) = github_headers(&headers) {
         return refused;
     }
     if (owner.as_str(), repo.as_str()) != ("acme", "erp-sync") {
@@ -1085,7 +1090,7 @@ async fn github_list(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(refused) = github_headers(&headers) {
+    if let Some(refused) = github_headers(&headers) {
         return refused;
     }
     let state = query.get("state").map(String::as_str).unwrap_or("open");
@@ -1116,7 +1121,7 @@ async fn github_comment(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(refused) = github_headers(&headers) {
+    if let Some(refused) = github_headers(&headers) {
         return refused;
     }
     github.bodies.lock().await.push(body.clone());
@@ -1145,7 +1150,7 @@ async fn github_update(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    if let Err(refused) = github_headers(&headers) {
+    if let Some(refused) = github_headers(&headers) {
         return refused;
     }
     let state = body["state"].as_str().unwrap_or("");
@@ -1492,7 +1497,9 @@ async fn pagerduty_invalid_events_are_final_and_overload_is_retried() {
 
 #[test]
 fn a_missing_or_malformed_credential_is_a_build_error_naming_the_sink_and_key() {
-    let cases: [(TicketSinkType, &[(&str, &str)], &str); 5] = [
+    // (type, the Secret's keys, what the error must say)
+    type Case<'a> = (TicketSinkType, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 5] = [
         (TicketSinkType::Slack, &[], "\"webhookUrl\" is missing"),
         (
             TicketSinkType::Jira,

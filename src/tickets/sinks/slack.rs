@@ -60,6 +60,13 @@ impl SlackSink {
 /// Escapes `&`, `<` and `>` the way Slack's `mrkdwn` requires, keeping at most `max` characters in all
 /// (never cutting an escape in half).
 pub fn mrkdwn(raw: &str, max: usize) -> String {
+    let escaped = raw
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    if escaped.chars().count() <= max {
+        return escaped;
+    }
     let mut out = String::new();
     let mut used = 0;
     for c in raw.chars() {
@@ -180,6 +187,7 @@ mod tests {
         assert_eq!(mrkdwn("a<b>&c", 100), "a&lt;b&gt;&amp;c");
         assert_eq!(mrkdwn("ab<cd", 5), "ab…");
         assert_eq!(mrkdwn("ab<cd", 7), "ab&lt;…");
+        assert_eq!(mrkdwn("ab<cd", 8), "ab&lt;cd", "what fits is not cut");
     }
 
     #[test]
