@@ -405,19 +405,88 @@ pub fn render(
     }
 }
 
-/// The open tickets' owners' health for status: used by `/status`.
-pub fn summary_of(
+/// The flow's tickets as `/status` reports them (and the controller copies into the flow's status): open and
+/// acknowledged counts, the oldest open tickets, per-owner times, and the sinks that keep failing.
+pub fn summary(
     open: &[TicketRecord],
+    measures: &[crate::ledger::OwnerTicketMeasures],
     health: &[TicketSinkHealth],
-) -> (u64, u64, Vec<String>) {
-    let acknowledged = open
-        .iter()
-        .filter(|t| t.state == TicketState::Acknowledged)
-        .count() as u64;
-    let failing_sinks = health
-        .iter()
-        .filter(|h| failing(h))
-        .map(|h| h.sink.clone())
-        .collect();
-    (open.len() as u64, acknowledged, failing_sinks)
+) -> crate::api::TicketSummary {
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut oldest: Vec<&TicketRecord> = open.iter().collect();
+    oldest.sort_by_key(|t| t.opened_at);
+    let (mut tta, mut ttr, mut acked, mut resolved) = (0.0, 0.0, 0u64, 0u64);
+    for m in measures {
+        tta += m.mean_time_to_acknowledge_seconds.unwrap_or(0.0) * m.acknowledged as f64;
+        ttr += m.mean_time_to_resolve_seconds.unwrap_or(0.0) * m.resolved as f64;
+        acked += m.acknowledged;
+        resolved += m.resolved;
+    }
+    let mean = |sum: f64, n: u64| (n > 0).then(|| (sum / n as f64).round() as i64);
+    crate::api::TicketSummary {
+        open: to_i64(open.len() as u64),
+        acknowledged: to_i64(
+            open.iter()
+                .filter(|t| t.state == TicketState::Acknowledged)
+                .count() as u64,
+        ),
+        mean_time_to_acknowledge_seconds: mean(tta, acked),
+        mean_time_to_resolve_seconds: mean(ttr, resolved),
+        owners: measures
+            .iter()
+            .take(100)
+            .map(|m| crate::api::OwnerTicketStats {
+                owner: m.owner.clone(),
+                opened: to_i64(m.opened),
+                acknowledged: to_i64(m.acknowledged),
+                resolved: to_i64(m.resolved),
+                open: to_i64(m.open),
+                mean_time_to_acknowledge_seconds: m
+                    .mean_time_to_acknowledge_seconds
+                    .map(|s| s.round() as i64),
+                mean_time_to_resolve_seconds: m.mean_time_to_resolve_seconds.map(|s| s.round() as i64),
+            })
+            .collect(),
+        oldest: oldest
+            .into_iter()
+            .take(10)
+            .map(|t| crate::api::OpenTicket {
+                fingerprint: t.fingerprint.clone(),
+                kind: t.kind.label().into(),
+                reason: t.reason.chars().take(200).collect(),
+                state: t.state.label().into(),
+                owner: t.assignment.as_ref().map(|a| a.owner.clone()),
+                escalation_step: t
+                    .assignment
+                    .as_ref()
+                    .map_or(0, |a| i32::try_from(a.escalation_step).unwrap_or(i32::MAX)),
+                outstanding: to_i64(t.outstanding),
+                opened_at: t.opened_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            })
+            .collect(),
+        failing_sinks: health
+            .iter()
+            .filter(|h| failing(h))
+            .take(20)
+            .map(|h| crate::api::FailingTicketSink {
+                sink: h.sink.clone(),
+                pending: to_i64(h.pending),
+                consecutive_failures: i32::try_from(h.consecutive_failures).unwrap_or(i32::MAX),
+                failing_since: h
+                    .failing_since
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                message: h.last_error.as_ref().map(|m| m.chars().take(1000).collect()),
+            })
+            .collect(),
+    }
+}
+
+/// Reads what [`summary`] needs from the ledger.
+pub async fn read_summary(
+    ledger: &dyn Ledger,
+) -> Result<crate::api::TicketSummary, crate::ledger::LedgerError> {
+    let open = ledger.tickets(true, TICKETS_PER_TICK).await?;
+    let measures = ledger.ticket_measures().await?;
+    let health = ledger.ticket_sink_health().await?;
+    Ok(summary(&open, &measures, &health))
 }
