@@ -41,6 +41,12 @@ fn good_secrets() -> BTreeMap<String, Option<BTreeSet<String>>> {
             "odoo-api-key".into(),
             Some(["login", "apiKey"].map(String::from).into()),
         ),
+        // The roster's ticket sinks.
+        ("github-token".into(), Some(["token".to_string()].into())),
+        (
+            "alert-webhook-signing".into(),
+            Some(["signingSecret".to_string()].into()),
+        ),
     ])
 }
 
@@ -877,7 +883,7 @@ fn platform_defaults_json() -> String {
 #[test]
 fn secret_key_requirements_follow_the_connectors() {
     let f = flow();
-    let reqs = secrets::requirements(&f);
+    let reqs = secrets::requirements(&f, None);
     assert_eq!(
         reqs["hubspot-app"][0].alternatives,
         vec![vec!["clientSecret", "accessToken"]]
@@ -888,11 +894,131 @@ fn secret_key_requirements_follow_the_connectors() {
     );
     let mut keys = good_secrets();
     keys.insert("odoo-api-key".into(), Some(["login".to_string()].into()));
-    let (reason, message) = secrets::check(&f, &keys).unwrap_err();
+    let (reason, message) = secrets::check(&f, None, &keys).unwrap_err();
     assert_eq!(reason, "SecretKeysMissing");
     assert!(
         message.contains("odoo-api-key lacks key(s) apiKey"),
         "{message}"
+    );
+}
+
+/// The example roster with an identity Secret, as a team that approves holds configures it.
+fn roster_with_identities() -> OwnershipRoster {
+    let mut r: OwnershipRoster = load("roster.yaml");
+    r.spec.identity_secret_ref = Some(meshline::api::SecretRef {
+        name: "commerce-identities".into(),
+    });
+    r
+}
+
+#[test]
+fn the_rosters_identity_and_ticket_sink_secrets_are_mounted_read_only_like_the_flows() {
+    let contract: SyncContract = load("contract.yaml");
+    let roster = roster_with_identities();
+    let d = build::build(BuildInputs {
+        revision: Some("meshline-contract-test-000000000000"),
+        flow: &flow(),
+        contract: &contract,
+        roster: Some(&roster),
+        settings: &BuildSettings {
+            worker_image: "img:1".into(),
+            ..BuildSettings::default()
+        },
+        new_token: None,
+    })
+    .unwrap()
+    .deployment;
+    let pod = d.spec.unwrap().template.spec.unwrap();
+    let volumes: BTreeMap<String, (String, Option<i32>)> = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .filter_map(|v| {
+            let s = v.secret?;
+            Some((v.name, (s.secret_name?, s.default_mode)))
+        })
+        .collect();
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    for secret in [
+        "commerce-identities",
+        "github-token",
+        "alert-webhook-signing",
+        "hubspot-app",
+        "odoo-api-key",
+    ] {
+        let path = format!("/var/run/meshline/secrets/{secret}");
+        let m = mounts
+            .iter()
+            .find(|m| m.mount_path == path)
+            .unwrap_or_else(|| panic!("{secret} is not mounted: {mounts:?}"));
+        assert_eq!(m.read_only, Some(true), "{secret}");
+        assert_eq!(
+            volumes[&m.name],
+            (secret.to_string(), Some(0o440)),
+            "{secret}"
+        );
+    }
+
+    // A Secret the flow and the roster both name is mounted once.
+    let mut shared = roster_with_identities();
+    shared.spec.identity_secret_ref.as_mut().unwrap().name = "hubspot-app".into();
+    let names = build::mounted_secrets(&flow(), Some(&shared));
+    assert_eq!(
+        names,
+        [
+            "alert-webhook-signing",
+            "github-token",
+            "hubspot-app",
+            "odoo-api-key"
+        ]
+    );
+}
+
+#[test]
+fn a_ticket_sink_secret_without_its_key_stops_the_flow_naming_the_roster_field_and_key() {
+    let mut keys = good_secrets();
+    keys.insert(
+        "alert-webhook-signing".into(),
+        Some(["token".to_string()].into()),
+    );
+    let rosters = vec![Arc::new(load::<OwnershipRoster>("roster.yaml"))];
+    let v = validate::validate(Inputs {
+        flow: &flow(),
+        contract: Some(Arc::new(load::<SyncContract>("contract.yaml"))),
+        rosters: &rosters,
+        secrets: &keys,
+        compile: &validate::compile_contract,
+        worker_defaults: &Default::default(),
+    });
+    assert!(!v.startable());
+    assert_eq!(v.secrets_ready.reason(), "SecretKeysMissing");
+    let message = v.secrets_ready.message();
+    assert!(
+        message.contains("Secret alert-webhook-signing lacks key(s) signingSecret")
+            && message.contains(
+                "OwnershipRoster commerce-owners spec.ticketSinks[1].credentialsSecretRef"
+            ),
+        "{message}"
+    );
+    // The roster's identity Secret must exist as well (its keys are the owners' ids, none fixed).
+    let mut keys = good_secrets();
+    keys.insert("commerce-identities".into(), None);
+    let rosters = vec![Arc::new(roster_with_identities())];
+    let v = validate::validate(Inputs {
+        flow: &flow(),
+        contract: Some(Arc::new(load::<SyncContract>("contract.yaml"))),
+        rosters: &rosters,
+        secrets: &keys,
+        compile: &validate::compile_contract,
+        worker_defaults: &Default::default(),
+    });
+    assert_eq!(v.secrets_ready.reason(), "SecretNotFound");
+    assert!(
+        v.secrets_ready
+            .message()
+            .contains("Secret commerce-identities does not exist (referenced by OwnershipRoster commerce-owners spec.identitySecretRef)"),
+        "{}",
+        v.secrets_ready.message()
     );
 }
 

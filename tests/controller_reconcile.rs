@@ -68,6 +68,9 @@ fn harness_with(build: BuildSettings) -> Harness {
     let double = ApiDouble::new();
     double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
     double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
+    // The roster's ticket sinks, mounted into the worker as well.
+    double.put_secret(NS, "github-token", &["token"]);
+    double.put_secret(NS, "alert-webhook-signing", &["signingSecret"]);
     let (stores, mut writers) = Stores::new();
     let c = controller_support::activated(contract(), &mut writers.revisions);
     apply(&mut writers.contracts, c);
@@ -1717,6 +1720,9 @@ async fn platform_defaults_and_flow_settings_reach_a_deployment_the_api_server_a
     let double = ApiDouble::new();
     double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
     double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
+    // The roster's ticket sinks, mounted into the worker as well.
+    double.put_secret(NS, "github-token", &["token"]);
+    double.put_secret(NS, "alert-webhook-signing", &["signingSecret"]);
     let (stores, mut writers) = Stores::new();
     let c = controller_support::activated(contract(), &mut writers.revisions);
     apply(&mut writers.contracts, c);

@@ -199,10 +199,17 @@ fn start_controller(
     })
 }
 
+/// The example roster's ticket sinks' Secrets, which the controller mounts into the flow's workers too.
+async fn ticket_sink_secrets(client: &Client, ns: &str) {
+    secret(client, ns, "github-token", &["token"]).await;
+    secret(client, ns, "alert-webhook-signing", &["signingSecret"]).await;
+}
+
 /// Applies the hubspot-odoo example (roster, contract, flow) with dummy Secrets.
 async fn apply_example(client: &Client, ns: &str) {
     secret(client, ns, "hubspot-app", &["clientSecret", "accessToken"]).await;
     secret(client, ns, "odoo-api-key", &["login", "apiKey"]).await;
+    ticket_sink_secrets(client, ns).await;
     apply(client, ns, &example::<OwnershipRoster>("roster.yaml", ns)).await;
     apply(client, ns, &example::<SyncContract>("contract.yaml", ns)).await;
     apply(client, ns, &example::<SyncFlow>("flow.yaml", ns)).await;
@@ -373,6 +380,7 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
         )
         .await;
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         apply(
             &client,
             &ns,
@@ -734,6 +742,7 @@ async fn ledger_under_the_delete_policy_goes_with_its_flow() {
         )
         .await;
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         apply(
             &client,
             &ns,
@@ -856,6 +865,7 @@ async fn worker_pod_settings_and_platform_defaults_reach_the_pods() {
             )
             .await;
             secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+            ticket_sink_secrets(&client, &ns).await;
             secret(&client, &ns, "regcred", &["unused"]).await;
             Api::<ServiceAccount>::namespaced(client.clone(), &ns)
                 .create(
@@ -986,6 +996,7 @@ async fn flow_with_a_missing_secret_gets_a_condition_and_no_deployment() {
         );
         // Creating the Secret (with its keys) starts the flow: the Secret watch re-reconciles it.
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         eventually("the Deployment after the Secret appeared", || async {
             deployments
                 .get_opt(&format!("meshline-{FLOW}"))
@@ -1010,6 +1021,7 @@ async fn flow_without_owner_does_not_start_until_a_roster_covers_it() {
         )
         .await;
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
         apply(&client, &ns, &example::<SyncFlow>("flow.yaml", &ns)).await;
         let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
@@ -1052,6 +1064,7 @@ async fn dotted_and_long_names_give_children_the_api_server_accepts() {
         )
         .await;
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         apply(
             &client,
             &ns,
@@ -1176,6 +1189,7 @@ async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
         )
         .await;
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         // A ledger nobody serves: with a pullable image each worker answers 503 LedgerUnavailable; without
         // one, the pods get an IP but nothing listens. Either way each pod is published and must be read.
         unreachable_ledger(&client, &ns).await;
@@ -1684,6 +1698,7 @@ async fn a_candidate_canary_runs_beside_the_stable_track_and_an_abort_removes_it
         )
         .await;
         secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
         // Canaries need a ledger both tracks share. Nothing serves this one: the workers never become ready,
         // which the rollout must survive (its steps wait for every worker to apply a weight).
         unreachable_ledger(&client, &ns).await;

@@ -81,6 +81,43 @@ async fn dead_letters(headers: HeaderMap) -> Response {
     .into_response()
 }
 
+const MARCUS_IDENTITY: &str = "marcus-personal-token-5c1d9e";
+
+/// The worker's approve route, checking what the real one checks: the flow's token, then the person's
+/// identity token (only Marcus's is known, and only he holds the record's role), `by` and the reason.
+async fn approve(
+    Path(id): Path<i64>,
+    headers: HeaderMap,
+    Json(body): Json<serde_json::Value>,
+) -> Response {
+    if bearer(&headers) != FLOW_TOKEN {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "the flow's token is required"})),
+        )
+            .into_response();
+    }
+    let identity = headers
+        .get("x-meshline-identity")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if identity != MARCUS_IDENTITY {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": "who decides is not known: send your personal token", "reason": "unknown_identity"})),
+        )
+            .into_response();
+    }
+    if body["by"] != "marcus" || body["reason"] != "strategic account" || id != 812 {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("unexpected request: {body}")})),
+        )
+            .into_response();
+    }
+    Json(json!({"record": id, "state": "validated", "approvedBy": "marcus"})).into_response()
+}
+
 async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -96,7 +133,12 @@ struct Stand {
 async fn stand() -> Stand {
     let api =
         serve(Router::new().route("/api/v1/namespaces/{ns}/secrets/{name}", get(secret))).await;
-    let worker = serve(Router::new().route("/dead-letters", get(dead_letters))).await;
+    let worker = serve(
+        Router::new()
+            .route("/dead-letters", get(dead_letters))
+            .route("/records/{id}/approve", axum::routing::post(approve)),
+    )
+    .await;
     let kubeconfig = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         kubeconfig.path(),
@@ -130,17 +172,31 @@ current-context: local
 
 /// Runs `meshline <args>` with the stand's kubeconfig and no token from the test's own environment.
 async fn meshline(stand: &Stand, args: &[&str]) -> (bool, String, String) {
+    meshline_with(stand, args, None).await
+}
+
+/// [`meshline`], with `MESHLINE_IDENTITY_TOKEN` set to `identity` when given.
+async fn meshline_with(
+    stand: &Stand,
+    args: &[&str],
+    identity: Option<&str>,
+) -> (bool, String, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let kubeconfig = stand.kubeconfig.path().to_path_buf();
+    let identity = identity.map(str::to_string);
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_meshline"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_meshline"));
+        command
             .args(&args)
             .env("KUBECONFIG", kubeconfig)
             .env_remove("MESHLINE_TOKEN")
             .env_remove("MESHLINE_TOKEN_FILE")
             .env_remove("MESHLINE_WORKER_URL")
-            .output()
-            .unwrap();
+            .env_remove("MESHLINE_IDENTITY_TOKEN");
+        if let Some(i) = identity {
+            command.env("MESHLINE_IDENTITY_TOKEN", i);
+        }
+        let out = command.output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -205,4 +261,65 @@ async fn a_token_that_cannot_be_read_is_named_with_its_secret_and_the_reason() {
         !ok && err.contains("HTTP 401") && err.contains("none was given"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_approves_a_hold_in_their_own_name_and_a_refusal_exits_non_zero_with_the_reason() {
+    let s = stand().await;
+    let approve = |extra: &[&str]| {
+        let mut args = vec![
+            "hold",
+            "approve",
+            FLOW,
+            "812",
+            "--url",
+            &s.worker,
+            "--by",
+            "marcus",
+            "--reason",
+            "strategic account",
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_string).collect::<Vec<_>>()
+    };
+    let args = approve(&[]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The flow's token is read through the kubeconfig (FLOW), the person's from the environment.
+    let (ok, out, err) = meshline_with(&s, &argv, Some(MARCUS_IDENTITY)).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("record 812 approved by marcus"), "{out}");
+
+    // From a file as well.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), format!("{MARCUS_IDENTITY}\n")).unwrap();
+    let args = approve(&["--identity-token-file", file.path().to_str().unwrap()]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = meshline(&s, &argv).await;
+    assert!(ok, "{err}");
+
+    // Someone else's token: the worker's 403 and its reason, and a non-zero exit.
+    let (ok, _, err) = meshline_with(&s, &argv[..10], Some("somebody-elses-token-123")).await;
+    assert!(!ok);
+    assert!(
+        err.contains("HTTP 403") && err.contains("who decides is not known"),
+        "{err}"
+    );
+
+    // No personal token at all: refused before any request, saying how to give one.
+    let (ok, _, err) = meshline(&s, &argv[..10]).await;
+    assert!(!ok);
+    assert!(
+        err.contains("--identity-token-file") && err.contains("MESHLINE_IDENTITY_TOKEN"),
+        "{err}"
+    );
+    // A reason is required, and the token is never an argument value.
+    let (ok, _, err) = meshline_with(&s, &argv[..8], Some(MARCUS_IDENTITY)).await;
+    assert!(!ok && err.contains("--reason"), "{err}");
+    let (ok, _, _) = meshline_with(
+        &s,
+        &[&argv[..10], &["--identity-token", MARCUS_IDENTITY]].concat(),
+        None,
+    )
+    .await;
+    assert!(!ok, "there is no --identity-token option");
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use meshline::api::SyncFlow;
+use meshline::api::{OwnershipRoster, SyncFlow};
 use meshline::controller::secrets;
 use serde::Deserialize;
 
@@ -193,6 +193,19 @@ fn secret_key(command: &str, source: &str) -> String {
 
 /// Every SyncFlow in the YAML files of an example directory.
 fn flows_in(dir: &str) -> Vec<SyncFlow> {
+    objects_in(dir, "SyncFlow")
+}
+
+/// Every OwnershipRoster in the YAML files of an example directory.
+fn rosters_in(dir: &str) -> Vec<std::sync::Arc<OwnershipRoster>> {
+    objects_in(dir, "OwnershipRoster")
+        .into_iter()
+        .map(std::sync::Arc::new)
+        .collect()
+}
+
+/// Every object of `kind` in the YAML files of an example directory.
+fn objects_in<T: serde::de::DeserializeOwned>(dir: &str, kind: &str) -> Vec<T> {
     let path = Path::new(REPO).join(dir);
     let mut files: Vec<_> = std::fs::read_dir(&path)
         .unwrap_or_else(|e| panic!("README applies {dir}: {e}"))
@@ -205,7 +218,7 @@ fn flows_in(dir: &str) -> Vec<SyncFlow> {
         let text = std::fs::read_to_string(&file).unwrap();
         for document in serde_yaml::Deserializer::from_str(&text) {
             let value = serde_yaml::Value::deserialize(document).unwrap();
-            if value.get("kind").and_then(|k| k.as_str()) == Some("SyncFlow") {
+            if value.get("kind").and_then(|k| k.as_str()) == Some(kind) {
                 flows.push(
                     serde_yaml::from_value(value)
                         .unwrap_or_else(|e| panic!("{}: {e}", file.display())),
@@ -236,9 +249,12 @@ fn secret_checks(install: &Install) -> Vec<(String, SecretCheck)> {
                 .filter(|((ns, _), _)| *ns == namespace)
                 .map(|((_, secret), keys)| (secret.clone(), Some(keys.clone())))
                 .collect();
+            // The roster that covers the flow adds its ticket sinks' and identities' Secrets.
+            let rosters = rosters_in(dir);
+            let roster = meshline::controller::flow::validate::owning_roster(&flow, &rosters);
             out.push((
                 format!("{namespace}/{name}"),
-                secrets::check(&flow, &present),
+                secrets::check(&flow, roster.as_ref().map(|(r, _)| &**r), &present),
             ));
         }
     }

@@ -178,16 +178,32 @@ struct Harness {
 }
 
 const TOKEN: &str = "test-token-123";
+/// Personal tokens in the example roster's identity Secret: Marcus holds `finance` (the discount hold's
+/// approver role), Dana holds no approver role.
+const MARCUS: &str = "marcus-personal-token-7f3a9c21";
+const DANA: &str = "dana-personal-token-0b5e44d8a1";
 
 async fn start(concurrency: u32) -> Harness {
     start_with(concurrency, CompileOptions::default()).await
 }
 
-async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
-    let mut rendered = RenderedFlow::from_manifests(
+/// The example flow, its contract and roster, as manifests give them.
+fn example() -> RenderedFlow {
+    RenderedFlow::from_manifests(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
     )
-    .unwrap();
+    .unwrap()
+}
+
+async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
+    start_rendered(example(), concurrency, contract).await
+}
+
+async fn start_rendered(
+    mut rendered: RenderedFlow,
+    concurrency: u32,
+    contract: CompileOptions,
+) -> Harness {
     rendered.flow.spec.ledger = LedgerSpec::default();
     rendered.flow.spec.replicas = None;
     rendered.flow.spec.delivery.concurrency = concurrency;
@@ -199,11 +215,16 @@ async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
     let state = tempfile::tempdir().unwrap();
     let token_file = state.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    // The roster's identity Secret as the controller mounts it: one file per owner id.
+    let identities = state.path().join("secrets/revenue-operations-identities");
+    std::fs::create_dir_all(&identities).unwrap();
+    std::fs::write(identities.join("marcus"), format!("{MARCUS}\n")).unwrap();
+    std::fs::write(identities.join("dana"), DANA).unwrap();
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         ops_listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state.path().join("state"),
-        secrets_dir: None,
+        secrets_dir: Some(state.path().join("secrets")),
         token_file: Some(token_file),
         options: PipelineOptions {
             idle_poll: Duration::from_millis(10),
@@ -272,11 +293,62 @@ impl Harness {
     }
 
     async fn post(&self, path: &str, body: Value, token: Option<&str>) -> reqwest::Response {
+        self.post_as(path, body, token, None).await
+    }
+
+    /// A POST with the flow's token and a person's identity token.
+    async fn post_as(
+        &self,
+        path: &str,
+        body: Value,
+        token: Option<&str>,
+        identity: Option<&str>,
+    ) -> reqwest::Response {
         let mut req = self.http.post(self.url(path)).json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
+        if let Some(i) = identity {
+            req = req.header("x-meshline-identity", i);
+        }
         req.send().await.unwrap()
+    }
+
+    /// Sends the 25 % discount deal, which the contract holds for `finance`, and returns its record id.
+    async fn held_discount(&self) -> i64 {
+        let mut held: Value = serde_json::from_str(&data("discount_25_record.json")).unwrap();
+        held["id"] = json!("0065g0000000000777");
+        self.worker
+            .intake
+            .accept(vec![SourceRecord {
+                key: "0065g0000000000777".into(),
+                payload: held,
+                correlation_id: None,
+            }])
+            .await
+            .unwrap();
+        self.wait_for("held", |s| counter(s, "held") == 1).await;
+        let holds: Value = self.get_json("/holds").await;
+        assert_eq!(holds["items"][0]["hold_role"], "finance");
+        holds["items"][0]["id"].as_i64().unwrap()
+    }
+
+    /// Asks to approve record `id` as whoever `identity` is; returns the status and the JSON answer.
+    async fn approve_as(&self, id: i64, identity: Option<&str>, body: Value) -> (u16, Value) {
+        let resp = self
+            .post_as(
+                &format!("/records/{id}/approve"),
+                body,
+                Some(TOKEN),
+                identity,
+            )
+            .await;
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn record_state(&self, id: i64) -> Value {
+        self.get_json(&format!("/records/{id}")).await
     }
 }
 
@@ -347,6 +419,18 @@ async fn metric(h: &Harness, name: &str) -> f64 {
     let text = metrics_text(h).await;
     sample(&text, &format!("meshline_{name}_total"))
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// Refused approvals counted under `reason` in the worker's `/metrics` (0 when none were).
+async fn refused(h: &Harness, reason: &str) -> f64 {
+    let text = metrics_text(h).await;
+    text.lines()
+        .find(|l| {
+            l.starts_with("meshline_approvals_refused_total{")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The value of the series `name` in an exposition, whatever its labels (every worker series carries the
@@ -638,60 +722,57 @@ async fn expired_credentials_pause_the_flow_instead_of_failing_records() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_held_discount_is_approved_by_finance_through_the_api_and_delivered() {
+async fn a_held_discount_is_approved_by_the_finance_owner_in_person_and_delivered() {
     let h = start(2).await;
-    let mut held: Value = serde_json::from_str(&data("discount_25_record.json")).unwrap();
-    held["id"] = json!("0065g0000000000777");
-    h.worker
-        .intake
-        .accept(vec![SourceRecord {
-            key: "0065g0000000000777".into(),
-            payload: held,
-            correlation_id: None,
-        }])
-        .await
-        .unwrap();
-    h.wait_for("held", |s| counter(s, "held") == 1).await;
-    let holds: Value = h.get_json("/holds").await;
-    let id = holds["items"][0]["id"].as_i64().unwrap();
-    assert_eq!(holds["items"][0]["hold_role"], "finance");
+    let id = h.held_discount().await;
 
     let anonymous = h
-        .post(
+        .post_as(
             &format!("/records/{id}/approve"),
-            json!({"actor": "marcus"}),
+            json!({"by": "marcus", "reason": "strategic account"}),
             Some("wrong"),
+            Some(MARCUS),
         )
         .await;
-    assert_eq!(anonymous.status(), 401);
-    let nobody = h
-        .post(
-            &format!("/records/{id}/approve"),
-            json!({"actor": " "}),
-            Some(TOKEN),
-        )
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "the flow's token still opens the API"
+    );
+    let (status, body) = h
+        .approve_as(id, Some(MARCUS), json!({"by": "marcus", "reason": "  "}))
         .await;
-    assert_eq!(nobody.status(), 400);
-    let ok = h
-        .post(
-            &format!("/records/{id}/approve"),
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("reason"), "{body}");
+
+    // The old body (`actor` for `by`) still works; the person is the one the token names.
+    let (status, body) = h
+        .approve_as(
+            id,
+            Some(MARCUS),
             json!({"actor": "marcus", "reason": "strategic account"}),
-            Some(TOKEN),
         )
         .await;
-    assert_eq!(ok.status(), 200);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["approvedBy"], "marcus");
     let status = h
         .wait_for("approved record delivered", |s| {
             counter(s, "delivered") == 1
         })
         .await;
     assert_eq!(status["manualInterventionsPer1k"], "1000");
-    let story: Value = h.get_json(&format!("/records/{id}")).await;
+    let story = h.record_state(id).await;
     assert_eq!(story["interventions"][0]["actor"], "marcus");
-    assert!(
-        story["lineage"].as_array().unwrap().len() >= 3,
-        "the record's whole story: {story}"
-    );
+    assert_eq!(story["interventions"][0]["action"], "approve");
+    assert_eq!(story["interventions"][0]["reason"], "strategic account");
+    let approved = story["lineage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["step"] == "approve")
+        .unwrap_or_else(|| panic!("no approve step in the lineage: {story}"));
+    assert_eq!(approved["detail"]["actor"], "marcus");
+    assert_eq!(approved["detail"]["reason"], "strategic account");
     assert!(
         !story.to_string().contains("alice.buyer@acme.example"),
         "PII is redacted in the record view"
@@ -703,6 +784,109 @@ async fn a_held_discount_is_approved_by_finance_through_the_api_and_delivered() 
     assert_eq!(snapshots[0]["body"]["id"], "0065g0000000000777");
     assert_eq!(snapshots[0]["body"]["discountPercent"], 25);
     assert!(snapshots[0]["body"].get("customerEmail").is_some());
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_from_anyone_but_an_owner_in_the_role_are_refused_counted_and_kept_in_the_lineage()
+ {
+    let h = start(2).await;
+    let id = h.held_discount().await;
+    let reason = json!({"reason": "looks fine to me"});
+    // Each refusal: who, and the label it is counted under.
+    let attempts: [(Option<&str>, Value, &str); 4] = [
+        (None, reason.clone(), "unknown_identity"),
+        (
+            Some("a-token-nobody-was-given-123"),
+            reason.clone(),
+            "unknown_identity",
+        ),
+        // Dana is an owner, but not in `finance`.
+        (Some(DANA), reason.clone(), "not_in_role"),
+        // Dana's token, claiming to be Marcus.
+        (
+            Some(DANA),
+            json!({"by": "marcus", "reason": "looks fine to me"}),
+            "by_mismatch",
+        ),
+    ];
+    for (identity, body, label) in &attempts {
+        let (status, answer) = h.approve_as(id, *identity, body.clone()).await;
+        assert_eq!(status, 403, "{label}: {answer}");
+        assert_eq!(answer["reason"], *label, "{answer}");
+        assert!(!answer["error"].as_str().unwrap().is_empty());
+    }
+    let rejected = h
+        .post_as(
+            &format!("/records/{id}/reject"),
+            json!({"reason": "no"}),
+            Some(TOKEN),
+            Some(DANA),
+        )
+        .await;
+    assert_eq!(rejected.status(), 403, "rejecting needs the role too");
+
+    // The record stays held, with no intervention, and each refusal is in its lineage.
+    let story = h.record_state(id).await;
+    assert_eq!(story["record"]["state"], "held", "{story}");
+    assert_eq!(story["interventions"].as_array().unwrap().len(), 0);
+    let refusals: Vec<&Value> = story["lineage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["step"] == "approval_refused")
+        .collect();
+    assert_eq!(refusals.len(), 5, "{story}");
+    assert_eq!(refusals[2]["detail"]["owner"], "dana");
+    assert_eq!(refusals[2]["detail"]["reason"], "not_in_role");
+    assert_eq!(refusals[4]["detail"]["action"], "reject");
+    assert!(!story.to_string().contains(DANA), "no token in the lineage");
+    let status = h.status().await;
+    assert_eq!(counter(&status, "held"), 1);
+    assert_eq!(status["manualInterventionsPer1k"], "0");
+    // Counted by reason in /metrics.
+    assert_eq!(refused(&h, "unknown_identity").await, 2.0);
+    assert_eq!(refused(&h, "not_in_role").await, 2.0);
+    assert_eq!(refused(&h, "by_mismatch").await, 1.0);
+
+    // Marcus, in the role, still decides afterwards.
+    let (status, body) = h
+        .approve_as(
+            id,
+            Some(MARCUS),
+            json!({"by": "marcus", "reason": "agreed with sales"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    h.wait_for("delivered", |s| counter(s, "delivered") == 1)
+        .await;
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_roster_without_an_identity_secret_lets_nobody_approve_and_says_to_set_it() {
+    let mut rendered = example();
+    rendered.roster.as_mut().unwrap().spec.identity_secret_ref = None;
+    let h = start_rendered(rendered, 2, CompileOptions::default()).await;
+    let id = h.held_discount().await;
+    let (status, body) = h
+        .approve_as(
+            id,
+            Some(MARCUS),
+            json!({"by": "marcus", "reason": "strategic account"}),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "no_identities");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("spec.identitySecretRef"),
+        "{body}"
+    );
+    assert_eq!(h.record_state(id).await["record"]["state"], "held");
+    assert_eq!(refused(&h, "no_identities").await, 1.0);
     h.worker.shutdown().await;
 }
 

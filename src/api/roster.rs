@@ -60,6 +60,11 @@ pub struct OwnershipRosterSpec {
         pattern(r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$")
     )]
     pub mttr_target: Option<Duration>,
+    /// A Secret whose keys are owner ids and whose values are that owner's personal token: how the worker
+    /// knows who approves or rejects a held record (`X-Meshline-Identity: <token>`). The roster itself never
+    /// holds a token. Without it nobody can approve or reject a held record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_secret_ref: Option<SecretRef>,
 }
 
 /// A person or team.

@@ -96,7 +96,18 @@ pub fn dev(args: DevArgs) -> ExitCode {
                     .unwrap_or_default();
                 eprintln!("  send deals:   meshline sim crm --target {}/webhook --secret {secret} --records 20", env.webhook_url());
                 eprintln!("  dead letters: meshline dlq list --url {} --token-file {}", env.ops_url(), env.token_file().display());
-                eprintln!("  approve:      meshline hold approve ID --url {} --token-file {} --actor you", env.ops_url(), env.token_file().display());
+                // Shown as the first owner who approves anything, with that owner's generated token.
+                let approver = env.rendered.roster.as_ref().and_then(|r| {
+                    r.spec.owners.iter().find(|o| !o.approver_roles.is_empty()).map(|o| o.id.clone())
+                });
+                if let Some(owner) = approver
+                    && let Some(identity) = env.identity_token_file(&owner)
+                {
+                    eprintln!(
+                        "  approve:      meshline hold approve {} ID --url {} --token-file {} --by {owner} --identity-token-file {} --reason '...'",
+                        env.flow, env.ops_url(), env.token_file().display(), identity.display()
+                    );
+                }
                 eprintln!("Ctrl-C stops.");
                 super::worker::shutdown_signal().await;
                 ExitCode::SUCCESS

@@ -433,26 +433,99 @@ pub enum HoldCommand {
         #[command(flatten)]
         endpoint: Endpoint,
     },
-    /// Approve a held record: it goes on to the ERP.
-    Approve {
-        #[command(flatten)]
-        endpoint: Endpoint,
-        id: i64,
-        #[arg(long)]
-        actor: String,
-        #[arg(long, default_value = "")]
-        why: String,
-    },
-    /// Reject a held record: it becomes a dead letter.
-    Reject {
-        #[command(flatten)]
-        endpoint: Endpoint,
-        id: i64,
-        #[arg(long)]
-        actor: String,
-        #[arg(long, default_value = "")]
-        why: String,
-    },
+    /// Approve a held record as yourself: it goes on to the ERP. You must hold the record's approver role.
+    Approve(Decide),
+    /// Reject a held record as yourself: it becomes a dead letter. You must hold the record's approver role.
+    Reject(Decide),
+}
+
+/// A person's decision on one held record of a flow. Two credentials go with it: the flow's token (which
+/// opens the operations API, read from the flow's Secret with your kubeconfig unless given) and your own
+/// personal token (which says who decides; the roster's identity Secret maps it to your owner id). The
+/// personal token is never an argument value, since arguments show in the process list.
+#[derive(Debug, Args)]
+pub struct Decide {
+    /// The SyncFlow the record belongs to; its token is read from its Secret (`meshline-<flow>-token`)
+    /// with your kubeconfig unless `--token`/`--token-file` give it.
+    pub flow: String,
+    /// The held record's id (as `meshline hold list` shows it).
+    pub record: i64,
+    /// Your owner id in the flow's OwnershipRoster; the worker refuses it if your personal token is
+    /// someone else's.
+    #[arg(long)]
+    pub by: String,
+    /// Why (required, up to 1000 characters): kept in the record's lineage with your name.
+    #[arg(long)]
+    pub reason: String,
+    /// File holding your personal token; without it the token comes from `MESHLINE_IDENTITY_TOKEN`.
+    #[arg(long)]
+    pub identity_token_file: Option<PathBuf>,
+    /// Base URL of the worker's operations port (e.g. after
+    /// `kubectl port-forward svc/meshline-<flow>-status 8081`).
+    #[arg(
+        long,
+        env = "MESHLINE_WORKER_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub url: String,
+    /// The flow's token. Prefer the environment variable or a file: arguments show in the process list.
+    #[arg(
+        long,
+        env = "MESHLINE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the flow's token.
+    #[arg(long, env = "MESHLINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Namespace of the flow (default: the kubeconfig context's).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+/// The variable holding a person's own token when `--identity-token-file` is not given.
+pub const IDENTITY_TOKEN_ENV: &str = "MESHLINE_IDENTITY_TOKEN";
+
+impl Decide {
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            url: self.url.clone(),
+            token: self.token.clone(),
+            token_file: self.token_file.clone(),
+            flow: Some(self.flow.clone()),
+            namespace: self.namespace.clone(),
+            resolved: Default::default(),
+        }
+    }
+
+    /// The person's token: the file's, else the variable's. The error says how to give one.
+    fn identity_token(&self) -> Result<String, String> {
+        let token = match &self.identity_token_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("--identity-token-file {}: {e}", p.display()))?,
+            None => std::env::var(IDENTITY_TOKEN_ENV).unwrap_or_default(),
+        };
+        let token = token.trim().to_string();
+        if token.is_empty() {
+            return Err(format!(
+                "your personal token is needed to decide on a held record: give --identity-token-file FILE or set \
+                 {IDENTITY_TOKEN_ENV} (the value under your owner id in the roster's identity Secret)"
+            ));
+        }
+        Ok(token)
+    }
+
+    fn send(&self, action: &str) -> Result<Value, String> {
+        let identity = self.identity_token()?;
+        call_as(
+            &self.endpoint(),
+            reqwest::Method::POST,
+            &format!("/records/{}/{action}", self.record),
+            Some(json!({"by": self.by, "reason": self.reason})),
+            Some(&identity),
+        )
+    }
 }
 
 fn call(
@@ -461,7 +534,19 @@ fn call(
     path: &str,
     body: Option<Value>,
 ) -> Result<Value, String> {
+    call_as(endpoint, method, path, body, None)
+}
+
+/// [`call`], with a person's identity token when a named person acts.
+fn call_as(
+    endpoint: &Endpoint,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+    identity: Option<&str>,
+) -> Result<Value, String> {
     let token = endpoint.resolve_token()?;
+    let identity = identity.map(str::to_string);
     let url = format!("{}{path}", endpoint.url.trim_end_matches('/'));
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     rt.block_on(async move {
@@ -473,6 +558,9 @@ fn call(
         let sent_token = token.is_some();
         if let Some(t) = token {
             req = req.bearer_auth(t);
+        }
+        if let Some(i) = identity {
+            req = req.header(crate::worker::identity::IDENTITY_HEADER, i);
         }
         if let Some(b) = body {
             req = req.json(&b);
@@ -490,6 +578,7 @@ fn call(
             401 => Err(format!(
                 "{url}: HTTP 401: the worker refused the token given (it is not this flow's token: {detail})"
             )),
+            403 => Err(format!("{url}: HTTP 403: refused: {detail}")),
             _ => Err(format!("{url}: HTTP {status}: {detail}")),
         }
     })
@@ -627,34 +716,20 @@ pub fn hold(command: HoldCommand) -> ExitCode {
         HoldCommand::List { endpoint } => finish(list_all(&endpoint, "/holds?", None, PAGE), |v| {
             print_list(v, "held records")
         }),
-        HoldCommand::Approve {
-            endpoint,
-            id,
-            actor,
-            why,
-        } => finish(
-            call(
-                &endpoint,
-                reqwest::Method::POST,
-                &format!("/records/{id}/approve"),
-                Some(json!({"actor": actor, "reason": why})),
-            ),
-            |_| println!("record {id} approved"),
-        ),
-        HoldCommand::Reject {
-            endpoint,
-            id,
-            actor,
-            why,
-        } => finish(
-            call(
-                &endpoint,
-                reqwest::Method::POST,
-                &format!("/records/{id}/reject"),
-                Some(json!({"actor": actor, "reason": why})),
-            ),
-            |_| println!("record {id} rejected"),
-        ),
+        HoldCommand::Approve(d) => finish(d.send("approve"), |v| {
+            println!(
+                "record {} approved by {}",
+                d.record,
+                v["approvedBy"].as_str().unwrap_or("-")
+            )
+        }),
+        HoldCommand::Reject(d) => finish(d.send("reject"), |v| {
+            println!(
+                "record {} rejected by {}",
+                d.record,
+                v["rejectedBy"].as_str().unwrap_or("-")
+            )
+        }),
     }
 }
 

@@ -187,9 +187,10 @@ pub fn flows_of_roster(
     now.union(&before.unwrap_or_default()).cloned().collect()
 }
 
-/// The flows that reference a Secret by name.
+/// The flows that mount a Secret, by name: their own, or their roster's (ticket sinks, identities).
 pub fn flows_of_secret(
     flows: &[Arc<SyncFlow>],
+    rosters: &[Arc<OwnershipRoster>],
     namespace: Option<&str>,
     secret: &str,
 ) -> Vec<ObjectRef<SyncFlow>> {
@@ -197,7 +198,8 @@ pub fn flows_of_secret(
         .iter()
         .filter(|f| f.namespace().as_deref() == namespace)
         .filter(|f| {
-            super::flow::build::mounted_secrets(f)
+            let roster = super::flow::validate::owning_roster(f, rosters);
+            super::flow::build::mounted_secrets(f, roster.as_ref().map(|(r, _)| &**r))
                 .iter()
                 .any(|s| s == secret)
         })
@@ -584,6 +586,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                         future::ready(s.ok().map(|s| {
                             futures::stream::iter(flows_of_secret(
                                 &c3.stores.flows.state(),
+                                &c3.stores.rosters.state(),
                                 s.metadata.namespace.as_deref(),
                                 &s.name_any(),
                             ))

@@ -1,12 +1,18 @@
 //! Which Secret keys each connector reads, so the controller can say "Secret odoo-api-key has no key apiKey"
 //! before a worker starts and fails. The key names mirror the connectors' `from_spec` code
 //! (`src/connectors/sources/*.rs`, `src/connectors/sinks/*.rs`) and the ledger's (`src/worker/mod.rs`).
+//! The flow's roster adds its ticket sinks' Secrets (the keys each sink type reads) and its identity Secret
+//! (owner ids as keys, no fixed key: an empty one only means nobody can approve, which the worker says).
 //!
-//! Pure: takes the flow and the keys present, returns what is missing. Secret *values* never pass through here.
+//! Pure: takes the flow, its roster and the keys present, returns what is missing. Secret *values* never
+//! pass through here.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::api::{LedgerType, SinkSystem, SourceMode, SourceSystem, SyncFlow, WebhookSignature};
+use crate::api::{
+    LedgerType, OwnershipRoster, SinkSystem, SourceMode, SourceSystem, SyncFlow, TicketSinkType,
+    WebhookSignature,
+};
 
 /// What one Secret must hold: any one of the alternatives, each a set of keys that must all be present.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +61,12 @@ impl KeyRequirement {
     }
 }
 
-/// Every Secret the flow references, by name, with what each use needs (a Secret may serve several uses).
-pub fn requirements(flow: &SyncFlow) -> BTreeMap<String, Vec<KeyRequirement>> {
+/// Every Secret the flow and its roster reference, by name, with what each use needs (a Secret may serve
+/// several uses).
+pub fn requirements(
+    flow: &SyncFlow,
+    roster: Option<&OwnershipRoster>,
+) -> BTreeMap<String, Vec<KeyRequirement>> {
     let spec = &flow.spec;
     let mut out: BTreeMap<String, Vec<KeyRequirement>> = BTreeMap::new();
     let source = match (spec.source.mode, spec.source.system, spec.source.signature) {
@@ -128,17 +138,52 @@ pub fn requirements(flow: &SyncFlow) -> BTreeMap<String, Vec<KeyRequirement>> {
                 ));
         }
     }
+    if let Some(roster) = roster {
+        roster_requirements(roster, &mut out);
+    }
     out
+}
+
+/// The roster's Secrets: each ticket sink's credentials and the owners' identities.
+fn roster_requirements(roster: &OwnershipRoster, out: &mut BTreeMap<String, Vec<KeyRequirement>>) {
+    let name = roster.metadata.name.as_deref().unwrap_or_default();
+    for (i, sink) in roster.spec.ticket_sinks.iter().enumerate() {
+        // The keys each ticket sink reads to authenticate (or sign) its requests to the vendor's API.
+        let (kind, keys) = match sink.r#type {
+            TicketSinkType::Webhook => ("webhook", vec!["signingSecret"]),
+            TicketSinkType::Slack => ("slack", vec!["webhookUrl"]),
+            TicketSinkType::Jira => ("jira", vec!["email", "apiToken"]),
+            TicketSinkType::Github => ("github", vec!["token"]),
+            TicketSinkType::Pagerduty => ("pagerduty", vec!["routingKey"]),
+        };
+        out.entry(sink.credentials_secret_ref.name.clone())
+            .or_default()
+            .push(KeyRequirement::new(
+                format!(
+                    "OwnershipRoster {name} spec.ticketSinks[{i}].credentialsSecretRef ({kind})"
+                ),
+                vec![keys],
+            ));
+    }
+    if let Some(secret) = &roster.spec.identity_secret_ref {
+        out.entry(secret.name.clone())
+            .or_default()
+            .push(KeyRequirement::new(
+                format!("OwnershipRoster {name} spec.identitySecretRef"),
+                vec![],
+            ));
+    }
 }
 
 /// The outcome of checking the referenced Secrets: `Ok` or the first precise problem, as (reason, message).
 pub fn check(
     flow: &SyncFlow,
+    roster: Option<&OwnershipRoster>,
     present: &BTreeMap<String, Option<BTreeSet<String>>>,
 ) -> Result<(), (&'static str, String)> {
     let mut problems = Vec::new();
     let mut reason = "";
-    for (name, uses) in requirements(flow) {
+    for (name, uses) in requirements(flow, roster) {
         match present.get(&name) {
             None | Some(None) => {
                 reason = "SecretNotFound";

@@ -80,6 +80,9 @@ pub struct DevEnv {
     pub erp_addr: SocketAddr,
     pub crm: Arc<CrmStandIn>,
     pub token: String,
+    /// Each roster owner's personal token (owner id → token), generated for this run and mounted as the
+    /// roster's identity Secret, so the scenario approves as the owner holding the approver role.
+    pub identities: std::collections::BTreeMap<String, String>,
     pub state_dir: PathBuf,
     pub flow: String,
     /// The flow, its active contract and roster as the worker runs them (with the stand-ins' addresses).
@@ -108,6 +111,24 @@ impl DevEnv {
     /// The file holding the worker's token, which the operations port asks for.
     pub fn token_file(&self) -> PathBuf {
         self.state_dir.join("api-token")
+    }
+
+    /// The file holding an owner's personal token (their key of the roster's identity Secret), for
+    /// `meshline hold approve --identity-token-file`.
+    pub fn identity_token_file(&self, owner: &str) -> Option<PathBuf> {
+        let secret = self
+            .rendered
+            .roster
+            .as_ref()?
+            .spec
+            .identity_secret_ref
+            .as_ref()?;
+        Some(
+            self.state_dir
+                .join("secrets")
+                .join(&secret.name)
+                .join(owner),
+        )
     }
 
     /// The rollout split both tracks follow, in the format the controller writes into the flow's rollout
@@ -229,6 +250,42 @@ fn write_secret(dir: &Path, name: &str, files: &[(&str, String)]) -> Result<(), 
     Ok(())
 }
 
+/// The identity Secret a local run mounts when the roster names none.
+const DEV_IDENTITY_SECRET: &str = "meshline-dev-identities";
+
+/// Gives every roster owner a fresh personal token for this run, written as the roster's identity Secret
+/// (named by the roster, or [`DEV_IDENTITY_SECRET`]) so the worker reads them through its usual loader.
+fn dev_identities(
+    rendered: &mut RenderedFlow,
+    secrets: &Path,
+) -> Result<std::collections::BTreeMap<String, String>, DevError> {
+    let Some(roster) = rendered.roster.as_mut() else {
+        return Ok(Default::default());
+    };
+    let secret = roster
+        .spec
+        .identity_secret_ref
+        .get_or_insert_with(|| crate::api::SecretRef {
+            name: DEV_IDENTITY_SECRET.into(),
+        })
+        .name
+        .clone();
+    let tokens: std::collections::BTreeMap<String, String> = roster
+        .spec
+        .owners
+        .iter()
+        .map(|o| (o.id.clone(), uuid::Uuid::new_v4().simple().to_string()))
+        .collect();
+    // A token left by an earlier run for an owner no longer in the roster must not keep working.
+    let _ = std::fs::remove_dir_all(secrets.join(&secret));
+    let files: Vec<(&str, String)> = tokens
+        .iter()
+        .map(|(id, t)| (id.as_str(), t.clone()))
+        .collect();
+    write_secret(secrets, &secret, &files)?;
+    Ok(tokens)
+}
+
 /// Reads the generated credentials back (so the ledger and secrets of an earlier run keep working), or makes them.
 fn credentials(state: &Path) -> (ErpCredentials, String, String) {
     let read = |p: PathBuf| {
@@ -282,6 +339,7 @@ async fn start_in(
     });
 
     let secrets = state.join("secrets");
+    let identities = dev_identities(rendered, &secrets)?;
     let spec = &mut rendered.flow.spec;
     write_secret(
         &secrets,
@@ -380,6 +438,7 @@ async fn start_in(
         erp_addr,
         crm,
         token,
+        identities,
         state_dir: state.to_path_buf(),
         flow,
         rendered: rendered.clone(),

@@ -415,6 +415,17 @@ pub async fn run(env: &mut DevEnv, options: &ScenarioOptions) -> Result<Report, 
     Ok(report)
 }
 
+/// The first roster owner holding `role`, with their personal token for this run.
+fn approver<'a>(env: &'a DevEnv, role: &str) -> Option<(&'a str, &'a str)> {
+    let roster = env.rendered.roster.as_ref()?;
+    roster
+        .spec
+        .owners
+        .iter()
+        .filter(|o| crate::worker::identity::holds_role(o, role))
+        .find_map(|o| Some((o.id.as_str(), env.identities.get(&o.id)?.as_str())))
+}
+
 /// Waits until every record is finished, approving what is held through the API a person would use; with
 /// `need_approval`, until at least one approval was made (the scenario's held discount). Returns approvals.
 async fn settle(
@@ -431,10 +442,19 @@ async fn settle(
             let holds = get(env, "/holds").await?;
             for item in holds["items"].as_array().cloned().unwrap_or_default() {
                 let id = item["id"].as_i64().unwrap_or_default();
+                // The owner who holds the record's approver role decides, with their own token.
+                let role = item["hold_role"].as_str().unwrap_or_default();
+                let Some((owner, token)) = approver(env, role) else {
+                    bar.abandon();
+                    return Err(DevError::Scenario(format!(
+                        "record {id} waits for approver role {role:?}, which no owner of the roster holds"
+                    )));
+                };
                 let resp = reqwest::Client::new()
                     .post(format!("{}/records/{id}/approve", env.ops_url()))
                     .bearer_auth(&env.token)
-                    .json(&json!({"actor": "marcus (finance, scenario)", "reason": "strategic account, discount agreed"}))
+                    .header(crate::worker::identity::IDENTITY_HEADER, token)
+                    .json(&json!({"by": owner, "reason": "strategic account, discount agreed"}))
                     .send()
                     .await
                     .map_err(|e| DevError::Scenario(e.to_string()))?;

@@ -155,6 +155,27 @@ fn roster_ids(roster: &Located<OwnershipRoster>, issues: &mut Vec<super::Issue>)
             ));
         }
     }
+    // The worker mounts these Secrets by name; one the API server would refuse as a name could never be
+    // mounted, and the flow's pods would never start.
+    let secret_refs = spec
+        .identity_secret_ref
+        .iter()
+        .map(|r| ("spec.identitySecretRef.name".to_string(), r))
+        .chain(spec.ticket_sinks.iter().enumerate().map(|(i, t)| {
+            (
+                format!("spec.ticketSinks[{i}].credentialsSecretRef.name"),
+                &t.credentials_secret_ref,
+            )
+        }));
+    for (field, secret) in secret_refs {
+        if let Err(why) = crate::controller::names::NameRule::Subdomain.check(&secret.name) {
+            issues.push(roster.issue(
+                Severity::Error,
+                field,
+                format!("{:?} is not a valid Secret name: it {why}", secret.name),
+            ));
+        }
+    }
     for (i, route) in spec.routes.iter().enumerate() {
         if let Some(sink) = &route.ticket_sink
             && !sinks.contains(sink.as_str())

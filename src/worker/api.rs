@@ -6,6 +6,11 @@
 //! `Authorization` for itself); health and `/metrics` stay open so probes and Prometheus need no secret. Every
 //! payload that leaves here for people goes through the contract's redaction.
 //!
+//! Approving or rejecting a held record also needs a person: the flow's token is a machine credential, so
+//! the decision is made by the roster owner whose personal token is in `X-Meshline-Identity` (see
+//! [`super::identity`]), and only if they hold the record's approver role. Every refusal is answered 403,
+//! logged, counted and written into the record's lineage.
+//!
 //! One route is not for people: `GET /records/recent?limit=N` streams the newest records' source payloads
 //! as they are stored (NDJSON, one [`crate::ledger::ReplayRecord`] a line, newest first, at most
 //! [`crate::ledger::MAX_REPLAY_RECORDS`]) to a preflight replay Job (`meshline replay --from-worker`). That is
@@ -333,6 +338,15 @@ pub async fn compute_status(
                 ),
                 None => {
                     pipeline.problems.clear(super::problems::CREDENTIALS_INVALID);
+                }
+            }
+            // Read again here too, so a fixed (or newly broken) identity Secret shows without an approval.
+            match pipeline.identities.current().as_ref() {
+                Err(why) => pipeline
+                    .problems
+                    .set(super::problems::IDENTITIES_INVALID, why.clone()),
+                Ok(_) => {
+                    pipeline.problems.clear(super::problems::IDENTITIES_INVALID);
                 }
             }
             match pipeline.source_api.get().filter(|s| s.slowed) {
@@ -691,40 +705,255 @@ where
     }
 }
 
+/// A person's decision on a held record. Who decides is the owner their identity token names; `by` only
+/// states who they mean to be (a mismatch is refused rather than silently corrected).
+#[derive(Debug, Deserialize)]
+pub struct Decision {
+    /// The owner id the person acts as; `actor` is its older name.
+    #[serde(default, alias = "actor")]
+    by: Option<String>,
+    /// Why (required): recorded with the decision in the lineage and the interventions.
+    #[serde(default)]
+    reason: String,
+}
+
+/// The longest reason a decision may carry.
+pub const MAX_DECISION_REASON: usize = 1000;
+
+/// Why a request could not act as a person, or that person may not decide on the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityRefusal {
+    /// Nobody can be recognised: the roster has no identity Secret, or its tokens cannot be used (the
+    /// message says which and how to fix it).
+    NoIdentities(String),
+    /// No identity header, or a token that is no owner's.
+    UnknownIdentity,
+    /// The token is `owner`'s but the request names `by`.
+    ByMismatch { owner: String, by: String },
+    /// `owner` does not hold the record's approver role (`role`, none when the hold names none).
+    NotInRole { owner: String, role: Option<String> },
+}
+
+impl IdentityRefusal {
+    /// The metric label and the lineage's word for it.
+    pub fn label(&self) -> &'static str {
+        match self {
+            IdentityRefusal::NoIdentities(_) => "no_identities",
+            IdentityRefusal::UnknownIdentity => "unknown_identity",
+            IdentityRefusal::ByMismatch { .. } => "by_mismatch",
+            IdentityRefusal::NotInRole { .. } => "not_in_role",
+        }
+    }
+
+    /// The owner the token identified, if it identified one.
+    pub fn owner(&self) -> Option<&str> {
+        match self {
+            IdentityRefusal::ByMismatch { owner, .. }
+            | IdentityRefusal::NotInRole { owner, .. } => Some(owner),
+            _ => None,
+        }
+    }
+
+    /// What the refused person reads.
+    pub fn message(&self) -> String {
+        match self {
+            IdentityRefusal::NoIdentities(why) => why.clone(),
+            IdentityRefusal::UnknownIdentity => format!(
+                "who decides is not known: send your personal token (from the roster's identity Secret) in the \
+                 {} header",
+                super::identity::IDENTITY_HEADER
+            ),
+            IdentityRefusal::ByMismatch { owner, by } => format!(
+                "the identity token given is owner {owner:?}'s, but the request says it is by {by:?}; a \
+                 person decides only in their own name"
+            ),
+            IdentityRefusal::NotInRole {
+                owner,
+                role: Some(role),
+            } => format!(
+                "owner {owner:?} does not hold the approver role {role:?} this record waits for (the roster's \
+                 spec.owners[].approverRoles)"
+            ),
+            IdentityRefusal::NotInRole { owner, role: None } => format!(
+                "the hold names no approver role, so owner {owner:?} (nor anyone) may decide on it"
+            ),
+        }
+    }
+}
+
+/// The person a request acts as: the roster's owner whose personal token is in the identity header. Any
+/// endpoint where a named person decides (approvals here, a ticket's acknowledgement) asks this, after the
+/// flow's token.
+pub(crate) fn person(
+    state: &ApiState,
+    headers: &HeaderMap,
+) -> Result<crate::api::Owner, IdentityRefusal> {
+    let identities = state.pipeline.identities.current();
+    let identities = match identities.as_ref() {
+        Ok(ids) => ids,
+        Err(why) => return Err(IdentityRefusal::NoIdentities(why.clone())),
+    };
+    if let Some(why) = identities.unavailable_reason() {
+        return Err(IdentityRefusal::NoIdentities(why.to_string()));
+    }
+    let presented = headers
+        .get(super::identity::IDENTITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .trim();
+    identities
+        .identify(presented)
+        .cloned()
+        .ok_or(IdentityRefusal::UnknownIdentity)
+}
+
+/// Counts, logs and records in the record's lineage a refused decision, and answers 403. Neither the
+/// token nor any record value is written anywhere.
+async fn refuse_decision(
+    state: &ApiState,
+    id: RecordId,
+    action: &'static str,
+    refusal: IdentityRefusal,
+) -> Response {
+    let pipeline = &state.pipeline;
+    pipeline
+        .metrics
+        .approvals_refused
+        .get_or_create(&super::metrics::RefusalLabel {
+            reason: refusal.label().to_string(),
+        })
+        .inc();
+    let owner = refusal.owner().unwrap_or("unknown");
+    tracing::warn!(
+        flow = %pipeline.flow,
+        record = id.0,
+        owner,
+        action,
+        reason = refusal.label(),
+        "a decision on a held record was refused"
+    );
+    let event = crate::ledger::NewLineageEvent {
+        record: id,
+        step: "approval_refused".into(),
+        detail: json!({ "action": action, "owner": refusal.owner(), "reason": refusal.label() }),
+    };
+    if let Err(e) = pipeline.ledger.append_lineage(vec![event]).await {
+        // The refusal stands either way; the log and the counter still have it.
+        tracing::warn!(flow = %pipeline.flow, record = id.0, error = %e, "could not record the refusal in the lineage");
+    }
+    (
+        StatusCode::FORBIDDEN,
+        Json(json!({ "error": refusal.message(), "reason": refusal.label() })),
+    )
+        .into_response()
+}
+
+/// Approves or rejects a held record as the person the identity token names, if they hold its approver
+/// role.
+async fn decide(
+    state: &ApiState,
+    headers: &HeaderMap,
+    id: RecordId,
+    body: Decision,
+    action: &'static str,
+) -> Response {
+    if let Some(r) = authorised(state, headers) {
+        return r;
+    }
+    let reason = body.reason.trim();
+    if reason.is_empty() || reason.chars().count() > MAX_DECISION_REASON {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "reason: why you {action} is required (1 to {MAX_DECISION_REASON} characters); it is kept in the record's lineage"
+            ),
+        );
+    }
+    let pipeline = &state.pipeline;
+    let held = match pipeline.ledger.get(id).await {
+        Ok(Some(detail)) => detail.record,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "record {} is not in the ledger of flow {}",
+                    id.0, pipeline.flow
+                ),
+            );
+        }
+        Err(e) => return ledger_error(e),
+    };
+    if held.state != RecordState::Held {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "record {} is {}, not held: there is nothing to {action}",
+                id.0,
+                held.state.as_str()
+            ),
+        );
+    }
+    let owner = match person(state, headers) {
+        Ok(owner) => owner,
+        Err(refusal) => return refuse_decision(state, id, action, refusal).await,
+    };
+    if let Some(by) = body.by.as_deref().map(str::trim).filter(|b| !b.is_empty())
+        && by != owner.id
+    {
+        let refusal = IdentityRefusal::ByMismatch {
+            owner: owner.id,
+            by: by.to_string(),
+        };
+        return refuse_decision(state, id, action, refusal).await;
+    }
+    if !held
+        .hold_role
+        .as_deref()
+        .is_some_and(|role| super::identity::holds_role(&owner, role))
+    {
+        let refusal = IdentityRefusal::NotInRole {
+            owner: owner.id,
+            role: held.hold_role,
+        };
+        return refuse_decision(state, id, action, refusal).await;
+    }
+    let (result, done) = if action == "approve" {
+        (
+            pipeline.ledger.approve_held(id, &owner.id, reason).await,
+            json!({ "record": id.0, "state": "validated", "approvedBy": owner.id }),
+        )
+    } else {
+        (
+            pipeline.ledger.reject_held(id, &owner.id, reason).await,
+            json!({ "record": id.0, "state": "dead_lettered", "rejectedBy": owner.id }),
+        )
+    };
+    match result {
+        Ok(()) => {
+            tracing::info!(flow = %pipeline.flow, record = id.0, owner = %owner.id, action, "held record decided");
+            pipeline.wake.notify_one();
+            Json(done).into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
+}
+
 async fn approve(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<i64>,
-    Json(body): Json<Intervention>,
+    Json(body): Json<Decision>,
 ) -> Response {
-    let ledger = state.pipeline.ledger.clone();
-    let done = json!({ "record": id, "state": "validated", "approvedBy": body.actor });
-    intervene(
-        &state,
-        &headers,
-        &body.actor,
-        ledger.approve_held(RecordId(id), &body.actor, &body.reason),
-        done,
-    )
-    .await
+    decide(&state, &headers, RecordId(id), body, "approve").await
 }
 
 async fn reject(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(id): Path<i64>,
-    Json(body): Json<Intervention>,
+    Json(body): Json<Decision>,
 ) -> Response {
-    let ledger = state.pipeline.ledger.clone();
-    let done = json!({ "record": id, "state": "dead_lettered", "rejectedBy": body.actor });
-    intervene(
-        &state,
-        &headers,
-        &body.actor,
-        ledger.reject_held(RecordId(id), &body.actor, &body.reason),
-        done,
-    )
-    .await
+    decide(&state, &headers, RecordId(id), body, "reject").await
 }
 
 async fn replay_one(

@@ -18,6 +18,13 @@ pub struct ClassLabel {
     pub class: String,
 }
 
+/// Why an approval or rejection of a held record was refused: `unknown_identity`, `not_in_role`,
+/// `by_mismatch` or `no_identities` (see [`crate::worker::api::IdentityRefusal`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabel {
+    pub reason: String,
+}
+
 /// Every metric the worker exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -56,6 +63,8 @@ pub struct Metrics {
     pub rollout_weight: Gauge,
     /// How many of the 100 buckets this worker claims right now.
     pub claimed_buckets: Gauge,
+    /// Approvals and rejections of held records refused, by why (who asked is in the log, never here).
+    pub approvals_refused: Family<RefusalLabel, Counter>,
 }
 
 /// The label names every worker series carries.
@@ -99,6 +108,7 @@ impl Metrics {
         let payloads_purged = Counter::default();
         let rollout_weight = Gauge::default();
         let claimed_buckets = Gauge::default();
+        let approvals_refused = Family::<RefusalLabel, Counter>::default();
         registry.register(
             "records_received",
             "Records stored in the ledger (new or changed)",
@@ -206,6 +216,11 @@ impl Metrics {
             "Record buckets (of 100) this worker claims under the split it applies",
             claimed_buckets.clone(),
         );
+        registry.register(
+            "approvals_refused",
+            "Approvals or rejections of held records refused: no identity, an unknown one, another owner's name, or an owner outside the hold's approver role",
+            approvals_refused.clone(),
+        );
         Metrics {
             registry,
             received,
@@ -231,6 +246,7 @@ impl Metrics {
             payloads_purged,
             rollout_weight,
             claimed_buckets,
+            approvals_refused,
         }
     }
 

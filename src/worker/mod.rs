@@ -10,6 +10,7 @@ pub mod batch;
 pub mod breaker;
 pub mod config;
 pub mod disk;
+pub mod identity;
 pub mod intake;
 pub mod metrics;
 pub mod pipeline;
@@ -328,6 +329,16 @@ impl Worker {
                 metrics.clone(),
             ),
         });
+        // Identities that cannot be used are a configuration problem on /status, not a reason to stop the
+        // flow: records keep flowing and only approvals wait until the Secret is fixed.
+        let identities = Arc::new(identity::IdentityBook::load(
+            rendered.roster.as_ref(),
+            settings.secrets_dir.as_deref(),
+        ));
+        if let Err(why) = identities.current().as_ref() {
+            tracing::error!(flow = %flow, error = %why, "approvals are refused until the identities are fixed");
+            problems.set(problems::IDENTITIES_INVALID, why.clone());
+        }
         let pipeline = Arc::new(Pipeline {
             flow: flow.clone(),
             ledger,
@@ -349,6 +360,7 @@ impl Worker {
             source_api: Default::default(),
             disk,
             track,
+            identities,
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));

@@ -132,6 +132,8 @@ pub struct Pipeline {
     pub shared_slots: Option<Arc<SharedSlots>>,
     /// The buckets this worker claims right now, its track and revision (they follow the rollout split).
     pub track: Arc<super::track::TrackBuckets>,
+    /// The roster's owners as their personal tokens identify them, for approvals of held records.
+    pub identities: Arc<super::identity::IdentityBook>,
 }
 
 impl Pipeline {

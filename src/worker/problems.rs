@@ -12,6 +12,9 @@ pub const DISK_PRESSURE: &str = "DiskPressure";
 pub const LEDGER_UNAVAILABLE: &str = "LedgerUnavailable";
 pub const CREDENTIALS_INVALID: &str = "CredentialsInvalid";
 pub const STARTUP_FAILED: &str = "StartupFailed";
+/// The roster's identity Secret holds a token that cannot be used (too short, shared by two owners,
+/// unreadable): nobody can approve or reject held records until it is fixed; records keep flowing.
+pub const IDENTITIES_INVALID: &str = "IdentitiesInvalid";
 /// The CRM's API allowance runs low, so the poll is slowed: records arrive later, nothing is lost.
 pub const SOURCE_API_LIMIT: &str = "SourceApiLimit";
 

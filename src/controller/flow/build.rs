@@ -361,9 +361,10 @@ fn stamp<T: serde::Serialize + kube::Resource>(mut obj: T) -> T {
     obj
 }
 
-/// Every Secret the worker mounts, deduplicated, in a stable order.
-pub fn mounted_secrets(flow: &SyncFlow) -> Vec<String> {
-    crate::controller::secrets::requirements(flow)
+/// Every Secret the worker mounts, deduplicated, in a stable order: the flow's and its roster's (the ticket
+/// sinks' credentials and the owners' identities).
+pub fn mounted_secrets(flow: &SyncFlow, roster: Option<&OwnershipRoster>) -> Vec<String> {
+    crate::controller::secrets::requirements(flow, roster)
         .into_keys()
         .collect()
 }
@@ -450,6 +451,7 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
 
     let deployment = stamp(deployment(
         flow,
+        inputs.roster,
         &name,
         replicas,
         embedded,
@@ -638,8 +640,10 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn deployment(
     flow: &SyncFlow,
+    roster: Option<&OwnershipRoster>,
     name: &str,
     replicas: i32,
     embedded: bool,
@@ -712,8 +716,9 @@ fn deployment(
         mount("state", STATE_DIR, false),
         mount("token", TOKEN_DIR, true),
     ];
-    // Credentials are mounted, never copied: the worker reads `<secrets-dir>/<secret>/<key>`.
-    for (i, secret) in mounted_secrets(flow).iter().enumerate() {
+    // Credentials are mounted, never copied: the worker reads `<secrets-dir>/<secret>/<key>`. The roster's
+    // Secrets too (ticket sinks, identities), so a person's token never passes through the controller.
+    for (i, secret) in mounted_secrets(flow, roster).iter().enumerate() {
         let volume = format!("secret-{i}");
         volumes.push(Volume {
             name: volume.clone(),
@@ -1012,6 +1017,7 @@ pub fn build_canary(i: CanaryInputs<'_>) -> Result<Canary, String> {
     let config_hash = sha256_hex(rendered.as_bytes());
     let deployment = stamp(deployment(
         flow,
+        i.roster,
         &name,
         canary_replicas(i.stable_replicas, i.weight),
         false,

@@ -48,11 +48,12 @@ pub const RESYNC: Duration = Duration::from_secs(600);
 pub async fn gather_secrets(
     ctx: &Context,
     flow: &SyncFlow,
+    roster: Option<&crate::api::OwnershipRoster>,
 ) -> Result<BTreeMap<String, Option<BTreeSet<String>>>, Error> {
     let ns = flow.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let mut out = BTreeMap::new();
-    for name in build::mounted_secrets(flow) {
+    for name in build::mounted_secrets(flow, roster) {
         let secret = api
             .get_opt(&name)
             .await
@@ -122,7 +123,8 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         .into_iter()
         .filter(|r| r.metadata.namespace.as_deref() == Some(ns.as_str()))
         .collect();
-    let secrets = gather_secrets(ctx, flow).await?;
+    let owning = validate::owning_roster(flow, &rosters);
+    let secrets = gather_secrets(ctx, flow, owning.as_ref().map(|(r, _)| &**r)).await?;
 
     // 2. Validate.
     let mut verdict = validate::validate(validate::Inputs {

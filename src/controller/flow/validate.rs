@@ -98,24 +98,34 @@ pub struct Inputs<'a> {
     pub worker_defaults: &'a WorkerPodSettings,
 }
 
-pub fn validate(inputs: Inputs<'_>) -> Verdict {
-    let flow = inputs.flow;
+/// The roster whose assignment covers the flow (the first by name when several do) and the sync owner it
+/// names. The reconcile asks before gathering the Secrets too, since the roster's Secrets are mounted in the
+/// flow's pods.
+pub fn owning_roster(
+    flow: &SyncFlow,
+    rosters: &[Arc<OwnershipRoster>],
+) -> Option<(Arc<OwnershipRoster>, String)> {
     let ns = flow.metadata.namespace.as_deref().unwrap_or_default();
-    let (contract_resolved, contract) = resolve_contract(flow, ns, inputs.contract, inputs.compile);
-
-    let mut rosters: Vec<&Arc<OwnershipRoster>> = inputs
-        .rosters
+    let mut rosters: Vec<&Arc<OwnershipRoster>> = rosters
         .iter()
         .filter(|r| r.metadata.namespace.as_deref() == Some(ns))
         .collect();
     rosters.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let owner = rosters.iter().find_map(|r| {
+    rosters.iter().find_map(|r| {
         r.spec
             .assignments
             .iter()
             .find(|a| crate::validate::assignment_covers(a, flow))
             .map(|a| ((*r).clone(), a.sync_owner.clone()))
-    });
+    })
+}
+
+pub fn validate(inputs: Inputs<'_>) -> Verdict {
+    let flow = inputs.flow;
+    let ns = flow.metadata.namespace.as_deref().unwrap_or_default();
+    let (contract_resolved, contract) = resolve_contract(flow, ns, inputs.contract, inputs.compile);
+
+    let owner = owning_roster(flow, inputs.rosters);
     let (owner_assigned, roster) = match owner {
         Some((roster, owner)) => (
             Gate::Passed {
@@ -138,13 +148,14 @@ pub fn validate(inputs: Inputs<'_>) -> Verdict {
         ),
     };
 
-    let secrets_ready = match crate::controller::secrets::check(flow, inputs.secrets) {
-        Ok(()) => Gate::Passed {
-            reason: "SecretsFound",
-            message: "every referenced Secret exists with the keys its connector reads".into(),
-        },
-        Err((reason, message)) => Gate::Failed { reason, message },
-    };
+    let secrets_ready =
+        match crate::controller::secrets::check(flow, roster.as_deref(), inputs.secrets) {
+            Ok(()) => Gate::Passed {
+                reason: "SecretsFound",
+                message: "every referenced Secret exists with the keys its connector reads".into(),
+            },
+            Err((reason, message)) => Gate::Failed { reason, message },
+        };
 
     let mut problems = flow
         .spec
