@@ -300,6 +300,7 @@ mod tests {
                 sink("jira", TicketSinkType::Jira),
                 sink("slack", TicketSinkType::Slack),
             ],
+            identity_secret_ref: None,
             mttr_target: None,
         }
     }
