@@ -84,9 +84,13 @@ impl TicketState {
     }
 
     pub fn parse(s: &str) -> Option<TicketState> {
-        [TicketState::Open, TicketState::Acknowledged, TicketState::Resolved]
-            .into_iter()
-            .find(|k| k.label() == s)
+        [
+            TicketState::Open,
+            TicketState::Acknowledged,
+            TicketState::Resolved,
+        ]
+        .into_iter()
+        .find(|k| k.label() == s)
     }
 }
 
