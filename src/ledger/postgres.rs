@@ -677,10 +677,8 @@ impl PostgresLedger {
     /// inserting it at once would collide. Callers lock several tickets in fingerprint order.
     async fn lock_ticket(&self, conn: &mut PgConnection, fingerprint: &str) -> Result<()> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!(
-                "meshline-ticket\u{0}{}\u{0}{fingerprint}",
-                self.flow
-            ))
+            // Flow names are Kubernetes names, so `/` cannot occur in one (and PostgreSQL text holds no NUL).
+            .bind(format!("meshline-ticket/{}/{fingerprint}", self.flow))
             .execute(conn)
             .await
             .map_err(self.db("lock ticket", None))?;
