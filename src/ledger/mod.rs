@@ -15,6 +15,12 @@
 //! and as one upsert. [`Ledger::revision_measures`] sums a window's slots: what a canary's analysis compares
 //! between the tracks. [`Ledger::release_leases`] hands a gone track's leases back, fenced.
 //!
+//! **Tickets** (schema version 8, `tickets`): one row per flow and cause, opened and counted by the
+//! completions that dead-letter or hold records, in their own transaction (one upsert per cause per batch),
+//! with each such record attached to its ticket (`records.ticket`) until it is delivered or fails for another
+//! cause; [`Ledger::settle_tickets`] resolves a cause with nothing left attached. Flow-level causes are raised
+//! and cleared by the worker. The per-sink outbox and the per-owner times live beside them.
+//!
 //! **Retention.** [`Ledger::purge`] removes, a small batch per call, dead letters past the flow's
 //! `deadLetterRetention` and the payload, snapshots and lineage of records delivered longer ago than the
 //! delivered retention. A purged delivered record keeps a compact row (idempotency key, payload hash, state,

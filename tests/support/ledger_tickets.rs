@@ -241,7 +241,7 @@ pub async fn a_replayed_and_delivered_cause_resolves_and_a_new_dead_letter_reope
         .unwrap();
     deliver_claimed(ledger.as_ref(), |_| Outcome::Delivered).await;
     clock.advance(Duration::from_secs(30));
-    assert_eq!(ledger.settle_tickets().await.unwrap(), [fp.clone()]);
+    assert_eq!(ledger.settle_tickets().await.unwrap(), vec![fp.clone()]);
     let resolved = ticket(ledger.as_ref(), &fp).await;
     assert_eq!(resolved.state, TicketState::Resolved);
     assert_eq!(resolved.outstanding, 0);
