@@ -86,6 +86,17 @@ pub enum LedgerError {
 
     #[error("flow {flow}: {what}")]
     InvalidInput { flow: String, what: String },
+
+    #[error("flow {flow}: ticket {fingerprint} is not in the ledger")]
+    TicketNotFound { flow: String, fingerprint: String },
+
+    #[error("flow {flow}: ticket {fingerprint}: stored {what} is unreadable: {detail}")]
+    TicketCorrupt {
+        flow: String,
+        fingerprint: String,
+        what: &'static str,
+        detail: String,
+    },
 }
 
 fn record_suffix(record: Option<RecordId>) -> String {
@@ -108,6 +119,8 @@ impl LedgerError {
             LedgerError::Superseded { .. } => "superseded",
             LedgerError::Corrupt { .. } => "ledger_corrupt",
             LedgerError::InvalidInput { .. } => "invalid_input",
+            LedgerError::TicketNotFound { .. } => "ticket_not_found",
+            LedgerError::TicketCorrupt { .. } => "ticket_corrupt",
         }
     }
 }

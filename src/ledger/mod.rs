@@ -15,6 +15,12 @@
 //! and as one upsert. [`Ledger::revision_measures`] sums a window's slots: what a canary's analysis compares
 //! between the tracks. [`Ledger::release_leases`] hands a gone track's leases back, fenced.
 //!
+//! **Tickets** (schema version 8, `tickets`): one row per flow and cause, opened and counted by the
+//! completions that dead-letter or hold records, in their own transaction (one upsert per cause per batch),
+//! with each such record attached to its ticket (`records.ticket`) until it is delivered or fails for another
+//! cause; [`Ledger::settle_tickets`] resolves a cause with nothing left attached. Flow-level causes are raised
+//! and cleared by the worker. The per-sink outbox and the per-owner times live beside them.
+//!
 //! **Retention.** [`Ledger::purge`] removes, a small batch per call, dead letters past the flow's
 //! `deadLetterRetention` and the payload, snapshots and lineage of records delivered longer ago than the
 //! delivered retention. A purged delivered record keeps a compact row (idempotency key, payload hash, state,
@@ -72,6 +78,7 @@ mod error;
 mod postgres;
 mod schema;
 mod sqlite;
+mod tickets;
 mod types;
 
 use std::collections::HashMap;
@@ -86,6 +93,10 @@ pub use error::{BackendError, LedgerError, Result};
 pub use postgres::PostgresLedger;
 pub use schema::{SCHEMA_VERSION, migration_statements};
 pub use sqlite::SqliteLedger;
+pub use tickets::{
+    MAX_TICKETS_PER_READ, TICKET_EXAMPLES, TICKET_SEND_LEASE_MS, TICKET_SNAPSHOT_BYTES,
+    TICKET_TEXT_BYTES,
+};
 pub use types::*;
 
 use crate::api::ErrorClass;
@@ -331,6 +342,90 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// refused.
     async fn release_leases(&self, owner_prefix: &str) -> Result<u64>;
 
+    // ---- tickets (issue #16; see the `tickets` module) ----------------------------------------------------
+    //
+    // Dead letters and holds open and count their tickets inside `complete_batch` (and a rejected hold inside
+    // `reject_held`): each applied completion that dead-letters or holds a record upserts its cause's ticket
+    // (count, outstanding, the newest examples, a reopen if it was resolved) and attaches the record to it
+    // (`records.ticket`); a delivery detaches it in the same row update. Everything else is these calls.
+
+    /// A flow-level cause (breaker open, SLA breached, ...): opens its ticket, counts one more occurrence on an
+    /// open one, or reopens a resolved one. Returns the fingerprint. An empty reason is refused.
+    async fn raise_exception(&self, exception: RaisedException) -> Result<String>;
+
+    /// The cause cleared: resolves the ticket (version + 1). `false` when it was already resolved or is
+    /// unknown (a cause that clears is no error, whether or not it was ever raised).
+    async fn clear_exception(&self, fingerprint: &str) -> Result<bool>;
+
+    /// Refreshes the outstanding count of the open dead-letter and hold tickets from the records attached to
+    /// them (version + 1 only when it changed) and resolves those with none left; returns the resolved
+    /// fingerprints. What makes a replayed-and-delivered reason, or decided holds, resolve their ticket.
+    /// Reads at most [`MAX_TICKETS_PER_READ`] tickets, least recently updated first; call it periodically.
+    async fn settle_tickets(&self) -> Result<Vec<String>>;
+
+    /// Tickets, most recently updated first; `open_only` leaves out the resolved. `limit` is capped at
+    /// [`MAX_TICKETS_PER_READ`].
+    async fn tickets(&self, open_only: bool, limit: usize) -> Result<Vec<TicketRecord>>;
+
+    async fn ticket(&self, fingerprint: &str) -> Result<Option<TicketRecord>>;
+
+    /// Routes a ticket to an owner and sinks (version + 1 only when the assignment changed), and makes the
+    /// outbox rows for sinks it did not have. The first owner of an occurrence counts it as opened in
+    /// [`Ledger::ticket_measures`]. [`LedgerError::TicketNotFound`] for an unknown fingerprint.
+    async fn assign_ticket(&self, fingerprint: &str, assignment: &TicketAssignment)
+    -> Result<bool>;
+
+    /// An owner acknowledged an open ticket (open → acknowledged; escalation stops). `false` when it was not
+    /// open. [`LedgerError::TicketNotFound`] for an unknown fingerprint.
+    async fn acknowledge_ticket(&self, fingerprint: &str, by: &str) -> Result<bool>;
+
+    /// The outbox: every (ticket, sink of its assignment) whose sink has not been sent the ticket's current
+    /// version and whose next attempt is due at `now`, least recently updated ticket first, at most `limit`
+    /// (capped at [`MAX_TICKETS_PER_READ`]).
+    async fn ticket_deliveries_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>>;
+
+    /// Marks a delivery in doubt, durably, before the send: should the process die mid-send, the next
+    /// sender knows the sink may already have this version. Also keeps the pair from being due for
+    /// [`TICKET_SEND_LEASE_MS`], so a second dispatcher does not send it concurrently.
+    async fn begin_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        version: i64,
+    ) -> Result<()>;
+
+    /// The sink has `version` (never lowers what it had): clears the doubt and the failures and keeps the
+    /// sink's answer (`sink_ref`: its issue key, message id, dedup key) for the next update.
+    async fn finish_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        version: i64,
+        sink_ref: Value,
+    ) -> Result<()>;
+
+    /// The send failed: one more consecutive failure, the first failure's time kept, due again at
+    /// `next_attempt_at` (the dispatcher's backoff).
+    async fn fail_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<()>;
+
+    /// Per sink: tickets waiting for it and how long it has been failing (a sink that keeps failing is
+    /// itself reported: roster condition, Event, metric).
+    async fn ticket_sink_health(&self) -> Result<Vec<TicketSinkHealth>>;
+
+    /// Per owner (the assignment's owner when a ticket was acknowledged or resolved): occurrences opened,
+    /// acknowledged and resolved, open now, and the exact mean times to acknowledge and to resolve.
+    async fn ticket_measures(&self) -> Result<Vec<OwnerTicketMeasures>>;
+
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;
 
@@ -460,9 +555,12 @@ pub(crate) struct CompletionParams {
     failed: bool,
     snapshot: Option<String>,
     detail: Value,
+    /// The ticket a dead letter or hold is attached to (its fingerprint and cause); `None` otherwise. A
+    /// delivery detaches the record (the update writes NULL), retries and releases leave it as it is.
+    ticket: Option<(String, tickets::Cause)>,
 }
 
-pub(crate) fn completion_params(outcome: &Outcome, now: i64) -> CompletionParams {
+pub(crate) fn completion_params(flow: &str, outcome: &Outcome, now: i64) -> CompletionParams {
     let mut params = CompletionParams {
         new_state: None,
         next_attempt_at: None,
@@ -476,6 +574,7 @@ pub(crate) fn completion_params(outcome: &Outcome, now: i64) -> CompletionParams
         failed: false,
         snapshot: None,
         detail: json!({}),
+        ticket: tickets::Cause::of_outcome(outcome).map(|cause| (cause.fingerprint(flow), cause)),
     };
     match outcome {
         Outcome::Delivered => params.new_state = Some(RecordState::Delivered.as_str()),

@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::schema::{self, SCHEMA_VERSION};
+use super::tickets::{self, TicketRow, TimesDelta, postgres_param};
 use super::{
     ATTENTION, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionResult, Counts,
     CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
@@ -31,6 +32,10 @@ use super::{
     assemble_counts, assemble_detail, compact_outcome, completion_params, counts_from_kept,
     lease_ms, prepare, retention_cutoff, rounds, stale_detail, tie_detail, to_time,
     window_start_minute,
+};
+use super::{
+    DueDelivery, OwnerTicketMeasures, RaisedException, TicketAssignment, TicketRecord,
+    TicketSinkHealth,
 };
 use super::{
     REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally, owner_prefix_pattern,
@@ -572,7 +577,8 @@ impl PostgresLedger {
         now: i64,
     ) -> Result<()> {
         let row = sqlx::query(
-            "SELECT state, generation, correlation_id FROM records WHERE id = $1 AND flow = $2 FOR UPDATE",
+            "SELECT state, generation, correlation_id, source_key, hold_rule FROM records \
+             WHERE id = $1 AND flow = $2 FOR UPDATE",
         )
         .bind(id.0)
         .bind(&self.flow)
@@ -586,6 +592,8 @@ impl PostgresLedger {
         let state: String = row.get("state");
         let generation: i64 = row.get("generation");
         let correlation_id: String = row.get("correlation_id");
+        let source_key: String = row.get("source_key");
+        let hold_rule: Option<String> = row.get("hold_rule");
         let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
             flow: self.flow.clone(),
             record: id,
@@ -606,10 +614,16 @@ impl PostgresLedger {
             (action == ManualAction::Reject).then(|| format!("rejected by {actor}: {reason}"));
         let detail =
             json!({"actor": actor, "reason": reason, "from": from.as_str(), "to": to.as_str()});
+        // A rejected hold leaves its hold's ticket for a dead letter's (approvals and replays keep the
+        // record's ticket until it is delivered or dead-lettered again).
+        let rejected = (action == ManualAction::Reject).then(|| {
+            let cause = tickets::Cause::rejected_hold(hold_rule.as_deref());
+            (cause.fingerprint(&self.flow), cause)
+        });
         sqlx::query(
             "WITH updated AS (UPDATE records SET state = $1, approved_by = COALESCE($2, approved_by), \
-             dead_letter_reason = COALESCE($3, dead_letter_reason), next_attempt_at = $4, updated_at = $4 \
-             WHERE id = $5 RETURNING id), \
+             dead_letter_reason = COALESCE($3, dead_letter_reason), next_attempt_at = $4, updated_at = $4, \
+             ticket = COALESCE($13, ticket) WHERE id = $5 RETURNING id), \
              intervention AS (INSERT INTO interventions (flow, record_id, action, actor, reason, at) \
              VALUES ($6, $5, $7, $8, $9, $4)) \
              INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
@@ -627,9 +641,192 @@ impl PostgresLedger {
         .bind(generation)
         .bind(detail.to_string())
         .bind(&correlation_id)
+        .bind(rejected.as_ref().map(|(fingerprint, _)| fingerprint))
         .execute(&mut *conn)
         .await
         .map_err(self.db(action.name(), Some(id)))?;
+        if let Some((fingerprint, cause)) = rejected {
+            let snapshot: Option<String> = sqlx::query_scalar(
+                "SELECT body FROM snapshots WHERE record_id = $1 AND generation = $2 AND kind = 'held'",
+            )
+            .bind(id.0)
+            .bind(generation)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(self.db(action.name(), Some(id)))?;
+            let snapshot = snapshot.and_then(|body| serde_json::from_str::<Value>(&body).ok());
+            let example = tickets::example(
+                id.0,
+                &correlation_id,
+                &source_key,
+                now,
+                dead_letter_reason.as_deref(),
+                None,
+                snapshot.as_ref(),
+            );
+            self.ticket_occur(conn, &fingerprint, &cause, 1, vec![example], None, now)
+                .await?;
+        }
+        Ok(())
+    }
+
+    // ---- tickets (schema version 8; the transitions live in `super::tickets`) ------------------------------
+
+    /// Serialises the changes of one ticket between replicas until the transaction ends. An advisory lock
+    /// rather than `FOR UPDATE`: the first occurrence of a cause has no row to lock yet, and two replicas
+    /// inserting it at once would collide. Callers lock several tickets in fingerprint order.
+    async fn lock_ticket(&self, conn: &mut PgConnection, fingerprint: &str) -> Result<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+            // Flow names are Kubernetes names, so `/` cannot occur in one (and PostgreSQL text holds no NUL).
+            .bind(format!("meshline-ticket/{}/{fingerprint}", self.flow))
+            .execute(conn)
+            .await
+            .map_err(self.db("lock ticket", None))?;
+        Ok(())
+    }
+
+    async fn load_ticket(
+        &self,
+        conn: &mut PgConnection,
+        fingerprint: &str,
+    ) -> Result<Option<TicketRow>> {
+        sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {} FROM tickets WHERE flow = $1 AND fingerprint = $2",
+            tickets::TICKET_COLUMNS
+        )))
+        .bind(&self.flow)
+        .bind(fingerprint)
+        .fetch_optional(conn)
+        .await
+        .map_err(self.db("read ticket", None))
+    }
+
+    /// Locks and loads a ticket for a change, or says it is not there.
+    async fn existing_ticket(
+        &self,
+        conn: &mut PgConnection,
+        fingerprint: &str,
+    ) -> Result<TicketRow> {
+        self.lock_ticket(conn, fingerprint).await?;
+        self.load_ticket(conn, fingerprint)
+            .await?
+            .ok_or_else(|| LedgerError::TicketNotFound {
+                flow: self.flow.clone(),
+                fingerprint: fingerprint.to_string(),
+            })
+    }
+
+    /// Writes a changed ticket and adds its per-owner times.
+    async fn store_ticket(
+        &self,
+        conn: &mut PgConnection,
+        row: &TicketRow,
+        times: &[TimesDelta],
+    ) -> Result<()> {
+        sqlx::query(AssertSqlSafe(tickets::ticket_upsert(postgres_param)))
+            .bind(&self.flow)
+            .bind(&row.fingerprint)
+            .bind(&row.kind)
+            .bind(&row.class)
+            .bind(&row.reason)
+            .bind(&row.rule)
+            .bind(&row.summary)
+            .bind(&row.state)
+            .bind(row.count)
+            .bind(row.outstanding)
+            .bind(row.opened_at)
+            .bind(row.updated_at)
+            .bind(row.acknowledged_at)
+            .bind(&row.acknowledged_by)
+            .bind(row.resolved_at)
+            .bind(row.reopened)
+            .bind(&row.examples)
+            .bind(&row.role)
+            .bind(&row.owner)
+            .bind(&row.sinks)
+            .bind(row.escalation_step)
+            .bind(row.page)
+            .bind(row.version)
+            .bind(&row.measured_owner)
+            .execute(&mut *conn)
+            .await
+            .map_err(self.db("write ticket", None))?;
+        for t in times {
+            sqlx::query(AssertSqlSafe(tickets::times_upsert(postgres_param)))
+                .bind(&self.flow)
+                .bind(&t.owner)
+                .bind(t.opened)
+                .bind(t.acknowledged)
+                .bind(t.resolved)
+                .bind(t.acknowledge_ms)
+                .bind(t.resolve_ms)
+                .execute(&mut *conn)
+                .await
+                .map_err(self.db("write ticket times", None))?;
+        }
+        Ok(())
+    }
+
+    /// `n` occurrences of a cause, in the caller's transaction. `outstanding` is given for a flow-level
+    /// cause; a dead letter's or hold's is counted from the records attached to the ticket.
+    #[allow(clippy::too_many_arguments)]
+    async fn ticket_occur(
+        &self,
+        conn: &mut PgConnection,
+        fingerprint: &str,
+        cause: &tickets::Cause,
+        n: u64,
+        examples: Vec<crate::tickets::Example>,
+        outstanding: Option<i64>,
+        now: i64,
+    ) -> Result<()> {
+        self.lock_ticket(conn, fingerprint).await?;
+        let existing = self.load_ticket(conn, fingerprint).await?;
+        let outstanding = match outstanding {
+            Some(n) => n,
+            None => sqlx::query_scalar(AssertSqlSafe(tickets::outstanding_query(postgres_param)))
+                .bind(&self.flow)
+                .bind(fingerprint)
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(self.db("count ticket records", None))?,
+        };
+        let (row, times) = tickets::occur(
+            &self.flow,
+            existing,
+            fingerprint,
+            cause,
+            n,
+            examples,
+            outstanding,
+            now,
+        )?;
+        self.store_ticket(conn, &row, &times).await
+    }
+
+    /// Updates one delivery row (parameters flow, fingerprint, sink, then `bind`'s); a (ticket, sink) the
+    /// outbox does not know is an error naming both.
+    async fn update_delivery<'q>(
+        &self,
+        operation: &'static str,
+        fingerprint: &str,
+        sink: &str,
+        query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> Result<()> {
+        let changed = query
+            .execute(&self.pool)
+            .await
+            .map_err(self.db(operation, None))?
+            .rows_affected();
+        if changed == 0 {
+            return Err(LedgerError::InvalidInput {
+                flow: self.flow.clone(),
+                what: format!(
+                    "{operation}: ticket {fingerprint} has no delivery to sink {sink:?} (assign the ticket \
+                     to the sink first)"
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -893,9 +1090,11 @@ impl Ledger for PostgresLedger {
         let mut details = Vec::with_capacity(n);
         let mut exception_snapshots = LineageBatch::default();
         let mut snapshot_by_id: HashMap<i64, String> = HashMap::new();
+        let mut ticket_fps: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut causes: HashMap<i64, (String, tickets::Cause)> = HashMap::new();
         for completion in &completions {
             let claim = completion.claim;
-            let params = completion_params(&completion.outcome, now);
+            let params = completion_params(&self.flow, &completion.outcome, now);
             let mut detail = params.detail;
             detail["fence"] = json!(claim.fence);
             ids.push(claim.id.0);
@@ -914,6 +1113,10 @@ impl Ledger for PostgresLedger {
             details.push(detail.to_string());
             if let Some(snapshot) = params.snapshot {
                 snapshot_by_id.insert(claim.id.0, snapshot);
+            }
+            ticket_fps.push(params.ticket.as_ref().map(|(fp, _)| fp.clone()));
+            if let Some(ticket) = params.ticket {
+                causes.insert(claim.id.0, ticket);
             }
         }
 
@@ -943,12 +1146,12 @@ impl Ledger for PostgresLedger {
         .execute(&mut *tx)
         .await
         .map_err(self.db("complete", None))?;
-        let applied: Vec<(i64, i64)> = sqlx::query_as(
+        let applied: Vec<(i64, i64, String, String)> = sqlx::query_as(
             "WITH t AS MATERIALIZED (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
                $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
-               $12::bigint[], $13::bool[], $14::text[]) AS t(id, generation, fence, new_state, next_at, \
+               $12::bigint[], $13::bool[], $14::text[], $17::text[]) AS t(id, generation, fence, new_state, next_at, \
                last_error, error_class, dl_reason, erp_response, hold_rule, hold_role, retry_inc, failed, \
-               detail)), \
+               detail, ticket)), \
              locked AS MATERIALIZED (SELECT id, flow, state, generation, fence FROM records WHERE id = ANY($1) \
                ORDER BY idempotency_key COLLATE \"C\" FOR NO KEY UPDATE), \
              applied AS ( \
@@ -963,14 +1166,15 @@ impl Ledger for PostgresLedger {
                retries = r.retries + t.retry_inc, \
                first_failure_at = CASE WHEN t.failed THEN COALESCE(r.first_failure_at, $15) ELSE r.first_failure_at END, \
                delivered_at = CASE WHEN t.new_state = 'delivered' THEN $15 ELSE r.delivered_at END, \
-               updated_at = $15 \
+               updated_at = $15, \
+               ticket = CASE WHEN t.new_state IN ('delivered', 'dead_lettered', 'held') THEN t.ticket ELSE r.ticket END \
                FROM t JOIN locked l ON l.id = t.id WHERE r.id = l.id AND r.id = ANY($1) AND l.flow = $16 \
                AND l.generation = t.generation AND l.fence = t.fence AND l.state = 'delivering' \
-               RETURNING r.id, r.generation, r.correlation_id, r.received_at, t.new_state, t.detail), \
+               RETURNING r.id, r.generation, r.correlation_id, r.received_at, r.source_key, t.new_state, t.detail), \
              lineage_rows AS ( \
                INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
                SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied) \
-             SELECT id, received_at FROM applied",
+             SELECT id, received_at, correlation_id, source_key FROM applied",
         )
         .bind(&ids)
         .bind(&generations)
@@ -988,15 +1192,22 @@ impl Ledger for PostgresLedger {
         .bind(&details)
         .bind(now)
         .bind(&self.flow)
+        .bind(&ticket_fps)
         .fetch_all(&mut *tx)
         .await
         .map_err(self.db("complete", None))?;
-        let applied: HashMap<i64, i64> = applied.into_iter().collect();
+        // Each applied record's receipt time (for the latency), correlation id and source key (for tickets).
+        let applied: HashMap<i64, (i64, String, String)> = applied
+            .into_iter()
+            .map(|(id, received_at, correlation_id, source_key)| {
+                (id, (received_at, correlation_id, source_key))
+            })
+            .collect();
         // The revision's tally of the batch, one upsert on this connection's shard (see schema version 7).
         if let Some(revision) = self.revision.get() {
             let mut tally = RevisionTally::default();
             for completion in &completions {
-                if let Some(received_at) = applied.get(&completion.claim.id.0) {
+                if let Some((received_at, ..)) = applied.get(&completion.claim.id.0) {
                     tally.add(&completion.outcome, now - received_at);
                 }
             }
@@ -1106,6 +1317,22 @@ impl Ledger for PostgresLedger {
             .insert_snapshots(&mut tx, now)
             .await
             .map_err(self.db("complete snapshots", None))?;
+        // One upsert per cause in the batch, not per record, under the tickets' locks in fingerprint order.
+        let mut occurrences = tickets::Occurrences::new();
+        for completion in &completions {
+            let id = completion.claim.id.0;
+            if let (Some((_, correlation_id, source_key)), Some((fingerprint, cause))) =
+                (applied.get(&id), causes.get(&id))
+            {
+                let example =
+                    tickets::example_of(&completion.outcome, id, correlation_id, source_key, now);
+                tickets::add_occurrence(&mut occurrences, fingerprint, cause, example);
+            }
+        }
+        for (fingerprint, (cause, count, examples)) in occurrences {
+            self.ticket_occur(&mut tx, &fingerprint, &cause, count, examples, None, now)
+                .await?;
+        }
         tx.commit()
             .await
             .map_err(self.db("complete commit", None))?;
@@ -1676,6 +1903,292 @@ impl Ledger for PostgresLedger {
         .await
         .map_err(self.db("release leases", None))?;
         Ok(released.max(0) as u64)
+    }
+
+    async fn raise_exception(&self, exception: RaisedException) -> Result<String> {
+        let cause = tickets::check_raised(&self.flow, &exception)?;
+        let fingerprint = cause.fingerprint(&self.flow);
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("raise exception", None))?;
+        self.ticket_occur(&mut tx, &fingerprint, &cause, 1, Vec::new(), Some(1), now)
+            .await?;
+        tx.commit()
+            .await
+            .map_err(self.db("raise exception", None))?;
+        Ok(fingerprint)
+    }
+
+    async fn clear_exception(&self, fingerprint: &str) -> Result<bool> {
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("clear exception", None))?;
+        self.lock_ticket(&mut tx, fingerprint).await?;
+        let changed = match self.load_ticket(&mut tx, fingerprint).await? {
+            Some(row) => tickets::resolve(row, now),
+            None => None,
+        };
+        if let Some((row, times)) = &changed {
+            self.store_ticket(&mut tx, row, times).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(self.db("clear exception", None))?;
+        Ok(changed.is_some())
+    }
+
+    async fn settle_tickets(&self) -> Result<Vec<String>> {
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("settle tickets", None))?;
+        let mut candidates: Vec<(String, i64)> =
+            sqlx::query_as(AssertSqlSafe(tickets::settle_query(postgres_param)))
+                .bind(&self.flow)
+                .bind(tickets::MAX_TICKETS_PER_READ as i64)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(self.db("settle tickets", None))?;
+        // Locked in fingerprint order, as completions lock them, so the two never deadlock.
+        candidates.sort();
+        let mut resolved = Vec::new();
+        for (fingerprint, _) in candidates {
+            let row = self.existing_ticket(&mut tx, &fingerprint).await?;
+            // Counted again under the lock: a completion may have attached records since the first read.
+            let attached: i64 =
+                sqlx::query_scalar(AssertSqlSafe(tickets::outstanding_query(postgres_param)))
+                    .bind(&self.flow)
+                    .bind(&fingerprint)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(self.db("settle tickets", None))?;
+            if let Some((row, times)) = tickets::settle(row, attached, now) {
+                if attached == 0 {
+                    resolved.push(fingerprint);
+                }
+                self.store_ticket(&mut tx, &row, &times).await?;
+            }
+        }
+        tx.commit().await.map_err(self.db("settle tickets", None))?;
+        Ok(resolved)
+    }
+
+    async fn tickets(&self, open_only: bool, limit: usize) -> Result<Vec<TicketRecord>> {
+        let rows: Vec<TicketRow> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT {} FROM tickets WHERE flow = $1 AND (NOT $2 OR state <> 'resolved') \
+             ORDER BY updated_at DESC, fingerprint LIMIT $3",
+            tickets::TICKET_COLUMNS
+        )))
+        .bind(&self.flow)
+        .bind(open_only)
+        .bind(tickets::read_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("read tickets", None))?;
+        rows.into_iter()
+            .map(|row| row.into_record(&self.flow))
+            .collect()
+    }
+
+    async fn ticket(&self, fingerprint: &str) -> Result<Option<TicketRecord>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(self.db("read ticket", None))?;
+        self.load_ticket(&mut conn, fingerprint)
+            .await?
+            .map(|row| row.into_record(&self.flow))
+            .transpose()
+    }
+
+    async fn assign_ticket(
+        &self,
+        fingerprint: &str,
+        assignment: &TicketAssignment,
+    ) -> Result<bool> {
+        tickets::check_assignment(&self.flow, assignment)?;
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("assign ticket", None))?;
+        let row = self.existing_ticket(&mut tx, fingerprint).await?;
+        // The outbox rows of sinks the ticket did not have: due at once (version 0 is behind).
+        sqlx::query(
+            "INSERT INTO ticket_deliveries (flow, fingerprint, sink) SELECT $1, $2, UNNEST($3::text[]) \
+             ON CONFLICT (flow, fingerprint, sink) DO NOTHING",
+        )
+        .bind(&self.flow)
+        .bind(fingerprint)
+        .bind(&assignment.sinks)
+        .execute(&mut *tx)
+        .await
+        .map_err(self.db("assign ticket", None))?;
+        let changed = tickets::assign(row, assignment, now);
+        if let Some((row, times)) = &changed {
+            self.store_ticket(&mut tx, row, times).await?;
+        }
+        tx.commit().await.map_err(self.db("assign ticket", None))?;
+        Ok(changed.is_some())
+    }
+
+    async fn acknowledge_ticket(&self, fingerprint: &str, by: &str) -> Result<bool> {
+        tickets::check_acknowledger(&self.flow, by)?;
+        let now = self.clock.now_ms();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("acknowledge ticket", None))?;
+        let row = self.existing_ticket(&mut tx, fingerprint).await?;
+        let changed = tickets::acknowledge(row, by, now);
+        if let Some((row, times)) = &changed {
+            self.store_ticket(&mut tx, row, times).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(self.db("acknowledge ticket", None))?;
+        Ok(changed.is_some())
+    }
+
+    async fn ticket_deliveries_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>> {
+        let rows = sqlx::query(AssertSqlSafe(tickets::due_query(
+            postgres_param,
+            "jsonb_exists(t.sinks::jsonb, d.sink)",
+        )))
+        .bind(&self.flow)
+        .bind(now.timestamp_millis())
+        .bind(tickets::read_limit(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("read due ticket deliveries", None))?;
+        rows.into_iter()
+            .map(|r| {
+                use sqlx::FromRow;
+                let row =
+                    TicketRow::from_row(&r).map_err(self.db("read due ticket deliveries", None))?;
+                let fingerprint = row.fingerprint.clone();
+                let sink_ref: Option<String> = r.get("d_sink_ref");
+                let in_doubt: i64 = r.get("d_in_doubt");
+                let attempts: i64 = r.get("d_attempts");
+                Ok(DueDelivery {
+                    ticket: row.into_record(&self.flow)?,
+                    previous: sink_ref
+                        .map(|text| {
+                            serde_json::from_str(&text).map_err(|e| LedgerError::TicketCorrupt {
+                                flow: self.flow.clone(),
+                                fingerprint: fingerprint.clone(),
+                                what: "sink reference",
+                                detail: e.to_string(),
+                            })
+                        })
+                        .transpose()?,
+                    sink: r.get("d_sink"),
+                    in_doubt: in_doubt != 0,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                })
+            })
+            .collect()
+    }
+
+    async fn begin_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        _version: i64,
+    ) -> Result<()> {
+        let until = self
+            .clock
+            .now_ms()
+            .saturating_add(tickets::TICKET_SEND_LEASE_MS);
+        let query = sqlx::query(
+            "UPDATE ticket_deliveries SET in_doubt = 1, next_attempt_at = $4 \
+             WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
+        )
+        .bind(&self.flow)
+        .bind(fingerprint)
+        .bind(sink)
+        .bind(until);
+        self.update_delivery("begin ticket delivery", fingerprint, sink, query)
+            .await
+    }
+
+    async fn finish_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        version: i64,
+        sink_ref: Value,
+    ) -> Result<()> {
+        let query = sqlx::query(
+            "UPDATE ticket_deliveries SET delivered_version = GREATEST(delivered_version, $4), \
+             sink_ref = $5, in_doubt = 0, attempts = 0, failing_since = NULL, last_error = NULL, \
+             next_attempt_at = $6 WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
+        )
+        .bind(&self.flow)
+        .bind(fingerprint)
+        .bind(sink)
+        .bind(version)
+        .bind(sink_ref.to_string())
+        .bind(self.clock.now_ms());
+        self.update_delivery("finish ticket delivery", fingerprint, sink, query)
+            .await
+    }
+
+    async fn fail_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let query = sqlx::query(
+            "UPDATE ticket_deliveries SET in_doubt = 0, attempts = attempts + 1, \
+             failing_since = COALESCE(failing_since, $4), last_error = $5, next_attempt_at = $6 \
+             WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
+        )
+        .bind(&self.flow)
+        .bind(fingerprint)
+        .bind(sink)
+        .bind(self.clock.now_ms())
+        .bind(tickets::truncate(error, tickets::TICKET_TEXT_BYTES))
+        .bind(next_attempt_at.timestamp_millis());
+        self.update_delivery("fail ticket delivery", fingerprint, sink, query)
+            .await
+    }
+
+    async fn ticket_sink_health(&self) -> Result<Vec<TicketSinkHealth>> {
+        let rows: Vec<tickets::DeliveryHealthRow> =
+            sqlx::query_as(AssertSqlSafe(tickets::health_query(postgres_param)))
+                .bind(&self.flow)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.db("read ticket sink health", None))?;
+        Ok(tickets::sink_health(rows))
+    }
+
+    async fn ticket_measures(&self) -> Result<Vec<OwnerTicketMeasures>> {
+        let rows: Vec<tickets::TimesRow> =
+            sqlx::query_as(AssertSqlSafe(tickets::measures_query(postgres_param)))
+                .bind(&self.flow)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(self.db("read ticket measures", None))?;
+        Ok(tickets::measures(rows))
     }
 
     async fn ping(&self) -> Result<()> {

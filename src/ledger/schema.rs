@@ -7,7 +7,7 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
 /// that need a database as an older meshline left it.
@@ -196,6 +196,128 @@ macro_rules! count_rows {
 /// days are pruned with the per-minute window. Nothing to backfill: older completions carry no revision.
 const REVISION_WINDOW_DESCRIPTION: &str =
     "per-revision outcome counts and delivery-latency histogram in 10-second slots";
+
+/// Version 8 keeps tickets (issue #16): one row per flow and cause in `tickets` (the exception aggregate:
+/// counts, the newest examples, state, assignment, a version bumped on every change a sink should see), the
+/// outbox of their sends in `ticket_deliveries` (per ticket and sink: the version the sink has, the sink's own
+/// reference, in-doubt flag, failures and backoff), and per-owner sums of acknowledge and resolve times in
+/// `ticket_times`, added as each occurrence is acknowledged or resolved, so the means stay exact after a ticket
+/// reopens. `records.ticket` attaches a dead-lettered or held record to its ticket; a partial index over the
+/// attached ones makes a ticket's outstanding count a range of that index, and costs a delivered record
+/// nothing (its `ticket` is NULL, so it is not in the index). Booleans are 0/1 integers on both backends, so
+/// one row type reads both. Nothing to backfill: existing dead letters and holds open no ticket until they
+/// are dead-lettered or held again.
+const TICKETS_DESCRIPTION: &str = "tickets, their per-sink outbox and per-owner times";
+
+/// The version 8 statements; `$int` is the backend's 64-bit integer type name.
+macro_rules! tickets_tables {
+    ($int:literal) => {
+        [
+            concat!(
+                "CREATE TABLE tickets (
+                flow TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                class TEXT,
+                reason TEXT NOT NULL,
+                rule TEXT,
+                summary TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('open', 'acknowledged', 'resolved')),
+                count ",
+                $int,
+                " NOT NULL,
+                outstanding ",
+                $int,
+                " NOT NULL,
+                opened_at ",
+                $int,
+                " NOT NULL,
+                updated_at ",
+                $int,
+                " NOT NULL,
+                acknowledged_at ",
+                $int,
+                ",
+                acknowledged_by TEXT,
+                resolved_at ",
+                $int,
+                ",
+                reopened ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                examples TEXT NOT NULL,
+                role TEXT,
+                owner TEXT,
+                sinks TEXT,
+                escalation_step ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                page ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                version ",
+                $int,
+                " NOT NULL,
+                measured_owner TEXT,
+                PRIMARY KEY (flow, fingerprint)
+            )"
+            ),
+            "CREATE INDEX tickets_updated ON tickets (flow, updated_at)",
+            concat!(
+                "CREATE TABLE ticket_deliveries (
+                flow TEXT NOT NULL,
+                fingerprint TEXT NOT NULL,
+                sink TEXT NOT NULL,
+                delivered_version ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                sink_ref TEXT,
+                in_doubt ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                attempts ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                next_attempt_at ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                last_error TEXT,
+                failing_since ",
+                $int,
+                ",
+                PRIMARY KEY (flow, fingerprint, sink)
+            )"
+            ),
+            concat!(
+                "CREATE TABLE ticket_times (
+                flow TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                opened ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                acknowledged ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                resolved ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                acknowledge_ms ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                resolve_ms ",
+                $int,
+                " NOT NULL DEFAULT 0,
+                PRIMARY KEY (flow, owner)
+            )"
+            ),
+            "ALTER TABLE records ADD COLUMN ticket TEXT",
+            "CREATE INDEX records_ticket ON records (flow, ticket) WHERE ticket IS NOT NULL",
+        ]
+    };
+}
+
+const SQLITE_TICKETS: [&str; 6] = tickets_tables!("INTEGER");
+const POSTGRES_TICKETS: [&str; 6] = tickets_tables!("BIGINT");
 
 /// The version 7 table; `$tail` is `WITHOUT ROWID` on SQLite, where it makes the primary key the table's
 /// own order, so a window read is one range of one b-tree.
@@ -463,6 +585,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         version: 7,
         description: REVISION_WINDOW_DESCRIPTION,
         statements: &[revision_window_table!(" WITHOUT ROWID")],
+    },
+    Migration {
+        version: 8,
+        description: TICKETS_DESCRIPTION,
+        statements: &SQLITE_TICKETS,
     },
 ];
 
@@ -779,6 +906,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 7,
         description: REVISION_WINDOW_DESCRIPTION,
         statements: &[revision_window_table!("")],
+    },
+    Migration {
+        version: 8,
+        description: TICKETS_DESCRIPTION,
+        statements: &POSTGRES_TICKETS,
     },
 ];
 

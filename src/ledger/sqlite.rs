@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::schema::{self, SCHEMA_VERSION};
+use super::tickets::{self, TicketRow, TimesDelta, sqlite_param};
 use super::{
     ATTENTION, BackendError, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionParams,
     CompletionResult, Counts, CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome,
@@ -39,6 +40,10 @@ use super::{
     SnapshotRow, add_events, assemble_counts, assemble_detail, attention_filter,
     check_replay_limit, compact_outcome, completion_params, counts_from_kept, lease_ms,
     parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time, window_start_minute,
+};
+use super::{
+    DueDelivery, OwnerTicketMeasures, RaisedException, TicketAssignment, TicketRecord,
+    TicketSinkHealth,
 };
 use super::{
     Outcome, REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally,
@@ -539,6 +544,237 @@ impl SqliteLedger {
     }
 }
 
+// ---- tickets (schema version 8; the transitions live in `super::tickets`) ----------------------------------
+
+fn ticket_row(r: &Row<'_>) -> rusqlite::Result<TicketRow> {
+    Ok(TicketRow {
+        fingerprint: r.get(0)?,
+        kind: r.get(1)?,
+        class: r.get(2)?,
+        reason: r.get(3)?,
+        rule: r.get(4)?,
+        summary: r.get(5)?,
+        state: r.get(6)?,
+        count: r.get(7)?,
+        outstanding: r.get(8)?,
+        opened_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        acknowledged_at: r.get(11)?,
+        acknowledged_by: r.get(12)?,
+        resolved_at: r.get(13)?,
+        reopened: r.get(14)?,
+        examples: r.get(15)?,
+        role: r.get(16)?,
+        owner: r.get(17)?,
+        sinks: r.get(18)?,
+        escalation_step: r.get(19)?,
+        page: r.get(20)?,
+        version: r.get(21)?,
+        measured_owner: r.get(22)?,
+    })
+}
+
+fn load_ticket(conn: &Connection, flow: &str, fingerprint: &str) -> Result<Option<TicketRow>> {
+    conn.prepare_cached(&format!(
+        "SELECT {} FROM tickets WHERE flow = ?1 AND fingerprint = ?2",
+        tickets::TICKET_COLUMNS
+    ))
+    .and_then(|mut s| {
+        s.query_row(params![flow, fingerprint], ticket_row)
+            .optional()
+    })
+    .map_err(db(flow, "read ticket", None))
+}
+
+/// Loads a ticket for a change, or says it is not there.
+fn existing_ticket(conn: &Connection, flow: &str, fingerprint: &str) -> Result<TicketRow> {
+    load_ticket(conn, flow, fingerprint)?.ok_or_else(|| LedgerError::TicketNotFound {
+        flow: flow.to_string(),
+        fingerprint: fingerprint.to_string(),
+    })
+}
+
+/// Writes a changed ticket and adds its per-owner times.
+fn store_ticket(
+    conn: &Connection,
+    flow: &str,
+    row: &TicketRow,
+    times: &[TimesDelta],
+) -> Result<()> {
+    let err = db(flow, "write ticket", None);
+    conn.prepare_cached(&tickets::ticket_upsert(sqlite_param))
+        .and_then(|mut s| {
+            s.execute(params![
+                flow,
+                row.fingerprint,
+                row.kind,
+                row.class,
+                row.reason,
+                row.rule,
+                row.summary,
+                row.state,
+                row.count,
+                row.outstanding,
+                row.opened_at,
+                row.updated_at,
+                row.acknowledged_at,
+                row.acknowledged_by,
+                row.resolved_at,
+                row.reopened,
+                row.examples,
+                row.role,
+                row.owner,
+                row.sinks,
+                row.escalation_step,
+                row.page,
+                row.version,
+                row.measured_owner,
+            ])
+        })
+        .map_err(&err)?;
+    for t in times {
+        conn.prepare_cached(&tickets::times_upsert(sqlite_param))
+            .and_then(|mut s| {
+                s.execute(params![
+                    flow,
+                    t.owner,
+                    t.opened,
+                    t.acknowledged,
+                    t.resolved,
+                    t.acknowledge_ms,
+                    t.resolve_ms
+                ])
+            })
+            .map_err(&err)?;
+    }
+    Ok(())
+}
+
+/// `n` occurrences of a cause, in the caller's transaction. `outstanding` is given for a flow-level cause;
+/// a dead letter's or hold's is counted from the records attached to the ticket.
+#[allow(clippy::too_many_arguments)]
+fn ticket_occur_on(
+    conn: &Connection,
+    flow: &str,
+    fingerprint: &str,
+    cause: &tickets::Cause,
+    n: u64,
+    examples: Vec<crate::tickets::Example>,
+    outstanding: Option<i64>,
+    now: i64,
+) -> Result<()> {
+    let existing = load_ticket(conn, flow, fingerprint)?;
+    let outstanding = match outstanding {
+        Some(n) => n,
+        None => conn
+            .prepare_cached(&tickets::outstanding_query(sqlite_param))
+            .and_then(|mut s| s.query_row(params![flow, fingerprint], |r| r.get(0)))
+            .map_err(db(flow, "count ticket records", None))?,
+    };
+    let (row, times) = tickets::occur(
+        flow,
+        existing,
+        fingerprint,
+        cause,
+        n,
+        examples,
+        outstanding,
+        now,
+    )?;
+    store_ticket(conn, flow, &row, &times)
+}
+
+/// Runs `change` on one ticket in a write transaction and stores the row it returns, if any;
+/// [`LedgerError::TicketNotFound`] when the ticket is unknown.
+fn change_ticket<T>(
+    conn: &mut Connection,
+    flow: &str,
+    fingerprint: &str,
+    change: impl FnOnce(&Connection, TicketRow) -> Result<(Option<(TicketRow, Vec<TimesDelta>)>, T)>,
+) -> Result<T> {
+    let err = db(flow, "change ticket", None);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&err)?;
+    let row = existing_ticket(&tx, flow, fingerprint)?;
+    let (changed, answer) = change(&tx, row)?;
+    if let Some((row, times)) = changed {
+        store_ticket(&tx, flow, &row, &times)?;
+    }
+    tx.commit().map_err(&err)?;
+    Ok(answer)
+}
+
+/// Whether `d.sink` is among the ticket's sinks (a JSON array).
+const SINK_ASSIGNED: &str = "EXISTS (SELECT 1 FROM json_each(t.sinks) AS s WHERE s.value = d.sink)";
+
+fn due_on(conn: &Connection, flow: &str, now: i64, limit: i64) -> Result<Vec<DueDelivery>> {
+    let rows: Vec<(TicketRow, String, Option<String>, i64, i64)> = conn
+        .prepare_cached(&tickets::due_query(sqlite_param, SINK_ASSIGNED))
+        .and_then(|mut s| {
+            s.query_map(params![flow, now, limit], |r| {
+                Ok((
+                    ticket_row(r)?,
+                    r.get(23)?,
+                    r.get(24)?,
+                    r.get(25)?,
+                    r.get(26)?,
+                ))
+            })?
+            .collect()
+        })
+        .map_err(db(flow, "read due ticket deliveries", None))?;
+    rows.into_iter()
+        .map(|(row, sink, sink_ref, in_doubt, attempts)| {
+            let fingerprint = row.fingerprint.clone();
+            Ok(DueDelivery {
+                ticket: row.into_record(flow)?,
+                previous: sink_ref
+                    .map(|text| {
+                        serde_json::from_str(&text).map_err(|e| LedgerError::TicketCorrupt {
+                            flow: flow.to_string(),
+                            fingerprint: fingerprint.clone(),
+                            what: "sink reference",
+                            detail: e.to_string(),
+                        })
+                    })
+                    .transpose()?,
+                sink,
+                in_doubt: in_doubt != 0,
+                attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            })
+        })
+        .collect()
+}
+
+/// Updates one delivery row; a (ticket, sink) the outbox does not know is an error naming both.
+fn update_delivery(
+    conn: &mut Connection,
+    flow: &str,
+    operation: &'static str,
+    fingerprint: &str,
+    sink: &str,
+    sql: &str,
+    values: &[&dyn rusqlite::ToSql],
+) -> Result<()> {
+    let mut all: Vec<&dyn rusqlite::ToSql> = vec![&flow, &fingerprint, &sink];
+    all.extend_from_slice(values);
+    let changed = conn
+        .prepare_cached(sql)
+        .and_then(|mut s| s.execute(rusqlite::params_from_iter(all)))
+        .map_err(db(flow, operation, None))?;
+    if changed == 0 {
+        return Err(LedgerError::InvalidInput {
+            flow: flow.to_string(),
+            what: format!(
+                "{operation}: ticket {fingerprint} has no delivery to sink {sink:?} (assign the ticket to \
+                 the sink first)"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Runs the migrations the database lacks, on the writer.
 async fn migrate(writer: &Session, flow_name: &str, now: i64) -> Result<()> {
     let flow = flow_name.to_string();
@@ -923,7 +1159,8 @@ fn complete_on(
                  dead_letter_reason = COALESCE(?5, dead_letter_reason), erp_response = COALESCE(?6, erp_response), \
                  hold_rule = COALESCE(?7, hold_rule), hold_role = COALESCE(?8, hold_role), retries = retries + ?9, \
                  first_failure_at = CASE WHEN ?10 THEN COALESCE(first_failure_at, ?11) ELSE first_failure_at END, \
-                 delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11 \
+                 delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11, \
+                 ticket = CASE WHEN ?1 IN ('delivered', 'dead_lettered', 'held') THEN ?16 ELSE ticket END \
                  WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'",
             )
             .map_err(&err)?;
@@ -939,9 +1176,12 @@ fn complete_on(
         // The revision's tally; deliveries wait for their receipt times, read below with the correlation ids.
         let mut tally = RevisionTally::default();
         let mut delivered: Vec<i64> = Vec::new();
+        // Dead letters and holds that applied, for their tickets: (record, fingerprint, cause, outcome).
+        let mut attached: Vec<(i64, String, tickets::Cause, Outcome)> = Vec::new();
         for (completion, p, detail) in completions {
             let claim = completion.claim;
             let record = Some(claim.id);
+            let ticket = p.ticket;
             let applied = apply
                 .execute(params![
                     p.new_state,
@@ -959,6 +1199,7 @@ fn complete_on(
                     flow,
                     claim.generation,
                     claim.fence,
+                    ticket.as_ref().map(|(fingerprint, _)| fingerprint),
                 ])
                 .map_err(db(flow, "complete", record))?;
             if applied == 0 {
@@ -972,6 +1213,9 @@ fn complete_on(
                     .map_err(db(flow, "complete snapshot", record))?;
             }
             applied_rows.push((claim.id.0, claim.generation, step, detail));
+            if let Some((fingerprint, cause)) = ticket {
+                attached.push((claim.id.0, fingerprint, cause, completion.outcome.clone()));
+            }
             match completion.outcome {
                 Outcome::Delivered => delivered.push(claim.id.0),
                 ref outcome => tally.add(outcome, 0),
@@ -980,11 +1224,12 @@ fn complete_on(
         }
         // The correlation ids for the lineage, a chunk of records per statement.
         // With them, the receipt time of each record's current generation, for the delivery latency.
-        let mut correlation: HashMap<i64, (String, i64)> =
+        // And the source key, for the examples of tickets.
+        let mut correlation: HashMap<i64, (String, i64, String)> =
             HashMap::with_capacity(applied_rows.len());
         for chunk in applied_rows.chunks(INSERT_CHUNK) {
             tx.prepare_cached(&format!(
-                "SELECT id, correlation_id, received_at FROM records WHERE id IN ({})",
+                "SELECT id, correlation_id, received_at, source_key FROM records WHERE id IN ({})",
                 placeholders(chunk.len())
             ))
             .and_then(|mut s| {
@@ -995,12 +1240,13 @@ fn complete_on(
                             r.get::<_, i64>(0)?,
                             r.get::<_, String>(1)?,
                             r.get::<_, i64>(2)?,
+                            r.get::<_, String>(3)?,
                         ))
                     },
                 )?;
                 for row in rows {
-                    let (id, correlation_id, received_at) = row?;
-                    correlation.insert(id, (correlation_id, received_at));
+                    let (id, correlation_id, received_at, source_key) = row?;
+                    correlation.insert(id, (correlation_id, received_at, source_key));
                 }
                 Ok(())
             })
@@ -1008,7 +1254,7 @@ fn complete_on(
         }
         if let Some(revision) = revision {
             for id in &delivered {
-                let received_at = correlation.get(id).map_or(now, |(_, at)| *at);
+                let received_at = correlation.get(id).map_or(now, |(_, at, _)| *at);
                 tally.add(&Outcome::Delivered, now - received_at);
             }
             if !tally.is_empty() {
@@ -1022,12 +1268,25 @@ fn complete_on(
         }
         let mut lineage = Lineage::new(now);
         for (id, generation, step, detail) in applied_rows {
-            let correlation_id = correlation.get(&id).map_or("", |(c, _)| c.as_str());
+            let correlation_id = correlation.get(&id).map_or("", |(c, ..)| c.as_str());
             lineage.add(id, generation, step, detail, correlation_id);
         }
         lineage
             .write(&tx)
             .map_err(db(flow, "complete lineage", None))?;
+        // One upsert per cause in the batch, not per record: a thousand dead letters of one reason are one
+        // ticket row written once.
+        let mut occurrences = tickets::Occurrences::new();
+        for (id, fingerprint, cause, outcome) in &attached {
+            let (correlation_id, source_key) = correlation
+                .get(id)
+                .map_or(("", ""), |(c, _, k)| (c.as_str(), k.as_str()));
+            let example = tickets::example_of(outcome, *id, correlation_id, source_key, now);
+            tickets::add_occurrence(&mut occurrences, fingerprint, cause, example);
+        }
+        for (fingerprint, (cause, n, examples)) in occurrences {
+            ticket_occur_on(&tx, flow, &fingerprint, &cause, n, examples, None, now)?;
+        }
     }
     tx.commit().map_err(db(flow, "complete commit", None))?;
     Ok(results)
@@ -1156,13 +1415,21 @@ fn manual(
     now: i64,
 ) -> Result<()> {
     let err = db(flow, action.name(), Some(id));
-    let (state, generation, correlation_id): (String, i64, String) = conn
+    #[allow(clippy::type_complexity)]
+    let (state, generation, correlation_id, source_key, hold_rule): (
+        String,
+        i64,
+        String,
+        String,
+        Option<String>,
+    ) = conn
         .prepare_cached(
-            "SELECT state, generation, correlation_id FROM records WHERE id = ?1 AND flow = ?2",
+            "SELECT state, generation, correlation_id, source_key, hold_rule FROM records \
+             WHERE id = ?1 AND flow = ?2",
         )
         .map_err(&err)?
         .query_row(params![id.0, flow], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
         .optional()
         .map_err(&err)?
@@ -1188,13 +1455,57 @@ fn manual(
     let approved_by = (action == ManualAction::Approve).then_some(actor);
     let dead_letter_reason =
         (action == ManualAction::Reject).then(|| format!("rejected by {actor}: {reason}"));
+    // A rejected hold leaves its hold's ticket for a dead letter's (approvals and replays keep the record's
+    // ticket until it is delivered or dead-lettered again).
+    let rejected = (action == ManualAction::Reject).then(|| {
+        let cause = tickets::Cause::rejected_hold(hold_rule.as_deref());
+        (cause.fingerprint(flow), cause)
+    });
     conn.prepare_cached(
         "UPDATE records SET state = ?1, approved_by = COALESCE(?2, approved_by), \
-         dead_letter_reason = COALESCE(?3, dead_letter_reason), next_attempt_at = ?4, updated_at = ?4 \
-         WHERE id = ?5",
+         dead_letter_reason = COALESCE(?3, dead_letter_reason), next_attempt_at = ?4, updated_at = ?4, \
+         ticket = COALESCE(?6, ticket) WHERE id = ?5",
     )
-    .and_then(|mut s| s.execute(params![to.as_str(), approved_by, dead_letter_reason, now, id.0]))
+    .and_then(|mut s| {
+        s.execute(params![
+            to.as_str(),
+            approved_by,
+            dead_letter_reason,
+            now,
+            id.0,
+            rejected.as_ref().map(|(fingerprint, _)| fingerprint)
+        ])
+    })
     .map_err(&err)?;
+    if let Some((fingerprint, cause)) = rejected {
+        let snapshot: Option<String> = conn
+            .prepare_cached(
+                "SELECT body FROM snapshots WHERE record_id = ?1 AND generation = ?2 AND kind = 'held'",
+            )
+            .and_then(|mut s| s.query_row(params![id.0, generation], |r| r.get(0)).optional())
+            .map_err(&err)?;
+        let snapshot =
+            snapshot.and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok());
+        let example = tickets::example(
+            id.0,
+            &correlation_id,
+            &source_key,
+            now,
+            dead_letter_reason.as_deref(),
+            None,
+            snapshot.as_ref(),
+        );
+        ticket_occur_on(
+            conn,
+            flow,
+            &fingerprint,
+            &cause,
+            1,
+            vec![example],
+            None,
+            now,
+        )?;
+    }
     conn.prepare_cached(
         "INSERT INTO interventions (flow, record_id, action, actor, reason, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )
@@ -1600,7 +1911,7 @@ impl Ledger for SqliteLedger {
         let completions: Vec<_> = completions
             .into_iter()
             .map(|completion| {
-                let mut params = completion_params(&completion.outcome, now);
+                let mut params = completion_params(&flow, &completion.outcome, now);
                 params.detail["fence"] = json!(completion.claim.fence);
                 let detail = std::mem::take(&mut params.detail).to_string();
                 (completion, params, detail)
@@ -1871,6 +2182,301 @@ impl Ledger for SqliteLedger {
         );
         self.run("release leases", move |conn| {
             release_leases_on(conn, &flow, &pattern, &prefix, now)
+        })
+        .await
+    }
+
+    async fn raise_exception(&self, exception: RaisedException) -> Result<String> {
+        let cause = tickets::check_raised(&self.flow, &exception)?;
+        let fingerprint = cause.fingerprint(&self.flow);
+        let (now, flow, fp) = (self.clock.now_ms(), self.flow.clone(), fingerprint.clone());
+        self.run("raise exception", move |conn| {
+            let err = db(&flow, "raise exception", None);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            ticket_occur_on(&tx, &flow, &fp, &cause, 1, Vec::new(), Some(1), now)?;
+            tx.commit().map_err(&err)
+        })
+        .await?;
+        Ok(fingerprint)
+    }
+
+    async fn clear_exception(&self, fingerprint: &str) -> Result<bool> {
+        let (now, flow, fp) = (
+            self.clock.now_ms(),
+            self.flow.clone(),
+            fingerprint.to_string(),
+        );
+        self.run("clear exception", move |conn| {
+            let err = db(&flow, "clear exception", None);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let changed = match load_ticket(&tx, &flow, &fp)? {
+                Some(row) => tickets::resolve(row, now),
+                None => None,
+            };
+            if let Some((row, times)) = &changed {
+                store_ticket(&tx, &flow, row, times)?;
+            }
+            tx.commit().map_err(&err)?;
+            Ok(changed.is_some())
+        })
+        .await
+    }
+
+    async fn settle_tickets(&self) -> Result<Vec<String>> {
+        let (now, flow) = (self.clock.now_ms(), self.flow.clone());
+        self.run("settle tickets", move |conn| {
+            let err = db(&flow, "settle tickets", None);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let attached: Vec<(String, i64)> = tx
+                .prepare_cached(&tickets::settle_query(sqlite_param))
+                .and_then(|mut s| {
+                    s.query_map(params![flow, tickets::MAX_TICKETS_PER_READ as i64], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?
+                    .collect()
+                })
+                .map_err(&err)?;
+            let mut resolved = Vec::new();
+            for (fingerprint, attached) in attached {
+                let row = existing_ticket(&tx, &flow, &fingerprint)?;
+                if let Some((row, times)) = tickets::settle(row, attached, now) {
+                    if attached == 0 {
+                        resolved.push(fingerprint);
+                    }
+                    store_ticket(&tx, &flow, &row, &times)?;
+                }
+            }
+            tx.commit().map_err(&err)?;
+            Ok(resolved)
+        })
+        .await
+    }
+
+    async fn tickets(&self, open_only: bool, limit: usize) -> Result<Vec<TicketRecord>> {
+        let (flow, limit) = (self.flow.clone(), tickets::read_limit(limit));
+        self.read("read tickets", move |conn| {
+            let rows: Vec<TicketRow> = conn
+                .prepare_cached(&format!(
+                    "SELECT {} FROM tickets WHERE flow = ?1 AND (?2 = 0 OR state <> 'resolved') \
+                     ORDER BY updated_at DESC, fingerprint LIMIT ?3",
+                    tickets::TICKET_COLUMNS
+                ))
+                .and_then(|mut s| {
+                    s.query_map(params![flow, open_only, limit], ticket_row)?
+                        .collect()
+                })
+                .map_err(db(&flow, "read tickets", None))?;
+            rows.into_iter().map(|row| row.into_record(&flow)).collect()
+        })
+        .await
+    }
+
+    async fn ticket(&self, fingerprint: &str) -> Result<Option<TicketRecord>> {
+        let (flow, fp) = (self.flow.clone(), fingerprint.to_string());
+        self.read("read ticket", move |conn| {
+            load_ticket(conn, &flow, &fp)?
+                .map(|row| row.into_record(&flow))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn assign_ticket(
+        &self,
+        fingerprint: &str,
+        assignment: &TicketAssignment,
+    ) -> Result<bool> {
+        tickets::check_assignment(&self.flow, assignment)?;
+        let (now, flow, fp) = (
+            self.clock.now_ms(),
+            self.flow.clone(),
+            fingerprint.to_string(),
+        );
+        let assignment = assignment.clone();
+        self.run("assign ticket", move |conn| {
+            change_ticket(conn, &flow, &fp, |tx, row| {
+                // The outbox rows of sinks the ticket did not have: due at once (version 0 is behind).
+                for sink in &assignment.sinks {
+                    tx.prepare_cached(
+                        "INSERT INTO ticket_deliveries (flow, fingerprint, sink) VALUES (?1, ?2, ?3) \
+                         ON CONFLICT (flow, fingerprint, sink) DO NOTHING",
+                    )
+                    .and_then(|mut s| s.execute(params![flow, fp, sink]))
+                    .map_err(db(&flow, "assign ticket", None))?;
+                }
+                let changed = tickets::assign(row, &assignment, now);
+                let answer = changed.is_some();
+                Ok((changed, answer))
+            })
+        })
+        .await
+    }
+
+    async fn acknowledge_ticket(&self, fingerprint: &str, by: &str) -> Result<bool> {
+        tickets::check_acknowledger(&self.flow, by)?;
+        let (now, flow, fp, by) = (
+            self.clock.now_ms(),
+            self.flow.clone(),
+            fingerprint.to_string(),
+            by.to_string(),
+        );
+        self.run("acknowledge ticket", move |conn| {
+            change_ticket(conn, &flow, &fp, |_, row| {
+                let changed = tickets::acknowledge(row, &by, now);
+                let answer = changed.is_some();
+                Ok((changed, answer))
+            })
+        })
+        .await
+    }
+
+    async fn ticket_deliveries_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueDelivery>> {
+        let (flow, limit) = (self.flow.clone(), tickets::read_limit(limit));
+        let now = now.timestamp_millis();
+        self.read("read due ticket deliveries", move |conn| {
+            due_on(conn, &flow, now, limit)
+        })
+        .await
+    }
+
+    async fn begin_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        _version: i64,
+    ) -> Result<()> {
+        let (flow, fp, sink) = (self.flow.clone(), fingerprint.to_string(), sink.to_string());
+        let until = self
+            .clock
+            .now_ms()
+            .saturating_add(tickets::TICKET_SEND_LEASE_MS);
+        self.run("begin ticket delivery", move |conn| {
+            // Durable before the send: a doubt lost with the OS would let a sink get the ticket twice.
+            durable(conn, &flow, |conn| {
+                update_delivery(
+                    conn,
+                    &flow,
+                    "begin ticket delivery",
+                    &fp,
+                    &sink,
+                    "UPDATE ticket_deliveries SET in_doubt = 1, next_attempt_at = ?4 \
+                     WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
+                    &[&until],
+                )
+            })
+        })
+        .await
+    }
+
+    async fn finish_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        version: i64,
+        sink_ref: Value,
+    ) -> Result<()> {
+        let (flow, fp, sink) = (self.flow.clone(), fingerprint.to_string(), sink.to_string());
+        let (now, sink_ref) = (self.clock.now_ms(), sink_ref.to_string());
+        self.run("finish ticket delivery", move |conn| {
+            durable(conn, &flow, |conn| {
+                update_delivery(
+                    conn,
+                    &flow,
+                    "finish ticket delivery",
+                    &fp,
+                    &sink,
+                    "UPDATE ticket_deliveries SET delivered_version = MAX(delivered_version, ?4), \
+                     sink_ref = ?5, in_doubt = 0, attempts = 0, failing_since = NULL, last_error = NULL, \
+                     next_attempt_at = ?6 WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
+                    &[&version, &sink_ref, &now],
+                )
+            })
+        })
+        .await
+    }
+
+    async fn fail_ticket_delivery(
+        &self,
+        fingerprint: &str,
+        sink: &str,
+        error: &str,
+        next_attempt_at: DateTime<Utc>,
+    ) -> Result<()> {
+        let (flow, fp, sink) = (self.flow.clone(), fingerprint.to_string(), sink.to_string());
+        let error = tickets::truncate(error, tickets::TICKET_TEXT_BYTES);
+        let (now, next) = (self.clock.now_ms(), next_attempt_at.timestamp_millis());
+        self.run("fail ticket delivery", move |conn| {
+            update_delivery(
+                conn,
+                &flow,
+                "fail ticket delivery",
+                &fp,
+                &sink,
+                "UPDATE ticket_deliveries SET in_doubt = 0, attempts = attempts + 1, \
+                 failing_since = COALESCE(failing_since, ?4), last_error = ?5, next_attempt_at = ?6 \
+                 WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
+                &[&now, &error, &next],
+            )
+        })
+        .await
+    }
+
+    async fn ticket_sink_health(&self) -> Result<Vec<TicketSinkHealth>> {
+        let flow = self.flow.clone();
+        self.read("read ticket sink health", move |conn| {
+            let rows = conn
+                .prepare_cached(&tickets::health_query(sqlite_param))
+                .and_then(|mut s| {
+                    s.query_map([&flow], |r| {
+                        Ok(tickets::DeliveryHealthRow {
+                            sink: r.get(0)?,
+                            delivered_version: r.get(1)?,
+                            version: r.get(2)?,
+                            attempts: r.get(3)?,
+                            failing_since: r.get(4)?,
+                            last_error: r.get(5)?,
+                            sinks: r.get(6)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(db(&flow, "read ticket sink health", None))?;
+            Ok(tickets::sink_health(rows))
+        })
+        .await
+    }
+
+    async fn ticket_measures(&self) -> Result<Vec<OwnerTicketMeasures>> {
+        let flow = self.flow.clone();
+        self.read("read ticket measures", move |conn| {
+            let rows = conn
+                .prepare_cached(&tickets::measures_query(sqlite_param))
+                .and_then(|mut s| {
+                    s.query_map([&flow], |r| {
+                        Ok(tickets::TimesRow {
+                            owner: r.get(0)?,
+                            opened: r.get(1)?,
+                            acknowledged: r.get(2)?,
+                            resolved: r.get(3)?,
+                            acknowledge_ms: r.get(4)?,
+                            resolve_ms: r.get(5)?,
+                            open: r.get(6)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(db(&flow, "read ticket measures", None))?;
+            Ok(tickets::measures(rows))
         })
         .await
     }

@@ -738,3 +738,104 @@ pub struct RevisionMeasures {
     /// the `+inf` bucket); `None` without deliveries.
     pub p99_ms: Option<i64>,
 }
+
+// ---- tickets (issue #16): the durable exception aggregate and its outbox --------------------------------
+
+/// A flow-level cause the worker saw (breaker open, status unavailable, SLA breached, a rejected contract
+/// candidate): [`crate::ledger::Ledger::raise_exception`] opens its ticket or counts one more occurrence.
+/// Dead letters and holds need no call: the completions that make them open their tickets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaisedException {
+    pub kind: crate::tickets::ExceptionKind,
+    pub class: Option<ErrorClass>,
+    /// The cause's key (`breaker_open`, `sla_breached`), never a message: it is what the fingerprint hashes.
+    pub reason: String,
+    pub rule: Option<String>,
+    /// One line for a person, already redacted.
+    pub summary: String,
+}
+
+/// Who a ticket is routed to and where it is sent, as the dispatcher decided from the roster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TicketAssignment {
+    pub role: crate::api::OwnerRole,
+    /// The roster's owner id.
+    pub owner: String,
+    /// The roster's ticket sink names this ticket goes to.
+    pub sinks: Vec<String>,
+    /// 0 before any escalation; n after the n-th step of the ladder.
+    pub escalation_step: u32,
+    pub page: bool,
+}
+
+/// One ticket as the ledger keeps it: one per flow and cause.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TicketRecord {
+    pub fingerprint: String,
+    pub kind: crate::tickets::ExceptionKind,
+    pub class: Option<ErrorClass>,
+    pub reason: String,
+    pub rule: Option<String>,
+    pub summary: String,
+    pub state: crate::tickets::TicketState,
+    /// Occurrences since the ticket (re)opened.
+    pub count: u64,
+    /// Dead letters or holds still attached to the ticket (as of the last completion touching it or the last
+    /// [`crate::ledger::Ledger::settle_tickets`]); 1 for an open flow-level cause.
+    pub outstanding: u64,
+    pub opened_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    /// How many times a resolved cause came back.
+    pub reopened: u64,
+    /// The latest records behind it, newest first, at most [`crate::ledger::TICKET_EXAMPLES`].
+    pub examples: Vec<crate::tickets::Example>,
+    pub assignment: Option<TicketAssignment>,
+    /// Bumped on every change a sink should see; a sink is in sync when it was sent this version.
+    pub version: i64,
+}
+
+/// One (ticket, sink) pair whose sink has not been sent the ticket's current version.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DueDelivery {
+    pub ticket: TicketRecord,
+    pub sink: String,
+    /// What the sink answered to the last delivery that succeeded (its issue key, message ts, dedup key):
+    /// present means update the sink's ticket, absent means create it.
+    pub previous: Option<Value>,
+    /// A send began and neither finished nor failed (the process died mid-send): the sink may or may not
+    /// have the ticket, so the sender must look before it creates another.
+    pub in_doubt: bool,
+    /// Consecutive failed attempts.
+    pub attempts: u32,
+}
+
+/// How one ticket sink is doing, for the roster's condition and `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TicketSinkHealth {
+    pub sink: String,
+    /// Tickets this sink has not been sent the current version of.
+    pub pending: u64,
+    /// The most consecutive failures of any of its tickets.
+    pub consecutive_failures: u32,
+    /// Since when it has been failing (the oldest unresolved failure).
+    pub failing_since: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// How fast one owner's tickets were acknowledged and resolved, exact over every occurrence.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OwnerTicketMeasures {
+    /// The roster's owner id; empty for tickets acknowledged or resolved before anyone was assigned.
+    pub owner: String,
+    /// Ticket occurrences first assigned to this owner.
+    pub opened: u64,
+    pub acknowledged: u64,
+    pub resolved: u64,
+    /// Tickets assigned to this owner and not resolved now.
+    pub open: u64,
+    pub mean_time_to_acknowledge_seconds: Option<f64>,
+    pub mean_time_to_resolve_seconds: Option<f64>,
+}

@@ -16,6 +16,9 @@ use serde_json::{Value, json};
 
 use super::postgres::PgServer;
 
+// The ticket promises (issue #16) live in their own file and run in the same suite.
+pub use super::ledger_tickets::*;
+
 pub const FLOW: &str = "closed-won-to-netsuite";
 /// 2026-01-01T00:00:00Z, so times in assertions are readable.
 pub const T0: i64 = 1_767_225_600_000;
@@ -2209,6 +2212,14 @@ macro_rules! ledger_suite {
             completions_are_attributed_to_the_revision_of_the_handle_that_wrote_them,
             revision_measures_count_only_their_window_and_survive_reopening,
             released_leases_go_back_fenced_and_are_delivered_once,
+            dead_letters_of_one_cause_share_one_ticket_with_the_newest_examples,
+            holds_open_one_ticket_per_rule_and_a_rejected_hold_moves_to_a_dead_letter_ticket,
+            a_replayed_and_delivered_cause_resolves_and_a_new_dead_letter_reopens_it,
+            flow_level_causes_are_raised_counted_and_cleared,
+            tickets_are_assigned_and_acknowledged_once,
+            the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure,
+            ticket_measures_per_owner_are_exact,
+            a_version_7_ledger_is_migrated_to_tickets,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

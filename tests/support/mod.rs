@@ -4,4 +4,5 @@
 #![allow(dead_code, unused_imports, unused_macros)]
 
 pub mod ledger_suite;
+pub mod ledger_tickets;
 pub mod postgres;
