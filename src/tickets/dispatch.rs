@@ -98,8 +98,9 @@ impl Dispatcher {
     }
 
     async fn breaker(&self) -> Result<(), crate::ledger::LedgerError> {
+        // The ledger's own key (it hashes no namespace; see `ledger::tickets`).
         let fp = super::fingerprint(
-            &self.namespace(),
+            "",
             &self.flow_name(),
             ExceptionKind::FlowDegraded,
             Some(ErrorClass::FlowLevel),
@@ -308,7 +309,14 @@ pub fn render(
 ) -> Ticket {
     let (role, owner) = match (&t.assignment, roster) {
         (Some(a), Some(r)) => (a.role, route::assignee(&r.spec, &a.owner)),
-        (Some(a), None) => (a.role, route::assignee(&Default::default(), &a.owner)),
+        (Some(a), None) => (
+            a.role,
+            super::Assignee {
+                id: a.owner.clone(),
+                name: a.owner.clone(),
+                ..Default::default()
+            },
+        ),
         (None, _) => (
             crate::api::OwnerRole::SyncOwner,
             super::Assignee {
@@ -378,7 +386,9 @@ pub fn render(
         }
     }
     Ticket {
-        fingerprint: t.fingerprint.clone(),
+        // The ledger's key is unique within the flow's ledger; outside it (Jira labels, PagerDuty dedup keys,
+        // a webhook receiver's idempotency) the namespace counts too.
+        fingerprint: super::fingerprint(namespace, flow, t.kind, t.class, &t.reason),
         namespace: namespace.to_string(),
         flow: flow.to_string(),
         kind: t.kind,
@@ -408,6 +418,8 @@ pub fn render(
 /// The flow's tickets as `/status` reports them (and the controller copies into the flow's status): open and
 /// acknowledged counts, the oldest open tickets, per-owner times, and the sinks that keep failing.
 pub fn summary(
+    namespace: &str,
+    flow: &str,
     open: &[TicketRecord],
     measures: &[crate::ledger::OwnerTicketMeasures],
     health: &[TicketSinkHealth],
@@ -451,7 +463,7 @@ pub fn summary(
             .into_iter()
             .take(10)
             .map(|t| crate::api::OpenTicket {
-                fingerprint: t.fingerprint.clone(),
+                fingerprint: super::fingerprint(namespace, flow, t.kind, t.class, &t.reason),
                 kind: t.kind.label().into(),
                 reason: t.reason.chars().take(200).collect(),
                 state: t.state.label().into(),
@@ -483,10 +495,12 @@ pub fn summary(
 
 /// Reads what [`summary`] needs from the ledger.
 pub async fn read_summary(
+    namespace: &str,
+    flow: &str,
     ledger: &dyn Ledger,
 ) -> Result<crate::api::TicketSummary, crate::ledger::LedgerError> {
     let open = ledger.tickets(true, TICKETS_PER_TICK).await?;
     let measures = ledger.ticket_measures().await?;
     let health = ledger.ticket_sink_health().await?;
-    Ok(summary(&open, &measures, &health))
+    Ok(summary(namespace, flow, &open, &measures, &health))
 }

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{ErrorClass, OwnerRole};
 
+pub mod dispatch;
 pub mod route;
 pub mod sinks;
 

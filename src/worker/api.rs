@@ -29,7 +29,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -41,6 +41,9 @@ use crate::ledger::{RecordId, RecordState, RecordView};
 #[derive(Clone)]
 pub struct ApiState {
     pub pipeline: Arc<Pipeline>,
+    /// The flow's namespace and roster, for the ticket routes (their owners and the commands in a ticket).
+    pub flow_namespace: Arc<str>,
+    pub roster: Option<Arc<crate::api::OwnershipRoster>>,
     /// The flow's token, needed by everything but health and metrics; `None` refuses all of it.
     pub token: Option<Arc<str>>,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
@@ -166,12 +169,18 @@ pub fn ops_router(state: ApiState) -> Router {
         .route("/dead-letters/replay", post(replay_by_reason))
         .route("/dead-letters/{id}/replay", post(replay_one))
         .route("/holds", get(holds))
+        .route("/tickets", get(super::ticket_routes::list))
+        .route(
+            "/tickets/{fingerprint}/acknowledge",
+            post(super::ticket_routes::acknowledge),
+        )
+        .route("/exceptions", put(super::ticket_routes::report_causes))
         .route("/rollout/measures", get(rollout_measures))
         .route("/rollout/release", post(rollout_release))
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
@@ -232,6 +241,11 @@ pub fn check_token(token: Option<&str>, headers: &HeaderMap) -> Result<(), Refus
     }
 }
 
+/// The flow's token check, as the other route modules need it.
+pub(crate) fn authorise(state: &ApiState, headers: &HeaderMap) -> Result<(), Refusal> {
+    check_token(state.token.as_deref(), headers)
+}
+
 fn authorised(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
     check_token(state.token.as_deref(), headers)
         .err()
@@ -259,6 +273,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         let age_ms = oldest.map_or(0, |at| (chrono::Utc::now().timestamp_millis() - at).max(0));
         m.oldest_pending_seconds.set(age_ms / 1000);
     }
+    refresh_ticket_gauges(&state).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -267,6 +282,50 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         state.pipeline.metrics.encode(),
     )
         .into_response()
+}
+
+/// Sets the ticket gauges from the ledger before a scrape. A ledger that does not answer leaves them as they
+/// were (the scrape still answers).
+async fn refresh_ticket_gauges(state: &ApiState) {
+    let ledger = &state.pipeline.ledger;
+    let g = &state.pipeline.metrics.tickets;
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    if let Ok(open) = ledger.tickets(true, crate::ledger::MAX_TICKETS_PER_READ).await {
+        for kind in crate::tickets::ExceptionKind::ALL {
+            let n = open.iter().filter(|t| t.kind == kind).count() as u64;
+            g.open
+                .get_or_create(&super::metrics::TicketKindLabel {
+                    kind: kind.label().into(),
+                })
+                .set(to_i64(n));
+        }
+    }
+    if let Ok(measures) = ledger.ticket_measures().await {
+        for m in measures.iter().filter(|m| !m.owner.is_empty()) {
+            let owner = super::metrics::OwnerLabel {
+                owner: m.owner.clone(),
+            };
+            g.opened.get_or_create(&owner).set(to_i64(m.opened));
+            g.resolved.get_or_create(&owner).set(to_i64(m.resolved));
+            if let Some(s) = m.mean_time_to_acknowledge_seconds {
+                g.time_to_acknowledge.get_or_create(&owner).set(s);
+            }
+            if let Some(s) = m.mean_time_to_resolve_seconds {
+                g.time_to_resolve.get_or_create(&owner).set(s);
+            }
+        }
+    }
+    if let Ok(health) = ledger.ticket_sink_health().await {
+        for h in &health {
+            let sink = super::metrics::TicketSinkLabel {
+                sink: h.sink.clone(),
+            };
+            g.sink_pending.get_or_create(&sink).set(to_i64(h.pending));
+            g.sink_failing
+                .get_or_create(&sink)
+                .set(i64::from(crate::tickets::dispatch::failing(h)));
+        }
+    }
 }
 
 /// Computes the status from the ledger (so it survives restarts and agrees across replicas).
@@ -371,7 +430,23 @@ async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Response {
         return r;
     }
     match compute_status(&state.pipeline).await {
-        Ok(s) => Json(s).into_response(),
+        Ok(mut s) => {
+            // The tickets are a second reading of the ledger; a failure there leaves them out rather than
+            // failing the numbers the controller needs most.
+            match crate::tickets::dispatch::read_summary(
+                &state.flow_namespace,
+                &state.pipeline.flow,
+                state.pipeline.ledger.as_ref(),
+            )
+            .await
+            {
+                Ok(t) => s.tickets = Some(t),
+                Err(e) => {
+                    tracing::warn!(flow = %state.pipeline.flow, error = %e, "cannot read the tickets for /status")
+                }
+            }
+            Json(s).into_response()
+        }
         Err(e) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("ledger unavailable: {e}"),

@@ -25,9 +25,44 @@ pub struct RefusalLabel {
     pub reason: String,
 }
 
+/// A ticket's kind (`dead_letter`, `hold`, `flow_degraded`, `contract_rejected`, `audit_mismatch`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TicketKindLabel {
+    pub kind: String,
+}
+
+/// A roster owner id.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OwnerLabel {
+    pub owner: String,
+}
+
+/// A roster ticket sink's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TicketSinkLabel {
+    pub sink: String,
+}
+
+/// The ticket gauges, read from the ledger at each scrape (durable, so they agree across replicas and
+/// restarts, like `/status`).
+pub struct TicketGauges {
+    /// Open or acknowledged tickets by kind.
+    pub open: Family<TicketKindLabel, Gauge>,
+    /// Ticket occurrences given to each owner, all time.
+    pub opened: Family<OwnerLabel, Gauge>,
+    pub resolved: Family<OwnerLabel, Gauge>,
+    /// Mean time to acknowledge / to resolve per owner, in seconds.
+    pub time_to_acknowledge: Family<OwnerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub time_to_resolve: Family<OwnerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Deliveries waiting per ticket sink, and 1 while a sink keeps failing.
+    pub sink_pending: Family<TicketSinkLabel, Gauge>,
+    pub sink_failing: Family<TicketSinkLabel, Gauge>,
+}
+
 /// Every metric the worker exports.
 pub struct Metrics {
     pub registry: Registry,
+    pub tickets: TicketGauges,
     pub received: Counter,
     pub duplicates: Counter,
     /// Late revisions refused as older than the stored one (by the contract's ordering field).
@@ -109,6 +144,50 @@ impl Metrics {
         let rollout_weight = Gauge::default();
         let claimed_buckets = Gauge::default();
         let approvals_refused = Family::<RefusalLabel, Counter>::default();
+        let tickets = TicketGauges {
+            open: Default::default(),
+            opened: Default::default(),
+            resolved: Default::default(),
+            time_to_acknowledge: Default::default(),
+            time_to_resolve: Default::default(),
+            sink_pending: Default::default(),
+            sink_failing: Default::default(),
+        };
+        registry.register(
+            "tickets_open",
+            "Open or acknowledged tickets of the flow, by kind",
+            tickets.open.clone(),
+        );
+        registry.register(
+            "tickets_opened",
+            "Ticket occurrences given to each owner, all time (from the ledger)",
+            tickets.opened.clone(),
+        );
+        registry.register(
+            "tickets_resolved",
+            "Ticket occurrences resolved while with each owner, all time (from the ledger)",
+            tickets.resolved.clone(),
+        );
+        registry.register(
+            "ticket_time_to_acknowledge_seconds",
+            "Mean time from a ticket opening to its acknowledgement by a named owner, per owner",
+            tickets.time_to_acknowledge.clone(),
+        );
+        registry.register(
+            "ticket_time_to_resolve_seconds",
+            "Mean time from a ticket opening to its cause clearing, per owner",
+            tickets.time_to_resolve.clone(),
+        );
+        registry.register(
+            "ticket_deliveries_pending",
+            "Ticket versions waiting in the outbox for each ticket sink",
+            tickets.sink_pending.clone(),
+        );
+        registry.register(
+            "ticket_sink_failing",
+            "1 while a ticket sink keeps refusing or failing deliveries (its tickets wait in the outbox)",
+            tickets.sink_failing.clone(),
+        );
         registry.register(
             "records_received",
             "Records stored in the ledger (new or changed)",
@@ -223,6 +302,7 @@ impl Metrics {
         );
         Metrics {
             registry,
+            tickets,
             received,
             duplicates,
             stale,

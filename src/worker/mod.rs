@@ -19,6 +19,7 @@ pub mod retention;
 pub mod run;
 pub mod slots;
 pub mod starting;
+pub mod ticket_routes;
 pub mod track;
 
 use std::net::SocketAddr;
@@ -364,8 +365,11 @@ impl Worker {
         });
         let intake = Arc::new(intake::LedgerIntake::new(pipeline.clone()));
         let ready = Arc::new(AtomicBool::new(true));
+        let roster = rendered.roster.clone().map(Arc::new);
         let state = api::ApiState {
             pipeline: pipeline.clone(),
+            flow_namespace: Arc::from(rendered.flow_namespace().as_str()),
+            roster: roster.clone(),
             token,
             ready: ready.clone(),
         };
@@ -415,6 +419,16 @@ impl Worker {
                 rx.clone(),
             ));
         }
+        // Tickets: routed, escalated and delivered beside the pipeline, sharing only the ledger with it.
+        let dispatcher = crate::tickets::dispatch::Dispatcher {
+            ledger: pipeline.ledger.clone(),
+            flow: rendered.flow.clone(),
+            roster: rendered.roster.clone(),
+            sinks: ticket_sinks(rendered, settings, &pipeline.problems),
+            clock: Arc::new(SystemClock),
+            signals: pipeline.clone(),
+        };
+        tasks.spawn(dispatcher.run(settings.options.ticket_period, rx.clone()));
         tasks.spawn(pipeline.clone().run(rx));
         tracing::info!(flow = %flow, %webhook_addr, %ops_addr, backend = pipeline.ledger.backend(), "worker started");
         Ok(Worker {
@@ -446,6 +460,56 @@ impl Worker {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
         self.pipeline.ledger.close().await;
+    }
+}
+
+/// The roster's ticket sinks, each with its credentials from its mounted Secret (`MESHLINE_TICKET_<SINK>_<KEY>`
+/// variables for local runs). A sink that cannot be built is a problem on `/status`; its tickets wait in the
+/// outbox, reported as undeliverable, until the roster or the Secret is fixed.
+fn ticket_sinks(
+    rendered: &RenderedFlow,
+    settings: &WorkerSettings,
+    problems: &problems::Problems,
+) -> std::collections::BTreeMap<String, Arc<dyn crate::tickets::sinks::TicketSink>> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some(roster) = &rendered.roster else {
+        return out;
+    };
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap_or_default();
+    let mut invalid = Vec::new();
+    for spec in &roster.spec.ticket_sinks {
+        let dir = settings
+            .secrets_dir
+            .as_ref()
+            .map(|d| d.join(&spec.credentials_secret_ref.name));
+        let credentials = crate::connectors::credentials::Credentials::new(
+            dir.as_deref(),
+            &format!("TICKET_{}", spec.name),
+        );
+        match crate::tickets::sinks::build(spec, &credentials, client.clone()) {
+            Ok(sink) => {
+                out.insert(spec.name.clone(), Arc::from(sink));
+            }
+            Err(why) => invalid.push(format!(
+                "OwnershipRoster {}: {why}",
+                roster.metadata.name.as_deref().unwrap_or_default()
+            )),
+        }
+    }
+    if !invalid.is_empty() {
+        tracing::error!(flow = %rendered.flow_name(), problems = %invalid.join("; "), "ticket sinks that cannot be built; their tickets wait in the outbox");
+        problems.set(problems::TICKET_SINK_INVALID, invalid.join("; "));
+    }
+    out
+}
+
+impl crate::tickets::dispatch::FlowSignals for Pipeline {
+    fn breaker_open(&self) -> Option<String> {
+        self.breaker.state().map(|s| s.reason)
     }
 }
 

@@ -76,6 +76,8 @@ pub struct PipelineOptions {
     pub disk_reserve: super::disk::DiskReserve,
     /// How the free space is read; `None` is `statvfs` on the state directory. Tests inject a double.
     pub free_space: Option<Arc<dyn super::disk::FreeSpace>>,
+    /// How often the ticket task settles, routes, escalates and delivers tickets.
+    pub ticket_period: Duration,
 }
 
 impl Default for PipelineOptions {
@@ -94,6 +96,7 @@ impl Default for PipelineOptions {
             contract: CompileOptions::default(),
             disk_reserve: Default::default(),
             free_space: None,
+            ticket_period: Duration::from_secs(1),
         }
     }
 }

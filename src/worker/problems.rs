@@ -17,6 +17,8 @@ pub const STARTUP_FAILED: &str = "StartupFailed";
 pub const IDENTITIES_INVALID: &str = "IdentitiesInvalid";
 /// The CRM's API allowance runs low, so the poll is slowed: records arrive later, nothing is lost.
 pub const SOURCE_API_LIMIT: &str = "SourceApiLimit";
+/// A roster ticket sink cannot be built (a missing credential, a bad field): its tickets wait in the outbox.
+pub const TICKET_SINK_INVALID: &str = "TicketSinkInvalid";
 
 /// The current problems of one worker, one per kind.
 #[derive(Debug, Default)]
