@@ -124,6 +124,7 @@ impl WorkerStatusSource for Workers {
         method: http::Method,
         path: &str,
         _token: Option<&str>,
+        _body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         let url = url::Url::parse(&format!("http://worker{path}")).unwrap();

@@ -327,7 +327,9 @@ impl WorkerStatusSource for ViaProxy {
             reason,
         };
         let request = request
-            .body(kube::client::Body::from(body.map(<[u8]>::to_vec).unwrap_or_default()))
+            .body(kube::client::Body::from(
+                body.map(<[u8]>::to_vec).unwrap_or_default(),
+            ))
             .map_err(|e| unreachable(e.to_string()))?;
         // `send`, not `request_text`: the latter reads any error body as an API `Status`, and the worker's 503
         // body (its startup problems) would be lost in that reading.

@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use kube::runtime::controller::Action;
 
 use super::flow::status::{carry_transition_times, differs};
 use super::{Context, Error, apply};

@@ -230,8 +230,11 @@ impl Dispatcher {
                             sink_ref,
                         )
                         .await?;
-                    tick.delivered
-                        .push((d.ticket.fingerprint.clone(), d.sink.clone(), ticket.state));
+                    tick.delivered.push((
+                        d.ticket.fingerprint.clone(),
+                        d.sink.clone(),
+                        ticket.state,
+                    ));
                 }
                 Err(e) => {
                     let wait = backoff(d.attempts + 1, &e);
@@ -456,7 +459,9 @@ pub fn summary(
                 mean_time_to_acknowledge_seconds: m
                     .mean_time_to_acknowledge_seconds
                     .map(|s| s.round() as i64),
-                mean_time_to_resolve_seconds: m.mean_time_to_resolve_seconds.map(|s| s.round() as i64),
+                mean_time_to_resolve_seconds: m
+                    .mean_time_to_resolve_seconds
+                    .map(|s| s.round() as i64),
             })
             .collect(),
         oldest: oldest
@@ -473,7 +478,9 @@ pub fn summary(
                     .as_ref()
                     .map_or(0, |a| i32::try_from(a.escalation_step).unwrap_or(i32::MAX)),
                 outstanding: to_i64(t.outstanding),
-                opened_at: t.opened_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                opened_at: t
+                    .opened_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             })
             .collect(),
         failing_sinks: health
@@ -487,7 +494,10 @@ pub fn summary(
                 failing_since: h
                     .failing_since
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-                message: h.last_error.as_ref().map(|m| m.chars().take(1000).collect()),
+                message: h
+                    .last_error
+                    .as_ref()
+                    .map(|m| m.chars().take(1000).collect()),
             })
             .collect(),
     }

@@ -332,6 +332,7 @@ mod tests {
         let s = spec(routes, vec![]);
         let a = assignment();
         // (class, rule) → (matching route, role, owner, sinks)
+        #[allow(clippy::type_complexity)]
         let table: Vec<(
             Option<ErrorClass>,
             Option<&str>,

@@ -290,7 +290,10 @@ async fn refresh_ticket_gauges(state: &ApiState) {
     let ledger = &state.pipeline.ledger;
     let g = &state.pipeline.metrics.tickets;
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    if let Ok(open) = ledger.tickets(true, crate::ledger::MAX_TICKETS_PER_READ).await {
+    if let Ok(open) = ledger
+        .tickets(true, crate::ledger::MAX_TICKETS_PER_READ)
+        .await
+    {
         for kind in crate::tickets::ExceptionKind::ALL {
             let n = open.iter().filter(|t| t.kind == kind).count() as u64;
             g.open

@@ -15,8 +15,7 @@ use serde_json::json;
 use super::api::{ApiState, authorise, error, person};
 use crate::ledger::{LedgerError, RaisedException, TicketRecord};
 use crate::tickets::{
-    CONTROLLER_REASON_PREFIXES, MAX_REPORTED_CAUSES, ReportedCauses, Ticket, TicketState,
-    dispatch,
+    CONTROLLER_REASON_PREFIXES, MAX_REPORTED_CAUSES, ReportedCauses, Ticket, TicketState, dispatch,
 };
 
 #[derive(Debug, Deserialize)]
@@ -161,7 +160,10 @@ pub async fn report_causes(
         }
     }
     let ledger = &state.pipeline.ledger;
-    let open = match ledger.tickets(true, crate::ledger::MAX_TICKETS_PER_READ).await {
+    let open = match ledger
+        .tickets(true, crate::ledger::MAX_TICKETS_PER_READ)
+        .await
+    {
         Ok(t) => t,
         Err(e) => return ledger_error(e),
     };

@@ -11,9 +11,14 @@ use crate::controller::poll::WorkerPod;
 use crate::tickets::{ExceptionKind, ReportedCause, ReportedCauses};
 
 /// The causes to report, from the ledger's numbers and the flow's contract. Pure.
-pub fn causes(observation: Option<&Observation>, contract: Option<&SyncContract>) -> Vec<ReportedCause> {
+pub fn causes(
+    observation: Option<&Observation>,
+    contract: Option<&SyncContract>,
+) -> Vec<ReportedCause> {
     let mut out = Vec::new();
-    if let (Some(worker), Some(contract)) = (observation.and_then(|o| o.ledger.as_deref()), contract) {
+    if let (Some(worker), Some(contract)) =
+        (observation.and_then(|o| o.ledger.as_deref()), contract)
+    {
         for (reason, message) in sla_breaches(worker, contract.spec.sla.as_ref()) {
             out.push(ReportedCause {
                 kind: ExceptionKind::FlowDegraded,
