@@ -44,6 +44,8 @@ struct Workers {
     /// Measures by revision name; a revision without an entry answers 503.
     measures: Mutex<BTreeMap<String, Value>>,
     calls: Mutex<Vec<(String, String, Option<String>)>>,
+    /// Every set of flow-level causes the controller reported (`PUT /exceptions`), in order.
+    causes: Mutex<Vec<meshline::tickets::ReportedCauses>>,
 }
 
 #[async_trait::async_trait]
@@ -64,8 +66,16 @@ impl WorkerStatusSource for Workers {
         method: http::Method,
         path: &str,
         token: Option<&str>,
-        _body: Option<&[u8]>,
+        body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
+        if (method.as_str(), path) == ("PUT", "/exceptions") {
+            assert_eq!(token, Some("token-1"), "causes carry the flow's token");
+            let causes: meshline::tickets::ReportedCauses =
+                serde_json::from_slice(body.expect("a PUT has a body"))
+                    .expect("ReportedCauses JSON");
+            self.causes.lock().unwrap().push(causes);
+            return Ok((200, br#"{"raised": 0, "cleared": 0}"#.to_vec()));
+        }
         self.calls.lock().unwrap().push((
             method.to_string(),
             path.to_string(),
@@ -160,6 +170,9 @@ impl World {
         double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
         double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
         double.put_secret(NS, "ledger-db", &["url"]);
+        // The roster's ticket sinks, mounted into the workers as well.
+        double.put_secret(NS, "github-token", &["token"]);
+        double.put_secret(NS, "alert-webhook-signing", &["signingSecret"]);
         let mut contract: SyncContract = load("contract.yaml");
         contract.metadata.uid = Some("contract-uid-1".into());
         contract.metadata.generation = Some(1);
@@ -879,6 +892,20 @@ async fn failed_analysis_beyond_the_limit_aborts_rolls_back_and_retry_starts_aga
     assert!(entry.message.unwrap().contains("dead-letter rate"));
     assert_eq!(w.stable_runs(), ("2.0.1".into(), active.clone()));
 
+    // The rejection is a ticket for the flow's owners: the next flow reconcile reports it to a worker.
+    w.reconcile_flow().await;
+    let reported = w.workers.causes.lock().unwrap().last().cloned().unwrap();
+    let cause = reported
+        .causes
+        .iter()
+        .find(|c| c.reason.starts_with("contract:CanaryAborted:"))
+        .unwrap_or_else(|| panic!("no contract cause in {reported:?}"));
+    assert_eq!(
+        cause.kind,
+        meshline::tickets::ExceptionKind::ContractRejected
+    );
+    assert!(cause.summary.contains("dead-letter rate"), "{cause:?}");
+
     // Retry: the rollout starts again from its first step, and the contract puts the candidate back.
     w.command("retry:1");
     w.reconcile_flow().await;
@@ -892,6 +919,16 @@ async fn failed_analysis_beyond_the_limit_aborts_rolls_back_and_retry_starts_aga
     w.reconcile_contract().await;
     assert_eq!(w.state_of(&hash), RevisionState::Canary);
     assert!(w.deployments.contains_key(&canary_name()));
+    // Back in canary: the cause cleared, so the next report leaves it out and the worker resolves its ticket.
+    w.reconcile_flow().await;
+    let reported = w.workers.causes.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        !reported
+            .causes
+            .iter()
+            .any(|c| c.reason.starts_with("contract:")),
+        "{reported:?}"
+    );
 }
 
 #[tokio::test]

@@ -285,3 +285,125 @@ async fn reconcile_inner(roster: &OwnershipRoster, ctx: &Context) -> Result<Acti
     }
     Ok(Action::requeue(super::flow::RESYNC))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{FailingTicketSink, OpenTicket, SyncFlowStatus};
+
+    fn flow(name: &str, tickets: TicketSummary) -> SyncFlow {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/salesforce-netsuite/flow.yaml"
+        ))
+        .expect("the example flow");
+        let mut f: SyncFlow = serde_yaml::from_str(&text).expect("a SyncFlow");
+        f.metadata.name = Some(name.into());
+        f.status = Some(SyncFlowStatus {
+            tickets: Some(tickets),
+            ..Default::default()
+        });
+        f
+    }
+
+    fn owner(id: &str, acked: i64, tta: i64, resolved: i64, ttr: i64) -> OwnerTicketStats {
+        OwnerTicketStats {
+            owner: id.into(),
+            opened: acked.max(resolved),
+            acknowledged: acked,
+            resolved,
+            open: 1,
+            mean_time_to_acknowledge_seconds: (acked > 0).then_some(tta),
+            mean_time_to_resolve_seconds: (resolved > 0).then_some(ttr),
+        }
+    }
+
+    #[test]
+    fn a_rosters_tickets_weigh_each_flows_means_by_its_tickets() {
+        let a = flow(
+            "a",
+            TicketSummary {
+                open: 2,
+                acknowledged: 1,
+                owners: vec![owner("dana", 1, 100, 1, 1000)],
+                oldest: vec![OpenTicket {
+                    reason: "erp:422".into(),
+                    opened_at: "2026-12-01T10:00:00Z".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let b = flow(
+            "b",
+            TicketSummary {
+                open: 1,
+                owners: vec![owner("dana", 3, 500, 3, 2000), owner("sam", 1, 60, 0, 0)],
+                failing_sinks: vec![FailingTicketSink {
+                    sink: "jira".into(),
+                    consecutive_failures: 4,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let t = tickets_of(&[&a, &b]).expect("tickets");
+        assert_eq!((t.open, t.acknowledged), (3, 1));
+        let dana = t.owners.iter().find(|o| o.owner == "dana").unwrap();
+        // (1·100 + 3·500) / 4 and (1·1000 + 3·2000) / 4.
+        assert_eq!(dana.mean_time_to_acknowledge_seconds, Some(400));
+        assert_eq!(dana.mean_time_to_resolve_seconds, Some(1750));
+        assert_eq!((dana.acknowledged, dana.resolved, dana.open), (4, 4, 2));
+        // Over every owner: (1600 + 60) / 5.
+        assert_eq!(t.mean_time_to_acknowledge_seconds, Some(332));
+        assert_eq!(t.oldest[0].reason, "a: erp:422");
+        assert_eq!(t.failing_sinks.len(), 1);
+        assert!(tickets_of(&[]).is_none());
+    }
+
+    #[test]
+    fn a_failing_sink_turns_the_condition_false_with_one_event_per_change() {
+        let mut roster: OwnershipRoster = serde_yaml::from_str(
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/salesforce-netsuite/roster.yaml"
+            ))
+            .expect("the example roster"),
+        )
+        .expect("a roster");
+        roster.metadata.generation = Some(1);
+        let failing = TicketSummary {
+            failing_sinks: vec![FailingTicketSink {
+                sink: "jira".into(),
+                consecutive_failures: 3,
+                pending: 2,
+                message: Some("HTTP 401".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let status = |t: Option<&TicketSummary>| OwnershipRosterStatus {
+            conditions: vec![sinks_condition(&roster, t)],
+            ..Default::default()
+        };
+        let healthy = status(None);
+        let bad = status(Some(&failing));
+        assert_eq!(bad.conditions[0].status, "False");
+        assert!(
+            bad.conditions[0]
+                .message
+                .contains("jira failed 3 deliveries in a row (2 waiting): HTTP 401")
+        );
+        let e = sinks_event(Some(&healthy), &bad).expect("an Event when a sink starts failing");
+        assert_eq!(e.reason, "TicketSinkFailing");
+        assert!(matches!(e.type_, EventType::Warning));
+        // Still failing, one more failure: the message changes, no second Event.
+        let mut worse = failing.clone();
+        worse.failing_sinks[0].consecutive_failures = 4;
+        assert!(sinks_event(Some(&bad), &status(Some(&worse))).is_none());
+        let back = sinks_event(Some(&bad), &healthy).expect("an Event when it recovers");
+        assert!(matches!(back.type_, EventType::Normal));
+        // A new roster that is healthy from the start says nothing.
+        assert!(sinks_event(None, &healthy).is_none());
+    }
+}

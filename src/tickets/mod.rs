@@ -206,7 +206,9 @@ pub struct Ticket {
 /// A flow-level cause the controller sees and the worker cannot (an SLA breach over the flow's status, a
 /// contract candidate the gates rejected or whose canary aborted), sent to the worker's `PUT /exceptions`
 /// so it becomes a ticket in the same outbox as the records' exceptions. The controller sends the whole set
-/// it sees each time; a cause it no longer sends has cleared.
+/// it sees each time; a cause it no longer sends has cleared. Some worker pods not answering while another
+/// does is one (`status:WorkersNotAnswering`); no pod answering cannot be reported through a worker, and
+/// stays the flow's `StatusUnavailable` condition and Event.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportedCause {
@@ -229,7 +231,7 @@ pub struct ReportedCauses {
 
 /// The reason prefixes of the causes the controller reports: an open ticket with one of them that the
 /// controller no longer sends is resolved. The worker's own flow-level cause (`breaker_open`) has none.
-pub const CONTROLLER_REASON_PREFIXES: [&str; 2] = ["sla:", "contract:"];
+pub const CONTROLLER_REASON_PREFIXES: [&str; 3] = ["sla:", "contract:", "status:"];
 
 /// At most this many causes per report (each SLA breach and one contract rejection fit easily).
 pub const MAX_REPORTED_CAUSES: usize = 20;
