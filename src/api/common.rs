@@ -132,6 +132,7 @@ pub struct FailingTicketSink {
     pub consecutive_failures: i32,
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
     pub failing_since: Option<String>,
     /// The sink's last answer (no credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,20 +144,25 @@ pub struct FailingTicketSink {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OpenTicket {
+    #[schemars(length(max = 64))]
     pub fingerprint: String,
     /// `dead_letter`, `hold`, `flow_degraded`, `contract_rejected`, `audit_mismatch`.
+    #[schemars(length(max = 32))]
     pub kind: String,
     /// The cause's key, e.g. `erp:422` (never a record's value).
     #[schemars(length(max = 256))]
     pub reason: String,
     /// `open` or `acknowledged`.
+    #[schemars(length(max = 16))]
     pub state: String,
     /// The owner id it is with now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
     pub owner: Option<String>,
     pub escalation_step: i32,
     pub outstanding: i64,
     /// RFC 3339.
+    #[schemars(length(max = 64))]
     pub opened_at: String,
 }
 

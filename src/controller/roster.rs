@@ -76,7 +76,7 @@ pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
         for o in &t.oldest {
             let mut o = o.clone();
             // The roster spans flows: say which one.
-            o.reason = format!("{flow}: {}", o.reason);
+            o.reason = format!("{flow}: {}", o.reason).chars().take(256).collect();
             oldest.push(o);
         }
         for s in &t.failing_sinks {
