@@ -1,7 +1,8 @@
 //! The operations API's ticket routes (issue #16), all behind the flow's token like the rest of it:
 //! - `GET /tickets?all=true&limit=N`: the flow's tickets as the sinks see them (open ones by default);
-//! - `POST /tickets/{fingerprint}/acknowledge`: a named owner takes a ticket, which stops its escalation
-//!   and starts its time to resolve; the person is established as for approvals (`X-Meshline-Identity`);
+//! - `POST /tickets/{fingerprint}/acknowledge` (optional body `{"by": OWNER}`): a named owner takes a
+//!   ticket, which stops its escalation and starts its time to resolve; the person is established as for
+//!   approvals (`X-Meshline-Identity`, and a `by` naming someone else is refused);
 //! - `PUT /exceptions`: the controller's set of flow-level causes (SLA breaches, a rejected contract
 //!   version); each becomes a ticket, and an open one the set no longer names is resolved.
 
@@ -64,15 +65,39 @@ async fn find(state: &ApiState, fingerprint: &str) -> Result<Option<TicketRecord
         .find(|t| rendered(state, t).fingerprint == fingerprint || t.fingerprint == fingerprint))
 }
 
+/// The optional body of an acknowledgement: who the person means to be. As for approvals, the identity
+/// token decides who acts; a `by` naming someone else is refused rather than silently corrected.
+#[derive(Debug, Default, Deserialize)]
+struct Acknowledgement {
+    #[serde(default)]
+    by: Option<String>,
+}
+
 pub async fn acknowledge(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(fingerprint): Path<String>,
+    body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = authorise(&state, &headers) {
         return r.response();
     }
-    let owner = match person(&state, &headers) {
+    let claimed: Acknowledgement = if body.iter().all(u8::is_ascii_whitespace) {
+        Acknowledgement::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+        }
+    };
+    let identified = person(&state, &headers).and_then(|owner| match claimed.by {
+        Some(by) if by != owner.id => Err(super::api::IdentityRefusal::ByMismatch {
+            owner: owner.id,
+            by,
+        }),
+        _ => Ok(owner),
+    });
+    let owner = match identified {
         Ok(o) => o,
         Err(refusal) => {
             tracing::warn!(
