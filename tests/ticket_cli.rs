@@ -1,6 +1,7 @@
 //! `meshline ticket list|ack` against a real worker (the one `meshline dev` runs, on the example flow): a
 //! dead letter becomes a ticket the CLI lists, its owner acknowledges it in their own name, and a token that
 //! is nobody's or a `--by` naming someone else is refused with the worker's reason and a non-zero exit.
+//! Also the worker's `PUT /exceptions`: the controller's causes never clear a record's own ticket.
 
 use std::path::Path;
 use std::process::Command;
@@ -33,10 +34,8 @@ async fn meshline(args: Vec<String>, identity: Option<String>) -> (bool, String,
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_owner_lists_and_acknowledges_a_ticket_and_anyone_else_is_refused_with_the_reason() {
-    let tmp = tempfile::tempdir().unwrap();
-    let env = dev::start(&DevOptions {
+async fn started(tmp: &tempfile::TempDir) -> dev::DevEnv {
+    dev::start(&DevOptions {
         dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite"),
         state: Some(tmp.path().join("state")),
         fresh: false,
@@ -44,14 +43,18 @@ async fn an_owner_lists_and_acknowledges_a_ticket_and_anyone_else_is_refused_wit
         ops_port: 0,
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Closes one deal whose price drifts past the contract's tolerance: a dead letter whose reason is
+/// `contract:rule_failed:rule:price-tolerance`, so a ticket routed to the source owner.
+async fn price_drift(env: &dev::DevEnv) {
     let pricebook: Vec<_> = env
         .erp
         .pricebook
         .iter()
         .map(|(k, (p, _))| (k.clone(), *p))
         .collect();
-    // A price outside the contract's tolerance: a dead letter, so a ticket routed to the source owner.
     env.crm
         .send(
             &[opportunity(0, DealKind::PriceDrift, &pricebook)],
@@ -59,6 +62,73 @@ async fn an_owner_lists_and_acknowledges_a_ticket_and_anyone_else_is_refused_wit
         )
         .await
         .unwrap();
+}
+
+async fn put_causes(env: &dev::DevEnv, causes: serde_json::Value) -> (u16, serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .put(format!("{}/exceptions", env.ops_url()))
+        .bearer_auth(&env.token)
+        .json(&causes)
+        .send()
+        .await
+        .unwrap();
+    (
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_causes_never_clear_a_dead_letter_ticket_whose_reason_starts_with_contract()
+{
+    let tmp = tempfile::tempdir().unwrap();
+    let env = started(&tmp).await;
+    price_drift(&env).await;
+    let ledger = env.worker.pipeline.ledger.clone();
+    let dead = loop {
+        let open = ledger.tickets(true, 100).await.unwrap();
+        if let Some(t) = open
+            .iter()
+            .find(|t| t.reason.starts_with("contract:rule_failed"))
+        {
+            break t.fingerprint.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let rejected = serde_json::json!({"causes": [{"kind": "contract_rejected", "class": "Config",
+        "reason": "contract:FailureLimitReached:2.0.0", "summary": "rolled back by its canary"}]});
+    let (code, body) = put_causes(&env, rejected).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["raised"], 1, "{body}");
+    // The controller no longer sees the rejection: its ticket clears, the dead letter's stays.
+    let (code, body) = put_causes(&env, serde_json::json!({"causes": []})).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["cleared"], 1, "only the contract's own ticket: {body}");
+    let ticket = ledger.ticket(&dead).await.unwrap().unwrap();
+    assert_ne!(
+        ticket.state,
+        meshline::tickets::TicketState::Resolved,
+        "the dead letter is still there: {ticket:?}"
+    );
+    // A reported cause may not pose as a record's own ticket.
+    let (code, body) = put_causes(
+        &env,
+        serde_json::json!({"causes": [{"kind": "dead_letter", "reason": "contract:x", "summary": "s"}]}),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("causes[0].kind"),
+        "{body}"
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_lists_and_acknowledges_a_ticket_and_anyone_else_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = started(&tmp).await;
+    price_drift(&env).await;
     let flow = env.flow.clone();
     let token_file = env.token_file().display().to_string();
     let base = |sub: &str| -> Vec<String> {

@@ -16,7 +16,8 @@ use serde_json::json;
 use super::api::{ApiState, authorise, error, person};
 use crate::ledger::{LedgerError, RaisedException, TicketRecord};
 use crate::tickets::{
-    CONTROLLER_REASON_PREFIXES, MAX_REPORTED_CAUSES, ReportedCauses, Ticket, TicketState, dispatch,
+    CONTROLLER_REASON_PREFIXES, ExceptionKind, MAX_REPORTED_CAUSES, ReportedCauses, Ticket,
+    TicketState, dispatch,
 };
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +170,16 @@ pub async fn report_causes(
         );
     }
     for (i, c) in causes.causes.iter().enumerate() {
+        // Dead letters and holds are the records' own tickets, opened and cleared by the ledger.
+        if matches!(c.kind, ExceptionKind::DeadLetter | ExceptionKind::Hold) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "causes[{i}].kind: {} is raised by the records themselves, not reported",
+                    c.kind.label()
+                ),
+            );
+        }
         if !CONTROLLER_REASON_PREFIXES
             .iter()
             .any(|p| c.reason.starts_with(p))
@@ -217,7 +228,12 @@ pub async fn report_causes(
     }
     let mut cleared = 0;
     for t in open.iter().filter(|t| {
-        CONTROLLER_REASON_PREFIXES
+        // Only the kinds the controller reports: a dead letter's reason can start with `contract:` too
+        // (`contract:rule_failed:rule:…`), and its ticket clears when its records do, not here.
+        matches!(
+            t.kind,
+            ExceptionKind::FlowDegraded | ExceptionKind::ContractRejected
+        ) && CONTROLLER_REASON_PREFIXES
             .iter()
             .any(|p| t.reason.starts_with(p))
             && !causes
