@@ -129,6 +129,14 @@ fn exceptions_became_tickets_the_receiver_got(report: &dev::Report, text: &str) 
     };
     assert_eq!(owner("price-tolerance").as_deref(), Some("priya"), "{text}");
     assert_eq!(owner("erp:400").as_deref(), Some("marcus"), "{text}");
+    for ticket in dead.iter() {
+        // Nothing replayed the scenario's dead letters, so each of their tickets is still open (reporting
+        // the canary's rollback must not clear `contract:rule_failed:…`).
+        assert!(
+            ticket.state != "resolved" && ticket.outstanding > 0,
+            "{ticket:?}: {text}"
+        );
+    }
     for ticket in &t.tickets {
         assert_eq!(
             ticket.events.first().map(String::as_str),

@@ -1014,8 +1014,7 @@ async fn report_rejections(env: &DevEnv, changes: &[ContractChange]) -> Result<(
     Ok(())
 }
 
-/// Waits until the receiver has every ticket's current version (the dispatcher delivers from the outbox
-/// every tick), then reports the tickets with the receiver's events and the owners' times from `/status`.
+/// Waits until the outbox is empty (the dispatcher delivers from it every tick), then reports the tickets with the receiver's events and the owners' times from `/status`.
 async fn tickets(
     env: &DevEnv,
     acknowledged: Option<(String, String)>,
@@ -1025,13 +1024,24 @@ async fn tickets(
         let all = get(env, "/tickets?all=true&limit=1000").await?;
         let all = all.as_array().cloned().unwrap_or_default();
         let received = env.tickets.received();
-        let delivered = |t: &Value| {
-            received.iter().any(|r| {
-                r.fingerprint == t["fingerprint"].as_str().unwrap_or_default()
-                    && Some(r.version) == t["version"].as_i64()
-            })
-        };
-        let caught_up = all.iter().all(delivered);
+        // Caught up when every open ticket has been routed (so it has its sinks) and no sink has a version
+        // left to send; what an earlier run against this ledger delivered is not sent again.
+        let ledger = &env.worker.pipeline.ledger;
+        let scenario = |e: crate::ledger::LedgerError| DevError::Scenario(e.to_string());
+        let routed = ledger
+            .tickets(true, crate::ledger::MAX_TICKETS_PER_READ)
+            .await
+            .map_err(scenario)?
+            .iter()
+            .all(|t| t.assignment.is_some());
+        let pending: u64 = ledger
+            .ticket_sink_health()
+            .await
+            .map_err(scenario)?
+            .iter()
+            .map(|h| h.pending)
+            .sum();
+        let caught_up = routed && pending == 0;
         if caught_up || Instant::now() > deadline {
             let tickets = all
                 .iter()
