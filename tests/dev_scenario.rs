@@ -91,7 +91,115 @@ async fn default_scenario_reconciles_every_closed_deal() {
         "{text}"
     );
     assert!(!text.contains("@customer"), "no PII in the report: {text}");
+    exceptions_became_tickets_the_receiver_got(&report, &text);
     env.shutdown().await;
+}
+
+/// The run's exceptions are tickets routed to named owners, delivered (signed) to the local receiver, one
+/// acknowledged by its owner and the approved hold resolved; the report's numbers are the run's own.
+fn exceptions_became_tickets_the_receiver_got(report: &dev::Report, text: &str) {
+    let t = &report.tickets;
+    let c = &report.status.counters;
+    assert_eq!(t.refused, 0, "every request was signed correctly: {text}");
+    let dead: Vec<_> = t
+        .tickets
+        .iter()
+        .filter(|t| t.kind == "dead_letter")
+        .collect();
+    // One ticket per cause, never one per record: the dead letters' reasons are the tickets' causes.
+    let mut reasons: Vec<String> = report
+        .explained
+        .iter()
+        .map(|e| e.reason.split(':').take(2).collect::<Vec<_>>().join(":"))
+        .collect();
+    reasons.sort();
+    reasons.dedup();
+    assert!(!dead.is_empty() && dead.len() <= reasons.len(), "{text}");
+    assert!(
+        dead.len() < c.dead_lettered as usize,
+        "dead letters of one cause share a ticket: {text}"
+    );
+    let counted: u64 = dead.iter().map(|t| t.count).sum();
+    assert_eq!(counted, c.dead_lettered as u64, "{text}");
+    // Routed by the roster: the price drift to the source owner, the ERP's rejection to the sink owner.
+    let owner = |reason: &str| {
+        dead.iter()
+            .find(|t| t.reason.contains(reason))
+            .map(|t| t.owner.clone())
+    };
+    assert_eq!(owner("price-tolerance").as_deref(), Some("priya"), "{text}");
+    assert_eq!(owner("erp:400").as_deref(), Some("marcus"), "{text}");
+    for ticket in dead.iter() {
+        // Nothing replayed the scenario's dead letters, so each of their tickets is still open (reporting
+        // the canary's rollback must not clear `contract:rule_failed:…`).
+        assert!(
+            ticket.state != "resolved" && ticket.outstanding > 0,
+            "{ticket:?}: {text}"
+        );
+    }
+    for ticket in &t.tickets {
+        assert_eq!(
+            ticket.events.first().map(String::as_str),
+            Some(if ticket.state == "resolved" && ticket.events.len() == 1 {
+                "resolved"
+            } else {
+                "opened"
+            }),
+            "each ticket starts with its opening at the receiver: {ticket:?}"
+        );
+        assert!(!ticket.sinks.is_empty(), "{ticket:?}");
+    }
+    // The approved hold's ticket resolved, and the receiver saw it open and then resolve.
+    let hold = t
+        .tickets
+        .iter()
+        .find(|t| t.kind == "hold")
+        .unwrap_or_else(|| panic!("the held discount is a ticket: {text}"));
+    assert_eq!(hold.state, "resolved", "{text}");
+    assert_eq!(hold.outstanding, 0, "{text}");
+    assert_eq!(
+        hold.events.last().map(String::as_str),
+        Some("resolved"),
+        "{text}"
+    );
+    // One dead-letter ticket acknowledged by its owner, as that owner.
+    let (fingerprint, by) = t.acknowledged.clone().expect("a ticket was acknowledged");
+    let acked = t
+        .tickets
+        .iter()
+        .find(|t| t.fingerprint == fingerprint)
+        .unwrap();
+    assert_eq!(
+        acked.acknowledged_by.as_deref(),
+        Some(by.as_str()),
+        "{text}"
+    );
+    assert_eq!(acked.owner, by, "{text}");
+    let stats = t
+        .owners
+        .iter()
+        .find(|o| o.owner == by)
+        .unwrap_or_else(|| panic!("{by} has ticket stats: {text}"));
+    assert!(stats.acknowledged >= 1, "{text}");
+    assert!(stats.time_to_acknowledge_seconds.is_some(), "{text}");
+    assert!(
+        t.owners
+            .iter()
+            .any(|o| o.resolved >= 1 && o.time_to_resolve_seconds.is_some()),
+        "{text}"
+    );
+    // The canary's rollback is reported as the controller would, and is a ticket too.
+    assert!(
+        t.tickets
+            .iter()
+            .any(|t| t.kind == "contract_rejected" && t.reason.starts_with("contract:")),
+        "{text}"
+    );
+    assert!(text.contains("Tickets:"), "{text}");
+    assert!(
+        text.contains(&format!("acknowledged by {by}")) && text.contains("opened → "),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -63,6 +63,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
         eprintln!("  webhooks   {}   (POST /webhook)", env.webhook_url());
         eprintln!("  operations {}   (/status, /records/ID, /dead-letters, /holds with the token; /metrics)", env.ops_url());
         eprintln!("  ERP        http://{}   (NetSuite-style REST stand-in; GET /sim/orders)", env.erp_addr);
+        eprintln!("  tickets    http://{}/sinks/<sink>   (local webhook receiving every roster ticket sink's tickets, signature checked)", env.tickets_addr);
         eprintln!("  API token in {}", env.token_file().display());
         let code = match args.scenario {
             Some(_) => {
@@ -96,6 +97,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
                     .unwrap_or_default();
                 eprintln!("  send deals:   meshline sim crm --target {}/webhook --secret {secret} --records 20", env.webhook_url());
                 eprintln!("  dead letters: meshline dlq list --url {} --token-file {}", env.ops_url(), env.token_file().display());
+                eprintln!("  tickets:      meshline ticket list {} --url {} --token-file {}", env.flow, env.ops_url(), env.token_file().display());
                 // Shown as the first owner who approves anything, with that owner's generated token.
                 let approver = env.rendered.roster.as_ref().and_then(|r| {
                     r.spec.owners.iter().find(|o| !o.approver_roles.is_empty()).map(|o| o.id.clone())

@@ -11,6 +11,7 @@ mod dev;
 pub mod logging;
 pub mod replay;
 pub mod rollout;
+mod ticket;
 mod worker;
 
 /// Meshline: CRM→ERP syncs as executable contracts, enforced at runtime.
@@ -61,6 +62,11 @@ pub enum Command {
     Hold {
         #[command(subcommand)]
         command: worker::HoldCommand,
+    },
+    /// List a running worker's exception tickets, or acknowledge one as yourself.
+    Ticket {
+        #[command(subcommand)]
+        command: ticket::TicketCommand,
     },
     /// Preflight a candidate contract: replay the flow's recent records through the active contract and the
     /// candidate, and write the report as the container's termination message (exit 0 passed, 1 failed the
@@ -117,6 +123,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Worker(args) => worker::worker(*args),
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),
+        Command::Ticket { command } => ticket::run(command),
         Command::Contract { command } => contract::run(command),
         Command::Replay(args) => replay::replay(*args),
         Command::Rollout { command } => rollout::run(command),

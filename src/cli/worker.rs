@@ -487,33 +487,63 @@ pub struct Decide {
 /// The variable holding a person's own token when `--identity-token-file` is not given.
 pub const IDENTITY_TOKEN_ENV: &str = "MESHLINE_IDENTITY_TOKEN";
 
-impl Decide {
-    fn endpoint(&self) -> Endpoint {
+/// A person's token: the file's, else [`IDENTITY_TOKEN_ENV`]'s. The error says what it is `needed` for and
+/// how to give one.
+pub(super) fn identity_token(
+    file: Option<&std::path::Path>,
+    needed: &str,
+) -> Result<String, String> {
+    let token = match file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| format!("--identity-token-file {}: {e}", p.display()))?,
+        None => std::env::var(IDENTITY_TOKEN_ENV).unwrap_or_default(),
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(format!(
+            "your personal token is needed {needed}: give --identity-token-file FILE or set \
+             {IDENTITY_TOKEN_ENV} (the value under your owner id in the roster's identity Secret)"
+        ));
+    }
+    Ok(token)
+}
+
+impl Endpoint {
+    /// The endpoint of a command that names its flow positionally (the token is looked up by that name).
+    pub(super) fn for_flow(
+        flow: &str,
+        url: &str,
+        token: Option<String>,
+        token_file: Option<PathBuf>,
+        namespace: Option<String>,
+    ) -> Endpoint {
         Endpoint {
-            url: self.url.clone(),
-            token: self.token.clone(),
-            token_file: self.token_file.clone(),
-            flow: Some(self.flow.clone()),
-            namespace: self.namespace.clone(),
+            url: url.to_string(),
+            token,
+            token_file,
+            flow: Some(flow.to_string()),
+            namespace,
             resolved: Default::default(),
         }
     }
+}
 
-    /// The person's token: the file's, else the variable's. The error says how to give one.
+impl Decide {
+    fn endpoint(&self) -> Endpoint {
+        Endpoint::for_flow(
+            &self.flow,
+            &self.url,
+            self.token.clone(),
+            self.token_file.clone(),
+            self.namespace.clone(),
+        )
+    }
+
     fn identity_token(&self) -> Result<String, String> {
-        let token = match &self.identity_token_file {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|e| format!("--identity-token-file {}: {e}", p.display()))?,
-            None => std::env::var(IDENTITY_TOKEN_ENV).unwrap_or_default(),
-        };
-        let token = token.trim().to_string();
-        if token.is_empty() {
-            return Err(format!(
-                "your personal token is needed to decide on a held record: give --identity-token-file FILE or set \
-                 {IDENTITY_TOKEN_ENV} (the value under your owner id in the roster's identity Secret)"
-            ));
-        }
-        Ok(token)
+        identity_token(
+            self.identity_token_file.as_deref(),
+            "to decide on a held record",
+        )
     }
 
     fn send(&self, action: &str) -> Result<Value, String> {
@@ -538,7 +568,7 @@ fn call(
 }
 
 /// [`call`], with a person's identity token when a named person acts.
-fn call_as(
+pub(super) fn call_as(
     endpoint: &Endpoint,
     method: reqwest::Method,
     path: &str,
@@ -584,7 +614,7 @@ fn call_as(
     })
 }
 
-fn finish(result: Result<Value, String>, render: impl Fn(&Value)) -> ExitCode {
+pub(super) fn finish(result: Result<Value, String>, render: impl Fn(&Value)) -> ExitCode {
     match result {
         Ok(v) => {
             render(&v);

@@ -4,6 +4,7 @@
 
 mod canary;
 mod scenario;
+pub mod tickets;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use canary::{CanaryRun, CanaryStepRun};
-pub use scenario::{ContractChange, Explained, Report, ScenarioOptions, run as run_scenario};
+pub use scenario::{
+    ContractChange, Explained, OwnerTickets, Report, ScenarioOptions, TicketReport, TicketsReport,
+    run as run_scenario,
+};
 
 use crate::api::{Backoff, LedgerSpec, SinkSystem, SourceMode, SourceSystem, WebhookSignature};
 use crate::rollout::split::{SPLIT_FILE, Split, Track};
@@ -83,6 +87,9 @@ pub struct DevEnv {
     /// Each roster owner's personal token (owner id → token), generated for this run and mounted as the
     /// roster's identity Secret, so the scenario approves as the owner holding the approver role.
     pub identities: std::collections::BTreeMap<String, String>,
+    /// The local webhook every roster ticket sink is pointed at (see [`tickets`]).
+    pub tickets: Arc<tickets::TicketReceiver>,
+    pub tickets_addr: SocketAddr,
     pub state_dir: PathBuf,
     pub flow: String,
     /// The flow, its active contract and roster as the worker runs them (with the stand-ins' addresses).
@@ -95,6 +102,7 @@ pub struct DevEnv {
     /// Duplicates recognised by stable workers the scenario replaced.
     retired_duplicates: u64,
     erp_task: tokio::task::JoinHandle<()>,
+    tickets_task: tokio::task::JoinHandle<()>,
 }
 
 impl DevEnv {
@@ -140,6 +148,7 @@ impl DevEnv {
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.erp_task.abort();
+        self.tickets_task.abort();
     }
 }
 
@@ -339,7 +348,39 @@ async fn start_in(
     });
 
     let secrets = state.join("secrets");
-    let identities = dev_identities(rendered, &secrets)?;
+    let identities = match dev_identities(rendered, &secrets) {
+        Ok(i) => i,
+        Err(e) => {
+            erp_task.abort();
+            return Err(e);
+        }
+    };
+    // The ticket sinks' signing secret is generated per run and handed to the worker as a mounted Secret,
+    // like every other credential here: the process environment is never touched.
+    let signing_secret = uuid::Uuid::new_v4().simple().to_string();
+    let receiver = tickets::TicketReceiver::new(signing_secret.clone());
+    let (tickets_addr, tickets_task) = match tickets::serve(receiver.clone()).await {
+        Ok(t) => t,
+        Err(e) => {
+            erp_task.abort();
+            return Err(DevError::Scenario(format!(
+                "cannot start the local ticket receiver: {e}"
+            )));
+        }
+    };
+    if let Some(roster) = rendered.roster.as_mut() {
+        tickets::redirect_sinks(roster, tickets_addr);
+    }
+    let written = write_secret(
+        &secrets,
+        tickets::RECEIVER_SECRET,
+        &[("signingSecret", signing_secret)],
+    );
+    if let Err(e) = written {
+        erp_task.abort();
+        tickets_task.abort();
+        return Err(e);
+    }
     let spec = &mut rendered.flow.spec;
     write_secret(
         &secrets,
@@ -382,6 +423,7 @@ async fn start_in(
         .and_then(|()| std::fs::write(&split, Split::none().to_json()));
     if let Err(e) = reset {
         erp_task.abort();
+        tickets_task.abort();
         return Err(DevError::State {
             dir: split.display().to_string(),
             reason: format!("cannot write the rollout split: {e}"),
@@ -422,6 +464,7 @@ async fn start_in(
         Ok(w) => w,
         Err(e) => {
             erp_task.abort();
+            tickets_task.abort();
             return Err(e.into());
         }
     };
@@ -439,6 +482,8 @@ async fn start_in(
         crm,
         token,
         identities,
+        tickets: receiver,
+        tickets_addr,
         state_dir: state.to_path_buf(),
         flow,
         rendered: rendered.clone(),
@@ -446,5 +491,6 @@ async fn start_in(
         stable_sockets,
         retired_duplicates: 0,
         erp_task,
+        tickets_task,
     })
 }

@@ -76,6 +76,54 @@ pub struct Report {
     pub elapsed_seconds: f64,
     /// Two contract changes played through the gates against this run's ledger.
     pub contract_changes: Vec<ContractChange>,
+    /// The run's exceptions as tickets, and what the local ticket receiver got.
+    pub tickets: TicketsReport,
+}
+
+/// The tickets of the run: one per cause, as the ledger has them and as the receiver got them.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TicketsReport {
+    pub tickets: Vec<TicketReport>,
+    /// Per owner, from the worker's `/status`.
+    pub owners: Vec<OwnerTickets>,
+    /// The ticket the scenario acknowledged, and as whom.
+    pub acknowledged: Option<(String, String)>,
+    /// Resends the receiver recognised by their `Idempotency-Key` and did not record twice.
+    pub duplicates: u64,
+    /// Requests the receiver refused (a bad signature, a key not matching the body).
+    pub refused: u64,
+}
+
+/// One ticket: its cause, who has it, where it ended, and the events the receiver got, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TicketReport {
+    pub fingerprint: String,
+    pub kind: String,
+    pub reason: String,
+    pub owner: String,
+    /// `open`, `acknowledged` or `resolved`.
+    pub state: String,
+    pub count: u64,
+    pub outstanding: u64,
+    pub acknowledged_by: Option<String>,
+    /// The receiver's events for it (`opened`, `updated`, `resolved`), in arrival order.
+    pub events: Vec<String>,
+    pub sinks: Vec<String>,
+}
+
+/// One owner's tickets and times, as the worker's `/status` counts them.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OwnerTickets {
+    pub owner: String,
+    pub opened: i64,
+    pub acknowledged: i64,
+    pub resolved: i64,
+    pub open: i64,
+    pub time_to_acknowledge_seconds: Option<i64>,
+    pub time_to_resolve_seconds: Option<i64>,
 }
 
 /// One contract change and how the gates judged it (what the controller would do on a cluster).
@@ -220,6 +268,7 @@ impl fmt::Display for Report {
                 write_canary(f, run)?;
             }
         }
+        write_tickets(f, &self.tickets)?;
         if let Some(first) = self.explained.iter().find_map(|e| e.record) {
             // The scenario's worker stops with the report; the same command without `--scenario` (and without
             // `--fresh`) serves this run's ledger again, which is what the two commands below talk to.
@@ -240,6 +289,62 @@ impl fmt::Display for Report {
         }
         Ok(())
     }
+}
+
+fn write_tickets(f: &mut fmt::Formatter<'_>, t: &TicketsReport) -> fmt::Result {
+    writeln!(
+        f,
+        "  Tickets: {} (one per cause), sent to the local webhook ticket sink; {} resends recognised by their Idempotency-Key, {} requests refused",
+        t.tickets.len(),
+        t.duplicates,
+        t.refused
+    )?;
+    for ticket in &t.tickets {
+        writeln!(
+            f,
+            "    - {} {} → {}: {} (count {}, outstanding {}){}",
+            ticket.kind,
+            ticket.reason,
+            ticket.owner,
+            ticket.state,
+            ticket.count,
+            ticket.outstanding,
+            ticket
+                .acknowledged_by
+                .as_ref()
+                .map(|by| format!(", acknowledged by {by}"))
+                .unwrap_or_default()
+        )?;
+        writeln!(
+            f,
+            "      received by {}: {}",
+            if ticket.sinks.is_empty() {
+                "no sink".to_string()
+            } else {
+                ticket.sinks.join(", ")
+            },
+            if ticket.events.is_empty() {
+                "nothing yet".to_string()
+            } else {
+                ticket.events.join(" → ")
+            }
+        )?;
+    }
+    let secs = |s: Option<i64>| s.map(|s| format!("{s}s")).unwrap_or_else(|| "n/a".into());
+    for o in &t.owners {
+        writeln!(
+            f,
+            "    {}: {} opened, {} acknowledged, {} resolved, {} open; time to acknowledge {}, time to resolve {}",
+            o.owner,
+            o.opened,
+            o.acknowledged,
+            o.resolved,
+            o.open,
+            secs(o.time_to_acknowledge_seconds),
+            secs(o.time_to_resolve_seconds)
+        )?;
+    }
+    Ok(())
 }
 
 fn write_canary(f: &mut fmt::Formatter<'_>, run: &CanaryRun) -> fmt::Result {
@@ -394,6 +499,14 @@ pub async fn run(env: &mut DevEnv, options: &ScenarioOptions) -> Result<Report, 
     // Finance approves the held discount through the same API a person would use.
     let deadline = Instant::now() + options.timeout;
     let approvals = settle(env, &bar, deadline, true).await?;
+    // The owner a dead-letter ticket went to takes it, as themselves.
+    let acknowledged = match acknowledge_one(env, deadline).await {
+        Ok(a) => a,
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
+        }
+    };
     let mut deals = Deals {
         next: options.records,
         pricebook,
@@ -408,8 +521,10 @@ pub async fn run(env: &mut DevEnv, options: &ScenarioOptions) -> Result<Report, 
     };
     // The deals closed during the canaries settle too, so the reconciliation covers them.
     let approvals = approvals + settle(env, &bar, Instant::now() + options.timeout, false).await?;
+    report_rejections(env, &changes).await?;
     bar.finish_and_clear();
     let mut report = reconcile(env, approvals, started).await?;
+    report.tickets = tickets(env, acknowledged, Instant::now() + options.timeout).await?;
     report.contract_changes = changes;
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -802,5 +917,188 @@ async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<R
         token_file: env.token_file().display().to_string(),
         elapsed_seconds: started.elapsed().as_secs_f64(),
         contract_changes: Vec::new(),
+        tickets: TicketsReport::default(),
     })
+}
+
+/// The open dead-letter ticket a person acknowledges: the first whose owner has a token in this run.
+/// Returns the ticket's fingerprint and the owner.
+async fn acknowledge_one(
+    env: &DevEnv,
+    deadline: Instant,
+) -> Result<Option<(String, String)>, DevError> {
+    loop {
+        let open = get(env, "/tickets").await?;
+        let candidate = open.as_array().into_iter().flatten().find_map(|t| {
+            let owner = t["owner"]["id"].as_str()?;
+            let token = env.identities.get(owner)?;
+            (t["kind"] == "dead_letter" && t["state"] == "open").then(|| {
+                (
+                    t["fingerprint"].as_str().unwrap_or_default().to_string(),
+                    owner.to_string(),
+                    token.clone(),
+                )
+            })
+        });
+        if let Some((fingerprint, owner, token)) = candidate {
+            let url = format!("{}/tickets/{fingerprint}/acknowledge", env.ops_url());
+            let resp = reqwest::Client::new()
+                .post(&url)
+                .bearer_auth(&env.token)
+                .header(crate::worker::identity::IDENTITY_HEADER, token)
+                .send()
+                .await
+                .map_err(|e| DevError::Scenario(format!("{url}: {e}")))?;
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                return Err(DevError::Scenario(format!(
+                    "acknowledging ticket {fingerprint} as {owner}: HTTP {status}: {body}"
+                )));
+            }
+            return Ok(Some((fingerprint, owner)));
+        }
+        if Instant::now() > deadline {
+            // A scenario without a dead letter has nothing to acknowledge; that is not a failure.
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Reports a contract change the canary rolled back as the controller would (`PUT /exceptions`), so the
+/// rejection becomes a ticket beside the records' exceptions. It stays open: on a cluster it clears when
+/// someone fixes or rolls back the contract's spec.
+async fn report_rejections(env: &DevEnv, changes: &[ContractChange]) -> Result<(), DevError> {
+    let causes: Vec<crate::tickets::ReportedCause> = changes
+        .iter()
+        .filter_map(|c| {
+            let run = c.canary.as_ref()?;
+            (run.phase != crate::rollout::canary::PROMOTED).then(|| {
+                let why = run.reason.as_deref().unwrap_or("Aborted");
+                crate::tickets::ReportedCause {
+                    kind: crate::tickets::ExceptionKind::ContractRejected,
+                    class: Some(crate::api::ErrorClass::Config),
+                    reason: format!("contract:{why}:{}", c.version),
+                    summary: format!(
+                        "contract version {} was rolled back by its canary ({why}){}; the flow keeps running {}",
+                        c.version,
+                        run.message
+                            .as_deref()
+                            .map(|m| format!(": {m}"))
+                            .unwrap_or_default(),
+                        c.from_version
+                    ),
+                }
+            })
+        })
+        .collect();
+    if causes.is_empty() {
+        return Ok(());
+    }
+    let url = format!("{}/exceptions", env.ops_url());
+    let resp = reqwest::Client::new()
+        .put(&url)
+        .bearer_auth(&env.token)
+        .json(&crate::tickets::ReportedCauses { causes })
+        .send()
+        .await
+        .map_err(|e| DevError::Scenario(format!("{url}: {e}")))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        return Err(DevError::Scenario(format!(
+            "{url}: HTTP {status}: {}",
+            resp.text().await.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Waits until the outbox is empty (the dispatcher delivers from it every tick), then reports the tickets with the receiver's events and the owners' times from `/status`.
+async fn tickets(
+    env: &DevEnv,
+    acknowledged: Option<(String, String)>,
+    deadline: Instant,
+) -> Result<TicketsReport, DevError> {
+    loop {
+        let all = get(env, "/tickets?all=true&limit=1000").await?;
+        let all = all.as_array().cloned().unwrap_or_default();
+        let received = env.tickets.received();
+        // Caught up when every open ticket has been routed (so it has its sinks) and no sink has a version
+        // left to send; what an earlier run against this ledger delivered is not sent again.
+        let ledger = &env.worker.pipeline.ledger;
+        let scenario = |e: crate::ledger::LedgerError| DevError::Scenario(e.to_string());
+        let routed = ledger
+            .tickets(true, crate::ledger::MAX_TICKETS_PER_READ)
+            .await
+            .map_err(scenario)?
+            .iter()
+            .all(|t| t.assignment.is_some());
+        let pending: u64 = ledger
+            .ticket_sink_health()
+            .await
+            .map_err(scenario)?
+            .iter()
+            .map(|h| h.pending)
+            .sum();
+        let caught_up = routed && pending == 0;
+        if caught_up || Instant::now() > deadline {
+            let tickets = all
+                .iter()
+                .map(|t| {
+                    let fingerprint = t["fingerprint"].as_str().unwrap_or_default().to_string();
+                    let mine: Vec<_> = received
+                        .iter()
+                        .filter(|r| r.fingerprint == fingerprint)
+                        .collect();
+                    let mut sinks: Vec<String> = mine.iter().map(|r| r.sink.clone()).collect();
+                    sinks.sort();
+                    sinks.dedup();
+                    TicketReport {
+                        fingerprint,
+                        kind: t["kind"].as_str().unwrap_or_default().into(),
+                        reason: t["reason"].as_str().unwrap_or_default().into(),
+                        owner: t["owner"]["id"].as_str().unwrap_or_default().into(),
+                        state: t["state"].as_str().unwrap_or_default().into(),
+                        count: t["count"].as_u64().unwrap_or_default(),
+                        outstanding: t["outstanding"].as_u64().unwrap_or_default(),
+                        acknowledged_by: t["acknowledgedBy"].as_str().map(str::to_string),
+                        events: mine.iter().map(|r| r.event.clone()).collect(),
+                        sinks,
+                    }
+                })
+                .collect();
+            // Read over HTTP: the ticket summary is what `/status` adds to the pipeline's numbers.
+            let summary: crate::api::TicketSummary =
+                serde_json::from_value(get(env, "/status").await?["tickets"].clone())
+                    .unwrap_or_default();
+            let owners = summary
+                .owners
+                .iter()
+                .map(|o| OwnerTickets {
+                    owner: o.owner.clone(),
+                    opened: o.opened,
+                    acknowledged: o.acknowledged,
+                    resolved: o.resolved,
+                    open: o.open,
+                    time_to_acknowledge_seconds: o.mean_time_to_acknowledge_seconds,
+                    time_to_resolve_seconds: o.mean_time_to_resolve_seconds,
+                })
+                .collect();
+            return Ok(TicketsReport {
+                tickets,
+                owners,
+                acknowledged,
+                duplicates: env
+                    .tickets
+                    .duplicates
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                refused: env
+                    .tickets
+                    .refused
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,7 +1,8 @@
 //! The operations API's ticket routes (issue #16), all behind the flow's token like the rest of it:
 //! - `GET /tickets?all=true&limit=N`: the flow's tickets as the sinks see them (open ones by default);
-//! - `POST /tickets/{fingerprint}/acknowledge`: a named owner takes a ticket, which stops its escalation
-//!   and starts its time to resolve; the person is established as for approvals (`X-Meshline-Identity`);
+//! - `POST /tickets/{fingerprint}/acknowledge` (optional body `{"by": OWNER}`): a named owner takes a
+//!   ticket, which stops its escalation and starts its time to resolve; the person is established as for
+//!   approvals (`X-Meshline-Identity`, and a `by` naming someone else is refused);
 //! - `PUT /exceptions`: the controller's set of flow-level causes (SLA breaches, a rejected contract
 //!   version); each becomes a ticket, and an open one the set no longer names is resolved.
 
@@ -15,7 +16,8 @@ use serde_json::json;
 use super::api::{ApiState, authorise, error, person};
 use crate::ledger::{LedgerError, RaisedException, TicketRecord};
 use crate::tickets::{
-    CONTROLLER_REASON_PREFIXES, MAX_REPORTED_CAUSES, ReportedCauses, Ticket, TicketState, dispatch,
+    CONTROLLER_REASON_PREFIXES, ExceptionKind, MAX_REPORTED_CAUSES, ReportedCauses, Ticket,
+    TicketState, dispatch,
 };
 
 #[derive(Debug, Deserialize)]
@@ -64,15 +66,39 @@ async fn find(state: &ApiState, fingerprint: &str) -> Result<Option<TicketRecord
         .find(|t| rendered(state, t).fingerprint == fingerprint || t.fingerprint == fingerprint))
 }
 
+/// The optional body of an acknowledgement: who the person means to be. As for approvals, the identity
+/// token decides who acts; a `by` naming someone else is refused rather than silently corrected.
+#[derive(Debug, Default, Deserialize)]
+struct Acknowledgement {
+    #[serde(default)]
+    by: Option<String>,
+}
+
 pub async fn acknowledge(
     State(state): State<ApiState>,
     headers: HeaderMap,
     Path(fingerprint): Path<String>,
+    body: axum::body::Bytes,
 ) -> Response {
     if let Err(r) = authorise(&state, &headers) {
         return r.response();
     }
-    let owner = match person(&state, &headers) {
+    let claimed: Acknowledgement = if body.iter().all(u8::is_ascii_whitespace) {
+        Acknowledgement::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+        }
+    };
+    let identified = person(&state, &headers).and_then(|owner| match claimed.by {
+        Some(by) if by != owner.id => Err(super::api::IdentityRefusal::ByMismatch {
+            owner: owner.id,
+            by,
+        }),
+        _ => Ok(owner),
+    });
+    let owner = match identified {
         Ok(o) => o,
         Err(refusal) => {
             tracing::warn!(
@@ -144,6 +170,16 @@ pub async fn report_causes(
         );
     }
     for (i, c) in causes.causes.iter().enumerate() {
+        // Dead letters and holds are the records' own tickets, opened and cleared by the ledger.
+        if matches!(c.kind, ExceptionKind::DeadLetter | ExceptionKind::Hold) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "causes[{i}].kind: {} is raised by the records themselves, not reported",
+                    c.kind.label()
+                ),
+            );
+        }
         if !CONTROLLER_REASON_PREFIXES
             .iter()
             .any(|p| c.reason.starts_with(p))
@@ -192,7 +228,12 @@ pub async fn report_causes(
     }
     let mut cleared = 0;
     for t in open.iter().filter(|t| {
-        CONTROLLER_REASON_PREFIXES
+        // Only the kinds the controller reports: a dead letter's reason can start with `contract:` too
+        // (`contract:rule_failed:rule:…`), and its ticket clears when its records do, not here.
+        matches!(
+            t.kind,
+            ExceptionKind::FlowDegraded | ExceptionKind::ContractRejected
+        ) && CONTROLLER_REASON_PREFIXES
             .iter()
             .any(|p| t.reason.starts_with(p))
             && !causes
