@@ -389,13 +389,15 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     ) -> Result<Vec<DueDelivery>>;
 
     /// Marks a delivery in doubt, durably, before the send: should the process die mid-send, the next
-    /// sender knows the sink may already have this version. Also keeps the pair from being due for
-    /// [`TICKET_SEND_LEASE_MS`], so a second dispatcher does not send it concurrently.
+    /// sender knows the sink may already have this version. Also keeps the pair from being due for `lease`
+    /// (the worker's claim lease, [`TICKET_SEND_LEASE_MS`] by default), so a second dispatcher does not send
+    /// it concurrently; a sender killed mid-send leaves it to the next one once that lease is over.
     async fn begin_ticket_delivery(
         &self,
         fingerprint: &str,
         sink: &str,
         version: i64,
+        lease: std::time::Duration,
     ) -> Result<()>;
 
     /// The sink has `version` (never lowers what it had): clears the doubt and the failures and keeps the

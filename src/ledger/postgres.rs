@@ -2099,6 +2099,7 @@ impl Ledger for PostgresLedger {
                         .transpose()?,
                     sink: r.get("d_sink"),
                     in_doubt: in_doubt != 0,
+                    in_doubt_version: (in_doubt != 0).then_some(in_doubt),
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
                 })
             })
@@ -2109,20 +2110,23 @@ impl Ledger for PostgresLedger {
         &self,
         fingerprint: &str,
         sink: &str,
-        _version: i64,
+        version: i64,
+        lease: Duration,
     ) -> Result<()> {
         let until = self
             .clock
             .now_ms()
-            .saturating_add(tickets::TICKET_SEND_LEASE_MS);
+            .saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         let query = sqlx::query(
-            "UPDATE ticket_deliveries SET in_doubt = 1, next_attempt_at = $4 \
+            // `in_doubt` keeps the version sent (versions start at 1), see `DueDelivery`.
+            "UPDATE ticket_deliveries SET in_doubt = $5, next_attempt_at = $4 \
              WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
         )
         .bind(&self.flow)
         .bind(fingerprint)
         .bind(sink)
-        .bind(until);
+        .bind(until)
+        .bind(version.max(1));
         self.update_delivery("begin ticket delivery", fingerprint, sink, query)
             .await
     }

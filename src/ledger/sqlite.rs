@@ -741,6 +741,7 @@ fn due_on(conn: &Connection, flow: &str, now: i64, limit: i64) -> Result<Vec<Due
                     .transpose()?,
                 sink,
                 in_doubt: in_doubt != 0,
+                in_doubt_version: (in_doubt != 0).then_some(in_doubt),
                 attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
             })
         })
@@ -2353,13 +2354,14 @@ impl Ledger for SqliteLedger {
         &self,
         fingerprint: &str,
         sink: &str,
-        _version: i64,
+        version: i64,
+        lease: Duration,
     ) -> Result<()> {
         let (flow, fp, sink) = (self.flow.clone(), fingerprint.to_string(), sink.to_string());
         let until = self
             .clock
             .now_ms()
-            .saturating_add(tickets::TICKET_SEND_LEASE_MS);
+            .saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
         self.run("begin ticket delivery", move |conn| {
             // Durable before the send: a doubt lost with the OS would let a sink get the ticket twice.
             durable(conn, &flow, |conn| {
@@ -2369,9 +2371,10 @@ impl Ledger for SqliteLedger {
                     "begin ticket delivery",
                     &fp,
                     &sink,
-                    "UPDATE ticket_deliveries SET in_doubt = 1, next_attempt_at = ?4 \
+                    // `in_doubt` keeps the version sent (versions start at 1), see `DueDelivery`.
+                    "UPDATE ticket_deliveries SET in_doubt = ?5, next_attempt_at = ?4 \
                      WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
-                    &[&until],
+                    &[&until, &version.max(1)],
                 )
             })
         })

@@ -808,6 +808,9 @@ pub struct DueDelivery {
     /// A send began and neither finished nor failed (the process died mid-send): the sink may or may not
     /// have the ticket, so the sender must look before it creates another.
     pub in_doubt: bool,
+    /// The version whose send is in doubt (the `in_doubt` column keeps it; 0 is none). The ticket may have
+    /// moved on since, and a sink that got that version must not be sent a second first version.
+    pub in_doubt_version: Option<i64>,
     /// Consecutive failed attempts.
     pub attempts: u32,
 }

@@ -59,6 +59,10 @@ pub struct Dispatcher {
     pub sinks: BTreeMap<String, Arc<dyn TicketSink>>,
     pub clock: Arc<dyn Clock>,
     pub signals: Arc<dyn FlowSignals>,
+    /// How long a begun send keeps its (ticket, sink) from other senders: the worker's claim lease, so a
+    /// worker killed mid-send has its ticket resent as soon as its records are taken over. A send is cut off
+    /// at it, so two senders never have one version in flight at once.
+    pub send_lease: Duration,
 }
 
 impl Dispatcher {
@@ -209,24 +213,50 @@ impl Dispatcher {
                     .push((d.ticket.fingerprint.clone(), d.sink.clone(), why));
                 continue;
             };
-            let ticket = self.render(&d.ticket);
+            let mut ticket = self.render(&d.ticket);
+            // A first send in doubt (the worker died after sending, before recording) while the ticket moved
+            // on: the sink may already have that version as its first. Resend under that version's number, so
+            // an idempotent sink drops it (and one that never got it takes it as the first); the current
+            // version follows as an update. Sending the current one as a new first version would open the
+            // ticket twice at the sink.
+            if let Some(sent) = d.in_doubt_version
+                && d.previous.is_none()
+                && sent < ticket.version
+            {
+                ticket.version = sent;
+            }
             self.ledger
-                .begin_ticket_delivery(&d.ticket.fingerprint, &d.sink, d.ticket.version)
+                .begin_ticket_delivery(
+                    &d.ticket.fingerprint,
+                    &d.sink,
+                    ticket.version,
+                    self.send_lease,
+                )
                 .await?;
-            let result = sink
-                .deliver(Delivery {
-                    ticket: &ticket,
-                    previous: d.previous.as_ref(),
-                    in_doubt: d.in_doubt,
-                })
-                .await;
+            let send = sink.deliver(Delivery {
+                ticket: &ticket,
+                previous: d.previous.as_ref(),
+                in_doubt: d.in_doubt,
+            });
+            let result = match tokio::time::timeout(self.send_lease, send).await {
+                Ok(result) => result,
+                Err(_) => Err(SinkError {
+                    retryable: true,
+                    status: None,
+                    message: format!(
+                        "ticket sink {}: no answer within the send lease of {:?}",
+                        d.sink, self.send_lease
+                    ),
+                    retry_after: None,
+                }),
+            };
             match result {
                 Ok(sink_ref) => {
                     self.ledger
                         .finish_ticket_delivery(
                             &d.ticket.fingerprint,
                             &d.sink,
-                            d.ticket.version,
+                            ticket.version,
                             sink_ref,
                         )
                         .await?;

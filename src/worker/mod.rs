@@ -427,6 +427,7 @@ impl Worker {
             sinks: ticket_sinks(rendered, settings, &pipeline.problems),
             clock: Arc::new(SystemClock),
             signals: pipeline.clone(),
+            send_lease: settings.options.lease,
         };
         tasks.spawn(dispatcher.run(settings.options.ticket_period, rx.clone()));
         tasks.spawn(pipeline.clone().run(rx));

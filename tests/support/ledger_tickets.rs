@@ -388,7 +388,12 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
 
     // The doubt is durable: a sender killed mid-send leaves it for the next one.
     ledger
-        .begin_ticket_delivery(&fp, "slack", version)
+        .begin_ticket_delivery(
+            &fp,
+            "slack",
+            version,
+            Duration::from_millis(ledger::TICKET_SEND_LEASE_MS as u64),
+        )
         .await
         .unwrap();
     ledger.close().await;
@@ -483,7 +488,12 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
     assert_eq!((jira.consecutive_failures, jira.failing_since), (0, None));
 
     let err = ledger
-        .begin_ticket_delivery(&fp, "pagerduty", version)
+        .begin_ticket_delivery(
+            &fp,
+            "pagerduty",
+            version,
+            Duration::from_millis(ledger::TICKET_SEND_LEASE_MS as u64),
+        )
         .await
         .unwrap_err();
     assert!(err.to_string().contains("pagerduty"), "{err}");

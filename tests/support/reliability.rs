@@ -8,7 +8,7 @@
 //! stores by external id with PUT semantics, so "exactly once" is a property of its final state and "never
 //! twice" of its per-id PUT counts.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,7 +56,8 @@ pub struct ErpState {
     arrivals: Mutex<HashMap<String, Vec<Instant>>>,
     throttled: Mutex<HashMap<String, Vec<Instant>>>,
     answers: Mutex<BTreeMap<u16, usize>>,
-    refuse: Mutex<HashSet<String>>,
+    /// External ids the ERP refuses, with the 4xx status it answers them.
+    refuse: Mutex<HashMap<String, u16>>,
     violations: Mutex<Vec<String>>,
     pub calls: AtomicUsize,
     /// Writes that met a slow ERP (most of them outlive the client's patience).
@@ -132,7 +133,17 @@ impl Erp {
     }
 
     pub fn refuse(&self, external_id: &str) {
-        self.state.refuse.lock().unwrap().insert(external_id.into());
+        self.refuse_with(external_id, 400);
+    }
+
+    /// Refuses `external_id` with `status` (a 4xx other than 401/403/408/429, so a permanent error), so
+    /// refusals differ by reason (`erp:<status>`).
+    pub fn refuse_with(&self, external_id: &str, status: u16) {
+        self.state
+            .refuse
+            .lock()
+            .unwrap()
+            .insert(external_id.into(), status);
     }
 
     pub fn accept_everything(&self) {
@@ -297,10 +308,12 @@ async fn upsert(
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    if state.refuse.lock().unwrap().contains(&id) {
-        count(&state, StatusCode::BAD_REQUEST);
+    let refused = state.refuse.lock().unwrap().get(&id).copied();
+    if let Some(status) = refused {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        count(&state, status);
         return (
-            StatusCode::BAD_REQUEST,
+            status,
             r#"{"o:errorDetails":[{"detail":"Invalid item reference","o:errorCode":"INVALID_KEY_OR_REF"}]}"#,
         )
             .into_response();
