@@ -612,8 +612,11 @@ pub(crate) fn sink_health(rows: Vec<DeliveryHealthRow>) -> Vec<super::TicketSink
         if assigned && row.delivered_version < row.version {
             entry.0.pending += 1;
         }
+        // Summed over the sink's tickets, not the worst one's: a sink that refuses every ticket once (a 4xx
+        // waits minutes before its retry) is as broken as one that refused one ticket three times, and must
+        // be reported as soon. A success resets its delivery's attempts, so only unanswered failures count.
         let attempts = u32::try_from(row.attempts).unwrap_or(u32::MAX);
-        entry.0.consecutive_failures = entry.0.consecutive_failures.max(attempts);
+        entry.0.consecutive_failures = entry.0.consecutive_failures.saturating_add(attempts);
         if let Some(since) = row.failing_since {
             let since = to_time(since);
             entry.0.failing_since = Some(entry.0.failing_since.map_or(since, |s| s.min(since)));
@@ -855,5 +858,33 @@ mod tests {
         assert_eq!((row.opened_at, row.resolved_at), (90_000, None));
         assert_eq!(times[0].opened, 1);
         assert_eq!(row.version, 4, "opened, assigned, resolved, reopened");
+    }
+
+    #[test]
+    fn a_sink_refusing_each_of_its_tickets_once_counts_every_refusal() {
+        let row = |sink: &str, attempts: i64, failing_since: Option<i64>| DeliveryHealthRow {
+            sink: sink.into(),
+            delivered_version: 0,
+            version: 2,
+            attempts,
+            failing_since,
+            last_error: failing_since.map(|_| "400 Bad Request".to_string()),
+            sinks: Some(format!("[\"{sink}\"]")),
+        };
+        let health = sink_health(vec![
+            row("hook", 1, Some(3_000)),
+            row("hook", 1, Some(1_000)),
+            row("hook", 1, Some(2_000)),
+            // A ticket the sink took since: no failure of its own, and it resets nobody else's.
+            row("hook", 0, None),
+            row("jira", 2, Some(5_000)),
+        ]);
+        let hook = health.iter().find(|h| h.sink == "hook").unwrap();
+        assert_eq!((hook.consecutive_failures, hook.pending), (3, 4));
+        assert_eq!(hook.failing_since, Some(to_time(1_000)));
+        assert!(crate::tickets::dispatch::failing(hook));
+        let jira = health.iter().find(|h| h.sink == "jira").unwrap();
+        assert_eq!(jira.consecutive_failures, 2);
+        assert!(!crate::tickets::dispatch::failing(jira));
     }
 }

@@ -821,7 +821,8 @@ pub struct TicketSinkHealth {
     pub sink: String,
     /// Tickets this sink has not been sent the current version of.
     pub pending: u64,
-    /// The most consecutive failures of any of its tickets.
+    /// Failed attempts not yet followed by a success, summed over its tickets (a delivery that succeeds
+    /// starts its count again).
     pub consecutive_failures: u32,
     /// Since when it has been failing (the oldest unresolved failure).
     pub failing_since: Option<DateTime<Utc>>,

@@ -33,7 +33,7 @@ const TICKETS_PER_TICK: usize = 500;
 /// Backoff after a failed delivery: `BASE · 2^(attempts-1)`, at most `MAX`, half of it jittered.
 const BACKOFF_BASE: Duration = Duration::from_secs(2);
 const BACKOFF_MAX: Duration = Duration::from_secs(600);
-/// A sink refusing this many deliveries in a row is reported as failing.
+/// A sink with this many failed attempts outstanding (over all its tickets) is reported as failing.
 pub const FAILING_AFTER: u32 = 3;
 
 /// What one tick did, for tests, the report of `meshline dev` and the metrics.
@@ -327,7 +327,8 @@ pub fn backoff(attempts: u32, e: &SinkError) -> Duration {
     (half + jitter).max(e.retry_after.unwrap_or_default())
 }
 
-/// A sink is failing once it refused [`FAILING_AFTER`] deliveries in a row.
+/// A sink is failing once [`FAILING_AFTER`] of its attempts failed without a success since (see
+/// [`TicketSinkHealth::consecutive_failures`]).
 pub fn failing(health: &TicketSinkHealth) -> bool {
     health.consecutive_failures >= FAILING_AFTER
 }

@@ -156,10 +156,23 @@ pub async fn report_causes(
     if let Err(r) = authorise(&state, &headers) {
         return r.response();
     }
-    let causes: ReportedCauses = match serde_json::from_slice(&body) {
+    // The error names the field's path (`causes[0].kind`), so the controller's log says what to fix.
+    let mut body = serde_json::Deserializer::from_slice(&body);
+    let causes: ReportedCauses = match serde_path_to_error::deserialize(&mut body) {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
+        Err(e) => {
+            let path = e.path().to_string();
+            let at = if path == "." {
+                "body".to_string()
+            } else {
+                path
+            };
+            return error(StatusCode::BAD_REQUEST, format!("{at}: {}", e.inner()));
+        }
     };
+    if let Err(e) = body.end() {
+        return error(StatusCode::BAD_REQUEST, format!("body: {e}"));
+    }
     if causes.causes.len() > MAX_REPORTED_CAUSES {
         return error(
             StatusCode::BAD_REQUEST,
