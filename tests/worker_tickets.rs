@@ -1500,6 +1500,7 @@ async fn an_unacknowledged_ticket_climbs_the_ladder_and_pages_and_an_acknowledge
         sinks,
         clock: clock.clone(),
         signals: Arc::new(Healthy),
+        send_lease: std::time::Duration::from_secs(60),
     };
     let raise = |reason: &str| RaisedException {
         kind: ExceptionKind::FlowDegraded,
