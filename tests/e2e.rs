@@ -628,6 +628,32 @@ async fn flow_lifecycle_creates_pauses_and_cleans_up() {
                 .filter(|s| s.covered_flows == vec![FLOW.to_string()])
         })
         .await;
+        // Tickets (issue #16): the worker's ledger reports them on /status, the controller copies them into
+        // the flow's status and adds them up on the roster, whose TicketSinksReady condition the real API
+        // server accepts with the rest of the status.
+        let tickets = eventually("the flow's ticket summary", || async {
+            flows.get(FLOW).await.ok()?.status?.tickets
+        })
+        .await;
+        assert_eq!((tickets.open, tickets.acknowledged), (0, 0), "{tickets:?}");
+        let roster_status = eventually("the roster's tickets", || async {
+            rosters
+                .get("commerce-owners")
+                .await
+                .ok()?
+                .status
+                .filter(|s| s.tickets.is_some())
+        })
+        .await;
+        let sinks = roster_status
+            .conditions
+            .iter()
+            .find(|c| c.r#type == "TicketSinksReady")
+            .expect("TicketSinksReady");
+        assert_eq!(
+            sinks.status, "True",
+            "no ticket was due, so no sink failed: {sinks:?}"
+        );
 
         // Pausing scales to zero and keeps the ledger.
         flows

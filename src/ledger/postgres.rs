@@ -2161,7 +2161,10 @@ impl Ledger for PostgresLedger {
         next_attempt_at: DateTime<Utc>,
     ) -> Result<()> {
         let query = sqlx::query(
-            "UPDATE ticket_deliveries SET in_doubt = 0, attempts = attempts + 1, \
+            // `in_doubt` stays: a send that failed by timing out or losing its connection may have
+            // reached the sink, so the next attempt still looks for its copy (or resends under that
+            // version's idempotency key) instead of opening a second ticket.
+            "UPDATE ticket_deliveries SET attempts = attempts + 1, \
              failing_since = COALESCE(failing_since, $4), last_error = $5, next_attempt_at = $6 \
              WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
         )

@@ -442,10 +442,25 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
     let due = ledger.ticket_deliveries_due(at(&clock), 100).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!((due[0].sink.as_str(), due[0].attempts), ("jira", 1));
+    assert!(!due[0].in_doubt, "never begun, so never in doubt");
+    ledger
+        .begin_ticket_delivery(
+            &fp,
+            "jira",
+            version,
+            Duration::from_millis(ledger::TICKET_SEND_LEASE_MS as u64),
+        )
+        .await
+        .unwrap();
     ledger
         .fail_ticket_delivery(&fp, "jira", "timeout", at(&clock))
         .await
         .unwrap();
+    let due = ledger.ticket_deliveries_due(at(&clock), 100).await.unwrap();
+    assert!(
+        due.iter().any(|d| d.sink == "jira" && d.in_doubt),
+        "a send that timed out may have arrived: the retry is still in doubt"
+    );
     let health = ledger.ticket_sink_health().await.unwrap();
     let jira = health.iter().find(|h| h.sink == "jira").unwrap();
     assert_eq!(jira.consecutive_failures, 2);
