@@ -34,6 +34,9 @@ impl World {
         let double = ApiDouble::new();
         double.put_secret(NS, "hubspot-app", &["clientSecret", "accessToken"]);
         double.put_secret(NS, "odoo-api-key", &["login", "apiKey"]);
+        // The roster's ticket sinks, mounted into the workers as well.
+        double.put_secret(NS, "github-token", &["token"]);
+        double.put_secret(NS, "alert-webhook-signing", &["signingSecret"]);
         let mut contract: SyncContract = load("contract.yaml");
         contract.metadata.uid = Some("contract-uid-1".into());
         contract.metadata.generation = Some(1);

@@ -489,7 +489,11 @@ fn ticket_sinks(
             .map(|d| d.join(&spec.credentials_secret_ref.name));
         let credentials = crate::connectors::credentials::Credentials::new(
             dir.as_deref(),
-            &format!("TICKET_{}", spec.name),
+            // Sink names may hold `-` and `.`, which an environment variable's name cannot.
+            &format!(
+                "TICKET_{}",
+                spec.name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+            ),
         );
         match crate::tickets::sinks::build(spec, &credentials, client.clone()) {
             Ok(sink) => {
