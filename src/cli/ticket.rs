@@ -6,10 +6,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use serde_json::Value;
 
-use super::worker::{Endpoint, call_as, finish, identity_token};
+use super::worker::{FlowEndpoint, call_as, finish, identity_token};
 
 #[derive(Debug, Subcommand)]
 pub enum TicketCommand {
@@ -41,48 +41,6 @@ pub enum TicketCommand {
         #[arg(long)]
         identity_token_file: Option<PathBuf>,
     },
-}
-
-/// The flow a ticket command talks to, and how to reach its worker.
-#[derive(Debug, Args)]
-pub struct FlowEndpoint {
-    /// The SyncFlow; its token is read from its Secret (`meshline-<flow>-token`) with your kubeconfig
-    /// unless `--token`/`--token-file` give it.
-    pub flow: String,
-    /// Base URL of the worker's operations port (e.g. after
-    /// `kubectl port-forward svc/meshline-<flow>-status 8081`).
-    #[arg(
-        long,
-        env = "MESHLINE_WORKER_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    pub url: String,
-    /// The flow's token. Prefer the environment variable or a file: arguments show in the process list.
-    #[arg(
-        long,
-        env = "MESHLINE_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
-    pub token: Option<String>,
-    /// File holding the flow's token.
-    #[arg(long, env = "MESHLINE_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Namespace of the flow (default: the kubeconfig context's).
-    #[arg(long, short = 'n')]
-    pub namespace: Option<String>,
-}
-
-impl FlowEndpoint {
-    fn endpoint(&self) -> Endpoint {
-        Endpoint::for_flow(
-            &self.flow,
-            &self.url,
-            self.token.clone(),
-            self.token_file.clone(),
-            self.namespace.clone(),
-        )
-    }
 }
 
 fn print_tickets(v: &Value) {

@@ -445,9 +445,8 @@ pub enum HoldCommand {
 /// personal token is never an argument value, since arguments show in the process list.
 #[derive(Debug, Args)]
 pub struct Decide {
-    /// The SyncFlow the record belongs to; its token is read from its Secret (`meshline-<flow>-token`)
-    /// with your kubeconfig unless `--token`/`--token-file` give it.
-    pub flow: String,
+    #[command(flatten)]
+    pub flow: FlowEndpoint,
     /// The held record's id (as `meshline hold list` shows it).
     pub record: i64,
     /// Your owner id in the flow's OwnershipRoster; the worker refuses it if your personal token is
@@ -460,28 +459,6 @@ pub struct Decide {
     /// File holding your personal token; without it the token comes from `MESHLINE_IDENTITY_TOKEN`.
     #[arg(long)]
     pub identity_token_file: Option<PathBuf>,
-    /// Base URL of the worker's operations port (e.g. after
-    /// `kubectl port-forward svc/meshline-<flow>-status 8081`).
-    #[arg(
-        long,
-        env = "MESHLINE_WORKER_URL",
-        default_value = "http://127.0.0.1:8081"
-    )]
-    pub url: String,
-    /// The flow's token. Prefer the environment variable or a file: arguments show in the process list.
-    #[arg(
-        long,
-        env = "MESHLINE_TOKEN",
-        hide_env_values = true,
-        conflicts_with = "token_file"
-    )]
-    pub token: Option<String>,
-    /// File holding the flow's token.
-    #[arg(long, env = "MESHLINE_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Namespace of the flow (default: the kubeconfig context's).
-    #[arg(long, short = 'n')]
-    pub namespace: Option<String>,
 }
 
 /// The variable holding a person's own token when `--identity-token-file` is not given.
@@ -528,8 +505,39 @@ impl Endpoint {
     }
 }
 
-impl Decide {
-    fn endpoint(&self) -> Endpoint {
+/// The flow a person's command (`meshline hold approve|reject`, `meshline ticket`) talks to, and how to reach
+/// its worker.
+#[derive(Debug, Args)]
+pub struct FlowEndpoint {
+    /// The SyncFlow; its token is read from its Secret (`meshline-<flow>-token`) with your kubeconfig
+    /// unless `--token`/`--token-file` give it.
+    pub flow: String,
+    /// Base URL of the worker's operations port (e.g. after
+    /// `kubectl port-forward svc/meshline-<flow>-status 8081`).
+    #[arg(
+        long,
+        env = "MESHLINE_WORKER_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub url: String,
+    /// The flow's token. Prefer the environment variable or a file: arguments show in the process list.
+    #[arg(
+        long,
+        env = "MESHLINE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the flow's token.
+    #[arg(long, env = "MESHLINE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Namespace of the flow (default: the kubeconfig context's).
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+}
+
+impl FlowEndpoint {
+    pub(super) fn endpoint(&self) -> Endpoint {
         Endpoint::for_flow(
             &self.flow,
             &self.url,
@@ -537,6 +545,12 @@ impl Decide {
             self.token_file.clone(),
             self.namespace.clone(),
         )
+    }
+}
+
+impl Decide {
+    fn endpoint(&self) -> Endpoint {
+        self.flow.endpoint()
     }
 
     fn identity_token(&self) -> Result<String, String> {
