@@ -177,7 +177,19 @@ mod db_time {
     /// (text, calls, ms).
     struct Phase {
         total_ms: f64,
+        work: Work,
         statements: Vec<(String, i64, f64)>,
+    }
+
+    /// What the top-level statements made the server do, whatever the machine's load: WAL records and bytes
+    /// written, shared buffers touched (hit or read) and dirtied. A change that halves these halves the
+    /// database time on a quiet machine; the time alone, on a shared one, also counts waiting for a CPU.
+    #[derive(Default, Clone, Copy)]
+    struct Work {
+        wal_records: i64,
+        wal_bytes: f64,
+        buffers: i64,
+        dirtied: i64,
     }
 
     async fn reset(stats: &PgPool) {
@@ -198,7 +210,22 @@ mod db_time {
         .fetch_all(stats)
         .await
         .expect("read pg_stat_statements");
+        let (wal_records, wal_bytes, buffers, dirtied): (i64, f64, i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(wal_records), 0)::bigint, COALESCE(SUM(wal_bytes), 0)::float8, \
+             COALESCE(SUM(shared_blks_hit + shared_blks_read), 0)::bigint, \
+             COALESCE(SUM(shared_blks_dirtied), 0)::bigint FROM pg_stat_statements \
+             WHERE toplevel AND query NOT LIKE '%pg_stat_statements%'",
+        )
+        .fetch_one(stats)
+        .await
+        .expect("read pg_stat_statements work");
         Phase {
+            work: Work {
+                wal_records,
+                wal_bytes,
+                buffers,
+                dirtied,
+            },
             total_ms: rows
                 .iter()
                 .filter(|(top, ..)| *top)
@@ -223,6 +250,7 @@ mod db_time {
         records: usize,
         calls: usize,
         total_ms: f64,
+        work: Work,
         statements: HashMap<String, (i64, f64)>,
     }
 
@@ -231,6 +259,10 @@ mod db_time {
             self.records += records;
             self.calls += 1;
             self.total_ms += phase.total_ms;
+            self.work.wal_records += phase.work.wal_records;
+            self.work.wal_bytes += phase.work.wal_bytes;
+            self.work.buffers += phase.work.buffers;
+            self.work.dirtied += phase.work.dirtied;
             for (query, calls, ms) in phase.statements {
                 let entry = self.statements.entry(query).or_default();
                 entry.0 += calls;
@@ -249,6 +281,13 @@ mod db_time {
                 self.calls,
                 self.records,
                 self.total_ms / self.calls.max(1) as f64,
+            );
+            println!(
+                "    per 100 records: {:.0} WAL records, {:.1} kB WAL, {:.0} buffers touched, {:.1} dirtied",
+                self.per_100(self.work.wal_records as f64),
+                self.per_100(self.work.wal_bytes) / 1024.0,
+                self.per_100(self.work.buffers as f64),
+                self.per_100(self.work.dirtied as f64),
             );
             if verbose {
                 let mut statements: Vec<_> = self.statements.iter().collect();

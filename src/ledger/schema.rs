@@ -7,7 +7,7 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
 /// that need a database as an older meshline left it.
@@ -63,6 +63,12 @@ const ATTENTION_STATEMENTS: &[&str] = &[
 /// ledger folds the shards of closed connections into shard -1. SQLite has one writer: shard 0.
 const COUNTERS_DESCRIPTION: &str =
     "counters and per-minute event counts kept in the same transactions";
+
+/// Version 9 drops the primary key index of PostgreSQL's `lineage`. Every lineage row (one at receipt, claim
+/// and completion of every record) wrote an entry into it, and nothing reads lineage by its id alone: a
+/// record's history is read, ordered and purged through `lineage_record (record_id, id)`, which still orders
+/// events by the id the sequence hands out. One index write and its WAL record less per event.
+const LINEAGE_KEY_DESCRIPTION: &str = "lineage read through its record index only";
 
 /// The oldest waiting record in one index probe (`ORDER BY received_at LIMIT 1` over the pending rows).
 const PENDING_AGE_INDEX: &str = "CREATE INDEX records_pending_age ON records (flow, received_at) \
@@ -591,6 +597,12 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: TICKETS_DESCRIPTION,
         statements: &SQLITE_TICKETS,
     },
+    Migration {
+        version: 9,
+        description: LINEAGE_KEY_DESCRIPTION,
+        // SQLite's lineage id is the table's rowid: its primary key costs no index of its own.
+        statements: &[],
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -911,6 +923,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 8,
         description: TICKETS_DESCRIPTION,
         statements: &POSTGRES_TICKETS,
+    },
+    Migration {
+        version: 9,
+        description: LINEAGE_KEY_DESCRIPTION,
+        statements: &["ALTER TABLE lineage DROP CONSTRAINT IF EXISTS lineage_pkey"],
     },
 ];
 
