@@ -237,6 +237,7 @@ impl Dispatcher {
                 ticket: &ticket,
                 previous: d.previous.as_ref(),
                 in_doubt: d.in_doubt,
+                now,
             });
             let result = match tokio::time::timeout(self.send_lease, send).await {
                 Ok(result) => result,
