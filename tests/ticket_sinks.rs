@@ -880,6 +880,8 @@ struct GithubIssue {
     state: String,
     state_reason: Option<String>,
     comments: Vec<String>,
+    /// When each comment was made, by the stand-in's clock (what `since` filters on).
+    commented_at: Vec<chrono::DateTime<Utc>>,
 }
 
 #[derive(Default)]
@@ -888,6 +890,9 @@ struct Github {
     issues: Mutex<Vec<GithubIssue>>,
     creates: Mutex<u32>,
     bodies: Mutex<Vec<Value>>,
+    /// The next comment is made and then answered 502, as if the answer was lost.
+    lose_comment_answer: Mutex<bool>,
+    comment_reads: Mutex<u32>,
 }
 
 /// GitHub's rules for every REST request: a User-Agent (403 without one), the token as Bearer, and the
@@ -971,6 +976,7 @@ async fn github_create(
         state: "open".into(),
         state_reason: None,
         comments: Vec::new(),
+        commented_at: Vec::new(),
     };
     let answer = issue_json(&issue);
     issues.push(issue);
@@ -1029,11 +1035,71 @@ async fn github_comment(
         return refuse(StatusCode::NOT_FOUND, r#"{"message":"Not Found"}"#);
     };
     issue.comments.push(text.into());
+    issue.commented_at.push(Utc::now());
+    if std::mem::take(&mut *github.lose_comment_answer.lock().await) {
+        return refuse(StatusCode::BAD_GATEWAY, "Bad Gateway");
+    }
     (
         StatusCode::CREATED,
         Json(json!({"id": issue.comments.len()})),
     )
         .into_response()
+}
+
+/// `GET /repos/{o}/{r}/issues/{n}/comments` as documented: `since` (ISO 8601, comments updated at or after
+/// it), `per_page` (at most 100) and `page`; oldest first.
+async fn github_comments(
+    State(github): State<Arc<Github>>,
+    Path((_, _, number)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = github_headers(&headers) {
+        return refused;
+    }
+    *github.comment_reads.lock().await += 1;
+    let since = match query
+        .get("since")
+        .map(|s| chrono::DateTime::parse_from_rfc3339(s))
+    {
+        None => None,
+        Some(Ok(since)) => Some(since.with_timezone(&Utc)),
+        Some(Err(_)) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"message": "Invalid request: since is not an ISO 8601 timestamp"})),
+            )
+                .into_response();
+        }
+    };
+    let per_page: usize = query
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(30)
+        .min(100);
+    let page: usize = query
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let issues = github.issues.lock().await;
+    let Some(issue) = issues.iter().find(|i| i.number == number) else {
+        return refuse(StatusCode::NOT_FOUND, r#"{"message":"Not Found"}"#);
+    };
+    let listed: Vec<Value> = issue
+        .comments
+        .iter()
+        .zip(&issue.commented_at)
+        .enumerate()
+        .filter(|(_, (_, at))| since.is_none_or(|since| **at >= since))
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|(i, (body, at))| {
+            let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            json!({"id": i + 1, "body": body, "created_at": at, "updated_at": at})
+        })
+        .collect();
+    Json(Value::Array(listed)).into_response()
 }
 
 async fn github_update(
@@ -1081,7 +1147,7 @@ async fn github() -> (Arc<Github>, Box<dyn TicketSink>, tempfile::TempDir) {
         )
         .route(
             "/repos/{owner}/{repo}/issues/{number}/comments",
-            post(github_comment),
+            post(github_comment).get(github_comments),
         )
         .with_state(github.clone());
     let url = serve(router).await;
@@ -1150,6 +1216,42 @@ async fn github_in_doubt_reuses_the_issue_a_lost_attempt_created() {
         deliver(&*sink, &other, None, true).await.unwrap()["number"],
         101
     );
+}
+
+#[tokio::test]
+async fn github_resolve_retried_after_a_lost_comment_answer_comments_once() {
+    let (github, sink, _dir) = github().await;
+    let r1 = deliver(&*sink, &ticket(TicketState::Open, 1), None, false)
+        .await
+        .unwrap();
+    let resolved = ticket(TicketState::Resolved, 2);
+    // The comment was made but its answer lost, so the issue was not closed either.
+    *github.lose_comment_answer.lock().await = true;
+    assert!(
+        deliver(&*sink, &resolved, Some(&r1), false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    deliver(&*sink, &resolved, Some(&r1), true).await.unwrap();
+    let issue = github.issues.lock().await[0].clone();
+    assert_eq!(issue.state, "closed");
+    let marker = sinks::github::marker(&resolved);
+    assert_eq!(issue.comments.len(), 1, "no second comment");
+    assert!(
+        issue.comments[0].ends_with(&marker),
+        "{}",
+        issue.comments[0]
+    );
+    assert_eq!(*github.comment_reads.lock().await, 1);
+
+    // Not in doubt: no read before commenting.
+    let r2 = json!({"number": issue.number, "closed": false});
+    deliver(&*sink, &ticket(TicketState::Open, 3), Some(&r2), false)
+        .await
+        .unwrap();
+    assert_eq!(*github.comment_reads.lock().await, 1);
+    assert_eq!(github.issues.lock().await[0].comments.len(), 2);
 }
 
 #[tokio::test]
@@ -1495,11 +1597,13 @@ async fn every_format_sends_only_what_the_redacted_ticket_holds() {
 
     let (jira, sink, _d3) = jira().await;
     lifecycle(sink).await;
+    // The versions in the comments' markers.
     check("jira", &jira.json_sent("/rest/api/3/"), &["v1", "v2", "v3"]);
 
     let (github, sink, _d4) = github().await;
     lifecycle(sink).await;
-    check("github", &github.bodies.lock().await, &[]);
+    // The versions in the comments' markers.
+    check("github", &github.bodies.lock().await, &["v2", "v3"]);
 
     let (pd, sink, _d5) = pagerduty().await;
     lifecycle(sink).await;
