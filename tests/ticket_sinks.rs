@@ -5,20 +5,21 @@
 
 #[path = "support/sink_mock.rs"]
 mod sink_mock;
+#[path = "support/ticket_vendors.rs"]
+mod ticket_vendors;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Json, Router};
-use base64::Engine;
 use chrono::{TimeZone, Utc};
-use hmac::{Hmac, Mac};
 use meshline::api::{
     ErrorClass, OwnerRole, SecretRef, TicketSink as TicketSinkSpec, TicketSinkType,
 };
@@ -26,8 +27,8 @@ use meshline::connectors::Credentials;
 use meshline::tickets::sinks::{self, Delivery, SinkError, SinkRef, TicketSink};
 use meshline::tickets::{Assignee, Example, ExceptionKind, Ticket, TicketState, fingerprint};
 use serde_json::{Value, json};
-use sha2::Sha256;
 use sink_mock::{header, secret, serve};
+use ticket_vendors::{Accounts, JiraIssue, Vendors};
 use tokio::sync::Mutex;
 
 const SIGNING: &str = "whsec-tickets-9c";
@@ -118,16 +119,32 @@ fn build(spec: &TicketSinkSpec, credentials: &Credentials) -> Box<dyn TicketSink
     sinks::build(spec, credentials, reqwest::Client::new()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The dispatcher's clock in these tests: fixed, unless a test passes its own to [`deliver_at`].
+fn t0() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap()
+}
+
 async fn deliver(
     sink: &dyn TicketSink,
     ticket: &Ticket,
     previous: Option<&SinkRef>,
     in_doubt: bool,
 ) -> Result<SinkRef, SinkError> {
+    deliver_at(sink, ticket, previous, in_doubt, t0()).await
+}
+
+async fn deliver_at(
+    sink: &dyn TicketSink,
+    ticket: &Ticket,
+    previous: Option<&SinkRef>,
+    in_doubt: bool,
+    now: chrono::DateTime<Utc>,
+) -> Result<SinkRef, SinkError> {
     sink.deliver(Delivery {
         ticket,
         previous,
         in_doubt,
+        now,
     })
     .await
 }
@@ -205,69 +222,19 @@ fn assert_only_ticket_data(format: &str, bodies: &[Value], tickets: &[&Ticket], 
 // ---------------------------------------------------------------------------------------------------------
 // Generic webhook
 
-#[derive(Default)]
-struct WebhookReceiver {
-    script: Script,
-    bodies: Mutex<Vec<Value>>,
-    idempotency_keys: Mutex<Vec<String>>,
-}
+/// The shared stand-ins (tests/support/ticket_vendors.rs) with this file's accounts.
+const ACCOUNTS: Accounts = Accounts {
+    signing_secret: SIGNING,
+    jira_email: JIRA_EMAIL,
+    jira_api_token: JIRA_TOKEN,
+    jira_project: "OPS",
+    routing_key: ROUTING_KEY,
+};
 
-fn signature_valid(headers: &HeaderMap, body: &[u8]) -> bool {
-    let timestamp = header(headers, "x-meshline-timestamp");
-    if timestamp.parse::<i64>().is_err() {
-        return false;
-    }
-    let mut mac = Hmac::<Sha256>::new_from_slice(SIGNING.as_bytes()).unwrap();
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body);
-    header(headers, "x-meshline-signature")
-        == format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-async fn webhook_receive(
-    State(receiver): State<Arc<WebhookReceiver>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(scripted) = receiver.script.next().await {
-        return scripted;
-    }
-    if !is_json(&headers) {
-        return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "json only");
-    }
-    if !signature_valid(&headers, &body) {
-        return refuse(StatusCode::UNAUTHORIZED, "bad signature");
-    }
-    let parsed: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
-    };
-    let expected_key = format!(
-        "{}:{}",
-        parsed["fingerprint"].as_str().unwrap_or(""),
-        parsed["version"]
-    );
-    if header(&headers, "idempotency-key") != expected_key {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "Idempotency-Key is not fingerprint:version",
-        );
-    }
-    let mut keys = receiver.idempotency_keys.lock().await;
-    if !keys.contains(&expected_key) {
-        keys.push(expected_key);
-        receiver.bodies.lock().await.push(parsed);
-    }
-    StatusCode::NO_CONTENT.into_response()
-}
-
-async fn webhook_receiver() -> (Arc<WebhookReceiver>, String) {
-    let receiver = Arc::new(WebhookReceiver::default());
-    let router = Router::new()
-        .route("/hooks/tickets", post(webhook_receive))
-        .with_state(receiver.clone());
-    let url = format!("{}/hooks/tickets", serve(router).await);
-    (receiver, url)
+/// The signed webhook receiver and its URL (the hook named `tickets`).
+async fn webhook_receiver() -> (Arc<Vendors>, String) {
+    let (receiver, base) = ticket_vendors::vendors(ACCOUNTS).await;
+    (receiver, format!("{base}/hooks/tickets"))
 }
 
 #[tokio::test]
@@ -286,7 +253,11 @@ async fn webhook_sends_each_event_signed_and_a_resend_is_recognised() {
     let resolved = ticket(TicketState::Resolved, 3);
     deliver(&*sink, &resolved, Some(&r2), false).await.unwrap();
 
-    let bodies = receiver.bodies.lock().await.clone();
+    // The resend reached the receiver under the same idempotency key, so a receiver that keys on it keeps
+    // one copy per version.
+    let mut bodies = receiver.bodies("tickets");
+    assert_eq!(bodies.len(), 4);
+    bodies.dedup_by_key(|b| (b["fingerprint"].clone(), b["version"].clone()));
     let events: Vec<&str> = bodies
         .iter()
         .map(|b| b["event"].as_str().unwrap())
@@ -298,7 +269,6 @@ async fn webhook_sends_each_event_signed_and_a_resend_is_recognised() {
         body.as_object_mut().unwrap().remove("event");
         assert_eq!(body, serde_json::to_value(sent).unwrap());
     }
-    assert_eq!(receiver.idempotency_keys.lock().await.len(), 3);
 }
 
 #[tokio::test]
@@ -311,7 +281,7 @@ async fn webhook_with_a_wrong_signing_secret_is_refused_and_not_retried() {
         .unwrap_err();
     assert_eq!((err.status, err.retryable), (Some(401), false), "{err:?}");
     assert!(!err.message.contains("not-the-receivers-secret"));
-    assert!(receiver.bodies.lock().await.is_empty());
+    assert!(receiver.bodies("tickets").is_empty());
 }
 
 #[tokio::test]
@@ -319,10 +289,7 @@ async fn webhook_outage_is_retryable_with_the_receivers_retry_after() {
     let (receiver, url) = webhook_receiver().await;
     let (_dir, credentials) = secret(&[("signingSecret", SIGNING)]);
     let sink = build(&spec(TicketSinkType::Webhook, Some(url)), &credentials);
-    receiver
-        .script
-        .push(503, &[("retry-after", "12")], "down")
-        .await;
+    receiver.script_hook("tickets", 503, &[("retry-after", "12")], "down");
     let err = deliver(&*sink, &ticket(TicketState::Open, 1), None, false)
         .await
         .unwrap_err();
@@ -334,7 +301,7 @@ async fn webhook_outage_is_retryable_with_the_receivers_retry_after() {
     deliver(&*sink, &ticket(TicketState::Open, 1), None, true)
         .await
         .unwrap();
-    assert_eq!(receiver.bodies.lock().await.len(), 1);
+    assert_eq!(receiver.bodies("tickets").len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -570,297 +537,69 @@ async fn slack_refusals_are_final_rate_limits_are_retried_and_the_url_is_never_q
     );
 }
 
+#[tokio::test]
+async fn slack_resends_an_in_doubt_version_at_most_once() {
+    let (workspace, creds, _dir) = slack_workspace().await;
+    let sink = build(&spec(TicketSinkType::Slack, None), &creds);
+    let open = ticket(TicketState::Open, 1);
+    // A 502 from Slack's edge: the message may or may not have been posted.
+    workspace.script.push(502, &[], "Bad Gateway").await;
+    assert!(
+        deliver(&*sink, &open, None, false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    // The one resend allowed, with no clear answer either.
+    workspace.script.push(502, &[], "Bad Gateway").await;
+    assert!(
+        deliver(&*sink, &open, None, true)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    // A second resend could be a third copy: the version counts as delivered without a post.
+    assert_eq!(
+        deliver(&*sink, &open, None, true).await.unwrap(),
+        json!({"posted": 1})
+    );
+    assert!(workspace.messages.lock().await.is_empty(), "nothing posted");
+
+    // A resend that Slack clearly refused (429) posted nothing, so it does not use up the resend.
+    let update = ticket(TicketState::Open, 2);
+    let posted = json!({"posted": 1});
+    workspace
+        .script
+        .push(429, &[("retry-after", "1")], "rate_limited")
+        .await;
+    assert!(
+        deliver(&*sink, &update, Some(&posted), true)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    deliver(&*sink, &update, Some(&posted), true).await.unwrap();
+    assert_eq!(workspace.messages.lock().await.len(), 1);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Jira Cloud REST v3
 
-#[derive(Clone, Debug)]
-struct JiraIssue {
-    key: String,
-    labels: Vec<String>,
-    status_category: &'static str,
-    description: Value,
-    comments: Vec<Value>,
-}
-
-#[derive(Default)]
-struct Jira {
-    script: Script,
-    issues: Mutex<Vec<JiraIssue>>,
-    creates: Mutex<u32>,
-    searches: Mutex<u32>,
-    /// Every body a client sent, for the "no other data" check.
-    bodies: Mutex<Vec<Value>>,
-}
-
-/// `Some(refusal)` when the request would be refused.
-fn jira_auth(headers: &HeaderMap) -> Option<Response> {
-    let expected = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{JIRA_EMAIL}:{JIRA_TOKEN}"))
-    );
-    if header(headers, "authorization") != expected {
-        return Some(refuse(
-            StatusCode::UNAUTHORIZED,
-            "Client must be authenticated",
-        ));
-    }
-    None
-}
-
-/// The ADF rules Jira enforces for the nodes meshline writes.
-fn check_adf(doc: &Value) -> Result<(), String> {
-    if doc["type"] != "doc" || doc["version"] != 1 {
-        return Err("ADF: the root must be {type: doc, version: 1}".into());
-    }
-    fn node(n: &Value, parent: &str) -> Result<(), String> {
-        let kind = n["type"].as_str().ok_or("ADF: a node without type")?;
-        let allowed_in = |parents: &[&str]| {
-            if parents.contains(&parent) {
-                Ok(())
-            } else {
-                Err(format!("ADF: {kind} inside {parent}"))
-            }
-        };
-        match kind {
-            "paragraph" | "heading" | "bulletList" | "codeBlock" => {
-                allowed_in(&["doc", "listItem"])?
-            }
-            "listItem" => allowed_in(&["bulletList"])?,
-            "text" => {
-                allowed_in(&["paragraph", "heading", "codeBlock"])?;
-                if n["text"].as_str().is_none_or(str::is_empty) {
-                    return Err("ADF: empty text node".into());
-                }
-                if parent == "codeBlock" && n.get("marks").is_some() {
-                    return Err("ADF: marks in a codeBlock".into());
-                }
-                return Ok(());
-            }
-            other => return Err(format!("ADF: unknown node type {other:?}")),
-        }
-        if kind == "heading" && !(1..=6).contains(&n["attrs"]["level"].as_u64().unwrap_or(0)) {
-            return Err("ADF: heading without level 1-6".into());
-        }
-        let content = n["content"]
-            .as_array()
-            .ok_or(format!("ADF: {kind} without content"))?;
-        if matches!(kind, "bulletList" | "listItem") && content.is_empty() {
-            return Err(format!("ADF: empty {kind}"));
-        }
-        content.iter().try_for_each(|child| node(child, kind))
-    }
-    doc["content"]
-        .as_array()
-        .ok_or("ADF: doc without content")?
-        .iter()
-        .try_for_each(|n| node(n, "doc"))
-}
-
-async fn jira_create(
-    State(jira): State<Arc<Jira>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(scripted) = jira.script.next().await {
-        return scripted;
-    }
-    if let Some(refused) = jira_auth(&headers) {
-        return refused;
-    }
-    jira.bodies.lock().await.push(body.clone());
-    let fields = &body["fields"];
-    let summary = fields["summary"].as_str().unwrap_or("");
-    let mut errors = serde_json::Map::new();
-    if fields["project"]["key"] != "OPS" {
-        errors.insert("project".into(), json!("valid project is required"));
-    }
-    if summary.trim().is_empty() || summary.chars().count() > 255 || summary.contains(['\n', '\r'])
-    {
-        errors.insert(
-            "summary".into(),
-            json!("Summary must be less than 255 characters and on one line."),
-        );
-    }
-    if fields["issuetype"]["name"].as_str().is_none() {
-        errors.insert("issuetype".into(), json!("Specify an issue type"));
-    }
-    if let Err(e) = check_adf(&fields["description"]) {
-        errors.insert("description".into(), json!(e));
-    }
-    let labels: Vec<String> = fields["labels"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    if labels.iter().any(|l| l.contains(' ') || l.len() > 255) {
-        errors.insert("labels".into(), json!("Labels cannot contain spaces"));
-    }
-    if !errors.is_empty() {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"errorMessages": [], "errors": errors})),
-        )
-            .into_response();
-    }
-    *jira.creates.lock().await += 1;
-    let mut issues = jira.issues.lock().await;
-    let key = format!("OPS-{}", issues.len() + 1);
-    issues.push(JiraIssue {
-        key: key.clone(),
-        labels,
-        status_category: "new",
-        description: fields["description"].clone(),
-        comments: Vec::new(),
-    });
-    let id = 10000 + issues.len();
-    (
-        StatusCode::CREATED,
-        Json(json!({"id": id.to_string(), "key": key, "self": format!("https://example.atlassian.net/rest/api/3/issue/{id}")})),
-    )
-        .into_response()
-}
-
-async fn jira_comment(
-    State(jira): State<Arc<Jira>>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(refused) = jira_auth(&headers) {
-        return refused;
-    }
-    jira.bodies.lock().await.push(body.clone());
-    if let Err(e) = check_adf(&body["body"]) {
-        return refuse(StatusCode::BAD_REQUEST, e);
-    }
-    let mut issues = jira.issues.lock().await;
-    let Some(issue) = issues.iter_mut().find(|i| i.key == key) else {
-        return refuse(StatusCode::NOT_FOUND, "Issue does not exist");
-    };
-    issue.comments.push(body["body"].clone());
-    (
-        StatusCode::CREATED,
-        Json(json!({"id": issue.comments.len().to_string()})),
-    )
-        .into_response()
-}
-
-const JIRA_TRANSITIONS: [(&str, &str, &str); 3] = [
-    ("11", "Start progress", "indeterminate"),
-    ("31", "Done", "done"),
-    ("41", "Reopen", "new"),
-];
-
-async fn jira_transitions(
-    State(jira): State<Arc<Jira>>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refused) = jira_auth(&headers) {
-        return refused;
-    }
-    let issues = jira.issues.lock().await;
-    let Some(issue) = issues.iter().find(|i| i.key == key) else {
-        return refuse(StatusCode::NOT_FOUND, "Issue does not exist");
-    };
-    // Like a real workflow, only the transitions out of the current status are offered.
-    let offered: Vec<Value> = JIRA_TRANSITIONS
-        .iter()
-        .filter(|(_, _, to)| *to != issue.status_category)
-        .filter(|(_, _, to)| issue.status_category != "done" || *to == "new")
-        .map(
-            |(id, name, to)| json!({"id": id, "name": name, "to": {"statusCategory": {"key": to}}}),
-        )
-        .collect();
-    Json(json!({"transitions": offered})).into_response()
-}
-
-async fn jira_transition(
-    State(jira): State<Arc<Jira>>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(refused) = jira_auth(&headers) {
-        return refused;
-    }
-    let mut issues = jira.issues.lock().await;
-    let Some(issue) = issues.iter_mut().find(|i| i.key == key) else {
-        return refuse(StatusCode::NOT_FOUND, "Issue does not exist");
-    };
-    let id = body["transition"]["id"].as_str().unwrap_or("");
-    match JIRA_TRANSITIONS.iter().find(|(t, _, _)| *t == id) {
-        Some((_, _, to)) => {
-            issue.status_category = to;
-            StatusCode::NO_CONTENT.into_response()
-        }
-        None => refuse(StatusCode::BAD_REQUEST, "Transition id is not valid"),
-    }
-}
-
-async fn jira_issue(
-    State(jira): State<Arc<Jira>>,
-    Path(key): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refused) = jira_auth(&headers) {
-        return refused;
-    }
-    let issues = jira.issues.lock().await;
-    match issues.iter().find(|i| i.key == key) {
-        Some(issue) => Json(json!({"key": issue.key, "fields": {"status": {"statusCategory": {"key": issue.status_category}}}})).into_response(),
-        None => refuse(StatusCode::NOT_FOUND, "Issue does not exist"),
-    }
-}
-
-async fn jira_search(
-    State(jira): State<Arc<Jira>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(refused) = jira_auth(&headers) {
-        return refused;
-    }
-    *jira.searches.lock().await += 1;
-    let jql = body["jql"].as_str().unwrap_or("");
-    let Some(label) = jql
-        .strip_prefix("labels = \"")
-        .and_then(|r| r.strip_suffix('"'))
-    else {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!("Error in the JQL Query: {jql}"),
-        );
-    };
-    let issues = jira.issues.lock().await;
-    let found: Vec<Value> = issues
-        .iter()
-        .filter(|i| i.labels.iter().any(|l| l == label))
-        .take(body["maxResults"].as_u64().unwrap_or(50) as usize)
-        .map(|i| json!({"id": "1", "key": i.key}))
-        .collect();
-    Json(json!({"issues": found, "isLast": true})).into_response()
-}
-
-async fn jira() -> (Arc<Jira>, Box<dyn TicketSink>, tempfile::TempDir) {
-    let jira = Arc::new(Jira::default());
-    let router = Router::new()
-        .route("/rest/api/3/issue", post(jira_create))
-        .route("/rest/api/3/issue/{key}", get(jira_issue))
-        .route("/rest/api/3/issue/{key}/comment", post(jira_comment))
-        .route(
-            "/rest/api/3/issue/{key}/transitions",
-            get(jira_transitions).post(jira_transition),
-        )
-        .route("/rest/api/3/search/jql", post(jira_search))
-        .with_state(jira.clone());
-    let url = serve(router).await;
+async fn jira() -> (Arc<Vendors>, Box<dyn TicketSink>, tempfile::TempDir) {
+    let (jira, url) = ticket_vendors::vendors(ACCOUNTS).await;
     let (dir, credentials) = secret(&[("email", JIRA_EMAIL), ("apiToken", JIRA_TOKEN)]);
     let sink = build(&spec(TicketSinkType::Jira, Some(url)), &credentials);
     (jira, sink, dir)
+}
+
+/// How many of the issue's comments carry this version's marker.
+fn marked(issue: &JiraIssue, ticket: &Ticket) -> usize {
+    let marker = meshline::tickets::sinks::jira::marker(ticket);
+    issue
+        .comments
+        .iter()
+        .filter(|c| c.to_string().contains(&format!("\"{marker}\"")))
+        .count()
 }
 
 #[tokio::test]
@@ -879,7 +618,7 @@ async fn jira_issue_is_created_commented_and_transitioned_to_done() {
         .unwrap();
     assert_eq!(r3, r1);
 
-    let issues = jira.issues.lock().await.clone();
+    let issues = jira.issues();
     assert_eq!(issues.len(), 1, "one issue per ticket");
     let issue = &issues[0];
     let fp = ticket(TicketState::Open, 1).fingerprint;
@@ -905,11 +644,164 @@ async fn jira_issue_is_created_commented_and_transitioned_to_done() {
             .contains("meshline dlq replay sales/orders")
     );
 
-    // A resend of the resolved version (the worker died after the transition) leaves the issue done.
+    // A resend of the resolved version (the worker died after the transition) leaves the issue done and
+    // does not comment again.
     deliver(&*sink, &ticket(TicketState::Resolved, 3), Some(&r2), true)
         .await
         .unwrap();
-    assert_eq!(jira.issues.lock().await[0].status_category, "done");
+    let issue = &jira.issues()[0];
+    assert_eq!(issue.status_category, "done");
+    assert_eq!(issue.comments.len(), 2);
+}
+
+#[tokio::test]
+async fn jira_update_retried_after_a_lost_answer_comments_once() {
+    let (jira, sink, _dir) = jira().await;
+    let r1 = deliver(&*sink, &ticket(TicketState::Open, 1), None, false)
+        .await
+        .unwrap();
+    let update = ticket(TicketState::Open, 2);
+    jira.lose_next_jira_answer("comment");
+    let err = deliver(&*sink, &update, Some(&r1), false)
+        .await
+        .unwrap_err();
+    assert!(err.retryable, "{err:?}");
+    // The comment stands at Jira although the sink never heard so; the retry is in doubt.
+    assert_eq!(marked(&jira.issues()[0], &update), 1);
+    assert_eq!(deliver(&*sink, &update, Some(&r1), true).await.unwrap(), r1);
+    assert_eq!(jira.issues()[0].comments.len(), 1, "no second comment");
+    assert_eq!(jira.jira_comment_reads.load(Ordering::SeqCst), 1);
+
+    // The next version is a new comment, even in doubt: the marker is per version.
+    let next = ticket(TicketState::Open, 3);
+    deliver(&*sink, &next, Some(&r1), true).await.unwrap();
+    let issue = &jira.issues()[0];
+    assert_eq!(issue.comments.len(), 2);
+    assert_eq!((marked(issue, &update), marked(issue, &next)), (1, 1));
+}
+
+#[tokio::test]
+async fn jira_resolve_retried_after_a_timeout_between_comment_and_transition_comments_once() {
+    let (jira, sink, _dir) = jira().await;
+    let r1 = deliver(&*sink, &ticket(TicketState::Open, 1), None, false)
+        .await
+        .unwrap();
+    let resolved = ticket(TicketState::Resolved, 2);
+
+    // The transition went through but its answer was lost: both calls reached Jira.
+    jira.lose_next_jira_answer("transition");
+    assert!(
+        deliver(&*sink, &resolved, Some(&r1), false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    deliver(&*sink, &resolved, Some(&r1), true).await.unwrap();
+    let issue = &jira.issues()[0];
+    assert_eq!(issue.status_category, "done");
+    assert_eq!(marked(issue, &resolved), 1, "one resolve comment");
+    assert_eq!(issue.comments.len(), 1);
+
+    // Only the comment got through (Jira refused the transition for a moment): the retry transitions
+    // without commenting again.
+    let (jira, sink, _dir) = self::jira().await;
+    let r1 = deliver(&*sink, &ticket(TicketState::Open, 1), None, false)
+        .await
+        .unwrap();
+    jira.lose_next_jira_answer("comment");
+    assert!(
+        deliver(&*sink, &resolved, Some(&r1), false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    assert_eq!(jira.issues()[0].status_category, "new");
+    deliver(&*sink, &resolved, Some(&r1), true).await.unwrap();
+    let issue = &jira.issues()[0];
+    assert_eq!(issue.status_category, "done");
+    assert_eq!(marked(issue, &resolved), 1, "one resolve comment");
+}
+
+#[tokio::test]
+async fn jira_in_doubt_create_waits_for_the_search_index_instead_of_creating_twice() {
+    let (jira, sink, _dir) = jira().await;
+    let open = ticket(TicketState::Open, 1);
+    // The create reached Jira, its answer was lost, and the search has not indexed the issue yet.
+    jira.lag_jira_search();
+    jira.lose_next_jira_answer("create");
+    assert!(
+        deliver(&*sink, &open, None, false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    assert_eq!(jira.jira_creates.load(Ordering::SeqCst), 1);
+
+    let err = deliver_at(&*sink, &open, None, true, t0())
+        .await
+        .unwrap_err();
+    assert!(err.retryable, "{err:?}");
+    assert!(err.message.contains("search"), "{}", err.message);
+    assert_eq!(err.retry_after, Some(Duration::from_secs(60)));
+    let later = t0() + chrono::Duration::seconds(45);
+    let err = deliver_at(&*sink, &open, None, true, later)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.retry_after,
+        Some(Duration::from_secs(15)),
+        "the wait counts from the first miss"
+    );
+    assert_eq!(
+        jira.jira_creates.load(Ordering::SeqCst),
+        1,
+        "no second issue"
+    );
+
+    jira.index_jira();
+    let found = deliver_at(
+        &*sink,
+        &open,
+        None,
+        true,
+        later + chrono::Duration::seconds(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(found, json!({"key": "OPS-1"}));
+    assert_eq!(jira.jira_creates.load(Ordering::SeqCst), 1);
+    assert_eq!(jira.jira_searches.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn jira_in_doubt_create_creates_once_the_search_lag_window_has_passed() {
+    let (jira, sink, _dir) = jira().await;
+    let open = ticket(TicketState::Open, 1);
+    // A create that never reached Jira (refused at its edge) leaves the delivery in doubt all the same.
+    jira.script_jira(502, &[], "Bad Gateway");
+    assert!(
+        deliver(&*sink, &open, None, false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    assert!(deliver_at(&*sink, &open, None, true, t0()).await.is_err());
+    let window = t0() + chrono::Duration::from_std(sinks::jira::SEARCH_LAG).unwrap();
+    assert_eq!(
+        deliver_at(&*sink, &open, None, true, window).await.unwrap(),
+        json!({"key": "OPS-1"})
+    );
+    assert_eq!(jira.jira_creates.load(Ordering::SeqCst), 1);
+
+    // Another ticket's wait is its own, and starts at its own first miss.
+    let mut other = ticket(TicketState::Open, 1);
+    other.fingerprint = "0".repeat(32);
+    assert!(
+        deliver_at(&*sink, &other, None, true, window)
+            .await
+            .is_err()
+    );
+    assert_eq!(jira.jira_creates.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
@@ -920,9 +812,13 @@ async fn jira_in_doubt_reuses_the_issue_a_lost_attempt_created() {
     deliver(&*sink, &open, None, false).await.unwrap();
     let recovered = deliver(&*sink, &open, None, true).await.unwrap();
     assert_eq!(recovered, json!({"key": "OPS-1"}));
-    assert_eq!(*jira.creates.lock().await, 1, "no second issue");
-    assert_eq!(*jira.searches.lock().await, 1);
-    assert!(jira.issues.lock().await[0].comments.is_empty());
+    assert_eq!(
+        jira.jira_creates.load(Ordering::SeqCst),
+        1,
+        "no second issue"
+    );
+    assert_eq!(jira.jira_searches.load(Ordering::SeqCst), 1);
+    assert!(jira.issues()[0].comments.is_empty());
 
     // Not in doubt: no search before creating (another ticket, another issue).
     let mut other = ticket(TicketState::Open, 1);
@@ -931,20 +827,18 @@ async fn jira_in_doubt_reuses_the_issue_a_lost_attempt_created() {
         deliver(&*sink, &other, None, false).await.unwrap(),
         json!({"key": "OPS-2"})
     );
-    assert_eq!(*jira.searches.lock().await, 1);
+    assert_eq!(jira.jira_searches.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn jira_refusals_and_outages_are_told_apart() {
     let (jira, sink, _dir) = jira().await;
     let open = ticket(TicketState::Open, 1);
-    jira.script
-        .push(
-            400,
-            &[],
-            r#"{"errorMessages":[],"errors":{"project":"valid project is required"}}"#,
-        )
-        .await;
+    jira.script_jira(
+        400,
+        &[],
+        r#"{"errorMessages":[],"errors":{"project":"valid project is required"}}"#,
+    );
     let err = deliver(&*sink, &open, None, false).await.unwrap_err();
     assert_eq!((err.status, err.retryable), (Some(400), false), "{err:?}");
     assert!(
@@ -959,22 +853,20 @@ async fn jira_refusals_and_outages_are_told_apart() {
     );
     assert!(!err.message.contains(JIRA_TOKEN));
 
-    jira.script
-        .push(503, &[("retry-after", "120")], "maintenance")
-        .await;
+    jira.script_jira(503, &[("retry-after", "120")], "maintenance");
     let err = deliver(&*sink, &open, None, false).await.unwrap_err();
     assert_eq!(
         (err.retryable, err.retry_after),
         (true, Some(Duration::from_secs(120)))
     );
-    jira.script.push(429, &[("retry-after", "5")], "").await;
+    jira.script_jira(429, &[("retry-after", "5")], "");
     assert!(
         deliver(&*sink, &open, None, false)
             .await
             .unwrap_err()
             .retryable
     );
-    assert_eq!(*jira.creates.lock().await, 0);
+    assert_eq!(jira.jira_creates.load(Ordering::SeqCst), 0);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -988,6 +880,8 @@ struct GithubIssue {
     state: String,
     state_reason: Option<String>,
     comments: Vec<String>,
+    /// When each comment was made, by the stand-in's clock (what `since` filters on).
+    commented_at: Vec<chrono::DateTime<Utc>>,
 }
 
 #[derive(Default)]
@@ -996,6 +890,9 @@ struct Github {
     issues: Mutex<Vec<GithubIssue>>,
     creates: Mutex<u32>,
     bodies: Mutex<Vec<Value>>,
+    /// The next comment is made and then answered 502, as if the answer was lost.
+    lose_comment_answer: Mutex<bool>,
+    comment_reads: Mutex<u32>,
 }
 
 /// GitHub's rules for every REST request: a User-Agent (403 without one), the token as Bearer, and the
@@ -1079,6 +976,7 @@ async fn github_create(
         state: "open".into(),
         state_reason: None,
         comments: Vec::new(),
+        commented_at: Vec::new(),
     };
     let answer = issue_json(&issue);
     issues.push(issue);
@@ -1137,11 +1035,71 @@ async fn github_comment(
         return refuse(StatusCode::NOT_FOUND, r#"{"message":"Not Found"}"#);
     };
     issue.comments.push(text.into());
+    issue.commented_at.push(Utc::now());
+    if std::mem::take(&mut *github.lose_comment_answer.lock().await) {
+        return refuse(StatusCode::BAD_GATEWAY, "Bad Gateway");
+    }
     (
         StatusCode::CREATED,
         Json(json!({"id": issue.comments.len()})),
     )
         .into_response()
+}
+
+/// `GET /repos/{o}/{r}/issues/{n}/comments` as documented: `since` (ISO 8601, comments updated at or after
+/// it), `per_page` (at most 100) and `page`; oldest first.
+async fn github_comments(
+    State(github): State<Arc<Github>>,
+    Path((_, _, number)): Path<(String, String, u64)>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Some(refused) = github_headers(&headers) {
+        return refused;
+    }
+    *github.comment_reads.lock().await += 1;
+    let since = match query
+        .get("since")
+        .map(|s| chrono::DateTime::parse_from_rfc3339(s))
+    {
+        None => None,
+        Some(Ok(since)) => Some(since.with_timezone(&Utc)),
+        Some(Err(_)) => {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"message": "Invalid request: since is not an ISO 8601 timestamp"})),
+            )
+                .into_response();
+        }
+    };
+    let per_page: usize = query
+        .get("per_page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(30)
+        .min(100);
+    let page: usize = query
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let issues = github.issues.lock().await;
+    let Some(issue) = issues.iter().find(|i| i.number == number) else {
+        return refuse(StatusCode::NOT_FOUND, r#"{"message":"Not Found"}"#);
+    };
+    let listed: Vec<Value> = issue
+        .comments
+        .iter()
+        .zip(&issue.commented_at)
+        .enumerate()
+        .filter(|(_, (_, at))| since.is_none_or(|since| **at >= since))
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .map(|(i, (body, at))| {
+            let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            json!({"id": i + 1, "body": body, "created_at": at, "updated_at": at})
+        })
+        .collect();
+    Json(Value::Array(listed)).into_response()
 }
 
 async fn github_update(
@@ -1189,7 +1147,7 @@ async fn github() -> (Arc<Github>, Box<dyn TicketSink>, tempfile::TempDir) {
         )
         .route(
             "/repos/{owner}/{repo}/issues/{number}/comments",
-            post(github_comment),
+            post(github_comment).get(github_comments),
         )
         .with_state(github.clone());
     let url = serve(router).await;
@@ -1258,6 +1216,42 @@ async fn github_in_doubt_reuses_the_issue_a_lost_attempt_created() {
         deliver(&*sink, &other, None, true).await.unwrap()["number"],
         101
     );
+}
+
+#[tokio::test]
+async fn github_resolve_retried_after_a_lost_comment_answer_comments_once() {
+    let (github, sink, _dir) = github().await;
+    let r1 = deliver(&*sink, &ticket(TicketState::Open, 1), None, false)
+        .await
+        .unwrap();
+    let resolved = ticket(TicketState::Resolved, 2);
+    // The comment was made but its answer lost, so the issue was not closed either.
+    *github.lose_comment_answer.lock().await = true;
+    assert!(
+        deliver(&*sink, &resolved, Some(&r1), false)
+            .await
+            .unwrap_err()
+            .retryable
+    );
+    deliver(&*sink, &resolved, Some(&r1), true).await.unwrap();
+    let issue = github.issues.lock().await[0].clone();
+    assert_eq!(issue.state, "closed");
+    let marker = sinks::github::marker(&resolved);
+    assert_eq!(issue.comments.len(), 1, "no second comment");
+    assert!(
+        issue.comments[0].ends_with(&marker),
+        "{}",
+        issue.comments[0]
+    );
+    assert_eq!(*github.comment_reads.lock().await, 1);
+
+    // Not in doubt: no read before commenting.
+    let r2 = json!({"number": issue.number, "closed": false});
+    deliver(&*sink, &ticket(TicketState::Open, 3), Some(&r2), false)
+        .await
+        .unwrap();
+    assert_eq!(*github.comment_reads.lock().await, 1);
+    assert_eq!(github.issues.lock().await[0].comments.len(), 2);
 }
 
 #[tokio::test]
@@ -1595,7 +1589,7 @@ async fn every_format_sends_only_what_the_redacted_ticket_holds() {
     let (receiver, url) = webhook_receiver().await;
     let (_d1, creds) = secret(&[("signingSecret", SIGNING)]);
     lifecycle(build(&spec(TicketSinkType::Webhook, Some(url)), &creds)).await;
-    check("webhook", &receiver.bodies.lock().await, &[]);
+    check("webhook", &receiver.bodies("tickets"), &[]);
 
     let (workspace, creds, _d2) = slack_workspace().await;
     lifecycle(build(&spec(TicketSinkType::Slack, None), &creds)).await;
@@ -1603,11 +1597,13 @@ async fn every_format_sends_only_what_the_redacted_ticket_holds() {
 
     let (jira, sink, _d3) = jira().await;
     lifecycle(sink).await;
-    check("jira", &jira.bodies.lock().await, &[]);
+    // The versions in the comments' markers.
+    check("jira", &jira.json_sent("/rest/api/3/"), &["v1", "v2", "v3"]);
 
     let (github, sink, _d4) = github().await;
     lifecycle(sink).await;
-    check("github", &github.bodies.lock().await, &[]);
+    // The versions in the comments' markers.
+    check("github", &github.bodies.lock().await, &["v2", "v3"]);
 
     let (pd, sink, _d5) = pagerduty().await;
     lifecycle(sink).await;

@@ -8,22 +8,16 @@
 
 #[path = "support/sink_mock.rs"]
 mod sink_mock;
+#[path = "support/ticket_vendors.rs"]
+mod ticket_vendors;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use base64::Engine;
-use hmac::{Hmac, Mac};
 use meshline::api::{Backoff, ErrorClass, LedgerSpec, OwnershipRoster};
 use meshline::connectors::{Delivered, Delivery, Intake, Sink, SinkError, SourceRecord};
 use meshline::ledger::{Ledger, LedgerTarget, ManualClock, RaisedException};
@@ -32,8 +26,7 @@ use meshline::tickets::sinks::{Delivery as TicketDelivery, SinkRef, TicketSink};
 use meshline::tickets::{ExceptionKind, Ticket, TicketState, fingerprint};
 use meshline::worker::{PipelineOptions, RenderedFlow, Worker, WorkerSettings};
 use serde_json::{Value, json};
-use sha2::Sha256;
-use sink_mock::{header, serve};
+use ticket_vendors::{Accounts, Vendors};
 
 const FLOW: &str = "closed-won-to-netsuite";
 const NAMESPACE: &str = "revenue-sync";
@@ -51,382 +44,18 @@ const JIRA_PROJECT: &str = "SALES";
 const ROUTING_KEY: &str = "R0UT1NGKEYE2E456789ABCDEFGHIJKLM";
 
 // ---------------------------------------------------------------------------------------------------------
-// The vendors: one local server standing in for every ticket sink of a test.
+// The vendors: one local server standing in for every ticket sink of a test (tests/support/ticket_vendors.rs).
 
-#[derive(Clone, Debug)]
-struct JiraIssue {
-    key: String,
-    labels: Vec<String>,
-    status_category: &'static str,
-    description: Value,
-    comments: Vec<Value>,
-}
+const ACCOUNTS: Accounts = Accounts {
+    signing_secret: SIGNING,
+    jira_email: JIRA_EMAIL,
+    jira_api_token: JIRA_TOKEN,
+    jira_project: JIRA_PROJECT,
+    routing_key: ROUTING_KEY,
+};
 
-#[derive(Default)]
-struct Vendors {
-    /// Every request body any sink sent, byte for byte, with its path: the PII check reads all of it.
-    raw: Mutex<Vec<(String, Vec<u8>)>>,
-    /// Webhook requests per hook name, answered or not.
-    attempts: Mutex<HashMap<String, usize>>,
-    /// Statuses a hook answers before it looks at the next requests (an outage), in order.
-    scripts: Mutex<HashMap<String, Vec<u16>>>,
-    /// Hooks that refuse every request with a 400.
-    refusing: Mutex<HashSet<String>>,
-    /// Webhook bodies taken (signature verified, idempotency key right), per hook name, in order.
-    hooks: Mutex<HashMap<String, Vec<Value>>>,
-    /// Webhook requests refused for a signature that did not verify.
-    bad_signatures: AtomicUsize,
-    jira: Mutex<Vec<JiraIssue>>,
-    jira_creates: AtomicUsize,
-    /// PagerDuty events accepted, in order.
-    pages: Mutex<Vec<Value>>,
-}
-
-impl Vendors {
-    fn bodies(&self, hook: &str) -> Vec<Value> {
-        self.hooks
-            .lock()
-            .unwrap()
-            .get(hook)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// The bodies `hook` took for ticket `fp`.
-    fn events_of(&self, hook: &str, fp: &str) -> Vec<Value> {
-        self.bodies(hook)
-            .into_iter()
-            .filter(|b| b["fingerprint"] == fp)
-            .collect()
-    }
-
-    fn issues(&self) -> Vec<JiraIssue> {
-        self.jira.lock().unwrap().clone()
-    }
-
-    /// Everything every sink sent, as text.
-    fn everything_received(&self) -> String {
-        self.raw
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(path, body)| format!("{path}\n{}\n", String::from_utf8_lossy(body)))
-            .collect()
-    }
-
-    /// Polls this server's state until `done` holds.
-    async fn wait<T>(&self, what: &str, done: impl Fn(&Vendors) -> Option<T>) -> T {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Some(v) = done(self) {
-                return v;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}; hooks: {:?}; jira: {:?}",
-                self.hooks.lock().unwrap(),
-                self.issues()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-fn refuse(status: StatusCode, why: &str) -> Response {
-    (status, why.to_string()).into_response()
-}
-
-/// The receiver's side of the webhook signature: HMAC-SHA256 over `"{timestamp}.{body}"`.
-fn signature_valid(headers: &HeaderMap, body: &[u8]) -> bool {
-    let timestamp = header(headers, "x-meshline-timestamp");
-    if timestamp.parse::<i64>().is_err() {
-        return false;
-    }
-    let mut mac = Hmac::<Sha256>::new_from_slice(SIGNING.as_bytes()).unwrap();
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body);
-    header(headers, "x-meshline-signature")
-        == format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-async fn webhook(
-    State(v): State<Arc<Vendors>>,
-    UrlPath(hook): UrlPath<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    v.raw
-        .lock()
-        .unwrap()
-        .push((format!("/hooks/{hook}"), body.to_vec()));
-    *v.attempts.lock().unwrap().entry(hook.clone()).or_default() += 1;
-    let scripted = {
-        let mut scripts = v.scripts.lock().unwrap();
-        scripts
-            .get_mut(&hook)
-            .filter(|s| !s.is_empty())
-            .map(|s| s.remove(0))
-    };
-    if let Some(status) = scripted {
-        return refuse(StatusCode::from_u16(status).unwrap(), "scripted outage");
-    }
-    if v.refusing.lock().unwrap().contains(&hook) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "this receiver expects schema v2 (misconfigured)",
-        );
-    }
-    if !header(&headers, "content-type").starts_with("application/json") {
-        return refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "json only");
-    }
-    if !signature_valid(&headers, &body) {
-        v.bad_signatures.fetch_add(1, Ordering::SeqCst);
-        return refuse(StatusCode::UNAUTHORIZED, "bad signature");
-    }
-    let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "not JSON");
-    };
-    let key = format!(
-        "{}:{}",
-        parsed["fingerprint"].as_str().unwrap_or(""),
-        parsed["version"]
-    );
-    if header(&headers, "idempotency-key") != key {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            "Idempotency-Key is not fingerprint:version",
-        );
-    }
-    v.hooks
-        .lock()
-        .unwrap()
-        .entry(hook)
-        .or_default()
-        .push(parsed);
-    StatusCode::NO_CONTENT.into_response()
-}
-
-/// Jira's Basic auth for API tokens; `Some(refusal)` when it does not match.
-fn jira_auth(headers: &HeaderMap) -> Option<Response> {
-    let expected = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{JIRA_EMAIL}:{JIRA_TOKEN}"))
-    );
-    (header(headers, "authorization") != expected)
-        .then(|| refuse(StatusCode::UNAUTHORIZED, "Client must be authenticated"))
-}
-
-async fn jira_create(State(v): State<Arc<Vendors>>, headers: HeaderMap, body: Bytes) -> Response {
-    v.raw
-        .lock()
-        .unwrap()
-        .push(("/rest/api/3/issue".into(), body.to_vec()));
-    if let Some(r) = jira_auth(&headers) {
-        return r;
-    }
-    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "not JSON");
-    };
-    let fields = &body["fields"];
-    if fields["project"]["key"] != JIRA_PROJECT
-        || fields["summary"].as_str().is_none_or(str::is_empty)
-        || fields["issuetype"]["name"].as_str().is_none()
-        || fields["description"]["type"] != "doc"
-    {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"errorMessages": [], "errors": {"fields": "project, summary, issuetype and an ADF description are required"}})),
-        )
-            .into_response();
-    }
-    let labels = fields["labels"]
-        .as_array()
-        .map(|l| {
-            l.iter()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.jira_creates.fetch_add(1, Ordering::SeqCst);
-    let mut issues = v.jira.lock().unwrap();
-    let key = format!("{JIRA_PROJECT}-{}", issues.len() + 1);
-    issues.push(JiraIssue {
-        key: key.clone(),
-        labels,
-        status_category: "new",
-        description: fields["description"].clone(),
-        comments: Vec::new(),
-    });
-    let id = 10_000 + issues.len();
-    (
-        StatusCode::CREATED,
-        Json(json!({"id": id.to_string(), "key": key, "self": format!("https://acme.atlassian.net/rest/api/3/issue/{id}")})),
-    )
-        .into_response()
-}
-
-async fn jira_comment(
-    State(v): State<Arc<Vendors>>,
-    UrlPath(key): UrlPath<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    v.raw
-        .lock()
-        .unwrap()
-        .push((format!("/rest/api/3/issue/{key}/comment"), body.to_vec()));
-    if let Some(r) = jira_auth(&headers) {
-        return r;
-    }
-    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "not JSON");
-    };
-    let mut issues = v.jira.lock().unwrap();
-    let Some(issue) = issues.iter_mut().find(|i| i.key == key) else {
-        return refuse(StatusCode::NOT_FOUND, "Issue does not exist");
-    };
-    issue.comments.push(body["body"].clone());
-    (
-        StatusCode::CREATED,
-        Json(json!({"id": issue.comments.len().to_string()})),
-    )
-        .into_response()
-}
-
-const JIRA_TRANSITIONS: [(&str, &str, &str); 3] = [
-    ("11", "Start progress", "indeterminate"),
-    ("31", "Done", "done"),
-    ("41", "Reopen", "new"),
-];
-
-async fn jira_transitions(
-    State(v): State<Arc<Vendors>>,
-    UrlPath(key): UrlPath<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = jira_auth(&headers) {
-        return r;
-    }
-    let issues = v.jira.lock().unwrap();
-    let Some(issue) = issues.iter().find(|i| i.key == key) else {
-        return refuse(StatusCode::NOT_FOUND, "Issue does not exist");
-    };
-    // Like a real workflow, only the transitions out of the current status are offered.
-    let offered: Vec<Value> = JIRA_TRANSITIONS
-        .iter()
-        .filter(|(_, _, to)| *to != issue.status_category)
-        .map(
-            |(id, name, to)| json!({"id": id, "name": name, "to": {"statusCategory": {"key": to}}}),
-        )
-        .collect();
-    Json(json!({"transitions": offered})).into_response()
-}
-
-async fn jira_transition(
-    State(v): State<Arc<Vendors>>,
-    UrlPath(key): UrlPath<String>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(r) = jira_auth(&headers) {
-        return r;
-    }
-    let mut issues = v.jira.lock().unwrap();
-    let Some(issue) = issues.iter_mut().find(|i| i.key == key) else {
-        return refuse(StatusCode::NOT_FOUND, "Issue does not exist");
-    };
-    let id = body["transition"]["id"].as_str().unwrap_or("");
-    match JIRA_TRANSITIONS.iter().find(|(t, _, _)| *t == id) {
-        Some((_, _, to)) => {
-            issue.status_category = to;
-            StatusCode::NO_CONTENT.into_response()
-        }
-        None => refuse(StatusCode::BAD_REQUEST, "Transition id is not valid"),
-    }
-}
-
-async fn jira_issue(
-    State(v): State<Arc<Vendors>>,
-    UrlPath(key): UrlPath<String>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = jira_auth(&headers) {
-        return r;
-    }
-    let issues = v.jira.lock().unwrap();
-    match issues.iter().find(|i| i.key == key) {
-        Some(i) => Json(json!({"key": i.key, "fields": {"status": {"statusCategory": {"key": i.status_category}}}})).into_response(),
-        None => refuse(StatusCode::NOT_FOUND, "Issue does not exist"),
-    }
-}
-
-async fn jira_search(
-    State(v): State<Arc<Vendors>>,
-    headers: HeaderMap,
-    Json(body): Json<Value>,
-) -> Response {
-    if let Some(r) = jira_auth(&headers) {
-        return r;
-    }
-    let jql = body["jql"].as_str().unwrap_or("");
-    let Some(label) = jql
-        .strip_prefix("labels = \"")
-        .and_then(|r| r.strip_suffix('"'))
-    else {
-        return refuse(StatusCode::BAD_REQUEST, "Error in the JQL Query");
-    };
-    let found: Vec<Value> = v
-        .issues()
-        .iter()
-        .filter(|i| i.labels.iter().any(|l| l == label))
-        .map(|i| json!({"id": "1", "key": i.key}))
-        .collect();
-    Json(json!({"issues": found, "isLast": true})).into_response()
-}
-
-async fn pagerduty(State(v): State<Arc<Vendors>>, body: Bytes) -> Response {
-    v.raw
-        .lock()
-        .unwrap()
-        .push(("/v2/enqueue".into(), body.to_vec()));
-    let Ok(event) = serde_json::from_slice::<Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "invalid event");
-    };
-    if event["routing_key"] != ROUTING_KEY
-        || !matches!(
-            event["event_action"].as_str(),
-            Some("trigger" | "acknowledge" | "resolve")
-        )
-        || event["dedup_key"].as_str().is_none_or(str::is_empty)
-    {
-        return refuse(StatusCode::BAD_REQUEST, "invalid event");
-    }
-    let dedup = event["dedup_key"].clone();
-    v.pages.lock().unwrap().push(event);
-    (
-        StatusCode::ACCEPTED,
-        Json(json!({"status": "success", "message": "Event processed", "dedup_key": dedup})),
-    )
-        .into_response()
-}
-
-/// Starts the stand-ins; returns them and their base URL.
 async fn vendors() -> (Arc<Vendors>, String) {
-    let v = Arc::new(Vendors::default());
-    let router = axum::Router::new()
-        .route("/hooks/{hook}", post(webhook))
-        .route("/rest/api/3/issue", post(jira_create))
-        .route("/rest/api/3/issue/{key}", get(jira_issue))
-        .route("/rest/api/3/issue/{key}/comment", post(jira_comment))
-        .route(
-            "/rest/api/3/issue/{key}/transitions",
-            get(jira_transitions).post(jira_transition),
-        )
-        .route("/rest/api/3/search/jql", post(jira_search))
-        .route("/v2/enqueue", post(pagerduty))
-        .with_state(v.clone());
-    let base = serve(router).await;
-    (v, base)
+    ticket_vendors::vendors(ACCOUNTS).await
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1219,7 +848,7 @@ async fn a_sink_outage_delays_a_ticket_and_a_refusing_sink_is_reported_while_rec
         ("refusing", SinkKind::Webhook),
     ];
     let h = start(routes, &sinks, |v| {
-        v.scripts.lock().unwrap().insert("flaky".into(), vec![503]);
+        v.script_hook("flaky", 503, &[], "scripted outage");
         v.refusing.lock().unwrap().insert("refusing".into());
     })
     .await;

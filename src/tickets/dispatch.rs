@@ -5,8 +5,9 @@
 //! It runs beside the pipeline and shares nothing with it but the ledger, so a ticket sink that is down, slow
 //! or refusing never holds up a record. A delivery is marked in doubt in the ledger before it is sent and
 //! settled after, so a worker killed in between knows on restart that the sink may already have it (Jira and
-//! GitHub then look for their copy instead of creating a second; the webhook's `Idempotency-Key` and
-//! PagerDuty's `dedup_key` make a resend harmless).
+//! GitHub then look for their copy and their version's comment instead of adding a second; the webhook's
+//! `Idempotency-Key` and PagerDuty's `dedup_key` make a resend harmless; Slack's incoming webhooks cannot, so
+//! a Slack resend may post twice, see `sinks::slack`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -237,6 +238,7 @@ impl Dispatcher {
                 ticket: &ticket,
                 previous: d.previous.as_ref(),
                 in_doubt: d.in_doubt,
+                now,
             });
             let result = match tokio::time::timeout(self.send_lease, send).await {
                 Ok(result) => result,

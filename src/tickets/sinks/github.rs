@@ -10,6 +10,10 @@
 //! Issues carry the labels `meshline` and `meshline-<fingerprint>` (GitHub creates missing labels for a
 //! token that may push). Creating is not idempotent, so after an attempt that may have reached GitHub
 //! (`in_doubt`) the sink lists the repository's issues with that label first and reuses one it finds.
+//! Resolving is two calls too (a comment, then closing), and an update's answer can be lost, so every comment
+//! ends with a hidden HTML comment `<!-- meshline:<fp>:v<version> -->`; an in-doubt resend first lists the
+//! issue's comments updated since an hour before the ticket's version (`since`, covering clock skew; one page
+//! of 100) and skips its comment when the marker is there. Closing an issue that is closed already is a no-op.
 //! GitHub answers its rate limits with 403 or 429 and `x-ratelimit-remaining: 0` or `retry-after`; those
 //! are retried after the time it names, other 4xx are not.
 
@@ -135,11 +139,45 @@ impl GithubSink {
         })
     }
 
-    async fn comment(&self, number: u64, ticket: &Ticket, event: Event) -> Result<(), SinkError> {
+    /// Whether a comment on the issue updated since shortly before this version carries its marker.
+    async fn commented(&self, number: u64, ticket: &Ticket) -> Result<bool, SinkError> {
+        let since = (ticket.updated_at - chrono::Duration::hours(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let comments = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/issues/{number}/comments?since={since}&per_page=100"),
+                None,
+            )
+            .await?;
+        let marker = marker(ticket);
+        Ok(comments.as_array().is_some_and(|all| {
+            all.iter()
+                .any(|c| c["body"].as_str().is_some_and(|b| b.contains(&marker)))
+        }))
+    }
+
+    /// Comments this version, unless an in-doubt earlier attempt already did.
+    async fn comment(
+        &self,
+        number: u64,
+        ticket: &Ticket,
+        event: Event,
+        in_doubt: bool,
+    ) -> Result<(), SinkError> {
+        if in_doubt && self.commented(number, ticket).await? {
+            return Ok(());
+        }
+        let marker = marker(ticket);
+        let room = BODY_CHARS - marker.chars().count() - 2;
+        let body = format!(
+            "{}\n\n{marker}",
+            clip(&render::markdown(ticket, event), room)
+        );
         self.call(
             reqwest::Method::POST,
             &format!("/issues/{number}/comments"),
-            Some(json!({"body": clip(&render::markdown(ticket, event), BODY_CHARS)})),
+            Some(json!({ "body": body })),
         )
         .await
         .map(drop)
@@ -159,6 +197,14 @@ impl GithubSink {
         .await
         .map(drop)
     }
+}
+
+/// The hidden marker of this version's comment (rendered Markdown does not show HTML comments).
+pub fn marker(ticket: &Ticket) -> String {
+    format!(
+        "<!-- meshline:{}:v{} -->",
+        ticket.fingerprint, ticket.version
+    )
 }
 
 fn label(ticket: &Ticket) -> String {
@@ -195,7 +241,8 @@ impl TicketSink for GithubSink {
         };
         // A created (or found) issue's body is this version already; anything later is a comment.
         if !created || event == Event::Resolved {
-            self.comment(number, ticket, event).await?;
+            self.comment(number, ticket, event, delivery.in_doubt)
+                .await?;
         }
         let closed = ticket.state == TicketState::Resolved;
         if closed || was_closed {

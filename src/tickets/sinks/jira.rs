@@ -2,18 +2,31 @@
 //! (ADF) description, commented on each update, commented and transitioned to a done status on resolve.
 //!
 //! Auth is Basic `email:apiToken` (Secret keys `email`, `apiToken`), as Atlassian documents for API tokens.
-//! The issue carries the labels `meshline` and `meshline-<fingerprint>`: Jira cannot create idempotently, so
-//! after an attempt that may have reached Jira (`in_doubt`) the sink first searches for that label
-//! (`POST /rest/api/3/search/jql`) and reuses a found issue instead of creating a second one. The search is
-//! eventually consistent on Jira's side: an issue created a moment before a crash may not be found yet, the
-//! one case where a duplicate is still possible.
 //!
-//! Resolving is two calls (a comment, then the transition); a retry after the first succeeded comments again.
-//! The transition is the first one whose target status is in the `done` category, because workflows name
-//! their statuses freely but the category keys (`new`, `indeterminate`, `done`) are fixed. An issue already
-//! in a done status is left as it is.
+//! Jira has no idempotent writes, so every write is made safe to repeat for one (fingerprint, version):
+//! - **Create.** The issue carries the labels `meshline` and `meshline-<fingerprint>`. After an attempt that
+//!   may have reached Jira (`in_doubt`) the sink first looks the label up with an exact JQL match
+//!   (`POST /rest/api/3/search/jql`) and reuses a found issue. Jira's search is eventually consistent: an
+//!   issue created a moment ago may not be indexed yet. So an in-doubt lookup that finds nothing does not
+//!   create at once: it fails retryably and looks again on a later attempt, until [`SEARCH_LAG`] has passed
+//!   (by the dispatcher's clock) since this process first missed it; only then does it create. The remaining
+//!   window: an issue Jira takes longer than [`SEARCH_LAG`] to index is created twice. The first miss is
+//!   kept in memory, so a restart starts the wait again (a longer wait, never a shorter one).
+//! - **Comment.** Each comment ends with a small footer whose text is the marker `meshline:<fp>:v<version>`.
+//!   An in-doubt resend first reads the issue's newest comments (`GET /rest/api/3/issue/{key}/comment`,
+//!   `orderBy=-created`, the newest [`COMMENTS_READ`]) and skips the comment when the marker is there, so a
+//!   lost answer or a timeout between the two calls of a resolve never comments twice. The comment list's
+//!   `expand` offers only `renderedBody`, not comment properties, hence a marker in the text.
+//! - **Transition.** To the first transition whose target status is in the `done` category, because
+//!   workflows name their statuses freely but the category keys (`new`, `indeterminate`, `done`) are fixed.
+//!   An issue already in a done status is left as it is (an in-doubt resend reads the status first).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use url::Url;
 
@@ -28,6 +41,12 @@ use crate::tickets::Ticket;
 pub const SUMMARY_CHARS: usize = 255;
 /// Jira's limit for a rich-text field (description, comment body), in characters of text.
 pub const RICH_TEXT_CHARS: usize = 32_000;
+/// How long an in-doubt create waits for Jira's search to index an issue a lost attempt may have created.
+/// Atlassian gives no bound; indexing normally takes seconds.
+pub const SEARCH_LAG: Duration = Duration::from_secs(60);
+/// The newest comments read for an in-doubt resend's marker: its comment, if posted, is among the newest
+/// unless people added this many since.
+pub const COMMENTS_READ: usize = 50;
 
 pub struct JiraSink {
     name: String,
@@ -36,6 +55,8 @@ pub struct JiraSink {
     project: String,
     email: String,
     api_token: String,
+    /// Per fingerprint, when an in-doubt create first found nothing (see the module doc).
+    missed: Mutex<HashMap<String, DateTime<Utc>>>,
 }
 
 impl JiraSink {
@@ -56,6 +77,7 @@ impl JiraSink {
             project,
             email: credential(credentials, "email")?,
             api_token: credential(credentials, "apiToken")?,
+            missed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -112,6 +134,43 @@ impl JiraSink {
             .map(str::to_string))
     }
 
+    /// The issue an in-doubt create should use: the one a lost attempt created, `None` to create one now,
+    /// or a retryable error while Jira's search may still be indexing it.
+    async fn find_settled(
+        &self,
+        ticket: &Ticket,
+        now: DateTime<Utc>,
+    ) -> Result<Option<String>, SinkError> {
+        let found = self.find(ticket).await?;
+        let mut missed = self.missed.lock().unwrap_or_else(|e| e.into_inner());
+        if found.is_some() {
+            missed.remove(&ticket.fingerprint);
+            return Ok(found);
+        }
+        let first = *missed.entry(ticket.fingerprint.clone()).or_insert(now);
+        let waited = (now - first).to_std().unwrap_or_default();
+        if waited >= SEARCH_LAG {
+            // Created now; if this create is lost too, the next attempt waits afresh.
+            missed.remove(&ticket.fingerprint);
+            return Ok(None);
+        }
+        let left = SEARCH_LAG - waited;
+        Err(SinkError {
+            retryable: true,
+            status: None,
+            message: format!(
+                "ticket sink {}: an earlier attempt may have created the issue for ticket {} and Jira's \
+                 search does not show it yet; looking again before creating (at most {}s more)",
+                self.name,
+                ticket.fingerprint,
+                left.as_secs()
+            ),
+            // One more look once the window has passed: a lookup every few seconds would only count as
+            // failures against the sink's health.
+            retry_after: Some(left),
+        })
+    }
+
     async fn create(&self, ticket: &Ticket) -> Result<String, SinkError> {
         let created = self
             .call(
@@ -142,7 +201,34 @@ impl JiraSink {
             })
     }
 
-    async fn comment(&self, key: &str, ticket: &Ticket, event: Event) -> Result<(), SinkError> {
+    /// Whether one of the issue's newest comments carries `marker`.
+    async fn commented(&self, key: &str, marker: &str) -> Result<bool, SinkError> {
+        let comments = self
+            .call(
+                reqwest::Method::GET,
+                &format!(
+                    "/rest/api/3/issue/{key}/comment?orderBy=-created&maxResults={COMMENTS_READ}"
+                ),
+                None,
+                true,
+            )
+            .await?;
+        Ok(comments["comments"]
+            .as_array()
+            .is_some_and(|all| all.iter().any(|c| carries(&c["body"], marker))))
+    }
+
+    /// Comments this version, unless an in-doubt earlier attempt already did.
+    async fn comment(
+        &self,
+        key: &str,
+        ticket: &Ticket,
+        event: Event,
+        in_doubt: bool,
+    ) -> Result<(), SinkError> {
+        if in_doubt && self.commented(key, &marker(ticket)).await? {
+            return Ok(());
+        }
         self.call(
             reqwest::Method::POST,
             &format!("/rest/api/3/issue/{key}/comment"),
@@ -153,7 +239,24 @@ impl JiraSink {
         .map(drop)
     }
 
-    async fn transition_to_done(&self, key: &str) -> Result<(), SinkError> {
+    async fn done(&self, key: &str) -> Result<bool, SinkError> {
+        let issue = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/rest/api/3/issue/{key}?fields=status"),
+                None,
+                true,
+            )
+            .await?;
+        Ok(issue["fields"]["status"]["statusCategory"]["key"] == "done")
+    }
+
+    async fn transition_to_done(&self, key: &str, in_doubt: bool) -> Result<(), SinkError> {
+        // Transitioning a done issue again would fail or, in workflows with a done→done transition, add a
+        // second entry to its history.
+        if in_doubt && self.done(key).await? {
+            return Ok(());
+        }
         let path = format!("/rest/api/3/issue/{key}/transitions");
         let transitions = self.call(reqwest::Method::GET, &path, None, true).await?;
         let done = transitions["transitions"].as_array().and_then(|all| {
@@ -172,15 +275,7 @@ impl JiraSink {
                 .await
                 .map(drop);
         }
-        let issue = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/rest/api/3/issue/{key}?fields=status"),
-                None,
-                true,
-            )
-            .await?;
-        if issue["fields"]["status"]["statusCategory"]["key"] == "done" {
+        if self.done(key).await? {
             return Ok(());
         }
         Err(SinkError {
@@ -199,6 +294,27 @@ impl JiraSink {
 /// `meshline-<fingerprint>`: Jira labels cannot contain spaces, and the fingerprint is hex.
 fn label(ticket: &Ticket) -> String {
     format!("meshline-{}", ticket.fingerprint)
+}
+
+/// `meshline:<fingerprint>:v<version>`: what marks a comment (or description) as this version's.
+pub fn marker(ticket: &Ticket) -> String {
+    format!("meshline:{}:v{}", ticket.fingerprint, ticket.version)
+}
+
+/// Whether the ADF document has a text node that is exactly `marker` (exactly: `…:v1` is a prefix of
+/// `…:v12`).
+fn carries(node: &Value, marker: &str) -> bool {
+    match node {
+        Value::Object(fields) => {
+            (fields.get("type").is_some_and(|t| t == "text")
+                && fields.get("text").is_some_and(|t| t == marker))
+                || fields
+                    .get("content")
+                    .is_some_and(|content| carries(content, marker))
+        }
+        Value::Array(nodes) => nodes.iter().any(|n| carries(n, marker)),
+        _ => false,
+    }
 }
 
 /// The summary: one line of at most 255 characters (Jira refuses longer or multi-line summaries).
@@ -258,9 +374,14 @@ pub fn document(ticket: &Ticket, event: Event) -> Value {
         content.push(Some(heading("Commands")));
         content.push(code_block(&render::commands(ticket)));
     }
+    // The marker footer is never dropped: an in-doubt resend finds this version's comment by it.
+    let footer = json!({"type": "paragraph", "content": [
+        {"type": "text", "text": "sent by Meshline · ", "marks": [{"type": "em"}]},
+        {"type": "text", "text": marker(ticket), "marks": [{"type": "code"}]},
+    ]});
     // Examples are cut per part already; this keeps the whole under Jira's field limit by dropping the
     // last nodes rather than cutting a node in half.
-    let mut used = 0;
+    let mut used = footer.to_string().chars().count();
     let content: Vec<Value> = content
         .into_iter()
         .flatten()
@@ -268,6 +389,7 @@ pub fn document(ticket: &Ticket, event: Event) -> Value {
             used += node.to_string().chars().count();
             used <= RICH_TEXT_CHARS
         })
+        .chain([footer])
         .collect();
     json!({"type": "doc", "version": 1, "content": content})
 }
@@ -286,12 +408,13 @@ impl TicketSink for JiraSink {
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<SinkRef, SinkError> {
         let ticket = delivery.ticket;
         let event = Event::of(&delivery);
+        let in_doubt = delivery.in_doubt;
         let known = delivery.previous.and_then(|p| p["key"].as_str());
         let (key, created) = match known {
             Some(key) => (key.to_string(), false),
             None => {
-                let found = if delivery.in_doubt {
-                    self.find(ticket).await?
+                let found = if in_doubt {
+                    self.find_settled(ticket, delivery.now).await?
                 } else {
                     None
                 };
@@ -302,14 +425,12 @@ impl TicketSink for JiraSink {
             }
         };
         // A found issue was created by the lost attempt at this very version: its description is current.
-        if !created {
-            self.comment(&key, ticket, event).await?;
+        // A resolve comments even then, and (in doubt) only if no earlier attempt at this version did.
+        if !created || event == Event::Resolved {
+            self.comment(&key, ticket, event, in_doubt).await?;
         }
         if event == Event::Resolved {
-            if created {
-                self.comment(&key, ticket, event).await?;
-            }
-            self.transition_to_done(&key).await?;
+            self.transition_to_done(&key, in_doubt).await?;
         }
         Ok(sink_ref(&key))
     }

@@ -20,6 +20,9 @@ pub struct Delivery<'a> {
     /// An earlier attempt at this version may have reached the sink (the worker died between sending and
     /// recording the answer). A sink that cannot create idempotently looks for its copy first.
     pub in_doubt: bool,
+    /// The dispatcher's clock at this attempt. A sink that waits out a vendor's lag (Jira's search) measures
+    /// the wait by it, so a test's manual clock drives it too.
+    pub now: chrono::DateTime<chrono::Utc>,
 }
 
 /// A delivery that did not succeed.

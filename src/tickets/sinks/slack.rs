@@ -6,11 +6,20 @@
 //! so `spec.channel` is informational here (it tells people where tickets appear).
 //!
 //! Incoming webhooks cannot edit or delete a message, so every event (opened, updated, resolved) posts a new
-//! one. Slack answers `200 ok`, or 4xx with a plain-text reason (`invalid_payload`, `no_text`,
+//! one. Nor can they deduplicate or be asked what was posted: a send that timed out or lost its answer may or
+//! may not have posted, and the only way to make sure is to post again. So, unlike the webhook sink
+//! (`Idempotency-Key`), PagerDuty (`dedup_key`) and Jira and GitHub (which look for their copy), **an
+//! in-doubt resend may post a version twice**. It is bounded: this process resends a version at most once;
+//! when that resend has no clear answer either, the version counts as delivered rather than risk a third
+//! copy (a worker restart may resend once more). Use the webhook or Jira sink where a ticket must arrive
+//! exactly once. Slack answers `200 ok`, or 4xx with a plain-text reason (`invalid_payload`, `no_text`,
 //! `channel_not_found`, 404 `no_service`, 410 `channel_is_archived`) that no retry fixes, or 429 with
 //! `Retry-After`. Block Kit's limits are kept here: a header's `plain_text` ≤ 150 characters, a section's
 //! text ≤ 3000, ≤ 10 fields of ≤ 2000 each, ≤ 10 context elements, ≤ 50 blocks; `text` is the fallback for
 //! notifications and clients that do not render blocks.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -33,6 +42,8 @@ pub struct SlackSink {
     name: String,
     http: reqwest::Client,
     webhook: Url,
+    /// (fingerprint, version) pairs this process resent in doubt and got no clear answer for.
+    resent: Mutex<HashSet<(String, i64)>>,
 }
 
 impl SlackSink {
@@ -53,6 +64,7 @@ impl SlackSink {
             name: spec.name.clone(),
             http,
             webhook,
+            resent: Mutex::new(HashSet::new()),
         })
     }
 }
@@ -162,6 +174,25 @@ impl TicketSink for SlackSink {
 
     async fn deliver(&self, delivery: Delivery<'_>) -> Result<SinkRef, SinkError> {
         let ticket = delivery.ticket;
+        let posted = json!({"posted": ticket.version});
+        let version = (ticket.fingerprint.clone(), ticket.version);
+        if delivery.in_doubt
+            && !self
+                .resent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(version.clone())
+        {
+            // Already resent once without a clear answer: a second resend could be a third copy.
+            self.forget(&version);
+            tracing::warn!(
+                sink = %self.name,
+                ticket = %ticket.fingerprint,
+                version = ticket.version,
+                "slack: this version was already resent in doubt; not posting it again"
+            );
+            return Ok(posted);
+        }
         let body = message(ticket, Event::of(&delivery));
         let request = self
             .http
@@ -170,11 +201,26 @@ impl TicketSink for SlackSink {
             .json(&body);
         // The path of an incoming webhook carries its secret; errors say only which endpoint it was.
         let what = "POST (incoming webhook)";
+        // No answer at all: it may have posted, so this resend (if it was one) stays counted.
         let answer = send(&self.name, what, request).await?;
         if !answer.success() {
+            // A 4xx (429 included) posted nothing, so a later resend is not a copy; a 5xx may have posted.
+            if answer.status < 500 {
+                self.forget(&version);
+            }
             return Err(answer.error(&self.name, what));
         }
-        Ok(json!({"posted": ticket.version}))
+        self.forget(&version);
+        Ok(posted)
+    }
+}
+
+impl SlackSink {
+    fn forget(&self, version: &(String, i64)) {
+        self.resent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(version);
     }
 }
 
