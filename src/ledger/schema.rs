@@ -70,6 +70,112 @@ const COUNTERS_DESCRIPTION: &str =
 /// events by the id the sequence hands out. One index write and its WAL record less per event.
 const LINEAGE_KEY_DESCRIPTION: &str = "lineage read through its record index only";
 
+/// The SQLite counter triggers of version 4, with the test of a waiting state passed in: version 4 wrote it as
+/// an `IN` list, version 9 as comparisons (see `sqlite_pending!`). One text for both, so they cannot drift.
+macro_rules! sqlite_counter_triggers {
+    ($new_pending:expr, $old_pending:expr) => {
+        [
+            concat!("CREATE TRIGGER records_counted_insert AFTER INSERT ON records BEGIN
+                INSERT INTO ledger_counters (flow, counter, shard, value)
+                SELECT NEW.flow, column1, 0, column2 FROM (VALUES
+                    ('records', 1),
+                    ('received', NEW.generation),
+                    ('delivered', NEW.state = 'delivered'),
+                    ('failed', NEW.first_failure_at IS NOT NULL),
+                    ('retried', NEW.retries),
+                    ('dead_lettered', NEW.state = 'dead_lettered'),
+                    ('held', NEW.state = 'held'),
+                    ('pending', ", $new_pending, "),
+                    ('mttr_sum_ms', CASE WHEN NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL
+                        THEN COALESCE(NEW.delivered_at - NEW.first_failure_at, 0) ELSE 0 END),
+                    ('mttr_count', NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL))
+                WHERE column2 <> 0
+                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value;
+                INSERT INTO ledger_window (flow, minute, counter, shard, value)
+                SELECT NEW.flow, NEW.received_at / 60000, 'received', 0, NEW.generation WHERE true
+                ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
+            END"),
+            concat!("CREATE TRIGGER records_counted_update
+            AFTER UPDATE OF state, generation, first_failure_at, retries, delivered_at ON records BEGIN
+                INSERT INTO ledger_counters (flow, counter, shard, value)
+                SELECT NEW.flow, column1, 0, column2 FROM (VALUES
+                    ('received', NEW.generation - OLD.generation),
+                    ('delivered', (NEW.state = 'delivered') - (OLD.state = 'delivered')),
+                    ('failed', (NEW.first_failure_at IS NOT NULL) - (OLD.first_failure_at IS NOT NULL)),
+                    ('retried', NEW.retries - OLD.retries),
+                    ('dead_lettered', (NEW.state = 'dead_lettered') - (OLD.state = 'dead_lettered')),
+                    ('held', (NEW.state = 'held') - (OLD.state = 'held')),
+                    ('pending', (", $new_pending, ")
+                        - (", $old_pending, ")),
+                    ('mttr_sum_ms', CASE WHEN NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL
+                        THEN COALESCE(NEW.delivered_at - NEW.first_failure_at, 0) ELSE 0 END
+                        - CASE WHEN OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL
+                        THEN COALESCE(OLD.delivered_at - OLD.first_failure_at, 0) ELSE 0 END),
+                    ('mttr_count', (NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL)
+                        - (OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL)))
+                WHERE column2 <> 0
+                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value;
+                INSERT INTO ledger_counters (flow, counter, shard, value)
+                SELECT NEW.flow, 'last_delivery_at', 0, NEW.delivered_at
+                WHERE NEW.delivered_at IS NOT NULL AND NEW.delivered_at IS NOT OLD.delivered_at
+                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = MAX(value, excluded.value);
+                INSERT INTO ledger_window (flow, minute, counter, shard, value)
+                SELECT NEW.flow, NEW.received_at / 60000, 'received', 0, NEW.generation - OLD.generation
+                WHERE NEW.generation > OLD.generation
+                ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
+                INSERT INTO ledger_window (flow, minute, counter, shard, value)
+                SELECT NEW.flow, NEW.first_failure_at / 60000, 'failed', 0, 1
+                WHERE OLD.first_failure_at IS NULL AND NEW.first_failure_at IS NOT NULL
+                ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
+            END"),
+            concat!("CREATE TRIGGER records_counted_delete AFTER DELETE ON records BEGIN
+                INSERT INTO ledger_counters (flow, counter, shard, value)
+                SELECT OLD.flow, column1, 0, -column2 FROM (VALUES
+                    ('records', 1),
+                    ('received', OLD.generation),
+                    ('delivered', OLD.state = 'delivered'),
+                    ('failed', OLD.first_failure_at IS NOT NULL),
+                    ('retried', OLD.retries),
+                    ('dead_lettered', OLD.state = 'dead_lettered'),
+                    ('held', OLD.state = 'held'),
+                    ('pending', ", $old_pending, "),
+                    ('mttr_sum_ms', CASE WHEN OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL
+                        THEN COALESCE(OLD.delivered_at - OLD.first_failure_at, 0) ELSE 0 END),
+                    ('mttr_count', OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL))
+                WHERE column2 <> 0
+                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value;
+            END"),
+        ]
+    };
+}
+
+const SQLITE_COUNTER_TRIGGERS_V4: [&str; 3] = sqlite_counter_triggers!(
+    "NEW.state IN ('received', 'validated', 'retry_scheduled', 'delivering')",
+    "OLD.state IN ('received', 'validated', 'retry_scheduled', 'delivering')"
+);
+const SQLITE_COUNTER_TRIGGERS_V9: [&str; 3] =
+    sqlite_counter_triggers!(sqlite_pending!("NEW."), sqlite_pending!("OLD."));
+
+/// Version 9 on SQLite: the waiting-state test as comparisons in the partial indexes and counter triggers.
+const SQLITE_PENDING_STATEMENTS: [&str; 10] = [
+    "DROP INDEX records_due",
+    concat!(
+        "CREATE INDEX records_due ON records (flow, next_attempt_at) WHERE ",
+        sqlite_pending!()
+    ),
+    "DROP INDEX records_pending_age",
+    concat!(
+        "CREATE INDEX records_pending_age ON records (flow, received_at) WHERE ",
+        sqlite_pending!()
+    ),
+    "DROP TRIGGER records_counted_insert",
+    "DROP TRIGGER records_counted_update",
+    "DROP TRIGGER records_counted_delete",
+    SQLITE_COUNTER_TRIGGERS_V9[0],
+    SQLITE_COUNTER_TRIGGERS_V9[1],
+    SQLITE_COUNTER_TRIGGERS_V9[2],
+];
+
 /// The oldest waiting record in one index probe (`ORDER BY received_at LIMIT 1` over the pending rows).
 const PENDING_AGE_INDEX: &str = "CREATE INDEX records_pending_age ON records (flow, received_at) \
     WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')";
@@ -489,76 +595,9 @@ pub(crate) const SQLITE: &[Migration] = &[
             "ALTER TABLE records ADD COLUMN outcome TEXT",
             "ALTER TABLE records ADD COLUMN purged_at INTEGER",
             PURGEABLE_INDEX,
-            "CREATE TRIGGER records_counted_insert AFTER INSERT ON records BEGIN
-                INSERT INTO ledger_counters (flow, counter, shard, value)
-                SELECT NEW.flow, column1, 0, column2 FROM (VALUES
-                    ('records', 1),
-                    ('received', NEW.generation),
-                    ('delivered', NEW.state = 'delivered'),
-                    ('failed', NEW.first_failure_at IS NOT NULL),
-                    ('retried', NEW.retries),
-                    ('dead_lettered', NEW.state = 'dead_lettered'),
-                    ('held', NEW.state = 'held'),
-                    ('pending', NEW.state IN ('received', 'validated', 'retry_scheduled', 'delivering')),
-                    ('mttr_sum_ms', CASE WHEN NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL
-                        THEN COALESCE(NEW.delivered_at - NEW.first_failure_at, 0) ELSE 0 END),
-                    ('mttr_count', NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL))
-                WHERE column2 <> 0
-                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value;
-                INSERT INTO ledger_window (flow, minute, counter, shard, value)
-                SELECT NEW.flow, NEW.received_at / 60000, 'received', 0, NEW.generation WHERE true
-                ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
-            END",
-            "CREATE TRIGGER records_counted_update
-            AFTER UPDATE OF state, generation, first_failure_at, retries, delivered_at ON records BEGIN
-                INSERT INTO ledger_counters (flow, counter, shard, value)
-                SELECT NEW.flow, column1, 0, column2 FROM (VALUES
-                    ('received', NEW.generation - OLD.generation),
-                    ('delivered', (NEW.state = 'delivered') - (OLD.state = 'delivered')),
-                    ('failed', (NEW.first_failure_at IS NOT NULL) - (OLD.first_failure_at IS NOT NULL)),
-                    ('retried', NEW.retries - OLD.retries),
-                    ('dead_lettered', (NEW.state = 'dead_lettered') - (OLD.state = 'dead_lettered')),
-                    ('held', (NEW.state = 'held') - (OLD.state = 'held')),
-                    ('pending', (NEW.state IN ('received', 'validated', 'retry_scheduled', 'delivering'))
-                        - (OLD.state IN ('received', 'validated', 'retry_scheduled', 'delivering'))),
-                    ('mttr_sum_ms', CASE WHEN NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL
-                        THEN COALESCE(NEW.delivered_at - NEW.first_failure_at, 0) ELSE 0 END
-                        - CASE WHEN OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL
-                        THEN COALESCE(OLD.delivered_at - OLD.first_failure_at, 0) ELSE 0 END),
-                    ('mttr_count', (NEW.state = 'delivered' AND NEW.first_failure_at IS NOT NULL)
-                        - (OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL)))
-                WHERE column2 <> 0
-                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value;
-                INSERT INTO ledger_counters (flow, counter, shard, value)
-                SELECT NEW.flow, 'last_delivery_at', 0, NEW.delivered_at
-                WHERE NEW.delivered_at IS NOT NULL AND NEW.delivered_at IS NOT OLD.delivered_at
-                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = MAX(value, excluded.value);
-                INSERT INTO ledger_window (flow, minute, counter, shard, value)
-                SELECT NEW.flow, NEW.received_at / 60000, 'received', 0, NEW.generation - OLD.generation
-                WHERE NEW.generation > OLD.generation
-                ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
-                INSERT INTO ledger_window (flow, minute, counter, shard, value)
-                SELECT NEW.flow, NEW.first_failure_at / 60000, 'failed', 0, 1
-                WHERE OLD.first_failure_at IS NULL AND NEW.first_failure_at IS NOT NULL
-                ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
-            END",
-            "CREATE TRIGGER records_counted_delete AFTER DELETE ON records BEGIN
-                INSERT INTO ledger_counters (flow, counter, shard, value)
-                SELECT OLD.flow, column1, 0, -column2 FROM (VALUES
-                    ('records', 1),
-                    ('received', OLD.generation),
-                    ('delivered', OLD.state = 'delivered'),
-                    ('failed', OLD.first_failure_at IS NOT NULL),
-                    ('retried', OLD.retries),
-                    ('dead_lettered', OLD.state = 'dead_lettered'),
-                    ('held', OLD.state = 'held'),
-                    ('pending', OLD.state IN ('received', 'validated', 'retry_scheduled', 'delivering')),
-                    ('mttr_sum_ms', CASE WHEN OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL
-                        THEN COALESCE(OLD.delivered_at - OLD.first_failure_at, 0) ELSE 0 END),
-                    ('mttr_count', OLD.state = 'delivered' AND OLD.first_failure_at IS NOT NULL))
-                WHERE column2 <> 0
-                ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value;
-            END",
+            SQLITE_COUNTER_TRIGGERS_V4[0],
+            SQLITE_COUNTER_TRIGGERS_V4[1],
+            SQLITE_COUNTER_TRIGGERS_V4[2],
             "CREATE TRIGGER interventions_counted_insert AFTER INSERT ON interventions BEGIN
                 INSERT INTO ledger_counters (flow, counter, shard, value)
                 VALUES (NEW.flow, 'manual_interventions', 0, 1)
@@ -600,8 +639,9 @@ pub(crate) const SQLITE: &[Migration] = &[
     Migration {
         version: 9,
         description: LINEAGE_KEY_DESCRIPTION,
-        // SQLite's lineage id is the table's rowid: its primary key costs no index of its own.
-        statements: &[],
+        // SQLite's lineage id is the table's rowid: its primary key costs no index of its own. What SQLite
+        // spent per record instead was the waiting-state test (`SQLITE_PENDING_STATEMENTS`).
+        statements: &SQLITE_PENDING_STATEMENTS,
     },
 ];
 

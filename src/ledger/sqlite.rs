@@ -52,8 +52,9 @@ use super::{
 };
 use chrono::{DateTime, Utc};
 
-/// States a record waits in; the same list as the `records_due` index, so the planner can use it.
-const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
+/// "A state a record waits in", word for word as the `records_due` and `records_pending_age` indexes say it
+/// (schema version 9), so the planner can use them.
+const PENDING: &str = sqlite_pending!();
 
 /// The newest kept payloads of a flow. `CROSS JOIN` fixes the join order in SQLite: the payloads' rowid (the
 /// record id) is walked backwards and each record is one primary-key probe, so the read stops after `limit`
@@ -1064,7 +1065,7 @@ fn claim_on(
     {
         // The write lock taken by BEGIN IMMEDIATE makes the select and the updates one atomic claim.
         let select = format!(
-            "SELECT id, state, lease_owner FROM records WHERE flow = ?1 {} AND state IN {PENDING} \
+            "SELECT id, state, lease_owner FROM records WHERE flow = ?1 {} AND {PENDING} \
              AND next_attempt_at <= ?2 AND (lease_expires_at IS NULL OR lease_expires_at <= ?2) \
              ORDER BY next_attempt_at, id LIMIT ?3",
             bucket_filter(buckets)
@@ -1139,6 +1140,19 @@ fn claim_on(
     records.into_iter().map(RecordRow::into_claimed).collect()
 }
 
+/// A completion, one record: the statement every record delivered runs once. It fires the counter trigger and
+/// updates the partial indexes, so none of its tests may be an `IN` list SQLite would build a temporary index
+/// for on every run (see `sqlite_pending!`).
+const COMPLETE: &str = "UPDATE records SET state = COALESCE(?1, claimed_from, 'received'), claimed_from = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE(?2, next_attempt_at), \
+                 last_error = COALESCE(?3, last_error), last_error_class = COALESCE(?4, last_error_class), \
+                 dead_letter_reason = COALESCE(?5, dead_letter_reason), erp_response = COALESCE(?6, erp_response), \
+                 hold_rule = COALESCE(?7, hold_rule), hold_role = COALESCE(?8, hold_role), retries = retries + ?9, \
+                 first_failure_at = CASE WHEN ?10 THEN COALESCE(first_failure_at, ?11) ELSE first_failure_at END, \
+                 delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11, \
+                 ticket = CASE WHEN ?1 = 'delivered' OR ?1 = 'dead_lettered' OR ?1 = 'held' THEN ?16 ELSE ticket END \
+                 WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'";
+
 fn complete_on(
     conn: &mut Connection,
     flow: &str,
@@ -1152,19 +1166,7 @@ fn complete_on(
         .map_err(&err)?;
     let mut results = Vec::with_capacity(completions.len());
     {
-        let mut apply = tx
-            .prepare_cached(
-                "UPDATE records SET state = COALESCE(?1, claimed_from, 'received'), claimed_from = NULL, \
-                 lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE(?2, next_attempt_at), \
-                 last_error = COALESCE(?3, last_error), last_error_class = COALESCE(?4, last_error_class), \
-                 dead_letter_reason = COALESCE(?5, dead_letter_reason), erp_response = COALESCE(?6, erp_response), \
-                 hold_rule = COALESCE(?7, hold_rule), hold_role = COALESCE(?8, hold_role), retries = retries + ?9, \
-                 first_failure_at = CASE WHEN ?10 THEN COALESCE(first_failure_at, ?11) ELSE first_failure_at END, \
-                 delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11, \
-                 ticket = CASE WHEN ?1 IN ('delivered', 'dead_lettered', 'held') THEN ?16 ELSE ticket END \
-                 WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'",
-            )
-            .map_err(&err)?;
+        let mut apply = tx.prepare_cached(COMPLETE).map_err(&err)?;
         let mut snapshot = tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) \
@@ -1635,7 +1637,7 @@ fn kept_on(
 /// The receipt time of the oldest waiting record: one probe of the `records_pending_age` index.
 fn oldest_pending_on(conn: &Connection, flow: &str) -> Result<Option<i64>> {
     conn.prepare_cached(&format!(
-        "SELECT received_at FROM records WHERE flow = ?1 AND state IN {PENDING} \
+        "SELECT received_at FROM records WHERE flow = ?1 AND {PENDING} \
          ORDER BY received_at LIMIT 1"
     ))
     .and_then(|mut s| s.query_row([flow], |r| r.get(0)).optional())
@@ -1790,8 +1792,8 @@ fn recount_on(conn: &Connection, flow: &str, now: i64) -> Result<Counts> {
             "SELECT COUNT(*), COALESCE(SUM(generation), 0), COALESCE(SUM(state = 'delivered'), 0), \
              COALESCE(SUM(first_failure_at IS NOT NULL), 0), COALESCE(SUM(retries), 0), \
              COALESCE(SUM(state = 'dead_lettered'), 0), COALESCE(SUM(state = 'held'), 0), \
-             COALESCE(SUM(state IN {PENDING}), 0), \
-             MIN(CASE WHEN state IN {PENDING} THEN received_at END), MAX(delivered_at), \
+             COALESCE(SUM({PENDING}), 0), \
+             MIN(CASE WHEN {PENDING} THEN received_at END), MAX(delivered_at), \
              AVG(CASE WHEN state = 'delivered' AND first_failure_at IS NOT NULL \
                  THEN CAST(delivered_at - first_failure_at AS REAL) END) \
              FROM records WHERE flow = ?1"
@@ -2518,6 +2520,84 @@ impl Ledger for SqliteLedger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The opcodes of a statement as prepared on a migrated ledger.
+    fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut statement = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+        let unbound = statement.parameter_count();
+        statement
+            .query_map(
+                rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, unbound)),
+                |row| row.get::<_, String>(1),
+            )
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_completion_builds_no_temporary_index_and_waiting_records_are_found_by_the_partial_indexes()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let ledger = SqliteLedger::open(&path, "f", Arc::new(super::super::SystemClock))
+            .await
+            .unwrap();
+        ledger.close().await;
+        let conn = Connection::open(&path).unwrap();
+        // The completion, its counter trigger's program and the partial indexes' predicates are all coded
+        // in the statement's program: an `IN` list of three or more states would show as `OpenEphemeral`.
+        let completion = opcodes(&conn, COMPLETE);
+        assert!(
+            completion.iter().any(|op| op == "Program"),
+            "the counter trigger fires"
+        );
+        assert!(
+            !completion.iter().any(|op| op == "OpenEphemeral"),
+            "{completion:?}"
+        );
+        let mut insert = conn
+            .prepare(
+                "EXPLAIN INSERT INTO records (flow, source_key, idempotency_key, generation, payload_hash, \
+                 contract_version, state, bucket, correlation_id, next_attempt_at, received_at, updated_at) \
+                 VALUES ('f', 'k', 'i', 1, 'h', '1', 'received', 0, 'c', 0, 0, 0)",
+            )
+            .unwrap();
+        let insert: Vec<String> = insert
+            .query_map([], |row| row.get::<_, String>(1))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(!insert.iter().any(|op| op == "OpenEphemeral"), "{insert:?}");
+        for (sql, index) in [
+            (
+                format!(
+                    "SELECT id FROM records WHERE flow = 'f' AND {PENDING} AND next_attempt_at <= 5 \
+                     ORDER BY next_attempt_at, id LIMIT 10"
+                ),
+                "records_due",
+            ),
+            (
+                format!(
+                    "SELECT received_at FROM records WHERE flow = 'f' AND {PENDING} ORDER BY received_at LIMIT 1"
+                ),
+                "records_pending_age",
+            ),
+        ] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([], |row| row.get::<_, String>(3))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let plan = plan.join("; ");
+            assert!(
+                plan.contains(&format!("USING INDEX {index}")),
+                "{sql}: {plan}"
+            );
+        }
+    }
 
     #[tokio::test]
     async fn the_replay_read_walks_the_payloads_backwards_without_sorting() {
