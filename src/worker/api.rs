@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::pipeline::Pipeline;
-use crate::ledger::{RecordId, RecordState, RecordView};
+use crate::ledger::{HeldAsSeen, RecordId, RecordState, RecordView};
 
 /// Shared state of the API.
 #[derive(Clone)]
@@ -301,6 +301,16 @@ async fn refresh_ticket_gauges(state: &ApiState) {
                     kind: kind.label().into(),
                 })
                 .set(to_i64(n));
+        }
+    }
+    if let Ok(whole) = ledger.ticket_flow_measures().await {
+        g.flow_opened.set(to_i64(whole.opened));
+        g.flow_resolved.set(to_i64(whole.resolved));
+        if let Some(s) = whole.mean_time_to_acknowledge_seconds {
+            g.flow_time_to_acknowledge.set(s);
+        }
+        if let Some(s) = whole.mean_time_to_resolve_seconds {
+            g.flow_time_to_resolve.set(s);
         }
     }
     if let Ok(measures) = ledger.ticket_measures().await {
@@ -749,8 +759,14 @@ fn guard(state: &ApiState, headers: &HeaderMap, actor: &str) -> Option<Response>
 }
 
 fn ledger_error(e: crate::ledger::LedgerError) -> Response {
+    use crate::ledger::LedgerError;
     let text = e.to_string();
-    let status = if text.contains("not found") || text.contains("no record") {
+    let status = if let LedgerError::HoldChanged { .. } | LedgerError::IllegalTransition { .. } = e {
+        // The record moved on under the caller: its request was sound, the record is not what it was.
+        StatusCode::CONFLICT
+    } else if let LedgerError::NotFound { .. } | LedgerError::TicketNotFound { .. } = e {
+        StatusCode::NOT_FOUND
+    } else if text.contains("not found") || text.contains("no record") {
         StatusCode::NOT_FOUND
     } else if text.contains("state") || text.contains("transition") {
         StatusCode::CONFLICT
@@ -995,14 +1011,23 @@ async fn decide(
         };
         return refuse_decision(state, id, action, refusal).await;
     }
+    // What was checked above is what the ledger decides on, or it refuses (a new generation may have
+    // arrived and been held for another role since the read).
+    let seen = HeldAsSeen::of(&held);
     let (result, done) = if action == "approve" {
         (
-            pipeline.ledger.approve_held(id, &owner.id, reason).await,
+            pipeline
+                .ledger
+                .approve_held(id, &seen, &owner.id, reason)
+                .await,
             json!({ "record": id.0, "state": "validated", "approvedBy": owner.id }),
         )
     } else {
         (
-            pipeline.ledger.reject_held(id, &owner.id, reason).await,
+            pipeline
+                .ledger
+                .reject_held(id, &seen, &owner.id, reason)
+                .await,
             json!({ "record": id.0, "state": "dead_lettered", "rejectedBy": owner.id }),
         )
     };
@@ -1084,6 +1109,28 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
+    }
+
+    #[tokio::test]
+    async fn a_decision_on_a_hold_that_changed_underneath_is_a_conflict_naming_the_record() {
+        let changed = crate::ledger::LedgerError::HoldChanged {
+            flow: "closed-won".into(),
+            record: RecordId(42),
+            changed: "generation 1 is now generation 2, held for role financeOwner".into(),
+        };
+        let response = ledger_error(changed);
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("record 42")
+                && message.contains("generation 1 is now generation 2")
+                && message.contains("nothing was decided"),
+            "{body}"
+        );
     }
 
     #[test]
