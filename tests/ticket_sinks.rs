@@ -947,7 +947,11 @@ async fn jira_refusals_and_outages_are_told_apart() {
         .await;
     let err = deliver(&*sink, &open, None, false).await.unwrap_err();
     assert_eq!((err.status, err.retryable), (Some(400), false), "{err:?}");
-    assert_eq!(err.refusal(), Some(400), "a refusal: the sink is failing at once");
+    assert_eq!(
+        err.refusal(),
+        Some(400),
+        "a refusal: the sink is failing at once"
+    );
     assert!(
         err.message.contains("valid project is required"),
         "{}",

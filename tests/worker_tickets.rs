@@ -1318,7 +1318,9 @@ async fn a_sink_refusing_its_one_ticket_is_reported_failing_after_that_one_answe
     assert_eq!(failing["consecutiveFailures"], 1, "{failing}");
     assert_eq!(failing["pending"], 1, "{failing}");
     assert!(
-        failing["message"].as_str().is_some_and(|m| m.contains("400")),
+        failing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("400")),
         "{failing}"
     );
     assert_eq!(

@@ -25,17 +25,17 @@ use super::schema::{self, SCHEMA_VERSION};
 use super::tickets::{self, TicketRow, TimesDelta, postgres_param};
 use super::{
     ATTENTION, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionResult, Counts,
-    CountsRow, DEAD_LETTERS_PURGED, TICKET_OCCURRENCES_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
+    CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
     Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED,
     PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
-    RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow, add_events,
-    assemble_counts, assemble_detail, compact_outcome, completion_params, counts_from_kept,
-    lease_ms, prepare, retention_cutoff, rounds, stale_detail, tie_detail, to_time,
-    window_start_minute,
+    RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow,
+    TICKET_OCCURRENCES_PURGED, add_events, assemble_counts, assemble_detail, compact_outcome,
+    completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, rounds, stale_detail,
+    tie_detail, to_time, window_start_minute,
 };
 use super::{
-    DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException, TicketAssignment, TicketRecord,
-    TicketSinkHealth,
+    DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
+    TicketAssignment, TicketRecord, TicketSinkHealth,
 };
 use super::{
     REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally, owner_prefix_pattern,
@@ -599,9 +599,14 @@ impl PostgresLedger {
         let hold_role: Option<String> = row.get("hold_role");
         // The row is locked until this transaction ends: an ingest of a new generation waits for it, so what
         // is compared here is what the update below changes.
-        if let Some(changed) =
-            super::hold_changed(&self.flow, id, seen, generation, &state, hold_role.as_deref())
-        {
+        if let Some(changed) = super::hold_changed(
+            &self.flow,
+            id,
+            seen,
+            generation,
+            &state,
+            hold_role.as_deref(),
+        ) {
             return Err(changed);
         }
         let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {

@@ -33,17 +33,18 @@ use super::schema::{self, SCHEMA_VERSION};
 use super::tickets::{self, TicketRow, TimesDelta, sqlite_param};
 use super::{
     ATTENTION, BackendError, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionParams,
-    CompletionResult, Counts, CountsRow, DEAD_LETTERS_PURGED, TICKET_OCCURRENCES_PURGED, IncomingRecord, IngestOutcome,
+    CompletionResult, Counts, CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome,
     InterventionRow, LeaseRequest, Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction,
     NewLineageEvent, PAYLOADS_PURGED, PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail,
     RecordId, RecordRow, RecordState, RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS,
-    SnapshotRow, add_events, assemble_counts, assemble_detail, attention_filter,
-    check_replay_limit, compact_outcome, completion_params, counts_from_kept, lease_ms,
-    parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time, window_start_minute,
+    SnapshotRow, TICKET_OCCURRENCES_PURGED, add_events, assemble_counts, assemble_detail,
+    attention_filter, check_replay_limit, compact_outcome, completion_params, counts_from_kept,
+    lease_ms, parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time,
+    window_start_minute,
 };
 use super::{
-    DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException, TicketAssignment, TicketRecord,
-    TicketSinkHealth,
+    DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
+    TicketAssignment, TicketRecord, TicketSinkHealth,
 };
 use super::{
     Outcome, REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally,

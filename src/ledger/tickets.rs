@@ -980,7 +980,11 @@ mod tests {
         };
         let health = sink_health(vec![
             row(2, 0, "503 Service Unavailable"),
-            row(1, 403, "403 Forbidden: the token may not create issues in OPS"),
+            row(
+                1,
+                403,
+                "403 Forbidden: the token may not create issues in OPS",
+            ),
         ]);
         assert_eq!(health[0].refused, Some(403));
         assert_eq!(health[0].consecutive_failures, 3);

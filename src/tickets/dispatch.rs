@@ -482,9 +482,7 @@ pub fn summary(
         mean_time_to_acknowledge_seconds: whole
             .mean_time_to_acknowledge_seconds
             .map(|s| s.round() as i64),
-        mean_time_to_resolve_seconds: whole
-            .mean_time_to_resolve_seconds
-            .map(|s| s.round() as i64),
+        mean_time_to_resolve_seconds: whole.mean_time_to_resolve_seconds.map(|s| s.round() as i64),
         owners: measures
             .iter()
             .take(100)

@@ -761,7 +761,8 @@ fn guard(state: &ApiState, headers: &HeaderMap, actor: &str) -> Option<Response>
 fn ledger_error(e: crate::ledger::LedgerError) -> Response {
     use crate::ledger::LedgerError;
     let text = e.to_string();
-    let status = if let LedgerError::HoldChanged { .. } | LedgerError::IllegalTransition { .. } = e {
+    let status = if let LedgerError::HoldChanged { .. } | LedgerError::IllegalTransition { .. } = e
+    {
         // The record moved on under the caller: its request was sound, the record is not what it was.
         StatusCode::CONFLICT
     } else if let LedgerError::NotFound { .. } | LedgerError::TicketNotFound { .. } = e {

@@ -26,7 +26,11 @@ pub const LEASE: Duration = Duration::from_secs(30);
 
 /// What an approver checks of a held record before deciding: its generation and hold role as they are now.
 pub async fn as_seen(ledger: &dyn Ledger, id: ledger::RecordId) -> ledger::HeldAsSeen {
-    let detail = ledger.get(id).await.unwrap().expect("the record is in the ledger");
+    let detail = ledger
+        .get(id)
+        .await
+        .unwrap()
+        .expect("the record is in the ledger");
     ledger::HeldAsSeen::of(&detail.record)
 }
 
@@ -739,11 +743,21 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     let (approve, reject) = (claimed[0].claim.id, claimed[1].claim.id);
 
     ledger
-        .approve_held(approve, &as_seen(ledger.as_ref(), approve).await, "cfo@example.com", "strategic account")
+        .approve_held(
+            approve,
+            &as_seen(ledger.as_ref(), approve).await,
+            "cfo@example.com",
+            "strategic account",
+        )
         .await
         .unwrap();
     ledger
-        .reject_held(reject, &as_seen(ledger.as_ref(), reject).await, "cfo@example.com", "discount not agreed")
+        .reject_held(
+            reject,
+            &as_seen(ledger.as_ref(), reject).await,
+            "cfo@example.com",
+            "discount not agreed",
+        )
         .await
         .unwrap();
 
@@ -781,7 +795,12 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     assert_eq!(next[0].approved_by.as_deref(), Some("cfo@example.com"));
     // Approving something that is not held is an illegal transition, and changes nothing.
     let refused = ledger
-        .approve_held(reject, &as_seen(ledger.as_ref(), reject).await, "cfo@example.com", "changed my mind")
+        .approve_held(
+            reject,
+            &as_seen(ledger.as_ref(), reject).await,
+            "cfo@example.com",
+            "changed my mind",
+        )
         .await;
     let Err(error) = refused else {
         panic!("approving a dead letter must fail")
@@ -1542,11 +1561,21 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         .await
         .unwrap();
     ledger
-        .approve_held(holds[0].id, &as_seen(ledger.as_ref(), holds[0].id).await, "cfo@example.com", "ok")
+        .approve_held(
+            holds[0].id,
+            &as_seen(ledger.as_ref(), holds[0].id).await,
+            "cfo@example.com",
+            "ok",
+        )
         .await
         .unwrap();
     ledger
-        .reject_held(holds[1].id, &as_seen(ledger.as_ref(), holds[1].id).await, "cfo@example.com", "no")
+        .reject_held(
+            holds[1].id,
+            &as_seen(ledger.as_ref(), holds[1].id).await,
+            "cfo@example.com",
+            "no",
+        )
         .await
         .unwrap();
     let dead = ledger
@@ -1778,7 +1807,12 @@ pub async fn dead_letters_are_purged_after_their_retention(fixture: Fixture) {
     };
     ledger.complete(claimed[1].claim, hold).await.unwrap();
     ledger
-        .reject_held(claimed[1].claim.id, &as_seen(ledger.as_ref(), claimed[1].claim.id).await, "cfo@example.com", "not agreed")
+        .reject_held(
+            claimed[1].claim.id,
+            &as_seen(ledger.as_ref(), claimed[1].claim.id).await,
+            "cfo@example.com",
+            "not agreed",
+        )
         .await
         .unwrap();
     clock.advance(Duration::from_secs(10 * 24 * 3600));

@@ -172,9 +172,22 @@ pub async fn holds_open_one_ticket_per_rule_and_a_rejected_hold_moves_to_a_dead_
         .filter(|r| r.source_key.starts_with('h'))
         .map(|r| r.id)
         .collect();
-    ledger.approve_held(ids[0], &as_seen(ledger.as_ref(), ids[0]).await, "cfo", "agreed").await.unwrap();
     ledger
-        .reject_held(ids[1], &as_seen(ledger.as_ref(), ids[1]).await, "cfo", "not agreed")
+        .approve_held(
+            ids[0],
+            &as_seen(ledger.as_ref(), ids[0]).await,
+            "cfo",
+            "agreed",
+        )
+        .await
+        .unwrap();
+    ledger
+        .reject_held(
+            ids[1],
+            &as_seen(ledger.as_ref(), ids[1]).await,
+            "cfo",
+            "not agreed",
+        )
         .await
         .unwrap();
     let rejected = fingerprint(
@@ -649,18 +662,27 @@ pub async fn flow_wide_ticket_measures_are_exact_over_every_occurrence_not_summe
     let step = |s: u64| clock.advance(Duration::from_secs(s));
     // ana: A acknowledged after 60 s and resolved after 300 s; E resolved after 100 s.
     let a = ledger.raise_exception(cause("a")).await.unwrap();
-    ledger.assign_ticket(&a, &assignment("ana", &[])).await.unwrap();
+    ledger
+        .assign_ticket(&a, &assignment("ana", &[]))
+        .await
+        .unwrap();
     step(60);
     ledger.acknowledge_ticket(&a, "ana").await.unwrap();
     step(240);
     ledger.clear_exception(&a).await.unwrap();
     let e = ledger.raise_exception(cause("e")).await.unwrap();
-    ledger.assign_ticket(&e, &assignment("ana", &[])).await.unwrap();
+    ledger
+        .assign_ticket(&e, &assignment("ana", &[]))
+        .await
+        .unwrap();
     step(100);
     ledger.clear_exception(&e).await.unwrap();
     // bob: B acknowledged after 600 s and resolved after 1200 s; F still open.
     let b = ledger.raise_exception(cause("b")).await.unwrap();
-    ledger.assign_ticket(&b, &assignment("bob", &[])).await.unwrap();
+    ledger
+        .assign_ticket(&b, &assignment("bob", &[]))
+        .await
+        .unwrap();
     step(600);
     ledger.acknowledge_ticket(&b, "bob").await.unwrap();
     step(600);
@@ -670,7 +692,10 @@ pub async fn flow_wide_ticket_measures_are_exact_over_every_occurrence_not_summe
     step(30);
     ledger.clear_exception(&d).await.unwrap();
     let f = ledger.raise_exception(cause("f")).await.unwrap();
-    ledger.assign_ticket(&f, &assignment("bob", &[])).await.unwrap();
+    ledger
+        .assign_ticket(&f, &assignment("bob", &[]))
+        .await
+        .unwrap();
 
     let owners = ledger.ticket_measures().await.unwrap();
     let of = |id: &str| owners.iter().find(|m| m.owner == id).unwrap();
@@ -683,7 +708,10 @@ pub async fn flow_wide_ticket_measures_are_exact_over_every_occurrence_not_summe
         (1, Some(1200.0))
     );
     let assigned: u64 = owners.iter().map(|m| m.opened).sum();
-    assert_eq!(assigned, 4, "the owners' rows count only assigned occurrences");
+    assert_eq!(
+        assigned, 4,
+        "the owners' rows count only assigned occurrences"
+    );
 
     let whole = ledger.ticket_flow_measures().await.unwrap();
     assert_eq!(
@@ -748,7 +776,11 @@ pub async fn resolved_tickets_are_purged_after_retention_unless_a_sink_has_yet_t
     clock.advance(2 * day);
     let recent = resolved_and_sent("recent", true).await;
     let gone = ledger.purge_tickets(day, 100).await.unwrap();
-    assert_eq!(gone, [told.clone()], "only the old, resolved and told ticket goes");
+    assert_eq!(
+        gone,
+        std::slice::from_ref(&told),
+        "only the old, resolved and told ticket goes"
+    );
     assert!(ledger.ticket(&told).await.unwrap().is_none());
     for kept in [&untold, &open, &recent] {
         assert!(ledger.ticket(kept).await.unwrap().is_some(), "{kept} kept");
