@@ -126,6 +126,46 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_round_purges_resolved_tickets_past_their_retention_and_keeps_open_ones() {
+        use crate::ledger::{ManualClock, RaisedException, SqliteLedger};
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::starting_at(0);
+        let ledger = SqliteLedger::open(&dir.path().join("ledger.db"), "closed-won", clock.clone())
+            .await
+            .unwrap();
+        let cause = |reason: &str| RaisedException {
+            kind: crate::tickets::ExceptionKind::FlowDegraded,
+            class: Some(crate::api::ErrorClass::FlowLevel),
+            reason: reason.into(),
+            rule: None,
+            summary: "the ERP answers 401".into(),
+        };
+        let resolved = ledger.raise_exception(cause("breaker_open")).await.unwrap();
+        ledger.clear_exception(&resolved).await.unwrap();
+        let open = ledger.raise_exception(cause("sla_breached")).await.unwrap();
+        clock.advance(Duration::from_secs(8 * 24 * 3600));
+        let metrics = Metrics::new("revenue", "closed-won");
+        let (_tx, shutdown) = watch::channel(false);
+        let mut retention = Retention {
+            dead_letters: None,
+            delivered: Some(DEFAULT_DELIVERED_RETENTION),
+            resolved_tickets: None,
+        };
+        let kept = purge_round(&ledger, &retention, &metrics, &shutdown)
+            .await
+            .unwrap();
+        assert_eq!(kept.tickets, 0, "no ticket retention, nothing purged");
+        retention.resolved_tickets = Some(DEFAULT_DELIVERED_RETENTION);
+        let purged = purge_round(&ledger, &retention, &metrics, &shutdown)
+            .await
+            .unwrap();
+        assert_eq!(purged.tickets, 1);
+        assert!(ledger.ticket(&resolved).await.unwrap().is_none());
+        assert!(ledger.ticket(&open).await.unwrap().is_some());
+        ledger.close().await;
+    }
+
     #[test]
     fn delivered_payloads_are_kept_a_week_and_dead_letters_as_the_flow_says() {
         let flow: crate::api::SyncFlow =
