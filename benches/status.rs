@@ -274,6 +274,7 @@ async fn size_bench() {
     let retention = Retention {
         dead_letters: None,
         delivered: Some(Duration::from_secs(7 * 24 * 3600)),
+        resolved_tickets: None,
     };
     while !opened
         .purge(&retention, 500)

@@ -841,6 +841,11 @@ async fn jira_refusals_and_outages_are_told_apart() {
     );
     let err = deliver(&*sink, &open, None, false).await.unwrap_err();
     assert_eq!((err.status, err.retryable), (Some(400), false), "{err:?}");
+    assert_eq!(
+        err.refusal(),
+        Some(400),
+        "a refusal: the sink is failing at once"
+    );
     assert!(
         err.message.contains("valid project is required"),
         "{}",
@@ -859,13 +864,11 @@ async fn jira_refusals_and_outages_are_told_apart() {
         (err.retryable, err.retry_after),
         (true, Some(Duration::from_secs(120)))
     );
+    assert_eq!(err.refusal(), None, "an outage counts towards three");
     jira.script_jira(429, &[("retry-after", "5")], "");
-    assert!(
-        deliver(&*sink, &open, None, false)
-            .await
-            .unwrap_err()
-            .retryable
-    );
+    let err = deliver(&*sink, &open, None, false).await.unwrap_err();
+    assert!(err.retryable);
+    assert_eq!(err.refusal(), None, "a rate limit is not a refusal");
     assert_eq!(jira.jira_creates.load(Ordering::SeqCst), 0);
 }
 

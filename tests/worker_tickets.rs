@@ -925,6 +925,50 @@ async fn a_sink_outage_delays_a_ticket_and_a_refusing_sink_is_reported_while_rec
     h.worker.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_refusing_its_one_ticket_is_reported_failing_after_that_one_answer() {
+    // One ticket, one refusal: the backoff would put a third attempt 10 to 20 minutes away, so the sink must
+    // be reported from the first answer.
+    let routes = "[{rule: known-sku, action: escalate, role: sourceOwner, ticketSink: refusing}]";
+    let h = start(routes, &[("refusing", SinkKind::Webhook)], |v| {
+        v.refusing.lock().unwrap().insert("refusing".into());
+    })
+    .await;
+    h.send(vec![unknown_sku(1)]).await;
+
+    let status = h
+        .wait_for("the refusing sink reported", |s| {
+            s["tickets"]["failingSinks"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["sink"] == "refusing"))
+        })
+        .await;
+    let failing = &status["tickets"]["failingSinks"][0];
+    assert_eq!(failing["consecutiveFailures"], 1, "{failing}");
+    assert_eq!(failing["pending"], 1, "{failing}");
+    assert!(
+        failing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("400")),
+        "{failing}"
+    );
+    assert_eq!(
+        h.vendors.attempts.lock().unwrap()["refusing"],
+        1,
+        "reported after one attempt, not after three"
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("meshline_ticket_sink_failing{")
+                && l.contains("sink=\"refusing\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    h.worker.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // 6. The controller's causes
 

@@ -173,6 +173,14 @@ pub struct TicketSummary {
     /// Open or acknowledged tickets.
     pub open: i64,
     pub acknowledged: i64,
+    /// Ticket occurrences opened, acknowledged and resolved, all time, over the whole flow (or the roster's
+    /// flows), whoever had them: the counts the mean times below are taken over.
+    #[serde(default)]
+    pub occurrences_opened: i64,
+    #[serde(default)]
+    pub occurrences_acknowledged: i64,
+    #[serde(default)]
+    pub occurrences_resolved: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mean_time_to_acknowledge_seconds: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

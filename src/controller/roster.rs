@@ -35,8 +35,10 @@ pub fn covered(roster: &OwnershipRoster, flows: &[Arc<SyncFlow>]) -> BTreeSet<St
 
 /// The tickets of the flows a roster covers, together. Counts add up; each owner's mean times are weighted
 /// by the tickets behind them (acknowledged ones for the time to acknowledge, resolved ones for the time to
-/// resolve), so a flow with one quick ticket does not count as much as a flow with fifty slow ones. `None`
-/// when no covered flow reports tickets yet.
+/// resolve), so a flow with one quick ticket does not count as much as a flow with fifty slow ones. The
+/// roster-wide means weigh each flow's own flow-wide means the same way, by its occurrences: the owners'
+/// rows leave out what nobody was assigned, and a status lists at most 100 of them. `None` when no covered
+/// flow reports tickets yet.
 pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
     let summaries: Vec<(&str, &TicketSummary)> = flows
         .iter()
@@ -60,9 +62,16 @@ pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
     let mut owners: std::collections::BTreeMap<String, Sums> = Default::default();
     let mut out = TicketSummary::default();
     let mut oldest = Vec::new();
+    let (mut tta, mut ttr) = (0.0, 0.0);
     for (flow, t) in &summaries {
         out.open += t.open;
         out.acknowledged += t.acknowledged;
+        out.occurrences_opened += t.occurrences_opened;
+        out.occurrences_acknowledged += t.occurrences_acknowledged;
+        out.occurrences_resolved += t.occurrences_resolved;
+        tta += t.mean_time_to_acknowledge_seconds.unwrap_or(0) as f64
+            * t.occurrences_acknowledged as f64;
+        ttr += t.mean_time_to_resolve_seconds.unwrap_or(0) as f64 * t.occurrences_resolved as f64;
         for o in &t.owners {
             let e = owners.entry(o.owner.clone()).or_default();
             e.stats.owner = o.owner.clone();
@@ -86,17 +95,12 @@ pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
         }
     }
     let mean = |sum: f64, n: i64| (n > 0).then(|| (sum / n as f64).round() as i64);
-    let (mut tta, mut ttr, mut acked, mut resolved) = (0.0, 0.0, 0, 0);
     for (_, s) in owners.iter_mut() {
         s.stats.mean_time_to_acknowledge_seconds = mean(s.tta, s.stats.acknowledged);
         s.stats.mean_time_to_resolve_seconds = mean(s.ttr, s.stats.resolved);
-        tta += s.tta;
-        ttr += s.ttr;
-        acked += s.stats.acknowledged;
-        resolved += s.stats.resolved;
     }
-    out.mean_time_to_acknowledge_seconds = mean(tta, acked);
-    out.mean_time_to_resolve_seconds = mean(ttr, resolved);
+    out.mean_time_to_acknowledge_seconds = mean(tta, out.occurrences_acknowledged);
+    out.mean_time_to_resolve_seconds = mean(ttr, out.occurrences_resolved);
     out.owners = owners.into_values().map(|s| s.stats).take(100).collect();
     oldest.sort_by(|a, b| a.opened_at.cmp(&b.opened_at));
     oldest.truncate(10);
@@ -325,6 +329,12 @@ mod tests {
             TicketSummary {
                 open: 2,
                 acknowledged: 1,
+                // Flow a also resolved a ticket nobody was assigned: in its own figures, in no owner's.
+                occurrences_opened: 3,
+                occurrences_acknowledged: 1,
+                occurrences_resolved: 2,
+                mean_time_to_acknowledge_seconds: Some(100),
+                mean_time_to_resolve_seconds: Some(550),
                 owners: vec![owner("dana", 1, 100, 1, 1000)],
                 oldest: vec![OpenTicket {
                     reason: "erp:422".into(),
@@ -338,6 +348,11 @@ mod tests {
             "b",
             TicketSummary {
                 open: 1,
+                occurrences_opened: 4,
+                occurrences_acknowledged: 4,
+                occurrences_resolved: 3,
+                mean_time_to_acknowledge_seconds: Some(390),
+                mean_time_to_resolve_seconds: Some(2000),
                 owners: vec![owner("dana", 3, 500, 3, 2000), owner("sam", 1, 60, 0, 0)],
                 failing_sinks: vec![FailingTicketSink {
                     sink: "jira".into(),
@@ -354,8 +369,17 @@ mod tests {
         assert_eq!(dana.mean_time_to_acknowledge_seconds, Some(400));
         assert_eq!(dana.mean_time_to_resolve_seconds, Some(1750));
         assert_eq!((dana.acknowledged, dana.resolved, dana.open), (4, 4, 2));
-        // Over every owner: (1600 + 60) / 5.
+        // Over the flows' own figures: (1·100 + 4·390) / 5 and (2·550 + 3·2000) / 5.
         assert_eq!(t.mean_time_to_acknowledge_seconds, Some(332));
+        assert_eq!(t.mean_time_to_resolve_seconds, Some(1420));
+        assert_eq!(
+            (
+                t.occurrences_opened,
+                t.occurrences_acknowledged,
+                t.occurrences_resolved
+            ),
+            (7, 5, 5)
+        );
         assert_eq!(t.oldest[0].reason, "a: erp:422");
         assert_eq!(t.failing_sinks.len(), 1);
         assert!(tickets_of(&[]).is_none());

@@ -84,6 +84,17 @@ pub enum LedgerError {
         detail: String,
     },
 
+    #[error(
+        "flow {flow}: record {record} changed since it was checked ({changed}); nothing was decided: look at \
+         the record again and decide on what it is now"
+    )]
+    HoldChanged {
+        flow: String,
+        record: RecordId,
+        /// What differs, e.g. `generation 3 is now 4, held for role finance`.
+        changed: String,
+    },
+
     #[error("flow {flow}: {what}")]
     InvalidInput { flow: String, what: String },
 
@@ -118,6 +129,7 @@ impl LedgerError {
             LedgerError::LeaseLost { .. } => "lease_lost",
             LedgerError::Superseded { .. } => "superseded",
             LedgerError::Corrupt { .. } => "ledger_corrupt",
+            LedgerError::HoldChanged { .. } => "hold_changed",
             LedgerError::InvalidInput { .. } => "invalid_input",
             LedgerError::TicketNotFound { .. } => "ticket_not_found",
             LedgerError::TicketCorrupt { .. } => "ticket_corrupt",

@@ -215,11 +215,26 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     async fn append_lineage(&self, events: Vec<NewLineageEvent>) -> Result<()>;
 
     /// A held record was approved: it becomes `validated` (and remembers the approver), recorded as a
-    /// manual intervention.
-    async fn approve_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()>;
+    /// manual intervention. Only while the record is still the generation and hold role the approver
+    /// checked (`seen`), tested in the transaction that applies it; otherwise nothing changes and the answer
+    /// is [`LedgerError::HoldChanged`] (or [`LedgerError::IllegalTransition`] when it is no longer held).
+    async fn approve_held(
+        &self,
+        id: RecordId,
+        seen: &HeldAsSeen,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()>;
 
-    /// A held record was rejected: it becomes a dead letter, recorded as a manual intervention.
-    async fn reject_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()>;
+    /// A held record was rejected: it becomes a dead letter, recorded as a manual intervention. Conditional
+    /// on `seen` as [`Ledger::approve_held`] is.
+    async fn reject_held(
+        &self,
+        id: RecordId,
+        seen: &HeldAsSeen,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()>;
 
     /// Sends one dead letter back to `validated`, recorded as a manual intervention.
     async fn replay_dead_letter(&self, id: RecordId, actor: &str, reason: &str) -> Result<()>;
@@ -435,12 +450,15 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     ) -> Result<()>;
 
     /// The send failed: one more consecutive failure, the first failure's time kept, due again at
-    /// `next_attempt_at` (the dispatcher's backoff).
+    /// `next_attempt_at` (the dispatcher's backoff). `refused` is the HTTP status when the sink refused the
+    /// ticket (a 4xx other than 408 and 429: its configuration or permissions, which no retry fixes); the
+    /// sink then counts as failing at once ([`TicketSinkHealth::refused`]) until a send to it succeeds.
     async fn fail_ticket_delivery(
         &self,
         fingerprint: &str,
         sink: &str,
         error: &str,
+        refused: Option<u16>,
         next_attempt_at: DateTime<Utc>,
     ) -> Result<()>;
 
@@ -448,9 +466,21 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// itself reported: roster condition, Event, metric).
     async fn ticket_sink_health(&self) -> Result<Vec<TicketSinkHealth>>;
 
+    /// Deletes at most `limit` tickets resolved longer than `older_than` ago, with their outbox rows, in one
+    /// transaction; returns their fingerprints. Never an open or acknowledged ticket, never one that a sink of
+    /// its assignment has not been sent the current version of (the resolution still has to reach it), never
+    /// one a record is still attached to. The measures keep the purged tickets' occurrences: the per-owner
+    /// sums live apart from the tickets, and the flow's count of occurrences is kept as a counter. Should
+    /// the cause come back, it opens a new ticket (version 1), so the sinks open a new issue for it.
+    async fn purge_tickets(&self, older_than: Duration, limit: usize) -> Result<Vec<String>>;
+
     /// Per owner (the assignment's owner when a ticket was acknowledged or resolved): occurrences opened,
     /// acknowledged and resolved, open now, and the exact mean times to acknowledge and to resolve.
     async fn ticket_measures(&self) -> Result<Vec<OwnerTicketMeasures>>;
+
+    /// The flow's tickets as a whole, exact over every occurrence (see [`FlowTicketMeasures`]): what `/status`,
+    /// `/metrics` and the roster's totals report for the flow, instead of adding up the owners' figures.
+    async fn ticket_flow_measures(&self) -> Result<FlowTicketMeasures>;
 
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;
@@ -661,6 +691,44 @@ pub(crate) enum ManualAction {
     Approve,
     Reject,
     Replay,
+}
+
+/// Refuses a decision on a held record that is no longer what its approver checked: another generation, or a
+/// hold for another role. `None` when it still is (or when the action carries no expectation).
+pub(crate) fn hold_changed(
+    flow: &str,
+    id: RecordId,
+    seen: Option<&HeldAsSeen>,
+    generation: i64,
+    state: &str,
+    hold_role: Option<&str>,
+) -> Option<LedgerError> {
+    let seen = seen?;
+    let role = |r: Option<&str>| r.map_or_else(|| "no role".to_string(), |r| format!("role {r}"));
+    let changed = if seen.generation != generation {
+        let now = if state == RecordState::Held.as_str() {
+            format!("held for {}", role(hold_role))
+        } else {
+            state.to_string()
+        };
+        format!(
+            "generation {} is now generation {generation}, {now}",
+            seen.generation
+        )
+    } else if seen.hold_role.as_deref() != hold_role {
+        format!(
+            "it was held for {} and is now held for {}",
+            role(seen.hold_role.as_deref()),
+            role(hold_role)
+        )
+    } else {
+        return None;
+    };
+    Some(LedgerError::HoldChanged {
+        flow: flow.to_string(),
+        record: id,
+        changed,
+    })
 }
 
 impl ManualAction {
@@ -939,6 +1007,9 @@ pub(crate) const MAX_COUNTERS: &[&str] = &["last_delivery_at"];
 
 /// Counters bumped by name for events that change no record row.
 pub(crate) const DEAD_LETTERS_PURGED: &str = "dead_letters_purged";
+/// Occurrences (a ticket's first opening and each reopening) of the tickets purged after retention, so the
+/// flow's count of occurrences does not shrink when history is purged.
+pub(crate) const TICKET_OCCURRENCES_PURGED: &str = "ticket_occurrences_purged";
 pub(crate) const PAYLOADS_PURGED: &str = "payloads_purged";
 /// Late revisions refused as stale by the ordering field (an event: the stored row does not change).
 pub(crate) const STALE_REVISIONS: &str = "stale";

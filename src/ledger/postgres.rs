@@ -28,14 +28,14 @@ use super::{
     CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
     Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED,
     PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
-    RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow, add_events,
-    assemble_counts, assemble_detail, compact_outcome, completion_params, counts_from_kept,
-    lease_ms, prepare, retention_cutoff, rounds, stale_detail, tie_detail, to_time,
-    window_start_minute,
+    RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow,
+    TICKET_OCCURRENCES_PURGED, add_events, assemble_counts, assemble_detail, compact_outcome,
+    completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, rounds, stale_detail,
+    tie_detail, to_time, window_start_minute,
 };
 use super::{
-    DueDelivery, OwnerTicketMeasures, RaisedException, TicketAssignment, TicketRecord,
-    TicketSinkHealth,
+    DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
+    TicketAssignment, TicketRecord, TicketSinkHealth,
 };
 use super::{
     REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally, owner_prefix_pattern,
@@ -567,17 +567,19 @@ impl PostgresLedger {
         ))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn manual(
         &self,
         conn: &mut PgConnection,
         id: RecordId,
         action: ManualAction,
+        seen: Option<&HeldAsSeen>,
         actor: &str,
         reason: &str,
         now: i64,
     ) -> Result<()> {
         let row = sqlx::query(
-            "SELECT state, generation, correlation_id, source_key, hold_rule FROM records \
+            "SELECT state, generation, correlation_id, source_key, hold_rule, hold_role FROM records \
              WHERE id = $1 AND flow = $2 FOR UPDATE",
         )
         .bind(id.0)
@@ -594,6 +596,19 @@ impl PostgresLedger {
         let correlation_id: String = row.get("correlation_id");
         let source_key: String = row.get("source_key");
         let hold_rule: Option<String> = row.get("hold_rule");
+        let hold_role: Option<String> = row.get("hold_role");
+        // The row is locked until this transaction ends: an ingest of a new generation waits for it, so what
+        // is compared here is what the update below changes.
+        if let Some(changed) = super::hold_changed(
+            &self.flow,
+            id,
+            seen,
+            generation,
+            &state,
+            hold_role.as_deref(),
+        ) {
+            return Err(changed);
+        }
         let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
             flow: self.flow.clone(),
             record: id,
@@ -834,6 +849,7 @@ impl PostgresLedger {
         &self,
         ids: Vec<RecordId>,
         action: ManualAction,
+        seen: Option<&HeldAsSeen>,
         actor: &str,
         reason: &str,
     ) -> Result<()> {
@@ -844,7 +860,8 @@ impl PostgresLedger {
             .await
             .map_err(self.db(action.name(), None))?;
         for id in ids {
-            self.manual(&mut tx, id, action, actor, reason, now).await?;
+            self.manual(&mut tx, id, action, seen, actor, reason, now)
+                .await?;
         }
         tx.commit().await.map_err(self.db(action.name(), None))
     }
@@ -1387,18 +1404,30 @@ impl Ledger for PostgresLedger {
         Ok(())
     }
 
-    async fn approve_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
-        self.manual_batch(vec![id], ManualAction::Approve, actor, reason)
+    async fn approve_held(
+        &self,
+        id: RecordId,
+        seen: &HeldAsSeen,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        self.manual_batch(vec![id], ManualAction::Approve, Some(seen), actor, reason)
             .await
     }
 
-    async fn reject_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
-        self.manual_batch(vec![id], ManualAction::Reject, actor, reason)
+    async fn reject_held(
+        &self,
+        id: RecordId,
+        seen: &HeldAsSeen,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        self.manual_batch(vec![id], ManualAction::Reject, Some(seen), actor, reason)
             .await
     }
 
     async fn replay_dead_letter(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
-        self.manual_batch(vec![id], ManualAction::Replay, actor, reason)
+        self.manual_batch(vec![id], ManualAction::Replay, None, actor, reason)
             .await
     }
 
@@ -1430,7 +1459,7 @@ impl Ledger for PostgresLedger {
         ids.sort_unstable();
         let ids: Vec<RecordId> = ids.into_iter().map(RecordId).collect();
         for id in &ids {
-            self.manual(&mut tx, *id, ManualAction::Replay, actor, reason, now)
+            self.manual(&mut tx, *id, ManualAction::Replay, None, actor, reason, now)
                 .await?;
         }
         tx.commit()
@@ -2141,7 +2170,7 @@ impl Ledger for PostgresLedger {
         let query = sqlx::query(
             "UPDATE ticket_deliveries SET delivered_version = GREATEST(delivered_version, $4), \
              sink_ref = $5, in_doubt = 0, attempts = 0, failing_since = NULL, last_error = NULL, \
-             next_attempt_at = $6 WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
+             refused = 0, next_attempt_at = $6 WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
         )
         .bind(&self.flow)
         .bind(fingerprint)
@@ -2158,24 +2187,84 @@ impl Ledger for PostgresLedger {
         fingerprint: &str,
         sink: &str,
         error: &str,
+        refused: Option<u16>,
         next_attempt_at: DateTime<Utc>,
     ) -> Result<()> {
         let query = sqlx::query(
             // `in_doubt` stays: a send that failed by timing out or losing its connection may have
             // reached the sink, so the next attempt still looks for its copy (or resends under that
             // version's idempotency key) instead of opening a second ticket.
+            // `refused` follows the latest answer: a refusal followed by a 5xx is an outage now.
             "UPDATE ticket_deliveries SET attempts = attempts + 1, \
-             failing_since = COALESCE(failing_since, $4), last_error = $5, next_attempt_at = $6 \
-             WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
+             failing_since = COALESCE(failing_since, $4), last_error = $5, next_attempt_at = $6, \
+             refused = $7 WHERE flow = $1 AND fingerprint = $2 AND sink = $3",
         )
         .bind(&self.flow)
         .bind(fingerprint)
         .bind(sink)
         .bind(self.clock.now_ms())
         .bind(tickets::truncate(error, tickets::TICKET_TEXT_BYTES))
-        .bind(next_attempt_at.timestamp_millis());
+        .bind(next_attempt_at.timestamp_millis())
+        .bind(i64::from(refused.unwrap_or(0)));
         self.update_delivery("fail ticket delivery", fingerprint, sink, query)
             .await
+    }
+
+    async fn purge_tickets(&self, older_than: Duration, limit: usize) -> Result<Vec<String>> {
+        const ASSIGNED: &str = "jsonb_exists(t.sinks::jsonb, d.sink)";
+        let cutoff = retention_cutoff(self.clock.now_ms(), Some(older_than)).unwrap_or(i64::MIN);
+        let limit = tickets::read_limit(limit);
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(self.db("purge tickets", None))?;
+        let candidates: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(
+            tickets::purgeable_query(postgres_param, ASSIGNED, ""),
+        ))
+        .bind(&self.flow)
+        .bind(cutoff)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("purge tickets", None))?;
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Another replica may reopen one of them meanwhile: take each ticket's lock (in fingerprint order,
+        // as every writer of several tickets does) and check them again under it.
+        let mut fingerprints: Vec<String> = candidates.into_iter().map(|(fp, _)| fp).collect();
+        fingerprints.sort();
+        for fingerprint in &fingerprints {
+            self.lock_ticket(&mut tx, fingerprint).await?;
+        }
+        let purgeable: Vec<(String, i64)> = sqlx::query_as(AssertSqlSafe(
+            tickets::purgeable_query(postgres_param, ASSIGNED, "AND t.fingerprint = ANY($4)"),
+        ))
+        .bind(&self.flow)
+        .bind(cutoff)
+        .bind(limit)
+        .bind(&fingerprints)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(self.db("purge tickets", None))?;
+        let (gone, reopened): (Vec<String>, Vec<i64>) = purgeable.into_iter().unzip();
+        if !gone.is_empty() {
+            sqlx::query(
+                "WITH deliveries_gone AS (DELETE FROM ticket_deliveries WHERE flow = $1 AND fingerprint = ANY($2)) \
+                 DELETE FROM tickets WHERE flow = $1 AND fingerprint = ANY($2)",
+            )
+            .bind(&self.flow)
+            .bind(&gone)
+            .execute(&mut *tx)
+            .await
+            .map_err(self.db("purge tickets", None))?;
+            let occurrences = reopened.iter().map(|r| 1 + r).sum();
+            self.bump_counter(&mut tx, TICKET_OCCURRENCES_PURGED, occurrences)
+                .await?;
+        }
+        tx.commit().await.map_err(self.db("purge tickets", None))?;
+        Ok(gone)
     }
 
     async fn ticket_sink_health(&self) -> Result<Vec<TicketSinkHealth>> {
@@ -2186,6 +2275,16 @@ impl Ledger for PostgresLedger {
                 .await
                 .map_err(self.db("read ticket sink health", None))?;
         Ok(tickets::sink_health(rows))
+    }
+
+    async fn ticket_flow_measures(&self) -> Result<FlowTicketMeasures> {
+        let row: tickets::FlowTimesRow =
+            sqlx::query_as(AssertSqlSafe(tickets::flow_measures_query(postgres_param)))
+                .bind(&self.flow)
+                .fetch_one(&self.pool)
+                .await
+                .map_err(self.db("read flow ticket measures", None))?;
+        Ok(tickets::flow_measures(row))
     }
 
     async fn ticket_measures(&self) -> Result<Vec<OwnerTicketMeasures>> {

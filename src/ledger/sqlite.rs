@@ -37,13 +37,14 @@ use super::{
     InterventionRow, LeaseRequest, Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction,
     NewLineageEvent, PAYLOADS_PURGED, PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail,
     RecordId, RecordRow, RecordState, RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS,
-    SnapshotRow, add_events, assemble_counts, assemble_detail, attention_filter,
-    check_replay_limit, compact_outcome, completion_params, counts_from_kept, lease_ms,
-    parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time, window_start_minute,
+    SnapshotRow, TICKET_OCCURRENCES_PURGED, add_events, assemble_counts, assemble_detail,
+    attention_filter, check_replay_limit, compact_outcome, completion_params, counts_from_kept,
+    lease_ms, parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time,
+    window_start_minute,
 };
 use super::{
-    DueDelivery, OwnerTicketMeasures, RaisedException, TicketAssignment, TicketRecord,
-    TicketSinkHealth,
+    DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
+    TicketAssignment, TicketRecord, TicketSinkHealth,
 };
 use super::{
     Outcome, REVISION_RETENTION_MS, REVISION_VALUES, RevisionMeasures, RevisionTally,
@@ -53,7 +54,7 @@ use super::{
 use chrono::{DateTime, Utc};
 
 /// "A state a record waits in", word for word as the `records_due` and `records_pending_age` indexes say it
-/// (schema version 9), so the planner can use them.
+/// (schema version 10), so the planner can use them.
 const PENDING: &str = sqlite_pending!();
 
 /// The newest kept payloads of a flow. `CROSS JOIN` fixes the join order in SQLite: the payloads' rowid (the
@@ -524,6 +525,7 @@ impl SqliteLedger {
         &self,
         ids: Vec<RecordId>,
         action: ManualAction,
+        seen: Option<HeldAsSeen>,
         actor: &str,
         reason: &str,
     ) -> Result<()> {
@@ -536,7 +538,7 @@ impl SqliteLedger {
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(db(&flow, action.name(), None))?;
                 for id in ids {
-                    manual(&tx, &flow, id, action, &actor, &reason, now)?;
+                    manual(&tx, &flow, id, action, seen.as_ref(), &actor, &reason, now)?;
                 }
                 tx.commit().map_err(db(&flow, action.name(), None))
             })
@@ -1408,31 +1410,41 @@ fn refused(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn manual(
     conn: &Connection,
     flow: &str,
     id: RecordId,
     action: ManualAction,
+    seen: Option<&HeldAsSeen>,
     actor: &str,
     reason: &str,
     now: i64,
 ) -> Result<()> {
     let err = db(flow, action.name(), Some(id));
     #[allow(clippy::type_complexity)]
-    let (state, generation, correlation_id, source_key, hold_rule): (
+    let (state, generation, correlation_id, source_key, hold_rule, hold_role): (
         String,
         i64,
         String,
         String,
         Option<String>,
+        Option<String>,
     ) = conn
         .prepare_cached(
-            "SELECT state, generation, correlation_id, source_key, hold_rule FROM records \
+            "SELECT state, generation, correlation_id, source_key, hold_rule, hold_role FROM records \
              WHERE id = ?1 AND flow = ?2",
         )
         .map_err(&err)?
         .query_row(params![id.0, flow], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .optional()
         .map_err(&err)?
@@ -1440,6 +1452,12 @@ fn manual(
             flow: flow.to_string(),
             record: id,
         })?;
+    // Read and written in this one IMMEDIATE transaction: no ingest can slip a new generation in between.
+    if let Some(changed) =
+        super::hold_changed(flow, id, seen, generation, &state, hold_role.as_deref())
+    {
+        return Err(changed);
+    }
     let from = RecordState::parse(&state).ok_or_else(|| LedgerError::Corrupt {
         flow: flow.to_string(),
         record: id,
@@ -1965,18 +1983,32 @@ impl Ledger for SqliteLedger {
         .await
     }
 
-    async fn approve_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
-        self.manual_batch(vec![id], ManualAction::Approve, actor, reason)
+    async fn approve_held(
+        &self,
+        id: RecordId,
+        seen: &HeldAsSeen,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let seen = Some(seen.clone());
+        self.manual_batch(vec![id], ManualAction::Approve, seen, actor, reason)
             .await
     }
 
-    async fn reject_held(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
-        self.manual_batch(vec![id], ManualAction::Reject, actor, reason)
+    async fn reject_held(
+        &self,
+        id: RecordId,
+        seen: &HeldAsSeen,
+        actor: &str,
+        reason: &str,
+    ) -> Result<()> {
+        let seen = Some(seen.clone());
+        self.manual_batch(vec![id], ManualAction::Reject, seen, actor, reason)
             .await
     }
 
     async fn replay_dead_letter(&self, id: RecordId, actor: &str, reason: &str) -> Result<()> {
-        self.manual_batch(vec![id], ManualAction::Replay, actor, reason)
+        self.manual_batch(vec![id], ManualAction::Replay, None, actor, reason)
             .await
     }
 
@@ -2011,7 +2043,7 @@ impl Ledger for SqliteLedger {
                     })
                     .map_err(&err)?;
                 for id in &ids {
-                    manual(&tx, &flow, *id, ManualAction::Replay, &actor, &reason, now)?;
+                    manual(&tx, &flow, *id, ManualAction::Replay, None, &actor, &reason, now)?;
                 }
                 tx.commit().map_err(&err)?;
                 Ok(ids)
@@ -2402,7 +2434,7 @@ impl Ledger for SqliteLedger {
                     &sink,
                     "UPDATE ticket_deliveries SET delivered_version = MAX(delivered_version, ?4), \
                      sink_ref = ?5, in_doubt = 0, attempts = 0, failing_since = NULL, last_error = NULL, \
-                     next_attempt_at = ?6 WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
+                     refused = 0, next_attempt_at = ?6 WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
                     &[&version, &sink_ref, &now],
                 )
             })
@@ -2415,11 +2447,13 @@ impl Ledger for SqliteLedger {
         fingerprint: &str,
         sink: &str,
         error: &str,
+        refused: Option<u16>,
         next_attempt_at: DateTime<Utc>,
     ) -> Result<()> {
         let (flow, fp, sink) = (self.flow.clone(), fingerprint.to_string(), sink.to_string());
         let error = tickets::truncate(error, tickets::TICKET_TEXT_BYTES);
         let (now, next) = (self.clock.now_ms(), next_attempt_at.timestamp_millis());
+        let refused = i64::from(refused.unwrap_or(0));
         self.run("fail ticket delivery", move |conn| {
             update_delivery(
                 conn,
@@ -2430,11 +2464,48 @@ impl Ledger for SqliteLedger {
                 // `in_doubt` stays: a send that failed by timing out or losing its connection may have
             // reached the sink, so the next attempt still looks for its copy (or resends under that
             // version's idempotency key) instead of opening a second ticket.
+            // `refused` follows the latest answer: a refusal followed by a 5xx is an outage now.
             "UPDATE ticket_deliveries SET attempts = attempts + 1, \
-                 failing_since = COALESCE(failing_since, ?4), last_error = ?5, next_attempt_at = ?6 \
-                 WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
-                &[&now, &error, &next],
+                 failing_since = COALESCE(failing_since, ?4), last_error = ?5, next_attempt_at = ?6, \
+                 refused = ?7 WHERE flow = ?1 AND fingerprint = ?2 AND sink = ?3",
+                &[&now, &error, &next, &refused],
             )
+        })
+        .await
+    }
+
+    async fn purge_tickets(&self, older_than: Duration, limit: usize) -> Result<Vec<String>> {
+        let flow = self.flow.clone();
+        let cutoff = retention_cutoff(self.clock.now_ms(), Some(older_than)).unwrap_or(i64::MIN);
+        let limit = tickets::read_limit(limit);
+        self.run("purge tickets", move |conn| {
+            let err = db(&flow, "purge tickets", None);
+            // IMMEDIATE: no occurrence can reopen a ticket between the check and the delete.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let purgeable: Vec<(String, i64)> = tx
+                .prepare_cached(&tickets::purgeable_query(sqlite_param, SINK_ASSIGNED, ""))
+                .and_then(|mut s| {
+                    s.query_map(params![flow, cutoff, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect()
+                })
+                .map_err(&err)?;
+            for (fingerprint, _) in &purgeable {
+                for table in ["ticket_deliveries", "tickets"] {
+                    tx.prepare_cached(&format!(
+                        "DELETE FROM {table} WHERE flow = ?1 AND fingerprint = ?2"
+                    ))
+                    .and_then(|mut s| s.execute(params![flow, fingerprint]))
+                    .map_err(&err)?;
+                }
+            }
+            let occurrences: i64 = purgeable.iter().map(|(_, reopened)| 1 + reopened).sum();
+            if occurrences > 0 {
+                bump_counter(&tx, &flow, TICKET_OCCURRENCES_PURGED, occurrences).map_err(&err)?;
+            }
+            tx.commit().map_err(&err)?;
+            Ok(purgeable.into_iter().map(|(fp, _)| fp).collect())
         })
         .await
     }
@@ -2454,12 +2525,37 @@ impl Ledger for SqliteLedger {
                             failing_since: r.get(4)?,
                             last_error: r.get(5)?,
                             sinks: r.get(6)?,
+                            refused: r.get(7)?,
                         })
                     })?
                     .collect()
                 })
                 .map_err(db(&flow, "read ticket sink health", None))?;
             Ok(tickets::sink_health(rows))
+        })
+        .await
+    }
+
+    async fn ticket_flow_measures(&self) -> Result<FlowTicketMeasures> {
+        let flow = self.flow.clone();
+        self.read("read flow ticket measures", move |conn| {
+            let row = conn
+                .prepare_cached(&tickets::flow_measures_query(sqlite_param))
+                .and_then(|mut s| {
+                    s.query_row([&flow], |r| {
+                        Ok(tickets::FlowTimesRow {
+                            opened: r.get(0)?,
+                            acknowledged: r.get(1)?,
+                            resolved: r.get(2)?,
+                            acknowledge_ms: r.get(3)?,
+                            resolve_ms: r.get(4)?,
+                            open: r.get(5)?,
+                            acknowledged_now: r.get(6)?,
+                        })
+                    })
+                })
+                .map_err(db(&flow, "read flow ticket measures", None))?;
+            Ok(tickets::flow_measures(row))
         })
         .await
     }

@@ -585,11 +585,13 @@ pub(crate) struct DeliveryHealthRow {
     pub failing_since: Option<i64>,
     pub last_error: Option<String>,
     pub sinks: Option<String>,
+    /// The status of the delivery's unanswered refusal, 0 for none.
+    pub refused: i64,
 }
 
 /// Sums the delivery rows per sink (only the sinks a ticket is still assigned to count as pending).
 pub(crate) fn sink_health(rows: Vec<DeliveryHealthRow>) -> Vec<super::TicketSinkHealth> {
-    let mut by_sink: std::collections::BTreeMap<String, (super::TicketSinkHealth, i64)> =
+    let mut by_sink: std::collections::BTreeMap<String, (super::TicketSinkHealth, (bool, i64))> =
         Default::default();
     for row in rows {
         let entry = by_sink.entry(row.sink.clone()).or_insert_with(|| {
@@ -600,8 +602,9 @@ pub(crate) fn sink_health(rows: Vec<DeliveryHealthRow>) -> Vec<super::TicketSink
                     consecutive_failures: 0,
                     failing_since: None,
                     last_error: None,
+                    refused: None,
                 },
-                i64::MIN,
+                (false, i64::MIN),
             )
         });
         let assigned = row
@@ -617,12 +620,18 @@ pub(crate) fn sink_health(rows: Vec<DeliveryHealthRow>) -> Vec<super::TicketSink
         // be reported as soon. A success resets its delivery's attempts, so only unanswered failures count.
         let attempts = u32::try_from(row.attempts).unwrap_or(u32::MAX);
         entry.0.consecutive_failures = entry.0.consecutive_failures.saturating_add(attempts);
+        let refused = u16::try_from(row.refused).ok().filter(|s| *s > 0);
+        if refused.is_some() && entry.0.refused.is_none() {
+            entry.0.refused = refused;
+        }
         if let Some(since) = row.failing_since {
             let since = to_time(since);
             entry.0.failing_since = Some(entry.0.failing_since.map_or(since, |s| s.min(since)));
-            // The error of the delivery failing longest is the one that tells why the sink is failing.
-            if row.attempts > entry.1 {
-                entry.1 = row.attempts;
+            // The error that tells why the sink is failing: a refusal's (it needs a person), else that of the
+            // delivery failing longest.
+            let rank = (refused.is_some(), row.attempts);
+            if rank > entry.1 {
+                entry.1 = rank;
                 entry.0.last_error = row.last_error.clone();
             }
         }
@@ -672,6 +681,54 @@ pub(crate) fn measures_query(p: fn(usize) -> String) -> String {
            WHERE flow = {f} AND owner IS NOT NULL AND state <> 'resolved' \
          ) AS m GROUP BY owner ORDER BY owner",
         f = p(1)
+    )
+}
+
+/// The flow-wide sums, one row.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct FlowTimesRow {
+    pub opened: i64,
+    pub acknowledged: i64,
+    pub resolved: i64,
+    pub acknowledge_ms: i64,
+    pub resolve_ms: i64,
+    pub open: i64,
+    pub acknowledged_now: i64,
+}
+
+pub(crate) fn flow_measures(r: FlowTimesRow) -> super::FlowTicketMeasures {
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    let mean = |sum: i64, n: i64| (n > 0).then(|| sum as f64 / n as f64 / 1000.0);
+    super::FlowTicketMeasures {
+        opened: count(r.opened),
+        acknowledged: count(r.acknowledged),
+        resolved: count(r.resolved),
+        open: count(r.open),
+        acknowledged_now: count(r.acknowledged_now),
+        mean_time_to_acknowledge_seconds: mean(r.acknowledge_ms, r.acknowledged),
+        mean_time_to_resolve_seconds: mean(r.resolve_ms, r.resolved),
+    }
+}
+
+/// The flow-wide measures read, the same text on both backends. Every acknowledgement and resolution adds
+/// its time to exactly one owner's row of `ticket_times` (`""` when nobody was assigned), so the sums over
+/// all rows are the flow's, exactly; occurrences are counted from the tickets themselves (1 + reopenings)
+/// plus those of purged tickets. Parameter: flow.
+pub(crate) fn flow_measures_query(p: fn(usize) -> String) -> String {
+    format!(
+        "SELECT CAST((SELECT COALESCE(SUM(1 + reopened), 0) FROM tickets WHERE flow = {f}) \
+           + (SELECT COALESCE(SUM(value), 0) FROM ledger_counters WHERE flow = {f} AND counter = '{purged}') \
+           AS BIGINT) AS opened, \
+         CAST(COALESCE(SUM(acknowledged), 0) AS BIGINT) AS acknowledged, \
+         CAST(COALESCE(SUM(resolved), 0) AS BIGINT) AS resolved, \
+         CAST(COALESCE(SUM(acknowledge_ms), 0) AS BIGINT) AS acknowledge_ms, \
+         CAST(COALESCE(SUM(resolve_ms), 0) AS BIGINT) AS resolve_ms, \
+         CAST((SELECT COUNT(*) FROM tickets WHERE flow = {f} AND state <> 'resolved') AS BIGINT) AS open, \
+         CAST((SELECT COUNT(*) FROM tickets WHERE flow = {f} AND state = 'acknowledged') AS BIGINT) \
+           AS acknowledged_now \
+         FROM ticket_times WHERE flow = {f}",
+        f = p(1),
+        purged = super::TICKET_OCCURRENCES_PURGED,
     )
 }
 
@@ -738,8 +795,8 @@ pub(crate) fn due_query(p: fn(usize) -> String, assigned: &str) -> String {
 /// The delivery rows and their tickets' versions, for [`sink_health`]. Parameter: flow.
 pub(crate) fn health_query(p: fn(usize) -> String) -> String {
     format!(
-        "SELECT d.sink, d.delivered_version, t.version, d.attempts, d.failing_since, d.last_error, t.sinks \
-         FROM ticket_deliveries d JOIN tickets t ON t.flow = d.flow AND t.fingerprint = d.fingerprint \
+        "SELECT d.sink, d.delivered_version, t.version, d.attempts, d.failing_since, d.last_error, t.sinks, \
+         d.refused FROM ticket_deliveries d JOIN tickets t ON t.flow = d.flow AND t.fingerprint = d.fingerprint \
          WHERE d.flow = {}",
         p(1)
     )
@@ -765,6 +822,26 @@ pub(crate) fn settle_query(p: fn(usize) -> String) -> String {
          ORDER BY t.updated_at LIMIT {}",
         p(1),
         p(2)
+    )
+}
+
+/// The resolved tickets [`crate::ledger::Ledger::purge_tickets`] may delete, oldest resolution first, with
+/// their occurrences (1 + reopenings). `assigned` is the backend's test that `d.sink` is among `t.sinks`, as
+/// in [`due_query`]: a sink the ticket is no longer assigned to is never sent anything, so it holds nothing
+/// back. `extra` narrows the candidates further (PostgreSQL rechecks its locked tickets with it).
+/// Parameters: flow, cutoff (ms), limit.
+pub(crate) fn purgeable_query(p: fn(usize) -> String, assigned: &str, extra: &str) -> String {
+    format!(
+        "SELECT t.fingerprint, t.reopened FROM tickets t \
+         WHERE t.flow = {flow} AND t.state = 'resolved' AND t.resolved_at < {cutoff} {extra} \
+         AND NOT EXISTS (SELECT 1 FROM ticket_deliveries d WHERE d.flow = t.flow \
+           AND d.fingerprint = t.fingerprint AND d.delivered_version < t.version AND {assigned}) \
+         AND NOT EXISTS (SELECT 1 FROM records r WHERE r.flow = t.flow AND r.ticket = t.fingerprint \
+           AND r.ticket IS NOT NULL) \
+         ORDER BY t.resolved_at, t.fingerprint LIMIT {limit}",
+        flow = p(1),
+        cutoff = p(2),
+        limit = p(3),
     )
 }
 
@@ -868,8 +945,9 @@ mod tests {
             version: 2,
             attempts,
             failing_since,
-            last_error: failing_since.map(|_| "400 Bad Request".to_string()),
+            last_error: failing_since.map(|_| "503 Service Unavailable".to_string()),
             sinks: Some(format!("[\"{sink}\"]")),
+            refused: 0,
         };
         let health = sink_health(vec![
             row("hook", 1, Some(3_000)),
@@ -886,5 +964,38 @@ mod tests {
         let jira = health.iter().find(|h| h.sink == "jira").unwrap();
         assert_eq!(jira.consecutive_failures, 2);
         assert!(!crate::tickets::dispatch::failing(jira));
+    }
+
+    #[test]
+    fn one_refusal_makes_a_sink_failing_and_its_answer_is_the_one_reported() {
+        let row = |attempts: i64, refused: i64, error: &str| DeliveryHealthRow {
+            sink: "jira".into(),
+            delivered_version: 0,
+            version: 2,
+            attempts,
+            failing_since: Some(1_000),
+            last_error: Some(error.into()),
+            sinks: Some("[\"jira\"]".into()),
+            refused,
+        };
+        let health = sink_health(vec![
+            row(2, 0, "503 Service Unavailable"),
+            row(
+                1,
+                403,
+                "403 Forbidden: the token may not create issues in OPS",
+            ),
+        ]);
+        assert_eq!(health[0].refused, Some(403));
+        assert_eq!(health[0].consecutive_failures, 3);
+        assert_eq!(
+            health[0].last_error.as_deref(),
+            Some("403 Forbidden: the token may not create issues in OPS")
+        );
+        let once = sink_health(vec![row(1, 400, "400 Bad Request: no such project")]);
+        assert!(crate::tickets::dispatch::failing(&once[0]), "{once:?}");
+        // Two 5xx are not yet a failing sink: those may pass.
+        let transient = sink_health(vec![row(2, 0, "502 Bad Gateway")]);
+        assert!(!crate::tickets::dispatch::failing(&transient[0]));
     }
 }

@@ -443,6 +443,27 @@ pub struct Intervention {
     pub at: DateTime<Utc>,
 }
 
+/// What an approver checked of a held record before deciding on it: the generation they looked at and the
+/// approver role the hold asked for. [`crate::ledger::Ledger::approve_held`] and
+/// [`crate::ledger::Ledger::reject_held`] apply the decision only while the record is still exactly that, in
+/// the transaction that applies it: a newer generation may arrive between the check and the decision and be
+/// held again under another role, and a decision on what the approver never saw would be forged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldAsSeen {
+    pub generation: i64,
+    pub hold_role: Option<String>,
+}
+
+impl HeldAsSeen {
+    /// What a caller saw in `record`.
+    pub fn of(record: &RecordView) -> HeldAsSeen {
+        HeldAsSeen {
+            generation: record.generation,
+            hold_role: record.hold_role.clone(),
+        }
+    }
+}
+
 /// The current row of one record (without lineage).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RecordView {
@@ -534,6 +555,9 @@ pub struct Retention {
     /// Delivered records keep their payload, snapshots and lineage this long after delivery, then only a
     /// compact row (`None`: kept for ever).
     pub delivered: Option<std::time::Duration>,
+    /// Resolved tickets are deleted this long after they resolved (`None`: kept for ever); see
+    /// [`crate::ledger::Ledger::purge_tickets`].
+    pub resolved_tickets: Option<std::time::Duration>,
 }
 
 /// What one purge batch removed.
@@ -827,6 +851,28 @@ pub struct TicketSinkHealth {
     /// Since when it has been failing (the oldest unresolved failure).
     pub failing_since: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// The HTTP status of a refusal (a 4xx other than 408 and 429) not yet followed by a success on that
+    /// delivery: the sink is failing from this one answer, as retries will not fix it.
+    pub refused: Option<u16>,
+}
+
+/// The flow's tickets as a whole, exact over every occurrence whoever had it (including those nobody was
+/// assigned yet). Not a sum of [`OwnerTicketMeasures`]: an owner's `opened` counts an occurrence when it is
+/// first assigned, so the owners' figures leave out what was never assigned and cannot be added up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FlowTicketMeasures {
+    /// Occurrences opened, all time: each ticket's first opening and every reopening (purged tickets'
+    /// included).
+    pub opened: u64,
+    /// Occurrences acknowledged and resolved, all time.
+    pub acknowledged: u64,
+    pub resolved: u64,
+    /// Tickets open or acknowledged now, and of those the acknowledged.
+    pub open: u64,
+    pub acknowledged_now: u64,
+    /// Means over the acknowledged (resolved) occurrences, in seconds.
+    pub mean_time_to_acknowledge_seconds: Option<f64>,
+    pub mean_time_to_resolve_seconds: Option<f64>,
 }
 
 /// How fast one owner's tickets were acknowledged and resolved, exact over every occurrence.

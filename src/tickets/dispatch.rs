@@ -208,7 +208,7 @@ impl Dispatcher {
                     d.sink
                 );
                 self.ledger
-                    .fail_ticket_delivery(&d.ticket.fingerprint, &d.sink, &why, next)
+                    .fail_ticket_delivery(&d.ticket.fingerprint, &d.sink, &why, None, next)
                     .await?;
                 tick.failed
                     .push((d.ticket.fingerprint.clone(), d.sink.clone(), why));
@@ -282,7 +282,13 @@ impl Dispatcher {
                         "ticket delivery failed; it stays in the outbox"
                     );
                     self.ledger
-                        .fail_ticket_delivery(&d.ticket.fingerprint, &d.sink, &e.message, next)
+                        .fail_ticket_delivery(
+                            &d.ticket.fingerprint,
+                            &d.sink,
+                            &e.message,
+                            e.refusal(),
+                            next,
+                        )
                         .await?;
                     tick.failed
                         .push((d.ticket.fingerprint.clone(), d.sink.clone(), e.message));
@@ -330,9 +336,11 @@ pub fn backoff(attempts: u32, e: &SinkError) -> Duration {
 }
 
 /// A sink is failing once [`FAILING_AFTER`] of its attempts failed without a success since (see
-/// [`TicketSinkHealth::consecutive_failures`]).
+/// [`TicketSinkHealth::consecutive_failures`]): a 5xx or a lost connection may pass. A refusal (a 4xx other
+/// than 408 and 429) makes it failing from the first one: its configuration or permissions are wrong, no
+/// retry fixes that, and with the backoff three of them would take 10 to 20 minutes to add up.
 pub fn failing(health: &TicketSinkHealth) -> bool {
-    health.consecutive_failures >= FAILING_AFTER
+    health.refused.is_some() || health.consecutive_failures >= FAILING_AFTER
 }
 
 /// The ticket as the sinks see it: the ledger's record, the owner from the roster, a title, and the commands
@@ -453,33 +461,30 @@ pub fn render(
 
 /// The flow's tickets as `/status` reports them (and the controller copies into the flow's status): open and
 /// acknowledged counts, the oldest open tickets, per-owner times, and the sinks that keep failing.
+///
+/// The flow-wide counts and times come from `whole` (exact over the flow's tickets), not from adding up the
+/// owners' rows, which leave out what was never assigned; `open` (capped by the read) only lists the oldest.
 pub fn summary(
     namespace: &str,
     flow: &str,
     open: &[TicketRecord],
+    whole: &crate::ledger::FlowTicketMeasures,
     measures: &[crate::ledger::OwnerTicketMeasures],
     health: &[TicketSinkHealth],
 ) -> crate::api::TicketSummary {
     let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut oldest: Vec<&TicketRecord> = open.iter().collect();
     oldest.sort_by_key(|t| t.opened_at);
-    let (mut tta, mut ttr, mut acked, mut resolved) = (0.0, 0.0, 0u64, 0u64);
-    for m in measures {
-        tta += m.mean_time_to_acknowledge_seconds.unwrap_or(0.0) * m.acknowledged as f64;
-        ttr += m.mean_time_to_resolve_seconds.unwrap_or(0.0) * m.resolved as f64;
-        acked += m.acknowledged;
-        resolved += m.resolved;
-    }
-    let mean = |sum: f64, n: u64| (n > 0).then(|| (sum / n as f64).round() as i64);
     crate::api::TicketSummary {
-        open: to_i64(open.len() as u64),
-        acknowledged: to_i64(
-            open.iter()
-                .filter(|t| t.state == TicketState::Acknowledged)
-                .count() as u64,
-        ),
-        mean_time_to_acknowledge_seconds: mean(tta, acked),
-        mean_time_to_resolve_seconds: mean(ttr, resolved),
+        open: to_i64(whole.open),
+        acknowledged: to_i64(whole.acknowledged_now),
+        occurrences_opened: to_i64(whole.opened),
+        occurrences_acknowledged: to_i64(whole.acknowledged),
+        occurrences_resolved: to_i64(whole.resolved),
+        mean_time_to_acknowledge_seconds: whole
+            .mean_time_to_acknowledge_seconds
+            .map(|s| s.round() as i64),
+        mean_time_to_resolve_seconds: whole.mean_time_to_resolve_seconds.map(|s| s.round() as i64),
         owners: measures
             .iter()
             .take(100)
@@ -543,7 +548,8 @@ pub async fn read_summary(
     ledger: &dyn Ledger,
 ) -> Result<crate::api::TicketSummary, crate::ledger::LedgerError> {
     let open = ledger.tickets(true, TICKETS_PER_TICK).await?;
+    let whole = ledger.ticket_flow_measures().await?;
     let measures = ledger.ticket_measures().await?;
     let health = ledger.ticket_sink_health().await?;
-    Ok(summary(namespace, flow, &open, &measures, &health))
+    Ok(summary(namespace, flow, &open, &whole, &measures, &health))
 }

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::pipeline::Pipeline;
-use crate::ledger::{RecordId, RecordState, RecordView};
+use crate::ledger::{HeldAsSeen, RecordId, RecordState, RecordView};
 
 /// Shared state of the API.
 #[derive(Clone)]
@@ -301,6 +301,16 @@ async fn refresh_ticket_gauges(state: &ApiState) {
                     kind: kind.label().into(),
                 })
                 .set(to_i64(n));
+        }
+    }
+    if let Ok(whole) = ledger.ticket_flow_measures().await {
+        g.flow_opened.set(to_i64(whole.opened));
+        g.flow_resolved.set(to_i64(whole.resolved));
+        if let Some(s) = whole.mean_time_to_acknowledge_seconds {
+            g.flow_time_to_acknowledge.set(s);
+        }
+        if let Some(s) = whole.mean_time_to_resolve_seconds {
+            g.flow_time_to_resolve.set(s);
         }
     }
     if let Ok(measures) = ledger.ticket_measures().await {
@@ -749,8 +759,15 @@ fn guard(state: &ApiState, headers: &HeaderMap, actor: &str) -> Option<Response>
 }
 
 fn ledger_error(e: crate::ledger::LedgerError) -> Response {
+    use crate::ledger::LedgerError;
     let text = e.to_string();
-    let status = if text.contains("not found") || text.contains("no record") {
+    let status = if let LedgerError::HoldChanged { .. } | LedgerError::IllegalTransition { .. } = e
+    {
+        // The record moved on under the caller: its request was sound, the record is not what it was.
+        StatusCode::CONFLICT
+    } else if let LedgerError::NotFound { .. } | LedgerError::TicketNotFound { .. } = e {
+        StatusCode::NOT_FOUND
+    } else if text.contains("not found") || text.contains("no record") {
         StatusCode::NOT_FOUND
     } else if text.contains("state") || text.contains("transition") {
         StatusCode::CONFLICT
@@ -995,24 +1012,33 @@ async fn decide(
         };
         return refuse_decision(state, id, action, refusal).await;
     }
-    let (result, done) = if action == "approve" {
-        (
-            pipeline.ledger.approve_held(id, &owner.id, reason).await,
-            json!({ "record": id.0, "state": "validated", "approvedBy": owner.id }),
-        )
-    } else {
-        (
-            pipeline.ledger.reject_held(id, &owner.id, reason).await,
-            json!({ "record": id.0, "state": "dead_lettered", "rejectedBy": owner.id }),
-        )
-    };
-    match result {
-        Ok(()) => {
+    match apply_decision(pipeline.ledger.as_ref(), &held, &owner.id, reason, action).await {
+        Ok(done) => {
             tracing::info!(flow = %pipeline.flow, record = id.0, owner = %owner.id, action, "held record decided");
             pipeline.wake.notify_one();
             Json(done).into_response()
         }
         Err(e) => ledger_error(e),
+    }
+}
+
+/// Decides on `held` as the route read and checked it. What was checked is what the ledger decides on, or
+/// it refuses ([`crate::ledger::LedgerError::HoldChanged`], answered 409): a new generation may have arrived
+/// and been held for another role since the read.
+async fn apply_decision(
+    ledger: &dyn crate::ledger::Ledger,
+    held: &RecordView,
+    owner: &str,
+    reason: &str,
+    action: &'static str,
+) -> Result<Value, crate::ledger::LedgerError> {
+    let (id, seen) = (held.id, HeldAsSeen::of(held));
+    if action == "approve" {
+        ledger.approve_held(id, &seen, owner, reason).await?;
+        Ok(json!({ "record": id.0, "state": "validated", "approvedBy": owner }))
+    } else {
+        ledger.reject_held(id, &seen, owner, reason).await?;
+        Ok(json!({ "record": id.0, "state": "dead_lettered", "rejectedBy": owner }))
     }
 }
 
@@ -1084,6 +1110,90 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
+    }
+
+    #[tokio::test]
+    async fn an_approval_of_a_generation_superseded_after_the_check_is_refused_and_nothing_decided()
+    {
+        use crate::ledger::{
+            BucketSet, IncomingRecord, Ledger, ManualClock, Outcome, SqliteLedger,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(
+            &dir.path().join("ledger.db"),
+            "closed-won",
+            ManualClock::starting_at(0),
+        )
+        .await
+        .unwrap();
+        let revision = |discount: i64| IncomingRecord {
+            source_key: "006A".into(),
+            idempotency_key: "Opportunity/006A".into(),
+            external_id: None,
+            payload: json!({ "discount": discount }),
+            contract_version: "1.0.0".into(),
+            correlation_id: None,
+            ordering: None,
+        };
+        let hold = |role: &str| Outcome::Held {
+            rule: "discount-over-30".into(),
+            role: role.into(),
+            snapshot: None,
+        };
+        let lease = std::time::Duration::from_secs(30);
+        ledger.ingest(vec![revision(40)]).await.unwrap();
+        let first = ledger
+            .claim("w", &BucketSet::all(), 10, lease)
+            .await
+            .unwrap();
+        ledger
+            .complete(first[0].claim, hold("sinkOwner"))
+            .await
+            .unwrap();
+        // What the route read and checked the approver's role against...
+        let held = ledger.get(first[0].claim.id).await.unwrap().unwrap().record;
+        // ...and what arrived before its decision reached the ledger.
+        ledger.ingest(vec![revision(60)]).await.unwrap();
+        let second = ledger
+            .claim("w", &BucketSet::all(), 10, lease)
+            .await
+            .unwrap();
+        ledger
+            .complete(second[0].claim, hold("financeOwner"))
+            .await
+            .unwrap();
+
+        let refused = apply_decision(&ledger, &held, "sam", "fine by me", "approve")
+            .await
+            .unwrap_err();
+        let response = ledger_error(refused);
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let now = ledger.get(held.id).await.unwrap().unwrap();
+        assert_eq!(now.record.state, RecordState::Held);
+        assert!(now.interventions.is_empty());
+        ledger.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_decision_on_a_hold_that_changed_underneath_is_a_conflict_naming_the_record() {
+        let changed = crate::ledger::LedgerError::HoldChanged {
+            flow: "closed-won".into(),
+            record: RecordId(42),
+            changed: "generation 1 is now generation 2, held for role financeOwner".into(),
+        };
+        let response = ledger_error(changed);
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+        let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        let message = body["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("record 42")
+                && message.contains("generation 1 is now generation 2")
+                && message.contains("nothing was decided"),
+            "{body}"
+        );
     }
 
     #[test]

@@ -24,6 +24,16 @@ pub const FLOW: &str = "closed-won-to-netsuite";
 pub const T0: i64 = 1_767_225_600_000;
 pub const LEASE: Duration = Duration::from_secs(30);
 
+/// What an approver checks of a held record before deciding: its generation and hold role as they are now.
+pub async fn as_seen(ledger: &dyn Ledger, id: ledger::RecordId) -> ledger::HeldAsSeen {
+    let detail = ledger
+        .get(id)
+        .await
+        .unwrap()
+        .expect("the record is in the ledger");
+    ledger::HeldAsSeen::of(&detail.record)
+}
+
 /// A database for one test; dropping it removes it (and stops the server, for PostgreSQL).
 pub struct Fixture {
     pub target: LedgerTarget,
@@ -733,11 +743,21 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     let (approve, reject) = (claimed[0].claim.id, claimed[1].claim.id);
 
     ledger
-        .approve_held(approve, "cfo@example.com", "strategic account")
+        .approve_held(
+            approve,
+            &as_seen(ledger.as_ref(), approve).await,
+            "cfo@example.com",
+            "strategic account",
+        )
         .await
         .unwrap();
     ledger
-        .reject_held(reject, "cfo@example.com", "discount not agreed")
+        .reject_held(
+            reject,
+            &as_seen(ledger.as_ref(), reject).await,
+            "cfo@example.com",
+            "discount not agreed",
+        )
         .await
         .unwrap();
 
@@ -775,7 +795,12 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     assert_eq!(next[0].approved_by.as_deref(), Some("cfo@example.com"));
     // Approving something that is not held is an illegal transition, and changes nothing.
     let refused = ledger
-        .approve_held(reject, "cfo@example.com", "changed my mind")
+        .approve_held(
+            reject,
+            &as_seen(ledger.as_ref(), reject).await,
+            "cfo@example.com",
+            "changed my mind",
+        )
         .await;
     let Err(error) = refused else {
         panic!("approving a dead letter must fail")
@@ -795,6 +820,99 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     let counts = ledger.counts().await.unwrap();
     assert_eq!(counts.manual_interventions, 2);
     assert_eq!(counts.interventions_per_1000, 1000.0);
+}
+
+pub async fn a_decision_on_a_held_record_is_refused_once_a_new_generation_is_held_for_another_role(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let held_for = |role: &str| Outcome::Held {
+        rule: "discount-over-30".into(),
+        role: role.into(),
+        snapshot: Some(json!({"redacted": true})),
+    };
+    ledger
+        .ingest(vec![record("race", json!({"discount": 40}))])
+        .await
+        .unwrap();
+    let first = claim_all(ledger.as_ref(), "w").await;
+    ledger
+        .complete(first[0].claim, held_for("sinkOwner"))
+        .await
+        .unwrap();
+    let id = first[0].claim.id;
+    // The sink owner checks the record...
+    let seen = as_seen(ledger.as_ref(), id).await;
+    assert_eq!(
+        (seen.generation, seen.hold_role.as_deref()),
+        (1, Some("sinkOwner"))
+    );
+    // ...and before their decision lands the CRM sends a new revision, held for finance this time.
+    let stored = ledger
+        .ingest(vec![record("race", json!({"discount": 60}))])
+        .await
+        .unwrap();
+    assert!(
+        matches!(stored[0], IngestOutcome::Updated { .. }),
+        "{stored:?}"
+    );
+    let second = claim_all(ledger.as_ref(), "w").await;
+    ledger
+        .complete(second[0].claim, held_for("financeOwner"))
+        .await
+        .unwrap();
+
+    for decision in ["approve", "reject"] {
+        let refused = if decision == "approve" {
+            ledger
+                .approve_held(id, &seen, "sam@example.com", "looked fine")
+                .await
+        } else {
+            ledger
+                .reject_held(id, &seen, "sam@example.com", "looked wrong")
+                .await
+        };
+        let Err(error) = refused else {
+            panic!("a {decision} of generation 1 must not land on generation 2")
+        };
+        assert_eq!(error.label(), "hold_changed", "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains(&format!("record {id}"))
+                && message.contains("generation 1 is now generation 2")
+                && message.contains("financeOwner"),
+            "the refusal names the record and what changed: {message}"
+        );
+    }
+    // Nothing was decided: still held, for finance, with no intervention.
+    let now = ledger.get(id).await.unwrap().unwrap();
+    assert_eq!(now.record.state, RecordState::Held);
+    assert_eq!(now.record.hold_role.as_deref(), Some("financeOwner"));
+    assert!(now.interventions.is_empty(), "{:?}", now.interventions);
+    assert_eq!(ledger.counts().await.unwrap().manual_interventions, 0);
+
+    // A caller that checked the right generation but another role is refused too.
+    let wrong_role = ledger::HeldAsSeen {
+        generation: now.record.generation,
+        hold_role: Some("sinkOwner".into()),
+    };
+    let refused = ledger
+        .approve_held(id, &wrong_role, "sam@example.com", "looked fine")
+        .await;
+    assert!(
+        matches!(refused, Err(LedgerError::HoldChanged { .. })),
+        "{refused:?}"
+    );
+    // What finance checked now is what gets decided.
+    let fresh = as_seen(ledger.as_ref(), id).await;
+    ledger
+        .approve_held(id, &fresh, "cfo@example.com", "agreed")
+        .await
+        .unwrap();
+    let approved = ledger.get(id).await.unwrap().unwrap();
+    assert_eq!(approved.record.state, RecordState::Validated);
+    assert_eq!(approved.interventions.len(), 1);
 }
 
 pub async fn a_records_lineage_tells_its_whole_story(fixture: Fixture) {
@@ -1443,11 +1561,21 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         .await
         .unwrap();
     ledger
-        .approve_held(holds[0].id, "cfo@example.com", "ok")
+        .approve_held(
+            holds[0].id,
+            &as_seen(ledger.as_ref(), holds[0].id).await,
+            "cfo@example.com",
+            "ok",
+        )
         .await
         .unwrap();
     ledger
-        .reject_held(holds[1].id, "cfo@example.com", "no")
+        .reject_held(
+            holds[1].id,
+            &as_seen(ledger.as_ref(), holds[1].id).await,
+            "cfo@example.com",
+            "no",
+        )
         .await
         .unwrap();
     let dead = ledger
@@ -1575,6 +1703,7 @@ pub async fn delivered_payloads_are_purged_after_retention_and_duplicates_still_
     let retention = ledger::Retention {
         dead_letters: None,
         delivered: Some(Duration::from_secs(7 * 24 * 3600)),
+        resolved_tickets: None,
     };
     let batch = (0..3)
         .map(|i| record(&format!("d{i}"), json!({"amount": i})))
@@ -1659,6 +1788,7 @@ pub async fn dead_letters_are_purged_after_their_retention(fixture: Fixture) {
     let retention = ledger::Retention {
         dead_letters: Some(Duration::from_secs(14 * 24 * 3600)),
         delivered: None,
+        resolved_tickets: None,
     };
     let batch = (0..3)
         .map(|i| record(&format!("x{i}"), json!({"i": i})))
@@ -1677,7 +1807,12 @@ pub async fn dead_letters_are_purged_after_their_retention(fixture: Fixture) {
     };
     ledger.complete(claimed[1].claim, hold).await.unwrap();
     ledger
-        .reject_held(claimed[1].claim.id, "cfo@example.com", "not agreed")
+        .reject_held(
+            claimed[1].claim.id,
+            &as_seen(ledger.as_ref(), claimed[1].claim.id).await,
+            "cfo@example.com",
+            "not agreed",
+        )
         .await
         .unwrap();
     clock.advance(Duration::from_secs(10 * 24 * 3600));
@@ -1864,6 +1999,7 @@ pub async fn a_replay_reads_the_newest_kept_payloads_newest_first(fixture: Fixtu
     let retention = ledger::Retention {
         dead_letters: None,
         delivered: Some(Duration::from_secs(60)),
+        resolved_tickets: None,
     };
     assert_eq!(ledger.purge(&retention, 10).await.unwrap().payloads, 2);
     ledger
@@ -2192,6 +2328,7 @@ macro_rules! ledger_suite {
             migrations_are_idempotent_and_a_newer_schema_version_is_refused,
             dead_letters_are_replayed_by_reason,
             approving_and_rejecting_held_records_are_manual_interventions,
+            a_decision_on_a_held_record_is_refused_once_a_new_generation_is_held_for_another_role,
             a_records_lineage_tells_its_whole_story,
             a_released_claim_returns_to_where_it_was,
             the_backlog_counts_waiting_records_and_the_oldest_receipt,
@@ -2218,7 +2355,10 @@ macro_rules! ledger_suite {
             flow_level_causes_are_raised_counted_and_cleared,
             tickets_are_assigned_and_acknowledged_once,
             the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure,
+            a_sink_that_refuses_a_ticket_is_failing_from_the_first_refusal,
             ticket_measures_per_owner_are_exact,
+            flow_wide_ticket_measures_are_exact_over_every_occurrence_not_summed_over_owners,
+            resolved_tickets_are_purged_after_retention_unless_a_sink_has_yet_to_hear,
             a_version_7_ledger_is_migrated_to_tickets,
         );
     };

@@ -13,7 +13,7 @@ use meshline::ledger::{
 use meshline::tickets::{ExceptionKind, TicketState, fingerprint};
 use serde_json::json;
 
-use super::ledger_suite::{FLOW, Fixture, LEASE, T0, at, clock, record};
+use super::ledger_suite::{FLOW, Fixture, LEASE, T0, as_seen, at, clock, record};
 
 fn dead_letter(reason: &str, key: &str) -> Outcome {
     Outcome::DeadLettered {
@@ -172,9 +172,22 @@ pub async fn holds_open_one_ticket_per_rule_and_a_rejected_hold_moves_to_a_dead_
         .filter(|r| r.source_key.starts_with('h'))
         .map(|r| r.id)
         .collect();
-    ledger.approve_held(ids[0], "cfo", "agreed").await.unwrap();
     ledger
-        .reject_held(ids[1], "cfo", "not agreed")
+        .approve_held(
+            ids[0],
+            &as_seen(ledger.as_ref(), ids[0]).await,
+            "cfo",
+            "agreed",
+        )
+        .await
+        .unwrap();
+    ledger
+        .reject_held(
+            ids[1],
+            &as_seen(ledger.as_ref(), ids[1]).await,
+            "cfo",
+            "not agreed",
+        )
         .await
         .unwrap();
     let rejected = fingerprint(
@@ -419,7 +432,7 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
     let retry_at = at(&clock) + chrono::Duration::minutes(5);
     let failed_at = at(&clock);
     ledger
-        .fail_ticket_delivery(&fp, "jira", "503 Service Unavailable", retry_at)
+        .fail_ticket_delivery(&fp, "jira", "503 Service Unavailable", None, retry_at)
         .await
         .unwrap();
     assert!(
@@ -453,7 +466,7 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
         .await
         .unwrap();
     ledger
-        .fail_ticket_delivery(&fp, "jira", "timeout", at(&clock))
+        .fail_ticket_delivery(&fp, "jira", "timeout", None, at(&clock))
         .await
         .unwrap();
     let due = ledger.ticket_deliveries_due(at(&clock), 100).await.unwrap();
@@ -468,6 +481,10 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
         jira.failing_since,
         Some(failed_at),
         "the first failure's time is kept"
+    );
+    assert!(
+        !meshline::tickets::dispatch::failing(jira),
+        "two 5xx or timeouts may pass: not failing yet"
     );
 
     // A new version is due again for the sink that had the old one, with the sink's reference.
@@ -512,6 +529,65 @@ pub async fn the_ticket_outbox_sends_each_version_once_and_backs_off_on_failure(
         .await
         .unwrap_err();
     assert!(err.to_string().contains("pagerduty"), "{err}");
+    ledger.close().await;
+}
+
+pub async fn a_sink_that_refuses_a_ticket_is_failing_from_the_first_refusal(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let fp = ledger.raise_exception(breaker()).await.unwrap();
+    ledger
+        .assign_ticket(&fp, &assignment("ana", &["jira", "slack"]))
+        .await
+        .unwrap();
+    let version = ledger.ticket(&fp).await.unwrap().unwrap().version;
+    let later = at(&clock) + chrono::Duration::minutes(10);
+    ledger
+        .fail_ticket_delivery(
+            &fp,
+            "jira",
+            "403 Forbidden: the token may not create issues in OPS",
+            Some(403),
+            later,
+        )
+        .await
+        .unwrap();
+    ledger
+        .fail_ticket_delivery(&fp, "slack", "503 Service Unavailable", None, later)
+        .await
+        .unwrap();
+    // Survives a restart: the refusal is in the ledger, not in a dispatcher's memory.
+    ledger.close().await;
+    let ledger = fixture.open(clock.clone()).await;
+    let health = ledger.ticket_sink_health().await.unwrap();
+    let jira = health.iter().find(|h| h.sink == "jira").unwrap();
+    assert_eq!((jira.consecutive_failures, jira.refused), (1, Some(403)));
+    assert!(
+        meshline::tickets::dispatch::failing(jira),
+        "one refusal is enough: {jira:?}"
+    );
+    assert_eq!(
+        jira.last_error.as_deref(),
+        Some("403 Forbidden: the token may not create issues in OPS")
+    );
+    let slack = health.iter().find(|h| h.sink == "slack").unwrap();
+    assert_eq!((slack.consecutive_failures, slack.refused), (1, None));
+    assert!(!meshline::tickets::dispatch::failing(slack));
+
+    // Fixed: the next send succeeds and the sink is healthy again.
+    ledger
+        .finish_ticket_delivery(&fp, "jira", version, json!({"key": "OPS-7"}))
+        .await
+        .unwrap();
+    let jira = ledger
+        .ticket_sink_health()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.sink == "jira")
+        .unwrap();
+    assert_eq!((jira.consecutive_failures, jira.refused), (0, None));
+    assert!(!meshline::tickets::dispatch::failing(&jira));
     ledger.close().await;
 }
 
@@ -571,6 +647,178 @@ pub async fn ticket_measures_per_owner_are_exact(fixture: Fixture) {
     );
     assert_eq!(bob.mean_time_to_acknowledge_seconds, None);
     assert_eq!(bob.mean_time_to_resolve_seconds, None);
+    ledger.close().await;
+}
+
+pub async fn flow_wide_ticket_measures_are_exact_over_every_occurrence_not_summed_over_owners(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let cause = |reason: &str| RaisedException {
+        reason: reason.into(),
+        ..breaker()
+    };
+    let step = |s: u64| clock.advance(Duration::from_secs(s));
+    // ana: A acknowledged after 60 s and resolved after 300 s; E resolved after 100 s.
+    let a = ledger.raise_exception(cause("a")).await.unwrap();
+    ledger
+        .assign_ticket(&a, &assignment("ana", &[]))
+        .await
+        .unwrap();
+    step(60);
+    ledger.acknowledge_ticket(&a, "ana").await.unwrap();
+    step(240);
+    ledger.clear_exception(&a).await.unwrap();
+    let e = ledger.raise_exception(cause("e")).await.unwrap();
+    ledger
+        .assign_ticket(&e, &assignment("ana", &[]))
+        .await
+        .unwrap();
+    step(100);
+    ledger.clear_exception(&e).await.unwrap();
+    // bob: B acknowledged after 600 s and resolved after 1200 s; F still open.
+    let b = ledger.raise_exception(cause("b")).await.unwrap();
+    ledger
+        .assign_ticket(&b, &assignment("bob", &[]))
+        .await
+        .unwrap();
+    step(600);
+    ledger.acknowledge_ticket(&b, "bob").await.unwrap();
+    step(600);
+    ledger.clear_exception(&b).await.unwrap();
+    // D cleared after 30 s before anyone was assigned: no owner's, still the flow's.
+    let d = ledger.raise_exception(cause("d")).await.unwrap();
+    step(30);
+    ledger.clear_exception(&d).await.unwrap();
+    let f = ledger.raise_exception(cause("f")).await.unwrap();
+    ledger
+        .assign_ticket(&f, &assignment("bob", &[]))
+        .await
+        .unwrap();
+
+    let owners = ledger.ticket_measures().await.unwrap();
+    let of = |id: &str| owners.iter().find(|m| m.owner == id).unwrap();
+    assert_eq!(
+        (of("ana").resolved, of("ana").mean_time_to_resolve_seconds),
+        (2, Some(200.0))
+    );
+    assert_eq!(
+        (of("bob").resolved, of("bob").mean_time_to_resolve_seconds),
+        (1, Some(1200.0))
+    );
+    let assigned: u64 = owners.iter().map(|m| m.opened).sum();
+    assert_eq!(
+        assigned, 4,
+        "the owners' rows count only assigned occurrences"
+    );
+
+    let whole = ledger.ticket_flow_measures().await.unwrap();
+    assert_eq!(
+        (
+            whole.opened,
+            whole.acknowledged,
+            whole.resolved,
+            whole.open,
+            whole.acknowledged_now
+        ),
+        (5, 2, 4, 1, 0)
+    );
+    // Over the occurrences, not a mean of the owners' means ((200 + 1200 + 30) / 3 = 476.7).
+    assert_eq!(whole.mean_time_to_acknowledge_seconds, Some(330.0));
+    assert_eq!(
+        whole.mean_time_to_resolve_seconds,
+        Some((300.0 + 100.0 + 1200.0 + 30.0) / 4.0)
+    );
+    ledger.acknowledge_ticket(&f, "bob").await.unwrap();
+    let whole = ledger.ticket_flow_measures().await.unwrap();
+    assert_eq!((whole.open, whole.acknowledged_now), (1, 1));
+    ledger.close().await;
+}
+
+pub async fn resolved_tickets_are_purged_after_retention_unless_a_sink_has_yet_to_hear(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let day = Duration::from_secs(24 * 3600);
+    let cause = |reason: &str| RaisedException {
+        reason: reason.into(),
+        ..breaker()
+    };
+    let resolved_and_sent = |reason: &'static str, tell_sink: bool| {
+        let ledger = ledger.clone();
+        async move {
+            let fp = ledger.raise_exception(cause(reason)).await.unwrap();
+            ledger
+                .assign_ticket(&fp, &assignment("ana", &["jira"]))
+                .await
+                .unwrap();
+            ledger.clear_exception(&fp).await.unwrap();
+            let version = ledger.ticket(&fp).await.unwrap().unwrap().version;
+            let sent = if tell_sink { version } else { version - 1 };
+            ledger
+                .finish_ticket_delivery(&fp, "jira", sent, json!({"key": reason}))
+                .await
+                .unwrap();
+            fp
+        }
+    };
+    let told = resolved_and_sent("told", true).await;
+    let untold = resolved_and_sent("untold", false).await;
+    let open = ledger.raise_exception(cause("still-open")).await.unwrap();
+    ledger
+        .assign_ticket(&open, &assignment("ana", &["jira"]))
+        .await
+        .unwrap();
+    let opened_before = ledger.ticket_flow_measures().await.unwrap().opened;
+
+    clock.advance(2 * day);
+    let recent = resolved_and_sent("recent", true).await;
+    let gone = ledger.purge_tickets(day, 100).await.unwrap();
+    assert_eq!(
+        gone,
+        std::slice::from_ref(&told),
+        "only the old, resolved and told ticket goes"
+    );
+    assert!(ledger.ticket(&told).await.unwrap().is_none());
+    for kept in [&untold, &open, &recent] {
+        assert!(ledger.ticket(kept).await.unwrap().is_some(), "{kept} kept");
+    }
+    // The sink of the kept one still gets its resolution from the outbox.
+    let due = ledger.ticket_deliveries_due(at(&clock), 100).await.unwrap();
+    assert!(
+        due.iter().any(|d| d.ticket.fingerprint == untold),
+        "{due:?}"
+    );
+    // Its outbox row went with the purged ticket: jira waits for two tickets, none of them the purged one.
+    let jira = ledger
+        .ticket_sink_health()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.sink == "jira")
+        .unwrap();
+    assert_eq!(jira.pending, 2, "{jira:?}");
+    // The flow's count of occurrences keeps the purged one.
+    assert_eq!(
+        ledger.ticket_flow_measures().await.unwrap().opened,
+        opened_before + 1,
+        "three before, the recent one after, and the purged one still counted"
+    );
+
+    // Told at last: it goes at the next round.
+    let version = ledger.ticket(&untold).await.unwrap().unwrap().version;
+    ledger
+        .finish_ticket_delivery(&untold, "jira", version, json!({"key": "untold"}))
+        .await
+        .unwrap();
+    assert_eq!(ledger.purge_tickets(day, 100).await.unwrap(), [untold]);
+    // The cause coming back opens a new ticket.
+    let again = ledger.raise_exception(cause("told")).await.unwrap();
+    assert_eq!(again, told);
+    let t = ledger.ticket(&again).await.unwrap().unwrap();
+    assert_eq!((t.version, t.state, t.count), (1, TicketState::Open, 1));
     ledger.close().await;
 }
 

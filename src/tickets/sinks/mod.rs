@@ -41,6 +41,15 @@ pub struct SinkError {
     pub retry_after: Option<std::time::Duration>,
 }
 
+impl SinkError {
+    /// The HTTP status when the sink refused the ticket: a 4xx other than 408 (Request Timeout) and 429 (Too
+    /// Many Requests), which say "later" rather than "no". `None` for everything a retry may get past.
+    pub fn refusal(&self) -> Option<u16> {
+        self.status
+            .filter(|s| (400..500).contains(s) && *s != 408 && *s != 429)
+    }
+}
+
 /// A ticket or paging system.
 #[async_trait]
 pub trait TicketSink: Send + Sync {
