@@ -71,10 +71,21 @@ fn harness_with(build: BuildSettings) -> Harness {
     // The roster's ticket sinks, mounted into the worker as well.
     double.put_secret(NS, "github-token", &["token"]);
     double.put_secret(NS, "alert-webhook-signing", &["signingSecret"]);
+    harness_on(double, build, roster(), |c| c)
+}
+
+/// A controller (new caches, a new context made by `adjust`) on an existing double: a fresh start, or a
+/// restart that finds what the last controller wrote.
+fn harness_on(
+    double: ApiDouble,
+    build: BuildSettings,
+    roster: OwnershipRoster,
+    adjust: impl FnOnce(Context) -> Context,
+) -> Harness {
     let (stores, mut writers) = Stores::new();
     let c = controller_support::activated(contract(), &mut writers.revisions);
     apply(&mut writers.contracts, c);
-    apply(&mut writers.rosters, roster());
+    apply(&mut writers.rosters, roster);
     let client = double.client();
     // The EndpointSlice cache is filled the way the controller fills it: a reflector listing and watching the
     // double with the controller's own selector.
@@ -89,12 +100,12 @@ fn harness_with(build: BuildSettings) -> Harness {
         )
         .for_each(|_| futures::future::ready(())),
     );
-    let ctx = Arc::new(Context::new(
+    let ctx = Arc::new(adjust(Context::new(
         client,
         build,
         stores,
         Arc::new(Metrics::new()),
-    ));
+    )));
     Harness {
         double,
         ctx,
@@ -128,9 +139,12 @@ fn writes(requests: &[Recorded]) -> Vec<&Recorded> {
         .collect()
 }
 
+/// The reconcile's last status write (a reconcile that sends an outage ticket writes twice: the send in
+/// doubt, then its result).
 fn status_patch(requests: &[Recorded]) -> Option<&Recorded> {
     requests
         .iter()
+        .rev()
         .find(|r| r.method == "PATCH" && r.path.ends_with("/status"))
 }
 
@@ -1938,4 +1952,151 @@ async fn a_network_policy_the_api_server_would_refuse_fails_the_reconcile() {
         .find(|r| r.path.contains("networkpolicies"))
         .unwrap();
     assert_eq!(refused.answered, 422);
+}
+
+/// A stand-in for a receiver behind the roster's webhook ticket sink: it checks each delivery's signature
+/// (the double's Secrets hold `x` for every key) and keeps (event, Idempotency-Key) of every valid one.
+async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    use axum::http::{HeaderMap, StatusCode};
+    let got: Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let seen = got.clone();
+    let app = axum::Router::new().route(
+        "/meshline",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let header = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let want = meshline::connectors::sinks::http::signature(
+                    "x",
+                    &header("x-meshline-timestamp"),
+                    &body,
+                );
+                if header("x-meshline-signature") != want {
+                    return StatusCode::UNAUTHORIZED;
+                }
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                seen.lock().unwrap().push((
+                    v["event"].as_str().unwrap().to_string(),
+                    header("idempotency-key"),
+                ));
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/meshline", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got)
+}
+
+#[tokio::test]
+async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolves_it_once() {
+    use meshline::controller::flow::outage::OutageSettings;
+    let (url, got) = webhook_receiver().await;
+    let mut r = roster();
+    for sink in &mut r.spec.ticket_sinks {
+        if sink.name == "sre-webhook" {
+            sink.url = Some(url.clone());
+        }
+    }
+    let double = ApiDouble::new();
+    for (secret, keys) in [
+        ("hubspot-app", &["clientSecret", "accessToken"][..]),
+        ("odoo-api-key", &["login", "apiKey"]),
+        ("github-token", &["token"]),
+        ("alert-webhook-signing", &["signingSecret"]),
+    ] {
+        double.put_secret(NS, secret, keys);
+    }
+    let clock = meshline::ledger::ManualClock::starting_at(1_772_000_000_000);
+    let settings = OutageSettings {
+        after: std::time::Duration::from_secs(300),
+        polls: 3,
+        send_lease: std::time::Duration::from_secs(30),
+    };
+    let start = |double: &ApiDouble| {
+        let clock = clock.clone();
+        harness_on(
+            double.clone(),
+            BuildSettings {
+                worker_image: "ghcr.io/meshline/meshline:test".into(),
+                ..BuildSettings::default()
+            },
+            r.clone(),
+            move |c| c.with_clock(clock).with_outage(settings),
+        )
+    };
+    let mut h = start(&double);
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    // Every pod's answer is a gateway's, not a worker's: nobody answers.
+    worker.answers(502, serde_json::json!({"message": "bad gateway"}));
+    let outage = |f: &SyncFlow| serde_json::to_value(&f.status.as_ref().unwrap().outage).unwrap();
+
+    // Silent polls, but not yet for five minutes: no verdict.
+    for _ in 0..3 {
+        poll_and_reconcile(&mut h, &mut f, &worker).await;
+    }
+    assert!(got.lock().unwrap().is_empty());
+    assert!(outage(&f)["silentSince"].is_string(), "{}", outage(&f));
+    assert!(outage(&f)["ticket"].is_null());
+
+    clock.advance(std::time::Duration::from_secs(301));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = outage(&f);
+    assert_eq!(o["ticket"]["state"], "open", "{o}");
+    assert_eq!(o["ticket"]["owner"], "sre");
+    assert_eq!(o["ticket"]["deliveries"][0]["sink"], "sre-webhook");
+    assert_eq!(o["ticket"]["deliveries"][0]["deliveredVersion"], 1);
+    assert!(o["ticket"]["deliveries"][0]["inDoubtVersion"].is_null());
+    let fp = o["ticket"]["fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![("opened".to_string(), format!("{fp}:1"))]
+    );
+
+    // Still silent: nothing is sent again.
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert_eq!(got.lock().unwrap().len(), 1);
+
+    // A new controller (a restart or a new leader): the outbox is in the flow's status.
+    drop(h);
+    let mut h = start(&double);
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    apply(&mut h.writers.flows, f.clone());
+    publish(
+        &h,
+        &status_service(),
+        "status-slice-a",
+        &[(POD, "10.1.0.7", true)],
+    )
+    .await;
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert_eq!(got.lock().unwrap().len(), 1, "{:?}", got.lock().unwrap());
+    assert_eq!(outage(&f)["ticket"]["state"], "open");
+
+    // A worker answers again: resolved, once.
+    worker.answers(200, running_status(serde_json::json!([])));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = outage(&f);
+    assert_eq!(o["ticket"]["state"], "resolved", "{o}");
+    assert!(o["silentSince"].is_null());
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![
+            ("opened".to_string(), format!("{fp}:1")),
+            ("resolved".to_string(), format!("{fp}:2")),
+        ]
+    );
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    assert_eq!(got.lock().unwrap().len(), 2);
 }
