@@ -1957,14 +1957,39 @@ async fn a_network_policy_the_api_server_would_refuse_fails_the_reconcile() {
 /// A stand-in for a receiver behind the roster's webhook ticket sink: it checks each delivery's signature
 /// (the double's Secrets hold `x` for every key) and keeps (event, Idempotency-Key) of every valid one.
 async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    let (url, got, _) = webhook_receiver_failing_while().await;
+    (url, got)
+}
+
+/// [`webhook_receiver`] that answers 503 to every request (and records none) while the flag is set; the
+/// counter counts every request.
+async fn webhook_receiver_failing_while() -> (
+    String,
+    Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicUsize,
+    )>,
+) {
     use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::Ordering;
     let got: Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let failing: Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicUsize,
+    )> = Default::default();
     let seen = got.clone();
+    let state = failing.clone();
     let app = axum::Router::new().route(
         "/meshline",
         axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
             let seen = seen.clone();
+            let state = state.clone();
             async move {
+                state.1.fetch_add(1, Ordering::SeqCst);
+                if state.0.load(Ordering::SeqCst) {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
                 let header = |n: &str| {
                     headers
                         .get(n)
@@ -1992,17 +2017,24 @@ async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<(String, String
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/meshline", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, got)
+    (url, got, failing)
 }
 
-#[tokio::test]
-async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolves_it_once() {
+/// The double, the manual clock and a way to start (or restart) a controller on it whose silence verdict takes
+/// five minutes and three polls, with the roster's `sre-webhook` pointed at `url`.
+#[allow(clippy::type_complexity)]
+fn outage_controller(
+    url: &str,
+) -> (
+    ApiDouble,
+    Arc<meshline::ledger::ManualClock>,
+    Box<dyn Fn(&ApiDouble) -> Harness>,
+) {
     use meshline::controller::flow::outage::OutageSettings;
-    let (url, got) = webhook_receiver().await;
     let mut r = roster();
     for sink in &mut r.spec.ticket_sinks {
         if sink.name == "sre-webhook" {
-            sink.url = Some(url.clone());
+            sink.url = Some(url.to_string());
         }
     }
     let double = ApiDouble::new();
@@ -2020,8 +2052,9 @@ async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolv
         polls: 3,
         send_lease: std::time::Duration::from_secs(30),
     };
-    let start = |double: &ApiDouble| {
-        let clock = clock.clone();
+    let start_clock = clock.clone();
+    let start = move |double: &ApiDouble| {
+        let clock = start_clock.clone();
         harness_on(
             double.clone(),
             BuildSettings {
@@ -2032,6 +2065,13 @@ async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolv
             move |c| c.with_clock(clock).with_outage(settings),
         )
     };
+    (double, clock, Box::new(start))
+}
+
+#[tokio::test]
+async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolves_it_once() {
+    let (url, got) = webhook_receiver().await;
+    let (double, clock, start) = outage_controller(&url);
     let mut h = start(&double);
     let mut f = running_flow(&mut h).await;
     let worker = ScriptedWorker::new();
@@ -2099,4 +2139,52 @@ async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolv
     let requests = reconcile(&h, &f).await;
     settle(&mut h, &requests, &mut f);
     assert_eq!(got.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_ticket_sink_shows_in_the_flow_status_and_the_outage_ticket_waits_for_it() {
+    use std::sync::atomic::Ordering;
+    let (url, got, receiver) = webhook_receiver_failing_while().await;
+    let (double, clock, start) = outage_controller(&url);
+    let mut h = start(&double);
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.answers(502, serde_json::json!({"message": "bad gateway"}));
+    receiver.0.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        poll_and_reconcile(&mut h, &mut f, &worker).await;
+    }
+    clock.advance(std::time::Duration::from_secs(301));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = serde_json::to_value(&f.status.as_ref().unwrap().outage).unwrap();
+    let d = &o["ticket"]["deliveries"][0];
+    assert_eq!(d["sink"], "sre-webhook");
+    assert_eq!(d["attempts"], 1, "{o}");
+    assert!(d["lastError"].as_str().unwrap().contains("503"), "{o}");
+    assert!(d["deliveredVersion"].is_null());
+    // The request may have reached the receiver: the version stays in doubt, resent under the same key.
+    assert_eq!(d["inDoubtVersion"], 1);
+    assert!(d["nextAttemptAt"].is_string());
+    assert_eq!(receiver.1.load(Ordering::SeqCst), 1);
+
+    // Backing off: the next poll does not hit the sink again.
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert_eq!(receiver.1.load(Ordering::SeqCst), 1);
+
+    // The sink recovers; once the retry is due the ticket goes out, as its first version.
+    receiver.0.store(false, Ordering::SeqCst);
+    clock.advance(std::time::Duration::from_secs(60));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = serde_json::to_value(&f.status.as_ref().unwrap().outage).unwrap();
+    let fp = o["ticket"]["fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![("opened".to_string(), format!("{fp}:1"))]
+    );
+    let d = &o["ticket"]["deliveries"][0];
+    assert_eq!(d["deliveredVersion"], 1, "{o}");
+    assert!(
+        d["lastError"].is_null() && d["inDoubtVersion"].is_null(),
+        "{o}"
+    );
 }
