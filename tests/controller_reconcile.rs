@@ -2088,7 +2088,8 @@ async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolv
     assert!(outage(&f)["ticket"].is_null());
 
     clock.advance(std::time::Duration::from_secs(301));
-    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert!(events(&requests).contains(&"NoWorkerAnswering"));
     let o = outage(&f);
     assert_eq!(o["ticket"]["state"], "open", "{o}");
     assert_eq!(o["ticket"]["owner"], "sre");

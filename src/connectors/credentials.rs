@@ -178,6 +178,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_secret_read_through_the_api_is_the_only_source_and_never_printed() {
+        let c = Credentials::from_secret(
+            "ns/alert-webhook-signing",
+            [("signingSecret".to_string(), "s3cr3t-value\n".to_string())].into(),
+        );
+        assert_eq!(c.get("signingSecret").unwrap(), "s3cr3t-value");
+        assert_eq!(c.optional("token").unwrap(), None);
+        let missing = c.get("token").unwrap_err().to_string();
+        assert!(
+            missing.contains("ns/alert-webhook-signing") && missing.contains("token"),
+            "{missing}"
+        );
+        let printed = format!("{c:?}");
+        assert!(
+            printed.contains("signingSecret") && !printed.contains("s3cr3t"),
+            "{printed}"
+        );
+    }
+
+    #[test]
     fn a_rotation_through_the_data_symlink_changes_the_fingerprint() {
         let dir = tempfile::tempdir().unwrap();
         let write = |version: &str, token: &str| {

@@ -348,6 +348,48 @@ pub fn plan(i: Inputs<'_>) -> Plan {
     }
 }
 
+/// The Event for an outage ticket that opened or resolved in this reconcile, if one did.
+pub fn transition(
+    before: Option<&FlowOutage>,
+    after: Option<&FlowOutage>,
+) -> Option<kube::runtime::events::Event> {
+    use kube::runtime::events::{Event, EventType};
+    let t = after?.ticket.as_ref()?;
+    if before
+        .and_then(|o| o.ticket.as_ref())
+        .map(|b| b.state.as_str())
+        == Some(t.state.as_str())
+    {
+        return None;
+    }
+    let (type_, reason, note) = if t.state == "open" {
+        (
+            EventType::Warning,
+            "NoWorkerAnswering",
+            format!(
+                "outage ticket {} opened for {}: {}",
+                t.fingerprint, t.owner, t.summary
+            ),
+        )
+    } else {
+        (
+            EventType::Normal,
+            "WorkerAnswering",
+            format!(
+                "outage ticket {} resolved: a worker pod answers again or the flow runs none",
+                t.fingerprint
+            ),
+        )
+    };
+    Some(Event {
+        type_,
+        reason: reason.into(),
+        note: Some(super::event_note(&note)),
+        action: "Outage".into(),
+        secondary: None,
+    })
+}
+
 /// Records the result of one send. Pure. A failure keeps the send in doubt (a timed-out send may have
 /// arrived) and backs off; a failure before anything was sent (the sink could not be built) is not in doubt.
 pub fn settle(
@@ -717,6 +759,29 @@ mod tests {
         let t = p.outage.as_ref().unwrap().ticket.as_ref().unwrap();
         assert_eq!((t.escalation_step, t.page, t.version), (2, true, 2));
         assert_eq!(p.sends.len(), 1);
+    }
+
+    #[test]
+    fn an_event_says_when_the_outage_ticket_opens_and_resolves_not_on_every_change() {
+        let r = roster();
+        let silent_since = step(&r, None, &silent(1), t0()).outage.unwrap();
+        let later = t0() + chrono::Duration::minutes(6);
+        let open = delivered(&step(&r, Some(&silent_since), &silent(3), later));
+        let e = transition(Some(&silent_since), Some(&open)).expect("an Event on opening");
+        assert_eq!(e.reason, "NoWorkerAnswering");
+        assert!(e.note.unwrap().contains("sre"));
+        let escalated = step(
+            &r,
+            Some(&open),
+            &silent(9),
+            later + chrono::Duration::hours(5),
+        );
+        assert!(transition(Some(&open), escalated.outage.as_ref()).is_none());
+        let resolved = step(&r, Some(&open), &Answer::Answering, later).outage;
+        assert_eq!(
+            transition(Some(&open), resolved.as_ref()).map(|e| e.reason),
+            Some("WorkerAnswering".to_string())
+        );
     }
 
     #[test]
