@@ -385,10 +385,9 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     if let Some(event) = outage::transition(
         flow.status.as_ref().and_then(|s| s.outage.as_ref()),
         next.outage.as_ref(),
-    ) {
-        if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
-            tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
-        }
+    ) && let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await
+    {
+        tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
     }
     if let Some(r) = outage_plan.recheck_in {
         requeue = requeue.min(r.max(Duration::from_secs(1)));
