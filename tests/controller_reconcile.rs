@@ -71,10 +71,21 @@ fn harness_with(build: BuildSettings) -> Harness {
     // The roster's ticket sinks, mounted into the worker as well.
     double.put_secret(NS, "github-token", &["token"]);
     double.put_secret(NS, "alert-webhook-signing", &["signingSecret"]);
+    harness_on(double, build, roster(), |c| c)
+}
+
+/// A controller (new caches, a new context made by `adjust`) on an existing double: a fresh start, or a
+/// restart that finds what the last controller wrote.
+fn harness_on(
+    double: ApiDouble,
+    build: BuildSettings,
+    roster: OwnershipRoster,
+    adjust: impl FnOnce(Context) -> Context,
+) -> Harness {
     let (stores, mut writers) = Stores::new();
     let c = controller_support::activated(contract(), &mut writers.revisions);
     apply(&mut writers.contracts, c);
-    apply(&mut writers.rosters, roster());
+    apply(&mut writers.rosters, roster);
     let client = double.client();
     // The EndpointSlice cache is filled the way the controller fills it: a reflector listing and watching the
     // double with the controller's own selector.
@@ -89,12 +100,12 @@ fn harness_with(build: BuildSettings) -> Harness {
         )
         .for_each(|_| futures::future::ready(())),
     );
-    let ctx = Arc::new(Context::new(
+    let ctx = Arc::new(adjust(Context::new(
         client,
         build,
         stores,
         Arc::new(Metrics::new()),
-    ));
+    )));
     Harness {
         double,
         ctx,
@@ -128,9 +139,12 @@ fn writes(requests: &[Recorded]) -> Vec<&Recorded> {
         .collect()
 }
 
+/// The reconcile's last status write (a reconcile that sends an outage ticket writes twice: the send in
+/// doubt, then its result).
 fn status_patch(requests: &[Recorded]) -> Option<&Recorded> {
     requests
         .iter()
+        .rev()
         .find(|r| r.method == "PATCH" && r.path.ends_with("/status"))
 }
 
@@ -1938,4 +1952,240 @@ async fn a_network_policy_the_api_server_would_refuse_fails_the_reconcile() {
         .find(|r| r.path.contains("networkpolicies"))
         .unwrap();
     assert_eq!(refused.answered, 422);
+}
+
+/// A stand-in for a receiver behind the roster's webhook ticket sink: it checks each delivery's signature
+/// (the double's Secrets hold `x` for every key) and keeps (event, Idempotency-Key) of every valid one.
+async fn webhook_receiver() -> (String, Arc<std::sync::Mutex<Vec<(String, String)>>>) {
+    let (url, got, _) = webhook_receiver_failing_while().await;
+    (url, got)
+}
+
+/// [`webhook_receiver`] that answers 503 to every request (and records none) while the flag is set; the
+/// counter counts every request.
+async fn webhook_receiver_failing_while() -> (
+    String,
+    Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicUsize,
+    )>,
+) {
+    use axum::http::{HeaderMap, StatusCode};
+    use std::sync::atomic::Ordering;
+    let got: Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let failing: Arc<(
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicUsize,
+    )> = Default::default();
+    let seen = got.clone();
+    let state = failing.clone();
+    let app = axum::Router::new().route(
+        "/meshline",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let seen = seen.clone();
+            let state = state.clone();
+            async move {
+                state.1.fetch_add(1, Ordering::SeqCst);
+                if state.0.load(Ordering::SeqCst) {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let header = |n: &str| {
+                    headers
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let want = meshline::connectors::sinks::http::signature(
+                    "x",
+                    &header("x-meshline-timestamp"),
+                    &body,
+                );
+                if header("x-meshline-signature") != want {
+                    return StatusCode::UNAUTHORIZED;
+                }
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                seen.lock().unwrap().push((
+                    v["event"].as_str().unwrap().to_string(),
+                    header("idempotency-key"),
+                ));
+                StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/meshline", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, got, failing)
+}
+
+/// The double, the manual clock and a way to start (or restart) a controller on it whose silence verdict takes
+/// five minutes and three polls, with the roster's `sre-webhook` pointed at `url`.
+#[allow(clippy::type_complexity)]
+fn outage_controller(
+    url: &str,
+) -> (
+    ApiDouble,
+    Arc<meshline::ledger::ManualClock>,
+    Box<dyn Fn(&ApiDouble) -> Harness>,
+) {
+    use meshline::controller::flow::outage::OutageSettings;
+    let mut r = roster();
+    for sink in &mut r.spec.ticket_sinks {
+        if sink.name == "sre-webhook" {
+            sink.url = Some(url.to_string());
+        }
+    }
+    let double = ApiDouble::new();
+    for (secret, keys) in [
+        ("hubspot-app", &["clientSecret", "accessToken"][..]),
+        ("odoo-api-key", &["login", "apiKey"]),
+        ("github-token", &["token"]),
+        ("alert-webhook-signing", &["signingSecret"]),
+    ] {
+        double.put_secret(NS, secret, keys);
+    }
+    let clock = meshline::ledger::ManualClock::starting_at(1_772_000_000_000);
+    let settings = OutageSettings {
+        after: std::time::Duration::from_secs(300),
+        polls: 3,
+        send_lease: std::time::Duration::from_secs(30),
+    };
+    let start_clock = clock.clone();
+    let start = move |double: &ApiDouble| {
+        let clock = start_clock.clone();
+        harness_on(
+            double.clone(),
+            BuildSettings {
+                worker_image: "ghcr.io/meshline/meshline:test".into(),
+                ..BuildSettings::default()
+            },
+            r.clone(),
+            move |c| c.with_clock(clock).with_outage(settings),
+        )
+    };
+    (double, clock, Box::new(start))
+}
+
+#[tokio::test]
+async fn no_worker_answering_opens_one_ticket_after_the_silence_lasts_and_resolves_it_once() {
+    let (url, got) = webhook_receiver().await;
+    let (double, clock, start) = outage_controller(&url);
+    let mut h = start(&double);
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    // Every pod's answer is a gateway's, not a worker's: nobody answers.
+    worker.answers(502, serde_json::json!({"message": "bad gateway"}));
+    let outage = |f: &SyncFlow| serde_json::to_value(&f.status.as_ref().unwrap().outage).unwrap();
+
+    // Silent polls, but not yet for five minutes: no verdict.
+    for _ in 0..3 {
+        poll_and_reconcile(&mut h, &mut f, &worker).await;
+    }
+    assert!(got.lock().unwrap().is_empty());
+    assert!(outage(&f)["silentSince"].is_string(), "{}", outage(&f));
+    assert!(outage(&f)["ticket"].is_null());
+
+    clock.advance(std::time::Duration::from_secs(301));
+    let requests = poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert!(events(&requests).contains(&"NoWorkerAnswering"));
+    let o = outage(&f);
+    assert_eq!(o["ticket"]["state"], "open", "{o}");
+    assert_eq!(o["ticket"]["owner"], "sre");
+    assert_eq!(o["ticket"]["deliveries"][0]["sink"], "sre-webhook");
+    assert_eq!(o["ticket"]["deliveries"][0]["deliveredVersion"], 1);
+    assert!(o["ticket"]["deliveries"][0]["inDoubtVersion"].is_null());
+    let fp = o["ticket"]["fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![("opened".to_string(), format!("{fp}:1"))]
+    );
+
+    // Still silent: nothing is sent again.
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert_eq!(got.lock().unwrap().len(), 1);
+
+    // A new controller (a restart or a new leader): the outbox is in the flow's status.
+    drop(h);
+    let mut h = start(&double);
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    apply(&mut h.writers.flows, f.clone());
+    publish(
+        &h,
+        &status_service(),
+        "status-slice-a",
+        &[(POD, "10.1.0.7", true)],
+    )
+    .await;
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert_eq!(got.lock().unwrap().len(), 1, "{:?}", got.lock().unwrap());
+    assert_eq!(outage(&f)["ticket"]["state"], "open");
+
+    // A worker answers again: resolved, once.
+    worker.answers(200, running_status(serde_json::json!([])));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = outage(&f);
+    assert_eq!(o["ticket"]["state"], "resolved", "{o}");
+    assert!(o["silentSince"].is_null());
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![
+            ("opened".to_string(), format!("{fp}:1")),
+            ("resolved".to_string(), format!("{fp}:2")),
+        ]
+    );
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let requests = reconcile(&h, &f).await;
+    settle(&mut h, &requests, &mut f);
+    assert_eq!(got.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_failing_ticket_sink_shows_in_the_flow_status_and_the_outage_ticket_waits_for_it() {
+    use std::sync::atomic::Ordering;
+    let (url, got, receiver) = webhook_receiver_failing_while().await;
+    let (double, clock, start) = outage_controller(&url);
+    let mut h = start(&double);
+    let mut f = running_flow(&mut h).await;
+    let worker = ScriptedWorker::new();
+    worker.answers(502, serde_json::json!({"message": "bad gateway"}));
+    receiver.0.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        poll_and_reconcile(&mut h, &mut f, &worker).await;
+    }
+    clock.advance(std::time::Duration::from_secs(301));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = serde_json::to_value(&f.status.as_ref().unwrap().outage).unwrap();
+    let d = &o["ticket"]["deliveries"][0];
+    assert_eq!(d["sink"], "sre-webhook");
+    assert_eq!(d["attempts"], 1, "{o}");
+    assert!(d["lastError"].as_str().unwrap().contains("503"), "{o}");
+    assert!(d["deliveredVersion"].is_null());
+    // The request may have reached the receiver: the version stays in doubt, resent under the same key.
+    assert_eq!(d["inDoubtVersion"], 1);
+    assert!(d["nextAttemptAt"].is_string());
+    assert_eq!(receiver.1.load(Ordering::SeqCst), 1);
+
+    // Backing off: the next poll does not hit the sink again.
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    assert_eq!(receiver.1.load(Ordering::SeqCst), 1);
+
+    // The sink recovers; once the retry is due the ticket goes out, as its first version.
+    receiver.0.store(false, Ordering::SeqCst);
+    clock.advance(std::time::Duration::from_secs(60));
+    poll_and_reconcile(&mut h, &mut f, &worker).await;
+    let o = serde_json::to_value(&f.status.as_ref().unwrap().outage).unwrap();
+    let fp = o["ticket"]["fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(
+        *got.lock().unwrap(),
+        vec![("opened".to_string(), format!("{fp}:1"))]
+    );
+    let d = &o["ticket"]["deliveries"][0];
+    assert_eq!(d["deliveredVersion"], 1, "{o}");
+    assert!(
+        d["lastError"].is_null() && d["inDoubtVersion"].is_null(),
+        "{o}"
+    );
 }

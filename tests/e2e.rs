@@ -191,6 +191,11 @@ fn start_controller(
         network_policies,
         worker_defaults,
         poll: meshline::controller::poll::PollSettings::default(),
+        // A flow whose workers never answer gets its outage ticket after three polls, not five minutes.
+        outage: meshline::controller::flow::outage::OutageSettings {
+            after: Duration::ZERO,
+            ..Default::default()
+        },
     };
     tokio::spawn(async move {
         if let Err(e) = meshline::controller::run(settings).await {
@@ -1317,6 +1322,61 @@ async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
             assert!(ready.message.starts_with("pods "), "{ready:?}");
             assert_eq!(condition("Degraded").reason, "LedgerUnavailable");
         }
+    })
+    .await;
+}
+
+#[tokio::test]
+#[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
+async fn a_flow_whose_worker_cannot_start_gets_its_outage_ticket_in_its_status() {
+    with_namespace("outage", |client, ns| async move {
+        secret(
+            &client,
+            &ns,
+            "hubspot-app",
+            &["clientSecret", "accessToken"],
+        )
+        .await;
+        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
+        ticket_sink_secrets(&client, &ns).await;
+        // A ledger nobody serves: the worker answers 503 (or nothing listens without a pullable image), so no
+        // pod answers with its numbers and there is no worker to report through.
+        unreachable_ledger(&client, &ns).await;
+        apply(
+            &client,
+            &ns,
+            &example::<OwnershipRoster>("roster.yaml", &ns),
+        )
+        .await;
+        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
+        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        flow.spec.ledger = serde_json::from_value(serde_json::json!({
+            "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
+        }))
+        .unwrap();
+        apply(&client, &ns, &flow).await;
+
+        let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
+        // The example routes FlowLevel causes to the platform owner's webhook, whose host (`.example`) never
+        // resolves: the ticket opens, its delivery fails, and the status says so.
+        let outage = eventually(
+            "an open outage ticket whose webhook delivery failed",
+            || async {
+                let f = flows.get(FLOW).await.ok()?;
+                let o = f.status?.outage?;
+                let t = o.ticket.as_ref()?;
+                let d = t.deliveries.iter().find(|d| d.sink == "sre-webhook")?;
+                (t.state == "open" && d.last_error.is_some()).then_some(o)
+            },
+        )
+        .await;
+        let t = outage.ticket.unwrap();
+        assert_eq!(t.owner, "sre");
+        assert!(outage.silent_since.is_some());
+        let d = &t.deliveries[0];
+        assert!(d.attempts >= 1 && d.delivered_version.is_none(), "{d:?}");
+        // A send that may have left stays in doubt, so a later success uses the same idempotency key.
+        assert_eq!(d.in_doubt_version, Some(t.version), "{d:?}");
     })
     .await;
 }

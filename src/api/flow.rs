@@ -698,6 +698,89 @@ pub struct SyncFlowStatus {
     /// ticket sinks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tickets: Option<super::TicketSummary>,
+    /// No worker pod of the flow answering: the controller's own ticket for it, and its delivery state (the
+    /// controller's outbox for the one cause no worker can report; see `controller::flow::outage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outage: Option<FlowOutage>,
+}
+
+/// The controller's watch on a flow none of whose worker pods answers, kept in the status so that it survives
+/// controller restarts and leader changes without a ledger.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlowOutage {
+    /// Since when (RFC 3339) no worker pod has answered a status poll; absent while one answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub silent_since: Option<String>,
+    /// The ticket `status:NoWorkerAnswering`, once the silence lasted; kept after it resolves (the next
+    /// silence reopens it under a higher version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<OutageTicket>,
+}
+
+/// The controller's ticket for a flow whose workers do not answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutageTicket {
+    /// The ticket's fingerprint (as the sinks see it).
+    #[schemars(length(max = 64))]
+    pub fingerprint: String,
+    /// `open` or `resolved`.
+    #[schemars(length(max = 16))]
+    pub state: String,
+    /// What was seen (pod names and their errors, no record values).
+    #[schemars(length(max = 1024))]
+    pub summary: String,
+    /// RFC 3339.
+    #[schemars(length(max = 64))]
+    pub opened_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub resolved_at: Option<String>,
+    /// Bumped on every change a sink should see (opened, escalated, resolved).
+    pub version: i64,
+    /// The roster's owner id it is with now.
+    #[schemars(length(max = 63))]
+    pub owner: String,
+    pub role: super::OwnerRole,
+    pub escalation_step: i32,
+    #[serde(default)]
+    pub page: bool,
+    /// One entry per ticket sink the ticket was routed to, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub deliveries: Vec<OutageDelivery>,
+}
+
+/// Where one ticket sink stands with the outage ticket.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutageDelivery {
+    #[schemars(length(max = 63))]
+    pub sink: String,
+    /// The last version the sink accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_version: Option<i64>,
+    /// A send of this version began and did not succeed (the controller may have stopped mid-send): it is
+    /// resent under the same idempotency key, and Jira and GitHub look for their copy first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_doubt_version: Option<i64>,
+    /// What the sink answered last (its issue key or number), as JSON text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub sink_ref: Option<String>,
+    /// Failed attempts since the last success.
+    #[serde(default)]
+    pub attempts: i32,
+    /// The sink's last error (no credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub last_error: Option<String>,
+    /// Not before this time (RFC 3339) after a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub next_attempt_at: Option<String>,
 }
 
 /// One worker pod as the last status poll read it.

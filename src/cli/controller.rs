@@ -44,6 +44,10 @@ pub struct ControllerArgs {
     /// answered by then is reported unreachable in the flow's `StatusUnavailable` condition.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub status_timeout: std::time::Duration,
+    /// How long no worker pod of a flow may answer (over at least three polls) before the controller opens
+    /// the ticket `status:NoWorkerAnswering` for the flow's owner (Go duration).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub outage_after: std::time::Duration,
     /// Flows whose worker pods are polled at the same time.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub status_flows_at_once: u16,
@@ -206,6 +210,10 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
         },
         no_leader_election: args.no_leader_election,
         network_policies,
+        outage: crate::controller::flow::outage::OutageSettings {
+            after: args.outage_after,
+            ..Default::default()
+        },
     };
     match runtime.block_on(crate::controller::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

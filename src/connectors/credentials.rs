@@ -14,6 +14,9 @@ pub enum CredentialsError {
         path: String,
         env: String,
     },
+    /// Missing from a Secret the controller read itself (it mounts nothing).
+    #[error("credential {key:?} is missing: Secret {secret} has no such key")]
+    NotInSecret { key: String, secret: String },
     #[error("credential {key:?} could not be read from {path}: {reason}")]
     Unreadable {
         key: String,
@@ -30,6 +33,26 @@ pub enum CredentialsError {
 pub struct Credentials {
     dir: Option<PathBuf>,
     env_prefix: String,
+    /// The Secret's values when the process read the Secret through the API (the controller's ticket
+    /// sinks) rather than from a mount.
+    read: Option<ReadSecret>,
+}
+
+/// A Secret's values as read through the API. Its `Debug` shows the key names only: a credential is never
+/// printed, not even by a `{:?}` in an error path.
+#[derive(Clone)]
+struct ReadSecret {
+    name: String,
+    values: std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ReadSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadSecret")
+            .field("name", &self.name)
+            .field("keys", &self.values.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Credentials {
@@ -38,6 +61,23 @@ impl Credentials {
         Credentials {
             dir: dir.map(Path::to_path_buf),
             env_prefix: env_prefix.to_ascii_uppercase(),
+            read: None,
+        }
+    }
+
+    /// The keys of the Secret `name` as the API served them (already decoded), for a process that reads a
+    /// Secret instead of mounting it. No fallback to files or variables: the Secret is the only source.
+    pub fn from_secret(
+        name: &str,
+        values: std::collections::BTreeMap<String, String>,
+    ) -> Credentials {
+        Credentials {
+            dir: None,
+            env_prefix: String::new(),
+            read: Some(ReadSecret {
+                name: name.to_string(),
+                values,
+            }),
         }
     }
 
@@ -57,6 +97,16 @@ impl Credentials {
 
     /// The value of `key`, trimmed of a trailing newline (as `kubectl create secret --from-file` leaves it).
     pub fn get(&self, key: &str) -> Result<String, CredentialsError> {
+        if let Some(read) = &self.read {
+            return read
+                .values
+                .get(key)
+                .map(|v| v.trim_end_matches(['\n', '\r']).to_string())
+                .ok_or_else(|| CredentialsError::NotInSecret {
+                    key: key.to_string(),
+                    secret: read.name.clone(),
+                });
+        }
         let env = self.env_name(key);
         let path = self.dir.as_ref().map(|d| d.join(key));
         if let Some(path) = &path {
@@ -115,7 +165,9 @@ impl Credentials {
     pub fn optional(&self, key: &str) -> Result<Option<String>, CredentialsError> {
         match self.get(key) {
             Ok(v) => Ok(Some(v)),
-            Err(CredentialsError::Missing { .. }) => Ok(None),
+            Err(CredentialsError::Missing { .. } | CredentialsError::NotInSecret { .. }) => {
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
@@ -124,6 +176,26 @@ impl Credentials {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_read_through_the_api_is_the_only_source_and_never_printed() {
+        let c = Credentials::from_secret(
+            "ns/alert-webhook-signing",
+            [("signingSecret".to_string(), "s3cr3t-value\n".to_string())].into(),
+        );
+        assert_eq!(c.get("signingSecret").unwrap(), "s3cr3t-value");
+        assert_eq!(c.optional("token").unwrap(), None);
+        let missing = c.get("token").unwrap_err().to_string();
+        assert!(
+            missing.contains("ns/alert-webhook-signing") && missing.contains("token"),
+            "{missing}"
+        );
+        let printed = format!("{c:?}");
+        assert!(
+            printed.contains("signingSecret") && !printed.contains("s3cr3t"),
+            "{printed}"
+        );
+    }
 
     #[test]
     fn a_rotation_through_the_data_symlink_changes_the_fingerprint() {

@@ -165,6 +165,8 @@ pub struct Context {
     pub workers: Arc<dyn poll::WorkerStatusSource>,
     /// "Now" for a canary's steps and measurements; tests move a manual clock instead of sleeping.
     pub clock: Arc<dyn crate::ledger::Clock>,
+    /// When no worker answering becomes the controller's own ticket (see `flow::outage`).
+    pub outage: flow::outage::OutageSettings,
 }
 
 impl Context {
@@ -189,7 +191,14 @@ impl Context {
             metrics,
             workers: Arc::new(poll::Direct::new()),
             clock: Arc::new(crate::ledger::SystemClock),
+            outage: flow::outage::OutageSettings::default(),
         }
+    }
+
+    /// The same context judging a flow's silence by `settings`.
+    pub fn with_outage(mut self, settings: flow::outage::OutageSettings) -> Context {
+        self.outage = settings;
+        self
     }
 
     /// The same context telling time by `clock`.

@@ -50,6 +50,8 @@ pub struct Settings {
     pub no_leader_election: bool,
     /// Whether each flow gets a NetworkPolicy for its worker pods.
     pub network_policies: FlowNetworkPolicies,
+    /// When no worker pod of a flow answering becomes the controller's own ticket.
+    pub outage: super::flow::outage::OutageSettings,
 }
 
 /// `--flow-network-policies`: the per-flow NetworkPolicy switch. Each mode needs its own RBAC on
@@ -351,7 +353,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             stores.clone(),
             metrics.clone(),
         )
-        .with_workers(source.clone()),
+        .with_workers(source.clone())
+        .with_outage(settings.outage),
     );
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));

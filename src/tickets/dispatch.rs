@@ -215,17 +215,8 @@ impl Dispatcher {
                 continue;
             };
             let mut ticket = self.render(&d.ticket);
-            // A first send in doubt (the worker died after sending, before recording) while the ticket moved
-            // on: the sink may already have that version as its first. Resend under that version's number, so
-            // an idempotent sink drops it (and one that never got it takes it as the first); the current
-            // version follows as an update. Sending the current one as a new first version would open the
-            // ticket twice at the sink.
-            if let Some(sent) = d.in_doubt_version
-                && d.previous.is_none()
-                && sent < ticket.version
-            {
-                ticket.version = sent;
-            }
+            ticket.version =
+                version_to_send(ticket.version, d.previous.is_some(), d.in_doubt_version);
             self.ledger
                 .begin_ticket_delivery(
                     &d.ticket.fingerprint,
@@ -234,24 +225,17 @@ impl Dispatcher {
                     self.send_lease,
                 )
                 .await?;
-            let send = sink.deliver(Delivery {
-                ticket: &ticket,
-                previous: d.previous.as_ref(),
-                in_doubt: d.in_doubt,
-                now,
-            });
-            let result = match tokio::time::timeout(self.send_lease, send).await {
-                Ok(result) => result,
-                Err(_) => Err(SinkError {
-                    retryable: true,
-                    status: None,
-                    message: format!(
-                        "ticket sink {}: no answer within the send lease of {:?}",
-                        d.sink, self.send_lease
-                    ),
-                    retry_after: None,
-                }),
-            };
+            let result = send(
+                sink.as_ref(),
+                Delivery {
+                    ticket: &ticket,
+                    previous: d.previous.as_ref(),
+                    in_doubt: d.in_doubt,
+                    now,
+                },
+                self.send_lease,
+            )
+            .await;
             match result {
                 Ok(sink_ref) => {
                     self.ledger
@@ -319,6 +303,40 @@ impl Dispatcher {
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         }
+    }
+}
+
+/// The version a delivery sends: the ticket's current one, except after a first send in doubt (the sender
+/// died after sending, before recording) while the ticket moved on. The sink may already have that version
+/// as its first, so it is resent under that version's number: an idempotent sink drops it (and one that never
+/// got it takes it as the first), and the current version follows as an update. Sending the current one as a
+/// new first version would open the ticket twice at the sink. Shared by the worker's outbox and the
+/// controller's (`controller::flow::outage`).
+pub fn version_to_send(current: i64, delivered_before: bool, in_doubt_version: Option<i64>) -> i64 {
+    match in_doubt_version {
+        Some(sent) if !delivered_before && sent < current => sent,
+        _ => current,
+    }
+}
+
+/// One delivery to one sink, cut off at `lease` (a sender holds a send for at most that long, so two senders
+/// never have one version in flight at once); a send cut off is retryable and stays in doubt.
+pub async fn send(
+    sink: &dyn TicketSink,
+    delivery: Delivery<'_>,
+    lease: Duration,
+) -> Result<super::sinks::SinkRef, SinkError> {
+    match tokio::time::timeout(lease, sink.deliver(delivery)).await {
+        Ok(result) => result,
+        Err(_) => Err(SinkError {
+            retryable: true,
+            status: None,
+            message: format!(
+                "ticket sink {}: no answer within the send lease of {lease:?}",
+                sink.name()
+            ),
+            retry_after: None,
+        }),
     }
 }
 

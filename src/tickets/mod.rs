@@ -10,7 +10,9 @@
 //! - `sinks`: the vendors' wire formats behind [`TicketSink`];
 //! - the ledger (`crate::ledger`): the tickets and their per-sink delivery state, in the same database as the
 //!   records, so a ticket is as durable as the dead letter it reports;
-//! - `dispatch`: the worker's task that routes, escalates and delivers tickets with retries and backoff.
+//! - `dispatch`: the worker's task that routes, escalates and delivers tickets with retries and backoff;
+//!   its rendering and sending are shared with the controller's one ticket of its own, a flow none of whose
+//!   worker pods answers (`controller::flow::outage`).
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -207,8 +209,9 @@ pub struct Ticket {
 /// contract candidate the gates rejected or whose canary aborted), sent to the worker's `PUT /exceptions`
 /// so it becomes a ticket in the same outbox as the records' exceptions. The controller sends the whole set
 /// it sees each time; a cause it no longer sends has cleared. Some worker pods not answering while another
-/// does is one (`status:WorkersNotAnswering`); no pod answering cannot be reported through a worker, and
-/// stays the flow's `StatusUnavailable` condition and Event.
+/// does is one (`status:WorkersNotAnswering`). No pod answering cannot be reported through a worker: the
+/// controller keeps that ticket (`status:NoWorkerAnswering`) itself, in the flow's status
+/// (`controller::flow::outage`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReportedCause {

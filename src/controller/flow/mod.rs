@@ -18,6 +18,7 @@
 
 pub mod build;
 pub mod canary;
+pub mod outage;
 pub mod status;
 pub mod tickets;
 pub mod validate;
@@ -363,13 +364,71 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     {
         next.tickets = Some(t);
     }
+    // No worker pod answering: the controller's own ticket, from an outbox in this status (issue #16).
+    let covering = verdict.roster.as_deref().and_then(|r| {
+        r.spec
+            .assignments
+            .iter()
+            .find(|a| crate::validate::assignment_covers(a, flow))
+            .map(|a| (r, a))
+    });
+    let outage_plan = outage::plan(outage::Inputs {
+        namespace: &ns,
+        flow: &name,
+        previous: flow.status.as_ref().and_then(|s| s.outage.as_ref()),
+        answer: &outage::answer(replicas > 0, observation.as_ref()),
+        roster: covering.map(|(r, a)| (&r.spec, a)),
+        now: ctx.now(),
+        settings: &ctx.outage,
+    });
+    next.outage = outage_plan.outage.clone();
+    if let Some(event) = outage::transition(
+        flow.status.as_ref().and_then(|s| s.outage.as_ref()),
+        next.outage.as_ref(),
+    ) && let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await
+    {
+        tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
+    }
+    if let Some(r) = outage_plan.recheck_in {
+        requeue = requeue.min(r.max(Duration::from_secs(1)));
+    }
     if status::differs(flow.status.as_ref(), &next, |s| &mut s.conditions) {
+        // This write carries the sends' in-doubt marks: it happens before anything is sent.
         apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
         for event in transitions(flow.status.as_ref(), &next) {
             // An Event that cannot be published must not fail the reconcile: the status already says it.
             if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
                 tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
             }
+        }
+    }
+    if let (false, Some(mut settled)) = (outage_plan.sends.is_empty(), outage_plan.outage) {
+        outage::deliver(
+            ctx,
+            flow,
+            covering.map(|(r, _)| r),
+            &mut settled,
+            &outage_plan.sends,
+        )
+        .await;
+        next.outage = Some(settled);
+        apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
+        if let Some(retry) = next
+            .outage
+            .as_ref()
+            .and_then(|o| o.ticket.as_ref())
+            .into_iter()
+            .flat_map(|t| &t.deliveries)
+            .filter_map(|d| d.next_attempt_at.as_deref())
+            .filter_map(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+            .map(|at| {
+                (at.with_timezone(&chrono::Utc) - ctx.now())
+                    .to_std()
+                    .unwrap_or_default()
+            })
+            .min()
+        {
+            requeue = requeue.min(retry.max(Duration::from_secs(1)));
         }
     }
     Ok(Action::requeue(requeue))

@@ -112,6 +112,10 @@ pub struct Observation {
     pub ledger_fresh: bool,
     /// Every worker pod the status Service publishes, sorted by name.
     pub pods: Vec<PodObservation>,
+    /// Consecutive polls, this one included, in which no pod answered with its numbers (none published,
+    /// none reachable, or every one unable to start); 0 when one did. It also makes each silent poll a
+    /// change, so the reconciler sees every one of them (see `outage`).
+    pub silent_polls: u32,
 }
 
 impl Observation {
@@ -124,6 +128,11 @@ impl Observation {
         });
         Observation {
             ledger_fresh: fresh.is_some(),
+            silent_polls: if fresh.is_some() {
+                0
+            } else {
+                previous.map_or(0, |p| p.silent_polls).saturating_add(1)
+            },
             ledger: fresh.or_else(|| previous.and_then(|p| p.ledger.clone())),
             pods,
         }

@@ -29,8 +29,7 @@ pub fn causes(
         }
     }
     // Pods that do not answer while another does (replicas on a shared ledger): the flow runs short-handed.
-    // When none answers there is no worker to report to; the flow's StatusUnavailable condition and its
-    // Event say so instead.
+    // When none answers there is no worker to report to; the controller sends that ticket itself (`outage`).
     if let Some(o) = observation {
         let silent: Vec<&str> = o
             .pods
