@@ -27,11 +27,14 @@ use meshline::api::{SecretRef, TicketSink, TicketSinkType};
 use rand::{Rng, SeedableRng};
 use reliability::*;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use sha2::Sha256;
 
 const RECORDS: usize = 1_500;
 const BATCH: usize = 50;
 const KILLS: u32 = 10;
+/// The CRM batches each kill lets go (30 batches over 10 kills).
+const BATCHES_PER_KILL: usize = 3;
 const SIGNING_SECRET: &str = "whsec-ticket-receiver";
 const SINK: &str = "ops-webhook";
 /// The worker's claim lease (seconds); a ticket send begun by a killed worker is resent after it too.
@@ -294,25 +297,39 @@ async fn kill_and_restart_while_tickets_change(ledger: LedgerChoice, seed: u64) 
 
     let (batches, _, versions) = traffic(RECORDS, BATCH, &[]);
     let urls = vec![worker.url()];
+    // The CRM is paced by the kills, not by a clock: each kill lets three more batches go, so dead letters (and
+    // with them new ticket versions to send) keep coming until the last kill, however slow the machine is.
+    let pace = Arc::new(Semaphore::new(BATCHES_PER_KILL));
+    let crm_pace = pace.clone();
     let crm = tokio::spawn(async move {
         let http = client();
         let mut stats = CrmStats::default();
         for batch in &batches {
+            crm_pace
+                .acquire()
+                .await
+                .expect("the pace is never closed")
+                .forget();
             deliver_batch(&http, &urls, batch, &mut stats, Duration::from_secs(60)).await;
-            // Spread over the kills, so tickets keep changing while the worker dies and comes back.
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         stats
     });
 
     let mut mid_delivery = 0;
     for kill in 0..KILLS {
+        pace.add_permits(BATCHES_PER_KILL);
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
         if kill % 2 == 1 {
             // Every other kill waits for a ticket at the receiver, so the window between the receiver taking
-            // it and the ledger recording that is hit for sure.
-            let until = Instant::now() + Duration::from_secs(3);
-            while receiver.state.in_flight.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+            // it and the ledger recording that is hit for sure. The batches this kill let go bring new dead
+            // letters, so a ticket version is on its way; the deadline only turns a hang into a failure.
+            let until = Instant::now() + Duration::from_secs(120);
+            while receiver.state.in_flight.load(Ordering::SeqCst) == 0 {
+                assert!(
+                    Instant::now() < until,
+                    "kill {kill}: no ticket delivery reached the receiver in 120 s; log:\n{}",
+                    worker.log_tail()
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
@@ -323,6 +340,8 @@ async fn kill_and_restart_while_tickets_change(ledger: LedgerChoice, seed: u64) 
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         worker.start().await;
     }
+    // The kills have let every batch go (3 + 3 a kill); whatever the pacing leaves is released here.
+    pace.add_permits(RECORDS.div_ceil(BATCH));
     let crm_stats = tokio::time::timeout(Duration::from_secs(60), crm)
         .await
         .expect("the CRM finished sending within 60 s of the last kill")
