@@ -80,7 +80,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "replicaCount": 3,
         "watchNamespace": "tenant-b",
         "logLevel": "debug,kube=info",
-        "controller": {"statusPeriod": "1m30s", "statusViaProxy": True},
+        "controller": {"statusPeriod": "1m30s", "statusViaProxy": True, "outageAfter": "10m"},
         "serviceAccount": {"create": True, "name": "meshline-sa", "annotations": {"iam.example/role": "x"}},
         "podAnnotations": {"example.test/scrape": "true"},
         "podLabels": {"team": "integrations"},
@@ -163,6 +163,7 @@ REJECTED_VALUES_FILES: dict[str, tuple[str, str]] = {
     "pull-policy-not-in-enum": ("image:\n  repository: x/y\n  pullPolicy: Sometimes\n", "/image/pullPolicy"),
     "watch-namespace-not-dns-label": ("watchNamespace: Tenant_A\n", "/watchNamespace"),
     "status-period-not-duration": ("controller:\n  statusPeriod: thirty seconds\n", "/controller/statusPeriod"),
+    "outage-after-not-duration": ("controller:\n  outageAfter: five minutes\n", "/controller/outageAfter"),
     "status-via-proxy-not-bool": ("controller:\n  statusViaProxy: \"yes\"\n", "/controller/statusViaProxy"),
     "service-monitor-unknown-key": ("serviceMonitor:\n  enabled: true\n  port: 9090\n", "port"),
     "resources-unknown-key": ("resources:\n  request:\n    cpu: 1\n", "request"),
@@ -604,6 +605,8 @@ def test_args_with_namespace_proxy_and_custom_period() -> None:
         "--namespace",
         "tenant-b",
         "--status-via-proxy",
+        "--outage-after",
+        "10m",
     ]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["RUST_LOG"] == "debug,kube=info"
