@@ -27,8 +27,8 @@ use meshline::api::{SecretRef, TicketSink, TicketSinkType};
 use rand::{Rng, SeedableRng};
 use reliability::*;
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 const RECORDS: usize = 1_500;
 const BATCH: usize = 50;

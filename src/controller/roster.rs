@@ -50,7 +50,22 @@ pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
                 .map(|t| (f.metadata.name.as_deref().unwrap_or_default(), t))
         })
         .collect();
-    if summaries.is_empty() {
+    // The sinks the controller itself failed to reach with a flow's outage ticket (no worker answering, so
+    // no worker can report them): failing on the same terms as a worker's sink.
+    let outage_failing: Vec<crate::api::FailingTicketSink> = flows
+        .iter()
+        .filter_map(|f| f.status.as_ref()?.outage.as_ref()?.ticket.as_ref())
+        .flat_map(|t| t.deliveries.iter())
+        .filter(|d| d.attempts >= crate::tickets::dispatch::FAILING_AFTER as i32)
+        .map(|d| crate::api::FailingTicketSink {
+            sink: d.sink.clone(),
+            pending: 1,
+            consecutive_failures: d.attempts,
+            failing_since: None,
+            message: d.last_error.clone(),
+        })
+        .collect();
+    if summaries.is_empty() && outage_failing.is_empty() {
         return None;
     }
     #[derive(Default)]
@@ -92,6 +107,11 @@ pub fn tickets_of(flows: &[&SyncFlow]) -> Option<TicketSummary> {
             if !out.failing_sinks.iter().any(|f| f.sink == s.sink) {
                 out.failing_sinks.push(s.clone());
             }
+        }
+    }
+    for s in outage_failing {
+        if !out.failing_sinks.iter().any(|f| f.sink == s.sink) {
+            out.failing_sinks.push(s);
         }
     }
     let mean = |sum: f64, n: i64| (n > 0).then(|| (sum / n as f64).round() as i64);
@@ -383,6 +403,49 @@ mod tests {
         assert_eq!(t.oldest[0].reason, "a: erp:422");
         assert_eq!(t.failing_sinks.len(), 1);
         assert!(tickets_of(&[]).is_none());
+    }
+
+    #[test]
+    fn a_sink_the_controller_cannot_reach_with_an_outage_ticket_is_failing_on_the_roster() {
+        use crate::api::{FlowOutage, OutageDelivery, OutageTicket};
+        let mut silent = flow("silent", TicketSummary::default());
+        let status = silent.status.as_mut().unwrap();
+        // No worker answers, so the flow has no worker summary: only the controller's outage outbox.
+        status.tickets = None;
+        let delivery = |sink: &str, attempts: i32| OutageDelivery {
+            sink: sink.into(),
+            attempts,
+            last_error: Some("503 from the sink".into()),
+            ..Default::default()
+        };
+        status.outage = Some(FlowOutage {
+            ticket: Some(OutageTicket {
+                fingerprint: "fp".into(),
+                state: "open".into(),
+                summary: "no worker pod answered".into(),
+                opened_at: "2026-12-01T10:00:00Z".into(),
+                resolved_at: None,
+                version: 1,
+                owner: "dana".into(),
+                role: crate::api::OwnerRole::SyncOwner,
+                escalation_step: 0,
+                page: false,
+                deliveries: vec![delivery("ops-webhook", 3), delivery("pager", 1)],
+            }),
+            ..Default::default()
+        });
+        let t = tickets_of(&[&silent]).expect("the outage's failing sink");
+        assert_eq!(t.failing_sinks.len(), 1, "{:?}", t.failing_sinks);
+        assert_eq!(t.failing_sinks[0].sink, "ops-webhook");
+        assert_eq!(
+            t.failing_sinks[0].message.as_deref(),
+            Some("503 from the sink")
+        );
+        // Two failures are not yet failing, as for a worker's sink.
+        if let Some(o) = silent.status.as_mut().unwrap().outage.as_mut() {
+            o.ticket.as_mut().unwrap().deliveries[0].attempts = 2;
+        }
+        assert!(tickets_of(&[&silent]).is_none());
     }
 
     #[test]

@@ -644,7 +644,9 @@ pub(crate) const SQLITE: &[Migration] = &[
     Migration {
         version: 9,
         description: REFUSED_DESCRIPTION,
-        statements: &["ALTER TABLE ticket_deliveries ADD COLUMN refused INTEGER NOT NULL DEFAULT 0"],
+        statements: &[
+            "ALTER TABLE ticket_deliveries ADD COLUMN refused INTEGER NOT NULL DEFAULT 0",
+        ],
     },
     Migration {
         version: 10,
