@@ -717,6 +717,11 @@ pub struct FlowOutage {
     /// silence reopens it under a higher version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket: Option<OutageTicket>,
+    /// The last value of the annotation `sync.meshline.io/acknowledge-outage` acted on (accepted or refused),
+    /// so a re-applied manifest or a later outage never takes an old acknowledgement as a new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub acknowledgement: Option<String>,
 }
 
 /// The controller's ticket for a flow whose workers do not answer.
@@ -726,9 +731,17 @@ pub struct OutageTicket {
     /// The ticket's fingerprint (as the sinks see it).
     #[schemars(length(max = 64))]
     pub fingerprint: String,
-    /// `open` or `resolved`.
+    /// `open`, `acknowledged` or `resolved`.
     #[schemars(length(max = 16))]
     pub state: String,
+    /// RFC 3339, while acknowledged (cleared when a new silence reopens the ticket).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub acknowledged_at: Option<String>,
+    /// The roster owner who acknowledged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub acknowledged_by: Option<String>,
     /// What was seen (pod names and their errors, no record values).
     #[schemars(length(max = 1024))]
     pub summary: String,

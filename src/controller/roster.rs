@@ -422,6 +422,8 @@ mod tests {
             ticket: Some(OutageTicket {
                 fingerprint: "fp".into(),
                 state: "open".into(),
+                acknowledged_at: None,
+                acknowledged_by: None,
                 summary: "no worker pod answered".into(),
                 opened_at: "2026-12-01T10:00:00Z".into(),
                 resolved_at: None,

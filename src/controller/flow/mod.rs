@@ -380,8 +380,24 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         roster: covering.map(|(r, a)| (&r.spec, a)),
         now: ctx.now(),
         settings: &ctx.outage,
+        acknowledge: flow
+            .annotations()
+            .get(outage::ACK_ANNOTATION)
+            .map(String::as_str),
     });
     next.outage = outage_plan.outage.clone();
+    if let Some(why) = &outage_plan.refused {
+        let event = kube::runtime::events::Event {
+            type_: kube::runtime::events::EventType::Warning,
+            reason: "OutageAcknowledgementRefused".into(),
+            note: Some(event_note(why)),
+            action: "Outage".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
+            tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
+        }
+    }
     if let Some(event) = outage::transition(
         flow.status.as_ref().and_then(|s| s.outage.as_ref()),
         next.outage.as_ref(),

@@ -35,6 +35,12 @@ use crate::tickets::{ExceptionKind, Ticket, TicketState, dispatch};
 
 /// The reason key of the ticket (a `status:` cause, like the worker-reported `status:WorkersNotAnswering`).
 pub const NO_WORKER_ANSWERING: &str = "status:NoWorkerAnswering";
+
+/// Acknowledges the flow's open outage ticket for a roster owner: `<owner id>:<any id>`, e.g.
+/// `kubectl annotate syncflow orders sync.meshline.io/acknowledge-outage=dana:1 --overwrite`. Who may set it
+/// is who may patch the SyncFlow (Kubernetes RBAC); the owner named is recorded and shown at the sinks. Each
+/// value counts once: a new outage needs a new id.
+pub const ACK_ANNOTATION: &str = "sync.meshline.io/acknowledge-outage";
 /// The CRD's bounds (see `api::OutageTicket`).
 const SUMMARY_MAX: usize = 1024;
 const ERROR_MAX: usize = 1024;
@@ -126,6 +132,8 @@ pub struct Inputs<'a> {
     pub roster: Option<(&'a OwnershipRosterSpec, &'a Assignment)>,
     pub now: DateTime<Utc>,
     pub settings: &'a OutageSettings,
+    /// The flow's annotation `sync.meshline.io/acknowledge-outage` (`<owner>:<id>`), if any.
+    pub acknowledge: Option<&'a str>,
 }
 
 /// One send the apply step makes: `version` of the ticket to `sink`.
@@ -146,6 +154,8 @@ pub struct Plan {
     pub sends: Vec<Send>,
     /// When to look again without a poll's nudge (the silence reaching `after`, a retry falling due).
     pub recheck_in: Option<Duration>,
+    /// Why a new acknowledgement annotation was not taken (for a Warning Event).
+    pub refused: Option<String>,
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -232,6 +242,8 @@ pub fn plan(i: Inputs<'_>) -> Plan {
                             NO_WORKER_ANSWERING,
                         ),
                         state: "open".into(),
+                        acknowledged_at: None,
+                        acknowledged_by: None,
                         summary: summary.clone(),
                         opened_at: rfc3339(i.now),
                         resolved_at: None,
@@ -249,9 +261,44 @@ pub fn plan(i: Inputs<'_>) -> Plan {
             }
         }
     }
-    // Route and climb the ladder while the ticket is open; a version bump sends the change.
+    // A person acknowledging the ticket (by annotation: the controller has no API of its own for people). A
+    // value is acted on once, whatever the answer, so an old one never acknowledges a later outage.
+    let mut refused = None;
+    if let Some(value) = i.acknowledge
+        && outage.acknowledgement.as_deref() != Some(value)
+    {
+        outage.acknowledgement = Some(bounded(value, 128));
+        let owner = value
+            .split_once(':')
+            .map_or(value, |(owner, _)| owner)
+            .trim();
+        let known = i
+            .roster
+            .is_some_and(|(spec, _)| spec.owners.iter().any(|o| o.id == owner));
+        match outage.ticket.as_mut() {
+            Some(t) if t.state == "open" && known => {
+                t.state = "acknowledged".into();
+                t.acknowledged_at = Some(rfc3339(i.now));
+                t.acknowledged_by = Some(owner.to_string());
+                t.version += 1;
+            }
+            Some(t) if t.state == "open" => {
+                refused = Some(format!(
+                    "{ACK_ANNOTATION}={value:?}: {owner:?} is not an owner in the flow's roster \
+                     (the value is <owner id>:<any id>)"
+                ));
+            }
+            _ => {
+                refused = Some(format!(
+                    "{ACK_ANNOTATION}={value:?}: the flow has no open outage ticket to acknowledge"
+                ));
+            }
+        }
+    }
+    // Route and climb the ladder while the ticket is open; a version bump sends the change. An acknowledged
+    // ticket climbs again only past the roster's `mttrTarget`, as a worker's ticket does.
     if let (Some(t), Some((spec, assignment))) = (outage.ticket.as_mut(), i.roster)
-        && t.state == "open"
+        && t.state != "resolved"
     {
         let routed = route::route(
             spec,
@@ -267,7 +314,11 @@ pub fn plan(i: Inputs<'_>) -> Plan {
             assignment,
             &routed,
             opened,
-            TicketState::Open,
+            if t.state == "acknowledged" {
+                TicketState::Acknowledged
+            } else {
+                TicketState::Open
+            },
             u32::try_from(t.escalation_step).unwrap_or(0),
             i.now,
         );
@@ -340,11 +391,14 @@ pub fn plan(i: Inputs<'_>) -> Plan {
             d.in_doubt_version = Some(version);
         }
     }
-    let keep = outage.silent_since.is_some() || outage.ticket.is_some();
+    let keep = outage.silent_since.is_some()
+        || outage.ticket.is_some()
+        || outage.acknowledgement.is_some();
     Plan {
         outage: keep.then_some(outage),
         sends,
         recheck_in: recheck,
+        refused,
     }
 }
 
@@ -369,6 +423,16 @@ pub fn transition(
             format!(
                 "outage ticket {} opened for {}: {}",
                 t.fingerprint, t.owner, t.summary
+            ),
+        )
+    } else if t.state == "acknowledged" {
+        (
+            EventType::Normal,
+            "OutageAcknowledged",
+            format!(
+                "outage ticket {} acknowledged by {}",
+                t.fingerprint,
+                t.acknowledged_by.as_deref().unwrap_or_default()
             ),
         )
     } else {
@@ -437,10 +501,10 @@ pub fn ticket(
 ) -> Ticket {
     let opened_at = parse_time(&t.opened_at).unwrap_or_default();
     let resolved_at = t.resolved_at.as_deref().and_then(parse_time);
-    let state = if t.state == "resolved" {
-        TicketState::Resolved
-    } else {
-        TicketState::Open
+    let state = match t.state.as_str() {
+        "resolved" => TicketState::Resolved,
+        "acknowledged" => TicketState::Acknowledged,
+        _ => TicketState::Open,
     };
     let record = TicketRecord {
         fingerprint: t.fingerprint.clone(),
@@ -454,8 +518,8 @@ pub fn ticket(
         outstanding: u64::from(state != TicketState::Resolved),
         opened_at,
         updated_at: resolved_at.unwrap_or(opened_at),
-        acknowledged_at: None,
-        acknowledged_by: None,
+        acknowledged_at: t.acknowledged_at.as_deref().and_then(parse_time),
+        acknowledged_by: t.acknowledged_by.clone(),
         resolved_at,
         reopened: 0,
         examples: Vec::new(),
@@ -617,6 +681,7 @@ mod tests {
             roster: Some((&r.spec, &r.spec.assignments[0])),
             now,
             settings: &OutageSettings::default(),
+            acknowledge: None,
         })
     }
 
@@ -742,6 +807,120 @@ mod tests {
             later + chrono::Duration::minutes(11),
         );
         assert_eq!(due.sends.len(), 1);
+    }
+
+    fn acknowledged(
+        r: &OwnershipRoster,
+        previous: &FlowOutage,
+        answer: &Answer,
+        now: DateTime<Utc>,
+        value: &str,
+    ) -> Plan {
+        plan(Inputs {
+            namespace: "ns",
+            flow: "f",
+            previous: Some(previous),
+            answer,
+            roster: Some((&r.spec, &r.spec.assignments[0])),
+            now,
+            settings: &OutageSettings::default(),
+            acknowledge: Some(value),
+        })
+    }
+
+    #[test]
+    fn an_owner_acknowledges_the_outage_once_which_stops_the_ladder_and_reaches_the_sinks() {
+        let r = roster();
+        let owner = r.spec.owners[0].id.clone();
+        let o = step(&r, None, &silent(1), t0()).outage.unwrap();
+        let opened = t0() + chrono::Duration::minutes(6);
+        let o = delivered(&step(&r, Some(&o), &silent(3), opened));
+        let at = opened + chrono::Duration::minutes(10);
+        let p = acknowledged(&r, &o, &silent(4), at, &format!("{owner}:1"));
+        assert_eq!(p.refused, None);
+        let t = p.outage.as_ref().unwrap().ticket.as_ref().unwrap();
+        assert_eq!(t.state, "acknowledged");
+        assert_eq!(t.acknowledged_by.as_deref(), Some(owner.as_str()));
+        assert_eq!(
+            t.version, 2,
+            "the acknowledgement is a change the sinks get"
+        );
+        assert_eq!(p.sends.len(), 1);
+        let rendered = ticket("ns", "f", Some(&r), t);
+        assert_eq!(rendered.state, TicketState::Acknowledged);
+        assert_eq!(rendered.acknowledged_by.as_deref(), Some(owner.as_str()));
+        let o = delivered(&p);
+        assert!(
+            transition(Some(&o), Some(&o)).is_none(),
+            "no Event without a change"
+        );
+        // Five hours on, the ladder would have paged an unacknowledged outage (see below); this one stays
+        // with its owner, and the same annotation value is not taken again.
+        let later = acknowledged(
+            &r,
+            &o,
+            &silent(40),
+            opened + chrono::Duration::hours(5),
+            &format!("{owner}:1"),
+        );
+        let t = later.outage.as_ref().unwrap().ticket.as_ref().unwrap();
+        assert_eq!((t.escalation_step, t.page, t.version), (0, false, 2));
+        assert!(later.sends.is_empty());
+        assert_eq!(later.refused, None);
+        // Resolved when a pod answers; a later outage reopens it unacknowledged, and the old value does not
+        // acknowledge it.
+        let resolved = delivered(&acknowledged(
+            &r,
+            &o,
+            &Answer::Answering,
+            opened + chrono::Duration::hours(6),
+            &format!("{owner}:1"),
+        ));
+        let again = t0() + chrono::Duration::hours(7);
+        let silent_again = step(&r, Some(&resolved), &silent(1), again).outage.unwrap();
+        let reopened = acknowledged(
+            &r,
+            &silent_again,
+            &silent(3),
+            again + chrono::Duration::minutes(6),
+            &format!("{owner}:1"),
+        );
+        let t = reopened.outage.as_ref().unwrap().ticket.as_ref().unwrap();
+        assert_eq!(t.state, "open");
+        assert_eq!(t.acknowledged_by, None);
+    }
+
+    #[test]
+    fn an_acknowledgement_for_someone_outside_the_roster_or_without_an_outage_is_refused_once() {
+        let r = roster();
+        let o = step(&r, None, &silent(1), t0()).outage.unwrap();
+        let opened = t0() + chrono::Duration::minutes(6);
+        let o = delivered(&step(&r, Some(&o), &silent(3), opened));
+        let p = acknowledged(&r, &o, &silent(4), opened, "mallory:1");
+        let why = p.refused.as_deref().expect("refused");
+        assert!(why.contains("\"mallory\" is not an owner"), "{why}");
+        let after = p.outage.unwrap();
+        assert_eq!(after.ticket.as_ref().unwrap().state, "open");
+        assert!(p.sends.is_empty());
+        // Acted on once: the next reconcile with the same value says nothing more.
+        assert_eq!(
+            acknowledged(&r, &after, &silent(5), opened, "mallory:1").refused,
+            None
+        );
+        // No outage at all: refused, and remembered so it cannot acknowledge a later one.
+        let owner = r.spec.owners[0].id.clone();
+        let quiet = acknowledged(
+            &r,
+            &FlowOutage::default(),
+            &Answer::Answering,
+            t0(),
+            &format!("{owner}:7"),
+        );
+        assert!(quiet.refused.unwrap().contains("no open outage ticket"));
+        assert_eq!(
+            quiet.outage.unwrap().acknowledgement.as_deref(),
+            Some(format!("{owner}:7").as_str())
+        );
     }
 
     #[test]
