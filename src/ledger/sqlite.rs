@@ -2652,18 +2652,12 @@ mod tests {
             !completion.iter().any(|op| op == "OpenEphemeral"),
             "{completion:?}"
         );
-        let mut insert = conn
-            .prepare(
-                "EXPLAIN INSERT INTO records (flow, source_key, idempotency_key, generation, payload_hash, \
-                 contract_version, state, bucket, correlation_id, next_attempt_at, received_at, updated_at) \
-                 VALUES ('f', 'k', 'i', 1, 'h', '1', 'received', 0, 'c', 0, 0, 0)",
-            )
-            .unwrap();
-        let insert: Vec<String> = insert
-            .query_map([], |row| row.get::<_, String>(1))
-            .unwrap()
-            .collect::<rusqlite::Result<_>>()
-            .unwrap();
+        let insert = opcodes(
+            &conn,
+            "INSERT INTO records (flow, source_key, idempotency_key, generation, payload_hash, \
+             contract_version, state, bucket, correlation_id, next_attempt_at, received_at, updated_at) \
+             VALUES ('f', 'k', 'i', 1, 'h', '1', 'received', 0, 'c', 0, 0, 0)",
+        );
         assert!(!insert.iter().any(|op| op == "OpenEphemeral"), "{insert:?}");
         for (sql, index) in [
             (
