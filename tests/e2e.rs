@@ -295,6 +295,23 @@ async fn assert_valid_config_map_names(cms: &Api<ConfigMap>) {
     }
 }
 
+/// The example's Secrets, roster and contract in `ns`, and its flow (returned, not applied) on the ledger of
+/// [`unreachable_ledger`]: the set-up of every test whose workers must run but never answer with numbers.
+async fn example_on_unreachable_ledger(client: &Client, ns: &str) -> SyncFlow {
+    secret(client, ns, "hubspot-app", &["clientSecret", "accessToken"]).await;
+    secret(client, ns, "odoo-api-key", &["login", "apiKey"]).await;
+    ticket_sink_secrets(client, ns).await;
+    unreachable_ledger(client, ns).await;
+    apply(client, ns, &example::<OwnershipRoster>("roster.yaml", ns)).await;
+    apply(client, ns, &example::<SyncContract>("contract.yaml", ns)).await;
+    let mut flow = example::<SyncFlow>("flow.yaml", ns);
+    flow.spec.ledger = serde_json::from_value(serde_json::json!({
+        "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
+    }))
+    .unwrap();
+    flow
+}
+
 /// The Secret `ledger-db` with a PostgreSQL URL nobody serves: the flow's workers start and report the ledger
 /// unavailable (or, without a pullable image, nothing listens), while everything the controller does goes on.
 async fn unreachable_ledger(client: &Client, ns: &str) {
@@ -1212,31 +1229,10 @@ async fn public_url_is_refused_unless_it_is_an_https_url_hubspot_signs() {
 #[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
 async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
     with_namespace("replicas", |client, ns| async move {
-        secret(
-            &client,
-            &ns,
-            "hubspot-app",
-            &["clientSecret", "accessToken"],
-        )
-        .await;
-        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
-        ticket_sink_secrets(&client, &ns).await;
         // A ledger nobody serves: with a pullable image each worker answers 503 LedgerUnavailable; without
         // one, the pods get an IP but nothing listens. Either way each pod is published and must be read.
-        unreachable_ledger(&client, &ns).await;
-        apply(
-            &client,
-            &ns,
-            &example::<OwnershipRoster>("roster.yaml", &ns),
-        )
-        .await;
-        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
-        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        let mut flow = example_on_unreachable_ledger(&client, &ns).await;
         flow.spec.replicas = Some(2);
-        flow.spec.ledger = serde_json::from_value(serde_json::json!({
-            "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
-        }))
-        .unwrap();
         apply(&client, &ns, &flow).await;
 
         let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
@@ -1330,30 +1326,9 @@ async fn two_replicas_are_read_pod_by_pod_into_the_flow_status() {
 #[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
 async fn a_flow_whose_worker_cannot_start_gets_its_outage_ticket_in_its_status() {
     with_namespace("outage", |client, ns| async move {
-        secret(
-            &client,
-            &ns,
-            "hubspot-app",
-            &["clientSecret", "accessToken"],
-        )
-        .await;
-        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
-        ticket_sink_secrets(&client, &ns).await;
         // A ledger nobody serves: the worker answers 503 (or nothing listens without a pullable image), so no
         // pod answers with its numbers and there is no worker to report through.
-        unreachable_ledger(&client, &ns).await;
-        apply(
-            &client,
-            &ns,
-            &example::<OwnershipRoster>("roster.yaml", &ns),
-        )
-        .await;
-        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
-        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
-        flow.spec.ledger = serde_json::from_value(serde_json::json!({
-            "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
-        }))
-        .unwrap();
+        let flow = example_on_unreachable_ledger(&client, &ns).await;
         apply(&client, &ns, &flow).await;
 
         let flows: Api<SyncFlow> = Api::namespaced(client.clone(), &ns);
@@ -1776,31 +1751,10 @@ async fn a_contract_change_waits_for_sign_offs_then_runs_a_preflight_job_and_the
 #[ignore = "needs a cluster: KUBECONFIG=~/.kube/config cargo test --test e2e -- --ignored --test-threads=1"]
 async fn a_candidate_canary_runs_beside_the_stable_track_and_an_abort_removes_it() {
     with_namespace("canary", |client, ns| async move {
-        secret(
-            &client,
-            &ns,
-            "hubspot-app",
-            &["clientSecret", "accessToken"],
-        )
-        .await;
-        secret(&client, &ns, "odoo-api-key", &["login", "apiKey"]).await;
-        ticket_sink_secrets(&client, &ns).await;
         // Canaries need a ledger both tracks share. Nothing serves this one: the workers never become ready,
         // which the rollout must survive (its steps wait for every worker to apply a weight).
-        unreachable_ledger(&client, &ns).await;
-        apply(
-            &client,
-            &ns,
-            &example::<OwnershipRoster>("roster.yaml", &ns),
-        )
-        .await;
-        apply(&client, &ns, &example::<SyncContract>("contract.yaml", &ns)).await;
-        let mut flow = example::<SyncFlow>("flow.yaml", &ns);
+        let mut flow = example_on_unreachable_ledger(&client, &ns).await;
         flow.spec.replicas = Some(2);
-        flow.spec.ledger = serde_json::from_value(serde_json::json!({
-            "type": "postgres", "credentialsSecretRef": {"name": "ledger-db"}
-        }))
-        .unwrap();
         flow.spec.rollout = Some(
             serde_json::from_value(serde_json::json!({
                 "canary": {"steps": [{"weight": 10}, {"weight": 50}],
