@@ -70,6 +70,9 @@ pub struct SyncFlowSpec {
     /// Worker pod settings that override the controller's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerSpec>,
+    /// How the reconciliation audit reads the two sides, where the defaults don't fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<super::FlowAuditSpec>,
 }
 
 /// The contract a flow uses.
@@ -702,6 +705,9 @@ pub struct SyncFlowStatus {
     /// controller's outbox for the one cause no worker can report; see `controller::flow::outage`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outage: Option<FlowOutage>,
+    /// The last reconciliation audit of the flow (CRM deals against ERP orders).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<super::FlowAuditStatus>,
 }
 
 /// The controller's watch on a flow none of whose worker pods answers, kept in the status so that it survives

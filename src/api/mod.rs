@@ -5,11 +5,13 @@
 //! Cross-field rules that the API server can enforce are declared here as `x-kubernetes-validations`; the
 //! rules that need other objects (a flow's contract, a roster's owners) live in `crate::validate`.
 
+mod audit;
 mod common;
 mod contract;
 mod flow;
 mod roster;
 
+pub use audit::*;
 pub use common::*;
 pub use contract::*;
 pub use flow::*;

@@ -65,6 +65,9 @@ pub struct OwnershipRosterSpec {
     /// holds a token. Without it nobody can approve or reject a held record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_secret_ref: Option<SecretRef>,
+    /// When the roster's flows are reconciled (CRM against ERP). Absent: nightly at 02:00 over 7 days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<super::AuditSchedule>,
 }
 
 /// A person or team.

@@ -301,6 +301,7 @@ mod tests {
                 sink("slack", TicketSinkType::Slack),
             ],
             identity_secret_ref: None,
+            audit: None,
             mttr_target: None,
         }
     }
