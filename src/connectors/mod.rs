@@ -8,6 +8,7 @@
 //! Connectors speak wire formats only; they never touch the ledger, the contract or Kubernetes.
 
 pub mod credentials;
+pub mod queries;
 pub mod sinks;
 pub mod sources;
 
