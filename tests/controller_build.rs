@@ -239,6 +239,10 @@ fn the_network_policy_admits_the_ingress_to_webhooks_and_the_controller_to_opera
                         "app.kubernetes.io/component": "preflight",
                         "sync.meshline.io/flow": "won-deals-to-odoo"
                     }}},
+                    {"podSelector": {"matchLabels": {
+                        "app.kubernetes.io/component": "audit",
+                        "sync.meshline.io/flow": "won-deals-to-odoo"
+                    }}},
                     {"namespaceSelector": {"matchExpressions": [
                         {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring"]}
                     ]}},
@@ -1373,4 +1377,216 @@ fn a_ledger_pvc_brings_back_its_flow_by_name_without_an_owner_reference() {
     assert!(
         flows_of_ledger(&flows, Some("commerce-sync"), "meshline-won-deals-to-odoo").is_empty()
     );
+}
+
+fn desired_with_roster(flow: &SyncFlow, roster: &OwnershipRoster) -> build::Desired {
+    let contract: SyncContract = load("contract.yaml");
+    build::build(BuildInputs {
+        revision: Some("meshline-contract-test-000000000000"),
+        flow,
+        contract: &contract,
+        roster: Some(roster),
+        settings: &BuildSettings {
+            worker_image: "img:1".into(),
+            ..BuildSettings::default()
+        },
+        new_token: None,
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_audit_runs_nightly_in_a_pod_that_holds_only_the_flow_token() {
+    use meshline::controller::flow::audit;
+    let d = desired(&flow());
+    let cron = d.audit.expect("hubspot to odoo can be audited");
+    assert_eq!(
+        cron.metadata.name.as_deref(),
+        Some("meshline-audit-won-deals-to-odoo")
+    );
+    let owner = &cron.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("SyncFlow", Some(true))
+    );
+    let spec = cron.spec.unwrap();
+    assert_eq!(spec.schedule, audit::DEFAULT_SCHEDULE);
+    assert_eq!(spec.suspend, Some(false));
+    assert_eq!(spec.concurrency_policy.as_deref(), Some("Forbid"));
+    let job = spec.job_template.spec.unwrap();
+    assert!(
+        job.backoff_limit.unwrap() > 0,
+        "a retried Job joins the run"
+    );
+    let template = job.template;
+    let labels = template.metadata.unwrap().labels.unwrap();
+    // Never one of the worker's pods: the worker Services must not route to it.
+    let worker_selector = d.deployment.spec.unwrap().selector.match_labels.unwrap();
+    assert!(
+        !worker_selector
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v)),
+        "{labels:?} matches the worker selector {worker_selector:?}"
+    );
+    assert_eq!(labels["app.kubernetes.io/component"], "audit");
+    let pod = template.spec.unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let volumes: Vec<_> = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.name, v.secret.and_then(|s| s.secret_name)))
+        .collect();
+    assert_eq!(
+        volumes,
+        vec![
+            (
+                "token".to_string(),
+                Some("meshline-won-deals-to-odoo-token".to_string())
+            ),
+            ("tmp".to_string(), None)
+        ],
+        "no credential of either system reaches the audit pod"
+    );
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.args.clone().unwrap(),
+        [
+            "audit",
+            "won-deals-to-odoo",
+            "--url",
+            "http://meshline-won-deals-to-odoo-status.commerce-sync.svc:8081",
+            "--token-file",
+            "/var/run/meshline/token/token"
+        ]
+    );
+    assert!(c.ports.is_none() && c.liveness_probe.is_none());
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+}
+
+#[test]
+fn the_audit_follows_the_roster_schedule_and_stops_with_the_flow() {
+    let mut roster: OwnershipRoster = load("roster.yaml");
+    roster.spec.audit = Some(meshline::api::AuditSchedule {
+        schedule: Some("30 5 * * 1-5".into()),
+        time_zone: Some("Europe/Berlin".into()),
+        window: None,
+        suspend: false,
+    });
+    let spec = desired_with_roster(&flow(), &roster)
+        .audit
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(spec.schedule, "30 5 * * 1-5");
+    assert_eq!(spec.time_zone.as_deref(), Some("Europe/Berlin"));
+    assert_eq!(spec.suspend, Some(false));
+
+    roster.spec.audit.as_mut().unwrap().suspend = true;
+    let suspended = desired_with_roster(&flow(), &roster).audit.unwrap();
+    assert_eq!(suspended.spec.unwrap().suspend, Some(true));
+
+    let mut paused = flow();
+    paused.spec.paused = true;
+    let cron = desired(&paused).audit.unwrap();
+    assert_eq!(
+        cron.spec.unwrap().suspend,
+        Some(true),
+        "a paused flow has no worker to ask"
+    );
+}
+
+#[test]
+fn a_flow_whose_sides_have_no_query_api_gets_no_audit() {
+    use meshline::controller::flow::audit;
+    let mut f = flow();
+    f.spec.sink.system = meshline::api::SinkSystem::Http;
+    assert!(desired(&f).audit.is_none());
+    assert!(
+        audit::unauditable(&f)
+            .unwrap()
+            .starts_with("spec.sink.system")
+    );
+    let mut f = flow();
+    f.spec.source.system = meshline::api::SourceSystem::Generic;
+    assert!(desired(&f).audit.is_none());
+    assert!(
+        audit::unauditable(&f)
+            .unwrap()
+            .starts_with("spec.source.system")
+    );
+}
+
+#[test]
+fn the_audit_cron_job_name_fits_in_52_characters() {
+    use meshline::controller::flow::audit;
+    let long = "a".repeat(253);
+    let name = audit::cron_job_name(&long);
+    assert!(name.len() <= 52, "{name}");
+    meshline::controller::names::NameRule::CronJob
+        .check(&name)
+        .unwrap();
+    assert_ne!(name, audit::cron_job_name(&"a".repeat(252)));
+}
+
+#[test]
+fn a_finished_audit_is_one_event_with_its_outcome() {
+    use meshline::api::{AuditOutcome, AuditSideSummary, FlowAuditStatus};
+    use meshline::controller::flow::audit::finished;
+    let run = |id: i64, outcome: Option<AuditOutcome>| FlowAuditStatus {
+        run: id,
+        outcome,
+        started_at: "2026-12-01T02:00:00Z".into(),
+        window_from: "2026-11-24T02:00:00Z".into(),
+        window_to: "2026-12-01T02:00:00Z".into(),
+        crm: AuditSideSummary {
+            count: 3,
+            totals: [("EUR".to_string(), "300.00".to_string())].into(),
+        },
+        erp: AuditSideSummary {
+            count: 2,
+            totals: [("EUR".to_string(), "200.00".to_string())].into(),
+        },
+        matched: 2,
+        unexplained: 1,
+        unexplained_ids: vec!["123".into()],
+        ..FlowAuditStatus::default()
+    };
+    let unexplained = run(7, Some(AuditOutcome::Unexplained));
+    let e = finished(None, Some(&unexplained)).expect("a first result is news");
+    assert_eq!(e.reason, "AuditUnexplained");
+    assert!(matches!(e.type_, kube::runtime::events::EventType::Warning));
+    let note = e.note.unwrap();
+    assert!(
+        note.contains("1 unexplained") && note.contains("123"),
+        "{note}"
+    );
+    assert!(
+        note.contains("300.00 EUR") && note.contains("200.00 EUR"),
+        "{note}"
+    );
+    assert!(finished(Some(&unexplained), Some(&unexplained)).is_none());
+    // A run still going says nothing; its end does.
+    let running = run(8, None);
+    assert!(finished(Some(&unexplained), Some(&running)).is_none());
+    let mut partial = run(8, Some(AuditOutcome::Partial));
+    partial.partial_reason = Some("salesforce rate-limited the audit".into());
+    let e = finished(Some(&running), Some(&partial)).unwrap();
+    assert_eq!(e.reason, "AuditPartial");
+    assert!(
+        e.note
+            .unwrap()
+            .contains("not reconciled (salesforce rate-limited")
+    );
+    let e = finished(
+        Some(&partial),
+        Some(&run(9, Some(AuditOutcome::Reconciled))),
+    )
+    .unwrap();
+    assert_eq!(e.reason, "AuditReconciled");
+    assert!(matches!(e.type_, kube::runtime::events::EventType::Normal));
 }

@@ -196,6 +196,10 @@ fn settle(h: &mut Harness, requests: &[Recorded], flow: &mut SyncFlow) {
                 &mut h.writers.network_policies,
                 serde_json::from_value::<NetworkPolicy>(body).unwrap(),
             ),
+            "CronJob" => apply(
+                &mut h.writers.cron_jobs,
+                serde_json::from_value::<k8s_openapi::api::batch::v1::CronJob>(body).unwrap(),
+            ),
             "Deployment" => {
                 let mut d: Deployment = serde_json::from_value(body).unwrap();
                 let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -233,6 +237,7 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
             ("PATCH", "Service"),
             ("PATCH", "Service"),
             ("PATCH", "Deployment"),
+            ("PATCH", "CronJob"),
             ("PATCH", "SyncFlow"),
         ],
         "{w:#?}"
@@ -281,7 +286,7 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         w[2].body["metadata"]["labels"]["sync.meshline.io/flow"],
         FLOW
     );
-    for r in w[..6]
+    for r in w[..7]
         .iter()
         .filter(|r| r.kind() != "PersistentVolumeClaim")
     {
@@ -302,10 +307,16 @@ async fn new_flow_is_applied_in_order_with_one_forced_field_manager() {
         Some("commerce-owners")
     );
     // The status patch carries apiVersion and kind, and conditions carry the generation.
-    let s = &w[6].body;
+    // The audit CronJob, accepted by the double (its name fits 52 characters), after the pods it asks.
+    assert_eq!(
+        w[6].path,
+        format!("/apis/batch/v1/namespaces/{NS}/cronjobs/meshline-audit-{FLOW}")
+    );
+    assert_eq!(w[6].answered, 200, "{:?}", w[6].body);
+    let s = &w[7].body;
     assert_eq!(s["apiVersion"], "sync.meshline.io/v1alpha1");
     assert_eq!(s["kind"], "SyncFlow");
-    assert!(w[6].is_forced_apply());
+    assert!(w[7].is_forced_apply());
     for t in [
         "ContractResolved",
         "OwnerAssigned",
@@ -681,6 +692,7 @@ async fn flow_with_a_dotted_or_long_name_gets_children_the_api_server_accepts() 
                 "Service",
                 "Service",
                 "Deployment",
+                "CronJob",
                 "SyncFlow"
             ],
             "{name}: {w:#?}"
@@ -1680,6 +1692,7 @@ async fn a_recreated_flow_finds_its_retained_ledger_as_it_was() {
             ("PATCH", "Service"),
             ("PATCH", "Service"),
             ("PATCH", "Deployment"),
+            ("PATCH", "CronJob"),
             ("PATCH", "SyncFlow"),
         ],
         "everything the old flow owned is made again, but the retained ledger already is what the new flow \
@@ -1843,6 +1856,7 @@ async fn with_the_switch_on_the_network_policy_is_applied_before_the_pods() {
             ("PATCH", "Service"),
             ("PATCH", "Service"),
             ("PATCH", "Deployment"),
+            ("PATCH", "CronJob"),
             ("PATCH", "SyncFlow"),
         ],
         "{w:#?}"
@@ -2187,5 +2201,29 @@ async fn a_failing_ticket_sink_shows_in_the_flow_status_and_the_outage_ticket_wa
     assert!(
         d["lastError"].is_null() && d["inDoubtVersion"].is_null(),
         "{o}"
+    );
+}
+
+#[tokio::test]
+async fn a_flow_moved_to_a_sink_without_a_query_api_loses_its_audit_cron_job() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    assert!(writes(&first).iter().any(|r| r.kind() == "CronJob"));
+    settle(&mut h, &first, &mut f);
+    f.spec.sink.system = meshline::api::SinkSystem::Http;
+    f.spec.sink.base_url = Some("https://erp.example.com/orders".into());
+    f.metadata.generation = Some(2);
+    let second = reconcile(&h, &f).await;
+    let deleted: Vec<_> = writes(&second)
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        deleted,
+        vec![format!(
+            "/apis/batch/v1/namespaces/{NS}/cronjobs/meshline-audit-{FLOW}"
+        )]
     );
 }

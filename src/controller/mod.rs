@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -77,6 +77,8 @@ pub struct Stores {
     pub revisions: Store<ControllerRevision>,
     /// Preflight replay Jobs.
     pub jobs: Store<Job>,
+    /// The flows' reconciliation audit CronJobs.
+    pub cron_jobs: Store<CronJob>,
 }
 
 /// The writing ends of [`Stores`], fed by the reflectors (or directly by tests and the benchmark).
@@ -94,6 +96,7 @@ pub struct Writers {
     pub network_policies: Writer<NetworkPolicy>,
     pub revisions: Writer<ControllerRevision>,
     pub jobs: Writer<Job>,
+    pub cron_jobs: Writer<CronJob>,
 }
 
 impl Stores {
@@ -111,6 +114,7 @@ impl Stores {
         let (network_policies, wn) = reflector::store();
         let (revisions, wrv) = reflector::store();
         let (jobs, wj) = reflector::store();
+        let (cron_jobs, wcj) = reflector::store();
         (
             Stores {
                 flows,
@@ -126,6 +130,7 @@ impl Stores {
                 network_policies,
                 revisions,
                 jobs,
+                cron_jobs,
             },
             Writers {
                 flows: wf,
@@ -141,6 +146,7 @@ impl Stores {
                 network_policies: wn,
                 revisions: wrv,
                 jobs: wj,
+                cron_jobs: wcj,
             },
         )
     }

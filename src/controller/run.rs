@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, future};
 use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment};
-use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -372,6 +372,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         network_policies: wn,
         revisions: wrv,
         jobs: wj,
+        cron_jobs: wcj,
     } = writers;
 
     // Reflected streams, shared between the caches and the controllers' triggers.
@@ -432,6 +433,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let jobs = reflector::reflector(wj, watcher(api::<Job>(&client, ns), managed.clone()))
         .default_backoff()
         .touched_objects();
+    // The flows' audit CronJobs, owned by their flow.
+    let cron_jobs =
+        reflector::reflector(wcj, watcher(api::<CronJob>(&client, ns), managed.clone()))
+            .default_backoff()
+            .touched_objects();
     // Nothing reconciles on EndpointSlices: the poller reads the cache each period, so the reflector only has
     // to be driven.
     tokio::spawn(
@@ -538,6 +544,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             .owns_stream(services)
             .owns_stream(pdbs)
             .owns_stream(tokens)
+            .owns_stream(cron_jobs)
             .owns_stream(match network_policies {
                 Some(stream) => stream.left_stream(),
                 None => futures::stream::pending().right_stream(),

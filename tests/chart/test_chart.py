@@ -215,6 +215,9 @@ WATCH_PERMISSIONS = {
     # running Job is deleted); a finished preflight pod's termination message is read by listing.
     ("apps", "controllerrevisions"): {"get", "list", "watch", "create", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    # Each flow's reconciliation audit CronJob: patched when the roster's schedule changes, deleted when the
+    # flow's sides can no longer be audited.
+    ("batch", "cronjobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list"},
 }
 PROXY_PERMISSION = {("", "pods/proxy"): {"get"}}

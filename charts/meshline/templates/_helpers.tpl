@@ -138,6 +138,11 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
+# Reconciliation audit CronJobs, one per flow, owned by the flow; patch: a
+# roster's schedule change; delete: a flow whose sides the audit cannot read.
+- apiGroups: ["batch"]
+  resources: ["cronjobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # A finished preflight Job's pod carries the replay report in its termination
 # message. List only (by the Job's label), no watch, no get of pod specs' data.
 - apiGroups: [""]

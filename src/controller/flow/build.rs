@@ -174,6 +174,8 @@ pub struct Desired {
     pub pdb: Option<PodDisruptionBudget>,
     /// Set when the controller ships per-flow NetworkPolicies.
     pub network_policy: Option<NetworkPolicy>,
+    /// The nightly reconciliation audit; `None` for a flow whose sides have no query API.
+    pub audit: Option<k8s_openapi::api::batch::v1::CronJob>,
     /// Replicas after the embedded-ledger cap and `spec.paused`.
     pub replicas: i32,
     /// Set when `spec.replicas` was lowered to 1 because the ledger is embedded.
@@ -481,7 +483,10 @@ pub fn build(inputs: BuildInputs<'_>) -> Result<Desired, String> {
         .as_ref()
         .map(|np| stamp(network_policy(flow, &name, np)));
 
+    let audit = super::audit::cron_job(flow, inputs.roster, &deployment)?.map(stamp);
+
     Ok(Desired {
+        audit,
         token_secret,
         config_map,
         ledger,
@@ -576,20 +581,23 @@ fn network_policy(flow: &SyncFlow, name: &str, settings: &NetworkPolicySettings)
         }),
         ..NetworkPolicyPeer::default()
     }];
-    // The flow's preflight replay pods read an embedded ledger's recent records through the operations API.
-    ops_from.push(NetworkPolicyPeer {
-        pod_selector: Some(LabelSelector {
-            match_labels: Some(BTreeMap::from([
-                (
-                    "app.kubernetes.io/component".to_string(),
-                    "preflight".to_string(),
-                ),
-                (FLOW_LABEL.to_string(), names::label_value(name)),
-            ])),
-            ..LabelSelector::default()
-        }),
-        ..NetworkPolicyPeer::default()
-    });
+    // The flow's preflight replay pods read an embedded ledger's recent records through the operations API,
+    // and its audit pods ask a worker to run the reconciliation audit.
+    for component in ["preflight", super::audit::AUDIT_COMPONENT] {
+        ops_from.push(NetworkPolicyPeer {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([
+                    (
+                        "app.kubernetes.io/component".to_string(),
+                        component.to_string(),
+                    ),
+                    (FLOW_LABEL.to_string(), names::label_value(name)),
+                ])),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        });
+    }
     if !settings.metrics_from_namespaces.is_empty() {
         ops_from.push(NetworkPolicyPeer {
             namespace_selector: Some(namespaces_named(&settings.metrics_from_namespaces)),

@@ -16,6 +16,7 @@
 //! policy on every reconcile, started or not, so that setting `Retain` on a flow that cannot start still protects
 //! its ledger before the flow is deleted.
 
+pub mod audit;
 pub mod build;
 pub mod canary;
 pub mod outage;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -252,6 +254,21 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
             // 5. Orphans: the budget goes when replicas drop to one or zero. The ledger PVC is never an orphan.
             None if live_pdb.is_some() => {
                 apply::delete::<PodDisruptionBudget>(client, &ns, &worker, m).await?
+            }
+            None => {}
+        }
+        let audit_name = audit::cron_job_name(&name);
+        let live_audit = ctx
+            .stores
+            .cron_jobs
+            .get(&ObjectRef::new(&audit_name).within(&ns));
+        match &desired.audit {
+            Some(cron) => {
+                apply::apply(client, cron, up_to_date(cron, live_audit.as_deref()), m).await?;
+            }
+            // 5. Orphans: a flow moved to a side the audit cannot read loses its CronJob.
+            None if live_audit.is_some() => {
+                apply::delete::<CronJob>(client, &ns, &audit_name, m).await?
             }
             None => {}
         }
