@@ -11,7 +11,6 @@ mod audit_vendors;
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -757,6 +756,3 @@ fn the_pace_defaults_to_the_flow_delivery_rate_then_five() {
     assert_eq!(Settings::of(&spec).unwrap().requests_per_second, 2);
     assert_eq!(Settings::of(&spec).unwrap().default_currency, "USD");
 }
-
-#[allow(dead_code)]
-fn _uses(_: Arc<dyn OrderQuery>) {}

@@ -8,7 +8,7 @@
 //!
 //! | field                | default              | read as                                           |
 //! |----------------------|----------------------|---------------------------------------------------|
-//! | `erpExternalIdField` | `external_id` column | text                                              |
+//! | `erpExternalIdField` | `external_id` column | text; a payload path that is null → the key       |
 //! | `erpAmountField`     | payload `amount`     | the JSON number's text, exact (jsonb is numeric)  |
 //! | `erpCurrencyField`   | payload `currency`   | text; absent → `spec.audit.defaultCurrency`        |
 //! | `erpDateField`       | `created_at` column  | a payload value is cast to `timestamptz`          |
