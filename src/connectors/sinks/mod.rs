@@ -240,14 +240,14 @@ impl Pressure {
 /// A token bucket that hands out start times instead of polling: each caller takes a token, possibly driving
 /// the balance negative, and sleeps exactly until its token would have accrued. No busy loop, FIFO-ish.
 #[derive(Debug)]
-struct Bucket {
+pub(crate) struct Bucket {
     rate: f64,
     burst: f64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl Bucket {
-    fn new(rate: u32) -> Bucket {
+    pub(crate) fn new(rate: u32) -> Bucket {
         let rate = f64::from(rate);
         // A tenth of a second of requests (at least one) may go at once, so a backlog never lands as one
         // second-sized burst on an ERP that counts concurrency too.
@@ -259,7 +259,7 @@ impl Bucket {
         }
     }
 
-    async fn take(&self) {
+    pub(crate) async fn take(&self) {
         let wait = {
             let mut state = self.state.lock().await;
             self.reserve(&mut state, Instant::now())

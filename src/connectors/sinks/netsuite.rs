@@ -497,6 +497,22 @@ impl NetSuiteSink {
         url
     }
 
+    /// One SuiteQL page (`limit` rows from the first), answered as NetSuite sent it: the audit's read-only
+    /// query classifies the answer itself. Shares the sink's authentication (and its M2M token cache).
+    pub(crate) async fn suiteql(&self, query: &str, limit: usize) -> Result<Answer, SinkError> {
+        let mut url = self.url("/services/rest/query/v1/suiteql");
+        url.set_query(Some(&format!("limit={limit}")));
+        let body = json!({ "q": query }).to_string();
+        self.call(
+            Method::POST,
+            url,
+            Some(body),
+            true,
+            &uuid::Uuid::new_v4().to_string(),
+        )
+        .await
+    }
+
     /// Sends one authenticated request; with M2M, a 401 renews the token once before it counts.
     async fn call(
         &self,

@@ -154,6 +154,11 @@ impl OdooSink {
         })
     }
 
+    /// The model the sink writes (`sale.order` by default).
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// One JSON-RPC call; the `result` member, or the `error` member as a classified [`SinkError`].
     async fn rpc(
         &self,
@@ -237,7 +242,8 @@ impl OdooSink {
         Ok(id)
     }
 
-    async fn execute_kw(
+    /// One ORM call as the sink's user (the audit's `search_read` goes through here too).
+    pub(crate) async fn execute_kw(
         &self,
         model: &str,
         method: &str,

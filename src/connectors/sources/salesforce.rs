@@ -698,8 +698,8 @@ impl SalesforcePoller {
         }
     }
 
-    /// The access token and its `instance_url`, cached.
-    async fn session(&self) -> Result<(String, String), SourceError> {
+    /// The access token and its `instance_url`, cached (the audit's read-only query shares this login).
+    pub(crate) async fn session(&self) -> Result<(String, String), SourceError> {
         let mut cached = self.token.lock().await;
         if let Some(session) = cached.as_ref() {
             return Ok(session.clone());
@@ -709,7 +709,7 @@ impl SalesforcePoller {
         Ok(session)
     }
 
-    async fn forget_token(&self, stale: &str) {
+    pub(crate) async fn forget_token(&self, stale: &str) {
         let mut cached = self.token.lock().await;
         if cached.as_ref().is_some_and(|(token, _)| token == stale) {
             *cached = None;
