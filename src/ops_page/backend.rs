@@ -88,6 +88,11 @@ impl WorkerReply {
 /// What the operations page reads and where it sends people's interventions.
 #[async_trait::async_trait]
 pub trait OpsBackend: Send + Sync {
+    /// Why the page cannot answer at all right now (a controller replica that is not the leader has no
+    /// caches to read), shown with a 503 instead of an empty, misleading page.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
     /// Every flow the page shows, with its status as the controller last wrote it.
     async fn flows(&self) -> Vec<SyncFlow>;
     /// Every roster (owners, assignments, approver roles).

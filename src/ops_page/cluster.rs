@@ -17,10 +17,19 @@ use crate::controller::poll::{WorkerStatusSource, worker_pods};
 pub struct ClusterBackend {
     pub stores: Stores,
     pub source: Arc<dyn WorkerStatusSource>,
+    /// Set once this replica leads: only the leader's reflectors feed its caches.
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait::async_trait]
 impl OpsBackend for ClusterBackend {
+    fn unavailable(&self) -> Option<String> {
+        (!self.leading.load(std::sync::atomic::Ordering::Relaxed)).then(|| {
+            "this controller replica is a standby (or still waiting for the CRDs): only the leader serves              the operations page; port-forward to the leader's pod (the holder of the leader Lease)"
+                .to_string()
+        })
+    }
+
     async fn flows(&self) -> Vec<SyncFlow> {
         self.stores.flows.state().iter().map(|f| (**f).clone()).collect()
     }

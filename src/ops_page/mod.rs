@@ -71,6 +71,17 @@ pub fn router(backend: Arc<dyn OpsBackend>) -> Router {
                 Html(html::error_view("Not found", "there is no such page")),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            |State(state): State<PageState>,
+             request: axum::extract::Request,
+             next: axum::middleware::Next| async move {
+                match state.backend.unavailable() {
+                    Some(why) => refused(StatusCode::SERVICE_UNAVAILABLE, "Unavailable", &why),
+                    None => next.run(request).await,
+                }
+            },
+        ))
         .layer(axum::middleware::map_response(
             |mut response: Response| async move {
                 guard::secure_headers(response.headers_mut());
@@ -315,4 +326,224 @@ async fn replay_by_reason(
         form.dead_letter_reason
     );
     worker_outcome(&flow, reply, &done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Condition, SyncFlow};
+
+    const HOSTILE: &str = "<script>alert(1)</script>";
+    const BREAKOUT: &str = "\"'><img onerror>";
+
+    /// A backend whose every value is hostile markup, and which records what reached the worker.
+    #[derive(Default)]
+    struct Hostile {
+        calls: std::sync::Mutex<Vec<(String, Option<String>)>>,
+    }
+
+    fn hostile_flow() -> SyncFlow {
+        let mut flow: SyncFlow = serde_json::from_value(json!({
+            "apiVersion": "sync.meshline.io/v1alpha1",
+            "kind": "SyncFlow",
+            "metadata": {"name": "closed-won", "namespace": "sales"},
+            "spec": serde_json::from_str::<serde_json::Value>(
+                &serde_yaml::from_str::<serde_json::Value>(&std::fs::read_to_string(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/salesforce-netsuite/flow.yaml"),
+                ).unwrap()).unwrap()["spec"].to_string()
+            ).unwrap(),
+        }))
+        .unwrap();
+        let status = flow.status.get_or_insert_with(Default::default);
+        status.conditions.push(Condition {
+            r#type: "Ready".into(),
+            status: "False".into(),
+            reason: BREAKOUT.into(),
+            message: HOSTILE.into(),
+            observed_generation: None,
+            last_transition_time: None,
+        });
+        status.failure_rate = Some(HOSTILE.into());
+        flow
+    }
+
+    #[async_trait::async_trait]
+    impl OpsBackend for Hostile {
+        async fn flows(&self) -> Vec<SyncFlow> {
+            vec![hostile_flow()]
+        }
+        async fn rosters(&self) -> Vec<crate::api::OwnershipRoster> {
+            Vec::new()
+        }
+        async fn call(
+            &self,
+            _flow: &FlowRef,
+            method: http::Method,
+            path: &str,
+            identity: Option<&str>,
+            _body: Option<Vec<u8>>,
+        ) -> Result<backend::WorkerReply, BackendError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push((format!("{method} {path}"), identity.map(str::to_string)));
+            let item = json!({
+                "id": 7, "generation": 2, "source_key": HOSTILE, "external_id": BREAKOUT,
+                "hold_rule": HOSTILE, "hold_role": BREAKOUT,
+                "dead_letter_reason": BREAKOUT, "last_error": HOSTILE,
+                "payload": {"Name": HOSTILE, "Description": BREAKOUT},
+            });
+            Ok(backend::WorkerReply {
+                status: 200,
+                body: json!({ "items": [item] }).to_string().into_bytes(),
+            })
+        }
+    }
+
+    async fn serve_hostile() -> (String, Arc<Hostile>) {
+        let backend = Arc::new(Hostile::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, backend.clone()));
+        (format!("http://{addr}"), backend)
+    }
+
+    fn assert_inert(page: &str) {
+        assert!(!page.contains("<script"), "{page}");
+        assert!(!page.contains("<img"), "{page}");
+        assert!(!page.contains("\"'>"), "{page}");
+        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+    }
+
+    #[tokio::test]
+    async fn hostile_values_in_flows_holds_and_dead_letters_render_inert_with_strict_headers() {
+        let (base, _) = serve_hostile().await;
+        let http = reqwest::Client::new();
+        for path in ["/", "/exceptions", "/flows/sales/closed-won"] {
+            let response = http.get(format!("{base}{path}")).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path}");
+            let h = response.headers().clone();
+            assert_eq!(
+                h["content-security-policy"],
+                "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; \
+                 base-uri 'none'"
+            );
+            assert_eq!(h["x-content-type-options"], "nosniff");
+            assert_eq!(h["referrer-policy"], "no-referrer");
+            assert_eq!(h["x-frame-options"], "DENY");
+            let page = response.text().await.unwrap();
+            if path != "/exceptions" {
+                assert_inert(&page);
+            }
+        }
+        let flow_page = http
+            .get(format!("{base}/flows/sales/closed-won"))
+            .send()
+            .await
+            .unwrap();
+        let cookie = flow_page.headers()["set-cookie"].to_str().unwrap().to_string();
+        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        let page = flow_page.text().await.unwrap();
+        assert!(page.contains("&quot;&#39;&gt;&lt;img onerror&gt;"), "{page}");
+        // An unknown page is an error page with the same headers.
+        let missing = http.get(format!("{base}/nope")).send().await.unwrap();
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.headers()["x-content-type-options"], "nosniff");
+    }
+
+    /// The CSRF token the flow page put into its forms, and the cookie it set.
+    async fn form_credentials(http: &reqwest::Client, base: &str) -> (String, String) {
+        let response = http
+            .get(format!("{base}/flows/sales/closed-won"))
+            .send()
+            .await
+            .unwrap();
+        let cookie = response.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        let page = response.text().await.unwrap();
+        let at = page.find("name=\"csrf\" value=\"").unwrap() + "name=\"csrf\" value=\"".len();
+        let token = page[at..at + 64].to_string();
+        (cookie, token)
+    }
+
+    #[tokio::test]
+    async fn a_cross_site_or_tokenless_post_is_refused_and_never_reaches_the_worker() {
+        let (base, backend) = serve_hostile().await;
+        let http = reqwest::Client::new();
+        let (cookie, token) = form_credentials(&http, &base).await;
+        let host = base.trim_start_matches("http://").to_string();
+        let approve = format!("{base}/flows/sales/closed-won/records/7/approve");
+        let form = |csrf: &str| {
+            vec![
+                ("csrf", csrf.to_string()),
+                ("identity", "marcus-personal-token-7f3a9c21".to_string()),
+                ("reason", "fine".to_string()),
+                ("generation", "2".to_string()),
+                ("role", "finance".to_string()),
+            ]
+        };
+        let attempts = [
+            ("foreign origin", "https://evil.example", Some(cookie.as_str()), token.clone()),
+            ("missing CSRF token", base.as_str(), Some(cookie.as_str()), String::new()),
+            ("missing cookie", base.as_str(), None, token.clone()),
+        ];
+        for (what, origin, cookie, csrf) in attempts {
+            let mut request = http
+                .post(&approve)
+                .header("origin", origin)
+                .form(&form(&csrf));
+            if let Some(c) = cookie {
+                request = request.header("cookie", c);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 403, "{what}");
+            assert_eq!(
+                response.headers()["content-security-policy"],
+                guard::CONTENT_SECURITY_POLICY,
+                "{what}"
+            );
+        }
+        let cross_site = http
+            .post(&approve)
+            .header("sec-fetch-site", "cross-site")
+            .header("cookie", &cookie)
+            .form(&form(&token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross_site.status(), 403);
+        let posts = |b: &Hostile| {
+            b.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(c, _)| c.starts_with("POST"))
+                .count()
+        };
+        assert_eq!(posts(&backend), 0, "a refused post reached the worker");
+        // The same form from the page itself goes through, with the person's token as their identity.
+        let own = http
+            .post(&approve)
+            .header("origin", format!("http://{host}"))
+            .header("sec-fetch-site", "same-origin")
+            .header("cookie", &cookie)
+            .form(&form(&token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(own.status(), 200);
+        let calls = backend.calls.lock().unwrap().clone();
+        assert!(
+            calls.contains(&(
+                "POST /records/7/approve".to_string(),
+                Some("marcus-personal-token-7f3a9c21".to_string())
+            )),
+            "{calls:?}"
+        );
+    }
 }
