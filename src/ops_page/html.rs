@@ -111,8 +111,9 @@ fn opt(v: Option<impl std::fmt::Display>) -> String {
 
 /// The main view: every flow with its health, counts, canary state, last audit and open tickets.
 pub fn main_view(flows: &[SyncFlow]) -> String {
-    let mut sorted: Vec<&SyncFlow> = flows.iter().collect();
-    sorted.sort_by_key(|f| flow_ref(f));
+    let mut sorted: Vec<(FlowRef, &SyncFlow)> = flows.iter().map(|f| (flow_ref(f), f)).collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let no_status = crate::api::SyncFlowStatus::default();
     let mut b = String::with_capacity(600 + flows.len() * 900);
     let _ = write!(b, "<h1>Flows</h1><p>{} flows.</p>", flows.len());
     b.push_str(
@@ -120,9 +121,8 @@ pub fn main_view(flows: &[SyncFlow]) -> String {
          <th>Held</th><th>Dead letters</th><th>Failure rate</th><th>MTTR (s)</th>\
          <th>Interventions / 1k</th><th>Canary</th><th>Last audit</th><th>Open tickets</th></tr></thead><tbody>",
     );
-    for flow in sorted {
-        let r = flow_ref(flow);
-        let status = flow.status.clone().unwrap_or_default();
+    for (r, flow) in sorted {
+        let status = flow.status.as_ref().unwrap_or(&no_status);
         let c = &status.counters;
         let _ = write!(
             b,
