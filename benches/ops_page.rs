@@ -25,7 +25,11 @@ fn flows() -> Vec<SyncFlow> {
             let mut flow = template.clone();
             flow.metadata.name = Some(format!("closed-won-{i:04}"));
             let status = flow.status.get_or_insert_with(Default::default);
-            for (kind, value) in [("Ready", "True"), ("Degraded", "False"), ("Progressing", "True")] {
+            for (kind, value) in [
+                ("Ready", "True"),
+                ("Degraded", "False"),
+                ("Progressing", "True"),
+            ] {
                 status.conditions.push(Condition {
                     r#type: kind.into(),
                     status: value.into(),
@@ -59,13 +63,19 @@ fn flows() -> Vec<SyncFlow> {
                 window_to: "2026-12-01T00:00:00Z".into(),
                 crm: AuditSideSummary {
                     count: 5230,
-                    totals: [("USD".into(), "1203344.10".into()), ("EUR".into(), "88012.00".into())]
-                        .into(),
+                    totals: [
+                        ("USD".into(), "1203344.10".into()),
+                        ("EUR".into(), "88012.00".into()),
+                    ]
+                    .into(),
                 },
                 erp: AuditSideSummary {
                     count: 5227,
-                    totals: [("USD".into(), "1201044.10".into()), ("EUR".into(), "88012.00".into())]
-                        .into(),
+                    totals: [
+                        ("USD".into(), "1201044.10".into()),
+                        ("EUR".into(), "88012.00".into()),
+                    ]
+                    .into(),
                 },
                 matched: 5220,
                 explained: [("held".into(), 5), ("deadLettered".into(), 3)].into(),
@@ -98,7 +108,10 @@ fn bench(c: &mut Criterion) {
     let flows = flows();
     let html = meshline::ops_page::html::main_view(&flows);
     assert!(html.contains("closed-won-0999"));
-    eprintln!("main view with {FLOWS} flows: {} KB of HTML", html.len() / 1024);
+    eprintln!(
+        "main view with {FLOWS} flows: {} KB of HTML",
+        html.len() / 1024
+    );
     c.bench_function("ops_page_main_view_1000_flows", |b| {
         b.iter(|| meshline::ops_page::html::main_view(std::hint::black_box(&flows)))
     });

@@ -206,7 +206,10 @@ impl Browser {
             .await;
         match v[ELEMENT].as_str() {
             Some(e) => e.to_string(),
-            None => panic!("no element {css} ({v}) on the page: {}", self.source().await),
+            None => panic!(
+                "no element {css} ({v}) on the page: {}",
+                self.source().await
+            ),
         }
     }
 
@@ -335,7 +338,10 @@ async fn in_a_browser_the_approver_releases_a_held_record_and_an_owner_without_t
         if let Some(id) = holds["items"][0]["id"].as_i64() {
             break id;
         }
-        assert!(tokio::time::Instant::now() < give_up, "the deal was never held: {holds}");
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the deal was never held: {holds}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
@@ -372,8 +378,12 @@ async fn in_a_browser_the_approver_releases_a_held_record_and_an_owner_without_t
         assert!(!shown.contains(pii), "{pii} is on the page: {shown}");
     }
     let form = format!("#record-{id} form.approve");
-    browser.type_into(&format!("{form} input[name=reason]"), "looks fine").await;
-    browser.type_into(&format!("{form} input[name=identity]"), DANA).await;
+    browser
+        .type_into(&format!("{form} input[name=reason]"), "looks fine")
+        .await;
+    browser
+        .type_into(&format!("{form} input[name=identity]"), DANA)
+        .await;
     browser.click(&format!("{form} button")).await;
     let refusal = browser.outcome().await;
     assert!(
@@ -384,9 +394,14 @@ async fn in_a_browser_the_approver_releases_a_held_record_and_an_owner_without_t
 
     // A token nobody was given is refused too.
     browser.go(&flow_page).await;
-    browser.type_into(&format!("{form} input[name=reason]"), "looks fine").await;
     browser
-        .type_into(&format!("{form} input[name=identity]"), "not-anyones-token-0000")
+        .type_into(&format!("{form} input[name=reason]"), "looks fine")
+        .await;
+    browser
+        .type_into(
+            &format!("{form} input[name=identity]"),
+            "not-anyones-token-0000",
+        )
         .await;
     browser.click(&format!("{form} button")).await;
     let unknown = browser.outcome().await;
@@ -396,9 +411,14 @@ async fn in_a_browser_the_approver_releases_a_held_record_and_an_owner_without_t
     // Marcus holds `finance`: his approval releases the record.
     browser.go(&flow_page).await;
     browser
-        .type_into(&format!("{form} input[name=reason]"), "discount agreed with the customer")
+        .type_into(
+            &format!("{form} input[name=reason]"),
+            "discount agreed with the customer",
+        )
         .await;
-    browser.type_into(&format!("{form} input[name=identity]"), MARCUS).await;
+    browser
+        .type_into(&format!("{form} input[name=identity]"), MARCUS)
+        .await;
     browser.click(&format!("{form} button")).await;
     let done = browser.outcome().await;
     assert!(done.contains(&format!("record {id} approved")), "{done}");

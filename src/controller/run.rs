@@ -297,12 +297,16 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     // Bound before leadership, so a bad address fails the start rather than the leader later.
     let ops_page = match settings.ops_page {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            RunError::Listen {
-                addr: format!("{addr} (--ops-page-addr)"),
-                reason: e.to_string(),
-            }
-        })?),
+        Some(addr) => {
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| RunError::Listen {
+                        addr: format!("{addr} (--ops-page-addr)"),
+                        reason: e.to_string(),
+                    })?,
+            )
+        }
         None => None,
     };
     // The page answers from the start (a standby's says so); it reads the caches once this replica leads.

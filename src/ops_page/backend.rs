@@ -81,7 +81,12 @@ impl WorkerReply {
         serde_json::from_slice::<Value>(&self.body)
             .ok()
             .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
-            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).chars().take(500).collect())
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&self.body)
+                    .chars()
+                    .take(500)
+                    .collect()
+            })
     }
 }
 
@@ -191,13 +196,21 @@ impl OpsBackend for DirectBackend {
         for f in &self.flows {
             let mut flow = f.flow.clone();
             let r = flow_ref(&flow);
-            match self.call(&r, http::Method::GET, "/status", None, None).await {
-                Ok(reply) => match read_json::<crate::worker::api::WorkerStatus>(&r, "/status", &reply)
-                {
-                    Ok(s) => fold_worker_status(&mut flow, &s),
-                    Err(e) => tracing::warn!(flow = %r, error = %e, "ops page: cannot read the worker status"),
-                },
-                Err(e) => tracing::warn!(flow = %r, error = %e, "ops page: cannot reach the worker"),
+            match self
+                .call(&r, http::Method::GET, "/status", None, None)
+                .await
+            {
+                Ok(reply) => {
+                    match read_json::<crate::worker::api::WorkerStatus>(&r, "/status", &reply) {
+                        Ok(s) => fold_worker_status(&mut flow, &s),
+                        Err(e) => {
+                            tracing::warn!(flow = %r, error = %e, "ops page: cannot read the worker status")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(flow = %r, error = %e, "ops page: cannot reach the worker")
+                }
             }
             out.push(flow);
         }
@@ -216,7 +229,9 @@ impl OpsBackend for DirectBackend {
         identity: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Result<WorkerReply, BackendError> {
-        let f = self.find(flow).ok_or_else(|| BackendError::NoSuchFlow { flow: flow.clone() })?;
+        let f = self
+            .find(flow)
+            .ok_or_else(|| BackendError::NoSuchFlow { flow: flow.clone() })?;
         let unreachable = |reason: String| BackendError::Unreachable {
             flow: flow.clone(),
             method: method.to_string(),
@@ -242,7 +257,10 @@ impl OpsBackend for DirectBackend {
                 .header(http::header::CONTENT_TYPE, "application/json")
                 .body(body);
         }
-        let response = request.send().await.map_err(|e| unreachable(e.to_string()))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status().as_u16();
         let body = response
             .bytes()

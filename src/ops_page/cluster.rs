@@ -31,7 +31,12 @@ impl OpsBackend for ClusterBackend {
     }
 
     async fn flows(&self) -> Vec<SyncFlow> {
-        self.stores.flows.state().iter().map(|f| (**f).clone()).collect()
+        self.stores
+            .flows
+            .state()
+            .iter()
+            .map(|f| (**f).clone())
+            .collect()
     }
 
     async fn rosters(&self) -> Vec<OwnershipRoster> {
@@ -69,8 +74,9 @@ impl OpsBackend for ClusterBackend {
             .or_else(|| pods.first())
             .ok_or_else(|| BackendError::NoWorker {
                 flow: flow.clone(),
-                reason: "its status Service publishes no pod (is the flow paused or scaled to zero?)"
-                    .into(),
+                reason:
+                    "its status Service publishes no pod (is the flow paused or scaled to zero?)"
+                        .into(),
             })?;
         let token = self
             .stores

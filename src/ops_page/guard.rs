@@ -182,10 +182,22 @@ mod tests {
             ("origin", "https://evil.example"),
             ("cookie", &cookie),
         ]);
-        assert!(check_post(&key, &foreign_origin, &token).unwrap_err().contains("evil.example"));
+        assert!(
+            check_post(&key, &foreign_origin, &token)
+                .unwrap_err()
+                .contains("evil.example")
+        );
         let cross_site = headers(&[("sec-fetch-site", "cross-site"), ("cookie", &cookie)]);
-        assert!(check_post(&key, &cross_site, &token).unwrap_err().contains("cross-site"));
-        let null_origin = headers(&[("host", "localhost:8090"), ("origin", "null"), ("cookie", &cookie)]);
+        assert!(
+            check_post(&key, &cross_site, &token)
+                .unwrap_err()
+                .contains("cross-site")
+        );
+        let null_origin = headers(&[
+            ("host", "localhost:8090"),
+            ("origin", "null"),
+            ("cookie", &cookie),
+        ]);
         assert!(check_post(&key, &null_origin, &token).is_err());
         let null_same_site = headers(&[
             ("host", "localhost:8090"),
@@ -195,7 +207,15 @@ mod tests {
         ]);
         assert_eq!(check_post(&key, &null_same_site, &token), Ok(()));
         let no_cookie = headers(&[("host", "localhost:8090")]);
-        assert!(check_post(&key, &no_cookie, &token).unwrap_err().contains("cookie"));
-        assert!(check_post(&key, &own, "").unwrap_err().contains("CSRF token"));
+        assert!(
+            check_post(&key, &no_cookie, &token)
+                .unwrap_err()
+                .contains("cookie")
+        );
+        assert!(
+            check_post(&key, &own, "")
+                .unwrap_err()
+                .contains("CSRF token")
+        );
     }
 }

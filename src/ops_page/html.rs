@@ -77,7 +77,9 @@ fn page(title: &str, body: &str) -> String {
     out.push_str("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">");
     let _ = write!(out, "<title>{} · Meshline</title>", escape(title));
     out.push_str("<link rel=\"stylesheet\" href=\"/style.css\"></head><body>");
-    out.push_str("<nav><a href=\"/\">Flows</a> <a href=\"/exceptions\">Exceptions by owner</a></nav>");
+    out.push_str(
+        "<nav><a href=\"/\">Flows</a> <a href=\"/exceptions\">Exceptions by owner</a></nav>",
+    );
     out.push_str(body);
     out.push_str("</body></html>");
     out
@@ -288,7 +290,10 @@ pub fn exceptions_view(flows: &[SyncFlow], rosters: &[OwnershipRoster]) -> Strin
             let _ = write!(b, "<div>{}</div>", escape(a));
         }
         b.push_str("</td><td>");
-        for flow in flows.iter().filter(|f| f.metadata.namespace.as_deref() == Some(ns)) {
+        for flow in flows
+            .iter()
+            .filter(|f| f.metadata.namespace.as_deref() == Some(ns))
+        {
             let Some(t) = flow.status.as_ref().and_then(|s| s.tickets.as_ref()) else {
                 continue;
             };
@@ -370,7 +375,11 @@ pub fn flow_view(
                 csrf = escape(csrf),
                 generation = h.generation,
                 role = escape(h.hold_role.as_deref().unwrap_or("")),
-                label = if action == "approve" { "Approve" } else { "Reject" },
+                label = if action == "approve" {
+                    "Approve"
+                } else {
+                    "Reject"
+                },
             );
         }
         b.push_str("</section>");

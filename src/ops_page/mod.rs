@@ -24,12 +24,12 @@ pub mod html;
 
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -109,7 +109,11 @@ async fn exceptions_page(State(state): State<PageState>) -> Response {
 }
 
 async fn style() -> Response {
-    ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], html::STYLE).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        html::STYLE,
+    )
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -166,9 +170,14 @@ async fn flow_page(
         Some(n) => (n, false),
         None => (guard::new_nonce(), true),
     };
-    let mut response =
-        Html(html::flow_view(&flow, &holds, &dead, &state.csrf.token(&nonce), &problems))
-            .into_response();
+    let mut response = Html(html::flow_view(
+        &flow,
+        &holds,
+        &dead,
+        &state.csrf.token(&nonce),
+        &problems,
+    ))
+    .into_response();
     if fresh && let Ok(cookie) = HeaderValue::from_str(&guard::nonce_cookie(&nonce)) {
         response.headers_mut().insert(header::SET_COOKIE, cookie);
     }
@@ -192,7 +201,11 @@ struct DecisionForm {
 }
 
 /// The worker's answer to an intervention, as the person reads it.
-fn worker_outcome(flow: &FlowRef, reply: Result<backend::WorkerReply, BackendError>, done: &str) -> Response {
+fn worker_outcome(
+    flow: &FlowRef,
+    reply: Result<backend::WorkerReply, BackendError>,
+    done: &str,
+) -> Response {
     match reply {
         Ok(r) if (200..300).contains(&r.status) => {
             Html(html::outcome_view(flow, true, done)).into_response()
@@ -412,7 +425,10 @@ mod tests {
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("<img"), "{page}");
         assert!(!page.contains("\"'>"), "{page}");
-        assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
+        assert!(
+            page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+            "{page}"
+        );
     }
 
     #[tokio::test]
@@ -441,10 +457,19 @@ mod tests {
             .send()
             .await
             .unwrap();
-        let cookie = flow_page.headers()["set-cookie"].to_str().unwrap().to_string();
-        assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+        let cookie = flow_page.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+            "{cookie}"
+        );
         let page = flow_page.text().await.unwrap();
-        assert!(page.contains("&quot;&#39;&gt;&lt;img onerror&gt;"), "{page}");
+        assert!(
+            page.contains("&quot;&#39;&gt;&lt;img onerror&gt;"),
+            "{page}"
+        );
         // An unknown page is an error page with the same headers.
         let missing = http.get(format!("{base}/nope")).send().await.unwrap();
         assert_eq!(missing.status(), 404);
@@ -488,8 +513,18 @@ mod tests {
             ]
         };
         let attempts = [
-            ("foreign origin", "https://evil.example", Some(cookie.as_str()), token.clone()),
-            ("missing CSRF token", base.as_str(), Some(cookie.as_str()), String::new()),
+            (
+                "foreign origin",
+                "https://evil.example",
+                Some(cookie.as_str()),
+                token.clone(),
+            ),
+            (
+                "missing CSRF token",
+                base.as_str(),
+                Some(cookie.as_str()),
+                String::new(),
+            ),
             ("missing cookie", base.as_str(), None, token.clone()),
         ];
         for (what, origin, cookie, csrf) in attempts {
