@@ -190,7 +190,7 @@ pub fn main_view(flows: &[SyncFlow]) -> String {
                     );
                 }
             }
-            None => b.push_str("–"),
+            None => b.push('–'),
         }
         b.push_str("</td></tr>");
     }
@@ -235,21 +235,29 @@ fn audit_cell(b: &mut String, audit: &crate::api::FlowAuditStatus) {
     }
 }
 
+/// One owner's row of the exceptions view.
+struct OwnerRow {
+    name: String,
+    roles: Vec<String>,
+    assignments: Vec<String>,
+}
+
 /// Exceptions by owner: each roster owner with the flows assigned to them (and as what) and the open
 /// tickets those flows' statuses put with them.
 pub fn exceptions_view(flows: &[SyncFlow], rosters: &[OwnershipRoster]) -> String {
     let mut b = String::from("<h1>Exceptions by owner</h1>");
-    // owner id -> (namespace, display name, roles)
-    let mut owners: BTreeMap<(String, String), (String, Vec<String>, Vec<String>)> =
-        BTreeMap::new();
+    // By (namespace, owner id): the roster's owners, and owners named only in assignments.
+    let mut owners: BTreeMap<(String, String), OwnerRow> = BTreeMap::new();
     for roster in rosters {
         let ns = roster.metadata.namespace.clone().unwrap_or_default();
         for owner in &roster.spec.owners {
-            owners.entry((ns.clone(), owner.id.clone())).or_insert((
-                owner.name.clone(),
-                owner.approver_roles.clone(),
-                Vec::new(),
-            ));
+            owners
+                .entry((ns.clone(), owner.id.clone()))
+                .or_insert_with(|| OwnerRow {
+                    name: owner.name.clone(),
+                    roles: owner.approver_roles.clone(),
+                    assignments: Vec::new(),
+                });
         }
         for a in &roster.spec.assignments {
             let flows_named = if a.flows.is_empty() {
@@ -266,8 +274,12 @@ pub fn exceptions_view(flows: &[SyncFlow], rosters: &[OwnershipRoster]) -> Strin
                 if let Some(who) = who {
                     owners
                         .entry((ns.clone(), who.clone()))
-                        .or_insert_with(|| (who.clone(), Vec::new(), Vec::new()))
-                        .2
+                        .or_insert_with(|| OwnerRow {
+                            name: who.clone(),
+                            roles: Vec::new(),
+                            assignments: Vec::new(),
+                        })
+                        .assignments
                         .push(format!("{role} of {flows_named}"));
                 }
             }
@@ -277,7 +289,15 @@ pub fn exceptions_view(flows: &[SyncFlow], rosters: &[OwnershipRoster]) -> Strin
         "<table id=\"owners\"><thead><tr><th>Owner</th><th>Approver roles</th><th>Assignments</th>\
          <th>Open tickets</th></tr></thead><tbody>",
     );
-    for ((ns, id), (name, roles, assignments)) in &owners {
+    for (
+        (ns, id),
+        OwnerRow {
+            name,
+            roles,
+            assignments,
+        },
+    ) in &owners
+    {
         let _ = write!(
             b,
             "<tr><td>{} ({}/{})</td><td>{}</td><td>",
