@@ -1272,6 +1272,7 @@ async fn a_lease_name_the_api_server_would_refuse_stops_the_controller_at_start(
         no_leader_election: false,
         network_policies: meshline::controller::FlowNetworkPolicies::Off,
         outage: Default::default(),
+        ops_page: None,
     };
     let err = meshline::controller::run(settings).await.unwrap_err();
     let text = err.to_string();

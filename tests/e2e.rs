@@ -196,6 +196,7 @@ fn start_controller(
             after: Duration::ZERO,
             ..Default::default()
         },
+        ops_page: None,
     };
     tokio::spawn(async move {
         if let Err(e) = meshline::controller::run(settings).await {

@@ -788,6 +788,34 @@ async fn a_held_discount_is_approved_by_the_finance_owner_in_person_and_delivere
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_a_hold_other_than_the_one_the_person_saw_is_a_conflict_and_decides_nothing()
+{
+    let h = start(2).await;
+    let id = h.held_discount().await;
+    // The operations page sends the hold as it showed it; another generation or role is not what was seen.
+    for seen in [
+        json!({"generation": 2, "holdRole": "finance"}),
+        json!({"generation": 1, "holdRole": "legal"}),
+    ] {
+        let body = json!({"reason": "agreed", "seen": seen});
+        let (status, answer) = h.approve_as(id, Some(MARCUS), body).await;
+        assert_eq!(status, 409, "{answer}");
+        let message = answer["error"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("record {id} changed since it was seen"))
+                && message.contains("nothing was decided"),
+            "{answer}"
+        );
+        assert_eq!(h.record_state(id).await["record"]["state"], "held");
+    }
+    let body = json!({"reason": "agreed", "seen": {"generation": 1, "holdRole": "finance"}});
+    let (status, answer) = h.approve_as(id, Some(MARCUS), body).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_ne!(h.record_state(id).await["record"]["state"], "held");
+    h.worker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approvals_from_anyone_but_an_owner_in_the_role_are_refused_counted_and_kept_in_the_lineage()
  {
     let h = start(2).await;

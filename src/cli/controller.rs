@@ -78,6 +78,11 @@ pub struct ControllerArgs {
     /// several.
     #[arg(long = "api-server-cidr", value_name = "CIDR", value_parser = parse_cidr)]
     pub api_server_cidrs: Vec<String>,
+    /// Serve the operations web page on this address (e.g. `0.0.0.0:8090`); off when not given. Reach it
+    /// through the cluster's own access control (`kubectl port-forward`, or an Ingress with SSO in front):
+    /// it has no sign-in of its own, and approvals need each person's own token.
+    #[arg(long)]
+    pub ops_page_addr: Option<SocketAddr>,
 }
 
 /// `--flow-network-policies`.
@@ -214,6 +219,7 @@ pub fn controller(args: ControllerArgs) -> ExitCode {
             after: args.outage_after,
             ..Default::default()
         },
+        ops_page: args.ops_page_addr,
     };
     match runtime.block_on(crate::controller::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,

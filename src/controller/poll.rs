@@ -204,6 +204,29 @@ pub trait WorkerStatusSource: Send + Sync {
         token: Option<&str>,
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError>;
+
+    /// [`Self::call`] on behalf of a person: their personal token travels in the worker's identity header
+    /// (`X-Meshline-Identity`), so the worker, not the caller, decides whether they may act. A source that
+    /// cannot carry it refuses rather than act with the flow's token alone.
+    #[allow(clippy::too_many_arguments)]
+    async fn call_as(
+        &self,
+        namespace: &str,
+        pod: &WorkerPod,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        identity: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
+        match identity {
+            None => self.call(namespace, pod, method, path, token, body).await,
+            Some(_) => Err(FetchError::Unreachable {
+                url: path.to_string(),
+                reason: "this worker source cannot carry a person's identity".into(),
+            }),
+        }
+    }
 }
 
 /// Over the cluster network, to the pod's own address on the operations port: `http://<pod IP>:8081/status`.
@@ -254,17 +277,34 @@ impl WorkerStatusSource for Direct {
 
     async fn call(
         &self,
-        _namespace: &str,
+        namespace: &str,
         pod: &WorkerPod,
         method: http::Method,
         path: &str,
         token: Option<&str>,
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
+        self.call_as(namespace, pod, method, path, token, None, body)
+            .await
+    }
+
+    async fn call_as(
+        &self,
+        _namespace: &str,
+        pod: &WorkerPod,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        identity: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
         let url = pod_url(pod).replace("/status", path);
         let mut request = self.http.request(method, &url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
+        }
+        if let Some(identity) = identity {
+            request = request.header(crate::worker::identity::IDENTITY_HEADER, identity);
         }
         if let Some(body) = body {
             request = request
@@ -313,11 +353,29 @@ impl WorkerStatusSource for ViaProxy {
         token: Option<&str>,
         body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), FetchError> {
+        self.call_as(namespace, pod, method, path, token, None, body)
+            .await
+    }
+
+    async fn call_as(
+        &self,
+        namespace: &str,
+        pod: &WorkerPod,
+        method: http::Method,
+        path: &str,
+        token: Option<&str>,
+        identity: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, Vec<u8>), FetchError> {
         let full =
             pod_proxy_path(namespace, &pod.name).replace("/proxy/status", &format!("/proxy{path}"));
         let mut request = http::Request::builder().method(method).uri(&full);
         if let Some(token) = token {
             request = request.header(PROXY_TOKEN_HEADER, token);
+        }
+        // The pod proxy keeps `Authorization` for itself but passes other headers on to the worker.
+        if let Some(identity) = identity {
+            request = request.header(crate::worker::identity::IDENTITY_HEADER, identity);
         }
         if body.is_some() {
             request = request.header(http::header::CONTENT_TYPE, "application/json");

@@ -52,6 +52,8 @@ pub struct Settings {
     pub network_policies: FlowNetworkPolicies,
     /// When no worker pod of a flow answering becomes the controller's own ticket.
     pub outage: super::flow::outage::OutageSettings,
+    /// Where the operations web page listens (`--ops-page-addr`); not served when `None`.
+    pub ops_page: Option<SocketAddr>,
 }
 
 /// `--flow-network-policies`: the per-flow NetworkPolicy switch. Each mode needs its own RBAC on
@@ -293,6 +295,42 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         });
     }
 
+    // Bound before leadership, so a bad address fails the start rather than the leader later.
+    let ops_page = match settings.ops_page {
+        Some(addr) => {
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| RunError::Listen {
+                        addr: format!("{addr} (--ops-page-addr)"),
+                        reason: e.to_string(),
+                    })?,
+            )
+        }
+        None => None,
+    };
+    // The page answers from the start (a standby's says so); it reads the caches once this replica leads.
+    let ops_page_leading = Arc::new(AtomicBool::new(false));
+    if let Some(listener) = ops_page {
+        let backend = Arc::new(crate::ops_page::cluster::ClusterBackend {
+            stores: stores.clone(),
+            source: if settings.status_via_proxy {
+                Arc::new(super::poll::ViaProxy {
+                    client: client.clone(),
+                })
+            } else {
+                Arc::new(super::poll::Direct::new())
+            },
+            leading: ops_page_leading.clone(),
+        });
+        tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving the operations page");
+        tokio::spawn(async move {
+            if let Err(e) = crate::ops_page::serve(listener, backend).await {
+                tracing::error!(error = %e, "operations page stopped");
+            }
+        });
+    }
+
     wait_for_crds(&client).await;
     ready.store(true, Ordering::Relaxed);
     tracing::info!(namespace = ?settings.namespace, "CustomResourceDefinitions are Established");
@@ -356,6 +394,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         .with_workers(source.clone())
         .with_outage(settings.outage),
     );
+    ops_page_leading.store(true, Ordering::Relaxed);
     let managed =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let super::Writers {

@@ -810,6 +810,41 @@ pub struct Decision {
     /// Why (required): recorded with the decision in the lineage and the interventions.
     #[serde(default)]
     reason: String,
+    /// The hold as the person saw it (the operations page sends it): a decision on a record that has since
+    /// become another generation, or waits for another role, is refused (409) instead of applied to what
+    /// they never saw. Without it the worker decides on the hold it reads now (the CLI's behaviour).
+    #[serde(default)]
+    seen: Option<SeenHold>,
+}
+
+/// What a person saw of a held record when they decided: its generation and the approver role it waited for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeenHold {
+    pub generation: i64,
+    #[serde(default)]
+    pub hold_role: Option<String>,
+}
+
+impl SeenHold {
+    /// `None` when `held` is still what was seen; otherwise what changed, for the 409's message.
+    fn changed_in(&self, held: &RecordView) -> Option<String> {
+        let now = HeldAsSeen::of(held);
+        let seen = HeldAsSeen {
+            generation: self.generation,
+            hold_role: self.hold_role.clone(),
+        };
+        (now != seen).then(|| {
+            let role = |r: &Option<String>| r.as_deref().unwrap_or("none").to_string();
+            format!(
+                "generation {} held for role {} is now generation {} held for role {}",
+                seen.generation,
+                role(&seen.hold_role),
+                now.generation,
+                role(&now.hold_role)
+            )
+        })
+    }
 }
 
 /// The longest reason a decision may carry.
@@ -985,6 +1020,15 @@ async fn decide(
                 "record {} is {}, not held: there is nothing to {action}",
                 id.0,
                 held.state.as_str()
+            ),
+        );
+    }
+    if let Some(changed) = body.seen.as_ref().and_then(|seen| seen.changed_in(&held)) {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "record {} changed since it was seen ({changed}); nothing was decided: look at it again",
+                id.0
             ),
         );
     }

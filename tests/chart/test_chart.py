@@ -66,6 +66,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         }
     },
     "single-replica": {"replicaCount": 1},
+    "ops-page": {"opsPage": {"enabled": True}},
+    "ops-page-proxy": {"opsPage": {"enabled": True, "port": 9443}, "controller": {"statusViaProxy": True}},
     "custom-images": {
         "image": {
             "repository": "registry.example.test:5000/platform/meshline",
@@ -165,6 +167,9 @@ REJECTED_VALUES_FILES: dict[str, tuple[str, str]] = {
     "status-period-not-duration": ("controller:\n  statusPeriod: thirty seconds\n", "/controller/statusPeriod"),
     "outage-after-not-duration": ("controller:\n  outageAfter: five minutes\n", "/controller/outageAfter"),
     "status-via-proxy-not-bool": ("controller:\n  statusViaProxy: \"yes\"\n", "/controller/statusViaProxy"),
+    "ops-page-enabled-not-bool": ("opsPage:\n  enabled: \"yes\"\n", "/opsPage/enabled"),
+    "ops-page-on-the-metrics-port": ("opsPage:\n  port: 8080\n", "/opsPage/port"),
+    "ops-page-unknown-key": ("opsPage:\n  enable: true\n", "/opsPage"),
     "service-monitor-unknown-key": ("serviceMonitor:\n  enabled: true\n  port: 9090\n", "port"),
     "resources-unknown-key": ("resources:\n  request:\n    cpu: 1\n", "request"),
     "empty-image-repository": ("image:\n  repository: \"\"\n  pullPolicy: IfNotPresent\n", "/image/repository"),
@@ -1145,3 +1150,46 @@ def test_python_env_never_clobbers_a_foreign_directory(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "is not a virtualenv" in result.stderr
     assert (foreign / "precious.txt").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------
+# Operations page
+# --------------------------------------------------------------------------
+
+
+def test_ops_page_is_off_by_default() -> None:
+    objects = render()
+    container = controller_container(objects)
+    assert "--ops-page-addr" not in container["args"]
+    assert [p["name"] for p in container["ports"]] == ["http"]
+    assert [p["name"] for p in one(objects, "Service")["spec"]["ports"]] == ["http"]
+
+
+def test_ops_page_gets_its_flag_container_port_and_service_port() -> None:
+    objects = render(SCENARIOS["ops-page"])
+    container = controller_container(objects)
+    assert arg_value(container["args"], "--ops-page-addr") == "0.0.0.0:8090"
+    assert {"name": "ops-page", "containerPort": 8090, "protocol": "TCP"} in container["ports"]
+    service = one(objects, "Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert {"name": "ops-page", "port": 8090, "targetPort": "ops-page", "protocol": "TCP"} in service["spec"]["ports"]
+    # No credentials of its own anywhere: no Secret, no token in the args.
+    assert by_kind(objects, "Secret") == []
+    assert not any("token" in a.lower() for a in container["args"])
+
+
+def test_ops_page_through_the_proxy_may_post_and_without_it_needs_no_proxy_right() -> None:
+    with_proxy = render(SCENARIOS["ops-page-proxy"])
+    assert arg_value(controller_container(with_proxy)["args"], "--ops-page-addr") == "0.0.0.0:9443"
+    assert proxy_verbs(with_proxy) == {"get", "create"}
+    assert proxy_verbs(render(SCENARIOS["ops-page"])) == set()
+    # statusViaProxy without the page keeps the read-only proxy right.
+    assert proxy_verbs(render(SCENARIOS["status-via-proxy"])) == {"get"}
+
+
+def proxy_verbs(objects: list[dict[str, Any]]) -> set[str]:
+    """The verbs on pods/proxy over every watch role."""
+    verbs: set[str] = set()
+    for role in watch_roles(objects):
+        verbs |= permissions(role).get(("", "pods/proxy"), set())
+    return verbs

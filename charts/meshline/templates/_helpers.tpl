@@ -172,10 +172,11 @@ ClusterRole (watchNamespace empty) or a Role in watchNamespace. No wildcards.
 {{- end }}
 {{- if .Values.controller.statusViaProxy }}
 # controller.statusViaProxy: true. Broad: GET through the API server proxy to
-# any pod in scope (each worker pod's /status is read through it).
+# any pod in scope (each worker pod's /status is read through it); with
+# opsPage.enabled also POST (create), for the page's approvals and replays.
 - apiGroups: [""]
   resources: ["pods/proxy"]
-  verbs: ["get"]
+  verbs: {{ if .Values.opsPage.enabled }}["get", "create"]{{ else }}["get"]{{ end }}
 {{- end }}
 {{- end }}
 
