@@ -232,6 +232,20 @@ impl Auditor {
                 partial.push(why);
             }
         }
+        // The comparison and the explanations store nothing, so nothing renews the lease while they run:
+        // renew it now, so another replica does not take the run over (and raise its ticket twice) meanwhile.
+        if self
+            .ledger
+            .audit_lease(id, &self.settings.owner, self.settings.lease)
+            .await
+            .map_err(|e| self.ledger_error(e))?
+            .is_none()
+        {
+            return Err(AuditError::Busy {
+                flow: self.flow(),
+                run: id,
+            });
+        }
         let tally = self
             .ledger
             .audit_compare(id)
