@@ -5,6 +5,7 @@
 //! `validate` (offline checks of manifests), `cli` (the `meshline` subcommands).
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod connectors;
 pub mod contract;

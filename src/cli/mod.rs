@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod audit;
 mod contract;
 pub mod controller;
 mod dev;
@@ -63,6 +64,10 @@ pub enum Command {
         #[command(subcommand)]
         command: worker::HoldCommand,
     },
+    /// Run a reconciliation audit of a flow on its worker and wait for it: CRM deals against ERP orders,
+    /// counts and totals per currency, every difference explained from the ledger (exit 0 reconciled, 1
+    /// unexplained differences, 2 partial, failed or bad input).
+    Audit(Box<audit::AuditArgs>),
     /// List a running worker's exception tickets, or acknowledge one as yourself.
     Ticket {
         #[command(subcommand)]
@@ -124,6 +129,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Dlq { command } => worker::dlq(command),
         Command::Hold { command } => worker::hold(command),
         Command::Ticket { command } => ticket::run(command),
+        Command::Audit(args) => audit::run(*args),
         Command::Contract { command } => contract::run(command),
         Command::Replay(args) => replay::replay(*args),
         Command::Rollout { command } => rollout::run(command),

@@ -38,6 +38,10 @@ pub struct WorkerArgs {
     /// This worker's name in leases (defaults to the pod name).
     #[arg(long, env = "POD_NAME")]
     pub worker_id: Option<String>,
+    /// How far back a reconciliation audit looks when its request names no window (the controller passes
+    /// the roster's `audit.window`).
+    #[arg(long, default_value = "168h", value_parser = parse_audit_window)]
+    pub audit_window: std::time::Duration,
     /// Record buckets this worker claims, `FROM-TO` inclusive (stable takes the top, a canary the bottom).
     /// Fixed for the worker's life; with `--rollout-file` the split decides instead.
     #[arg(long, default_value = "0-99", value_parser = parse_buckets)]
@@ -67,6 +71,21 @@ pub struct WorkerArgs {
     /// The reserve is at most this many MiB.
     #[arg(long, default_value_t = 1024)]
     pub ledger_reserve_max_mib: u64,
+}
+
+/// A Go duration (`168h`, `36h30m`), as the roster's `audit.window`: between one minute and a year.
+pub(crate) fn parse_audit_window(s: &str) -> Result<std::time::Duration, String> {
+    let d: kube::core::Duration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration like 168h: {e}"))?;
+    let d: std::time::Duration = d.into();
+    if d < std::time::Duration::from_secs(60) || d > std::time::Duration::from_secs(366 * 24 * 3600)
+    {
+        return Err(format!(
+            "{s:?}: the audit window must be between 1m and 8784h"
+        ));
+    }
+    Ok(d)
 }
 
 fn parse_buckets(s: &str) -> Result<(u8, u8), String> {
@@ -141,6 +160,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                 track: args.track,
                 rollout_file: args.rollout_file,
                 lease: std::time::Duration::from_secs(args.lease),
+                audit_window: args.audit_window,
                 shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace),
                 disk_reserve: crate::worker::disk::DiskReserve {
                     min_bytes: args.ledger_reserve_min_mib.saturating_mul(1024 * 1024),

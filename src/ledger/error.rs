@@ -108,6 +108,19 @@ pub enum LedgerError {
         what: &'static str,
         detail: String,
     },
+
+    /// Another worker holds the audit run's lease (it took the run over after this one's lease lapsed, or
+    /// holds it now): this worker must stop writing the run.
+    #[error("flow {flow}: audit run {run} is leased to {holder}, not {owner}")]
+    AuditLeaseLost {
+        flow: String,
+        run: i64,
+        owner: String,
+        holder: String,
+    },
+
+    #[error("flow {flow}: audit run {run} is not in the ledger")]
+    AuditRunNotFound { flow: String, run: i64 },
 }
 
 fn record_suffix(record: Option<RecordId>) -> String {
@@ -133,6 +146,8 @@ impl LedgerError {
             LedgerError::InvalidInput { .. } => "invalid_input",
             LedgerError::TicketNotFound { .. } => "ticket_not_found",
             LedgerError::TicketCorrupt { .. } => "ticket_corrupt",
+            LedgerError::AuditLeaseLost { .. } => "audit_lease_lost",
+            LedgerError::AuditRunNotFound { .. } => "audit_run_not_found",
         }
     }
 }

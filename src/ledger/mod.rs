@@ -98,6 +98,7 @@ macro_rules! sqlite_pending {
     };
 }
 
+mod audit;
 mod error;
 mod postgres;
 mod schema;
@@ -113,6 +114,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+pub use audit::{
+    AUDIT_FACTS_CHUNK, AUDIT_RUNS_KEPT, AuditRecordFacts, AuditRun, AuditRunState, AuditSide,
+    AuditSideProgress,
+};
 pub use error::{BackendError, LedgerError, Result};
 pub use postgres::PostgresLedger;
 pub use schema::{SCHEMA_VERSION, migration_statements};
@@ -481,6 +486,53 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// The flow's tickets as a whole, exact over every occurrence (see [`FlowTicketMeasures`]): what `/status`,
     /// `/metrics` and the roster's totals report for the flow, instead of adding up the owners' figures.
     async fn ticket_flow_measures(&self) -> Result<FlowTicketMeasures>;
+
+    // ---- reconciliation audit (issue #17; see the `audit` module) ------------------------------------------
+
+    /// Starts an audit run over `[window_from, window_to)` (ms) leased to `owner` for `lease`, or returns the
+    /// run already running (unchanged, whoever holds it). The flag is true when this call started it.
+    async fn audit_start(
+        &self,
+        window_from: i64,
+        window_to: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<(AuditRun, bool)>;
+
+    /// Takes run `id`'s lease for `owner` until `lease` from now: granted while the run is running and its
+    /// lease is free, lapsed, or already `owner`'s. `None` when another worker holds a live lease, or the run
+    /// is finished. [`LedgerError::AuditRunNotFound`] for an unknown run.
+    async fn audit_lease(&self, id: i64, owner: &str, lease: Duration) -> Result<Option<AuditRun>>;
+
+    /// Stores one page of `side` with the cursor after it (`next`; `None`: the side is read in full) in one
+    /// transaction, renewing the lease. Refused with [`LedgerError::AuditLeaseLost`] (nothing stored) unless
+    /// `owner` holds the lease; a page of a side already done is refused as invalid input.
+    async fn audit_page(
+        &self,
+        id: i64,
+        owner: &str,
+        side: AuditSide,
+        orders: &[crate::connectors::queries::AuditedOrder],
+        next: Option<&str>,
+        lease: Duration,
+    ) -> Result<()>;
+
+    /// Compares the orders stored for run `id`, streamed in external-id order through
+    /// [`crate::audit::compare::Comparison`]: memory bounded by one external id's orders, not the window.
+    async fn audit_compare(&self, id: i64) -> Result<crate::audit::compare::Tally>;
+
+    /// What the ledger knows about the newest record of each source key (at most [`AUDIT_FACTS_CHUNK`]
+    /// keys a call); keys without a record are left out.
+    async fn audit_facts(&self, source_keys: &[String]) -> Result<Vec<AuditRecordFacts>>;
+
+    /// Finishes run `id` with `result`, fenced by `owner`'s lease: stores the result, deletes the run's
+    /// orders and the finished runs beyond the newest [`AUDIT_RUNS_KEPT`], in one transaction.
+    async fn audit_finish(&self, id: i64, owner: &str, result: &Value) -> Result<()>;
+
+    async fn audit_run(&self, id: i64) -> Result<Option<AuditRun>>;
+
+    /// The newest finished run.
+    async fn audit_last(&self) -> Result<Option<AuditRun>>;
 
     /// A cheap round trip that proves the ledger answers (the readiness probe).
     async fn ping(&self) -> Result<()>;

@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
 
+use super::audit::{self, RUN_COLUMNS, RunRow};
+use super::parse_state;
 use super::schema::{self, SCHEMA_VERSION};
 use super::tickets::{self, TicketRow, TimesDelta, postgres_param};
 use super::{
@@ -33,6 +35,7 @@ use super::{
     completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, rounds, stale_detail,
     tie_detail, to_time, window_start_minute,
 };
+use super::{AUDIT_RUNS_KEPT, AuditRecordFacts, AuditRun, AuditSide};
 use super::{
     DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
     TicketAssignment, TicketRecord, TicketSinkHealth,
@@ -42,7 +45,31 @@ use super::{
     revision_measures_from, revision_select, revision_slot, revision_slots, revision_upsert,
     set_revision,
 };
+use crate::connectors::queries::AuditedOrder;
 use chrono::{DateTime, Utc};
+
+/// A run's row, in [`RUN_COLUMNS`] order.
+fn pg_run_row(r: &sqlx::postgres::PgRow) -> std::result::Result<RunRow, sqlx::Error> {
+    Ok(RunRow {
+        id: r.try_get(0)?,
+        window_from: r.try_get(1)?,
+        window_to: r.try_get(2)?,
+        state: r.try_get(3)?,
+        owner: r.try_get(4)?,
+        lease_until: r.try_get(5)?,
+        crm_cursor: r.try_get(6)?,
+        crm_done: r.try_get(7)?,
+        crm_pages: r.try_get(8)?,
+        crm_orders: r.try_get(9)?,
+        erp_cursor: r.try_get(10)?,
+        erp_done: r.try_get(11)?,
+        erp_pages: r.try_get(12)?,
+        erp_orders: r.try_get(13)?,
+        result: r.try_get(14)?,
+        started_at: r.try_get(15)?,
+        finished_at: r.try_get(16)?,
+    })
+}
 
 /// Splits the rows of a counts query: kept counters, window sums and the oldest pending receipt.
 fn split_kept(
@@ -2295,6 +2322,307 @@ impl Ledger for PostgresLedger {
                 .await
                 .map_err(self.db("read ticket measures", None))?;
         Ok(tickets::measures(rows))
+    }
+
+    async fn audit_start(
+        &self,
+        window_from: i64,
+        window_to: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<(AuditRun, bool)> {
+        let lease = lease_ms(&self.flow, lease)?;
+        let now = self.clock.now_ms();
+        let err = self.db("start audit", None);
+        // Two replicas starting at once meet on the one-running-run index: the loser reads the winner's run.
+        let started = sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO audit_runs (flow, window_from, window_to, state, owner, lease_until, started_at) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6) \
+             ON CONFLICT (flow) WHERE state = 'running' DO NOTHING RETURNING {RUN_COLUMNS}"
+        )))
+        .bind(&self.flow)
+        .bind(window_from)
+        .bind(window_to)
+        .bind(owner)
+        .bind(now + lease)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&err)?;
+        if let Some(row) = started {
+            return Ok((pg_run_row(&row).map_err(&err)?.into_run(&self.flow)?, true));
+        }
+        let running = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM audit_runs WHERE flow = $1 AND state = 'running'"
+        )))
+        .bind(&self.flow)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&err)?;
+        match running {
+            Some(row) => Ok((pg_run_row(&row).map_err(&err)?.into_run(&self.flow)?, false)),
+            // It finished between the two statements: start again.
+            None => {
+                Box::pin(self.audit_start(
+                    window_from,
+                    window_to,
+                    owner,
+                    Duration::from_millis(lease as u64),
+                ))
+                .await
+            }
+        }
+    }
+
+    async fn audit_lease(&self, id: i64, owner: &str, lease: Duration) -> Result<Option<AuditRun>> {
+        let lease = lease_ms(&self.flow, lease)?;
+        let now = self.clock.now_ms();
+        let err = self.db("lease audit", None);
+        let taken = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE audit_runs SET owner = $3, lease_until = $4 WHERE id = $1 AND flow = $2 \
+             AND state = 'running' AND (owner IS NULL OR owner = $3 OR lease_until <= $5) \
+             RETURNING {RUN_COLUMNS}"
+        )))
+        .bind(id)
+        .bind(&self.flow)
+        .bind(owner)
+        .bind(now + lease)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&err)?;
+        match taken {
+            Some(row) => Ok(Some(pg_run_row(&row).map_err(&err)?.into_run(&self.flow)?)),
+            None => {
+                let exists = sqlx::query("SELECT 1 FROM audit_runs WHERE id = $1 AND flow = $2")
+                    .bind(id)
+                    .bind(&self.flow)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(&err)?;
+                match exists {
+                    Some(_) => Ok(None),
+                    None => Err(LedgerError::AuditRunNotFound {
+                        flow: self.flow.clone(),
+                        run: id,
+                    }),
+                }
+            }
+        }
+    }
+
+    async fn audit_page(
+        &self,
+        id: i64,
+        owner: &str,
+        side: AuditSide,
+        orders: &[AuditedOrder],
+        next: Option<&str>,
+        lease: Duration,
+    ) -> Result<()> {
+        audit::check_page(&self.flow, side, orders)?;
+        let lease = lease_ms(&self.flow, lease)?;
+        let now = self.clock.now_ms();
+        let err = self.db("store audit page", None);
+        let s = side.label();
+        let mut tx = self.pool.begin().await.map_err(&err)?;
+        // The cursor, the done flag and the page's orders commit together, fenced by the lease.
+        let changed = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE audit_runs SET {s}_cursor = $1, {s}_done = $2, {s}_pages = {s}_pages + 1, \
+             {s}_orders = {s}_orders + $3, lease_until = $4 WHERE id = $5 AND flow = $6 \
+             AND state = 'running' AND owner = $7 AND {s}_done = 0"
+        )))
+        .bind(next)
+        .bind(i64::from(next.is_none()))
+        .bind(orders.len() as i64)
+        .bind(now + lease)
+        .bind(id)
+        .bind(&self.flow)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?
+        .rows_affected();
+        if changed == 0 {
+            let now_row = sqlx::query(AssertSqlSafe(format!(
+                "SELECT state, owner, {s}_done FROM audit_runs WHERE id = $1 AND flow = $2"
+            )))
+            .bind(id)
+            .bind(&self.flow)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(&err)?
+            .map(|r| {
+                (
+                    r.get::<String, _>(0),
+                    r.get::<Option<String>, _>(1),
+                    r.get::<i64, _>(2) != 0,
+                )
+            });
+            return Err(audit::refused_write(
+                &self.flow,
+                id,
+                owner,
+                now_row,
+                Some(side),
+            ));
+        }
+        let ids: Vec<&str> = orders.iter().map(|o| o.external_id.as_str()).collect();
+        let currencies: Vec<&str> = orders.iter().map(|o| o.currency.as_str()).collect();
+        let amounts: Vec<String> = orders.iter().map(|o| o.amount.to_string()).collect();
+        sqlx::query(
+            "INSERT INTO audit_orders (run, side, external_id, currency, amount) \
+             SELECT $1, $2, * FROM UNNEST($3::text[], $4::text[], $5::text[])",
+        )
+        .bind(id)
+        .bind(s)
+        .bind(&ids)
+        .bind(&currencies)
+        .bind(&amounts)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        tx.commit().await.map_err(&err)
+    }
+
+    async fn audit_compare(&self, id: i64) -> Result<crate::audit::compare::Tally> {
+        use futures::TryStreamExt;
+        let err = self.db("compare audit", None);
+        // Streamed row by row (byte order, as the index and the comparison have it): memory stays bounded.
+        let mut rows = sqlx::query(
+            "SELECT side, external_id, currency, amount FROM audit_orders WHERE run = $1 \
+             ORDER BY external_id COLLATE \"C\", side",
+        )
+        .bind(id)
+        .fetch(&self.pool);
+        let mut comparison = crate::audit::compare::Comparison::new();
+        while let Some(row) = rows.try_next().await.map_err(&err)? {
+            let side: String = row.get(0);
+            let side = AuditSide::parse(&side).ok_or_else(|| LedgerError::Corrupt {
+                flow: self.flow.clone(),
+                record: RecordId(0),
+                what: "audit order side",
+                detail: format!("audit run {id}: unknown side {side:?}"),
+            })?;
+            let amount: String = row.get(3);
+            let order = AuditedOrder {
+                external_id: row.get(1),
+                currency: row.get(2),
+                amount: audit::stored_amount(&self.flow, id, &amount)?,
+            };
+            comparison
+                .push(side, order)
+                .map_err(|e| LedgerError::Corrupt {
+                    flow: self.flow.clone(),
+                    record: RecordId(0),
+                    what: "audit order order",
+                    detail: e.to_string(),
+                })?;
+        }
+        Ok(comparison.finish())
+    }
+
+    async fn audit_facts(&self, source_keys: &[String]) -> Result<Vec<AuditRecordFacts>> {
+        audit::check_facts_request(&self.flow, source_keys)?;
+        if source_keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT r.id, r.source_key, r.state, r.dead_letter_reason, r.hold_rule, p.body \
+             FROM records r LEFT JOIN payloads p ON p.record_id = r.id \
+             WHERE r.flow = $1 AND r.source_key = ANY($2) ORDER BY r.id",
+        )
+        .bind(&self.flow)
+        .bind(source_keys)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(self.db("read audit facts", None))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id: i64 = row.get(0);
+            let state: String = row.get(2);
+            out.push(AuditRecordFacts {
+                source_key: row.get(1),
+                state: parse_state(&self.flow, id, &state)?,
+                dead_letter_reason: row.get(3),
+                hold_rule: row.get(4),
+                payload: row.get(5),
+            });
+        }
+        Ok(audit::newest_per_key(out))
+    }
+
+    async fn audit_finish(&self, id: i64, owner: &str, result: &Value) -> Result<()> {
+        let now = self.clock.now_ms();
+        let err = self.db("finish audit", None);
+        let mut tx = self.pool.begin().await.map_err(&err)?;
+        let changed = sqlx::query(
+            "UPDATE audit_runs SET state = 'finished', result = $1, finished_at = $2, lease_until = NULL \
+             WHERE id = $3 AND flow = $4 AND state = 'running' AND owner = $5",
+        )
+        .bind(result.to_string())
+        .bind(now)
+        .bind(id)
+        .bind(&self.flow)
+        .bind(owner)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?
+        .rows_affected();
+        if changed == 0 {
+            let now_row =
+                sqlx::query("SELECT state, owner FROM audit_runs WHERE id = $1 AND flow = $2")
+                    .bind(id)
+                    .bind(&self.flow)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(&err)?
+                    .map(|r| (r.get::<String, _>(0), r.get::<Option<String>, _>(1), false));
+            return Err(audit::refused_write(&self.flow, id, owner, now_row, None));
+        }
+        sqlx::query("DELETE FROM audit_orders WHERE run = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(&err)?;
+        sqlx::query(
+            "DELETE FROM audit_runs WHERE flow = $1 AND state = 'finished' AND id NOT IN \
+             (SELECT id FROM audit_runs WHERE flow = $1 AND state = 'finished' ORDER BY id DESC LIMIT $2)",
+        )
+        .bind(&self.flow)
+        .bind(AUDIT_RUNS_KEPT)
+        .execute(&mut *tx)
+        .await
+        .map_err(&err)?;
+        tx.commit().await.map_err(&err)
+    }
+
+    async fn audit_run(&self, id: i64) -> Result<Option<AuditRun>> {
+        let err = self.db("read audit run", None);
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM audit_runs WHERE id = $1 AND flow = $2"
+        )))
+        .bind(id)
+        .bind(&self.flow)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&err)?;
+        row.map(|r| pg_run_row(&r).map_err(&err)?.into_run(&self.flow))
+            .transpose()
+    }
+
+    async fn audit_last(&self) -> Result<Option<AuditRun>> {
+        let err = self.db("read last audit", None);
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS} FROM audit_runs WHERE flow = $1 AND state = 'finished' \
+             ORDER BY id DESC LIMIT 1"
+        )))
+        .bind(&self.flow)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(&err)?;
+        row.map(|r| pg_run_row(&r).map_err(&err)?.into_run(&self.flow))
+            .transpose()
     }
 
     async fn ping(&self) -> Result<()> {

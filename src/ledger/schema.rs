@@ -7,7 +7,7 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 10;
+pub const SCHEMA_VERSION: i64 = 11;
 
 /// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
 /// that need a database as an older meshline left it.
@@ -473,6 +473,65 @@ macro_rules! revision_window_table {
 }
 
 /// The bookkeeping table; created before any migration runs.
+/// Version 11: the reconciliation audit's runs and the orders read so far (see `super::audit`), and the
+/// records by source key, which is how an audit difference (a CRM id) finds its record. The orders' index
+/// covers the comparison's read (external id order, with side, currency and amount), so it scans the index
+/// alone, in byte order (`$collate`: PostgreSQL's `"C"`, SQLite's default), the order the comparison checks.
+/// `$int` is the backend's 64-bit integer type, `$serial` its auto-increment key.
+macro_rules! audit_tables {
+    ($int:literal, $serial:literal, $collate:literal) => {
+        [
+            concat!(
+                "CREATE TABLE audit_runs (id ",
+                $serial,
+                ", flow TEXT NOT NULL, window_from ",
+                $int,
+                " NOT NULL, window_to ",
+                $int,
+                " NOT NULL, state TEXT NOT NULL, owner TEXT, lease_until ",
+                $int,
+                ", crm_cursor TEXT, crm_done ",
+                $int,
+                " NOT NULL DEFAULT 0, crm_pages ",
+                $int,
+                " NOT NULL DEFAULT 0, crm_orders ",
+                $int,
+                " NOT NULL DEFAULT 0, erp_cursor TEXT, erp_done ",
+                $int,
+                " NOT NULL DEFAULT 0, erp_pages ",
+                $int,
+                " NOT NULL DEFAULT 0, erp_orders ",
+                $int,
+                " NOT NULL DEFAULT 0, result TEXT, started_at ",
+                $int,
+                " NOT NULL, finished_at ",
+                $int,
+                ")"
+            ),
+            // One running run per flow: two replicas asked to start one at once meet on this constraint.
+            "CREATE UNIQUE INDEX audit_runs_running ON audit_runs (flow) WHERE state = 'running'",
+            "CREATE INDEX audit_runs_flow ON audit_runs (flow, id)",
+            concat!(
+                "CREATE TABLE audit_orders (run ",
+                $int,
+                " NOT NULL, side TEXT NOT NULL, external_id TEXT NOT NULL, currency TEXT NOT NULL, \
+                 amount TEXT NOT NULL)"
+            ),
+            concat!(
+                "CREATE INDEX audit_orders_compare ON audit_orders (run, external_id",
+                $collate,
+                ", side, currency, amount)"
+            ),
+            "CREATE INDEX records_source_key ON records (flow, source_key)",
+        ]
+    };
+}
+
+const AUDIT_DESCRIPTION: &str = "reconciliation audit runs and the orders they read";
+const SQLITE_AUDIT: [&str; 6] = audit_tables!("INTEGER", "INTEGER PRIMARY KEY AUTOINCREMENT", "");
+const POSTGRES_AUDIT: [&str; 6] =
+    audit_tables!("BIGINT", "BIGSERIAL PRIMARY KEY", " COLLATE \"C\"");
+
 pub(crate) const SQLITE_SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS meshline_schema (\
     version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at INTEGER NOT NULL)";
 
@@ -654,6 +713,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         // SQLite's lineage id is the table's rowid: its primary key costs no index of its own. What SQLite
         // spent per record instead was the waiting-state test (`SQLITE_PENDING_STATEMENTS`).
         statements: &SQLITE_PENDING_STATEMENTS,
+    },
+    Migration {
+        version: 11,
+        description: AUDIT_DESCRIPTION,
+        statements: &SQLITE_AUDIT,
     },
 ];
 
@@ -985,6 +1049,11 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 10,
         description: LINEAGE_KEY_DESCRIPTION,
         statements: &["ALTER TABLE lineage DROP CONSTRAINT IF EXISTS lineage_pkey"],
+    },
+    Migration {
+        version: 11,
+        description: AUDIT_DESCRIPTION,
+        statements: &POSTGRES_AUDIT,
     },
 ];
 

@@ -29,6 +29,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use serde_json::{Value, json};
 
+use super::audit::{self, RUN_COLUMNS, RunRow};
 use super::schema::{self, SCHEMA_VERSION};
 use super::tickets::{self, TicketRow, TimesDelta, sqlite_param};
 use super::{
@@ -42,6 +43,7 @@ use super::{
     lease_ms, parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time,
     window_start_minute,
 };
+use super::{AUDIT_RUNS_KEPT, AuditRecordFacts, AuditRun, AuditSide};
 use super::{
     DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
     TicketAssignment, TicketRecord, TicketSinkHealth,
@@ -51,6 +53,7 @@ use super::{
     owner_prefix_pattern, revision_measures_from, revision_select, revision_slot, revision_slots,
     revision_upsert, set_revision,
 };
+use crate::connectors::queries::AuditedOrder;
 use chrono::{DateTime, Utc};
 
 /// "A state a record waits in", word for word as the `records_due` and `records_pending_age` indexes say it
@@ -777,6 +780,29 @@ fn update_delivery(
         });
     }
     Ok(())
+}
+
+/// A run's row, in [`RUN_COLUMNS`] order.
+fn sqlite_run_row(r: &Row) -> rusqlite::Result<RunRow> {
+    Ok(RunRow {
+        id: r.get(0)?,
+        window_from: r.get(1)?,
+        window_to: r.get(2)?,
+        state: r.get(3)?,
+        owner: r.get(4)?,
+        lease_until: r.get(5)?,
+        crm_cursor: r.get(6)?,
+        crm_done: r.get(7)?,
+        crm_pages: r.get(8)?,
+        crm_orders: r.get(9)?,
+        erp_cursor: r.get(10)?,
+        erp_done: r.get(11)?,
+        erp_pages: r.get(12)?,
+        erp_orders: r.get(13)?,
+        result: r.get(14)?,
+        started_at: r.get(15)?,
+        finished_at: r.get(16)?,
+    })
 }
 
 /// Runs the migrations the database lacks, on the writer.
@@ -2583,6 +2609,325 @@ impl Ledger for SqliteLedger {
             Ok(tickets::measures(rows))
         })
         .await
+    }
+
+    async fn audit_start(
+        &self,
+        window_from: i64,
+        window_to: i64,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<(AuditRun, bool)> {
+        let lease = lease_ms(&self.flow, lease)?;
+        let (now, flow, owner) = (self.clock.now_ms(), self.flow.clone(), owner.to_string());
+        let row = self
+            .run("start audit", move |conn| {
+                let err = db(&flow, "start audit", None);
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(&err)?;
+                let running = tx
+                    .query_row(
+                        &format!(
+                            "SELECT {RUN_COLUMNS} FROM audit_runs WHERE flow = ?1 AND state = 'running'"
+                        ),
+                        params![flow],
+                        sqlite_run_row,
+                    )
+                    .optional()
+                    .map_err(&err)?;
+                if let Some(row) = running {
+                    return Ok((row, false));
+                }
+                let row = tx
+                    .query_row(
+                        &format!(
+                            "INSERT INTO audit_runs (flow, window_from, window_to, state, owner, lease_until, \
+                             started_at) VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6) RETURNING {RUN_COLUMNS}"
+                        ),
+                        params![flow, window_from, window_to, owner, now + lease, now],
+                        sqlite_run_row,
+                    )
+                    .map_err(&err)?;
+                tx.commit().map_err(&err)?;
+                Ok((row, true))
+            })
+            .await?;
+        Ok((row.0.into_run(&self.flow)?, row.1))
+    }
+
+    async fn audit_lease(&self, id: i64, owner: &str, lease: Duration) -> Result<Option<AuditRun>> {
+        let lease = lease_ms(&self.flow, lease)?;
+        let (now, flow, owner) = (self.clock.now_ms(), self.flow.clone(), owner.to_string());
+        let row = self
+            .run("lease audit", move |conn| {
+                let err = db(&flow, "lease audit", None);
+                let taken = conn
+                    .query_row(
+                        &format!(
+                            "UPDATE audit_runs SET owner = ?3, lease_until = ?4 WHERE id = ?1 AND flow = ?2 \
+                             AND state = 'running' AND (owner IS NULL OR owner = ?3 OR lease_until <= ?5) \
+                             RETURNING {RUN_COLUMNS}"
+                        ),
+                        params![id, flow, owner, now + lease, now],
+                        sqlite_run_row,
+                    )
+                    .optional()
+                    .map_err(&err)?;
+                if taken.is_none() {
+                    let exists = conn
+                        .query_row(
+                            "SELECT 1 FROM audit_runs WHERE id = ?1 AND flow = ?2",
+                            params![id, flow],
+                            |_| Ok(()),
+                        )
+                        .optional()
+                        .map_err(&err)?;
+                    if exists.is_none() {
+                        return Err(LedgerError::AuditRunNotFound {
+                            flow: flow.clone(),
+                            run: id,
+                        });
+                    }
+                }
+                Ok(taken)
+            })
+            .await?;
+        row.map(|r| r.into_run(&self.flow)).transpose()
+    }
+
+    async fn audit_page(
+        &self,
+        id: i64,
+        owner: &str,
+        side: AuditSide,
+        orders: &[AuditedOrder],
+        next: Option<&str>,
+        lease: Duration,
+    ) -> Result<()> {
+        audit::check_page(&self.flow, side, orders)?;
+        let lease = lease_ms(&self.flow, lease)?;
+        let (now, flow, owner) = (self.clock.now_ms(), self.flow.clone(), owner.to_string());
+        let rows: Vec<(String, String, String)> = orders
+            .iter()
+            .map(|o| {
+                (
+                    o.external_id.clone(),
+                    o.currency.clone(),
+                    o.amount.to_string(),
+                )
+            })
+            .collect();
+        let next = next.map(str::to_string);
+        self.run("store audit page", move |conn| {
+            let err = db(&flow, "store audit page", None);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let s = side.label();
+            // The cursor, the done flag and the page's orders commit together, fenced by the lease.
+            let changed = tx
+                .execute(
+                    &format!(
+                        "UPDATE audit_runs SET {s}_cursor = ?1, {s}_done = ?2, {s}_pages = {s}_pages + 1, \
+                         {s}_orders = {s}_orders + ?3, lease_until = ?4 WHERE id = ?5 AND flow = ?6 \
+                         AND state = 'running' AND owner = ?7 AND {s}_done = 0"
+                    ),
+                    params![
+                        next,
+                        i64::from(next.is_none()),
+                        rows.len() as i64,
+                        now + lease,
+                        id,
+                        flow,
+                        owner
+                    ],
+                )
+                .map_err(&err)?;
+            if changed == 0 {
+                let now_row = tx
+                    .query_row(
+                        &format!("SELECT state, owner, {s}_done FROM audit_runs WHERE id = ?1 AND flow = ?2"),
+                        params![id, flow],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, i64>(2)? != 0)),
+                    )
+                    .optional()
+                    .map_err(&err)?;
+                return Err(audit::refused_write(&flow, id, &owner, now_row, Some(side)));
+            }
+            {
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO audit_orders (run, side, external_id, currency, amount) \
+                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )
+                    .map_err(&err)?;
+                for (external_id, currency, amount) in &rows {
+                    insert
+                        .execute(params![id, s, external_id, currency, amount])
+                        .map_err(&err)?;
+                }
+            }
+            tx.commit().map_err(&err)
+        })
+        .await
+    }
+
+    async fn audit_compare(&self, id: i64) -> Result<crate::audit::compare::Tally> {
+        let flow = self.flow.clone();
+        self.read("compare audit", move |conn| {
+            let err = db(&flow, "compare audit", None);
+            let mut select = conn
+                .prepare(
+                    "SELECT side, external_id, currency, amount FROM audit_orders WHERE run = ?1 \
+                     ORDER BY external_id, side",
+                )
+                .map_err(&err)?;
+            let mut rows = select.query(params![id]).map_err(&err)?;
+            let mut comparison = crate::audit::compare::Comparison::new();
+            while let Some(row) = rows.next().map_err(&err)? {
+                let side: String = row.get(0).map_err(&err)?;
+                let side = AuditSide::parse(&side).ok_or_else(|| LedgerError::Corrupt {
+                    flow: flow.clone(),
+                    record: RecordId(0),
+                    what: "audit order side",
+                    detail: format!("audit run {id}: unknown side {side:?}"),
+                })?;
+                let amount: String = row.get(3).map_err(&err)?;
+                let order = AuditedOrder {
+                    external_id: row.get(1).map_err(&err)?,
+                    currency: row.get(2).map_err(&err)?,
+                    amount: audit::stored_amount(&flow, id, &amount)?,
+                };
+                comparison
+                    .push(side, order)
+                    .map_err(|e| LedgerError::Corrupt {
+                        flow: flow.clone(),
+                        record: RecordId(0),
+                        what: "audit order order",
+                        detail: e.to_string(),
+                    })?;
+            }
+            Ok(comparison.finish())
+        })
+        .await
+    }
+
+    async fn audit_facts(&self, source_keys: &[String]) -> Result<Vec<AuditRecordFacts>> {
+        audit::check_facts_request(&self.flow, source_keys)?;
+        if source_keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (flow, keys) = (self.flow.clone(), source_keys.to_vec());
+        let rows = self
+            .read("read audit facts", move |conn| {
+                let err = db(&flow, "read audit facts", None);
+                let marks: Vec<String> = (0..keys.len()).map(|i| format!("?{}", i + 2)).collect();
+                let mut select = conn
+                    .prepare(&format!(
+                        "SELECT r.id, r.source_key, r.state, r.dead_letter_reason, r.hold_rule, p.body \
+                         FROM records r LEFT JOIN payloads p ON p.record_id = r.id \
+                         WHERE r.flow = ?1 AND r.source_key IN ({}) ORDER BY r.id",
+                        marks.join(", ")
+                    ))
+                    .map_err(&err)?;
+                let mut values: Vec<&dyn rusqlite::ToSql> = vec![&flow];
+                values.extend(keys.iter().map(|k| k as &dyn rusqlite::ToSql));
+                let mut rows = select.query(values.as_slice()).map_err(&err)?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next().map_err(&err)? {
+                    let id: i64 = row.get(0).map_err(&err)?;
+                    let state: String = row.get(2).map_err(&err)?;
+                    out.push(AuditRecordFacts {
+                        source_key: row.get(1).map_err(&err)?,
+                        state: parse_state(&flow, id, &state)?,
+                        dead_letter_reason: row.get(3).map_err(&err)?,
+                        hold_rule: row.get(4).map_err(&err)?,
+                        payload: row.get(5).map_err(&err)?,
+                    });
+                }
+                Ok(out)
+            })
+            .await?;
+        Ok(audit::newest_per_key(rows))
+    }
+
+    async fn audit_finish(&self, id: i64, owner: &str, result: &Value) -> Result<()> {
+        let (now, flow, owner, result) = (
+            self.clock.now_ms(),
+            self.flow.clone(),
+            owner.to_string(),
+            result.to_string(),
+        );
+        self.run("finish audit", move |conn| {
+            let err = db(&flow, "finish audit", None);
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(&err)?;
+            let changed = tx
+                .execute(
+                    "UPDATE audit_runs SET state = 'finished', result = ?1, finished_at = ?2, lease_until = NULL \
+                     WHERE id = ?3 AND flow = ?4 AND state = 'running' AND owner = ?5",
+                    params![result, now, id, flow, owner],
+                )
+                .map_err(&err)?;
+            if changed == 0 {
+                let now_row = tx
+                    .query_row(
+                        "SELECT state, owner, 0 FROM audit_runs WHERE id = ?1 AND flow = ?2",
+                        params![id, flow],
+                        |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, false)),
+                    )
+                    .optional()
+                    .map_err(&err)?;
+                return Err(audit::refused_write(&flow, id, &owner, now_row, None));
+            }
+            tx.execute("DELETE FROM audit_orders WHERE run = ?1", params![id])
+                .map_err(&err)?;
+            tx.execute(
+                "DELETE FROM audit_runs WHERE flow = ?1 AND state = 'finished' AND id NOT IN \
+                 (SELECT id FROM audit_runs WHERE flow = ?1 AND state = 'finished' ORDER BY id DESC LIMIT ?2)",
+                params![flow, AUDIT_RUNS_KEPT],
+            )
+            .map_err(&err)?;
+            tx.commit().map_err(&err)
+        })
+        .await
+    }
+
+    async fn audit_run(&self, id: i64) -> Result<Option<AuditRun>> {
+        let flow = self.flow.clone();
+        let row = self
+            .read("read audit run", move |conn| {
+                conn.query_row(
+                    &format!("SELECT {RUN_COLUMNS} FROM audit_runs WHERE id = ?1 AND flow = ?2"),
+                    params![id, flow],
+                    sqlite_run_row,
+                )
+                .optional()
+                .map_err(db(&flow, "read audit run", None))
+            })
+            .await?;
+        row.map(|r| r.into_run(&self.flow)).transpose()
+    }
+
+    async fn audit_last(&self) -> Result<Option<AuditRun>> {
+        let flow = self.flow.clone();
+        let row = self
+            .read("read last audit", move |conn| {
+                conn.query_row(
+                    &format!(
+                        "SELECT {RUN_COLUMNS} FROM audit_runs WHERE flow = ?1 AND state = 'finished' \
+                         ORDER BY id DESC LIMIT 1"
+                    ),
+                    params![flow],
+                    sqlite_run_row,
+                )
+                .optional()
+                .map_err(db(&flow, "read last audit", None))
+            })
+            .await?;
+        row.map(|r| r.into_run(&self.flow)).transpose()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -23,6 +23,9 @@
 //! payloads), and `POST /rollout/release?ownerPrefix=` gives back the leases of workers that are gone (the
 //! canary's pods), so their records need not wait for the leases to expire. Both need the flow's token, as
 //! `/status` does.
+//!
+//! The reconciliation audit's routes (`/audit/runs`, `/audit/runs/{id}`, `/audit/last`) are in
+//! [`super::audit_routes`].
 
 use std::sync::Arc;
 
@@ -47,6 +50,8 @@ pub struct ApiState {
     /// The flow's token, needed by everything but health and metrics; `None` refuses all of it.
     pub token: Option<Arc<str>>,
     pub ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The reconciliation audit this worker runs (see [`super::audit_routes`]).
+    pub audit: Arc<super::audit_routes::AuditService>,
 }
 
 /// The JSON on `/status`: what the controller writes into `SyncFlow.status`.
@@ -102,6 +107,9 @@ pub struct WorkerStatus {
     /// The flow's tickets from the ledger: open ones, per-owner times, failing ticket sinks (issue #16).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tickets: Option<crate::api::TicketSummary>,
+    /// The last finished reconciliation audit (issue #17), what the controller writes into `status.audit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<crate::api::FlowAuditStatus>,
 }
 
 /// The rollout split one worker applies (see [`crate::rollout::split`]).
@@ -177,6 +185,9 @@ pub fn ops_router(state: ApiState) -> Router {
         .route("/exceptions", put(super::ticket_routes::report_causes))
         .route("/rollout/measures", get(rollout_measures))
         .route("/rollout/release", post(rollout_release))
+        .route("/audit/runs", post(super::audit_routes::start))
+        .route("/audit/runs/{id}", get(super::audit_routes::get_run))
+        .route("/audit/last", get(super::audit_routes::last))
         .with_state(state)
 }
 
@@ -274,6 +285,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         m.oldest_pending_seconds.set(age_ms / 1000);
     }
     refresh_ticket_gauges(&state).await;
+    super::audit_routes::refresh_gauges(&state).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -435,6 +447,7 @@ pub async fn compute_status(
         revision: Some(pipeline.track.revision().to_string()),
         rollout: pipeline.track.applied(),
         tickets: None,
+        audit: None,
     })
 }
 
@@ -456,6 +469,13 @@ async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Response {
                 Ok(t) => s.tickets = Some(t),
                 Err(e) => {
                     tracing::warn!(flow = %state.pipeline.flow, error = %e, "cannot read the tickets for /status")
+                }
+            }
+            // Likewise the last audit: a read failure leaves it out.
+            match state.pipeline.ledger.audit_last().await {
+                Ok(run) => s.audit = run.as_ref().and_then(crate::audit::run::result_of),
+                Err(e) => {
+                    tracing::warn!(flow = %state.pipeline.flow, error = %e, "cannot read the last audit for /status")
                 }
             }
             Json(s).into_response()

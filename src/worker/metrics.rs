@@ -65,10 +65,37 @@ pub struct TicketGauges {
     pub sink_failing: Family<TicketSinkLabel, Gauge>,
 }
 
+/// An audit explanation (`held`, `deadLettered`, `inFlight`, `staleRevision`, `filtered`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExplanationLabel {
+    pub explanation: String,
+}
+
+/// An audited side (`crm`, `erp`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SideLabel {
+    pub side: String,
+}
+
+/// The last finished reconciliation audit, read from the ledger at each scrape (so every replica reports
+/// the same run, and a restart loses nothing). Stable names: the chart's dashboard and alerts query them.
+pub struct AuditGauges {
+    /// When the last run finished (Unix seconds); absent before the first.
+    pub last_run_timestamp_seconds: Gauge,
+    pub unexplained_differences: Gauge,
+    pub explained_differences: Family<ExplanationLabel, Gauge>,
+    /// Deals (crm) and orders (erp) the last run read.
+    pub orders: Family<SideLabel, Gauge>,
+    /// 1 when the last run could not read a side in full.
+    pub partial: Gauge,
+    pub duration_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// Every metric the worker exports.
 pub struct Metrics {
     pub registry: Registry,
     pub tickets: TicketGauges,
+    pub audit: AuditGauges,
     pub received: Counter,
     pub duplicates: Counter,
     /// Late revisions refused as older than the stored one (by the contract's ordering field).
@@ -163,6 +190,44 @@ impl Metrics {
             sink_pending: Default::default(),
             sink_failing: Default::default(),
         };
+        let audit = AuditGauges {
+            last_run_timestamp_seconds: Default::default(),
+            unexplained_differences: Default::default(),
+            explained_differences: Default::default(),
+            orders: Default::default(),
+            partial: Default::default(),
+            duration_seconds: Default::default(),
+        };
+        registry.register(
+            "audit_last_run_timestamp_seconds",
+            "When the flow's last reconciliation audit finished, in Unix seconds",
+            audit.last_run_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "audit_unexplained_differences",
+            "Differences between CRM and ERP the ledger does not explain, in the last audit",
+            audit.unexplained_differences.clone(),
+        );
+        registry.register(
+            "audit_explained_differences",
+            "Differences between CRM and ERP the ledger explains, in the last audit, by explanation",
+            audit.explained_differences.clone(),
+        );
+        registry.register(
+            "audit_orders",
+            "Deals (crm) and orders (erp) the last audit read, by side",
+            audit.orders.clone(),
+        );
+        registry.register(
+            "audit_partial",
+            "1 when the last audit could not read a side in full (its result claims nothing reconciled)",
+            audit.partial.clone(),
+        );
+        registry.register(
+            "audit_duration_seconds",
+            "How long the last audit ran, from start to finish",
+            audit.duration_seconds.clone(),
+        );
         registry.register(
             "tickets_open",
             "Open or acknowledged tickets of the flow, by kind",
@@ -333,6 +398,7 @@ impl Metrics {
         Metrics {
             registry,
             tickets,
+            audit,
             received,
             duplicates,
             stale,

@@ -6,6 +6,7 @@
 
 pub mod allocator;
 pub mod api;
+pub mod audit_routes;
 pub mod batch;
 pub mod breaker;
 pub mod config;
@@ -100,6 +101,48 @@ impl WorkerError {
             _ => problems::STARTUP_FAILED,
         }
     }
+}
+
+/// The reconciliation audit's read clients of the flow's CRM and ERP (`crate::connectors::queries`): the
+/// one place they are built from the flow. `None` until the per-system clients are wired here; the audit's
+/// routes then answer that the flow's systems cannot be read. Tests and `meshline dev` inject theirs
+/// through [`PipelineOptions::audit_queries`].
+pub fn audit_queries(rendered: &RenderedFlow) -> Option<crate::audit::run::AuditQueries> {
+    let _ = rendered;
+    None
+}
+
+/// How the audit paces, retries and leases for this flow: `spec.audit.maxRequestsPerSecond`, else the
+/// flow's delivery rate limit, else 5 requests a second per side; the CRM's money fields as the flow's
+/// audit spec names them.
+pub fn audit_settings(
+    rendered: &RenderedFlow,
+    options: &PipelineOptions,
+) -> crate::audit::run::AuditSettings {
+    let mut settings = options
+        .audit_settings
+        .clone()
+        .unwrap_or_else(|| crate::audit::run::AuditSettings::new(options.worker_id.clone()));
+    settings.owner = options.worker_id.clone();
+    if options.audit_settings.is_none() {
+        let spec = rendered.flow.spec.audit.as_ref();
+        let rps = spec
+            .and_then(|a| a.max_requests_per_second)
+            .or(Some(rendered.flow.spec.delivery.rate_limit).filter(|r| *r > 0))
+            .unwrap_or(5)
+            .max(1);
+        settings.min_interval = std::time::Duration::from_millis(1000 / u64::from(rps));
+        if let Some(field) = spec.and_then(|a| a.crm_amount_field.clone()) {
+            settings.money.amount = field;
+        }
+        if let Some(field) = spec.and_then(|a| a.crm_currency_field.clone()) {
+            settings.money.currency = Some(field);
+        }
+        if let Some(currency) = spec.and_then(|a| a.default_currency.clone()) {
+            settings.money.default_currency = currency;
+        }
+    }
+    settings
 }
 
 /// The ledger a flow's spec asks for.
@@ -372,6 +415,16 @@ impl Worker {
             roster: roster.clone(),
             token,
             ready: ready.clone(),
+            audit: Arc::new(audit_routes::AuditService::new(
+                pipeline.ledger.clone(),
+                settings
+                    .options
+                    .audit_queries
+                    .clone()
+                    .or_else(|| audit_queries(rendered)),
+                audit_settings(rendered, &settings.options),
+                settings.options.audit_window,
+            )),
         };
         let webhook_app = api::webhook_router(state.clone()).merge(extra_routes(intake.clone()));
         let ops_app = api::ops_router(state);

@@ -78,6 +78,14 @@ pub struct PipelineOptions {
     pub free_space: Option<Arc<dyn super::disk::FreeSpace>>,
     /// How often the ticket task settles, routes, escalates and delivers tickets.
     pub ticket_period: Duration,
+    /// The reconciliation audit's window when a request names none (`--audit-window`; the controller passes
+    /// the roster's `audit.window`).
+    pub audit_window: Duration,
+    /// The audit's two read clients, injected (tests, `meshline dev`); `None`: the worker builds them from
+    /// the flow (see `worker::audit_queries`).
+    pub audit_queries: Option<crate::audit::run::AuditQueries>,
+    /// How the audit retries, paces and leases (its owner is replaced by `worker_id`).
+    pub audit_settings: Option<crate::audit::run::AuditSettings>,
 }
 
 impl Default for PipelineOptions {
@@ -97,6 +105,9 @@ impl Default for PipelineOptions {
             disk_reserve: Default::default(),
             free_space: None,
             ticket_period: Duration::from_secs(1),
+            audit_window: crate::audit::run::DEFAULT_WINDOW,
+            audit_queries: None,
+            audit_settings: None,
         }
     }
 }

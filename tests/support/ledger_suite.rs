@@ -18,6 +18,8 @@ use super::postgres::PgServer;
 
 // The ticket promises (issue #16) live in their own file and run in the same suite.
 pub use super::ledger_tickets::*;
+// So do the audit runs' (issue #17).
+pub use super::ledger_audit::*;
 
 pub const FLOW: &str = "closed-won-to-netsuite";
 /// 2026-01-01T00:00:00Z, so times in assertions are readable.
@@ -2360,6 +2362,11 @@ macro_rules! ledger_suite {
             flow_wide_ticket_measures_are_exact_over_every_occurrence_not_summed_over_owners,
             resolved_tickets_are_purged_after_retention_unless_a_sink_has_yet_to_hear,
             a_version_7_ledger_is_migrated_to_tickets,
+            audit_pages_commit_with_their_cursor_and_a_reopened_ledger_resumes_without_double_counting,
+            an_audit_page_that_fails_midway_stores_neither_its_orders_nor_its_cursor,
+            an_audit_runs_lapsed_lease_is_taken_over_and_the_old_holder_is_refused,
+            a_finished_audit_keeps_its_result_drops_its_orders_and_a_new_start_is_a_new_run,
+            audit_facts_tell_the_newest_record_of_each_source_key,
         );
     };
     (@tests $fixture:path; $($name:ident),* $(,)?) => {

@@ -3,6 +3,7 @@
 //! part of it, hence the `dead_code` allowance.
 #![allow(dead_code, unused_imports, unused_macros)]
 
+pub mod ledger_audit;
 pub mod ledger_suite;
 pub mod ledger_tickets;
 pub mod postgres;
