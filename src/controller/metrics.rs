@@ -1,5 +1,11 @@
 //! Controller metrics on `/metrics` (OpenMetrics text): reconciles by kind, errors by kind and label, reconcile
 //! duration, flows by condition, and the count of writes (which a resync of unchanged objects keeps at zero).
+//!
+//! It also owns the per-flow measures only the controller sees (`meshline_flow_*{namespace,flow}`): SLA
+//! breaches judged over the worker's numbers and the contract's SLA, the time from a contract change to its
+//! promotion or rollback, the canary's progress and the last reconciliation audit. Their labels are the flow's
+//! name and namespace and words from closed sets (a breach reason, an outcome, a phase, an explanation), never
+//! a record id. The gauges are rebuilt from the cache at each scrape, so a deleted flow's series disappear.
 
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -28,8 +34,93 @@ pub struct ConditionLabel {
     pub status: String,
 }
 
+/// A flow, as the per-flow series name it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct FlowLabel {
+    pub namespace: String,
+    pub flow: String,
+}
+
+/// A flow and an SLA breach reason (`FailureRateOverSla`, `DeliveryLatencyOverSla`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlaBreachLabel {
+    pub namespace: String,
+    pub flow: String,
+    pub reason: String,
+}
+
+/// A flow and how a contract change on it ended: `promoted` or `rolled_back`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RolloutOutcomeLabel {
+    pub namespace: String,
+    pub flow: String,
+    pub outcome: String,
+}
+
+/// A flow and its canary's phase (`Progressing`, `Paused`, `Promoting`, `Promoted`, `Aborting`, `Aborted`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CanaryPhaseLabel {
+    pub namespace: String,
+    pub flow: String,
+    pub phase: String,
+}
+
+/// A flow and an audit explanation (`held`, `dead_lettered`, `in_flight`, ...: the audit's closed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuditExplanationLabel {
+    pub namespace: String,
+    pub flow: String,
+    pub explanation: String,
+}
+
+/// The SLA breach reasons [`crate::controller::flow::status::sla_breaches`] can give; a gauge is kept for each
+/// (0 or 1) so an alert sees a breach end as well as begin.
+pub const SLA_BREACH_REASONS: [&str; 2] = ["FailureRateOverSla", "DeliveryLatencyOverSla"];
+
+/// How a contract change on a flow ended, as [`rollout_ended`] reads it from the canary's phase.
+pub const ROLLOUT_OUTCOMES: [&str; 2] = ["promoted", "rolled_back"];
+
+/// The per-flow series (see the module doc).
+pub struct FlowMeasures {
+    pub sla_breached: Family<SlaBreachLabel, Gauge>,
+    pub sla_breaches: Family<SlaBreachLabel, Counter>,
+    pub contract_change_seconds: Family<RolloutOutcomeLabel, Histogram>,
+    pub contract_change_last_seconds: Family<RolloutOutcomeLabel, Gauge<f64, AtomicU64>>,
+    pub canary_phase: Family<CanaryPhaseLabel, Gauge>,
+    pub canary_step: Family<FlowLabel, Gauge>,
+    pub canary_weight: Family<FlowLabel, Gauge>,
+    pub canary_applied_weight: Family<FlowLabel, Gauge>,
+    pub canary_failed_measurements: Family<FlowLabel, Gauge>,
+    pub canary_passed_measurements: Family<FlowLabel, Gauge>,
+    pub audit_last_run: Family<FlowLabel, Gauge<f64, AtomicU64>>,
+    pub audit_unexplained: Family<FlowLabel, Gauge>,
+    pub audit_explained: Family<AuditExplanationLabel, Gauge>,
+    pub audit_matched: Family<FlowLabel, Gauge>,
+    pub audit_partial: Family<FlowLabel, Gauge>,
+    /// The breaches each flow had at its last reconcile, so a breach is counted once when it begins.
+    breaching: std::sync::Mutex<std::collections::BTreeMap<FlowLabel, Vec<&'static str>>>,
+}
+
+/// The outcome of a contract change that ended between two canary statuses: `promoted` when the phase
+/// became `Promoted`, `rolled_back` when it became `Aborted`; `None` otherwise (also when it already was).
+pub fn rollout_ended(
+    before: Option<&crate::api::CanaryStatus>,
+    after: Option<&crate::api::CanaryStatus>,
+) -> Option<&'static str> {
+    let after = after?;
+    let outcome = match after.phase.as_str() {
+        "Promoted" => ROLLOUT_OUTCOMES[0],
+        "Aborted" => ROLLOUT_OUTCOMES[1],
+        _ => return None,
+    };
+    let same_rollout_already_ended =
+        before.is_some_and(|b| b.revision == after.revision && b.phase == after.phase);
+    (!same_rollout_already_ended).then_some(outcome)
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub flow: FlowMeasures,
     pub reconciles: Family<KindLabel, Counter>,
     pub errors: Family<ErrorLabel, Counter>,
     pub duration: Family<KindLabel, Histogram>,
@@ -46,7 +137,110 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("meshline_controller");
+        let mut root = Registry::default();
+        let flow = FlowMeasures {
+            sla_breached: Default::default(),
+            sla_breaches: Default::default(),
+            contract_change_seconds: Family::new_with_constructor(|| {
+                // From minutes (a canary of two short steps) to a week (sign-offs that waited).
+                Histogram::new([
+                    60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 43200.0, 86400.0,
+                    172800.0, 604800.0,
+                ])
+            }),
+            contract_change_last_seconds: Default::default(),
+            canary_phase: Default::default(),
+            canary_step: Default::default(),
+            canary_weight: Default::default(),
+            canary_applied_weight: Default::default(),
+            canary_failed_measurements: Default::default(),
+            canary_passed_measurements: Default::default(),
+            audit_last_run: Default::default(),
+            audit_unexplained: Default::default(),
+            audit_explained: Default::default(),
+            audit_matched: Default::default(),
+            audit_partial: Default::default(),
+            breaching: Default::default(),
+        };
+        {
+            let r = root.sub_registry_with_prefix("meshline_flow");
+            r.register(
+                "sla_breached",
+                "1 while the flow breaches its contract's SLA for the reason, 0 otherwise",
+                flow.sla_breached.clone(),
+            );
+            r.register(
+                "sla_breaches",
+                "SLA breaches of the flow that began, by reason",
+                flow.sla_breaches.clone(),
+            );
+            r.register(
+                "contract_change_duration_seconds",
+                "Time from a contract change (its revision's creation) to its promotion or rollback on the flow",
+                flow.contract_change_seconds.clone(),
+            );
+            r.register(
+                "contract_change_last_duration_seconds",
+                "The last contract change's time to promotion or rollback on the flow, by outcome",
+                flow.contract_change_last_seconds.clone(),
+            );
+            r.register(
+                "canary_phase",
+                "1 for the phase the flow's canary rollout is in",
+                flow.canary_phase.clone(),
+            );
+            r.register(
+                "canary_step",
+                "Index of the canary's current step",
+                flow.canary_step.clone(),
+            );
+            r.register(
+                "canary_weight",
+                "Bucket weight (percent) the canary track is asked to take",
+                flow.canary_weight.clone(),
+            );
+            r.register(
+                "canary_applied_weight",
+                "Bucket weight every worker of both tracks reports applying",
+                flow.canary_applied_weight.clone(),
+            );
+            r.register(
+                "canary_failed_measurements",
+                "Failed analysis measurements in the current rollout",
+                flow.canary_failed_measurements.clone(),
+            );
+            r.register(
+                "canary_passed_measurements",
+                "Passed analysis measurements at the current step",
+                flow.canary_passed_measurements.clone(),
+            );
+            r.register(
+                "audit_last_run_timestamp_seconds",
+                "When the flow's last reconciliation audit finished (Unix seconds)",
+                flow.audit_last_run.clone(),
+            );
+            r.register(
+                "audit_unexplained",
+                "Differences the flow's last audit could not explain from the ledger",
+                flow.audit_unexplained.clone(),
+            );
+            r.register(
+                "audit_explained",
+                "Differences the flow's last audit explained, by explanation",
+                flow.audit_explained.clone(),
+            );
+            r.register(
+                "audit_matched",
+                "Orders the flow's last audit matched on both sides",
+                flow.audit_matched.clone(),
+            );
+            r.register(
+                "audit_partial",
+                "1 when the flow's last audit could not read a side in full",
+                flow.audit_partial.clone(),
+            );
+        }
+        let registry = root.sub_registry_with_prefix("meshline_controller");
         let reconciles = Family::<KindLabel, Counter>::default();
         let errors = Family::<ErrorLabel, Counter>::default();
         let duration = Family::<KindLabel, Histogram>::new_with_constructor(|| {
@@ -80,7 +274,8 @@ impl Metrics {
             status_polls.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
+            flow,
             reconciles,
             errors,
             duration,
@@ -104,8 +299,153 @@ impl Metrics {
         }
     }
 
-    /// Recounts flows by condition from the cache (at scrape time, so it is never stale).
+    /// Records the SLA breaches the flow's last reconcile found: the gauge of each reason, and one count more
+    /// for each breach that began since the previous reconcile.
+    pub fn record_sla(&self, flow: FlowLabel, breaches: &[&str]) {
+        let now: Vec<&'static str> = SLA_BREACH_REASONS
+            .into_iter()
+            .filter(|r| breaches.contains(r))
+            .collect();
+        let mut breaching = self
+            .flow
+            .breaching
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = breaching.get(&flow).cloned().unwrap_or_default();
+        for reason in SLA_BREACH_REASONS {
+            let label = SlaBreachLabel {
+                namespace: flow.namespace.clone(),
+                flow: flow.flow.clone(),
+                reason: reason.into(),
+            };
+            let on = now.contains(&reason);
+            self.flow
+                .sla_breached
+                .get_or_create(&label)
+                .set(i64::from(on));
+            // Touched at 0 too, so `increase()` sees the first breach as an increase from 0.
+            let counter = self.flow.sla_breaches.get_or_create(&label);
+            if on && !before.contains(&reason) {
+                counter.inc();
+            }
+        }
+        breaching.insert(flow, now);
+    }
+
+    /// Records a contract change that ended on a flow (see [`rollout_ended`]) after `took`.
+    pub fn record_rollout_end(&self, flow: &FlowLabel, outcome: &str, took: Duration) {
+        let label = RolloutOutcomeLabel {
+            namespace: flow.namespace.clone(),
+            flow: flow.flow.clone(),
+            outcome: outcome.into(),
+        };
+        let seconds = took.as_secs_f64();
+        self.flow
+            .contract_change_seconds
+            .get_or_create(&label)
+            .observe(seconds);
+        self.flow
+            .contract_change_last_seconds
+            .get_or_create(&label)
+            .set(seconds);
+    }
+
+    /// Rebuilds the per-flow gauges from the flows' statuses in the cache, and forgets the SLA state of
+    /// flows no longer there.
+    fn refresh_flow_measures(&self, flows: &[std::sync::Arc<crate::api::SyncFlow>]) {
+        let f = &self.flow;
+        f.canary_phase.clear();
+        f.canary_step.clear();
+        f.canary_weight.clear();
+        f.canary_applied_weight.clear();
+        f.canary_failed_measurements.clear();
+        f.canary_passed_measurements.clear();
+        f.audit_last_run.clear();
+        f.audit_unexplained.clear();
+        f.audit_explained.clear();
+        f.audit_matched.clear();
+        f.audit_partial.clear();
+        let mut present = std::collections::BTreeSet::new();
+        for flow in flows {
+            let label = FlowLabel {
+                namespace: flow.metadata.namespace.clone().unwrap_or_default(),
+                flow: flow.metadata.name.clone().unwrap_or_default(),
+            };
+            present.insert(label.clone());
+            let Some(status) = flow.status.as_ref() else {
+                continue;
+            };
+            if let Some(c) = &status.canary {
+                f.canary_phase
+                    .get_or_create(&CanaryPhaseLabel {
+                        namespace: label.namespace.clone(),
+                        flow: label.flow.clone(),
+                        phase: c.phase.clone(),
+                    })
+                    .set(1);
+                f.canary_step.get_or_create(&label).set(i64::from(c.step));
+                f.canary_weight
+                    .get_or_create(&label)
+                    .set(i64::from(c.weight));
+                f.canary_applied_weight
+                    .get_or_create(&label)
+                    .set(i64::from(c.applied_weight));
+                f.canary_failed_measurements
+                    .get_or_create(&label)
+                    .set(i64::from(c.failed_measurements));
+                f.canary_passed_measurements
+                    .get_or_create(&label)
+                    .set(i64::from(c.passed_measurements));
+            }
+            if let Some(a) = &status.audit {
+                // A run still going has no finish time: the last run's gauge waits for its end.
+                if let Some(at) = a
+                    .finished_at
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                {
+                    f.audit_last_run
+                        .get_or_create(&label)
+                        .set(at.timestamp_millis() as f64 / 1000.0);
+                }
+                f.audit_unexplained.get_or_create(&label).set(a.unexplained);
+                f.audit_matched.get_or_create(&label).set(a.matched);
+                f.audit_partial.get_or_create(&label).set(i64::from(
+                    a.outcome == Some(crate::api::AuditOutcome::Partial),
+                ));
+                for (explanation, n) in &a.explained {
+                    f.audit_explained
+                        .get_or_create(&AuditExplanationLabel {
+                            namespace: label.namespace.clone(),
+                            flow: label.flow.clone(),
+                            explanation: explanation.clone(),
+                        })
+                        .set(*n);
+                }
+            }
+        }
+        let mut breaching = f.breaching.lock().unwrap_or_else(|e| e.into_inner());
+        breaching.retain(|flow, _| {
+            let keep = present.contains(flow);
+            if !keep {
+                for reason in SLA_BREACH_REASONS {
+                    let label = SlaBreachLabel {
+                        namespace: flow.namespace.clone(),
+                        flow: flow.flow.clone(),
+                        reason: reason.into(),
+                    };
+                    f.sla_breached.remove(&label);
+                    f.sla_breaches.remove(&label);
+                }
+            }
+            keep
+        });
+    }
+
+    /// Recounts flows by condition from the cache (at scrape time, so it is never stale), and rebuilds the
+    /// per-flow gauges from their statuses.
     pub fn count_flows(&self, flows: &[std::sync::Arc<crate::api::SyncFlow>]) {
+        self.refresh_flow_measures(flows);
         self.flows.clear();
         for flow in flows {
             for c in flow.status.iter().flat_map(|s| s.conditions.iter()) {

@@ -43,6 +43,52 @@ pub struct TicketSinkLabel {
     pub sink: String,
 }
 
+/// Why a record went to the dead letters, coarsened to a bounded label: the first two segments of the
+/// ledger's reason key (`contract:required_missing`, `erp:422`, `erp:transient`). The rest of the key (a field
+/// path, an attempt count) stays in the ledger, so the label's values are bounded by the contract's reason
+/// codes and the ERP's status codes, never by records.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterReasonLabel {
+    pub reason: String,
+}
+
+impl DeadLetterReasonLabel {
+    pub fn of(reason_key: &str) -> DeadLetterReasonLabel {
+        let mut parts = reason_key.splitn(3, ':');
+        let label = match (parts.next(), parts.next()) {
+            (Some(a), Some(b)) => format!("{a}:{b}"),
+            (Some(a), None) => a.to_string(),
+            _ => String::new(),
+        };
+        // A reason key is the code's own word, but an ERP status or code segment could be long: keep the label
+        // short so one odd answer cannot make a huge series name.
+        DeadLetterReasonLabel {
+            reason: label.chars().take(64).collect(),
+        }
+    }
+}
+
+/// The operating model's measures of the flow, read from the ledger at each scrape: the same numbers as
+/// `/status` (and so as `SyncFlow.status`), durable across restarts and equal across replicas.
+pub struct OperatingMeasures {
+    /// Distinct records in the ledger (the denominator of the interventions per 1,000).
+    pub records: Gauge,
+    /// Approvals, rejections and replays by people, all time.
+    pub manual_interventions: Gauge,
+    pub manual_interventions_per_1k: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Mean time from a record's first failure to its delivery, over delivered records that failed first.
+    pub record_mttr_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The SLA's failure-rate window (the last hour): record versions received in it, records that failed
+    /// for the first time in it, and their ratio (what `maxFailureRate` is compared with).
+    pub received_sla_window: Gauge,
+    pub failed_sla_window: Gauge,
+    pub failure_rate_sla_window: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// The contract's SLA objectives, so a panel or an alert can draw the line without reading the contract
+    /// (absent when the contract sets none).
+    pub sla_max_failure_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sla_max_delivery_latency_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// The ticket gauges, read from the ledger at each scrape (durable, so they agree across replicas and
 /// restarts, like `/status`).
 pub struct TicketGauges {
@@ -69,6 +115,9 @@ pub struct TicketGauges {
 pub struct Metrics {
     pub registry: Registry,
     pub tickets: TicketGauges,
+    pub measures: OperatingMeasures,
+    /// Dead letters recorded in the ledger by this worker, by coarse reason.
+    pub dead_letters: Family<DeadLetterReasonLabel, Counter>,
     pub received: Counter,
     pub duplicates: Counter,
     /// Late revisions refused as older than the stored one (by the contract's ordering field).
@@ -163,6 +212,68 @@ impl Metrics {
             sink_pending: Default::default(),
             sink_failing: Default::default(),
         };
+        let measures = OperatingMeasures {
+            records: Default::default(),
+            manual_interventions: Default::default(),
+            manual_interventions_per_1k: Default::default(),
+            record_mttr_seconds: Default::default(),
+            received_sla_window: Default::default(),
+            failed_sla_window: Default::default(),
+            failure_rate_sla_window: Default::default(),
+            sla_max_failure_rate: Default::default(),
+            sla_max_delivery_latency_seconds: Default::default(),
+        };
+        let dead_letters = Family::<DeadLetterReasonLabel, Counter>::default();
+        registry.register(
+            "flow_records",
+            "Distinct records in the flow's ledger (from the ledger)",
+            measures.records.clone(),
+        );
+        registry.register(
+            "flow_manual_interventions",
+            "Approvals, rejections and replays by people, all time (from the ledger)",
+            measures.manual_interventions.clone(),
+        );
+        registry.register(
+            "flow_manual_interventions_per_1k",
+            "Manual interventions per 1,000 records in the ledger",
+            measures.manual_interventions_per_1k.clone(),
+        );
+        registry.register(
+            "flow_record_mttr_seconds",
+            "Mean time from a record's first failure to its delivery, over delivered records that failed first",
+            measures.record_mttr_seconds.clone(),
+        );
+        registry.register(
+            "flow_received_sla_window",
+            "Record versions received in the SLA's failure-rate window (the last hour)",
+            measures.received_sla_window.clone(),
+        );
+        registry.register(
+            "flow_failed_sla_window",
+            "Records that failed for the first time in the SLA's failure-rate window (the last hour)",
+            measures.failed_sla_window.clone(),
+        );
+        registry.register(
+            "flow_failure_rate_sla_window",
+            "Failed over received in the SLA's failure-rate window (the last hour, at most 1): what the contract's maxFailureRate is checked against",
+            measures.failure_rate_sla_window.clone(),
+        );
+        registry.register(
+            "sla_max_failure_rate",
+            "The contract's SLA maxFailureRate (absent when the contract sets none)",
+            measures.sla_max_failure_rate.clone(),
+        );
+        registry.register(
+            "sla_max_delivery_latency_seconds",
+            "The contract's SLA maxDeliveryLatency in seconds (absent when the contract sets none)",
+            measures.sla_max_delivery_latency_seconds.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Dead letters recorded in the ledger by this worker, by reason (the reason key's first two segments)",
+            dead_letters.clone(),
+        );
         registry.register(
             "tickets_open",
             "Open or acknowledged tickets of the flow, by kind",
@@ -333,6 +444,8 @@ impl Metrics {
         Metrics {
             registry,
             tickets,
+            measures,
+            dead_letters,
             received,
             duplicates,
             stale,

@@ -49,13 +49,22 @@ pub enum QueryError {
     },
     /// The system failed or could not be reached (5xx, timeout, connection); worth retrying.
     #[error("{system} is unavailable: {message}")]
-    Unavailable { system: &'static str, message: String },
+    Unavailable {
+        system: &'static str,
+        message: String,
+    },
     /// The system refused the query (authentication, permissions, a bad query): retrying won't help.
     #[error("{system} refused the audit's query: {message}")]
-    Refused { system: &'static str, message: String },
+    Refused {
+        system: &'static str,
+        message: String,
+    },
     /// The answer did not have the expected shape; the message names the field path.
     #[error("{system} answered something the audit cannot read: {message}")]
-    Malformed { system: &'static str, message: String },
+    Malformed {
+        system: &'static str,
+        message: String,
+    },
 }
 
 /// One side of a flow, read page by page.
@@ -65,5 +74,9 @@ pub trait OrderQuery: Send + Sync {
     fn system(&self) -> &'static str;
     /// The page after `cursor` (`None`: the first page) of the deals or orders in `window`, in a stable
     /// order so that pages neither overlap nor skip.
-    async fn page(&self, window: &AuditWindow, cursor: Option<&str>) -> Result<OrderPage, QueryError>;
+    async fn page(
+        &self,
+        window: &AuditWindow,
+        cursor: Option<&str>,
+    ) -> Result<OrderPage, QueryError>;
 }
