@@ -12,6 +12,7 @@ pub mod controller;
 pub mod crd;
 pub mod dev;
 pub mod ledger;
+pub mod metrics;
 pub mod rollout;
 pub mod sim;
 pub mod tickets;

@@ -120,6 +120,8 @@ pub fn rollout_ended(
 
 pub struct Metrics {
     registry: Registry,
+    /// Every family registered in `registry`, by name and type.
+    pub catalogue: crate::metrics::Catalogue,
     pub flow: FlowMeasures,
     pub reconciles: Family<KindLabel, Counter>,
     pub errors: Family<ErrorLabel, Counter>,
@@ -137,6 +139,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let mut catalogue = crate::metrics::Catalogue::default();
         let mut root = Registry::default();
         let flow = FlowMeasures {
             sla_breached: Default::default(),
@@ -164,77 +167,107 @@ impl Metrics {
         };
         {
             let r = root.sub_registry_with_prefix("meshline_flow");
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "sla_breached",
                 "1 while the flow breaches its contract's SLA for the reason, 0 otherwise",
                 flow.sla_breached.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "sla_breaches",
                 "SLA breaches of the flow that began, by reason",
                 flow.sla_breaches.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "contract_change_duration_seconds",
                 "Time from a contract change (its revision's creation) to its promotion or rollback on the flow",
                 flow.contract_change_seconds.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "contract_change_last_duration_seconds",
                 "The last contract change's time to promotion or rollback on the flow, by outcome",
                 flow.contract_change_last_seconds.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "canary_phase",
                 "1 for the phase the flow's canary rollout is in",
                 flow.canary_phase.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "canary_step",
                 "Index of the canary's current step",
                 flow.canary_step.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "canary_weight",
                 "Bucket weight (percent) the canary track is asked to take",
                 flow.canary_weight.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "canary_applied_weight",
                 "Bucket weight every worker of both tracks reports applying",
                 flow.canary_applied_weight.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "canary_failed_measurements",
                 "Failed analysis measurements in the current rollout",
                 flow.canary_failed_measurements.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "canary_passed_measurements",
                 "Passed analysis measurements at the current step",
                 flow.canary_passed_measurements.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "audit_last_run_timestamp_seconds",
                 "When the flow's last reconciliation audit finished (Unix seconds)",
                 flow.audit_last_run.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "audit_unexplained",
                 "Differences the flow's last audit could not explain from the ledger",
                 flow.audit_unexplained.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "audit_explained",
                 "Differences the flow's last audit explained, by explanation",
                 flow.audit_explained.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "audit_matched",
                 "Orders the flow's last audit matched on both sides",
                 flow.audit_matched.clone(),
             );
-            r.register(
+            catalogue.register(
+                r,
+                "meshline_flow",
                 "audit_partial",
                 "1 when the flow's last audit could not read a side in full",
                 flow.audit_partial.clone(),
@@ -251,30 +284,51 @@ impl Metrics {
         let flows = Family::<ConditionLabel, Gauge>::default();
         let writes = Counter::default();
         let status_polls = Family::<ErrorLabel, Counter>::default();
-        registry.register("reconciles", "Reconciles by kind", reconciles.clone());
-        registry.register(
+        catalogue.register(
+            registry,
+            "meshline_controller",
+            "reconciles",
+            "Reconciles by kind",
+            reconciles.clone(),
+        );
+        catalogue.register(
+            registry,
+            "meshline_controller",
             "reconcile_errors",
             "Failed reconciles by kind and error label",
             errors.clone(),
         );
-        registry.register(
+        catalogue.register(
+            registry,
+            "meshline_controller",
             "reconcile_duration_seconds",
             "Reconcile duration by kind",
             duration.clone(),
         );
-        registry.register("flows", "SyncFlows by condition and status", flows.clone());
-        registry.register(
+        catalogue.register(
+            registry,
+            "meshline_controller",
+            "flows",
+            "SyncFlows by condition and status",
+            flows.clone(),
+        );
+        catalogue.register(
+            registry,
+            "meshline_controller",
             "writes",
             "Writes to the Kubernetes API (applies, deletes, status)",
             writes.clone(),
         );
-        registry.register(
+        catalogue.register(
+            registry,
+            "meshline_controller",
             "status_polls",
             "Worker /status polls by outcome (kind=flow, error=ok or a label)",
             status_polls.clone(),
         );
         Metrics {
             registry: root,
+            catalogue,
             flow,
             reconciles,
             errors,
