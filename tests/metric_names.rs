@@ -82,13 +82,14 @@ fn the_catalogues_list_what_the_registries_expose() {
         let exposed = exposed_families(&exposition);
         assert!(!exposed.is_empty(), "{exposition}");
         let missing: Vec<_> = exposed.difference(&catalogued).collect();
-        assert!(missing.is_empty(), "exposed but not catalogued: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "exposed but not catalogued: {missing:?}"
+        );
     }
     assert!(
-        exposed_families(&worker.encode()).contains(&(
-            "meshline_records_failed".to_string(),
-            "counter".to_string()
-        )),
+        exposed_families(&worker.encode())
+            .contains(&("meshline_records_failed".to_string(), "counter".to_string())),
         "a touched family shows in the exposition"
     );
 }
@@ -515,7 +516,10 @@ fn a_variable_querying_a_metric_nobody_exports_fails() {
 fn an_alert_expr_split_over_lines_is_refused_rather_than_skipped() {
     let template = "        - alert: A\n          expr: >\n            up == 0\n";
     let err = rule_queries("rules.yaml", template).expect_err("a multi-line expr");
-    assert!(err.contains("rules.yaml:2: alert A: write the expr on one line"), "{err}");
+    assert!(
+        err.contains("rules.yaml:2: alert A: write the expr on one line"),
+        "{err}"
+    );
 }
 
 fn names(expr: &str) -> Vec<String> {
@@ -569,4 +573,80 @@ fn grafana_label_values_keeps_only_the_selector() {
     );
     assert_eq!(grafana_variable_query("label_values(flow)"), "");
     assert_eq!(grafana_variable_query("max(m)"), "max(m)");
+}
+
+/// The (family, type) rows of one `## section` table of docs/metrics.md.
+fn documented(doc: &str, section: &str) -> BTreeSet<(String, String)> {
+    let heading = format!("## {section}\n");
+    let start = doc
+        .find(&heading)
+        .unwrap_or_else(|| panic!("docs/metrics.md has no section {section:?}"));
+    let body = &doc[start + heading.len()..];
+    let body = &body[..body.find("\n## ").unwrap_or(body.len())];
+    body.lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let series = cells[1].split('`').nth(1).unwrap_or_default();
+            let kind = cells[2].to_string();
+            let family = match kind.as_str() {
+                "counter" => series.strip_suffix("_total"),
+                "histogram" => series.strip_suffix("_bucket"),
+                _ => Some(series),
+            }
+            .unwrap_or_else(|| panic!("docs/metrics.md: {series} does not end as a {kind} does"));
+            (family.to_string(), kind)
+        })
+        .collect()
+}
+
+#[test]
+fn the_metrics_reference_lists_every_exported_family_with_its_type() {
+    let doc = read(&repo().join("docs/metrics.md"));
+    let (worker, controller) = registries();
+    for (section, catalogue) in [
+        ("Worker", &worker.catalogue),
+        ("Controller", &controller.catalogue),
+    ] {
+        let exported: BTreeSet<(String, String)> = catalogue
+            .families()
+            .iter()
+            .map(|f| (f.name.clone(), f.kind.clone()))
+            .collect();
+        let listed = documented(&doc, section);
+        let undocumented: Vec<_> = exported.difference(&listed).collect();
+        let stale: Vec<_> = listed.difference(&exported).collect();
+        assert!(
+            undocumented.is_empty() && stale.is_empty(),
+            "docs/metrics.md section {section}: exported but not listed (or under another type): \
+             {undocumented:?}; listed but not exported: {stale:?}"
+        );
+    }
+    let audit: BTreeSet<String> = documented(&doc, "Reconciliation audit")
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let promised: BTreeSet<String> = PROMISED_BY_THE_AUDIT
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(audit, promised, "the audit's metrics in docs/metrics.md");
+}
+
+#[test]
+fn worker_and_controller_never_export_the_same_name() {
+    let (worker, controller) = registries();
+    let worker: BTreeSet<&str> = worker
+        .catalogue
+        .families()
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    for f in controller.catalogue.families() {
+        assert!(
+            !worker.contains(f.name.as_str()),
+            "{} is exported by both the worker and the controller",
+            f.name
+        );
+    }
 }
