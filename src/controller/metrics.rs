@@ -521,3 +521,179 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{AuditOutcome, CanaryStatus, FlowAuditStatus, SyncFlow, SyncFlowStatus};
+    use std::sync::Arc;
+
+    fn label(flow: &str) -> FlowLabel {
+        FlowLabel {
+            namespace: "revenue-sync".into(),
+            flow: flow.into(),
+        }
+    }
+
+    fn breach(flow: &str, reason: &str) -> SlaBreachLabel {
+        SlaBreachLabel {
+            namespace: "revenue-sync".into(),
+            flow: flow.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn flow(name: &str, status: SyncFlowStatus) -> Arc<SyncFlow> {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/salesforce-netsuite/flow.yaml"
+        ))
+        .expect("the example flow");
+        let mut f: SyncFlow = serde_yaml::from_str(&text).expect("a SyncFlow");
+        f.metadata.name = Some(name.into());
+        f.metadata.namespace = Some("revenue-sync".into());
+        f.status = Some(status);
+        Arc::new(f)
+    }
+
+    fn canary(phase: &str, revision: &str) -> CanaryStatus {
+        CanaryStatus {
+            revision: revision.into(),
+            version: "1.1.0".into(),
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_sla_breach_counts_once_when_it_begins_and_its_gauge_follows_it() {
+        let m = Metrics::new();
+        let rate = breach("a", "FailureRateOverSla");
+        let latency = breach("a", "DeliveryLatencyOverSla");
+        m.record_sla(label("a"), &["FailureRateOverSla"]);
+        m.record_sla(label("a"), &["FailureRateOverSla"]);
+        assert_eq!(m.flow.sla_breached.get_or_create(&rate).get(), 1);
+        assert_eq!(m.flow.sla_breaches.get_or_create(&rate).get(), 1);
+        // The other reason is exported at 0, so an alert sees it clear and `increase()` sees it begin.
+        assert_eq!(m.flow.sla_breached.get_or_create(&latency).get(), 0);
+        assert!(m.encode().contains(
+            r#"meshline_flow_sla_breaches_total{namespace="revenue-sync",flow="a",reason="DeliveryLatencyOverSla"} 0"#
+        ));
+        m.record_sla(label("a"), &[]);
+        assert_eq!(m.flow.sla_breached.get_or_create(&rate).get(), 0);
+        m.record_sla(
+            label("a"),
+            &["FailureRateOverSla", "DeliveryLatencyOverSla"],
+        );
+        assert_eq!(m.flow.sla_breaches.get_or_create(&rate).get(), 2);
+        assert_eq!(m.flow.sla_breaches.get_or_create(&latency).get(), 1);
+        // Another flow's breaches are its own.
+        assert_eq!(
+            m.flow
+                .sla_breaches
+                .get_or_create(&breach("b", "FailureRateOverSla"))
+                .get(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_reason_outside_the_known_set_makes_no_series() {
+        let m = Metrics::new();
+        m.record_sla(label("a"), &["SomethingNew"]);
+        assert!(!m.encode().contains("SomethingNew"));
+    }
+
+    #[test]
+    fn a_deleted_flows_series_go_at_the_next_scrape() {
+        let m = Metrics::new();
+        m.record_sla(label("gone"), &["FailureRateOverSla"]);
+        m.record_sla(label("kept"), &["FailureRateOverSla"]);
+        m.count_flows(&[flow("kept", SyncFlowStatus::default())]);
+        let out = m.encode();
+        assert!(!out.contains(r#"flow="gone""#), "{out}");
+        assert!(out.contains(
+            r#"meshline_flow_sla_breached{namespace="revenue-sync",flow="kept",reason="FailureRateOverSla"} 1"#
+        ));
+    }
+
+    #[test]
+    fn a_rollout_ends_once_promoted_or_rolled_back() {
+        let progressing = canary("Progressing", "orders-2");
+        let promoted = canary("Promoted", "orders-2");
+        let aborted = canary("Aborted", "orders-2");
+        assert_eq!(
+            rollout_ended(Some(&progressing), Some(&promoted)),
+            Some("promoted")
+        );
+        assert_eq!(
+            rollout_ended(Some(&canary("Aborting", "orders-2")), Some(&aborted)),
+            Some("rolled_back")
+        );
+        assert_eq!(rollout_ended(None, Some(&promoted)), Some("promoted"));
+        // Already ended: a later reconcile of the same status counts nothing.
+        assert_eq!(rollout_ended(Some(&promoted), Some(&promoted)), None);
+        assert_eq!(rollout_ended(Some(&progressing), Some(&progressing)), None);
+        assert_eq!(rollout_ended(Some(&promoted), None), None);
+        // The next revision's rollout ends on its own.
+        assert_eq!(
+            rollout_ended(Some(&promoted), Some(&canary("Promoted", "orders-3"))),
+            Some("promoted")
+        );
+    }
+
+    #[test]
+    fn a_rollout_end_is_observed_by_outcome() {
+        let m = Metrics::new();
+        m.record_rollout_end(&label("a"), "promoted", Duration::from_secs(5400));
+        let out = m.encode();
+        assert!(out.contains(
+            r#"meshline_flow_contract_change_last_duration_seconds{namespace="revenue-sync",flow="a",outcome="promoted"} 5400.0"#
+        ), "{out}");
+        assert!(out.contains(
+            r#"meshline_flow_contract_change_duration_seconds_count{namespace="revenue-sync",flow="a",outcome="promoted"} 1"#
+        ), "{out}");
+    }
+
+    #[test]
+    fn canary_progress_and_the_last_audit_come_from_the_flow_status() {
+        let m = Metrics::new();
+        let mut c = canary("Progressing", "orders-2");
+        c.step = 1;
+        c.weight = 25;
+        c.applied_weight = 10;
+        c.failed_measurements = 1;
+        let audit = FlowAuditStatus {
+            outcome: Some(AuditOutcome::Partial),
+            finished_at: Some("2026-12-01T02:00:00Z".into()),
+            unexplained: 3,
+            matched: 97,
+            explained: [("held".to_string(), 2)].into_iter().collect(),
+            ..Default::default()
+        };
+        let status = SyncFlowStatus {
+            canary: Some(c),
+            audit: Some(audit),
+            ..Default::default()
+        };
+        m.count_flows(&[flow("a", status)]);
+        let out = m.encode();
+        for line in [
+            r#"meshline_flow_canary_phase{namespace="revenue-sync",flow="a",phase="Progressing"} 1"#,
+            r#"meshline_flow_canary_step{namespace="revenue-sync",flow="a"} 1"#,
+            r#"meshline_flow_canary_weight{namespace="revenue-sync",flow="a"} 25"#,
+            r#"meshline_flow_canary_applied_weight{namespace="revenue-sync",flow="a"} 10"#,
+            r#"meshline_flow_canary_failed_measurements{namespace="revenue-sync",flow="a"} 1"#,
+            r#"meshline_flow_audit_unexplained{namespace="revenue-sync",flow="a"} 3"#,
+            r#"meshline_flow_audit_matched{namespace="revenue-sync",flow="a"} 97"#,
+            r#"meshline_flow_audit_partial{namespace="revenue-sync",flow="a"} 1"#,
+            r#"meshline_flow_audit_explained{namespace="revenue-sync",flow="a",explanation="held"} 2"#,
+            r#"meshline_flow_audit_last_run_timestamp_seconds{namespace="revenue-sync",flow="a"} 1796090400.0"#,
+        ] {
+            assert!(out.contains(line), "missing {line} in\n{out}");
+        }
+        // The canary ends and the flow goes: its series go with them.
+        m.count_flows(&[]);
+        assert!(!m.encode().contains(r#"flow="a""#));
+    }
+}

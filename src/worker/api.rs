@@ -1151,6 +1151,16 @@ async fn replay_by_reason(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_sla_window_failure_rate_is_a_share_capped_at_one() {
+        assert_eq!(failure_rate_in_window(0, 0), 0.0);
+        assert_eq!(failure_rate_in_window(5, 1000), 0.005);
+        // A retry an hour on counts a failure whose receipt fell out of the window.
+        assert_eq!(failure_rate_in_window(7, 3), 1.0);
+        // Failures with nothing received in the window: all of it failed, not a division by zero.
+        assert_eq!(failure_rate_in_window(2, 0), 1.0);
+    }
+
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {

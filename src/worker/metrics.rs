@@ -593,3 +593,48 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_reason_label_keeps_the_key_to_its_bounded_part() {
+        let of = |key: &str| DeadLetterReasonLabel::of(key).reason;
+        // The field path and the attempt count stay in the ledger, out of the series.
+        assert_eq!(
+            of("contract:required_missing:field:amount"),
+            "contract:required_missing"
+        );
+        assert_eq!(
+            of("erp:transient:gave_up_after_8_attempts"),
+            "erp:transient"
+        );
+        assert_eq!(of("erp:422"), "erp:422");
+        assert_eq!(of("contract:rejected"), "contract:rejected");
+        assert_eq!(of("poison"), "poison");
+        assert_eq!(of(&format!("erp:{}", "x".repeat(200))).chars().count(), 64);
+    }
+
+    #[test]
+    fn a_dead_letter_is_counted_by_its_reason_with_the_flow_labels() {
+        let m = Metrics::new("revenue-sync", "closed-won-to-netsuite");
+        for key in [
+            "erp:422",
+            "erp:422",
+            "contract:required_missing:field:amount",
+        ] {
+            m.dead_letters
+                .get_or_create(&DeadLetterReasonLabel::of(key))
+                .inc();
+        }
+        let out = m.encode();
+        assert!(out.contains(
+            r#"meshline_dead_letters_total{namespace="revenue-sync",flow="closed-won-to-netsuite",reason="erp:422"} 2"#
+        ), "{out}");
+        assert!(
+            out.contains(r#"reason="contract:required_missing"} 1"#),
+            "{out}"
+        );
+    }
+}
