@@ -357,3 +357,53 @@ async fn every_metric_series_names_the_flow_and_its_namespace() {
     );
     h.worker.shutdown().await;
 }
+
+/// The value of the one sample of `name` in an exposition.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operating_measures_on_metrics_are_the_ledgers_numbers_and_the_contracts_sla() {
+    let h = start().await;
+    // Each order's first delivery fails (503) and its retry succeeds: two records, two failed, two delivered.
+    h.worker
+        .intake
+        .accept(vec![
+            opportunity("0065g00000MEASURE1", None),
+            opportunity("0065g00000MEASURE2", None),
+        ])
+        .await
+        .unwrap();
+    let url = format!("http://{}/metrics", h.worker.ops_addr);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    let text = loop {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        if sample(&text, "meshline_records_delivered_total") == Some(2.0) {
+            break text;
+        }
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "never delivered both:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let value = |name: &str| {
+        sample(&text, name).unwrap_or_else(|| panic!("no sample of {name} in\n{text}"))
+    };
+    assert_eq!(value("meshline_flow_records"), 2.0);
+    assert_eq!(value("meshline_flow_received_sla_window"), 2.0);
+    assert_eq!(value("meshline_flow_failed_sla_window"), 2.0);
+    assert_eq!(value("meshline_flow_failure_rate_sla_window"), 1.0);
+    assert_eq!(value("meshline_flow_manual_interventions"), 0.0);
+    assert_eq!(value("meshline_flow_manual_interventions_per_1k"), 0.0);
+    assert!(value("meshline_flow_record_mttr_seconds") >= 0.0);
+    // The example contract's SLA: maxFailureRate "0.02", maxDeliveryLatency 15m.
+    assert_eq!(value("meshline_sla_max_failure_rate"), 0.02);
+    assert_eq!(value("meshline_sla_max_delivery_latency_seconds"), 900.0);
+    assert_eq!(h.erp.accepted.load(Ordering::SeqCst), 2);
+    h.worker.shutdown().await;
+}
