@@ -424,15 +424,27 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     if let Some(r) = outage_plan.recheck_in {
         requeue = requeue.min(r.max(Duration::from_secs(1)));
     }
+    // A contract change that ended in this reconcile: kept in the status, counted once the status is written.
+    let before = flow.status.as_ref().and_then(|s| s.canary.as_ref());
+    let ended = super::metrics::rollout_ended(before, next.canary.as_ref()).and_then(|outcome| {
+        let took = contract_change_age(ctx, &ns, next.canary.as_ref())?;
+        Some((outcome, took))
+    });
+    if let (Some((outcome, took)), Some(canary)) = (&ended, next.canary.as_ref()) {
+        next.last_contract_change = Some(crate::api::ContractChangeEnd {
+            revision: canary.revision.clone(),
+            version: canary.version.clone(),
+            outcome: outcome.to_string(),
+            duration_seconds: i64::try_from(took.as_secs()).unwrap_or(i64::MAX),
+            ended_at: now.clone(),
+        });
+    }
     if status::differs(flow.status.as_ref(), &next, |s| &mut s.conditions) {
         // This write carries the sends' in-doubt marks: it happens before anything is sent.
         apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
         // After the write, so a reconcile that fails before it and runs again counts the end once.
-        let before = flow.status.as_ref().and_then(|s| s.canary.as_ref());
-        if let Some(outcome) = super::metrics::rollout_ended(before, next.canary.as_ref())
-            && let Some(took) = contract_change_age(ctx, &ns, next.canary.as_ref())
-        {
-            ctx.metrics.record_rollout_end(&flow_label, outcome, took);
+        if let Some((outcome, took)) = &ended {
+            ctx.metrics.record_rollout_end(&flow_label, outcome, *took);
         }
         for event in transitions(flow.status.as_ref(), &next) {
             // An Event that cannot be published must not fail the reconcile: the status already says it.
