@@ -13,6 +13,7 @@ pub mod controller;
 pub mod crd;
 pub mod dev;
 pub mod ledger;
+pub mod metrics;
 pub mod ops_page;
 pub mod rollout;
 pub mod sim;

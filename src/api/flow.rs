@@ -675,6 +675,14 @@ pub struct SyncFlowStatus {
     /// Failed records over processed records, as a decimal fraction.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<String>,
+    /// Records that failed for the first time in the SLA's window (the last hour) over record versions
+    /// received in it, as a decimal fraction: what the contract's `maxFailureRate` is checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub failure_rate_sla_window: Option<String>,
+    /// How the last contract change on this flow ended, and how long it took from the change to that end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_contract_change: Option<ContractChangeEnd>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencySummary>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -708,6 +716,26 @@ pub struct SyncFlowStatus {
     /// The last reconciliation audit of the flow (CRM deals against ERP orders).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<super::FlowAuditStatus>,
+}
+
+/// A contract change's end on a flow: promoted or rolled back, and the time from the change (its revision
+/// stored) to that end.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractChangeEnd {
+    /// The contract revision (a ControllerRevision) the change introduced.
+    #[schemars(length(max = 253))]
+    pub revision: String,
+    #[schemars(length(max = 64))]
+    pub version: String,
+    /// `promoted` or `rolled_back`.
+    #[schemars(length(max = 16))]
+    pub outcome: String,
+    /// Seconds from the revision's creation to the end.
+    pub duration_seconds: i64,
+    /// When it ended (RFC 3339).
+    #[schemars(length(max = 64))]
+    pub ended_at: String,
 }
 
 /// The controller's watch on a flow none of whose worker pods answers, kept in the status so that it survives

@@ -201,6 +201,8 @@ pub struct CompiledContract {
     /// `contract` as expressions see it.
     contract_value: Value,
     slots: usize,
+    /// The service levels the flow's measures are compared with (exported as gauges beside them).
+    sla: Option<crate::api::SlaSpec>,
 }
 
 impl fmt::Debug for CompiledContract {
@@ -403,6 +405,7 @@ pub fn compile_with(
         redaction: options.redaction.clone(),
         contract_value,
         slots,
+        sla: spec.sla.clone(),
     })
 }
 
@@ -513,6 +516,11 @@ impl CompiledContract {
     /// SHA-256 of the canonical spec content (sign-offs excluded), as the controller stores it in status.
     pub fn content_hash(&self) -> &ContentHash {
         &self.content_hash
+    }
+
+    /// The contract's SLA, if it sets one.
+    pub fn sla(&self) -> Option<&crate::api::SlaSpec> {
+        self.sla.as_ref()
     }
 
     pub fn limits(&self) -> &Limits {

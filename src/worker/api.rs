@@ -284,6 +284,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         let age_ms = oldest.map_or(0, |at| (chrono::Utc::now().timestamp_millis() - at).max(0));
         m.oldest_pending_seconds.set(age_ms / 1000);
     }
+    refresh_operating_measures(&state).await;
     refresh_ticket_gauges(&state).await;
     super::audit_routes::refresh_gauges(&state).await;
     (
@@ -294,6 +295,52 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         state.pipeline.metrics.encode(),
     )
         .into_response()
+}
+
+/// Sets the operating model's gauges from the ledger's counts before a scrape (the read `/status` makes, so
+/// the two never disagree). A ledger that does not answer leaves them as they were.
+async fn refresh_operating_measures(state: &ApiState) {
+    let pipeline = &state.pipeline;
+    let m = &pipeline.metrics.measures;
+    if let Some(sla) = pipeline.contract.sla() {
+        if let Some(rate) = sla
+            .max_failure_rate
+            .as_deref()
+            .and_then(|r| r.parse::<f64>().ok())
+        {
+            m.sla_max_failure_rate.set(rate);
+        }
+        if let Some(latency) = &sla.max_delivery_latency {
+            m.sla_max_delivery_latency_seconds
+                .set(std::time::Duration::from(*latency).as_secs_f64());
+        }
+    }
+    let Ok(c) = pipeline.ledger.counts().await else {
+        return;
+    };
+    let to_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    m.records.set(to_i64(c.records));
+    m.manual_interventions.set(to_i64(c.manual_interventions));
+    m.manual_interventions_per_1k.set(c.interventions_per_1000);
+    if let Some(s) = c.mttr_seconds {
+        m.record_mttr_seconds.set(s);
+    }
+    m.received_sla_window.set(to_i64(c.received_last_hour));
+    m.failed_sla_window.set(to_i64(c.failed_last_hour));
+    m.failure_rate_sla_window.set(failure_rate_in_window(
+        c.failed_last_hour,
+        c.received_last_hour,
+    ));
+}
+
+/// Failed over received in the SLA's window, at most 1: a failure counted in a minute whose receipt is older
+/// (a retry an hour on) can make failures exceed receipts, and failures with no receipts at all are a rate
+/// of 1, not a division by zero.
+pub fn failure_rate_in_window(failed: u64, received: u64) -> f64 {
+    if received == 0 {
+        return f64::from(u8::from(failed > 0));
+    }
+    (failed as f64 / received as f64).min(1.0)
 }
 
 /// Sets the ticket gauges from the ledger before a scrape. A ledger that does not answer leaves them as they
@@ -1167,6 +1214,16 @@ async fn replay_by_reason(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sla_window_failure_rate_is_a_share_capped_at_one() {
+        assert_eq!(failure_rate_in_window(0, 0), 0.0);
+        assert_eq!(failure_rate_in_window(5, 1000), 0.005);
+        // A retry an hour on counts a failure whose receipt fell out of the window.
+        assert_eq!(failure_rate_in_window(7, 3), 1.0);
+        // Failures with nothing received in the window: all of it failed, not a division by zero.
+        assert_eq!(failure_rate_in_window(2, 0), 1.0);
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

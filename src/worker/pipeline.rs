@@ -489,6 +489,11 @@ impl Pipeline {
                 Outcome::Delivered => (0, None, None),
                 Outcome::RetryScheduled { class, .. } => (1, Some(class.label()), None),
                 Outcome::DeadLettered { class, reason, .. } => {
+                    // Counted here, once the ledger applied it: a refused completion is no dead letter.
+                    self.metrics
+                        .dead_letters
+                        .get_or_create(&super::metrics::DeadLetterReasonLabel::of(reason))
+                        .inc();
                     (2, Some(class.label()), Some(reason.as_str()))
                 }
                 Outcome::Held { rule, .. } => (3, None, Some(rule.as_str())),

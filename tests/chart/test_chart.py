@@ -42,6 +42,7 @@ DEFAULT_IMAGE = f"ghcr.io/meshline/meshline:{APP_VERSION}"
 NOT_IN_KUBERNETES_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 
 # Kinds the chart renders without a namespace.
@@ -101,6 +102,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         },
         "service": {"annotations": {"example.test/owner": "ops"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+        "grafanaDashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "Meshline"}},
     },
     "worker-defaults": {
         "workerDefaults": {
@@ -416,8 +419,9 @@ def test_every_manifest_validates_against_kubernetes_strict(scenario: str) -> No
     assert validated + skipped == len(objects)
     assert validated >= 4  # at least Deployment, Service, leader-election Role and RoleBinding
     expects_monitor = SCENARIOS[scenario].get("serviceMonitor", {}).get("enabled", False)
-    # The controller's ServiceMonitor and the workers' PodMonitor.
-    assert skipped == (2 if expects_monitor else 0)
+    expects_rule = SCENARIOS[scenario].get("prometheusRule", {}).get("enabled", False)
+    # The controller's ServiceMonitor and the workers' PodMonitor; the PrometheusRule.
+    assert skipped == (2 if expects_monitor else 0) + (1 if expects_rule else 0)
 
 
 def test_strict_validation_really_catches_mistakes() -> None:
@@ -469,6 +473,7 @@ def test_default_object_set() -> None:
         [
             ("ClusterRole", cluster_name),
             ("ClusterRoleBinding", cluster_name),
+            ("ConfigMap", f"{RELEASE}-dashboard"),
             ("Deployment", RELEASE),
             ("PodDisruptionBudget", RELEASE),
             ("Role", f"{RELEASE}-leader-election"),
@@ -497,6 +502,10 @@ def test_standard_labels_and_namespaces(scenario: str) -> None:
             assert "namespace" not in obj["metadata"]
         elif kind in {"Role", "RoleBinding"} and not obj["metadata"]["name"].endswith("-leader-election"):
             assert obj["metadata"]["namespace"] == watch_ns
+        elif kind == "ConfigMap" and obj["metadata"]["name"].endswith("-dashboard"):
+            # Grafana's sidecar may watch only Grafana's own namespace.
+            wanted = values.get("grafanaDashboard", {}).get("namespace") or NAMESPACE
+            assert obj["metadata"]["namespace"] == wanted
         elif kind == "NetworkPolicy":
             np = values["networkPolicy"]["workers"]
             assert obj["metadata"]["namespace"] in (np.get("namespaces") or [watch_ns or NAMESPACE])

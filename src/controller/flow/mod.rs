@@ -346,6 +346,22 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         now: &now,
     });
     let mut next = next;
+    let flow_label = super::metrics::FlowLabel {
+        namespace: ns.clone(),
+        flow: name.clone(),
+    };
+    // Judged on fresh numbers only: the last ones kept over a silent poll would count nothing new.
+    if let Some(w) = observation
+        .as_ref()
+        .filter(|o| o.ledger_fresh)
+        .and_then(|o| o.ledger.as_deref())
+    {
+        let breaches: Vec<&str> = status::sla_breaches(w, sla.as_ref())
+            .into_iter()
+            .map(|(reason, _)| reason)
+            .collect();
+        ctx.metrics.record_sla(flow_label.clone(), &breaches);
+    }
     let mut requeue = RESYNC;
     if let Some(rollout) = &rollout {
         next.canary = rollout.status.clone();
@@ -425,9 +441,28 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     if let Some(r) = outage_plan.recheck_in {
         requeue = requeue.min(r.max(Duration::from_secs(1)));
     }
+    // A contract change that ended in this reconcile: kept in the status, counted once the status is written.
+    let before = flow.status.as_ref().and_then(|s| s.canary.as_ref());
+    let ended = super::metrics::rollout_ended(before, next.canary.as_ref()).and_then(|outcome| {
+        let took = contract_change_age(ctx, &ns, next.canary.as_ref())?;
+        Some((outcome, took))
+    });
+    if let (Some((outcome, took)), Some(canary)) = (&ended, next.canary.as_ref()) {
+        next.last_contract_change = Some(crate::api::ContractChangeEnd {
+            revision: canary.revision.clone(),
+            version: canary.version.clone(),
+            outcome: outcome.to_string(),
+            duration_seconds: i64::try_from(took.as_secs()).unwrap_or(i64::MAX),
+            ended_at: now.clone(),
+        });
+    }
     if status::differs(flow.status.as_ref(), &next, |s| &mut s.conditions) {
         // This write carries the sends' in-doubt marks: it happens before anything is sent.
         apply::apply_status(&ctx.client, flow, &next, &ctx.metrics).await?;
+        // After the write, so a reconcile that fails before it and runs again counts the end once.
+        if let Some((outcome, took)) = &ended {
+            ctx.metrics.record_rollout_end(&flow_label, outcome, *took);
+        }
         for event in transitions(flow.status.as_ref(), &next) {
             // An Event that cannot be published must not fail the reconcile: the status already says it.
             if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
@@ -520,6 +555,27 @@ async fn scale_to_zero(ctx: &Context, ns: &str, name: &str) -> Result<(), Error>
 
 /// Events for the transitions people act on: a gate that fails (with its reason), became ready, degraded,
 /// recovered, disk pressure and its end.
+/// How long ago the canary's revision (the contract change) was stored, from its ControllerRevision's
+/// creation; `None` when it is not in the cache.
+fn contract_change_age(
+    ctx: &Context,
+    ns: &str,
+    canary: Option<&crate::api::CanaryStatus>,
+) -> Option<Duration> {
+    let revision = ctx
+        .stores
+        .revisions
+        .get(&ObjectRef::new(&canary?.revision).within(ns))?;
+    let created_ms = revision
+        .metadata
+        .creation_timestamp
+        .as_ref()?
+        .0
+        .as_millisecond();
+    let age_ms = chrono::Utc::now().timestamp_millis() - created_ms;
+    u64::try_from(age_ms).ok().map(Duration::from_millis)
+}
+
 pub fn transitions(before: Option<&SyncFlowStatus>, after: &SyncFlowStatus) -> Vec<Event> {
     let old = |t: &str| before.and_then(|b| b.conditions.iter().find(|c| c.r#type == t));
     let mut events = Vec::new();

@@ -411,6 +411,7 @@ pub fn compute(i: StatusInputs<'_>) -> SyncFlowStatus {
     if let Some(w) = i.observation.and_then(|o| o.ledger.as_deref()) {
         status.counters = w.counters.clone();
         status.failure_rate = Some(w.failure_rate.clone());
+        status.failure_rate_sla_window = w.failure_rate_last_hour.clone();
         status.last_delivery_time = w.last_delivery_time.clone();
         status.mttr_seconds = w.mttr_seconds;
         status.manual_interventions_per_1k = Some(w.manual_interventions_per_1k.clone());
