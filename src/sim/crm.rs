@@ -338,21 +338,22 @@ async fn token(
     .into_response()
 }
 
-fn authorized(org: &CrmOrg, headers: &HeaderMap) -> Result<(), Response> {
+/// Whether the request carries a token this org issued.
+fn authorized(org: &CrmOrg, headers: &HeaderMap) -> bool {
     let token = headers
         .get("authorization")
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.strip_prefix("Bearer "))
         .unwrap_or_default();
-    if lock(&org.tokens).contains(token) {
-        Ok(())
-    } else {
-        Err(sf_error(
-            StatusCode::UNAUTHORIZED,
-            "INVALID_SESSION_ID",
-            "Session expired or invalid",
-        ))
-    }
+    lock(&org.tokens).contains(token)
+}
+
+fn invalid_session() -> Response {
+    sf_error(
+        StatusCode::UNAUTHORIZED,
+        "INVALID_SESSION_ID",
+        "Session expired or invalid",
+    )
 }
 
 fn known_version(version: &str) -> bool {
@@ -370,8 +371,8 @@ async fn query(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(refused) = authorized(&org, &headers) {
-        return refused;
+    if !authorized(&org, &headers) {
+        return invalid_session();
     }
     if !known_version(&version) {
         return sf_error(
@@ -430,8 +431,8 @@ async fn more(
     Path((version, locator)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(refused) = authorized(&org, &headers) {
-        return refused;
+    if !authorized(&org, &headers) {
+        return invalid_session();
     }
     org.queries.fetch_add(1, Ordering::Relaxed);
     let Some(mut remaining) = lock(&org.locators).remove(&locator) else {
