@@ -62,7 +62,8 @@ pub fn dev(args: DevArgs) -> ExitCode {
         eprintln!("meshline dev: flow {} (state in {})", env.flow, env.state_dir.display());
         eprintln!("  webhooks   {}   (POST /webhook)", env.webhook_url());
         eprintln!("  operations {}   (/status, /records/ID, /dead-letters, /holds with the token; /metrics)", env.ops_url());
-        eprintln!("  ERP        http://{}   (NetSuite-style REST stand-in; GET /sim/orders)", env.erp_addr);
+        eprintln!("  CRM        http://{}   (Salesforce-style org: OAuth client credentials, GET /services/data/v61.0/query?q=SOQL)", env.crm_addr);
+        eprintln!("  ERP        http://{}   (NetSuite-style REST stand-in: records, SuiteQL; GET /sim/orders)", env.erp_addr);
         eprintln!("  tickets    http://{}/sinks/<sink>   (local webhook receiving every roster ticket sink's tickets, signature checked)", env.tickets_addr);
         eprintln!("  API token in {}", env.token_file().display());
         let code = match args.scenario {

@@ -20,8 +20,9 @@ pub use scenario::{
 };
 
 use crate::api::{Backoff, LedgerSpec, SinkSystem, SourceMode, SourceSystem, WebhookSignature};
+use crate::connectors::Credentials;
 use crate::rollout::split::{SPLIT_FILE, Split, Track};
-use crate::sim::crm::CrmStandIn;
+use crate::sim::crm::{self, CrmCredentials, CrmOrg, CrmStandIn};
 use crate::sim::erp::{self, ErpCredentials, ErpState};
 use crate::worker::run::{RunOptions, start_flow_on};
 use crate::worker::{Listeners, PipelineOptions, RenderedFlow, Worker, WorkerSettings};
@@ -83,6 +84,9 @@ pub struct DevEnv {
     pub erp: Arc<ErpState>,
     pub erp_addr: SocketAddr,
     pub crm: Arc<CrmStandIn>,
+    /// Where the CRM stand-in's org serves its token endpoint and query resource (the flow's source
+    /// `baseUrl` points here, so the audit's Salesforce query logs in and reads from it).
+    pub crm_addr: SocketAddr,
     pub token: String,
     /// Each roster owner's personal token (owner id → token), generated for this run and mounted as the
     /// roster's identity Secret, so the scenario approves as the owner holding the approver role.
@@ -102,6 +106,7 @@ pub struct DevEnv {
     /// Duplicates recognised by stable workers the scenario replaced.
     retired_duplicates: u64,
     erp_task: tokio::task::JoinHandle<()>,
+    crm_task: tokio::task::JoinHandle<()>,
     tickets_task: tokio::task::JoinHandle<()>,
 }
 
@@ -145,9 +150,24 @@ impl DevEnv {
         split_file(&self.state_dir)
     }
 
+    /// The source's Secret as the worker mounts it (the CRM stand-in's client credentials and the webhook
+    /// secret), for the audit's [`crate::connectors::queries::crm_query`].
+    pub fn source_credentials(&self) -> Credentials {
+        let name = &self.rendered.flow.spec.source.credentials_secret_ref.name;
+        Credentials::new(Some(&self.state_dir.join("secrets").join(name)), "source")
+    }
+
+    /// The sink's Secret as the worker mounts it (the ERP stand-in's TBA credentials), for the audit's
+    /// [`crate::connectors::queries::erp_query`].
+    pub fn sink_credentials(&self) -> Credentials {
+        let name = &self.rendered.flow.spec.sink.credentials_secret_ref.name;
+        Credentials::new(Some(&self.state_dir.join("secrets").join(name)), "sink")
+    }
+
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.erp_task.abort();
+        self.crm_task.abort();
         self.tickets_task.abort();
     }
 }
@@ -295,8 +315,16 @@ fn dev_identities(
     Ok(tokens)
 }
 
+/// The stand-ins' generated credentials, kept in the state directory between runs.
+struct StandInCredentials {
+    erp: ErpCredentials,
+    crm: CrmCredentials,
+    webhook_secret: String,
+    api_token: String,
+}
+
 /// Reads the generated credentials back (so the ledger and secrets of an earlier run keep working), or makes them.
-fn credentials(state: &Path) -> (ErpCredentials, String, String) {
+fn credentials(state: &Path) -> StandInCredentials {
     let read = |p: PathBuf| {
         std::fs::read_to_string(p)
             .ok()
@@ -307,24 +335,47 @@ fn credentials(state: &Path) -> (ErpCredentials, String, String) {
         && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
     {
         let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-        let creds = ErpCredentials {
+        let erp = ErpCredentials {
             account_id: s("accountId"),
             consumer_key: s("consumerKey"),
             consumer_secret: s("consumerSecret"),
             token_id: s("tokenId"),
             token_secret: s("tokenSecret"),
         };
-        return (creds, s("webhookSecret"), s("apiToken"));
+        // A state directory from before the CRM stand-in had a login gets one now.
+        let crm = match (s("crmClientId"), s("crmClientSecret")) {
+            (id, secret) if !id.is_empty() && !secret.is_empty() => CrmCredentials {
+                client_id: id,
+                client_secret: secret,
+            },
+            _ => CrmCredentials::generate(),
+        };
+        let creds = StandInCredentials {
+            erp,
+            crm,
+            webhook_secret: s("webhookSecret"),
+            api_token: s("apiToken"),
+        };
+        save_credentials(&path, &creds);
+        return creds;
     }
-    let creds = ErpCredentials::generate();
-    let webhook = uuid::Uuid::new_v4().simple().to_string();
-    let token = uuid::Uuid::new_v4().simple().to_string();
+    let creds = StandInCredentials {
+        erp: ErpCredentials::generate(),
+        crm: CrmCredentials::generate(),
+        webhook_secret: uuid::Uuid::new_v4().simple().to_string(),
+        api_token: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    save_credentials(&path, &creds);
+    creds
+}
+
+fn save_credentials(path: &Path, c: &StandInCredentials) {
     let v = serde_json::json!({
-        "accountId": creds.account_id, "consumerKey": creds.consumer_key, "consumerSecret": creds.consumer_secret,
-        "tokenId": creds.token_id, "tokenSecret": creds.token_secret, "webhookSecret": webhook, "apiToken": token,
+        "accountId": c.erp.account_id, "consumerKey": c.erp.consumer_key, "consumerSecret": c.erp.consumer_secret,
+        "tokenId": c.erp.token_id, "tokenSecret": c.erp.token_secret, "webhookSecret": c.webhook_secret,
+        "apiToken": c.api_token, "crmClientId": c.crm.client_id, "crmClientSecret": c.crm.client_secret,
     });
     let _ = std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default());
-    (creds, webhook, token)
 }
 
 async fn start_in(
@@ -334,7 +385,12 @@ async fn start_in(
     ops_port: u16,
 ) -> Result<DevEnv, DevError> {
     let flow = rendered.flow_name();
-    let (creds, webhook_secret, token) = credentials(state);
+    let StandInCredentials {
+        erp: creds,
+        crm: crm_credentials,
+        webhook_secret,
+        api_token: token,
+    } = credentials(state);
     let erp = ErpState::new(creds.clone(), erp::example_pricebook());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -346,12 +402,27 @@ async fn start_in(
     let erp_task = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
+    let org = CrmOrg::new(crm_credentials.clone());
+    let (crm_addr, crm_task) = match serve(crm::router(org.clone())).await {
+        Ok(served) => served,
+        Err(e) => {
+            erp_task.abort();
+            return Err(DevError::Scenario(format!(
+                "cannot start the CRM stand-in: {e}"
+            )));
+        }
+    };
+    // Every early return below stops both stand-ins.
+    let stop_stand_ins = || {
+        erp_task.abort();
+        crm_task.abort();
+    };
 
     let secrets = state.join("secrets");
     let identities = match dev_identities(rendered, &secrets) {
         Ok(i) => i,
         Err(e) => {
-            erp_task.abort();
+            stop_stand_ins();
             return Err(e);
         }
     };
@@ -362,7 +433,7 @@ async fn start_in(
     let (tickets_addr, tickets_task) = match tickets::serve(receiver.clone()).await {
         Ok(t) => t,
         Err(e) => {
-            erp_task.abort();
+            stop_stand_ins();
             return Err(DevError::Scenario(format!(
                 "cannot start the local ticket receiver: {e}"
             )));
@@ -377,26 +448,39 @@ async fn start_in(
         &[("signingSecret", signing_secret)],
     );
     if let Err(e) = written {
-        erp_task.abort();
+        stop_stand_ins();
         tickets_task.abort();
         return Err(e);
     }
     let spec = &mut rendered.flow.spec;
-    write_secret(
+    // The source's Secret holds the webhook secret the worker verifies and the client credentials the audit's
+    // Salesforce query logs in with (generated for the stand-in, never a real org's).
+    let mut source_secret = vec![("webhookSecret", webhook_secret.clone())];
+    source_secret.extend(crm_credentials.secret_files());
+    let token_file = state.join("api-token");
+    let written = write_secret(
         &secrets,
         &spec.sink.credentials_secret_ref.name,
         &creds.secret_files(),
-    )?;
-    write_secret(
-        &secrets,
-        &spec.source.credentials_secret_ref.name,
-        &[("webhookSecret", webhook_secret.clone())],
-    )?;
-    let token_file = state.join("api-token");
-    std::fs::write(&token_file, &token).map_err(|e| DevError::State {
-        dir: state.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    )
+    .and_then(|()| {
+        write_secret(
+            &secrets,
+            &spec.source.credentials_secret_ref.name,
+            &source_secret,
+        )
+    })
+    .and_then(|()| {
+        std::fs::write(&token_file, &token).map_err(|e| DevError::State {
+            dir: state.display().to_string(),
+            reason: e.to_string(),
+        })
+    });
+    if let Err(e) = written {
+        stop_stand_ins();
+        tickets_task.abort();
+        return Err(e);
+    }
 
     // The stand-in CRM pushes signed webhooks, so a poll source is received as a webhook source here; the
     // rest of the flow (contract, lookups, sink, delivery policy) is the flow as written.
@@ -405,7 +489,8 @@ async fn start_in(
     // The stand-in posts to the worker directly; Meshline's scheme does not sign the URL.
     spec.source.public_url = None;
     spec.source.poll_interval = None;
-    spec.source.base_url = None;
+    // The org behind the stand-in: the client-credentials login and the query resource the audit reads.
+    spec.source.base_url = Some(format!("http://{crm_addr}"));
     spec.sink.base_url = Some(format!("http://{erp_addr}"));
     spec.ledger = LedgerSpec::default();
     spec.replicas = None;
@@ -422,7 +507,7 @@ async fn start_in(
     let reset = std::fs::create_dir_all(split.parent().unwrap_or(state))
         .and_then(|()| std::fs::write(&split, Split::none().to_json()));
     if let Err(e) = reset {
-        erp_task.abort();
+        stop_stand_ins();
         tickets_task.abort();
         return Err(DevError::State {
             dir: split.display().to_string(),
@@ -463,7 +548,7 @@ async fn start_in(
     let (worker, stable_sockets) = match started {
         Ok(w) => w,
         Err(e) => {
-            erp_task.abort();
+            stop_stand_ins();
             tickets_task.abort();
             return Err(e.into());
         }
@@ -471,15 +556,17 @@ async fn start_in(
     // A restarted stable worker binds the same ports, so the CRM stand-in and the printed URLs stay valid.
     settings.listen = worker.webhook_addr;
     settings.ops_listen = worker.ops_addr;
-    let crm = Arc::new(CrmStandIn::new(
+    let crm = Arc::new(CrmStandIn::with_org(
         format!("http://{}/webhook", worker.webhook_addr),
         webhook_secret,
+        org,
     ));
     Ok(DevEnv {
         worker,
         erp,
         erp_addr,
         crm,
+        crm_addr,
         token,
         identities,
         tickets: receiver,
@@ -491,6 +578,17 @@ async fn start_in(
         stable_sockets,
         retired_duplicates: 0,
         erp_task,
+        crm_task,
         tickets_task,
     })
+}
+
+/// Serves a stand-in's router on a free local port.
+async fn serve(app: axum::Router) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, task))
 }
