@@ -2227,3 +2227,62 @@ async fn a_flow_moved_to_a_sink_without_a_query_api_loses_its_audit_cron_job() {
         )]
     );
 }
+
+#[tokio::test]
+async fn a_finished_audit_reaches_the_flow_status_once_with_its_event() {
+    let mut h = harness();
+    let mut f = flow();
+    let first = reconcile(&h, &f).await;
+    settle(&mut h, &first, &mut f);
+    let second = reconcile(&h, &f).await;
+    settle(&mut h, &second, &mut f);
+    let answer = |audit: serde_json::Value| -> meshline::worker::api::WorkerStatus {
+        serde_json::from_value(serde_json::json!({
+            "flow": FLOW, "contractVersion": "2.0.1", "backend": "sqlite",
+            "counters": {"received": 200, "delivered": 180, "failed": 20, "retried": 7, "deadLettered": 12, "held": 3},
+            "pending": 5, "failureRate": "0.1", "lastDeliveryTime": "2026-01-02T03:04:05Z", "mttrSeconds": 42,
+            "manualInterventionsPer1k": "15", "oldestPendingSeconds": 60, "circuitBreaker": null, "paused": null,
+            "audit": audit
+        }))
+        .unwrap()
+    };
+    let run = |id: i64, outcome: &str| {
+        serde_json::json!({
+            "run": id, "outcome": outcome, "startedAt": "2026-12-01T02:00:00Z",
+            "finishedAt": "2026-12-01T02:00:09Z", "windowFrom": "2026-11-24T02:00:00Z",
+            "windowTo": "2026-12-01T02:00:00Z",
+            "crm": {"count": 3, "totals": {"EUR": "300.00"}}, "erp": {"count": 2, "totals": {"EUR": "200.00"}},
+            "matched": 2, "unexplained": 1, "unexplainedIds": ["0061"]
+        })
+    };
+    let observe = |h: &Harness, f: &SyncFlow, w| {
+        h.ctx.observations.lock().unwrap().insert(
+            ObjectRef::from_obj(f),
+            Observation::answered("meshline-won-deals-to-odoo-7d9f8-abcde", w),
+        );
+    };
+    observe(&h, &f, answer(run(4, "unexplained")));
+    let requests = reconcile(&h, &f).await;
+    let s = &status_patch(&requests).expect("a status write").body["status"];
+    assert_eq!(s["audit"]["run"], 4);
+    assert_eq!(s["audit"]["outcome"], "unexplained");
+    assert_eq!(s["audit"]["unexplainedIds"][0], "0061");
+    assert!(
+        events(&requests).contains(&"AuditUnexplained"),
+        "{:?}",
+        events(&requests)
+    );
+    settle(&mut h, &requests, &mut f);
+    // The same run again: nothing to write, no second Event.
+    let requests = reconcile(&h, &f).await;
+    assert!(status_patch(&requests).is_none());
+    assert!(!events(&requests).contains(&"AuditUnexplained"));
+    // The next night reconciles.
+    observe(&h, &f, answer(run(5, "reconciled")));
+    let requests = reconcile(&h, &f).await;
+    assert_eq!(
+        status_patch(&requests).unwrap().body["status"]["audit"]["run"],
+        5
+    );
+    assert!(events(&requests).contains(&"AuditReconciled"));
+}

@@ -12,4 +12,5 @@
 
 pub mod compare;
 pub mod explain;
+pub mod key;
 pub mod run;

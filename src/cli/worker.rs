@@ -40,8 +40,8 @@ pub struct WorkerArgs {
     pub worker_id: Option<String>,
     /// How far back a reconciliation audit looks when its request names no window (the controller passes
     /// the roster's `audit.window`).
-    #[arg(long, default_value = "168h", value_parser = parse_audit_window)]
-    pub audit_window: std::time::Duration,
+    #[arg(long, value_parser = parse_audit_window)]
+    pub audit_window: Option<std::time::Duration>,
     /// Record buckets this worker claims, `FROM-TO` inclusive (stable takes the top, a canary the bottom).
     /// Fixed for the worker's life; with `--rollout-file` the split decides instead.
     #[arg(long, default_value = "0-99", value_parser = parse_buckets)]

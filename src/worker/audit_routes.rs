@@ -27,7 +27,8 @@ pub const MAX_WINDOW_HOURS: u32 = 8784;
 /// Runs audits of one flow in the background of the worker.
 pub struct AuditService {
     ledger: Arc<dyn Ledger>,
-    queries: Option<AuditQueries>,
+    /// The read clients, or why the flow's systems cannot be read.
+    queries: Result<AuditQueries, String>,
     settings: AuditSettings,
     window: Duration,
     clock: Arc<dyn Clock>,
@@ -38,10 +39,8 @@ pub struct AuditService {
 /// Why a run could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error(
-        "flow {flow}: the audit cannot read this flow's systems: no read client is configured for them"
-    )]
-    NotConfigured { flow: String },
+    #[error("flow {flow}: the audit cannot read this flow's systems: {reason}")]
+    NotConfigured { flow: String, reason: String },
     #[error(transparent)]
     Audit(#[from] AuditError),
 }
@@ -49,7 +48,7 @@ pub enum StartError {
 impl AuditService {
     pub fn new(
         ledger: Arc<dyn Ledger>,
-        queries: Option<AuditQueries>,
+        queries: Result<AuditQueries, String>,
         settings: AuditSettings,
         window: Duration,
     ) -> AuditService {
@@ -70,7 +69,7 @@ impl AuditService {
     }
 
     fn auditor(&self) -> Option<Auditor> {
-        let q = self.queries.as_ref()?;
+        let q = self.queries.as_ref().ok()?;
         Some(Auditor {
             ledger: self.ledger.clone(),
             crm: q.crm.clone(),
@@ -85,6 +84,7 @@ impl AuditService {
     pub async fn start(self: &Arc<Self>, window: Option<Duration>) -> Result<i64, StartError> {
         let auditor = self.auditor().ok_or_else(|| StartError::NotConfigured {
             flow: self.ledger.flow().to_string(),
+            reason: self.queries.as_ref().err().cloned().unwrap_or_default(),
         })?;
         let now = chrono::DateTime::from_timestamp_millis(self.clock.now_ms()).unwrap_or_default();
         let window = crate::audit::run::window_ending(now, window.unwrap_or(self.window));

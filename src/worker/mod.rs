@@ -103,13 +103,38 @@ impl WorkerError {
     }
 }
 
-/// The reconciliation audit's read clients of the flow's CRM and ERP (`crate::connectors::queries`): the
-/// one place they are built from the flow. `None` until the per-system clients are wired here; the audit's
-/// routes then answer that the flow's systems cannot be read. Tests and `meshline dev` inject theirs
-/// through [`PipelineOptions::audit_queries`].
-pub fn audit_queries(rendered: &RenderedFlow) -> Option<crate::audit::run::AuditQueries> {
-    let _ = rendered;
-    None
+/// The reconciliation audit's read clients of the flow's CRM and ERP (`crate::connectors::queries`), with the
+/// same credentials the source and the sink read: the one place they are built from the flow. The ERP's keys
+/// are read back to CRM ids through the contract's `mapping.externalId` (see `audit::key`). The error says why
+/// the flow cannot be audited; the audit's routes answer it. Tests and `meshline dev` may inject their own
+/// clients through [`PipelineOptions::audit_queries`].
+pub fn audit_queries(
+    rendered: &RenderedFlow,
+    secrets_dir: Option<&std::path::Path>,
+) -> Result<crate::audit::run::AuditQueries, String> {
+    let spec = &rendered.flow.spec;
+    let credentials = |secret: &str, prefix: &str| {
+        crate::connectors::Credentials::new(secrets_dir.map(|d| d.join(secret)).as_deref(), prefix)
+    };
+    let crm = crate::connectors::queries::crm_query(
+        spec,
+        &credentials(&spec.source.credentials_secret_ref.name, "source"),
+    )
+    .map_err(|e| e.to_string())?;
+    let erp = crate::connectors::queries::erp_query(
+        spec,
+        &credentials(&spec.sink.credentials_secret_ref.name, "sink"),
+    )
+    .map_err(|e| e.to_string())?;
+    let template =
+        crate::audit::key::KeyTemplate::of_expression(&rendered.contract.spec.mapping.external_id)?;
+    Ok(crate::audit::run::AuditQueries {
+        crm,
+        erp: Arc::new(crate::audit::key::CrmKeyed {
+            inner: erp,
+            template,
+        }),
+    })
 }
 
 /// How the audit paces, retries and leases for this flow: `spec.audit.maxRequestsPerSecond`, else the
@@ -421,9 +446,18 @@ impl Worker {
                     .options
                     .audit_queries
                     .clone()
-                    .or_else(|| audit_queries(rendered)),
+                    .map(Ok)
+                    .unwrap_or_else(|| audit_queries(rendered, settings.secrets_dir.as_deref())),
                 audit_settings(rendered, &settings.options),
-                settings.options.audit_window,
+                settings.options.audit_window.unwrap_or_else(|| {
+                    // The roster's window, which the controller renders with the flow.
+                    rendered
+                        .roster
+                        .as_ref()
+                        .and_then(|r| r.spec.audit.as_ref()?.window)
+                        .map(std::time::Duration::from)
+                        .unwrap_or(crate::audit::run::DEFAULT_WINDOW)
+                }),
             )),
         };
         let webhook_app = api::webhook_router(state.clone()).merge(extra_routes(intake.clone()));

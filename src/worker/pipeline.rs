@@ -80,7 +80,7 @@ pub struct PipelineOptions {
     pub ticket_period: Duration,
     /// The reconciliation audit's window when a request names none (`--audit-window`; the controller passes
     /// the roster's `audit.window`).
-    pub audit_window: Duration,
+    pub audit_window: Option<Duration>,
     /// The audit's two read clients, injected (tests, `meshline dev`); `None`: the worker builds them from
     /// the flow (see `worker::audit_queries`).
     pub audit_queries: Option<crate::audit::run::AuditQueries>,
@@ -105,7 +105,7 @@ impl Default for PipelineOptions {
             disk_reserve: Default::default(),
             free_space: None,
             ticket_period: Duration::from_secs(1),
-            audit_window: crate::audit::run::DEFAULT_WINDOW,
+            audit_window: None,
             audit_queries: None,
             audit_settings: None,
         }

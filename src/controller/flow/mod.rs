@@ -397,6 +397,16 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
     {
         next.tickets = Some(t);
     }
+    // The last reconciliation audit, as the workers' ledger has it; kept as last seen while no worker answers.
+    next.audit = observation
+        .as_ref()
+        .and_then(|o| o.ledger.as_ref())
+        .and_then(|w| w.audit.clone())
+        .or_else(|| flow.status.as_ref().and_then(|s| s.audit.clone()));
+    let audit_event = audit::finished(
+        flow.status.as_ref().and_then(|s| s.audit.as_ref()),
+        next.audit.as_ref(),
+    );
     // No worker pod answering: the controller's own ticket, from an outbox in this status (issue #16).
     let covering = verdict.roster.as_deref().and_then(|r| {
         r.spec
@@ -463,7 +473,10 @@ async fn reconcile_inner(flow: &SyncFlow, ctx: &Context) -> Result<Action, Error
         if let Some((outcome, took)) = &ended {
             ctx.metrics.record_rollout_end(&flow_label, outcome, *took);
         }
-        for event in transitions(flow.status.as_ref(), &next) {
+        for event in transitions(flow.status.as_ref(), &next)
+            .into_iter()
+            .chain(audit_event)
+        {
             // An Event that cannot be published must not fail the reconcile: the status already says it.
             if let Err(e) = ctx.recorder.publish(&event, &flow.object_ref(&())).await {
                 tracing::warn!(namespace = %ns, name = %name, error = %e, "cannot publish an Event");
