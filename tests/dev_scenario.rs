@@ -92,7 +92,65 @@ async fn default_scenario_reconciles_every_closed_deal() {
     );
     assert!(!text.contains("@customer"), "no PII in the report: {text}");
     exceptions_became_tickets_the_receiver_got(&report, &text);
+    the_real_audit_reconciled(&report, &text);
+    the_page_shows_the_flow_and_its_audit(&env, &report).await;
     env.shutdown().await;
+}
+
+/// The reconciliation is the real audit's (the worker's `/audit/runs`, reading the CRM org with SOQL and the
+/// ERP with SuiteQL), and its counts are the scenario's.
+fn the_real_audit_reconciled(report: &dev::Report, text: &str) {
+    let audit = report.audit.as_ref().expect("the scenario ran an audit");
+    assert_eq!(
+        audit.outcome,
+        Some(meshline::api::AuditOutcome::Reconciled),
+        "{text}"
+    );
+    assert_eq!(audit.crm.count as usize, report.deals_closed, "{text}");
+    assert_eq!(audit.erp.count as usize, report.erp_orders, "{text}");
+    assert_eq!(audit.matched as usize, report.erp_orders, "{text}");
+    assert_eq!(audit.unexplained, 0, "{text}");
+    let explained: i64 = audit.explained.values().sum();
+    assert_eq!(
+        explained as usize,
+        report.explained.len(),
+        "each missing order is explained by the ledger: {text}"
+    );
+    assert!(
+        text.contains(&format!("reconciliation audit (run {})", audit.run)),
+        "{text}"
+    );
+}
+
+/// The operations page `meshline dev` serves reads the running worker: the flow, its counts and the audit.
+async fn the_page_shows_the_flow_and_its_audit(env: &dev::DevEnv, report: &dev::Report) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let page = tokio::spawn(meshline::ops_page::serve(
+        listener,
+        std::sync::Arc::new(env.page_backend()),
+    ));
+    let body = reqwest::get(format!("http://{addr}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    page.abort();
+    let audit = report.audit.as_ref().unwrap();
+    assert!(body.contains(&env.flow), "{body}");
+    assert!(
+        body.contains(&format!("reconciled (run {}", audit.run)),
+        "the page shows the last audit: {body}"
+    );
+    assert!(
+        body.contains(&format!(
+            "CRM {} · ERP {}",
+            audit.crm.count, audit.erp.count
+        )),
+        "{body}"
+    );
+    assert!(!body.contains("@customer"), "no PII on the page: {body}");
 }
 
 /// The run's exceptions are tickets routed to named owners, delivered (signed) to the local receiver, one

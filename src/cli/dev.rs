@@ -24,6 +24,10 @@ pub struct DevArgs {
     /// The worker's operations port (status, records, dead letters, holds, metrics; asks for the token).
     #[arg(long, default_value_t = 8081)]
     pub ops_port: u16,
+    /// The operations web page's port (flows, exceptions by owner, held records with approve and reject,
+    /// dead letters with replay by reason), on 127.0.0.1 only.
+    #[arg(long, default_value_t = 8090)]
+    pub page_port: u16,
     /// Run a built-in scenario and report, instead of waiting for you to poke at it.
     #[arg(long, value_parser = ["default"])]
     pub scenario: Option<String>,
@@ -66,6 +70,19 @@ pub fn dev(args: DevArgs) -> ExitCode {
         eprintln!("  ERP        http://{}   (NetSuite-style REST stand-in: records, SuiteQL; GET /sim/orders)", env.erp_addr);
         eprintln!("  tickets    http://{}/sinks/<sink>   (local webhook receiving every roster ticket sink's tickets, signature checked)", env.tickets_addr);
         eprintln!("  API token in {}", env.token_file().display());
+        // The operations page, as the controller serves it, reading this worker directly.
+        let page = match tokio::net::TcpListener::bind(("127.0.0.1", args.page_port)).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                eprintln!("error: --page-port {}: cannot listen on 127.0.0.1:{}: {e}", args.page_port, args.page_port);
+                env.shutdown().await;
+                return ExitCode::from(2);
+            }
+        };
+        let page_url = page.local_addr().map(|a| format!("http://{a}/")).unwrap_or_default();
+        let backend = env.page_backend();
+        let page_task = tokio::spawn(crate::ops_page::serve(page, std::sync::Arc::new(backend)));
+        eprintln!("  page       {page_url}   (operations page: flows, exceptions by owner, approve or reject held records with your personal token)");
         let code = match args.scenario {
             Some(_) => {
                 use std::io::IsTerminal;
@@ -99,6 +116,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
                 eprintln!("  send deals:   meshline sim crm --target {}/webhook --secret {secret} --records 20", env.webhook_url());
                 eprintln!("  dead letters: meshline dlq list --url {} --token-file {}", env.ops_url(), env.token_file().display());
                 eprintln!("  tickets:      meshline ticket list {} --url {} --token-file {}", env.flow, env.ops_url(), env.token_file().display());
+                eprintln!("  audit:        meshline audit {} --url {} --token-file {}", env.flow, env.ops_url(), env.token_file().display());
                 // Shown as the first owner who approves anything, with that owner's generated token.
                 let approver = env.rendered.roster.as_ref().and_then(|r| {
                     r.spec.owners.iter().find(|o| !o.approver_roles.is_empty()).map(|o| o.id.clone())
@@ -116,6 +134,7 @@ pub fn dev(args: DevArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
         };
+        page_task.abort();
         env.shutdown().await;
         code
     })

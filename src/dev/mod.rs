@@ -164,6 +164,20 @@ impl DevEnv {
         Credentials::new(Some(&self.state_dir.join("secrets").join(name)), "sink")
     }
 
+    /// The operations page's view of this run, as the controller's page shows a cluster's flows: the
+    /// worker read directly through its operations port with the worker's token, the roster for the
+    /// exceptions by owner. Approvals typed into the page are forwarded with the person's own token.
+    pub fn page_backend(&self) -> crate::ops_page::DirectBackend {
+        crate::ops_page::DirectBackend::new(
+            vec![crate::ops_page::DirectFlow {
+                flow: self.rendered.flow.clone(),
+                ops_url: self.ops_url(),
+                token_file: self.token_file(),
+            }],
+            self.rendered.roster.clone().into_iter().collect(),
+        )
+    }
+
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.erp_task.abort();

@@ -67,8 +67,12 @@ pub struct Report {
     pub approvals: usize,
     /// Webhook deliveries the ledger recognised as ones it already had.
     pub duplicates: u64,
+    /// What the real reconciliation audit left unexplained (its ids), or why it could not reconcile.
     pub unexplained: Vec<String>,
+    /// The ledger's reason for each deal the ERP does not have (the detail behind the audit's counts).
     pub explained: Vec<Explained>,
+    /// The reconciliation audit the worker ran at the end, as the nightly CronJob asks for it.
+    pub audit: Option<crate::api::FlowAuditStatus>,
     /// The worker's operations port.
     pub ops_url: String,
     /// The file with the token the operations port asks for.
@@ -190,13 +194,39 @@ impl fmt::Display for Report {
         } else {
             "NOT RECONCILED"
         };
-        writeln!(
-            f,
-            "  reconciliation: {} deals closed in the CRM, {} orders in the ERP, {} explained differences: {verdict}",
-            self.deals_closed,
-            self.erp_orders,
-            self.explained.len()
-        )?;
+        match &self.audit {
+            Some(a) => {
+                let totals = |t: &std::collections::BTreeMap<String, String>| {
+                    t.iter()
+                        .map(|(c, v)| format!("{v} {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let explained = a
+                    .explained
+                    .iter()
+                    .map(|(k, n)| format!("{n} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                writeln!(
+                    f,
+                    "  reconciliation audit (run {}): {} deals closed in the CRM ({}), {} orders in the ERP ({}), {} matched, explained: {}, unexplained: {}: {verdict}",
+                    a.run,
+                    a.crm.count,
+                    totals(&a.crm.totals),
+                    a.erp.count,
+                    totals(&a.erp.totals),
+                    a.matched,
+                    if explained.is_empty() {
+                        "none".into()
+                    } else {
+                        explained
+                    },
+                    a.unexplained
+                )?;
+            }
+            None => writeln!(f, "  reconciliation audit: did not run: {verdict}")?,
+        }
         for e in &self.explained {
             writeln!(
                 f,
@@ -210,7 +240,7 @@ impl fmt::Display for Report {
         for u in &self.unexplained {
             writeln!(
                 f,
-                "    ! {u}: closed in the CRM, not in the ERP, and not held or dead-lettered"
+                "    ! {u}: a difference between CRM and ERP the ledger does not explain"
             )?;
         }
         if !self.contract_changes.is_empty() {
@@ -817,8 +847,48 @@ async fn progress(env: &DevEnv, bar: &ProgressBar) {
     }
 }
 
-/// CRM deals vs ERP orders, every difference explained by the ledger.
+/// Runs the real reconciliation audit through the worker's operations API, as the nightly CronJob does
+/// (`meshline audit FLOW`), and waits for its result.
+async fn audit(env: &DevEnv) -> Result<crate::api::FlowAuditStatus, DevError> {
+    let url = format!("{}/audit/runs", env.ops_url());
+    let answer = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .map_err(|e| DevError::Scenario(format!("{url}: {e}")))?;
+    let code = answer.status();
+    let body: Value = answer
+        .json()
+        .await
+        .map_err(|e| DevError::Scenario(format!("{url}: {e}")))?;
+    let Some(run) = body["run"].as_i64().filter(|_| code.is_success()) else {
+        return Err(DevError::Scenario(format!(
+            "POST {url} answered {code}: {body}"
+        )));
+    };
+    // A safety net against a run that never ends, not a verdict: the audit's own retries end a run first.
+    let give_up = Instant::now() + Duration::from_secs(600);
+    loop {
+        let view: crate::worker::audit_routes::AuditRunView =
+            serde_json::from_value(get(env, &format!("/audit/runs/{run}")).await?)
+                .map_err(|e| DevError::Scenario(format!("/audit/runs/{run}: {e}")))?;
+        if let (true, Some(result)) = (view.state == "finished", view.result) {
+            return Ok(result);
+        }
+        if Instant::now() > give_up {
+            return Err(DevError::Scenario(format!(
+                "audit run {run} still running after 10 minutes ({} CRM pages, {} ERP pages read)",
+                view.crm.pages, view.erp.pages
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// CRM deals vs ERP orders: the audit's verdict, and the ledger's reason for each deal the ERP lacks.
 async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<Report, DevError> {
+    let audit = audit(env).await?;
     let closed = env
         .crm
         .closed
@@ -911,8 +981,23 @@ async fn reconcile(env: &DevEnv, approvals: usize, started: Instant) -> Result<R
         status: status(env).await?,
         approvals,
         duplicates: env.worker.pipeline.metrics.duplicates.get() + env.retired_duplicates,
-        unexplained,
+        unexplained: match audit.outcome {
+            Some(crate::api::AuditOutcome::Reconciled) => Vec::new(),
+            Some(crate::api::AuditOutcome::Partial) => vec![format!(
+                "audit run {} is partial: {}",
+                audit.run,
+                audit.partial_reason.clone().unwrap_or_default()
+            )],
+            _ if audit.unexplained_ids.is_empty() => {
+                vec![format!(
+                    "audit run {}: {} unexplained",
+                    audit.run, audit.unexplained
+                )]
+            }
+            _ => audit.unexplained_ids.clone(),
+        },
         explained,
+        audit: Some(audit),
         ops_url: env.ops_url(),
         token_file: env.token_file().display().to_string(),
         elapsed_seconds: started.elapsed().as_secs_f64(),

@@ -187,6 +187,9 @@ pub fn fold_worker_status(flow: &mut SyncFlow, s: &crate::worker::api::WorkerSta
     if s.tickets.is_some() {
         status.tickets = s.tickets.clone();
     }
+    if s.audit.is_some() {
+        status.audit = s.audit.clone();
+    }
 }
 
 #[async_trait::async_trait]
