@@ -293,8 +293,7 @@ impl OrderQuery for SalesforceQuery {
                 }
                 400 if !self.currency_configured
                     && !asked_without_currency
-                    && body.contains("INVALID_FIELD")
-                    && body.contains(DEFAULT_CURRENCY_FIELD) =>
+                    && lacks_currency_field(&body) =>
                 {
                     asked_without_currency = true;
                     self.single_currency.store(true, Ordering::Relaxed);
@@ -316,6 +315,21 @@ impl OrderQuery for SalesforceQuery {
     }
 }
 
+/// Whether a 400 answer says the org has no `CurrencyIsoCode` column (multi-currency off): an `INVALID_FIELD`
+/// error whose message names that column, as Salesforce words it ("No such column 'CurrencyIsoCode' on
+/// entity 'Opportunity'"). Any other invalid field (a misspelt configured one, a field-level security
+/// refusal of `Amount`) is the user's to fix and must not be papered over by dropping the currency.
+fn lacks_currency_field(body: &str) -> bool {
+    let Ok(Value::Array(errors)) = serde_json::from_str::<Value>(body) else {
+        return false;
+    };
+    let column = format!("No such column '{DEFAULT_CURRENCY_FIELD}'");
+    errors.iter().any(|e| {
+        e["errorCode"] == "INVALID_FIELD"
+            && e["message"].as_str().is_some_and(|m| m.contains(&column))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +337,24 @@ mod tests {
     #[test]
     fn soql_literals_are_escaped() {
         assert_eq!(soql_escape(r"a'b\c"), r"a\'b\\c");
+    }
+
+    /// Salesforce echoes the query in the message, so "INVALID_FIELD" and "CurrencyIsoCode" both appear in
+    /// an answer about another field; only the missing currency column is the single-currency signal.
+    #[test]
+    fn only_a_missing_currency_column_means_a_single_currency_org() {
+        let answer = |column: &str| {
+            serde_json::json!([{
+                "message": format!("\nSELECT Id, Amount, CurrencyIsoCode FROM Opportunity WHERE IsWon = true\n                  ^\nERROR at Row:1:Column:12\nNo such column '{column}' on entity 'Opportunity'. If you are attempting to use a custom field, be sure to append the '__c' after the custom field name."),
+                "errorCode": "INVALID_FIELD"
+            }])
+            .to_string()
+        };
+        assert!(lacks_currency_field(&answer("CurrencyIsoCode")));
+        assert!(!lacks_currency_field(&answer("Amount")));
+        assert!(!lacks_currency_field(
+            &serde_json::json!([{"message": "No such column 'CurrencyIsoCode'", "errorCode": "MALFORMED_QUERY"}]).to_string()
+        ));
+        assert!(!lacks_currency_field("No such column 'CurrencyIsoCode' INVALID_FIELD"));
     }
 }
