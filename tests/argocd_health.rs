@@ -969,6 +969,43 @@ async fn roster_health_follows_its_accepted_condition_and_leaves_unowned_flows_t
     assert_health(&refused, "Degraded", "won-deals-to-odoo");
 }
 
+#[tokio::test]
+async fn a_roster_whose_audit_schedule_kubernetes_refuses_is_degraded_and_says_which_field() {
+    let mut w = World::running().await;
+    w.reconcile_roster().await;
+    assert_eq!(
+        condition(&w.roster_status, "AuditScheduled")["reason"],
+        "Scheduled"
+    );
+    w.roster.spec.audit = Some(meshline::api::AuditSchedule {
+        schedule: Some("0 2 * * *".into()),
+        time_zone: Some("Europe/Berlln".into()),
+        window: None,
+        suspend: false,
+    });
+    bump(&mut w.roster);
+    w.reconcile_roster().await;
+    let audit = condition(&w.roster_status, "AuditScheduled");
+    assert_eq!(audit["status"], "False");
+    assert_eq!(audit["reason"], "InvalidSchedule");
+    assert_health(
+        &w.roster_obj(),
+        "Degraded",
+        "spec.audit.timeZone: unknown time zone",
+    );
+    // Suspended on purpose is the owners' choice, not a fault.
+    let audit = w.roster.spec.audit.as_mut().unwrap();
+    audit.time_zone = Some("Europe/Berlin".into());
+    audit.suspend = true;
+    bump(&mut w.roster);
+    w.reconcile_roster().await;
+    assert_eq!(
+        condition(&w.roster_status, "AuditScheduled")["reason"],
+        "Suspended"
+    );
+    assert_health(&w.roster_obj(), "Healthy", "sync owner");
+}
+
 // --------------------------------------------------------------------------
 // One place of truth
 // --------------------------------------------------------------------------

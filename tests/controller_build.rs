@@ -1431,7 +1431,21 @@ fn the_audit_runs_nightly_in_a_pod_that_holds_only_the_flow_token() {
     );
     assert_eq!(labels["app.kubernetes.io/component"], "audit");
     let pod = template.spec.unwrap();
-    assert_eq!(pod.restart_policy.as_deref(), Some("OnFailure"));
+    // Differences found (exit 1) end the Job; a partial or failed attempt (exit 2) is retried in a new pod.
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    let rules = job.pod_failure_policy.as_ref().unwrap().rules.clone();
+    let fail_job = rules.iter().find(|r| r.action == "FailJob").unwrap();
+    let codes = fail_job.on_exit_codes.as_ref().unwrap();
+    assert_eq!(
+        (
+            codes.container_name.as_deref(),
+            codes.operator.as_str(),
+            codes.values.as_slice()
+        ),
+        (Some("audit"), "In", &[1][..])
+    );
+    assert!(rules.iter().any(|r| r.action == "Ignore"
+        && r.on_pod_conditions.as_ref().unwrap()[0].type_ == "DisruptionTarget"));
     assert_eq!(pod.automount_service_account_token, Some(false));
     let volumes: Vec<_> = pod
         .volumes
@@ -1486,6 +1500,15 @@ fn the_audit_follows_the_roster_schedule_and_stops_with_the_flow() {
     assert_eq!(spec.schedule, "30 5 * * 1-5");
     assert_eq!(spec.time_zone.as_deref(), Some("Europe/Berlin"));
     assert_eq!(spec.suspend, Some(false));
+
+    // A time zone the API server cannot load: no CronJob (the roster's condition says why), never a write
+    // the API server refuses.
+    roster.spec.audit.as_mut().unwrap().time_zone = Some("Europe/Berln".into());
+    assert!(desired_with_roster(&flow(), &roster).audit.is_none());
+    roster.spec.audit.as_mut().unwrap().time_zone = Some("Europe/Berlin".into());
+    roster.spec.audit.as_mut().unwrap().schedule = Some("0 2 * * 7".into());
+    assert!(desired_with_roster(&flow(), &roster).audit.is_none());
+    roster.spec.audit.as_mut().unwrap().schedule = Some("30 5 * * 1-5".into());
 
     roster.spec.audit.as_mut().unwrap().suspend = true;
     let suspended = desired_with_roster(&flow(), &roster).audit.unwrap();

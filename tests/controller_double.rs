@@ -142,9 +142,10 @@ async fn service_names_are_dns_1035_labels() {
 async fn cron_jobs_stop_at_52_characters_and_jobs_at_63() {
     let double = ApiDouble::new();
     let cron = Api::<CronJob>::namespaced(double.client(), NS);
-    let cj = |n: usize| CronJob {
-        metadata: meta(&"c".repeat(n)),
-        ..CronJob::default()
+    let cj = |n: usize| {
+        let mut c = valid_cron_job();
+        c.metadata = meta(&"c".repeat(n));
+        c
     };
     let s = refused(cron.create(&PostParams::default(), &cj(53)).await);
     assert_invalid(
@@ -159,6 +160,7 @@ async fn cron_jobs_stop_at_52_characters_and_jobs_at_63() {
     let jobs = Api::<Job>::namespaced(double.client(), NS);
     let job = |n: usize| Job {
         metadata: meta(&"j".repeat(n)),
+        spec: valid_cron_job().spec.unwrap().job_template.spec,
         ..Job::default()
     };
     let s = refused(jobs.create(&PostParams::default(), &job(64)).await);
@@ -169,6 +171,94 @@ async fn cron_jobs_stop_at_52_characters_and_jobs_at_63() {
         "must be no more than 63 characters",
     );
     jobs.create(&PostParams::default(), &job(63)).await.unwrap();
+}
+
+/// The smallest CronJob the API server takes: a schedule and a Job template whose pod never restarts.
+fn valid_cron_job() -> CronJob {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "audit"},
+        "spec": {
+            "schedule": "0 2 * * *",
+            "jobTemplate": {"spec": {"template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "audit", "image": "img:1"}]
+            }}}}
+        }
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn cron_jobs_are_refused_for_what_the_api_server_refuses() {
+    let double = ApiDouble::new();
+    let cron = Api::<CronJob>::namespaced(double.client(), NS);
+    let with = |patch: serde_json::Value| {
+        let mut c = serde_json::to_value(valid_cron_job()).unwrap();
+        json_patch(&mut c, patch);
+        serde_json::from_value::<CronJob>(c).unwrap()
+    };
+    let cases = [
+        (
+            serde_json::json!({"spec": {"timeZone": "Europe/Berln"}}),
+            "spec.timeZone",
+            "unknown time zone Europe/Berln",
+        ),
+        (
+            serde_json::json!({"spec": {"schedule": "CRON_TZ=UTC 0 2 * * *"}}),
+            "spec.schedule",
+            "use timeZone field instead",
+        ),
+        (
+            serde_json::json!({"spec": {"jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "Always"}}}}}}),
+            "spec.jobTemplate.spec.template.spec.restartPolicy",
+            "Unsupported value",
+        ),
+        (
+            serde_json::json!({"spec": {"jobTemplate": {"spec": {
+                "template": {"spec": {"restartPolicy": "OnFailure"}},
+                "podFailurePolicy": {"rules": [{"action": "FailJob",
+                    "onExitCodes": {"containerName": "audit", "operator": "In", "values": [1]}}]}
+            }}}}),
+            "spec.jobTemplate.spec.template.spec.restartPolicy",
+            "only \"Never\" is supported when podFailurePolicy is specified",
+        ),
+        (
+            serde_json::json!({"spec": {"jobTemplate": {"spec": {
+                "podFailurePolicy": {"rules": [{"action": "FailJob",
+                    "onExitCodes": {"containerName": "worker", "operator": "In", "values": [2, 1]}}]}
+            }}}}),
+            "spec.jobTemplate.spec.podFailurePolicy.rules[0].onExitCodes.containerName",
+            "must be one of the container",
+        ),
+    ];
+    for (i, (patch, field, message)) in cases.into_iter().enumerate() {
+        let mut c = with(patch);
+        c.metadata.name = Some(format!("audit-{i}"));
+        let s = refused(cron.create(&PostParams::default(), &c).await);
+        assert_invalid(&s, "CronJob", field, message);
+    }
+    let mut ok = with(
+        serde_json::json!({"spec": {"timeZone": "Europe/Berlin", "jobTemplate": {"spec": {
+            "podFailurePolicy": {"rules": [
+                {"action": "FailJob", "onExitCodes": {"containerName": "audit", "operator": "In", "values": [1]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+            ]}
+        }}}}),
+    );
+    ok.metadata.name = Some("audit-ok".into());
+    cron.create(&PostParams::default(), &ok).await.unwrap();
+}
+
+/// Merges `patch` into `target` (objects key by key, anything else replaced), as a JSON merge patch does.
+fn json_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                json_patch(t.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (t, p) => *t = p,
+    }
 }
 
 #[tokio::test]

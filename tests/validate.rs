@@ -432,6 +432,23 @@ fn references_between_objects_are_checked() {
     let report = closed_won_with("flow", "    - name: pricebook\n", "    - name: prices\n");
     assert_error(&report, "spec.lookups", "lookup \"pricebook\" is not bound");
 
+    // An audit schedule the API server would refuse for the flows' CronJobs.
+    let report = closed_won_with(
+        "roster",
+        "spec:\n",
+        "spec:\n  audit:\n    schedule: \"0 2 * * 7\"\n    timeZone: Europe/Berln\n",
+    );
+    assert_error(
+        &report,
+        "spec.audit.schedule",
+        "day of week: end of range (7)",
+    );
+    assert_error(
+        &report,
+        "spec.audit.timeZone",
+        "unknown time zone \"Europe/Berln\"",
+    );
+
     let report = closed_won_with("roster", "sinkOwner: marcus", "sinkOwner: nobody");
     assert_error(
         &report,

@@ -618,14 +618,42 @@ async fn poison_records_are_dead_lettered_with_reasons_and_replay_after_a_fix_de
         )
         .await;
     assert_eq!(denied.status(), 401);
+    // With a personal token the replay is in that owner's name: an unknown token is refused (not
+    // downgraded to the typed name), and so is a token that is someone else's than the stated actor.
+    let body = json!({"deadLetterReason": "erp:400", "actor": "marcus", "reason": "item created"});
+    for (identity, why) in [
+        ("not-anyones-token-4d1c88e2", "who decides is not known"),
+        (DANA, "is owner \"dana\"'s"),
+    ] {
+        let refused = h
+            .post_as(
+                "/dead-letters/replay",
+                body.clone(),
+                Some(TOKEN),
+                Some(identity),
+            )
+            .await;
+        assert_eq!(refused.status(), 403);
+        let answer: Value = refused.json().await.unwrap();
+        assert!(answer["error"].as_str().unwrap().contains(why), "{answer}");
+    }
+    assert_eq!(
+        counter(&h.status().await, "deadLettered"),
+        2,
+        "nothing replayed"
+    );
     let replay = h
-        .post(
+        .post_as(
             "/dead-letters/replay",
-            json!({"deadLetterReason": "erp:400", "actor": "marcus", "reason": "item created"}),
+            json!({"deadLetterReason": "erp:400", "reason": "item created"}),
             Some(TOKEN),
+            Some(MARCUS),
         )
         .await;
     assert_eq!(replay.status(), 200);
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["by"], "marcus", "{replay}");
+    assert_eq!(replay["replayed"].as_array().unwrap().len(), 1, "{replay}");
     let status = h
         .wait_for("replayed record delivered", |s| {
             counter(s, "delivered") == 21

@@ -5,6 +5,7 @@
 //!
 //! - [`compare`] (pure): matches deals and orders by external id; totals and differences.
 //! - [`explain`] (pure): one difference against the ledger's facts about its record.
+//! - [`schedule`] (pure): whether a roster's audit schedule and time zone are ones the API server takes.
 //! - [`run`]: the driver, a durable run in the ledger that survives a restart and is leased to one replica.
 //!
 //! It runs inside the worker, which has the flow's credentials, ledger and ticket outbox; `meshline audit`
@@ -14,3 +15,4 @@ pub mod compare;
 pub mod explain;
 pub mod key;
 pub mod run;
+pub mod schedule;

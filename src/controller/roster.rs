@@ -203,6 +203,66 @@ pub fn sinks_event(
     })
 }
 
+/// The roster's `AuditScheduled` condition: whether its flows' audit CronJobs run on `spec.audit`. False, with
+/// each field's reason, when the API server would refuse the schedule or time zone (the controller then
+/// writes no audit CronJob for the roster's flows rather than fail their reconciles).
+fn audit_condition(roster: &OwnershipRoster) -> Condition {
+    let audit = roster.spec.audit.clone().unwrap_or_default();
+    let problems = crate::audit::schedule::problems(&audit);
+    let (status, reason, message) = if !problems.is_empty() {
+        (
+            "False",
+            "InvalidSchedule",
+            format!(
+                "no flow of this roster is audited until this is fixed: {}",
+                problems
+                    .iter()
+                    .map(|(field, why)| format!("{field}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        )
+    } else {
+        let schedule = audit
+            .schedule
+            .as_deref()
+            .unwrap_or(crate::controller::flow::audit::DEFAULT_SCHEDULE);
+        let zone = audit
+            .time_zone
+            .as_deref()
+            .unwrap_or("the cluster's time zone");
+        let window = audit
+            .window
+            .as_ref()
+            .map_or_else(|| "168h".to_string(), |w| w.to_string());
+        if audit.suspend {
+            (
+                "False",
+                "Suspended",
+                format!(
+                    "spec.audit.suspend: the audit CronJobs of this roster's flows are suspended ({schedule:?}, {zone})"
+                ),
+            )
+        } else {
+            (
+                "True",
+                "Scheduled",
+                format!(
+                    "the flows are audited on {schedule:?} ({zone}) over the last {window}, each by its CronJob meshline-audit-<flow>"
+                ),
+            )
+        }
+    };
+    Condition {
+        r#type: "AuditScheduled".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: roster.metadata.generation,
+        last_transition_time: None,
+    }
+}
+
 /// The roster's next status. Pure.
 pub fn compute(
     roster: &OwnershipRoster,
@@ -261,7 +321,11 @@ pub fn compute(
     };
     OwnershipRosterStatus {
         observed_generation: roster.metadata.generation,
-        conditions: carry_transition_times(&old.conditions, vec![condition, sinks], now),
+        conditions: carry_transition_times(
+            &old.conditions,
+            vec![condition, sinks, audit_condition(roster)],
+            now,
+        ),
         owner_count: i32::try_from(roster.spec.owners.len()).unwrap_or(i32::MAX),
         covered_flow_count: i32::try_from(mine.len()).unwrap_or(i32::MAX),
         covered_flows: mine.into_iter().collect(),

@@ -433,8 +433,9 @@ pub fn flow_view(
             "</ul><form method=\"post\" action=\"{}\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
              <input type=\"hidden\" name=\"dead_letter_reason\" value=\"{}\">\
-             <label>You (owner id) <input name=\"actor\" required maxlength=\"200\"></label> \
              <label>Why <input name=\"reason\" required maxlength=\"1000\"></label> \
+             <label>Your personal token <input type=\"password\" name=\"identity\" required \
+             autocomplete=\"off\"></label> \
              <button type=\"submit\">Replay all with this reason</button></form></section>",
             escape(&format!("{base}/dead-letters/replay")),
             escape(csrf),

@@ -294,7 +294,8 @@ async fn decide(
 struct ReplayForm {
     csrf: String,
     dead_letter_reason: String,
-    actor: String,
+    /// The person's personal token: the worker records the replay in the name of the owner it names.
+    identity: String,
     reason: String,
 }
 
@@ -319,9 +320,16 @@ async fn replay_by_reason(
         tracing::warn!(flow = %flow, "ops page: a form post failed the same-origin or CSRF check");
         return refused(StatusCode::FORBIDDEN, "Refused", &why);
     }
+    let identity = form.identity.trim();
+    if identity.is_empty() {
+        return refused(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "identity: your personal token is required to replay",
+        );
+    }
     let body = json!({
         "deadLetterReason": form.dead_letter_reason,
-        "actor": form.actor,
         "reason": form.reason,
     });
     let reply = state
@@ -330,7 +338,7 @@ async fn replay_by_reason(
             &flow,
             http::Method::POST,
             "/dead-letters/replay",
-            None,
+            Some(identity),
             Some(body.to_string().into_bytes()),
         )
         .await;
@@ -577,6 +585,56 @@ mod tests {
             calls.contains(&(
                 "POST /records/7/approve".to_string(),
                 Some("marcus-personal-token-7f3a9c21".to_string())
+            )),
+            "{calls:?}"
+        );
+    }
+
+    /// Replay by reason is done in a named person's name: without their token the page refuses it; with it
+    /// the token travels as the identity (the worker checks it and records that owner), never a typed name.
+    #[tokio::test]
+    async fn a_replay_by_reason_needs_the_persons_token_and_forwards_it_as_the_identity() {
+        let (base, backend) = serve_hostile().await;
+        let http = reqwest::Client::new();
+        let (cookie, token) = form_credentials(&http, &base).await;
+        let replay = format!("{base}/flows/sales/closed-won/dead-letters/replay");
+        let post = |identity: &'static str| {
+            http.post(&replay)
+                .header("origin", base.clone())
+                .header("sec-fetch-site", "same-origin")
+                .header("cookie", &cookie)
+                .form(&[
+                    ("csrf", token.as_str()),
+                    ("dead_letter_reason", "erp:400"),
+                    ("identity", identity),
+                    ("reason", "the ERP's item is fixed"),
+                ])
+                .send()
+        };
+        let tokenless = post("  ").await.unwrap();
+        assert_eq!(tokenless.status(), 400);
+        assert!(tokenless.text().await.unwrap().contains("personal token"));
+        assert!(
+            backend
+                .calls
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(c, _)| !c.starts_with("POST")),
+            "a replay without a person reached the worker"
+        );
+        assert_eq!(
+            post("priya-personal-token-99c1e0aa")
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let calls = backend.calls.lock().unwrap().clone();
+        assert!(
+            calls.contains(&(
+                "POST /dead-letters/replay".to_string(),
+                Some("priya-personal-token-99c1e0aa".to_string())
             )),
             "{calls:?}"
         );

@@ -176,6 +176,15 @@ fn roster_ids(roster: &Located<OwnershipRoster>, issues: &mut Vec<super::Issue>)
             ));
         }
     }
+    // The API server would refuse the flows' audit CronJobs; the controller writes none for such a roster.
+    for (field, why) in spec
+        .audit
+        .as_ref()
+        .map(crate::audit::schedule::problems)
+        .unwrap_or_default()
+    {
+        issues.push(roster.issue(Severity::Error, field, why));
+    }
     for (i, route) in spec.routes.iter().enumerate() {
         if let Some(sink) = &route.ticket_sink
             && !sinks.contains(sink.as_str())

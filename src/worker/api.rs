@@ -799,6 +799,8 @@ async fn holds(
 /// Who acts and why: recorded as a manual intervention.
 #[derive(Debug, Deserialize)]
 pub struct Intervention {
+    /// Who acts; may be left out when the identity header names them.
+    #[serde(default)]
     actor: String,
     #[serde(default)]
     reason: String,
@@ -808,21 +810,44 @@ pub struct Intervention {
 #[serde(rename_all = "camelCase")]
 pub struct BulkReplay {
     dead_letter_reason: String,
+    /// Who acts; may be left out when the identity header names them.
+    #[serde(default)]
     actor: String,
     #[serde(default)]
     reason: String,
 }
 
-/// Refuses a mutation without the token or without a named actor; `None` lets it through.
-fn guard(state: &ApiState, headers: &HeaderMap, actor: &str) -> Option<Response> {
-    authorised(state, headers).or_else(|| {
-        (actor.trim().is_empty() || actor.len() > 200).then(|| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "actor: who acts is required (1 to 200 characters)",
-            )
-        })
-    })
+/// Who a manual intervention is by, after the flow's token. With a personal token in the identity header
+/// (the operations page always sends one) it is the roster owner that token names, and a differing stated
+/// `actor` is refused rather than recorded; without one it is the `actor` stated, which the flow's token
+/// alone vouches for (the CLI's way, for whoever holds that token). An unknown token is refused, never
+/// downgraded to the stated name.
+fn actor_of(state: &ApiState, headers: &HeaderMap, stated: &str) -> Result<String, Response> {
+    if let Some(refused) = authorised(state, headers) {
+        return Err(refused);
+    }
+    let stated = stated.trim();
+    if headers.contains_key(super::identity::IDENTITY_HEADER) {
+        let owner = person(state, headers).map_err(|refusal| {
+            tracing::warn!(flow = %state.pipeline.flow, refusal = refusal.label(), "refused an intervention");
+            error(StatusCode::FORBIDDEN, refusal.message())
+        })?;
+        if !stated.is_empty() && stated != owner.id {
+            let refusal = IdentityRefusal::ByMismatch {
+                owner: owner.id.clone(),
+                by: stated.to_string(),
+            };
+            return Err(error(StatusCode::FORBIDDEN, refusal.message()));
+        }
+        return Ok(owner.id);
+    }
+    if stated.is_empty() || stated.len() > 200 {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "actor: who acts is required (1 to 200 characters)",
+        ));
+    }
+    Ok(stated.to_string())
 }
 
 fn ledger_error(e: crate::ledger::LedgerError) -> Response {
@@ -842,29 +867,6 @@ fn ledger_error(e: crate::ledger::LedgerError) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     error(status, text)
-}
-
-/// Runs one manual intervention after checking the token and the actor, and wakes the pipeline.
-async fn intervene<F>(
-    state: &ApiState,
-    headers: &HeaderMap,
-    actor: &str,
-    action: F,
-    done: Value,
-) -> Response
-where
-    F: std::future::Future<Output = Result<(), crate::ledger::LedgerError>>,
-{
-    if let Some(r) = guard(state, headers, actor) {
-        return r;
-    }
-    match action.await {
-        Ok(()) => {
-            state.pipeline.wake.notify_one();
-            Json(done).into_response()
-        }
-        Err(e) => ledger_error(e),
-    }
 }
 
 /// A person's decision on a held record. Who decides is the owner their identity token names; `by` only
@@ -1177,16 +1179,22 @@ async fn replay_one(
     Path(id): Path<i64>,
     Json(body): Json<Intervention>,
 ) -> Response {
-    let ledger = state.pipeline.ledger.clone();
-    let done = json!({ "replayed": [id] });
-    intervene(
-        &state,
-        &headers,
-        &body.actor,
-        ledger.replay_dead_letter(RecordId(id), &body.actor, &body.reason),
-        done,
-    )
-    .await
+    let actor = match actor_of(&state, &headers, &body.actor) {
+        Ok(actor) => actor,
+        Err(refused) => return refused,
+    };
+    match state
+        .pipeline
+        .ledger
+        .replay_dead_letter(RecordId(id), &actor, &body.reason)
+        .await
+    {
+        Ok(()) => {
+            state.pipeline.wake.notify_one();
+            Json(json!({ "replayed": [id], "by": actor })).into_response()
+        }
+        Err(e) => ledger_error(e),
+    }
 }
 
 async fn replay_by_reason(
@@ -1194,18 +1202,20 @@ async fn replay_by_reason(
     headers: HeaderMap,
     Json(body): Json<BulkReplay>,
 ) -> Response {
-    if let Some(r) = guard(&state, &headers, &body.actor) {
-        return r;
-    }
+    let actor = match actor_of(&state, &headers, &body.actor) {
+        Ok(actor) => actor,
+        Err(refused) => return refused,
+    };
     match state
         .pipeline
         .ledger
-        .replay_dead_letters_by_reason(&body.dead_letter_reason, &body.actor, &body.reason)
+        .replay_dead_letters_by_reason(&body.dead_letter_reason, &actor, &body.reason)
         .await
     {
         Ok(ids) => {
             state.pipeline.wake.notify_one();
-            Json(json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>() })).into_response()
+            Json(json!({ "replayed": ids.iter().map(|i| i.0).collect::<Vec<_>>(), "by": actor }))
+                .into_response()
         }
         Err(e) => ledger_error(e),
     }

@@ -1156,6 +1156,12 @@ pub mod rules {
         if let Some(pod) = body["spec"]["template"].get("spec") {
             pod_spec("spec.template.spec", pod, &mut out);
         }
+        if kind == "Job" {
+            job_spec("spec", &body["spec"], &mut out);
+        }
+        if kind == "CronJob" {
+            cron_job_spec(&body["spec"], &mut out);
+        }
         if kind == "Service" {
             labels("spec.selector", body["spec"].get("selector"), &mut out);
             for (i, port) in items(&body["spec"]["ports"]) {
@@ -1242,6 +1248,180 @@ pub mod rules {
             }
         }
         out
+    }
+
+    /// A CronJob's own fields (`ValidateCronJobSpec`) and its Job template's.
+    fn cron_job_spec(spec: &Value, out: &mut Vec<Cause>) {
+        let schedule = str_of(&spec["schedule"]);
+        if schedule.is_empty() {
+            out.push(required("spec.schedule"));
+        } else if schedule.contains("TZ") {
+            out.push(invalid_value(
+                "spec.schedule",
+                schedule,
+                "cannot use TZ or CRON_TZ in schedule, use timeZone field instead",
+            ));
+        } else if !schedule.starts_with('@') && schedule.split_whitespace().count() != 5 {
+            out.push(invalid_value(
+                "spec.schedule",
+                schedule,
+                &format!(
+                    "expected exactly 5 fields, found {}: {schedule}",
+                    schedule.split_whitespace().count()
+                ),
+            ));
+        }
+        // `time.LoadLocation`: a file of the zoneinfo database, by its exact name.
+        if let Some(zone) = spec["timeZone"].as_str() {
+            // scripts/test installs tzdata; without it every named zone would be refused, loudly.
+            let known = std::path::Path::new("/usr/share/zoneinfo").join(zone);
+            if zone.eq_ignore_ascii_case("local")
+                || zone.contains("..")
+                || zone.starts_with('/')
+                || !known.is_file()
+            {
+                out.push(invalid_value(
+                    "spec.timeZone",
+                    zone,
+                    &format!("unknown time zone {zone}"),
+                ));
+            }
+        }
+        if let Some(policy) = spec["concurrencyPolicy"].as_str()
+            && !["Allow", "Forbid", "Replace"].contains(&policy)
+        {
+            out.push(not_supported(
+                "spec.concurrencyPolicy",
+                policy,
+                &["Allow", "Forbid", "Replace"],
+            ));
+        }
+        let template = &spec["jobTemplate"];
+        labels(
+            "spec.jobTemplate.metadata.labels",
+            template["metadata"].get("labels"),
+            out,
+        );
+        let job = &template["spec"];
+        labels(
+            "spec.jobTemplate.spec.template.metadata.labels",
+            job["template"]["metadata"].get("labels"),
+            out,
+        );
+        annotations(
+            "spec.jobTemplate.spec.template.metadata.annotations",
+            job["template"]["metadata"].get("annotations"),
+            out,
+        );
+        if let Some(pod) = job["template"].get("spec") {
+            pod_spec("spec.jobTemplate.spec.template.spec", pod, out);
+        }
+        job_spec("spec.jobTemplate.spec", job, out);
+    }
+
+    /// A Job's restart policy and pod failure policy (`validateJobSpec`, `validatePodFailurePolicy`).
+    fn job_spec(at: &str, job: &Value, out: &mut Vec<Cause>) {
+        let pod = &job["template"]["spec"];
+        let restart = str_of(&pod["restartPolicy"]);
+        if !["OnFailure", "Never"].contains(&restart) {
+            out.push(not_supported(
+                &format!("{at}.template.spec.restartPolicy"),
+                restart,
+                &["OnFailure", "Never"],
+            ));
+        }
+        let Some(policy) = job.get("podFailurePolicy").filter(|p| !p.is_null()) else {
+            return;
+        };
+        if restart != "Never" {
+            out.push(invalid_value(
+                &format!("{at}.template.spec.restartPolicy"),
+                restart,
+                "only \"Never\" is supported when podFailurePolicy is specified",
+            ));
+        }
+        let containers: Vec<&str> = items(&pod["containers"])
+            .chain(items(&pod["initContainers"]))
+            .map(|(_, c)| str_of(&c["name"]))
+            .collect();
+        for (i, rule) in items(&policy["rules"]) {
+            let r = format!("{at}.podFailurePolicy.rules[{i}]");
+            let action = str_of(&rule["action"]);
+            if !["FailJob", "FailIndex", "Ignore", "Count"].contains(&action) {
+                out.push(not_supported(
+                    &format!("{r}.action"),
+                    action,
+                    &["Count", "FailIndex", "FailJob", "Ignore"],
+                ));
+            }
+            let codes = rule.get("onExitCodes").filter(|c| !c.is_null());
+            let conditions = rule.get("onPodConditions").filter(|c| !c.is_null());
+            if codes.is_some() == conditions.is_some() {
+                out.push(invalid_value(
+                    &r,
+                    "",
+                    "specifying one of onExitCodes and onPodConditions is required",
+                ));
+            }
+            if let Some(codes) = codes {
+                let f = format!("{r}.onExitCodes");
+                let name = codes["containerName"].as_str();
+                if let Some(name) = name
+                    && !containers.contains(&name)
+                {
+                    out.push(invalid_value(
+                        &format!("{f}.containerName"),
+                        name,
+                        "must be one of the container or initContainer names in the pod template",
+                    ));
+                }
+                let op = str_of(&codes["operator"]);
+                if !["In", "NotIn"].contains(&op) {
+                    out.push(not_supported(
+                        &format!("{f}.operator"),
+                        op,
+                        &["In", "NotIn"],
+                    ));
+                }
+                let values: Vec<i64> = items(&codes["values"])
+                    .filter_map(|(_, v)| v.as_i64())
+                    .collect();
+                if values.is_empty() || values.len() > 255 {
+                    out.push(invalid_value(
+                        &format!("{f}.values"),
+                        "",
+                        "must have at least one value and at most 255",
+                    ));
+                }
+                if op == "In" && values.contains(&0) {
+                    out.push(invalid_value(
+                        &format!("{f}.values"),
+                        "0",
+                        "must not be 0 for the In operator",
+                    ));
+                }
+                if values.windows(2).any(|w| w[0] >= w[1]) {
+                    out.push(invalid_value(
+                        &format!("{f}.values"),
+                        "",
+                        "must be ordered and unique",
+                    ));
+                }
+            }
+            for (j, c) in conditions.map(|c| items(c)).into_iter().flatten() {
+                let status = str_of(&c["status"]);
+                if !["True", "False", "Unknown"].contains(&status) {
+                    out.push(not_supported(
+                        &format!("{r}.onPodConditions[{j}].status"),
+                        status,
+                        &["False", "True", "Unknown"],
+                    ));
+                }
+                if str_of(&c["type"]).is_empty() {
+                    out.push(required(&format!("{r}.onPodConditions[{j}].type")));
+                }
+            }
+        }
     }
 
     fn items(list: &Value) -> impl Iterator<Item = (usize, &Value)> {

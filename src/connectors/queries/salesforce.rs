@@ -355,6 +355,8 @@ mod tests {
         assert!(!lacks_currency_field(
             &serde_json::json!([{"message": "No such column 'CurrencyIsoCode'", "errorCode": "MALFORMED_QUERY"}]).to_string()
         ));
-        assert!(!lacks_currency_field("No such column 'CurrencyIsoCode' INVALID_FIELD"));
+        assert!(!lacks_currency_field(
+            "No such column 'CurrencyIsoCode' INVALID_FIELD"
+        ));
     }
 }

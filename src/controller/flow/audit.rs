@@ -9,7 +9,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::batch::v1::{CronJob, CronJobSpec, JobSpec, JobTemplateSpec};
+use k8s_openapi::api::batch::v1::{
+    CronJob, CronJobSpec, JobSpec, JobTemplateSpec, PodFailurePolicy,
+    PodFailurePolicyOnExitCodesRequirement, PodFailurePolicyOnPodConditionsPattern,
+    PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{EmptyDirVolumeSource, ResourceRequirements, Volume, VolumeMount};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -64,6 +68,14 @@ pub fn cron_job(
     if unauditable(flow).is_some() {
         return Ok(None);
     }
+    // A schedule the API server would refuse: no audit rather than a refused write that fails the flow's
+    // whole reconcile; the roster's `AuditScheduled` condition says why.
+    if roster
+        .and_then(|r| r.spec.audit.as_ref())
+        .is_some_and(|s| !crate::audit::schedule::problems(s).is_empty())
+    {
+        return Ok(None);
+    }
     let flow_name = flow.metadata.name.clone().unwrap_or_default();
     let ns = flow.metadata.namespace.clone().unwrap_or_default();
     let schedule = roster.and_then(|r| r.spec.audit.as_ref());
@@ -82,7 +94,10 @@ pub fn cron_job(
         .spec
         .as_mut()
         .ok_or("the worker pod template has no spec")?;
-    pod.restart_policy = Some("OnFailure".into());
+    // Never restarted in place: each attempt is a pod of its own, so the Job's pod failure policy can tell
+    // an audit that found differences (exit 1: final, the ticket has them) from one that could not finish
+    // (exit 2: retried, and the retry joins the run where it stopped).
+    pod.restart_policy = Some("Never".into());
     pod.termination_grace_period_seconds = Some(10);
     // The token and a scratch directory; no config, no ledger, no credentials.
     pod.volumes = Some(
@@ -174,6 +189,7 @@ pub fn cron_job(
                 }),
                 spec: Some(JobSpec {
                     backoff_limit: Some(BACKOFF_LIMIT),
+                    pod_failure_policy: Some(pod_failure_policy()),
                     active_deadline_seconds: Some(ACTIVE_DEADLINE_SECONDS),
                     template,
                     ..JobSpec::default()
@@ -182,6 +198,33 @@ pub fn cron_job(
         }),
         ..CronJob::default()
     }))
+}
+
+/// Exit 1 (`meshline audit`: the audit finished with unexplained differences) fails the Job at once: running
+/// it again would find the same differences. A pod evicted or preempted (`DisruptionTarget`) is not counted
+/// against the retries. Anything else (exit 2: partial, unreachable worker) is retried up to the backoff limit.
+fn pod_failure_policy() -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "FailJob".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some("audit".into()),
+                    operator: "In".into(),
+                    values: vec![1],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+            },
+        ],
+    }
 }
 
 /// The audit pods' labels.
