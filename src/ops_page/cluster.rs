@@ -25,7 +25,8 @@ pub struct ClusterBackend {
 impl OpsBackend for ClusterBackend {
     fn unavailable(&self) -> Option<String> {
         (!self.leading.load(std::sync::atomic::Ordering::Relaxed)).then(|| {
-            "this controller replica is a standby (or still waiting for the CRDs): only the leader serves              the operations page; port-forward to the leader's pod (the holder of the leader Lease)"
+            "this controller replica is a standby (or still waiting for the CRDs): only the leader serves \
+             the operations page; port-forward to the leader's pod (the holder of the leader Lease)"
                 .to_string()
         })
     }
