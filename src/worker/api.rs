@@ -822,30 +822,30 @@ pub struct BulkReplay {
 /// `actor` is refused rather than recorded; without one it is the `actor` stated, which the flow's token
 /// alone vouches for (the CLI's way, for whoever holds that token). An unknown token is refused, never
 /// downgraded to the stated name.
-fn actor_of(state: &ApiState, headers: &HeaderMap, stated: &str) -> Result<String, Response> {
+fn actor_of(state: &ApiState, headers: &HeaderMap, stated: &str) -> Result<String, Box<Response>> {
     if let Some(refused) = authorised(state, headers) {
-        return Err(refused);
+        return Err(Box::new(refused));
     }
     let stated = stated.trim();
     if headers.contains_key(super::identity::IDENTITY_HEADER) {
         let owner = person(state, headers).map_err(|refusal| {
             tracing::warn!(flow = %state.pipeline.flow, refusal = refusal.label(), "refused an intervention");
-            error(StatusCode::FORBIDDEN, refusal.message())
+            Box::new(error(StatusCode::FORBIDDEN, refusal.message()))
         })?;
         if !stated.is_empty() && stated != owner.id {
             let refusal = IdentityRefusal::ByMismatch {
                 owner: owner.id.clone(),
                 by: stated.to_string(),
             };
-            return Err(error(StatusCode::FORBIDDEN, refusal.message()));
+            return Err(Box::new(error(StatusCode::FORBIDDEN, refusal.message())));
         }
         return Ok(owner.id);
     }
     if stated.is_empty() || stated.len() > 200 {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "actor: who acts is required (1 to 200 characters)",
-        ));
+        )));
     }
     Ok(stated.to_string())
 }
@@ -1181,7 +1181,7 @@ async fn replay_one(
 ) -> Response {
     let actor = match actor_of(&state, &headers, &body.actor) {
         Ok(actor) => actor,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     match state
         .pipeline
@@ -1204,7 +1204,7 @@ async fn replay_by_reason(
 ) -> Response {
     let actor = match actor_of(&state, &headers, &body.actor) {
         Ok(actor) => actor,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     match state
         .pipeline

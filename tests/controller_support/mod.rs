@@ -1408,7 +1408,7 @@ pub mod rules {
                     ));
                 }
             }
-            for (j, c) in conditions.map(|c| items(c)).into_iter().flatten() {
+            for (j, c) in conditions.map(items).into_iter().flatten() {
                 let status = str_of(&c["status"]);
                 if !["True", "False", "Unknown"].contains(&status) {
                     out.push(not_supported(
