@@ -118,6 +118,42 @@ async fn approve(
     Json(json!({"record": id, "state": "validated", "approvedBy": "marcus"})).into_response()
 }
 
+/// The worker's replay-by-reason route as the real one decides who acts: with an identity token, the owner it
+/// names (Marcus's only; a different stated actor refused); without one, the stated actor.
+async fn replay(headers: HeaderMap, Json(body): Json<serde_json::Value>) -> Response {
+    if bearer(&headers) != FLOW_TOKEN {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "the flow's token is required"})),
+        )
+            .into_response();
+    }
+    let stated = body["actor"].as_str().unwrap_or_default();
+    let by = match headers
+        .get("x-meshline-identity")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(MARCUS_IDENTITY) if stated.is_empty() || stated == "marcus" => "marcus",
+        Some(_) => {
+            return (
+                StatusCode::FORBIDDEN,
+                Json(json!({"error": "who decides is not known: send your personal token"})),
+            )
+                .into_response();
+        }
+        None if !stated.is_empty() => stated,
+        None => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "actor: who acts is required"})),
+            )
+                .into_response();
+        }
+    };
+    assert_eq!(body["deadLetterReason"], "erp:400");
+    Json(json!({"replayed": [7], "by": by})).into_response()
+}
+
 async fn serve(app: Router) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -136,7 +172,8 @@ async fn stand() -> Stand {
     let worker = serve(
         Router::new()
             .route("/dead-letters", get(dead_letters))
-            .route("/records/{id}/approve", axum::routing::post(approve)),
+            .route("/records/{id}/approve", axum::routing::post(approve))
+            .route("/dead-letters/replay", axum::routing::post(replay)),
     )
     .await;
     let kubeconfig = tempfile::NamedTempFile::new().unwrap();
@@ -322,4 +359,69 @@ async fn a_person_approves_a_hold_in_their_own_name_and_a_refusal_exits_non_zero
     )
     .await;
     assert!(!ok, "there is no --identity-token option");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_by_reason_is_recorded_in_the_name_the_personal_token_proves() {
+    let s = stand().await;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), format!("{MARCUS_IDENTITY}\n")).unwrap();
+    let base = [
+        "dlq",
+        "replay",
+        "--url",
+        &s.worker,
+        "--flow",
+        FLOW,
+        "--reason",
+        "erp:400",
+        "--why",
+        "item created",
+    ];
+    // With the personal token, no --actor is needed: the worker names who replayed.
+    let (ok, out, err) = meshline(
+        &s,
+        &[
+            &base[..],
+            &["--identity-token-file", file.path().to_str().unwrap()],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("replayed: [7] by marcus"), "{out}");
+    // Someone else's token is the worker's refusal, with a non-zero exit.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), "somebody-elses-token-123").unwrap();
+    let (ok, _, err) = meshline(
+        &s,
+        &[
+            &base[..],
+            &["--identity-token-file", other.path().to_str().unwrap()],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(!ok && err.contains("HTTP 403"), "{err}");
+    // An empty token file is refused before any request.
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let (ok, _, err) = meshline(
+        &s,
+        &[
+            &base[..],
+            &["--identity-token-file", empty.path().to_str().unwrap()],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(
+        !ok && err.contains("your personal token is needed to replay"),
+        "{err}"
+    );
+    // Without one, --actor is required, and recorded as stated (the flow's token vouches for it).
+    let (ok, _, err) = meshline(&s, &base).await;
+    assert!(!ok && err.contains("--actor"), "{err}");
+    let (ok, out, err) = meshline(&s, &[&base[..], &["--actor", "dana"]].concat()).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("by dana"), "{out}");
 }

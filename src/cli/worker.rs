@@ -437,12 +437,17 @@ pub enum DlqCommand {
         /// Replay every dead letter with this reason.
         #[arg(long)]
         reason: Option<String>,
-        /// Who replays (recorded as a manual intervention).
-        #[arg(long)]
-        actor: String,
+        /// Who replays (recorded as a manual intervention). With `--identity-token-file` it may be left out:
+        /// the worker records the owner your personal token names (and refuses a different `--actor`).
+        #[arg(long, required_unless_present = "identity_token_file")]
+        actor: Option<String>,
         /// Why (recorded with it).
         #[arg(long, default_value = "")]
         why: String,
+        /// File holding your personal token (your key of the roster's identity Secret): the worker checks it
+        /// and records the replay in your owner id's name, as the operations page does.
+        #[arg(long)]
+        identity_token_file: Option<PathBuf>,
     },
 }
 
@@ -754,23 +759,38 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
             reason,
             actor,
             why,
+            identity_token_file,
         } => {
+            let identity = match identity_token_file
+                .as_deref()
+                .map(|file| identity_token(Some(file), "to replay in your name"))
+                .transpose()
+            {
+                Ok(identity) => identity,
+                Err(e) => return finish(Err(e), |_| {}),
+            };
+            let actor = actor.unwrap_or_default();
             let result = match (id, reason) {
-                (Some(id), _) => call(
+                (Some(id), _) => call_as(
                     &endpoint,
                     reqwest::Method::POST,
                     &format!("/dead-letters/{id}/replay"),
                     Some(json!({"actor": actor, "reason": why})),
+                    identity.as_deref(),
                 ),
-                (None, Some(r)) => call(
+                (None, Some(r)) => call_as(
                     &endpoint,
                     reqwest::Method::POST,
                     "/dead-letters/replay",
                     Some(json!({"deadLetterReason": r, "actor": actor, "reason": why})),
+                    identity.as_deref(),
                 ),
                 (None, None) => Err("give a record id or --reason".into()),
             };
-            finish(result, |v| println!("replayed: {}", v["replayed"]))
+            finish(result, |v| match v["by"].as_str() {
+                Some(by) => println!("replayed: {} by {by}", v["replayed"]),
+                None => println!("replayed: {}", v["replayed"]),
+            })
         }
     }
 }
