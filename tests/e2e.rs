@@ -82,20 +82,34 @@ fn example<T: serde::de::DeserializeOwned + Resource>(file: &str, ns: &str) -> T
 }
 
 /// Polls `check` until it returns `Some`, or fails with `what` after the timeout.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    eventually_within(TIMEOUT, Duration::from_millis(500), what, check).await
+}
+
+/// [`eventually`] with its own limit and polling interval.
+async fn eventually_within<T, F, Fut>(
+    limit: Duration,
+    every: Duration,
+    what: &str,
+    mut check: F,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         if let Some(v) = check().await {
             return v;
         }
         if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {TIMEOUT:?} waiting for: {what}");
+            panic!("timed out after {limit:?} waiting for: {what}");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -1939,26 +1953,6 @@ async fn a_candidate_canary_runs_beside_the_stable_track_and_an_abort_removes_it
     .await;
 }
 
-/// Like [`eventually`], with a longer limit: an audit whose sides cannot be read retries each page before it
-/// ends partial, and its Job retries the run.
-async fn eventually_slow<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let limit = Duration::from_secs(900);
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {limit:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-}
-
 /// The reconciliation audit (issue #17): one CronJob per flow on its roster's schedule, owned by the flow,
 /// holding only the flow's token; suspended with the flow or the roster; gone (with the roster saying why)
 /// while the roster's time zone is one the API server cannot load. A Job made from it as `kubectl create job
@@ -2072,10 +2066,17 @@ async fn the_audit_runs_as_a_cron_job_on_the_roster_schedule_and_a_partial_resul
         if std::env::var_os("MESHLINE_E2E_WORKER_IMAGE").is_some() {
             // The worker runs (its embedded ledger on a PVC); HubSpot refuses the dummy token or Odoo's
             // `.example` host never resolves: the audit cannot read a side in full.
-            let audit = eventually_slow("a partial audit in status.audit", || async {
-                let a = flows.get(FLOW).await.ok()?.status?.audit?;
-                a.outcome.is_some().then_some(a)
-            })
+            // An audit whose sides cannot be read retries each page before it ends partial, and its Job
+            // retries the run: a longer limit than the suite's.
+            let audit = eventually_within(
+                Duration::from_secs(900),
+                Duration::from_secs(2),
+                "a partial audit in status.audit",
+                || async {
+                    let a = flows.get(FLOW).await.ok()?.status?.audit?;
+                    a.outcome.is_some().then_some(a)
+                },
+            )
             .await;
             assert_eq!(
                 audit.outcome,
