@@ -596,7 +596,7 @@ pub(crate) fn prepare(flow: &str, batch: Vec<IncomingRecord>) -> Result<Vec<Prep
                 });
             }
             // One serialisation serves as the stored text and as the canonical form that is hashed.
-            let payload = record.payload.to_string();
+            let payload = types::json_text(&record.payload);
             Ok(Prepared {
                 bucket: i64::from(bucket_of(&record.source_key)),
                 hash: payload_text_hash(&payload),

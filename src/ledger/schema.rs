@@ -7,7 +7,7 @@
 //! back exactly what was written.
 
 /// The newest schema version this code knows.
-pub const SCHEMA_VERSION: i64 = 11;
+pub const SCHEMA_VERSION: i64 = 12;
 
 /// The statements of one released migration (`backend` is `sqlite` or `postgres`), for tools and tests
 /// that need a database as an older meshline left it.
@@ -74,8 +74,11 @@ const LINEAGE_KEY_DESCRIPTION: &str = "lineage read through its record index onl
 /// an `IN` list, version 10 as comparisons (see `sqlite_pending!`). One text for both, so they cannot drift.
 macro_rules! sqlite_counter_triggers {
     ($new_pending:expr, $old_pending:expr) => {
+        sqlite_counter_triggers!($new_pending, $old_pending, "", "")
+    };
+    ($new_pending:expr, $old_pending:expr, $insert_when:expr, $update_when:expr) => {
         [
-            concat!("CREATE TRIGGER records_counted_insert AFTER INSERT ON records BEGIN
+            concat!("CREATE TRIGGER records_counted_insert AFTER INSERT ON records", $insert_when, " BEGIN
                 INSERT INTO ledger_counters (flow, counter, shard, value)
                 SELECT NEW.flow, column1, 0, column2 FROM (VALUES
                     ('records', 1),
@@ -96,7 +99,7 @@ macro_rules! sqlite_counter_triggers {
                 ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value;
             END"),
             concat!("CREATE TRIGGER records_counted_update
-            AFTER UPDATE OF state, generation, first_failure_at, retries, delivered_at ON records BEGIN
+            AFTER UPDATE OF state, generation, first_failure_at, retries, delivered_at ON records", $update_when, " BEGIN
                 INSERT INTO ledger_counters (flow, counter, shard, value)
                 SELECT NEW.flow, column1, 0, column2 FROM (VALUES
                     ('received', NEW.generation - OLD.generation),
@@ -155,6 +158,32 @@ const SQLITE_COUNTER_TRIGGERS_V4: [&str; 3] = sqlite_counter_triggers!(
 );
 const SQLITE_COUNTER_TRIGGERS_V10: [&str; 3] =
     sqlite_counter_triggers!(sqlite_pending!("NEW."), sqlite_pending!("OLD."));
+const SQLITE_COUNTER_TRIGGERS_V12: [&str; 3] = sqlite_counter_triggers!(
+    sqlite_pending!("NEW."),
+    sqlite_pending!("OLD."),
+    " WHEN NEW.tally_mark = 0",
+    " WHEN NEW.tally_mark = OLD.tally_mark"
+);
+
+/// Version 12 lets SQLite's hottest statements count their own rows (issue #13). A row trigger runs a
+/// sub-program per record with up to four counter upserts: about 5 µs of the single ledger thread per record
+/// at receipt and as much at completion, a quarter of the ledger's work per record. A statement that knows
+/// exactly what its rows change sets `tally_mark` (a new record inserted with 1; an update that adds 1 to
+/// it), which the triggers skip, and adds the sum of its rows' changes to the counters itself, once per batch
+/// and in the same transaction: a new record received (records, received and pending +1, the minute's
+/// receipt), a first-time delivery (delivered +1, pending -1, the last delivery time) and a claim (nothing:
+/// waiting before and after). Every other statement, including one typed by hand in `sqlite3`, leaves the mark
+/// as it is and is counted by the triggers as before, so the counters still cannot drift from a recount.
+const TALLY_MARK_DESCRIPTION: &str =
+    "the hottest statements count their own rows; the triggers count every other statement";
+
+const SQLITE_TALLY_MARK_STATEMENTS: [&str; 5] = [
+    "ALTER TABLE records ADD COLUMN tally_mark INTEGER NOT NULL DEFAULT 0",
+    "DROP TRIGGER records_counted_insert",
+    "DROP TRIGGER records_counted_update",
+    SQLITE_COUNTER_TRIGGERS_V12[0],
+    SQLITE_COUNTER_TRIGGERS_V12[1],
+];
 
 /// Version 10 on SQLite: the waiting-state test as comparisons in the partial indexes and counter triggers.
 const SQLITE_PENDING_STATEMENTS: [&str; 10] = [
@@ -719,6 +748,11 @@ pub(crate) const SQLITE: &[Migration] = &[
         description: AUDIT_DESCRIPTION,
         statements: &SQLITE_AUDIT,
     },
+    Migration {
+        version: 12,
+        description: TALLY_MARK_DESCRIPTION,
+        statements: &SQLITE_TALLY_MARK_STATEMENTS,
+    },
 ];
 
 pub(crate) const POSTGRES: &[Migration] = &[
@@ -1054,6 +1088,13 @@ pub(crate) const POSTGRES: &[Migration] = &[
         version: 11,
         description: AUDIT_DESCRIPTION,
         statements: &POSTGRES_AUDIT,
+    },
+    Migration {
+        version: 12,
+        description: TALLY_MARK_DESCRIPTION,
+        // PostgreSQL's counter triggers are statement-level: one pass over a statement's transition tables
+        // for the whole batch, not a sub-program per row, so there is nothing per record to save there.
+        statements: &[],
     },
 ];
 

@@ -325,8 +325,8 @@ impl SqliteLedger {
                             "INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
                              payload_hash, contract_version, state, claimed_from, lease_owner, lease_expires_at, \
                              fence, attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at, \
-                             ordering_value) \
-                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?10, ?11, ?12, ?13, ?14, ?14, ?15, ?8, ?9, ?7, ?7, ?16) \
+                             ordering_value, tally_mark) \
+                             VALUES (?1, ?2, ?3, ?4, 1, ?5, ?6, ?10, ?11, ?12, ?13, ?14, ?14, ?15, ?8, ?9, ?7, ?7, ?16, 1) \
                              ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = excluded.source_key, \
                              external_id = excluded.external_id, generation = records.generation + 1, \
                              payload_hash = excluded.payload_hash, \
@@ -363,6 +363,10 @@ impl SqliteLedger {
                         )
                         .map_err(&err)?;
                     let mut lineage = Lineage::new(now);
+                    // New records are inserted with `tally_mark` set: the insert trigger leaves them to this
+                    // tally. A new revision of a stored record goes through the upsert's update, which the
+                    // update trigger counts.
+                    let mut tally = WriterTally::default();
                     let worker_json = lease.as_ref().map(|(request, _)| json!(request.worker));
                     for (item, received_detail) in prepared {
                         // A new record in the worker's buckets, while it has room, is inserted leased to it;
@@ -417,6 +421,7 @@ impl SqliteLedger {
                             .map_err(&err)?;
                         if changed > 0 {
                             let inserted = generation == 1;
+                            tally.received_new += i64::from(inserted);
                             let (step, detail) = if inserted {
                                 ("received", received_detail)
                             } else {
@@ -511,6 +516,9 @@ impl SqliteLedger {
                     lineage
                         .write(&tx)
                         .map_err(db(&flow, "ingest lineage", None))?;
+                    tally
+                        .add_to_counters(&tx, &flow, now)
+                        .map_err(db(&flow, "ingest counters", None))?;
                     if let Some((source, value)) = checkpoint {
                         set_checkpoint_on(&tx, &flow, &source, &value, now)
                             .map_err(db(&flow, "set checkpoint", None))?;
@@ -1029,11 +1037,57 @@ fn bucket_filter(buckets: &BucketSet) -> String {
 }
 
 /// Leases due records: followed by `WHERE id IN (?, …)`, whose parameters SQLite numbers from 4. No
-/// RETURNING: see the ingest for why.
+/// RETURNING: see the ingest for why. It moves records from one waiting state to another and changes no
+/// other counted column, so it changes no counter: it sets `tally_mark` and the update trigger skips it
+/// (schema version 12).
 const CLAIM_SET: &str = "UPDATE records SET \
     claimed_from = CASE WHEN state = 'delivering' THEN claimed_from ELSE state END, \
     state = 'delivering', lease_owner = ?1, lease_expires_at = ?2, next_attempt_at = ?2, \
-    fence = fence + 1, attempts = attempts + 1, updated_at = ?3";
+    fence = fence + 1, attempts = attempts + 1, updated_at = ?3, tally_mark = tally_mark + 1";
+
+/// What the statements that set `tally_mark` changed in the counters (schema version 12), added once per
+/// batch in the same transaction, exactly as the triggers would have added it row by row.
+#[derive(Default)]
+struct WriterTally {
+    /// New records inserted (generation 1, waiting): `records`, `received` and `pending` +1 each, and one
+    /// receipt in the current minute.
+    received_new: i64,
+    /// Records delivered for the first time that never failed: `delivered` +1 and `pending` -1 each.
+    delivered: i64,
+}
+
+impl WriterTally {
+    fn add_to_counters(&self, conn: &Connection, flow: &str, now: i64) -> rusqlite::Result<()> {
+        let add = "ON CONFLICT (flow, counter, shard) DO UPDATE SET value = value + excluded.value";
+        if self.received_new > 0 {
+            conn.prepare_cached(&format!(
+                "INSERT INTO ledger_counters (flow, counter, shard, value) \
+                 VALUES (?1, 'records', 0, ?2), (?1, 'received', 0, ?2), (?1, 'pending', 0, ?2) {add}"
+            ))?
+            .execute(params![flow, self.received_new])?;
+            conn.prepare_cached(
+                "INSERT INTO ledger_window (flow, minute, counter, shard, value) \
+                 VALUES (?1, ?2, 'received', 0, ?3) \
+                 ON CONFLICT (flow, minute, counter, shard) DO UPDATE SET value = value + excluded.value",
+            )?
+            .execute(params![flow, now / 60_000, self.received_new])?;
+        }
+        if self.delivered > 0 {
+            conn.prepare_cached(&format!(
+                "INSERT INTO ledger_counters (flow, counter, shard, value) \
+                 VALUES (?1, 'delivered', 0, ?2), (?1, 'pending', 0, -?2) {add}"
+            ))?
+            .execute(params![flow, self.delivered])?;
+            conn.prepare_cached(
+                "INSERT INTO ledger_counters (flow, counter, shard, value) \
+                 VALUES (?1, 'last_delivery_at', 0, ?2) \
+                 ON CONFLICT (flow, counter, shard) DO UPDATE SET value = MAX(value, excluded.value)",
+            )?
+            .execute(params![flow, now])?;
+        }
+        Ok(())
+    }
+}
 
 /// `?, ?, …` for `n` parameters.
 fn placeholders(n: usize) -> String {
@@ -1181,6 +1235,15 @@ const COMPLETE: &str = "UPDATE records SET state = COALESCE(?1, claimed_from, 'r
                  ticket = CASE WHEN ?1 = 'delivered' OR ?1 = 'dead_lettered' OR ?1 = 'held' THEN ?16 ELSE ticket END \
                  WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'";
 
+/// [`COMPLETE`] for the common case, a delivery of a record that never failed: the same change, with
+/// `tally_mark` set so the update trigger skips it and the batch counts it (`WriterTally::delivered`). A
+/// record that failed before (its recovery time counts toward MTTR) is left to [`COMPLETE`].
+const COMPLETE_DELIVERED: &str = "UPDATE records SET state = 'delivered', claimed_from = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL, delivered_at = ?1, updated_at = ?1, ticket = ?6, \
+                 tally_mark = tally_mark + 1 \
+                 WHERE id = ?2 AND flow = ?3 AND generation = ?4 AND fence = ?5 AND state = 'delivering' \
+                 AND first_failure_at IS NULL";
+
 fn complete_on(
     conn: &mut Connection,
     flow: &str,
@@ -1195,6 +1258,8 @@ fn complete_on(
     let mut results = Vec::with_capacity(completions.len());
     {
         let mut apply = tx.prepare_cached(COMPLETE).map_err(&err)?;
+        let mut deliver = tx.prepare_cached(COMPLETE_DELIVERED).map_err(&err)?;
+        let mut counted = WriterTally::default();
         let mut snapshot = tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) \
@@ -1213,7 +1278,25 @@ fn complete_on(
             let claim = completion.claim;
             let record = Some(claim.id);
             let ticket = p.ticket;
-            let applied = apply
+            let first_delivery = matches!(completion.outcome, Outcome::Delivered)
+                && p.retry_increment == 0
+                && !p.failed
+                && deliver
+                    .execute(params![
+                        now,
+                        claim.id.0,
+                        flow,
+                        claim.generation,
+                        claim.fence,
+                        ticket.as_ref().map(|(fingerprint, _)| fingerprint),
+                    ])
+                    .map_err(db(flow, "complete", record))?
+                    > 0;
+            counted.delivered += i64::from(first_delivery);
+            let applied = if first_delivery {
+                1
+            } else {
+                apply
                 .execute(params![
                     p.new_state,
                     p.next_attempt_at,
@@ -1232,7 +1315,8 @@ fn complete_on(
                     claim.fence,
                     ticket.as_ref().map(|(fingerprint, _)| fingerprint),
                 ])
-                .map_err(db(flow, "complete", record))?;
+                .map_err(db(flow, "complete", record))?
+            };
             if applied == 0 {
                 results.push(refused(&tx, flow, &completion, now)?);
                 continue;
@@ -1305,6 +1389,9 @@ fn complete_on(
         lineage
             .write(&tx)
             .map_err(db(flow, "complete lineage", None))?;
+        counted
+            .add_to_counters(&tx, flow, now)
+            .map_err(db(flow, "complete counters", None))?;
         // One upsert per cause in the batch, not per record: a thousand dead letters of one reason are one
         // ticket row written once.
         let mut occurrences = tickets::Occurrences::new();

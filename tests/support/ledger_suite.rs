@@ -1642,6 +1642,77 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
 
 /// The failure rate the SLA is checked against covers the last hour: an outage's failures stop counting an
 /// hour later, while the all-time totals keep them.
+/// The worker's path (new records leased as they are stored, delivered at the first attempt, a claim of
+/// the ones the intake did not lease) keeps the counters and the failure-rate window exact, and a statement
+/// written by hand behind the ledger's back is counted too: on SQLite the hottest statements count their own
+/// rows and the triggers count every other statement (schema version 12).
+pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_by_hand(
+    fixture: Fixture,
+) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let request = ledger::LeaseRequest {
+        worker: "w".into(),
+        buckets: BucketSet::all(),
+        limit: 15,
+        lease: LEASE,
+    };
+    let batch = (0..20)
+        .map(|i| record(&format!("f{i:02}"), json!({"i": i})))
+        .collect();
+    let (_, leased) = ledger.ingest_and_claim(batch, &request).await.unwrap();
+    assert_eq!(leased.len(), 15);
+    let stored = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(
+        (stored.records, stored.received, stored.pending, stored.received_last_hour),
+        (20, 20, 20, 20)
+    );
+    let mut claimed = leased;
+    claimed.extend(claim_all(ledger.as_ref(), "w").await);
+    assert_eq!(claimed.len(), 20);
+    clock.advance(Duration::from_secs(2));
+    let mut completions: Vec<ledger::Completion> = claimed
+        .iter()
+        .map(|c| ledger::Completion {
+            claim: c.claim,
+            outcome: Outcome::Delivered,
+        })
+        .collect();
+    // One of them fails first and is delivered on its retry: its recovery time counts toward MTTR.
+    completions[0].outcome = retry_in(&clock, 1);
+    ledger.complete_batch(completions).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    for c in claim_all(ledger.as_ref(), "w").await {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    let delivered = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(
+        (delivered.delivered, delivered.pending, delivered.failed, delivered.failed_last_hour),
+        (20, 0, 1, 1)
+    );
+    assert_eq!(delivered.mttr_seconds, Some(1.0), "{delivered:?}");
+    assert_eq!(
+        delivered.last_delivery_at.map(|t| t.timestamp_millis()),
+        Some(at(&clock).timestamp_millis())
+    );
+    // Behind the ledger's back: a delivered record sent back to wait, another one dead-lettered, and one
+    // deleted outright. The ledger still counts what the rows say.
+    fixture
+        .execute(
+            "UPDATE records SET state = 'received', lease_owner = NULL WHERE source_key = 'f03'; \
+             UPDATE records SET state = 'dead_lettered', dead_letter_reason = 'by hand' WHERE source_key = 'f04'; \
+             DELETE FROM payloads WHERE record_id IN (SELECT id FROM records WHERE source_key = 'f05'); \
+             DELETE FROM lineage WHERE record_id IN (SELECT id FROM records WHERE source_key = 'f05'); \
+             DELETE FROM records WHERE source_key = 'f05';",
+        )
+        .await;
+    let by_hand = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(
+        (by_hand.records, by_hand.delivered, by_hand.pending, by_hand.dead_lettered),
+        (19, 17, 1, 1)
+    );
+}
+
 pub async fn the_failure_rate_window_forgets_an_outage_an_hour_later(fixture: Fixture) {
     let clock = clock();
     let ledger = fixture.open(clock.clone()).await;
@@ -2342,6 +2413,7 @@ macro_rules! ledger_suite {
             equal_ordering_values_apply_in_arrival_order_flagged_as_a_tie,
             revisions_out_of_order_in_one_batch_keep_the_newest,
             counters_equal_a_recount_after_a_mixed_workload,
+            counters_stay_exact_on_the_workers_path_and_for_statements_written_by_hand,
             the_failure_rate_window_forgets_an_outage_an_hour_later,
             delivered_payloads_are_purged_after_retention_and_duplicates_still_recognised,
             dead_letters_are_purged_after_their_retention,

@@ -183,7 +183,7 @@ impl Sink for PostgresSink {
         self.ensure_table().await?;
         let row = sqlx::query(AssertSqlSafe(self.upsert.clone()))
             .bind(delivery.external_id)
-            .bind(delivery.payload.to_string())
+            .bind(crate::ledger::json_text(delivery.payload))
             .bind(delivery.correlation_id)
             .fetch_one(&self.pool)
             .await
@@ -220,7 +220,7 @@ impl Sink for PostgresSink {
         let mut correlation_ids = Vec::with_capacity(deliveries.len());
         for d in deliveries {
             ids.push(d.external_id);
-            payloads.push(d.payload.to_string());
+            payloads.push(crate::ledger::json_text(d.payload));
             correlation_ids.push(d.correlation_id);
         }
         let rows = sqlx::query(AssertSqlSafe(self.upsert_batch.clone()))
