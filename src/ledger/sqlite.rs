@@ -343,17 +343,14 @@ impl SqliteLedger {
                         )
                         .map_err(&err)?;
                     let mut payloads: Vec<(i64, String)> = Vec::with_capacity(prepared.len());
+                    // The stored row before the write, if any. One lookup tells what the write did (a key
+                    // that was not stored was inserted, and its id is the connection's last inserted rowid;
+                    // a stored one was updated to the next generation or left alone) and gives the stored
+                    // ordering value, which tells an equal value (a tie, flagged) from a newer one.
                     let mut existing = tx
                         .prepare_cached(
-                            "SELECT id, generation, correlation_id FROM records \
+                            "SELECT id, generation, correlation_id, ordering_value FROM records \
                              WHERE flow = ?1 AND idempotency_key = ?2",
-                        )
-                        .map_err(&err)?;
-                    // The stored ordering value before the write, only for revisions that carry one: it
-                    // tells an equal value (a tie, flagged) from a newer one.
-                    let mut prior_ordering = tx
-                        .prepare_cached(
-                            "SELECT ordering_value FROM records WHERE flow = ?1 AND idempotency_key = ?2",
                         )
                         .map_err(&err)?;
                     let mut stale_revision = tx
@@ -386,14 +383,19 @@ impl SqliteLedger {
                             ),
                             None => ("received", None, None, None, 0, now),
                         };
-                        let prior: Option<i64> = match item.ordering {
-                            Some(_) => prior_ordering
-                                .query_row(params![flow, item.idempotency_key], |r| r.get(0))
+                        type Stored = (i64, i64, String, Option<i64>);
+                        let read_stored = |existing: &mut rusqlite::CachedStatement<'_>| {
+                            existing
+                                .query_row(params![flow, item.idempotency_key], |r| {
+                                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                                })
                                 .optional()
-                                .map_err(&err)?
-                                .flatten(),
-                            None => None,
                         };
+                        let stored: Option<Stored> = read_stored(&mut existing).map_err(&err)?;
+                        let prior: Option<i64> = stored
+                            .as_ref()
+                            .and_then(|(.., ordering)| *ordering)
+                            .filter(|_| item.ordering.is_some());
                         let changed = upsert
                             .execute(params![
                                 flow,
@@ -414,11 +416,31 @@ impl SqliteLedger {
                                 item.ordering,
                             ])
                             .map_err(&err)?;
-                        let (id, generation, correlation_id): (i64, i64, String) = existing
-                            .query_row(params![flow, item.idempotency_key], |r| {
-                                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                            })
-                            .map_err(&err)?;
+                        let (id, generation, correlation_id) = match (stored, changed > 0) {
+                            (None, true) => (tx.last_insert_rowid(), 1, item.correlation_id.clone()),
+                            (Some((id, generation, ..)), true) => {
+                                (id, generation + 1, item.correlation_id.clone())
+                            }
+                            (Some((id, generation, correlation_id, _)), false) => {
+                                (id, generation, correlation_id)
+                            }
+                            // Not stored and not inserted cannot happen under the write lock; read what
+                            // is there rather than guess.
+                            (None, false) => {
+                                let (id, generation, correlation_id, _) = read_stored(&mut existing)
+                                    .map_err(&err)?
+                                    .ok_or_else(|| LedgerError::Corrupt {
+                                        flow: flow.clone(),
+                                        record: RecordId(0),
+                                        what: "record",
+                                        detail: format!(
+                                            "the insert of {:?} wrote nothing and no record has that key",
+                                            item.idempotency_key
+                                        ),
+                                    })?;
+                                (id, generation, correlation_id)
+                            }
+                        };
                         if changed > 0 {
                             let inserted = generation == 1;
                             tally.received_new += i64::from(inserted);
