@@ -12,7 +12,7 @@
 //! holder and an expiry, taken with SKIP LOCKED) before its ERP calls and gives them back after, and a
 //! replica that dies holding slots loses them when their lease runs out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1135,7 +1135,8 @@ impl Ledger for PostgresLedger {
         let mut exception_snapshots = LineageBatch::default();
         let mut snapshot_by_id: HashMap<i64, String> = HashMap::new();
         let mut ticket_fps: Vec<Option<String>> = Vec::with_capacity(n);
-        let mut causes: HashMap<i64, (String, tickets::Cause)> = HashMap::new();
+        // Each completion's ticket cause, in batch order.
+        let mut causes: Vec<Option<(String, tickets::Cause)>> = Vec::with_capacity(n);
         for completion in &completions {
             let claim = completion.claim;
             let params = completion_params(&self.flow, &completion.outcome, now);
@@ -1159,9 +1160,7 @@ impl Ledger for PostgresLedger {
                 snapshot_by_id.insert(claim.id.0, snapshot);
             }
             ticket_fps.push(params.ticket.as_ref().map(|(fp, _)| fp.clone()));
-            if let Some(ticket) = params.ticket {
-                causes.insert(claim.id.0, ticket);
-            }
+            causes.push(params.ticket);
         }
 
         let mut tx = self.pool.begin().await.map_err(self.db("complete", None))?;
@@ -1190,7 +1189,7 @@ impl Ledger for PostgresLedger {
         .execute(&mut *tx)
         .await
         .map_err(self.db("complete", None))?;
-        let applied: Vec<(i64, i64, String, String)> = sqlx::query_as(
+        let applied: Vec<(i64, i64, i64, i64, String, String)> = sqlx::query_as(
             "WITH t AS MATERIALIZED (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
                $5::bigint[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], \
                $12::bigint[], $13::bool[], $14::text[], $17::text[]) AS t(id, generation, fence, new_state, next_at, \
@@ -1214,11 +1213,12 @@ impl Ledger for PostgresLedger {
                ticket = CASE WHEN t.new_state IN ('delivered', 'dead_lettered', 'held') THEN t.ticket ELSE r.ticket END \
                FROM t JOIN locked l ON l.id = t.id WHERE r.id = l.id AND r.id = ANY($1) AND l.flow = $16 \
                AND l.generation = t.generation AND l.fence = t.fence AND l.state = 'delivering' \
-               RETURNING r.id, r.generation, r.correlation_id, r.received_at, r.source_key, t.new_state, t.detail), \
+               RETURNING r.id, r.generation, r.fence, r.correlation_id, r.received_at, r.source_key, t.new_state, \
+               t.detail), \
              lineage_rows AS ( \
                INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
                SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied) \
-             SELECT id, received_at, correlation_id, source_key FROM applied",
+             SELECT id, generation, fence, received_at, correlation_id, source_key FROM applied",
         )
         .bind(&ids)
         .bind(&generations)
@@ -1241,17 +1241,33 @@ impl Ledger for PostgresLedger {
         .await
         .map_err(self.db("complete", None))?;
         // Each applied record's receipt time (for the latency), correlation id and source key (for tickets).
+        let mut applied_claims: HashMap<i64, (i64, i64)> = HashMap::with_capacity(applied.len());
         let applied: HashMap<i64, (i64, String, String)> = applied
             .into_iter()
-            .map(|(id, received_at, correlation_id, source_key)| {
-                (id, (received_at, correlation_id, source_key))
+            .map(
+                |(id, generation, fence, received_at, correlation_id, source_key)| {
+                    applied_claims.insert(id, (generation, fence));
+                    (id, (received_at, correlation_id, source_key))
+                },
+            )
+            .collect();
+        // Which completions applied, in batch order. A claim completed twice in one batch is applied once,
+        // by its first completion; the later one is refused, as it would be in a batch of its own (and
+        // so is a completion whose claim is not the one the update matched).
+        let mut answered: HashSet<i64> = HashSet::with_capacity(n);
+        let took: Vec<bool> = completions
+            .iter()
+            .map(|c| {
+                applied_claims.get(&c.claim.id.0) == Some(&(c.claim.generation, c.claim.fence))
+                    && answered.insert(c.claim.id.0)
             })
             .collect();
         // The revision's tally of the batch, one upsert on this connection's shard (see schema version 7).
         if let Some(revision) = self.revision.get() {
             let mut tally = RevisionTally::default();
-            for completion in &completions {
-                if let Some((received_at, ..)) = applied.get(&completion.claim.id.0) {
+            for (completion, took) in completions.iter().zip(&took) {
+                if let (true, Some((received_at, ..))) = (took, applied.get(&completion.claim.id.0))
+                {
                     tally.add(&completion.outcome, now - received_at);
                 }
             }
@@ -1270,10 +1286,11 @@ impl Ledger for PostgresLedger {
             }
         }
 
-        let refused: Vec<i64> = ids
+        let refused: Vec<i64> = completions
             .iter()
-            .copied()
-            .filter(|id| !applied.contains_key(id))
+            .zip(&took)
+            .filter(|(_, took)| !**took)
+            .map(|(c, _)| c.claim.id.0)
             .collect();
         let mut current: HashMap<i64, (i64, i64, String)> = HashMap::new();
         if !refused.is_empty() {
@@ -1299,9 +1316,9 @@ impl Ledger for PostgresLedger {
 
         let mut results = Vec::with_capacity(n);
         let mut refusals = LineageBatch::default();
-        for completion in &completions {
+        for (completion, took) in completions.iter().zip(&took) {
             let claim = completion.claim;
-            if applied.contains_key(&claim.id.0) {
+            if *took {
                 if let Some(snapshot) = snapshot_by_id.remove(&claim.id.0) {
                     exception_snapshots.push(
                         claim.id.0,
@@ -1363,10 +1380,10 @@ impl Ledger for PostgresLedger {
             .map_err(self.db("complete snapshots", None))?;
         // One upsert per cause in the batch, not per record, under the tickets' locks in fingerprint order.
         let mut occurrences = tickets::Occurrences::new();
-        for completion in &completions {
+        for ((completion, took), cause) in completions.iter().zip(&took).zip(&causes) {
             let id = completion.claim.id.0;
-            if let (Some((_, correlation_id, source_key)), Some((fingerprint, cause))) =
-                (applied.get(&id), causes.get(&id))
+            if let (true, Some((_, correlation_id, source_key)), Some((fingerprint, cause))) =
+                (took, applied.get(&id), cause)
             {
                 let example =
                     tickets::example_of(&completion.outcome, id, correlation_id, source_key, now);

@@ -19,7 +19,7 @@
 //! claimed or delivered again, which the ERP upsert by external id absorbs. Batching keeps the fsyncs to one
 //! per batch, not one per record.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -1257,14 +1257,28 @@ const COMPLETE: &str = "UPDATE records SET state = COALESCE(?1, claimed_from, 'r
                  ticket = CASE WHEN ?1 = 'delivered' OR ?1 = 'dead_lettered' OR ?1 = 'held' THEN ?16 ELSE ticket END \
                  WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'";
 
-/// [`COMPLETE`] for the common case, a delivery of a record that never failed: the same change, with
-/// `tally_mark` set so the update trigger skips it and the batch counts it (`WriterTally::delivered`). A
-/// record that failed before (its recovery time counts toward MTTR) is left to [`COMPLETE`].
-const COMPLETE_DELIVERED: &str = "UPDATE records SET state = 'delivered', claimed_from = NULL, \
-                 lease_owner = NULL, lease_expires_at = NULL, delivered_at = ?1, updated_at = ?1, ticket = ?6, \
-                 tally_mark = tally_mark + 1 \
-                 WHERE id = ?2 AND flow = ?3 AND generation = ?4 AND fence = ?5 AND state = 'delivering' \
-                 AND first_failure_at IS NULL";
+/// [`COMPLETE`] for the common case, the delivery of a record that never failed, for `rows` records at once
+/// (`?1` the time, `?2` the flow, then id, generation and fence per record): the same change, with
+/// `tally_mark` set so the update trigger skips it and the batch counts it (`WriterTally::delivered`). One
+/// statement for a chunk of records shares its fixed cost and its statement journal (SQLite copies each page
+/// a statement changes once per statement) between them. It returns the records it delivered; a record that
+/// failed before (its recovery time counts toward MTTR) or whose claim is stale is left to [`COMPLETE`].
+fn complete_delivered(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|i| format!("(?{}, ?{}, ?{})", 3 * i + 3, 3 * i + 4, 3 * i + 5))
+        .collect();
+    format!(
+        "UPDATE records SET state = 'delivered', claimed_from = NULL, lease_owner = NULL, \
+         lease_expires_at = NULL, delivered_at = ?1, updated_at = ?1, ticket = NULL, \
+         tally_mark = tally_mark + 1 \
+         FROM (VALUES {}) AS claim \
+         WHERE records.id = claim.column1 AND records.generation = claim.column2 \
+         AND records.fence = claim.column3 AND records.flow = ?2 AND records.state = 'delivering' \
+         AND records.first_failure_at IS NULL \
+         RETURNING records.id",
+        values.join(", ")
+    )
+}
 
 fn complete_on(
     conn: &mut Connection,
@@ -1280,8 +1294,39 @@ fn complete_on(
     let mut results = Vec::with_capacity(completions.len());
     {
         let mut apply = tx.prepare_cached(COMPLETE).map_err(&err)?;
-        let mut deliver = tx.prepare_cached(COMPLETE_DELIVERED).map_err(&err)?;
         let mut counted = WriterTally::default();
+        // First deliveries of records that never failed, a chunk per statement. Only a record's first
+        // completion in the batch is a candidate: a second one for the same record runs after it, as it
+        // would one by one, and is refused.
+        let mut seen: HashSet<i64> = HashSet::with_capacity(completions.len());
+        let candidates: Vec<(i64, i64, i64)> = completions
+            .iter()
+            .filter(|(c, p, _)| {
+                seen.insert(c.claim.id.0)
+                    && matches!(c.outcome, Outcome::Delivered)
+                    && p.retry_increment == 0
+                    && !p.failed
+                    && p.ticket.is_none()
+            })
+            .map(|(c, ..)| (c.claim.id.0, c.claim.generation, c.claim.fence))
+            .collect();
+        let mut delivered_together: HashSet<(i64, i64, i64)> = HashSet::new();
+        for chunk in candidates.chunks(INSERT_CHUNK) {
+            let mut values: Vec<&dyn rusqlite::ToSql> = vec![&now, &flow];
+            for (id, generation, fence) in chunk {
+                values.extend([id as &dyn rusqlite::ToSql, generation, fence]);
+            }
+            let ids: Vec<i64> = tx
+                .prepare_cached(&complete_delivered(chunk.len()))
+                .and_then(|mut s| {
+                    s.query_map(rusqlite::params_from_iter(values), |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(&err)?;
+            let ids: HashSet<i64> = ids.into_iter().collect();
+            delivered_together.extend(chunk.iter().filter(|(id, ..)| ids.contains(id)));
+        }
+        counted.delivered = delivered_together.len() as i64;
         let mut snapshot = tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO snapshots (record_id, generation, kind, at, body) \
@@ -1300,11 +1345,23 @@ fn complete_on(
             let claim = completion.claim;
             let record = Some(claim.id);
             let ticket = p.ticket;
-            let first_delivery = matches!(completion.outcome, Outcome::Delivered)
-                && p.retry_increment == 0
-                && !p.failed
-                && deliver
+            // Taken out so a second completion of the same claim in the batch is not counted twice.
+            let applied = if delivered_together.remove(&(claim.id.0, claim.generation, claim.fence))
+            {
+                1
+            } else {
+                apply
                     .execute(params![
+                        p.new_state,
+                        p.next_attempt_at,
+                        p.last_error,
+                        p.error_class,
+                        p.dead_letter_reason,
+                        p.erp_response,
+                        p.hold_rule,
+                        p.hold_role,
+                        p.retry_increment,
+                        p.failed,
                         now,
                         claim.id.0,
                         flow,
@@ -1313,31 +1370,6 @@ fn complete_on(
                         ticket.as_ref().map(|(fingerprint, _)| fingerprint),
                     ])
                     .map_err(db(flow, "complete", record))?
-                    > 0;
-            counted.delivered += i64::from(first_delivery);
-            let applied = if first_delivery {
-                1
-            } else {
-                apply
-                .execute(params![
-                    p.new_state,
-                    p.next_attempt_at,
-                    p.last_error,
-                    p.error_class,
-                    p.dead_letter_reason,
-                    p.erp_response,
-                    p.hold_rule,
-                    p.hold_role,
-                    p.retry_increment,
-                    p.failed,
-                    now,
-                    claim.id.0,
-                    flow,
-                    claim.generation,
-                    claim.fence,
-                    ticket.as_ref().map(|(fingerprint, _)| fingerprint),
-                ])
-                .map_err(db(flow, "complete", record))?
             };
             if applied == 0 {
                 results.push(refused(&tx, flow, &completion, now)?);

@@ -1664,7 +1664,12 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
     assert_eq!(leased.len(), 15);
     let stored = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(
-        (stored.records, stored.received, stored.pending, stored.received_last_hour),
+        (
+            stored.records,
+            stored.received,
+            stored.pending,
+            stored.received_last_hour
+        ),
         (20, 20, 20, 20)
     );
     let mut claimed = leased;
@@ -1678,16 +1683,34 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
             outcome: Outcome::Delivered,
         })
         .collect();
-    // One of them fails first and is delivered on its retry: its recovery time counts toward MTTR.
+    // One of them fails first and is delivered on its retry: its recovery time counts toward MTTR. And one
+    // delivery is reported twice in the batch: the second one is refused, as it would be one by one.
     completions[0].outcome = retry_in(&clock, 1);
-    ledger.complete_batch(completions).await.unwrap();
+    completions.push(ledger::Completion {
+        claim: claimed[7].claim,
+        outcome: Outcome::Delivered,
+    });
+    let results = ledger.complete_batch(completions).await.unwrap();
+    assert_eq!(results.len(), 21);
+    assert!(
+        results[..20]
+            .iter()
+            .all(|r| *r == CompletionResult::Applied),
+        "{results:?}"
+    );
+    assert_ne!(results[20], CompletionResult::Applied);
     clock.advance(Duration::from_secs(1));
     for c in claim_all(ledger.as_ref(), "w").await {
         ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
     }
     let delivered = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(
-        (delivered.delivered, delivered.pending, delivered.failed, delivered.failed_last_hour),
+        (
+            delivered.delivered,
+            delivered.pending,
+            delivered.failed,
+            delivered.failed_last_hour
+        ),
         (20, 0, 1, 1)
     );
     assert_eq!(delivered.mttr_seconds, Some(1.0), "{delivered:?}");
@@ -1708,7 +1731,12 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
         .await;
     let by_hand = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(
-        (by_hand.records, by_hand.delivered, by_hand.pending, by_hand.dead_lettered),
+        (
+            by_hand.records,
+            by_hand.delivered,
+            by_hand.pending,
+            by_hand.dead_lettered
+        ),
         (19, 17, 1, 1)
     );
 }
