@@ -1257,14 +1257,17 @@ const COMPLETE: &str = "UPDATE records SET state = COALESCE(?1, claimed_from, 'r
                  ticket = CASE WHEN ?1 = 'delivered' OR ?1 = 'dead_lettered' OR ?1 = 'held' THEN ?16 ELSE ticket END \
                  WHERE id = ?12 AND flow = ?13 AND generation = ?14 AND fence = ?15 AND state = 'delivering'";
 
-/// [`COMPLETE`] for the common case, the delivery of a record that never failed, for `rows` records at once
-/// (`?1` the time, `?2` the flow, then id, generation and fence per record): the same change, with
-/// `tally_mark` set so the update trigger skips it and the batch counts it (`WriterTally::delivered`). One
-/// statement for a chunk of records shares its fixed cost and its statement journal (SQLite copies each page
-/// a statement changes once per statement) between them. It returns the records it delivered; a record that
-/// failed before (its recovery time counts toward MTTR) or whose claim is stale is left to [`COMPLETE`].
-fn complete_delivered(rows: usize) -> String {
-    let values: Vec<String> = (0..rows)
+/// [`COMPLETE`] for the common case, the delivery of a record that never failed, for [`INSERT_CHUNK`] records at
+/// once (`?1` the time, `?2` the flow, then id, generation and fence per record; a shorter chunk is padded
+/// with id -1, which no record has, so one statement serves every chunk: a statement per chunk length would
+/// keep up to 32 compiled programs, each with the counter triggers compiled in, in the statement cache).
+/// The same change as [`COMPLETE`], with `tally_mark` set so the update trigger
+/// skips it and the batch counts it (`WriterTally::delivered`). One statement for a chunk of records shares
+/// its fixed cost and its statement journal (SQLite copies each page a statement changes once per statement)
+/// between them. It returns the records it delivered; a record that failed before (its recovery time counts
+/// toward MTTR) or whose claim is stale is left to [`COMPLETE`].
+static COMPLETE_DELIVERED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let values: Vec<String> = (0..INSERT_CHUNK)
         .map(|i| format!("(?{}, ?{}, ?{})", 3 * i + 3, 3 * i + 4, 3 * i + 5))
         .collect();
     format!(
@@ -1278,7 +1281,10 @@ fn complete_delivered(rows: usize) -> String {
          RETURNING records.id",
         values.join(", ")
     )
-}
+});
+
+/// The id a padding row of [`COMPLETE_DELIVERED`] names: record ids start at 1.
+const NO_RECORD: i64 = -1;
 
 fn complete_on(
     conn: &mut Connection,
@@ -1316,8 +1322,11 @@ fn complete_on(
             for (id, generation, fence) in chunk {
                 values.extend([id as &dyn rusqlite::ToSql, generation, fence]);
             }
+            for _ in chunk.len()..INSERT_CHUNK {
+                values.extend([&NO_RECORD as &dyn rusqlite::ToSql, &NO_RECORD, &NO_RECORD]);
+            }
             let ids: Vec<i64> = tx
-                .prepare_cached(&complete_delivered(chunk.len()))
+                .prepare_cached(&COMPLETE_DELIVERED)
                 .and_then(|mut s| {
                     s.query_map(rusqlite::params_from_iter(values), |r| r.get(0))?
                         .collect()
