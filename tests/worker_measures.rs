@@ -135,22 +135,27 @@ async fn the_operating_measures_on_metrics_are_the_ledgers_numbers_and_the_contr
         ])
         .await
         .unwrap();
-    let url = format!("http://{}/metrics", h.worker.ops_addr);
+    // Waits on the ledger, not on the exposition: the delivered counter counts an ERP's answer before its
+    // completion is committed, and a scrape reads the ledger's gauges before it encodes that counter, so a
+    // scrape that began before the retries could show both deliveries beside the ledger of before.
     let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
-    let text = loop {
-        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
-        if sample(&text, "meshline_records_delivered_total") == Some(2.0) {
-            break text;
+    loop {
+        let counts = h.worker.pipeline.ledger.counts().await.unwrap();
+        if counts.delivered == 2 {
+            break;
         }
         assert!(
             tokio::time::Instant::now() < give_up,
-            "never delivered both:\n{text}"
+            "never delivered both: {counts:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+    let url = format!("http://{}/metrics", h.worker.ops_addr);
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
     let value = |name: &str| {
         sample(&text, name).unwrap_or_else(|| panic!("no sample of {name} in\n{text}"))
     };
+    assert_eq!(value("meshline_records_delivered_total"), 2.0);
     assert_eq!(value("meshline_flow_records"), 2.0);
     assert_eq!(value("meshline_flow_received_sla_window"), 2.0);
     assert_eq!(value("meshline_flow_failed_sla_window"), 2.0);
