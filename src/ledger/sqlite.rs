@@ -1261,8 +1261,9 @@ const COMPLETE: &str = "UPDATE records SET state = COALESCE(?1, claimed_from, 'r
 /// once (`?1` the time, `?2` the flow, then id, generation and fence per record; a shorter chunk is padded
 /// with id -1, which no record has, so one statement serves every chunk: a statement per chunk length would
 /// keep up to 32 compiled programs, each with the counter triggers compiled in, in the statement cache).
-/// The same change as [`COMPLETE`], with `tally_mark` set so the update trigger
-/// skips it and the batch counts it (`WriterTally::delivered`). One statement for a chunk of records shares
+///
+/// The same change as [`COMPLETE`], with `tally_mark` set so the update trigger skips it and the batch counts
+/// it (`WriterTally::delivered`). One statement for a chunk of records shares
 /// its fixed cost and its statement journal (SQLite copies each page a statement changes once per statement)
 /// between them. It returns the records it delivered; a record that failed before (its recovery time counts
 /// toward MTTR) or whose claim is stale is left to [`COMPLETE`].
