@@ -344,7 +344,7 @@ impl SqliteLedger {
                         .map_err(&err)?;
                     // A key the lookup below did not find is inserted by a plain insert: with `OR ROLLBACK` and
                     // no `DO UPDATE` it keeps no statement journal (schema version 13), where the upsert copied
-                    // ~15 pages per record. The write lock is held, so the key cannot appear in between.
+                    // ~8 pages per record. The write lock is held, so the key cannot appear in between.
                     let mut insert_new = tx.prepare_cached(INSERT_NEW).map_err(&err)?;
                     let mut payloads: Vec<(i64, String)> = Vec::with_capacity(prepared.len());
                     // The stored row before the write, if any. One lookup tells what the write did (a key
