@@ -289,9 +289,9 @@ macro_rules! sqlite_row_contributions {
 /// statement on `records`, whether the trigger then ran or not (its `WHEN` is tested per row; its program is
 /// part of the statement). That was ~8 pages copied per received record: under callgrind, in the end-to-end
 /// benchmark's 4,000 records, the ledger thread's receipts ran 415 M instructions with the journal and 326 M
-/// without (-21 %), the whole worker 2.03 G and 1.93 G (-5 %). Without `DO UPDATE` in the triggers, a statement that says
-/// `OR ROLLBACK` (a constraint failure then rolls the whole transaction back, which is what the ledger does
-/// with any error anyway) keeps no journal; the ledger's hottest statements say it.
+/// without (-21 %), the whole worker 2.03 G and 1.93 G (-5 %). Without `DO UPDATE` in the triggers, a
+/// statement that says `OR ROLLBACK` (a constraint failure then rolls the whole transaction back, which is
+/// what the ledger does with any error anyway) keeps no journal; the ledger's hottest statements say it.
 const COUNTERS_WITHOUT_UPSERT_DESCRIPTION: &str =
     "counter triggers without DO UPDATE, so the hottest statements keep no statement journal";
 
