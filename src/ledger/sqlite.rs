@@ -3128,40 +3128,45 @@ impl Ledger for SqliteLedger {
 mod tests {
     use super::*;
 
-    /// The opcodes of a statement as prepared on a migrated ledger.
-    fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
+    /// A ledger file migrated to the current schema, opened as a plain connection (and its directory).
+    async fn migrated_ledger() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let ledger = SqliteLedger::open(&path, "f", Arc::new(super::super::SystemClock))
+            .await
+            .unwrap();
+        ledger.close().await;
+        let conn = Connection::open(&path).unwrap();
+        (dir, conn)
+    }
+
+    /// The program of a statement as prepared on a migrated ledger, with its triggers' sub-programs: each
+    /// instruction's opcode, P1 and P2.
+    fn explain(conn: &Connection, sql: &str) -> Vec<(String, i64, i64)> {
         let mut statement = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
         let unbound = statement.parameter_count();
         statement
             .query_map(
                 rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, unbound)),
-                |row| row.get::<_, String>(1),
+                |row| Ok((row.get(1)?, row.get(2)?, row.get(3)?)),
             )
             .unwrap()
             .collect::<rusqlite::Result<_>>()
             .unwrap()
     }
 
+    /// The opcodes of a statement as prepared on a migrated ledger.
+    fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
+        explain(conn, sql).into_iter().map(|(op, ..)| op).collect()
+    }
+
     /// The instructions of `sql`'s program (with its triggers' sub-programs) that end the statement alone on a
     /// constraint failure (`OE_Abort`, 2, in a halt's P2; an immediate foreign key violation counted up, where
-    /// an insert into the parent table counts down): SQLite keeps a
-    /// statement journal for a statement that has any and writes through a trigger.
+    /// an insert into the parent table counts down): SQLite keeps a statement journal for a statement that has
+    /// any and writes through a trigger.
     fn aborts_alone(conn: &Connection, sql: &str) -> Vec<String> {
-        let mut statement = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
-        let unbound = statement.parameter_count();
-        statement
-            .query_map(
-                rusqlite::params_from_iter(std::iter::repeat_n(rusqlite::types::Null, unbound)),
-                |row| {
-                    Ok((
-                        row.get::<_, String>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, i64>(3)?,
-                    ))
-                },
-            )
-            .unwrap()
-            .map(Result::unwrap)
+        explain(conn, sql)
+            .into_iter()
             .filter(|(op, p1, p2)| {
                 (matches!(op.as_str(), "Halt" | "HaltIfNull") && *p2 == 2)
                     || (op == "FkCounter" && *p1 == 0 && *p2 > 0)
@@ -3172,13 +3177,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_hottest_statements_cannot_abort_alone_so_keep_no_statement_journal() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.db");
-        let ledger = SqliteLedger::open(&path, "f", Arc::new(super::super::SystemClock))
-            .await
-            .unwrap();
-        ledger.close().await;
-        let conn = Connection::open(&path).unwrap();
+        let (_dir, conn) = migrated_ledger().await;
         let claim = format!("{CLAIM_SET} WHERE id IN (?4)");
         for sql in [
             INSERT_NEW,
@@ -3207,13 +3206,7 @@ mod tests {
     #[tokio::test]
     async fn a_completion_builds_no_temporary_index_and_waiting_records_are_found_by_the_partial_indexes()
      {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.db");
-        let ledger = SqliteLedger::open(&path, "f", Arc::new(super::super::SystemClock))
-            .await
-            .unwrap();
-        ledger.close().await;
-        let conn = Connection::open(&path).unwrap();
+        let (_dir, conn) = migrated_ledger().await;
         // The completion, its counter trigger's program and the partial indexes' predicates are all coded
         // in the statement's program: an `IN` list of three or more states would show as `OpenEphemeral`.
         let completion = opcodes(&conn, COMPLETE);
@@ -3264,13 +3257,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_replay_read_walks_the_payloads_backwards_without_sorting() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.db");
-        let ledger = SqliteLedger::open(&path, "f", Arc::new(super::super::SystemClock))
-            .await
-            .unwrap();
-        ledger.close().await;
-        let conn = Connection::open(&path).unwrap();
+        let (_dir, conn) = migrated_ledger().await;
         let plan: Vec<String> = conn
             .prepare(&format!("EXPLAIN QUERY PLAN {RECENT_INPUTS}"))
             .unwrap()
