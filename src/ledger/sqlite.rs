@@ -1280,8 +1280,9 @@ const COMPLETE: &str = "UPDATE OR ROLLBACK records SET state = COALESCE(?1, clai
 ///
 /// The same change as [`COMPLETE`], with `tally_mark` set so the update trigger skips it and the batch counts
 /// it (`WriterTally::delivered`). One statement for a chunk of records shares its fixed cost between them, and
-/// `OR ROLLBACK` spares it a statement journal (schema version 13). It returns the records it delivered; a record that failed before (its recovery time counts
-/// toward MTTR) or whose claim is stale is left to [`COMPLETE`].
+/// `OR ROLLBACK` spares it a statement journal (schema version 13). It returns the records it delivered; a
+/// record that failed before (its recovery time counts toward MTTR) or whose claim is stale is left to
+/// [`COMPLETE`].
 static COMPLETE_DELIVERED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let values: Vec<String> = (0..INSERT_CHUNK)
         .map(|i| format!("(?{}, ?{}, ?{})", 3 * i + 3, 3 * i + 4, 3 * i + 5))
