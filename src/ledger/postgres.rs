@@ -272,15 +272,9 @@ impl PostgresLedger {
             let mut buckets = Vec::with_capacity(round.len());
             let mut correlations = Vec::with_capacity(round.len());
             let mut orderings: Vec<Option<i64>> = Vec::with_capacity(round.len());
-            // The keys whose revision carries an ordering value: their stored value is read in the same
-            // statement, before the write, to tell a tie (flagged) from a newer revision.
-            let mut ordered_keys: Vec<String> = Vec::new();
             for (index, item) in &round {
                 positions.push(i64::try_from(*index).unwrap_or(i64::MAX));
                 orderings.push(item.ordering);
-                if item.ordering.is_some() {
-                    ordered_keys.push(item.idempotency_key.clone());
-                }
                 source_keys.push(item.source_key.clone());
                 keys.push(item.idempotency_key.clone());
                 external_ids.push(item.external_id.clone());
@@ -298,30 +292,34 @@ impl PostgresLedger {
             // is an update or a duplicate, leased to no one). `input` is read twice, so it is materialised
             // and keeps the key order of the arrays; the lease test is a hashed lookup, not a join, so the
             // rows reach the insert in that order. `leased` is materialised and tests against `existing` (the
-            // batch's keys already stored, found through the key index): inlined, it was planned once per input row, and a
-            // test against `records` itself became a hash anti-join over every record of the flow, so each
-            // ingest cost grew with the ledger (18 ms per 300 records at 20,000).
+            // batch's keys already stored, found through the key index): inlined, it was planned once per input
+            // row, and a test against `records` itself became a hash anti-join over every record of the flow, so
+            // each ingest cost grew with the ledger (18 ms per 300 records at 20,000).
+            //
+            // `existing` also brings back each stored key's ordering value, read from the statement's snapshot
+            // before the write, to tell a tie (flagged) from a newer revision. It used to be a second lookup of
+            // the keys that carry one: two probes of the key index per record where one does (in the end-to-end
+            // benchmark, whose opportunities are ordered, 600 of an ingest's ~5,700 buffer touches per 300).
+            // It looks up no key when neither needs it (no lease asked for, no ordering value in the round).
             let written = sqlx::query(
-                "WITH prior AS (SELECT idempotency_key, ordering_value FROM records \
-                 WHERE flow = $1 AND idempotency_key = ANY($11)), \
-                 input AS MATERIALIZED (SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::text[], $8::bigint[], $9::text[], $10::bigint[], $12::bigint[]) AS t(source_key, \
+                "WITH input AS MATERIALIZED (SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[]) AS t(source_key, \
                  idempotency_key, external_id, payload_hash, contract_version, bucket, correlation_id, \
                  ordering_value, position)), \
-                 existing AS MATERIALIZED (SELECT idempotency_key FROM records \
-                 WHERE flow = $1 AND idempotency_key = ANY($4::text[])), \
-                 leased AS MATERIALIZED (SELECT i.position FROM input i WHERE i.bucket = ANY($13) \
+                 existing AS MATERIALIZED (SELECT idempotency_key, ordering_value FROM records \
+                 WHERE flow = $1 AND idempotency_key = ANY($16::text[])), \
+                 leased AS MATERIALIZED (SELECT i.position FROM input i WHERE i.bucket = ANY($12) \
                  AND NOT EXISTS (SELECT 1 FROM existing x WHERE x.idempotency_key = i.idempotency_key) \
-                 ORDER BY i.position LIMIT $14), \
+                 ORDER BY i.position LIMIT $13), \
                  written AS ( \
                  INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
                  payload_hash, contract_version, state, claimed_from, lease_owner, lease_expires_at, fence, \
                  attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at, ordering_value) \
                  SELECT $1, t.source_key, t.idempotency_key, t.external_id, 1, t.payload_hash, \
                  t.contract_version, CASE WHEN t.lease THEN 'delivering' ELSE 'received' END, \
-                 CASE WHEN t.lease THEN 'received' END, CASE WHEN t.lease THEN $15::text END, \
-                 CASE WHEN t.lease THEN $16::bigint END, t.lease::int, t.lease::int, \
-                 CASE WHEN t.lease THEN $16::bigint ELSE $2 END, t.bucket, t.correlation_id, $2, $2, \
+                 CASE WHEN t.lease THEN 'received' END, CASE WHEN t.lease THEN $14::text END, \
+                 CASE WHEN t.lease THEN $15::bigint END, t.lease::int, t.lease::int, \
+                 CASE WHEN t.lease THEN $15::bigint ELSE $2 END, t.bucket, t.correlation_id, $2, $2, \
                  t.ordering_value \
                  FROM (SELECT i.*, i.position IN (SELECT position FROM leased) AS lease FROM input i) AS t \
                  ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = EXCLUDED.source_key, \
@@ -341,7 +339,7 @@ impl PostgresLedger {
                  (xmax = 0 AND state = 'delivering') AS leased) \
                  SELECT w.id, w.idempotency_key, w.generation, w.inserted, w.leased, \
                  p.ordering_value AS prior_ordering \
-                 FROM written w LEFT JOIN prior p ON p.idempotency_key = w.idempotency_key",
+                 FROM written w LEFT JOIN existing p ON p.idempotency_key = w.idempotency_key",
             )
             .bind(&self.flow)
             .bind(now)
@@ -353,12 +351,16 @@ impl PostgresLedger {
             .bind(&buckets)
             .bind(&correlations)
             .bind(&orderings)
-            .bind(&ordered_keys)
             .bind(&positions)
             .bind(&lease_buckets)
             .bind(i64::try_from(lease_left).unwrap_or(i64::MAX))
             .bind(lease_worker)
             .bind(lease_expires)
+            .bind(if lease_left > 0 || orderings.iter().any(Option::is_some) {
+                &keys[..]
+            } else {
+                &[][..]
+            })
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("ingest", None))?;
