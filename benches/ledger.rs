@@ -341,6 +341,9 @@ mod db_time {
                 ("auto_explain.log_buffers", "on"),
             ]);
         }
+        // Extra server settings, as in the worker and end-to-end benches (`MESHLINE_BENCH_PG_SETTINGS=name=value,...`).
+        let extra = std::env::var("MESHLINE_BENCH_PG_SETTINGS").unwrap_or_default();
+        settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
         let server = postgres::PgServer::start_with(&settings);
         let url = server.create_database("bench");
         server.run_sql("bench", "CREATE EXTENSION pg_stat_statements");
