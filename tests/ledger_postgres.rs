@@ -267,3 +267,75 @@ async fn a_claim_hands_over_the_payload_of_the_generation_it_leased() {
         );
     }
 }
+
+/// A claim and a completion rewrite a record's row in place (a heap-only update that writes no index entry):
+/// since schema version 14 no index of `records` names a column they change, and its pages keep room for the
+/// row's next versions. The counts are PostgreSQL's own, read once the ledger's connections closed and their
+/// statistics reached the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_completions_update_records_in_place() {
+    use meshline::ledger::{BucketSet, Completion, LedgerTarget, Outcome};
+    use serde_json::json;
+    use support::ledger_suite::{LEASE, record};
+
+    const RECORDS: usize = 400;
+    let fixture = Fixture::postgres();
+    let ledger = fixture.open(support::ledger_suite::clock()).await;
+    ledger
+        .ingest(
+            (0..RECORDS)
+                .map(|i| record(&format!("hot{i:03}"), json!({"i": i})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let claimed = ledger
+        .claim("worker-a", &BucketSet::all(), RECORDS, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), RECORDS);
+    let completions = claimed
+        .into_iter()
+        .map(|c| Completion {
+            claim: c.claim,
+            outcome: Outcome::Delivered,
+        })
+        .collect();
+    ledger.complete_batch(completions).await.unwrap();
+    ledger.close().await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+
+    let LedgerTarget::Postgres(url) = &fixture.target else {
+        unreachable!("a PostgreSQL fixture")
+    };
+    let stats = sqlx::PgPool::connect(url).await.unwrap();
+    // A backend sends its table statistics when it goes idle or exits; the ledger's connections have closed,
+    // so the counts arrive. This waits for them, not for a time.
+    let (updated, in_place) = loop {
+        let (updated, in_place): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'records'",
+        )
+        .fetch_one(&stats)
+        .await
+        .unwrap();
+        if updated >= 2 * RECORDS as i64 {
+            break (updated, in_place);
+        }
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&stats)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        updated,
+        2 * RECORDS as i64,
+        "one claim and one completion per record"
+    );
+    assert!(
+        in_place * 100 >= updated * 95,
+        "{in_place} of {updated} updates of records were in place (heap-only); the rest wrote an entry in \
+         every index of the table"
+    );
+    stats.close().await;
+}

@@ -25,17 +25,17 @@ use super::audit::{self, RUN_COLUMNS, RunRow};
 use super::parse_state;
 use super::schema::{self, SCHEMA_VERSION};
 use super::tickets::{self, TicketRow, TimesDelta, postgres_param};
+use super::{AUDIT_RUNS_KEPT, AuditRecordFacts, AuditRun, AuditSide};
 use super::{
-    ATTENTION, BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionResult, Counts,
-    CountsRow, DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest,
-    Ledger, LedgerError, LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED,
+    BucketSet, Claim, ClaimedRecord, Clock, Completion, CompletionResult, Counts, CountsRow,
+    DEAD_LETTERS_PURGED, IncomingRecord, IngestOutcome, InterventionRow, LeaseRequest, Ledger,
+    LedgerError, LineageRow, MAX_COUNTERS, ManualAction, NewLineageEvent, PAYLOADS_PURGED,
     PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail, RecordId, RecordRow, RecordState,
     RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS, SnapshotRow,
     TICKET_OCCURRENCES_PURGED, add_events, assemble_counts, assemble_detail, compact_outcome,
     completion_params, counts_from_kept, lease_ms, prepare, retention_cutoff, rounds, stale_detail,
     tie_detail, to_time, window_start_minute,
 };
-use super::{AUDIT_RUNS_KEPT, AuditRecordFacts, AuditRun, AuditSide};
 use super::{
     DueDelivery, FlowTicketMeasures, HeldAsSeen, OwnerTicketMeasures, RaisedException,
     TicketAssignment, TicketRecord, TicketSinkHealth,
@@ -980,6 +980,15 @@ fn redact_url(url: &str) -> String {
 
 const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
 
+/// `AND r.attention = $2` when listing holds or dead letters (`$2` is the state): the `records_attention`
+/// index is over the generated `attention` column since schema version 14, not over `state`.
+fn attention_filter(state: RecordState) -> &'static str {
+    match state {
+        RecordState::Held | RecordState::DeadLettered => "AND r.attention = $2",
+        _ => "",
+    }
+}
+
 #[async_trait]
 impl Ledger for PostgresLedger {
     fn flow(&self) -> &str {
@@ -1053,10 +1062,12 @@ impl Ledger for PostgresLedger {
         // before the payload and waits for the lock), so each generation comes with its own payload.
         let sql = format!(
             "WITH due AS ( \
-               SELECT id, state AS previous_state, lease_owner AS previous_owner FROM records \
-               WHERE flow = $1 AND bucket = ANY($2) AND state IN {PENDING} AND next_attempt_at <= $3 \
-               AND (lease_expires_at IS NULL OR lease_expires_at <= $3) \
-               ORDER BY next_attempt_at, id LIMIT $4 FOR UPDATE SKIP LOCKED), \
+               SELECT r.id, r.state AS previous_state, r.lease_owner AS previous_owner \
+               FROM record_queue q JOIN records r ON r.id = q.record_id \
+               WHERE q.flow = $1 AND q.bucket = ANY($2) AND q.due_at <= $3 \
+               AND r.flow = $1 AND r.state IN {PENDING} AND r.next_attempt_at <= $3 \
+               AND (r.lease_expires_at IS NULL OR r.lease_expires_at <= $3) \
+               ORDER BY q.due_at LIMIT $4 FOR UPDATE OF r SKIP LOCKED), \
              claimed AS ( \
                UPDATE records r SET \
                claimed_from = CASE WHEN r.state = 'delivering' THEN r.claimed_from ELSE r.state END, \
@@ -1074,8 +1085,9 @@ impl Ledger for PostgresLedger {
              SELECT id FROM claimed"
         );
         let mut tx = self.pool.begin().await.map_err(self.db("claim", None))?;
-        // The due rows are read from `records_claimable` in its order (next attempt, id), so `LIMIT` stops
-        // after the rows it leases. With statistics that call the table tiny (a young or fast-growing
+        // The due rows are read from `record_queue_due` in its order (due time, then the order they were
+        // queued in), so `LIMIT` stops after the rows it leases; each is checked against its record (the
+        // queue's row is read from the snapshot, the record's newest version is locked and rechecked). With statistics that call the table tiny (a young or fast-growing
         // ledger, before autovacuum analyzes it), sorting looks free and the planner read every pending row
         // of the flow from another index and sorted them: ~15 ms per claim with a backlog of 10,000. Sorts
         // are off for this transaction (the second statement sorts nothing; the order is restored below),
@@ -1493,7 +1505,7 @@ impl Ledger for PostgresLedger {
         // idempotency-key order, as an ingest (which may update a dead letter) locks rows, so the two never
         // deadlock.
         let mut ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND state IN ('held', 'dead_lettered') \
+            "SELECT id FROM records WHERE flow = $1 AND attention = 'dead_lettered' \
              AND dead_letter_reason = $2 \
              ORDER BY idempotency_key COLLATE \"C\" FOR UPDATE",
         )
@@ -1569,7 +1581,7 @@ impl Ledger for PostgresLedger {
         let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.flow = $1 AND r.state = $2 {} \
              AND r.id > $3 AND ($5::TEXT IS NULL OR r.dead_letter_reason = $5) ORDER BY r.id LIMIT $4",
-            super::attention_filter(state)
+            attention_filter(state)
         )))
         .bind(&self.flow)
         .bind(state.as_str())
@@ -1613,17 +1625,16 @@ impl Ledger for PostgresLedger {
     async fn counts(&self) -> Result<Counts> {
         let now = self.clock.now_ms();
         // One statement, so one snapshot: the kept counters (shards summed), the window's minutes and the
-        // oldest waiting record (one probe of the `records_pending_age` index).
-        let sql = format!(
+        // oldest waiting record (one probe of `record_queue_age`).
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
             "SELECT 'kept' AS kind, counter, (CASE WHEN counter = ANY($3) THEN MAX(value) ELSE SUM(value) END)::BIGINT AS value \
              FROM ledger_counters WHERE flow = $1 GROUP BY counter \
              UNION ALL SELECT 'window', counter, SUM(value)::BIGINT FROM ledger_window \
              WHERE flow = $1 AND minute >= $2 GROUP BY counter \
-             UNION ALL SELECT 'oldest', 'oldest_pending_at', (SELECT received_at FROM records \
-             WHERE flow = $1 AND state IN {PENDING} ORDER BY received_at LIMIT 1)"
-        );
-        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(AssertSqlSafe(sql))
-            .bind(&self.flow)
+             UNION ALL SELECT 'oldest', 'oldest_pending_at', (SELECT received_at FROM record_queue \
+             WHERE flow = $1 ORDER BY received_at LIMIT 1)",
+        )
+        .bind(&self.flow)
             .bind(window_start_minute(now))
             .bind(MAX_COUNTERS)
             .fetch_all(&self.pool)
@@ -1690,10 +1701,10 @@ impl Ledger for PostgresLedger {
         if let Some(cutoff) = retention_cutoff(now, retention.dead_letters) {
             let mut tx = self.pool.begin().await.map_err(self.db("purge", None))?;
             // SKIP LOCKED: a dead letter being replayed right now is left for the next round.
-            let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT id FROM records WHERE flow = $1 AND state = 'dead_lettered' AND {ATTENTION} \
-                 AND updated_at < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED"
-            )))
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "SELECT id FROM records WHERE flow = $1 AND attention = 'dead_lettered' \
+                 AND updated_at < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+            )
             .bind(&self.flow)
             .bind(cutoff)
             .bind(limit)
@@ -1724,9 +1735,12 @@ impl Ledger for PostgresLedger {
         if let Some(cutoff) = retention_cutoff(now, retention.delivered) {
             let mut tx = self.pool.begin().await.map_err(self.db("purge", None))?;
             let rows: Vec<(i64, i64, Option<String>, i64)> = sqlx::query_as(
+                // Through `records_unpurged`, by receipt: a record delivered before the cutoff was received
+                // before it (schema version 14: no index names the delivery time, which a completion sets).
                 "SELECT id, generation, external_id, delivered_at FROM records \
-                 WHERE flow = $1 AND state = 'delivered' AND purged_at IS NULL AND delivered_at < $2 \
-                 ORDER BY delivered_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+                 WHERE flow = $1 AND purged_at IS NULL AND received_at < $2 \
+                 AND state = 'delivered' AND delivered_at < $2 \
+                 ORDER BY received_at LIMIT $3 FOR UPDATE SKIP LOCKED",
             )
             .bind(&self.flow)
             .bind(cutoff)
@@ -1795,16 +1809,15 @@ impl Ledger for PostgresLedger {
     }
 
     async fn backlog(&self) -> Result<(u64, Option<i64>)> {
-        let sql = format!(
+        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT COALESCE(SUM(value), 0)::BIGINT FROM ledger_counters \
              WHERE flow = $1 AND counter = 'pending'), \
-             (SELECT received_at FROM records WHERE flow = $1 AND state IN {PENDING} ORDER BY received_at LIMIT 1)"
-        );
-        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(sql))
-            .bind(&self.flow)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(self.db("backlog", None))?;
+             (SELECT received_at FROM record_queue WHERE flow = $1 ORDER BY received_at LIMIT 1)",
+        )
+        .bind(&self.flow)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(self.db("backlog", None))?;
         Ok((pending.max(0) as u64, oldest))
     }
 
@@ -1961,8 +1974,9 @@ impl Ledger for PostgresLedger {
                UPDATE records SET state = COALESCE(claimed_from, 'received'), claimed_from = NULL, \
                lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $3, fence = fence + 1, \
                updated_at = $3 \
-               FROM (SELECT id, lease_owner AS owner FROM records WHERE flow = $1 AND state = 'delivering' \
-                 AND lease_owner LIKE $2 ESCAPE '\\' ORDER BY idempotency_key COLLATE \"C\" FOR NO KEY UPDATE) AS held \
+               FROM (SELECT r.id, r.lease_owner AS owner FROM record_queue q JOIN records r ON r.id = q.record_id \
+                 WHERE q.flow = $1 AND r.flow = $1 AND r.state = 'delivering' AND r.lease_owner LIKE $2 ESCAPE '\\' \
+                 ORDER BY r.idempotency_key COLLATE \"C\" FOR NO KEY UPDATE OF r) AS held \
                WHERE records.id = held.id AND records.state = 'delivering' \
                RETURNING records.id, records.generation, records.correlation_id, held.owner), \
              lineage_rows AS ( \

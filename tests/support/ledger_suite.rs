@@ -92,6 +92,46 @@ impl Fixture {
         }
     }
 
+    /// On PostgreSQL, that `record_queue` holds exactly the waiting records, each at its next attempt, in its
+    /// bucket and with its receipt time (schema version 14: claims read the queue, not `records`). SQLite
+    /// finds waiting records through an index of `records` itself; there is nothing to compare.
+    pub async fn assert_queue_mirrors_the_waiting_records(&self) {
+        let LedgerTarget::Postgres(url) = &self.target else {
+            return;
+        };
+        let pool = sqlx::PgPool::connect(url).await.expect("raw postgres");
+        let (waiting, queued): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM records \
+             WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')), \
+             (SELECT count(*) FROM record_queue)",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("count the queue");
+        let differences: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
+            "WITH waiting AS (SELECT id AS record_id, flow, next_attempt_at AS due_at, bucket, received_at \
+               FROM records WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')), \
+             queued AS (SELECT record_id, flow, due_at, bucket, received_at FROM record_queue) \
+             (SELECT 'waiting, not queued so', * FROM (SELECT * FROM waiting EXCEPT ALL SELECT * FROM queued) a) \
+             UNION ALL \
+             (SELECT 'queued, not waiting so', * FROM (SELECT * FROM queued EXCEPT ALL SELECT * FROM waiting) b)",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("compare the queue with the records")
+        .into_iter()
+        .map(|(what, id, _flow, due, bucket, received): (String, i64, String, i64, i64, i64)| {
+            (what, id, due, bucket, received)
+        })
+        .collect();
+        pool.close().await;
+        assert!(
+            differences.is_empty() && waiting == queued,
+            "record_queue differs from the waiting records ({waiting} waiting, {queued} queued; \
+             (what, record, due, bucket, received)): {differences:?}"
+        );
+    }
+
     /// `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self.target {
@@ -247,6 +287,7 @@ pub async fn changed_payload_is_an_update_and_the_stale_generation_cannot_comple
         (counts.records, counts.received, counts.delivered),
         (1, 2, 1)
     );
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 pub async fn claims_only_return_the_requested_buckets(fixture: Fixture) {
@@ -406,6 +447,7 @@ pub async fn an_expired_lease_is_taken_over_and_the_old_holders_completion_is_re
         .nth(1)
         .unwrap();
     assert_eq!(takeover.detail["taken_over_from"], json!("replica-1"));
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 pub async fn counts_and_mttr_survive_reopening_the_ledger(fixture: Fixture) {
@@ -722,6 +764,7 @@ pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
         matches!(refused, Err(LedgerError::IllegalTransition { .. })),
         "{refused:?}"
     );
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixture: Fixture) {
@@ -822,6 +865,7 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     let counts = ledger.counts().await.unwrap();
     assert_eq!(counts.manual_interventions, 2);
     assert_eq!(counts.interventions_per_1000, 1000.0);
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 pub async fn a_decision_on_a_held_record_is_refused_once_a_new_generation_is_held_for_another_role(
@@ -994,6 +1038,7 @@ pub async fn a_released_claim_returns_to_where_it_was(fixture: Fixture) {
         matches!(result, Err(LedgerError::NotFound { .. })),
         "{result:?}"
     );
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: Fixture) {
@@ -1115,6 +1160,7 @@ pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixtu
         (42, 42, 0)
     );
     ledger.close().await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 /// Another replica's intake leases only what its own pipeline asked for: what one replica's
@@ -1540,6 +1586,7 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         .await
         .unwrap();
     assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     let mut claimed = claim_all(ledger.as_ref(), "w1").await;
     claimed.sort_by_key(|c| c.source_key.clone());
     assert_eq!(claimed.len(), 30);
@@ -1557,6 +1604,7 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         ledger.complete(c.claim, outcome).await.unwrap();
     }
     assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     // Manual actions: approve one hold, reject another, replay two dead letters (one by reason).
     let holds = ledger
         .list(RecordState::Held, None, None, 100)
@@ -1593,6 +1641,7 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         .await
         .unwrap();
     assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     // A delivered record changes at the source (a new generation), and another one fails then recovers.
     ledger
         .ingest(vec![record("m00", json!({"i": -1}))])
@@ -1621,11 +1670,13 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         ledger.complete(c.claim, outcome).await.unwrap();
     }
     assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     clock.advance(Duration::from_secs(5));
     for c in claim_all(ledger.as_ref(), "w2").await {
         ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
     }
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     assert_eq!(counts.records, 30);
     assert_eq!(
         counts.received, 33,
@@ -1663,6 +1714,7 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
     let (_, leased) = ledger.ingest_and_claim(batch, &request).await.unwrap();
     assert_eq!(leased.len(), 15);
     let stored = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     assert_eq!(
         (
             stored.records,
@@ -1704,6 +1756,7 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
         ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
     }
     let delivered = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     assert_eq!(
         (
             delivered.delivered,
@@ -1730,6 +1783,7 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
         )
         .await;
     let by_hand = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     assert_eq!(
         (
             by_hand.records,
@@ -1879,6 +1933,7 @@ pub async fn delivered_payloads_are_purged_after_retention_and_duplicates_still_
     assert_eq!(counts.payloads_purged, 3);
     assert_eq!(counts.records, 4);
     ledger.close().await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 /// Dead letters older than `deadLetterRetention` leave the ledger whole; the purge is counted, is no
@@ -1943,6 +1998,7 @@ pub async fn dead_letters_are_purged_after_their_retention(fixture: Fixture) {
         "the purge is no intervention"
     );
     ledger.close().await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 /// A ledger that the previous version (schema 3, no kept counters) left is migrated with its counters
@@ -2414,6 +2470,7 @@ pub async fn released_leases_go_back_fenced_and_are_delivered_once(fixture: Fixt
     }
     assert_counters_equal_a_recount(ledger.as_ref()).await;
     ledger.close().await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
 macro_rules! ledger_suite {
