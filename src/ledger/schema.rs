@@ -330,42 +330,52 @@ macro_rules! waiting {
 /// queue's rows by record through the primary key (`record_id = ANY(...)`, the only index that names the
 /// record), with sequential scans off for the function: a plan with no join and one usable index cannot turn
 /// into a scan of the queue per record, which a join of the transition tables with the queue did when
-/// PL/pgSQL reused a plan made while the queue was nearly empty (a claim of 500 took a second). An update takes every waiting record's entry out and puts the
-/// waiting ones back: a claim, a delivery, a retry and an ingest of a new revision move every entry anyway,
-/// so telling the unmoved ones apart (a join of the old rows with the new) would cost more than it saves.
+/// PL/pgSQL reused a plan made while the queue was nearly empty (a claim of 500 took a second). An update
+/// takes every waiting record's entry out and puts the waiting ones back: a claim, a delivery, a retry and an
+/// ingest of a new revision move every entry anyway, so telling the unmoved ones apart (a join of the old
+/// rows with the new) would cost more than it saves.
+macro_rules! queue_trigger_function {
+    ($name:literal, $body:expr) => {
+        concat!(
+            "CREATE FUNCTION ",
+            $name,
+            "() RETURNS trigger LANGUAGE plpgsql SET enable_seqscan = off AS $$ BEGIN\n",
+            $body,
+            "RETURN NULL;\nEND $$"
+        )
+    };
+}
+
+/// Takes the entries of the waiting records among `old_rows` out of the queue.
+macro_rules! unqueue_old_rows {
+    () => {
+        concat!(
+            "DELETE FROM record_queue WHERE record_id = ANY(ARRAY(SELECT id FROM old_rows WHERE ",
+            waiting!(""),
+            "));\n"
+        )
+    };
+}
+
+/// Queues the waiting records among `new_rows`.
+macro_rules! queue_new_rows {
+    () => {
+        concat!(
+            "INSERT INTO record_queue (record_id, flow, due_at, bucket, received_at) \
+             SELECT id, flow, next_attempt_at, bucket, received_at FROM new_rows WHERE ",
+            waiting!(""),
+            ";\n"
+        )
+    };
+}
+
 const POSTGRES_QUEUE_TRIGGERS: [&str; 6] = [
-    concat!(
-        "CREATE FUNCTION meshline_queue_inserted() RETURNS trigger LANGUAGE plpgsql SET enable_seqscan = off AS $$
-        BEGIN
-            INSERT INTO record_queue (record_id, flow, due_at, bucket, received_at)
-            SELECT id, flow, next_attempt_at, bucket, received_at FROM new_rows WHERE ",
-        waiting!(""),
-        ";
-            RETURN NULL;
-        END $$"
+    queue_trigger_function!("meshline_queue_inserted", queue_new_rows!()),
+    queue_trigger_function!(
+        "meshline_queue_updated",
+        concat!(unqueue_old_rows!(), queue_new_rows!())
     ),
-    concat!(
-        "CREATE FUNCTION meshline_queue_updated() RETURNS trigger LANGUAGE plpgsql SET enable_seqscan = off AS $$
-        BEGIN
-            DELETE FROM record_queue WHERE record_id = ANY(ARRAY(SELECT id FROM old_rows WHERE ",
-        waiting!(""),
-        "));
-            INSERT INTO record_queue (record_id, flow, due_at, bucket, received_at)
-            SELECT id, flow, next_attempt_at, bucket, received_at FROM new_rows WHERE ",
-        waiting!(""),
-        ";
-            RETURN NULL;
-        END $$"
-    ),
-    concat!(
-        "CREATE FUNCTION meshline_queue_deleted() RETURNS trigger LANGUAGE plpgsql SET enable_seqscan = off AS $$
-        BEGIN
-            DELETE FROM record_queue WHERE record_id = ANY(ARRAY(SELECT id FROM old_rows WHERE ",
-        waiting!(""),
-        "));
-            RETURN NULL;
-        END $$"
-    ),
+    queue_trigger_function!("meshline_queue_deleted", unqueue_old_rows!()),
     "CREATE TRIGGER records_queued_insert AFTER INSERT ON records REFERENCING NEW TABLE AS new_rows
         FOR EACH STATEMENT EXECUTE FUNCTION meshline_queue_inserted()",
     "CREATE TRIGGER records_queued_update AFTER UPDATE ON records REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
