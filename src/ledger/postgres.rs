@@ -1087,11 +1087,13 @@ impl Ledger for PostgresLedger {
         let mut tx = self.pool.begin().await.map_err(self.db("claim", None))?;
         // The due rows are read from `record_queue_due` in its order (due time, then the order they were
         // queued in), so `LIMIT` stops after the rows it leases; each is checked against its record (the
-        // queue's row is read from the snapshot, the record's newest version is locked and rechecked). With statistics that call the table tiny (a young or fast-growing
-        // ledger, before autovacuum analyzes it), sorting looks free and the planner read every pending row
-        // of the flow from another index and sorted them: ~15 ms per claim with a backlog of 10,000. Sorts
-        // are off for this transaction (the second statement sorts nothing; the order is restored below),
-        // and JIT with them: a plan made of disabled steps costs enough on paper to be compiled with LLVM.
+        // queue's row is read from the snapshot, the record's newest version is locked and rechecked).
+        //
+        // With statistics that call the table tiny (a young or fast-growing ledger, before autovacuum
+        // analyzes it), sorting looks free, and the planner once read every pending row of the flow from
+        // another index and sorted them: ~15 ms per claim with a backlog of 10,000. Sorts are off for this
+        // transaction (the second statement sorts nothing; the order is restored below), and JIT with them:
+        // a plan made of disabled steps costs enough on paper to be compiled with LLVM.
         sqlx::query(
             "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)",
         )
