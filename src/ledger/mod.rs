@@ -850,17 +850,10 @@ pub(crate) const RECORD_COLUMNS: &str = "r.id, r.flow, r.source_key, r.idempoten
     r.dead_letter_reason, r.erp_response, r.hold_rule, r.hold_role, r.approved_by, r.bucket, r.correlation_id, \
     r.received_at, r.updated_at, r.delivered_at, r.first_failure_at, r.outcome";
 
-/// The states people page through (holds, dead letters): the predicate of the `records_attention` partial
-/// index, which queries repeat word for word so the planners use it.
+/// The states people page through (holds, dead letters): the predicate of SQLite's `records_attention` partial
+/// index, which queries repeat word for word so the planner uses it. PostgreSQL indexes the generated
+/// `attention` column instead since schema version 14 (each backend's `attention_filter` says how its listing reaches its index).
 pub(crate) const ATTENTION: &str = "state IN ('held', 'dead_lettered')";
-
-/// `AND r.state IN (…)` when listing a state the attention index covers, so the planner can use it.
-pub(crate) fn attention_filter(state: RecordState) -> String {
-    match state {
-        RecordState::Held | RecordState::DeadLettered => format!("AND r.{ATTENTION}"),
-        _ => String::new(),
-    }
-}
 
 /// A record with its current payload (none once a delivered record was reduced to its compact row).
 pub(crate) const RECORD_FROM: &str = "records r LEFT JOIN payloads p ON p.record_id = r.id";

@@ -39,9 +39,8 @@ use super::{
     NewLineageEvent, PAYLOADS_PURGED, PurgeReport, RECORD_COLUMNS, RECORD_FROM, RecordDetail,
     RecordId, RecordRow, RecordState, RecordView, ReplayRecord, Result, Retention, STALE_REVISIONS,
     SnapshotRow, TICKET_OCCURRENCES_PURGED, add_events, assemble_counts, assemble_detail,
-    attention_filter, check_replay_limit, compact_outcome, completion_params, counts_from_kept,
-    lease_ms, parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time,
-    window_start_minute,
+    check_replay_limit, compact_outcome, completion_params, counts_from_kept, lease_ms,
+    parse_state, prepare, retention_cutoff, stale_detail, tie_detail, to_time, window_start_minute,
 };
 use super::{AUDIT_RUNS_KEPT, AuditRecordFacts, AuditRun, AuditSide};
 use super::{
@@ -55,6 +54,14 @@ use super::{
 };
 use crate::connectors::queries::AuditedOrder;
 use chrono::{DateTime, Utc};
+
+/// `AND r.state IN (…)` when listing a state the `records_attention` index covers, so the planner uses it.
+fn attention_filter(state: RecordState) -> String {
+    match state {
+        RecordState::Held | RecordState::DeadLettered => format!("AND r.{ATTENTION}"),
+        _ => String::new(),
+    }
+}
 
 /// "A state a record waits in", word for word as the `records_due` and `records_pending_age` indexes say it
 /// (schema version 10), so the planner can use them.
