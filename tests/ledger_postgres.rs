@@ -339,3 +339,142 @@ async fn claims_and_completions_update_records_in_place() {
     );
     stats.close().await;
 }
+
+/// A completion and an ingest of the same stored records take their row locks in one order, whichever of the
+/// two starts waiting first. A third transaction holds the record with the lowest id, so both must stop on
+/// it; once it lets go, the one that queued first goes on while the other waits. Had either path locked rows
+/// in another order (by key, or in the order it was given), it would hold rows the other needs while it
+/// waits: PostgreSQL would find the deadlock and abort one of them (40P01), which the ledger reports as an
+/// error. The ids of the records follow neither their keys nor the batches' orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_ingests_lock_stored_records_in_one_order() {
+    use meshline::ledger::{
+        BucketSet, Completion, CompletionResult, IngestOutcome, LedgerTarget, Outcome,
+    };
+    use serde_json::json;
+    use support::ledger_suite::{LEASE, clock, record};
+
+    const RECORDS: usize = 60;
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let completer = fixture.open(clock.clone()).await;
+    let intake = fixture.open(clock.clone()).await;
+    let keys: Vec<String> = (0..RECORDS).map(|i| format!("order-{i:03}")).collect();
+    for i in 0..RECORDS {
+        // 7 is prime to 60: every key once, their ids in neither the keys' order nor its reverse (and the
+        // lowest id not on the lowest key).
+        intake
+            .ingest(vec![record(
+                &keys[(i * 7 + 13) % RECORDS],
+                json!({"round": 0}),
+            )])
+            .await
+            .unwrap();
+    }
+    let LedgerTarget::Postgres(url) = &fixture.target else {
+        unreachable!("a PostgreSQL fixture")
+    };
+    let side = sqlx::PgPool::connect(url).await.unwrap();
+    let waiting = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&side)
+        .await
+        .unwrap();
+        n
+    };
+    let wait_for = |n: i64| {
+        let waiting = &waiting;
+        async move {
+            // Waits for the state (n sessions queued on a lock), not for a time.
+            while waiting().await < n {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    };
+
+    for (round, completion_first) in [(1, true), (2, false)] {
+        let mut claimed = completer
+            .claim("worker", &BucketSet::all(), RECORDS, LEASE)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), RECORDS, "round {round}");
+        let lowest = claimed.iter().map(|c| c.claim.id.0).min().unwrap();
+        // Given in descending key order; the update's batch by descending payload.
+        claimed.sort_by(|a, b| b.idempotency_key.cmp(&a.idempotency_key));
+        let completions: Vec<Completion> = claimed
+            .iter()
+            .map(|c| Completion {
+                claim: c.claim,
+                outcome: Outcome::Delivered,
+            })
+            .collect();
+        let updates: Vec<_> = keys
+            .iter()
+            .rev()
+            .map(|k| record(k, json!({"round": round})))
+            .collect();
+
+        let mut gate = side.begin().await.unwrap();
+        sqlx::query("SELECT id FROM records WHERE id = $1 FOR UPDATE")
+            .bind(lowest)
+            .execute(&mut *gate)
+            .await
+            .unwrap();
+        let complete = {
+            let completer = completer.clone();
+            move || tokio::spawn(async move { completer.complete_batch(completions).await })
+        };
+        let ingest = {
+            let intake = intake.clone();
+            move || tokio::spawn(async move { intake.ingest(updates).await })
+        };
+        let (completed, ingested) = if completion_first {
+            let completed = complete();
+            wait_for(1).await;
+            let ingested = ingest();
+            wait_for(2).await;
+            (completed, ingested)
+        } else {
+            let ingested = ingest();
+            wait_for(1).await;
+            let completed = complete();
+            wait_for(2).await;
+            (completed, ingested)
+        };
+        gate.commit().await.unwrap();
+        let completed = completed
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: completion: {e:?}"));
+        let ingested = ingested
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round {round}: ingest: {e:?}"));
+        assert!(
+            ingested
+                .iter()
+                .all(|o| matches!(o, IngestOutcome::Updated { .. })),
+            "round {round}: {ingested:?}"
+        );
+        // The completion that queued first applied; the one that queued behind the ingest found newer
+        // generations and was refused for them.
+        let expected = |r: &CompletionResult| {
+            if completion_first {
+                *r == CompletionResult::Applied
+            } else {
+                matches!(r, CompletionResult::Superseded { .. })
+            }
+        };
+        assert!(
+            completed.iter().all(expected),
+            "round {round}: {completed:?}"
+        );
+        fixture.assert_queue_mirrors_the_waiting_records().await;
+    }
+    side.close().await;
+    completer.close().await;
+    intake.close().await;
+}

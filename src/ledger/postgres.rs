@@ -258,10 +258,10 @@ impl PostgresLedger {
         let mut tx = self.pool.begin().await.map_err(self.db("ingest", None))?;
         let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; total];
         for mut round in rounds(prepared) {
-            // Rows are locked in idempotency-key order (bytewise, as `COLLATE "C"` sorts), the order every
-            // writer of existing records takes them in (see `complete_batch`), so two transactions that
-            // touch the same records wait for each other instead of deadlocking. A round holds each key
-            // once; a later round's keys are all in an earlier one, so it takes no new row lock.
+            // Stored rows are locked in id order before the upsert (below). The keys the upsert inserts go
+            // in idempotency-key order (bytewise, as `COLLATE "C"` sorts), so two ingests inserting the same
+            // new keys wait for each other in one order too. A round holds each key once; a later round's
+            // keys are all in an earlier one, so it takes no new row lock.
             round.sort_by(|(_, a), (_, b)| a.idempotency_key.cmp(&b.idempotency_key));
             let mut positions = Vec::with_capacity(round.len());
             let mut source_keys = Vec::with_capacity(round.len());
@@ -283,6 +283,25 @@ impl PostgresLedger {
                 buckets.push(item.bucket);
                 correlations.push(item.correlation_id.clone());
             }
+            // The stored rows of the round's keys, locked in record-id order before anything is written:
+            // every writer of existing records locks them in id order (a completion's update reads them
+            // through the primary key), so an ingest and a completion of the same records queue behind each
+            // other instead of deadlocking. The upsert below then takes no new lock on a stored row; the keys
+            // it inserts are new, so no completion holds them. Each key's ordering value comes back too, read
+            // from its newest version (the one the upsert compares with), to tell a tie (flagged) from a newer
+            // revision.
+            let (existing_keys, existing_orderings): (Vec<String>, Vec<Option<i64>>) =
+                sqlx::query_as::<_, (String, Option<i64>)>(
+                    "SELECT idempotency_key, ordering_value FROM records \
+                     WHERE flow = $1 AND idempotency_key = ANY($2) ORDER BY id FOR NO KEY UPDATE",
+                )
+                .bind(&self.flow)
+                .bind(&keys)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(self.db("ingest", None))?
+                .into_iter()
+                .unzip();
             // New keys insert; changed payloads start a new generation (lease columns untouched, so an
             // in-flight older generation is never claimed alongside it); equal hashes are left alone and
             // do not come back from RETURNING. With a lease request, the first new records of the batch (in
@@ -292,22 +311,16 @@ impl PostgresLedger {
             // is an update or a duplicate, leased to no one). `input` is read twice, so it is materialised
             // and keeps the key order of the arrays; the lease test is a hashed lookup, not a join, so the
             // rows reach the insert in that order. `leased` is materialised and tests against `existing` (the
-            // batch's keys already stored, found through the key index): inlined, it was planned once per input
-            // row, and a test against `records` itself became a hash anti-join over every record of the flow, so
-            // each ingest cost grew with the ledger (18 ms per 300 records at 20,000).
-            //
-            // `existing` also brings back each stored key's ordering value, read from the statement's snapshot
-            // before the write, to tell a tie (flagged) from a newer revision. It used to be a second lookup of
-            // the keys that carry one: two probes of the key index per record where one does (in the end-to-end
-            // benchmark, whose opportunities are ordered, 600 of an ingest's ~5,700 buffer touches per 300).
-            // It looks up no key when neither needs it (no lease asked for, no ordering value in the round).
+            // stored keys locked above): inlined, it was planned once per input row, and a test against
+            // `records` itself became a hash anti-join over every record of the flow, so each ingest cost grew
+            // with the ledger (18 ms per 300 records at 20,000).
             let written = sqlx::query(
                 "WITH input AS MATERIALIZED (SELECT * FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], \
                  $7::text[], $8::bigint[], $9::text[], $10::bigint[], $11::bigint[]) AS t(source_key, \
                  idempotency_key, external_id, payload_hash, contract_version, bucket, correlation_id, \
                  ordering_value, position)), \
-                 existing AS MATERIALIZED (SELECT idempotency_key, ordering_value FROM records \
-                 WHERE flow = $1 AND idempotency_key = ANY($16::text[])), \
+                 existing AS MATERIALIZED (SELECT * FROM UNNEST($16::text[], $17::bigint[]) \
+                 AS x(idempotency_key, ordering_value)), \
                  leased AS MATERIALIZED (SELECT i.position FROM input i WHERE i.bucket = ANY($12) \
                  AND NOT EXISTS (SELECT 1 FROM existing x WHERE x.idempotency_key = i.idempotency_key) \
                  ORDER BY i.position LIMIT $13), \
@@ -356,11 +369,8 @@ impl PostgresLedger {
             .bind(i64::try_from(lease_left).unwrap_or(i64::MAX))
             .bind(lease_worker)
             .bind(lease_expires)
-            .bind(if lease_left > 0 || orderings.iter().any(Option::is_some) {
-                &keys[..]
-            } else {
-                &[][..]
-            })
+            .bind(&existing_keys)
+            .bind(&existing_orderings)
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("ingest", None))?;
@@ -1152,8 +1162,15 @@ impl Ledger for PostgresLedger {
         let mut snapshot_by_id: HashMap<i64, String> = HashMap::new();
         let mut ticket_fps: Vec<Option<String>> = Vec::with_capacity(n);
         // Each completion's ticket cause, in batch order.
-        let mut causes: Vec<Option<(String, tickets::Cause)>> = Vec::with_capacity(n);
-        for completion in &completions {
+        let mut causes: Vec<Option<(String, tickets::Cause)>> = (0..n).map(|_| None).collect();
+        // The statement's rows go in record-id order, the order in which the update locks them (see below).
+        // A record completed twice in one batch is sent once, with its first completion: that one applies
+        // and the later one is refused, as it would be in a batch of its own.
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by_key(|&i| completions[i].claim.id.0);
+        order.dedup_by_key(|i| completions[*i].claim.id.0);
+        for &index in &order {
+            let completion = &completions[index];
             let claim = completion.claim;
             let params = completion_params(&self.flow, &completion.outcome, now);
             let mut detail = params.detail;
@@ -1176,7 +1193,7 @@ impl Ledger for PostgresLedger {
                 snapshot_by_id.insert(claim.id.0, snapshot);
             }
             ticket_fps.push(params.ticket.as_ref().map(|(fp, _)| fp.clone()));
-            causes.push(params.ticket);
+            causes[index] = params.ticket;
         }
 
         let mut tx = self.pool.begin().await.map_err(self.db("complete", None))?;
@@ -1186,21 +1203,22 @@ impl Ledger for PostgresLedger {
         // is materialised once, the records are found by id, and nested loops are off for this transaction
         // (a hash join of two ~500-row sides is right whatever the statistics say).
         //
-        // `locked` takes the batch's row locks in idempotency-key order (bytewise), the order an ingest takes
-        // them in: a completion and an ingest of the same records then queue behind each other and never
-        // deadlock (which PostgreSQL resolves by aborting one of them, 40P01). The update only touches rows
-        // that `locked` returned, so however the join is planned, no row is locked before the ones that
-        // sort ahead of it; the later statements of this transaction touch only these rows.
-        //
-        // The checks (flow, generation, fence, state) read the locked rows, which are their newest versions
-        // and cannot change until commit, so `records` is found by id and nothing else: with statistics
-        // that call the table tiny, a condition on the flow or the state let the planner scan a whole index
-        // of the flow (100,000 entries, ~8 ms) and intersect it with the ids, for every batch.
+        // The update takes the batch's row locks in record-id order, the order every writer of existing
+        // records takes them in (an ingest locks the stored keys it names by id before it writes): a
+        // completion and an ingest of the same records then queue behind each other and never deadlock
+        // (which PostgreSQL resolves by aborting one of them, 40P01). The records are read through the
+        // primary key's `id = ANY` scan, which returns them in id order, and the batch's rows are in id
+        // order too; bitmap and sequential scans, which return rows in the order they lie on disk, are off
+        // for this transaction, so whichever side the join hashes, rows reach the update in id order. No
+        // separate locking step: it cost a second read and a WAL record per row (~5 us a record), a
+        // quarter of the completion. The checks (flow, generation, fence, state) are conditions of the
+        // update, so PostgreSQL rechecks them on a row's newest version when it had to wait for the row.
         //
         // JIT goes off with them: a plan that has no other way than a nested loop (a trigger's, a check's) is
         // then costed above `jit_above_cost`, and compiling it with LLVM took 0.1-1 s per statement.
         sqlx::query(
-            "SELECT set_config('enable_nestloop', 'off', true), set_config('jit', 'off', true)",
+            "SELECT set_config('enable_nestloop', 'off', true), set_config('enable_bitmapscan', 'off', true), \
+             set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)",
         )
         .execute(&mut *tx)
         .await
@@ -1211,8 +1229,6 @@ impl Ledger for PostgresLedger {
                $12::bigint[], $13::bool[], $14::text[], $17::text[]) AS t(id, generation, fence, new_state, next_at, \
                last_error, error_class, dl_reason, erp_response, hold_rule, hold_role, retry_inc, failed, \
                detail, ticket)), \
-             locked AS MATERIALIZED (SELECT id, flow, state, generation, fence FROM records WHERE id = ANY($1) \
-               ORDER BY idempotency_key COLLATE \"C\" FOR NO KEY UPDATE), \
              applied AS ( \
                UPDATE records r SET state = COALESCE(t.new_state, r.claimed_from, 'received'), \
                claimed_from = NULL, lease_owner = NULL, lease_expires_at = NULL, \
@@ -1227,8 +1243,8 @@ impl Ledger for PostgresLedger {
                delivered_at = CASE WHEN t.new_state = 'delivered' THEN $15 ELSE r.delivered_at END, \
                updated_at = $15, \
                ticket = CASE WHEN t.new_state IN ('delivered', 'dead_lettered', 'held') THEN t.ticket ELSE r.ticket END \
-               FROM t JOIN locked l ON l.id = t.id WHERE r.id = l.id AND r.id = ANY($1) AND l.flow = $16 \
-               AND l.generation = t.generation AND l.fence = t.fence AND l.state = 'delivering' \
+               FROM t WHERE r.id = t.id AND r.id = ANY($1) AND r.flow = $16 \
+               AND r.generation = t.generation AND r.fence = t.fence AND r.state = 'delivering' \
                RETURNING r.id, r.generation, r.fence, r.correlation_id, r.received_at, r.source_key, t.new_state, \
                t.detail), \
              lineage_rows AS ( \
@@ -1426,14 +1442,14 @@ impl Ledger for PostgresLedger {
         let details: Vec<String> = events.iter().map(|e| e.detail.to_string()).collect();
         // FOR KEY SHARE does what the foreign key to `records` did before schema version 6: a record that a
         // purge is deleting is waited for and then skipped (reported below), never left with orphan lineage.
-        // Taken in idempotency-key order like every other row lock on records, the events of one record in
-        // the order given.
+        // Taken in record-id order like every other row lock on records, the events of one record in the
+        // order given.
         let inserted = sqlx::query(
             "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
              SELECT r.id, r.generation, $1, t.step, t.detail, r.correlation_id \
              FROM UNNEST($2::bigint[], $3::text[], $4::text[]) WITH ORDINALITY AS t(id, step, detail, position) \
              JOIN records r ON r.id = t.id AND r.flow = $5 \
-             ORDER BY r.idempotency_key COLLATE \"C\", t.position FOR KEY SHARE OF r",
+             ORDER BY r.id, t.position FOR KEY SHARE OF r",
         )
         .bind(now)
         .bind(&ids)
@@ -1504,19 +1520,17 @@ impl Ledger for PostgresLedger {
             .await
             .map_err(self.db("replay by reason", None))?;
         // Locked in the same transaction, so a dead letter cannot be replayed twice by two callers; in
-        // idempotency-key order, as an ingest (which may update a dead letter) locks rows, so the two never
+        // record-id order, as an ingest (which may update a dead letter) locks rows, so the two never
         // deadlock.
-        let mut ids: Vec<i64> = sqlx::query_scalar(
+        let ids: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM records WHERE flow = $1 AND attention = 'dead_lettered' \
-             AND dead_letter_reason = $2 \
-             ORDER BY idempotency_key COLLATE \"C\" FOR UPDATE",
+             AND dead_letter_reason = $2 ORDER BY id FOR UPDATE",
         )
         .bind(&self.flow)
         .bind(dead_letter_reason)
         .fetch_all(&mut *tx)
         .await
         .map_err(self.db("replay by reason", None))?;
-        ids.sort_unstable();
         let ids: Vec<RecordId> = ids.into_iter().map(RecordId).collect();
         for id in &ids {
             self.manual(&mut tx, *id, ManualAction::Replay, None, actor, reason, now)
@@ -1978,7 +1992,7 @@ impl Ledger for PostgresLedger {
                updated_at = $3 \
                FROM (SELECT r.id, r.lease_owner AS owner FROM record_queue q JOIN records r ON r.id = q.record_id \
                  WHERE q.flow = $1 AND r.flow = $1 AND r.state = 'delivering' AND r.lease_owner LIKE $2 ESCAPE '\\' \
-                 ORDER BY r.idempotency_key COLLATE \"C\" FOR NO KEY UPDATE OF r) AS held \
+                 ORDER BY r.id FOR NO KEY UPDATE OF r) AS held \
                WHERE records.id = held.id AND records.state = 'delivering' \
                RETURNING records.id, records.generation, records.correlation_id, held.owner), \
              lineage_rows AS ( \

@@ -1216,9 +1216,11 @@ pub async fn records_an_intake_does_not_lease_stay_claimable_by_other_replicas(f
 }
 
 /// Completions and updates of the same records, in opposite orders, at the same time, many rounds: both
-/// always succeed. Each backend takes the rows' locks in one order (PostgreSQL: by idempotency key in both
-/// paths), so the two wait for each other and never deadlock; a deadlock would surface here as an error
-/// (40P01 on PostgreSQL), because the ledger does not retry.
+/// always succeed. Each backend takes the rows' locks in one order (PostgreSQL: by record id in both paths),
+/// so the two wait for each other and never deadlock; a deadlock would surface here as an error (40P01 on
+/// PostgreSQL), because the ledger does not retry. The records are stored one at a time in a scrambled
+/// order, so their ids follow neither their keys nor the order of either batch: a path that locked by key,
+/// or in the order it was given, would deadlock against one that locks by id.
 pub async fn concurrent_completions_and_updates_of_the_same_records_never_deadlock(
     fixture: Fixture,
 ) {
@@ -1226,14 +1228,14 @@ pub async fn concurrent_completions_and_updates_of_the_same_records_never_deadlo
     let completer = fixture.open(clock.clone()).await;
     let intake = fixture.open(clock.clone()).await;
     let keys: Vec<String> = (0..200).map(|i| format!("lock-{i:04}")).collect();
-    intake
-        .ingest(
-            keys.iter()
-                .map(|k| record(k, json!({"round": 0})))
-                .collect(),
-        )
-        .await
-        .unwrap();
+    for i in 0..keys.len() {
+        // 73 is prime to 200: every key once, ids unrelated to the keys' order.
+        let key = &keys[i * 73 % keys.len()];
+        intake
+            .ingest(vec![record(key, json!({"round": 0}))])
+            .await
+            .unwrap();
+    }
     for round in 1..=25 {
         let mut claimed = claim_all(completer.as_ref(), "worker").await;
         assert_eq!(claimed.len(), keys.len(), "round {round}");
