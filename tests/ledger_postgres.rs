@@ -478,3 +478,160 @@ async fn completions_and_ingests_lock_stored_records_in_one_order() {
     completer.close().await;
     intake.close().await;
 }
+
+/// Since schema version 15 a delivery writes no lineage row: its event is read from the record's row until a
+/// statement moves the row on, and then it is in `lineage` once, under the id reserved at delivery, whichever
+/// statement moved it (here a new revision, then a hand-written update as an older binary or an operator
+/// might run). A compacted record leaves no lineage behind, whether its event was still in its row or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_event_is_written_out_once_when_its_row_moves_on() {
+    use meshline::ledger::{LedgerTarget, Outcome, RecordId};
+    use serde_json::json;
+    use support::ledger_suite::{claim_all, clock, record};
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let LedgerTarget::Postgres(url) = &fixture.target else {
+        unreachable!("a PostgreSQL fixture")
+    };
+    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let stored = |id: RecordId| {
+        let db = db.clone();
+        async move {
+            let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+                "SELECT id, step, generation FROM lineage WHERE record_id = $1 AND step = 'delivered' \
+                 ORDER BY id",
+            )
+            .bind(id.0)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+    let reserved = |id: RecordId| {
+        let db = db.clone();
+        async move {
+            let event: Option<i64> =
+                sqlx::query_scalar("SELECT delivered_event FROM records WHERE id = $1")
+                    .bind(id.0)
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            event
+        }
+    };
+
+    let id = ledger
+        .ingest(vec![record("moves-on", json!({"v": 1}))])
+        .await
+        .unwrap()[0]
+        .id();
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    ledger
+        .complete(claimed.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let first = reserved(id)
+        .await
+        .expect("the delivery reserved its event's id");
+    assert!(stored(id).await.is_empty(), "read from the row, not stored");
+    let steps = |d: &meshline::ledger::RecordDetail| -> Vec<String> {
+        d.lineage.iter().map(|e| e.step.clone()).collect()
+    };
+    assert_eq!(
+        steps(&ledger.get(id).await.unwrap().unwrap()),
+        ["received", "claimed", "delivered"]
+    );
+
+    // A new revision moves the row on: the event is written out under its id, before the revision's own.
+    ledger
+        .ingest(vec![record("moves-on", json!({"v": 2}))])
+        .await
+        .unwrap();
+    assert_eq!(stored(id).await, [(first, "delivered".to_string(), 1)]);
+    assert_eq!(reserved(id).await, None);
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    ledger
+        .complete(claimed.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let second = reserved(id).await.expect("the second delivery's id");
+    assert!(second > first);
+    assert_eq!(
+        steps(&ledger.get(id).await.unwrap().unwrap()),
+        [
+            "received",
+            "claimed",
+            "delivered",
+            "updated",
+            "claimed",
+            "delivered"
+        ]
+    );
+
+    // An update that does not know the column (an older binary's ingest) still writes the event out, and
+    // once: the row's stale id then names a stored event, which reading does not tell again.
+    sqlx::query("UPDATE records SET generation = generation + 1, state = 'received' WHERE id = $1")
+        .bind(id.0)
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE records SET state = 'delivered' WHERE id = $1")
+        .bind(id.0)
+        .execute(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(id).await,
+        [
+            (first, "delivered".to_string(), 1),
+            (second, "delivered".to_string(), 2)
+        ]
+    );
+    assert_eq!(
+        steps(&ledger.get(id).await.unwrap().unwrap()),
+        [
+            "received",
+            "claimed",
+            "delivered",
+            "updated",
+            "claimed",
+            "delivered"
+        ]
+    );
+
+    // Past the retention the record is compacted: none of its lineage stays, in the table or read from the
+    // row (whose reserved id the compaction leaves as it was).
+    let delivered = ledger
+        .ingest(vec![record("compacted", json!({"v": 1}))])
+        .await
+        .unwrap()[0]
+        .id();
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    ledger
+        .complete(claimed.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    assert!(reserved(delivered).await.is_some());
+    clock.advance(std::time::Duration::from_secs(3600));
+    let retention = meshline::ledger::Retention {
+        dead_letters: None,
+        delivered: Some(std::time::Duration::from_secs(60)),
+        resolved_tickets: None,
+    };
+    assert_eq!(ledger.purge(&retention, 500).await.unwrap().payloads, 2);
+    for record in [id, delivered] {
+        let kept: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM lineage WHERE record_id = $1")
+            .bind(record.0)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(kept, 0, "record {record}");
+        let compact = ledger.get(record).await.unwrap().unwrap();
+        assert!(compact.lineage.is_empty(), "{:?}", compact.lineage);
+    }
+    db.close().await;
+    ledger.close().await;
+}

@@ -344,7 +344,7 @@ impl PostgresLedger {
                  hold_role = NULL, approved_by = NULL, bucket = EXCLUDED.bucket, \
                  correlation_id = EXCLUDED.correlation_id, received_at = EXCLUDED.received_at, \
                  updated_at = EXCLUDED.updated_at, delivered_at = NULL, first_failure_at = NULL, \
-                 outcome = NULL, purged_at = NULL, \
+                 outcome = NULL, purged_at = NULL, delivered_event = NULL, \
                  ordering_value = COALESCE(EXCLUDED.ordering_value, records.ordering_value) \
                  WHERE records.payload_hash <> EXCLUDED.payload_hash \
                  AND NOT COALESCE(EXCLUDED.ordering_value < records.ordering_value, FALSE) \
@@ -1214,6 +1214,10 @@ impl Ledger for PostgresLedger {
         // quarter of the completion. The checks (flow, generation, fence, state) are conditions of the
         // update, so PostgreSQL rechecks them on a row's newest version when it had to wait for the row.
         //
+        // A delivery writes no lineage row: its event stays in the record's row, under a lineage id reserved
+        // now, until the row moves on (schema version 15, `keep_delivered_events`); every other outcome is a
+        // lineage row with its detail.
+        //
         // JIT goes off with them: a plan that has no other way than a nested loop (a trigger's, a check's) is
         // then costed above `jit_above_cost`, and compiling it with LLVM took 0.1-1 s per statement.
         sqlx::query(
@@ -1242,14 +1246,16 @@ impl Ledger for PostgresLedger {
                first_failure_at = CASE WHEN t.failed THEN COALESCE(r.first_failure_at, $15) ELSE r.first_failure_at END, \
                delivered_at = CASE WHEN t.new_state = 'delivered' THEN $15 ELSE r.delivered_at END, \
                updated_at = $15, \
-               ticket = CASE WHEN t.new_state IN ('delivered', 'dead_lettered', 'held') THEN t.ticket ELSE r.ticket END \
+               ticket = CASE WHEN t.new_state IN ('delivered', 'dead_lettered', 'held') THEN t.ticket ELSE r.ticket END, \
+               delivered_event = CASE WHEN t.new_state = 'delivered' THEN nextval('lineage_id_seq') END \
                FROM t WHERE r.id = t.id AND r.id = ANY($1) AND r.flow = $16 \
                AND r.generation = t.generation AND r.fence = t.fence AND r.state = 'delivering' \
                RETURNING r.id, r.generation, r.fence, r.correlation_id, r.received_at, r.source_key, t.new_state, \
                t.detail), \
              lineage_rows AS ( \
                INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-               SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied) \
+               SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied \
+               WHERE new_state IS DISTINCT FROM 'delivered') \
              SELECT id, generation, fence, received_at, correlation_id, source_key FROM applied",
         )
         .bind(&ids)
@@ -1561,8 +1567,18 @@ impl Ledger for PostgresLedger {
         let Some(row) = row else {
             return Ok(None);
         };
+        // A delivery's event is kept in its record's row until the row moves on (schema version 15): it is
+        // read from there, in its place by its reserved id, unless it has been written out to `lineage`.
         let lineage: Vec<LineageRow> = sqlx::query_as(
-            "SELECT at, generation, step, detail, correlation_id FROM lineage WHERE record_id = $1 ORDER BY id",
+            "SELECT at, generation, step, detail, correlation_id FROM ( \
+               SELECT id, at, generation, step, detail, correlation_id FROM lineage WHERE record_id = $1 \
+               UNION ALL \
+               SELECT r.delivered_event, r.delivered_at, r.generation, 'delivered', \
+               json_build_object('fence', r.fence)::text, r.correlation_id FROM records r \
+               WHERE r.id = $1 AND r.state = 'delivered' AND r.delivered_event IS NOT NULL \
+               AND r.purged_at IS NULL \
+               AND NOT EXISTS (SELECT 1 FROM lineage l WHERE l.record_id = r.id AND l.id = r.delivered_event) \
+             ) AS events ORDER BY id",
         )
         .bind(id.0)
         .fetch_all(&mut *tx)

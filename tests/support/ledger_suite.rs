@@ -192,7 +192,7 @@ fn permanent(reason: &str) -> Outcome {
     }
 }
 
-async fn claim_all(ledger: &dyn Ledger, worker: &str) -> Vec<ledger::ClaimedRecord> {
+pub async fn claim_all(ledger: &dyn Ledger, worker: &str) -> Vec<ledger::ClaimedRecord> {
     ledger
         .claim(worker, &BucketSet::all(), 10_000, LEASE)
         .await
@@ -991,10 +991,56 @@ pub async fn a_records_lineage_tells_its_whole_story(fixture: Fixture) {
             .all(|e| e.correlation_id == "4bf92f3577b34da6a3ce929d0e0e4736")
     );
     assert_eq!(detail.record.delivered_at, Some(at(&clock)));
+    let delivered = detail.lineage.last().unwrap().clone();
+    assert_eq!(
+        (delivered.at, delivered.generation, &delivered.detail),
+        (at(&clock), 1, &json!({"fence": 1}))
+    );
     // A delivered record keeps no snapshot: its payload is in the ledger, and the operations API shows it
     // through the contract's redaction.
     assert!(detail.snapshots.is_empty(), "{:?}", detail.snapshots);
     assert_eq!(detail.record.payload, json!({"amount": 5}));
+
+    // A new revision goes on with the story; the first delivery stays in it, where and as it was.
+    clock.advance(Duration::from_millis(250));
+    ledger
+        .ingest(vec![record("story", json!({"amount": 6}))])
+        .await
+        .unwrap();
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    assert_eq!(claimed.claim.generation, 2);
+    let revised = ledger.get(id).await.unwrap().unwrap();
+    let steps: Vec<&str> = revised.lineage.iter().map(|e| e.step.as_str()).collect();
+    assert_eq!(
+        steps,
+        [
+            "received",
+            "claimed",
+            "validated",
+            "delivered",
+            "updated",
+            "claimed"
+        ]
+    );
+    assert_eq!(revised.lineage[3], delivered);
+    clock.advance(Duration::from_millis(250));
+    ledger
+        .complete(claimed.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let redelivered = ledger.get(id).await.unwrap().unwrap();
+    assert_eq!(redelivered.lineage[..6], revised.lineage[..]);
+    let last = &redelivered.lineage[6];
+    assert_eq!(
+        (last.step.as_str(), last.at, last.generation, &last.detail),
+        (
+            "delivered",
+            at(&clock),
+            2,
+            &json!({"fence": claimed.claim.fence})
+        )
+    );
+    assert_eq!(redelivered.lineage.len(), 7);
     assert!(
         ledger
             .get(ledger::RecordId(999_999))
