@@ -1215,7 +1215,7 @@ impl Ledger for PostgresLedger {
         // update, so PostgreSQL rechecks them on a row's newest version when it had to wait for the row.
         //
         // A delivery writes no lineage row: its event stays in the record's row, under a lineage id reserved
-        // now, until the row moves on (schema version 15, `keep_delivered_events`); every other outcome is a
+        // now, until the row moves on (schema version 15, `meshline_records_updated`); every other outcome is a
         // lineage row with its detail.
         //
         // JIT goes off with them: a plan that has no other way than a nested loop (a trigger's, a check's) is
