@@ -7,6 +7,15 @@
 //! network's round-trip time. Commits use the server's `synchronous_commit` (on by default), so an ingest
 //! that returned is on disk before the source is acknowledged.
 //!
+//! **Row locks.** Every writer that may wait for a stored record's row lock takes those locks in record-id
+//! order (an ingest in a statement of its own before its upsert, a completion through its update), so two
+//! writers of the same records queue behind each other and never deadlock; the claim and the purge skip
+//! locked rows instead of waiting.
+//!
+//! **Lineage of a delivery.** Since schema version 15 a delivery's event stays in its record's row
+//! (`delivered_event`, its reserved lineage id) until the row moves on, when the update trigger writes it to
+//! `lineage`; `get` reads it from either place.
+//!
 //! **Delivery slots.** The ERP's concurrency limit is per account, not per replica, so the flow's
 //! `delivery.concurrency` is shared: `delivery_slots` holds one row per slot; a replica leases slots (with a
 //! holder and an expiry, taken with SKIP LOCKED) before its ERP calls and gives them back after, and a
