@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use meshline::ledger::{Ledger, LedgerTarget, SystemClock, bucket_of};
+use meshline::ledger::{Ledger, LedgerTarget, RecordId, RecordState, SystemClock, bucket_of};
 use meshline::worker::RenderedFlow;
 use reliability::*;
 use serde_json::Value;
@@ -160,6 +160,62 @@ async fn open_ledger(ledger: &LedgerChoice, files: &FlowFiles) -> Arc<dyn Ledger
     meshline::ledger::open(&target, &files.rendered.flow_name(), Arc::new(SystemClock))
         .await
         .expect("the test opens the flow's ledger")
+}
+
+/// The record the ledger delivered to `external_id`.
+async fn delivered_record(ledger: &dyn Ledger, external_id: &str) -> Option<RecordId> {
+    let mut after = None;
+    loop {
+        let page = ledger
+            .list(RecordState::Delivered, None, after, 500)
+            .await
+            .expect("the test lists delivered records");
+        if let Some(found) = page
+            .iter()
+            .find(|r| r.external_id.as_deref() == Some(external_id))
+        {
+            return Some(found.id);
+        }
+        after = Some(page.last()?.id);
+    }
+}
+
+/// The claims of record `id` that a SIGKILL took from their worker, by the record's lineage: claimed by a
+/// worker before a kill of that worker, then taken over from it or released after the kill. Each is one
+/// delivery the killed worker may have sent and the ledger never recorded.
+async fn claims_taken_by_kills(
+    ledger: &dyn Ledger,
+    id: RecordId,
+    killed: &[(String, chrono::DateTime<chrono::Utc>)],
+) -> Vec<String> {
+    let detail = ledger
+        .get(id)
+        .await
+        .expect("the test reads the record")
+        .expect("the record is in the ledger");
+    let mut last_claim: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let mut taken = Vec::new();
+    for event in &detail.lineage {
+        let from = match event.step.as_str() {
+            "claimed" => event.detail["taken_over_from"].as_str(),
+            "lease_released" => event.detail["owner"].as_str(),
+            _ => None,
+        };
+        if let Some(from) = from
+            && let Some(claimed_at) = last_claim.get(from)
+            && killed
+                .iter()
+                .any(|(name, at)| name == from && claimed_at <= at && *at <= event.at)
+        {
+            taken.push(format!("{} from {from} at {}", event.step, event.at));
+        }
+        if event.step == "claimed"
+            && let Some(worker) = event.detail["worker"].as_str()
+        {
+            last_claim.insert(worker.to_string(), event.at);
+        }
+    }
+    taken
 }
 
 async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
@@ -315,6 +371,8 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     };
     let mut kills = 0u32;
     let mut kill_times: Vec<Instant> = Vec::new();
+    // Which worker each kill took, and when by the ledger's clock (for the lineage's claim times).
+    let mut killed: Vec<(String, chrono::DateTime<chrono::Utc>)> = Vec::new();
     for (step, &weight) in weights.iter().enumerate() {
         set_split(&split_file, Some(weight));
         wait_both_apply([&stable, &canary], Some(weight)).await;
@@ -336,6 +394,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
             &mut stable
         };
         kill_times.push(Instant::now());
+        killed.push((victim.name.clone(), chrono::Utc::now()));
         victim.kill();
         kills += 1;
         victim.start().await;
@@ -373,6 +432,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
                 })
                 .await;
             kill_times.push(Instant::now());
+            killed.push((canary.name.clone(), chrono::Utc::now()));
             canary.kill();
             kills += 1;
             REV_B
@@ -396,6 +456,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
                 .in_flight
                 .load(std::sync::atomic::Ordering::SeqCst);
             kill_times.push(Instant::now());
+            killed.push((canary.name.clone(), chrono::Utc::now()));
             canary.kill();
             kills += 1;
             // What the controller does once the canary pods are gone: their claims go back to stable now
@@ -482,16 +543,40 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
             }
         }
     }
-    let unexplained: Vec<String> = erp
+    // Per record version, the repeats with no kill between the two stores.
+    let between_kills: Vec<(String, usize)> = erp
         .stored_key_times()
         .into_iter()
-        .filter(|(_, times)| {
-            times
+        .map(|(key, times)| {
+            let repeats = times
                 .windows(2)
-                .any(|w| !kill_times.iter().any(|k| w[0] <= *k && *k <= w[1]))
+                .filter(|w| !kill_times.iter().any(|k| w[0] <= *k && *k <= w[1]))
+                .count();
+            (key, repeats)
         })
-        .map(|(key, times)| format!("{key} stored {} times", times.len()))
+        .filter(|(_, repeats)| *repeats > 0)
         .collect();
+    // The ERP stamps a PUT when its handler starts, which on a starved machine can come after the kill of the
+    // worker that sent it (the request was already in the socket). The ledger places such a repeat exactly:
+    // the killed worker claimed the record before the kill, and the record was taken over from it (its lease
+    // ran out) or released after the kill.
+    let mut unexplained = Vec::new();
+    let mut placed_by_ledger = 0;
+    for (key, repeats) in between_kills {
+        let external = key.split('.').next().unwrap_or_default();
+        let taken = match delivered_record(observer.as_ref(), external).await {
+            Some(id) => claims_taken_by_kills(observer.as_ref(), id, &killed).await,
+            None => Vec::new(),
+        };
+        if taken.len() < repeats {
+            unexplained.push(format!(
+                "{key} stored again {repeats} times with no kill between, claims taken from a killed \
+                 worker: {taken:?}"
+            ));
+        } else {
+            placed_by_ledger += repeats;
+        }
+    }
     // Under a starved CPU a call can also time out after the ERP stored it; the retry then repeats it, and
     // the ledger counts the record as failed once. Such repeats are bounded by those failures.
     let failed = counter(&status, "failed");
@@ -506,7 +591,8 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     observer.close().await;
     eprintln!(
         "canary ({}, {ending:?}): {total} records, {} stored deliveries ({repeated} repeats after {kills} \
-         SIGKILLs, per kill {repeats_per_kill:?}, {} without a kill, {failed} records with a failed attempt), {moved_and_updated} updated keys in moved buckets, {in_flight_at_abort} deliveries in flight \
+         SIGKILLs, per kill {repeats_per_kill:?}, {placed_by_ledger} placed after a kill by the ledger's claims, {} \
+         unexplained, {failed} records with a failed attempt), {moved_and_updated} updated keys in moved buckets, {in_flight_at_abort} deliveries in flight \
          at the abort's kill ({released_at_abort} leases released), CRM {:?} then {:?}, total {:.1?}",
         status["backend"],
         keys.values().sum::<u32>(),

@@ -15,7 +15,7 @@ mod reliability;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use reliability::*;
 use serde_json::Value;
 use sha2::Sha256;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 const RECORDS: usize = 1_500;
 const BATCH: usize = 50;
@@ -75,12 +75,21 @@ struct ReceiverState {
     violations: Mutex<Vec<String>>,
     calls: AtomicUsize,
     in_flight: AtomicUsize,
+    /// Armed by the test: the next request the receiver takes is held unanswered until `release`.
+    hold_next: AtomicBool,
+    /// Holds begun so far. A held request can also end without `release`: the server drops it when the killed
+    /// worker's connection goes away.
+    holds_begun: AtomicUsize,
+    release: Notify,
+    /// The held requests, by their place in `requests`.
+    held: Mutex<Vec<usize>>,
 }
 
 /// A well-behaved webhook receiver: checks the signature over `"{timestamp}.{body}"`, takes each
 /// `Idempotency-Key` once and answers a repeat with 200 without applying it. Every third request is slow to
 /// answer (after it was applied, as a receiver that commits and then does more work), so kills land between
-/// the receiver's commit and the worker's record of it.
+/// the receiver's commit and the worker's record of it; armed by the test, it holds the next one it takes
+/// unanswered until the test has killed the worker.
 struct Receiver {
     addr: SocketAddr,
     state: Arc<ReceiverState>,
@@ -198,14 +207,28 @@ async fn receive(
             copy.count = ticket["count"].as_u64().unwrap_or_default();
         }
     }
-    state.requests.lock().unwrap().push(Received {
-        key,
-        fingerprint,
-        version,
-        event,
-        duplicate,
-    });
-    if call % 3 == 0 {
+    let index = {
+        let mut requests = state.requests.lock().unwrap();
+        requests.push(Received {
+            key,
+            fingerprint,
+            version,
+            event,
+            duplicate,
+        });
+        requests.len() - 1
+    };
+    if state.hold_next.swap(false, Ordering::SeqCst) {
+        state.held.lock().unwrap().push(index);
+        // Taken, not yet answered: the test kills the worker now, so the ledger never records this send.
+        // Registered as a waiter before the hold is announced, so a release after it always wakes it (and one
+        // with nobody waiting leaves nothing behind for a later hold).
+        let release = state.release.notified();
+        tokio::pin!(release);
+        release.as_mut().enable();
+        state.holds_begun.fetch_add(1, Ordering::SeqCst);
+        release.await;
+    } else if call % 3 == 0 {
         tokio::time::sleep(Duration::from_millis(400)).await;
     }
     StatusCode::OK.into_response()
@@ -319,15 +342,19 @@ async fn kill_and_restart_while_tickets_change(ledger: LedgerChoice, seed: u64) 
     for kill in 0..KILLS {
         pace.add_permits(BATCHES_PER_KILL);
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..900))).await;
-        if kill % 2 == 1 {
-            // Every other kill waits for a ticket at the receiver, so the window between the receiver taking
-            // it and the ledger recording that is hit for sure. The batches this kill let go bring new dead
-            // letters, so a ticket version is on its way; the deadline only turns a hang into a failure.
+        let targeted = kill % 2 == 1;
+        if targeted {
+            // Every other kill lands while the receiver holds a ticket it took and has not answered, so the
+            // window between the receiver taking it and the ledger recording that is hit for sure, however
+            // the machine schedules. The batches this kill let go bring new dead letters, so a ticket version
+            // is on its way; the deadline only turns a hang into a failure.
+            let holds = receiver.state.holds_begun.load(Ordering::SeqCst);
+            receiver.state.hold_next.store(true, Ordering::SeqCst);
             let until = Instant::now() + Duration::from_secs(120);
-            while receiver.state.in_flight.load(Ordering::SeqCst) == 0 {
+            while receiver.state.holds_begun.load(Ordering::SeqCst) == holds {
                 assert!(
                     Instant::now() < until,
-                    "kill {kill}: no ticket delivery reached the receiver in 120 s; log:\n{}",
+                    "kill {kill}: the receiver took no ticket to hold in 120 s; log:\n{}",
                     worker.log_tail()
                 );
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -337,6 +364,9 @@ async fn kill_and_restart_while_tickets_change(ledger: LedgerChoice, seed: u64) 
             mid_delivery += 1;
         }
         worker.kill();
+        if targeted {
+            receiver.state.release.notify_waiters();
+        }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..300))).await;
         worker.start().await;
     }
@@ -488,10 +518,26 @@ async fn kill_and_restart_while_tickets_change(ledger: LedgerChoice, seed: u64) 
         mid_delivery >= KILLS / 2,
         "at least half the kills hit a ticket delivery in flight ({mid_delivery})"
     );
+    // Every ticket the receiver took and held unanswered while the worker was killed was sent again after the
+    // restart: the same version (a resend the receiver dropped by its key) or, when the ticket changed in
+    // the meantime, a newer one. Never lost with the killed worker.
+    let held = receiver.state.held.lock().unwrap().clone();
     assert!(
-        !resends.is_empty(),
-        "a kill between the receiver taking a ticket and the ledger recording it caused a resend"
+        held.len() >= (KILLS / 2) as usize,
+        "every other kill landed while the receiver held a ticket it took ({} holds)",
+        held.len()
     );
+    for &index in &held {
+        let taken = &requests[index];
+        assert!(
+            requests[index + 1..]
+                .iter()
+                .any(|r| r.fingerprint == taken.fingerprint && r.version >= taken.version),
+            "ticket {} version {} was taken while its worker was killed, and never sent again",
+            taken.fingerprint,
+            taken.version
+        );
+    }
     eprintln!(
         "tickets ({}): {} tickets, {} ticket requests (taken: {events:?}), {} resends dropped by Idempotency-Key \
          ({} keys sent more than once), {KILLS} SIGKILLs ({mid_delivery} with a ticket at the receiver), \
