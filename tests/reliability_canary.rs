@@ -162,18 +162,16 @@ async fn open_ledger(ledger: &LedgerChoice, files: &FlowFiles) -> Arc<dyn Ledger
         .expect("the test opens the flow's ledger")
 }
 
-/// The record the ledger delivered to `external_id`.
-async fn delivered_record(ledger: &dyn Ledger, external_id: &str) -> Option<RecordId> {
+/// The record the ledger delivered to `erp_id` (the opportunity's id with the mapping's `SF-` prefix).
+async fn delivered_record(ledger: &dyn Ledger, erp_id: &str) -> Option<RecordId> {
+    let source_key = erp_id.strip_prefix("SF-")?;
     let mut after = None;
     loop {
         let page = ledger
             .list(RecordState::Delivered, None, after, 500)
             .await
             .expect("the test lists delivered records");
-        if let Some(found) = page
-            .iter()
-            .find(|r| r.external_id.as_deref() == Some(external_id))
-        {
+        if let Some(found) = page.iter().find(|r| r.source_key == source_key) {
             return Some(found.id);
         }
         after = Some(page.last()?.id);
@@ -187,7 +185,7 @@ async fn claims_taken_by_kills(
     ledger: &dyn Ledger,
     id: RecordId,
     killed: &[(String, chrono::DateTime<chrono::Utc>)],
-) -> Vec<String> {
+) -> (Vec<String>, String) {
     let detail = ledger
         .get(id)
         .await
@@ -195,7 +193,15 @@ async fn claims_taken_by_kills(
         .expect("the record is in the ledger");
     let mut last_claim: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
     let mut taken = Vec::new();
+    let mut story = Vec::new();
     for event in &detail.lineage {
+        story.push(format!(
+            "{} g{} {} {}",
+            event.at.format("%H:%M:%S%.3f"),
+            event.generation,
+            event.step,
+            event.detail
+        ));
         let from = match event.step.as_str() {
             "claimed" => event.detail["taken_over_from"].as_str(),
             "lease_released" => event.detail["owner"].as_str(),
@@ -215,7 +221,7 @@ async fn claims_taken_by_kills(
             last_claim.insert(worker.to_string(), event.at);
         }
     }
-    taken
+    (taken, story.join(" | "))
 }
 
 async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
@@ -564,14 +570,17 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     let mut placed_by_ledger = 0;
     for (key, repeats) in between_kills {
         let external = key.split('.').next().unwrap_or_default();
-        let taken = match delivered_record(observer.as_ref(), external).await {
+        let (taken, story) = match delivered_record(observer.as_ref(), external).await {
             Some(id) => claims_taken_by_kills(observer.as_ref(), id, &killed).await,
-            None => Vec::new(),
+            None => (
+                Vec::new(),
+                "no delivered record has this external id".to_string(),
+            ),
         };
         if taken.len() < repeats {
             unexplained.push(format!(
                 "{key} stored again {repeats} times with no kill between, claims taken from a killed \
-                 worker: {taken:?}"
+                 worker: {taken:?}; the record's lineage: {story}; kills: {killed:?}"
             ));
         } else {
             placed_by_ledger += repeats;
