@@ -376,9 +376,9 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
         })
     };
     let mut kills = 0u32;
-    let mut kill_times: Vec<Instant> = Vec::new();
-    // Which worker each kill took, and when by the ledger's clock (for the lineage's claim times).
-    let mut killed: Vec<(String, chrono::DateTime<chrono::Utc>)> = Vec::new();
+    // Each kill: when by the test's clock (for the ERP's stamps), which worker, and when by the ledger's clock
+    // (for the lineage's claim times).
+    let mut kill_log: Vec<(Instant, String, chrono::DateTime<chrono::Utc>)> = Vec::new();
     for (step, &weight) in weights.iter().enumerate() {
         set_split(&split_file, Some(weight));
         wait_both_apply([&stable, &canary], Some(weight)).await;
@@ -399,8 +399,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
         } else {
             &mut stable
         };
-        kill_times.push(Instant::now());
-        killed.push((victim.name.clone(), chrono::Utc::now()));
+        kill_log.push((Instant::now(), victim.name.clone(), chrono::Utc::now()));
         victim.kill();
         kills += 1;
         victim.start().await;
@@ -437,8 +436,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
                     applies(s, None) && s["revision"] == REV_B
                 })
                 .await;
-            kill_times.push(Instant::now());
-            killed.push((canary.name.clone(), chrono::Utc::now()));
+            kill_log.push((Instant::now(), canary.name.clone(), chrono::Utc::now()));
             canary.kill();
             kills += 1;
             REV_B
@@ -461,8 +459,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
                 .state
                 .in_flight
                 .load(std::sync::atomic::Ordering::SeqCst);
-            kill_times.push(Instant::now());
-            killed.push((canary.name.clone(), chrono::Utc::now()));
+            kill_log.push((Instant::now(), canary.name.clone(), chrono::Utc::now()));
             canary.kill();
             kills += 1;
             // What the controller does once the canary pods are gone: their claims go back to stable now
@@ -541,6 +538,11 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
     let keys = erp.stored_keys();
     let repeated: u32 = keys.values().map(|c| c - 1).sum();
     // Which kill each repeat followed, for the report.
+    let kill_times: Vec<Instant> = kill_log.iter().map(|(at, ..)| *at).collect();
+    let killed: Vec<(String, chrono::DateTime<chrono::Utc>)> = kill_log
+        .into_iter()
+        .map(|(_, worker, at)| (worker, at))
+        .collect();
     let mut repeats_per_kill = vec![0u32; kill_times.len()];
     for times in erp.stored_key_times().values() {
         for w in times.windows(2) {
@@ -574,7 +576,7 @@ async fn canary_rollout(ledger: LedgerChoice, ending: Ending) {
             Some(id) => claims_taken_by_kills(observer.as_ref(), id, &killed).await,
             None => (
                 Vec::new(),
-                "no delivered record has this external id".to_string(),
+                "no delivered record has this source key".to_string(),
             ),
         };
         if taken.len() < repeats {
