@@ -635,3 +635,461 @@ async fn a_delivery_event_is_written_out_once_when_its_row_moves_on() {
     db.close().await;
     ledger.close().await;
 }
+
+/// A claim's lineage event stays in its record's row (schema version 16) and is written out, once and under
+/// the id reserved at the claim, when the row moves on: a takeover, a release, a new revision. Whatever moves
+/// it, the record's story tells every claim once, in its place, with its own worker, fence and attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
+    use meshline::api::ErrorClass;
+    use meshline::ledger::{BucketSet, Clock, LedgerTarget, Outcome, RecordId};
+    use serde_json::{Value, json};
+    use support::ledger_suite::{LEASE, at, claim_all, clock, record};
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let LedgerTarget::Postgres(url) = &fixture.target else {
+        unreachable!("a PostgreSQL fixture")
+    };
+    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let stored = |id: RecordId| {
+        let db = db.clone();
+        async move {
+            let rows: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT id, detail FROM lineage WHERE record_id = $1 AND step = 'claimed' ORDER BY id",
+            )
+            .bind(id.0)
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            rows.into_iter()
+                .map(|(id, detail)| (id, serde_json::from_str::<Value>(&detail).unwrap()))
+                .collect::<Vec<_>>()
+        }
+    };
+    let reserved = |id: RecordId| {
+        let db = db.clone();
+        async move {
+            let event: Option<i64> =
+                sqlx::query_scalar("SELECT claimed_event FROM records WHERE id = $1")
+                    .bind(id.0)
+                    .fetch_one(&db)
+                    .await
+                    .unwrap();
+            event
+        }
+    };
+    // The claims in the record's story: (worker, fence, attempt, taken over from), and every step.
+    let story = |id: RecordId| {
+        let ledger = ledger.clone();
+        async move {
+            let detail = ledger.get(id).await.unwrap().unwrap();
+            let claims: Vec<(Value, Value, Value, Value)> = detail
+                .lineage
+                .iter()
+                .filter(|e| e.step == "claimed")
+                .map(|e| {
+                    (
+                        e.detail["worker"].clone(),
+                        e.detail["fence"].clone(),
+                        e.detail["attempt"].clone(),
+                        e.detail["taken_over_from"].clone(),
+                    )
+                })
+                .collect();
+            let steps: Vec<String> = detail.lineage.iter().map(|e| e.step.clone()).collect();
+            (claims, steps)
+        }
+    };
+
+    let id = ledger
+        .ingest(vec![record("claimed-often", json!({"v": 1}))])
+        .await
+        .unwrap()[0]
+        .id();
+    let first = claim_all(ledger.as_ref(), "w1").await.remove(0);
+    let first_event = reserved(id)
+        .await
+        .expect("the claim reserved its event's id");
+    assert!(stored(id).await.is_empty(), "read from the row, not stored");
+    let detail = ledger.get(id).await.unwrap().unwrap();
+    let claimed = detail.lineage.iter().find(|e| e.step == "claimed").unwrap();
+    assert_eq!(
+        claimed.detail,
+        json!({"worker": "w1", "fence": 1, "attempt": 1,
+               "lease_expires_at": clock.now_ms() + LEASE.as_millis() as i64, "taken_over_from": null})
+    );
+    assert_eq!(claimed.at, at(&clock));
+
+    // The lease lapses and another worker takes the record over: the first claim's event is written out
+    // under its reserved id, with the first claim's fence and attempt.
+    clock.advance(LEASE * 2);
+    let second = claim_all(ledger.as_ref(), "w2").await.remove(0);
+    assert_eq!(second.claim.id, id);
+    let written = stored(id).await;
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(written[0].0, first_event);
+    assert_eq!(
+        (
+            &written[0].1["worker"],
+            &written[0].1["fence"],
+            &written[0].1["attempt"]
+        ),
+        (&json!("w1"), &json!(1), &json!(1))
+    );
+    assert_eq!(
+        story(id).await,
+        (
+            vec![
+                (json!("w1"), json!(1), json!(1), Value::Null),
+                (json!("w2"), json!(2), json!(2), json!("w1")),
+            ],
+            vec!["received".into(), "claimed".into(), "claimed".into()]
+        )
+    );
+
+    // A completion leaves the claim's columns as they are: nothing more is written out.
+    ledger
+        .complete(
+            second.claim,
+            Outcome::RetryScheduled {
+                next_attempt_at: at(&clock) + chrono::Duration::seconds(1),
+                error: "503 Service Unavailable".into(),
+                class: ErrorClass::Transient,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored(id).await.len(), 1);
+    // The late completion of the first holder is refused and moves nothing either.
+    assert!(
+        ledger
+            .complete(first.claim, Outcome::Delivered)
+            .await
+            .is_err()
+    );
+    assert_eq!(stored(id).await.len(), 1);
+
+    // A release moves the fence: the releasing worker's claim is written out before the release's event.
+    clock.advance(std::time::Duration::from_secs(2));
+    let third = claim_all(ledger.as_ref(), "w3").await.remove(0);
+    assert_eq!(ledger.release_leases("w3").await.unwrap(), 1);
+    assert_eq!(
+        stored(id).await.len(),
+        3,
+        "w2's claim moved on with w3's, w3's with the release"
+    );
+    let (claims, steps) = story(id).await;
+    assert_eq!(
+        claims,
+        vec![
+            (json!("w1"), json!(1), json!(1), Value::Null),
+            (json!("w2"), json!(2), json!(2), json!("w1")),
+            (json!("w3"), json!(3), json!(3), Value::Null),
+        ]
+    );
+    assert_eq!(steps.iter().filter(|s| *s == "claimed").count(), 3);
+    let released = steps.iter().position(|s| s == "lease_released").unwrap();
+    let third_claim = steps.iter().rposition(|s| s == "claimed").unwrap();
+    assert!(third_claim < released, "{steps:?}");
+    assert!(
+        ledger
+            .complete(third.claim, Outcome::Delivered)
+            .await
+            .is_err()
+    );
+
+    // A new revision while a claim is held writes that claim out with the generation it was made for.
+    let fourth = claim_all(ledger.as_ref(), "w4").await.remove(0);
+    assert_eq!(fourth.claim.generation, 1);
+    ledger
+        .ingest(vec![record("claimed-often", json!({"v": 2}))])
+        .await
+        .unwrap();
+    assert_eq!(
+        reserved(id).await,
+        None,
+        "a new revision starts without a claim"
+    );
+    let generations: Vec<i64> = sqlx::query_scalar(
+        "SELECT generation FROM lineage WHERE record_id = $1 AND step = 'claimed' ORDER BY id",
+    )
+    .bind(id.0)
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(generations, [1, 1, 1, 1]);
+    // The new revision waits for w4's lease (an in-flight older generation is never claimed alongside it).
+    assert!(
+        ledger
+            .claim("w5", &BucketSet::all(), 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    clock.advance(LEASE * 2);
+    let fifth = claim_all(ledger.as_ref(), "w5").await.remove(0);
+    assert_eq!(fifth.claim.generation, 2);
+    ledger
+        .complete(fifth.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    let (claims, steps) = story(id).await;
+    assert_eq!(claims.len(), 5, "{claims:?}");
+    // w4's claim was of generation 1 (the release had moved the fence to 4); w5's is the new revision's
+    // first attempt, of a record that was waiting, not taken over.
+    assert_eq!(claims[3], (json!("w4"), json!(5), json!(4), Value::Null));
+    assert_eq!(claims[4], (json!("w5"), json!(6), json!(1), Value::Null));
+    assert_eq!(
+        steps[steps.len() - 3..],
+        ["updated".to_string(), "claimed".into(), "delivered".into()],
+        "{steps:?}"
+    );
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    db.close().await;
+    ledger.close().await;
+}
+
+/// Since schema version 16 a leased record has no entry in `record_queue`: each claim registers its records
+/// in `record_leases` under its owner and expiry, and the claim that finds a registration expired makes the
+/// records still held under it claimable again, and deletes it. The oldest waiting record counts the records
+/// in flight, and a worker's release finds records whose lease lapsed and that nobody took over yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
+    use meshline::ledger::{BucketSet, Clock, LedgerTarget, Outcome, bucket_of};
+    use serde_json::json;
+    use support::ledger_suite::{LEASE, clock, record};
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let LedgerTarget::Postgres(url) = &fixture.target else {
+        unreachable!("a PostgreSQL fixture")
+    };
+    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let registrations = || {
+        let db = db.clone();
+        async move {
+            let rows: Vec<(String, i64, Vec<i64>)> = sqlx::query_as(
+                "SELECT owner, expires_at, record_ids FROM record_leases ORDER BY expires_at, owner",
+            )
+            .fetch_all(&db)
+            .await
+            .unwrap();
+            rows
+        }
+    };
+    let queued = || {
+        let db = db.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM record_queue")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            n
+        }
+    };
+
+    let received_at = clock.now_ms();
+    ledger
+        .ingest(
+            (0..6)
+                .map(|i| record(&format!("r{i}"), json!({"i": i})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let a = ledger
+        .claim("a", &BucketSet::all(), 3, LEASE)
+        .await
+        .unwrap();
+    let a_expiry = clock.now_ms() + LEASE.as_millis() as i64;
+    let mut a_ids: Vec<i64> = a.iter().map(|c| c.claim.id.0).collect();
+    a_ids.sort();
+    assert_eq!(
+        registrations().await,
+        [("a".to_string(), a_expiry, a_ids.clone())]
+    );
+    assert_eq!(
+        queued().await,
+        3,
+        "only the records nobody holds are queued"
+    );
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    ledger
+        .complete(a[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+
+    clock.advance(LEASE / 2);
+    let b = ledger
+        .claim("b", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(b.len(), 3, "a's records stay a's while its lease runs");
+    assert_eq!(queued().await, 0);
+    // Everything waiting is in flight: the oldest receipt is read through the registrations.
+    assert_eq!(ledger.backlog().await.unwrap(), (5, Some(received_at)));
+    assert!(
+        ledger
+            .counts()
+            .await
+            .unwrap()
+            .oldest_pending_age_seconds
+            .is_some()
+    );
+
+    // a's lease lapses, b's does not: the next claim takes over a's two undelivered records, and a's
+    // registration goes while b's stays.
+    clock.advance(LEASE / 2 + std::time::Duration::from_millis(1));
+    let c = ledger
+        .claim("c", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    let mut taken: Vec<i64> = c.iter().map(|c| c.claim.id.0).collect();
+    taken.sort();
+    assert_eq!(
+        taken,
+        a_ids[..]
+            .iter()
+            .copied()
+            .filter(|id| *id != a[0].claim.id.0)
+            .collect::<Vec<_>>()
+    );
+    let owners: Vec<String> = registrations().await.into_iter().map(|(o, ..)| o).collect();
+    assert_eq!(owners, ["b", "c"]);
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+
+    // d's lease lapses and a claim for other buckets only makes its record claimable (queued) without
+    // taking it: a release of d's leases still finds it, through the queue.
+    for claimed in b.iter().chain(&c) {
+        ledger
+            .complete(claimed.claim, Outcome::Delivered)
+            .await
+            .unwrap();
+    }
+    ledger
+        .ingest(vec![record("late", json!({"i": 9}))])
+        .await
+        .unwrap();
+    let d = ledger
+        .claim("d", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(d.len(), 1);
+    clock.advance(LEASE * 2);
+    let other = BucketSet::from_buckets((0..=u8::MAX).filter(|b| *b != bucket_of("late")));
+    assert!(
+        ledger
+            .claim("e", &other, 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        queued().await,
+        1,
+        "the lapsed lease's record is claimable again"
+    );
+    assert!(registrations().await.iter().all(|(owner, ..)| owner != "d"));
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    assert_eq!(ledger.release_leases("d").await.unwrap(), 1);
+    assert!(
+        ledger
+            .complete(d[0].claim, Outcome::Delivered)
+            .await
+            .is_err()
+    );
+    let again = ledger
+        .claim("f", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    ledger
+        .complete(again[0].claim, Outcome::Delivered)
+        .await
+        .unwrap();
+    assert_eq!(ledger.backlog().await.unwrap(), (0, None));
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    db.close().await;
+    ledger.close().await;
+}
+
+/// A ledger of schema version 15 with records in flight: the migration registers their leases and takes them
+/// out of the queue, and once a lease lapses the record is taken over as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_15_ledger_with_records_in_flight_is_migrated_with_their_leases() {
+    use meshline::ledger::{self, BucketSet, Outcome};
+    use support::ledger_suite::{FLOW, LEASE, T0, clock};
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let mut v15 =
+        "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+                   applied_at BIGINT NOT NULL);\n"
+            .to_string();
+    for version in 1..=15 {
+        for statement in ledger::migration_statements("postgres", version).expect("a version") {
+            v15.push_str(statement);
+            v15.push_str(";\n");
+        }
+        v15.push_str(&format!(
+            "INSERT INTO meshline_schema VALUES ({version}, 'v{version}', {T0});\n"
+        ));
+    }
+    let lease_end = T0 + 10_000;
+    // (key, state, lease owner, lease end, fence)
+    let rows = [
+        (
+            "held",
+            "delivering",
+            "'old-worker'",
+            lease_end.to_string(),
+            1,
+        ),
+        ("waiting", "received", "NULL", "NULL".to_string(), 0),
+    ];
+    for (i, (key, state, owner, expires, fence)) in rows.iter().enumerate() {
+        v15.push_str(&format!(
+            "INSERT INTO records (id, flow, source_key, idempotency_key, generation, payload_hash, \
+             contract_version, state, claimed_from, lease_owner, lease_expires_at, fence, attempts, \
+             next_attempt_at, bucket, correlation_id, received_at, updated_at) VALUES ({id}, '{FLOW}', '{key}', \
+             'Opportunity/{key}', 1, 'h{key}', '1.0.0', '{state}', {claimed_from}, {owner}, {expires}, {fence}, \
+             {fence}, {next}, 1, 'c{key}', {T0}, {T0});\n\
+             INSERT INTO payloads (record_id, body) VALUES ({id}, '{{}}');\n",
+            id = i + 1,
+            claimed_from = if *state == "delivering" { "'received'" } else { "NULL" },
+            next = if *state == "delivering" { lease_end } else { T0 },
+        ));
+    }
+    v15.push_str("SELECT setval('records_id_seq', 2);\n");
+    fixture.execute(&v15).await;
+
+    let ledger = fixture.open(clock.clone()).await;
+    assert_eq!(ledger::SCHEMA_VERSION, 16);
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    let now = ledger
+        .claim("new-worker", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].source_key, "waiting");
+    clock.advance(std::time::Duration::from_millis(10_001));
+    let taken = ledger
+        .claim("new-worker", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].source_key, "held");
+    assert_eq!(taken[0].claim.fence, 2);
+    let detail = ledger.get(taken[0].claim.id).await.unwrap().unwrap();
+    let takeover = detail.lineage.iter().find(|e| e.step == "claimed").unwrap();
+    assert_eq!(takeover.detail["taken_over_from"], "old-worker");
+    for c in now.into_iter().chain(taken) {
+        ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
+    }
+    assert_eq!(ledger.backlog().await.unwrap(), (0, None));
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    ledger.close().await;
+}

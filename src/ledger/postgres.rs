@@ -12,9 +12,14 @@
 //! writers of the same records queue behind each other and never deadlock; the claim and the purge skip
 //! locked rows instead of waiting.
 //!
-//! **Lineage of a delivery.** Since schema version 15 a delivery's event stays in its record's row
-//! (`delivered_event`, its reserved lineage id) until the row moves on, when the update trigger writes it to
-//! `lineage`; `get` reads it from either place.
+//! **Lineage of a delivery and of a claim.** Since schema version 15 a delivery's event stays in its record's
+//! row (`delivered_event`, its reserved lineage id) until the row moves on, when the update trigger writes it
+//! to `lineage`; since version 16 a claim's does too (`claimed_*`). `get` reads them from either place.
+//!
+//! **Leases.** `record_queue` holds the records that can be claimed once due. Since schema version 16 a
+//! leased record is not in it: the triggers register each statement's leases in `record_leases` (owner,
+//! expiry, record ids), and a claim first takes the expired registrations and makes the records still held
+//! under them claimable again.
 //!
 //! **Delivery slots.** The ERP's concurrency limit is per account, not per replica, so the flow's
 //! `delivery.concurrency` is shared: `delivery_slots` holds one row per slot; a replica leases slots (with a
@@ -353,7 +358,8 @@ impl PostgresLedger {
                  hold_role = NULL, approved_by = NULL, bucket = EXCLUDED.bucket, \
                  correlation_id = EXCLUDED.correlation_id, received_at = EXCLUDED.received_at, \
                  updated_at = EXCLUDED.updated_at, delivered_at = NULL, first_failure_at = NULL, \
-                 outcome = NULL, purged_at = NULL, delivered_event = NULL, \
+                 outcome = NULL, purged_at = NULL, delivered_event = NULL, claimed_event = NULL, \
+                 claimed_at = NULL, claimed_by = NULL, claimed_until = NULL, claimed_over = NULL, \
                  ordering_value = COALESCE(EXCLUDED.ordering_value, records.ordering_value) \
                  WHERE records.payload_hash <> EXCLUDED.payload_hash \
                  AND NOT COALESCE(EXCLUDED.ordering_value < records.ordering_value, FALSE) \
@@ -999,6 +1005,16 @@ fn redact_url(url: &str) -> String {
 
 const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering')";
 
+/// The receipt time of the flow's oldest waiting record (`$1` is the flow), as a scalar subquery: the oldest
+/// entry of `record_queue` (one probe of `record_queue_age`) or, since schema version 16, the oldest record
+/// still delivering under a lease, which the queue does not hold: those are read through `record_leases`,
+/// one probe per record in flight.
+const OLDEST_PENDING: &str = "(SELECT MIN(received_at) FROM ( \
+     (SELECT received_at FROM record_queue WHERE flow = $1 ORDER BY received_at LIMIT 1) \
+     UNION ALL \
+     SELECT MIN(r.received_at) FROM record_leases l CROSS JOIN LATERAL unnest(l.record_ids) AS u(id) \
+     JOIN records r ON r.id = u.id WHERE l.flow = $1 AND r.flow = $1 AND r.state = 'delivering') AS oldest)";
+
 /// `AND r.attention = $2` when listing holds or dead letters (`$2` is the state): the `records_attention`
 /// index is over the generated `attention` column since schema version 14, not over `state`.
 fn attention_filter(state: RecordState) -> &'static str {
@@ -1071,14 +1087,55 @@ impl Ledger for PostgresLedger {
         let now = self.clock.now_ms();
         let expires = now.saturating_add(lease);
         let bucket_list: Vec<i64> = buckets.iter().map(i64::from).collect();
-        // Two statements in one transaction. The first locks the due rows (skipping those another replica
-        // holds), leases them and writes their "claimed" lineage; data-modifying CTEs run exactly once whether
-        // or not they are read. It must not read the payloads: it reads everything from its snapshot, except
-        // that a row whose update committed after the snapshot is locked and leased in its newest version, so
-        // an ingest committing mid-claim would have the newer generation leased with the older payload, and
-        // the worker would deliver the old revision as the new one. The second statement reads the leased
-        // records and payloads under a fresh snapshot while the rows stay locked (an ingest writes the row
-        // before the payload and waits for the lock), so each generation comes with its own payload.
+        let mut tx = self.pool.begin().await.map_err(self.db("claim", None))?;
+        // First, the leases that have lapsed (schema version 16): a leased record has no entry in `record_queue`
+        // but is listed in `record_leases` under its claim's owner and expiry. The registrations that expired
+        // are taken with SKIP LOCKED (replicas share them); those of their records still delivering under a
+        // lapsed lease lose it, which queues them (the update trigger) for the due query below to take over.
+        // Their locks are waited for, in id order as every writer takes them: a record skipped here would be
+        // found by no one. The registrations go, whether or not their records were still held.
+        //
+        // The same statement turns sorts off for the rest of the transaction, and JIT with them. The due
+        // rows below are read from `record_queue_due` in its order (due time, then the order they were
+        // queued in), so `LIMIT` stops after the rows it leases; each is checked against its record (the
+        // queue's row is read from the snapshot, the record's newest version is locked and rechecked). With
+        // statistics that call the table tiny (a young or fast-growing ledger, before autovacuum analyzes
+        // it), sorting looks free, and the planner once read every pending row of the flow from another index
+        // and sorted them: ~15 ms per claim with a backlog of 10,000. The read of the payloads sorts nothing
+        // (the order is restored below), and a plan made of disabled steps costs enough on paper to be
+        // compiled with LLVM.
+        let (lapsed, ..): (i64, String, String) = sqlx::query_as(
+            "WITH expired AS ( \
+               DELETE FROM record_leases WHERE id IN (SELECT id FROM record_leases \
+                 WHERE flow = $1 AND expires_at <= $2 ORDER BY expires_at LIMIT 64 FOR UPDATE SKIP LOCKED) \
+               RETURNING record_ids), \
+             lapsed AS ( \
+               SELECT r.id FROM records r WHERE r.id IN (SELECT unnest(record_ids) FROM expired) \
+               AND r.flow = $1 AND r.state = 'delivering' AND r.lease_expires_at <= $2 \
+               ORDER BY r.id FOR NO KEY UPDATE OF r), \
+             freed AS ( \
+               UPDATE records r SET lease_expires_at = NULL FROM lapsed \
+               WHERE r.id = lapsed.id AND r.state = 'delivering' AND r.lease_expires_at <= $2 RETURNING r.id) \
+             SELECT (SELECT COUNT(*) FROM freed), set_config('enable_sort', 'off', true), \
+             set_config('jit', 'off', true)",
+        )
+        .bind(&self.flow)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(self.db("claim lapsed leases", None))?;
+        if lapsed > 0 {
+            tracing::debug!(flow = %self.flow, records = lapsed, "leases lapsed; their records are claimable again");
+        }
+        // Then two statements. The first locks the due rows (skipping those another replica holds) and leases
+        // them; its claim's lineage event stays in the row (`claimed_*`, schema version 16), written out by
+        // the update trigger when the row moves on. It must not read the payloads: it reads everything from its
+        // snapshot, except that a row whose update committed after the snapshot is locked and leased in its
+        // newest version, so an ingest committing mid-claim would have the newer generation leased with the
+        // older payload, and the worker would deliver the old revision as the new one. The second statement
+        // reads the leased records and payloads under a fresh snapshot while the rows stay locked (an ingest
+        // writes the row before the payload and waits for the lock), so each generation comes with its own
+        // payload.
         let sql = format!(
             "WITH due AS ( \
                SELECT r.id, r.state AS previous_state, r.lease_owner AS previous_owner \
@@ -1091,34 +1148,13 @@ impl Ledger for PostgresLedger {
                UPDATE records r SET \
                claimed_from = CASE WHEN r.state = 'delivering' THEN r.claimed_from ELSE r.state END, \
                state = 'delivering', lease_owner = $5, lease_expires_at = $6, next_attempt_at = $6, \
-               fence = r.fence + 1, attempts = r.attempts + 1, updated_at = $3 \
+               fence = r.fence + 1, attempts = r.attempts + 1, updated_at = $3, \
+               claimed_event = nextval('lineage_id_seq'), claimed_at = $3, claimed_by = $5, claimed_until = $6, \
+               claimed_over = CASE WHEN due.previous_state = 'delivering' THEN due.previous_owner END \
                FROM due WHERE r.id = due.id \
-               RETURNING r.id, r.generation, r.fence, r.attempts, r.correlation_id, due.previous_state, \
-               due.previous_owner), \
-             lineage_rows AS ( \
-               INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-               SELECT id, generation, $3, 'claimed', json_build_object('worker', $5::text, 'fence', fence, \
-               'attempt', attempts, 'lease_expires_at', $6::bigint, 'taken_over_from', \
-               CASE WHEN previous_state = 'delivering' THEN previous_owner END)::text, correlation_id \
-               FROM claimed) \
+               RETURNING r.id) \
              SELECT id FROM claimed"
         );
-        let mut tx = self.pool.begin().await.map_err(self.db("claim", None))?;
-        // The due rows are read from `record_queue_due` in its order (due time, then the order they were
-        // queued in), so `LIMIT` stops after the rows it leases; each is checked against its record (the
-        // queue's row is read from the snapshot, the record's newest version is locked and rechecked).
-        //
-        // With statistics that call the table tiny (a young or fast-growing ledger, before autovacuum
-        // analyzes it), sorting looks free, and the planner once read every pending row of the flow from
-        // another index and sorted them: ~15 ms per claim with a backlog of 10,000. Sorts are off for this
-        // transaction (the second statement sorts nothing; the order is restored below), and JIT with them:
-        // a plan made of disabled steps costs enough on paper to be compiled with LLVM.
-        sqlx::query(
-            "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(self.db("claim", None))?;
         let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
             .bind(&self.flow)
             .bind(&bucket_list)
@@ -1602,8 +1638,9 @@ impl Ledger for PostgresLedger {
         let Some(row) = row else {
             return Ok(None);
         };
-        // A delivery's event is kept in its record's row until the row moves on (schema version 15): it is
-        // read from there, in its place by its reserved id, unless it has been written out to `lineage`.
+        // A delivery's event (schema version 15) and a claim's (16) are kept in their record's row until the
+        // row moves on: each is read from there, in its place by its reserved id, unless it has been written
+        // out to `lineage`.
         let lineage: Vec<LineageRow> = sqlx::query_as(
             "SELECT at, generation, step, detail, correlation_id FROM ( \
                SELECT id, at, generation, step, detail, correlation_id FROM lineage WHERE record_id = $1 \
@@ -1613,6 +1650,12 @@ impl Ledger for PostgresLedger {
                WHERE r.id = $1 AND r.state = 'delivered' AND r.delivered_event IS NOT NULL \
                AND r.purged_at IS NULL \
                AND NOT EXISTS (SELECT 1 FROM lineage l WHERE l.record_id = r.id AND l.id = r.delivered_event) \
+               UNION ALL \
+               SELECT r.claimed_event, r.claimed_at, r.generation, 'claimed', \
+               json_build_object('worker', r.claimed_by, 'fence', r.fence, 'attempt', r.attempts, \
+               'lease_expires_at', r.claimed_until, 'taken_over_from', r.claimed_over)::text, r.correlation_id \
+               FROM records r WHERE r.id = $1 AND r.claimed_event IS NOT NULL AND r.purged_at IS NULL \
+               AND NOT EXISTS (SELECT 1 FROM lineage l WHERE l.record_id = r.id AND l.id = r.claimed_event) \
              ) AS events ORDER BY id",
         )
         .bind(id.0)
@@ -1692,15 +1735,14 @@ impl Ledger for PostgresLedger {
     async fn counts(&self) -> Result<Counts> {
         let now = self.clock.now_ms();
         // One statement, so one snapshot: the kept counters (shards summed), the window's minutes and the
-        // oldest waiting record (one probe of `record_queue_age`).
-        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(
+        // oldest waiting record (see `OLDEST_PENDING`).
+        let rows: Vec<(String, String, Option<i64>)> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT 'kept' AS kind, counter, (CASE WHEN counter = ANY($3) THEN MAX(value) ELSE SUM(value) END)::BIGINT AS value \
              FROM ledger_counters WHERE flow = $1 GROUP BY counter \
              UNION ALL SELECT 'window', counter, SUM(value)::BIGINT FROM ledger_window \
              WHERE flow = $1 AND minute >= $2 GROUP BY counter \
-             UNION ALL SELECT 'oldest', 'oldest_pending_at', (SELECT received_at FROM record_queue \
-             WHERE flow = $1 ORDER BY received_at LIMIT 1)",
-        )
+             UNION ALL SELECT 'oldest', 'oldest_pending_at', {OLDEST_PENDING}",
+        )))
         .bind(&self.flow)
             .bind(window_start_minute(now))
             .bind(MAX_COUNTERS)
@@ -1876,11 +1918,11 @@ impl Ledger for PostgresLedger {
     }
 
     async fn backlog(&self) -> Result<(u64, Option<i64>)> {
-        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(
+        let (pending, oldest): (i64, Option<i64>) = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT (SELECT COALESCE(SUM(value), 0)::BIGINT FROM ledger_counters \
              WHERE flow = $1 AND counter = 'pending'), \
-             (SELECT received_at FROM record_queue WHERE flow = $1 ORDER BY received_at LIMIT 1)",
-        )
+             {OLDEST_PENDING}",
+        )))
         .bind(&self.flow)
         .fetch_one(&self.pool)
         .await
@@ -2035,14 +2077,18 @@ impl Ledger for PostgresLedger {
         // Back to where it was claimed from, due now; the fence moves so the old holder's completion is
         // refused even if nobody claims the record before it arrives. `SKIP LOCKED` is not wanted here: a
         // row locked by the old holder's completion in flight is waited for, and then either completed (and
-        // no longer delivering) or released.
+        // no longer delivering) or released. The holder's records are found through its registered leases
+        // (schema version 16) and, for those whose lease lapsed and nobody took over yet, through the queue;
+        // the registrations are left to expire (a claim deletes them then), so this waits on no claim.
         let released: i64 = sqlx::query_scalar(
             "WITH released AS ( \
                UPDATE records SET state = COALESCE(claimed_from, 'received'), claimed_from = NULL, \
                lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = $3, fence = fence + 1, \
                updated_at = $3 \
-               FROM (SELECT r.id, r.lease_owner AS owner FROM record_queue q JOIN records r ON r.id = q.record_id \
-                 WHERE q.flow = $1 AND r.flow = $1 AND r.state = 'delivering' AND r.lease_owner LIKE $2 ESCAPE '\\' \
+               FROM (SELECT r.id, r.lease_owner AS owner FROM records r WHERE r.id IN ( \
+                   SELECT unnest(record_ids) FROM record_leases WHERE flow = $1 AND owner LIKE $2 ESCAPE '\\' \
+                   UNION ALL SELECT record_id FROM record_queue WHERE flow = $1) \
+                 AND r.flow = $1 AND r.state = 'delivering' AND r.lease_owner LIKE $2 ESCAPE '\\' \
                  ORDER BY r.id FOR NO KEY UPDATE OF r) AS held \
                WHERE records.id = held.id AND records.state = 'delivering' \
                RETURNING records.id, records.generation, records.correlation_id, held.owner), \

@@ -92,9 +92,12 @@ impl Fixture {
         }
     }
 
-    /// On PostgreSQL, that `record_queue` holds exactly the waiting records, each at its next attempt, in its
-    /// bucket and with its receipt time (schema version 14: claims read the queue, not `records`). SQLite
-    /// finds waiting records through an index of `records` itself; there is nothing to compare.
+    /// On PostgreSQL, that `record_queue` holds exactly the records that can be claimed once due, each at its
+    /// next attempt, in its bucket and with its receipt time (schema version 14: claims read the queue, not
+    /// `records`), and that every record delivering under a lease, which the queue does not hold (version 16),
+    /// is registered in `record_leases` under its owner and its lease's expiry, where a claim finds it once the
+    /// lease lapses. SQLite finds waiting records through an index of `records` itself; there is nothing to
+    /// compare.
     pub async fn assert_queue_mirrors_the_waiting_records(&self) {
         let LedgerTarget::Postgres(url) = &self.target else {
             return;
@@ -102,7 +105,8 @@ impl Fixture {
         let pool = sqlx::PgPool::connect(url).await.expect("raw postgres");
         let (waiting, queued): (i64, i64) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM records \
-             WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')), \
+             WHERE (state IN ('received', 'validated', 'retry_scheduled') \
+             OR (state = 'delivering' AND lease_expires_at IS NULL))), \
              (SELECT count(*) FROM record_queue)",
         )
         .fetch_one(&pool)
@@ -110,7 +114,8 @@ impl Fixture {
         .expect("count the queue");
         let differences: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
             "WITH waiting AS (SELECT id AS record_id, flow, next_attempt_at AS due_at, bucket, received_at \
-               FROM records WHERE state IN ('received', 'validated', 'retry_scheduled', 'delivering')), \
+               FROM records WHERE (state IN ('received', 'validated', 'retry_scheduled') \
+             OR (state = 'delivering' AND lease_expires_at IS NULL))), \
              queued AS (SELECT record_id, flow, due_at, bucket, received_at FROM record_queue) \
              (SELECT 'waiting, not queued so', * FROM (SELECT * FROM waiting EXCEPT ALL SELECT * FROM queued) a) \
              UNION ALL \
@@ -124,7 +129,20 @@ impl Fixture {
             (what, id, due, bucket, received)
         })
         .collect();
+        let unregistered: Vec<(i64, Option<String>, Option<i64>)> = sqlx::query_as(
+            "SELECT r.id, r.lease_owner, r.lease_expires_at FROM records r \
+             WHERE r.state = 'delivering' AND r.lease_expires_at IS NOT NULL AND NOT EXISTS ( \
+               SELECT 1 FROM record_leases l WHERE l.flow = r.flow AND l.owner = r.lease_owner \
+               AND l.expires_at = r.lease_expires_at AND r.id = ANY(l.record_ids)) ORDER BY r.id",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("compare the leases with their registrations");
         pool.close().await;
+        assert!(
+            unregistered.is_empty(),
+            "records leased with no registration in record_leases (record, owner, expiry): {unregistered:?}"
+        );
         assert!(
             differences.is_empty() && waiting == queued,
             "record_queue differs from the waiting records ({waiting} waiting, {queued} queued; \
@@ -1107,7 +1125,7 @@ pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: 
     assert_eq!(ledger.backlog().await.unwrap(), (3, Some(first_receipt)));
     // Claimed records still wait (they are in flight); delivered and dead-lettered ones do not.
     let claimed = claim_all(ledger.as_ref(), "w").await;
-    assert_eq!(ledger.backlog().await.unwrap().0, 3);
+    assert_eq!(ledger.backlog().await.unwrap(), (3, Some(first_receipt)));
     let (a, rest) = claimed.split_first().unwrap();
     ledger.complete(a.claim, Outcome::Delivered).await.unwrap();
     ledger
