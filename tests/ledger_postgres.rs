@@ -871,8 +871,8 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
     let registrations = || {
         let db = db.clone();
         async move {
-            let rows: Vec<(String, i64, Vec<i64>)> = sqlx::query_as(
-                "SELECT owner, expires_at, record_ids FROM record_leases ORDER BY expires_at, owner",
+            let rows: Vec<(String, i64, Vec<i64>, i64)> = sqlx::query_as(
+                "SELECT owner, expires_at, record_ids, held FROM record_leases ORDER BY expires_at, owner",
             )
             .fetch_all(&db)
             .await
@@ -909,7 +909,7 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
     a_ids.sort();
     assert_eq!(
         registrations().await,
-        [("a".to_string(), a_expiry, a_ids.clone())]
+        [("a".to_string(), a_expiry, a_ids.clone(), 3)]
     );
     assert_eq!(
         queued().await,
@@ -921,6 +921,11 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
         .complete(a[0].claim, Outcome::Delivered)
         .await
         .unwrap();
+    assert_eq!(
+        registrations().await[0].3,
+        2,
+        "a completion counts its registration down"
+    );
 
     clock.advance(LEASE / 2);
     let b = ledger
@@ -960,15 +965,35 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
     let owners: Vec<String> = registrations().await.into_iter().map(|(o, ..)| o).collect();
     assert_eq!(owners, ["b", "c"]);
     fixture.assert_queue_mirrors_the_waiting_records().await;
-
-    // d's lease lapses and a claim for other buckets only makes its record claimable (queued) without
-    // taking it: a release of d's leases still finds it, through the queue.
-    for claimed in b.iter().chain(&c) {
+    // The first holder's late completion is refused and counts nothing down; c's completions empty c's
+    // registration, which goes.
+    assert!(
+        ledger
+            .complete(a[1].claim, Outcome::Delivered)
+            .await
+            .is_err()
+    );
+    for claimed in &c {
         ledger
             .complete(claimed.claim, Outcome::Delivered)
             .await
             .unwrap();
     }
+    let owners: Vec<String> = registrations().await.into_iter().map(|(o, ..)| o).collect();
+    assert_eq!(owners, ["b"]);
+
+    // d's lease lapses and a claim for other buckets only makes its record claimable (queued) without
+    // taking it: a release of d's leases still finds it, through the queue.
+    for claimed in &b {
+        ledger
+            .complete(claimed.claim, Outcome::Delivered)
+            .await
+            .unwrap();
+    }
+    assert!(
+        registrations().await.is_empty(),
+        "no claim in flight, no registration"
+    );
     ledger
         .ingest(vec![record("late", json!({"i": 9}))])
         .await
@@ -992,7 +1017,10 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
         1,
         "the lapsed lease's record is claimable again"
     );
-    assert!(registrations().await.iter().all(|(owner, ..)| owner != "d"));
+    assert!(
+        registrations().await.is_empty(),
+        "the expired registration went"
+    );
     fixture.assert_queue_mirrors_the_waiting_records().await;
     assert_eq!(ledger.release_leases("d").await.unwrap(), 1);
     assert!(

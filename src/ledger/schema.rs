@@ -591,12 +591,15 @@ const POSTGRES_DELIVERED_EVENT: [&str; 7] = [
 /// - **Leases are registered per claim, not queued per record.** `record_queue` now holds the records that
 ///   can be claimed once due: received, validated or retry-scheduled, or delivering with no lease (released,
 ///   or its lease lapsed). A leased record is listed instead in `record_leases`, one row per owner and expiry
-///   for each statement that leases (the insert and update triggers write it, whichever code leased). A claim
+///   (the insert and update triggers write it for each statement that leases, whichever code leased, and add
+///   to the row a statement of the same owner and expiry wrote before). A claim
 ///   first takes the registrations that have expired (`SKIP LOCKED`, so replicas share them), clears the
 ///   lease of those of their records still delivering under it (waiting for their locks, in id order: a
 ///   record skipped here would be found by no one), which queues them, and deletes the registrations. The
 ///   old holder can still complete until someone claims the record, as before.
-/// - A completion of leased records no longer touches the queue.
+/// - A completion of leased records no longer touches the queue; it counts down their registration (`held`),
+///   which goes once none of its records is held under it, so the registrations stay as few as the claims in
+///   flight. The oldest waiting record is read from the queue and from the records of the registrations.
 ///
 /// The migration lists the records leased now in `record_leases` and takes them out of the queue. A worker of
 /// version 15 refuses a ledger of version 16; upgrade a flow's workers together.
@@ -612,13 +615,15 @@ macro_rules! queued_v16 {
 /// Registers the leased records among `new_rows`, one row per flow, owner and expiry.
 macro_rules! register_new_leases {
     () => {
-        "INSERT INTO record_leases (flow, owner, expires_at, record_ids) \
-         SELECT flow, COALESCE(lease_owner, ''), lease_expires_at, array_agg(id ORDER BY id) FROM new_rows \
-         WHERE state = 'delivering' AND lease_expires_at IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;\n"
+        "INSERT INTO record_leases (flow, owner, expires_at, record_ids, held) \
+         SELECT flow, COALESCE(lease_owner, ''), lease_expires_at, array_agg(id ORDER BY id), COUNT(*) FROM new_rows \
+         WHERE state = 'delivering' AND lease_expires_at IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
+         ON CONFLICT (flow, expires_at, owner) DO UPDATE SET \
+         record_ids = record_leases.record_ids || EXCLUDED.record_ids, held = record_leases.held + EXCLUDED.held;\n"
     };
 }
 
-const POSTGRES_CLAIM_IN_PLACE: [&str; 8] = [
+const POSTGRES_CLAIM_IN_PLACE: [&str; 7] = [
     "ALTER TABLE records ADD COLUMN claimed_event BIGINT, ADD COLUMN claimed_at BIGINT, \
      ADD COLUMN claimed_until BIGINT, ADD COLUMN claimed_by TEXT, ADD COLUMN claimed_over TEXT, \
      SET (fillfactor = 40)",
@@ -627,11 +632,12 @@ const POSTGRES_CLAIM_IN_PLACE: [&str; 8] = [
         flow TEXT NOT NULL,
         owner TEXT NOT NULL,
         expires_at BIGINT NOT NULL,
-        record_ids BIGINT[] NOT NULL
+        record_ids BIGINT[] NOT NULL,
+        held BIGINT NOT NULL,
+        UNIQUE (flow, expires_at, owner)
     )",
-    "CREATE INDEX record_leases_expiry ON record_leases (flow, expires_at)",
-    "INSERT INTO record_leases (flow, owner, expires_at, record_ids) \
-     SELECT flow, COALESCE(lease_owner, ''), lease_expires_at, array_agg(id ORDER BY id) FROM records \
+    "INSERT INTO record_leases (flow, owner, expires_at, record_ids, held) \
+     SELECT flow, COALESCE(lease_owner, ''), lease_expires_at, array_agg(id ORDER BY id), COUNT(*) FROM records \
      WHERE state = 'delivering' AND lease_expires_at IS NOT NULL GROUP BY 1, 2, 3",
     "DELETE FROM record_queue WHERE record_id IN \
      (SELECT id FROM records WHERE state = 'delivering' AND lease_expires_at IS NOT NULL)",
@@ -651,19 +657,20 @@ const POSTGRES_CLAIM_IN_PLACE: [&str; 8] = [
     records_updated_function!(
         create: "CREATE OR REPLACE",
         queued: [queued_v16!()],
-        declare: "            has_moved_claims BOOLEAN;\n            has_leases BOOLEAN;\n",
+        declare: "            has_moved_claims BOOLEAN;\n            has_leases BOOLEAN;\n            has_unleased BOOLEAN;\n            emptied BIGINT[];\n",
         aggregates: ",
                     -- A claim's event reads the row's fence, attempts, generation and claim columns; every
                     -- change to them moves the fence or the generation, which only ever grow, so a sum over
                     -- the statement tells whether any row's did.
                     bool_or(sign = -1 AND claimed_event IS NOT NULL AND purged_at IS NULL) AS moved_claims,
                     SUM(sign * fence) <> 0 AS fenced,
-                    bool_or(sign = 1 AND state = 'delivering' AND lease_expires_at IS NOT NULL) AS leased",
+                    bool_or(sign = 1 AND state = 'delivering' AND lease_expires_at IS NOT NULL) AS leased,
+                    bool_or(sign = -1 AND state = 'delivering' AND lease_expires_at IS NOT NULL) AS was_leased",
         columns: ", fence, claimed_event, lease_expires_at",
         flags: ",
                 COALESCE(bool_or(moved_claims AND (fenced OR sums[2] <> 0)), FALSE),
-                COALESCE(bool_or(leased AND fenced), FALSE)",
-        into: ", has_moved_claims, has_leases",
+                COALESCE(bool_or(leased AND fenced), FALSE), COALESCE(bool_or(was_leased), FALSE)",
+        into: ", has_moved_claims, has_leases, has_unleased",
         blocks: ["            -- A claimed row that moves on first writes out its claim's event, under the id reserved at
             -- the claim, unless it is stored already.
             IF has_moved_claims THEN
@@ -681,6 +688,36 @@ const POSTGRES_CLAIM_IN_PLACE: [&str; 8] = [
             -- A statement that leased records (a claim moves their fence) registers them.
             IF has_leases THEN
                 ", register_new_leases!(), "
+            END IF;
+            -- Records no longer held under their lease (delivered, failed, released, a new revision) count
+            -- down their registration, which goes once it holds none: the registrations stay as few as the
+            -- claims in flight, and reading the oldest waiting record through them stays cheap. A registration
+            -- locked elsewhere is skipped, never waited for (a claim taking expired ones waits for records this
+            -- statement holds): it is then left to expire, and the claim that finds it deletes it.
+            IF has_unleased THEN
+                -- Per owner and expiry, the records held under it in the new rows less those in the old: a
+                -- record that stays held under its lease counts +1 - 1, one that left -1.
+                WITH unleased AS (
+                    SELECT flow, owner, expires_at, -SUM(sign) AS n FROM (
+                        SELECT 1 AS sign, flow, COALESCE(lease_owner, '') AS owner, lease_expires_at AS expires_at
+                        FROM new_rows WHERE state = 'delivering' AND lease_expires_at IS NOT NULL
+                        UNION ALL
+                        SELECT -1, flow, COALESCE(lease_owner, ''), lease_expires_at
+                        FROM old_rows WHERE state = 'delivering' AND lease_expires_at IS NOT NULL
+                    ) AS held GROUP BY 1, 2, 3 HAVING SUM(sign) < 0
+                ),
+                counted_down AS (
+                    UPDATE record_leases l SET held = l.held - u.n FROM unleased u
+                    WHERE l.id IN (SELECT l2.id FROM record_leases l2 JOIN unleased u2 ON l2.flow = u2.flow
+                        AND l2.expires_at = u2.expires_at AND l2.owner = u2.owner ORDER BY l2.id
+                        FOR NO KEY UPDATE OF l2 SKIP LOCKED)
+                    AND l.flow = u.flow AND l.expires_at = u.expires_at AND l.owner = u.owner
+                    RETURNING l.id, l.held
+                )
+                SELECT array_agg(id) INTO emptied FROM counted_down WHERE held <= 0;
+                IF emptied IS NOT NULL THEN
+                    DELETE FROM record_leases WHERE id = ANY(emptied);
+                END IF;
             END IF;
 "],
     ),

@@ -96,8 +96,8 @@ impl Fixture {
     /// next attempt, in its bucket and with its receipt time (schema version 14: claims read the queue, not
     /// `records`), and that every record delivering under a lease, which the queue does not hold (version 16),
     /// is registered in `record_leases` under its owner and its lease's expiry, where a claim finds it once the
-    /// lease lapses. SQLite finds waiting records through an index of `records` itself; there is nothing to
-    /// compare.
+    /// lease lapses, by a registration that counts at least the records it holds. SQLite finds waiting records
+    /// through an index of `records` itself; there is nothing to compare.
     pub async fn assert_queue_mirrors_the_waiting_records(&self) {
         let LedgerTarget::Postgres(url) = &self.target else {
             return;
@@ -138,7 +138,23 @@ impl Fixture {
         .fetch_all(&pool)
         .await
         .expect("compare the leases with their registrations");
+        // A registration counts down as its records leave; it may count more than it holds (a count-down is
+        // skipped while another transaction has the registration locked) but never fewer, and one that holds
+        // none is gone or left to expire.
+        let undercounted: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, held, actual FROM (SELECT l.id, l.held, (SELECT count(*) FROM records r \
+               WHERE r.id = ANY(l.record_ids) AND r.state = 'delivering' AND r.lease_owner = l.owner \
+               AND r.lease_expires_at = l.expires_at) AS actual FROM record_leases l) AS c \
+             WHERE held < actual OR held <= 0 ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("count the registrations' records");
         pool.close().await;
+        assert!(
+            undercounted.is_empty(),
+            "registrations counting fewer records than they hold (registration, held, actual): {undercounted:?}"
+        );
         assert!(
             unregistered.is_empty(),
             "records leased with no registration in record_leases (record, owner, expiry): {unregistered:?}"
