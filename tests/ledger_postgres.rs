@@ -274,7 +274,7 @@ async fn a_claim_hands_over_the_payload_of_the_generation_it_leased() {
 /// statistics reached the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_and_completions_update_records_in_place() {
-    use meshline::ledger::{BucketSet, Completion, LedgerTarget, Outcome};
+    use meshline::ledger::{BucketSet, Completion, Outcome};
     use serde_json::json;
     use support::ledger_suite::{LEASE, record};
 
@@ -305,10 +305,7 @@ async fn claims_and_completions_update_records_in_place() {
     ledger.close().await;
     fixture.assert_queue_mirrors_the_waiting_records().await;
 
-    let LedgerTarget::Postgres(url) = &fixture.target else {
-        unreachable!("a PostgreSQL fixture")
-    };
-    let stats = sqlx::PgPool::connect(url).await.unwrap();
+    let stats = fixture.raw_postgres_pool().await;
     // A backend sends its table statistics when it goes idle or exits; the ledger's connections have closed,
     // so the counts arrive. This waits for them, not for a time.
     let (updated, in_place) = loop {
@@ -348,9 +345,7 @@ async fn claims_and_completions_update_records_in_place() {
 /// error. The ids of the records follow neither their keys nor the batches' orders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_and_ingests_lock_stored_records_in_one_order() {
-    use meshline::ledger::{
-        BucketSet, Completion, CompletionResult, IngestOutcome, LedgerTarget, Outcome,
-    };
+    use meshline::ledger::{BucketSet, Completion, CompletionResult, IngestOutcome, Outcome};
     use serde_json::json;
     use support::ledger_suite::{LEASE, clock, record};
 
@@ -371,10 +366,7 @@ async fn completions_and_ingests_lock_stored_records_in_one_order() {
             .await
             .unwrap();
     }
-    let LedgerTarget::Postgres(url) = &fixture.target else {
-        unreachable!("a PostgreSQL fixture")
-    };
-    let side = sqlx::PgPool::connect(url).await.unwrap();
+    let side = fixture.raw_postgres_pool().await;
     let waiting = || async {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
@@ -485,17 +477,14 @@ async fn completions_and_ingests_lock_stored_records_in_one_order() {
 /// might run). A compacted record leaves no lineage behind, whether its event was still in its row or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_event_is_written_out_once_when_its_row_moves_on() {
-    use meshline::ledger::{LedgerTarget, Outcome, RecordId};
+    use meshline::ledger::{Outcome, RecordId};
     use serde_json::json;
     use support::ledger_suite::{claim_all, clock, record};
 
     let fixture = Fixture::postgres();
     let clock = clock();
     let ledger = fixture.open(clock.clone()).await;
-    let LedgerTarget::Postgres(url) = &fixture.target else {
-        unreachable!("a PostgreSQL fixture")
-    };
-    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let db = fixture.raw_postgres_pool().await;
     let stored = |id: RecordId| {
         let db = db.clone();
         async move {
@@ -642,17 +631,14 @@ async fn a_delivery_event_is_written_out_once_when_its_row_moves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
     use meshline::api::ErrorClass;
-    use meshline::ledger::{BucketSet, Clock, LedgerTarget, Outcome, RecordId};
+    use meshline::ledger::{BucketSet, Clock, Outcome, RecordId};
     use serde_json::{Value, json};
     use support::ledger_suite::{LEASE, at, claim_all, clock, record};
 
     let fixture = Fixture::postgres();
     let clock = clock();
     let ledger = fixture.open(clock.clone()).await;
-    let LedgerTarget::Postgres(url) = &fixture.target else {
-        unreachable!("a PostgreSQL fixture")
-    };
-    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let db = fixture.raw_postgres_pool().await;
     let stored = |id: RecordId| {
         let db = db.clone();
         async move {
@@ -857,17 +843,14 @@ async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
 /// in flight, and a worker's release finds records whose lease lapsed and that nobody took over yet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
-    use meshline::ledger::{BucketSet, Clock, LedgerTarget, Outcome, bucket_of};
+    use meshline::ledger::{BucketSet, Clock, Outcome, bucket_of};
     use serde_json::json;
     use support::ledger_suite::{LEASE, clock, record};
 
     let fixture = Fixture::postgres();
     let clock = clock();
     let ledger = fixture.open(clock.clone()).await;
-    let LedgerTarget::Postgres(url) = &fixture.target else {
-        unreachable!("a PostgreSQL fixture")
-    };
-    let db = sqlx::PgPool::connect(url).await.unwrap();
+    let db = fixture.raw_postgres_pool().await;
     let registrations = || {
         let db = db.clone();
         async move {

@@ -1095,15 +1095,14 @@ impl Ledger for PostgresLedger {
         // of a young table (analyzed when it was small) the planner read all of `records` to find the
         // records of an empty list of registrations, 6 ms per claim in the end-to-end bench.
         //
-        // It also turns sorts off, and JIT with them. The due
-        // rows below are read from `record_queue_due` in its order (due time, then the order they were
-        // queued in), so `LIMIT` stops after the rows it leases; each is checked against its record (the
-        // queue's row is read from the snapshot, the record's newest version is locked and rechecked). With
-        // statistics that call the table tiny (a young or fast-growing ledger, before autovacuum analyzes
-        // it), sorting looks free, and the planner once read every pending row of the flow from another index
-        // and sorted them: ~15 ms per claim with a backlog of 10,000. The read of the payloads sorts nothing
-        // (the order is restored below), and a plan made of disabled steps costs enough on paper to be
-        // compiled with LLVM.
+        // It also turns sorts off, and JIT with them. The due rows below are read from `record_queue_due` in
+        // its order (due time, then the order they were queued in), so `LIMIT` stops after the rows it leases;
+        // each is checked against its record (the queue's row is read from the snapshot, the record's newest
+        // version is locked and rechecked). With statistics that call the table tiny (a young or fast-growing
+        // ledger, before autovacuum analyzes it), sorting looks free, and the planner once read every pending
+        // row of the flow from another index and sorted them: ~15 ms per claim with a backlog of 10,000. The
+        // read of the payloads sorts nothing (the order is restored below), and a plan made of disabled steps
+        // costs enough on paper to be compiled with LLVM.
         let (expired, ..): (bool, String, String, String) = sqlx::query_as(
             "SELECT EXISTS (SELECT 1 FROM record_leases WHERE flow = $1 AND expires_at <= $2), \
              set_config('enable_sort', 'off', true), set_config('jit', 'off', true), \

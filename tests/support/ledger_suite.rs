@@ -166,6 +166,14 @@ impl Fixture {
         );
     }
 
+    /// A connection pool to a PostgreSQL fixture's database, for reading what the ledger wrote.
+    pub async fn raw_postgres_pool(&self) -> sqlx::PgPool {
+        let LedgerTarget::Postgres(url) = &self.target else {
+            panic!("a PostgreSQL fixture")
+        };
+        sqlx::PgPool::connect(url).await.expect("raw postgres")
+    }
+
     /// `sqlite` or `postgres`.
     pub fn backend(&self) -> &'static str {
         match self.target {
