@@ -1139,15 +1139,16 @@ impl Ledger for PostgresLedger {
         if lapsed > 0 {
             tracing::debug!(flow = %self.flow, records = lapsed, "leases lapsed; their records are claimable again");
         }
-        // Then two statements. The first locks the due rows (skipping those another replica holds) and leases
-        // them; its claim's lineage event stays in the row (`claimed_*`, schema version 16), written out by
-        // the update trigger when the row moves on. It must not read the payloads: it reads everything from its
-        // snapshot, except that a row whose update committed after the snapshot is locked and leased in its
-        // newest version, so an ingest committing mid-claim would have the newer generation leased with the
-        // older payload, and the worker would deliver the old revision as the new one. The second statement
-        // reads the leased records and payloads under a fresh snapshot while the rows stay locked (an ingest
-        // writes the row before the payload and waits for the lock), so each generation comes with its own
-        // payload.
+        // Then two statements. The first locks the due rows (skipping those another replica holds), leases them
+        // and returns them as leased (`RETURNING` gives the version it wrote, made from the newest committed
+        // one); its claim's lineage event stays in the row (`claimed_*`, schema version 16), written out by
+        // the update trigger when the row moves on. It must not read the payloads: it reads them from its
+        // snapshot, but a row whose update committed after the snapshot is locked and leased in its newest
+        // version, so an ingest committing mid-claim would have the newer generation leased with the older
+        // payload, and the worker would deliver the old revision as the new one. The second statement reads
+        // only the payloads, under a fresh snapshot while the rows stay locked (an ingest writes the row before
+        // the payload and waits for the lock), so each generation comes with its own payload. Reading the
+        // records there again cost a second probe of `records` per record, ~15 % of a claim's buffers.
         let sql = format!(
             "WITH due AS ( \
                SELECT r.id, r.state AS previous_state, r.lease_owner AS previous_owner \
@@ -1163,11 +1164,12 @@ impl Ledger for PostgresLedger {
                fence = r.fence + 1, attempts = r.attempts + 1, updated_at = $3, \
                claimed_event = nextval('lineage_id_seq'), claimed_at = $3, claimed_by = $5, claimed_until = $6, \
                claimed_over = CASE WHEN due.previous_state = 'delivering' THEN due.previous_owner END \
-               FROM due WHERE r.id = due.id \
-               RETURNING r.id) \
-             SELECT id FROM claimed"
+               FROM due LEFT JOIN (SELECT NULL::text AS body) p ON false WHERE r.id = due.id \
+               RETURNING {RECORD_COLUMNS}) \
+             SELECT * FROM claimed"
         );
-        let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+        // `p` stands in for the payloads, read below: RECORD_COLUMNS names `p.body`.
+        let mut rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(sql))
             .bind(&self.flow)
             .bind(&bucket_list)
             .bind(now)
@@ -1177,22 +1179,35 @@ impl Ledger for PostgresLedger {
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("claim", None))?;
-        if ids.is_empty() {
+        if rows.is_empty() {
             tx.commit().await.map_err(self.db("claim commit", None))?;
             return Ok(Vec::new());
         }
-        let mut rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM records r JOIN payloads p ON p.record_id = r.id WHERE r.id = ANY($1)"
-        )))
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(self.db("claim read", None))?;
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        let mut payloads: HashMap<i64, String> =
+            sqlx::query_as("SELECT record_id, body FROM payloads WHERE record_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(self.db("claim read", None))?
+                .into_iter()
+                .collect();
         tx.commit().await.map_err(self.db("claim commit", None))?;
         // By next attempt time and id, as before sorts went off here: every claimed row's next attempt is now
         // its lease's end, the same for all, so that is by id.
         rows.sort_by_key(|row| row.id);
-        rows.into_iter().map(RecordRow::into_claimed).collect()
+        rows.into_iter()
+            .filter_map(|mut row| {
+                // A leased record always has its payload (only a delivered record's is reduced away); one
+                // without is left out, as the join that read them did, and its lease runs out.
+                let Some(payload) = payloads.remove(&row.id) else {
+                    tracing::warn!(flow = %self.flow, record = row.id, "a leased record has no payload; left out of the claim");
+                    return None;
+                };
+                row.payload = payload;
+                Some(row.into_claimed())
+            })
+            .collect()
     }
 
     async fn complete_batch(&self, completions: Vec<Completion>) -> Result<Vec<CompletionResult>> {
