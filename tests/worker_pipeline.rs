@@ -21,6 +21,8 @@ enum Mode {
     Ok,
     Unavailable,
     Unauthorized,
+    /// Up (probes pass), but each order's first delivery in this mode fails with a 503.
+    FailOnce,
 }
 
 #[derive(Default)]
@@ -34,6 +36,8 @@ struct ErpDouble {
     mode: Mutex<Option<Mode>>,
     /// External ids the ERP refuses with a 400 until cleared.
     refuse: Mutex<Vec<String>>,
+    /// External ids that have had their one failure in `Mode::FailOnce`.
+    failed_once: Mutex<std::collections::HashSet<String>>,
     in_flight: AtomicU32,
     max_in_flight: AtomicU32,
 }
@@ -50,7 +54,7 @@ impl Sink for ErpDouble {
     }
     async fn probe(&self) -> Result<(), SinkError> {
         match self.mode.lock().unwrap().unwrap_or(Mode::Ok) {
-            Mode::Ok => Ok(()),
+            Mode::Ok | Mode::FailOnce => Ok(()),
             _ => {
                 self.refused_probes.fetch_add(1, Ordering::SeqCst);
                 Err(SinkError::new(
@@ -79,6 +83,16 @@ impl ErpDouble {
             }
             Mode::Unauthorized => {
                 return Err(SinkError::from_status("double", 401, None, "INVALID_LOGIN"));
+            }
+            Mode::FailOnce => {
+                if self
+                    .failed_once
+                    .lock()
+                    .unwrap()
+                    .insert(d.external_id.to_string())
+                {
+                    return Err(SinkError::from_status("double", 503, None, "busy"));
+                }
             }
             Mode::Ok => {}
         }
@@ -200,14 +214,23 @@ async fn start_with(concurrency: u32, contract: CompileOptions) -> Harness {
 }
 
 async fn start_rendered(
+    rendered: RenderedFlow,
+    concurrency: u32,
+    contract: CompileOptions,
+) -> Harness {
+    start_giving_up_after(rendered, concurrency, contract, 50).await
+}
+
+async fn start_giving_up_after(
     mut rendered: RenderedFlow,
     concurrency: u32,
     contract: CompileOptions,
+    max_attempts: u32,
 ) -> Harness {
     rendered.flow.spec.ledger = LedgerSpec::default();
     rendered.flow.spec.replicas = None;
     rendered.flow.spec.delivery.concurrency = concurrency;
-    rendered.flow.spec.delivery.max_attempts = 50;
+    rendered.flow.spec.delivery.max_attempts = max_attempts;
     rendered.flow.spec.delivery.backoff = Some(Backoff {
         base: Some("10ms".parse().unwrap()),
         max: Some("100ms".parse().unwrap()),
@@ -703,6 +726,39 @@ async fn an_erp_outage_delays_but_dead_letters_nothing() {
         "MTTR is measured: {status}"
     );
     assert_eq!(h.erp.orders.lock().unwrap().len(), 50);
+    h.worker.shutdown().await;
+}
+
+/// Records given back while the flow cannot deliver (the ERP refuses the flow's credentials: each record
+/// in flight is released, not failed) keep their attempts: with two allowed, every record still gets its
+/// two real tries once the ERP is back, and a single failure then dead-letters nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_given_back_during_a_flow_level_failure_keep_their_attempts() {
+    let h = start_giving_up_after(example(), 4, CompileOptions::default(), 2).await;
+    *h.erp.mode.lock().unwrap() = Some(Mode::Unauthorized);
+    h.worker
+        .intake
+        .accept((0..20).map(good_record).collect())
+        .await
+        .unwrap();
+    h.wait_for("breaker open", |s| s["circuitBreaker"].is_object())
+        .await;
+    h.erp.wait_for_refused_probes(2).await;
+    let refused = h.erp.calls.load(Ordering::SeqCst);
+    assert!(refused >= 1, "records met the 401 and were given back");
+    // The credentials are rotated, and every order now fails once before it is taken.
+    *h.erp.mode.lock().unwrap() = Some(Mode::FailOnce);
+    let status = h
+        .wait_for("all delivered", |s| {
+            counter(s, "delivered") + counter(s, "deadLettered") == 20
+        })
+        .await;
+    assert_eq!(
+        counter(&status, "deadLettered"),
+        0,
+        "a record released during the outage still had both its attempts: {status}"
+    );
+    assert_eq!(h.erp.orders.lock().unwrap().len(), 20);
     h.worker.shutdown().await;
 }
 

@@ -332,7 +332,8 @@ pub struct ConfigMapKeyRef {
     {"rule": "!has(self.batch) || !has(self.batch.linger) || duration(self.batch.linger) <= duration('1s')", "message": "batch.linger must be at most 1s"}
 ]))]
 pub struct DeliveryPolicy {
-    /// Attempts before a transiently failing record is dead-lettered.
+    /// Attempts before a transiently failing record is dead-lettered. A record given back untried (circuit
+    /// breaker open, no delivery slot, a flow-level error, shutdown) spends none.
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 100))]
     pub max_attempts: u32,

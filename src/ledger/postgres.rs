@@ -1290,6 +1290,10 @@ impl Ledger for PostgresLedger {
         // now, until the row moves on (schema version 15, `meshline_records_updated`); every other outcome is a
         // lineage row with its detail.
         //
+        // A release gives its claim's attempt back (the record was not tried), so its claim's event, which
+        // reads the row's attempts, is written out first, under the id reserved at the claim, as the attempt
+        // it was; the update trigger and the readers then find it stored and tell it once.
+        //
         // JIT goes off with them: a plan that has no other way than a nested loop (a trigger's, a check's) is
         // then costed above `jit_above_cost`, and compiling it with LLVM took 0.1-1 s per statement.
         sqlx::query(
@@ -1340,6 +1344,7 @@ impl Ledger for PostgresLedger {
                    erp_response = COALESCE(t.erp_response, r.erp_response), \
                    hold_rule = COALESCE(t.hold_rule, r.hold_rule), hold_role = COALESCE(t.hold_role, r.hold_role), \
                    retries = r.retries + t.retry_inc, \
+                   attempts = CASE WHEN t.new_state IS NULL THEN GREATEST(r.attempts - 1, 0) ELSE r.attempts END, \
                    first_failure_at = CASE WHEN t.failed THEN COALESCE(r.first_failure_at, $15) ELSE r.first_failure_at END, \
                    delivered_at = CASE WHEN t.new_state = 'delivered' THEN $15 ELSE r.delivered_at END, \
                    updated_at = $15, \
@@ -1348,7 +1353,14 @@ impl Ledger for PostgresLedger {
                    FROM t WHERE r.id = t.id AND r.id = ANY($1) AND r.flow = $16 \
                    AND r.generation = t.generation AND r.fence = t.fence AND r.state = 'delivering' \
                    RETURNING r.id, r.generation, r.fence, r.correlation_id, r.received_at, r.source_key, t.new_state, \
-                   t.detail), \
+                   t.detail, r.attempts, r.claimed_event, r.claimed_at, r.claimed_by, r.claimed_until, r.claimed_over), \
+                 claim_events AS ( \
+                   INSERT INTO lineage (id, record_id, generation, at, step, detail, correlation_id) \
+                   SELECT a.claimed_event, a.id, a.generation, a.claimed_at, 'claimed', \
+                   json_build_object('worker', a.claimed_by, 'fence', a.fence, 'attempt', a.attempts + 1, \
+                   'lease_expires_at', a.claimed_until, 'taken_over_from', a.claimed_over)::text, a.correlation_id \
+                   FROM applied a WHERE a.new_state IS NULL AND a.claimed_event IS NOT NULL \
+                   AND NOT EXISTS (SELECT 1 FROM lineage l WHERE l.record_id = a.id AND l.id = a.claimed_event)), \
                  lineage_rows AS ( \
                    INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
                    SELECT id, generation, $15, COALESCE(new_state, 'released'), detail, correlation_id FROM applied \

@@ -1267,7 +1267,8 @@ fn claim_on(
     records.into_iter().map(RecordRow::into_claimed).collect()
 }
 
-/// A completion, one record: the statement every record delivered runs once. It fires the counter trigger and
+/// A completion, one record: the statement every record delivered runs once. A release (`?1` NULL: no new
+/// state) gives back its claim's attempt: the record was not tried, so its next claim is the same attempt. It fires the counter trigger and
 /// updates the partial indexes, so none of its tests may be an `IN` list SQLite would build a temporary index
 /// for on every run (see `sqlite_pending!`). `OR ROLLBACK`: no statement journal (schema version 13).
 const COMPLETE: &str = "UPDATE OR ROLLBACK records SET state = COALESCE(?1, claimed_from, 'received'), claimed_from = NULL, \
@@ -1275,6 +1276,7 @@ const COMPLETE: &str = "UPDATE OR ROLLBACK records SET state = COALESCE(?1, clai
                  last_error = COALESCE(?3, last_error), last_error_class = COALESCE(?4, last_error_class), \
                  dead_letter_reason = COALESCE(?5, dead_letter_reason), erp_response = COALESCE(?6, erp_response), \
                  hold_rule = COALESCE(?7, hold_rule), hold_role = COALESCE(?8, hold_role), retries = retries + ?9, \
+                 attempts = CASE WHEN ?1 IS NULL AND attempts > 0 THEN attempts - 1 ELSE attempts END, \
                  first_failure_at = CASE WHEN ?10 THEN COALESCE(first_failure_at, ?11) ELSE first_failure_at END, \
                  delivered_at = CASE WHEN ?1 = 'delivered' THEN ?11 ELSE delivered_at END, updated_at = ?11, \
                  ticket = CASE WHEN ?1 = 'delivered' OR ?1 = 'dead_lettered' OR ?1 = 'held' THEN ?16 ELSE ticket END \

@@ -374,8 +374,11 @@ pub enum Outcome {
         /// Redacted payload snapshot to keep with the hold, for the approver (the ledger stores it as given).
         snapshot: Option<Value>,
     },
-    /// Give the record back without counting a failure (graceful shutdown, open circuit breaker). It returns
-    /// to the state it was claimed from and is claimable again at `not_before` (now if `None`).
+    /// Give the record back without counting a failure (graceful shutdown, open circuit breaker, no delivery
+    /// slot, a lease too short for the call, a flow-level error). It returns to the state it was claimed from
+    /// and is claimable again at `not_before` (now if `None`), and its claim's attempt is given back: the
+    /// record was not tried, so however often it is released, it is retried as often as the policy says and
+    /// given up only after that many real attempts (a busy machine is never a verdict on a record).
     Released {
         not_before: Option<DateTime<Utc>>,
     },

@@ -1129,6 +1129,110 @@ pub async fn a_released_claim_returns_to_where_it_was(fixture: Fixture) {
     fixture.assert_queue_mirrors_the_waiting_records().await;
 }
 
+/// A release gives its claim's attempt back: the record was not tried (no delivery slot, a breaker open, a
+/// lease too short for the call, shutdown), so however often it is released its next claim is the same attempt,
+/// and the policy's attempts are spent only by real ones. Lineage still tells every claim with the attempt it
+/// was, in order; a record the intake leased as it stored it gives its attempt back too.
+pub async fn a_released_claim_gives_its_attempt_back(fixture: Fixture) {
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    ledger.ingest(vec![record("a", json!({}))]).await.unwrap();
+    let release = Outcome::Released { not_before: None };
+    for _ in 0..3 {
+        let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+        assert_eq!(claimed.attempts, 1, "a released claim is not an attempt");
+        ledger
+            .complete(claimed.claim, release.clone())
+            .await
+            .unwrap();
+    }
+    let claimed = claim_all(ledger.as_ref(), "w").await.remove(0);
+    assert_eq!(claimed.attempts, 1);
+    ledger
+        .complete(
+            claimed.claim,
+            Outcome::RetryScheduled {
+                next_attempt_at: at(&clock),
+                error: "erp:503".into(),
+                class: ErrorClass::Transient,
+            },
+        )
+        .await
+        .unwrap();
+    let retried = claim_all(ledger.as_ref(), "w").await.remove(0);
+    assert_eq!(retried.attempts, 2, "a failed attempt counts");
+    ledger
+        .complete(retried.claim, release.clone())
+        .await
+        .unwrap();
+    let again = claim_all(ledger.as_ref(), "w").await.remove(0);
+    assert_eq!(again.attempts, 2);
+    assert_eq!(again.claimed_from, RecordState::RetryScheduled);
+    ledger
+        .complete(again.claim, Outcome::Delivered)
+        .await
+        .unwrap();
+
+    let detail = ledger.get(again.claim.id).await.unwrap().unwrap();
+    let story: Vec<(&str, Option<i64>)> = detail
+        .lineage
+        .iter()
+        .map(|e| (e.step.as_str(), e.detail["attempt"].as_i64()))
+        .collect();
+    let claimed = |n| ("claimed", Some(n));
+    let released = ("released", None);
+    assert_eq!(
+        story,
+        [
+            ("received", None),
+            claimed(1),
+            released,
+            claimed(1),
+            released,
+            claimed(1),
+            released,
+            claimed(1),
+            ("retry_scheduled", None),
+            claimed(2),
+            released,
+            claimed(2),
+            ("delivered", None),
+        ]
+    );
+    let fences: Vec<i64> = detail
+        .lineage
+        .iter()
+        .filter(|e| e.step == "claimed")
+        .map(|e| e.detail["fence"].as_i64().unwrap())
+        .collect();
+    assert_eq!(fences, [1, 2, 3, 4, 5, 6], "every claim is fenced anew");
+
+    // Leased by the intake as it was stored, then released: claimed again as attempt 1.
+    let request = ledger::LeaseRequest {
+        worker: "fast".into(),
+        buckets: BucketSet::all(),
+        limit: 1,
+        lease: LEASE,
+    };
+    let (_, leased) = ledger
+        .ingest_and_claim(vec![record("b", json!({}))], &request)
+        .await
+        .unwrap();
+    if let [leased] = &leased[..] {
+        assert_eq!(leased.attempts, 1);
+        ledger
+            .complete(leased.claim, release.clone())
+            .await
+            .unwrap();
+    }
+    let b = claim_all(ledger.as_ref(), "w").await.remove(0);
+    assert_eq!(b.source_key, "b");
+    assert_eq!(b.attempts, 1);
+    assert_eq!(ledger.counts().await.unwrap().failed, 1);
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+}
+
 pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: Fixture) {
     let clock = clock();
     let ledger = fixture.open(clock.clone()).await;
@@ -2579,6 +2683,7 @@ macro_rules! ledger_suite {
             a_decision_on_a_held_record_is_refused_once_a_new_generation_is_held_for_another_role,
             a_records_lineage_tells_its_whole_story,
             a_released_claim_returns_to_where_it_was,
+            a_released_claim_gives_its_attempt_back,
             the_backlog_counts_waiting_records_and_the_oldest_receipt,
             a_version_1_ledger_is_migrated_with_its_records_and_payloads,
             new_records_can_be_leased_in_the_transaction_that_stores_them,
