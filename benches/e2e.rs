@@ -621,7 +621,12 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let knobs = Knobs::from_env(quick);
     let statements = postgres::has_server_library("pg_stat_statements");
-    let mut settings = vec![("fsync", "on"), ("synchronous_commit", "on")];
+    // Durable commits and full-page writes, as in production: the test defaults turn all three off.
+    let mut settings = vec![
+        ("fsync", "on"),
+        ("synchronous_commit", "on"),
+        ("full_page_writes", "on"),
+    ];
     if statements {
         settings.push(("shared_preload_libraries", "pg_stat_statements"));
     }

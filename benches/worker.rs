@@ -1,6 +1,7 @@
 //! The whole worker — intake → ledger → contract → sink — with an in-process sink that answers at once, on
 //! the example contract (closed-won Opportunity → NetSuite sales order, five line items, CEL rules against a
-//! pricebook). Reports, on SQLite and on PostgreSQL (a throwaway server with fsync and synchronous commit on):
+//! pricebook). Reports, on SQLite and on PostgreSQL (a throwaway server with fsync, synchronous commit and
+//! full-page writes on):
 //!
 //! - throughput: records per second from the first ingest (four concurrent senders of 500-record batches)
 //!   until the last outcome is in the ledger;
@@ -414,7 +415,12 @@ fn main() {
     };
     // Extra server settings for a profiling run, e.g. `MESHLINE_BENCH_PG_SETTINGS=shared_preload_libraries=auto_explain`.
     let extra = std::env::var("MESHLINE_BENCH_PG_SETTINGS").unwrap_or_default();
-    let mut settings = vec![("fsync", "on"), ("synchronous_commit", "on")];
+    // Durable commits and full-page writes, as in production: the test defaults turn all three off.
+    let mut settings = vec![
+        ("fsync", "on"),
+        ("synchronous_commit", "on"),
+        ("full_page_writes", "on"),
+    ];
     settings.extend(extra.split(',').filter_map(|kv| kv.split_once('=')));
     // Started at its first use, not up front: initdb and the server's start-up take a core for a second or
     // two, which would otherwise overlap (and slow) the SQLite run that goes first.
