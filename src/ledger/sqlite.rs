@@ -1267,10 +1267,10 @@ fn claim_on(
     records.into_iter().map(RecordRow::into_claimed).collect()
 }
 
-/// A completion, one record: the statement every record delivered runs once. A release (`?1` NULL: no new
-/// state) gives back its claim's attempt: the record was not tried, so its next claim is the same attempt. It fires the counter trigger and
+/// A completion, one record: the statement every record delivered runs once. It fires the counter trigger and
 /// updates the partial indexes, so none of its tests may be an `IN` list SQLite would build a temporary index
-/// for on every run (see `sqlite_pending!`). `OR ROLLBACK`: no statement journal (schema version 13).
+/// for on every run (see `sqlite_pending!`). `OR ROLLBACK`: no statement journal (schema version 13). A release
+/// (`?1` NULL: no new state) gives back its claim's attempt: the record was not tried.
 const COMPLETE: &str = "UPDATE OR ROLLBACK records SET state = COALESCE(?1, claimed_from, 'received'), claimed_from = NULL, \
                  lease_owner = NULL, lease_expires_at = NULL, next_attempt_at = COALESCE(?2, next_attempt_at), \
                  last_error = COALESCE(?3, last_error), last_error_class = COALESCE(?4, last_error_class), \
