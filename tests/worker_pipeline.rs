@@ -1,5 +1,10 @@
-//! The worker end to end in one process: intake → ledger (SQLite) → contract → sink, with a sink double whose
-//! failures are programmable, and the operations API over real HTTP.
+//! The worker end to end in one process: intake → ledger (SQLite, and PostgreSQL where the backends differ)
+//! → contract → sink, with a sink double whose failures are programmable, and the operations API over real
+//! HTTP.
+
+#[path = "support/postgres.rs"]
+#[allow(dead_code)]
+mod postgres;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use meshline::api::{Backoff, ErrorClass, LedgerSpec};
+use meshline::api::{Backoff, ErrorClass, LedgerSpec, LedgerType, SecretRef};
 use meshline::connectors::{Delivered, Delivery, Intake, Sink, SinkError, SourceRecord};
 use meshline::contract::{CompileOptions, CpuClock, CpuTime};
 use meshline::ledger::RecordState;
@@ -189,6 +194,8 @@ struct Harness {
     erp: Arc<ErpDouble>,
     http: reqwest::Client,
     _state: tempfile::TempDir,
+    /// The PostgreSQL ledger's server, when the worker runs on one (dropped after the worker).
+    _pg: Option<postgres::PgServer>,
 }
 
 const TOKEN: &str = "test-token-123";
@@ -222,12 +229,42 @@ async fn start_rendered(
 }
 
 async fn start_giving_up_after(
-    mut rendered: RenderedFlow,
+    rendered: RenderedFlow,
     concurrency: u32,
     contract: CompileOptions,
     max_attempts: u32,
 ) -> Harness {
+    start_on(rendered, concurrency, contract, max_attempts, None).await
+}
+
+/// The example flow on a PostgreSQL ledger in a fresh server, its URL in the ledger's Secret as the
+/// controller mounts it.
+async fn start_on_postgres(concurrency: u32) -> Harness {
+    let pg = postgres::PgServer::start();
+    start_on(
+        example(),
+        concurrency,
+        CompileOptions::default(),
+        50,
+        Some(pg),
+    )
+    .await
+}
+
+async fn start_on(
+    mut rendered: RenderedFlow,
+    concurrency: u32,
+    contract: CompileOptions,
+    max_attempts: u32,
+    pg: Option<postgres::PgServer>,
+) -> Harness {
     rendered.flow.spec.ledger = LedgerSpec::default();
+    if pg.is_some() {
+        rendered.flow.spec.ledger.r#type = LedgerType::Postgres;
+        rendered.flow.spec.ledger.credentials_secret_ref = Some(SecretRef {
+            name: "ledger-database".into(),
+        });
+    }
     rendered.flow.spec.replicas = None;
     rendered.flow.spec.delivery.concurrency = concurrency;
     rendered.flow.spec.delivery.max_attempts = max_attempts;
@@ -243,6 +280,11 @@ async fn start_giving_up_after(
     std::fs::create_dir_all(&identities).unwrap();
     std::fs::write(identities.join("marcus"), format!("{MARCUS}\n")).unwrap();
     std::fs::write(identities.join("dana"), DANA).unwrap();
+    if let Some(pg) = &pg {
+        let secret = state.path().join("secrets/ledger-database");
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::write(secret.join("url"), pg.url()).unwrap();
+    }
     let settings = WorkerSettings {
         listen: "127.0.0.1:0".parse().unwrap(),
         ops_listen: "127.0.0.1:0".parse().unwrap(),
@@ -267,6 +309,7 @@ async fn start_giving_up_after(
         erp,
         http: reqwest::Client::new(),
         _state: state,
+        _pg: pg,
     }
 }
 
@@ -520,6 +563,95 @@ async fn concurrent_webhooks_share_ledger_transactions_and_each_gets_its_own_ans
         300,
         "no record is delivered twice"
     );
+    h.worker.shutdown().await;
+}
+
+/// On PostgreSQL the intake runs several group transactions side by side (`Ledger::ingest_writers`): the
+/// same crowd of webhooks, half of them carrying records another webhook carries too, each gets its own
+/// answer, the groups still share transactions, and every record is delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_webhooks_on_a_postgresql_ledger_commit_side_by_side_and_deliver_each_record_once()
+ {
+    let h = start_on_postgres(8).await;
+    assert!(
+        h.worker.intake.pipeline.ledger.ingest_writers() > 1,
+        "a PostgreSQL ledger takes group transactions side by side"
+    );
+    let intake = h.worker.intake.clone();
+    // 200 webhooks of 3 records each: webhook i carries records i, i+1 and i+2 (mod 400), so most records
+    // arrive in three webhooks that race each other through different transactions.
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..200usize {
+        let intake = intake.clone();
+        calls.spawn(async move {
+            let records = (0..3).map(|k| good_record((2 * i + k) % 400)).collect();
+            (i, intake.accept(records).await)
+        });
+    }
+    let (mut stored, mut duplicates) = (0, 0);
+    while let Some(joined) = calls.join_next().await {
+        let (i, result) = joined.unwrap();
+        let receipt = result.unwrap_or_else(|e| panic!("webhook {i}: {}", e.0));
+        assert_eq!(
+            receipt.stored + receipt.duplicates,
+            3,
+            "webhook {i}: {receipt:?}"
+        );
+        stored += receipt.stored;
+        duplicates += receipt.duplicates;
+    }
+    // 600 records sent: 400 distinct (2i and 2i+1 cover them), and each 2i+2 is a repeat of 2(i+1).
+    assert_eq!((stored, duplicates), (400, 200));
+    let commits = metric(&h, "intake_commits").await;
+    assert!(
+        commits <= 150.0,
+        "200 concurrent webhooks took {commits} ledger transactions; they should share them"
+    );
+    let status = h
+        .wait_for("400 delivered", |s| counter(s, "delivered") == 400)
+        .await;
+    assert_eq!(counter(&status, "deadLettered"), 0);
+    assert_eq!(
+        h.erp.calls.load(Ordering::SeqCst),
+        400,
+        "no record is delivered twice"
+    );
+    h.worker.shutdown().await;
+}
+
+/// Group transactions in flight at once share the pipeline's room for leased records: each holds back as
+/// much as it stores at most, the next gets what the others left, and the room comes back when a grant is
+/// done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_ingests_lease_no_more_than_the_pipeline_can_start() {
+    let h = start(4).await;
+    let pipeline = &h.worker.intake.pipeline;
+    // An ingest of 5 records holds back room for 5, no more.
+    let small = pipeline
+        .lease_request(5)
+        .expect("an idle pipeline has room for leased records");
+    assert_eq!(small.request.limit, 5);
+    let first = pipeline
+        .lease_request(usize::MAX)
+        .expect("an idle pipeline has room beside a small ingest");
+    let room = first.request.limit + 5;
+    assert!(room > 5);
+    assert!(
+        pipeline.lease_request(usize::MAX).is_none(),
+        "a third ingest in flight must not lease the room the others may take ({room} records)"
+    );
+    drop(small);
+    assert_eq!(
+        pipeline.lease_request(usize::MAX).map(|g| g.request.limit),
+        Some(5),
+        "the small ingest's room comes back once its grant is done"
+    );
+    drop(first);
+    let again = pipeline
+        .lease_request(usize::MAX)
+        .expect("the room comes back once the grants are done");
+    assert_eq!(again.request.limit, room);
+    drop(again);
     h.worker.shutdown().await;
 }
 

@@ -144,6 +144,13 @@ pub trait Ledger: Send + Sync + fmt::Debug {
     /// this returns may the source acknowledge the batch.
     async fn ingest(&self, batch: Vec<IncomingRecord>) -> Result<Vec<IngestOutcome>>;
 
+    /// How many ingest transactions the worker's intake may have in flight at once. A backend with one
+    /// writer (SQLite) takes one at a time; PostgreSQL commits several side by side, so a group's round
+    /// trips and WAL flush no longer stall every other webhook behind it (see `worker::intake`).
+    fn ingest_writers(&self) -> usize {
+        1
+    }
+
     /// Like [`Ledger::ingest`], and sets the source's checkpoint in the same transaction, so a poll
     /// checkpoint never advances past records that are not stored (and never lags records that are).
     async fn ingest_with_checkpoint(

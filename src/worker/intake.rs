@@ -4,8 +4,11 @@
 //! **Group commit.** CRMs send one webhook per record, many at once. A transaction per webhook would make
 //! the ledger's commit (an fsync on SQLite, a round trip and a WAL flush on PostgreSQL) the ceiling of the
 //! whole worker and let intake crowd out delivery. So concurrent `accept` calls queue their records, and
-//! whichever call gets the commit lock writes everything queued in one transaction and answers every caller
-//! with its own outcomes. Each caller still returns only once its records are durable.
+//! whichever call gets a commit permit writes everything queued in one transaction and answers every caller
+//! with its own outcomes. Each caller still returns only once its records are durable. The ledger says how
+//! many such transactions may run at once ([`crate::ledger::Ledger::ingest_writers`]): one on SQLite, its
+//! single writer; several on PostgreSQL, so a group's round trips and commit do not hold back the webhooks
+//! that arrive meanwhile (each group still takes everything queued when it starts).
 //!
 //! **Logs.** Each stored batch (a group commit, a poll page) is one `info` line with its counts; each record
 //! in it one `debug` line with its outcome and its `correlation_id`, the one its lineage carries, so a
@@ -35,15 +38,17 @@ struct Waiting {
 pub struct LedgerIntake {
     pub pipeline: Arc<Pipeline>,
     queue: Arc<Mutex<Vec<Waiting>>>,
-    committing: Arc<tokio::sync::Mutex<()>>,
+    /// One permit per group transaction the ledger lets run at once.
+    committing: Arc<tokio::sync::Semaphore>,
 }
 
 impl LedgerIntake {
     pub fn new(pipeline: Arc<Pipeline>) -> LedgerIntake {
+        let writers = pipeline.ledger.ingest_writers().max(1);
         LedgerIntake {
             pipeline,
             queue: Arc::default(),
-            committing: Arc::default(),
+            committing: Arc::new(tokio::sync::Semaphore::new(writers)),
         }
     }
 
@@ -67,8 +72,14 @@ impl LedgerIntake {
             records: batch,
             reply,
         });
-        let guard = self.committing.clone().lock_owned().await;
-        // An earlier holder of the lock may have written our records already; then the queue may be empty.
+        let Ok(guard) = self.committing.clone().acquire_owned().await else {
+            // The semaphore is never closed. Were it, the batch is not acknowledged; a writer still running
+            // may store it, and the client's retry is then a duplicate.
+            return Err(IntakeError(
+                "the intake is shutting down; the batch was not acknowledged, retry".into(),
+            ));
+        };
+        // An earlier holder of a permit may have written our records already; then the queue may be empty.
         // Otherwise we write the queue, in a task of its own: if our caller goes away (a webhook client that
         // hangs up), the other callers' records are still written and answered.
         let queue = self.queue.clone();
@@ -246,8 +257,11 @@ async fn commit_group(pipeline: &Pipeline, group: Vec<Waiting>) {
         records.extend(waiting.records);
     }
     let ledger = &pipeline.ledger;
-    let stored = match pipeline.lease_request() {
-        Some(request) => ledger.ingest_and_claim(records, &request).await,
+    // The grant lives until the records it leased are handed over, so a concurrent group's request counts
+    // them (see `Pipeline::lease_request`).
+    let grant = pipeline.lease_request(records.len());
+    let stored = match &grant {
+        Some(grant) => ledger.ingest_and_claim(records, &grant.request).await,
         None => ledger.ingest(records).await.map(|o| (o, Vec::new())),
     };
     let stored = match stored {
@@ -257,6 +271,7 @@ async fn commit_group(pipeline: &Pipeline, group: Vec<Waiting>) {
         }
         Err(e) => Err(e),
     };
+    drop(grant);
     match stored {
         Ok(outcomes) if outcomes.len() == sizes.iter().sum::<usize>() => {
             log_batch(&pipeline.flow, &outcomes, "webhook group");

@@ -422,6 +422,7 @@ impl Worker {
             wake: tokio::sync::Notify::new(),
             gate: std::sync::Mutex::new(None),
             handed: Default::default(),
+            leasing: Default::default(),
             stopping: Default::default(),
             // Until the ERP has answered, assume a slow one (50 ms) so the first claims stay small.
             delivery_micros: std::sync::atomic::AtomicU64::new(50_000),

@@ -133,6 +133,10 @@ pub struct Pipeline {
     /// Records the intake leased to this worker as it stored them, waiting to be processed like claimed
     /// ones (see [`Pipeline::lease_request`]).
     pub handed: std::sync::Mutex<Vec<ClaimedRecord>>,
+    /// Records that ingest transactions still in flight may lease (their requests' limits): the intake
+    /// runs several at once on PostgreSQL, and each must leave room for the others' (see
+    /// [`Pipeline::lease_request`]). Changed only under the `handed` lock.
+    pub leasing: std::sync::atomic::AtomicUsize,
     /// Set once the pipeline stops taking work (shutdown): the intake leases nothing more.
     pub stopping: std::sync::atomic::AtomicBool,
     /// What keeps the worker from its work right now; `/status` lists them.
@@ -148,6 +152,26 @@ pub struct Pipeline {
     pub track: Arc<super::track::TrackBuckets>,
     /// The roster's owners as their personal tokens identify them, for approvals of held records.
     pub identities: Arc<super::identity::IdentityBook>,
+}
+
+/// What one ingest transaction may lease to this worker; while it lives, its limit counts as leased for the
+/// other ingests in flight (see [`Pipeline::lease_request`]).
+pub struct LeaseGrant<'a> {
+    pub request: LeaseRequest,
+    pipeline: &'a Pipeline,
+}
+
+impl Drop for LeaseGrant<'_> {
+    fn drop(&mut self) {
+        let _handed = self
+            .pipeline
+            .handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.pipeline
+            .leasing
+            .fetch_sub(self.request.limit, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Pipeline {
@@ -184,8 +208,11 @@ impl Pipeline {
 
     /// What the intake may lease to this worker in the transaction that stores new records, so they skip a
     /// claim: as many as can start soon (the claim sizing, less what was handed over and not yet started),
-    /// none while the flow is gated, its circuit is open or the pipeline is stopping.
-    pub fn lease_request(&self) -> Option<LeaseRequest> {
+    /// none while the flow is gated, its circuit is open or the pipeline is stopping, and no more than the
+    /// ingest's own `records`. What other ingests in
+    /// flight may lease counts as taken until the grant is dropped, which the intake does once it has handed
+    /// their records over (or failed), so concurrent group commits together never lease more than one would.
+    pub fn lease_request(&self, records: usize) -> Option<LeaseGrant<'_>> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst)
             || self.gated().is_some()
             || self.breaker.is_open()
@@ -196,13 +223,24 @@ impl Pipeline {
         if buckets.is_empty() {
             return None;
         }
-        let waiting = self.handed.lock().unwrap_or_else(|p| p.into_inner()).len();
-        let limit = self.claim_limit(0).saturating_sub(waiting);
-        (limit > 0).then(|| LeaseRequest {
-            worker: self.options.worker_id.clone(),
-            buckets,
-            limit,
-            lease: self.options.lease,
+        use std::sync::atomic::Ordering;
+        let handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = handed.len() + self.leasing.load(Ordering::SeqCst);
+        // No more than the ingest stores: a grant holds back room from the ingests beside it.
+        let limit = self.claim_limit(0).saturating_sub(taken).min(records);
+        if limit == 0 {
+            return None;
+        }
+        self.leasing.fetch_add(limit, Ordering::SeqCst);
+        drop(handed);
+        Some(LeaseGrant {
+            request: LeaseRequest {
+                worker: self.options.worker_id.clone(),
+                buckets,
+                limit,
+                lease: self.options.lease,
+            },
+            pipeline: self,
         })
     }
 
