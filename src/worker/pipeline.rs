@@ -209,9 +209,9 @@ impl Pipeline {
     /// What the intake may lease to this worker in the transaction that stores new records, so they skip a
     /// claim: as many as can start soon (the claim sizing, less what was handed over and not yet started),
     /// none while the flow is gated, its circuit is open or the pipeline is stopping, and no more than the
-    /// ingest's own `records`. What other ingests in
-    /// flight may lease counts as taken until the grant is dropped, which the intake does once it has handed
-    /// their records over (or failed), so concurrent group commits together never lease more than one would.
+    /// ingest's own `records`. What other ingests in flight may lease counts as taken until their grants are
+    /// dropped, which the intake does once it has handed their records over (or failed), so concurrent group
+    /// commits together never lease more than one would.
     pub fn lease_request(&self, records: usize) -> Option<LeaseGrant<'_>> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst)
             || self.gated().is_some()
