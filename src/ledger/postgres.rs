@@ -329,12 +329,16 @@ impl PostgresLedger {
             // the planner knows it finds one row), and the rows found are then locked by id. Written as
             // `idempotency_key = ANY($2)`, the planner could not tell how many of the flow's records a hundred
             // keys select; on a ledger without statistics it read every record of the flow for each ingest
-            // (see the completion on `flow = $n`).
+            // (see the completion on `flow = $n`). The flow comes from a subquery the planner does not fold
+            // (`OFFSET 0`), so it is compared as a value unknown at planning: a flow new to a shared ledger,
+            // absent from the statistics of `records`, would otherwise be taken for a handful of records, and
+            // each key found by walking them through `records_source_key`.
             let (existing_keys, existing_orderings): (Vec<String>, Vec<Option<i64>>) =
                 sqlx::query_as::<_, (String, Option<i64>)>(
                     "SELECT r.idempotency_key, r.ordering_value FROM records r \
-                     WHERE r.id = ANY(ARRAY(SELECT s.id FROM UNNEST($2::text[]) AS k(key), \
-                       LATERAL (SELECT id FROM records WHERE flow = $1 AND idempotency_key = k.key LIMIT 1) AS s)) \
+                     WHERE r.id = ANY(ARRAY(SELECT s.id FROM (SELECT $1::text AS flow OFFSET 0) AS f, \
+                       UNNEST($2::text[]) AS k(key), LATERAL (SELECT id FROM records \
+                       WHERE flow = f.flow AND idempotency_key = k.key LIMIT 1) AS s)) \
                      ORDER BY r.id FOR NO KEY UPDATE OF r",
                 )
                 .bind(&self.flow)
@@ -2762,10 +2766,15 @@ impl Ledger for PostgresLedger {
         if source_keys.is_empty() {
             return Ok(Vec::new());
         }
+        // Each source key is looked up alone, with the flow as a value unknown at planning (see the ingest's
+        // lookup of stored keys): on a flow without statistics, `source_key = ANY($2)` walked the flow's records.
         let rows = sqlx::query(
             "SELECT r.id, r.source_key, r.state, r.dead_letter_reason, r.hold_rule, p.body \
-             FROM records r LEFT JOIN payloads p ON p.record_id = r.id \
-             WHERE r.flow = $1 AND r.source_key = ANY($2) ORDER BY r.id",
+             FROM (SELECT $1::text AS flow OFFSET 0) AS f, \
+             (SELECT DISTINCT key FROM UNNEST($2::text[]) AS u(key)) AS k, \
+             LATERAL (SELECT id, source_key, state, dead_letter_reason, hold_rule FROM records \
+               WHERE flow = f.flow AND source_key = k.key) AS r \
+             LEFT JOIN payloads p ON p.record_id = r.id ORDER BY r.id",
         )
         .bind(&self.flow)
         .bind(source_keys)
