@@ -1359,14 +1359,15 @@ impl Ledger for PostgresLedger {
             .iter()
             .all(|c| matches!(c.outcome, super::Outcome::Delivered));
         let applied: Vec<(i64, i64, i64, i64, String, String)> = if delivered_only {
-            sqlx::query_as(
+            // A delivery raises no ticket, so its correlation id and source key are not read back.
+            sqlx::query_as::<_, (i64, i64, i64, i64)>(
                 "UPDATE records r SET state = 'delivered', claimed_from = NULL, lease_owner = NULL, \
                  lease_expires_at = NULL, delivered_at = $4, updated_at = $4, ticket = NULL, \
                  delivered_event = nextval('lineage_id_seq') \
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[]) AS t(id, generation, fence) \
                  WHERE r.id = t.id AND r.id = ANY($1) AND r.flow IS NOT DISTINCT FROM $5 AND r.generation = t.generation \
                  AND r.fence = t.fence AND r.state = 'delivering' \
-                 RETURNING r.id, r.generation, r.fence, r.received_at, r.correlation_id, r.source_key",
+                 RETURNING r.id, r.generation, r.fence, r.received_at",
             )
             .bind(&ids)
             .bind(&generations)
@@ -1376,6 +1377,11 @@ impl Ledger for PostgresLedger {
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("complete", None))?
+            .into_iter()
+            .map(|(id, generation, fence, received_at)| {
+                (id, generation, fence, received_at, String::new(), String::new())
+            })
+            .collect()
         } else {
             sqlx::query_as(
                 "WITH t AS MATERIALIZED (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], \
