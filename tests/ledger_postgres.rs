@@ -1165,26 +1165,8 @@ async fn a_claim_on_a_ledger_that_filled_after_its_first_claims_reads_records_by
         .await
         .unwrap();
     assert_eq!(claimed.len(), CLAIM);
-    // A backend sends its statistics when it exits: closing the ledger sends them all. This waits for the
-    // inserts to be counted, not for a time.
     ledger.close().await;
-    let read = loop {
-        let (inserted, read): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'records'), \
-             (SELECT COALESCE(SUM(idx_tup_read), 0)::BIGINT FROM pg_stat_user_indexes WHERE relname = 'records')",
-        )
-        .fetch_one(&raw)
-        .await
-        .unwrap();
-        if inserted >= (RECORDS + 12) as i64 {
-            break read;
-        }
-        sqlx::query("SELECT pg_stat_clear_snapshot()")
-            .execute(&raw)
-            .await
-            .unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let read = records_index_reads_once_counted(&raw, (RECORDS + 12) as i64, 0).await;
     // Everything the ledger did read index entries of `records`: a few per record stored, claimed or
     // completed. Walking the flow's records for each due record reads about 9,000 per record claimed.
     assert!(
@@ -1194,9 +1176,46 @@ async fn a_claim_on_a_ledger_that_filled_after_its_first_claims_reads_records_by
     raw.close().await;
 }
 
-/// Index entries of `records` read so far, once the statistics count at least `updated` updates of it. A
-/// backend sends its statistics when it exits (closing the ledger closes them all), so this waits for the
-/// updates to be counted, not for a time.
+/// Stores `count` records named `{prefix}-{i:05}`, 1,000 an ingest.
+async fn ingest_burst(ledger: &dyn meshline::ledger::Ledger, prefix: &str, count: usize) {
+    for batch in 0..count.div_ceil(1_000) {
+        let records = (batch * 1_000..count.min((batch + 1) * 1_000))
+            .map(|i| {
+                support::ledger_suite::record(
+                    &format!("{prefix}-{i:05}"),
+                    serde_json::json!({"i": i}),
+                )
+            })
+            .collect();
+        ledger.ingest(records).await.unwrap();
+    }
+}
+
+/// Completes every claimed record as delivered, in one batch, and checks that each completion applied.
+async fn deliver_all(
+    ledger: &dyn meshline::ledger::Ledger,
+    claimed: &[meshline::ledger::ClaimedRecord],
+) {
+    use meshline::ledger::{Completion, CompletionResult, Outcome};
+    let results = ledger
+        .complete_batch(
+            claimed
+                .iter()
+                .map(|c| Completion {
+                    claim: c.claim,
+                    outcome: Outcome::Delivered,
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.len(), claimed.len());
+    assert!(results.iter().all(|r| *r == CompletionResult::Applied));
+}
+
+/// Index entries of `records` read so far, once the statistics count at least `inserted` inserts and `updated`
+/// updates of it. A backend sends its statistics when it exits (closing the ledger closes them all), so this
+/// waits for them to be counted, not for a time.
 async fn records_index_reads_once_counted(raw: &sqlx::PgPool, inserted: i64, updated: i64) -> i64 {
     loop {
         let (ins, upd, read): (i64, i64, i64) = sqlx::query_as(
@@ -1242,16 +1261,7 @@ async fn completions_and_ingests_on_a_ledger_without_statistics_read_only_their_
         .execute(&raw)
         .await
         .unwrap();
-    for batch in 0..RECORDS / 1_000 {
-        ledger
-            .ingest(
-                (0..1_000)
-                    .map(|i| record(&format!("burst{batch:02}-{i:04}"), json!({"i": i})))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-    }
+    ingest_burst(&*ledger, "burst", RECORDS).await;
     let claimed = ledger
         .claim("worker-a", &BucketSet::all(), CLAIM, LEASE)
         .await
@@ -1262,20 +1272,7 @@ async fn completions_and_ingests_on_a_ledger_without_statistics_read_only_their_
 
     // A worker that starts now plans with the statistics of now: none.
     let ledger = fixture.open(support::ledger_suite::clock()).await;
-    let results = ledger
-        .complete_batch(
-            claimed
-                .iter()
-                .map(|c| Completion {
-                    claim: c.claim,
-                    outcome: Outcome::Delivered,
-                })
-                .collect(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(results.len(), CLAIM);
-    assert!(results.iter().all(|r| *r == CompletionResult::Applied));
+    deliver_all(&*ledger, &claimed).await;
     // A completion refused (already applied): its records are read again for the refusal's detail.
     let refused = ledger
         .complete_batch(vec![Completion {
@@ -1289,7 +1286,7 @@ async fn completions_and_ingests_on_a_ledger_without_statistics_read_only_their_
     let outcomes = ledger
         .ingest(
             (0..REVISED)
-                .map(|i| record(&format!("burst05-{i:04}"), json!({"i": i, "revised": true})))
+                .map(|i| record(&format!("burst-{i:05}"), json!({"i": i, "revised": true})))
                 .collect(),
         )
         .await
@@ -1314,7 +1311,7 @@ async fn completions_and_ingests_on_a_ledger_without_statistics_read_only_their_
 /// and reading an audit's facts by source key read those records and no others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flow_new_to_a_shared_ledger_completes_and_revises_by_id_and_key() {
-    use meshline::ledger::{BucketSet, Completion, CompletionResult, Outcome};
+    use meshline::ledger::BucketSet;
     use serde_json::json;
     use support::ledger_suite::{LEASE, record};
 
@@ -1325,16 +1322,7 @@ async fn a_flow_new_to_a_shared_ledger_completes_and_revises_by_id_and_key() {
     let fixture = Fixture::postgres();
     let raw = fixture.raw_postgres_pool().await;
     let old_flow = fixture.open(support::ledger_suite::clock()).await;
-    for batch in 0..OLD_FLOW_RECORDS / 1_000 {
-        old_flow
-            .ingest(
-                (0..1_000)
-                    .map(|i| record(&format!("old{batch:02}-{i:04}"), json!({"i": i})))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-    }
+    ingest_burst(&*old_flow, "old", OLD_FLOW_RECORDS).await;
     old_flow.close().await;
     // The statistics now say every record belongs to the old flow, and stay so (autovacuum off).
     for sql in [
@@ -1349,16 +1337,7 @@ async fn a_flow_new_to_a_shared_ledger_completes_and_revises_by_id_and_key() {
             .expect("the new flow's ledger opens")
     };
     let ledger = open_new().await;
-    for batch in 0..RECORDS / 1_000 {
-        ledger
-            .ingest(
-                (0..1_000)
-                    .map(|i| record(&format!("new{batch:02}-{i:04}"), json!({"i": i})))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-    }
+    ingest_burst(&*ledger, "new", RECORDS).await;
     let claimed = ledger
         .claim("worker-a", &BucketSet::all(), CLAIM, LEASE)
         .await
@@ -1369,30 +1348,25 @@ async fn a_flow_new_to_a_shared_ledger_completes_and_revises_by_id_and_key() {
     let before = records_index_reads_once_counted(&raw, stored, CLAIM as i64).await;
 
     let ledger = open_new().await;
-    let results = ledger
-        .complete_batch(
-            claimed
-                .iter()
-                .map(|c| Completion {
-                    claim: c.claim,
-                    outcome: Outcome::Delivered,
-                })
-                .collect(),
-        )
-        .await
-        .unwrap();
-    assert!(results.iter().all(|r| *r == CompletionResult::Applied));
+    deliver_all(&*ledger, &claimed).await;
     let outcomes = ledger
         .ingest(
             (0..REVISED)
-                .map(|i| record(&format!("new02-{i:04}"), json!({"i": i, "revised": true})))
+                .map(|i| {
+                    record(
+                        &format!("new-{:05}", 2_000 + i),
+                        json!({"i": i, "revised": true}),
+                    )
+                })
                 .collect(),
         )
         .await
         .unwrap();
     assert_eq!(outcomes.len(), REVISED);
     // An audit reads the facts of a page of source keys (one asked twice, one unknown).
-    let mut keys: Vec<String> = (0..REVISED).map(|i| format!("new03-{i:04}")).collect();
+    let mut keys: Vec<String> = (0..REVISED)
+        .map(|i| format!("new-{:05}", 3_000 + i))
+        .collect();
     keys.push(keys[0].clone());
     keys.push("unknown".to_string());
     let facts = ledger.audit_facts(&keys).await.unwrap();
