@@ -284,7 +284,8 @@ impl PostgresLedger {
         // prepares a statement once per connection and PostgreSQL may then keep a generic plan, made with the
         // statistics of that moment: one kept while the ledger was nearly empty read the whole table for every
         // stored key looked up (`seq scan` and `records_source_key`, 0.3-0.5 s per ingest of 1,000 at 3,000
-        // records). Planning afresh costs well under 0.1 ms per statement.
+        // records). Planning afresh costs ~0.6 ms of database time per ingest of 100 (the upsert 0.32 ms, the
+        // lookup of stored keys 0.19, payloads and lineage 0.13, with `pg_stat_statements.track_planning`).
         let mut tx = self
             .pool
             .begin_with("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
