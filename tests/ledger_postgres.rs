@@ -837,6 +837,149 @@ async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
     ledger.close().await;
 }
 
+/// Since schema version 17 a completion of deliveries counts its own records when each is still held under the
+/// lease its claim's event names, and the update trigger's call for it does nothing. A batch with any other
+/// record starts again as an update the trigger counts. Either way the counters equal a recount, the queue holds
+/// exactly the waiting records, and the registrations go once they hold nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_of_deliveries_count_their_own_records_or_start_again_for_the_trigger() {
+    use meshline::ledger::{BucketSet, Completion, CompletionResult, Outcome};
+    use serde_json::json;
+    use support::ledger_suite::{
+        LEASE, assert_counters_equal_a_recount, clock, record, retry_in,
+    };
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let db = fixture.raw_postgres_pool().await;
+    let registrations = || {
+        let db = db.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM record_leases")
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let delivered = |claims: &[meshline::ledger::ClaimedRecord]| -> Vec<Completion> {
+        claims
+            .iter()
+            .map(|c| Completion {
+                claim: c.claim,
+                outcome: Outcome::Delivered,
+            })
+            .collect()
+    };
+    ledger
+        .ingest(
+            (0..8)
+                .map(|i| record(&format!("r{i}"), json!({"i": i})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+
+    // Two of them fail once first, so their delivery adds to the time to recover.
+    let first = ledger
+        .claim("w", &BucketSet::all(), 2, LEASE)
+        .await
+        .unwrap();
+    for claimed in &first {
+        ledger
+            .complete(claimed.claim, retry_in(&clock, 0))
+            .await
+            .unwrap();
+    }
+    clock.advance(std::time::Duration::from_secs(3));
+
+    // The steady state: every record still held under its claim's lease, counted by the completion itself.
+    let steady = ledger
+        .claim("w", &BucketSet::all(), 8, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(steady.len(), 8);
+    let results = ledger.complete_batch(delivered(&steady)).await.unwrap();
+    assert!(results.iter().all(|r| *r == CompletionResult::Applied), "{results:?}");
+    assert_eq!(registrations().await, 0, "the emptied registration goes");
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.delivered, 8);
+    assert!(
+        counts.mttr_seconds.is_some_and(|s| s >= 3.0),
+        "the two that had failed recovered 3 s later: {counts:?}"
+    );
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+
+    ledger
+        .ingest(
+            (8..11)
+                .map(|i| record(&format!("r{i}"), json!({"i": i})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    // One record's lease lapses and a claim for no bucket of its own clears it (which queues it) without
+    // taking it; the holder then completes it with two records whose lease still runs, in one batch.
+    let short = ledger
+        .claim("w", &BucketSet::all(), 1, LEASE)
+        .await
+        .unwrap();
+    clock.advance(LEASE / 2);
+    let long = ledger
+        .claim("w", &BucketSet::all(), 2, LEASE)
+        .await
+        .unwrap();
+    assert_eq!((short.len(), long.len()), (1, 2));
+    clock.advance(LEASE / 2 + std::time::Duration::from_millis(1));
+    let none = BucketSet::from_buckets(
+        (0..100u8).filter(|b| *b != short[0].bucket && long.iter().all(|l| l.bucket != *b)),
+    );
+    assert!(ledger.claim("other", &none, 10, LEASE).await.unwrap().is_empty());
+    let lease_cleared: Option<i64> =
+        sqlx::query_scalar("SELECT lease_expires_at FROM records WHERE id = $1")
+            .bind(short[0].claim.id.0)
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(lease_cleared, None, "the lapsed lease is cleared");
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    let mixed: Vec<_> = short.iter().chain(&long).cloned().collect();
+    let results = ledger.complete_batch(delivered(&mixed)).await.unwrap();
+    assert!(results.iter().all(|r| *r == CompletionResult::Applied), "{results:?}");
+    assert_eq!(registrations().await, 0);
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.delivered, 11);
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+
+    // A record leased as an older binary leased it (no claim event in its row) is counted by the trigger too.
+    ledger
+        .ingest(vec![record("r11", json!({"i": 11}))])
+        .await
+        .unwrap();
+    let legacy = ledger
+        .claim("w", &BucketSet::all(), 1, LEASE)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE records SET claimed_event = NULL, claimed_at = NULL, claimed_by = NULL, claimed_until = NULL \
+         WHERE id = $1",
+    )
+    .bind(legacy[0].claim.id.0)
+    .execute(&db)
+    .await
+    .unwrap();
+    let results = ledger.complete_batch(delivered(&legacy)).await.unwrap();
+    assert_eq!(results, [CompletionResult::Applied]);
+    assert_eq!(registrations().await, 0);
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!(counts.delivered, 12);
+    assert_eq!(counts.pending, 0);
+    fixture.assert_queue_mirrors_the_waiting_records().await;
+    db.close().await;
+    ledger.close().await;
+}
+
 /// Since schema version 16 a leased record has no entry in `record_queue`: each claim registers its records
 /// in `record_leases` under its owner and expiry, and the claim that finds a registration expired makes the
 /// records still held under it claimable again, and deletes it. The oldest waiting record counts the records
@@ -1078,7 +1221,7 @@ async fn a_version_15_ledger_with_records_in_flight_is_migrated_with_their_lease
     fixture.execute(&v15).await;
 
     let ledger = fixture.open(clock.clone()).await;
-    assert_eq!(ledger::SCHEMA_VERSION, 16);
+    const { assert!(ledger::SCHEMA_VERSION >= 16) };
     fixture.assert_queue_mirrors_the_waiting_records().await;
     let now = ledger
         .claim("new-worker", &BucketSet::all(), 10, LEASE)

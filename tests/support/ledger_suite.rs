@@ -1753,7 +1753,7 @@ pub async fn assert_counters_equal_a_recount(ledger: &dyn Ledger) -> ledger::Cou
     kept
 }
 
-fn retry_in(clock: &ManualClock, secs: i64) -> Outcome {
+pub fn retry_in(clock: &ManualClock, secs: i64) -> Outcome {
     Outcome::RetryScheduled {
         next_attempt_at: at(clock) + chrono::Duration::seconds(secs),
         error: "503 from the ERP".into(),
