@@ -845,9 +845,7 @@ async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
 async fn completions_of_deliveries_count_their_own_records_or_start_again_for_the_trigger() {
     use meshline::ledger::{BucketSet, Completion, CompletionResult, Outcome};
     use serde_json::json;
-    use support::ledger_suite::{
-        LEASE, assert_counters_equal_a_recount, clock, record, retry_in,
-    };
+    use support::ledger_suite::{LEASE, assert_counters_equal_a_recount, clock, record, retry_in};
 
     let fixture = Fixture::postgres();
     let clock = clock();
@@ -901,7 +899,10 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
         .unwrap();
     assert_eq!(steady.len(), 8);
     let results = ledger.complete_batch(delivered(&steady)).await.unwrap();
-    assert!(results.iter().all(|r| *r == CompletionResult::Applied), "{results:?}");
+    assert!(
+        results.iter().all(|r| *r == CompletionResult::Applied),
+        "{results:?}"
+    );
     assert_eq!(registrations().await, 0, "the emptied registration goes");
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(counts.delivered, 8);
@@ -935,7 +936,13 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
     let none = BucketSet::from_buckets(
         (0..100u8).filter(|b| *b != short[0].bucket && long.iter().all(|l| l.bucket != *b)),
     );
-    assert!(ledger.claim("other", &none, 10, LEASE).await.unwrap().is_empty());
+    assert!(
+        ledger
+            .claim("other", &none, 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let lease_cleared: Option<i64> =
         sqlx::query_scalar("SELECT lease_expires_at FROM records WHERE id = $1")
             .bind(short[0].claim.id.0)
@@ -946,7 +953,10 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
     fixture.assert_queue_mirrors_the_waiting_records().await;
     let mixed: Vec<_> = short.iter().chain(&long).cloned().collect();
     let results = ledger.complete_batch(delivered(&mixed)).await.unwrap();
-    assert!(results.iter().all(|r| *r == CompletionResult::Applied), "{results:?}");
+    assert!(
+        results.iter().all(|r| *r == CompletionResult::Applied),
+        "{results:?}"
+    );
     assert_eq!(registrations().await, 0);
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(counts.delivered, 11);
