@@ -837,6 +837,87 @@ async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
     ledger.close().await;
 }
 
+/// Since schema version 17 a record the intake leases as it stores it keeps its claim's event in its row, as a
+/// claim's is (version 16): the ingest writes one lineage row per record, its receipt, under an id reserved
+/// before the claim's, and the event is written out, once and in its place, when the row moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_intake_keeps_its_claim_event_in_the_record_row() {
+    use meshline::ledger::{BucketSet, LeaseRequest, Outcome};
+    use serde_json::json;
+    use support::ledger_suite::{LEASE, clock, record};
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let ledger = fixture.open(clock.clone()).await;
+    let db = fixture.raw_postgres_pool().await;
+    let stored = |step: &'static str| {
+        let db = db.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM lineage WHERE step = $1")
+                .bind(step)
+                .fetch_one(&db)
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let request = LeaseRequest {
+        worker: "intake".into(),
+        buckets: BucketSet::all(),
+        limit: 3,
+        lease: LEASE,
+    };
+    let (_, leased) = ledger
+        .ingest_and_claim(
+            (0..5)
+                .map(|i| record(&format!("r{i}"), json!({"i": i})))
+                .collect(),
+            &request,
+        )
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 3);
+    assert_eq!((stored("received").await, stored("claimed").await), (5, 0));
+    // Each leased record's receipt comes before its claim's reserved id.
+    let order: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT l.id, r.claimed_event FROM records r JOIN lineage l ON l.record_id = r.id \
+         WHERE r.claimed_event IS NOT NULL ORDER BY r.id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(order.len(), 3);
+    assert!(
+        order.iter().all(|(received, claimed)| received < claimed),
+        "{order:?}"
+    );
+
+    for claimed in &leased {
+        ledger
+            .complete(claimed.claim, Outcome::Delivered)
+            .await
+            .unwrap();
+    }
+    assert_eq!(stored("claimed").await, 0, "a delivery keeps it in the row");
+    // A new revision moves the row on: the claim's and the delivery's events are written out, once.
+    ledger
+        .ingest(vec![record(&leased[0].source_key, json!({"i": "new"}))])
+        .await
+        .unwrap();
+    assert_eq!((stored("claimed").await, stored("delivered").await), (1, 1));
+    let detail = ledger.get(leased[0].claim.id).await.unwrap().unwrap();
+    let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+    assert_eq!(steps, ["received", "claimed", "delivered", "updated"]);
+    assert_eq!(detail.lineage[1].detail["worker"], "intake");
+    let rest = ledger
+        .claim("w", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 3, "the two never leased and the new revision");
+    db.close().await;
+    ledger.close().await;
+}
+
 /// Since schema version 17 a completion of deliveries counts its own records when each is still held under the
 /// lease its claim's event names, and the update trigger's call for it does nothing. A batch with any other
 /// record starts again as an update the trigger counts. Either way the counters equal a recount, the queue holds

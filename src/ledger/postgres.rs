@@ -368,19 +368,23 @@ impl PostgresLedger {
                  ordering_value, position)), \
                  existing AS MATERIALIZED (SELECT * FROM UNNEST($16::text[], $17::bigint[]) \
                  AS x(idempotency_key, ordering_value)), \
-                 leased AS MATERIALIZED (SELECT i.position FROM input i WHERE i.bucket = ANY($12) \
+                 leased AS MATERIALIZED (SELECT i.position, i.idempotency_key, \
+                 nextval('lineage_id_seq') AS received_event FROM input i WHERE i.bucket = ANY($12) \
                  AND NOT EXISTS (SELECT 1 FROM existing x WHERE x.idempotency_key = i.idempotency_key) \
                  ORDER BY i.position LIMIT $13), \
                  written AS ( \
                  INSERT INTO records (flow, source_key, idempotency_key, external_id, generation, \
                  payload_hash, contract_version, state, claimed_from, lease_owner, lease_expires_at, fence, \
-                 attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at, ordering_value) \
+                 attempts, next_attempt_at, bucket, correlation_id, received_at, updated_at, ordering_value, \
+                 claimed_event, claimed_at, claimed_by, claimed_until) \
                  SELECT $1, t.source_key, t.idempotency_key, t.external_id, 1, t.payload_hash, \
                  t.contract_version, CASE WHEN t.lease THEN 'delivering' ELSE 'received' END, \
                  CASE WHEN t.lease THEN 'received' END, CASE WHEN t.lease THEN $14::text END, \
                  CASE WHEN t.lease THEN $15::bigint END, t.lease::int, t.lease::int, \
                  CASE WHEN t.lease THEN $15::bigint ELSE $2 END, t.bucket, t.correlation_id, $2, $2, \
-                 t.ordering_value \
+                 t.ordering_value, CASE WHEN t.lease THEN nextval('lineage_id_seq') END, \
+                 CASE WHEN t.lease THEN $2 END, CASE WHEN t.lease THEN $14::text END, \
+                 CASE WHEN t.lease THEN $15::bigint END \
                  FROM (SELECT i.*, i.position IN (SELECT position FROM leased) AS lease FROM input i) AS t \
                  ON CONFLICT (flow, idempotency_key) DO UPDATE SET source_key = EXCLUDED.source_key, \
                  external_id = EXCLUDED.external_id, generation = records.generation + 1, \
@@ -399,8 +403,9 @@ impl PostgresLedger {
                  RETURNING id, idempotency_key, generation, (xmax = 0) AS inserted, \
                  (xmax = 0 AND state = 'delivering') AS leased) \
                  SELECT w.id, w.idempotency_key, w.generation, w.inserted, w.leased, \
-                 p.ordering_value AS prior_ordering \
-                 FROM written w LEFT JOIN existing p ON p.idempotency_key = w.idempotency_key",
+                 p.ordering_value AS prior_ordering, l.received_event \
+                 FROM written w LEFT JOIN existing p ON p.idempotency_key = w.idempotency_key \
+                 LEFT JOIN leased l ON w.leased AND l.idempotency_key = w.idempotency_key",
             )
             .bind(&self.flow)
             .bind(now)
@@ -422,7 +427,8 @@ impl PostgresLedger {
             .fetch_all(&mut *tx)
             .await
             .map_err(self.db("ingest", None))?;
-            let mut written_by_key: HashMap<String, (i64, i64, bool, bool)> = HashMap::new();
+            let mut written_by_key: HashMap<String, (i64, i64, bool, bool, Option<i64>)> =
+                HashMap::new();
             let mut prior_ordering: HashMap<String, i64> = HashMap::new();
             for row in written {
                 let key: String = row.get("idempotency_key");
@@ -436,6 +442,7 @@ impl PostgresLedger {
                         row.get("generation"),
                         row.get("inserted"),
                         row.get("leased"),
+                        row.get("received_event"),
                     ),
                 );
             }
@@ -474,7 +481,7 @@ impl PostgresLedger {
             let mut payload_bodies = Vec::with_capacity(written_by_key.len());
             let mut stale_ids: Vec<i64> = Vec::new();
             for (index, item) in round {
-                if let Some(&(id, generation, inserted, leased_now)) =
+                if let Some(&(id, generation, inserted, leased_now, received_event)) =
                     written_by_key.get(&item.idempotency_key)
                 {
                     let (step, detail) = if inserted {
@@ -488,7 +495,10 @@ impl PostgresLedger {
                             json!({"payload_hash": item.hash, "previous_generation": generation - 1, "contract_version": item.contract_version}),
                         )
                     };
-                    lineage.push(
+                    // A record leased as it is stored keeps its claim's event in its row (schema version 17),
+                    // under a lineage id reserved after its receipt's, which this row takes.
+                    lineage.push_as(
+                        received_event.filter(|_| leased_now),
                         id,
                         generation,
                         step,
@@ -508,19 +518,9 @@ impl PostgresLedger {
                             item.correlation_id.clone(),
                         );
                     }
-                    if let (true, Some(worker), Some(expires)) =
+                    if let (true, Some(_), Some(expires)) =
                         (leased_now, lease_worker, lease_expires)
                     {
-                        // The same step and detail a claim writes for a first attempt.
-                        let detail = json!({"worker": worker, "fence": 1, "attempt": 1,
-                            "lease_expires_at": expires, "taken_over_from": null});
-                        lineage.push(
-                            id,
-                            generation,
-                            "claimed",
-                            detail.to_string(),
-                            item.correlation_id.clone(),
-                        );
                         lease_left = lease_left.saturating_sub(1);
                         leased.push((
                             index,
@@ -977,6 +977,9 @@ impl PostgresLedger {
 /// Columns of a set-based lineage (or snapshot) insert.
 #[derive(Default)]
 struct LineageBatch {
+    /// The event's lineage id when it was reserved beforehand (an intake-leased record's receipt); the
+    /// sequence's next otherwise.
+    events: Vec<Option<i64>>,
     ids: Vec<i64>,
     generations: Vec<i64>,
     steps: Vec<String>,
@@ -986,6 +989,19 @@ struct LineageBatch {
 
 impl LineageBatch {
     fn push(&mut self, id: i64, generation: i64, step: &str, detail: String, correlation: String) {
+        self.push_as(None, id, generation, step, detail, correlation);
+    }
+
+    fn push_as(
+        &mut self,
+        event: Option<i64>,
+        id: i64,
+        generation: i64,
+        step: &str,
+        detail: String,
+        correlation: String,
+    ) {
+        self.events.push(event);
         self.ids.push(id);
         self.generations.push(generation);
         self.steps.push(step.to_string());
@@ -1001,11 +1017,13 @@ impl LineageBatch {
         if self.ids.is_empty() {
             return Ok(());
         }
+        // `COALESCE` takes a number from the sequence only for an event without one.
         sqlx::query(
-            "INSERT INTO lineage (record_id, generation, at, step, detail, correlation_id) \
-             SELECT t.id, t.generation, $1, t.step, t.detail, t.correlation_id \
-             FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[]) \
-             AS t(id, generation, step, detail, correlation_id)",
+            "INSERT INTO lineage (id, record_id, generation, at, step, detail, correlation_id) \
+             SELECT COALESCE(t.event, nextval('lineage_id_seq')), t.id, t.generation, $1, t.step, t.detail, \
+             t.correlation_id \
+             FROM UNNEST($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[], $7::bigint[]) \
+             AS t(id, generation, step, detail, correlation_id, event)",
         )
         .bind(now)
         .bind(&self.ids)
@@ -1013,6 +1031,7 @@ impl LineageBatch {
         .bind(&self.steps)
         .bind(&self.details)
         .bind(&self.correlations)
+        .bind(&self.events)
         .execute(conn)
         .await
         .map(|_| ())

@@ -1333,6 +1333,21 @@ pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixtu
         assert_eq!(detail.record.lease_owner.as_deref(), Some("fast"));
         let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
         assert_eq!(steps, ["received", "claimed"]);
+        // The same event a claim tells of a first attempt.
+        let claim = &detail.lineage[1].detail;
+        assert_eq!(
+            (
+                &claim["worker"],
+                &claim["fence"],
+                &claim["attempt"],
+                &claim["taken_over_from"]
+            ),
+            (&json!("fast"), &json!(1), &json!(1), &Value::Null)
+        );
+        assert_eq!(
+            claim["lease_expires_at"],
+            json!(at(&clock).timestamp_millis() + LEASE.as_millis() as i64)
+        );
     }
     // Everything else (the other new records, the update and the never-claimed old record) is claimed as
     // usual; the leased ones are not.
@@ -1351,6 +1366,20 @@ pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixtu
         (counts.records, counts.delivered, counts.pending),
         (42, 42, 0)
     );
+    // Each leased record's story, in order, once its row has moved on too (a new revision).
+    for claimed in &leased {
+        let detail = ledger.get(claimed.claim.id).await.unwrap().unwrap();
+        let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+        assert_eq!(steps, ["received", "claimed", "delivered"]);
+    }
+    let revised = &leased[0];
+    ledger
+        .ingest(vec![record(&revised.source_key, json!({"k": "revised"}))])
+        .await
+        .unwrap();
+    let detail = ledger.get(revised.claim.id).await.unwrap().unwrap();
+    let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+    assert_eq!(steps, ["received", "claimed", "delivered", "updated"]);
     ledger.close().await;
     fixture.assert_queue_mirrors_the_waiting_records().await;
 }
