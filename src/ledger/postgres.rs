@@ -906,8 +906,6 @@ impl PostgresLedger {
         self.store_ticket(conn, &row, &times).await
     }
 
-    /// Updates one delivery row (parameters flow, fingerprint, sink, then `bind`'s); a (ticket, sink) the
-    /// outbox does not know is an error naming both.
     /// A completion's transaction, with the planner settings its statements are written for (see
     /// `complete_batch`). With `self_counted`, the first update of `records` in it counts its own records and
     /// the update trigger's call for it does nothing (schema version 17); the trigger clears the setting.
@@ -928,6 +926,8 @@ impl PostgresLedger {
         Ok(tx)
     }
 
+    /// Updates one delivery row (parameters flow, fingerprint, sink, then `bind`'s); a (ticket, sink) the
+    /// outbox does not know is an error naming both.
     async fn update_delivery<'q>(
         &self,
         operation: &'static str,
