@@ -1067,6 +1067,51 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
     assert_eq!(counts.delivered, 12);
     assert_eq!(counts.pending, 0);
     fixture.assert_queue_mirrors_the_waiting_records().await;
+
+    // A claim taken over: its record is held under the new holder's claim, which the statement's own test
+    // (the lease its claim's event names) cannot tell from the old holder's. The claim's fence is tested before
+    // anything commits: the old holder's batch starts again, its stale claim is refused and its fresh one
+    // applied, and the new holder delivers the record.
+    ledger
+        .ingest(vec![record("r12", json!({"i": 12}))])
+        .await
+        .unwrap();
+    let lapsing = ledger
+        .claim("w", &BucketSet::all(), 1, LEASE)
+        .await
+        .unwrap();
+    clock.advance(LEASE + std::time::Duration::from_millis(1));
+    ledger
+        .ingest(vec![record("r13", json!({"i": 13}))])
+        .await
+        .unwrap();
+    let taken = ledger
+        .claim("x", &BucketSet::all(), 1, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(taken[0].claim.id, lapsing[0].claim.id);
+    let fresh = ledger
+        .claim("w", &BucketSet::all(), 10, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(fresh.len(), 1);
+    let stale_and_fresh: Vec<_> = lapsing.iter().chain(&fresh).cloned().collect();
+    let results = ledger
+        .complete_batch(delivered(&stale_and_fresh))
+        .await
+        .unwrap();
+    assert_eq!(
+        results,
+        [CompletionResult::LeaseLost, CompletionResult::Applied]
+    );
+    let detail = ledger.get(taken[0].claim.id).await.unwrap().unwrap();
+    assert_eq!(detail.record.lease_owner.as_deref(), Some("x"));
+    let results = ledger.complete_batch(delivered(&taken)).await.unwrap();
+    assert_eq!(results, [CompletionResult::Applied]);
+    assert_eq!(registrations().await, 0);
+    let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
+    assert_eq!((counts.delivered, counts.pending), (14, 0));
+    fixture.assert_queue_mirrors_the_waiting_records().await;
     db.close().await;
     ledger.close().await;
 }
