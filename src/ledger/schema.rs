@@ -753,9 +753,10 @@ const POSTGRES_CLAIM_IN_PLACE: [&str; 8] = [
 /// claimed_until`, tested on each row's newest version). For those it adds to the counters (delivered, pending,
 /// the time to recover of those that had failed, the newest delivery) and counts down their registrations in
 /// the statement itself, and it tells the trigger so in a transaction-local setting, `meshline.self_counted`,
-/// which the trigger's call for that statement clears before it returns. Every other statement, and the records
-/// of a completion that do not qualify (a lease lapsed and cleared, a record leased by an older binary), is
-/// counted by the trigger as before.
+/// which the trigger's call for that statement clears before it returns. A batch commits that way only if
+/// every record qualified and was updated under the claim it names; any other batch (a lease lapsed and
+/// cleared, a record leased by an older binary, a stale claim) rolls back and runs as an update the trigger
+/// counts, as does every other statement.
 ///
 /// A record the intake leases as it stores it keeps its claim's event in its row too (its `claimed` lineage row
 /// was ~17,500 of 37,500 lineage rows per 20,000 records in the end-to-end bench): the ingest reserves the
