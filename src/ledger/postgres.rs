@@ -1350,8 +1350,8 @@ impl Ledger for PostgresLedger {
         }
 
         // A batch of deliveries only (the steady state) takes statements of its own: every column they write is
-        // the same for all its records, so they send three arrays instead of fifteen and have no lineage to
-        // insert. The same conditions and the same lock order (see above).
+        // the same for all its records, so they send the ids (three arrays when a batch starts again, below)
+        // instead of fifteen arrays and have no lineage to insert. The same lock order (see above).
         let delivered_only = completions
             .iter()
             .all(|c| matches!(c.outcome, super::Outcome::Delivered));
