@@ -303,7 +303,7 @@ async fn claims_and_completions_update_records_in_place() {
         .collect();
     ledger.complete_batch(completions).await.unwrap();
     ledger.close().await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 
     let stats = fixture.raw_postgres_pool().await;
     // A backend sends its table statistics when it goes idle or exits; the ledger's connections have closed,
@@ -464,7 +464,7 @@ async fn completions_and_ingests_lock_stored_records_in_one_order() {
             completed.iter().all(expected),
             "round {round}: {completed:?}"
         );
-        fixture.assert_queue_mirrors_the_waiting_records().await;
+        fixture.assert_lists_mirror_the_records().await;
     }
     side.close().await;
     completer.close().await;
@@ -832,7 +832,7 @@ async fn a_claims_event_is_written_out_once_when_its_row_moves_on() {
         ["updated".to_string(), "claimed".into(), "delivered".into()],
         "{steps:?}"
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     db.close().await;
     ledger.close().await;
 }
@@ -991,7 +991,7 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
         counts.mttr_seconds.is_some_and(|s| s >= 3.0),
         "the two that had failed recovered 3 s later: {counts:?}"
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 
     ledger
         .ingest(
@@ -1031,7 +1031,7 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
             .await
             .unwrap();
     assert_eq!(lease_cleared, None, "the lapsed lease is cleared");
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     let mixed: Vec<_> = short.iter().chain(&long).cloned().collect();
     let results = ledger.complete_batch(delivered(&mixed)).await.unwrap();
     assert!(
@@ -1041,7 +1041,7 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
     assert_eq!(registrations().await, 0);
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(counts.delivered, 11);
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 
     // A record leased as an older binary leased it (no claim event in its row) is counted by the trigger too.
     ledger
@@ -1066,7 +1066,7 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!(counts.delivered, 12);
     assert_eq!(counts.pending, 0);
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 
     // A claim taken over: its record is held under the new holder's claim, which the statement's own test
     // (the lease its claim's event names) cannot tell from the old holder's. The claim's fence is tested before
@@ -1111,7 +1111,7 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
     assert_eq!(registrations().await, 0);
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
     assert_eq!((counts.delivered, counts.pending), (14, 0));
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     db.close().await;
     ledger.close().await;
 }
@@ -1178,7 +1178,7 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
         3,
         "only the records nobody holds are queued"
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     ledger
         .complete(a[0].claim, Outcome::Delivered)
         .await
@@ -1226,7 +1226,7 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
     );
     let owners: Vec<String> = registrations().await.into_iter().map(|(o, ..)| o).collect();
     assert_eq!(owners, ["b", "c"]);
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     // The first holder's late completion is refused and counts nothing down; c's completions empty c's
     // registration, which goes.
     assert!(
@@ -1283,7 +1283,7 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
         registrations().await.is_empty(),
         "the expired registration went"
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     assert_eq!(ledger.release_leases("d").await.unwrap(), 1);
     assert!(
         ledger
@@ -1301,7 +1301,7 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
         .await
         .unwrap();
     assert_eq!(ledger.backlog().await.unwrap(), (0, None));
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     db.close().await;
     ledger.close().await;
 }
@@ -1358,7 +1358,7 @@ async fn a_version_15_ledger_with_records_in_flight_is_migrated_with_their_lease
 
     let ledger = fixture.open(clock.clone()).await;
     const { assert!(ledger::SCHEMA_VERSION >= 16) };
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     let now = ledger
         .claim("new-worker", &BucketSet::all(), 10, LEASE)
         .await
@@ -1380,7 +1380,162 @@ async fn a_version_15_ledger_with_records_in_flight_is_migrated_with_their_lease
         ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
     }
     assert_eq!(ledger.backlog().await.unwrap(), (0, None));
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
+    ledger.close().await;
+}
+
+/// A ledger of schema version 17 with holds and dead letters: the migration lists them in `record_attention`
+/// and drops the generated `attention` column, and listing, replaying by reason, rejecting and purging find
+/// them there, with the list kept as records move into and out of those states.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_17_ledger_lists_its_holds_and_dead_letters_in_record_attention() {
+    use meshline::ledger::{self, RecordState};
+    use support::ledger_suite::{FLOW, T0, as_seen, clock};
+
+    let fixture = Fixture::postgres();
+    let clock = clock();
+    let mut v17 =
+        "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+                   applied_at BIGINT NOT NULL);\n"
+            .to_string();
+    for version in 1..=17 {
+        for statement in ledger::migration_statements("postgres", version).expect("a version") {
+            v17.push_str(statement);
+            v17.push_str(";\n");
+        }
+        v17.push_str(&format!(
+            "INSERT INTO meshline_schema VALUES ({version}, 'v{version}', {T0});\n"
+        ));
+    }
+    // (key, state, dead-letter reason, hold rule and role)
+    let rows = [
+        ("held", "held", "NULL", "'discount-over-30'", "'sinkOwner'"),
+        ("dead-a", "dead_lettered", "'unknown item'", "NULL", "NULL"),
+        ("dead-b", "dead_lettered", "'closed period'", "NULL", "NULL"),
+        ("waiting", "received", "NULL", "NULL", "NULL"),
+    ];
+    for (i, (key, state, reason, rule, role)) in rows.iter().enumerate() {
+        v17.push_str(&format!(
+            "INSERT INTO records (id, flow, source_key, idempotency_key, generation, payload_hash, \
+             contract_version, state, fence, attempts, next_attempt_at, bucket, correlation_id, received_at, \
+             updated_at, dead_letter_reason, hold_rule, hold_role) VALUES ({id}, '{FLOW}', '{key}', \
+             'Opportunity/{key}', 1, 'h{key}', '1.0.0', '{state}', 1, 1, {T0}, 1, 'c{key}', {T0}, {T0}, \
+             {reason}, {rule}, {role});\n\
+             INSERT INTO payloads (record_id, body) VALUES ({id}, '{{}}');\n",
+            id = i + 1,
+        ));
+    }
+    v17.push_str("SELECT setval('records_id_seq', 4);\n");
+    fixture.execute(&v17).await;
+
+    let ledger = fixture.open(clock.clone()).await;
+    const { assert!(ledger::SCHEMA_VERSION >= 18) };
+    fixture.assert_lists_mirror_the_records().await;
+    let db = fixture.raw_postgres_pool().await;
+    let (listed, column): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM record_attention), (SELECT count(*) FROM information_schema.columns \
+         WHERE table_name = 'records' AND column_name = 'attention')",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (listed, column),
+        (3, 0),
+        "listed holds and dead letters, and the generated column left"
+    );
+
+    let keys = |views: Vec<ledger::RecordView>| -> Vec<String> {
+        views.into_iter().map(|v| v.source_key).collect()
+    };
+    let held = ledger
+        .list(RecordState::Held, None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(keys(held.clone()), ["held"]);
+    let dead = ledger
+        .list(RecordState::DeadLettered, None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(keys(dead.clone()), ["dead-a", "dead-b"]);
+    // A page after the first dead letter, and a page by reason.
+    let after = ledger
+        .list(RecordState::DeadLettered, None, Some(dead[0].id), 10)
+        .await
+        .unwrap();
+    assert_eq!(keys(after), ["dead-b"]);
+    let by_reason = ledger
+        .list(RecordState::DeadLettered, Some("closed period"), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(keys(by_reason), ["dead-b"]);
+
+    // Replayed by reason: the dead letter leaves the list (it waits again) and is replayed once.
+    let replayed = ledger
+        .replay_dead_letters_by_reason("unknown item", "ana@example.com", "item created")
+        .await
+        .unwrap();
+    assert_eq!(replayed, [dead[0].id]);
+    assert!(
+        ledger
+            .replay_dead_letters_by_reason("unknown item", "ana@example.com", "again")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    fixture.assert_lists_mirror_the_records().await;
+    // A rejected hold becomes a dead letter: it moves from one list to the other.
+    ledger
+        .reject_held(
+            held[0].id,
+            &as_seen(ledger.as_ref(), held[0].id).await,
+            "cfo@example.com",
+            "no",
+        )
+        .await
+        .unwrap();
+    fixture.assert_lists_mirror_the_records().await;
+    assert!(
+        ledger
+            .list(RecordState::Held, None, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        keys(
+            ledger
+                .list(RecordState::DeadLettered, None, None, 10)
+                .await
+                .unwrap()
+        ),
+        ["held", "dead-b"]
+    );
+    // A new revision of a dead letter at the source takes it off the list.
+    ledger
+        .ingest(vec![support::ledger_suite::record(
+            "dead-b",
+            serde_json::json!({"revised": true}),
+        )])
+        .await
+        .unwrap();
+    fixture.assert_lists_mirror_the_records().await;
+    // Purged after its retention, the last dead letter leaves the list with its record.
+    clock.advance(std::time::Duration::from_secs(15 * 24 * 3600));
+    let retention = ledger::Retention {
+        dead_letters: Some(std::time::Duration::from_secs(14 * 24 * 3600)),
+        delivered: None,
+        resolved_tickets: None,
+    };
+    assert_eq!(ledger.purge(&retention, 10).await.unwrap().dead_letters, 1);
+    fixture.assert_lists_mirror_the_records().await;
+    let listed: i64 = sqlx::query_scalar("SELECT count(*) FROM record_attention")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(listed, 0);
+    support::ledger_suite::assert_counters_equal_a_recount(ledger.as_ref()).await;
+    db.close().await;
     ledger.close().await;
 }
 

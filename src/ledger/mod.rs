@@ -858,8 +858,8 @@ pub(crate) const RECORD_COLUMNS: &str = "r.id, r.flow, r.source_key, r.idempoten
     r.received_at, r.updated_at, r.delivered_at, r.first_failure_at, r.outcome";
 
 /// The states people page through (holds, dead letters): the predicate of SQLite's `records_attention` partial
-/// index, which queries repeat word for word so the planner uses it. PostgreSQL indexes the generated
-/// `attention` column instead since schema version 14 (each backend's `attention_filter` says how its listing reaches its index).
+/// index, which queries repeat word for word so the planner uses it. PostgreSQL lists those records in
+/// `record_attention` instead since schema version 18 (its `listing_source` says how a listing reaches them).
 pub(crate) const ATTENTION: &str = "state IN ('held', 'dead_lettered')";
 
 /// A record with its current payload (none once a delivered record was reduced to its compact row).

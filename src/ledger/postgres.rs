@@ -1082,14 +1082,25 @@ const PENDING: &str = "('received', 'validated', 'retry_scheduled', 'delivering'
 /// hold (see `meshline_oldest_pending` in the schema).
 const OLDEST_PENDING: &str = "meshline_oldest_pending($1)";
 
-/// `AND r.attention = $2` when listing holds or dead letters (`$2` is the state): the `records_attention`
-/// index is over the generated `attention` column since schema version 14, not over `state`.
-fn attention_filter(state: RecordState) -> &'static str {
+/// Where a listing of records in one state (`$1` the flow, `$2` the state, `$3` the id to list after) finds
+/// them, and the condition that says so: holds and dead letters through `record_attention` in id order (schema
+/// version 18), the other states through the records themselves. `r.state = $2` is tested as well, on the
+/// record's row, which is what decides.
+fn listing_source(state: RecordState) -> (&'static str, &'static str) {
     match state {
-        RecordState::Held | RecordState::DeadLettered => "AND r.attention = $2",
-        _ => "",
+        RecordState::Held | RecordState::DeadLettered => (
+            "record_attention a JOIN records r ON r.id = a.record_id LEFT JOIN payloads p ON p.record_id = r.id",
+            "AND a.flow = $1 AND a.state = $2 AND a.record_id > $3",
+        ),
+        _ => (RECORD_FROM, ""),
     }
 }
+
+/// The dead letters of a flow (`$1`): listed in `record_attention` (schema version 18), and dead-lettered on
+/// the record's own row, which a statement that locks them (`FOR UPDATE OF r`) tests again on the newest
+/// version once a lock it waited for is granted (a replay may have moved the record on meanwhile).
+const DEAD_LETTERS: &str = "SELECT r.id FROM record_attention a JOIN records r ON r.id = a.record_id \
+    WHERE a.flow = $1 AND a.state = 'dead_lettered' AND r.flow = $1 AND r.state = 'dead_lettered'";
 
 #[async_trait]
 impl Ledger for PostgresLedger {
@@ -1805,10 +1816,9 @@ impl Ledger for PostgresLedger {
         // Locked in the same transaction, so a dead letter cannot be replayed twice by two callers; in
         // record-id order, as an ingest (which may update a dead letter) locks rows, so the two never
         // deadlock.
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM records WHERE flow = $1 AND attention = 'dead_lettered' \
-             AND dead_letter_reason = $2 ORDER BY id FOR UPDATE",
-        )
+        let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "{DEAD_LETTERS} AND r.dead_letter_reason = $2 ORDER BY a.record_id FOR UPDATE OF r"
+        )))
         .bind(&self.flow)
         .bind(dead_letter_reason)
         .fetch_all(&mut *tx)
@@ -1894,10 +1904,10 @@ impl Ledger for PostgresLedger {
         after: Option<RecordId>,
         limit: usize,
     ) -> Result<Vec<RecordView>> {
+        let (from, listed) = listing_source(state);
         let rows: Vec<RecordRow> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT {RECORD_COLUMNS} FROM {RECORD_FROM} WHERE r.flow = $1 AND r.state = $2 {} \
+            "SELECT {RECORD_COLUMNS} FROM {from} WHERE r.flow = $1 AND r.state = $2 {listed} \
              AND r.id > $3 AND ($5::TEXT IS NULL OR r.dead_letter_reason = $5) ORDER BY r.id LIMIT $4",
-            attention_filter(state)
         )))
         .bind(&self.flow)
         .bind(state.as_str())
@@ -2016,10 +2026,9 @@ impl Ledger for PostgresLedger {
         if let Some(cutoff) = retention_cutoff(now, retention.dead_letters) {
             let mut tx = self.pool.begin().await.map_err(self.db("purge", None))?;
             // SKIP LOCKED: a dead letter being replayed right now is left for the next round.
-            let ids: Vec<i64> = sqlx::query_scalar(
-                "SELECT id FROM records WHERE flow = $1 AND attention = 'dead_lettered' \
-                 AND updated_at < $2 ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-            )
+            let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+                "{DEAD_LETTERS} AND r.updated_at < $2 ORDER BY a.record_id LIMIT $3 FOR UPDATE OF r SKIP LOCKED"
+            )))
             .bind(&self.flow)
             .bind(cutoff)
             .bind(limit)

@@ -96,9 +96,11 @@ impl Fixture {
     /// next attempt, in its bucket and with its receipt time (schema version 14: claims read the queue, not
     /// `records`), and that every record delivering under a lease, which the queue does not hold (version 16),
     /// is registered in `record_leases` under its owner and its lease's expiry, where a claim finds it once the
-    /// lease lapses, by a registration that counts at least the records it holds. SQLite finds waiting records
-    /// through an index of `records` itself; there is nothing to compare.
-    pub async fn assert_queue_mirrors_the_waiting_records(&self) {
+    /// lease lapses, by a registration that counts at least the records it holds; and that `record_attention`
+    /// lists exactly the held and dead-lettered records, each under its flow and state (version 18: listings of
+    /// holds and dead letters, replays by reason and purges read it). SQLite finds waiting, held and
+    /// dead-lettered records through indexes of `records` itself; there is nothing to compare.
+    pub async fn assert_lists_mirror_the_records(&self) {
         let LedgerTarget::Postgres(url) = &self.target else {
             return;
         };
@@ -150,7 +152,23 @@ impl Fixture {
         .fetch_all(&pool)
         .await
         .expect("count the registrations' records");
+        let misattended: Vec<(String, i64, String, String)> = sqlx::query_as(
+            "WITH attention AS (SELECT id AS record_id, flow, state FROM records \
+               WHERE state IN ('held', 'dead_lettered')), \
+             listed AS (SELECT record_id, flow, state FROM record_attention) \
+             (SELECT 'in that state, not listed so', * FROM (SELECT * FROM attention EXCEPT ALL SELECT * FROM listed) a) \
+             UNION ALL \
+             (SELECT 'listed, not in that state', * FROM (SELECT * FROM listed EXCEPT ALL SELECT * FROM attention) b)",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("compare record_attention with the records");
         pool.close().await;
+        assert!(
+            misattended.is_empty(),
+            "record_attention differs from the held and dead-lettered records (what, record, flow, state): \
+             {misattended:?}"
+        );
         assert!(
             undercounted.is_empty(),
             "registrations counting fewer records than they hold (registration, held, actual): {undercounted:?}"
@@ -329,7 +347,7 @@ pub async fn changed_payload_is_an_update_and_the_stale_generation_cannot_comple
         (counts.records, counts.received, counts.delivered),
         (1, 2, 1)
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 pub async fn claims_only_return_the_requested_buckets(fixture: Fixture) {
@@ -489,7 +507,7 @@ pub async fn an_expired_lease_is_taken_over_and_the_old_holders_completion_is_re
         .nth(1)
         .unwrap();
     assert_eq!(takeover.detail["taken_over_from"], json!("replica-1"));
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 pub async fn counts_and_mttr_survive_reopening_the_ledger(fixture: Fixture) {
@@ -806,7 +824,7 @@ pub async fn dead_letters_are_replayed_by_reason(fixture: Fixture) {
         matches!(refused, Err(LedgerError::IllegalTransition { .. })),
         "{refused:?}"
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixture: Fixture) {
@@ -907,7 +925,7 @@ pub async fn approving_and_rejecting_held_records_are_manual_interventions(fixtu
     let counts = ledger.counts().await.unwrap();
     assert_eq!(counts.manual_interventions, 2);
     assert_eq!(counts.interventions_per_1000, 1000.0);
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 pub async fn a_decision_on_a_held_record_is_refused_once_a_new_generation_is_held_for_another_role(
@@ -1126,7 +1144,7 @@ pub async fn a_released_claim_returns_to_where_it_was(fixture: Fixture) {
         matches!(result, Err(LedgerError::NotFound { .. })),
         "{result:?}"
     );
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 /// A release gives its claim's attempt back: the record was not tried (no delivery slot, a breaker open, a
@@ -1230,7 +1248,7 @@ pub async fn a_released_claim_gives_its_attempt_back(fixture: Fixture) {
     assert_eq!(b.attempts, 1);
     assert_eq!(ledger.counts().await.unwrap().failed, 1);
     assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 pub async fn the_backlog_counts_waiting_records_and_the_oldest_receipt(fixture: Fixture) {
@@ -1381,7 +1399,7 @@ pub async fn new_records_can_be_leased_in_the_transaction_that_stores_them(fixtu
     let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
     assert_eq!(steps, ["received", "claimed", "delivered", "updated"]);
     ledger.close().await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 /// Another replica's intake leases only what its own pipeline asked for: what one replica's
@@ -1809,7 +1827,7 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         .await
         .unwrap();
     assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     let mut claimed = claim_all(ledger.as_ref(), "w1").await;
     claimed.sort_by_key(|c| c.source_key.clone());
     assert_eq!(claimed.len(), 30);
@@ -1827,7 +1845,7 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         ledger.complete(c.claim, outcome).await.unwrap();
     }
     assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     // Manual actions: approve one hold, reject another, replay two dead letters (one by reason).
     let holds = ledger
         .list(RecordState::Held, None, None, 100)
@@ -1864,7 +1882,7 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         .await
         .unwrap();
     assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     // A delivered record changes at the source (a new generation), and another one fails then recovers.
     ledger
         .ingest(vec![record("m00", json!({"i": -1}))])
@@ -1893,13 +1911,13 @@ pub async fn counters_equal_a_recount_after_a_mixed_workload(fixture: Fixture) {
         ledger.complete(c.claim, outcome).await.unwrap();
     }
     assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     clock.advance(Duration::from_secs(5));
     for c in claim_all(ledger.as_ref(), "w2").await {
         ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
     }
     let counts = assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     assert_eq!(counts.records, 30);
     assert_eq!(
         counts.received, 33,
@@ -1937,7 +1955,7 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
     let (_, leased) = ledger.ingest_and_claim(batch, &request).await.unwrap();
     assert_eq!(leased.len(), 15);
     let stored = assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     assert_eq!(
         (
             stored.records,
@@ -1979,7 +1997,7 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
         ledger.complete(c.claim, Outcome::Delivered).await.unwrap();
     }
     let delivered = assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     assert_eq!(
         (
             delivered.delivered,
@@ -2006,7 +2024,7 @@ pub async fn counters_stay_exact_on_the_workers_path_and_for_statements_written_
         )
         .await;
     let by_hand = assert_counters_equal_a_recount(ledger.as_ref()).await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
     assert_eq!(
         (
             by_hand.records,
@@ -2156,7 +2174,7 @@ pub async fn delivered_payloads_are_purged_after_retention_and_duplicates_still_
     assert_eq!(counts.payloads_purged, 3);
     assert_eq!(counts.records, 4);
     ledger.close().await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 /// Dead letters older than `deadLetterRetention` leave the ledger whole; the purge is counted, is no
@@ -2221,7 +2239,7 @@ pub async fn dead_letters_are_purged_after_their_retention(fixture: Fixture) {
         "the purge is no intervention"
     );
     ledger.close().await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 /// A ledger that the previous version (schema 3, no kept counters) left is migrated with its counters
@@ -2693,7 +2711,7 @@ pub async fn released_leases_go_back_fenced_and_are_delivered_once(fixture: Fixt
     }
     assert_counters_equal_a_recount(ledger.as_ref()).await;
     ledger.close().await;
-    fixture.assert_queue_mirrors_the_waiting_records().await;
+    fixture.assert_lists_mirror_the_records().await;
 }
 
 macro_rules! ledger_suite {
