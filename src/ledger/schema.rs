@@ -798,7 +798,7 @@ macro_rules! attention {
 /// Version 14 indexed them through `attention`, a stored column generated from `state`, so that a claim or a
 /// completion (which changes `state` but not `attention`) could still update a record in place. But every
 /// update of a record computed the column again and built the row a second time with it: under `valgrind`, a
-/// completion of deliveries ran 56,600 instructions per record with the column and 47,900 without it (-15 %),
+/// completion of deliveries ran 56,600 instructions per record with the column and 47,700 without it (-16 %),
 /// and a claim 7 % fewer. Now `record_attention` holds one row per held or dead-lettered record (record, flow,
 /// state), kept by the records triggers from the statement's transition tables whichever statement (or code)
 /// moves a record into or out of those states: the update trigger re-lists the rows of a statement whose old or
