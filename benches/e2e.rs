@@ -310,6 +310,8 @@ struct Statement {
     database: String,
     calls: i64,
     total_ms: f64,
+    /// Planning time, which `total_ms` leaves out (the server tracks it: `pg_stat_statements.track_planning`).
+    plan_ms: f64,
     rows: i64,
     query: String,
 }
@@ -362,7 +364,7 @@ async fn round_database(pg: &postgres::PgServer, name: &str, statements: bool) -
 
 async fn top_statements(conn: &mut PgConnection) -> Vec<Statement> {
     sqlx::query(
-        "SELECT d.datname, s.calls, s.total_exec_time, s.rows, \
+        "SELECT d.datname, s.calls, s.total_exec_time, s.total_plan_time, s.rows, \
            regexp_replace(s.query, '\\s+', ' ', 'g') AS query \
          FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
          ORDER BY s.total_exec_time DESC",
@@ -375,6 +377,7 @@ async fn top_statements(conn: &mut PgConnection) -> Vec<Statement> {
         database: row.get("datname"),
         calls: row.get("calls"),
         total_ms: row.get("total_exec_time"),
+        plan_ms: row.get("total_plan_time"),
         rows: row.get("rows"),
         query: row.get("query"),
     })
@@ -563,18 +566,19 @@ fn print_round(backend: &str, number: usize, r: &Round) {
         return;
     };
     println!(
-        "{:<8}   top statements by database time (calls, total, per call, rows):",
+        "{:<8}   top statements by database time (calls, total, per call, rows, planning in all):",
         ""
     );
     for s in statements.iter().take(6) {
         let query: String = s.query.chars().take(90).collect();
         println!(
-            "{:<8}     {:>7} {:>9.1} ms {:>8.3} ms {:>7}  [{}] {query}",
+            "{:<8}     {:>7} {:>9.1} ms {:>8.3} ms {:>7} {:>7.1} ms  [{}] {query}",
             "",
             s.calls,
             s.total_ms,
             s.total_ms / s.calls.max(1) as f64,
             s.rows,
+            s.plan_ms,
             s.database,
         );
     }
@@ -639,6 +643,8 @@ fn main() {
     ];
     if statements {
         settings.push(("shared_preload_libraries", "pg_stat_statements"));
+        // Planning is CPU the server spends too, outside each statement's execution time.
+        settings.push(("pg_stat_statements.track_planning", "on"));
     }
     settings.extend(
         knobs
