@@ -992,6 +992,51 @@ async fn completions_of_deliveries_count_their_own_records_or_start_again_for_th
         "the two that had failed recovered 3 s later: {counts:?}"
     );
     fixture.assert_lists_mirror_the_records().await;
+    // The batch's deliveries share one lineage id, reserved after each record's claim.
+    let events: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT delivered_event, claimed_event FROM records WHERE state = 'delivered' ORDER BY id",
+    )
+    .fetch_all(&db)
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 8);
+    assert!(
+        events
+            .iter()
+            .all(|&(delivered, claimed)| delivered == events[0].0 && delivered > claimed),
+        "(delivered event, claimed event) per record: {events:?}"
+    );
+    // Revised at the source, each record writes its delivery out under that id, once, and its story reads
+    // claimed, delivered, updated in that order.
+    ledger
+        .ingest(
+            (0..8)
+                .map(|i| record(&format!("r{i}"), json!({"i": i, "revised": true})))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let stored: (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT record_id) FROM lineage WHERE step = 'delivered' AND id = $1",
+    )
+    .bind(events[0].0)
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    assert_eq!(stored, (8, 8));
+    for claimed in &steady {
+        let detail = ledger.get(claimed.claim.id).await.unwrap().unwrap();
+        let steps: Vec<&str> = detail.lineage.iter().map(|e| e.step.as_str()).collect();
+        let tail = &steps[steps.len() - 3..];
+        assert_eq!(tail, ["claimed", "delivered", "updated"], "{steps:?}");
+    }
+    let revised = ledger
+        .claim("w", &BucketSet::all(), 8, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(revised.len(), 8);
+    ledger.complete_batch(delivered(&revised)).await.unwrap();
+    assert_counters_equal_a_recount(ledger.as_ref()).await;
 
     ledger
         .ingest(

@@ -1420,19 +1420,29 @@ impl Ledger for PostgresLedger {
             // and new rows (a third of a completion's database time): one more delivered, one less pending,
             // the time to recover of those that had failed, the newest delivery; and one record less held under
             // its claim's registration, which goes once it holds none. A registration locked elsewhere is
-            // skipped, as the trigger skips it (see schema version 16).
+            // skipped, as the trigger skips it (see schema version 16). The counters' changes are summed from
+            // the per-lease counts, one pass over the updated rows instead of two.
+            //
+            // The statement's deliveries share one lineage id, reserved once (an init plan), not one per record
+            // (`nextval` was 5 % of the statement's work): an id orders the events of one record, which is all
+            // that reads it (a record's history, and the write-out that finds an event stored by record and id),
+            // and this one is reserved after every event of these records that came before (their claims, and
+            // whatever was appended before the delivery was tried) and before any that comes after.
             let mut applied: Vec<(i64, i64, i64, i64, String, String)> =
                 sqlx::query_as::<_, (i64, i64, i64, i64)>(
                     "WITH applied AS ( \
                        UPDATE records r SET state = 'delivered', claimed_from = NULL, lease_owner = NULL, \
                        lease_expires_at = NULL, delivered_at = $2, updated_at = $2, ticket = NULL, \
-                       delivered_event = nextval('lineage_id_seq') \
+                       delivered_event = (SELECT nextval('lineage_id_seq')) \
                        WHERE r.id = ANY($1) AND r.flow IS NOT DISTINCT FROM $3 AND r.state = 'delivering' \
                        AND r.lease_owner = r.claimed_by AND r.lease_expires_at = r.claimed_until \
                        RETURNING r.id, r.generation, r.fence, r.received_at, r.first_failure_at, r.claimed_by, \
                        r.claimed_until), \
-                     tally AS MATERIALIZED (SELECT COUNT(*) AS n, COUNT(first_failure_at) AS recovered, \
-                       COALESCE(SUM($2 - first_failure_at), 0)::bigint AS recovery_ms FROM applied), \
+                     unleased AS MATERIALIZED (SELECT claimed_by AS owner, claimed_until AS expires_at, \
+                       COUNT(*) AS n, COUNT(first_failure_at) AS recovered, \
+                       COALESCE(SUM($2 - first_failure_at), 0)::bigint AS recovery_ms FROM applied GROUP BY 1, 2), \
+                     tally AS (SELECT SUM(n)::bigint AS n, SUM(recovered)::bigint AS recovered, \
+                       SUM(recovery_ms)::bigint AS recovery_ms FROM unleased), \
                      counted AS ( \
                        INSERT INTO ledger_counters (flow, counter, shard, value) \
                        SELECT $3, k.counter, pg_backend_pid(), k.value FROM tally, \
@@ -1442,8 +1452,6 @@ impl Ledger for PostgresLedger {
                        ON CONFLICT (flow, counter, shard) DO UPDATE SET value = CASE \
                          WHEN EXCLUDED.counter = 'last_delivery_at' THEN GREATEST(ledger_counters.value, EXCLUDED.value) \
                          ELSE ledger_counters.value + EXCLUDED.value END), \
-                     unleased AS MATERIALIZED (SELECT claimed_by AS owner, claimed_until AS expires_at, \
-                       COUNT(*) AS n FROM applied GROUP BY 1, 2), \
                      registrations AS MATERIALIZED (SELECT l.id, l.held - u.n AS held FROM record_leases l \
                        JOIN unleased u ON l.flow = $3 AND l.expires_at = u.expires_at AND l.owner = u.owner \
                        ORDER BY l.id FOR NO KEY UPDATE OF l SKIP LOCKED), \
