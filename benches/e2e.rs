@@ -53,10 +53,12 @@ const GIVE_UP: Duration = Duration::from_secs(600);
 /// leases due rows and the one that reads the leased records with their payloads. Kept in step with
 /// `src/ledger/postgres.rs`; when none matches, the report says so rather than print a zero.
 const CLAIM_STATEMENTS: &[&str] = &["WITH due AS (", "JOIN payloads p ON p.record_id"];
-/// The completion is one of two statements (a batch of deliveries only has one of its own); both reserve the
-/// delivery's lineage id, which no other statement does. The second fragment is the completion of binaries
-/// before PostgreSQL ledger schema version 15 (for `MESHLINE_WORKER_BIN` comparisons).
+/// The completion is one of three statements (a batch of deliveries only has one of its own, and one it starts
+/// again with); all reserve the delivery's lineage id, which no other statement does: the batch of deliveries
+/// once per statement, the others per record. The last fragment is the completion of binaries before
+/// PostgreSQL ledger schema version 15 (for `MESHLINE_WORKER_BIN` comparisons).
 const COMPLETION_STATEMENTS: &[&str] = &[
+    "delivered_event = (SELECT nextval(",
     "delivered_event = nextval(",
     "UPDATE records r SET state = COALESCE(t.new_state",
 ];
