@@ -1351,6 +1351,27 @@ async fn leases_are_registered_per_claim_and_found_again_once_they_lapse() {
     ledger.close().await;
 }
 
+/// The SQL that leaves a PostgreSQL ledger as meshline's schema `version` left it, recorded as applied at `T0`.
+fn schema_at(version: i64) -> String {
+    let mut sql =
+        "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+                   applied_at BIGINT NOT NULL);\n"
+            .to_string();
+    for applied in 1..=version {
+        for statement in
+            meshline::ledger::migration_statements("postgres", applied).expect("a version")
+        {
+            sql.push_str(statement);
+            sql.push_str(";\n");
+        }
+        sql.push_str(&format!(
+            "INSERT INTO meshline_schema VALUES ({applied}, 'v{applied}', {});\n",
+            support::ledger_suite::T0
+        ));
+    }
+    sql
+}
+
 /// A ledger of schema version 15 with records in flight: the migration registers their leases and takes them
 /// out of the queue, and once a lease lapses the record is taken over as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1360,19 +1381,7 @@ async fn a_version_15_ledger_with_records_in_flight_is_migrated_with_their_lease
 
     let fixture = Fixture::postgres();
     let clock = clock();
-    let mut v15 =
-        "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
-                   applied_at BIGINT NOT NULL);\n"
-            .to_string();
-    for version in 1..=15 {
-        for statement in ledger::migration_statements("postgres", version).expect("a version") {
-            v15.push_str(statement);
-            v15.push_str(";\n");
-        }
-        v15.push_str(&format!(
-            "INSERT INTO meshline_schema VALUES ({version}, 'v{version}', {T0});\n"
-        ));
-    }
+    let mut v15 = schema_at(15);
     let lease_end = T0 + 10_000;
     // (key, state, lease owner, lease end, fence)
     let rows = [
@@ -1439,19 +1448,7 @@ async fn a_version_17_ledger_lists_its_holds_and_dead_letters_in_record_attentio
 
     let fixture = Fixture::postgres();
     let clock = clock();
-    let mut v17 =
-        "CREATE TABLE meshline_schema (version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
-                   applied_at BIGINT NOT NULL);\n"
-            .to_string();
-    for version in 1..=17 {
-        for statement in ledger::migration_statements("postgres", version).expect("a version") {
-            v17.push_str(statement);
-            v17.push_str(";\n");
-        }
-        v17.push_str(&format!(
-            "INSERT INTO meshline_schema VALUES ({version}, 'v{version}', {T0});\n"
-        ));
-    }
+    let mut v17 = schema_at(17);
     // (key, state, dead-letter reason, hold rule and role)
     let rows = [
         ("held", "held", "NULL", "'discount-over-30'", "'sinkOwner'"),
