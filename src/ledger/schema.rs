@@ -625,6 +625,35 @@ macro_rules! register_new_leases {
     };
 }
 
+/// The insert trigger's function from version 16 on (queue the waiting records, register the leased ones), with
+/// what version 18 adds after that (`extra`).
+macro_rules! queue_inserted_v16 {
+    ($extra:expr) => {
+        concat!(
+            "CREATE OR REPLACE FUNCTION meshline_queue_inserted() RETURNS trigger LANGUAGE plpgsql \
+             SET enable_seqscan = off AS $$ BEGIN\n",
+            queue_new_rows!(queued_v16!()),
+            register_new_leases!(),
+            $extra,
+            "RETURN NULL;\nEND $$"
+        )
+    };
+}
+
+/// The delete trigger's function from version 16 on (unqueue the waiting records), with what version 18 adds
+/// after that (`extra`).
+macro_rules! queue_deleted_v16 {
+    ($extra:expr) => {
+        concat!(
+            "CREATE OR REPLACE FUNCTION meshline_queue_deleted() RETURNS trigger LANGUAGE plpgsql \
+             SET enable_seqscan = off AS $$ BEGIN\n",
+            unqueue_old_rows!(queued_v16!()),
+            $extra,
+            "RETURN NULL;\nEND $$"
+        )
+    };
+}
+
 /// The update trigger's function from version 16 on, with what version 17 runs before it (`preamble`) and what
 /// version 18 adds to its declarations, its one pass over the rows, its flags and its blocks.
 macro_rules! records_updated_v16 {
@@ -738,19 +767,8 @@ const POSTGRES_CLAIM_IN_PLACE: [&str; 8] = [
        UNION ALL \
        SELECT (SELECT MIN(r.received_at) FROM records r WHERE r.id = ANY(l.record_ids) AND r.state = 'delivering') \
        FROM record_leases l WHERE l.flow = flow_name) AS oldest $$",
-    concat!(
-        "CREATE OR REPLACE FUNCTION meshline_queue_inserted() RETURNS trigger LANGUAGE plpgsql \
-         SET enable_seqscan = off AS $$ BEGIN\n",
-        queue_new_rows!(queued_v16!()),
-        register_new_leases!(),
-        "RETURN NULL;\nEND $$"
-    ),
-    concat!(
-        "CREATE OR REPLACE FUNCTION meshline_queue_deleted() RETURNS trigger LANGUAGE plpgsql \
-         SET enable_seqscan = off AS $$ BEGIN\n",
-        unqueue_old_rows!(queued_v16!()),
-        "RETURN NULL;\nEND $$"
-    ),
+    queue_inserted_v16!(""),
+    queue_deleted_v16!(""),
     records_updated_v16!(""),
 ];
 
@@ -821,23 +839,16 @@ const POSTGRES_ATTENTION_TABLE: [&str; 7] = [
     "CREATE INDEX record_attention_listing ON record_attention (flow, state, record_id)",
     "INSERT INTO record_attention (record_id, flow, state) SELECT id, flow, state FROM records WHERE attention IS NOT NULL",
     "ALTER TABLE records DROP COLUMN attention",
-    concat!(
-        "CREATE OR REPLACE FUNCTION meshline_queue_inserted() RETURNS trigger LANGUAGE plpgsql \
-         SET enable_seqscan = off AS $$ BEGIN\n",
-        queue_new_rows!(queued_v16!()),
-        register_new_leases!(),
+    queue_inserted_v16!(concat!(
         "INSERT INTO record_attention (record_id, flow, state) SELECT id, flow, state FROM new_rows WHERE ",
         attention!(),
-        ";\nRETURN NULL;\nEND $$"
-    ),
-    concat!(
-        "CREATE OR REPLACE FUNCTION meshline_queue_deleted() RETURNS trigger LANGUAGE plpgsql \
-         SET enable_seqscan = off AS $$ BEGIN\n",
-        unqueue_old_rows!(queued_v16!()),
+        ";\n"
+    )),
+    queue_deleted_v16!(concat!(
         "DELETE FROM record_attention WHERE record_id = ANY(ARRAY(SELECT id FROM old_rows WHERE ",
         attention!(),
-        "));\nRETURN NULL;\nEND $$"
-    ),
+        "));\n"
+    )),
     records_updated_v16!(
         "            -- A statement that counted its own rows (a completion of deliveries, schema version 17) says so
             -- in this transaction-local setting; its own call of this trigger clears it and does nothing else.
